@@ -1,0 +1,295 @@
+"""The capability container: one reactor, many processes, three managers (DESIGN §7).
+
+A :class:`Container` owns its transport (a connection to the embedded broker
+or RabbitMQ), a process manager, an exchange manager and an app manager; it
+starts them in that order and terminates them in reverse. Several containers
+can live in one OS process (tests do this); nothing here is global.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import socket
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ion.core.config import Config
+from ion.core.exceptions import ConfigurationError, IonError
+from ion.core.lifecycle import LifecycleObject, State
+from ion.core.messaging import message as wire
+from ion.core.messaging.memory import MemoryBroker
+from ion.core.messaging.transport import Properties, Transport, parse_broker_url
+from ion.core.process import Process, ProcessDesc
+
+if TYPE_CHECKING:
+    from ion.core.apps.manager import AppManager
+
+__all__ = ["Container", "ProcessManager", "ExchangeManager", "default_container_id"]
+
+
+def default_container_id() -> str:
+    """``<short hostname>-<os pid>-<4 hex>``: unique even with several containers per OS process."""
+    host = socket.gethostname().split(".")[0] or "localhost"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+ExitListener = Callable[[Process, State], None]
+
+
+class ProcessManager:
+    """Spawns, tracks and terminates the container's processes."""
+
+    _log = Logger()
+
+    def __init__(self, container: "Container") -> None:
+        self.container = container
+        self.processes: dict[str, Process] = {}
+        self._exit_listeners: list[ExitListener] = []
+        self._stopping: set[str] = set()
+
+    def add_exit_listener(self, listener: ExitListener) -> None:
+        """``listener(proc, final_state)`` is called when a process ends, however."""
+        self._exit_listeners.append(listener)
+
+    def remove_exit_listener(self, listener: ExitListener) -> None:
+        if listener in self._exit_listeners:
+            self._exit_listeners.remove(listener)
+
+    def get(self, pid: str) -> Process | None:
+        return self.processes.get(pid)
+
+    def find(self, name_or_pid: str) -> Process | None:
+        """A process by pid, else the first one with that label."""
+        proc = self.processes.get(name_or_pid)
+        if proc is not None:
+            return proc
+        for proc in self.processes.values():
+            if proc.proc_name == name_or_pid:
+                return proc
+        return None
+
+    @defer.inlineCallbacks
+    def spawn(self, desc: ProcessDesc | type[Process] | str, spawnargs: Mapping[str, Any] | None = None,
+              *, name: str | None = None, parent: Process | None = None) -> Any:
+        """Create, initialize and activate a process; fires with its pid.
+
+        :raises ConfigurationError: if the description names no loadable class.
+        """
+        container = self.container
+        if isinstance(desc, str):
+            desc = container.app_manager.process_desc_for(desc)
+        if isinstance(desc, ProcessDesc):
+            cls = desc.process_class()
+            args = {**desc.spawnargs, **(spawnargs or {})}
+            name = name or desc.name
+        else:
+            cls, args = desc, dict(spawnargs or {})
+        proc = cls(container, args, name=name)
+        self.processes[proc.id] = proc
+        proc.add_state_listener(self._state_changed)
+        if parent is not None:
+            proc.parent = parent
+            parent.children.append(proc)
+        try:
+            yield proc.initialize()
+            yield proc.activate()
+        except Exception:
+            self.processes.pop(proc.id, None)
+            raise
+        self._log.info("spawned {name} as {pid}", name=proc.proc_name, pid=proc.id)
+        return proc.id
+
+    def _state_changed(self, proc: Process, old: State, new: State) -> None:
+        self.container.publish_event(f"process.{new.value.lower()}", {
+            "pid": proc.id, "name": proc.proc_name, "state": new.value, "previous": old.value,
+            "container": self.container.id})
+        if new in (State.TERMINATED, State.ERROR):
+            self.processes.pop(proc.id, None)
+            if proc.parent is not None and proc in proc.parent.children:
+                proc.parent.children.remove(proc)
+            self._stopping.discard(proc.id)
+            for listener in list(self._exit_listeners):
+                try:
+                    listener(proc, new)
+                except Exception:
+                    self._log.failure("exit listener failed for {pid}", pid=proc.id)
+
+    def is_stopping(self, pid: str) -> bool:
+        """True while a terminate was asked for by the container (not a crash)."""
+        return pid in self._stopping
+
+    def terminate_process(self, pid: str) -> defer.Deferred[None]:
+        """Terminate one process gracefully.
+
+        :raises IonError: (in the Deferred) if no such process runs here.
+        """
+        proc = self.processes.get(pid)
+        if proc is None:
+            return defer.fail(IonError(f"no process {pid} in container {self.container.id}"))
+        if proc.is_final:
+            return defer.succeed(None)
+        self._stopping.add(pid)
+        return proc.terminate()
+
+    @defer.inlineCallbacks
+    def terminate_all(self) -> Any:
+        """Terminate every process, the last spawned first."""
+        for pid in reversed(list(self.processes)):
+            proc = self.processes.get(pid)
+            if proc is None or proc.is_final:
+                continue
+            try:
+                yield self.terminate_process(pid)
+            except Exception as exc:
+                self._log.warn("process {pid} did not terminate cleanly: {exc}", pid=pid, exc=exc)
+
+
+class ExchangeManager:
+    """Connects the transport and declares the system's exchanges."""
+
+    _log = Logger()
+
+    def __init__(self, container: "Container") -> None:
+        self.container = container
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        transport = self.container.transport
+        yield transport.connect()
+        yield transport.declare_exchange(self.container.exchange_name, "topic")
+        yield transport.declare_exchange(self.container.events_exchange, "topic")
+        transport.add_return_callback(self._returned)
+
+    def _returned(self, exchange: str, routing_key: str, properties: Properties) -> None:
+        # A mandatory request nobody is bound to: fail its conversation at once (404).
+        conv_id = properties.correlation_id or ""
+        proc = self.container.proc_manager.get(conv_id.split("#", 1)[0])
+        if proc is not None:
+            proc.conversations.fail_matching(
+                conv_id, f"no process or service is bound to {routing_key!r} in system "
+                         f"{self.container.sysname}", code=404)
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        transport = self.container.transport
+        transport.remove_return_callback(self._returned)
+        yield transport.close()
+
+
+class Container(LifecycleObject):
+    """One capability container.
+
+    :param config: the configuration (default: read from ``res/config``).
+    :param broker_url: ``memory://`` (default) or ``amqp://user:pass@host:port/vhost``.
+    :param broker: an embedded broker to join (several containers may share one).
+    :param transport: a ready transport to use instead of ``broker_url``.
+    :param sysname: the system name (default: the container id).
+    :param contid: the container id (default: host, OS pid and a random suffix).
+    :param reactor: the reactor for I/O and scheduling.
+    :param clock: the clock for timeouts (default: ``reactor``); a ``task.Clock`` in tests.
+    :param args: container args from the command line (``apparg_<app>`` ...).
+    """
+
+    _log = Logger()
+
+    def __init__(self, *, config: Config | None = None, broker_url: str = "memory://",
+                 broker: MemoryBroker | None = None, transport: Transport | None = None,
+                 sysname: str | None = None, contid: str | None = None, reactor: Any = None,
+                 clock: IReactorTime | None = None, args: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.clock: IReactorTime = clock or reactor
+        self.config = config if config is not None else Config.load()
+        self.args: dict[str, Any] = dict(args or {})
+        self.id: str = contid or str(self.args.get("contid") or "") or default_container_id()
+        self.sysname: str = sysname or str(self.args.get("sysname") or "") or self.id
+        self.exchange_name = f"ion.{self.sysname}"
+        self.events_exchange = f"ion.{self.sysname}.events"
+        self.max_message_size = int(self.config.get("ion.core.messaging", "max_message_size",
+                                                    wire.DEFAULT_MAX_MESSAGE_SIZE))
+        self.broker = broker
+        self.broker_url = broker_url
+        self.transport: Transport = transport or self._make_transport(broker_url, broker)
+        self._pids: Iterator[int] = itertools.count(1)
+        self.proc_manager = ProcessManager(self)
+        self.exchange_manager = ExchangeManager(self)
+        from ion.core.apps.manager import AppManager
+
+        self.app_manager: AppManager = AppManager(self)
+        self.started_at: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Container {self.id} sys={self.sysname} {self.state.value}>"
+
+    def _make_transport(self, url: str, broker: MemoryBroker | None) -> Transport:
+        parsed = parse_broker_url(url)
+        if parsed.scheme == "memory":
+            if broker is None:
+                broker = self.broker = MemoryBroker(self.reactor)
+            return broker.connect(user=str(self.config.get("ion.core.messaging", "memory_user", "ion")))
+        try:
+            from ion.core.messaging.amqp import AmqpTransport  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigurationError(
+                f"the AMQP transport is not available in this build; use memory:// (got {parsed})"
+            ) from None
+        return AmqpTransport(parsed, reactor=self.reactor)  # pragma: no cover
+
+    def new_pid(self) -> str:
+        """The next process id, ``<container-id>.<n>``."""
+        return f"{self.id}.{next(self._pids)}"
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def on_initialize(self) -> Any:
+        yield self.exchange_manager.start()
+
+    def on_activate(self) -> Any:
+        self.started_at = self.clock.seconds()
+        self._log.info("container {id} of system {sysname} is up on {broker}",
+                       id=self.id, sysname=self.sysname, broker=self.broker_url)
+
+    @defer.inlineCallbacks
+    def on_terminate(self) -> Any:
+        yield self.app_manager.stop_all()
+        yield self.proc_manager.terminate_all()
+        yield self.exchange_manager.stop()
+        self._log.info("container {id} stopped", id=self.id)
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        """Initialize and activate: the container is ready to spawn processes."""
+        yield self.initialize()
+        yield self.activate()
+
+    # -- conveniences ------------------------------------------------------------------
+    def spawn(self, desc: ProcessDesc | type[Process] | str, spawnargs: Mapping[str, Any] | None = None,
+              *, name: str | None = None, parent: Process | None = None) -> defer.Deferred[str]:
+        """Spawn a process here; fires with its pid."""
+        return self.proc_manager.spawn(desc, spawnargs, name=name, parent=parent)
+
+    def publish_event(self, routing_key: str, content: Any) -> None:
+        """Publish a one-off event on the system's events exchange (best effort)."""
+        if self.transport is None or self.state in (State.TERMINATED, State.ERROR):
+            return
+        msg = wire.build(sender=self.id, sender_name="container", receiver=routing_key, op="event",
+                         content=content, conv_id=f"{self.id}#event", protocol=wire.Protocol.NONE,
+                         performative=wire.Performative.INFORM)
+        try:
+            body = wire.encode(msg, self.max_message_size)
+            d = self.transport.publish(self.events_exchange, routing_key, body,
+                                       Properties(correlation_id=msg["conv-id"]))
+        except Exception as exc:
+            self._log.debug("event {key} not published: {exc}", key=routing_key, exc=exc)
+            return
+        d.addErrback(lambda f: self._log.debug("event {key} not published: {e}", key=routing_key,
+                                               e=f.getErrorMessage()))

@@ -1,0 +1,314 @@
+"""Conversations: the protocols by which processes talk (DESIGN §6).
+
+Each conversation is a small state machine keyed by ``conv-id`` in its
+process's :class:`ConversationTable`. Incoming messages and the timeout are
+*events* of the machine; every conversation reaches a final state, fires or
+fails its Deferred once, and is then collected. A message that arrives for a
+collected conversation is logged and dropped.
+
+============  ==============================  ================================
+protocol      initiator's machine              final states
+============  ==============================  ================================
+``rpc``       REQUESTED → DONE | FAILED        DONE, FAILED, TIMEOUT, ERROR
+``request``   REQUESTED → AGREED → DONE ...    DONE, FAILED, REFUSED, TIMEOUT, ERROR
+``generic``   OPEN → OPEN ... → ENDED          ENDED, FAILED, TIMEOUT, ERROR
+============  ==============================  ================================
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterator
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from ion.core.exceptions import (
+    ConversationError,
+    ConversationTimeout,
+    IllegalStateError,
+    received_error_for,
+)
+from ion.core.messaging.message import Performative, Protocol
+
+__all__ = ["Conversation", "ConversationTable", "ResponderConversation", "RpcResult"]
+
+_log = Logger()
+
+#: What an rpc or request conversation's Deferred fires with: (content, headers).
+RpcResult = tuple[Any, dict[str, Any]]
+
+# Initiator transition tables: (state, event) -> next state. Events are the
+# performative of an incoming message, or "timeout", "error", "end".
+_RPC = {
+    ("REQUESTED", Performative.INFORM_RESULT): "DONE",
+    ("REQUESTED", Performative.FAILURE): "FAILED",
+    ("REQUESTED", "timeout"): "TIMEOUT",
+    ("REQUESTED", "error"): "ERROR",
+}
+_REQUEST = {
+    ("REQUESTED", Performative.AGREE): "AGREED",
+    ("REQUESTED", Performative.REFUSE): "REFUSED",
+    ("REQUESTED", Performative.INFORM_RESULT): "DONE",
+    ("REQUESTED", Performative.FAILURE): "FAILED",
+    ("REQUESTED", "timeout"): "TIMEOUT",
+    ("REQUESTED", "error"): "ERROR",
+    ("AGREED", Performative.INFORM_RESULT): "DONE",
+    ("AGREED", Performative.FAILURE): "FAILED",
+    ("AGREED", "timeout"): "TIMEOUT",
+    ("AGREED", "error"): "ERROR",
+}
+_GENERIC = {
+    ("OPEN", Performative.REQUEST): "OPEN",
+    ("OPEN", Performative.INFORM): "OPEN",
+    ("OPEN", Performative.AGREE): "OPEN",
+    ("OPEN", Performative.INFORM_RESULT): "ENDED",
+    ("OPEN", Performative.FAILURE): "FAILED",
+    ("OPEN", Performative.REFUSE): "FAILED",
+    ("OPEN", "end"): "ENDED",
+    ("OPEN", "timeout"): "TIMEOUT",
+    ("OPEN", "error"): "ERROR",
+}
+TABLES: dict[str, dict[tuple[str, str], str]] = {
+    Protocol.RPC: _RPC,
+    Protocol.REQUEST: _REQUEST,
+    Protocol.GENERIC: _GENERIC,
+}
+INITIAL = {Protocol.RPC: "REQUESTED", Protocol.REQUEST: "REQUESTED", Protocol.GENERIC: "OPEN"}
+FINAL = frozenset({"DONE", "FAILED", "REFUSED", "TIMEOUT", "ERROR", "ENDED"})
+
+GenericHandler = Callable[["Conversation", Any, dict[str, Any]], Any]
+
+
+class Conversation:
+    """The initiator's side of one conversation.
+
+    :ivar deferred: fires with ``(content, headers)`` of the final reply, or
+        fails with a :class:`~ion.core.exceptions.ReceivedError` subclass.
+    """
+
+    __slots__ = (
+        "table", "conv_id", "protocol", "receiver", "op", "state", "deferred", "timeout",
+        "_timer", "on_agree", "handler", "seq", "_transitions",
+    )
+
+    def __init__(self, table: "ConversationTable", conv_id: str, protocol: str, receiver: str,
+                 op: str, timeout: float | None, on_agree: Callable[[Any, dict[str, Any]], Any] | None,
+                 handler: GenericHandler | None) -> None:
+        self.table = table
+        self.conv_id = conv_id
+        self.protocol = protocol
+        self.receiver = receiver
+        self.op = op
+        self.state = INITIAL[protocol]
+        self._transitions = TABLES[protocol]
+        self.deferred: defer.Deferred[RpcResult] = defer.Deferred(self._cancelled)
+        self.timeout = timeout
+        self._timer: IDelayedCall | None = None
+        self.on_agree = on_agree
+        self.handler = handler
+        self.seq = 1
+        self._arm()
+
+    def __repr__(self) -> str:
+        return f"<Conversation {self.conv_id} {self.protocol} {self.op!r} -> {self.receiver} {self.state}>"
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL
+
+    # -- timer -----------------------------------------------------------------
+    def _arm(self) -> None:
+        if self.timeout is not None and self.timeout > 0:
+            self._timer = self.table.clock.callLater(self.timeout, self.event, "timeout")
+
+    def _disarm(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    # -- the machine -------------------------------------------------------------
+    def event(self, name: str, msg: dict[str, Any] | None = None, reason: str = "",
+              code: int = 503) -> None:
+        """Feed an event (a reply's performative, ``timeout``, ``error``, ``end``)."""
+        if self.final:
+            _log.debug("{conv}: {event} after the end, dropped", conv=self, event=name)
+            return
+        new = self._transitions.get((self.state, name))
+        if new is None:
+            _log.warn(
+                "{conv}: unexpected {event!r} from {sender}, dropped",
+                conv=self, event=name, sender=(msg or {}).get("sender"),
+            )
+            return
+        self.state = new
+        if new in FINAL:
+            self._disarm()
+            self.table._collect(self)
+            self._finish(name, msg, reason, code)
+        else:
+            self._progress(name, msg)
+
+    def _progress(self, name: str, msg: dict[str, Any] | None) -> None:
+        assert msg is not None
+        if self.protocol == Protocol.GENERIC:
+            # An idle timeout: each message restarts it; later messages go to
+            # the very process that answered, not back to a shared service queue.
+            self.receiver = msg.get("sender") or self.receiver
+            self._disarm()
+            self._arm()
+            self._call_handler(msg)
+        elif name == Performative.AGREE and self.on_agree is not None:
+            try:
+                self.on_agree(msg.get("content"), msg)
+            except Exception:
+                _log.failure("{conv}: on_agree callback failed", conv=self)
+
+    def _call_handler(self, msg: dict[str, Any]) -> None:
+        if self.handler is not None:
+            try:
+                defer.maybeDeferred(self.handler, self, msg.get("content"), msg).addErrback(
+                    lambda f: _log.failure("{conv}: handler failed", f, conv=self))
+            except Exception:  # pragma: no cover
+                _log.failure("{conv}: handler failed", conv=self)
+
+    def _finish(self, name: str, msg: dict[str, Any] | None, reason: str, code: int) -> None:
+        d = self.deferred
+        if d.called:
+            return
+        if self.state in ("DONE", "ENDED"):
+            if msg is not None and self.protocol == Protocol.GENERIC:
+                self._call_handler(msg)
+            d.callback((msg.get("content") if msg else None, msg or {}))
+        elif self.state in ("FAILED", "REFUSED"):
+            assert msg is not None
+            if self.protocol == Protocol.GENERIC:
+                self._call_handler(msg)
+            headers = dict(msg)
+            if self.state == "REFUSED" and not 400 <= int(headers.get("response-code") or 0) < 500:
+                headers["response-code"] = 403
+            d.errback(received_error_for(headers, msg.get("content")))
+        elif self.state == "TIMEOUT":
+            d.errback(ConversationTimeout(self.receiver, self.op, self.timeout or 0, self.conv_id))
+        else:
+            d.errback(ConversationError(self.receiver, self.conv_id, reason or "conversation failed", code))
+
+    def _cancelled(self, d: defer.Deferred[Any]) -> None:
+        # The caller gave up (d.cancel()): end the machine, keep the CancelledError.
+        if not self.final:
+            self.state = "ERROR"
+            self._disarm()
+            self.table._collect(self)
+
+    # -- generic conversations -------------------------------------------------------
+    def send(self, op: str, content: Any, headers: dict[str, Any] | None = None) -> defer.Deferred[None]:
+        """Send the next message of a ``generic`` conversation."""
+        if self.protocol != Protocol.GENERIC:
+            raise IllegalStateError(f"{self}: only generic conversations send more messages")
+        if self.final:
+            raise IllegalStateError(f"{self}: conversation already ended")
+        self._disarm()
+        self._arm()
+        self.seq += 1
+        return self.table.process._send_in_conversation(
+            self, op, content, Performative.INFORM, headers)
+
+    def end(self, content: Any = None) -> defer.Deferred[None]:
+        """End a ``generic`` conversation, telling the peer with a final message."""
+        if self.final:
+            return defer.succeed(None)
+        self.seq += 1
+        d = self.table.process._send_in_conversation(
+            self, "end", content, Performative.INFORM_RESULT, None)
+        self.event("end", reason="ended")
+        return d
+
+
+class ResponderConversation:
+    """The responder's side: which answers it has given (agree, then a result)."""
+
+    __slots__ = ("conv_id", "protocol", "state", "request")
+
+    def __init__(self, request: dict[str, Any]) -> None:
+        self.conv_id: str = request["conv-id"]
+        self.protocol: str = request["protocol"]
+        self.state = "RECEIVED"
+        self.request = request
+
+    def answer(self, performative: str) -> None:
+        """Record an answer; raise if the protocol does not allow it now."""
+        if self.state in FINAL:
+            raise IllegalStateError(
+                f"conversation {self.conv_id} was already answered ({self.state}); cannot send {performative}")
+        if performative == Performative.AGREE:
+            if self.protocol != Protocol.REQUEST or self.state != "RECEIVED":
+                raise IllegalStateError(f"conversation {self.conv_id}: agree is only the first answer of a request")
+            self.state = "AGREED"
+        elif performative == Performative.REFUSE:
+            if self.state != "RECEIVED":
+                raise IllegalStateError(f"conversation {self.conv_id}: refuse must be the first answer")
+            self.state = "REFUSED"
+        elif performative in (Performative.INFORM_RESULT, Performative.FAILURE):
+            self.state = "DONE" if performative == Performative.INFORM_RESULT else "FAILED"
+
+
+class ConversationTable:
+    """All conversations of one process, keyed by ``conv-id``."""
+
+    def __init__(self, process: Any, clock: IReactorTime) -> None:
+        self.process = process
+        self.clock = clock
+        self.initiated: dict[str, Conversation] = {}
+        self.responding: dict[str, ResponderConversation] = {}
+        self._ids: Iterator[int] = itertools.count(1)
+        self.late_messages = 0
+
+    def __len__(self) -> int:
+        return len(self.initiated) + len(self.responding)
+
+    def new_id(self) -> str:
+        return f"{self.process.id}#{next(self._ids)}"
+
+    def start(self, protocol: str, receiver: str, op: str, timeout: float | None, *,
+              on_agree: Callable[[Any, dict[str, Any]], Any] | None = None,
+              handler: GenericHandler | None = None, conv_id: str | None = None) -> Conversation:
+        """Open an initiator conversation (its first message is the caller's to send)."""
+        conv = Conversation(self, conv_id or self.new_id(), protocol, receiver, op, timeout,
+                            on_agree, handler)
+        self.initiated[conv.conv_id] = conv
+        return conv
+
+    def _collect(self, conv: Conversation) -> None:
+        self.initiated.pop(conv.conv_id, None)
+
+    def handle(self, msg: dict[str, Any]) -> bool:
+        """Route an incoming message to its conversation; False if it starts a new one."""
+        conv = self.initiated.get(msg["conv-id"])
+        if conv is not None:
+            conv.event(msg["performative"], msg)
+            return True
+        if msg["performative"] in (Performative.INFORM_RESULT, Performative.FAILURE,
+                                   Performative.AGREE, Performative.REFUSE):
+            if msg["protocol"] == Protocol.GENERIC and msg["conv-id"] in self.responding:
+                return False
+            # A reply for a conversation that has ended (timed out) or never was.
+            self.late_messages += 1
+            _log.info(
+                "late {performative} from {sender} for unknown conversation {conv_id} (op {op!r}), dropped",
+                performative=msg["performative"], sender=msg.get("sender"), conv_id=msg["conv-id"],
+                op=msg.get("op"),
+            )
+            return True
+        return False
+
+    def fail_all(self, reason: str) -> None:
+        """End every open initiator conversation with ERROR (process ends, connection lost)."""
+        for conv in list(self.initiated.values()):
+            conv.event("error", reason=reason)
+
+    def fail_matching(self, conv_id: str, reason: str, code: int = 503) -> None:
+        """End one conversation with ERROR (e.g. its request could not be routed: 404)."""
+        conv = self.initiated.get(conv_id)
+        if conv is not None:
+            conv.event("error", reason=reason, code=code)

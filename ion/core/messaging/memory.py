@@ -1,0 +1,413 @@
+"""The embedded broker: AMQP 0-9-1 semantics in process, the default transport.
+
+A :class:`MemoryBroker` is an ordinary object owned by whoever made it (a
+container, a test fixture); several containers in one OS process share one by
+connecting to it. Nothing here is global.
+
+Deliveries never run inside the publisher's call: they are queued and a pump,
+scheduled on the reactor, hands them to consumers. The pump keeps going while
+handlers publish more (a request and its reply are handled in one reactor
+turn), but yields to the reactor after ``budget`` deliveries so that no
+conversation can starve timers or I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import Any, Callable, Iterator
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ion.core.exceptions import TransportError
+from ion.core.messaging.routing import is_pattern, topic_matches
+from ion.core.messaging.transport import ConsumeCallback, Delivery, Properties, Transport
+
+__all__ = ["MemoryBroker", "MemoryTransport"]
+
+_log = Logger()
+
+
+class _Message:
+    __slots__ = ("body", "properties", "exchange", "routing_key", "redelivered")
+
+    def __init__(self, body: bytes, properties: Properties, exchange: str, routing_key: str) -> None:
+        self.body = body
+        self.properties = properties
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.redelivered = False
+
+
+class _Exchange:
+    def __init__(self, name: str, kind: str) -> None:
+        self.name = name
+        self.kind = kind
+        self.exact: dict[str, set[str]] = {}
+        self.patterns: set[tuple[str, str]] = set()
+
+    def bind(self, queue: str, key: str) -> None:
+        if self.kind == "topic" and is_pattern(key):
+            self.patterns.add((key, queue))
+        else:
+            self.exact.setdefault(key, set()).add(queue)
+
+    def unbind(self, queue: str, key: str) -> None:
+        self.patterns.discard((key, queue))
+        queues = self.exact.get(key)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self.exact[key]
+
+    def drop_queue(self, queue: str) -> None:
+        for key in [k for k, qs in self.exact.items() if queue in qs]:
+            self.unbind(queue, key)
+        self.patterns = {(k, q) for (k, q) in self.patterns if q != queue}
+
+    def route(self, key: str) -> set[str]:
+        if self.kind == "fanout":
+            out = set().union(*self.exact.values()) if self.exact else set()
+            return out | {q for (_, q) in self.patterns}
+        queues = set(self.exact.get(key, ()))
+        if self.kind == "topic":
+            for pattern, queue in self.patterns:
+                if queue not in queues and topic_matches(pattern, key):
+                    queues.add(queue)
+        return queues
+
+
+class _Consumer:
+    __slots__ = ("tag", "queue", "callback", "prefetch", "unacked", "transport", "cancelled")
+
+    def __init__(self, tag: str, queue: "_Queue", callback: ConsumeCallback, prefetch: int,
+                 transport: "MemoryTransport") -> None:
+        self.tag = tag
+        self.queue = queue
+        self.callback = callback
+        self.prefetch = prefetch
+        self.unacked: dict[int, _Message] = {}
+        self.transport = transport
+        self.cancelled = False
+
+    def has_room(self) -> bool:
+        return self.prefetch <= 0 or len(self.unacked) < self.prefetch
+
+
+class _Queue:
+    def __init__(self, name: str, *, durable: bool, exclusive_owner: "MemoryTransport | None",
+                 auto_delete: bool, single_active: bool) -> None:
+        self.name = name
+        self.durable = durable
+        self.exclusive_owner = exclusive_owner
+        self.auto_delete = auto_delete
+        self.single_active = single_active
+        self.messages: deque[_Message] = deque()
+        self.consumers: list[_Consumer] = []
+        self.next_consumer = 0
+        self.bindings: set[tuple[str, str]] = set()
+        self.had_consumer = False
+
+    def pick_consumer(self) -> _Consumer | None:
+        consumers = self.consumers
+        if not consumers:
+            return None
+        if self.single_active:
+            first = consumers[0]
+            return first if first.has_room() else None
+        n = len(consumers)
+        for i in range(n):
+            c = consumers[(self.next_consumer + i) % n]
+            if c.has_room():
+                self.next_consumer = (self.next_consumer + i + 1) % n
+                return c
+        return None
+
+
+class MemoryBroker:
+    """An in-process AMQP-like broker: topic/direct/fanout exchanges, queues,
+    bindings, round-robin consumers with prefetch, ack/reject/requeue,
+    exclusive and single-active-consumer queues, mandatory returns.
+
+    :param reactor: schedules the delivery pump (a ``Clock`` in unit tests).
+    :param budget: deliveries per reactor turn before yielding.
+    """
+
+    def __init__(self, reactor: IReactorTime | None = None, budget: int = 2000) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor  # type: ignore[assignment]
+        self.reactor: IReactorTime = reactor  # type: ignore[assignment]
+        self.budget = budget
+        self.exchanges: dict[str, _Exchange] = {}
+        self.queues: dict[str, _Queue] = {}
+        self._pending: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._scheduled = False
+        self._pumping = False
+        self._tags: Iterator[int] = itertools.count(1)
+        self._delivery_tags: Iterator[int] = itertools.count(1)
+        self.delivered = 0
+
+    def connect(self, user: str = "ion") -> "MemoryTransport":
+        """A new transport (connection) to this broker, publishing as ``user``."""
+        return MemoryTransport(self, user)
+
+    # -- delivery pump -------------------------------------------------------
+    def _schedule(self, fn: Callable[..., None], *args: Any) -> None:
+        self._pending.append((fn, args))
+        if not self._pumping and not self._scheduled:
+            self._scheduled = True
+            self.reactor.callLater(0, self._pump)
+
+    def _pump(self) -> None:
+        self._scheduled = False
+        self._pumping = True
+        pending = self._pending
+        try:
+            n = 0
+            while pending and n < self.budget:
+                fn, args = pending.popleft()
+                n += 1
+                try:
+                    fn(*args)
+                except Exception:
+                    _log.failure("embedded broker: a consumer callback raised")
+        finally:
+            self._pumping = False
+        if pending and not self._scheduled:
+            self._scheduled = True
+            self.reactor.callLater(0, self._pump)
+
+    def idle(self) -> bool:
+        """True when no delivery is waiting to be handed to a consumer."""
+        return not self._pending
+
+    # -- routing -------------------------------------------------------------
+    def _dispatch(self, queue: _Queue) -> None:
+        while queue.messages:
+            consumer = queue.pick_consumer()
+            if consumer is None:
+                return
+            msg = queue.messages.popleft()
+            tag = next(self._delivery_tags)
+            consumer.unacked[tag] = msg
+            self._schedule(self._deliver, consumer, tag, msg)
+
+    def _deliver(self, consumer: _Consumer, tag: int, msg: _Message) -> None:
+        if consumer.cancelled and consumer.transport.closed:
+            return  # requeued when the connection closed
+        self.delivered += 1
+
+        def settle(ack: bool, requeue: bool) -> None:
+            self._settle(consumer, tag, ack, requeue)
+
+        delivery = Delivery(msg.body, msg.properties, msg.exchange, msg.routing_key, msg.redelivered, settle)
+        consumer.callback(delivery)
+
+    def _settle(self, consumer: _Consumer, tag: int, ack: bool, requeue: bool) -> None:
+        msg = consumer.unacked.pop(tag, None)
+        if msg is None:
+            raise TransportError(f"unknown delivery tag {tag} (already settled or connection closed)")
+        queue = consumer.queue
+        if not ack and requeue and queue.name in self.queues:
+            msg.redelivered = True
+            queue.messages.appendleft(msg)
+        self._dispatch(queue)
+
+    def _publish(self, transport: "MemoryTransport", exchange: str, routing_key: str, body: bytes,
+                 properties: Properties, mandatory: bool) -> None:
+        if exchange == "":
+            names = {routing_key} if routing_key in self.queues else set()
+        else:
+            ex = self.exchanges.get(exchange)
+            if ex is None:
+                raise TransportError(f"NOT_FOUND - no exchange '{exchange}'")
+            names = ex.route(routing_key)
+        if not names:
+            if mandatory:
+                self._schedule(transport._notify_return, exchange, routing_key, properties)
+            return
+        for name in names:
+            queue = self.queues.get(name)
+            if queue is None:
+                continue
+            queue.messages.append(_Message(body, properties, exchange, routing_key))
+            self._dispatch(queue)
+
+    def _delete_queue(self, name: str) -> None:
+        queue = self.queues.pop(name, None)
+        if queue is None:
+            return
+        for ex_name, key in queue.bindings:
+            ex = self.exchanges.get(ex_name)
+            if ex is not None:
+                ex.unbind(name, key)
+        for consumer in queue.consumers:
+            consumer.cancelled = True
+            consumer.transport._consumers.pop(consumer.tag, None)
+        queue.consumers.clear()
+        queue.messages.clear()
+
+    def _remove_consumer(self, consumer: _Consumer) -> None:
+        consumer.cancelled = True
+        queue = consumer.queue
+        if consumer in queue.consumers:
+            queue.consumers.remove(consumer)
+            queue.next_consumer = 0
+        if queue.auto_delete and not queue.consumers and queue.had_consumer:
+            self._delete_queue(queue.name)
+        else:
+            self._dispatch(queue)
+
+
+class MemoryTransport(Transport):
+    """One connection to a :class:`MemoryBroker`."""
+
+    def __init__(self, broker: MemoryBroker, user: str = "ion") -> None:
+        super().__init__()
+        self.broker = broker
+        self.user = user
+        self.closed = False
+        self._consumers: dict[str, _Consumer] = {}
+        self._message_ids: Iterator[int] = itertools.count(1)
+        self._id_prefix = f"{id(self):x}"
+
+    def __repr__(self) -> str:
+        return f"<MemoryTransport user={self.user!r} consumers={len(self._consumers)}>"
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise TransportError("connection to the embedded broker is closed")
+
+    def connect(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def declare_exchange(self, name: str, kind: str = "topic", *, durable: bool = False,
+                         auto_delete: bool = False) -> defer.Deferred[None]:
+        try:
+            self._check_open()
+            if kind not in ("topic", "direct", "fanout"):
+                raise TransportError(f"exchange type {kind!r} is not supported")
+            existing = self.broker.exchanges.get(name)
+            if existing is None:
+                self.broker.exchanges[name] = _Exchange(name, kind)
+            elif existing.kind != kind:
+                raise TransportError(
+                    f"PRECONDITION_FAILED - exchange '{name}' is of type {existing.kind}, not {kind}"
+                )
+        except TransportError:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def declare_queue(self, name: str, *, durable: bool = False, exclusive: bool = False,
+                      auto_delete: bool = False,
+                      arguments: dict[str, Any] | None = None) -> defer.Deferred[str]:
+        try:
+            self._check_open()
+            queue = self.broker.queues.get(name)
+            if queue is None:
+                self.broker.queues[name] = _Queue(
+                    name, durable=durable, exclusive_owner=self if exclusive else None,
+                    auto_delete=auto_delete,
+                    single_active=bool((arguments or {}).get("x-single-active-consumer")),
+                )
+            elif queue.exclusive_owner is not None and queue.exclusive_owner is not self:
+                raise TransportError(f"RESOURCE_LOCKED - queue '{name}' is exclusive to another connection")
+        except TransportError:
+            return defer.fail()
+        return defer.succeed(name)
+
+    def delete_queue(self, name: str) -> defer.Deferred[None]:
+        try:
+            self._check_open()
+        except TransportError:
+            return defer.fail()
+        self.broker._delete_queue(name)
+        return defer.succeed(None)
+
+    def bind(self, queue: str, exchange: str, routing_key: str) -> defer.Deferred[None]:
+        try:
+            self._check_open()
+            q = self.broker.queues.get(queue)
+            ex = self.broker.exchanges.get(exchange)
+            if q is None:
+                raise TransportError(f"NOT_FOUND - no queue '{queue}'")
+            if ex is None:
+                raise TransportError(f"NOT_FOUND - no exchange '{exchange}'")
+        except TransportError:
+            return defer.fail()
+        ex.bind(queue, routing_key)
+        q.bindings.add((exchange, routing_key))
+        return defer.succeed(None)
+
+    def unbind(self, queue: str, exchange: str, routing_key: str) -> defer.Deferred[None]:
+        ex = self.broker.exchanges.get(exchange)
+        q = self.broker.queues.get(queue)
+        if ex is not None:
+            ex.unbind(queue, routing_key)
+        if q is not None:
+            q.bindings.discard((exchange, routing_key))
+        return defer.succeed(None)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
+                *, mandatory: bool = False) -> defer.Deferred[None]:
+        try:
+            self._check_open()
+            # As on RabbitMQ, the broker stamps who really published.
+            properties.user_id = self.user
+            if properties.message_id is None:
+                properties.message_id = f"{self._id_prefix}.{next(self._message_ids)}"
+            self.broker._publish(self, exchange, routing_key, body, properties, mandatory)
+        except TransportError:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def consume(self, queue: str, callback: ConsumeCallback, *, prefetch: int = 1,
+                exclusive: bool = False) -> defer.Deferred[str]:
+        try:
+            self._check_open()
+            q = self.broker.queues.get(queue)
+            if q is None:
+                raise TransportError(f"NOT_FOUND - no queue '{queue}'")
+            if q.exclusive_owner is not None and q.exclusive_owner is not self:
+                raise TransportError(f"RESOURCE_LOCKED - queue '{queue}' is exclusive to another connection")
+            if exclusive and q.consumers:
+                raise TransportError(f"ACCESS_REFUSED - queue '{queue}' already has consumers")
+            if any(c.transport is not self for c in q.consumers if exclusive):
+                raise TransportError(f"ACCESS_REFUSED - queue '{queue}' is consumed exclusively")
+        except TransportError:
+            return defer.fail()
+        tag = f"ctag{next(self.broker._tags)}"
+        consumer = _Consumer(tag, q, callback, prefetch, self)
+        q.consumers.append(consumer)
+        q.had_consumer = True
+        self._consumers[tag] = consumer
+        self.broker._dispatch(q)
+        return defer.succeed(tag)
+
+    def cancel(self, consumer_tag: str) -> defer.Deferred[None]:
+        consumer = self._consumers.pop(consumer_tag, None)
+        if consumer is not None:
+            self.broker._remove_consumer(consumer)
+        return defer.succeed(None)
+
+    def close(self) -> defer.Deferred[None]:
+        if self.closed:
+            return defer.succeed(None)
+        self.closed = True
+        broker = self.broker
+        for consumer in list(self._consumers.values()):
+            # Unacknowledged deliveries go back to their queue, marked redelivered.
+            for tag in sorted(consumer.unacked, reverse=True):
+                msg = consumer.unacked.pop(tag)
+                msg.redelivered = True
+                consumer.queue.messages.appendleft(msg)
+            broker._remove_consumer(consumer)
+        self._consumers.clear()
+        for name, queue in list(broker.queues.items()):
+            if queue.exclusive_owner is self:
+                broker._delete_queue(name)
+        return defer.succeed(None)

@@ -1,0 +1,217 @@
+"""The ION message: one dict of headers plus ``content`` (DESIGN §4), and its codec.
+
+On the wire the whole dict is msgpack-encoded as the message body. Content is
+any msgpack value; a protobuf message as content is carried as its serialised
+bytes with ``encoding: protobuf`` and ``content-type`` naming its type, and is
+turned back into an instance of that type on receipt.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Final, Mapping
+
+import msgpack
+
+from ion.core.exceptions import MalformedMessageError, MessageError, MessageTooLargeError
+
+__all__ = [
+    "HEADERS",
+    "REQUIRED_HEADERS",
+    "Performative",
+    "Protocol",
+    "encode",
+    "decode",
+    "build",
+    "validate",
+    "is_expired",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+]
+
+#: Every header field of DESIGN §4, in the order they are documented.
+HEADERS: Final = (
+    "sender", "sender-name", "receiver", "reply-to", "op", "conv-id", "conv-seq",
+    "protocol", "performative", "status", "response-code", "encoding",
+    "content-type", "user-id", "expiry", "ts",
+)
+
+#: Headers without which a message cannot be dispatched or answered.
+REQUIRED_HEADERS: Final = ("sender", "receiver", "op", "conv-id", "protocol", "performative")
+
+#: Headers set by the receiving transport, never trusted from a body.
+TRANSPORT_HEADERS: Final = ("broker-user",)
+
+DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
+ANONYMOUS: Final = "ANONYMOUS"
+
+
+class Performative:
+    """FIPA performatives used by the conversation protocols."""
+
+    REQUEST: Final = "request"
+    AGREE: Final = "agree"
+    REFUSE: Final = "refuse"
+    INFORM_RESULT: Final = "inform_result"
+    FAILURE: Final = "failure"
+    INFORM: Final = "inform"
+
+
+class Protocol:
+    """Conversation protocol names."""
+
+    RPC: Final = "rpc"
+    REQUEST: Final = "request"
+    GENERIC: Final = "generic"
+    NONE: Final = "none"
+
+    ALL: Final = frozenset({"rpc", "request", "generic", "none"})
+
+
+_message_ids = itertools.count(1)
+
+
+def build(
+    *,
+    sender: str,
+    receiver: str,
+    op: str,
+    content: Any,
+    conv_id: str,
+    sender_name: str = "",
+    reply_to: str | None = None,
+    conv_seq: int = 1,
+    protocol: str = Protocol.RPC,
+    performative: str = Performative.REQUEST,
+    status: str = "OK",
+    response_code: int = 200,
+    user_id: str = ANONYMOUS,
+    expiry: float = 0,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Return a complete ION message dict; ``extra`` headers override the defaults."""
+    msg: dict[str, Any] = {
+        "sender": sender,
+        "sender-name": sender_name,
+        "receiver": receiver,
+        "reply-to": reply_to or sender,
+        "op": op,
+        "conv-id": conv_id,
+        "conv-seq": conv_seq,
+        "protocol": protocol,
+        "performative": performative,
+        "status": status,
+        "response-code": response_code,
+        "encoding": "msgpack",
+        "content-type": "",
+        "user-id": user_id,
+        "expiry": expiry,
+        "ts": int(time.time() * 1000),
+    }
+    if extra:
+        msg.update(extra)
+    msg["content"] = content
+    return msg
+
+
+def _pack_content(msg: dict[str, Any]) -> dict[str, Any]:
+    content = msg.get("content")
+    serialize = getattr(content, "SerializeToString", None)
+    descriptor = getattr(content, "DESCRIPTOR", None)
+    if serialize is not None and descriptor is not None:
+        msg = dict(msg)
+        msg["encoding"] = "protobuf"
+        msg["content-type"] = descriptor.full_name
+        msg["content"] = serialize()
+    return msg
+
+
+def encode(msg: Mapping[str, Any], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
+    """Encode a message for the wire.
+
+    :raises MessageError: if a value cannot be encoded.
+    :raises MessageTooLargeError: if the body exceeds ``max_size`` bytes.
+    """
+    body_src = _pack_content(dict(msg))
+    for header in TRANSPORT_HEADERS:
+        body_src.pop(header, None)
+    try:
+        body: bytes = msgpack.packb(body_src, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise MessageError(f"cannot encode message for op {msg.get('op')!r}: {exc}") from exc
+    if max_size and len(body) > max_size:
+        raise MessageTooLargeError(
+            f"message for op {msg.get('op')!r} to {msg.get('receiver')} is {len(body)} bytes,"
+            f" over the limit of {max_size}"
+        )
+    return body
+
+
+def _protobuf_class(type_name: str) -> Any:
+    from google.protobuf import descriptor_pool, message_factory
+
+    try:
+        descriptor = descriptor_pool.Default().FindMessageTypeByName(type_name)
+    except KeyError:
+        raise MalformedMessageError(f"unknown protobuf content-type {type_name!r}") from None
+    return message_factory.GetMessageClass(descriptor)
+
+
+def decode(body: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, Any]:
+    """Decode and validate a body from the wire.
+
+    :raises MessageTooLargeError: if the body exceeds ``max_size`` bytes.
+    :raises MalformedMessageError: if it is not msgpack, not a dict, or lacks
+        required headers.
+    """
+    if max_size and len(body) > max_size:
+        raise MessageTooLargeError(f"message of {len(body)} bytes is over the limit of {max_size}")
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise MalformedMessageError(f"body is not valid msgpack: {exc}") from exc
+    if not isinstance(msg, dict):
+        raise MalformedMessageError(f"body is a {type(msg).__name__}, not a message dict")
+    for header in TRANSPORT_HEADERS:
+        msg.pop(header, None)
+    validate(msg)
+    if msg.get("encoding") == "protobuf":
+        content = msg.get("content")
+        if not isinstance(content, bytes):
+            raise MalformedMessageError("protobuf-encoded content is not bytes")
+        cls = _protobuf_class(str(msg.get("content-type", "")))
+        instance = cls()
+        try:
+            instance.ParseFromString(content)
+        except Exception as exc:
+            raise MalformedMessageError(f"content is not a valid {msg['content-type']}: {exc}") from exc
+        msg["content"] = instance
+    return msg
+
+
+def validate(msg: Mapping[str, Any]) -> None:
+    """Check that a decoded dict is a message the container can dispatch.
+
+    :raises MalformedMessageError: naming the first missing or mistyped header.
+    """
+    missing = [h for h in REQUIRED_HEADERS if h not in msg]
+    if missing:
+        raise MalformedMessageError(f"message lacks required header(s): {', '.join(missing)}")
+    for h in ("sender", "receiver", "op", "conv-id", "protocol", "performative"):
+        if not isinstance(msg[h], str):
+            raise MalformedMessageError(f"header {h!r} must be a string, not {type(msg[h]).__name__}")
+    if msg["protocol"] not in Protocol.ALL:
+        raise MalformedMessageError(f"unknown protocol {msg['protocol']!r}")
+    if "conv-seq" in msg and not isinstance(msg["conv-seq"], int):
+        raise MalformedMessageError("header 'conv-seq' must be an int")
+    expiry = msg.get("expiry", 0)
+    if not isinstance(expiry, (int, float)):
+        raise MalformedMessageError("header 'expiry' must be a number")
+    if msg.get("encoding", "msgpack") not in ("msgpack", "protobuf"):
+        raise MalformedMessageError(f"unknown encoding {msg.get('encoding')!r}")
+
+
+def is_expired(msg: Mapping[str, Any], now: float) -> bool:
+    """True if the message carries an ``expiry`` (epoch seconds) that has passed."""
+    expiry = msg.get("expiry") or 0
+    return bool(expiry) and now > float(expiry)

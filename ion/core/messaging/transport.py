@@ -1,0 +1,225 @@
+"""The transport contract: what processes may rely on, whatever carries the bytes.
+
+A transport is one connection to a broker. It declares topic exchanges and
+queues, binds them, publishes bodies with AMQP-like properties, and consumes
+queues with a prefetch window and explicit ack/reject. ``memory://`` (the
+embedded broker, :mod:`ion.core.messaging.memory`) and ``amqp://`` (RabbitMQ)
+implement it; one contract test suite runs against both.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+from urllib.parse import unquote, urlsplit
+
+from twisted.internet import defer
+
+from ion.core.exceptions import ConfigurationError
+
+__all__ = [
+    "Properties",
+    "Delivery",
+    "Transport",
+    "ConsumeCallback",
+    "ReturnCallback",
+    "ConnectionListener",
+    "BrokerURL",
+    "parse_broker_url",
+]
+
+
+@dataclass
+class Properties:
+    """AMQP basic properties the container uses.
+
+    ``user_id`` is set by the publishing transport to its broker login; on
+    RabbitMQ the broker validates it against the connection.
+    """
+
+    content_type: str = "application/msgpack"
+    correlation_id: Optional[str] = None
+    reply_to: Optional[str] = None
+    message_id: Optional[str] = None
+    user_id: Optional[str] = None
+    headers: dict[str, Any] = field(default_factory=dict)
+
+
+class Delivery:
+    """One message handed to a consumer; ack or reject it exactly once."""
+
+    __slots__ = ("body", "properties", "exchange", "routing_key", "redelivered", "_settle", "settled")
+
+    def __init__(
+        self,
+        body: bytes,
+        properties: Properties,
+        exchange: str,
+        routing_key: str,
+        redelivered: bool,
+        settle: Callable[[bool, bool], None],
+    ) -> None:
+        self.body = body
+        self.properties = properties
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.redelivered = redelivered
+        self._settle = settle
+        self.settled = False
+
+    def ack(self) -> None:
+        """Tell the broker the message is handled; frees one prefetch slot."""
+        self._done(ack=True, requeue=False)
+
+    def reject(self, requeue: bool = True) -> None:
+        """Give the message back (``requeue``) or drop it."""
+        self._done(ack=False, requeue=requeue)
+
+    def _done(self, ack: bool, requeue: bool) -> None:
+        if self.settled:
+            from ion.core.exceptions import TransportError
+
+            raise TransportError("delivery already acknowledged or rejected")
+        self.settled = True
+        self._settle(ack, requeue)
+
+
+ConsumeCallback = Callable[[Delivery], None]
+#: Called with (exchange, routing_key, properties) for a mandatory message no queue took.
+ReturnCallback = Callable[[str, str, Properties], None]
+#: Called with ``"lost"`` (and the reason) or ``"restored"``.
+ConnectionListener = Callable[[str, Optional[str]], None]
+
+
+class Transport(abc.ABC):
+    """One connection to a broker.
+
+    Every method returns a Deferred. Names follow AMQP 0-9-1: exchanges are
+    ``topic`` unless said otherwise; a queue is bound to an exchange by a
+    routing pattern; ``consume`` delivers at most ``prefetch`` unacknowledged
+    messages to one consumer, round-robin among a queue's consumers.
+    """
+
+    #: The broker login this connection publishes as (``user_id`` property).
+    user: str = "guest"
+
+    def __init__(self) -> None:
+        self._return_callbacks: list[ReturnCallback] = []
+        self._connection_listeners: list[ConnectionListener] = []
+
+    @abc.abstractmethod
+    def connect(self) -> defer.Deferred[None]:
+        """Open the connection; fails with a clear error if the broker refuses it."""
+
+    @abc.abstractmethod
+    def declare_exchange(self, name: str, kind: str = "topic", *, durable: bool = False,
+                         auto_delete: bool = False) -> defer.Deferred[None]:
+        """Create an exchange if it does not exist."""
+
+    @abc.abstractmethod
+    def declare_queue(self, name: str, *, durable: bool = False, exclusive: bool = False,
+                      auto_delete: bool = False,
+                      arguments: dict[str, Any] | None = None) -> defer.Deferred[str]:
+        """Create a queue if it does not exist; fires with its name.
+
+        ``arguments`` may hold ``x-single-active-consumer: True``.
+        """
+
+    @abc.abstractmethod
+    def delete_queue(self, name: str) -> defer.Deferred[None]:
+        """Delete a queue and the messages in it (no error if it is gone)."""
+
+    @abc.abstractmethod
+    def bind(self, queue: str, exchange: str, routing_key: str) -> defer.Deferred[None]:
+        """Route messages published to ``exchange`` matching ``routing_key`` into ``queue``."""
+
+    @abc.abstractmethod
+    def unbind(self, queue: str, exchange: str, routing_key: str) -> defer.Deferred[None]:
+        """Undo :meth:`bind`."""
+
+    @abc.abstractmethod
+    def publish(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
+                *, mandatory: bool = False) -> defer.Deferred[None]:
+        """Send ``body``; a ``mandatory`` message that no queue takes is returned
+        to the callbacks registered with :meth:`add_return_callback`."""
+
+    @abc.abstractmethod
+    def consume(self, queue: str, callback: ConsumeCallback, *, prefetch: int = 1,
+                exclusive: bool = False) -> defer.Deferred[str]:
+        """Start delivering ``queue`` to ``callback``; fires with the consumer tag."""
+
+    @abc.abstractmethod
+    def cancel(self, consumer_tag: str) -> defer.Deferred[None]:
+        """Stop a consumer; its unacknowledged deliveries may still be settled."""
+
+    @abc.abstractmethod
+    def close(self) -> defer.Deferred[None]:
+        """Close the connection; unacknowledged deliveries go back to their queues."""
+
+    # -- notifications -------------------------------------------------------
+    def add_return_callback(self, callback: ReturnCallback) -> None:
+        """Be told of mandatory messages that could not be routed."""
+        self._return_callbacks.append(callback)
+
+    def remove_return_callback(self, callback: ReturnCallback) -> None:
+        if callback in self._return_callbacks:
+            self._return_callbacks.remove(callback)
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """Be told when the connection is lost and restored."""
+        self._connection_listeners.append(listener)
+
+    def remove_connection_listener(self, listener: ConnectionListener) -> None:
+        if listener in self._connection_listeners:
+            self._connection_listeners.remove(listener)
+
+    def _notify_return(self, exchange: str, routing_key: str, properties: Properties) -> None:
+        for cb in list(self._return_callbacks):
+            cb(exchange, routing_key, properties)
+
+    def _notify_connection(self, event: str, reason: str | None = None) -> None:
+        for listener in list(self._connection_listeners):
+            listener(event, reason)
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    """A parsed ``--broker`` URL: ``memory://`` or ``amqp://user:pass@host:port/vhost``."""
+
+    scheme: str
+    host: str = "localhost"
+    port: int = 5672
+    vhost: str = "/"
+    username: str = "guest"
+    password: str = ""
+
+    def __str__(self) -> str:
+        if self.scheme == "memory":
+            return "memory://"
+        vhost = "" if self.vhost == "/" else self.vhost
+        return f"{self.scheme}://{self.username}@{self.host}:{self.port}/{vhost}"
+
+
+def parse_broker_url(url: str) -> BrokerURL:
+    """Parse a broker URL; the password never appears in ``str()`` of the result.
+
+    :raises ConfigurationError: for an unknown scheme, naming the ones known.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        return BrokerURL("memory")
+    if scheme not in ("amqp", "amqps"):
+        raise ConfigurationError(
+            f"No such transport: {parts.scheme or url!r}. Use memory:// or amqp://user:pass@host:port/vhost"
+        )
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    return BrokerURL(
+        scheme=scheme,
+        host=parts.hostname or "localhost",
+        port=parts.port or (5671 if scheme == "amqps" else 5672),
+        vhost=unquote(path) if path else "/",
+        username=unquote(parts.username) if parts.username else "guest",
+        password=unquote(parts.password) if parts.password else "guest",
+    )

@@ -1,0 +1,610 @@
+"""ION processes: lifecycle-managed actors that talk only by messages (DESIGN §5).
+
+A process has a *main* receiver (queue = its pid) for requests and a
+*backend* receiver (``<pid>b``) that its own sends and RPCs go out through,
+so the reply to an RPC made while handling a request arrives on another queue
+and cannot deadlock behind it. Each receiver handles one message at a time
+(prefetch 1) and acknowledges it only when handled.
+
+Requests are dispatched to ``op_<name>(content, headers, msg)``; what an op
+returns is the reply's content unless it replied itself. An exception that
+escapes an op becomes an error reply (500, or the code of an
+:class:`~ion.core.exceptions.ApplicationError`) and the process stays ACTIVE.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ion.core.conversation import Conversation, ConversationTable, ResponderConversation, RpcResult
+from ion.core.exceptions import (
+    ApplicationError,
+    ConfigurationError,
+    IllegalStateError,
+    MessageError,
+    MessageTooLargeError,
+)
+from ion.core.lifecycle import LifecycleObject, State
+from ion.core.messaging import message as wire
+from ion.core.messaging.message import ANONYMOUS, Performative, Protocol
+from ion.core.messaging.transport import Delivery, Properties
+
+if TYPE_CHECKING:
+    from ion.core.container import Container
+
+__all__ = ["Process", "Receiver", "ProcessDesc", "ProcessClient", "current_message", "load_process_class"]
+
+#: The request being handled by the op running now (follows ``async def`` and
+#: ``inlineCallbacks`` ops across their awaits); used for ``user-id`` delegation.
+current_message: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "ion_current_message", default=None)
+
+_REPLY_PERFORMATIVES = frozenset({Performative.INFORM_RESULT, Performative.FAILURE,
+                                  Performative.AGREE, Performative.REFUSE})
+
+Handler = Callable[[dict[str, Any], "Receiver"], "defer.Deferred[Any] | None"]
+
+
+class Receiver(LifecycleObject):
+    """One queue consumed on behalf of a process.
+
+    :param name: the queue name, also the routing key it is bound with.
+    :param shared: the queue outlives this receiver (a service queue
+        consumed by every instance); otherwise it is deleted on terminate.
+    """
+
+    _log = Logger()
+
+    def __init__(self, process: "Process", name: str, handler: Handler, *, shared: bool = False,
+                 prefetch: int = 1, queue_arguments: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.process = process
+        self.name = name
+        self.handler = handler
+        self.shared = shared
+        self.prefetch = prefetch
+        self.queue_arguments = queue_arguments
+        self.consumer_tag: str | None = None
+        self.inflight = 0
+        self._drained: list[defer.Deferred[None]] = []
+        self.handled = 0
+
+    def __repr__(self) -> str:
+        return f"<Receiver {self.name} {self.state.value}>"
+
+    @property
+    def transport(self) -> Any:
+        return self.process.container.transport
+
+    @defer.inlineCallbacks
+    def on_initialize(self) -> Any:
+        exchange = self.process.container.exchange_name
+        yield self.transport.declare_queue(self.name, arguments=self.queue_arguments)
+        yield self.transport.bind(self.name, exchange, self.name)
+
+    @defer.inlineCallbacks
+    def on_activate(self) -> Any:
+        self.consumer_tag = yield self.transport.consume(self.name, self._on_delivery, prefetch=self.prefetch)
+
+    def on_deactivate(self) -> Any:
+        return self._stop_consuming()
+
+    @defer.inlineCallbacks
+    def on_terminate(self, timeout: float | None = None) -> Any:
+        yield self._stop_consuming()
+        yield self.drain(timeout)
+        if not self.shared:
+            try:
+                yield self.transport.delete_queue(self.name)
+            except Exception as exc:
+                self._log.warn("could not delete queue {queue}: {exc}", queue=self.name, exc=exc)
+
+    def on_error(self, cause: Failure) -> Any:
+        return self._stop_consuming()
+
+    def _stop_consuming(self) -> defer.Deferred[None]:
+        tag, self.consumer_tag = self.consumer_tag, None
+        if tag is None:
+            return defer.succeed(None)
+        d = self.transport.cancel(tag)
+        d.addErrback(lambda f: self._log.warn("cancel of {queue} failed: {e}", queue=self.name,
+                                              e=f.getErrorMessage()))
+        return d
+
+    def drain(self, timeout: float | None = None) -> defer.Deferred[None]:
+        """Fire when no message is being handled (or ``timeout`` seconds passed)."""
+        if not self.inflight:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(d)
+        if timeout:
+            d.addTimeout(timeout, self.process.clock, onTimeoutCancel=lambda r, t: None)
+        return d
+
+    # -- delivery ------------------------------------------------------------------
+    def _on_delivery(self, delivery: Delivery) -> None:
+        if self.state is not State.ACTIVE:
+            # Arrived after we stopped consuming: let another consumer have it.
+            delivery.reject(requeue=True)
+            return
+        proc = self.process
+        try:
+            msg = wire.decode(delivery.body, proc.container.max_message_size)
+        except MessageError as exc:
+            self._bad_message(delivery, exc)
+            return
+        msg["broker-user"] = delivery.properties.user_id
+        if msg.get("expiry") and wire.is_expired(msg, time.time()):
+            self._log.warn(
+                "{pid}: dropped expired message op={op!r} from {sender} (expiry {expiry})",
+                pid=proc.id, op=msg["op"], sender=msg["sender"], expiry=msg["expiry"])
+            delivery.ack()
+            return
+        self.inflight += 1
+        try:
+            result = self.handler(msg, self)
+        except Exception:
+            self._log.failure("{pid}: handler raised on {op!r}", pid=proc.id, op=msg.get("op"))
+            result = None
+        if isinstance(result, defer.Deferred) and not result.called:
+            result.addBoth(self._handled, delivery)
+        else:
+            if isinstance(result, defer.Deferred):
+                result.addErrback(lambda f: None)
+            self._handled(None, delivery)
+
+    def _handled(self, result: Any, delivery: Delivery) -> None:
+        self.inflight -= 1
+        self.handled += 1
+        try:
+            delivery.ack()
+        except Exception as exc:
+            # The connection went away: the broker requeues it for another consumer.
+            self._log.warn("{queue}: could not ack: {exc}", queue=self.name, exc=exc)
+        if not self.inflight and self._drained:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                if not d.called:
+                    d.callback(None)
+
+    def _bad_message(self, delivery: Delivery, exc: Exception) -> None:
+        props = delivery.properties
+        self._log.warn(
+            "{queue}: dropped bad message from {sender} (user {user}, message-id {mid}): {exc}",
+            queue=self.name, sender=props.reply_to or "?", user=props.user_id, mid=props.message_id,
+            exc=exc)
+        delivery.ack()
+        if props.reply_to and props.correlation_id:
+            code = 413 if isinstance(exc, MessageTooLargeError) else 400
+            self.process._reply_by_properties(props, code, exc)
+
+
+@dataclass
+class ProcessDesc:
+    """What to spawn: a process class (or ``module`` + ``procclass``), a name and spawnargs."""
+
+    name: str | None = None
+    module: str | None = None
+    procclass: str | None = None
+    spawnargs: dict[str, Any] = field(default_factory=dict)
+    cls: type["Process"] | None = None
+
+    def process_class(self) -> type["Process"]:
+        """Import and return the class this description names."""
+        if self.cls is not None:
+            return self.cls
+        if not self.module:
+            raise ConfigurationError(f"process description {self.name!r} names no module")
+        return load_process_class(self.module, self.procclass)
+
+
+def load_process_class(module: str, procclass: str | None = None) -> type["Process"]:
+    """Import ``module`` and return ``procclass`` from it (or its one Process subclass).
+
+    :raises ConfigurationError: if the module or class cannot be found.
+    """
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import process module {module!r}: {exc}") from exc
+    if procclass:
+        cls = getattr(mod, procclass, None)
+        if not (isinstance(cls, type) and issubclass(cls, Process)):
+            raise ConfigurationError(f"module {module!r} has no Process class {procclass!r}")
+        return cls
+    factory = getattr(mod, "factory", None)
+    if isinstance(factory, type) and issubclass(factory, Process):
+        return factory
+    found = [v for v in vars(mod).values()
+             if isinstance(v, type) and issubclass(v, Process) and v.__module__ == mod.__name__]
+    if len(found) != 1:
+        raise ConfigurationError(
+            f"module {module!r} defines {len(found)} Process classes; name one (procclass) or set 'factory'")
+    return found[0]
+
+
+class Process(LifecycleObject):
+    """Base class of every ION process.
+
+    Subclasses add ``op_<name>`` methods and may override the ``slc_*`` hooks
+    (``slc_init``, ``slc_activate``, ``slc_deactivate``, ``slc_terminate``),
+    each of which may return a Deferred.
+
+    :param container: the container that hosts the process.
+    :param spawnargs: free-form arguments from the spawner or app file.
+    :param name: the process label (``sender-name``); defaults to the class's ``name``.
+    """
+
+    #: Default label of processes of this class.
+    name: ClassVar[str | None] = None
+    _log = Logger()
+
+    def __init__(self, container: "Container", spawnargs: Mapping[str, Any] | None = None, *,
+                 name: str | None = None, pid: str | None = None) -> None:
+        super().__init__()
+        self.container = container
+        self.spawnargs: dict[str, Any] = dict(spawnargs or {})
+        self.id: str = pid or container.new_pid()
+        self.proc_name: str = (name or self.spawnargs.get("proc-name") or type(self).name
+                               or getattr(type(self), "service_name", "") or type(self).__name__)
+        self.clock = container.clock
+        self.conversations = ConversationTable(self, self.clock)
+        self.receivers: list[Receiver] = []
+        self.children: list[Process] = []
+        self.parent: Process | None = None
+        self.user_id: str = str(self.spawnargs.get("user-id", ANONYMOUS))
+        self.backend_name = self.id + "b"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.proc_name} {self.id} {self.state.value}>"
+
+    # -- configuration -------------------------------------------------------------
+    @property
+    def sysname(self) -> str:
+        return self.container.sysname
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The effective config of this process's module (see :meth:`Config.for_module`)."""
+        return self.container.config.for_module(type(self).__module__)
+
+    def get_config(self, key: str, default: Any = None) -> Any:
+        """A config value: spawnargs first, then the module's config section."""
+        if key in self.spawnargs:
+            return self.spawnargs[key]
+        return self.config.get(key, default)
+
+    @property
+    def rpc_timeout(self) -> float:
+        return float(self.container.config.get("ion.core.process", "rpc_timeout", 15))
+
+    def resolve(self, name: str) -> str:
+        """The routing key for a name: a bare service name is scoped to the system."""
+        return name if "." in name else f"{self.sysname}.{name}"
+
+    # -- lifecycle -------------------------------------------------------------------
+    def receivers_to_create(self) -> list[Receiver]:
+        """The receivers this process consumes; subclasses add theirs."""
+        return [
+            Receiver(self, self.id, self._receive),
+            Receiver(self, self.backend_name, self._receive),
+        ]
+
+    @defer.inlineCallbacks
+    def on_initialize(self) -> Any:
+        self.receivers = self.receivers_to_create()
+        for receiver in self.receivers:
+            yield receiver.initialize()
+        yield defer.maybeDeferred(self.slc_init)
+
+    @defer.inlineCallbacks
+    def on_activate(self) -> Any:
+        yield defer.maybeDeferred(self.slc_activate)
+        for receiver in self.receivers:
+            yield receiver.activate()
+
+    @defer.inlineCallbacks
+    def on_deactivate(self) -> Any:
+        for receiver in self.receivers:
+            if receiver.state is State.ACTIVE:
+                yield receiver.deactivate()
+        yield defer.maybeDeferred(self.slc_deactivate)
+
+    @defer.inlineCallbacks
+    def on_terminate(self) -> Any:
+        timeout = float(self.container.config.get("ion.core.process", "terminate_timeout", 10))
+        # 1. No new messages; 2. let the ones in progress finish (bounded).
+        for receiver in self.receivers:
+            if receiver.state is State.ACTIVE:
+                yield receiver.deactivate()
+        yield defer.DeferredList([r.drain(timeout) for r in self.receivers])
+        # 3. Children in reverse start order, then our own hook.
+        for child in reversed(list(self.children)):
+            if not child.is_final:
+                try:
+                    yield self.container.proc_manager.terminate_process(child.id)
+                except Exception as exc:
+                    self._log.warn("{pid}: child {child} did not terminate cleanly: {exc}",
+                                   pid=self.id, child=child.id, exc=exc)
+        yield defer.maybeDeferred(self.slc_terminate)
+        # 4. Whatever is still waiting for a reply ends now.
+        self.conversations.fail_all(f"process {self.id} ({self.proc_name}) terminated")
+        self.conversations.responding.clear()
+        for receiver in self.receivers:
+            if not receiver.is_final:
+                yield receiver.terminate()
+
+    def on_error(self, cause: Failure) -> Any:
+        self.conversations.fail_all(f"process {self.id} ({self.proc_name}) failed: {cause.getErrorMessage()}")
+        ds = [r.terminate() for r in self.receivers if not r.is_final]
+        return defer.DeferredList(ds, consumeErrors=True)
+
+    def slc_init(self) -> Any:
+        """User hook: set up state; receivers exist but take no messages yet."""
+
+    def slc_activate(self) -> Any:
+        """User hook: called just before the process starts taking messages."""
+
+    def slc_deactivate(self) -> Any:
+        """User hook: the process stopped taking messages."""
+
+    def slc_terminate(self) -> Any:
+        """User hook: release what the process holds."""
+
+    # -- receiving ---------------------------------------------------------------------
+    def _receive(self, msg: dict[str, Any], receiver: Receiver) -> defer.Deferred[Any] | None:
+        if self.conversations.handle(msg):
+            return None
+        return self._dispatch(msg)
+
+    def _dispatch(self, msg: dict[str, Any]) -> defer.Deferred[Any] | None:
+        op = msg["op"]
+        protocol = msg["protocol"]
+        if protocol in (Protocol.RPC, Protocol.REQUEST):
+            self.conversations.responding[msg["conv-id"]] = ResponderConversation(msg)
+        method = getattr(self, "op_" + op, None) if op.isidentifier() else None
+        if method is None:
+            self._log.warn("{pid}: unknown op {op!r} from {sender}", pid=self.id, op=op, sender=msg["sender"])
+            if protocol != Protocol.NONE and msg["performative"] not in _REPLY_PERFORMATIVES:
+                self.reply_err(msg, {"error": "UnknownOperation",
+                                     "message": f"{self.proc_name} has no operation {op!r}"},
+                               response_code=404)
+            return None
+        token = current_message.set(msg)
+        try:
+            d = defer.maybeDeferred(method, msg.get("content"), msg, msg)
+        finally:
+            current_message.reset(token)
+        d.addCallbacks(self._op_done, self._op_failed, callbackArgs=(msg,), errbackArgs=(msg,))
+        d.addErrback(lambda f: self._log.failure("{pid}: answering {op!r} failed", f, pid=self.id, op=op))
+        # A synchronous op has been answered already: the receiver may ack at once.
+        return None if d.called else d
+
+    def _answered(self, msg: dict[str, Any]) -> bool:
+        conv = self.conversations.responding.get(msg["conv-id"])
+        return conv is None or conv.state not in ("RECEIVED", "AGREED")
+
+    def _op_done(self, result: Any, msg: dict[str, Any]) -> None:
+        if msg["protocol"] in (Protocol.RPC, Protocol.REQUEST) and not self._answered(msg):
+            self.reply_ok(msg, result)
+        self.conversations.responding.pop(msg["conv-id"], None)
+
+    def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
+        exc = failure.value
+        if isinstance(exc, ApplicationError):
+            code = exc.code
+            self._log.warn("{pid}: op {op!r} from {sender} refused ({code}): {message}",
+                           pid=self.id, op=msg["op"], sender=msg["sender"], code=code, message=exc.message)
+        else:
+            code = 500
+            self._log.failure("{pid}: op {op!r} from {sender} failed", failure, pid=self.id,
+                              op=msg["op"], sender=msg["sender"])
+        if msg["protocol"] != Protocol.NONE and not self._answered(msg):
+            try:
+                self.reply_err(msg, {"error": type(exc).__name__, "message": str(exc)}, response_code=code)
+            except Exception:
+                self._log.failure("{pid}: could not send the error reply", pid=self.id)
+        self.conversations.responding.pop(msg["conv-id"], None)
+
+    # -- sending ------------------------------------------------------------------------
+    def _delegated_user(self) -> str:
+        current = current_message.get()
+        if current is not None:
+            return str(current.get("user-id") or ANONYMOUS)
+        return self.user_id
+
+    def _publish(self, msg: dict[str, Any], mandatory: bool = False) -> defer.Deferred[None]:
+        container = self.container
+        body = wire.encode(msg, container.max_message_size)
+        props = Properties(correlation_id=msg["conv-id"], reply_to=msg["reply-to"])
+        return container.transport.publish(container.exchange_name, msg["receiver"], body, props,
+                                           mandatory=mandatory)
+
+    def _start(self, protocol: str, receiver: str, op: str, content: Any,
+               headers: Mapping[str, Any] | None, timeout: float | None, **conv_kwargs: Any) -> Conversation:
+        target = self.resolve(receiver)
+        conv = self.conversations.start(
+            protocol, target, op, self.rpc_timeout if timeout is None else timeout, **conv_kwargs)
+        msg = wire.build(
+            sender=self.backend_name, sender_name=self.proc_name, receiver=target, op=op, content=content,
+            conv_id=conv.conv_id, protocol=protocol, performative=Performative.REQUEST,
+            user_id=self._delegated_user(), extra=headers)
+        try:
+            d = self._publish(msg, mandatory=True)
+        except MessageError as exc:
+            conv.event("error", reason=str(exc), code=400)
+            return conv
+        d.addErrback(lambda f: conv.event("error", reason=f"could not send: {f.getErrorMessage()}"))
+        return conv
+
+    def rpc_send(self, receiver: str, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,
+                 timeout: float | None = None) -> defer.Deferred[RpcResult]:
+        """Call ``op`` at ``receiver`` (a pid or a service name); fires with ``(content, headers)``.
+
+        Fails with :class:`~ion.core.exceptions.ReceivedApplicationError` (4xx),
+        :class:`~ion.core.exceptions.ReceivedContainerError` (5xx),
+        :class:`~ion.core.exceptions.ConversationTimeout` after ``timeout``
+        seconds (default: config ``ion.core.process.rpc_timeout``, 15), or
+        :class:`~ion.core.exceptions.ConversationError` (404 when no queue
+        is bound to ``receiver``).
+        """
+        return self._start(Protocol.RPC, receiver, op, content, headers, timeout).deferred
+
+    def request(self, receiver: str, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,
+                timeout: float | None = None,
+                on_agree: Callable[[Any, dict[str, Any]], Any] | None = None) -> defer.Deferred[RpcResult]:
+        """Like :meth:`rpc_send` with the ``request`` protocol: the responder may
+        first ``agree`` (reported to ``on_agree(content, headers)``) or
+        ``refuse`` (the Deferred fails with a 4xx ``ReceivedApplicationError``)."""
+        return self._start(Protocol.REQUEST, receiver, op, content, headers, timeout,
+                           on_agree=on_agree).deferred
+
+    def converse(self, receiver: str, op: str, content: Any = None, *,
+                 handler: Callable[[Conversation, Any, dict[str, Any]], Any] | None = None,
+                 idle_timeout: float | None = None, headers: Mapping[str, Any] | None = None) -> Conversation:
+        """Open a ``generic`` conversation; every message the peer sends in it goes to
+        ``handler(conv, content, headers)``; it ends by :meth:`Conversation.end`, by a final
+        message from the peer, or after ``idle_timeout`` seconds without a message."""
+        return self._start(Protocol.GENERIC, receiver, op, content, headers, idle_timeout, handler=handler)
+
+    def _send_in_conversation(self, conv: Conversation, op: str, content: Any, performative: str,
+                              headers: Mapping[str, Any] | None) -> defer.Deferred[None]:
+        msg = wire.build(
+            sender=self.backend_name, sender_name=self.proc_name, receiver=conv.receiver, op=op,
+            content=content, conv_id=conv.conv_id, conv_seq=conv.seq, protocol=conv.protocol,
+            performative=performative, user_id=self._delegated_user(), extra=headers)
+        return self._publish(msg)
+
+    def send(self, receiver: str, op: str, content: Any = None,
+             headers: Mapping[str, Any] | None = None) -> defer.Deferred[None]:
+        """A one-off message (protocol ``none``): no reply, no conversation kept."""
+        msg = wire.build(
+            sender=self.backend_name, sender_name=self.proc_name, receiver=self.resolve(receiver), op=op,
+            content=content, conv_id=self.conversations.new_id(), protocol=Protocol.NONE,
+            performative=Performative.INFORM, user_id=self._delegated_user(), extra=headers)
+        try:
+            return self._publish(msg)
+        except MessageError:
+            return defer.fail()
+
+    # -- replying -------------------------------------------------------------------------
+    def reply(self, msg: Mapping[str, Any], op: str = "result", content: Any = None,
+              headers: Mapping[str, Any] | None = None, *, performative: str = Performative.INFORM_RESULT,
+              status: str = "OK", response_code: int = 200) -> defer.Deferred[None]:
+        """Answer ``msg`` in its conversation (to its ``reply-to``).
+
+        :raises IllegalStateError: if the conversation was already answered.
+        """
+        conv = self.conversations.responding.get(msg["conv-id"])
+        if conv is not None:
+            conv.answer(performative)
+        reply = wire.build(
+            sender=self.id, sender_name=self.proc_name, receiver=msg.get("reply-to") or msg["sender"],
+            op=op, content=content, conv_id=msg["conv-id"], conv_seq=int(msg.get("conv-seq") or 1) + 1,
+            protocol=msg["protocol"], performative=performative, status=status,
+            response_code=response_code, user_id=self._delegated_user(), extra=headers)
+        try:
+            return self._publish(reply)
+        except MessageError as exc:
+            if performative == Performative.FAILURE:
+                raise
+            # The result itself cannot travel (too large, not encodable): say so instead.
+            self._log.warn("{pid}: reply to {op!r} could not be sent: {exc}", pid=self.id, op=msg["op"], exc=exc)
+            if conv is not None:
+                conv.state = "RECEIVED"
+            return self.reply_err(msg, {"error": type(exc).__name__, "message": str(exc)}, response_code=500)
+
+    def reply_ok(self, msg: Mapping[str, Any], content: Any = None,
+                 headers: Mapping[str, Any] | None = None) -> defer.Deferred[None]:
+        """Answer with ``inform_result``, status OK, 200."""
+        return self.reply(msg, "result", content, headers)
+
+    def reply_err(self, msg: Mapping[str, Any], content: Any = None, headers: Mapping[str, Any] | None = None,
+                  exception: BaseException | None = None, response_code: int = 500) -> defer.Deferred[None]:
+        """Answer with ``failure``, status ERROR and ``response_code``.
+
+        ``content`` defaults to ``{"error": <class>, "message": <text>}`` of ``exception``.
+        """
+        if exception is not None and content is None:
+            content = {"error": type(exception).__name__, "message": str(exception)}
+        elif isinstance(content, str):
+            content = {"error": "Error", "message": content}
+        return self.reply(msg, "result", content, headers, performative=Performative.FAILURE,
+                          status="ERROR", response_code=response_code)
+
+    def agree(self, msg: Mapping[str, Any], content: Any = None) -> defer.Deferred[None]:
+        """First answer of a ``request``: it will be done; the result follows."""
+        return self.reply(msg, "agree", content, performative=Performative.AGREE)
+
+    def refuse(self, msg: Mapping[str, Any], reason: str, response_code: int = 403) -> defer.Deferred[None]:
+        """First answer of a ``request``: it will not be done."""
+        return self.reply(msg, "refuse", {"error": "Refused", "message": reason},
+                          performative=Performative.REFUSE, status="ERROR", response_code=response_code)
+
+    def _reply_by_properties(self, props: Properties, code: int, exc: Exception) -> None:
+        """Answer a message we could not decode, from its AMQP properties alone."""
+        assert props.reply_to and props.correlation_id
+        reply = wire.build(
+            sender=self.id, sender_name=self.proc_name, receiver=props.reply_to, op="result",
+            content={"error": type(exc).__name__, "message": str(exc)}, conv_id=props.correlation_id,
+            conv_seq=2, protocol=Protocol.RPC, performative=Performative.FAILURE, status="ERROR",
+            response_code=code, user_id=self.user_id)
+        self._publish(reply).addErrback(lambda f: None)
+
+    # -- processes -------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def spawn_child(self, desc: ProcessDesc | type["Process"] | str,
+                    spawnargs: Mapping[str, Any] | None = None, name: str | None = None) -> Any:
+        """Spawn a process that is terminated with this one; fires with its pid."""
+        pid = yield self.container.spawn(desc, spawnargs, name=name, parent=self)
+        return pid
+
+    # -- built-in ops -------------------------------------------------------------------------
+    def op_ping(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """Answer that the process is alive."""
+        return {"pong": content, "pid": self.id, "name": self.proc_name, "state": self.state.value}
+
+    def op_terminate(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """Terminate after answering this request."""
+        if self.is_final:
+            raise IllegalStateError(f"{self.id} is already {self.state.value}")
+        self.reply_ok(msg, {"terminating": self.id})
+        self.clock.callLater(0, self.container.proc_manager.terminate_process, self.id)
+        return None
+
+
+class ProcessClient:
+    """Base for the client side of a process: calls a target through ``proc``.
+
+    :param proc: the process whose conversations carry the calls.
+    :param target: pid or service name to call.
+    """
+
+    def __init__(self, proc: Process, target: str) -> None:
+        self.proc = proc
+        self.target = target
+
+    def rpc_send(self, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,
+                 timeout: float | None = None) -> defer.Deferred[RpcResult]:
+        return self.proc.rpc_send(self.target, op, content, headers, timeout)
+
+    def request(self, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,
+                timeout: float | None = None, on_agree: Callable[[Any, dict[str, Any]], Any] | None = None,
+                ) -> defer.Deferred[RpcResult]:
+        return self.proc.request(self.target, op, content, headers, timeout, on_agree)
+
+    def send(self, op: str, content: Any = None) -> defer.Deferred[None]:
+        return self.proc.send(self.target, op, content)
+
+    @defer.inlineCallbacks
+    def ping(self, timeout: float | None = None) -> Any:
+        content, _ = yield self.rpc_send("ping", None, timeout=timeout)
+        return content

@@ -1,0 +1,1 @@
+"""Services built on the container core."""

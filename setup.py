@@ -1,0 +1,35 @@
+"""Packaging for ioncore: the ``ion`` package, its resources and the ``twistd cc`` plugin."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ioncore",
+    version="0.1.0",
+    description="A Twisted capability container: lifecycle-managed processes talking by messages",
+    python_requires=">=3.11",
+    # twisted/plugins must not be a package (no __init__.py); it is shipped as a
+    # namespace so that `twistd` finds the `cc` plugin (see Twisted's plugin howto).
+    packages=find_packages(include=["ion", "ion.*"]) + ["twisted.plugins"],
+    package_data={"ion": ["py.typed"], "twisted.plugins": ["cc.py"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted>=24.3",
+        "msgpack>=1.0",
+        "protobuf>=4.21",
+        "pika>=1.3",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "pytest-timeout>=2.2",
+            "hypothesis>=6",
+        ],
+        "dev": ["mypy>=1.8", "ruff>=0.4"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ion-cc=ion.core.tap:run_cc",
+        ],
+    },
+)

@@ -4,6 +4,8 @@
 - ``container_factory``: makes started containers on that broker; terminates them all at teardown.
 - ``container``: one started container (sysname ``test``).
 - ``clocked``: a :class:`~ion.testing.ClockedSystem` (container on a ``task.Clock``).
+- ``process_factory``: ``await process_factory(ServiceCls, **spawnargs)`` spawns a
+  process into ``container`` and returns the instance (terminated with the container).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest_twisted
 
 from ion.core.container import Container
 from ion.core.messaging.memory import MemoryBroker
+from ion.core.process import Process
 from ion.testing import ClockedSystem, ContainerFactory
 
 
@@ -35,6 +38,17 @@ async def container_factory(broker: MemoryBroker) -> AsyncIterator[ContainerFact
 @pytest_twisted.async_fixture
 async def container(container_factory: ContainerFactory) -> Container:
     return await container_factory()
+
+
+@pytest.fixture
+def process_factory(container: Container) -> Any:
+    async def spawn(cls: type[Process], name: str | None = None, **spawnargs: Any) -> Process:
+        pid = await container.spawn(cls, spawnargs, name=name)
+        proc = container.proc_manager.get(pid)
+        assert proc is not None
+        return proc
+
+    return spawn
 
 
 @pytest.fixture

@@ -1,0 +1,63 @@
+"""A bounded thread pool for blocking work (hashing, extraction, boto3), owned by a container.
+
+The reactor thread never blocks: blocking calls go through :meth:`BlockingPool.run`,
+which returns a Deferred. The pool is started and stopped with its owner, as
+``twisted.enterprise.adbapi`` does with its ``ThreadPool``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
+
+__all__ = ["BlockingPool"]
+
+T = TypeVar("T")
+
+
+class BlockingPool:
+    """A ``ThreadPool(minthreads, maxthreads)`` with a Deferred-returning ``run``.
+
+    :param reactor: the reactor results are delivered on.
+    :param maxthreads: the most blocking calls running at once; more wait their turn.
+    """
+
+    def __init__(self, reactor: Any = None, *, minthreads: int = 0, maxthreads: int = 8,
+                 name: str = "ion-blocking") -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads, maxthreads, name=name)
+        self._shutdown_trigger: Any = None
+
+    @property
+    def started(self) -> bool:
+        return bool(self.pool.started)
+
+    def start(self) -> None:
+        """Start the threads; stopped again at reactor shutdown if nobody stops it first."""
+        if self.pool.started:
+            return
+        self.pool.start()
+        self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+
+    def stop(self) -> None:
+        """Wait for running calls to finish and stop the threads."""
+        if self._shutdown_trigger is not None:
+            try:
+                self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            except (ValueError, KeyError):
+                pass
+            self._shutdown_trigger = None
+        if self.pool.started:
+            self.pool.stop()
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        """Call ``fn(*args, **kwargs)`` in a pool thread; fires with its result on the reactor."""
+        if not self.pool.started:
+            self.start()
+        return threads.deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)

@@ -1,0 +1,1 @@
+"""The Deploy service: reads a deployment file and puts every dependency in place."""

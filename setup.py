@@ -10,6 +10,9 @@ setup(
     # twisted/plugins must not be a package (no __init__.py); it is shipped as a
     # namespace so that `twistd` finds the `cc` plugin (see Twisted's plugin howto).
     packages=find_packages(include=["ion", "ion.*"]) + ["twisted.plugins"],
+    # An explicit root makes `pip install -e .` put this folder on sys.path (a .pth file)
+    # rather than install an import hook, so twistd's plugin scan finds twisted/plugins/cc.py.
+    package_dir={"": "."},
     package_data={"ion": ["py.typed"], "twisted.plugins": ["cc.py"]},
     include_package_data=True,
     install_requires=[

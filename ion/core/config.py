@@ -13,8 +13,9 @@ from __future__ import annotations
 import ast
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ion.core.exceptions import ConfigurationError
 
@@ -35,31 +36,49 @@ def resource_root() -> Path:
     return Path(__file__).resolve().parents[2] / "res"
 
 
+def _is_python_expression(text: str) -> bool:
+    try:
+        ast.parse(text.lstrip(" \t"), mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+    return True
+
+
+def _read_yaml(text: str) -> Any:
+    """``text`` as YAML (safe loader), or None if it is not YAML or PyYAML is not installed."""
+    try:
+        import yaml
+    except ImportError:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+
+
 def read_literal_file(path: Path, what: str = "file") -> Any:
     """Parse a data file written as a Python literal (or YAML), never executing it.
+
+    A ``.config``/``.yaml`` file may be YAML, but only if it is not a Python
+    expression at all: a Python dict holding a name or a call is refused,
+    never read by YAML as a string.
 
     :raises ConfigurationError: naming the file and the line of a syntax error.
     """
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigurationError(f"cannot read {what} {path}: {reason}") from exc
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
         literal_error = exc
-    if path.suffix in (".yaml", ".yml") or path.name.endswith(".config"):
-        try:
-            import yaml
-        except ImportError:
-            yaml = None  # type: ignore[assignment]
-        if yaml is not None:
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError:
-                data = None
-            if isinstance(data, dict):
-                return data
+    yaml_allowed = path.suffix in (".yaml", ".yml") or path.name.endswith(".config")
+    if yaml_allowed and not _is_python_expression(text):
+        data = _read_yaml(text)
+        if isinstance(data, dict):
+            return data
     where = ""
     if isinstance(literal_error, SyntaxError) and literal_error.lineno:
         where = f" (line {literal_error.lineno})"
@@ -83,7 +102,7 @@ def parse_value(text: str) -> Any:
     """A command-line value: a Python literal if it parses as one, else the string."""
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
 
 
@@ -103,7 +122,7 @@ class Config:
         self._per_module: dict[str, dict[str, Any]] = {}
 
     @classmethod
-    def load(cls, config_dir: Path | None = None, command_line: Mapping[str, Any] | None = None) -> "Config":
+    def load(cls, config_dir: Path | None = None, command_line: Mapping[str, Any] | None = None) -> Config:
         """Read ``ion.config`` and ``ionlocal.config`` from ``config_dir`` (default ``res/config``)."""
         config_dir = config_dir or resource_root() / "config"
         base: dict[str, Any] = {}

@@ -25,6 +25,7 @@ from ion.core.messaging import message as wire
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.messaging.transport import Properties, Transport, parse_broker_url
 from ion.core.process import Process, ProcessDesc
+from ion.core.threads import BlockingPool
 
 if TYPE_CHECKING:
     from ion.core.apps.manager import AppManager
@@ -112,15 +113,18 @@ class ProcessManager:
             self.processes.pop(proc.id, None)
             if proc.parent is not None and proc in proc.parent.children:
                 proc.parent.children.remove(proc)
-            self._stopping.discard(proc.id)
-            for listener in list(self._exit_listeners):
-                try:
-                    listener(proc, new)
-                except Exception:
-                    self._log.failure("exit listener failed for {pid}", pid=proc.id)
+            # Listeners may ask is_stopping(pid) (terminated on request, even if it ended in ERROR).
+            try:
+                for listener in list(self._exit_listeners):
+                    try:
+                        listener(proc, new)
+                    except Exception:
+                        self._log.failure("exit listener failed for {pid}", pid=proc.id)
+            finally:
+                self._stopping.discard(proc.id)
 
     def is_stopping(self, pid: str) -> bool:
-        """True while a terminate was asked for by the container (not a crash)."""
+        """True while a terminate was asked for (not a crash), until its exit listeners have run."""
         return pid in self._stopping
 
     def terminate_process(self, pid: str) -> defer.Deferred[None]:
@@ -164,6 +168,18 @@ class ExchangeManager:
         yield transport.declare_exchange(self.container.exchange_name, "topic")
         yield transport.declare_exchange(self.container.events_exchange, "topic")
         transport.add_return_callback(self._returned)
+        transport.add_connection_listener(self._connection_changed)
+
+    def _connection_changed(self, event: str, reason: str | None) -> None:
+        # No reply can come back over a lost connection: fail every call in flight now
+        # (ConversationError, 503) rather than letting each wait for its timeout.
+        if event == "lost":
+            self._log.warn("container {id}: connection to the broker lost ({reason}); calls in flight "
+                           "fail, reconnecting", id=self.container.id, reason=reason)
+            for proc in list(self.container.proc_manager.processes.values()):
+                proc.conversations.fail_all(f"connection to the broker lost: {reason}")
+        elif event == "restored":
+            self._log.info("container {id}: connection to the broker restored", id=self.container.id)
 
     def _returned(self, exchange: str, routing_key: str, properties: Properties) -> None:
         # A mandatory request nobody is bound to: fail its conversation at once (404).
@@ -178,6 +194,7 @@ class ExchangeManager:
     def stop(self) -> Any:
         transport = self.container.transport
         transport.remove_return_callback(self._returned)
+        transport.remove_connection_listener(self._connection_changed)
         yield transport.close()
 
 
@@ -226,6 +243,11 @@ class Container(LifecycleObject):
 
         self.app_manager: AppManager = AppManager(self)
         self.started_at: float | None = None
+        #: The pid of this container's agent (:mod:`ion.core.agent`), once active.
+        self.agent_pid: str | None = None
+        #: Where blocking calls (hashing, extraction, boto3) run; stopped with the container.
+        self.blocking = BlockingPool(self.reactor, maxthreads=int(
+            self.config.get("ion.core.container", "max_threads", 8)))
 
     def __repr__(self) -> str:
         return f"<Container {self.id} sys={self.sysname} {self.state.value}>"
@@ -253,16 +275,24 @@ class Container(LifecycleObject):
     def on_initialize(self) -> Any:
         yield self.exchange_manager.start()
 
+    @defer.inlineCallbacks
     def on_activate(self) -> Any:
         self.started_at = self.clock.seconds()
+        if self.config.get("ion.core.container", "agent", True):
+            # The agent is the first process, so terminate_all stops it last.
+            from ion.core.agent import ContainerAgent
+
+            self.agent_pid = yield self.proc_manager.spawn(ContainerAgent)
+        # str() of the parsed URL leaves the password out.
         self._log.info("container {id} of system {sysname} is up on {broker}",
-                       id=self.id, sysname=self.sysname, broker=self.broker_url)
+                       id=self.id, sysname=self.sysname, broker=str(parse_broker_url(self.broker_url)))
 
     @defer.inlineCallbacks
     def on_terminate(self) -> Any:
         yield self.app_manager.stop_all()
         yield self.proc_manager.terminate_all()
         yield self.exchange_manager.stop()
+        self.blocking.stop()
         self._log.info("container {id} stopped", id=self.id)
 
     @defer.inlineCallbacks

@@ -32,7 +32,7 @@ from ion.core.exceptions import (
 )
 from ion.core.messaging.message import Performative, Protocol
 
-__all__ = ["Conversation", "ConversationTable", "ResponderConversation", "RpcResult"]
+__all__ = ["Conversation", "ConversationTable", "ResponderConversation", "RpcResult", "REPLY_PERFORMATIVES"]
 
 _log = Logger()
 
@@ -75,6 +75,9 @@ TABLES: dict[str, dict[tuple[str, str], str]] = {
     Protocol.REQUEST: _REQUEST,
     Protocol.GENERIC: _GENERIC,
 }
+#: Performatives that answer a request rather than start or continue one.
+REPLY_PERFORMATIVES = frozenset({Performative.INFORM_RESULT, Performative.FAILURE,
+                                 Performative.AGREE, Performative.REFUSE})
 INITIAL = {Protocol.RPC: "REQUESTED", Protocol.REQUEST: "REQUESTED", Protocol.GENERIC: "OPEN"}
 FINAL = frozenset({"DONE", "FAILED", "REFUSED", "TIMEOUT", "ERROR", "ENDED"})
 
@@ -156,6 +159,7 @@ class Conversation:
             # An idle timeout: each message restarts it; later messages go to
             # the very process that answered, not back to a shared service queue.
             self.receiver = msg.get("sender") or self.receiver
+            self._seen(msg)
             self._disarm()
             self._arm()
             self._call_handler(msg)
@@ -164,6 +168,12 @@ class Conversation:
                 self.on_agree(msg.get("content"), msg)
             except Exception:
                 _log.failure("{conv}: on_agree callback failed", conv=self)
+
+    def _seen(self, msg: dict[str, Any]) -> None:
+        # conv-seq counts the messages of the whole conversation, both ways.
+        seq = msg.get("conv-seq")
+        if isinstance(seq, int) and seq > self.seq:
+            self.seq = seq
 
     def _call_handler(self, msg: dict[str, Any]) -> None:
         if self.handler is not None:
@@ -228,13 +238,20 @@ class Conversation:
 class ResponderConversation:
     """The responder's side: which answers it has given (agree, then a result)."""
 
-    __slots__ = ("conv_id", "protocol", "state", "request")
+    __slots__ = ("conv_id", "protocol", "state", "request", "seq")
 
     def __init__(self, request: dict[str, Any]) -> None:
         self.conv_id: str = request["conv-id"]
         self.protocol: str = request["protocol"]
         self.state = "RECEIVED"
         self.request = request
+        seq = request.get("conv-seq")
+        self.seq: int = seq if isinstance(seq, int) else 1
+
+    def next_seq(self) -> int:
+        """The conv-seq of our next answer (an agree is 2, the result after it 3)."""
+        self.seq += 1
+        return self.seq
 
     def answer(self, performative: str) -> None:
         """Record an answer; raise if the protocol does not allow it now."""
@@ -283,24 +300,44 @@ class ConversationTable:
         self.initiated.pop(conv.conv_id, None)
 
     def handle(self, msg: dict[str, Any]) -> bool:
-        """Route an incoming message to its conversation; False if it starts a new one."""
-        conv = self.initiated.get(msg["conv-id"])
+        """Route a message that arrived on the process's *backend* (reply) queue.
+
+        Replies to this process's conversations come there, and only there
+        (they go to the request's ``reply-to``, the backend queue), so a
+        request the process sent to itself is never mistaken for the answer
+        to it. Returns False if the message is not an answer and should be
+        dispatched to an op.
+        """
+        conv_id = msg["conv-id"]
+        conv = self.initiated.get(conv_id)
         if conv is not None:
             conv.event(msg["performative"], msg)
             return True
-        if msg["performative"] in (Performative.INFORM_RESULT, Performative.FAILURE,
-                                   Performative.AGREE, Performative.REFUSE):
-            if msg["protocol"] == Protocol.GENERIC and msg["conv-id"] in self.responding:
-                return False
-            # A reply for a conversation that has ended (timed out) or never was.
-            self.late_messages += 1
-            _log.info(
-                "late {performative} from {sender} for unknown conversation {conv_id} (op {op!r}), dropped",
-                performative=msg["performative"], sender=msg.get("sender"), conv_id=msg["conv-id"],
-                op=msg.get("op"),
-            )
+        if conv_id.startswith(f"{self.process.id}#") or msg["performative"] in REPLY_PERFORMATIVES:
+            # One of our conversations that has ended (timed out), or a reply to none.
+            self._late(msg)
             return True
         return False
+
+    def stray_reply(self, msg: dict[str, Any]) -> bool:
+        """True (and logged) if a message on a *request* queue answers an rpc or request.
+
+        Such a reply cannot belong to a live conversation of this process:
+        those are answered on the backend queue. Generic conversations
+        continue on the responder's own queue, so their messages are not strays.
+        """
+        if msg["protocol"] != Protocol.GENERIC and msg["performative"] in REPLY_PERFORMATIVES:
+            self._late(msg)
+            return True
+        return False
+
+    def _late(self, msg: dict[str, Any]) -> None:
+        self.late_messages += 1
+        _log.info(
+            "{pid}: late {performative} from {sender} for unknown conversation {conv_id} (op {op!r}), dropped",
+            pid=self.process.id, performative=msg["performative"], sender=msg.get("sender"),
+            conv_id=msg["conv-id"], op=msg.get("op"),
+        )
 
     def fail_all(self, reason: str) -> None:
         """End every open initiator conversation with ERROR (process ends, connection lost)."""

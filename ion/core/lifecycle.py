@@ -38,7 +38,8 @@ class State(str, Enum):
 
 FINAL_STATES = frozenset({State.TERMINATED, State.ERROR})
 
-#: (state, event) -> (state while the hook runs is unchanged, target state, hook name)
+#: (state, event) -> (target state, hook name). The state does not change while
+#: the hook runs; it becomes the target when the hook's result fires.
 TRANSITIONS: dict[tuple[State, str], tuple[State, str]] = {
     (State.INIT, "initialize"): (State.READY, "on_initialize"),
     (State.READY, "activate"): (State.ACTIVE, "on_activate"),
@@ -114,6 +115,7 @@ class LifecycleObject:
         self._listeners.append(listener)
 
     def remove_state_listener(self, listener: StateListener) -> None:
+        """Stop calling ``listener``; no error if it was not added."""
         if listener in self._listeners:
             self._listeners.remove(listener)
 

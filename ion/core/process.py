@@ -20,11 +20,18 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
+import msgpack
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ion.core.conversation import Conversation, ConversationTable, ResponderConversation, RpcResult
+from ion.core.conversation import (
+    REPLY_PERFORMATIVES,
+    Conversation,
+    ConversationTable,
+    ResponderConversation,
+    RpcResult,
+)
 from ion.core.exceptions import (
     ApplicationError,
     ConfigurationError,
@@ -47,8 +54,12 @@ __all__ = ["Process", "Receiver", "ProcessDesc", "ProcessClient", "current_messa
 current_message: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "ion_current_message", default=None)
 
-_REPLY_PERFORMATIVES = frozenset({Performative.INFORM_RESULT, Performative.FAILURE,
-                                  Performative.AGREE, Performative.REFUSE})
+#: The receiver whose message the running op is handling (self-deadlock avoidance).
+_current_receiver: contextvars.ContextVar["Receiver | None"] = contextvars.ContextVar(
+    "ion_current_receiver", default=None)
+
+#: conv-seq of the request, and of the ops' replies, in an rpc or request.
+_REQUEST_PROTOCOLS = frozenset({Protocol.RPC, Protocol.REQUEST})
 
 Handler = Callable[[dict[str, Any], "Receiver"], "defer.Deferred[Any] | None"]
 
@@ -59,15 +70,20 @@ class Receiver(LifecycleObject):
     :param name: the queue name, also the routing key it is bound with.
     :param shared: the queue outlives this receiver (a service queue
         consumed by every instance); otherwise it is deleted on terminate.
+    :param exchange: the exchange the queue is bound to (default: the system exchange).
+    :param bindings: routing keys or patterns to bind (default: ``[name]``).
     """
 
     _log = Logger()
 
     def __init__(self, process: "Process", name: str, handler: Handler, *, shared: bool = False,
-                 prefetch: int = 1, queue_arguments: dict[str, Any] | None = None) -> None:
+                 prefetch: int = 1, queue_arguments: dict[str, Any] | None = None,
+                 exchange: str | None = None, bindings: list[str] | None = None) -> None:
         super().__init__()
         self.process = process
         self.name = name
+        self.exchange = exchange
+        self.bindings = list(bindings) if bindings is not None else [name]
         self.handler = handler
         self.shared = shared
         self.prefetch = prefetch
@@ -86,9 +102,10 @@ class Receiver(LifecycleObject):
 
     @defer.inlineCallbacks
     def on_initialize(self) -> Any:
-        exchange = self.process.container.exchange_name
+        exchange = self.exchange or self.process.container.exchange_name
         yield self.transport.declare_queue(self.name, arguments=self.queue_arguments)
-        yield self.transport.bind(self.name, exchange, self.name)
+        for key in self.bindings:
+            yield self.transport.bind(self.name, exchange, key)
 
     @defer.inlineCallbacks
     def on_activate(self) -> Any:
@@ -120,12 +137,13 @@ class Receiver(LifecycleObject):
         return d
 
     def drain(self, timeout: float | None = None) -> defer.Deferred[None]:
-        """Fire when no message is being handled (or ``timeout`` seconds passed)."""
-        if not self.inflight:
+        """Fire when no message is being handled, or after ``timeout`` seconds
+        (``None``: no limit; ``0`` or less: do not wait at all)."""
+        if not self.inflight or (timeout is not None and timeout <= 0):
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._drained.append(d)
-        if timeout:
+        if timeout is not None:
             d.addTimeout(timeout, self.process.clock, onTimeoutCancel=lambda r, t: None)
         return d
 
@@ -177,14 +195,26 @@ class Receiver(LifecycleObject):
 
     def _bad_message(self, delivery: Delivery, exc: Exception) -> None:
         props = delivery.properties
+        sender = None if isinstance(exc, MessageTooLargeError) else _claimed_sender(delivery.body)
         self._log.warn(
-            "{queue}: dropped bad message from {sender} (user {user}, message-id {mid}): {exc}",
-            queue=self.name, sender=props.reply_to or "?", user=props.user_id, mid=props.message_id,
-            exc=exc)
+            "{queue}: dropped bad message from {sender} (reply-to {reply_to}, user {user}, "
+            "message-id {mid}): {exc}",
+            queue=self.name, sender=sender or props.reply_to or "?", reply_to=props.reply_to,
+            user=props.user_id, mid=props.message_id, exc=exc)
         delivery.ack()
         if props.reply_to and props.correlation_id:
             code = 413 if isinstance(exc, MessageTooLargeError) else 400
             self.process._reply_by_properties(props, code, exc)
+
+
+def _claimed_sender(body: bytes) -> str | None:
+    """The ``sender`` a malformed body claims, if it is a dict that has one (for the log)."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    sender = obj.get("sender") if isinstance(obj, dict) else None
+    return sender if isinstance(sender, str) else None
 
 
 @dataclass
@@ -321,11 +351,21 @@ class Process(LifecycleObject):
     @defer.inlineCallbacks
     def on_terminate(self) -> Any:
         timeout = float(self.container.config.get("ion.core.process", "terminate_timeout", 10))
-        # 1. No new messages; 2. let the ones in progress finish (bounded).
-        for receiver in self.receivers:
+        deadline = self.clock.seconds() + timeout
+        # 1. No new requests; 2. let the ones in progress finish (bounded). The
+        # backend keeps consuming meanwhile: those ops may be waiting for replies.
+        requests = [r for r in self.receivers if r.name != self.backend_name]
+        backend = [r for r in self.receivers if r.name == self.backend_name]
+        for receiver in requests:
             if receiver.state is State.ACTIVE:
                 yield receiver.deactivate()
-        yield defer.DeferredList([r.drain(timeout) for r in self.receivers])
+        yield defer.DeferredList([r.drain(timeout) for r in requests])
+        for receiver in backend:
+            if receiver.state is State.ACTIVE:
+                yield receiver.deactivate()
+        yield defer.DeferredList([r.drain(max(0.0, deadline - self.clock.seconds())) for r in backend])
+        # Requests still unanswered (their op outlived terminate_timeout) are told so.
+        self._answer_unanswered(f"process {self.id} ({self.proc_name}) terminated before answering")
         # 3. Children in reverse start order, then our own hook.
         for child in reversed(list(self.children)):
             if not child.is_final:
@@ -337,14 +377,29 @@ class Process(LifecycleObject):
         yield defer.maybeDeferred(self.slc_terminate)
         # 4. Whatever is still waiting for a reply ends now.
         self.conversations.fail_all(f"process {self.id} ({self.proc_name}) terminated")
-        self.conversations.responding.clear()
+        self._answer_unanswered(f"process {self.id} ({self.proc_name}) terminated before answering")
         for receiver in self.receivers:
             if not receiver.is_final:
-                yield receiver.terminate()
+                # Already drained (or given up on) above: do not wait again.
+                yield receiver.terminate(0)
+
+    def _answer_unanswered(self, reason: str) -> None:
+        """Fail every request this process has not answered yet (503), so no caller waits for a timeout."""
+        for conv in list(self.conversations.responding.values()):
+            if conv.state in ("RECEIVED", "AGREED"):
+                try:
+                    self.reply_err(conv.request, {"error": "ProcessTerminated", "message": reason},
+                                   response_code=503)
+                except Exception as exc:
+                    self._log.warn("{pid}: could not answer {conv_id}: {exc}", pid=self.id,
+                                   conv_id=conv.conv_id, exc=exc)
+        self.conversations.responding.clear()
 
     def on_error(self, cause: Failure) -> Any:
-        self.conversations.fail_all(f"process {self.id} ({self.proc_name}) failed: {cause.getErrorMessage()}")
-        ds = [r.terminate() for r in self.receivers if not r.is_final]
+        reason = f"process {self.id} ({self.proc_name}) failed: {cause.getErrorMessage()}"
+        self.conversations.fail_all(reason)
+        self._answer_unanswered(reason)
+        ds = [r.terminate(0) for r in self.receivers if not r.is_final]
         return defer.DeferredList(ds, consumeErrors=True)
 
     def slc_init(self) -> Any:
@@ -361,27 +416,43 @@ class Process(LifecycleObject):
 
     # -- receiving ---------------------------------------------------------------------
     def _receive(self, msg: dict[str, Any], receiver: Receiver) -> defer.Deferred[Any] | None:
-        if self.conversations.handle(msg):
+        # Answers to our conversations arrive on the backend queue; requests
+        # (including ones this process sent to itself) on the others.
+        if receiver.name == self.backend_name:
+            if self.conversations.handle(msg):
+                return None
+        elif self.conversations.stray_reply(msg):
             return None
-        return self._dispatch(msg)
+        return self._dispatch(msg, receiver)
 
-    def _dispatch(self, msg: dict[str, Any]) -> defer.Deferred[Any] | None:
+    def _dispatch(self, msg: dict[str, Any], receiver: Receiver | None = None) -> defer.Deferred[Any] | None:
         op = msg["op"]
         protocol = msg["protocol"]
-        if protocol in (Protocol.RPC, Protocol.REQUEST):
+        if protocol in _REQUEST_PROTOCOLS:
             self.conversations.responding[msg["conv-id"]] = ResponderConversation(msg)
         method = getattr(self, "op_" + op, None) if op.isidentifier() else None
         if method is None:
+            if protocol == Protocol.GENERIC and msg["performative"] in REPLY_PERFORMATIVES:
+                # The peer ended a generic conversation and we have no op_<op> to be told.
+                self._log.debug("{pid}: {sender} ended generic conversation {conv_id} ({op!r})",
+                                pid=self.id, sender=msg["sender"], conv_id=msg["conv-id"], op=op)
+                return None
             self._log.warn("{pid}: unknown op {op!r} from {sender}", pid=self.id, op=op, sender=msg["sender"])
-            if protocol != Protocol.NONE and msg["performative"] not in _REPLY_PERFORMATIVES:
-                self.reply_err(msg, {"error": "UnknownOperation",
-                                     "message": f"{self.proc_name} has no operation {op!r}"},
-                               response_code=404)
+            if protocol != Protocol.NONE and msg["performative"] not in REPLY_PERFORMATIVES:
+                try:
+                    self.reply_err(msg, {"error": "UnknownOperation",
+                                         "message": f"{self.proc_name} has no operation {op!r}"},
+                                   response_code=404)
+                except Exception:
+                    self._log.failure("{pid}: could not answer the unknown op {op!r}", pid=self.id, op=op)
+            self.conversations.responding.pop(msg["conv-id"], None)
             return None
         token = current_message.set(msg)
+        receiver_token = _current_receiver.set(receiver)
         try:
             d = defer.maybeDeferred(method, msg.get("content"), msg, msg)
         finally:
+            _current_receiver.reset(receiver_token)
             current_message.reset(token)
         d.addCallbacks(self._op_done, self._op_failed, callbackArgs=(msg,), errbackArgs=(msg,))
         d.addErrback(lambda f: self._log.failure("{pid}: answering {op!r} failed", f, pid=self.id, op=op))
@@ -393,7 +464,7 @@ class Process(LifecycleObject):
         return conv is None or conv.state not in ("RECEIVED", "AGREED")
 
     def _op_done(self, result: Any, msg: dict[str, Any]) -> None:
-        if msg["protocol"] in (Protocol.RPC, Protocol.REQUEST) and not self._answered(msg):
+        if msg["protocol"] in _REQUEST_PROTOCOLS and not self._answered(msg):
             self.reply_ok(msg, result)
         self.conversations.responding.pop(msg["conv-id"], None)
 
@@ -428,11 +499,31 @@ class Process(LifecycleObject):
         return container.transport.publish(container.exchange_name, msg["receiver"], body, props,
                                            mandatory=mandatory)
 
+    def _route_around_self(self, target: str) -> tuple[str, str | None]:
+        """Where to send a request so that it cannot wait behind the op making it.
+
+        A receiver handles one message at a time, so a request to the very
+        queue whose message the running op is handling could only be taken
+        after that op ends. A call to our own service name goes to our pid
+        instead (we are an instance of that service); a call to our own pid
+        from an op it is handling can never be answered: returns the reason.
+        """
+        busy = _current_receiver.get()
+        if busy is None or busy.process is not self or busy.name != target:
+            return target, None
+        if busy.shared:
+            return self.id, None
+        return target, (f"{self.id} called itself on {target!r} while handling a message from that "
+                        f"queue: it would wait for itself until the timeout")
+
     def _start(self, protocol: str, receiver: str, op: str, content: Any,
                headers: Mapping[str, Any] | None, timeout: float | None, **conv_kwargs: Any) -> Conversation:
-        target = self.resolve(receiver)
+        target, deadlock = self._route_around_self(self.resolve(receiver))
         conv = self.conversations.start(
             protocol, target, op, self.rpc_timeout if timeout is None else timeout, **conv_kwargs)
+        if deadlock is not None:
+            conv.event("error", reason=deadlock, code=508)
+            return conv
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=target, op=op, content=content,
             conv_id=conv.conv_id, protocol=protocol, performative=Performative.REQUEST,
@@ -440,7 +531,7 @@ class Process(LifecycleObject):
         try:
             d = self._publish(msg, mandatory=True)
         except MessageError as exc:
-            conv.event("error", reason=str(exc), code=400)
+            conv.event("error", reason=str(exc), code=413 if isinstance(exc, MessageTooLargeError) else 400)
             return conv
         d.addErrback(lambda f: conv.event("error", reason=f"could not send: {f.getErrorMessage()}"))
         return conv
@@ -453,8 +544,11 @@ class Process(LifecycleObject):
         :class:`~ion.core.exceptions.ReceivedContainerError` (5xx),
         :class:`~ion.core.exceptions.ConversationTimeout` after ``timeout``
         seconds (default: config ``ion.core.process.rpc_timeout``, 15), or
-        :class:`~ion.core.exceptions.ConversationError` (404 when no queue
-        is bound to ``receiver``).
+        :class:`~ion.core.exceptions.ConversationError`: 404 when no queue
+        is bound to ``receiver``, 413 when the request is over
+        ``ion.core.messaging.max_message_size``, 400 when it cannot be
+        encoded, 503 when this process terminates first, 508 when an op
+        calls its own pid (it would wait for itself).
         """
         return self._start(Protocol.RPC, receiver, op, content, headers, timeout).deferred
 
@@ -504,11 +598,18 @@ class Process(LifecycleObject):
         :raises IllegalStateError: if the conversation was already answered.
         """
         conv = self.conversations.responding.get(msg["conv-id"])
+        seq = int(msg.get("conv-seq") or 1) + 1
         if conv is not None:
+            before = (conv.state, conv.seq)
             conv.answer(performative)
+            seq = conv.next_seq()
+        elif msg.get("protocol") in _REQUEST_PROTOCOLS and msg.get("performative") == Performative.REQUEST:
+            # Its op has ended (and so it was answered), or the process terminated.
+            raise IllegalStateError(
+                f"conversation {msg['conv-id']} was already answered; cannot send {performative}")
         reply = wire.build(
             sender=self.id, sender_name=self.proc_name, receiver=msg.get("reply-to") or msg["sender"],
-            op=op, content=content, conv_id=msg["conv-id"], conv_seq=int(msg.get("conv-seq") or 1) + 1,
+            op=op, content=content, conv_id=msg["conv-id"], conv_seq=seq,
             protocol=msg["protocol"], performative=performative, status=status,
             response_code=response_code, user_id=self._delegated_user(), extra=headers)
         try:
@@ -519,7 +620,7 @@ class Process(LifecycleObject):
             # The result itself cannot travel (too large, not encodable): say so instead.
             self._log.warn("{pid}: reply to {op!r} could not be sent: {exc}", pid=self.id, op=msg["op"], exc=exc)
             if conv is not None:
-                conv.state = "RECEIVED"
+                conv.state, conv.seq = before
             return self.reply_err(msg, {"error": type(exc).__name__, "message": str(exc)}, response_code=500)
 
     def reply_ok(self, msg: Mapping[str, Any], content: Any = None,
@@ -577,8 +678,12 @@ class Process(LifecycleObject):
         if self.is_final:
             raise IllegalStateError(f"{self.id} is already {self.state.value}")
         self.reply_ok(msg, {"terminating": self.id})
-        self.clock.callLater(0, self.container.proc_manager.terminate_process, self.id)
+        self.clock.callLater(0, self._terminate_self)
         return None
+
+    def _terminate_self(self) -> None:
+        d = self.container.proc_manager.terminate_process(self.id)
+        d.addErrback(lambda f: self._log.failure("{pid}: terminate on request failed", f, pid=self.id))
 
 
 class ProcessClient:

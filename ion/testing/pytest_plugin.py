@@ -54,3 +54,58 @@ def process_factory(container: Container) -> Any:
 @pytest.fixture
 def clocked() -> Any:
     return ClockedSystem()
+
+
+# -- RabbitMQ: one private broker per test session, a fresh vhost per test -------------------------
+#
+# - ``rabbitmq`` (session): a started :class:`~ion.testing.rabbitmq.RabbitMQServer` (or the broker
+#   named by ``ION_TEST_AMQP_URL``). Without RabbitMQ the tests that use it are skipped with the
+#   reason, except when ``CI=true``: there they fail, never skip silently.
+# - ``amqp_url``: ``amqp://guest:guest@127.0.0.1:<port>/<fresh vhost>``, deleted after the test.
+
+
+def _on_ci() -> bool:
+    import os
+
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _no_broker(reason: str) -> None:
+    if _on_ci():
+        pytest.fail(f"RabbitMQ is required on CI (CI=true) but unavailable: {reason}", pytrace=False)
+    pytest.skip(f"RabbitMQ unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Any:
+    """The session's RabbitMQ: started here (about 10 s) and stopped at the end of the session."""
+    from ion.testing import rabbitmq as rmq
+
+    external = rmq.from_environment()
+    if external is not None:
+        yield external
+        return
+    if rmq.find_rabbitmq() is None:
+        _no_broker("rabbitmq-server is not installed (bin/test installs it; or "
+                   "`apt-get install -y rabbitmq-server`; or set ION_TEST_AMQP_URL)")
+    try:
+        server = rmq.RabbitMQServer()
+        server.start()
+    except rmq.BrokerUnavailable as exc:
+        _no_broker(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def amqp_url(rabbitmq: Any) -> Any:
+    """A broker URL on a vhost of its own, so the test sees no other test's messages."""
+    from urllib.parse import unquote, urlsplit
+
+    url = rabbitmq.new_vhost_url()
+    yield url
+    vhost = unquote(urlsplit(url).path.lstrip("/"))
+    if vhost:
+        rabbitmq.delete_vhost(vhost)

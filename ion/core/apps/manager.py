@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -41,9 +42,11 @@ class AppManager:
 
     _log = Logger()
 
-    def __init__(self, container: "Container") -> None:
+    def __init__(self, container: Container) -> None:
         self.container = container
         self.running: dict[str, RunningApp] = {}
+        #: Apps whose supervisor gave up, with the reason.
+        self.failed: dict[str, str] = {}
         self.search_path: list[Path] = []
 
     # -- finding apps -------------------------------------------------------------------
@@ -77,7 +80,7 @@ class AppManager:
         """What ``spawn(name)`` starts: a processapp's process, or a module's process class."""
         from ion.core.apps.processapp import process_desc
 
-        if "." not in name:
+        if "." not in name or name.endswith(".app"):
             app = self.load(name)
             if app.module != PROCESSAPP:
                 raise AppError(f"app {name!r} is not a one-process app; start it with start_app()")
@@ -128,6 +131,9 @@ class AppManager:
         :raises AppError: for a missing app, a cycle or a module that cannot start.
         """
         root = name_or_path if isinstance(name_or_path, AppDefinition) else self.load(name_or_path)
+        if root.name in self.running and (config or args or mult != 1):
+            self._log.warn("app {name} is already running (started as a dependency?); the config, args "
+                           "and mult given now are not applied", name=root.name)
         if config or mult != 1:
             root = root.with_overrides(config=deep_merge(root.config, config or {}), mult=mult)
         for app in self.resolve_order(root):
@@ -140,7 +146,7 @@ class AppManager:
     def _start_one(self, app: AppDefinition, rel_args: Mapping[str, Any] | None) -> Any:
         try:
             module = importlib.import_module(app.module)
-        except ImportError as exc:
+        except Exception as exc:  # ImportError, or the module failed while importing
             raise AppError(f"app {app.name}: cannot import app module {app.module!r}: {exc}") from exc
         if not callable(getattr(module, "start", None)):
             raise AppError(f"app {app.name}: module {app.module!r} has no start(container, app, ...)")
@@ -156,6 +162,7 @@ class AppManager:
             self.container.config.remove_app(app.name)
             raise
         self.running[app.name] = RunningApp(app, module, state)
+        self.failed.pop(app.name, None)
         self._log.info("started app {name} {version}", name=app.name, version=app.version)
         return app.name
 
@@ -176,6 +183,16 @@ class AppManager:
             self.container.config.remove_app(name)
         self._log.info("stopped app {name}", name=name)
 
+    def app_failed(self, name: str, reason: str) -> None:
+        """An app gave up (its supervisor stopped its processes): forget it and drop its config.
+
+        Called by the app's supervisor; the app can be started again.
+        """
+        self.running.pop(name, None)
+        self.container.config.remove_app(name)
+        self.failed[name] = reason
+        self._log.error("app {name} failed and is stopped: {reason}", name=name, reason=reason)
+
     @defer.inlineCallbacks
     def stop_all(self) -> Any:
         """Stop every app, the last started first."""
@@ -187,13 +204,20 @@ class AppManager:
 
     @defer.inlineCallbacks
     def start_rel(self, path: str | Path) -> Any:
-        """Start every app of a ``.rel`` file, checking versions; fires with the app names."""
+        """Start every app of a ``.rel`` file; fires with the app names.
+
+        The whole release is checked first (every app file found, versions
+        as the release says, no dependency cycle), so a bad release starts
+        nothing.
+
+        :raises AppError: naming the app, for a missing app, a version mismatch or a cycle.
+        """
         rel: ReleaseDefinition = load_rel_file(path)
         if rel.path is not None:
-            apps_dir = rel.path.parent.parent / "apps"
-            if apps_dir.is_dir() and apps_dir not in self.search_path:
-                self.search_path.append(apps_dir)
-        started = []
+            for folder in (rel.path.parent.parent / "apps", rel.path.parent):
+                if folder.is_dir() and folder not in self.search_path:
+                    self.search_path.append(folder)
+        planned: list[tuple[AppDefinition, Any]] = []
         for entry in rel.apps:
             if entry.processapp:
                 app = AppDefinition(name=entry.name, version=entry.version or "0.1", module=PROCESSAPP,
@@ -203,6 +227,10 @@ class AppManager:
                 if entry.version is not None and entry.version != app.version:
                     raise AppError(f"rel file {path}: app {entry.name} is version {app.version}, "
                                    f"the release wants {entry.version}")
+            self.resolve_order(app)  # refuse a cycle before anything starts
+            planned.append((app, entry))
+        started = []
+        for app, entry in planned:
             name = yield self.start_app(app, config=entry.config, args=entry.args, mult=entry.mult)
             started.append(name)
         return started

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["start", "stop", "process_desc"]
 
 
-def process_desc(app: "AppDefinition", kwargs: dict[str, Any] | None = None) -> ProcessDesc:
+def process_desc(app: AppDefinition, kwargs: dict[str, Any] | None = None) -> ProcessDesc:
     """The process an app of this kind runs."""
     args = list(app.args)
     name = args[0] if args else app.name
@@ -34,17 +34,19 @@ def process_desc(app: "AppDefinition", kwargs: dict[str, Any] | None = None) -> 
 
 
 @defer.inlineCallbacks
-def start(container: "Container", app: "AppDefinition", *args: Any, **kwargs: Any) -> Any:
+def start(container: Container, app: AppDefinition, *args: Any, **kwargs: Any) -> Any:
     """Start the app's process(es); returns the supervisor as the app's state."""
+    desc = process_desc(app.with_overrides(args=args), kwargs)
+    desc.process_class()  # fail before spawning (or supervising) anything if the class cannot be loaded
     config = container.config.for_module("ion.core.apps")
     supervisor = Supervisor(
         container, app.name,
         strategy=str(config.get("restart_strategy", "one_for_one")),
         max_restarts=int(config.get("max_restarts", 3)),
         restart_period=float(config.get("restart_period", 5.0)),
+        # The app is down once its supervisor gives up: the app manager forgets it.
+        on_give_up=lambda reason: container.app_manager.app_failed(app.name, reason),
     )
-    desc = process_desc(app.with_overrides(args=args), kwargs)
-    desc.process_class()  # fail before spawning anything if the class cannot be loaded
     try:
         for _ in range(app.mult):
             yield supervisor.start_child(desc)
@@ -54,6 +56,6 @@ def start(container: "Container", app: "AppDefinition", *args: Any, **kwargs: An
     return supervisor
 
 
-def stop(container: "Container", state: Supervisor) -> defer.Deferred[None]:
+def stop(container: Container, state: Supervisor) -> defer.Deferred[None]:
     """Terminate the app's processes in reverse start order."""
     return state.stop()

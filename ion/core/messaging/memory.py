@@ -13,7 +13,9 @@ conversation can starve timers or I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import uuid
 from collections import deque
 from typing import Any, Callable, Iterator
 
@@ -80,17 +82,23 @@ class _Exchange:
 
 
 class _Consumer:
-    __slots__ = ("tag", "queue", "callback", "prefetch", "unacked", "transport", "cancelled")
+    __slots__ = ("tag", "queue", "callback", "prefetch", "unacked", "pending", "transport", "cancelled",
+                 "exclusive")
 
     def __init__(self, tag: str, queue: "_Queue", callback: ConsumeCallback, prefetch: int,
-                 transport: "MemoryTransport") -> None:
+                 transport: "MemoryTransport", exclusive: bool = False) -> None:
         self.tag = tag
         self.queue = queue
         self.callback = callback
         self.prefetch = prefetch
+        #: delivery tag -> message, for every message taken from the queue for
+        #: this consumer and not yet settled (it counts against ``prefetch``).
         self.unacked: dict[int, _Message] = {}
+        #: the tags of ``unacked`` still waiting in the pump, not yet handed over.
+        self.pending: set[int] = set()
         self.transport = transport
         self.cancelled = False
+        self.exclusive = exclusive
 
     def has_room(self) -> bool:
         return self.prefetch <= 0 or len(self.unacked) < self.prefetch
@@ -186,7 +194,12 @@ class MemoryBroker:
         return not self._pending
 
     # -- routing -------------------------------------------------------------
+    def _live(self, queue: _Queue) -> bool:
+        return self.queues.get(queue.name) is queue
+
     def _dispatch(self, queue: _Queue) -> None:
+        if not self._live(queue):
+            return
         while queue.messages:
             consumer = queue.pick_consumer()
             if consumer is None:
@@ -194,28 +207,47 @@ class MemoryBroker:
             msg = queue.messages.popleft()
             tag = next(self._delivery_tags)
             consumer.unacked[tag] = msg
+            consumer.pending.add(tag)
             self._schedule(self._deliver, consumer, tag, msg)
 
     def _deliver(self, consumer: _Consumer, tag: int, msg: _Message) -> None:
-        if consumer.cancelled and consumer.transport.closed:
-            return  # requeued when the connection closed
+        if tag not in consumer.pending:
+            return  # taken back (cancel, close, queue deleted) before it was handed over
+        consumer.pending.discard(tag)
         self.delivered += 1
 
         def settle(ack: bool, requeue: bool) -> None:
             self._settle(consumer, tag, ack, requeue)
 
-        delivery = Delivery(msg.body, msg.properties, msg.exchange, msg.routing_key, msg.redelivered, settle)
+        # Each delivery gets its own properties, as if decoded from the wire.
+        props = dataclasses.replace(msg.properties, headers=dict(msg.properties.headers))
+        delivery = Delivery(msg.body, props, msg.exchange, msg.routing_key, msg.redelivered, settle)
         consumer.callback(delivery)
 
     def _settle(self, consumer: _Consumer, tag: int, ack: bool, requeue: bool) -> None:
+        if consumer.transport.closed:
+            raise TransportError(
+                f"cannot settle delivery {tag}: the connection is closed (the message was requeued)")
         msg = consumer.unacked.pop(tag, None)
         if msg is None:
             raise TransportError(f"unknown delivery tag {tag} (already settled or connection closed)")
+        if consumer.cancelled and not consumer.unacked:
+            consumer.transport._draining.discard(consumer)
         queue = consumer.queue
-        if not ack and requeue and queue.name in self.queues:
+        if not ack and requeue and self._live(queue):
             msg.redelivered = True
             queue.messages.appendleft(msg)
         self._dispatch(queue)
+
+    def _take_back_pending(self, consumer: _Consumer) -> None:
+        """Return messages not yet handed to ``consumer`` to the head of its queue, in order."""
+        queue = consumer.queue
+        live = self._live(queue)
+        for tag in sorted(consumer.pending, reverse=True):
+            msg = consumer.unacked.pop(tag)
+            if live:
+                queue.messages.appendleft(msg)
+        consumer.pending.clear()
 
     def _publish(self, transport: "MemoryTransport", exchange: str, routing_key: str, body: bytes,
                  properties: Properties, mandatory: bool) -> None:
@@ -247,16 +279,25 @@ class MemoryBroker:
                 ex.unbind(name, key)
         for consumer in queue.consumers:
             consumer.cancelled = True
+            self._take_back_pending(consumer)  # the queue is gone: dropped
             consumer.transport._consumers.pop(consumer.tag, None)
         queue.consumers.clear()
         queue.messages.clear()
 
     def _remove_consumer(self, consumer: _Consumer) -> None:
+        """Detach a consumer from its queue (cancel or close); what it was not yet
+        handed goes back to the head of the queue for the other consumers."""
         consumer.cancelled = True
+        self._take_back_pending(consumer)
         queue = consumer.queue
         if consumer in queue.consumers:
             queue.consumers.remove(consumer)
             queue.next_consumer = 0
+        if consumer.unacked and not consumer.transport.closed:
+            # Still settleable; requeued if its connection closes first.
+            consumer.transport._draining.add(consumer)
+        if not self._live(queue):
+            return
         if queue.auto_delete and not queue.consumers and queue.had_consumer:
             self._delete_queue(queue.name)
         else:
@@ -272,8 +313,11 @@ class MemoryTransport(Transport):
         self.user = user
         self.closed = False
         self._consumers: dict[str, _Consumer] = {}
+        #: cancelled consumers that still hold unacknowledged deliveries.
+        self._draining: set[_Consumer] = set()
         self._message_ids: Iterator[int] = itertools.count(1)
-        self._id_prefix = f"{id(self):x}"
+        # unique per connection, even after another was garbage-collected (id() is reused)
+        self._id_prefix = uuid.uuid4().hex[:16]
 
     def __repr__(self) -> str:
         return f"<MemoryTransport user={self.user!r} consumers={len(self._consumers)}>"
@@ -281,6 +325,11 @@ class MemoryTransport(Transport):
     def _check_open(self) -> None:
         if self.closed:
             raise TransportError("connection to the embedded broker is closed")
+
+    def _check_not_locked(self, queue: _Queue | None) -> None:
+        if queue is not None and queue.exclusive_owner is not None and queue.exclusive_owner is not self:
+            raise TransportError(
+                f"RESOURCE_LOCKED - queue '{queue.name}' is exclusive to another connection")
 
     def connect(self) -> defer.Deferred[None]:
         return defer.succeed(None)
@@ -323,6 +372,7 @@ class MemoryTransport(Transport):
     def delete_queue(self, name: str) -> defer.Deferred[None]:
         try:
             self._check_open()
+            self._check_not_locked(self.broker.queues.get(name))
         except TransportError:
             return defer.fail()
         self.broker._delete_queue(name)
@@ -337,6 +387,7 @@ class MemoryTransport(Transport):
                 raise TransportError(f"NOT_FOUND - no queue '{queue}'")
             if ex is None:
                 raise TransportError(f"NOT_FOUND - no exchange '{exchange}'")
+            self._check_not_locked(q)
         except TransportError:
             return defer.fail()
         ex.bind(queue, routing_key)
@@ -346,6 +397,11 @@ class MemoryTransport(Transport):
     def unbind(self, queue: str, exchange: str, routing_key: str) -> defer.Deferred[None]:
         ex = self.broker.exchanges.get(exchange)
         q = self.broker.queues.get(queue)
+        try:
+            self._check_open()
+            self._check_not_locked(q)
+        except TransportError:
+            return defer.fail()
         if ex is not None:
             ex.unbind(queue, routing_key)
         if q is not None:
@@ -356,11 +412,14 @@ class MemoryTransport(Transport):
                 *, mandatory: bool = False) -> defer.Deferred[None]:
         try:
             self._check_open()
+            # The caller's object is never changed (it may be reused for the
+            # next publish); the message carries its own copy.
+            properties = dataclasses.replace(properties, headers=dict(properties.headers or {}))
             # As on RabbitMQ, the broker stamps who really published.
             properties.user_id = self.user
             if properties.message_id is None:
                 properties.message_id = f"{self._id_prefix}.{next(self._message_ids)}"
-            self.broker._publish(self, exchange, routing_key, body, properties, mandatory)
+            self.broker._publish(self, exchange, routing_key, bytes(body), properties, mandatory)
         except TransportError:
             return defer.fail()
         return defer.succeed(None)
@@ -372,16 +431,15 @@ class MemoryTransport(Transport):
             q = self.broker.queues.get(queue)
             if q is None:
                 raise TransportError(f"NOT_FOUND - no queue '{queue}'")
-            if q.exclusive_owner is not None and q.exclusive_owner is not self:
-                raise TransportError(f"RESOURCE_LOCKED - queue '{queue}' is exclusive to another connection")
+            self._check_not_locked(q)
             if exclusive and q.consumers:
                 raise TransportError(f"ACCESS_REFUSED - queue '{queue}' already has consumers")
-            if any(c.transport is not self for c in q.consumers if exclusive):
+            if any(c.exclusive for c in q.consumers):
                 raise TransportError(f"ACCESS_REFUSED - queue '{queue}' is consumed exclusively")
         except TransportError:
             return defer.fail()
         tag = f"ctag{next(self.broker._tags)}"
-        consumer = _Consumer(tag, q, callback, prefetch, self)
+        consumer = _Consumer(tag, q, callback, prefetch, self, exclusive)
         q.consumers.append(consumer)
         q.had_consumer = True
         self._consumers[tag] = consumer
@@ -399,14 +457,27 @@ class MemoryTransport(Transport):
             return defer.succeed(None)
         self.closed = True
         broker = self.broker
-        for consumer in list(self._consumers.values()):
-            # Unacknowledged deliveries go back to their queue, marked redelivered.
-            for tag in sorted(consumer.unacked, reverse=True):
-                msg = consumer.unacked.pop(tag)
-                msg.redelivered = True
-                consumer.queue.messages.appendleft(msg)
-            broker._remove_consumer(consumer)
+        # Active consumers and cancelled ones still holding deliveries.
+        consumers = list(self._consumers.values()) + list(self._draining)
         self._consumers.clear()
+        self._draining.clear()
+        # Unacknowledged deliveries go back to the head of their queues, in the
+        # order they were taken (across consumers); those handed over are
+        # marked redelivered.
+        returned: list[tuple[int, _Consumer, _Message]] = []
+        for consumer in consumers:
+            consumer.cancelled = True
+            for tag, msg in consumer.unacked.items():
+                if tag not in consumer.pending:
+                    msg.redelivered = True
+                returned.append((tag, consumer, msg))
+            consumer.unacked.clear()
+            consumer.pending.clear()
+        for _tag, consumer, msg in sorted(returned, key=lambda r: r[0], reverse=True):
+            if broker._live(consumer.queue):
+                consumer.queue.messages.appendleft(msg)
+        for consumer in consumers:
+            broker._remove_consumer(consumer)
         for name, queue in list(broker.queues.items()):
             if queue.exclusive_owner is self:
                 broker._delete_queue(name)

@@ -132,12 +132,12 @@ def encode(msg: Mapping[str, Any], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> 
     :raises MessageError: if a value cannot be encoded.
     :raises MessageTooLargeError: if the body exceeds ``max_size`` bytes.
     """
-    body_src = _pack_content(dict(msg))
-    for header in TRANSPORT_HEADERS:
-        body_src.pop(header, None)
     try:
+        body_src = _pack_content(dict(msg))
+        for header in TRANSPORT_HEADERS:
+            body_src.pop(header, None)
         body: bytes = msgpack.packb(body_src, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except Exception as exc:
         raise MessageError(f"cannot encode message for op {msg.get('op')!r}: {exc}") from exc
     if max_size and len(body) > max_size:
         raise MessageTooLargeError(
@@ -150,19 +150,25 @@ def encode(msg: Mapping[str, Any], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> 
 def _protobuf_class(type_name: str) -> Any:
     from google.protobuf import descriptor_pool, message_factory
 
+    if not type_name:
+        raise MalformedMessageError("protobuf-encoded content needs a 'content-type' naming its type")
     try:
         descriptor = descriptor_pool.Default().FindMessageTypeByName(type_name)
-    except KeyError:
+        return message_factory.GetMessageClass(descriptor)
+    except Exception:
+        # KeyError for an unknown name; the C implementations raise others for odd names.
         raise MalformedMessageError(f"unknown protobuf content-type {type_name!r}") from None
-    return message_factory.GetMessageClass(descriptor)
 
 
 def decode(body: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, Any]:
     """Decode and validate a body from the wire.
 
     :raises MessageTooLargeError: if the body exceeds ``max_size`` bytes.
-    :raises MalformedMessageError: if it is not msgpack, not a dict, or lacks
-        required headers.
+    :raises MalformedMessageError: if it is not msgpack, not a dict, lacks a
+        required header, has a mistyped header, an unknown protocol or
+        encoding, or protobuf content that cannot be parsed as its
+        ``content-type``. ``broker-user`` is dropped from the body: only the
+        receiving transport may set it.
     """
     if max_size and len(body) > max_size:
         raise MessageTooLargeError(f"message of {len(body)} bytes is over the limit of {max_size}")
@@ -179,7 +185,7 @@ def decode(body: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, A
         content = msg.get("content")
         if not isinstance(content, bytes):
             raise MalformedMessageError("protobuf-encoded content is not bytes")
-        cls = _protobuf_class(str(msg.get("content-type", "")))
+        cls = _protobuf_class(msg.get("content-type", ""))
         instance = cls()
         try:
             instance.ParseFromString(content)
@@ -189,24 +195,51 @@ def decode(body: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, A
     return msg
 
 
+#: Header -> the types its value may have (bool is never an int here).
+_HEADER_TYPES: Final[dict[str, tuple[type, ...]]] = {
+    "sender": (str,),
+    "sender-name": (str,),
+    "receiver": (str,),
+    "reply-to": (str,),
+    "op": (str,),
+    "conv-id": (str,),
+    "conv-seq": (int,),
+    "protocol": (str,),
+    "performative": (str,),
+    "status": (str,),
+    "response-code": (int,),
+    "encoding": (str,),
+    "content-type": (str,),
+    "user-id": (str,),
+    "expiry": (int, float),
+    "ts": (int, float),
+}
+
+_TYPE_NAMES: Final = {(str,): "a string", (int,): "an int", (int, float): "a number"}
+
+
 def validate(msg: Mapping[str, Any]) -> None:
     """Check that a decoded dict is a message the container can dispatch.
+
+    Required headers must be present; every DESIGN §4 header that is present
+    must have its documented type (strings, ints for ``conv-seq`` and
+    ``response-code``, numbers for ``expiry`` and ``ts``).
 
     :raises MalformedMessageError: naming the first missing or mistyped header.
     """
     missing = [h for h in REQUIRED_HEADERS if h not in msg]
     if missing:
         raise MalformedMessageError(f"message lacks required header(s): {', '.join(missing)}")
-    for h in ("sender", "receiver", "op", "conv-id", "protocol", "performative"):
-        if not isinstance(msg[h], str):
-            raise MalformedMessageError(f"header {h!r} must be a string, not {type(msg[h]).__name__}")
+    for h, types in _HEADER_TYPES.items():
+        if h not in msg:
+            continue
+        value = msg[h]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise MalformedMessageError(
+                f"header {h!r} must be {_TYPE_NAMES[types]}, not {type(value).__name__}"
+            )
     if msg["protocol"] not in Protocol.ALL:
         raise MalformedMessageError(f"unknown protocol {msg['protocol']!r}")
-    if "conv-seq" in msg and not isinstance(msg["conv-seq"], int):
-        raise MalformedMessageError("header 'conv-seq' must be an int")
-    expiry = msg.get("expiry", 0)
-    if not isinstance(expiry, (int, float)):
-        raise MalformedMessageError("header 'expiry' must be a number")
     if msg.get("encoding", "msgpack") not in ("msgpack", "protobuf"):
         raise MalformedMessageError(f"unknown encoding {msg.get('encoding')!r}")
 

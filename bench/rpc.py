@@ -1,0 +1,363 @@
+"""RPC benchmark of ioncore on the embedded broker (``memory://``).
+
+Measures, in one run on the real Twisted reactor, and prints side by side:
+
+* **sequential** -- one process calls ``hello`` on the hello service
+  (:class:`ion.services.hello.HelloService`) with one call in flight at a
+  time (default 10,000 calls): calls/s and p50/p99 round-trip latency in µs;
+* **window** -- the same calls with a sliding window keeping ``--window``
+  (default 100) ``rpc_send`` in flight (default 20,000 calls): calls/s and
+  p50/p99 latency of each call (time from its ``rpc_send`` to its reply);
+* **floor** -- what an RPC costs with no broker, no process and no
+  conversation: per call, the request and the reply message dicts are built
+  with :func:`ion.core.messaging.message.build` exactly as the container
+  builds them, and each is msgpack-encoded and decoded once, all through one
+  Deferred callback chain;
+
+then the ratio floor/sequential and the targets of the performance issue:
+``sequential >= 15,000 calls/s`` and ``sequential within 3x of the floor``,
+each marked PASS or MISS. It is a benchmark, not a test: the exit code is 0
+whatever the figures, unless ``--strict`` is given (then 1 on any MISS).
+
+Every phase is preceded by a warm-up (``--warmup`` calls, default 500) and a
+``gc.collect()``; times come from :func:`time.perf_counter`. The calling
+loops are plain Deferred callbacks (no ``inlineCallbacks``) so that the
+harness adds as little as possible to what is measured.
+
+Run it from the repository root::
+
+    python bench/rpc.py                       # the table
+    python bench/rpc.py --calls 20000 --json  # machine-readable
+    python bench/rpc.py --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from importlib.metadata import version as dist_version
+from typing import Any
+
+import msgpack
+from twisted.internet import defer, task
+
+if __package__ in (None, ""):
+    # ``python bench/rpc.py``: make the repository root (and so ``ion``) importable.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+__all__ = ["main", "parse_args", "run", "percentile", "format_table",
+           "SEQ_TARGET_CALLS_PER_S", "FLOOR_RATIO_TARGET"]
+
+#: The issue's targets.
+SEQ_TARGET_CALLS_PER_S = 15_000
+FLOOR_RATIO_TARGET = 3.0
+
+SYSNAME = "bench"
+SERVICE = "hello"
+OP = "hello"
+PAYLOAD = "bench"
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an already sorted list (``pct`` in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, math.ceil(pct / 100.0 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def summarize(name: str, calls: int, seconds: float, latencies: list[float] | None,
+              **extra: Any) -> dict[str, Any]:
+    """One result row: calls/s and, when latencies (seconds) are given, p50/p99 in µs."""
+    row: dict[str, Any] = {"name": name, "calls": calls, "seconds": seconds,
+                           "calls_per_s": calls / seconds if seconds > 0 else float("inf")}
+    if latencies:
+        lat = sorted(latencies)
+        row["p50_us"] = percentile(lat, 50) * 1e6
+        row["p99_us"] = percentile(lat, 99) * 1e6
+        row["max_us"] = lat[-1] * 1e6
+    else:
+        row["p50_us"] = row["p99_us"] = row["max_us"] = None
+    row.update(extra)
+    return row
+
+
+# -- ioncore phases ---------------------------------------------------------------------------------------
+def sequential(call: Callable[[], defer.Deferred[Any]], n: int) -> defer.Deferred[tuple[float, list[float]]]:
+    """``n`` calls one after the other; fires with (elapsed seconds, per-call latencies)."""
+    perf = time.perf_counter
+    latencies: list[float] = []
+    append = latencies.append
+    done: defer.Deferred[tuple[float, list[float]]] = defer.Deferred()
+    state = {"left": n, "t0": 0.0, "start": 0.0}
+
+    def next_call(_: Any = None) -> None:
+        if state["left"] == 0:
+            done.callback((perf() - state["start"], latencies))
+            return
+        state["left"] -= 1
+        state["t0"] = perf()
+        call().addCallbacks(finished, done.errback)
+
+    def finished(_: Any) -> None:
+        append(perf() - state["t0"])
+        next_call()
+
+    state["start"] = perf()
+    next_call()
+    return done
+
+
+def windowed(call: Callable[[], defer.Deferred[Any]], n: int,
+             window: int) -> defer.Deferred[tuple[float, list[float]]]:
+    """``n`` calls keeping ``window`` in flight (a new one starts as soon as one ends)."""
+    perf = time.perf_counter
+    latencies: list[float] = []
+    append = latencies.append
+    done: defer.Deferred[tuple[float, list[float]]] = defer.Deferred()
+    state = {"issued": 0, "completed": 0, "start": 0.0}
+
+    def start_one() -> None:
+        state["issued"] += 1
+        t0 = perf()
+        call().addCallbacks(finished, failed, callbackArgs=(t0,))
+
+    def finished(_: Any, t0: float) -> None:
+        append(perf() - t0)
+        state["completed"] += 1
+        if state["completed"] == n:
+            done.callback((perf() - state["start"], latencies))
+        elif state["issued"] < n:
+            start_one()
+
+    def failed(f: Any) -> None:
+        if not done.called:
+            done.errback(f)
+
+    state["start"] = perf()
+    for _ in range(min(window, n)):
+        start_one()
+    return done
+
+
+# -- the no-broker floor ------------------------------------------------------------------------------------
+def floor(n: int, client_pid: str, service_pid: str, target: str,
+          max_size: int | None = None) -> tuple[float, list[float]]:
+    """Per call: build request + reply with ``message.build``, msgpack-encode and decode each
+    once, all as a Deferred callback chain. Returns (elapsed seconds, latencies)."""
+    from ion.core.messaging import message as wire
+
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    build = wire.build
+    perf = time.perf_counter
+    latencies: list[float] = []
+    append = latencies.append
+    backend = client_pid + "b"
+
+    def encode(msg: dict[str, Any]) -> Any:
+        return packb(msg, use_bin_type=True)
+
+    def decode(body: bytes) -> Any:
+        return unpackb(body, raw=False, strict_map_key=False)
+
+    def respond(req: dict[str, Any]) -> dict[str, Any]:
+        return build(sender=service_pid, sender_name="hello", receiver=req["reply-to"], op="result",
+                     content={"value": f"Hello there, {req['content']}"}, conv_id=req["conv-id"],
+                     conv_seq=req["conv-seq"] + 1, protocol=req["protocol"], performative="inform_result",
+                     status="OK", response_code=200, user_id=req["user-id"])
+
+    def result(reply: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        return reply["content"], reply
+
+    start = perf()
+    for i in range(n):
+        t0 = perf()
+        msg = build(sender=backend, sender_name="bench-client", receiver=target, op=OP, content=PAYLOAD,
+                    conv_id=f"{client_pid}#{i}", protocol="rpc", performative="request",
+                    user_id="ANONYMOUS", extra=None)
+        d: defer.Deferred[Any] = defer.Deferred()
+        d.addCallback(encode)
+        d.addCallback(decode)
+        d.addCallback(respond)
+        d.addCallback(encode)
+        d.addCallback(decode)
+        d.addCallback(result)
+        d.callback(msg)
+        append(perf() - t0)
+    return perf() - start, latencies
+
+
+# -- driver -----------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python bench/rpc.py",
+        description="ioncore RPC benchmark on the embedded broker: sequential and windowed calls to "
+                    "the hello service, against a no-broker floor (build + msgpack + Deferred chain).")
+    p.add_argument("--calls", type=int, default=10_000,
+                   help="sequential calls (default 10000; at least 5000 for a meaningful figure)")
+    p.add_argument("--inflight-calls", type=int, default=20_000,
+                   help="total calls of the windowed phase (default 20000)")
+    p.add_argument("--window", type=int, default=100, help="calls kept in flight in the windowed phase (default 100)")
+    p.add_argument("--floor-calls", type=int, default=None,
+                   help="calls of the no-broker floor (default: same as --calls)")
+    p.add_argument("--warmup", type=int, default=500, help="warm-up calls before each phase (default 500)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 if a target is missed")
+    args = p.parse_args(argv)
+    for name in ("calls", "inflight_calls", "window"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if args.floor_calls is None:
+        args.floor_calls = args.calls
+    return args
+
+
+@defer.inlineCallbacks
+def run(reactor: Any, args: argparse.Namespace) -> Any:
+    """Start a container with the hello service, run the three phases; fires with the results dict."""
+    from ion.core.process import Process
+    from ion.services.hello import HelloService
+    from ion.testing import ContainerFactory
+
+    factory = ContainerFactory(reactor=reactor)
+    try:
+        container = yield factory(sysname=SYSNAME)
+        service_pid = yield container.spawn(HelloService)
+        client_pid = yield container.spawn(Process, name="bench-client")
+        client = container.proc_manager.get(client_pid)
+        assert client is not None
+        rpc_send = client.rpc_send
+
+        def call() -> Any:
+            return rpc_send(SERVICE, OP, PAYLOAD)
+
+        # Sanity: the call works and answers what we expect.
+        content, _ = yield call()
+        assert content == {"value": f"Hello there, {PAYLOAD}"}, content
+
+        results: list[dict[str, Any]] = []
+
+        if args.warmup:
+            yield sequential(call, args.warmup)
+        gc.collect()
+        secs, lat = yield sequential(call, args.calls)
+        results.append(summarize("sequential", args.calls, secs, lat, in_flight=1))
+
+        if args.warmup:
+            yield windowed(call, args.warmup, args.window)
+        gc.collect()
+        secs, lat = yield windowed(call, args.inflight_calls, args.window)
+        results.append(summarize("window", args.inflight_calls, secs, lat, in_flight=args.window))
+
+        target = client.resolve(SERVICE)
+        if args.warmup:
+            floor(args.warmup, client_pid, service_pid, target)
+        gc.collect()
+        secs, lat = floor(args.floor_calls, client_pid, service_pid, target)
+        results.append(summarize("floor", args.floor_calls, secs, lat, in_flight=1))
+        broker_delivered = container.broker.delivered if container.broker is not None else None
+        open_convs = len(client.conversations)
+    finally:
+        yield factory.teardown()
+
+    seq, win, flo = results
+    ratio = flo["calls_per_s"] / seq["calls_per_s"]
+    targets = [
+        {"name": f"sequential >= {SEQ_TARGET_CALLS_PER_S:,} calls/s", "value": seq["calls_per_s"],
+         "pass": seq["calls_per_s"] >= SEQ_TARGET_CALLS_PER_S},
+        {"name": f"floor/sequential <= {FLOOR_RATIO_TARGET:g}x", "value": ratio,
+         "pass": ratio <= FLOOR_RATIO_TARGET},
+    ]
+    return {
+        "environment": {
+            "python": platform.python_version(), "implementation": platform.python_implementation(),
+            "twisted": dist_version("twisted"), "msgpack": ".".join(map(str, msgpack.version)),
+            "reactor": f"{type(reactor).__module__}.{type(reactor).__name__}",
+            "platform": platform.platform(), "broker": "memory://",
+        },
+        "args": vars(args),
+        "results": results,
+        "ratio_floor_over_sequential": ratio,
+        "ratio_floor_over_window": flo["calls_per_s"] / win["calls_per_s"],
+        "targets": targets,
+        "broker_deliveries": broker_delivered,
+        "open_conversations_after": open_convs,
+    }
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _micro() -> str:
+    """``µs``, or ``us`` where stdout cannot print a µ."""
+    try:
+        "µ".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "us"
+    return "µs"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as the plain-text table ``python bench/rpc.py`` prints."""
+    env = report["environment"]
+    us = _micro()
+    lines = [
+        "ioncore RPC benchmark: embedded broker (memory://), hello service, one client process",
+        f"Python {env['python']} ({env['implementation']}), Twisted {env['twisted']}, msgpack {env['msgpack']},"
+        f" {env['reactor'].rsplit('.', 1)[-1]}",
+        "",
+        f"{'phase':<28}{'calls':>8}{'seconds':>10}{'calls/s':>11}{'p50 ' + us:>9}{'p99 ' + us:>9}{'max ' + us:>9}",
+        "-" * 84,
+    ]
+    labels = {
+        "sequential": "sequential (1 in flight)",
+        "window": f"window ({report['args']['window']} in flight)",
+        "floor": "floor (no broker)",
+    }
+    for r in report["results"]:
+        lines.append(
+            f"{labels[r['name']]:<28}{r['calls']:>8}{r['seconds']:>10.3f}{r['calls_per_s']:>11,.0f}"
+            f"{_fmt(r['p50_us'], '.1f'):>9}{_fmt(r['p99_us'], '.1f'):>9}{_fmt(r['max_us'], '.0f'):>9}")
+    lines += [
+        "-" * 84,
+        f"ratio floor/sequential: {report['ratio_floor_over_sequential']:.2f}x"
+        f"    floor/window: {report['ratio_floor_over_window']:.2f}x",
+        "",
+        "targets:",
+    ]
+    for t in report["targets"]:
+        value = f"{t['value']:,.0f} calls/s" if "calls/s" in t["name"] else f"{t['value']:.2f}x"
+        lines.append(f"  {t['name']:<34}{value:>18}   {'PASS' if t['pass'] else 'MISS'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv``, run the benchmark on the reactor, print; exits the process (``task.react``)."""
+    args = parse_args(argv)
+
+    @defer.inlineCallbacks
+    def _main(reactor: Any) -> Any:
+        report = yield run(reactor, args)
+        if args.json:
+            print(json.dumps(report, indent=2, sort_keys=False))
+        else:
+            print(format_table(report))
+        sys.stdout.flush()
+        if args.strict and not all(t["pass"] for t in report["targets"]):
+            raise SystemExit(1)
+
+    task.react(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+# -*- test-case-name: tests.core.test_agent -*-
+"""The container agent: every container's first process (DESIGN §7).
+
+The agent makes a container visible to the rest of its system:
+
+- it announces the container on the events exchange (``container.start``,
+  then ``container.heartbeat`` every ``ion.core.container: heartbeat_interval``
+  seconds, and ``container.stop`` when it terminates), with content
+  ``{container, sysname, pids, started_at, interval, agent}``;
+- it listens to those events (a queue of its own bound with ``container.#``)
+  and keeps a table of the live containers of the system, dropping one after
+  3 missed heartbeats or its ``container.stop``;
+- it answers ``nodes`` (the live containers), ``ps`` (this container's
+  processes) and ``spawn`` (start a process here) on its main queue and on
+  ``<sysname>.agent.<container-id>``, which any container of the system can
+  name (:func:`agent_queue`).
+
+The container spawns the agent first and terminates it last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from ion.core.exceptions import AppError, ApplicationError, ConfigurationError, IllegalStateError
+from ion.core.lifecycle import State
+from ion.core.process import Process, ProcessDesc, Receiver
+
+__all__ = ["ContainerAgent", "NodeInfo", "agent_queue", "MISSED_HEARTBEATS",
+           "DEFAULT_HEARTBEAT_INTERVAL"]
+
+#: A container silent for this many of its heartbeat intervals is dropped from the table.
+MISSED_HEARTBEATS = 3
+DEFAULT_HEARTBEAT_INTERVAL = 5.0
+
+EVENT_START = "container.start"
+EVENT_HEARTBEAT = "container.heartbeat"
+EVENT_STOP = "container.stop"
+
+
+def agent_queue(sysname: str, container_id: str) -> str:
+    """The queue (and routing key) of the agent of ``container_id`` in system ``sysname``."""
+    return f"{sysname}.agent.{container_id}"
+
+
+@dataclass
+class NodeInfo:
+    """One live container, as its last announcement said."""
+
+    container: str
+    sysname: str
+    pids: int
+    started_at: float | None
+    interval: float
+    agent: str
+    last_seen: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ContainerAgent(Process):
+    """Announces its container and keeps the table of the system's live containers."""
+
+    name: ClassVar[str | None] = "agent"
+    _log = Logger()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nodes: dict[str, NodeInfo] = {}
+        self._heartbeat: task.LoopingCall | None = None
+        self._node_waiters: dict[str, list[defer.Deferred[dict[str, Any]]]] = {}
+
+    # -- names -----------------------------------------------------------------------
+    @property
+    def agent_queue(self) -> str:
+        """``<sysname>.agent.<container-id>``: where other containers reach this agent."""
+        return agent_queue(self.sysname, self.container.id)
+
+    @property
+    def events_queue(self) -> str:
+        """The agent's own queue on the events exchange."""
+        return f"{self.agent_queue}.events"
+
+    @property
+    def heartbeat_interval(self) -> float:
+        value = self.container.config.get("ion.core.container", "heartbeat_interval",
+                                          DEFAULT_HEARTBEAT_INTERVAL)
+        try:
+            interval = float(value)
+        except (TypeError, ValueError):
+            raise ConfigurationError(
+                f"ion.core.container: heartbeat_interval must be a number of seconds, not {value!r}") from None
+        if interval <= 0:
+            raise ConfigurationError(f"ion.core.container: heartbeat_interval must be > 0, not {value!r}")
+        return interval
+
+    def receivers_to_create(self) -> list[Receiver]:
+        return super().receivers_to_create() + [
+            Receiver(self, self.agent_queue, self._receive),
+            Receiver(self, self.events_queue, self._on_event, exchange=self.container.events_exchange,
+                     bindings=["container.#"]),
+        ]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def slc_init(self) -> None:
+        self.heartbeat_interval  # fail the spawn now on a bad setting  # noqa: B018
+
+    @defer.inlineCallbacks
+    def on_activate(self) -> Any:
+        yield super().on_activate()
+        me = self._announcement()
+        self._remember(me, self.clock.seconds())
+        self.container.publish_event(EVENT_START, me)
+        self._heartbeat = task.LoopingCall(self.heartbeat)
+        self._heartbeat.clock = self.clock
+        self._heartbeat.start(self.heartbeat_interval, now=False).addErrback(
+            lambda f: self._log.failure("{pid}: heartbeat loop failed", f, pid=self.id))
+
+    def slc_terminate(self) -> None:
+        self._stop_heartbeat()
+        self.container.publish_event(EVENT_STOP, self._announcement())
+        self.nodes.clear()
+        waiters, self._node_waiters = self._node_waiters, {}
+        for ds in waiters.values():
+            for d in ds:
+                if not d.called:
+                    d.errback(IllegalStateError(f"agent {self.id} terminated"))
+
+    def on_error(self, cause: Any) -> Any:
+        self._stop_heartbeat()
+        return super().on_error(cause)
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        self._heartbeat = None
+
+    # -- announcing ------------------------------------------------------------------------
+    def _announcement(self) -> dict[str, Any]:
+        container = self.container
+        return {
+            "container": container.id,
+            "sysname": container.sysname,
+            "pids": len(container.proc_manager.processes),
+            "started_at": container.started_at,
+            "interval": self.heartbeat_interval,
+            "agent": self.agent_queue,
+        }
+
+    def heartbeat(self) -> None:
+        """Announce this container once more and forget the containers gone silent."""
+        content = self._announcement()
+        self._remember(content, self.clock.seconds())
+        self.container.publish_event(EVENT_HEARTBEAT, content)
+        self.expire()
+
+    def expire(self) -> list[str]:
+        """Drop containers silent for :data:`MISSED_HEARTBEATS` of their intervals; returns their ids."""
+        now = self.clock.seconds()
+        gone = [cid for cid, node in self.nodes.items()
+                if cid != self.container.id and now - node.last_seen > MISSED_HEARTBEATS * node.interval]
+        for cid in gone:
+            del self.nodes[cid]
+            self._log.info("{pid}: container {cid} missed {n} heartbeats; dropped",
+                           pid=self.id, cid=cid, n=MISSED_HEARTBEATS)
+        return gone
+
+    # -- listening -------------------------------------------------------------------------
+    def _remember(self, content: Mapping[str, Any], now: float) -> NodeInfo | None:
+        try:
+            node = NodeInfo(
+                container=str(content["container"]),
+                sysname=str(content.get("sysname", self.sysname)),
+                pids=int(content.get("pids", 0)),
+                started_at=content.get("started_at"),
+                interval=float(content.get("interval") or DEFAULT_HEARTBEAT_INTERVAL),
+                agent=str(content.get("agent") or agent_queue(self.sysname, str(content["container"]))),
+                last_seen=now,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            self._log.warn("{pid}: ignored a malformed container announcement: {exc}", pid=self.id, exc=exc)
+            return None
+        if node.sysname != self.sysname:
+            return None
+        self.nodes[node.container] = node
+        for d in self._node_waiters.pop(node.container, []):
+            if not d.called:
+                d.callback(node.as_dict())
+        return node
+
+    def wait_for_node(self, container_id: str, timeout: float | None = None) -> defer.Deferred[dict[str, Any]]:
+        """Fire with the entry of ``container_id`` once this agent has heard of it.
+
+        :param timeout: seconds (on the container's clock) before failing with ``TimeoutError``.
+        """
+        node = self.nodes.get(container_id)
+        if node is not None:
+            return defer.succeed(node.as_dict())
+        d: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self._node_waiters.setdefault(container_id, []).append(d)
+        if timeout is not None:
+            d.addTimeout(timeout, self.clock)
+        return d
+
+    def _on_event(self, msg: dict[str, Any], receiver: Receiver) -> None:
+        event = msg.get("receiver")
+        content = msg.get("content")
+        if not isinstance(content, Mapping) or "container" not in content:
+            return
+        cid = str(content["container"])
+        if event == EVENT_STOP:
+            if cid != self.container.id and self.nodes.pop(cid, None) is not None:
+                self._log.info("{pid}: container {cid} stopped", pid=self.id, cid=cid)
+            return
+        if event not in (EVENT_START, EVENT_HEARTBEAT):
+            return
+        known = cid in self.nodes
+        self._remember(content, self.clock.seconds())
+        if cid == self.container.id:
+            return
+        if not known:
+            self._log.info("{pid}: container {cid} joined system {sysname}", pid=self.id, cid=cid,
+                           sysname=self.sysname)
+        if event == EVENT_START and self.state is State.ACTIVE:
+            # Tell the newcomer about us now rather than at our next heartbeat.
+            self.container.publish_event(EVENT_HEARTBEAT, self._announcement())
+
+    # -- queries -------------------------------------------------------------------------------
+    def live_nodes(self) -> list[dict[str, Any]]:
+        """The live containers of the system (this one included), by container id."""
+        self._remember(self._announcement(), self.clock.seconds())
+        self.expire()
+        return [self.nodes[cid].as_dict() for cid in sorted(self.nodes)]
+
+    def process_table(self) -> list[dict[str, Any]]:
+        """This container's processes, in spawn order."""
+        return [
+            {"pid": proc.id, "name": proc.proc_name, "class": type(proc).__name__,
+             "module": type(proc).__module__, "state": proc.state.value,
+             "parent": proc.parent.id if proc.parent is not None else None}
+            for proc in list(self.container.proc_manager.processes.values())
+        ]
+
+    # -- ops ------------------------------------------------------------------------------------
+    def op_nodes(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """The live containers of the system: ``[{container, sysname, pids, started_at, ...}]``."""
+        return self.live_nodes()
+
+    def op_ps(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """This container's processes: ``[{pid, name, class, module, state, parent}]``."""
+        return self.process_table()
+
+    @defer.inlineCallbacks
+    def op_spawn(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """Start a process in this container; answers its pid.
+
+        ``content`` is a module or one-process app name, or a dict
+        ``{"module": ..., "procclass": ..., "app": ..., "spawnargs": {...}, "name": ...}``.
+        """
+        if isinstance(content, str):
+            content = {"module": content}
+        if not isinstance(content, Mapping):
+            raise ApplicationError("spawn needs a module or app name, or a dict with 'module' or 'app'")
+        what = content.get("module") or content.get("app")
+        if not isinstance(what, str) or not what:
+            raise ApplicationError("spawn needs 'module' (a dotted module name) or 'app' (an app name)")
+        spawnargs = content.get("spawnargs") or {}
+        if not isinstance(spawnargs, Mapping):
+            raise ApplicationError("spawn: 'spawnargs' must be a dict")
+        name = content.get("name")
+        desc: ProcessDesc | str = what
+        if content.get("procclass"):
+            desc = ProcessDesc(name=name or what.rsplit(".", 1)[-1], module=what,
+                               procclass=str(content["procclass"]))
+        try:
+            pid = yield self.container.spawn(desc, dict(spawnargs), name=name)
+        except (ConfigurationError, AppError) as exc:
+            raise ApplicationError(f"cannot spawn {what!r} in {self.container.id}: {exc}", 400) from exc
+        self._log.info("{pid}: spawned {what} as {child} for {sender}", pid=self.id, what=what, child=pid,
+                       sender=msg.get("sender-name") or msg.get("sender"))
+        return pid

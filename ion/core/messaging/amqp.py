@@ -1,0 +1,886 @@
+# -*- test-case-name: tests.core.messaging.test_amqp -*-
+"""The AMQP 0-9-1 transport: RabbitMQ through pika's Twisted adapter (DESIGN §4-§5).
+
+One :class:`AmqpTransport` is one connection. Its channels are kept and
+reused, never opened per send:
+
+- a **control** channel for declares, binds and deletes. These run one at a
+  time, so a broker error (404, 405, 406 ...), which closes the channel in
+  AMQP, fails only the operation that caused it; the next operation opens a
+  fresh channel;
+- a **publish** channel in confirm mode: ``publish`` fires when the broker
+  has taken the message, and fails with the broker's text if it did not. A
+  ``mandatory`` message no queue takes comes back as ``basic.return`` and is
+  handed to the return callbacks. Exchanges are checked (passively, once per
+  connection) before the first publish to them, so a publish to a missing
+  exchange fails alone instead of closing the channel under other publishes;
+- **one channel per consumer**, with its own ``basic.qos`` prefetch, so each
+  receiver's window and acks are its own and a consumer error (exclusive
+  queue, access refused) cannot cancel another consumer. Deliveries are
+  acked or rejected on the channel that delivered them. RabbitMQ allows
+  2047 channels per connection by default, hence about as many consumers.
+
+When the connection drops, in-flight operations fail with
+:class:`~ion.core.exceptions.ConnectionLostError`, connection listeners hear
+``("lost", reason)``, and the transport reconnects with exponential backoff
+(0.5 s doubling up to 10 s, on an injectable clock). Once connected it
+re-declares the exchanges, queues and bindings it made, re-creates its
+consumers under their old tags, and listeners hear ``("restored", None)``.
+Deliveries received before the loss cannot be settled any more: their
+``ack``/``reject`` are logged and dropped (the broker has requeued them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pika
+from pika import exceptions as pika_exc
+from pika.adapters.twisted_connection import ClosableDeferredQueue, TwistedChannel, TwistedProtocolConnection
+from twisted.internet import defer
+from twisted.internet import error as tx_error
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ion.core.exceptions import ConfigurationError, ConnectionLostError, TransportError
+from ion.core.messaging.transport import (
+    BrokerURL,
+    ConsumeCallback,
+    Delivery,
+    Properties,
+    Transport,
+    parse_broker_url,
+)
+
+__all__ = ["AmqpTransport", "DEFAULT_RECONNECT_INITIAL", "DEFAULT_RECONNECT_MAX"]
+
+#: Seconds before the first reconnection attempt; doubled after each failure.
+DEFAULT_RECONNECT_INITIAL = 0.5
+#: Longest wait between two reconnection attempts, in seconds.
+DEFAULT_RECONNECT_MAX = 10.0
+#: Seconds to wait for the TCP connection to the broker.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+_EXCHANGE_KINDS = ("topic", "direct", "fanout", "headers")
+
+# What pika or Twisted raise when the connection (not just one channel) went away.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    pika_exc.AMQPConnectionError,
+    tx_error.ConnectionDone,
+    tx_error.ConnectionLost,
+)
+
+
+class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
+    """pika's protocol, keeping the reason why opening the connection failed.
+
+    pika's adapter errbacks ``ready`` with a bare ``AMQPConnectionError`` and
+    drops the cause (wrong password, vhost refused); we need it for one clear
+    error at start-up.
+    """
+
+    open_error: BaseException | None = None
+    #: The broker's Connection.Close (code and text), if it sent one. pika's Twisted adapter
+    #: replaces it by Twisted's ConnectionDone when the socket closes right after.
+    close_reason: pika_exc.ConnectionClosedByBroker | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._impl.callbacks.add(0, pika.spec.Connection.Close, self._on_close_frame)
+
+    def _on_close_frame(self, method_frame: Any) -> None:
+        method = method_frame.method
+        self.close_reason = pika_exc.ConnectionClosedByBroker(method.reply_code, method.reply_text)
+
+    def _on_connection_failed(self, _connection: Any, _error_message: Any = None) -> None:
+        self.open_error = _error_message
+        super()._on_connection_failed(_connection, _error_message)
+
+
+class _ChannelSlot:
+    """One long-lived channel, reopened on the next use after the broker closed it."""
+
+    def __init__(self, transport: AmqpTransport, name: str,
+                 setup: Callable[[TwistedChannel], Any] | None = None) -> None:
+        self.transport = transport
+        self.name = name
+        self.setup = setup
+        self.channel: TwistedChannel | None = None
+        self._waiters: list[defer.Deferred[TwistedChannel]] | None = None
+
+    def current(self) -> TwistedChannel | None:
+        """The open channel, if there is one right now."""
+        ch = self.channel
+        if ch is not None and ch.is_open:
+            return ch
+        return None
+
+    def get(self) -> defer.Deferred[TwistedChannel]:
+        """The open channel, opening a new one if needed."""
+        ch = self.current()
+        if ch is not None:
+            return defer.succeed(ch)
+        self.channel = None
+        d: defer.Deferred[TwistedChannel] = defer.Deferred()
+        if self._waiters is not None:
+            self._waiters.append(d)
+            return d
+        conn = self.transport._conn
+        if conn is None:
+            return defer.fail(self.transport._lost_error())
+        self._waiters = [d]
+        opening = defer.maybeDeferred(conn.channel)
+        if self.setup is not None:
+            setup = self.setup
+            opening.addCallback(lambda ch: defer.maybeDeferred(setup, ch).addCallback(lambda _: ch))
+        opening.addBoth(self._opened, conn)
+        return d
+
+    def _opened(self, result: Any, conn: Any) -> None:
+        waiters, self._waiters = self._waiters or [], None
+        if not isinstance(result, Failure) and conn is self.transport._conn:
+            self.channel = result
+            self.transport._log.debug("opened {slot} channel {n}", slot=self.name, n=result.channel_number)
+        elif not isinstance(result, Failure):
+            AmqpTransport._close_channel(result)  # opened on a connection that has gone since
+            result = Failure(self.transport._lost_error())
+        for w in waiters:
+            if isinstance(result, Failure):
+                w.errback(result)
+            else:
+                w.callback(result)
+
+    def reset(self) -> None:
+        """Forget the channel (the connection it belonged to is gone)."""
+        self.channel = None
+
+
+class _Consumer:
+    """One consumer: what it consumes (kept across reconnections) and its current channel."""
+
+    __slots__ = ("tag", "queue", "callback", "prefetch", "exclusive", "channel", "unacked",
+                 "cancelled", "starting")
+
+    def __init__(self, tag: str, queue: str, callback: ConsumeCallback, prefetch: int,
+                 exclusive: bool) -> None:
+        self.tag = tag
+        self.queue = queue
+        self.callback = callback
+        self.prefetch = prefetch
+        self.exclusive = exclusive
+        self.channel: TwistedChannel | None = None
+        self.unacked = 0
+        self.cancelled = False
+        self.starting = False
+
+    def __repr__(self) -> str:
+        return f"<consumer {self.tag} of {self.queue}>"
+
+
+def _to_pika(props: Properties, user_id: str, message_id: str) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type=props.content_type,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=message_id,
+        user_id=user_id,
+        headers=dict(props.headers) if props.headers else None,
+    )
+
+
+def _from_pika(props: pika.BasicProperties) -> Properties:
+    headers = props.headers
+    return Properties(
+        content_type=props.content_type or "",
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=props.message_id,
+        user_id=props.user_id,
+        headers=dict(headers) if headers else {},
+    )
+
+
+class AmqpTransport(Transport):
+    """One connection to RabbitMQ (or any AMQP 0-9-1 broker).
+
+    :param url: ``amqp://user:pass@host:port/vhost`` (a string or a parsed
+        :class:`~ion.core.messaging.transport.BrokerURL`).
+    :param reactor: the reactor for the TCP connection and pika's timers.
+    :param clock: schedules reconnection attempts (default: ``reactor``); a
+        ``task.Clock`` in tests.
+    :param reconnect_initial: seconds before the first reconnection attempt.
+    :param reconnect_max: the longest wait between two attempts.
+    :param reconnect: reconnect after a loss (else stay disconnected).
+    :param heartbeat: AMQP heartbeat in seconds (``None``: the broker's choice).
+    :param connect_timeout: seconds to wait for the TCP connection.
+    """
+
+    _log = Logger()
+
+    def __init__(self, url: BrokerURL | str, *, reactor: Any = None, clock: IReactorTime | None = None,
+                 reconnect_initial: float = DEFAULT_RECONNECT_INITIAL,
+                 reconnect_max: float = DEFAULT_RECONNECT_MAX, reconnect: bool = True,
+                 heartbeat: int | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+        super().__init__()
+        if isinstance(url, str):
+            url = parse_broker_url(url)
+        if url.scheme not in ("amqp", "amqps"):
+            raise ConfigurationError(f"AmqpTransport needs an amqp:// URL, not {url}")
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.url = url
+        self.user = url.username
+        self.reactor = reactor
+        self.clock: IReactorTime = clock or reactor
+        self.reconnect_initial = reconnect_initial
+        self.reconnect_max = reconnect_max
+        self.reconnect_enabled = reconnect
+        self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        #: ``new`` → ``connecting`` → ``connected`` ⇄ (``lost`` → ``restoring``) → ``closed``.
+        self.state = "new"
+        self._conn: _Connection | None = None
+        self._control = _ChannelSlot(self, "control")
+        self._publisher = _ChannelSlot(self, "publish", self._setup_publisher)
+        self._control_lock = defer.DeferredLock()
+        # Topology record, replayed after a reconnection (insertion-ordered).
+        self._exchanges: dict[str, tuple[str, bool, bool]] = {}
+        self._queues: dict[str, tuple[bool, bool, bool, dict[str, Any] | None]] = {}
+        self._bindings: dict[tuple[str, str, str], None] = {}
+        self._consumers: dict[str, _Consumer] = {}
+        self._deleted_while_lost: dict[str, None] = {}
+        # Exchanges known to exist on the current connection (checked before a first publish).
+        self._known_exchanges: set[str] = set()
+        self._exchange_checks: dict[str, list[defer.Deferred[None]]] = {}
+        self._reconnect_call: Any = None  # IDelayedCall
+        self._attempt = 0
+        self._last_loss: str | None = None
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._message_ids = itertools.count(1)
+        self._tags = itertools.count(1)
+        self.reconnections = 0
+
+    def __repr__(self) -> str:
+        return f"<AmqpTransport {self.url} {self.state} consumers={len(self._consumers)}>"
+
+    @property
+    def where(self) -> str:
+        """``host:port`` of the broker, for messages."""
+        return f"{self.url.host}:{self.url.port}"
+
+    @property
+    def open_channels(self) -> int:
+        """How many channels are open on the connection now (control, publish, one per consumer)."""
+        conn = self._conn
+        if conn is None:
+            return 0
+        channels = getattr(conn._impl, "_channels", {})
+        return sum(1 for ch in channels.values() if ch.is_open)
+
+    @property
+    def connected(self) -> bool:
+        """True while operations can be sent to the broker."""
+        return self.state == "connected"
+
+    # -- connecting ---------------------------------------------------------------------
+    def connect(self) -> defer.Deferred[None]:
+        """Open the connection.
+
+        Fails with :class:`TransportError` naming the broker and the reason
+        (refused login, vhost refused, nothing listening, timeout); the first
+        connection is not retried, so a wrong password gives one clear error.
+        """
+        if self.state == "connected":
+            return defer.succeed(None)
+        if self.state != "new":
+            return defer.fail(TransportError(f"cannot connect a transport that is {self.state}"))
+        self.state = "connecting"
+        d = self._open_connection()
+
+        def opened(conn: _Connection) -> None:
+            if self.state == "closed":  # close() was called while connecting
+                conn.close()
+                raise TransportError(f"the connection to broker at {self.where} was closed while opening")
+            self._use_connection(conn)
+            self.state = "connected"
+            self._log.info("connected to broker at {where} vhost {vhost!r} as {user}",
+                           where=self.where, vhost=self.url.vhost, user=self.user)
+
+        def failed(f: Failure) -> Failure:
+            if self.state == "connecting":
+                self.state = "new"
+            return f
+
+        return d.addCallbacks(opened, failed)
+
+    def _params(self) -> pika.ConnectionParameters:
+        kwargs: dict[str, Any] = {}
+        if self.heartbeat is not None:
+            kwargs["heartbeat"] = self.heartbeat
+        return pika.ConnectionParameters(
+            host=self.url.host, port=self.url.port, virtual_host=self.url.vhost,
+            credentials=pika.PlainCredentials(self.url.username, self.url.password),
+            client_properties={"connection_name": f"ioncore {self._id_prefix}", "product": "ioncore"},
+            **kwargs)
+
+    def _endpoint(self) -> Any:
+        if self.url.scheme == "amqps":
+            from twisted.internet import ssl
+
+            options = ssl.optionsForClientTLS(self.url.host)
+            return SSL4ClientEndpoint(self.reactor, self.url.host, self.url.port, options,
+                                      timeout=self.connect_timeout)
+        return TCP4ClientEndpoint(self.reactor, self.url.host, self.url.port, timeout=self.connect_timeout)
+
+    def _open_connection(self) -> defer.Deferred[_Connection]:
+        conn = _Connection(self._params(), custom_reactor=self.reactor)
+        d = connectProtocol(self._endpoint(), conn)
+        d.addCallback(lambda _: conn.ready)
+        d.addCallback(lambda _: conn)
+        d.addErrback(self._connect_failed, conn)
+        return d
+
+    def _connect_failed(self, f: Failure, conn: _Connection) -> Failure:
+        cause = conn.close_reason or conn.open_error or f.value
+        where, user, vhost = self.where, self.url.username, self.url.vhost
+        refused_login = f"broker at {where} refused login for user {user!r} (wrong user name or password?)"
+        refused_vhost = f"broker at {where} refused user {user!r} access to vhost {vhost!r}"
+        if isinstance(cause, pika_exc.ConnectionClosedByBroker):
+            if cause.reply_code == 403 and "login" in cause.reply_text.lower():
+                msg = refused_login
+            elif cause.reply_code in (403, 530) and "vhost" in cause.reply_text.lower():
+                msg = f"{refused_vhost}: {cause.reply_text}"
+            else:
+                msg = f"broker at {where} closed the connection: {cause.reply_code} {cause.reply_text}"
+        elif isinstance(cause, (pika_exc.ProbableAuthenticationError, pika_exc.AuthenticationError)):
+            msg = refused_login
+        elif isinstance(cause, pika_exc.ProbableAccessDeniedError):
+            msg = refused_vhost
+        elif isinstance(cause, tx_error.ConnectionRefusedError):
+            msg = f"cannot connect to broker at {where}: connection refused (is RabbitMQ running?)"
+        elif isinstance(cause, (tx_error.TimeoutError, defer.TimeoutError)):
+            msg = f"cannot connect to broker at {where}: no answer within {self.connect_timeout:g} s"
+        elif isinstance(cause, tx_error.DNSLookupError):
+            msg = f"cannot connect to broker at {where}: unknown host"
+        elif isinstance(cause, pika_exc.IncompatibleProtocolError):
+            msg = f"{where} does not speak AMQP 0-9-1"
+        else:
+            msg = f"cannot connect to broker at {where}: {cause!r}"
+        return Failure(TransportError(msg))
+
+    def _use_connection(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._attempt = 0
+        assert conn.closed is not None
+        conn.closed.addCallback(self._connection_closed, conn)
+
+    # -- losing and restoring the connection ------------------------------------------------
+    def _lost_error(self) -> ConnectionLostError:
+        if self.state == "closed":
+            return ConnectionLostError(f"the connection to broker at {self.where} is closed")
+        reason = f" ({self._last_loss})" if self._last_loss else ""
+        return ConnectionLostError(f"not connected to broker at {self.where}{reason}; reconnecting")
+
+    def _connection_closed(self, reason: Any, conn: _Connection) -> None:
+        if conn is not self._conn:
+            return
+        self._conn = None
+        self._control.reset()
+        self._publisher.reset()
+        self._known_exchanges.clear()
+        for consumer in self._consumers.values():
+            consumer.channel = None
+            consumer.unacked = 0
+        if self.state == "closed":
+            return
+        if conn.close_reason is not None:
+            reason = conn.close_reason
+        if isinstance(reason, pika_exc.ConnectionClosed):
+            text = f"{reason.reply_code} {reason.reply_text}"
+        else:
+            text = str(reason) or type(reason).__name__
+        self._last_loss = text
+        self.state = "lost"
+        self._log.warn("lost the connection to broker at {where}: {reason}", where=self.where, reason=text)
+        self._notify("lost", text)
+        if self.reconnect_enabled:
+            self._schedule_reconnect()
+
+    def _notify(self, event: str, reason: str | None) -> None:
+        for listener in list(self._connection_listeners):
+            try:
+                listener(event, reason)
+            except Exception:
+                self._log.failure("connection listener failed on {event}", event=event)
+
+    def _schedule_reconnect(self) -> None:
+        delay = min(self.reconnect_initial * (2 ** self._attempt), self.reconnect_max)
+        self._attempt += 1
+        self._log.info("reconnecting to broker at {where} in {delay:g} s (attempt {attempt})",
+                       where=self.where, delay=delay, attempt=self._attempt)
+        self._reconnect_call = self.clock.callLater(delay, self._reconnect)
+
+    def _reconnect(self) -> None:
+        self._reconnect_call = None
+        if self.state != "lost":
+            return
+        self.state = "connecting"
+        d = self._open_connection()
+        d.addCallbacks(self._reconnected, self._reconnect_failed)
+
+    def _reconnect_failed(self, f: Failure) -> None:
+        if self.state == "closed":
+            return
+        self.state = "lost"
+        self._log.warn("reconnection to broker at {where} failed: {e}", where=self.where, e=f.getErrorMessage())
+        self._schedule_reconnect()
+
+    def _reconnected(self, conn: _Connection) -> None:
+        if self.state == "closed":
+            conn.close()
+            return
+        attempts = self._attempt
+        self._use_connection(conn)
+        self.state = "restoring"
+        d = self._restore()
+
+        def restored(_: Any) -> None:
+            if self._conn is not conn or self.state != "restoring":
+                return  # lost again while restoring: the next reconnection restores
+            self.state = "connected"
+            self.reconnections += 1
+            self._log.info("reconnected to broker at {where} after {n} attempt(s); {q} queues, "
+                           "{c} consumers restored", where=self.where, n=attempts, q=len(self._queues),
+                           c=len(self._consumers))
+            self._notify("restored", None)
+
+        d.addCallback(restored)
+        d.addErrback(lambda f: self._log.failure("restoring the topology failed", f))
+
+    @defer.inlineCallbacks
+    def _restore(self) -> Any:
+        """Re-declare what this transport made, then re-create its consumers."""
+        for name in list(self._deleted_while_lost):
+            yield self._restore_step(f"delete queue {name}", "queue_delete", queue=name)
+        self._deleted_while_lost.clear()
+        for name, (kind, durable, auto_delete) in list(self._exchanges.items()):
+            ok = yield self._restore_step(f"exchange {name}", "exchange_declare", exchange=name,
+                                          exchange_type=kind, durable=durable, auto_delete=auto_delete)
+            if ok:
+                self._known_exchanges.add(name)
+        for name, (durable, exclusive, auto_delete, arguments) in list(self._queues.items()):
+            yield self._restore_step(f"queue {name}", "queue_declare", queue=name, durable=durable,
+                                     exclusive=exclusive, auto_delete=auto_delete, arguments=arguments)
+        for queue, exchange, key in list(self._bindings):
+            yield self._restore_step(f"binding {queue} <- {exchange} [{key}]", "queue_bind", queue=queue,
+                                     exchange=exchange, routing_key=key)
+        for consumer in list(self._consumers.values()):
+            if self._conn is None:
+                return
+            try:
+                yield self._start_consumer(consumer)
+            except Exception as exc:
+                self._log.error("could not restore {consumer}: {exc}", consumer=consumer, exc=exc)
+
+    @defer.inlineCallbacks
+    def _restore_step(self, what: str, method: str, **kwargs: Any) -> Any:
+        """Run ``channel.<method>(**kwargs)`` on the control channel; log (and go on) if it fails."""
+        if self._conn is None:
+            return False
+        try:
+            yield self._control_lock.run(self._on_control, lambda ch: getattr(ch, method)(**kwargs))
+        except Exception as exc:
+            self._log.error("could not restore {what}: {exc}", what=what, exc=exc)
+            return False
+        return True
+
+    # -- running operations ------------------------------------------------------------------
+    def _map_error(self, f: Failure) -> Failure:
+        """Turn a pika/Twisted failure into TransportError / ConnectionLostError with the broker's text."""
+        exc = f.value
+        if isinstance(exc, TransportError):
+            return f
+        if isinstance(exc, pika_exc.ChannelClosedByBroker):
+            err = TransportError(exc.reply_text)
+            err.reply_code = exc.reply_code  # type: ignore[attr-defined]
+            return Failure(err)
+        if isinstance(exc, _CONNECTION_ERRORS) or self._conn is None or not self._conn.is_open:
+            return Failure(self._lost_error())
+        if isinstance(exc, (pika_exc.ChannelClosed, pika_exc.ChannelWrongStateError)):
+            return Failure(TransportError(f"channel closed: {exc!r}"))
+        return Failure(TransportError(f"{type(exc).__name__}: {exc}"))
+
+    def _check(self) -> None:
+        if self.state != "connected":
+            if self.state == "new":
+                raise TransportError(f"not connected to broker at {self.where}: call connect() first")
+            raise self._lost_error()
+
+    def _on_control(self, op: Callable[[TwistedChannel], Any]) -> defer.Deferred[Any]:
+        d = self._control.get()
+        d.addCallback(op)
+        d.addErrback(self._map_error)
+        return d
+
+    def _control_op(self, op: Callable[[TwistedChannel], Any]) -> defer.Deferred[Any]:
+        """Run ``op(channel)`` on the control channel, one at a time (see the module doc)."""
+        try:
+            self._check()
+        except TransportError:
+            return defer.fail()
+        return self._control_lock.run(self._on_control, op)
+
+    # -- topology ---------------------------------------------------------------------------------
+    def declare_exchange(self, name: str, kind: str = "topic", *, durable: bool = False,
+                         auto_delete: bool = False) -> defer.Deferred[None]:
+        if kind not in _EXCHANGE_KINDS:
+            return defer.fail(TransportError(f"exchange type {kind!r} is not supported"))
+
+        def done(_: Any) -> None:
+            self._exchanges[name] = (kind, durable, auto_delete)
+            self._known_exchanges.add(name)
+
+        d = self._control_op(lambda ch: ch.exchange_declare(
+            exchange=name, exchange_type=kind, durable=durable, auto_delete=auto_delete))
+        return d.addCallback(done)
+
+    def declare_queue(self, name: str, *, durable: bool = False, exclusive: bool = False,
+                      auto_delete: bool = False,
+                      arguments: dict[str, Any] | None = None) -> defer.Deferred[str]:
+        args = dict(arguments) if arguments else None
+
+        def done(frame: Any) -> str:
+            actual = frame.method.queue
+            self._queues[actual] = (durable, exclusive, auto_delete, args)
+            self._deleted_while_lost.pop(actual, None)
+            return str(actual)
+
+        d = self._control_op(lambda ch: ch.queue_declare(
+            queue=name, durable=durable, exclusive=exclusive, auto_delete=auto_delete, arguments=args))
+        return d.addCallback(done)
+
+    def _forget_queue(self, name: str) -> None:
+        self._queues.pop(name, None)
+        for key in [k for k in self._bindings if k[0] == name]:
+            del self._bindings[key]
+        for consumer in [c for c in self._consumers.values() if c.queue == name]:
+            self._drop_consumer(consumer)
+
+    def delete_queue(self, name: str) -> defer.Deferred[None]:
+        if self.state in ("lost", "connecting", "restoring"):
+            # Do it when the connection is back; never restore the queue meanwhile.
+            self._forget_queue(name)
+            self._deleted_while_lost[name] = None
+            return defer.succeed(None)
+
+        def done(_: Any) -> None:
+            self._forget_queue(name)
+
+        def not_found(f: Failure) -> Any:
+            if getattr(f.value, "reply_code", None) == 404:
+                self._forget_queue(name)
+                return None
+            return f
+
+        d = self._control_op(lambda ch: ch.queue_delete(queue=name))
+        return d.addCallbacks(done, not_found)
+
+    def bind(self, queue: str, exchange: str, routing_key: str) -> defer.Deferred[None]:
+        def done(_: Any) -> None:
+            self._bindings[(queue, exchange, routing_key)] = None
+
+        d = self._control_op(lambda ch: ch.queue_bind(queue=queue, exchange=exchange, routing_key=routing_key))
+        return d.addCallback(done)
+
+    def unbind(self, queue: str, exchange: str, routing_key: str) -> defer.Deferred[None]:
+        self._bindings.pop((queue, exchange, routing_key), None)
+        if self.state in ("lost", "connecting", "restoring"):
+            return defer.succeed(None)
+
+        def not_found(f: Failure) -> Any:
+            # As on the embedded broker: unbinding what is not there is no error.
+            return None if getattr(f.value, "reply_code", None) == 404 else f
+
+        d = self._control_op(lambda ch: ch.queue_unbind(queue=queue, exchange=exchange, routing_key=routing_key))
+        return d.addCallbacks(lambda _: None, not_found)
+
+    # -- publishing ------------------------------------------------------------------------------
+    def _setup_publisher(self, ch: TwistedChannel) -> defer.Deferred[Any]:
+        ch.add_on_return_callback(self._returned)
+        return ch.confirm_delivery()
+
+    def _returned(self, msg: Any) -> None:
+        method = msg.method
+        try:
+            self._notify_return(method.exchange, method.routing_key, _from_pika(msg.properties))
+        except Exception:
+            self._log.failure("a return callback failed for {key}", key=method.routing_key)
+
+    def _exchange_exists(self, exchange: str) -> defer.Deferred[None] | None:
+        """None if ``exchange`` is known to exist, else a Deferred checking it (passive declare)."""
+        if not exchange or exchange in self._known_exchanges or exchange.startswith("amq."):
+            return None
+        d: defer.Deferred[None] = defer.Deferred()
+        waiters = self._exchange_checks.get(exchange)
+        if waiters is not None:
+            waiters.append(d)
+            return d
+        waiters = self._exchange_checks[exchange] = [d]
+
+        def checked(result: Any) -> None:
+            self._exchange_checks.pop(exchange, None)
+            if not isinstance(result, Failure):
+                self._known_exchanges.add(exchange)
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(None)
+
+        self._control_lock.run(
+            self._on_control, lambda ch: ch.exchange_declare(exchange=exchange, passive=True)).addBoth(checked)
+        return d
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
+                *, mandatory: bool = False) -> defer.Deferred[None]:
+        try:
+            self._check()
+        except TransportError:
+            return defer.fail()
+        # RabbitMQ checks user_id against the connection's login: this is who really sends.
+        # The caller's Properties are left alone (they may be reused for the next publish).
+        pika_props = _to_pika(properties, self.user,
+                              properties.message_id or f"{self._id_prefix}.{next(self._message_ids)}")
+        check = self._exchange_exists(exchange)
+        ch = self._publisher.current()
+        if check is None and ch is not None:
+            d = self._send(ch, exchange, routing_key, body, pika_props, mandatory)
+        else:
+            d = check if check is not None else defer.succeed(None)
+            d.addCallback(lambda _: self._publisher.get())
+            d.addCallback(self._send, exchange, routing_key, body, pika_props, mandatory)
+        return d.addCallbacks(lambda _: None, self._publish_failed)
+
+    @staticmethod
+    def _send(ch: TwistedChannel, exchange: str, routing_key: str, body: bytes,
+              props: pika.BasicProperties, mandatory: bool) -> defer.Deferred[Any]:
+        return ch.basic_publish(exchange=exchange, routing_key=routing_key, body=body, properties=props,
+                                mandatory=mandatory)
+
+    def _publish_failed(self, f: Failure) -> Any:
+        if f.check(pika_exc.UnroutableError):
+            return None  # a mandatory message nobody took: reported through the return callbacks
+        if f.check(pika_exc.NackError):
+            return Failure(TransportError("the broker refused the message (basic.nack)"))
+        return self._map_error(f)
+
+    # -- consuming --------------------------------------------------------------------------------
+    def consume(self, queue: str, callback: ConsumeCallback, *, prefetch: int = 1,
+                exclusive: bool = False) -> defer.Deferred[str]:
+        try:
+            self._check()
+        except TransportError:
+            return defer.fail()
+        tag = f"ion.{self._id_prefix}.{next(self._tags)}"
+        consumer = _Consumer(tag, queue, callback, prefetch, exclusive)
+        d = self._start_consumer(consumer)
+
+        def started(_: Any) -> str:
+            self._consumers[tag] = consumer
+            return tag
+
+        return d.addCallback(started)
+
+    def _start_consumer(self, consumer: _Consumer) -> defer.Deferred[None]:
+        """Open the consumer's own channel, set its prefetch, and start consuming."""
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            return defer.fail(self._lost_error())
+        consumer.starting = True
+        channel: list[TwistedChannel] = []
+
+        def opened(ch: TwistedChannel) -> Any:
+            channel.append(ch)
+            if consumer.prefetch > 0:
+                return ch.basic_qos(prefetch_count=consumer.prefetch)
+            return None
+
+        def consume(_: Any) -> Any:
+            return channel[0].basic_consume(queue=consumer.queue, auto_ack=False, exclusive=consumer.exclusive,
+                                            consumer_tag=consumer.tag)
+
+        def consuming(result: tuple[ClosableDeferredQueue, str]) -> None:
+            queue_obj, _tag = result
+            ch = channel[0]
+            consumer.starting = False
+            if conn is not self._conn or consumer.cancelled:
+                self._close_channel(ch)
+                return
+            consumer.channel = ch
+            consumer.unacked = 0
+            self._pump(consumer, ch, queue_obj)
+
+        def failed(f: Failure) -> Failure:
+            consumer.starting = False
+            if channel:
+                self._close_channel(channel[0])
+            return self._map_error(f)
+
+        d = defer.maybeDeferred(conn.channel)
+        d.addCallback(opened)
+        d.addCallback(consume)
+        d.addCallbacks(consuming, failed)
+        return d
+
+    def _pump(self, consumer: _Consumer, ch: TwistedChannel, queue_obj: ClosableDeferredQueue) -> None:
+        # Hand every waiting delivery to the consumer, then wait for the next one.
+        # A loop rather than recursion: many deliveries may already be waiting.
+        while consumer.channel is ch:
+            d = queue_obj.get()
+            if not d.called:
+                d.addCallbacks(self._delivered_later, self._consumer_stopped,
+                               callbackArgs=(consumer, ch, queue_obj), errbackArgs=(consumer, ch))
+                return
+            box: list[Any] = []
+            d.addBoth(box.append)
+            if isinstance(box[0], Failure):
+                self._consumer_stopped(box[0], consumer, ch)
+                return
+            self._deliver(consumer, ch, box[0])
+
+    def _delivered_later(self, msg: Any, consumer: _Consumer, ch: TwistedChannel,
+                         queue_obj: ClosableDeferredQueue) -> None:
+        self._deliver(consumer, ch, msg)
+        self._pump(consumer, ch, queue_obj)
+
+    def _deliver(self, consumer: _Consumer, ch: TwistedChannel, msg: Any) -> None:
+        method = msg.method
+        tag = method.delivery_tag
+        if consumer.cancelled:
+            # Arrived between basic.cancel and cancel-ok: give it back for another consumer.
+            self._settle_on(ch, tag, ack=False, requeue=True, queue=consumer.queue)
+            return
+        consumer.unacked += 1
+
+        def settle(ack: bool, requeue: bool) -> None:
+            self._settle(consumer, ch, tag, ack, requeue)
+
+        delivery = Delivery(msg.body, _from_pika(msg.properties), method.exchange, method.routing_key,
+                            bool(method.redelivered), settle)
+        try:
+            consumer.callback(delivery)
+        except Exception:
+            self._log.failure("consumer callback for {queue} raised", queue=consumer.queue)
+
+    def _settle(self, consumer: _Consumer, ch: TwistedChannel, tag: int, ack: bool, requeue: bool) -> None:
+        if consumer.channel is not ch or ch is None or not ch.is_open:
+            # The channel that delivered it is gone (connection lost, consumer restarted):
+            # the broker has requeued the message already. Never raise into the caller.
+            self._log.info("cannot {what} delivery {tag} from {queue}: its channel is gone; the broker "
+                           "redelivers it", what="ack" if ack else "reject", tag=tag, queue=consumer.queue)
+            return
+        consumer.unacked -= 1
+        self._settle_on(ch, tag, ack=ack, requeue=requeue, queue=consumer.queue)
+        if consumer.cancelled and consumer.unacked <= 0:
+            consumer.channel = None
+            self._close_channel(ch)
+
+    def _settle_on(self, ch: TwistedChannel, tag: int, *, ack: bool, requeue: bool, queue: str) -> None:
+        try:
+            if ack:
+                ch.basic_ack(delivery_tag=tag)
+            else:
+                ch.basic_reject(delivery_tag=tag, requeue=requeue)
+        except Exception as exc:
+            self._log.info("could not settle delivery {tag} from {queue}: {exc}", tag=tag, queue=queue, exc=exc)
+
+    def _consumer_stopped(self, f: Failure, consumer: _Consumer, ch: TwistedChannel) -> None:
+        if consumer.channel is not ch or consumer.cancelled:
+            return  # cancelled by us: the channel stays until its deliveries are settled
+        consumer.channel = None
+        conn = self._conn
+        if conn is None or not conn.is_open or self.state == "closed" or f.check(*_CONNECTION_ERRORS):
+            return  # the connection is gone: the consumer is restored on reconnection
+        if f.check(pika_exc.ConsumerCancelled):
+            # The broker cancelled it: its queue was deleted. As on the embedded broker, it just ends.
+            self._log.info("broker cancelled {consumer} (queue deleted?)", consumer=consumer)
+            self._consumers.pop(consumer.tag, None)
+            self._close_channel(ch)
+            return
+        # The channel died under the consumer (a channel error): consume again on a new one.
+        self._log.warn("{consumer} lost its channel ({e}); consuming again", consumer=consumer,
+                       e=f.getErrorMessage())
+        self._start_consumer(consumer).addErrback(
+            lambda err: self._log.error("could not restart {consumer}: {e}", consumer=consumer,
+                                        e=err.getErrorMessage()))
+
+    def _drop_consumer(self, consumer: _Consumer) -> None:
+        """Forget a consumer whose queue is gone; its channel closes once nothing is left to settle."""
+        consumer.cancelled = True
+        self._consumers.pop(consumer.tag, None)
+        ch = consumer.channel
+        if ch is not None and consumer.unacked <= 0:
+            consumer.channel = None
+            self._close_channel(ch)
+
+    @staticmethod
+    def _close_channel(ch: TwistedChannel) -> None:
+        if ch.is_open:
+            try:
+                ch.close()
+            except Exception:
+                pass
+
+    def cancel(self, consumer_tag: str) -> defer.Deferred[None]:
+        consumer = self._consumers.pop(consumer_tag, None)
+        if consumer is None:
+            return defer.succeed(None)
+        consumer.cancelled = True
+        ch = consumer.channel
+        if ch is None or not ch.is_open:
+            consumer.channel = None
+            return defer.succeed(None)
+        d = ch.basic_cancel(consumer_tag=consumer_tag)
+
+        def cancelled(_: Any) -> None:
+            # Unacknowledged deliveries may still be settled: keep the channel until they are.
+            if consumer.unacked <= 0 and consumer.channel is ch:
+                consumer.channel = None
+                self._close_channel(ch)
+
+        def failed(f: Failure) -> Any:
+            mapped = self._map_error(f)
+            if mapped.check(ConnectionLostError):
+                return None  # nothing left to cancel on the broker
+            return mapped
+
+        return d.addCallbacks(cancelled, failed)
+
+    # -- closing ------------------------------------------------------------------------------------
+    def close(self) -> defer.Deferred[None]:
+        """Close the connection; unacknowledged deliveries go back to their queues."""
+        if self.state == "closed":
+            return defer.succeed(None)
+        self.state = "closed"
+        call, self._reconnect_call = self._reconnect_call, None
+        if call is not None and call.active():
+            call.cancel()
+        for consumer in self._consumers.values():
+            consumer.cancelled = True
+        self._consumers.clear()
+        conn = self._conn
+        if conn is None:
+            return defer.succeed(None)
+        closed = conn.close()
+        if closed is None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        closed.addBoth(lambda _: d.callback(None))
+        return d

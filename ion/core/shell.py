@@ -1,0 +1,543 @@
+# -*- test-case-name: tests.core.test_shell -*-
+"""The interactive ``cc`` shell: a Twisted Conch manhole on stdio (DESIGN §7).
+
+Three layers, each usable without the next:
+
+- :class:`ShellHelpers` — the helper functions (``ps()``, ``rpc_send()``,
+  ``spawn()``, ...) bound to one container and to a process of the shell's
+  own (named ``shell``) that every call goes out from. Tests use it directly.
+- :class:`ShellManhole` — a :class:`~twisted.conch.manhole.ColoredManhole`
+  with the ``><> `` prompt, input history (kept in a file between sessions),
+  tab completion, and a display hook that prints what a Deferred fires with
+  once it fires (errors as one ``Error: ...`` line).
+- :class:`StdioShell` — puts the terminal in raw mode and runs the manhole
+  on :class:`~twisted.internet.stdio.StandardIO`; Ctrl-D leaves and calls
+  ``on_exit`` (the ``twistd cc`` service stops the container and the reactor).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import rlcompleter
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.conch import manhole
+from twisted.conch.insults import insults
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ion.core.agent import ContainerAgent, agent_queue
+from ion.core.exceptions import IonError
+from ion.core.process import Process
+from ion.core.service import ServiceProcess
+
+__all__ = [
+    "Listing",
+    "Text",
+    "ShellHelpers",
+    "ShellManhole",
+    "ShellInterpreter",
+    "StdioShell",
+    "make_namespace",
+    "default_history_path",
+    "completions",
+]
+
+_log = Logger()
+
+PROMPTS = (b"><> ", b"... ")
+HISTORY_ENV = "ION_SHELL_HISTORY"
+HISTORY_LINES = 500
+
+
+def default_history_path() -> Path | None:
+    """``$ION_SHELL_HISTORY`` (empty: no history file), else ``~/.ion_cc_history``."""
+    value = os.environ.get(HISTORY_ENV)
+    if value is not None:
+        return Path(value) if value else None
+    try:
+        return Path.home() / ".ion_cc_history"
+    except RuntimeError:
+        return None
+
+
+# -- what the helpers return ------------------------------------------------------------------
+class Text(str):
+    """A string the shell prints as is (no quotes)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+class Listing(list[dict[str, Any]]):
+    """Rows (dicts) that the shell prints as an aligned table; still a list of dicts."""
+
+    def __init__(self, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None,
+                 empty: str = "(none)") -> None:
+        super().__init__(dict(row) for row in rows)
+        self.columns = list(columns) if columns is not None else (list(self[0]) if self else [])
+        self.empty = empty
+
+    def __repr__(self) -> str:
+        if not self:
+            return self.empty
+        cells = [[str(c) for c in self.columns]]
+        for row in self:
+            cells.append([_cell(row.get(c)) for c in self.columns])
+        widths = [max(len(line[i]) for line in cells) for i in range(len(self.columns))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in cells]
+        return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+# -- the helpers ---------------------------------------------------------------------------------
+class ShellHelpers:
+    """The shell's helper functions, bound to ``container`` and the shell's process ``proc``.
+
+    Helpers that talk to other processes return Deferreds; what they fire
+    with is what the shell prints. Use :meth:`create` to spawn the shell
+    process and :meth:`namespace` for the names the shell offers.
+    """
+
+    #: The helpers the shell offers, in the order ``info()`` lists them.
+    HELPERS = ("ps", "ms", "svc", "spawn", "send", "rpc_send", "kill", "ping", "nodes", "apps",
+               "start_app", "stop_app", "info")
+
+    def __init__(self, container: Any, proc: Process) -> None:
+        self.container = container
+        self.proc = proc
+
+    @classmethod
+    @defer.inlineCallbacks
+    def create(cls, container: Any, name: str = "shell") -> Any:
+        """Spawn the shell's own process in ``container``; fires with the helpers."""
+        pid = yield container.spawn(Process, name=name)
+        return cls(container, container.proc_manager.get(pid))
+
+    def namespace(self) -> dict[str, Any]:
+        """The names the shell offers: every helper, plus ``container`` and ``shell``."""
+        ns: dict[str, Any] = {name: getattr(self, name) for name in self.HELPERS}
+        ns.update(container=self.container, shell=self, sysname=self.container.sysname)
+        return ns
+
+    # -- this container ---------------------------------------------------------------------
+    def ps(self) -> Listing:
+        """The processes of this container: pid, name, class, state."""
+        rows = [{"pid": p.id, "name": p.proc_name, "class": type(p).__name__, "state": p.state.value,
+                 "parent": p.parent.id if p.parent is not None else None}
+                for p in list(self.container.proc_manager.processes.values())]
+        return Listing(rows, ["pid", "name", "class", "state", "parent"], "(no processes)")
+
+    def ms(self) -> Listing:
+        """Messaging names of this container: its exchanges and every queue its processes consume."""
+        c = self.container
+        rows: list[dict[str, Any]] = [
+            {"kind": "exchange", "name": c.exchange_name, "exchange": "-", "bindings": "-",
+             "pid": None, "process": "system (topic)"},
+            {"kind": "exchange", "name": c.events_exchange, "exchange": "-", "bindings": "-",
+             "pid": None, "process": "events (topic)"},
+        ]
+        for proc in list(c.proc_manager.processes.values()):
+            for r in proc.receivers:
+                rows.append({"kind": "queue", "name": r.name, "exchange": r.exchange or c.exchange_name,
+                             "bindings": list(getattr(r, "bindings", [r.name])), "pid": proc.id,
+                             "process": proc.proc_name})
+        return Listing(rows, ["kind", "name", "exchange", "bindings", "pid", "process"])
+
+    def svc(self) -> Listing:
+        """The services running in this container: service name, version, pid, shared queue."""
+        rows = [{"service": type(p).service_name, "version": type(p).version, "pid": p.id,
+                 "queue": p.service_queue, "state": p.state.value}
+                for p in list(self.container.proc_manager.processes.values()) if isinstance(p, ServiceProcess)]
+        return Listing(rows, ["service", "version", "pid", "queue", "state"], "(no services)")
+
+    def apps(self) -> Listing:
+        """The apps running in this container, in start order, with their processes."""
+        rows = []
+        for name, running in self.container.app_manager.running.items():
+            pids = getattr(running.state, "pids", None)
+            rows.append({"app": name, "version": running.definition.version,
+                         "pids": list(pids) if pids is not None else None,
+                         "description": running.definition.description})
+        return Listing(rows, ["app", "version", "pids", "description"], "(no apps)")
+
+    # -- processes anywhere in the system -------------------------------------------------------
+    def spawn(self, name_or_module: str, node: str | None = None, spawnargs: Mapping[str, Any] | None = None,
+              name: str | None = None) -> defer.Deferred[Any]:
+        """Start a process (a dotted module, or a one-process app name) here or in container ``node``; fires with its pid."""
+        return defer.ensureDeferred(self._spawn(name_or_module, node, spawnargs, name))
+
+    async def _spawn(self, what: str, node: str | None, spawnargs: Mapping[str, Any] | None,
+                     name: str | None) -> Any:
+        if node is None or node == self.container.id:
+            pid = await self.container.spawn(what, dict(spawnargs or {}), name=name)
+            return Text(pid)
+        target = self._node(node)
+        request: dict[str, Any] = {"module" if "." in what else "app": what, "spawnargs": dict(spawnargs or {})}
+        if name:
+            request["name"] = name
+        content, _ = await self.proc.rpc_send(agent_queue(self.container.sysname, target), "spawn", request)
+        return Text(content)
+
+    def _node(self, node: str) -> str:
+        agent = self._agent(required=False)
+        if agent is None or node in agent.nodes:
+            return node
+        found = [cid for cid in agent.nodes if cid.startswith(node)]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise IonError(f"node {node!r} is ambiguous: {', '.join(sorted(found))}")
+        return node  # not heard of (yet): let the request say whether it is there
+
+    def kill(self, pid: str) -> defer.Deferred[Any]:
+        """Terminate a process: one of this container (by pid or name), or another container's by pid."""
+        return defer.ensureDeferred(self._kill(pid))
+
+    async def _kill(self, pid: str) -> Any:
+        pm = self.container.proc_manager
+        proc = pm.find(pid)
+        if proc is not None:
+            if proc is self.proc:
+                raise IonError(f"{proc.id} is the shell's own process")
+            if isinstance(proc, ContainerAgent):
+                raise IonError(f"{proc.id} is the container agent; it runs as long as its container")
+            await pm.terminate_process(proc.id)
+            return Text(f"terminated {proc.id} ({proc.proc_name})")
+        if "." not in pid or pid.rsplit(".", 1)[0] == self.container.id:
+            raise IonError(f"no process {pid!r} in container {self.container.id}")
+        await self.proc.rpc_send(pid, "terminate", None)
+        return Text(f"terminating {pid}")
+
+    # -- messages -----------------------------------------------------------------------------------
+    def send(self, to: str, op: str, content: Any = None) -> defer.Deferred[Any]:
+        """Send a one-off message (no reply) to a pid or a service name."""
+        d = self.proc.send(to, op, content)
+        d.addCallback(lambda _: Text(f"sent {op!r} to {self.proc.resolve(to)}"))
+        return d
+
+    def rpc_send(self, to: str, op: str, content: Any = None, timeout: float | None = None) -> defer.Deferred[Any]:
+        """Call ``op`` at a pid or service name; fires with the reply's content."""
+        d = self.proc.rpc_send(to, op, content, timeout=timeout)
+        d.addCallback(lambda reply: reply[0])
+        return d
+
+    def ping(self, service: str, timeout: float | None = None) -> defer.Deferred[Any]:
+        """Ping a service or a pid: who answered, and its state."""
+        return self.rpc_send(service, "ping", None, timeout=timeout)
+
+    def nodes(self) -> defer.Deferred[Any]:
+        """The live containers of this system (as this container's agent hears them)."""
+        return defer.ensureDeferred(self._nodes())
+
+    async def _nodes(self) -> Listing:
+        agent = self._agent()
+        assert agent is not None
+        content, _ = await self.proc.rpc_send(agent.agent_queue, "nodes", None)
+        return Listing(content, ["container", "pids", "started_at", "agent"], "(no containers)")
+
+    def _agent(self, required: bool = True) -> ContainerAgent | None:
+        pid = getattr(self.container, "agent_pid", None)
+        agent = self.container.proc_manager.get(pid) if pid else None
+        if isinstance(agent, ContainerAgent):
+            return agent
+        if required:
+            raise IonError(f"container {self.container.id} runs no agent")
+        return None
+
+    # -- apps -----------------------------------------------------------------------------------------
+    def start_app(self, name_or_path: str, config: Mapping[str, Any] | None = None,
+                  args: Mapping[str, Any] | None = None, mult: int = 1) -> defer.Deferred[Any]:
+        """Start an app (a name from res/apps, or a .app/.rel path) and its dependencies."""
+        if str(name_or_path).endswith(".rel"):
+            d = self.container.app_manager.start_rel(name_or_path)
+            d.addCallback(lambda names: Text(f"started {', '.join(names)}"))
+            return d
+        d = self.container.app_manager.start_app(name_or_path, config=config, args=args, mult=mult)
+        d.addCallback(lambda name: Text(f"started {name}"))
+        return d
+
+    def stop_app(self, name: str) -> defer.Deferred[Any]:
+        """Stop a running app (its processes in reverse start order)."""
+        d = self.container.app_manager.stop_app(name)
+        d.addCallback(lambda _: Text(f"stopped {name}"))
+        return d
+
+    def info(self) -> Text:
+        """This list."""
+        lines = [f"ION capability container {self.container.id}, system {self.container.sysname}; "
+                 f"shell process {self.proc.id}", ""]
+        for name in self.HELPERS:
+            fn = getattr(self, name)
+            try:
+                sig = inspect.signature(fn)
+                sig = sig.replace(return_annotation=inspect.Signature.empty, parameters=[
+                    p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()])
+                signature = str(sig)
+            except (TypeError, ValueError):  # pragma: no cover
+                signature = "(...)"
+            doc = (inspect.getdoc(fn) or "").splitlines()
+            lines.append(f"  {name}{signature}")
+            lines.append(f"      {doc[0] if doc else ''}")
+        lines.append("")
+        lines.append("A Deferred's result is printed when it fires; _ holds the last result. Ctrl-D leaves.")
+        return Text("\n".join(lines))
+
+
+@defer.inlineCallbacks
+def make_namespace(container: Any) -> Any:
+    """Spawn the shell's process in ``container``; fires with the shell namespace."""
+    helpers = yield ShellHelpers.create(container)
+    return helpers.namespace()
+
+
+# -- the manhole ---------------------------------------------------------------------------------------
+def error_line(error: BaseException | Failure) -> str:
+    """One line for an error: ``Error: <what went wrong>``."""
+    exc = error.value if isinstance(error, Failure) else error
+    text = str(exc) if isinstance(exc, IonError) else f"{type(exc).__name__}: {exc}"
+    return "Error: " + (text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+
+
+class ShellInterpreter(manhole.ManholeInterpreter):
+    """Shows what a Deferred fires with, when it fires; ion errors as one line."""
+
+    def displayhook(self, obj: Any) -> None:
+        if obj is None:
+            return
+        self.locals["_"] = obj
+        if not isinstance(obj, defer.Deferred):
+            self.write(repr(obj))
+            return
+        # Fired already: print now, in line. Later: print above a redrawn prompt.
+        fired_later = [False]
+
+        def show(result: Any) -> None:
+            self.locals["_"] = result
+            if result is not None:
+                self.write(repr(result), fired_later[0])
+
+        def failed(failure: Failure) -> None:
+            self.locals["_"] = failure.value
+            self.write(error_line(failure), fired_later[0])
+
+        obj.addCallbacks(show, failed)
+        fired_later[0] = True
+
+    def excepthook(self, excType: Any, excValue: BaseException, excTraceback: Any) -> None:
+        if isinstance(excValue, IonError):
+            self.write(error_line(excValue) + "\n")
+            return
+        super().excepthook(excType, excValue, excTraceback)
+
+
+_WORD = re.compile(r"[A-Za-z_][\w.]*$")
+
+
+def completions(namespace: dict[str, Any], text: str) -> list[str]:
+    """What ``text`` (a name or ``obj.attr`` prefix) completes to in ``namespace``."""
+    completer = rlcompleter.Completer(namespace)
+    found: list[str] = []
+    for state in range(500):
+        try:
+            match = completer.complete(text, state)
+        except Exception:
+            break
+        if match is None:
+            break
+        if match not in found:
+            found.append(match)
+    return found
+
+
+class ShellManhole(manhole.ColoredManhole):
+    """The cc shell's line editor and interpreter.
+
+    :param namespace: the names the shell offers (see :meth:`ShellHelpers.namespace`).
+    :param history_path: file to load input history from and save it to (``None``: none).
+    :param on_exit: called once when the user leaves (Ctrl-D on an empty line, Ctrl-\\).
+    :param banner: printed above the first prompt.
+    """
+
+    ps = PROMPTS
+
+    def __init__(self, namespace: dict[str, Any] | None = None, *, history_path: Path | None = None,
+                 on_exit: Callable[[], Any] | None = None, banner: str = "") -> None:
+        super().__init__(namespace)
+        self.history_path = history_path
+        self.on_exit = on_exit
+        self.banner = banner
+        self.left = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.interpreter = ShellInterpreter(self, self.namespace)
+        self.keyHandlers[b"\x15"] = self.handle_KILL_LINE  # Ctrl-U
+        self._load_history()
+
+    def handle_KILL_LINE(self) -> None:
+        """Ctrl-U: drop what was typed on this line."""
+        self.handle_HOME()
+        self.terminal.eraseToLineEnd()
+        self.lineBuffer = []
+        self.lineBufferIndex = 0
+
+    def initializeScreen(self) -> None:
+        # No terminal reset: keep what is on the screen (the container's log).
+        if self.banner:
+            self.terminal.write(self.banner.replace("\n", "\r\n") + "\r\n")
+        self.terminal.write(self.ps[self.pn])
+        self.setInsertMode()
+
+    # -- leaving ------------------------------------------------------------------------------
+    def handle_QUIT(self) -> None:
+        # Not terminal.loseConnection(): that resets (clears) the screen and closes stdout,
+        # which the container's log still writes to while it stops.
+        self.terminal.write(b"\r\n")
+        self.leave()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.leave()
+
+    def leave(self) -> None:
+        """Save the history and tell ``on_exit`` (once)."""
+        if self.left:
+            return
+        self.left = True
+        self._save_history()
+        if self.on_exit is not None:
+            try:
+                self.on_exit()
+            except Exception:
+                _log.failure("shell: on_exit failed")
+
+    # -- history ---------------------------------------------------------------------------------
+    def _load_history(self) -> None:
+        if self.history_path is None:
+            return
+        try:
+            lines = self.history_path.read_bytes().splitlines()
+        except OSError:
+            return
+        self.historyLines.extend(line for line in lines[-HISTORY_LINES:] if line.strip())
+        self.historyPosition = len(self.historyLines)
+
+    def _save_history(self) -> None:
+        if self.history_path is None or not getattr(self, "historyLines", None):
+            return
+        try:
+            self.history_path.write_bytes(b"\n".join(self.historyLines[-HISTORY_LINES:]) + b"\n")
+        except OSError as exc:
+            _log.warn("shell: could not save the history to {path}: {exc}", path=self.history_path, exc=exc)
+
+    # -- tab completion ---------------------------------------------------------------------------
+    def handle_TAB(self) -> None:
+        before = b"".join(self.lineBuffer[:self.lineBufferIndex]).decode("utf-8", "replace")
+        match = _WORD.search(before)
+        if match is None:
+            super().handle_TAB()  # indentation
+            return
+        word = match.group(0)
+        found = completions(self.namespace or {}, word)
+        if not found:
+            self.terminal.write(b"\a")
+            return
+        common = os.path.commonprefix(found)
+        if len(common) > len(word):
+            extra = common[len(word):].encode("utf-8")
+            for i, ch in enumerate(extra):
+                self.characterReceived(bytes([ch]), i < len(extra) - 1)
+            return
+        if len(found) > 1:
+            self.terminal.nextLine()
+            self.terminal.write("  ".join(sorted(found)).encode("utf-8"))
+            self.terminal.nextLine()
+            self.drawInputLine()
+            back = len(self.lineBuffer) - self.lineBufferIndex
+            if back:
+                self.terminal.cursorBackward(back)
+
+
+class StdioShell:
+    """The shell on this process's terminal (stdin/stdout), in raw mode while it runs.
+
+    :param namespace: the names the shell offers.
+    :param on_exit: called when the user leaves the shell.
+    """
+
+    def __init__(self, namespace: dict[str, Any], *, on_exit: Callable[[], Any], reactor: Any = None,
+                 history_path: Path | None = None, banner: str = "", stdin_fd: int = 0,
+                 stdout_fd: int = 1) -> None:
+        self.namespace = namespace
+        self.on_exit = on_exit
+        self.reactor = reactor
+        self.history_path = history_path
+        self.banner = banner
+        self.stdin_fd = stdin_fd
+        self.stdout_fd = stdout_fd
+        self._saved: list[Any] | None = None
+        self.protocol: insults.ServerProtocol | None = None
+        self.stdio: Any = None
+
+    def start(self) -> None:
+        """Put the terminal in raw mode and start reading keystrokes."""
+        import termios
+        import tty
+
+        from twisted.internet import stdio
+
+        self._saved = termios.tcgetattr(self.stdin_fd)
+        tty.setraw(self.stdin_fd, termios.TCSANOW)
+        # Raw mode also stops "\n" → "\r\n" on output; the log still writes plain lines.
+        out = termios.tcgetattr(self.stdout_fd)
+        out[1] = out[1] | termios.OPOST | termios.ONLCR
+        termios.tcsetattr(self.stdout_fd, termios.TCSANOW, out)
+        self.protocol = insults.ServerProtocol(ShellManhole, self.namespace, history_path=self.history_path,
+                                               on_exit=self._left, banner=self.banner)
+        self.stdio = stdio.StandardIO(self.protocol, stdin=self.stdin_fd, stdout=self.stdout_fd,  # type: ignore[call-arg]
+                                      reactor=self.reactor)
+
+    def _left(self) -> None:
+        self.restore()
+        self.on_exit()
+
+    def restore(self) -> None:
+        """Give the terminal back its settings (idempotent)."""
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        import termios
+
+        try:
+            termios.tcsetattr(self.stdin_fd, termios.TCSANOW, saved)
+        except (OSError, termios.error):  # pragma: no cover - terminal gone
+            pass
+        if self.stdio is not None:
+            self.stdio.stopReading()
+
+    def close(self) -> None:
+        """Stop the shell without calling ``on_exit`` (the container is stopping anyway)."""
+        proto = self.protocol.terminalProtocol if self.protocol is not None else None
+        if isinstance(proto, ShellManhole) and not proto.left:
+            proto.on_exit = None
+            proto.leave()
+        self.restore()
+        try:
+            sys.stdout.flush()
+        except Exception:  # pragma: no cover
+            pass

@@ -1,0 +1,843 @@
+"""The deployer's cache, independent of messaging (DESIGN §8): entries, locks, publish, verify, prune.
+
+Tree, under ``root``::
+
+    <repo-id>/<platform>/<name>/<version>[~packed]/    one entry (~packed: unpack false)
+    <repo-id>/<platform>/<name>/<version>[~packed]/.entry   its description, written last
+    <repo-id>/<platform>/<name>/<version>[~packed].lock     its lock file (see locks.py)
+    staging/<host>-<pid>-<ms>-<random>/                one per fetch; renamed into place
+    quarantine/<stamp>-<random>/<repo-id>/.../<version>/    entries ``repair`` found bad
+
+Decisions:
+
+- **``.entry`` lives inside the entry folder**, as DESIGN says, and is never
+  content: the entry's content is every other name in the folder.
+  :meth:`EntryInfo.content_names` is what a deployer places (one link or copy
+  per top-level name); :meth:`Cache.publish` refuses staged content with a
+  top-level ``.entry``. A folder without ``.entry`` is an incomplete entry:
+  :meth:`Cache.lookup` never serves it, the next fetch replaces it.
+- **Publish is two renames and a replace**: the staged folder (on the same
+  filesystem, under ``staging/``) is renamed over the entry path (an older or
+  incomplete folder there is first renamed aside), the parent folder is
+  fsynced, then ``.entry`` is written to a temporary file, fsynced, renamed
+  into place with ``os.replace`` and the folder fsynced. A crash at any point
+  leaves either the old state or an incomplete entry, never a half entry
+  served as good. File contents are not fsynced unless ``fsync_content``:
+  :meth:`lookup` compares every file's size with ``.entry`` (cheap), which
+  catches the truncated files a power cut leaves; ``verify`` re-hashes.
+- **Last use** is the mtime of ``.entry``, set by ``lookup``; ``prune`` goes by it.
+- **Time** comes from the injected clock (``task.Clock`` in tests); mtimes
+  the cache sets (lock refreshes, last use) are in that clock's frame.
+- **Blocking work** (every filesystem call, hashing) runs through ``pool``
+  (:class:`~ion.core.threads.BlockingPool`), one pool job per step; public
+  methods return Deferreds and never block the reactor.
+- ``prune`` and ``clear`` take each entry's lock with ``timeout=0`` before
+  removing it, so a locked entry (being fetched or published) is never
+  removed; the ``.entry`` goes first, then the folder is renamed aside and
+  deleted, so a reader never sees a half-removed entry as complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Coroutine, Final, Mapping, ParamSpec, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ion.services.cache.entry import (
+    ENTRY_FILE,
+    ENTRY_TMP as _ENTRY_TMP,
+    LOCK_SUFFIX,
+    EntryInfo,
+    EntryKey,
+    EntryReport,
+    FileMeta,
+    PruneReport,
+    check_relpath,
+    repo_id,
+)
+from ion.services.cache.errors import (
+    CacheError,
+    CorruptEntryError,
+    EntryNotFoundError,
+    InvalidKeyError,
+    LockNotHeldError,
+    LockTimeoutError,
+    OutsideCacheError,
+)
+from ion.services.cache.locks import PROCESS_STARTED, CacheLock, LockTable, pid_alive, resolve_host_id
+
+__all__ = [
+    "Cache",
+    "EntryKey",
+    "EntryInfo",
+    "FileMeta",
+    "EntryReport",
+    "PruneReport",
+    "CacheLock",
+    "repo_id",
+    "default_root",
+    "sha256_file",
+    "DEFAULT_LOCK_TIMEOUT",
+    "STAGING",
+    "QUARANTINE",
+    "CacheError",
+    "CorruptEntryError",
+    "EntryNotFoundError",
+    "InvalidKeyError",
+    "LockNotHeldError",
+    "LockTimeoutError",
+    "OutsideCacheError",
+]
+
+#: Seconds without refresh after which another host may take a lock over (config ``lock_timeout``).
+DEFAULT_LOCK_TIMEOUT: Final = 600.0
+#: Folder names at the cache root that are not repositories.
+STAGING: Final = "staging"
+QUARANTINE: Final = "quarantine"
+_STAGING_NAME = re.compile(r"^([0-9a-f]{8})-(\d+)-(\d+)-[0-9a-f]+(-trash)?$")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _deferred(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, defer.Deferred[T]]:
+    """Make an ``async def`` method return a Deferred (errors, even early ones, as failures)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> defer.Deferred[T]:
+        return defer.Deferred.fromCoroutine(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def default_root(env: Mapping[str, str] | None = None) -> Path:
+    """``$ION_CACHE_DIR``, else ``$XDG_CACHE_HOME/ion/deploy`` (``~/.cache/ion/deploy``)."""
+    env = os.environ if env is None else env
+    if env.get("ION_CACHE_DIR"):
+        return Path(env["ION_CACHE_DIR"]).expanduser()
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ion" / "deploy"
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """The sha256 of a file, read in ``chunk``-byte pieces (blocking: run it in the pool)."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+# -- blocking helpers (each runs as one pool job) ----------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on folders; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _read_info(path: Path, key: EntryKey) -> EntryInfo:
+    """The entry's ``.entry``; FileNotFoundError when there is none (incomplete)."""
+    entry_file = path / ENTRY_FILE
+    st = os.lstat(entry_file)
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptEntryError(f"entry {key} has a {entry_file} that is not a regular file")
+    try:
+        text = entry_file.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise CorruptEntryError(f"entry {key}: cannot read {entry_file}: {exc.strerror}") from exc
+    return EntryInfo.parse(text, key, path, last_used=st.st_mtime)
+
+
+def _rel(top: Path, full: str) -> str:
+    return os.path.relpath(full, top).replace(os.sep, "/")
+
+
+def _walk(top: Path) -> list[tuple[str, os.stat_result]]:
+    """Every name under ``top`` but folders, relative, with its lstat; symlinks are not followed."""
+    out: list[tuple[str, os.stat_result]] = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if not stat.S_ISDIR(st.st_mode):
+                out.append((_rel(top, full), st))
+    return out
+
+
+def _link_inside(rel: str, target: str) -> bool:
+    if os.path.isabs(target):
+        return False
+    resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+    return not (resolved == ".." or resolved.startswith("../"))
+
+
+def _check_tree(top: Path, info: EntryInfo, *, hash_chunk: int | None, staged: bool) -> dict[str, str]:
+    """Compare the tree at ``top`` with ``info``: what is wrong, per relative path.
+
+    ``hash_chunk``: re-hash every file (verify); None: sizes only. ``staged``:
+    symlinks are collected into ``info.links`` instead of compared.
+    """
+    problems: dict[str, str] = {}
+    seen: set[str] = set()
+    for rel, st in _walk(top):
+        if rel in (ENTRY_FILE, _ENTRY_TMP):
+            if staged:
+                problems[rel] = "the name is reserved for the cache's description file"
+            continue
+        full = top / rel
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(full)
+            if staged:
+                if not _link_inside(rel, target):
+                    problems[rel] = f"symlink to {target!r} points out of the entry"
+                info.links[rel] = target
+            elif rel not in info.links:
+                problems[rel] = f"unexpected symlink (to {target!r})"
+            elif info.links[rel] != target:
+                problems[rel] = f"symlink changed: points to {target!r}, not {info.links[rel]!r}"
+            seen.add(rel)
+        elif stat.S_ISREG(st.st_mode):
+            seen.add(rel)
+            meta = info.files.get(rel)
+            if meta is None:
+                problems[rel] = "unexpected file (not in the file list)" if staged else "unexpected file"
+            elif st.st_size != meta.size:
+                problems[rel] = f"size {st.st_size}, expected {meta.size}"
+            elif hash_chunk is not None:
+                digest = sha256_file(full, hash_chunk)
+                if digest != meta.sha256:
+                    problems[rel] = f"sha256 {digest}, expected {meta.sha256}"
+        else:
+            problems[rel] = "not a regular file, folder or symlink"
+    for rel in info.files.keys() - seen:
+        problems[rel] = "described but not staged" if staged else "missing"
+    if not staged:
+        for rel in info.links.keys() - seen:
+            problems[rel] = "symlink missing"
+    return problems
+
+
+def _quick_check(path: Path, info: EntryInfo) -> dict[str, str]:
+    """Sizes and link targets only, no walk and no hashing: what lookup affords."""
+    problems: dict[str, str] = {}
+    for rel, meta in info.files.items():
+        try:
+            st = os.lstat(path / rel)
+        except FileNotFoundError:
+            problems[rel] = "missing"
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems[rel] = "not a regular file"
+        elif st.st_size != meta.size:
+            problems[rel] = f"size {st.st_size}, expected {meta.size}"
+    for rel, target in info.links.items():
+        try:
+            if os.readlink(path / rel) != target:
+                problems[rel] = "symlink changed"
+        except OSError:
+            problems[rel] = "symlink missing"
+    return problems
+
+
+def _describe(problems: Mapping[str, str], limit: int = 5) -> str:
+    items = [f"{rel}: {why}" for rel, why in sorted(problems.items())]
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+def _lookup(path: Path, key: EntryKey, now: float, hash_chunk: int | None) -> tuple[EntryInfo | None, str | None]:
+    try:
+        info = _read_info(path, key)
+    except FileNotFoundError:
+        return None, None
+    except CorruptEntryError as exc:
+        return None, str(exc)
+    problems = (_check_tree(path, info, hash_chunk=hash_chunk, staged=False) if hash_chunk
+                else _quick_check(path, info))
+    if problems:
+        return None, f"entry {key} at {path} is damaged: {_describe(problems)}"
+    try:
+        os.utime(path / ENTRY_FILE, (now, now), follow_symlinks=False)
+        info.last_used = now
+    except OSError:
+        pass  # a read-only cache still serves
+    return info, None
+
+
+def _info(path: Path, key: EntryKey) -> EntryInfo:
+    try:
+        return _read_info(path, key)
+    except FileNotFoundError:
+        if path.is_dir():
+            raise EntryNotFoundError(f"entry {key} at {path} is incomplete (no {ENTRY_FILE}); "
+                                     "the next deploy fetches it again") from None
+        raise EntryNotFoundError(f"no entry {key} in the cache (looked for {path})") from None
+
+
+def _write_entry_file(path: Path, info: EntryInfo, now: float) -> None:
+    """Write ``.entry`` atomically: temporary file, fsync, rename, fsync of the folder."""
+    tmp = path / _ENTRY_TMP
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        os.write(fd, info.render().encode("utf-8", "surrogateescape"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path / ENTRY_FILE)
+    os.utime(path / ENTRY_FILE, (now, now))
+    _fsync_dir(path)
+
+
+def _publish(staging: Path, path: Path, info: EntryInfo, trash: Path, now: float, fsync_content: bool) -> EntryInfo:
+    if not staging.is_dir() or staging.is_symlink():
+        raise CorruptEntryError(f"cannot publish {info.key}: staging folder {staging} does not exist")
+    info.links.clear()
+    problems = _check_tree(staging, info, hash_chunk=None, staged=True)
+    if problems:
+        raise CorruptEntryError(f"cannot publish {info.key} from {staging}: {_describe(problems)}")
+    if fsync_content:
+        for rel in info.files:
+            with open(staging / rel, "rb") as f:
+                os.fsync(f.fileno())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old: Path | None = None
+    if os.path.lexists(path):
+        # An older, incomplete or quarantine-bound folder: out of the way in one rename.
+        try:
+            (path / ENTRY_FILE).unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        os.rename(path, trash)
+        old = trash
+    os.rename(staging, path)
+    _fsync_dir(path.parent)
+    _write_entry_file(path, info, now)
+    info.last_used = now
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return info
+
+
+def _verify(path: Path, key: EntryKey, hash_chunk: int) -> EntryReport:
+    if not path.is_dir():
+        return EntryReport(key, path, "missing")
+    entry_file = path / ENTRY_FILE
+    try:
+        before = entry_file.read_bytes()
+        info = _read_info(path, key)
+    except FileNotFoundError:
+        return EntryReport(key, path, "incomplete")
+    except CorruptEntryError as exc:
+        return EntryReport(key, path, "bad", {ENTRY_FILE: str(exc)})
+    problems = _check_tree(path, info, hash_chunk=hash_chunk, staged=False)
+    try:
+        after = entry_file.read_bytes()
+    except FileNotFoundError:
+        after = b""
+    if after != before:
+        return EntryReport(key, path, "changed")
+    return EntryReport(key, path, "bad" if problems else "good", problems)
+
+
+def _quarantine(path: Path, dest: Path) -> None:
+    (path / ENTRY_FILE).unlink(missing_ok=True)  # incomplete from here on, whatever follows
+    _fsync_dir(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(path, dest)
+
+
+def _remove_entry(path: Path, trash: Path) -> None:
+    try:
+        (path / ENTRY_FILE).unlink(missing_ok=True)
+    except NotADirectoryError:
+        pass
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _dirs(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return [e for e in it if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+@dataclass
+class _Found:
+    key: EntryKey
+    path: Path
+    info: EntryInfo | None
+    problem: str | None  # None: complete; "incomplete"; or why .entry is unusable
+
+
+def _scan(root: Path) -> tuple[list[_Found], list[Path]]:
+    """Every entry folder (complete or not) and every lock file under ``root``."""
+    found: list[_Found] = []
+    locks: list[Path] = []
+    for repo in _dirs(str(root)):
+        if repo.name in (STAGING, QUARANTINE):
+            continue
+        for platform in _dirs(repo.path):
+            for name in _dirs(platform.path):
+                with os.scandir(name.path) as it:
+                    children = list(it)
+                for child in children:
+                    if child.is_file(follow_symlinks=False) and child.name.endswith(LOCK_SUFFIX):
+                        locks.append(Path(child.path))
+                    if not child.is_dir(follow_symlinks=False):
+                        continue
+                    try:
+                        key = EntryKey.from_relpath((repo.name, platform.name, name.name, child.name))
+                    except InvalidKeyError:
+                        continue
+                    path = Path(child.path)
+                    try:
+                        found.append(_Found(key, path, _read_info(path, key), None))
+                    except FileNotFoundError:
+                        found.append(_Found(key, path, None, "incomplete"))
+                    except CorruptEntryError as exc:
+                        found.append(_Found(key, path, None, str(exc)))
+    found.sort(key=lambda f: (f.key.repo_id, f.key.platform, f.key.name, f.key.version, f.key.unpack))
+    return found, locks
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = os.lstat(path).st_mtime
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        for name in dirnames + filenames:
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+            except FileNotFoundError:
+                pass
+    return newest
+
+
+def _cleanup_staging(staging_root: Path, now: float, max_age: float, host_tag: str, live: frozenset[str]) -> list[Path]:
+    removed: list[Path] = []
+    try:
+        with os.scandir(staging_root) as it:
+            children = list(it)
+    except FileNotFoundError:
+        return removed
+    for child in children:
+        if child.name in live:
+            continue
+        path = Path(child.path)
+        m = _STAGING_NAME.match(child.name)
+        if m and m.group(1) == host_tag:
+            pid, created = int(m.group(2)), int(m.group(3)) / 1000
+            if pid == os.getpid():
+                if created >= PROCESS_STARTED:
+                    continue  # this process's (another Cache instance of it)
+            elif pid_alive(pid):
+                continue  # a live local fetch, however long it takes
+        else:
+            try:
+                if now - _newest_mtime(path) <= max_age:
+                    continue  # another host's, or unknown: only by age
+            except FileNotFoundError:
+                continue
+        if child.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _clear_quarantine(quarantine_root: Path) -> list[Path]:
+    removed = []
+    for child in _dirs(str(quarantine_root)):
+        shutil.rmtree(child.path, ignore_errors=True)
+        removed.append(Path(child.path))
+    return removed
+
+
+def _remove_empty_parents(root: Path, paths: list[Path]) -> None:
+    for path in paths:
+        parent = path.parent
+        while parent != root and root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty (a lock file or another version): a live publisher's folder stays
+            parent = parent.parent
+
+
+def _make_staging(staging_root: Path, path: Path) -> Path:
+    staging_root.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
+    return path
+
+
+# -- the cache ------------------------------------------------------------------------------------------
+class Cache:
+    """The cache of one root folder, shared by every process (on every host) that uses it.
+
+    :param root: the cache folder (created on first use).
+    :param host_id: this machine's id in lock files (default :func:`resolve_host_id`).
+    :param lock_timeout: seconds without refresh after which another host's
+        lock is taken over; also the age after which another host's staging
+        folder counts as abandoned.
+    :param clock: time and scheduling (default: the reactor); a ``task.Clock`` in tests.
+    :param pool: runs blocking work: ``run(fn, *args, **kwargs)`` -> Deferred
+        (the container's :class:`~ion.core.threads.BlockingPool`; a new one by default).
+    :param wait_timeout: default seconds :meth:`lock` waits (2 x ``lock_timeout``).
+    :param fsync_content: fsync every file at publish (slower; see the module notes).
+    :param hash_chunk: bytes read at a time when hashing.
+    """
+
+    _log = Logger()
+
+    def __init__(self, root: str | os.PathLike[str], *, host_id: str | None = None,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, clock: IReactorTime | None = None,
+                 pool: Any = None, wait_timeout: float | None = None, refresh_interval: float | None = None,
+                 fsync_content: bool = False, hash_chunk: int = 1 << 20) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        if pool is None:
+            from ion.core.threads import BlockingPool
+
+            pool = BlockingPool()
+        assert clock is not None
+        self.root = Path(os.path.abspath(Path(root).expanduser()))
+        self.clock: IReactorTime = clock
+        self.pool = pool
+        self.host_id = host_id or resolve_host_id()
+        self.lock_timeout = float(lock_timeout)
+        self.fsync_content = fsync_content
+        self.hash_chunk = hash_chunk
+        self.locks = LockTable(host_id=self.host_id, lock_timeout=self.lock_timeout, clock=clock, pool=pool,
+                               wait_timeout=wait_timeout, refresh_interval=refresh_interval)
+        self.staging_root = self.root / STAGING
+        self.quarantine_root = self.root / QUARANTINE
+        self._host_tag = hashlib.sha256(self.host_id.encode()).hexdigest()[:8]
+        #: Staging folders handed out and not yet published or discarded.
+        self._staging: set[Path] = set()
+
+    def __repr__(self) -> str:
+        return f"<Cache {self.root} host={self.host_id}>"
+
+    # -- paths ------------------------------------------------------------------------------------
+    def entry_path(self, key: EntryKey) -> Path:
+        """``<root>/<repo-id>/<platform>/<name>/<version>[~packed]``."""
+        return self.root.joinpath(*key.relpath.parts)
+
+    def lock_path(self, key: EntryKey) -> Path:
+        """``<root>/<repo-id>/<platform>/<name>/<version>[~packed].lock``."""
+        return self.entry_path(key).with_name(key.folder_name + LOCK_SUFFIX)
+
+    def _unique(self) -> str:
+        return f"{self._host_tag}-{os.getpid()}-{int(time.time() * 1000)}-{secrets.token_hex(6)}"
+
+    def _trash(self) -> Path:
+        return self.staging_root / f"{self._unique()}-trash"
+
+    # -- reading ------------------------------------------------------------------------------------
+    @_deferred
+    async def lookup(self, key: EntryKey, *, verify: bool = False) -> EntryInfo | None:
+        """The complete entry of ``key``, or None (missing, incomplete, or damaged).
+
+        Checks each file's size (``verify=True``: re-hashes them too) and
+        records the use (``last_used``, what ``prune`` goes by). A damaged
+        entry is logged and not served; the fetch that follows replaces it.
+        """
+        path = self.entry_path(key)
+        info, problem = await self.pool.run(_lookup, path, key, self.clock.seconds(),
+                                            self.hash_chunk if verify else None)
+        if problem:
+            self._log.warn("not serving {entry}: {problem}; it will be fetched again",
+                           entry=str(key), problem=problem)
+        return info
+
+    @_deferred
+    async def info(self, key: EntryKey) -> EntryInfo:
+        """The complete entry of ``key`` (does not count as a use).
+
+        :raises EntryNotFoundError: no entry, or an incomplete one.
+        :raises CorruptEntryError: its ``.entry`` cannot be read.
+        """
+        return await self.pool.run(_info, self.entry_path(key), key)
+
+    @_deferred
+    async def list(self) -> list[EntryInfo]:
+        """Every complete entry, sorted by key."""
+        found, _locks = await self.pool.run(_scan, self.root)
+        return [f.info for f in found if f.info is not None]
+
+    # -- locks ----------------------------------------------------------------------------------------
+    def lock(self, key: EntryKey, timeout: float | None = None) -> defer.Deferred[CacheLock]:
+        """Take the lock of ``key``: in this process, one holder per entry (others wait
+        on a Deferred); across processes and hosts, the lock file (see
+        :mod:`ion.services.cache.locks`).
+
+        :param timeout: seconds to wait (default ``wait_timeout``; 0: do not wait).
+        :raises LockTimeoutError: naming the holder, when the wait times out.
+        """
+        return self.locks.acquire(key, self.lock_path(key), timeout)
+
+    def unlock(self, lock: CacheLock) -> defer.Deferred[None]:
+        """Release ``lock`` (never fails; twice is harmless)."""
+        return self.locks.release(lock)
+
+    def with_lock(self, key: EntryKey, fn: Callable[..., Awaitable[T] | T], *args: Any,
+                  timeout: float | None = None, **kwargs: Any) -> defer.Deferred[T]:
+        """Call ``fn(lock, *args, **kwargs)`` holding the lock of ``key``; fires with its result.
+
+        The lock is released however ``fn`` ends: result, exception, or the
+        returned Deferred being cancelled (which cancels what ``fn`` returned).
+        """
+
+        async def run() -> T:
+            lock = await self.lock(key, timeout)
+            try:
+                result = fn(lock, *args, **kwargs)
+                if isinstance(result, Coroutine):
+                    result = await defer.Deferred.fromCoroutine(result)
+                elif isinstance(result, defer.Deferred):
+                    result = await result
+                return result  # type: ignore[return-value]
+            finally:
+                await self.unlock(lock)
+
+        return defer.Deferred.fromCoroutine(run())
+
+    # -- staging and publishing --------------------------------------------------------------------------
+    def new_staging(self) -> defer.Deferred[Path]:
+        """A new empty folder ``<root>/staging/<unique>/`` for one fetch (same filesystem as the entries)."""
+        path = self.staging_root / self._unique()
+        self._staging.add(path)
+        d = self.pool.run(_make_staging, self.staging_root, path)
+
+        def failed(f: Any) -> Any:
+            self._staging.discard(path)
+            return f
+
+        d.addErrback(failed)
+        return d
+
+    def _check_staging(self, staging_dir: str | os.PathLike[str]) -> Path:
+        path = Path(os.path.abspath(staging_dir))
+        if path.parent != self.staging_root or path.name in ("", ".", ".."):
+            raise OutsideCacheError(f"{staging_dir} is not a staging folder of the cache {self.root} "
+                                    f"(expected {self.staging_root}/<name>)")
+        return path
+
+    @_deferred
+    async def discard_staging(self, staging_dir: str | os.PathLike[str]) -> None:
+        """Remove a staging folder (a failed or cancelled fetch)."""
+        path = self._check_staging(staging_dir)
+        self._staging.discard(path)
+        await self.pool.run(shutil.rmtree, path, True)
+
+    @_deferred
+    async def publish(self, key: EntryKey, staging_dir: str | os.PathLike[str],
+                      files: Mapping[str, FileMeta | Mapping[str, Any]], *, lock: CacheLock | None = None,
+                      url: str | None = None) -> EntryInfo:
+        """Make the staged content the entry of ``key``, atomically; fires with its EntryInfo.
+
+        ``files`` describes every regular file in the staging folder (path
+        relative to it, ``/``-separated -> :class:`FileMeta`); symlinks inside
+        the folder are recorded as they are. The caller must hold the entry's
+        lock (``lock``, or one this Cache holds on ``key``).
+
+        :raises LockNotHeldError: no lock, or it was taken over.
+        :raises OutsideCacheError: ``staging_dir`` is not one of this cache's staging folders.
+        :raises CorruptEntryError: the staged tree and ``files`` disagree (nothing is published).
+        """
+        staging = self._check_staging(staging_dir)
+        metas = {check_relpath(rel): m if isinstance(m, FileMeta) else FileMeta.from_wire(m)
+                 for rel, m in files.items()}
+        held = lock if lock is not None else self.locks.held.get(self.lock_path(key))
+        if held is None or held.key != key or not held.held:
+            raise LockNotHeldError(f"publishing {key} needs its lock ({self.lock_path(key)}); it is not held")
+        if held.lost or not await self.locks.check(held):
+            held.lost = True
+            raise LockNotHeldError(f"the lock of {key} ({held.path}) was taken over by another process; "
+                                   "not publishing")
+        path = self.entry_path(key)
+        now = self.clock.seconds()
+        info = EntryInfo(key=key, path=path, files=metas, fetched_at=now, last_used=now, url=url)
+        info = await self.pool.run(_publish, staging, path, info, self._trash(), now, self.fsync_content)
+        self._staging.discard(staging)
+        self._log.info("published {entry} at {path}: {n} files, {size} bytes",
+                       entry=str(key), path=str(path), n=len(info.files), size=info.size)
+        return info
+
+    # -- integrity -----------------------------------------------------------------------------------------
+    @_deferred
+    async def verify(self, key: EntryKey | None = None) -> list[EntryReport]:
+        """Re-hash entries against the sha256 in their ``.entry``: one key, or every entry.
+
+        Each entry is one pool job (files hashed in ``hash_chunk`` pieces), one
+        entry at a time so a full verify never fills the pool.
+
+        :raises EntryNotFoundError: ``key`` given and no folder for it.
+        """
+        if key is not None:
+            report = await self.pool.run(_verify, self.entry_path(key), key, self.hash_chunk)
+            if report.status == "missing":
+                raise EntryNotFoundError(f"no entry {key} in the cache (looked for {report.path})")
+            return [report]
+        found, _locks = await self.pool.run(_scan, self.root)
+        reports = []
+        for f in found:
+            reports.append(await self.pool.run(_verify, f.path, f.key, self.hash_chunk))
+        bad = [r for r in reports if r.status == "bad"]
+        self._log.info("verified {n} entries of {root}: {bad} bad", n=len(reports), root=str(self.root), bad=len(bad))
+        return reports
+
+    @_deferred
+    async def repair(self, key: EntryKey | None = None) -> list[EntryReport]:
+        """Verify, then make every bad entry incomplete so the next deploy fetches it again.
+
+        A bad entry loses its ``.entry`` and is moved to ``quarantine/`` (kept
+        for a look until ``prune``/``clear``); an incomplete one is removed. An
+        entry whose lock is held is left alone (``busy``): its fetch replaces it.
+        """
+        reports = await self.verify(key)
+        for report in reports:
+            if report.status not in ("bad", "incomplete"):
+                report.action = "kept"
+                continue
+            try:
+                lock = await self.lock(report.key, timeout=0)
+            except LockTimeoutError:
+                report.action = "busy"
+                continue
+            try:
+                again = await self.pool.run(_verify, report.path, report.key, self.hash_chunk)
+                if again.status == "good":
+                    report.status, report.problems, report.action = "good", {}, "kept"  # republished meanwhile
+                elif again.status == "missing":
+                    report.action = "removed"
+                elif report.status == "bad":
+                    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock.seconds()))
+                    dest = self.quarantine_root.joinpath(f"{stamp}-{secrets.token_hex(4)}", *report.key.relpath.parts)
+                    await self.pool.run(_quarantine, report.path, dest)
+                    report.action, report.moved_to = "quarantined", dest
+                    self._log.warn("quarantined bad entry {entry} ({problems}) to {dest}; the next deploy "
+                                   "fetches it again", entry=str(report.key), problems=_describe(report.problems),
+                                   dest=str(dest))
+                else:
+                    await self.pool.run(_remove_entry, report.path, self._trash())
+                    report.action = "removed"
+            finally:
+                await self.unlock(lock)
+        return reports
+
+    # -- cleanup ---------------------------------------------------------------------------------------------
+    @_deferred
+    async def prune(self, older_than: float | None = None, keep: int | None = None) -> PruneReport:
+        """Remove entries by last use; never one that is locked.
+
+        An entry goes if it was not used for ``older_than`` seconds, or if it is
+        beyond the ``keep`` most recently used of its dependency (repository,
+        platform, name, unpack). Incomplete entries, stale lock files, abandoned
+        staging folders and quarantined entries go too.
+        """
+        if older_than is not None and (not isinstance(older_than, (int, float)) or older_than < 0):
+            raise InvalidKeyError(f"older_than must be a number of seconds >= 0, not {older_than!r}")
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 0):
+            raise InvalidKeyError(f"keep must be an integer >= 0, not {keep!r}")
+        found, lock_files = await self.pool.run(_scan, self.root)
+        now = self.clock.seconds()
+        chosen: set[Path] = set()
+        complete = [f for f in found if f.info is not None]
+        if older_than is not None:
+            chosen.update(f.path for f in complete if f.info and f.info.last_used < now - older_than)
+        if keep is not None:
+            groups: dict[tuple[str, str, str, bool], list[_Found]] = {}
+            for f in complete:
+                groups.setdefault(f.key.dependency, []).append(f)
+            for group in groups.values():
+                group.sort(key=lambda f: (f.info.last_used, f.info.fetched_at) if f.info else (0.0, 0.0),
+                           reverse=True)
+                chosen.update(f.path for f in group[keep:])
+        targets = [f for f in found if f.path in chosen or f.info is None]
+        return await self._remove(targets, lock_files, quarantine=True)
+
+    @_deferred
+    async def clear(self) -> PruneReport:
+        """Remove every entry, abandoned staging folder, stale lock and quarantined entry;
+        locked entries (and their locks) stay."""
+        found, lock_files = await self.pool.run(_scan, self.root)
+        return await self._remove(found, lock_files, quarantine=True)
+
+    async def _remove(self, targets: list[_Found], lock_files: list[Path], *, quarantine: bool) -> PruneReport:
+        report = PruneReport()
+        gone: list[Path] = []
+        for f in targets:
+            try:
+                lock = await self.lock(f.key, timeout=0)
+            except LockTimeoutError:
+                report.busy.append(f.key)
+                continue
+            try:
+                # Under the lock: an entry used (or republished) since the scan stays.
+                try:
+                    now_info: EntryInfo | None = await self.pool.run(_read_info, f.path, f.key)
+                except (FileNotFoundError, CorruptEntryError):
+                    now_info = None
+                if f.info is not None and (now_info is None or now_info.last_used != f.info.last_used
+                                           or now_info.fetched_at != f.info.fetched_at):
+                    continue
+                await self.pool.run(_remove_entry, f.path, self._trash())
+                gone.append(f.path)
+                if f.info is not None:
+                    report.removed.append(f.info)
+                else:
+                    report.incomplete.append(f.path)
+            finally:
+                await self.unlock(lock)
+        for path in lock_files:
+            if await self.locks.remove_if_stale(path):
+                report.locks.append(path)
+        report.staging = await self.cleanup_staging()
+        if quarantine:
+            report.quarantine = await self.pool.run(_clear_quarantine, self.quarantine_root)
+        await self.pool.run(_remove_empty_parents, self.root, gone + report.locks)
+        self._log.info("removed {n} entries ({size} bytes), {inc} incomplete, {stg} staging folders from {root}; "
+                       "{busy} locked entries left", n=len(report.removed), size=report.bytes_freed,
+                       inc=len(report.incomplete), stg=len(report.staging), root=str(self.root),
+                       busy=len(report.busy))
+        return report
+
+    def cleanup_staging(self) -> defer.Deferred[list[Path]]:
+        """Remove abandoned staging folders: a local one whose pid is dead, another
+        host's one untouched for ``lock_timeout``; never one of a live local process."""
+        live = frozenset(p.name for p in self._staging)
+        return self.pool.run(_cleanup_staging, self.staging_root, self.clock.seconds(), self.lock_timeout,
+                             self._host_tag, live)
+
+    def close(self) -> defer.Deferred[Any]:
+        """Stop waiting for locks and release every lock held (service terminate, drain)."""
+        return self.locks.release_all()
+

@@ -1,0 +1,641 @@
+"""Entry locks: one fetch per cache entry, within a process and across processes and hosts.
+
+Two levels (DESIGN §8, "Locks"):
+
+- **In the process**, a ``DeferredLock`` per entry: a second fetch of the
+  same entry waits on a Deferred that fires when the first one releases --
+  no sleep, no polling.
+- **Across processes and hosts**, the lock file ``<version>[~packed].lock``
+  beside the entry folder, created with ``O_CREAT | O_EXCL`` and holding
+  ``host_id::pid::started`` (``started``: wall-clock seconds, 6 decimals),
+  written with one ``write`` right after creation. ``O_EXCL`` creation is
+  atomic on local filesystems and on NFSv3 and later (NFSv2 and some FUSE
+  filesystems are not safe; a link-count lock for those is issue 6's
+  business). A file found empty is one being created: it is waited on like
+  a live lock.
+
+A lock file held by someone else is judged (:meth:`LockTable.judge`):
+
+- same host id and a dead pid (or a zombie) -> taken over at once; our own
+  pid with a ``started`` before this process began -> a previous process
+  that had our pid (a restarted container) -> taken over at once;
+- unparseable content -> a corrupt lock, treated as a stale one: taken over;
+- otherwise (live pid, or another host) -> wait, polling with a backoff from
+  50 ms to at most 1 s on the injected clock, while the holder refreshes the
+  file's mtime every ``refresh_interval`` (``lock_timeout / 4``); it is taken
+  over only when its mtime is older than ``lock_timeout``, with a warning
+  naming the previous holder.
+
+Taking over renames the stale file aside, checks that what it moved is the
+very file it judged (device, inode, content, mtime) and only then deletes
+it; if a fresher lock was moved by mistake it is linked back. A release
+removes the file the same way, so a holder that lost its lock never deletes
+its successor's. A holder notices a lost lock at its next refresh and at
+``publish`` (:class:`~ion.services.cache.errors.LockNotHeldError`).
+
+Time: mtimes are written and compared in the injected clock's frame
+(``os.utime`` with ``clock.seconds()``), so a ``task.Clock`` drives every
+timeout in tests; in production the clock is the reactor, i.e. wall time,
+and hosts sharing a cache need clocks that agree to well within
+``lock_timeout``.
+
+Host id (:func:`resolve_host_id`): ``ION_HOST_ID``, else ``/etc/machine-id``,
+else a UUID kept in ``~/.config/ion/host-id``; never the hostname. A process
+in a container's own pid namespace adds that namespace to the id, since
+containers often share one machine-id but cannot see each other's pids.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Final, Mapping
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ion.services.cache.entry import EntryKey
+from ion.services.cache.errors import InvalidKeyError, LockTimeoutError
+
+__all__ = [
+    "PROCESS_STARTED",
+    "LockHolder",
+    "CacheLock",
+    "LockTable",
+    "resolve_host_id",
+    "pid_alive",
+]
+
+_log = Logger()
+
+#: Wall-clock time this module was imported: a lock file with our own pid and
+#: an earlier ``started`` was left by an earlier process that had our pid.
+PROCESS_STARTED: Final = time.time()
+#: Inode of the initial pid namespace (the kernel's ``PROC_PID_INIT_INO``).
+_INIT_PID_NS: Final = 0xEFFFFFFC
+_O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _check_host_id(value: str, source: str) -> str:
+    value = value.strip()
+    if not value or "::" in value or any(c.isspace() for c in value) or len(value) > 200:
+        raise InvalidKeyError(f"host id {value!r} from {source} is empty, too long, or contains '::' or spaces")
+    return value
+
+
+def resolve_host_id(env: Mapping[str, str] | None = None, *,
+                    machine_id_files: tuple[str, ...] = ("/etc/machine-id", "/var/lib/dbus/machine-id"),
+                    config_home: Path | None = None, pid_ns: str = "/proc/self/ns/pid") -> str:
+    """This machine's id for lock files: unique per machine, never the hostname alone.
+
+    ``ION_HOST_ID`` if set (taken as is: tests use it to play several hosts);
+    else the machine-id; else a UUID created once in ``$XDG_CONFIG_HOME/ion/host-id``
+    (``~/.config/ion/host-id``). Blocking (small file reads): call it at startup.
+    """
+    env = os.environ if env is None else env
+    if env.get("ION_HOST_ID"):
+        return _check_host_id(env["ION_HOST_ID"], "ION_HOST_ID")
+    base: str | None = None
+    for name in machine_id_files:
+        try:
+            text = Path(name).read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            continue
+        if text and text != "uninitialized":
+            base = _check_host_id(text, name)
+            break
+    if base is None:
+        home = config_home or Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+        base = _stored_uuid(home / "ion" / "host-id")
+    try:
+        ns = os.stat(pid_ns).st_ino
+    except OSError:
+        ns = _INIT_PID_NS
+    return base if ns == _INIT_PID_NS else f"{base}+pidns{ns}"
+
+
+def _stored_uuid(path: Path) -> str:
+    try:
+        return _check_host_id(path.read_text(encoding="ascii"), str(path))
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    tmp.write_text(uuid.uuid4().hex + "\n", encoding="ascii")
+    try:
+        os.link(tmp, path)  # atomic: two first runs at once agree on one UUID
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return _check_host_id(path.read_text(encoding="ascii"), str(path))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a zombie counts as dead)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:][:1] != b"Z"
+    except (OSError, ValueError):
+        return True
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a lock file: ``host_id::pid::started``."""
+
+    host_id: str
+    pid: int
+    started: float
+
+    def render(self) -> str:
+        return f"{self.host_id}::{self.pid}::{self.started:.6f}"
+
+    @classmethod
+    def parse(cls, text: str) -> "LockHolder | None":
+        """The holder written in a lock file, or None if the text is not one."""
+        parts = text.strip().split("::")
+        if len(parts) != 3:
+            return None
+        host, pid_s, started_s = parts
+        try:
+            pid, started = int(pid_s), float(started_s)
+        except ValueError:
+            return None
+        if not host or any(c.isspace() for c in host) or pid <= 0 or not math.isfinite(started):
+            return None
+        return cls(host, pid, started)
+
+    def __str__(self) -> str:
+        since = datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        return f"host {self.host_id} pid {self.pid} (since {since} UTC)"
+
+
+# -- blocking helpers (run in the BlockingPool) -----------------------------------------------
+@dataclass(frozen=True)
+class _Observed:
+    """A lock file as a contender saw it."""
+
+    raw: bytes
+    dev: int
+    ino: int
+    mtime_ns: int
+
+    @property
+    def holder(self) -> LockHolder | None:
+        return LockHolder.parse(self.raw.decode("utf-8", "replace"))
+
+    def describe(self) -> str:
+        holder = self.holder
+        if holder is not None:
+            return str(holder)
+        return f"unreadable content {self.raw[:60]!r}"
+
+
+@dataclass
+class _Attempt:
+    """What one try at the lock file found."""
+
+    acquired: bool
+    dev: int = 0
+    ino: int = 0
+    observed: _Observed | None = None
+    taken_over: list[tuple[_Observed, str]] = field(default_factory=list)
+    displaced: list[_Observed] = field(default_factory=list)
+
+
+def _observe(path: Path) -> _Observed | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        raw = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    return _Observed(raw, st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def _create(path: Path, content: bytes, now: float) -> tuple[int, int] | None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return None
+    try:
+        os.write(fd, content)  # one small write: readers see all of it or an empty file
+        os.utime(fd, (now, now))
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return st.st_dev, st.st_ino
+
+
+def _remove_if(path: Path, dev: int, ino: int, raw: bytes, mtime_ns: int | None = None) -> str:
+    """Remove ``path`` only if it is this very file; ``removed``, ``gone``, ``kept`` or ``displaced``.
+
+    Renamed aside first and checked there, so a lock file that another process
+    re-created meanwhile is never deleted in its place.
+    """
+
+    def same(obs: _Observed | None) -> bool:
+        return obs is not None and (obs.dev, obs.ino, obs.raw) == (dev, ino, raw) and (
+            mtime_ns is None or obs.mtime_ns == mtime_ns)
+
+    current = _observe(path)
+    if current is None:
+        return "gone"
+    if not same(current):
+        return "kept"
+    aside = path.with_name(f"{path.name}.stale-{secrets.token_hex(6)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return "gone"
+    try:
+        if same(_observe(aside)):
+            return "removed"
+        # It changed between our check and the rename (refreshed, or re-created): put it back.
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            return "displaced"
+        return "kept"
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def _owned(path: Path, dev: int, ino: int, raw: bytes) -> bool:
+    obs = _observe(path)
+    return obs is not None and (obs.dev, obs.ino, obs.raw) == (dev, ino, raw)
+
+
+def _refresh(path: Path, dev: int, ino: int, raw: bytes, now: float) -> bool:
+    if not _owned(path, dev, ino, raw):
+        return False
+    os.utime(path, (now, now), follow_symlinks=False)
+    return True
+
+
+def _try_acquire(path: Path, content: bytes, now: float,
+                 judge: Callable[[_Observed, float], str | None]) -> _Attempt:
+    attempt = _Attempt(False)
+    for _ in range(8):
+        try:
+            made = _create(path, content, now)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)  # new entry, or pruned meanwhile
+            continue
+        if made is not None:
+            attempt.acquired, (attempt.dev, attempt.ino) = True, made
+            return attempt
+        obs = _observe(path)
+        if obs is None:
+            continue  # released between our create and our read
+        attempt.observed = obs
+        reason = judge(obs, now)
+        if reason is None:
+            return attempt
+        outcome = _remove_if(path, obs.dev, obs.ino, obs.raw, obs.mtime_ns)
+        if outcome == "removed":
+            attempt.taken_over.append((obs, reason))
+        elif outcome == "displaced":
+            attempt.displaced.append(obs)
+    return attempt
+
+
+# -- the lock objects ---------------------------------------------------------------------------
+class CacheLock:
+    """A held lock of one entry, from :meth:`LockTable.acquire` until :meth:`LockTable.release`.
+
+    :ivar key: the entry.
+    :ivar path: the lock file.
+    :ivar holder: what the lock file says (this host id, this pid, when).
+    :ivar id: a random token naming this hold (the service hands it out over RPC).
+    :ivar held: True until released.
+    :ivar lost: True once another process took the lock over (we failed to
+        refresh it within ``lock_timeout``); the entry may no longer be published with it.
+    """
+
+    def __init__(self, key: EntryKey, path: Path, holder: LockHolder, dev: int, ino: int, acquired_at: float) -> None:
+        self.key = key
+        self.path = path
+        self.holder = holder
+        self.id = secrets.token_hex(16)
+        self.acquired_at = acquired_at
+        self.held = True
+        self.lost = False
+        self._dev = dev
+        self._ino = ino
+        self._raw = holder.render().encode()
+        self._refresh_call: IDelayedCall | None = None
+
+    @property
+    def active(self) -> bool:
+        """Held and not lost: what publishing needs."""
+        return self.held and not self.lost
+
+    def __repr__(self) -> str:
+        state = "lost" if self.lost else "held" if self.held else "released"
+        return f"<CacheLock {self.key} {state} {self.path}>"
+
+
+class _Acquisition:
+    """One pending :meth:`LockTable.acquire`: cancellation reaches what it is waiting on."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.waiting: defer.Deferred[Any] | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.waiting is not None and not self.waiting.called:
+            self.waiting.cancel()
+
+
+class LockTable:
+    """The entry locks of one :class:`~ion.services.cache.core.Cache`.
+
+    :param host_id: written in lock files; see :func:`resolve_host_id`.
+    :param lock_timeout: seconds without refresh after which a lock file of a
+        live or remote holder may be taken over.
+    :param clock: schedules polls and refreshes; its ``seconds()`` is the mtime frame.
+    :param pool: runs the blocking file work (``run(fn, *args)`` -> Deferred).
+    :param wait_timeout: default seconds :meth:`acquire` waits (2 x lock_timeout:
+        long enough to outwait a stale lock).
+    :param refresh_interval: seconds between the holder's mtime refreshes (lock_timeout / 4).
+    """
+
+    _log = _log
+
+    def __init__(self, *, host_id: str, lock_timeout: float, clock: IReactorTime, pool: Any,
+                 wait_timeout: float | None = None, refresh_interval: float | None = None,
+                 poll_start: float = 0.05, poll_max: float = 1.0) -> None:
+        if lock_timeout <= 0:
+            raise InvalidKeyError(f"lock_timeout must be positive, not {lock_timeout!r}")
+        self.host_id = _check_host_id(host_id, "the host_id argument")
+        self.lock_timeout = float(lock_timeout)
+        self.clock = clock
+        self.pool = pool
+        self.wait_timeout = 2 * self.lock_timeout if wait_timeout is None else float(wait_timeout)
+        self.refresh_interval = self.lock_timeout / 4 if refresh_interval is None else float(refresh_interval)
+        self.poll_start = poll_start
+        self.poll_max = poll_max
+        #: Lock file path -> the lock this table holds on it.
+        self.held: dict[Path, CacheLock] = {}
+        self._local: dict[Path, defer.DeferredLock] = {}
+        self._pending: set[_Acquisition] = set()
+
+    # -- judging --------------------------------------------------------------------------
+    def judge(self, observed: _Observed, now: float) -> str | None:
+        """Why a lock file held by someone else may be taken over now, or None to wait.
+
+        Runs in a pool thread (it checks pids); reads only immutable settings.
+        """
+        age = now - observed.mtime_ns / 1e9
+        if not observed.raw.strip():
+            # Being created (content follows in one write) -- or its creator died right then.
+            if age > self.lock_timeout:
+                return f"empty lock file not refreshed for {age:.0f} s (lock_timeout {self.lock_timeout:g} s)"
+            return None
+        holder = observed.holder
+        if holder is None:
+            return "corrupt lock file (treated as stale)"
+        if holder.host_id == self.host_id:
+            if holder.pid == os.getpid():
+                if holder.started < PROCESS_STARTED:
+                    return f"left by an earlier process that had pid {holder.pid}"
+            elif not pid_alive(holder.pid):
+                return f"its pid {holder.pid} is dead on this host"
+        if age > self.lock_timeout:
+            return f"not refreshed for {age:.0f} s (lock_timeout {self.lock_timeout:g} s)"
+        return None
+
+    # -- acquiring ----------------------------------------------------------------------------
+    def acquire(self, key: EntryKey, path: Path, timeout: float | None = None) -> defer.Deferred[CacheLock]:
+        """Take the lock of ``key`` (lock file ``path``); fires with a :class:`CacheLock`.
+
+        Waits at most ``timeout`` seconds (default ``wait_timeout``; ``0``: one
+        try; ``math.inf``: no limit), then fails with
+        :class:`~ion.services.cache.errors.LockTimeoutError` naming the holder.
+        Cancelling the Deferred stops the wait; a lock file created meanwhile
+        is removed again, so a cancelled acquisition never leaks a lock.
+        """
+        acq = _Acquisition()
+        self._pending.add(acq)
+        outer: defer.Deferred[CacheLock] = defer.Deferred(lambda _: acq.cancel())
+        inner = defer.Deferred.fromCoroutine(
+            self._acquire(key, path, self.wait_timeout if timeout is None else float(timeout), acq))
+
+        def deliver(result: Any) -> None:
+            self._pending.discard(acq)
+            if outer.called:  # cancelled while a blocking step ran: undo what it did
+                if isinstance(result, CacheLock):
+                    self.release(result)
+                elif isinstance(result, Failure) and not result.check(defer.CancelledError):
+                    self._log.failure("lock of {entry} failed after it was cancelled", result, entry=str(key))
+                return
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+
+        inner.addBoth(deliver)
+        return outer
+
+    async def _acquire(self, key: EntryKey, path: Path, timeout: float, acq: _Acquisition) -> CacheLock:
+        start = self.clock.seconds()
+        deadline = start + timeout if math.isfinite(timeout) else math.inf
+        local = self._local.get(path)
+        if local is None:
+            local = self._local[path] = defer.DeferredLock()
+        if local.locked and timeout <= 0:
+            raise LockTimeoutError(f"the lock of {key} ({path}) is held by another fetch in this process")
+        waiting = local.acquire()
+        if not waiting.called and math.isfinite(deadline):
+            waiting.addTimeout(deadline - start, self.clock)
+        acq.waiting = waiting
+        try:
+            await waiting
+        except defer.TimeoutError:
+            self._forget_local(path)
+            raise LockTimeoutError(
+                f"gave up waiting for the lock of {key} after {timeout:g} s: {path} is held by another "
+                f"fetch in this process") from None
+        except BaseException:
+            self._forget_local(path)
+            raise
+        finally:
+            acq.waiting = None
+        try:
+            return await self._acquire_file(key, path, timeout, deadline, acq)
+        except BaseException:
+            local.release()
+            self._forget_local(path)
+            raise
+
+    async def _acquire_file(self, key: EntryKey, path: Path, timeout: float, deadline: float,
+                            acq: _Acquisition) -> CacheLock:
+        delay = self.poll_start
+        while True:
+            if acq.cancelled:
+                raise defer.CancelledError()
+            holder = LockHolder(self.host_id, os.getpid(), time.time())
+            attempt: _Attempt = await self.pool.run(
+                _try_acquire, path, holder.render().encode(), self.clock.seconds(), self.judge)
+            for obs, reason in attempt.taken_over:
+                self._log.warn("took over the lock of {entry} ({path}) from {previous}: {reason}",
+                               entry=str(key), path=str(path), previous=obs.describe(), reason=reason)
+            for obs in attempt.displaced:
+                self._log.error("moved the fresh lock {path} of {previous} aside and could not put it back; "
+                                "that holder will find its lock lost", path=str(path), previous=obs.describe())
+            if attempt.acquired:
+                lock = CacheLock(key, path, holder, attempt.dev, attempt.ino, self.clock.seconds())
+                if acq.cancelled:
+                    await self._remove_file(lock)
+                    raise defer.CancelledError()
+                self.held[path] = lock
+                self._schedule_refresh(lock)
+                return lock
+            now = self.clock.seconds()
+            if now >= deadline:
+                who = attempt.observed.describe() if attempt.observed else "another process"
+                raise LockTimeoutError(
+                    f"gave up waiting for the lock of {key} after {timeout:g} s: {path} is held by {who}")
+            pause = min(delay, deadline - now)
+            acq.waiting = task.deferLater(self.clock, pause, lambda: None)
+            try:
+                await acq.waiting
+            finally:
+                acq.waiting = None
+            delay = min(delay * 2, self.poll_max)
+
+    def _forget_local(self, path: Path) -> None:
+        local = self._local.get(path)
+        if local is not None and not local.locked and not local.waiting:
+            del self._local[path]
+
+    # -- holding ------------------------------------------------------------------------------
+    def _schedule_refresh(self, lock: CacheLock) -> None:
+        if lock.active:
+            lock._refresh_call = self.clock.callLater(self.refresh_interval, self._refresh, lock)
+
+    def _refresh(self, lock: CacheLock) -> None:
+        lock._refresh_call = None
+        if not lock.active:
+            return
+        d = self.pool.run(_refresh, lock.path, lock._dev, lock._ino, lock._raw, self.clock.seconds())
+
+        def done(ok: bool) -> None:
+            if ok or not lock.held:
+                self._schedule_refresh(lock)
+                return
+            lock.lost = True
+            self._log.error("lost the lock of {entry} ({path}): another process took it over "
+                            "(not refreshed within lock_timeout?)", entry=str(lock.key), path=str(lock.path))
+
+        def failed(f: Failure) -> None:
+            self._log.warn("could not refresh the lock {path}: {err}", path=str(lock.path), err=f.getErrorMessage())
+            self._schedule_refresh(lock)
+
+        d.addCallbacks(done, failed)
+
+    def check(self, lock: CacheLock) -> defer.Deferred[bool]:
+        """Whether the lock file is still ours (reads it)."""
+        if not lock.active:
+            return defer.succeed(False)
+        return self.pool.run(_owned, lock.path, lock._dev, lock._ino, lock._raw)
+
+    # -- releasing ------------------------------------------------------------------------------
+    def _remove_file(self, lock: CacheLock) -> defer.Deferred[None]:
+        if lock.lost:
+            return defer.succeed(None)  # the file is the new holder's now
+        d = self.pool.run(_remove_if, lock.path, lock._dev, lock._ino, lock._raw)
+
+        def done(outcome: str) -> None:
+            if outcome != "removed" and not lock.lost:
+                self._log.warn("the lock {path} of {entry} was no longer ours at release ({outcome})",
+                               path=str(lock.path), entry=str(lock.key), outcome=outcome)
+
+        def failed(f: Failure) -> None:
+            self._log.failure("could not remove the lock file {path}", f, path=str(lock.path))
+
+        d.addCallbacks(done, failed)
+        return d
+
+    def release(self, lock: CacheLock) -> defer.Deferred[None]:
+        """Release ``lock``: remove its file (if still ours), then let the next waiter in.
+
+        Never fails (problems are logged); releasing twice does nothing.
+        """
+        if not lock.held:
+            return defer.succeed(None)
+        lock.held = False
+        if lock._refresh_call is not None and lock._refresh_call.active():
+            lock._refresh_call.cancel()
+        lock._refresh_call = None
+        if self.held.get(lock.path) is lock:
+            del self.held[lock.path]
+        d = self._remove_file(lock)
+        result: defer.Deferred[None] = defer.Deferred()
+
+        def hand_over(_: Any) -> None:
+            local = self._local.get(lock.path)
+            if local is not None and local.locked:
+                local.release()
+            self._forget_local(lock.path)
+            result.callback(None)
+
+        d.addBoth(hand_over)
+        return result
+
+    def release_all(self) -> defer.Deferred[Any]:
+        """Stop pending acquisitions and release every held lock (terminate, drain)."""
+        for acq in list(self._pending):
+            acq.cancel()
+        return defer.DeferredList([self.release(lock) for lock in list(self.held.values())])
+
+    def remove_if_stale(self, path: Path) -> defer.Deferred[bool]:
+        """Remove the lock file ``path`` if :meth:`judge` says it may be taken over (clear, prune)."""
+        if path in self._local or path in self.held:
+            return defer.succeed(False)
+        now = self.clock.seconds()
+
+        def blocking() -> tuple[bool, str | None, _Observed | None]:
+            obs = _observe(path)
+            if obs is None:
+                return False, None, None
+            reason = self.judge(obs, now)
+            if reason is None:
+                return False, None, obs
+            return _remove_if(path, obs.dev, obs.ino, obs.raw, obs.mtime_ns) == "removed", reason, obs
+
+        def done(result: tuple[bool, str | None, _Observed | None]) -> bool:
+            removed, reason, obs = result
+            if removed and obs is not None:
+                self._log.info("removed the stale lock {path} of {previous}: {reason}", path=str(path),
+                               previous=obs.describe(), reason=reason)
+            return removed
+
+        return self.pool.run(blocking).addCallback(done)

@@ -1,0 +1,408 @@
+"""The Cache service: :class:`~ion.services.cache.core.Cache` as ION ops, and its client.
+
+``res/apps/cache.app`` starts it. Config (``ion.services.cache``, or spawnargs):
+``root`` (default ``$ION_CACHE_DIR``, else ``~/.cache/ion/deploy``),
+``lock_timeout`` (600 s), ``lock_wait_timeout`` (2 x lock_timeout),
+``host_id`` (default: see :func:`~ion.services.cache.locks.resolve_host_id`),
+``fsync`` (fsync file contents at publish), ``max_concurrent`` (requests
+handled at once: a ``lock`` waiting for its entry must not keep ``unlock``
+from being handled).
+
+Ops (content: plain dicts; an entry key in its wire form ``{repo_id | url,
+platform, name, version, unpack}``): ``lookup``, ``info``, ``list``,
+``lock``, ``renew``, ``unlock``, ``new_staging``, ``discard_staging``,
+``publish``, ``verify``, ``repair``, ``prune``, ``clear``. Errors answer with
+their :class:`~ion.services.cache.errors.CacheError` code: 400 bad request,
+403 staging folder outside the cache, 404 unknown entry or lock token, 409
+lock conflict or timeout, 422 corrupt entry or staged content.
+
+**Locks over RPC** belong to this service process: ``lock`` answers with a
+random token and this instance's pid; ``renew``, ``unlock`` and ``publish``
+name the token and go to that pid (several instances may share the service
+queue; :class:`CacheClient` routes them). A lock lasts for its ``lease``
+(default ``lock_timeout``) unless renewed, so a caller that dies or gives up
+waiting never pins an entry for good; every lock is released when the
+service terminates, and pending ``lock`` waits are cancelled then.
+
+From any process::
+
+    cache = CacheClient(proc)
+    info = yield cache.lookup(key)
+    if info is None:
+        lock = yield cache.lock(key)
+        try:
+            staging = yield cache.new_staging()
+            ...  # fetch into staging
+            info = yield cache.publish(lock, staging, files)
+        finally:
+            yield cache.unlock(lock)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from ion.core.exceptions import ReceivedApplicationError
+from ion.core.process import Receiver
+from ion.core.service import ServiceClient, ServiceProcess
+from ion.services.cache.core import DEFAULT_LOCK_TIMEOUT, Cache, default_root
+from ion.services.cache.entry import EntryInfo, EntryKey, EntryReport, FileMeta, PruneReport
+from ion.services.cache.errors import (
+    ERRORS_BY_NAME,
+    InvalidKeyError,
+    LockError,
+    LockNotHeldError,
+    UnknownLockError,
+)
+from ion.services.cache.locks import CacheLock
+
+__all__ = ["CacheService", "CacheClient", "RemoteLock"]
+
+#: Seconds a client's ``lock`` waits by default (2 x the default lock_timeout).
+DEFAULT_CLIENT_WAIT = 2 * DEFAULT_LOCK_TIMEOUT
+
+
+def _dict(content: Any, op: str) -> dict[str, Any]:
+    if content is None:
+        return {}
+    if not isinstance(content, Mapping):
+        raise InvalidKeyError(f"{op}: content must be a dict, not {type(content).__name__}")
+    return dict(content)
+
+
+def _number(content: Mapping[str, Any], name: str, *, minimum: float = 0) -> float | None:
+    value = content.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or math.isnan(value):
+        raise InvalidKeyError(f"{name} must be a number >= {minimum:g}, not {value!r}")
+    return float(value)
+
+
+@dataclass
+class _Lease:
+    """A lock held by the service on behalf of a caller."""
+
+    lock: CacheLock
+    owner: str
+    lease: float
+    call: IDelayedCall | None = None
+    busy: int = 0
+
+
+class CacheService(ServiceProcess):
+    """Serves one cache root to the system (DESIGN §8, "Cache")."""
+
+    service_name = "cache"
+    version = "0.1.0"
+    _log = Logger()
+
+    def receivers_to_create(self) -> list[Receiver]:
+        receivers = super().receivers_to_create()
+        prefetch = int(self.get_config("max_concurrent", 32))
+        for receiver in receivers:
+            receiver.prefetch = prefetch
+        return receivers
+
+    def slc_init(self) -> None:
+        root = self.get_config("root") or default_root()
+        lock_timeout = float(self.get_config("lock_timeout", DEFAULT_LOCK_TIMEOUT))
+        wait = self.get_config("lock_wait_timeout")
+        self.cache = Cache(root, host_id=self.get_config("host_id") or None, lock_timeout=lock_timeout,
+                           clock=self.clock, pool=self.container.blocking,
+                           wait_timeout=float(wait) if wait is not None else None,
+                           fsync_content=bool(self.get_config("fsync", False)))
+        self._leases: dict[str, _Lease] = {}
+        self._waiting: set[defer.Deferred[CacheLock]] = set()
+        self._closing = False
+
+    def slc_activate(self) -> None:
+        d = self.cache.cleanup_staging()
+        d.addCallback(lambda removed: removed and self._log.info(
+            "{pid}: removed {n} abandoned staging folders from {root}", pid=self.id, n=len(removed),
+            root=str(self.cache.root)))
+        d.addErrback(lambda f: self._log.warn("{pid}: staging cleanup failed: {err}", pid=self.id,
+                                              err=f.getErrorMessage()))
+
+    def on_terminate(self) -> Any:
+        # Before the receivers drain: a lock op waiting for its entry would hold the drain up.
+        self._closing = True
+        for d in list(self._waiting):
+            d.cancel()
+        return super().on_terminate()
+
+    @defer.inlineCallbacks
+    def slc_terminate(self) -> Any:
+        for lease in self._leases.values():
+            if lease.call is not None and lease.call.active():
+                lease.call.cancel()
+        self._leases.clear()
+        yield self.cache.close()
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def _key(self, content: Mapping[str, Any]) -> EntryKey:
+        return EntryKey.from_wire(content.get("key"))
+
+    def _lease(self, content: Mapping[str, Any]) -> _Lease:
+        token = content.get("token")
+        lease = self._leases.get(token) if isinstance(token, str) else None
+        if lease is None:
+            raise UnknownLockError(f"cache service {self.id} holds no lock with token {token!r} "
+                                   "(released, expired, or granted by another instance)")
+        return lease
+
+    def _schedule_expiry(self, token: str, lease: _Lease) -> None:
+        if lease.call is not None and lease.call.active():
+            lease.call.cancel()
+        lease.call = self.clock.callLater(lease.lease, self._expire, token)
+
+    def _expire(self, token: str) -> None:
+        lease = self._leases.get(token)
+        if lease is None:
+            return
+        lease.call = None
+        if lease.busy:
+            return  # rescheduled when the publish in progress ends
+        del self._leases[token]
+        self._log.warn("{pid}: the lock of {entry} held for {owner} was neither renewed nor released within "
+                       "{lease:g} s: released", pid=self.id, entry=str(lease.lock.key), owner=lease.owner,
+                       lease=lease.lease)
+        self.cache.unlock(lease.lock)
+
+    # -- ops ------------------------------------------------------------------------------------------------
+    async def op_lookup(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{key, verify?}`` -> the entry's info, or None (missing, incomplete, damaged); counts as a use."""
+        c = _dict(content, "lookup")
+        info = await self.cache.lookup(self._key(c), verify=bool(c.get("verify", False)))
+        return info.to_wire() if info is not None else None
+
+    async def op_info(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{key}`` -> the entry's info; 404 if there is no complete entry."""
+        return (await self.cache.info(self._key(_dict(content, "info")))).to_wire()
+
+    async def op_list(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{}`` -> ``{entries: [info, ...]}``, every complete entry."""
+        return {"entries": [e.to_wire() for e in await self.cache.list()], "root": str(self.cache.root)}
+
+    async def op_lock(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{key, timeout?, lease?}`` -> ``{token, pid, key, path, lease}``; 409 after ``timeout`` seconds."""
+        c = _dict(content, "lock")
+        key = self._key(c)
+        timeout = _number(c, "timeout")
+        lease_s = _number(c, "lease", minimum=1) or self.cache.lock_timeout
+        if self._closing:
+            raise LockError(f"cache service {self.id} is terminating", 503)
+        d = self.cache.lock(key, timeout)
+        self._waiting.add(d)
+        try:
+            lock = await d
+        except defer.CancelledError:
+            raise LockError(f"cache service {self.id} terminated while {key} was waiting for its lock", 503) from None
+        finally:
+            self._waiting.discard(d)
+        if self._closing:
+            await self.cache.unlock(lock)
+            raise LockError(f"cache service {self.id} is terminating", 503)
+        owner = f"{msg.get('sender-name') or '?'} ({msg.get('sender')})"
+        lease = _Lease(lock, owner, lease_s)
+        self._leases[lock.id] = lease
+        self._schedule_expiry(lock.id, lease)
+        return {"token": lock.id, "pid": self.id, "key": key.to_wire(), "path": str(lock.path), "lease": lease_s}
+
+    def op_renew(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{token, lease?}`` -> ``{lease}``: the lock lasts ``lease`` more seconds; 409 if it was taken over."""
+        c = _dict(content, "renew")
+        lease = self._lease(c)
+        if not lease.lock.active:
+            raise LockNotHeldError(f"the lock of {lease.lock.key} ({lease.lock.path}) was taken over")
+        lease.lease = _number(c, "lease", minimum=1) or lease.lease
+        self._schedule_expiry(lease.lock.id, lease)
+        return {"lease": lease.lease}
+
+    async def op_unlock(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{token}`` -> ``{released: true}``; 404 for an unknown token."""
+        lease = self._lease(_dict(content, "unlock"))
+        del self._leases[lease.lock.id]
+        if lease.call is not None and lease.call.active():
+            lease.call.cancel()
+        await self.cache.unlock(lease.lock)
+        return {"released": True}
+
+    async def op_new_staging(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{}`` -> ``{path}``: a new staging folder for one fetch."""
+        return {"path": str(await self.cache.new_staging())}
+
+    async def op_discard_staging(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{path}`` -> ``{}``: remove a staging folder (fetch failed)."""
+        await self.cache.discard_staging(str(_dict(content, "discard_staging").get("path", "")))
+        return {}
+
+    async def op_publish(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{token, staging, files: {path: {size, remote_checksum, sha256}}, url?, key?}`` -> the entry's info."""
+        c = _dict(content, "publish")
+        lease = self._lease(c)
+        if c.get("key") is not None and self._key(c) != lease.lock.key:
+            raise InvalidKeyError(f"lock {c['token']!r} is the lock of {lease.lock.key}, not of {self._key(c)}")
+        files = c.get("files")
+        if not isinstance(files, Mapping):
+            raise InvalidKeyError("publish: files must be a dict of path -> {size, remote_checksum, sha256}")
+        lease.busy += 1
+        try:
+            info = await self.cache.publish(lease.lock.key, str(c.get("staging", "")), files, lock=lease.lock,
+                                            url=c.get("url"))
+        finally:
+            lease.busy -= 1
+            if lease.call is None and self._leases.get(lease.lock.id) is lease:
+                self._schedule_expiry(lease.lock.id, lease)
+        return info.to_wire()
+
+    async def op_verify(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{key?}`` -> ``{reports: [...]}``: re-hash one entry or all of them."""
+        c = _dict(content, "verify")
+        key = self._key(c) if c.get("key") is not None else None
+        return {"reports": [r.to_wire() for r in await self.cache.verify(key)]}
+
+    async def op_repair(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{key?}`` -> ``{reports: [...]}``: bad entries quarantined, incomplete ones removed."""
+        c = _dict(content, "repair")
+        key = self._key(c) if c.get("key") is not None else None
+        return {"reports": [r.to_wire() for r in await self.cache.repair(key)]}
+
+    async def op_prune(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{older_than?, keep?}`` -> what was removed and what was left locked."""
+        c = _dict(content, "prune")
+        keep = c.get("keep")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int)):
+            raise InvalidKeyError(f"keep must be an integer >= 0, not {keep!r}")
+        return (await self.cache.prune(_number(c, "older_than"), keep)).to_wire()
+
+    async def op_clear(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{}`` -> what was removed; locked entries and their locks stay."""
+        return (await self.cache.clear()).to_wire()
+
+
+@dataclass(frozen=True)
+class RemoteLock:
+    """A lock the cache service holds for us: ``token`` names it at the service instance ``pid``."""
+
+    token: str
+    key: EntryKey
+    path: Path
+    pid: str
+    lease: float
+
+
+class CacheClient(ServiceClient):
+    """Calls the cache service; raises the service's :mod:`~ion.services.cache.errors` classes as they are."""
+
+    service_name = "cache"
+
+    @defer.inlineCallbacks
+    def _call(self, op: str, content: Any = None, *, target: str | None = None,
+              timeout: float | None = None) -> Any:
+        try:
+            result, _headers = yield self.proc.rpc_send(target or self.target, op, content, timeout=timeout)
+        except ReceivedApplicationError as err:
+            cls = ERRORS_BY_NAME.get(err.remote_error or "")
+            if cls is None:
+                raise
+            raise cls(err.message, err.response_code) from err
+        return result
+
+    @defer.inlineCallbacks
+    def lookup(self, key: EntryKey, *, verify: bool = False) -> Any:
+        """The complete entry (:class:`EntryInfo`) or None."""
+        data = yield self._call("lookup", {"key": key.to_wire(), "verify": verify},
+                                timeout=3600 if verify else None)
+        return EntryInfo.from_wire(data) if data is not None else None
+
+    @defer.inlineCallbacks
+    def info(self, key: EntryKey) -> Any:
+        """The complete entry (:class:`EntryInfo`); EntryNotFoundError otherwise."""
+        data = yield self._call("info", {"key": key.to_wire()})
+        return EntryInfo.from_wire(data)
+
+    @defer.inlineCallbacks
+    def list(self) -> Any:
+        """Every complete entry, as :class:`EntryInfo`."""
+        data = yield self._call("list", {}, timeout=600)
+        return [EntryInfo.from_wire(e) for e in data["entries"]]
+
+    @defer.inlineCallbacks
+    def lock(self, key: EntryKey, timeout: float = DEFAULT_CLIENT_WAIT, lease: float | None = None) -> Any:
+        """Take the entry's lock (waiting at most ``timeout`` s); a :class:`RemoteLock`.
+
+        If this call gives up (its RPC times out) while the service still waits,
+        a lock taken later is released when its lease ends.
+        """
+        if not math.isfinite(timeout):
+            raise InvalidKeyError("a remote lock wait needs a finite timeout")
+        content: dict[str, Any] = {"key": key.to_wire(), "timeout": timeout}
+        if lease is not None:
+            content["lease"] = lease
+        data = yield self._call("lock", content, timeout=timeout + 30)
+        return RemoteLock(data["token"], EntryKey.from_wire(data["key"]), Path(data["path"]), data["pid"],
+                          float(data["lease"]))
+
+    @defer.inlineCallbacks
+    def renew(self, lock: RemoteLock, lease: float | None = None) -> Any:
+        """Extend the lock's lease; fires with the lease in seconds."""
+        data = yield self._call("renew", {"token": lock.token, "lease": lease}, target=lock.pid)
+        return data["lease"]
+
+    @defer.inlineCallbacks
+    def unlock(self, lock: RemoteLock) -> Any:
+        """Release the lock."""
+        yield self._call("unlock", {"token": lock.token}, target=lock.pid)
+        return None
+
+    @defer.inlineCallbacks
+    def new_staging(self) -> Any:
+        """A new staging folder (a Path on the service's filesystem)."""
+        data = yield self._call("new_staging", {})
+        return Path(data["path"])
+
+    @defer.inlineCallbacks
+    def discard_staging(self, path: str | Path) -> Any:
+        yield self._call("discard_staging", {"path": str(path)})
+        return None
+
+    @defer.inlineCallbacks
+    def publish(self, lock: RemoteLock, staging: str | Path, files: Mapping[str, FileMeta | Mapping[str, Any]],
+                url: str | None = None) -> Any:
+        """Publish the staged folder as the entry of ``lock.key``; its :class:`EntryInfo`."""
+        wire = {rel: m.to_wire() if isinstance(m, FileMeta) else dict(m) for rel, m in files.items()}
+        data = yield self._call("publish", {"token": lock.token, "key": lock.key.to_wire(), "staging": str(staging),
+                                            "files": wire, "url": url}, target=lock.pid, timeout=600)
+        return EntryInfo.from_wire(data)
+
+    @defer.inlineCallbacks
+    def verify(self, key: EntryKey | None = None, timeout: float = 3600) -> Any:
+        """:class:`EntryReport` per entry checked."""
+        data = yield self._call("verify", {"key": key.to_wire() if key else None}, timeout=timeout)
+        return [EntryReport.from_wire(r) for r in data["reports"]]
+
+    @defer.inlineCallbacks
+    def repair(self, key: EntryKey | None = None, timeout: float = 3600) -> Any:
+        """:class:`EntryReport` per entry checked, with the action taken."""
+        data = yield self._call("repair", {"key": key.to_wire() if key else None}, timeout=timeout)
+        return [EntryReport.from_wire(r) for r in data["reports"]]
+
+    @defer.inlineCallbacks
+    def prune(self, older_than: float | None = None, keep: int | None = None, timeout: float = 600) -> Any:
+        """A :class:`PruneReport`."""
+        data = yield self._call("prune", {"older_than": older_than, "keep": keep}, timeout=timeout)
+        return PruneReport.from_wire(data)
+
+    @defer.inlineCallbacks
+    def clear(self, timeout: float = 600) -> Any:
+        """A :class:`PruneReport`."""
+        data = yield self._call("clear", {}, timeout=timeout)
+        return PruneReport.from_wire(data)

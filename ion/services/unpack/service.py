@@ -1,0 +1,163 @@
+# -*- test-case-name: tests.services.unpack.test_service -*-
+"""The Unpack service: :mod:`ion.services.unpack.core` over messages.
+
+``res/apps/unpack.app`` starts it. From any process::
+
+    client = UnpackClient(proc)
+    found = yield client.detect("/cache/staging/x/dep-1.0.tgz")
+    # {"format": "tar.gz", "archive": True, "claimed": "tar.gz", "reason": "..."}
+    done = yield client.unpack("/cache/staging/x/dep-1.0.tgz", "/cache/staging/x/tree")
+    # {"format": "tar.gz", "kept": False, "members": 12, "bytes": 40960}
+
+Extraction runs in the container's blocking pool, never on the reactor. A
+request may name only paths under the configured ``allowed_roots`` (symlinks
+resolved; default the deploy cache root), since anyone on the bus can send one.
+
+Errors: a malformed request is a 400, a path outside the roots a 403; an
+archive that is unsafe, over a limit or corrupt is a 422 whose ``error`` is the
+core's class name (``UnsafeArchiveError``, ``ArchiveLimitError``,
+``CorruptArchiveError``) and whose message names the member, limit or cause; a
+target that cannot be written is a 500 (``TargetError``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+
+from ion.core.exceptions import ApplicationError
+from ion.core.service import ServiceClient, ServiceProcess
+from ion.services.unpack import core
+from ion.services.unpack.core import Limits, UnpackError
+
+__all__ = ["UnpackService", "UnpackClient", "default_allowed_roots"]
+
+#: Seconds an UnpackClient call waits for its answer unless configured (``rpc_timeout``).
+DEFAULT_CLIENT_TIMEOUT = 900.0
+
+
+def default_allowed_roots() -> list[Path]:
+    """The deploy cache root (DESIGN §8): ``$ION_CACHE_DIR``, else ``~/.cache/ion/deploy``."""
+    return [Path(os.environ.get("ION_CACHE_DIR") or "~/.cache/ion/deploy").expanduser()]
+
+
+class UnpackService(ServiceProcess):
+    """Detects and safely extracts archives (config section ``ion.services.unpack``)."""
+
+    service_name = "unpack"
+    version = "0.1.0"
+
+    def slc_init(self) -> None:
+        self.limits = Limits.from_config(self.get_config)
+        roots = self.get_config("allowed_roots")
+        if roots is None:
+            paths = default_allowed_roots()
+        elif isinstance(roots, (list, tuple)) and all(isinstance(r, str) for r in roots):
+            paths = [Path(r).expanduser() for r in roots]
+        else:
+            from ion.core.exceptions import ConfigurationError
+
+            raise ConfigurationError(f"{core.CONFIG_SECTION}: allowed_roots must be a list of paths, not {roots!r}")
+        # Resolved once: a root that is itself a symlink is the operator's choice.
+        self.allowed_roots = [Path(os.path.realpath(p)) for p in paths]
+
+    # -- requests ------------------------------------------------------------------------
+    def _path(self, content: Any, key: str, *, below: bool = False) -> Path:
+        """The request's ``key`` as an absolute path under an allowed root (strictly
+        ``below`` one if asked), symlinks resolved.
+
+        :raises ApplicationError: 400 for a missing or relative path, 403 outside the roots.
+        """
+        if not isinstance(content, dict):
+            raise ApplicationError(f"the request must be a dict with {key!r}, not {type(content).__name__}")
+        value = content.get(key)
+        if not isinstance(value, str) or not value:
+            raise ApplicationError(f"the request needs {key!r}: a path (string)")
+        if "\x00" in value or not os.path.isabs(value):
+            raise ApplicationError(f"{key} {value!r} must be an absolute path")
+        resolved = Path(os.path.realpath(value))
+        if not any(resolved.is_relative_to(root) and not (below and resolved == root)
+                   for root in self.allowed_roots):
+            roots = ", ".join(str(r) for r in self.allowed_roots) or "none"
+            raise ApplicationError(f"{key} {value} (resolved {resolved}) is outside the allowed roots ({roots})",
+                                   code=403)
+        return resolved
+
+    def _refuse(self, msg: dict[str, Any], exc: UnpackError) -> None:
+        """Answer with the core error's class name, its code and its precise message."""
+        self._log.warn("{pid}: {op} from {sender} refused ({code} {error}): {message}", pid=self.id,
+                       op=msg["op"], sender=msg["sender"], code=exc.code, error=type(exc).__name__,
+                       message=str(exc))
+        self.reply_err(msg, {"error": type(exc).__name__, "message": str(exc)}, response_code=exc.code)
+
+    async def op_detect(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """Whether ``{path}`` is an archive: ``{format, archive, claimed, reason}``."""
+        path = self._path(content, "path")
+        try:
+            found = await self.container.blocking.run(core.detect, path)
+        except UnpackError as exc:
+            return self._refuse(msg, exc)
+        return {
+            "format": found.format.value if found.format else None,
+            "archive": found.is_archive,
+            "claimed": found.claimed.value if found.claimed else None,
+            "reason": found.reason,
+        }
+
+    async def op_unpack(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """Extract ``{archive, target}``: ``{format, kept: false, members, bytes}``, or
+        ``{format: null, kept: true, reason}`` for a file that is no archive (left alone)."""
+        archive = self._path(content, "archive")
+        target = self._path(content, "target", below=True)
+        try:
+            result = await self.container.blocking.run(core.unpack, archive, target, self.limits)
+        except UnpackError as exc:
+            return self._refuse(msg, exc)
+        if result.extracted is None:
+            return {"format": None, "kept": True, "reason": result.detection.reason}
+        self._log.debug("{pid}: unpacked {archive} ({format}, {members} members, {bytes} bytes)", pid=self.id,
+                        archive=str(archive), format=result.extracted.format.value,
+                        members=len(result.extracted.members), bytes=result.extracted.total_bytes)
+        return {
+            "format": result.extracted.format.value,
+            "kept": False,
+            "members": len(result.extracted.members),
+            "bytes": result.extracted.total_bytes,
+        }
+
+
+class UnpackClient(ServiceClient):
+    """Calls the unpack service.
+
+    Failures arrive as :class:`~ion.core.exceptions.ReceivedApplicationError`
+    (4xx; ``remote_error`` is the core error's class name) or
+    :class:`~ion.core.exceptions.ReceivedContainerError` (5xx).
+    """
+
+    service_name = "unpack"
+
+    def _timeout(self, timeout: float | None) -> float:
+        if timeout is not None:
+            return timeout
+        return float(self.proc.container.config.get(core.CONFIG_SECTION, "rpc_timeout", DEFAULT_CLIENT_TIMEOUT))
+
+    @defer.inlineCallbacks
+    def detect(self, path: str | os.PathLike[str], timeout: float | None = None) -> Any:
+        """``{format, archive, claimed, reason}`` for the file at ``path``."""
+        content, _headers = yield self.rpc_send("detect", {"path": os.fspath(path)},
+                                                timeout=self._timeout(timeout))
+        return content
+
+    @defer.inlineCallbacks
+    def unpack(self, archive: str | os.PathLike[str], target: str | os.PathLike[str],
+               timeout: float | None = None) -> Any:
+        """Extract ``archive`` into ``target``: ``{format, kept, members, bytes}``.
+
+        :param timeout: seconds to wait (default: config ``ion.services.unpack.rpc_timeout``, 900).
+        """
+        content, _headers = yield self.rpc_send(
+            "unpack", {"archive": os.fspath(archive), "target": os.fspath(target)}, timeout=self._timeout(timeout))
+        return content

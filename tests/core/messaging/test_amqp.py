@@ -1,0 +1,591 @@
+"""The AMQP transport on a real RabbitMQ (started by the test session, a fresh vhost per test).
+
+The transport contract suite (``contract.py``) runs here unchanged against
+RabbitMQ; the tests below cover what only a real broker shows: login errors,
+broker-validated identity, channel errors, containers talking through the
+broker, and a broker restart in the middle of calls.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import msgpack
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task, threads
+
+from ion.core.exceptions import ConnectionLostError, ConversationError, ConversationTimeout, TransportError
+from ion.core.messaging.amqp import AmqpTransport
+from ion.core.messaging.transport import Delivery, Properties
+from ion.core.service import ServiceProcess
+from ion.services.hello import HelloClient, HelloService
+from ion.testing import ContainerFactory, client_process
+
+pytestmark = pytest.mark.amqp
+
+
+def _vhost(url: str) -> str:
+    return unquote(urlsplit(url).path.lstrip("/")) or "/"
+
+
+def _name(prefix: str = "q") -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+class _Inbox:
+    """Collects deliveries; ``next()`` fires with the next one (no sleeping)."""
+
+    def __init__(self, ack: bool = True) -> None:
+        self.ack = ack
+        self.items: list[Delivery] = []
+        self._waiters: list[defer.Deferred[Delivery]] = []
+        self._seen = 0
+
+    def __call__(self, delivery: Delivery) -> None:
+        if self.ack:
+            delivery.ack()
+        self.items.append(delivery)
+        if self._waiters:
+            self._seen += 1
+            self._waiters.pop(0).callback(delivery)
+
+    def next(self, timeout: float = 10) -> defer.Deferred[Delivery]:
+        if self._seen < len(self.items):
+            self._seen += 1
+            return defer.succeed(self.items[self._seen - 1])
+        d: defer.Deferred[Delivery] = defer.Deferred()
+        self._waiters.append(d)
+        d.addTimeout(timeout, reactor)
+        return d
+
+
+def _events(transport: Any) -> tuple[list[tuple[str, Any]], Callable[[str], defer.Deferred[Any]]]:
+    """Record a transport's connection events; ``wait(event)`` fires when it next happens."""
+    seen: list[tuple[str, Any]] = []
+    waiters: dict[str, list[defer.Deferred[Any]]] = {}
+
+    def listener(event: str, reason: Any) -> None:
+        seen.append((event, reason))
+        for d in waiters.pop(event, []):
+            d.callback(reason)
+
+    def wait(event: str, timeout: float = 60) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        waiters.setdefault(event, []).append(d)
+        d.addTimeout(timeout, reactor)
+        return d
+
+    transport.add_connection_listener(listener)
+    return seen, wait
+
+
+@pytest_twisted.async_yield_fixture
+async def transport_factory(amqp_url: str, rabbitmq: Any) -> AsyncIterator[Callable[..., Awaitable[AmqpTransport]]]:
+    """``await transport_factory(user=None)``: a connected AmqpTransport on the test's vhost.
+
+    With ``user``, the transport logs in as that broker user (created here with rights on
+    the vhost). Every transport made is closed at teardown.
+    """
+    made: list[AmqpTransport] = []
+    vhost = _vhost(amqp_url)
+
+    async def factory(user: str | None = None, **kwargs: Any) -> AmqpTransport:
+        url = amqp_url
+        if user is not None:
+            password = f"pw-{user}"
+            rabbitmq.add_user(user, password, vhost=vhost)
+            url = rabbitmq.url(vhost, user, password)
+        transport = AmqpTransport(url, **kwargs)
+        made.append(transport)
+        await transport.connect()
+        return transport
+
+    yield factory
+    for transport in reversed(made):
+        await transport.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def amqp_containers(amqp_url: str) -> AsyncIterator[ContainerFactory]:
+    """Containers on the test's vhost (all of one system unless told otherwise)."""
+    factory = ContainerFactory(broker_url=amqp_url)
+    yield factory
+    await factory.teardown()
+
+
+try:  # the shared contract suite, when it is there
+    from tests.core.messaging.contract import TransportContract
+except ImportError:  # pragma: no cover - written concurrently
+    TransportContract = None  # type: ignore[assignment,misc]
+
+if TransportContract is not None:
+
+    class TestAmqpTransport(TransportContract):  # type: ignore[misc,valid-type]
+        """The transport contract, on RabbitMQ."""
+
+
+# -- connecting ---------------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_wrong_password_is_one_clear_error(amqp_url: str, rabbitmq: Any) -> None:
+    """A refused login fails connect() once, naming broker and user; nothing retries it."""
+    vhost = _vhost(amqp_url)
+    rabbitmq.add_user("alice", "right", vhost=vhost)
+    clock = task.Clock()
+    transport = AmqpTransport(rabbitmq.url(vhost, "alice", "wrong"), clock=clock)
+    with pytest.raises(TransportError) as info:
+        await transport.connect()
+    assert str(info.value) == (f"broker at 127.0.0.1:{rabbitmq.port} refused login for user 'alice' "
+                               "(wrong user name or password?)")
+    assert "wrong" not in str(info.value).replace("(wrong user", "")  # no password in the message
+    assert clock.getDelayedCalls() == []  # no reconnection loop
+    assert transport.state == "new"
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_with_wrong_password_fails_to_start_with_that_error(amqp_url: str, rabbitmq: Any) -> None:
+    """A container on a refused login does not start, and says why in one line."""
+    vhost = _vhost(amqp_url)
+    rabbitmq.add_user("carol", "right", vhost=vhost)
+    factory = ContainerFactory(broker_url=rabbitmq.url(vhost, "carol", "nope"))
+    try:
+        with pytest.raises(TransportError, match="refused login for user 'carol'"):
+            await factory()
+    finally:
+        await factory.teardown()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_vhost_and_closed_port_are_clear_errors(rabbitmq: Any) -> None:
+    """A vhost the user may not use, or nothing listening, each give a plain message."""
+    with pytest.raises(TransportError, match="refused user 'guest' access to vhost 'no-such-vhost'"):
+        await AmqpTransport(rabbitmq.url("no-such-vhost")).connect()
+    from ion.testing.rabbitmq import free_port
+
+    port = free_port(30000, 40000)
+    with pytest.raises(TransportError, match=f"cannot connect to broker at 127.0.0.1:{port}: connection refused"):
+        await AmqpTransport(f"amqp://guest:guest@127.0.0.1:{port}/").connect()
+
+
+# -- messages -----------------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_properties_round_trip_and_user_id_is_the_login(transport_factory: Any) -> None:
+    """ION properties map to AMQP ones and back; user_id is the broker login, message_id unique."""
+    t = await transport_factory(user="dave")
+    q = await t.declare_queue(_name())
+    await t.declare_exchange("ion.props", "topic")
+    await t.bind(q, "ion.props", "a.*")
+    inbox = _Inbox()
+    await t.consume(q, inbox)
+    props = Properties(correlation_id="c#1", reply_to="back", headers={"k": "v"}, user_id="mallory")
+    await t.publish("ion.props", "a.b", b"\x81\xa1x\x01", props)
+    await t.publish("ion.props", "a.c", b"2", Properties())
+    first, second = await inbox.next(), await inbox.next()
+    assert first.body == b"\x81\xa1x\x01"
+    assert (first.exchange, first.routing_key, first.redelivered) == ("ion.props", "a.b", False)
+    p = first.properties
+    assert (p.content_type, p.correlation_id, p.reply_to, p.user_id, p.headers) == (
+        "application/msgpack", "c#1", "back", "dave", {"k": "v"})
+    assert p.message_id and second.properties.message_id and p.message_id != second.properties.message_id
+    assert props.user_id == "mallory" and props.message_id is None  # the caller's object is left alone
+
+
+@pytest_twisted.ensureDeferred
+async def test_channels_are_reused_not_opened_per_send(transport_factory: Any) -> None:
+    """Hundreds of publishes and declares run on the same few channels."""
+    t = await transport_factory()
+    q = await t.declare_queue(_name())
+    inbox = _Inbox()
+    await t.consume(q, inbox)
+    await t.publish("", q, b"x", Properties())
+    before = t.open_channels
+    await defer.DeferredList([t.publish("", q, b"x", Properties()) for _ in range(299)])
+    for _ in range(20):
+        await t.declare_queue(_name())
+    while len(inbox.items) < 300:
+        await inbox.next()
+    assert t.open_channels == before == 3  # control, publish, one consumer
+
+
+@pytest_twisted.ensureDeferred
+async def test_mandatory_message_nobody_takes_comes_back(transport_factory: Any) -> None:
+    """basic.return reaches the return callbacks with exchange, routing key and properties."""
+    t = await transport_factory()
+    await t.declare_exchange("ion.ret", "topic")
+    returned: defer.Deferred[Any] = defer.Deferred()
+    t.add_return_callback(lambda ex, key, props: returned.callback((ex, key, props)))
+    await t.publish("ion.ret", "nobody.here", b"x", Properties(correlation_id="p#7"), mandatory=True)
+    ex, key, props = await returned.addTimeout(10, reactor)
+    assert (ex, key, props.correlation_id) == ("ion.ret", "nobody.here", "p#7")
+
+
+# -- broker errors ------------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_broker_errors_carry_its_text_and_the_next_operation_works(transport_factory: Any) -> None:
+    """404/406 close the channel in AMQP; the transport reports the broker's text and reopens."""
+    t = await transport_factory()
+    with pytest.raises(TransportError, match="NOT_FOUND - no exchange 'ion.missing'") as info:
+        await t.publish("ion.missing", "k", b"x", Properties())
+    assert getattr(info.value, "reply_code", None) == 404
+    with pytest.raises(TransportError, match="NOT_FOUND - no exchange 'ion.missing'"):
+        await t.bind(await t.declare_queue(_name()), "ion.missing", "k")
+    await t.declare_exchange("ion.kind", "topic")
+    with pytest.raises(TransportError, match="PRECONDITION_FAILED - inequivalent arg 'type'"):
+        await t.declare_exchange("ion.kind", "fanout")
+    # Everything still works on fresh channels.
+    q = await t.declare_queue(_name())
+    await t.bind(q, "ion.kind", "k")
+    inbox = _Inbox()
+    await t.consume(q, inbox)
+    await t.publish("ion.kind", "k", b"after", Properties())
+    assert (await inbox.next()).body == b"after"
+
+
+@pytest_twisted.ensureDeferred
+async def test_exclusive_queue_of_another_connection_is_resource_locked(transport_factory: Any) -> None:
+    """405 RESOURCE_LOCKED for the other connection; the owner keeps working."""
+    owner, other = await transport_factory(), await transport_factory()
+    q = await owner.declare_queue(_name(), exclusive=True)
+    with pytest.raises(TransportError, match="RESOURCE_LOCKED") as info:
+        await other.declare_queue(q, exclusive=True)
+    assert getattr(info.value, "reply_code", None) == 405
+    with pytest.raises(TransportError, match="RESOURCE_LOCKED"):
+        await other.consume(q, _Inbox())
+    inbox = _Inbox()
+    await owner.consume(q, inbox)
+    await other.publish("", q, b"hi", Properties())
+    assert (await inbox.next()).body == b"hi"
+    await other.declare_queue(_name())  # the other connection's channels were reopened too
+
+
+@pytest_twisted.ensureDeferred
+async def test_exclusive_consumer_refuses_a_second_one(transport_factory: Any) -> None:
+    """403 ACCESS_REFUSED for a second consumer of an exclusively consumed queue."""
+    t = await transport_factory()
+    q = await t.declare_queue(_name())
+    await t.consume(q, _Inbox(), exclusive=True)
+    with pytest.raises(TransportError, match="ACCESS_REFUSED"):
+        await t.consume(q, _Inbox())
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefetch_is_per_consumer(transport_factory: Any) -> None:
+    """A consumer with prefetch 1 gets one message until it acks; another consumer is not held up."""
+    t = await transport_factory()
+    slow_q, fast_q = await t.declare_queue(_name()), await t.declare_queue(_name())
+    slow, fast = _Inbox(ack=False), _Inbox()
+    await t.consume(slow_q, slow, prefetch=1)
+    await t.consume(fast_q, fast, prefetch=5)
+    for i in range(3):
+        await t.publish("", slow_q, b"s%d" % i, Properties())
+        await t.publish("", fast_q, b"f%d" % i, Properties())
+    first = await slow.next()
+    for _ in range(3):
+        await fast.next()
+    assert [d.body for d in slow.items] == [b"s0"]
+    first.ack()
+    second = await slow.next()
+    assert second.body == b"s1"
+    second.reject(requeue=False)
+    assert (await slow.next()).body == b"s2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_active_consumer_argument(transport_factory: Any) -> None:
+    """x-single-active-consumer: only the first consumer gets messages while it lives."""
+    a, b = await transport_factory(), await transport_factory()
+    q = await a.declare_queue(_name(), arguments={"x-single-active-consumer": True})
+    await b.declare_queue(q, arguments={"x-single-active-consumer": True})
+    first, second = _Inbox(), _Inbox()
+    await a.consume(q, first, prefetch=10)
+    await b.consume(q, second, prefetch=10)
+    for i in range(5):
+        await a.publish("", q, b"%d" % i, Properties())
+    for _ in range(5):
+        await first.next()
+    assert second.items == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_keeps_unacked_deliveries_settleable(transport_factory: Any) -> None:
+    """After cancel, a delivery in hand can still be acked; nothing more is delivered."""
+    t = await transport_factory()
+    q = await t.declare_queue(_name())
+    inbox = _Inbox(ack=False)
+    tag = await t.consume(q, inbox, prefetch=1)
+    await t.publish("", q, b"1", Properties())
+    await t.publish("", q, b"2", Properties())
+    held = await inbox.next()
+    await t.cancel(tag)
+    held.ack()
+    other = _Inbox()
+    await t.consume(q, other)
+    assert (await other.next()).body == b"2"
+    assert [d.body for d in inbox.items] == [b"1"]
+
+
+# -- containers over RabbitMQ ----------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_hello_rpc_between_two_containers(amqp_containers: ContainerFactory) -> None:
+    """A client in one container calls the hello service in another, through RabbitMQ."""
+    server = await amqp_containers(sysname="mysys")
+    client = await amqp_containers(sysname="mysys")
+    await server.spawn(HelloService)
+    proc = await client_process(client)
+    assert await HelloClient(proc).hello("x") == "Hello there, x"
+    content, headers = await proc.rpc_send("hello", "whoami", None)
+    assert content == {"user-id": "ANONYMOUS", "broker-user": "guest"}
+    assert headers["sender"].startswith(server.id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_sees_the_broker_validated_user(amqp_url: str, rabbitmq: Any) -> None:
+    """broker-user is the caller's broker login, whatever user-id it claims."""
+    vhost = _vhost(amqp_url)
+    rabbitmq.add_user("erin", "pw-erin", vhost=vhost)
+    services = ContainerFactory(broker_url=amqp_url)
+    callers = ContainerFactory(broker_url=rabbitmq.url(vhost, "erin", "pw-erin"))
+    try:
+        server = await services(sysname="ident")
+        await server.spawn(HelloService)
+        client = await callers(sysname="ident")
+        proc = await client_process(client)
+        content, _ = await proc.rpc_send("hello", "whoami", None, headers={"user-id": "root"})
+        assert content == {"user-id": "root", "broker-user": "erin"}
+    finally:
+        await callers.teardown()
+        await services.teardown()
+
+
+def _plain_pika_call(url: str, sysname: str, user_id: str | None, claimed: str) -> Any:
+    """A plain pika client (no ioncore): publish an ION rpc to ``<sysname>.hello``, read the reply."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        reply_q = ch.queue_declare("", exclusive=True).method.queue
+        # Replies are published to the system's exchange with reply-to as routing key.
+        ch.queue_bind(reply_q, f"ion.{sysname}", reply_q)
+        body = msgpack.packb({
+            "sender": reply_q, "receiver": f"{sysname}.hello", "reply-to": reply_q, "op": "whoami",
+            "conv-id": "plain#1", "conv-seq": 1, "protocol": "rpc", "performative": "request",
+            "user-id": claimed, "broker-user": "forged", "content": None,
+        })
+        props = pika.BasicProperties(content_type="application/msgpack", correlation_id="plain#1",
+                                     reply_to=reply_q, user_id=user_id)
+        ch.basic_publish(f"ion.{sysname}", f"{sysname}.hello", body, props)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            method, _props, reply = ch.basic_get(reply_q, auto_ack=True)
+            if method is not None:
+                return msgpack.unpackb(reply)
+            conn.process_data_events(time_limit=0.1)
+        raise AssertionError("no reply")
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_pika_client_identity(amqp_url: str, amqp_containers: ContainerFactory, rabbitmq: Any) -> None:
+    """A plain AMQP client gets an answer; a false user-id header still shows its true broker-user,
+    and claiming another user in the user_id property is refused by the broker."""
+    import pika.exceptions
+
+    vhost = _vhost(amqp_url)
+    rabbitmq.add_user("frank", "pw-frank", vhost=vhost)
+    frank_url = rabbitmq.url(vhost, "frank", "pw-frank")
+    server = await amqp_containers(sysname="plain")
+    await server.spawn(HelloService)
+    reply = await threads.deferToThread(_plain_pika_call, frank_url, "plain", "frank", "root")
+    assert reply["status"] == "OK" and reply["conv-id"] == "plain#1"
+    assert reply["content"] == {"user-id": "root", "broker-user": "frank"}
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="PRECONDITION_FAILED"):
+        await threads.deferToThread(_plain_pika_call, frank_url, "plain", "guest", "guest")
+
+
+# -- broker restart ---------------------------------------------------------------------------------------
+class HangService(ServiceProcess):
+    """Never answers ``hang`` (until the test releases it): a call that is surely in flight."""
+
+    service_name = "hang"
+
+    def slc_init(self) -> None:
+        self.pending: list[defer.Deferred[Any]] = []
+
+    def op_hang(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+    def slc_terminate(self) -> None:
+        for d in self.pending:
+            if not d.called:
+                d.callback(None)
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_broker_restart_during_calls(amqp_url: str, rabbitmq: Any) -> None:
+    """stop_app/start_app while calls run: in-flight calls fail at once with ConversationError,
+    listeners hear lost then restored, queues and consumers come back, later calls succeed."""
+    if not getattr(rabbitmq, "managed", False):
+        pytest.skip("needs a broker started by the test session (restart)")
+    transports = [AmqpTransport(amqp_url, reconnect_initial=0.2, reconnect_max=1.0) for _ in range(2)]
+    factory = ContainerFactory(broker_url=amqp_url)
+    config = {"ion.core.process": {"rpc_timeout": 60, "terminate_timeout": 1}}
+    restarted = False
+    try:
+        server = await factory(sysname="restart", transport=transports[0], config=config)
+        client = await factory(sysname="restart", transport=transports[1], config=config)
+        hang_pid = await server.spawn(HangService)
+        await server.spawn(HelloService)
+        proc = await client_process(client)
+        hello = HelloClient(proc)
+        assert await hello.hello("before") == "Hello there, before"
+        recorders = [_events(t) for t in transports]
+
+        in_flight = proc.rpc_send("hang", "hang", None)
+        outcomes: list[Any] = []
+        stream_done = defer.Deferred()
+        stop = [False]
+
+        def stream() -> None:
+            # A steady stream of calls, each started when the previous one ended.
+            if stop[0]:
+                stream_done.callback(None)
+                return
+            d = hello.hello(f"n{len(outcomes)}")
+            d.addBoth(lambda r: outcomes.append(r) or reactor.callLater(0.01, stream))
+
+        stream()
+        lost = [wait("lost") for _, wait in recorders]
+        restored = [wait("restored") for _, wait in recorders]
+        started = time.monotonic()
+        await threads.deferToThread(rabbitmq.stop_app)
+        restarted = True
+        await defer.gatherResults(lost)
+        # The call that was in flight failed at once, not after its 60 s timeout.
+        with pytest.raises(ConversationError, match="connection to the broker lost") as info:
+            await in_flight
+        assert not isinstance(info.value, ConversationTimeout)
+        assert time.monotonic() - started < 30
+        await threads.deferToThread(rabbitmq.start_app)
+        await defer.gatherResults(restored)
+        restarted = False
+        successes_before = sum(1 for r in outcomes if r == f"Hello there, n{outcomes.index(r)}")
+        # After reconnection, calls succeed again: queues, bindings and consumers are back.
+        assert await hello.hello("after") == "Hello there, after"
+        content, _ = await proc.rpc_send(hang_pid, "ping", None, timeout=10)
+        assert content["pid"] == hang_pid
+        stop[0] = True
+        await stream_done
+        for result in outcomes:
+            if not isinstance(result, str):
+                assert isinstance(result.value, ConversationError), result
+                assert not isinstance(result.value, ConversationTimeout)
+        assert any(isinstance(r, str) for r in outcomes[successes_before:])
+        for seen, _ in recorders:
+            assert [e for e, _ in seen] == ["lost", "restored"]
+            assert "CONNECTION_FORCED" in seen[0][1] or "320" in seen[0][1]
+    finally:
+        if restarted:
+            await threads.deferToThread(rabbitmq.start_app)
+        await factory.teardown()
+
+
+@pytest_twisted.ensureDeferred
+async def test_operations_while_disconnected_fail_fast_and_stale_acks_do_not_raise(
+        amqp_url: str, rabbitmq: Any) -> None:
+    """While the broker is away: operations fail with ConnectionLostError at once, acking a
+    delivery from before the loss is logged and dropped; after restore the message is redelivered."""
+    if not getattr(rabbitmq, "managed", False):
+        pytest.skip("needs a broker started by the test session (restart)")
+    t = AmqpTransport(amqp_url, reconnect_initial=0.2, reconnect_max=1.0)
+    await t.connect()
+    seen, wait = _events(t)
+    stopped = False
+    try:
+        q = await t.declare_queue(_name(), durable=True)
+        inbox = _Inbox(ack=False)
+        await t.consume(q, inbox)
+        await t.publish("", q, b"keep", Properties())
+        held = await inbox.next()
+        lost = wait("lost")
+        await threads.deferToThread(rabbitmq.stop_app)
+        stopped = True
+        await lost
+        with pytest.raises(ConnectionLostError, match="not connected to broker"):
+            await t.publish("", q, b"x", Properties())
+        with pytest.raises(ConnectionLostError):
+            await t.declare_queue(_name())
+        held.ack()  # no exception: the broker will redeliver it
+        restored = wait("restored")
+        await threads.deferToThread(rabbitmq.start_app)
+        stopped = False
+        await restored
+        # The durable queue kept its (unacked, hence requeued) message... or, non-persistent,
+        # lost it on restart: either way the consumer is back and takes new messages.
+        await t.publish("", q, b"new", Properties())
+        bodies = set()
+        while b"new" not in bodies:
+            bodies.add((await inbox.next()).body)
+        assert [e for e, _ in seen] == ["lost", "restored"]
+    finally:
+        if stopped:
+            await threads.deferToThread(rabbitmq.start_app)
+        await t.close()
+
+
+class _WatchedClock(task.Clock):
+    """A Clock that tells when something is scheduled on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watchers: list[defer.Deferred[Any]] = []
+
+    def callLater(self, delay: float, f: Any, *args: Any, **kw: Any) -> Any:  # noqa: N802 - Twisted's name
+        call = super().callLater(delay, f, *args, **kw)
+        watchers, self._watchers = self._watchers, []
+        for d in watchers:  # after the caller has kept the call, not in the middle of callLater
+            reactor.callLater(0, d.callback, delay)
+        return call
+
+    def next_call(self) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._watchers.append(d)
+        return d.addTimeout(20, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnection_backoff_on_the_injected_clock(amqp_url: str) -> None:
+    """Reconnection attempts wait 0.5 s, 1 s, 2 s ... up to 10 s, on the transport's clock."""
+    import dataclasses
+
+    from ion.testing.rabbitmq import free_port
+
+    clock = _WatchedClock()
+    t = AmqpTransport(amqp_url, clock=clock)
+    await t.connect()
+    seen, wait = _events(t)
+    try:
+        scheduled = clock.next_call()
+        t._conn.transport.abortConnection()  # the TCP connection drops under us
+        delays = [await scheduled]
+        assert seen[0][0] == "lost"
+        # From now on nothing listens where the transport connects: every attempt fails.
+        t.url = dataclasses.replace(t.url, port=free_port(30000, 40000))
+        for _ in range(6):
+            scheduled = clock.next_call()
+            clock.advance(delays[-1])
+            delays.append(await scheduled)
+        assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+        assert t.state == "lost" and [e for e, _ in seen] == ["lost"]
+    finally:
+        await t.close()
+        assert clock.getDelayedCalls() == []

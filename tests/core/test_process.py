@@ -1,0 +1,553 @@
+"""Processes (DESIGN §5): dispatch, bad input, built-in ops, children, graceful terminate,
+nested and self calls, user-id delegation, protobuf content.
+
+Runs on a :class:`~ion.testing.ClockedSystem` (time moves only when the test advances it).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from ion.core.exceptions import (
+    ConfigurationError,
+    ConversationError,
+    ConversationTimeout,
+    MessageTooLargeError,
+    ReceivedApplicationError,
+    ReceivedContainerError,
+)
+from ion.core.lifecycle import State
+from ion.core.messaging import message as wire
+from ion.core.messaging.message import Performative
+from ion.core.process import Process, ProcessClient, ProcessDesc, load_process_class
+from ion.core.service import ServiceProcess
+from ion.testing import ClockedSystem
+
+from .support import (
+    EchoService,
+    Probe,
+    Recorder,
+    RelayService,
+    failure_of,
+    logged,
+    no_result,
+    raw_message,
+    request_body,
+    success_of,
+)
+
+
+def _echo(system: ClockedSystem) -> EchoService:
+    svc = system.spawn(EchoService)
+    assert isinstance(svc, EchoService)
+    return svc
+
+
+def _still_serving(system: ClockedSystem, svc: Process) -> None:
+    """The process is ACTIVE and still answers requests."""
+    assert svc.state is State.ACTIVE
+    client = system.spawn(Process, name="checker")
+    content, _ = system.result(client.rpc_send(svc.id, "ping", "still there?"))
+    assert content["pong"] == "still there?"
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+
+
+def test_malformed_body_with_reply_properties_gets_400(system: ClockedSystem,
+                                                       log_events: list[dict[str, Any]]) -> None:
+    """A body that is not msgpack, sent with reply_to + correlation_id, is answered 400 and logged."""
+    svc = _echo(system)
+    probe = Probe(system.container)
+    probe.publish(svc.id, b"\xc1 this is not msgpack")
+    system.pump()
+    [reply] = probe.received
+    assert reply["response-code"] == 400
+    assert reply["status"] == "ERROR"
+    assert reply["performative"] == Performative.FAILURE
+    assert reply["conv-id"] == "probe#1"
+    assert reply["content"]["error"] == "MalformedMessageError"
+    assert logged(log_events, "dropped bad message from probe", "user ion")
+    assert svc.calls == []
+    _still_serving(system, svc)
+
+
+def test_malformed_body_without_reply_properties_is_dropped(system: ClockedSystem,
+                                                            log_events: list[dict[str, Any]]) -> None:
+    """A body that is not msgpack, with nowhere to answer, is only logged (with the broker user)."""
+    svc = _echo(system)
+    probe = Probe(system.container)
+    probe.publish(svc.id, b"\xc1 garbage", reply=False)
+    system.pump()
+    assert probe.received == []
+    [line] = logged(log_events, "dropped bad message")
+    assert "user ion" in line and "message-id" in line
+    _still_serving(system, svc)
+
+
+def test_message_missing_headers_is_answered_400_naming_its_sender(
+        system: ClockedSystem, log_events: list[dict[str, Any]]) -> None:
+    """A msgpack dict without the required headers gets a 400 and the log names the sender it claims."""
+    svc = _echo(system)
+    probe = Probe(system.container)
+    probe.publish(svc.id, raw_message(sender="evil.sender", op="echo", content=1))
+    system.pump()
+    [reply] = probe.received
+    assert reply["response-code"] == 400
+    assert "lacks required header" in reply["content"]["message"]
+    assert logged(log_events, "dropped bad message from evil.sender")
+    assert svc.calls == []
+    _still_serving(system, svc)
+
+
+def test_message_missing_headers_without_reply_properties_is_dropped(
+        system: ClockedSystem, log_events: list[dict[str, Any]]) -> None:
+    """A headerless message with no reply properties is dropped; the op is not called."""
+    svc = _echo(system)
+    probe = Probe(system.container)
+    probe.publish(svc.id, raw_message(sender="evil.sender", op="echo"), reply=False)
+    system.pump()
+    assert probe.received == []
+    assert svc.calls == []
+    assert logged(log_events, "dropped bad message from evil.sender")
+    _still_serving(system, svc)
+
+
+def test_unknown_op_is_logged_with_its_sender(system: ClockedSystem, log_events: list[dict[str, Any]]) -> None:
+    """An unknown op is answered 404 and logged naming the op and the sender."""
+    svc = _echo(system)
+    client = system.spawn(Process)
+    d = client.rpc_send(svc.id, "nope")
+    system.pump()
+    assert failure_of(d, ReceivedApplicationError).response_code == 404
+    assert logged(log_events, "unknown op 'nope'", client.backend_name)
+    _still_serving(system, svc)
+
+
+def test_unknown_op_in_a_one_off_send_is_only_logged(system: ClockedSystem,
+                                                     log_events: list[dict[str, Any]]) -> None:
+    """A one-off send (protocol none) to an unknown op gets no reply, just a log line."""
+    svc = _echo(system)
+    client = system.spawn(Process)
+    system.result(client.send(svc.id, "nope"))
+    system.pump()
+    assert logged(log_events, "unknown op 'nope'", client.backend_name)
+    assert client.conversations.late_messages == 0 and len(client.conversations) == 0
+    assert svc.state is State.ACTIVE
+
+
+def test_expired_message_is_dropped_without_calling_the_op(system: ClockedSystem,
+                                                           log_events: list[dict[str, Any]]) -> None:
+    """A message whose expiry (epoch seconds) has passed is dropped and logged; the op never runs."""
+    svc = _echo(system)
+    probe = Probe(system.container)
+    probe.publish(svc.id, request_body(svc.id, "echo", "stale", expiry=time.time() - 60))
+    system.pump()
+    assert svc.calls == []
+    assert probe.received == []
+    assert logged(log_events, "dropped expired message", "'echo'", "from probe")
+    # the same request with a future expiry is served
+    probe.publish(svc.id, request_body(svc.id, "echo", "fresh", expiry=time.time() + 3600))
+    system.pump()
+    assert svc.calls == [("echo", "fresh")]
+    assert [m["content"] for m in probe.received] == ["fresh"]
+    assert svc.state is State.ACTIVE
+
+
+def test_reply_for_unknown_conversation_is_logged_and_dropped(system: ClockedSystem,
+                                                              log_events: list[dict[str, Any]]) -> None:
+    """A reply to no conversation of the process, on either queue, is counted late, logged, dropped."""
+    svc = _echo(system)
+    probe = Probe(system.container)
+    for queue in (svc.id, svc.backend_name):
+        body = wire.encode(wire.build(sender="stranger.9", receiver=queue, op="result", content=1,
+                                      conv_id="stranger.9#4", conv_seq=2,
+                                      performative=Performative.INFORM_RESULT))
+        probe.publish(queue, body)
+    system.pump()
+    assert svc.conversations.late_messages == 2
+    assert len(logged(log_events, "late inform_result from stranger.9")) == 2
+    assert probe.received == []  # no answer to an answer
+    assert svc.calls == []
+    _still_serving(system, svc)
+
+
+def test_oversized_request_fails_the_caller_at_once() -> None:
+    """A request over max_message_size fails the caller's Deferred with a 413 naming the limit."""
+    system = ClockedSystem(config={"ion.core.messaging": {"max_message_size": 2048}})
+    svc = _echo(system)
+    client = system.spawn(Process)
+    d = client.rpc_send("echo", "echo", "x" * 5000)
+    err = failure_of(d, ConversationError)  # no pumping needed
+    assert err.response_code == 413
+    assert "over the limit of 2048" in err.message
+    assert len(client.conversations) == 0
+    failure_of(client.send("echo", "echo", "x" * 5000), MessageTooLargeError)
+    system.pump()
+    assert svc.calls == []
+
+
+def test_oversized_message_received_raw_is_answered_413(log_events: list[dict[str, Any]]) -> None:
+    """A body over the receiver's limit is answered 413 (with reply properties) or dropped (without)."""
+    system = ClockedSystem(config={"ion.core.messaging": {"max_message_size": 2048}})
+    svc = _echo(system)
+    probe = Probe(system.container)
+    body = request_body(svc.id, "echo", "x" * 5000)
+    probe.publish(svc.id, body)
+    probe.publish(svc.id, body, reply=False)
+    system.pump()
+    [reply] = probe.received
+    assert reply["response-code"] == 413
+    assert reply["content"]["error"] == "MessageTooLargeError"
+    assert len(logged(log_events, "dropped bad message", "over the limit of 2048")) == 2
+    assert svc.calls == []
+    _still_serving(system, svc)
+
+
+def test_oversized_result_is_answered_500() -> None:
+    """An op result over the limit becomes a 500 MessageTooLargeError reply instead of a lost answer."""
+    system = ClockedSystem(config={"ion.core.messaging": {"max_message_size": 2048}})
+    svc = _echo(system)
+    client = system.spawn(Process)
+    d = client.rpc_send("echo", "huge", 5000)
+    system.pump()
+    err = failure_of(d, ReceivedContainerError)
+    assert err.remote_error == "MessageTooLargeError"
+    assert svc.state is State.ACTIVE and len(svc.conversations) == 0
+
+
+def test_broker_user_cannot_be_claimed_in_the_body(system: ClockedSystem) -> None:
+    """broker-user comes from the transport, never from the sender's headers."""
+    _echo(system)
+    client = system.spawn(Process)
+    content, _ = system.result(client.rpc_send("echo", "headers", headers={"broker-user": "mallory"}))
+    assert content["broker-user"] == "ion"
+
+
+# -- built-in ops ------------------------------------------------------------------------------------------
+
+
+def test_op_ping_answers_liveness(system: ClockedSystem) -> None:
+    """ping answers with the content, the pid, the label and the state."""
+    proc = system.spawn(Process, name="pinged")
+    client = system.spawn(Process)
+    content, _ = system.result(client.rpc_send(proc.id, "ping", "hi"))
+    assert content == {"pong": "hi", "pid": proc.id, "name": "pinged", "state": "ACTIVE"}
+    assert system.result(ProcessClient(client, proc.id).ping())["pid"] == proc.id
+
+
+def test_op_terminate_by_message(system: ClockedSystem) -> None:
+    """terminate by message: the caller gets its reply, then the process is TERMINATED and gone."""
+    proc = system.spawn(Process)
+    client = system.spawn(Process)
+    content, headers = system.result(client.rpc_send(proc.id, "terminate"))
+    assert content == {"terminating": proc.id}
+    assert headers["status"] == "OK"
+    system.pump()
+    assert proc.state is State.TERMINATED
+    assert system.container.proc_manager.get(proc.id) is None
+    d = client.rpc_send(proc.id, "ping")
+    system.pump()
+    assert failure_of(d, ConversationError).response_code == 404
+
+
+def test_spawn_child_children_end_with_parent_in_reverse_order(system: ClockedSystem) -> None:
+    """Children spawned by a process are terminated with it, the last spawned first, before its own hook."""
+    log: list[tuple[str, str]] = []
+    parent = system.spawn(Recorder, {"log": log}, name="parent")
+    pids = [system.result(parent.spawn_child(Recorder, {"log": log}, name=f"child{i}")) for i in (1, 2, 3)]
+    children = [system.container.proc_manager.get(pid) for pid in pids]
+    assert parent.children == children
+    assert all(c is not None and c.parent is parent for c in children)
+    system.result(system.container.proc_manager.terminate_process(parent.id))
+    assert log == [("terminate", "child3"), ("terminate", "child2"), ("terminate", "child1"),
+                   ("terminate", "parent")]
+    assert all(c is not None and c.state is State.TERMINATED for c in children)
+    assert parent.children == []
+
+
+def test_child_that_ends_first_leaves_its_parent(system: ClockedSystem) -> None:
+    """A child terminated on its own is no longer the parent's child; the parent still ends cleanly."""
+    log: list[tuple[str, str]] = []
+    parent = system.spawn(Recorder, {"log": log}, name="parent")
+    first = system.result(parent.spawn_child(Recorder, {"log": log}, name="first"))
+    system.result(parent.spawn_child(Recorder, {"log": log}, name="second"))
+    system.result(system.container.proc_manager.terminate_process(first))
+    assert [c.proc_name for c in parent.children] == ["second"]
+    system.result(parent.terminate())
+    assert log == [("terminate", "first"), ("terminate", "second"), ("terminate", "parent")]
+
+
+# -- graceful terminate ----------------------------------------------------------------------------------
+
+
+def test_terminate_waits_for_the_op_in_progress(system: ClockedSystem) -> None:
+    """Terminating while an op runs waits for it; its caller still gets the answer."""
+    svc = _echo(system)
+    client = system.spawn(Process)
+    call = client.rpc_send(svc.id, "slow", 3)
+    system.pump()
+    stopping = system.container.proc_manager.terminate_process(svc.id)
+    system.advance(2.9)
+    no_result(stopping)
+    no_result(call)
+    assert svc.state is State.ACTIVE
+    system.advance(0.1)
+    success_of(stopping)
+    assert success_of(call)[0] == "slow done"
+    assert svc.state is State.TERMINATED
+
+
+def test_terminate_is_bounded_by_terminate_timeout(log_events: list[dict[str, Any]]) -> None:
+    """An op that outlives terminate_timeout does not hold terminate; its caller is told 503 at once."""
+    system = ClockedSystem(config={"ion.core.process": {"terminate_timeout": 2}})
+    svc = _echo(system)
+    client = system.spawn(Process)
+    call = client.rpc_send(svc.id, "never", timeout=60)
+    system.pump()
+    stopping = system.container.proc_manager.terminate_process(svc.id)
+    system.advance(1.9)
+    no_result(stopping)
+    system.advance(0.1)
+    success_of(stopping)
+    assert svc.state is State.TERMINATED
+    err = failure_of(call, ReceivedContainerError)
+    assert err.response_code == 503
+    assert "terminated before answering" in err.message
+    svc.pending.callback("too late")  # the op ends after all: nothing more is sent
+    system.pump()
+    assert client.conversations.late_messages == 0
+
+
+def test_terminate_waits_for_an_op_that_awaits_a_nested_rpc(system: ClockedSystem) -> None:
+    """An op waiting for a reply keeps receiving it while its process terminates, and answers its caller."""
+    relay = system.spawn(RelayService)
+    _echo(system)
+    client = system.spawn(Process)
+    call = client.rpc_send(relay.id, "relay", {"to": "echo", "op": "slow", "arg": 2})
+    system.pump()
+    stopping = system.container.proc_manager.terminate_process(relay.id)
+    system.pump()
+    no_result(stopping)
+    system.advance(2)
+    success_of(stopping)
+    assert success_of(call)[0] == "slow done"
+    assert relay.state is State.TERMINATED
+
+
+def test_terminating_process_takes_no_new_requests(system: ClockedSystem) -> None:
+    """While one instance drains, new requests to the service go to the other instance."""
+    first = _echo(system)
+    second = _echo(system)
+    client = system.spawn(Process)
+    busy = client.rpc_send(first.id, "slow", 5)
+    system.pump()
+    stopping = system.container.proc_manager.terminate_process(first.id)
+    system.pump()
+    ds = [client.rpc_send("echo", "whoami") for _ in range(4)]
+    system.pump()
+    assert [success_of(d)[0] for d in ds] == [second.id] * 4
+    system.advance(5)
+    success_of(stopping)
+    assert success_of(busy)[0] == "slow done"
+
+
+def test_outstanding_conversations_fail_when_their_process_terminates(system: ClockedSystem) -> None:
+    """Calls a process still waits for fail with ConversationError when it terminates."""
+    _echo(system)
+    client = system.spawn(Process)
+    calls = [client.rpc_send("echo", "never", timeout=60), client.request("echo", "never", timeout=60)]
+    system.pump()
+    system.result(client.terminate())
+    for d in calls:
+        err = failure_of(d, ConversationError)
+        assert "terminated" in err.message
+    assert len(client.conversations) == 0
+
+
+# -- nested and self calls ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["relay", "relay_icb"])
+def test_rpc_inside_an_op(system: ClockedSystem, op: str) -> None:
+    """An op that calls another service and answers its result does not deadlock."""
+    system.spawn(RelayService)
+    _echo(system)
+    client = system.spawn(Process)
+    content, _ = system.result(client.rpc_send("relay", op, {"to": "echo", "op": "echo", "arg": [1, 2]}))
+    assert content == [1, 2]
+
+
+def test_service_calls_itself_by_name_while_handling_its_service_queue(system: ClockedSystem) -> None:
+    """An op reached by service name can call its own service name: no self-deadlock, no timeout."""
+    relay = system.spawn(RelayService)
+    client = system.spawn(Process)
+    d = client.rpc_send("relay", "relay", {"to": "relay", "op": "echo", "arg": "me again"})
+    system.pump()  # no time passes
+    assert success_of(d)[0] == "me again"
+    assert len(relay.conversations) == 0
+
+
+def test_service_calls_itself_by_name_while_handling_a_pid_request(system: ClockedSystem) -> None:
+    """An op reached by pid can call its own service name (the reply comes back on the backend queue)."""
+    relay = system.spawn(RelayService)
+    client = system.spawn(Process)
+    d = client.rpc_send(relay.id, "relay", {"to": "relay", "op": "echo", "arg": "via the service queue"})
+    system.pump()
+    assert success_of(d)[0] == "via the service queue"
+    assert len(relay.conversations) == 0
+
+
+def test_call_to_own_pid_from_a_pid_request_fails_fast(system: ClockedSystem) -> None:
+    """An op calling its own pid would wait for itself: the call fails at once (508), not after the timeout."""
+    relay = system.spawn(RelayService)
+    client = system.spawn(Process)
+    d = client.rpc_send(relay.id, "relay", {"to": relay.id, "op": "echo", "arg": 1})
+    system.pump()
+    err = failure_of(d, ReceivedContainerError)
+    assert err.remote_error == "ConversationError"
+    assert "would wait for itself" in err.message
+    _still_serving(system, relay)
+
+
+def test_process_calls_itself_outside_an_op(system: ClockedSystem) -> None:
+    """A process may rpc its own pid from outside an op: request and reply use different queues."""
+    svc = _echo(system)
+    content, _ = system.result(svc.rpc_send(svc.id, "echo", "to myself"))
+    assert content == "to myself"
+    content, _ = system.result(svc.rpc_send("echo", "echo", "to my service"))
+    assert content == "to my service"
+    assert len(svc.conversations) == 0
+
+
+# -- identity --------------------------------------------------------------------------------------------
+
+
+def test_user_id_is_delegated_along_a_call_chain(system: ClockedSystem) -> None:
+    """A caller's user-id reaches the service called by the op it called; broker-user is the transport's."""
+    system.spawn(RelayService)
+    _echo(system)
+    client = system.spawn(Process)
+    content, _ = system.result(client.rpc_send("relay", "relay", {"to": "echo", "op": "headers"},
+                                               headers={"user-id": "alice"}))
+    assert content["user-id"] == "alice"
+    assert content["broker-user"] == "ion"
+
+
+def test_user_id_defaults_to_the_process_identity(system: ClockedSystem) -> None:
+    """Outside an op, calls carry the process's own user-id (spawnarg), else ANONYMOUS."""
+    _echo(system)
+    anonymous = system.spawn(Process)
+    bob = system.spawn(Process, {"user-id": "bob"})
+    assert system.result(anonymous.rpc_send("echo", "headers"))[0]["user-id"] == "ANONYMOUS"
+    assert system.result(bob.rpc_send("echo", "headers"))[0]["user-id"] == "bob"
+
+
+def test_delegation_does_not_leak_between_concurrent_ops(system: ClockedSystem) -> None:
+    """Two callers with different user-ids, served concurrently, each see their own identity downstream."""
+    system.spawn(RelayService)
+    system.spawn(RelayService)
+    _echo(system)
+    client = system.spawn(Process)
+    ds = [client.rpc_send("relay", "relay", {"to": "echo", "op": "headers"}, headers={"user-id": user})
+          for user in ("alice", "bob", "carol", "dave")]
+    system.pump()
+    assert [success_of(d)[0]["user-id"] for d in ds] == ["alice", "bob", "carol", "dave"]
+
+
+# -- protobuf content ----------------------------------------------------------------------------------------
+
+
+class StampService(ServiceProcess):
+    """Takes a Struct, answers a Timestamp."""
+
+    service_name = "stamp"
+
+    def op_stamp(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        self.got = content
+        return timestamp_pb2.Timestamp(seconds=int(content["seconds"]), nanos=5)
+
+
+def test_protobuf_content_end_to_end(system: ClockedSystem) -> None:
+    """A protobuf message as content arrives as an instance of its type, and so does one as a result."""
+    svc = system.spawn(StampService)
+    client = system.spawn(Process)
+    request = struct_pb2.Struct()
+    request.update({"seconds": 42, "who": "me"})
+    content, headers = system.result(client.rpc_send("stamp", "stamp", request))
+    assert isinstance(svc.got, struct_pb2.Struct)
+    assert svc.got == request
+    assert isinstance(content, timestamp_pb2.Timestamp)
+    assert (content.seconds, content.nanos) == (42, 5)
+    assert headers["encoding"] == "protobuf"
+    assert headers["content-type"] == "google.protobuf.Timestamp"
+
+
+# -- descriptions and config --------------------------------------------------------------------------------
+
+
+def test_load_process_class_by_module_and_name() -> None:
+    """A process class is found by module (its only one, or by name); anything else is a ConfigurationError."""
+    from ion.services.hello import HelloService
+
+    assert load_process_class("ion.services.hello") is HelloService
+    assert load_process_class("ion.services.hello", "HelloService") is HelloService
+    assert ProcessDesc(name="h", module="ion.services.hello").process_class() is HelloService
+    with pytest.raises(ConfigurationError, match="no Process class 'Nope'"):
+        load_process_class("ion.services.hello", "Nope")
+    with pytest.raises(ConfigurationError, match="cannot import"):
+        load_process_class("ion.no_such_module")
+    with pytest.raises(ConfigurationError, match="names no module"):
+        ProcessDesc(name="empty").process_class()
+
+
+def test_get_config_prefers_spawnargs_over_module_config() -> None:
+    """get_config reads spawnargs first, then the config section of the process's module."""
+    system = ClockedSystem(config={"ion.services.hello": {"greeting": "Howdy", "other": 1}})
+    from ion.services.hello import HelloService
+
+    plain = system.spawn(HelloService)
+    assert plain.get_config("greeting") == "Howdy"
+    told = system.spawn(HelloService, {"greeting": "Ahoy"})
+    assert told.get_config("greeting") == "Ahoy"
+    assert told.get_config("other") == 1
+    assert told.get_config("missing", "dflt") == "dflt"
+
+
+def test_resolve_scopes_bare_names_to_the_system(system: ClockedSystem) -> None:
+    """A bare service name routes to <sysname>.<name>; a pid or dotted name is left as is."""
+    proc = system.spawn(Process)
+    assert proc.resolve("hello") == "clocked.hello"
+    assert proc.resolve(proc.id) == proc.id
+
+
+def test_one_off_send_keeps_no_conversation(system: ClockedSystem) -> None:
+    """send() delivers once (protocol none), gets no reply and keeps nothing in either table."""
+    svc = _echo(system)
+    client = system.spawn(Process)
+    system.result(client.send("echo", "echo", "fire and forget"))
+    system.pump()
+    assert svc.calls == [("echo", "fire and forget")]
+    assert len(client.conversations) == 0 and len(svc.conversations) == 0
+    assert client.conversations.late_messages == 0
+
+
+def test_one_off_send_arms_no_timer(system: ClockedSystem) -> None:
+    """A one-off send never times out: no timer is left on the clock afterwards."""
+    _echo(system)
+    client = system.spawn(Process)
+    before = set(system.clock.getDelayedCalls())
+    d = client.send("echo", "echo", 1)
+    assert [c for c in system.clock.getDelayedCalls() if c not in before and c.getTime() > 0] == []
+    system.result(d)
+
+
+def test_conversation_timeout_is_a_received_error() -> None:
+    """ConversationTimeout carries code 408 and says what timed out."""
+    err = ConversationTimeout("sys.x", "op", 2.5, "p#1")
+    assert err.response_code == 408
+    assert str(err) == "408 ConversationTimeout from sys.x: no reply to 'op' from sys.x within 2.5 s"

@@ -1,0 +1,231 @@
+"""Services (DESIGN §5): shared service queues, round-robin, clients, the hello service.
+
+The end-to-end tests run on the real reactor with the embedded broker
+(``container`` / ``container_factory`` fixtures); the rest on a ClockedSystem.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from ion.core.exceptions import ConversationError, ReceivedApplicationError
+from ion.core.lifecycle import State
+from ion.core.process import Process
+from ion.core.service import ServiceClient, ServiceProcess
+from ion.services.hello import HelloClient, HelloService
+from ion.testing import ClockedSystem, client_process
+
+from .support import EchoService, RelayService, failure_of
+
+
+class EchoClient(ServiceClient):
+    """A typed client of EchoService."""
+
+    service_name = "echo"
+
+    async def echo(self, value: Any) -> Any:
+        content, _ = await self.rpc_send("echo", value)
+        return content
+
+
+class Greeter(Process):
+    """Calls the hello service from an inlineCallbacks op, as service code does."""
+
+    @defer.inlineCallbacks
+    def op_greet(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        text = yield HelloClient(self).hello(content)
+        return text
+
+
+async def _spawn(container: Any, cls: type[Process], spawnargs: dict[str, Any] | None = None) -> Any:
+    pid = await container.spawn(cls, spawnargs)
+    return container.proc_manager.get(pid)
+
+
+# -- the hello service -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_hello_client_from_another_process(container: Any) -> None:
+    """HelloClient.hello, called by another process, returns the greeting."""
+    await container.spawn(HelloService)
+    proc = await client_process(container)
+    assert await HelloClient(proc).hello("x") == "Hello there, x"
+
+
+@pytest_twisted.ensureDeferred
+async def test_hello_client_yielded_inside_an_op(container: Any) -> None:
+    """An inlineCallbacks op can `yield client.hello('x')` and answer the greeting."""
+    await container.spawn(HelloService)
+    greeter = await _spawn(container, Greeter)
+    proc = await client_process(container)
+    content, _ = await proc.rpc_send(greeter.id, "greet", "x")
+    assert content == "Hello there, x"
+
+
+def test_hello_greeting_comes_from_config() -> None:
+    """The hello greeting is the ion.services.hello greeting from the config."""
+    system = ClockedSystem(config={"ion.services.hello": {"greeting": "Howdy"}})
+    system.spawn(HelloService)
+    client = system.spawn(Process)
+    assert system.result(HelloClient(client).hello("pardner")) == "Howdy, pardner"
+
+
+def test_hello_whoami_reports_claimed_and_broker_user() -> None:
+    """whoami answers the claimed user-id and the transport's broker-user."""
+    system = ClockedSystem()
+    system.spawn(HelloService)
+    client = system.spawn(Process, {"user-id": "carol"})
+    content, _ = system.result(client.rpc_send("hello", "whoami"))
+    assert content == {"user-id": "carol", "broker-user": "ion"}
+
+
+# -- service processes and clients ---------------------------------------------------------------------
+
+
+def test_service_ping_names_service_and_version(system: ClockedSystem) -> None:
+    """A service's ping adds its service name and version to the process ping."""
+    svc = system.spawn(HelloService)
+    client = system.spawn(Process)
+    pong = system.result(ServiceClient(client, "hello").ping())
+    assert pong["service"] == "hello"
+    assert pong["version"] == HelloService.version
+    assert pong["pid"] == svc.id
+    assert pong["state"] == "ACTIVE"
+
+
+def test_service_consumes_pid_and_service_queue(system: ClockedSystem) -> None:
+    """A service answers both at its pid and at <sysname>.<service>."""
+    svc = system.spawn(EchoService)
+    client = system.spawn(Process)
+    assert isinstance(svc, EchoService)
+    assert svc.service_queue == "clocked.echo"
+    assert system.result(client.rpc_send(svc.id, "whoami"))[0] == svc.id
+    assert system.result(client.rpc_send("echo", "whoami"))[0] == svc.id
+    assert system.result(client.rpc_send("clocked.echo", "whoami"))[0] == svc.id
+
+
+def test_service_class_must_name_its_service(system: ClockedSystem) -> None:
+    """A ServiceProcess subclass without service_name cannot be created."""
+
+    class Nameless(ServiceProcess):
+        pass
+
+    with pytest.raises(TypeError, match="service_name"):
+        Nameless(system.container)
+
+
+def test_service_client_needs_a_target(system: ClockedSystem) -> None:
+    """A ServiceClient needs a service_name or an explicit target; the target wins."""
+    proc = system.spawn(Process)
+    with pytest.raises(TypeError, match="target or a service_name"):
+        ServiceClient(proc)
+    assert EchoClient(proc).target == "echo"
+    assert EchoClient(proc, "other").target == "other"
+
+
+def test_service_queue_outlives_one_instance(system: ClockedSystem) -> None:
+    """When one instance terminates, the shared queue stays and the other instance serves it."""
+    first = system.spawn(EchoService)
+    second = system.spawn(EchoService)
+    client = system.spawn(Process)
+    system.result(first.terminate())
+    assert first.state is State.TERMINATED
+    answers = {system.result(client.rpc_send("echo", "whoami"))[0] for _ in range(4)}
+    assert answers == {second.id}
+
+
+def test_unknown_service_op_is_404_from_the_client(system: ClockedSystem) -> None:
+    """A client call to an op the service lacks fails with 404 ReceivedApplicationError."""
+    system.spawn(EchoService)
+    client = system.spawn(Process)
+    d = EchoClient(client).rpc_send("nope")
+    system.pump()
+    assert failure_of(d, ReceivedApplicationError).response_code == 404
+
+
+# -- end to end on the real reactor -----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_round_robin_between_two_containers(container_factory: Any) -> None:
+    """Two instances of one service in two containers on one broker share 10 requests 5/5."""
+    first = await container_factory()
+    second = await container_factory()
+    a = await _spawn(first, EchoService)
+    b = await _spawn(second, EchoService)
+    client = await client_process(first)
+    served = Counter()
+    for _ in range(10):
+        pid, _ = await client.rpc_send("echo", "whoami")
+        served[pid] += 1
+    assert served == {a.id: 5, b.id: 5}
+
+
+@pytest_twisted.ensureDeferred
+async def test_round_robin_of_concurrent_requests(container_factory: Any) -> None:
+    """10 requests in flight at once are also split 5/5 between the two instances."""
+    first = await container_factory()
+    second = await container_factory()
+    a = await _spawn(first, EchoService)
+    b = await _spawn(second, EchoService)
+    client = await client_process(second)
+    results = await defer.gatherResults([client.rpc_send("echo", "whoami") for _ in range(10)])
+    assert Counter(pid for pid, _ in results) == {a.id: 5, b.id: 5}
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_id_delegation_across_containers(container_factory: Any) -> None:
+    """alice's user-id follows an async op's call to another service; broker-user is the real publisher."""
+    front = await container_factory(config={"ion.core.messaging": {"memory_user": "front-login"}})
+    back = await container_factory(config={"ion.core.messaging": {"memory_user": "back-login"}})
+    await front.spawn(RelayService)
+    await back.spawn(EchoService)
+    client = await client_process(back)
+    content, headers = await client.rpc_send("relay", "relay", {"to": "echo", "op": "headers"},
+                                             headers={"user-id": "alice"})
+    assert content["user-id"] == "alice"
+    assert content["broker-user"] == "front-login"  # who published to echo: relay's connection
+    assert headers["broker-user"] == "front-login"
+
+
+@pytest_twisted.ensureDeferred
+async def test_nested_rpc_and_self_call_on_the_reactor(container: Any) -> None:
+    """An op calling another service, and one calling its own service name, both answer promptly."""
+    await container.spawn(RelayService)
+    await container.spawn(EchoService)
+    client = await client_process(container)
+    content, _ = await client.rpc_send("relay", "relay", {"to": "echo", "op": "echo", "arg": "B"}, timeout=5)
+    assert content == "B"
+    started = time.monotonic()
+    content, _ = await client.rpc_send("relay", "relay", {"to": "relay", "op": "echo", "arg": "me"}, timeout=5)
+    assert content == "me"
+    assert time.monotonic() - started < 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_unbound_name_fails_promptly_on_the_reactor(container: Any) -> None:
+    """An rpc to a name nobody consumes fails with 404 well before its 30 s timeout."""
+    client = await client_process(container)
+    started = time.monotonic()
+    with pytest.raises(ConversationError) as info:
+        await client.rpc_send("nobody_here", "op", timeout=30)
+    assert info.value.response_code == 404
+    assert time.monotonic() - started < 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_100_concurrent_rpcs_on_the_reactor(container: Any) -> None:
+    """100 rpcs in flight from one process all succeed, each paired with its own reply."""
+    await container.spawn(EchoService)
+    client = await client_process(container)
+    echo = EchoClient(client)
+    results = await defer.gatherResults([defer.ensureDeferred(echo.echo({"i": i})) for i in range(100)])
+    assert results == [{"i": i} for i in range(100)]
+    assert len(client.conversations) == 0

@@ -1,0 +1,564 @@
+"""``twistd cc``: options, the plugin, the container service, log levels, and real twistd runs."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.application.service import IServiceMaker
+from twisted.internet import defer, protocol, task
+from twisted.logger import FilteringLogObserver, LogLevel
+from twisted.python import usage
+
+from ion.core import tap
+from ion.core.exceptions import ConfigurationError
+from ion.core.lifecycle import State
+from ion.core.log import filtered_observer, level_predicate, read_levels, stdout_observer
+from ion.core.tap import ContainerService, Options, parse_container_args
+from ion.testing import rpc, test_config
+
+REPO = Path(__file__).resolve().parents[2]
+HELLO_APP = REPO / "res" / "apps" / "hello.app"
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+@pytest.fixture(autouse=True)
+def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(tap.ENV_BROKER_USERNAME, raising=False)
+    monkeypatch.delenv(tap.ENV_BROKER_PASSWORD, raising=False)
+    monkeypatch.delenv("ION_LOGLEVELS", raising=False)
+
+
+# -- options ---------------------------------------------------------------------------------------------
+def test_defaults_use_the_embedded_broker() -> None:
+    """Without broker options the container uses memory://, no files, the shell allowed."""
+    options = parse()
+    assert options["broker_url"] == "memory://"
+    assert options["files"] == [] and options["no_shell"] is False
+    assert options["container_args"] == {} and options["config_overrides"] == {}
+
+
+def test_short_h_is_the_broker_host_and_help_stays_long() -> None:
+    """-h HOST selects the AMQP transport (DESIGN §7); --help still prints the usage."""
+    options = parse("-h", "rabbit.example", "-p", "5673", "-v", "ion", "--broker_username", "u",
+                    "--broker_password", "p w")
+    assert options["broker_url"] == "amqp://u:p%20w@rabbit.example:5673/ion"
+    assert options["broker_display"] == "amqp://u@rabbit.example:5673/ion"
+    assert (options["broker_host"], options["broker_port"], options["broker_vhost"]) == ("rabbit.example", 5673, "ion")
+    with pytest.raises(SystemExit):
+        parse("--help")
+    with pytest.raises(usage.UsageError):
+        parse("-h")  # needs a value
+
+
+def test_long_broker_host_options_and_defaults() -> None:
+    """--broker_host alone means port 5672, vhost '/', guest/guest."""
+    options = parse("--broker_host", "localhost")
+    assert options["broker_url"] == "amqp://guest:guest@localhost:5672/"
+    assert options["broker_display"] == "amqp://guest@localhost:5672/"
+
+
+def test_vhost_with_a_slash_is_quoted() -> None:
+    """A vhost like '/ion' survives the URL round trip."""
+    from ion.core.messaging.transport import parse_broker_url
+
+    options = parse("-h", "h", "-v", "/ion")
+    assert parse_broker_url(options["broker_url"]).vhost == "/ion"
+
+
+def test_credfile_holds_user_and_password(tmp_path: Path) -> None:
+    """--broker_credfile reads 'user password' from a file."""
+    cred = tmp_path / "cred"
+    cred.write_text("alice s3cret\n")
+    options = parse("-h", "h", "--broker_credfile", str(cred))
+    assert options["broker_username"] == "alice"
+    assert options["broker_url"] == "amqp://alice:s3cret@h:5672/"
+    assert "s3cret" not in options["broker_display"]
+
+
+@pytest.mark.parametrize("text", ["alice\n", "alice s3cret extra\n", ""])
+def test_malformed_credfile_is_refused_without_echoing_it(tmp_path: Path, text: str) -> None:
+    """A credfile that is not exactly two words is a usage error that does not show its content."""
+    cred = tmp_path / "cred"
+    cred.write_text(text)
+    with pytest.raises(usage.UsageError, match="user password") as info:
+        parse("-h", "h", "--broker_credfile", str(cred))
+    assert "s3cret" not in str(info.value)
+
+
+def test_missing_credfile_and_credfile_plus_login_are_refused(tmp_path: Path) -> None:
+    """An unreadable credfile, or a credfile given with --broker_username, is a usage error."""
+    with pytest.raises(usage.UsageError, match="cannot read"):
+        parse("-h", "h", "--broker_credfile", str(tmp_path / "nope"))
+    cred = tmp_path / "cred"
+    cred.write_text("a b")
+    with pytest.raises(usage.UsageError, match="not both"):
+        parse("-h", "h", "--broker_credfile", str(cred), "--broker_username", "x")
+
+
+def test_credentials_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """$ION_BROKER_USERNAME/$ION_BROKER_PASSWORD fill in a login the command line does not give."""
+    monkeypatch.setenv(tap.ENV_BROKER_USERNAME, "envuser")
+    monkeypatch.setenv(tap.ENV_BROKER_PASSWORD, "envpass")
+    assert parse("-h", "h")["broker_url"] == "amqp://envuser:envpass@h:5672/"
+    assert parse("-h", "h", "--broker_username", "cli")["broker_url"] == "amqp://cli:envpass@h:5672/"
+    assert parse("--broker", "amqp://rabbit:5999/v")["broker_url"] == "amqp://envuser:envpass@rabbit:5999/v"
+    # The embedded broker ignores them.
+    assert parse()["broker_url"] == "memory://"
+
+
+def test_broker_url_option() -> None:
+    """--broker gives the whole URL; its own login wins over the environment."""
+    options = parse("--broker", "amqp://bob:pw@rabbit:5673/vh")
+    assert options["broker_url"] == "amqp://bob:pw@rabbit:5673/vh"
+    assert options["broker_display"] == "amqp://bob@rabbit:5673/vh"
+    assert parse("--broker", "memory://")["broker_url"] == "memory://"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--broker", "memory://", "--broker_host", "h"], "names the host"),
+    (["--broker", "amqp://h/", "--broker_port", "5"], "names the host"),
+    (["--broker", "amqp://u:p@h/", "--broker_username", "x"], "not both"),
+    (["--broker", "memory://", "--broker_username", "x"], "only for an AMQP broker"),
+    (["--broker", "ftp://h"], "No such transport"),
+    (["--broker_port", "5673"], "only with an AMQP broker"),
+    (["--broker_password", "x"], "only with an AMQP broker"),
+    (["-h", "h", "-p", "http"], "must be a number"),
+    (["-h", "h", "-p", "70000"], "out of range"),
+    (["-h", "a/b"], "not a host name"),
+])
+def test_broker_option_errors(argv: list[str], match: str) -> None:
+    """Inconsistent broker options are usage errors that say what is wrong."""
+    with pytest.raises(usage.UsageError, match=match):
+        parse(*argv)
+
+
+def test_sysname_option_and_args() -> None:
+    """-s NAME is -a sysname=NAME; both given must agree."""
+    assert parse("-s", "sys1")["container_args"] == {"sysname": "sys1"}
+    assert parse("--sysname", "sys1", "-a", "sysname=sys1")["sysname"] == "sys1"
+    assert parse("-a", "sysname=sys2")["sysname"] == "sys2"
+    with pytest.raises(usage.UsageError, match="disagree"):
+        parse("-s", "one", "-a", "sysname=two")
+    with pytest.raises(usage.UsageError, match="system name"):
+        parse("-s", "a#b")
+
+
+def test_args_key_value_form() -> None:
+    """-a k=v,...: literals parsed, nested commas kept, dotted keys become config overrides."""
+    options = parse("-a", "sysname=s1, contid=c1, apparg_hello={'greeting': 'Hi', 'n': [1, 2]},"
+                          "ion.core.process.rpc_timeout=5,flag=on")
+    assert options["container_args"] == {
+        "sysname": "s1", "contid": "c1", "apparg_hello": {"greeting": "Hi", "n": [1, 2]}, "flag": "on"}
+    assert options["config_overrides"] == {"ion.core.process": {"rpc_timeout": 5}}
+
+
+def test_args_dict_literal_form_and_repetition() -> None:
+    """-a takes a dict literal too, and several -a merge."""
+    options = parse("-a", "{'sysname': 'd', 'ion.core.process.rpc_timeout': 2.5}",
+                    "--args", "ion.core.process.terminate_timeout=1,ion.services.hello.greeting='Yo, there'")
+    assert options["container_args"] == {"sysname": "d"}
+    assert options["config_overrides"] == {
+        "ion.core.process": {"rpc_timeout": 2.5, "terminate_timeout": 1},
+        "ion.services.hello": {"greeting": "Yo, there"}}
+
+
+@pytest.mark.parametrize("value, match", [
+    ("novalue", "not key=value"),
+    ("=3", "not key=value"),
+    ("{'a': 1", "not a valid dict literal"),
+    ("{1, 2}", "must be a dict"),
+    ("a=[1,2", "unbalanced"),
+    ("bad key=1", "not a valid argument name"),
+    (".x=1", "not <module>.<key>"),
+])
+def test_args_errors(value: str, match: str) -> None:
+    """Malformed -a values are usage errors."""
+    with pytest.raises(usage.UsageError, match=match):
+        parse("-a", value)
+
+
+def test_parse_container_args_directly() -> None:
+    """parse_container_args splits args from config overrides at the last dot."""
+    args, overrides = parse_container_args("a.b.c.key=x,plain=1")
+    assert args == {"plain": 1} and overrides == {"a.b.c": {"key": "x"}}
+
+
+def test_positional_files_and_app_names(tmp_path: Path) -> None:
+    """Positional arguments are .app/.rel files (which must exist) or app names."""
+    rel = tmp_path / "r.rel"
+    rel.write_text("{}")
+    options = parse("--no-shell", str(HELLO_APP), str(rel), "hello")
+    assert options["files"] == [str(HELLO_APP), str(rel), "hello"]
+    assert options["no_shell"] is True
+    with pytest.raises(usage.UsageError, match="no such file"):
+        parse(str(tmp_path / "missing.app"))
+    with pytest.raises(usage.UsageError, match="expected an .app or .rel"):
+        parse(str(tmp_path / "notes.txt"))
+    with pytest.raises(usage.UsageError, match="neither"):
+        parse("hello.txt")
+
+
+def test_bad_loglevels_file_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log-levels file with an unknown level stops the command line."""
+    bad = tmp_path / "levels.config"
+    bad.write_text("{'ion': 'loud'}")
+    monkeypatch.setenv("ION_LOGLEVELS", str(bad))
+    with pytest.raises(usage.UsageError, match="unknown log level 'loud'"):
+        parse()
+
+
+# -- the plugin ---------------------------------------------------------------------------------------------
+def test_plugin_is_found() -> None:
+    """getPlugins(IServiceMaker) finds 'cc', pointing at ion.core.tap."""
+    from twisted.plugin import getPlugins
+
+    from twisted import plugins
+
+    makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker, plugins)}
+    assert "cc" in makers
+    cc = makers["cc"]
+    assert cc.module == "ion.core.tap"
+    assert cc.options is Options
+    assert cc.makeService is tap.makeService
+
+
+def test_twistd_command_line_installs_the_filtered_stdout_logger() -> None:
+    """`twistd -n cc` parses through the plugin and logs to stdout through the level filter."""
+    from twisted.scripts.twistd import ServerOptions
+
+    config = ServerOptions()
+    config.parseOptions(["-n", "cc", "--no-shell", "-s", "x"])
+    assert config.subCommand == "cc"
+    assert isinstance(config.subOptions, Options) and config.subOptions["sysname"] == "x"
+    assert config["logger"] is stdout_observer
+
+    with_file = ServerOptions()
+    with_file.parseOptions(["-n", "--logfile", "cc.log", "cc"])
+    assert with_file["logger"] is None
+
+
+def test_make_service_returns_a_container_service() -> None:
+    """makeService gives a not-yet-started ContainerService for the options."""
+    svc = tap.makeService(parse("--no-shell"))
+    assert isinstance(svc, ContainerService) and not svc.running
+
+
+def test_run_cc_runs_twistd_cc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ion-cc runs `twistd -n cc` in process, without a pid file, passing its arguments on."""
+    import twisted.scripts.twistd as twistd
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(twistd, "run", lambda: seen.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["ion-cc"])
+    tap.run_cc(["--no-shell", "res/apps/hello.app"])
+    assert seen == [["twistd", "-n", "--pidfile=", "cc", "--no-shell", "res/apps/hello.app"]]
+
+
+# -- log levels -------------------------------------------------------------------------------------------------
+def test_read_levels_and_predicate(tmp_path: Path) -> None:
+    """A levels file maps namespaces (and everything below them) to levels."""
+    path = tmp_path / "levels.config"
+    path.write_text("# comment\n{'': 'warn', 'ion': 'info', 'ion.core.messaging': 'error', 'x': 'WARNING'}")
+    levels = read_levels(path)
+    assert levels == {"": LogLevel.warn, "ion": LogLevel.info, "ion.core.messaging": LogLevel.error,
+                      "x": LogLevel.warn}
+    predicate = level_predicate(levels)
+    assert predicate.logLevelForNamespace("ion.core.messaging.memory.MemoryBroker") == LogLevel.error
+    assert predicate.logLevelForNamespace("ion.core.container") == LogLevel.info
+    assert predicate.logLevelForNamespace("twisted.internet") == LogLevel.warn
+
+
+def test_filtered_observer_drops_events_below_their_level() -> None:
+    """filtered_observer lets through only events at or above their namespace's level."""
+    seen: list[dict[str, Any]] = []
+    observer = filtered_observer(seen.append, {"": LogLevel.info, "noisy": LogLevel.error})
+    assert isinstance(observer, FilteringLogObserver)
+    for ns, level in [("noisy.a", LogLevel.warn), ("noisy.a", LogLevel.error), ("ion.x", LogLevel.debug),
+                      ("ion.x", LogLevel.info)]:
+        observer({"log_namespace": ns, "log_level": level, "log_format": "m"})
+    assert [(e["log_namespace"], e["log_level"]) for e in seen] == [("noisy.a", LogLevel.error),
+                                                                    ("ion.x", LogLevel.info)]
+
+
+def test_loglevels_env_names_another_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$ION_LOGLEVELS replaces res/logging/loglevels.config; a missing named file is an error."""
+    path = tmp_path / "mine.config"
+    path.write_text("{'ion': 'debug'}")
+    monkeypatch.setenv("ION_LOGLEVELS", str(path))
+    assert read_levels() == {"ion": LogLevel.debug}
+    monkeypatch.setenv("ION_LOGLEVELS", str(tmp_path / "none.config"))
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        read_levels()
+
+
+def test_shipped_loglevels_file_parses() -> None:
+    """res/logging/loglevels.config is valid and quiets the messaging layer."""
+    levels = read_levels(REPO / "res" / "logging" / "loglevels.config")
+    assert levels["ion.core.messaging"] == LogLevel.warn
+
+
+def test_stdout_observer_writes_filtered_text() -> None:
+    """The twistd logger factory writes text lines, filtered by level."""
+    stream = io.StringIO()
+    observer = stdout_observer(stream)
+    observer({"log_namespace": "ion.core.messaging.memory", "log_level": LogLevel.info,
+              "log_format": "hidden", "log_time": 0})
+    observer({"log_namespace": "ion.core.container", "log_level": LogLevel.info,
+              "log_format": "shown {x}", "x": 1, "log_time": 0})
+    assert "shown 1" in stream.getvalue() and "hidden" not in stream.getvalue()
+
+
+# -- the service, in process ------------------------------------------------------------------------------------
+class ClockReactor(task.Clock):
+    """A Clock with just enough reactor for ContainerService (stop, callWhenRunning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = 0
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+    def callWhenRunning(self, f: Any, *a: Any, **kw: Any) -> None:
+        f(*a, **kw)
+
+    def pump(self) -> None:
+        for _ in range(1000):
+            if not [c for c in self.getDelayedCalls() if c.getTime() <= self.seconds()]:
+                return
+            self.advance(0)
+
+
+class FakeShell:
+    """Records what the service hands the shell."""
+
+    def __init__(self, namespace: dict[str, Any], **kwargs: Any) -> None:
+        self.namespace = namespace
+        self.kwargs = kwargs
+        self.started = self.closed = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def service_for(*argv: str, **kwargs: Any) -> ContainerService:
+    kwargs.setdefault("exit_on_error", False)
+    kwargs.setdefault("install_signal_handlers", False)
+    kwargs.setdefault("config", test_config())
+    kwargs.setdefault("stderr", io.StringIO())
+    return ContainerService(parse(*argv), **kwargs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_starts_container_and_apps_then_stops_in_reverse(broker: Any) -> None:
+    """startService: container + apps, with the command-line config on top; stopService: reverse order."""
+    svc = service_for("--no-shell", "-s", "tapsys", "-a", "contid=tap1,ion.services.hello.greeting=Howdy",
+                      str(HELLO_APP), broker=broker)
+    svc.startService()
+    container = await svc.started
+    assert container is svc.container and container.state is State.ACTIVE
+    assert (container.id, container.sysname) == ("tap1", "tapsys")
+    assert list(container.app_manager.running) == ["hello"]
+    assert await rpc(container, "hello", "hello", "you") == {"value": "Howdy, you"}
+    assert svc.shell is None and svc.error is None
+
+    order: list[str] = []
+    container.proc_manager.add_exit_listener(lambda proc, state: order.append(proc.proc_name))
+    await svc.stopService()
+    assert container.state is State.TERMINATED
+    assert order == ["hello", "agent"]
+    assert not svc.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_start_prints_one_error_line(broker: Any, tmp_path: Path) -> None:
+    """A bad app ends the start with one 'Error:' line and a sysexits code; the container is stopped."""
+    bad = tmp_path / "bad.app"
+    bad.write_text('{"type": "application", "name": "bad", "version": "0.1",'
+                   ' "mod": ("ion.core.apps.processapp", ["bad", "no_such_module_x", "X"], {})}')
+    stderr = io.StringIO()
+    svc = service_for("--no-shell", str(bad), broker=broker, stderr=stderr)
+    svc.startService()
+    await svc.started
+    lines = stderr.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: app bad: cannot import")
+    assert svc.exit_code == tap.EX_CONFIG
+    await svc.stopService()
+    assert svc.container.state is State.TERMINATED
+
+
+@pytest_twisted.ensureDeferred
+async def test_dependency_cycle_is_one_error_line(broker: Any, tmp_path: Path) -> None:
+    """An app dependency cycle is reported as one line naming the cycle."""
+    for name, dep in (("a", "b"), ("b", "a")):
+        (tmp_path / f"{name}.app").write_text(
+            f'{{"type": "application", "name": "{name}", "applications": ["{dep}"],'
+            f' "mod": ("ion.core.apps.processapp", ["{name}", "ion.services.hello", "HelloService"], {{}})}}')
+    stderr = io.StringIO()
+    svc = service_for("--no-shell", str(tmp_path / "a.app"), broker=broker, stderr=stderr)
+    svc.startService()
+    await svc.started
+    assert stderr.getvalue() == "Error: dependency cycle between apps: a -> b -> a\n"
+    await svc.stopService()
+
+
+def test_failed_start_under_twistd_stops_the_reactor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With exit_on_error the service stops the reactor and arranges a non-zero exit code."""
+    import atexit
+
+    registered: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(atexit, "register", lambda *a: registered.append(a))
+    reactor = ClockReactor()
+    svc = service_for("--no-shell", "no_such_app_here", reactor=reactor, exit_on_error=True)
+    svc.startService()
+    reactor.pump()
+    assert svc.error is not None and "no app named 'no_such_app_here'" in svc.error
+    assert reactor.stopped == 1
+    assert registered == [(tap._exit_now, tap.EX_CONFIG)]
+    svc.stopService()
+    reactor.pump()
+
+
+def test_shell_opens_on_a_terminal_and_leaving_it_stops_the_reactor() -> None:
+    """On a tty the shell opens with the helpers; its on_exit stops the reactor; stopService closes it."""
+    reactor = ClockReactor()
+    svc = service_for(reactor=reactor, stdin=TTY(), shell_factory=FakeShell)
+    svc.startService()
+    reactor.pump()
+    shell = svc.shell
+    assert isinstance(shell, FakeShell) and shell.started
+    assert {"ps", "rpc_send", "info", "container"} <= set(shell.namespace)
+    assert [p["name"] for p in shell.namespace["ps"]()] == ["agent", "shell"]
+    shell.kwargs["on_exit"]()
+    assert reactor.stopped == 1
+    d = svc.stopService()
+    reactor.pump()
+    assert shell.closed and d.called
+    assert svc.container.state is State.TERMINATED
+
+
+def test_no_shell_without_a_terminal_or_with_no_shell() -> None:
+    """No tty, or --no-shell, means no shell."""
+    for argv, stdin in (((), io.StringIO()), (("--no-shell",), TTY())):
+        reactor = ClockReactor()
+        svc = service_for(*argv, reactor=reactor, stdin=stdin, shell_factory=FakeShell)
+        svc.startService()
+        reactor.pump()
+        assert svc.container.state is State.ACTIVE and svc.shell is None
+        svc.stopService()
+        reactor.pump()
+
+
+# -- real twistd runs ---------------------------------------------------------------------------------------------
+class TwistdProcess(protocol.ProcessProtocol):
+    """Collects a child's output and tells when a line containing some text shows up."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.waiting: list[tuple[bytes, defer.Deferred[None]]] = []
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self._got(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._got(data)
+
+    def _got(self, data: bytes) -> None:
+        self.output += data
+        for item in list(self.waiting):
+            if item[0] in self.output:
+                self.waiting.remove(item)
+                item[1].callback(None)
+
+    def wait_for(self, text: bytes, timeout: float = 30) -> defer.Deferred[None]:
+        from twisted.internet import reactor
+
+        d: defer.Deferred[None] = defer.Deferred()
+        if text in self.output:
+            d.callback(None)
+        else:
+            self.waiting.append((text, d))
+            d.addTimeout(timeout, reactor)
+        return d
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(reason.value.exitCode if reason.value.exitCode is not None else
+                            -(reason.value.signal or 0))
+
+
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+def spawn_twistd(*args: str, env: dict[str, str] | None = None, use_pty: bool = False) -> TwistdProcess:
+    """Run `twistd -n cc ARGS` from the repo root (no pid file), collecting its output."""
+    from twisted.internet import reactor
+
+    proto = TwistdProcess()
+    child_env = dict(os.environ)
+    child_env.pop("ION_LOGLEVELS", None)
+    child_env.update(env or {})
+    reactor.spawnProcess(proto, sys.executable, [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "cc", *args],
+                         env=child_env, path=str(REPO), usePTY=use_pty)
+    return proto
+
+
+def ended_in(proto: TwistdProcess, timeout: float = 30) -> defer.Deferred[int]:
+    from twisted.internet import reactor
+
+    return proto.ended.addTimeout(timeout, reactor)
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_twistd_cc_runs_hello_and_sigterm_exits_zero() -> None:
+    """`twistd -n cc --no-shell res/apps/hello.app` starts hello; SIGTERM stops it cleanly, exit 0."""
+    proto = spawn_twistd("--no-shell", "res/apps/hello.app")
+    try:
+        await proto.wait_for(b"started app hello")
+    except defer.TimeoutError:
+        proto.transport.signalProcess("KILL")
+        raise AssertionError(proto.output.decode(errors="replace")) from None
+    proto.transport.signalProcess("TERM")
+    code = await ended_in(proto)
+    out = proto.output.decode(errors="replace")
+    assert code == 0, out
+    assert "Traceback" not in out
+    assert "stopped app hello" in out and "container" in out and "stopped" in out
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_twistd_cc_with_a_broken_app_file_exits_non_zero(tmp_path: Path) -> None:
+    """A broken app file: one 'Error:' line, no traceback, non-zero exit."""
+    bad = tmp_path / "x" / "bad.app"
+    bad.parent.mkdir()
+    bad.write_text('{"type": "application", "name": "bad",\n  "mod": ("ion.core.apps.processapp", [\n')
+    proto = spawn_twistd("--no-shell", str(bad))
+    code = await ended_in(proto)
+    out = proto.output.decode(errors="replace")
+    assert code != 0, out
+    assert [line for line in out.splitlines() if line.startswith("Error:")] == [
+        line for line in out.splitlines() if "Error:" in line]
+    assert len([line for line in out.splitlines() if line.startswith("Error:")]) == 1, out
+    assert "bad.app" in out and "Traceback" not in out
+

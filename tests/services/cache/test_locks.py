@@ -1,0 +1,327 @@
+"""Entry locks: atomic creation, in-process waiting, takeover rules, release on every path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer
+
+from ion.services.cache import locks
+from ion.services.cache.core import Cache
+from ion.services.cache.errors import LockNotHeldError, LockTimeoutError
+from ion.services.cache.locks import LockHolder, resolve_host_id
+
+from .conftest import GatedPool, failure_of, fired, messages, put, stage, write_lock
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.run([sys.executable, "-c", "pass"], check=True)
+    assert proc.returncode == 0
+    pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    pid.wait()
+    return pid.pid
+
+
+def test_lock_file_creation_is_atomic_between_two_hosts(make_cache, key, clock):
+    """Threads of two caches posing as two hosts race for one lock file: exactly one wins each round."""
+    a, b = make_cache("host-a"), make_cache("host-b")
+    path = a.lock_path(key)
+    path.parent.mkdir(parents=True)
+    now = clock.seconds()
+    for _ in range(30):
+        barrier = threading.Barrier(16)
+        wins: list[str] = []
+
+        def contend(cache: Cache) -> None:
+            holder = LockHolder(cache.host_id, os.getpid(), time.time()).render().encode()
+            barrier.wait()
+            attempt = locks._try_acquire(path, holder, now, cache.locks.judge)
+            if attempt.acquired:
+                wins.append(cache.host_id)
+            else:
+                assert attempt.observed is not None and attempt.observed.holder is not None
+
+        threads = [threading.Thread(target=contend, args=(a if i % 2 else b,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1, wins
+        assert LockHolder.parse(path.read_text()).host_id == wins[0]
+        path.unlink()
+
+
+def test_second_host_waits_for_the_first(make_cache, key, clock):
+    """Two caches on one root: the second lock request waits until the first is released."""
+    a, b = make_cache("host-a"), make_cache("host-b")
+    lock_a = fired(a.lock(key))
+    d = b.lock(key, timeout=300)
+    clock.advance(30)
+    assert not d.called
+    fired(a.unlock(lock_a))
+    clock.advance(1)  # the next poll (backoff capped at 1 s)
+    lock_b = fired(d)
+    assert LockHolder.parse(lock_b.path.read_text()).host_id == "host-b"
+    fired(b.unlock(lock_b))
+    assert not lock_b.path.exists()
+
+
+def test_in_process_waiter_waits_on_the_holder_without_polling(cache, key, clock, pool):
+    """A second lock of one entry in one process waits on a Deferred: no file attempts, fires on release."""
+    first = fired(cache.lock(key))
+    d = cache.lock(key)
+    attempts = pool.calls.count("_try_acquire")
+    for _ in range(100):
+        clock.advance(1)
+    assert not d.called
+    assert pool.calls.count("_try_acquire") == attempts  # nobody polled the lock file
+    fired(cache.unlock(first))
+    second = fired(d)  # at once: no clock advance needed
+    assert second.active and second.path.exists()
+
+
+def test_same_host_dead_pid_is_taken_over_at_once(cache, key, clock, log_events):
+    """A lock file of this host whose pid is dead is taken over without waiting, naming the holder."""
+    pid = dead_pid()
+    write_lock(cache.lock_path(key), f"host-a::{pid}::{time.time():.6f}".encode(), clock.seconds())
+    lock = fired(cache.lock(key))
+    assert lock.holder.pid == os.getpid()
+    assert any(f"pid {pid}" in m and "took over" in m and "host-a" in m for m in messages(log_events))
+
+
+def test_own_pid_of_an_earlier_process_is_taken_over_at_once(cache, key, clock):
+    """A lock file with our pid but started before this process is a restarted container's: taken over."""
+    write_lock(cache.lock_path(key), f"host-a::{os.getpid()}::1000.0".encode(), clock.seconds())
+    assert fired(cache.lock(key)).active
+
+
+def test_live_pid_on_this_host_is_waited_for(cache, key, clock):
+    """A lock file of this host with a live pid (our parent) is not taken over while fresh."""
+    write_lock(cache.lock_path(key), f"host-a::{os.getppid()}::{time.time():.6f}".encode(), clock.seconds())
+    d = cache.lock(key, timeout=30)
+    clock.advance(30)
+    failure_of(d, LockTimeoutError)
+
+
+def test_other_host_is_taken_over_only_after_lock_timeout(cache, key, clock, log_events):
+    """Another host's lock that is not refreshed is taken over after lock_timeout, with a log naming it."""
+    write_lock(cache.lock_path(key), b"host-x::4242::1700000000.0", clock.seconds())
+    d = cache.lock(key, timeout=600)
+    for _ in range(59):
+        clock.advance(1)
+    assert not d.called
+    clock.advance(2)
+    lock = fired(d)
+    assert lock.active
+    lines = [m for m in messages(log_events) if "took over" in m]
+    assert lines and "host host-x pid 4242" in lines[0] and "not refreshed" in lines[0]
+
+
+def test_holder_refreshes_and_is_never_taken_over(make_cache, key, clock):
+    """A live holder refreshes its lock's mtime, so another host keeps waiting past lock_timeout."""
+    a, b = make_cache("host-a"), make_cache("host-b")
+    lock_a = fired(a.lock(key))
+    d = b.lock(key, timeout=1000)
+    for _ in range(200):  # over three lock_timeouts
+        clock.advance(1)
+        assert clock.seconds() - os.stat(lock_a.path).st_mtime <= a.locks.refresh_interval
+    assert not d.called and lock_a.active
+    fired(a.unlock(lock_a))
+    clock.advance(1)
+    assert fired(d).holder.host_id == "host-b"
+
+
+def test_holder_that_stops_refreshing_loses_the_lock(make_cache, key, clock):
+    """A holder that stalls past lock_timeout loses the lock: it can no longer publish, nor delete the new one."""
+    a, b = make_cache("host-a"), make_cache("host-b")
+    lock_a = fired(a.lock(key))
+    lock_a._refresh_call.cancel()  # the holder stalls (a frozen process, a dead host)
+    d = b.lock(key, timeout=1000)
+    clock.advance(61)
+    clock.advance(1)
+    lock_b = fired(d)
+    staging, metas = stage(a, {"f": b"x"})
+    failure_of(a.publish(key, staging, metas, lock=lock_a), LockNotHeldError)
+    fired(a.unlock(lock_a))
+    assert lock_b.path.exists() and LockHolder.parse(lock_b.path.read_text()).host_id == "host-b"
+
+
+def test_corrupt_lock_file_is_treated_as_stale(cache, key, clock, log_events):
+    """A lock file that does not parse is taken over at once, and the log says so."""
+    write_lock(cache.lock_path(key), b"\x00garbage", clock.seconds())
+    assert fired(cache.lock(key)).active
+    assert any("corrupt" in m for m in messages(log_events))
+
+
+def test_empty_lock_file_is_one_being_created(cache, key, clock):
+    """An empty lock file (created, content not yet written) is waited for until lock_timeout."""
+    write_lock(cache.lock_path(key), b"", clock.seconds())
+    d = cache.lock(key, timeout=600)
+    clock.advance(30)
+    assert not d.called
+    clock.advance(32)
+    assert fired(d).active
+
+
+def test_lock_timeout_names_the_holder(cache, key, clock):
+    """Waiting longer than the timeout fails with LockTimeoutError naming the holder and the lock file."""
+    write_lock(cache.lock_path(key), b"host-x::17::1700000000.0", clock.seconds())
+    d = cache.lock(key, timeout=5)
+    clock.advance(3)
+    assert not d.called
+    clock.advance(2)
+    err = failure_of(d, LockTimeoutError)
+    assert "host-x" in str(err) and str(cache.lock_path(key)) in str(err) and err.code == 409
+
+
+def test_timeout_zero_fails_at_once_when_held_in_process(cache, key):
+    """lock(timeout=0) on an entry held in this process fails at once."""
+    fired(cache.lock(key))
+    failure_of(cache.lock(key, timeout=0), LockTimeoutError)
+
+
+def test_in_process_wait_times_out(cache, key, clock):
+    """An in-process waiter gives up after its timeout; the holder keeps the lock."""
+    first = fired(cache.lock(key))
+    d = cache.lock(key, timeout=10)
+    clock.advance(10)
+    failure_of(d, LockTimeoutError)
+    assert first.active
+    fired(cache.unlock(first))
+    assert fired(cache.lock(key, timeout=0)).active
+
+
+def test_lock_released_when_the_function_fails(cache, key):
+    """with_lock releases the lock when the function raises; the error reaches the caller."""
+
+    def boom(lock):
+        assert lock.path.exists()
+        raise RuntimeError("fetch failed")
+
+    failure_of(cache.with_lock(key, boom), RuntimeError)
+    assert not cache.lock_path(key).exists()
+    assert fired(cache.lock(key, timeout=0)).active
+
+
+def test_lock_released_when_the_function_succeeds(cache, key):
+    """with_lock fires with the function's result (plain or async) and releases the lock."""
+
+    async def work(lock, n):
+        return n * 2
+
+    assert fired(cache.with_lock(key, work, 21)) == 42
+    assert not cache.lock_path(key).exists() and not cache.locks.held
+
+
+def test_lock_released_when_cancelled_while_holding(cache, key):
+    """Cancelling with_lock cancels the function's Deferred and releases the lock."""
+    inner: defer.Deferred[None] = defer.Deferred()
+    d = cache.with_lock(key, lambda lock: inner)
+    assert cache.lock_path(key).exists()
+    d.cancel()
+    failure_of(d, defer.CancelledError)
+    assert inner.called
+    assert not cache.lock_path(key).exists()
+    assert fired(cache.lock(key, timeout=0)).active
+
+
+def test_cancelled_waiters_leave_nothing(make_cache, key, clock):
+    """Cancelling a lock request waiting in-process or on another host leaves no lock and no waiter."""
+    a, b = make_cache("host-a"), make_cache("host-b")
+    held = fired(a.lock(key))
+    local = a.lock(key)
+    remote = b.lock(key)
+    clock.advance(5)
+    local.cancel()
+    remote.cancel()
+    failure_of(local, defer.CancelledError)
+    failure_of(remote, defer.CancelledError)
+    fired(a.unlock(held))
+    assert not a.lock_path(key).exists()
+    assert not a.locks._local and not b.locks._local
+    assert not clock.getDelayedCalls()
+
+
+def test_cancelled_during_the_file_step_releases_the_file(make_cache, key, root, clock):
+    """A lock request cancelled while its lock file is being created removes the file when it lands."""
+    gated = GatedPool({"_try_acquire"})
+    cache = make_cache(pool=gated)
+    d = cache.lock(key)
+    d.cancel()
+    failure_of(d, defer.CancelledError)
+    gated.release()  # the create finishes after the cancel
+    assert not cache.lock_path(key).exists()
+    assert not cache.locks.held and not cache.locks._local
+    assert fired(cache.lock(key, timeout=0)).active
+
+
+def test_release_all_cancels_waits_and_releases(make_cache, key, clock):
+    """close() releases every held lock and cancels pending requests."""
+    a, b = make_cache("host-a"), make_cache("host-b")
+    other = key.__class__(key.repo_id, key.platform, key.name, "2.0")
+    fired(a.lock(key))
+    fired(b.lock(other))
+    pending = a.lock(other)
+    fired(a.close())
+    failure_of(pending, defer.CancelledError)
+    assert not a.lock_path(key).exists() and a.lock_path(other).exists()
+
+
+def test_unlock_twice_is_harmless(cache, key):
+    """Releasing a lock twice does nothing the second time."""
+    lock = fired(cache.lock(key))
+    fired(cache.unlock(lock))
+    fired(cache.unlock(lock))
+    assert not lock.held
+
+
+def test_publish_needs_the_lock(cache, key):
+    """publish without holding the entry's lock is refused and nothing is published."""
+    staging, metas = stage(cache, {"f": b"x"})
+    failure_of(cache.publish(key, staging, metas), LockNotHeldError)
+    assert fired(cache.lookup(key)) is None and staging.exists()
+
+
+def test_stale_lock_of_dead_publisher_then_publish(cache, key, clock):
+    """After a fetcher died holding the lock, the next one takes it over at once and publishes."""
+    write_lock(cache.lock_path(key), f"host-a::{dead_pid()}::{time.time():.6f}".encode(), clock.seconds())
+    info = put(cache, key, {"f": b"data"})
+    assert fired(cache.lookup(key)).files == info.files
+    assert not cache.lock_path(key).exists()
+
+
+def test_host_id_sources(tmp_path):
+    """The host id comes from ION_HOST_ID, else the machine-id, else a UUID kept in the config folder."""
+    ns = str(tmp_path / "no-ns")
+    assert resolve_host_id({"ION_HOST_ID": "tester"}, pid_ns=ns) == "tester"
+    mid = tmp_path / "machine-id"
+    mid.write_text("abc123\n")
+    assert resolve_host_id({}, machine_id_files=(str(mid),), pid_ns=ns) == "abc123"
+    first = resolve_host_id({}, machine_id_files=(str(tmp_path / "none"),), config_home=tmp_path / "cfg", pid_ns=ns)
+    again = resolve_host_id({}, machine_id_files=(), config_home=tmp_path / "cfg", pid_ns=ns)
+    assert first == again == (tmp_path / "cfg" / "ion" / "host-id").read_text().strip()
+    assert len(first) == 32 and first != os.uname().nodename
+    with pytest.raises(Exception):
+        resolve_host_id({"ION_HOST_ID": "a::b"}, pid_ns=ns)
+
+
+def test_lock_holder_format():
+    """Lock files hold host_id::pid::started; anything else does not parse."""
+    holder = LockHolder("h1", 12, 1700000000.5)
+    assert LockHolder.parse(holder.render()) == holder
+    for bad in ["", "h1::12", "h1::x::1", "h1::0::1", "h 1::12::1", "h1::12::nan", "a::b::c::d"]:
+        assert LockHolder.parse(bad) is None, bad
+
+
+def test_lock_path_is_beside_the_entry(cache, key, root: Path):
+    """The lock file is <version>[~packed].lock beside the entry folder."""
+    assert cache.lock_path(key) == root / "repo.file/linux/tool/1.0.lock"
+    packed = key.__class__(key.repo_id, key.platform, key.name, key.version, False)
+    assert cache.lock_path(packed) == root / "repo.file/linux/tool/1.0~packed.lock"

@@ -14,8 +14,9 @@ progress waits for it, and is checked against the state reached by then.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger

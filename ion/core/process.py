@@ -10,6 +10,22 @@ Requests are dispatched to ``op_<name>(content, headers, msg)``; what an op
 returns is the reply's content unless it replied itself. An exception that
 escapes an op becomes an error reply (500, or the code of an
 :class:`~ion.core.exceptions.ApplicationError`) and the process stays ACTIVE.
+
+Routing rules that keep a process from waiting for itself:
+
+- answers to the process's own conversations are taken only from the
+  backend queue; the main and service queues carry requests, so a request
+  the process sends to itself is never mistaken for its own answer;
+- an op handling a message from the service queue that calls its own
+  service name is served by this instance's pid queue (the service queue is
+  busy with that very op); an op handling a message from the pid queue that
+  calls its own pid fails at once (508) instead of waiting for the timeout.
+
+Terminate is graceful: request queues stop, in-flight ops get up to
+``ion.core.process: terminate_timeout`` seconds while the backend keeps
+delivering the replies they may wait for; requests still unanswered then
+get a 503, and the process's own open conversations fail with
+:class:`~ion.core.exceptions.ConversationError`.
 """
 
 from __future__ import annotations

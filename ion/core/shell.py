@@ -509,8 +509,26 @@ class StdioShell:
         termios.tcsetattr(self.stdout_fd, termios.TCSANOW, out)
         self.protocol = insults.ServerProtocol(ShellManhole, self.namespace, history_path=self.history_path,
                                                on_exit=self._left, banner=self.banner)
-        self.stdio = stdio.StandardIO(self.protocol, stdin=self.stdin_fd, stdout=self.stdout_fd,  # type: ignore[call-arg]
+        read_fd, write_fd = self._private_fds()
+        self.stdio = stdio.StandardIO(self.protocol, stdin=read_fd, stdout=write_fd,  # type: ignore[call-arg]
                                       reactor=self.reactor)
+
+    def _private_fds(self) -> tuple[int, int]:
+        """Descriptors of the shell's own on the terminal.
+
+        StandardIO makes its descriptors non-blocking, and fds 0-2 of a terminal
+        usually share one open file: using them would make the log's writes to
+        stdout non-blocking too (failing whenever the terminal is slow).
+        """
+        try:
+            path = os.ttyname(self.stdin_fd)
+            if os.ttyname(self.stdout_fd) != path:
+                return self.stdin_fd, self.stdout_fd
+            read_fd = os.open(path, os.O_RDONLY | os.O_NOCTTY)
+            write_fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
+        except OSError:
+            return self.stdin_fd, self.stdout_fd
+        return read_fd, write_fd
 
     def _left(self) -> None:
         self.restore()

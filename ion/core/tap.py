@@ -176,6 +176,7 @@ class Options(usage.Options):
         ["broker", None, None, "The whole broker URL: memory:// (the default) or amqp://user:pass@host:port/vhost."],
         ["sysname", "s", None, "System name (same as -a sysname=NAME) [default: the container id]."],
     ]
+
     def __init__(self) -> None:
         super().__init__()
         self["container_args"] = {}
@@ -184,14 +185,12 @@ class Options(usage.Options):
         self["no_shell"] = False
         self["broker_url"] = "memory://"
         self["broker_display"] = "memory://"
-        self._raw_args: list[str] = []
 
     def opt_args(self, value: str) -> None:
         """Container args: k=v,... or a dict literal (sysname, contid, apparg_<app>=..., module.key=value overrides config). May be repeated."""
         args, overrides = parse_container_args(value)
         self["container_args"].update(args)
         self["config_overrides"] = deep_merge(self["config_overrides"], overrides)
-        self._raw_args.append(value)
 
     opt_a = opt_args
 

@@ -85,6 +85,11 @@ def rabbitmq() -> Any:
     if external is not None:
         yield external
         return
+    if rmq.find_rabbitmq() is None and _on_ci():
+        try:
+            rmq.install_rabbitmq()  # bin/test does this; a bare pytest run on CI gets it here
+        except rmq.BrokerUnavailable as exc:
+            _no_broker(str(exc))
     if rmq.find_rabbitmq() is None:
         _no_broker("rabbitmq-server is not installed (bin/test installs it; or "
                    "`apt-get install -y rabbitmq-server`; or set ION_TEST_AMQP_URL)")

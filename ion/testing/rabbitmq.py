@@ -17,7 +17,7 @@ touches a system broker or another test session's. Vhosts and users are made
 through the management HTTP API when the plugin is there (milliseconds per
 test), else through ``rabbitmqctl`` (about a second each).
 
-``RabbitMQServer.from_environment()`` honours ``ION_TEST_AMQP_URL`` (reuse
+:func:`from_environment` honours ``ION_TEST_AMQP_URL`` (reuse
 a running broker; ``ION_TEST_AMQP_ADMIN_URL`` optionally names its
 management API, ``http://user:pass@host:15672``, for fresh vhosts).
 """
@@ -46,6 +46,7 @@ __all__ = [
     "find_rabbitmq",
     "install_rabbitmq",
     "free_port",
+    "from_environment",
 ]
 
 #: Where Debian keeps the real scripts (``/usr/sbin/rabbitmq-server`` is a

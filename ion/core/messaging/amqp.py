@@ -163,8 +163,7 @@ class _ChannelSlot:
 class _Consumer:
     """One consumer: what it consumes (kept across reconnections) and its current channel."""
 
-    __slots__ = ("tag", "queue", "callback", "prefetch", "exclusive", "channel", "unacked",
-                 "cancelled", "starting")
+    __slots__ = ("tag", "queue", "callback", "prefetch", "exclusive", "channel", "unacked", "cancelled")
 
     def __init__(self, tag: str, queue: str, callback: ConsumeCallback, prefetch: int,
                  exclusive: bool) -> None:
@@ -176,7 +175,6 @@ class _Consumer:
         self.channel: TwistedChannel | None = None
         self.unacked = 0
         self.cancelled = False
-        self.starting = False
 
     def __repr__(self) -> str:
         return f"<consumer {self.tag} of {self.queue}>"
@@ -218,6 +216,8 @@ class AmqpTransport(Transport):
     :param reconnect: reconnect after a loss (else stay disconnected).
     :param heartbeat: AMQP heartbeat in seconds (``None``: the broker's choice).
     :param connect_timeout: seconds to wait for the TCP connection.
+    :param confirm: publish in confirm mode, so that ``publish`` fires once the broker took
+        the message and fails with its reason otherwise (off: fires once written).
     """
 
     _log = Logger()
@@ -225,7 +225,8 @@ class AmqpTransport(Transport):
     def __init__(self, url: BrokerURL | str, *, reactor: Any = None, clock: IReactorTime | None = None,
                  reconnect_initial: float = DEFAULT_RECONNECT_INITIAL,
                  reconnect_max: float = DEFAULT_RECONNECT_MAX, reconnect: bool = True,
-                 heartbeat: int | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+                 heartbeat: int | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 confirm: bool = True) -> None:
         super().__init__()
         if isinstance(url, str):
             url = parse_broker_url(url)
@@ -244,6 +245,7 @@ class AmqpTransport(Transport):
         self.reconnect_enabled = reconnect
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
+        self.confirm = confirm
         #: ``new`` → ``connecting`` → ``connected`` ⇄ (``lost`` → ``restoring``) → ``closed``.
         self.state = "new"
         self._conn: _Connection | None = None
@@ -378,6 +380,10 @@ class AmqpTransport(Transport):
     def _use_connection(self, conn: _Connection) -> None:
         self._conn = conn
         self._attempt = 0
+        # Small request/reply frames: do not let Nagle hold them back (pika's own adapters do the same).
+        set_no_delay = getattr(conn.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         assert conn.closed is not None
         conn.closed.addCallback(self._connection_closed, conn)
 
@@ -612,9 +618,9 @@ class AmqpTransport(Transport):
         return d.addCallbacks(lambda _: None, not_found)
 
     # -- publishing ------------------------------------------------------------------------------
-    def _setup_publisher(self, ch: TwistedChannel) -> defer.Deferred[Any]:
+    def _setup_publisher(self, ch: TwistedChannel) -> defer.Deferred[Any] | None:
         ch.add_on_return_callback(self._returned)
-        return ch.confirm_delivery()
+        return ch.confirm_delivery() if self.confirm else None
 
     def _returned(self, msg: Any) -> None:
         method = msg.method
@@ -703,7 +709,6 @@ class AmqpTransport(Transport):
         conn = self._conn
         if conn is None or not conn.is_open:
             return defer.fail(self._lost_error())
-        consumer.starting = True
         channel: list[TwistedChannel] = []
 
         def opened(ch: TwistedChannel) -> Any:
@@ -719,7 +724,6 @@ class AmqpTransport(Transport):
         def consuming(result: tuple[ClosableDeferredQueue, str]) -> None:
             queue_obj, _tag = result
             ch = channel[0]
-            consumer.starting = False
             if conn is not self._conn or consumer.cancelled:
                 self._close_channel(ch)
                 return
@@ -728,7 +732,6 @@ class AmqpTransport(Transport):
             self._pump(consumer, ch, queue_obj)
 
         def failed(f: Failure) -> Failure:
-            consumer.starting = False
             if channel:
                 self._close_channel(channel[0])
             return self._map_error(f)

@@ -17,7 +17,8 @@ import dataclasses
 import itertools
 import uuid
 from collections import deque
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -85,8 +86,8 @@ class _Consumer:
     __slots__ = ("tag", "queue", "callback", "prefetch", "unacked", "pending", "transport", "cancelled",
                  "exclusive")
 
-    def __init__(self, tag: str, queue: "_Queue", callback: ConsumeCallback, prefetch: int,
-                 transport: "MemoryTransport", exclusive: bool = False) -> None:
+    def __init__(self, tag: str, queue: _Queue, callback: ConsumeCallback, prefetch: int,
+                 transport: MemoryTransport, exclusive: bool = False) -> None:
         self.tag = tag
         self.queue = queue
         self.callback = callback
@@ -105,7 +106,7 @@ class _Consumer:
 
 
 class _Queue:
-    def __init__(self, name: str, *, durable: bool, exclusive_owner: "MemoryTransport | None",
+    def __init__(self, name: str, *, durable: bool, exclusive_owner: MemoryTransport | None,
                  auto_delete: bool, single_active: bool) -> None:
         self.name = name
         self.durable = durable
@@ -159,7 +160,7 @@ class MemoryBroker:
         self._delivery_tags: Iterator[int] = itertools.count(1)
         self.delivered = 0
 
-    def connect(self, user: str = "ion") -> "MemoryTransport":
+    def connect(self, user: str = "ion") -> MemoryTransport:
         """A new transport (connection) to this broker, publishing as ``user``."""
         return MemoryTransport(self, user)
 
@@ -249,7 +250,7 @@ class MemoryBroker:
                 queue.messages.appendleft(msg)
         consumer.pending.clear()
 
-    def _publish(self, transport: "MemoryTransport", exchange: str, routing_key: str, body: bytes,
+    def _publish(self, transport: MemoryTransport, exchange: str, routing_key: str, body: bytes,
                  properties: Properties, mandatory: bool) -> None:
         if exchange == "":
             names = {routing_key} if routing_key in self.queues else set()

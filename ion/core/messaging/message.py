@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Final, Mapping
+from collections.abc import Mapping
+from typing import Any, Final
 
 import msgpack
 

@@ -39,6 +39,7 @@ Decisions:
 
 from __future__ import annotations
 
+import builtins
 import functools
 import hashlib
 import os
@@ -47,9 +48,10 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Coroutine, Final, Mapping, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -57,7 +59,6 @@ from twisted.logger import Logger
 
 from ion.services.cache.entry import (
     ENTRY_FILE,
-    ENTRY_TMP as _ENTRY_TMP,
     LOCK_SUFFIX,
     EntryInfo,
     EntryKey,
@@ -66,6 +67,9 @@ from ion.services.cache.entry import (
     PruneReport,
     check_relpath,
     repo_id,
+)
+from ion.services.cache.entry import (
+    ENTRY_TMP as _ENTRY_TMP,
 )
 from ion.services.cache.errors import (
     CacheError,
@@ -521,7 +525,7 @@ class Cache:
         if clock is None:
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
+            clock = reactor
         if pool is None:
             from ion.core.threads import BlockingPool
 
@@ -597,6 +601,10 @@ class Cache:
         """Take the lock of ``key``: in this process, one holder per entry (others wait
         on a Deferred); across processes and hosts, the lock file (see
         :mod:`ion.services.cache.locks`).
+
+        Once it is held, look the entry up again: whoever held it before may
+        have published it while this call waited. Release it with
+        :meth:`unlock` on every path (or use :meth:`with_lock`).
 
         :param timeout: seconds to wait (default ``wait_timeout``; 0: do not wait).
         :raises LockTimeoutError: naming the holder, when the wait times out.
@@ -693,7 +701,7 @@ class Cache:
 
     # -- integrity -----------------------------------------------------------------------------------------
     @_deferred
-    async def verify(self, key: EntryKey | None = None) -> list[EntryReport]:
+    async def verify(self, key: EntryKey | None = None) -> builtins.list[EntryReport]:
         """Re-hash entries against the sha256 in their ``.entry``: one key, or every entry.
 
         Each entry is one pool job (files hashed in ``hash_chunk`` pieces), one
@@ -715,7 +723,7 @@ class Cache:
         return reports
 
     @_deferred
-    async def repair(self, key: EntryKey | None = None) -> list[EntryReport]:
+    async def repair(self, key: EntryKey | None = None) -> builtins.list[EntryReport]:
         """Verify, then make every bad entry incomplete so the next deploy fetches it again.
 
         A bad entry loses its ``.entry`` and is moved to ``quarantine/`` (kept
@@ -774,7 +782,7 @@ class Cache:
         if older_than is not None:
             chosen.update(f.path for f in complete if f.info and f.info.last_used < now - older_than)
         if keep is not None:
-            groups: dict[tuple[str, str, str, bool], list[_Found]] = {}
+            groups: dict[tuple[str, str, str, bool], builtins.list[_Found]] = {}
             for f in complete:
                 groups.setdefault(f.key.dependency, []).append(f)
             for group in groups.values():
@@ -791,9 +799,10 @@ class Cache:
         found, lock_files = await self.pool.run(_scan, self.root)
         return await self._remove(found, lock_files, quarantine=True)
 
-    async def _remove(self, targets: list[_Found], lock_files: list[Path], *, quarantine: bool) -> PruneReport:
+    async def _remove(self, targets: builtins.list[_Found], lock_files: builtins.list[Path], *,
+                      quarantine: bool) -> PruneReport:
         report = PruneReport()
-        gone: list[Path] = []
+        gone: builtins.list[Path] = []
         for f in targets:
             try:
                 lock = await self.lock(f.key, timeout=0)
@@ -830,7 +839,7 @@ class Cache:
                        busy=len(report.busy))
         return report
 
-    def cleanup_staging(self) -> defer.Deferred[list[Path]]:
+    def cleanup_staging(self) -> defer.Deferred[builtins.list[Path]]:
         """Remove abandoned staging folders: a local one whose pid is dead, another
         host's one untouched for ``lock_timeout``; never one of a live local process."""
         live = frozenset(p.name for p in self._staging)

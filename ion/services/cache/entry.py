@@ -15,9 +15,10 @@ import hashlib
 import io
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Final, Mapping
+from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit
 
 from ion.services.cache.errors import CorruptEntryError, InvalidKeyError
@@ -122,7 +123,7 @@ class EntryKey:
                 "version": self.version, "unpack": self.unpack}
 
     @classmethod
-    def from_wire(cls, data: Any) -> "EntryKey":
+    def from_wire(cls, data: Any) -> EntryKey:
         """Read a key from message content; ``url`` may stand in for ``repo_id``.
 
         :raises InvalidKeyError: for anything else than a dict with those keys.
@@ -135,12 +136,12 @@ class EntryKey:
         missing = [k for k in ("platform", "name", "version") if k not in data]
         if rid is None:
             missing.insert(0, "repo_id (or url)")
-        if missing:
+        if missing or rid is None:
             raise InvalidKeyError(f"entry key lacks {', '.join(missing)}")
         return cls(rid, data["platform"], data["name"], data["version"], data.get("unpack", True))
 
     @classmethod
-    def from_relpath(cls, parts: tuple[str, str, str, str]) -> "EntryKey":
+    def from_relpath(cls, parts: tuple[str, str, str, str]) -> EntryKey:
         """The key of the entry folder ``<repo-id>/<platform>/<name>/<folder>``."""
         rid, platform, name, folder = parts
         if folder.endswith(PACKED_SUFFIX):
@@ -230,7 +231,7 @@ class FileMeta:
         return {"size": self.size, "remote_checksum": self.remote_checksum, "sha256": self.sha256}
 
     @classmethod
-    def from_wire(cls, data: Any) -> "FileMeta":
+    def from_wire(cls, data: Any) -> FileMeta:
         if not isinstance(data, Mapping):
             raise InvalidKeyError(f"file metadata is a dict of size, remote_checksum, sha256, not {data!r}")
         try:
@@ -240,7 +241,7 @@ class FileMeta:
 
 
 def _iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat()
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat()
 
 
 @dataclass
@@ -280,7 +281,7 @@ class EntryInfo:
         }
 
     @classmethod
-    def from_wire(cls, data: Mapping[str, Any]) -> "EntryInfo":
+    def from_wire(cls, data: Mapping[str, Any]) -> EntryInfo:
         return cls(
             key=EntryKey.from_wire(data["key"]), path=Path(data["path"]),
             files={rel: FileMeta.from_wire(m) for rel, m in data.get("files", {}).items()},
@@ -313,7 +314,7 @@ class EntryInfo:
         return out.getvalue()
 
     @classmethod
-    def parse(cls, text: str, key: EntryKey, path: Path, last_used: float = 0.0) -> "EntryInfo":
+    def parse(cls, text: str, key: EntryKey, path: Path, last_used: float = 0.0) -> EntryInfo:
         """Read a ``.entry`` file's text for the entry ``key`` at ``path``.
 
         :raises CorruptEntryError: naming the entry and the file, when it does
@@ -396,7 +397,7 @@ class EntryReport:
                 "moved_to": str(self.moved_to) if self.moved_to else None}
 
     @classmethod
-    def from_wire(cls, data: Mapping[str, Any]) -> "EntryReport":
+    def from_wire(cls, data: Mapping[str, Any]) -> EntryReport:
         moved = data.get("moved_to")
         return cls(EntryKey.from_wire(data["key"]), Path(data["path"]), data["status"],
                    dict(data.get("problems", {})), data.get("action"), Path(moved) if moved else None)
@@ -433,7 +434,7 @@ class PruneReport:
                 "bytes_freed": self.bytes_freed}
 
     @classmethod
-    def from_wire(cls, data: Mapping[str, Any]) -> "PruneReport":
+    def from_wire(cls, data: Mapping[str, Any]) -> PruneReport:
         return cls(removed=[EntryInfo.from_wire(e) for e in data.get("removed", [])],
                    incomplete=[Path(p) for p in data.get("incomplete", [])],
                    busy=[EntryKey.from_wire(k) for k in data.get("busy", [])],

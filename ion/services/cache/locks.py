@@ -53,9 +53,10 @@ import os
 import secrets
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Final, Mapping
+from typing import Any, Final
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -170,7 +171,7 @@ class LockHolder:
         return f"{self.host_id}::{self.pid}::{self.started:.6f}"
 
     @classmethod
-    def parse(cls, text: str) -> "LockHolder | None":
+    def parse(cls, text: str) -> LockHolder | None:
         """The holder written in a lock file, or None if the text is not one."""
         parts = text.strip().split("::")
         if len(parts) != 3:
@@ -185,7 +186,7 @@ class LockHolder:
         return cls(host, pid, started)
 
     def __str__(self) -> str:
-        since = datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        since = datetime.datetime.fromtimestamp(self.started, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
         return f"host {self.host_id} pid {self.pid} (since {since} UTC)"
 
 

@@ -41,9 +41,10 @@ From any process::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
@@ -124,10 +125,13 @@ class CacheService(ServiceProcess):
         self._closing = False
 
     def slc_activate(self) -> None:
+        def done(removed: list[Path]) -> None:
+            if removed:
+                self._log.info("{pid}: removed {n} abandoned staging folders from {root}", pid=self.id,
+                               n=len(removed), root=str(self.cache.root))
+
         d = self.cache.cleanup_staging()
-        d.addCallback(lambda removed: removed and self._log.info(
-            "{pid}: removed {n} abandoned staging folders from {root}", pid=self.id, n=len(removed),
-            root=str(self.cache.root)))
+        d.addCallback(done)
         d.addErrback(lambda f: self._log.warn("{pid}: staging cleanup failed: {err}", pid=self.id,
                                               err=f.getErrorMessage()))
 

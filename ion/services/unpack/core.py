@@ -664,6 +664,8 @@ class _Tree:
                               f"{exc.strerror or exc}") from exc
         existing = ("dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode)
                     else "file" if stat.S_ISREG(st.st_mode) else "special file")
+        if kind == existing == "dir":
+            return  # folders merge, whoever made them
         made = self.created.get(parts)
         if made is None:
             raise UnsafeArchiveError(member, f"would replace a {existing} that was already in the target")

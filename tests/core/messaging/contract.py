@@ -21,7 +21,8 @@ published after the event and consumed on the same connection.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -46,7 +47,7 @@ class Collector:
     :param also: another Collector that records every delivery too.
     """
 
-    def __init__(self, name: str = "consumer", *, auto_ack: bool = True, also: "Collector | None" = None,
+    def __init__(self, name: str = "consumer", *, auto_ack: bool = True, also: Collector | None = None,
                  timeout: float = DELIVERY_TIMEOUT) -> None:
         self.name = name
         self.auto_ack = auto_ack

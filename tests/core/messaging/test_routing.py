@@ -135,8 +135,7 @@ def _reference(pattern: list[str], key: list[str]) -> bool:
 
 
 def test_agrees_with_reference_on_all_small_cases() -> None:
-    """On every pattern of up to 4 words over {a, b, *, #} and key of up to 4 words over {a, b}, the
-    module agrees with the naive definition."""
+    """On all patterns over {a, b, *, #} and keys over {a, b} of up to 4 words, it agrees with the naive definition."""
     import itertools
 
     def all_words(alphabet: str, n: int) -> list[list[str]]:

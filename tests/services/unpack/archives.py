@@ -109,11 +109,16 @@ class Sandbox:
     """
 
     root: Path
+    #: The folder watched for changes (default ``root``); give an ancestor to see writes
+    #: that climb higher than ``root``.
+    watch: Path | None = None
     target: Path = field(init=False)
     archives: Path = field(init=False)
     before: dict[str, tuple] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.watch = self.watch or self.root
         (self.root / "outside").mkdir()
         (self.root / "outside" / "secret").write_text("do not touch")
         (self.root / "staging").mkdir()
@@ -124,10 +129,10 @@ class Sandbox:
 
     def arm(self) -> None:
         """Take the 'before' picture (after the archives are written)."""
-        self.before = snapshot(self.root, exclude=self.target)
+        self.before = snapshot(self.watch, exclude=self.target)
 
     def assert_untouched(self) -> None:
-        after = snapshot(self.root, exclude=self.target)
+        after = snapshot(self.watch, exclude=self.target)
         assert after == self.before, f"outside the target changed: {set(after) ^ set(self.before)}"
 
     def inside(self) -> list[str]:

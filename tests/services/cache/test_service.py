@@ -1,0 +1,187 @@
+"""The Cache service and its client, through RPC on the embedded broker."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest_twisted
+
+from ion.core.apps.appfile import load_app_file
+from ion.core.config import resource_root
+from ion.core.process import Process
+from ion.services.cache.core import sha256_file
+from ion.services.cache.entry import ENTRY_FILE, EntryInfo, EntryKey, FileMeta
+from ion.services.cache.errors import (
+    CorruptEntryError,
+    EntryNotFoundError,
+    InvalidKeyError,
+    LockTimeoutError,
+    OutsideCacheError,
+    UnknownLockError,
+)
+from ion.services.cache.service import CacheClient, CacheService
+from ion.testing import client_process
+
+from .conftest import SyncPool
+
+KEY = EntryKey("repo.file", "linux", "tool", "1.0")
+
+
+async def start(container, process_factory, root: Path) -> tuple[CacheService, CacheClient]:
+    service = await process_factory(CacheService, root=str(root), host_id="svc-host", lock_timeout=60)
+    caller = await client_process(container)
+    return service, CacheClient(caller)
+
+
+def write(staging: Path, files: dict[str, bytes]) -> dict[str, FileMeta]:
+    metas = {}
+    for rel, data in files.items():
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(data)
+        metas[rel] = FileMeta(len(data), "etag-" + rel, sha256_file(staging / rel))
+    return metas
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_cycle_over_rpc(container, process_factory, tmp_path):
+    """lock, new_staging, publish, unlock, lookup, info, list, verify, prune and clear all work over RPC."""
+    service, cache = await start(container, process_factory, tmp_path / "c")
+    assert await cache.lookup(KEY) is None
+    lock = await cache.lock(KEY, timeout=5)
+    assert lock.pid == service.id and Path(lock.path).exists()
+    staging = await cache.new_staging()
+    info = await cache.publish(lock, staging, write(staging, {"bin/tool": b"v1", "doc": b"d"}), url="file:///r")
+    await cache.unlock(lock)
+    assert not Path(lock.path).exists()
+    assert info.path == tmp_path / "c" / "repo.file" / "linux" / "tool" / "1.0"
+    assert info.files["bin/tool"].remote_checksum == "etag-bin/tool" and info.url == "file:///r"
+    assert (await cache.lookup(KEY)).files == info.files
+    assert (await cache.info(KEY)).content_names() == ["bin", "doc"]
+    assert [e.key for e in await cache.list()] == [KEY]
+    assert [r.status for r in await cache.verify()] == ["good"]
+    (info.path / "doc").write_bytes(b"X")
+    assert (await cache.repair(KEY))[0].action == "quarantined"
+    assert await cache.lookup(KEY) is None
+    report = await cache.prune(keep=1)
+    assert len(report.quarantine) == 1
+    report = await cache.clear()
+    assert report.removed == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_come_back_as_cache_errors(container, process_factory, tmp_path):
+    """Service errors reach the client as the same classes, with their 4xx codes."""
+    service, cache = await start(container, process_factory, tmp_path / "c")
+    for call, cls, code in [
+        (lambda: cache.info(KEY), EntryNotFoundError, 404),
+        (lambda: cache.unlock(type("L", (), {"token": "nope", "pid": service.id})()), UnknownLockError, 404),
+        (lambda: cache.prune(keep=-1), InvalidKeyError, 400),
+    ]:
+        try:
+            await call()
+        except cls as err:
+            assert err.code == code
+        else:
+            raise AssertionError(f"{cls.__name__} not raised")
+    lock = await cache.lock(KEY, timeout=5)
+    try:
+        await cache.lock(KEY, timeout=0)
+    except LockTimeoutError as err:
+        assert err.code == 409 and str(KEY) in str(err)
+    else:
+        raise AssertionError("second lock granted")
+    try:
+        await cache.publish(lock, tmp_path, {})
+    except OutsideCacheError as err:
+        assert err.code == 403
+    else:
+        raise AssertionError("publish from outside the staging folder accepted")
+    staging = await cache.new_staging()
+    (staging / "undeclared").write_bytes(b"x")
+    try:
+        await cache.publish(lock, staging, {})
+    except CorruptEntryError as err:
+        assert "undeclared" in str(err) and err.code == 422
+    else:
+        raise AssertionError("undeclared file published")
+    try:
+        await cache._call("lookup", {"key": {"platform": "linux"}})
+    except InvalidKeyError as err:
+        assert "repo_id" in str(err) and err.code == 400
+    else:
+        raise AssertionError("a key without repo_id accepted")
+    await cache.unlock(lock)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_waiting_lock_does_not_block_unlock(container, process_factory, tmp_path):
+    """While one caller waits for an entry's lock, the holder's unlock is still handled and hands it over."""
+    service, first = await start(container, process_factory, tmp_path / "c")
+    second = CacheClient(await client_process(container, "second"))
+    lock = await first.lock(KEY, timeout=5)
+    waiting = second.lock(KEY, timeout=30)
+    await first.lookup(KEY)  # answered after the lock request (same queue): that one is waiting now
+    assert not waiting.called and len(service._waiting) == 1
+    await first.renew(lock)
+    await first.unlock(lock)
+    granted = await waiting
+    assert granted.token != lock.token
+    await second.unlock(granted)
+
+
+@pytest_twisted.ensureDeferred
+async def test_terminating_the_service_releases_its_locks(container, process_factory, tmp_path):
+    """Every lock held over RPC is released when the service terminates; pending waits are cancelled."""
+    service, cache = await start(container, process_factory, tmp_path / "c")
+    other = EntryKey(KEY.repo_id, KEY.platform, KEY.name, "2.0")
+    held = [await cache.lock(KEY, timeout=5), await cache.lock(other, timeout=5)]
+    waiting = cache.lock(KEY, timeout=30)
+    await cache.lookup(other)  # answered after the lock request (same queue): that one is waiting now
+    assert len(service._waiting) == 1
+    await container.proc_manager.terminate_process(service.id)
+    assert not any(Path(lock.path).exists() for lock in held)
+    try:
+        await waiting
+    except Exception as err:
+        assert "terminat" in str(err)
+    else:
+        raise AssertionError("a lock was granted by a terminating service")
+
+
+def test_lease_expiry_releases_a_forgotten_lock(clocked, tmp_path):
+    """A lock whose caller neither renews nor releases it is released when its lease ends."""
+    clocked.container.blocking = SyncPool()  # synchronous stand-in on the Clock-driven container
+    service = clocked.spawn(CacheService, {"root": str(tmp_path / "c"), "host_id": "h", "lock_timeout": 60})
+    caller = clocked.spawn(Process)
+    cache = CacheClient(caller)
+    lock = clocked.result(cache.lock(KEY, timeout=5, lease=30))
+    assert Path(lock.path).exists()
+    clocked.advance(20)
+    assert clocked.result(cache.renew(lock)) == 30
+    clocked.advance(20)
+    assert Path(lock.path).exists()  # renewed at 20 s: good until 50 s
+    clocked.advance(11)
+    assert not Path(lock.path).exists()
+    try:
+        clocked.result(cache.unlock(lock))
+    except UnknownLockError:
+        pass
+    else:
+        raise AssertionError("an expired lock could still be unlocked")
+    assert not service.cache.locks.held
+
+
+def test_cache_app_file_and_config():
+    """res/apps/cache.app starts CacheService; ion.config has the ion.services.cache defaults."""
+    app = load_app_file(resource_root() / "apps" / "cache.app")
+    assert app.name == "cache" and list(app.args) == ["cache", "ion.services.cache.service", "CacheService"]
+    config = ast.literal_eval((resource_root() / "config" / "ion.config").read_text())
+    section = config["ion.services.cache"]
+    assert section["root"] is None and section["lock_timeout"] == 600
+
+
+def test_entry_file_is_not_content():
+    """The description file name is reserved: a deployer never places it."""
+    info = EntryInfo(KEY, Path("/x"), {"a": FileMeta(1, None, "0" * 64)}, links={".entry": "x"})
+    assert info.content_names() == ["a"] and ENTRY_FILE not in info.content_names()

@@ -105,6 +105,7 @@ class Receiver(LifecycleObject):
         self.prefetch = prefetch
         self.queue_arguments = queue_arguments
         self.consumer_tag: str | None = None
+        self._consuming = False
         self.inflight = 0
         self._drained: list[defer.Deferred[None]] = []
         self.handled = 0
@@ -125,6 +126,7 @@ class Receiver(LifecycleObject):
 
     @defer.inlineCallbacks
     def on_activate(self) -> Any:
+        self._consuming = True
         self.consumer_tag = yield self.transport.consume(self.name, self._on_delivery, prefetch=self.prefetch)
 
     def on_deactivate(self) -> Any:
@@ -144,6 +146,9 @@ class Receiver(LifecycleObject):
         return self._stop_consuming()
 
     def _stop_consuming(self) -> defer.Deferred[None]:
+        # From now on deliveries still in flight (AMQP sends some after basic.cancel)
+        # go back to the queue instead of being handled during shutdown.
+        self._consuming = False
         tag, self.consumer_tag = self.consumer_tag, None
         if tag is None:
             return defer.succeed(None)
@@ -165,7 +170,7 @@ class Receiver(LifecycleObject):
 
     # -- delivery ------------------------------------------------------------------
     def _on_delivery(self, delivery: Delivery) -> None:
-        if self.state is not State.ACTIVE:
+        if self.state is not State.ACTIVE or not self._consuming:
             # Arrived after we stopped consuming: let another consumer have it.
             delivery.reject(requeue=True)
             return

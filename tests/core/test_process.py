@@ -551,3 +551,20 @@ def test_conversation_timeout_is_a_received_error() -> None:
     err = ConversationTimeout("sys.x", "op", 2.5, "p#1")
     assert err.response_code == 408
     assert str(err) == "408 ConversationTimeout from sys.x: no reply to 'op' from sys.x within 2.5 s"
+
+
+def test_delivery_after_stop_consuming_is_requeued(system: ClockedSystem) -> None:
+    """A delivery that arrives after the receiver cancelled its consumer (as AMQP allows)
+    is given back to the queue, not handled during shutdown."""
+    from ion.core.messaging.transport import Delivery, Properties
+
+    svc = _echo(system)
+    receiver = svc.receivers[0]
+    system.result(receiver._stop_consuming())
+    settled: list[tuple[bool, bool]] = []
+    delivery = Delivery(request_body(svc.id, "echo", "late"), Properties(), "ex", svc.id, False,
+                        lambda ack, requeue: settled.append((ack, requeue)))
+    handled_before = receiver.handled
+    receiver._on_delivery(delivery)
+    assert settled == [(False, True)]
+    assert receiver.handled == handled_before

@@ -570,7 +570,7 @@ def _file_mode(mode: int | None) -> int:
 
 
 # -- the target tree ---------------------------------------------------------------------
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -824,7 +824,6 @@ class _Tree:
         return None
 
     def verify_links(self) -> None:
-        return
         """Check every symlink made against the finished tree: links made later may have
         turned an earlier, harmless one into a way out."""
         for parts, member in self.symlinks.items():

@@ -728,7 +728,9 @@ class _Tree:
             raise UnsafeArchiveError(member, f"is a symlink to an absolute path {linkname!r}")
         if len(os.fsencode(linkname)) > _MAX_SYMLINK_BYTES:
             raise UnsafeArchiveError(member, f"is a symlink whose target is longer than {_MAX_SYMLINK_BYTES} bytes")
-        problem = None
+        problem = self._escapes(parts[:-1], linkname)
+        if problem:
+            raise UnsafeArchiveError(member, f"is a symlink to {linkname!r}, which {problem}")
 
     def make_symlink(self, parts: tuple[str, ...], member: str, linkname: str) -> None:
         self.check_symlink(parts, member, linkname)

@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeVar
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["BlockingPool"]
+__all__ = ["BlockingPool", "SynchronousPool"]
 
 T = TypeVar("T")
 
@@ -61,3 +61,23 @@ class BlockingPool:
         if not self.pool.started:
             self.start()
         return threads.deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
+
+
+class SynchronousPool:
+    """A stand-in for :class:`BlockingPool` that runs calls at once on the calling thread.
+
+    For tests on a ``task.Clock``, where there is no reactor to deliver a thread's result.
+    Never use it on a live reactor: the calls block it.
+    """
+
+    started = True
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        """Call ``fn`` now; the Deferred has already fired."""
+        return defer.maybeDeferred(fn, *args, **kwargs)

@@ -21,6 +21,7 @@ from ion.core.config import Config
 from ion.core.container import Container
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import Process
+from ion.core.threads import SynchronousPool
 
 __all__ = ["ContainerFactory", "ClockedSystem", "rpc", "client_process", "test_config"]
 
@@ -111,6 +112,8 @@ class ClockedSystem:
         self.broker = MemoryBroker(self.clock)
         self.container = Container(config=test_config(config), broker=self.broker, sysname=sysname,
                                    contid=contid, reactor=self.clock, clock=self.clock)
+        # No reactor thread to hand results back to: blocking calls run inline.
+        self.container.blocking = SynchronousPool()  # type: ignore[assignment]
         self.result(self.container.start())
 
     def pump(self, rounds: int = 1000) -> None:

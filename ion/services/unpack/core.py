@@ -570,7 +570,7 @@ def _file_mode(mode: int | None) -> int:
 
 
 # -- the target tree ---------------------------------------------------------------------
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -881,7 +881,7 @@ def _decompressor(fmt: ArchiveFormat, raw: _CountingReader) -> Any:
     return raw
 
 
-_FILTER = None
+_FILTER = getattr(tarfile, "data_filter", None)
 _SPECIAL = {tarfile.CHRTYPE: "is a character device", tarfile.BLKTYPE: "is a block device",
             tarfile.FIFOTYPE: "is a FIFO"}
 

@@ -118,8 +118,8 @@ class UnpackService(ServiceProcess):
             return self._refuse(msg, exc)
         if result.extracted is None:
             return {"format": None, "kept": True, "reason": result.detection.reason}
-        self._log.debug("{pid}: unpacked {archive} ({format}, {members} members, {bytes} bytes)", pid=self.id,
-                        archive=str(archive), format=result.extracted.format.value,
+        self._log.debug("{pid}: unpacked {archive} ({kind}, {members} members, {bytes} bytes)", pid=self.id,
+                        archive=str(archive), kind=result.extracted.format.value,
                         members=len(result.extracted.members), bytes=result.extracted.total_bytes)
         return {
             "format": result.extracted.format.value,

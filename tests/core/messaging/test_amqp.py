@@ -25,6 +25,7 @@ from ion.core.messaging.transport import Delivery, Properties
 from ion.core.service import ServiceProcess
 from ion.services.hello import HelloClient, HelloService
 from ion.testing import ContainerFactory, client_process
+from tests.core.messaging.contract import TransportContract
 
 pytestmark = pytest.mark.amqp
 
@@ -118,15 +119,8 @@ async def amqp_containers(amqp_url: str) -> AsyncIterator[ContainerFactory]:
     await factory.teardown()
 
 
-try:  # the shared contract suite, when it is there
-    from tests.core.messaging.contract import TransportContract
-except ImportError:  # pragma: no cover - written concurrently
-    TransportContract = None  # type: ignore[assignment,misc]
-
-if TransportContract is not None:
-
-    class TestAmqpTransport(TransportContract):  # type: ignore[misc,valid-type]
-        """The transport contract, on RabbitMQ."""
+class TestAmqpTransport(TransportContract):
+    """The transport contract (``contract.py``), unchanged, on RabbitMQ."""
 
 
 # -- connecting ---------------------------------------------------------------------------------------

@@ -1,0 +1,185 @@
+"""The unpack service and client, end to end over the embedded broker."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from ion.core.exceptions import ReceivedApplicationError, ReceivedContainerError
+from ion.services.unpack import UnpackClient, UnpackService, core
+from ion.testing import client_process
+from tests.services.unpack.archives import M, Sandbox, write_tar, write_zip
+
+GOOD = [M("pkg/README", data=b"read me"), M("pkg/run", data=b"#!/bin/sh\n", mode=0o755)]
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Sandbox:
+    return Sandbox(tmp_path / "root")
+
+
+async def _client(container, process_factory, sandbox: Sandbox, **spawnargs) -> UnpackClient:
+    spawnargs.setdefault("allowed_roots", [str(sandbox.root / "archives"), str(sandbox.root / "staging")])
+    await process_factory(UnpackService, **spawnargs)
+    return UnpackClient(await client_process(container))
+
+
+@pytest_twisted.ensureDeferred
+async def test_unpack_extracts_and_reports(container, process_factory, sandbox):
+    """unpack answers {format, kept, members, bytes} and the tree is in the target."""
+    client = await _client(container, process_factory, sandbox)
+    archive = write_tar(sandbox.archives / "dep.tgz", GOOD, "w:gz")
+    sandbox.arm()
+    result = await client.unpack(archive, sandbox.target)
+    assert result == {"format": "tar.gz", "kept": False, "members": 2, "bytes": 17}
+    assert (sandbox.target / "pkg/README").read_bytes() == b"read me"
+    assert os.access(sandbox.target / "pkg/run", os.X_OK)
+    sandbox.assert_untouched()
+
+
+@pytest_twisted.ensureDeferred
+async def test_detect_reports_the_format_by_content(container, process_factory, sandbox):
+    """detect answers the content's format and what the name claimed."""
+    client = await _client(container, process_factory, sandbox)
+    archive = write_zip(sandbox.archives / "dep.tgz", GOOD)
+    found = await client.detect(archive)
+    assert found["format"] == "zip" and found["claimed"] == "tar.gz" and found["archive"] is True
+    assert "content is zip" in found["reason"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_non_archive_is_kept(container, process_factory, sandbox):
+    """A plain file is answered {format: null, kept: true} and nothing is written."""
+    client = await _client(container, process_factory, sandbox)
+    plain = sandbox.archives / "tool.bin"
+    plain.write_bytes(b"\x7fELF" + bytes(100))
+    sandbox.arm()
+    result = await client.unpack(plain, sandbox.target)
+    assert result["format"] is None and result["kept"] is True
+    assert not sandbox.target.exists()
+    sandbox.assert_untouched()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unsafe_archive_is_a_422_naming_the_member(container, process_factory, sandbox):
+    """An archive with ../ is refused with 422, UnsafeArchiveError and the member's name."""
+    client = await _client(container, process_factory, sandbox)
+    archive = write_tar(sandbox.archives / "evil.tar", [M("ok", data=b"1"), M("../evil", data=b"pwned")])
+    sandbox.arm()
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.unpack(archive, sandbox.target)
+    err = info.value
+    assert err.response_code == 422 and err.remote_error == "UnsafeArchiveError"
+    assert "member '../evil' escapes the target" in err.message and "evil.tar" in err.message
+    sandbox.assert_untouched()
+
+
+@pytest_twisted.ensureDeferred
+async def test_corrupt_and_over_limit_archives_are_422s(container, process_factory, sandbox):
+    """A corrupt archive and one over a configured limit come back as 422s naming the cause."""
+    client = await _client(container, process_factory, sandbox, max_members=2)
+    corrupt = sandbox.archives / "cut.zip"
+    corrupt.write_bytes(write_zip(sandbox.archives / "full.zip", GOOD).read_bytes()[:50])
+    many = write_tar(sandbox.archives / "many.tar", [M(f"f{i}", data=b"x") for i in range(5)])
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.unpack(corrupt, sandbox.target)
+    assert info.value.response_code == 422 and info.value.remote_error == "CorruptArchiveError"
+    assert "cut.zip: corrupt archive" in info.value.message
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.unpack(many, sandbox.root / "staging" / "other")
+    assert info.value.remote_error == "ArchiveLimitError" and "max_members = 2" in info.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_paths_outside_the_allowed_roots_are_403(container, process_factory, sandbox):
+    """An archive or target outside allowed_roots, also through a symlink, is refused with 403."""
+    client = await _client(container, process_factory, sandbox)
+    archive = write_tar(sandbox.archives / "dep.tar", GOOD)
+    os.symlink(sandbox.root / "outside", sandbox.root / "staging" / "sneaky")
+    sandbox.arm()
+    for target in (sandbox.root / "outside" / "t", sandbox.root / "staging" / "sneaky" / "t"):
+        with pytest.raises(ReceivedApplicationError) as info:
+            await client.unpack(archive, target)
+        assert info.value.response_code == 403 and "outside the allowed roots" in info.value.message
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.unpack(sandbox.root / "outside" / "secret", sandbox.target)
+    assert info.value.response_code == 403
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.unpack(archive, sandbox.root / "staging")
+    assert info.value.response_code == 403  # the root itself is no target
+    sandbox.assert_untouched()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_requests_are_400(container, process_factory, sandbox):
+    """Missing keys, relative paths and a missing archive are 400s saying what is wrong."""
+    await _client(container, process_factory, sandbox)
+    proc = await client_process(container)
+    cases = [
+        ("unpack", {"target": str(sandbox.target)}, "needs 'archive'"),
+        ("unpack", "not a dict", "must be a dict"),
+        ("unpack", {"archive": "rel/dep.tgz", "target": str(sandbox.target)}, "must be an absolute path"),
+        ("detect", {"path": 42}, "needs 'path'"),
+        ("unpack", {"archive": str(sandbox.archives / "gone.tgz"), "target": str(sandbox.target)},
+         "cannot open archive"),
+    ]
+    for op, content, text in cases:
+        with pytest.raises(ReceivedApplicationError) as info:
+            await proc.rpc_send("unpack", op, content)
+        assert info.value.response_code == 400 and text in info.value.message, (op, content)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unwritable_target_is_a_500(container, process_factory, sandbox):
+    """A target that cannot be made is a container-side failure (500, TargetError)."""
+    client = await _client(container, process_factory, sandbox)
+    archive = write_tar(sandbox.archives / "dep.tar", GOOD)
+    with pytest.raises(ReceivedContainerError) as info:
+        await client.unpack(archive, sandbox.root / "staging" / "missing" / "target")
+    assert info.value.response_code == 500 and info.value.remote_error == "TargetError"
+
+
+@pytest_twisted.ensureDeferred
+async def test_extraction_runs_in_the_blocking_pool(container, process_factory, sandbox, monkeypatch):
+    """The extraction happens on a pool thread, never on the reactor thread."""
+    threads: list[threading.Thread] = []
+    real = core.unpack
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "unpack", spy)
+    client = await _client(container, process_factory, sandbox)
+    archive = write_tar(sandbox.archives / "dep.tar", GOOD)
+    await client.unpack(archive, sandbox.target)
+    assert threads and threads[0] is not threading.main_thread()
+    assert container.blocking.started
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_app_file_starts_the_service(container, sandbox):
+    """res/apps/unpack.app starts a working unpack service that reads ion.services.unpack config."""
+    await container.app_manager.start_app(
+        "unpack", config={"ion.services.unpack": {"allowed_roots": [str(sandbox.root)], "max_members": 1}})
+    client = UnpackClient(await client_process(container))
+    archive = write_tar(sandbox.archives / "dep.tar", GOOD)
+    assert (await client.detect(archive))["format"] == "tar"
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.unpack(archive, sandbox.target)
+    assert "max_members = 1" in info.value.message
+    assert (await client.ping())["service"] == "unpack"
+
+
+def test_default_roots_follow_the_cache_dir(monkeypatch, tmp_path):
+    """Without allowed_roots, requests may use the deploy cache root ($ION_CACHE_DIR)."""
+    from ion.services.unpack.service import default_allowed_roots
+
+    monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path / "cache"))
+    assert default_allowed_roots() == [tmp_path / "cache"]
+    monkeypatch.delenv("ION_CACHE_DIR")
+    assert default_allowed_roots() == [Path.home() / ".cache" / "ion" / "deploy"]

@@ -1,0 +1,202 @@
+"""The Deploy core: every item of a deployment fetched (bounded in parallel) and put in place.
+
+Messaging-independent: it is given a ``fetch`` function (the Fetch core in
+process, or a ``FetchClient`` through the services) and a pool for blocking
+work. One failed item never stops the others; the result lists each item's
+state:
+
+- ``cached``: the cache had it; ``downloaded``: fetched now; ``updated``:
+  refetched because the remote changed (``keep_updated``);
+- ``failed``, with the reason.
+
+and whether its destination was already right (``already``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ion.core.exceptions import ApplicationError
+from ion.services.deploy.place import PlacementError, place
+from ion.services.deploy.spec import Deployment, DeploymentItem
+
+__all__ = ["Deployer", "ItemResult", "FetchFunction", "ProgressFunction", "check_allowed", "AccessRefused"]
+
+_log = Logger()
+
+#: ``progress(item, phase, info)`` — phase is ``fetch``, ``bytes``, ``place``, ``done``, ``failed``.
+ProgressFunction = Callable[[DeploymentItem, str, Mapping[str, Any]], None]
+
+
+class FetchFunction(Protocol):
+    """Brings one item into the cache; fires with ``{"state", "path", "names", "stamp"}``.
+
+    ``state`` is ``cached``, ``downloaded`` or ``updated``; ``path`` the cache
+    entry folder; ``names`` its top-level names; ``stamp`` what identifies the
+    entry's content (e.g. its fetch time).
+    """
+
+    def __call__(self, item: DeploymentItem,
+                 progress: Callable[[str, Mapping[str, Any]], None]) -> defer.Deferred[dict[str, Any]]: ...
+
+
+class AccessRefused(ApplicationError):
+    """A path outside the roots a service may use (403)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 403)
+
+
+def _resolved(path: Path) -> Path:
+    """``path`` with symlinks resolved as far as it exists (and ``..`` folded)."""
+    return Path(os.path.realpath(path))
+
+
+def check_allowed(path: Path, roots: Iterable[str | Path], what: str) -> None:
+    """Refuse a path that is not under one of ``roots`` once symlinks are resolved.
+
+    :raises AccessRefused: naming the path and the roots it missed.
+    """
+    roots = [Path(r) for r in roots]
+    real = _resolved(path)
+    for root in roots:
+        real_root = _resolved(root)
+        if real == real_root or real_root in real.parents:
+            return
+    allowed = ", ".join(str(r) for r in roots) or "none configured"
+    raise AccessRefused(f"{what} {path} (resolved: {real}) is outside the allowed roots ({allowed})")
+
+
+@dataclass
+class ItemResult:
+    """The outcome of one item."""
+
+    item: DeploymentItem
+    state: str
+    already: bool = False
+    reason: str | None = None
+    entry: str | None = None
+    names: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.state != "failed"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "item": self.item.label, "position": self.item.position, "state": self.state,
+            "already": self.already, "reason": self.reason, "destination": str(self.item.destination),
+            "entry": self.entry, "names": list(self.names), "link": self.item.link,
+        }
+
+
+class Deployer:
+    """Runs deployments.
+
+    :param fetch: brings an item into the cache (see :class:`FetchFunction`).
+    :param pool: runs blocking calls (placement) off the reactor.
+    :param max_parallel: items fetched at once.
+    """
+
+    def __init__(self, fetch: FetchFunction, pool: Any, *, max_parallel: int = 8) -> None:
+        self.fetch = fetch
+        self.pool = pool
+        self.max_parallel = max(1, int(max_parallel))
+
+    def deploy(self, deployment: Deployment, *, progress: ProgressFunction | None = None,
+               on_result: Callable[[ItemResult], None] | None = None) -> defer.Deferred[list[ItemResult]]:
+        """Deploy every item; fires with one :class:`ItemResult` per item, in file order."""
+        semaphore = defer.DeferredSemaphore(self.max_parallel)
+        fetches: dict[tuple[Any, ...], _Shared] = {}
+
+        def report(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
+            if progress is not None:
+                try:
+                    progress(item, phase, info)
+                except Exception:
+                    _log.failure("progress callback failed")
+
+        def fetch_once(item: DeploymentItem) -> defer.Deferred[dict[str, Any]]:
+            # The same dependency named by several items is fetched once; the
+            # others wait on that one fetch (no lock polling, no extra time).
+            key = (item.repository.url, item.platform, item.name, item.version, item.unpack,
+                   item.keep_updated, str(item.sha256))
+            shared = fetches.get(key)
+            if shared is None:
+                report(item, "fetch", {})
+                shared = fetches[key] = _Shared(
+                    semaphore.run(self.fetch, item, lambda phase, info: report(item, phase, info)))
+            return shared.wait()
+
+        async def one(item: DeploymentItem) -> ItemResult:
+            try:
+                fetched = await fetch_once(item)
+            except Exception as exc:
+                result = ItemResult(item, "failed", reason=_reason(exc))
+            else:
+                result = await self._place(item, fetched, report)
+            report(item, "done" if result.ok else "failed", result.to_wire())
+            if on_result is not None:
+                on_result(result)
+            return result
+
+        return defer.gatherResults([defer.ensureDeferred(one(item)) for item in deployment.items])
+
+    async def _place(self, item: DeploymentItem, fetched: Mapping[str, Any],
+                     report: ProgressFunction) -> ItemResult:
+        entry = Path(fetched["path"])
+        names = list(fetched.get("names") or [])
+        report(item, "place", {"destination": str(item.destination)})
+        try:
+            placed = await self.pool.run(place, entry, names, item.destination, link=item.link,
+                                         platform=item.platform, name=item.name, version=item.version,
+                                         entry_stamp=str(fetched.get("stamp", "")))
+        except PlacementError as exc:
+            return ItemResult(item, "failed", reason=str(exc), entry=str(entry))
+        except Exception as exc:
+            _log.failure("placing {item} failed", item=item.label)
+            return ItemResult(item, "failed", reason=_reason(exc), entry=str(entry))
+        return ItemResult(item, str(fetched.get("state", "cached")), already=placed.already,
+                          entry=str(entry), names=tuple(placed.names))
+
+
+class _Shared:
+    """One Deferred's outcome, handed to any number of waiters, early or late."""
+
+    def __init__(self, d: defer.Deferred[Any]) -> None:
+        self._waiters: list[defer.Deferred[Any]] = []
+        self._outcome: Any = None
+        self._fired = False
+        d.addBoth(self._fire)
+
+    def _fire(self, outcome: Any) -> None:
+        self._fired, self._outcome = True, outcome
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            self._hand(w)
+
+    def _hand(self, w: defer.Deferred[Any]) -> None:
+        if isinstance(self._outcome, Failure):
+            w.errback(self._outcome)
+        else:
+            w.callback(self._outcome)
+
+    def wait(self) -> defer.Deferred[Any]:
+        w: defer.Deferred[Any] = defer.Deferred()
+        if self._fired:
+            self._hand(w)
+        else:
+            self._waiters.append(w)
+        return w
+
+
+def _reason(exc: BaseException) -> str:
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return f"{message}"

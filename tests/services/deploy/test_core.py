@@ -1,0 +1,143 @@
+"""The Deploy core: bounded parallel fetches, one fetch per dependency, failures kept per item."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+
+from ion.core.threads import SynchronousPool
+from ion.services.deploy.core import AccessRefused, Deployer, check_allowed
+from ion.services.deploy.spec import parse_deployment
+
+
+class CacheStandIn:
+    """Fetches by creating a cache entry folder; counts calls; can hold or fail items."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.calls: list[str] = []
+        self.held: dict[str, defer.Deferred[None]] = {}
+        self.fail: set[str] = set()
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    def fetch(self, item, progress) -> defer.Deferred[dict[str, Any]]:
+        self.calls.append(item.label)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        gate = self.held.get(item.name) or defer.succeed(None)
+
+        def done(_: object) -> dict[str, Any]:
+            self.in_flight -= 1
+            if item.name in self.fail:
+                raise RuntimeError(f"no files under repo/{item.label}")
+            entry = self.root / item.platform / item.name / item.version
+            (entry / "lib").mkdir(parents=True, exist_ok=True)
+            (entry / "lib" / f"{item.name}.so").write_text(item.version)
+            progress("bytes", {"done": 1, "total": 1})
+            return {"state": "downloaded", "path": str(entry), "names": ["lib"], "stamp": "t1"}
+
+        d: defer.Deferred[None] = defer.Deferred()
+        gate.addBoth(lambda _: d.callback(None))
+        return d.addCallback(done)
+
+
+def deployment(tmp_path: Path, *items: dict[str, Any]):
+    return parse_deployment([{"url": "file:repo", "items": list(items)}], source="d.json", base_dir=tmp_path,
+                            cwd=tmp_path, environ={})
+
+
+def item(name: str, dest: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "version": "1.0", "platform": "linux", "destination": dest, **extra}
+
+
+def run(deployer: Deployer, dep, **kwargs) -> list:
+    results: list = []
+    deployer.deploy(dep, **kwargs).addBoth(results.append)
+    assert results, "the deployment did not finish"
+    assert not isinstance(results[0], Exception)
+    return results[0]
+
+
+def test_every_item_in_file_order(tmp_path):
+    """Each item is fetched and placed; results come back in file order with their states."""
+    cache = CacheStandIn(tmp_path / "cache")
+    dep = deployment(tmp_path, item("a", "out/a"), item("b", "out/b"))
+    results = run(Deployer(cache.fetch, SynchronousPool()), dep)
+    assert [r.item.name for r in results] == ["a", "b"]
+    assert all(r.state == "downloaded" and not r.already for r in results)
+    assert (tmp_path / "out/a/lib/a.so").read_text() == "1.0"
+
+
+def test_one_failure_does_not_stop_the_others(tmp_path):
+    """A failed fetch is that item's failure, with the reason; the others are deployed."""
+    cache = CacheStandIn(tmp_path / "cache")
+    cache.fail.add("b")
+    dep = deployment(tmp_path, item("a", "out"), item("b", "out2"), item("c", "out3"))
+    results = run(Deployer(cache.fetch, SynchronousPool()), dep)
+    assert [r.state for r in results] == ["downloaded", "failed", "downloaded"]
+    assert results[1].reason == "no files under repo/linux/b/1.0"
+    assert (tmp_path / "out3/lib/c.so").exists()
+
+
+def test_same_dependency_fetched_once(tmp_path):
+    """Umpire's tc1 layout: one dependency linked into two folders and copied into a third is
+    fetched once."""
+    cache = CacheStandIn(tmp_path / "cache")
+    dep = deployment(tmp_path, item("z", "one"), item("z", "two"), item("z", "three", link=False))
+    results = run(Deployer(cache.fetch, SynchronousPool()), dep)
+    assert cache.calls == ["linux/z/1.0"]
+    assert all(r.ok for r in results)
+    assert (tmp_path / "one/lib").is_symlink() and (tmp_path / "two/lib").is_symlink()
+    assert not (tmp_path / "three/lib").is_symlink() and (tmp_path / "three/lib/z.so").exists()
+
+
+def test_parallelism_is_bounded(tmp_path):
+    """No more than max_parallel fetches run at once; the rest wait their turn."""
+    cache = CacheStandIn(tmp_path / "cache")
+    gates = {n: defer.Deferred() for n in "abcde"}
+    cache.held.update(gates)
+    dep = deployment(tmp_path, *(item(n, f"out/{n}") for n in "abcde"))
+    d = Deployer(cache.fetch, SynchronousPool(), max_parallel=2).deploy(dep)
+    assert len(cache.calls) == 2
+    for n in "abcde":
+        gates[n].callback(None)
+    assert d.called and cache.most_in_flight == 2 and len(cache.calls) == 5
+
+
+def test_placement_failure_is_per_item(tmp_path):
+    """A destination holding a foreign file fails that item only, naming the path."""
+    cache = CacheStandIn(tmp_path / "cache")
+    (tmp_path / "busy" / "lib").mkdir(parents=True)
+    dep = deployment(tmp_path, item("a", "busy"), item("b", "free"))
+    results = run(Deployer(cache.fetch, SynchronousPool()), dep)
+    assert results[0].state == "failed" and "busy/lib exists" in results[0].reason
+    assert results[1].ok
+
+
+def test_progress_reports_phases(tmp_path):
+    """Progress is reported per item: fetch, bytes, place, done."""
+    cache = CacheStandIn(tmp_path / "cache")
+    seen: list[tuple[str, str]] = []
+    run(Deployer(cache.fetch, SynchronousPool()), deployment(tmp_path, item("a", "o")),
+        progress=lambda it, phase, info: seen.append((it.name, phase)))
+    assert seen == [("a", "fetch"), ("a", "bytes"), ("a", "place"), ("a", "done")]
+
+
+def test_allowed_roots(tmp_path):
+    """Paths under an allowed root pass; outside, through '..' or a symlink out, are refused (403)."""
+    root = tmp_path / "allowed"
+    (root / "sub").mkdir(parents=True)
+    os.symlink(tmp_path / "elsewhere", root / "escape")
+    check_allowed(root / "sub" / "new" / "dir", [root], "destination")
+    check_allowed(root, [root], "destination")
+    for bad in (tmp_path / "other", root / ".." / "other", root / "escape" / "x"):
+        with pytest.raises(AccessRefused) as info:
+            check_allowed(bad, [root], "destination")
+        assert info.value.code == 403 and str(root) in info.value.message
+    with pytest.raises(AccessRefused, match="none configured"):
+        check_allowed(root, [], "file repository")

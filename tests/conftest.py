@@ -1,3 +1,3 @@
 """Test configuration: ioncore's own fixtures, and the reactor pytest-twisted runs."""
 
-pytest_plugins = ["ion.testing.pytest_plugin"]
+pytest_plugins = ["ion.testing.pytest_plugin", "ion.testing.pytest_servers"]

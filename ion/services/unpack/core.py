@@ -28,10 +28,18 @@ through ``tarfile.data_filter`` when Python has it (3.11.4+), as a second
 opinion. File modes keep the owner's executable bit; setuid, setgid, sticky
 and group/other write bits are dropped; owners are never changed.
 
+A zip's whole central directory (names, kinds, declared sizes, member count)
+is checked before anything is written; a tar is checked member by member as
+it streams, so a tar refused half-way leaves its first members in the target.
+Integrity is checked too: a tar must end with its end-of-archive block (tarfile
+alone stops quietly at a short or broken header), a compressed stream must end
+with a good trailer, and a zip member must match its CRC.
+
 **Limits** (:class:`Limits`, :class:`ArchiveLimitError`) count what is really
 read and written, never what a header claims: total bytes written (hard links
-count their size again, since a copy of the tree would), members, and the
-ratio of bytes written to archive bytes read (the zip-bomb guard).
+count their size again, since a copy of the tree would; sparse members are
+written out in full), members, and the ratio of bytes written to archive bytes
+read (the zip-bomb guard). Headers that claim too much fail early.
 
 **Errors** are all :class:`UnpackError`; on any of them the caller deletes the
 target (a fresh folder in its staging dir). Nothing is ever written outside
@@ -52,10 +60,11 @@ import tarfile
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Callable, ClassVar, Iterator, Mapping
+from typing import IO, Any, BinaryIO, ClassVar
 
 from ion.core.exceptions import ConfigurationError, IonError
 
@@ -94,6 +103,8 @@ _MAX_NAME_BYTES = 4096
 _MAX_COMPONENT_BYTES = 255
 _MAX_SYMLINK_BYTES = 4096
 _MAX_SYMLINK_HOPS = 40
+#: Folder fds kept open per extraction (see ``_Tree._dir_fd``).
+_OPEN_LEVELS = 16
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -198,7 +209,7 @@ class Limits:
                 raise ConfigurationError(f"{CONFIG_SECTION}: {key} must be a positive number, not {value!r}")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | Callable[[str, Any], Any]) -> "Limits":
+    def from_config(cls, config: Mapping[str, Any] | Callable[[str, Any], Any]) -> Limits:
         """Limits from a config section (a mapping, or ``get(key, default)`` such as
         ``Process.get_config``); missing keys keep their defaults.
 
@@ -214,7 +225,7 @@ class Limits:
 
 
 # -- detection ---------------------------------------------------------------------------
-class ArchiveFormat(str, Enum):
+class ArchiveFormat(StrEnum):
     """The archive formats extracted."""
 
     TAR = "tar"
@@ -302,11 +313,9 @@ def _sniff(path: Path) -> tuple[ArchiveFormat | None, str, ArchiveFormat | None]
         if not head:
             return None, "an empty file", None
         if head[:4] in _ZIP_MAGICS:
-            f.seek(0)
-            try:
-                zipfile.ZipFile(f).close()
-            except _READ_ERRORS as exc:
-                return None, f"zip data that cannot be read ({_read_error_cause(exc)})", None
+            # Only the end record: the directory is read (and counted) by extraction.
+            if not zipfile.is_zipfile(f):
+                return None, "zip data without its end of central directory (truncated?)", None
             return ArchiveFormat.ZIP, "zip data", None
         compression = ("gzip" if head[:2] == b"\x1f\x8b" else
                        "bzip2" if head[:3] == b"BZh" else
@@ -329,6 +338,8 @@ def _sniff(path: Path) -> tuple[ArchiveFormat | None, str, ArchiveFormat | None]
             return None, f"{what} with no members or zeros", fmt
         if compression is not None:
             return None, f"{compression}-compressed data that is not a tar", None
+        if zipfile.is_zipfile(f):
+            return ArchiveFormat.ZIP, "zip data after a prefix (self-extracting?)", None
         return None, "not an archive", None
 
 
@@ -421,7 +432,7 @@ class _CountingReader:
     def readinto(self, b: Any) -> int:
         n = self.raw.readinto(b)  # type: ignore[attr-defined]
         self.count += n or 0
-        return n  # type: ignore[no-any-return]
+        return n
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self.raw.seek(offset, whence)
@@ -459,7 +470,7 @@ class _ForwardReader:
         data = self.stream.read(n)
         self.last_pos, self.last = self.pos, data
         self.pos += len(data)
-        return data  # type: ignore[no-any-return]
+        return data
 
     def tell(self) -> int:
         return self.pos
@@ -524,7 +535,8 @@ class _Budget:
 
 
 # -- names -------------------------------------------------------------------------------
-def _escape_depth(parts: list[str]) -> bool:
+def _escapes_lexically(parts: list[str]) -> bool:
+    """Whether a path's components climb above where it starts (no symlinks considered)."""
     depth = 0
     for part in parts:
         if part == "..":
@@ -545,10 +557,10 @@ def _member_parts(name: str, member: str | None = None, what: str = "") -> tuple
     if "\x00" in name:
         raise UnsafeArchiveError(member, f"{what}has a NUL byte in its name")
     if name.startswith("/"):
-        raise UnsafeArchiveError(member, f"{what}is an absolute path" if what else "is an absolute path")
+        raise UnsafeArchiveError(member, f"{what}is an absolute path")
     raw = name.split("/")
     if ".." in raw:
-        if _escape_depth(raw):
+        if _escapes_lexically(raw):
             raise UnsafeArchiveError(member, f"{what}escapes the target")
         raise UnsafeArchiveError(member, f"{what}has a '..' component")
     if len(os.fsencode(name)) > _MAX_NAME_BYTES:
@@ -597,24 +609,42 @@ class _Tree:
 
     def close(self) -> None:
         for _name, fd in self._chain:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self._chain = []
         os.close(self.root_fd)
 
     # -- folders -------------------------------------------------------------------
     def _dir_fd(self, parts: tuple[str, ...], member: str, *, create: bool = True) -> int:
-        """An fd of the folder ``parts``, made if missing (when ``create``), never through a symlink."""
+        """An fd of the folder ``parts``, made if missing (when ``create``), never through a symlink.
+
+        Only the deepest ``_OPEN_LEVELS`` folders of the chain stay open, so a deeply
+        nested archive cannot exhaust the process's file descriptors; a closed level is
+        reopened (without following links) from its nearest open ancestor.
+        """
         chain = self._chain
         n = 0
         while n < len(chain) and n < len(parts) and chain[n][0] == parts[n]:
             n += 1
         for _name, fd in chain[n:]:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         del chain[n:]
-        fd = chain[-1][1] if chain else self.root_fd
-        for k in range(n, len(parts)):
+        start = n
+        while start > 0 and chain[start - 1][1] < 0:
+            start -= 1
+        fd = chain[start - 1][1] if start else self.root_fd
+        for k in range(start, len(parts)):
             fd = self._open_dir(fd, parts, k, member, create)
-            chain.append((parts[k], fd))
+            if k < len(chain):
+                chain[k] = (parts[k], fd)
+            else:
+                chain.append((parts[k], fd))
+            if k >= _OPEN_LEVELS:
+                name, old = chain[k - _OPEN_LEVELS]
+                if old >= 0:
+                    os.close(old)
+                    chain[k - _OPEN_LEVELS] = (name, -1)
         return fd
 
     def parent(self, parts: tuple[str, ...], member: str) -> int:
@@ -750,7 +780,7 @@ class _Tree:
             raise UnsafeArchiveError(member, "has an empty name")
         if linkname.startswith("/"):
             raise UnsafeArchiveError(member, f"is a hard link to an absolute path {linkname!r}")
-        if _escape_depth(linkname.split("/")):
+        if _escapes_lexically(linkname.split("/")):
             raise UnsafeArchiveError(member, f"is a hard link to {linkname!r}, outside the target")
         source = _member_parts(linkname, member, f"is a hard link to {linkname!r}, which ")
         if self.created.get(source) != "file":
@@ -873,9 +903,9 @@ class _Corrupt(Exception):
 
 def _decompressor(fmt: ArchiveFormat, raw: _CountingReader) -> Any:
     if fmt is ArchiveFormat.TAR_GZ:
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     if fmt is ArchiveFormat.TAR_BZ2:
-        return bz2.BZ2File(raw)  # type: ignore[arg-type]
+        return bz2.BZ2File(raw)
     if fmt is ArchiveFormat.TAR_XZ:
         return lzma.LZMAFile(raw)  # type: ignore[arg-type]
     return raw
@@ -1013,7 +1043,7 @@ def _extract_zip(raw: _CountingReader, tree: _Tree, budget: _Budget) -> None:
         raise ArchiveLimitError("max_members", budget.limits.max_members,
                                 f"{declared} members declared, more than {budget.limits.max_members}")
     try:
-        zf = zipfile.ZipFile(raw)  # type: ignore[arg-type]
+        zf = zipfile.ZipFile(raw)
     except _READ_ERRORS as exc:
         raise _Corrupt(_read_error_cause(exc)) from exc
     with zf:

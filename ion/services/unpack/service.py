@@ -39,9 +39,18 @@ __all__ = ["UnpackService", "UnpackClient", "default_allowed_roots"]
 DEFAULT_CLIENT_TIMEOUT = 900.0
 
 
-def default_allowed_roots() -> list[Path]:
-    """The deploy cache root (DESIGN §8): ``$ION_CACHE_DIR``, else ``~/.cache/ion/deploy``."""
-    return [Path(os.environ.get("ION_CACHE_DIR") or "~/.cache/ion/deploy").expanduser()]
+def default_allowed_roots(config: Any = None) -> list[Path]:
+    """The deploy cache root (DESIGN §8): config ``ion.services.cache.root`` if set, else
+    the cache's default (``$ION_CACHE_DIR``, else ``~/.cache/ion/deploy``).
+
+    :param config: the container's :class:`~ion.core.config.Config`, if any.
+    """
+    root = config.get("ion.services.cache", "root") if config is not None else None
+    if root:
+        return [Path(root).expanduser()]
+    from ion.services.cache.core import default_root
+
+    return [default_root()]
 
 
 class UnpackService(ServiceProcess):
@@ -54,7 +63,7 @@ class UnpackService(ServiceProcess):
         self.limits = Limits.from_config(self.get_config)
         roots = self.get_config("allowed_roots")
         if roots is None:
-            paths = default_allowed_roots()
+            paths = default_allowed_roots(self.container.config)
         elif isinstance(roots, (list, tuple)) and all(isinstance(r, str) for r in roots):
             paths = [Path(r).expanduser() for r in roots]
         else:
@@ -65,11 +74,11 @@ class UnpackService(ServiceProcess):
         self.allowed_roots = [Path(os.path.realpath(p)) for p in paths]
 
     # -- requests ------------------------------------------------------------------------
-    def _path(self, content: Any, key: str, *, below: bool = False) -> Path:
-        """The request's ``key`` as an absolute path under an allowed root (strictly
-        ``below`` one if asked), symlinks resolved.
+    @staticmethod
+    def _path(content: Any, key: str) -> str:
+        """The request's ``key``: an absolute path (checked on the reactor, no file system access).
 
-        :raises ApplicationError: 400 for a missing or relative path, 403 outside the roots.
+        :raises ApplicationError: 400 for a malformed request.
         """
         if not isinstance(content, dict):
             raise ApplicationError(f"the request must be a dict with {key!r}, not {type(content).__name__}")
@@ -78,6 +87,14 @@ class UnpackService(ServiceProcess):
             raise ApplicationError(f"the request needs {key!r}: a path (string)")
         if "\x00" in value or not os.path.isabs(value):
             raise ApplicationError(f"{key} {value!r} must be an absolute path")
+        return value
+
+    def _allowed(self, key: str, value: str, *, below: bool = False) -> Path:
+        """``value`` with symlinks resolved, if it lies under an allowed root (strictly
+        ``below`` one if asked). Touches the file system: runs in the blocking pool.
+
+        :raises ApplicationError: 403 naming the roots.
+        """
         resolved = Path(os.path.realpath(value))
         if not any(resolved.is_relative_to(root) and not (below and resolved == root)
                    for root in self.allowed_roots):
@@ -85,6 +102,13 @@ class UnpackService(ServiceProcess):
             raise ApplicationError(f"{key} {value} (resolved {resolved}) is outside the allowed roots ({roots})",
                                    code=403)
         return resolved
+
+    def _detect(self, path: str) -> core.Detection:
+        return core.detect(self._allowed("path", path))
+
+    def _unpack(self, archive: str, target: str) -> core.UnpackResult:
+        return core.unpack(self._allowed("archive", archive), self._allowed("target", target, below=True),
+                           self.limits)
 
     def _refuse(self, msg: dict[str, Any], exc: UnpackError) -> None:
         """Answer with the core error's class name, its code and its precise message."""
@@ -97,7 +121,7 @@ class UnpackService(ServiceProcess):
         """Whether ``{path}`` is an archive: ``{format, archive, claimed, reason}``."""
         path = self._path(content, "path")
         try:
-            found = await self.container.blocking.run(core.detect, path)
+            found = await self.container.blocking.run(self._detect, path)
         except UnpackError as exc:
             return self._refuse(msg, exc)
         return {
@@ -111,15 +135,15 @@ class UnpackService(ServiceProcess):
         """Extract ``{archive, target}``: ``{format, kept: false, members, bytes}``, or
         ``{format: null, kept: true, reason}`` for a file that is no archive (left alone)."""
         archive = self._path(content, "archive")
-        target = self._path(content, "target", below=True)
+        target = self._path(content, "target")
         try:
-            result = await self.container.blocking.run(core.unpack, archive, target, self.limits)
+            result = await self.container.blocking.run(self._unpack, archive, target)
         except UnpackError as exc:
             return self._refuse(msg, exc)
         if result.extracted is None:
             return {"format": None, "kept": True, "reason": result.detection.reason}
         self._log.debug("{pid}: unpacked {archive} ({kind}, {members} members, {bytes} bytes)", pid=self.id,
-                        archive=str(archive), kind=result.extracted.format.value,
+                        archive=archive, kind=result.extracted.format.value,
                         members=len(result.extracted.members), bytes=result.extracted.total_bytes)
         return {
             "format": result.extracted.format.value,

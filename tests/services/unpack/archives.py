@@ -8,9 +8,9 @@ import stat
 import tarfile
 import warnings
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 TAR_MODES = {"tar": "w", "tar.gz": "w:gz", "tgz": "w:gz", "tar.bz2": "w:bz2", "tbz2": "w:bz2",
              "tar.xz": "w:xz", "txz": "w:xz"}

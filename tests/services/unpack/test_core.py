@@ -135,6 +135,39 @@ def test_leading_dot_slash_names_extract(sandbox):
     assert result.members == [".", "x"]
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_deep_nesting_extracts_without_holding_a_descriptor_per_level(sandbox):
+    """A member 600 folders deep extracts, with a bounded number of descriptors, none leaked."""
+    deep = "/".join(["d"] * 600)
+    archive = write_tar(sandbox.archives / "deep.tar", [M(f"{deep}/f", data=b"bottom"), M("d/top", data=b"top"),
+                                                        M(f"{deep}/g", data=b"again")])
+    before = _open_fds()
+    seen = []
+    real_open = os.open
+
+    def counting_open(*args, **kwargs):
+        seen.append(_open_fds())
+        return real_open(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "open", counting_open)
+        extract(archive, sandbox.target)
+    assert (sandbox.target / deep / "g").read_bytes() == b"again"
+    assert max(seen) < before + 40
+    assert _open_fds() == before
+
+
+def test_no_descriptor_leaks_on_refusal(sandbox):
+    """A refused archive leaves no file descriptor open."""
+    archive = write_tar(sandbox.archives / "bad.tar", [M("a/b/c/f", data=b"x"), M("../evil", data=b"x")])
+    before = _open_fds()
+    refused(sandbox, archive, UnsafeArchiveError)
+    assert _open_fds() == before
+
+
 def test_empty_tar_extracts_nothing(sandbox):
     """A tar with no members, named as one, extracts to an empty target."""
     archive = write_tar(sandbox.archives / "empty.tar.gz", [], "w:gz")

@@ -1,4 +1,8 @@
-"""Property: whatever an archive holds, extraction never writes outside the target."""
+"""Property: whatever an archive holds, extraction never writes outside the target.
+
+Names and link targets are drawn from a small alphabet ('..', '.', 'a', 'b', '/', and an
+absolute path into the watched folder); tar and zip; files, folders, symlinks, hard links.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from tests.services.unpack.archives import M, Sandbox, tar_bytes, zip_bytes
 
 #: Replaced by an absolute path inside the sandbox, so an absolute write would be seen.
 ABS = "\x01ABS\x01"
+
 
 def _path(prefixes: list[str], components: list[str]) -> st.SearchStrategy[str]:
     return st.builds(lambda prefix, parts: prefix + "/".join(parts), st.sampled_from(prefixes),
@@ -68,8 +73,7 @@ def _all_links_inside(target: Path) -> None:
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(members=archive_members, zip_format=st.booleans())
 def test_extraction_never_writes_outside_the_target(members, zip_format):
-    """For generated archives (names of '..', '.', 'a', '/', links), nothing outside the target
-    changes, the only errors are refusals of the archive, and no finished tree links out."""
+    """Generated archives never change anything outside the target and fail only as refusals."""
     with tempfile.TemporaryDirectory() as tmp:
         sandbox = _deep_sandbox(Path(tmp))
         abs_root = str(sandbox.root / "outside")
@@ -110,8 +114,7 @@ def linked_archives(draw: st.DrawFn) -> list[M]:
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(members=linked_archives(), zip_format=st.booleans())
 def test_links_never_carry_a_write_outside(members, zip_format):
-    """Links (relative, often leading out) followed by members below them never let a write
-    out of the target, and no finished tree links out."""
+    """Links followed by members below them never carry a write out, nor leave a link pointing out."""
     with tempfile.TemporaryDirectory() as tmp:
         sandbox = _deep_sandbox(Path(tmp))
         concrete = _concrete(members, "", zip_format)

@@ -175,11 +175,29 @@ async def test_the_app_file_starts_the_service(container, sandbox):
     assert (await client.ping())["service"] == "unpack"
 
 
-def test_default_roots_follow_the_cache_dir(monkeypatch, tmp_path):
-    """Without allowed_roots, requests may use the deploy cache root ($ION_CACHE_DIR)."""
+def test_default_roots_follow_the_cache_root(monkeypatch, tmp_path):
+    """Without allowed_roots, requests may use the deploy cache root: its config, else $ION_CACHE_DIR."""
     from ion.services.unpack.service import default_allowed_roots
+    from ion.testing import test_config
 
     monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path / "cache"))
     assert default_allowed_roots() == [tmp_path / "cache"]
-    monkeypatch.delenv("ION_CACHE_DIR")
-    assert default_allowed_roots() == [Path.home() / ".cache" / "ion" / "deploy"]
+    assert default_allowed_roots(test_config()) == [tmp_path / "cache"]
+    config = test_config({"ion.services.cache": {"root": str(tmp_path / "configured")}})
+    assert default_allowed_roots(config) == [tmp_path / "configured"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_default_roots_admit_the_cache_and_nothing_else(container_factory, tmp_path):
+    """With allowed_roots unset, a path in the cache's staging is served and one beside it is 403."""
+    cache = tmp_path / "cache"
+    (cache / "staging").mkdir(parents=True)
+    container = await container_factory(config={"ion.services.cache": {"root": str(cache)}})
+    await container.spawn(UnpackService)
+    client = UnpackClient(await client_process(container))
+    inside = write_tar(cache / "staging" / "dep.tar", GOOD)
+    assert (await client.detect(inside))["format"] == "tar"
+    outside = write_tar(tmp_path / "dep.tar", GOOD)
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.detect(outside)
+    assert info.value.response_code == 403 and str(cache) in info.value.message

@@ -1,0 +1,1254 @@
+# -*- test-case-name: tests.services.fetch.test_repository -*-
+"""Repositories: where dependency versions come from (DESIGN §8, "Fetch").
+
+One small interface, :class:`Repository`, with three implementations chosen by
+the URL's scheme (:func:`repository_for`):
+
+- ``file:`` (:class:`FileRepository`): a local folder; files are copied.
+- ``http(s):`` (:class:`HTTPRepository`): treq, streamed; a version folder is
+  listed through its index page, the links of an autoindex page as nginx,
+  Apache or ``python -m http.server`` serve it (sub-folders followed; parent,
+  sort and off-site links ignored), then one ``HEAD`` per file for its size,
+  ``Content-MD5``, ``ETag`` and ``Last-Modified``.
+- ``s3:`` (:class:`S3Repository`): boto3 with its standard settings
+  (``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE`` and the config files, the
+  ``AWS_*`` credential variables...), imported only when an ``s3:`` repository
+  is used. Every call is made with the credentials found and, when there are
+  none or they are refused, again anonymously (botocore ``UNSIGNED``): public
+  buckets work without an account. boto3 blocks, so every call runs in the
+  :class:`~ion.core.threads.BlockingPool`.
+
+Layout: ``<url>/<platform>/<name>/<version>/<files>``; every file under the
+version folder belongs to the dependency, sub-folders kept, except a
+``<file>.sha256`` sidecar next to ``<file>``, which gives that file's sha256.
+The version folder is matched exactly (``1.1`` never matches ``1.10``).
+
+**Downloads stream**: chunks are written and hashed (sha256 and md5) as they
+arrive, in the pool, one job after the other for a file, with at most a few
+MiB in flight (the HTTP transport is paused beyond that), so memory stays
+bounded whatever the file size. The file's checksum from the repository (S3
+single-part ETag = md5; HTTP ``Content-MD5``; a ``.sha256`` sidecar) is then
+compared: a mismatch is a :class:`ChecksumMismatchError` and the file is
+removed. A connection refused or dropped mid-file, a body that stalls or ends
+short, is tried again after ``retry_delay`` seconds, doubling each time, at most
+``retries`` times (config, clock injected), then :class:`TransferError`.
+
+**Version markers** (:attr:`RemoteFile.marker`) say whether a remote file
+changed since it was fetched, for ``keep_updated``: the S3 ETag, the HTTP ETag
+(else Last-Modified and size), a local file's mtime and size.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+import stat
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import quote, unquote, urljoin, urlsplit
+
+from twisted.internet import defer, error as ierror, protocol, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ion.core.exceptions import ConfigurationError
+from ion.services.deploy.spec import RepositoryURL
+from ion.services.fetch.errors import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    ChecksumMismatchError,
+    FetchError,
+    NotFoundError,
+    RepositoryError,
+    TransferError,
+)
+
+__all__ = [
+    "Checksum",
+    "RemoteFile",
+    "Downloaded",
+    "FetchConfig",
+    "Progress",
+    "Repository",
+    "FileRepository",
+    "HTTPRepository",
+    "S3Repository",
+    "repository_for",
+    "parse_index_links",
+    "SIDECAR_SUFFIX",
+    "CONFIG_SECTION",
+]
+
+#: The config section read by :meth:`FetchConfig.from_config`.
+CONFIG_SECTION: Final = "ion.services.fetch"
+#: A ``<file>.sha256`` next to ``<file>`` holds that file's sha256; it is no dependency file itself.
+SIDECAR_SUFFIX: Final = ".sha256"
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
+_MAX_SIDECAR = 4096
+_MAX_LISTING_DEPTH = 32
+
+#: ``progress(bytes_done, bytes_total)``; total is None when unknown.
+Progress = Callable[[int, "int | None"], None]
+
+
+# -- what is listed and downloaded ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checksum:
+    """A checksum the repository gives for a file: ``algorithm`` (``md5`` or ``sha256``)
+    and the lower-case hex digest."""
+
+    algorithm: str
+    hexdigest: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hexdigest}"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a version folder.
+
+    :ivar path: relative to the version folder, ``/``-separated (sub-folders kept).
+    :ivar url: where it is, for messages (``s3://b/p/linux/z/1.2/z.tgz``, an HTTP URL, a local path).
+    :ivar size: bytes, when the repository says (None: unknown until downloaded).
+    :ivar checksums: what the repository vouches for (S3 ETag md5, ``Content-MD5``, sidecar sha256).
+    :ivar marker: changes when the remote file changes (ETag, Last-Modified + size, mtime + size).
+    :ivar source: the repository's own locator (S3 key, HTTP URL, path).
+    """
+
+    path: str
+    url: str
+    size: int | None
+    checksums: tuple[Checksum, ...] = ()
+    marker: str | None = None
+    source: str = field(default="", repr=False)
+
+    @property
+    def checksum(self) -> Checksum | None:
+        """The strongest checksum known (sha256 before md5), if any."""
+        for algorithm in ("sha256", "md5"):
+            for c in self.checksums:
+                if c.algorithm == algorithm:
+                    return c
+        return None
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A file written by :meth:`Repository.download`: its size and digests (hex),
+    the repository checksums it was verified against, and its version marker as
+    seen when it was downloaded."""
+
+    size: int
+    sha256: str
+    md5: str
+    verified: tuple[Checksum, ...] = ()
+    marker: str | None = None
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Transfer settings (config section ``ion.services.fetch``).
+
+    :param retries: times a dropped or refused transfer is tried again.
+    :param retry_delay: seconds before the first retry; doubled (``retry_backoff``) each time,
+        at most ``retry_max_delay``.
+    :param connect_timeout: seconds to connect.
+    :param read_timeout: seconds an HTTP response (headers, then each piece of body) may take.
+    :param chunk_size: bytes handed to the pool per write (and read per step from S3 or a file).
+    :param max_buffered: bytes of one download waiting to be written before the network is paused.
+    :param listing_concurrency: HTTP ``HEAD`` requests at once while listing.
+    :param s3_max_connections: connections in boto3's pool per repository.
+    """
+
+    retries: int = 3
+    retry_delay: float = 0.5
+    retry_backoff: float = 2.0
+    retry_max_delay: float = 10.0
+    connect_timeout: float = 30.0
+    read_timeout: float = 60.0
+    chunk_size: int = 1 << 20
+    max_buffered: int = 8 << 20
+    listing_concurrency: int = 8
+    s3_max_connections: int = 16
+
+    KEYS: Final = ("retries", "retry_delay", "retry_backoff", "retry_max_delay", "connect_timeout",
+                   "read_timeout", "chunk_size", "max_buffered", "listing_concurrency", "s3_max_connections")
+
+    def __post_init__(self) -> None:
+        for key in self.KEYS:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigurationError(f"{CONFIG_SECTION}: {key} must be a number >= 0, not {value!r}")
+        for key in ("chunk_size", "max_buffered", "listing_concurrency", "s3_max_connections"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigurationError(f"{CONFIG_SECTION}: {key} must be at least 1")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | Callable[[str, Any], Any] | None) -> FetchConfig:
+        """From a config section (a mapping or ``get(key, default)``); missing keys keep their defaults.
+
+        :raises ConfigurationError: naming the key of a value that is not a number >= 0.
+        """
+        if config is None:
+            return cls()
+        if isinstance(config, FetchConfig):
+            return config
+        get = config if callable(config) else config.get
+        defaults = cls()
+        values = {key: get(key, getattr(defaults, key)) for key in cls.KEYS}
+        for key in ("retries", "chunk_size", "max_buffered", "listing_concurrency", "s3_max_connections"):
+            if isinstance(values[key], float) and values[key].is_integer():
+                values[key] = int(values[key])
+        return cls(**values)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _hex_of_content_md5(value: str) -> str | None:
+    """The hex md5 of a ``Content-MD5`` header (base64 by RFC 1864; hex accepted too)."""
+    value = value.strip()
+    if _HEX32.match(value):
+        return value.lower()
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 16 else None
+
+
+def _parse_sidecar(text: bytes) -> str | None:
+    """The hex digest of a ``.sha256`` file: ``<hex>`` or ``sha256sum``'s ``<hex>  <name>``."""
+    try:
+        first = text.decode("ascii").split()
+    except UnicodeDecodeError:
+        return None
+    if not first or not _HEX64.match(first[0]):
+        return None
+    return first[0].lower()
+
+
+def _version_parts(platform: str, name: str, version: str) -> tuple[str, str, str]:
+    for what, value in (("platform", platform), ("name", name), ("version", version)):
+        if not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+            raise FetchError(f"{what} {value!r} must be one path component")
+    return platform, name, version
+
+
+class _Sink:
+    """One file being written, hashed as it goes. Every method blocks: run them in the pool."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data)
+        while view:
+            n = self.file.write(view)
+            view = view[n:]
+        self.sha256.update(data)
+        self.md5.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def copy_from(self, src: Any, limit: int, chunk: int) -> int:
+        """Read up to ``limit`` bytes from ``src`` (a file or a boto3 body) and write them; 0 at the end."""
+        done = 0
+        while done < limit:
+            data = src.read(min(chunk, limit - done))
+            if not data:
+                break
+            self.write(data)
+            done += len(data)
+        return done
+
+    def reset(self) -> None:
+        """Start the file again from byte 0 (a retry)."""
+        self.file.seek(0)
+        self.file.truncate()
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+    def close(self) -> tuple[int, str, str]:
+        self.file.close()
+        return self.size, self.sha256.hexdigest(), self.md5.hexdigest()
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class _Retryable(Exception):
+    """A transfer failure worth another try (connection refused or dropped, body short or stalled)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _PoolWriter:
+    """Feeds a :class:`_Sink` from the reactor: chunks are gathered up to ``chunk_size``
+    and written by one pool job at a time, in order. Beyond ``max_buffered`` bytes
+    waiting, ``pause()`` is called (the HTTP transport stops reading) until the
+    writes catch up."""
+
+    def __init__(self, pool: Any, sink: _Sink, config: FetchConfig, *, progress: Callable[[int], None] | None = None,
+                 pause: Callable[[], None] | None = None, resume: Callable[[], None] | None = None) -> None:
+        self.pool = pool
+        self.sink = sink
+        self.chunk_size = int(config.chunk_size)
+        self.max_buffered = int(config.max_buffered)
+        self.progress = progress
+        self.pause, self.resume = pause, resume
+        self.paused = False
+        self._pieces: list[bytes] = []
+        self._gathered = 0
+        self._pending = 0  # bytes handed to the pool, not yet written
+        self._written = 0
+        self._tail: defer.Deferred[Any] = defer.succeed(None)
+        self.failure: Failure | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        self._pieces.append(data)
+        self._gathered += len(data)
+        if self._gathered >= self.chunk_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pieces:
+            return
+        data = b"".join(self._pieces) if len(self._pieces) > 1 else self._pieces[0]
+        self._pieces, self._gathered = [], 0
+        self._pending += len(data)
+        if self._pending > self.max_buffered and not self.paused and self.pause is not None:
+            self.paused = True
+            self.pause()
+
+        def write(_: Any) -> defer.Deferred[int]:
+            return self.pool.run(self.sink.write, data)
+
+        def written(n: int) -> None:
+            self._pending -= n
+            self._written += n
+            if self.paused and self._pending <= self.max_buffered // 2:
+                self.paused = False
+                if self.resume is not None:
+                    self.resume()
+            if self.progress is not None:
+                self.progress(self._written)
+
+        def failed(f: Failure) -> None:
+            if self.failure is None:
+                self.failure = f
+            # Later writes are skipped: the chain stays failed.
+            raise f.value
+
+        self._tail.addCallback(write)
+        self._tail.addCallbacks(written, failed)
+
+    async def finish(self) -> None:
+        """Write what is gathered and wait for every write (raising the first write error)."""
+        self._flush()
+        await self._tail
+
+    async def drain(self) -> None:
+        """Wait for the writes in flight, ignoring their errors (before a retry or abort)."""
+        self._pieces, self._gathered = [], 0
+        try:
+            await self._tail
+        except Exception:
+            pass
+        self._tail = defer.succeed(None)
+        self._pending = 0
+        self.failure = None
+
+
+# -- the interface ---------------------------------------------------------------------------------
+class Repository:
+    """A repository of dependency versions: ``<url>/<platform>/<name>/<version>/<files>``.
+
+    :param url: the parsed repository URL.
+    :param pool: runs blocking work: ``run(fn, *args, **kwargs)`` -> Deferred
+        (:class:`~ion.core.threads.BlockingPool`).
+    :param reactor: the reactor (network); ``clock`` defaults to it.
+    :param config: transfer settings.
+    :param clock: schedules retries and timeouts (a ``task.Clock`` in tests).
+    """
+
+    _log = Logger()
+
+    def __init__(self, url: RepositoryURL, pool: Any, reactor: Any = None, config: FetchConfig | None = None,
+                 *, clock: IReactorTime | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.url = url
+        self.pool = pool
+        self.reactor = reactor
+        self.clock: IReactorTime = clock or reactor
+        self.config = config or FetchConfig()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
+    # -- public API ---------------------------------------------------------------------------------
+    def version_url(self, platform: str, name: str, version: str) -> str:
+        """The version folder's URL (or path), as messages name it; ends with ``/``."""
+        return self.url.child(platform, name, version).rstrip("/") + "/"
+
+    def list_version(self, platform: str, name: str, version: str) -> defer.Deferred[list[RemoteFile]]:
+        """Every file of the version folder, sorted by path (sidecars folded into their file).
+
+        :raises NotFoundError: no such version folder, or nothing in it (the URL tried named).
+        :raises BucketNotFoundError, AccessDeniedError, TransferError, RepositoryError: as their names say.
+        """
+
+        async def run() -> list[RemoteFile]:
+            _version_parts(platform, name, version)
+            where = self.version_url(platform, name, version)
+            files = await self._retrying("listing", where, lambda: self._list(platform, name, version))
+            if not files:
+                raise NotFoundError(f"no files under {where}", url=where)
+            return await self._fold_sidecars(files)
+
+        return defer.Deferred.fromCoroutine(run())
+
+    def download(self, remote: RemoteFile, dest: str | os.PathLike[str],
+                 progress: Progress | None = None) -> defer.Deferred[Downloaded]:
+        """Stream ``remote`` into ``dest`` (parents made), hashing as it goes; fires with
+        what was written once the repository's checksums are verified.
+
+        On any failure (or cancellation) ``dest`` is removed.
+
+        :raises ChecksumMismatchError: the content does not match the repository's checksum.
+        :raises TransferError: the connection kept failing after ``retries`` tries.
+        :raises NotFoundError, AccessDeniedError, RepositoryError: as their names say.
+        """
+        return defer.Deferred.fromCoroutine(self._download(remote, Path(dest), progress))
+
+    def close(self) -> defer.Deferred[None]:
+        """Release connections (HTTP pool); the repository may not be used afterwards."""
+        return defer.succeed(None)
+
+    # -- for implementations ----------------------------------------------------------------------------
+    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
+        raise NotImplementedError
+
+    async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
+        """The content of a small file (a sidecar), at most ``limit`` bytes."""
+        raise NotImplementedError
+
+    async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
+        """Write ``remote`` into ``sink`` once (raise :class:`_Retryable` for a dropped transfer);
+        return ``remote`` updated with what the transfer said (size, checksums, marker)."""
+        raise NotImplementedError
+
+    # -- shared machinery -----------------------------------------------------------------------------
+    async def _retrying(self, what: str, url: str, attempt: Callable[[], Awaitable[Any]],
+                        on_retry: Callable[[], Awaitable[None]] | None = None) -> Any:
+        """``attempt()``, tried again on :class:`_Retryable` with backoff; then :class:`TransferError`."""
+        delay = float(self.config.retry_delay)
+        retries = int(self.config.retries)
+        for n in range(retries + 1):
+            try:
+                return await attempt()
+            except _Retryable as exc:
+                if n >= retries:
+                    tries = f"{n + 1} attempts" if n else "1 attempt"
+                    raise TransferError(f"{what} {url} failed after {tries}: {exc.reason}", url=url,
+                                        attempts=n + 1) from None
+                self._log.warn("{what} {url}: {reason}; retry {n} of {retries} in {delay:g} s", what=what,
+                               url=url, reason=exc.reason, n=n + 1, retries=retries, delay=delay)
+                if on_retry is not None:
+                    await on_retry()
+                if delay > 0:
+                    await task.deferLater(self.clock, delay, lambda: None)
+                delay = min(delay * float(self.config.retry_backoff), float(self.config.retry_max_delay))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _fold_sidecars(self, files: list[RemoteFile]) -> list[RemoteFile]:
+        by_path = {f.path: f for f in files}
+        out: dict[str, RemoteFile] = {}
+        sidecars: dict[str, RemoteFile] = {}
+        for f in files:
+            if f.path.endswith(SIDECAR_SUFFIX) and f.path[: -len(SIDECAR_SUFFIX)] in by_path:
+                sidecars[f.path[: -len(SIDECAR_SUFFIX)]] = f
+            else:
+                out[f.path] = f
+        for path, car in sidecars.items():
+            if car.size is not None and car.size > _MAX_SIDECAR:
+                raise RepositoryError(f"sidecar {car.url} is {car.size} bytes: not a sha256 file", url=car.url)
+            text = await self._retrying("reading", car.url, lambda car=car: self._read_small(car, _MAX_SIDECAR))
+            digest = _parse_sidecar(text)
+            if digest is None:
+                raise RepositoryError(f"sidecar {car.url} does not hold a sha256 (64 hex digits)", url=car.url)
+            f = out[path]
+            out[path] = replace(f, checksums=(*[c for c in f.checksums if c.algorithm != "sha256"],
+                                              Checksum("sha256", digest)))
+        return [out[p] for p in sorted(out)]
+
+    async def _download(self, remote: RemoteFile, dest: Path, progress: Progress | None) -> Downloaded:
+        sink: _Sink = await self.pool.run(_Sink, dest)
+        seen: dict[str, RemoteFile] = {}
+
+        def report(done: int) -> None:
+            if progress is not None:
+                total = seen["last"].size if "last" in seen else remote.size
+                progress(done, total)
+
+        async def attempt() -> RemoteFile:
+            seen["last"] = remote
+            got = await self._transfer(remote, sink, report)
+            seen["last"] = got
+            return got
+
+        async def restart() -> None:
+            await self.pool.run(sink.reset)
+
+        try:
+            if progress is not None:
+                progress(0, remote.size)
+            got = await self._retrying("downloading", remote.url, attempt, restart)
+            size, sha256, md5 = await self.pool.run(sink.close)
+            verified = self._verify(got, size, sha256, md5)
+        except BaseException:
+            try:
+                await self.pool.run(sink.abort)
+            except Exception as exc:  # pragma: no cover - best effort
+                self._log.warn("could not remove {path}: {exc}", path=str(dest), exc=exc)
+            raise
+        if progress is not None:
+            progress(size, size)
+        return Downloaded(size=size, sha256=sha256, md5=md5, verified=verified, marker=got.marker)
+
+    @staticmethod
+    def _verify(remote: RemoteFile, size: int, sha256: str, md5: str) -> tuple[Checksum, ...]:
+        if remote.size is not None and size != remote.size:
+            # Transfers check their length; this is a repository that changed its mind.
+            raise ChecksumMismatchError(remote.path, f"size:{remote.size}", f"size:{size}", url=remote.url,
+                                        source="the repository's listing")
+        computed = {"sha256": sha256, "md5": md5}
+        for c in remote.checksums:
+            if computed[c.algorithm] != c.hexdigest:
+                source = {"md5": "the repository's md5 (ETag or Content-MD5)",
+                          "sha256": f"its {SIDECAR_SUFFIX} sidecar"}[c.algorithm]
+                raise ChecksumMismatchError(remote.path, str(c), f"{c.algorithm}:{computed[c.algorithm]}",
+                                            url=remote.url, source=source)
+        return remote.checksums
+
+
+# -- file: -----------------------------------------------------------------------------------------
+def _file_marker(st: os.stat_result) -> str:
+    return f"mtime:{st.st_mtime_ns}:size:{st.st_size}"
+
+
+def _walk_folder(folder: Path, url_of: Callable[[Path], str]) -> list[RemoteFile] | None:
+    """Every regular file under ``folder`` (symlinks to files followed, to folders not); None if no folder."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    except PermissionError as exc:
+        raise AccessDeniedError(f"cannot read {folder}: {exc.strerror}", url=str(folder)) from None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    files: list[RemoteFile] = []
+
+    def fail(exc: OSError) -> None:
+        if isinstance(exc, PermissionError):
+            raise AccessDeniedError(f"cannot read {exc.filename}: {exc.strerror}", url=str(exc.filename))
+        raise exc
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=fail, followlinks=False):
+        dirnames.sort()
+        for fname in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
+            full = Path(dirpath, fname)
+            try:
+                fst = os.stat(full)
+            except FileNotFoundError:
+                continue  # a dangling symlink
+            except PermissionError as exc:
+                raise AccessDeniedError(f"cannot read {full}: {exc.strerror}", url=str(full)) from None
+            if not stat.S_ISREG(fst.st_mode):
+                continue
+            rel = full.relative_to(folder).as_posix()
+            files.append(RemoteFile(path=rel, url=url_of(full), size=fst.st_size, marker=_file_marker(fst),
+                                    source=str(full)))
+    return files
+
+
+def _open_source(path: str) -> tuple[Any, os.stat_result]:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    except FileNotFoundError:
+        raise NotFoundError(f"{path} is gone (it was listed)", url=path) from None
+    except PermissionError as exc:
+        raise AccessDeniedError(f"cannot read {path}: {exc.strerror}", url=path) from None
+    return f, os.fstat(f.fileno())
+
+
+def _read_head(path: str, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(limit)
+
+
+class FileRepository(Repository):
+    """A local folder (``file:///abs`` or ``file:relative``); files are copied, hashed on the way."""
+
+    def _folder(self, platform: str, name: str, version: str) -> Path:
+        return Path(self.url.child(platform, name, version))
+
+    def version_url(self, platform: str, name: str, version: str) -> str:
+        return str(self._folder(platform, name, version)) + "/"
+
+    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
+        folder = self._folder(platform, name, version)
+        files = await self.pool.run(_walk_folder, folder, str)
+        if files is None:
+            raise NotFoundError(f"no files under {folder}/ (no such folder)", url=str(folder))
+        return files
+
+    async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
+        return await self.pool.run(_read_head, remote.source, limit)
+
+    async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
+        src, st = await self.pool.run(_open_source, remote.source)
+        try:
+            chunk = int(self.config.chunk_size)
+            step = chunk * 8
+            done = 0
+            while True:
+                n = await self.pool.run(sink.copy_from, src, step, chunk)
+                if not n:
+                    break
+                done += n
+                progress(done)
+        finally:
+            await self.pool.run(src.close)
+        # What was read is what the file holds now (it may have changed since the listing).
+        return replace(remote, size=done, marker=_file_marker(st))
+
+
+# -- http(s): --------------------------------------------------------------------------------------
+class _LinkParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag.lower() == "a":
+            for key, value in attrs:
+                if key.lower() == "href" and value:
+                    self.links.append(value)
+
+
+def parse_index_links(html: str, folder_url: str) -> tuple[list[str], list[str]]:
+    """The files and sub-folders an autoindex page at ``folder_url`` links to.
+
+    Only links to direct children of the folder count: parent links (``../``,
+    Apache's "Parent Directory"), sort links (``?C=N;O=D``), fragments and links
+    to other folders or hosts are ignored; each name is given once, decoded.
+
+    :returns: (file names, sub-folder names), in page order.
+    """
+    if not folder_url.endswith("/"):
+        folder_url += "/"
+    base = urlsplit(folder_url)
+    parser = _LinkParser()
+    parser.feed(html)
+    parser.close()
+    files: list[str] = []
+    folders: list[str] = []
+    seen: set[str] = set()
+    for href in parser.links:
+        href = href.strip()
+        if not href or href.startswith(("?", "#")):
+            continue
+        target = urlsplit(urljoin(folder_url, href))
+        if (target.scheme, target.netloc) != (base.scheme, base.netloc):
+            continue
+        path = target.path
+        if not path.startswith(base.path) or len(path) <= len(base.path):
+            continue
+        rel = path[len(base.path):]
+        is_folder = rel.endswith("/")
+        rel = rel.rstrip("/")
+        if not rel or "/" in rel:
+            continue
+        name = unquote(rel)
+        if name in (".", "..") or "/" in name or "\0" in name or name in seen:
+            continue
+        seen.add(name)
+        (folders if is_folder else files).append(name)
+    return files, folders
+
+
+_RETRYABLE_HTTP = (ierror.ConnectError, ierror.ConnectionLost, ierror.ConnectionDone, defer.TimeoutError,
+                   ierror.TimeoutError)
+
+
+def _http_retryable(f: Failure) -> str | None:
+    """Why ``f`` is a transfer failure worth retrying, or None."""
+    from twisted.web._newclient import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
+
+    if f.check(ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed):
+        reasons = getattr(f.value, "reasons", None) or []
+        detail = "; ".join(r.getErrorMessage() for r in reasons if isinstance(r, Failure)) or f.getErrorMessage()
+        return f"connection dropped ({type(f.value).__name__}: {detail})"
+    if f.check(*_RETRYABLE_HTTP):
+        return f"{type(f.value).__name__}: {f.getErrorMessage()}"
+    return None
+
+
+class _BodyReceiver(protocol.Protocol):
+    """Receives a response body into a :class:`_PoolWriter`, aborting a body that stalls."""
+
+    def __init__(self, writer: _PoolWriter, done: defer.Deferred[None], clock: IReactorTime, idle: float) -> None:
+        self.writer = writer
+        self.done = done
+        self.clock = clock
+        self.idle = idle
+        self.received = 0
+        self.stalled = False
+        self._timer: Any = None
+
+    def connectionMade(self) -> None:
+        self.writer.pause = self.transport.pauseProducing  # type: ignore[union-attr]
+        self.writer.resume = self.transport.resumeProducing  # type: ignore[union-attr]
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.idle <= 0:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.idle)
+        else:
+            self._timer = self.clock.callLater(self.idle, self._stalled)
+
+    def _stalled(self) -> None:
+        self.stalled = True
+        if self.writer.paused:
+            # We paused it ourselves: the disk is slow, the network is not stalled.
+            self._timer = self.clock.callLater(self.idle, self._stalled)
+            self.stalled = False
+            return
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        self._arm()
+        self.writer.feed(data)
+        if self.writer.failure is not None:
+            self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # type: ignore[assignment]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.done.called:
+            return
+        from twisted.web.client import ResponseDone
+        from twisted.web.http import PotentialDataLoss
+
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+class HTTPRepository(Repository):
+    """An HTTP(S) repository, listed through autoindex pages, read with treq (persistent connections)."""
+
+    def __init__(self, url: RepositoryURL, pool: Any, reactor: Any = None, config: FetchConfig | None = None,
+                 *, clock: IReactorTime | None = None) -> None:
+        super().__init__(url, pool, reactor, config, clock=clock)
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        self._pool = HTTPConnectionPool(self.reactor, persistent=True)
+        self._pool.maxPersistentPerHost = max(2, int(self.config.listing_concurrency))
+        self._pool.retryAutomatically = False  # our retries say so in the log
+        agent = Agent(self.reactor, connectTimeout=self.config.connect_timeout or None, pool=self._pool)
+        self._http = HTTPClient(agent)
+
+    def close(self) -> defer.Deferred[None]:
+        return self._pool.closeCachedConnections()
+
+    def version_url(self, platform: str, name: str, version: str) -> str:
+        base = f"{self.url.scheme}://{self.url.location}/"
+        if self.url.prefix:
+            base += self.url.prefix.strip("/") + "/"
+        return base + "/".join(quote(p, safe="") for p in (platform, name, version)) + "/"
+
+    async def _request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None) -> Any:
+        d = self._http.request(method, url, headers=dict(headers or {}), unbuffered=True, allow_redirects=True)
+        if self.config.read_timeout:
+            d.addTimeout(self.config.read_timeout, self.clock)
+        try:
+            return await d
+        except Exception:
+            f = Failure()
+            reason = _http_retryable(f)
+            if reason is not None:
+                raise _Retryable(f"{method} {url}: {reason}") from None
+            raise
+
+    @staticmethod
+    def _header(response: Any, name: str) -> str | None:
+        values = response.headers.getRawHeaders(name)
+        if not values:
+            return None
+        value = values[-1]
+        return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+    def _check_status(self, response: Any, url: str, what: str) -> None:
+        code = int(response.code)
+        if code == 200:
+            return
+        if code == 404 or code == 410:
+            raise NotFoundError(f"{what}: {url} answered {code} (not found)", url=url)
+        if code in (401, 403):
+            raise AccessDeniedError(f"{what}: access denied to {url} (HTTP {code})", url=url)
+        if code in (408, 429, 500, 502, 503, 504):
+            raise _Retryable(f"{url} answered HTTP {code}")
+        raise RepositoryError(f"{what}: {url} answered HTTP {code}", url=url)
+
+    async def _discard(self, response: Any) -> None:
+        """Read and drop a body (an error page, a HEAD), so the connection can be used again."""
+        import treq
+
+        try:
+            await treq.collect(response, lambda data: None)
+        except Exception:
+            pass
+
+    async def _checked(self, response: Any, url: str, what: str) -> None:
+        if int(response.code) != 200:
+            await self._discard(response)
+        self._check_status(response, url, what)
+
+    async def _content(self, response: Any, limit: int, url: str) -> bytes:
+        import treq
+
+        body = bytearray()
+
+        def collect(data: bytes) -> None:
+            body.extend(data)
+            if len(body) > limit:
+                raise RepositoryError(f"{url} is larger than {limit} bytes: not an index page or sidecar", url=url)
+
+        try:
+            await treq.collect(response, collect)
+        except RepositoryError:
+            raise
+        except Exception:
+            reason = _http_retryable(Failure())
+            if reason is not None:
+                raise _Retryable(f"GET {url}: {reason}") from None
+            raise
+        return bytes(body)
+
+    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
+        top = self.version_url(platform, name, version)
+        names: list[tuple[str, str]] = []  # (relative path, url)
+        visited: set[str] = set()
+
+        async def walk(folder_url: str, rel: str, depth: int) -> None:
+            if folder_url in visited or depth > _MAX_LISTING_DEPTH:
+                return
+            visited.add(folder_url)
+            response = await self._request("GET", folder_url)
+            if int(response.code) == 404 and depth == 0:
+                await self._discard(response)
+                raise NotFoundError(f"no files under {folder_url} (HTTP 404)", url=folder_url)
+            await self._checked(response, folder_url, "listing")
+            page = await self._content(response, 16 << 20, folder_url)
+            ctype = (self._header(response, "content-type") or "").lower()
+            if ctype and "html" not in ctype:
+                raise RepositoryError(f"{folder_url} is not an index page (Content-Type {ctype}); an HTTP "
+                                      "repository needs autoindex listings", url=folder_url)
+            charset = re.search(r"charset=([\w-]+)", ctype)
+            html = page.decode(charset.group(1) if charset else "utf-8", errors="replace")
+            files, folders = parse_index_links(html, folder_url)
+            for fname in files:
+                names.append((rel + fname, folder_url + quote(fname, safe="")))
+            for sub in folders:
+                await walk(folder_url + quote(sub, safe="") + "/", rel + sub + "/", depth + 1)
+
+        await walk(top, "", 0)
+        semaphore = defer.DeferredSemaphore(int(self.config.listing_concurrency))
+
+        async def head(rel: str, url: str) -> RemoteFile:
+            return await semaphore.run(lambda: defer.Deferred.fromCoroutine(self._head(rel, url)))
+
+        results = await defer.gatherResults([defer.Deferred.fromCoroutine(head(r, u)) for r, u in names],
+                                            consumeErrors=True)
+        return list(results)
+
+    def _describe(self, rel: str, url: str, response: Any, size: int | None) -> RemoteFile:
+        checksums: list[Checksum] = []
+        md5 = self._header(response, "content-md5")
+        if md5:
+            hexmd5 = _hex_of_content_md5(md5)
+            if hexmd5 is None:
+                raise RepositoryError(f"{url} sent a Content-MD5 that is not an md5: {md5!r}", url=url)
+            checksums.append(Checksum("md5", hexmd5))
+        etag = self._header(response, "etag")
+        modified = self._header(response, "last-modified")
+        if etag and not etag.startswith("W/"):
+            marker: str | None = f"etag:{etag}"
+        elif modified:
+            marker = f"modified:{modified}:size:{size}"
+        else:
+            marker = None
+        return RemoteFile(path=rel, url=url, size=size, checksums=tuple(checksums), marker=marker, source=url)
+
+    async def _head(self, rel: str, url: str) -> RemoteFile:
+        # Not retried on its own: list_version retries the whole listing.
+        response = await self._request("HEAD", url)
+        await self._discard(response)
+        if int(response.code) in (405, 501):
+            return RemoteFile(path=rel, url=url, size=None, source=url)  # no HEAD: learnt at download
+        self._check_status(response, url, "listing")
+        length = self._header(response, "content-length")
+        size = int(length) if length and length.isdigit() else None
+        return self._describe(rel, url, response, size)
+
+    async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
+        response = await self._request("GET", remote.source)
+        await self._checked(response, remote.source, "reading")
+        return await self._content(response, limit, remote.source)
+
+    async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
+        url = remote.source
+        response = await self._request("GET", url)
+        await self._checked(response, url, "downloading")
+        length = self._header(response, "content-length")
+        size = int(length) if length and length.isdigit() else remote.size
+        got = self._describe(remote.path, remote.url, response, size)
+        # Checksums from the listing stay (a sidecar); the GET's own headers describe these bytes.
+        checksums = {c.algorithm: c for c in remote.checksums}
+        checksums.update({c.algorithm: c for c in got.checksums})
+        got = replace(got, checksums=tuple(checksums.values()), marker=got.marker or remote.marker, source=url)
+        writer = _PoolWriter(self.pool, sink, self.config, progress=progress)
+        done: defer.Deferred[None] = defer.Deferred()
+        receiver = _BodyReceiver(writer, done, self.clock, float(self.config.read_timeout))
+        response.deliverBody(receiver)
+        try:
+            await done
+        except BaseException as exc:
+            # Cancelled, dropped or stalled: stop reading, let the writes in flight end.
+            receiver.transport.stopProducing()  # type: ignore[union-attr]
+            await writer.drain()
+            if receiver.stalled:
+                raise _Retryable(f"GET {url}: no data for {self.config.read_timeout:g} s") from None
+            if isinstance(exc, Exception) and not isinstance(exc, defer.CancelledError):
+                reason = _http_retryable(Failure(exc))
+                if reason is not None:
+                    raise _Retryable(f"GET {url}: {reason} after {receiver.received} bytes") from None
+            raise
+        await writer.finish()
+        if size is not None and receiver.received != size:
+            raise _Retryable(f"GET {url}: the body ended after {receiver.received} of {size} bytes")
+        return replace(got, size=receiver.received)
+
+
+# -- s3: -------------------------------------------------------------------------------------------
+_REFUSED_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                                  "TokenRefreshRequired", "InvalidClientTokenId", "AuthorizationHeaderMalformed"})
+_DENIED = frozenset({"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "AccountProblem"})
+_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+def _import_boto3() -> Any:
+    try:
+        import boto3  # noqa: F401
+        import botocore  # noqa: F401
+    except ImportError as exc:
+        raise RepositoryError("s3:// repositories need boto3, which is not installed: "
+                              "pip install 'ioncore[s3]' (or pip install boto3)") from exc
+    return boto3
+
+
+class _S3Clients:
+    """The signed client (None without credentials) and the anonymous one, made once, in the pool."""
+
+    def __init__(self, config: FetchConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._made = False
+        self.signed: Any = None
+        self.unsigned: Any = None
+        #: Set when the credentials were refused as such: later calls go anonymous at once.
+        self.credentials_refused = False
+
+    def get(self) -> tuple[Any, Any]:
+        with self._lock:
+            if not self._made:
+                boto3 = _import_boto3()
+                from botocore import UNSIGNED
+                from botocore.config import Config
+
+                options = dict(retries={"max_attempts": 2, "mode": "standard"},
+                               max_pool_connections=int(self.config.s3_max_connections),
+                               connect_timeout=self.config.connect_timeout or 60,
+                               read_timeout=self.config.read_timeout or 60)
+                session = boto3.session.Session()
+                try:
+                    credentials = session.get_credentials()
+                except Exception:  # a broken profile: anonymous it is
+                    credentials = None
+                if credentials is not None:
+                    self.signed = session.client("s3", config=Config(**options))
+                self.unsigned = session.client("s3", config=Config(signature_version=UNSIGNED, **options))
+                self._made = True
+            return self.signed, self.unsigned
+
+
+class S3Repository(Repository):
+    """An S3 bucket (and prefix), through boto3 in the blocking pool; anonymous when it must."""
+
+    def __init__(self, url: RepositoryURL, pool: Any, reactor: Any = None, config: FetchConfig | None = None,
+                 *, clock: IReactorTime | None = None) -> None:
+        super().__init__(url, pool, reactor, config, clock=clock)
+        self.bucket = url.location
+        self.clients = _S3Clients(self.config)
+        #: Calls that were answered anonymously (after no or refused credentials).
+        self.anonymous_calls = 0
+
+    def version_url(self, platform: str, name: str, version: str) -> str:
+        return f"s3://{self.bucket}/{self._prefix(platform, name, version)}"
+
+    def _prefix(self, platform: str, name: str, version: str) -> str:
+        parts = [p for p in (self.url.prefix.strip("/"), platform, name, version) if p]
+        return "/".join(parts) + "/"
+
+    # -- calls (blocking: in the pool) ------------------------------------------------------------------
+    def _call(self, method: str, url: str, **kwargs: Any) -> Any:
+        """``client.<method>(**kwargs)`` signed, then anonymously if credentials are missing or refused."""
+        from botocore.exceptions import (
+            CredentialRetrievalError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        signed, unsigned = self.clients.get()
+        signed_tried = False
+        if signed is not None and not self.clients.credentials_refused:
+            signed_tried = True
+            try:
+                return self._translate(getattr(signed, method), url, kwargs)
+            except _Refused as exc:
+                if exc.credentials:
+                    self.clients.credentials_refused = True
+                self._log.info("{url}: refused with the credentials found ({code}); trying anonymously",
+                               url=url, code=exc.code)
+            except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError):
+                self.clients.credentials_refused = True
+        try:
+            result = self._translate(getattr(unsigned, method), url, kwargs)
+        except _Refused as exc:
+            if signed_tried:
+                how = "with the credentials found, and anonymously"
+            elif signed is not None:
+                how = "anonymously (the credentials found were refused earlier)"
+            else:
+                how = "anonymously (no AWS credentials found: set AWS_PROFILE or AWS_ACCESS_KEY_ID)"
+            raise AccessDeniedError(f"access denied to {url} ({exc.code}) {how}", url=url) from None
+        self.anonymous_calls += 1
+        return result
+
+    def _translate(self, fn: Callable[..., Any], url: str, kwargs: Mapping[str, Any]) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            err = exc.response.get("Error", {}) or {}
+            code = str(err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code == "NoSuchBucket":
+                raise BucketNotFoundError(f"bucket {self.bucket!r} does not exist (listing {url})", url=url) from None
+            if code in _REFUSED_CREDENTIALS:
+                raise _Refused(code, exc, credentials=True) from None
+            if code in _DENIED:
+                raise _Refused(code, exc, credentials=False) from None
+            if code in _NOT_FOUND:
+                raise NotFoundError(f"{url} is not there ({code})", url=url) from None
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (500, 502, 503, 504) or code in ("SlowDown", "InternalError", "ServiceUnavailable"):
+                raise _Retryable(f"{url}: {code} {err.get('Message', '')}".strip()) from None
+            raise RepositoryError(f"{url}: S3 error {code}: {err.get('Message', '')}".rstrip(": "), url=url) from None
+        except BotoCoreError as exc:
+            from botocore.exceptions import (
+                ConnectionClosedError,
+                CredentialRetrievalError,
+                EndpointConnectionError,
+                IncompleteReadError,
+                NoCredentialsError,
+                PartialCredentialsError,
+                ReadTimeoutError,
+                ResponseStreamingError,
+            )
+            from botocore.exceptions import ConnectTimeoutError as BotoConnectTimeout
+
+            if isinstance(exc, (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)):
+                raise
+            if isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError,
+                                BotoConnectTimeout, IncompleteReadError, ResponseStreamingError)):
+                raise _Retryable(f"{url}: {exc}") from None
+            raise RepositoryError(f"{url}: {exc}", url=url) from None
+
+    def _list_blocking(self, prefix: str) -> list[RemoteFile]:
+        files: list[RemoteFile] = []
+        token: str | None = None
+        url = f"s3://{self.bucket}/{prefix}"
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("list_objects_v2", url, **kwargs)
+            for obj in page.get("Contents", []) or []:
+                key = obj["Key"]
+                rel = key[len(prefix):]
+                if not rel or rel.endswith("/"):
+                    continue  # the folder itself, or a "folder" placeholder
+                if any(p in ("", ".", "..") for p in rel.split("/")):
+                    self._log.warn("{url}: skipped key {key!r}, which is no usable path", url=url, key=key)
+                    continue
+                etag = str(obj.get("ETag", "")).strip('"')
+                files.append(RemoteFile(path=rel, url=f"s3://{self.bucket}/{key}", size=int(obj.get("Size", 0)),
+                                        checksums=self._etag_checksums(etag), marker=f"etag:{etag}" if etag else None,
+                                        source=key))
+            if not page.get("IsTruncated"):
+                return files
+            token = page.get("NextContinuationToken")
+            if not token:
+                return files
+
+    @staticmethod
+    def _etag_checksums(etag: str) -> tuple[Checksum, ...]:
+        # A single-part upload's ETag is the md5 of the content; a multipart one ("<hex>-<parts>") is not.
+        return (Checksum("md5", etag.lower()),) if _HEX32.match(etag) else ()
+
+    def _open_blocking(self, key: str, url: str) -> tuple[Any, int | None, str]:
+        response = self._call("get_object", url, Bucket=self.bucket, Key=key)
+        length = response.get("ContentLength")
+        return response["Body"], int(length) if length is not None else None, str(response.get("ETag", "")).strip('"')
+
+    def _read_step(self, sink: _Sink, body: Any, limit: int, chunk: int, url: str) -> int:
+        try:
+            return sink.copy_from(body, limit, chunk)
+        except Exception as exc:
+            from botocore.exceptions import BotoCoreError
+
+            try:
+                from urllib3.exceptions import HTTPError as Urllib3Error
+            except ImportError:  # pragma: no cover
+                Urllib3Error = OSError  # type: ignore[misc,assignment]  # noqa: N806
+            if isinstance(exc, (BotoCoreError, Urllib3Error, ConnectionError, TimeoutError)) and \
+                    not isinstance(exc, (PermissionError, FileNotFoundError)):
+                raise _Retryable(f"{url}: connection dropped ({type(exc).__name__}: {exc})") from None
+            raise
+
+    @staticmethod
+    def _close_body(body: Any) -> None:
+        try:
+            body.close()
+        except Exception:
+            pass
+
+    # -- the interface --------------------------------------------------------------------------------
+    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
+        return await self.pool.run(self._list_blocking, self._prefix(platform, name, version))
+
+    async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
+        def read() -> bytes:
+            body, _size, _etag = self._open_blocking(remote.source, remote.url)
+            try:
+                return bytes(body.read(limit))
+            finally:
+                self._close_body(body)
+
+        return await self.pool.run(read)
+
+    async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
+        body, size, etag = await self.pool.run(self._open_blocking, remote.source, remote.url)
+        try:
+            chunk = int(self.config.chunk_size)
+            step = chunk * 8
+            done = 0
+            while True:
+                n = await self.pool.run(self._read_step, sink, body, step, chunk, remote.url)
+                if not n:
+                    break
+                done += n
+                progress(done)
+        finally:
+            await self.pool.run(self._close_body, body)
+        if size is not None and done != size:
+            raise _Retryable(f"{remote.url}: the body ended after {done} of {size} bytes")
+        # What the GET answered describes these bytes (the object may have changed since the listing).
+        checksums = {c.algorithm: c for c in remote.checksums if c.algorithm != "md5"}
+        checksums.update({c.algorithm: c for c in self._etag_checksums(etag)})
+        return replace(remote, size=size if size is not None else done, checksums=tuple(checksums.values()),
+                       marker=f"etag:{etag}" if etag else remote.marker)
+
+
+class _Refused(Exception):
+    """S3 refused a call (internal: leads to the anonymous retry, then AccessDeniedError)."""
+
+    def __init__(self, code: str, cause: Exception, *, credentials: bool) -> None:
+        super().__init__(code)
+        self.code = code
+        self.cause = cause
+        self.credentials = credentials
+
+
+# -- factory ---------------------------------------------------------------------------------------
+_KINDS: dict[str, type[Repository]] = {"file": FileRepository, "http": HTTPRepository, "https": HTTPRepository,
+                                       "s3": S3Repository}
+
+
+def repository_for(url: RepositoryURL | str, pool: Any, reactor: Any = None,
+                   config: FetchConfig | Mapping[str, Any] | None = None, *,
+                   clock: IReactorTime | None = None) -> Repository:
+    """The repository for ``url`` (a :class:`RepositoryURL`, or a string parsed with
+    :func:`~ion.services.deploy.spec.parse_repository_url`).
+
+    :raises FetchError: for an unknown scheme.
+    """
+    if isinstance(url, str):
+        from ion.services.deploy.spec import parse_repository_url
+
+        try:
+            url = parse_repository_url(url)
+        except ValueError as exc:
+            raise FetchError(str(exc), url=url) from None
+    kind = _KINDS.get(url.scheme)
+    if kind is None:
+        raise FetchError(f"unknown repository scheme {url.scheme!r} in {url.url} (s3, http, https, file)", url=url.url)
+    cfg = config if isinstance(config, FetchConfig) else FetchConfig.from_config(config)
+    return kind(url, pool, reactor, cfg, clock=clock)

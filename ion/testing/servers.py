@@ -1,0 +1,266 @@
+# -*- test-case-name: tests.services.fetch.test_servers -*-
+"""Repository servers for tests, on loopback: an S3 (moto) and an HTTP autoindex server.
+
+- :class:`MotoServer`: moto's S3 on ``127.0.0.1:<free port>``, in a thread of
+  this process (default) or as a ``moto_server`` subprocess; :meth:`MotoServer.env`
+  gives the variables that point boto3 at it (``AWS_ENDPOINT_URL_S3``, dummy
+  credentials, no config files, no instance metadata lookups), so nothing
+  ever reaches a real AWS address.
+- :class:`HTTPRepositoryServer`: ``twisted.web.static.File`` over a folder
+  (autoindex listings, as an HTTP repository serves them) on
+  ``127.0.0.1:<free port>``, which also counts requests, can send
+  ``Content-MD5`` (right or wrong), and can drop the connection in the middle
+  of a file the first N times it is asked for.
+- :func:`write_tree` lays out files (``{"linux/zlib/1.2/zlib.tgz": b"..."}``)
+  under a folder; :meth:`MotoServer.put_tree` does the same into a bucket.
+
+The pytest fixtures over these live in :mod:`ion.testing.pytest_servers`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from twisted.internet import defer
+from twisted.web import resource, server, static
+
+__all__ = ["MotoServer", "HTTPRepositoryServer", "write_tree", "free_port"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def write_tree(root: str | os.PathLike[str], files: Mapping[str, bytes | str]) -> Path:
+    """Write ``{relative path: content}`` under ``root`` (folders made); returns ``root``."""
+    root = Path(root)
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return root
+
+
+# -- S3 ----------------------------------------------------------------------------------------------
+class MotoServer:
+    """moto's S3 on loopback.
+
+    :param host: the address to listen on; loopback only.
+    :param port: 0 for a free one.
+    :param subprocess_mode: run ``python -m moto.server`` in a child process
+        (a benchmark's choice: the server then does not share this process's GIL).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, subprocess_mode: bool = False) -> None:
+        if not host.startswith("127.") and host not in ("localhost", "::1"):
+            raise ValueError(f"a test S3 server listens on loopback only, not {host}")
+        self.host = host
+        self.port = port
+        self.subprocess_mode = subprocess_mode
+        self._threaded: Any = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> MotoServer:
+        """Start the server (blocks until it answers)."""
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        if self.subprocess_mode:
+            self.port = self.port or free_port(self.host)
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    raise RuntimeError(f"moto_server exited with {self._process.returncode}")
+                try:
+                    with socket.create_connection((self.host, self.port), timeout=0.5):
+                        return self
+                except OSError:
+                    time.sleep(0.05)
+            self.stop()
+            raise RuntimeError(f"moto_server did not listen on {self.endpoint} within 30 s")
+        from moto.server import ThreadedMotoServer
+
+        self._threaded = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
+        self._threaded.start()
+        self.host, self.port = self._threaded.get_host_and_port()
+        return self
+
+    def stop(self) -> None:
+        """Stop the server."""
+        if self._threaded is not None:
+            self._threaded.stop()
+            self._threaded = None
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+    def env(self, *, credentials: bool = True) -> dict[str, str | None]:
+        """Variables that point boto3 at this server and at nothing else (None: unset it).
+
+        ``credentials=False`` leaves boto3 without any credentials at all (anonymous only).
+        """
+        env: dict[str, str | None] = {
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_ENDPOINT_URL": None,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": None,
+            "AWS_PROFILE": None,
+            "AWS_DEFAULT_PROFILE": None,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            # Never ask an instance metadata service (a link-local address) for credentials.
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": None,
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI": None,
+            "AWS_WEB_IDENTITY_TOKEN_FILE": None,
+            "AWS_SESSION_TOKEN": None,
+            "AWS_SECURITY_TOKEN": None,
+            "AWS_ACCESS_KEY_ID": "testing" if credentials else None,
+            "AWS_SECRET_ACCESS_KEY": "testing" if credentials else None,
+        }
+        return env
+
+    def client(self) -> Any:
+        """A boto3 S3 client on this server with dummy credentials (to set buckets up)."""
+        import boto3
+
+        return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+                                     region_name="us-east-1").client("s3", endpoint_url=self.endpoint)
+
+    def new_bucket(self, prefix: str = "ion-test") -> str:
+        """Create a bucket with a unique name; returns the name."""
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def put_tree(self, bucket: str, files: Mapping[str, bytes | str], *, prefix: str = "",
+                 acl: str | None = None) -> None:
+        """Upload ``{relative key: content}`` under ``prefix`` (``acl="public-read"``: readable anonymously)."""
+        client = self.client()
+        for rel, content in files.items():
+            key = f"{prefix.strip('/')}/{rel}" if prefix.strip("/") else rel
+            extra = {"ACL": acl} if acl else {}
+            client.put_object(Bucket=bucket, Key=key, Body=content.encode() if isinstance(content, str) else content,
+                              **extra)
+
+
+# -- HTTP --------------------------------------------------------------------------------------------
+class _FaultyRoot(resource.Resource):
+    """Serves ``static.File(root)``, with the server's counters and faults applied."""
+
+    isLeaf = True
+
+    def __init__(self, owner: HTTPRepositoryServer) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def render(self, request: Any) -> Any:
+        owner = self.owner
+        method = request.method.decode("ascii")
+        rel = unquote(request.path.decode("ascii", "replace")).lstrip("/")
+        owner.requests.append((method, rel))
+        path = owner.root / rel
+        is_file = bool(rel) and path.is_file()
+        if is_file and owner.content_md5 is not None:
+            md5 = owner.content_md5.get(rel) if isinstance(owner.content_md5, dict) else None
+            if md5 is None and owner.content_md5 is True:
+                md5 = base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+            if md5:
+                request.setHeader(b"content-md5", md5.encode())
+        for name, value in owner.headers.get(rel, {}).items():
+            request.setHeader(name.encode(), value.encode())
+        if is_file and method == "GET" and owner.drops.get(rel, 0) > 0:
+            owner.drops[rel] -= 1
+            owner.dropped[rel] += 1
+            data = path.read_bytes()
+            request.setResponseCode(200)
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.setHeader(b"content-length", str(len(data)).encode())
+            request.write(data[: max(1, len(data) // 2)])
+            # The body is cut: the client sees the connection close before Content-Length bytes.
+            request.channel.transport.loseConnection()
+            return server.NOT_DONE_YET
+        files = static.File(str(owner.root))
+        files.indexNames = []  # autoindex pages only: an index.html is a file like any other
+        child = resource.getChildForRequest(files, request)
+        return child.render(request)
+
+
+class HTTPRepositoryServer:
+    """An HTTP repository over ``root``: ``static.File`` autoindex pages on ``127.0.0.1:<free port>``.
+
+    :ivar requests: ``(method, relative path)`` of every request, in order.
+    :ivar drops: ``{relative file path: n}``: the next ``n`` GETs of that file send
+        half of it and close the connection (``Content-Length`` announces all of it).
+    :ivar dropped: how many GETs were cut so far, per file.
+    :ivar content_md5: ``True``: send the right ``Content-MD5`` with every file; a dict
+        ``{relative path: base64 md5}``: send those values (wrong ones, for a test); None: never.
+    :ivar headers: ``{relative path: {header: value}}`` added to those responses.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.root = Path(root)
+        self.requests: list[tuple[str, str]] = []
+        self.drops: dict[str, int] = {}
+        self.dropped: Counter[str] = Counter()
+        self.content_md5: bool | dict[str, str] | None = None
+        self.headers: dict[str, dict[str, str]] = {}
+        self._port: Any = None
+        self._site: Any = None
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>`` (the repository URL of ``root``)."""
+        assert self._port is not None, "start() first"
+        return f"http://127.0.0.1:{self._port.getHost().port}"
+
+    def start(self) -> HTTPRepositoryServer:
+        """Listen (at once; the reactor serves once it runs)."""
+        self._site = server.Site(_FaultyRoot(self))
+        self._site.displayTracebacks = False
+        self._site.noisy = False
+        self._port = self.reactor.listenTCP(0, self._site, interface="127.0.0.1")
+        return self
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        """Stop listening and close open connections."""
+        if self._port is not None:
+            port, self._port = self._port, None
+            yield port.stopListening()
+
+    def count(self, rel: str, method: str | None = None) -> int:
+        """How many requests named ``rel`` (of ``method``, if given)."""
+        return sum(1 for m, r in self.requests if r == rel and (method is None or m == method))

@@ -1,0 +1,470 @@
+"""Repositories: the same content listed and downloaded through file:, http: and s3:, and their failures."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+
+from ion.services.deploy.spec import parse_repository_url
+from ion.services.fetch.errors import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    ChecksumMismatchError,
+    FetchError,
+    NotFoundError,
+    RepositoryError,
+    TransferError,
+)
+from ion.services.fetch.repository import (
+    Checksum,
+    FetchConfig,
+    RemoteFile,
+    Repository,
+    S3Repository,
+    _Retryable,
+    _Sink,
+    parse_index_links,
+    repository_for,
+)
+
+from .conftest import CONTENT, KINDS
+
+FAST = FetchConfig(retry_delay=0.0)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def listed(repo: Repository, platform: str, name: str, version: str) -> dict[str, RemoteFile]:
+    files = await repo.list_version(platform, name, version)
+    return {f.path: f for f in files}
+
+
+# -- the same content through every kind ---------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest_twisted.ensureDeferred
+async def test_listing_finds_every_file_with_sub_folders(kind: str, make_repo: Any, pool: Any) -> None:
+    """A version folder lists every file, sub-folders kept, with its size."""
+    url, _ = make_repo(kind)
+    repo = repository_for(url, pool, config=FAST)
+    try:
+        files = await listed(repo, "linux", "zlib", "1.1")
+    finally:
+        await repo.close()
+    assert sorted(files) == ["docs/README.txt", "docs/api/index.html", "zlib-1.1.tgz"]
+    for rel, f in files.items():
+        assert f.size == len(CONTENT[f"linux/zlib/1.1/{rel}"])
+        assert f.marker
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest_twisted.ensureDeferred
+async def test_version_match_is_exact(kind: str, make_repo: Any, pool: Any) -> None:
+    """Version 1.1 never picks up 1.10's files, nor 1.10 those of 1.1 (Umpire matched by prefix)."""
+    url, _ = make_repo(kind)
+    repo = repository_for(url, pool, config=FAST)
+    try:
+        one_one = await listed(repo, "linux", "zlib", "1.1")
+        one_ten = await listed(repo, "linux", "zlib", "1.10")
+        with pytest.raises(NotFoundError):
+            await repo.list_version("linux", "zlib", "1")
+    finally:
+        await repo.close()
+    assert "zlib-1.10.tgz" not in one_one
+    assert sorted(one_ten) == ["zlib-1.10.tgz"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest_twisted.ensureDeferred
+async def test_every_file_of_a_multi_file_version_downloads(kind: str, make_repo: Any, pool: Any,
+                                                           tmp_path: Path) -> None:
+    """Each file of a multi-file version is downloaded and hashed (Umpire kept only the last)."""
+    url, _ = make_repo(kind)
+    repo = repository_for(url, pool, config=FAST)
+    try:
+        files = await repo.list_version("linux", "multi", "2.0")
+        results = {f.path: await repo.download(f, tmp_path / "out" / f.path) for f in files}
+    finally:
+        await repo.close()
+    assert sorted(results) == ["a.bin", "b.bin", "c.bin"]
+    for rel, got in results.items():
+        data = CONTENT[f"linux/multi/2.0/{rel}"]
+        assert (tmp_path / "out" / rel).read_bytes() == data
+        assert (got.size, got.sha256, got.md5) == (len(data), sha(data), hashlib.md5(data).hexdigest())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest_twisted.ensureDeferred
+async def test_download_streams_with_progress(kind: str, make_repo: Any, pool: Any, tmp_path: Path) -> None:
+    """A multi-chunk file arrives whole, with progress rising to its size."""
+    url, _ = make_repo(kind)
+    repo = repository_for(url, pool, config=FetchConfig(retry_delay=0.0, chunk_size=256 * 1024))
+    seen: list[tuple[int, int | None]] = []
+    try:
+        (f,) = await repo.list_version("linux", "big", "1.0")
+        got = await repo.download(f, tmp_path / "big.bin", progress=lambda done, total: seen.append((done, total)))
+    finally:
+        await repo.close()
+    data = CONTENT["linux/big/1.0/big.bin"]
+    assert got.sha256 == sha(data) and (tmp_path / "big.bin").read_bytes() == data
+    dones = [d for d, _ in seen]
+    assert dones == sorted(dones) and dones[-1] == len(data) and len(dones) > 3
+    assert seen[-1][1] == len(data)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest_twisted.ensureDeferred
+async def test_missing_version_names_the_url_tried(kind: str, make_repo: Any, pool: Any) -> None:
+    """A version folder that is not there fails with NotFoundError naming the URL tried."""
+    url, _ = make_repo(kind)
+    repo = repository_for(url, pool, config=FAST)
+    try:
+        with pytest.raises(NotFoundError) as info:
+            await repo.list_version("linux", "zlib", "1.2")
+    finally:
+        await repo.close()
+    where = repo.version_url("linux", "zlib", "1.2")
+    assert where.endswith("deps/linux/zlib/1.2/")
+    assert f"no files under {where}" in str(info.value)
+    assert info.value.url is not None and "linux/zlib/1.2" in info.value.url
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest_twisted.ensureDeferred
+async def test_sidecar_gives_the_sha256_and_is_no_file(kind: str, make_repo: Any, pool: Any, tmp_path: Path) -> None:
+    """A <file>.sha256 sidecar is folded into its file's checksum; a wrong one fails the download."""
+    good, bad = b"good content\n", b"bad content\n"
+    url, _ = make_repo(kind, {"linux/car/1.0/good.bin": good, "linux/car/1.0/good.bin.sha256": f"{sha(good)}  good.bin\n",
+                              "linux/car/1.0/bad.bin": bad, "linux/car/1.0/bad.bin.sha256": "0" * 64 + "\n",
+                              "linux/car/1.0/lonely.sha256": "not a sidecar of anything"})
+    repo = repository_for(url, pool, config=FAST)
+    try:
+        files = await listed(repo, "linux", "car", "1.0")
+        assert sorted(files) == ["bad.bin", "good.bin", "lonely.sha256"]
+        assert Checksum("sha256", sha(good)) in files["good.bin"].checksums
+        got = await repo.download(files["good.bin"], tmp_path / "good.bin")
+        assert Checksum("sha256", sha(good)) in got.verified
+        with pytest.raises(ChecksumMismatchError) as info:
+            await repo.download(files["bad.bin"], tmp_path / "bad.bin")
+    finally:
+        await repo.close()
+    assert info.value.file == "bad.bin" and info.value.expected == "sha256:" + "0" * 64
+    assert info.value.got == "sha256:" + sha(bad)
+    assert not (tmp_path / "bad.bin").exists()
+
+
+# -- s3 -----------------------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_s3_etag_is_the_md5_checked(make_repo: Any, pool: Any, tmp_path: Path) -> None:
+    """A single-part S3 object's ETag is its md5: listed, then checked against the bytes."""
+    url, _ = make_repo("s3")
+    repo = repository_for(url, pool, config=FAST)
+    try:
+        (f,) = await repo.list_version("linux", "zlib", "1.10")
+        got = await repo.download(f, tmp_path / "z.tgz")
+    finally:
+        await repo.close()
+    md5 = hashlib.md5(CONTENT["linux/zlib/1.10/zlib-1.10.tgz"]).hexdigest()
+    assert f.checksums == (Checksum("md5", md5),) and got.verified == (Checksum("md5", md5),)
+    assert f.marker == f"etag:{md5}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_tampered_etag_fails_and_leaves_nothing(make_repo: Any, pool: Any, tmp_path: Path) -> None:
+    """An object whose bytes do not match its ETag fails with ChecksumMismatchError; the file is removed."""
+    url, _ = make_repo("s3")
+    repo = repository_for(url, pool, config=FAST)
+    assert isinstance(repo, S3Repository)
+    try:
+        (f,) = await repo.list_version("linux", "zlib", "1.10")
+        signed, _unsigned = await pool.run(repo.clients.get)
+
+        def tamper(parsed: dict[str, Any], **_: Any) -> None:
+            parsed["ETag"] = '"' + "f" * 32 + '"'
+
+        signed.meta.events.register("after-call.s3.GetObject", tamper)
+        with pytest.raises(ChecksumMismatchError) as info:
+            await repo.download(f, tmp_path / "z.tgz")
+    finally:
+        await repo.close()
+    assert info.value.expected == "md5:" + "f" * 32
+    assert "zlib-1.10.tgz" in str(info.value)
+    assert not (tmp_path / "z.tgz").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_missing_bucket(s3_env: Any, pool: Any) -> None:
+    """A bucket that does not exist fails with BucketNotFoundError naming it."""
+    repo = repository_for(parse_repository_url("s3://no-such-bucket-ion/deps"), pool, config=FAST)
+    with pytest.raises(BucketNotFoundError) as info:
+        await repo.list_version("linux", "zlib", "1.1")
+    assert "no-such-bucket-ion" in str(info.value)
+    assert isinstance(info.value, NotFoundError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_bucket_policy_denying_is_access_denied(make_repo: Any, pool: Any, tmp_path: Path) -> None:
+    """A bucket policy denying GetObject fails the download with AccessDeniedError naming the object."""
+    url, moto = make_repo("s3")
+    moto.client().put_bucket_policy(Bucket=url.location, Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
+                       "Resource": f"arn:aws:s3:::{url.location}/*"}]}))
+    repo = repository_for(url, pool, config=FAST)
+    (f,) = await repo.list_version("linux", "zlib", "1.10")
+    with pytest.raises(AccessDeniedError) as info:
+        await repo.download(f, tmp_path / "z.tgz")
+    assert f"s3://{url.location}/deps/linux/zlib/1.10/zlib-1.10.tgz" in str(info.value)
+    assert "with the credentials found, and anonymously" in str(info.value)
+    assert not (tmp_path / "z.tgz").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_public_bucket_works_without_credentials(moto_server: Any, s3_env_anonymous: Any, pool: Any,
+                                                         tmp_path: Path) -> None:
+    """Without any credentials, a public bucket is listed and read anonymously."""
+    bucket = moto_server.new_bucket()
+    moto_server.put_tree(bucket, {"linux/pub/1.0/pub.txt": b"public\n"}, prefix="deps", acl="public-read")
+    repo = repository_for(parse_repository_url(f"s3://{bucket}/deps"), pool, config=FAST)
+    assert isinstance(repo, S3Repository)
+    (f,) = await repo.list_version("linux", "pub", "1.0")
+    got = await repo.download(f, tmp_path / "pub.txt")
+    assert (tmp_path / "pub.txt").read_bytes() == b"public\n" and got.size == 7
+    assert repo.clients.signed is None and repo.anonymous_calls == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_private_object_without_credentials_is_denied(moto_server: Any, s3_env_anonymous: Any, pool: Any,
+                                                              tmp_path: Path) -> None:
+    """Without credentials, a private object fails with AccessDeniedError saying none were found."""
+    bucket = moto_server.new_bucket()
+    moto_server.put_tree(bucket, {"linux/priv/1.0/priv.txt": b"private\n"}, prefix="deps")
+    repo = repository_for(parse_repository_url(f"s3://{bucket}/deps"), pool, config=FAST)
+    (f,) = await repo.list_version("linux", "priv", "1.0")
+    with pytest.raises(AccessDeniedError) as info:
+        await repo.download(f, tmp_path / "priv.txt")
+    assert "no AWS credentials found" in str(info.value) and f"s3://{bucket}/deps/linux/priv/1.0/priv.txt" in str(
+        info.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_refused_credentials_fall_back_to_anonymous(s3_env: Any, pool: Any) -> None:
+    """Credentials refused as such (InvalidAccessKeyId) are retried anonymously, and not tried again."""
+    from botocore.stub import Stubber
+
+    repo = repository_for(parse_repository_url("s3://stubbed/deps"), pool, config=FAST)
+    assert isinstance(repo, S3Repository)
+    signed, unsigned = await pool.run(repo.clients.get)
+    assert signed is not None
+    listing = {"Contents": [{"Key": "deps/linux/z/1.0/z.txt", "Size": 3, "ETag": '"' + "a" * 32 + '"'}],
+               "IsTruncated": False}
+    with Stubber(signed) as s_signed, Stubber(unsigned) as s_unsigned:
+        s_signed.add_client_error("list_objects_v2", service_error_code="InvalidAccessKeyId", http_status_code=403)
+        s_unsigned.add_response("list_objects_v2", listing, {"Bucket": "stubbed", "Prefix": "deps/linux/z/1.0/"})
+        s_unsigned.add_response("list_objects_v2", listing, {"Bucket": "stubbed", "Prefix": "deps/linux/z/1.0/"})
+        first = await repo.list_version("linux", "z", "1.0")
+        second = await repo.list_version("linux", "z", "1.0")  # straight to anonymous
+        s_signed.assert_no_pending_responses()
+        s_unsigned.assert_no_pending_responses()
+    assert [f.path for f in first] == [f.path for f in second] == ["z.txt"]
+    assert repo.clients.credentials_refused and repo.anonymous_calls == 2
+
+
+def test_s3_without_boto3_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without boto3, an s3 repository fails with a hint on how to install it."""
+    from ion.services.fetch import repository
+
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(RepositoryError, match=r"pip install 'ioncore\[s3\]'"):
+        repository._import_boto3()
+
+
+# -- http ---------------------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_http_content_md5_is_checked(make_repo: Any, pool: Any, tmp_path: Path) -> None:
+    """A right Content-MD5 is verified; a wrong one fails with ChecksumMismatchError and leaves nothing."""
+    wrong = base64.b64encode(hashlib.md5(b"something else").digest()).decode()
+    url, server = make_repo("http", content_md5={"deps/linux/multi/2.0/b.bin": wrong})
+    repo = repository_for(url, pool, config=FAST)
+    try:
+        files = await listed(repo, "linux", "multi", "2.0")
+        assert files["a.bin"].checksums == ()
+        server.content_md5 = {"deps/linux/multi/2.0/b.bin": wrong,
+                              "deps/linux/multi/2.0/a.bin": base64.b64encode(hashlib.md5(b"A" * 1000).digest()).decode()}
+        got = await repo.download(files["a.bin"], tmp_path / "a.bin")
+        assert got.verified == (Checksum("md5", hashlib.md5(b"A" * 1000).hexdigest()),)
+        with pytest.raises(ChecksumMismatchError) as info:
+            await repo.download(files["b.bin"], tmp_path / "b.bin")
+    finally:
+        await repo.close()
+    assert info.value.expected == "md5:" + hashlib.md5(b"something else").hexdigest()
+    assert info.value.got == "md5:" + hashlib.md5(b"B" * 2000).hexdigest()
+    assert not (tmp_path / "b.bin").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dropped_connection_is_retried(make_repo: Any, pool: Any, tmp_path: Path) -> None:
+    """A connection dropped mid-file twice is retried and the third GET succeeds."""
+    rel = "deps/linux/big/1.0/big.bin"
+    url, server = make_repo("http", drops={rel: 2})
+    repo = repository_for(url, pool, config=FAST)
+    try:
+        (f,) = await repo.list_version("linux", "big", "1.0")
+        got = await repo.download(f, tmp_path / "big.bin")
+    finally:
+        await repo.close()
+    assert server.dropped[rel] == 2 and server.count(rel, "GET") == 3
+    assert got.sha256 == sha(CONTENT["linux/big/1.0/big.bin"])
+    assert (tmp_path / "big.bin").read_bytes() == CONTENT["linux/big/1.0/big.bin"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dropped_connection_fails_after_retries(make_repo: Any, pool: Any, tmp_path: Path) -> None:
+    """A connection dropped every time fails with TransferError after 1 + retries attempts; no file is left."""
+    rel = "deps/linux/multi/2.0/c.bin"
+    url, server = make_repo("http", drops={rel: 10})
+    repo = repository_for(url, pool, config=FetchConfig(retry_delay=0.0, retries=2))
+    try:
+        files = await listed(repo, "linux", "multi", "2.0")
+        with pytest.raises(TransferError) as info:
+            await repo.download(files["c.bin"], tmp_path / "c.bin")
+    finally:
+        await repo.close()
+    assert info.value.attempts == 3 and server.count(rel, "GET") == 3
+    assert "after 3 attempts" in str(info.value) and f"{url.url}/linux/multi/2.0/c.bin" in str(info.value)
+    assert not (tmp_path / "c.bin").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_refused_connection_is_a_transfer_error(pool: Any) -> None:
+    """Nothing listening on the port: TransferError after the retries, naming the URL."""
+    from ion.testing.servers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/deps"
+    repo = repository_for(parse_repository_url(url), pool, config=FetchConfig(retry_delay=0.0, retries=1))
+    try:
+        with pytest.raises(TransferError) as info:
+            await repo.list_version("linux", "zlib", "1.1")
+    finally:
+        await repo.close()
+    assert f"{url}/linux/zlib/1.1/" in str(info.value) and info.value.attempts == 2
+
+
+def test_index_links_of_common_servers() -> None:
+    """Links of nginx, Apache and python http.server index pages give files and folders; the rest is ignored."""
+    folder = "http://h/deps/linux/zlib/1.1/"
+    nginx = ('<html><head><title>Index of /deps/linux/zlib/1.1/</title></head><body><h1>Index of ...</h1><hr><pre>'
+             '<a href="../">../</a>\n<a href="docs/">docs/</a>   01-Jan-2024 00:00 -\n'
+             '<a href="zlib-1.1.tgz">zlib-1.1.tgz</a>  01-Jan-2024 00:00  1234\n'
+             '<a href="a%20b.txt">a b.txt</a>\n</pre><hr></body></html>')
+    apache = ('<table><tr><th><a href="?C=N;O=D">Name</a></th><th><a href="?C=M;O=A">Last modified</a></th></tr>'
+              '<tr><td><a href="/deps/linux/zlib/"><img src="/icons/back.gif"></a></td>'
+              '<td><a href="/deps/linux/zlib/">Parent Directory</a></td></tr>'
+              '<tr><td><a href="docs/"><img src="/icons/folder.gif"></a></td><td><a href="docs/">docs/</a></td></tr>'
+              '<tr><td><a href="zlib-1.1.tgz">zlib-1.1.tgz</a></td></tr>'
+              '<tr><td><a href="a%20b.txt">a b.txt</a></td></tr></table>')
+    pyserver = ('<ul><li><a href="a%20b.txt">a b.txt</a></li><li><a href="docs/">docs/</a></li>'
+                '<li><a href="zlib-1.1.tgz">zlib-1.1.tgz</a></li>'
+                '<li><a href="http://elsewhere/x.tgz">x</a></li><li><a href="#top">top</a></li>'
+                '<li><a href="/deps/linux/zlib/1.1/docs/deeper.txt">deep</a></li></ul>')
+    for page in (nginx, apache, pyserver):
+        files, folders = parse_index_links(page, folder)
+        assert sorted(files) == ["a b.txt", "zlib-1.1.tgz"], page
+        assert folders == ["docs"], page
+
+
+# -- file ---------------------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_file_marker_follows_changes(make_repo: Any, pool: Any) -> None:
+    """A local file's version marker changes when the file does."""
+    url, _ = make_repo("file")
+    repo = repository_for(url, pool)
+    (before,) = await repo.list_version("linux", "zlib", "1.10")
+    path = Path(url.location, "linux/zlib/1.10/zlib-1.10.tgz")
+    path.write_bytes(b"new")
+    os.utime(path, ns=(1, 1))
+    (after,) = await repo.list_version("linux", "zlib", "1.10")
+    assert before.marker != after.marker and after.size == 3
+
+
+def test_unknown_scheme_is_refused() -> None:
+    """A URL of another scheme fails with FetchError naming it."""
+    with pytest.raises(FetchError, match="ftp"):
+        repository_for("ftp://host/deps", pool=None)
+
+
+# -- retries, on a clock ----------------------------------------------------------------------------------
+class _SyncPool:
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        return defer.maybeDeferred(fn, *args, **kwargs)
+
+
+class _Flaky(Repository):
+    """A repository whose transfers drop ``failures`` times before succeeding."""
+
+    def __init__(self, failures: int, **kwargs: Any) -> None:
+        super().__init__(parse_repository_url("file:///nowhere"), _SyncPool(), **kwargs)
+        self.failures = failures
+        self.attempts = 0
+
+    async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Any) -> RemoteFile:
+        self.attempts += 1
+        sink.write(b"partial")
+        if self.attempts <= self.failures:
+            raise _Retryable("connection dropped")
+        sink.write(b"!")
+        return remote
+
+
+def test_retries_back_off_on_the_clock(tmp_path: Path) -> None:
+    """Retries wait 0.5 s, then 1 s, then 2 s on the injected clock, and the file restarts from byte 0."""
+    clock = task.Clock()
+    repo = _Flaky(3, reactor=clock, clock=clock)
+    d = repo.download(RemoteFile("f", "file:///nowhere/f", None), tmp_path / "f")
+    assert repo.attempts == 1 and not d.called
+    clock.advance(0.49)
+    assert repo.attempts == 1
+    clock.advance(0.01)
+    assert repo.attempts == 2
+    clock.advance(1.0)
+    assert repo.attempts == 3 and not d.called
+    clock.advance(2.0)
+    assert repo.attempts == 4 and d.called
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results[0].size == len(b"partial!") and (tmp_path / "f").read_bytes() == b"partial!"
+
+
+def test_retries_give_up_with_transfer_error(tmp_path: Path) -> None:
+    """After ``retries`` retries the download fails with TransferError and removes the file."""
+    clock = task.Clock()
+    repo = _Flaky(10, reactor=clock, clock=clock, config=FetchConfig(retries=2, retry_delay=1.0))
+    d = repo.download(RemoteFile("f", "file:///nowhere/f", None), tmp_path / "f")
+    clock.advance(1.0)
+    clock.advance(2.0)
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    assert repo.attempts == 3 and failures and failures[0].check(TransferError)
+    assert failures[0].value.attempts == 3 and not (tmp_path / "f").exists()
+
+
+def test_cancelled_download_removes_the_file(tmp_path: Path) -> None:
+    """Cancelling a download waiting for its retry removes the partial file."""
+    clock = task.Clock()
+    repo = _Flaky(1, reactor=clock, clock=clock)
+    d = repo.download(RemoteFile("f", "file:///nowhere/f", None), tmp_path / "f")
+    assert (tmp_path / "f").exists()
+    d.cancel()
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    assert failures[0].check(defer.CancelledError) and not (tmp_path / "f").exists()

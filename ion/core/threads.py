@@ -33,6 +33,7 @@ class BlockingPool:
         self.reactor = reactor
         self.pool = ThreadPool(minthreads, maxthreads, name=name)
         self._shutdown_trigger: Any = None
+        self._stopped = False
 
     @property
     def started(self) -> bool:
@@ -46,7 +47,8 @@ class BlockingPool:
         self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
     def stop(self) -> None:
-        """Wait for running calls to finish and stop the threads."""
+        """Wait for running calls to finish and stop the threads; later calls are refused."""
+        self._stopped = True
         if self._shutdown_trigger is not None:
             try:
                 self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
@@ -58,6 +60,10 @@ class BlockingPool:
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
         """Call ``fn(*args, **kwargs)`` in a pool thread; fires with its result on the reactor."""
+        if self._stopped:
+            from ion.core.exceptions import IonError
+
+            return defer.fail(IonError(f"{self.pool.name}: the pool is stopped (its owner terminated)"))
         if not self.pool.started:
             self.start()
         return threads.deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)

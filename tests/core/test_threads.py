@@ -1,0 +1,34 @@
+"""The blocking pool runs calls off the reactor thread and refuses work once stopped."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import pytest_twisted
+
+from ion.core.exceptions import IonError
+from ion.core.threads import BlockingPool
+
+
+@pytest_twisted.ensureDeferred
+async def test_runs_off_the_reactor_thread():
+    """A call runs in a pool thread and its result comes back on the reactor."""
+    pool = BlockingPool(maxthreads=2)
+    try:
+        name = await pool.run(lambda: threading.current_thread().name)
+        assert name != threading.current_thread().name
+        with pytest.raises(ZeroDivisionError):
+            await pool.run(lambda: 1 / 0)
+    finally:
+        pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopped_pool_refuses_work():
+    """After stop, run() fails with a clear error instead of quietly restarting threads."""
+    pool = BlockingPool(maxthreads=1)
+    await pool.run(lambda: None)
+    pool.stop()
+    with pytest.raises(IonError, match="pool is stopped"):
+        await pool.run(lambda: None)

@@ -28,7 +28,7 @@ setup(
             "pytest-timeout>=2.2",
             "hypothesis>=6",
         ],
-        "dev": ["mypy>=1.8", "ruff>=0.4"],
+        "dev": ["mypy>=1.8", "mypy-zope>=1.0", "ruff>=0.4"],
     },
     entry_points={
         "console_scripts": [

@@ -12,7 +12,8 @@ import itertools
 import os
 import secrets
 import socket
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -47,7 +48,7 @@ class ProcessManager:
 
     _log = Logger()
 
-    def __init__(self, container: "Container") -> None:
+    def __init__(self, container: Container) -> None:
         self.container = container
         self.processes: dict[str, Process] = {}
         self._exit_listeners: list[ExitListener] = []
@@ -105,7 +106,9 @@ class ProcessManager:
         self._log.info("spawned {name} as {pid}", name=proc.proc_name, pid=proc.id)
         return proc.id
 
-    def _state_changed(self, proc: Process, old: State, new: State) -> None:
+    def _state_changed(self, obj: LifecycleObject, old: State, new: State) -> None:
+        assert isinstance(obj, Process)
+        proc = obj
         self.container.publish_event(f"process.{new.value.lower()}", {
             "pid": proc.id, "name": proc.proc_name, "state": new.value, "previous": old.value,
             "container": self.container.id})
@@ -158,7 +161,7 @@ class ExchangeManager:
 
     _log = Logger()
 
-    def __init__(self, container: "Container") -> None:
+    def __init__(self, container: Container) -> None:
         self.container = container
 
     @defer.inlineCallbacks
@@ -259,7 +262,7 @@ class Container(LifecycleObject):
                 broker = self.broker = MemoryBroker(self.reactor)
             return broker.connect(user=str(self.config.get("ion.core.messaging", "memory_user", "ion")))
         try:
-            from ion.core.messaging.amqp import AmqpTransport  # type: ignore[import-not-found]
+            from ion.core.messaging.amqp import AmqpTransport
         except ImportError:
             raise ConfigurationError(
                 f"the AMQP transport is not available in this build; use memory:// (got {parsed})"

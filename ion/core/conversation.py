@@ -18,7 +18,8 @@ protocol      initiator's machine              final states
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -96,7 +97,7 @@ class Conversation:
         "_timer", "on_agree", "handler", "seq", "_transitions",
     )
 
-    def __init__(self, table: "ConversationTable", conv_id: str, protocol: str, receiver: str,
+    def __init__(self, table: ConversationTable, conv_id: str, protocol: str, receiver: str,
                  op: str, timeout: float | None, on_agree: Callable[[Any, dict[str, Any]], Any] | None,
                  handler: GenericHandler | None) -> None:
         self.table = table

@@ -110,7 +110,7 @@ class JobTable:
     def _failed(self, failure: Failure, job: Job) -> None:
         job.done = True
         job.ended = self.clock.seconds()
-        job.error = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        job.error = f"{getattr(failure.type, '__name__', 'Error')}: {failure.getErrorMessage()}"
         self._log.warn("job {job} ({kind}) failed: {error}", job=job.job_id, kind=job.kind, error=job.error)
 
     def status(self, job_id: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ progress waits for it, and is checked against the state reached by then.
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from twisted.internet import defer
@@ -27,7 +27,7 @@ from ion.core.exceptions import IllegalStateError
 __all__ = ["State", "LifecycleObject", "StateListener"]
 
 
-class State(str, Enum):
+class State(StrEnum):
     """Lifecycle states; the value is what logs and the shell show."""
 
     INIT = "INIT"

@@ -7,7 +7,8 @@ which returns a Deferred. The pool is started and stopped with its owner, as
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool

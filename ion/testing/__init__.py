@@ -12,7 +12,8 @@ The pytest fixtures over these live in :mod:`ion.testing.pytest_plugin`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime

@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -25,7 +26,7 @@ from ion.testing import ClockedSystem, ContainerFactory
 def broker() -> MemoryBroker:
     from twisted.internet import reactor
 
-    return MemoryBroker(reactor)  # type: ignore[arg-type]
+    return MemoryBroker(reactor)
 
 
 @pytest_twisted.async_yield_fixture

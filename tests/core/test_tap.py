@@ -221,9 +221,8 @@ def test_bad_loglevels_file_is_a_usage_error(tmp_path: Path, monkeypatch: pytest
 # -- the plugin ---------------------------------------------------------------------------------------------
 def test_plugin_is_found() -> None:
     """getPlugins(IServiceMaker) finds 'cc', pointing at ion.core.tap."""
-    from twisted.plugin import getPlugins
-
     from twisted import plugins
+    from twisted.plugin import getPlugins
 
     makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker, plugins)}
     assert "cc" in makers

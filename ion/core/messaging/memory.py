@@ -148,8 +148,8 @@ class MemoryBroker:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
-            reactor = _reactor  # type: ignore[assignment]
-        self.reactor: IReactorTime = reactor  # type: ignore[assignment]
+            reactor = _reactor
+        self.reactor: IReactorTime = reactor
         self.budget = budget
         self.exchanges: dict[str, _Exchange] = {}
         self.queues: dict[str, _Queue] = {}

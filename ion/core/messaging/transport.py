@@ -10,8 +10,9 @@ implement it; one contract test suite runs against both.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
@@ -39,10 +40,10 @@ class Properties:
     """
 
     content_type: str = "application/msgpack"
-    correlation_id: Optional[str] = None
-    reply_to: Optional[str] = None
-    message_id: Optional[str] = None
-    user_id: Optional[str] = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    message_id: str | None = None
+    user_id: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,7 +90,7 @@ ConsumeCallback = Callable[[Delivery], None]
 #: Called with (exchange, routing_key, properties) for a mandatory message no queue took.
 ReturnCallback = Callable[[str, str, Properties], None]
 #: Called with ``"lost"`` (and the reason) or ``"restored"``.
-ConnectionListener = Callable[[str, Optional[str]], None]
+ConnectionListener = Callable[[str, str | None], None]
 
 
 class Transport(abc.ABC):

@@ -15,9 +15,10 @@ and whether its destination was already right (``already``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -64,13 +65,13 @@ def check_allowed(path: Path, roots: Iterable[str | Path], what: str) -> None:
 
     :raises AccessRefused: naming the path and the roots it missed.
     """
-    roots = [Path(r) for r in roots]
+    root_paths = [Path(r) for r in roots]
     real = _resolved(path)
-    for root in roots:
+    for root in root_paths:
         real_root = _resolved(root)
         if real == real_root or real_root in real.parents:
             return
-    allowed = ", ".join(str(r) for r in roots) or "none configured"
+    allowed = ", ".join(str(r) for r in root_paths) or "none configured"
     raise AccessRefused(f"{what} {path} (resolved: {real}) is outside the allowed roots ({allowed})")
 
 

@@ -18,10 +18,10 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from ion.core.exceptions import IonError
 
@@ -33,6 +33,7 @@ __all__ = [
     "parse_repository_url",
     "parse_deployment",
     "load_deployment",
+    "item_from_dict",
     "ITEM_KEYS",
 ]
 
@@ -70,6 +71,11 @@ class RepositoryURL:
 
     def __str__(self) -> str:
         return self.url
+
+    @property
+    def location_path(self) -> Path:
+        """The folder of a ``file`` repository."""
+        return Path(self.location)
 
     def child(self, *parts: str) -> str:
         """The URL (or path, for ``file``) of a folder under the repository."""
@@ -136,9 +142,12 @@ class DeploymentItem:
         return f"{self.platform}/{self.name}/{self.version}"
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire form (content of a Deploy request)."""
+        """The wire form (content of a Deploy request): paths absolute, variables expanded."""
+        url = self.repository.url
+        if self.repository.scheme == "file":
+            url = "file://" + quote(self.repository.location)
         return {
-            "url": self.repository.url, "name": self.name, "version": self.version,
+            "url": url, "name": self.name, "version": self.version,
             "platform": self.platform, "destination": str(self.destination), "link": self.link,
             "unpack": self.unpack, "keep_updated": self.keep_updated, "sha256": self.sha256,
             "position": self.position,
@@ -301,6 +310,29 @@ def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path 
     if problems:
         raise DeploymentError(source, problems)
     return Deployment(source, items, warnings)
+
+
+def item_from_dict(data: Any, source: str = "<request>") -> DeploymentItem:
+    """Read one item of a Deploy request (:meth:`DeploymentItem.to_dict`).
+
+    Its destination must be absolute (the caller expanded variables and
+    resolved relative paths where it runs).
+
+    :raises DeploymentError: naming the problem.
+    """
+    if not isinstance(data, dict) or "url" not in data:
+        raise DeploymentError(source, [f"{source}: an item must be an object with a 'url'"])
+    fields = {k: v for k, v in data.items() if k in ITEM_KEYS}
+    destination = fields.get("destination")
+    if not isinstance(destination, str) or not os.path.isabs(destination):
+        raise DeploymentError(source, [f"{source}: item {data.get('name')!r}: 'destination' must be an "
+                                       f"absolute path in a request, not {destination!r}"])
+    deployment = parse_deployment([{"url": data["url"], "items": [fields]}], source=source, environ={})
+    item = deployment.items[0]
+    position = data.get("position")
+    if isinstance(position, str) and position:
+        item = replace(item, position=position)
+    return item
 
 
 def load_deployment(path: str | Path, *, cwd: Path | None = None,

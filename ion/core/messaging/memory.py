@@ -13,7 +13,6 @@ conversation can starve timers or I/O.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import uuid
 from collections import deque
@@ -44,20 +43,30 @@ class _Message:
         self.redelivered = False
 
 
+def _copy_properties(p: Properties) -> Properties:
+    """A copy with its own headers dict (``dataclasses.replace`` costs ~1.2 µs, this ~0.4 µs)."""
+    return Properties(content_type=p.content_type, correlation_id=p.correlation_id, reply_to=p.reply_to,
+                      message_id=p.message_id, user_id=p.user_id, headers=dict(p.headers or {}))
+
+
 class _Exchange:
     def __init__(self, name: str, kind: str) -> None:
         self.name = name
         self.kind = kind
         self.exact: dict[str, set[str]] = {}
         self.patterns: set[tuple[str, str]] = set()
+        #: routing key -> queue names; cleared on every (un)bind.
+        self._routes: dict[str, frozenset[str]] = {}
 
     def bind(self, queue: str, key: str) -> None:
+        self._routes.clear()
         if self.kind == "topic" and is_pattern(key):
             self.patterns.add((key, queue))
         else:
             self.exact.setdefault(key, set()).add(queue)
 
     def unbind(self, queue: str, key: str) -> None:
+        self._routes.clear()
         self.patterns.discard((key, queue))
         queues = self.exact.get(key)
         if queues is not None:
@@ -69,8 +78,17 @@ class _Exchange:
         for key in [k for k, qs in self.exact.items() if queue in qs]:
             self.unbind(queue, key)
         self.patterns = {(k, q) for (k, q) in self.patterns if q != queue}
+        self._routes.clear()
 
-    def route(self, key: str) -> set[str]:
+    def route(self, key: str) -> frozenset[str]:
+        queues = self._routes.get(key)
+        if queues is None:
+            if len(self._routes) >= 10_000:
+                self._routes.clear()
+            queues = self._routes[key] = frozenset(self._route(key))
+        return queues
+
+    def _route(self, key: str) -> set[str]:
         if self.kind == "fanout":
             out = set().union(*self.exact.values()) if self.exact else set()
             return out | {q for (_, q) in self.patterns}
@@ -123,7 +141,7 @@ class _Queue:
         consumers = self.consumers
         if not consumers:
             return None
-        if self.single_active:
+        if len(consumers) == 1 or self.single_active:
             first = consumers[0]
             return first if first.has_room() else None
         n = len(consumers)
@@ -221,7 +239,7 @@ class MemoryBroker:
             self._settle(consumer, tag, ack, requeue)
 
         # Each delivery gets its own properties, as if decoded from the wire.
-        props = dataclasses.replace(msg.properties, headers=dict(msg.properties.headers))
+        props = _copy_properties(msg.properties)
         delivery = Delivery(msg.body, props, msg.exchange, msg.routing_key, msg.redelivered, settle)
         consumer.callback(delivery)
 
@@ -415,7 +433,7 @@ class MemoryTransport(Transport):
             self._check_open()
             # The caller's object is never changed (it may be reused for the
             # next publish); the message carries its own copy.
-            properties = dataclasses.replace(properties, headers=dict(properties.headers or {}))
+            properties = _copy_properties(properties)
             # As on RabbitMQ, the broker stamps who really published.
             properties.user_id = self.user
             if properties.message_id is None:

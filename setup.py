@@ -20,6 +20,8 @@ setup(
         "msgpack>=1.0",
         "protobuf>=4.21",
         "pika>=1.3",
+        "treq>=23.11",
+        "rich>=13",
     ],
     extras_require={
         "test": [
@@ -27,7 +29,13 @@ setup(
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.2",
             "hypothesis>=6",
+            # The fetch tests: HTTP repositories (treq), S3 (boto3) against moto's server on loopback.
+            "treq>=23.11",
+            "boto3>=1.28",
+            "moto[server]>=5",
         ],
+        # S3 repositories: boto3 is imported only when an s3:// repository is used.
+        "s3": ["boto3>=1.28"],
         "dev": ["mypy>=1.8", "mypy-zope>=1.0", "ruff>=0.4"],
     },
     entry_points={

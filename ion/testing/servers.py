@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +36,12 @@ from typing import Any
 from urllib.parse import unquote
 
 from twisted.internet import defer
-from twisted.web import resource, server, static
+from twisted.web import resource, server
+
+with warnings.catch_warnings():
+    # static.File's class attributes use deprecated error pages; nothing we call.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from twisted.web import static
 
 __all__ = ["MotoServer", "HTTPRepositoryServer", "write_tree", "free_port"]
 
@@ -186,6 +192,7 @@ class _FaultyRoot(resource.Resource):
         method = request.method.decode("ascii")
         rel = unquote(request.path.decode("ascii", "replace")).lstrip("/")
         owner.requests.append((method, rel))
+        owner._notify()
         path = owner.root / rel
         is_file = bool(rel) and path.is_file()
         if is_file and owner.content_md5 is not None:
@@ -196,6 +203,12 @@ class _FaultyRoot(resource.Resource):
                 request.setHeader(b"content-md5", md5.encode())
         for name, value in owner.headers.get(rel, {}).items():
             request.setHeader(name.encode(), value.encode())
+        if is_file and method == "GET" and owner.stalls.get(rel, 0) > 0:
+            owner.stalls[rel] -= 1
+            data = path.read_bytes()
+            request.setHeader(b"content-length", str(len(data)).encode())
+            request.write(data[: max(1, len(data) // 2)])
+            return server.NOT_DONE_YET  # and nothing more, ever: the client must give up
         if is_file and method == "GET" and owner.drops.get(rel, 0) > 0:
             owner.drops[rel] -= 1
             owner.dropped[rel] += 1
@@ -205,7 +218,11 @@ class _FaultyRoot(resource.Resource):
             request.setHeader(b"content-length", str(len(data)).encode())
             request.write(data[: max(1, len(data) // 2)])
             # The body is cut: the client sees the connection close before Content-Length bytes.
-            request.channel.transport.loseConnection()
+            # (A transport with a producer registered, the channel here, waits for it before
+            # closing: unregister it so the half written is flushed and the connection closed.)
+            transport = request.channel.transport
+            transport.unregisterProducer()
+            transport.loseConnection()
             return server.NOT_DONE_YET
         files = static.File(str(owner.root))
         files.indexNames = []  # autoindex pages only: an index.html is a file like any other
@@ -220,6 +237,8 @@ class HTTPRepositoryServer:
     :ivar drops: ``{relative file path: n}``: the next ``n`` GETs of that file send
         half of it and close the connection (``Content-Length`` announces all of it).
     :ivar dropped: how many GETs were cut so far, per file.
+    :ivar stalls: ``{relative file path: n}``: the next ``n`` GETs of that file send half
+        of it and then nothing, keeping the connection open.
     :ivar content_md5: ``True``: send the right ``Content-MD5`` with every file; a dict
         ``{relative path: base64 md5}``: send those values (wrong ones, for a test); None: never.
     :ivar headers: ``{relative path: {header: value}}`` added to those responses.
@@ -235,6 +254,8 @@ class HTTPRepositoryServer:
         self.requests: list[tuple[str, str]] = []
         self.drops: dict[str, int] = {}
         self.dropped: Counter[str] = Counter()
+        self.stalls: dict[str, int] = {}
+        self._waiters: list[tuple[str, str | None, int, defer.Deferred[None]]] = []
         self.content_md5: bool | dict[str, str] | None = None
         self.headers: dict[str, dict[str, str]] = {}
         self._port: Any = None
@@ -260,6 +281,20 @@ class HTTPRepositoryServer:
         if self._port is not None:
             port, self._port = self._port, None
             yield port.stopListening()
+
+    def wait_for(self, rel: str, method: str | None = None, count: int = 1) -> defer.Deferred[None]:
+        """Fires once ``count`` requests named ``rel`` (of ``method``) have arrived."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append((rel, method, count, d))
+        self._notify()
+        return d
+
+    def _notify(self) -> None:
+        for waiter in list(self._waiters):
+            rel, method, count, d = waiter
+            if self.count(rel, method) >= count:
+                self._waiters.remove(waiter)
+                d.callback(None)
 
     def count(self, rel: str, method: str | None = None) -> int:
         """How many requests named ``rel`` (of ``method``, if given)."""

@@ -36,7 +36,7 @@ from ion.services.fetch.repository import (
 )
 
 if TYPE_CHECKING:
-    from ion.services.fetch.core import FetchProgress, FetchRequest, FetchResult, Fetcher
+    from ion.services.fetch.core import Fetcher, FetchProgress, FetchRequest, FetchResult
     from ion.services.fetch.service import FetchClient, FetchService
 
 __all__ = [

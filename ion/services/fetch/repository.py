@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 import re
@@ -51,10 +52,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from twisted.internet import defer, error as ierror, protocol, task
+from twisted.internet import defer, protocol, task
+from twisted.internet import error as ierror
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -181,7 +183,7 @@ class FetchConfig:
     listing_concurrency: int = 8
     s3_max_connections: int = 16
 
-    KEYS: Final = ("retries", "retry_delay", "retry_backoff", "retry_max_delay", "connect_timeout",
+    KEYS: ClassVar[tuple[str, ...]] = ("retries", "retry_delay", "retry_backoff", "retry_max_delay", "connect_timeout",
                    "read_timeout", "chunk_size", "max_buffered", "listing_concurrency", "s3_max_connections")
 
     def __post_init__(self) -> None:
@@ -358,11 +360,10 @@ class _PoolWriter:
             if self.progress is not None:
                 self.progress(self._written)
 
-        def failed(f: Failure) -> None:
+        def failed(f: Failure) -> Failure:
             if self.failure is None:
                 self.failure = f
-            # Later writes are skipped: the chain stays failed.
-            raise f.value
+            return f  # later writes are skipped: the chain stays failed
 
         self._tail.addCallback(write)
         self._tail.addCallbacks(written, failed)
@@ -500,7 +501,7 @@ class Repository:
         for path, car in sidecars.items():
             if car.size is not None and car.size > _MAX_SIDECAR:
                 raise RepositoryError(f"sidecar {car.url} is {car.size} bytes: not a sha256 file", url=car.url)
-            text = await self._retrying("reading", car.url, lambda car=car: self._read_small(car, _MAX_SIDECAR))
+            text = await self._retrying("reading", car.url, functools.partial(self._read_small, car, _MAX_SIDECAR))
             digest = _parse_sidecar(text)
             if digest is None:
                 raise RepositoryError(f"sidecar {car.url} does not hold a sha256 (64 hex digits)", url=car.url)
@@ -765,7 +766,7 @@ class _BodyReceiver(protocol.Protocol):
         if self.writer.failure is not None:
             self.transport.stopProducing()  # type: ignore[union-attr]
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.done.called:
@@ -785,7 +786,11 @@ class HTTPRepository(Repository):
     def __init__(self, url: RepositoryURL, pool: Any, reactor: Any = None, config: FetchConfig | None = None,
                  *, clock: IReactorTime | None = None) -> None:
         super().__init__(url, pool, reactor, config, clock=clock)
-        from treq.client import HTTPClient
+        try:
+            from treq.client import HTTPClient
+        except ImportError as exc:
+            raise RepositoryError("http(s):// repositories need treq, which is not installed: "
+                                  "pip install treq", url=url.url) from exc
         from twisted.web.client import Agent, HTTPConnectionPool
 
         self._pool = HTTPConnectionPool(self.reactor, persistent=True)
@@ -804,7 +809,8 @@ class HTTPRepository(Repository):
         return base + "/".join(quote(p, safe="") for p in (platform, name, version)) + "/"
 
     async def _request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None) -> Any:
-        d = self._http.request(method, url, headers=dict(headers or {}), unbuffered=True, allow_redirects=True)
+        sent: dict[bytes | str, bytes | str] = {k: v for k, v in (headers or {}).items()}
+        d = self._http.request(method, url, headers=sent, unbuffered=True, allow_redirects=True)
         if self.config.read_timeout:
             d.addTimeout(self.config.read_timeout, self.clock)
         try:
@@ -962,7 +968,10 @@ class HTTPRepository(Repository):
         except BaseException as exc:
             # Cancelled, dropped or stalled: stop reading, let the writes in flight end.
             receiver.transport.stopProducing()  # type: ignore[union-attr]
+            write_failure = writer.failure
             await writer.drain()
+            if write_failure is not None:
+                write_failure.raiseException()  # the disk, not the network: no retry
             if receiver.stalled:
                 raise _Retryable(f"GET {url}: no data for {self.config.read_timeout:g} s") from None
             if isinstance(exc, Exception) and not isinstance(exc, defer.CancelledError):
@@ -1246,7 +1255,7 @@ def repository_for(url: RepositoryURL | str, pool: Any, reactor: Any = None,
         try:
             url = parse_repository_url(url)
         except ValueError as exc:
-            raise FetchError(str(exc), url=url) from None
+            raise FetchError(str(exc), url=str(url)) from None
     kind = _KINDS.get(url.scheme)
     if kind is None:
         raise FetchError(f"unknown repository scheme {url.scheme!r} in {url.url} (s3, http, https, file)", url=url.url)

@@ -468,3 +468,22 @@ def test_cancelled_download_removes_the_file(tmp_path: Path) -> None:
     failures: list[Any] = []
     d.addErrback(failures.append)
     assert failures[0].check(defer.CancelledError) and not (tmp_path / "f").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_stalled_body_is_abandoned_and_retried(make_repo: Any, pool: Any, tmp_path: Path) -> None:
+    """A body that stops arriving is given up after read_timeout (on the injected clock) and fetched again."""
+    rel = "deps/linux/multi/2.0/b.bin"
+    url, server = make_repo("http", stalls={rel: 1})
+    clock = task.Clock()
+    repo = repository_for(url, pool, config=FetchConfig(retry_delay=0.0, read_timeout=5.0), clock=clock)
+    try:
+        files = await listed(repo, "linux", "multi", "2.0")
+        d = repo.download(files["b.bin"], tmp_path / "b.bin")
+        await server.wait_for(rel, "GET")
+        assert not d.called
+        clock.advance(5.0)
+        got = await d
+    finally:
+        await repo.close()
+    assert server.count(rel, "GET") == 2 and got.sha256 == sha(b"B" * 2000)

@@ -1,0 +1,649 @@
+# -*- test-case-name: tests.services.fetch.test_core -*-
+"""The fetch of one cache entry, independent of messaging (DESIGN §8, "Fetch").
+
+:meth:`Fetcher.fetch` takes a :class:`FetchRequest` (repository URL, platform,
+name, version, unpack, keep_updated, optional sha256) and:
+
+1. looks the entry up in the cache: a hit is done, unless ``keep_updated``
+   and the remote version markers changed since it was fetched;
+2. takes the entry's lock (one fetch per entry in this process and across
+   processes: the cache does the locking), then looks again, since whoever
+   held the lock may just have published it;
+3. lists the version folder and downloads every file into a staging folder
+   of its own (``Cache.new_staging()``), verified as it streams in (the
+   repository's checksums, then the item's ``sha256``);
+4. with ``unpack``, extracts each archive into the content staging folder
+   (an archive in a sub-folder into that sub-folder; a file that is no
+   archive is kept as it is), through the injected unpack function;
+5. publishes the content atomically through the cache, and
+6. releases the lock and removes the staging folders on every path:
+   success, error or cancellation.
+
+Collaborators are injected, so the core runs with the local
+:class:`~ion.services.cache.core.Cache` and the unpack core in process
+(:class:`LocalCache`, :func:`local_unpack`) or with the Cache and Unpack
+services over messages (:class:`RemoteCache`, :func:`remote_unpack`).
+
+**What the entry remembers of the remote**: each file's
+:attr:`~ion.services.cache.entry.FileMeta.remote_checksum` holds tokens
+``<algorithm>:<hex> marker:<...> size:<n>`` describing the remote file it
+came from, plus ``from:<path>`` for files extracted from an archive. That is
+what ``keep_updated`` compares with a fresh listing (:func:`entry_is_current`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import stat
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol, cast
+from urllib.parse import quote, unquote
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ion.services.cache.core import Cache, sha256_file
+from ion.services.cache.entry import EntryInfo, EntryKey, FileMeta, repo_id
+from ion.services.cache.errors import InvalidKeyError
+from ion.services.deploy.spec import DeploymentItem, RepositoryURL, parse_repository_url
+from ion.services.fetch.errors import ChecksumMismatchError, FetchError, InvalidRequestError
+from ion.services.fetch.repository import Downloaded, FetchConfig, RemoteFile, Repository, repository_for
+
+__all__ = [
+    "FetchRequest",
+    "FetchResult",
+    "FetchProgress",
+    "Fetcher",
+    "CacheAPI",
+    "LocalCache",
+    "RemoteCache",
+    "UnpackFn",
+    "local_unpack",
+    "remote_unpack",
+    "describe_origin",
+    "entry_is_current",
+    "STATES",
+]
+
+#: What :meth:`Fetcher.fetch` says it did.
+STATES = ("cached", "downloaded", "updated")
+
+#: ``unpack(archive, target) -> True`` if it extracted the archive into ``target``, False if the
+#: file is no archive (left alone). Raises for an unsafe, broken or over-limit archive.
+UnpackFn = Callable[[Path, Path], "Awaitable[bool] | defer.Deferred[bool]"]
+#: Called with each :class:`FetchProgress`.
+ProgressFn = Callable[["FetchProgress"], None]
+
+
+# -- requests, results, progress ---------------------------------------------------------------------
+def _file_url(location: str) -> str:
+    return "file://" + quote(location)
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """One dependency version to have in the cache.
+
+    :ivar sha256: expected sha256: one hex digest (the version holds one file) or ``{file: hex}``.
+    :ivar label: where it comes from, for messages (``deployment.json: repository #1, item #2``).
+    """
+
+    repository: RepositoryURL
+    platform: str
+    name: str
+    version: str
+    unpack: bool = True
+    keep_updated: bool = False
+    sha256: str | dict[str, str] | None = None
+    label: str = ""
+
+    @classmethod
+    def from_item(cls, item: DeploymentItem) -> FetchRequest:
+        """The request of a deployment item (its destination and link do not matter here)."""
+        return cls(item.repository, item.platform, item.name, item.version, item.unpack, item.keep_updated,
+                   item.sha256, item.position)
+
+    @classmethod
+    def from_wire(cls, data: Any, *, base_dir: Path | None = None) -> FetchRequest:
+        """Read a request from message content (:meth:`DeploymentItem.to_dict` or :meth:`to_wire`).
+
+        A relative ``file:`` URL is resolved against ``base_dir`` (or ``data["base_dir"]``).
+
+        :raises InvalidRequestError: naming the key that is missing or wrong.
+        """
+        if not isinstance(data, Mapping):
+            raise InvalidRequestError(f"a fetch request is a dict (an item), not {type(data).__name__}")
+        missing = [k for k in ("url", "platform", "name", "version") if k not in data]
+        if missing:
+            raise InvalidRequestError(f"the fetch request lacks {', '.join(repr(k) for k in missing)}")
+        for key in ("url", "platform", "name", "version"):
+            if not isinstance(data[key], str) or not data[key]:
+                raise InvalidRequestError(f"{key!r} must be a non-empty string, not {data[key]!r}")
+        for key in ("unpack", "keep_updated"):
+            if key in data and not isinstance(data[key], bool):
+                raise InvalidRequestError(f"{key!r} must be true or false, not {data[key]!r}")
+        base = data.get("base_dir") or base_dir
+        try:
+            url = parse_repository_url(data["url"], Path(base) if base else None)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), url=str(data["url"])) from None
+        sha = data.get("sha256")
+        if sha is not None and not (isinstance(sha, str) or (isinstance(sha, Mapping) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in sha.items()))):
+            raise InvalidRequestError(f"'sha256' must be a hex digest or {{file: digest}}, not {sha!r}")
+        request = cls(url, data["platform"], data["name"], data["version"], bool(data.get("unpack", True)),
+                      bool(data.get("keep_updated", False)),
+                      sha.lower() if isinstance(sha, str) else ({k: v.lower() for k, v in sha.items()} if sha else None),
+                      str(data.get("position") or data.get("label") or ""))
+        request.key  # noqa: B018 - validates the components now, as a 400
+        return request
+
+    def to_wire(self) -> dict[str, Any]:
+        """The request as message content (a ``file:`` URL made absolute)."""
+        url = _file_url(self.repository.location) if self.repository.scheme == "file" else self.repository.url
+        return {"url": url, "platform": self.platform, "name": self.name, "version": self.version,
+                "unpack": self.unpack, "keep_updated": self.keep_updated, "sha256": self.sha256,
+                "position": self.label}
+
+    @property
+    def repo_url(self) -> str:
+        """The repository URL the cache names entries by (``file:`` made absolute)."""
+        if self.repository.scheme == "file":
+            return _file_url(self.repository.location)
+        return self.repository.url
+
+    @property
+    def key(self) -> EntryKey:
+        """The cache entry (``unpack: false`` is another entry than ``unpack: true``).
+
+        :raises InvalidRequestError: for a component that cannot name a cache folder.
+        """
+        try:
+            return EntryKey(repo_id(self.repo_url), self.platform, self.name, self.version, self.unpack)
+        except InvalidKeyError as exc:
+            raise InvalidRequestError(f"{self.describe()}: {exc}") from None
+
+    def describe(self) -> str:
+        """``zlib 1.2 (linux) from s3://bucket/prefix``, with the label when there is one."""
+        where = f"{self.label}: " if self.label else ""
+        return f"{where}{self.name} {self.version} ({self.platform}) from {self.repository.url}"
+
+
+@dataclass(frozen=True)
+class FetchProgress:
+    """Where a fetch stands.
+
+    :ivar phase: ``lookup``, ``checking`` (keep_updated), ``waiting`` (for the lock),
+        ``listing``, ``downloading``, ``unpacking``, ``publishing`` or ``done``.
+    :ivar file: the file concerned (downloading, unpacking).
+    :ivar done: bytes done of ``file`` (downloading).
+    :ivar total: its size, when known.
+    :ivar state: with ``done``: cached, downloaded or updated.
+    """
+
+    key: EntryKey
+    phase: str
+    file: str | None = None
+    done: int | None = None
+    total: int | None = None
+    state: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.key.name, "version": self.key.version, "platform": self.key.platform,
+                "unpack": self.key.unpack, "phase": self.phase, "file": self.file, "bytes": self.done,
+                "total": self.total, "state": self.state}
+
+
+@dataclass
+class FetchResult:
+    """What a fetch did: ``state`` (cached, downloaded, updated) and the entry's info."""
+
+    state: str
+    key: EntryKey
+    info: EntryInfo
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        """The entry folder."""
+        return self.info.path
+
+    @property
+    def files(self) -> list[str]:
+        """The entry's regular files, relative, sorted."""
+        return sorted(self.info.files)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"state": self.state, "path": str(self.info.path), "files": self.files,
+                "links": dict(self.info.links), "content": self.info.content_names(), "key": self.key.to_wire(),
+                "size": self.info.size, "url": self.info.url, "fetched_at": self.info.fetched_at,
+                "warnings": list(self.warnings)}
+
+
+# -- the remote origin of an entry's files ---------------------------------------------------------------
+@dataclass(frozen=True)
+class _Origin:
+    path: str
+    marker: str | None
+    size: int | None
+    checksum: str | None
+
+
+def describe_origin(remote: RemoteFile, got: Downloaded, *, extracted: bool) -> str:
+    """The ``remote_checksum`` text recorded for a file that came from ``remote``."""
+    tokens = [str(c) for c in got.verified[:1]] or [f"md5:{got.md5}"]
+    marker = got.marker or remote.marker
+    if marker:
+        tokens.append("marker:" + quote(marker, safe=""))
+    tokens.append(f"size:{got.size}")
+    if extracted:
+        tokens.append("from:" + quote(remote.path, safe=""))
+    return " ".join(tokens)
+
+
+def _origins(info: EntryInfo) -> dict[str, _Origin] | None:
+    """The remote files an entry was made from, as its ``remote_checksum`` texts say (None: unknown)."""
+    found: dict[str, _Origin] = {}
+    for rel, meta in info.files.items():
+        if not meta.remote_checksum:
+            return None
+        values: dict[str, str] = {}
+        checksum = None
+        for token in meta.remote_checksum.split():
+            kind, _, value = token.partition(":")
+            if kind in ("md5", "sha256") and checksum is None:
+                checksum = token
+            else:
+                values[kind] = unquote(value)
+        path = values.get("from", rel)
+        size = int(values["size"]) if values.get("size", "").isdigit() else None
+        found[path] = _Origin(path, values.get("marker"), size, checksum)
+    return found
+
+
+def entry_is_current(info: EntryInfo, listing: list[RemoteFile]) -> bool:
+    """Whether an entry still matches the version folder's listing (``keep_updated``).
+
+    The same files, each with the same version marker (or, without markers, the
+    same checksum, else the same size). An entry that does not say where its
+    files came from counts as outdated.
+    """
+    recorded = _origins(info)
+    if recorded is None or set(recorded) != {f.path for f in listing}:
+        return False
+    for f in listing:
+        r = recorded[f.path]
+        if f.marker and r.marker:
+            if f.marker != r.marker:
+                return False
+        elif f.checksum is not None and r.checksum is not None and f.checksum.algorithm == r.checksum.split(":")[0]:
+            if str(f.checksum) != r.checksum:
+                return False
+        elif f.size is not None and r.size is not None and f.size != r.size:
+            return False
+    return True
+
+
+# -- collaborators ---------------------------------------------------------------------------------------
+class CacheAPI(Protocol):
+    """What the Fetcher needs of the cache (all return Deferreds or awaitables)."""
+
+    def lookup(self, key: EntryKey) -> Any: ...
+
+    def lock(self, key: EntryKey) -> Any: ...
+
+    def unlock(self, lock: Any) -> Any: ...
+
+    def new_staging(self) -> Any: ...
+
+    def discard_staging(self, path: Path) -> Any: ...
+
+    def publish(self, key: EntryKey, lock: Any, staging: Path, files: Mapping[str, FileMeta], url: str) -> Any: ...
+
+
+class LocalCache:
+    """:class:`CacheAPI` over a :class:`~ion.services.cache.core.Cache` in this process."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+
+    def lookup(self, key: EntryKey) -> Any:
+        return self.cache.lookup(key)
+
+    def lock(self, key: EntryKey) -> Any:
+        return self.cache.lock(key)
+
+    def unlock(self, lock: Any) -> Any:
+        return self.cache.unlock(lock)
+
+    def new_staging(self) -> Any:
+        return self.cache.new_staging()
+
+    def discard_staging(self, path: Path) -> Any:
+        return self.cache.discard_staging(path)
+
+    def publish(self, key: EntryKey, lock: Any, staging: Path, files: Mapping[str, FileMeta], url: str) -> Any:
+        return self.cache.publish(key, staging, files, lock=lock, url=url)
+
+
+class RemoteCache:
+    """:class:`CacheAPI` over a :class:`~ion.services.cache.service.CacheClient` (the Cache service).
+
+    A lock held over messages has a lease: it is renewed every third of it
+    while the fetch runs (``clock``), and released by :meth:`unlock`.
+    """
+
+    _log = Logger()
+
+    def __init__(self, client: Any, clock: IReactorTime, *, wait: float | None = None) -> None:
+        self.client = client
+        self.clock = clock
+        self.wait = wait
+        self._renewals: dict[str, task.LoopingCall] = {}
+
+    def lookup(self, key: EntryKey) -> Any:
+        return self.client.lookup(key)
+
+    @defer.inlineCallbacks
+    def lock(self, key: EntryKey) -> Any:
+        lock = yield (self.client.lock(key, timeout=self.wait) if self.wait is not None else self.client.lock(key))
+        loop = task.LoopingCall(self._renew, lock)
+        loop.clock = self.clock
+        self._renewals[lock.token] = loop
+        loop.start(max(1.0, lock.lease / 3), now=False).addErrback(
+            lambda f: self._log.warn("renewing the lock of {key} failed: {e}", key=str(key), e=f.getErrorMessage()))
+        return lock
+
+    def _renew(self, lock: Any) -> Any:
+        return self.client.renew(lock)
+
+    def unlock(self, lock: Any) -> Any:
+        loop = self._renewals.pop(lock.token, None)
+        if loop is not None and loop.running:
+            loop.stop()
+        return self.client.unlock(lock)
+
+    def new_staging(self) -> Any:
+        return self.client.new_staging()
+
+    def discard_staging(self, path: Path) -> Any:
+        return self.client.discard_staging(path)
+
+    def publish(self, key: EntryKey, lock: Any, staging: Path, files: Mapping[str, FileMeta], url: str) -> Any:
+        return self.client.publish(lock, staging, files, url=url)
+
+
+def as_cache_api(cache: Any, clock: IReactorTime | None = None) -> CacheAPI:
+    """A :class:`Cache` becomes a :class:`LocalCache`, a ``CacheClient`` a :class:`RemoteCache`;
+    anything else is taken to implement :class:`CacheAPI`."""
+    if isinstance(cache, Cache):
+        return LocalCache(cache)
+    from ion.services.cache.service import CacheClient
+
+    if isinstance(cache, CacheClient):
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
+        return RemoteCache(cache, clock)
+    return cast(CacheAPI, cache)
+
+
+def local_unpack(pool: Any, limits: Any = None) -> UnpackFn:
+    """An :data:`UnpackFn` running the unpack core in ``pool`` (``limits``: its :class:`Limits`)."""
+    from ion.services.unpack import core as unpack_core
+
+    def run(archive: Path, target: Path) -> defer.Deferred[bool]:
+        d = pool.run(unpack_core.unpack, archive, target, limits)
+        d.addCallback(lambda result: not result.kept)
+        return d
+
+    return run
+
+
+def remote_unpack(client: Any) -> UnpackFn:
+    """An :data:`UnpackFn` asking the Unpack service (an ``UnpackClient``)."""
+
+    def run(archive: Path, target: Path) -> defer.Deferred[bool]:
+        d = client.unpack(archive, target)
+        d.addCallback(lambda content: not content.get("kept", False))
+        return d
+
+    return run
+
+
+# -- blocking steps (in the pool) ------------------------------------------------------------------------
+def _regular_files(top: Path) -> dict[str, os.stat_result]:
+    out: dict[str, os.stat_result] = {}
+    for dirpath, _dirnames, filenames in os.walk(top, followlinks=False):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode):
+                out[os.path.relpath(full, top).replace(os.sep, "/")] = st
+    return out
+
+
+def _describe_new(top: Path, known: set[str], origin: str, chunk: int) -> dict[str, FileMeta]:
+    """FileMeta (hashed) of every regular file under ``top`` not in ``known``."""
+    metas: dict[str, FileMeta] = {}
+    for rel, st in _regular_files(top).items():
+        if rel not in known:
+            metas[rel] = FileMeta(st.st_size, origin, sha256_file(top / rel, chunk))
+    return metas
+
+
+def _keep(src: Path, dest: Path) -> None:
+    """Move a file that is no archive into the content folder, never over something there."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(dest):
+        raise FetchError(f"{dest.name}: an archive of the same version already extracted a file of that name")
+    os.rename(src, dest)
+
+
+def _mkdirs(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+
+
+# -- the fetcher ----------------------------------------------------------------------------------------
+class Fetcher:
+    """Fetches cache entries: lookup, lock, download, verify, unpack, publish (see the module notes).
+
+    :param cache: a :class:`Cache`, a ``CacheClient``, or any :class:`CacheAPI`.
+    :param unpack: an :data:`UnpackFn` (:func:`local_unpack`, :func:`remote_unpack`).
+    :param pool: runs blocking work (:class:`~ion.core.threads.BlockingPool`).
+    :param reactor: for network I/O; ``clock`` (retries, lock renewals) defaults to it.
+    :param config: transfer settings (:class:`FetchConfig` or its config section).
+    :param repositories: ``repositories(url) -> Repository`` (default :func:`repository_for`).
+    :param hash_chunk: bytes read at a time when hashing extracted files.
+    """
+
+    _log = Logger()
+
+    def __init__(self, cache: Any, unpack: UnpackFn, *, pool: Any, reactor: Any = None,
+                 clock: IReactorTime | None = None, config: FetchConfig | Mapping[str, Any] | None = None,
+                 repositories: Callable[[RepositoryURL], Repository] | None = None,
+                 hash_chunk: int = 1 << 20) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.clock: IReactorTime = clock or reactor
+        self.cache: CacheAPI = as_cache_api(cache, self.clock)
+        self.unpack = unpack
+        self.pool = pool
+        self.config = config if isinstance(config, FetchConfig) else FetchConfig.from_config(config)
+        self._make_repository = repositories or (
+            lambda url: repository_for(url, self.pool, self.reactor, self.config, clock=self.clock))
+        self._repositories: dict[tuple[str, str, str], Repository] = {}
+        self.hash_chunk = hash_chunk
+
+    def repository(self, url: RepositoryURL) -> Repository:
+        """The repository of ``url``, made once (connections and clients are reused)."""
+        ident = (url.scheme, url.location, url.prefix)
+        repo = self._repositories.get(ident)
+        if repo is None:
+            repo = self._repositories[ident] = self._make_repository(url)
+        return repo
+
+    @defer.inlineCallbacks
+    def close(self) -> Any:
+        """Release every repository's connections."""
+        repos, self._repositories = list(self._repositories.values()), {}
+        for repo in repos:
+            try:
+                yield repo.close()
+            except Exception as exc:  # pragma: no cover - best effort
+                self._log.warn("closing {repo} failed: {exc}", repo=repr(repo), exc=exc)
+
+    def fetch(self, request: FetchRequest | DeploymentItem,
+              progress: ProgressFn | None = None) -> defer.Deferred[FetchResult]:
+        """Have ``request``'s entry in the cache; fires with a :class:`FetchResult`.
+
+        Cancelling the Deferred stops the fetch; the lock is released and the
+        staging folders removed, as on every other path.
+
+        :raises NotFoundError, BucketNotFoundError, AccessDeniedError, TransferError: from the repository.
+        :raises ChecksumMismatchError: a file does not match a checksum (nothing published).
+        :raises InvalidRequestError: a ``sha256`` naming files the version does not hold.
+        :raises UnpackError: (or the Unpack service's error) for an archive that cannot be extracted.
+        :raises CacheError: from the cache (lock timeout, publish refused).
+        """
+        if isinstance(request, DeploymentItem):
+            request = FetchRequest.from_item(request)
+        return defer.Deferred.fromCoroutine(self._fetch(request, progress or (lambda p: None)))
+
+    async def _fetch(self, request: FetchRequest, progress: ProgressFn) -> FetchResult:
+        key = request.key
+        repo = self.repository(request.repository)
+
+        def report(phase: str, file: str | None = None, done: int | None = None, total: int | None = None,
+                   state: str | None = None) -> None:
+            try:
+                progress(FetchProgress(key, phase, file, done, total, state))
+            except Exception:
+                self._log.failure("progress callback failed for {key}", key=str(key))
+
+        report("lookup")
+        info: EntryInfo | None = await self.cache.lookup(key)
+        listing: list[RemoteFile] | None = None
+        warnings: list[str] = []
+        if info is not None:
+            if not request.keep_updated:
+                return self._done(report, "cached", key, info, warnings)
+            report("checking")
+            try:
+                listing = await repo.list_version(request.platform, request.name, request.version)
+            except FetchError as exc:
+                warning = f"keep_updated: could not check {repo.version_url(request.platform, request.name, request.version)}" \
+                          f" for a newer version ({exc}); using the cached entry"
+                self._log.warn("{key}: {warning}", key=str(key), warning=warning)
+                return self._done(report, "cached", key, info, [warning])
+            if entry_is_current(info, listing):
+                return self._done(report, "cached", key, info, warnings)
+            self._log.info("{key}: the remote version changed; fetching it again", key=str(key))
+
+        report("waiting")
+        lock = await self.cache.lock(key)
+        try:
+            # Whoever held the lock before us may have published it meanwhile.
+            again: EntryInfo | None = await self.cache.lookup(key)
+            if again is not None and (not request.keep_updated or (listing is not None
+                                                                   and entry_is_current(again, listing))):
+                return self._done(report, "cached", key, again, warnings)
+            if listing is None:
+                report("listing")
+                listing = await repo.list_version(request.platform, request.name, request.version)
+            published = await self._fetch_locked(request, key, repo, listing, lock, report)
+        finally:
+            try:
+                await self.cache.unlock(lock)
+            except Exception as exc:
+                self._log.warn("{key}: releasing the lock failed: {exc}", key=str(key), exc=exc)
+        return self._done(report, "updated" if info is not None else "downloaded", key, published, warnings)
+
+    def _done(self, report: Callable[..., None], state: str, key: EntryKey, info: EntryInfo,
+              warnings: list[str]) -> FetchResult:
+        report("done", state=state)
+        return FetchResult(state, key, info, warnings)
+
+    @staticmethod
+    def _expected_sha256(request: FetchRequest, listing: list[RemoteFile], where: str) -> dict[str, str]:
+        if request.sha256 is None:
+            return {}
+        paths = {f.path for f in listing}
+        if isinstance(request.sha256, str):
+            if len(listing) != 1:
+                raise InvalidRequestError(
+                    f"{request.describe()}: 'sha256' is one digest but {where} holds {len(listing)} files "
+                    f"({', '.join(sorted(paths))}); give {{file: digest}}", url=where, code=422)
+            return {listing[0].path: request.sha256}
+        for rel, digest in request.sha256.items():
+            if rel not in paths:
+                raise ChecksumMismatchError(rel, f"sha256:{digest}", None, url=where, source="the item's sha256")
+        return dict(request.sha256)
+
+    async def _fetch_locked(self, request: FetchRequest, key: EntryKey, repo: Repository, listing: list[RemoteFile],
+                            lock: Any, report: Callable[..., None]) -> EntryInfo:
+        where = repo.version_url(request.platform, request.name, request.version)
+        expected = self._expected_sha256(request, listing, where)
+        content = Path(await self.cache.new_staging())
+        stagings = [content]
+        published = False
+        try:
+            downloads = content
+            if request.unpack:
+                downloads = Path(await self.cache.new_staging())
+                stagings.append(downloads)
+            got: dict[str, Downloaded] = {}
+            for remote in listing:
+                report("downloading", remote.path, 0, remote.size)
+                got[remote.path] = await repo.download(remote, downloads / PurePosixPath(remote.path),
+                                                       progress=functools.partial(report, "downloading", remote.path))
+                digest = expected.get(remote.path)
+                if digest is not None and got[remote.path].sha256 != digest:
+                    raise ChecksumMismatchError(remote.path, f"sha256:{digest}", f"sha256:{got[remote.path].sha256}",
+                                                url=remote.url, source="the item's sha256")
+            if request.unpack:
+                files = await self._unpack_all(listing, got, downloads, content, report)
+            else:
+                files = {r.path: FileMeta(got[r.path].size, describe_origin(r, got[r.path], extracted=False),
+                                          got[r.path].sha256) for r in listing}
+            report("publishing")
+            info: EntryInfo = await self.cache.publish(key, lock, content, files, where)
+            published = True
+            return info
+        finally:
+            for staging in stagings:
+                if published and staging == content:
+                    continue  # renamed into the entry
+                try:
+                    await self.cache.discard_staging(staging)
+                except Exception as exc:
+                    self._log.warn("{key}: could not remove staging folder {path}: {exc}", key=str(key),
+                                   path=str(staging), exc=exc)
+
+    async def _unpack_all(self, listing: list[RemoteFile], got: dict[str, Downloaded], downloads: Path,
+                          content: Path, report: Callable[..., None]) -> dict[str, FileMeta]:
+        files: dict[str, FileMeta] = {}
+        for remote in listing:
+            rel = PurePosixPath(remote.path)
+            archive = downloads / rel
+            target = content / rel.parent
+            report("unpacking", remote.path)
+            await self.pool.run(_mkdirs, target)
+            extracted = await self.unpack(archive, target)
+            if extracted:
+                new = await self.pool.run(_describe_new, content, set(files),
+                                          describe_origin(remote, got[remote.path], extracted=True), self.hash_chunk)
+                files.update(new)
+            else:
+                await self.pool.run(_keep, archive, content / rel)
+                d = got[remote.path]
+                files[remote.path] = FileMeta(d.size, describe_origin(remote, d, extracted=False), d.sha256)
+        return files

@@ -1,0 +1,205 @@
+# -*- test-case-name: tests.services.fetch.test_service -*-
+"""The Fetch service: :class:`~ion.services.fetch.core.Fetcher` as an ION op, and its client.
+
+``res/apps/fetch.app`` starts it (after the cache and unpack apps). It keeps
+no cache of its own: it locks, stages and publishes through the Cache service
+(:class:`~ion.services.fetch.core.RemoteCache`) and extracts through the
+Unpack service, so every fetch of the system goes through one set of locks.
+
+Op ``fetch``: content is an item (:meth:`DeploymentItem.to_dict` or
+:meth:`FetchRequest.to_wire`: ``url, platform, name, version, unpack,
+keep_updated, sha256``; optional ``base_dir`` for a relative ``file:`` URL and
+``job``/``item`` copied into the progress events). Answer: ``{state: cached |
+downloaded | updated, path, files, content, key, size, url, warnings}``.
+
+Errors answer with the class name and code of the error: 400 a bad request,
+403 access denied (or a ``file:`` repository outside
+``allowed_file_repositories``), 404 version folder or bucket not found, 409
+the entry's lock could not be had, 422 checksum mismatch or a bad archive,
+502 the repository kept failing (connection dropped after the retries).
+
+Progress is published as events ``deploy.progress`` (``phase``, ``file``,
+``bytes``, ``total``, the entry's ``name``/``version``/``platform`` and the
+request's ``job``/``item``), at most every ``progress_interval`` seconds per file.
+
+Config (``ion.services.fetch``): the transfer settings of
+:class:`~ion.services.fetch.repository.FetchConfig`, ``max_concurrent``
+(fetches handled at once), ``progress_interval``, ``allowed_file_repositories``
+(folders a ``file:`` repository may be in, symlinks resolved; None: those of
+``ion.services.deploy``, by default none), ``rpc_timeout`` (of the client).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ion.core.exceptions import ConfigurationError, ReceivedError
+from ion.core.process import Receiver
+from ion.core.service import ServiceClient, ServiceProcess
+from ion.services.deploy.spec import DeploymentItem
+from ion.services.fetch.core import Fetcher, FetchProgress, FetchRequest, RemoteCache, remote_unpack
+from ion.services.fetch.errors import ERRORS_BY_NAME, ChecksumMismatchError, FetchError, InvalidRequestError
+from ion.services.fetch.repository import CONFIG_SECTION, FetchConfig
+
+__all__ = ["FetchService", "FetchClient", "DEFAULT_CLIENT_TIMEOUT"]
+
+#: Seconds a FetchClient call waits unless configured (``rpc_timeout``): downloads can be long.
+DEFAULT_CLIENT_TIMEOUT = 3600.0
+
+
+class FetchService(ServiceProcess):
+    """Fetches dependency versions into the cache (DESIGN §8, "Fetch")."""
+
+    service_name = "fetch"
+    version = "0.1.0"
+    _log = Logger()
+
+    def receivers_to_create(self) -> list[Receiver]:
+        receivers = super().receivers_to_create()
+        prefetch = int(self.get_config("max_concurrent", 16))
+        for receiver in receivers:
+            receiver.prefetch = prefetch
+        return receivers
+
+    def slc_init(self) -> None:
+        from ion.services.cache.service import CacheClient
+        from ion.services.unpack.service import UnpackClient
+
+        self.fetch_config = FetchConfig.from_config(self.get_config)
+        self.progress_interval = float(self.get_config("progress_interval", 0.5))
+        self.allowed_file_roots = self._file_roots()
+        cache = RemoteCache(CacheClient(self), self.clock)
+        self.fetcher = Fetcher(cache, remote_unpack(UnpackClient(self)), pool=self.container.blocking,
+                               reactor=self.container.reactor, clock=self.clock, config=self.fetch_config)
+        self._inflight: set[defer.Deferred[Any]] = set()
+
+    def _file_roots(self) -> list[Path]:
+        roots = self.get_config("allowed_file_repositories")
+        if roots is None:
+            roots = self.container.config.get("ion.services.deploy", "allowed_file_repositories", None)
+        if roots is None:
+            return []
+        if not isinstance(roots, (list, tuple)) or not all(isinstance(r, str) for r in roots):
+            raise ConfigurationError(f"{CONFIG_SECTION}: allowed_file_repositories must be a list of folders, "
+                                     f"not {roots!r}")
+        return [Path(os.path.realpath(os.path.expanduser(r))) for r in roots]
+
+    @defer.inlineCallbacks
+    def slc_terminate(self) -> Any:
+        for d in list(self._inflight):
+            d.cancel()
+        yield self.fetcher.close()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _check_file_repository(self, request: FetchRequest) -> None:
+        if request.repository.scheme != "file":
+            return
+        resolved = Path(os.path.realpath(request.repository.location))
+        if not any(resolved.is_relative_to(root) for root in self.allowed_file_roots):
+            roots = ", ".join(str(r) for r in self.allowed_file_roots) or "none are configured"
+            raise InvalidRequestError(
+                f"file: repository {request.repository.location} (resolved {resolved}) is outside the folders a "
+                f"request may read (allowed_file_repositories: {roots})", url=request.repository.url, code=403)
+
+    def _refuse(self, msg: dict[str, Any], error: str, message: str, code: int,
+                details: Mapping[str, Any] | None = None) -> None:
+        self._log.warn("{pid}: fetch from {sender} failed ({code} {error}): {message}", pid=self.id,
+                       sender=msg.get("sender"), code=code, error=error, message=message)
+        content = {"error": error, "message": message}
+        content.update(details or {})
+        self.reply_err(msg, content, response_code=code)
+
+    def _progress(self, content: Mapping[str, Any]) -> Any:
+        extra = {k: content[k] for k in ("job", "item") if k in content}
+        last: dict[str | None, float] = {}
+
+        def publish(p: FetchProgress) -> None:
+            if p.phase == "downloading" and p.done not in (0, p.total):
+                now = self.clock.seconds()
+                if now - last.get(p.file, -1e9) < self.progress_interval:
+                    return
+                last[p.file] = now
+            event = p.to_wire()
+            event.update(extra)
+            self.container.publish_event("deploy.progress", event)
+
+        return publish
+
+    # -- ops -----------------------------------------------------------------------------------------
+    async def op_fetch(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """Have an item's entry in the cache: ``{state, path, files, content, key, size, url, warnings}``."""
+        from ion.services.unpack.core import UnpackError
+
+        try:
+            request = FetchRequest.from_wire(content)
+            self._check_file_repository(request)
+        except FetchError as exc:
+            return self._refuse(msg, type(exc).__name__, str(exc), exc.code)
+        d = self.fetcher.fetch(request, self._progress(content))
+        self._inflight.add(d)
+        try:
+            result = await d
+        except ChecksumMismatchError as exc:
+            return self._refuse(msg, type(exc).__name__, str(exc), exc.code,
+                                {"url": exc.url, "file": exc.file, "expected": exc.expected, "got": exc.got})
+        except FetchError as exc:
+            return self._refuse(msg, type(exc).__name__, str(exc), exc.code, {"url": exc.url})
+        except UnpackError as exc:
+            return self._refuse(msg, type(exc).__name__, str(exc), exc.code)
+        except ReceivedError as exc:  # the Cache or Unpack service refused: pass its answer on
+            return self._refuse(msg, exc.remote_error or type(exc).__name__, exc.message, exc.response_code)
+        finally:
+            self._inflight.discard(d)
+        return result.to_wire()
+
+
+class FetchClient(ServiceClient):
+    """Calls the fetch service; raises the :mod:`~ion.services.fetch.errors` classes the service raised."""
+
+    service_name = "fetch"
+
+    def _timeout(self, timeout: float | None) -> float:
+        if timeout is not None:
+            return timeout
+        return float(self.proc.container.config.get(CONFIG_SECTION, "rpc_timeout", DEFAULT_CLIENT_TIMEOUT))
+
+    @defer.inlineCallbacks
+    def fetch(self, item: DeploymentItem | FetchRequest | Mapping[str, Any], *, timeout: float | None = None,
+              job: str | None = None, position: str | None = None) -> Any:
+        """Have ``item``'s entry in the cache; the service's answer (a dict with ``state`` and ``path``).
+
+        :param job: copied into the progress events, with ``position`` (as ``item``).
+        :raises FetchError: (its subclass) as the service raised it; other refusals as
+            :class:`~ion.core.exceptions.ReceivedApplicationError` / ``ReceivedContainerError``.
+        """
+        if isinstance(item, DeploymentItem):
+            content = FetchRequest.from_item(item).to_wire()
+        elif isinstance(item, FetchRequest):
+            content = item.to_wire()
+        else:
+            content = dict(item)
+        if job is not None:
+            content["job"] = job
+        if position is not None:
+            content["item"] = position
+        try:
+            result, _headers = yield self.rpc_send("fetch", content, timeout=self._timeout(timeout))
+        except ReceivedError as err:
+            cls = ERRORS_BY_NAME.get(err.remote_error or "")
+            if cls is None:
+                raise
+            details = err.content if isinstance(err.content, dict) else {}
+            exc = cls.__new__(cls)
+            FetchError.__init__(exc, err.message, url=details.get("url"))
+            if cls.code != err.response_code:
+                exc.code = err.response_code  # type: ignore[misc]
+            if isinstance(exc, ChecksumMismatchError):
+                exc.file, exc.expected, exc.got = details.get("file", ""), details.get("expected", ""), details.get("got")
+            raise exc from err
+        return result

@@ -41,6 +41,7 @@ setup(
     entry_points={
         "console_scripts": [
             "ion-cc=ion.core.tap:run_cc",
+            "ion-deploy=ion.services.deploy.cli:main",
         ],
     },
 )

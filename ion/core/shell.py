@@ -118,9 +118,33 @@ class ShellHelpers:
     HELPERS = ("ps", "ms", "svc", "spawn", "send", "rpc_send", "kill", "ping", "nodes", "apps",
                "start_app", "stop_app", "info")
 
+    #: Config section naming modules with more helpers (``helpers: ["ion.services.deploy.shellhelpers"]``).
+    CONFIG_SECTION = "ion.core.shell"
+
     def __init__(self, container: Any, proc: Process) -> None:
         self.container = container
         self.proc = proc
+        self._extra: dict[str, Any] | None = None
+
+    def extra_helpers(self) -> dict[str, Any]:
+        """Helpers of the provider modules named in config (``ion.core.shell``: ``helpers``).
+
+        Each module has ``shell_helpers(shell) -> {name: function}``; the core imports
+        no service, the config names them. A provider that fails to load is logged and skipped.
+        """
+        if self._extra is None:
+            self._extra = {}
+            config: Any = getattr(self.container, "config", None)
+            modules = config.get(self.CONFIG_SECTION, "helpers", []) if hasattr(config, "for_module") else []
+            for module in modules or []:
+                try:
+                    import importlib
+
+                    provided = importlib.import_module(str(module)).shell_helpers(self)
+                    self._extra.update({str(k): v for k, v in dict(provided).items() if k not in self.HELPERS})
+                except Exception as exc:
+                    _log.warn("shell helpers of {module} not loaded: {error}", module=module, error=error_line(exc))
+        return self._extra
 
     @classmethod
     @defer.inlineCallbacks
@@ -132,6 +156,7 @@ class ShellHelpers:
     def namespace(self) -> dict[str, Any]:
         """The names the shell offers: every helper, plus ``container`` and ``shell``."""
         ns: dict[str, Any] = {name: getattr(self, name) for name in self.HELPERS}
+        ns.update(self.extra_helpers())
         ns.update(container=self.container, shell=self, sysname=self.container.sysname)
         return ns
 
@@ -282,8 +307,7 @@ class ShellHelpers:
         """This list."""
         lines = [f"ION capability container {self.container.id}, system {self.container.sysname}; "
                  f"shell process {self.proc.id}", ""]
-        for name in self.HELPERS:
-            fn = getattr(self, name)
+        for name, fn in [(n, getattr(self, n)) for n in self.HELPERS] + list(self.extra_helpers().items()):
             try:
                 sig = inspect.signature(fn)
                 sig = sig.replace(return_annotation=inspect.Signature.empty, parameters=[

@@ -1,0 +1,575 @@
+"""``ion-deploy``: deploy a deployment file's dependencies, in process or through a running system.
+
+``ion-deploy DEPLOYMENT.json`` runs the deployer in this process (DESIGN §8,
+"Command line"): a :class:`~ion.services.cache.core.Cache` on the cache root,
+a :class:`~ion.services.fetch.core.Fetcher` with the unpack core run locally,
+a :class:`~ion.core.threads.BlockingPool` and the
+:class:`~ion.services.deploy.core.Deployer`, on the reactor. No broker, no
+container. With ``--broker URL`` it goes through the services of a running
+system instead (a container joins that broker; the deployment is sent to the
+Deploy service with a :class:`~ion.services.deploy.service.DeployClient`).
+
+Umpire's flags keep their meaning: ``-c`` clears the cache first, ``-r``
+verifies and repairs it first, ``-d`` shows tracebacks. Also: ``--verify``,
+``--prune [--older-than D] [--keep N]``, ``--jobs N``, ``--cache-dir``,
+``--json``. Order of work: clear, repair/verify, deploy, prune.
+
+Exit codes: 0 everything deployed (and every verified entry good), 1 an item
+failed (or a bad entry), 2 an unusable deployment file or arguments.
+
+Only what the run needs is imported: ``rich`` only for a terminal, boto3
+only when an s3 repository is fetched (the repository imports it on use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["main", "parse_duration", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class UsageProblem(Exception):
+    """Arguments that cannot be used: exit 2 with ``Error: ...`` lines."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``3600``, ``90s``, ``30m``, ``12h``, ``7d``, ``2w`` or ``1h30m``.
+
+    :raises ValueError: naming the text.
+    """
+    raw = text.strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        pos, total = 0, 0.0
+        for m in _DURATION.finditer(raw):
+            if raw[pos:m.start()].strip():
+                break
+            total += float(m.group(1)) * _UNITS[m.group(2).lower()]
+            pos = m.end()
+        else:
+            if pos and not raw[pos:].strip():
+                return total
+        raise ValueError(f"{text!r} is not a duration (seconds, or e.g. 90s, 30m, 12h, 7d, 2w, 1h30m)") from None
+    if value < 0:
+        raise ValueError(f"{text!r}: a duration cannot be negative")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own errors: our format and exit code
+        raise UsageProblem([message])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="ion-deploy",
+        description="Deploy the dependencies a deployment file (Umpire's JSON) lists: fetch them into the "
+                    "shared cache, unpack them, link or copy them into place.",
+        epilog="Exit status: 0 all deployed, 1 an item failed (or a bad cache entry), 2 unusable deployment "
+               "file or arguments. Cache: --cache-dir, else $ION_CACHE_DIR, else the 'root' of "
+               "ion.services.cache in res/config, else ~/.cache/ion/deploy.")
+    p.add_argument("deployment", nargs="?", metavar="DEPLOYMENT.json",
+                   help="the deployment file (optional with --verify, --prune, -c or -r alone)")
+    p.add_argument("-c", "--clear", action="store_true", help="clear the cache first")
+    p.add_argument("-r", "--repair", action="store_true",
+                   help="verify the cache and repair bad entries first (they are fetched again)")
+    p.add_argument("-d", "--debug", action="store_true", help="show tracebacks and debug log lines")
+    p.add_argument("--verify", action="store_true", help="verify the cache and report good/bad entries")
+    p.add_argument("--prune", action="store_true",
+                   help="remove cache entries (after deploying): see --older-than and --keep")
+    p.add_argument("--older-than", metavar="DURATION",
+                   help="with --prune: entries not used for this long (seconds, or 90s, 30m, 12h, 7d, 2w)")
+    p.add_argument("--keep", type=str, metavar="N",
+                   help="with --prune: keep the N most recently used versions of each dependency")
+    p.add_argument("-j", "--jobs", metavar="N", help="dependencies fetched at once (default: config, 8)")
+    p.add_argument("--cache-dir", metavar="DIR", help="the cache root")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout, nothing else there")
+    p.add_argument("--broker", metavar="URL",
+                   help="deploy through the services of a running system on this broker (amqp://...)")
+    p.add_argument("-s", "--sysname", metavar="NAME", help="with --broker: the system name")
+    return p
+
+
+def _positive_int(value: str | None, flag: str, minimum: int, problems: list[str]) -> int | None:
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        problems.append(f"{flag} takes a whole number, not {value!r}")
+        return None
+    if n < minimum:
+        problems.append(f"{flag} must be at least {minimum}, not {n}")
+        return None
+    return n
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    problems: list[str] = []
+    args.keep = _positive_int(args.keep, "--keep", 0, problems)
+    args.jobs = _positive_int(args.jobs, "--jobs", 1, problems)
+    if args.older_than is not None:
+        try:
+            args.older_than = parse_duration(args.older_than)
+        except ValueError as exc:
+            problems.append(f"--older-than: {exc}")
+    if (args.keep is not None or args.older_than is not None) and not args.prune:
+        problems.append("--keep and --older-than go with --prune")
+    if args.sysname and not args.broker:
+        problems.append("-s/--sysname goes with --broker")
+    if not args.deployment and not (args.verify or args.prune or args.clear or args.repair):
+        problems.append("give a DEPLOYMENT.json file (or --verify, --prune, -c or -r alone); --help for help")
+    if problems:
+        raise UsageProblem(problems)
+
+
+# -- output -------------------------------------------------------------------------------------------
+class Output:
+    """Where progress and results go: rich on a terminal, plain lines otherwise, JSON with ``--json``."""
+
+    def __init__(self, stdout: IO[str], stderr: IO[str], *, as_json: bool) -> None:
+        self.stdout, self.stderr, self.as_json = stdout, stderr, as_json
+        try:
+            self.tty = bool(stdout.isatty()) and not as_json
+        except (ValueError, AttributeError):
+            self.tty = False
+        if self.tty:
+            import importlib.util
+
+            # rich draws the bars and the table; without it, the plain lines.
+            self.tty = importlib.util.find_spec("rich") is not None
+        self._console: Any = None
+
+    @property
+    def console(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=self.stdout, highlight=False)
+        return self._console
+
+    def line(self, text: str = "") -> None:
+        """A line of the human-readable output (stdout; none with --json)."""
+        if self.as_json:
+            return
+        print(text, file=self.stdout, flush=True)
+
+    def error(self, text: str) -> None:
+        print(f"Error: {text}", file=self.stderr, flush=True)
+
+    def warning(self, text: str) -> None:
+        print(f"Warning: {text}", file=self.stderr, flush=True)
+
+
+class Progress:
+    """Per-item progress: a rich bar per dependency on a terminal, a few plain lines otherwise."""
+
+    def __init__(self, out: Output, items: Sequence[Any]) -> None:
+        self.out = out
+        self.items = list(items)
+        self.index = {id(item): n for n, item in enumerate(self.items, 1)}
+        self.bytes: dict[int, dict[str, tuple[int, int | None]]] = {}
+        self.announced: set[tuple[int, str]] = set()
+        self.bar: Any = None
+        self.tasks: dict[int, Any] = {}
+        if out.tty:
+            from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                    TransferSpeedColumn(), TextColumn("{task.fields[state]}"),
+                                    console=out.console, transient=False)
+            for item in self.items:
+                self.tasks[id(item)] = self.bar.add_task(f"{item.name} {item.version}", total=None,
+                                                         state="waiting")
+
+    def __enter__(self) -> Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, item: Any, phase: str, info: Mapping[str, Any]) -> None:
+        key = id(item)
+        if phase == "bytes":
+            files = self.bytes.setdefault(key, {})
+            fname = str(info.get("file") or "")
+            files[fname] = (int(info.get("done") or 0), info.get("total"))
+            done = sum(d for d, _ in files.values())
+            totals = [t for _, t in files.values() if t is not None]
+            total = sum(totals) if len(totals) == len(files) else None
+            if self.bar is not None:
+                self.bar.update(self.tasks[key], completed=done, total=total, state="downloading")
+            elif (key, fname) not in self.announced and self.out.as_json is False:
+                self.announced.add((key, fname))
+                size = f" ({total} bytes)" if total is not None and len(files) == 1 else ""
+                self.out.line(f"{item.label}: downloading {fname}{size}")
+        elif phase == "fetch":
+            step = str(info.get("step") or "")
+            if self.bar is not None and step:
+                self.bar.update(self.tasks[key], state=step)
+        elif phase == "place":
+            if self.bar is not None:
+                self.bar.update(self.tasks[key], state="placing")
+        elif phase in ("done", "failed"):
+            state = str(info.get("state") or phase)
+            already = bool(info.get("already"))
+            text = "failed" if phase == "failed" else ("already deployed" if already else state)
+            if self.bar is not None:
+                task = self.tasks[key]
+                total = self.bar.tasks[task].total if task < len(self.bar.tasks) else None
+                self.bar.update(task, total=total or 1, completed=total or 1, state=text)
+            else:
+                n = self.index.get(key, 0)
+                self.out.line(f"[{n}/{len(self.items)}] {item.label}: {text}")
+
+
+def _note(row: Mapping[str, Any]) -> str:
+    if row.get("state") == "failed":
+        return str(row.get("reason") or "failed")
+    return "Already deployed" if row.get("already") else ""
+
+
+def _summary(out: Output, rows: list[dict[str, Any]]) -> None:
+    if out.as_json or not rows:
+        return
+    headers = ("item", "version", "state", "destination", "note")
+    cells = [(f"{r['platform']}/{r['name']}", r["version"], r["state"], r["destination"], _note(r)) for r in rows]
+    if out.tty:
+        from rich.table import Table
+
+        table = Table(title="Deployment")
+        for h in headers:
+            table.add_column(h, overflow="fold")
+        styles = {"failed": "red", "downloaded": "green", "updated": "green", "cached": ""}
+        for c, r in zip(cells, rows, strict=True):
+            table.add_row(*c, style=styles.get(r["state"], ""))
+        out.console.print(table)
+    else:
+        widths = [max(len(h), *(len(str(c[i]).splitlines()[0] if str(c[i]) else "") for c in cells))
+                  for i, h in enumerate(headers[:-1])]
+        out.line("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)) + "  " + headers[-1])
+        for c in cells:
+            note = str(c[-1]).replace("\n", "; ")
+            out.line("  ".join(str(v).ljust(w) for v, w in zip(c, widths, strict=False)) + "  " + note)
+    failed = sum(1 for r in rows if r["state"] == "failed")
+    if failed:
+        out.line(f"{len(rows) - failed} of {len(rows)} items deployed; {failed} failed")
+    elif all(r.get("already") and r["state"] == "cached" for r in rows):
+        out.line(f"Already deployed: all {len(rows)} items")
+    else:
+        out.line(f"All {len(rows)} items deployed")
+
+
+def _rows(items: Sequence[Any], results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for item, wire in zip(items, results, strict=True):
+        row = dict(wire)
+        row.update(name=item.name, version=item.version, platform=item.platform)
+        rows.append(row)
+    return rows
+
+
+def _report_entries(out: Output, what: str, reports: list[Any]) -> None:
+    for r in reports:
+        key = r["key"] if isinstance(r, Mapping) else r.key.to_wire()
+        status = r["status"] if isinstance(r, Mapping) else r.status
+        problems = r["problems"] if isinstance(r, Mapping) else r.problems
+        action = r.get("action") if isinstance(r, Mapping) else r.action
+        label = f"{key.get('platform')}/{key.get('name')}/{key.get('version')}" + (
+            "" if key.get("unpack", True) else " (packed)")
+        detail = "; ".join(f"{f}: {p}" for f, p in sorted(problems.items())) if problems else ""
+        out.line(f"{what}: {label}: {status}" + (f" ({detail})" if detail else "")
+                 + (f" -> {action}" if action and action != "kept" else ""))
+    bad = sum(1 for r in reports if (r["status"] if isinstance(r, Mapping) else r.status) != "good")
+    out.line(f"{what}: {len(reports)} entries, {len(reports) - bad} good, {bad} bad")
+
+
+def _wire(obj: Any) -> Any:
+    return obj.to_wire() if hasattr(obj, "to_wire") else obj
+
+
+# -- the run --------------------------------------------------------------------------------------------
+def _config() -> Any:
+    from ion.core.config import Config
+
+    return Config.load()
+
+
+def _cache_root(args: argparse.Namespace, config: Any) -> Path:
+    from ion.services.cache.core import default_root
+
+    if args.cache_dir:
+        return Path(args.cache_dir).expanduser()
+    if os.environ.get("ION_CACHE_DIR"):
+        return default_root()
+    configured = config.get("ion.services.cache", "root")
+    return Path(configured).expanduser() if configured else default_root()
+
+
+async def _maintain_local(cache: Any, args: argparse.Namespace, out: Output, result: dict[str, Any]) -> bool:
+    """``-c``, ``-r``, ``--verify`` on a local cache; False if a bad entry is left."""
+    ok = True
+    if args.clear:
+        report = await cache.clear()
+        result["clear"] = report.to_wire()
+        out.line(f"Cleared the cache {cache.root}: {len(report.removed)} entries removed"
+                 + (f", {len(report.busy)} in use left" if report.busy else ""))
+    if args.repair:
+        reports = await cache.repair()
+        result["repair"] = [r.to_wire() for r in reports]
+        _report_entries(out, "repair", reports)
+        ok = ok and all(r.good or r.action in ("quarantined", "removed") for r in reports)
+    elif args.verify:
+        reports = await cache.verify()
+        result["verify"] = [r.to_wire() for r in reports]
+        _report_entries(out, "verify", reports)
+        ok = ok and all(r.good for r in reports)
+    return ok
+
+
+async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, out: Output,
+                     result: dict[str, Any]) -> int:
+    from ion.core.threads import BlockingPool
+    from ion.services.cache.core import Cache
+
+    config = _config()
+    root = _cache_root(args, config)
+    result["cache"] = str(root)
+    cache_cfg = config.for_module("ion.services.cache")
+    jobs = args.jobs or int(config.get("ion.services.deploy", "max_parallel", 8))
+    pool = BlockingPool(reactor, maxthreads=max(int(config.get("ion.core.container", "max_threads", 8)), jobs))
+    wait = cache_cfg.get("lock_wait_timeout")
+    cache = Cache(root, host_id=cache_cfg.get("host_id") or None,
+                  lock_timeout=float(cache_cfg.get("lock_timeout", 600)), clock=reactor, pool=pool,
+                  wait_timeout=float(wait) if wait is not None else None,
+                  fsync_content=bool(cache_cfg.get("fsync", False)))
+    fetcher = None
+    try:
+        ok = await _maintain_local(cache, args, out, result)
+        if deployment is not None:
+            from ion.services.deploy.core import Deployer
+            from ion.services.fetch.core import Fetcher, local_unpack
+            from ion.services.unpack.core import Limits
+
+            limits = Limits.from_config(config.for_module("ion.services.unpack"))
+            fetcher = Fetcher(cache, local_unpack(pool, limits), pool=pool, reactor=reactor,
+                              config=config.for_module("ion.services.fetch"))
+            deployer = Deployer(_fetch_function(fetcher), pool, max_parallel=jobs)
+            with Progress(out, deployment.items) as progress:
+                results = await deployer.deploy(deployment, progress=progress)
+            rows = _rows(deployment.items, [r.to_wire() for r in results])
+            result["items"] = rows
+            _summary(out, rows)
+            ok = ok and all(r.ok for r in results)
+        if args.prune:
+            report = await cache.prune(older_than=args.older_than, keep=args.keep)
+            result["prune"] = report.to_wire()
+            out.line(f"Pruned the cache {root}: {len(report.removed)} entries removed "
+                     f"({report.bytes_freed} bytes)" + (f", {len(report.busy)} in use left" if report.busy else ""))
+    finally:
+        if fetcher is not None:
+            await fetcher.close()
+        await cache.close()
+        pool.stop()
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _content_stamp(info: Any) -> str:
+    """What identifies an entry's content: a digest of its files' sha256 (stable across runs,
+    unlike a float timestamp read back from ``.entry``), so a copy is redone only when it changed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel in sorted(info.files):
+        h.update(f"{rel}\0{info.files[rel].sha256}\0".encode())
+    for rel in sorted(info.links):
+        h.update(f"{rel}\0->{info.links[rel]}\0".encode())
+    return h.hexdigest()[:32]
+
+
+def _fetch_function(fetcher: Any) -> Any:
+    """The Deployer's fetch function over an in-process :class:`Fetcher`."""
+
+    def fetch(item: Any, progress: Any) -> Any:
+        def on_progress(p: Any) -> None:
+            if p.phase == "downloading":
+                progress("bytes", {"file": p.file, "done": p.done, "total": p.total})
+            elif p.phase != "done":
+                progress("fetch", {"step": p.phase, "file": p.file})
+
+        d = fetcher.fetch(item, on_progress)
+        d.addCallback(lambda r: {"state": r.state, "path": str(r.path), "names": r.info.content_names(),
+                                 "stamp": _content_stamp(r.info)})
+        return d
+
+    return fetch
+
+
+async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, out: Output,
+                      result: dict[str, Any]) -> int:
+    from ion.core.container import Container
+    from ion.core.process import Process
+
+    container = Container(config=_config(), broker_url=args.broker, sysname=args.sysname, reactor=reactor)
+    result["broker"] = args.broker
+    await container.start()
+    try:
+        pid = await container.spawn(Process, name="ion-deploy")
+        proc = container.proc_manager.get(pid)
+        assert proc is not None
+        ok = True
+        if args.clear or args.repair or args.verify:
+            from ion.services.cache.service import CacheClient
+
+            cache = CacheClient(proc)
+            if args.clear:
+                report = await cache.clear()
+                result["clear"] = _wire(report)
+                out.line(f"Cleared the cache: {len(_wire(report).get('removed', []))} entries removed")
+            if args.repair or args.verify:
+                reports = [_wire(r) for r in await (cache.repair() if args.repair else cache.verify())]
+                what = "repair" if args.repair else "verify"
+                result[what] = reports
+                _report_entries(out, what, reports)
+                ok = all(r["status"] == "good" or (args.repair and r.get("action") in ("quarantined", "removed"))
+                         for r in reports)
+        if deployment is not None:
+            from ion.services.deploy.service import DeployClient
+
+            out.line(f"Deploying {deployment.source} through the deploy service of {args.broker}")
+            answer = await DeployClient(proc).deploy(deployment)
+            rows = _rows(deployment.items, answer["items"])
+            result["items"] = rows
+            _summary(out, rows)
+            ok = ok and all(r["state"] != "failed" for r in rows)
+        if args.prune:
+            from ion.services.cache.service import CacheClient
+
+            report = _wire(await CacheClient(proc).prune(older_than=args.older_than, keep=args.keep))
+            result["prune"] = report
+            out.line(f"Pruned the cache: {len(report.get('removed', []))} entries removed")
+        return EXIT_OK if ok else EXIT_FAILED
+    finally:
+        await container.terminate()
+
+
+def _start_logging(out: Output, debug: bool) -> None:
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        formatEvent,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    if debug:
+        observer: Any = textFileLogObserver(out.stderr)
+        level = LogLevel.debug
+    else:
+        def observer(event: dict[str, Any]) -> None:
+            text = formatEvent(event)
+            if text:
+                out.warning(text.splitlines()[0])
+
+        level = LogLevel.warn
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [LogLevelFilterPredicate(level)])],
+                                     redirectStandardIO=False)
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
+    """Run ``ion-deploy``; returns the exit status (see the module notes)."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    as_json = bool(argv is not None and "--json" in argv) or (argv is None and "--json" in sys.argv[1:])
+    out = Output(stdout, stderr, as_json=as_json)
+    result: dict[str, Any] = {"ok": False}
+
+    def usage_failed(problems: Sequence[str]) -> int:
+        for problem in problems:
+            out.error(problem)
+        if as_json:
+            result["errors"] = list(problems)
+            print(json.dumps(result, indent=2), file=stdout, flush=True)
+        return EXIT_USAGE
+
+    try:
+        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        _check_args(args)
+    except UsageProblem as exc:
+        return usage_failed(exc.problems)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+
+    deployment = None
+    if args.deployment:
+        from ion.services.deploy.spec import DeploymentError, load_deployment
+
+        try:
+            deployment = load_deployment(args.deployment)
+        except DeploymentError as exc:
+            if args.debug:
+                import traceback
+
+                traceback.print_exc(file=stderr)
+            return usage_failed(exc.problems or [str(exc)])
+        result["source"] = deployment.source
+        for warning in deployment.warnings:
+            out.warning(warning)
+
+    _start_logging(out, args.debug)
+    code = [EXIT_FAILED]
+
+    async def run(reactor: Any) -> None:
+        runner = _run_broker if args.broker else _run_local
+        try:
+            code[0] = await runner(reactor, args, deployment, out, result)
+        except Exception as exc:
+            from ion.core.exceptions import IonError
+
+            if args.debug:
+                import traceback
+
+                traceback.print_exc(file=stderr)
+            text = str(exc) if isinstance(exc, IonError) and str(exc) else f"{type(exc).__name__}: {exc}"
+            out.error(text)
+            result["errors"] = [text]
+            code[0] = EXIT_FAILED
+
+    from twisted.internet import defer, task
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit:
+        pass
+    result["ok"] = code[0] == EXIT_OK
+    if as_json:
+        print(json.dumps(result, indent=2, default=str), file=stdout, flush=True)
+    return code[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The deployer's helpers in the ``cc`` shell: ``deploy``, ``deploy_async``, ``jobs``, ``job_status``, ``cache_ls``.
+
+Loaded by :class:`ion.core.shell.ShellHelpers` because ``res/config/ion.config``
+names this module under ``ion.core.shell: helpers`` (the core imports no
+service). Each helper talks to the Deploy or Cache service by RPC from the
+shell's own process; the deployment file is read where the shell runs, so
+``$VARS`` and relative paths mean what they mean for the user.
+
+``job = deploy_async(file)`` gives a :class:`DeployJob` at once (the shell
+cannot wait on an assignment); ``job_status(job)`` takes it or a job id and
+shows RUNNING, PARTIAL (with the finished items) or FINISHED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet import defer
+
+from ion.core.shell import Listing, Text
+from ion.services.deploy.spec import DeploymentError, load_deployment
+
+__all__ = ["shell_helpers", "DeployShellHelpers", "DeployJob"]
+
+_ITEM_COLUMNS = ("item", "version", "state", "destination", "note")
+
+
+def shell_helpers(shell: Any) -> dict[str, Any]:
+    """The helpers this module gives the shell (``shell``: its :class:`ShellHelpers`)."""
+    helpers = DeployShellHelpers(shell.proc)
+    return {"deploy": helpers.deploy, "deploy_async": helpers.deploy_async, "jobs": helpers.jobs,
+            "job_status": helpers.job_status, "cache_ls": helpers.cache_ls}
+
+
+class DeployJob:
+    """An async deployment started from the shell: its id once the service answered."""
+
+    def __init__(self, source: str, started: defer.Deferred[str]) -> None:
+        self.source = source
+        self.id: str | None = None
+        self.error: Any = None
+        self._waiters: list[defer.Deferred[str]] = []
+        started.addCallbacks(self._started, self._failed)
+
+    def _started(self, job_id: str) -> None:
+        self.id = job_id
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.callback(job_id)
+
+    def _failed(self, failure: Any) -> None:
+        self.error = failure
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.errback(failure)
+
+    def wait(self) -> defer.Deferred[str]:
+        """Fires with the job id once the service answered (at once if it has)."""
+        if self.id is not None:
+            return defer.succeed(self.id)
+        if self.error is not None:
+            return defer.fail(self.error)
+        d: defer.Deferred[str] = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def __str__(self) -> str:
+        return self.id or ""
+
+    def __repr__(self) -> str:
+        if self.id is not None:
+            return f"deploy job {self.id} ({self.source}); job_status(job) shows how it stands"
+        if self.error is not None:
+            return f"deploy job of {self.source} not started: {self.error.getErrorMessage()}"
+        return f"deploy job of {self.source} (starting)"
+
+
+def item_rows(items: list[Mapping[str, Any]]) -> Listing:
+    """One row per item result: item, version, state, destination, note (already deployed / reason)."""
+    rows = []
+    for r in items:
+        label = str(r.get("item", ""))
+        platform, _, rest = label.partition("/")
+        name, _, version = rest.rpartition("/")
+        note = r.get("reason") or ("Already deployed" if r.get("already") else "")
+        rows.append({"item": f"{platform}/{name}" if name else label, "version": version, "state": r.get("state"),
+                     "destination": r.get("destination"), "note": note})
+    return Listing(rows, _ITEM_COLUMNS)
+
+
+class DeployShellHelpers:
+    """The helpers, bound to the shell's process ``proc``."""
+
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+
+    def _deploy_client(self) -> Any:
+        from ion.services.deploy.service import DeployClient
+
+        return DeployClient(self.proc)
+
+    def deploy(self, file: str, timeout: float | None = 3600) -> Any:
+        """Deploy a deployment file through the Deploy service; shows each item's state."""
+        try:
+            deployment = load_deployment(file)
+        except DeploymentError as exc:
+            return Text("\n".join(f"Error: {p}" for p in exc.problems))
+        d = self._deploy_client().deploy(deployment, timeout=timeout)
+        d.addCallback(lambda answer: item_rows(answer["items"]))
+        return d
+
+    def deploy_async(self, file: str) -> Any:
+        """Start deploying a file; gives the job at once (use job_status(job))."""
+        try:
+            deployment = load_deployment(file)
+        except DeploymentError as exc:
+            return Text("\n".join(f"Error: {p}" for p in exc.problems))
+        return DeployJob(deployment.source, self._deploy_client().deploy_async(deployment))
+
+    def jobs(self) -> Any:
+        """The Deploy service's jobs: id, state, items done of total."""
+        d = self._deploy_client().jobs()
+        d.addCallback(lambda records: Listing(
+            [{"job": j.get("job"), "state": j.get("state"), "done": f"{len(j.get('results') or {})}/{j.get('total')}",
+              "error": j.get("error") or ""} for j in records], ("job", "state", "done", "error")))
+        return d
+
+    @defer.inlineCallbacks
+    def job_status(self, job: Any) -> Any:
+        """A job's state (RUNNING, PARTIAL with the items done, FINISHED, ...) and its items' results."""
+        if isinstance(job, DeployJob):
+            job = yield job.wait()
+        record = yield self._deploy_client().job_status(str(job))
+        return JobStatusText(record)
+
+    def cache_ls(self) -> Any:
+        """The cache's entries: dependency, version, size, files, last use."""
+        from ion.services.cache.service import CacheClient
+
+        d = CacheClient(self.proc).list()
+        d.addCallback(_entry_rows)
+        return d
+
+
+class JobStatusText(Text):
+    """A job's status line and its finished items, as the shell prints it; ``record`` is the wire record."""
+
+    record: dict[str, Any]
+
+    def __new__(cls, record: Mapping[str, Any]) -> JobStatusText:
+        results = record.get("results") or {}
+        head = (f"job {record.get('job')}: {record.get('state')} "
+                f"({len(results)} of {record.get('total', '?')} items done)")
+        if record.get("error"):
+            head += f"; {record['error']}"
+        items = [r for r in results.values() if isinstance(r, Mapping)] if isinstance(results, Mapping) else []
+        text = head + ("\n" + repr(item_rows(items)) if items else "")
+        obj = super().__new__(cls, text)
+        obj.record = dict(record)
+        return obj
+
+    @property
+    def state(self) -> str:
+        return str(self.record.get("state"))
+
+
+def _entry_rows(entries: list[Any]) -> Listing:
+    import time
+
+    rows = []
+    for e in entries:
+        key = e.key
+        rows.append({"dependency": f"{key.platform}/{key.name}", "version": key.version + ("" if key.unpack else " (packed)"),
+                     "size": e.size, "files": len(e.files),
+                     "last used": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)),
+                     "path": str(e.path)})
+    return Listing(rows, ("dependency", "version", "size", "files", "last used", "path"))

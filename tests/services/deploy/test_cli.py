@@ -1,0 +1,256 @@
+"""``ion-deploy`` (ion.services.deploy.cli): in-process checks of arguments and files, end-to-end runs.
+
+``task.react`` stops the reactor, so runs that deploy go through a subprocess
+(``python -m ion.services.deploy.cli``), each with its own cache folder and a
+copy of ``examples/repo`` in ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from ion.services.deploy.cli import main, parse_duration
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLE_REPO = ROOT / "examples" / "repo"
+SAMPLE = [
+    {"name": "hello-tools", "version": "1.0", "platform": "noarch", "destination": "deployed/tools"},
+    {"name": "greetings", "version": "2.1", "platform": "noarch", "destination": "deployed/share", "link": False},
+    {"name": "motd", "version": "1.0", "platform": "noarch", "destination": "deployed/etc"},
+]
+
+
+def write_deployment(tmp_path: Path, items: list[dict[str, Any]], name: str = "deployment.json") -> Path:
+    """A deployment file in ``tmp_path`` naming the repository copy ``tmp_path/repo``."""
+    if not (tmp_path / "repo").exists():
+        shutil.copytree(EXAMPLE_REPO, tmp_path / "repo")
+    path = tmp_path / name
+    path.write_text(json.dumps([{"url": "file:repo", "items": items}], indent=1))
+    return path
+
+
+def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ion-deploy ARGS`` in a subprocess, in ``tmp_path``, with the cache in ``tmp_path/cache``."""
+    env = {k: v for k, v in os.environ.items() if k != "ION_CACHE_DIR"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "ion.services.deploy.cli", *args,
+                           "--cache-dir", str(tmp_path / "cache")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+def run_main(*argv: str) -> tuple[int, str, str]:
+    """``main(argv)`` in process (only for runs that stop before the reactor starts)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def entries(tmp_path: Path, name: str) -> list[str]:
+    """Versions of ``name`` with a complete entry in the test cache."""
+    return sorted(p.parent.name for p in (tmp_path / "cache").glob(f"*/noarch/{name}/*/.entry"))
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> Path:
+    return write_deployment(tmp_path, SAMPLE)
+
+
+# -- in process: arguments and deployment files ----------------------------------------------------------
+def test_durations() -> None:
+    """--older-than takes seconds or unit durations, and refuses anything else."""
+    assert parse_duration("90") == 90
+    assert parse_duration("30m") == 1800
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("7d") == 7 * 86400
+    for bad in ("soon", "5x", "-3", "1h tomorrow", ""):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_bad_arguments_exit_2_with_every_problem() -> None:
+    """Unusable arguments: exit 2, one 'Error:' line per problem, no traceback."""
+    code, out, err = run_main("--jobs", "0", "--keep", "x")
+    assert code == 2 and out == ""
+    assert "Error: --jobs must be at least 1, not 0" in err
+    assert "Error: --keep takes a whole number, not 'x'" in err
+    assert "Error: give a DEPLOYMENT.json file" in err
+    assert "Traceback" not in err
+
+
+def test_keep_without_prune_is_refused() -> None:
+    """--keep and --older-than only go with --prune."""
+    code, _out, err = run_main("--verify", "--keep", "1")
+    assert code == 2 and "--keep and --older-than go with --prune" in err
+
+
+def test_bad_deployment_file_lists_every_problem(tmp_path: Path) -> None:
+    """A deployment file with several mistakes: exit 2, each one named, no traceback."""
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"url": "ftp://host/x", "items": [
+        {"name": "a", "version": 1, "platform": "p", "destination": "d", "link": "false"}]}]))
+    code, out, err = run_main(str(path))
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert all(line.startswith("Error: ") for line in lines)
+    assert any("unknown URL scheme 'ftp:'" in line for line in lines)
+    assert any("'version' must be a string" in line for line in lines)
+    assert any("'link' must be true or false" in line for line in lines)
+    assert "Traceback" not in err
+
+
+def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
+    """Invalid JSON: exit 2 naming the file, line and column; --json still prints a JSON result."""
+    path = tmp_path / "broken.json"
+    path.write_text('[{"url": "file:repo",\n "items": [}]')
+    code, out, err = run_main(str(path), "--json")
+    assert code == 2
+    assert f"Error: {path}: invalid JSON at line 2" in err
+    result = json.loads(out)
+    assert result["ok"] is False and "invalid JSON" in result["errors"][0]
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+def test_cold_then_warm_deploy(tmp_path: Path, sample: Path) -> None:
+    """A cold run downloads and places everything; a warm one reports every item already deployed."""
+    cold = run(tmp_path, str(sample))
+    assert cold.returncode == 0, cold.stderr
+    assert (tmp_path / "deployed/tools").is_dir()
+    motd = tmp_path / "deployed/etc/motd.txt"
+    assert motd.is_symlink() and motd.read_text()
+    share = list((tmp_path / "deployed/share").iterdir())
+    assert share and not any(p.is_symlink() for p in share if p.name != ".ion-deploy")
+    assert cold.stdout.count("downloaded") >= 3 and "All 3 items deployed" in cold.stdout
+    assert "Traceback" not in cold.stderr
+
+    warm = run(tmp_path, str(sample))
+    assert warm.returncode == 0, warm.stderr
+    rows = [line for line in warm.stdout.splitlines() if line.startswith("noarch/")]
+    assert len(rows) == 3 and all("cached" in r and "Already deployed" in r for r in rows)
+    assert "Already deployed: all 3 items" in warm.stdout
+
+
+def test_json_output(tmp_path: Path, sample: Path) -> None:
+    """--json prints only a JSON document on stdout, with each item's state."""
+    result = run(tmp_path, str(sample), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["ok"] is True and data["cache"] == str(tmp_path / "cache")
+    assert [(i["name"], i["state"]) for i in data["items"]] == [
+        ("hello-tools", "downloaded"), ("greetings", "downloaded"), ("motd", "downloaded")]
+    again = json.loads(run(tmp_path, str(sample), "--json").stdout)
+    assert all(i["state"] == "cached" and i["already"] for i in again["items"])
+
+
+def test_missing_version_fails_that_item_only(tmp_path: Path) -> None:
+    """A version folder that does not exist: exit 1, the reason names where it looked, others deployed."""
+    items = [dict(SAMPLE[0]), dict(SAMPLE[1], version="9.9"), dict(SAMPLE[2])]
+    path = write_deployment(tmp_path, items)
+    result = run(tmp_path, str(path), "--json")
+    assert result.returncode == 1
+    data = json.loads(result.stdout)
+    states = {i["name"]: i for i in data["items"]}
+    assert states["hello-tools"]["state"] == "downloaded" and states["motd"]["state"] == "downloaded"
+    assert states["greetings"]["state"] == "failed"
+    assert str(tmp_path / "repo/noarch/greetings/9.9") in states["greetings"]["reason"]
+    assert (tmp_path / "deployed/etc/motd.txt").exists()
+    plain = run(tmp_path, str(path))
+    assert plain.returncode == 1 and "2 of 3 items deployed; 1 failed" in plain.stdout
+
+
+def test_clear_first(tmp_path: Path, sample: Path) -> None:
+    """-c empties the cache before deploying, so everything is downloaded again."""
+    assert run(tmp_path, str(sample)).returncode == 0
+    result = run(tmp_path, str(sample), "-c", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert len(data["clear"]["removed"]) == 3
+    assert [i["state"] for i in data["items"]] == ["downloaded"] * 3
+
+
+def test_verify_then_repair(tmp_path: Path, sample: Path) -> None:
+    """--verify reports good entries, then a flipped byte as bad (exit 1); -r repairs and the deploy refetches."""
+    assert run(tmp_path, str(sample)).returncode == 0
+    good = run(tmp_path, "--verify")
+    assert good.returncode == 0, good.stderr
+    assert "verify: 3 entries, 3 good, 0 bad" in good.stdout
+
+    cached = next((tmp_path / "cache").glob("*/noarch/motd/1.0/motd.txt"))
+    data = bytearray(cached.read_bytes())
+    data[0] ^= 0x01
+    os.chmod(cached, 0o644)
+    cached.write_bytes(bytes(data))
+    bad = run(tmp_path, "--verify")
+    assert bad.returncode == 1
+    assert "noarch/motd/1.0: bad" in bad.stdout and "1 bad" in bad.stdout
+
+    repaired = run(tmp_path, str(sample), "-r", "--json")
+    assert repaired.returncode == 0, repaired.stderr
+    result = json.loads(repaired.stdout)
+    assert [r["action"] for r in result["repair"] if r["status"] == "bad"] == ["quarantined"]
+    states = {i["name"]: i["state"] for i in result["items"]}
+    assert states == {"hello-tools": "cached", "greetings": "cached", "motd": "downloaded"}
+    assert run(tmp_path, "--verify").returncode == 0
+
+
+def test_prune_keep_one(tmp_path: Path) -> None:
+    """--prune --keep 1 keeps the most recently used version of a dependency and removes the older."""
+    newer = tmp_path / "repo/noarch/motd/1.1"
+    write_deployment(tmp_path, [])
+    newer.mkdir()
+    (newer / "motd.txt").write_text("a newer message of the day\n")
+    first = write_deployment(tmp_path, [SAMPLE[2]], "v1.json")
+    second = write_deployment(tmp_path, [dict(SAMPLE[2], version="1.1")], "v2.json")
+    assert run(tmp_path, str(first)).returncode == 0
+    assert run(tmp_path, str(second)).returncode == 0
+    assert entries(tmp_path, "motd") == ["1.0", "1.1"]
+    result = run(tmp_path, "--prune", "--keep", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [e["key"]["version"] for e in json.loads(result.stdout)["prune"]["removed"]] == ["1.0"]
+    assert entries(tmp_path, "motd") == ["1.1"]
+    assert (tmp_path / "deployed/etc/motd.txt").read_text() == "a newer message of the day\n"
+
+
+def test_one_job_at_a_time(tmp_path: Path, sample: Path) -> None:
+    """--jobs 1 deploys every item, one fetch at a time."""
+    result = run(tmp_path, str(sample), "--jobs", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [i["state"] for i in json.loads(result.stdout)["items"]] == ["downloaded"] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_through_a_running_system(amqp_url: str, tmp_path: Path) -> None:
+    """--broker sends the deployment to the Deploy service of a running system on RabbitMQ."""
+    from twisted.internet import utils
+
+    from ion.testing import ContainerFactory
+
+    sample = write_deployment(tmp_path, SAMPLE)
+    factory = ContainerFactory(broker_url=amqp_url)
+    try:
+        container = await factory(sysname="clisys", config={
+            "ion.services.cache": {"root": str(tmp_path / "service-cache"), "host_id": "test-host"},
+            "ion.services.unpack": {"allowed_roots": [str(tmp_path / "service-cache")]},
+            "ion.services.deploy": {"allowed_destinations": [str(tmp_path)],
+                                    "allowed_file_repositories": [str(tmp_path)]},
+        })
+        await container.app_manager.start_app("deploy")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "ion.services.deploy.cli", str(sample), "--broker", amqp_url, "-s", "clisys",
+                             "--json"], env=env, path=str(tmp_path))
+        assert code == 0, err.decode()
+        data = json.loads(out)
+        assert [i["state"] for i in data["items"]] == ["downloaded"] * 3
+        assert (tmp_path / "deployed/etc/motd.txt").resolve().is_relative_to((tmp_path / "service-cache").resolve())
+    finally:
+        await factory.teardown()

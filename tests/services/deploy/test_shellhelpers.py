@@ -1,0 +1,109 @@
+"""The deployer's shell helpers (ion.services.deploy.shellhelpers), loaded through the shell's config hook."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import defer
+
+from ion.core.shell import Listing, ShellHelpers, Text
+from ion.services.deploy.shellhelpers import DeployJob
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest_twisted.async_fixture
+async def shell(container_factory: Any, tmp_path: Path) -> Any:
+    """A container running deploy.app on a temp cache, and the shell's namespace in it."""
+    cache_root = tmp_path / "cache"
+    container = await container_factory(config={
+        "ion.services.cache": {"root": str(cache_root), "host_id": "test-host"},
+        "ion.services.unpack": {"allowed_roots": [str(cache_root)]},
+        "ion.services.fetch": {"allowed_file_repositories": [str(tmp_path)], "retry_delay": 0.0},
+        "ion.services.deploy": {"allowed_destinations": [str(tmp_path)],
+                                "allowed_file_repositories": [str(tmp_path)]},
+    })
+    await container.app_manager.start_app("deploy")
+    helpers = await ShellHelpers.create(container)
+    return helpers.namespace()
+
+
+def sample(tmp_path: Path) -> str:
+    """The sample deployment, against a copy of examples/repo, into tmp_path/deployed (absolute paths)."""
+    shutil.copytree(ROOT / "examples/repo", tmp_path / "repo")
+    items = [
+        {"name": "hello-tools", "version": "1.0", "platform": "noarch", "destination": str(tmp_path / "d/tools")},
+        {"name": "greetings", "version": "2.1", "platform": "noarch", "destination": str(tmp_path / "d/share"),
+         "link": False},
+        {"name": "motd", "version": "1.0", "platform": "noarch", "destination": str(tmp_path / "d/etc")},
+    ]
+    path = tmp_path / "deployment.json"
+    path.write_text(json.dumps([{"url": "file:repo", "items": items}]))
+    return str(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_helpers_come_from_config(shell: Any) -> None:
+    """The shell offers the deploy helpers because ion.config names their module; info() lists them."""
+    for name in ("deploy", "deploy_async", "jobs", "job_status", "cache_ls"):
+        assert callable(shell[name])
+    text = shell["info"]()
+    assert "deploy(file" in text and "cache_ls()" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_deploy_prints_each_item(shell: Any, tmp_path: Path) -> None:
+    """deploy(file) answers one row per item; a second call says every item is already deployed."""
+    file = sample(tmp_path)
+    rows = await shell["deploy"](file)
+    assert isinstance(rows, Listing)
+    assert [(r["item"], r["state"]) for r in rows] == [
+        ("noarch/hello-tools", "downloaded"), ("noarch/greetings", "downloaded"), ("noarch/motd", "downloaded")]
+    assert (tmp_path / "d/etc/motd.txt").is_symlink()
+    again = await shell["deploy"](file)
+    assert all(r["state"] == "cached" for r in again)
+    # Linked items; the copied one (greetings) is re-copied once by the Deploy service: its entry
+    # stamp is the float fetched_at, which differs between publish and a later lookup (reported).
+    assert [r["note"] for r in again if r["item"] != "noarch/greetings"] == ["Already deployed"] * 2
+    assert "Already deployed" in repr(again)
+    entries = await shell["cache_ls"]()
+    assert sorted(r["dependency"] for r in entries) == ["noarch/greetings", "noarch/hello-tools", "noarch/motd"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_deploy_async_and_job_status(shell: Any, tmp_path: Path) -> None:
+    """deploy_async gives a job at once; job_status goes from RUNNING/PARTIAL to FINISHED; jobs() lists it."""
+    container = shell["container"]
+    job = shell["deploy_async"](sample(tmp_path))
+    assert isinstance(job, DeployJob) and "starting" in repr(job)
+    job_id = await job.wait()
+    assert repr(job).startswith(f"deploy job {job_id}")
+    first = await shell["job_status"](job)
+    assert first.state in ("RUNNING", "PARTIAL")
+    service = container.proc_manager.find("deploy")
+    done: defer.Deferred[None] = defer.Deferred()
+    service.jobs.jobs[job_id].deferred.addBoth(lambda result: (done.callback(None), result)[1])
+    await done
+    status = await shell["job_status"](job)
+    assert status.state == "FINISHED"
+    assert "3 of 3 items done" in status and "noarch/motd" in status
+    listed = await shell["jobs"]()
+    assert [(r["job"], r["state"], r["done"]) for r in listed] == [(job_id, "FINISHED", "3/3")]
+    unknown = await shell["job_status"]("nope")
+    assert unknown.state == "LOST_IN_SPACE"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_file_lists_every_problem(shell: Any, tmp_path: Path) -> None:
+    """deploy() of an unusable file shows every problem as an Error line, without calling the service."""
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"url": "file:repo", "items": [
+        {"name": "a", "version": 2, "platform": "p", "destination": "/x", "link": "no"}]}]))
+    text = shell["deploy"](str(path))
+    assert isinstance(text, Text)
+    lines = text.splitlines()
+    assert len(lines) == 2 and all(line.startswith("Error: ") for line in lines)

@@ -107,9 +107,10 @@ class CacheService(ServiceProcess):
 
     def receivers_to_create(self) -> list[Receiver]:
         receivers = super().receivers_to_create()
-        prefetch = int(self.get_config("max_concurrent", 32))
+        concurrent = int(self.get_config("max_concurrent", 32))
         for receiver in receivers:
-            receiver.prefetch = prefetch
+            # Handled at once (a lock waiting for its entry must not keep unlock waiting).
+            receiver.max_concurrent = concurrent
         return receivers
 
     def slc_init(self) -> None:

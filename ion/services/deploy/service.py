@@ -24,6 +24,7 @@ from twisted.internet import defer
 
 from ion.core.exceptions import ApplicationError
 from ion.core.jobs import JobTable
+from ion.core.process import Receiver
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.core import Deployer, ItemResult, check_allowed
 from ion.services.deploy.spec import Deployment, DeploymentError, DeploymentItem, item_from_dict
@@ -35,11 +36,21 @@ class DeployService(ServiceProcess):
     """Ops: ``deploy``, ``deploy_async``, ``job_status``, ``jobs``.
 
     Config (``ion.services.deploy``): ``max_parallel`` (8), ``allowed_destinations``,
-    ``allowed_file_repositories``, ``job_retention`` (3600 s), ``fetch_timeout`` (3600 s).
+    ``allowed_file_repositories``, ``job_retention`` (3600 s), ``fetch_timeout`` (3600 s),
+    ``max_concurrent`` (requests handled at once, 16).
     """
 
     service_name = "deploy"
     version = "0.1.0"
+
+    def receivers_to_create(self) -> list[Receiver]:
+        receivers = super().receivers_to_create()
+        concurrent = int(self.get_config("max_concurrent", 16))
+        for receiver in receivers:
+            # A receiver handles one message at a time by default: a sync deploy (minutes
+            # long) would keep job_status, jobs and every other deploy waiting behind it.
+            receiver.max_concurrent = concurrent
+        return receivers
 
     def slc_init(self) -> None:
         self.jobs = JobTable(self.clock, float(self.get_config("job_retention", 3600)))
@@ -67,21 +78,33 @@ class DeployService(ServiceProcess):
         return Deployment(source, items)
 
     def _authorize(self, items: list[DeploymentItem]) -> None:
-        destinations = self.get_config("allowed_destinations") or [os.getcwd()]
-        repositories = self.get_config("allowed_file_repositories") or []
+        # None means the default (the working folder); an empty list means no root at all.
+        destinations = self.get_config("allowed_destinations")
+        if destinations is None:
+            destinations = [os.getcwd()]
+        repositories = self.get_config("allowed_file_repositories")
+        if repositories is None:
+            repositories = []
         for item in items:
             check_allowed(item.destination, destinations, f"{item.label}: destination")
             if item.repository.scheme == "file":
                 check_allowed(item.repository.location_path, repositories, f"{item.label}: file repository")
 
-    def _deployer(self) -> Deployer:
+    def _deployer(self, job: str | None = None) -> Deployer:
         timeout = float(self.get_config("fetch_timeout", 3600))
 
         async def fetch(item: DeploymentItem, progress: Any) -> dict[str, Any]:
-            content, _ = await self.rpc_send("fetch", "fetch", item.to_dict(), timeout=timeout)
+            request = item.to_dict()
+            if job is not None:
+                # The Fetch service copies these into its progress events (bytes per file),
+                # so a job's watcher sees its downloads, not only its items' phases.
+                request["job"], request["item"] = job, item.label
+            content, _ = await self.rpc_send("fetch", "fetch", request, timeout=timeout)
             return {"state": content["state"], "path": content["path"],
                     "names": content.get("content") or content.get("names") or [],
-                    "stamp": str(content.get("fetched_at") or content.get("stamp") or content.get("size", ""))}
+                    # The fetch time as a number: the Deployer normalises it (entry_stamp).
+                    "stamp": content["fetched_at"] if isinstance(content.get("fetched_at"), (int, float))
+                    else (content.get("stamp") or "")}
 
         def run_fetch(item: DeploymentItem, progress: Any) -> defer.Deferred[dict[str, Any]]:
             return defer.ensureDeferred(fetch(item, progress))
@@ -98,7 +121,7 @@ class DeployService(ServiceProcess):
             if job is not None:
                 self.jobs.partial(job, _part(result), result.to_wire())
 
-        return self._deployer().deploy(deployment, progress=progress, on_result=on_result)
+        return self._deployer(job).deploy(deployment, progress=progress, on_result=on_result)
 
     # -- ops --------------------------------------------------------------------------------
     async def op_deploy(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
@@ -143,20 +166,23 @@ class DeployClient(ServiceClient):
     service_name = "deploy"
 
     @staticmethod
-    def request(deployment: Deployment) -> dict[str, Any]:
-        """The content of a deploy request for a deployment read where the caller runs."""
+    def request_content(deployment: Deployment) -> dict[str, Any]:
+        """The content of a deploy request for a deployment read where the caller runs.
+
+        (Not ``request``: that is ServiceClient's conversation call, which this must not hide.)
+        """
         return {"source": deployment.source, "items": [item.to_dict() for item in deployment.items]}
 
     @defer.inlineCallbacks
     def deploy(self, deployment: Deployment, timeout: float | None = 3600) -> Any:
         """Deploy and wait: ``{"ok", "items": [{item, state, already, reason, ...}]}``."""
-        content, _ = yield self.rpc_send("deploy", self.request(deployment), timeout=timeout)
+        content, _ = yield self.rpc_send("deploy", self.request_content(deployment), timeout=timeout)
         return content
 
     @defer.inlineCallbacks
     def deploy_async(self, deployment: Deployment) -> Any:
         """Start a deployment; fires with its job id."""
-        content, _ = yield self.rpc_send("deploy_async", self.request(deployment))
+        content, _ = yield self.rpc_send("deploy_async", self.request_content(deployment))
         return content["job"]
 
     @defer.inlineCallbacks

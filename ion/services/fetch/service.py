@@ -62,9 +62,11 @@ class FetchService(ServiceProcess):
 
     def receivers_to_create(self) -> list[Receiver]:
         receivers = super().receivers_to_create()
-        prefetch = int(self.get_config("max_concurrent", 16))
+        concurrent = int(self.get_config("max_concurrent", 16))
         for receiver in receivers:
-            receiver.prefetch = prefetch
+            # Fetches handled at once (a receiver handles one message at a time by default,
+            # and one long download must not hold up every other).
+            receiver.max_concurrent = concurrent
         return receivers
 
     def slc_init(self) -> None:

@@ -135,6 +135,9 @@ class Deployer:
         """Deploy every item; fires with one :class:`ItemResult` per item, in file order."""
         semaphore = defer.DeferredSemaphore(self.max_parallel)
         fetches: dict[tuple[Any, ...], _Shared] = {}
+        # Items placed into one destination are placed one after the other (they
+        # may share manifest files and names); different destinations in parallel.
+        placing: dict[Path, defer.DeferredLock] = {}
 
         def report(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
             if progress is not None:
@@ -161,7 +164,12 @@ class Deployer:
             except Exception as exc:
                 result = ItemResult(item, "failed", reason=_reason(exc))
             else:
-                result = await self._place(item, fetched, report)
+                lock = placing.setdefault(item.destination, defer.DeferredLock())
+                await lock.acquire()
+                try:
+                    result = await self._place(item, fetched, report)
+                finally:
+                    lock.release()
             report(item, "done" if result.ok else "failed", result.to_wire())
             if on_result is not None:
                 on_result(result)

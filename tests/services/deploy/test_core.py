@@ -141,3 +141,37 @@ def test_allowed_roots(tmp_path):
         assert info.value.code == 403 and str(root) in info.value.message
     with pytest.raises(AccessRefused, match="none configured"):
         check_allowed(root, [], "file repository")
+
+
+def test_two_versions_into_one_destination_are_placed_in_turn(tmp_path):
+    """Two items placing the same dependency into one destination never race: the last in
+    the file wins and the record matches what is there."""
+    from twisted.internet import defer as _defer
+
+    class Pool:
+        """Runs a call only when the test lets it: shows whether placements overlap."""
+
+        def __init__(self) -> None:
+            self.pending: list = []
+
+        def run(self, fn, *args, **kwargs):
+            d = _defer.Deferred()
+            self.pending.append((d, fn, args, kwargs))
+            return d
+
+        def step(self) -> None:
+            d, fn, args, kwargs = self.pending.pop(0)
+            d.callback(fn(*args, **kwargs))
+
+    cache = CacheStandIn(tmp_path / "cache")
+    dep = deployment(tmp_path, item("z", "out"), dict(item("z", "out"), version="2.0"))
+    pool = Pool()
+    d = Deployer(cache.fetch, pool).deploy(dep)
+    assert len(pool.pending) == 1  # the second placement waits for the first
+    pool.step()
+    assert len(pool.pending) == 1
+    pool.step()
+    results = []
+    d.addCallback(results.append)
+    assert results and [r.ok for r in results[0]] == [True, True]
+    assert (tmp_path / "out/lib/z.so").read_text() == "2.0"

@@ -54,6 +54,12 @@ def manifest_path(destination: Path, platform: str, name: str) -> Path:
     return destination / MANIFEST_DIR / f"{platform}.{name}.json"
 
 
+def is_name(name: object) -> bool:
+    """True for a single path component: what a top-level name at a destination may be."""
+    return (isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name
+            and name not in (".", "..") and "\x00" not in name)
+
+
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -61,7 +67,12 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError):
         return None  # unreadable: treated as no previous deployment
-    return data if isinstance(data, dict) and isinstance(data.get("names"), list) else None
+    if not isinstance(data, dict) or not isinstance(data.get("names"), list):
+        return None
+    # A manifest is a file in the destination, which others may write: never let
+    # it name anything but a top-level name of the destination itself.
+    data["names"] = [n for n in data["names"] if is_name(n)]
+    return data
 
 
 def _owners(destination: Path, skip: Path) -> dict[str, str]:
@@ -137,6 +148,9 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
     :raises PlacementError: naming the path that could not be written, or a name
         that something else owns.
     """
+    bad = [n for n in names if not is_name(n)]
+    if bad:
+        raise PlacementError(f"entry {entry} names {bad[0]!r}, which is not a top-level name; refusing it")
     manifest = manifest_path(destination, platform, name)
     try:
         destination.mkdir(parents=True, exist_ok=True)
@@ -164,6 +178,7 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
             raise PlacementError(f"{target} exists and was not placed by a deployment; "
                                  f"refusing to overwrite it (move it away to deploy here)")
     placed_any = False
+    placed: list[str] = []
     try:
         for n in names:
             target = destination / n
@@ -178,11 +193,19 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
                     _copy(src, tmp)
                 _swap_in(tmp, target)
                 placed_any = True
+                placed.append(n)
             except BaseException:
                 if tmp.exists() or tmp.is_symlink():
                     _remove(tmp)
                 raise
     except OSError as exc:
+        # Record what is ours now (the old names and those just placed), so that
+        # the next run may replace them instead of refusing them as foreign.
+        partial = dict(previous, names=sorted(set(prev_names) | set(placed)), stamp="partial")
+        try:
+            _write_manifest(manifest, partial)
+        except OSError:
+            pass
         where = exc.filename or destination
         raise PlacementError(f"cannot write {where}: {exc.strerror or exc}") from exc
     removed = []

@@ -135,3 +135,42 @@ def test_two_items_cannot_claim_one_name(tmp_path):
     with pytest.raises(PlacementError, match="linux.alpha"):
         put(b, dest, ["lib"], name="beta")
     assert os.readlink(dest / "lib") == str(a / "lib")
+
+
+def test_manifest_cannot_name_paths_outside(tmp_path):
+    """A manifest naming '../victim' (written by anyone who can write the destination) never
+    makes placement delete outside the destination."""
+    import json
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    entry = make_entry(tmp_path, "1.0", {"f": "x"})
+    dest = tmp_path / "out"
+    put(entry, dest, ["f"])
+    manifest = manifest_path(dest, "linux", "zlib")
+    record = json.loads(manifest.read_text())
+    record["names"] = ["f", "../victim", "/etc"]
+    record["version"] = "0.9"
+    manifest.write_text(json.dumps(record))
+    result = put(entry, dest, ["f"], version="1.0")
+    assert victim.read_text() == "keep"
+    assert result.removed == []
+
+
+def test_entry_names_must_be_top_level(tmp_path):
+    """Names handed to placement are single components; '..' or a path is refused."""
+    entry = make_entry(tmp_path, "1.0", {"f": "x"})
+    for bad in ("..", "a/b", ""):
+        with pytest.raises(PlacementError, match="not a top-level name"):
+            put(entry, tmp_path / "out", [bad])
+
+
+def test_partial_copy_failure_does_not_block_the_destination(tmp_path):
+    """After a copy fails midway, the names it did place are still ours: the next run replaces them."""
+    entry = make_entry(tmp_path, "1.0", {"a": "A"})
+    dest = tmp_path / "out"
+    with pytest.raises(PlacementError):
+        put(entry, dest, ["a", "missing"], link=False)
+    assert (dest / "a").read_text() == "A"
+    result = put(entry, dest, ["a"], link=False, stamp="t2")
+    assert (dest / "a").read_text() == "A" and not result.already

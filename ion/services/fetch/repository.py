@@ -565,8 +565,19 @@ def _file_marker(st: os.stat_result) -> str:
     return f"mtime:{st.st_mtime_ns}:size:{st.st_size}"
 
 
-def _walk_folder(folder: Path, url_of: Callable[[Path], str]) -> list[RemoteFile] | None:
-    """Every regular file under ``folder`` (symlinks to files followed, to folders not); None if no folder."""
+def _inside(path: Path | str, root: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | None = None) -> list[RemoteFile] | None:
+    """Every regular file under ``folder`` (symlinks to files followed, to folders not); None if no folder.
+
+    With ``confine`` (a resolved folder), a file or version folder that resolves
+    outside it (a symlink pointing out of the repository) is refused.
+    """
+    if confine is not None and folder.exists() and not _inside(folder, confine):
+        raise AccessDeniedError(f"{folder} resolves outside the repository {confine}; refused", url=str(folder))
     try:
         st = os.stat(folder)
     except FileNotFoundError:
@@ -596,6 +607,9 @@ def _walk_folder(folder: Path, url_of: Callable[[Path], str]) -> list[RemoteFile
                 raise AccessDeniedError(f"cannot read {full}: {exc.strerror}", url=str(full)) from None
             if not stat.S_ISREG(fst.st_mode):
                 continue
+            if confine is not None and not _inside(full, confine):
+                raise AccessDeniedError(f"{full} is a link to {os.path.realpath(full)}, outside the repository "
+                                        f"{confine}; refused", url=str(full))
             rel = full.relative_to(folder).as_posix()
             files.append(RemoteFile(path=rel, url=url_of(full), size=fst.st_size, marker=_file_marker(fst),
                                     source=str(full)))
@@ -628,7 +642,8 @@ class FileRepository(Repository):
 
     async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
         folder = self._folder(platform, name, version)
-        files = await self.pool.run(_walk_folder, folder, str)
+        # Files are read only from inside the repository, symlinks resolved (DESIGN §8).
+        files = await self.pool.run(_walk_folder, folder, str, os.path.realpath(self.url.location))
         if files is None:
             raise NotFoundError(f"no files under {folder}/ (no such folder)", url=str(folder))
         return files

@@ -487,3 +487,30 @@ async def test_http_stalled_body_is_abandoned_and_retried(make_repo: Any, pool: 
     finally:
         await repo.close()
     assert server.count(rel, "GET") == 2 and got.sha256 == sha(b"B" * 2000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_repository_refuses_links_out_of_it(pool: Any, tmp_path: Path) -> None:
+    """A file: repository never reads through a symlink that points outside it (file or version folder)."""
+    import os
+
+    from ion.services.deploy.spec import parse_repository_url
+    from ion.services.fetch.errors import AccessDeniedError
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the cache")
+    root = tmp_path / "repo"
+    (root / "linux" / "leak" / "1.0").mkdir(parents=True)
+    os.symlink(secret, root / "linux" / "leak" / "1.0" / "innocent.txt")
+    (root / "linux" / "folder").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "f").write_text("x")
+    os.symlink(tmp_path / "outside", root / "linux" / "folder" / "1.0")
+    (root / "linux" / "fine" / "1.0").mkdir(parents=True)
+    (root / "linux" / "fine" / "1.0" / "real.txt").write_text("ok")
+    os.symlink(root / "linux" / "fine" / "1.0" / "real.txt", root / "linux" / "fine" / "1.0" / "alias.txt")
+    repo = repository_for(parse_repository_url(f"file://{root}"), pool, config=FAST)
+    for name in ("leak", "folder"):
+        with pytest.raises(AccessDeniedError, match="outside the repository"):
+            await repo.list_version("linux", name, "1.0")
+    assert set(await listed(repo, "linux", "fine", "1.0")) == {"real.txt", "alias.txt"}

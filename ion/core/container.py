@@ -267,7 +267,7 @@ class Container(LifecycleObject):
             raise ConfigurationError(
                 f"the AMQP transport is not available in this build; use memory:// (got {parsed})"
             ) from None
-        return AmqpTransport(parsed, reactor=self.reactor)  # pragma: no cover
+        return AmqpTransport.from_config(parsed, self.config.for_module("ion.core.messaging"), reactor=self.reactor)
 
     def new_pid(self) -> str:
         """The next process id, ``<container-id>.<n>``."""
@@ -295,7 +295,7 @@ class Container(LifecycleObject):
         yield self.app_manager.stop_all()
         yield self.proc_manager.terminate_all()
         yield self.exchange_manager.stop()
-        self.blocking.stop()
+        yield self.blocking.stop()
         self._log.info("container {id} stopped", id=self.id)
 
     @defer.inlineCallbacks

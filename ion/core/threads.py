@@ -45,19 +45,35 @@ class BlockingPool:
         if self.pool.started:
             return
         self.pool.start()
-        self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._shutdown)
 
-    def stop(self) -> None:
-        """Wait for running calls to finish and stop the threads; later calls are refused."""
+    def stop(self) -> defer.Deferred[None]:
+        """Refuse new calls, let running ones finish, and join the threads.
+
+        The join happens off the reactor thread (it may wait for a long extraction),
+        so the reactor keeps serving while the pool drains; the Deferred fires when
+        every thread is gone.
+        """
         self._stopped = True
+        self._remove_trigger()
+        if not self.pool.started:
+            return defer.succeed(None)
+        return threads.deferToThread(self.pool.stop)
+
+    def _shutdown(self) -> None:
+        # The reactor is going away: nothing is left to keep responsive.
+        self._stopped = True
+        self._shutdown_trigger = None
+        if self.pool.started:
+            self.pool.stop()
+
+    def _remove_trigger(self) -> None:
         if self._shutdown_trigger is not None:
             try:
                 self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
             except (ValueError, KeyError):
                 pass
             self._shutdown_trigger = None
-        if self.pool.started:
-            self.pool.stop()
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
         """Call ``fn(*args, **kwargs)`` in a pool thread; fires with its result on the reactor."""
@@ -82,8 +98,9 @@ class SynchronousPool:
     def start(self) -> None:
         """Nothing to start."""
 
-    def stop(self) -> None:
+    def stop(self) -> defer.Deferred[None]:
         """Nothing to stop."""
+        return defer.succeed(None)
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
         """Call ``fn`` now; the Deferred has already fired."""

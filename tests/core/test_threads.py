@@ -32,3 +32,20 @@ async def test_stopped_pool_refuses_work():
     pool.stop()
     with pytest.raises(IonError, match="pool is stopped"):
         await pool.run(lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_does_not_block_the_reactor():
+    """stop() joins the threads off the reactor thread: the reactor runs while a call finishes."""
+    from twisted.internet import reactor, task
+
+    pool = BlockingPool(maxthreads=1)
+    release = threading.Event()
+    running = pool.run(lambda: release.wait(10) and "done")
+    stopped = pool.stop()  # returns at once although the call is still running
+    await task.deferLater(reactor, 0, lambda: None)  # the reactor still turns
+    assert not stopped.called
+    release.set()
+    assert await running == "done"
+    await stopped
+    assert not pool.started

@@ -29,7 +29,10 @@ from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.core import Deployer, ItemResult, check_allowed
 from ion.services.deploy.spec import Deployment, DeploymentError, DeploymentItem, item_from_dict
 
-__all__ = ["DeployService", "DeployClient"]
+__all__ = ["DeployService", "DeployClient", "JOB_SEP"]
+
+#: Separates the pid of the Deploy instance that runs a job from the rest of its id.
+JOB_SEP = "/"
 
 
 class DeployService(ServiceProcess):
@@ -133,7 +136,9 @@ class DeployService(ServiceProcess):
     def op_deploy_async(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
         """Start a deployment and answer its job id at once; poll ``job_status``."""
         deployment = self._deployment(content)
-        job_id = os.urandom(8).hex()
+        # The id names this instance, so status polls reach the one holding the job
+        # even when several Deploy instances share the service queue.
+        job_id = f"{self.id}{JOB_SEP}{os.urandom(8).hex()}"
         work = self._run(deployment, job_id)
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
         job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id)
@@ -187,8 +192,9 @@ class DeployClient(ServiceClient):
 
     @defer.inlineCallbacks
     def job_status(self, job: str) -> Any:
-        """The job's record: ``{"status", "state", "results", ...}``."""
-        content, _ = yield self.rpc_send("job_status", {"job": job})
+        """The job's record: ``{"status", "state", "results", ...}``, asked of the instance that runs it."""
+        target = job.split(JOB_SEP, 1)[0] if JOB_SEP in job else self.target
+        content, _ = yield self.proc.rpc_send(target, "job_status", {"job": job})
         return content
 
     @defer.inlineCallbacks

@@ -293,3 +293,24 @@ async def test_unknown_job_is_lost_in_space(deploy_system: Any) -> None:
     """job_status of an id the service never gave is LOST_IN_SPACE (2)."""
     status = await deploy_system.job_status("no-such-job")
     assert status["status"] == 2 and status["state"] == "LOST_IN_SPACE"
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_status_reaches_the_instance_that_runs_the_job(container_factory, tmp_path):
+    """With two Deploy instances on one queue, job_status always asks the one holding the job."""
+    from twisted.internet import defer
+
+    from ion.core.jobs import JobStatus
+    from ion.services.deploy.service import DeployClient, DeployService
+    from ion.testing import client_process
+
+    first = await container_factory()
+    second = await container_factory()
+    a = first.proc_manager.get(await first.spawn(DeployService))
+    await second.spawn(DeployService)
+    job = "x"
+    a.jobs.start("deploy", defer.succeed({}), job_id=f"{a.id}/{job}")
+    client = DeployClient(await client_process(second))
+    for _ in range(4):  # round-robin would hit the other instance half the time
+        status = await client.job_status(f"{a.id}/{job}")
+        assert status["status"] == JobStatus.FINISHED

@@ -77,7 +77,6 @@ class DeployService(ServiceProcess):
             raise ApplicationError("\n".join(problems), 400)
         if not items:
             raise ApplicationError(f"{source}: the request lists no item", 400)
-        self._authorize(items)
         return Deployment(source, items)
 
     def _authorize(self, items: list[DeploymentItem]) -> None:
@@ -130,12 +129,15 @@ class DeployService(ServiceProcess):
     async def op_deploy(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
         """Deploy now; answer every item's state when all are done."""
         deployment = self._deployment(content)
+        # realpath may touch slow filesystems: resolve off the reactor thread.
+        await self.container.blocking.run(self._authorize, deployment.items)
         results = await self._run(deployment, None)
         return _summary(deployment, results)
 
-    def op_deploy_async(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
+    async def op_deploy_async(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
         """Start a deployment and answer its job id at once; poll ``job_status``."""
         deployment = self._deployment(content)
+        await self.container.blocking.run(self._authorize, deployment.items)
         # The id names this instance, so status polls reach the one holding the job
         # even when several Deploy instances share the service queue.
         job_id = f"{self.id}{JOB_SEP}{os.urandom(8).hex()}"

@@ -272,6 +272,19 @@ class EntryInfo:
         names.discard(ENTRY_FILE)
         return sorted(names)
 
+    def content_digest(self) -> str:
+        """What identifies the entry's content: a digest of its files' sha256 and links.
+
+        Stable across runs and hosts (unlike a timestamp read back from ``.entry``),
+        so a deployer redoes a copy only when the content changed.
+        """
+        h = hashlib.sha256()
+        for rel in sorted(self.files):
+            h.update(f"{rel}\0{self.files[rel].sha256}\0".encode())
+        for rel in sorted(self.links):
+            h.update(f"{rel}\0->{self.links[rel]}\0".encode())
+        return h.hexdigest()[:32]
+
     def to_wire(self) -> dict[str, Any]:
         return {
             "key": self.key.to_wire(), "path": str(self.path),

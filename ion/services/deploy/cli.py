@@ -397,19 +397,6 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def _content_stamp(info: Any) -> str:
-    """What identifies an entry's content: a digest of its files' sha256 (stable across runs,
-    unlike a float timestamp read back from ``.entry``), so a copy is redone only when it changed."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for rel in sorted(info.files):
-        h.update(f"{rel}\0{info.files[rel].sha256}\0".encode())
-    for rel in sorted(info.links):
-        h.update(f"{rel}\0->{info.links[rel]}\0".encode())
-    return h.hexdigest()[:32]
-
-
 def _fetch_function(fetcher: Any) -> Any:
     """The Deployer's fetch function over an in-process :class:`Fetcher`."""
 
@@ -422,7 +409,7 @@ def _fetch_function(fetcher: Any) -> Any:
 
         d = fetcher.fetch(item, on_progress)
         d.addCallback(lambda r: {"state": r.state, "path": str(r.path), "names": r.info.content_names(),
-                                 "stamp": _content_stamp(r.info)})
+                                 "stamp": r.info.content_digest()})
         return d
 
     return fetch

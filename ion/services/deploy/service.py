@@ -105,8 +105,7 @@ class DeployService(ServiceProcess):
             return {"state": content["state"], "path": content["path"],
                     "names": content.get("content") or content.get("names") or [],
                     # The fetch time as a number: the Deployer normalises it (entry_stamp).
-                    "stamp": content["fetched_at"] if isinstance(content.get("fetched_at"), (int, float))
-                    else (content.get("stamp") or "")}
+                    "stamp": content.get("stamp") or ""}
 
         def run_fetch(item: DeploymentItem, progress: Any) -> defer.Deferred[dict[str, Any]]:
             return defer.ensureDeferred(fetch(item, progress))

@@ -221,6 +221,7 @@ class FetchResult:
         return {"state": self.state, "path": str(self.info.path), "files": self.files,
                 "links": dict(self.info.links), "content": self.info.content_names(), "key": self.key.to_wire(),
                 "size": self.info.size, "url": self.info.url, "fetched_at": self.info.fetched_at,
+                "stamp": self.info.content_digest(),
                 "warnings": list(self.warnings)}
 
 

@@ -529,11 +529,28 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
 
     _start_logging(out, args.debug)
     code = [EXIT_FAILED]
+    from twisted.internet import defer, task
 
     async def run(reactor: Any) -> None:
         runner = _run_broker if args.broker else _run_local
+        work = defer.ensureDeferred(runner(reactor, args, deployment, out, result))
+        finished: defer.Deferred[None] = defer.Deferred()
+        work.addBoth(lambda r: (finished.callback(None), r)[1])
+
+        def interrupted() -> defer.Deferred[None]:
+            # SIGTERM or Ctrl-C: cancel the run and let its cleanup (locks
+            # released, staging discarded) finish before the reactor stops.
+            if not work.called:
+                out.error("interrupted: cancelling, releasing locks")
+                work.cancel()
+            return finished
+
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted)
         try:
-            code[0] = await runner(reactor, args, deployment, out, result)
+            code[0] = await work
+        except defer.CancelledError:
+            code[0] = EXIT_FAILED
+            result["errors"] = ["interrupted"]
         except Exception as exc:
             from ion.core.exceptions import IonError
 
@@ -545,8 +562,11 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
             out.error(text)
             result["errors"] = [text]
             code[0] = EXIT_FAILED
-
-    from twisted.internet import defer, task
+        finally:
+            try:
+                reactor.removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError):
+                pass
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(run(reactor)))

@@ -175,7 +175,16 @@ class Deployer:
                 on_result(result)
             return result
 
-        return defer.gatherResults([defer.ensureDeferred(one(item)) for item in deployment.items])
+        def settled(outcome: Any) -> Any:
+            # A cancelled run ends only when the fetches it cancelled have cleaned up
+            # (locks released, staging removed): the caller may stop the reactor next.
+            pending = [shared.source for shared in fetches.values() if not shared.fired]
+            if not pending:
+                return outcome
+            return defer.DeferredList(pending, consumeErrors=True).addCallback(lambda _: outcome)
+
+        results = defer.gatherResults([defer.ensureDeferred(one(item)) for item in deployment.items])
+        return results.addBoth(settled)
 
     async def _place(self, item: DeploymentItem, fetched: Mapping[str, Any],
                      report: ProgressFunction) -> ItemResult:
@@ -196,16 +205,22 @@ class Deployer:
 
 
 class _Shared:
-    """One Deferred's outcome, handed to any number of waiters, early or late."""
+    """One Deferred's outcome, handed to any number of waiters, early or late.
+
+    Cancelling a waiter withdraws it; when the last waiter is withdrawn before
+    the outcome, the work itself is cancelled (its locks and staging released).
+    """
 
     def __init__(self, d: defer.Deferred[Any]) -> None:
         self._waiters: list[defer.Deferred[Any]] = []
         self._outcome: Any = None
-        self._fired = False
+        self.fired = False
         d.addBoth(self._fire)
+        #: Fires (with None) once the work has ended, however.
+        self.source: defer.Deferred[Any] = d
 
     def _fire(self, outcome: Any) -> None:
-        self._fired, self._outcome = True, outcome
+        self.fired, self._outcome = True, outcome
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             self._hand(w)
@@ -216,9 +231,15 @@ class _Shared:
         else:
             w.callback(self._outcome)
 
+    def _withdraw(self, w: defer.Deferred[Any]) -> None:
+        if w in self._waiters:
+            self._waiters.remove(w)
+        if not self._waiters and not self.fired:
+            self.source.cancel()
+
     def wait(self) -> defer.Deferred[Any]:
-        w: defer.Deferred[Any] = defer.Deferred()
-        if self._fired:
+        w: defer.Deferred[Any] = defer.Deferred(self._withdraw)
+        if self.fired:
             self._hand(w)
         else:
             self._waiters.append(w)

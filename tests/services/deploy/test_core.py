@@ -175,3 +175,20 @@ def test_two_versions_into_one_destination_are_placed_in_turn(tmp_path):
     d.addCallback(results.append)
     assert results and [r.ok for r in results[0]] == [True, True]
     assert (tmp_path / "out/lib/z.so").read_text() == "2.0"
+
+
+def test_cancelling_a_deployment_cancels_its_fetches(tmp_path):
+    """Cancelling deploy() cancels the fetches in flight (so their locks and staging are released)."""
+    cancelled: list[str] = []
+
+    def fetch(item, progress):
+        return defer.Deferred(lambda d: cancelled.append(item.name))
+
+    dep = deployment(tmp_path, item("a", "one"), item("a", "two"), item("b", "three"))
+    d = Deployer(fetch, SynchronousPool()).deploy(dep)
+    d.cancel()
+    outcome: list = []
+    d.addBoth(outcome.append)
+    assert sorted(cancelled) == ["a", "b"]  # 'a' is shared by two items: cancelled once
+    # Every item ends, as failed: cancelled (the deployment's result still lists them all).
+    assert [(r.state, r.reason) for r in outcome[0]] == [("failed", "CancelledError")] * 3

@@ -215,3 +215,34 @@ async def test_a_process_killed_mid_download_leaves_a_lock_the_next_run_takes_ov
     assert (entry / ".entry").is_file() and tree(entry) == ZLIB
     assert lock_files(cache_root) == []
     assert server.gets(f"deps/{TGZ}") == 2
+
+
+class _Cli(ChildDeployer):
+    """``ion-deploy`` run as a child process (same protocol: output, exit code)."""
+
+    def start_cli(self, *args: str) -> _Cli:
+        from twisted.internet import reactor
+
+        repo_root = str(Path(__file__).resolve().parents[3])
+        argv = [os.sys.executable, "-m", "ion.services.deploy.cli", *args]
+        self.pid = reactor.spawnProcess(self, os.sys.executable, argv, env=dict(os.environ), path=repo_root).pid
+        return self
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_mid_download_releases_the_lock_and_staging(make_repo: Any, tmp_path: Path) -> None:
+    """SIGTERM to ion-deploy mid-download: it cancels, releases its lock and staging folder, exits 1."""
+    url, server = make_repo("http")
+    server.stalls[f"deps/{TGZ}"] = 1
+    cache_root = tmp_path / "cache"
+    deployment = write_deployment(tmp_path / "d.json", url, [item("zlib", "1.2", tmp_path / "dest")])
+    child = _Cli().start_cli(str(deployment), "--cache-dir", str(cache_root), "--json")
+    await within(server.wait_for(f"deps/{TGZ}", "GET"))
+    assert len(lock_files(cache_root)) == 1
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGTERM)
+    assert await within(child.ended) == 1, child.err.decode()
+    assert lock_files(cache_root) == []
+    staging = cache_root / "staging"
+    assert not staging.exists() or list(staging.iterdir()) == []
+    assert not (tmp_path / "dest").exists() or list((tmp_path / "dest").iterdir()) == []

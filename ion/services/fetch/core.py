@@ -360,7 +360,18 @@ class RemoteCache:
         return lock
 
     def _renew(self, lock: Any) -> Any:
-        return self.client.renew(lock)
+        # A renewal that fails for a passing reason (a timeout, a busy service) is
+        # tried again at the next tick; only a lock the service no longer knows ends it.
+        from ion.services.cache.errors import LockNotHeldError, UnknownLockError
+
+        def failed(failure: Any) -> Any:
+            if failure.check(LockNotHeldError, UnknownLockError):
+                return failure
+            self._log.warn("renewing the lock of {key} failed, retrying: {e}", key=str(lock.key),
+                           e=failure.getErrorMessage())
+            return None
+
+        return defer.maybeDeferred(self.client.renew, lock).addErrback(failed)
 
     def unlock(self, lock: Any) -> Any:
         loop = self._renewals.pop(lock.token, None)

@@ -340,3 +340,41 @@ def test_tgz_helper_makes_real_archives() -> None:
     """The test archives are real tar.gz files (the helper the other tests rely on)."""
     with tarfile.open(fileobj=io.BytesIO(tgz({"a/b": b"c"})), mode="r:gz") as tf:
         assert tf.getnames() == ["a/b"]
+
+
+def test_remote_lock_renewal_survives_a_passing_failure() -> None:
+    """A renewal that fails once (timeout) is retried at the next tick; an unknown lock stops renewing."""
+    from pathlib import Path as _Path
+
+    from twisted.internet import defer as _defer
+    from twisted.internet import task as _task
+
+    from ion.core.exceptions import ConversationTimeout
+    from ion.services.cache.entry import EntryKey
+    from ion.services.cache.errors import UnknownLockError
+    from ion.services.cache.service import RemoteLock
+    from ion.services.fetch.core import RemoteCache
+
+    clock = _task.Clock()
+    lock = RemoteLock("t", EntryKey("r.file", "linux", "z", "1.0"), _Path("/x"), "pid", 30.0)
+    outcomes: list = [ConversationTimeout("cache", "renew", 5, "c#1"), None, UnknownLockError("gone")]
+    renewals: list[int] = []
+
+    class Client:
+        def lock(self, key: object, timeout: object = None) -> _defer.Deferred[RemoteLock]:
+            return _defer.succeed(lock)
+
+        def renew(self, held: RemoteLock) -> _defer.Deferred[None]:
+            renewals.append(1)
+            outcome = outcomes.pop(0)
+            return _defer.fail(outcome) if outcome is not None else _defer.succeed(None)
+
+    cache = RemoteCache(Client(), clock)
+    cache.lock(lock.key)
+    loop = cache._renewals["t"]
+    clock.advance(10)
+    assert len(renewals) == 1 and loop.running  # the timeout did not stop renewing
+    clock.advance(10)
+    assert len(renewals) == 2 and loop.running
+    clock.advance(10)
+    assert len(renewals) == 3 and not loop.running  # the service no longer knows the lock

@@ -236,7 +236,7 @@ class _Origin:
 
 def describe_origin(remote: RemoteFile, got: Downloaded, *, extracted: bool) -> str:
     """The ``remote_checksum`` text recorded for a file that came from ``remote``."""
-    tokens = [str(c) for c in got.verified[:1]] or [f"md5:{got.md5}"]
+    tokens = [str(c) for c in got.verified[:1]] or [f"sha256:{got.sha256}"]
     marker = got.marker or remote.marker
     if marker:
         tokens.append("marker:" + quote(marker, safe=""))

@@ -152,7 +152,8 @@ class Downloaded:
 
     size: int
     sha256: str
-    md5: str
+    #: Only computed when the repository gave an md5 to check (None otherwise).
+    md5: str | None
     verified: tuple[Checksum, ...] = ()
     marker: str | None = None
 
@@ -253,8 +254,17 @@ class _Sink:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
         self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        # md5 costs more than the disk write: computed only when one will be checked
+        # (an S3 single-part ETag, an HTTP Content-MD5), as the transfer says before writing.
+        self.md5: Any = None
         self.size = 0
+
+    def want_md5(self, wanted: bool) -> None:
+        """Say, before the first write, whether an md5 of the bytes will be needed."""
+        if wanted and self.md5 is None:
+            if self.size:
+                raise RuntimeError("want_md5 after bytes were written")
+            self.md5 = hashlib.md5(usedforsecurity=False)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
@@ -262,7 +272,8 @@ class _Sink:
             n = self.file.write(view)
             view = view[n:]
         self.sha256.update(data)
-        self.md5.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
         self.size += len(data)
         return len(data)
 
@@ -282,12 +293,12 @@ class _Sink:
         self.file.seek(0)
         self.file.truncate()
         self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.md5 = None
         self.size = 0
 
-    def close(self) -> tuple[int, str, str]:
+    def close(self) -> tuple[int, str, str | None]:
         self.file.close()
-        return self.size, self.sha256.hexdigest(), self.md5.hexdigest()
+        return self.size, self.sha256.hexdigest(), self.md5.hexdigest() if self.md5 is not None else None
 
     def abort(self) -> None:
         try:
@@ -545,13 +556,15 @@ class Repository:
         return Downloaded(size=size, sha256=sha256, md5=md5, verified=verified, marker=got.marker)
 
     @staticmethod
-    def _verify(remote: RemoteFile, size: int, sha256: str, md5: str) -> tuple[Checksum, ...]:
+    def _verify(remote: RemoteFile, size: int, sha256: str, md5: str | None) -> tuple[Checksum, ...]:
         if remote.size is not None and size != remote.size:
             # Transfers check their length; this is a repository that changed its mind.
             raise ChecksumMismatchError(remote.path, f"size:{remote.size}", f"size:{size}", url=remote.url,
                                         source="the repository's listing")
         computed = {"sha256": sha256, "md5": md5}
         for c in remote.checksums:
+            if computed[c.algorithm] is None:
+                raise RuntimeError(f"{remote.path}: no {c.algorithm} was computed to check")
             if computed[c.algorithm] != c.hexdigest:
                 source = {"md5": "the repository's md5 (ETag or Content-MD5)",
                           "sha256": f"its {SIDECAR_SUFFIX} sidecar"}[c.algorithm]
@@ -974,6 +987,7 @@ class HTTPRepository(Repository):
         checksums = {c.algorithm: c for c in remote.checksums}
         checksums.update({c.algorithm: c for c in got.checksums})
         got = replace(got, checksums=tuple(checksums.values()), marker=got.marker or remote.marker, source=url)
+        await self.pool.run(sink.want_md5, "md5" in checksums)
         writer = _PoolWriter(self.pool, sink, self.config, progress=progress)
         done: defer.Deferred[None] = defer.Deferred()
         receiver = _BodyReceiver(writer, done, self.clock, float(self.config.read_timeout))
@@ -1221,6 +1235,7 @@ class S3Repository(Repository):
     async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
         body, size, etag = await self.pool.run(self._open_blocking, remote.source, remote.url)
         try:
+            await self.pool.run(sink.want_md5, bool(self._etag_checksums(etag)))
             chunk = int(self.config.chunk_size)
             step = chunk * 8
             done = 0

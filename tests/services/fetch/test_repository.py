@@ -100,7 +100,9 @@ async def test_every_file_of_a_multi_file_version_downloads(kind: str, make_repo
     for rel, got in results.items():
         data = CONTENT[f"linux/multi/2.0/{rel}"]
         assert (tmp_path / "out" / rel).read_bytes() == data
-        assert (got.size, got.sha256, got.md5) == (len(data), sha(data), hashlib.md5(data).hexdigest())
+        assert (got.size, got.sha256) == (len(data), sha(data))
+        # md5 is computed only where the repository gives one to check (S3's single-part ETag).
+        assert got.md5 == (hashlib.md5(data).hexdigest() if kind == "s3" else None)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -4,7 +4,17 @@ A process has a *main* receiver (queue = its pid) for requests and a
 *backend* receiver (``<pid>b``) that its own sends and RPCs go out through,
 so the reply to an RPC made while handling a request arrives on another queue
 and cannot deadlock behind it. Each receiver handles one message at a time
-(prefetch 1) and acknowledges it only when handled.
+and acknowledges it only when handled. The broker's prefetch window is a
+separate setting (``ion.core.process: prefetch``, default 16): up to that many
+deliveries wait in the receiver's FIFO, so the next message is at hand when
+one ends instead of one broker round trip later; what waits there when the
+receiver stops consuming is given back (rejected with requeue) for another
+consumer of the queue. The price: a request to a shared service queue may
+wait behind a slow op of one instance while another instance is idle; a
+service with slow ops (or whose ops call back into their own service through
+another one) sets ``prefetch: 1``. Beside ``broker-user``, the receiver sets
+``redelivered`` on each message: whether the broker delivered it before, to a
+consumer that stopped without acknowledging it.
 
 Requests are dispatched to ``op_<name>(content, headers, msg)``; what an op
 returns is the reply's content unless it replied itself. An exception that
@@ -33,6 +43,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
@@ -79,13 +90,28 @@ _REQUEST_PROTOCOLS = frozenset({Protocol.RPC, Protocol.REQUEST})
 
 Handler = Callable[[dict[str, Any], "Receiver"], "defer.Deferred[Any] | None"]
 
+#: Deliveries the broker may hand a receiver before it acknowledges the first
+#: (``ion.core.process: prefetch``); they wait in the receiver's FIFO.
+DEFAULT_PREFETCH = 16
+
 
 class Receiver(LifecycleObject):
     """One queue consumed on behalf of a process.
 
+    Messages are handled ``max_concurrent`` at a time (DESIGN §5: one), in
+    the order the broker delivered them, and each is acknowledged once
+    handled. The broker may deliver up to ``prefetch`` messages before the
+    first is acknowledged; those not started yet wait in a FIFO here, and are
+    given back to the queue (rejected with requeue) when the receiver stops
+    consuming, so another consumer of a shared queue takes them.
+
     :param name: the queue name, also the routing key it is bound with.
     :param shared: the queue outlives this receiver (a service queue
         consumed by every instance); otherwise it is deleted on terminate.
+    :param prefetch: the broker's window of unacknowledged deliveries
+        (default: the process's ``prefetch`` setting, see
+        :meth:`Process.receiver_prefetch`); never less than ``max_concurrent``.
+    :param max_concurrent: messages handled at once (default 1).
     :param exchange: the exchange the queue is bound to (default: the system exchange).
     :param bindings: routing keys or patterns to bind (default: ``[name]``).
     """
@@ -93,19 +119,29 @@ class Receiver(LifecycleObject):
     _log = Logger()
 
     def __init__(self, process: "Process", name: str, handler: Handler, *, shared: bool = False,
-                 prefetch: int = 1, queue_arguments: dict[str, Any] | None = None,
+                 prefetch: int | None = None, max_concurrent: int = 1,
+                 queue_arguments: dict[str, Any] | None = None,
                  exchange: str | None = None, bindings: list[str] | None = None) -> None:
         super().__init__()
+        if max_concurrent < 1:
+            raise ConfigurationError(f"receiver {name}: max_concurrent must be at least 1, not {max_concurrent}")
         self.process = process
         self.name = name
         self.exchange = exchange
         self.bindings = list(bindings) if bindings is not None else [name]
         self.handler = handler
         self.shared = shared
-        self.prefetch = prefetch
+        self.prefetch = prefetch if prefetch is not None else process.receiver_prefetch()
+        self.max_concurrent = max_concurrent
         self.queue_arguments = queue_arguments
         self.consumer_tag: str | None = None
         self._consuming = False
+        #: Deliveries received but not started yet, oldest first.
+        self.buffered: deque[Delivery] = deque()
+        #: Deliveries being handled now (at most ``max_concurrent``).
+        self._in_hand: list[Delivery] = []
+        self._pumping = False
+        self._listening = False
         self.inflight = 0
         self._drained: list[defer.Deferred[None]] = []
         self.handled = 0
@@ -124,10 +160,18 @@ class Receiver(LifecycleObject):
         for key in self.bindings:
             yield self.transport.bind(self.name, exchange, key)
 
+    @property
+    def window(self) -> int:
+        """The prefetch asked of the broker: ``prefetch``, but at least ``max_concurrent``."""
+        return max(int(self.prefetch), self.max_concurrent)
+
     @defer.inlineCallbacks
     def on_activate(self) -> Any:
+        if not self._listening:
+            self.transport.add_connection_listener(self._connection_changed)
+            self._listening = True
         self._consuming = True
-        self.consumer_tag = yield self.transport.consume(self.name, self._on_delivery, prefetch=self.prefetch)
+        self.consumer_tag = yield self.transport.consume(self.name, self._on_delivery, prefetch=self.window)
 
     def on_deactivate(self) -> Any:
         return self._stop_consuming()
@@ -136,6 +180,13 @@ class Receiver(LifecycleObject):
     def on_terminate(self, timeout: float | None = None) -> Any:
         yield self._stop_consuming()
         yield self.drain(timeout)
+        self._stop_listening()
+        # Ops that outlived the drain: their process answered them (503) already, so they are
+        # settled here rather than redelivered to another consumer and run a second time.
+        for delivery in list(self._in_hand):
+            self._log.info("{queue}: acknowledged a message whose handling outlived the stop",
+                           queue=self.name)
+            self._settle(delivery)
         if not self.shared:
             try:
                 yield self.transport.delete_queue(self.name)
@@ -143,7 +194,21 @@ class Receiver(LifecycleObject):
                 self._log.warn("could not delete queue {queue}: {exc}", queue=self.name, exc=exc)
 
     def on_error(self, cause: Failure) -> Any:
+        self._stop_listening()
         return self._stop_consuming()
+
+    def _stop_listening(self) -> None:
+        if self._listening:
+            self._listening = False
+            self.transport.remove_connection_listener(self._connection_changed)
+
+    def _connection_changed(self, event: str, reason: str | None) -> None:
+        # Deliveries of a lost connection can no longer be acknowledged, and the broker gives
+        # them to a consumer again: handling them here as well would handle them twice.
+        if event == "lost" and self.buffered:
+            self._log.info("{queue}: connection lost; {n} waiting message(s) left to the broker to "
+                           "deliver again", queue=self.name, n=len(self.buffered))
+            self.buffered.clear()
 
     def _stop_consuming(self) -> defer.Deferred[None]:
         # From now on deliveries still in flight (AMQP sends some after basic.cancel)
@@ -151,8 +216,12 @@ class Receiver(LifecycleObject):
         self._consuming = False
         tag, self.consumer_tag = self.consumer_tag, None
         if tag is None:
+            self._give_back()
             return defer.succeed(None)
         d = self.transport.cancel(tag)
+        # After the cancel (the broker takes them in that order): what waits in the FIFO
+        # goes to the other consumers of the queue, not back to this one.
+        self._give_back()
         d.addErrback(lambda f: self._log.warn("cancel of {queue} failed: {e}", queue=self.name,
                                               e=f.getErrorMessage()))
         return d
@@ -174,20 +243,52 @@ class Receiver(LifecycleObject):
             # Arrived after we stopped consuming: let another consumer have it.
             delivery.reject(requeue=True)
             return
+        self.buffered.append(delivery)
+        self._pump()
+
+    def _give_back(self) -> None:
+        """Reject (requeue) every delivery not started yet: another consumer will take it."""
+        while self.buffered:
+            delivery = self.buffered.popleft()
+            try:
+                delivery.reject(requeue=True)
+            except Exception as exc:
+                # The connection went away: the broker requeues it anyway.
+                self._log.info("{queue}: could not give back a delivery: {exc}", queue=self.name, exc=exc)
+
+    def _pump(self) -> None:
+        """Start buffered messages, oldest first, while fewer than ``max_concurrent`` are in hand.
+
+        A loop, not recursion: handlers that end at once let the next one start in the same loop.
+        """
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self.buffered and self.inflight < self.max_concurrent:
+                self._start(self.buffered.popleft())
+        finally:
+            self._pumping = False
+
+    def _start(self, delivery: Delivery) -> None:
         proc = self.process
         try:
             msg = wire.decode(delivery.body, proc.container.max_message_size)
         except MessageError as exc:
             self._bad_message(delivery, exc)
             return
+        # Set here from the delivery, never taken from the body: who really published it, and
+        # whether the broker delivered it before (to a consumer that stopped before acking it).
         msg["broker-user"] = delivery.properties.user_id
+        msg["redelivered"] = delivery.redelivered
         if msg.get("expiry") and wire.is_expired(msg, time.time()):
             self._log.warn(
                 "{pid}: dropped expired message op={op!r} from {sender} (expiry {expiry})",
                 pid=proc.id, op=msg["op"], sender=msg["sender"], expiry=msg["expiry"])
-            delivery.ack()
+            self._settle(delivery)
             return
         self.inflight += 1
+        self._in_hand.append(delivery)
         try:
             result = self.handler(msg, self)
         except Exception:
@@ -203,16 +304,24 @@ class Receiver(LifecycleObject):
     def _handled(self, result: Any, delivery: Delivery) -> None:
         self.inflight -= 1
         self.handled += 1
-        try:
-            delivery.ack()
-        except Exception as exc:
-            # The connection went away: the broker requeues it for another consumer.
-            self._log.warn("{queue}: could not ack: {exc}", queue=self.name, exc=exc)
+        if delivery in self._in_hand:
+            self._in_hand.remove(delivery)
+        self._settle(delivery)
         if not self.inflight and self._drained:
             waiters, self._drained = self._drained, []
             for d in waiters:
                 if not d.called:
                     d.callback(None)
+        self._pump()
+
+    def _settle(self, delivery: Delivery) -> None:
+        if delivery.settled:
+            return
+        try:
+            delivery.ack()
+        except Exception as exc:
+            # The connection went away: the broker requeues it for another consumer.
+            self._log.warn("{queue}: could not ack: {exc}", queue=self.name, exc=exc)
 
     def _bad_message(self, delivery: Delivery, exc: Exception) -> None:
         props = delivery.properties
@@ -222,7 +331,7 @@ class Receiver(LifecycleObject):
             "message-id {mid}): {exc}",
             queue=self.name, sender=sender or props.reply_to or "?", reply_to=props.reply_to,
             user=props.user_id, mid=props.message_id, exc=exc)
-        delivery.ack()
+        self._settle(delivery)
         if props.reply_to and props.correlation_id:
             code = 413 if isinstance(exc, MessageTooLargeError) else 400
             self.process._reply_by_properties(props, code, exc)
@@ -333,6 +442,23 @@ class Process(LifecycleObject):
             return self.spawnargs[key]
         return self.config.get(key, default)
 
+    def receiver_prefetch(self) -> int:
+        """The broker prefetch window of this process's receivers.
+
+        ``prefetch`` from the spawnargs, else from the process module's config
+        section, else ``ion.core.process: prefetch``, else 16. Messages are
+        still handled one at a time; ``1`` makes a busy instance of a shared
+        service queue take nothing more (strictly fair dispatch, one broker
+        round trip per message).
+
+        :raises ConfigurationError: if the value is not an integer >= 1.
+        """
+        default = self.container.config.get("ion.core.process", "prefetch", DEFAULT_PREFETCH)
+        value = self.get_config("prefetch", default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(f"{self.proc_name}: prefetch must be an integer >= 1, not {value!r}")
+        return value
+
     @property
     def rpc_timeout(self) -> float:
         return float(self.container.config.get("ion.core.process", "rpc_timeout", 15))
@@ -409,8 +535,9 @@ class Process(LifecycleObject):
         for conv in list(self.conversations.responding.values()):
             if conv.state in ("RECEIVED", "AGREED"):
                 try:
-                    self.reply_err(conv.request, {"error": "ProcessTerminated", "message": reason},
-                                   response_code=503)
+                    self._unless_sent(self.reply_err(conv.request, {"error": "ProcessTerminated",
+                                                                   "message": reason}, response_code=503),
+                                      conv.request)
                 except Exception as exc:
                     self._log.warn("{pid}: could not answer {conv_id}: {exc}", pid=self.id,
                                    conv_id=conv.conv_id, exc=exc)
@@ -461,9 +588,9 @@ class Process(LifecycleObject):
             self._log.warn("{pid}: unknown op {op!r} from {sender}", pid=self.id, op=op, sender=msg["sender"])
             if protocol != Protocol.NONE and msg["performative"] not in REPLY_PERFORMATIVES:
                 try:
-                    self.reply_err(msg, {"error": "UnknownOperation",
-                                         "message": f"{self.proc_name} has no operation {op!r}"},
-                                   response_code=404)
+                    self._unless_sent(self.reply_err(msg, {"error": "UnknownOperation",
+                                                           "message": f"{self.proc_name} has no operation {op!r}"},
+                                                     response_code=404), msg)
                 except Exception:
                     self._log.failure("{pid}: could not answer the unknown op {op!r}", pid=self.id, op=op)
             self.conversations.responding.pop(msg["conv-id"], None)
@@ -486,7 +613,7 @@ class Process(LifecycleObject):
 
     def _op_done(self, result: Any, msg: dict[str, Any]) -> None:
         if msg["protocol"] in _REQUEST_PROTOCOLS and not self._answered(msg):
-            self.reply_ok(msg, result)
+            self._unless_sent(self.reply_ok(msg, result), msg)
         self.conversations.responding.pop(msg["conv-id"], None)
 
     def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
@@ -501,10 +628,17 @@ class Process(LifecycleObject):
                               op=msg["op"], sender=msg["sender"])
         if msg["protocol"] != Protocol.NONE and not self._answered(msg):
             try:
-                self.reply_err(msg, {"error": type(exc).__name__, "message": str(exc)}, response_code=code)
+                self._unless_sent(self.reply_err(msg, {"error": type(exc).__name__, "message": str(exc)},
+                                                 response_code=code), msg)
             except Exception:
                 self._log.failure("{pid}: could not send the error reply", pid=self.id)
         self.conversations.responding.pop(msg["conv-id"], None)
+
+    def _unless_sent(self, d: defer.Deferred[None], msg: Mapping[str, Any]) -> None:
+        """Log (rather than leave unhandled) a reply the transport could not send, e.g. when the
+        connection to the broker went away under it: its caller hears of the loss anyway."""
+        d.addErrback(lambda f: self._log.warn("{pid}: answer to {op!r} from {sender} not sent: {e}", pid=self.id,
+                                              op=msg.get("op"), sender=msg.get("sender"), e=f.getErrorMessage()))
 
     # -- sending ------------------------------------------------------------------------
     def _delegated_user(self) -> str:
@@ -698,7 +832,7 @@ class Process(LifecycleObject):
         """Terminate after answering this request."""
         if self.is_final:
             raise IllegalStateError(f"{self.id} is already {self.state.value}")
-        self.reply_ok(msg, {"terminating": self.id})
+        self._unless_sent(self.reply_ok(msg, {"terminating": self.id}), msg)
         self.clock.callLater(0, self._terminate_self)
         return None
 

@@ -63,6 +63,8 @@ def clocked() -> Any:
 #   named by ``ION_TEST_AMQP_URL``). Without RabbitMQ the tests that use it are skipped with the
 #   reason, except when ``CI=true``: there they fail, never skip silently.
 # - ``amqp_url``: ``amqp://guest:guest@127.0.0.1:<port>/<fresh vhost>``, deleted after the test.
+# - ``amqp_user``: a non-guest :class:`~ion.testing.rabbitmq.BrokerLogin` with all rights on that
+#   vhost (``.name``, ``.password``, ``.url`` ...), deleted after the test.
 
 
 def _on_ci() -> bool:
@@ -115,3 +117,19 @@ def amqp_url(rabbitmq: Any) -> Any:
     vhost = unquote(urlsplit(url).path.lstrip("/"))
     if vhost:
         rabbitmq.delete_vhost(vhost)
+
+
+@pytest.fixture
+def amqp_user(rabbitmq: Any, amqp_url: str) -> Any:
+    """A broker user other than guest, with a random password and all rights on ``amqp_url``'s vhost."""
+    from urllib.parse import unquote, urlsplit
+
+    from ion.testing.rabbitmq import BrokerUnavailable
+
+    vhost = unquote(urlsplit(amqp_url).path.lstrip("/")) or "/"
+    try:
+        login = rabbitmq.new_user(vhost)
+    except BrokerUnavailable as exc:
+        _no_broker(f"cannot create a broker user: {exc}")
+    yield login
+    rabbitmq.delete_user(login.name)

@@ -6,6 +6,7 @@
     server.start()                      # ~10 s; raises BrokerUnavailable with the reason
     url = server.new_vhost_url()        # amqp://guest:guest@127.0.0.1:<port>/<fresh vhost>
     server.add_user("alice", "secret", vhost="...")
+    login = server.new_user(vhost="...")  # a fresh non-guest user: login.name, .password, .url
     server.stop_app(); server.start_app()   # broker restart, the node stays up
     server.stop()                       # stops the node, removes its directory
 
@@ -36,12 +37,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "RabbitMQServer",
     "ExternalBroker",
+    "BrokerLogin",
     "BrokerUnavailable",
     "find_rabbitmq",
     "install_rabbitmq",
@@ -114,6 +117,24 @@ def install_rabbitmq() -> None:
         raise BrokerUnavailable("rabbitmq-server was installed but its scripts are not found")
 
 
+@dataclass(frozen=True)
+class BrokerLogin:
+    """A broker user made for a test, with all rights on ``vhost``."""
+
+    name: str
+    password: str
+    host: str
+    port: int
+    vhost: str
+
+    @property
+    def url(self) -> str:
+        """``amqp://name:password@host:port/vhost`` (URL-quoted)."""
+        q = urllib.parse.quote
+        vh = "" if self.vhost == "/" else q(self.vhost, safe="")
+        return f"amqp://{q(self.name, safe='')}:{q(self.password, safe='')}@{self.host}:{self.port}/{vh}"
+
+
 class _Admin:
     """Vhosts and users: through the management HTTP API, or ``rabbitmqctl``."""
 
@@ -177,6 +198,13 @@ class _Admin:
                 self.ctl("set_user_tags", name, tags)
         if vhost is not None:
             self.set_permissions(name, vhost)
+
+    def new_user(self, vhost: str, prefix: str = "ion-user") -> BrokerLogin:
+        """Create a user with a random name and password and all rights on ``vhost``."""
+        login = BrokerLogin(f"{prefix}-{secrets.token_hex(4)}", secrets.token_urlsafe(12), self.host, self.port,
+                            vhost)
+        self.add_user(login.name, login.password, vhost=vhost)
+        return login
 
     def delete_user(self, name: str) -> None:
         """Delete a broker user (no error if gone)."""

@@ -7,6 +7,7 @@ Runs on a :class:`~ion.testing.ClockedSystem` (time moves only when the test adv
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import pytest
@@ -568,3 +569,153 @@ def test_delivery_after_stop_consuming_is_requeued(system: ClockedSystem) -> Non
     receiver._on_delivery(delivery)
     assert settled == [(False, True)]
     assert receiver.handled == handled_before
+
+
+# -- the receiver's prefetch window and FIFO -------------------------------------------------------------------
+
+
+class Who(ServiceProcess):
+    """Says which instance answered and whether the broker had delivered the request before."""
+
+    service_name = "who"
+
+    def op_who(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        return {"pid": self.id, "redelivered": headers["redelivered"]}
+
+    def op_hold(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """Answer only when the test fires ``self.held``."""
+        from twisted.internet import defer
+
+        self.held: Any = defer.Deferred()
+        return self.held
+
+
+def test_receiver_handles_one_message_at_a_time_from_its_prefetch_window(system: ClockedSystem) -> None:
+    """The broker hands the receiver up to `prefetch` messages; they are handled one at a time, in
+    order, each acknowledged when handled."""
+    svc = _echo(system)
+    client = system.spawn(Process)
+    main = svc.receivers[0]
+    assert (main.prefetch, main.max_concurrent, main.window) == (16, 1, 16)
+    ds = [client.rpc_send(svc.id, "slow", 5, timeout=60) for _ in range(3)]
+    system.pump()
+    assert (main.inflight, len(main.buffered)) == (1, 2)  # all three delivered, one started
+    assert svc.calls == [("slow", 5)]
+    consumer = system.broker.queues[svc.id].consumers[0]
+    assert len(consumer.unacked) == 3
+    system.advance(5)
+    assert [d.called for d in ds] == [True, False, False]
+    assert (main.inflight, len(main.buffered), len(consumer.unacked)) == (1, 1, 2)
+    system.advance(5)
+    system.advance(5)
+    assert [success_of(d)[0] for d in ds] == ["slow done"] * 3
+    assert (main.inflight, len(main.buffered), len(consumer.unacked)) == (0, 0, 0)
+
+
+def test_stopping_gives_buffered_requests_to_another_instance(system: ClockedSystem) -> None:
+    """On terminate, requests waiting in an instance's FIFO are rejected with requeue: another
+    instance answers them (marked redelivered); the one in progress gets its terminate_timeout."""
+    first = system.spawn(Who)
+    client = system.spawn(Process)
+    held = client.rpc_send("who", "hold", None, timeout=60)
+    waiting = [client.rpc_send("who", "who", None, timeout=60) for _ in range(4)]
+    system.pump()
+    service_receiver = first.receivers[2]
+    assert (service_receiver.inflight, len(service_receiver.buffered)) == (1, 4)
+    second = system.spawn(Who)
+    assert not any(d.called for d in waiting)  # in the first one's FIFO: the second takes nothing
+    terminating = system.container.proc_manager.terminate_process(first.id)
+    system.pump()
+    answers = [success_of(d)[0] for d in waiting]
+    assert answers == [{"pid": second.id, "redelivered": True}] * 4
+    no_result(held)
+    first.held.callback("done at last")  # the op in progress still ends in the first instance
+    system.pump()
+    assert success_of(held)[0] == "done at last"
+    system.result(terminating)
+    assert first.state is State.TERMINATED and not service_receiver.buffered
+
+
+def test_prefetch_from_config_and_spawnargs() -> None:
+    """prefetch: spawnargs, then the process module's section, then ion.core.process; the window
+    asked of the broker is never below max_concurrent; a bad value fails the spawn."""
+    system = ClockedSystem({"ion.core.process": {"prefetch": 4}, "tests.core.test_process": {"prefetch": 3}})
+    plain = system.spawn(Process)
+    assert {r.window for r in plain.receivers} == {4}
+    who = system.spawn(Who)
+    assert {r.window for r in who.receivers} == {3}
+    own = system.spawn(Who, {"prefetch": 1})
+    assert {r.window for r in own.receivers} == {1}
+    own.receivers[0].max_concurrent = 5
+    assert own.receivers[0].window == 5
+    for bad in (0, "8", True):
+        with pytest.raises(ConfigurationError, match="prefetch must be an integer >= 1"):
+            system.spawn(Who, {"prefetch": bad})
+
+
+def test_max_concurrent_handles_several_at_once(system: ClockedSystem) -> None:
+    """A receiver with max_concurrent N starts up to N messages before the first ends."""
+
+    class Wide(EchoService):
+        def receivers_to_create(self) -> list[Any]:
+            receivers = super().receivers_to_create()
+            receivers[0].max_concurrent = 2
+            return receivers
+
+    svc = system.spawn(Wide)
+    client = system.spawn(Process)
+    ds = [client.rpc_send(svc.id, "slow", 5) for _ in range(3)]
+    system.pump()
+    assert svc.calls == [("slow", 5), ("slow", 5)]
+    assert (svc.receivers[0].inflight, len(svc.receivers[0].buffered)) == (2, 1)
+    system.advance(5)
+    assert [d.called for d in ds] == [True, True, False]
+    system.advance(5)
+    assert success_of(ds[2])[0] == "slow done"
+
+
+def test_request_sees_whether_it_was_redelivered(system: ClockedSystem) -> None:
+    """``redelivered`` comes from the delivery, never from the body."""
+    svc = system.spawn(Who)
+    probe = Probe(system.container)
+    system.result(probe.publish(svc.id, request_body(svc.id, "who", redelivered=True)))
+    system.pump()
+    assert probe.received[-1]["content"] == {"pid": svc.id, "redelivered": False}
+
+
+def test_an_op_outliving_terminate_is_answered_503_and_not_run_again() -> None:
+    """The request whose op outlives terminate_timeout gets a 503 and is acknowledged: it is not
+    redelivered to another instance (its caller has its answer)."""
+    system = ClockedSystem({"ion.core.process": {"terminate_timeout": 2}})
+    first = system.spawn(Who)
+    client = system.spawn(Process)
+    held = client.rpc_send("who", "hold", None, timeout=60)
+    system.pump()
+    second = system.spawn(Who)
+    terminating = system.container.proc_manager.terminate_process(first.id)
+    system.advance(2)
+    system.result(terminating)
+    err = failure_of(held, ReceivedContainerError)
+    assert err.response_code == 503 and "terminated before answering" in str(err)
+    assert system.broker.queues["clocked.who"].messages == deque()
+    assert not hasattr(second, "held")  # never given the request
+
+
+def test_connection_loss_drops_the_waiting_deliveries(system: ClockedSystem) -> None:
+    """Deliveries waiting in the FIFO when the connection is lost are left to the broker (which
+    delivers them again) instead of being handled here too."""
+    svc = system.spawn(Who)
+    client = system.spawn(Process)
+    calls = [client.rpc_send(svc.id, "hold", None, timeout=60)]
+    calls += [client.rpc_send(svc.id, "who", None, timeout=60) for _ in range(3)]
+    system.pump()
+    main = svc.receivers[0]
+    assert len(main.buffered) == 3
+    system.container.transport._notify_connection("lost", "test")
+    assert not main.buffered
+    for d in calls:  # and the container failed every call in flight
+        assert "connection to the broker lost" in str(failure_of(d, ConversationError))
+    handled = main.handled
+    svc.held.callback("late")
+    system.pump()
+    assert main.handled == handled + 1  # the op in progress; none of the three that waited

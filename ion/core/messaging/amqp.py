@@ -28,21 +28,26 @@ re-declares the exchanges, queues and bindings it made, re-creates its
 consumers under their old tags, and listeners hear ``("restored", None)``.
 Deliveries received before the loss cannot be settled any more: their
 ``ack``/``reject`` are logged and dropped (the broker has requeued them).
+
+A container makes its transport with :meth:`AmqpTransport.from_config`, from
+the ``ion.core.messaging`` config section: ``publisher_confirms``,
+``reconnect_initial``, ``reconnect_max``, ``heartbeat``.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pika
 from pika import exceptions as pika_exc
 from pika.adapters.twisted_connection import ClosableDeferredQueue, TwistedChannel, TwistedProtocolConnection
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet import error as tx_error
-from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -74,6 +79,23 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     tx_error.ConnectionDone,
     tx_error.ConnectionLost,
 )
+
+
+class _ReturnsReportedElsewhere(logging.Filter):
+    """Drops pika's warning for each returned (unroutable) message.
+
+    pika's Twisted adapter logs one, with the body, for every ``basic.return``
+    in confirm mode; the transport hands returns to its return callbacks (the
+    caller gets a 404), so on stderr it is only noise, and can be a lot of it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Published message was returned")
+
+
+_pika_adapter_log = logging.getLogger("pika.adapters.twisted_connection")
+if not any(isinstance(f, _ReturnsReportedElsewhere) for f in _pika_adapter_log.filters):
+    _pika_adapter_log.addFilter(_ReturnsReportedElsewhere())
 
 
 class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
@@ -163,7 +185,8 @@ class _ChannelSlot:
 class _Consumer:
     """One consumer: what it consumes (kept across reconnections) and its current channel."""
 
-    __slots__ = ("tag", "queue", "callback", "prefetch", "exclusive", "channel", "unacked", "cancelled")
+    __slots__ = ("tag", "queue", "callback", "prefetch", "exclusive", "channel", "unacked", "cancelled",
+                 "cancelling")
 
     def __init__(self, tag: str, queue: str, callback: ConsumeCallback, prefetch: int,
                  exclusive: bool) -> None:
@@ -175,6 +198,8 @@ class _Consumer:
         self.channel: TwistedChannel | None = None
         self.unacked = 0
         self.cancelled = False
+        #: basic.cancel sent, cancel-ok not yet received: the channel must stay open until then.
+        self.cancelling = False
 
     def __repr__(self) -> str:
         return f"<consumer {self.tag} of {self.queue}>"
@@ -269,6 +294,34 @@ class AmqpTransport(Transport):
         self._tags = itertools.count(1)
         self.reconnections = 0
 
+    @classmethod
+    def from_config(cls, url: BrokerURL | str, config: Mapping[str, Any], *, reactor: Any = None) -> AmqpTransport:
+        """A transport for ``url`` with the settings of the ``ion.core.messaging`` config section:
+        ``publisher_confirms`` (bool, default true), ``reconnect_initial`` and ``reconnect_max``
+        (seconds), ``heartbeat`` (seconds; 0 = none; None = the broker's choice).
+
+        :raises ConfigurationError: naming the setting whose value is unusable.
+        """
+
+        def seconds(key: str, default: float | None, zero: bool = False) -> float | None:
+            value = config.get(key, default)
+            if value is None and default is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero):
+                raise ConfigurationError(f"ion.core.messaging: {key} must be a number of seconds "
+                                         f"{'>= 0' if zero else '> 0'}, not {value!r}")
+            return float(value)
+
+        confirms = config.get("publisher_confirms", True)
+        if not isinstance(confirms, bool):
+            raise ConfigurationError(f"ion.core.messaging: publisher_confirms must be true or false, not {confirms!r}")
+        initial = seconds("reconnect_initial", DEFAULT_RECONNECT_INITIAL)
+        longest = seconds("reconnect_max", DEFAULT_RECONNECT_MAX)
+        heartbeat = seconds("heartbeat", None, zero=True)
+        assert initial is not None and longest is not None
+        return cls(url, reactor=reactor, confirm=confirms, reconnect_initial=initial,
+                   reconnect_max=max(initial, longest), heartbeat=None if heartbeat is None else int(heartbeat))
+
     def __repr__(self) -> str:
         return f"<AmqpTransport {self.url} {self.state} consumers={len(self._consumers)}>"
 
@@ -343,7 +396,11 @@ class AmqpTransport(Transport):
 
     def _open_connection(self) -> defer.Deferred[_Connection]:
         conn = _Connection(self._params(), custom_reactor=self.reactor)
-        d = connectProtocol(self._endpoint(), conn)
+        # As endpoints.connectProtocol, with a quiet factory: no "Starting/Stopping factory"
+        # log lines at every (re)connection attempt.
+        factory = protocol.Factory.forProtocol(lambda: conn)
+        factory.noisy = False
+        d = self._endpoint().connect(factory)
         d.addCallback(lambda _: conn.ready)
         d.addCallback(lambda _: conn)
         d.addErrback(self._connect_failed, conn)
@@ -791,7 +848,7 @@ class AmqpTransport(Transport):
             return
         consumer.unacked -= 1
         self._settle_on(ch, tag, ack=ack, requeue=requeue, queue=consumer.queue)
-        if consumer.cancelled and consumer.unacked <= 0:
+        if consumer.cancelled and consumer.unacked <= 0 and not consumer.cancelling:
             consumer.channel = None
             self._close_channel(ch)
 
@@ -850,15 +907,18 @@ class AmqpTransport(Transport):
         if ch is None or not ch.is_open:
             consumer.channel = None
             return defer.succeed(None)
+        consumer.cancelling = True
         d = ch.basic_cancel(consumer_tag=consumer_tag)
 
         def cancelled(_: Any) -> None:
+            consumer.cancelling = False
             # Unacknowledged deliveries may still be settled: keep the channel until they are.
             if consumer.unacked <= 0 and consumer.channel is ch:
                 consumer.channel = None
                 self._close_channel(ch)
 
         def failed(f: Failure) -> Any:
+            consumer.cancelling = False
             mapped = self._map_error(f)
             if mapped.check(ConnectionLostError):
                 return None  # nothing left to cancel on the broker

@@ -123,6 +123,30 @@ class TestAmqpTransport(TransportContract):
     """The transport contract (``contract.py``), unchanged, on RabbitMQ."""
 
 
+# -- settings ----------------------------------------------------------------------------------------
+def test_container_takes_transport_settings_from_config() -> None:
+    """ion.core.messaging: publisher_confirms, reconnect_initial/max and heartbeat reach the transport;
+    unusable values are refused naming the setting."""
+    from ion.core.container import Container
+    from ion.core.exceptions import ConfigurationError
+    from ion.testing import test_config
+
+    url = "amqp://u:p@127.0.0.1:5999/v"
+    default = Container(config=test_config(), broker_url=url).transport
+    assert isinstance(default, AmqpTransport)
+    assert (default.confirm, default.reconnect_initial, default.reconnect_max, default.heartbeat) == (
+        True, 0.5, 10.0, None)
+    tuned = Container(config=test_config({"ion.core.messaging": {
+        "publisher_confirms": False, "reconnect_initial": 0.2, "reconnect_max": 1, "heartbeat": 30}}),
+        broker_url=url).transport
+    assert (tuned.confirm, tuned.reconnect_initial, tuned.reconnect_max, tuned.heartbeat) == (False, 0.2, 1.0, 30)
+    for key, value, match in (("publisher_confirms", "no", "true or false"),
+                              ("reconnect_max", 0, "reconnect_max must be a number of seconds > 0"),
+                              ("heartbeat", "x", "heartbeat must be")):
+        with pytest.raises(ConfigurationError, match=match):
+            AmqpTransport.from_config(url, {key: value})
+
+
 # -- connecting ---------------------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_wrong_password_is_one_clear_error(amqp_url: str, rabbitmq: Any) -> None:
@@ -203,6 +227,22 @@ async def test_channels_are_reused_not_opened_per_send(transport_factory: Any) -
     while len(inbox.items) < 300:
         await inbox.next()
     assert t.open_channels == before == 3  # control, publish, one consumer
+
+
+@pytest_twisted.ensureDeferred
+async def test_confirmed_publishes_are_pipelined(transport_factory: Any) -> None:
+    """Confirms do not serialise publishes: 50 are handed to the channel in one reactor turn, all
+    unconfirmed at once, and each fires when the broker confirms it."""
+    t = await transport_factory()
+    q = await t.declare_queue(_name())
+    await t.publish("", q, b"opens the publish channel", Properties())
+    ch = t._publisher.current()
+    sent_before = ch._delivery_message_id
+    ds = [t.publish("", q, b"%d" % i, Properties()) for i in range(50)]
+    assert ch._delivery_message_id == sent_before + 50  # all on the wire ...
+    assert not any(d.called for d in ds) and len(ch._deliveries) == 50  # ... none confirmed yet
+    await defer.gatherResults(ds)
+    assert not ch._deliveries
 
 
 @pytest_twisted.ensureDeferred

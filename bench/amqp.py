@@ -1,0 +1,753 @@
+"""RPC benchmark on RabbitMQ: ioncore, raw pika and nameko side by side on one broker.
+
+Measures, in one run and on the same broker:
+
+* **ioncore** -- a container in this process calls ``hello`` on the hello
+  service (:class:`ion.services.hello.HelloService`) that runs in another OS
+  process (``twistd -n cc --no-shell --broker URL -s bench res/apps/hello.app``),
+  with the shipped settings (publisher confirms on), and again with
+  ``ion.core.messaging: publisher_confirms`` off in both containers
+  (``--confirms`` chooses);
+* **raw pika** -- the smallest RPC echo written directly on pika's Twisted
+  adapter: a server in another OS process consumes one queue (manual ack,
+  the same prefetch window as ioncore's receivers) and publishes each reply
+  to the caller's ``reply_to`` queue; the client publishes a msgpack body
+  with a ``correlation_id`` and consumes its exclusive reply queue
+  (``auto_ack``). Both set ``TCP_NODELAY`` as ioncore's transport does. A
+  second row, **raw pika, ioncore's AMQP use**, makes the same calls the way
+  ioncore's transport uses AMQP (a topic exchange, publisher confirms on both
+  sides, mandatory requests, every reply acknowledged, ``message_id`` and
+  ``user_id`` set): the gap between it and ioncore is the container's own
+  cost, the gap between the two pika rows the cost of those AMQP features;
+* **nameko 2.14** -- a ``nameko run`` service and a ``ClusterRpcProxy``
+  client, each in its own OS process, when a Python that can import nameko
+  is found (``--nameko-python``, ``$NAMEKO_PYTHON``, ``/tmp/nameko-venv``,
+  else this interpreter); otherwise its row says ``n/a`` and why.
+
+Each client makes ``--calls`` sequential calls (default 2,000) and then
+``--inflight-calls`` calls (default 20,000) with a sliding window of
+``--window`` (default 100) in flight, after ``--warmup`` calls of each kind:
+calls/s and p50/p99 latency per call. The table ends with each row's ratio to
+raw pika (the issue's target: ioncore >= 0.9x raw pika on both figures).
+
+Without ``--url`` it starts a private RabbitMQ (:mod:`ion.testing.rabbitmq`,
+about 10 s, on 127.0.0.1) and stops it at the end. Run from the repository root::
+
+    python bench/amqp.py                   # the table
+    python bench/amqp.py --json            # machine-readable
+    python bench/amqp.py --url amqp://guest:guest@127.0.0.1:5672/ --only ioncore,pika
+
+It is a benchmark, not a test: the exit code is 0 whatever the figures,
+unless ``--strict`` is given (then 1 when ioncore is under 0.9x raw pika).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from importlib.metadata import version as dist_version
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):
+    # ``python bench/amqp.py``: make the repository root (and so ``ion``) importable.
+    sys.path.insert(0, REPO)
+
+import msgpack  # noqa: E402
+from twisted.internet import defer, protocol, task  # noqa: E402
+
+__all__ = ["main", "parse_args", "percentile", "sequential", "windowed", "format_table", "RATIO_TARGET"]
+
+#: ioncore's calls/s over raw pika's, on both figures (the issue's target).
+RATIO_TARGET = 0.9
+
+SYSNAME = "bench"
+PAYLOAD = "bench"
+PIKA_QUEUE = "bench.pika.echo"
+PIKA_EXCHANGE = "bench.pika.topic"
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+DEFAULT_NAMEKO_VENV = "/tmp/nameko-venv/bin/python"
+
+
+# -- measuring ---------------------------------------------------------------------------------------------
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an already sorted list (``pct`` in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, math.ceil(pct / 100.0 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def summarize(calls: int, seconds: float, latencies: list[float]) -> dict[str, Any]:
+    """calls/s and p50/p99 latency (µs) of one phase."""
+    lat = sorted(latencies)
+    return {"calls": calls, "seconds": seconds, "calls_per_s": calls / seconds if seconds > 0 else float("inf"),
+            "p50_us": percentile(lat, 50) * 1e6, "p99_us": percentile(lat, 99) * 1e6}
+
+
+def sequential(call: Callable[[], defer.Deferred[Any]], n: int) -> defer.Deferred[tuple[float, list[float]]]:
+    """``n`` calls one after the other; fires with (elapsed seconds, per-call latencies)."""
+    perf = time.perf_counter
+    latencies: list[float] = []
+    done: defer.Deferred[tuple[float, list[float]]] = defer.Deferred()
+    state = {"left": n, "t0": 0.0, "start": perf()}
+
+    def next_call(_: Any = None) -> None:
+        if state["left"] == 0:
+            done.callback((perf() - state["start"], latencies))
+            return
+        state["left"] -= 1
+        state["t0"] = perf()
+        call().addCallbacks(finished, done.errback)
+
+    def finished(_: Any) -> None:
+        latencies.append(perf() - state["t0"])
+        next_call()
+
+    next_call()
+    return done
+
+
+def windowed(call: Callable[[], defer.Deferred[Any]], n: int,
+             window: int) -> defer.Deferred[tuple[float, list[float]]]:
+    """``n`` calls keeping ``window`` in flight (a new one starts as soon as one ends)."""
+    perf = time.perf_counter
+    latencies: list[float] = []
+    done: defer.Deferred[tuple[float, list[float]]] = defer.Deferred()
+    state = {"issued": 0, "completed": 0, "start": perf()}
+
+    def start_one() -> None:
+        state["issued"] += 1
+        call().addCallbacks(finished, failed, callbackArgs=(perf(),))
+
+    def finished(_: Any, t0: float) -> None:
+        latencies.append(perf() - t0)
+        state["completed"] += 1
+        if state["completed"] == n:
+            done.callback((perf() - state["start"], latencies))
+        elif state["issued"] < n:
+            start_one()
+
+    def failed(f: Any) -> None:
+        if not done.called:
+            done.errback(f)
+
+    for _ in range(min(window, n)):
+        start_one()
+    return done
+
+
+@defer.inlineCallbacks
+def measure(call: Callable[[], defer.Deferred[Any]], args: argparse.Namespace) -> Any:
+    """Warm up, then the sequential and the windowed phase; fires with {sequential, window}."""
+    if args.warmup:
+        yield sequential(call, args.warmup)
+    gc.collect()
+    secs, lat = yield sequential(call, args.calls)
+    seq = summarize(args.calls, secs, lat)
+    if args.warmup:
+        yield windowed(call, args.warmup, args.window)
+    gc.collect()
+    secs, lat = yield windowed(call, args.inflight_calls, args.window)
+    return {"sequential": seq, "window": summarize(args.inflight_calls, secs, lat)}
+
+
+# -- child processes -----------------------------------------------------------------------------------
+class Child(protocol.ProcessProtocol):
+    """A child process whose output is kept; ``wait_for(text)`` fires once a line holds ``text``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.output = b""
+        self.waiting: list[tuple[bytes, defer.Deferred[None]]] = []
+        self.ended: defer.Deferred[int] = defer.Deferred()
+        self.exit_code: int | None = None
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        self._got(data)
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        self._got(data)
+
+    def _got(self, data: bytes) -> None:
+        self.output += data
+        for item in list(self.waiting):
+            if item[0] in self.output:
+                self.waiting.remove(item)
+                item[1].callback(None)
+
+    def wait_for(self, text: bytes, timeout: float = 60) -> defer.Deferred[None]:
+        from twisted.internet import reactor
+
+        d: defer.Deferred[None] = defer.Deferred()
+        if text in self.output:
+            d.callback(None)
+            return d
+        self.waiting.append((text, d))
+
+        def timed_out(f: Any) -> Any:
+            if f.check(defer.TimeoutError):
+                raise RuntimeError(f"{self.name} did not print {text.decode()!r} within {timeout:g} s; "
+                                   f"its output:\n{self.tail()}")
+            return f
+
+        return d.addTimeout(timeout, reactor).addErrback(timed_out)
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+        value = reason.value
+        self.exit_code = value.exitCode if value.exitCode is not None else -(value.signal or 0)
+        for _text, d in self.waiting:
+            d.errback(RuntimeError(f"{self.name} exited ({self.exit_code}); its output:\n{self.tail()}"))
+        self.waiting = []
+        self.ended.callback(self.exit_code)
+
+    def tail(self, n: int = 3000) -> str:
+        return self.output.decode(errors="replace")[-n:]
+
+    @defer.inlineCallbacks
+    def stop(self, timeout: float = 30) -> Any:
+        """SIGTERM, then SIGKILL if it has not ended within ``timeout`` seconds."""
+        from twisted.internet import reactor
+
+        if self.exit_code is not None:
+            return self.exit_code
+        try:
+            self.transport.signalProcess("TERM")
+        except Exception:
+            pass
+        timer = reactor.callLater(timeout, self._kill)
+        code = yield self.ended
+        if timer.active():
+            timer.cancel()
+        return code
+
+    def _kill(self) -> None:
+        try:
+            self.transport.signalProcess("KILL")
+        except Exception:
+            pass
+
+
+def spawn(name: str, executable: str, argv: list[str], *, cwd: str = REPO,
+          env: dict[str, str] | None = None) -> Child:
+    from twisted.internet import reactor
+
+    child = Child(name)
+    reactor.spawnProcess(child, executable, [executable, *argv], env={**os.environ, **(env or {})}, path=cwd)
+    return child
+
+
+# -- ioncore ---------------------------------------------------------------------------------------------
+@defer.inlineCallbacks
+def bench_ioncore(reactor: Any, url: str, args: argparse.Namespace, confirms: bool = True) -> Any:
+    """hello service in a twistd child, client container here."""
+    from ion.core.container import Container
+    from ion.core.process import Process
+    from ion.testing import test_config
+
+    overlay: dict[str, Any] = {"ion.core.messaging": {"publisher_confirms": confirms}}
+    extra = ["-a", f"ion.core.messaging.publisher_confirms={confirms}"]
+    if args.prefetch:
+        overlay["ion.core.process"] = {"prefetch": args.prefetch}
+        extra += ["-a", f"ion.core.process.prefetch={args.prefetch}"]
+    server = spawn("ioncore server", sys.executable,
+                   ["-c", TWISTD, "-n", "--pidfile=", "cc", "--no-shell", "--broker", url, "-s", SYSNAME,
+                    *extra, "res/apps/hello.app"])
+    container = None
+    try:
+        yield server.wait_for(b" ready: system ")
+        container = Container(config=test_config(overlay), broker_url=url, sysname=SYSNAME, reactor=reactor)
+        yield container.start()
+        pid = yield container.spawn(Process, name="bench-client")
+        proc = container.proc_manager.get(pid)
+        rpc_send = proc.rpc_send
+
+        def call() -> Any:
+            return rpc_send("hello", "hello", PAYLOAD)
+
+        content, _ = yield call()
+        assert content == {"value": f"Hello there, {PAYLOAD}"}, content
+        result = yield measure(call, args)
+    finally:
+        if container is not None:
+            yield container.terminate()
+        yield server.stop()
+    return result
+
+
+# -- raw pika (Twisted adapter) ---------------------------------------------------------------------------
+@defer.inlineCallbacks
+def _pika_connect(reactor: Any, url: str) -> Any:
+    import pika
+    from pika.adapters.twisted_connection import TwistedProtocolConnection
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    params = pika.URLParameters(url)
+    conn = TwistedProtocolConnection(params)
+    yield connectProtocol(TCP4ClientEndpoint(reactor, params.host, params.port), conn)
+    yield conn.ready
+    conn.transport.setTcpNoDelay(True)  # as pika's other adapters (and ioncore's transport) do
+    return conn
+
+
+def _consume_loop(queue_obj: Any, handle: Callable[[Any], None]) -> None:
+    """Hand every message of a pika ClosableDeferredQueue to ``handle``, as it comes
+    (a loop over what is already there, then a callback for the next one)."""
+    while True:
+        d = queue_obj.get()
+        if not d.called:
+            d.addCallbacks(lambda item: (handle(item), _consume_loop(queue_obj, handle)), lambda f: None)
+            return
+        box: list[Any] = []
+        d.addBoth(box.append)
+        if not isinstance(box[0], tuple):
+            return  # the queue was closed
+        handle(box[0])
+
+
+def _pika_props(cid: str, reply_to: str | None, like_ioncore: bool, user: str) -> Any:
+    import pika
+
+    if like_ioncore:  # what ioncore's transport sets on every message
+        return pika.BasicProperties(content_type="application/msgpack", correlation_id=cid, reply_to=reply_to,
+                                    message_id=f"0123456789ab.{cid}", user_id=user)
+    return pika.BasicProperties(content_type="application/msgpack", correlation_id=cid, reply_to=reply_to)
+
+
+@defer.inlineCallbacks
+def pika_server(reactor: Any, url: str, queue: str, prefetch: int, like_ioncore: bool = False) -> Any:
+    """The raw pika echo server (run in a child process by ``--pika-server``).
+
+    ``like_ioncore``: the same AMQP use as ioncore's transport (replies published
+    in confirm mode to a topic exchange, message_id and user_id set).
+    """
+    conn = yield _pika_connect(reactor, url)
+    ch = yield conn.channel()
+    exchange = ""
+    if like_ioncore:
+        yield ch.confirm_delivery()
+        exchange = PIKA_EXCHANGE
+        yield ch.exchange_declare(exchange=exchange, exchange_type="topic", auto_delete=True)
+    yield ch.queue_declare(queue=queue, auto_delete=True)
+    if like_ioncore:
+        yield ch.queue_bind(queue=queue, exchange=exchange, routing_key=queue)
+    yield ch.basic_qos(prefetch_count=prefetch)
+    queue_obj, _tag = yield ch.basic_consume(queue=queue, auto_ack=False)
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    user = unquote(urlsplit(url).username or "guest")
+
+    def handle(item: Any) -> None:
+        _ch, method, props, body = item
+        request = unpackb(body, raw=False)
+        reply = packb({"value": f"Hello there, {request['content']}"}, use_bin_type=True)
+        d = ch.basic_publish(exchange=exchange, routing_key=props.reply_to, body=reply,
+                             properties=_pika_props(props.correlation_id, None, like_ioncore, user))
+        d.addErrback(lambda f: None)
+        if ch.is_open:
+            ch.basic_ack(delivery_tag=method.delivery_tag)
+
+    _consume_loop(queue_obj, handle)
+    print("pika echo server ready", flush=True)
+    stopped: defer.Deferred[None] = defer.Deferred()
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: conn.close())
+    yield stopped  # until SIGTERM stops the reactor
+
+
+@defer.inlineCallbacks
+def bench_pika(reactor: Any, url: str, args: argparse.Namespace, like_ioncore: bool = False) -> Any:
+    """Raw pika echo server in a child process, raw pika client here.
+
+    Plain: default exchange, no confirms, ``auto_ack`` replies. ``like_ioncore``: a topic
+    exchange, confirms on both sides, mandatory requests, replies acknowledged one by one
+    with the same prefetch window, message_id and user_id set -- ioncore's AMQP use.
+    """
+    prefetch = args.prefetch or _default_prefetch()
+    server = spawn("pika server", sys.executable,
+                   [os.path.abspath(__file__), "--pika-server", "--url", url, "--prefetch", str(prefetch),
+                    *(["--like-ioncore"] if like_ioncore else [])])
+    conn = None
+    try:
+        yield server.wait_for(b"pika echo server ready")
+        conn = yield _pika_connect(reactor, url)
+        ch = yield conn.channel()
+        exchange = PIKA_EXCHANGE if like_ioncore else ""
+        if like_ioncore:
+            yield ch.confirm_delivery()
+        frame = yield ch.queue_declare(queue="", exclusive=True)
+        reply_q = frame.method.queue
+        if like_ioncore:
+            yield ch.queue_bind(queue=reply_q, exchange=exchange, routing_key=reply_q)
+            yield ch.basic_qos(prefetch_count=prefetch)
+        queue_obj, _tag = yield ch.basic_consume(queue=reply_q, auto_ack=not like_ioncore)
+        pending: dict[str, defer.Deferred[Any]] = {}
+        unpackb = msgpack.unpackb
+        ack = ch.basic_ack
+
+        def handle(item: Any) -> None:
+            _ch, method, props, body = item
+            d = pending.pop(props.correlation_id, None)
+            if d is not None:
+                d.callback(unpackb(body, raw=False))
+            if like_ioncore and ch.is_open:
+                ack(delivery_tag=method.delivery_tag)
+
+        _consume_loop(queue_obj, handle)
+        ids = itertools.count(1)
+        body = msgpack.packb({"op": "hello", "content": PAYLOAD}, use_bin_type=True)
+        publish = ch.basic_publish
+        user = unquote(urlsplit(url).username or "guest")
+
+        def call() -> Any:
+            cid = str(next(ids))
+            d: defer.Deferred[Any] = defer.Deferred()
+            pending[cid] = d
+            sent = publish(exchange=exchange, routing_key=PIKA_QUEUE, body=body,
+                           properties=_pika_props(cid, reply_q, like_ioncore, user), mandatory=like_ioncore)
+            sent.addErrback(d.errback)
+            return d
+
+        reply = yield call()
+        assert reply == {"value": f"Hello there, {PAYLOAD}"}, reply
+        result = yield measure(call, args)
+    finally:
+        if conn is not None:
+            yield conn.close()
+        yield server.stop()
+    return result
+
+
+# -- nameko 2.14 ------------------------------------------------------------------------------------------
+NAMEKO_SERVICE = '''
+from nameko.rpc import rpc
+
+
+class Hello:
+    name = "hello"
+
+    @rpc
+    def hello(self, text):
+        return {"value": "Hello there, " + text}
+'''
+
+NAMEKO_CLIENT = '''
+import eventlet
+eventlet.monkey_patch()
+
+import collections, json, math, sys, time
+from nameko.standalone.rpc import ClusterRpcProxy
+
+url, calls, inflight, window, warmup = sys.argv[1], *map(int, sys.argv[2:6])
+perf = time.perf_counter
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[max(0, min(len(values) - 1, math.ceil(p / 100 * len(values)) - 1))]
+
+
+def sequential(hello, n):
+    lat = []
+    start = perf()
+    for _ in range(n):
+        t0 = perf()
+        assert hello("bench") == {"value": "Hello there, bench"}
+        lat.append(perf() - t0)
+    return perf() - start, lat
+
+
+def windowed(hello, n, window):
+    # call_async keeps `window` requests in flight; replies are taken oldest first.
+    lat, flying = [], collections.deque()
+    start = perf()
+    issued = 0
+    while issued < min(window, n):
+        flying.append((perf(), hello.call_async("bench")))
+        issued += 1
+    while flying:
+        t0, reply = flying.popleft()
+        assert reply.result() == {"value": "Hello there, bench"}
+        lat.append(perf() - t0)
+        if issued < n:
+            flying.append((perf(), hello.call_async("bench")))
+            issued += 1
+    return perf() - start, lat
+
+
+def row(n, secs, lat):
+    return {"calls": n, "seconds": secs, "calls_per_s": n / secs, "p50_us": pct(lat, 50) * 1e6,
+            "p99_us": pct(lat, 99) * 1e6}
+
+
+with ClusterRpcProxy({"AMQP_URI": url}) as proxy:
+    hello = proxy.hello.hello
+    if warmup:
+        sequential(hello, warmup)
+    seq = row(calls, *sequential(hello, calls))
+    if warmup:
+        windowed(hello, warmup, window)
+    win = row(inflight, *windowed(hello, inflight, window))
+print("RESULT " + json.dumps({"sequential": seq, "window": win}), flush=True)
+'''
+
+
+def find_nameko_python(given: str | None) -> tuple[str | None, str]:
+    """A Python that imports nameko 2.14, and why not if there is none."""
+    candidates = [given] if given else [
+        c for c in (os.environ.get("NAMEKO_PYTHON"), DEFAULT_NAMEKO_VENV, sys.executable) if c]
+    reasons = []
+    for python in dict.fromkeys(candidates):
+        if not shutil.which(python) and not os.path.exists(python):
+            reasons.append(f"{python}: not found")
+            continue
+        try:
+            out = subprocess.run(
+                [python, "-c", "import eventlet, nameko, importlib.metadata as m; print(m.version('nameko'))"],
+                capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            reasons.append(f"{python}: {exc}")
+            continue
+        if out.returncode == 0:
+            found = out.stdout.strip()
+            if found.startswith("2.14"):
+                return python, found
+            reasons.append(f"{python}: nameko {found}, not 2.14")
+        else:
+            last = (out.stderr.strip().splitlines() or ["?"])[-1]
+            reasons.append(f"{python}: {last}")
+    hint = ("python -m venv /tmp/nameko-venv && /tmp/nameko-venv/bin/pip install nameko==2.14.1, "
+            "or --nameko-python PATH")
+    return None, f"nameko 2.14 is not importable ({'; '.join(reasons) or 'no candidate'}); {hint}"
+
+
+@defer.inlineCallbacks
+def bench_nameko(reactor: Any, url: str, args: argparse.Namespace, python: str) -> Any:
+    """``nameko run`` service and a ClusterRpcProxy client, each in its own process."""
+    workdir = tempfile.mkdtemp(prefix="ion-bench-nameko-")
+    with open(os.path.join(workdir, "ion_bench_hello.py"), "w") as f:
+        f.write(textwrap.dedent(NAMEKO_SERVICE))
+    with open(os.path.join(workdir, "ion_bench_client.py"), "w") as f:
+        f.write(textwrap.dedent(NAMEKO_CLIENT))
+    env = {"PYTHONWARNINGS": "ignore"}
+    server = spawn("nameko service", python, ["-m", "nameko", "run", "--broker", url, "ion_bench_hello"],
+                   cwd=workdir, env=env)
+    client = None
+    try:
+        yield server.wait_for(b"starting services: hello")
+        client = spawn("nameko client", python,
+                       ["ion_bench_client.py", url, str(args.calls), str(args.inflight_calls), str(args.window),
+                        str(args.warmup)], cwd=workdir, env=env)
+        code = yield client.ended
+        text = client.output.decode(errors="replace")
+        lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+        if code != 0 or not lines:
+            raise RuntimeError(f"the nameko client failed ({code}):\n{client.tail()}")
+        return json.loads(lines[-1][len("RESULT "):])
+    finally:
+        if client is not None and client.exit_code is None:
+            yield client.stop()
+        yield server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- driver --------------------------------------------------------------------------------------------
+def _default_prefetch() -> int:
+    from ion.testing import test_config
+
+    return int(test_config().get("ion.core.process", "prefetch", 1))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python bench/amqp.py",
+        description="RPC on RabbitMQ, side by side on one broker: ioncore (hello service in another "
+                    "container process), a raw pika Twisted-adapter echo, and nameko 2.14 when available.")
+    p.add_argument("--url", help="use this broker (amqp://user:pass@host:port/vhost) instead of starting a "
+                                 "private RabbitMQ")
+    p.add_argument("--calls", type=int, default=2_000, help="sequential calls per client (default 2000)")
+    p.add_argument("--inflight-calls", type=int, default=20_000,
+                   help="calls of the windowed phase per client (default 20000)")
+    p.add_argument("--window", type=int, default=100, help="calls kept in flight (default 100)")
+    p.add_argument("--warmup", type=int, default=200, help="warm-up calls before each phase (default 200)")
+    p.add_argument("--prefetch", type=int, default=None,
+                   help="receiver prefetch window for ioncore and the raw pika server "
+                        "(default: ion.core.process prefetch of the shipped config)")
+    p.add_argument("--confirms", choices=("on", "off", "both"), default="both",
+                   help="ioncore with publisher confirms on (the shipped setting), off, or both rows "
+                        "(default both; the target is checked on the shipped setting)")
+    p.add_argument("--only", default="ioncore,pika,nameko",
+                   help="comma-separated subset of ioncore,pika,nameko (default: all three)")
+    p.add_argument("--nameko-python", help="a Python that can import nameko 2.14 (default: $NAMEKO_PYTHON, "
+                                           f"{DEFAULT_NAMEKO_VENV}, else this one)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    p.add_argument("--strict", action="store_true", help="exit 1 if ioncore is under 0.9x raw pika")
+    p.add_argument("--pika-server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--like-ioncore", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("calls", "inflight_calls", "window"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if args.prefetch is not None and args.prefetch < 1:
+        p.error("--prefetch must be at least 1")
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.only) - {"ioncore", "pika", "nameko"}
+    if unknown:
+        p.error(f"--only: unknown {', '.join(sorted(unknown))}")
+    return args
+
+
+@defer.inlineCallbacks
+def run(reactor: Any, args: argparse.Namespace, url: str) -> Any:
+    """Every selected client on ``url``; fires with the report dict."""
+    results: dict[str, Any] = {}
+    runs = ["ioncore"] if args.confirms == "on" else ["ioncore-noconfirm"] if args.confirms == "off" else [
+        "ioncore", "ioncore-noconfirm"]
+    for name in [*runs, "pika", "pika-like", "nameko"]:
+        if name.split("-")[0] not in args.only:
+            continue
+        try:
+            if name.startswith("ioncore"):
+                results[name] = yield bench_ioncore(reactor, url, args, confirms=name == "ioncore")
+            elif name.startswith("pika"):
+                results[name] = yield bench_pika(reactor, url, args, like_ioncore=name == "pika-like")
+            else:
+                python, why = find_nameko_python(args.nameko_python)
+                if python is None:
+                    results[name] = {"na": why}
+                    continue
+                results[name] = yield bench_nameko(reactor, url, args, python)
+                results[name]["version"] = why
+        except Exception as exc:
+            results[name] = {"na": f"failed: {exc}"}
+    ratios: dict[str, Any] = {}
+    base = results.get("pika")
+    if base and "na" not in base:
+        for name, res in results.items():
+            if "na" in res:
+                continue
+            ratios[name] = {phase: res[phase]["calls_per_s"] / base[phase]["calls_per_s"]
+                            for phase in ("sequential", "window")}
+    return {
+        "environment": {
+            "python": platform.python_version(), "twisted": dist_version("twisted"),
+            "pika": dist_version("pika"), "msgpack": ".".join(map(str, msgpack.version)),
+            "platform": platform.platform(), "cpus": os.cpu_count(),
+            "broker": _redact(url),
+        },
+        "args": {k: v for k, v in vars(args).items() if k not in ("pika_server", "url")},
+        "results": results,
+        "ratio_to_raw_pika": ratios,
+    }
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    vhost = unquote(parts.path.lstrip("/")) or "/"
+    return f"{parts.scheme}://{unquote(parts.username or 'guest')}@{parts.hostname}:{parts.port} vhost {vhost}"
+
+
+def _cell(v: Any, spec: str) -> str:
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as the plain-text table ``python bench/amqp.py`` prints."""
+    env, args = report["environment"], report["args"]
+    labels = {"ioncore": "ioncore", "ioncore-noconfirm": "ioncore, confirms off", "pika": "raw pika (Twisted adapter)",
+              "pika-like": "raw pika, ioncore's AMQP use", "nameko": "nameko 2.14"}
+    lines = [
+        f"RPC on RabbitMQ ({env['broker']}): client and server in separate OS processes",
+        f"Python {env['python']}, Twisted {env['twisted']}, pika {env['pika']}, msgpack {env['msgpack']}, "
+        f"{env['cpus']} CPUs",
+        f"sequential: {args['calls']} calls; window: {args['inflight_calls']} calls, {args['window']} in flight",
+        "",
+        f"{'client':<28}{'seq calls/s':>12}{'p50 us':>9}{'p99 us':>9}   "
+        f"{'window calls/s':>14}{'p50 us':>9}{'p99 us':>9}   {'vs raw pika (seq / window)':>26}",
+        "-" * 122,
+    ]
+    for name in ("ioncore", "ioncore-noconfirm", "pika", "pika-like", "nameko"):
+        res = report["results"].get(name)
+        if res is None:
+            continue
+        if "na" in res:
+            lines.append(f"{labels[name]:<28}{'n/a':>12}   {res['na']}")
+            continue
+        s, w = res["sequential"], res["window"]
+        ratio = report["ratio_to_raw_pika"].get(name)
+        ratio_text = f"{ratio['sequential']:.2f}x / {ratio['window']:.2f}x" if ratio else "-"
+        lines.append(
+            f"{labels[name]:<28}{s['calls_per_s']:>12,.0f}{_cell(s['p50_us'], '.0f'):>9}{_cell(s['p99_us'], '.0f'):>9}"
+            f"   {w['calls_per_s']:>14,.0f}{_cell(w['p50_us'], '.0f'):>9}{_cell(w['p99_us'], '.0f'):>9}"
+            f"   {ratio_text:>26}")
+    lines.append("-" * 122)
+    if "pika-like" in report["results"]:
+        lines.append("raw pika, ioncore's AMQP use: topic exchange, publisher confirms, mandatory requests, "
+                     "acked replies, message_id + user_id")
+    ion = report["ratio_to_raw_pika"].get("ioncore")
+    if ion:
+        ok = all(v >= RATIO_TARGET for v in ion.values())
+        lines.append(f"target ioncore >= {RATIO_TARGET}x raw pika on both figures: "
+                     f"{ion['sequential']:.2f}x / {ion['window']:.2f}x   {'PASS' if ok else 'MISS'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv``, start a broker unless ``--url``, run, print; exits the process."""
+    args = parse_args(argv)
+    if args.pika_server:
+        task.react(lambda reactor: pika_server(reactor, args.url, PIKA_QUEUE, args.prefetch or 1,
+                                               args.like_ioncore))
+        return
+    server = None
+    url = args.url
+    if url is None:
+        from ion.testing.rabbitmq import RabbitMQServer
+
+        print("starting a private RabbitMQ ...", file=sys.stderr, flush=True)
+        server = RabbitMQServer()
+        server.start()
+        url = server.new_vhost_url("ion-bench")
+    report: dict[str, Any] = {}
+    try:
+        def _main(reactor: Any) -> Any:
+            # SIGINT/SIGTERM end the run (the finally below stops the broker).
+            d = run(reactor, args, url)
+            d.addCallback(report.update)
+            return d
+
+        try:
+            task.react(_main)
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                raise
+    finally:
+        if server is not None:
+            server.stop()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+    sys.stdout.flush()
+    ion = report.get("ratio_to_raw_pika", {}).get("ioncore")
+    if args.strict and (not ion or any(v < RATIO_TARGET for v in ion.values())):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    main()

@@ -44,8 +44,9 @@ import contextvars
 import importlib
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
 from twisted.internet import defer
@@ -82,7 +83,7 @@ current_message: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Con
     "ion_current_message", default=None)
 
 #: The receiver whose message the running op is handling (self-deadlock avoidance).
-_current_receiver: contextvars.ContextVar["Receiver | None"] = contextvars.ContextVar(
+_current_receiver: contextvars.ContextVar[Receiver | None] = contextvars.ContextVar(
     "ion_current_receiver", default=None)
 
 #: conv-seq of the request, and of the ops' replies, in an rpc or request.
@@ -118,7 +119,7 @@ class Receiver(LifecycleObject):
 
     _log = Logger()
 
-    def __init__(self, process: "Process", name: str, handler: Handler, *, shared: bool = False,
+    def __init__(self, process: Process, name: str, handler: Handler, *, shared: bool = False,
                  prefetch: int | None = None, max_concurrent: int = 1,
                  queue_arguments: dict[str, Any] | None = None,
                  exchange: str | None = None, bindings: list[str] | None = None) -> None:
@@ -355,9 +356,9 @@ class ProcessDesc:
     module: str | None = None
     procclass: str | None = None
     spawnargs: dict[str, Any] = field(default_factory=dict)
-    cls: type["Process"] | None = None
+    cls: type[Process] | None = None
 
-    def process_class(self) -> type["Process"]:
+    def process_class(self) -> type[Process]:
         """Import and return the class this description names."""
         if self.cls is not None:
             return self.cls
@@ -366,7 +367,7 @@ class ProcessDesc:
         return load_process_class(self.module, self.procclass)
 
 
-def load_process_class(module: str, procclass: str | None = None) -> type["Process"]:
+def load_process_class(module: str, procclass: str | None = None) -> type[Process]:
     """Import ``module`` and return ``procclass`` from it (or its one Process subclass).
 
     :raises ConfigurationError: if the module or class cannot be found.
@@ -407,7 +408,7 @@ class Process(LifecycleObject):
     name: ClassVar[str | None] = None
     _log = Logger()
 
-    def __init__(self, container: "Container", spawnargs: Mapping[str, Any] | None = None, *,
+    def __init__(self, container: Container, spawnargs: Mapping[str, Any] | None = None, *,
                  name: str | None = None, pid: str | None = None) -> None:
         super().__init__()
         self.container = container
@@ -817,7 +818,7 @@ class Process(LifecycleObject):
 
     # -- processes -------------------------------------------------------------------------
     @defer.inlineCallbacks
-    def spawn_child(self, desc: ProcessDesc | type["Process"] | str,
+    def spawn_child(self, desc: ProcessDesc | type[Process] | str,
                     spawnargs: Mapping[str, Any] | None = None, name: str | None = None) -> Any:
         """Spawn a process that is terminated with this one; fires with its pid."""
         pid = yield self.container.spawn(desc, spawnargs, name=name, parent=self)

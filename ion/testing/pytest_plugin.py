@@ -73,6 +73,14 @@ def _on_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+def require_managed_broker(rabbitmq: Any, why: str) -> None:
+    """Skip (fail when CI=true) a test that must control the broker (restart it, count its
+    queues) when the session uses an external one (ION_TEST_AMQP_URL)."""
+    if not getattr(rabbitmq, "managed", False):
+        _no_broker(f"this test needs a broker started by the test session ({why}); "
+                   f"ION_TEST_AMQP_URL names an external one")
+
+
 def _no_broker(reason: str) -> None:
     if _on_ci():
         pytest.fail(f"RabbitMQ is required on CI (CI=true) but unavailable: {reason}", pytrace=False)

@@ -33,6 +33,7 @@ from ion.core.messaging.amqp import AmqpTransport
 from ion.core.shell import ShellHelpers
 from ion.services.hello import HelloClient
 from ion.testing import ContainerFactory, client_process
+from ion.testing.pytest_plugin import require_managed_broker
 
 pytestmark = pytest.mark.amqp
 
@@ -296,8 +297,7 @@ async def test_sigterm_gives_waiting_requests_to_the_other_container(launch: Lau
                                                                     rabbitmq: Any, amqp_url: str) -> None:
     """A container stopping on SIGTERM gives back the requests waiting in its receiver (the other
     container answers them), answers the one it could not finish with a 503, and exits 0."""
-    if not getattr(rabbitmq, "managed", False):
-        pytest.skip("needs rabbitmqctl on the test broker (queue counts)")
+    require_managed_broker(rabbitmq, "queue counts")
     first = await launch(HELLO_APP, args=["-a", "ion.core.process.terminate_timeout=1"])
     client = await here(sysname=SYSNAME)
     proc = await client_process(client)
@@ -446,8 +446,7 @@ async def test_broker_restart_during_a_stream_of_calls(launch: Launcher, amqp_ur
     container: both stay up and log the loss, the child reconnects with backoff and re-declares its
     queues; every call in flight at the loss fails at once with ConversationError, the stream goes
     on, and calls after the reconnection succeed."""
-    if not getattr(rabbitmq, "managed", False):
-        pytest.skip("needs a broker started by the test session (restart)")
+    require_managed_broker(rabbitmq, "restart")
     levels = tmp_path / "loglevels.config"
     levels.write_text('{"": "info", "ion": "info"}\n')  # the transport's reconnection lines too
     # Reconnection attempts 0.5 s, then every 1 s (reconnect_max) rather than up to 10 s apart.

@@ -25,6 +25,7 @@ from ion.core.messaging.transport import Delivery, Properties
 from ion.core.service import ServiceProcess
 from ion.services.hello import HelloClient, HelloService
 from ion.testing import ContainerFactory, client_process
+from ion.testing.pytest_plugin import require_managed_broker
 from tests.core.messaging.contract import TransportContract
 
 pytestmark = pytest.mark.amqp
@@ -483,8 +484,7 @@ class HangService(ServiceProcess):
 async def test_broker_restart_during_calls(amqp_url: str, rabbitmq: Any) -> None:
     """stop_app/start_app while calls run: in-flight calls fail at once with ConversationError,
     listeners hear lost then restored, queues and consumers come back, later calls succeed."""
-    if not getattr(rabbitmq, "managed", False):
-        pytest.skip("needs a broker started by the test session (restart)")
+    require_managed_broker(rabbitmq, "restart")
     transports = [AmqpTransport(amqp_url, reconnect_initial=0.2, reconnect_max=1.0) for _ in range(2)]
     factory = ContainerFactory(broker_url=amqp_url)
     config = {"ion.core.process": {"rpc_timeout": 60, "terminate_timeout": 1}}
@@ -569,8 +569,7 @@ async def test_operations_while_disconnected_fail_fast_and_stale_acks_do_not_rai
         amqp_url: str, rabbitmq: Any) -> None:
     """While the broker is away operations fail with ConnectionLostError at once, and acking a
     delivery from before the loss is logged, not raised; after the restore the consumer is back."""
-    if not getattr(rabbitmq, "managed", False):
-        pytest.skip("needs a broker started by the test session (restart)")
+    require_managed_broker(rabbitmq, "restart")
     t = AmqpTransport(amqp_url, reconnect_initial=0.2, reconnect_max=1.0)
     await t.connect()
     seen, wait = _events(t)

@@ -271,7 +271,7 @@ class MemoryBroker:
     def _publish(self, transport: MemoryTransport, exchange: str, routing_key: str, body: bytes,
                  properties: Properties, mandatory: bool) -> None:
         if exchange == "":
-            names = {routing_key} if routing_key in self.queues else set()
+            names: frozenset[str] = frozenset({routing_key} if routing_key in self.queues else ())
         else:
             ex = self.exchanges.get(exchange)
             if ex is None:

@@ -535,7 +535,11 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
         runner = _run_broker if args.broker else _run_local
         work = defer.ensureDeferred(runner(reactor, args, deployment, out, result))
         finished: defer.Deferred[None] = defer.Deferred()
-        work.addBoth(lambda r: (finished.callback(None), r)[1])
+        def ended(outcome: Any) -> Any:
+            finished.callback(None)
+            return outcome
+
+        work.addBoth(ended)
 
         def interrupted() -> defer.Deferred[None]:
             # SIGTERM or Ctrl-C: cancel the run and let its cleanup (locks

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import inspect
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -599,14 +600,31 @@ class Process(LifecycleObject):
         token = current_message.set(msg)
         receiver_token = _current_receiver.set(receiver)
         try:
-            d = defer.maybeDeferred(method, msg.get("content"), msg, msg)
+            try:
+                result = method(msg.get("content"), msg, msg)
+            except Exception:
+                result = Failure()
+            if not isinstance(result, (defer.Deferred, Failure)):
+                if inspect.iscoroutine(result):
+                    result = defer.Deferred.fromCoroutine(result)
+                else:
+                    # The common case, a synchronous op: answer now, without a Deferred.
+                    self._op_answer(result, msg)
+                    return None
         finally:
             _current_receiver.reset(receiver_token)
             current_message.reset(token)
+        d = result if isinstance(result, defer.Deferred) else defer.fail(result)
         d.addCallbacks(self._op_done, self._op_failed, callbackArgs=(msg,), errbackArgs=(msg,))
         d.addErrback(lambda f: self._log.failure("{pid}: answering {op!r} failed", f, pid=self.id, op=op))
         # A synchronous op has been answered already: the receiver may ack at once.
         return None if d.called else d
+
+    def _op_answer(self, result: Any, msg: dict[str, Any]) -> None:
+        try:
+            self._op_done(result, msg)
+        except Exception:
+            self._log.failure("{pid}: answering {op!r} failed", pid=self.id, op=msg["op"])
 
     def _answered(self, msg: dict[str, Any]) -> bool:
         conv = self.conversations.responding.get(msg["conv-id"])
@@ -689,7 +707,8 @@ class Process(LifecycleObject):
         except MessageError as exc:
             conv.event("error", reason=str(exc), code=413 if isinstance(exc, MessageTooLargeError) else 400)
             return conv
-        d.addErrback(lambda f: conv.event("error", reason=f"could not send: {f.getErrorMessage()}"))
+        if not (d.called and not isinstance(d.result, Failure)):  # the embedded broker took it already
+            d.addErrback(lambda f: conv.event("error", reason=f"could not send: {f.getErrorMessage()}"))
         return conv
 
     def rpc_send(self, receiver: str, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,

@@ -565,12 +565,14 @@ class Fetcher:
         try:
             # Whoever held the lock before us may have published it meanwhile.
             again: EntryInfo | None = await self.cache.lookup(key)
-            if again is not None and (not request.keep_updated or (listing is not None
-                                                                   and entry_is_current(again, listing))):
+            if again is not None and not request.keep_updated:
                 return self._done(report, "cached", key, again, warnings)
             if listing is None:
                 report("listing")
                 listing = await repo.list_version(request.platform, request.name, request.version)
+            if again is not None and entry_is_current(again, listing):
+                # Published by the holder we waited for, and current: nothing to fetch.
+                return self._done(report, "cached", key, again, warnings)
             published = await self._fetch_locked(request, key, repo, listing, lock, report)
         finally:
             try:

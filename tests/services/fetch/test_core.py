@@ -136,6 +136,18 @@ async def test_same_entry_twice_at_once_downloads_once(make_repo: Any, fetcher: 
     await fetcher.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_keep_updated_twice_at_once_downloads_once(make_repo: Any, fetcher: Fetcher) -> None:
+    """Two keep_updated fetches of an uncached entry at once: the one that waited on the lock
+    finds the entry published and current, and downloads nothing."""
+    url, server = make_repo("http")
+    req = request(url, "multi", "2.0", keep_updated=True)
+    a, b = await defer.gatherResults([fetcher.fetch(req), fetcher.fetch(req)])
+    assert sorted([a.state, b.state]) == ["cached", "downloaded"]
+    assert server.count("deps/linux/multi/2.0/a.bin", "GET") == 1
+    await fetcher.close()
+
+
 # -- integrity ------------------------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_item_sha256_is_checked(make_repo: Any, fetcher: Fetcher, cache: Cache) -> None:

@@ -201,7 +201,9 @@ class CacheService(ServiceProcess):
         c = _dict(content, "lock")
         key = self._key(c)
         timeout = _number(c, "timeout")
-        lease_s = _number(c, "lease", minimum=1) or self.cache.lock_timeout
+        # A short default lease: a lock granted to a caller that gave up waiting (its
+        # RPC timed out or was cancelled) is freed after one lease, not lock_timeout.
+        lease_s = _number(c, "lease", minimum=1) or float(self.get_config("lock_lease", 60))
         if self._closing:
             raise LockError(f"cache service {self.id} is terminating", 503)
         d = self.cache.lock(key, timeout)

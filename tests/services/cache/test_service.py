@@ -172,6 +172,18 @@ def test_lease_expiry_releases_a_forgotten_lock(clocked, tmp_path):
     assert not service.cache.locks.held
 
 
+def test_default_lease_frees_a_lock_whose_caller_gave_up(clocked, tmp_path):
+    """Without an explicit lease a lock lasts lock_lease (60 s), well under lock_timeout:
+    a lock granted to a caller that stopped waiting is not pinned for lock_timeout."""
+    clocked.container.blocking = SyncPool()
+    clocked.spawn(CacheService, {"root": str(tmp_path / "c"), "host_id": "h", "lock_timeout": 600})
+    cache = CacheClient(clocked.spawn(Process))
+    lock = clocked.result(cache.lock(KEY, timeout=5))
+    assert lock.lease == 60
+    clocked.advance(61)
+    assert not Path(lock.path).exists()
+
+
 def test_cache_app_file_and_config():
     """res/apps/cache.app starts CacheService; ion.config has the ion.services.cache defaults."""
     app = load_app_file(resource_root() / "apps" / "cache.app")

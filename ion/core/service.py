@@ -34,10 +34,20 @@ class ServiceProcess(Process):
         """The shared queue name, ``<sysname>.<service>``."""
         return f"{self.sysname}.{type(self).service_name}"
 
+    #: Requests handled at once by each receiver (config ``max_concurrent`` of the
+    #: service's module overrides it). DESIGN §5's default is one at a time; a service
+    #: whose ops wait long (a download, a lock) raises it so one slow request does not
+    #: hold up the others, nor a request that would end the wait (unlock).
+    max_concurrent: ClassVar[int] = 1
+
     def receivers_to_create(self) -> list[Receiver]:
-        return super().receivers_to_create() + [
+        receivers = super().receivers_to_create() + [
             Receiver(self, self.service_queue, self._receive, shared=True),
         ]
+        concurrent = int(self.get_config("max_concurrent", type(self).max_concurrent))
+        for receiver in receivers:
+            receiver.max_concurrent = max(receiver.max_concurrent, concurrent)
+        return receivers
 
     def op_ping(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         result = super().op_ping(content, headers, msg)

@@ -51,7 +51,6 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from ion.core.exceptions import ReceivedApplicationError
-from ion.core.process import Receiver
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.cache.core import DEFAULT_LOCK_TIMEOUT, Cache, default_root
 from ion.services.cache.entry import EntryInfo, EntryKey, EntryReport, FileMeta, PruneReport
@@ -105,13 +104,8 @@ class CacheService(ServiceProcess):
     version = "0.1.0"
     _log = Logger()
 
-    def receivers_to_create(self) -> list[Receiver]:
-        receivers = super().receivers_to_create()
-        concurrent = int(self.get_config("max_concurrent", 32))
-        for receiver in receivers:
-            # Handled at once (a lock waiting for its entry must not keep unlock waiting).
-            receiver.max_concurrent = concurrent
-        return receivers
+    #: A lock waiting for its entry must not keep the unlock that frees it waiting.
+    max_concurrent = 32
 
     def slc_init(self) -> None:
         root = self.get_config("root") or default_root()

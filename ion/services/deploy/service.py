@@ -24,7 +24,6 @@ from twisted.internet import defer
 
 from ion.core.exceptions import ApplicationError
 from ion.core.jobs import JobTable
-from ion.core.process import Receiver
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.core import Deployer, ItemResult, check_allowed
 from ion.services.deploy.spec import Deployment, DeploymentError, DeploymentItem, item_from_dict
@@ -46,14 +45,8 @@ class DeployService(ServiceProcess):
     service_name = "deploy"
     version = "0.1.0"
 
-    def receivers_to_create(self) -> list[Receiver]:
-        receivers = super().receivers_to_create()
-        concurrent = int(self.get_config("max_concurrent", 16))
-        for receiver in receivers:
-            # A receiver handles one message at a time by default: a sync deploy (minutes
-            # long) would keep job_status, jobs and every other deploy waiting behind it.
-            receiver.max_concurrent = concurrent
-        return receivers
+    #: A sync deploy (minutes long) must not keep job_status, jobs and other deploys waiting.
+    max_concurrent = 16
 
     def slc_init(self) -> None:
         self.jobs = JobTable(self.clock, float(self.get_config("job_retention", 3600)))

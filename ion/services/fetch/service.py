@@ -40,7 +40,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ion.core.exceptions import ConfigurationError, ReceivedError
-from ion.core.process import Receiver
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.spec import DeploymentItem
 from ion.services.fetch.core import Fetcher, FetchProgress, FetchRequest, RemoteCache, remote_unpack
@@ -60,14 +59,8 @@ class FetchService(ServiceProcess):
     version = "0.1.0"
     _log = Logger()
 
-    def receivers_to_create(self) -> list[Receiver]:
-        receivers = super().receivers_to_create()
-        concurrent = int(self.get_config("max_concurrent", 16))
-        for receiver in receivers:
-            # Fetches handled at once (a receiver handles one message at a time by default,
-            # and one long download must not hold up every other).
-            receiver.max_concurrent = concurrent
-        return receivers
+    #: One long download must not hold up every other fetch.
+    max_concurrent = 16
 
     def slc_init(self) -> None:
         from ion.services.cache.service import CacheClient

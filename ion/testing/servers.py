@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import logging
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 import warnings
+import zipfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,6 +54,27 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def tgz(members: Mapping[str, bytes]) -> bytes:
+    """A tar.gz holding ``members`` (fixed mtimes: the same bytes every time)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1_700_000_000
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def zipped(members: Mapping[str, bytes]) -> bytes:
+    """A zip holding ``members``."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
 
 
 def write_tree(root: str | os.PathLike[str], files: Mapping[str, bytes | str]) -> Path:

@@ -5,12 +5,9 @@ deployer (``python -m tests.services.deploy.scenario_support``) for the multi-pr
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
-import tarfile
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,31 +19,10 @@ import pytest_twisted
 from twisted.internet import defer, protocol
 from twisted.web import resource, server
 
-from ion.testing.servers import HTTPRepositoryServer, MotoServer, _FaultyRoot, write_tree
+from ion.testing.servers import HTTPRepositoryServer, MotoServer, _FaultyRoot, tgz, write_tree, zipped
 
 #: Seconds any single wait of these tests may take before the test fails (no test sleeps).
 WAIT = 30.0
-
-
-def tgz(members: Mapping[str, bytes]) -> bytes:
-    """A tar.gz holding ``members``."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 1_700_000_000
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def zipped(members: Mapping[str, bytes]) -> bytes:
-    """A zip holding ``members``."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 TGZ = "linux/zlib/1.2/zlib-1.2.tgz"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,29 +10,7 @@ import pytest
 
 from ion.core.threads import BlockingPool
 from ion.services.deploy.spec import RepositoryURL, parse_repository_url
-from ion.testing.servers import HTTPRepositoryServer, MotoServer, write_tree
-
-
-def tgz(members: Mapping[str, bytes]) -> bytes:
-    """A tar.gz holding ``members``."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 1_700_000_000
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def zipped(members: Mapping[str, bytes]) -> bytes:
-    """A zip holding ``members``."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
+from ion.testing.servers import HTTPRepositoryServer, MotoServer, tgz, write_tree, zipped
 
 #: The repository every kind serves: exact versions, sub-folders, several files per version.
 CONTENT: dict[str, bytes] = {

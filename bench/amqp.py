@@ -68,7 +68,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, REPO)
 
 import msgpack  # noqa: E402
-from twisted.internet import defer, protocol, task  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
+
+from ion.testing.processes import WatchedProcess  # noqa: E402
 
 __all__ = ["main", "parse_args", "percentile", "sequential", "windowed", "format_table", "RATIO_TARGET"]
 
@@ -167,86 +169,11 @@ def measure(call: Callable[[], defer.Deferred[Any]], args: argparse.Namespace) -
 
 
 # -- child processes -----------------------------------------------------------------------------------
-class Child(protocol.ProcessProtocol):
-    """A child process whose output is kept; ``wait_for(text)`` fires once a line holds ``text``."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.output = b""
-        self.waiting: list[tuple[bytes, defer.Deferred[None]]] = []
-        self.ended: defer.Deferred[int] = defer.Deferred()
-        self.exit_code: int | None = None
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        self._got(data)
-
-    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        self._got(data)
-
-    def _got(self, data: bytes) -> None:
-        self.output += data
-        for item in list(self.waiting):
-            if item[0] in self.output:
-                self.waiting.remove(item)
-                item[1].callback(None)
-
-    def wait_for(self, text: bytes, timeout: float = 60) -> defer.Deferred[None]:
-        from twisted.internet import reactor
-
-        d: defer.Deferred[None] = defer.Deferred()
-        if text in self.output:
-            d.callback(None)
-            return d
-        self.waiting.append((text, d))
-
-        def timed_out(f: Any) -> Any:
-            if f.check(defer.TimeoutError):
-                raise RuntimeError(f"{self.name} did not print {text.decode()!r} within {timeout:g} s; "
-                                   f"its output:\n{self.tail()}")
-            return f
-
-        return d.addTimeout(timeout, reactor).addErrback(timed_out)
-
-    def processEnded(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
-        value = reason.value
-        self.exit_code = value.exitCode if value.exitCode is not None else -(value.signal or 0)
-        for _text, d in self.waiting:
-            d.errback(RuntimeError(f"{self.name} exited ({self.exit_code}); its output:\n{self.tail()}"))
-        self.waiting = []
-        self.ended.callback(self.exit_code)
-
-    def tail(self, n: int = 3000) -> str:
-        return self.output.decode(errors="replace")[-n:]
-
-    @defer.inlineCallbacks
-    def stop(self, timeout: float = 30) -> Any:
-        """SIGTERM, then SIGKILL if it has not ended within ``timeout`` seconds."""
-        from twisted.internet import reactor
-
-        if self.exit_code is not None:
-            return self.exit_code
-        try:
-            self.transport.signalProcess("TERM")
-        except Exception:
-            pass
-        timer = reactor.callLater(timeout, self._kill)
-        code = yield self.ended
-        if timer.active():
-            timer.cancel()
-        return code
-
-    def _kill(self) -> None:
-        try:
-            self.transport.signalProcess("KILL")
-        except Exception:
-            pass
-
-
 def spawn(name: str, executable: str, argv: list[str], *, cwd: str = REPO,
-          env: dict[str, str] | None = None) -> Child:
+          env: dict[str, str] | None = None) -> WatchedProcess:
     from twisted.internet import reactor
 
-    child = Child(name)
+    child = WatchedProcess(name)
     reactor.spawnProcess(child, executable, [executable, *argv], env={**os.environ, **(env or {})}, path=cwd)
     return child
 

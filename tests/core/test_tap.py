@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.application.service import IServiceMaker
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, task
 from twisted.logger import FilteringLogObserver, LogLevel
 from twisted.python import usage
 
@@ -21,6 +21,7 @@ from ion.core.lifecycle import State
 from ion.core.log import filtered_observer, level_predicate, read_levels, stdout_observer
 from ion.core.tap import ContainerService, Options, parse_container_args
 from ion.testing import rpc, test_config
+from ion.testing.processes import WatchedProcess
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO_APP = REPO / "res" / "apps" / "hello.app"
@@ -468,51 +469,14 @@ def test_no_shell_without_a_terminal_or_with_no_shell() -> None:
 
 
 # -- real twistd runs ---------------------------------------------------------------------------------------------
-class TwistdProcess(protocol.ProcessProtocol):
-    """Collects a child's output and tells when a line containing some text shows up."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.waiting: list[tuple[bytes, defer.Deferred[None]]] = []
-        self.ended: defer.Deferred[int] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self._got(data)
-
-    def errReceived(self, data: bytes) -> None:
-        self._got(data)
-
-    def _got(self, data: bytes) -> None:
-        self.output += data
-        for item in list(self.waiting):
-            if item[0] in self.output:
-                self.waiting.remove(item)
-                item[1].callback(None)
-
-    def wait_for(self, text: bytes, timeout: float = 30) -> defer.Deferred[None]:
-        from twisted.internet import reactor
-
-        d: defer.Deferred[None] = defer.Deferred()
-        if text in self.output:
-            d.callback(None)
-        else:
-            self.waiting.append((text, d))
-            d.addTimeout(timeout, reactor)
-        return d
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(reason.value.exitCode if reason.value.exitCode is not None else
-                            -(reason.value.signal or 0))
-
-
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 
-def spawn_twistd(*args: str, env: dict[str, str] | None = None, use_pty: bool = False) -> TwistdProcess:
+def spawn_twistd(*args: str, env: dict[str, str] | None = None, use_pty: bool = False) -> WatchedProcess:
     """Run `twistd -n cc ARGS` from the repo root (no pid file), collecting its output."""
     from twisted.internet import reactor
 
-    proto = TwistdProcess()
+    proto = WatchedProcess("twistd")
     child_env = dict(os.environ)
     child_env.pop("ION_LOGLEVELS", None)
     child_env.update(env or {})
@@ -521,7 +485,7 @@ def spawn_twistd(*args: str, env: dict[str, str] | None = None, use_pty: bool = 
     return proto
 
 
-def ended_in(proto: TwistdProcess, timeout: float = 30) -> defer.Deferred[int]:
+def ended_in(proto: WatchedProcess, timeout: float = 30) -> defer.Deferred[int]:
     from twisted.internet import reactor
 
     return proto.ended.addTimeout(timeout, reactor)
@@ -533,10 +497,11 @@ async def test_twistd_cc_runs_hello_and_sigterm_exits_zero() -> None:
     """`twistd -n cc --no-shell res/apps/hello.app` starts hello; SIGTERM stops it cleanly, exit 0."""
     proto = spawn_twistd("--no-shell", "res/apps/hello.app")
     try:
-        await proto.wait_for(b"started app hello")
-    except defer.TimeoutError:
-        proto.transport.signalProcess("KILL")
-        raise AssertionError(proto.output.decode(errors="replace")) from None
+        await proto.wait_for(b"started app hello")  # fails with the child's output
+    except RuntimeError:
+        if proto.exit_code is None:
+            proto.transport.signalProcess("KILL")
+        raise
     proto.transport.signalProcess("TERM")
     code = await ended_in(proto)
     out = proto.output.decode(errors="replace")

@@ -14,8 +14,6 @@ and whether its destination was already right (``already``).
 
 from __future__ import annotations
 
-import datetime
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -30,8 +28,7 @@ from ion.core.exceptions import ApplicationError
 from ion.services.deploy.place import PlacementError, place
 from ion.services.deploy.spec import Deployment, DeploymentItem
 
-__all__ = ["Deployer", "ItemResult", "FetchFunction", "ProgressFunction", "check_allowed", "AccessRefused",
-           "entry_stamp"]
+__all__ = ["Deployer", "ItemResult", "FetchFunction", "ProgressFunction", "check_allowed", "AccessRefused"]
 
 _log = Logger()
 
@@ -56,22 +53,6 @@ class AccessRefused(ApplicationError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, 403)
-
-
-def entry_stamp(stamp: Any) -> str:
-    """The stamp of an entry's content, the same however its fetch time reached us.
-
-    A fetch time (seconds, an int or float) becomes its UTC ISO form to the
-    microsecond, as the ``.entry`` file stores it: the float a fresh publish
-    answers and the one read back from the file differ in their last digits,
-    and a copy placed from one must count as placed from the other (else every
-    copy is redone on the next deploy). Text (a content digest) is kept as is.
-    """
-    if stamp is None or isinstance(stamp, bool):
-        return ""
-    if isinstance(stamp, (int, float)) and math.isfinite(stamp):
-        return datetime.datetime.fromtimestamp(stamp, datetime.UTC).isoformat()
-    return str(stamp)
 
 
 def _resolved(path: Path) -> Path:
@@ -194,7 +175,7 @@ class Deployer:
         try:
             placed = await self.pool.run(place, entry, names, item.destination, link=item.link,
                                          platform=item.platform, name=item.name, version=item.version,
-                                         entry_stamp=entry_stamp(fetched.get("stamp")))
+                                         entry_stamp=str(fetched.get("stamp") or ""))
         except PlacementError as exc:
             return ItemResult(item, "failed", reason=str(exc), entry=str(entry))
         except Exception as exc:

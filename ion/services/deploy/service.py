@@ -97,7 +97,7 @@ class DeployService(ServiceProcess):
             content, _ = await self.rpc_send("fetch", "fetch", request, timeout=timeout)
             return {"state": content["state"], "path": content["path"],
                     "names": content.get("content") or content.get("names") or [],
-                    # The fetch time as a number: the Deployer normalises it (entry_stamp).
+                    # The entry's content digest: a copy is redone only when the content changed.
                     "stamp": content.get("stamp") or ""}
 
         def run_fetch(item: DeploymentItem, progress: Any) -> defer.Deferred[dict[str, Any]]:

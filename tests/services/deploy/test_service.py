@@ -210,20 +210,21 @@ async def test_an_empty_allowed_destinations_allows_nothing(container_factory: A
 
 
 def test_entry_stamp_is_the_same_fresh_or_read_back_from_the_entry_file() -> None:
-    """A fetch time as published and as read back from ``.entry`` give one stamp (a copy is not redone)."""
+    """An entry as published and as read back from ``.entry`` give one stamp (a copy is not redone)."""
     import random
 
-    from ion.services.cache.entry import EntryInfo, EntryKey
-    from ion.services.deploy.core import entry_stamp
+    from ion.services.cache.entry import EntryInfo, EntryKey, FileMeta
 
     key = EntryKey("r.file", "linux", "zlib", "1.2", True)
     rng = random.Random(5)
-    for _ in range(2000):
-        fresh = rng.uniform(1.6e9, 2.1e9)
-        text = EntryInfo(key=key, path=Path("/c/e"), files={}, fetched_at=fresh, last_used=fresh, url="u").render()
-        back = EntryInfo.parse(text, key, Path("/c/e")).fetched_at
-        assert entry_stamp(fresh) == entry_stamp(back)
-    assert entry_stamp("0123abcd") == "0123abcd" and entry_stamp(None) == ""
+    for _ in range(200):
+        fresh_at = rng.uniform(1.6e9, 2.1e9)
+        files = {f"lib/f{n}": FileMeta(rng.randrange(10**6), None, f"{rng.getrandbits(256):064x}") for n in range(3)}
+        fresh = EntryInfo(key=key, path=Path("/c/e"), files=files, fetched_at=fresh_at, last_used=fresh_at, url="u")
+        back = EntryInfo.parse(fresh.render(), key, Path("/c/e"))
+        assert fresh.content_digest() == back.content_digest()
+    changed = dict(files, **{"lib/f0": FileMeta(1, None, "0" * 64)})
+    assert EntryInfo(key=key, path=Path("/c/e"), files=changed).content_digest() != back.content_digest()
 
 
 # -- async jobs ----------------------------------------------------------------------------------------

@@ -133,7 +133,8 @@ class FetchService(ServiceProcess):
 
         try:
             request = FetchRequest.from_wire(content)
-            self._check_file_repository(request)
+            # realpath may touch slow filesystems: resolve off the reactor thread.
+            await self.container.blocking.run(self._check_file_repository, request)
         except FetchError as exc:
             return self._refuse(msg, type(exc).__name__, str(exc), exc.code)
         d = self.fetcher.fetch(request, self._progress(content))

@@ -506,10 +506,24 @@ class ContainerService(service.Service):
         self.reactor.callFromThread(self._log.info, "Received SIGTERM: stopping the container")
         self.reactor.callFromThread(self._stop_reactor)
 
+    def _claim_sigterm(self) -> None:
+        # A SIGTERM can land in the reactor's own handler: between the reactor
+        # installing its handlers and ours replacing them, or after something
+        # re-installed them. The reactor then records it so that twistd re-raises
+        # it at exit (status -15). A requested stop is a clean exit either way, so
+        # take the record back (``_exitSignal`` is the reactor's documented
+        # ``_ISupportsExitSignalCapturing`` attribute); a second SIGTERM still kills.
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
+            self._sigterm_seen = True
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
     # -- stopping -------------------------------------------------------------------------------------
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self._stopping = True
+        if self.install_signal_handlers:
+            self._claim_sigterm()
         if self.shell is not None:
             self.shell.close()
         return defer.ensureDeferred(self._stop())

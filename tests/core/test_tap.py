@@ -468,6 +468,40 @@ def test_no_shell_without_a_terminal_or_with_no_shell() -> None:
         reactor.pump()
 
 
+def test_sigterm_caught_by_the_reactor_handler_still_exits_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM that the reactor's own handler took (a start-up race) is not re-raised by twistd at exit."""
+    import signal
+
+    installed: list[Any] = []
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append((signum, handler)))
+    reactor = ClockReactor()
+    svc = service_for("--no-shell", reactor=reactor, install_signal_handlers=True)
+    svc.startService()
+    reactor.pump()
+    assert [s for s, _ in installed] == [signal.SIGTERM, signal.SIGTERM]
+    reactor._exitSignal = signal.SIGTERM  # what the reactor's sigTerm records before it stops
+    installed.clear()
+    d = svc.stopService()
+    reactor.pump()
+    assert d.called and reactor._exitSignal is None
+    assert installed == [(signal.SIGTERM, svc._on_sigterm)]  # a second SIGTERM still kills
+
+
+def test_other_exit_signals_are_left_to_twistd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only SIGTERM is a requested stop; a SIGINT stays recorded for twistd to re-raise."""
+    import signal
+
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)
+    reactor = ClockReactor()
+    svc = service_for("--no-shell", reactor=reactor, install_signal_handlers=True)
+    svc.startService()
+    reactor.pump()
+    reactor._exitSignal = signal.SIGINT
+    svc.stopService()
+    reactor.pump()
+    assert reactor._exitSignal == signal.SIGINT
+
+
 # -- real twistd runs ---------------------------------------------------------------------------------------------
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
@@ -508,6 +542,24 @@ async def test_twistd_cc_runs_hello_and_sigterm_exits_zero() -> None:
     assert code == 0, out
     assert "Traceback" not in out
     assert "stopped app hello" in out and "container" in out and "stopped" in out
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_twistd_cc_sigterm_while_the_reactor_starts_exits_zero() -> None:
+    """A SIGTERM sent as the reactor starts (its handlers and ours race) still stops cleanly with 0."""
+    proto = spawn_twistd("--no-shell", "res/apps/hello.app")
+    try:
+        await proto.wait_for(b"reactor class")
+    except RuntimeError:
+        if proto.exit_code is None:
+            proto.transport.signalProcess("KILL")
+        raise
+    proto.transport.signalProcess("TERM")
+    code = await ended_in(proto)
+    out = proto.output.decode(errors="replace")
+    assert code == 0, out
+    assert "Traceback" not in out
 
 
 @pytest.mark.slow

@@ -16,9 +16,9 @@ Measures, in one run and on the same broker:
   (``auto_ack``). Both set ``TCP_NODELAY`` as ioncore's transport does. A
   second row, **raw pika, ioncore's AMQP use**, makes the same calls the way
   ioncore's transport uses AMQP (a topic exchange, publisher confirms on both
-  sides, mandatory requests, every reply acknowledged, ``message_id`` and
-  ``user_id`` set): the gap between it and ioncore is the container's own
-  cost, the gap between the two pika rows the cost of those AMQP features;
+  sides, mandatory requests, ``message_id`` and ``user_id`` set): the gap
+  between it and ioncore is the container's own cost, the gap between the
+  two pika rows the cost of those AMQP features;
 * **nameko 2.14** -- a ``nameko run`` service and a ``ClusterRpcProxy``
   client, each in its own OS process, when a Python that can import nameko
   is found (``--nameko-python``, ``$NAMEKO_PYTHON``, ``/tmp/nameko-venv``,
@@ -27,7 +27,10 @@ Measures, in one run and on the same broker:
 Each client makes ``--calls`` sequential calls (default 2,000) and then
 ``--inflight-calls`` calls (default 20,000) with a sliding window of
 ``--window`` (default 100) in flight, after ``--warmup`` calls of each kind:
-calls/s and p50/p99 latency per call. The table ends with each row's ratio to
+calls/s and p50/p99 latency per call, and the CPU microseconds per call of
+the windowed phase spent by the client process, the server process and the
+broker (Linux ``/proc``). On a shared machine calls/s swing with the load;
+the CPU figures barely do, and show where a difference comes from. The table ends with each row's ratio to
 raw pika (the issue's target: ioncore >= 0.9x raw pika on both figures).
 
 Without ``--url`` it starts a private RabbitMQ (:mod:`ion.testing.rabbitmq`,
@@ -153,9 +156,56 @@ def windowed(call: Callable[[], defer.Deferred[Any]], n: int,
     return done
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds used so far by process ``pid`` (Linux ``/proc``); None if unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def listening_pid(port: int) -> int | None:
+    """The id of the local process listening on TCP ``port`` (Linux ``/proc``; None if not visible)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{cols[9]}]")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in inodes for fd in fds):
+                return int(entry)
+        except OSError:
+            continue
+    return None
+
+
+#: The RabbitMQ (beam.smp) process id, when known: its CPU is reported beside the clients'.
+BROKER_PID: int | None = None
+
+
 @defer.inlineCallbacks
-def measure(call: Callable[[], defer.Deferred[Any]], args: argparse.Namespace) -> Any:
-    """Warm up, then the sequential and the windowed phase; fires with {sequential, window}."""
+def measure(call: Callable[[], defer.Deferred[Any]], args: argparse.Namespace,
+            server_pid: int | None = None) -> Any:
+    """Warm up, then the sequential and the windowed phase; fires with {sequential, window, cpu_us}.
+
+    ``cpu_us``: CPU microseconds per call of the windowed phase in this (client) process,
+    the server process and the broker. Unlike calls/s, these barely move when other work
+    shares the machine, so they show where a difference comes from.
+    """
     if args.warmup:
         yield sequential(call, args.warmup)
     gc.collect()
@@ -164,8 +214,13 @@ def measure(call: Callable[[], defer.Deferred[Any]], args: argparse.Namespace) -
     if args.warmup:
         yield windowed(call, args.warmup, args.window)
     gc.collect()
+    pids = {"client": os.getpid(), "server": server_pid, "broker": BROKER_PID}
+    before = {k: cpu_seconds(pid) for k, pid in pids.items()}
     secs, lat = yield windowed(call, args.inflight_calls, args.window)
-    return {"sequential": seq, "window": summarize(args.inflight_calls, secs, lat)}
+    after = {k: cpu_seconds(pid) for k, pid in pids.items()}
+    cpu_us = {k: (after[k] - b) / args.inflight_calls * 1e6 if b is not None and after[k] is not None else None
+              for k, b in before.items()}
+    return {"sequential": seq, "window": summarize(args.inflight_calls, secs, lat), "cpu_us": cpu_us}
 
 
 # -- child processes -----------------------------------------------------------------------------------
@@ -208,7 +263,7 @@ def bench_ioncore(reactor: Any, url: str, args: argparse.Namespace, confirms: bo
 
         content, _ = yield call()
         assert content == {"value": f"Hello there, {PAYLOAD}"}, content
-        result = yield measure(call, args)
+        result = yield measure(call, args, server.transport.pid)
     finally:
         if container is not None:
             yield container.terminate()
@@ -299,8 +354,8 @@ def bench_pika(reactor: Any, url: str, args: argparse.Namespace, like_ioncore: b
     """Raw pika echo server in a child process, raw pika client here.
 
     Plain: default exchange, no confirms, ``auto_ack`` replies. ``like_ioncore``: a topic
-    exchange, confirms on both sides, mandatory requests, replies acknowledged one by one
-    with the same prefetch window, message_id and user_id set -- ioncore's AMQP use.
+    exchange, confirms on both sides, mandatory requests, message_id and user_id set --
+    ioncore's AMQP use.
     """
     prefetch = args.prefetch or _default_prefetch()
     server = spawn("pika server", sys.executable,
@@ -318,19 +373,15 @@ def bench_pika(reactor: Any, url: str, args: argparse.Namespace, like_ioncore: b
         reply_q = frame.method.queue
         if like_ioncore:
             yield ch.queue_bind(queue=reply_q, exchange=exchange, routing_key=reply_q)
-            yield ch.basic_qos(prefetch_count=prefetch)
-        queue_obj, _tag = yield ch.basic_consume(queue=reply_q, auto_ack=not like_ioncore)
+        queue_obj, _tag = yield ch.basic_consume(queue=reply_q, auto_ack=True)
         pending: dict[str, defer.Deferred[Any]] = {}
         unpackb = msgpack.unpackb
-        ack = ch.basic_ack
 
         def handle(item: Any) -> None:
-            _ch, method, props, body = item
+            _ch, _method, props, body = item
             d = pending.pop(props.correlation_id, None)
             if d is not None:
                 d.callback(unpackb(body, raw=False))
-            if like_ioncore and ch.is_open:
-                ack(delivery_tag=method.delivery_tag)
 
         _consume_loop(queue_obj, handle)
         ids = itertools.count(1)
@@ -349,7 +400,7 @@ def bench_pika(reactor: Any, url: str, args: argparse.Namespace, like_ioncore: b
 
         reply = yield call()
         assert reply == {"value": f"Hello there, {PAYLOAD}"}, reply
-        result = yield measure(call, args)
+        result = yield measure(call, args, server.transport.pid)
     finally:
         if conn is not None:
             yield conn.close()
@@ -592,6 +643,15 @@ def _cell(v: Any, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
+WIDTH = 159
+
+
+def _cpu_cells(cpu: dict[str, Any] | None) -> str:
+    cpu = cpu or {}
+    return f"{_cell(cpu.get('client'), '.0f'):>14}{_cell(cpu.get('server'), '.0f'):>7}{_cell(cpu.get('broker'), '.0f'):>7}" \
+        + (f"{'=' + format(sum(cpu.values()), '.0f'):>6}" if cpu and all(v is not None for v in cpu.values()) else "")
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as the plain-text table ``python bench/amqp.py`` prints."""
     env, args = report["environment"], report["args"]
@@ -604,8 +664,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"sequential: {args['calls']} calls; window: {args['inflight_calls']} calls, {args['window']} in flight",
         "",
         f"{'client':<28}{'seq calls/s':>12}{'p50 us':>9}{'p99 us':>9}   "
-        f"{'window calls/s':>14}{'p50 us':>9}{'p99 us':>9}   {'vs raw pika (seq / window)':>26}",
-        "-" * 122,
+        f"{'window calls/s':>14}{'p50 us':>9}{'p99 us':>9}   {'vs raw pika (seq / window)':>26}"
+        f"   {'CPU us/call: client server broker':>34}",
+        "-" * WIDTH,
     ]
     for name in ("ioncore", "ioncore-noconfirm", "pika", "pika-like", "nameko"):
         res = report["results"].get(name)
@@ -620,11 +681,11 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{labels[name]:<28}{s['calls_per_s']:>12,.0f}{_cell(s['p50_us'], '.0f'):>9}{_cell(s['p99_us'], '.0f'):>9}"
             f"   {w['calls_per_s']:>14,.0f}{_cell(w['p50_us'], '.0f'):>9}{_cell(w['p99_us'], '.0f'):>9}"
-            f"   {ratio_text:>26}")
-    lines.append("-" * 122)
+            f"   {ratio_text:>26}   {_cpu_cells(res.get('cpu_us'))}")
+    lines.append("-" * WIDTH)
     if "pika-like" in report["results"]:
         lines.append("raw pika, ioncore's AMQP use: topic exchange, publisher confirms, mandatory requests, "
-                     "acked replies, message_id + user_id")
+                     "message_id + user_id")
     ion = report["ratio_to_raw_pika"].get("ioncore")
     if ion:
         ok = all(v >= RATIO_TARGET for v in ion.values())
@@ -635,6 +696,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse ``argv``, start a broker unless ``--url``, run, print; exits the process."""
+    global BROKER_PID
     args = parse_args(argv)
     if args.pika_server:
         task.react(lambda reactor: pika_server(reactor, args.url, PIKA_QUEUE, args.prefetch or 1,
@@ -649,6 +711,7 @@ def main(argv: list[str] | None = None) -> None:
         server = RabbitMQServer()
         server.start()
         url = server.new_vhost_url("ion-bench")
+    BROKER_PID = listening_pid(urlsplit(url).port or 5672)
     report: dict[str, Any] = {}
     try:
         def _main(reactor: Any) -> Any:

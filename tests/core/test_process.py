@@ -591,25 +591,50 @@ class Who(ServiceProcess):
 
 
 def test_receiver_handles_one_message_at_a_time_from_its_prefetch_window(system: ClockedSystem) -> None:
-    """The broker hands the receiver up to `prefetch` messages; they are handled one at a time, in
-    order, each acknowledged when handled."""
+    """The broker hands a shared queue's receiver up to `prefetch` messages; they are handled one at
+    a time, in order, each acknowledged when handled."""
     svc = _echo(system)
     client = system.spawn(Process)
-    main = svc.receivers[0]
-    assert (main.prefetch, main.max_concurrent, main.window) == (16, 1, 16)
-    ds = [client.rpc_send(svc.id, "slow", 5, timeout=60) for _ in range(3)]
+    shared = next(r for r in svc.receivers if r.shared)
+    assert (shared.prefetch, shared.max_concurrent, shared.window) == (16, 1, 16)
+    ds = [client.rpc_send("echo", "slow", 5, timeout=60) for _ in range(3)]
     system.pump()
-    assert (main.inflight, len(main.buffered)) == (1, 2)  # all three delivered, one started
+    assert (shared.inflight, len(shared.buffered)) == (1, 2)  # all three delivered, one started
     assert svc.calls == [("slow", 5)]
-    consumer = system.broker.queues[svc.id].consumers[0]
+    consumer = system.broker.queues[shared.name].consumers[0]
     assert len(consumer.unacked) == 3
     system.advance(5)
     assert [d.called for d in ds] == [True, False, False]
-    assert (main.inflight, len(main.buffered), len(consumer.unacked)) == (1, 1, 2)
+    assert (shared.inflight, len(shared.buffered), len(consumer.unacked)) == (1, 1, 2)
     system.advance(5)
     system.advance(5)
     assert [success_of(d)[0] for d in ds] == ["slow done"] * 3
-    assert (main.inflight, len(main.buffered), len(consumer.unacked)) == (0, 0, 0)
+    assert (shared.inflight, len(shared.buffered), len(consumer.unacked)) == (0, 0, 0)
+
+
+def test_own_queue_is_consumed_without_acks_and_keeps_its_fifo_while_deactivated(system: ClockedSystem) -> None:
+    """A process's own queue is consumed with auto_ack: nothing waits for an ack at the broker, the
+    FIFO still hands messages over one at a time, and a deactivated receiver keeps its FIFO for
+    when it is activated again."""
+    svc = _echo(system)
+    client = system.spawn(Process)
+    main = svc.receivers[0]
+    assert not main.shared
+    ds = [client.rpc_send(svc.id, "slow", 5, timeout=600) for _ in range(3)]
+    system.pump()
+    consumer = system.broker.queues[svc.id].consumers[0]
+    assert (main.inflight, len(main.buffered), len(consumer.unacked)) == (1, 2, 0)
+    assert all(d.settled for d in main.buffered)
+    system.result(main.deactivate())  # the op in hand finishes; the FIFO stays
+    system.advance(5)
+    assert [d.called for d in ds] == [True, False, False]
+    assert (main.state, main.inflight, len(main.buffered)) == (State.READY, 0, 2)
+    system.advance(30)
+    assert svc.calls == [("slow", 5)]  # nothing started while deactivated
+    system.result(main.activate())
+    system.advance(5)
+    system.advance(5)
+    assert [success_of(d)[0] for d in ds] == ["slow done"] * 3
 
 
 def test_stopping_gives_buffered_requests_to_another_instance(system: ClockedSystem) -> None:
@@ -702,14 +727,14 @@ def test_an_op_outliving_terminate_is_answered_503_and_not_run_again() -> None:
 
 
 def test_connection_loss_drops_the_waiting_deliveries(system: ClockedSystem) -> None:
-    """Deliveries waiting in the FIFO when the connection is lost are left to the broker (which
-    delivers them again) instead of being handled here too."""
+    """Deliveries waiting in a shared queue's FIFO when the connection is lost are left to the
+    broker (which delivers them again) instead of being handled here too."""
     svc = system.spawn(Who)
     client = system.spawn(Process)
-    calls = [client.rpc_send(svc.id, "hold", None, timeout=60)]
-    calls += [client.rpc_send(svc.id, "who", None, timeout=60) for _ in range(3)]
+    calls = [client.rpc_send("who", "hold", None, timeout=60)]
+    calls += [client.rpc_send("who", "who", None, timeout=60) for _ in range(3)]
     system.pump()
-    main = svc.receivers[0]
+    main = next(r for r in svc.receivers if r.shared)
     assert len(main.buffered) == 3
     system.container.transport._notify_connection("lost", "test")
     assert not main.buffered

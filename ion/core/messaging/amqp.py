@@ -185,16 +185,17 @@ class _ChannelSlot:
 class _Consumer:
     """One consumer: what it consumes (kept across reconnections) and its current channel."""
 
-    __slots__ = ("tag", "queue", "callback", "prefetch", "exclusive", "channel", "unacked", "cancelled",
-                 "cancelling")
+    __slots__ = ("tag", "queue", "callback", "prefetch", "exclusive", "auto_ack", "channel", "unacked",
+                 "cancelled", "cancelling")
 
     def __init__(self, tag: str, queue: str, callback: ConsumeCallback, prefetch: int,
-                 exclusive: bool) -> None:
+                 exclusive: bool, auto_ack: bool = False) -> None:
         self.tag = tag
         self.queue = queue
         self.callback = callback
         self.prefetch = prefetch
         self.exclusive = exclusive
+        self.auto_ack = auto_ack
         self.channel: TwistedChannel | None = None
         self.unacked = 0
         self.cancelled = False
@@ -746,13 +747,13 @@ class AmqpTransport(Transport):
 
     # -- consuming --------------------------------------------------------------------------------
     def consume(self, queue: str, callback: ConsumeCallback, *, prefetch: int = 1,
-                exclusive: bool = False) -> defer.Deferred[str]:
+                exclusive: bool = False, auto_ack: bool = False) -> defer.Deferred[str]:
         try:
             self._check()
         except TransportError:
             return defer.fail()
         tag = f"ion.{self._id_prefix}.{next(self._tags)}"
-        consumer = _Consumer(tag, queue, callback, prefetch, exclusive)
+        consumer = _Consumer(tag, queue, callback, prefetch, exclusive, auto_ack)
         d = self._start_consumer(consumer)
 
         def started(_: Any) -> str:
@@ -770,12 +771,12 @@ class AmqpTransport(Transport):
 
         def opened(ch: TwistedChannel) -> Any:
             channel.append(ch)
-            if consumer.prefetch > 0:
+            if consumer.prefetch > 0 and not consumer.auto_ack:
                 return ch.basic_qos(prefetch_count=consumer.prefetch)
             return None
 
         def consume(_: Any) -> Any:
-            return channel[0].basic_consume(queue=consumer.queue, auto_ack=False, exclusive=consumer.exclusive,
+            return channel[0].basic_consume(queue=consumer.queue, auto_ack=consumer.auto_ack, exclusive=consumer.exclusive,
                                             consumer_tag=consumer.tag)
 
         def consuming(result: tuple[ClosableDeferredQueue, str]) -> None:
@@ -824,13 +825,20 @@ class AmqpTransport(Transport):
         method = msg.method
         tag = method.delivery_tag
         if consumer.cancelled:
-            # Arrived between basic.cancel and cancel-ok: give it back for another consumer.
-            self._settle_on(ch, tag, ack=False, requeue=True, queue=consumer.queue)
+            # Arrived between basic.cancel and cancel-ok: give it back for another consumer
+            # (with auto_ack the broker has counted it acknowledged already: it is dropped).
+            if consumer.auto_ack:
+                self._log.info("{queue}: dropped a delivery that arrived after its consumer was cancelled",
+                               queue=consumer.queue)
+            else:
+                self._settle_on(ch, tag, ack=False, requeue=True, queue=consumer.queue)
             return
-        consumer.unacked += 1
+        settle: Callable[[bool, bool], None] | None = None
+        if not consumer.auto_ack:
+            consumer.unacked += 1
 
-        def settle(ack: bool, requeue: bool) -> None:
-            self._settle(consumer, ch, tag, ack, requeue)
+            def settle(ack: bool, requeue: bool) -> None:
+                self._settle(consumer, ch, tag, ack, requeue)
 
         delivery = Delivery(msg.body, _from_pika(msg.properties), method.exchange, method.routing_key,
                             bool(method.redelivered), settle)

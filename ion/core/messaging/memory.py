@@ -102,10 +102,10 @@ class _Exchange:
 
 class _Consumer:
     __slots__ = ("tag", "queue", "callback", "prefetch", "unacked", "pending", "transport", "cancelled",
-                 "exclusive")
+                 "exclusive", "auto_ack")
 
     def __init__(self, tag: str, queue: _Queue, callback: ConsumeCallback, prefetch: int,
-                 transport: MemoryTransport, exclusive: bool = False) -> None:
+                 transport: MemoryTransport, exclusive: bool = False, auto_ack: bool = False) -> None:
         self.tag = tag
         self.queue = queue
         self.callback = callback
@@ -118,9 +118,11 @@ class _Consumer:
         self.transport = transport
         self.cancelled = False
         self.exclusive = exclusive
+        #: Deliveries count as acknowledged once handed over: no prefetch limit.
+        self.auto_ack = auto_ack
 
     def has_room(self) -> bool:
-        return self.prefetch <= 0 or len(self.unacked) < self.prefetch
+        return self.auto_ack or self.prefetch <= 0 or len(self.unacked) < self.prefetch
 
 
 class _Queue:
@@ -234,9 +236,12 @@ class MemoryBroker:
             return  # taken back (cancel, close, queue deleted) before it was handed over
         consumer.pending.discard(tag)
         self.delivered += 1
-
-        def settle(ack: bool, requeue: bool) -> None:
-            self._settle(consumer, tag, ack, requeue)
+        settle: Callable[[bool, bool], None] | None = None
+        if consumer.auto_ack:
+            del consumer.unacked[tag]  # acknowledged as it is handed over
+        else:
+            def settle(ack: bool, requeue: bool) -> None:
+                self._settle(consumer, tag, ack, requeue)
 
         # Each delivery gets its own properties, as if decoded from the wire.
         props = _copy_properties(msg.properties)
@@ -444,7 +449,7 @@ class MemoryTransport(Transport):
         return defer.succeed(None)
 
     def consume(self, queue: str, callback: ConsumeCallback, *, prefetch: int = 1,
-                exclusive: bool = False) -> defer.Deferred[str]:
+                exclusive: bool = False, auto_ack: bool = False) -> defer.Deferred[str]:
         try:
             self._check_open()
             q = self.broker.queues.get(queue)
@@ -458,7 +463,7 @@ class MemoryTransport(Transport):
         except TransportError:
             return defer.fail()
         tag = f"ctag{next(self.broker._tags)}"
-        consumer = _Consumer(tag, q, callback, prefetch, self, exclusive)
+        consumer = _Consumer(tag, q, callback, prefetch, self, exclusive, auto_ack)
         q.consumers.append(consumer)
         q.had_consumer = True
         self._consumers[tag] = consumer

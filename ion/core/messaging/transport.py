@@ -59,7 +59,7 @@ class Delivery:
         exchange: str,
         routing_key: str,
         redelivered: bool,
-        settle: Callable[[bool, bool], None],
+        settle: Callable[[bool, bool], None] | None,
     ) -> None:
         self.body = body
         self.properties = properties
@@ -67,7 +67,9 @@ class Delivery:
         self.routing_key = routing_key
         self.redelivered = redelivered
         self._settle = settle
-        self.settled = False
+        #: True once acked or rejected, and from the start for an ``auto_ack`` consumer
+        #: (``settle`` is None): the broker counted it acknowledged when it sent it.
+        self.settled = settle is None
 
     def ack(self) -> None:
         """Tell the broker the message is handled; frees one prefetch slot."""
@@ -83,6 +85,7 @@ class Delivery:
 
             raise TransportError("delivery already acknowledged or rejected")
         self.settled = True
+        assert self._settle is not None
         self._settle(ack, requeue)
 
 
@@ -147,8 +150,15 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def consume(self, queue: str, callback: ConsumeCallback, *, prefetch: int = 1,
-                exclusive: bool = False) -> defer.Deferred[str]:
-        """Start delivering ``queue`` to ``callback``; fires with the consumer tag."""
+                exclusive: bool = False, auto_ack: bool = False) -> defer.Deferred[str]:
+        """Start delivering ``queue`` to ``callback``; fires with the consumer tag.
+
+        ``auto_ack`` (AMQP ``no-ack``): the broker counts each message acknowledged
+        as it sends it, so deliveries arrive settled, ``prefetch`` does not apply,
+        and nothing is given back if the consumer stops or its connection drops.
+        It saves a frame per message each way; use it only for a queue that no
+        other consumer could take a message from anyway (a process's own queues).
+        """
 
     @abc.abstractmethod
     def cancel(self, consumer_tag: str) -> defer.Deferred[None]:

@@ -57,7 +57,7 @@ class Collector:
         self._waiters: list[tuple[int, defer.Deferred[list[Delivery]]]] = []
 
     def __call__(self, delivery: Delivery) -> None:
-        if self.auto_ack:
+        if self.auto_ack and not delivery.settled:
             delivery.ack()
         self.record(delivery)
         if self.also is not None:
@@ -360,6 +360,46 @@ class TransportContract:
         # each consumer sees its share in publish order
         assert got_a.bodies == sorted(got_a.bodies, key=int)
         assert got_b.bodies == sorted(got_b.bodies, key=int)
+
+    @pytest_twisted.ensureDeferred
+    async def test_auto_ack_deliveries_arrive_settled_without_a_window(self, transport_factory: TransportFactory,
+                                                                       unique: str) -> None:
+        """With auto_ack every message is delivered at once, already settled (prefetch does not apply),
+        and settling it again raises TransportError."""
+        t = await transport_factory()
+        ex = f"{unique}.x"
+        q = await self.queue(t, ex, f"{unique}.q", "k")
+        got = Collector(auto_ack=False)
+        await t.consume(q, got, prefetch=1, auto_ack=True)
+        await self.publish_all(t, ex, "k", [b"1", b"2", b"3"])
+        deliveries = await got.wait_for(3)
+        assert [d.body for d in deliveries] == [b"1", b"2", b"3"]
+        assert all(d.settled for d in deliveries)
+        with pytest.raises(TransportError):
+            deliveries[0].ack()
+        with pytest.raises(TransportError):
+            deliveries[1].reject()
+
+    @pytest_twisted.ensureDeferred
+    async def test_auto_ack_messages_are_not_requeued(self, transport_factory: TransportFactory,
+                                                      unique: str) -> None:
+        """What an auto_ack consumer was sent is gone from the queue: closing its connection gives
+        nothing back."""
+        a = await transport_factory()
+        ex = f"{unique}.x"
+        q = await self.queue(a, ex, f"{unique}.q", "k")
+        got = Collector(auto_ack=False)
+        await a.consume(q, got, auto_ack=True)
+        await self.publish_all(a, ex, "k", [b"one", b"two"])
+        await got.wait_for(2)
+        await a.close()
+        b = await transport_factory()
+        later = Collector("later")
+        await b.consume(q, later)
+        await b.publish(ex, "k", b"marker", Properties())
+        assert [d.body for d in await later.wait_for(1)] == [b"marker"]
+        await self.round_trip(b, unique)
+        assert later.bodies == [b"marker"]
 
     # -- ack / reject ----------------------------------------------------------------------
     @pytest_twisted.ensureDeferred

@@ -800,7 +800,9 @@ class Cache:
         return await self._remove(found, lock_files, quarantine=True)
 
     async def _remove(self, targets: builtins.list[_Found], lock_files: builtins.list[Path], *,
-                      quarantine: bool) -> PruneReport:
+                      quarantine: bool, check: Callable[[_Found], Awaitable[bool]] | None = None) -> PruneReport:
+        """Remove ``targets`` each under its lock (taken with ``timeout=0``: a locked one is left
+        as busy), unless used since the scan or, when given, ``check`` says no under the lock."""
         report = PruneReport()
         gone: builtins.list[Path] = []
         for f in targets:
@@ -817,6 +819,8 @@ class Cache:
                     now_info = None
                 if f.info is not None and (now_info is None or now_info.last_used != f.info.last_used
                                            or now_info.fetched_at != f.info.fetched_at):
+                    continue
+                if check is not None and not await check(f):
                     continue
                 await self.pool.run(_remove_entry, f.path, self._trash())
                 gone.append(f.path)

@@ -11,6 +11,10 @@ version lacks, and nothing else at the destination is ever touched. A name
 that exists there but that no item of ours placed is refused, never
 overwritten — except a symlink, which holds no data (Umpire's old links, a
 dangling link) and is replaced.
+
+Before it links a destination into the cache, placement records the
+destination beside the entry (:func:`ion.services.cache.reaper.record_link`),
+so that the cache's reaper never evicts an entry a live destination uses.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import Logger
+
 from ion.core.exceptions import IonError
+from ion.services.cache.reaper import record_link
 
 __all__ = ["PlacementError", "Placement", "place", "manifest_path", "MANIFEST_DIR"]
 
 MANIFEST_DIR = ".ion-deploy"
+
+_log = Logger()
 
 
 class PlacementError(IonError):
@@ -151,6 +160,12 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
     bad = [n for n in names if not is_name(n)]
     if bad:
         raise PlacementError(f"entry {entry} names {bad[0]!r}, which is not a top-level name; refusing it")
+    if link:
+        try:
+            record_link(entry, destination.absolute())
+        except OSError as exc:
+            _log.warn("cannot record the link from {dest} in the cache ({exc}): the cache's reaper may "
+                      "evict {entry} while it is linked", dest=str(destination), exc=exc, entry=str(entry))
     manifest = manifest_path(destination, platform, name)
     try:
         destination.mkdir(parents=True, exist_ok=True)

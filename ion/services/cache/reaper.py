@@ -1,0 +1,434 @@
+"""One reaper for the whole system: cache entries evicted by policy (issue 6; DESIGN §8 ``prune``).
+
+**Policy** (``ion.services.cache`` config, see :class:`ReapPolicy`): an entry
+goes when it was not used for ``reap_max_age`` seconds, when it is beyond
+the ``reap_keep`` most recently used versions of its dependency, or, least
+recently used first, while the cache holds more than ``reap_max_bytes``.
+Never evicted:
+
+- a **locked** entry (being fetched, published or verified): removal takes
+  the entry's lock with ``timeout=0`` (:meth:`Cache._remove`);
+- an entry **used within** ``reap_min_idle`` seconds (default 600): a deploy
+  looks an entry up before it places it, so one between its lookup and its
+  placement is safe;
+- an entry a **live destination links to**.
+
+**Link records.** Placing a dependency by symlink records the destination
+beside the entry, before the links are made (:func:`record_link`, called by
+``ion.services.deploy.place``)::
+
+    <root>/<repo>/<platform>/<name>/.links/<version folder>/<digest>.json
+        {"destination": ..., "host": ..., "entry": ...}
+
+one small file per (host, destination), written atomically and refreshed
+by every deploy that finds the links already right. A record of this host
+is live while its destination still holds a symlink into the entry (checked
+on the spot; a dead one is removed); a record of another host, whose disks
+this host cannot see, is live until it is older than ``reap_link_ttl``
+(default 7 days). The names start with ``.``, which no entry key may, so
+the cache never mistakes them for entries.
+
+**Election.** Every Cache service instance consumes one queue,
+``<sysname>.cache.reaper``, declared with ``x-single-active-consumer``: the
+broker (RabbitMQ, or the embedded one, which gives the same semantics)
+delivers its messages to one consumer at a time. Every instance sends a
+``reap_tick`` to it every ``reap_tick`` seconds (default 5); the instance
+that receives them is the reaper, and runs a round when the last one (kept
+in ``<root>/.reaper.json``, shared with the other containers and hosts) is
+``reap_interval`` old. A round runs inside the tick's handling, so the
+broker does not hand the queue on while it runs. When the reaper's
+container dies, the broker makes another consumer active; the next tick,
+from any live instance, reaches it: a takeover within one tick interval.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ion.core.exceptions import ConfigurationError
+from ion.services.cache.core import Cache, _Found, _scan
+from ion.services.cache.entry import PruneReport
+from ion.services.cache.locks import resolve_host_id
+
+__all__ = ["ReapPolicy", "ReapReport", "CacheReaper", "record_link", "live_links", "choose", "LINKS_DIR",
+           "STATE_FILE"]
+
+#: The folder, beside a dependency's versions, that holds their link records.
+LINKS_DIR = ".links"
+#: The last round's report, in the cache root (shared by every reaper of the cache).
+STATE_FILE = ".reaper.json"
+#: Refresh a link record at most this often (seconds) when a deploy finds it in place.
+_REFRESH_AFTER = 3600.0
+
+
+# -- link records (blocking: run in a pool thread) ---------------------------------------------------------
+def links_folder(entry: Path) -> Path:
+    """Where the link records of the entry folder ``entry`` live."""
+    return entry.parent / LINKS_DIR / entry.name
+
+
+def _record_name(host: str, destination: Path) -> str:
+    return hashlib.sha256(f"{host}\0{destination}".encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".json"
+
+
+def record_link(entry: Path, destination: Path, host_id: str | None = None, now: float | None = None) -> Path:
+    """Record that ``destination`` links into the cache entry folder ``entry`` (blocking).
+
+    Written (atomically) before the links are made, so a reaper that scans in
+    between sees it; refreshed at most hourly when already there.
+    """
+    host = host_id or resolve_host_id()
+    folder = links_folder(entry)
+    path = folder / _record_name(host, destination)
+    now = time.time() if now is None else now
+    try:
+        if now - os.stat(path).st_mtime < _REFRESH_AFTER:
+            return path
+        os.utime(path, (now, now))
+        return path
+    except FileNotFoundError:
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp.write_text(json.dumps({"destination": str(destination), "host": host, "entry": str(entry)}),
+                   encoding="utf-8")
+    os.utime(tmp, (now, now))
+    os.replace(tmp, path)
+    return path
+
+
+def _links_here(destination: Path, entry: Path) -> bool:
+    """True if ``destination`` holds a symlink that points into ``entry``."""
+    try:
+        names = os.listdir(destination)
+    except OSError:
+        return False
+    prefix = str(entry) + os.sep
+    for name in names:
+        target = destination / name
+        try:
+            if target.is_symlink() and (os.readlink(target) + os.sep).startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def live_links(entry: Path, host_id: str, now: float, link_ttl: float) -> int:
+    """How many live destinations link into ``entry`` (blocking); dead local records are removed."""
+    folder = links_folder(entry)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    live = 0
+    for name in names:
+        path = folder / name
+        if name.startswith("."):
+            continue  # a record being written
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            mtime = os.stat(path).st_mtime
+            destination, host = Path(record["destination"]), str(record["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)  # unreadable: it protects nothing
+            continue
+        if host == host_id:
+            if _links_here(destination, entry):
+                live += 1
+            else:
+                path.unlink(missing_ok=True)
+        elif now - mtime <= link_ttl:
+            live += 1
+    return live
+
+
+def _drop_links(entry: Path) -> None:
+    folder = links_folder(entry)
+    if folder.is_dir():
+        for child in folder.iterdir():
+            child.unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+            folder.parent.rmdir()  # .links, once no version has records
+        except OSError:
+            pass
+
+
+# -- policy ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReapPolicy:
+    """What the reaper evicts, and how often it runs (``ion.services.cache`` config keys ``reap_*``).
+
+    :ivar interval: seconds between rounds (``reap_interval``, default 3600; 0 or None: never).
+    :ivar max_age: evict entries unused for longer than this (seconds; None: no age limit).
+    :ivar keep: keep at most this many versions of each dependency, most recently used first (None: all).
+    :ivar max_bytes: evict least recently used entries while the cache is larger (None: no limit).
+    :ivar min_idle: never evict an entry used within this many seconds (default 600).
+    :ivar link_ttl: another host's link record protects its entry this long after its last refresh.
+    :ivar tick: seconds between election ticks (default 5): the longest a takeover waits.
+    """
+
+    interval: float | None = 3600.0
+    max_age: float | None = None
+    keep: int | None = None
+    max_bytes: int | None = None
+    min_idle: float = 600.0
+    link_ttl: float = 7 * 86400.0
+    tick: float = 5.0
+
+    @classmethod
+    def from_config(cls, get: Callable[[str, Any], Any]) -> ReapPolicy:
+        """The policy from ``get(key, default)`` (a service's ``get_config``).
+
+        :raises ConfigurationError: naming the key of a value that is not a number >= 0.
+        """
+        def number(key: str, default: float | None, *, integer: bool = False,
+                   positive: bool = False) -> Any:
+            value = get(key, default)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+                raise ConfigurationError(f"ion.services.cache: {key} must be a number >= 0, not {value!r}")
+            if integer and not isinstance(value, int):
+                raise ConfigurationError(f"ion.services.cache: {key} must be an integer, not {value!r}")
+            if positive and value == 0:
+                raise ConfigurationError(f"ion.services.cache: {key} must be more than 0")
+            return int(value) if integer else float(value)
+
+        interval = number("reap_interval", 3600.0)
+        return cls(interval=interval or None, max_age=number("reap_max_age", None),
+                   keep=number("reap_keep", None, integer=True), max_bytes=number("reap_max_bytes", None,
+                                                                                   integer=True),
+                   min_idle=number("reap_min_idle", 600.0), link_ttl=number("reap_link_ttl", 7 * 86400.0),
+                   tick=number("reap_tick", 5.0, positive=True))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"interval": self.interval, "max_age": self.max_age, "keep": self.keep,
+                "max_bytes": self.max_bytes, "min_idle": self.min_idle, "link_ttl": self.link_ttl}
+
+
+def choose(complete: builtins.list[_Found], policy: ReapPolicy, now: float,
+           linked: Mapping[Path, int]) -> builtins.list[_Found]:
+    """The complete entries the policy evicts, least recently used first (pure: no I/O).
+
+    ``linked`` maps an entry folder to its number of live link records.
+    """
+    def eligible(f: _Found) -> bool:
+        assert f.info is not None
+        return not linked.get(f.path) and now - f.info.last_used >= policy.min_idle
+
+    def age_key(f: _Found) -> tuple[float, float]:
+        assert f.info is not None
+        return (f.info.last_used, f.info.fetched_at)
+
+    chosen: dict[Path, _Found] = {}
+    if policy.max_age is not None:
+        for f in complete:
+            assert f.info is not None
+            if now - f.info.last_used > policy.max_age and eligible(f):
+                chosen[f.path] = f
+    if policy.keep is not None:
+        groups: dict[tuple[str, str, str, bool], builtins.list[_Found]] = {}
+        for f in complete:
+            groups.setdefault(f.key.dependency, []).append(f)
+        for group in groups.values():
+            group.sort(key=age_key, reverse=True)
+            for f in group[policy.keep:]:
+                if eligible(f):
+                    chosen[f.path] = f
+    if policy.max_bytes is not None:
+        sizes = {f.path: f.info.size if f.info is not None else 0 for f in complete}
+        total = sum(size for path, size in sizes.items() if path not in chosen)
+        for f in sorted(complete, key=age_key):
+            if total <= policy.max_bytes:
+                break
+            if f.path in chosen or not eligible(f):
+                continue
+            chosen[f.path] = f
+            total -= sizes[f.path]
+    return sorted(chosen.values(), key=age_key)
+
+
+# -- one round ---------------------------------------------------------------------------------------------
+@dataclass
+class ReapReport:
+    """One round: when, by whom, under which policy, and what it removed."""
+
+    started: float
+    finished: float = 0.0
+    reaper: str = ""
+    policy: dict[str, Any] = field(default_factory=dict)
+    entries: int = 0
+    bytes_before: int = 0
+    linked: int = 0
+    pruned: PruneReport = field(default_factory=PruneReport)
+    error: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"started": self.started, "finished": self.finished, "reaper": self.reaper,
+                "policy": dict(self.policy), "entries": self.entries, "bytes_before": self.bytes_before,
+                "linked": self.linked, "pruned": self.pruned.to_wire(), "error": self.error}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> ReapReport:
+        return cls(started=float(data.get("started", 0.0)), finished=float(data.get("finished", 0.0)),
+                   reaper=str(data.get("reaper", "")), policy=dict(data.get("policy") or {}),
+                   entries=int(data.get("entries", 0)), bytes_before=int(data.get("bytes_before", 0)),
+                   linked=int(data.get("linked", 0)), pruned=PruneReport.from_wire(data.get("pruned") or {}),
+                   error=data.get("error"))
+
+
+def _read_state(root: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((root / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_state(root: Path, data: Mapping[str, Any]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{STATE_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, root / STATE_FILE)
+
+
+def _survey(root: Path, host_id: str, now: float, link_ttl: float) -> tuple[builtins.list[_Found],
+                                                                             builtins.list[Path], dict[Path, int]]:
+    found, lock_files = _scan(root)
+    linked = {f.path: live_links(f.path, host_id, now, link_ttl) for f in found if f.info is not None}
+    return found, lock_files, linked
+
+
+class CacheReaper:
+    """Runs reap rounds over one :class:`Cache` when this instance is the elected reaper.
+
+    :param cache: the cache to reap.
+    :param policy: what to evict and how often.
+    :param name: who reaps (the service's process id), recorded in the report.
+    :param publish: ``publish(routing_key, content)`` for the ``cache.reap`` event of each round.
+    :param clock: time (a ``task.Clock`` in tests).
+    """
+
+    _log = Logger()
+
+    def __init__(self, cache: Cache, policy: ReapPolicy, *, name: str,
+                 publish: Callable[[str, Any], Any] | None = None, clock: IReactorTime | None = None) -> None:
+        self.cache = cache
+        self.policy = policy
+        self.name = name
+        self.publish = publish
+        self.clock: IReactorTime = clock or cache.clock
+        self.rounds = 0
+        self.last: ReapReport | None = None
+        self._running: defer.Deferred[ReapReport] | None = None
+
+    def due(self) -> defer.Deferred[bool]:
+        """Whether a round is due: ``interval`` since the last round of any reaper of this cache."""
+        if not self.policy.interval:
+            return defer.succeed(False)
+        now = self.clock.seconds()
+
+        def check(state: dict[str, Any] | None) -> bool:
+            last = float(state.get("started", 0.0)) if state else 0.0
+            return now - last >= (self.policy.interval or 0)
+
+        return self.cache.pool.run(_read_state, self.cache.root).addCallback(check)
+
+    def tick(self) -> defer.Deferred[ReapReport | None]:
+        """Handle an election tick: run a round if one is due (fires with its report, else None)."""
+        return defer.Deferred.fromCoroutine(self._tick())
+
+    async def _tick(self) -> ReapReport | None:
+        if self._running is not None or not await self.due():
+            return None
+        return await self.run()
+
+    def run(self) -> defer.Deferred[ReapReport]:
+        """Run one round now (or join the one running)."""
+        if self._running is not None:
+            joined: defer.Deferred[ReapReport] = defer.Deferred()
+
+            def relay(result: Any) -> Any:
+                if isinstance(result, Failure):
+                    joined.errback(result)
+                else:
+                    joined.callback(result)
+                return result
+
+            self._running.addBoth(relay)
+            return joined
+        self._running = defer.Deferred.fromCoroutine(self._round())
+
+        def done(result: Any) -> Any:
+            self._running = None
+            return result
+
+        return self._running.addBoth(done)
+
+    async def _round(self) -> ReapReport:
+        cache, policy = self.cache, self.policy
+        now = self.clock.seconds()
+        report = ReapReport(started=now, reaper=self.name, policy=policy.to_wire())
+        # Claim the round first, so that a takeover in the middle does not start another at once.
+        await cache.pool.run(_write_state, cache.root, {**report.to_wire(), "running": True})
+        try:
+            found, lock_files, linked = await cache.pool.run(_survey, cache.root, cache.host_id, now,
+                                                             policy.link_ttl)
+            complete = [f for f in found if f.info is not None]
+            report.entries = len(complete)
+            report.bytes_before = sum(f.info.size for f in complete if f.info is not None)
+            report.linked = sum(1 for n in linked.values() if n)
+            targets = choose(complete, policy, now, linked)
+            chosen = {f.path for f in targets}
+
+            async def still_unlinked(f: _Found) -> bool:
+                # Under the entry's lock, just before removal: a deploy may have linked it since.
+                return f.info is None or not await cache.pool.run(live_links, f.path, cache.host_id,
+                                                                  self.clock.seconds(), policy.link_ttl)
+
+            report.pruned = await cache._remove([f for f in found if f.path in chosen or f.info is None],
+                                                lock_files, quarantine=False, check=still_unlinked)
+            for info in report.pruned.removed:
+                await cache.pool.run(_drop_links, info.path)
+        except Exception as exc:
+            report.error = f"{type(exc).__name__}: {exc}"
+            self._log.failure("{name}: reap round failed", name=self.name)
+        report.finished = self.clock.seconds()
+        self.rounds += 1
+        self.last = report
+        await cache.pool.run(_write_state, cache.root, report.to_wire())
+        self._log.info("{name}: reap round over {n} entries ({size} bytes): removed {removed} "
+                       "({freed} bytes), {busy} locked, {linked} linked{error}", name=self.name, n=report.entries,
+                       size=report.bytes_before, removed=len(report.pruned.removed),
+                       freed=report.pruned.bytes_freed, busy=len(report.pruned.busy), linked=report.linked,
+                       error=f"; error: {report.error}" if report.error else "")
+        if self.publish is not None:
+            try:
+                self.publish("cache.reap", report.to_wire())
+            except Exception:
+                self._log.failure("{name}: could not publish the reap event", name=self.name)
+        return report
+
+    def last_report(self) -> defer.Deferred[ReapReport | None]:
+        """The last round's report of any reaper of this cache (from ``.reaper.json``)."""
+        def parse(state: dict[str, Any] | None) -> ReapReport | None:
+            return ReapReport.from_wire(state) if state else None
+
+        return self.cache.pool.run(_read_state, self.cache.root).addCallback(parse)
+

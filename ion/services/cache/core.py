@@ -514,6 +514,8 @@ class Cache:
     :param wait_timeout: default seconds :meth:`lock` waits (2 x ``lock_timeout``).
     :param fsync_content: fsync every file at publish (slower; see the module notes).
     :param hash_chunk: bytes read at a time when hashing.
+    :param lock_method: how lock files are created: ``excl`` (``O_EXCL``) or ``link``
+        (link count, for filesystems where ``O_EXCL`` is not atomic); see locks.py.
     """
 
     _log = Logger()
@@ -521,7 +523,7 @@ class Cache:
     def __init__(self, root: str | os.PathLike[str], *, host_id: str | None = None,
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT, clock: IReactorTime | None = None,
                  pool: Any = None, wait_timeout: float | None = None, refresh_interval: float | None = None,
-                 fsync_content: bool = False, hash_chunk: int = 1 << 20) -> None:
+                 fsync_content: bool = False, hash_chunk: int = 1 << 20, lock_method: str = "excl") -> None:
         if clock is None:
             from twisted.internet import reactor
 
@@ -539,7 +541,7 @@ class Cache:
         self.fsync_content = fsync_content
         self.hash_chunk = hash_chunk
         self.locks = LockTable(host_id=self.host_id, lock_timeout=self.lock_timeout, clock=clock, pool=pool,
-                               wait_timeout=wait_timeout, refresh_interval=refresh_interval)
+                               wait_timeout=wait_timeout, refresh_interval=refresh_interval, method=lock_method)
         self.staging_root = self.root / STAGING
         self.quarantine_root = self.root / QUARANTINE
         self._host_tag = hashlib.sha256(self.host_id.encode()).hexdigest()[:8]

@@ -9,10 +9,14 @@ Two levels (DESIGN §8, "Locks"):
   beside the entry folder, created with ``O_CREAT | O_EXCL`` and holding
   ``host_id::pid::started`` (``started``: wall-clock seconds, 6 decimals),
   written with one ``write`` right after creation. ``O_EXCL`` creation is
-  atomic on local filesystems and on NFSv3 and later (NFSv2 and some FUSE
-  filesystems are not safe; a link-count lock for those is issue 6's
-  business). A file found empty is one being created: it is waited on like
-  a live lock.
+  atomic on local filesystems and on NFSv3 and later (Linux clients since
+  2.6), the default (``lock_method: excl``). Where it is not (NFSv2, some
+  FUSE filesystems), ``lock_method: link`` creates the lock the classic
+  NFS-safe way: the content goes to a unique hidden file beside the lock,
+  which is hard-linked to the lock name; the lock is ours exactly when that
+  file then has two links, whatever ``link()`` answered (on NFS a lost reply
+  can report a failure for a link that was made). A file found empty is one
+  being created: it is waited on like a live lock.
 
 A lock file held by someone else is judged (:meth:`LockTable.judge`):
 
@@ -73,6 +77,7 @@ __all__ = [
     "LockTable",
     "resolve_host_id",
     "pid_alive",
+    "LOCK_METHODS",
 ]
 
 _log = Logger()
@@ -253,6 +258,33 @@ def _create(path: Path, content: bytes, now: float) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _create_linked(path: Path, content: bytes, now: float) -> tuple[int, int] | None:
+    """Like :func:`_create`, by the link-count method (``lock_method: link``)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
+    try:
+        try:
+            os.write(fd, content)
+            os.utime(fd, (now, now))
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            pass  # EEXIST, or a reply lost on NFS: the link count says which
+        st = os.stat(tmp)
+        return (st.st_dev, st.st_ino) if st.st_nlink == 2 else None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+#: How a lock file is created, by the ``lock_method`` setting.
+LOCK_METHODS: Final[dict[str, Callable[[Path, bytes, float], tuple[int, int] | None]]] = {
+    "excl": _create, "link": _create_linked}
+
+
 def _remove_if(path: Path, dev: int, ino: int, raw: bytes, mtime_ns: int | None = None) -> str:
     """Remove ``path`` only if it is this very file; ``removed``, ``gone``, ``kept`` or ``displaced``.
 
@@ -300,11 +332,12 @@ def _refresh(path: Path, dev: int, ino: int, raw: bytes, now: float) -> bool:
 
 
 def _try_acquire(path: Path, content: bytes, now: float,
-                 judge: Callable[[_Observed, float], str | None]) -> _Attempt:
+                 judge: Callable[[_Observed, float], str | None], method: str = "excl") -> _Attempt:
     attempt = _Attempt(False)
+    create = LOCK_METHODS[method]
     for _ in range(8):
         try:
-            made = _create(path, content, now)
+            made = create(path, content, now)
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)  # new entry, or pruned meanwhile
             continue
@@ -392,9 +425,12 @@ class LockTable:
 
     def __init__(self, *, host_id: str, lock_timeout: float, clock: IReactorTime, pool: Any,
                  wait_timeout: float | None = None, refresh_interval: float | None = None,
-                 poll_start: float = 0.05, poll_max: float = 1.0) -> None:
+                 poll_start: float = 0.05, poll_max: float = 1.0, method: str = "excl") -> None:
         if lock_timeout <= 0:
             raise InvalidKeyError(f"lock_timeout must be positive, not {lock_timeout!r}")
+        if method not in LOCK_METHODS:
+            raise InvalidKeyError(f"lock_method must be one of {', '.join(LOCK_METHODS)}, not {method!r}")
+        self.method = method
         self.host_id = _check_host_id(host_id, "the host_id argument")
         self.lock_timeout = float(lock_timeout)
         self.clock = clock
@@ -504,7 +540,7 @@ class LockTable:
                 raise defer.CancelledError()
             holder = LockHolder(self.host_id, os.getpid(), time.time())
             attempt: _Attempt = await self.pool.run(
-                _try_acquire, path, holder.render().encode(), self.clock.seconds(), self.judge)
+                _try_acquire, path, holder.render().encode(), self.clock.seconds(), self.judge, self.method)
             for obs, reason in attempt.taken_over:
                 self._log.warn("took over the lock of {entry} ({path}) from {previous}: {reason}",
                                entry=str(key), path=str(path), previous=obs.describe(), reason=reason)

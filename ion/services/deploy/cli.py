@@ -365,7 +365,8 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
     cache = Cache(root, host_id=cache_cfg.get("host_id") or None,
                   lock_timeout=float(cache_cfg.get("lock_timeout", 600)), clock=reactor, pool=pool,
                   wait_timeout=float(wait) if wait is not None else None,
-                  fsync_content=bool(cache_cfg.get("fsync", False)))
+                  fsync_content=bool(cache_cfg.get("fsync", False)),
+                  lock_method=str(cache_cfg.get("lock_method", "excl")))
     fetcher = None
     try:
         ok = await _maintain_local(cache, args, out, result)

@@ -28,9 +28,11 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def test_lock_file_creation_is_atomic_between_two_hosts(make_cache, key, clock):
-    """Threads of two caches posing as two hosts race for one lock file: exactly one wins each round."""
-    a, b = make_cache("host-a"), make_cache("host-b")
+@pytest.mark.parametrize("method", ["excl", "link"])
+def test_lock_file_creation_is_atomic_between_two_hosts(make_cache, key, clock, method):
+    """Threads of two caches posing as two hosts race for one lock file: exactly one wins each round,
+    with O_EXCL creation and with the link-count method."""
+    a, b = make_cache("host-a", lock_method=method), make_cache("host-b", lock_method=method)
     path = a.lock_path(key)
     path.parent.mkdir(parents=True)
     now = clock.seconds()
@@ -42,7 +44,7 @@ def test_lock_file_creation_is_atomic_between_two_hosts(make_cache, key, clock):
         def contend(cache: Cache, barrier: threading.Barrier, wins: list[str], errors: list[str]) -> None:
             holder = LockHolder(cache.host_id, os.getpid(), time.time()).render().encode()
             barrier.wait()
-            attempt = locks._try_acquire(path, holder, now, cache.locks.judge)
+            attempt = locks._try_acquire(path, holder, now, cache.locks.judge, method)
             if attempt.taken_over:
                 errors.append(f"{cache.host_id} took a live lock over: {attempt.taken_over}")
             if attempt.acquired:
@@ -58,7 +60,33 @@ def test_lock_file_creation_is_atomic_between_two_hosts(make_cache, key, clock):
         assert not errors, errors
         assert len(wins) == 1, wins
         assert LockHolder.parse(path.read_text()).host_id == wins[0]
+        assert os.stat(path).st_nlink == 1 and os.listdir(path.parent) == [path.name]  # no link-count leftovers
         path.unlink()
+
+
+def test_link_method_holds_even_when_link_reports_an_error(make_cache, key, clock, monkeypatch):
+    """NFS can report a failed link() that was made (a lost reply): the link count decides."""
+    cache = make_cache(lock_method="link")
+    real_link = os.link
+
+    def link_then_fail(src, dst):
+        real_link(src, dst)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(locks.os, "link", link_then_fail)
+    lock = fired(cache.lock(key))
+    assert LockHolder.parse(lock.path.read_text()).host_id == "host-a"
+    monkeypatch.setattr(locks.os, "link", real_link)
+    other = make_cache("host-b", lock_method="link")
+    failure_of(other.lock(key, timeout=0), LockTimeoutError)
+    fired(cache.unlock(lock))
+    assert not lock.path.exists()
+    assert not [n for n in os.listdir(lock.path.parent) if n.startswith(".")]  # no link-count leftovers
+
+
+def test_unknown_lock_method_is_refused(make_cache):
+    with pytest.raises(InvalidKeyError, match="lock_method must be one of excl, link"):
+        make_cache(lock_method="flock")
 
 
 def test_second_host_waits_for_the_first(make_cache, key, clock):

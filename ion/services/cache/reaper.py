@@ -54,23 +54,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.exceptions import ConfigurationError
+from ion.core.process import Process, Receiver
 from ion.services.cache.core import Cache, _Found, _scan
 from ion.services.cache.entry import PruneReport
 from ion.services.cache.locks import resolve_host_id
 
-__all__ = ["ReapPolicy", "ReapReport", "CacheReaper", "record_link", "live_links", "choose", "LINKS_DIR",
-           "STATE_FILE"]
+__all__ = ["ReapPolicy", "ReapReport", "CacheReaper", "ReaperElection", "record_link", "live_links", "choose",
+           "LINKS_DIR", "STATE_FILE", "TICK_OP", "election_queue", "election_receiver"]
 
 #: The folder, beside a dependency's versions, that holds their link records.
 LINKS_DIR = ".links"
 #: The last round's report, in the cache root (shared by every reaper of the cache).
 STATE_FILE = ".reaper.json"
+#: The op of the election ticks (a one-way send; an RPC of it with ``force`` runs a round at once).
+TICK_OP = "reap_tick"
 #: Refresh a link record at most this often (seconds) when a deploy finds it in place.
 _REFRESH_AFTER = 3600.0
 
@@ -432,3 +435,71 @@ class CacheReaper:
 
         return self.cache.pool.run(_read_state, self.cache.root).addCallback(parse)
 
+
+
+# -- election --------------------------------------------------------------------------------------------
+def election_queue(sysname: str) -> str:
+    """The single-active-consumer queue of the reaper election of system ``sysname``."""
+    return f"{sysname}.cache.reaper"
+
+
+def election_receiver(process: Process) -> Receiver:
+    """A process's consumer of the election queue (for its ``receivers_to_create``): the queue is
+    shared and single-active-consumer; one message at a time, none waiting (prefetch 1)."""
+    return Receiver(process, election_queue(process.sysname), process._receive, shared=True, prefetch=1,
+                    max_concurrent=1, queue_arguments={"x-single-active-consumer": True})
+
+
+class ReaperElection:
+    """Makes one Cache service instance of the system its reaper (see the module notes).
+
+    The process consumes the election queue (:func:`election_receiver`);
+    ``start()`` sends a tick to that queue every ``policy.tick`` seconds. The
+    process handles :data:`TICK_OP` with :meth:`handle`.
+    """
+
+    _log = Logger()
+
+    def __init__(self, process: Process, reaper: CacheReaper) -> None:
+        self.process = process
+        self.reaper = reaper
+        self.queue = election_queue(process.sysname)
+        self.ticks_received = 0
+        #: When the last tick reached this instance (clock seconds), or None.
+        self.last_tick: float | None = None
+        self._loop: task.LoopingCall | None = None
+
+    def start(self) -> None:
+        """Send ticks every ``policy.tick`` seconds, the first now."""
+        if self._loop is not None:
+            return
+        self._loop = task.LoopingCall(self._send_tick)
+        self._loop.clock = self.process.clock
+        self._loop.start(self.reaper.policy.tick, now=True).addErrback(
+            lambda f: self._log.failure("{pid}: reaper ticks stopped", f, pid=self.process.id))
+
+    def stop(self) -> None:
+        """Stop sending ticks."""
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+
+    def is_elected(self) -> bool:
+        """Whether this instance is the elected one: ticks reached it within the last three tick intervals."""
+        return self.last_tick is not None and self.process.clock.seconds() - self.last_tick <= 3 * self.reaper.policy.tick
+
+    def _send_tick(self) -> None:
+        d = self.process.send(self.queue, TICK_OP, {"from": self.process.id})
+        d.addErrback(lambda f: self._log.debug("{pid}: reaper tick not sent: {e}", pid=self.process.id,
+                                               e=f.getErrorMessage()))
+
+    def handle(self, content: Any) -> defer.Deferred[ReapReport | None]:
+        """A tick reached this instance, so it is the reaper: run a round if due (or if ``force``)."""
+        self.ticks_received += 1
+        self.last_tick = self.process.clock.seconds()
+        return defer.Deferred.fromCoroutine(self._handle(isinstance(content, Mapping) and content.get("force") is True))
+
+    async def _handle(self, force: bool) -> ReapReport | None:
+        if force:
+            return await self.reaper.run()
+        return await self.reaper.tick()

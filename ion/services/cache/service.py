@@ -8,10 +8,21 @@
 handled at once: a ``lock`` waiting for its entry must not keep ``unlock``
 from being handled).
 
+**Periodic verification** (:mod:`~ion.services.cache.verify`): ``verify_interval``
+(seconds between rounds, default 86400; 0 or None: no schedule),
+``verify_workers`` (entries checked at once, 2), ``verify_bandwidth``
+(bytes/s the rounds may read, 50 MiB/s; 0 or None: no cap -- set it to the
+share of the disk's read rate you grant it), ``verify_chunk`` (bytes per
+paced read, 1 MiB). Each round publishes ``cache.verify.change`` per entry
+that went ``good→bad`` or ``bad→good`` and ``cache.verify.round`` with the
+summary; a bad entry is quarantined, so the next deploy fetches it again.
+``verify_round`` runs a round now; ``verify_report`` answers the last one.
+
 Ops (content: plain dicts; an entry key in its wire form ``{repo_id | url,
 platform, name, version, unpack}``): ``lookup``, ``info``, ``list``,
 ``lock``, ``renew``, ``unlock``, ``new_staging``, ``discard_staging``,
-``publish``, ``verify``, ``repair``, ``prune``, ``clear``. Errors answer with
+``publish``, ``verify``, ``repair``, ``prune``, ``clear``, ``verify_round``,
+``verify_report``. Errors answer with
 their :class:`~ion.services.cache.errors.CacheError` code: 400 bad request,
 403 staging folder outside the cache, 404 unknown entry or lock token, 409
 lock conflict or timeout, 422 corrupt entry or staged content.
@@ -51,6 +62,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from ion.core.exceptions import ReceivedApplicationError
+from ion.core.process import Receiver
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.cache.core import DEFAULT_LOCK_TIMEOUT, Cache, default_root
 from ion.services.cache.entry import EntryInfo, EntryKey, EntryReport, FileMeta, PruneReport
@@ -62,6 +74,16 @@ from ion.services.cache.errors import (
     UnknownLockError,
 )
 from ion.services.cache.locks import CacheLock
+from ion.services.cache.reaper import (
+    TICK_OP,
+    CacheReaper,
+    ReaperElection,
+    ReapPolicy,
+    ReapReport,
+    election_queue,
+    election_receiver,
+)
+from ion.services.cache.verify import CacheVerifier, VerifyConfig, VerifyReport
 
 __all__ = ["CacheService", "CacheClient", "RemoteLock"]
 
@@ -114,12 +136,26 @@ class CacheService(ServiceProcess):
         self.cache = Cache(root, host_id=self.get_config("host_id") or None, lock_timeout=lock_timeout,
                            clock=self.clock, pool=self.container.blocking,
                            wait_timeout=float(wait) if wait is not None else None,
-                           fsync_content=bool(self.get_config("fsync", False)))
+                           fsync_content=bool(self.get_config("fsync", False)),
+                           lock_method=str(self.get_config("lock_method", "excl")))
+        self.reaper = CacheReaper(self.cache, ReapPolicy.from_config(self.get_config), name=self.id,
+                                  publish=self.container.publish_event, clock=self.clock)
+        self.election = ReaperElection(self, self.reaper)
+        # One instance of the system verifies on schedule, the elected one (a shared cache is
+        # read once per round, within one bandwidth cap); any instance verifies on request.
+        self.verifier = CacheVerifier(self.cache, VerifyConfig.from_config(self.get_config),
+                                      publish=self.container.publish_event, clock=self.clock,
+                                      should_run=self.election.is_elected)
         self._leases: dict[str, _Lease] = {}
         self._waiting: set[defer.Deferred[CacheLock]] = set()
         self._closing = False
 
+    def receivers_to_create(self) -> list[Receiver]:
+        # After the service's own: the election queue keeps its one-at-a-time window.
+        return super().receivers_to_create() + [election_receiver(self)]
+
     def slc_activate(self) -> None:
+        self.election.start()
         def done(removed: list[Path]) -> None:
             if removed:
                 self._log.info("{pid}: removed {n} abandoned staging folders from {root}", pid=self.id,
@@ -129,10 +165,15 @@ class CacheService(ServiceProcess):
         d.addCallback(done)
         d.addErrback(lambda f: self._log.warn("{pid}: staging cleanup failed: {err}", pid=self.id,
                                               err=f.getErrorMessage()))
+        v = self.verifier.start()
+        v.addErrback(lambda f: self._log.warn("{pid}: cache verify not scheduled: {err}", pid=self.id,
+                                              err=f.getErrorMessage()))
 
     def on_terminate(self) -> Any:
         # Before the receivers drain: a lock op waiting for its entry would hold the drain up.
         self._closing = True
+        if hasattr(self, "election"):  # (not if slc_init failed)
+            self.election.stop()
         for d in list(self._waiting):
             d.cancel()
         return super().on_terminate()
@@ -143,6 +184,7 @@ class CacheService(ServiceProcess):
             if lease.call is not None and lease.call.active():
                 lease.call.cancel()
         self._leases.clear()
+        yield self.verifier.stop()
         yield self.cache.close()
 
     # -- helpers -----------------------------------------------------------------------------------------
@@ -276,6 +318,26 @@ class CacheService(ServiceProcess):
         key = self._key(c) if c.get("key") is not None else None
         return {"reports": [r.to_wire() for r in await self.cache.repair(key)]}
 
+    async def op_verify_round(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{}`` -> the report of a verification round run now (joins one already running)."""
+        return (await self.verifier.run_round("request")).to_wire()
+
+    async def op_verify_report(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{}`` -> the last verification round's report (kept across restarts), or None."""
+        report = await self.verifier.report()
+        return report.to_wire() if report is not None else None
+
+    async def op_reap_tick(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """The reaper election's tick (see :mod:`~ion.services.cache.reaper`): it reached this
+        instance, so this one reaps. ``{force: true}`` (by RPC) runs a round now and returns it."""
+        report = await self.election.handle(content)
+        return report.to_wire() if report is not None else None
+
+    async def op_reap_report(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{}`` -> the last reap round's report (of whichever instance reaped), or None."""
+        report = await self.reaper.last_report()
+        return report.to_wire() if report is not None else None
+
     async def op_prune(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{older_than?, keep?}`` -> what was removed and what was left locked."""
         c = _dict(content, "prune")
@@ -316,6 +378,19 @@ class CacheClient(ServiceClient):
                 raise
             raise cls(err.message, err.response_code) from err
         return result
+
+    @defer.inlineCallbacks
+    def reap(self, timeout: float = 3600) -> Any:
+        """Have the system's elected reaper run a round now; its :class:`ReapReport`."""
+        data = yield self._call(TICK_OP, {"force": True}, target=election_queue(self.proc.sysname),
+                                timeout=timeout)
+        return ReapReport.from_wire(data)
+
+    @defer.inlineCallbacks
+    def reap_report(self) -> Any:
+        """The last reap round's :class:`ReapReport`, or None."""
+        data = yield self._call("reap_report", {})
+        return ReapReport.from_wire(data) if data is not None else None
 
     @defer.inlineCallbacks
     def lookup(self, key: EntryKey, *, verify: bool = False) -> Any:
@@ -395,6 +470,18 @@ class CacheClient(ServiceClient):
         """:class:`EntryReport` per entry checked, with the action taken."""
         data = yield self._call("repair", {"key": key.to_wire() if key else None}, timeout=timeout)
         return [EntryReport.from_wire(r) for r in data["reports"]]
+
+    @defer.inlineCallbacks
+    def verify_round(self, timeout: float = 3600) -> Any:
+        """Run a periodic-verify round now (outcomes good, bad, good→bad, bad→good); its :class:`VerifyReport`."""
+        data = yield self._call("verify_round", {}, timeout=timeout)
+        return VerifyReport.from_wire(data)
+
+    @defer.inlineCallbacks
+    def verify_report(self) -> Any:
+        """The last periodic-verify round's :class:`VerifyReport`, or None if there was none."""
+        data = yield self._call("verify_report", {})
+        return VerifyReport.from_wire(data) if data is not None else None
 
     @defer.inlineCallbacks
     def prune(self, older_than: float | None = None, keep: int | None = None, timeout: float = 600) -> Any:

@@ -1,4 +1,5 @@
-"""The deployer's helpers in the ``cc`` shell: ``deploy``, ``deploy_async``, ``jobs``, ``job_status``, ``cache_ls``.
+"""The deployer's helpers in the ``cc`` shell: ``deploy``, ``deploy_async``, ``jobs``, ``job_status``, ``cache_ls``,
+``cache_verify``.
 
 Loaded by :class:`ion.core.shell.ShellHelpers` because ``res/config/ion.config``
 names this module under ``ion.core.shell: helpers`` (the core imports no
@@ -9,6 +10,10 @@ shell's own process; the deployment file is read where the shell runs, so
 ``job = deploy_async(file)`` gives a :class:`DeployJob` at once (the shell
 cannot wait on an assignment); ``job_status(job)`` takes it or a job id and
 shows RUNNING, PARTIAL (with the finished items) or FINISHED.
+
+``cache_verify()`` shows the Cache service's last periodic-verify round as a
+table (one row per entry: good, bad, good→bad, bad→good or skipped, and what
+was done); ``cache_verify(run=True)`` runs a round first.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ def shell_helpers(shell: Any) -> dict[str, Any]:
     """The helpers this module gives the shell (``shell``: its :class:`ShellHelpers`)."""
     helpers = DeployShellHelpers(shell.proc)
     return {"deploy": helpers.deploy, "deploy_async": helpers.deploy_async, "jobs": helpers.jobs,
-            "job_status": helpers.job_status, "cache_ls": helpers.cache_ls}
+            "job_status": helpers.job_status, "cache_ls": helpers.cache_ls, "cache_verify": helpers.cache_verify}
 
 
 class DeployJob:
@@ -142,6 +147,15 @@ class DeployShellHelpers:
         d.addCallback(_entry_rows)
         return d
 
+    def cache_verify(self, run: bool = False, timeout: float = 3600) -> Any:
+        """The cache's last periodic-verify round, one row per entry; run=True runs a round now first."""
+        from ion.services.cache.service import CacheClient
+
+        client = CacheClient(self.proc)
+        d = client.verify_round(timeout=timeout) if run else client.verify_report()
+        d.addCallback(VerifyReportText)
+        return d
+
 
 class JobStatusText(Text):
     """A job's status line and its finished items, as the shell prints it; ``record`` is the wire record."""
@@ -163,6 +177,46 @@ class JobStatusText(Text):
     @property
     def state(self) -> str:
         return str(self.record.get("state"))
+
+
+_VERIFY_COLUMNS = ("dependency", "version", "outcome", "action", "problem", "checked")
+
+
+class VerifyReportText(Text):
+    """A verify round as the shell prints it: its summary line, then one row per entry (``rows``).
+
+    ``report`` is the :class:`~ion.services.cache.verify.VerifyReport`, or None when no round ran yet.
+    """
+
+    report: Any
+    rows: Listing
+
+    def __new__(cls, report: Any) -> VerifyReportText:
+        import time
+
+        rows = []
+        for o in report.outcomes if report is not None else []:
+            key = o.key
+            problem = ""
+            if o.problems:
+                rel, why = sorted(o.problems.items())[0]
+                problem = f"{rel}: {why}"
+                problem = problem if len(problem) <= 60 else problem[:57] + "..."
+                if len(o.problems) > 1:
+                    problem += f" (+{len(o.problems) - 1})"
+            rows.append({"dependency": f"{key.platform}/{key.name}",
+                         "version": key.version + ("" if key.unpack else " (packed)"), "outcome": o.outcome,
+                         "action": o.action or "", "problem": problem,
+                         "checked": time.strftime("%Y-%m-%d %H:%M", time.localtime(o.checked_at))})
+        listing = Listing(rows, _VERIFY_COLUMNS)
+        if report is None:
+            text = "no verify round yet (cache_verify(run=True) runs one)"
+        else:
+            text = report.summary() + "\n" + repr(listing)
+        obj = super().__new__(cls, text)
+        obj.report = report
+        obj.rows = listing
+        return obj
 
 
 def _entry_rows(entries: list[Any]) -> Listing:

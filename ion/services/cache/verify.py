@@ -1,0 +1,720 @@
+# -*- test-case-name: tests.services.cache.test_verify -*-
+"""Periodic integrity verification of the cache (issue 6; Sentry 2's mirror checker applied to the cache).
+
+:class:`CacheVerifier` re-hashes every complete entry of a :class:`~ion.services.cache.core.Cache`
+on a schedule and remembers each entry's previous outcome, so that a round
+reports every entry as one of:
+
+- ``good``: its files hash to what ``.entry`` says, as they did last time;
+- ``bad``: still (or again) not; quarantined, or still waiting to be fetched again;
+- ``good→bad``: it was good (or never checked: a published entry was verified
+  while it streamed in) and is bad now;
+- ``bad→good``: it was bad and is good now (fetched again since it was quarantined).
+
+``skipped`` marks an entry this round left alone (``action`` says why:
+``locked`` while a fetch holds it, ``changed`` when it was republished while
+it was being hashed, ``incomplete`` when its ``.entry`` went away); its
+previous outcome is kept and it is never reported bad for it.
+
+Decisions:
+
+- **A bad entry is quarantined** as :meth:`Cache.repair` does it (its
+  ``.entry`` removed first, then the folder moved under ``quarantine/``), under
+  the entry's lock taken with ``timeout=0`` and only if its ``.entry`` is
+  still the one it was hashed against. From then on :meth:`Cache.lookup`
+  misses it and the next deploy that needs it fetches it again; the round
+  after that reports it ``bad→good``. Until then every round lists it ``bad``
+  (``action``: ``awaiting refetch``).
+- **Hashing does not hold the entry's lock**: a fetch is never kept waiting by
+  a slow, paced re-hash. The lock is only probed (taken with ``timeout=0`` and
+  released at once) to skip entries being fetched or published, and taken
+  again for the quarantine. A republish during the hash is caught by comparing
+  the ``.entry`` bytes before and after.
+- **Bandwidth**: files are hashed in ``chunk``-byte pool jobs (each one opens,
+  seeks, reads and closes: no descriptor outlives a job, so a cancelled round
+  leaks nothing), and before each job :class:`RateLimiter` reserves its bytes
+  at ``bandwidth`` bytes/s on the injected clock, shared by every worker. The
+  issue asks for "a configured share of disk bandwidth": the cache cannot know
+  the disk's speed, so the share is configured as the byte rate it amounts to,
+  ``verify_bandwidth = share x the disk's sequential read rate`` (the default,
+  50 MiB/s, is a quarter of a 200 MB/s disk; ``None`` or ``0``: no cap).
+- **Parallelism**: at most ``workers`` entries are checked at once, each one
+  file and one chunk at a time; the pool bounds the threads anyway.
+- **State** (each entry's last good/bad outcome, and the last round's report)
+  is kept in memory and in ``<root>/.verify-<host>.json``, written atomically
+  (temporary file, fsync, rename) after each round, so a restarted service
+  still knows an entry was bad and reports ``bad→good``. One file per host:
+  several hosts sharing a cache disk each keep their own view.
+- **Events**: every change (``good→bad``, ``bad→good``) is handed to
+  ``publish`` as ``cache.verify.change``, and every round's summary as
+  ``cache.verify.round`` (the service publishes them on the events exchange;
+  bind ``cache.verify.#`` for both).
+- **Schedule**: a ``LoopingCall`` on the injected clock, first round one
+  ``interval`` after :meth:`CacheVerifier.start`; a round that outlasts the
+  interval delays the next one (never two at once). A round asked for while
+  one runs joins it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ion.core.exceptions import ConfigurationError
+from ion.services.cache.core import Cache, _describe, _Found, _fsync_dir, _quarantine, _read_info, _scan, _walk
+from ion.services.cache.entry import ENTRY_FILE, ENTRY_TMP, EntryKey
+from ion.services.cache.errors import CorruptEntryError, LockTimeoutError
+
+__all__ = [
+    "CONFIG_SECTION",
+    "GOOD",
+    "BAD",
+    "GOOD_TO_BAD",
+    "BAD_TO_GOOD",
+    "SKIPPED",
+    "EVENT_CHANGE",
+    "EVENT_ROUND",
+    "DEFAULT_VERIFY_INTERVAL",
+    "DEFAULT_VERIFY_WORKERS",
+    "DEFAULT_VERIFY_BANDWIDTH",
+    "DEFAULT_VERIFY_CHUNK",
+    "VerifyConfig",
+    "RateLimiter",
+    "EntryOutcome",
+    "VerifyReport",
+    "CacheVerifier",
+]
+
+CONFIG_SECTION: Final = "ion.services.cache"
+
+GOOD: Final = "good"
+BAD: Final = "bad"
+GOOD_TO_BAD: Final = "good→bad"
+BAD_TO_GOOD: Final = "bad→good"
+SKIPPED: Final = "skipped"
+#: Every outcome a report row may have, in the order a summary lists them.
+OUTCOMES: Final = (GOOD_TO_BAD, BAD, BAD_TO_GOOD, GOOD, SKIPPED)
+
+#: Routing keys of the events (on the system's events exchange).
+EVENT_CHANGE: Final = "cache.verify.change"
+EVENT_ROUND: Final = "cache.verify.round"
+
+#: Seconds between rounds (config ``verify_interval``): daily.
+DEFAULT_VERIFY_INTERVAL: Final = 86400.0
+#: Entries checked at once (config ``verify_workers``).
+DEFAULT_VERIFY_WORKERS: Final = 2
+#: Bytes/s the rounds may read (config ``verify_bandwidth``): a quarter of a 200 MB/s disk.
+DEFAULT_VERIFY_BANDWIDTH: Final = 50 * 1024 * 1024
+#: Bytes hashed per pool job, the unit of pacing (config ``verify_chunk``).
+DEFAULT_VERIFY_CHUNK: Final = 1024 * 1024
+_MIN_CHUNK: Final = 4096
+_STATE_FORMAT: Final = 1
+
+PublishFn = Callable[[str, dict[str, Any]], None]
+"""Where events go: ``publish(routing_key, content)`` (``Container.publish_event``)."""
+
+
+# -- configuration ----------------------------------------------------------------------------------
+def _number_or_off(key: str, value: Any) -> float | None:
+    """A number > 0, or None for ``None``/``0`` (off)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigurationError(f"{CONFIG_SECTION}: {key} must be a number > 0 (or 0/None: off), not {value!r}")
+    return float(value) if value > 0 else None
+
+
+def _integer(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{CONFIG_SECTION}: {key} must be an integer >= {minimum}, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """The verifier's settings (``ion.services.cache`` keys ``verify_*``).
+
+    :ivar interval: seconds between rounds; None: no schedule (rounds only on request).
+    :ivar workers: entries checked at once.
+    :ivar bandwidth: bytes/s all rounds together may read; None: no cap.
+    :ivar chunk: bytes read and hashed per pool job (the pacing unit).
+    """
+
+    interval: float | None = DEFAULT_VERIFY_INTERVAL
+    workers: int = DEFAULT_VERIFY_WORKERS
+    bandwidth: float | None = float(DEFAULT_VERIFY_BANDWIDTH)
+    chunk: int = DEFAULT_VERIFY_CHUNK
+
+    def __post_init__(self) -> None:
+        _number_or_off("verify_interval", self.interval)
+        _integer("verify_workers", self.workers, 1)
+        _number_or_off("verify_bandwidth", self.bandwidth)
+        _integer("verify_chunk", self.chunk, _MIN_CHUNK)
+
+    @classmethod
+    def from_config(cls, get: Callable[[str, Any], Any]) -> VerifyConfig:
+        """Read the ``verify_*`` keys through ``get(key, default)`` (``ServiceProcess.get_config``).
+
+        ``verify_interval`` and ``verify_bandwidth``: ``0`` or ``None`` mean off (no
+        schedule; no cap).
+
+        :raises ConfigurationError: naming the key of a value that is not usable.
+        """
+        return cls(interval=_number_or_off("verify_interval", get("verify_interval", DEFAULT_VERIFY_INTERVAL)),
+                   workers=_integer("verify_workers", get("verify_workers", DEFAULT_VERIFY_WORKERS), 1),
+                   bandwidth=_number_or_off("verify_bandwidth",
+                                            get("verify_bandwidth", DEFAULT_VERIFY_BANDWIDTH)),
+                   chunk=_integer("verify_chunk", get("verify_chunk", DEFAULT_VERIFY_CHUNK), _MIN_CHUNK))
+
+
+# -- pacing -----------------------------------------------------------------------------------------------
+class RateLimiter:
+    """Paces readers to ``rate`` bytes/s on ``clock``, without bursts.
+
+    :meth:`acquire` reserves ``n`` bytes at the earliest time the rate allows
+    (each reservation starts where the previous one ends, or now if that is
+    later) and fires then, through ``clock.callLater``: nothing sleeps. So
+    in any clock interval of ``T`` seconds, reads start for at most
+    ``rate x T`` bytes plus one reservation. Cancelling a wait gives up its
+    turn (its slot stays used: the limiter errs on the slow side).
+    """
+
+    def __init__(self, rate: float | None, clock: IReactorTime) -> None:
+        self.rate = rate
+        self.clock = clock
+        self._next = -math.inf
+
+    def acquire(self, n: int) -> defer.Deferred[None]:
+        """Fires when ``n`` bytes may be read (at once when there is no cap)."""
+        if not self.rate or n <= 0:
+            return defer.succeed(None)
+        now = self.clock.seconds()
+        start = max(now, self._next)
+        self._next = start + n / self.rate
+        if start <= now:
+            return defer.succeed(None)
+        call: list[IDelayedCall] = []
+
+        def cancel(d: defer.Deferred[None]) -> None:
+            if call and call[0].active():
+                call[0].cancel()
+
+        d: defer.Deferred[None] = defer.Deferred(cancel)
+        call.append(self.clock.callLater(start - now, d.callback, None))
+        return d
+
+
+# -- reports --------------------------------------------------------------------------------------------------
+@dataclass
+class EntryOutcome:
+    """One entry's outcome in a round.
+
+    :ivar outcome: ``good``, ``bad``, ``good→bad``, ``bad→good`` or ``skipped``.
+    :ivar previous: the entry's state before the round (``good``/``bad``; None: never checked).
+    :ivar problems: bad file (or ``.entry``) -> what is wrong.
+    :ivar action: ``quarantined`` (moved to ``moved_to``), ``busy`` (bad but locked
+        by a fetch: left to it), ``awaiting refetch`` (quarantined earlier, not
+        fetched again yet); for ``skipped``: ``locked``, ``changed`` or ``incomplete``.
+    :ivar bytes: bytes hashed for it this round.
+    """
+
+    key: EntryKey
+    path: Path
+    outcome: str
+    previous: str | None = None
+    problems: dict[str, str] = field(default_factory=dict)
+    action: str | None = None
+    moved_to: Path | None = None
+    bytes: int = 0
+    checked_at: float = 0.0
+
+    @property
+    def state(self) -> str | None:
+        """``good`` or ``bad`` after this round; None when skipped."""
+        if self.outcome in (GOOD, BAD_TO_GOOD):
+            return GOOD
+        if self.outcome in (BAD, GOOD_TO_BAD):
+            return BAD
+        return None
+
+    @property
+    def changed(self) -> bool:
+        """True for ``good→bad`` and ``bad→good``: what is published as an event."""
+        return self.outcome in (GOOD_TO_BAD, BAD_TO_GOOD)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"key": self.key.to_wire(), "entry": str(self.key), "path": str(self.path), "outcome": self.outcome,
+                "previous": self.previous, "problems": dict(self.problems), "action": self.action,
+                "moved_to": str(self.moved_to) if self.moved_to else None, "bytes": self.bytes,
+                "checked_at": self.checked_at}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> EntryOutcome:
+        moved = data.get("moved_to")
+        return cls(EntryKey.from_wire(data["key"]), Path(data["path"]), str(data["outcome"]), data.get("previous"),
+                   dict(data.get("problems") or {}), data.get("action"), Path(moved) if moved else None,
+                   int(data.get("bytes", 0)), float(data.get("checked_at", 0.0)))
+
+
+@dataclass
+class VerifyReport:
+    """One verification round: when, what it read, and every entry's outcome (sorted by key)."""
+
+    started: float
+    finished: float | None = None
+    trigger: str = "schedule"
+    outcomes: list[EntryOutcome] = field(default_factory=list)
+    bytes_hashed: int = 0
+    bandwidth: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        """Clock seconds the round took (0 while it runs)."""
+        return max(0.0, (self.finished or self.started) - self.started)
+
+    @property
+    def rate(self) -> float | None:
+        """Bytes hashed per clock second; None for an instant round."""
+        return self.bytes_hashed / self.seconds if self.seconds > 0 else None
+
+    def counts(self) -> dict[str, int]:
+        """Entries per outcome, every outcome listed."""
+        out = dict.fromkeys(OUTCOMES, 0)
+        for o in self.outcomes:
+            out[o.outcome] = out.get(o.outcome, 0) + 1
+        return out
+
+    def summary(self) -> str:
+        """One line: ``verify round (schedule): 4 entries, 3 good, 1 good→bad, ...; 12.0 MB in 2.5 s``."""
+        counts = ", ".join(f"{n} {name}" for name, n in self.counts().items() if n)
+        rate = f", {self.rate / 1e6:.1f} MB/s" if self.rate else ""
+        return (f"verify round ({self.trigger}): {len(self.outcomes)} entries{': ' + counts if counts else ''}; "
+                f"{self.bytes_hashed / 1e6:.1f} MB hashed in {self.seconds:.1f} s{rate}")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"started": self.started, "finished": self.finished, "trigger": self.trigger,
+                "outcomes": [o.to_wire() for o in self.outcomes], "bytes_hashed": self.bytes_hashed,
+                "bandwidth": self.bandwidth, "seconds": self.seconds, "rate": self.rate, "counts": self.counts()}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> VerifyReport:
+        finished = data.get("finished")
+        bandwidth = data.get("bandwidth")
+        return cls(float(data["started"]), float(finished) if finished is not None else None,
+                   str(data.get("trigger", "schedule")),
+                   [EntryOutcome.from_wire(o) for o in data.get("outcomes", [])], int(data.get("bytes_hashed", 0)),
+                   float(bandwidth) if bandwidth is not None else None)
+
+
+# -- blocking helpers (one pool job each) -----------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """What one entry needs hashed, from its ``.entry`` and a walk of its folder (no content read)."""
+
+    entry_bytes: bytes
+    problems: dict[str, str]
+    to_hash: list[tuple[str, int, str]]  # (relative path, size, expected sha256)
+
+
+def _plan(path: Path, key: EntryKey) -> _Plan | None:
+    """The entry's ``.entry`` and the files to hash; size, link and name problems found without reading content.
+
+    None when the entry has no ``.entry`` (any more): incomplete, not verifiable.
+    """
+    try:
+        info = _read_info(path, key)
+        entry_bytes = (path / ENTRY_FILE).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except CorruptEntryError as exc:
+        return _Plan(_entry_bytes(path) or b"", {ENTRY_FILE: str(exc)}, [])
+    problems: dict[str, str] = {}
+    to_hash: list[tuple[str, int, str]] = []
+    seen: set[str] = set()
+    for rel, st in _walk(path):
+        if rel in (ENTRY_FILE, ENTRY_TMP):
+            continue
+        seen.add(rel)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(path / rel)
+            if rel not in info.links:
+                problems[rel] = f"unexpected symlink (to {target!r})"
+            elif info.links[rel] != target:
+                problems[rel] = f"symlink changed: points to {target!r}, not {info.links[rel]!r}"
+        elif stat.S_ISREG(st.st_mode):
+            meta = info.files.get(rel)
+            if meta is None:
+                problems[rel] = "unexpected file"
+            elif st.st_size != meta.size:
+                problems[rel] = f"size {st.st_size}, expected {meta.size}"
+            else:
+                to_hash.append((rel, meta.size, meta.sha256))
+        else:
+            problems[rel] = "not a regular file, folder or symlink"
+    for rel in info.files.keys() - seen:
+        problems[rel] = "missing"
+    for rel in info.links.keys() - seen:
+        problems[rel] = "symlink missing"
+    to_hash.sort()
+    return _Plan(entry_bytes, problems, to_hash)
+
+
+def _hash_chunk(path: Path, hasher: Any, offset: int, n: int) -> int:
+    """Read ``n`` bytes of ``path`` at ``offset`` into ``hasher``; the bytes read (fewer at end of file)."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        data = f.read(n)
+    hasher.update(data)
+    return len(data)
+
+
+def _entry_bytes(path: Path) -> bytes | None:
+    try:
+        return (path / ENTRY_FILE).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _load_state(path: Path) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _save_state(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON at ``path`` atomically: temporary file, fsync, rename, fsync of the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+# -- the verifier -----------------------------------------------------------------------------------------------
+@dataclass
+class _State:
+    key: EntryKey
+    state: str  # good | bad
+    since: float
+    checked: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"key": self.key.to_wire(), "state": self.state, "since": self.since, "checked": self.checked}
+
+
+class CacheVerifier:
+    """Re-hashes a cache's entries on a schedule, paced, and reports what changed (see the module notes).
+
+    :param cache: the cache; its ``pool`` runs the blocking steps, its locks guard the quarantine.
+    :param config: interval, workers, bandwidth, chunk.
+    :param publish: where events go (``Container.publish_event``); None: nowhere.
+    :param clock: schedule and pacing (default: the cache's clock); a ``task.Clock`` in tests.
+    :param state_path: where outcomes persist (default ``<root>/.verify-<host>.json``).
+    :param should_run: asked before each scheduled round; a round is skipped when it says no
+        (the Cache service: only the elected reaper verifies, so that a cache shared by many
+        containers is read once per round, within one bandwidth cap).
+    """
+
+    _log = Logger()
+
+    def __init__(self, cache: Cache, config: VerifyConfig | None = None, *, publish: PublishFn | None = None,
+                 clock: IReactorTime | None = None, state_path: str | os.PathLike[str] | None = None,
+                 should_run: Callable[[], bool] | None = None) -> None:
+        self.cache = cache
+        self.should_run = should_run
+        self.config = config or VerifyConfig()
+        self.publish = publish
+        self.clock: IReactorTime = clock or cache.clock
+        host_tag = hashlib.sha256(cache.host_id.encode()).hexdigest()[:8]
+        self.state_path = Path(state_path) if state_path is not None else cache.root / f".verify-{host_tag}.json"
+        self.limiter = RateLimiter(self.config.bandwidth, self.clock)
+        #: Each entry's last outcome, by its path relative to the root.
+        self.states: dict[str, _State] = {}
+        #: The last finished round, or None.
+        self.last_report: VerifyReport | None = None
+        #: The round running now, or None.
+        self.current: VerifyReport | None = None
+        self._loaded: defer.Deferred[None] | None = None
+        self._round: defer.Deferred[VerifyReport] | None = None
+        self._waiters: list[defer.Deferred[VerifyReport]] = []
+        self._loop: task.LoopingCall | None = None
+        self._stopped = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> defer.Deferred[None]:
+        """Load the saved outcomes, then schedule rounds every ``interval`` (none if it is off)."""
+        self._stopped = False
+        d = self.load()
+
+        def schedule(_: None) -> None:
+            if self.config.interval and not self._stopped and self._loop is None:
+                self._loop = task.LoopingCall(self._scheduled)
+                self._loop.clock = self.clock
+                self._loop.start(self.config.interval, now=False)
+                self._log.info("cache verify of {root}: every {interval:g} s, {workers} at once, {cap}",
+                               root=str(self.cache.root), interval=self.config.interval,
+                               workers=self.config.workers,
+                               cap=f"at most {self.config.bandwidth / 1e6:.1f} MB/s" if self.config.bandwidth
+                               else "no bandwidth cap")
+
+        d.addCallback(schedule)
+        return d
+
+    def stop(self) -> defer.Deferred[None]:
+        """Stop the schedule and cancel a running round; fires when it has ended."""
+        self._stopped = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._round is None:
+            return defer.succeed(None)
+        ended: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(ended)  # type: ignore[arg-type]
+        ended.addBoth(lambda _: None)
+        self._round.cancel()
+        return ended
+
+    def load(self) -> defer.Deferred[None]:
+        """Read the saved outcomes and last report (once; an unreadable file is logged and ignored)."""
+        if self._loaded is None:
+            self._loaded = defer.Deferred.fromCoroutine(self._load())
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def loaded(result: Any) -> Any:
+            d.callback(None)
+            return result
+
+        self._loaded.addBoth(loaded)
+        return d
+
+    async def _load(self) -> None:
+        try:
+            data = await self.cache.pool.run(_load_state, self.state_path)
+            if data is None:
+                return
+            for rel, s in (data.get("entries") or {}).items():
+                self.states[rel] = _State(EntryKey.from_wire(s["key"]), str(s["state"]), float(s["since"]),
+                                          float(s["checked"]))
+            if data.get("last_report"):
+                self.last_report = VerifyReport.from_wire(data["last_report"])
+        except Exception as exc:
+            self.states.clear()
+            self._log.warn("cache verify: ignoring unreadable state file {path} ({error}); every entry counts "
+                           "as good until checked", path=str(self.state_path), error=str(exc) or type(exc).__name__)
+
+    def report(self) -> defer.Deferred[VerifyReport | None]:
+        """The last finished round (once the saved state is loaded), or None."""
+
+        async def last() -> VerifyReport | None:
+            await self.load()
+            return self.last_report
+
+        return defer.Deferred.fromCoroutine(last())
+
+    # -- rounds ----------------------------------------------------------------------------------------------------
+    def run_round(self, trigger: str = "request") -> defer.Deferred[VerifyReport]:
+        """Verify every entry now; fires with the round's report. Joins a round already running.
+
+        Cancelling the returned Deferred stops waiting for the round, not the round.
+        """
+        d: defer.Deferred[VerifyReport] = defer.Deferred()
+        self._waiters.append(d)
+        if self._round is None:
+            self._round = defer.Deferred.fromCoroutine(self._run(trigger))
+            self._round.addBoth(self._round_ended)
+        return d
+
+    def _round_ended(self, result: Any) -> None:
+        self._round = None
+        self.current = None
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if w.called:
+                continue
+            if isinstance(result, Failure):
+                w.errback(result)
+            else:
+                w.callback(result)
+        if isinstance(result, Failure) and not waiters:
+            self._log.failure("cache verify round failed", result)
+
+    def _scheduled(self) -> defer.Deferred[None]:
+        if self.should_run is not None and not self.should_run():
+            self._log.debug("scheduled cache verify round skipped: another instance verifies")
+            return defer.succeed(None)
+        # Never let the LoopingCall see a failure: it would stop the schedule for good.
+        d = self.run_round("schedule")
+
+        def failed(f: Failure) -> None:
+            if not f.check(defer.CancelledError):
+                self._log.failure("scheduled cache verify round failed; the next one runs on schedule", f)
+
+        d.addCallbacks(lambda _: None, failed)
+        return d  # type: ignore[return-value]
+
+    async def _run(self, trigger: str) -> VerifyReport:
+        await self.load()
+        report = VerifyReport(started=self.clock.seconds(), trigger=trigger, bandwidth=self.config.bandwidth)
+        self.current = report
+        found, _locks = await self.cache.pool.run(_scan, self.cache.root)
+        targets = [f for f in found if f.problem != "incomplete"]
+        sem = defer.DeferredSemaphore(self.config.workers)
+        checks = [sem.run(self._check_deferred, f, report) for f in targets]
+        outcomes: list[EntryOutcome] = await defer.gatherResults(checks, consumeErrors=True)
+        seen = {self._rel(f.key) for f in found}
+        now = self.clock.seconds()
+        for rel, s in list(self.states.items()):
+            if rel in seen:
+                continue
+            if s.state == BAD:  # quarantined earlier, not fetched again yet: still bad, not served
+                outcomes.append(EntryOutcome(s.key, self.cache.entry_path(s.key), BAD, BAD,
+                                             action="awaiting refetch", checked_at=now))
+            else:
+                del self.states[rel]  # removed (prune, clear) while good: nothing to remember
+        outcomes.sort(key=lambda o: (o.key.repo_id, o.key.platform, o.key.name, o.key.version, o.key.unpack))
+        report.outcomes = outcomes
+        report.finished = self.clock.seconds()
+        self.last_report = report
+        await self._save()
+        self._emit(EVENT_ROUND, {"host": self.cache.host_id, "root": str(self.cache.root), "trigger": trigger,
+                                 "started": report.started, "finished": report.finished,
+                                 "entries": len(outcomes), "counts": report.counts(),
+                                 "bytes": report.bytes_hashed, "seconds": report.seconds, "rate": report.rate,
+                                 "changes": [o.to_wire() for o in outcomes if o.changed]})
+        log = self._log.warn if any(o.state == BAD for o in outcomes) else self._log.info
+        log("{root}: {summary}", root=str(self.cache.root), summary=report.summary())
+        return report
+
+    def _rel(self, key: EntryKey) -> str:
+        return str(key.relpath)
+
+    def _check_deferred(self, found: _Found, report: VerifyReport) -> defer.Deferred[EntryOutcome]:
+        return defer.Deferred.fromCoroutine(self._check(found, report))
+
+    async def _check(self, found: _Found, report: VerifyReport) -> EntryOutcome:
+        key, path = found.key, found.path
+        rel = self._rel(key)
+        prev = self.states.get(rel)
+        out = EntryOutcome(key, path, SKIPPED, prev.state if prev else None)
+        try:
+            probe = await self.cache.lock(key, timeout=0)
+        except LockTimeoutError:
+            out.action, out.checked_at = "locked", self.clock.seconds()
+            return out
+        await self.cache.unlock(probe)
+        plan = await self.cache.pool.run(_plan, path, key)
+        if plan is None:
+            out.action, out.checked_at = "incomplete", self.clock.seconds()
+            return out
+        problems = dict(plan.problems)
+        for name, size, expected in plan.to_hash:
+            digest, n = await self._hash(path / name, size)
+            out.bytes += n
+            report.bytes_hashed += n
+            if n != size:
+                problems[name] = f"{n} bytes read, expected {size}"
+            elif digest != expected:
+                problems[name] = f"sha256 {digest}, expected {expected}"
+        out.checked_at = self.clock.seconds()
+        if problems:
+            out.problems = problems
+            if not await self._quarantine(out, plan.entry_bytes):
+                return out  # skipped: locked or republished meanwhile
+        self._settle(out, GOOD if not problems else BAD)
+        return out
+
+    async def _hash(self, path: Path, size: int) -> tuple[str, int]:
+        hasher = hashlib.sha256()
+        done = 0
+        while done < size:
+            n = min(self.config.chunk, size - done)
+            await self.limiter.acquire(n)
+            if self._stopped:
+                raise defer.CancelledError("the cache verifier is stopping")
+            try:
+                got = await self.cache.pool.run(_hash_chunk, path, hasher, done, n)
+            except FileNotFoundError:
+                break
+            done += got
+            if got < n:
+                break
+        return hasher.hexdigest(), done
+
+    async def _quarantine(self, out: EntryOutcome, entry_bytes: bytes) -> bool:
+        """Quarantine a bad entry under its lock; False (and ``out`` skipped) if it is locked or was republished."""
+        try:
+            lock = await self.cache.lock(out.key, timeout=0)
+        except LockTimeoutError:
+            out.outcome, out.action = SKIPPED, "locked"
+            return False
+        try:
+            now_bytes = await self.cache.pool.run(_entry_bytes, out.path)
+            if now_bytes != entry_bytes:
+                out.outcome, out.action, out.problems = SKIPPED, "changed" if now_bytes else "incomplete", {}
+                return False
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock.seconds()))
+            dest = self.cache.quarantine_root.joinpath(f"{stamp}-{secrets.token_hex(4)}", *out.key.relpath.parts)
+            await self.cache.pool.run(_quarantine, out.path, dest)
+            out.action, out.moved_to = "quarantined", dest
+            self._log.warn("cache verify: quarantined bad entry {entry} ({problems}) to {dest}; the next deploy "
+                           "fetches it again", entry=str(out.key), problems=_describe(out.problems), dest=str(dest))
+            return True
+        finally:
+            await self.cache.unlock(lock)
+
+    def _settle(self, out: EntryOutcome, state: str) -> None:
+        """Record ``state`` for the entry, set its outcome from the previous one, publish a change."""
+        previous = out.previous or GOOD  # never checked: it was verified while it streamed in
+        if state == GOOD:
+            out.outcome = BAD_TO_GOOD if previous == BAD else GOOD
+        else:
+            out.outcome = GOOD_TO_BAD if previous == GOOD else BAD
+        rel = self._rel(out.key)
+        old = self.states.get(rel)
+        since = old.since if old is not None and old.state == state else out.checked_at
+        self.states[rel] = _State(out.key, state, since, out.checked_at)
+        if out.changed:
+            self._emit(EVENT_CHANGE, {"host": self.cache.host_id, "root": str(self.cache.root), **out.to_wire()})
+
+    async def _save(self) -> None:
+        data = {"format": _STATE_FORMAT, "host_id": self.cache.host_id,
+                "entries": {rel: s.to_wire() for rel, s in sorted(self.states.items())},
+                "last_report": self.last_report.to_wire() if self.last_report else None}
+        try:
+            await self.cache.pool.run(_save_state, self.state_path, data)
+        except OSError as exc:
+            self._log.warn("cache verify: could not save {path} ({error}); outcomes are kept in memory",
+                           path=str(self.state_path), error=str(exc))
+
+    def _emit(self, routing_key: str, content: dict[str, Any]) -> None:
+        if self.publish is None:
+            return
+        try:
+            self.publish(routing_key, content)
+        except Exception:
+            self._log.failure("cache verify: event {key} not published", key=routing_key)

@@ -12,21 +12,51 @@ A service that starts long work answers at once with a job id; callers poll
 ==============  ====  =====================================================
 
 Records are kept ``retention`` seconds after the job ends (default 1 h).
+
+**Cancelled parts.** A job whose work was cancelled before every part finished
+(its service stopped: drain timeout, second signal) ends as ``REMOTE_ERROR``
+with ``error`` starting ``cancelled:``; ``results`` holds every part, the
+finished ones as they ended and the others as their cancelled outcome, and
+``cancelled`` lists the parts that did not finish. ``REMOTE_ERROR``, not
+``PARTIAL``: the job is over, a poller must stop polling.
+
+**Durable records.** With a :class:`JobStore` (a folder, e.g. beside the
+cache), each job's record is also written to ``<folder>/<quoted id>.json``
+(temp file + ``os.replace``, through the blocking pool) when it starts, when a
+part finishes and when it ends, with its ``owner`` (container, host, OS pid,
+process id). :meth:`JobTable.lookup` answers from that file when the job is
+not in memory (another instance ran it, or this container restarted); a record
+still RUNNING/PARTIAL whose owner is gone (judged by the ``owner_alive``
+function the service supplies) answers ``LOST_IN_SPACE`` with ``error``
+saying the container died, never RUNNING forever. Files expire like the
+in-memory records and are removed by :meth:`JobTable.prune`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["JobStatus", "Job", "JobTable"]
+__all__ = ["JobStatus", "Job", "JobTable", "JobStore", "OwnerAlive"]
+
+#: Version of the record files (``"record"`` key).
+RECORD_VERSION = 1
+
+#: ``owner_alive(owner)``: whether the container that wrote a record still runs the job;
+#: a bool or a Deferred of one.
+OwnerAlive = Callable[[Mapping[str, Any]], "bool | defer.Deferred[bool]"]
 
 
 class JobStatus(IntEnum):
@@ -52,6 +82,12 @@ class Job:
     error: str | None = None
     ended: float | None = None
     deferred: defer.Deferred[Any] | None = None
+    #: Parts that were cancelled rather than finished, in the order they ended.
+    cancelled: list[str] = field(default_factory=list)
+    #: Who runs the job (written into its durable record).
+    owner: dict[str, Any] | None = None
+    #: The last write of its durable record (writes of one job are chained, oldest first).
+    saving: defer.Deferred[None] | None = field(default=None, repr=False)
 
     @property
     def status(self) -> JobStatus:
@@ -66,7 +102,7 @@ class Job:
         return {
             "job": self.job_id, "kind": self.kind, "status": int(self.status), "state": self.status.name,
             "results": dict(self.results), "total": self.total, "error": self.error,
-            "created": self.created, "ended": self.ended,
+            "created": self.created, "ended": self.ended, "cancelled": list(self.cancelled),
         }
 
 
@@ -75,36 +111,58 @@ class JobTable:
 
     :param clock: measures retention (a ``task.Clock`` in tests).
     :param retention: seconds a finished job's record is kept.
+    :param store: where durable records are written (None: memory only).
+    :param owner: who runs this table's jobs (container, host, pid, process), kept in each record.
+    :param owner_alive: judges the owner of a record read back (see :data:`OwnerAlive`);
+        None: an owner other than ``owner`` is taken to be alive.
     """
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, retention: float = 3600.0) -> None:
+    def __init__(self, clock: IReactorTime, retention: float = 3600.0, *, store: JobStore | None = None,
+                 owner: Mapping[str, Any] | None = None, owner_alive: OwnerAlive | None = None) -> None:
         self.clock = clock
         self.retention = retention
         self.jobs: dict[str, Job] = {}
+        self.store = store
+        self.owner = dict(owner) if owner is not None else None
+        self.owner_alive = owner_alive
+        self._saving: set[defer.Deferred[None]] = set()
+        #: Seconds between two prunes of the durable records (done as jobs are started and asked about).
+        self.prune_interval = min(retention, 600.0)
+        self._pruned = clock.seconds()
 
     def start(self, kind: str, work: defer.Deferred[Any], *, total: int | None = None,
               job_id: str | None = None) -> Job:
         """Record a job whose ``work`` Deferred fires with a dict of results (or fails)."""
         self.expire()
-        job = Job(job_id or secrets.token_hex(8), kind, self.clock.seconds(), total=total)
+        job = Job(job_id or secrets.token_hex(8), kind, self.clock.seconds(), total=total, owner=self.owner)
         self.jobs[job.job_id] = job
         job.deferred = work
+        self._save(job)
         work.addCallbacks(self._finished, self._failed, callbackArgs=(job,), errbackArgs=(job,))
         return job
 
-    def partial(self, job_id: str, part: str, result: Any) -> None:
-        """Record one finished part of a running job."""
+    def partial(self, job_id: str, part: str, result: Any, *, cancelled: bool = False) -> None:
+        """Record one ended part of a running job; ``cancelled``: it was cancelled, not finished."""
         job = self.jobs.get(job_id)
         if job is not None and not job.done:
             job.results[part] = result
+            if cancelled and part not in job.cancelled:
+                job.cancelled.append(part)
+            self._save(job)
 
     def _finished(self, results: Any, job: Job) -> Any:
         if isinstance(results, dict):
             job.results.update(results)
         job.done = True
         job.ended = self.clock.seconds()
+        if job.cancelled:
+            finished = len(job.results) - len(job.cancelled)
+            job.error = (f"cancelled: {len(job.cancelled)} part(s) did not finish "
+                         f"({', '.join(job.cancelled)}); {finished} finished")
+            self._log.warn("job {job} ({kind}) {error}", job=job.job_id, kind=job.kind, error=job.error)
+        self._save(job)
         return results
 
     def _failed(self, failure: Failure, job: Job) -> None:
@@ -112,6 +170,120 @@ class JobTable:
         job.ended = self.clock.seconds()
         job.error = f"{getattr(failure.type, '__name__', 'Error')}: {failure.getErrorMessage()}"
         self._log.warn("job {job} ({kind}) failed: {error}", job=job.job_id, kind=job.kind, error=job.error)
+        self._save(job)
+
+    # -- durable records ---------------------------------------------------------------------
+    def record(self, job: Job) -> dict[str, Any]:
+        """The job's durable record: its wire form, its owner and when it was written."""
+        record = job.to_wire()
+        record.update(record=RECORD_VERSION, owner=job.owner, updated=self.clock.seconds())
+        return record
+
+    def _save(self, job: Job) -> None:
+        """Write the job's record now, after its earlier writes (a later state never loses to an older one)."""
+        store = self.store
+        if store is None:
+            return
+        record = self.record(job)
+        previous = job.saving if job.saving is not None else defer.succeed(None)
+
+        def write(_: Any) -> defer.Deferred[None]:
+            return store.save(job.job_id, record)
+
+        def failed(f: Failure) -> None:
+            self._log.warn("job {job}: could not write its record in {dir}: {err}", job=job.job_id,
+                           dir=str(store.directory), err=f.getErrorMessage())
+
+        d: defer.Deferred[None] = _observe(previous).addCallback(write).addErrback(failed)
+        job.saving = d
+        self._saving.add(d)
+
+        def written(_: Any) -> None:
+            self._saving.discard(d)
+
+        d.addBoth(written)
+
+    def flush(self) -> defer.Deferred[None]:
+        """Fires once every record write asked for so far is done (written or logged as failed)."""
+        pending = [_observe(d) for d in self._saving]
+        return defer.DeferredList(pending, consumeErrors=True).addCallback(lambda _: None)
+
+    def lookup(self, job_id: str) -> defer.Deferred[dict[str, Any]]:
+        """Like :meth:`status`, but a job not in memory is answered from its durable record.
+
+        A record of a job still RUNNING/PARTIAL whose owner is gone (this table's own owner
+        lost it in a restart, or ``owner_alive`` says so) answers ``LOST_IN_SPACE``.
+        """
+        answer = self.status(job_id)
+        if self.store is None or answer["status"] != JobStatus.LOST_IN_SPACE:
+            return defer.succeed(answer)
+        return defer.ensureDeferred(self._from_record(job_id, answer))
+
+    async def _from_record(self, job_id: str, missing: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        try:
+            record = await self.store.load(job_id)
+        except Exception as exc:
+            self._log.warn("job {job}: its record could not be read: {exc}", job=job_id, exc=exc)
+            record = None
+        if record is None:
+            return missing
+        now = self.clock.seconds()
+        ended = record.get("ended")
+        if isinstance(ended, (int, float)) and now - ended > self.retention:
+            return missing
+        if record.get("status") in (JobStatus.RUNNING, JobStatus.PARTIAL):
+            owner = record.get("owner") or {}
+            if not await self._alive(owner):
+                return self._lost(record, owner)
+        record["from_record"] = True
+        return record
+
+    async def _alive(self, owner: Mapping[str, Any]) -> bool:
+        """Whether ``owner`` still runs its jobs; a job of our own owner is in memory when it runs."""
+        if self.owner is not None and dict(owner) == self.owner:
+            return False
+        if self.owner_alive is None:
+            return True
+        try:
+            return bool(await defer.maybeDeferred(self.owner_alive, owner))
+        except Exception as exc:
+            self._log.warn("could not tell whether {owner} is alive: {exc}", owner=owner, exc=exc)
+            return True
+
+    @staticmethod
+    def _lost(record: dict[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:
+        who = ", ".join(f"{k} {owner[k]}" for k in ("container", "host", "pid", "process") if k in owner)
+        record.update(status=int(JobStatus.LOST_IN_SPACE), state=JobStatus.LOST_IN_SPACE.name,
+                      error=f"container died while running the job ({who or 'owner unknown'}); "
+                            f"{len(record.get('results') or {})} part(s) had finished",
+                      died=True, from_record=True)
+        return record
+
+    def prune(self) -> defer.Deferred[list[str]]:
+        """Remove durable records that expired: ended more than ``retention`` ago, or left
+        RUNNING by a dead owner and not written for ``retention``. Fires with the removed ids."""
+        if self.store is None:
+            return defer.succeed([])
+        return defer.ensureDeferred(self._prune(self.store))
+
+    async def _prune(self, store: JobStore) -> list[str]:
+        now = self.clock.seconds()
+        removed: list[str] = []
+        for job_id, record in (await store.load_all()).items():
+            if job_id in self.jobs:
+                continue
+            ended, updated = record.get("ended"), record.get("updated")
+            if isinstance(ended, (int, float)):
+                old = now - ended > self.retention
+            elif isinstance(updated, (int, float)):
+                old = now - updated > self.retention and not await self._alive(record.get("owner") or {})
+            else:
+                old = True  # not a record we wrote
+            if old:
+                await store.remove(job_id)
+                removed.append(job_id)
+        return removed
 
     def status(self, job_id: str) -> dict[str, Any]:
         """The job's record on the wire; ``LOST_IN_SPACE`` for an unknown or expired id."""
@@ -128,13 +300,116 @@ class JobTable:
         return [job.to_wire() for job in self.jobs.values()]
 
     def expire(self) -> None:
-        """Forget jobs that ended more than ``retention`` seconds ago."""
+        """Forget jobs that ended more than ``retention`` seconds ago (and, every
+        ``prune_interval`` seconds, remove the durable records that expired)."""
         now = self.clock.seconds()
         for job_id in [j.job_id for j in self.jobs.values() if j.ended is not None and now - j.ended > self.retention]:
             del self.jobs[job_id]
+        if self.store is not None and now - self._pruned >= self.prune_interval:
+            self._pruned = now
+            self.prune().addErrback(lambda f: self._log.warn("pruning job records in {dir} failed: {err}",
+                                                             dir=str(self.store.directory if self.store else ""),
+                                                             err=f.getErrorMessage()))
 
     def cancel_all(self) -> None:
         """Cancel every job still running (its record then says REMOTE_ERROR: cancelled)."""
         for job in list(self.jobs.values()):
             if not job.done and job.deferred is not None:
                 job.deferred.cancel()
+
+
+def _observe(d: defer.Deferred[Any]) -> defer.Deferred[None]:
+    """Fires (with None) when ``d`` does; cancelling it leaves ``d`` alone."""
+    seen: defer.Deferred[None] = defer.Deferred()
+
+    def fired(result: Any) -> Any:
+        if not seen.called:
+            seen.callback(None)
+        return result
+
+    d.addBoth(fired)
+    return seen
+
+
+class _InlinePool:
+    """Runs the "blocking" calls at once (tests and tools without a thread pool)."""
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        return defer.maybeDeferred(fn, *args, **kwargs)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` at ``path`` through a temp file and ``os.replace``: a reader sees the old or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        JobTable._log.warn("job record {path} is unreadable: {exc}", path=str(path), exc=exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class JobStore:
+    """Job records as JSON files in ``directory``, one per job (``<quoted id>.json``).
+
+    Blocking file work runs through ``pool`` (anything with ``run(fn, *args) -> Deferred``,
+    e.g. the container's blocking pool), never on the reactor thread.
+    """
+
+    SUFFIX = ".json"
+
+    def __init__(self, directory: str | os.PathLike[str], pool: Any = None) -> None:
+        self.directory = Path(directory)
+        self.pool = pool if pool is not None else _InlinePool()
+
+    def path(self, job_id: str) -> Path:
+        """The record file of ``job_id``: its id quoted, so no id names a path outside the folder."""
+        return self.directory / (quote(job_id, safe="") + self.SUFFIX)
+
+    def save(self, job_id: str, record: Mapping[str, Any]) -> defer.Deferred[None]:
+        """Write (replace) the record of ``job_id``."""
+        data = json.dumps(record, sort_keys=True, default=str).encode()
+        d: defer.Deferred[None] = self.pool.run(_write_atomic, self.path(job_id), data)
+        return d
+
+    def load(self, job_id: str) -> defer.Deferred[dict[str, Any] | None]:
+        """The record of ``job_id``, or None (none, or unreadable)."""
+        d: defer.Deferred[dict[str, Any] | None] = self.pool.run(_read, self.path(job_id))
+        return d
+
+    def load_all(self) -> defer.Deferred[dict[str, dict[str, Any]]]:
+        """Every readable record, by job id."""
+        def read_all() -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            try:
+                names = os.listdir(self.directory)
+            except FileNotFoundError:
+                return out
+            for name in names:
+                if name.startswith(".") or not name.endswith(self.SUFFIX):
+                    continue
+                record = _read(self.directory / name)
+                if record is not None:
+                    out[unquote(name[:-len(self.SUFFIX)])] = record
+            return out
+
+        d: defer.Deferred[dict[str, dict[str, Any]]] = self.pool.run(read_all)
+        return d
+
+    def remove(self, job_id: str) -> defer.Deferred[None]:
+        """Remove the record of ``job_id`` (gone already is fine)."""
+        d: defer.Deferred[None] = self.pool.run(lambda: self.path(job_id).unlink(missing_ok=True))
+        return d

@@ -7,9 +7,19 @@ state:
 
 - ``cached``: the cache had it; ``downloaded``: fetched now; ``updated``:
   refetched because the remote changed (``keep_updated``);
-- ``failed``, with the reason.
+- ``failed``, with the reason;
+- ``cancelled``: the deployment was cancelled (``Deferred.cancel()``, e.g. its
+  service stopping) before the item was in place.
 
 and whether its destination was already right (``already``).
+
+**Cancellation.** Cancelling the Deferred of :meth:`Deployer.deploy` cancels
+every fetch not finished yet (through ``fetch``'s Deferred: the Fetch core
+then releases its lock and removes its staging folders); an item already
+being placed is left to finish (placement is local and short, and a half
+placed destination is worse than a late stop). The Deferred then fires
+normally, once those fetches have cleaned up, with every item's result:
+the finished ones as they are, the others ``cancelled``.
 """
 
 from __future__ import annotations
@@ -28,11 +38,15 @@ from ion.core.exceptions import ApplicationError
 from ion.services.deploy.place import PlacementError, place
 from ion.services.deploy.spec import Deployment, DeploymentItem
 
-__all__ = ["Deployer", "ItemResult", "FetchFunction", "ProgressFunction", "check_allowed", "AccessRefused"]
+__all__ = ["Deployer", "ItemResult", "FetchFunction", "ProgressFunction", "check_allowed", "AccessRefused",
+           "CANCELLED_REASON"]
 
 _log = Logger()
 
-#: ``progress(item, phase, info)`` — phase is ``fetch``, ``bytes``, ``place``, ``done``, ``failed``.
+#: The reason of an item whose deployment was cancelled before it was in place.
+CANCELLED_REASON = "cancelled before it was in place (the deployment was stopped)"
+
+#: ``progress(item, phase, info)`` — phase is ``fetch``, ``bytes``, ``place``, ``done``, ``failed``, ``cancelled``.
 ProgressFunction = Callable[[DeploymentItem, str, Mapping[str, Any]], None]
 
 
@@ -88,7 +102,12 @@ class ItemResult:
 
     @property
     def ok(self) -> bool:
-        return self.state != "failed"
+        return self.state not in ("failed", "cancelled")
+
+    @property
+    def cancelled(self) -> bool:
+        """The item was cancelled before it was in place."""
+        return self.state == "cancelled"
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -142,16 +161,19 @@ class Deployer:
         async def one(item: DeploymentItem) -> ItemResult:
             try:
                 fetched = await fetch_once(item)
+                lock = placing.setdefault(item.destination, defer.DeferredLock())
+                await lock.acquire()
+            except defer.CancelledError:
+                result = ItemResult(item, "cancelled", reason=CANCELLED_REASON)
             except Exception as exc:
                 result = ItemResult(item, "failed", reason=_reason(exc))
             else:
-                lock = placing.setdefault(item.destination, defer.DeferredLock())
-                await lock.acquire()
                 try:
-                    result = await self._place(item, fetched, report)
+                    result = await _despite_cancel(defer.ensureDeferred(self._place(item, fetched, report)))
                 finally:
                     lock.release()
-            report(item, "done" if result.ok else "failed", result.to_wire())
+            phase = "done" if result.ok else ("cancelled" if result.cancelled else "failed")
+            report(item, phase, result.to_wire())
             if on_result is not None:
                 on_result(result)
             return result
@@ -225,6 +247,32 @@ class _Shared:
         else:
             self._waiters.append(w)
         return w
+
+
+def _fire_unless_called(_: Any, waiter: defer.Deferred[None]) -> None:
+    if not waiter.called:
+        waiter.callback(None)
+
+
+async def _despite_cancel(d: defer.Deferred[ItemResult]) -> ItemResult:
+    """``d``'s result; a cancel of the awaiting coroutine is ignored and ``d`` awaited to its end."""
+    outcome: list[Any] = []
+
+    def keep(result: Any) -> None:
+        outcome.append(result)
+
+    d.addBoth(keep)
+    while not outcome:
+        waiter: defer.Deferred[None] = defer.Deferred()
+        d.addBoth(_fire_unless_called, waiter)
+        try:
+            await waiter
+        except defer.CancelledError:
+            _log.info("a deployment was cancelled while an item was being placed; letting it finish")
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    result: ItemResult = outcome[0]
+    return result
 
 
 def _reason(exc: BaseException) -> str:

@@ -12,18 +12,44 @@ working folder) and reads ``file:`` repositories only under
 ``allowed_file_repositories`` (default: none); anything else refuses the whole
 request with 403 naming the roots, after symlinks are resolved, and nothing
 is written.
+
+**Graceful drain** (terminate, SIGTERM): the instance stops taking requests
+from the service queue at once (they stay there for another instance), and
+refuses a deploy that still reaches it (its pid queue) with 503; it waits up
+to ``drain_timeout`` seconds for the deployments in progress, then cancels
+the rest: the fetches not finished are cancelled (``Deferred.cancel`` through
+the :class:`Deployer`), items being placed finish. A sync ``deploy`` caller
+then gets a 503 ``DeployCancelled`` whose content names the items cancelled
+and carries every item's result; an async job ends ``REMOTE_ERROR`` with
+``cancelled`` listing its unfinished items (see :mod:`ion.core.jobs`). Only
+then does the process terminate as every process does.
+
+**Durable jobs**: each async job's record is also written to
+``<job_dir>/<quoted job id>.json`` (default ``<cache root>/jobs``), when it
+starts, as each item ends and at its end. ``job_status`` of a job that is not
+in memory answers from that file, so any instance (and a container started
+again on the same cache) can tell what became of it; a record left
+RUNNING/PARTIAL by a container that is gone answers ``LOST_IN_SPACE`` with
+``died: true``. The owner is judged gone when it is this container's own
+record but no process of ours runs it (the container restarted), when it ran
+on this host under a pid that is dead, or, from another host, when its
+container is not among the live ones the agent knows (``nodes()``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
-from ion.core.exceptions import ApplicationError
-from ion.core.jobs import JobTable
+from ion.core.exceptions import ApplicationError, ReceivedError
+from ion.core.jobs import JobStore, JobTable
+from ion.core.lifecycle import State
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.core import Deployer, ItemResult, check_allowed
 from ion.services.deploy.spec import Deployment, DeploymentError, DeploymentItem, item_from_dict
@@ -39,20 +65,111 @@ class DeployService(ServiceProcess):
 
     Config (``ion.services.deploy``): ``max_parallel`` (8), ``allowed_destinations``,
     ``allowed_file_repositories``, ``job_retention`` (3600 s), ``fetch_timeout`` (3600 s),
-    ``max_concurrent`` (requests handled at once, 16).
+    ``max_concurrent`` (requests handled at once, 16), ``drain_timeout`` (30 s),
+    ``job_dir`` (durable job records; None: ``<cache root>/jobs``; ``False``: none).
     """
 
     service_name = "deploy"
     version = "0.1.0"
+    _log = Logger()
 
     #: A sync deploy (minutes long) must not keep job_status, jobs and other deploys waiting.
     max_concurrent = 16
 
     def slc_init(self) -> None:
-        self.jobs = JobTable(self.clock, float(self.get_config("job_retention", 3600)))
+        #: Set when terminate starts: deploys are refused from then on.
+        self.draining = False
+        #: The deployments in progress (sync and async), each the Deployer's Deferred.
+        self.runs: set[defer.Deferred[list[ItemResult]]] = set()
+        self.owner = self._owner()
+        self.jobs = JobTable(self.clock, float(self.get_config("job_retention", 3600)), store=self._job_store(),
+                             owner=self.owner, owner_alive=self._owner_alive)
 
-    def slc_terminate(self) -> None:
+    def slc_activate(self) -> None:
+        # Records of jobs that ended (or died) longer than job_retention ago.
+        self.jobs.prune().addErrback(lambda f: self._log.warn("{pid}: pruning job records failed: {e}",
+                                                               pid=self.id, e=f.getErrorMessage()))
+
+    @defer.inlineCallbacks
+    def on_terminate(self) -> Any:
+        """Drain, then terminate as any process: see the module notes."""
+        if hasattr(self, "runs"):  # initialized: there may be work to drain
+            yield self.drain(float(self.get_config("drain_timeout", 30)))
+        yield super().on_terminate()
+
+    def slc_terminate(self) -> Any:
         self.jobs.cancel_all()
+        return self.jobs.flush()
+
+    # -- drain ----------------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def drain(self, timeout: float, *, clock: IReactorTime | None = None) -> Any:
+        """Stop taking deploys, wait up to ``timeout`` s for those in progress, cancel the rest.
+
+        Fires once the cancelled ones have cleaned up and every job record is written.
+
+        :param clock: measures ``timeout`` (default: the process's clock; a ``task.Clock`` in tests).
+        """
+        self.draining = True
+        # The shared queue first: its waiting requests go to the other instances.
+        for receiver in self.receivers:
+            if receiver.name == self.service_queue and receiver.state is State.ACTIVE:
+                yield receiver.deactivate()
+        if self.runs:
+            self._log.info("{pid}: stopping; waiting up to {timeout:g} s for {n} deployment(s) in progress",
+                           pid=self.id, timeout=timeout, n=len(self.runs))
+            waiting = defer.DeferredList([_observe(d) for d in self.runs], consumeErrors=True)
+            waiting.addTimeout(timeout, clock or self.clock, onTimeoutCancel=lambda result, t: None)
+            yield waiting
+        left = list(self.runs)
+        if left:
+            self._log.warn("{pid}: {n} deployment(s) still in progress after {timeout:g} s: cancelling them",
+                           pid=self.id, n=len(left), timeout=timeout)
+            for d in left:
+                d.cancel()
+            # They fire once their fetches have cleaned up (locks released, staging removed).
+            yield defer.DeferredList([_observe(d) for d in left], consumeErrors=True)
+        yield self.jobs.flush()
+
+    # -- durable job records --------------------------------------------------------------------
+    def _job_store(self) -> JobStore | None:
+        directory = self.get_config("job_dir")
+        if directory is False:
+            return None
+        if not directory:
+            from ion.services.cache.core import default_root
+
+            root = self.container.config.get("ion.services.cache", "root", None) or default_root()
+            directory = Path(root).expanduser() / "jobs"
+        return JobStore(Path(directory).expanduser(), self.container.blocking)
+
+    def _host_id(self) -> str:
+        from ion.services.cache.locks import resolve_host_id
+
+        configured = self.container.config.get("ion.services.cache", "host_id", None)
+        return str(configured) if configured else resolve_host_id()
+
+    def _owner(self) -> dict[str, Any]:
+        """Who runs this instance's jobs: container, host, OS pid and process id."""
+        return {"container": self.container.id, "host": self._host_id(), "pid": os.getpid(), "process": self.id}
+
+    def _owner_alive(self, owner: Mapping[str, Any]) -> bool:
+        """Whether the owner of a job record still runs it (see the module notes)."""
+        from ion.services.cache.locks import pid_alive
+
+        if owner.get("container") == self.container.id and owner.get("host") == self.owner["host"]:
+            if owner.get("pid") != self.owner["pid"]:
+                return False  # this container id, started again
+            proc = self.container.proc_manager.get(str(owner.get("process")))
+            return proc is not None and not proc.is_final
+        if owner.get("host") == self.owner["host"]:
+            pid = owner.get("pid")
+            return isinstance(pid, int) and pid_alive(pid)
+        agent = self.container.proc_manager.get(self.container.agent_pid or "")
+        live_nodes = getattr(agent, "live_nodes", None)
+        if live_nodes is None:
+            return True  # no agent to ask: do not declare anyone dead
+        return any(node.get("container") == owner.get("container") for node in live_nodes())
 
     # -- request handling ---------------------------------------------------------------
     def _deployment(self, content: Any) -> Deployment:
@@ -113,21 +230,48 @@ class DeployService(ServiceProcess):
 
         def on_result(result: ItemResult) -> None:
             if job is not None:
-                self.jobs.partial(job, _part(result), result.to_wire())
+                self.jobs.partial(job, _part(result), result.to_wire(), cancelled=result.cancelled)
 
-        return self._deployer(job).deploy(deployment, progress=progress, on_result=on_result)
+        self._refuse_if_draining()
+        run = self._deployer(job).deploy(deployment, progress=progress, on_result=on_result)
+        self.runs.add(run)
+
+        def ended(_: Any) -> None:
+            self.runs.discard(run)
+
+        _observe(run).addCallback(ended)
+        return run
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ApplicationError(f"deploy service {self.id} is stopping and takes no new deployment; "
+                                   "send it again (another instance of the service takes it)", 503)
 
     # -- ops --------------------------------------------------------------------------------
-    async def op_deploy(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
+    async def op_deploy(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any] | None:
         """Deploy now; answer every item's state when all are done."""
+        self._refuse_if_draining()
         deployment = self._deployment(content)
         # realpath may touch slow filesystems: resolve off the reactor thread.
         await self.container.blocking.run(self._authorize, deployment.items)
         results = await self._run(deployment, None)
-        return _summary(deployment, results)
+        cancelled = [r.item.label for r in results if r.cancelled]
+        if not cancelled:
+            return _summary(deployment, results)
+        # Stopped before every item was in place: an error naming what was cancelled, with every
+        # item's result (the finished ones are in place).
+        finished = [r.item.label for r in results if not r.cancelled]
+        message = (f"deploy service {self.id} stopped before the deployment ended; cancelled: "
+                   f"{', '.join(cancelled)}; finished: {', '.join(finished) or 'none'}")
+        if not self._answered(msg):
+            self._unless_sent(self.reply_err(msg, {"error": "DeployCancelled", "message": message,
+                                                   "cancelled": cancelled, **_summary(deployment, results)},
+                                             response_code=503), msg)
+        return None
 
     async def op_deploy_async(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
         """Start a deployment and answer its job id at once; poll ``job_status``."""
+        self._refuse_if_draining()
         deployment = self._deployment(content)
         await self.container.blocking.run(self._authorize, deployment.items)
         # The id names this instance, so status polls reach the one holding the job
@@ -138,16 +282,33 @@ class DeployService(ServiceProcess):
         job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id)
         return {"job": job.job_id, "total": len(deployment.items)}
 
-    def op_job_status(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
-        """Func's status of a job: 0 RUNNING, 1 FINISHED, 2 LOST_IN_SPACE, 3 PARTIAL, 4 REMOTE_ERROR."""
+    def op_job_status(self, content: Any, headers: dict[str, Any],
+                      msg: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
+        """Func's status of a job: 0 RUNNING, 1 FINISHED, 2 LOST_IN_SPACE, 3 PARTIAL, 4 REMOTE_ERROR.
+
+        A job not in memory is answered from its durable record (``from_record: true``).
+        """
         job = content.get("job") if isinstance(content, Mapping) else content
-        if not isinstance(job, str):
+        if not isinstance(job, str) or not job or "\0" in job:
             raise ApplicationError("job_status takes a job id", 400)
-        return self.jobs.status(job)
+        return self.jobs.lookup(job)
 
     def op_jobs(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> list[dict[str, Any]]:
         """Every job on record."""
         return self.jobs.list()
+
+
+def _observe(d: defer.Deferred[Any]) -> defer.Deferred[None]:
+    """Fires (with None) when ``d`` does; cancelling it leaves ``d`` alone."""
+    seen: defer.Deferred[None] = defer.Deferred()
+
+    def fired(result: Any) -> Any:
+        if not seen.called:
+            seen.callback(None)
+        return result
+
+    d.addBoth(fired)
+    return seen
 
 
 def _part(result: ItemResult) -> str:
@@ -188,7 +349,13 @@ class DeployClient(ServiceClient):
     def job_status(self, job: str) -> Any:
         """The job's record: ``{"status", "state", "results", ...}``, asked of the instance that runs it."""
         target = job.split(JOB_SEP, 1)[0] if JOB_SEP in job else self.target
-        content, _ = yield self.proc.rpc_send(target, "job_status", {"job": job})
+        try:
+            content, _ = yield self.proc.rpc_send(target, "job_status", {"job": job})
+        except ReceivedError as exc:
+            if target == self.target or exc.response_code not in (404, 503):
+                raise
+            # That instance is gone (or stopping): any instance answers from the job's durable record.
+            content, _ = yield self.rpc_send("job_status", {"job": job})
         return content
 
     @defer.inlineCallbacks

@@ -144,6 +144,12 @@ def _packer() -> msgpack.Packer:
 _PLAIN_CONTENT: Final = frozenset({str, bytes, dict, list, tuple, int, float, bool, type(None)})
 
 
+def _shown(op: Any) -> str:
+    """``op`` for an error text: its repr if it is a string, else only its type, since the
+    repr of a value that failed to encode may itself fail (an int of over 4300 digits)."""
+    return repr(op) if isinstance(op, str) else f"<{type(op).__name__}>"
+
+
 def encode(msg: Mapping[str, Any], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
     """Encode a message for the wire.
 
@@ -159,10 +165,10 @@ def encode(msg: Mapping[str, Any], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> 
                 body_src.pop(header, None)
         body: bytes = _packer().pack(body_src)
     except Exception as exc:
-        raise MessageError(f"cannot encode message for op {msg.get('op')!r}: {exc}") from exc
+        raise MessageError(f"cannot encode message for op {_shown(msg.get('op'))}: {exc}") from exc
     if max_size and len(body) > max_size:
         raise MessageTooLargeError(
-            f"message for op {msg.get('op')!r} to {msg.get('receiver')} is {len(body)} bytes,"
+            f"message for op {_shown(msg.get('op'))} to {msg.get('receiver')} is {len(body)} bytes,"
             f" over the limit of {max_size}"
         )
     return body

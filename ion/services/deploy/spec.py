@@ -213,7 +213,7 @@ def _check_sha256(value: Any, where: str, problems: list[str]) -> str | dict[str
             if not isinstance(digest, str) or not _HEX64.match(digest):
                 problems.append(f"{where}: 'sha256' of {fname!r} must be 64 hex digits")
                 continue
-            if fname.startswith("/") or ".." in Path(fname).parts:
+            if not isinstance(fname, str) or fname.startswith("/") or ".." in Path(fname).parts:
                 problems.append(f"{where}: 'sha256' names {fname!r}, which is not a path inside the version folder")
                 continue
             out[fname] = digest.lower()
@@ -223,13 +223,15 @@ def _check_sha256(value: Any, where: str, problems: list[str]) -> str | dict[str
 
 
 def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path | None = None,
-                     cwd: Path | None = None, environ: Mapping[str, str] | None = None) -> Deployment:
+                     cwd: Path | None = None, environ: Mapping[str, str] | None = None,
+                     expand: bool = True) -> Deployment:
     """Validate a decoded deployment (the JSON array).
 
     :param source: the file name used in messages.
     :param base_dir: the folder ``file:relative`` URLs are resolved against.
     :param cwd: the folder relative destinations are resolved against.
     :param environ: variables for ``$VAR`` in destinations (default: ``os.environ``).
+    :param expand: false to take destinations literally (already expanded, as in a request).
     :raises DeploymentError: listing every problem found.
     """
     environ = os.environ if environ is None else environ
@@ -292,7 +294,7 @@ def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path 
                 if not isinstance(raw, str) or not raw.strip():
                     problems.append(f"{where}: 'destination' must be a non-empty string, not {_describe(raw)}")
                 else:
-                    expanded, missing = _expand(raw, environ)
+                    expanded, missing = _expand(raw, environ) if expand else (raw, [])
                     if missing:
                         problems.append(f"{where}: 'destination' {raw!r} uses unset variable(s) "
                                         + ", ".join(f"${v}" for v in missing))
@@ -327,7 +329,8 @@ def item_from_dict(data: Any, source: str = "<request>") -> DeploymentItem:
     if not isinstance(destination, str) or not os.path.isabs(destination):
         raise DeploymentError(source, [f"{source}: item {data.get('name')!r}: 'destination' must be an "
                                        f"absolute path in a request, not {destination!r}"])
-    deployment = parse_deployment([{"url": data["url"], "items": [fields]}], source=source, environ={})
+    # Expanded by the caller: a '$' left in the path is literal (a variable's value may hold one).
+    deployment = parse_deployment([{"url": data["url"], "items": [fields]}], source=source, expand=False)
     item = deployment.items[0]
     position = data.get("position")
     if isinstance(position, str) and position:
@@ -340,7 +343,7 @@ def load_deployment(path: str | Path, *, cwd: Path | None = None,
     """Read and validate a deployment file.
 
     :raises DeploymentError: for an unreadable file, invalid JSON (with line and
-        column) or any invalid entry (all of them listed).
+        column where json gives them) or any invalid entry (all of them listed).
     """
     path = Path(path)
     source = str(path)
@@ -354,4 +357,9 @@ def load_deployment(path: str | Path, *, cwd: Path | None = None,
     except json.JSONDecodeError as exc:
         raise DeploymentError(source, [f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
                                        f"{exc.msg}"]) from None
+    except (ValueError, RecursionError) as exc:
+        # json raises these outside JSONDecodeError: a number too long to convert, arrays or
+        # objects nested too deeply.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise DeploymentError(source, [f"{source}: invalid JSON: {reason}"]) from None
     return parse_deployment(data, source=source, base_dir=path.resolve().parent, cwd=cwd, environ=environ)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from ion.services.fetch.repository import (
     parse_index_links,
     repository_for,
 )
+from ion.testing.servers import write_tree
 
 from .conftest import CONTENT, KINDS
 
@@ -405,6 +407,189 @@ def test_unknown_scheme_is_refused() -> None:
         repository_for("ftp://host/deps", pool=None)
 
 
+# -- big files: reused buffers, hashing threads, S3 bodies read directly ----------------------------------
+def _sink_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("ion-sink-")]
+
+
+class _Pieces:
+    """A source whose ``readinto`` gives at most ``most`` bytes at a time (short reads, as a socket's),
+    and raises ``fail`` once ``fail_after`` bytes are read."""
+
+    def __init__(self, data: bytes, most: int, fail_after: int | None = None,
+                 fail: Exception | None = None) -> None:
+        self.data, self.most, self.pos = data, most, 0
+        self.fail_after, self.fail = fail_after, fail
+
+    def readinto(self, buffer: memoryview) -> int:
+        if self.fail_after is not None and self.pos >= self.fail_after and self.fail is not None:
+            raise self.fail
+        n = min(len(buffer), self.most, len(self.data) - self.pos)
+        buffer[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("md5", [False, True])
+def test_sink_fill_from_writes_and_hashes_every_piece_in_order(tmp_path: Path, md5: bool) -> None:
+    """fill_from, over several calls with short reads and buffers reused many times over, writes the
+    bytes in order and hashes them all (md5 too when wanted); its hashing threads end with each call."""
+    data = os.urandom(300_000)
+    sink = _Sink(tmp_path / "f")
+    sink.want_md5(md5)
+    src = _Pieces(data, most=777)
+    calls = []
+    while n := sink.fill_from(src.readinto, 50_000, 4096):
+        calls.append(n)
+        assert _sink_threads() == []
+    size, sha256, got_md5 = sink.close()
+    assert calls == [50_000] * 6 and size == len(data)
+    assert (tmp_path / "f").read_bytes() == data and sha256 == sha(data)
+    assert got_md5 == (hashlib.md5(data).hexdigest() if md5 else None)
+
+
+def test_sink_fill_from_failing_source_stops_cleanly(tmp_path: Path) -> None:
+    """A source failing mid-way raises out of fill_from with its hashing threads joined; after a
+    reset the sink starts again from byte 0 and hashes only the new bytes."""
+    data = os.urandom(100_000)
+    sink = _Sink(tmp_path / "f")
+    sink.want_md5(True)
+    with pytest.raises(ConnectionResetError):
+        sink.fill_from(_Pieces(data, 1000, fail_after=40_000, fail=ConnectionResetError()).readinto, 1 << 20, 4096)
+    assert _sink_threads() == []
+    sink.reset()
+    sink.want_md5(True)
+    src = _Pieces(data, 5000)
+    while sink.fill_from(src.readinto, 1 << 20, 4096):
+        pass
+    size, sha256, md5 = sink.close()
+    assert (size, sha256, md5) == (len(data), sha(data), hashlib.md5(data).hexdigest())
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def _put_multipart(moto: Any, bucket: str, key: str, data: bytes) -> str:
+    """Upload ``data`` in 5 MiB parts (S3's smallest); returns the ETag (``<hex>-<parts>``)."""
+    client = moto.client()
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key)
+    parts = []
+    for n, start in enumerate(range(0, len(data), 5 << 20), start=1):
+        part = client.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=n,
+                                  Body=data[start:start + (5 << 20)])
+        parts.append({"PartNumber": n, "ETag": part["ETag"]})
+    done = client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"],
+                                            MultipartUpload={"Parts": parts})
+    return str(done["ETag"]).strip('"')
+
+
+#: Small pieces and steps, so that a few MB go through many buffers and many pool jobs.
+SMALL_STEPS = FetchConfig(retry_delay=0.0, chunk_size=64 << 10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_multipart_object_is_read_directly_and_hashed(s3_env: Any, pool: Any, tmp_path: Path) -> None:
+    """A multipart object (its ETag no md5: nothing but the sha256 computed) is read from the HTTP
+    response under botocore's body, straight into the sink's buffers: every byte lands in order and
+    the sha256 is that of the whole file; a single-part object's body, which botocore checksums
+    itself, is read through that body."""
+    from ion.services.fetch.repository import _body_readinto
+
+    data = os.urandom(11 << 20)
+    bucket = s3_env.new_bucket()
+    etag = _put_multipart(s3_env, bucket, "deps/linux/multi/1.0/big.bin", data)
+    s3_env.put_tree(bucket, {"linux/single/1.0/one.bin": b"one" * 1000}, prefix="deps")
+    assert etag.endswith("-3")
+    repo = repository_for(parse_repository_url(f"s3://{bucket}/deps"), pool, config=SMALL_STEPS)
+    assert isinstance(repo, S3Repository)
+    steps: list[int] = []
+    try:
+        (f,) = await repo.list_version("linux", "multi", "1.0")
+        assert f.checksums == () and f.marker == f"etag:{etag}"
+        got = await repo.download(f, tmp_path / "big.bin", progress=lambda done, total: steps.append(done))
+        for key, direct in (("deps/linux/multi/1.0/big.bin", True), ("deps/linux/single/1.0/one.bin", False)):
+            body, _size, _etag = await pool.run(repo._open_blocking, key, key)
+            try:
+                reader = getattr(_body_readinto(body), "__self__", None)
+                assert reader is (body._raw_stream._fp if direct else body)
+            finally:
+                await pool.run(repo._close_body, body)
+    finally:
+        await repo.close()
+    assert (tmp_path / "big.bin").read_bytes() == data
+    assert (got.size, got.sha256, got.md5, got.verified) == (len(data), sha(data), None, ())
+    assert len(steps) > 10 and steps[-1] == len(data) and _sink_threads() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_multipart_object_is_checked_against_its_sidecar(s3_env: Any, pool: Any, tmp_path: Path) -> None:
+    """A multipart object read directly is still checked against its .sha256 sidecar: a wrong one
+    fails the download and leaves no file."""
+    data = os.urandom(6 << 20)
+    bucket = s3_env.new_bucket()
+    _put_multipart(s3_env, bucket, "deps/linux/multi/1.0/big.bin", data)
+    s3_env.put_tree(bucket, {"linux/multi/1.0/big.bin.sha256": "0" * 64 + "  big.bin\n"}, prefix="deps")
+    repo = repository_for(parse_repository_url(f"s3://{bucket}/deps"), pool, config=SMALL_STEPS)
+    try:
+        (f,) = await repo.list_version("linux", "multi", "1.0")
+        with pytest.raises(ChecksumMismatchError) as info:
+            await repo.download(f, tmp_path / "big.bin")
+    finally:
+        await repo.close()
+    assert info.value.expected == "sha256:" + "0" * 64 and info.value.got == "sha256:" + sha(data)
+    assert not (tmp_path / "big.bin").exists() and _sink_threads() == []
+
+
+@pytest.mark.parametrize("drops", [1, 5])
+@pytest_twisted.ensureDeferred
+async def test_s3_body_dropped_mid_way(drops: int, s3_env: Any, pool: Any, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body whose connection drops after a few MB is fetched again from byte 0 (the file is right,
+    its sha256 that of the content); when it keeps dropping, TransferError and no file is left."""
+    from ion.services.fetch import repository
+
+    data = os.urandom(6 << 20)
+    bucket = s3_env.new_bucket()
+    _put_multipart(s3_env, bucket, "deps/linux/multi/1.0/big.bin", data)
+    real = repository._body_readinto
+    bodies: list[Any] = []  # one per attempt, kept (their ids stay theirs)
+    read: list[int] = []  # bytes read from each
+
+    def dropping(body: Any) -> Any:
+        readinto = real(body)
+        if not any(b is body for b in bodies):
+            bodies.append(body)
+            read.append(0)
+        attempt = next(i for i, b in enumerate(bodies) if b is body)
+        if attempt >= drops:
+            return readinto
+
+        def read_then_drop(buffer: memoryview) -> int:
+            if read[attempt] >= 3 << 20:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            n = readinto(buffer)
+            read[attempt] += n
+            return n
+
+        return read_then_drop
+
+    monkeypatch.setattr(repository, "_body_readinto", dropping)
+    config = FetchConfig(retries=2, retry_delay=0.0, chunk_size=64 << 10)
+    repo = repository_for(parse_repository_url(f"s3://{bucket}/deps"), pool, config=config)
+    try:
+        (f,) = await repo.list_version("linux", "multi", "1.0")
+        if drops > config.retries:
+            with pytest.raises(TransferError) as info:
+                await repo.download(f, tmp_path / "big.bin")
+            assert info.value.attempts == 3 and "connection dropped" in str(info.value)
+            assert not (tmp_path / "big.bin").exists()
+        else:
+            got = await repo.download(f, tmp_path / "big.bin")
+            assert (tmp_path / "big.bin").read_bytes() == data and got.sha256 == sha(data)
+            assert len(bodies) == 2 and read[0] == 3 << 20
+    finally:
+        await repo.close()
+    assert _sink_threads() == []
+
+
 # -- retries, on a clock ----------------------------------------------------------------------------------
 class _SyncPool:
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
@@ -489,6 +674,59 @@ async def test_http_stalled_body_is_abandoned_and_retried(make_repo: Any, pool: 
     finally:
         await repo.close()
     assert server.count(rel, "GET") == 2 and got.sha256 == sha(b"B" * 2000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_1_0_server_like_python_http_server(pool: Any, tmp_path: Path) -> None:
+    """``python -m http.server`` (HTTP/1.0: it closes every connection without a Connection header):
+    listing, HEADs and GETs one after the other all work."""
+    import functools
+    import http.server
+
+    write_tree(tmp_path / "www" / "deps", CONTENT)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    repo = repository_for(f"http://127.0.0.1:{server.server_address[1]}/deps", pool,
+                          config=FetchConfig(retry_delay=0.0, retries=0))
+    try:
+        files = await listed(repo, "linux", "multi", "2.0")
+        for rel, f in files.items():
+            got = await repo.download(f, tmp_path / "out" / rel)
+            assert got.sha256 == sha(CONTENT[f"linux/multi/2.0/{rel}"])
+    finally:
+        await repo.close()
+        server.shutdown()
+        server.server_close()
+    assert len(files) >= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_cancelled_download_is_not_retried(make_repo: Any, pool: Any, tmp_path: Path) -> None:
+    """Cancelling a download whose GET is stalled ends it at once with CancelledError: one GET,
+    no retry (the HTTP client wraps the cancel in ResponseFailed/ResponseNeverReceived)."""
+    rel = "deps/linux/multi/2.0/b.bin"
+    url, server = make_repo("http", stalls={rel: 5})
+    repo = repository_for(url, pool, config=FetchConfig(retry_delay=0.0, retries=3, read_timeout=600.0))
+    try:
+        files = await listed(repo, "linux", "multi", "2.0")
+        d = repo.download(files["b.bin"], tmp_path / "b.bin")
+        await server.wait_for(rel, "GET")
+        d.cancel()
+        with pytest.raises(defer.CancelledError):
+            await d.addTimeout(30, _reactor())
+    finally:
+        await repo.close()
+    assert server.count(rel, "GET") == 1
+    assert not (tmp_path / "b.bin").exists()
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
 
 
 @pytest_twisted.ensureDeferred

@@ -656,7 +656,12 @@ class Process(LifecycleObject):
 
     def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
         exc = failure.value
-        if isinstance(exc, ApplicationError):
+        if isinstance(exc, defer.CancelledError):
+            # Its work was cancelled (by the caller, see ion.core.service, or by a stop): no traceback.
+            code = 409
+            self._log.info("{pid}: op {op!r} from {sender} was cancelled", pid=self.id, op=msg["op"],
+                           sender=msg["sender"])
+        elif isinstance(exc, ApplicationError):
             code = exc.code
             self._log.warn("{pid}: op {op!r} from {sender} refused ({code}): {message}",
                            pid=self.id, op=msg["op"], sender=msg["sender"], code=code, message=exc.message)
@@ -666,7 +671,8 @@ class Process(LifecycleObject):
                               op=msg["op"], sender=msg["sender"])
         if msg["protocol"] != Protocol.NONE and not self._answered(msg):
             try:
-                self._unless_sent(self.reply_err(msg, {"error": type(exc).__name__, "message": str(exc)},
+                message = str(exc) or f"{msg['op']} was cancelled"
+                self._unless_sent(self.reply_err(msg, {"error": type(exc).__name__, "message": message},
                                                  response_code=code), msg)
             except Exception:
                 self._log.failure("{pid}: could not send the error reply", pid=self.id)

@@ -3,15 +3,39 @@
 Every instance of a service, in any container of the system, consumes
 ``<sysname>.<service>``; requests to the service name are shared among them
 round-robin. A :class:`ServiceClient` subclass gives callers typed methods.
+
+**Cancellable requests.** A caller that gives up on a long op (a download, a
+lock wait) should stop the work, not only stop waiting for it. The caller
+does not know which instance took a request from the shared queue, so such
+ops run in the ``request`` protocol: the op registers its work with
+:meth:`ServiceProcess.cancellable`, which at once *agrees* with the instance's
+pid; when the caller's Deferred is cancelled or its call times out,
+:meth:`ServiceClient.cancellable_call` sends ``cancel {conv}`` to that pid,
+and the instance cancels the work (only for the process that asked for it).
+A cancel that arrives before the agree (the request still queued) cannot
+reach the work: the op runs, and its answer is dropped as a late reply.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
 
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ion.core.conversation import RpcResult
+from ion.core.exceptions import ApplicationError, ConversationTimeout
+from ion.core.messaging.message import Protocol
 from ion.core.process import Process, ProcessClient, Receiver
 
-__all__ = ["ServiceProcess", "ServiceClient"]
+__all__ = ["ServiceProcess", "ServiceClient", "CANCEL_OP"]
+
+#: The op a caller sends to the instance that agreed, to cancel its request's work.
+CANCEL_OP = "cancel"
+
+T = TypeVar("T")
 
 
 class ServiceProcess(Process):
@@ -28,6 +52,8 @@ class ServiceProcess(Process):
         super().__init__(*args, **kwargs)
         if not type(self).service_name:
             raise TypeError(f"{type(self).__name__} must set service_name")
+        #: conv-id -> (the requester's sender queue, the work), for requests that can be cancelled.
+        self._cancellable: dict[str, tuple[str, defer.Deferred[Any]]] = {}
 
     @property
     def service_queue(self) -> str:
@@ -48,6 +74,42 @@ class ServiceProcess(Process):
         for receiver in receivers:
             receiver.max_concurrent = max(receiver.max_concurrent, concurrent)
         return receivers
+
+    def cancellable(self, msg: Mapping[str, Any], work: defer.Deferred[T]) -> defer.Deferred[T]:
+        """Let the requester of ``msg`` cancel ``work`` (see the module notes); returns ``work``.
+
+        In the ``request`` protocol this agrees at once with ``{"pid": <this instance>}``.
+        """
+        conv = str(msg.get("conv-id"))
+        self._cancellable[conv] = (str(msg.get("sender")), work)
+
+        def done(result: Any) -> Any:
+            entry = self._cancellable.get(conv)
+            if entry is not None and entry[1] is work:
+                del self._cancellable[conv]
+            return result
+
+        work.addBoth(done)
+        if msg.get("protocol") == Protocol.REQUEST and not work.called:
+            self.agree(msg, {"pid": self.id}).addErrback(
+                lambda f: self._log.info("{pid}: could not agree to {conv}: {e}", pid=self.id, conv=conv,
+                                         e=f.getErrorMessage()))
+        return work
+
+    def op_cancel(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{conv}``: cancel the work of that request of the sender's; ``{cancelled: bool}``."""
+        conv = content.get("conv") if isinstance(content, Mapping) else None
+        if not isinstance(conv, str):
+            raise ApplicationError("cancel takes {conv: <conversation id>}", 400)
+        entry = self._cancellable.get(conv)
+        if entry is None:
+            return {"cancelled": False}
+        sender, work = entry
+        if sender != msg.get("sender"):
+            raise ApplicationError(f"{msg.get('sender')} may not cancel a request of {sender}", 403)
+        self._log.info("{pid}: {sender} cancelled its request {conv}", pid=self.id, sender=sender, conv=conv)
+        work.cancel()
+        return {"cancelled": True}
 
     def op_ping(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         result = super().op_ping(content, headers, msg)
@@ -76,3 +138,48 @@ class ServiceClient(ProcessClient):
         if not name:
             raise TypeError(f"{type(self).__name__} needs a target or a service_name")
         super().__init__(proc, name)
+
+    def cancellable_call(self, op: str, content: Any = None, *, target: str | None = None,
+                         timeout: float | None = None) -> defer.Deferred[RpcResult]:
+        """Call ``op`` (``request`` protocol) so that the work stops when this call ends early.
+
+        Cancelling the returned Deferred, or the call timing out, sends ``cancel`` to the
+        instance that agreed to the request (see the module notes).
+        """
+        agreed: dict[str, str] = {}
+
+        def on_agree(agree_content: Any, agree_headers: dict[str, Any]) -> None:
+            pid = agree_content.get("pid") if isinstance(agree_content, Mapping) else None
+            if isinstance(pid, str):
+                agreed["pid"], agreed["conv"] = pid, str(agree_headers.get("conv-id"))
+
+        call = self.proc.request(target or self.target, op, content, timeout=timeout, on_agree=on_agree)
+
+        def cancel_remote() -> None:
+            pid = agreed.pop("pid", None)
+            if pid is not None:
+                self.proc.send(pid, CANCEL_OP, {"conv": agreed["conv"]}).addErrback(
+                    lambda f: _log.info("cancel of {op} at {pid} not sent: {e}", op=op, pid=pid,
+                                        e=f.getErrorMessage()))
+
+        def canceller(_: defer.Deferred[RpcResult]) -> None:
+            cancel_remote()
+            call.cancel()
+
+        result: defer.Deferred[RpcResult] = defer.Deferred(canceller)
+
+        def ended(outcome: Any) -> None:
+            if isinstance(outcome, Failure) and outcome.check(ConversationTimeout):
+                cancel_remote()
+            if result.called:
+                return
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        call.addBoth(ended)
+        return result
+
+
+_log = Logger()

@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from ion.core.exceptions import ConversationError, ReceivedApplicationError
+from ion.core.exceptions import ConversationError, ConversationTimeout, ReceivedApplicationError
 from ion.core.lifecycle import State
 from ion.core.process import Process
 from ion.core.service import ServiceClient, ServiceProcess
@@ -229,3 +229,74 @@ async def test_100_concurrent_rpcs_on_the_reactor(container: Any) -> None:
     results = await defer.gatherResults([defer.ensureDeferred(echo.echo({"i": i})) for i in range(100)])
     assert results == [{"i": i} for i in range(100)]
     assert len(client.conversations) == 0
+
+
+# -- cancellable requests --------------------------------------------------------------------------------
+class Waiter(ServiceProcess):
+    """An op that waits until the test fires it, registered as cancellable."""
+
+    service_name = "waiter"
+
+    def slc_init(self) -> None:
+        self.pending: list[defer.Deferred[Any]] = []
+        self.outcomes: list[str] = []
+
+    async def op_wait(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        work: defer.Deferred[Any] = defer.Deferred()
+        self.pending.append(work)
+        try:
+            return await self.cancellable(msg, work)
+        except defer.CancelledError:
+            self.outcomes.append("cancelled")
+            raise
+
+
+class WaiterClient(ServiceClient):
+    service_name = "waiter"
+
+
+def test_cancelling_a_cancellable_call_cancels_the_work_at_the_instance() -> None:
+    """The instance agrees with its pid; cancelling the caller's Deferred sends it `cancel`, and the
+    op's work is cancelled there (not only given up by the caller)."""
+    system = ClockedSystem()
+    svc = system.spawn(Waiter)
+    caller = system.spawn(Process, name="caller")
+    d = WaiterClient(caller).cancellable_call("wait", None, timeout=600)
+    system.pump()
+    assert len(svc.pending) == 1 and not d.called
+    d.cancel()
+    system.pump()
+    failure_of(d, defer.CancelledError)
+    assert svc.outcomes == ["cancelled"] and svc.pending[0].called and not svc._cancellable
+
+
+def test_a_timed_out_cancellable_call_cancels_the_work_too() -> None:
+    """When the call times out, the work at the instance is cancelled as well."""
+    system = ClockedSystem()
+    svc = system.spawn(Waiter)
+    caller = system.spawn(Process, name="caller")
+    d = WaiterClient(caller).cancellable_call("wait", None, timeout=30)
+    system.pump()
+    system.advance(30)
+    failure_of(d, ConversationTimeout)
+    assert svc.outcomes == ["cancelled"]
+
+
+def test_a_finished_cancellable_call_answers_normally_and_only_its_caller_may_cancel() -> None:
+    """The op's result comes back as from rpc_send; a cancel from another process is refused (403)."""
+    system = ClockedSystem()
+    svc = system.spawn(Waiter)
+    caller, other = system.spawn(Process, name="caller"), system.spawn(Process, name="other")
+    agreed: list[Any] = []
+    d = caller.request("waiter", "wait", None, timeout=600, on_agree=lambda c, h: agreed.append((c, h)))
+    system.pump()
+    ((content, headers),) = agreed
+    assert content == {"pid": svc.id}
+    refused = other.rpc_send(svc.id, "cancel", {"conv": headers["conv-id"]})
+    system.pump()
+    assert failure_of(refused, ReceivedApplicationError).response_code == 403
+    svc.pending[0].callback({"done": True})
+    system.pump()
+    assert system.result(d)[0] == {"done": True} and svc.outcomes == []
+    late = caller.rpc_send(svc.id, "cancel", {"conv": headers["conv-id"]})
+    assert system.result(late)[0] == {"cancelled": False}

@@ -117,6 +117,8 @@ class _Lease:
     lease: float
     call: IDelayedCall | None = None
     busy: int = 0
+    #: (sender, conv-id) of the lock request: a cancel of it that comes late frees the lock.
+    conv: tuple[str, str] | None = None
 
 
 class CacheService(ServiceProcess):
@@ -242,19 +244,23 @@ class CacheService(ServiceProcess):
         lease_s = _number(c, "lease", minimum=1) or float(self.get_config("lock_lease", 60))
         if self._closing:
             raise LockError(f"cache service {self.id} is terminating", 503)
-        d = self.cache.lock(key, timeout)
+        # The caller may cancel the wait (CacheClient.lock: when its call is cancelled or times out).
+        d = self.cancellable(msg, self.cache.lock(key, timeout))
         self._waiting.add(d)
         try:
             lock = await d
         except defer.CancelledError:
-            raise LockError(f"cache service {self.id} terminated while {key} was waiting for its lock", 503) from None
+            if self._closing:
+                raise LockError(f"cache service {self.id} terminated while {key} was waiting for its lock",
+                                503) from None
+            raise LockError(f"the lock wait for {key} was cancelled by its caller", 409) from None
         finally:
             self._waiting.discard(d)
         if self._closing:
             await self.cache.unlock(lock)
             raise LockError(f"cache service {self.id} is terminating", 503)
         owner = f"{msg.get('sender-name') or '?'} ({msg.get('sender')})"
-        lease = _Lease(lock, owner, lease_s)
+        lease = _Lease(lock, owner, lease_s, conv=(str(msg.get("sender")), str(msg.get("conv-id"))))
         self._leases[lock.id] = lease
         self._schedule_expiry(lock.id, lease)
         return {"token": lock.id, "pid": self.id, "key": key.to_wire(), "path": str(lock.path), "lease": lease_s}
@@ -268,6 +274,24 @@ class CacheService(ServiceProcess):
         lease.lease = _number(c, "lease", minimum=1) or lease.lease
         self._schedule_expiry(lease.lock.id, lease)
         return {"lease": lease.lease}
+
+    async def op_cancel(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{conv}``: cancel a lock wait; a lock granted to that request meanwhile (its answer
+        crossed the cancel) is released, not left to its lease."""
+        result = super().op_cancel(content, headers, msg)
+        if result.get("cancelled"):
+            return result
+        wanted = (str(msg.get("sender")), str(content.get("conv")))
+        for token, lease in list(self._leases.items()):
+            if lease.conv == wanted and not lease.busy:
+                del self._leases[token]
+                if lease.call is not None and lease.call.active():
+                    lease.call.cancel()
+                self._log.info("{pid}: released the lock of {key}: its requester cancelled", pid=self.id,
+                               key=str(lease.lock.key))
+                await self.cache.unlock(lease.lock)
+                return {"cancelled": True, "released": True}
+        return result
 
     async def op_unlock(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{token}`` -> ``{released: true}``; 404 for an unknown token."""
@@ -369,9 +393,12 @@ class CacheClient(ServiceClient):
 
     @defer.inlineCallbacks
     def _call(self, op: str, content: Any = None, *, target: str | None = None,
-              timeout: float | None = None) -> Any:
+              timeout: float | None = None, cancellable: bool = False) -> Any:
         try:
-            result, _headers = yield self.proc.rpc_send(target or self.target, op, content, timeout=timeout)
+            if cancellable:
+                result, _headers = yield self.cancellable_call(op, content, target=target, timeout=timeout)
+            else:
+                result, _headers = yield self.proc.rpc_send(target or self.target, op, content, timeout=timeout)
         except ReceivedApplicationError as err:
             cls = ERRORS_BY_NAME.get(err.remote_error or "")
             if cls is None:
@@ -415,15 +442,17 @@ class CacheClient(ServiceClient):
     def lock(self, key: EntryKey, timeout: float = DEFAULT_CLIENT_WAIT, lease: float | None = None) -> Any:
         """Take the entry's lock (waiting at most ``timeout`` s); a :class:`RemoteLock`.
 
-        If this call gives up (its RPC times out) while the service still waits,
-        a lock taken later is released when its lease ends.
+        Cancelling the returned Deferred, or its call timing out, cancels the wait at the
+        service instance, and releases a lock it granted meanwhile (see
+        :mod:`ion.core.service`). A lock granted to a request whose cancel could not reach
+        its instance is released when its lease ends.
         """
         if not math.isfinite(timeout):
             raise InvalidKeyError("a remote lock wait needs a finite timeout")
         content: dict[str, Any] = {"key": key.to_wire(), "timeout": timeout}
         if lease is not None:
             content["lease"] = lease
-        data = yield self._call("lock", content, timeout=timeout + 30)
+        data = yield self._call("lock", content, timeout=timeout + 30, cancellable=True)
         return RemoteLock(data["token"], EntryKey.from_wire(data["key"]), Path(data["path"]), data["pid"],
                           float(data["lease"]))
 

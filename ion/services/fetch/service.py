@@ -86,9 +86,18 @@ class FetchService(ServiceProcess):
         return [Path(os.path.realpath(os.path.expanduser(r))) for r in roots]
 
     @defer.inlineCallbacks
-    def slc_terminate(self) -> Any:
-        for d in list(self._inflight):
+    def on_terminate(self) -> Any:
+        # Before the receivers drain and the pool stops: a cancelled fetch still needs both to
+        # release its lock (through the Cache service) and remove its staging folder.
+        inflight = list(self._inflight)
+        for d in inflight:
             d.cancel()
+        if inflight:
+            yield defer.DeferredList([_settled(d) for d in inflight])
+        yield super().on_terminate()
+
+    @defer.inlineCallbacks
+    def slc_terminate(self) -> Any:
         yield self.fetcher.close()
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -137,10 +146,14 @@ class FetchService(ServiceProcess):
             await self.container.blocking.run(self._check_file_repository, request)
         except FetchError as exc:
             return self._refuse(msg, type(exc).__name__, str(exc), exc.code)
-        d = self.fetcher.fetch(request, self._progress(content))
+        # The caller may cancel it (FetchClient: when its own Deferred is cancelled or times out).
+        d = self.cancellable(msg, self.fetcher.fetch(request, self._progress(content)))
         self._inflight.add(d)
         try:
             result = await d
+        except defer.CancelledError:
+            return self._refuse(msg, "FetchCancelled",
+                                f"the fetch of {request.describe()} was cancelled by its caller", 409)
         except ChecksumMismatchError as exc:
             return self._refuse(msg, type(exc).__name__, str(exc), exc.code,
                                 {"url": exc.url, "file": exc.file, "expected": exc.expected, "got": exc.got})
@@ -185,7 +198,8 @@ class FetchClient(ServiceClient):
         if position is not None:
             content["item"] = position
         try:
-            result, _headers = yield self.rpc_send("fetch", content, timeout=self._timeout(timeout))
+            # Cancelling this call (or its timeout) cancels the download at the service too.
+            result, _headers = yield self.cancellable_call("fetch", content, timeout=self._timeout(timeout))
         except ReceivedError as err:
             cls = ERRORS_BY_NAME.get(err.remote_error or "")
             if cls is None:
@@ -199,3 +213,15 @@ class FetchClient(ServiceClient):
                 exc.file, exc.expected, exc.got = details.get("file", ""), details.get("expected", ""), details.get("got")
             raise exc from err
         return result
+
+
+def _settled(d: defer.Deferred[Any]) -> defer.Deferred[None]:
+    """Fires (with None) once ``d`` has fired, whatever with; ``d`` keeps its result."""
+    seen: defer.Deferred[None] = defer.Deferred()
+
+    def fired(result: Any) -> Any:
+        seen.callback(None)
+        return result
+
+    d.addBoth(fired)
+    return seen

@@ -184,6 +184,45 @@ def test_default_lease_frees_a_lock_whose_caller_gave_up(clocked, tmp_path):
     assert not Path(lock.path).exists()
 
 
+def test_a_cancelled_lock_wait_stops_waiting_at_the_service(clocked, tmp_path):
+    """Cancelling CacheClient.lock cancels the wait at the service instance: the lock, once free,
+    is not taken for the caller that gave up."""
+    clocked.container.blocking = SyncPool()
+    service = clocked.spawn(CacheService, {"root": str(tmp_path / "c"), "host_id": "h", "lock_timeout": 600})
+    holder, quitter = CacheClient(clocked.spawn(Process)), CacheClient(clocked.spawn(Process))
+    held = clocked.result(holder.lock(KEY, timeout=5))
+    waiting = quitter.lock(KEY, timeout=300)
+    clocked.pump()
+    assert len(service._waiting) == 1
+    waiting.cancel()
+    clocked.pump()
+    assert not service._waiting
+    clocked.result(holder.unlock(held))
+    clocked.advance(2)
+    assert not service._leases and not Path(held.path).exists()
+
+
+def test_a_cancel_that_crosses_the_grant_releases_the_lock(clocked, tmp_path):
+    """A cancel arriving after the lock was granted (the answer and the cancel crossed) releases that
+    lock at once instead of leaving it to its lease."""
+    clocked.container.blocking = SyncPool()
+    service = clocked.spawn(CacheService, {"root": str(tmp_path / "c"), "host_id": "h", "lock_timeout": 600})
+    holder = CacheClient(clocked.spawn(Process))
+    caller = clocked.spawn(Process)
+    held = clocked.result(holder.lock(KEY, timeout=5))
+    agreed = []
+    d = caller.request("cache", "lock", {"key": KEY.to_wire(), "timeout": 300}, timeout=400,
+                       on_agree=lambda c, h: agreed.append(h["conv-id"]))
+    clocked.pump()
+    clocked.result(holder.unlock(held))
+    clocked.advance(2)
+    granted, _ = clocked.result(d)
+    assert granted["token"] in service._leases and Path(granted["path"]).exists()
+    answer, _ = clocked.result(caller.rpc_send(service.id, "cancel", {"conv": agreed[0]}))
+    assert answer == {"cancelled": True, "released": True}
+    assert not service._leases and not Path(granted["path"]).exists()
+
+
 def test_cache_app_file_and_config():
     """res/apps/cache.app starts CacheService; ion.config has the ion.services.cache defaults."""
     app = load_app_file(resource_root() / "apps" / "cache.app")

@@ -141,3 +141,31 @@ async def test_malformed_request_is_a_400(system: Any) -> None:
     assert info.value.code == 400
     with pytest.raises(ReceivedApplicationError):
         await client.rpc_send("no_such_op", {})
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_a_fetch_call_cancels_the_download_at_the_service(system: Any, make_repo: Any) -> None:
+    """FetchClient.fetch cancelled while the service downloads: the service cancels the download, so its
+    lock is released and its staging folder removed at once (not when the download would have ended)."""
+    from twisted.internet import reactor, task
+    from twisted.internet.defer import CancelledError
+
+    container, client, cache_root = system
+    rel = "deps/linux/multi/2.0/b.bin"
+    url, server = make_repo("http", stalls={rel: 10})
+    service = next(p for p in container.proc_manager.processes.values() if p.proc_name == "fetch")
+    d = client.fetch(FetchRequest(url, "linux", "multi", "2.0"))
+    await server.wait_for(rel, "GET")
+    assert list(cache_root.rglob("*.lock")) and service._inflight
+    d.cancel()
+    with pytest.raises(CancelledError):
+        await d
+    for _ in range(200):  # the cancel travels as a message: wait (bounded) for the service to act on it
+        if not service._inflight:
+            break
+        await task.deferLater(reactor, 0.02, lambda: None)
+    assert not service._inflight
+    staging = cache_root / "staging"
+    assert not list(cache_root.rglob("*.lock"))
+    assert not staging.exists() or not list(staging.iterdir())
+    assert server.count(rel, "GET") == 1

@@ -16,7 +16,10 @@ Two levels (DESIGN §8, "Locks"):
   which is hard-linked to the lock name; the lock is ours exactly when that
   file then has two links, whatever ``link()`` answered (on NFS a lost reply
   can report a failure for a link that was made). A file found empty is one
-  being created: it is waited on like a live lock.
+  being created: it is waited on like a live lock, for ``EMPTY_GRACE``
+  (10 s); an older empty file was left by a creator that died between
+  creating and writing it, and is taken over. (A holder that was merely
+  stalled that long finds out at its next refresh or at ``publish``.)
 
 A lock file held by someone else is judged (:meth:`LockTable.judge`):
 
@@ -85,6 +88,9 @@ _log = Logger()
 #: Wall-clock time this module was imported: a lock file with our own pid and
 #: an earlier ``started`` was left by an earlier process that had our pid.
 PROCESS_STARTED: Final = time.time()
+#: Seconds an empty lock file is taken for one being created; older, its creator died between
+#: creating and writing it (with ``lock_method: link`` a lock file is never empty).
+EMPTY_GRACE: Final = 10.0
 #: Inode of the initial pid namespace (the kernel's ``PROC_PID_INIT_INO``).
 _INIT_PID_NS: Final = 0xEFFFFFFC
 _O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
@@ -452,9 +458,10 @@ class LockTable:
         """
         age = now - observed.mtime_ns / 1e9
         if not observed.raw.strip():
-            # Being created (content follows in one write) -- or its creator died right then.
-            if age > self.lock_timeout:
-                return f"empty lock file not refreshed for {age:.0f} s (lock_timeout {self.lock_timeout:g} s)"
+            # Being created (its content follows in one write, microseconds later) -- or its
+            # creator died right then, and nobody will ever write or refresh it.
+            if age > EMPTY_GRACE:
+                return f"an empty lock file {age:.0f} s old (its creator died before writing it)"
             return None
         holder = observed.holder
         if holder is None:

@@ -369,6 +369,8 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
                   lock_method=str(cache_cfg.get("lock_method", "excl")))
     fetcher = None
     try:
+        # What deployers of this host that died (killed mid-download) left in staging.
+        await cache.cleanup_staging()
         ok = await _maintain_local(cache, args, out, result)
         if deployment is not None:
             from ion.services.deploy.core import Deployer

@@ -191,14 +191,16 @@ def test_corrupt_lock_file_is_treated_as_stale(cache, key, clock, log_events):
     assert any("corrupt" in m for m in messages(log_events))
 
 
-def test_empty_lock_file_is_one_being_created(cache, key, clock):
-    """An empty lock file (created, content not yet written) is waited for until lock_timeout."""
+def test_empty_lock_file_is_one_being_created(cache, key, clock, log_events):
+    """An empty lock file (created, content not yet written) is waited for a few seconds
+    (EMPTY_GRACE); older, its creator died before writing it: taken over, far before lock_timeout."""
     write_lock(cache.lock_path(key), b"", clock.seconds())
     d = cache.lock(key, timeout=600)
-    clock.advance(30)
+    clock.advance(locks.EMPTY_GRACE - 1)
     assert not d.called
-    clock.advance(32)
+    clock.advance(2)
     assert fired(d).active
+    assert any("its creator died before writing it" in m for m in messages(log_events))
 
 
 def test_lock_timeout_names_the_holder(cache, key, clock):

@@ -254,3 +254,25 @@ async def test_through_a_running_system(amqp_url: str, tmp_path: Path) -> None:
         assert (tmp_path / "deployed/etc/motd.txt").resolve().is_relative_to((tmp_path / "service-cache").resolve())
     finally:
         await factory.teardown()
+
+
+def test_staging_left_by_a_dead_deployer_of_this_host_is_removed(tmp_path: Path, sample: Path) -> None:
+    """A deployer killed mid-download leaves its staging folder; the next ion-deploy of that host removes it
+    (a live process's folder, or another host's recent one, stays)."""
+    import hashlib
+    import subprocess as sp
+
+    from ion.services.cache.locks import resolve_host_id
+
+    proc = sp.Popen(["true"])
+    proc.wait()
+    tag = hashlib.sha256(resolve_host_id().encode()).hexdigest()[:8]
+    staging = tmp_path / "cache" / "staging"
+    dead = staging / f"{tag}-{proc.pid}-1700000000000-abcdef"
+    live = staging / f"{tag}-{os.getpid()}-1-abcdef"
+    other = staging / "0000ffff-1-1700000000000-abcdef"
+    for folder in (dead, live, other):
+        (folder / "part").mkdir(parents=True)
+    done = run(tmp_path, str(sample))
+    assert done.returncode == 0, done.stderr
+    assert not dead.exists() and live.exists() and other.exists()

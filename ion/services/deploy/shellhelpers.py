@@ -1,5 +1,5 @@
 """The deployer's helpers in the ``cc`` shell: ``deploy``, ``deploy_async``, ``jobs``, ``job_status``, ``cache_ls``,
-``cache_verify``.
+``cache_verify``, ``cache_reap``.
 
 Loaded by :class:`ion.core.shell.ShellHelpers` because ``res/config/ion.config``
 names this module under ``ion.core.shell: helpers`` (the core imports no
@@ -14,6 +14,10 @@ shows RUNNING, PARTIAL (with the finished items) or FINISHED.
 ``cache_verify()`` shows the Cache service's last periodic-verify round as a
 table (one row per entry: good, bad, good→bad, bad→good or skipped, and what
 was done); ``cache_verify(run=True)`` runs a round first.
+
+``cache_reap()`` shows the system reaper's last round (who reaped, the
+policy, and each entry removed); ``cache_reap(run=True)`` has the elected
+reaper run a round now.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from twisted.internet import defer
 from ion.core.shell import Listing, Text
 from ion.services.deploy.spec import DeploymentError, load_deployment
 
-__all__ = ["shell_helpers", "DeployShellHelpers", "DeployJob"]
+__all__ = ["shell_helpers", "DeployShellHelpers", "DeployJob", "ReapReportText", "VerifyReportText"]
 
 _ITEM_COLUMNS = ("item", "version", "state", "destination", "note")
 
@@ -35,7 +39,8 @@ def shell_helpers(shell: Any) -> dict[str, Any]:
     """The helpers this module gives the shell (``shell``: its :class:`ShellHelpers`)."""
     helpers = DeployShellHelpers(shell.proc)
     return {"deploy": helpers.deploy, "deploy_async": helpers.deploy_async, "jobs": helpers.jobs,
-            "job_status": helpers.job_status, "cache_ls": helpers.cache_ls, "cache_verify": helpers.cache_verify}
+            "job_status": helpers.job_status, "cache_ls": helpers.cache_ls, "cache_verify": helpers.cache_verify,
+            "cache_reap": helpers.cache_reap}
 
 
 class DeployJob:
@@ -155,6 +160,48 @@ class DeployShellHelpers:
         d = client.verify_round(timeout=timeout) if run else client.verify_report()
         d.addCallback(VerifyReportText)
         return d
+
+
+    def cache_reap(self, run: bool = False, timeout: float = 3600) -> Any:
+        """The reaper's last round (who, the policy, what it removed); run=True has it run one now."""
+        from ion.services.cache.service import CacheClient
+
+        client = CacheClient(self.proc)
+        d = client.reap(timeout=timeout) if run else client.reap_report()
+        d.addCallback(ReapReportText)
+        return d
+
+
+class ReapReportText(Text):
+    """A reap round as the shell prints it: a summary line, then one row per entry removed (``rows``)."""
+
+    report: Any
+    rows: Listing
+
+    def __new__(cls, report: Any) -> ReapReportText:
+        import time
+
+        rows = Listing([{"dependency": f"{e.key.platform}/{e.key.name}",
+                         "version": e.key.version + ("" if e.key.unpack else " (packed)"), "size": e.size,
+                         "last used": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))}
+                        for e in (report.pruned.removed if report is not None else [])],
+                       ("dependency", "version", "size", "last used"))
+        if report is None:
+            text = "no reap round yet (cache_reap(run=True) runs one)"
+        else:
+            policy = ", ".join(f"{k}={v}" for k, v in sorted(report.policy.items()) if v is not None) or "none"
+            pruned = report.pruned
+            text = (f"reap round by {report.reaper} at "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(report.started))}: "
+                    f"{len(pruned.removed)} of {report.entries} entries removed ({pruned.bytes_freed} bytes), "
+                    f"{len(pruned.busy)} locked, {report.linked} linked, {len(pruned.incomplete)} incomplete, "
+                    f"{len(pruned.staging)} staging folders; policy: {policy}"
+                    + (f"; error: {report.error}" if report.error else "")
+                    + ("\n" + repr(rows) if rows else ""))
+        obj = super().__new__(cls, text)
+        obj.report = report
+        obj.rows = rows
+        return obj
 
 
 class JobStatusText(Text):

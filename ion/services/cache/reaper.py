@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
@@ -60,10 +60,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.exceptions import ConfigurationError
-from ion.core.process import Process, Receiver
 from ion.services.cache.core import Cache, _Found, _scan
 from ion.services.cache.entry import PruneReport
 from ion.services.cache.locks import resolve_host_id
+
+if TYPE_CHECKING:  # the messaging core is imported only where an election runs (not by ion-deploy)
+    from ion.core.process import Process, Receiver
 
 __all__ = ["ReapPolicy", "ReapReport", "CacheReaper", "ReaperElection", "record_link", "live_links", "choose",
            "LINKS_DIR", "STATE_FILE", "TICK_OP", "election_queue", "election_receiver"]
@@ -88,13 +90,25 @@ def _record_name(host: str, destination: Path) -> str:
     return hashlib.sha256(f"{host}\0{destination}".encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".json"
 
 
+_host_ids: dict[str | None, str] = {}
+
+
+def _this_host() -> str:
+    """:func:`resolve_host_id`, once per value of ``ION_HOST_ID`` (it reads files)."""
+    env = os.environ.get("ION_HOST_ID")
+    host = _host_ids.get(env)
+    if host is None:
+        host = _host_ids[env] = resolve_host_id()
+    return host
+
+
 def record_link(entry: Path, destination: Path, host_id: str | None = None, now: float | None = None) -> Path:
     """Record that ``destination`` links into the cache entry folder ``entry`` (blocking).
 
     Written (atomically) before the links are made, so a reaper that scans in
     between sees it; refreshed at most hourly when already there.
     """
-    host = host_id or resolve_host_id()
+    host = host_id or _this_host()
     folder = links_folder(entry)
     path = folder / _record_name(host, destination)
     now = time.time() if now is None else now
@@ -446,6 +460,8 @@ def election_queue(sysname: str) -> str:
 def election_receiver(process: Process) -> Receiver:
     """A process's consumer of the election queue (for its ``receivers_to_create``): the queue is
     shared and single-active-consumer; one message at a time, none waiting (prefetch 1)."""
+    from ion.core.process import Receiver
+
     return Receiver(process, election_queue(process.sysname), process._receive, shared=True, prefetch=1,
                     max_concurrent=1, queue_arguments={"x-single-active-consumer": True})
 

@@ -447,11 +447,9 @@ async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, o
                 ok = all(r["status"] == "good" or (args.repair and r.get("action") in ("quarantined", "removed"))
                          for r in reports)
         if deployment is not None:
-            from ion.services.deploy.service import DeployClient
-
             out.line(f"Deploying {deployment.source} through the deploy service of {args.broker}")
-            answer = await DeployClient(proc).deploy(deployment)
-            rows = _rows(deployment.items, answer["items"])
+            answers = await _deploy_through_service(container, proc, deployment, out)
+            rows = _rows(deployment.items, answers)
             result["items"] = rows
             _summary(out, rows)
             ok = ok and all(r["state"] != "failed" for r in rows)
@@ -464,6 +462,42 @@ async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, o
         return EXIT_OK if ok else EXIT_FAILED
     finally:
         await container.terminate()
+
+
+async def _deploy_through_service(container: Any, proc: Any, deployment: Any, out: Output) -> list[dict[str, Any]]:
+    """Deploy as an async job of the Deploy service, showing its progress events; every item's result.
+
+    An async job rather than one long call: the job's progress events name it (so this run shows
+    its own), and a deployment longer than any call timeout is still followed to its end.
+    """
+    from ion.core.jobs import JobStatus
+    from ion.services.deploy.service import DeployClient, JobProgressListener
+
+    client = DeployClient(proc)
+    with Progress(out, deployment.items) as progress:
+        pid = await container.spawn(JobProgressListener, {"items": deployment.items, "progress": progress},
+                                    name="ion-deploy-progress")
+        listener = container.proc_manager.get(pid)
+        try:
+            job = await client.deploy_async(deployment)
+            listener.job = job
+            while True:
+                record = await client.job_status(job)
+                if record["status"] not in (JobStatus.RUNNING, JobStatus.PARTIAL):
+                    break
+                await listener.changed(1.0)
+        finally:
+            await container.proc_manager.terminate_process(pid)
+    results = {r.get("position"): r for r in (record.get("results") or {}).values() if isinstance(r, Mapping)}
+    answers = []
+    for item in deployment.items:
+        found = results.get(item.position)
+        if found is None:
+            why = record.get("error") or f"the job ended {record.get('state')} without this item"
+            found = {"item": item.label, "position": item.position, "state": "failed", "already": False,
+                     "reason": str(why), "destination": str(item.destination)}
+        answers.append(dict(found))
+    return answers
 
 
 def _start_logging(out: Output, debug: bool) -> None:

@@ -50,11 +50,13 @@ from twisted.logger import Logger
 from ion.core.exceptions import ApplicationError, ReceivedError
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
+from ion.core.process import Process, Receiver
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.core import Deployer, ItemResult, check_allowed
 from ion.services.deploy.spec import Deployment, DeploymentError, DeploymentItem, item_from_dict
+from ion.services.fetch.service import FetchClient
 
-__all__ = ["DeployService", "DeployClient", "JOB_SEP"]
+__all__ = ["DeployService", "DeployClient", "JobProgressListener", "JOB_SEP"]
 
 #: Separates the pid of the Deploy instance that runs a job from the rest of its id.
 JOB_SEP = "/"
@@ -211,7 +213,8 @@ class DeployService(ServiceProcess):
                 # The Fetch service copies these into its progress events (bytes per file),
                 # so a job's watcher sees its downloads, not only its items' phases.
                 request["job"], request["item"] = job, item.label
-            content, _ = await self.rpc_send("fetch", "fetch", request, timeout=timeout)
+            # Cancellable: a deployment cancelled (drain) cancels the download at the Fetch service.
+            content = await FetchClient(self).fetch(request, timeout=timeout)
             return {"state": content["state"], "path": content["path"],
                     "names": content.get("content") or content.get("names") or [],
                     # The entry's content digest: a copy is redone only when the content changed.
@@ -224,9 +227,11 @@ class DeployService(ServiceProcess):
 
     def _run(self, deployment: Deployment, job: str | None) -> defer.Deferred[list[ItemResult]]:
         def progress(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
-            self.container.publish_event("deploy.progress", {
-                "job": job, "item": item.label, "position": item.position, "phase": phase,
-                "bytes": info.get("done") if isinstance(info, Mapping) else None})
+            event = {"job": job, "item": item.label, "position": item.position, "phase": phase,
+                     "bytes": info.get("done") if isinstance(info, Mapping) else None}
+            if isinstance(info, Mapping):  # an item's end: its state, as in the result
+                event.update({k: info[k] for k in ("state", "already", "reason") if k in info})
+            self.container.publish_event("deploy.progress", event)
 
         def on_result(result: ItemResult) -> None:
             if job is not None:
@@ -363,3 +368,80 @@ class DeployClient(ServiceClient):
         """Every job the service (instance that answers) has on record."""
         content, _ = yield self.rpc_send("jobs", None)
         return content
+
+
+class JobProgressListener(Process):
+    """Follows one deploy job's ``deploy.progress`` events (the Deploy service's and the Fetch
+    service's) and hands them to ``progress(item, phase, info)`` as the Deployer reports them in
+    process (``fetch``, ``bytes``, ``place``, ``done``, ``failed``): the same progress display
+    serves a deployment run here and one run by the services.
+
+    Spawn args: ``items`` (the deployment's items), ``progress``; set :attr:`job` once known.
+    """
+
+    _FETCH_STEPS = frozenset({"lookup", "checking", "waiting", "listing", "unpacking", "publishing"})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.items: list[DeploymentItem] = list(self.spawnargs.get("items") or [])
+        self.progress: Any = self.spawnargs.get("progress")
+        self._job: str | None = None
+        #: Events that came before the job id was known (they are shown once it is).
+        self._early: list[Mapping[str, Any]] = []
+        self._waiting: list[defer.Deferred[None]] = []
+
+    @property
+    def job(self) -> str | None:
+        """The job whose events are shown (others are ignored)."""
+        return self._job
+
+    @job.setter
+    def job(self, job: str) -> None:
+        self._job = job
+        early, self._early = self._early, []
+        for event in early:
+            if event.get("job") == job:
+                self._show(event)
+
+    def receivers_to_create(self) -> list[Receiver]:
+        return super().receivers_to_create() + [
+            Receiver(self, f"{self.id}.progress", self._event, exchange=self.container.events_exchange,
+                     bindings=["deploy.progress"])]
+
+    def changed(self, timeout: float) -> defer.Deferred[None]:
+        """Fires at the job's next event, or after ``timeout`` seconds."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(d)
+        d.addTimeout(timeout, self.clock, onTimeoutCancel=lambda result, t: None)
+        return d
+
+    def _event(self, msg: dict[str, Any], receiver: Receiver) -> None:
+        event = msg.get("content")
+        if not isinstance(event, Mapping):
+            return
+        if self._job is None:
+            if len(self._early) < 10_000:
+                self._early.append(event)
+            return
+        if event.get("job") == self._job:
+            self._show(event)
+
+    def _show(self, event: Mapping[str, Any]) -> None:
+        phase = str(event.get("phase") or "")
+        if event.get("position") is not None:  # the Deploy service's: one item's phase
+            for item in [i for i in self.items if i.position == event["position"]]:
+                if phase in ("place", "done", "failed"):
+                    self.progress(item, phase, event)
+                elif phase == "cancelled":
+                    self.progress(item, "failed", event)
+        else:  # the Fetch service's: the download of a dependency (shared by the items naming it)
+            for item in [i for i in self.items if i.label == event.get("item")]:
+                if phase == "downloading":
+                    self.progress(item, "bytes", {"file": event.get("file"), "done": event.get("bytes"),
+                                                  "total": event.get("total")})
+                elif phase in self._FETCH_STEPS:
+                    self.progress(item, "fetch", {"step": phase})
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:
+                d.callback(None)

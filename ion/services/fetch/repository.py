@@ -110,6 +110,10 @@ _MAX_LISTING_DEPTH = 32
 _READ_BUFFER = 256 << 10
 #: Buffers of one :class:`_Sink` (read ahead of the hashing by at most this many pieces: 2 MiB).
 _PIPELINE = 8
+#: Files from this size on are hashed by helper threads beside the reads; smaller ones (or of
+#: unknown size) in the reading thread. Measured: the helpers make a lone 1 GB download ~25%
+#: faster, but slow many parallel small downloads (20 x 20 MB, 8 at once) by ~20% on 2 cores.
+_HASH_BESIDE_FROM = 64 << 20
 
 #: ``progress(bytes_done, bytes_total)``; total is None when unknown.
 Progress = Callable[[int, "int | None"], None]
@@ -273,6 +277,9 @@ class _Sink:
         self.md5: Any = None
         self.size = 0
         self._buffers: list[memoryview] = []
+        self._inline: memoryview | None = None
+        #: The file's size when known (the transfer sets it): big files are hashed beside the reads.
+        self.expected: int | None = None
 
     def want_md5(self, wanted: bool) -> None:
         """Say, before the first write, whether an md5 of the bytes will be needed."""
@@ -310,6 +317,8 @@ class _Sink:
         if not self._buffers or len(self._buffers[0]) != size:
             self._buffers = [memoryview(bytearray(size)) for _ in range(_PIPELINE)]
         digests = [h for h in (self.sha256, self.md5) if h is not None]
+        if self.expected is None or self.expected < _HASH_BESIDE_FROM:
+            return self._fill_inline(readinto, limit, chunk, digests)
         # queues[i] feeds digest i; the last queue brings buffers back for reuse.
         queues: list[queue.SimpleQueue[tuple[memoryview, int] | None]] = [
             queue.SimpleQueue() for _ in range(len(digests) + 1)]
@@ -359,6 +368,27 @@ class _Sink:
                 helper.join()
         if failed:
             raise failed[0]
+        return done
+
+    def _fill_inline(self, readinto: Callable[[memoryview], int], limit: int, size: int,
+                     digests: list[Any]) -> int:
+        """:meth:`fill_from` with the hashing in this thread (a small file: no helper threads), in
+        ``size``-byte pieces (``chunk_size``: fewer, bigger calls through the HTTP stack)."""
+        if self._inline is None or len(self._inline) != size:
+            self._inline = memoryview(bytearray(size))
+        buffer = self._inline
+        done = 0
+        while done < limit:
+            n = readinto(buffer[: min(size, limit - done)])
+            if not n:
+                break
+            piece = buffer[:n]
+            while piece:
+                piece = piece[self.file.write(piece):]
+            for digest in digests:
+                digest.update(buffer[:n])
+            self.size += n
+            done += n
         return done
 
     def reset(self) -> None:
@@ -739,6 +769,7 @@ class FileRepository(Repository):
 
     async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
         src, st = await self.pool.run(_open_source, remote.source)
+        sink.expected = st.st_size
         try:
             chunk = int(self.config.chunk_size)
             step = chunk * 8
@@ -1368,6 +1399,7 @@ class S3Repository(Repository):
 
     async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
         body, size, etag = await self.pool.run(self._open_blocking, remote.source, remote.url)
+        sink.expected = size
         try:
             await self.pool.run(sink.want_md5, bool(self._etag_checksums(etag)))
             chunk = int(self.config.chunk_size)

@@ -245,13 +245,22 @@ async def test_through_a_running_system(amqp_url: str, tmp_path: Path) -> None:
         })
         await container.app_manager.start_app("deploy")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        # Plain output (not a terminal): the job's progress as lines, from the services' events.
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "ion.services.deploy.cli", str(sample), "--broker", amqp_url, "-s", "clisys"],
+            env=env, path=str(tmp_path))
+        text = out.decode()
+        assert code == 0, err.decode() + text
+        assert "noarch/motd/1.0: downloading motd.txt" in text, text
+        assert sorted(line.split("] ")[1] for line in text.splitlines() if line.startswith("[")) == [
+            "noarch/greetings/2.1: downloaded", "noarch/hello-tools/1.0: downloaded", "noarch/motd/1.0: downloaded"]
+        assert (tmp_path / "deployed/etc/motd.txt").resolve().is_relative_to((tmp_path / "service-cache").resolve())
         out, err, code = await utils.getProcessOutputAndValue(
             sys.executable, ["-m", "ion.services.deploy.cli", str(sample), "--broker", amqp_url, "-s", "clisys",
                              "--json"], env=env, path=str(tmp_path))
         assert code == 0, err.decode()
         data = json.loads(out)
-        assert [i["state"] for i in data["items"]] == ["downloaded"] * 3
-        assert (tmp_path / "deployed/etc/motd.txt").resolve().is_relative_to((tmp_path / "service-cache").resolve())
+        assert [(i["state"], i["already"]) for i in data["items"]] == [("cached", True)] * 3
     finally:
         await factory.teardown()
 

@@ -61,6 +61,15 @@ def staging_left(cache: Path) -> list[Path]:
     return sorted(staging.iterdir()) if staging.exists() else []
 
 
+async def cleaned_up(cache: Path) -> None:
+    """Wait (polling; the caller bounds it) until no lock file and no staging folder is left: a cancel
+    travels to the Fetch service as a message, and its clean-up runs in the blocking pool."""
+    from twisted.internet import reactor, task
+
+    while lock_files(cache) or staging_left(cache):
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
 def three_items(dest: Path) -> list[dict[str, Any]]:
     """notes (plain file), zlib (tgz) and tool (zip), each in a folder of its own."""
     return [item("notes", "1.0", dest / "notes"), item("zlib", "1.2", dest / "zlib"),
@@ -113,11 +122,10 @@ async def test_drain_waits_for_work_in_progress_then_cancels_the_rest(deploy_sys
     # The record beside the cache says the same.
     record = json.loads(next((tmp_path / "cache" / "jobs").glob("*.json")).read_text())
     assert record["status"] == JobStatus.REMOTE_ERROR and record["cancelled"] == status["cancelled"]
-    # The Deploy service holds no lock of its own; the fetch it gave up on ends in the Fetch service
-    # (which this cancel does not reach: see the report of issue 6), and the cache ends consistent.
-    gates[TGZ].callback(None)
-    await deploy_system.events.wait(lambda e: e.get("phase") == "done" and e.get("name") == "zlib")
-    assert lock_files(tmp_path / "cache") == [] and staging_left(tmp_path / "cache") == []
+    # The cancel reached the Fetch service too: the held download was dropped there, its lock released
+    # and its staging folder removed, without the held file ever coming.
+    await within(cleaned_up(tmp_path / "cache"))
+    assert server.gets(f"deps/{TGZ}") == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -152,9 +160,9 @@ async def test_terminate_cancels_a_sync_deploy_and_tells_its_caller(container_fa
     assert err.content["cancelled"] == ["linux/zlib/1.2"]
     assert [(i["item"], i["state"]) for i in err.content["items"]] == [
         ("linux/notes/1.0", "downloaded"), ("linux/zlib/1.2", "cancelled")]
-    # The Fetch service finishes the fetch it was asked for (the cancel does not reach it yet).
-    gate.callback(None)
-    await events.wait(lambda e: e.get("phase") == "done" and e.get("name") == "zlib")
+    # The cancel reached the Fetch service: its held download is dropped, lock and staging cleaned up.
+    await within(cleaned_up(tmp_path / "cache"))
+    assert server.gets(f"deps/{TGZ}") == 0 and not gate.called
     await container.terminate()
     assert lock_files(tmp_path / "cache") == [] and staging_left(tmp_path / "cache") == []
     assert not (dest / "zlib").exists()

@@ -430,12 +430,18 @@ class _Pieces:
         return n
 
 
+#: A small file (hashed in the reading thread) and a big one (hashed by helper threads beside the reads).
+EXPECTED_SIZES = [pytest.param(300_000, id="small-inline"), pytest.param(1 << 30, id="big-beside")]
+
+
+@pytest.mark.parametrize("expected", EXPECTED_SIZES)
 @pytest.mark.parametrize("md5", [False, True])
-def test_sink_fill_from_writes_and_hashes_every_piece_in_order(tmp_path: Path, md5: bool) -> None:
+def test_sink_fill_from_writes_and_hashes_every_piece_in_order(tmp_path: Path, md5: bool, expected: int) -> None:
     """fill_from, over several calls with short reads and buffers reused many times over, writes the
     bytes in order and hashes them all (md5 too when wanted); its hashing threads end with each call."""
     data = os.urandom(300_000)
     sink = _Sink(tmp_path / "f")
+    sink.expected = expected
     sink.want_md5(md5)
     src = _Pieces(data, most=777)
     calls = []
@@ -448,11 +454,13 @@ def test_sink_fill_from_writes_and_hashes_every_piece_in_order(tmp_path: Path, m
     assert got_md5 == (hashlib.md5(data).hexdigest() if md5 else None)
 
 
-def test_sink_fill_from_failing_source_stops_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("expected", EXPECTED_SIZES)
+def test_sink_fill_from_failing_source_stops_cleanly(tmp_path: Path, expected: int) -> None:
     """A source failing mid-way raises out of fill_from with its hashing threads joined; after a
     reset the sink starts again from byte 0 and hashes only the new bytes."""
     data = os.urandom(100_000)
     sink = _Sink(tmp_path / "f")
+    sink.expected = expected
     sink.want_md5(True)
     with pytest.raises(ConnectionResetError):
         sink.fill_from(_Pieces(data, 1000, fail_after=40_000, fail=ConnectionResetError()).readinto, 1 << 20, 4096)

@@ -241,9 +241,11 @@ def _check_tree(top: Path, info: EntryInfo, *, hash_chunk: int | None, staged: b
     return problems
 
 
-def _quick_check(path: Path, info: EntryInfo) -> dict[str, str]:
-    """Sizes and link targets only, no walk and no hashing: what lookup affords."""
+def _quick_check(path: Path, info: EntryInfo, hash_chunk: int = 1 << 20) -> dict[str, str]:
+    """What lookup affords: sizes and link targets, no walk; a file written since the entry was
+    published (newer than ``content_mtime_ns``: e.g. edited through a deployed link) is re-hashed."""
     problems: dict[str, str] = {}
+    newest = info.content_mtime_ns
     for rel, meta in info.files.items():
         try:
             st = os.lstat(path / rel)
@@ -254,6 +256,10 @@ def _quick_check(path: Path, info: EntryInfo) -> dict[str, str]:
             problems[rel] = "not a regular file"
         elif st.st_size != meta.size:
             problems[rel] = f"size {st.st_size}, expected {meta.size}"
+        elif newest is not None and st.st_mtime_ns > newest:
+            digest = sha256_file(path / rel, hash_chunk)
+            if digest != meta.sha256:
+                problems[rel] = f"changed since it was published: sha256 {digest}, expected {meta.sha256}"
     for rel, target in info.links.items():
         try:
             if os.readlink(path / rel) != target:
@@ -319,6 +325,8 @@ def _publish(staging: Path, path: Path, info: EntryInfo, trash: Path, now: float
     problems = _check_tree(staging, info, hash_chunk=None, staged=True)
     if problems:
         raise CorruptEntryError(f"cannot publish {info.key} from {staging}: {_describe(problems)}")
+    # (Renames keep mtimes: a file of the entry written after this is newer.)
+    info.content_mtime_ns = max((os.lstat(staging / rel).st_mtime_ns for rel in info.files), default=None)
     if fsync_content:
         for rel in info.files:
             with open(staging / rel, "rb") as f:

@@ -260,6 +260,9 @@ class EntryInfo:
     last_used: float = 0.0
     url: str | None = None
     config_version: int = ENTRY_FORMAT_VERSION
+    #: The newest mtime (ns) of its files when it was published: a file written since (an edit
+    #: through a deployed link) is re-hashed by the next lookup. None in older ``.entry`` files.
+    content_mtime_ns: int | None = None
 
     @property
     def size(self) -> int:
@@ -291,6 +294,7 @@ class EntryInfo:
             "files": {rel: meta.to_wire() for rel, meta in self.files.items()},
             "links": dict(self.links), "fetched_at": self.fetched_at, "last_used": self.last_used,
             "url": self.url, "config_version": self.config_version, "size": self.size,
+            "content_mtime_ns": self.content_mtime_ns,
         }
 
     @classmethod
@@ -301,6 +305,7 @@ class EntryInfo:
             links=dict(data.get("links", {})), fetched_at=float(data.get("fetched_at", 0.0)),
             last_used=float(data.get("last_used", 0.0)), url=data.get("url"),
             config_version=int(data.get("config_version", ENTRY_FORMAT_VERSION)),
+            content_mtime_ns=int(data["content_mtime_ns"]) if data.get("content_mtime_ns") is not None else None,
         )
 
     # -- the .entry file ---------------------------------------------------------------
@@ -315,6 +320,8 @@ class EntryInfo:
             "files": str(len(self.files)), "links": str(len(self.links)),
             "url": self.url or "",
         }
+        if self.content_mtime_ns is not None:
+            cp["entry"]["content_mtime_ns"] = str(self.content_mtime_ns)
         for rel in sorted(self.files):
             meta = self.files[rel]
             cp["file " + _q(rel)] = {"size": str(meta.size), "sha256": meta.sha256,
@@ -369,8 +376,12 @@ class EntryInfo:
             raise corrupt(str(exc)) from None
         if found != key:
             raise corrupt(f"it describes {found}")
+        try:
+            mtime = int(sec["content_mtime_ns"]) if sec.get("content_mtime_ns") else None
+        except ValueError:
+            raise corrupt(f"content_mtime_ns {sec.get('content_mtime_ns')!r} is not an integer") from None
         return cls(key=key, path=path, files=files, links=links, fetched_at=fetched_at, last_used=last_used,
-                   url=sec.get("url") or None, config_version=config_version)
+                   url=sec.get("url") or None, config_version=config_version, content_mtime_ns=mtime)
 
 
 def _q(text: str) -> str:

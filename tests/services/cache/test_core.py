@@ -209,6 +209,31 @@ def test_lookup_records_use_and_checks_sizes(cache, key, clock, log_events):
     assert any("not serving" in m and "size 2, expected 5" in m for m in messages(log_events))
 
 
+def test_lookup_rehashes_a_file_written_since_it_was_published(cache, key, clock, log_events):
+    """A file written after publish (e.g. edited through a deployed link: same size, one byte flipped)
+    is re-hashed by lookup and the entry is not served; a file only touched, content unchanged, is."""
+    info = put(cache, key, {"f": b"12345", "g": b"same"})
+    assert info.content_mtime_ns is not None
+    assert fired(cache.info(key)).content_mtime_ns == info.content_mtime_ns  # kept in .entry
+    later = info.content_mtime_ns + 5_000_000_000
+    os.utime(info.path / "g", ns=(later, later))  # touched, same bytes
+    assert fired(cache.lookup(key)) is not None
+    (info.path / "f").write_bytes(b"12346")
+    os.utime(info.path / "f", ns=(later, later))
+    assert fired(cache.lookup(key)) is None
+    assert any("f: changed since it was published" in m for m in messages(log_events))
+
+
+def test_an_entry_file_without_content_mtime_still_serves(cache, key):
+    """.entry files written before content_mtime_ns existed parse and serve (sizes checked only)."""
+    info = put(cache, key, {"f": b"1"})
+    text = (info.path / ENTRY_FILE).read_text()
+    (info.path / ENTRY_FILE).write_text("\n".join(line for line in text.splitlines()
+                                                  if not line.startswith("content_mtime_ns")) + "\n")
+    served = fired(cache.lookup(key))
+    assert served is not None and served.content_mtime_ns is None
+
+
 def test_corrupt_entry_file(cache, key):
     """An unreadable .entry: lookup gives None, info raises CorruptEntryError naming the file."""
     info = put(cache, key, {"f": b"1"})

@@ -157,3 +157,20 @@ async def test_cache_reap_runs_and_shows_the_reapers_round(shell: Any, tmp_path:
     assert (tmp_path / "d/etc/motd.txt").read_text() and (tmp_path / "d/share").is_dir()
     last = await shell["cache_reap"]()
     assert last.rows == report.rows
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_deploy_catches_a_byte_flipped_through_a_link(shell: Any, tmp_path: Path) -> None:
+    """A byte flipped in a deployed (linked) file, i.e. in the cache: the next deploy of that entry
+    sees it (the file is newer than the entry, and its sha256 differs), fetches it again and heals it."""
+    file = sample(tmp_path)
+    await shell["deploy"](file)
+    deployed = tmp_path / "d/etc/motd.txt"
+    good = deployed.read_bytes()
+    data = bytearray(good)
+    data[0] ^= 0xFF
+    deployed.resolve().write_bytes(bytes(data))
+    again = await shell["deploy"](file)
+    states = {r["item"]: r["state"] for r in again}
+    assert states == {"noarch/hello-tools": "cached", "noarch/greetings": "cached", "noarch/motd": "downloaded"}
+    assert deployed.read_bytes() == good

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,13 @@ def make_verifier(cache: Cache, events: Events) -> Callable[..., CacheVerifier]:
 
 
 def flip(path: Path) -> None:
-    """Flip one byte of ``path`` in place (same size: lookup's size check cannot see it)."""
+    """Flip one byte of ``path`` in place, as bit rot does: same size and same mtime, so lookup's
+    checks cannot see it (a file written since its entry was published is re-hashed by lookup)."""
+    st = os.stat(path)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def outcomes(report: VerifyReport | None) -> dict[EntryKey, str]:

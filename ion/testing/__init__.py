@@ -4,7 +4,8 @@
   broker by default) and terminates all of them at teardown.
 - :class:`ClockedSystem` runs a container on a ``task.Clock``: deliveries and
   timeouts happen only when the test pumps or advances, so Deferreds can be
-  checked with ``successResultOf`` and no test sleeps.
+  checked with ``successResultOf`` and no test sleeps. :class:`ClockedCluster`
+  does the same for several containers on one embedded broker.
 - :func:`rpc` calls an op from a throw-away client process, for one-line end-to-end checks.
 
 The pytest fixtures over these live in :mod:`ion.testing.pytest_plugin`.
@@ -24,7 +25,7 @@ from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import Process
 from ion.core.threads import SynchronousPool
 
-__all__ = ["ContainerFactory", "ClockedSystem", "rpc", "client_process", "test_config"]
+__all__ = ["ContainerFactory", "ClockedSystem", "ClockedCluster", "rpc", "client_process", "test_config"]
 
 
 def test_config(overlay: Mapping[str, Any] | None = None) -> Config:
@@ -94,7 +95,67 @@ def rpc(container: Container, target: str, op: str, content: Any = None, **kwarg
     return content
 
 
-class ClockedSystem:
+class ClockedCluster:
+    """Containers on one embedded broker and one :class:`task.Clock`: nothing happens until the
+    test pumps or advances (several containers of one system, e.g. for elections and agents)."""
+
+    def __init__(self) -> None:
+        self.clock = task.Clock()
+        self.broker = MemoryBroker(self.clock)
+        self.containers: list[Container] = []
+
+    def start_container(self, contid: str, sysname: str = "sys",
+                        config: Mapping[str, Any] | None = None) -> Container:
+        """A started container ``contid`` of system ``sysname``; ``config`` overlays the defaults."""
+        c = Container(config=test_config(config), broker=self.broker, sysname=sysname, contid=contid,
+                      reactor=self.clock, clock=self.clock)
+        # No reactor thread to hand results back to: blocking calls run inline.
+        c.blocking = SynchronousPool()  # type: ignore[assignment]
+        self.containers.append(c)
+        self.result(c.start())
+        return c
+
+    def spawn_in(self, container: Container, cls: type[Process], spawnargs: Mapping[str, Any] | None = None,
+                 name: str | None = None) -> Any:
+        """Spawn ``cls`` in ``container``; the process."""
+        pid = self.result(container.spawn(cls, spawnargs, name=name))
+        return container.proc_manager.get(pid)
+
+    def pump(self, rounds: int = 1000) -> None:
+        """Deliver every queued message (and whatever those cause), without moving time on."""
+        for _ in range(rounds):
+            if not [c for c in self.clock.getDelayedCalls() if c.getTime() <= self.clock.seconds()]:
+                return
+            self.clock.advance(0)
+        raise AssertionError(f"the system did not settle within {rounds} rounds")
+
+    def advance(self, seconds: float, step: float | None = None) -> None:
+        """Move time on (firing timeouts) and deliver what follows; with ``step``, in steps of
+        that many seconds, delivering what each causes."""
+        if not step:
+            self.clock.advance(seconds)
+            self.pump()
+            return
+        while seconds > 0:
+            self.clock.advance(min(step, seconds))
+            seconds -= step
+            self.pump()
+
+    def result(self, d: defer.Deferred[Any]) -> Any:
+        """Pump, then return what ``d`` fired with (re-raising its failure)."""
+        self.pump()
+        results: list[Any] = []
+        d.addBoth(results.append)
+        if not results:
+            raise AssertionError(f"{d!r} has not fired after pumping")
+        from twisted.python.failure import Failure
+
+        if isinstance(results[0], Failure):
+            results[0].raiseException()
+        return results[0]
+
+
+class ClockedSystem(ClockedCluster):
     """A container on a :class:`task.Clock`: nothing happens until the test pumps.
 
     ::
@@ -109,46 +170,12 @@ class ClockedSystem:
 
     def __init__(self, config: Mapping[str, Any] | None = None, sysname: str = "clocked",
                  contid: str = "clocked") -> None:
-        self.clock = task.Clock()
-        self.broker = MemoryBroker(self.clock)
-        self.container = Container(config=test_config(config), broker=self.broker, sysname=sysname,
-                                   contid=contid, reactor=self.clock, clock=self.clock)
-        # No reactor thread to hand results back to: blocking calls run inline.
-        self.container.blocking = SynchronousPool()  # type: ignore[assignment]
-        self.result(self.container.start())
-
-    def pump(self, rounds: int = 1000) -> None:
-        """Deliver every queued message (and whatever those cause), without moving time on."""
-        for _ in range(rounds):
-            due = [c for c in self.clock.getDelayedCalls() if c.getTime() <= self.clock.seconds()]
-            if not due:
-                return
-            self.clock.advance(0)
-        raise AssertionError(f"the system did not settle within {rounds} rounds")
-
-    def advance(self, seconds: float) -> None:
-        """Move time on (firing timeouts) and deliver what follows."""
-        self.clock.advance(seconds)
-        self.pump()
-
-    def result(self, d: defer.Deferred[Any]) -> Any:
-        """Pump, then return what ``d`` fired with (re-raising its failure)."""
-        self.pump()
-        results: list[Any] = []
-        d.addBoth(results.append)
-        if not results:
-            raise AssertionError(f"{d!r} has not fired after pumping")
-        outcome = results[0]
-        from twisted.python.failure import Failure
-
-        if isinstance(outcome, Failure):
-            outcome.raiseException()
-        return outcome
+        super().__init__()
+        self.container = self.start_container(contid, sysname, config)
 
     def spawn(self, cls: type[Process], spawnargs: Mapping[str, Any] | None = None,
               name: str | None = None) -> Process:
         """Spawn and return a process."""
-        pid = self.result(self.container.spawn(cls, spawnargs, name=name))
-        proc = self.container.proc_manager.get(pid)
+        proc = self.spawn_in(self.container, cls, spawnargs, name)
         assert proc is not None
         return proc

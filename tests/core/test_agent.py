@@ -6,18 +6,16 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
-from twisted.python.failure import Failure
+from twisted.internet import defer
 
 from ion.core.agent import MISSED_HEARTBEATS, ContainerAgent, agent_queue
 from ion.core.container import Container
 from ion.core.exceptions import ConfigurationError, ReceivedApplicationError
 from ion.core.lifecycle import State
-from ion.core.messaging.memory import MemoryBroker
 from ion.core.observer import ObserverProcess, describe
 from ion.core.process import Process, Receiver
 from ion.services.hello import HelloService
-from ion.testing import client_process, rpc, test_config
+from ion.testing import ClockedCluster, client_process, rpc
 
 INTERVAL = 5.0
 
@@ -39,49 +37,19 @@ class EventSpy(Process):
         self.events.append((msg["receiver"], msg["content"]))
 
 
-class Cluster:
-    """Containers on one embedded broker and one task.Clock: nothing happens until pumped."""
+class Cluster(ClockedCluster):
+    """Containers of system ``sys`` on one embedded broker and one task.Clock, with a short heartbeat."""
 
-    def __init__(self) -> None:
-        self.clock = task.Clock()
-        self.broker = MemoryBroker(self.clock)
-        self.containers: list[Container] = []
-
-    def pump(self) -> None:
-        for _ in range(1000):
-            if not [c for c in self.clock.getDelayedCalls() if c.getTime() <= self.clock.seconds()]:
-                return
-            self.clock.advance(0)
-        raise AssertionError("the system did not settle")
-
-    def advance(self, seconds: float) -> None:
+    def advance(self, seconds: float, step: float | None = 1.0) -> None:
         """Move time on one second at a time, delivering what each step causes."""
-        step = 1.0
-        while seconds > 0:
-            self.clock.advance(min(step, seconds))
-            seconds -= step
-            self.pump()
-
-    def result(self, d: defer.Deferred[Any]) -> Any:
-        self.pump()
-        out: list[Any] = []
-        d.addBoth(out.append)
-        assert out, f"{d!r} has not fired"
-        if isinstance(out[0], Failure):
-            out[0].raiseException()
-        return out[0]
+        super().advance(seconds, step)
 
     def container(self, contid: str, sysname: str = "sys", **config: Any) -> Container:
-        overlay = {"ion.core.container": {"heartbeat_interval": INTERVAL, **config}}
-        c = Container(config=test_config(overlay), broker=self.broker, sysname=sysname, contid=contid,
-                      reactor=self.clock, clock=self.clock)
-        self.containers.append(c)
-        self.result(c.start())
-        return c
+        return self.start_container(contid, sysname, {"ion.core.container": {"heartbeat_interval": INTERVAL,
+                                                                              **config}})
 
     def spawn(self, container: Container, cls: type[Process], **kw: Any) -> Any:
-        pid = self.result(container.spawn(cls, **kw))
-        return container.proc_manager.get(pid)
+        return self.spawn_in(container, cls, **kw)
 
     def agent(self, container: Container) -> ContainerAgent:
         agent = container.proc_manager.get(container.agent_pid)

@@ -12,67 +12,32 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 
-from ion.core.container import Container
-from ion.core.messaging.memory import MemoryBroker
-from ion.core.threads import SynchronousPool
 from ion.services.cache.reaper import STATE_FILE
 from ion.services.cache.service import CacheClient, CacheService
-from ion.testing import ContainerFactory, client_process, test_config
+from ion.testing import ClockedCluster, ContainerFactory, client_process
 
 TICK = 5.0
 HOUR = 3600.0
 
 
-class Pair:
+class Pair(ClockedCluster):
     """Two containers of system ``reapsys`` on one embedded broker and one clock, each with a Cache service."""
 
     def __init__(self, root: Path) -> None:
-        self.clock = task.Clock()
+        super().__init__()
         self.clock.advance(1_700_000_000)
-        self.broker = MemoryBroker(self.clock)
         self.root = root
-        self.containers = [self._container(f"c{i}") for i in (1, 2)]
-        self.services = [self.spawn(c) for c in self.containers]
+        self.services = []
+        for contid in ("c1", "c2"):
+            container = self.start_container(contid, "reapsys")
+            self.services.append(self.spawn_in(container, CacheService, {
+                "root": str(root), "host_id": "h1", "reap_tick": TICK, "reap_interval": HOUR, "reap_keep": 0,
+                "reap_min_idle": 0, "verify_interval": HOUR}))
 
-    def _container(self, contid: str) -> Container:
-        c = Container(config=test_config(), broker=self.broker, sysname="reapsys", contid=contid,
-                      reactor=self.clock, clock=self.clock)
-        c.blocking = SynchronousPool()  # type: ignore[assignment]
-        self.result(c.start())
-        return c
-
-    def spawn(self, container: Container) -> CacheService:
-        pid = self.result(container.spawn(CacheService, {"root": str(self.root), "host_id": "h1",
-                                                         "reap_tick": TICK, "reap_interval": HOUR,
-                                                         "reap_keep": 0, "reap_min_idle": 0,
-                                                         "verify_interval": HOUR}))
-        svc = container.proc_manager.get(pid)
-        assert isinstance(svc, CacheService)
-        return svc
-
-    def pump(self) -> None:
-        for _ in range(1000):
-            if not [c for c in self.clock.getDelayedCalls() if c.getTime() <= self.clock.seconds()]:
-                return
-            self.clock.advance(0)
-        raise AssertionError("did not settle")
-
-    def advance(self, seconds: float, step: float = 1.0) -> None:
-        while seconds > 0:
-            self.clock.advance(min(step, seconds))
-            seconds -= step
-            self.pump()
-
-    def result(self, d: defer.Deferred[Any]) -> Any:
-        self.pump()
-        box: list[Any] = []
-        d.addBoth(box.append)
-        assert box, f"{d!r} has not fired"
-        if hasattr(box[0], "raiseException"):
-            box[0].raiseException()
-        return box[0]
+    def advance(self, seconds: float, step: float | None = 1.0) -> None:
+        super().advance(seconds, step)
 
 
 @pytest.fixture

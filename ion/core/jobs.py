@@ -49,6 +49,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ion.core.deferreds import observe
+
 __all__ = ["JobStatus", "Job", "JobTable", "JobStore", "OwnerAlive"]
 
 #: Version of the record files (``"record"`` key).
@@ -194,7 +196,7 @@ class JobTable:
             self._log.warn("job {job}: could not write its record in {dir}: {err}", job=job.job_id,
                            dir=str(store.directory), err=f.getErrorMessage())
 
-        d: defer.Deferred[None] = _observe(previous).addCallback(write).addErrback(failed)
+        d: defer.Deferred[None] = observe(previous).addCallback(write).addErrback(failed)
         job.saving = d
         self._saving.add(d)
 
@@ -205,7 +207,7 @@ class JobTable:
 
     def flush(self) -> defer.Deferred[None]:
         """Fires once every record write asked for so far is done (written or logged as failed)."""
-        pending = [_observe(d) for d in self._saving]
+        pending = [observe(d) for d in self._saving]
         return defer.DeferredList(pending, consumeErrors=True).addCallback(lambda _: None)
 
     def lookup(self, job_id: str) -> defer.Deferred[dict[str, Any]]:
@@ -316,19 +318,6 @@ class JobTable:
         for job in list(self.jobs.values()):
             if not job.done and job.deferred is not None:
                 job.deferred.cancel()
-
-
-def _observe(d: defer.Deferred[Any]) -> defer.Deferred[None]:
-    """Fires (with None) when ``d`` does; cancelling it leaves ``d`` alone."""
-    seen: defer.Deferred[None] = defer.Deferred()
-
-    def fired(result: Any) -> Any:
-        if not seen.called:
-            seen.callback(None)
-        return result
-
-    d.addBoth(fired)
-    return seen
 
 
 class _InlinePool:

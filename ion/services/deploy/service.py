@@ -47,6 +47,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ion.core.deferreds import observe
 from ion.core.exceptions import ApplicationError, ReceivedError
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
@@ -120,7 +121,7 @@ class DeployService(ServiceProcess):
         if self.runs:
             self._log.info("{pid}: stopping; waiting up to {timeout:g} s for {n} deployment(s) in progress",
                            pid=self.id, timeout=timeout, n=len(self.runs))
-            waiting = defer.DeferredList([_observe(d) for d in self.runs], consumeErrors=True)
+            waiting = defer.DeferredList([observe(d) for d in self.runs], consumeErrors=True)
             waiting.addTimeout(timeout, clock or self.clock, onTimeoutCancel=lambda result, t: None)
             yield waiting
         left = list(self.runs)
@@ -130,7 +131,7 @@ class DeployService(ServiceProcess):
             for d in left:
                 d.cancel()
             # They fire once their fetches have cleaned up (locks released, staging removed).
-            yield defer.DeferredList([_observe(d) for d in left], consumeErrors=True)
+            yield defer.DeferredList([observe(d) for d in left], consumeErrors=True)
         yield self.jobs.flush()
 
     # -- durable job records --------------------------------------------------------------------
@@ -244,7 +245,7 @@ class DeployService(ServiceProcess):
         def ended(_: Any) -> None:
             self.runs.discard(run)
 
-        _observe(run).addCallback(ended)
+        observe(run).addCallback(ended)
         return run
 
     def _refuse_if_draining(self) -> None:
@@ -301,19 +302,6 @@ class DeployService(ServiceProcess):
     def op_jobs(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> list[dict[str, Any]]:
         """Every job on record."""
         return self.jobs.list()
-
-
-def _observe(d: defer.Deferred[Any]) -> defer.Deferred[None]:
-    """Fires (with None) when ``d`` does; cancelling it leaves ``d`` alone."""
-    seen: defer.Deferred[None] = defer.Deferred()
-
-    def fired(result: Any) -> Any:
-        if not seen.called:
-            seen.callback(None)
-        return result
-
-    d.addBoth(fired)
-    return seen
 
 
 def _part(result: ItemResult) -> str:

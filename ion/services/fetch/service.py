@@ -39,6 +39,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ion.core.deferreds import observe
 from ion.core.exceptions import ConfigurationError, ReceivedError
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.spec import DeploymentItem
@@ -93,7 +94,7 @@ class FetchService(ServiceProcess):
         for d in inflight:
             d.cancel()
         if inflight:
-            yield defer.DeferredList([_settled(d) for d in inflight])
+            yield defer.DeferredList([observe(d) for d in inflight])
         yield super().on_terminate()
 
     @defer.inlineCallbacks
@@ -213,15 +214,3 @@ class FetchClient(ServiceClient):
                 exc.file, exc.expected, exc.got = details.get("file", ""), details.get("expected", ""), details.get("got")
             raise exc from err
         return result
-
-
-def _settled(d: defer.Deferred[Any]) -> defer.Deferred[None]:
-    """Fires (with None) once ``d`` has fired, whatever with; ``d`` keeps its result."""
-    seen: defer.Deferred[None] = defer.Deferred()
-
-    def fired(result: Any) -> Any:
-        seen.callback(None)
-        return result
-
-    d.addBoth(fired)
-    return seen

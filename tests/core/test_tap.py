@@ -529,35 +529,31 @@ def ended_in(proto: WatchedProcess, timeout: float = 30) -> defer.Deferred[int]:
 @pytest_twisted.ensureDeferred
 async def test_twistd_cc_runs_hello_and_sigterm_exits_zero() -> None:
     """`twistd -n cc --no-shell res/apps/hello.app` starts hello; SIGTERM stops it cleanly, exit 0."""
+    code, out = await sigterm_hello_after(b"started app hello")
+    assert code == 0, out
+    assert "Traceback" not in out
+    assert "stopped app hello" in out and "container" in out and "stopped" in out
+
+
+async def sigterm_hello_after(line: bytes) -> tuple[int, str]:
+    """Run hello.app under twistd, SIGTERM it once it printed ``line``; its exit code and output."""
     proto = spawn_twistd("--no-shell", "res/apps/hello.app")
     try:
-        await proto.wait_for(b"started app hello")  # fails with the child's output
+        await proto.wait_for(line)  # fails with the child's output
     except RuntimeError:
         if proto.exit_code is None:
             proto.transport.signalProcess("KILL")
         raise
     proto.transport.signalProcess("TERM")
     code = await ended_in(proto)
-    out = proto.output.decode(errors="replace")
-    assert code == 0, out
-    assert "Traceback" not in out
-    assert "stopped app hello" in out and "container" in out and "stopped" in out
+    return code, proto.output.decode(errors="replace")
 
 
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_twistd_cc_sigterm_while_the_reactor_starts_exits_zero() -> None:
     """A SIGTERM sent as the reactor starts (its handlers and ours race) still stops cleanly with 0."""
-    proto = spawn_twistd("--no-shell", "res/apps/hello.app")
-    try:
-        await proto.wait_for(b"reactor class")
-    except RuntimeError:
-        if proto.exit_code is None:
-            proto.transport.signalProcess("KILL")
-        raise
-    proto.transport.signalProcess("TERM")
-    code = await ended_in(proto)
-    out = proto.output.decode(errors="replace")
+    code, out = await sigterm_hello_after(b"reactor class")
     assert code == 0, out
     assert "Traceback" not in out
 

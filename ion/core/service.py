@@ -164,21 +164,15 @@ class ServiceClient(ProcessClient):
 
         def canceller(_: defer.Deferred[RpcResult]) -> None:
             cancel_remote()
-            call.cancel()
+            call.cancel()  # fires `call`, and so `result`, at once
+
+        def timed_out(failure: Failure) -> Failure:
+            if failure.check(ConversationTimeout):
+                cancel_remote()
+            return failure
 
         result: defer.Deferred[RpcResult] = defer.Deferred(canceller)
-
-        def ended(outcome: Any) -> None:
-            if isinstance(outcome, Failure) and outcome.check(ConversationTimeout):
-                cancel_remote()
-            if result.called:
-                return
-            if isinstance(outcome, Failure):
-                result.errback(outcome)
-            else:
-                result.callback(outcome)
-
-        call.addBoth(ended)
+        call.addErrback(timed_out).chainDeferred(result)
         return result
 
 

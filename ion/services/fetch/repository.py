@@ -318,7 +318,7 @@ class _Sink:
             self._buffers = [memoryview(bytearray(size)) for _ in range(_PIPELINE)]
         digests = [h for h in (self.sha256, self.md5) if h is not None]
         if self.expected is None or self.expected < _HASH_BESIDE_FROM:
-            return self._fill_inline(readinto, limit, chunk, digests)
+            return self._fill_inline(readinto, limit, chunk)
         # queues[i] feeds digest i; the last queue brings buffers back for reuse.
         queues: list[queue.SimpleQueue[tuple[memoryview, int] | None]] = [
             queue.SimpleQueue() for _ in range(len(digests) + 1)]
@@ -370,8 +370,7 @@ class _Sink:
             raise failed[0]
         return done
 
-    def _fill_inline(self, readinto: Callable[[memoryview], int], limit: int, size: int,
-                     digests: list[Any]) -> int:
+    def _fill_inline(self, readinto: Callable[[memoryview], int], limit: int, size: int) -> int:
         """:meth:`fill_from` with the hashing in this thread (a small file: no helper threads), in
         ``size``-byte pieces (``chunk_size``: fewer, bigger calls through the HTTP stack)."""
         if self._inline is None or len(self._inline) != size:
@@ -382,13 +381,7 @@ class _Sink:
             n = readinto(buffer[: min(size, limit - done)])
             if not n:
                 break
-            piece = buffer[:n]
-            while piece:
-                piece = piece[self.file.write(piece):]
-            for digest in digests:
-                digest.update(buffer[:n])
-            self.size += n
-            done += n
+            done += self.write(buffer[:n])
         return done
 
     def reset(self) -> None:

@@ -2,7 +2,9 @@
 
 The reactor thread never blocks: blocking calls go through :meth:`BlockingPool.run`,
 which returns a Deferred. The pool is started and stopped with its owner, as
-``twisted.enterprise.adbapi`` does with its ``ThreadPool``.
+``twisted.enterprise.adbapi`` does with its ``ThreadPool``. Calls that take well
+under a millisecond (a stat, a small file read) go through
+:meth:`BlockingPool.run_short`, which runs those of one reactor turn together.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 __all__ = ["BlockingPool", "SynchronousPool"]
@@ -35,6 +38,7 @@ class BlockingPool:
         self.pool = ThreadPool(minthreads, maxthreads, name=name)
         self._shutdown_trigger: Any = None
         self._stopped = False
+        self._short: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], defer.Deferred[Any]]] = []
 
     @property
     def started(self) -> bool:
@@ -85,6 +89,54 @@ class BlockingPool:
             self.start()
         return threads.deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
 
+    def run_short(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        """Like :meth:`run`, for a call that takes well under a millisecond.
+
+        The short calls made during one reactor turn run together, one after the other,
+        in pool jobs of at most :data:`SHORT_BATCH` calls. A warm deploy of 200 items makes
+        400 such calls (cache lookups, placement checks); a thread hand-off each cost more
+        than the calls, and their threads fought for the GIL. A call that turns out long
+        delays the others of its job, never the reactor.
+        """
+        if self._stopped:
+            return self.run(fn, *args, **kwargs)  # fails, naming the stopped pool
+        d: defer.Deferred[T] = defer.Deferred()
+        self._short.append((fn, args, kwargs, d))
+        if len(self._short) == 1:
+            self.reactor.callLater(0, self._run_short_calls)
+        return d
+
+    def _run_short_calls(self) -> None:
+        calls, self._short = self._short, []
+        for i in range(0, len(calls), SHORT_BATCH):
+            chunk = calls[i:i + SHORT_BATCH]
+            self.run(_call_each, [(fn, args, kwargs) for fn, args, kwargs, _ in chunk]).addBoth(
+                _hand_out, [d for *_, d in chunk])
+
+
+#: The most short calls (:meth:`BlockingPool.run_short`) one pool job runs.
+SHORT_BATCH = 32
+
+
+def _call_each(calls: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+    """In a pool thread: each call's result, or its Failure."""
+    results: list[Any] = []
+    for fn, args, kwargs in calls:
+        try:
+            results.append(fn(*args, **kwargs))
+        except BaseException:
+            results.append(Failure())
+    return results
+
+
+def _hand_out(outcome: list[Any] | Failure, waiting: list[defer.Deferred[Any]]) -> None:
+    for i, d in enumerate(waiting):
+        result = outcome if isinstance(outcome, Failure) else outcome[i]
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+
 
 class SynchronousPool:
     """A stand-in for :class:`BlockingPool` that runs calls at once on the calling thread.
@@ -105,3 +157,5 @@ class SynchronousPool:
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
         """Call ``fn`` now; the Deferred has already fired."""
         return defer.maybeDeferred(fn, *args, **kwargs)
+
+    run_short = run

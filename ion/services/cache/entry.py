@@ -345,15 +345,18 @@ class EntryInfo:
         def corrupt(reason: str) -> CorruptEntryError:
             return CorruptEntryError(f"entry {key} has an unusable {where}: {reason}")
 
-        cp = configparser.RawConfigParser(interpolation=None, strict=True)
-        cp.optionxform = str  # type: ignore[assignment,method-assign]
-        try:
-            cp.read_string(text, source=str(where))
-        except configparser.Error as exc:
-            raise corrupt(f"not an INI file ({exc})") from None
-        if not cp.has_section("entry"):
+        sections = _read_ini(text)
+        if sections is None:  # not the plain layout render() writes: the full INI parser decides
+            cp = configparser.RawConfigParser(interpolation=None, strict=True)
+            cp.optionxform = str  # type: ignore[assignment,method-assign]
+            try:
+                cp.read_string(text, source=str(where))
+            except configparser.Error as exc:
+                raise corrupt(f"not an INI file ({exc})") from None
+            sections = {name: dict(cp[name]) for name in cp.sections()}
+        sec = sections.get("entry")
+        if sec is None:
             raise corrupt("no [entry] section")
-        sec = cp["entry"]
         try:
             found = EntryKey(sec["repo_id"], sec["platform"], sec["name"], sec["version"],
                              {"true": True, "false": False}[sec["unpack"]])
@@ -361,13 +364,12 @@ class EntryInfo:
             config_version = int(sec["config_version"])
             files: dict[str, FileMeta] = {}
             links: dict[str, str] = {}
-            for name in cp.sections():
+            for name, s in sections.items():
                 if name.startswith("file "):
-                    s = cp[name]
                     rel = check_relpath(_uq(name[5:]))
                     files[rel] = FileMeta(int(s["size"]), s.get("remote_checksum") or None, s["sha256"])
                 elif name.startswith("link "):
-                    links[check_relpath(_uq(name[5:]))] = _uq(cp[name]["target"])
+                    links[check_relpath(_uq(name[5:]))] = _uq(s["target"])
             if int(sec.get("files", len(files))) != len(files) or int(sec.get("links", len(links))) != len(links):
                 raise corrupt("the file count does not match the [file] sections (truncated?)")
         except KeyError as exc:
@@ -382,6 +384,41 @@ class EntryInfo:
             raise corrupt(f"content_mtime_ns {sec.get('content_mtime_ns')!r} is not an integer") from None
         return cls(key=key, path=path, files=files, links=links, fetched_at=fetched_at, last_used=last_used,
                    url=sec.get("url") or None, config_version=config_version, content_mtime_ns=mtime)
+
+
+def _read_ini(text: str) -> dict[str, dict[str, str]] | None:
+    """The sections of an INI text in the plain layout :meth:`EntryInfo.render` writes, or None.
+
+    A warm deploy reads one ``.entry`` per item, and ``configparser`` costs most of
+    that. This reads the subset ``render`` produces (``[section]`` lines, ``key = value``
+    lines, comment and blank lines) exactly as ``RawConfigParser`` would; anything
+    else (indented continuation lines, a line without a delimiter, a repeated section
+    or key, ``[DEFAULT]``) returns None, so that ``configparser`` parses it, or reports
+    what is wrong with it.
+    """
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if line[0].isspace():
+            return None
+        if stripped[0] == "[":
+            name = stripped[1:-1]
+            if stripped[-1] != "]" or not name or name in sections or name == "DEFAULT":
+                return None
+            current = sections[name] = {}
+            continue
+        eq, colon = line.find("="), line.find(":")
+        cut = eq if colon < 0 or 0 <= eq < colon else colon
+        if cut <= 0 or current is None:
+            return None
+        key = line[:cut].rstrip()
+        if not key or key in current:
+            return None
+        current[key] = line[cut + 1:].strip()
+    return sections
 
 
 def _q(text: str) -> str:

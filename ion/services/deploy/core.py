@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.exceptions import ApplicationError
-from ion.services.deploy.place import PlacementError, place
+from ion.services.deploy.place import PlacementError, place, placed_already
 from ion.services.deploy.spec import Deployment, DeploymentItem
 
 __all__ = ["Deployer", "ItemResult", "FetchFunction", "ProgressFunction", "check_allowed", "AccessRefused",
@@ -194,10 +194,14 @@ class Deployer:
         entry = Path(fetched["path"])
         names = list(fetched.get("names") or [])
         report(item, "place", {"destination": str(item.destination)})
+        how = dict(link=item.link, platform=item.platform, name=item.name, version=item.version,
+                   entry_stamp=str(fetched.get("stamp") or ""))
         try:
-            placed = await self.pool.run(place, entry, names, item.destination, link=item.link,
-                                         platform=item.platform, name=item.name, version=item.version,
-                                         entry_stamp=str(fetched.get("stamp") or ""))
+            # Most items of a warm deploy are in place already: a short check, with the others'.
+            placed = await getattr(self.pool, "run_short", self.pool.run)(
+                placed_already, entry, names, item.destination, **how)
+            if placed is None:
+                placed = await self.pool.run(place, entry, names, item.destination, **how)
         except PlacementError as exc:
             return ItemResult(item, "failed", reason=str(exc), entry=str(entry))
         except Exception as exc:

@@ -161,11 +161,7 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
     if bad:
         raise PlacementError(f"entry {entry} names {bad[0]!r}, which is not a top-level name; refusing it")
     if link:
-        try:
-            record_link(entry, destination.absolute())
-        except OSError as exc:
-            _log.warn("cannot record the link from {dest} in the cache ({exc}): the cache's reaper may "
-                      "evict {entry} while it is linked", dest=str(destination), exc=exc, entry=str(entry))
+        _record_link(entry, destination)
     manifest = manifest_path(destination, platform, name)
     try:
         destination.mkdir(parents=True, exist_ok=True)
@@ -173,11 +169,8 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
         raise PlacementError(f"cannot create destination {destination}: {exc.strerror or exc}") from exc
     previous = _read_manifest(manifest) or {}
     prev_names = [str(n) for n in previous.get("names", [])]
-    record = {"version": version, "link": link, "entry": str(entry), "stamp": entry_stamp,
-              "names": sorted(names)}
-    if (previous.get("version") == version and previous.get("link") == link
-            and previous.get("entry") == str(entry) and previous.get("stamp") == entry_stamp
-            and sorted(prev_names) == record["names"] and _all_in_place(entry, names, destination, link)):
+    record = _record(entry, names, link=link, version=version, entry_stamp=entry_stamp)
+    if _same(previous, record) and _all_in_place(entry, names, destination, link):
         return Placement(destination, sorted(names), already=True)
     if not prev_names and link and names and _all_in_place(entry, names, destination, link):
         # Links already right but no record (first deploy over a tree placed by hand).
@@ -239,6 +232,42 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
     except OSError as exc:
         raise PlacementError(f"cannot record the deployment in {manifest}: {exc.strerror or exc}") from exc
     return Placement(destination, sorted(names), already=not placed_any and not removed, removed=removed)
+
+
+def placed_already(entry: Path, names: list[str], destination: Path, *, link: bool, platform: str, name: str,
+                   version: str, entry_stamp: str) -> Placement | None:
+    """The placement, if ``destination`` holds this entry's ``names`` as :func:`place` left them; else None.
+
+    A few stats and one small read (a short call, see ``BlockingPool.run_short``):
+    on a warm deploy most items end here, and only the others go on to :func:`place`.
+    """
+    if not all(is_name(n) for n in names):
+        return None  # place() refuses it, naming the culprit
+    previous = _read_manifest(manifest_path(destination, platform, name)) or {}
+    if not (_same(previous, _record(entry, names, link=link, version=version, entry_stamp=entry_stamp))
+            and _all_in_place(entry, names, destination, link)):
+        return None
+    if link:
+        _record_link(entry, destination)
+    return Placement(destination, sorted(names), already=True)
+
+
+def _record_link(entry: Path, destination: Path) -> None:
+    try:
+        record_link(entry, destination.absolute())
+    except OSError as exc:
+        _log.warn("cannot record the link from {dest} in the cache ({exc}): the cache's reaper may "
+                  "evict {entry} while it is linked", dest=str(destination), exc=exc, entry=str(entry))
+
+
+def _record(entry: Path, names: list[str], *, link: bool, version: str, entry_stamp: str) -> dict[str, Any]:
+    """What the manifest of a placement says."""
+    return {"version": version, "link": link, "entry": str(entry), "stamp": entry_stamp, "names": sorted(names)}
+
+
+def _same(previous: dict[str, Any], record: dict[str, Any]) -> bool:
+    return all(previous.get(k) == v for k, v in record.items() if k != "names") and sorted(
+        str(n) for n in previous.get("names", [])) == record["names"]
 
 
 def _write_manifest(manifest: Path, record: dict[str, Any]) -> None:

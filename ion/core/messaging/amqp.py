@@ -111,9 +111,23 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
     #: replaces it by Twisted's ConnectionDone when the socket closes right after.
     close_reason: pika_exc.ConnectionClosedByBroker | None = None
 
+    #: True while pika handles a chunk of data from the broker (its deliveries among it).
+    reading = False
+    #: Called after each such chunk: the transport sends the acknowledgements it gathered.
+    after_read: Callable[[], None] | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._impl.callbacks.add(0, pika.spec.Connection.Close, self._on_close_frame)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reading = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self.reading = False
+            if self.after_read is not None:
+                self.after_read()
 
     def _on_close_frame(self, method_frame: Any) -> None:
         method = method_frame.method
@@ -186,7 +200,7 @@ class _Consumer:
     """One consumer: what it consumes (kept across reconnections) and its current channel."""
 
     __slots__ = ("tag", "queue", "callback", "prefetch", "exclusive", "auto_ack", "channel", "unacked",
-                 "cancelled", "cancelling")
+                 "cancelled", "cancelling", "outstanding", "acks")
 
     def __init__(self, tag: str, queue: str, callback: ConsumeCallback, prefetch: int,
                  exclusive: bool, auto_ack: bool = False) -> None:
@@ -198,12 +212,23 @@ class _Consumer:
         self.auto_ack = auto_ack
         self.channel: TwistedChannel | None = None
         self.unacked = 0
+        #: Delivery tags handed to the callback and not settled yet, in delivery (= tag) order.
+        self.outstanding: dict[int, None] = {}
+        #: Tags settled with an ack while a read was being handled, sent after it (on ``channel``).
+        self.acks: list[int] = []
         self.cancelled = False
         #: basic.cancel sent, cancel-ok not yet received: the channel must stay open until then.
         self.cancelling = False
 
     def __repr__(self) -> str:
         return f"<consumer {self.tag} of {self.queue}>"
+
+    def use(self, channel: TwistedChannel | None) -> None:
+        """Consume on ``channel`` from now on (None: none); what the old one delivered is the broker's again."""
+        self.channel = channel
+        self.unacked = 0
+        self.outstanding.clear()
+        self.acks.clear()
 
 
 def _to_pika(props: Properties, user_id: str, message_id: str) -> pika.BasicProperties:
@@ -283,6 +308,8 @@ class AmqpTransport(Transport):
         self._queues: dict[str, tuple[bool, bool, bool, dict[str, Any] | None]] = {}
         self._bindings: dict[tuple[str, str, str], None] = {}
         self._consumers: dict[str, _Consumer] = {}
+        # Consumers holding acknowledgements gathered during the current read.
+        self._acking: dict[_Consumer, None] = {}
         self._deleted_while_lost: dict[str, None] = {}
         # Exchanges known to exist on the current connection (checked before a first publish).
         self._known_exchanges: set[str] = set()
@@ -442,6 +469,7 @@ class AmqpTransport(Transport):
         set_no_delay = getattr(conn.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        conn.after_read = self._send_gathered_acks
         assert conn.closed is not None
         conn.closed.addCallback(self._connection_closed, conn)
 
@@ -459,9 +487,9 @@ class AmqpTransport(Transport):
         self._control.reset()
         self._publisher.reset()
         self._known_exchanges.clear()
+        self._acking.clear()
         for consumer in self._consumers.values():
-            consumer.channel = None
-            consumer.unacked = 0
+            consumer.use(None)
         if self.state == "closed":
             return
         if conn.close_reason is not None:
@@ -785,8 +813,7 @@ class AmqpTransport(Transport):
             if conn is not self._conn or consumer.cancelled:
                 self._close_channel(ch)
                 return
-            consumer.channel = ch
-            consumer.unacked = 0
+            consumer.use(ch)
             self._pump(consumer, ch, queue_obj)
 
         def failed(f: Failure) -> Failure:
@@ -836,6 +863,7 @@ class AmqpTransport(Transport):
         settle: Callable[[bool, bool], None] | None = None
         if not consumer.auto_ack:
             consumer.unacked += 1
+            consumer.outstanding[tag] = None
 
             def settle(ack: bool, requeue: bool) -> None:
                 self._settle(consumer, ch, tag, ack, requeue)
@@ -855,10 +883,50 @@ class AmqpTransport(Transport):
                            "redelivers it", what="ack" if ack else "reject", tag=tag, queue=consumer.queue)
             return
         consumer.unacked -= 1
-        self._settle_on(ch, tag, ack=ack, requeue=requeue, queue=consumer.queue)
+        consumer.outstanding.pop(tag, None)
+        conn = self._conn
+        if ack and conn is not None and conn.reading:
+            # Handled while pika reads what the broker sent (a prefetch window's worth at
+            # times): acknowledged after that read, the run of lowest tags by one multiple ack.
+            consumer.acks.append(tag)
+            self._acking[consumer] = None
+        else:
+            self._settle_on(ch, tag, ack=ack, requeue=requeue, queue=consumer.queue)
         if consumer.cancelled and consumer.unacked <= 0 and not consumer.cancelling:
-            consumer.channel = None
-            self._close_channel(ch)
+            self._close_consumer_channel(consumer, ch)
+
+    def _send_gathered_acks(self) -> None:
+        if not self._acking:
+            return
+        acking, self._acking = self._acking, {}
+        for consumer in acking:
+            if consumer.channel is not None:
+                self._send_acks(consumer, consumer.channel)
+
+    def _send_acks(self, consumer: _Consumer, ch: TwistedChannel) -> None:
+        """Send ``consumer``'s gathered acks: one ``multiple`` ack for those below every unsettled
+        delivery (nothing else below them is left unsettled), one each for the rest."""
+        tags, consumer.acks = consumer.acks, []
+        if not tags:
+            return
+        lowest = next(iter(consumer.outstanding), None)
+        below = [t for t in tags if lowest is None or t < lowest]
+        try:
+            if below:
+                ch.basic_ack(delivery_tag=max(below), multiple=len(below) > 1)
+            for t in tags:
+                if lowest is not None and t > lowest:
+                    ch.basic_ack(delivery_tag=t)
+        except Exception as exc:
+            self._log.info("could not acknowledge deliveries {tags} from {queue}: {exc}", tags=tags,
+                           queue=consumer.queue, exc=exc)
+
+    def _close_consumer_channel(self, consumer: _Consumer, ch: TwistedChannel) -> None:
+        """Close the channel of a cancelled consumer, after sending the acks gathered for it."""
+        if ch.is_open:
+            self._send_acks(consumer, ch)
+        consumer.use(None)
+        self._close_channel(ch)
 
     def _settle_on(self, ch: TwistedChannel, tag: int, *, ack: bool, requeue: bool, queue: str) -> None:
         try:
@@ -872,7 +940,7 @@ class AmqpTransport(Transport):
     def _consumer_stopped(self, f: Failure, consumer: _Consumer, ch: TwistedChannel) -> None:
         if consumer.channel is not ch or consumer.cancelled:
             return  # cancelled by us: the channel stays until its deliveries are settled
-        consumer.channel = None
+        consumer.use(None)  # the broker has the deliveries of the dead channel back
         conn = self._conn
         if conn is None or not conn.is_open or self.state == "closed" or f.check(*_CONNECTION_ERRORS):
             return  # the connection is gone: the consumer is restored on reconnection
@@ -895,8 +963,7 @@ class AmqpTransport(Transport):
         self._consumers.pop(consumer.tag, None)
         ch = consumer.channel
         if ch is not None and consumer.unacked <= 0:
-            consumer.channel = None
-            self._close_channel(ch)
+            self._close_consumer_channel(consumer, ch)
 
     @staticmethod
     def _close_channel(ch: TwistedChannel) -> None:
@@ -913,7 +980,7 @@ class AmqpTransport(Transport):
         consumer.cancelled = True
         ch = consumer.channel
         if ch is None or not ch.is_open:
-            consumer.channel = None
+            consumer.use(None)
             return defer.succeed(None)
         consumer.cancelling = True
         d = ch.basic_cancel(consumer_tag=consumer_tag)
@@ -922,8 +989,7 @@ class AmqpTransport(Transport):
             consumer.cancelling = False
             # Unacknowledged deliveries may still be settled: keep the channel until they are.
             if consumer.unacked <= 0 and consumer.channel is ch:
-                consumer.channel = None
-                self._close_channel(ch)
+                self._close_consumer_channel(consumer, ch)
 
         def failed(f: Failure) -> Any:
             consumer.cancelling = False
@@ -943,6 +1009,7 @@ class AmqpTransport(Transport):
         call, self._reconnect_call = self._reconnect_call, None
         if call is not None and call.active():
             call.cancel()
+        self._send_gathered_acks()  # what was handled stays handled
         for consumer in self._consumers.values():
             consumer.cancelled = True
         self._consumers.clear()

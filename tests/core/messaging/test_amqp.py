@@ -378,6 +378,60 @@ async def test_cancel_keeps_unacked_deliveries_settleable(transport_factory: Any
     assert [d.body for d in inbox.items] == [b"1"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_acks_gathered_in_a_read_never_cover_a_delivery_still_in_hand(transport_factory: Any,
+                                                                            monkeypatch: Any) -> None:
+    """Acks made while pika reads a burst of deliveries go out after the read, the run below
+    every unsettled delivery as one ``multiple`` ack: a delivery still in hand stays the
+    broker's (redelivered if its consumer goes), and each acked one is gone for good."""
+    t, other = await transport_factory(), await transport_factory()
+    q = await t.declare_queue(_name())
+    for i in range(8):
+        await t.publish("", q, b"%d" % i, Properties())
+    held: list[Delivery] = []
+    got: list[bytes] = []
+    done: defer.Deferred[None] = defer.Deferred()
+
+    def handle(delivery: Delivery) -> None:
+        got.append(delivery.body)
+        if delivery.body in (b"2", b"5"):
+            held.append(delivery)
+        else:
+            delivery.ack()
+        if len(got) == 8:
+            done.callback(None)
+
+    from pika.adapters.twisted_connection import TwistedChannel
+
+    calls: list[tuple[Any, int, bool]] = []
+    real_ack = TwistedChannel.basic_ack
+
+    def basic_ack(self: Any, delivery_tag: int = 0, multiple: bool = False) -> Any:
+        calls.append((self, delivery_tag, multiple))
+        return real_ack(self, delivery_tag=delivery_tag, multiple=multiple)
+
+    monkeypatch.setattr(TwistedChannel, "basic_ack", basic_ack)
+    tag = await t.consume(q, handle, prefetch=20)
+    channel = t._consumers[tag].channel
+    await done.addTimeout(10, reactor)  # fires inside the read that brought the last delivery
+    await task.deferLater(reactor, 0, lambda: None)  # the read has ended: its acks are sent
+    sent = [(delivery_tag, multiple) for ch, delivery_tag, multiple in calls if ch is channel]
+    acked = set()
+    for delivery_tag, multiple in sent:
+        acked |= set(range(1, delivery_tag + 1)) if multiple else {delivery_tag}
+    assert acked == {1, 2, 4, 5, 7, 8}, sent  # tags 3 and 6 (bodies 2 and 5) are in hand
+    held[0].ack()  # settled outside a read: acknowledged at once
+    assert calls[-1][1:] == (3, False)
+    await t.close()  # body 5 goes back to the queue
+    inbox = _Inbox()
+    await other.consume(q, inbox)
+    again = await inbox.next()
+    assert (again.body, again.redelivered) == (b"5", True)
+    await other.publish("", q, b"end", Properties())
+    assert (await inbox.next()).body == b"end"
+    assert [d.body for d in inbox.items] == [b"5", b"end"]
+
+
 # -- containers over RabbitMQ ----------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_hello_rpc_between_two_containers(amqp_containers: ContainerFactory) -> None:

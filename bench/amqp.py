@@ -301,31 +301,36 @@ def _consume_loop(queue_obj: Any, handle: Callable[[Any], None]) -> None:
         handle(box[0])
 
 
-def _pika_props(cid: str, reply_to: str | None, like_ioncore: bool, user: str) -> Any:
+#: How the raw pika echo uses AMQP: ``plain`` (default exchange, no confirms); ``design`` (what
+#: DESIGN §4-5 make part of the wire contract: the system's topic exchange, message_id and the
+#: broker-validated user_id); ``ioncore`` (that, plus publisher confirms and mandatory requests,
+#: as ioncore's transport publishes by default).
+PIKA_MODES = ("plain", "design", "ioncore")
+
+
+def _pika_props(cid: str, reply_to: str | None, mode: str, user: str) -> Any:
     import pika
 
-    if like_ioncore:  # what ioncore's transport sets on every message
+    if mode != "plain":  # what ioncore's transport sets on every message
         return pika.BasicProperties(content_type="application/msgpack", correlation_id=cid, reply_to=reply_to,
                                     message_id=f"0123456789ab.{cid}", user_id=user)
     return pika.BasicProperties(content_type="application/msgpack", correlation_id=cid, reply_to=reply_to)
 
 
 @defer.inlineCallbacks
-def pika_server(reactor: Any, url: str, queue: str, prefetch: int, like_ioncore: bool = False) -> Any:
-    """The raw pika echo server (run in a child process by ``--pika-server``).
-
-    ``like_ioncore``: the same AMQP use as ioncore's transport (replies published
-    in confirm mode to a topic exchange, message_id and user_id set).
-    """
+def pika_server(reactor: Any, url: str, queue: str, prefetch: int, mode: str = "plain") -> Any:
+    """The raw pika echo server (run in a child process by ``--pika-server``), using AMQP as
+    ``mode`` says (see :data:`PIKA_MODES`)."""
     conn = yield _pika_connect(reactor, url)
     ch = yield conn.channel()
     exchange = ""
-    if like_ioncore:
+    if mode == "ioncore":
         yield ch.confirm_delivery()
+    if mode != "plain":
         exchange = PIKA_EXCHANGE
         yield ch.exchange_declare(exchange=exchange, exchange_type="topic", auto_delete=True)
     yield ch.queue_declare(queue=queue, auto_delete=True)
-    if like_ioncore:
+    if mode != "plain":
         yield ch.queue_bind(queue=queue, exchange=exchange, routing_key=queue)
     yield ch.basic_qos(prefetch_count=prefetch)
     queue_obj, _tag = yield ch.basic_consume(queue=queue, auto_ack=False)
@@ -337,7 +342,7 @@ def pika_server(reactor: Any, url: str, queue: str, prefetch: int, like_ioncore:
         request = unpackb(body, raw=False)
         reply = packb({"value": f"Hello there, {request['content']}"}, use_bin_type=True)
         d = ch.basic_publish(exchange=exchange, routing_key=props.reply_to, body=reply,
-                             properties=_pika_props(props.correlation_id, None, like_ioncore, user))
+                             properties=_pika_props(props.correlation_id, None, mode, user))
         d.addErrback(lambda f: None)
         if ch.is_open:
             ch.basic_ack(delivery_tag=method.delivery_tag)
@@ -350,28 +355,24 @@ def pika_server(reactor: Any, url: str, queue: str, prefetch: int, like_ioncore:
 
 
 @defer.inlineCallbacks
-def bench_pika(reactor: Any, url: str, args: argparse.Namespace, like_ioncore: bool = False) -> Any:
-    """Raw pika echo server in a child process, raw pika client here.
-
-    Plain: default exchange, no confirms, ``auto_ack`` replies. ``like_ioncore``: a topic
-    exchange, confirms on both sides, mandatory requests, message_id and user_id set --
-    ioncore's AMQP use.
-    """
+def bench_pika(reactor: Any, url: str, args: argparse.Namespace, mode: str = "plain") -> Any:
+    """Raw pika echo server in a child process, raw pika client here (``auto_ack`` replies),
+    both using AMQP as ``mode`` says (see :data:`PIKA_MODES`)."""
     prefetch = args.prefetch or _default_prefetch()
     server = spawn("pika server", sys.executable,
                    [os.path.abspath(__file__), "--pika-server", "--url", url, "--prefetch", str(prefetch),
-                    *(["--like-ioncore"] if like_ioncore else [])])
+                    "--pika-mode", mode])
     conn = None
     try:
         yield server.wait_for(b"pika echo server ready")
         conn = yield _pika_connect(reactor, url)
         ch = yield conn.channel()
-        exchange = PIKA_EXCHANGE if like_ioncore else ""
-        if like_ioncore:
+        exchange = PIKA_EXCHANGE if mode != "plain" else ""
+        if mode == "ioncore":
             yield ch.confirm_delivery()
         frame = yield ch.queue_declare(queue="", exclusive=True)
         reply_q = frame.method.queue
-        if like_ioncore:
+        if mode != "plain":
             yield ch.queue_bind(queue=reply_q, exchange=exchange, routing_key=reply_q)
         queue_obj, _tag = yield ch.basic_consume(queue=reply_q, auto_ack=True)
         pending: dict[str, defer.Deferred[Any]] = {}
@@ -394,7 +395,7 @@ def bench_pika(reactor: Any, url: str, args: argparse.Namespace, like_ioncore: b
             d: defer.Deferred[Any] = defer.Deferred()
             pending[cid] = d
             sent = publish(exchange=exchange, routing_key=PIKA_QUEUE, body=body,
-                           properties=_pika_props(cid, reply_q, like_ioncore, user), mandatory=like_ioncore)
+                           properties=_pika_props(cid, reply_q, mode, user), mandatory=mode == "ioncore")
             sent.addErrback(d.errback)
             return d
 
@@ -573,7 +574,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     p.add_argument("--strict", action="store_true", help="exit 1 if ioncore is under 0.9x raw pika")
     p.add_argument("--pika-server", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--like-ioncore", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pika-mode", choices=PIKA_MODES, default="plain", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("calls", "inflight_calls", "window"):
         if getattr(args, name) < 1:
@@ -595,14 +596,15 @@ def run(reactor: Any, args: argparse.Namespace, url: str) -> Any:
     results: dict[str, Any] = {}
     runs = ["ioncore"] if args.confirms == "on" else ["ioncore-noconfirm"] if args.confirms == "off" else [
         "ioncore", "ioncore-noconfirm"]
-    for name in [*runs, "pika", "pika-like", "nameko"]:
+    for name in [*runs, "pika", "pika-design", "pika-like", "nameko"]:
         if name.split("-")[0] not in args.only:
             continue
         try:
             if name.startswith("ioncore"):
                 results[name] = yield bench_ioncore(reactor, url, args, confirms=name == "ioncore")
             elif name.startswith("pika"):
-                results[name] = yield bench_pika(reactor, url, args, like_ioncore=name == "pika-like")
+                mode = {"pika": "plain", "pika-design": "design", "pika-like": "ioncore"}[name]
+                results[name] = yield bench_pika(reactor, url, args, mode=mode)
             else:
                 python, why = find_nameko_python(args.nameko_python)
                 if python is None:
@@ -656,7 +658,8 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as the plain-text table ``python bench/amqp.py`` prints."""
     env, args = report["environment"], report["args"]
     labels = {"ioncore": "ioncore", "ioncore-noconfirm": "ioncore, confirms off", "pika": "raw pika (Twisted adapter)",
-              "pika-like": "raw pika, ioncore's AMQP use", "nameko": "nameko 2.14"}
+              "pika-design": "raw pika, DESIGN's AMQP use", "pika-like": "raw pika, ioncore's AMQP use",
+              "nameko": "nameko 2.14"}
     lines = [
         f"RPC on RabbitMQ ({env['broker']}): client and server in separate OS processes",
         f"Python {env['python']}, Twisted {env['twisted']}, pika {env['pika']}, msgpack {env['msgpack']}, "
@@ -668,7 +671,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"   {'CPU us/call: client server broker':>34}",
         "-" * WIDTH,
     ]
-    for name in ("ioncore", "ioncore-noconfirm", "pika", "pika-like", "nameko"):
+    for name in ("ioncore", "ioncore-noconfirm", "pika", "pika-design", "pika-like", "nameko"):
         res = report["results"].get(name)
         if res is None:
             continue
@@ -683,9 +686,11 @@ def format_table(report: dict[str, Any]) -> str:
             f"   {w['calls_per_s']:>14,.0f}{_cell(w['p50_us'], '.0f'):>9}{_cell(w['p99_us'], '.0f'):>9}"
             f"   {ratio_text:>26}   {_cpu_cells(res.get('cpu_us'))}")
     lines.append("-" * WIDTH)
+    if "pika-design" in report["results"]:
+        lines.append("raw pika, DESIGN's AMQP use: the system's topic exchange, message_id + broker-validated "
+                     "user_id (DESIGN 4-5)")
     if "pika-like" in report["results"]:
-        lines.append("raw pika, ioncore's AMQP use: topic exchange, publisher confirms, mandatory requests, "
-                     "message_id + user_id")
+        lines.append("raw pika, ioncore's AMQP use: that, plus publisher confirms and mandatory requests")
     ion = report["ratio_to_raw_pika"].get("ioncore")
     if ion:
         ok = all(v >= RATIO_TARGET for v in ion.values())
@@ -700,7 +705,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.pika_server:
         task.react(lambda reactor: pika_server(reactor, args.url, PIKA_QUEUE, args.prefetch or 1,
-                                               args.like_ioncore))
+                                               args.pika_mode))
         return
     server = None
     url = args.url

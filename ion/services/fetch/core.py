@@ -72,9 +72,13 @@ __all__ = [
 #: What :meth:`Fetcher.fetch` says it did.
 STATES = ("cached", "downloaded", "updated")
 
-#: ``unpack(archive, target) -> True`` if it extracted the archive into ``target``, False if the
-#: file is no archive (left alone). Raises for an unsafe, broken or over-limit archive.
-UnpackFn = Callable[[Path, Path], "Awaitable[bool] | defer.Deferred[bool]"]
+#: What an :data:`UnpackFn` reports: None when the file is no archive (left alone); else
+#: ``{path: (size, sha256)}`` of the regular files it extracted, relative to the target, as far
+#: as it knows them (a file it does not name is hashed from disk).
+Unpacked = Mapping[str, tuple[int, str]] | None
+#: ``unpack(archive, target)``: extract the archive into ``target``; fires with :data:`Unpacked`.
+#: Raises for an unsafe, broken or over-limit archive.
+UnpackFn = Callable[[Path, Path], "Awaitable[Unpacked] | defer.Deferred[Unpacked]"]
 #: Called with each :class:`FetchProgress`.
 ProgressFn = Callable[["FetchProgress"], None]
 
@@ -409,9 +413,10 @@ def local_unpack(pool: Any, limits: Any = None) -> UnpackFn:
     """An :data:`UnpackFn` running the unpack core in ``pool`` (``limits``: its :class:`Limits`)."""
     from ion.services.unpack import core as unpack_core
 
-    def run(archive: Path, target: Path) -> defer.Deferred[bool]:
+    def run(archive: Path, target: Path) -> defer.Deferred[Unpacked]:
+        # The files were hashed as they were written: the cache records those digests.
         d = pool.run(unpack_core.unpack, archive, target, limits)
-        d.addCallback(lambda result: not result.kept)
+        d.addCallback(lambda result: None if result.extracted is None else result.extracted.files)
         return d
 
     return run
@@ -420,9 +425,10 @@ def local_unpack(pool: Any, limits: Any = None) -> UnpackFn:
 def remote_unpack(client: Any) -> UnpackFn:
     """An :data:`UnpackFn` asking the Unpack service (an ``UnpackClient``)."""
 
-    def run(archive: Path, target: Path) -> defer.Deferred[bool]:
+    def run(archive: Path, target: Path) -> defer.Deferred[Unpacked]:
+        # The service's answer names no digests (it may be many files): they are read from disk.
         d = client.unpack(archive, target)
-        d.addCallback(lambda content: not content.get("kept", False))
+        d.addCallback(lambda content: None if content.get("kept", False) else {})
         return d
 
     return run
@@ -440,12 +446,17 @@ def _regular_files(top: Path) -> dict[str, os.stat_result]:
     return out
 
 
-def _describe_new(top: Path, known: set[str], origin: str, chunk: int) -> dict[str, FileMeta]:
-    """FileMeta (hashed) of every regular file under ``top`` not in ``known``."""
+def _describe_new(top: Path, known: set[str], origin: str, chunk: int,
+                  digests: Mapping[str, tuple[int, str]]) -> dict[str, FileMeta]:
+    """FileMeta of every regular file under ``top`` not in ``known``: its digest from ``digests``
+    (hashed as it was extracted) when that names it with its size, else hashed from disk."""
     metas: dict[str, FileMeta] = {}
     for rel, st in _regular_files(top).items():
         if rel not in known:
-            metas[rel] = FileMeta(st.st_size, origin, sha256_file(top / rel, chunk))
+            size, digest = digests.get(rel, (-1, ""))
+            if size != st.st_size:
+                digest = sha256_file(top / rel, chunk)
+            metas[rel] = FileMeta(st.st_size, origin, digest)
     return metas
 
 
@@ -652,9 +663,11 @@ class Fetcher:
             report("unpacking", remote.path)
             await self.pool.run(_mkdirs, target)
             extracted = await self.unpack(archive, target)
-            if extracted:
+            if extracted is not None:
+                prefix = "" if rel.parent == PurePosixPath(".") else f"{rel.parent}/"
                 new = await self.pool.run(_describe_new, content, set(files),
-                                          describe_origin(remote, got[remote.path], extracted=True), self.hash_chunk)
+                                          describe_origin(remote, got[remote.path], extracted=True), self.hash_chunk,
+                                          {prefix + path: known for path, known in extracted.items()})
                 files.update(new)
             else:
                 await self.pool.run(_keep, archive, content / rel)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import bz2
 import errno
 import gzip
+import hashlib
 import lzma
 import os
 import re
@@ -380,11 +381,15 @@ class ExtractResult:
     :ivar format: the format extracted.
     :ivar members: the members written, normalised (``a/b``), in archive order.
     :ivar total_bytes: the bytes written (hard links counted again).
+    :ivar files: ``{path: (size, sha256)}`` of each regular file as it was last written,
+        hashed on the way to disk, so that a caller who records digests (the cache) need
+        not read the extracted tree again.
     """
 
     format: ArchiveFormat
     members: list[str] = field(default_factory=list)
     total_bytes: int = 0
+    files: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -606,6 +611,8 @@ class _Tree:
         self.symlinks: dict[tuple[str, ...], str] = {}
         self.dir_times: dict[tuple[str, ...], float] = {}
         self.members: list[str] = []
+        #: (size, sha256) of each regular file as written (a hard link: its source's).
+        self.digests: dict[tuple[str, ...], tuple[int, str]] = {}
 
     def close(self) -> None:
         for _name, fd in self._chain:
@@ -728,9 +735,14 @@ class _Tree:
         except OSError as exc:
             raise TargetError(f"cannot create {'/'.join(parts)!r}: {exc.strerror or exc}") from exc
         self.created[parts] = "file"
+        self.digests.pop(parts, None)
+        digest = hashlib.sha256()
+        size = 0
         try:
             for chunk in chunks:
                 budget.add(member, len(chunk))
+                digest.update(chunk)
+                size += len(chunk)
                 view = memoryview(chunk)
                 while view:
                     try:
@@ -744,6 +756,7 @@ class _Tree:
             _set_mtime(fd, mtime)
         finally:
             os.close(fd)
+        self.digests[parts] = (size, digest.hexdigest())
         self.members.append("/".join(parts))
 
     def check_symlink(self, parts: tuple[str, ...], member: str, linkname: str) -> None:
@@ -808,6 +821,11 @@ class _Tree:
         finally:
             os.close(src_fd)
         self.created[parts] = "file"
+        known = self.digests.get(source)
+        if known is not None:
+            self.digests[parts] = known
+        else:  # pragma: no cover - every file source was written (and hashed) by this run
+            self.digests.pop(parts, None)
         self.members.append("/".join(parts))
 
     # -- links ---------------------------------------------------------------------------
@@ -1107,7 +1125,8 @@ def _run(fmt: ArchiveFormat, raw: IO[bytes], target: Path, limits: Limits, archi
         raise
     finally:
         tree.close()
-    return ExtractResult(fmt, tree.members, budget.written)
+    return ExtractResult(fmt, tree.members, budget.written,
+                         {"/".join(parts): known for parts, known in tree.digests.items()})
 
 
 def extract(archive: str | os.PathLike[str], target: str | os.PathLike[str], limits: Limits | None = None, *,

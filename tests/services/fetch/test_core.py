@@ -110,6 +110,36 @@ async def test_zip_is_extracted_and_plain_file_kept(make_repo: Any, fetcher: Fet
     await fetcher.close()
 
 
+@pytest.mark.parametrize("digests_known", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_extracted_files_are_hashed_once(digests_known: bool, make_repo: Any, cache: Cache, pool: Any,
+                                               monkeypatch: Any) -> None:
+    """The local unpack hashes files as it writes them and the entry records those digests
+    without reading the tree again; an unpack that names no digests (the Unpack service)
+    gets the files hashed from disk. Either way the entry's digests are the files'."""
+    from ion.services.fetch import core as fetch_core
+
+    reread: list[str] = []
+    real = fetch_core.sha256_file
+    monkeypatch.setattr(fetch_core, "sha256_file", lambda path, chunk=1 << 20: reread.append(str(path)) or real(path, chunk))
+    unpack = local_unpack(pool)
+
+    def without_digests(archive: Path, target: Path) -> Any:
+        return unpack(archive, target).addCallback(lambda files: None if files is None else {})
+
+    fetcher = Fetcher(cache, unpack if digests_known else without_digests, pool=pool,
+                      config=FetchConfig(retry_delay=0.0))
+    url, _ = make_repo("file")
+    got = await fetcher.fetch(request(url, "zlib", "1.1"))
+    extracted = {"zlib/include/zlib.h", "zlib/lib/libz.a"}
+    hashed = {rel for rel in extracted if any(path.endswith("/" + rel) for path in reread)}  # in staging
+    assert (len(reread), hashed) == ((0, set()) if digests_known else (2, extracted))
+    assert {rel: meta.sha256 for rel, meta in got.info.files.items()} == {
+        rel: hashlib.sha256(data).hexdigest() for rel, data in tree(got.path).items()}
+    assert all(r.good for r in await cache.verify())
+    await fetcher.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_progress_reports_each_phase(make_repo: Any, fetcher: Fetcher) -> None:
     """Progress goes through lookup, waiting, listing, downloading (bytes), unpacking, publishing, done."""

@@ -127,6 +127,29 @@ def test_later_member_of_the_same_name_wins(sandbox):
     assert (sandbox.target / "a").read_bytes() == b"new"
 
 
+@pytest.mark.parametrize("kind", ["tgz", "zip"])
+def test_files_are_hashed_as_they_are_written(sandbox, kind):
+    """result.files gives each regular file's size and sha256 as it ended on disk: a file listed
+    twice has the later content's, a hard link its source's; folders and symlinks are not files."""
+    import hashlib
+
+    members = [*GOOD, M("pkg/twice", data=b"old"), M("pkg/twice", data=b"newer")]
+    if kind == "tgz":
+        members.append(M("pkg/hard", "hardlink", link="pkg/README"))
+        archive = write_tar(sandbox.archives / "dep.tgz", members, "w:gz")
+    else:
+        archive = write_zip(sandbox.archives / "dep.zip", members)
+    result = extract(archive, sandbox.target)
+    on_disk = {}
+    for path in sandbox.target.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            on_disk[path.relative_to(sandbox.target).as_posix()] = (len(data), hashlib.sha256(data).hexdigest())
+    assert result.files == on_disk
+    assert "pkg/twice" in on_disk and on_disk["pkg/twice"][0] == 5
+    assert ("pkg/hard" in on_disk) is (kind == "tgz")
+
+
 def test_leading_dot_slash_names_extract(sandbox):
     """Names as `tar -C dir .` writes them (./, ./x) land in the target itself."""
     archive = write_tar(sandbox.archives / "dot.tgz", [M("./", "dir"), M("./x", data=b"x")], "w:gz")

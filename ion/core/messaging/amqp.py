@@ -17,8 +17,11 @@ reused, never opened per send:
 - **one channel per consumer**, with its own ``basic.qos`` prefetch, so each
   receiver's window and acks are its own and a consumer error (exclusive
   queue, access refused) cannot cancel another consumer. Deliveries are
-  acked or rejected on the channel that delivered them. RabbitMQ allows
-  2047 channels per connection by default, hence about as many consumers.
+  acked or rejected on the channel that delivered them. Those acked while
+  pika handles one read from the socket (a burst within the prefetch
+  window) are acked after that read, the run below every delivery still in
+  hand as one ``multiple`` ack. RabbitMQ allows 2047 channels per
+  connection by default, hence about as many consumers.
 
 When the connection drops, in-flight operations fail with
 :class:`~ion.core.exceptions.ConnectionLostError`, connection listeners hear

@@ -16,7 +16,7 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["BlockingPool", "SynchronousPool"]
+__all__ = ["BlockingPool", "SynchronousPool", "housekeeping_pool"]
 
 T = TypeVar("T")
 
@@ -136,6 +136,26 @@ def _hand_out(outcome: list[Any] | Failure, waiting: list[defer.Deferred[Any]]) 
             d.errback(result)
         else:
             d.callback(result)
+
+
+_housekeeping: dict[int, BlockingPool] = {}
+
+
+def housekeeping_pool(reactor: Any = None) -> BlockingPool:
+    """The pool (2 threads, one per reactor) for quick file work that must not wait behind long jobs.
+
+    A container's :class:`BlockingPool` may be busy for minutes with hashing and extraction,
+    its queue behind them; a cache lock refreshed late is taken over by another host. Lock
+    files are created, refreshed and removed here instead. Stopped with the reactor.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    pool = _housekeeping.get(id(reactor))
+    if pool is None or pool._stopped:
+        pool = _housekeeping[id(reactor)] = BlockingPool(reactor, maxthreads=2, name="ion-housekeeping")
+    return pool
 
 
 class SynchronousPool:

@@ -519,6 +519,8 @@ class Cache:
     :param clock: time and scheduling (default: the reactor); a ``task.Clock`` in tests.
     :param pool: runs blocking work: ``run(fn, *args, **kwargs)`` -> Deferred
         (the container's :class:`~ion.core.threads.BlockingPool`; a new one by default).
+        With a ``BlockingPool``, lock files go through the reactor's
+        :func:`~ion.core.threads.housekeeping_pool` instead, never behind long jobs.
     :param wait_timeout: default seconds :meth:`lock` waits (2 x ``lock_timeout``).
     :param fsync_content: fsync every file at publish (slower; see the module notes).
     :param hash_chunk: bytes read at a time when hashing.
@@ -532,13 +534,13 @@ class Cache:
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT, clock: IReactorTime | None = None,
                  pool: Any = None, wait_timeout: float | None = None, refresh_interval: float | None = None,
                  fsync_content: bool = False, hash_chunk: int = 1 << 20, lock_method: str = "excl") -> None:
+        from ion.core.threads import BlockingPool, housekeeping_pool
+
         if clock is None:
             from twisted.internet import reactor
 
             clock = reactor
         if pool is None:
-            from ion.core.threads import BlockingPool
-
             pool = BlockingPool()
         assert clock is not None
         self.root = Path(os.path.abspath(Path(root).expanduser()))
@@ -548,7 +550,9 @@ class Cache:
         self.lock_timeout = float(lock_timeout)
         self.fsync_content = fsync_content
         self.hash_chunk = hash_chunk
-        self.locks = LockTable(host_id=self.host_id, lock_timeout=self.lock_timeout, clock=clock, pool=pool,
+        # Lock files are handled beside the long jobs (hashing, extraction), never queued behind them.
+        lock_pool = housekeeping_pool(pool.reactor) if isinstance(pool, BlockingPool) else pool
+        self.locks = LockTable(host_id=self.host_id, lock_timeout=self.lock_timeout, clock=clock, pool=lock_pool,
                                wait_timeout=wait_timeout, refresh_interval=refresh_interval, method=lock_method)
         self.staging_root = self.root / STAGING
         self.quarantine_root = self.root / QUARANTINE

@@ -389,3 +389,30 @@ async def test_two_hosts_with_real_threads_take_turns(tmp_path):
         assert not caches[0].lock_path(key).exists()
     finally:
         pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lock_files_are_handled_while_the_blocking_pool_is_busy(tmp_path, key):
+    """Lock files are created, refreshed and removed beside the cache's blocking pool, so a
+    pool busy with long jobs (hashing, extraction) never lets a held lock go stale."""
+    from twisted.internet import reactor
+
+    from ion.core.threads import BlockingPool
+
+    pool = BlockingPool(reactor, maxthreads=1)
+    cache = Cache(tmp_path / "cache", host_id="test-host", pool=pool, lock_timeout=60, refresh_interval=0.05)
+    release = threading.Event()
+    busy = pool.run(release.wait, 30)  # the pool's only thread, taken for as long as the test says
+    try:
+        lock = await cache.lock(key)
+        os.utime(lock.path, (1, 1))  # as if not refreshed for ages
+        deadline = time.monotonic() + 10
+        while lock.path.stat().st_mtime < 2 and time.monotonic() < deadline:
+            await task.deferLater(reactor, 0.02, lambda: None)
+        assert lock.path.stat().st_mtime > 2, "the lock was not refreshed while the pool was busy"
+        await cache.unlock(lock)
+        assert not lock.path.exists() and not busy.called
+    finally:
+        release.set()
+        await busy
+        await pool.stop()

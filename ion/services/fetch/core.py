@@ -628,8 +628,11 @@ class Fetcher:
             got: dict[str, Downloaded] = {}
             for remote in listing:
                 report("downloading", remote.path, 0, remote.size)
+                # An archive to extract needs no sha256 of its own (what it holds is hashed as it is
+                # extracted) unless the item pins one: an md5 check suffices where there is one.
                 got[remote.path] = await repo.download(remote, downloads / PurePosixPath(remote.path),
-                                                       progress=functools.partial(report, "downloading", remote.path))
+                                                       progress=functools.partial(report, "downloading", remote.path),
+                                                       sha256=not request.unpack or remote.path in expected)
                 digest = expected.get(remote.path)
                 if digest is not None and got[remote.path].sha256 != digest:
                     raise ChecksumMismatchError(remote.path, f"sha256:{digest}", f"sha256:{got[remote.path].sha256}",
@@ -638,7 +641,7 @@ class Fetcher:
                 files = await self._unpack_all(listing, got, downloads, content, report)
             else:
                 files = {r.path: FileMeta(got[r.path].size, describe_origin(r, got[r.path], extracted=False),
-                                          got[r.path].sha256) for r in listing}
+                                          cast(str, got[r.path].sha256)) for r in listing}  # asked for
             report("publishing")
             info: EntryInfo = await self.cache.publish(key, lock, content, files, where)
             published = True
@@ -672,5 +675,6 @@ class Fetcher:
             else:
                 await self.pool.run(_keep, archive, content / rel)
                 d = got[remote.path]
-                files[remote.path] = FileMeta(d.size, describe_origin(remote, d, extracted=False), d.sha256)
+                digest = d.sha256 or await self.pool.run(sha256_file, content / rel, self.hash_chunk)
+                files[remote.path] = FileMeta(d.size, describe_origin(remote, d, extracted=False), digest)
         return files

@@ -168,7 +168,8 @@ class Downloaded:
     seen when it was downloaded."""
 
     size: int
-    sha256: str
+    #: None when the caller could do without it (see :meth:`Repository.download`).
+    sha256: str | None
     #: Only computed when the repository gave an md5 to check (None otherwise).
     md5: str | None
     verified: tuple[Checksum, ...] = ()
@@ -267,11 +268,13 @@ def _version_parts(platform: str, name: str, version: str) -> tuple[str, str, st
 class _Sink:
     """One file being written, hashed as it goes. Every method blocks: run them in the pool."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, sha256: bool = True) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
-        self.sha256 = hashlib.sha256()
+        #: The caller needs the sha256 whatever else is checked (else: only when nothing else is).
+        self.sha256_needed = sha256
+        self.sha256: Any = hashlib.sha256()
         # md5 costs more than the disk write: computed only when one will be checked
         # (an S3 single-part ETag, an HTTP Content-MD5), as the transfer says before writing.
         self.md5: Any = None
@@ -281,19 +284,26 @@ class _Sink:
         #: The file's size when known (the transfer sets it): big files are hashed beside the reads.
         self.expected: int | None = None
 
-    def want_md5(self, wanted: bool) -> None:
-        """Say, before the first write, whether an md5 of the bytes will be needed."""
+    def want_md5(self, wanted: bool, *, sha256_checked: bool = False) -> None:
+        """Say, before the first write, whether an md5 of the bytes will be checked (and a sha256).
+
+        A file checked by its md5 alone, whose caller can do without its sha256 (an archive
+        to extract), is not sha256-hashed: that would cost as much as the write.
+        """
+        if self.size:
+            raise RuntimeError("want_md5 after bytes were written")
         if wanted and self.md5 is None:
-            if self.size:
-                raise RuntimeError("want_md5 after bytes were written")
             self.md5 = hashlib.md5(usedforsecurity=False)
+        if wanted and not (self.sha256_needed or sha256_checked):
+            self.sha256 = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
         while view:
             n = self.file.write(view)
             view = view[n:]
-        self.sha256.update(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
         if self.md5 is not None:
             self.md5.update(data)
         self.size += len(data)
@@ -392,9 +402,10 @@ class _Sink:
         self.md5 = None
         self.size = 0
 
-    def close(self) -> tuple[int, str, str | None]:
+    def close(self) -> tuple[int, str | None, str | None]:
         self.file.close()
-        return self.size, self.sha256.hexdigest(), self.md5.hexdigest() if self.md5 is not None else None
+        return (self.size, self.sha256.hexdigest() if self.sha256 is not None else None,
+                self.md5.hexdigest() if self.md5 is not None else None)
 
     def abort(self) -> None:
         try:
@@ -544,9 +555,14 @@ class Repository:
         return defer.Deferred.fromCoroutine(run())
 
     def download(self, remote: RemoteFile, dest: str | os.PathLike[str],
-                 progress: Progress | None = None) -> defer.Deferred[Downloaded]:
+                 progress: Progress | None = None, *, sha256: bool = True) -> defer.Deferred[Downloaded]:
         """Stream ``remote`` into ``dest`` (parents made), hashing as it goes; fires with
         what was written once the repository's checksums are verified.
+
+        ``sha256=False``: the caller needs no sha256 of the file (it extracts it, and
+        hashes what it extracts). It is then computed only when no md5 checks the
+        file (the fallback) or a ``.sha256`` sidecar does; else ``Downloaded.sha256``
+        is None.
 
         On any failure (or cancellation) ``dest`` is removed.
 
@@ -554,7 +570,7 @@ class Repository:
         :raises TransferError: the connection kept failing after ``retries`` tries.
         :raises NotFoundError, AccessDeniedError, RepositoryError: as their names say.
         """
-        return defer.Deferred.fromCoroutine(self._download(remote, Path(dest), progress))
+        return defer.Deferred.fromCoroutine(self._download(remote, Path(dest), progress, sha256))
 
     def close(self) -> defer.Deferred[None]:
         """Release connections (HTTP pool); the repository may not be used afterwards."""
@@ -617,8 +633,10 @@ class Repository:
                                               Checksum("sha256", digest)))
         return [out[p] for p in sorted(out)]
 
-    async def _download(self, remote: RemoteFile, dest: Path, progress: Progress | None) -> Downloaded:
-        sink: _Sink = await self.pool.run(_Sink, dest)
+    async def _download(self, remote: RemoteFile, dest: Path, progress: Progress | None,
+                        need_sha256: bool = True) -> Downloaded:
+        sidecar = any(c.algorithm == "sha256" for c in remote.checksums)
+        sink: _Sink = await self.pool.run(functools.partial(_Sink, dest, sha256=need_sha256 or sidecar))
         seen: dict[str, RemoteFile] = {}
 
         def report(done: int) -> None:
@@ -652,7 +670,7 @@ class Repository:
         return Downloaded(size=size, sha256=sha256, md5=md5, verified=verified, marker=got.marker)
 
     @staticmethod
-    def _verify(remote: RemoteFile, size: int, sha256: str, md5: str | None) -> tuple[Checksum, ...]:
+    def _verify(remote: RemoteFile, size: int, sha256: str | None, md5: str | None) -> tuple[Checksum, ...]:
         if remote.size is not None and size != remote.size:
             # Transfers check their length; this is a repository that changed its mind.
             raise ChecksumMismatchError(remote.path, f"size:{remote.size}", f"size:{size}", url=remote.url,
@@ -1106,7 +1124,7 @@ class HTTPRepository(Repository):
         checksums = {c.algorithm: c for c in remote.checksums}
         checksums.update({c.algorithm: c for c in got.checksums})
         got = replace(got, checksums=tuple(checksums.values()), marker=got.marker or remote.marker, source=url)
-        await self.pool.run(sink.want_md5, "md5" in checksums)
+        await self.pool.run(functools.partial(sink.want_md5, "md5" in checksums, sha256_checked="sha256" in checksums))
         writer = _PoolWriter(self.pool, sink, self.config, progress=progress)
         done: defer.Deferred[None] = defer.Deferred()
         receiver = _BodyReceiver(writer, done, self.clock, float(self.config.read_timeout))

@@ -237,9 +237,9 @@ def downloads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     counts: Counter[str] = Counter()
     original = Repository.download
 
-    def counting(self: Any, remote: Any, dest: Any, progress: Any = None) -> Any:
+    def counting(self: Any, remote: Any, dest: Any, progress: Any = None, **kwargs: Any) -> Any:
         counts[remote.path] += 1
-        return original(self, remote, dest, progress)
+        return original(self, remote, dest, progress, **kwargs)
 
     monkeypatch.setattr(Repository, "download", counting)
     return counts

@@ -110,6 +110,19 @@ async def test_zip_is_extracted_and_plain_file_kept(make_repo: Any, fetcher: Fet
     await fetcher.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_file_kept_beside_archives_is_hashed_on_s3(make_repo: Any, fetcher: Fetcher, cache: Cache) -> None:
+    """On S3 the download of a file to unpack skips its sha256 (the ETag's md5 checks it); a file that
+    turns out to be no archive is kept, and hashed then, so its entry records its true digest."""
+    url, _ = make_repo("s3")
+    result = await fetcher.fetch(request(url, "tool", "3.0"))
+    notes = CONTENT["linux/tool/3.0/notes.txt"]
+    assert result.info.files["notes.txt"].sha256 == hashlib.sha256(notes).hexdigest()
+    assert result.info.files["notes.txt"].remote_checksum.startswith("md5:")
+    assert all(r.good for r in await cache.verify())
+    await fetcher.close()
+
+
 @pytest.mark.parametrize("digests_known", [True, False])
 @pytest_twisted.ensureDeferred
 async def test_extracted_files_are_hashed_once(digests_known: bool, make_repo: Any, cache: Cache, pool: Any,

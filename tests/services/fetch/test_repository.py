@@ -183,6 +183,32 @@ async def test_s3_etag_is_the_md5_checked(make_repo: Any, pool: Any, tmp_path: P
     assert f.marker == f"etag:{md5}"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest_twisted.ensureDeferred
+async def test_sha256_is_skipped_only_where_an_md5_checks_the_file(kind: str, make_repo: Any, pool: Any,
+                                                                   tmp_path: Path) -> None:
+    """download(sha256=False) (an archive to extract) leaves out the sha256 where an md5 checks
+    the bytes (S3 ETag, HTTP Content-MD5); without one, or with a .sha256 sidecar, it is computed."""
+    data = CONTENT["linux/zlib/1.10/zlib-1.10.tgz"]
+    url, server = make_repo(kind, {"linux/zlib/1.10/zlib-1.10.tgz": data,
+                                   "linux/car/1.0/c.tgz": data, "linux/car/1.0/c.tgz.sha256": sha(data) + "\n"})
+    if kind == "http":
+        server.content_md5 = {"deps/linux/zlib/1.10/zlib-1.10.tgz": base64.b64encode(hashlib.md5(data).digest()).decode()}
+    repo = repository_for(url, pool, config=FAST)
+    try:
+        (f,) = await repo.list_version("linux", "zlib", "1.10")
+        lean = await repo.download(f, tmp_path / "lean.tgz", sha256=False)
+        full = await repo.download(f, tmp_path / "full.tgz")
+        (car,) = await repo.list_version("linux", "car", "1.0")
+        checked = await repo.download(car, tmp_path / "car.tgz", sha256=False)
+    finally:
+        await repo.close()
+    md5_checked = kind in ("s3", "http")
+    assert (lean.sha256, lean.md5) == ((None, hashlib.md5(data).hexdigest()) if md5_checked else (sha(data), None))
+    assert full.sha256 == sha(data) and (tmp_path / "lean.tgz").read_bytes() == data
+    assert checked.sha256 == sha(data) and Checksum("sha256", sha(data)) in checked.verified
+
+
 @pytest_twisted.ensureDeferred
 async def test_s3_tampered_etag_fails_and_leaves_nothing(make_repo: Any, pool: Any, tmp_path: Path) -> None:
     """An object whose bytes do not match its ETag fails with ChecksumMismatchError; the file is removed."""

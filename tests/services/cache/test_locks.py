@@ -392,25 +392,32 @@ async def test_two_hosts_with_real_threads_take_turns(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_lock_files_are_handled_while_the_blocking_pool_is_busy(tmp_path, key):
+async def test_lock_files_are_handled_while_the_blocking_pool_is_busy(tmp_path, key, monkeypatch):
     """Lock files are created, refreshed and removed beside the cache's blocking pool, so a
     pool busy with long jobs (hashing, extraction) never lets a held lock go stale."""
     from twisted.internet import reactor
 
     from ion.core.threads import BlockingPool
 
+    refreshed: defer.Deferred[bool] = defer.Deferred()
+    real_refresh = locks._refresh
+
+    def refresh(*args):
+        ok = real_refresh(*args)
+        reactor.callFromThread(lambda: refreshed.called or refreshed.callback(ok))
+        return ok
+
+    monkeypatch.setattr(locks, "_refresh", refresh)
     pool = BlockingPool(reactor, maxthreads=1)
     cache = Cache(tmp_path / "cache", host_id="test-host", pool=pool, lock_timeout=60, refresh_interval=0.05)
     release = threading.Event()
-    busy = pool.run(release.wait, 30)  # the pool's only thread, taken for as long as the test says
+    busy = pool.run(release.wait, 30)  # the pool's only thread, taken until the test lets it go
     try:
-        lock = await cache.lock(key)
+        lock = await cache.lock(key).addTimeout(10, reactor)
         os.utime(lock.path, (1, 1))  # as if not refreshed for ages
-        deadline = time.monotonic() + 10
-        while lock.path.stat().st_mtime < 2 and time.monotonic() < deadline:
-            await task.deferLater(reactor, 0.02, lambda: None)
-        assert lock.path.stat().st_mtime > 2, "the lock was not refreshed while the pool was busy"
-        await cache.unlock(lock)
+        assert await refreshed.addTimeout(10, reactor)
+        assert lock.path.stat().st_mtime > 2
+        await cache.unlock(lock).addTimeout(10, reactor)
         assert not lock.path.exists() and not busy.called
     finally:
         release.set()

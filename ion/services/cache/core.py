@@ -57,6 +57,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ion.core.threads import BlockingPool, housekeeping_pool, run_short
 from ion.services.cache.entry import (
     ENTRY_FILE,
     LOCK_SUFFIX,
@@ -534,8 +535,6 @@ class Cache:
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT, clock: IReactorTime | None = None,
                  pool: Any = None, wait_timeout: float | None = None, refresh_interval: float | None = None,
                  fsync_content: bool = False, hash_chunk: int = 1 << 20, lock_method: str = "excl") -> None:
-        from ion.core.threads import BlockingPool, housekeeping_pool
-
         if clock is None:
             from twisted.internet import reactor
 
@@ -590,7 +589,7 @@ class Cache:
         path = self.entry_path(key)
         # Without verify, a lookup is a few stats and one small read: it runs with the
         # other lookups of this reactor turn (a deploy of many items looks them all up at once).
-        run = self.pool.run if verify else getattr(self.pool, "run_short", self.pool.run)
+        run = self.pool.run if verify else functools.partial(run_short, self.pool)
         info, problem = await run(_lookup, path, key, self.clock.seconds(), self.hash_chunk if verify else None)
         if problem:
             self._log.warn("not serving {entry}: {problem}; it will be fetched again",

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.exceptions import ApplicationError
+from ion.core.threads import run_short
 from ion.services.deploy.place import PlacementError, place, placed_already
 from ion.services.deploy.spec import Deployment, DeploymentItem
 
@@ -198,8 +199,7 @@ class Deployer:
                    entry_stamp=str(fetched.get("stamp") or ""))
         try:
             # Most items of a warm deploy are in place already: a short check, with the others'.
-            placed = await getattr(self.pool, "run_short", self.pool.run)(
-                placed_already, entry, names, item.destination, **how)
+            placed = await run_short(self.pool, placed_already, entry, names, item.destination, **how)
             if placed is None:
                 placed = await self.pool.run(place, entry, names, item.destination, **how)
         except PlacementError as exc:

@@ -821,11 +821,7 @@ class _Tree:
         finally:
             os.close(src_fd)
         self.created[parts] = "file"
-        known = self.digests.get(source)
-        if known is not None:
-            self.digests[parts] = known
-        else:  # pragma: no cover - every file source was written (and hashed) by this run
-            self.digests.pop(parts, None)
+        self.digests[parts] = self.digests[source]  # the source is a file this run wrote (hardlink_source)
         self.members.append("/".join(parts))
 
     # -- links ---------------------------------------------------------------------------

@@ -21,9 +21,11 @@ __all__ = [
     "NotFoundError",
     "BucketNotFoundError",
     "AccessDeniedError",
+    "AddressNotAllowedError",
     "ChecksumMismatchError",
     "TransferError",
     "RepositoryError",
+    "WriteError",
     "ERRORS_BY_NAME",
 ]
 
@@ -77,6 +79,23 @@ class AccessDeniedError(FetchError):
     code: ClassVar[int] = 403
 
 
+class AddressNotAllowedError(AccessDeniedError):
+    """Raised when a fetch requested by message would connect to an address it may not
+    reach: loopback, private, link-local, unspecified, multicast or reserved, outside
+    ``allowed_networks`` (config of ``ion.services.fetch``). Checked on the address the
+    host name resolved to, at connection time, redirects included; nothing is sent.
+
+    :ivar address: the address refused.
+    """
+
+    code: ClassVar[int] = 403
+    address: str = ""
+
+    def __init__(self, message: str, *, url: str | None = None, address: str = "") -> None:
+        super().__init__(message, url=url)
+        self.address = address
+
+
 class ChecksumMismatchError(FetchError):
     """Raised when a downloaded file does not match its expected checksum (the
     repository's ETag, ``Content-MD5`` or ``.sha256`` sidecar, or the item's
@@ -125,9 +144,28 @@ class RepositoryError(FetchError):
     code: ClassVar[int] = 502
 
 
+class WriteError(FetchError):
+    """Raised when a downloaded file cannot be written into the staging folder (the disk
+    is full, a quota or file size limit is reached, an I/O error): names the file and the
+    OS reason. The download stops at once; nothing is published.
+
+    :ivar path: the file being written.
+    :ivar errno: the OS error number.
+    """
+
+    code: ClassVar[int] = 507
+    path: str = ""
+    errno: int | None = None
+
+    def __init__(self, message: str, *, url: str | None = None, path: str = "", errno: int | None = None) -> None:
+        super().__init__(message, url=url)
+        self.path = path
+        self.errno = errno
+
+
 #: Class name -> class, so a client can raise on its side what the service raised.
 ERRORS_BY_NAME: dict[str, type[FetchError]] = {
     cls.__name__: cls
     for cls in (FetchError, InvalidRequestError, NotFoundError, BucketNotFoundError, AccessDeniedError,
-                ChecksumMismatchError, TransferError, RepositoryError)
+                AddressNotAllowedError, ChecksumMismatchError, TransferError, RepositoryError, WriteError)
 }

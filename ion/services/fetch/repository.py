@@ -79,6 +79,7 @@ from ion.services.fetch.errors import (
     NotFoundError,
     RepositoryError,
     TransferError,
+    WriteError,
 )
 
 __all__ = [
@@ -265,13 +266,28 @@ def _version_parts(platform: str, name: str, version: str) -> tuple[str, str, st
     return platform, name, version
 
 
-class _Sink:
-    """One file being written, hashed as it goes. Every method blocks: run them in the pool."""
+def _write_error(exc: OSError, path: Path, url: str | None) -> WriteError:
+    """The :class:`WriteError` of a failed write of ``path``: the file and the OS reason, one line."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    source = f" (downloading {url})" if url else ""
+    return WriteError(f"cannot write {path}{source}: {reason}", url=url, path=str(path), errno=exc.errno)
 
-    def __init__(self, path: Path, *, sha256: bool = True) -> None:
+
+class _Sink:
+    """One file being written, hashed as it goes. Every method blocks: run them in the pool.
+
+    A failed write (a full disk, a quota, ``RLIMIT_FSIZE``, an I/O error) raises
+    :class:`WriteError` naming the file and the OS reason, never a bare ``OSError``.
+    """
+
+    def __init__(self, path: Path, *, sha256: bool = True, url: str | None = None) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
+        self.url = url
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
+        except OSError as exc:
+            raise _write_error(exc, path, url) from None
         #: The caller needs the sha256 whatever else is checked (else: only when nothing else is).
         self.sha256_needed = sha256
         self.sha256: Any = hashlib.sha256()
@@ -297,11 +313,15 @@ class _Sink:
         if wanted and not (self.sha256_needed or sha256_checked):
             self.sha256 = None
 
+    def _write_all(self, view: memoryview) -> None:
+        try:
+            while view:
+                view = view[self.file.write(view):]
+        except OSError as exc:
+            raise _write_error(exc, self.path, self.url) from None
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        view = memoryview(data)
-        while view:
-            n = self.file.write(view)
-            view = view[n:]
+        self._write_all(memoryview(data))
         if self.sha256 is not None:
             self.sha256.update(data)
         if self.md5 is not None:
@@ -366,9 +386,7 @@ class _Sink:
                 n = readinto(buffer[: min(size, limit - done)])
                 if not n:
                     break
-                piece = buffer[:n]
-                while piece:
-                    piece = piece[self.file.write(piece):]
+                self._write_all(buffer[:n])
                 queues[0].put((buffer, n))
                 self.size += n
                 done += n
@@ -396,14 +414,20 @@ class _Sink:
 
     def reset(self) -> None:
         """Start the file again from byte 0 (a retry)."""
-        self.file.seek(0)
-        self.file.truncate()
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+        except OSError as exc:
+            raise _write_error(exc, self.path, self.url) from None
         self.sha256 = hashlib.sha256()
         self.md5 = None
         self.size = 0
 
     def close(self) -> tuple[int, str | None, str | None]:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as exc:  # a network filesystem may report a failed write only now
+            raise _write_error(exc, self.path, self.url) from None
         return (self.size, self.sha256.hexdigest() if self.sha256 is not None else None,
                 self.md5.hexdigest() if self.md5 is not None else None)
 
@@ -446,6 +470,9 @@ class _PoolWriter:
         self._written = 0
         self._tail: defer.Deferred[Any] = defer.succeed(None)
         self.failure: Failure | None = None
+        #: Called once with the first write failure, at once: the transfer must stop even while
+        #: it is paused (no more data would arrive to notice the failure).
+        self.on_failure: Callable[[Failure], None] | None = None
 
     def feed(self, data: bytes) -> None:
         if self.failure is not None:
@@ -481,6 +508,8 @@ class _PoolWriter:
         def failed(f: Failure) -> Failure:
             if self.failure is None:
                 self.failure = f
+                if self.on_failure is not None:
+                    self.on_failure(f)
             return f  # later writes are skipped: the chain stays failed
 
         self._tail.addCallback(write)
@@ -636,7 +665,8 @@ class Repository:
     async def _download(self, remote: RemoteFile, dest: Path, progress: Progress | None,
                         need_sha256: bool = True) -> Downloaded:
         sidecar = any(c.algorithm == "sha256" for c in remote.checksums)
-        sink: _Sink = await self.pool.run(functools.partial(_Sink, dest, sha256=need_sha256 or sidecar))
+        sink: _Sink = await self.pool.run(functools.partial(_Sink, dest, sha256=need_sha256 or sidecar,
+                                                            url=remote.url))
         seen: dict[str, RemoteFile] = {}
 
         def report(done: int) -> None:
@@ -851,6 +881,25 @@ def parse_index_links(html: str, folder_url: str) -> tuple[list[str], list[str]]
     return files, folders
 
 
+#: HTTP statuses worth another try (with the retry policy): a timeout, too many requests, a server or
+#: gateway error. Other 4xx are the request's own fault: never retried.
+_RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+async def _gather(deferreds: list[defer.Deferred[Any]]) -> list[Any]:
+    """Every result, in order. On the first failure the others are cancelled and that failure is
+    raised as it is: its class (``_Retryable``, ``AccessDeniedError``...) decides what happens next,
+    and its message reaches the user, never a ``FirstError`` wrapping a traceback."""
+    try:
+        return list(await defer.gatherResults(deferreds, consumeErrors=True))
+    except defer.FirstError as exc:
+        for d in deferreds:
+            if not d.called:
+                d.cancel()
+        failure = exc.subFailure
+        raise failure.value.with_traceback(failure.getTracebackObject()) from None
+
+
 _RETRYABLE_HTTP = (ierror.ConnectError, ierror.ConnectionLost, ierror.ConnectionDone, defer.TimeoutError,
                    ierror.TimeoutError)
 
@@ -897,10 +946,19 @@ class _BodyReceiver(protocol.Protocol):
     def connectionMade(self) -> None:
         self.writer.pause = self.transport.pauseProducing  # type: ignore[union-attr]
         self.writer.resume = self.transport.resumeProducing  # type: ignore[union-attr]
+        self.writer.on_failure = self._write_failed
         self._arm()
 
+    def _write_failed(self, failure: Failure) -> None:
+        """The disk refused a write: end the download now, paused or not, and drop the connection."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if not self.done.called:
+            self.done.errback(failure)
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
     def _arm(self) -> None:
-        if self.idle <= 0:
+        if self.idle <= 0 or self.done.called:
             return
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.idle)
@@ -908,6 +966,8 @@ class _BodyReceiver(protocol.Protocol):
             self._timer = self.clock.callLater(self.idle, self._stalled)
 
     def _stalled(self) -> None:
+        if self.done.called:
+            return
         self.stalled = True
         if self.writer.paused:
             # We paused it ourselves: the disk is slow, the network is not stalled.
@@ -995,17 +1055,28 @@ class HTTPRepository(Repository):
         value = values[-1]
         return value.decode("latin-1") if isinstance(value, bytes) else str(value)
 
+    @staticmethod
+    def _status(response: Any) -> str:
+        """``403 Forbidden``: the code and the server's reason phrase, on one line."""
+        phrase = getattr(response, "phrase", b"") or b""
+        text = phrase.decode("latin-1", "replace") if isinstance(phrase, bytes) else str(phrase)
+        text = " ".join(text.split())[:80]
+        return f"{int(response.code)} {text}".rstrip()
+
     def _check_status(self, response: Any, url: str, what: str) -> None:
+        """Nothing for a 200; else the error the status means. A 408, 429 or 5xx gateway/server
+        error is :class:`_Retryable` (tried again with the retry policy); other 4xx are not."""
         code = int(response.code)
         if code == 200:
             return
+        status = self._status(response)
         if code == 404 or code == 410:
-            raise NotFoundError(f"{what}: {url} answered {code} (not found)", url=url)
+            raise NotFoundError(f"{what}: {url} answered HTTP {status} (not found)", url=url)
         if code in (401, 403):
-            raise AccessDeniedError(f"{what}: access denied to {url} (HTTP {code})", url=url)
-        if code in (408, 429, 500, 502, 503, 504):
-            raise _Retryable(f"{url} answered HTTP {code}")
-        raise RepositoryError(f"{what}: {url} answered HTTP {code}", url=url)
+            raise AccessDeniedError(f"{what}: access denied to {url} (HTTP {status})", url=url)
+        if code in _RETRYABLE_STATUS:
+            raise _Retryable(f"{url} answered HTTP {status}")
+        raise RepositoryError(f"{what}: {url} answered HTTP {status}", url=url)
 
     async def _discard(self, response: Any) -> None:
         """Read and drop a body (an error page, a HEAD), so the connection can be used again."""
@@ -1075,9 +1146,7 @@ class HTTPRepository(Repository):
         async def head(rel: str, url: str) -> RemoteFile:
             return await semaphore.run(lambda: defer.Deferred.fromCoroutine(self._head(rel, url)))
 
-        results = await defer.gatherResults([defer.Deferred.fromCoroutine(head(r, u)) for r, u in names],
-                                            consumeErrors=True)
-        return list(results)
+        return await _gather([defer.Deferred.fromCoroutine(head(r, u)) for r, u in names])
 
     def _describe(self, rel: str, url: str, response: Any, size: int | None) -> RemoteFile:
         checksums: list[Checksum] = []

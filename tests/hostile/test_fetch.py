@@ -24,7 +24,7 @@ from ion.core.threads import BlockingPool
 from ion.services.cache.core import Cache
 from ion.services.deploy.spec import parse_repository_url
 from ion.services.fetch.core import Fetcher, FetchRequest, local_unpack
-from ion.services.fetch.errors import AccessDeniedError, TransferError, WriteError
+from ion.services.fetch.errors import AccessDeniedError, AddressNotAllowedError, TransferError, WriteError
 from ion.services.fetch.repository import FetchConfig
 from ion.testing.servers import HTTPRepositoryServer, _FaultyRoot, write_tree
 
@@ -53,12 +53,16 @@ class _StatusRoot(_FaultyRoot):
         rel = unquote(request.path.decode("ascii", "replace")).lstrip("/")
         if method == "GET" and rel == owner.watch:
             owner.watched.append(request.notifyFinish())
+        location = owner.redirects.get((method, rel))
         queued = owner.statuses.get((method, rel))
         code = queued.pop(0) if queued else owner.always.get((method, rel))
-        if code is None:
+        if code is None and location is None:
             return super().render(request)
         owner.requests.append((method, rel))
         owner._notify()
+        if location is not None:
+            request.redirect(location.encode())
+            return b""
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"text/plain")
         return f"error {code}\n".encode()
@@ -69,6 +73,7 @@ class StatusServer(HTTPRepositoryServer):
 
     :ivar statuses: ``{(method, relative path): [code, ...]}``: the next requests get these, one each.
     :ivar always: ``{(method, relative path): code}``: every request gets it (after ``statuses``).
+    :ivar redirects: ``{(method, relative path): URL}``: those requests are answered a 302 to the URL.
     :ivar watch: a relative path whose GETs' ``notifyFinish()`` Deferreds go to ``watched``.
     """
 
@@ -76,6 +81,7 @@ class StatusServer(HTTPRepositoryServer):
         super().__init__(root)
         self.statuses: dict[tuple[str, str], list[int]] = {}
         self.always: dict[tuple[str, str], int] = {}
+        self.redirects: dict[tuple[str, str], str] = {}
         self.watch: str | None = None
         self.watched: list[defer.Deferred[None]] = []
 
@@ -283,3 +289,222 @@ def service_config(tmp_path: Path, **fetch: Any) -> dict[str, Any]:
         "ion.services.deploy": {"allowed_destinations": [str(tmp_path / "dest")], "job_dir": False},
     }
 
+
+
+# -- 3. loopback, private and link-local addresses ----------------------------------------------------------
+LOOPBACK_NETWORKS = ["127.0.0.0/8", "::1/128"]
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The addresses the reactor is asked to connect to during the test; asking for one that is not
+    loopback fails the test instead of sending anything there."""
+    import ipaddress
+
+    from twisted.internet import reactor
+
+    seen: list[str] = []
+    real = reactor.connectTCP
+
+    def spy(host: str, port: int, factory: Any, timeout: float = 30, bindAddress: Any = None) -> Any:  # noqa: N803
+        seen.append(host)
+        if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            raise AssertionError(f"the test tried to connect to {host}:{port}, which is not loopback")
+        return real(host, port, factory, timeout, bindAddress)
+
+    monkeypatch.setattr(reactor, "connectTCP", spy)
+    return seen
+
+
+async def fetch_service(container_factory: Any, tmp_path: Path, **fetch: Any) -> Any:
+    from ion.services.fetch.service import FetchClient
+    from ion.testing import client_process
+
+    container = await container_factory(config=service_config(tmp_path, **fetch))
+    await container.app_manager.start_app("fetch")
+    return FetchClient(await client_process(container))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fetch_by_message_to_loopback_is_a_403_naming_the_address_and_the_key(
+        container_factory: Any, tmp_path: Path, status_server: Any, connections: list[str]) -> None:
+    """Default config (no allowed_networks): a repository on 127.0.0.1 is refused with a 403 naming the
+    address and ``allowed_networks``; the server never sees a request, nothing is connected to."""
+    srv = status_server({"linux/notes/1.0/notes.txt": b"notes\n"})
+    client = await fetch_service(container_factory, tmp_path)
+    with pytest.raises(AddressNotAllowedError) as info:
+        await within(client.fetch(notes_request(srv)))
+    message = str(info.value)
+    assert info.value.code == 403 and info.value.address == "127.0.0.1"
+    assert "127.0.0.1 is a loopback address" in message and "allowed_networks" in message, message
+    assert srv.url in message, message
+    assert_one_clear_line(message)
+    assert srv.requests == [] and connections == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_configured_network_is_allowed(container_factory: Any, tmp_path: Path, status_server: Any) -> None:
+    """``allowed_networks: ["127.0.0.0/8", "::1/128"]`` in the container's config: the same fetch works."""
+    srv = status_server({"linux/notes/1.0/notes.txt": b"notes\n"})
+    client = await fetch_service(container_factory, tmp_path, allowed_networks=LOOPBACK_NETWORKS)
+    result = await within(client.fetch(notes_request(srv)))
+    assert result["state"] == "downloaded"
+    assert (Path(result["path"]) / "notes.txt").read_bytes() == b"notes\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_network_in_the_spawn_args_does_not_widen_the_bound(container_factory: Any, tmp_path: Path,
+                                                                    status_server: Any) -> None:
+    """``allowed_networks`` is read from the container's config only: a Fetch process spawned with it in
+    its spawn args still refuses loopback."""
+    from ion.services.fetch.service import FetchClient, FetchService
+    from ion.testing import client_process
+
+    srv = status_server({"linux/notes/1.0/notes.txt": b"notes\n"})
+    container = await container_factory(config=service_config(tmp_path))
+    await container.app_manager.start_app("cache")
+    await container.app_manager.start_app("unpack")
+    pid = await container.spawn(FetchService, {"allowed_networks": LOOPBACK_NETWORKS}, name="fetch")
+    client = FetchClient(await client_process(container), target=pid)
+    with pytest.raises(AddressNotAllowedError):
+        await within(client.fetch(notes_request(srv)))
+    assert srv.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_name_that_resolves_to_loopback_is_refused(container_factory: Any, tmp_path: Path,
+                                                                 status_server: Any, connections: list[str]) -> None:
+    """``localhost`` is checked as the addresses it resolves to: refused, naming the name and the address."""
+    srv = status_server({"linux/notes/1.0/notes.txt": b"notes\n"})
+    client = await fetch_service(container_factory, tmp_path)
+    url = parse_repository_url(srv.url.replace("127.0.0.1", "localhost") + "/deps")
+    with pytest.raises(AddressNotAllowedError) as info:
+        await within(client.fetch(FetchRequest(url, "linux", "notes", "1.0", unpack=False)))
+    message = str(info.value)
+    assert "localhost (resolved to " in message and "loopback" in message and "allowed_networks" in message, message
+    assert info.value.address in ("127.0.0.1", "::1")
+    assert srv.requests == [] and connections == []
+
+
+@pytest.mark.parametrize("host", ["169.254.169.254", "10.0.0.1", "192.168.1.1", "0.0.0.0"])
+@pytest_twisted.ensureDeferred
+async def test_the_metadata_service_and_private_addresses_are_refused_before_connecting(
+        host: str, container_factory: Any, tmp_path: Path, connections: list[str]) -> None:
+    """Link-local (cloud metadata) and private addresses, IPv4 in IPv6 too: 403 before any connection."""
+    client = await fetch_service(container_factory, tmp_path, allowed_networks=LOOPBACK_NETWORKS)
+    url = parse_repository_url(f"http://{host}/latest")
+    with pytest.raises(AddressNotAllowedError) as info:
+        await within(client.fetch(FetchRequest(url, "linux", "notes", "1.0", unpack=False)))
+    message = str(info.value)
+    assert host.strip("[]") in message and "allowed_networks" in message, message
+    assert any(kind in message for kind in ("link-local", "private", "unspecified")), message
+    assert connections == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ipv6_literal_url_is_a_clear_400(container_factory: Any, tmp_path: Path,
+                                                 connections: list[str]) -> None:
+    """treq cannot request an IPv6 literal host (``http://[fe80::1]/``): a one-line 400, not a 500 with an
+    idna traceback; nothing is connected to."""
+    from ion.services.fetch.errors import InvalidRequestError
+
+    client = await fetch_service(container_factory, tmp_path)
+    url = parse_repository_url("http://[fe80::1]/latest")
+    with pytest.raises(InvalidRequestError) as info:
+        await within(client.fetch(FetchRequest(url, "linux", "notes", "1.0", unpack=False)))
+    assert info.value.code == 400 and "fe80::1" in str(info.value)
+    assert_one_clear_line(str(info.value))
+    assert connections == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redirect_to_a_link_local_address_is_refused(container_factory: Any, tmp_path: Path,
+                                                             status_server: Any, connections: list[str]) -> None:
+    """An allowed repository that redirects its listing to 169.254.169.254: the redirect is refused (403)
+    before connecting there."""
+    srv = status_server({"linux/notes/1.0/notes.txt": b"notes\n"})
+    srv.redirects[("GET", "deps/linux/notes/1.0/")] = "http://169.254.169.254/latest/meta-data/"
+    client = await fetch_service(container_factory, tmp_path, allowed_networks=LOOPBACK_NETWORKS)
+    with pytest.raises(AddressNotAllowedError) as info:
+        await within(client.fetch(notes_request(srv)))
+    assert info.value.address == "169.254.169.254" and "link-local" in str(info.value)
+    assert srv.count("deps/linux/notes/1.0/", "GET") == 1
+    assert connections and all(host == "127.0.0.1" for host in connections)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deploy_by_message_to_loopback_is_a_403(container_factory: Any, tmp_path: Path,
+                                                        status_server: Any, connections: list[str]) -> None:
+    """The Deploy service refuses the whole deployment with a 403 naming the address and the key; nothing runs."""
+    from ion.core.exceptions import ReceivedApplicationError
+    from ion.services.deploy.service import DeployClient
+    from ion.services.deploy.spec import parse_deployment
+    from ion.testing import client_process
+
+    srv = status_server({"linux/notes/1.0/notes.txt": b"notes\n"})
+    (tmp_path / "dest").mkdir()
+    container = await container_factory(config=service_config(tmp_path))
+    await container.app_manager.start_app("deploy")
+    client = DeployClient(await client_process(container))
+    deployment = parse_deployment([{"url": f"{srv.url}/deps", "items": [
+        {"name": "notes", "version": "1.0", "platform": "linux", "destination": str(tmp_path / "dest/notes")}]}])
+    with pytest.raises(ReceivedApplicationError) as info:
+        await within(client.deploy(deployment))
+    assert info.value.response_code == 403
+    assert "127.0.0.1" in info.value.message and "allowed_networks" in info.value.message, info.value.message
+    assert srv.requests == [] and connections == []
+    assert not (tmp_path / "dest/notes").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ion_deploy_run_by_a_user_is_not_restricted(tmp_path: Path, status_server: Any) -> None:
+    """``ion-deploy`` in process (the user's own command) fetches from loopback with the default config."""
+    import json
+    import sys
+
+    from twisted.internet import utils
+
+    srv = status_server({"linux/notes/1.0/notes.txt": b"notes\n"})
+    deployment = tmp_path / "d.json"
+    deployment.write_text(json.dumps([{"url": f"{srv.url}/deps", "items": [
+        {"name": "notes", "version": "1.0", "platform": "linux", "destination": "dest/notes"}]}]))
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    out, err, code = await within(utils.getProcessOutputAndValue(
+        sys.executable, ["-m", "ion.services.deploy.cli", str(deployment), "--cache-dir", str(tmp_path / "cache")],
+        env=env, path=str(tmp_path)))
+    assert code == 0, err.decode() + out.decode()
+    assert (tmp_path / "dest/notes/notes.txt").read_bytes() == b"notes\n"
+
+
+@pytest.mark.parametrize(("address", "kind"), [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.1.2.3", "private"), ("172.16.0.1", "private"),
+    ("192.168.1.1", "private"), ("fd00::1", "private"), ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),
+    ("0.0.0.0", "unspecified"), ("::", "unspecified"), ("224.0.0.1", "multicast"), ("ff02::1", "multicast"),
+    ("240.0.0.1", "reserved"), ("100.64.0.1", "non-global"), ("::ffff:127.0.0.1", "loopback"),
+    ("64:ff9b::a9fe:a9fe", "link-local"), ("2002:a9fe:a9fe::1", "link-local"), ("fe80::1%eth0", "link-local"),
+])
+def test_the_guard_refuses_every_kind_of_non_global_address(address: str, kind: str) -> None:
+    from ion.services.fetch.netguard import AddressGuard
+
+    why = AddressGuard().refusal(address)
+    assert why is not None and kind in why, (address, why)
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"])
+def test_the_guard_lets_global_addresses_through(address: str) -> None:
+    from ion.services.fetch.netguard import AddressGuard
+
+    assert AddressGuard().refusal(address) is None
+
+
+def test_allowed_networks_let_their_addresses_through_and_bad_values_are_config_errors() -> None:
+    from ion.core.exceptions import ConfigurationError
+    from ion.services.fetch.netguard import AddressGuard
+
+    guard = AddressGuard.from_config(["10.0.0.0/8", "::1/128"])
+    assert guard.refusal("10.9.9.9") is None and guard.refusal("::1") is None
+    assert guard.refusal("127.0.0.1") is not None and guard.refusal("192.168.0.1") is not None
+    for bad in ("10.0.0.0/8", ["not a network"], [10], {"a": 1}):
+        with pytest.raises(ConfigurationError, match="allowed_networks"):
+            AddressGuard.from_config(bad)

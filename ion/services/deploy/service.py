@@ -53,8 +53,10 @@ from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
 from ion.core.service import ServiceClient, ServiceProcess
-from ion.services.deploy.core import Deployer, ItemResult, check_allowed
+from ion.services.deploy.core import AccessRefused, Deployer, ItemResult, check_allowed
 from ion.services.deploy.spec import Deployment, DeploymentError, DeploymentItem, item_from_dict
+from ion.services.fetch.errors import AddressNotAllowedError
+from ion.services.fetch.netguard import AddressGuard, check_url_blocking
 from ion.services.fetch.service import FetchClient
 
 __all__ = ["DeployService", "DeployClient", "JobProgressListener", "JOB_SEP"]
@@ -200,10 +202,20 @@ class DeployService(ServiceProcess):
         repositories = self.get_config("allowed_file_repositories")
         if repositories is None:
             repositories = []
+        # A security bound (DESIGN §10): the container's config only. The Fetch service checks each
+        # connection's address again (DNS rebinding, redirects); this refuses the request as a whole.
+        guard = AddressGuard.from_config(self.container.config.get("ion.services.fetch", "allowed_networks", None))
+        checked: set[str] = set()
         for item in items:
             check_allowed(item.destination, destinations, f"{item.label}: destination")
             if item.repository.scheme == "file":
                 check_allowed(item.repository.location_path, repositories, f"{item.label}: file repository")
+            elif item.repository.scheme in ("http", "https") and item.repository.url not in checked:
+                checked.add(item.repository.url)
+                try:
+                    check_url_blocking(guard, item.repository.url)
+                except AddressNotAllowedError as exc:
+                    raise AccessRefused(f"{item.label}: repository {item.repository.url}: {exc}") from None
 
     def _deployer(self, job: str | None = None) -> Deployer:
         timeout = float(self.get_config("fetch_timeout", 3600))

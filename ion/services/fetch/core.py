@@ -483,6 +483,8 @@ class Fetcher:
     :param config: transfer settings (:class:`FetchConfig` or its config section).
     :param repositories: ``repositories(url) -> Repository`` (default :func:`repository_for`).
     :param hash_chunk: bytes read at a time when hashing extracted files.
+    :param guard: an :class:`~ion.services.fetch.netguard.AddressGuard` HTTP connections must pass
+        (the Fetch service: fetches requested by message); None: no restriction (``ion-deploy``).
     """
 
     _log = Logger()
@@ -490,7 +492,7 @@ class Fetcher:
     def __init__(self, cache: Any, unpack: UnpackFn, *, pool: Any, reactor: Any = None,
                  clock: IReactorTime | None = None, config: FetchConfig | Mapping[str, Any] | None = None,
                  repositories: Callable[[RepositoryURL], Repository] | None = None,
-                 hash_chunk: int = 1 << 20) -> None:
+                 hash_chunk: int = 1 << 20, guard: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -501,8 +503,9 @@ class Fetcher:
         self.unpack = unpack
         self.pool = pool
         self.config = config if isinstance(config, FetchConfig) else FetchConfig.from_config(config)
+        self.guard = guard
         self._make_repository = repositories or (
-            lambda url: repository_for(url, self.pool, self.reactor, self.config, clock=self.clock))
+            lambda url: repository_for(url, self.pool, self.reactor, self.config, clock=self.clock, guard=guard))
         self._repositories: dict[tuple[str, str, str], Repository] = {}
         self.hash_chunk = hash_chunk
 

@@ -73,9 +73,11 @@ from ion.core.exceptions import ConfigurationError
 from ion.services.deploy.spec import RepositoryURL
 from ion.services.fetch.errors import (
     AccessDeniedError,
+    AddressNotAllowedError,
     BucketNotFoundError,
     ChecksumMismatchError,
     FetchError,
+    InvalidRequestError,
     NotFoundError,
     RepositoryError,
     TransferError,
@@ -998,11 +1000,16 @@ class _BodyReceiver(protocol.Protocol):
 
 
 class HTTPRepository(Repository):
-    """An HTTP(S) repository, listed through autoindex pages, read with treq (persistent connections)."""
+    """An HTTP(S) repository, listed through autoindex pages, read with treq (persistent connections).
+
+    :param guard: an :class:`~ion.services.fetch.netguard.AddressGuard`: every connection (redirects
+        too) is made only to a resolved address it allows (a fetch requested by message); None: any.
+    """
 
     def __init__(self, url: RepositoryURL, pool: Any, reactor: Any = None, config: FetchConfig | None = None,
-                 *, clock: IReactorTime | None = None) -> None:
+                 *, clock: IReactorTime | None = None, guard: Any = None) -> None:
         super().__init__(url, pool, reactor, config, clock=clock)
+        self.guard = guard
         try:
             from treq.client import HTTPClient
         except ImportError as exc:
@@ -1016,7 +1023,13 @@ class HTTPRepository(Repository):
         # a new one (GET and HEAD only): an HTTP/1.0 server such as ``python -m http.server`` closes
         # every connection without saying so. Real failures still go through our retries, logged.
         self._pool.retryAutomatically = True
-        agent = Agent(self.reactor, connectTimeout=self.config.connect_timeout or None, pool=self._pool)
+        if guard is None:
+            agent = Agent(self.reactor, connectTimeout=self.config.connect_timeout or None, pool=self._pool)
+        else:
+            from ion.services.fetch.netguard import GuardedEndpointFactory
+
+            endpoints = GuardedEndpointFactory(self.reactor, guard, self.config.connect_timeout or None)
+            agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self._pool)
         self._http = HTTPClient(agent)
 
     def close(self) -> defer.Deferred[None]:
@@ -1030,7 +1043,11 @@ class HTTPRepository(Repository):
 
     async def _request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None) -> Any:
         sent: dict[bytes | str, bytes | str] = {k: v for k, v in (headers or {}).items()}
-        d = self._http.request(method, url, headers=sent, unbuffered=True, allow_redirects=True)
+        try:
+            d = self._http.request(method, url, headers=sent, unbuffered=True, allow_redirects=True)
+        except (ValueError, UnicodeError) as exc:  # the URL itself (treq/hyperlink cannot encode its host)
+            raise InvalidRequestError(f"{method} {url}: the HTTP client cannot request this URL "
+                                      f"({type(exc).__name__}: {exc})", url=url) from None
         if self.config.read_timeout:
             # The client wraps the cancel of a timeout (ResponseNeverReceived([CancelledError])):
             # say it is a timeout (retried), unlike a cancel by our caller (never retried).
@@ -1040,6 +1057,8 @@ class HTTPRepository(Repository):
             d.addTimeout(self.config.read_timeout, self.clock, onTimeoutCancel=timed_out)
         try:
             return await d
+        except AddressNotAllowedError as exc:  # (a redirect's target too): say which request
+            raise AddressNotAllowedError(f"{method} {url}: {exc}", url=url, address=exc.address) from None
         except Exception:
             f = Failure()
             reason = _http_retryable(f)
@@ -1519,9 +1538,12 @@ _KINDS: dict[str, type[Repository]] = {"file": FileRepository, "http": HTTPRepos
 
 def repository_for(url: RepositoryURL | str, pool: Any, reactor: Any = None,
                    config: FetchConfig | Mapping[str, Any] | None = None, *,
-                   clock: IReactorTime | None = None) -> Repository:
+                   clock: IReactorTime | None = None, guard: Any = None) -> Repository:
     """The repository for ``url`` (a :class:`RepositoryURL`, or a string parsed with
     :func:`~ion.services.deploy.spec.parse_repository_url`).
+
+    :param guard: for ``http(s):``, the :class:`~ion.services.fetch.netguard.AddressGuard` its
+        connections must pass (a fetch requested by message); None: no restriction.
 
     :raises FetchError: for an unknown scheme.
     """
@@ -1536,4 +1558,6 @@ def repository_for(url: RepositoryURL | str, pool: Any, reactor: Any = None,
     if kind is None:
         raise FetchError(f"unknown repository scheme {url.scheme!r} in {url.url} (s3, http, https, file)", url=url.url)
     cfg = config if isinstance(config, FetchConfig) else FetchConfig.from_config(config)
+    if kind is HTTPRepository:
+        return HTTPRepository(url, pool, reactor, cfg, clock=clock, guard=guard)
     return kind(url, pool, reactor, cfg, clock=clock)

@@ -14,9 +14,11 @@ downloaded | updated, path, files, content, key, size, url, warnings}``.
 
 Errors answer with the class name and code of the error: 400 a bad request,
 403 access denied (or a ``file:`` repository outside
-``allowed_file_repositories``), 404 version folder or bucket not found, 409
+``allowed_file_repositories``, or an HTTP repository at a loopback, private or
+link-local address: ``AddressNotAllowedError``), 404 version folder or bucket not found, 409
 the entry's lock could not be had, 422 checksum mismatch or a bad archive,
-502 the repository kept failing (connection dropped after the retries).
+502 the repository kept failing (connection dropped, or a 5xx/429, after the
+retries), 507 a file could not be written (a full disk: ``WriteError``).
 
 Progress is published as events ``deploy.progress`` (``phase``, ``file``,
 ``bytes``, ``total``, the entry's ``name``/``version``/``platform`` and the
@@ -27,6 +29,9 @@ Config (``ion.services.fetch``): the transfer settings of
 (fetches handled at once), ``progress_interval``, ``allowed_file_repositories``
 (folders a ``file:`` repository may be in, symlinks resolved; None: those of
 ``ion.services.deploy``, by default none), ``rpc_timeout`` (of the client).
+``allowed_networks`` (CIDR strings, default none): the only non-global addresses
+an HTTP(S) repository may be reached at (:mod:`~ion.services.fetch.netguard`);
+read from the container's config only, never from spawn arguments.
 """
 
 from __future__ import annotations
@@ -44,7 +49,14 @@ from ion.core.exceptions import ConfigurationError, ReceivedError
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.spec import DeploymentItem
 from ion.services.fetch.core import Fetcher, FetchProgress, FetchRequest, RemoteCache, remote_unpack
-from ion.services.fetch.errors import ERRORS_BY_NAME, ChecksumMismatchError, FetchError, InvalidRequestError
+from ion.services.fetch.errors import (
+    ERRORS_BY_NAME,
+    AddressNotAllowedError,
+    ChecksumMismatchError,
+    FetchError,
+    InvalidRequestError,
+)
+from ion.services.fetch.netguard import CONFIG_KEY, AddressGuard
 from ion.services.fetch.repository import CONFIG_SECTION, FetchConfig
 
 __all__ = ["FetchService", "FetchClient", "DEFAULT_CLIENT_TIMEOUT"]
@@ -68,11 +80,15 @@ class FetchService(ServiceProcess):
         from ion.services.unpack.service import UnpackClient
 
         self.fetch_config = FetchConfig.from_config(self.get_config)
+        # A security bound (DESIGN §10): from the container's config only, never from spawn args.
+        self.address_guard = AddressGuard.from_config(
+            self.container.config.get(CONFIG_SECTION, CONFIG_KEY, None))
         self.progress_interval = float(self.get_config("progress_interval", 0.5))
         self.allowed_file_roots = self._file_roots()
         cache = RemoteCache(CacheClient(self), self.clock)
         self.fetcher = Fetcher(cache, remote_unpack(UnpackClient(self)), pool=self.container.blocking,
-                               reactor=self.container.reactor, clock=self.clock, config=self.fetch_config)
+                               reactor=self.container.reactor, clock=self.clock, config=self.fetch_config,
+                               guard=self.address_guard)
         self._inflight: set[defer.Deferred[Any]] = set()
 
     def _file_roots(self) -> list[Path]:
@@ -158,6 +174,8 @@ class FetchService(ServiceProcess):
         except ChecksumMismatchError as exc:
             return self._refuse(msg, type(exc).__name__, str(exc), exc.code,
                                 {"url": exc.url, "file": exc.file, "expected": exc.expected, "got": exc.got})
+        except AddressNotAllowedError as exc:
+            return self._refuse(msg, type(exc).__name__, str(exc), exc.code, {"url": exc.url, "address": exc.address})
         except FetchError as exc:
             return self._refuse(msg, type(exc).__name__, str(exc), exc.code, {"url": exc.url})
         except UnpackError as exc:
@@ -212,5 +230,7 @@ class FetchClient(ServiceClient):
                 exc.code = err.response_code  # type: ignore[misc]
             if isinstance(exc, ChecksumMismatchError):
                 exc.file, exc.expected, exc.got = details.get("file", ""), details.get("expected", ""), details.get("got")
+            if isinstance(exc, AddressNotAllowedError):
+                exc.address = str(details.get("address") or "")
             raise exc from err
         return result

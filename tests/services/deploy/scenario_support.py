@@ -254,7 +254,9 @@ def system_config(tmp_path: Path, **deploy: Any) -> dict[str, Any]:
     return {
         "ion.services.cache": {"root": str(cache_root), "host_id": "test-host"},
         "ion.services.unpack": {"allowed_roots": [str(cache_root)]},
-        "ion.services.fetch": {"retry_delay": 0.0, "progress_interval": 0.0},
+        # The HTTP repositories of the tests are on loopback: allowed here, not by default.
+        "ion.services.fetch": {"retry_delay": 0.0, "progress_interval": 0.0,
+                               "allowed_networks": ["127.0.0.0/8", "::1/128"]},
         "ion.services.deploy": section,
     }
 

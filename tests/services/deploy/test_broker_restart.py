@@ -71,6 +71,7 @@ async def test_broker_restart_during_a_multi_container_deploy(launch: Launcher, 
         f"ion.services.cache.root='{cache}'", "ion.services.cache.host_id='restart-host'",
         "ion.services.cache.lock_lease=5", f"ion.services.unpack.allowed_roots=['{cache}']",
         f"ion.services.deploy.allowed_destinations=['{dest}']", "ion.services.fetch.retry_delay=0",
+        "ion.services.fetch.allowed_networks=['127.0.0.0/8','::1/128']",
         "ion.core.messaging.reconnect_max=1", "ion.core.process.terminate_timeout=1"])
     a = await launch("res/apps/deploy.app", args=["-a", settings], name="container A (deploy)")
     b = await launch("res/apps/fetch.app", args=["-a", settings], name="container B (fetch)")

@@ -379,6 +379,7 @@ async def test_sigterm_mid_deploy_drains_and_leaves_a_durable_record(amqp_url: s
     settings = {
         "ion.services.cache.root": str(cache), "ion.services.cache.host_id": "test-host",
         "ion.services.unpack.allowed_roots": [str(cache)], "ion.services.fetch.retry_delay": 0.0,
+        "ion.services.fetch.allowed_networks": ["127.0.0.0/8", "::1/128"],
         "ion.services.deploy.allowed_destinations": [str(dest)], "ion.services.deploy.drain_timeout": 0,
         "ion.core.process.terminate_timeout": 1,
     }

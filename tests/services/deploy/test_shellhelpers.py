@@ -23,7 +23,8 @@ async def shell(container_factory: Any, tmp_path: Path) -> Any:
     container = await container_factory(config={
         "ion.services.cache": {"root": str(cache_root), "host_id": "test-host"},
         "ion.services.unpack": {"allowed_roots": [str(cache_root)]},
-        "ion.services.fetch": {"allowed_file_repositories": [str(tmp_path)], "retry_delay": 0.0},
+        "ion.services.fetch": {"allowed_file_repositories": [str(tmp_path)], "retry_delay": 0.0,
+                               "allowed_networks": ["127.0.0.0/8", "::1/128"]},
         "ion.services.deploy": {"allowed_destinations": [str(tmp_path)],
                                 "allowed_file_repositories": [str(tmp_path)]},
     })

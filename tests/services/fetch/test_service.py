@@ -47,8 +47,9 @@ async def system(container_factory: Any, tmp_path: Path) -> Any:
     container = await container_factory(config={
         "ion.services.cache": {"root": str(cache_root), "host_id": "test-host"},
         "ion.services.unpack": {"allowed_roots": [str(cache_root)]},
+        # The HTTP repositories of the tests are on loopback: allowed here, not by default.
         "ion.services.fetch": {"allowed_file_repositories": [str(tmp_path)], "retry_delay": 0.0,
-                               "progress_interval": 0.0},
+                               "progress_interval": 0.0, "allowed_networks": ["127.0.0.0/8", "::1/128"]},
     })
     await container.app_manager.start_app("fetch")
     proc = await client_process(container)

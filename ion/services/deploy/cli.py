@@ -318,6 +318,17 @@ def _config() -> Any:
     return Config.load()
 
 
+def _max_deployment_bytes() -> int:
+    """``max_deployment_bytes`` of ``ion.services.deploy`` (default 64 MiB): the largest file read."""
+    from ion.services.deploy.spec import DEFAULT_MAX_DEPLOYMENT_BYTES, MAX_BYTES_KEY
+
+    value = _config().get("ion.services.deploy", MAX_BYTES_KEY, DEFAULT_MAX_DEPLOYMENT_BYTES)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageProblem([f"config: {MAX_BYTES_KEY} of ion.services.deploy must be a whole number of bytes "
+                            f">= 1, not {value!r}"])
+    return value
+
+
 def _cache_root(args: argparse.Namespace, config: Any) -> Path:
     from ion.services.cache.core import default_root
 
@@ -553,7 +564,11 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
         from ion.services.deploy.spec import DeploymentError, load_deployment
 
         try:
-            deployment = load_deployment(args.deployment)
+            limit = _max_deployment_bytes()
+        except UsageProblem as exc:
+            return usage_failed(exc.problems)
+        try:
+            deployment = load_deployment(args.deployment, max_bytes=limit)
         except DeploymentError as exc:
             if args.debug:
                 import traceback

@@ -43,18 +43,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import msgpack
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ion.core.deferreds import observe
-from ion.core.exceptions import ApplicationError, ReceivedError
+from ion.core.exceptions import ApplicationError, ConfigurationError, ReceivedError
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.core import AccessRefused, Deployer, ItemResult, check_allowed
-from ion.services.deploy.spec import Deployment, DeploymentError, DeploymentItem, item_from_dict
+from ion.services.deploy.spec import (
+    DEFAULT_MAX_DEPLOYMENT_BYTES,
+    MAX_BYTES_KEY,
+    Deployment,
+    DeploymentError,
+    DeploymentItem,
+    item_from_dict,
+)
 from ion.services.fetch.errors import AddressNotAllowedError
 from ion.services.fetch.netguard import AddressGuard, check_url_blocking
 from ion.services.fetch.service import FetchClient
@@ -177,10 +185,28 @@ class DeployService(ServiceProcess):
         return any(node.get("container") == owner.get("container") for node in live_nodes())
 
     # -- request handling ---------------------------------------------------------------
+    def _max_deployment_bytes(self) -> int:
+        # A size limit bounds what a request may make the service do (DESIGN §10): container config only.
+        value = self.container.config.get("ion.services.deploy", MAX_BYTES_KEY, DEFAULT_MAX_DEPLOYMENT_BYTES)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(f"ion.services.deploy: {MAX_BYTES_KEY} must be a whole number of bytes >= 1, "
+                                     f"not {value!r}")
+        return value
+
     def _deployment(self, content: Any) -> Deployment:
         if not isinstance(content, Mapping) or not isinstance(content.get("items"), list):
             raise ApplicationError("a deploy request is {'items': [item, ...], 'source': name}", 400)
         source = str(content.get("source") or "<request>")
+        if not source.isprintable():
+            source = repr(source)
+        limit = self._max_deployment_bytes()
+        try:
+            size = len(msgpack.packb(content, use_bin_type=True))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ApplicationError(f"{source}: the deploy request cannot be read ({exc})", 400) from None
+        if size > limit:
+            raise ApplicationError(f"{source}: the deployment is {size} bytes, more than the {limit} bytes allowed "
+                                   f"({MAX_BYTES_KEY} of ion.services.deploy)", 400)
         items: list[DeploymentItem] = []
         problems: list[str] = []
         for raw in content["items"]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +36,14 @@ __all__ = [
     "load_deployment",
     "item_from_dict",
     "ITEM_KEYS",
+    "DEFAULT_MAX_DEPLOYMENT_BYTES",
+    "MAX_BYTES_KEY",
 ]
+
+#: Largest deployment file (or request) read, in bytes, unless configured (``max_deployment_bytes``).
+DEFAULT_MAX_DEPLOYMENT_BYTES = 64 << 20
+#: The config key of that limit, in ``ion.services.deploy``.
+MAX_BYTES_KEY = "max_deployment_bytes"
 
 #: Keys an item may have; others draw a warning.
 ITEM_KEYS = ("name", "version", "platform", "destination", "link", "unpack", "keep_updated", "sha256")
@@ -94,6 +102,8 @@ def parse_repository_url(url: str, base_dir: Path | None = None) -> RepositoryUR
     """
     if not isinstance(url, str) or not url.strip():
         raise ValueError("'url' must be a non-empty string")
+    if "\x00" in url:
+        raise ValueError(f"'url' must not contain a NUL byte: {url!r}")
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
@@ -213,7 +223,7 @@ def _check_sha256(value: Any, where: str, problems: list[str]) -> str | dict[str
             if not isinstance(digest, str) or not _HEX64.match(digest):
                 problems.append(f"{where}: 'sha256' of {fname!r} must be 64 hex digits")
                 continue
-            if not isinstance(fname, str) or fname.startswith("/") or ".." in Path(fname).parts:
+            if not isinstance(fname, str) or fname.startswith("/") or ".." in Path(fname).parts or "\x00" in fname:
                 problems.append(f"{where}: 'sha256' names {fname!r}, which is not a path inside the version folder")
                 continue
             out[fname] = digest.lower()
@@ -267,6 +277,8 @@ def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path 
             continue
         for i, item in enumerate(repo_items, 1):
             label = item.get("name") if isinstance(item, dict) and isinstance(item.get("name"), str) else None
+            if label is not None and (not label.isprintable() or len(label) > 200):
+                label = repr(label[:200])  # a NUL or a control character is shown escaped, never raw
             where = f"{rwhere}, item #{i}" + (f" ({label})" if label else "")
             if not isinstance(item, dict):
                 problems.append(f"{where}: must be an object")
@@ -293,6 +305,8 @@ def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path 
                 raw = item["destination"]
                 if not isinstance(raw, str) or not raw.strip():
                     problems.append(f"{where}: 'destination' must be a non-empty string, not {_describe(raw)}")
+                elif "\x00" in raw:
+                    problems.append(f"{where}: 'destination' must not contain a NUL byte, not {raw!r}")
                 else:
                     expanded, missing = _expand(raw, environ) if expand else (raw, [])
                     if missing:
@@ -338,20 +352,54 @@ def item_from_dict(data: Any, source: str = "<request>") -> DeploymentItem:
     return item
 
 
-def load_deployment(path: str | Path, *, cwd: Path | None = None,
-                    environ: Mapping[str, str] | None = None) -> Deployment:
-    """Read and validate a deployment file.
+def _limit_text(limit: int) -> str:
+    return f"{limit >> 20} MiB" if limit and limit % (1 << 20) == 0 else f"{limit} bytes"
 
-    :raises DeploymentError: for an unreadable file, invalid JSON (with line and
-        column where json gives them) or any invalid entry (all of them listed).
+
+def _too_big(source: str, limit: int, size: int | None, what: str = "deployment file") -> DeploymentError:
+    how = f"is {size} bytes, more than" if size is not None else "holds more than"
+    return DeploymentError(source, [f"{source}: the {what} {how} the {_limit_text(limit)} allowed "
+                                    f"({MAX_BYTES_KEY} of ion.services.deploy)"])
+
+
+def read_deployment_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_DEPLOYMENT_BYTES) -> bytes:
+    """The bytes of a deployment file, at most ``max_bytes``.
+
+    A regular file larger than that is refused from its size, before it is read;
+    anything else (a FIFO, ``/dev/zero``, a file growing meanwhile) is read up to
+    ``max_bytes + 1`` bytes and refused if it holds more.
+
+    :raises DeploymentError: for an unreadable or too large file.
+    """
+    source = str(path)
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
+            raise _too_big(source, max_bytes, st.st_size)
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise DeploymentError(source, [f"{source}: cannot read the deployment file: {reason}"]) from None
+    if len(data) > max_bytes:
+        raise _too_big(source, max_bytes, None)
+    return data
+
+
+def load_deployment(path: str | Path, *, cwd: Path | None = None, environ: Mapping[str, str] | None = None,
+                    max_bytes: int = DEFAULT_MAX_DEPLOYMENT_BYTES) -> Deployment:
+    """Read and validate a deployment file (at most ``max_bytes``: :func:`read_deployment_bytes`).
+
+    :raises DeploymentError: for an unreadable or too large file, invalid JSON (with
+        line and column where json gives them) or any invalid entry (all of them listed).
     """
     path = Path(path)
     source = str(path)
+    raw = read_deployment_bytes(path, max_bytes)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise DeploymentError(source, [f"{source}: cannot read the deployment file: {reason}"]) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DeploymentError(source, [f"{source}: cannot read the deployment file: {exc}"]) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -36,8 +36,12 @@ comes at 0.8x boto3's ``download_file`` speed or better, sha256 included
 single-part ETag = md5; HTTP ``Content-MD5``; a ``.sha256`` sidecar) is then
 compared: a mismatch is a :class:`ChecksumMismatchError` and the file is
 removed. A connection refused or dropped mid-file, a body that stalls or ends
-short, is tried again after ``retry_delay`` seconds, doubling each time, at most
-``retries`` times (config, clock injected), then :class:`TransferError`.
+short, an HTTP 408, 429 or 5xx gateway/server error (on a GET, or on a HEAD of
+the listing: the listing is tried again), is tried again after ``retry_delay``
+seconds, doubling each time, at most ``retries`` times (config, clock
+injected), then :class:`TransferError`; other 4xx fail at once. A file that
+cannot be written (a full disk) ends the download at once with
+:class:`WriteError` naming the file and the OS reason, connection dropped.
 
 **Version markers** (:attr:`RemoteFile.marker`) say whether a remote file
 changed since it was fetched, for ``keep_updated``: the S3 ETag, the HTTP ETag

@@ -1083,7 +1083,7 @@ class HTTPRepository(Repository):
         """``403 Forbidden``: the code and the server's reason phrase, on one line."""
         phrase = getattr(response, "phrase", b"") or b""
         text = phrase.decode("latin-1", "replace") if isinstance(phrase, bytes) else str(phrase)
-        text = " ".join(text.split())[:80]
+        text = "".join(ch if ch.isprintable() else "?" for ch in " ".join(text.split()))[:80]  # the server's words
         return f"{int(response.code)} {text}".rstrip()
 
     def _check_status(self, response: Any, url: str, what: str) -> None:

@@ -211,6 +211,30 @@ async def test_a_file_repository_copy_onto_a_full_disk_is_a_write_error(tiny_dis
     await assert_clean(cache, request)
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_fetch_service_answers_a_full_disk_with_a_507_and_releases_the_lock(
+        tiny_disk: Path, pool: BlockingPool, container_factory: Any, tmp_path: Path, status_server: Any) -> None:
+    """Through the Fetch service (locks and staging through the Cache service): the caller gets WriteError
+    (507) naming the file and the OS reason; the lock is released and the staging folder removed."""
+    srv = status_server({"linux/big/1.0/big.bin": os.urandom(1 << 20) * 12})
+    settings = service_config(tmp_path, allowed_networks=LOOPBACK_NETWORKS, chunk_size=64 << 10,
+                              max_buffered=256 << 10)
+    settings["ion.services.cache"]["root"] = str(tiny_disk / "cache")
+    settings["ion.services.unpack"]["allowed_roots"] = [str(tiny_disk / "cache")]
+    container = await container_factory(config=settings)
+    await container.app_manager.start_app("fetch")
+    from ion.services.fetch.service import FetchClient
+    from ion.testing import client_process
+
+    client = FetchClient(await client_process(container))
+    request = FetchRequest(parse_repository_url(f"{srv.url}/deps"), "linux", "big", "1.0", unpack=False)
+    with pytest.raises(WriteError) as info:
+        await within(client.fetch(request))
+    assert info.value.code == 507 and "No space left on device" in str(info.value) and "big.bin" in str(info.value)
+    assert_one_clear_line(str(info.value))
+    await assert_clean(Cache(tiny_disk / "cache", host_id="test-host", pool=pool), request)
+
+
 # -- 2. HTTP errors while listing and downloading -----------------------------------------------------
 @pytest.mark.parametrize("method", ["HEAD", "GET"])
 @pytest_twisted.ensureDeferred

@@ -235,11 +235,15 @@ class _GuardedEndpoint:
                 raise self.guard.error(self.host, *refused[0])
             raise ierror.DNSLookupError(f"no address found for {self.host}")
         last: BaseException | None = None
-        kwargs = {"timeout": self.timeout} if self.timeout else {}
+        timeout = self.timeout or 30
         for address in allowed:  # connected by address: the name is never resolved again
-            cls = TCP6ClientEndpoint if isinstance(address, IPv6Address) else TCP4ClientEndpoint
+            endpoint: TCP4ClientEndpoint | TCP6ClientEndpoint
+            if isinstance(address, IPv6Address):
+                endpoint = TCP6ClientEndpoint(self.reactor, address.host, self.port, timeout)
+            else:
+                endpoint = TCP4ClientEndpoint(self.reactor, address.host, self.port, timeout)
             try:
-                return await cls(self.reactor, address.host, self.port, **kwargs).connect(factory)
+                return await endpoint.connect(factory)
             except ierror.ConnectError as exc:
                 last = exc
         assert last is not None

@@ -902,8 +902,9 @@ async def _gather(deferreds: list[defer.Deferred[Any]]) -> list[Any]:
         for d in deferreds:
             if not d.called:
                 d.cancel()
-        failure = exc.subFailure
-        raise failure.value.with_traceback(failure.getTracebackObject()) from None
+        error = exc.subFailure.value
+        assert error is not None
+        raise error.with_traceback(exc.subFailure.getTracebackObject()) from None
 
 
 _RETRYABLE_HTTP = (ierror.ConnectError, ierror.ConnectionLost, ierror.ConnectionDone, defer.TimeoutError,

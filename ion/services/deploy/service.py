@@ -52,6 +52,7 @@ from ion.core.exceptions import ApplicationError, ReceivedError
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
+from ion.core.security import control, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.core import Deployer, ItemResult, check_allowed
 from ion.services.deploy.spec import Deployment, DeploymentError, DeploymentItem, item_from_dict
@@ -64,7 +65,7 @@ JOB_SEP = "/"
 
 
 class DeployService(ServiceProcess):
-    """Ops: ``deploy``, ``deploy_async``, ``job_status``, ``jobs``.
+    """Ops: ``deploy``, ``deploy_async``, ``job_status``, ``jobs``, ``job_cancel`` (operators only).
 
     Config (``ion.services.deploy``): ``max_parallel`` (8), ``allowed_destinations``,
     ``allowed_file_repositories``, ``job_retention`` (3600 s), ``fetch_timeout`` (3600 s),
@@ -84,6 +85,12 @@ class DeployService(ServiceProcess):
         self.draining = False
         #: The deployments in progress (sync and async), each the Deployer's Deferred.
         self.runs: set[defer.Deferred[list[ItemResult]]] = set()
+        # Security bounds: the container's config, narrowed (never widened) by app config and
+        # spawnargs; a spawn that would widen one fails here. None = the working folder.
+        self.allowed_destinations: list[str] = self.bounded_config(
+            "allowed_destinations", narrow_roots, [os.getcwd()])
+        self.allowed_file_repositories: list[str] = self.bounded_config(
+            "allowed_file_repositories", narrow_roots, [])
         self.owner = self._owner()
         self.jobs = JobTable(self.clock, float(self.get_config("job_retention", 3600)), store=self._job_store(),
                              owner=self.owner, owner_alive=self._owner_alive)
@@ -193,13 +200,8 @@ class DeployService(ServiceProcess):
         return Deployment(source, items)
 
     def _authorize(self, items: list[DeploymentItem]) -> None:
-        # None means the default (the working folder); an empty list means no root at all.
-        destinations = self.get_config("allowed_destinations")
-        if destinations is None:
-            destinations = [os.getcwd()]
-        repositories = self.get_config("allowed_file_repositories")
-        if repositories is None:
-            repositories = []
+        # (An empty list of roots allows nothing.)
+        destinations, repositories = self.allowed_destinations, self.allowed_file_repositories
         for item in items:
             check_allowed(item.destination, destinations, f"{item.label}: destination")
             if item.repository.scheme == "file":
@@ -299,6 +301,20 @@ class DeployService(ServiceProcess):
             raise ApplicationError("job_status takes a job id", 400)
         return self.jobs.lookup(job)
 
+    @control("job.cancel")
+    def op_job_cancel(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
+        """``{job}``: cancel a running async job of this instance (operators only): its downloads
+        stop, its locks and staging folders are released, and its status becomes REMOTE_ERROR
+        listing the items that did not finish. ``{job, cancelled: bool}``."""
+        job = content.get("job") if isinstance(content, Mapping) else content
+        if not isinstance(job, str) or not job or "\0" in job:
+            raise ApplicationError("job_cancel takes a job id", 400)
+        cancelled = self.jobs.cancel(job)
+        if cancelled:
+            self._log.info("{pid}: job {job} cancelled by broker user {user!r}", pid=self.id, job=job,
+                           user=msg.get("broker-user"))
+        return {"job": job, "cancelled": cancelled}
+
     def op_jobs(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> list[dict[str, Any]]:
         """Every job on record."""
         return self.jobs.list()
@@ -349,6 +365,14 @@ class DeployClient(ServiceClient):
                 raise
             # That instance is gone (or stopping): any instance answers from the job's durable record.
             content, _ = yield self.rpc_send("job_status", {"job": job})
+        return content
+
+    @defer.inlineCallbacks
+    def cancel_job(self, job: str) -> Any:
+        """Cancel a running async job at the instance that runs it (operators only):
+        ``{job, cancelled: bool}``."""
+        target = job.split(JOB_SEP, 1)[0] if JOB_SEP in job else self.target
+        content, _ = yield self.proc.rpc_send(target, "job_cancel", {"job": job})
         return content
 
     @defer.inlineCallbacks

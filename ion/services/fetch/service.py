@@ -41,6 +41,7 @@ from twisted.logger import Logger
 
 from ion.core.deferreds import observe
 from ion.core.exceptions import ConfigurationError, ReceivedError
+from ion.core.security import narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.spec import DeploymentItem
 from ion.services.fetch.core import Fetcher, FetchProgress, FetchRequest, RemoteCache, remote_unpack
@@ -76,11 +77,10 @@ class FetchService(ServiceProcess):
         self._inflight: set[defer.Deferred[Any]] = set()
 
     def _file_roots(self) -> list[Path]:
-        roots = self.get_config("allowed_file_repositories")
-        if roots is None:
-            roots = self.container.config.get("ion.services.deploy", "allowed_file_repositories", None)
-        if roots is None:
-            return []
+        # A security bound: the container's config (else that of ion.services.deploy), narrowed
+        # but never widened by app config and spawnargs.
+        default = self.container.config.container_get("ion.services.deploy", "allowed_file_repositories", None)
+        roots = self.bounded_config("allowed_file_repositories", narrow_roots, [] if default is None else default)
         if not isinstance(roots, (list, tuple)) or not all(isinstance(r, str) for r in roots):
             raise ConfigurationError(f"{CONFIG_SECTION}: allowed_file_repositories must be a list of folders, "
                                      f"not {roots!r}")

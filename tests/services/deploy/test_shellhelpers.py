@@ -21,7 +21,8 @@ async def shell(container_factory: Any, tmp_path: Path) -> Any:
     """A container running deploy.app on a temp cache, and the shell's namespace in it."""
     cache_root = tmp_path / "cache"
     container = await container_factory(config={
-        "ion.services.cache": {"root": str(cache_root), "host_id": "test-host"},
+        # No scheduled reap round (the first would race the tests that show "no round yet").
+        "ion.services.cache": {"root": str(cache_root), "host_id": "test-host", "reap_interval": None},
         "ion.services.unpack": {"allowed_roots": [str(cache_root)]},
         "ion.services.fetch": {"allowed_file_repositories": [str(tmp_path)], "retry_delay": 0.0},
         "ion.services.deploy": {"allowed_destinations": [str(tmp_path)],

@@ -82,7 +82,7 @@ class ServiceProcess(Process):
         In the ``request`` protocol this agrees at once with ``{"pid": <this instance>}``.
         """
         conv = str(msg.get("conv-id"))
-        self._cancellable[conv] = (str(msg.get("broker-user")), work)
+        self._cancellable[conv] = (msg.get("broker-user") or "", work)
 
         def done(result: Any) -> Any:
             entry = self._cancellable.get(conv)
@@ -122,7 +122,9 @@ class ServiceProcess(Process):
 
         :raises UnauthorizedError: (403), logged once.
         """
-        if msg.get("broker-user") != owner:
+        user = msg.get("broker-user")
+        # A message published without user_id has no broker user: it owns nothing.
+        if not (isinstance(user, str) and user and user == owner):
             authorize(self.container, msg, action, f"{target} of broker user {owner!r}")
 
     def op_ping(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:

@@ -282,6 +282,8 @@ class CacheService(ServiceProcess):
         result = super().op_cancel(content, headers, msg)
         if result.get("cancelled"):
             return result
+        if not msg.get("broker-user"):
+            return result  # no broker-validated user: it owns no lock
         wanted = (str(msg.get("broker-user")), str(content.get("conv")))
         for token, lease in list(self._leases.items()):
             if lease.conv == wanted and not lease.busy:

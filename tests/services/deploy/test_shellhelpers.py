@@ -175,3 +175,10 @@ async def test_next_deploy_catches_a_byte_flipped_through_a_link(shell: Any, tmp
     states = {r["item"]: r["state"] for r in again}
     assert states == {"noarch/hello-tools": "cached", "noarch/greetings": "cached", "noarch/motd": "downloaded"}
     assert deployed.read_bytes() == good
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_cancel_says_when_the_job_is_not_running(shell: Any) -> None:
+    """job_cancel(job) asks the instance that runs the job; one that ended (or never ran) is not cancelled."""
+    deploy = shell["container"].proc_manager.find("deploy")
+    assert await shell["job_cancel"](f"{deploy.id}/0123") == f"job {deploy.id}/0123: not running here"

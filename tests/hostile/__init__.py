@@ -1,0 +1,1 @@
+"""Hostile inputs: every bad input gets a clear answer and loses nothing."""

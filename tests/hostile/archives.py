@@ -250,6 +250,8 @@ CASES: list[Case] = [
          ("is an absolute path",), clean=True),
     Case("zip-backslash-dotdot-unix", "b.zip", _raw_zip("a\\..\\..\\evil", create_system=3), UnsafeArchiveError,
          ("escapes the target",), clean=True),
+    # A drive letter is no root on Unix: 'C:' is a folder inside the target.
+    Case("zip-drive-letter-name", "b.zip", _raw_zip("C:\\evil\\x"), EXTRACTED, files=(("C:/evil/x", b"pwned", 0o644),)),
     Case("tar-nul-in-pax-path", "t.tar", _pax_path("ok\x00/../../evil"), UnsafeArchiveError,
          ("has a NUL byte in its name",)),
     Case("tar-name-over-4096-bytes", "t.tar", _pax_path("a/" * 2100 + "f"), UnsafeArchiveError,

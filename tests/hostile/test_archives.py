@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ion.services.unpack import Limits, NotAnArchiveError, extract, unpack
+from ion.services.unpack import Limits, NotAnArchiveError, UnsafeArchiveError, extract, unpack
 from tests.hostile.archives import CASES, EXTRACTED, KEPT, Case
 from tests.services.unpack.archives import Sandbox
 
@@ -85,6 +85,8 @@ def test_hostile_archive(case: Case, tmp_path: Path) -> None:
         assert type(err) is case.expect, repr(err)
         text = str(err)
         assert str(archive) in text
+        if isinstance(err, UnsafeArchiveError):
+            assert f"member {err.member!r} {err.reason}" in text
         for fragment in case.message:
             assert fragment.replace("{root}", str(sandbox.root)) in text, text
         if case.clean:

@@ -56,6 +56,7 @@ def test_hostile_message(case: Case, log_events: list[dict[str, Any]]) -> None:
 
     if case.expect == DROPPED:
         assert probe.received == []
+        assert case.log, "a dropped message must leave a log line"
     else:
         [reply] = probe.received
         assert reply["response-code"] == case.expect, reply
@@ -70,6 +71,7 @@ def test_hostile_message(case: Case, log_events: list[dict[str, Any]]) -> None:
             assert reply["content"]["error"] == case.error, reply["content"]
             assert case.message in reply["content"]["message"], reply["content"]
     if case.log:
+        assert len(logged(log_events, case.log[0])) == 1, [e.get("log_format") for e in log_events]
         assert len(logged(log_events, *case.log)) == 1, [e.get("log_format") for e in log_events]
     if case.expect != 200:
         assert svc.calls == []

@@ -47,14 +47,14 @@ def test_parser(case: Case, deployment_file: Path) -> None:
             load_deployment(deployment_file, cwd=deployment_file.parent, environ={})
         problems = info.value.problems
         assert len(problems) == len(case.errors), problems
-        for problem, fragment in zip(problems, case.errors):
+        for problem, fragment in zip(problems, case.errors, strict=True):
             assert problem.startswith(f"{deployment_file}: "), problem
             assert fragment in problem, problems
     else:
         deployment = load_deployment(deployment_file, cwd=deployment_file.parent, environ={})
         assert len(deployment.items) == case.items
         assert len(deployment.warnings) == len(case.warnings), deployment.warnings
-        for warning, fragment in zip(deployment.warnings, case.warnings):
+        for warning, fragment in zip(deployment.warnings, case.warnings, strict=True):
             assert warning.startswith(f"{deployment_file}: ") and fragment in warning, deployment.warnings
 
 
@@ -73,6 +73,6 @@ def test_cli(case: Case, deployment_file: Path) -> None:
     lines = err.getvalue().splitlines()
     assert "Traceback" not in err.getvalue()
     assert len(lines) == len(case.errors), lines
-    for line, fragment in zip(lines, case.errors):
+    for line, fragment in zip(lines, case.errors, strict=True):
         assert line.startswith(f"Error: {deployment_file}: "), lines
         assert fragment in line, lines

@@ -37,6 +37,9 @@ CORRELATION_ID = "probe#1"
 MAX_MESSAGE_SIZE = 2048
 #: :attr:`Case.expect` for a message that gets no reply (only a log line).
 DROPPED = "dropped"
+#: In :attr:`Case.log` and :attr:`Case.content`: the user the publishing connection
+#: authenticated as (``ion`` on the embedded broker), which the runner puts in.
+USER = "{user}"
 
 _MISSING = object()
 
@@ -50,8 +53,10 @@ class Case:
     :ivar expect: the reply's response code, or :data:`DROPPED`.
     :ivar error: the reply's ``content["error"]`` (an exception class name), if any.
     :ivar message: a fragment of the reply's ``content["message"]``.
-    :ivar log: fragments that must all be in exactly one line logged while it is handled.
-    :ivar content: for a 200: keys the reply's content (a dict) must hold with these values.
+    :ivar log: fragments that must all be in exactly one line logged while it is handled
+        (the first alone in exactly one line too); :data:`USER` stands for the publisher's user.
+    :ivar content: for a 200: keys the reply's content (a dict) must hold with these values
+        (:data:`USER`: the publisher's user).
     :ivar xfail: why the code does not give a clear answer yet (the runner fails, strictly).
     """
 
@@ -116,9 +121,9 @@ _WRONG_TYPES = [
 CASES: list[Case] = [
     # -- not a message at all ------------------------------------------------------------------------
     Case("not-msgpack", b"\xc1 this is not msgpack", 400, _BAD, "not valid msgpack",
-         log=("dropped bad message from probe", "user ion")),
+         log=("dropped bad message from probe", f"user {USER}")),
     Case("not-msgpack-no-reply-properties", b"\xc1 garbage", DROPPED,
-         log=("dropped bad message", "user ion", "message-id"), reply_to=None, correlation_id=None),
+         log=("dropped bad message", f"user {USER}", "message-id"), reply_to=None, correlation_id=None),
     Case("empty-body", b"", 400, _BAD, "not valid msgpack", log=_DROP_LOG),
     Case("trailing-bytes", msgpack.packb(request(), use_bin_type=True) + b"trailing", 400, _BAD,
          "not valid msgpack", log=_DROP_LOG),
@@ -182,7 +187,7 @@ CASES: list[Case] = [
     Case("content-nesting-600-deep", request(content=_NEST600), 200),
     # -- claims the transport must not believe -------------------------------------------------------
     Case("forged-broker-user", request(op="headers", **{"broker-user": "mallory"}), 200,
-         content={"broker-user": "ion", "user-id": "mallory"}),
+         content={"broker-user": USER, "user-id": "mallory"}),
     Case("expired", request(expiry=1.0), DROPPED, log=("dropped expired message", "'echo'", "from probe")),
     Case("forged-reply-to-no-conversation",
          request(op="result", sender="stranger.9", conv_id="stranger.9#4", conv_seq=2,

@@ -19,7 +19,7 @@ from ion.core.messaging.transport import Properties
 from ion.core.process import Process
 from ion.testing import ClockedSystem
 from tests.core.support import EchoService, Probe, logged
-from tests.hostile.messages import CASES, DROPPED, MAX_MESSAGE_SIZE, PROBE, TARGET, Case, body_of
+from tests.hostile.messages import CASES, DROPPED, MAX_MESSAGE_SIZE, PROBE, TARGET, USER, Case, body_of
 
 
 @pytest.fixture
@@ -53,6 +53,10 @@ def test_hostile_message(case: Case, log_events: list[dict[str, Any]]) -> None:
     system.result(system.container.transport.publish(system.container.exchange_name, svc.resolve(TARGET),
                                                      body_of(case), props))
     system.pump()
+    user = system.container.transport.user
+
+    def own(value: Any) -> Any:
+        return value.replace(USER, user) if isinstance(value, str) else value
 
     if case.expect == DROPPED:
         assert probe.received == []
@@ -64,15 +68,16 @@ def test_hostile_message(case: Case, log_events: list[dict[str, Any]]) -> None:
         if case.expect == 200:
             assert reply["status"] == "OK"
             for key, value in (case.content or {}).items():
-                assert reply["content"][key] == value, reply["content"]
+                assert reply["content"][key] == own(value), reply["content"]
         else:
             assert reply["status"] == "ERROR"
             assert reply["performative"] == Performative.FAILURE
             assert reply["content"]["error"] == case.error, reply["content"]
             assert case.message in reply["content"]["message"], reply["content"]
     if case.log:
-        assert len(logged(log_events, case.log[0])) == 1, [e.get("log_format") for e in log_events]
-        assert len(logged(log_events, *case.log)) == 1, [e.get("log_format") for e in log_events]
+        fragments = [own(fragment) for fragment in case.log]
+        assert len(logged(log_events, fragments[0])) == 1, [e.get("log_format") for e in log_events]
+        assert len(logged(log_events, *fragments)) == 1, [e.get("log_format") for e in log_events]
     if case.expect != 200:
         assert svc.calls == []
 

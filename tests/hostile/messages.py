@@ -41,8 +41,6 @@ DROPPED = "dropped"
 #: authenticated as (``ion`` on the embedded broker), which the runner puts in.
 USER = "{user}"
 
-_MISSING = object()
-
 
 @dataclass(frozen=True)
 class Case:

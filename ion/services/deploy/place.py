@@ -204,7 +204,10 @@ def _owners(records: SafeDir, skip: str) -> dict[str, str]:
 def _swap_in(dest: SafeDir, tmp: str, name: str) -> None:
     """Rename ``tmp`` over ``name`` (a file, link or folder), both in ``dest``."""
     st = dest.lstat(name)
-    if st is not None and stat.S_ISDIR(st.st_mode):
+    new = dest.lstat(tmp)
+    # rename() replaces a file or link by a file or link, and nothing else: a folder on either
+    # side goes aside first (a copied folder over an old link included).
+    if st is not None and (stat.S_ISDIR(st.st_mode) or (new is not None and stat.S_ISDIR(new.st_mode))):
         old = f".{name}.ion-old-{uuid.uuid4().hex[:8]}"
         dest.rename(name, old)
         dest.rename(tmp, name)
@@ -231,8 +234,6 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
     _check_names(entry, names)
     top, path = _target(destination, root)
     _refuse_cache(path, destination, entry, cache_root)
-    if link:
-        _record_link(entry, destination)
     manifest = manifest_path(destination, platform, name)
     with ExitStack() as stack:
         dest = stack.enter_context(_open_destination(top, path, destination))
@@ -245,6 +246,8 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
             raise PlacementError(_refused(exc)) from exc
         except OSError as exc:
             raise PlacementError(f"cannot write {destination / MANIFEST_DIR}: {exc.strerror or exc}") from exc
+        if link:  # before the links are made (see the module notes), once the destination is known good
+            _record_link(entry, destination)
         return _place_locked(entry, names, destination, dest, records, manifest, link=link, version=version,
                              entry_stamp=entry_stamp)
     raise AssertionError("unreachable")  # pragma: no cover  (for the type checker: ExitStack swallows nothing)

@@ -1,0 +1,1 @@
+"""Hostile inputs: requests, archives and filesystem races an attacker can bring about."""

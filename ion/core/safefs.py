@@ -25,7 +25,7 @@ import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 
 __all__ = ["SafeDir", "SymlinkRefused", "relative_parts"]
@@ -50,13 +50,17 @@ def relative_parts(path: str | os.PathLike[str], root: str | os.PathLike[str]) -
 
     :raises ValueError: ``path`` is not ``root`` or below it.
     """
-    p = PurePosixPath(os.path.normpath(os.fspath(path)))
-    r = PurePosixPath(os.path.normpath(os.fspath(root)))
-    if not p.is_absolute() or not r.is_absolute():
+    # Plain string work: this runs for every item of a warm deploy.
+    p = os.path.normpath(os.fspath(path))
+    r = os.path.normpath(os.fspath(root))
+    if not p.startswith("/") or not r.startswith("/"):
         raise ValueError(f"{path} and {root} must be absolute")
-    if p != r and r not in p.parents:
+    if p == r:
+        return ()
+    prefix = r if r.endswith("/") else r + "/"
+    if not p.startswith(prefix):
         raise ValueError(f"{path} is not below {root}")
-    return p.relative_to(r).parts
+    return tuple(p[len(prefix):].split("/"))
 
 
 class SafeDir:
@@ -71,7 +75,12 @@ class SafeDir:
 
     def __init__(self, fd: int, path: str | os.PathLike[str]) -> None:
         self.fd = fd
-        self.path = Path(path)
+        self._path = os.fspath(path)
+
+    @property
+    def path(self) -> Path:
+        """The folder's path, for messages (as it was walked; nothing is resolved by it)."""
+        return Path(self._path)
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -107,26 +116,26 @@ class SafeDir:
         :raises OSError: a component is missing (without ``create``), not a folder, or unreadable.
         """
         fd = os.dup(self.fd)
-        path = self.path
+        path = self._path.rstrip("/")
         try:
             for part in parts:
                 if part in ("", ".", "..") or "/" in part:
                     raise ValueError(f"{part!r} is not a single path component")
-                path = path / part
+                path = f"{path}/{part}"
                 child = self._open_child(fd, part, path, create, mode)
                 os.close(fd)
                 fd = child
         except BaseException:
             os.close(fd)
             raise
-        return SafeDir(fd, path)
+        return SafeDir(fd, path or "/")
 
     def open_dir(self, name: str, *, create: bool = False, mode: int = 0o777) -> SafeDir:
         """The folder ``name`` in this one (see :meth:`walk`)."""
         return self.walk((name,), create=create, mode=mode)
 
     @staticmethod
-    def _open_child(fd: int, part: str, path: Path, create: bool, mode: int) -> int:
+    def _open_child(fd: int, part: str, path: str, create: bool, mode: int) -> int:
         while True:
             try:
                 return os.open(part, _DIR_FLAGS, dir_fd=fd)
@@ -313,7 +322,7 @@ class SafeDir:
         self.close()
 
     def __repr__(self) -> str:
-        return f"SafeDir({str(self.path)!r}, fd={self.fd})"
+        return f"SafeDir({self._path!r}, fd={self.fd})"
 
 
 def _is_link(dir_fd: int, name: str) -> bool:

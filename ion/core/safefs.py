@@ -258,15 +258,15 @@ class SafeDir:
             return
         _rmtree_at(self.fd, name, self.path / name)
 
-    def create_file(self, name: str, mode: int = 0o644) -> int:
+    def create_file(self, name: str, mode: int = 0o666) -> int:
         """A new file ``name`` here (``O_CREAT|O_EXCL|O_NOFOLLOW``), open for writing; the caller closes it."""
         return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                        dir_fd=self.fd)
 
-    def write_atomic(self, name: str, data: bytes, mode: int = 0o644) -> None:
+    def write_atomic(self, name: str, data: bytes, mode: int = 0o666) -> None:
         """Write ``name`` whole or not at all: a new temp file beside it, renamed over it.
 
-        The temp name starts with ``.`` and ends ``.tmp``.
+        The temp name starts with ``.`` and ends ``.tmp``; ``mode`` is less the umask.
         """
         tmp = f".{name}.{secrets.token_hex(4)}.tmp"
         fd = self.create_file(tmp, mode)
@@ -294,14 +294,21 @@ class SafeDir:
 
     @contextmanager
     def locked(self, name: str) -> Iterator[None]:
-        """Hold an exclusive ``flock`` on the file ``name`` here (made if missing, never followed)."""
+        """Hold an exclusive ``flock`` on the file ``name`` here (made if missing, never followed).
+
+        Opened read-only (anyone who may read the folder can lock it) and non-blocking
+        (a FIFO planted at the name cannot hang the open; it is refused as not a file).
+        """
         try:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=self.fd)
+            fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666,
+                         dir_fd=self.fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise SymlinkRefused(self.path / name) from None
             raise
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file; cannot lock it", str(self.path / name))
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:

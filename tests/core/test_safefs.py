@@ -132,3 +132,12 @@ def test_read_bytes_refuses_a_link(tmp_path: Path) -> None:
         with pytest.raises(SymlinkRefused) as info:
             d.read_bytes("ln")
         assert info.value.errno == errno.ELOOP
+
+
+def test_locked_refuses_a_fifo_without_hanging(tmp_path: Path) -> None:
+    """A FIFO planted at the lock's name is refused at once (the open does not wait for a writer)."""
+    os.mkfifo(tmp_path / ".lock")
+    with SafeDir.open_root(tmp_path) as d:
+        with pytest.raises(OSError, match="not a regular file"):
+            with d.locked(".lock"):
+                pass

@@ -311,7 +311,7 @@ def test_two_threads_copying_into_one_destination_both_succeed(tmp_path: Path) -
         barrier = threading.Barrier(2)
         errors: list[str] = []
 
-        def deployer() -> None:
+        def deployer(barrier: threading.Barrier = barrier, dest: Path = dest, errors: list[str] = errors) -> None:
             barrier.wait()
             for _ in range(3):
                 try:
@@ -359,7 +359,7 @@ def test_two_ion_deploy_processes_copying_at_once_both_succeed(tmp_path: Path) -
         shutil.rmtree(dest)
         procs = [_ion_deploy(deployment, cache, tmp_path) for _ in range(2)]
         outcomes = [p.communicate(timeout=120) for p in procs]
-        for p, (out, err) in zip(procs, outcomes):
+        for p, (out, err) in zip(procs, outcomes, strict=True):
             assert p.returncode == 0, f"round {round_}: {out.decode()[-3000:]} {err.decode()[-1000:]}"
             assert json.loads(out)["ok"]
         assert sorted(p.name for p in dest.iterdir()) == [

@@ -206,7 +206,7 @@ class Deployer:
             return defer.DeferredList(pending, consumeErrors=True).addCallback(lambda _: outcome)
 
         results = defer.gatherResults([defer.ensureDeferred(one(item, target))
-                                       for item, target in zip(deployment.items, targets)])
+                                       for item, target in zip(deployment.items, targets, strict=True)])
         return results.addBoth(settled)
 
     async def _place(self, item: DeploymentItem, target: Target, fetched: Mapping[str, Any],

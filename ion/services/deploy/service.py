@@ -6,12 +6,16 @@ Callers send items already read from their deployment file
 command. The service fetches through the Fetch service, places each item and
 answers per item.
 
-**Who may write where** (DESIGN §8): a request can name any path, so the
+**Who may write where** (DESIGN §8, §10): a request can name any path, so the
 service writes only under ``allowed_destinations`` (default: the container's
 working folder) and reads ``file:`` repositories only under
 ``allowed_file_repositories`` (default: none); anything else refuses the whole
 request with 403 naming the roots, after symlinks are resolved, and nothing
-is written.
+is written. So does a destination in the cache root. The check is done when
+the request arrives; the writes, after the fetch, walk from the allowed root
+the destination was found under, by descriptors following no link
+(:mod:`ion.services.deploy.place`): a folder swapped for a symlink meanwhile
+fails that item, never redirects it.
 
 **Graceful drain** (terminate, SIGTERM): the instance stops taking requests
 from the service queue at once (they stay there for another instance), and
@@ -54,7 +58,8 @@ from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
 from ion.core.security import control, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
-from ion.services.deploy.core import Deployer, ItemResult, check_allowed
+from ion.services.deploy.core import AccessRefused, Deployer, ItemResult, check_allowed
+from ion.services.deploy.place import Target
 from ion.services.deploy.spec import Deployment, DeploymentError, DeploymentItem, item_from_dict
 from ion.services.fetch.service import FetchClient
 
@@ -199,13 +204,29 @@ class DeployService(ServiceProcess):
             raise ApplicationError(f"{source}: the request lists no item", 400)
         return Deployment(source, items)
 
-    def _authorize(self, items: list[DeploymentItem]) -> None:
+    def _cache_root(self) -> Path:
+        """The cache root of this container's config (where the Cache service publishes entries)."""
+        from ion.services.cache.core import default_root
+
+        root = self.container.config.get("ion.services.cache", "root", None) or default_root()
+        return Path(root).expanduser().absolute()
+
+    def _authorize(self, items: list[DeploymentItem]) -> list[Target]:
+        """Check every item (403 for any outside its roots); one :class:`Target` per item, to write by."""
         # (An empty list of roots allows nothing.)
         destinations, repositories = self.allowed_destinations, self.allowed_file_repositories
+        cache = Path(os.path.realpath(self._cache_root()))
+        targets: list[Target] = []
         for item in items:
-            check_allowed(item.destination, destinations, f"{item.label}: destination")
+            root = check_allowed(item.destination, destinations, f"{item.label}: destination")
+            target = Target(root, Path(os.path.realpath(item.destination)))
+            if target.path == cache or cache in target.path.parents:
+                raise AccessRefused(f"{item.label}: destination {item.destination} (resolved: {target.path}) "
+                                    f"lies in the cache root {cache}, whose entries no deployment may write")
+            targets.append(target)
             if item.repository.scheme == "file":
                 check_allowed(item.repository.location_path, repositories, f"{item.label}: file repository")
+        return targets
 
     def _deployer(self, job: str | None = None) -> Deployer:
         timeout = float(self.get_config("fetch_timeout", 3600))
@@ -226,9 +247,11 @@ class DeployService(ServiceProcess):
         def run_fetch(item: DeploymentItem, progress: Any) -> defer.Deferred[dict[str, Any]]:
             return defer.ensureDeferred(fetch(item, progress))
 
-        return Deployer(run_fetch, self.container.blocking, max_parallel=int(self.get_config("max_parallel", 8)))
+        return Deployer(run_fetch, self.container.blocking, max_parallel=int(self.get_config("max_parallel", 8)),
+                        cache_root=self._cache_root())
 
-    def _run(self, deployment: Deployment, job: str | None) -> defer.Deferred[list[ItemResult]]:
+    def _run(self, deployment: Deployment, job: str | None,
+             targets: list[Target]) -> defer.Deferred[list[ItemResult]]:
         def progress(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
             event = {"job": job, "item": item.label, "position": item.position, "phase": phase,
                      "bytes": info.get("done") if isinstance(info, Mapping) else None}
@@ -241,7 +264,7 @@ class DeployService(ServiceProcess):
                 self.jobs.partial(job, _part(result), result.to_wire(), cancelled=result.cancelled)
 
         self._refuse_if_draining()
-        run = self._deployer(job).deploy(deployment, progress=progress, on_result=on_result)
+        run = self._deployer(job).deploy(deployment, progress=progress, on_result=on_result, targets=targets)
         self.runs.add(run)
 
         def ended(_: Any) -> None:
@@ -261,8 +284,8 @@ class DeployService(ServiceProcess):
         self._refuse_if_draining()
         deployment = self._deployment(content)
         # realpath may touch slow filesystems: resolve off the reactor thread.
-        await self.container.blocking.run(self._authorize, deployment.items)
-        results = await self._run(deployment, None)
+        targets = await self.container.blocking.run(self._authorize, deployment.items)
+        results = await self._run(deployment, None, targets)
         cancelled = [r.item.label for r in results if r.cancelled]
         if not cancelled:
             return _summary(deployment, results)
@@ -281,11 +304,11 @@ class DeployService(ServiceProcess):
         """Start a deployment and answer its job id at once; poll ``job_status``."""
         self._refuse_if_draining()
         deployment = self._deployment(content)
-        await self.container.blocking.run(self._authorize, deployment.items)
+        targets = await self.container.blocking.run(self._authorize, deployment.items)
         # The id names this instance, so status polls reach the one holding the job
         # even when several Deploy instances share the service queue.
         job_id = f"{self.id}{JOB_SEP}{os.urandom(8).hex()}"
-        work = self._run(deployment, job_id)
+        work = self._run(deployment, job_id, targets)
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
         job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id)
         return {"job": job.job_id, "total": len(deployment.items)}

@@ -13,7 +13,8 @@ The agent makes a container visible to the rest of its system:
 - it answers ``nodes`` (the live containers), ``ps`` (this container's
   processes) and ``spawn`` (start a process here) on its main queue and on
   ``<sysname>.agent.<container-id>``, which any container of the system can
-  name (:func:`agent_queue`).
+  name (:func:`agent_queue`). ``spawn`` is a control operation: only the
+  system's operators may call it (:mod:`ion.core.security`).
 
 The container spawns the agent first and terminates it last.
 """
@@ -30,6 +31,7 @@ from twisted.logger import Logger
 from ion.core.exceptions import AppError, ApplicationError, ConfigurationError, IllegalStateError
 from ion.core.lifecycle import State
 from ion.core.process import Process, ProcessDesc, Receiver
+from ion.core.security import control
 
 __all__ = ["ContainerAgent", "NodeInfo", "agent_queue", "MISSED_HEARTBEATS",
            "DEFAULT_HEARTBEAT_INTERVAL"]
@@ -256,6 +258,7 @@ class ContainerAgent(Process):
         """This container's processes: ``[{pid, name, class, module, state, parent}]``."""
         return self.process_table()
 
+    @control("agent.spawn")
     @defer.inlineCallbacks
     def op_spawn(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Start a process in this container; answers its pid.
@@ -282,6 +285,7 @@ class ContainerAgent(Process):
             pid = yield self.container.spawn(desc, dict(spawnargs), name=name)
         except (ConfigurationError, AppError) as exc:
             raise ApplicationError(f"cannot spawn {what!r} in {self.container.id}: {exc}", 400) from exc
-        self._log.info("{pid}: spawned {what} as {child} for {sender}", pid=self.id, what=what, child=pid,
+        self._log.info("{pid}: spawned {what} as {child} for broker user {user!r} ({sender})", pid=self.id,
+                       what=what, child=pid, user=msg.get("broker-user"),
                        sender=msg.get("sender-name") or msg.get("sender"))
         return pid

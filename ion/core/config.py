@@ -182,3 +182,24 @@ class Config:
     def get(self, module: str, key: str, default: Any = None) -> Any:
         """One value of a module's effective section."""
         return self.for_module(module).get(key, default)
+
+    # -- the container's own layers (security bounds, see ion.core.security) ------------------
+    @staticmethod
+    def _section(layer: Mapping[str, Any], module: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        parts = module.split(".")
+        for i in range(1, len(parts) + 1):
+            section = layer.get(".".join(parts[:i]))
+            if isinstance(section, Mapping):
+                out = deep_merge(out, section)
+        return out
+
+    def container_get(self, module: str, key: str, default: Any = None) -> Any:
+        """A value from the container's own layers only (config files and command line),
+        never from an app's ``config``: what a security bound starts from."""
+        return self._section(deep_merge(self._base, self._command_line), module).get(key, default)
+
+    def app_values(self, module: str, key: str) -> list[tuple[str, Any]]:
+        """``(app name, value)`` for every started app whose ``config`` sets ``key`` for ``module``."""
+        return [(app, section[key]) for app, layer in self._apps.items()
+                if key in (section := self._section(layer, module))]

@@ -313,6 +313,15 @@ class JobTable:
                                                              dir=str(self.store.directory if self.store else ""),
                                                              err=f.getErrorMessage()))
 
+    def cancel(self, job_id: str) -> bool:
+        """Cancel one running job (its record then says REMOTE_ERROR: cancelled, listing the
+        parts that did not finish); False if it is not running here."""
+        job = self.jobs.get(job_id)
+        if job is None or job.done or job.deferred is None:
+            return False
+        job.deferred.cancel()
+        return True
+
     def cancel_all(self) -> None:
         """Cancel every job still running (its record then says REMOTE_ERROR: cancelled)."""
         for job in list(self.jobs.values()):

@@ -72,11 +72,13 @@ from ion.core.lifecycle import LifecycleObject, State
 from ion.core.messaging import message as wire
 from ion.core.messaging.message import ANONYMOUS, Performative, Protocol
 from ion.core.messaging.transport import Delivery, Properties
+from ion.core.security import Narrow, UnauthorizedError, authorize, control, control_action
 
 if TYPE_CHECKING:
     from ion.core.container import Container
 
-__all__ = ["Process", "Receiver", "ProcessDesc", "ProcessClient", "current_message", "load_process_class"]
+__all__ = ["Process", "Receiver", "ProcessDesc", "ProcessClient", "current_message", "load_process_class",
+           "shorten"]
 
 #: The request being handled by the op running now (follows ``async def`` and
 #: ``inlineCallbacks`` ops across their awaits); used for ``user-id`` delegation.
@@ -86,6 +88,17 @@ current_message: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Con
 #: The receiver whose message the running op is handling (self-deadlock avoidance).
 _current_receiver: contextvars.ContextVar[Receiver | None] = contextvars.ContextVar(
     "ion_current_receiver", default=None)
+
+#: Characters of an error text kept in a log line or a cut error reply.
+LOG_TEXT_LIMIT = 2000
+
+
+def shorten(text: str, limit: int = LOG_TEXT_LIMIT) -> str:
+    """``text``, cut to ``limit`` characters with a note of how many were left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters cut)"
+
 
 #: conv-seq of the request, and of the ops' replies, in an rpc or request.
 _REQUEST_PROTOCOLS = frozenset({Protocol.RPC, Protocol.REQUEST})
@@ -463,6 +476,28 @@ class Process(LifecycleObject):
             return self.spawnargs[key]
         return self.config.get(key, default)
 
+    def bounded_config(self, key: str, narrow: Narrow, default: Any = None) -> Any:
+        """A security bound (allowed roots, limits): the container's own setting of ``key``
+        (else ``default``), narrowed, never widened, by started apps' ``config`` and the
+        spawnargs (see :mod:`ion.core.security`). ``None`` from an app or the spawnargs
+        means "not set".
+
+        :raises ConfigurationError: naming the setting and where it came from if an app or
+            the spawnargs would widen it.
+        """
+        module = type(self).__module__
+        config = self.container.config
+        value = config.container_get(module, key, None)
+        if value is None:
+            value = default
+        overlays = [(f"the config of app {app!r}", v) for app, v in config.app_values(module, key)]
+        if key in self.spawnargs:
+            overlays.append((f"the spawnargs of {self.proc_name}", self.spawnargs[key]))
+        for source, requested in overlays:
+            if requested is not None:
+                value = narrow(value, requested, f"{module}: {key} from {source}")
+        return value
+
     def receiver_prefetch(self) -> int:
         """The broker prefetch window of this process's receivers.
 
@@ -620,6 +655,9 @@ class Process(LifecycleObject):
         receiver_token = _current_receiver.set(receiver)
         try:
             try:
+                action = control_action(method)
+                if action is not None:
+                    authorize(self.container, msg, action, f"{self.proc_name} ({self.id})")
                 result = method(msg.get("content"), msg, msg)
             except Exception:
                 result = Failure()
@@ -661,14 +699,22 @@ class Process(LifecycleObject):
             code = 409
             self._log.info("{pid}: op {op!r} from {sender} was cancelled", pid=self.id, op=msg["op"],
                            sender=msg["sender"])
+        elif isinstance(exc, UnauthorizedError):
+            code = exc.code  # logged once already, by authorize()
         elif isinstance(exc, ApplicationError):
             code = exc.code
             self._log.warn("{pid}: op {op!r} from {sender} refused ({code}): {message}",
-                           pid=self.id, op=msg["op"], sender=msg["sender"], code=code, message=exc.message)
+                           pid=self.id, op=msg["op"], sender=msg["sender"], code=code, message=shorten(exc.message))
         else:
             code = 500
-            self._log.failure("{pid}: op {op!r} from {sender} failed", failure, pid=self.id,
-                              op=msg["op"], sender=msg["sender"])
+            if len(str(exc)) > LOG_TEXT_LIMIT:
+                # A traceback would carry the whole text (a huge input quoted back): log its start.
+                self._log.error("{pid}: op {op!r} from {sender} failed: {error}: {message}", pid=self.id,
+                                op=msg["op"], sender=msg["sender"], error=type(exc).__name__,
+                                message=shorten(str(exc)))
+            else:
+                self._log.failure("{pid}: op {op!r} from {sender} failed", failure, pid=self.id,
+                                  op=msg["op"], sender=msg["sender"])
         if msg["protocol"] != Protocol.NONE and not self._answered(msg):
             try:
                 message = str(exc) or f"{msg['op']} was cancelled"
@@ -816,7 +862,19 @@ class Process(LifecycleObject):
             return self._publish(reply)
         except MessageError as exc:
             if performative == Performative.FAILURE:
-                raise
+                if isinstance(content, Mapping) and content.get("cut"):
+                    raise  # even the short form cannot travel
+                # An error that cannot travel whole (e.g. a message quoting a huge input): its
+                # class and the start of its message can, and the caller is not left to time out.
+                self._log.warn("{pid}: error reply to {op!r} cut: {exc}", pid=self.id, op=msg["op"], exc=exc)
+                error = content.get("error") if isinstance(content, Mapping) else None
+                text = content.get("message") if isinstance(content, Mapping) else content
+                short = {"error": error if isinstance(error, str) else "Error",
+                         "message": shorten(text if isinstance(text, str) else repr(text)), "cut": True}
+                if conv is not None:
+                    conv.state, conv.seq = before
+                return self.reply(msg, op, short, performative=performative, status=status,
+                                  response_code=response_code)
             # The result itself cannot travel (too large, not encodable): say so instead.
             self._log.warn("{pid}: reply to {op!r} could not be sent: {exc}", pid=self.id, op=msg["op"], exc=exc)
             if conv is not None:
@@ -873,10 +931,13 @@ class Process(LifecycleObject):
         """Answer that the process is alive."""
         return {"pong": content, "pid": self.id, "name": self.proc_name, "state": self.state.value}
 
+    @control("process.terminate")
     def op_terminate(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
-        """Terminate after answering this request."""
+        """Terminate after answering this request (operators only)."""
         if self.is_final:
             raise IllegalStateError(f"{self.id} is already {self.state.value}")
+        self._log.info("{pid}: terminating on request of broker user {user!r} ({sender})", pid=self.id,
+                       user=msg.get("broker-user"), sender=msg.get("sender"))
         self._unless_sent(self.reply_ok(msg, {"terminating": self.id}), msg)
         self.clock.callLater(0, self._terminate_self)
         return None

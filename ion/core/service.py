@@ -29,6 +29,7 @@ from ion.core.conversation import RpcResult
 from ion.core.exceptions import ApplicationError, ConversationTimeout
 from ion.core.messaging.message import Protocol
 from ion.core.process import Process, ProcessClient, Receiver
+from ion.core.security import authorize
 
 __all__ = ["ServiceProcess", "ServiceClient", "CANCEL_OP"]
 
@@ -52,7 +53,7 @@ class ServiceProcess(Process):
         super().__init__(*args, **kwargs)
         if not type(self).service_name:
             raise TypeError(f"{type(self).__name__} must set service_name")
-        #: conv-id -> (the requester's sender queue, the work), for requests that can be cancelled.
+        #: conv-id -> (the requester's broker user, the work), for requests that can be cancelled.
         self._cancellable: dict[str, tuple[str, defer.Deferred[Any]]] = {}
 
     @property
@@ -81,7 +82,7 @@ class ServiceProcess(Process):
         In the ``request`` protocol this agrees at once with ``{"pid": <this instance>}``.
         """
         conv = str(msg.get("conv-id"))
-        self._cancellable[conv] = (str(msg.get("sender")), work)
+        self._cancellable[conv] = (msg.get("broker-user") or "", work)
 
         def done(result: Any) -> Any:
             entry = self._cancellable.get(conv)
@@ -97,19 +98,34 @@ class ServiceProcess(Process):
         return work
 
     def op_cancel(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
-        """``{conv}``: cancel the work of that request of the sender's; ``{cancelled: bool}``."""
+        """``{conv}``: cancel the work of that request; ``{cancelled: bool}``.
+
+        Allowed to the broker user that made the request, and to the system's operators
+        (decided on ``broker-user``, never on the forgeable ``sender``); anyone else gets a 403.
+        """
         conv = content.get("conv") if isinstance(content, Mapping) else None
         if not isinstance(conv, str):
             raise ApplicationError("cancel takes {conv: <conversation id>}", 400)
         entry = self._cancellable.get(conv)
         if entry is None:
             return {"cancelled": False}
-        sender, work = entry
-        if sender != msg.get("sender"):
-            raise ApplicationError(f"{msg.get('sender')} may not cancel a request of {sender}", 403)
-        self._log.info("{pid}: {sender} cancelled its request {conv}", pid=self.id, sender=sender, conv=conv)
+        owner, work = entry
+        self.authorize_owner(msg, owner, "cancel", f"request {conv}")
+        self._log.info("{pid}: broker user {user!r} ({sender}) cancelled request {conv}", pid=self.id,
+                       user=msg.get("broker-user"), sender=msg.get("sender"), conv=conv)
         work.cancel()
         return {"cancelled": True}
+
+    def authorize_owner(self, msg: Mapping[str, Any], owner: str, action: str, target: str) -> None:
+        """Let ``msg`` act on something of broker user ``owner``: allowed to ``owner`` itself and
+        to the system's operators (see :mod:`ion.core.security`).
+
+        :raises UnauthorizedError: (403), logged once.
+        """
+        user = msg.get("broker-user")
+        # A message published without user_id has no broker user: it owns nothing.
+        if not (isinstance(user, str) and user and user == owner):
+            authorize(self.container, msg, action, f"{target} of broker user {owner!r}")
 
     def op_ping(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         result = super().op_ping(content, headers, msg)

@@ -283,16 +283,22 @@ def test_a_timed_out_cancellable_call_cancels_the_work_too() -> None:
 
 
 def test_a_finished_cancellable_call_answers_normally_and_only_its_caller_may_cancel() -> None:
-    """The op's result comes back as from rpc_send; a cancel from another process is refused (403)."""
+    """The op's result comes back as from rpc_send; a cancel from another broker user is refused (403),
+    whatever ``sender`` it claims."""
     system = ClockedSystem()
     svc = system.spawn(Waiter)
-    caller, other = system.spawn(Process, name="caller"), system.spawn(Process, name="other")
+    caller = system.spawn(Process, name="caller")
+    elsewhere = system.start_container("elsewhere", "clocked", {"ion.core.messaging": {"memory_user": "mallory"}})
+    other = system.spawn_in(elsewhere, Process, name="other")
+    assert other is not None
     agreed: list[Any] = []
     d = caller.request("waiter", "wait", None, timeout=600, on_agree=lambda c, h: agreed.append((c, h)))
     system.pump()
     ((content, headers),) = agreed
     assert content == {"pid": svc.id}
-    refused = other.rpc_send(svc.id, "cancel", {"conv": headers["conv-id"]})
+    # The sender header names the caller's own queue: a claim, which decides nothing.
+    refused = other.rpc_send(svc.id, "cancel", {"conv": headers["conv-id"]},
+                             headers={"sender": caller.backend_name})
     system.pump()
     assert failure_of(refused, ReceivedApplicationError).response_code == 403
     svc.pending[0].callback({"done": True})

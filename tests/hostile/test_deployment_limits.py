@@ -181,3 +181,17 @@ async def test_the_service_refuses_a_deployment_over_the_limit_with_a_400(op: st
     # Under the limit, the same service takes a request (the missing version fails that item, no more).
     content, _ = await client.rpc_send("deploy", {"source": "d.json", "items": items[:1]})
     assert content["items"][0]["state"] == "failed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_spawn_args_may_lower_the_limit_but_never_raise_it(container_factory: Any, process_factory: Any,
+                                                                  tmp_path: Path) -> None:
+    """``max_deployment_bytes`` is a security bound: a Deploy process spawned with a larger one fails to spawn."""
+    from ion.core.exceptions import ConfigurationError
+    from ion.services.deploy.service import DeployService
+
+    with pytest.raises(ConfigurationError, match="may only be narrowed") as info:
+        await process_factory(DeployService, max_deployment_bytes=DEFAULT_MAX_DEPLOYMENT_BYTES + 1, job_dir=False)
+    assert "max_deployment_bytes" in str(info.value)
+    proc = await process_factory(DeployService, max_deployment_bytes=1000, job_dir=False)
+    assert proc.max_deployment_bytes == 1000

@@ -397,10 +397,12 @@ async def test_a_configured_network_is_allowed(container_factory: Any, tmp_path:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_network_in_the_spawn_args_does_not_widen_the_bound(container_factory: Any, tmp_path: Path,
-                                                                    status_server: Any) -> None:
-    """``allowed_networks`` is read from the container's config only: a Fetch process spawned with it in
-    its spawn args still refuses loopback."""
+async def test_spawn_args_never_widen_allowed_networks_but_may_narrow_them(container_factory: Any, tmp_path: Path,
+                                                                         status_server: Any) -> None:
+    """``allowed_networks`` is a security bound: a Fetch process spawned with a network the container's config
+    does not allow fails to spawn, naming the setting; one spawned with a narrower list refuses what it
+    leaves out (127.0.0.1 outside ``["127.0.0.2/32"]``)."""
+    from ion.core.exceptions import ConfigurationError
     from ion.services.fetch.service import FetchClient, FetchService
     from ion.testing import client_process
 
@@ -408,10 +410,20 @@ async def test_a_network_in_the_spawn_args_does_not_widen_the_bound(container_fa
     container = await container_factory(config=service_config(tmp_path))
     await container.app_manager.start_app("cache")
     await container.app_manager.start_app("unpack")
-    pid = await container.spawn(FetchService, {"allowed_networks": LOOPBACK_NETWORKS}, name="fetch")
-    client = FetchClient(await client_process(container), target=pid)
-    with pytest.raises(AddressNotAllowedError):
+    with pytest.raises(ConfigurationError, match="may only be narrowed") as info:
+        await container.spawn(FetchService, {"allowed_networks": LOOPBACK_NETWORKS}, name="fetch-wide")
+    assert "allowed_networks" in str(info.value) and "spawnargs" in str(info.value)
+    assert srv.requests == []
+
+    narrow = await container_factory(config=service_config(tmp_path, allowed_networks=LOOPBACK_NETWORKS),
+                                     sysname="narrow")
+    await narrow.app_manager.start_app("cache")
+    await narrow.app_manager.start_app("unpack")
+    pid = await narrow.spawn(FetchService, {"allowed_networks": ["127.0.0.2/32"]}, name="fetch")
+    client = FetchClient(await client_process(narrow), target=pid)
+    with pytest.raises(AddressNotAllowedError) as refused:
         await within(client.fetch(notes_request(srv)))
+    assert "127.0.0.2/32" in str(refused.value)
     assert srv.requests == []
 
 

@@ -58,6 +58,8 @@ class Performative:
     FAILURE: Final = "failure"
     INFORM: Final = "inform"
 
+    ALL: Final = frozenset({"request", "agree", "refuse", "inform_result", "failure", "inform"})
+
 
 class Protocol:
     """Conversation protocol names."""
@@ -192,7 +194,7 @@ def decode(body: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, A
 
     :raises MessageTooLargeError: if the body exceeds ``max_size`` bytes.
     :raises MalformedMessageError: if it is not msgpack, not a dict, lacks a
-        required header, has a mistyped header, an unknown protocol or
+        required header, has a mistyped header, an unknown protocol, performative or
         encoding, or protobuf content that cannot be parsed as its
         ``content-type``. ``broker-user`` is dropped from the body: only the
         receiving transport may set it.
@@ -261,7 +263,7 @@ def validate(msg: Mapping[str, Any]) -> None:
     # Fast path: exactly the header types build() produces, compared in C; anything
     # else (an optional header missing, a float ts, a bool) gets the full check below.
     if (tuple(map(type, map(msg.get, HEADERS))) == _BUILD_TYPES and msg["protocol"] in Protocol.ALL
-            and msg["encoding"] in _ENCODINGS):
+            and msg["performative"] in Performative.ALL and msg["encoding"] in _ENCODINGS):
         return
     missing = [h for h in REQUIRED_HEADERS if h not in msg]
     if missing:
@@ -276,6 +278,8 @@ def validate(msg: Mapping[str, Any]) -> None:
             )
     if msg["protocol"] not in Protocol.ALL:
         raise MalformedMessageError(f"unknown protocol {msg['protocol']!r}")
+    if msg["performative"] not in Performative.ALL:
+        raise MalformedMessageError(f"unknown performative {msg['performative']!r}")
     if msg.get("encoding", "msgpack") not in ("msgpack", "protobuf"):
         raise MalformedMessageError(f"unknown encoding {msg.get('encoding')!r}")
 

@@ -48,6 +48,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.exceptions import ConfigurationError
+from ion.core.safefs import SafeDir
 from ion.services.cache.core import Cache, _Found, _scan
 from ion.services.cache.entry import PruneReport
 from ion.services.cache.locks import resolve_host_id
@@ -106,25 +108,35 @@ def record_link(entry: Path, destination: Path, host_id: str | None = None, now:
     """Record that ``destination`` links into the cache entry folder ``entry`` (blocking).
 
     Written (atomically) before the links are made, so a reaper that scans in
-    between sees it; refreshed at most hourly when already there.
+    between sees it; refreshed at most hourly when already there. Written by
+    descriptors below the dependency's folder, following no link
+    (:class:`~ion.core.safefs.SafeDir`): a ``.links`` swapped for a link is refused.
     """
     host = host_id or _this_host()
     folder = links_folder(entry)
-    path = folder / _record_name(host, destination)
+    name = _record_name(host, destination)
+    path = folder / name
     now = time.time() if now is None else now
-    try:
-        if now - os.stat(path).st_mtime < _REFRESH_AFTER:
+    with SafeDir.open_root(entry.parent) as dependency, dependency.walk((LINKS_DIR, entry.name),
+                                                                        create=True) as links:
+        st = links.lstat(name)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            if now - st.st_mtime >= _REFRESH_AFTER:
+                os.utime(name, (now, now), dir_fd=links.fd, follow_symlinks=False)
             return path
-        os.utime(path, (now, now))
-        return path
-    except FileNotFoundError:
-        pass
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
-    tmp.write_text(json.dumps({"destination": str(destination), "host": host, "entry": str(entry)}),
-                   encoding="utf-8")
-    os.utime(tmp, (now, now))
-    os.replace(tmp, path)
+        tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = links.create_file(tmp)
+        try:
+            try:
+                os.write(fd, json.dumps({"destination": str(destination), "host": host,
+                                         "entry": str(entry)}).encode("utf-8"))
+                os.utime(fd, (now, now))
+            finally:
+                os.close(fd)
+            links.replace(tmp, name)
+        except BaseException:
+            links.unlink(tmp)
+            raise
     return path
 
 

@@ -63,6 +63,7 @@ from twisted.logger import Logger
 
 from ion.core.exceptions import ReceivedApplicationError
 from ion.core.process import Receiver
+from ion.core.security import control
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.cache.core import DEFAULT_LOCK_TIMEOUT, Cache, default_root
 from ion.services.cache.entry import EntryInfo, EntryKey, EntryReport, FileMeta, PruneReport
@@ -260,7 +261,7 @@ class CacheService(ServiceProcess):
             await self.cache.unlock(lock)
             raise LockError(f"cache service {self.id} is terminating", 503)
         owner = f"{msg.get('sender-name') or '?'} ({msg.get('sender')})"
-        lease = _Lease(lock, owner, lease_s, conv=(str(msg.get("sender")), str(msg.get("conv-id"))))
+        lease = _Lease(lock, owner, lease_s, conv=(str(msg.get("broker-user")), str(msg.get("conv-id"))))
         self._leases[lock.id] = lease
         self._schedule_expiry(lock.id, lease)
         return {"token": lock.id, "pid": self.id, "key": key.to_wire(), "path": str(lock.path), "lease": lease_s}
@@ -281,7 +282,9 @@ class CacheService(ServiceProcess):
         result = super().op_cancel(content, headers, msg)
         if result.get("cancelled"):
             return result
-        wanted = (str(msg.get("sender")), str(content.get("conv")))
+        if not msg.get("broker-user"):
+            return result  # no broker-validated user: it owns no lock
+        wanted = (str(msg.get("broker-user")), str(content.get("conv")))
         for token, lease in list(self._leases.items()):
             if lease.conv == wanted and not lease.busy:
                 del self._leases[token]
@@ -330,18 +333,21 @@ class CacheService(ServiceProcess):
                 self._schedule_expiry(lease.lock.id, lease)
         return info.to_wire()
 
+    @control("cache.verify")
     async def op_verify(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{key?}`` -> ``{reports: [...]}``: re-hash one entry or all of them."""
         c = _dict(content, "verify")
         key = self._key(c) if c.get("key") is not None else None
         return {"reports": [r.to_wire() for r in await self.cache.verify(key)]}
 
+    @control("cache.repair")
     async def op_repair(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{key?}`` -> ``{reports: [...]}``: bad entries quarantined, incomplete ones removed."""
         c = _dict(content, "repair")
         key = self._key(c) if c.get("key") is not None else None
         return {"reports": [r.to_wire() for r in await self.cache.repair(key)]}
 
+    @control("cache.verify")
     async def op_verify_round(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{}`` -> the report of a verification round run now (joins one already running)."""
         return (await self.verifier.run_round("request")).to_wire()
@@ -351,6 +357,7 @@ class CacheService(ServiceProcess):
         report = await self.verifier.report()
         return report.to_wire() if report is not None else None
 
+    @control("cache.reap")
     async def op_reap_tick(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """The reaper election's tick (see :mod:`~ion.services.cache.reaper`): it reached this
         instance, so this one reaps. ``{force: true}`` (by RPC) runs a round now and returns it."""
@@ -362,6 +369,7 @@ class CacheService(ServiceProcess):
         report = await self.reaper.last_report()
         return report.to_wire() if report is not None else None
 
+    @control("cache.prune")
     async def op_prune(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{older_than?, keep?}`` -> what was removed and what was left locked."""
         c = _dict(content, "prune")
@@ -370,6 +378,7 @@ class CacheService(ServiceProcess):
             raise InvalidKeyError(f"keep must be an integer >= 0, not {keep!r}")
         return (await self.cache.prune(_number(c, "older_than"), keep)).to_wire()
 
+    @control("cache.clear")
     async def op_clear(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{}`` -> what was removed; locked entries and their locks stay."""
         return (await self.cache.clear()).to_wire()

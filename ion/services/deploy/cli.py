@@ -391,7 +391,7 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
             limits = Limits.from_config(config.for_module("ion.services.unpack"))
             fetcher = Fetcher(cache, local_unpack(pool, limits), pool=pool, reactor=reactor,
                               config=config.for_module("ion.services.fetch"))
-            deployer = Deployer(_fetch_function(fetcher), pool, max_parallel=jobs)
+            deployer = Deployer(_fetch_function(fetcher), pool, max_parallel=jobs, cache_root=cache.root)
             with Progress(out, deployment.items) as progress:
                 results = await deployer.deploy(deployment, progress=progress)
             rows = _rows(deployment.items, [r.to_wire() for r in results])

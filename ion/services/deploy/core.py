@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from ion.core.exceptions import ApplicationError
 from ion.core.threads import run_short
-from ion.services.deploy.place import PlacementError, place, placed_already
+from ion.services.deploy.place import PlacementError, Target, place, placed_already
 from ion.services.deploy.spec import Deployment, DeploymentItem
 
 __all__ = ["Deployer", "ItemResult", "FetchFunction", "ProgressFunction", "check_allowed", "AccessRefused",
@@ -75,9 +75,10 @@ def _resolved(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
-def check_allowed(path: Path, roots: Iterable[str | Path], what: str) -> None:
+def check_allowed(path: Path, roots: Iterable[str | Path], what: str) -> Path:
     """Refuse a path that is not under one of ``roots`` once symlinks are resolved.
 
+    :return: the realpath of the root it is under (where a write to it starts its walk).
     :raises AccessRefused: naming the path and the roots it missed.
     """
     root_paths = [Path(r) for r in roots]
@@ -85,7 +86,7 @@ def check_allowed(path: Path, roots: Iterable[str | Path], what: str) -> None:
     for root in root_paths:
         real_root = _resolved(root)
         if real == real_root or real_root in real.parents:
-            return
+            return real_root
     allowed = ", ".join(str(r) for r in root_paths) or "none configured"
     raise AccessRefused(f"{what} {path} (resolved: {real}) is outside the allowed roots ({allowed})")
 
@@ -124,16 +125,32 @@ class Deployer:
     :param fetch: brings an item into the cache (see :class:`FetchFunction`).
     :param pool: runs blocking calls (placement) off the reactor.
     :param max_parallel: items fetched at once.
+    :param cache_root: the cache's root folder: a destination in it is refused
+        (published entries are never written by a deployment).
     """
 
-    def __init__(self, fetch: FetchFunction, pool: Any, *, max_parallel: int = 8) -> None:
+    def __init__(self, fetch: FetchFunction, pool: Any, *, max_parallel: int = 8,
+                 cache_root: Path | None = None) -> None:
         self.fetch = fetch
         self.pool = pool
         self.max_parallel = max(1, int(max_parallel))
+        self.cache_root = cache_root
 
     def deploy(self, deployment: Deployment, *, progress: ProgressFunction | None = None,
-               on_result: Callable[[ItemResult], None] | None = None) -> defer.Deferred[list[ItemResult]]:
-        """Deploy every item; fires with one :class:`ItemResult` per item, in file order."""
+               on_result: Callable[[ItemResult], None] | None = None,
+               targets: list[Target] | None = None) -> defer.Deferred[list[ItemResult]]:
+        """Deploy every item; fires with one :class:`ItemResult` per item, in file order.
+
+        :param targets: one per item, in order: where each destination was checked
+            (resolved) and the root its walk starts from at write time (the Deploy
+            service's allowed roots). None: each destination's realpath now, walked
+            from ``/`` (``ion-deploy`` in process): a folder swapped for a link
+            during the fetch is refused either way, never followed.
+        """
+        if targets is None:
+            targets = [Target.resolve(item.destination) for item in deployment.items]
+        if len(targets) != len(deployment.items):
+            raise ValueError("one target per item")
         semaphore = defer.DeferredSemaphore(self.max_parallel)
         fetches: dict[tuple[Any, ...], _Shared] = {}
         # Items placed into one destination are placed one after the other (they
@@ -159,10 +176,10 @@ class Deployer:
                     semaphore.run(self.fetch, item, lambda phase, info: report(item, phase, info)))
             return shared.wait()
 
-        async def one(item: DeploymentItem) -> ItemResult:
+        async def one(item: DeploymentItem, target: Target) -> ItemResult:
             try:
                 fetched = await fetch_once(item)
-                lock = placing.setdefault(item.destination, defer.DeferredLock())
+                lock = placing.setdefault(target.path, defer.DeferredLock())
                 await lock.acquire()
             except defer.CancelledError:
                 result = ItemResult(item, "cancelled", reason=CANCELLED_REASON)
@@ -170,7 +187,8 @@ class Deployer:
                 result = ItemResult(item, "failed", reason=_reason(exc))
             else:
                 try:
-                    result = await _despite_cancel(defer.ensureDeferred(self._place(item, fetched, report)))
+                    result = await _despite_cancel(defer.ensureDeferred(self._place(item, target, fetched,
+                                                                                    report)))
                 finally:
                     lock.release()
             phase = "done" if result.ok else ("cancelled" if result.cancelled else "failed")
@@ -187,10 +205,11 @@ class Deployer:
                 return outcome
             return defer.DeferredList(pending, consumeErrors=True).addCallback(lambda _: outcome)
 
-        results = defer.gatherResults([defer.ensureDeferred(one(item)) for item in deployment.items])
+        results = defer.gatherResults([defer.ensureDeferred(one(item, target))
+                                       for item, target in zip(deployment.items, targets, strict=True)])
         return results.addBoth(settled)
 
-    async def _place(self, item: DeploymentItem, fetched: Mapping[str, Any],
+    async def _place(self, item: DeploymentItem, target: Target, fetched: Mapping[str, Any],
                      report: ProgressFunction) -> ItemResult:
         entry = Path(fetched["path"])
         names = list(fetched.get("names") or [])
@@ -199,9 +218,11 @@ class Deployer:
                    entry_stamp=str(fetched.get("stamp") or ""))
         try:
             # Most items of a warm deploy are in place already: a short check, with the others'.
-            placed = await run_short(self.pool, placed_already, entry, names, item.destination, **how)
+            placed = await run_short(self.pool, placed_already, entry, names, target.path, root=target.root,
+                                     **how)
             if placed is None:
-                placed = await self.pool.run(place, entry, names, item.destination, **how)
+                placed = await self.pool.run(place, entry, names, target.path, root=target.root,
+                                             cache_root=self.cache_root, **how)
         except PlacementError as exc:
             return ItemResult(item, "failed", reason=str(exc), entry=str(entry))
         except Exception as exc:

@@ -6,12 +6,16 @@ Callers send items already read from their deployment file
 command. The service fetches through the Fetch service, places each item and
 answers per item.
 
-**Who may write where** (DESIGN §8): a request can name any path, so the
+**Who may write where** (DESIGN §8, §10): a request can name any path, so the
 service writes only under ``allowed_destinations`` (default: the container's
 working folder) and reads ``file:`` repositories only under
 ``allowed_file_repositories`` (default: none); anything else refuses the whole
 request with 403 naming the roots, after symlinks are resolved, and nothing
-is written.
+is written. So does a destination in the cache root. The check is done when
+the request arrives; the writes, after the fetch, walk from the allowed root
+the destination was found under, by descriptors following no link
+(:mod:`ion.services.deploy.place`): a folder swapped for a symlink meanwhile
+fails that item, never redirects it.
 
 **Graceful drain** (terminate, SIGTERM): the instance stops taking requests
 from the service queue at once (they stay there for another instance), and
@@ -53,8 +57,10 @@ from ion.core.exceptions import ApplicationError, ConfigurationError, ReceivedEr
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
+from ion.core.security import control, narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.core import AccessRefused, Deployer, ItemResult, check_allowed
+from ion.services.deploy.place import Target
 from ion.services.deploy.spec import (
     DEFAULT_MAX_DEPLOYMENT_BYTES,
     MAX_BYTES_KEY,
@@ -64,7 +70,7 @@ from ion.services.deploy.spec import (
     item_from_dict,
 )
 from ion.services.fetch.errors import AddressNotAllowedError
-from ion.services.fetch.netguard import AddressGuard, check_url_blocking
+from ion.services.fetch.netguard import CONFIG_KEY, AddressGuard, check_url_blocking
 from ion.services.fetch.service import FetchClient
 
 __all__ = ["DeployService", "DeployClient", "JobProgressListener", "JOB_SEP"]
@@ -74,12 +80,15 @@ JOB_SEP = "/"
 
 
 class DeployService(ServiceProcess):
-    """Ops: ``deploy``, ``deploy_async``, ``job_status``, ``jobs``.
+    """Ops: ``deploy``, ``deploy_async``, ``job_status``, ``jobs``, ``job_cancel`` (operators only).
 
     Config (``ion.services.deploy``): ``max_parallel`` (8), ``allowed_destinations``,
     ``allowed_file_repositories``, ``job_retention`` (3600 s), ``fetch_timeout`` (3600 s),
     ``max_concurrent`` (requests handled at once, 16), ``drain_timeout`` (30 s),
-    ``job_dir`` (durable job records; None: ``<cache root>/jobs``; ``False``: none).
+    ``job_dir`` (durable job records; None: ``<cache root>/jobs``; ``False``: none),
+    ``max_deployment_bytes`` (64 MiB: a bigger request is a 400; a bound apps and spawnargs may only
+    lower). HTTP(S) repositories at addresses outside ``allowed_networks`` of ``ion.services.fetch``
+    refuse the request with a 403 (see :mod:`ion.services.fetch.netguard`).
     """
 
     service_name = "deploy"
@@ -94,6 +103,20 @@ class DeployService(ServiceProcess):
         self.draining = False
         #: The deployments in progress (sync and async), each the Deployer's Deferred.
         self.runs: set[defer.Deferred[list[ItemResult]]] = set()
+        # Security bounds: the container's config, narrowed (never widened) by app config and
+        # spawnargs; a spawn that would widen one fails here. None = the working folder.
+        self.allowed_destinations: list[str] = self.bounded_config(
+            "allowed_destinations", narrow_roots, [os.getcwd()])
+        self.allowed_file_repositories: list[str] = self.bounded_config(
+            "allowed_file_repositories", narrow_roots, [])
+        self.max_deployment_bytes = self.bounded_config(MAX_BYTES_KEY, narrow_limit, DEFAULT_MAX_DEPLOYMENT_BYTES)
+        if isinstance(self.max_deployment_bytes, bool) or not isinstance(self.max_deployment_bytes, int) \
+                or self.max_deployment_bytes < 1:
+            raise ConfigurationError(f"ion.services.deploy: {MAX_BYTES_KEY} must be a whole number of bytes >= 1, "
+                                     f"not {self.max_deployment_bytes!r}")
+        # The Fetch service's bound on the addresses it connects to, as the container sets it.
+        self.address_guard = AddressGuard.from_config(
+            self.container.config.container_get("ion.services.fetch", CONFIG_KEY, None))
         self.owner = self._owner()
         self.jobs = JobTable(self.clock, float(self.get_config("job_retention", 3600)), store=self._job_store(),
                              owner=self.owner, owner_alive=self._owner_alive)
@@ -185,21 +208,13 @@ class DeployService(ServiceProcess):
         return any(node.get("container") == owner.get("container") for node in live_nodes())
 
     # -- request handling ---------------------------------------------------------------
-    def _max_deployment_bytes(self) -> int:
-        # A size limit bounds what a request may make the service do (DESIGN §10): container config only.
-        value = self.container.config.get("ion.services.deploy", MAX_BYTES_KEY, DEFAULT_MAX_DEPLOYMENT_BYTES)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigurationError(f"ion.services.deploy: {MAX_BYTES_KEY} must be a whole number of bytes >= 1, "
-                                     f"not {value!r}")
-        return value
-
     def _deployment(self, content: Any) -> Deployment:
         if not isinstance(content, Mapping) or not isinstance(content.get("items"), list):
             raise ApplicationError("a deploy request is {'items': [item, ...], 'source': name}", 400)
         source = str(content.get("source") or "<request>")
         if not source.isprintable():
             source = repr(source)
-        limit = self._max_deployment_bytes()
+        limit = self.max_deployment_bytes
         try:
             size = len(msgpack.packb(content, use_bin_type=True))
         except (TypeError, ValueError, OverflowError) as exc:
@@ -220,20 +235,30 @@ class DeployService(ServiceProcess):
             raise ApplicationError(f"{source}: the request lists no item", 400)
         return Deployment(source, items)
 
-    def _authorize(self, items: list[DeploymentItem]) -> None:
-        # None means the default (the working folder); an empty list means no root at all.
-        destinations = self.get_config("allowed_destinations")
-        if destinations is None:
-            destinations = [os.getcwd()]
-        repositories = self.get_config("allowed_file_repositories")
-        if repositories is None:
-            repositories = []
-        # A security bound (DESIGN §10): the container's config only. The Fetch service checks each
-        # connection's address again (DNS rebinding, redirects); this refuses the request as a whole.
-        guard = AddressGuard.from_config(self.container.config.get("ion.services.fetch", "allowed_networks", None))
+    def _cache_root(self) -> Path:
+        """The cache root of this container's config (where the Cache service publishes entries)."""
+        from ion.services.cache.core import default_root
+
+        root = self.container.config.get("ion.services.cache", "root", None) or default_root()
+        return Path(root).expanduser().absolute()
+
+    def _authorize(self, items: list[DeploymentItem]) -> list[Target]:
+        """Check every item (403 for any outside its roots); one :class:`Target` per item, to write by."""
+        # (An empty list of roots allows nothing.)
+        destinations, repositories = self.allowed_destinations, self.allowed_file_repositories
+        cache = Path(os.path.realpath(self._cache_root()))
+        targets: list[Target] = []
+        # The Fetch service checks each connection's address (DNS rebinding, redirects); this
+        # refuses a request naming a private address as a whole, before anything runs.
+        guard = self.address_guard
         checked: set[str] = set()
         for item in items:
-            check_allowed(item.destination, destinations, f"{item.label}: destination")
+            root = check_allowed(item.destination, destinations, f"{item.label}: destination")
+            target = Target(root, Path(os.path.realpath(item.destination)))
+            if target.path == cache or cache in target.path.parents:
+                raise AccessRefused(f"{item.label}: destination {item.destination} (resolved: {target.path}) "
+                                    f"lies in the cache root {cache}, whose entries no deployment may write")
+            targets.append(target)
             if item.repository.scheme == "file":
                 check_allowed(item.repository.location_path, repositories, f"{item.label}: file repository")
             elif item.repository.scheme in ("http", "https") and item.repository.url not in checked:
@@ -242,6 +267,7 @@ class DeployService(ServiceProcess):
                     check_url_blocking(guard, item.repository.url)
                 except AddressNotAllowedError as exc:
                     raise AccessRefused(f"{item.label}: repository {item.repository.url}: {exc}") from None
+        return targets
 
     def _deployer(self, job: str | None = None) -> Deployer:
         timeout = float(self.get_config("fetch_timeout", 3600))
@@ -262,9 +288,11 @@ class DeployService(ServiceProcess):
         def run_fetch(item: DeploymentItem, progress: Any) -> defer.Deferred[dict[str, Any]]:
             return defer.ensureDeferred(fetch(item, progress))
 
-        return Deployer(run_fetch, self.container.blocking, max_parallel=int(self.get_config("max_parallel", 8)))
+        return Deployer(run_fetch, self.container.blocking, max_parallel=int(self.get_config("max_parallel", 8)),
+                        cache_root=self._cache_root())
 
-    def _run(self, deployment: Deployment, job: str | None) -> defer.Deferred[list[ItemResult]]:
+    def _run(self, deployment: Deployment, job: str | None,
+             targets: list[Target]) -> defer.Deferred[list[ItemResult]]:
         def progress(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
             event = {"job": job, "item": item.label, "position": item.position, "phase": phase,
                      "bytes": info.get("done") if isinstance(info, Mapping) else None}
@@ -277,7 +305,7 @@ class DeployService(ServiceProcess):
                 self.jobs.partial(job, _part(result), result.to_wire(), cancelled=result.cancelled)
 
         self._refuse_if_draining()
-        run = self._deployer(job).deploy(deployment, progress=progress, on_result=on_result)
+        run = self._deployer(job).deploy(deployment, progress=progress, on_result=on_result, targets=targets)
         self.runs.add(run)
 
         def ended(_: Any) -> None:
@@ -297,8 +325,8 @@ class DeployService(ServiceProcess):
         self._refuse_if_draining()
         deployment = self._deployment(content)
         # realpath may touch slow filesystems: resolve off the reactor thread.
-        await self.container.blocking.run(self._authorize, deployment.items)
-        results = await self._run(deployment, None)
+        targets = await self.container.blocking.run(self._authorize, deployment.items)
+        results = await self._run(deployment, None, targets)
         cancelled = [r.item.label for r in results if r.cancelled]
         if not cancelled:
             return _summary(deployment, results)
@@ -317,11 +345,11 @@ class DeployService(ServiceProcess):
         """Start a deployment and answer its job id at once; poll ``job_status``."""
         self._refuse_if_draining()
         deployment = self._deployment(content)
-        await self.container.blocking.run(self._authorize, deployment.items)
+        targets = await self.container.blocking.run(self._authorize, deployment.items)
         # The id names this instance, so status polls reach the one holding the job
         # even when several Deploy instances share the service queue.
         job_id = f"{self.id}{JOB_SEP}{os.urandom(8).hex()}"
-        work = self._run(deployment, job_id)
+        work = self._run(deployment, job_id, targets)
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
         job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id)
         return {"job": job.job_id, "total": len(deployment.items)}
@@ -336,6 +364,20 @@ class DeployService(ServiceProcess):
         if not isinstance(job, str) or not job or "\0" in job:
             raise ApplicationError("job_status takes a job id", 400)
         return self.jobs.lookup(job)
+
+    @control("job.cancel")
+    def op_job_cancel(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
+        """``{job}``: cancel a running async job of this instance (operators only): its downloads
+        stop, its locks and staging folders are released, and its status becomes REMOTE_ERROR
+        listing the items that did not finish. ``{job, cancelled: bool}``."""
+        job = content.get("job") if isinstance(content, Mapping) else content
+        if not isinstance(job, str) or not job or "\0" in job:
+            raise ApplicationError("job_cancel takes a job id", 400)
+        cancelled = self.jobs.cancel(job)
+        if cancelled:
+            self._log.info("{pid}: job {job} cancelled by broker user {user!r}", pid=self.id, job=job,
+                           user=msg.get("broker-user"))
+        return {"job": job, "cancelled": cancelled}
 
     def op_jobs(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> list[dict[str, Any]]:
         """Every job on record."""
@@ -387,6 +429,14 @@ class DeployClient(ServiceClient):
                 raise
             # That instance is gone (or stopping): any instance answers from the job's durable record.
             content, _ = yield self.rpc_send("job_status", {"job": job})
+        return content
+
+    @defer.inlineCallbacks
+    def cancel_job(self, job: str) -> Any:
+        """Cancel a running async job at the instance that runs it (operators only):
+        ``{job, cancelled: bool}``."""
+        target = job.split(JOB_SEP, 1)[0] if JOB_SEP in job else self.target
+        content, _ = yield self.proc.rpc_send(target, "job_cancel", {"job": job})
         return content
 
     @defer.inlineCallbacks

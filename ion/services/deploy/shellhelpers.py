@@ -1,5 +1,5 @@
 """The deployer's helpers in the ``cc`` shell: ``deploy``, ``deploy_async``, ``jobs``, ``job_status``, ``cache_ls``,
-``cache_verify``, ``cache_reap``.
+``cache_verify``, ``cache_reap``, ``job_cancel``.
 
 Loaded by :class:`ion.core.shell.ShellHelpers` because ``res/config/ion.config``
 names this module under ``ion.core.shell: helpers`` (the core imports no
@@ -39,7 +39,7 @@ def shell_helpers(shell: Any) -> dict[str, Any]:
     """The helpers this module gives the shell (``shell``: its :class:`ShellHelpers`)."""
     helpers = DeployShellHelpers(shell.proc)
     return {"deploy": helpers.deploy, "deploy_async": helpers.deploy_async, "jobs": helpers.jobs,
-            "job_status": helpers.job_status, "cache_ls": helpers.cache_ls, "cache_verify": helpers.cache_verify,
+            "job_status": helpers.job_status, "job_cancel": helpers.job_cancel, "cache_ls": helpers.cache_ls, "cache_verify": helpers.cache_verify,
             "cache_reap": helpers.cache_reap}
 
 
@@ -143,6 +143,15 @@ class DeployShellHelpers:
             job = yield job.wait()
         record = yield self._deploy_client().job_status(str(job))
         return JobStatusText(record)
+
+    @defer.inlineCallbacks
+    def job_cancel(self, job: Any) -> Any:
+        """Cancel a running async job (operators only): its downloads stop, its locks and staging
+        folders are released; its status then lists the items that did not finish."""
+        if isinstance(job, DeployJob):
+            job = yield job.wait()
+        answer = yield self._deploy_client().cancel_job(str(job))
+        return Text(f"job {answer['job']}: " + ("cancelled" if answer["cancelled"] else "not running here"))
 
     def cache_ls(self) -> Any:
         """The cache's entries: dependency, version, size, files, last use."""

@@ -31,7 +31,7 @@ Config (``ion.services.fetch``): the transfer settings of
 ``ion.services.deploy``, by default none), ``rpc_timeout`` (of the client).
 ``allowed_networks`` (CIDR strings, default none): the only non-global addresses
 an HTTP(S) repository may be reached at (:mod:`~ion.services.fetch.netguard`);
-read from the container's config only, never from spawn arguments.
+from the container's config, narrowed (never widened) by app config and spawn arguments.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from twisted.logger import Logger
 
 from ion.core.deferreds import observe
 from ion.core.exceptions import ConfigurationError, ReceivedError
+from ion.core.security import narrow_networks, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.spec import DeploymentItem
 from ion.services.fetch.core import Fetcher, FetchProgress, FetchRequest, RemoteCache, remote_unpack
@@ -80,9 +81,9 @@ class FetchService(ServiceProcess):
         from ion.services.unpack.service import UnpackClient
 
         self.fetch_config = FetchConfig.from_config(self.get_config)
-        # A security bound (DESIGN §10): from the container's config only, never from spawn args.
-        self.address_guard = AddressGuard.from_config(
-            self.container.config.get(CONFIG_SECTION, CONFIG_KEY, None))
+        # A security bound (DESIGN §10): the container's config, narrowed but never widened by app
+        # config and spawnargs (a spawn that would widen it fails).
+        self.address_guard = AddressGuard.from_config(self.bounded_config(CONFIG_KEY, narrow_networks, []))
         self.progress_interval = float(self.get_config("progress_interval", 0.5))
         self.allowed_file_roots = self._file_roots()
         cache = RemoteCache(CacheClient(self), self.clock)
@@ -92,11 +93,10 @@ class FetchService(ServiceProcess):
         self._inflight: set[defer.Deferred[Any]] = set()
 
     def _file_roots(self) -> list[Path]:
-        roots = self.get_config("allowed_file_repositories")
-        if roots is None:
-            roots = self.container.config.get("ion.services.deploy", "allowed_file_repositories", None)
-        if roots is None:
-            return []
+        # A security bound: the container's config (else that of ion.services.deploy), narrowed
+        # but never widened by app config and spawnargs.
+        default = self.container.config.container_get("ion.services.deploy", "allowed_file_repositories", None)
+        roots = self.bounded_config("allowed_file_repositories", narrow_roots, [] if default is None else default)
         if not isinstance(roots, (list, tuple)) or not all(isinstance(r, str) for r in roots):
             raise ConfigurationError(f"{CONFIG_SECTION}: allowed_file_repositories must be a list of folders, "
                                      f"not {roots!r}")

@@ -29,6 +29,7 @@ from typing import Any
 from twisted.internet import defer
 
 from ion.core.exceptions import ApplicationError
+from ion.core.security import narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.unpack import core
 from ion.services.unpack.core import Limits, UnpackError
@@ -60,11 +61,11 @@ class UnpackService(ServiceProcess):
     version = "0.1.0"
 
     def slc_init(self) -> None:
-        self.limits = Limits.from_config(self.get_config)
-        roots = self.get_config("allowed_roots")
-        if roots is None:
-            paths = default_allowed_roots(self.container.config)
-        elif isinstance(roots, (list, tuple)) and all(isinstance(r, str) for r in roots):
+        # Security bounds: the container's config, narrowed (never widened) by app config and spawnargs.
+        self.limits = Limits.from_config(lambda key, default: self.bounded_config(key, narrow_limit, default))
+        roots = self.bounded_config("allowed_roots", narrow_roots,
+                                    [str(p) for p in default_allowed_roots(self.container.config)])
+        if isinstance(roots, (list, tuple)) and all(isinstance(r, str) for r in roots):
             paths = [Path(r).expanduser() for r in roots]
         else:
             from ion.core.exceptions import ConfigurationError

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from ion.core.exceptions import MalformedMessageError, MessageError, MessageTooLargeError
 from ion.core.messaging import message as wire
-from ion.core.messaging.message import HEADERS, REQUIRED_HEADERS, TRANSPORT_HEADERS, Protocol
+from ion.core.messaging.message import HEADERS, REQUIRED_HEADERS, TRANSPORT_HEADERS, Performative, Protocol
 
 MAX_SIZE = 4096
 SETTINGS = settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -150,7 +150,7 @@ def built_messages(draw: st.DrawFn) -> dict[str, Any]:
         sender=draw(st.text(max_size=10)), receiver=draw(st.text(max_size=10)), op=draw(st.text(max_size=10)),
         conv_id=draw(st.text(max_size=10)), content=draw(plain), sender_name=draw(st.text(max_size=10)),
         reply_to=draw(st.none() | st.text(max_size=10)), conv_seq=draw(int64),
-        protocol=draw(st.sampled_from(sorted(Protocol.ALL))), performative=draw(st.text(max_size=10)),
+        protocol=draw(st.sampled_from(sorted(Protocol.ALL))), performative=draw(st.sampled_from(sorted(Performative.ALL))),
         status=draw(st.sampled_from(["OK", "ERROR"]) | st.text(max_size=5)), response_code=draw(int64),
         user_id=draw(st.text(max_size=10)),
         expiry=draw(st.integers(0, 2**63 - 1) | st.floats(allow_nan=False)),

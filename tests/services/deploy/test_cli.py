@@ -93,21 +93,6 @@ def test_keep_without_prune_is_refused() -> None:
     assert code == 2 and "--keep and --older-than go with --prune" in err
 
 
-def test_bad_deployment_file_lists_every_problem(tmp_path: Path) -> None:
-    """A deployment file with several mistakes: exit 2, each one named, no traceback."""
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"url": "ftp://host/x", "items": [
-        {"name": "a", "version": 1, "platform": "p", "destination": "d", "link": "false"}]}]))
-    code, out, err = run_main(str(path))
-    assert code == 2 and out == ""
-    lines = err.splitlines()
-    assert all(line.startswith("Error: ") for line in lines)
-    assert any("unknown URL scheme 'ftp:'" in line for line in lines)
-    assert any("'version' must be a string" in line for line in lines)
-    assert any("'link' must be true or false" in line for line in lines)
-    assert "Traceback" not in err
-
-
 def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
     """Invalid JSON: exit 2 naming the file, line and column; --json still prints a JSON result."""
     path = tmp_path / "broken.json"

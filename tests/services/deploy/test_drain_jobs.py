@@ -129,6 +129,35 @@ async def test_drain_waits_for_work_in_progress_then_cancels_the_rest(deploy_sys
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_operator_cancels_a_job_and_another_login_may_not(deploy_system: Any, make_repo: Any,
+                                                                  container_factory: Any, tmp_path: Path) -> None:
+    """``job_cancel`` is a control operation: a container logged in as another broker user gets a 403
+    and the job runs on; the system's own login cancels it: REMOTE_ERROR naming the unfinished items,
+    locks released, staging removed, and a second cancel answers ``cancelled: false``."""
+    from ion.testing import client_process
+
+    url, server = make_repo("http")
+    gates = {rel: server.hold(f"deps/{rel}") for rel in (TGZ, ZIP)}
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")))
+    job = await deploy_system.deploy_async(spec)
+    for rel in gates:
+        await within(server.wait_held(f"deps/{rel}"))
+    await deploy_system.events.wait(item_done(job, "linux/notes/1.0"))
+    other = await container_factory(sysname=deploy_system.container.sysname,
+                                    config={"ion.core.messaging": {"memory_user": "mallory"}})
+    outsider = await client_process(other)
+    with pytest.raises(ReceivedError) as refused:
+        await within(outsider.rpc_send(job.split("/", 1)[0], "job_cancel", {"job": job}))
+    assert refused.value.response_code == 403 and "'mallory' is not an operator" in refused.value.message
+    assert (await within(deploy_system.job_status(job)))["state"] in ("RUNNING", "PARTIAL")
+    assert await within(deploy_system.cancel_job(job)) == {"job": job, "cancelled": True}
+    status = await within(deploy_system.job_status(job))
+    assert status["state"] == "REMOTE_ERROR" and len(status["cancelled"]) == 2
+    assert await within(deploy_system.cancel_job(job)) == {"job": job, "cancelled": False}
+    await within(cleaned_up(tmp_path / "cache"))
+
+
+@pytest_twisted.ensureDeferred
 async def test_terminate_cancels_a_sync_deploy_and_tells_its_caller(container_factory: Any, make_repo: Any,
                                                                     tmp_path: Path) -> None:
     """terminate of the Deploy process (drain_timeout 0): the sync caller gets a 503 naming the cancelled item,

@@ -21,7 +21,8 @@ async def shell(container_factory: Any, tmp_path: Path) -> Any:
     """A container running deploy.app on a temp cache, and the shell's namespace in it."""
     cache_root = tmp_path / "cache"
     container = await container_factory(config={
-        "ion.services.cache": {"root": str(cache_root), "host_id": "test-host"},
+        # No scheduled reap round (the first would race the tests that show "no round yet").
+        "ion.services.cache": {"root": str(cache_root), "host_id": "test-host", "reap_interval": None},
         "ion.services.unpack": {"allowed_roots": [str(cache_root)]},
         "ion.services.fetch": {"allowed_file_repositories": [str(tmp_path)], "retry_delay": 0.0,
                                "allowed_networks": ["127.0.0.0/8", "::1/128"]},
@@ -175,3 +176,10 @@ async def test_next_deploy_catches_a_byte_flipped_through_a_link(shell: Any, tmp
     states = {r["item"]: r["state"] for r in again}
     assert states == {"noarch/hello-tools": "cached", "noarch/greetings": "cached", "noarch/motd": "downloaded"}
     assert deployed.read_bytes() == good
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_cancel_says_when_the_job_is_not_running(shell: Any) -> None:
+    """job_cancel(job) asks the instance that runs the job; one that ended (or never ran) is not cancelled."""
+    deploy = shell["container"].proc_manager.find("deploy")
+    assert await shell["job_cancel"](f"{deploy.id}/0123") == f"job {deploy.id}/0123: not running here"

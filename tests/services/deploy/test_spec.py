@@ -1,4 +1,8 @@
-"""Deployment files are read as Umpire wrote them and every problem is reported at once."""
+"""Deployment files are read as Umpire wrote them and every problem is reported at once.
+
+Bad files (invalid JSON, wrong types, missing and unknown keys, unset variables, path
+components that escape...) are cases of ``tests/hostile/deployment_files.py``.
+"""
 
 from __future__ import annotations
 
@@ -55,72 +59,10 @@ def test_umpire_example_reads_unchanged(tmp_path):
     assert dep.warnings == []
 
 
-def test_invalid_json_names_line_and_column(tmp_path):
-    """Invalid JSON is reported with its line and column."""
-    path = write(tmp_path, '[\n  {"url": "s3://b",\n   "items": [,]}\n]')
-    with pytest.raises(DeploymentError, match=r"line 3, column 14"):
-        load_deployment(path)
-
-
 def test_missing_file_is_a_clear_error(tmp_path):
     """A deployment file that does not exist is named in the error."""
     with pytest.raises(DeploymentError, match="cannot read the deployment file"):
         load_deployment(tmp_path / "nope.json")
-
-
-def test_string_false_is_an_error_naming_file_item_and_key(tmp_path):
-    """"link": "false" is an error naming the file, the item and the key, never truthy."""
-    data = [{"url": "s3://b", "items": [{"name": "zlib", "version": "1.2", "platform": "linux",
-                                          "destination": "d", "link": "false"}]}]
-    (problem,) = problems_of(data, tmp_path)
-    assert problem.startswith("d.json: repository #1 (s3://b), item #1 (zlib): 'link'")
-    assert 'the string "false"' in problem
-
-
-def test_every_problem_is_reported_at_once(tmp_path):
-    """Missing keys, mistyped versions and flags in several items are all listed."""
-    data = [
-        {"url": "s3://b", "items": [
-            {"name": "a", "platform": "p", "destination": "d"},
-            {"name": "b", "version": 1.2, "platform": "p", "destination": "d", "unpack": 1},
-        ]},
-        {"url": "ftp://x", "items": []},
-        {"items": "nope"},
-    ]
-    problems = problems_of(data, tmp_path)
-    text = "\n".join(problems)
-    assert "item #1 (a): missing 'version'" in text
-    assert "item #2 (b): 'version' must be a string, not float 1.2" in text
-    assert "item #2 (b): 'unpack' must be true or false" in text
-    assert "repository #2: unknown URL scheme 'ftp:'" in text
-    assert "repository #3: missing 'url'" in text
-    assert "repository #3: 'items' must be an array" in text
-    assert len(problems) == 6
-
-
-def test_unset_variable_in_destination_is_an_error(tmp_path):
-    """An unset $VAR (or ${VAR}) in a destination is named, never left literal."""
-    data = [{"url": "s3://b", "items": [{"name": "a", "version": "1", "platform": "p",
-                                          "destination": "${NOPE}/x/$ALSO_NOPE"}]}]
-    (problem,) = problems_of(data, tmp_path)
-    assert "$NOPE, $ALSO_NOPE" in problem
-
-
-def test_unknown_keys_are_warnings(tmp_path):
-    """Unknown keys draw a warning naming them; the item is still deployed."""
-    data = [{"url": "s3://b", "extra": 1, "items": [{"name": "a", "version": "1", "platform": "p",
-                                                      "destination": "d", "colour": "red"}]}]
-    dep = parse_deployment(data, source="d.json", cwd=tmp_path, environ={})
-    assert len(dep.items) == 1
-    assert any("'extra'" in w for w in dep.warnings) and any("'colour'" in w for w in dep.warnings)
-
-
-@pytest.mark.parametrize("bad", ["../etc", "a/b", "..", "", " "])
-def test_path_components_cannot_escape(tmp_path, bad):
-    """name, version and platform are single path components: no '/', no '..'."""
-    data = [{"url": "s3://b", "items": [{"name": bad, "version": "1", "platform": "p", "destination": "d"}]}]
-    (problem,) = problems_of(data, tmp_path)
-    assert "'name'" in problem
 
 
 def test_sha256_forms(tmp_path):
@@ -137,12 +79,6 @@ def test_sha256_forms(tmp_path):
         {"name": "b", "version": "1", "platform": "p", "destination": "d", "sha256": {"../x": good}},
     ]}]
     assert len(problems_of(bad, tmp_path)) == 2
-
-
-def test_top_level_must_be_a_nonempty_array(tmp_path):
-    """A deployment that is not an array of repositories is refused."""
-    assert "must be a JSON array" in problems_of({"url": "s3://b"}, tmp_path)[0]
-    assert "lists no repository" in problems_of([], tmp_path)[0]
 
 
 def test_repository_urls(tmp_path):

@@ -1,16 +1,16 @@
-"""The unpack core: detection, round trips, and every way an archive may try to get out."""
+"""The unpack core: detection, round trips, limits, errors, and the ways out that need a prepared target.
+
+Hostile archives (names and links out of the tree, devices, bombs, lying headers, broken
+and truncated archives, files that are no archive) are cases of ``tests/hostile/archives.py``.
+"""
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import stat
-import struct
-import tarfile
 import threading
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -120,13 +120,6 @@ def test_tar_hard_link_inside_is_kept(sandbox):
     assert result.total_bytes == 10
 
 
-def test_later_member_of_the_same_name_wins(sandbox):
-    """As with tar itself, a file listed twice ends with the later content."""
-    archive = write_tar(sandbox.archives / "d.tar", [M("a", data=b"old"), M("a", data=b"new")])
-    extract(archive, sandbox.target)
-    assert (sandbox.target / "a").read_bytes() == b"new"
-
-
 @pytest.mark.parametrize("kind", ["tgz", "zip"])
 def test_files_are_hashed_as_they_are_written(sandbox, kind):
     """result.files gives each regular file's size and sha256 as it ended on disk: a file listed
@@ -180,14 +173,6 @@ def test_deep_nesting_extracts_without_holding_a_descriptor_per_level(sandbox):
         extract(archive, sandbox.target)
     assert (sandbox.target / deep / "g").read_bytes() == b"again"
     assert max(seen) < before + 40
-    assert _open_fds() == before
-
-
-def test_no_descriptor_leaks_on_refusal(sandbox):
-    """A refused archive leaves no file descriptor open."""
-    archive = write_tar(sandbox.archives / "bad.tar", [M("a/b/c/f", data=b"x"), M("../evil", data=b"x")])
-    before = _open_fds()
-    refused(sandbox, archive, UnsafeArchiveError)
     assert _open_fds() == before
 
 
@@ -253,45 +238,6 @@ def test_tar_content_with_a_zip_suffix_and_zip_content_with_a_tar_suffix(sandbox
     assert "content is zip" in found.reason
 
 
-@pytest.mark.parametrize("name, data", [
-    ("notes.txt", b"just text\n" * 100),
-    ("tool-1.2.3", b"\x7fELF\x02\x01\x01" + bytes(600)),
-    ("data.json.gz", gzip.compress(b'{"a": 1}' * 100)),
-    ("lib.jar", zip_bytes([M("META-INF/MANIFEST.MF", data=b"Manifest-Version: 1.0\n")])),
-    ("blob.bin", tar_bytes(GOOD, "w:gz")),
-    ("empty", b""),
-])
-def test_a_non_archive_is_kept_as_is(sandbox, name, data):
-    """Files that are no archive, or whose suffix names another format (.jar, .bin), are kept."""
-    path = sandbox.archives / name
-    path.write_bytes(data)
-    sandbox.arm()
-    result = unpack(path, sandbox.target)
-    assert result.kept and result.detection.format is None
-    assert not sandbox.target.exists()
-    assert path.read_bytes() == data
-    with pytest.raises(NotAnArchiveError):
-        extract(path, sandbox.target)
-    sandbox.assert_untouched()
-
-
-@pytest.mark.parametrize("name, data", [
-    ("dep.tgz", b"this is no archive at all" * 40),
-    ("dep.zip", b"PK\x03\x04" + bytes(100)),
-    ("dep.tar.gz", b"\x1f\x8b\x08\x00garbage-garbage"),
-    ("dep.tar.xz", b""),
-    ("dep.tar.bz2", gzip.compress(b"not a tar, just compressed text " * 40)),
-])
-def test_a_name_that_claims_an_archive_over_other_content_is_corrupt(sandbox, name, data):
-    """A file named like an archive whose content is none fails, naming the file and the cause."""
-    path = sandbox.archives / name
-    path.write_bytes(data)
-    with pytest.raises(CorruptArchiveError) as info:
-        detect(path)
-    assert str(path) in str(info.value) and "corrupt archive" in str(info.value)
-    refused(sandbox, path, CorruptArchiveError)
-
-
 def test_a_fifo_is_refused_without_blocking(sandbox):
     """An archive path that is a FIFO is refused at once (never opened for a blocking read)."""
     fifo = sandbox.archives / "dep.tgz"
@@ -313,105 +259,12 @@ def test_a_missing_archive_is_an_access_error(sandbox):
 
 
 # -- paths and links -------------------------------------------------------------------
-@pytest.mark.parametrize("name, why", [
-    ("../evil", "escapes the target"),
-    ("a/../../evil", "escapes the target"),
-    ("a/../b", "has a '..' component"),
-    ("./../../../outside/secret", "escapes the target"),
-])
-@pytest.mark.parametrize("kind", ["tar", "zip"])
-def test_dotdot_names_are_refused(sandbox, name, why, kind):
-    """A member name with `..` is refused, naming the member, and nothing is written outside."""
-    members = [M("ok", data=b"fine"), M(name, data=b"pwned")]
-    archive = (write_tar(sandbox.archives / "t.tar", members) if kind == "tar"
-               else write_zip(sandbox.archives / "t.zip", members))
-    err = refused(sandbox, archive, UnsafeArchiveError)
-    assert str(err).endswith(f"member {name!r} {why}")
-    assert err.member == name and str(archive) in str(err)
-
-
-@pytest.mark.parametrize("kind", ["tar", "zip"])
-def test_absolute_names_are_refused(sandbox, kind):
-    """An absolute member name is refused (never stripped and written)."""
-    absolute = str(sandbox.root / "outside" / "evil")
-    members = [M(absolute, data=b"pwned")]
-    archive = (write_tar(sandbox.archives / "t.tar", members) if kind == "tar"
-               else write_zip(sandbox.archives / "t.zip", members))
-    err = refused(sandbox, archive, UnsafeArchiveError)
-    assert f"member {absolute!r} is an absolute path" in str(err)
-    assert not Path(absolute).exists()
-
-
-def test_zip_backslash_names_are_folders_and_cannot_escape(sandbox):
-    """Backslashes in zip names are separators: `..\\evil` is refused like `../evil`."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr(zipfile.ZipInfo("..\\evil"), b"pwned")
-    (sandbox.archives / "b.zip").write_bytes(buf.getvalue())
-    err = refused(sandbox, sandbox.archives / "b.zip", UnsafeArchiveError)
-    assert "escapes the target" in str(err)
-
-
-@pytest.mark.parametrize("link, why", [
-    ("/etc/passwd", "is a symlink to an absolute path '/etc/passwd'"),
-    ("../../outside/secret", "is a symlink to '../../outside/secret', which points outside the target"),
-    ("../..", "is a symlink to '../..', which points outside the target"),
-    ("../sub/../../x", "is a symlink to '../sub/../../x', which points outside the target"),
-])
-@pytest.mark.parametrize("kind", ["tar", "zip"])
-def test_symlinks_pointing_out_are_refused(sandbox, link, why, kind):
-    """A symlink that is absolute or leads out of the target is refused before it exists."""
-    members = [M("sub", "dir"), M("sub/l", "symlink", link=link)] if kind == "tar" else \
-        [M("sub/", "dir"), M("sub/l", "symlink", link=link)]
-    archive = (write_tar(sandbox.archives / "t.tar", members) if kind == "tar"
-               else write_zip(sandbox.archives / "t.zip", members))
-    err = refused(sandbox, archive, UnsafeArchiveError)
-    assert f"member 'sub/l' {why}" in str(err)
-    assert not (sandbox.target / "sub/l").is_symlink()
-
-
 @pytest.mark.parametrize("link", ["..", "sub/../../x", "sub/..", "./", "sub/../sub/./l2"])
 def test_relative_links_that_stay_inside_are_kept(sandbox, link):
     """`..` in a link is fine as long as the link resolves inside the target."""
     archive = write_tar(sandbox.archives / "in.tar", [M("sub", "dir"), M("sub/l", "symlink", link=link)])
     extract(archive, sandbox.target)
     assert os.readlink(sandbox.target / "sub/l") == link
-
-
-def test_a_chain_of_inside_links_that_leads_out_is_refused(sandbox):
-    """Links that each stay inside but lead out together (d/l -> .., e -> d/l/..) are refused."""
-    archive = write_tar(sandbox.archives / "chain.tar", [
-        M("d", "dir"), M("d/l", "symlink", link=".."), M("e", "symlink", link="d/l/.."),
-    ])
-    err = refused(sandbox, archive, UnsafeArchiveError)
-    assert "member 'e'" in str(err) and "points outside the target" in str(err)
-
-
-def test_a_link_made_harmful_by_a_later_link_is_refused(sandbox):
-    """A link through a path that does not exist yet is rechecked once the whole tree exists."""
-    archive = write_zip(sandbox.archives / "later.zip", [
-        M("e", "symlink", link="d/l/.."),  # d/l missing: lexically d/, inside
-        M("d/", "dir"), M("d/l", "symlink", link=".."),  # now e resolves to the target's parent
-    ])
-    err = refused(sandbox, archive, UnsafeArchiveError)
-    assert "member 'e'" in str(err) and "once the whole archive is extracted" in str(err)
-
-
-def test_a_write_through_a_symlink_is_refused(sandbox):
-    """A member below an extracted symlink is refused, even when the link points inside."""
-    archive = write_tar(sandbox.archives / "through.tar", [
-        M("real", "dir"), M("alias", "symlink", link="real"), M("alias/file", data=b"x"),
-    ])
-    err = refused(sandbox, archive, UnsafeArchiveError)
-    assert "member 'alias/file' goes through 'alias', which is a symlink" in str(err)
-    assert not (sandbox.target / "real/file").exists()
-
-
-def test_a_symlink_replaced_by_a_file_is_refused(sandbox):
-    """The classic symlink-then-file trick cannot write through the link."""
-    archive = write_tar(sandbox.archives / "swap.tar", [M("x", "symlink", link="y"), M("x", data=b"pwned")])
-    err = refused(sandbox, archive, UnsafeArchiveError)
-    assert "would replace the symlink of an earlier member with a file" in str(err)
 
 
 def test_entries_already_in_the_target_are_never_replaced(sandbox):
@@ -433,35 +286,6 @@ def test_a_symlink_already_in_the_target_is_not_followed(sandbox):
     assert "goes through 'lib', which is a symlink" in str(err)
 
 
-@pytest.mark.parametrize("link, why", [
-    ("../../outside/secret", "is a hard link to '../../outside/secret', outside the target"),
-    ("/etc/passwd", "is a hard link to an absolute path '/etc/passwd'"),
-    ("missing", "is a hard link to 'missing', which is not a file extracted before it"),
-    ("l", "is a hard link to 'l', which is not a file extracted before it"),
-])
-def test_hard_links_out_are_refused(sandbox, link, why):
-    """A hard link must name a regular file extracted earlier: never outside, never a symlink."""
-    archive = write_tar(sandbox.archives / "h.tar", [
-        M("f", data=b"f"), M("l", "symlink", link="f"), M("h", "hardlink", link=link),
-    ])
-    err = refused(sandbox, archive, UnsafeArchiveError)
-    assert f"member 'h' {why}" in str(err)
-    assert (sandbox.root / "outside" / "secret").stat().st_nlink == 1
-
-
-@pytest.mark.parametrize("kind, why", [("chr", "is a character device"), ("blk", "is a block device"),
-                                       ("fifo", "is a FIFO")])
-@pytest.mark.parametrize("fmt", ["tar", "zip"])
-def test_devices_and_fifos_are_refused(sandbox, kind, why, fmt):
-    """Device files and FIFOs are never made, in tar or zip."""
-    members = [M("dev", kind)]
-    archive = (write_tar(sandbox.archives / "d.tar", members) if fmt == "tar"
-               else write_zip(sandbox.archives / "d.zip", members))
-    err = refused(sandbox, archive, UnsafeArchiveError)
-    assert f"member 'dev' {why}" in str(err)
-    assert not (sandbox.target / "dev").exists()
-
-
 # -- limits -----------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["tar", "zip"])
 def test_too_many_members(sandbox, fmt):
@@ -477,176 +301,11 @@ def test_too_many_members(sandbox, fmt):
         assert len(sandbox.inside()) == 5
 
 
-@pytest.mark.parametrize("fmt", ["tgz", "zip"])
-def test_a_compression_bomb_over_the_size_limit(sandbox, fmt):
-    """A highly compressible member bigger than max_total_bytes is refused before it fills the disk."""
-    members = [M("bomb", data=bytes(3 * 1024 * 1024))]
-    archive = (write_tar(sandbox.archives / "b.tgz", members, "w:gz") if fmt == "tgz"
-               else write_zip(sandbox.archives / "b.zip", members))
-    assert archive.stat().st_size < 20_000
-    err = refused(sandbox, archive, ArchiveLimitError, Limits(max_total_bytes=1024 * 1024))
-    assert err.limit == "max_total_bytes" and "'bomb'" in str(err)
-    assert sum(os.lstat(sandbox.target / n).st_size for n in sandbox.inside()) <= 1024 * 1024
-
-
-@pytest.mark.parametrize("fmt", ["tgz", "tbz2", "txz", "zip"])
-def test_the_ratio_guard_stops_a_bomb_under_the_size_limit(sandbox, fmt):
-    """Past ratio_threshold, bytes written may be at most max_ratio times the archive bytes read."""
-    members = [M("a", data=os.urandom(2000)), M("bomb", data=bytes(4 * 1024 * 1024))]
-    archive = (write_zip(sandbox.archives / "b.zip", members) if fmt == "zip"
-               else write_tar(sandbox.archives / f"b.{fmt}", members, TAR_MODES[fmt]))
-    err = refused(sandbox, archive, ArchiveLimitError, Limits(max_ratio=50, ratio_threshold=256 * 1024))
-    assert err.limit == "max_ratio" and "member 'bomb'" in str(err)
-    written = sum(os.lstat(sandbox.target / n).st_size for n in sandbox.inside())
-    assert written <= 50 * archive.stat().st_size + 1024 * 1024
-
-
 def test_the_ratio_guard_lets_ordinary_archives_through(sandbox):
     """A normal archive with some compressible content passes the default ratio guard."""
     members = [M("a", data=os.urandom(300_000)), M("b", data=b"log line 42\n" * 200_000)]
     archive = write_tar(sandbox.archives / "ok.tgz", members, "w:gz")
     assert extract(archive, sandbox.target).total_bytes == 300_000 + 12 * 200_000
-
-
-def test_hard_links_count_against_the_size_limit(sandbox):
-    """Hard links cost nothing on disk here but a copy of the tree would: they count."""
-    members = [M("a", data=bytes(1000))] + [M(f"h{i}", "hardlink", link="a") for i in range(5)]
-    archive = write_tar(sandbox.archives / "h.tar", members)
-    err = refused(sandbox, archive, ArchiveLimitError, Limits(max_total_bytes=3500))
-    assert err.limit == "max_total_bytes"
-
-
-def _patch_zip_sizes(data: bytes, name: bytes, new_size: int) -> bytes:
-    """Rewrite the uncompressed size of ``name`` in its local header and central directory."""
-    out = bytearray(data)
-    local = out.find(b"PK\x03\x04")
-    assert out[local + 30:local + 30 + len(name)] == name
-    struct.pack_into("<I", out, local + 22, new_size)
-    central = out.find(b"PK\x01\x02")
-    struct.pack_into("<I", out, central + 24, new_size)
-    return bytes(out)
-
-
-def test_a_zip_header_that_lies_about_the_size_cannot_beat_the_limit(sandbox):
-    """A zip claiming 10 bytes for a 1 MiB member is refused; no more than the limit is written."""
-    data = _patch_zip_sizes(zip_bytes([M("liar", data=bytes(1024 * 1024))]), b"liar", 10)
-    (sandbox.archives / "liar.zip").write_bytes(data)
-    refused(sandbox, sandbox.archives / "liar.zip", UnpackError, Limits(max_total_bytes=1000))
-    assert all(os.lstat(sandbox.target / n).st_size <= 1000 for n in sandbox.inside())
-
-
-def _tar_with_size(real: bytes, claimed: int) -> bytes:
-    """A one-member tar whose header says ``claimed`` bytes while ``real`` follows."""
-    info = tarfile.TarInfo("liar")
-    info.size = claimed
-    header = info.tobuf(tarfile.USTAR_FORMAT)
-    pad = (-len(real)) % 512
-    return header + real + bytes(pad) + bytes(1024)
-
-
-@pytest.mark.parametrize("real, claimed, cause", [
-    (b"A" * 5000, 10_000, "unexpected end of data"),
-    (b"A" * 5000, 100, "invalid header at offset 1024"),
-])
-def test_a_tar_header_that_lies_about_the_size_is_corrupt(sandbox, real, claimed, cause):
-    """A size bigger than the data (truncated) or smaller (data read as headers) is corrupt."""
-    (sandbox.archives / "liar.tar").write_bytes(_tar_with_size(real, claimed))
-    err = refused(sandbox, sandbox.archives / "liar.tar", CorruptArchiveError)
-    assert cause in str(err) and "liar.tar" in str(err)
-
-
-def test_a_tar_header_that_asks_for_a_huge_read_is_corrupt(sandbox):
-    """A pax header claiming gigabytes is refused instead of being read into memory."""
-    info = tarfile.TarInfo("././@PaxHeader")
-    info.type = tarfile.XHDTYPE
-    info.size = 3 * 1024 ** 3
-    (sandbox.archives / "pax.tgz").write_bytes(gzip.compress(info.tobuf(tarfile.USTAR_FORMAT) + bytes(4096)))
-    err = refused(sandbox, sandbox.archives / "pax.tgz", CorruptArchiveError)
-    assert "bytes at once" in str(err)
-
-
-# -- corrupt archives --------------------------------------------------------------------
-@pytest.mark.parametrize("suffix", ["tgz", "tar.bz2", "tar.xz"])
-def test_a_truncated_compressed_tar_is_corrupt(sandbox, suffix):
-    """A compressed tar cut short fails with CorruptArchiveError naming the file."""
-    mode = {"tgz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[suffix]
-    data = tar_bytes([M("a", data=os.urandom(50_000)), M("b", data=os.urandom(50_000))], mode)
-    (sandbox.archives / f"cut.{suffix}").write_bytes(data[: len(data) * 2 // 3])
-    err = refused(sandbox, sandbox.archives / f"cut.{suffix}", CorruptArchiveError)
-    assert f"cut.{suffix}: corrupt archive" in str(err)
-
-
-def test_a_tgz_cut_inside_its_trailer_is_corrupt(sandbox):
-    """Even a tgz missing only its last bytes (CRC and length) is refused."""
-    data = tar_bytes([M("a", data=b"x" * 100)], "w:gz")
-    (sandbox.archives / "cut.tgz").write_bytes(data[:-4])
-    refused(sandbox, sandbox.archives / "cut.tgz", CorruptArchiveError)
-
-
-def test_a_tgz_with_a_bad_crc_is_corrupt(sandbox):
-    """A tgz whose gzip CRC does not match its data is refused."""
-    data = bytearray(tar_bytes([M("a", data=b"x" * 100)], "w:gz"))
-    data[-8] ^= 0xFF
-    (sandbox.archives / "crc.tgz").write_bytes(bytes(data))
-    err = refused(sandbox, sandbox.archives / "crc.tgz", CorruptArchiveError)
-    assert "CRC" in str(err)
-
-
-def test_a_plain_tar_cut_between_members_is_corrupt(sandbox):
-    """A .tar that stops after a member, without its end-of-archive blocks, is refused."""
-    data = tar_bytes([M("a", data=b"a" * 600), M("b", data=b"b")])
-    (sandbox.archives / "cut.tar").write_bytes(data[: 512 + 1024])
-    err = refused(sandbox, sandbox.archives / "cut.tar", CorruptArchiveError)
-    assert "without an end-of-archive marker" in str(err)
-
-
-def test_a_plain_tar_cut_inside_a_header_is_corrupt(sandbox):
-    """A .tar that stops inside a header is refused."""
-    data = tar_bytes([M("a", data=b"a" * 600), M("b", data=b"b")])
-    (sandbox.archives / "cut.tar").write_bytes(data[: 512 + 1024 + 100])
-    err = refused(sandbox, sandbox.archives / "cut.tar", CorruptArchiveError)
-    assert "inside a header" in str(err)
-
-
-@pytest.mark.parametrize("cut", [0.5, 0.9])
-def test_a_truncated_zip_is_corrupt(sandbox, cut):
-    """A zip missing its end (central directory) fails detection and extraction."""
-    data = zip_bytes([M("a", data=os.urandom(20_000)), M("b", data=os.urandom(20_000))])
-    (sandbox.archives / "cut.zip").write_bytes(data[: int(len(data) * cut)])
-    err = refused(sandbox, sandbox.archives / "cut.zip", CorruptArchiveError)
-    assert "cut.zip: corrupt archive" in str(err)
-
-
-def test_a_zip_with_damaged_data_is_corrupt(sandbox):
-    """A zip whose member data was damaged fails on its CRC; the error names the member."""
-    payload = b"hello world " * 1000
-    data = bytearray(zip_bytes([M("a", data=payload)], zipfile.ZIP_STORED))
-    at = data.find(b"hello world")
-    data[at + 100] ^= 0xFF
-    (sandbox.archives / "bad.zip").write_bytes(bytes(data))
-    err = refused(sandbox, sandbox.archives / "bad.zip", CorruptArchiveError)
-    assert "member 'a'" in str(err) and "CRC" in str(err)
-
-
-def test_an_encrypted_zip_member_is_refused(sandbox):
-    """Encrypted members cannot be checked or read: the archive is refused."""
-    data = bytearray(zip_bytes([M("a", data=b"secret")], zipfile.ZIP_STORED))
-    struct.pack_into("<H", data, data.find(b"PK\x03\x04") + 6, 1)
-    struct.pack_into("<H", data, data.find(b"PK\x01\x02") + 8, 1)
-    (sandbox.archives / "enc.zip").write_bytes(bytes(data))
-    err = refused(sandbox, sandbox.archives / "enc.zip", CorruptArchiveError)
-    assert "encrypted" in str(err)
-
-
-def test_a_zip_declaring_more_members_than_allowed_is_refused_before_parsing(sandbox):
-    """The end record's member count is checked before zipfile loads the directory."""
-    data = bytearray(zip_bytes([M("a", data=b"a")]))
-    eocd = data.rfind(b"PK\x05\x06")
-    struct.pack_into("<HH", data, eocd + 8, 60_000, 60_000)
-    (sandbox.archives / "many.zip").write_bytes(bytes(data))
-    err = refused(sandbox, sandbox.archives / "many.zip", ArchiveLimitError, Limits(max_members=100),
-                  format=ArchiveFormat.ZIP)
-    assert "60000 members declared" in str(err)
 
 
 # -- errors and limits ---------------------------------------------------------------------
@@ -686,11 +345,3 @@ def test_a_target_that_cannot_be_made_is_a_target_error(sandbox):
     sandbox.assert_untouched()
 
 
-def test_crafted_compression_data_is_corrupt(sandbox):
-    """Deflate data that does not decode is a CorruptArchiveError, not a crash."""
-    raw = zlib.compress(tar_bytes([M("a", data=b"a" * 5000)]))[2:-4]
-    broken = bytearray(raw)
-    broken[len(broken) // 2] ^= 0x55
-    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"
-    (sandbox.archives / "z.tgz").write_bytes(header + bytes(broken) + bytes(8))
-    refused(sandbox, sandbox.archives / "z.tgz", CorruptArchiveError)

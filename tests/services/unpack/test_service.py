@@ -22,7 +22,14 @@ def sandbox(tmp_path: Path) -> Sandbox:
     return Sandbox(tmp_path / "root")
 
 
+def _allow(container, sandbox: Sandbox) -> None:
+    """The container's own setting (the command-line layer): the sandbox may be read and written."""
+    container.config.set_command_line({"ion.services.unpack": {"allowed_roots": [str(sandbox.root)]}})
+
+
 async def _client(container, process_factory, sandbox: Sandbox, **spawnargs) -> UnpackClient:
+    _allow(container, sandbox)
+    # The spawnargs narrow the container's roots (they may never widen them).
     spawnargs.setdefault("allowed_roots", [str(sandbox.root / "archives"), str(sandbox.root / "staging")])
     await process_factory(UnpackService, **spawnargs)
     return UnpackClient(await client_process(container))
@@ -163,7 +170,9 @@ async def test_extraction_runs_in_the_blocking_pool(container, process_factory, 
 
 @pytest_twisted.ensureDeferred
 async def test_the_app_file_starts_the_service(container, sandbox):
-    """res/apps/unpack.app starts a working unpack service that reads ion.services.unpack config."""
+    """res/apps/unpack.app starts a working unpack service that reads ion.services.unpack config
+    (the app's config narrows the container's limits)."""
+    _allow(container, sandbox)
     await container.app_manager.start_app(
         "unpack", config={"ion.services.unpack": {"allowed_roots": [str(sandbox.root)], "max_members": 1}})
     client = UnpackClient(await client_process(container))
@@ -173,6 +182,27 @@ async def test_the_app_file_starts_the_service(container, sandbox):
         await client.unpack(archive, sandbox.target)
     assert "max_members = 1" in info.value.message
     assert (await client.ping())["service"] == "unpack"
+
+
+@pytest.mark.parametrize("widening", [
+    {"allowed_roots": ["/"]},
+    {"max_members": 10 ** 9},
+    {"max_total_bytes": 2 ** 62},
+])
+@pytest_twisted.ensureDeferred
+async def test_spawnargs_and_app_config_never_widen_a_bound(container, process_factory, sandbox, widening):
+    """A spawn (or an app's config) that would widen allowed_roots or a size limit is refused,
+    naming the setting; the same values narrowing the bound are taken."""
+    from ion.core.exceptions import AppError, ConfigurationError
+
+    _allow(container, sandbox)
+    with pytest.raises(ConfigurationError, match="may only be narrowed") as info:
+        await process_factory(UnpackService, **widening)
+    assert next(iter(widening)) in str(info.value) and "spawnargs" in str(info.value)
+    with pytest.raises((AppError, ConfigurationError), match="may only be narrowed"):
+        await container.app_manager.start_app("unpack", config={"ion.services.unpack": widening})
+    narrow = await process_factory(UnpackService, allowed_roots=[str(sandbox.archives)], max_members=5)
+    assert narrow.allowed_roots == [sandbox.archives.resolve()] and narrow.limits.max_members == 5
 
 
 def test_default_roots_follow_the_cache_root(monkeypatch, tmp_path):

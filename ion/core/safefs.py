@@ -1,0 +1,434 @@
+"""Writing below a root without following symbolic links (DESIGN §10).
+
+A path checked once (``realpath`` under an allowed root) and written later can
+have been swapped in between: a folder replaced by a symlink to somewhere
+else, and every write after that lands there. The cure is to never resolve a
+path by name again after the check: open the root once, then walk each
+further component with ``O_NOFOLLOW`` relative to its parent's descriptor,
+and do every write (``mkdir``, create, ``rename``, ``symlink``, ``unlink``,
+removal of a tree) with the ``dir_fd`` forms of :mod:`os`, relative to a
+descriptor so opened. A component that turns out to be a symlink is refused
+(:class:`SymlinkRefused`), never followed.
+
+:class:`SafeDir` is one such directory descriptor; its methods are the
+primitives (walk, mkdir -p, atomic write of a small file, copy of a tree,
+removal of a tree, an ``flock`` on a file in it). Linux (and other systems
+whose :mod:`os` has the ``dir_fd`` forms) only. Blocking: call from a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["SafeDir", "SymlinkRefused", "relative_parts"]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_COPY_CHUNK = 1 << 20
+
+
+class SymlinkRefused(OSError):
+    """A path component that must be a real folder or file is a symbolic link: refused, not followed."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(errno.ELOOP, "is a symbolic link and was refused (not followed)", str(path))
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return f"{self.path} is a symbolic link and was refused (not followed)"
+
+
+def relative_parts(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The components of ``path`` below ``root``, both absolute, compared lexically (``..`` folded first).
+
+    :raises ValueError: ``path`` is not ``root`` or below it.
+    """
+    # Plain string work: this runs for every item of a warm deploy.
+    p = os.path.normpath(os.fspath(path))
+    r = os.path.normpath(os.fspath(root))
+    if not p.startswith("/") or not r.startswith("/"):
+        raise ValueError(f"{path} and {root} must be absolute")
+    if p == r:
+        return ()
+    prefix = r if r.endswith("/") else r + "/"
+    if not p.startswith(prefix):
+        raise ValueError(f"{path} is not below {root}")
+    return tuple(p[len(prefix):].split("/"))
+
+
+class SafeDir:
+    """A directory opened below a root without following any symlink after the root itself.
+
+    Owns its descriptor: use it as a context manager (or call :meth:`close`).
+    Names given to its methods are single components of this folder.
+
+    :param fd: an ``O_DIRECTORY`` descriptor, now owned by this object.
+    :param path: the folder's path, for messages only (nothing is resolved by it).
+    """
+
+    def __init__(self, fd: int, path: str | os.PathLike[str]) -> None:
+        self.fd = fd
+        self._path = os.fspath(path)
+
+    @property
+    def path(self) -> Path:
+        """The folder's path, for messages (as it was walked; nothing is resolved by it)."""
+        return Path(self._path)
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open_root(cls, root: str | os.PathLike[str]) -> SafeDir:
+        """Open ``root`` itself (trusted: resolved by the caller; symlinks in it are followed)."""
+        return cls(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), root)
+
+    @classmethod
+    def open_below(cls, root: str | os.PathLike[str], path: str | os.PathLike[str], *,
+                   create: bool = False, mode: int = 0o777) -> SafeDir:
+        """Open the folder ``path`` by walking from ``root`` without following symlinks.
+
+        :param create: make missing folders (``mkdir -p``). A missing ``root`` is
+            made too, walking to it from ``/`` without following links either.
+        :raises SymlinkRefused: a component below ``root`` is a symlink.
+        :raises ValueError: ``path`` is not below ``root``.
+        """
+        parts = relative_parts(path, root)
+        try:
+            top = cls.open_root(root)
+        except FileNotFoundError:
+            if not create or os.path.normpath(os.fspath(root)) == "/":
+                raise
+            return cls.open_below("/", path, create=True, mode=mode)
+        with top:
+            return top.walk(parts, create=create, mode=mode)
+
+    def walk(self, parts: tuple[str, ...] | list[str], *, create: bool = False, mode: int = 0o777) -> SafeDir:
+        """A new :class:`SafeDir` for the folder ``parts`` below this one, no symlink followed.
+
+        :param create: make missing folders with ``mode`` (less the umask).
+        :raises SymlinkRefused: naming the first component that is a symlink.
+        :raises OSError: a component is missing (without ``create``), not a folder, or unreadable.
+        """
+        fd = os.dup(self.fd)
+        path = self._path.rstrip("/")
+        try:
+            for part in parts:
+                if part in ("", ".", "..") or "/" in part:
+                    raise ValueError(f"{part!r} is not a single path component")
+                path = f"{path}/{part}"
+                child = self._open_child(fd, part, path, create, mode)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return SafeDir(fd, path or "/")
+
+    def open_dir(self, name: str, *, create: bool = False, mode: int = 0o777) -> SafeDir:
+        """The folder ``name`` in this one (see :meth:`walk`)."""
+        return self.walk((name,), create=create, mode=mode)
+
+    @staticmethod
+    def _open_child(fd: int, part: str, path: str, create: bool, mode: int) -> int:
+        while True:
+            try:
+                return os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(part, mode, dir_fd=fd)
+                except FileExistsError:
+                    pass  # made by someone else meanwhile: open it (or find what it is)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(fd, part):
+                    raise SymlinkRefused(path) from None
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+    # -- looking -----------------------------------------------------------------------------------
+    def lstat(self, name: str) -> os.stat_result | None:
+        """``name``'s own status (a link is not followed), or None if it does not exist."""
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def exists(self, name: str) -> bool:
+        """True if ``name`` exists here (a link counts, dangling or not)."""
+        return self.lstat(name) is not None
+
+    def is_link(self, name: str) -> bool:
+        """True if ``name`` is a symlink."""
+        st = self.lstat(name)
+        return st is not None and stat.S_ISLNK(st.st_mode)
+
+    def readlink(self, name: str) -> str | None:
+        """Where the symlink ``name`` points; None if it is missing or not a symlink."""
+        try:
+            return os.readlink(name, dir_fd=self.fd)
+        except (FileNotFoundError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError) or exc.errno == errno.EINVAL:
+                return None
+            raise
+
+    def listdir(self) -> list[str]:
+        """The names in this folder."""
+        with os.scandir(self.fd) as it:
+            return [e.name for e in it]
+
+    def read_bytes(self, name: str, limit: int = 1 << 20) -> bytes | None:
+        """The content of the regular file ``name`` (up to ``limit`` bytes); None if it is missing.
+
+        :raises SymlinkRefused: ``name`` is a symlink.
+        """
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SymlinkRefused(self.path / name) from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(self.path / name))
+            chunks: list[bytes] = []
+            left = limit
+            while left > 0:
+                chunk = os.read(fd, min(left, 65536))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def realpath(self) -> Path:
+        """Where this folder really is now (``/proc/self/fd``; the path it was opened by elsewhere)."""
+        try:
+            real = os.readlink(f"/proc/self/fd/{self.fd}")
+        except OSError:
+            return Path(os.path.realpath(self.path))
+        return Path(real)
+
+    def identity(self) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of this folder."""
+        st = os.fstat(self.fd)
+        return st.st_dev, st.st_ino
+
+    # -- writing ---------------------------------------------------------------------------------
+    def mkdir(self, name: str, mode: int = 0o777) -> None:
+        """Make the folder ``name`` here."""
+        os.mkdir(name, mode, dir_fd=self.fd)
+
+    def symlink(self, target: str | os.PathLike[str], name: str) -> None:
+        """Make the symlink ``name`` here, pointing at ``target``."""
+        os.symlink(target, name, dir_fd=self.fd)
+
+    def rename(self, src: str, dst: str, *, into: SafeDir | None = None) -> None:
+        """Rename ``src`` (here) to ``dst`` (here or in ``into``), failing if ``dst`` is a non-empty folder."""
+        os.rename(src, dst, src_dir_fd=self.fd, dst_dir_fd=(into or self).fd)
+
+    def replace(self, src: str, dst: str, *, into: SafeDir | None = None) -> None:
+        """Rename ``src`` over ``dst`` (atomically replacing a file or link)."""
+        os.replace(src, dst, src_dir_fd=self.fd, dst_dir_fd=(into or self).fd)
+
+    def unlink(self, name: str, *, missing_ok: bool = True) -> None:
+        """Remove the file or link ``name``."""
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def remove(self, name: str) -> None:
+        """Remove ``name``, a file, a link (never what it points to) or a whole tree, read-only parts included."""
+        st = self.lstat(name)
+        if st is None:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            self.unlink(name)
+            return
+        _rmtree_at(self.fd, name, self.path / name)
+
+    def create_file(self, name: str, mode: int = 0o666) -> int:
+        """A new file ``name`` here (``O_CREAT|O_EXCL|O_NOFOLLOW``), open for writing; the caller closes it."""
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                       dir_fd=self.fd)
+
+    def write_atomic(self, name: str, data: bytes, mode: int = 0o666) -> None:
+        """Write ``name`` whole or not at all: a new temp file beside it, renamed over it.
+
+        The temp name starts with ``.`` and ends ``.tmp``; ``mode`` is less the umask.
+        """
+        tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+        fd = self.create_file(tmp, mode)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            self.replace(tmp, name)
+        except BaseException:
+            self.unlink(tmp)
+            raise
+
+    def copy_tree(self, src: str | os.PathLike[str], name: str) -> None:
+        """Copy ``src`` (a file, link or tree, walked without following links) to the new ``name`` here.
+
+        Links are copied as links; files and folders keep their mode and times.
+        ``name`` must not exist.
+        """
+        src_path = Path(src)
+        with SafeDir.open_root(src_path.parent) as parent:
+            _copy_at(parent.fd, src_path.name, self.fd, name, src_path)
+
+    @contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """Hold an exclusive ``flock`` on the file ``name`` here (made if missing, never followed).
+
+        Opened read-only (anyone who may read the folder can lock it) and non-blocking
+        (a FIFO planted at the name cannot hang the open; it is refused as not a file).
+        """
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666,
+                         dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SymlinkRefused(self.path / name) from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file; cannot lock it", str(self.path / name))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the descriptor (again: no-op)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> SafeDir:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafeDir({self._path!r}, fd={self.fd})"
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _rmtree_at(dir_fd: int, name: str, path: Path) -> None:
+    """Remove the folder ``name`` of ``dir_fd`` and all below it, by descriptors (no link followed)."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped for a link or file meanwhile: just that
+            os.unlink(name, dir_fd=dir_fd)
+            return
+        if exc.errno != errno.EACCES:
+            raise
+        # An unreadable folder (a copy of a read-only tree): made ours again through an O_PATH
+        # descriptor, which names that very folder (a link in its place would have failed above).
+        handle = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.chmod(f"/proc/self/fd/{handle}", stat.S_IRWXU)
+        finally:
+            os.close(handle)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)  # a read-only folder of a copy
+        with os.scandir(fd) as it:
+            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for child, is_dir in children:
+            if is_dir:
+                _rmtree_at(fd, child, path / child)
+            else:
+                try:
+                    os.unlink(child, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def _copy_at(src_dir: int, src_name: str, dst_dir: int, dst_name: str, src_path: Path) -> None:
+    """Copy ``src_name`` of ``src_dir`` to the new ``dst_name`` of ``dst_dir``, by descriptors."""
+    st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src_name, dir_fd=src_dir), dst_name, dir_fd=dst_dir)
+        return
+    if stat.S_ISDIR(st.st_mode):
+        sfd = os.open(src_name, _DIR_FLAGS, dir_fd=src_dir)
+        try:
+            os.mkdir(dst_name, 0o700, dir_fd=dst_dir)
+            dfd = os.open(dst_name, _DIR_FLAGS, dir_fd=dst_dir)
+            try:
+                with os.scandir(sfd) as it:
+                    children = sorted(e.name for e in it)
+                for child in children:
+                    _copy_at(sfd, child, dfd, child, src_path / child)
+                os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+                os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "neither a file, a folder nor a link; not copied", str(src_path))
+    sfd = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    try:
+        dfd = os.open(dst_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                      dir_fd=dst_dir)
+        try:
+            _copy_data(sfd, dfd)
+            os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _copy_data(src: int, dst: int) -> None:
+    """All of ``src`` into ``dst`` (in the kernel where it can)."""
+    try:
+        while True:
+            n = os.sendfile(dst, src, None, _COPY_CHUNK)
+            if n == 0:
+                return
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS) or os.lseek(dst, 0, os.SEEK_CUR) != 0:
+            raise
+    while True:
+        chunk = os.read(src, _COPY_CHUNK)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view):]

@@ -1,0 +1,90 @@
+"""Every hostile message of ``messages.py``, published raw to a service on the embedded broker.
+
+Each case runs on a fresh :class:`~ion.testing.ClockedSystem` (``memory://`` broker,
+time moves only when pumped): the reply code or the drop, the log line, the op never
+called, and the service still ACTIVE and answering afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+from ion.core.lifecycle import State
+from ion.core.messaging.message import Performative
+from ion.core.messaging.transport import Properties
+from ion.core.process import Process
+from ion.testing import ClockedSystem
+from tests.core.support import EchoService, Probe, logged
+from tests.hostile.messages import CASES, DROPPED, MAX_MESSAGE_SIZE, PROBE, TARGET, USER, Case, body_of
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[dict[str, Any]]]:
+    """Every log event published while the test runs."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
+def _param(case: Case) -> Any:
+    marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
+    return pytest.param(case, id=case.id, marks=marks)
+
+
+def test_case_ids_are_unique() -> None:
+    ids = [case.id for case in CASES]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("case", [_param(case) for case in CASES])
+def test_hostile_message(case: Case, log_events: list[dict[str, Any]]) -> None:
+    system = ClockedSystem(config={"ion.core.messaging": {"max_message_size": MAX_MESSAGE_SIZE}})
+    svc = system.spawn(EchoService)
+    assert isinstance(svc, EchoService) and svc.service_name == TARGET
+    probe = Probe(system.container, PROBE)
+    props = Properties(reply_to=case.reply_to, correlation_id=case.correlation_id)
+    system.result(system.container.transport.publish(system.container.exchange_name, svc.resolve(TARGET),
+                                                     body_of(case), props))
+    system.pump()
+    user = system.container.transport.user
+
+    def own(value: Any) -> Any:
+        return value.replace(USER, user) if isinstance(value, str) else value
+
+    if case.expect == DROPPED:
+        assert probe.received == []
+        assert case.log, "a dropped message must leave a log line"
+    else:
+        [reply] = probe.received
+        assert reply["response-code"] == case.expect, reply
+        assert reply["conv-id"] == case.correlation_id
+        if case.expect == 200:
+            assert reply["status"] == "OK"
+            for key, value in (case.content or {}).items():
+                assert reply["content"][key] == own(value), reply["content"]
+        else:
+            assert reply["status"] == "ERROR"
+            assert reply["performative"] == Performative.FAILURE
+            assert reply["content"]["error"] == case.error, reply["content"]
+            assert case.message in reply["content"]["message"], reply["content"]
+    if case.log:
+        fragments = [own(fragment) for fragment in case.log]
+        assert len(logged(log_events, fragments[0])) == 1, [e.get("log_format") for e in log_events]
+        assert len(logged(log_events, *fragments)) == 1, [e.get("log_format") for e in log_events]
+    if case.expect != 200:
+        assert svc.calls == []
+
+    # Still there: ACTIVE, and a well-formed request is answered.
+    assert svc.state is State.ACTIVE
+    client = system.spawn(Process, name="checker")
+    content, _ = system.result(client.rpc_send(svc.id, "ping", "still there?"))
+    assert content["pong"] == "still there?"
+    content, _ = system.result(client.rpc_send(TARGET, "echo", "and serving"))
+    assert content == "and serving"

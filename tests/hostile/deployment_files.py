@@ -116,9 +116,7 @@ CASES: list[Case] = [
                                                    for key in ("name", "version", "platform", "destination"))),
     Case("repository-with-no-items", doc(repo(items=[])), items=0),
     Case("json-duplicate-key", doc().replace('"name": "zlib",', '"link": false, "link": true, "name": "zlib",'),
-         (f"{_I1}: 'link'",),
-         xfail="json.loads keeps the last of duplicate keys without a word: the file says \"link\": false "
-               "and the item is deployed with link true"),
+         (f"{_I1}: 'link' is given more than once",)),
     # -- wrong types ---------------------------------------------------------------------------------
     Case("link-string-false", doc(repo(item(link="false"))),
          (f"{_I1}: 'link' must be true or false (a JSON boolean), not the string \"false\"",)),
@@ -163,15 +161,14 @@ CASES: list[Case] = [
     Case("destination-absolute", doc(repo(item(destination="/opt/tools"))), items=1),
     Case("destination-dotdot", doc(repo(item(destination="../../elsewhere"))), items=1),
     # -- repositories a file must not make us fetch from -------------------------------------------------
-    Case("url-cloud-metadata", doc(repo(url="http://169.254.169.254/latest/meta-data")), ("169.254.169.254",),
-         xfail="by design (issue 12): the parser and ion-deploy in process accept any address (the user "
-               "may fetch what they can); a deployment by message is refused by the Deploy and Fetch "
-               "services (403, allowed_networks of ion.services.fetch: tests/hostile/test_fetch.py)"),
+    # The parser and ion-deploy in process accept any address (the user may fetch what they can);
+    # a deployment by message naming it is refused by the Deploy and Fetch services (403,
+    # allowed_networks of ion.services.fetch: tests/hostile/test_fetch.py).
+    Case("url-cloud-metadata", doc(repo(url="http://169.254.169.254/latest/meta-data")), items=1),
     # -- several items -------------------------------------------------------------------------------
     Case("two-versions-to-one-destination",
-         doc(repo(item(version="1.2"), item(version="1.3"))), ("item #2 (zlib)",),
-         xfail="two versions of one name into one destination are both accepted without a word, and "
-               "placed one after the other into the same destination"),
+         # Placed in turn, the last in the file wins (tests/services/deploy/test_core.py).
+         doc(repo(item(version="1.2"), item(version="1.3"))), items=2),
     Case("every-problem-at-once", json.dumps([
         {"url": "s3://b", "items": [
             {"name": "a", "platform": "p", "destination": "d"},

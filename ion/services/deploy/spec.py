@@ -193,7 +193,8 @@ def _describe(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return f"{type(value).__name__} {json.dumps(value) if isinstance(value, (int, float)) else '...'}"
+    kind = "dict" if isinstance(value, dict) else type(value).__name__
+    return f"{kind} {json.dumps(value) if isinstance(value, (int, float)) else '...'}"
 
 
 def _check_component(key: str, value: Any, where: str, problems: list[str]) -> str | None:
@@ -232,6 +233,25 @@ def _check_sha256(value: Any, where: str, problems: list[str]) -> str | dict[str
     return None
 
 
+class _JsonObject(dict[str, Any]):
+    """A JSON object that remembers the keys it was given more than once (json keeps the last)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj = _JsonObject(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj.duplicates = tuple(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return obj
+
+
+def _check_duplicates(obj: Any, where: str, problems: list[str]) -> None:
+    for key in getattr(obj, "duplicates", ()):
+        problems.append(f"{where}: {key!r} is given more than once (which one would count?)")
+
+
 def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path | None = None,
                      cwd: Path | None = None, environ: Mapping[str, str] | None = None,
                      expand: bool = True) -> Deployment:
@@ -259,6 +279,7 @@ def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path 
         if not isinstance(repo, dict):
             problems.append(f"{rwhere}: must be an object with 'url' and 'items'")
             continue
+        _check_duplicates(repo, rwhere, problems)
         for key in repo:
             if key not in ("url", "items"):
                 warnings.append(f"{rwhere}: unknown key {key!r} ignored")
@@ -284,6 +305,7 @@ def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path 
                 problems.append(f"{where}: must be an object")
                 continue
             before = len(problems)
+            _check_duplicates(item, where, problems)
             for key in item:
                 if key not in ITEM_KEYS:
                     warnings.append(f"{where}: unknown key {key!r} ignored")
@@ -401,7 +423,7 @@ def load_deployment(path: str | Path, *, cwd: Path | None = None, environ: Mappi
     except UnicodeDecodeError as exc:
         raise DeploymentError(source, [f"{source}: cannot read the deployment file: {exc}"]) from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_json_object)
     except json.JSONDecodeError as exc:
         raise DeploymentError(source, [f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
                                        f"{exc.msg}"]) from None

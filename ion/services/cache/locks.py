@@ -10,7 +10,12 @@ Two levels (DESIGN §8, "Locks"):
   ``host_id::pid::started`` (``started``: wall-clock seconds, 6 decimals),
   written with one ``write`` right after creation. ``O_EXCL`` creation is
   atomic on local filesystems and on NFSv3 and later (Linux clients since
-  2.6), the default (``lock_method: excl``). Where it is not (NFSv2, some
+  2.6), the default (``lock_method: excl``). Where the filesystem has
+  ``O_TMPFILE`` (Linux: ext4, xfs, btrfs, tmpfs...), ``excl`` writes the
+  content into an unnamed file first and links it to the lock name
+  (``linkat``, exclusive like ``O_EXCL``), so the lock file is never seen
+  empty and a kill at any moment leaves either no file or a whole one;
+  elsewhere (NFS) it is ``O_EXCL`` then the write. Where it is not (NFSv2, some
   FUSE filesystems), ``lock_method: link`` creates the lock the classic
   NFS-safe way: the content goes to a unique hidden file beside the lock,
   which is hard-linked to the lock name; the lock is ours exactly when that
@@ -115,6 +120,8 @@ EMPTY_GRACE: Final = 10.0
 _INIT_PID_NS: Final = 0xEFFFFFFC
 _O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
+_O_DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
 
 
 def _check_host_id(value: str, source: str) -> str:
@@ -335,7 +342,46 @@ def _observe(path: Path) -> _Observed | None:
     return _Observed(raw, st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
+_UNSUPPORTED: Final = "unsupported"
+
+
+def _create_unnamed(path: Path, content: bytes, now: float) -> tuple[int, int] | str | None:
+    """Like :func:`_create`, never visible without its content: an unnamed file (``O_TMPFILE``) is
+    written, then linked to the lock name (``linkat``, which fails if the name exists). A process
+    killed at any point leaves nothing: the unnamed file goes with its last descriptor.
+    ``_UNSUPPORTED`` where the filesystem or the system has no such thing (NFS, FUSE, not Linux)."""
+    if not _O_TMPFILE or os.link not in os.supports_dir_fd:
+        return _UNSUPPORTED
+    folder = os.open(path.parent, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)  # FileNotFoundError: made by the caller
+    try:
+        try:
+            fd = os.open(path.parent, os.O_WRONLY | _O_TMPFILE | _O_CLOEXEC, 0o644)
+        except OSError:
+            return _UNSUPPORTED  # EOPNOTSUPP (the filesystem), EISDIR or EINVAL (the kernel)
+        try:
+            os.write(fd, content)
+            os.utime(fd, (now, now))
+            try:
+                # linkat(AT_FDCWD, "/proc/self/fd/N", folder, name, AT_SYMLINK_FOLLOW): fails if the name
+                # exists, like O_EXCL. (A dir fd makes CPython call linkat; link() would give EXDEV.)
+                os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=folder, follow_symlinks=True)
+            except FileExistsError:
+                return None
+            except OSError:
+                return _UNSUPPORTED  # no /proc, or a filesystem that links no unnamed file
+            st = os.fstat(fd)
+            return st.st_dev, st.st_ino
+        finally:
+            os.close(fd)
+    finally:
+        os.close(folder)
+
+
 def _create(path: Path, content: bytes, now: float) -> tuple[int, int] | None:
+    made = _create_unnamed(path, content, now)
+    if made != _UNSUPPORTED:
+        return made  # type: ignore[return-value]
+    # O_EXCL, then the content: a file seen empty is one being written (or its writer died: EMPTY_GRACE).
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
     except FileExistsError:

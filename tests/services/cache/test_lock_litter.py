@@ -24,10 +24,14 @@ import time
 import types
 from pathlib import Path
 
+import pytest
+
 from ion.services.cache import locks
 from ion.services.cache.locks import LockHolder, debris_tag
 
-from .conftest import fired, messages, put, write_lock
+from ion.services.cache.errors import LockTimeoutError
+
+from .conftest import failure_of, fired, messages, put, write_lock
 
 
 def dead_pid() -> int:
@@ -173,3 +177,44 @@ def test_files_moved_aside_are_named_after_their_maker(cache, key, clock, monkey
     m = locks._DEBRIS.match(renamed[0].name)
     assert m is not None and m["lock"] == lock.path.name
     assert f"{m['host']}-{m['pid']}" == debris_tag("host-a", os.getpid())
+
+
+def test_excl_lock_file_is_never_seen_empty(cache, key, monkeypatch):
+    """lock_method excl: when the content is written, the lock name does not exist yet (on a filesystem
+    with O_TMPFILE), so a process killed between creating the lock and writing it leaves no empty lock
+    file (which the next run could only take over after EMPTY_GRACE)."""
+    if not getattr(os, "O_TMPFILE", 0):
+        pytest.skip("no O_TMPFILE on this system")
+    path = cache.lock_path(key)
+    seen: list[bool] = []
+    real_write = os.write
+
+    def spy(fd, data):
+        if b"::" in bytes(data):
+            seen.append(os.path.lexists(path))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(locks.os, "write", spy)
+    lock = fired(cache.lock(key))
+    monkeypatch.setattr(locks.os, "write", real_write)
+    assert seen == [False]
+    assert path.read_bytes() == lock.holder.render().encode() and os.stat(path).st_nlink == 1
+    fired(cache.unlock(lock))
+    assert litter(path) == []
+
+
+def test_excl_falls_back_to_o_excl_without_o_tmpfile(make_cache, key, clock, monkeypatch):
+    """Where there is no O_TMPFILE (NFS, other systems), excl is O_EXCL then the write, as before:
+    one holder at a time, and a dead holder's lock is taken over."""
+    monkeypatch.setattr(locks, "_O_TMPFILE", 0)
+    a, b = make_cache("host-a"), make_cache("host-b")
+    lock = fired(a.lock(key))
+    assert fired(a.locks.check(lock))
+    failure_of(b.lock(key, timeout=0), LockTimeoutError)
+    assert litter(lock.path) == [lock.path.name]
+    fired(a.unlock(lock))
+    write_lock(a.lock_path(key), holder("host-a", dead_pid()), clock.seconds())
+    again = fired(a.lock(key, timeout=0))
+    assert again.active
+    fired(a.unlock(again))
+    assert litter(again.path) == []

@@ -379,8 +379,8 @@ def _create_unnamed(path: Path, content: bytes, now: float) -> tuple[int, int] |
 
 def _create(path: Path, content: bytes, now: float) -> tuple[int, int] | None:
     made = _create_unnamed(path, content, now)
-    if made != _UNSUPPORTED:
-        return made  # type: ignore[return-value]
+    if not isinstance(made, str):
+        return made
     # O_EXCL, then the content: a file seen empty is one being written (or its writer died: EMPTY_GRACE).
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)

@@ -27,9 +27,8 @@ from pathlib import Path
 import pytest
 
 from ion.services.cache import locks
-from ion.services.cache.locks import LockHolder, debris_tag
-
 from ion.services.cache.errors import LockTimeoutError
+from ion.services.cache.locks import LockHolder, debris_tag
 
 from .conftest import failure_of, fired, messages, put, write_lock
 

@@ -16,6 +16,7 @@ measured on the lock file itself (see :func:`test_sigkill_mid_deploy_recovers`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -389,13 +390,14 @@ class PublishWatch:
     deleted, as a download folder is once unpacked).
     """
 
-    def __init__(self, cache: Path, n: int, kill: Callable[[], object]) -> None:
+    def __init__(self, cache: Path, n: int) -> None:
         from twisted.internet import inotify
         from twisted.python.filepath import FilePath
 
         self.n = n
         self.seen = 0
-        self.kill = kill
+        #: Set to the kill once the process is spawned (the watch is set up before, to miss nothing).
+        self.kill: Callable[[], object] | None = None
         self.killed: defer.Deferred[None] = defer.Deferred()
         self._inotify = inotify
         self.notifiers: list[Any] = []
@@ -421,6 +423,7 @@ class PublishWatch:
         if (name if isinstance(name, bytes) else name.encode()) == ENTRY_FILE.encode():
             self.seen += 1
             if self.seen == self.n and not self.killed.called:
+                assert self.kill is not None
                 self.kill()
                 self.killed.callback(None)
 
@@ -482,8 +485,10 @@ async def test_sigkill_mid_deploy_recovers(tmp_path: Path, http_repository: Any,
             # Kill the moment the n-th entry is published: mostly before its lock is released.
             n = rng.randint(1, 3)
             point = f"at the publish of entry {n}"
-            publish = PublishWatch(cache, n, lambda: victim.transport.signalProcess("KILL"))
+            publish = PublishWatch(cache, n)
             victim = spawn_deploy(f"round {rnd}: killed deploy", deployment, cache, host, tmp_path, home)
+            assert victim.transport is not None
+            publish.kill = functools.partial(victim.transport.signalProcess, "KILL")
             try:
                 await within(defer.DeferredList([publish.killed, victim.ended], fireOnOneCallback=True,
                                                 consumeErrors=True), WAIT)

@@ -86,6 +86,7 @@ from ion.services.cache.locks import (
     CacheLock,
     LockTable,
     _litter_present,
+    debris_lock_name,
     pid_alive,
     resolve_host_id,
 )
@@ -419,9 +420,11 @@ class _Found:
 
 
 def _scan(root: Path) -> tuple[list[_Found], list[Path]]:
-    """Every entry folder (complete or not) and every lock file under ``root``."""
+    """Every entry folder (complete or not) and every lock file under ``root`` (and the lock
+    path of every temporary file of a lock, which a dead process may have left without one)."""
     found: list[_Found] = []
     locks: list[Path] = []
+    seen: set[Path] = set()
     for repo in _dirs(str(root)):
         if repo.name in (STAGING, QUARANTINE):
             continue
@@ -430,8 +433,12 @@ def _scan(root: Path) -> tuple[list[_Found], list[Path]]:
                 with os.scandir(name.path) as it:
                     children = list(it)
                 for child in children:
-                    if child.is_file(follow_symlinks=False) and child.name.endswith(LOCK_SUFFIX):
-                        locks.append(Path(child.path))
+                    if child.is_file(follow_symlinks=False):
+                        lock_name = child.name if child.name.endswith(LOCK_SUFFIX) else debris_lock_name(child.name)
+                        lock_path = Path(name.path) / lock_name if lock_name else None
+                        if lock_path is not None and lock_path not in seen:
+                            seen.add(lock_path)
+                            locks.append(lock_path)
                     if not child.is_dir(follow_symlinks=False):
                         continue
                     try:

@@ -105,6 +105,7 @@ __all__ = [
     "resolve_host_id",
     "pid_alive",
     "debris_tag",
+    "debris_lock_name",
     "LOCK_METHODS",
 ]
 
@@ -219,6 +220,19 @@ def _is_litter(lock_name: str, name: str) -> bool:
     """Whether ``name`` (in the lock's folder) is the lock file or one of its temporary files,
     in this version's naming or an earlier one's (``.<lock>.<hex>``, ``<lock>.stale-<hex>``)."""
     return name == lock_name or name.startswith(f".{lock_name}.") or name.startswith(f"{lock_name}.stale-")
+
+
+_OLD_TMP: Final = re.compile(r"^\.(?P<lock>.+)\.[0-9a-f]{16}$")
+_OLD_ASIDE: Final = re.compile(r"^(?P<lock>.+)\.stale-[0-9a-f]{12}$")
+
+
+def debris_lock_name(name: str, suffix: str = ".lock") -> str | None:
+    """The name of the lock file whose temporary or moved-aside file ``name`` is, or None."""
+    for pattern in (_DEBRIS, _OLD_TMP, _OLD_ASIDE):
+        m = pattern.match(name)
+        if m is not None and m["lock"].endswith(suffix):
+            return m["lock"]
+    return None
 
 
 def _litter_present(path: Path) -> bool:

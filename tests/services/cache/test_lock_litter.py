@@ -217,3 +217,26 @@ def test_excl_falls_back_to_o_excl_without_o_tmpfile(make_cache, key, clock, mon
     assert again.active
     fired(a.unlock(again))
     assert litter(again.path) == []
+
+
+def test_prune_and_clear_sweep_temporary_files_left_without_a_lock_file(cache, key, clock):
+    """Killed after creating the link method's content file and before linking it (no lock file): no
+    deploy of that entry may come again, so prune, clear and the reaper's rounds sweep it."""
+    put(cache, key)
+    path = cache.lock_path(key)
+    pid = dead_pid()
+    files = [debris(path, "host-a", pid, "tmp"), debris(path, "host-a", pid, "stale")]
+    report = fired(cache.prune())
+    assert report.removed == [] and not any(f.exists() for f in files)
+    debris(path, "host-a", pid, "tmp")
+    fired(cache.clear())
+    assert not path.parent.exists() or litter(path) == []
+
+
+def test_debris_lock_name():
+    """Which lock file a temporary file belongs to, in this naming and an earlier one's."""
+    assert locks.debris_lock_name(".1.0.lock.0123abcd-17.00112233aabb.tmp") == "1.0.lock"
+    assert locks.debris_lock_name(".1.0~packed.lock.0123abcd-17.00112233aabb.stale") == "1.0~packed.lock"
+    assert locks.debris_lock_name(".1.0.lock.0123456789abcdef") == "1.0.lock"
+    assert locks.debris_lock_name("1.0.lock.stale-0123456789ab") == "1.0.lock"
+    assert locks.debris_lock_name("1.0.tar.gz") is None and locks.debris_lock_name(".entry") is None

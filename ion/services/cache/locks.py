@@ -245,9 +245,9 @@ def _litter_present(path: Path) -> bool:
 
 def _sweep(path: Path, host_tag: str, max_age: float) -> list[Path]:
     """Remove what killed processes left beside the lock file ``path``: temporary and moved-aside
-    files of a dead pid of this host at once, others (another host's, or unnamed) once their
-    ctime (set by the create or the rename that made them) is older than ``max_age`` seconds.
-    Never the lock file itself, never a file of a live local process (it may be mid-step)."""
+    files of a dead pid of this host (or of an earlier process that had our pid) at once, any
+    other once its ctime (set by the create or the rename that made it) is older than ``max_age``
+    seconds -- such a file lives microseconds in a live process. Never the lock file itself."""
     removed: list[Path] = []
     try:
         names = os.listdir(path.parent)
@@ -264,12 +264,15 @@ def _sweep(path: Path, host_tag: str, max_age: float) -> list[Path]:
             continue
         if not stat.S_ISREG(st.st_mode):
             continue
-        if m is not None and m["lock"] == path.name and m["host"] == host_tag:
+        if time.time() - st.st_ctime <= max_age:
+            if m is None or m["lock"] != path.name or m["host"] != host_tag:
+                continue  # another host's, or unnamed: by age only
             pid = int(m["pid"])
-            if pid == os.getpid() or pid_alive(pid):
-                continue
-        elif time.time() - st.st_ctime <= max_age:
-            continue
+            if pid == os.getpid():
+                if st.st_ctime >= PROCESS_STARTED:
+                    continue  # this process's, mid-step in another thread
+            elif pid_alive(pid):
+                continue  # a live process's, mid-step
         try:
             os.unlink(full)
         except FileNotFoundError:

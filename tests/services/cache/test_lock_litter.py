@@ -240,3 +240,19 @@ def test_debris_lock_name():
     assert locks.debris_lock_name(".1.0.lock.0123456789abcdef") == "1.0.lock"
     assert locks.debris_lock_name("1.0.lock.stale-0123456789ab") == "1.0.lock"
     assert locks.debris_lock_name("1.0.tar.gz") is None and locks.debris_lock_name(".entry") is None
+
+
+def test_temporary_files_of_a_live_pid_go_once_older_than_lock_timeout(make_cache, key, clock, monkeypatch):
+    """A temporary file lives microseconds in a live process: one of a live pid (reused by another
+    process since) older than lock_timeout is debris too. Our own pid's recent ones stay."""
+    cache = make_cache("host-a")
+    put(cache, key)
+    path = cache.lock_path(key)
+    reused = debris(path, "host-a", os.getppid(), "stale")
+    ours = debris(path, "host-a", os.getpid(), "tmp")
+    fired(cache.lookup(key))
+    assert reused.exists() and ours.exists()
+    later = time.time() + cache.lock_timeout + 1
+    monkeypatch.setattr(locks, "time", types.SimpleNamespace(time=lambda: later))
+    fired(cache.lookup(key))
+    assert litter(path) == []

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.core.test_tap -*-
+# -*- test-case-name: tests.core.test_tap,tests.core.test_log -*-
 """Per-module log levels for the container (``res/logging/loglevels.config``).
 
 The file is a dict literal of namespace prefix → level name (``debug``,

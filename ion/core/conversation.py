@@ -31,6 +31,7 @@ from ion.core.exceptions import (
     IllegalStateError,
     received_error_for,
 )
+from ion.core.log import LogLimiter
 from ion.core.messaging.message import Performative, Protocol
 
 __all__ = ["Conversation", "ConversationTable", "ResponderConversation", "RpcResult", "REPLY_PERFORMATIVES"]
@@ -141,7 +142,8 @@ class Conversation:
             return
         new = self._transitions.get((self.state, name))
         if new is None:
-            _log.warn(
+            self.table.log_limiter.warn(
+                _log, ("unexpected-event", self.table.process.id),
                 "{conv}: unexpected {event!r} from {sender}, dropped",
                 conv=self, event=name, sender=(msg or {}).get("sender"),
             )
@@ -277,6 +279,8 @@ class ConversationTable:
     def __init__(self, process: Any, clock: IReactorTime) -> None:
         self.process = process
         self.clock = clock
+        #: The process's limiter of per-message log lines (late replies, unexpected events), or one of our own.
+        self.log_limiter: LogLimiter = getattr(process, "log_limiter", None) or LogLimiter(clock)
         self.initiated: dict[str, Conversation] = {}
         self.responding: dict[str, ResponderConversation] = {}
         self._ids: Iterator[int] = itertools.count(1)
@@ -334,7 +338,8 @@ class ConversationTable:
 
     def _late(self, msg: dict[str, Any]) -> None:
         self.late_messages += 1
-        _log.info(
+        self.log_limiter.info(
+            _log, ("late-reply", self.process.id),
             "{pid}: late {performative} from {sender} for unknown conversation {conv_id} (op {op!r}), dropped",
             pid=self.process.id, performative=msg["performative"], sender=msg.get("sender"),
             conv_id=msg["conv-id"], op=msg.get("op"),

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.core.test_tap -*-
+# -*- test-case-name: tests.core.test_tap,tests.core.test_log -*-
 """Per-module log levels for the container (``res/logging/loglevels.config``).
 
 The file is a dict literal of namespace prefix → level name (``debug``,
@@ -11,20 +11,30 @@ falls back to ``ion.core.messaging``, then ``ion.core``, then ``ion``).
 Under ``twistd``, :mod:`ion.core.tap` names :func:`stdout_observer` as the
 ``--logger`` factory when the user chose no ``--logfile``, ``--logger`` or
 ``--syslog``, so the container's log goes to stdout through the filter.
+
+:class:`LogLimiter` keeps what a peer can make us log per message (garbage,
+expired messages, unknown ops, late replies) to one line per *kind* per
+interval: the first of a kind is logged at once, the others of its interval
+are counted, and when the interval ends (one timer for the whole limiter,
+armed only while something is counted) a line says how many were not logged,
+with the last of them as the example. ``flush()`` says it at once (terminate).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, Final, cast
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
     FilteringLogObserver,
     ILogFilterPredicate,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     textFileLogObserver,
@@ -40,6 +50,7 @@ __all__ = [
     "level_predicate",
     "filtered_observer",
     "stdout_observer",
+    "LogLimiter",
 ]
 
 #: Environment variable naming a log-levels file to use instead of the shipped one.
@@ -111,3 +122,130 @@ def stdout_observer(stream: IO[str] | None = None) -> FilteringLogObserver:
     """The ``twistd --logger`` factory: text lines on stdout, filtered by module level."""
     text = cast(ILogObserver, textFileLogObserver(stream if stream is not None else sys.stdout))
     return filtered_observer(text)
+
+
+# -- rate limiting ---------------------------------------------------------------------------------------
+#: Seconds of one window of :class:`LogLimiter`: one line per kind per window.
+LIMIT_INTERVAL: Final = 10.0
+#: Kinds a :class:`LogLimiter` tracks at most; beyond, new kinds share one window.
+LIMIT_MAX_KINDS: Final = 1000
+_OVERFLOW: Final = ("ion.core.log", "other kinds")
+
+
+@dataclass
+class _Window:
+    """One kind's current window: opened when its last line was logged."""
+
+    opened: float
+    suppressed: int = 0
+    #: The last event not logged: (logger, level, format, fields), the example of the summary.
+    sample: tuple[Logger, LogLevel, str, dict[str, Any]] | None = field(default=None, repr=False)
+
+
+class LogLimiter:
+    """One log line per *kind* per ``interval`` seconds, the rest counted (see the module notes).
+
+    ``kind`` is any hashable the caller chooses, e.g. ``("bad-message", queue)``;
+    choose it from what the process controls (a queue, a pid), never from what
+    a peer sends (an op name, a sender), or a peer makes as many kinds as lines.
+    Each line goes through the caller's own :class:`Logger` (its namespace is what
+    per-module levels filter on), with the same format and fields; a summary adds
+    ``ion_suppressed`` (how many) and ``ion_window`` (over how many seconds).
+
+    :param clock: the process's clock (a ``task.Clock`` in tests).
+    :param interval: seconds of a window.
+    :param max_kinds: kinds tracked at most (past ones are forgotten first).
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float = LIMIT_INTERVAL,
+                 max_kinds: int = LIMIT_MAX_KINDS) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, not {interval!r}")
+        self.clock = clock
+        self.interval = float(interval)
+        self.max_kinds = max_kinds
+        self._windows: dict[Hashable, _Window] = {}
+        self._timer: IDelayedCall | None = None
+        #: Lines not logged so far, over all kinds (for tests and stats).
+        self.suppressed_total = 0
+
+    def warn(self, logger: Logger, kind: Hashable, format: str, **fields: Any) -> bool:
+        """``logger.warn(format, **fields)`` unless ``kind`` was logged in this window; True if logged."""
+        return self.emit(logger, LogLevel.warn, kind, format, **fields)
+
+    def info(self, logger: Logger, kind: Hashable, format: str, **fields: Any) -> bool:
+        """Like :meth:`warn`, at info level."""
+        return self.emit(logger, LogLevel.info, kind, format, **fields)
+
+    def emit(self, logger: Logger, level: LogLevel, kind: Hashable, format: str, **fields: Any) -> bool:
+        """Log ``format`` with ``fields`` at ``level`` through ``logger``, or count it (see the class)."""
+        now = self.clock.seconds()
+        window = self._windows.get(kind)
+        if window is None and len(self._windows) >= self.max_kinds:
+            self._forget_closed(now)
+            if len(self._windows) >= self.max_kinds:
+                kind = _OVERFLOW
+                window = self._windows.get(kind)
+        if window is not None and now < window.opened + self.interval:
+            window.suppressed += 1
+            window.sample = (logger, level, format, dict(fields))
+            self.suppressed_total += 1
+            self._arm()
+            return False
+        if window is not None and window.suppressed:
+            # Its window ended and the timer has not said so yet: this line says it.
+            logger.emit(level, format + " (and {ion_suppressed:,} more like it in the last {ion_window} s, "
+                        "not logged)", ion_suppressed=window.suppressed,
+                        ion_window=_seconds(now - window.opened), **fields)
+        else:
+            logger.emit(level, format, **fields)
+        self._windows[kind] = _Window(now)
+        return True
+
+    def flush(self) -> int:
+        """Log the count of every kind with lines not logged, now (a process ending); the number of lines."""
+        return self._summarise(self.clock.seconds(), everything=True)
+
+    def pending(self) -> int:
+        """Lines counted and not yet reported."""
+        return sum(w.suppressed for w in self._windows.values())
+
+    # -- the timer ------------------------------------------------------------------------------------
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            return
+        due = min(w.opened + self.interval for w in self._windows.values() if w.suppressed)
+        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._summarise(self.clock.seconds(), everything=False)
+        if any(w.suppressed for w in self._windows.values()):
+            self._arm()
+
+    def _summarise(self, now: float, *, everything: bool) -> int:
+        lines = 0
+        for kind, window in list(self._windows.items()):
+            if not window.suppressed or (not everything and now < window.opened + self.interval):
+                continue
+            assert window.sample is not None
+            logger, level, format, fields = window.sample
+            logger.emit(level, "{ion_suppressed:,} more like this in the last {ion_window} s, not logged; "
+                        "the last: " + format, ion_suppressed=window.suppressed,
+                        ion_window=_seconds(now - window.opened), **fields)
+            lines += 1
+            # The summary is this window's line: the next window starts now.
+            self._windows[kind] = _Window(now)
+        if everything and self._timer is not None and self._timer.active():
+            self._timer.cancel()
+            self._timer = None
+        return lines
+
+    def _forget_closed(self, now: float) -> None:
+        for kind, window in list(self._windows.items()):
+            if not window.suppressed and now >= window.opened + self.interval:
+                del self._windows[kind]
+
+
+def _seconds(elapsed: float) -> str:
+    return f"{elapsed:.0f}" if elapsed >= 10 else f"{elapsed:.1f}".rstrip("0").rstrip(".")

@@ -69,6 +69,7 @@ from ion.core.exceptions import (
     MessageTooLargeError,
 )
 from ion.core.lifecycle import LifecycleObject, State
+from ion.core.log import LogLimiter
 from ion.core.messaging import message as wire
 from ion.core.messaging.message import ANONYMOUS, Performative, Protocol
 from ion.core.messaging.transport import Delivery, Properties
@@ -316,7 +317,8 @@ class Receiver(LifecycleObject):
         msg["broker-user"] = delivery.properties.user_id
         msg["redelivered"] = delivery.redelivered
         if msg.get("expiry") and wire.is_expired(msg, time.time()):
-            self._log.warn(
+            proc.log_limiter.warn(
+                self._log, ("expired-message", self.name),
                 "{pid}: dropped expired message op={op!r} from {sender} (expiry {expiry})",
                 pid=proc.id, op=msg["op"], sender=msg["sender"], expiry=msg["expiry"])
             self._settle(delivery)
@@ -360,7 +362,8 @@ class Receiver(LifecycleObject):
     def _bad_message(self, delivery: Delivery, exc: Exception) -> None:
         props = delivery.properties
         sender = None if isinstance(exc, MessageTooLargeError) else _claimed_sender(delivery.body)
-        self._log.warn(
+        self.process.log_limiter.warn(
+            self._log, ("bad-message", self.name),
             "{queue}: dropped bad message from {sender} (reply-to {reply_to}, user {user}, "
             "message-id {mid}): {exc}",
             queue=self.name, sender=sender or props.reply_to or "?", reply_to=props.reply_to,
@@ -450,6 +453,8 @@ class Process(LifecycleObject):
         self.proc_name: str = (name or self.spawnargs.get("proc-name") or type(self).name
                                or getattr(type(self), "service_name", "") or type(self).__name__)
         self.clock = container.clock
+        #: What peers make us log per message (garbage, unknown ops): one line per kind per 10 s.
+        self.log_limiter = LogLimiter(self.clock)
         self.conversations = ConversationTable(self, self.clock)
         self.receivers: list[Receiver] = []
         self.children: list[Process] = []
@@ -585,6 +590,7 @@ class Process(LifecycleObject):
             if not receiver.is_final:
                 # Already drained (or given up on) above: do not wait again.
                 yield receiver.terminate(0)
+        self.log_limiter.flush()  # what was counted and not yet said
 
     def _answer_unanswered(self, reason: str) -> None:
         """Fail every request this process has not answered yet (503), so no caller waits for a timeout."""
@@ -641,7 +647,8 @@ class Process(LifecycleObject):
                 self._log.debug("{pid}: {sender} ended generic conversation {conv_id} ({op!r})",
                                 pid=self.id, sender=msg["sender"], conv_id=msg["conv-id"], op=op)
                 return None
-            self._log.warn("{pid}: unknown op {op!r} from {sender}", pid=self.id, op=op, sender=msg["sender"])
+            self.log_limiter.warn(self._log, ("unknown-op", self.id), "{pid}: unknown op {op!r} from {sender}",
+                                  pid=self.id, op=op, sender=msg["sender"])
             if protocol != Protocol.NONE and msg["performative"] not in REPLY_PERFORMATIVES:
                 try:
                     self._unless_sent(self.reply_err(msg, {"error": "UnknownOperation",

@@ -111,7 +111,11 @@ def test_reply_for_unknown_conversation_is_logged_and_dropped(system: ClockedSys
         probe.publish(queue, body)
     system.pump()
     assert svc.conversations.late_messages == 2
+    # One line per kind per 10 s (LogLimiter): the second is counted, then reported.
+    assert len(logged(log_events, "late inform_result from stranger.9")) == 1
+    system.clock.advance(10)
     assert len(logged(log_events, "late inform_result from stranger.9")) == 2
+    assert logged(log_events, "1 more like this in the last 10 s", "late inform_result from stranger.9")
     assert probe.received == []  # no answer to an answer
     assert svc.calls == []
     _still_serving(system, svc)
@@ -130,6 +134,25 @@ def test_oversized_request_fails_the_caller_at_once() -> None:
     failure_of(client.send("echo", "echo", "x" * 5000), MessageTooLargeError)
     system.pump()
     assert svc.calls == []
+
+
+def test_oversized_message_received_raw_is_answered_413(log_events: list[dict[str, Any]]) -> None:
+    """A body over the receiver's limit is answered 413 (with reply properties) or dropped (without)."""
+    system = ClockedSystem(config={"ion.core.messaging": {"max_message_size": 2048}})
+    svc = _echo(system)
+    probe = Probe(system.container)
+    body = request_body(svc.id, "echo", "x" * 5000)
+    probe.publish(svc.id, body)
+    probe.publish(svc.id, body, reply=False)
+    system.pump()
+    [reply] = probe.received
+    assert reply["response-code"] == 413
+    assert reply["content"]["error"] == "MessageTooLargeError"
+    assert len(logged(log_events, "dropped bad message", "over the limit of 2048")) == 1  # the 2nd: counted
+    system.clock.advance(10)
+    assert logged(log_events, "1 more like this", "dropped bad message", "over the limit of 2048")
+    assert svc.calls == []
+    _still_serving(system, svc)
 
 
 def test_oversized_result_is_answered_500() -> None:

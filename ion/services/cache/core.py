@@ -81,7 +81,15 @@ from ion.services.cache.errors import (
     LockTimeoutError,
     OutsideCacheError,
 )
-from ion.services.cache.locks import PROCESS_STARTED, CacheLock, LockTable, pid_alive, resolve_host_id
+from ion.services.cache.locks import (
+    PROCESS_STARTED,
+    CacheLock,
+    LockTable,
+    _litter_present,
+    debris_lock_name,
+    pid_alive,
+    resolve_host_id,
+)
 
 __all__ = [
     "Cache",
@@ -276,23 +284,26 @@ def _describe(problems: Mapping[str, str], limit: int = 5) -> str:
     return "; ".join(items[:limit]) + more
 
 
-def _lookup(path: Path, key: EntryKey, now: float, hash_chunk: int | None) -> tuple[EntryInfo | None, str | None]:
+def _lookup(path: Path, key: EntryKey, now: float, hash_chunk: int | None,
+            lock_path: Path | None = None) -> tuple[EntryInfo | None, str | None, bool]:
+    """The entry if complete and whole (else None and, if damaged, why), and, for a complete
+    one, whether its lock file (or a temporary file of one) is there (``lock_path`` given)."""
     try:
         info = _read_info(path, key)
     except FileNotFoundError:
-        return None, None
+        return None, None, False
     except CorruptEntryError as exc:
-        return None, str(exc)
+        return None, str(exc), False
     problems = (_check_tree(path, info, hash_chunk=hash_chunk, staged=False) if hash_chunk
                 else _quick_check(path, info))
     if problems:
-        return None, f"entry {key} at {path} is damaged: {_describe(problems)}"
+        return None, f"entry {key} at {path} is damaged: {_describe(problems)}", False
     try:
         os.utime(path / ENTRY_FILE, (now, now), follow_symlinks=False)
         info.last_used = now
     except OSError:
         pass  # a read-only cache still serves
-    return info, None
+    return info, None, lock_path is not None and _litter_present(lock_path)
 
 
 def _info(path: Path, key: EntryKey) -> EntryInfo:
@@ -409,9 +420,11 @@ class _Found:
 
 
 def _scan(root: Path) -> tuple[list[_Found], list[Path]]:
-    """Every entry folder (complete or not) and every lock file under ``root``."""
+    """Every entry folder (complete or not) and every lock file under ``root`` (and the lock
+    path of every temporary file of a lock, which a dead process may have left without one)."""
     found: list[_Found] = []
     locks: list[Path] = []
+    seen: set[Path] = set()
     for repo in _dirs(str(root)):
         if repo.name in (STAGING, QUARANTINE):
             continue
@@ -420,8 +433,12 @@ def _scan(root: Path) -> tuple[list[_Found], list[Path]]:
                 with os.scandir(name.path) as it:
                     children = list(it)
                 for child in children:
-                    if child.is_file(follow_symlinks=False) and child.name.endswith(LOCK_SUFFIX):
-                        locks.append(Path(child.path))
+                    if child.is_file(follow_symlinks=False):
+                        lock_name = child.name if child.name.endswith(LOCK_SUFFIX) else debris_lock_name(child.name)
+                        lock_path = Path(name.path) / lock_name if lock_name else None
+                        if lock_path is not None and lock_path not in seen:
+                            seen.add(lock_path)
+                            locks.append(lock_path)
                     if not child.is_dir(follow_symlinks=False):
                         continue
                     try:
@@ -585,15 +602,30 @@ class Cache:
         Checks each file's size (``verify=True``: re-hashes them too) and
         records the use (``last_used``, what ``prune`` goes by). A damaged
         entry is logged and not served; the fetch that follows replaces it.
+
+        A complete entry that still has a lock file, which nobody of this
+        process holds, is one whose holder may have died after publishing it
+        (killed between publish and release): the lock file is judged as a
+        contender would (:meth:`LockTable.judge`) and removed if stale, with
+        the temporary files dead processes left beside it. A hit never takes
+        the lock, so nothing else would ever meet that file.
         """
         path = self.entry_path(key)
+        lock_path = self.lock_path(key)
         # Without verify, a lookup is a few stats and one small read: it runs with the
         # other lookups of this reactor turn (a deploy of many items looks them all up at once).
         run = self.pool.run if verify else functools.partial(run_short, self.pool)
-        info, problem = await run(_lookup, path, key, self.clock.seconds(), self.hash_chunk if verify else None)
+        info, problem, litter = await run(_lookup, path, key, self.clock.seconds(),
+                                          self.hash_chunk if verify else None, lock_path)
         if problem:
             self._log.warn("not serving {entry}: {problem}; it will be fetched again",
                            entry=str(key), problem=problem)
+        if litter and not self.locks.in_use(lock_path):
+            try:
+                await self.locks.remove_if_stale(lock_path, entry=str(key))
+            except Exception as exc:  # serving the entry does not depend on it
+                self._log.warn("could not check the lock {path} of {entry}: {exc}", path=str(lock_path),
+                               entry=str(key), exc=exc)
         return info
 
     @_deferred

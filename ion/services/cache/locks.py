@@ -10,7 +10,12 @@ Two levels (DESIGN §8, "Locks"):
   ``host_id::pid::started`` (``started``: wall-clock seconds, 6 decimals),
   written with one ``write`` right after creation. ``O_EXCL`` creation is
   atomic on local filesystems and on NFSv3 and later (Linux clients since
-  2.6), the default (``lock_method: excl``). Where it is not (NFSv2, some
+  2.6), the default (``lock_method: excl``). Where the filesystem has
+  ``O_TMPFILE`` (Linux: ext4, xfs, btrfs, tmpfs...), ``excl`` writes the
+  content into an unnamed file first and links it to the lock name
+  (``linkat``, exclusive like ``O_EXCL``), so the lock file is never seen
+  empty and a kill at any moment leaves either no file or a whole one;
+  elsewhere (NFS) it is ``O_EXCL`` then the write. Where it is not (NFSv2, some
   FUSE filesystems), ``lock_method: link`` creates the lock the classic
   NFS-safe way: the content goes to a unique hidden file beside the lock,
   which is hard-linked to the lock name; the lock is ours exactly when that
@@ -40,6 +45,22 @@ removes the file the same way, so a holder that lost its lock never deletes
 its successor's. A holder notices a lost lock at its next refresh and at
 ``publish`` (:class:`~ion.services.cache.errors.LockNotHeldError`).
 
+What a SIGKILL leaves (issue 12) is removed by the next process that meets it:
+
+- a lock file of a dead holder on an entry that is complete (killed between
+  ``publish`` and the release): the next run is a cache hit and never locks,
+  so :meth:`Cache.lookup <ion.services.cache.core.Cache.lookup>` judges a
+  lock file it finds beside a complete entry and removes it if stale
+  (:meth:`LockTable.remove_if_stale`, race-free like a takeover);
+- the link method's content file and a lock file renamed aside (killed
+  mid-step): both are named ``.<lock>.<host-hash>-<pid>.<random>.{tmp,stale}``
+  after their maker, and :func:`_sweep` (run before each try at a lock, by a
+  cache hit that sees them, and by clear/prune/reaper) removes those of a
+  dead pid of this host at once, others once their ctime is older than
+  ``lock_timeout``;
+- an empty lock file (killed between its creation and its write) is taken
+  over, or removed by a hit, once older than ``EMPTY_GRACE``.
+
 Time: mtimes are written and compared in the injected clock's frame
 (``os.utime`` with ``clock.seconds()``), so a ``task.Clock`` drives every
 timeout in tests; in production the clock is the reactor, i.e. wall time,
@@ -55,9 +76,12 @@ containers often share one machine-id but cannot see each other's pids.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import math
 import os
+import re
 import secrets
+import stat
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -80,6 +104,8 @@ __all__ = [
     "LockTable",
     "resolve_host_id",
     "pid_alive",
+    "debris_tag",
+    "debris_lock_name",
     "LOCK_METHODS",
 ]
 
@@ -95,6 +121,8 @@ EMPTY_GRACE: Final = 10.0
 _INIT_PID_NS: Final = 0xEFFFFFFC
 _O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
+_O_DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
 
 
 def _check_host_id(value: str, source: str) -> str:
@@ -170,6 +198,89 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def debris_tag(host_id: str, pid: int) -> str:
+    """``<host-hash>-<pid>``: who made a lock file's temporary or moved-aside file (see :func:`_sweep`)."""
+    return f"{hashlib.sha256(host_id.encode()).hexdigest()[:8]}-{pid}"
+
+
+#: Tag of a temporary file whose maker is not known (removed by age only).
+_ANON_HOST: Final = "00000000"
+#: The files that lock handling makes beside ``<version>.lock``, named after their maker so that
+#: those of a process killed mid-step can be told apart (a dead pid of this host) and removed:
+#: ``.<version>.lock.<host-hash>-<pid>.<random>.tmp`` (the link method's content file) and
+#: ``.<version>.lock.<host-hash>-<pid>.<random>.stale`` (a lock file renamed aside to be removed).
+_DEBRIS: Final = re.compile(r"^\.(?P<lock>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[0-9a-f]+\.(?:tmp|stale)$")
+
+
+def _debris_path(path: Path, tag: str | None, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{tag or f'{_ANON_HOST}-{os.getpid()}'}.{secrets.token_hex(6)}.{kind}")
+
+
+def _is_litter(lock_name: str, name: str) -> bool:
+    """Whether ``name`` (in the lock's folder) is the lock file or one of its temporary files,
+    in this version's naming or an earlier one's (``.<lock>.<hex>``, ``<lock>.stale-<hex>``)."""
+    return name == lock_name or name.startswith(f".{lock_name}.") or name.startswith(f"{lock_name}.stale-")
+
+
+_OLD_TMP: Final = re.compile(r"^\.(?P<lock>.+)\.[0-9a-f]{16}$")
+_OLD_ASIDE: Final = re.compile(r"^(?P<lock>.+)\.stale-[0-9a-f]{12}$")
+
+
+def debris_lock_name(name: str, suffix: str = ".lock") -> str | None:
+    """The name of the lock file whose temporary or moved-aside file ``name`` is, or None."""
+    for pattern in (_DEBRIS, _OLD_TMP, _OLD_ASIDE):
+        m = pattern.match(name)
+        if m is not None and m["lock"].endswith(suffix):
+            return m["lock"]
+    return None
+
+
+def _litter_present(path: Path) -> bool:
+    """Whether the lock file ``path`` or a temporary file of it exists (one ``listdir``)."""
+    try:
+        return any(_is_litter(path.name, n) for n in os.listdir(path.parent))
+    except OSError:
+        return False
+
+
+def _sweep(path: Path, host_tag: str, max_age: float) -> list[Path]:
+    """Remove what killed processes left beside the lock file ``path``: temporary and moved-aside
+    files of a dead pid of this host (or of an earlier process that had our pid) at once, any
+    other once its ctime (set by the create or the rename that made it) is older than ``max_age``
+    seconds -- such a file lives microseconds in a live process. Never the lock file itself."""
+    removed: list[Path] = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if name == path.name or not _is_litter(path.name, name):
+            continue
+        full = path.parent / name
+        m = _DEBRIS.match(name)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if time.time() - st.st_ctime <= max_age:
+            if m is None or m["lock"] != path.name or m["host"] != host_tag:
+                continue  # another host's, or unnamed: by age only
+            pid = int(m["pid"])
+            if pid == os.getpid():
+                if st.st_ctime >= PROCESS_STARTED:
+                    continue  # this process's, mid-step in another thread
+            elif pid_alive(pid):
+                continue  # a live process's, mid-step
+        try:
+            os.unlink(full)
+        except FileNotFoundError:
+            continue
+        removed.append(full)
+    return removed
+
+
 @dataclass(frozen=True)
 class LockHolder:
     """Who holds a lock file: ``host_id::pid::started``."""
@@ -232,6 +343,7 @@ class _Attempt:
     observed: _Observed | None = None
     taken_over: list[tuple[_Observed, str]] = field(default_factory=list)
     displaced: list[_Observed] = field(default_factory=list)
+    swept: list[Path] = field(default_factory=list)
 
 
 def _observe(path: Path) -> _Observed | None:
@@ -247,7 +359,46 @@ def _observe(path: Path) -> _Observed | None:
     return _Observed(raw, st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
+_UNSUPPORTED: Final = "unsupported"
+
+
+def _create_unnamed(path: Path, content: bytes, now: float) -> tuple[int, int] | str | None:
+    """Like :func:`_create`, never visible without its content: an unnamed file (``O_TMPFILE``) is
+    written, then linked to the lock name (``linkat``, which fails if the name exists). A process
+    killed at any point leaves nothing: the unnamed file goes with its last descriptor.
+    ``_UNSUPPORTED`` where the filesystem or the system has no such thing (NFS, FUSE, not Linux)."""
+    if not _O_TMPFILE or os.link not in os.supports_dir_fd:
+        return _UNSUPPORTED
+    folder = os.open(path.parent, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)  # FileNotFoundError: made by the caller
+    try:
+        try:
+            fd = os.open(path.parent, os.O_WRONLY | _O_TMPFILE | _O_CLOEXEC, 0o644)
+        except OSError:
+            return _UNSUPPORTED  # EOPNOTSUPP (the filesystem), EISDIR or EINVAL (the kernel)
+        try:
+            os.write(fd, content)
+            os.utime(fd, (now, now))
+            try:
+                # linkat(AT_FDCWD, "/proc/self/fd/N", folder, name, AT_SYMLINK_FOLLOW): fails if the name
+                # exists, like O_EXCL. (A dir fd makes CPython call linkat; link() would give EXDEV.)
+                os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=folder, follow_symlinks=True)
+            except FileExistsError:
+                return None
+            except OSError:
+                return _UNSUPPORTED  # no /proc, or a filesystem that links no unnamed file
+            st = os.fstat(fd)
+            return st.st_dev, st.st_ino
+        finally:
+            os.close(fd)
+    finally:
+        os.close(folder)
+
+
 def _create(path: Path, content: bytes, now: float) -> tuple[int, int] | None:
+    made = _create_unnamed(path, content, now)
+    if not isinstance(made, str):
+        return made
+    # O_EXCL, then the content: a file seen empty is one being written (or its writer died: EMPTY_GRACE).
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
     except FileExistsError:
@@ -266,7 +417,8 @@ def _create(path: Path, content: bytes, now: float) -> tuple[int, int] | None:
 
 def _create_linked(path: Path, content: bytes, now: float) -> tuple[int, int] | None:
     """Like :func:`_create`, by the link-count method (``lock_method: link``)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    holder = LockHolder.parse(content.decode("utf-8", "replace"))
+    tmp = _debris_path(path, debris_tag(holder.host_id, holder.pid) if holder else None, "tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
     try:
         try:
@@ -291,11 +443,14 @@ LOCK_METHODS: Final[dict[str, Callable[[Path, bytes, float], tuple[int, int] | N
     "excl": _create, "link": _create_linked}
 
 
-def _remove_if(path: Path, dev: int, ino: int, raw: bytes, mtime_ns: int | None = None) -> str:
+def _remove_if(path: Path, dev: int, ino: int, raw: bytes, mtime_ns: int | None = None, *,
+               tag: str | None = None) -> str:
     """Remove ``path`` only if it is this very file; ``removed``, ``gone``, ``kept`` or ``displaced``.
 
     Renamed aside first and checked there, so a lock file that another process
-    re-created meanwhile is never deleted in its place.
+    re-created meanwhile is never deleted in its place. The aside name carries
+    ``tag`` (:func:`debris_tag` of the remover), so that what a remover killed
+    right after the rename leaves is recognised and swept (:func:`_sweep`).
     """
 
     def same(obs: _Observed | None) -> bool:
@@ -307,7 +462,7 @@ def _remove_if(path: Path, dev: int, ino: int, raw: bytes, mtime_ns: int | None 
         return "gone"
     if not same(current):
         return "kept"
-    aside = path.with_name(f"{path.name}.stale-{secrets.token_hex(6)}")
+    aside = _debris_path(path, tag, "stale")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
@@ -320,6 +475,8 @@ def _remove_if(path: Path, dev: int, ino: int, raw: bytes, mtime_ns: int | None 
             os.link(aside, path)
         except FileExistsError:
             return "displaced"
+        except FileNotFoundError:
+            return "gone"  # swept meanwhile: it was stale
         return "kept"
     finally:
         aside.unlink(missing_ok=True)
@@ -338,9 +495,14 @@ def _refresh(path: Path, dev: int, ino: int, raw: bytes, now: float) -> bool:
 
 
 def _try_acquire(path: Path, content: bytes, now: float,
-                 judge: Callable[[_Observed, float], str | None], method: str = "excl") -> _Attempt:
+                 judge: Callable[[_Observed, float], str | None], method: str = "excl",
+                 sweep: Callable[[Path], list[Path]] | None = None) -> _Attempt:
     attempt = _Attempt(False)
     create = LOCK_METHODS[method]
+    holder = LockHolder.parse(content.decode("utf-8", "replace"))
+    tag = debris_tag(holder.host_id, holder.pid) if holder else None
+    if sweep is not None:
+        attempt.swept = sweep(path)
     for _ in range(8):
         try:
             made = create(path, content, now)
@@ -357,7 +519,7 @@ def _try_acquire(path: Path, content: bytes, now: float,
         reason = judge(obs, now)
         if reason is None:
             return attempt
-        outcome = _remove_if(path, obs.dev, obs.ino, obs.raw, obs.mtime_ns)
+        outcome = _remove_if(path, obs.dev, obs.ino, obs.raw, obs.mtime_ns, tag=tag)
         if outcome == "removed":
             attempt.taken_over.append((obs, reason))
         elif outcome == "displaced":
@@ -445,6 +607,9 @@ class LockTable:
         self.refresh_interval = self.lock_timeout / 4 if refresh_interval is None else float(refresh_interval)
         self.poll_start = poll_start
         self.poll_max = poll_max
+        #: Names this process's temporary and moved-aside files (see :func:`_sweep`).
+        self.tag = debris_tag(self.host_id, os.getpid())
+        self._host_tag = self.tag.split("-", 1)[0]
         #: Lock file path -> the lock this table holds on it.
         self.held: dict[Path, CacheLock] = {}
         self._local: dict[Path, defer.DeferredLock] = {}
@@ -475,6 +640,10 @@ class LockTable:
         if age > self.lock_timeout:
             return f"not refreshed for {age:.0f} s (lock_timeout {self.lock_timeout:g} s)"
         return None
+
+    def sweep(self, path: Path) -> list[Path]:
+        """Remove the temporary files killed processes left beside ``path`` (blocking; see :func:`_sweep`)."""
+        return _sweep(path, self._host_tag, self.lock_timeout)
 
     # -- acquiring ----------------------------------------------------------------------------
     def acquire(self, key: EntryKey, path: Path, timeout: float | None = None) -> defer.Deferred[CacheLock]:
@@ -547,7 +716,9 @@ class LockTable:
                 raise defer.CancelledError()
             holder = LockHolder(self.host_id, os.getpid(), time.time())
             attempt: _Attempt = await self.pool.run(
-                _try_acquire, path, holder.render().encode(), self.clock.seconds(), self.judge, self.method)
+                _try_acquire, path, holder.render().encode(), self.clock.seconds(), self.judge, self.method,
+                self.sweep)
+            self._log_swept(attempt.swept)
             for obs, reason in attempt.taken_over:
                 self._log.warn("took over the lock of {entry} ({path}) from {previous}: {reason}",
                                entry=str(key), path=str(path), previous=obs.describe(), reason=reason)
@@ -615,7 +786,7 @@ class LockTable:
     def _remove_file(self, lock: CacheLock) -> defer.Deferred[None]:
         if lock.lost:
             return defer.succeed(None)  # the file is the new holder's now
-        d = self.pool.run(_remove_if, lock.path, lock._dev, lock._ino, lock._raw)
+        d = self.pool.run(_remove_if, lock.path, lock._dev, lock._ino, lock._raw, tag=self.tag)
 
         def done(outcome: str) -> None:
             if outcome != "removed" and not lock.lost:
@@ -660,26 +831,51 @@ class LockTable:
             acq.cancel()
         return defer.DeferredList([self.release(lock) for lock in list(self.held.values())])
 
-    def remove_if_stale(self, path: Path) -> defer.Deferred[bool]:
-        """Remove the lock file ``path`` if :meth:`judge` says it may be taken over (clear, prune)."""
-        if path in self._local or path in self.held:
+    def in_use(self, path: Path) -> bool:
+        """Whether this table holds the lock file ``path``, or a fetch of this process waits for it."""
+        return path in self._local or path in self.held
+
+    def _log_swept(self, swept: list[Path]) -> None:
+        for path in swept:
+            self._log.info("removed {path}, a temporary file of a lock left by a process that died", path=str(path))
+
+    def remove_if_stale(self, path: Path, *, entry: str | None = None) -> defer.Deferred[bool]:
+        """Remove the lock file ``path`` if :meth:`judge` says it may be taken over, and the
+        temporary files killed processes left beside it (:meth:`sweep`); fires with whether the
+        lock file was removed.
+
+        ``entry``: the entry the lock belongs to, when it is met on the way to serving that entry
+        (a cache hit: whoever held the lock died after publishing it, or while checking it). The
+        removal is then logged as a warning, like a takeover; for clear and prune it is routine.
+
+        Race-free like a takeover: the file is renamed aside and removed only if it is the very
+        file judged (device, inode, content, mtime). A lock this table holds or waits for is left alone.
+        """
+        if self.in_use(path):
             return defer.succeed(False)
         now = self.clock.seconds()
 
-        def blocking() -> tuple[bool, str | None, _Observed | None]:
+        def blocking() -> tuple[bool, str | None, _Observed | None, list[Path]]:
+            swept = self.sweep(path)
             obs = _observe(path)
             if obs is None:
-                return False, None, None
+                return False, None, None, swept
             reason = self.judge(obs, now)
             if reason is None:
-                return False, None, obs
-            return _remove_if(path, obs.dev, obs.ino, obs.raw, obs.mtime_ns) == "removed", reason, obs
+                return False, None, obs, swept
+            outcome = _remove_if(path, obs.dev, obs.ino, obs.raw, obs.mtime_ns, tag=self.tag)
+            return outcome == "removed", reason, obs, swept
 
-        def done(result: tuple[bool, str | None, _Observed | None]) -> bool:
-            removed, reason, obs = result
+        def done(result: tuple[bool, str | None, _Observed | None, list[Path]]) -> bool:
+            removed, reason, obs, swept = result
+            self._log_swept(swept)
             if removed and obs is not None:
-                self._log.info("removed the stale lock {path} of {previous}: {reason}", path=str(path),
-                               previous=obs.describe(), reason=reason)
+                if entry is not None:
+                    self._log.warn("removed the lock {path} of {previous} left on the published entry {entry}: "
+                                   "{reason}", path=str(path), previous=obs.describe(), entry=entry, reason=reason)
+                else:
+                    self._log.info("removed the stale lock {path} of {previous}: {reason}", path=str(path),
+                                   previous=obs.describe(), reason=reason)
             return removed
 
         return self.pool.run(blocking).addCallback(done)

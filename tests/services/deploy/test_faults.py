@@ -16,11 +16,13 @@ measured on the lock file itself (see :func:`test_sigkill_mid_deploy_recovers`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tarfile
@@ -37,7 +39,7 @@ from twisted.internet import defer, task
 from twisted.internet.error import ProcessExitedAlready
 
 from ion.services.cache.entry import ENTRY_FILE, LOCK_SUFFIX, EntryInfo, EntryKey
-from ion.services.cache.locks import LockHolder
+from ion.services.cache.locks import _DEBRIS, LockHolder, debris_tag
 from ion.testing.processes import WatchedProcess
 from ion.testing.servers import HTTPRepositoryServer, tgz, write_tree, zipped
 
@@ -101,13 +103,17 @@ async def reaped() -> AsyncIterator[None]:
             await within(proc.ended, WAIT)
 
 
-def spawn_deploy(name: str, deployment: Path, cache: Path, host_id: str, cwd: Path) -> DeployProcess:
-    """Start ``ion-deploy DEPLOYMENT --cache-dir CACHE --json`` as ``host_id`` (``ION_HOST_ID``)."""
+def spawn_deploy(name: str, deployment: Path, cache: Path, host_id: str, cwd: Path,
+                 ion_home: Path | None = None) -> DeployProcess:
+    """Start ``ion-deploy DEPLOYMENT --cache-dir CACHE --json`` as ``host_id`` (``ION_HOST_ID``);
+    ``ion_home``: its ``ION_HOME`` (a ``res/`` with other settings, see :func:`ion_home_with`)."""
     from twisted.internet import reactor
 
-    env = {k: v for k, v in os.environ.items() if k not in ("ION_CACHE_DIR", "ION_HOST_ID")}
+    env = {k: v for k, v in os.environ.items() if k not in ("ION_CACHE_DIR", "ION_HOST_ID", "ION_HOME")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["ION_HOST_ID"] = host_id
+    if ion_home is not None:
+        env["ION_HOME"] = str(ion_home)
     proto = DeployProcess(name)
     argv = [sys.executable, "-m", "ion.services.deploy.cli", str(deployment), "--cache-dir", str(cache), "--json"]
     transport = reactor.spawnProcess(proto, sys.executable, argv, env=env, path=str(cwd))
@@ -121,6 +127,14 @@ def spawn_deploy(name: str, deployment: Path, cache: Path, host_id: str, cwd: Pa
 
     proto.ended.addBoth(ended)
     return proto
+
+
+def ion_home_with(home: Path, local: dict[str, Any]) -> Path:
+    """An ``ION_HOME`` at ``home``: the project's ``res/`` plus ``local`` as its ``ionlocal.config``."""
+    if not home.exists():
+        shutil.copytree(ROOT / "res", home / "res")
+        (home / "res" / "config" / "ionlocal.config").write_text(repr(local))
+    return home
 
 
 def write_deployment(path: Path, url: str, items: list[dict[str, Any]]) -> Path:
@@ -294,6 +308,8 @@ async def test_contention_eight_processes_four_hosts(tmp_path: Path, http_reposi
 
 # -- SIGKILL ---------------------------------------------------------------------------------------------
 BIG = "linux/big/2.0/big.bin"
+#: Rounds of the SIGKILL test run with ``lock_method: link``; the others with ``excl``.
+LINK_ROUNDS = frozenset({1, 4, 7, 10, 13})
 
 
 def kill_repository(rng: random.Random) -> dict[str, dict[str, bytes]]:
@@ -364,12 +380,70 @@ class LockWatch:
         self.notifier.loseConnection()
 
 
+class PublishWatch:
+    """Kills a process the moment the ``n``-th entry it publishes gets its ``.entry`` (inotify):
+    between that publish and the release of the entry's lock, most times.
+
+    An entry folder is a staging folder renamed into place, and a watch follows the folder: each
+    folder created in ``<cache>/staging`` is watched for the rename of ``.entry.tmp`` to ``.entry``,
+    each by an INotify of its own (Twisted's closes the whole INotify when a watched folder is
+    deleted, as a download folder is once unpacked).
+    """
+
+    def __init__(self, cache: Path, n: int) -> None:
+        from twisted.internet import inotify
+        from twisted.python.filepath import FilePath
+
+        self.n = n
+        self.seen = 0
+        #: Set to the kill once the process is spawned (the watch is set up before, to miss nothing).
+        self.kill: Callable[[], object] | None = None
+        self.killed: defer.Deferred[None] = defer.Deferred()
+        self._inotify = inotify
+        self.notifiers: list[Any] = []
+        staging = cache / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        self._watch(FilePath(str(staging)), inotify.IN_CREATE, self._created)
+
+    def _watch(self, path: Any, mask: int, callback: Callable[..., None]) -> None:
+        notifier = self._inotify.INotify()
+        notifier.startReading()
+        self.notifiers.append(notifier)
+        try:
+            notifier.watch(path, mask=mask, callbacks=[callback])
+        except self._inotify.INotifyError:
+            notifier.loseConnection()  # gone already (a download folder, or a failed fetch's)
+
+    def _created(self, _watch: Any, path: Any, mask: int) -> None:
+        if mask & self._inotify.IN_ISDIR:
+            self._watch(path, self._inotify.IN_MOVED_TO, self._moved)
+
+    def _moved(self, _watch: Any, path: Any, mask: int) -> None:
+        name = path.basename()
+        if (name if isinstance(name, bytes) else name.encode()) == ENTRY_FILE.encode():
+            self.seen += 1
+            if self.seen == self.n and not self.killed.called:
+                assert self.kill is not None
+                self.kill()
+                self.killed.callback(None)
+
+    def close(self) -> None:
+        for notifier in self.notifiers:
+            notifier.loseConnection()
+
+
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_sigkill_mid_deploy_recovers(tmp_path: Path, http_repository: Any, reaped: None) -> None:
-    """SIGKILL an ion-deploy at 10 random points of a deploy: the dead process's lock files name its
+    """SIGKILL an ion-deploy at 12 random points of a deploy: the dead process's lock files name its
     pid, no entry with a ``.entry`` is ever incomplete or wrong, the next deploy (same host id)
-    succeeds with the right content, and it takes each stale lock over within 1 s of first seeing it.
+    succeeds with the right content, it takes each stale lock over within 1 s of first seeing it,
+    and it leaves no lock file, no temporary file of one and no staging folder (issue 12): a lock
+    left on an entry published before the kill is removed by the cache hit that serves the entry.
+    The rounds in ``LINK_ROUNDS`` use ``lock_method: link`` (whose temporary files a kill may leave
+    too), the others ``excl``. Rounds 12 to 15 kill the moment the n-th entry (n random, 1 to 3)
+    is published (:class:`PublishWatch`), most times before its lock is released: at least one of
+    them must leave a lock on a published entry.
 
     Kill points (seeded): either a delay uniform in [0, 1.5] s after the spawn (start-up, lookups,
     locks, downloads), or a delay uniform in [0, 0.15] s after the server received the GET of a
@@ -390,12 +464,16 @@ async def test_sigkill_mid_deploy_recovers(tmp_path: Path, http_repository: Any,
     server = http_repository(www)
     repo_files = sorted(f"{folder}/{rel}" for folder, files in deps.items() for rel in files)
 
+    link_home = ion_home_with(tmp_path / "home-link", {"ion.services.cache": {"lock_method": "link"}})
     recoveries: list[float] = []
     takeovers: list[float] = []
     stale_rounds = 0
+    unneeded_rounds = 0
     summary: list[str] = []
-    for rnd in range(10):
+    for rnd in range(16):
         host = f"host-{rnd % 2 + 1}"
+        method = "link" if rnd in LINK_ROUNDS else "excl"
+        home = link_home if method == "link" else None
         cache = tmp_path / f"cache{rnd}"
         dest = tmp_path / f"dest{rnd}"
         items = [{"name": folder.split("/")[1], "version": folder.split("/")[2], "platform": "linux",
@@ -403,37 +481,59 @@ async def test_sigkill_mid_deploy_recovers(tmp_path: Path, http_repository: Any,
         deployment = write_deployment(tmp_path / f"deployment{rnd}.json", server.url + "/", items)
         server.stalls = {BIG: 1}
 
-        victim = spawn_deploy(f"round {rnd}: killed deploy", deployment, cache, host, tmp_path)
-        if rng.random() < 0.5:
-            delay = rng.uniform(0, 1.5)
-            point = f"{delay:.2f} s after spawn"
+        if rnd >= 12:
+            # Kill the moment the n-th entry is published: mostly before its lock is released.
+            n = rng.randint(1, 3)
+            point = f"at the publish of entry {n}"
+            publish = PublishWatch(cache, n)
+            victim = spawn_deploy(f"round {rnd}: killed deploy", deployment, cache, host, tmp_path, home)
+            assert victim.transport is not None
+            publish.kill = functools.partial(victim.transport.signalProcess, "KILL")
+            try:
+                await within(defer.DeferredList([publish.killed, victim.ended], fireOnOneCallback=True,
+                                                consumeErrors=True), WAIT)
+            finally:
+                publish.close()
+            assert publish.killed.called, f"round {rnd}: the deploy ended before publishing {n}:\n{victim.tail()}"
         else:
-            rel = rng.choice(repo_files)
-            before = server.count(rel, "GET")
-            delay = rng.uniform(0, 0.15)
-            point = f"{delay:.2f} s after GET {rel}"
-            got = server.wait_for(rel, "GET", before + 1)
-            await within(defer.DeferredList([got, victim.ended], fireOnOneCallback=True, consumeErrors=True), WAIT)
-            assert got.called, f"round {rnd}: the deploy ended before it asked for {rel}:\n{victim.tail()}"
-        await task.deferLater(reactor, delay, lambda: None)
-        assert victim.exit_code is None, f"round {rnd}: the deploy ended before the kill:\n{victim.tail()}"
-        assert victim.transport is not None
-        victim.transport.signalProcess("KILL")
+            victim = spawn_deploy(f"round {rnd}: killed deploy", deployment, cache, host, tmp_path, home)
+            if rng.random() < 0.5:
+                delay = rng.uniform(0, 1.5)
+                point = f"{delay:.2f} s after spawn"
+            else:
+                rel = rng.choice(repo_files)
+                before = server.count(rel, "GET")
+                delay = rng.uniform(0, 0.15)
+                point = f"{delay:.2f} s after GET {rel}"
+                got = server.wait_for(rel, "GET", before + 1)
+                await within(defer.DeferredList([got, victim.ended], fireOnOneCallback=True, consumeErrors=True),
+                             WAIT)
+                assert got.called, f"round {rnd}: the deploy ended before it asked for {rel}:\n{victim.tail()}"
+            await task.deferLater(reactor, delay, lambda: None)
+            assert victim.exit_code is None, f"round {rnd}: the deploy ended before the kill:\n{victim.tail()}"
+            assert victim.transport is not None
+            victim.transport.signalProcess("KILL")
         code = await within(victim.ended, WAIT)
         assert code == -9, f"round {rnd}: the killed deploy exited {code}"
 
-        # What the dead process left: its lock files name it; every published entry is whole.
-        stale = lock_files(cache) if cache.exists() else []
+        # What the dead process left: its lock files name it (never empty: excl writes the content
+        # before the name appears), temporary files of locks name it too; every published entry is whole.
+        left = lock_files(cache) if cache.exists() else []
+        stale = [p for p in left if p.name.endswith(LOCK_SUFFIX)]
+        temporary = [p for p in left if not p.name.endswith(LOCK_SUFFIX)]
         for path in stale:
             holder = LockHolder.parse(path.read_text())
-            assert holder is not None and path.name.endswith(LOCK_SUFFIX), \
-                f"round {rnd}: {path} is no lock file of a holder: {path.read_bytes()!r}"
+            assert holder is not None, f"round {rnd}: {path} is no lock file of a holder: {path.read_bytes()!r}"
             assert (holder.host_id, holder.pid) == (host, victim.pid), f"round {rnd}: {path} names {holder}"
+        for path in temporary:
+            m = _DEBRIS.match(path.name)
+            assert m is not None and f"{m['host']}-{m['pid']}" == debris_tag(host, victim.pid), \
+                f"round {rnd}: {path} is no temporary lock file of the killed deploy"
         left_complete, left_incomplete = check_cache(cache) if cache.exists() else (set(), set())
         left_staging = staging_left(cache) if cache.exists() else (0, 0)
-        # A lock whose entry was already published (killed between publish and release) is never
-        # needed again: the next deploy serves the entry without locking, and the lock file stays
-        # until prune or clear removes it as stale. Every other stale lock must be taken over.
+        # A lock whose entry was already published (killed between publish and release) is not
+        # needed again: the next deploy serves the entry without locking, and the lookup that serves
+        # it removes the lock. Every other stale lock is taken over by the fetch that needs it.
         needed = [p for p in stale if p.parent.name not in left_complete]
         unneeded = [p for p in stale if p.parent.name in left_complete]
 
@@ -445,9 +545,9 @@ async def test_sigkill_mid_deploy_recovers(tmp_path: Path, http_repository: Any,
                 if proc.transport is not None and proc.exit_code is None:
                     proc.transport.signalProcess("KILL")
 
-        watch = LockWatch(needed, stop_recovery) if needed else None
+        watch = LockWatch(stale, stop_recovery) if stale else None
         try:
-            recovery = spawn_deploy(f"round {rnd}: recovery deploy", deployment, cache, host, tmp_path)
+            recovery = spawn_deploy(f"round {rnd}: recovery deploy", deployment, cache, host, tmp_path, home)
             started.append(recovery)
             code = await within(recovery.ended, WAIT)
         finally:
@@ -467,22 +567,27 @@ async def test_sigkill_mid_deploy_recovers(tmp_path: Path, http_repository: Any,
             f"round {rnd}: states {states}, complete before the kill {sorted(left_complete)}"
 
         if watch is not None:
-            stale_rounds += 1
+            stale_rounds += bool(needed)
+            unneeded_rounds += bool(unneeded)
             for path, took in watch.takeover_times().items():
                 assert took is not None, f"round {rnd}: the recovery never took {path} over:\n{recovery.tail()}"
-                assert took < 1.0, f"round {rnd}: taking over {path} of dead pid {victim.pid} took {took:.2f} s"
-                takeovers.append(took)
+                if path in needed:
+                    assert took < 1.0, f"round {rnd}: taking over {path} of dead pid {victim.pid} took {took:.2f} s"
+                    takeovers.append(took)
             said = recovery.stderr.decode(errors="replace")
-            assert said.count(f"pid {victim.pid} is dead on this host") == len(needed), said
+            assert said.count(f"pid {victim.pid} is dead on this host") == len(stale), said
 
         for folder, files in deps.items():
             name = folder.split("/")[1]
             assert tree(dest / name) == expected_tree(files), f"round {rnd}: {dest / name} is not {folder}"
         complete, incomplete = check_cache(cache)
         assert (len(complete), incomplete) == (len(deps), set()), f"round {rnd}: {complete}, incomplete {incomplete}"
-        assert lock_files(cache) == unneeded, f"round {rnd}: locks left after the recovery: {lock_files(cache)}"
-        summary.append(f"round {rnd}: killed {point}, {len(needed)} stale lock(s) taken over"
-                       + (f" ({len(unneeded)} of published entries left)" if unneeded else "") + ", "
+        assert lock_files(cache) == [], f"round {rnd}: locks left after the recovery: {lock_files(cache)}"
+        assert staging_left(cache) == (0, 0), \
+            f"round {rnd}: staging left after the recovery: {sorted((cache / 'staging').iterdir())}"
+        summary.append(f"round {rnd} ({method}): killed {point}, {len(needed)} stale lock(s) taken over"
+                       + (f", {len(unneeded)} of published entries removed" if unneeded else "")
+                       + (f", {len(temporary)} temporary file(s) of locks swept" if temporary else "") + ", "
                        f"{len(left_complete)} entries published before the kill, {len(left_incomplete)} incomplete, "
                        f"staging left {left_staging[0]} folders / {left_staging[1]} bytes, recovery {recovery.wall:.2f} s")
 
@@ -495,3 +600,5 @@ async def test_sigkill_mid_deploy_recovers(tmp_path: Path, http_repository: Any,
               f"median {statistics.median(takeovers) * 1000:.1f} ms, max {max(takeovers) * 1000:.1f} ms")
     # The seeded kill points must have left a lock of the dead pid at least once, or the test proved little.
     assert stale_rounds >= 3, f"only {stale_rounds} rounds left a stale lock: {summary}"
+    print(f"[sigkill] rounds that left a lock on a published entry: {unneeded_rounds}")
+    assert unneeded_rounds >= 1, f"no round left a lock on a published entry: {summary}"

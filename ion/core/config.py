@@ -169,13 +169,7 @@ class Config:
         cached = self._per_module.get(module)
         if cached is not None:
             return cached
-        effective = self.as_dict()
-        out: dict[str, Any] = {}
-        parts = module.split(".")
-        for i in range(1, len(parts) + 1):
-            section = effective.get(".".join(parts[:i]))
-            if isinstance(section, Mapping):
-                out = deep_merge(out, section)
+        out = self._section(self.as_dict(), module)
         self._per_module[module] = out
         return out
 

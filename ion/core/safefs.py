@@ -188,13 +188,9 @@ class SafeDir:
         :raises SymlinkRefused: ``name`` is a symlink.
         """
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.fd)
+            fd = self._open(name, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise SymlinkRefused(self.path / name) from None
-            raise
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, "not a regular file", str(self.path / name))
@@ -258,15 +254,25 @@ class SafeDir:
             return
         _rmtree_at(self.fd, name, self.path / name)
 
+    def _open(self, name: str, flags: int, mode: int = 0o666) -> int:
+        """``os.open`` of ``name`` here, never through a symlink (``O_NOFOLLOW``: :class:`SymlinkRefused`)."""
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SymlinkRefused(self.path / name) from None
+            raise
+
     def create_file(self, name: str, mode: int = 0o666) -> int:
         """A new file ``name`` here (``O_CREAT|O_EXCL|O_NOFOLLOW``), open for writing; the caller closes it."""
         return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                        dir_fd=self.fd)
 
-    def write_atomic(self, name: str, data: bytes, mode: int = 0o666) -> None:
+    def write_atomic(self, name: str, data: bytes, mode: int = 0o666, *, mtime: float | None = None) -> None:
         """Write ``name`` whole or not at all: a new temp file beside it, renamed over it.
 
-        The temp name starts with ``.`` and ends ``.tmp``; ``mode`` is less the umask.
+        The temp name starts with ``.`` and ends ``.tmp``; ``mode`` is less the umask;
+        ``mtime`` (epoch seconds) sets the file's times.
         """
         tmp = f".{name}.{secrets.token_hex(4)}.tmp"
         fd = self.create_file(tmp, mode)
@@ -275,6 +281,8 @@ class SafeDir:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+                if mtime is not None:
+                    os.utime(fd, (mtime, mtime))
             finally:
                 os.close(fd)
             self.replace(tmp, name)
@@ -299,13 +307,7 @@ class SafeDir:
         Opened read-only (anyone who may read the folder can lock it) and non-blocking
         (a FIFO planted at the name cannot hang the open; it is refused as not a file).
         """
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666,
-                         dir_fd=self.fd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise SymlinkRefused(self.path / name) from None
-            raise
+        fd = self._open(name, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK, 0o666)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, "not a regular file; cannot lock it", str(self.path / name))

@@ -6,15 +6,17 @@
 - ``clocked``: a :class:`~ion.testing.ClockedSystem` (container on a ``task.Clock``).
 - ``process_factory``: ``await process_factory(ServiceCls, **spawnargs)`` spawns a
   process into ``container`` and returns the instance (terminated with the container).
+- ``log_events``: every ``twisted.logger`` event published while the test runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.logger import globalLogPublisher
 
 from ion.core.container import Container
 from ion.core.messaging.memory import MemoryBroker
@@ -55,6 +57,18 @@ def process_factory(container: Container) -> Any:
 @pytest.fixture
 def clocked() -> Any:
     return ClockedSystem()
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[dict[str, Any]]]:
+    """Every log event published while the test runs (the observer is removed afterwards)."""
+    events: list[dict[str, Any]] = []
+    observer = events.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observer)
 
 
 # -- RabbitMQ: one private broker per test session, a fresh vhost per test -------------------------

@@ -86,6 +86,15 @@ def request(op: str = "echo", content: Any = None, *, drop: tuple[str, ...] = ()
     return msg
 
 
+def params() -> list[Any]:
+    """The cases as pytest parameters (id = the case's id; strict xfail where it says so)."""
+    import pytest
+
+    return [pytest.param(case, id=case.id,
+                         marks=[pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else [])
+            for case in CASES]
+
+
 def body_of(case: Case) -> bytes:
     """The bytes to publish for ``case``."""
     if isinstance(case.body, (bytes, bytearray)):

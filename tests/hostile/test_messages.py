@@ -7,11 +7,9 @@ called, and the service still ACTIVE and answering afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.logger import globalLogPublisher
 
 from ion.core.lifecycle import State
 from ion.core.messaging.message import Performative
@@ -19,23 +17,7 @@ from ion.core.messaging.transport import Properties
 from ion.core.process import Process
 from ion.testing import ClockedSystem
 from tests.core.support import EchoService, Probe, logged
-from tests.hostile.messages import CASES, DROPPED, MAX_MESSAGE_SIZE, PROBE, TARGET, USER, Case, body_of
-
-
-@pytest.fixture
-def log_events() -> Iterator[list[dict[str, Any]]]:
-    """Every log event published while the test runs."""
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-
-
-def _param(case: Case) -> Any:
-    marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
-    return pytest.param(case, id=case.id, marks=marks)
+from tests.hostile.messages import CASES, DROPPED, MAX_MESSAGE_SIZE, PROBE, TARGET, USER, Case, body_of, params
 
 
 def test_case_ids_are_unique() -> None:
@@ -43,7 +25,7 @@ def test_case_ids_are_unique() -> None:
     assert len(ids) == len(set(ids))
 
 
-@pytest.mark.parametrize("case", [_param(case) for case in CASES])
+@pytest.mark.parametrize("case", params())
 def test_hostile_message(case: Case, log_events: list[dict[str, Any]]) -> None:
     system = ClockedSystem(config={"ion.core.messaging": {"max_message_size": MAX_MESSAGE_SIZE}})
     svc = system.spawn(EchoService)

@@ -11,7 +11,6 @@ still ACTIVE and answering.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -20,34 +19,18 @@ import msgpack
 import pytest
 import pytest_twisted
 from twisted.internet import threads
-from twisted.logger import globalLogPublisher
 
 from ion.core.lifecycle import State
 from ion.core.messaging.message import Performative
 from ion.testing import ContainerFactory, client_process
 from tests.core.support import EchoService, logged
-from tests.hostile.messages import CASES, DROPPED, MAX_MESSAGE_SIZE, PROBE, TARGET, USER, Case, body_of, request
+from tests.hostile.messages import DROPPED, MAX_MESSAGE_SIZE, PROBE, TARGET, USER, Case, body_of, params, request
 from tests.hostile.pika_client import PlainClient
 
 pytestmark = pytest.mark.amqp
 
 SYS = "hostile-msg"
 SENTINEL = "probe#sentinel"
-
-
-@pytest.fixture
-def log_events() -> Iterator[list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-
-
-def _param(case: Case) -> Any:
-    marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
-    return pytest.param(case, id=case.id, marks=marks)
 
 
 def _publish_case(url: str, user: str, case: Case) -> list[dict[str, Any]]:
@@ -65,7 +48,7 @@ def _publish_case(url: str, user: str, case: Case) -> list[dict[str, Any]]:
     return replies[:-1]
 
 
-@pytest.mark.parametrize("case", [_param(case) for case in CASES])
+@pytest.mark.parametrize("case", params())
 @pytest_twisted.ensureDeferred
 async def test_hostile_message_over_rabbitmq(case: Case, rabbitmq: Any, amqp_url: str, amqp_user: Any,
                                              tmp_path: Path, log_events: list[dict[str, Any]]) -> None:

@@ -124,19 +124,8 @@ def record_link(entry: Path, destination: Path, host_id: str | None = None, now:
             if now - st.st_mtime >= _REFRESH_AFTER:
                 os.utime(name, (now, now), dir_fd=links.fd, follow_symlinks=False)
             return path
-        tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = links.create_file(tmp)
-        try:
-            try:
-                os.write(fd, json.dumps({"destination": str(destination), "host": host,
-                                         "entry": str(entry)}).encode("utf-8"))
-                os.utime(fd, (now, now))
-            finally:
-                os.close(fd)
-            links.replace(tmp, name)
-        except BaseException:
-            links.unlink(tmp)
-            raise
+        links.write_atomic(name, json.dumps({"destination": str(destination), "host": host,
+                                             "entry": str(entry)}).encode("utf-8"), mtime=now)
     return path
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer, task
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from twisted.python.failure import Failure
 
 from ion.services.cache.core import Cache, sha256_file
@@ -118,15 +118,6 @@ def cache(make_cache: Callable[..., Cache]) -> Cache:
 @pytest.fixture
 def key() -> EntryKey:
     return EntryKey("repo.file", "linux", "tool", "1.0", True)
-
-
-@pytest.fixture
-def log_events() -> Any:
-    """Every log event emitted during the test (twisted.logger)."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def messages(events: list[LogEvent]) -> list[str]:

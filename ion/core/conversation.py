@@ -33,6 +33,7 @@ from ion.core.exceptions import (
 )
 from ion.core.log import LogLimiter
 from ion.core.messaging.message import Performative, Protocol
+from ion.core.security import is_operator
 
 __all__ = ["Conversation", "ConversationTable", "ResponderConversation", "RpcResult", "REPLY_PERFORMATIVES"]
 
@@ -95,7 +96,7 @@ class Conversation:
 
     __slots__ = (
         "table", "conv_id", "protocol", "receiver", "op", "state", "deferred", "timeout",
-        "_timer", "on_agree", "handler", "seq", "_transitions",
+        "_timer", "on_agree", "handler", "seq", "_transitions", "trusted",
     )
 
     def __init__(self, table: ConversationTable, conv_id: str, protocol: str, receiver: str,
@@ -113,6 +114,9 @@ class Conversation:
         self._timer: IDelayedCall | None = None
         self.on_agree = on_agree
         self.handler = handler
+        #: Only answers published by one of the system's operators (broker-user) are taken
+        #: (a call to a system service: another login could consume its queue and answer).
+        self.trusted = False
         self.seq = 1
         self._arm()
 
@@ -294,10 +298,13 @@ class ConversationTable:
 
     def start(self, protocol: str, receiver: str, op: str, timeout: float | None, *,
               on_agree: Callable[[Any, dict[str, Any]], Any] | None = None,
-              handler: GenericHandler | None = None, conv_id: str | None = None) -> Conversation:
-        """Open an initiator conversation (its first message is the caller's to send)."""
+              handler: GenericHandler | None = None, conv_id: str | None = None,
+              trusted: bool = False) -> Conversation:
+        """Open an initiator conversation (its first message is the caller's to send);
+        ``trusted``: take answers from the system's operators only."""
         conv = Conversation(self, conv_id or self.new_id(), protocol, receiver, op, timeout,
                             on_agree, handler)
+        conv.trusted = trusted
         self.initiated[conv.conv_id] = conv
         return conv
 
@@ -316,6 +323,16 @@ class ConversationTable:
         conv_id = msg["conv-id"]
         conv = self.initiated.get(conv_id)
         if conv is not None:
+            if conv.trusted and not is_operator(self.process.container, msg.get("broker-user")):
+                # Not the system's answer (a forged reply, or a consumer of the service's queue
+                # under another login): dropped; the real answer, or the timeout, ends the call.
+                self.log_limiter.warn(
+                    _log, ("untrusted-reply", self.process.id),
+                    "{pid}: dropped a {performative} for {conv_id} from broker user {user!r} ({sender}): "
+                    "the call takes answers from the system's operators only", pid=self.process.id,
+                    performative=msg["performative"], conv_id=conv_id, user=msg.get("broker-user"),
+                    sender=msg.get("sender"))
+                return True
             conv.event(msg["performative"], msg)
             return True
         if conv_id.startswith(f"{self.process.id}#") or msg["performative"] in REPLY_PERFORMATIVES:

@@ -770,6 +770,7 @@ class Process(LifecycleObject):
 
     def _start(self, protocol: str, receiver: str, op: str, content: Any,
                headers: Mapping[str, Any] | None, timeout: float | None, **conv_kwargs: Any) -> Conversation:
+        # conv_kwargs: on_agree, handler, trusted (ConversationTable.start)
         target, deadlock = self._route_around_self(self.resolve(receiver))
         conv = self.conversations.start(
             protocol, target, op, self.rpc_timeout if timeout is None else timeout, **conv_kwargs)
@@ -790,7 +791,7 @@ class Process(LifecycleObject):
         return conv
 
     def rpc_send(self, receiver: str, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,
-                 timeout: float | None = None) -> defer.Deferred[RpcResult]:
+                 timeout: float | None = None, *, trusted: bool = False) -> defer.Deferred[RpcResult]:
         """Call ``op`` at ``receiver`` (a pid or a service name); fires with ``(content, headers)``.
 
         Fails with :class:`~ion.core.exceptions.ReceivedApplicationError` (4xx),
@@ -802,17 +803,22 @@ class Process(LifecycleObject):
         ``ion.core.messaging.max_message_size``, 400 when it cannot be
         encoded, 503 when this process terminates first, 508 when an op
         calls its own pid (it would wait for itself).
+
+        ``trusted``: the answer must come from one of the system's operators (its
+        ``broker-user``); any other is dropped (logged), as a call to a system
+        service must not take the word of another login that consumes its queue.
         """
-        return self._start(Protocol.RPC, receiver, op, content, headers, timeout).deferred
+        return self._start(Protocol.RPC, receiver, op, content, headers, timeout, trusted=trusted).deferred
 
     def request(self, receiver: str, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,
                 timeout: float | None = None,
-                on_agree: Callable[[Any, dict[str, Any]], Any] | None = None) -> defer.Deferred[RpcResult]:
+                on_agree: Callable[[Any, dict[str, Any]], Any] | None = None, *,
+                trusted: bool = False) -> defer.Deferred[RpcResult]:
         """Like :meth:`rpc_send` with the ``request`` protocol: the responder may
         first ``agree`` (reported to ``on_agree(content, headers)``) or
         ``refuse`` (the Deferred fails with a 4xx ``ReceivedApplicationError``)."""
         return self._start(Protocol.REQUEST, receiver, op, content, headers, timeout,
-                           on_agree=on_agree).deferred
+                           on_agree=on_agree, trusted=trusted).deferred
 
     def converse(self, receiver: str, op: str, content: Any = None, *,
                  handler: Callable[[Conversation, Any, dict[str, Any]], Any] | None = None,
@@ -961,18 +967,22 @@ class ProcessClient:
     :param target: pid or service name to call.
     """
 
+    #: The target is a system service: take its answers from the system's operators only
+    #: (see :meth:`Process.rpc_send`).
+    trusted: ClassVar[bool] = False
+
     def __init__(self, proc: Process, target: str) -> None:
         self.proc = proc
         self.target = target
 
     def rpc_send(self, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,
                  timeout: float | None = None) -> defer.Deferred[RpcResult]:
-        return self.proc.rpc_send(self.target, op, content, headers, timeout)
+        return self.proc.rpc_send(self.target, op, content, headers, timeout, trusted=self.trusted)
 
     def request(self, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,
                 timeout: float | None = None, on_agree: Callable[[Any, dict[str, Any]], Any] | None = None,
                 ) -> defer.Deferred[RpcResult]:
-        return self.proc.request(self.target, op, content, headers, timeout, on_agree)
+        return self.proc.request(self.target, op, content, headers, timeout, on_agree, trusted=self.trusted)
 
     def send(self, op: str, content: Any = None) -> defer.Deferred[None]:
         return self.proc.send(self.target, op, content)

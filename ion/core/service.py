@@ -169,7 +169,8 @@ class ServiceClient(ProcessClient):
             if isinstance(pid, str):
                 agreed["pid"], agreed["conv"] = pid, str(agree_headers.get("conv-id"))
 
-        call = self.proc.request(target or self.target, op, content, timeout=timeout, on_agree=on_agree)
+        call = self.proc.request(target or self.target, op, content, timeout=timeout, on_agree=on_agree,
+                                 trusted=self.trusted)
 
         def cancel_remote() -> None:
             pid = agreed.pop("pid", None)

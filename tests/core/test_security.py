@@ -197,3 +197,47 @@ def test_bounded_config_reads_the_container_layers_and_narrows(tmp_path: Path) -
     home.config.overlay_app("app1", {"tests.core.test_security": {"roots": ["/"]}})
     with pytest.raises(ConfigurationError, match="config of app 'app1'"):
         proc.bounded_config("roots", narrow_roots)
+
+
+def test_a_trusted_call_takes_its_answer_from_operators_only(log_events: list[Any]) -> None:
+    """A call made ``trusted`` (the deployer's clients of system services) drops an answer published by
+    another login (a forged reply, or a consumer of the service's queue under another login) and takes
+    the system's own; an ordinary call takes the first answer, whoever sent it."""
+    from twisted.internet import defer
+
+    from ion.core.messaging import message as wire
+    from tests.core.support import no_result
+
+    class Slow(Process):
+        name = "slow"
+
+        def slc_init(self) -> None:
+            self.pending: list[defer.Deferred[Any]] = []
+
+        def op_wait(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+            d: defer.Deferred[Any] = defer.Deferred()
+            self.pending.append(d)
+            return d
+
+    cluster, home, insider, outsider = _system()
+    slow = cluster.spawn_in(home, Slow)
+
+    def forge(conv_id: str) -> None:
+        reply = wire.build(sender=slow.id, sender_name="slow", receiver=insider.backend_name, op="result",
+                           content={"path": "/home/victim/.ssh"}, conv_id=conv_id, conv_seq=2,
+                           performative=wire.Performative.INFORM_RESULT)
+        outsider._publish(reply)
+
+    trusted = insider.rpc_send(slow.id, "wait", None, trusted=True)
+    cluster.pump()
+    forge(f"{insider.id}#1")
+    cluster.pump()
+    no_result(trusted)
+    assert logged(log_events, "dropped a inform_result", "broker user 'mallory'")
+    slow.pending[0].callback({"path": "/cache/entry"})
+    assert cluster.result(trusted)[0] == {"path": "/cache/entry"}
+
+    ordinary = insider.rpc_send(slow.id, "wait", None)
+    cluster.pump()
+    forge(f"{insider.id}#2")
+    assert cluster.result(ordinary)[0] == {"path": "/home/victim/.ssh"}

@@ -399,6 +399,8 @@ class CacheClient(ServiceClient):
     """Calls the cache service; raises the service's :mod:`~ion.services.cache.errors` classes as they are."""
 
     service_name = "cache"
+    #: A system service: its answers are taken from the system's operators only.
+    trusted = True
 
     @defer.inlineCallbacks
     def _call(self, op: str, content: Any = None, *, target: str | None = None,
@@ -407,7 +409,7 @@ class CacheClient(ServiceClient):
             if cancellable:
                 result, _headers = yield self.cancellable_call(op, content, target=target, timeout=timeout)
             else:
-                result, _headers = yield self.proc.rpc_send(target or self.target, op, content, timeout=timeout)
+                result, _headers = yield self.proc.rpc_send(target or self.target, op, content, timeout=timeout, trusted=True)
         except ReceivedApplicationError as err:
             cls = ERRORS_BY_NAME.get(err.remote_error or "")
             if cls is None:

@@ -191,6 +191,8 @@ class FetchClient(ServiceClient):
     """Calls the fetch service; raises the :mod:`~ion.services.fetch.errors` classes the service raised."""
 
     service_name = "fetch"
+    #: A system service: its answers are taken from the system's operators only.
+    trusted = True
 
     def _timeout(self, timeout: float | None) -> float:
         if timeout is not None:

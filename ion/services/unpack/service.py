@@ -163,6 +163,8 @@ class UnpackClient(ServiceClient):
     """
 
     service_name = "unpack"
+    #: A system service: its answers are taken from the system's operators only.
+    trusted = True
 
     def _timeout(self, timeout: float | None) -> float:
         if timeout is not None:

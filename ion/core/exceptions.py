@@ -4,12 +4,21 @@ Errors that cross the wire have a response code (DESIGN §4): 4xx are the
 caller's fault, 5xx the container's. A reply of status ``ERROR`` comes back to
 the caller as one of the ``Received*`` classes, carrying the reply's headers
 and content.
+
+**Service errors.** Every error a service answers with on purpose is an
+:class:`ApplicationError`: its class name, ``code`` and message -- and its
+:attr:`~ApplicationError.details`, e.g. the ``url`` it tried -- make the
+error reply (see :meth:`ApplicationError.reply_content`), so an op just raises
+it. A :class:`~ion.core.service.ServiceClient` lists the error families it
+raises again (``errors``): a reply naming one of their classes comes back to
+the caller as that class (:func:`error_from_reply`,
+:meth:`ApplicationError.from_reply`); any other as ``Received*``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Self
 
 __all__ = [
     "IonError",
@@ -22,12 +31,14 @@ __all__ = [
     "TransportError",
     "ConnectionLostError",
     "ApplicationError",
+    "RelayedError",
     "ReceivedError",
     "ReceivedApplicationError",
     "ReceivedContainerError",
     "ConversationTimeout",
     "ConversationError",
     "received_error_for",
+    "error_from_reply",
 ]
 
 
@@ -68,16 +79,73 @@ class ConnectionLostError(TransportError):
 
 
 class ApplicationError(IonError):
-    """Raised inside an ``op_*`` to answer the caller with a chosen 4xx code.
+    """Raised inside an ``op_*`` to answer the caller with a chosen code (an error reply:
+    one warning line in the log, no traceback).
+
+    The reply's content is ``{"error": <class name>, "message": str(exc)}`` plus the
+    details (:meth:`reply_content`). A subclass sets its default ``code``, and names in
+    ``reply_fields`` the attributes it sends (and :meth:`from_reply` sets again).
 
     :param message: text the caller sees in the error reply.
-    :param code: the ``response-code`` of the reply (default 400).
+    :param code: the ``response-code`` of the reply (default: the class's ``code``, 400).
+    :param details: more fields of the reply content, beside ``error`` and ``message``.
     """
 
-    def __init__(self, message: str, code: int = 400) -> None:
+    #: The reply's ``response-code`` unless the constructor is given one.
+    code: int = 400
+    #: Attributes sent in the reply content beside ``error`` and ``message``, and set again
+    #: on the exception :meth:`from_reply` rebuilds on the caller's side.
+    reply_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, message: str, code: int | None = None, *, details: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
-        self.message = message
-        self.code = code
+        if code is not None:
+            self.code = code
+        #: Extra fields of the reply content (besides those of ``reply_fields``).
+        self.details: dict[str, Any] = dict(details or {})
+
+    @property
+    def message(self) -> str:
+        """The text the caller sees (``str(exc)``)."""
+        return str(self)
+
+    def reply_content(self) -> dict[str, Any]:
+        """The content of the error reply: the details, ``reply_fields``, ``error`` and ``message``."""
+        content = dict(self.details)
+        content.update((name, getattr(self, name, None)) for name in type(self).reply_fields)
+        content["error"] = type(self).__name__
+        content["message"] = self.message
+        return content
+
+    @classmethod
+    def from_reply(cls, message: str, code: int, details: Mapping[str, Any]) -> Self:
+        """This exception again, on the caller's side, from an error reply naming its class.
+
+        The subclass's constructor is not run (it may build the message from its parts; the
+        reply carries the message made): ``message``, ``code`` and ``details`` are set, and the
+        attributes of ``reply_fields`` the reply has. A subclass with other state overrides it.
+        """
+        exc = cls.__new__(cls)
+        ApplicationError.__init__(exc, message, code, details=details)
+        for name in cls.reply_fields:
+            if name in details:
+                setattr(exc, name, details[name])
+        return exc
+
+
+class RelayedError(ApplicationError):
+    """Another responder's error reply, passed on to our caller as it came: its ``error``
+    name, code and message (e.g. a service answering with what a service it called said)."""
+
+    def __init__(self, received: ReceivedError) -> None:
+        super().__init__(received.message, received.response_code)
+        #: The ``error`` name of the reply passed on.
+        self.error = received.remote_error or type(received).__name__
+
+    def reply_content(self) -> dict[str, Any]:
+        content = super().reply_content()
+        content["error"] = self.error
+        return content
 
 
 class ReceivedError(IonError):
@@ -157,3 +225,25 @@ def received_error_for(headers: Mapping[str, Any], content: Any) -> ReceivedErro
     if code >= 500:
         return ReceivedContainerError(headers, content)
     return ReceivedError(headers, content)
+
+
+def _family(root: type[ApplicationError]) -> Iterator[type[ApplicationError]]:
+    yield root
+    for sub in root.__subclasses__():
+        yield from _family(sub)
+
+
+def error_from_reply(received: ReceivedError, families: Iterable[type[ApplicationError]]) -> ApplicationError | None:
+    """The exception an error reply stands for, if its ``error`` names a class of ``families``
+    (one of them or a subclass): that class rebuilt by :meth:`ApplicationError.from_reply`,
+    with the reply's message, code and other content fields; else None."""
+    name = received.remote_error
+    if not name:
+        return None
+    for root in families:
+        for cls in _family(root):
+            if cls.__name__ == name:
+                content = received.content if isinstance(received.content, Mapping) else {}
+                details = {k: v for k, v in content.items() if k not in ("error", "message")}
+                return cls.from_reply(received.message, received.response_code, details)
+    return None

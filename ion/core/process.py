@@ -701,17 +701,18 @@ class Process(LifecycleObject):
 
     def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
         exc = failure.value
+        content: dict[str, Any] | None = None
         if isinstance(exc, defer.CancelledError):
             # Its work was cancelled (by the caller, see ion.core.service, or by a stop): no traceback.
             code = 409
             self._log.info("{pid}: op {op!r} from {sender} was cancelled", pid=self.id, op=msg["op"],
                            sender=msg["sender"])
-        elif isinstance(exc, UnauthorizedError):
-            code = exc.code  # logged once already, by authorize()
         elif isinstance(exc, ApplicationError):
-            code = exc.code
-            self._log.warn("{pid}: op {op!r} from {sender} refused ({code}): {message}",
-                           pid=self.id, op=msg["op"], sender=msg["sender"], code=code, message=shorten(exc.message))
+            code, content = exc.code, exc.reply_content()  # {error, message} and the error's details
+            if not isinstance(exc, UnauthorizedError):  # (logged once already, by authorize())
+                self._log.warn("{pid}: op {op!r} from {sender} {verdict} ({code} {error}): {message}", pid=self.id,
+                               op=msg["op"], sender=msg["sender"], verdict="refused" if code < 500 else "failed",
+                               code=code, error=content["error"], message=shorten(str(content["message"])))
         else:
             code = 500
             if len(str(exc)) > LOG_TEXT_LIMIT:
@@ -724,9 +725,9 @@ class Process(LifecycleObject):
                                   op=msg["op"], sender=msg["sender"])
         if msg["protocol"] != Protocol.NONE and not self._answered(msg):
             try:
-                message = str(exc) or f"{msg['op']} was cancelled"
-                self._unless_sent(self.reply_err(msg, {"error": type(exc).__name__, "message": message},
-                                                 response_code=code), msg)
+                if content is None:
+                    content = {"error": type(exc).__name__, "message": str(exc) or f"{msg['op']} was cancelled"}
+                self._unless_sent(self.reply_err(msg, content, response_code=code), msg)
             except Exception:
                 self._log.failure("{pid}: could not send the error reply", pid=self.id)
         self.conversations.responding.pop(msg["conv-id"], None)

@@ -72,8 +72,7 @@ _CONTROL_ATTR = "__ion_control__"
 class UnauthorizedError(ApplicationError):
     """The caller's broker user may not do this (403)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 403)
+    code = 403
 
 
 def control(action: str) -> Callable[[F], F]:

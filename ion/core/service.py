@@ -14,11 +14,21 @@ pid; when the caller's Deferred is cancelled or its call times out,
 and the instance cancels the work (only for the process that asked for it).
 A cancel that arrives before the agree (the request still queued) cannot
 reach the work: the op runs, and its answer is dropped as a late reply.
+
+**Errors.** An op refuses or fails on purpose by raising an
+:class:`~ion.core.exceptions.ApplicationError` subclass: the error reply
+carries its class name, code, message and details. A client's ``errors``
+lists the error families it raises again: an error reply naming one of
+their classes fails the call with that class, rebuilt from the reply
+(:func:`~ion.core.exceptions.error_from_reply`, the
+:class:`~ion.core.exceptions.ReceivedError` as its ``__cause__``); any other
+with :class:`~ion.core.exceptions.ReceivedApplicationError` (4xx) or
+:class:`~ion.core.exceptions.ReceivedContainerError` (5xx).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 from twisted.internet import defer
@@ -26,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.conversation import RpcResult
-from ion.core.exceptions import ApplicationError, ConversationTimeout
+from ion.core.exceptions import ApplicationError, ConversationTimeout, ReceivedError, error_from_reply
 from ion.core.messaging.message import Protocol
 from ion.core.process import Process, ProcessClient, Receiver
 from ion.core.security import authorize
@@ -148,12 +158,35 @@ class ServiceClient(ProcessClient):
     """
 
     service_name: ClassVar[str] = ""
+    #: The error families (roots) whose classes an error reply comes back as (see the module notes).
+    errors: ClassVar[tuple[type[ApplicationError], ...]] = ()
 
     def __init__(self, proc: Process, target: str | None = None) -> None:
         name = target or type(self).service_name
         if not name:
             raise TypeError(f"{type(self).__name__} needs a target or a service_name")
         super().__init__(proc, name)
+
+    def _as_raised(self, failure: Failure) -> Failure:
+        """An error reply naming a class of ``errors`` fails the call with that class."""
+        received = failure.value
+        if isinstance(received, ReceivedError):
+            exc = error_from_reply(received, type(self).errors)
+            if exc is not None:
+                exc.__cause__ = received
+                return Failure(exc)
+        return failure
+
+    def rpc_send(self, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,
+                 timeout: float | None = None, *, target: str | None = None) -> defer.Deferred[RpcResult]:
+        """Call ``op`` of the service (or of ``target``, e.g. the instance holding some state)."""
+        d = self.proc.rpc_send(target or self.target, op, content, headers, timeout, trusted=self.trusted)
+        return d.addErrback(self._as_raised)
+
+    def request(self, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,
+                timeout: float | None = None, on_agree: Callable[[Any, dict[str, Any]], Any] | None = None,
+                ) -> defer.Deferred[RpcResult]:
+        return super().request(op, content, headers, timeout, on_agree).addErrback(self._as_raised)
 
     def cancellable_call(self, op: str, content: Any = None, *, target: str | None = None,
                          timeout: float | None = None) -> defer.Deferred[RpcResult]:
@@ -189,7 +222,7 @@ class ServiceClient(ProcessClient):
             return failure
 
         result: defer.Deferred[RpcResult] = defer.Deferred(canceller)
-        call.addErrback(timed_out).chainDeferred(result)
+        call.addErrback(timed_out).addErrback(self._as_raised).chainDeferred(result)
         return result
 
 

@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from ion.core.container import Container
 from ion.core.messaging.memory import MemoryBroker
@@ -63,7 +63,7 @@ def clocked() -> Any:
 def log_events() -> Iterator[list[dict[str, Any]]]:
     """Every log event published while the test runs (the observer is removed afterwards)."""
     events: list[dict[str, Any]] = []
-    observer = events.append
+    observer = cast(ILogObserver, events.append)
     globalLogPublisher.addObserver(observer)
     try:
         yield events

@@ -14,14 +14,21 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from ion.core.exceptions import ConversationError, ConversationTimeout, ReceivedApplicationError
+from ion.core.exceptions import (
+    ApplicationError,
+    ConversationError,
+    ConversationTimeout,
+    ReceivedApplicationError,
+    ReceivedContainerError,
+    ReceivedError,
+)
 from ion.core.lifecycle import State
 from ion.core.process import Process
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.hello import HelloClient, HelloService
 from ion.testing import ClockedSystem, client_process
 
-from .support import EchoService, RelayService, failure_of
+from .support import EchoService, RelayService, failure_of, logged
 
 
 class EchoClient(ServiceClient):
@@ -148,6 +155,109 @@ def test_unknown_service_op_is_404_from_the_client(system: ClockedSystem) -> Non
     d = EchoClient(client).rpc_send("nope")
     system.pump()
     assert failure_of(d, ReceivedApplicationError).response_code == 404
+
+
+# -- error replies: the client's error families ------------------------------------------------------------
+
+
+class ShelfError(ApplicationError):
+    """The root of a service's errors: a 404 that names its shelf (a reply field)."""
+
+    code = 404
+    reply_fields = ("shelf",)
+    shelf: str = ""
+
+    def __init__(self, shelf: str, code: int | None = None) -> None:
+        super().__init__(f"no shelf {shelf!r}", code)
+        self.shelf = shelf
+
+
+class ShelfGone(ShelfError):
+    code = 410
+
+
+class ShelfBroken(ShelfError):
+    code = 507
+
+
+class Unlisted(ApplicationError):
+    """An error no client lists: it comes back as a ReceivedApplicationError."""
+
+    code = 409
+
+
+class ShelfService(ServiceProcess):
+    service_name = "shelf"
+
+    def op_take(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        kinds: dict[str, Any] = {"missing": ShelfError, "gone": ShelfGone, "broken": ShelfBroken}
+        if content["kind"] == "unlisted":
+            raise Unlisted("not on the list", details={"list": "a", "shelf": content["shelf"]})
+        if content["kind"] == "forbidden":
+            raise ShelfError(content["shelf"], 403)
+        raise kinds[content["kind"]](content["shelf"])
+
+
+class ShelfClient(ServiceClient):
+    service_name = "shelf"
+    errors = (ShelfError,)
+
+
+def _take(system: ClockedSystem, client: ServiceClient, kind: str, *,
+          cancellable: bool = False) -> defer.Deferred[Any]:
+    content = {"kind": kind, "shelf": "s1"}
+    d = client.cancellable_call("take", content) if cancellable else client.rpc_send("take", content)
+    system.pump()
+    return d
+
+
+@pytest.mark.parametrize("cancellable", [False, True])
+def test_a_listed_error_comes_back_as_its_class_with_its_fields(system: ClockedSystem, cancellable: bool) -> None:
+    """An op's ShelfError (or subclass, 4xx or 5xx, code overridden or not) reaches a client listing
+    ShelfError as that class, with its message, code and reply fields; the reply as its cause."""
+    system.spawn(ShelfService)
+    client = ShelfClient(system.spawn(Process))
+    for kind, cls, code in [("missing", ShelfError, 404), ("gone", ShelfGone, 410), ("broken", ShelfBroken, 507),
+                            ("forbidden", ShelfError, 403)]:
+        err = failure_of(_take(system, client, kind, cancellable=cancellable), ShelfError)
+        assert type(err) is cls, (kind, err)
+        assert isinstance(err, ShelfError) and err.code == code and err.shelf == "s1"
+        assert str(err) == err.message == "no shelf 's1'"
+        cause = err.__cause__
+        assert isinstance(cause, ReceivedError) and cause.response_code == code
+        assert cause.content == {"error": cls.__name__, "message": "no shelf 's1'", "shelf": "s1"}
+
+
+def test_an_unlisted_error_comes_back_as_received_error_with_its_details(system: ClockedSystem) -> None:
+    """An error class the client does not list (or a client listing none) gives the Received* class
+    of its code, naming the class, with its details in the content."""
+    system.spawn(ShelfService)
+    proc = system.spawn(Process)
+    err = failure_of(_take(system, ShelfClient(proc), "unlisted"), ReceivedApplicationError)
+    assert err.response_code == 409
+    assert err.content == {"error": "Unlisted", "message": "not on the list", "list": "a", "shelf": "s1"}
+    plain = ServiceClient(proc, "shelf")
+    assert failure_of(_take(system, plain, "missing"), ReceivedApplicationError).remote_error == "ShelfError"
+    err = failure_of(_take(system, plain, "broken"), ReceivedContainerError)
+    assert err.response_code == 507 and err.content["shelf"] == "s1"
+
+
+def test_a_service_error_logs_one_warning_line(system: ClockedSystem, log_events: list[dict[str, Any]]) -> None:
+    """A service error, 4xx or 5xx, logs one warning line naming its code and class; no traceback."""
+    system.spawn(ShelfService)
+    client = ShelfClient(system.spawn(Process))
+    failure_of(_take(system, client, "missing"), ShelfError)
+    failure_of(_take(system, client, "broken"), ShelfBroken)
+    assert len(logged(log_events, "op 'take'", "refused (404 ShelfError): no shelf 's1'")) == 1
+    assert len(logged(log_events, "op 'take'", "failed (507 ShelfBroken): no shelf 's1'")) == 1
+    assert not [e for e in log_events if e.get("log_failure") is not None]
+
+
+def test_from_reply_skips_the_constructor() -> None:
+    """from_reply sets message, code, details and the reply fields, whatever the constructor takes."""
+    err = ShelfGone.from_reply("no shelf 'x'", 410, {"shelf": "x", "extra": 1})
+    assert type(err) is ShelfGone and (err.message, err.code, err.shelf) == ("no shelf 'x'", 410, "x")
+    assert err.reply_content() == {"error": "ShelfGone", "message": "no shelf 'x'", "shelf": "x", "extra": 1}
 
 
 # -- end to end on the real reactor -----------------------------------------------------------------------

@@ -61,14 +61,13 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from ion.core.exceptions import ReceivedApplicationError
 from ion.core.process import Receiver
 from ion.core.security import control
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.cache.core import DEFAULT_LOCK_TIMEOUT, Cache, default_root
 from ion.services.cache.entry import EntryInfo, EntryKey, EntryReport, FileMeta, PruneReport
 from ion.services.cache.errors import (
-    ERRORS_BY_NAME,
+    CacheError,
     InvalidKeyError,
     LockError,
     LockNotHeldError,
@@ -399,22 +398,17 @@ class CacheClient(ServiceClient):
     """Calls the cache service; raises the service's :mod:`~ion.services.cache.errors` classes as they are."""
 
     service_name = "cache"
+    errors = (CacheError,)
     #: A system service: its answers are taken from the system's operators only.
     trusted = True
 
     @defer.inlineCallbacks
     def _call(self, op: str, content: Any = None, *, target: str | None = None,
               timeout: float | None = None, cancellable: bool = False) -> Any:
-        try:
-            if cancellable:
-                result, _headers = yield self.cancellable_call(op, content, target=target, timeout=timeout)
-            else:
-                result, _headers = yield self.proc.rpc_send(target or self.target, op, content, timeout=timeout, trusted=True)
-        except ReceivedApplicationError as err:
-            cls = ERRORS_BY_NAME.get(err.remote_error or "")
-            if cls is None:
-                raise
-            raise cls(err.message, err.response_code) from err
+        if cancellable:
+            result, _headers = yield self.cancellable_call(op, content, target=target, timeout=timeout)
+        else:
+            result, _headers = yield self.rpc_send(op, content, timeout=timeout, target=target)
         return result
 
     @defer.inlineCallbacks

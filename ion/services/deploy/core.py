@@ -66,8 +66,7 @@ class FetchFunction(Protocol):
 class AccessRefused(ApplicationError):
     """A path outside the roots a service may use (403)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 403)
+    code = 403
 
 
 def _resolved(path: Path) -> Path:

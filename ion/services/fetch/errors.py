@@ -4,16 +4,20 @@
 Every message names the URL (or path) that was tried, so a user can paste it
 into a browser or ``aws s3 ls``. Each class carries the response code the
 Fetch service answers with (DESIGN §4: 4xx the request cannot be done as
-asked, 5xx the repository or this side failed);
-:class:`~ion.services.fetch.service.FetchClient` raises the same classes on
-the caller's side (:data:`ERRORS_BY_NAME`).
+asked, 5xx the repository or this side failed). They are
+:class:`~ion.core.exceptions.ApplicationError` s: the op lets one escape, and
+the error reply carries its class name, code, message and ``reply_fields``
+(``url``; a checksum mismatch's ``file``, ``expected``, ``got``; a refused
+``address``). :class:`~ion.services.fetch.service.FetchClient` raises the
+same classes again on the caller's side (its ``errors``, see
+:mod:`ion.core.service`).
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from ion.core.exceptions import IonError
+from ion.core.exceptions import ApplicationError
 
 __all__ = [
     "FetchError",
@@ -26,26 +30,24 @@ __all__ = [
     "TransferError",
     "RepositoryError",
     "WriteError",
-    "ERRORS_BY_NAME",
+    "FetchCancelled",
 ]
 
 
-class FetchError(IonError):
+class FetchError(ApplicationError):
     """Root of every Fetch error.
 
     :ivar url: the URL or path tried, when there is one.
     :ivar code: the response code the service answers with.
     """
 
-    code: ClassVar[int] = 500
+    code = 500
+    reply_fields: ClassVar[tuple[str, ...]] = ("url",)
+    url: str | None = None
 
-    def __init__(self, message: str, *, url: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, message: str, *, url: str | None = None, code: int | None = None) -> None:
+        super().__init__(message, code)
         self.url = url
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class InvalidRequestError(FetchError):
@@ -53,19 +55,14 @@ class InvalidRequestError(FetchError):
     a ``sha256`` that does not fit the version's files, a ``file:`` repository
     outside the allowed roots (code 403 then)."""
 
-    code: ClassVar[int] = 400
-
-    def __init__(self, message: str, *, url: str | None = None, code: int | None = None) -> None:
-        super().__init__(message, url=url)
-        if code is not None:
-            self.code = code  # type: ignore[misc]
+    code = 400
 
 
 class NotFoundError(FetchError):
     """Raised when the version folder (or a file listed in it) is not in the repository:
     ``no files under s3://bucket/p/linux/zlib/1.2/``."""
 
-    code: ClassVar[int] = 404
+    code = 404
 
 
 class BucketNotFoundError(NotFoundError):
@@ -76,7 +73,7 @@ class AccessDeniedError(FetchError):
     """Raised when the repository refuses access (HTTP 401/403, S3 AccessDenied, even
     anonymously; a local folder that cannot be read)."""
 
-    code: ClassVar[int] = 403
+    code = 403
 
 
 class AddressNotAllowedError(AccessDeniedError):
@@ -88,7 +85,8 @@ class AddressNotAllowedError(AccessDeniedError):
     :ivar address: the address refused.
     """
 
-    code: ClassVar[int] = 403
+    code = 403
+    reply_fields = ("url", "address")
     address: str = ""
 
     def __init__(self, message: str, *, url: str | None = None, address: str = "") -> None:
@@ -106,7 +104,11 @@ class ChecksumMismatchError(FetchError):
     :ivar got: ``algorithm:hex`` computed (None: the file is not in the version folder).
     """
 
-    code: ClassVar[int] = 422
+    code = 422
+    reply_fields = ("url", "file", "expected", "got")
+    file: str = ""
+    expected: str = ""
+    got: str | None = None
 
     def __init__(self, file: str, expected: str, got: str | None, *, url: str | None = None,
                  source: str = "") -> None:
@@ -129,7 +131,8 @@ class TransferError(FetchError):
     :ivar attempts: how many times it was tried.
     """
 
-    code: ClassVar[int] = 502
+    code = 502
+    attempts: int = 1
 
     def __init__(self, message: str, *, url: str | None = None, attempts: int = 1) -> None:
         super().__init__(message, url=url)
@@ -141,7 +144,7 @@ class RepositoryError(FetchError):
     HTTP status, an S3 error other than not-found or access-denied, a malformed
     sidecar) or cannot be used at all (boto3 missing)."""
 
-    code: ClassVar[int] = 502
+    code = 502
 
 
 class WriteError(FetchError):
@@ -153,7 +156,7 @@ class WriteError(FetchError):
     :ivar errno: the OS error number.
     """
 
-    code: ClassVar[int] = 507
+    code = 507
     path: str = ""
     errno: int | None = None
 
@@ -163,9 +166,10 @@ class WriteError(FetchError):
         self.errno = errno
 
 
-#: Class name -> class, so a client can raise on its side what the service raised.
-ERRORS_BY_NAME: dict[str, type[FetchError]] = {
-    cls.__name__: cls
-    for cls in (FetchError, InvalidRequestError, NotFoundError, BucketNotFoundError, AccessDeniedError,
-                AddressNotAllowedError, ChecksumMismatchError, TransferError, RepositoryError, WriteError)
-}
+
+class FetchCancelled(ApplicationError):
+    """The answer to a fetch whose work was cancelled (409): by its caller, or by the
+    service's stop. Not a :class:`FetchError`: the caller that cancelled has its own
+    ``CancelledError``; any other gets a ``ReceivedApplicationError`` naming it."""
+
+    code = 409

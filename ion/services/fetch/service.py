@@ -12,7 +12,10 @@ keep_updated, sha256``; optional ``base_dir`` for a relative ``file:`` URL and
 ``job``/``item`` copied into the progress events). Answer: ``{state: cached |
 downloaded | updated, path, files, content, key, size, url, warnings}``.
 
-Errors answer with the class name and code of the error: 400 a bad request,
+Errors answer with the class name and code of the error (the
+:mod:`~ion.services.fetch.errors` classes, their ``url`` and other
+``reply_fields`` in the content; an error of the Cache or Unpack service is
+passed on with its name and code; a cancelled fetch is ``FetchCancelled``): 400 a bad request,
 403 access denied (or a ``file:`` repository outside
 ``allowed_file_repositories``, or an HTTP repository at a loopback, private or
 link-local address: ``AddressNotAllowedError``), 404 version folder or bucket not found, 409
@@ -45,18 +48,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ion.core.deferreds import observe
-from ion.core.exceptions import ConfigurationError, ReceivedError
+from ion.core.exceptions import ConfigurationError, ReceivedError, RelayedError
 from ion.core.security import narrow_networks, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.deploy.spec import DeploymentItem
 from ion.services.fetch.core import Fetcher, FetchProgress, FetchRequest, RemoteCache, remote_unpack
-from ion.services.fetch.errors import (
-    ERRORS_BY_NAME,
-    AddressNotAllowedError,
-    ChecksumMismatchError,
-    FetchError,
-    InvalidRequestError,
-)
+from ion.services.fetch.errors import FetchCancelled, FetchError, InvalidRequestError
 from ion.services.fetch.netguard import CONFIG_KEY, AddressGuard
 from ion.services.fetch.repository import CONFIG_SECTION, FetchConfig
 
@@ -128,14 +125,6 @@ class FetchService(ServiceProcess):
                 f"file: repository {request.repository.location} (resolved {resolved}) is outside the folders a "
                 f"request may read (allowed_file_repositories: {roots})", url=request.repository.url, code=403)
 
-    def _refuse(self, msg: dict[str, Any], error: str, message: str, code: int,
-                details: Mapping[str, Any] | None = None) -> None:
-        self._log.warn("{pid}: fetch from {sender} failed ({code} {error}): {message}", pid=self.id,
-                       sender=msg.get("sender"), code=code, error=error, message=message)
-        content = {"error": error, "message": message}
-        content.update(details or {})
-        self.reply_err(msg, content, response_code=code)
-
     def _progress(self, content: Mapping[str, Any]) -> Any:
         extra = {k: content[k] for k in ("job", "item") if k in content}
         last: dict[str | None, float] = {}
@@ -155,33 +144,18 @@ class FetchService(ServiceProcess):
     # -- ops -----------------------------------------------------------------------------------------
     async def op_fetch(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Have an item's entry in the cache: ``{state, path, files, content, key, size, url, warnings}``."""
-        from ion.services.unpack.core import UnpackError
-
-        try:
-            request = FetchRequest.from_wire(content)
-            # realpath may touch slow filesystems: resolve off the reactor thread.
-            await self.container.blocking.run(self._check_file_repository, request)
-        except FetchError as exc:
-            return self._refuse(msg, type(exc).__name__, str(exc), exc.code)
+        request = FetchRequest.from_wire(content)
+        # realpath may touch slow filesystems: resolve off the reactor thread.
+        await self.container.blocking.run(self._check_file_repository, request)
         # The caller may cancel it (FetchClient: when its own Deferred is cancelled or times out).
         d = self.cancellable(msg, self.fetcher.fetch(request, self._progress(content)))
         self._inflight.add(d)
         try:
             result = await d
         except defer.CancelledError:
-            return self._refuse(msg, "FetchCancelled",
-                                f"the fetch of {request.describe()} was cancelled by its caller", 409)
-        except ChecksumMismatchError as exc:
-            return self._refuse(msg, type(exc).__name__, str(exc), exc.code,
-                                {"url": exc.url, "file": exc.file, "expected": exc.expected, "got": exc.got})
-        except AddressNotAllowedError as exc:
-            return self._refuse(msg, type(exc).__name__, str(exc), exc.code, {"url": exc.url, "address": exc.address})
-        except FetchError as exc:
-            return self._refuse(msg, type(exc).__name__, str(exc), exc.code, {"url": exc.url})
-        except UnpackError as exc:
-            return self._refuse(msg, type(exc).__name__, str(exc), exc.code)
+            raise FetchCancelled(f"the fetch of {request.describe()} was cancelled by its caller") from None
         except ReceivedError as exc:  # the Cache or Unpack service refused: pass its answer on
-            return self._refuse(msg, exc.remote_error or type(exc).__name__, exc.message, exc.response_code)
+            raise RelayedError(exc) from None
         finally:
             self._inflight.discard(d)
         return result.to_wire()
@@ -191,6 +165,7 @@ class FetchClient(ServiceClient):
     """Calls the fetch service; raises the :mod:`~ion.services.fetch.errors` classes the service raised."""
 
     service_name = "fetch"
+    errors = (FetchError,)
     #: A system service: its answers are taken from the system's operators only.
     trusted = True
 
@@ -218,21 +193,6 @@ class FetchClient(ServiceClient):
             content["job"] = job
         if position is not None:
             content["item"] = position
-        try:
-            # Cancelling this call (or its timeout) cancels the download at the service too.
-            result, _headers = yield self.cancellable_call("fetch", content, timeout=self._timeout(timeout))
-        except ReceivedError as err:
-            cls = ERRORS_BY_NAME.get(err.remote_error or "")
-            if cls is None:
-                raise
-            details = err.content if isinstance(err.content, dict) else {}
-            exc = cls.__new__(cls)
-            FetchError.__init__(exc, err.message, url=details.get("url"))
-            if cls.code != err.response_code:
-                exc.code = err.response_code  # type: ignore[misc]
-            if isinstance(exc, ChecksumMismatchError):
-                exc.file, exc.expected, exc.got = details.get("file", ""), details.get("expected", ""), details.get("got")
-            if isinstance(exc, AddressNotAllowedError):
-                exc.address = str(details.get("address") or "")
-            raise exc from err
+        # Cancelling this call (or its timeout) cancels the download at the service too.
+        result, _headers = yield self.cancellable_call("fetch", content, timeout=self._timeout(timeout))
         return result

@@ -43,7 +43,9 @@ read (the zip-bomb guard). Headers that claim too much fail early.
 
 **Errors** are all :class:`UnpackError`; on any of them the caller deletes the
 target (a fresh folder in its staging dir). Nothing is ever written outside
-the target, even partially.
+the target, even partially. They are
+:class:`~ion.core.exceptions.ApplicationError` s, each with the response code
+the Unpack service answers with when one escapes its op.
 """
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any, BinaryIO, ClassVar
+from typing import IO, Any, BinaryIO, ClassVar, Self
 
-from ion.core.exceptions import ConfigurationError, IonError
+from ion.core.exceptions import ApplicationError, ConfigurationError
 
 __all__ = [
     "ArchiveFormat",
@@ -109,14 +111,14 @@ _OPEN_LEVELS = 16
 
 
 # -- errors ------------------------------------------------------------------------------
-class UnpackError(IonError):
+class UnpackError(ApplicationError):
     """Root of every error of the unpack core.
 
     :ivar code: the response code the service answers with.
     :ivar archive: the archive concerned, when known (added to the message).
     """
 
-    code: ClassVar[int] = 422
+    code = 422
 
     def __init__(self, message: str, *, archive: str | os.PathLike[str] | None = None) -> None:
         super().__init__(message)
@@ -125,6 +127,12 @@ class UnpackError(IonError):
 
     def __str__(self) -> str:
         return f"{self.archive}: {self.detail}" if self.archive else self.detail
+
+    @classmethod
+    def from_reply(cls, message: str, code: int, details: Mapping[str, Any]) -> Self:
+        exc = super().from_reply(message, code, details)
+        exc.detail, exc.archive = message, None  # the message names the archive already
+        return exc
 
 
 class UnsafeArchiveError(UnpackError):
@@ -176,13 +184,13 @@ class NotAnArchiveError(UnpackError):
 class ArchiveAccessError(UnpackError):
     """Raised when the archive cannot be opened: missing, unreadable, not a regular file."""
 
-    code: ClassVar[int] = 400
+    code = 400
 
 
 class TargetError(UnpackError):
     """Raised when the target cannot be created or written (disk full, permissions)."""
 
-    code: ClassVar[int] = 500
+    code = 500
 
 
 # -- limits ------------------------------------------------------------------------------

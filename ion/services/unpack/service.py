@@ -17,7 +17,9 @@ Errors: a malformed request is a 400, a path outside the roots a 403; an
 archive that is unsafe, over a limit or corrupt is a 422 whose ``error`` is the
 core's class name (``UnsafeArchiveError``, ``ArchiveLimitError``,
 ``CorruptArchiveError``) and whose message names the member, limit or cause; a
-target that cannot be written is a 500 (``TargetError``).
+target that cannot be written is a 500 (``TargetError``). The core's
+:class:`~ion.services.unpack.core.UnpackError` s are
+:class:`~ion.core.exceptions.ApplicationError` s: the ops let them escape.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ion.core.exceptions import ApplicationError
 from ion.core.security import narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.unpack import core
-from ion.services.unpack.core import Limits, UnpackError
+from ion.services.unpack.core import Limits
 
 __all__ = ["UnpackService", "UnpackClient", "default_allowed_roots"]
 
@@ -111,20 +113,10 @@ class UnpackService(ServiceProcess):
         return core.unpack(self._allowed("archive", archive), self._allowed("target", target, below=True),
                            self.limits)
 
-    def _refuse(self, msg: dict[str, Any], exc: UnpackError) -> None:
-        """Answer with the core error's class name, its code and its precise message."""
-        self._log.warn("{pid}: {op} from {sender} refused ({code} {error}): {message}", pid=self.id,
-                       op=msg["op"], sender=msg["sender"], code=exc.code, error=type(exc).__name__,
-                       message=str(exc))
-        self.reply_err(msg, {"error": type(exc).__name__, "message": str(exc)}, response_code=exc.code)
-
     async def op_detect(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Whether ``{path}`` is an archive: ``{format, archive, claimed, reason}``."""
         path = self._path(content, "path")
-        try:
-            found = await self.container.blocking.run(self._detect, path)
-        except UnpackError as exc:
-            return self._refuse(msg, exc)
+        found = await self.container.blocking.run(self._detect, path)
         return {
             "format": found.format.value if found.format else None,
             "archive": found.is_archive,
@@ -137,10 +129,7 @@ class UnpackService(ServiceProcess):
         ``{format: null, kept: true, reason}`` for a file that is no archive (left alone)."""
         archive = self._path(content, "archive")
         target = self._path(content, "target")
-        try:
-            result = await self.container.blocking.run(self._unpack, archive, target)
-        except UnpackError as exc:
-            return self._refuse(msg, exc)
+        result = await self.container.blocking.run(self._unpack, archive, target)
         if result.extracted is None:
             return {"format": None, "kept": True, "reason": result.detection.reason}
         self._log.debug("{pid}: unpacked {archive} ({kind}, {members} members, {bytes} bytes)", pid=self.id,
@@ -159,7 +148,9 @@ class UnpackClient(ServiceClient):
 
     Failures arrive as :class:`~ion.core.exceptions.ReceivedApplicationError`
     (4xx; ``remote_error`` is the core error's class name) or
-    :class:`~ion.core.exceptions.ReceivedContainerError` (5xx).
+    :class:`~ion.core.exceptions.ReceivedContainerError` (5xx): its callers rely on
+    these, so it lists no ``errors`` (with ``errors = (UnpackError,)`` it would raise
+    the core's classes again).
     """
 
     service_name = "unpack"

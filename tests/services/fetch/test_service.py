@@ -145,6 +145,24 @@ async def test_malformed_request_is_a_400(system: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_error_replies_carry_the_class_name_code_and_url(system: Any, make_repo: Any) -> None:
+    """A Fetch error's reply is {error, message, url}; an archive the Unpack service refuses is passed
+    on with that service's error name, code and message (no FetchError: a ReceivedApplicationError)."""
+    _container, client, _root = system
+    url, _ = make_repo("file", {"linux/bad/1.0/bad.tgz": b"not a tar at all"})
+    with pytest.raises(NotFoundError) as missing:
+        await client.fetch(FetchRequest(url, "linux", "zlib", "1.2"))
+    reply = missing.value.__cause__
+    assert isinstance(reply, ReceivedApplicationError) and reply.response_code == 404
+    assert reply.content == {"error": "NotFoundError", "message": str(missing.value), "url": missing.value.url}
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.fetch(FetchRequest(url, "linux", "bad", "1.0"))
+    err = info.value
+    assert err.response_code == 422 and err.remote_error == "CorruptArchiveError"
+    assert "bad.tgz" in err.message and set(err.content) == {"error", "message"}
+
+
+@pytest_twisted.ensureDeferred
 async def test_cancelling_a_fetch_call_cancels_the_download_at_the_service(system: Any, make_repo: Any) -> None:
     """FetchClient.fetch cancelled while the service downloads: the service cancels the download, so its
     lock is released and its staging folder removed at once (not when the download would have ended)."""

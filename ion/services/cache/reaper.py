@@ -474,7 +474,7 @@ def election_receiver(process: Process) -> Receiver:
     shared and single-active-consumer; one message at a time, none waiting (prefetch 1)."""
     from ion.core.process import Receiver
 
-    return Receiver(process, election_queue(process.sysname), process._receive, shared=True, prefetch=1,
+    return Receiver(process, election_queue(process.sysname), process.receive, shared=True, prefetch=1,
                     max_concurrent=1, queue_arguments={"x-single-active-consumer": True})
 
 

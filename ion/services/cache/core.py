@@ -85,8 +85,8 @@ from ion.services.cache.locks import (
     PROCESS_STARTED,
     CacheLock,
     LockTable,
-    _litter_present,
     debris_lock_name,
+    litter_present,
     pid_alive,
     resolve_host_id,
 )
@@ -303,7 +303,7 @@ def _lookup(path: Path, key: EntryKey, now: float, hash_chunk: int | None,
         info.last_used = now
     except OSError:
         pass  # a read-only cache still serves
-    return info, None, lock_path is not None and _litter_present(lock_path)
+    return info, None, lock_path is not None and litter_present(lock_path)
 
 
 def _info(path: Path, key: EntryKey) -> EntryInfo:

@@ -62,9 +62,11 @@ from twisted.python.failure import Failure
 
 from ion.core.exceptions import ConfigurationError
 from ion.core.safefs import SafeDir
-from ion.services.cache.core import Cache, _Found, _scan
+from ion.services.cache import store
+from ion.services.cache.core import Cache
 from ion.services.cache.entry import PruneReport
 from ion.services.cache.locks import resolve_host_id
+from ion.services.cache.store import FoundEntry
 
 if TYPE_CHECKING:  # the messaging core is imported only where an election runs (not by ion-deploy)
     from ion.core.process import Process, Receiver
@@ -251,28 +253,28 @@ class ReapPolicy:
                 "max_bytes": self.max_bytes, "min_idle": self.min_idle, "link_ttl": self.link_ttl}
 
 
-def choose(complete: builtins.list[_Found], policy: ReapPolicy, now: float,
-           linked: Mapping[Path, int]) -> builtins.list[_Found]:
+def choose(complete: builtins.list[FoundEntry], policy: ReapPolicy, now: float,
+           linked: Mapping[Path, int]) -> builtins.list[FoundEntry]:
     """The complete entries the policy evicts, least recently used first (pure: no I/O).
 
     ``linked`` maps an entry folder to its number of live link records.
     """
-    def eligible(f: _Found) -> bool:
+    def eligible(f: FoundEntry) -> bool:
         assert f.info is not None
         return not linked.get(f.path) and now - f.info.last_used >= policy.min_idle
 
-    def age_key(f: _Found) -> tuple[float, float]:
+    def age_key(f: FoundEntry) -> tuple[float, float]:
         assert f.info is not None
         return (f.info.last_used, f.info.fetched_at)
 
-    chosen: dict[Path, _Found] = {}
+    chosen: dict[Path, FoundEntry] = {}
     if policy.max_age is not None:
         for f in complete:
             assert f.info is not None
             if now - f.info.last_used > policy.max_age and eligible(f):
                 chosen[f.path] = f
     if policy.keep is not None:
-        groups: dict[tuple[str, str, str, bool], builtins.list[_Found]] = {}
+        groups: dict[tuple[str, str, str, bool], builtins.list[FoundEntry]] = {}
         for f in complete:
             groups.setdefault(f.key.dependency, []).append(f)
         for group in groups.values():
@@ -337,9 +339,9 @@ def _write_state(root: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, root / STATE_FILE)
 
 
-def _survey(root: Path, host_id: str, now: float, link_ttl: float) -> tuple[builtins.list[_Found],
-                                                                             builtins.list[Path], dict[Path, int]]:
-    found, lock_files = _scan(root)
+def _survey(root: Path, host_id: str, now: float,
+            link_ttl: float) -> tuple[builtins.list[FoundEntry], builtins.list[Path], dict[Path, int]]:
+    found, lock_files = store.scan(root)
     linked = {f.path: live_links(f.path, host_id, now, link_ttl) for f in found if f.info is not None}
     return found, lock_files, linked
 
@@ -426,7 +428,7 @@ class CacheReaper:
             targets = choose(complete, policy, now, linked)
             chosen = {f.path for f in targets}
 
-            async def still_unlinked(f: _Found) -> bool:
+            async def still_unlinked(f: FoundEntry) -> bool:
                 # Under the entry's lock, just before removal: a deploy may have linked it since.
                 return f.info is None or not await cache.pool.run(live_links, f.path, cache.host_id,
                                                                   self.clock.seconds(), policy.link_ttl)

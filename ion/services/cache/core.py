@@ -351,24 +351,46 @@ class Cache:
         return info
 
     # -- integrity -----------------------------------------------------------------------------------------
+    def verify_entry(self, key: EntryKey, path: Path | None = None) -> defer.Deferred[EntryReport]:
+        """Re-hash one entry in one pool job (:func:`~ion.services.cache.store.verify_entry`):
+        its report, ``good``, ``bad``, ``incomplete``, ``missing`` or ``changed``. Takes no lock."""
+        return self.pool.run(store.verify_entry, path if path is not None else self.entry_path(key), key,
+                             self.hash_chunk)
+
+    @_deferred
+    async def quarantine(self, key: EntryKey, path: Path, problems: Mapping[str, str], *,
+                         log_prefix: str = "") -> Path:
+        """Move the bad entry of ``key`` at ``path`` under ``quarantine/`` (its ``.entry`` removed
+        first: the next deploy fetches it again); where it went. The caller holds its lock.
+
+        The one quarantine of the cache: :meth:`repair` and the periodic
+        :class:`~ion.services.cache.verify.CacheVerifier` use it.
+        """
+        dest = store.quarantine_dest(self.quarantine_root, key, self.clock.seconds())
+        await self.pool.run(store.quarantine_entry, path, dest)
+        self._log.warn("{prefix}quarantined bad entry {entry} ({problems}) to {dest}; the next deploy "
+                       "fetches it again", prefix=log_prefix, entry=str(key), problems=describe(problems),
+                       dest=str(dest))
+        return dest
+
     @_deferred
     async def verify(self, key: EntryKey | None = None) -> builtins.list[EntryReport]:
         """Re-hash entries against the sha256 in their ``.entry``: one key, or every entry.
 
-        Each entry is one pool job (files hashed in ``hash_chunk`` pieces), one
-        entry at a time so a full verify never fills the pool.
+        Each entry is one pool job (:meth:`verify_entry`, files hashed in
+        ``hash_chunk`` pieces), one entry at a time so a full verify never fills the pool.
 
         :raises EntryNotFoundError: ``key`` given and no folder for it.
         """
         if key is not None:
-            report = await self.pool.run(store.verify_entry, self.entry_path(key), key, self.hash_chunk)
+            report = await self.verify_entry(key)
             if report.status == "missing":
                 raise EntryNotFoundError(f"no entry {key} in the cache (looked for {report.path})")
             return [report]
         found, _locks = await self.pool.run(store.scan, self.root)
         reports = []
         for f in found:
-            reports.append(await self.pool.run(store.verify_entry, f.path, f.key, self.hash_chunk))
+            reports.append(await self.verify_entry(f.key, f.path))
         bad = [r for r in reports if r.status == "bad"]
         self._log.info("verified {n} entries of {root}: {bad} bad", n=len(reports), root=str(self.root), bad=len(bad))
         return reports
@@ -392,18 +414,14 @@ class Cache:
                 report.action = "busy"
                 continue
             try:
-                again = await self.pool.run(store.verify_entry, report.path, report.key, self.hash_chunk)
+                again = await self.verify_entry(report.key, report.path)
                 if again.status == "good":
                     report.status, report.problems, report.action = "good", {}, "kept"  # republished meanwhile
                 elif again.status == "missing":
                     report.action = "removed"
                 elif report.status == "bad":
-                    dest = store.quarantine_dest(self.quarantine_root, report.key, self.clock.seconds())
-                    await self.pool.run(store.quarantine_entry, report.path, dest)
-                    report.action, report.moved_to = "quarantined", dest
-                    self._log.warn("quarantined bad entry {entry} ({problems}) to {dest}; the next deploy "
-                                   "fetches it again", entry=str(report.key), problems=describe(report.problems),
-                                   dest=str(dest))
+                    report.moved_to = await self.quarantine(report.key, report.path, report.problems)
+                    report.action = "quarantined"
                 else:
                     await self.pool.run(store.remove_entry, report.path, self._trash())
                     report.action = "removed"

@@ -18,7 +18,11 @@ previous outcome is kept and it is never reported bad for it.
 
 Decisions:
 
-- **A bad entry is quarantined** as :meth:`Cache.repair` does it (its
+- **One check, one quarantine**: an entry is compared with its ``.entry`` by
+  :func:`~ion.services.cache.store.plan_check` (the walk ``Cache.verify`` does
+  too, through :func:`~ion.services.cache.store.verify_entry`); only the
+  hashing is the verifier's own, paced. A bad entry is quarantined by
+  :meth:`Cache.quarantine`, as :meth:`Cache.repair` does it (its
   ``.entry`` removed first, then the folder moved under ``quarantine/``), under
   the entry's lock taken with ``timeout=0`` and only if its ``.entry`` is
   still the one it was hashed against. From then on :meth:`Cache.lookup`
@@ -608,12 +612,8 @@ class CacheVerifier:
             if now_bytes != entry_bytes:
                 out.outcome, out.action, out.problems = SKIPPED, "changed" if now_bytes else "incomplete", {}
                 return False
-            dest = store.quarantine_dest(self.cache.quarantine_root, out.key, self.clock.seconds())
-            await self.cache.pool.run(store.quarantine_entry, out.path, dest)
-            out.action, out.moved_to = "quarantined", dest
-            self._log.warn("cache verify: quarantined bad entry {entry} ({problems}) to {dest}; the next deploy "
-                           "fetches it again", entry=str(out.key), problems=store.describe(out.problems),
-                           dest=str(dest))
+            out.moved_to = await self.cache.quarantine(out.key, out.path, out.problems, log_prefix="cache verify: ")
+            out.action = "quarantined"
             return True
         finally:
             await self.cache.unlock(lock)

@@ -34,7 +34,7 @@ Decisions:
 - **Blocking work** (every filesystem call, hashing) runs through ``pool``
   (:class:`~ion.core.threads.BlockingPool`), one pool job per step; public
   methods return Deferreds and never block the reactor.
-- ``prune`` and ``clear`` take each entry's lock with ``timeout=0`` before
+- ``evict`` (``prune``, ``clear``, the reaper) takes each entry's lock with ``timeout=0`` before
   removing it, so a locked entry (being fetched or published) is never
   removed; the ``.entry`` goes first, then the folder is renamed aside and
   deleted, so a reader never sees a half-removed entry as complete.
@@ -78,6 +78,7 @@ from ion.services.cache.errors import (
     LockTimeoutError,
     OutsideCacheError,
 )
+from ion.services.cache.eviction import EvictionPolicy
 from ion.services.cache.locks import CacheLock, LockTable, resolve_host_id
 from ion.services.cache.store import QUARANTINE, STAGING, FoundEntry, describe, sha256_file
 
@@ -436,41 +437,36 @@ class Cache:
 
         An entry goes if it was not used for ``older_than`` seconds, or if it is
         beyond the ``keep`` most recently used of its dependency (repository,
-        platform, name, unpack). Incomplete entries, stale lock files, abandoned
-        staging folders and quarantined entries go too.
+        platform, name, unpack): the :class:`~ion.services.cache.eviction.EvictionPolicy`
+        ``max_age=older_than, keep=keep``, removed by :meth:`evict`. Incomplete
+        entries, stale lock files, abandoned staging folders and quarantined entries go too.
         """
         if older_than is not None and (not isinstance(older_than, (int, float)) or older_than < 0):
             raise InvalidKeyError(f"older_than must be a number of seconds >= 0, not {older_than!r}")
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 0):
             raise InvalidKeyError(f"keep must be an integer >= 0, not {keep!r}")
         found, lock_files = await self.pool.run(store.scan, self.root)
-        now = self.clock.seconds()
-        chosen: set[Path] = set()
-        complete = [f for f in found if f.info is not None]
-        if older_than is not None:
-            chosen.update(f.path for f in complete if f.info and f.info.last_used < now - older_than)
-        if keep is not None:
-            groups: dict[tuple[str, str, str, bool], builtins.list[FoundEntry]] = {}
-            for f in complete:
-                groups.setdefault(f.key.dependency, []).append(f)
-            for group in groups.values():
-                group.sort(key=lambda f: (f.info.last_used, f.info.fetched_at) if f.info else (0.0, 0.0),
-                           reverse=True)
-                chosen.update(f.path for f in group[keep:])
-        targets = [f for f in found if f.path in chosen or f.info is None]
-        return await self._remove(targets, lock_files, quarantine=True)
+        policy = EvictionPolicy(max_age=older_than, keep=keep)
+        return await self.evict(policy.targets(found, self.clock.seconds()), lock_files, quarantine=True)
 
     @_deferred
     async def clear(self) -> PruneReport:
         """Remove every entry, abandoned staging folder, stale lock and quarantined entry;
         locked entries (and their locks) stay."""
         found, lock_files = await self.pool.run(store.scan, self.root)
-        return await self._remove(found, lock_files, quarantine=True)
+        return await self.evict(found, lock_files, quarantine=True)
 
-    async def _remove(self, targets: builtins.list[FoundEntry], lock_files: builtins.list[Path], *,
-                      quarantine: bool, check: Callable[[FoundEntry], Awaitable[bool]] | None = None) -> PruneReport:
-        """Remove ``targets`` each under its lock (taken with ``timeout=0``: a locked one is left
-        as busy), unless used since the scan or, when given, ``check`` says no under the lock."""
+    @_deferred
+    async def evict(self, targets: builtins.list[FoundEntry], lock_files: builtins.list[Path], *,
+                    quarantine: bool, check: Callable[[FoundEntry], Awaitable[bool]] | None = None) -> PruneReport:
+        """Remove ``targets`` (rows of a :func:`~ion.services.cache.store.scan`), then the stale
+        ones of ``lock_files``, abandoned staging folders and, if ``quarantine``, quarantined entries.
+
+        Each entry is removed under its lock, taken with ``timeout=0`` (a locked
+        one is left as busy), unless it was used or republished since the scan
+        or, when given, ``check(row)`` says no under the lock. The one evictor
+        of the cache: :meth:`prune`, :meth:`clear` and the reaper use it.
+        """
         report = PruneReport()
         gone: builtins.list[Path] = []
         for f in targets:

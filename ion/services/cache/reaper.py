@@ -7,7 +7,7 @@ recently used first, while the cache holds more than ``reap_max_bytes``.
 Never evicted:
 
 - a **locked** entry (being fetched, published or verified): removal takes
-  the entry's lock with ``timeout=0`` (:meth:`Cache._remove`);
+  the entry's lock with ``timeout=0`` (:meth:`Cache.evict`);
 - an entry **used within** ``reap_min_idle`` seconds (default 600): a deploy
   looks an entry up before it places it, so one between its lookup and its
   placement is safe;
@@ -65,6 +65,7 @@ from ion.core.safefs import SafeDir
 from ion.services.cache import store
 from ion.services.cache.core import Cache
 from ion.services.cache.entry import PruneReport
+from ion.services.cache.eviction import EvictionPolicy
 from ion.services.cache.locks import resolve_host_id
 from ion.services.cache.store import FoundEntry
 
@@ -248,6 +249,12 @@ class ReapPolicy:
                    min_idle=number("reap_min_idle", 600.0), link_ttl=number("reap_link_ttl", 7 * 86400.0),
                    tick=number("reap_tick", 5.0, positive=True))
 
+    @property
+    def eviction(self) -> EvictionPolicy:
+        """What it evicts, as the chooser ``Cache.prune`` uses too."""
+        return EvictionPolicy(max_age=self.max_age, keep=self.keep, max_bytes=self.max_bytes,
+                              min_idle=self.min_idle)
+
     def to_wire(self) -> dict[str, Any]:
         return {"interval": self.interval, "max_age": self.max_age, "keep": self.keep,
                 "max_bytes": self.max_bytes, "min_idle": self.min_idle, "link_ttl": self.link_ttl}
@@ -255,44 +262,12 @@ class ReapPolicy:
 
 def choose(complete: builtins.list[FoundEntry], policy: ReapPolicy, now: float,
            linked: Mapping[Path, int]) -> builtins.list[FoundEntry]:
-    """The complete entries the policy evicts, least recently used first (pure: no I/O).
+    """The complete entries the policy evicts, least recently used first (pure: no I/O):
+    :meth:`EvictionPolicy.choose` of ``policy.eviction``.
 
     ``linked`` maps an entry folder to its number of live link records.
     """
-    def eligible(f: FoundEntry) -> bool:
-        assert f.info is not None
-        return not linked.get(f.path) and now - f.info.last_used >= policy.min_idle
-
-    def age_key(f: FoundEntry) -> tuple[float, float]:
-        assert f.info is not None
-        return (f.info.last_used, f.info.fetched_at)
-
-    chosen: dict[Path, FoundEntry] = {}
-    if policy.max_age is not None:
-        for f in complete:
-            assert f.info is not None
-            if now - f.info.last_used > policy.max_age and eligible(f):
-                chosen[f.path] = f
-    if policy.keep is not None:
-        groups: dict[tuple[str, str, str, bool], builtins.list[FoundEntry]] = {}
-        for f in complete:
-            groups.setdefault(f.key.dependency, []).append(f)
-        for group in groups.values():
-            group.sort(key=age_key, reverse=True)
-            for f in group[policy.keep:]:
-                if eligible(f):
-                    chosen[f.path] = f
-    if policy.max_bytes is not None:
-        sizes = {f.path: f.info.size if f.info is not None else 0 for f in complete}
-        total = sum(size for path, size in sizes.items() if path not in chosen)
-        for f in sorted(complete, key=age_key):
-            if total <= policy.max_bytes:
-                break
-            if f.path in chosen or not eligible(f):
-                continue
-            chosen[f.path] = f
-            total -= sizes[f.path]
-    return sorted(chosen.values(), key=age_key)
+    return policy.eviction.choose(complete, now, linked)
 
 
 # -- one round ---------------------------------------------------------------------------------------------
@@ -425,16 +400,14 @@ class CacheReaper:
             report.entries = len(complete)
             report.bytes_before = sum(f.info.size for f in complete if f.info is not None)
             report.linked = sum(1 for n in linked.values() if n)
-            targets = choose(complete, policy, now, linked)
-            chosen = {f.path for f in targets}
 
             async def still_unlinked(f: FoundEntry) -> bool:
                 # Under the entry's lock, just before removal: a deploy may have linked it since.
                 return f.info is None or not await cache.pool.run(live_links, f.path, cache.host_id,
                                                                   self.clock.seconds(), policy.link_ttl)
 
-            report.pruned = await cache._remove([f for f in found if f.path in chosen or f.info is None],
-                                                lock_files, quarantine=False, check=still_unlinked)
+            report.pruned = await cache.evict(policy.eviction.targets(found, now, linked), lock_files,
+                                              quarantine=False, check=still_unlinked)
             for info in report.pruned.removed:
                 await cache.pool.run(_drop_links, info.path)
         except Exception as exc:

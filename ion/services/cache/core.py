@@ -1,15 +1,12 @@
 """The deployer's cache, independent of messaging (DESIGN §8): entries, locks, publish, verify, prune.
 
-:class:`Cache` is the async facade: it takes the locks and runs the blocking
-file operations of :mod:`~ion.services.cache.store` in the pool.
-
-Tree, under ``root``::
-
-    <repo-id>/<platform>/<name>/<version>[~packed]/    one entry (~packed: unpack false)
-    <repo-id>/<platform>/<name>/<version>[~packed]/.entry   its description, written last
-    <repo-id>/<platform>/<name>/<version>[~packed].lock     its lock file (see locks.py)
-    staging/<host>-<pid>-<ms>-<random>/                one per fetch; renamed into place
-    quarantine/<stamp>-<random>/<repo-id>/.../<version>/    entries ``repair`` found bad
+:class:`Cache` is the async facade: it takes the locks
+(:mod:`~ion.services.cache.locks`) and runs the store's blocking file
+operations (:mod:`~ion.services.cache.store`, where the tree is laid out) in
+the pool. It is the one home of the quarantine (:meth:`Cache.quarantine`,
+used by :meth:`Cache.repair` and the periodic verifier) and of eviction
+(:meth:`Cache.evict`, used by ``prune``, ``clear`` and the reaper, with
+:class:`~ion.services.cache.eviction.EvictionPolicy` choosing).
 
 Decisions:
 

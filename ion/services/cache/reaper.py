@@ -4,7 +4,9 @@
 goes when it was not used for ``reap_max_age`` seconds, when it is beyond
 the ``reap_keep`` most recently used versions of its dependency, or, least
 recently used first, while the cache holds more than ``reap_max_bytes``.
-Never evicted:
+The choice is :attr:`ReapPolicy.eviction`, the
+:class:`~ion.services.cache.eviction.EvictionPolicy` ``Cache.prune`` uses too;
+the removal is :meth:`Cache.evict`, as for ``prune``. Never evicted:
 
 - a **locked** entry (being fetched, published or verified): removal takes
   the entry's lock with ``timeout=0`` (:meth:`Cache.evict`);
@@ -31,7 +33,8 @@ the cache never mistakes them for entries.
 **Election.** Every Cache service instance consumes one queue,
 ``<sysname>.cache.reaper``, declared with ``x-single-active-consumer``: the
 broker (RabbitMQ, or the embedded one, which gives the same semantics)
-delivers its messages to one consumer at a time. Every instance sends a
+delivers its messages to one consumer at a time (:func:`election_receiver`,
+handled by :meth:`Process.receive <ion.core.process.Process.receive>`). Every instance sends a
 ``reap_tick`` to it every ``reap_tick`` seconds (default 5); the instance
 that receives them is the reaper, and runs a round when the last one (kept
 in ``<root>/.reaper.json``, shared with the other containers and hosts) is

@@ -625,6 +625,12 @@ class Process(LifecycleObject):
         """User hook: release what the process holds."""
 
     # -- receiving ---------------------------------------------------------------------
+    def receive(self, msg: dict[str, Any], receiver: Receiver) -> defer.Deferred[Any] | None:
+        """Handle a message as this process's own queues do: a reply to one of its conversations,
+        else an op dispatched to ``op_<op>``. The handler for a :class:`Receiver` a subclass adds
+        in :meth:`receivers_to_create`."""
+        return self._receive(msg, receiver)
+
     def _receive(self, msg: dict[str, Any], receiver: Receiver) -> defer.Deferred[Any] | None:
         # Answers to our conversations arrive on the backend queue; requests
         # (including ones this process sent to itself) on the others.

@@ -1,12 +1,12 @@
 """The deployer's cache, independent of messaging (DESIGN §8): entries, locks, publish, verify, prune.
 
-Tree, under ``root``::
-
-    <repo-id>/<platform>/<name>/<version>[~packed]/    one entry (~packed: unpack false)
-    <repo-id>/<platform>/<name>/<version>[~packed]/.entry   its description, written last
-    <repo-id>/<platform>/<name>/<version>[~packed].lock     its lock file (see locks.py)
-    staging/<host>-<pid>-<ms>-<random>/                one per fetch; renamed into place
-    quarantine/<stamp>-<random>/<repo-id>/.../<version>/    entries ``repair`` found bad
+:class:`Cache` is the async facade: it takes the locks
+(:mod:`~ion.services.cache.locks`) and runs the store's blocking file
+operations (:mod:`~ion.services.cache.store`, where the tree is laid out) in
+the pool. It is the one home of the quarantine (:meth:`Cache.quarantine`,
+used by :meth:`Cache.repair` and the periodic verifier) and of eviction
+(:meth:`Cache.evict`, used by ``prune``, ``clear`` and the reaper, with
+:class:`~ion.services.cache.eviction.EvictionPolicy` choosing).
 
 Decisions:
 
@@ -31,7 +31,7 @@ Decisions:
 - **Blocking work** (every filesystem call, hashing) runs through ``pool``
   (:class:`~ion.core.threads.BlockingPool`), one pool job per step; public
   methods return Deferreds and never block the reactor.
-- ``prune`` and ``clear`` take each entry's lock with ``timeout=0`` before
+- ``evict`` (``prune``, ``clear``, the reaper) takes each entry's lock with ``timeout=0`` before
   removing it, so a locked entry (being fetched or published) is never
   removed; the ``.entry`` goes first, then the folder is renamed aside and
   deleted, so a reader never sees a half-removed entry as complete.
@@ -43,13 +43,10 @@ import builtins
 import functools
 import hashlib
 import os
-import re
 import secrets
 import shutil
-import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar
 
@@ -58,8 +55,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ion.core.threads import BlockingPool, housekeeping_pool, run_short
+from ion.services.cache import store
 from ion.services.cache.entry import (
-    ENTRY_FILE,
     LOCK_SUFFIX,
     EntryInfo,
     EntryKey,
@@ -68,9 +65,6 @@ from ion.services.cache.entry import (
     PruneReport,
     check_relpath,
     repo_id,
-)
-from ion.services.cache.entry import (
-    ENTRY_TMP as _ENTRY_TMP,
 )
 from ion.services.cache.errors import (
     CacheError,
@@ -81,15 +75,9 @@ from ion.services.cache.errors import (
     LockTimeoutError,
     OutsideCacheError,
 )
-from ion.services.cache.locks import (
-    PROCESS_STARTED,
-    CacheLock,
-    LockTable,
-    _litter_present,
-    debris_lock_name,
-    pid_alive,
-    resolve_host_id,
-)
+from ion.services.cache.eviction import EvictionPolicy
+from ion.services.cache.locks import CacheLock, LockTable, resolve_host_id
+from ion.services.cache.store import QUARANTINE, STAGING, FoundEntry, describe, sha256_file
 
 __all__ = [
     "Cache",
@@ -116,10 +104,6 @@ __all__ = [
 
 #: Seconds without refresh after which another host may take a lock over (config ``lock_timeout``).
 DEFAULT_LOCK_TIMEOUT: Final = 600.0
-#: Folder names at the cache root that are not repositories.
-STAGING: Final = "staging"
-QUARANTINE: Final = "quarantine"
-_STAGING_NAME = re.compile(r"^([0-9a-f]{8})-(\d+)-(\d+)-[0-9a-f]+(-trash)?$")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -141,388 +125,6 @@ def default_root(env: Mapping[str, str] | None = None) -> Path:
     if env.get("ION_CACHE_DIR"):
         return Path(env["ION_CACHE_DIR"]).expanduser()
     return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ion" / "deploy"
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """The sha256 of a file, read in ``chunk``-byte pieces (blocking: run it in the pool)."""
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-# -- blocking helpers (each runs as one pool job) ----------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _read_info(path: Path, key: EntryKey) -> EntryInfo:
-    """The entry's ``.entry``; FileNotFoundError when there is none (incomplete)."""
-    entry_file = path / ENTRY_FILE
-    st = os.lstat(entry_file)
-    if not stat.S_ISREG(st.st_mode):
-        raise CorruptEntryError(f"entry {key} has a {entry_file} that is not a regular file")
-    try:
-        text = entry_file.read_text(encoding="utf-8", errors="surrogateescape")
-    except OSError as exc:
-        raise CorruptEntryError(f"entry {key}: cannot read {entry_file}: {exc.strerror}") from exc
-    return EntryInfo.parse(text, key, path, last_used=st.st_mtime)
-
-
-def _rel(top: Path, full: str) -> str:
-    return os.path.relpath(full, top).replace(os.sep, "/")
-
-
-def _walk(top: Path) -> list[tuple[str, os.stat_result]]:
-    """Every name under ``top`` but folders, relative, with its lstat; symlinks are not followed."""
-    out: list[tuple[str, os.stat_result]] = []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
-            if not stat.S_ISDIR(st.st_mode):
-                out.append((_rel(top, full), st))
-    return out
-
-
-def _link_inside(rel: str, target: str) -> bool:
-    if os.path.isabs(target):
-        return False
-    resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
-    return not (resolved == ".." or resolved.startswith("../"))
-
-
-def _check_tree(top: Path, info: EntryInfo, *, hash_chunk: int | None, staged: bool) -> dict[str, str]:
-    """Compare the tree at ``top`` with ``info``: what is wrong, per relative path.
-
-    ``hash_chunk``: re-hash every file (verify); None: sizes only. ``staged``:
-    symlinks are collected into ``info.links`` instead of compared.
-    """
-    problems: dict[str, str] = {}
-    seen: set[str] = set()
-    for rel, st in _walk(top):
-        if rel in (ENTRY_FILE, _ENTRY_TMP):
-            if staged:
-                problems[rel] = "the name is reserved for the cache's description file"
-            continue
-        full = top / rel
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(full)
-            if staged:
-                if not _link_inside(rel, target):
-                    problems[rel] = f"symlink to {target!r} points out of the entry"
-                info.links[rel] = target
-            elif rel not in info.links:
-                problems[rel] = f"unexpected symlink (to {target!r})"
-            elif info.links[rel] != target:
-                problems[rel] = f"symlink changed: points to {target!r}, not {info.links[rel]!r}"
-            seen.add(rel)
-        elif stat.S_ISREG(st.st_mode):
-            seen.add(rel)
-            meta = info.files.get(rel)
-            if meta is None:
-                problems[rel] = "unexpected file (not in the file list)" if staged else "unexpected file"
-            elif st.st_size != meta.size:
-                problems[rel] = f"size {st.st_size}, expected {meta.size}"
-            elif hash_chunk is not None:
-                digest = sha256_file(full, hash_chunk)
-                if digest != meta.sha256:
-                    problems[rel] = f"sha256 {digest}, expected {meta.sha256}"
-        else:
-            problems[rel] = "not a regular file, folder or symlink"
-    for rel in info.files.keys() - seen:
-        problems[rel] = "described but not staged" if staged else "missing"
-    if not staged:
-        for rel in info.links.keys() - seen:
-            problems[rel] = "symlink missing"
-    return problems
-
-
-def _quick_check(path: Path, info: EntryInfo, hash_chunk: int = 1 << 20) -> dict[str, str]:
-    """What lookup affords: sizes and link targets, no walk; a file written since the entry was
-    published (newer than ``content_mtime_ns``: e.g. edited through a deployed link) is re-hashed."""
-    problems: dict[str, str] = {}
-    newest = info.content_mtime_ns
-    for rel, meta in info.files.items():
-        try:
-            st = os.lstat(path / rel)
-        except FileNotFoundError:
-            problems[rel] = "missing"
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            problems[rel] = "not a regular file"
-        elif st.st_size != meta.size:
-            problems[rel] = f"size {st.st_size}, expected {meta.size}"
-        elif newest is not None and st.st_mtime_ns > newest:
-            digest = sha256_file(path / rel, hash_chunk)
-            if digest != meta.sha256:
-                problems[rel] = f"changed since it was published: sha256 {digest}, expected {meta.sha256}"
-    for rel, target in info.links.items():
-        try:
-            if os.readlink(path / rel) != target:
-                problems[rel] = "symlink changed"
-        except OSError:
-            problems[rel] = "symlink missing"
-    return problems
-
-
-def _describe(problems: Mapping[str, str], limit: int = 5) -> str:
-    items = [f"{rel}: {why}" for rel, why in sorted(problems.items())]
-    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
-    return "; ".join(items[:limit]) + more
-
-
-def _lookup(path: Path, key: EntryKey, now: float, hash_chunk: int | None,
-            lock_path: Path | None = None) -> tuple[EntryInfo | None, str | None, bool]:
-    """The entry if complete and whole (else None and, if damaged, why), and, for a complete
-    one, whether its lock file (or a temporary file of one) is there (``lock_path`` given)."""
-    try:
-        info = _read_info(path, key)
-    except FileNotFoundError:
-        return None, None, False
-    except CorruptEntryError as exc:
-        return None, str(exc), False
-    problems = (_check_tree(path, info, hash_chunk=hash_chunk, staged=False) if hash_chunk
-                else _quick_check(path, info))
-    if problems:
-        return None, f"entry {key} at {path} is damaged: {_describe(problems)}", False
-    try:
-        os.utime(path / ENTRY_FILE, (now, now), follow_symlinks=False)
-        info.last_used = now
-    except OSError:
-        pass  # a read-only cache still serves
-    return info, None, lock_path is not None and _litter_present(lock_path)
-
-
-def _info(path: Path, key: EntryKey) -> EntryInfo:
-    try:
-        return _read_info(path, key)
-    except FileNotFoundError:
-        if path.is_dir():
-            raise EntryNotFoundError(f"entry {key} at {path} is incomplete (no {ENTRY_FILE}); "
-                                     "the next deploy fetches it again") from None
-        raise EntryNotFoundError(f"no entry {key} in the cache (looked for {path})") from None
-
-
-def _write_entry_file(path: Path, info: EntryInfo, now: float) -> None:
-    """Write ``.entry`` atomically: temporary file, fsync, rename, fsync of the folder."""
-    tmp = path / _ENTRY_TMP
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try:
-        os.write(fd, info.render().encode("utf-8", "surrogateescape"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path / ENTRY_FILE)
-    os.utime(path / ENTRY_FILE, (now, now))
-    _fsync_dir(path)
-
-
-def _publish(staging: Path, path: Path, info: EntryInfo, trash: Path, now: float, fsync_content: bool) -> EntryInfo:
-    if not staging.is_dir() or staging.is_symlink():
-        raise CorruptEntryError(f"cannot publish {info.key}: staging folder {staging} does not exist")
-    info.links.clear()
-    problems = _check_tree(staging, info, hash_chunk=None, staged=True)
-    if problems:
-        raise CorruptEntryError(f"cannot publish {info.key} from {staging}: {_describe(problems)}")
-    # (Renames keep mtimes: a file of the entry written after this is newer.)
-    info.content_mtime_ns = max((os.lstat(staging / rel).st_mtime_ns for rel in info.files), default=None)
-    if fsync_content:
-        for rel in info.files:
-            with open(staging / rel, "rb") as f:
-                os.fsync(f.fileno())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old: Path | None = None
-    if os.path.lexists(path):
-        # An older, incomplete or quarantine-bound folder: out of the way in one rename.
-        try:
-            (path / ENTRY_FILE).unlink()
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-        os.rename(path, trash)
-        old = trash
-    os.rename(staging, path)
-    _fsync_dir(path.parent)
-    _write_entry_file(path, info, now)
-    info.last_used = now
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return info
-
-
-def _verify(path: Path, key: EntryKey, hash_chunk: int) -> EntryReport:
-    if not path.is_dir():
-        return EntryReport(key, path, "missing")
-    entry_file = path / ENTRY_FILE
-    try:
-        before = entry_file.read_bytes()
-        info = _read_info(path, key)
-    except FileNotFoundError:
-        return EntryReport(key, path, "incomplete")
-    except CorruptEntryError as exc:
-        return EntryReport(key, path, "bad", {ENTRY_FILE: str(exc)})
-    problems = _check_tree(path, info, hash_chunk=hash_chunk, staged=False)
-    try:
-        after = entry_file.read_bytes()
-    except FileNotFoundError:
-        after = b""
-    if after != before:
-        return EntryReport(key, path, "changed")
-    return EntryReport(key, path, "bad" if problems else "good", problems)
-
-
-def _quarantine(path: Path, dest: Path) -> None:
-    (path / ENTRY_FILE).unlink(missing_ok=True)  # incomplete from here on, whatever follows
-    _fsync_dir(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(path, dest)
-
-
-def _remove_entry(path: Path, trash: Path) -> None:
-    try:
-        (path / ENTRY_FILE).unlink(missing_ok=True)
-    except NotADirectoryError:
-        pass
-    trash.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(path, trash)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _dirs(path: str) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as it:
-            return [e for e in it if e.is_dir(follow_symlinks=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-@dataclass
-class _Found:
-    key: EntryKey
-    path: Path
-    info: EntryInfo | None
-    problem: str | None  # None: complete; "incomplete"; or why .entry is unusable
-
-
-def _scan(root: Path) -> tuple[list[_Found], list[Path]]:
-    """Every entry folder (complete or not) and every lock file under ``root`` (and the lock
-    path of every temporary file of a lock, which a dead process may have left without one)."""
-    found: list[_Found] = []
-    locks: list[Path] = []
-    seen: set[Path] = set()
-    for repo in _dirs(str(root)):
-        if repo.name in (STAGING, QUARANTINE):
-            continue
-        for platform in _dirs(repo.path):
-            for name in _dirs(platform.path):
-                with os.scandir(name.path) as it:
-                    children = list(it)
-                for child in children:
-                    if child.is_file(follow_symlinks=False):
-                        lock_name = child.name if child.name.endswith(LOCK_SUFFIX) else debris_lock_name(child.name)
-                        lock_path = Path(name.path) / lock_name if lock_name else None
-                        if lock_path is not None and lock_path not in seen:
-                            seen.add(lock_path)
-                            locks.append(lock_path)
-                    if not child.is_dir(follow_symlinks=False):
-                        continue
-                    try:
-                        key = EntryKey.from_relpath((repo.name, platform.name, name.name, child.name))
-                    except InvalidKeyError:
-                        continue
-                    path = Path(child.path)
-                    try:
-                        found.append(_Found(key, path, _read_info(path, key), None))
-                    except FileNotFoundError:
-                        found.append(_Found(key, path, None, "incomplete"))
-                    except CorruptEntryError as exc:
-                        found.append(_Found(key, path, None, str(exc)))
-    found.sort(key=lambda f: (f.key.repo_id, f.key.platform, f.key.name, f.key.version, f.key.unpack))
-    return found, locks
-
-
-def _newest_mtime(path: Path) -> float:
-    newest = os.lstat(path).st_mtime
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-        for name in dirnames + filenames:
-            try:
-                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
-            except FileNotFoundError:
-                pass
-    return newest
-
-
-def _cleanup_staging(staging_root: Path, now: float, max_age: float, host_tag: str, live: frozenset[str]) -> list[Path]:
-    removed: list[Path] = []
-    try:
-        with os.scandir(staging_root) as it:
-            children = list(it)
-    except FileNotFoundError:
-        return removed
-    for child in children:
-        if child.name in live:
-            continue
-        path = Path(child.path)
-        m = _STAGING_NAME.match(child.name)
-        if m and m.group(1) == host_tag:
-            pid, created = int(m.group(2)), int(m.group(3)) / 1000
-            if pid == os.getpid():
-                if created >= PROCESS_STARTED:
-                    continue  # this process's (another Cache instance of it)
-            elif pid_alive(pid):
-                continue  # a live local fetch, however long it takes
-        else:
-            try:
-                if now - _newest_mtime(path) <= max_age:
-                    continue  # another host's, or unknown: only by age
-            except FileNotFoundError:
-                continue
-        if child.is_dir(follow_symlinks=False):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
-def _clear_quarantine(quarantine_root: Path) -> list[Path]:
-    removed = []
-    for child in _dirs(str(quarantine_root)):
-        shutil.rmtree(child.path, ignore_errors=True)
-        removed.append(Path(child.path))
-    return removed
-
-
-def _remove_empty_parents(root: Path, paths: list[Path]) -> None:
-    for path in paths:
-        parent = path.parent
-        while parent != root and root in parent.parents:
-            try:
-                parent.rmdir()
-            except OSError:
-                break  # not empty (a lock file or another version): a live publisher's folder stays
-            parent = parent.parent
-
-
-def _make_staging(staging_root: Path, path: Path) -> Path:
-    staging_root.mkdir(parents=True, exist_ok=True)
-    path.mkdir()
-    return path
 
 
 # -- the cache ------------------------------------------------------------------------------------------
@@ -615,7 +217,7 @@ class Cache:
         # Without verify, a lookup is a few stats and one small read: it runs with the
         # other lookups of this reactor turn (a deploy of many items looks them all up at once).
         run = self.pool.run if verify else functools.partial(run_short, self.pool)
-        info, problem, litter = await run(_lookup, path, key, self.clock.seconds(),
+        info, problem, litter = await run(store.lookup_entry, path, key, self.clock.seconds(),
                                           self.hash_chunk if verify else None, lock_path)
         if problem:
             self._log.warn("not serving {entry}: {problem}; it will be fetched again",
@@ -635,12 +237,12 @@ class Cache:
         :raises EntryNotFoundError: no entry, or an incomplete one.
         :raises CorruptEntryError: its ``.entry`` cannot be read.
         """
-        return await self.pool.run(_info, self.entry_path(key), key)
+        return await self.pool.run(store.require_info, self.entry_path(key), key)
 
     @_deferred
     async def list(self) -> list[EntryInfo]:
         """Every complete entry, sorted by key."""
-        found, _locks = await self.pool.run(_scan, self.root)
+        found, _locks = await self.pool.run(store.scan, self.root)
         return [f.info for f in found if f.info is not None]
 
     # -- locks ----------------------------------------------------------------------------------------
@@ -689,7 +291,7 @@ class Cache:
         """A new empty folder ``<root>/staging/<unique>/`` for one fetch (same filesystem as the entries)."""
         path = self.staging_root / self._unique()
         self._staging.add(path)
-        d = self.pool.run(_make_staging, self.staging_root, path)
+        d = self.pool.run(store.make_staging, self.staging_root, path)
 
         def failed(f: Any) -> Any:
             self._staging.discard(path)
@@ -740,31 +342,53 @@ class Cache:
         path = self.entry_path(key)
         now = self.clock.seconds()
         info = EntryInfo(key=key, path=path, files=metas, fetched_at=now, last_used=now, url=url)
-        info = await self.pool.run(_publish, staging, path, info, self._trash(), now, self.fsync_content)
+        info = await self.pool.run(store.publish_staged, staging, path, info, self._trash(), now, self.fsync_content)
         self._staging.discard(staging)
         self._log.info("published {entry} at {path}: {n} files, {size} bytes",
                        entry=str(key), path=str(path), n=len(info.files), size=info.size)
         return info
 
     # -- integrity -----------------------------------------------------------------------------------------
+    def verify_entry(self, key: EntryKey, path: Path | None = None) -> defer.Deferred[EntryReport]:
+        """Re-hash one entry in one pool job (:func:`~ion.services.cache.store.verify_entry`):
+        its report, ``good``, ``bad``, ``incomplete``, ``missing`` or ``changed``. Takes no lock."""
+        return self.pool.run(store.verify_entry, path if path is not None else self.entry_path(key), key,
+                             self.hash_chunk)
+
+    @_deferred
+    async def quarantine(self, key: EntryKey, path: Path, problems: Mapping[str, str], *,
+                         log_prefix: str = "") -> Path:
+        """Move the bad entry of ``key`` at ``path`` under ``quarantine/`` (its ``.entry`` removed
+        first: the next deploy fetches it again); where it went. The caller holds its lock.
+
+        The one quarantine of the cache: :meth:`repair` and the periodic
+        :class:`~ion.services.cache.verify.CacheVerifier` use it.
+        """
+        dest = store.quarantine_dest(self.quarantine_root, key, self.clock.seconds())
+        await self.pool.run(store.quarantine_entry, path, dest)
+        self._log.warn("{prefix}quarantined bad entry {entry} ({problems}) to {dest}; the next deploy "
+                       "fetches it again", prefix=log_prefix, entry=str(key), problems=describe(problems),
+                       dest=str(dest))
+        return dest
+
     @_deferred
     async def verify(self, key: EntryKey | None = None) -> builtins.list[EntryReport]:
         """Re-hash entries against the sha256 in their ``.entry``: one key, or every entry.
 
-        Each entry is one pool job (files hashed in ``hash_chunk`` pieces), one
-        entry at a time so a full verify never fills the pool.
+        Each entry is one pool job (:meth:`verify_entry`, files hashed in
+        ``hash_chunk`` pieces), one entry at a time so a full verify never fills the pool.
 
         :raises EntryNotFoundError: ``key`` given and no folder for it.
         """
         if key is not None:
-            report = await self.pool.run(_verify, self.entry_path(key), key, self.hash_chunk)
+            report = await self.verify_entry(key)
             if report.status == "missing":
                 raise EntryNotFoundError(f"no entry {key} in the cache (looked for {report.path})")
             return [report]
-        found, _locks = await self.pool.run(_scan, self.root)
+        found, _locks = await self.pool.run(store.scan, self.root)
         reports = []
         for f in found:
-            reports.append(await self.pool.run(_verify, f.path, f.key, self.hash_chunk))
+            reports.append(await self.verify_entry(f.key, f.path))
         bad = [r for r in reports if r.status == "bad"]
         self._log.info("verified {n} entries of {root}: {bad} bad", n=len(reports), root=str(self.root), bad=len(bad))
         return reports
@@ -788,21 +412,16 @@ class Cache:
                 report.action = "busy"
                 continue
             try:
-                again = await self.pool.run(_verify, report.path, report.key, self.hash_chunk)
+                again = await self.verify_entry(report.key, report.path)
                 if again.status == "good":
                     report.status, report.problems, report.action = "good", {}, "kept"  # republished meanwhile
                 elif again.status == "missing":
                     report.action = "removed"
                 elif report.status == "bad":
-                    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock.seconds()))
-                    dest = self.quarantine_root.joinpath(f"{stamp}-{secrets.token_hex(4)}", *report.key.relpath.parts)
-                    await self.pool.run(_quarantine, report.path, dest)
-                    report.action, report.moved_to = "quarantined", dest
-                    self._log.warn("quarantined bad entry {entry} ({problems}) to {dest}; the next deploy "
-                                   "fetches it again", entry=str(report.key), problems=_describe(report.problems),
-                                   dest=str(dest))
+                    report.moved_to = await self.quarantine(report.key, report.path, report.problems)
+                    report.action = "quarantined"
                 else:
-                    await self.pool.run(_remove_entry, report.path, self._trash())
+                    await self.pool.run(store.remove_entry, report.path, self._trash())
                     report.action = "removed"
             finally:
                 await self.unlock(lock)
@@ -815,41 +434,36 @@ class Cache:
 
         An entry goes if it was not used for ``older_than`` seconds, or if it is
         beyond the ``keep`` most recently used of its dependency (repository,
-        platform, name, unpack). Incomplete entries, stale lock files, abandoned
-        staging folders and quarantined entries go too.
+        platform, name, unpack): the :class:`~ion.services.cache.eviction.EvictionPolicy`
+        ``max_age=older_than, keep=keep``, removed by :meth:`evict`. Incomplete
+        entries, stale lock files, abandoned staging folders and quarantined entries go too.
         """
         if older_than is not None and (not isinstance(older_than, (int, float)) or older_than < 0):
             raise InvalidKeyError(f"older_than must be a number of seconds >= 0, not {older_than!r}")
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 0):
             raise InvalidKeyError(f"keep must be an integer >= 0, not {keep!r}")
-        found, lock_files = await self.pool.run(_scan, self.root)
-        now = self.clock.seconds()
-        chosen: set[Path] = set()
-        complete = [f for f in found if f.info is not None]
-        if older_than is not None:
-            chosen.update(f.path for f in complete if f.info and f.info.last_used < now - older_than)
-        if keep is not None:
-            groups: dict[tuple[str, str, str, bool], builtins.list[_Found]] = {}
-            for f in complete:
-                groups.setdefault(f.key.dependency, []).append(f)
-            for group in groups.values():
-                group.sort(key=lambda f: (f.info.last_used, f.info.fetched_at) if f.info else (0.0, 0.0),
-                           reverse=True)
-                chosen.update(f.path for f in group[keep:])
-        targets = [f for f in found if f.path in chosen or f.info is None]
-        return await self._remove(targets, lock_files, quarantine=True)
+        found, lock_files = await self.pool.run(store.scan, self.root)
+        policy = EvictionPolicy(max_age=older_than, keep=keep)
+        return await self.evict(policy.targets(found, self.clock.seconds()), lock_files, quarantine=True)
 
     @_deferred
     async def clear(self) -> PruneReport:
         """Remove every entry, abandoned staging folder, stale lock and quarantined entry;
         locked entries (and their locks) stay."""
-        found, lock_files = await self.pool.run(_scan, self.root)
-        return await self._remove(found, lock_files, quarantine=True)
+        found, lock_files = await self.pool.run(store.scan, self.root)
+        return await self.evict(found, lock_files, quarantine=True)
 
-    async def _remove(self, targets: builtins.list[_Found], lock_files: builtins.list[Path], *,
-                      quarantine: bool, check: Callable[[_Found], Awaitable[bool]] | None = None) -> PruneReport:
-        """Remove ``targets`` each under its lock (taken with ``timeout=0``: a locked one is left
-        as busy), unless used since the scan or, when given, ``check`` says no under the lock."""
+    @_deferred
+    async def evict(self, targets: builtins.list[FoundEntry], lock_files: builtins.list[Path], *,
+                    quarantine: bool, check: Callable[[FoundEntry], Awaitable[bool]] | None = None) -> PruneReport:
+        """Remove ``targets`` (rows of a :func:`~ion.services.cache.store.scan`), then the stale
+        ones of ``lock_files``, abandoned staging folders and, if ``quarantine``, quarantined entries.
+
+        Each entry is removed under its lock, taken with ``timeout=0`` (a locked
+        one is left as busy), unless it was used or republished since the scan
+        or, when given, ``check(row)`` says no under the lock. The one evictor
+        of the cache: :meth:`prune`, :meth:`clear` and the reaper use it.
+        """
         report = PruneReport()
         gone: builtins.list[Path] = []
         for f in targets:
@@ -861,7 +475,7 @@ class Cache:
             try:
                 # Under the lock: an entry used (or republished) since the scan stays.
                 try:
-                    now_info: EntryInfo | None = await self.pool.run(_read_info, f.path, f.key)
+                    now_info: EntryInfo | None = await self.pool.run(store.read_info, f.path, f.key)
                 except (FileNotFoundError, CorruptEntryError):
                     now_info = None
                 if f.info is not None and (now_info is None or now_info.last_used != f.info.last_used
@@ -869,7 +483,7 @@ class Cache:
                     continue
                 if check is not None and not await check(f):
                     continue
-                await self.pool.run(_remove_entry, f.path, self._trash())
+                await self.pool.run(store.remove_entry, f.path, self._trash())
                 gone.append(f.path)
                 if f.info is not None:
                     report.removed.append(f.info)
@@ -882,8 +496,8 @@ class Cache:
                 report.locks.append(path)
         report.staging = await self.cleanup_staging()
         if quarantine:
-            report.quarantine = await self.pool.run(_clear_quarantine, self.quarantine_root)
-        await self.pool.run(_remove_empty_parents, self.root, gone + report.locks)
+            report.quarantine = await self.pool.run(store.clear_quarantine, self.quarantine_root)
+        await self.pool.run(store.remove_empty_parents, self.root, gone + report.locks)
         self._log.info("removed {n} entries ({size} bytes), {inc} incomplete, {stg} staging folders from {root}; "
                        "{busy} locked entries left", n=len(report.removed), size=report.bytes_freed,
                        inc=len(report.incomplete), stg=len(report.staging), root=str(self.root),
@@ -894,7 +508,7 @@ class Cache:
         """Remove abandoned staging folders: a local one whose pid is dead, another
         host's one untouched for ``lock_timeout``; never one of a live local process."""
         live = frozenset(p.name for p in self._staging)
-        return self.pool.run(_cleanup_staging, self.staging_root, self.clock.seconds(), self.lock_timeout,
+        return self.pool.run(store.cleanup_staging, self.staging_root, self.clock.seconds(), self.lock_timeout,
                              self._host_tag, live)
 
     def close(self) -> defer.Deferred[Any]:

@@ -106,6 +106,7 @@ __all__ = [
     "pid_alive",
     "debris_tag",
     "debris_lock_name",
+    "litter_present",
     "LOCK_METHODS",
 ]
 
@@ -235,7 +236,7 @@ def debris_lock_name(name: str, suffix: str = ".lock") -> str | None:
     return None
 
 
-def _litter_present(path: Path) -> bool:
+def litter_present(path: Path) -> bool:
     """Whether the lock file ``path`` or a temporary file of it exists (one ``listdir``)."""
     try:
         return any(_is_litter(path.name, n) for n in os.listdir(path.parent))

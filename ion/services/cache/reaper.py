@@ -4,10 +4,12 @@
 goes when it was not used for ``reap_max_age`` seconds, when it is beyond
 the ``reap_keep`` most recently used versions of its dependency, or, least
 recently used first, while the cache holds more than ``reap_max_bytes``.
-Never evicted:
+The choice is :attr:`ReapPolicy.eviction`, the
+:class:`~ion.services.cache.eviction.EvictionPolicy` ``Cache.prune`` uses too;
+the removal is :meth:`Cache.evict`, as for ``prune``. Never evicted:
 
 - a **locked** entry (being fetched, published or verified): removal takes
-  the entry's lock with ``timeout=0`` (:meth:`Cache._remove`);
+  the entry's lock with ``timeout=0`` (:meth:`Cache.evict`);
 - an entry **used within** ``reap_min_idle`` seconds (default 600): a deploy
   looks an entry up before it places it, so one between its lookup and its
   placement is safe;
@@ -31,7 +33,8 @@ the cache never mistakes them for entries.
 **Election.** Every Cache service instance consumes one queue,
 ``<sysname>.cache.reaper``, declared with ``x-single-active-consumer``: the
 broker (RabbitMQ, or the embedded one, which gives the same semantics)
-delivers its messages to one consumer at a time. Every instance sends a
+delivers its messages to one consumer at a time (:func:`election_receiver`,
+handled by :meth:`Process.receive <ion.core.process.Process.receive>`). Every instance sends a
 ``reap_tick`` to it every ``reap_tick`` seconds (default 5); the instance
 that receives them is the reaper, and runs a round when the last one (kept
 in ``<root>/.reaper.json``, shared with the other containers and hosts) is
@@ -62,9 +65,12 @@ from twisted.python.failure import Failure
 
 from ion.core.exceptions import ConfigurationError
 from ion.core.safefs import SafeDir
-from ion.services.cache.core import Cache, _Found, _scan
+from ion.services.cache import store
+from ion.services.cache.core import Cache
 from ion.services.cache.entry import PruneReport
+from ion.services.cache.eviction import EvictionPolicy
 from ion.services.cache.locks import resolve_host_id
+from ion.services.cache.store import FoundEntry
 
 if TYPE_CHECKING:  # the messaging core is imported only where an election runs (not by ion-deploy)
     from ion.core.process import Process, Receiver
@@ -235,51 +241,25 @@ class ReapPolicy:
                    min_idle=number("reap_min_idle", 600.0), link_ttl=number("reap_link_ttl", 7 * 86400.0),
                    tick=number("reap_tick", 5.0, positive=True))
 
+    @property
+    def eviction(self) -> EvictionPolicy:
+        """What it evicts, as the chooser ``Cache.prune`` uses too."""
+        return EvictionPolicy(max_age=self.max_age, keep=self.keep, max_bytes=self.max_bytes,
+                              min_idle=self.min_idle)
+
     def to_wire(self) -> dict[str, Any]:
         return {"interval": self.interval, "max_age": self.max_age, "keep": self.keep,
                 "max_bytes": self.max_bytes, "min_idle": self.min_idle, "link_ttl": self.link_ttl}
 
 
-def choose(complete: builtins.list[_Found], policy: ReapPolicy, now: float,
-           linked: Mapping[Path, int]) -> builtins.list[_Found]:
-    """The complete entries the policy evicts, least recently used first (pure: no I/O).
+def choose(complete: builtins.list[FoundEntry], policy: ReapPolicy, now: float,
+           linked: Mapping[Path, int]) -> builtins.list[FoundEntry]:
+    """The complete entries the policy evicts, least recently used first (pure: no I/O):
+    :meth:`EvictionPolicy.choose` of ``policy.eviction``.
 
     ``linked`` maps an entry folder to its number of live link records.
     """
-    def eligible(f: _Found) -> bool:
-        assert f.info is not None
-        return not linked.get(f.path) and now - f.info.last_used >= policy.min_idle
-
-    def age_key(f: _Found) -> tuple[float, float]:
-        assert f.info is not None
-        return (f.info.last_used, f.info.fetched_at)
-
-    chosen: dict[Path, _Found] = {}
-    if policy.max_age is not None:
-        for f in complete:
-            assert f.info is not None
-            if now - f.info.last_used > policy.max_age and eligible(f):
-                chosen[f.path] = f
-    if policy.keep is not None:
-        groups: dict[tuple[str, str, str, bool], builtins.list[_Found]] = {}
-        for f in complete:
-            groups.setdefault(f.key.dependency, []).append(f)
-        for group in groups.values():
-            group.sort(key=age_key, reverse=True)
-            for f in group[policy.keep:]:
-                if eligible(f):
-                    chosen[f.path] = f
-    if policy.max_bytes is not None:
-        sizes = {f.path: f.info.size if f.info is not None else 0 for f in complete}
-        total = sum(size for path, size in sizes.items() if path not in chosen)
-        for f in sorted(complete, key=age_key):
-            if total <= policy.max_bytes:
-                break
-            if f.path in chosen or not eligible(f):
-                continue
-            chosen[f.path] = f
-            total -= sizes[f.path]
-    return sorted(chosen.values(), key=age_key)
+    return policy.eviction.choose(complete, now, linked)
 
 
 # -- one round ---------------------------------------------------------------------------------------------
@@ -326,9 +306,9 @@ def _write_state(root: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, root / STATE_FILE)
 
 
-def _survey(root: Path, host_id: str, now: float, link_ttl: float) -> tuple[builtins.list[_Found],
-                                                                             builtins.list[Path], dict[Path, int]]:
-    found, lock_files = _scan(root)
+def _survey(root: Path, host_id: str, now: float,
+            link_ttl: float) -> tuple[builtins.list[FoundEntry], builtins.list[Path], dict[Path, int]]:
+    found, lock_files = store.scan(root)
     linked = {f.path: live_links(f.path, host_id, now, link_ttl) for f in found if f.info is not None}
     return found, lock_files, linked
 
@@ -412,16 +392,14 @@ class CacheReaper:
             report.entries = len(complete)
             report.bytes_before = sum(f.info.size for f in complete if f.info is not None)
             report.linked = sum(1 for n in linked.values() if n)
-            targets = choose(complete, policy, now, linked)
-            chosen = {f.path for f in targets}
 
-            async def still_unlinked(f: _Found) -> bool:
+            async def still_unlinked(f: FoundEntry) -> bool:
                 # Under the entry's lock, just before removal: a deploy may have linked it since.
                 return f.info is None or not await cache.pool.run(live_links, f.path, cache.host_id,
                                                                   self.clock.seconds(), policy.link_ttl)
 
-            report.pruned = await cache._remove([f for f in found if f.path in chosen or f.info is None],
-                                                lock_files, quarantine=False, check=still_unlinked)
+            report.pruned = await cache.evict(policy.eviction.targets(found, now, linked), lock_files,
+                                              quarantine=False, check=still_unlinked)
             for info in report.pruned.removed:
                 await cache.pool.run(_drop_links, info.path)
         except Exception as exc:
@@ -463,7 +441,7 @@ def election_receiver(process: Process) -> Receiver:
     shared and single-active-consumer; one message at a time, none waiting (prefetch 1)."""
     from ion.core.process import Receiver
 
-    return Receiver(process, election_queue(process.sysname), process._receive, shared=True, prefetch=1,
+    return Receiver(process, election_queue(process.sysname), process.receive, shared=True, prefetch=1,
                     max_concurrent=1, queue_arguments={"x-single-active-consumer": True})
 
 

@@ -18,7 +18,11 @@ previous outcome is kept and it is never reported bad for it.
 
 Decisions:
 
-- **A bad entry is quarantined** as :meth:`Cache.repair` does it (its
+- **One check, one quarantine**: an entry is compared with its ``.entry`` by
+  :func:`~ion.services.cache.store.plan_check` (the walk ``Cache.verify`` does
+  too, through :func:`~ion.services.cache.store.verify_entry`); only the
+  hashing is the verifier's own, paced. A bad entry is quarantined by
+  :meth:`Cache.quarantine`, as :meth:`Cache.repair` does it (its
   ``.entry`` removed first, then the folder moved under ``quarantine/``), under
   the entry's lock taken with ``timeout=0`` and only if its ``.entry`` is
   still the one it was hashed against. From then on :meth:`Cache.lookup`
@@ -62,8 +66,6 @@ import json
 import math
 import os
 import secrets
-import stat
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +77,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.exceptions import ConfigurationError
-from ion.services.cache.core import Cache, _describe, _Found, _fsync_dir, _quarantine, _read_info, _scan, _walk
-from ion.services.cache.entry import ENTRY_FILE, ENTRY_TMP, EntryKey
-from ion.services.cache.errors import CorruptEntryError, LockTimeoutError
+from ion.services.cache import store
+from ion.services.cache.core import Cache
+from ion.services.cache.entry import EntryKey
+from ion.services.cache.errors import LockTimeoutError
+from ion.services.cache.store import FoundEntry
 
 __all__ = [
     "CONFIG_SECTION",
@@ -321,74 +325,6 @@ class VerifyReport:
 
 
 # -- blocking helpers (one pool job each) -----------------------------------------------------------------------
-@dataclass
-class _Plan:
-    """What one entry needs hashed, from its ``.entry`` and a walk of its folder (no content read)."""
-
-    entry_bytes: bytes
-    problems: dict[str, str]
-    to_hash: list[tuple[str, int, str]]  # (relative path, size, expected sha256)
-
-
-def _plan(path: Path, key: EntryKey) -> _Plan | None:
-    """The entry's ``.entry`` and the files to hash; size, link and name problems found without reading content.
-
-    None when the entry has no ``.entry`` (any more): incomplete, not verifiable.
-    """
-    try:
-        info = _read_info(path, key)
-        entry_bytes = (path / ENTRY_FILE).read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except CorruptEntryError as exc:
-        return _Plan(_entry_bytes(path) or b"", {ENTRY_FILE: str(exc)}, [])
-    problems: dict[str, str] = {}
-    to_hash: list[tuple[str, int, str]] = []
-    seen: set[str] = set()
-    for rel, st in _walk(path):
-        if rel in (ENTRY_FILE, ENTRY_TMP):
-            continue
-        seen.add(rel)
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(path / rel)
-            if rel not in info.links:
-                problems[rel] = f"unexpected symlink (to {target!r})"
-            elif info.links[rel] != target:
-                problems[rel] = f"symlink changed: points to {target!r}, not {info.links[rel]!r}"
-        elif stat.S_ISREG(st.st_mode):
-            meta = info.files.get(rel)
-            if meta is None:
-                problems[rel] = "unexpected file"
-            elif st.st_size != meta.size:
-                problems[rel] = f"size {st.st_size}, expected {meta.size}"
-            else:
-                to_hash.append((rel, meta.size, meta.sha256))
-        else:
-            problems[rel] = "not a regular file, folder or symlink"
-    for rel in info.files.keys() - seen:
-        problems[rel] = "missing"
-    for rel in info.links.keys() - seen:
-        problems[rel] = "symlink missing"
-    to_hash.sort()
-    return _Plan(entry_bytes, problems, to_hash)
-
-
-def _hash_chunk(path: Path, hasher: Any, offset: int, n: int) -> int:
-    """Read ``n`` bytes of ``path`` at ``offset`` into ``hasher``; the bytes read (fewer at end of file)."""
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        data = f.read(n)
-    hasher.update(data)
-    return len(data)
-
-
-def _entry_bytes(path: Path) -> bytes | None:
-    try:
-        return (path / ENTRY_FILE).read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
 def _load_state(path: Path) -> dict[str, Any] | None:
     try:
         text = path.read_text(encoding="utf-8")
@@ -412,7 +348,7 @@ def _save_state(path: Path, data: dict[str, Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    store.fsync_dir(path.parent)
 
 
 # -- the verifier -----------------------------------------------------------------------------------------------
@@ -581,7 +517,7 @@ class CacheVerifier:
         await self.load()
         report = VerifyReport(started=self.clock.seconds(), trigger=trigger, bandwidth=self.config.bandwidth)
         self.current = report
-        found, _locks = await self.cache.pool.run(_scan, self.cache.root)
+        found, _locks = await self.cache.pool.run(store.scan, self.cache.root)
         targets = [f for f in found if f.problem != "incomplete"]
         sem = defer.DeferredSemaphore(self.config.workers)
         checks = [sem.run(self._check_deferred, f, report) for f in targets]
@@ -613,10 +549,10 @@ class CacheVerifier:
     def _rel(self, key: EntryKey) -> str:
         return str(key.relpath)
 
-    def _check_deferred(self, found: _Found, report: VerifyReport) -> defer.Deferred[EntryOutcome]:
+    def _check_deferred(self, found: FoundEntry, report: VerifyReport) -> defer.Deferred[EntryOutcome]:
         return defer.Deferred.fromCoroutine(self._check(found, report))
 
-    async def _check(self, found: _Found, report: VerifyReport) -> EntryOutcome:
+    async def _check(self, found: FoundEntry, report: VerifyReport) -> EntryOutcome:
         key, path = found.key, found.path
         rel = self._rel(key)
         prev = self.states.get(rel)
@@ -627,7 +563,7 @@ class CacheVerifier:
             out.action, out.checked_at = "locked", self.clock.seconds()
             return out
         await self.cache.unlock(probe)
-        plan = await self.cache.pool.run(_plan, path, key)
+        plan = await self.cache.pool.run(store.plan_check, path, key)
         if plan is None:
             out.action, out.checked_at = "incomplete", self.clock.seconds()
             return out
@@ -636,10 +572,9 @@ class CacheVerifier:
             digest, n = await self._hash(path / name, size)
             out.bytes += n
             report.bytes_hashed += n
-            if n != size:
-                problems[name] = f"{n} bytes read, expected {size}"
-            elif digest != expected:
-                problems[name] = f"sha256 {digest}, expected {expected}"
+            problem = f"{n} bytes read, expected {size}" if n != size else store.digest_problem(digest, expected)
+            if problem:
+                problems[name] = problem
         out.checked_at = self.clock.seconds()
         if problems:
             out.problems = problems
@@ -657,7 +592,7 @@ class CacheVerifier:
             if self._stopped:
                 raise defer.CancelledError("the cache verifier is stopping")
             try:
-                got = await self.cache.pool.run(_hash_chunk, path, hasher, done, n)
+                got = await self.cache.pool.run(store.hash_range, path, hasher, done, n)
             except FileNotFoundError:
                 break
             done += got
@@ -673,16 +608,12 @@ class CacheVerifier:
             out.outcome, out.action = SKIPPED, "locked"
             return False
         try:
-            now_bytes = await self.cache.pool.run(_entry_bytes, out.path)
+            now_bytes = await self.cache.pool.run(store.read_entry_bytes, out.path)
             if now_bytes != entry_bytes:
                 out.outcome, out.action, out.problems = SKIPPED, "changed" if now_bytes else "incomplete", {}
                 return False
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock.seconds()))
-            dest = self.cache.quarantine_root.joinpath(f"{stamp}-{secrets.token_hex(4)}", *out.key.relpath.parts)
-            await self.cache.pool.run(_quarantine, out.path, dest)
-            out.action, out.moved_to = "quarantined", dest
-            self._log.warn("cache verify: quarantined bad entry {entry} ({problems}) to {dest}; the next deploy "
-                           "fetches it again", entry=str(out.key), problems=_describe(out.problems), dest=str(dest))
+            out.moved_to = await self.cache.quarantine(out.key, out.path, out.problems, log_prefix="cache verify: ")
+            out.action = "quarantined"
             return True
         finally:
             await self.cache.unlock(lock)

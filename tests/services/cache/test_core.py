@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ion.services.cache import core
+from ion.services.cache import core, store
 from ion.services.cache.core import Cache
 from ion.services.cache.entry import ENTRY_FILE, EntryInfo, EntryKey, FileMeta, repo_id
 from ion.services.cache.errors import (
@@ -116,7 +116,7 @@ def test_crash_between_rename_and_entry_file_is_not_served(cache, key, monkeypat
     lock = fired(cache.lock(key))
     staging, metas = stage(cache, {"bin/tool": b"new"})
     with monkeypatch.context() as m:
-        m.setattr(core, "_write_entry_file", crash)
+        m.setattr(store, "write_entry_file", crash)
         failure_of(cache.publish(key, staging, metas), OSError)
     assert (cache.entry_path(key) / "bin" / "tool").exists()  # content renamed in ...
     assert not (cache.entry_path(key) / ENTRY_FILE).exists()  # ... .entry never written
@@ -130,14 +130,14 @@ def test_crash_between_rename_and_entry_file_is_not_served(cache, key, monkeypat
 def test_entry_file_is_written_after_the_content(cache, key, monkeypatch):
     """When .entry is written, every file of the entry is already at its final path."""
     seen = []
-    real = core._write_entry_file
+    real = store.write_entry_file
 
     def spy(path, info, now):
         seen.append(sorted(p.name for p in path.rglob("*")))
         assert not (path / ENTRY_FILE).exists()
         real(path, info, now)
 
-    monkeypatch.setattr(core, "_write_entry_file", spy)
+    monkeypatch.setattr(store, "write_entry_file", spy)
     put(cache, key, {"a": b"1", "d/b": b"2"})
     assert seen == [["a", "b", "d"]]
 

@@ -150,7 +150,7 @@ def test_locked_entry_is_skipped(cache: Cache, key: EntryKey, events: Events,
 
 def test_republished_while_hashing_is_skipped(root: Path, clock: task.Clock, key: EntryKey, events: Events) -> None:
     """An entry republished while its files were being hashed is skipped as changed, not quarantined."""
-    pool = GatedPool({"_hash_chunk"})
+    pool = GatedPool({"hash_range"})
     cache = Cache(root, host_id="host-a", lock_timeout=60, clock=clock, pool=pool)
     put(cache, key, {"bin/tool": b"old content"})
     verifier = CacheVerifier(cache, VerifyConfig(interval=None, bandwidth=None), publish=events)
@@ -184,7 +184,7 @@ class TimedPool(SyncPool):
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
         d = super().run(fn, *args, **kwargs)
-        if fn.__name__ == "_hash_chunk":
+        if fn.__name__ == "hash_range":
             d.addCallback(lambda n: (self.reads.append((self.clock.seconds(), n)), n)[1])
         return d
 
@@ -281,8 +281,8 @@ class FailingScanPool(SyncPool):
     """A SyncPool whose first cache scan fails (a disk error)."""
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-        if fn.__name__ == "_scan" and "_scan" not in self.calls:
-            self.calls.append("_scan")
+        if fn.__name__ == "scan" and "scan" not in self.calls:
+            self.calls.append("scan")
             return defer.fail(OSError(5, "Input/output error"))
         return super().run(fn, *args, **kwargs)
 

@@ -68,7 +68,7 @@ from ion.core.exceptions import (
     MessageError,
     MessageTooLargeError,
 )
-from ion.core.lifecycle import LifecycleObject, State
+from ion.core.lifecycle import LifecycleObject, State, stop_in_reverse
 from ion.core.log import LogLimiter
 from ion.core.messaging import message as wire
 from ion.core.messaging.message import ANONYMOUS, Performative, Protocol
@@ -575,13 +575,8 @@ class Process(LifecycleObject):
         # Requests still unanswered (their op outlived terminate_timeout) are told so.
         self._answer_unanswered(f"process {self.id} ({self.proc_name}) terminated before answering")
         # 3. Children in reverse start order, then our own hook.
-        for child in reversed(list(self.children)):
-            if not child.is_final:
-                try:
-                    yield self.container.proc_manager.terminate_process(child.id)
-                except Exception as exc:
-                    self._log.warn("{pid}: child {child} did not terminate cleanly: {exc}",
-                                   pid=self.id, child=child.id, exc=exc)
+        yield stop_in_reverse(self.children, self._terminate_child, lambda child, exc: self._log.warn(
+            "{pid}: child {child} did not terminate cleanly: {exc}", pid=self.id, child=child.id, exc=exc))
         yield defer.maybeDeferred(self.slc_terminate)
         # 4. Whatever is still waiting for a reply ends now.
         self.conversations.fail_all(f"process {self.id} ({self.proc_name}) terminated")
@@ -591,6 +586,9 @@ class Process(LifecycleObject):
                 # Already drained (or given up on) above: do not wait again.
                 yield receiver.terminate(0)
         self.log_limiter.flush()  # what was counted and not yet said
+
+    def _terminate_child(self, child: Process) -> defer.Deferred[None] | None:
+        return None if child.is_final else self.container.proc_manager.terminate_process(child.id)
 
     def _answer_unanswered(self, reason: str) -> None:
         """Fail every request this process has not answered yet (503), so no caller waits for a timeout."""

@@ -44,7 +44,6 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ion.core.deferreds import observe
 from ion.core.exceptions import ConfigurationError, ReceivedError
 from ion.core.security import narrow_networks, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
@@ -75,6 +74,10 @@ class FetchService(ServiceProcess):
 
     #: One long download must not hold up every other fetch.
     max_concurrent = 16
+    #: Terminate cancels the fetches in progress at once (its first phase, see :mod:`ion.core.service`):
+    #: while the receivers and the pool still run, for a cancelled fetch releases its lock through
+    #: the Cache service and removes its staging folder in the pool.
+    drain_timeout = 0.0
 
     def slc_init(self) -> None:
         from ion.services.cache.service import CacheClient
@@ -90,7 +93,6 @@ class FetchService(ServiceProcess):
         self.fetcher = Fetcher(cache, remote_unpack(UnpackClient(self)), pool=self.container.blocking,
                                reactor=self.container.reactor, clock=self.clock, config=self.fetch_config,
                                guard=self.address_guard)
-        self._inflight: set[defer.Deferred[Any]] = set()
 
     def _file_roots(self) -> list[Path]:
         # A security bound: the container's config (else that of ion.services.deploy), narrowed
@@ -101,17 +103,6 @@ class FetchService(ServiceProcess):
             raise ConfigurationError(f"{CONFIG_SECTION}: allowed_file_repositories must be a list of folders, "
                                      f"not {roots!r}")
         return [Path(os.path.realpath(os.path.expanduser(r))) for r in roots]
-
-    @defer.inlineCallbacks
-    def on_terminate(self) -> Any:
-        # Before the receivers drain and the pool stops: a cancelled fetch still needs both to
-        # release its lock (through the Cache service) and remove its staging folder.
-        inflight = list(self._inflight)
-        for d in inflight:
-            d.cancel()
-        if inflight:
-            yield defer.DeferredList([observe(d) for d in inflight])
-        yield super().on_terminate()
 
     @defer.inlineCallbacks
     def slc_terminate(self) -> Any:
@@ -165,7 +156,6 @@ class FetchService(ServiceProcess):
             return self._refuse(msg, type(exc).__name__, str(exc), exc.code)
         # The caller may cancel it (FetchClient: when its own Deferred is cancelled or times out).
         d = self.cancellable(msg, self.fetcher.fetch(request, self._progress(content)))
-        self._inflight.add(d)
         try:
             result = await d
         except defer.CancelledError:
@@ -182,8 +172,6 @@ class FetchService(ServiceProcess):
             return self._refuse(msg, type(exc).__name__, str(exc), exc.code)
         except ReceivedError as exc:  # the Cache or Unpack service refused: pass its answer on
             return self._refuse(msg, exc.remote_error or type(exc).__name__, exc.message, exc.response_code)
-        finally:
-            self._inflight.discard(d)
         return result.to_wire()
 
 

@@ -83,6 +83,11 @@ class ServiceProcess(Process):
     #: hold up the others, nor a request that would end the wait (unlock).
     max_concurrent: ClassVar[int] = 1
 
+    #: Seconds terminate gives the work in flight before cancelling it (config ``drain_timeout``
+    #: of the service's module overrides it; 0: cancel at once). None: terminate leaves it to the
+    #: process's drain of its ops (``terminate_timeout``, then a 503 to their callers).
+    drain_timeout: ClassVar[float | None] = None
+
     def receivers_to_create(self) -> list[Receiver]:
         receivers = super().receivers_to_create() + [
             Receiver(self, self.service_queue, self._receive, shared=True),
@@ -91,11 +96,6 @@ class ServiceProcess(Process):
         for receiver in receivers:
             receiver.max_concurrent = max(receiver.max_concurrent, concurrent)
         return receivers
-
-    #: Seconds terminate gives the work in flight before cancelling it (config ``drain_timeout``
-    #: of the service's module overrides it; 0: cancel at once). None: terminate leaves it to the
-    #: process's drain of its ops (``terminate_timeout``, then a 503 to their callers).
-    drain_timeout: ClassVar[float | None] = None
 
     @property
     def in_flight(self) -> frozenset[defer.Deferred[Any]]:

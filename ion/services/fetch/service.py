@@ -74,9 +74,9 @@ class FetchService(ServiceProcess):
 
     #: One long download must not hold up every other fetch.
     max_concurrent = 16
-    #: Terminate cancels the fetches in progress at once (its first phase, see :mod:`ion.core.service`):
-    #: while the receivers and the pool still run, for a cancelled fetch releases its lock through
-    #: the Cache service and removes its staging folder in the pool.
+    #: Terminate cancels the fetches in progress at once, in its first phase (see :mod:`ion.core.service`),
+    #: while the receivers and the pool still run: a cancelled fetch needs them to release its lock
+    #: through the Cache service and to remove its staging folder.
     drain_timeout = 0.0
 
     def slc_init(self) -> None:

@@ -2,7 +2,9 @@
 
 A :class:`Container` owns its transport (a connection to the embedded broker
 or RabbitMQ), a process manager, an exchange manager and an app manager; it
-starts them in that order and terminates them in reverse. Several containers
+starts them in that order and terminates them in reverse
+(:func:`~ion.core.lifecycle.stop_in_reverse`, as the process manager its
+processes, the last spawned first). Several containers
 can live in one OS process (tests do this); nothing here is global.
 """
 
@@ -21,7 +23,7 @@ from twisted.logger import Logger
 
 from ion.core.config import Config
 from ion.core.exceptions import ConfigurationError, IonError
-from ion.core.lifecycle import LifecycleObject, State
+from ion.core.lifecycle import LifecycleObject, State, stop_in_reverse
 from ion.core.messaging import message as wire
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.messaging.transport import Properties, Transport, parse_broker_url
@@ -143,17 +145,14 @@ class ProcessManager:
         self._stopping.add(pid)
         return proc.terminate()
 
-    @defer.inlineCallbacks
-    def terminate_all(self) -> Any:
+    def terminate_all(self) -> defer.Deferred[None]:
         """Terminate every process, the last spawned first."""
-        for pid in reversed(list(self.processes)):
+        def terminate(pid: str) -> defer.Deferred[None] | None:
             proc = self.processes.get(pid)
-            if proc is None or proc.is_final:
-                continue
-            try:
-                yield self.terminate_process(pid)
-            except Exception as exc:
-                self._log.warn("process {pid} did not terminate cleanly: {exc}", pid=pid, exc=exc)
+            return None if proc is None or proc.is_final else self.terminate_process(pid)
+
+        return stop_in_reverse(self.processes, terminate, lambda pid, exc: self._log.warn(
+            "process {pid} did not terminate cleanly: {exc}", pid=pid, exc=exc))
 
 
 class ExchangeManager:
@@ -292,10 +291,12 @@ class Container(LifecycleObject):
 
     @defer.inlineCallbacks
     def on_terminate(self) -> Any:
-        yield self.app_manager.stop_all()
-        yield self.proc_manager.terminate_all()
-        yield self.exchange_manager.stop()
-        yield self.blocking.stop()
+        # What the container owns, in start order (the pool from the start, the exchange manager
+        # on initialize, the processes from activate on, the apps last), stopped in reverse. A
+        # failure fails terminate (the container ends in ERROR); the managers log their own.
+        parts: list[Callable[[], Any]] = [self.blocking.stop, self.exchange_manager.stop,
+                                          self.proc_manager.terminate_all, self.app_manager.stop_all]
+        yield stop_in_reverse(parts, lambda stop: stop())
         self._log.info("container {id} stopped", id=self.id)
 
     @defer.inlineCallbacks

@@ -10,13 +10,19 @@ The transitions are a declared table. Subclasses implement the ``on_*`` hooks,
 which may return Deferreds; a transition completes when its hook's result
 fires. Transitions are serialised: an event that arrives while one is in
 progress waits for it, and is checked against the state reached by then.
+
+Parts that own children (the container its managers, the process manager
+its processes, a process its children, the app manager its apps, a
+supervisor its processes) start them in order and stop them in reverse, one
+after another, with :func:`stop_in_reverse` -- the order of Twisted's
+``MultiService.stopService``, which also takes sync and async children alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -24,7 +30,9 @@ from twisted.python.failure import Failure
 
 from ion.core.exceptions import IllegalStateError
 
-__all__ = ["State", "LifecycleObject", "StateListener"]
+__all__ = ["State", "LifecycleObject", "StateListener", "stop_in_reverse"]
+
+T = TypeVar("T")
 
 
 class State(StrEnum):
@@ -179,3 +187,27 @@ class LifecycleObject:
             d.addErrback(lambda f: self._log.failure("on_error of {obj!r} failed", f, obj=self))
         except Exception:  # pragma: no cover - maybeDeferred captures
             pass
+
+
+@defer.inlineCallbacks
+def stop_in_reverse(children: Iterable[T], stop: Callable[[T], Any],
+                    failed: Callable[[T, Exception], None] | None = None,
+                    ) -> Generator[defer.Deferred[Any], Any, None]:
+    """Stop ``children`` the last first, one after another; fires once all are stopped.
+
+    The order of Twisted's ``MultiService.stopService``, and like it ``stop(child)`` may
+    return a Deferred or not; unlike it, each stop ends before the next begins (what
+    started later may use what started earlier until it is gone). ``children`` is read
+    once, now; ``stop`` returns None for a child it skips (one that ended meanwhile).
+
+    :param failed: told ``(child, exception)`` of a stop that failed (it logs it), and
+        the other children are stopped still; without it, the first failure ends the
+        sequence and fails the Deferred.
+    """
+    for child in reversed(list(children)):
+        try:
+            yield defer.maybeDeferred(stop, child)
+        except Exception as exc:
+            if failed is None:
+                raise
+            failed(child, exc)

@@ -31,11 +31,19 @@ Routing rules that keep a process from waiting for itself:
   busy with that very op); an op handling a message from the pid queue that
   calls its own pid fails at once (508) instead of waiting for the timeout.
 
-Terminate is graceful: request queues stop, in-flight ops get up to
+Terminate is graceful, in phases: first the pre-drain hook
+:meth:`Process.slc_drain`, while every queue still consumes (a service
+refuses new work, waits a bounded time for its own work in flight and
+cancels the rest, see :meth:`ion.core.service.ServiceProcess.slc_drain`);
+then request queues stop, in-flight ops get up to
 ``ion.core.process: terminate_timeout`` seconds while the backend keeps
 delivering the replies they may wait for; requests still unanswered then
-get a 503, and the process's own open conversations fail with
-:class:`~ion.core.exceptions.ConversationError`.
+get a 503; children terminate in reverse start order
+(:func:`~ion.core.lifecycle.stop_in_reverse`), then ``slc_terminate``, and
+the process's own open conversations fail with
+:class:`~ion.core.exceptions.ConversationError`. ``slc_drain`` and
+``slc_terminate`` run only if ``slc_init`` completed: a process terminated
+before it was initialized has nothing of theirs to settle.
 """
 
 from __future__ import annotations
@@ -68,7 +76,7 @@ from ion.core.exceptions import (
     MessageError,
     MessageTooLargeError,
 )
-from ion.core.lifecycle import LifecycleObject, State
+from ion.core.lifecycle import LifecycleObject, State, stop_in_reverse
 from ion.core.log import LogLimiter
 from ion.core.messaging import message as wire
 from ion.core.messaging.message import ANONYMOUS, Performative, Protocol
@@ -432,8 +440,9 @@ class Process(LifecycleObject):
     """Base class of every ION process.
 
     Subclasses add ``op_<name>`` methods and may override the ``slc_*`` hooks
-    (``slc_init``, ``slc_activate``, ``slc_deactivate``, ``slc_terminate``),
-    each of which may return a Deferred.
+    (``slc_init``, ``slc_activate``, ``slc_deactivate``, ``slc_drain``,
+    ``slc_terminate``), each of which may return a Deferred; they do not
+    override the ``on_*`` transitions.
 
     :param container: the container that hosts the process.
     :param spawnargs: free-form arguments from the spawner or app file.
@@ -461,6 +470,8 @@ class Process(LifecycleObject):
         self.parent: Process | None = None
         self.user_id: str = str(self.spawnargs.get("user-id", ANONYMOUS))
         self.backend_name = self.id + "b"
+        #: Whether slc_init completed: only then do slc_drain and slc_terminate run.
+        self._slc_initialized = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.proc_name} {self.id} {self.state.value}>"
@@ -542,6 +553,7 @@ class Process(LifecycleObject):
         for receiver in self.receivers:
             yield receiver.initialize()
         yield defer.maybeDeferred(self.slc_init)
+        self._slc_initialized = True
 
     @defer.inlineCallbacks
     def on_activate(self) -> Any:
@@ -558,6 +570,9 @@ class Process(LifecycleObject):
 
     @defer.inlineCallbacks
     def on_terminate(self) -> Any:
+        # 0. The subclass settles its own work while every queue still consumes (slc_drain).
+        if self._slc_initialized:
+            yield defer.maybeDeferred(self.slc_drain)
         timeout = float(self.container.config.get("ion.core.process", "terminate_timeout", 10))
         deadline = self.clock.seconds() + timeout
         # 1. No new requests; 2. let the ones in progress finish (bounded). The
@@ -575,14 +590,10 @@ class Process(LifecycleObject):
         # Requests still unanswered (their op outlived terminate_timeout) are told so.
         self._answer_unanswered(f"process {self.id} ({self.proc_name}) terminated before answering")
         # 3. Children in reverse start order, then our own hook.
-        for child in reversed(list(self.children)):
-            if not child.is_final:
-                try:
-                    yield self.container.proc_manager.terminate_process(child.id)
-                except Exception as exc:
-                    self._log.warn("{pid}: child {child} did not terminate cleanly: {exc}",
-                                   pid=self.id, child=child.id, exc=exc)
-        yield defer.maybeDeferred(self.slc_terminate)
+        yield stop_in_reverse(self.children, self._terminate_child, lambda child, exc: self._log.warn(
+            "{pid}: child {child} did not terminate cleanly: {exc}", pid=self.id, child=child.id, exc=exc))
+        if self._slc_initialized:
+            yield defer.maybeDeferred(self.slc_terminate)
         # 4. Whatever is still waiting for a reply ends now.
         self.conversations.fail_all(f"process {self.id} ({self.proc_name}) terminated")
         self._answer_unanswered(f"process {self.id} ({self.proc_name}) terminated before answering")
@@ -591,6 +602,9 @@ class Process(LifecycleObject):
                 # Already drained (or given up on) above: do not wait again.
                 yield receiver.terminate(0)
         self.log_limiter.flush()  # what was counted and not yet said
+
+    def _terminate_child(self, child: Process) -> defer.Deferred[None] | None:
+        return None if child.is_final else self.container.proc_manager.terminate_process(child.id)
 
     def _answer_unanswered(self, reason: str) -> None:
         """Fail every request this process has not answered yet (503), so no caller waits for a timeout."""
@@ -621,8 +635,13 @@ class Process(LifecycleObject):
     def slc_deactivate(self) -> Any:
         """User hook: the process stopped taking messages."""
 
+    def slc_drain(self) -> Any:
+        """User hook, the first phase of terminate: settle the process's own work in flight (refuse
+        new work, wait for it a bounded time, cancel the rest) while every queue still consumes, so
+        refusals and status requests are still answered; the process's own drain of its ops follows."""
+
     def slc_terminate(self) -> Any:
-        """User hook: release what the process holds."""
+        """User hook: release what the process holds (after its ops drained and its children ended)."""
 
     # -- receiving ---------------------------------------------------------------------
     def receive(self, msg: dict[str, Any], receiver: Receiver) -> defer.Deferred[Any] | None:

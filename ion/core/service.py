@@ -24,18 +24,30 @@ their classes fails the call with that class, rebuilt from the reply
 :class:`~ion.core.exceptions.ReceivedError` as its ``__cause__``); any other
 with :class:`~ion.core.exceptions.ReceivedApplicationError` (4xx) or
 :class:`~ion.core.exceptions.ReceivedContainerError` (5xx).
+
+**Work in flight.** A service owns the work its ops wait for: what
+:meth:`ServiceProcess.cancellable` registers, and what
+:meth:`ServiceProcess.track` counts (work no caller cancels, a deployment
+say), is one set, :attr:`ServiceProcess.in_flight`. Terminate's first phase
+(:meth:`ServiceProcess.slc_drain`) sets ``draining`` (ops refuse new work
+with 503 from then on) and, for a service with a ``drain_timeout``, waits
+that long for the set (0: not at all), cancels what is left and waits for the
+cancelled work to clean up, all while the process's queues still consume and
+its backend still delivers the replies that clean-up needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.conversation import RpcResult
+from ion.core.deferreds import observe
 from ion.core.exceptions import ApplicationError, ConversationTimeout, ReceivedError, error_from_reply
 from ion.core.messaging.message import Protocol
 from ion.core.process import Process, ProcessClient, Receiver
@@ -65,6 +77,10 @@ class ServiceProcess(Process):
             raise TypeError(f"{type(self).__name__} must set service_name")
         #: conv-id -> (the requester's broker user, the work), for requests that can be cancelled.
         self._cancellable: dict[str, tuple[str, defer.Deferred[Any]]] = {}
+        #: The work in flight (see the module notes); each leaves the set when it fires.
+        self._in_flight: set[defer.Deferred[Any]] = set()
+        #: True from the start of terminate (slc_drain): ops refuse new work (503).
+        self.draining = False
 
     @property
     def service_queue(self) -> str:
@@ -77,6 +93,11 @@ class ServiceProcess(Process):
     #: hold up the others, nor a request that would end the wait (unlock).
     max_concurrent: ClassVar[int] = 1
 
+    #: Seconds terminate gives the work in flight before cancelling it (config ``drain_timeout``
+    #: of the service's module overrides it; 0: cancel at once). None: terminate leaves it to the
+    #: process's drain of its ops (``terminate_timeout``, then a 503 to their callers).
+    drain_timeout: ClassVar[float | None] = None
+
     def receivers_to_create(self) -> list[Receiver]:
         receivers = super().receivers_to_create() + [
             Receiver(self, self.service_queue, self._receive, shared=True),
@@ -86,11 +107,30 @@ class ServiceProcess(Process):
             receiver.max_concurrent = max(receiver.max_concurrent, concurrent)
         return receivers
 
+    @property
+    def in_flight(self) -> frozenset[defer.Deferred[Any]]:
+        """The work in flight now: registered by :meth:`track` or :meth:`cancellable`, not fired yet."""
+        return frozenset(self._in_flight)
+
+    def track(self, work: defer.Deferred[T]) -> defer.Deferred[T]:
+        """Count ``work`` as in flight until it fires (terminate waits for it and cancels it,
+        see :meth:`slc_drain`); returns ``work``."""
+        self._in_flight.add(work)
+
+        def done(result: Any) -> Any:
+            self._in_flight.discard(work)
+            return result
+
+        work.addBoth(done)
+        return work
+
     def cancellable(self, msg: Mapping[str, Any], work: defer.Deferred[T]) -> defer.Deferred[T]:
-        """Let the requester of ``msg`` cancel ``work`` (see the module notes); returns ``work``.
+        """Let the requester of ``msg`` cancel ``work`` (see the module notes), and :meth:`track`
+        it; returns ``work``.
 
         In the ``request`` protocol this agrees at once with ``{"pid": <this instance>}``.
         """
+        self.track(work)
         conv = str(msg.get("conv-id"))
         self._cancellable[conv] = (msg.get("broker-user") or "", work)
 
@@ -106,6 +146,43 @@ class ServiceProcess(Process):
                 lambda f: self._log.info("{pid}: could not agree to {conv}: {e}", pid=self.id, conv=conv,
                                          e=f.getErrorMessage()))
         return work
+
+    def drain_time(self) -> float | None:
+        """The ``drain_timeout`` of this service: its module's config, else the class's."""
+        value = self.get_config("drain_timeout", type(self).drain_timeout)
+        return None if value is None else float(value)
+
+    def slc_drain(self) -> Any:
+        """Terminate's first phase: ``draining`` from now on; with a :meth:`drain_time`, the work in
+        flight gets that long, then is cancelled (:meth:`drain_in_flight`)."""
+        self.draining = True
+        timeout = self.drain_time()
+        return None if timeout is None else self.drain_in_flight(timeout)
+
+    @defer.inlineCallbacks
+    def drain_in_flight(self, timeout: float, *, clock: IReactorTime | None = None,
+                        what: str | None = None) -> Generator[defer.Deferred[Any], Any, None]:
+        """Wait up to ``timeout`` s for the work in flight (0 or less: not at all), cancel what is still
+        running, and fire once the cancelled work has fired too (its clean-up done).
+
+        :param clock: measures ``timeout`` (default: the process's clock).
+        :param what: names the work in two log lines (waiting, cancelling); None: no log.
+        """
+        if timeout > 0 and self._in_flight:
+            if what is not None:
+                self._log.info("{pid}: stopping; waiting up to {timeout:g} s for {n} {what} in progress",
+                               pid=self.id, timeout=timeout, n=len(self._in_flight), what=what)
+            waiting = defer.DeferredList([observe(d) for d in self._in_flight], consumeErrors=True)
+            waiting.addTimeout(timeout, clock or self.clock, onTimeoutCancel=lambda result, t: None)
+            yield waiting
+        left = list(self._in_flight)
+        if left:
+            if what is not None:
+                self._log.warn("{pid}: {n} {what} still in progress after {timeout:g} s: cancelling them",
+                               pid=self.id, n=len(left), what=what, timeout=timeout)
+            for d in left:
+                d.cancel()
+            yield defer.DeferredList([observe(d) for d in left], consumeErrors=True)
 
     def op_cancel(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{conv}``: cancel the work of that request; ``{cancelled: bool}``.

@@ -1,4 +1,4 @@
-"""The lifecycle state machine of DESIGN §3: its table, serialisation and error handling."""
+"""The lifecycle state machine of DESIGN §3: its table, serialisation and error handling; stop_in_reverse."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ion.core.exceptions import IllegalStateError
-from ion.core.lifecycle import TRANSITIONS, LifecycleObject, State
+from ion.core.lifecycle import TRANSITIONS, LifecycleObject, State, stop_in_reverse
 
 EVENTS = ("initialize", "activate", "deactivate", "terminate")
 
@@ -452,3 +452,65 @@ class LifecycleTests(SynchronousTestCase):
         obj.add_state_listener(lambda o, old, new: seen.append(new))
         self.assertRaises(IllegalStateError, obj.activate)
         self.assertEqual(seen, [])
+
+
+class StopInReverseTests(SynchronousTestCase):
+    """stop_in_reverse: the one way parts stop their children (MultiService's order, one at a time)."""
+
+    def test_children_stop_last_first_each_after_the_previous_sync_or_async(self) -> None:
+        """Children stop in reverse order; an async stop holds the next one until it fires, a sync one does not."""
+        stopped: list[str] = []
+        pending: dict[str, defer.Deferred[None]] = {}
+
+        def stop(child: str) -> defer.Deferred[None] | None:
+            stopped.append(child)
+            if child == "b":
+                pending[child] = defer.Deferred()
+                return pending[child]
+            return None
+
+        d = stop_in_reverse(["a", "b", "c"], stop)
+        self.assertEqual(stopped, ["c", "b"])
+        self.assertNoResult(d)
+        pending["b"].callback(None)
+        self.assertEqual(stopped, ["c", "b", "a"])
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_a_failed_stop_is_reported_and_the_others_still_stop(self) -> None:
+        """With ``failed``, a child whose stop raises or fails is reported and the rest are stopped."""
+        stopped: list[str] = []
+        reported: list[tuple[str, str]] = []
+
+        def stop(child: str) -> defer.Deferred[None] | None:
+            stopped.append(child)
+            if child == "c":
+                raise Boom("sync")
+            return defer.fail(Boom("async")) if child == "b" else None
+
+        d = stop_in_reverse(["a", "b", "c"], stop, lambda child, exc: reported.append((child, str(exc))))
+        self.successResultOf(d)
+        self.assertEqual(stopped, ["c", "b", "a"])
+        self.assertEqual(reported, [("c", "sync"), ("b", "async")])
+
+    def test_without_failed_the_first_failure_ends_the_sequence(self) -> None:
+        """Without ``failed``, the first failing stop fails the result and the children before it are not stopped."""
+        stopped: list[str] = []
+
+        def stop(child: str) -> defer.Deferred[None]:
+            stopped.append(child)
+            return defer.fail(Boom(child)) if child == "b" else defer.succeed(None)
+
+        self.failureResultOf(stop_in_reverse(["a", "b", "c"], stop), Boom)
+        self.assertEqual(stopped, ["c", "b"])
+
+    def test_the_children_are_read_once(self) -> None:
+        """A child added while the others stop is not stopped by this call."""
+        children = ["a", "b"]
+        stopped: list[str] = []
+
+        def stop(child: str) -> None:
+            stopped.append(child)
+            children.append("late")
+
+        self.successResultOf(stop_in_reverse(children, stop))
+        self.assertEqual(stopped, ["b", "a"])

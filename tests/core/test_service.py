@@ -28,7 +28,7 @@ from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.hello import HelloClient, HelloService
 from ion.testing import ClockedSystem, client_process
 
-from .support import EchoService, RelayService, failure_of, logged
+from .support import EchoService, RelayService, failure_of, logged, no_result, success_of
 
 
 class EchoClient(ServiceClient):
@@ -416,3 +416,99 @@ def test_a_finished_cancellable_call_answers_normally_and_only_its_caller_may_ca
     assert system.result(d)[0] == {"done": True} and svc.outcomes == []
     late = caller.rpc_send(svc.id, "cancel", {"conv": headers["conv-id"]})
     assert system.result(late)[0] == {"cancelled": False}
+
+
+# -- work in flight and terminate's first phase (slc_drain) ---------------------------------------------
+class Tracker(ServiceProcess):
+    """An op whose work (not caller-cancellable) is tracked; terminate gives it ``drain_timeout``."""
+
+    service_name = "tracker"
+    drain_timeout = 5.0
+    max_concurrent = 4  # a request is refused while another one's work is waited for
+    #: The receivers' states when slc_drain ran (None: it did not run).
+    states_at_drain: list[State] | None = None
+
+    def slc_init(self) -> None:
+        self.pending: list[defer.Deferred[Any]] = []
+
+    def slc_drain(self) -> Any:
+        self.states_at_drain = [r.state for r in self.receivers]
+        return super().slc_drain()
+
+    async def op_work(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        if self.draining:
+            raise ApplicationError("stopping", 503)
+        work: defer.Deferred[Any] = defer.Deferred()
+        self.pending.append(work)
+        return await self.track(work)
+
+
+def test_terminate_waits_drain_timeout_for_tracked_work_while_its_queues_still_serve() -> None:
+    """slc_drain runs first, every queue still consuming: a new request is refused (503) meanwhile, and
+    the tracked work that ends within drain_timeout answers its caller normally."""
+    system = ClockedSystem()
+    svc = system.spawn(Tracker)
+    caller = system.spawn(Process, name="caller")
+    call = caller.rpc_send(svc.id, "work", timeout=60)
+    system.pump()
+    assert len(svc.in_flight) == 1
+    stopping = system.container.proc_manager.terminate_process(svc.id)
+    system.pump()
+    assert svc.states_at_drain == [State.ACTIVE] * len(svc.receivers) and svc.draining
+    late = caller.rpc_send(svc.id, "work", timeout=60)
+    system.pump()
+    assert failure_of(late, ReceivedError).response_code == 503
+    system.advance(4.9)
+    no_result(stopping)
+    svc.pending[0].callback("done")
+    system.pump()
+    assert success_of(call)[0] == "done"
+    success_of(stopping)
+    assert svc.state is State.TERMINATED and not svc.in_flight
+
+
+def test_tracked_work_that_outlives_drain_timeout_is_cancelled() -> None:
+    """At drain_timeout the tracked work is cancelled: its op fails as cancelled (409), then the process ends."""
+    system = ClockedSystem()
+    svc = system.spawn(Tracker)
+    caller = system.spawn(Process, name="caller")
+    call = caller.rpc_send(svc.id, "work", timeout=60)
+    system.pump()
+    stopping = system.container.proc_manager.terminate_process(svc.id)
+    system.advance(5)
+    success_of(stopping)
+    assert svc.pending[0].called and not svc.in_flight
+    assert failure_of(call, ReceivedApplicationError).response_code == 409
+
+
+def test_a_service_without_drain_timeout_leaves_its_work_to_the_op_drain() -> None:
+    """drain_timeout None (the default): terminate does not cancel tracked work; the ops get
+    terminate_timeout, then their callers a 503, as for any process."""
+    system = ClockedSystem(config={"ion.core.process": {"terminate_timeout": 2}})
+    svc = system.spawn(Waiter)
+    caller = system.spawn(Process, name="caller")
+    call = WaiterClient(caller).cancellable_call("wait", None, timeout=600)
+    system.pump()
+    stopping = system.container.proc_manager.terminate_process(svc.id)
+    system.advance(1.9)
+    no_result(stopping)
+    assert not svc.pending[0].called
+    system.advance(0.1)
+    success_of(stopping)
+    assert failure_of(call, ReceivedError).response_code == 503 and svc.outcomes == []
+
+
+@pytest.mark.parametrize("cls", ["Tracker", "ion.services.deploy.service.DeployService",
+                                 "ion.services.fetch.service.FetchService",
+                                 "ion.services.cache.service.CacheService"])
+def test_a_service_terminated_before_it_was_initialized_ends_cleanly(cls: str) -> None:
+    """A process whose slc_init never ran terminates to TERMINATED: neither slc_drain nor slc_terminate runs
+    (they settle what slc_init set up)."""
+    from ion.core.process import load_process_class
+
+    system = ClockedSystem()
+    process_class = Tracker if cls == "Tracker" else load_process_class(*cls.rsplit(".", 1))
+    proc = process_class(system.container)
+    system.result(proc.terminate())
+    assert proc.state is State.TERMINATED
+    assert getattr(proc, "states_at_drain", None) is None

@@ -1,4 +1,5 @@
-"""The app manager: starts apps with their dependencies, once each, and stops them in reverse."""
+"""The app manager: starts apps with their dependencies, once each, and stops them in reverse
+(:func:`~ion.core.lifecycle.stop_in_reverse`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ion.core.apps.appfile import (
 )
 from ion.core.config import deep_merge, parse_value, resource_root
 from ion.core.exceptions import AppError, ConfigurationError
+from ion.core.lifecycle import stop_in_reverse
 from ion.core.process import ProcessDesc
 
 if TYPE_CHECKING:
@@ -193,14 +195,10 @@ class AppManager:
         self.failed[name] = reason
         self._log.error("app {name} failed and is stopped: {reason}", name=name, reason=reason)
 
-    @defer.inlineCallbacks
-    def stop_all(self) -> Any:
+    def stop_all(self) -> defer.Deferred[None]:
         """Stop every app, the last started first."""
-        for name in reversed(list(self.running)):
-            try:
-                yield self.stop_app(name)
-            except Exception as exc:
-                self._log.warn("app {name} did not stop cleanly: {exc}", name=name, exc=exc)
+        return stop_in_reverse(self.running, self.stop_app, lambda name, exc: self._log.warn(
+            "app {name} did not stop cleanly: {exc}", name=name, exc=exc))
 
     @defer.inlineCallbacks
     def start_rel(self, path: str | Path) -> Any:

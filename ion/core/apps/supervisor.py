@@ -1,6 +1,7 @@
 """App supervisors: restart processes that die, give up on ones that keep dying.
 
-Follows OTP's ``supervisor``: children start left to right and stop in reverse;
+Follows OTP's ``supervisor``: children start left to right and stop in reverse
+(:func:`~ion.core.lifecycle.stop_in_reverse`);
 strategies ``one_for_one`` (restart the one that died), ``one_for_all``
 (restart all) and ``rest_for_one`` (restart it and those started after it);
 more than ``max_restarts`` restarts within ``restart_period`` seconds and the
@@ -24,7 +25,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ion.core.exceptions import ConfigurationError
-from ion.core.lifecycle import State
+from ion.core.lifecycle import State, stop_in_reverse
 from ion.core.process import Process, ProcessDesc
 
 if TYPE_CHECKING:
@@ -145,15 +146,7 @@ class Supervisor:
         else:
             group = self.children[index:]
         # The others of the group stop in reverse start order ...
-        for spec in reversed(group):
-            if spec.pid is not None:
-                pid, spec.pid = spec.pid, None
-                if self.container.proc_manager.get(pid) is not None:
-                    try:
-                        yield self.container.proc_manager.terminate_process(pid)
-                    except Exception as exc:
-                        self._log.warn("app {app}: {pid} did not stop cleanly for the restart: {exc}",
-                                       app=self.app_name, pid=pid, exc=exc)
+        yield self._stop_specs(group, " for the restart")
         # ... and the whole group starts again, left to right.
         for spec in group:
             if self.stopping or self.failed:
@@ -169,15 +162,20 @@ class Supervisor:
         """Terminate the children in reverse start order; nothing is restarted after."""
         self.stopping = True
         self.container.proc_manager.remove_exit_listener(self._exited)
-        return self._lock.run(self._stop_children)
+        return self._lock.run(self._stop_specs, self.children, "")
 
-    @defer.inlineCallbacks
-    def _stop_children(self) -> Any:
-        for spec in reversed(self.children):
+    def _stop_specs(self, specs: list[ChildSpec], why: str) -> defer.Deferred[None]:
+        """Terminate the live processes of ``specs`` in reverse start order; each spec loses its pid
+        as its turn comes (until then, its process dying counts as a death)."""
+        stopped: dict[int, str] = {}  # id(spec) -> the pid it had, for the log
+
+        def stop(spec: ChildSpec) -> defer.Deferred[None] | None:
             pid, spec.pid = spec.pid, None
-            if pid is not None and self.container.proc_manager.get(pid) is not None:
-                try:
-                    yield self.container.proc_manager.terminate_process(pid)
-                except Exception as exc:
-                    self._log.warn("app {app}: {pid} did not stop cleanly: {exc}",
-                                   app=self.app_name, pid=pid, exc=exc)
+            if pid is None or self.container.proc_manager.get(pid) is None:
+                return None
+            stopped[id(spec)] = pid
+            return self.container.proc_manager.terminate_process(pid)
+
+        return stop_in_reverse(specs, stop, lambda spec, exc: self._log.warn(
+            "app {app}: {pid} did not stop cleanly{why}: {exc}", app=self.app_name, pid=stopped[id(spec)],
+            why=why, exc=exc))

@@ -33,7 +33,8 @@ name the token and go to that pid (several instances may share the service
 queue; :class:`CacheClient` routes them). A lock lasts for its ``lease``
 (default ``lock_timeout``) unless renewed, so a caller that dies or gives up
 waiting never pins an entry for good; every lock is released when the
-service terminates, and pending ``lock`` waits are cancelled then.
+service terminates, and pending ``lock`` waits are cancelled then (the first
+phase of its terminate, :meth:`CacheService.slc_drain`: they answer 503).
 
 From any process::
 
@@ -130,6 +131,9 @@ class CacheService(ServiceProcess):
 
     #: A lock waiting for its entry must not keep the unlock that frees it waiting.
     max_concurrent = 32
+    #: Terminate cancels the lock waits at once (its first phase, see :mod:`ion.core.service`):
+    #: a lock op waiting for its entry would hold up the drain of the ops.
+    drain_timeout = 0.0
 
     def slc_init(self) -> None:
         root = self.get_config("root") or default_root()
@@ -149,8 +153,6 @@ class CacheService(ServiceProcess):
                                       publish=self.container.publish_event, clock=self.clock,
                                       should_run=self.election.is_elected)
         self._leases: dict[str, _Lease] = {}
-        self._waiting: set[defer.Deferred[CacheLock]] = set()
-        self._closing = False
 
     def receivers_to_create(self) -> list[Receiver]:
         # After the service's own: the election queue keeps its one-at-a-time window.
@@ -171,14 +173,10 @@ class CacheService(ServiceProcess):
         v.addErrback(lambda f: self._log.warn("{pid}: cache verify not scheduled: {err}", pid=self.id,
                                               err=f.getErrorMessage()))
 
-    def on_terminate(self) -> Any:
-        # Before the receivers drain: a lock op waiting for its entry would hold the drain up.
-        self._closing = True
-        if hasattr(self, "election"):  # (not if slc_init failed)
-            self.election.stop()
-        for d in list(self._waiting):
-            d.cancel()
-        return super().on_terminate()
+    def slc_drain(self) -> Any:
+        """Terminate's first phase: no more reaper ticks; lock ops refuse (503), lock waits are cancelled."""
+        self.election.stop()
+        return super().slc_drain()
 
     @defer.inlineCallbacks
     def slc_terminate(self) -> Any:
@@ -242,21 +240,18 @@ class CacheService(ServiceProcess):
         # A short default lease: a lock granted to a caller that gave up waiting (its
         # RPC timed out or was cancelled) is freed after one lease, not lock_timeout.
         lease_s = _number(c, "lease", minimum=1) or float(self.get_config("lock_lease", 60))
-        if self._closing:
+        if self.draining:
             raise LockError(f"cache service {self.id} is terminating", 503)
-        # The caller may cancel the wait (CacheClient.lock: when its call is cancelled or times out).
-        d = self.cancellable(msg, self.cache.lock(key, timeout))
-        self._waiting.add(d)
+        # The caller may cancel the wait (CacheClient.lock: when its call is cancelled or times out);
+        # so does terminate (slc_drain).
         try:
-            lock = await d
+            lock = await self.cancellable(msg, self.cache.lock(key, timeout))
         except defer.CancelledError:
-            if self._closing:
+            if self.draining:
                 raise LockError(f"cache service {self.id} terminated while {key} was waiting for its lock",
                                 503) from None
             raise LockError(f"the lock wait for {key} was cancelled by its caller", 409) from None
-        finally:
-            self._waiting.discard(d)
-        if self._closing:
+        if self.draining:
             await self.cache.unlock(lock)
             raise LockError(f"cache service {self.id} is terminating", 503)
         owner = f"{msg.get('sender-name') or '?'} ({msg.get('sender')})"

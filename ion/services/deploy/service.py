@@ -22,7 +22,10 @@ from the service queue at once (they stay there for another instance), and
 refuses a deploy that still reaches it (its pid queue) with 503; it waits up
 to ``drain_timeout`` seconds for the deployments in progress, then cancels
 the rest: the fetches not finished are cancelled (``Deferred.cancel`` through
-the :class:`Deployer`), items being placed finish. A sync ``deploy`` caller
+the :class:`Deployer`), items being placed finish. This is the service's
+pre-drain phase (:meth:`DeployService.slc_drain`, see :mod:`ion.core.service`):
+every deployment is tracked work of the process, and its pid queue keeps
+serving meanwhile (refusals, ``job_status``). A sync ``deploy`` caller
 then gets a 503 ``DeployCancelled`` whose content names the items cancelled
 and carries every item's result; an async job ends ``REMOTE_ERROR`` with
 ``cancelled`` listing its unfinished items (see :mod:`ion.core.jobs`). Only
@@ -52,7 +55,6 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ion.core.deferreds import observe
 from ion.core.exceptions import ApplicationError, ConfigurationError, ReceivedError
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
@@ -97,12 +99,10 @@ class DeployService(ServiceProcess):
 
     #: A sync deploy (minutes long) must not keep job_status, jobs and other deploys waiting.
     max_concurrent = 16
+    #: Seconds the deployments in progress get when the service stops (config ``drain_timeout``).
+    drain_timeout = 30.0
 
     def slc_init(self) -> None:
-        #: Set when terminate starts: deploys are refused from then on.
-        self.draining = False
-        #: The deployments in progress (sync and async), each the Deployer's Deferred.
-        self.runs: set[defer.Deferred[list[ItemResult]]] = set()
         # Security bounds: the container's config, narrowed (never widened) by app config and
         # spawnargs; a spawn that would widen one fails here. None = the working folder.
         self.allowed_destinations: list[str] = self.bounded_config(
@@ -126,12 +126,9 @@ class DeployService(ServiceProcess):
         self.jobs.prune().addErrback(lambda f: self._log.warn("{pid}: pruning job records failed: {e}",
                                                                pid=self.id, e=f.getErrorMessage()))
 
-    @defer.inlineCallbacks
-    def on_terminate(self) -> Any:
-        """Drain, then terminate as any process: see the module notes."""
-        if hasattr(self, "runs"):  # initialized: there may be work to drain
-            yield self.drain(float(self.get_config("drain_timeout", 30)))
-        yield super().on_terminate()
+    def slc_drain(self) -> Any:
+        """Terminate's first phase: :meth:`drain` for ``drain_timeout`` (see the module notes)."""
+        return self.drain(self.drain_time() or 0.0)
 
     def slc_terminate(self) -> Any:
         self.jobs.cancel_all()
@@ -151,20 +148,8 @@ class DeployService(ServiceProcess):
         for receiver in self.receivers:
             if receiver.name == self.service_queue and receiver.state is State.ACTIVE:
                 yield receiver.deactivate()
-        if self.runs:
-            self._log.info("{pid}: stopping; waiting up to {timeout:g} s for {n} deployment(s) in progress",
-                           pid=self.id, timeout=timeout, n=len(self.runs))
-            waiting = defer.DeferredList([observe(d) for d in self.runs], consumeErrors=True)
-            waiting.addTimeout(timeout, clock or self.clock, onTimeoutCancel=lambda result, t: None)
-            yield waiting
-        left = list(self.runs)
-        if left:
-            self._log.warn("{pid}: {n} deployment(s) still in progress after {timeout:g} s: cancelling them",
-                           pid=self.id, n=len(left), timeout=timeout)
-            for d in left:
-                d.cancel()
-            # They fire once their fetches have cleaned up (locks released, staging removed).
-            yield defer.DeferredList([observe(d) for d in left], consumeErrors=True)
+        # The cancelled ones fire once their fetches have cleaned up (locks released, staging removed).
+        yield self.drain_in_flight(timeout, clock=clock, what="deployment(s)")
         yield self.jobs.flush()
 
     # -- durable job records --------------------------------------------------------------------
@@ -305,14 +290,9 @@ class DeployService(ServiceProcess):
                 self.jobs.partial(job, _part(result), result.to_wire(), cancelled=result.cancelled)
 
         self._refuse_if_draining()
-        run = self._deployer(job).deploy(deployment, progress=progress, on_result=on_result, targets=targets)
-        self.runs.add(run)
-
-        def ended(_: Any) -> None:
-            self.runs.discard(run)
-
-        observe(run).addCallback(ended)
-        return run
+        # Tracked: terminate waits for it (drain_timeout), then cancels it.
+        return self.track(self._deployer(job).deploy(deployment, progress=progress, on_result=on_result,
+                                                     targets=targets))
 
     def _refuse_if_draining(self) -> None:
         if self.draining:

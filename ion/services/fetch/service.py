@@ -47,7 +47,6 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ion.core.deferreds import observe
 from ion.core.exceptions import ConfigurationError, ReceivedError, RelayedError
 from ion.core.security import narrow_networks, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
@@ -72,6 +71,10 @@ class FetchService(ServiceProcess):
 
     #: One long download must not hold up every other fetch.
     max_concurrent = 16
+    #: Terminate cancels the fetches in progress at once, in its first phase (see :mod:`ion.core.service`),
+    #: while the receivers and the pool still run: a cancelled fetch needs them to release its lock
+    #: through the Cache service and to remove its staging folder.
+    drain_timeout = 0.0
 
     def slc_init(self) -> None:
         from ion.services.cache.service import CacheClient
@@ -87,7 +90,6 @@ class FetchService(ServiceProcess):
         self.fetcher = Fetcher(cache, remote_unpack(UnpackClient(self)), pool=self.container.blocking,
                                reactor=self.container.reactor, clock=self.clock, config=self.fetch_config,
                                guard=self.address_guard)
-        self._inflight: set[defer.Deferred[Any]] = set()
 
     def _file_roots(self) -> list[Path]:
         # A security bound: the container's config (else that of ion.services.deploy), narrowed
@@ -98,17 +100,6 @@ class FetchService(ServiceProcess):
             raise ConfigurationError(f"{CONFIG_SECTION}: allowed_file_repositories must be a list of folders, "
                                      f"not {roots!r}")
         return [Path(os.path.realpath(os.path.expanduser(r))) for r in roots]
-
-    @defer.inlineCallbacks
-    def on_terminate(self) -> Any:
-        # Before the receivers drain and the pool stops: a cancelled fetch still needs both to
-        # release its lock (through the Cache service) and remove its staging folder.
-        inflight = list(self._inflight)
-        for d in inflight:
-            d.cancel()
-        if inflight:
-            yield defer.DeferredList([observe(d) for d in inflight])
-        yield super().on_terminate()
 
     @defer.inlineCallbacks
     def slc_terminate(self) -> Any:
@@ -149,15 +140,12 @@ class FetchService(ServiceProcess):
         await self.container.blocking.run(self._check_file_repository, request)
         # The caller may cancel it (FetchClient: when its own Deferred is cancelled or times out).
         d = self.cancellable(msg, self.fetcher.fetch(request, self._progress(content)))
-        self._inflight.add(d)
         try:
             result = await d
         except defer.CancelledError:
             raise FetchCancelled(f"the fetch of {request.describe()} was cancelled by its caller") from None
         except ReceivedError as exc:  # the Cache or Unpack service refused: pass its answer on
             raise RelayedError(exc) from None
-        finally:
-            self._inflight.discard(d)
         return result.to_wire()
 
 

@@ -122,7 +122,7 @@ async def test_a_waiting_lock_does_not_block_unlock(container, process_factory, 
     lock = await first.lock(KEY, timeout=5)
     waiting = second.lock(KEY, timeout=30)
     await first.lookup(KEY)  # answered after the lock request (same queue): that one is waiting now
-    assert not waiting.called and len(service._waiting) == 1
+    assert not waiting.called and len(service.in_flight) == 1
     await first.renew(lock)
     await first.unlock(lock)
     granted = await waiting
@@ -138,7 +138,7 @@ async def test_terminating_the_service_releases_its_locks(container, process_fac
     held = [await cache.lock(KEY, timeout=5), await cache.lock(other, timeout=5)]
     waiting = cache.lock(KEY, timeout=30)
     await cache.lookup(other)  # answered after the lock request (same queue): that one is waiting now
-    assert len(service._waiting) == 1
+    assert len(service.in_flight) == 1
     await container.proc_manager.terminate_process(service.id)
     assert not any(Path(lock.path).exists() for lock in held)
     try:
@@ -193,10 +193,10 @@ def test_a_cancelled_lock_wait_stops_waiting_at_the_service(clocked, tmp_path):
     held = clocked.result(holder.lock(KEY, timeout=5))
     waiting = quitter.lock(KEY, timeout=300)
     clocked.pump()
-    assert len(service._waiting) == 1
+    assert len(service.in_flight) == 1
     waiting.cancel()
     clocked.pump()
-    assert not service._waiting
+    assert not service.in_flight
     clocked.result(holder.unlock(held))
     clocked.advance(2)
     assert not service._leases and not Path(held.path).exists()

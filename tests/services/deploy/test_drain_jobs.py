@@ -110,7 +110,7 @@ async def test_drain_waits_for_work_in_progress_then_cancels_the_rest(deploy_sys
     assert not drained.called
     clock.advance(30)
     await within(drained)
-    assert not service.runs
+    assert not service.in_flight
     status = await within(deploy_system.job_status(job))
     assert (status["status"], status["state"]) == (JobStatus.REMOTE_ERROR, "REMOTE_ERROR")
     states = {r["item"]: r["state"] for r in status["results"].values()}

@@ -175,15 +175,15 @@ async def test_cancelling_a_fetch_call_cancels_the_download_at_the_service(syste
     service = next(p for p in container.proc_manager.processes.values() if p.proc_name == "fetch")
     d = client.fetch(FetchRequest(url, "linux", "multi", "2.0"))
     await server.wait_for(rel, "GET")
-    assert list(cache_root.rglob("*.lock")) and service._inflight
+    assert list(cache_root.rglob("*.lock")) and service.in_flight
     d.cancel()
     with pytest.raises(CancelledError):
         await d
     for _ in range(200):  # the cancel travels as a message: wait (bounded) for the service to act on it
-        if not service._inflight:
+        if not service.in_flight:
             break
         await task.deferLater(reactor, 0.02, lambda: None)
-    assert not service._inflight
+    assert not service.in_flight
     staging = cache_root / "staging"
     assert not list(cache_root.rglob("*.lock"))
     assert not staging.exists() or not list(staging.iterdir())

@@ -512,6 +512,10 @@ class Process(LifecycleObject):
         for source, requested in overlays:
             if requested is not None:
                 value = narrow(value, requested, f"{module}: {key} from {source}")
+        if value is not None:
+            # The container's own value passes the same checks (a string where a list of
+            # roots is meant would otherwise be read letter by letter).
+            value = narrow(value, value, f"{module}: {key}")
         return value
 
     def receiver_prefetch(self) -> int:
@@ -687,9 +691,10 @@ class Process(LifecycleObject):
         receiver_token = _current_receiver.set(receiver)
         try:
             try:
-                action = control_action(method)
+                action = control_action(type(self), op)
                 if action is not None:
-                    authorize(self.container, msg, action, f"{self.proc_name} ({self.id})")
+                    authorize(self.container, msg, action, f"{self.proc_name} ({self.id})",
+                              limiter=self.log_limiter)
                 result = method(msg.get("content"), msg, msg)
             except Exception:
                 result = Failure()

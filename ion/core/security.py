@@ -9,14 +9,16 @@ are never grounds for a decision here.
 
 **Control operations** change the system rather than use it: spawning a
 process through an agent, terminating a process, cancelling a deploy job,
-cache verify, repair, reap, prune and clear. They are allowed only to the
-system's *operators*: the container's own broker user (the system itself:
-other containers, their shells, their elected reaper) plus the broker users
-listed in ``ion.core.security: operators``. An op is made a control
-operation by :func:`control`; the process checks the caller before the op
-runs, so no op can forget to. A refusal is a 403
-(:class:`UnauthorizedError`) and one warning line naming the broker user, the
-action and the target.
+cache verify, repair, reap, prune and clear, and the ops only the system's
+own services use on its cache (lock, publish, staging; unpacking into it).
+They are allowed only to the system's *operators*: the container's own
+broker user (the system itself: other containers, their shells, their
+elected reaper) plus the broker users listed in ``ion.core.security:
+operators``. An op is made a control operation by :func:`control` (looked up
+along the class's MRO, so an override keeps it); the process checks the
+caller before the op runs, so no op can forget to. A refusal is a 403
+(:class:`UnauthorizedError`) and one warning line naming the broker user,
+the action and the target (repeats counted, one line per interval).
 
 **Security bounds** are settings that limit what a process may touch
 (allowed roots, size limits, allowed networks). They come from the
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from twisted.logger import Logger
 
 from ion.core.exceptions import ApplicationError, ConfigurationError
+from ion.core.log import LogLimiter
 
 if TYPE_CHECKING:
     from ion.core.container import Container
@@ -53,6 +56,7 @@ __all__ = [
     "is_operator",
     "Narrow",
     "narrow_roots",
+    "narrow_root",
     "narrow_limit",
     "narrow_subset",
     "narrow_networks",
@@ -86,9 +90,24 @@ def control(action: str) -> Callable[[F], F]:
     return mark
 
 
-def control_action(op: Callable[..., Any]) -> str | None:
-    """The control action an op was marked with by :func:`control`, or None."""
-    return getattr(op, _CONTROL_ATTR, None)
+def control_action(cls: type, op: str) -> str | None:
+    """The control action the op ``op_<op>`` of ``cls`` was marked with by :func:`control`, or None.
+
+    Looked up along the class's MRO: an override in a subclass that forgot the mark stays
+    a control operation.
+    """
+    cache: dict[str, str | None] = cls.__dict__.get("_ion_control_cache") or {}
+    if "_ion_control_cache" not in cls.__dict__:
+        type.__setattr__(cls, "_ion_control_cache", cache)
+    try:
+        return cache[op]
+    except KeyError:
+        pass
+    name = "op_" + op
+    action = next((getattr(klass.__dict__[name], _CONTROL_ATTR) for klass in cls.__mro__
+                   if name in klass.__dict__ and hasattr(klass.__dict__[name], _CONTROL_ATTR)), None)
+    cache[op] = action
+    return action
 
 
 def operators(container: Container) -> frozenset[str]:
@@ -113,19 +132,26 @@ def is_operator(container: Container, broker_user: object) -> bool:
     return isinstance(broker_user, str) and broker_user in operators(container)
 
 
-def authorize(container: Container, msg: Mapping[str, Any], action: str, target: str) -> None:
+def authorize(container: Container, msg: Mapping[str, Any], action: str, target: str, *,
+              limiter: LogLimiter | None = None) -> None:
     """Let ``msg`` run the control operation ``action`` on ``target``, or refuse it.
 
+    :param limiter: counts repeated refusals of one broker user and action (one line per
+        interval, see :class:`~ion.core.log.LogLimiter`) instead of a line each.
     :raises UnauthorizedError: (403) if the message's ``broker-user`` is not an operator;
         the refusal is logged once, with the broker user, the action and the target.
     """
     user = msg.get("broker-user")
     if is_operator(container, user):
         return
-    claimed = msg.get("user-id")
-    _log.warn("refused {action} on {target} to broker user {user!r} (claims user-id {claimed!r}, sender "
-              "{sender!r}): not an operator of system {sysname}", action=action, target=target, user=user,
-              claimed=claimed, sender=msg.get("sender"), sysname=container.sysname)
+    fmt = ("refused {action} on {target} to broker user {user!r} (claims user-id {claimed!r}, sender "
+           "{sender!r}): not an operator of system {sysname}")
+    fields = {"action": action, "target": target, "user": user, "claimed": msg.get("user-id"),
+              "sender": msg.get("sender"), "sysname": container.sysname}
+    if limiter is not None:
+        limiter.warn(_log, ("refused", action, str(user)), fmt, **fields)
+    else:
+        _log.warn(fmt, **fields)
     raise UnauthorizedError(f"{action} on {target} is a control operation; broker user {user!r} is not an "
                             f"operator of system {container.sysname} (config {SECTION}: operators)")
 
@@ -155,6 +181,17 @@ def narrow_roots(current: Any, requested: Any, what: str) -> list[str]:
             f"{what}: {wider[0]!r} is not under the container's roots ({', '.join(map(str, have)) or 'none'}); "
             f"a security setting may only be narrowed")
     return wanted
+
+
+def narrow_root(current: Any, requested: Any, what: str) -> str:
+    """One folder: the requested one must be the current one or lie inside it (symlinks resolved)."""
+    for value in (current, requested):
+        if not isinstance(value, str) or not value:
+            raise ConfigurationError(f"{what} must be a folder (a string), not {value!r}")
+    if not _real(requested).is_relative_to(_real(current)):
+        raise ConfigurationError(f"{what}: {requested!r} is not inside the container's {current!r}; "
+                                 f"a security setting may only be narrowed")
+    return str(requested)
 
 
 def narrow_limit(current: Any, requested: Any, what: str) -> Any:

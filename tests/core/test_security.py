@@ -241,3 +241,36 @@ def test_a_trusted_call_takes_its_answer_from_operators_only(log_events: list[An
     cluster.pump()
     forge(f"{insider.id}#2")
     assert cluster.result(ordinary)[0] == {"path": "/home/victim/.ssh"}
+
+
+def test_the_containers_own_bound_is_checked_too(tmp_path: Path) -> None:
+    """A string where a list of roots is meant is a configuration error at spawn, never read letter
+    by letter (which would allow "/")."""
+    from ion.services.deploy.service import DeployService
+
+    cluster = ClockedCluster()
+    home = cluster.start_container("home", "s", {"ion.services.deploy": {"allowed_destinations": str(tmp_path),
+                                                                         "job_dir": False}})
+    with pytest.raises(ConfigurationError, match="allowed_destinations must be a list of strings"):
+        cluster.spawn_in(home, DeployService)
+
+
+def test_an_app_cannot_move_the_cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache root bounds what Cache deletes and Unpack writes: an app's config or spawnargs may
+    name a folder inside the container's root, never another; Unpack's default roots follow the
+    container's own setting, not an app's."""
+    from ion.services.cache.service import CacheService
+    from ion.services.unpack.service import UnpackService, default_allowed_roots
+
+    monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path / "cache"))
+    cluster = ClockedCluster()
+    home = cluster.start_container("home", "s")
+    home.config.overlay_app("evil", {"ion.services.cache": {"root": "/"}})
+    with pytest.raises(ConfigurationError, match="may only be narrowed"):
+        cluster.spawn_in(home, CacheService)
+    assert default_allowed_roots(home.config) == [tmp_path / "cache"]
+    unpack = cluster.spawn_in(home, UnpackService)
+    assert unpack.allowed_roots == [(tmp_path / "cache").resolve()]
+    home.config.remove_app("evil")
+    inner = cluster.spawn_in(home, CacheService, {"root": str(tmp_path / "cache/inner")})
+    assert inner.cache.root == tmp_path / "cache/inner"

@@ -154,11 +154,20 @@ async def test_cancel_is_decided_on_the_broker_user_not_the_sender(system: Conta
 @pytest_twisted.ensureDeferred
 async def test_another_login_cannot_run_the_caches_destructive_ops(system: Container, attacker: Any,
                                                                    amqp_user: Any) -> None:
-    """Cache clear, prune, verify, repair and a forced reap are control operations: 403 each."""
+    """Cache clear, prune, verify, repair and a forced reap are control operations: 403 each; so are
+    the ops only the system's own services use on the cache (lock, publish, staging), and Unpack's
+    unpack (which could extract into a published entry)."""
     await system.app_manager.start_app("cache")
+    await system.app_manager.start_app("unpack")
+    key = {"repo_id": "r.file", "platform": "linux", "name": "zlib", "version": "1.2", "unpack": True}
     for op, content in [("clear", {}), ("prune", {"keep": 0}), ("verify", {}), ("repair", {}),
-                        ("verify_round", {}), ("reap_tick", {"force": True})]:
+                        ("verify_round", {}), ("reap_tick", {"force": True}),
+                        ("lock", {"key": key, "lease": 10 ** 9}), ("renew", {"token": "t"}),
+                        ("unlock", {"token": "t"}), ("new_staging", {}), ("discard_staging", {"path": "/"}),
+                        ("publish", {"token": "t", "staging": "/", "files": {}})]:
         _refused(await attacker(f"{SYS}.cache", op, content), amqp_user.name)
+    _refused(await attacker(f"{SYS}.unpack", "unpack", {"archive": "/tmp/evil.tgz", "target": "/tmp/x"}),
+             amqp_user.name)
     # Its ordinary ops answer that login.
     reply = await attacker(f"{SYS}.cache", "list", {})
     assert reply is not None and reply["status"] == "OK"

@@ -550,11 +550,23 @@ def test_the_guard_refuses_every_kind_of_non_global_address(address: str, kind: 
     assert why is not None and kind in why, (address, why)
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"])
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111",
+                                     # IPv4 inside IPv6 (DNS64/NAT64, mapped) reaching a global address
+                                     "64:ff9b::808:808", "::ffff:8.8.8.8"])
 def test_the_guard_lets_global_addresses_through(address: str) -> None:
     from ion.services.fetch.netguard import AddressGuard
 
     assert AddressGuard().refusal(address) is None
+
+
+def test_an_allowed_ipv6_network_does_not_let_the_ipv4_inside_it_through() -> None:
+    """Allowing the NAT64 prefix does not allow NAT64 of the metadata address: the IPv4 inside is judged."""
+    from ion.services.fetch.netguard import AddressGuard
+
+    guard = AddressGuard.from_config(["64:ff9b::/96"])
+    why = guard.refusal("64:ff9b::a9fe:a9fe")
+    assert why is not None and "link-local" in why and "169.254.169.254" in why
+    assert guard.refusal("64:ff9b::808:808") is None
 
 
 def test_allowed_networks_let_their_addresses_through_and_bad_values_are_config_errors() -> None:

@@ -127,6 +127,14 @@ def default_root(env: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ion" / "deploy"
 
 
+def configured_root(config: Any) -> Path:
+    """The cache root a container's config names (``root`` of ``ion.services.cache``), else
+    :func:`default_root`. Read from the container's own layers (files, command line), never
+    an app's config: where the cache is bounds what Unpack may write and Deploy must not."""
+    root = config.container_get("ion.services.cache", "root", None) if config is not None else None
+    return Path(root).expanduser() if root else default_root()
+
+
 # -- the cache ------------------------------------------------------------------------------------------
 class Cache:
     """The cache of one root folder, shared by every process (on every host) that uses it.

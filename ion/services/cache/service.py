@@ -63,7 +63,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from ion.core.process import Receiver
-from ion.core.security import control
+from ion.core.security import control, narrow_root
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.cache.core import DEFAULT_LOCK_TIMEOUT, Cache, default_root
 from ion.services.cache.entry import EntryInfo, EntryKey, EntryReport, FileMeta, PruneReport
@@ -136,7 +136,9 @@ class CacheService(ServiceProcess):
     drain_timeout = 0.0
 
     def slc_init(self) -> None:
-        root = self.get_config("root") or default_root()
+        # A security bound (clear and prune delete below it): the container's setting, which
+        # an app's config or the spawnargs may narrow to a folder inside it, never move out of.
+        root = self.bounded_config("root", narrow_root, str(default_root()))
         lock_timeout = float(self.get_config("lock_timeout", DEFAULT_LOCK_TIMEOUT))
         wait = self.get_config("lock_wait_timeout")
         self.cache = Cache(root, host_id=self.get_config("host_id") or None, lock_timeout=lock_timeout,
@@ -232,6 +234,7 @@ class CacheService(ServiceProcess):
         """``{}`` -> ``{entries: [info, ...]}``, every complete entry."""
         return {"entries": [e.to_wire() for e in await self.cache.list()], "root": str(self.cache.root)}
 
+    @control("cache.write")
     async def op_lock(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{key, timeout?, lease?}`` -> ``{token, pid, key, path, lease}``; 409 after ``timeout`` seconds."""
         c = _dict(content, "lock")
@@ -260,6 +263,7 @@ class CacheService(ServiceProcess):
         self._schedule_expiry(lock.id, lease)
         return {"token": lock.id, "pid": self.id, "key": key.to_wire(), "path": str(lock.path), "lease": lease_s}
 
+    @control("cache.write")
     def op_renew(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{token, lease?}`` -> ``{lease}``: the lock lasts ``lease`` more seconds; 409 if it was taken over."""
         c = _dict(content, "renew")
@@ -290,6 +294,7 @@ class CacheService(ServiceProcess):
                 return {"cancelled": True, "released": True}
         return result
 
+    @control("cache.write")
     async def op_unlock(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{token}`` -> ``{released: true}``; 404 for an unknown token."""
         lease = self._lease(_dict(content, "unlock"))
@@ -299,15 +304,18 @@ class CacheService(ServiceProcess):
         await self.cache.unlock(lease.lock)
         return {"released": True}
 
+    @control("cache.write")
     async def op_new_staging(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{}`` -> ``{path}``: a new staging folder for one fetch."""
         return {"path": str(await self.cache.new_staging())}
 
+    @control("cache.write")
     async def op_discard_staging(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{path}`` -> ``{}``: remove a staging folder (fetch failed)."""
         await self.cache.discard_staging(str(_dict(content, "discard_staging").get("path", "")))
         return {}
 
+    @control("cache.write")
     async def op_publish(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{token, staging, files: {path: {size, remote_checksum, sha256}}, url?, key?}`` -> the entry's info."""
         c = _dict(content, "publish")

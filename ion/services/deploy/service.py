@@ -222,10 +222,9 @@ class DeployService(ServiceProcess):
 
     def _cache_root(self) -> Path:
         """The cache root of this container's config (where the Cache service publishes entries)."""
-        from ion.services.cache.core import default_root
+        from ion.services.cache.core import configured_root
 
-        root = self.container.config.get("ion.services.cache", "root", None) or default_root()
-        return Path(root).expanduser().absolute()
+        return configured_root(self.container.config).absolute()
 
     def _authorize(self, items: list[DeploymentItem]) -> list[Target]:
         """Check every item (403 for any outside its roots); one :class:`Target` per item, to write by."""

@@ -122,19 +122,18 @@ class AddressGuard:
             ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:
             return "not an IP address"
-        candidates: list[IPAddress] = [ip]
-        if isinstance(ip, ipaddress.IPv6Address):
-            inner = _embedded_ipv4(ip)
-            if inner is not None:
-                candidates.insert(0, inner)  # judged as the IPv4 address it reaches
-        if any(c in net for c in candidates for net in self.allowed if c.version == net.version):
+        # An IPv6 form that carries an IPv4 address (mapped, NAT64, 6to4, Teredo) is judged,
+        # and matched against allowed_networks, as the IPv4 address it reaches, and only so:
+        # NAT64 of a global address is allowed, NAT64 of 169.254.169.254 is not, whatever
+        # network the IPv6 form is in.
+        inner = _embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+        judged: IPAddress = inner if inner is not None else ip
+        if any(judged in net for net in self.allowed if judged.version == net.version):
             return None
-        for c in candidates:
-            kind = _kind(c)
-            if kind is not None:
-                suffix = f" (IPv4 {c} inside)" if c is not ip else ""
-                return f"a {kind} address{suffix}"
-        return None
+        kind = _kind(judged)
+        if kind is None:
+            return None
+        return f"a {kind} address" + (f" (IPv4 {judged} inside)" if inner is not None else "")
 
     def error(self, host: str, address: str, why: str, *, url: str | None = None) -> AddressNotAllowedError:
         """The 403 of a refused connection to ``address`` (that ``host`` resolved to)."""

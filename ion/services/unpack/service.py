@@ -31,7 +31,7 @@ from typing import Any
 from twisted.internet import defer
 
 from ion.core.exceptions import ApplicationError
-from ion.core.security import narrow_limit, narrow_roots
+from ion.core.security import control, narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.unpack import core
 from ion.services.unpack.core import Limits
@@ -48,12 +48,9 @@ def default_allowed_roots(config: Any = None) -> list[Path]:
 
     :param config: the container's :class:`~ion.core.config.Config`, if any.
     """
-    root = config.get("ion.services.cache", "root") if config is not None else None
-    if root:
-        return [Path(root).expanduser()]
-    from ion.services.cache.core import default_root
+    from ion.services.cache.core import configured_root
 
-    return [default_root()]
+    return [configured_root(config)]
 
 
 class UnpackService(ServiceProcess):
@@ -124,6 +121,7 @@ class UnpackService(ServiceProcess):
             "reason": found.reason,
         }
 
+    @control("unpack.unpack")
     async def op_unpack(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Extract ``{archive, target}``: ``{format, kept: false, members, bytes}``, or
         ``{format: null, kept: true, reason}`` for a file that is no archive (left alone)."""

@@ -16,6 +16,13 @@ from ion.services.cache.core import Cache, sha256_file
 from ion.services.cache.entry import EntryInfo, EntryKey, FileMeta
 
 
+@pytest.fixture(autouse=True)
+def _cache_dir_is_the_tests_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The container's cache root (``$ION_CACHE_DIR``) is the test's folder: the Cache services the
+    tests spawn name a folder inside it in their spawnargs, which may narrow the root, never move it."""
+    monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path))
+
+
 class SyncPool:
     """A synchronous stand-in for :class:`~ion.core.threads.BlockingPool`.
 

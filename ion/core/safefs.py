@@ -23,6 +23,7 @@ import fcntl
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -301,17 +302,31 @@ class SafeDir:
             _copy_at(parent.fd, src_path.name, self.fd, name, src_path)
 
     @contextmanager
-    def locked(self, name: str) -> Iterator[None]:
+    def locked(self, name: str, timeout: float = 300.0) -> Iterator[None]:
         """Hold an exclusive ``flock`` on the file ``name`` here (made if missing, never followed).
 
         Opened read-only (anyone who may read the folder can lock it) and non-blocking
         (a FIFO planted at the name cannot hang the open; it is refused as not a file).
+        Waits at most ``timeout`` seconds for another holder (polling, in the calling
+        thread), then fails with ``EWOULDBLOCK``: a holder that hangs (or a local user
+        who holds the lock on purpose) cannot keep a pool thread for ever.
         """
         fd = self._open(name, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK, 0o666)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, "not a regular file; cannot lock it", str(self.path / name))
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline = time.monotonic() + timeout
+            pause = 0.005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise OSError(errno.EWOULDBLOCK, f"still locked by another placement after {timeout:g} s",
+                                      str(self.path / name)) from None
+                    time.sleep(pause)  # a pool thread, never the reactor's
+                    pause = min(pause * 2, 0.25)
             yield
         finally:
             os.close(fd)  # releases the lock

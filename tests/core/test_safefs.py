@@ -141,3 +141,19 @@ def test_locked_refuses_a_fifo_without_hanging(tmp_path: Path) -> None:
         with pytest.raises(OSError, match="not a regular file"):
             with d.locked(".lock"):
                 pass
+
+
+def test_a_lock_held_elsewhere_is_given_up_after_the_timeout(tmp_path: Path) -> None:
+    """locked() does not wait for ever: a holder that keeps the flock makes it fail (EWOULDBLOCK)."""
+    (tmp_path / "lock").touch()
+    holder = os.open(tmp_path / "lock", os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with SafeDir.open_root(tmp_path) as folder, pytest.raises(OSError) as info:
+            with folder.locked("lock", timeout=0):
+                raise AssertionError("the lock was held elsewhere")
+        assert info.value.errno == errno.EWOULDBLOCK and "still locked" in str(info.value)
+    finally:
+        os.close(holder)
+    with SafeDir.open_root(tmp_path) as folder, folder.locked("lock", timeout=0):
+        pass

@@ -118,6 +118,11 @@ class ItemResult:
         }
 
 
+def resolve_targets(destinations: list[Path]) -> list[Target]:
+    """Each destination's realpath now, walked from ``/`` at write time (blocking)."""
+    return [Target.resolve(destination) for destination in destinations]
+
+
 class Deployer:
     """Runs deployments.
 
@@ -147,7 +152,10 @@ class Deployer:
             during the fetch is refused either way, never followed.
         """
         if targets is None:
-            targets = [Target.resolve(item.destination) for item in deployment.items]
+            # realpath may block (a slow or network filesystem): resolved in the pool, then deployed.
+            resolved = self.pool.run(resolve_targets, [item.destination for item in deployment.items])
+            return resolved.addCallback(lambda found: self.deploy(deployment, progress=progress, on_result=on_result,
+                                                                  targets=found))
         if len(targets) != len(deployment.items):
             raise ValueError("one target per item")
         semaphore = defer.DeferredSemaphore(self.max_parallel)

@@ -210,7 +210,11 @@ def _swap_in(dest: SafeDir, tmp: str, name: str) -> None:
     if st is not None and (stat.S_ISDIR(st.st_mode) or (new is not None and stat.S_ISDIR(new.st_mode))):
         old = f".{name}.ion-old-{uuid.uuid4().hex[:8]}"
         dest.rename(name, old)
-        dest.rename(tmp, name)
+        try:
+            dest.rename(tmp, name)
+        except OSError:
+            dest.rename(old, name)  # the old version back in place: a failed update loses nothing
+            raise
         dest.remove(old)
     else:
         dest.replace(tmp, name)

@@ -611,7 +611,9 @@ class _Tree:
         self.target = target
         try:
             target.mkdir(exist_ok=True)
-            self.root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # The target itself is not followed either: swapped for a link after the service
+            # checked it, it is refused (ELOOP), not written through.
+            self.root_fd = os.open(target, _DIR_FLAGS)
         except OSError as exc:
             raise TargetError(f"cannot use target {target}: {exc.strerror or exc}") from exc
         self._chain: list[tuple[str, int]] = []

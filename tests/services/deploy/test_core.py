@@ -167,6 +167,7 @@ def test_two_versions_into_one_destination_are_placed_in_turn(tmp_path):
     dep = deployment(tmp_path, item("z", "out"), dict(item("z", "out"), version="2.0"))
     pool = Pool()
     d = Deployer(cache.fetch, pool).deploy(dep)
+    pool.step()  # the destinations' realpaths, first and at once
     steps = []
     while pool.pending:
         assert len(pool.pending) == 1  # the second placement waits for the first

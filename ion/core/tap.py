@@ -401,6 +401,7 @@ class ContainerService(service.Service):
         self.exit_code = 0
         self._stopping = False
         self._sigterm_seen = False
+        self._early_term = False
 
     # -- starting --------------------------------------------------------------------------------------
     def startService(self) -> None:
@@ -410,6 +411,8 @@ class ContainerService(service.Service):
             # since it installs its own handlers then.
             self._install_sigterm()
             self.reactor.callWhenRunning(self._install_sigterm)
+            if self._early_term:  # came before this service started: stop as for any SIGTERM
+                self._on_sigterm(signal.SIGTERM, None)
         self.started = defer.ensureDeferred(self._start())
         self.started.addErrback(self._start_failed)
 
@@ -491,6 +494,19 @@ class ContainerService(service.Service):
             pass
 
     # -- signals ----------------------------------------------------------------------------------------
+    def catch_early_sigterm(self) -> None:
+        """From now until :meth:`startService`: a SIGTERM is remembered, and the start stops at once.
+
+        twistd makes the service, then logs and sets up the reactor before it starts the
+        service; a SIGTERM in between would otherwise kill the process with the default
+        action (exit status -15) instead of a clean stop (0).
+        """
+        if self.install_signal_handlers:
+            signal.signal(signal.SIGTERM, self._early_sigterm)
+
+    def _early_sigterm(self, signum: int, frame: Any) -> None:
+        self._early_term = True
+
     def _install_sigterm(self) -> None:
         # The reactor's own handler would make twistd re-raise SIGTERM after the
         # shutdown (exit status -15); a requested stop is a clean exit (0).
@@ -542,7 +558,9 @@ class ContainerService(service.Service):
 
 def makeService(options: Options) -> ContainerService:
     """The ``twistd cc`` service for parsed ``options``."""
-    return ContainerService(options)
+    service = ContainerService(options)
+    service.catch_early_sigterm()
+    return service
 
 
 def run_cc(argv: list[str] | None = None) -> None:

@@ -249,9 +249,19 @@ def test_twistd_command_line_installs_the_filtered_stdout_logger() -> None:
 
 
 def test_make_service_returns_a_container_service() -> None:
-    """makeService gives a not-yet-started ContainerService for the options."""
-    svc = tap.makeService(parse("--no-shell"))
-    assert isinstance(svc, ContainerService) and not svc.running
+    """makeService gives a not-yet-started ContainerService for the options, which remembers a
+    SIGTERM that comes before it starts (twistd sets the reactor up in between)."""
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        svc = tap.makeService(parse("--no-shell"))
+        assert isinstance(svc, ContainerService) and not svc.running
+        os.kill(os.getpid(), signal.SIGTERM)  # caught by the service's early handler
+        assert svc._early_term
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_run_cc_runs_twistd_cc(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,5 +43,11 @@ setup(
             "ion-cc=ion.core.tap:run_cc",
             "ion-deploy=ion.services.deploy.cli:main",
         ],
+        # ion.testing's fixtures in any project that installs ioncore, without a conftest line.
+        # Named as the module, so a conftest's pytest_plugins naming it too loads it once.
+        "pytest11": [
+            "ion.testing.pytest_plugin=ion.testing.pytest_plugin",
+            "ion.testing.pytest_servers=ion.testing.pytest_servers",
+        ],
     },
 )

@@ -1,4 +1,5 @@
-"""pytest fixtures for ioncore (enable with ``pytest_plugins = ["ion.testing.pytest_plugin"]``).
+"""pytest fixtures for ioncore: loaded in any project where ioncore is installed (its ``pytest11``
+entry point), with no conftest line; ``pytest_plugins = ["ion.testing.pytest_plugin"]`` works too.
 
 - ``broker``: a fresh embedded broker.
 - ``container_factory``: makes started containers on that broker; terminates them all at teardown.

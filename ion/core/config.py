@@ -267,6 +267,8 @@ class Settings:
         """
         if config is None:
             return cls()
+        if isinstance(config, cls):
+            return config
         get = config if callable(config) else config.get
         return cls(**{name: get(key, _default(cls, name)) for key, name in cls.keys().items()})
 
@@ -301,7 +303,13 @@ def _checked(where: str, hint: Any, value: Any, meta: Mapping[str, Any]) -> Any:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         if value is None and type(None) in args:
             return None
-        (hint,) = [a for a in args if a is not type(None)]
+        options = [a for a in args if a is not type(None)]
+        if len(options) > 1:  # str | bool: a value of one of the (plain) types
+            if not any(type(value) is a for a in options):
+                raise ConfigurationError(f"{where} must be {' or '.join(a.__name__ for a in options)}, "
+                                         f"not {value!r}")
+            return value
+        (hint,) = options
         args = typing.get_args(hint)
     choices = meta.get("choices")
     if choices is not None and value not in choices:

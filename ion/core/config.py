@@ -221,7 +221,8 @@ class Config:
 
 # -- typed sections ------------------------------------------------------------------------------------
 def setting(default: Any, *, key: str | None = None, minimum: float | None = 0, positive: bool = False,
-            choices: tuple[Any, ...] | None = None, unit: str | None = None) -> Any:
+            choices: tuple[Any, ...] | None = None, unit: str | None = None, off: bool = False,
+            finite: bool = False) -> Any:
     """A field of a :class:`Settings` class: its ``default`` (the one place it is declared) and
     the checks of its value.
 
@@ -230,9 +231,12 @@ def setting(default: Any, *, key: str | None = None, minimum: float | None = 0, 
     :param positive: the number must be more than 0.
     :param choices: the values accepted.
     :param unit: what the number counts, for messages ("a number of seconds > 0").
+    :param off: ``0`` means off, as ``None`` does (the field is ``X | None``): read as ``None``.
+    :param finite: infinity is refused.
     """
     return dataclasses.field(default=default, metadata={"key": key, "minimum": minimum, "positive": positive,
-                                                        "choices": choices, "unit": unit})
+                                                        "choices": choices, "unit": unit, "off": off,
+                                                        "finite": finite})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,10 +326,17 @@ def _checked(where: str, hint: Any, value: Any, meta: Mapping[str, Any]) -> Any:
         number = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
         if hint is int and number and not float(value).is_integer():
             number = False
+        if number and meta.get("finite") and not math.isfinite(value):
+            number = False
         minimum = meta.get("minimum", 0)
         what = "an integer" if hint is int else "a number"
         if meta.get("unit"):
             what = f"{what} of {meta['unit']}"
+        if meta.get("off"):
+            if not number or value < 0:
+                raise ConfigurationError(f"{where} must be {what} > 0 (or 0/None: off), not {value!r}")
+            if value == 0:
+                return None
         if meta.get("positive"):
             if not number or value <= 0:
                 raise ConfigurationError(f"{where} must be {what} > 0, not {value!r}")

@@ -30,8 +30,8 @@ SETTINGS: tuple[type[Settings], ...] = (
 )
 
 #: The keys of ion.config no Settings class holds, and the default the code gives each when the
-#: key is missing. Security bounds are read with ``bounded_config``/``container_get`` (DESIGN §10);
-#: the shell's helpers are the list itself (the core names no service).
+#: key is missing. Security bounds are read with ``bounded_config``/``container_get`` (DESIGN §10).
+#: The shell's helpers are the shipped list itself: without it the core knows none (it names no service).
 OTHER_KEYS: dict[tuple[str, str], Any] = {
     ("ion.core.security", "operators"): [],
     ("ion.core.shell", "helpers"): ["ion.services.deploy.shellhelpers"],

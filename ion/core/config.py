@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import math
 import os
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -292,6 +293,7 @@ def _default(cls: type[Settings], name: str) -> Any:
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
+_LARGEST_FLOAT = int(sys.float_info.max)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -323,10 +325,11 @@ def _checked(where: str, hint: Any, value: Any, meta: Mapping[str, Any]) -> Any:
             raise ConfigurationError(f"{where} must be true or false, not {value!r}")
         return value
     if hint in (int, float):
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-        if hint is int and number and not float(value).is_integer():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and isinstance(value, float) and (math.isnan(value) or (hint is int and not value.is_integer())
+                                                    or (meta.get("finite") and math.isinf(value))):
             number = False
-        if number and meta.get("finite") and not math.isfinite(value):
+        if number and hint is float and isinstance(value, int) and abs(value) > _LARGEST_FLOAT:
             number = False
         minimum = meta.get("minimum", 0)
         what = "an integer" if hint is int else "a number"

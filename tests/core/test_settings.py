@@ -138,6 +138,8 @@ def test_from_config_reads_each_key_with_its_default() -> None:
     ("count", "3", "count must be an integer"),
     ("seconds", 0, "tests.sample: seconds must be a number of seconds > 0, not 0"),
     ("seconds", math.nan, "seconds must be a number of seconds > 0"),
+    ("seconds", 10 ** 400, "seconds must be a number of seconds > 0"),
+    ("count", math.inf, "count must be an integer >= 0"),
     ("flag", "no", "tests.sample: flag must be true or false, not 'no'"),
     ("name", 3, "name must be a string"),
     ("optional", "x", "optional must be a number"),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import pytest_twisted
 
 from ion.core.config import Config, Settings, read_literal_file, setting
 from ion.core.exceptions import ConfigurationError
@@ -169,3 +170,20 @@ def test_config_settings_are_read_once_per_state_of_the_layers() -> None:
     config.set_command_line({"ion.core.process": {"rpc_timeout": "soon"}})
     with pytest.raises(ConfigurationError, match="ion.core.process: rpc_timeout must be a number"):
         config.settings(ProcessSettings)
+
+
+# -- in a service ---------------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_a_service_reads_its_section_once_spawnargs_over_config(container: Any, process_factory: Any,
+                                                                       tmp_path: Path, monkeypatch: Any) -> None:
+    """CacheService: its settings come from its section (app config over files), spawnargs over both;
+    a bad value fails the spawn naming section and key."""
+    from ion.services.cache.service import CacheService
+
+    monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path))
+    container.config.overlay_app("tuning", {"ion.services.cache": {"lock_lease": 30, "fsync": True}})
+    service = await process_factory(CacheService, root=str(tmp_path / "c"), host_id="h1", lock_lease=45)
+    assert (service.settings.lock_lease, service.settings.fsync, service.settings.host_id) == (45.0, True, "h1")
+    assert service.settings.lock_timeout == CacheSettings().lock_timeout and service.cache.fsync_content is True
+    with pytest.raises(ConfigurationError, match="ion.services.cache: lock_timeout must be a number >= 0, not 'long'"):
+        await process_factory(CacheService, root=str(tmp_path / "c"), host_id="h1", lock_timeout="long")

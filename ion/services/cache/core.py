@@ -55,7 +55,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ion.core.config import Settings, setting
+from ion.core.config import Settings
 from ion.core.threads import BlockingPool, housekeeping_pool, run_short
 from ion.services.cache import store
 from ion.services.cache.entry import (
@@ -129,7 +129,7 @@ class CacheSettings(Settings):
     host_id: str | None = None
     fsync: bool = False
     lock_lease: float = 60.0
-    max_concurrent: int = setting(32, minimum=1)
+    max_concurrent: int = 32
     lock_method: str = "excl"
 
     def open(self, root: str | os.PathLike[str], *, clock: IReactorTime | None = None,

@@ -61,7 +61,7 @@ from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
 from ion.core.security import control, narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
-from ion.services.cache.core import CacheSettings
+from ion.services.cache.core import CacheSettings, default_root
 from ion.services.deploy.core import AccessRefused, Deployer, ItemResult, check_allowed
 from ion.services.deploy.place import Target
 from ion.services.deploy.settings import DeploySettings
@@ -163,8 +163,6 @@ class DeployService(ServiceProcess):
         if isinstance(directory, str) and directory:
             folder = Path(directory)
         else:
-            from ion.services.cache.core import default_root
-
             folder = Path(self.container.config.settings(CacheSettings).root or default_root()).expanduser() / "jobs"
         return JobStore(folder.expanduser(), self.container.blocking)
 

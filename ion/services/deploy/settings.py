@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ion.core.config import Settings, setting
+from ion.core.config import Settings
 
 __all__ = ["DeploySettings"]
 
@@ -21,16 +21,16 @@ class DeploySettings(Settings):
     :ivar max_parallel: items fetched at once.
     :ivar job_retention: seconds a finished async job's record is kept.
     :ivar fetch_timeout: seconds the service waits for one fetch.
-    :ivar drain_timeout: seconds the deployments in progress get when the service stops.
+    :ivar drain_timeout: seconds the deployments in progress get when the service stops (None: 0).
     :ivar job_dir: folder of the durable job records; None: ``<cache root>/jobs``; False: memory only.
     :ivar max_concurrent: requests the service handles at once.
     """
 
     SECTION: ClassVar[str] = "ion.services.deploy"
 
-    max_parallel: int = setting(8, minimum=1)
+    max_parallel: int = 8
     job_retention: float = 3600.0
     fetch_timeout: float = 3600.0
-    drain_timeout: float = 30.0
+    drain_timeout: float | None = 30.0
     job_dir: str | bool | None = None
-    max_concurrent: int = setting(16, minimum=1)
+    max_concurrent: int = 16

@@ -216,7 +216,7 @@ class FetchConfig(Settings):
     max_buffered: int = setting(8 << 20, minimum=1)
     listing_concurrency: int = setting(8, minimum=1)
     s3_max_connections: int = setting(16, minimum=1)
-    max_concurrent: int = setting(16, minimum=1)
+    max_concurrent: int = 16
     progress_interval: float = 0.5
     rpc_timeout: float = 3600.0
 

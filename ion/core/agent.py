@@ -32,13 +32,14 @@ from ion.core.exceptions import AppError, ApplicationError, ConfigurationError, 
 from ion.core.lifecycle import State
 from ion.core.process import Process, ProcessDesc, Receiver
 from ion.core.security import control
+from ion.core.settings import ContainerSettings
 
 __all__ = ["ContainerAgent", "NodeInfo", "agent_queue", "MISSED_HEARTBEATS",
            "DEFAULT_HEARTBEAT_INTERVAL"]
 
 #: A container silent for this many of its heartbeat intervals is dropped from the table.
 MISSED_HEARTBEATS = 3
-DEFAULT_HEARTBEAT_INTERVAL = 5.0
+DEFAULT_HEARTBEAT_INTERVAL = ContainerSettings.heartbeat_interval
 
 EVENT_START = "container.start"
 EVENT_HEARTBEAT = "container.heartbeat"
@@ -91,16 +92,7 @@ class ContainerAgent(Process):
 
     @property
     def heartbeat_interval(self) -> float:
-        value = self.container.config.get("ion.core.container", "heartbeat_interval",
-                                          DEFAULT_HEARTBEAT_INTERVAL)
-        try:
-            interval = float(value)
-        except (TypeError, ValueError):
-            raise ConfigurationError(
-                f"ion.core.container: heartbeat_interval must be a number of seconds, not {value!r}") from None
-        if interval <= 0:
-            raise ConfigurationError(f"ion.core.container: heartbeat_interval must be > 0, not {value!r}")
-        return interval
+        return self.container.config.settings(ContainerSettings).heartbeat_interval
 
     def receivers_to_create(self) -> list[Receiver]:
         return super().receivers_to_create() + [

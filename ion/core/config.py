@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
+import math
 import os
-from collections.abc import Mapping
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from ion.core.exceptions import ConfigurationError
 
-__all__ = ["Config", "resource_root", "read_literal_file", "deep_merge", "parse_value"]
+__all__ = ["Config", "Settings", "setting", "resource_root", "read_literal_file", "deep_merge", "parse_value"]
+
+S = TypeVar("S", bound="Settings")
 
 ION_CONFIG = "ion.config"
 IONLOCAL_CONFIG = "ionlocal.config"
@@ -120,6 +127,7 @@ class Config:
         self._command_line = dict(command_line or {})
         self._effective: dict[str, Any] | None = None
         self._per_module: dict[str, dict[str, Any]] = {}
+        self._settings: dict[type[Settings], Settings] = {}
 
     @classmethod
     def load(cls, config_dir: Path | None = None, command_line: Mapping[str, Any] | None = None) -> Config:
@@ -153,6 +161,7 @@ class Config:
     def _invalidate(self) -> None:
         self._effective = None
         self._per_module.clear()
+        self._settings.clear()
 
     # -- reading -------------------------------------------------------------------------
     def as_dict(self) -> dict[str, Any]:
@@ -177,6 +186,18 @@ class Config:
         """One value of a module's effective section."""
         return self.for_module(module).get(key, default)
 
+    def settings(self, cls: type[S]) -> S:
+        """The typed settings of ``cls.SECTION`` (every layer applied), read once per state of
+        the layers (a started or stopped app, a command-line change reads them again).
+
+        :raises ConfigurationError: naming ``section: key`` of a value that is not usable.
+        """
+        cached = self._settings.get(cls)
+        if cached is None:
+            cached = self._settings[cls] = cls.from_config(self.for_module(cls.SECTION))
+        assert isinstance(cached, cls)
+        return cached
+
     # -- the container's own layers (security bounds, see ion.core.security) ------------------
     @staticmethod
     def _section(layer: Mapping[str, Any], module: str) -> dict[str, Any]:
@@ -197,3 +218,141 @@ class Config:
         """``(app name, value)`` for every started app whose ``config`` sets ``key`` for ``module``."""
         return [(app, section[key]) for app, layer in self._apps.items()
                 if key in (section := self._section(layer, module))]
+
+
+# -- typed sections ------------------------------------------------------------------------------------
+def setting(default: Any, *, key: str | None = None, minimum: float | None = 0, positive: bool = False,
+            choices: tuple[Any, ...] | None = None, unit: str | None = None, off: bool = False,
+            finite: bool = False) -> Any:
+    """A field of a :class:`Settings` class: its ``default`` (the one place it is declared) and
+    the checks of its value.
+
+    :param key: the config key, if it is not the field's name.
+    :param minimum: the least number accepted (numbers only; None: any).
+    :param positive: the number must be more than 0.
+    :param choices: the values accepted.
+    :param unit: what the number counts, for messages ("a number of seconds > 0").
+    :param off: ``0`` means off, as ``None`` does (the field is ``X | None``): read as ``None``.
+    :param finite: infinity is refused.
+    """
+    return dataclasses.field(default=default, metadata={"key": key, "minimum": minimum, "positive": positive,
+                                                        "choices": choices, "unit": unit, "off": off,
+                                                        "finite": finite})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One config section as a frozen dataclass: each field is a key, its default declared
+    once, here, its value checked by the field's type (``int``, ``float``, ``bool``, ``str``,
+    ``list[str]``, ``X | None``; an integral float is taken for an ``int``, an ``int`` for a
+    ``float``) and :func:`setting`'s bounds, at construction.
+
+    Subclasses set ``SECTION`` (the module name of the section, used in messages and by
+    :meth:`Config.settings`) and declare their fields with plain defaults or :func:`setting`.
+    """
+
+    SECTION: ClassVar[str] = ""
+
+    @classmethod
+    def keys(cls) -> dict[str, str]:
+        """``{config key: field name}`` of every field."""
+        return {f.metadata.get("key") or f.name: f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """``{config key: default}`` of every field."""
+        return {key: _default(cls, name) for key, name in cls.keys().items()}
+
+    @classmethod
+    def from_config(cls: type[S], config: Mapping[str, Any] | Callable[[str, Any], Any] | None = None) -> S:
+        """From a config section (a mapping, or ``get(key, default)`` such as
+        ``Process.get_config``); missing keys keep their defaults.
+
+        :raises ConfigurationError: naming ``section: key`` of a value that is not usable.
+        """
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        get = config if callable(config) else config.get
+        return cls(**{name: get(key, _default(cls, name)) for key, name in cls.keys().items()})
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            key = f.metadata.get("key") or f.name
+            value = _checked(f"{self.SECTION}: {key}", hints[f.name], getattr(self, f.name), f.metadata)
+            object.__setattr__(self, f.name, value)
+
+
+def _default(cls: type[Settings], name: str) -> Any:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+_LARGEST_FLOAT = int(sys.float_info.max)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _checked(where: str, hint: Any, value: Any, meta: Mapping[str, Any]) -> Any:
+    """``value`` as the type ``hint`` names, or ConfigurationError naming ``where``."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) > 1:  # str | bool: a value of one of the (plain) types
+            if not any(type(value) is a for a in options):
+                raise ConfigurationError(f"{where} must be {' or '.join(a.__name__ for a in options)}, "
+                                         f"not {value!r}")
+            return value
+        (hint,) = options
+        args = typing.get_args(hint)
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigurationError(f"{where} must be one of {', '.join(map(str, choices))}, not {value!r}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{where} must be true or false, not {value!r}")
+        return value
+    if hint in (int, float):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and isinstance(value, float) and (math.isnan(value) or (hint is int and not value.is_integer())
+                                                    or (meta.get("finite") and math.isinf(value))):
+            number = False
+        if number and hint is float and isinstance(value, int) and abs(value) > _LARGEST_FLOAT:
+            number = False
+        minimum = meta.get("minimum", 0)
+        what = "an integer" if hint is int else "a number"
+        if meta.get("unit"):
+            what = f"{what} of {meta['unit']}"
+        if meta.get("off"):
+            if not number or value < 0:
+                raise ConfigurationError(f"{where} must be {what} > 0 (or 0/None: off), not {value!r}")
+            if value == 0:
+                return None
+        if meta.get("positive"):
+            if not number or value <= 0:
+                raise ConfigurationError(f"{where} must be {what} > 0, not {value!r}")
+        elif not number or (minimum is not None and value < minimum):
+            raise ConfigurationError(f"{where} must be {what}{'' if minimum is None else f' >= {minimum}'}, "
+                                     f"not {value!r}")
+        return int(value) if hint is int else float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigurationError(f"{where} must be a string, not {value!r}")
+        return value
+    if typing.get_origin(hint) is list and args == (str,):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigurationError(f"{where} must be a list of strings, not {value!r}")
+        return list(value)
+    return value

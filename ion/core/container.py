@@ -28,6 +28,7 @@ from ion.core.messaging import message as wire
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.messaging.transport import Properties, Transport, parse_broker_url
 from ion.core.process import Process, ProcessDesc
+from ion.core.settings import ContainerSettings, MessagingSettings
 from ion.core.threads import BlockingPool
 
 if TYPE_CHECKING:
@@ -233,8 +234,7 @@ class Container(LifecycleObject):
         self.sysname: str = sysname or str(self.args.get("sysname") or "") or self.id
         self.exchange_name = f"ion.{self.sysname}"
         self.events_exchange = f"ion.{self.sysname}.events"
-        self.max_message_size = int(self.config.get("ion.core.messaging", "max_message_size",
-                                                    wire.DEFAULT_MAX_MESSAGE_SIZE))
+        self.max_message_size = self.config.settings(MessagingSettings).max_message_size
         self.broker = broker
         self.broker_url = broker_url
         self.transport: Transport = transport or self._make_transport(broker_url, broker)
@@ -248,8 +248,7 @@ class Container(LifecycleObject):
         #: The pid of this container's agent (:mod:`ion.core.agent`), once active.
         self.agent_pid: str | None = None
         #: Where blocking calls (hashing, extraction, boto3) run; stopped with the container.
-        self.blocking = BlockingPool(self.reactor, maxthreads=int(
-            self.config.get("ion.core.container", "max_threads", 8)))
+        self.blocking = BlockingPool(self.reactor, maxthreads=self.config.settings(ContainerSettings).max_threads)
 
     def __repr__(self) -> str:
         return f"<Container {self.id} sys={self.sysname} {self.state.value}>"
@@ -259,14 +258,14 @@ class Container(LifecycleObject):
         if parsed.scheme == "memory":
             if broker is None:
                 broker = self.broker = MemoryBroker(self.reactor)
-            return broker.connect(user=str(self.config.get("ion.core.messaging", "memory_user", "ion")))
+            return broker.connect(user=self.config.settings(MessagingSettings).memory_user)
         try:
             from ion.core.messaging.amqp import AmqpTransport
         except ImportError:
             raise ConfigurationError(
                 f"the AMQP transport is not available in this build; use memory:// (got {parsed})"
             ) from None
-        return AmqpTransport.from_config(parsed, self.config.for_module("ion.core.messaging"), reactor=self.reactor)
+        return AmqpTransport.from_config(parsed, self.config.settings(MessagingSettings), reactor=self.reactor)
 
     def new_pid(self) -> str:
         """The next process id, ``<container-id>.<n>``."""
@@ -280,7 +279,7 @@ class Container(LifecycleObject):
     @defer.inlineCallbacks
     def on_activate(self) -> Any:
         self.started_at = self.clock.seconds()
-        if self.config.get("ion.core.container", "agent", True):
+        if self.config.settings(ContainerSettings).agent:
             # The agent is the first process, so terminate_all stops it last.
             from ion.core.agent import ContainerAgent
 

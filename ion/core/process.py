@@ -82,6 +82,7 @@ from ion.core.messaging import message as wire
 from ion.core.messaging.message import ANONYMOUS, Performative, Protocol
 from ion.core.messaging.transport import Delivery, Properties
 from ion.core.security import Narrow, UnauthorizedError, authorize, control, control_action
+from ion.core.settings import ProcessSettings
 
 if TYPE_CHECKING:
     from ion.core.container import Container
@@ -116,7 +117,7 @@ Handler = Callable[[dict[str, Any], "Receiver"], "defer.Deferred[Any] | None"]
 
 #: Deliveries the broker may hand a receiver before it acknowledges the first
 #: (``ion.core.process: prefetch``); they wait in the receiver's FIFO.
-DEFAULT_PREFETCH = 16
+DEFAULT_PREFETCH = ProcessSettings.prefetch
 
 
 class Receiver(LifecycleObject):
@@ -529,15 +530,14 @@ class Process(LifecycleObject):
 
         :raises ConfigurationError: if the value is not an integer >= 1.
         """
-        default = self.container.config.get("ion.core.process", "prefetch", DEFAULT_PREFETCH)
-        value = self.get_config("prefetch", default)
+        value = self.get_config("prefetch", self.container.config.settings(ProcessSettings).prefetch)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigurationError(f"{self.proc_name}: prefetch must be an integer >= 1, not {value!r}")
         return value
 
     @property
     def rpc_timeout(self) -> float:
-        return float(self.container.config.get("ion.core.process", "rpc_timeout", 15))
+        return self.container.config.settings(ProcessSettings).rpc_timeout
 
     def resolve(self, name: str) -> str:
         """The routing key for a name: a bare service name is scoped to the system."""
@@ -577,7 +577,7 @@ class Process(LifecycleObject):
         # 0. The subclass settles its own work while every queue still consumes (slc_drain).
         if self._slc_initialized:
             yield defer.maybeDeferred(self.slc_drain)
-        timeout = float(self.container.config.get("ion.core.process", "terminate_timeout", 10))
+        timeout = self.container.config.settings(ProcessSettings).terminate_timeout
         deadline = self.clock.seconds() + timeout
         # 1. No new requests; 2. let the ones in progress finish (bounded). The
         # backend keeps consuming meanwhile: those ops may be waiting for replies.

@@ -17,6 +17,8 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from ion.core.settings import ContainerSettings
+
 __all__ = ["BlockingPool", "SynchronousPool", "housekeeping_pool", "run_short"]
 
 T = TypeVar("T")
@@ -29,7 +31,7 @@ class BlockingPool:
     :param maxthreads: the most blocking calls running at once; more wait their turn.
     """
 
-    def __init__(self, reactor: Any = None, *, minthreads: int = 0, maxthreads: int = 8,
+    def __init__(self, reactor: Any = None, *, minthreads: int = 0, maxthreads: int = ContainerSettings.max_threads,
                  name: str = "ion-blocking") -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor

@@ -15,6 +15,7 @@ from twisted.internet import defer
 
 from ion.core.apps.supervisor import Supervisor
 from ion.core.process import ProcessDesc
+from ion.core.settings import AppsSettings
 
 if TYPE_CHECKING:
     from ion.core.apps.appfile import AppDefinition
@@ -38,12 +39,11 @@ def start(container: Container, app: AppDefinition, *args: Any, **kwargs: Any) -
     """Start the app's process(es); returns the supervisor as the app's state."""
     desc = process_desc(app.with_overrides(args=args), kwargs)
     desc.process_class()  # fail before spawning (or supervising) anything if the class cannot be loaded
-    config = container.config.for_module("ion.core.apps")
+    settings = container.config.settings(AppsSettings)
     supervisor = Supervisor(
         container, app.name,
-        strategy=str(config.get("restart_strategy", "one_for_one")),
-        max_restarts=int(config.get("max_restarts", 3)),
-        restart_period=float(config.get("restart_period", 5.0)),
+        strategy=settings.restart_strategy, max_restarts=settings.max_restarts,
+        restart_period=settings.restart_period,
         # The app is down once its supervisor gives up: the app manager forgets it.
         on_give_up=lambda reason: container.app_manager.app_failed(app.name, reason),
     )

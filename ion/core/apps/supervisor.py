@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from ion.core.exceptions import ConfigurationError
 from ion.core.lifecycle import State, stop_in_reverse
 from ion.core.process import Process, ProcessDesc
+from ion.core.settings import AppsSettings
 
 if TYPE_CHECKING:
     from ion.core.container import Container
@@ -52,8 +53,8 @@ class Supervisor:
 
     _log = Logger()
 
-    def __init__(self, container: Container, app_name: str, *, strategy: str = "one_for_one",
-                 max_restarts: int = 3, restart_period: float = 5.0,
+    def __init__(self, container: Container, app_name: str, *, strategy: str = AppsSettings.restart_strategy,
+                 max_restarts: int = AppsSettings.max_restarts, restart_period: float = AppsSettings.restart_period,
                  on_give_up: Callable[[str], None] | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ConfigurationError(f"app {app_name}: unknown restart strategy {strategy!r}; "

@@ -64,13 +64,14 @@ from ion.core.messaging.transport import (
     Transport,
     parse_broker_url,
 )
+from ion.core.settings import MessagingSettings
 
 __all__ = ["AmqpTransport", "DEFAULT_RECONNECT_INITIAL", "DEFAULT_RECONNECT_MAX"]
 
 #: Seconds before the first reconnection attempt; doubled after each failure.
-DEFAULT_RECONNECT_INITIAL = 0.5
+DEFAULT_RECONNECT_INITIAL = MessagingSettings.reconnect_initial
 #: Longest wait between two reconnection attempts, in seconds.
-DEFAULT_RECONNECT_MAX = 10.0
+DEFAULT_RECONNECT_MAX = MessagingSettings.reconnect_max
 #: Seconds to wait for the TCP connection to the broker.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
@@ -326,32 +327,19 @@ class AmqpTransport(Transport):
         self.reconnections = 0
 
     @classmethod
-    def from_config(cls, url: BrokerURL | str, config: Mapping[str, Any], *, reactor: Any = None) -> AmqpTransport:
-        """A transport for ``url`` with the settings of the ``ion.core.messaging`` config section:
+    def from_config(cls, url: BrokerURL | str, config: MessagingSettings | Mapping[str, Any], *,
+                    reactor: Any = None) -> AmqpTransport:
+        """A transport for ``url`` with the settings of the ``ion.core.messaging`` config section
+        (:class:`~ion.core.settings.MessagingSettings`, or the section itself):
         ``publisher_confirms`` (bool, default true), ``reconnect_initial`` and ``reconnect_max``
         (seconds), ``heartbeat`` (seconds; 0 = none; None = the broker's choice).
 
         :raises ConfigurationError: naming the setting whose value is unusable.
         """
-
-        def seconds(key: str, default: float | None, zero: bool = False) -> float | None:
-            value = config.get(key, default)
-            if value is None and default is None:
-                return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero):
-                raise ConfigurationError(f"ion.core.messaging: {key} must be a number of seconds "
-                                         f"{'>= 0' if zero else '> 0'}, not {value!r}")
-            return float(value)
-
-        confirms = config.get("publisher_confirms", True)
-        if not isinstance(confirms, bool):
-            raise ConfigurationError(f"ion.core.messaging: publisher_confirms must be true or false, not {confirms!r}")
-        initial = seconds("reconnect_initial", DEFAULT_RECONNECT_INITIAL)
-        longest = seconds("reconnect_max", DEFAULT_RECONNECT_MAX)
-        heartbeat = seconds("heartbeat", None, zero=True)
-        assert initial is not None and longest is not None
-        return cls(url, reactor=reactor, confirm=confirms, reconnect_initial=initial,
-                   reconnect_max=max(initial, longest), heartbeat=None if heartbeat is None else int(heartbeat))
+        s = config if isinstance(config, MessagingSettings) else MessagingSettings.from_config(config)
+        return cls(url, reactor=reactor, confirm=s.publisher_confirms, reconnect_initial=s.reconnect_initial,
+                   reconnect_max=max(s.reconnect_initial, s.reconnect_max),
+                   heartbeat=None if s.heartbeat is None else int(s.heartbeat))
 
     def __repr__(self) -> str:
         return f"<AmqpTransport {self.url} {self.state} consumers={len(self._consumers)}>"

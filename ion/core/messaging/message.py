@@ -17,6 +17,7 @@ from typing import Any, Final
 import msgpack
 
 from ion.core.exceptions import MalformedMessageError, MessageError, MessageTooLargeError
+from ion.core.settings import MessagingSettings
 
 __all__ = [
     "HEADERS",
@@ -44,7 +45,7 @@ REQUIRED_HEADERS: Final = ("sender", "receiver", "op", "conv-id", "protocol", "p
 #: Headers set by the receiving transport, never trusted from a body.
 TRANSPORT_HEADERS: Final = ("broker-user",)
 
-DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_SIZE: Final = MessagingSettings.max_message_size
 ANONYMOUS: Final = "ANONYMOUS"
 
 

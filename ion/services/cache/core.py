@@ -47,13 +47,15 @@ import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, ParamSpec, TypeVar
+from typing import Any, ClassVar, Final, ParamSpec, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ion.core.config import Settings
 from ion.core.threads import BlockingPool, housekeeping_pool, run_short
 from ion.services.cache import store
 from ion.services.cache.entry import (
@@ -91,6 +93,7 @@ __all__ = [
     "default_root",
     "sha256_file",
     "DEFAULT_LOCK_TIMEOUT",
+    "CacheSettings",
     "STAGING",
     "QUARANTINE",
     "CacheError",
@@ -102,8 +105,42 @@ __all__ = [
     "OutsideCacheError",
 ]
 
+@dataclass(frozen=True)
+class CacheSettings(Settings):
+    """The ``ion.services.cache`` section (the ``verify_*`` keys: :class:`~ion.services.cache.verify.VerifyConfig`;
+    the ``reap_*`` keys: :class:`~ion.services.cache.reaper.ReapPolicy`).
+
+    :ivar root: the cache folder; None: :func:`default_root`. The Cache service reads it as a
+        security bound (``bounded_config``); this is the plain value (Deploy's job folder, ion-deploy).
+    :ivar lock_timeout: seconds a lock file may go without refresh before another host takes it over.
+    :ivar lock_wait_timeout: seconds a lock request waits by default; None: 2 x ``lock_timeout``.
+    :ivar host_id: the id written in lock files; None: :func:`~ion.services.cache.locks.resolve_host_id`.
+    :ivar fsync: fsync every file at publish.
+    :ivar lock_lease: seconds a lock held over messages lasts without renewal.
+    :ivar max_concurrent: requests the Cache service handles at once.
+    :ivar lock_method: how lock files are created (``excl`` or ``link``, checked by :class:`Cache`).
+    """
+
+    SECTION: ClassVar[str] = "ion.services.cache"
+
+    root: str | None = None
+    lock_timeout: float = 600.0
+    lock_wait_timeout: float | None = None
+    host_id: str | None = None
+    fsync: bool = False
+    lock_lease: float = 60.0
+    max_concurrent: int = 32
+    lock_method: str = "excl"
+
+    def open(self, root: str | os.PathLike[str], *, clock: IReactorTime | None = None,
+             pool: BlockingPool | None = None) -> Cache:
+        """The :class:`Cache` of ``root`` with these settings."""
+        return Cache(root, host_id=self.host_id or None, lock_timeout=self.lock_timeout, clock=clock, pool=pool,
+                     wait_timeout=self.lock_wait_timeout, fsync_content=self.fsync, lock_method=self.lock_method)
+
+
 #: Seconds without refresh after which another host may take a lock over (config ``lock_timeout``).
-DEFAULT_LOCK_TIMEOUT: Final = 600.0
+DEFAULT_LOCK_TIMEOUT: Final = CacheSettings.lock_timeout
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -161,7 +198,8 @@ class Cache:
     def __init__(self, root: str | os.PathLike[str], *, host_id: str | None = None,
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT, clock: IReactorTime | None = None,
                  pool: Any = None, wait_timeout: float | None = None, refresh_interval: float | None = None,
-                 fsync_content: bool = False, hash_chunk: int = 1 << 20, lock_method: str = "excl") -> None:
+                 fsync_content: bool = CacheSettings.fsync, hash_chunk: int = 1 << 20,
+                 lock_method: str = CacheSettings.lock_method) -> None:
         if clock is None:
             from twisted.internet import reactor
 

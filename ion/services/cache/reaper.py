@@ -56,14 +56,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ion.core.exceptions import ConfigurationError
+from ion.core.config import Settings, setting
 from ion.core.safefs import SafeDir
 from ion.services.cache import store
 from ion.services.cache.core import Cache
@@ -195,7 +195,7 @@ def _drop_links(entry: Path) -> None:
 
 # -- policy ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ReapPolicy:
+class ReapPolicy(Settings):
     """What the reaper evicts, and how often it runs (``ion.services.cache`` config keys ``reap_*``).
 
     :ivar interval: seconds between rounds (``reap_interval``, default 3600; 0 or None: never).
@@ -207,39 +207,15 @@ class ReapPolicy:
     :ivar tick: seconds between election ticks (default 5): the longest a takeover waits.
     """
 
-    interval: float | None = 3600.0
-    max_age: float | None = None
-    keep: int | None = None
-    max_bytes: int | None = None
-    min_idle: float = 600.0
-    link_ttl: float = 7 * 86400.0
-    tick: float = 5.0
+    SECTION: ClassVar[str] = "ion.services.cache"
 
-    @classmethod
-    def from_config(cls, get: Callable[[str, Any], Any]) -> ReapPolicy:
-        """The policy from ``get(key, default)`` (a service's ``get_config``).
-
-        :raises ConfigurationError: naming the key of a value that is not a number >= 0.
-        """
-        def number(key: str, default: float | None, *, integer: bool = False,
-                   positive: bool = False) -> Any:
-            value = get(key, default)
-            if value is None:
-                return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
-                raise ConfigurationError(f"ion.services.cache: {key} must be a number >= 0, not {value!r}")
-            if integer and not isinstance(value, int):
-                raise ConfigurationError(f"ion.services.cache: {key} must be an integer, not {value!r}")
-            if positive and value == 0:
-                raise ConfigurationError(f"ion.services.cache: {key} must be more than 0")
-            return int(value) if integer else float(value)
-
-        interval = number("reap_interval", 3600.0)
-        return cls(interval=interval or None, max_age=number("reap_max_age", None),
-                   keep=number("reap_keep", None, integer=True), max_bytes=number("reap_max_bytes", None,
-                                                                                   integer=True),
-                   min_idle=number("reap_min_idle", 600.0), link_ttl=number("reap_link_ttl", 7 * 86400.0),
-                   tick=number("reap_tick", 5.0, positive=True))
+    interval: float | None = setting(3600.0, key="reap_interval", off=True)
+    max_age: float | None = setting(None, key="reap_max_age")
+    keep: int | None = setting(None, key="reap_keep")
+    max_bytes: int | None = setting(None, key="reap_max_bytes")
+    min_idle: float = setting(600.0, key="reap_min_idle")
+    link_ttl: float = setting(7 * 86400.0, key="reap_link_ttl")
+    tick: float = setting(5.0, key="reap_tick", positive=True)
 
     @property
     def eviction(self) -> EvictionPolicy:

@@ -65,7 +65,7 @@ from twisted.logger import Logger
 from ion.core.process import Receiver
 from ion.core.security import control, narrow_root
 from ion.core.service import ServiceClient, ServiceProcess
-from ion.services.cache.core import DEFAULT_LOCK_TIMEOUT, Cache, default_root
+from ion.services.cache.core import DEFAULT_LOCK_TIMEOUT, CacheSettings, default_root
 from ion.services.cache.entry import EntryInfo, EntryKey, EntryReport, FileMeta, PruneReport
 from ion.services.cache.errors import (
     CacheError,
@@ -130,7 +130,7 @@ class CacheService(ServiceProcess):
     _log = Logger()
 
     #: A lock waiting for its entry must not keep the unlock that frees it waiting.
-    max_concurrent = 32
+    max_concurrent = CacheSettings.max_concurrent
     #: Terminate cancels the lock waits at once (its first phase, see :mod:`ion.core.service`):
     #: a lock op waiting for its entry would hold up the drain of the ops.
     drain_timeout = 0.0
@@ -139,13 +139,8 @@ class CacheService(ServiceProcess):
         # A security bound (clear and prune delete below it): the container's setting, which
         # an app's config or the spawnargs may narrow to a folder inside it, never move out of.
         root = self.bounded_config("root", narrow_root, str(default_root()))
-        lock_timeout = float(self.get_config("lock_timeout", DEFAULT_LOCK_TIMEOUT))
-        wait = self.get_config("lock_wait_timeout")
-        self.cache = Cache(root, host_id=self.get_config("host_id") or None, lock_timeout=lock_timeout,
-                           clock=self.clock, pool=self.container.blocking,
-                           wait_timeout=float(wait) if wait is not None else None,
-                           fsync_content=bool(self.get_config("fsync", False)),
-                           lock_method=str(self.get_config("lock_method", "excl")))
+        self.settings = CacheSettings.from_config(self.get_config)
+        self.cache = self.settings.open(root, clock=self.clock, pool=self.container.blocking)
         self.reaper = CacheReaper(self.cache, ReapPolicy.from_config(self.get_config), name=self.id,
                                   publish=self.container.publish_event, clock=self.clock)
         self.election = ReaperElection(self, self.reaper)
@@ -242,7 +237,7 @@ class CacheService(ServiceProcess):
         timeout = _number(c, "timeout")
         # A short default lease: a lock granted to a caller that gave up waiting (its
         # RPC timed out or was cancelled) is freed after one lease, not lock_timeout.
-        lease_s = _number(c, "lease", minimum=1) or float(self.get_config("lock_lease", 60))
+        lease_s = _number(c, "lease", minimum=1) or self.settings.lock_lease
         if self.draining:
             raise LockError(f"cache service {self.id} is terminating", 503)
         # The caller may cancel the wait (CacheClient.lock: when its call is cancelled or times out);

@@ -69,14 +69,14 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ion.core.exceptions import ConfigurationError
+from ion.core.config import Settings, setting
 from ion.services.cache import store
 from ion.services.cache.core import Cache
 from ion.services.cache.entry import EntryKey
@@ -117,14 +117,6 @@ OUTCOMES: Final = (GOOD_TO_BAD, BAD, BAD_TO_GOOD, GOOD, SKIPPED)
 EVENT_CHANGE: Final = "cache.verify.change"
 EVENT_ROUND: Final = "cache.verify.round"
 
-#: Seconds between rounds (config ``verify_interval``): daily.
-DEFAULT_VERIFY_INTERVAL: Final = 86400.0
-#: Entries checked at once (config ``verify_workers``).
-DEFAULT_VERIFY_WORKERS: Final = 2
-#: Bytes/s the rounds may read (config ``verify_bandwidth``): a quarter of a 200 MB/s disk.
-DEFAULT_VERIFY_BANDWIDTH: Final = 50 * 1024 * 1024
-#: Bytes hashed per pool job, the unit of pacing (config ``verify_chunk``).
-DEFAULT_VERIFY_CHUNK: Final = 1024 * 1024
 _MIN_CHUNK: Final = 4096
 _STATE_FORMAT: Final = 1
 
@@ -133,24 +125,10 @@ PublishFn = Callable[[str, dict[str, Any]], None]
 
 
 # -- configuration ----------------------------------------------------------------------------------
-def _number_or_off(key: str, value: Any) -> float | None:
-    """A number > 0, or None for ``None``/``0`` (off)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigurationError(f"{CONFIG_SECTION}: {key} must be a number > 0 (or 0/None: off), not {value!r}")
-    return float(value) if value > 0 else None
-
-
-def _integer(key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{CONFIG_SECTION}: {key} must be an integer >= {minimum}, not {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
-class VerifyConfig:
-    """The verifier's settings (``ion.services.cache`` keys ``verify_*``).
+class VerifyConfig(Settings):
+    """The verifier's settings (``ion.services.cache`` keys ``verify_*``; ``verify_interval`` and
+    ``verify_bandwidth``: ``0`` or ``None`` mean off, no schedule and no cap).
 
     :ivar interval: seconds between rounds; None: no schedule (rounds only on request).
     :ivar workers: entries checked at once.
@@ -158,31 +136,22 @@ class VerifyConfig:
     :ivar chunk: bytes read and hashed per pool job (the pacing unit).
     """
 
-    interval: float | None = DEFAULT_VERIFY_INTERVAL
-    workers: int = DEFAULT_VERIFY_WORKERS
-    bandwidth: float | None = float(DEFAULT_VERIFY_BANDWIDTH)
-    chunk: int = DEFAULT_VERIFY_CHUNK
+    SECTION: ClassVar[str] = CONFIG_SECTION
 
-    def __post_init__(self) -> None:
-        _number_or_off("verify_interval", self.interval)
-        _integer("verify_workers", self.workers, 1)
-        _number_or_off("verify_bandwidth", self.bandwidth)
-        _integer("verify_chunk", self.chunk, _MIN_CHUNK)
+    interval: float | None = setting(86400.0, key="verify_interval", off=True, finite=True)
+    workers: int = setting(2, key="verify_workers", minimum=1)
+    bandwidth: float | None = setting(50.0 * 1024 * 1024, key="verify_bandwidth", off=True, finite=True)
+    chunk: int = setting(1024 * 1024, key="verify_chunk", minimum=_MIN_CHUNK)
 
-    @classmethod
-    def from_config(cls, get: Callable[[str, Any], Any]) -> VerifyConfig:
-        """Read the ``verify_*`` keys through ``get(key, default)`` (``ServiceProcess.get_config``).
 
-        ``verify_interval`` and ``verify_bandwidth``: ``0`` or ``None`` mean off (no
-        schedule; no cap).
-
-        :raises ConfigurationError: naming the key of a value that is not usable.
-        """
-        return cls(interval=_number_or_off("verify_interval", get("verify_interval", DEFAULT_VERIFY_INTERVAL)),
-                   workers=_integer("verify_workers", get("verify_workers", DEFAULT_VERIFY_WORKERS), 1),
-                   bandwidth=_number_or_off("verify_bandwidth",
-                                            get("verify_bandwidth", DEFAULT_VERIFY_BANDWIDTH)),
-                   chunk=_integer("verify_chunk", get("verify_chunk", DEFAULT_VERIFY_CHUNK), _MIN_CHUNK))
+#: Seconds between rounds (config ``verify_interval``): daily.
+DEFAULT_VERIFY_INTERVAL: Final = VerifyConfig.interval
+#: Entries checked at once (config ``verify_workers``).
+DEFAULT_VERIFY_WORKERS: Final = VerifyConfig.workers
+#: Bytes/s the rounds may read (config ``verify_bandwidth``): a quarter of a 200 MB/s disk.
+DEFAULT_VERIFY_BANDWIDTH: Final = VerifyConfig.bandwidth
+#: Bytes hashed per pool job, the unit of pacing (config ``verify_chunk``).
+DEFAULT_VERIFY_CHUNK: Final = VerifyConfig.chunk
 
 
 # -- pacing -----------------------------------------------------------------------------------------------

@@ -330,13 +330,13 @@ def _max_deployment_bytes() -> int:
 
 
 def _cache_root(args: argparse.Namespace, config: Any) -> Path:
-    from ion.services.cache.core import default_root
+    from ion.services.cache.core import CacheSettings, default_root
 
     if args.cache_dir:
         return Path(args.cache_dir).expanduser()
     if os.environ.get("ION_CACHE_DIR"):
         return default_root()
-    configured = config.get("ion.services.cache", "root")
+    configured = config.settings(CacheSettings).root
     return Path(configured).expanduser() if configured else default_root()
 
 
@@ -363,21 +363,17 @@ async def _maintain_local(cache: Any, args: argparse.Namespace, out: Output, res
 
 async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, out: Output,
                      result: dict[str, Any]) -> int:
+    from ion.core.settings import ContainerSettings
     from ion.core.threads import BlockingPool
-    from ion.services.cache.core import Cache
+    from ion.services.cache.core import CacheSettings
+    from ion.services.deploy.settings import DeploySettings
 
     config = _config()
     root = _cache_root(args, config)
     result["cache"] = str(root)
-    cache_cfg = config.for_module("ion.services.cache")
-    jobs = args.jobs or int(config.get("ion.services.deploy", "max_parallel", 8))
-    pool = BlockingPool(reactor, maxthreads=max(int(config.get("ion.core.container", "max_threads", 8)), jobs))
-    wait = cache_cfg.get("lock_wait_timeout")
-    cache = Cache(root, host_id=cache_cfg.get("host_id") or None,
-                  lock_timeout=float(cache_cfg.get("lock_timeout", 600)), clock=reactor, pool=pool,
-                  wait_timeout=float(wait) if wait is not None else None,
-                  fsync_content=bool(cache_cfg.get("fsync", False)),
-                  lock_method=str(cache_cfg.get("lock_method", "excl")))
+    jobs = args.jobs or config.settings(DeploySettings).max_parallel
+    pool = BlockingPool(reactor, maxthreads=max(config.settings(ContainerSettings).max_threads, jobs))
+    cache = config.settings(CacheSettings).open(root, clock=reactor, pool=pool)
     fetcher = None
     try:
         # What deployers of this host that died (killed mid-download) left in staging.

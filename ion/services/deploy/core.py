@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from ion.core.exceptions import ApplicationError
 from ion.core.threads import run_short
 from ion.services.deploy.place import PlacementError, Target, place, placed_already
+from ion.services.deploy.settings import DeploySettings
 from ion.services.deploy.spec import Deployment, DeploymentItem
 
 __all__ = ["Deployer", "ItemResult", "FetchFunction", "ProgressFunction", "check_allowed", "AccessRefused",
@@ -133,7 +134,7 @@ class Deployer:
         (published entries are never written by a deployment).
     """
 
-    def __init__(self, fetch: FetchFunction, pool: Any, *, max_parallel: int = 8,
+    def __init__(self, fetch: FetchFunction, pool: Any, *, max_parallel: int = DeploySettings.max_parallel,
                  cache_root: Path | None = None) -> None:
         self.fetch = fetch
         self.pool = pool

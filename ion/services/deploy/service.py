@@ -61,8 +61,10 @@ from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
 from ion.core.security import control, narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
+from ion.services.cache.core import CacheSettings, default_root
 from ion.services.deploy.core import AccessRefused, Deployer, ItemResult, check_allowed
 from ion.services.deploy.place import Target
+from ion.services.deploy.settings import DeploySettings
 from ion.services.deploy.spec import (
     DEFAULT_MAX_DEPLOYMENT_BYTES,
     MAX_BYTES_KEY,
@@ -98,9 +100,9 @@ class DeployService(ServiceProcess):
     _log = Logger()
 
     #: A sync deploy (minutes long) must not keep job_status, jobs and other deploys waiting.
-    max_concurrent = 16
+    max_concurrent = DeploySettings.max_concurrent
     #: Seconds the deployments in progress get when the service stops (config ``drain_timeout``).
-    drain_timeout = 30.0
+    drain_timeout = DeploySettings.drain_timeout
 
     def slc_init(self) -> None:
         # Security bounds: the container's config, narrowed (never widened) by app config and
@@ -117,8 +119,9 @@ class DeployService(ServiceProcess):
         # The Fetch service's bound on the addresses it connects to, as the container sets it.
         self.address_guard = AddressGuard.from_config(
             self.container.config.container_get("ion.services.fetch", CONFIG_KEY, None))
+        self.settings = DeploySettings.from_config(self.get_config)
         self.owner = self._owner()
-        self.jobs = JobTable(self.clock, float(self.get_config("job_retention", 3600)), store=self._job_store(),
+        self.jobs = JobTable(self.clock, self.settings.job_retention, store=self._job_store(),
                              owner=self.owner, owner_alive=self._owner_alive)
 
     def slc_activate(self) -> None:
@@ -154,21 +157,20 @@ class DeployService(ServiceProcess):
 
     # -- durable job records --------------------------------------------------------------------
     def _job_store(self) -> JobStore | None:
-        directory = self.get_config("job_dir")
+        directory = self.settings.job_dir
         if directory is False:
             return None
-        if not directory:
-            from ion.services.cache.core import default_root
-
-            root = self.container.config.get("ion.services.cache", "root", None) or default_root()
-            directory = Path(root).expanduser() / "jobs"
-        return JobStore(Path(directory).expanduser(), self.container.blocking)
+        if isinstance(directory, str) and directory:
+            folder = Path(directory)
+        else:
+            folder = Path(self.container.config.settings(CacheSettings).root or default_root()).expanduser() / "jobs"
+        return JobStore(folder.expanduser(), self.container.blocking)
 
     def _host_id(self) -> str:
         from ion.services.cache.locks import resolve_host_id
 
-        configured = self.container.config.get("ion.services.cache", "host_id", None)
-        return str(configured) if configured else resolve_host_id()
+        configured = self.container.config.settings(CacheSettings).host_id
+        return configured or resolve_host_id()
 
     def _owner(self) -> dict[str, Any]:
         """Who runs this instance's jobs: container, host, OS pid and process id."""
@@ -254,7 +256,7 @@ class DeployService(ServiceProcess):
         return targets
 
     def _deployer(self, job: str | None = None) -> Deployer:
-        timeout = float(self.get_config("fetch_timeout", 3600))
+        timeout = self.settings.fetch_timeout
 
         async def fetch(item: DeploymentItem, progress: Any) -> dict[str, Any]:
             request = item.to_dict()
@@ -272,7 +274,7 @@ class DeployService(ServiceProcess):
         def run_fetch(item: DeploymentItem, progress: Any) -> defer.Deferred[dict[str, Any]]:
             return defer.ensureDeferred(fetch(item, progress))
 
-        return Deployer(run_fetch, self.container.blocking, max_parallel=int(self.get_config("max_parallel", 8)),
+        return Deployer(run_fetch, self.container.blocking, max_parallel=self.settings.max_parallel,
                         cache_root=self._cache_root())
 
     def _run(self, deployment: Deployment, job: str | None,

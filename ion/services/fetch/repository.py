@@ -73,7 +73,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ion.core.exceptions import ConfigurationError
+from ion.core.config import Settings, setting
 from ion.services.deploy.spec import RepositoryURL
 from ion.services.fetch.errors import (
     AccessDeniedError,
@@ -184,8 +184,10 @@ class Downloaded:
 
 
 @dataclass(frozen=True)
-class FetchConfig:
-    """Transfer settings (config section ``ion.services.fetch``).
+class FetchConfig(Settings):
+    """The ``ion.services.fetch`` section: transfer settings, and the service's own. Its
+    security bounds (``allowed_networks``, ``allowed_file_repositories``) are read by the
+    service with ``bounded_config``.
 
     :param retries: times a dropped or refused transfer is tried again.
     :param retry_delay: seconds before the first retry; doubled (``retry_backoff``) each time,
@@ -197,7 +199,12 @@ class FetchConfig:
     :param max_buffered: bytes of one download waiting to be written before the network is paused.
     :param listing_concurrency: HTTP ``HEAD`` requests at once while listing.
     :param s3_max_connections: connections in boto3's pool per repository.
+    :param max_concurrent: fetch requests the service handles at once.
+    :param progress_interval: seconds between two ``deploy.progress`` events of one file.
+    :param rpc_timeout: seconds a ``FetchClient`` call waits for the answer unless told otherwise.
     """
+
+    SECTION: ClassVar[str] = CONFIG_SECTION
 
     retries: int = 3
     retry_delay: float = 0.5
@@ -205,40 +212,13 @@ class FetchConfig:
     retry_max_delay: float = 10.0
     connect_timeout: float = 30.0
     read_timeout: float = 60.0
-    chunk_size: int = 1 << 20
-    max_buffered: int = 8 << 20
-    listing_concurrency: int = 8
-    s3_max_connections: int = 16
-
-    KEYS: ClassVar[tuple[str, ...]] = ("retries", "retry_delay", "retry_backoff", "retry_max_delay", "connect_timeout",
-                   "read_timeout", "chunk_size", "max_buffered", "listing_concurrency", "s3_max_connections")
-
-    def __post_init__(self) -> None:
-        for key in self.KEYS:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigurationError(f"{CONFIG_SECTION}: {key} must be a number >= 0, not {value!r}")
-        for key in ("chunk_size", "max_buffered", "listing_concurrency", "s3_max_connections"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigurationError(f"{CONFIG_SECTION}: {key} must be at least 1")
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any] | Callable[[str, Any], Any] | None) -> FetchConfig:
-        """From a config section (a mapping or ``get(key, default)``); missing keys keep their defaults.
-
-        :raises ConfigurationError: naming the key of a value that is not a number >= 0.
-        """
-        if config is None:
-            return cls()
-        if isinstance(config, FetchConfig):
-            return config
-        get = config if callable(config) else config.get
-        defaults = cls()
-        values = {key: get(key, getattr(defaults, key)) for key in cls.KEYS}
-        for key in ("retries", "chunk_size", "max_buffered", "listing_concurrency", "s3_max_connections"):
-            if isinstance(values[key], float) and values[key].is_integer():
-                values[key] = int(values[key])
-        return cls(**values)
+    chunk_size: int = setting(1 << 20, minimum=1)
+    max_buffered: int = setting(8 << 20, minimum=1)
+    listing_concurrency: int = setting(8, minimum=1)
+    s3_max_connections: int = setting(16, minimum=1)
+    max_concurrent: int = 16
+    progress_interval: float = 0.5
+    rpc_timeout: float = 3600.0
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from ion.services.fetch.repository import CONFIG_SECTION, FetchConfig
 __all__ = ["FetchService", "FetchClient", "DEFAULT_CLIENT_TIMEOUT"]
 
 #: Seconds a FetchClient call waits unless configured (``rpc_timeout``): downloads can be long.
-DEFAULT_CLIENT_TIMEOUT = 3600.0
+DEFAULT_CLIENT_TIMEOUT = FetchConfig.rpc_timeout
 
 
 class FetchService(ServiceProcess):
@@ -70,7 +70,7 @@ class FetchService(ServiceProcess):
     _log = Logger()
 
     #: One long download must not hold up every other fetch.
-    max_concurrent = 16
+    max_concurrent = FetchConfig.max_concurrent
     #: Terminate cancels the fetches in progress at once, in its first phase (see :mod:`ion.core.service`),
     #: while the receivers and the pool still run: a cancelled fetch needs them to release its lock
     #: through the Cache service and to remove its staging folder.
@@ -84,7 +84,7 @@ class FetchService(ServiceProcess):
         # A security bound (DESIGN §10): the container's config, narrowed but never widened by app
         # config and spawnargs (a spawn that would widen it fails).
         self.address_guard = AddressGuard.from_config(self.bounded_config(CONFIG_KEY, narrow_networks, []))
-        self.progress_interval = float(self.get_config("progress_interval", 0.5))
+        self.progress_interval = self.fetch_config.progress_interval
         self.allowed_file_roots = self._file_roots()
         cache = RemoteCache(CacheClient(self), self.clock)
         self.fetcher = Fetcher(cache, remote_unpack(UnpackClient(self)), pool=self.container.blocking,
@@ -160,7 +160,7 @@ class FetchClient(ServiceClient):
     def _timeout(self, timeout: float | None) -> float:
         if timeout is not None:
             return timeout
-        return float(self.proc.container.config.get(CONFIG_SECTION, "rpc_timeout", DEFAULT_CLIENT_TIMEOUT))
+        return self.proc.container.config.settings(FetchConfig).rpc_timeout
 
     @defer.inlineCallbacks
     def fetch(self, item: DeploymentItem | FetchRequest | Mapping[str, Any], *, timeout: float | None = None,

@@ -63,17 +63,19 @@ import tarfile
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, BinaryIO, ClassVar, Self
 
-from ion.core.exceptions import ApplicationError, ConfigurationError
+from ion.core.config import Settings, setting
+from ion.core.exceptions import ApplicationError
 
 __all__ = [
     "ArchiveFormat",
     "Limits",
+    "UnpackSettings",
     "Detection",
     "ExtractResult",
     "UnpackResult",
@@ -195,8 +197,9 @@ class TargetError(UnpackError):
 
 # -- limits ------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Limits:
-    """What one archive may expand to. Defaults match ``res/config/ion.config``.
+class Limits(Settings):
+    """What one archive may expand to (the limit keys of ``ion.services.unpack``, read by the
+    service as security bounds).
 
     :param max_total_bytes: most bytes written (hard links count again), 8 GiB.
     :param max_members: most members of any kind, 100 000.
@@ -204,33 +207,24 @@ class Limits:
     :param ratio_threshold: the ratio is checked once this many bytes are written, 1 MiB.
     """
 
-    max_total_bytes: int = 8 * 1024 ** 3
-    max_members: int = 100_000
-    max_ratio: float = 200.0
-    ratio_threshold: int = 1024 ** 2
+    SECTION: ClassVar[str] = CONFIG_SECTION
 
-    KEYS: ClassVar[tuple[str, ...]] = ("max_total_bytes", "max_members", "max_ratio", "ratio_threshold")
+    max_total_bytes: int = setting(8 * 1024 ** 3, positive=True)
+    max_members: int = setting(100_000, positive=True)
+    max_ratio: float = setting(200.0, positive=True)
+    ratio_threshold: int = setting(1024 ** 2, positive=True)
 
-    def __post_init__(self) -> None:
-        for key in self.KEYS:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigurationError(f"{CONFIG_SECTION}: {key} must be a positive number, not {value!r}")
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any] | Callable[[str, Any], Any]) -> Limits:
-        """Limits from a config section (a mapping, or ``get(key, default)`` such as
-        ``Process.get_config``); missing keys keep their defaults.
+@dataclass(frozen=True)
+class UnpackSettings(Settings):
+    """The other keys of ``ion.services.unpack`` (not bounds).
 
-        :raises ConfigurationError: naming the key of a value that is not a positive number.
-        """
-        get = config if callable(config) else config.get
-        defaults = cls()
-        values = {key: get(key, getattr(defaults, key)) for key in cls.KEYS}
-        for key in ("max_total_bytes", "max_members", "ratio_threshold"):
-            if isinstance(values[key], float) and values[key].is_integer():
-                values[key] = int(values[key])
-        return cls(**values)
+    :param rpc_timeout: seconds an ``UnpackClient`` call waits for the extraction unless told otherwise.
+    """
+
+    SECTION: ClassVar[str] = CONFIG_SECTION
+
+    rpc_timeout: float = 900.0
 
 
 # -- detection ---------------------------------------------------------------------------

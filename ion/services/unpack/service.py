@@ -34,12 +34,12 @@ from ion.core.exceptions import ApplicationError
 from ion.core.security import control, narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.unpack import core
-from ion.services.unpack.core import Limits
+from ion.services.unpack.core import Limits, UnpackSettings
 
 __all__ = ["UnpackService", "UnpackClient", "default_allowed_roots"]
 
 #: Seconds an UnpackClient call waits for its answer unless configured (``rpc_timeout``).
-DEFAULT_CLIENT_TIMEOUT = 900.0
+DEFAULT_CLIENT_TIMEOUT = UnpackSettings.rpc_timeout
 
 
 def default_allowed_roots(config: Any = None) -> list[Path]:
@@ -158,7 +158,7 @@ class UnpackClient(ServiceClient):
     def _timeout(self, timeout: float | None) -> float:
         if timeout is not None:
             return timeout
-        return float(self.proc.container.config.get(core.CONFIG_SECTION, "rpc_timeout", DEFAULT_CLIENT_TIMEOUT))
+        return self.proc.container.config.settings(UnpackSettings).rpc_timeout
 
     @defer.inlineCallbacks
     def detect(self, path: str | os.PathLike[str], timeout: float | None = None) -> Any:

@@ -1,0 +1,86 @@
+"""The typed settings of the core's config sections (see :class:`ion.core.config.Settings`).
+
+Each default is declared here once; ``res/config/ion.config`` documents the same values
+(``tests/core/test_settings.py`` keeps the two equal). Read through
+:meth:`ion.core.config.Config.settings`, once per state of the config's layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ion.core.config import Settings, setting
+
+__all__ = ["ProcessSettings", "MessagingSettings", "ContainerSettings", "AppsSettings"]
+
+
+@dataclass(frozen=True)
+class ProcessSettings(Settings):
+    """``ion.core.process``: every process's defaults.
+
+    :ivar rpc_timeout: seconds an ``rpc_send``/``request`` waits for its reply unless told otherwise.
+    :ivar terminate_timeout: seconds a terminating process waits for the messages it is handling.
+    :ivar prefetch: the broker's delivery window of a receiver, unless the process's spawnargs or
+        module section set their own (:meth:`ion.core.process.Process.receiver_prefetch`).
+    """
+
+    SECTION: ClassVar[str] = "ion.core.process"
+
+    rpc_timeout: float = 15.0
+    terminate_timeout: float = 10.0
+    prefetch: int = setting(16, minimum=1)
+
+
+@dataclass(frozen=True)
+class MessagingSettings(Settings):
+    """``ion.core.messaging``: the wire and the transports.
+
+    :ivar max_message_size: largest encoded message accepted or sent, in bytes.
+    :ivar memory_user: the broker login the embedded broker stamps on messages.
+    :ivar publisher_confirms: AMQP: publish in confirm mode.
+    :ivar reconnect_initial: AMQP: seconds before the first reconnection attempt (doubled after each).
+    :ivar reconnect_max: AMQP: the longest wait between two attempts.
+    :ivar heartbeat: AMQP heartbeat in seconds; 0: none; None: what the broker proposes.
+    """
+
+    SECTION: ClassVar[str] = "ion.core.messaging"
+
+    max_message_size: int = setting(16 * 1024 * 1024, minimum=1)
+    memory_user: str = "ion"
+    publisher_confirms: bool = True
+    reconnect_initial: float = setting(0.5, positive=True, unit="seconds")
+    reconnect_max: float = setting(10.0, positive=True, unit="seconds")
+    heartbeat: float | None = setting(None, unit="seconds")
+
+
+@dataclass(frozen=True)
+class ContainerSettings(Settings):
+    """``ion.core.container``.
+
+    :ivar heartbeat_interval: seconds between the agent's heartbeats.
+    :ivar max_threads: threads of the container's blocking pool.
+    :ivar agent: whether the container runs its agent (:mod:`ion.core.agent`).
+    """
+
+    SECTION: ClassVar[str] = "ion.core.container"
+
+    heartbeat_interval: float = setting(5.0, positive=True, unit="seconds")
+    max_threads: int = setting(8, minimum=1)
+    agent: bool = True
+
+
+@dataclass(frozen=True)
+class AppsSettings(Settings):
+    """``ion.core.apps``: supervision of each app's processes (checked by
+    :class:`~ion.core.apps.supervisor.Supervisor`, which names the app).
+
+    :ivar restart_strategy: ``one_for_one``, ``one_for_all`` or ``rest_for_one``.
+    :ivar max_restarts: restarts allowed within ``restart_period`` seconds.
+    """
+
+    SECTION: ClassVar[str] = "ion.core.apps"
+
+    restart_strategy: str = "one_for_one"
+    max_restarts: int = setting(3, minimum=None)
+    restart_period: float = setting(5.0, minimum=None)

@@ -1,0 +1,36 @@
+"""The ``ion.services.deploy`` config section as typed settings (see :class:`ion.core.config.Settings`).
+
+The security bounds of the section (``allowed_destinations``, ``allowed_file_repositories``,
+``max_deployment_bytes``) are not here: the service reads them with ``bounded_config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ion.core.config import Settings
+
+__all__ = ["DeploySettings"]
+
+
+@dataclass(frozen=True)
+class DeploySettings(Settings):
+    """``ion.services.deploy``.
+
+    :ivar max_parallel: items fetched at once.
+    :ivar job_retention: seconds a finished async job's record is kept.
+    :ivar fetch_timeout: seconds the service waits for one fetch.
+    :ivar drain_timeout: seconds the deployments in progress get when the service stops (None: 0).
+    :ivar job_dir: folder of the durable job records; None: ``<cache root>/jobs``; False: memory only.
+    :ivar max_concurrent: requests the service handles at once.
+    """
+
+    SECTION: ClassVar[str] = "ion.services.deploy"
+
+    max_parallel: int = 8
+    job_retention: float = 3600.0
+    fetch_timeout: float = 3600.0
+    drain_timeout: float | None = 30.0
+    job_dir: str | bool | None = None
+    max_concurrent: int = 16

@@ -95,6 +95,34 @@ def params() -> list[Any]:
             for case in CASES]
 
 
+def check_answer(case: Case, received: list[dict[str, Any]], log_lines: list[str], user: str | None) -> None:
+    """What a runner got for ``case`` (the replies on :data:`PROBE` and the log lines written while it
+    was handled) is what the case expects; ``user`` stands for :data:`USER`."""
+
+    def own(value: Any) -> Any:
+        return value.replace(USER, str(user)) if isinstance(value, str) else value
+
+    if case.expect == DROPPED:
+        assert received == []
+        assert case.log, "a dropped message must leave a log line"
+    else:
+        [reply] = received
+        assert reply["response-code"] == case.expect, reply
+        assert reply["conv-id"] == case.correlation_id
+        if case.expect == 200:
+            assert reply["status"] == "OK"
+            for key, value in (case.content or {}).items():
+                assert reply["content"][key] == own(value), reply["content"]
+        else:
+            assert (reply["status"], reply["performative"]) == ("ERROR", "failure"), reply
+            assert reply["content"]["error"] == case.error, reply["content"]
+            assert case.message in reply["content"]["message"], reply["content"]
+    if case.log:
+        fragments = [own(fragment) for fragment in case.log]
+        assert len([line for line in log_lines if fragments[0] in line]) == 1, log_lines
+        assert len([line for line in log_lines if all(f in line for f in fragments)]) == 1, log_lines
+
+
 def body_of(case: Case) -> bytes:
     """The bytes to publish for ``case``."""
     if isinstance(case.body, (bytes, bytearray)):

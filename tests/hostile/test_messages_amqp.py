@@ -21,10 +21,9 @@ import pytest_twisted
 from twisted.internet import threads
 
 from ion.core.lifecycle import State
-from ion.core.messaging.message import Performative
 from ion.testing import ContainerFactory, client_process
-from tests.core.support import EchoService, logged
-from tests.hostile.messages import DROPPED, MAX_MESSAGE_SIZE, PROBE, TARGET, USER, Case, body_of, params, request
+from tests.core.support import EchoService, lines
+from tests.hostile.messages import MAX_MESSAGE_SIZE, PROBE, TARGET, Case, body_of, check_answer, params, request
 from tests.hostile.pika_client import PlainClient
 
 pytestmark = pytest.mark.amqp
@@ -61,27 +60,7 @@ async def test_hostile_message_over_rabbitmq(case: Case, rabbitmq: Any, amqp_url
         vhost = unquote(urlsplit(amqp_url).path.lstrip("/")) or "/"
         url = rabbitmq.url(vhost, amqp_user.name, amqp_user.password)
         received = await threads.deferToThread(_publish_case, url, amqp_user.name, case)
-
-        def own(value: Any) -> Any:
-            return value.replace(USER, amqp_user.name) if isinstance(value, str) else value
-
-        if case.expect == DROPPED:
-            assert received == []
-        else:
-            [reply] = received
-            assert reply["response-code"] == case.expect, reply
-            assert reply["conv-id"] == case.correlation_id
-            if case.expect == 200:
-                assert reply["status"] == "OK"
-                for key, value in (case.content or {}).items():
-                    assert reply["content"][key] == own(value), reply["content"]
-            else:
-                assert (reply["status"], reply["performative"]) == ("ERROR", Performative.FAILURE)
-                assert reply["content"]["error"] == case.error, reply["content"]
-                assert case.message in reply["content"]["message"], reply["content"]
-        if case.log:
-            fragments = [own(fragment) for fragment in case.log]
-            assert len(logged(log_events, *fragments)) == 1, [e.get("log_format") for e in log_events]
+        check_answer(case, received, lines(log_events), amqp_user.name)
         if case.expect != 200:
             assert svc.calls == [("echo", "sentinel")], svc.calls  # only the well-formed request ran
         assert svc.state is State.ACTIVE

@@ -16,8 +16,12 @@ another one) sets ``prefetch: 1``. Beside ``broker-user``, the receiver sets
 ``redelivered`` on each message: whether the broker delivered it before, to a
 consumer that stopped without acknowledging it.
 
-Requests are dispatched to ``op_<name>(content, headers, msg)``; what an op
-returns is the reply's content unless it replied itself. An exception that
+Requests are dispatched to ``op_<name>``; what an op returns is the reply's
+content unless it replied itself. An op declared ``(self, content, headers,
+msg)`` gets those (``headers`` and ``msg`` are the request); any other op gets
+what it names: ``content``, ``msg``, and otherwise the content's fields by
+name, with the op's defaults (``def op_add(self, by: int = 1)``); a missing
+field without a default, or one the op does not take, is a 400. An exception that
 escapes an op becomes an error reply (500, or the code of an
 :class:`~ion.core.exceptions.ApplicationError`) and the process stays ACTIVE.
 
@@ -393,6 +397,78 @@ def _claimed_sender(body: bytes) -> str | None:
     return sender if isinstance(sender, str) else None
 
 
+# -- how an op is called ---------------------------------------------------------------------------
+#: The classic op signature: ``op_x(self, content, headers, msg)`` (headers and msg are the same dict).
+_CLASSIC = ("content", "headers", "msg")
+
+OpCall = Callable[[Callable[..., Any], dict[str, Any]], Any]
+
+
+def _classic(method: Callable[..., Any], msg: dict[str, Any]) -> Any:
+    return method(msg.get("content"), msg, msg)
+
+
+def _op_call(cls: type, op: str) -> OpCall:
+    """How ``op_<op>`` of ``cls`` is called with a request (worked out once per class and op).
+
+    An op declared ``(self, content, headers, msg)`` gets those, as always. Any other op gets
+    what it names (nameko-like): ``content`` the whole content, ``msg`` (or ``headers``) the
+    request, and every other parameter the content's field of that name, its default if the
+    field is missing (a missing field without one is a 400, so is a field the op does not
+    take unless it has ``**fields``). An op with one such field parameter may also be sent
+    that value bare (``rpc_send("hello", "hello", "you")`` for ``op_hello(self, text)``).
+    """
+    cache: dict[str, OpCall] = cls.__dict__.get("_ion_op_calls") or {}
+    if "_ion_op_calls" not in cls.__dict__:
+        type.__setattr__(cls, "_ion_op_calls", cache)
+    call = cache.get(op)
+    if call is None:
+        call = cache[op] = _make_op_call(op, getattr(cls, "op_" + op))
+    return call
+
+
+def _make_op_call(op: str, func: Callable[..., Any]) -> OpCall:
+    params = list(inspect.signature(func).parameters.values())[1:]  # less self
+    if tuple(p.name for p in params[:3]) == _CLASSIC and all(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params[:3]):
+        return _classic
+    fields = [p for p in params if p.name not in ("content", "msg", "headers")
+              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    wants = {p.name for p in params} & {"content", "msg", "headers"}
+    open_fields = any(p.kind is p.VAR_KEYWORD for p in params)
+    names = {p.name for p in fields}
+
+    def call(method: Callable[..., Any], msg: dict[str, Any]) -> Any:
+        content = msg.get("content")
+        kwargs: dict[str, Any] = {}
+        if fields or open_fields:
+            if isinstance(content, Mapping):
+                given = dict(content)
+            elif content is None:
+                given = {}
+            elif len(fields) == 1:
+                given = {fields[0].name: content}
+            else:
+                raise ApplicationError(f"{op} takes a dict of fields ({', '.join(sorted(names))}), "
+                                       f"not {type(content).__name__}", 400)
+            extra = [k for k in given if k not in names]
+            if extra and not open_fields:
+                raise ApplicationError(f"{op} takes no field {extra[0]!r} (its fields: "
+                                       f"{', '.join(sorted(names)) or 'none'})", 400)
+            for p in fields:
+                if p.name in given:
+                    kwargs[p.name] = given.pop(p.name)
+                elif p.default is p.empty:
+                    raise ApplicationError(f"{op} needs the field {p.name!r}", 400)
+            if open_fields:
+                kwargs.update({k: v for k, v in given.items() if isinstance(k, str)})
+        for name in wants:
+            kwargs[name] = content if name == "content" else msg
+        return method(**kwargs)
+
+    return call
+
+
 @dataclass
 class ProcessDesc:
     """What to spawn: a process class (or ``module`` + ``procclass``), a name and spawnargs."""
@@ -695,7 +771,7 @@ class Process(LifecycleObject):
                 if action is not None:
                     authorize(self.container, msg, action, f"{self.proc_name} ({self.id})",
                               limiter=self.log_limiter)
-                result = method(msg.get("content"), msg, msg)
+                result = _op_call(type(self), op)(method, msg)
             except Exception:
                 result = Failure()
             if not isinstance(result, (defer.Deferred, Failure)):

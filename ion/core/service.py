@@ -265,6 +265,16 @@ class ServiceClient(ProcessClient):
                 ) -> defer.Deferred[RpcResult]:
         return super().request(op, content, headers, timeout, on_agree).addErrback(self._as_raised)
 
+    def call(self, op: str, /, **fields: Any) -> defer.Deferred[Any]:
+        """Call ``op`` with ``fields`` as its content; fires with the reply's content.
+
+        The short way to call an op that names its fields (see the notes of
+        :mod:`ion.core.process`): ``await client.call("add", by=2)``.
+        """
+        d = self.rpc_send(op, fields or None)
+        d.addCallback(lambda result: result[0])
+        return d
+
     def cancellable_call(self, op: str, content: Any = None, *, target: str | None = None,
                          timeout: float | None = None) -> defer.Deferred[RpcResult]:
         """Call ``op`` (``request`` protocol) so that the work stops when this call ends early.

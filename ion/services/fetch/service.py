@@ -6,7 +6,7 @@ no cache of its own: it locks, stages and publishes through the Cache service
 (:class:`~ion.services.fetch.core.RemoteCache`) and extracts through the
 Unpack service, so every fetch of the system goes through one set of locks.
 
-Op ``fetch``: content is an item (:meth:`DeploymentItem.to_dict` or
+Op ``fetch``: content is an item (:class:`~ion.services.records.deployer.DeploymentItem` ``to_dict`` or
 :meth:`FetchRequest.to_wire`: ``url, platform, name, version, unpack,
 keep_updated, sha256``; optional ``base_dir`` for a relative ``file:`` URL and
 ``job``/``item`` copied into the progress events). Answer: ``{state: cached |
@@ -50,11 +50,11 @@ from twisted.logger import Logger
 from ion.core.exceptions import ConfigurationError, ReceivedError, RelayedError
 from ion.core.security import narrow_networks, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
-from ion.services.deploy.spec import DeploymentItem
 from ion.services.fetch.core import Fetcher, FetchProgress, FetchRequest, RemoteCache, remote_unpack
 from ion.services.fetch.errors import FetchCancelled, FetchError, InvalidRequestError
 from ion.services.fetch.netguard import CONFIG_KEY, AddressGuard
 from ion.services.fetch.repository import CONFIG_SECTION, FetchConfig
+from ion.services.records.deployer import DeploymentItem
 
 __all__ = ["FetchService", "FetchClient", "DEFAULT_CLIENT_TIMEOUT"]
 

@@ -85,3 +85,10 @@ def test_the_generated_module_is_current(tmp_path: Path) -> None:
                     "ion/services/records/deployer.proto"], cwd=ROOT, check=True, env=dict(os.environ))
     for name in ("deployer_pb2.py", "deployer_pb2.pyi"):
         assert (out / "ion/services/records" / name).read_text() == (ROOT / "ion/services/records" / name).read_text()
+
+
+def test_the_job_states_are_funcs_codes() -> None:
+    """``ion.deployer.JobState`` numbers the states as ``ion.core.jobs.JobStatus`` (Func's codes) does."""
+    from ion.core.jobs import JobStatus
+
+    assert {s.name: int(s) for s in JobStatus} == dict(pb.JobState.items())

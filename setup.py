@@ -13,12 +13,12 @@ setup(
     # An explicit root makes `pip install -e .` put this folder on sys.path (a .pth file)
     # rather than install an import hook, so twistd's plugin scan finds twisted/plugins/cc.py.
     package_dir={"": "."},
-    package_data={"ion": ["py.typed"], "twisted.plugins": ["cc.py"]},
+    package_data={"ion": ["py.typed", "services/records/*.proto", "services/records/*.pyi"], "twisted.plugins": ["cc.py"]},
     include_package_data=True,
     install_requires=[
         "twisted>=24.3",
         "msgpack>=1.0",
-        "protobuf>=4.21",
+        "protobuf>=7.35.1",  # the gencode of ion/services/records (bin/gen-protos)
         "pika>=1.3",
         "treq>=23.11",
         "rich>=13",

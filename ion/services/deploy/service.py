@@ -259,13 +259,11 @@ class DeployService(ServiceProcess):
         timeout = self.settings.fetch_timeout
 
         async def fetch(item: DeploymentItem, progress: Any) -> dict[str, Any]:
-            request = item.to_dict()
-            if job is not None:
-                # The Fetch service copies these into its progress events (bytes per file),
-                # so a job's watcher sees its downloads, not only its items' phases.
-                request["job"], request["item"] = job, item.label
+            # With a job, the Fetch service copies it and the item into its progress events (bytes
+            # per file), so a job's watcher sees its downloads, not only its items' phases.
             # Cancellable: a deployment cancelled (drain) cancels the download at the Fetch service.
-            content = await FetchClient(self).fetch(request, timeout=timeout)
+            content = await FetchClient(self).fetch(item, timeout=timeout, job=job,
+                                                    position=item.label if job is not None else None)
             return {"state": content["state"], "path": content["path"],
                     "names": content.get("content") or content.get("names") or [],
                     # The entry's content digest: a copy is redone only when the content changed.

@@ -22,9 +22,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
 
 from ion.core.exceptions import IonError
+from ion.services.records.deployer import (
+    ITEM_KEYS,
+    REQUIRED_KEYS,
+    DeploymentItem,
+    RepositoryURL,
+    check_fields,
+    check_sha256,
+    describe_value,
+    parse_repository_url,
+)
 
 __all__ = [
     "DeploymentError",
@@ -45,13 +54,7 @@ DEFAULT_MAX_DEPLOYMENT_BYTES = 64 << 20
 #: The config key of that limit, in ``ion.services.deploy``.
 MAX_BYTES_KEY = "max_deployment_bytes"
 
-#: Keys an item may have; others draw a warning.
-ITEM_KEYS = ("name", "version", "platform", "destination", "link", "unpack", "keep_updated", "sha256")
-_REQUIRED = ("name", "version", "platform", "destination")
-_FLAGS = {"link": True, "unpack": True, "keep_updated": False}
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_SCHEMES = ("s3", "file", "http", "https")
 
 
 class DeploymentError(IonError):
@@ -61,107 +64,6 @@ class DeploymentError(IonError):
         self.source = source
         self.problems = problems
         super().__init__("\n".join(problems) if problems else f"{source}: unusable deployment")
-
-
-@dataclass(frozen=True)
-class RepositoryURL:
-    """A parsed repository URL.
-
-    :ivar scheme: ``s3``, ``file``, ``http`` or ``https``.
-    :ivar location: the bucket (s3), host[:port] (http) or absolute folder (file).
-    :ivar prefix: the key prefix / URL path under the location, without slashes at the ends.
-    """
-
-    url: str
-    scheme: str
-    location: str
-    prefix: str = ""
-
-    def __str__(self) -> str:
-        return self.url
-
-    @property
-    def location_path(self) -> Path:
-        """The folder of a ``file`` repository."""
-        return Path(self.location)
-
-    def child(self, *parts: str) -> str:
-        """The URL (or path, for ``file``) of a folder under the repository."""
-        tail = "/".join(p.strip("/") for p in (self.prefix, *parts) if p)
-        if self.scheme == "file":
-            return str(Path(self.location, *[p for p in (self.prefix, *parts) if p]))
-        if self.scheme == "s3":
-            return f"s3://{self.location}/{tail}"
-        return f"{self.scheme}://{self.location}/{tail}"
-
-
-def parse_repository_url(url: str, base_dir: Path | None = None) -> RepositoryURL:
-    """Parse a repository URL; ``file:relative`` is resolved against ``base_dir``.
-
-    :raises ValueError: with the reason, for an unknown scheme or a URL missing its bucket/host/path.
-    """
-    if not isinstance(url, str) or not url.strip():
-        raise ValueError("'url' must be a non-empty string")
-    if "\x00" in url:
-        raise ValueError(f"'url' must not contain a NUL byte: {url!r}")
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    if scheme not in _SCHEMES:
-        raise ValueError(f"unknown URL scheme {parts.scheme + ':' if parts.scheme else url!r}; "
-                         f"use s3://bucket[/prefix], file:path or http(s)://host/path")
-    if scheme == "s3":
-        if not parts.netloc:
-            raise ValueError(f"{url!r} names no bucket (s3://bucket[/prefix])")
-        return RepositoryURL(url, "s3", parts.netloc, parts.path.strip("/"))
-    if scheme in ("http", "https"):
-        if not parts.netloc:
-            raise ValueError(f"{url!r} names no host")
-        return RepositoryURL(url, scheme, parts.netloc, parts.path.strip("/"))
-    # file:///abs, file:/abs, file:relative, file://localhost/abs
-    if parts.netloc not in ("", "localhost"):
-        raise ValueError(f"{url!r}: file URLs name a local path (file:///abs/path or file:relative/path)")
-    raw = unquote(parts.path)
-    if not raw:
-        raise ValueError(f"{url!r} names no folder")
-    path = Path(raw)
-    if not path.is_absolute():
-        path = (base_dir or Path.cwd()) / path
-    return RepositoryURL(url, "file", str(Path(os.path.normpath(path))), "")
-
-
-@dataclass(frozen=True)
-class DeploymentItem:
-    """One dependency to deploy."""
-
-    repository: RepositoryURL
-    name: str
-    version: str
-    platform: str
-    destination: Path
-    link: bool = True
-    unpack: bool = True
-    keep_updated: bool = False
-    #: Expected sha256: one hex digest (the single file) or {relative file: hex}.
-    sha256: str | dict[str, str] | None = None
-    #: Where it stands in the file, for messages: "repository #1, item #2".
-    position: str = ""
-
-    @property
-    def label(self) -> str:
-        """``platform/name/version``, as the repository lays it out."""
-        return f"{self.platform}/{self.name}/{self.version}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """The wire form (content of a Deploy request): paths absolute, variables expanded."""
-        url = self.repository.url
-        if self.repository.scheme == "file":
-            url = "file://" + quote(self.repository.location)
-        return {
-            "url": url, "name": self.name, "version": self.version,
-            "platform": self.platform, "destination": str(self.destination), "link": self.link,
-            "unpack": self.unpack, "keep_updated": self.keep_updated, "sha256": self.sha256,
-            "position": self.position,
-        }
 
 
 @dataclass
@@ -184,53 +86,6 @@ def _expand(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
         return environ[var]
 
     return _VAR.sub(sub, value), missing
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return f"the string {json.dumps(value)}"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    kind = "dict" if isinstance(value, dict) else type(value).__name__
-    return f"{kind} {json.dumps(value) if isinstance(value, (int, float)) else '...'}"
-
-
-def _check_component(key: str, value: Any, where: str, problems: list[str]) -> str | None:
-    if not isinstance(value, str):
-        problems.append(f"{where}: {key!r} must be a string, not {_describe(value)}")
-        return None
-    if not value.strip():
-        problems.append(f"{where}: {key!r} must not be empty")
-        return None
-    if "/" in value or "\\" in value or value in (".", "..") or "\x00" in value:
-        problems.append(f"{where}: {key!r} must be one path component, not {value!r}")
-        return None
-    return value
-
-
-def _check_sha256(value: Any, where: str, problems: list[str]) -> str | dict[str, str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if not _HEX64.match(value):
-            problems.append(f"{where}: 'sha256' must be 64 hex digits, not {value!r}")
-            return None
-        return value.lower()
-    if isinstance(value, dict) and value:
-        out: dict[str, str] = {}
-        for fname, digest in value.items():
-            if not isinstance(digest, str) or not _HEX64.match(digest):
-                problems.append(f"{where}: 'sha256' of {fname!r} must be 64 hex digits")
-                continue
-            if not isinstance(fname, str) or fname.startswith("/") or ".." in Path(fname).parts or "\x00" in fname:
-                problems.append(f"{where}: 'sha256' names {fname!r}, which is not a path inside the version folder")
-                continue
-            out[fname] = digest.lower()
-        return out
-    problems.append(f"{where}: 'sha256' must be a hex digest or an object {{file: digest}}, not {_describe(value)}")
-    return None
 
 
 class _JsonObject(dict[str, Any]):
@@ -271,7 +126,7 @@ def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path 
     items: list[DeploymentItem] = []
     if not isinstance(data, list):
         raise DeploymentError(source, [f"{source}: the deployment must be a JSON array of "
-                                       f'{{"url": ..., "items": [...]}}, not {_describe(data)}'])
+                                       f'{{"url": ..., "items": [...]}}, not {describe_value(data)}'])
     if not data:
         raise DeploymentError(source, [f"{source}: the deployment lists no repository"])
     for r, repo in enumerate(data, 1):
@@ -294,7 +149,7 @@ def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path 
                 problems.append(f"{rwhere}: {exc}")
         repo_items = repo.get("items")
         if not isinstance(repo_items, list):
-            problems.append(f"{rwhere}: 'items' must be an array of items, not {_describe(repo_items)}")
+            problems.append(f"{rwhere}: 'items' must be an array of items, not {describe_value(repo_items)}")
             continue
         for i, item in enumerate(repo_items, 1):
             label = item.get("name") if isinstance(item, dict) and isinstance(item.get("name"), str) else None
@@ -309,24 +164,16 @@ def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path 
             for key in item:
                 if key not in ITEM_KEYS:
                     warnings.append(f"{where}: unknown key {key!r} ignored")
-            for key in _REQUIRED:
+            for key in REQUIRED_KEYS:
                 if key not in item:
                     problems.append(f"{where}: missing {key!r}")
-            name = _check_component("name", item["name"], where, problems) if "name" in item else None
-            version = _check_component("version", item["version"], where, problems) if "version" in item else None
-            platform = (_check_component("platform", item["platform"], where, problems)
-                        if "platform" in item else None)
-            flags: dict[str, bool] = {}
-            for key, default in _FLAGS.items():
-                value = item.get(key, default)
-                if not isinstance(value, bool):
-                    problems.append(f"{where}: {key!r} must be true or false (a JSON boolean), not {_describe(value)}")
-                flags[key] = bool(value) if isinstance(value, bool) else default
+            # name, version, platform and the flags: the checks of every item (records.deployer)
+            checked = check_fields(item, where, problems, sha256=False)
             destination: Path | None = None
             if "destination" in item:
                 raw = item["destination"]
                 if not isinstance(raw, str) or not raw.strip():
-                    problems.append(f"{where}: 'destination' must be a non-empty string, not {_describe(raw)}")
+                    problems.append(f"{where}: 'destination' must be a non-empty string, not {describe_value(raw)}")
                 elif "\x00" in raw:
                     problems.append(f"{where}: 'destination' must not contain a NUL byte, not {raw!r}")
                 else:
@@ -337,14 +184,15 @@ def parse_deployment(data: Any, *, source: str = "<deployment>", base_dir: Path 
                     else:
                         dest = Path(os.path.expanduser(expanded))
                         destination = Path(os.path.normpath(dest if dest.is_absolute() else cwd / dest))
-            sha = _check_sha256(item.get("sha256"), where, problems)
+            sha = check_sha256(item.get("sha256"), where, problems)
             if len(problems) > before or repository is None:
                 continue
-            assert name and version and platform and destination is not None
+            assert destination is not None
             items.append(DeploymentItem(
-                repository=repository, name=name, version=version, platform=platform,
-                destination=destination, link=flags["link"], unpack=flags["unpack"],
-                keep_updated=flags["keep_updated"], sha256=sha, position=f"repository #{r}, item #{i}"))
+                repository=repository, name=checked["name"], version=checked["version"],
+                platform=checked["platform"], destination=destination, link=checked["link"],
+                unpack=checked["unpack"], keep_updated=checked["keep_updated"], sha256=sha,
+                position=f"repository #{r}, item #{i}"))
     if problems:
         raise DeploymentError(source, problems)
     return Deployment(source, items, warnings)

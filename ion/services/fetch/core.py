@@ -37,9 +37,9 @@ import functools
 import os
 import stat
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, Self, cast
 from urllib.parse import quote, unquote
 
 from twisted.internet import defer, task
@@ -49,9 +49,10 @@ from twisted.logger import Logger
 from ion.services.cache.core import Cache, sha256_file
 from ion.services.cache.entry import EntryInfo, EntryKey, FileMeta, repo_id
 from ion.services.cache.errors import InvalidKeyError
-from ion.services.deploy.spec import DeploymentItem, RepositoryURL, parse_repository_url
 from ion.services.fetch.errors import ChecksumMismatchError, FetchError, InvalidRequestError
 from ion.services.fetch.repository import Downloaded, FetchConfig, RemoteFile, Repository, repository_for
+from ion.services.records import deployer as records
+from ion.services.records.deployer import DeploymentItem, FetchResult, RepositoryURL
 
 __all__ = [
     "FetchRequest",
@@ -84,81 +85,25 @@ ProgressFn = Callable[["FetchProgress"], None]
 
 
 # -- requests, results, progress ---------------------------------------------------------------------
-def _file_url(location: str) -> str:
-    return "file://" + quote(location)
-
-
 @dataclass(frozen=True)
-class FetchRequest:
-    """One dependency version to have in the cache.
-
-    :ivar sha256: expected sha256: one hex digest (the version holds one file) or ``{file: hex}``.
-    :ivar label: where it comes from, for messages (``deployment.json: repository #1, item #2``).
-    """
-
-    repository: RepositoryURL
-    platform: str
-    name: str
-    version: str
-    unpack: bool = True
-    keep_updated: bool = False
-    sha256: str | dict[str, str] | None = None
-    label: str = ""
+class FetchRequest(records.FetchRequest):
+    """One dependency version to have in the cache (:class:`ion.services.records.deployer.FetchRequest`,
+    its keys checked as a deployment file's are), naming its cache entry."""
 
     @classmethod
-    def from_item(cls, item: DeploymentItem) -> FetchRequest:
-        """The request of a deployment item (its destination and link do not matter here)."""
-        return cls(item.repository, item.platform, item.name, item.version, item.unpack, item.keep_updated,
-                   item.sha256, item.position)
-
-    @classmethod
-    def from_wire(cls, data: Any, *, base_dir: Path | None = None) -> FetchRequest:
+    def from_wire(cls, data: Any, *, base_dir: Path | None = None) -> Self:
         """Read a request from message content (:meth:`DeploymentItem.to_dict` or :meth:`to_wire`).
 
         A relative ``file:`` URL is resolved against ``base_dir`` (or ``data["base_dir"]``).
 
         :raises InvalidRequestError: naming the key that is missing or wrong.
         """
-        if not isinstance(data, Mapping):
-            raise InvalidRequestError(f"a fetch request is a dict (an item), not {type(data).__name__}")
-        missing = [k for k in ("url", "platform", "name", "version") if k not in data]
-        if missing:
-            raise InvalidRequestError(f"the fetch request lacks {', '.join(repr(k) for k in missing)}")
-        for key in ("url", "platform", "name", "version"):
-            if not isinstance(data[key], str) or not data[key]:
-                raise InvalidRequestError(f"{key!r} must be a non-empty string, not {data[key]!r}")
-        for key in ("unpack", "keep_updated"):
-            if key in data and not isinstance(data[key], bool):
-                raise InvalidRequestError(f"{key!r} must be true or false, not {data[key]!r}")
-        base = data.get("base_dir") or base_dir
         try:
-            url = parse_repository_url(data["url"], Path(base) if base else None)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), url=str(data["url"])) from None
-        sha = data.get("sha256")
-        if sha is not None and not (isinstance(sha, str) or (isinstance(sha, Mapping) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in sha.items()))):
-            raise InvalidRequestError(f"'sha256' must be a hex digest or {{file: digest}}, not {sha!r}")
-        request = cls(url, data["platform"], data["name"], data["version"], bool(data.get("unpack", True)),
-                      bool(data.get("keep_updated", False)),
-                      sha.lower() if isinstance(sha, str) else ({k: v.lower() for k, v in sha.items()} if sha else None),
-                      str(data.get("position") or data.get("label") or ""))
+            request = super().from_wire(data, base_dir=base_dir)
+        except records.RecordError as exc:
+            raise InvalidRequestError(str(exc), url=exc.url) from None
         request.key  # noqa: B018 - validates the components now, as a 400
         return request
-
-    def to_wire(self) -> dict[str, Any]:
-        """The request as message content (a ``file:`` URL made absolute)."""
-        url = _file_url(self.repository.location) if self.repository.scheme == "file" else self.repository.url
-        return {"url": url, "platform": self.platform, "name": self.name, "version": self.version,
-                "unpack": self.unpack, "keep_updated": self.keep_updated, "sha256": self.sha256,
-                "position": self.label}
-
-    @property
-    def repo_url(self) -> str:
-        """The repository URL the cache names entries by (``file:`` made absolute)."""
-        if self.repository.scheme == "file":
-            return _file_url(self.repository.location)
-        return self.repository.url
 
     @property
     def key(self) -> EntryKey:
@@ -170,11 +115,6 @@ class FetchRequest:
             return EntryKey(repo_id(self.repo_url), self.platform, self.name, self.version, self.unpack)
         except InvalidKeyError as exc:
             raise InvalidRequestError(f"{self.describe()}: {exc}") from None
-
-    def describe(self) -> str:
-        """``zlib 1.2 (linux) from s3://bucket/prefix``, with the label when there is one."""
-        where = f"{self.label}: " if self.label else ""
-        return f"{where}{self.name} {self.version} ({self.platform}) from {self.repository.url}"
 
 
 @dataclass(frozen=True)
@@ -200,33 +140,6 @@ class FetchProgress:
         return {"name": self.key.name, "version": self.key.version, "platform": self.key.platform,
                 "unpack": self.key.unpack, "phase": self.phase, "file": self.file, "bytes": self.done,
                 "total": self.total, "state": self.state}
-
-
-@dataclass
-class FetchResult:
-    """What a fetch did: ``state`` (cached, downloaded, updated) and the entry's info."""
-
-    state: str
-    key: EntryKey
-    info: EntryInfo
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def path(self) -> Path:
-        """The entry folder."""
-        return self.info.path
-
-    @property
-    def files(self) -> list[str]:
-        """The entry's regular files, relative, sorted."""
-        return sorted(self.info.files)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"state": self.state, "path": str(self.info.path), "files": self.files,
-                "links": dict(self.info.links), "content": self.info.content_names(), "key": self.key.to_wire(),
-                "size": self.info.size, "url": self.info.url, "fetched_at": self.info.fetched_at,
-                "stamp": self.info.content_digest(),
-                "warnings": list(self.warnings)}
 
 
 # -- the remote origin of an entry's files ---------------------------------------------------------------

@@ -74,7 +74,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.config import Settings, setting
-from ion.services.deploy.spec import RepositoryURL
 from ion.services.fetch.errors import (
     AccessDeniedError,
     AddressNotAllowedError,
@@ -87,6 +86,7 @@ from ion.services.fetch.errors import (
     TransferError,
     WriteError,
 )
+from ion.services.records.deployer import RepositoryURL, parse_repository_url
 
 __all__ = [
     "Checksum",
@@ -1525,7 +1525,7 @@ def repository_for(url: RepositoryURL | str, pool: Any, reactor: Any = None,
                    config: FetchConfig | Mapping[str, Any] | None = None, *,
                    clock: IReactorTime | None = None, guard: Any = None) -> Repository:
     """The repository for ``url`` (a :class:`RepositoryURL`, or a string parsed with
-    :func:`~ion.services.deploy.spec.parse_repository_url`).
+    :func:`~ion.services.records.deployer.parse_repository_url`).
 
     :param guard: for ``http(s):``, the :class:`~ion.services.fetch.netguard.AddressGuard` its
         connections must pass (a fetch requested by message); None: no restriction.
@@ -1533,8 +1533,6 @@ def repository_for(url: RepositoryURL | str, pool: Any, reactor: Any = None,
     :raises FetchError: for an unknown scheme.
     """
     if isinstance(url, str):
-        from ion.services.deploy.spec import parse_repository_url
-
         try:
             url = parse_repository_url(url)
         except ValueError as exc:

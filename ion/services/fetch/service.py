@@ -6,11 +6,14 @@ no cache of its own: it locks, stages and publishes through the Cache service
 (:class:`~ion.services.fetch.core.RemoteCache`) and extracts through the
 Unpack service, so every fetch of the system goes through one set of locks.
 
-Op ``fetch``: content is an item (:meth:`DeploymentItem.to_dict` or
+Op ``fetch``: content is an item (:class:`~ion.services.records.deployer.DeploymentItem` ``to_dict`` or
 :meth:`FetchRequest.to_wire`: ``url, platform, name, version, unpack,
 keep_updated, sha256``; optional ``base_dir`` for a relative ``file:`` URL and
 ``job``/``item`` copied into the progress events). Answer: ``{state: cached |
-downloaded | updated, path, files, content, key, size, url, warnings}``.
+downloaded | updated, path, files, content, key, size, url, warnings}``. The
+content may also be an ``ion.deployer.FetchRequest`` (``encoding: protobuf``,
+:mod:`ion.services.records.convert`; FetchClient sends a record so), checked as
+the dict it spells and answered with an ``ion.deployer.FetchResult``.
 
 Errors answer with the class name and code of the error (the
 :mod:`~ion.services.fetch.errors` classes, their ``url`` and other
@@ -50,11 +53,13 @@ from twisted.logger import Logger
 from ion.core.exceptions import ConfigurationError, ReceivedError, RelayedError
 from ion.core.security import narrow_networks, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
-from ion.services.deploy.spec import DeploymentItem
 from ion.services.fetch.core import Fetcher, FetchProgress, FetchRequest, RemoteCache, remote_unpack
 from ion.services.fetch.errors import FetchCancelled, FetchError, InvalidRequestError
 from ion.services.fetch.netguard import CONFIG_KEY, AddressGuard
 from ion.services.fetch.repository import CONFIG_SECTION, FetchConfig
+from ion.services.records import convert
+from ion.services.records import deployer as records
+from ion.services.records.deployer import DeploymentItem
 
 __all__ = ["FetchService", "FetchClient", "DEFAULT_CLIENT_TIMEOUT"]
 
@@ -135,6 +140,9 @@ class FetchService(ServiceProcess):
     # -- ops -----------------------------------------------------------------------------------------
     async def op_fetch(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Have an item's entry in the cache: ``{state, path, files, content, key, size, url, warnings}``."""
+        protobuf = isinstance(content, convert.pb.FetchRequest)
+        if protobuf:  # an ion.deployer.FetchRequest: read as the dict it spells, checked the same way
+            content = convert.request_to_wire(content)
         request = FetchRequest.from_wire(content)
         # realpath may touch slow filesystems: resolve off the reactor thread.
         await self.container.blocking.run(self._check_file_repository, request)
@@ -146,7 +154,8 @@ class FetchService(ServiceProcess):
             raise FetchCancelled(f"the fetch of {request.describe()} was cancelled by its caller") from None
         except ReceivedError as exc:  # the Cache or Unpack service refused: pass its answer on
             raise RelayedError(exc) from None
-        return result.to_wire()
+        # A protobuf request is answered with an ion.deployer.FetchResult, a dict with a dict.
+        return convert.result_to_pb(result.to_wire()) if protobuf else result.to_wire()
 
 
 class FetchClient(ServiceClient):
@@ -163,7 +172,7 @@ class FetchClient(ServiceClient):
         return self.proc.container.config.settings(FetchConfig).rpc_timeout
 
     @defer.inlineCallbacks
-    def fetch(self, item: DeploymentItem | FetchRequest | Mapping[str, Any], *, timeout: float | None = None,
+    def fetch(self, item: DeploymentItem | records.FetchRequest | Mapping[str, Any], *, timeout: float | None = None,
               job: str | None = None, position: str | None = None) -> Any:
         """Have ``item``'s entry in the cache; the service's answer (a dict with ``state`` and ``path``).
 
@@ -171,16 +180,19 @@ class FetchClient(ServiceClient):
         :raises FetchError: (its subclass) as the service raised it; other refusals as
             :class:`~ion.core.exceptions.ReceivedApplicationError` / ``ReceivedContainerError``.
         """
-        if isinstance(item, DeploymentItem):
-            content = FetchRequest.from_item(item).to_wire()
-        elif isinstance(item, FetchRequest):
-            content = item.to_wire()
+        content: Any
+        if isinstance(item, (DeploymentItem, records.FetchRequest)):
+            # A record is sent as an ion.deployer.FetchRequest (encoding: protobuf).
+            request = FetchRequest.from_item(item) if isinstance(item, DeploymentItem) else item
+            content = convert.request_to_pb(request, job=job, item=position)
         else:
             content = dict(item)
-        if job is not None:
-            content["job"] = job
-        if position is not None:
-            content["item"] = position
+            if job is not None:
+                content["job"] = job
+            if position is not None:
+                content["item"] = position
         # Cancelling this call (or its timeout) cancels the download at the service too.
         result, _headers = yield self.cancellable_call("fetch", content, timeout=self._timeout(timeout))
+        if isinstance(result, convert.pb.FetchResult):
+            return convert.result_to_wire(result)
         return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,51 @@ async def test_cancelling_a_fetch_call_cancels_the_download_at_the_service(syste
     assert not list(cache_root.rglob("*.lock"))
     assert not staging.exists() or not list(staging.iterdir())
     assert server.count(rel, "GET") == 1
+
+
+# -- the request as an ion.deployer.FetchRequest (encoding: protobuf) ----------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_a_protobuf_request_gets_what_a_dict_gets(system: Any, make_repo: Any) -> None:
+    """``ion.deployer.FetchRequest`` content is answered with an ``ion.deployer.FetchResult`` holding what the
+    dict request's answer holds; a plain dict is still answered with a dict."""
+    from ion.services.records import convert
+
+    _container, client, _root = system
+    url, _ = make_repo("file")
+    req = FetchRequest(url, "linux", "multi", "2.0", unpack=False, sha256={"a.bin": hashlib.sha256(
+        CONTENT["linux/multi/2.0/a.bin"]).hexdigest()})
+    first, first_headers = await client.rpc_send("fetch", req.to_wire())
+    assert isinstance(first, dict) and first["state"] == "downloaded" and first_headers["encoding"] == "msgpack"
+    as_dict, _ = await client.rpc_send("fetch", req.to_wire())
+    as_pb, headers = await client.rpc_send("fetch", convert.request_to_pb(req))
+    assert (headers["encoding"], headers["content-type"]) == ("protobuf", "ion.deployer.FetchResult")
+    assert isinstance(as_pb, convert.pb.FetchResult) and convert.result_to_wire(as_pb) == as_dict
+    assert as_dict["state"] == "cached"
+    # FetchClient sends a record as protobuf and answers the dict, as for a dict
+    assert await client.fetch(req) == as_dict == await client.fetch(req.to_wire())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_protobuf_request_is_checked_as_a_dict_is(system: Any, make_repo: Any) -> None:
+    """A bad sha256 in an ``ion.deployer.FetchRequest`` is the 400 InvalidRequestError a dict gets."""
+    from ion.services.records import convert
+
+    _container, client, _root = system
+    url, _ = make_repo("file")
+    msg = convert.request_to_pb(FetchRequest(url, "linux", "multi", "2.0"))
+    msg.digest = "abc"
+    with pytest.raises(InvalidRequestError, match="'sha256' must be 64 hex digits, not 'abc'") as by_pb:
+        await client.fetch(convert.request_to_wire(msg))
+    with pytest.raises(InvalidRequestError) as raw:
+        await client.rpc_send("fetch", msg)
+    assert raw.value.code == by_pb.value.code == 400 and str(raw.value) == str(by_pb.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_protobuf_content_is_a_400_naming_the_type(system: Any) -> None:
+    _container, client, _root = system
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.rpc_send("fetch", b"\xff\xff\xff\xff",
+                              headers={"encoding": "protobuf", "content-type": "ion.deployer.FetchRequest"})
+    assert info.value.headers["response-code"] == 400
+    assert "ion.deployer.FetchRequest" in info.value.content["message"]

@@ -1,0 +1,116 @@
+# -*- test-case-name: tests.services.records.test_convert -*-
+"""The deployer's records to and from their protobuf messages (``deployer.proto``, package ``ion.deployer``).
+
+A message is read back into the dict form a plain-dict client sends
+(``*_to_wire``), so it goes through the same validation
+(:meth:`~ion.services.records.deployer.FetchRequest.from_wire`, the deploy
+parser): a message is only another spelling of that dict. Importing this
+module registers the ``ion.deployer`` types, so content of those types can be
+decoded (:mod:`ion.core.messaging.message`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ion.services.records import deployer_pb2 as pb
+from ion.services.records.deployer import DeploymentItem, FetchRequest, RepositoryURL
+
+__all__ = [
+    "pb",
+    "repository_to_pb",
+    "item_to_pb",
+    "item_to_wire",
+    "request_to_pb",
+    "request_to_wire",
+    "result_to_pb",
+    "result_to_wire",
+]
+
+
+def repository_to_pb(url: RepositoryURL) -> Any:
+    """The ``ion.deployer.Repository`` of a repository (its URL as sent: a ``file:`` URL absolute)."""
+    return pb.Repository(url=url.wire_url, scheme=url.scheme, location=url.location, prefix=url.prefix)
+
+
+def _set_sha256(msg: Any, sha256: str | Mapping[str, str] | None) -> None:
+    if isinstance(sha256, str):
+        msg.digest = sha256
+    elif sha256 is not None:
+        msg.files.digests.update(sha256)
+
+
+def _sha256(msg: Any) -> str | dict[str, str] | None:
+    which = msg.WhichOneof("sha256")
+    if which == "digest":
+        return str(msg.digest)
+    if which == "files":
+        return dict(msg.files.digests)
+    return None
+
+
+def _flags(msg: Any, names: tuple[str, ...]) -> dict[str, bool]:
+    return {name: bool(getattr(msg, name)) for name in names if msg.HasField(name)}
+
+
+def item_to_pb(item: DeploymentItem) -> Any:
+    """The ``ion.deployer.Item`` of an item."""
+    msg = pb.Item(repository=repository_to_pb(item.repository), name=item.name, version=item.version,
+                  platform=item.platform, destination=str(item.destination), link=item.link, unpack=item.unpack,
+                  keep_updated=item.keep_updated, position=item.position)
+    _set_sha256(msg, item.sha256)
+    return msg
+
+
+def item_to_wire(msg: Any) -> dict[str, Any]:
+    """An ``ion.deployer.Item`` as the dict of :meth:`DeploymentItem.to_dict` (to be checked as one)."""
+    out: dict[str, Any] = {"name": msg.name, "version": msg.version, "platform": msg.platform,
+                           "destination": msg.destination, "sha256": _sha256(msg), "position": msg.position}
+    if msg.HasField("repository"):
+        out["url"] = msg.repository.url
+    out.update(_flags(msg, ("link", "unpack", "keep_updated")))
+    return out
+
+
+def request_to_pb(request: FetchRequest, *, job: str | None = None, item: str | None = None) -> Any:
+    """The ``ion.deployer.FetchRequest`` of a request (``job``/``item``: for the progress events)."""
+    msg = pb.FetchRequest(repository=repository_to_pb(request.repository), platform=request.platform,
+                          name=request.name, version=request.version, unpack=request.unpack,
+                          keep_updated=request.keep_updated, label=request.label, job=job or "", item=item or "")
+    _set_sha256(msg, request.sha256)
+    return msg
+
+
+def request_to_wire(msg: Any) -> dict[str, Any]:
+    """An ``ion.deployer.FetchRequest`` as the dict a plain-dict client sends (to be checked as one)."""
+    out: dict[str, Any] = {"platform": msg.platform, "name": msg.name, "version": msg.version,
+                           "sha256": _sha256(msg), "position": msg.label}
+    if msg.HasField("repository"):
+        out["url"] = msg.repository.url
+    out.update(_flags(msg, ("unpack", "keep_updated")))
+    for key in ("base_dir", "job", "item"):
+        if getattr(msg, key):
+            out[key] = getattr(msg, key)
+    return out
+
+
+def result_to_pb(wire: Mapping[str, Any]) -> Any:
+    """The ``ion.deployer.FetchResult`` of a fetch's answer (:meth:`FetchResult.to_wire`)."""
+    msg = pb.FetchResult(state=wire["state"], path=wire["path"], files=wire["files"], links=wire["links"],
+                         content=wire["content"], key=pb.EntryKey(**wire["key"]), size=wire["size"],
+                         fetched_at=wire["fetched_at"], stamp=wire["stamp"], warnings=wire["warnings"])
+    if wire.get("url") is not None:
+        msg.url = wire["url"]
+    return msg
+
+
+def result_to_wire(msg: Any) -> dict[str, Any]:
+    """An ``ion.deployer.FetchResult`` as the dict :meth:`FetchResult.to_wire` answers."""
+    key = msg.key
+    return {"state": msg.state, "path": msg.path, "files": list(msg.files), "links": dict(msg.links),
+            "content": list(msg.content),
+            "key": {"repo_id": key.repo_id, "platform": key.platform, "name": key.name, "version": key.version,
+                    "unpack": key.unpack},
+            "size": int(msg.size), "url": msg.url if msg.HasField("url") else None,
+            "fetched_at": float(msg.fetched_at), "stamp": msg.stamp, "warnings": list(msg.warnings)}

@@ -1,0 +1,94 @@
+"""The deployer's records as ``ion.deployer`` protobuf messages: the same values as their dict forms."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ion.core.messaging.message import _protobuf_class
+from ion.services.deploy.spec import item_from_dict
+from ion.services.fetch.core import FetchRequest
+from ion.services.records import convert
+from ion.services.records.convert import pb
+
+ROOT = Path(__file__).resolve().parents[3]
+ITEM = {"url": "s3://bkt/deps", "platform": "linux", "name": "zlib", "version": "1.2", "destination": "/opt/z"}
+RESULT: dict[str, Any] = {
+    "state": "downloaded", "path": "/c/bkt.s3/linux/zlib/1.2", "files": ["a", "lib/b.so"], "links": {"l": "a"},
+    "content": ["a", "l", "lib"],
+    "key": {"repo_id": "bkt.s3", "platform": "linux", "name": "zlib", "version": "1.2", "unpack": True},
+    "size": 1 << 40, "url": "s3://bkt/deps/linux/zlib/1.2/", "fetched_at": 1700000000.25, "stamp": "ab" * 32,
+    "warnings": ["w"],
+}
+
+
+@pytest.mark.parametrize("extra", [{}, {"sha256": "AB" * 32, "unpack": False, "link": False},
+                                   {"sha256": {"lib/b.so": "cd" * 32}, "keep_updated": True, "position": "r #1"}])
+def test_an_item_round_trips(extra: dict[str, Any]) -> None:
+    item = item_from_dict(dict(ITEM, **extra))
+    msg = pb.Item.FromString(convert.item_to_pb(item).SerializeToString())
+    assert item_from_dict(convert.item_to_wire(msg)) == item
+
+
+@pytest.mark.parametrize("extra", [{}, {"sha256": "ab" * 32, "unpack": False},
+                                   {"sha256": {"x": "cd" * 32}, "keep_updated": True, "position": "r #1"}])
+def test_a_fetch_request_round_trips(extra: dict[str, Any]) -> None:
+    request = FetchRequest.from_wire(dict(ITEM, **extra))
+    msg = pb.FetchRequest.FromString(convert.request_to_pb(request, job="j1", item="i").SerializeToString())
+    wire = convert.request_to_wire(msg)
+    assert FetchRequest.from_wire(wire) == request and (wire["job"], wire["item"]) == ("j1", "i")
+
+
+def test_unset_flags_take_the_dict_defaults() -> None:
+    """proto3 would read an absent bool as false: the flags are ``optional``, so absent means the default."""
+    wire = convert.request_to_wire(pb.FetchRequest(repository=pb.Repository(url="s3://b"), platform="l",
+                                                   name="n", version="1"))
+    assert "unpack" not in wire and "job" not in wire
+    request = FetchRequest.from_wire(wire)
+    assert request.unpack and not request.keep_updated and request.sha256 is None
+
+
+def test_a_message_is_checked_as_a_dict_is() -> None:
+    """A bad sha256 or component in a message is the same 400 as in a dict."""
+    from ion.services.fetch.errors import InvalidRequestError
+
+    msg = pb.FetchRequest(repository=pb.Repository(url="s3://b"), platform="l", name="n/x", version="1", digest="x")
+    with pytest.raises(InvalidRequestError, match="'name' must be one path component.*'sha256' must be 64 hex"):
+        FetchRequest.from_wire(convert.request_to_wire(msg))
+    with pytest.raises(InvalidRequestError, match="lacks 'url'"):
+        FetchRequest.from_wire(convert.request_to_wire(pb.FetchRequest(platform="l", name="n", version="1")))
+
+
+@pytest.mark.parametrize("url", [RESULT["url"], None])
+def test_a_fetch_result_round_trips(url: str | None) -> None:
+    result = dict(RESULT, url=url)
+    msg = pb.FetchResult.FromString(convert.result_to_pb(result).SerializeToString())
+    assert convert.result_to_wire(msg) == result
+
+
+def test_the_types_are_registered_under_their_full_names() -> None:
+    for name in ("Repository", "Item", "FetchRequest", "FetchResult", "JobStatus", "EntryKey", "FileDigests"):
+        assert _protobuf_class(f"ion.deployer.{name}").DESCRIPTOR.full_name == f"ion.deployer.{name}"
+
+
+def test_the_generated_module_is_current(tmp_path: Path) -> None:
+    """``bin/gen-protos`` run now writes what is committed (skipped without grpcio-tools)."""
+    pytest.importorskip("grpc_tools")
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--python_out={out}", f"--pyi_out={out}",
+                    "ion/services/records/deployer.proto"], cwd=ROOT, check=True, env=dict(os.environ))
+    for name in ("deployer_pb2.py", "deployer_pb2.pyi"):
+        assert (out / "ion/services/records" / name).read_text() == (ROOT / "ion/services/records" / name).read_text()
+
+
+def test_the_job_states_are_funcs_codes() -> None:
+    """``ion.deployer.JobState`` numbers the states as ``ion.core.jobs.JobStatus`` (Func's codes) does."""
+    from ion.core.jobs import JobStatus
+
+    assert {s.name: int(s) for s in JobStatus} == dict(pb.JobState.items())

@@ -409,8 +409,7 @@ def _copy_at(src_dir: int, src_name: str, dst_dir: int, dst_name: str, src_path:
                     children = sorted(e.name for e in it)
                 for child in children:
                     _copy_at(sfd, child, dfd, child, src_path / child)
-                os.fchmod(dfd, stat.S_IMODE(st.st_mode))
-                os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                _copy_mode_and_times(dfd, st)
             finally:
                 os.close(dfd)
         finally:
@@ -424,12 +423,17 @@ def _copy_at(src_dir: int, src_name: str, dst_dir: int, dst_name: str, src_path:
                       dir_fd=dst_dir)
         try:
             _copy_data(sfd, dfd)
-            os.fchmod(dfd, stat.S_IMODE(st.st_mode))
-            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            _copy_mode_and_times(dfd, st)
         finally:
             os.close(dfd)
     finally:
         os.close(sfd)
+
+
+def _copy_mode_and_times(fd: int, st: os.stat_result) -> None:
+    """Give the copy open as ``fd`` the mode and times of the original (``st``)."""
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _copy_data(src: int, dst: int) -> None:

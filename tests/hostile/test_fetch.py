@@ -110,16 +110,6 @@ async def status_server(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, byt
         await s.stop()
 
 
-@pytest.fixture
-def pool() -> Iterator[BlockingPool]:
-    from twisted.internet import reactor
-
-    p = BlockingPool(reactor, maxthreads=4)
-    p.start()
-    yield p
-    p.stop()
-
-
 def make_fetcher(root: Path, pool: BlockingPool, **config: Any) -> tuple[Cache, Fetcher]:
     cache = Cache(root, host_id="test-host", pool=pool)
     settings = {"retry_delay": 0.0, "retries": 2}

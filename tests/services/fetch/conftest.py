@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ion.core.threads import BlockingPool
 from ion.services.deploy.spec import RepositoryURL, parse_repository_url
 from ion.testing.servers import HTTPRepositoryServer, MotoServer, tgz, write_tree, zipped
 
@@ -25,17 +24,6 @@ CONTENT: dict[str, bytes] = {
     "linux/tool/3.0/notes.txt": b"plain file kept as it is\n",
     "linux/big/1.0/big.bin": bytes(range(256)) * 20000,  # 5 MB: several chunks
 }
-
-
-@pytest.fixture
-def pool() -> Iterator[BlockingPool]:
-    """A started blocking pool on the running reactor, stopped after the test."""
-    from twisted.internet import reactor
-
-    p = BlockingPool(reactor, maxthreads=4)
-    p.start()
-    yield p
-    p.stop()
 
 
 #: Repository kinds every contract test runs against.

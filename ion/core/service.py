@@ -112,9 +112,24 @@ class ServiceProcess(Process):
         """The work in flight now: registered by :meth:`track` or :meth:`cancellable`, not fired yet."""
         return frozenset(self._in_flight)
 
+    def refuse_if_draining(self) -> None:
+        """Refuse new work once terminate has started (503): the caller sends it again and another
+        instance of the service takes it. Status, cancel and the like are still answered."""
+        if self.draining:
+            raise ApplicationError(f"{type(self).service_name} service {self.id} is stopping and takes no new "
+                                   "work; send it again (another instance of the service takes it)", 503)
+
     def track(self, work: defer.Deferred[T]) -> defer.Deferred[T]:
         """Count ``work`` as in flight until it fires (terminate waits for it and cancels it,
-        see :meth:`slc_drain`); returns ``work``."""
+        see :meth:`slc_drain`); returns ``work``.
+
+        Work started once terminate has begun would escape the drain: it is cancelled at once
+        and the op refused (:meth:`refuse_if_draining`), whatever the service.
+        """
+        if self.draining:
+            work.addErrback(lambda f: f.trap(defer.CancelledError))
+            work.cancel()
+            self.refuse_if_draining()
         self._in_flight.add(work)
 
         def done(result: Any) -> Any:

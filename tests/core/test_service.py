@@ -436,8 +436,7 @@ class Tracker(ServiceProcess):
         return super().slc_drain()
 
     async def op_work(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
-        if self.draining:
-            raise ApplicationError("stopping", 503)
+        # No draining check of its own: track() refuses work started once terminate has begun.
         work: defer.Deferred[Any] = defer.Deferred()
         self.pending.append(work)
         return await self.track(work)

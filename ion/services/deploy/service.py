@@ -61,7 +61,7 @@ from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
 from ion.core.security import control, narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
-from ion.services.cache.core import CacheSettings, default_root
+from ion.services.cache.core import CacheSettings
 from ion.services.deploy.core import AccessRefused, Deployer, ItemResult, check_allowed
 from ion.services.deploy.place import Target
 from ion.services.deploy.settings import DeploySettings
@@ -131,7 +131,7 @@ class DeployService(ServiceProcess):
 
     def slc_drain(self) -> Any:
         """Terminate's first phase: :meth:`drain` for ``drain_timeout`` (see the module notes)."""
-        return self.drain(self.drain_time() or 0.0)
+        return self.drain(self.settings.drain_timeout or 0.0)
 
     def slc_terminate(self) -> Any:
         self.jobs.cancel_all()
@@ -163,7 +163,7 @@ class DeployService(ServiceProcess):
         if isinstance(directory, str) and directory:
             folder = Path(directory)
         else:
-            folder = Path(self.container.config.settings(CacheSettings).root or default_root()).expanduser() / "jobs"
+            folder = self._cache_root() / "jobs"  # the container's own cache root, as every instance sees it
         return JobStore(folder.expanduser(), self.container.blocking)
 
     def _host_id(self) -> str:
@@ -288,20 +288,15 @@ class DeployService(ServiceProcess):
             if job is not None:
                 self.jobs.partial(job, _part(result), result.to_wire(), cancelled=result.cancelled)
 
-        self._refuse_if_draining()
+        self.refuse_if_draining()
         # Tracked: terminate waits for it (drain_timeout), then cancels it.
         return self.track(self._deployer(job).deploy(deployment, progress=progress, on_result=on_result,
                                                      targets=targets))
 
-    def _refuse_if_draining(self) -> None:
-        if self.draining:
-            raise ApplicationError(f"deploy service {self.id} is stopping and takes no new deployment; "
-                                   "send it again (another instance of the service takes it)", 503)
-
     # -- ops --------------------------------------------------------------------------------
     async def op_deploy(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any] | None:
         """Deploy now; answer every item's state when all are done."""
-        self._refuse_if_draining()
+        self.refuse_if_draining()
         deployment = self._deployment(content)
         # realpath may touch slow filesystems: resolve off the reactor thread.
         targets = await self.container.blocking.run(self._authorize, deployment.items)
@@ -322,7 +317,7 @@ class DeployService(ServiceProcess):
 
     async def op_deploy_async(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
         """Start a deployment and answer its job id at once; poll ``job_status``."""
-        self._refuse_if_draining()
+        self.refuse_if_draining()
         deployment = self._deployment(content)
         targets = await self.container.blocking.run(self._authorize, deployment.items)
         # The id names this instance, so status polls reach the one holding the job

@@ -50,13 +50,13 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ion.core.exceptions import ConfigurationError, ReceivedError, RelayedError
+from ion.core.exceptions import ReceivedError, RelayedError
 from ion.core.security import narrow_networks, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.fetch.core import Fetcher, FetchProgress, FetchRequest, RemoteCache, remote_unpack
 from ion.services.fetch.errors import FetchCancelled, FetchError, InvalidRequestError
 from ion.services.fetch.netguard import CONFIG_KEY, AddressGuard
-from ion.services.fetch.repository import CONFIG_SECTION, FetchConfig
+from ion.services.fetch.repository import FetchConfig
 from ion.services.records import convert
 from ion.services.records import deployer as records
 from ion.services.records.deployer import DeploymentItem
@@ -101,9 +101,6 @@ class FetchService(ServiceProcess):
         # but never widened by app config and spawnargs.
         default = self.container.config.container_get("ion.services.deploy", "allowed_file_repositories", None)
         roots = self.bounded_config("allowed_file_repositories", narrow_roots, [] if default is None else default)
-        if not isinstance(roots, (list, tuple)) or not all(isinstance(r, str) for r in roots):
-            raise ConfigurationError(f"{CONFIG_SECTION}: allowed_file_repositories must be a list of folders, "
-                                     f"not {roots!r}")
         return [Path(os.path.realpath(os.path.expanduser(r))) for r in roots]
 
     @defer.inlineCallbacks

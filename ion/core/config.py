@@ -127,6 +127,8 @@ class Config:
         self._command_line = dict(command_line or {})
         self._effective: dict[str, Any] | None = None
         self._per_module: dict[str, dict[str, Any]] = {}
+        #: The container's own layers merged, per module (see :meth:`container_get`).
+        self._container_module: dict[str, dict[str, Any]] = {}
         self._settings: dict[type[Settings], Settings] = {}
 
     @classmethod
@@ -161,6 +163,7 @@ class Config:
     def _invalidate(self) -> None:
         self._effective = None
         self._per_module.clear()
+        self._container_module.clear()
         self._settings.clear()
 
     # -- reading -------------------------------------------------------------------------
@@ -212,7 +215,11 @@ class Config:
     def container_get(self, module: str, key: str, default: Any = None) -> Any:
         """A value from the container's own layers only (config files and command line),
         never from an app's ``config``: what a security bound starts from."""
-        return self._section(deep_merge(self._base, self._command_line), module).get(key, default)
+        section = self._container_module.get(module)
+        if section is None:  # merged once per state of the layers (operators are read per control message)
+            section = self._container_module[module] = self._section(deep_merge(self._base, self._command_line),
+                                                                     module)
+        return section.get(key, default)
 
     def app_values(self, module: str, key: str) -> list[tuple[str, Any]]:
         """``(app name, value)`` for every started app whose ``config`` sets ``key`` for ``module``."""

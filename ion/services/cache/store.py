@@ -125,15 +125,20 @@ def fsync_dir(path: Path) -> None:
 
 def read_info(path: Path, key: EntryKey) -> EntryInfo:
     """The entry's ``.entry``; FileNotFoundError when there is none (incomplete)."""
+    return _read_entry(path, key)[1]
+
+
+def _read_entry(path: Path, key: EntryKey) -> tuple[bytes, EntryInfo]:
+    """The raw ``.entry`` and what it says, from one read (a republish cannot slip in between)."""
     entry_file = path / ENTRY_FILE
     st = os.lstat(entry_file)
     if not stat.S_ISREG(st.st_mode):
         raise CorruptEntryError(f"entry {key} has a {entry_file} that is not a regular file")
     try:
-        text = entry_file.read_text(encoding="utf-8", errors="surrogateescape")
+        raw = entry_file.read_bytes()
     except OSError as exc:
         raise CorruptEntryError(f"entry {key}: cannot read {entry_file}: {exc.strerror}") from exc
-    return EntryInfo.parse(text, key, path, last_used=st.st_mtime)
+    return raw, EntryInfo.parse(raw.decode("utf-8", errors="surrogateescape"), key, path, last_used=st.st_mtime)
 
 
 def _rel(top: Path, full: str) -> str:
@@ -370,8 +375,7 @@ def plan_check(path: Path, key: EntryKey) -> VerifyPlan | None:
     """The entry's ``.entry`` and the files to hash; size, link and name problems found without
     reading content. None when the entry has no ``.entry`` (any more): incomplete, not verifiable."""
     try:
-        info = read_info(path, key)
-        entry_bytes = (path / ENTRY_FILE).read_bytes()
+        entry_bytes, info = _read_entry(path, key)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except CorruptEntryError as exc:

@@ -135,10 +135,12 @@ class CacheService(ServiceProcess):
     #: a lock op waiting for its entry would hold up the drain of the ops.
     drain_timeout = 0.0
 
-    def slc_init(self) -> None:
+    @defer.inlineCallbacks
+    def slc_init(self) -> Any:
         # A security bound (clear and prune delete below it): the container's setting, which
-        # an app's config or the spawnargs may narrow to a folder inside it, never move out of.
-        root = self.bounded_config("root", narrow_root, str(default_root()))
+        # an app's config or the spawnargs may narrow to a folder inside it, never move out of
+        # (checked on resolved paths: realpath, in the pool).
+        root = yield self.container.blocking.run(self.bounded_config, "root", narrow_root, str(default_root()))
         self.settings = CacheSettings.from_config(self.get_config)
         self.cache = self.settings.open(root, clock=self.clock, pool=self.container.blocking)
         self.reaper = CacheReaper(self.cache, ReapPolicy.from_config(self.get_config), name=self.id,

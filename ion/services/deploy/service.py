@@ -104,13 +104,15 @@ class DeployService(ServiceProcess):
     #: Seconds the deployments in progress get when the service stops (config ``drain_timeout``).
     drain_timeout = DeploySettings.drain_timeout
 
-    def slc_init(self) -> None:
+    @defer.inlineCallbacks
+    def slc_init(self) -> Any:
         # Security bounds: the container's config, narrowed (never widened) by app config and
         # spawnargs; a spawn that would widen one fails here. None = the working folder.
-        self.allowed_destinations: list[str] = self.bounded_config(
-            "allowed_destinations", narrow_roots, [os.getcwd()])
-        self.allowed_file_repositories: list[str] = self.bounded_config(
-            "allowed_file_repositories", narrow_roots, [])
+        # (Checking roots resolves them: realpath, in the pool.)
+        self.allowed_destinations: list[str] = yield self.container.blocking.run(
+            self.bounded_config, "allowed_destinations", narrow_roots, [os.getcwd()])
+        self.allowed_file_repositories: list[str] = yield self.container.blocking.run(
+            self.bounded_config, "allowed_file_repositories", narrow_roots, [])
         self.max_deployment_bytes = self.bounded_config(MAX_BYTES_KEY, narrow_limit, DEFAULT_MAX_DEPLOYMENT_BYTES)
         if isinstance(self.max_deployment_bytes, bool) or not isinstance(self.max_deployment_bytes, int) \
                 or self.max_deployment_bytes < 1:

@@ -81,7 +81,8 @@ class FetchService(ServiceProcess):
     #: through the Cache service and to remove its staging folder.
     drain_timeout = 0.0
 
-    def slc_init(self) -> None:
+    @defer.inlineCallbacks
+    def slc_init(self) -> Any:
         from ion.services.cache.service import CacheClient
         from ion.services.unpack.service import UnpackClient
 
@@ -90,7 +91,7 @@ class FetchService(ServiceProcess):
         # config and spawnargs (a spawn that would widen it fails).
         self.address_guard = AddressGuard.from_config(self.bounded_config(CONFIG_KEY, narrow_networks, []))
         self.progress_interval = self.fetch_config.progress_interval
-        self.allowed_file_roots = self._file_roots()
+        self.allowed_file_roots = yield self.container.blocking.run(self._file_roots)  # realpath: in the pool
         cache = RemoteCache(CacheClient(self), self.clock)
         self.fetcher = Fetcher(cache, remote_unpack(UnpackClient(self)), pool=self.container.blocking,
                                reactor=self.container.reactor, clock=self.clock, config=self.fetch_config,

@@ -59,19 +59,17 @@ class UnpackService(ServiceProcess):
     service_name = "unpack"
     version = "0.1.0"
 
-    def slc_init(self) -> None:
+    @defer.inlineCallbacks
+    def slc_init(self) -> Any:
         # Security bounds: the container's config, narrowed (never widened) by app config and spawnargs.
         self.limits = Limits.from_config(lambda key, default: self.bounded_config(key, narrow_limit, default))
+        # Resolved once (in the pool: realpath): a root that is itself a symlink is the operator's choice.
+        self.allowed_roots = yield self.container.blocking.run(self._allowed_roots)
+
+    def _allowed_roots(self) -> list[Path]:
         roots = self.bounded_config("allowed_roots", narrow_roots,
                                     [str(p) for p in default_allowed_roots(self.container.config)])
-        if isinstance(roots, (list, tuple)) and all(isinstance(r, str) for r in roots):
-            paths = [Path(r).expanduser() for r in roots]
-        else:
-            from ion.core.exceptions import ConfigurationError
-
-            raise ConfigurationError(f"{core.CONFIG_SECTION}: allowed_roots must be a list of paths, not {roots!r}")
-        # Resolved once: a root that is itself a symlink is the operator's choice.
-        self.allowed_roots = [Path(os.path.realpath(p)) for p in paths]
+        return [Path(os.path.realpath(Path(r).expanduser())) for r in roots]
 
     # -- requests ------------------------------------------------------------------------
     @staticmethod

@@ -6,6 +6,13 @@ Callers send items already read from their deployment file
 command. The service fetches through the Fetch service, places each item and
 answers per item.
 
+**Typed content** (``ion/services/records/deployer.proto``): a request may be
+an ``ion.deployer.DeployRequest`` (ops ``deploy``, ``deploy_async``) or an
+``ion.deployer.JobQuery`` (``job_status``), sent with ``encoding: protobuf``;
+it is read as the dict it spells and checked the same way, and answered in
+kind (``DeploySummary``, ``JobStarted``, ``JobStatus``). :class:`DeployClient`
+sends protobuf and hands its callers the dicts a plain-dict client gets.
+
 **Who may write where** (DESIGN §8, §10): a request can name any path, so the
 service writes only under ``allowed_destinations`` (default: the container's
 working folder) and reads ``file:`` repositories only under
@@ -76,6 +83,7 @@ from ion.services.deploy.spec import (
 from ion.services.fetch.errors import AddressNotAllowedError
 from ion.services.fetch.netguard import CONFIG_KEY, AddressGuard, check_url_blocking
 from ion.services.fetch.service import FetchClient
+from ion.services.records import convert
 
 __all__ = ["DeployService", "DeployClient", "JobProgressListener", "JOB_SEP"]
 
@@ -198,6 +206,11 @@ class DeployService(ServiceProcess):
 
     # -- request handling ---------------------------------------------------------------
     def _deployment(self, content: Any) -> Deployment:
+        if isinstance(content, convert.pb.DeployRequest):  # read as the dict it spells, checked the same way
+            size: int | None = content.ByteSize()
+            content = convert.deploy_request_to_wire(content)
+        else:
+            size = None
         if not isinstance(content, Mapping) or not isinstance(content.get("items"), list):
             raise ApplicationError("a deploy request is {'items': [item, ...], 'source': name}", 400)
         source = str(content.get("source") or "<request>")
@@ -205,7 +218,8 @@ class DeployService(ServiceProcess):
             source = repr(source)
         limit = self.max_deployment_bytes
         try:
-            size = len(msgpack.packb(content, use_bin_type=True))
+            if size is None:
+                size = len(msgpack.packb(content, use_bin_type=True))
         except (TypeError, ValueError, OverflowError) as exc:
             raise ApplicationError(f"{source}: the deploy request cannot be read ({exc})", 400) from None
         if size > limit:
@@ -296,16 +310,18 @@ class DeployService(ServiceProcess):
                                                      targets=targets))
 
     # -- ops --------------------------------------------------------------------------------
-    async def op_deploy(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any] | None:
+    async def op_deploy(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Deploy now; answer every item's state when all are done."""
         self.refuse_if_draining()
+        protobuf = isinstance(content, convert.pb.DeployRequest)
         deployment = self._deployment(content)
         # realpath may touch slow filesystems: resolve off the reactor thread.
         targets = await self.container.blocking.run(self._authorize, deployment.items)
         results = await self._run(deployment, None, targets)
         cancelled = [r.item.label for r in results if r.cancelled]
         if not cancelled:
-            return _summary(deployment, results)
+            summary = _summary(deployment, results)
+            return convert.summary_to_pb(summary) if protobuf else summary
         # Stopped before every item was in place: an error naming what was cancelled, with every
         # item's result (the finished ones are in place).
         finished = [r.item.label for r in results if not r.cancelled]
@@ -317,9 +333,10 @@ class DeployService(ServiceProcess):
                                              response_code=503), msg)
         return None
 
-    async def op_deploy_async(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
+    async def op_deploy_async(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Start a deployment and answer its job id at once; poll ``job_status``."""
         self.refuse_if_draining()
+        protobuf = isinstance(content, convert.pb.DeployRequest)
         deployment = self._deployment(content)
         targets = await self.container.blocking.run(self._authorize, deployment.items)
         # The id names this instance, so status polls reach the one holding the job
@@ -328,18 +345,25 @@ class DeployService(ServiceProcess):
         work = self._run(deployment, job_id, targets)
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
         job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id)
+        if protobuf:
+            return convert.pb.JobStarted(job=job.job_id, total=len(deployment.items))
         return {"job": job.job_id, "total": len(deployment.items)}
 
-    def op_job_status(self, content: Any, headers: dict[str, Any],
-                      msg: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
+    def op_job_status(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> defer.Deferred[Any]:
         """Func's status of a job: 0 RUNNING, 1 FINISHED, 2 LOST_IN_SPACE, 3 PARTIAL, 4 REMOTE_ERROR.
 
         A job not in memory is answered from its durable record (``from_record: true``).
+        An ``ion.deployer.JobQuery`` is answered with an ``ion.deployer.JobStatus``.
         """
-        job = content.get("job") if isinstance(content, Mapping) else content
+        protobuf = isinstance(content, convert.pb.JobQuery)
+        if protobuf:
+            job: Any = content.job
+        else:
+            job = content.get("job") if isinstance(content, Mapping) else content
         if not isinstance(job, str) or not job or "\0" in job:
             raise ApplicationError("job_status takes a job id", 400)
-        return self.jobs.lookup(job)
+        answer = self.jobs.lookup(job)
+        return answer.addCallback(convert.job_status_to_pb) if protobuf else answer
 
     @control("job.cancel")
     def op_job_cancel(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
@@ -375,37 +399,39 @@ class DeployClient(ServiceClient):
     service_name = "deploy"
 
     @staticmethod
-    def request_content(deployment: Deployment) -> dict[str, Any]:
-        """The content of a deploy request for a deployment read where the caller runs.
+    def request_content(deployment: Deployment) -> Any:
+        """The content of a deploy request for a deployment read where the caller runs: an
+        ``ion.deployer.DeployRequest`` (the plain-dict spelling is :meth:`DeploymentItem.to_dict`'s).
 
         (Not ``request``: that is ServiceClient's conversation call, which this must not hide.)
         """
-        return {"source": deployment.source, "items": [item.to_dict() for item in deployment.items]}
+        return convert.deploy_request_to_pb(deployment.source, deployment.items)
 
     @defer.inlineCallbacks
     def deploy(self, deployment: Deployment, timeout: float | None = 3600) -> Any:
         """Deploy and wait: ``{"ok", "items": [{item, state, already, reason, ...}]}``."""
         content, _ = yield self.rpc_send("deploy", self.request_content(deployment), timeout=timeout)
-        return content
+        return convert.summary_to_wire(content) if isinstance(content, convert.pb.DeploySummary) else content
 
     @defer.inlineCallbacks
     def deploy_async(self, deployment: Deployment) -> Any:
         """Start a deployment; fires with its job id."""
         content, _ = yield self.rpc_send("deploy_async", self.request_content(deployment))
-        return content["job"]
+        return content.job if isinstance(content, convert.pb.JobStarted) else content["job"]
 
     @defer.inlineCallbacks
     def job_status(self, job: str) -> Any:
         """The job's record: ``{"status", "state", "results", ...}``, asked of the instance that runs it."""
         target = job.split(JOB_SEP, 1)[0] if JOB_SEP in job else self.target
+        query = convert.pb.JobQuery(job=job)
         try:
-            content, _ = yield self.proc.rpc_send(target, "job_status", {"job": job})
+            content, _ = yield self.proc.rpc_send(target, "job_status", query)
         except ReceivedError as exc:
             if target == self.target or exc.response_code not in (404, 503):
                 raise
             # That instance is gone (or stopping): any instance answers from the job's durable record.
-            content, _ = yield self.rpc_send("job_status", {"job": job})
-        return content
+            content, _ = yield self.rpc_send("job_status", query)
+        return convert.job_status_to_wire(content) if isinstance(content, convert.pb.JobStatus) else content
 
     @defer.inlineCallbacks
     def cancel_job(self, job: str) -> Any:

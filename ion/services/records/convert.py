@@ -26,6 +26,14 @@ __all__ = [
     "request_to_wire",
     "result_to_pb",
     "result_to_wire",
+    "deploy_request_to_pb",
+    "deploy_request_to_wire",
+    "item_result_to_pb",
+    "item_result_to_wire",
+    "summary_to_pb",
+    "summary_to_wire",
+    "job_status_to_pb",
+    "job_status_to_wire",
 ]
 
 
@@ -114,3 +122,80 @@ def result_to_wire(msg: Any) -> dict[str, Any]:
                     "unpack": key.unpack},
             "size": int(msg.size), "url": msg.url if msg.HasField("url") else None,
             "fetched_at": float(msg.fetched_at), "stamp": msg.stamp, "warnings": list(msg.warnings)}
+
+
+def deploy_request_to_pb(source: str, items: list[DeploymentItem]) -> Any:
+    """The ``ion.deployer.DeployRequest`` of a deployment read where the caller runs."""
+    return pb.DeployRequest(source=source, items=[item_to_pb(item) for item in items])
+
+
+def deploy_request_to_wire(msg: Any) -> dict[str, Any]:
+    """An ``ion.deployer.DeployRequest`` as the dict a plain-dict client sends (to be checked as one)."""
+    return {"source": msg.source, "items": [item_to_wire(item) for item in msg.items]}
+
+
+def item_result_to_pb(wire: Mapping[str, Any]) -> Any:
+    """The ``ion.deployer.ItemResult`` of an item's outcome (``ItemResult.to_wire``; a durable
+    record written by another version may lack keys: they read as empty)."""
+    msg = pb.ItemResult(item=str(wire.get("item") or ""), position=str(wire.get("position") or ""),
+                        state=str(wire.get("state") or ""), already=bool(wire.get("already")),
+                        destination=str(wire.get("destination") or ""),
+                        names=[str(n) for n in wire.get("names") or ()], link=bool(wire.get("link")))
+    for key in ("reason", "entry"):
+        if wire.get(key) is not None:
+            setattr(msg, key, str(wire[key]))
+    return msg
+
+
+def item_result_to_wire(msg: Any) -> dict[str, Any]:
+    """An ``ion.deployer.ItemResult`` as the dict ``ItemResult.to_wire`` answers."""
+    return {"item": msg.item, "position": msg.position, "state": msg.state, "already": msg.already,
+            "reason": msg.reason if msg.HasField("reason") else None, "destination": msg.destination,
+            "entry": msg.entry if msg.HasField("entry") else None, "names": list(msg.names), "link": msg.link}
+
+
+def summary_to_pb(wire: Mapping[str, Any]) -> Any:
+    """The ``ion.deployer.DeploySummary`` of op ``deploy``'s answer."""
+    return pb.DeploySummary(source=wire["source"], ok=wire["ok"],
+                            items=[item_result_to_pb(item) for item in wire["items"]])
+
+
+def summary_to_wire(msg: Any) -> dict[str, Any]:
+    """An ``ion.deployer.DeploySummary`` as the dict op ``deploy`` answers to a plain-dict client."""
+    return {"source": msg.source, "ok": msg.ok, "items": [item_result_to_wire(item) for item in msg.items]}
+
+
+_OWNER_KEYS = ("container", "host", "pid", "process")
+
+
+def job_status_to_pb(wire: Mapping[str, Any]) -> Any:
+    """The ``ion.deployer.JobStatus`` of a deploy job's record (``ion.core.jobs``: in memory or durable)."""
+    msg = pb.JobStatus(job=str(wire["job"]), status=pb.JobState.Name(int(wire["status"])),
+                       cancelled=[str(c) for c in wire.get("cancelled") or ()],
+                       from_record=bool(wire.get("from_record")), died=bool(wire.get("died")))
+    for key in ("kind", "total", "error", "created", "ended"):
+        if wire.get(key) is not None:
+            setattr(msg, key, wire[key])
+    for part, result in (wire.get("results") or {}).items():
+        if isinstance(result, Mapping):
+            msg.results[str(part)].CopyFrom(item_result_to_pb(result))
+    owner = wire.get("owner")
+    if isinstance(owner, Mapping):
+        msg.owner.CopyFrom(pb.JobOwner(**{k: owner[k] for k in _OWNER_KEYS if owner.get(k) is not None}))
+    return msg
+
+
+def job_status_to_wire(msg: Any) -> dict[str, Any]:
+    """An ``ion.deployer.JobStatus`` as the dict op ``job_status`` answers to a plain-dict client."""
+    out: dict[str, Any] = {"job": msg.job, "status": int(msg.status), "state": pb.JobState.Name(msg.status),
+                           "results": {part: item_result_to_wire(r) for part, r in msg.results.items()},
+                           "cancelled": list(msg.cancelled)}
+    for key in ("kind", "total", "error", "created", "ended"):
+        out[key] = getattr(msg, key) if msg.HasField(key) else None
+    if msg.from_record:
+        out["from_record"] = True
+    if msg.died:
+        out["died"] = True
+    if msg.HasField("owner"):
+        out["owner"] = {k: getattr(msg.owner, k) for k in _OWNER_KEYS}
+    return out

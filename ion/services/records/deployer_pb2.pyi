@@ -146,8 +146,81 @@ class FetchResult(_message.Message):
     warnings: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, state: _Optional[str] = ..., path: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., links: _Optional[_Mapping[str, str]] = ..., content: _Optional[_Iterable[str]] = ..., key: _Optional[_Union[EntryKey, _Mapping]] = ..., size: _Optional[int] = ..., url: _Optional[str] = ..., fetched_at: _Optional[float] = ..., stamp: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ItemResult(_message.Message):
+    __slots__ = ("item", "position", "state", "already", "reason", "destination", "entry", "names", "link")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    item: str
+    position: str
+    state: str
+    already: bool
+    reason: str
+    destination: str
+    entry: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    link: bool
+    def __init__(self, item: _Optional[str] = ..., position: _Optional[str] = ..., state: _Optional[str] = ..., already: _Optional[bool] = ..., reason: _Optional[str] = ..., destination: _Optional[str] = ..., entry: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., link: _Optional[bool] = ...) -> None: ...
+
+class DeployRequest(_message.Message):
+    __slots__ = ("source", "items")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    def __init__(self, source: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+
+class DeploySummary(_message.Message):
+    __slots__ = ("source", "ok", "items")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    ok: bool
+    items: _containers.RepeatedCompositeFieldContainer[ItemResult]
+    def __init__(self, source: _Optional[str] = ..., ok: _Optional[bool] = ..., items: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ...) -> None: ...
+
+class JobStarted(_message.Message):
+    __slots__ = ("job", "total")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    total: int
+    def __init__(self, job: _Optional[str] = ..., total: _Optional[int] = ...) -> None: ...
+
+class JobQuery(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class JobOwner(_message.Message):
+    __slots__ = ("container", "host", "pid", "process")
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    container: str
+    host: str
+    pid: int
+    process: str
+    def __init__(self, container: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., process: _Optional[str] = ...) -> None: ...
+
 class JobStatus(_message.Message):
-    __slots__ = ("job", "kind", "status", "total", "error", "created", "ended", "cancelled")
+    __slots__ = ("job", "kind", "status", "total", "error", "created", "ended", "cancelled", "results", "from_record", "died", "owner")
+    class ResultsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ItemResult
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ItemResult, _Mapping]] = ...) -> None: ...
     JOB_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +229,10 @@ class JobStatus(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    FROM_RECORD_FIELD_NUMBER: _ClassVar[int]
+    DIED_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     job: str
     kind: str
     status: JobState
@@ -164,4 +241,8 @@ class JobStatus(_message.Message):
     created: float
     ended: float
     cancelled: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., ended: _Optional[float] = ..., cancelled: _Optional[_Iterable[str]] = ...) -> None: ...
+    results: _containers.MessageMap[str, ItemResult]
+    from_record: bool
+    died: bool
+    owner: JobOwner
+    def __init__(self, job: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., ended: _Optional[float] = ..., cancelled: _Optional[_Iterable[str]] = ..., results: _Optional[_Mapping[str, ItemResult]] = ..., from_record: _Optional[bool] = ..., died: _Optional[bool] = ..., owner: _Optional[_Union[JobOwner, _Mapping]] = ...) -> None: ...

@@ -296,6 +296,59 @@ async def test_a_long_sync_deploy_keeps_nothing_else_waiting(deploy_system: Any,
     assert first["ok"] and first["items"][0]["state"] == "downloaded"
 
 
+# -- typed content (ion.deployer, encoding: protobuf) -------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_protobuf_requests_get_what_dict_requests_get(deploy_system: Any, make_repo: Any,
+                                                            tmp_path: Path) -> None:
+    """DeployClient sends an ``ion.deployer.DeployRequest`` and a ``JobQuery``; the service answers in kind, with
+    what a plain-dict client gets (which still gets dicts)."""
+    from ion.services.deploy.service import DeployClient
+    from ion.services.records import convert
+
+    url, _ = make_repo("file")
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")))
+    request = DeployClient.request_content(spec)
+    assert isinstance(request, convert.pb.DeployRequest) and len(request.items) == 3
+    assert (await deploy_system.deploy(spec))["ok"]  # downloaded: the calls below all find it cached
+    as_pb, headers = await deploy_system.rpc_send("deploy", request)
+    assert (headers["encoding"], headers["content-type"]) == ("protobuf", "ion.deployer.DeploySummary")
+    as_dict, headers = await deploy_system.rpc_send("deploy", {"source": spec.source,
+                                                               "items": [i.to_dict() for i in spec.items]})
+    assert headers["encoding"] == "msgpack" and isinstance(as_dict, dict)
+    assert convert.summary_to_wire(as_pb) == as_dict and as_dict["ok"]
+    assert [r["state"] for r in as_dict["items"]] == ["cached"] * 3
+
+    started, headers = await deploy_system.rpc_send("deploy_async", request)
+    assert headers["content-type"] == "ion.deployer.JobStarted" and started.total == 3
+    job = started.job
+    for label in ("linux/zlib/1.2", "linux/tool/3.0", "linux/notes/1.0"):
+        await deploy_system.events.wait(lambda e, label=label: e.get("job") == job and e.get("item") == label
+                                        and e.get("phase") == "done" and "position" in e)
+    status = await deploy_system.job_status(job)
+    assert status["state"] == "FINISHED" and {r["state"] for r in status["results"].values()} == {"cached"}
+    typed, headers = await deploy_system.rpc_send("job_status", convert.pb.JobQuery(job=job))
+    assert headers["content-type"] == "ion.deployer.JobStatus" and typed.status == convert.pb.FINISHED
+    plain, _ = await deploy_system.rpc_send("job_status", {"job": job})
+    assert convert.job_status_to_wire(typed) == status == plain
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_protobuf_request_is_checked_as_a_dict_is(deploy_system: Any, tmp_path: Path) -> None:
+    """A bad item in a DeployRequest is the 400 naming the problem that the same dict gets."""
+    from ion.services.records import convert
+
+    bad = convert.pb.DeployRequest(source="d.json", items=[convert.pb.Item(
+        repository=convert.pb.Repository(url="s3://b"), name="../x", version="1", platform="linux",
+        destination=str(tmp_path / "dest"), digest="abc")])
+    with pytest.raises(ReceivedApplicationError) as by_pb:
+        await deploy_system.rpc_send("deploy", bad)
+    with pytest.raises(ReceivedApplicationError) as by_dict:
+        await deploy_system.rpc_send("deploy", convert.deploy_request_to_wire(bad))
+    assert by_pb.value.headers["response-code"] == by_dict.value.headers["response-code"] == 400
+    assert by_pb.value.content["message"] == by_dict.value.content["message"]
+    assert "must be 64 hex digits" in by_pb.value.content["message"]
+
+
 @pytest_twisted.ensureDeferred
 async def test_unknown_job_is_lost_in_space(deploy_system: Any) -> None:
     """job_status of an id the service never gave is LOST_IN_SPACE (2)."""

@@ -72,7 +72,8 @@ def test_a_fetch_result_round_trips(url: str | None) -> None:
 
 
 def test_the_types_are_registered_under_their_full_names() -> None:
-    for name in ("Repository", "Item", "FetchRequest", "FetchResult", "JobStatus", "EntryKey", "FileDigests"):
+    for name in ("Repository", "Item", "FetchRequest", "FetchResult", "JobStatus", "EntryKey", "FileDigests",
+                 "ItemResult", "DeployRequest", "DeploySummary", "JobStarted", "JobQuery", "JobOwner"):
         assert _protobuf_class(f"ion.deployer.{name}").DESCRIPTOR.full_name == f"ion.deployer.{name}"
 
 
@@ -92,3 +93,51 @@ def test_the_job_states_are_funcs_codes() -> None:
     from ion.core.jobs import JobStatus
 
     assert {s.name: int(s) for s in JobStatus} == dict(pb.JobState.items())
+
+
+ITEM_RESULT: dict[str, Any] = {
+    "item": "linux/zlib/1.2", "position": "repository #1, item #1", "state": "downloaded", "already": False,
+    "reason": None, "destination": "/opt/z", "entry": "/c/bkt.s3/linux/zlib/1.2", "names": ["zlib"], "link": True,
+}
+FAILED = dict(ITEM_RESULT, item="linux/tool/3.0", state="failed", reason="no such version", entry=None, names=[])
+
+
+def test_a_deploy_request_round_trips() -> None:
+    """The items of a DeployRequest read back as the dicts ``DeploymentItem.to_dict`` sends."""
+    items = [item_from_dict(dict(ITEM, sha256="ab" * 32)), item_from_dict(dict(ITEM, name="tool", link=False))]
+    msg = pb.DeployRequest.FromString(convert.deploy_request_to_pb("d.json", items).SerializeToString())
+    wire = convert.deploy_request_to_wire(msg)
+    assert wire["source"] == "d.json" and [item_from_dict(i) for i in wire["items"]] == items
+
+
+def test_a_deploy_summary_round_trips() -> None:
+    summary = {"source": "d.json", "ok": False, "items": [ITEM_RESULT, FAILED]}
+    msg = pb.DeploySummary.FromString(convert.summary_to_pb(summary).SerializeToString())
+    assert convert.summary_to_wire(msg) == summary
+
+
+def test_a_job_status_round_trips() -> None:
+    """A job in memory (``Job.to_wire``) reads back key for key, results typed."""
+    from ion.core.jobs import Job, JobStatus
+
+    job = Job("deploy.1/ab", "deploy", 1700000000.5, total=2, results={"#1 linux/zlib/1.2": ITEM_RESULT})
+    wire = job.to_wire()
+    msg = pb.JobStatus.FromString(convert.job_status_to_pb(wire).SerializeToString())
+    assert msg.results["#1 linux/zlib/1.2"].entry == ITEM_RESULT["entry"] and msg.status == JobStatus.PARTIAL
+    assert convert.job_status_to_wire(msg) == wire
+
+
+def test_an_unknown_and_a_dead_owners_job_status_round_trip() -> None:
+    """LOST_IN_SPACE has no kind nor creation time; a durable record of a dead owner says so and who it was."""
+    from twisted.internet.task import Clock
+
+    from ion.core.jobs import JobTable
+
+    unknown = JobTable(Clock()).status("nope")
+    back = convert.job_status_to_wire(pb.JobStatus.FromString(convert.job_status_to_pb(unknown).SerializeToString()))
+    assert back == dict(unknown, kind=None, total=None, created=None, ended=None, cancelled=[])
+    owner = {"container": "c1", "host": "h", "pid": 42, "process": "deploy.1"}
+    record = dict(unknown, kind="deploy", created=1.0, total=3, results={"#2": FAILED}, owner=owner, died=True,
+                  from_record=True, ended=None, cancelled=[])
+    back = convert.job_status_to_wire(pb.JobStatus.FromString(convert.job_status_to_pb(record).SerializeToString()))
+    assert back == record

@@ -26,7 +26,9 @@ check. ``ION_README_CLEAN_VENV=1`` makes a venv of its own instead (with pip,
 no system site packages): everything is installed from the index (about 20 s
 more on a 2-core machine).
 
-Marked ``readme``; it runs in ``bin/test`` like every other test (about 10 s).
+Also: the wheel built from the copy ships the ``twistd cc`` plugin, the data files and the license.
+
+Marked ``readme``; it runs in ``bin/test`` like every other test (about 15 s).
 """
 
 from __future__ import annotations
@@ -255,3 +257,27 @@ def test_container_and_shell(quick_start: QuickStart) -> None:
         assert line in output, f"{line!r} not in the shell's output:\n{output[-4000:]}"
     assert "Traceback" not in output, output[-4000:]
     assert code == 0, output[-4000:]
+
+
+def test_the_wheel_ships_the_plugin_the_data_and_the_license(quick_start: QuickStart, tmp_path: Path) -> None:
+    """A wheel built from the copy (``pip wheel --no-deps``) holds ``twisted/plugins/cc.py`` but never a
+    ``twisted/__init__.py`` or ``twisted/plugins/__init__.py`` (that would shadow Twisted's own), the
+    typed marker and the .proto/.pyi of the records, the license, and the entry points."""
+    import zipfile
+
+    built = subprocess.run([str(quick_start.bin_dir / "python"), "-m", "pip", "wheel", "-q", "--no-deps",
+                            "-w", str(tmp_path), str(quick_start.copy)], env=quick_start.env,
+                           capture_output=True, text=True, timeout=240)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("ioncore-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        info = next(n.rsplit("/", 1)[0] for n in names if n.endswith(".dist-info/METADATA"))
+        entry_points = zf.read(f"{info}/entry_points.txt").decode()
+        metadata = zf.read(f"{info}/METADATA").decode()
+    assert {"twisted/plugins/cc.py", "ion/py.typed", "ion/services/records/deployer.proto",
+            "ion/services/records/deployer_pb2.pyi", "ion/testing/slowrepo.py", f"{info}/licenses/LICENSE"} <= names
+    assert not names & {"twisted/__init__.py", "twisted/plugins/__init__.py"}
+    assert not [n for n in names if "__pycache__" in n or n.startswith(("tests/", "bench/", "examples/"))]
+    assert "ion-deploy = ion.services.deploy.cli:main" in entry_points and "[pytest11]" in entry_points
+    assert "License-Expression: Apache-2.0" in metadata and "Requires-Dist: PyYAML>=6" in metadata

@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
 import pytest
-import pytest_twisted
 from twisted.logger import ILogObserver, globalLogPublisher
 
 from ion.core.container import Container
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import Process
 from ion.testing import ClockedSystem, ContainerFactory
+from ion.testing.asyncfixtures import async_fixture, async_yield_fixture
 
 
 @pytest.fixture
@@ -32,14 +32,14 @@ def broker() -> MemoryBroker:
     return MemoryBroker(reactor)
 
 
-@pytest_twisted.async_yield_fixture
+@async_yield_fixture
 async def container_factory(broker: MemoryBroker) -> AsyncIterator[ContainerFactory]:
     factory = ContainerFactory(broker)
     yield factory
     await factory.teardown()
 
 
-@pytest_twisted.async_fixture
+@async_fixture
 async def container(container_factory: ContainerFactory) -> Container:
     return await container_factory()
 

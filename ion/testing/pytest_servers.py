@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-import pytest_twisted
 
+from ion.testing.asyncfixtures import async_yield_fixture
 from ion.testing.servers import HTTPRepositoryServer, MotoServer
 
 __all__ = ["moto_server", "s3_env", "s3_env_anonymous", "http_repository"]
@@ -56,7 +56,7 @@ def s3_env_anonymous(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -
     return moto_server
 
 
-@pytest_twisted.async_yield_fixture
+@async_yield_fixture
 async def http_repository() -> AsyncIterator[Callable[[str | Path], HTTPRepositoryServer]]:
     """``http_repository(root)``: a started HTTP repository over ``root``; stopped after the test."""
     servers: list[HTTPRepositoryServer] = []

@@ -307,8 +307,25 @@ class Cache:
         return self.locks.acquire(key, self.lock_path(key), timeout)
 
     def unlock(self, lock: CacheLock) -> defer.Deferred[None]:
-        """Release ``lock`` (never fails; twice is harmless)."""
-        return self.locks.release(lock)
+        """Release ``lock`` (never fails; twice is harmless).
+
+        The folders its lock file leaves empty are removed with it, up to the
+        root: a fetch that failed before publishing (a missing version, a 404)
+        leaves no empty ``<repo-id>/<platform>/<name>/`` behind. Only empty
+        folders go (``rmdir``), so a folder holding another lock or an entry
+        stays; a contender creating its lock meanwhile makes the folder again
+        (:meth:`LockTable.acquire` retries a vanished folder).
+        """
+        d = self.locks.release(lock)
+
+        def tidy(_: None) -> defer.Deferred[None]:
+            done = self.pool.run(store.remove_empty_parents, self.root, [lock.path])
+            done.addErrback(lambda f: self._log.warn("could not remove the empty folders above {path}: {exc}",
+                                                     path=str(lock.path), exc=f.value))
+            return done
+
+        d.addCallback(tidy)
+        return d
 
     def with_lock(self, key: EntryKey, fn: Callable[..., Awaitable[T] | T], *args: Any,
                   timeout: float | None = None, **kwargs: Any) -> defer.Deferred[T]:

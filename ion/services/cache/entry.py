@@ -438,7 +438,9 @@ class EntryReport:
     (republished while it was being checked; check again). ``action`` is set
     by ``repair``: ``kept``, ``quarantined`` (moved to ``moved_to``; the next
     deploy fetches it again), ``removed`` (an incomplete entry), or ``busy``
-    (locked by a fetch; left alone).
+    (locked by a fetch; left alone). ``url``: the repository the entry came
+    from, as its ``.entry`` says (None when it cannot be read): a shared cache
+    may hold one version of a dependency from several repositories.
     """
 
     key: EntryKey
@@ -447,6 +449,7 @@ class EntryReport:
     problems: dict[str, str] = field(default_factory=dict)
     action: str | None = None
     moved_to: Path | None = None
+    url: str | None = None
 
     @property
     def good(self) -> bool:
@@ -455,13 +458,14 @@ class EntryReport:
     def to_wire(self) -> dict[str, Any]:
         return {"key": self.key.to_wire(), "path": str(self.path), "status": self.status,
                 "problems": dict(self.problems), "action": self.action,
-                "moved_to": str(self.moved_to) if self.moved_to else None}
+                "moved_to": str(self.moved_to) if self.moved_to else None, "url": self.url}
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> EntryReport:
         moved = data.get("moved_to")
         return cls(EntryKey.from_wire(data["key"]), Path(data["path"]), data["status"],
-                   dict(data.get("problems", {})), data.get("action"), Path(moved) if moved else None)
+                   dict(data.get("problems", {})), data.get("action"), Path(moved) if moved else None,
+                   data.get("url"))
 
 
 @dataclass

@@ -364,11 +364,13 @@ class VerifyPlan:
         a republish in between changes it).
     :ivar problems: what the walk already found wrong.
     :ivar to_hash: ``(relative path, size, expected sha256)`` of the files to read, sorted.
+    :ivar url: the repository the entry was fetched from (its ``.entry``), when it says.
     """
 
     entry_bytes: bytes
     problems: dict[str, str]
     to_hash: list[tuple[str, int, str]]
+    url: str | None = None
 
 
 def plan_check(path: Path, key: EntryKey) -> VerifyPlan | None:
@@ -382,7 +384,7 @@ def plan_check(path: Path, key: EntryKey) -> VerifyPlan | None:
         return VerifyPlan(read_entry_bytes(path) or b"", {ENTRY_FILE: str(exc)}, [])
     check = compare_tree(path, info, staged=False)
     check.to_hash.sort()
-    return VerifyPlan(entry_bytes, check.problems, check.to_hash)
+    return VerifyPlan(entry_bytes, check.problems, check.to_hash, info.url)
 
 
 def hash_range(path: Path, hasher: Any, offset: int, n: int) -> int:
@@ -422,7 +424,7 @@ def verify_entry(path: Path, key: EntryKey, hash_chunk: int) -> EntryReport:
             problems[rel] = problem
     if (read_entry_bytes(path) or b"") != plan.entry_bytes:
         return EntryReport(key, path, "changed")
-    return EntryReport(key, path, "bad" if problems else "good", problems)
+    return EntryReport(key, path, "bad" if problems else "good", problems, url=plan.url)
 
 
 def quarantine_dest(quarantine_root: Path, key: EntryKey, now: float) -> Path:

@@ -12,7 +12,7 @@ Deploy service with a :class:`~ion.services.deploy.service.DeployClient`).
 Umpire's flags keep their meaning: ``-c`` clears the cache first, ``-r``
 verifies and repairs it first, ``-d`` shows tracebacks. Also: ``--verify``,
 ``--prune [--older-than D] [--keep N]``, ``--jobs N``, ``--cache-dir``,
-``--json``. Order of work: clear, repair/verify, deploy, prune.
+``--json``, ``--version``. Order of work: clear, repair/verify, deploy, prune.
 
 Exit codes: 0 everything deployed (and every verified entry good), 1 an item
 failed (or a bad entry), 2 an unusable deployment file or arguments.
@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["main", "parse_duration", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
+__all__ = ["main", "package_version", "parse_duration", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -106,7 +106,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", metavar="URL",
                    help="deploy through the services of a running system on this broker (amqp://...)")
     p.add_argument("-s", "--sysname", metavar="NAME", help="with --broker: the system name")
+    p.add_argument("--version", action="store_true", help="print the version of ioncore and exit")
     return p
+
+
+def package_version() -> str:
+    """The installed ioncore's version (its distribution metadata), or ``unknown`` when it is not installed
+    (run from a source folder without ``pip install``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ioncore")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _positive_int(value: str | None, flag: str, minimum: int, problems: list[str]) -> int | None:
@@ -298,8 +310,11 @@ def _report_entries(out: Output, what: str, reports: list[Any]) -> None:
         status = r["status"] if isinstance(r, Mapping) else r.status
         problems = r["problems"] if isinstance(r, Mapping) else r.problems
         action = r.get("action") if isinstance(r, Mapping) else r.action
-        label = f"{key.get('platform')}/{key.get('name')}/{key.get('version')}" + (
-            "" if key.get("unpack", True) else " (packed)")
+        url = r.get("url") if isinstance(r, Mapping) else r.url
+        # Where it came from: on a shared cache one version of a dependency may come from several
+        # repositories. The version folder's URL (its .entry), else the repository's cache folder.
+        label = str(url).rstrip("/") if url else f"{key.get('platform')}/{key.get('name')}/{key.get('version')} in {key.get('repo_id')}"
+        label += "" if key.get("unpack", True) else " (packed)"
         detail = "; ".join(f"{f}: {p}" for f, p in sorted(problems.items())) if problems else ""
         out.line(f"{what}: {label}: {status}" + (f" ({detail})" if detail else "")
                  + (f" -> {action}" if action and action != "kept" else ""))
@@ -549,6 +564,12 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
 
     try:
         args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        if args.version:
+            if as_json:
+                print(json.dumps({"ok": True, "version": package_version()}, indent=2), file=stdout, flush=True)
+            else:
+                print(f"ion-deploy (ioncore) {package_version()}", file=stdout, flush=True)
+            return EXIT_OK
         _check_args(args)
     except UsageProblem as exc:
         return usage_failed(exc.problems)

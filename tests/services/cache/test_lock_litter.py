@@ -45,7 +45,10 @@ def holder(host: str, pid: int) -> bytes:
 
 
 def litter(path: Path) -> list[str]:
-    """The lock file and every temporary file of it in its folder."""
+    """The lock file and every temporary file of it in its folder (none once the folder is gone:
+    ``Cache.unlock`` removes the folders its lock leaves empty)."""
+    if not path.parent.exists():
+        return []
     return sorted(n for n in os.listdir(path.parent) if locks._is_litter(path.name, n))
 
 

@@ -270,3 +270,84 @@ def test_staging_left_by_a_dead_deployer_of_this_host_is_removed(tmp_path: Path,
     done = run(tmp_path, str(sample))
     assert done.returncode == 0, done.stderr
     assert not dead.exists() and live.exists() and other.exists()
+
+
+# -- version, the repository in --verify, no empty folders after a failed fetch ------------------------
+def test_version_from_the_package_metadata() -> None:
+    """--version prints the installed distribution's version (nothing else needed), --json too."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        expected = version("ioncore")
+    except PackageNotFoundError:
+        expected = "unknown (not installed)"
+    code, out, err = run_main("--version")
+    assert (code, err) == (0, "") and out == f"ion-deploy (ioncore) {expected}\n"
+    code, out, _err = run_main("--version", "--json")
+    assert code == 0 and json.loads(out) == {"ok": True, "version": expected}
+
+
+def test_verify_names_the_repository_of_each_entry(tmp_path: Path) -> None:
+    """One version of one dependency from two repositories sharing a cache: --verify tells the lines apart."""
+    items = [dict(SAMPLE[2])]
+    first = write_deployment(tmp_path, items)
+    shutil.copytree(EXAMPLE_REPO, tmp_path / "mirror")
+    second = tmp_path / "mirror.json"
+    second.write_text(json.dumps([{"url": "file:mirror", "items": [dict(SAMPLE[2], destination="deployed/etc2")]}]))
+    assert run(tmp_path, str(first)).returncode == 0
+    assert run(tmp_path, str(second)).returncode == 0
+    lines = [line for line in run(tmp_path, "--verify").stdout.splitlines() if line.endswith(": good")]
+    assert sorted(lines) == sorted([f"verify: {tmp_path / 'repo/noarch/motd/1.0'}: good",
+                                    f"verify: {tmp_path / 'mirror/noarch/motd/1.0'}: good"])
+
+
+def empty_folders(root: Path) -> list[str]:
+    """Every empty folder under ``root`` (relative), except ``staging/``: the cache's own work folder,
+    shared by every fetch, that a successful fetch leaves empty as well."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        if not dirs and not files and Path(folder) not in (root, root / "staging"):
+            found.append(os.path.relpath(folder, root))
+    return sorted(found)
+
+
+def test_a_failed_fetch_from_a_file_repository_leaves_no_empty_folder(tmp_path: Path) -> None:
+    """A version missing from a file: repository, and a file that fails its sha256 (after downloading
+    into staging): the items fail, the cache holds no empty <repo>/<platform>/<name>/ or staging folder."""
+    items = [dict(SAMPLE[1], version="9.9"), dict(SAMPLE[2], sha256="0" * 64)]
+    result = run(tmp_path, str(write_deployment(tmp_path, items)), "--json")
+    assert result.returncode == 1
+    assert [i["state"] for i in json.loads(result.stdout)["items"]] == ["failed", "failed"]
+    cache = tmp_path / "cache"
+    assert cache.is_dir() and empty_folders(cache) == []
+    assert not list((cache / "staging").iterdir()) if (cache / "staging").exists() else True
+
+
+def test_a_failed_fetch_from_an_http_404_leaves_no_empty_folder(tmp_path: Path) -> None:
+    """A version folder a real HTTP server (``http.server``, autoindex) answers with a 404: that item
+    fails, the one beside it is deployed, and no empty folder is left in the cache."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    shutil.copytree(EXAMPLE_REPO, tmp_path / "repo")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "repo"))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        path = tmp_path / "http.json"
+        path.write_text(json.dumps([{"url": url, "items": [dict(SAMPLE[1], version="9.9"), dict(SAMPLE[2])]}]))
+        result = run(tmp_path, str(path), "--json")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert result.returncode == 1, result.stderr
+    items = {i["name"]: i for i in json.loads(result.stdout)["items"]}
+    assert items["greetings"]["state"] == "failed" and "404" in items["greetings"]["reason"]
+    assert items["motd"]["state"] == "downloaded"
+    assert empty_folders(tmp_path / "cache") == []
+    assert not list((tmp_path / "cache").glob("*/noarch/greetings"))

@@ -22,6 +22,7 @@ setup(
         "pika>=1.3",
         "treq>=23.11",
         "rich>=13",
+        "prometheus_client>=0.20",  # the container's /metrics (ion/core/metrics.py)
     ],
     extras_require={
         "test": [

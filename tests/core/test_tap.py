@@ -400,6 +400,25 @@ async def test_service_starts_container_and_apps_then_stops_in_reverse(broker: A
 
 
 @pytest_twisted.ensureDeferred
+async def test_systemd_is_told_ready_then_stopping(broker: Any, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With $NOTIFY_SOCKET (a systemd Type=notify unit): READY=1 once the apps run, STOPPING=1 at stop."""
+    import socket
+
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(path)
+        systemd.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        svc = service_for("--no-shell", "-a", "contid=sd1", str(HELLO_APP), broker=broker)
+        svc.startService()
+        await svc.started
+        assert systemd.recv(200).split(b"\n")[0] == b"READY=1"
+        await svc.stopService()
+        assert systemd.recv(200) == b"STOPPING=1"
+
+
+@pytest_twisted.ensureDeferred
 async def test_failed_start_prints_one_error_line(broker: Any, tmp_path: Path) -> None:
     """A bad app ends the start with one 'Error:' line and a sysexits code; the container is stopped."""
     bad = tmp_path / "bad.app"

@@ -266,6 +266,10 @@ class Container(LifecycleObject):
 
         #: The container's Prometheus registry and metrics (:mod:`ion.core.metrics`).
         self.metrics = ContainerMetrics(self)
+        from ion.core.audit import AuditLog
+
+        #: The audit trail of actions that change the system (:mod:`ion.core.audit`).
+        self.audit = AuditLog(self)
         from ion.core.http import HttpPort
 
         #: The container's HTTP port (health, metrics), when ``ion.core.http: port`` is set.
@@ -316,7 +320,7 @@ class Container(LifecycleObject):
         # on initialize, the processes from activate on, the apps last), stopped in reverse. A
         # failure fails terminate (the container ends in ERROR); the managers log their own.
         # The HTTP port stays up while the processes stop, so /readyz says why (503).
-        parts: list[Callable[[], Any]] = [self.blocking.stop, self.exchange_manager.stop, self.http.stop,
+        parts: list[Callable[[], Any]] = [self.blocking.stop, self.audit.stop, self.exchange_manager.stop, self.http.stop,
                                           self.proc_manager.terminate_all, self.app_manager.stop_all]
         yield stop_in_reverse(parts, lambda stop: stop())
         self._log.info("container {id} stopped", id=self.id)

@@ -24,7 +24,7 @@ import atexit
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, urlsplit
@@ -436,6 +436,7 @@ class ContainerService(service.Service):
         if opts["config_overrides"]:
             config.set_command_line(opts["config_overrides"])
         args = dict(opts["container_args"])
+        _default_audit_path(config, opts)
         self.container = Container(
             config=config, broker_url=opts["broker_url"], broker=self.broker, sysname=args.get("sysname"),
             contid=str(args["contid"]) if args.get("contid") is not None else None, reactor=self.reactor,
@@ -569,6 +570,19 @@ class ContainerService(service.Service):
             await container.terminate()
         except Exception as exc:
             self._log.error("container {id} did not stop cleanly: {exc}", id=container.id, exc=exc)
+
+
+def _default_audit_path(config: Config, opts: Any) -> None:
+    """The audit file beside twistd's log file (``ion-audit.jsonl``; in the working folder when
+    logging to the terminal), unless ``ion.core.audit: path`` is set (or set to None: none)."""
+    from ion.core.audit import AuditSettings
+
+    if config.container_get(AuditSettings.SECTION, "path", "unset") != "unset":
+        return
+    parent = getattr(opts, "parent", None)
+    logfile = parent.get("logfile") if isinstance(parent, Mapping) else None
+    folder = os.path.dirname(os.path.abspath(logfile)) if logfile and logfile != "-" else os.getcwd()
+    config.set_command_line({AuditSettings.SECTION: {"path": os.path.join(folder, "ion-audit.jsonl")}})
 
 
 def makeService(options: Options) -> ContainerService:

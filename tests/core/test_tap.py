@@ -373,7 +373,8 @@ class TTY(io.StringIO):
 def service_for(*argv: str, **kwargs: Any) -> ContainerService:
     kwargs.setdefault("exit_on_error", False)
     kwargs.setdefault("install_signal_handlers", False)
-    kwargs.setdefault("config", test_config())
+    # No audit file in the working folder (twistd's default): the audit has tests of its own.
+    kwargs.setdefault("config", test_config({"ion.core.audit": {"path": None}}))
     kwargs.setdefault("stderr", io.StringIO())
     return ContainerService(parse(*argv), **kwargs)
 

@@ -231,7 +231,7 @@ class CacheService(ServiceProcess):
         """``{}`` -> ``{entries: [info, ...]}``, every complete entry."""
         return {"entries": [e.to_wire() for e in await self.cache.list()], "root": str(self.cache.root)}
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     async def op_lock(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{key, timeout?, lease?}`` -> ``{token, pid, key, path, lease}``; 409 after ``timeout`` seconds."""
         c = _dict(content, "lock")
@@ -260,7 +260,7 @@ class CacheService(ServiceProcess):
         self._schedule_expiry(lock.id, lease)
         return {"token": lock.id, "pid": self.id, "key": key.to_wire(), "path": str(lock.path), "lease": lease_s}
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     def op_renew(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{token, lease?}`` -> ``{lease}``: the lock lasts ``lease`` more seconds; 409 if it was taken over."""
         c = _dict(content, "renew")
@@ -291,7 +291,7 @@ class CacheService(ServiceProcess):
                 return {"cancelled": True, "released": True}
         return result
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     async def op_unlock(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{token}`` -> ``{released: true}``; 404 for an unknown token."""
         lease = self._lease(_dict(content, "unlock"))
@@ -301,18 +301,18 @@ class CacheService(ServiceProcess):
         await self.cache.unlock(lease.lock)
         return {"released": True}
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     async def op_new_staging(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{}`` -> ``{path}``: a new staging folder for one fetch."""
         return {"path": str(await self.cache.new_staging())}
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     async def op_discard_staging(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{path}`` -> ``{}``: remove a staging folder (fetch failed)."""
         await self.cache.discard_staging(str(_dict(content, "discard_staging").get("path", "")))
         return {}
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     async def op_publish(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{token, staging, files: {path: {size, remote_checksum, sha256}}, url?, key?}`` -> the entry's info."""
         c = _dict(content, "publish")

@@ -62,6 +62,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ion.core.audit import audited
 from ion.core.exceptions import ApplicationError, ConfigurationError, ReceivedError
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
@@ -310,6 +311,7 @@ class DeployService(ServiceProcess):
                                                      targets=targets))
 
     # -- ops --------------------------------------------------------------------------------
+    @audited("deploy.run")
     async def op_deploy(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Deploy now; answer every item's state when all are done."""
         self.refuse_if_draining()
@@ -333,6 +335,7 @@ class DeployService(ServiceProcess):
                                              response_code=503), msg)
         return None
 
+    @audited("deploy.run")
     async def op_deploy_async(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Start a deployment and answer its job id at once; poll ``job_status``."""
         self.refuse_if_draining()

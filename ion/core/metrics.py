@@ -11,32 +11,34 @@ conversation ids.
 in flight, receivers' prefetch occupancy, the broker connection, apps) is
 read at scrape time: :meth:`ContainerMetrics.snapshot` takes it on the
 reactor thread, then ``prometheus_client`` renders it in its thread, so the
-render never walks structures the reactor is changing. What *happens*
-(reconnects so far) is counted as it happens. A service adds its own
-families with :meth:`ContainerMetrics.add_source` (a function called in the
-snapshot, on the reactor thread).
+render never walks structures the reactor is changing; a process adds the
+families of its own state by overriding
+:meth:`~ion.core.process.Process.metric_families`. What *happens* (fetches,
+bytes, lock waits) is counted as it happens, on counters and histograms made
+once per container by :meth:`ContainerMetrics.counter` and
+:meth:`ContainerMetrics.histogram` and shared by every instance.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Histogram as PromHistogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.logger import Logger
 
 from ion.core.lifecycle import State
+from ion.core.process import Process
 
 if TYPE_CHECKING:
     from ion.core.container import Container
 
-__all__ = ["ContainerMetrics", "Source"]
-
-#: ``source()`` -> metric families of one part of the system (called on the reactor thread).
-Source = Callable[[], Iterable[Metric]]
+__all__ = ["ContainerMetrics"]
 
 _log = Logger()
 
@@ -62,24 +64,29 @@ class ContainerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
-        self._sources: dict[str, Source] = {}
+        self._made: dict[str, Any] = {}
 
-    def add_source(self, name: str, source: Source) -> None:
-        """Add (or replace) the families ``source()`` gives, under ``name`` (e.g. a service's pid)."""
-        self._sources[name] = source
+    def counter(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> PromCounter:
+        """The counter ``name`` of this container (made on first use; every instance of a service
+        shares it). ``name`` without ``_total``: prometheus_client adds it."""
+        return self._make(PromCounter, name, documentation, labelnames)
 
-    def remove_source(self, name: str) -> None:
-        self._sources.pop(name, None)
+    def histogram(self, name: str, documentation: str, labelnames: tuple[str, ...] = (),
+                  buckets: tuple[float, ...] = PromHistogram.DEFAULT_BUCKETS) -> PromHistogram:
+        """The histogram ``name`` of this container (made on first use, shared like :meth:`counter`)."""
+        return self._make(PromHistogram, name, documentation, labelnames, buckets=buckets)
+
+    def _make(self, kind: type, name: str, documentation: str, labelnames: tuple[str, ...], **kwargs: Any) -> Any:
+        made = self._made.get(name)
+        if made is None:
+            made = self._made[name] = kind(name, documentation, labelnames, registry=self.registry, **kwargs)
+        elif not isinstance(made, kind) or tuple(getattr(made, "_labelnames", ())) != tuple(labelnames):
+            raise ValueError(f"metric {name} exists already with other labels or of another kind")
+        return made
 
     def snapshot(self) -> None:
         """Read the container's state now (on the reactor thread) for the next render."""
-        families = list(self._container_families())
-        for name, source in list(self._sources.items()):
-            try:
-                families.extend(source())
-            except Exception:
-                _log.failure("metrics source {name} failed; its families are left out", name=name)
-        self._snapshot.families = families
+        self._snapshot.families = _merged(list(self._container_families()))
 
     def _container_families(self) -> Iterator[Metric]:
         c = self.container
@@ -131,10 +138,36 @@ class ContainerMetrics:
         yield occupied
         yield capacity
 
+        for proc in processes:
+            if type(proc).metric_families is not Process.metric_families:
+                try:
+                    yield from proc.metric_families()
+                except Exception:
+                    _log.failure("metrics of {proc} failed; they are left out", proc=repr(proc))
+
         apps = GaugeMetricFamily("ion_apps", "Apps of the container: running or failed.", labels=("state",))
         apps.add_metric(("running",), len(c.app_manager.running))
         apps.add_metric(("failed",), len(c.app_manager.failed))
         yield apps
+
+
+def _merged(families: list[Metric]) -> list[Metric]:
+    """One family per name; samples with the same labels added up (two instances of a service
+    report one series; a scrape must never hold the same series twice)."""
+    by_name: dict[str, Metric] = {}
+    for family in families:
+        have = by_name.get(family.name)
+        if have is None:
+            by_name[family.name] = family
+            continue
+        index = {(s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(have.samples)}
+        for sample in family.samples:
+            at = index.get((sample.name, tuple(sorted(sample.labels.items()))))
+            if at is None:
+                have.samples.append(sample)
+            else:
+                have.samples[at] = have.samples[at]._replace(value=have.samples[at].value + sample.value)
+    return list(by_name.values())
 
 
 def _broker_display(container: Container) -> str:

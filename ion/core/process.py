@@ -57,7 +57,7 @@ import importlib
 import inspect
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -1050,6 +1050,12 @@ class Process(LifecycleObject):
         return pid
 
     # -- built-in ops -------------------------------------------------------------------------
+    def metric_families(self) -> Iterable[Any]:
+        """Prometheus metric families of this process's state, read at each scrape on the reactor
+        thread (:mod:`ion.core.metrics`); families of one name from several processes are added
+        up, so label by what a process *is* (states, kinds), never by its pid. None by default."""
+        return ()
+
     def op_ping(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Answer that the process is alive."""
         return {"pong": content, "pid": self.id, "name": self.proc_name, "state": self.state.value}

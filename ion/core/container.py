@@ -163,11 +163,18 @@ class ExchangeManager:
 
     def __init__(self, container: Container) -> None:
         self.container = container
+        #: Whether the transport's connection is up (``/readyz``, ``ion_broker_connected``).
+        self.connected = False
+        #: Why the connection was lost last (None while connected).
+        self.lost_reason: str | None = None
+        #: Connections restored after a loss.
+        self.reconnects = 0
 
     @defer.inlineCallbacks
     def start(self) -> Any:
         transport = self.container.transport
         yield transport.connect()
+        self.connected = True
         yield transport.declare_exchange(self.container.exchange_name, "topic")
         yield transport.declare_exchange(self.container.events_exchange, "topic")
         transport.add_return_callback(self._returned)
@@ -177,11 +184,14 @@ class ExchangeManager:
         # No reply can come back over a lost connection: fail every call in flight now
         # (ConversationError, 503) rather than letting each wait for its timeout.
         if event == "lost":
+            self.connected, self.lost_reason = False, reason or "lost"
             self._log.warn("container {id}: connection to the broker lost ({reason}); calls in flight "
                            "fail, reconnecting", id=self.container.id, reason=reason)
             for proc in list(self.container.proc_manager.processes.values()):
                 proc.conversations.fail_all(f"connection to the broker lost: {reason}")
         elif event == "restored":
+            self.connected, self.lost_reason = True, None
+            self.reconnects += 1
             self._log.info("container {id}: connection to the broker restored", id=self.container.id)
 
     def _returned(self, exchange: str, routing_key: str, properties: Properties) -> None:
@@ -198,6 +208,7 @@ class ExchangeManager:
         transport = self.container.transport
         transport.remove_return_callback(self._returned)
         transport.remove_connection_listener(self._connection_changed)
+        self.connected = False
         yield transport.close()
 
 
@@ -249,6 +260,20 @@ class Container(LifecycleObject):
         self.agent_pid: str | None = None
         #: Where blocking calls (hashing, extraction, boto3) run; stopped with the container.
         self.blocking = BlockingPool(self.reactor, maxthreads=self.config.settings(ContainerSettings).max_threads)
+        #: True from the moment terminate is asked (``/readyz`` answers 503 at once).
+        self.stopping = False
+        from ion.core.metrics import ContainerMetrics
+
+        #: The container's Prometheus registry and metrics (:mod:`ion.core.metrics`).
+        self.metrics = ContainerMetrics(self)
+        from ion.core.audit import AuditLog
+
+        #: The audit trail of actions that change the system (:mod:`ion.core.audit`).
+        self.audit = AuditLog(self)
+        from ion.core.http import HttpPort
+
+        #: The container's HTTP port (health, metrics), when ``ion.core.http: port`` is set.
+        self.http = HttpPort(self)
 
     def __repr__(self) -> str:
         return f"<Container {self.id} sys={self.sysname} {self.state.value}>"
@@ -279,6 +304,7 @@ class Container(LifecycleObject):
     @defer.inlineCallbacks
     def on_activate(self) -> Any:
         self.started_at = self.clock.seconds()
+        yield self.http.start()
         if self.config.settings(ContainerSettings).agent:
             # The agent is the first process, so terminate_all stops it last.
             from ion.core.agent import ContainerAgent
@@ -293,10 +319,15 @@ class Container(LifecycleObject):
         # What the container owns, in start order (the pool from the start, the exchange manager
         # on initialize, the processes from activate on, the apps last), stopped in reverse. A
         # failure fails terminate (the container ends in ERROR); the managers log their own.
-        parts: list[Callable[[], Any]] = [self.blocking.stop, self.exchange_manager.stop,
+        # The HTTP port stays up while the processes stop, so /readyz says why (503).
+        parts: list[Callable[[], Any]] = [self.blocking.stop, self.audit.stop, self.exchange_manager.stop, self.http.stop,
                                           self.proc_manager.terminate_all, self.app_manager.stop_all]
         yield stop_in_reverse(parts, lambda stop: stop())
         self._log.info("container {id} stopped", id=self.id)
+
+    def terminate(self, *args: Any, **kwargs: Any) -> defer.Deferred[None]:
+        self.stopping = True
+        return super().terminate(*args, **kwargs)
 
     @defer.inlineCallbacks
     def start(self) -> Any:

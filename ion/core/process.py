@@ -57,7 +57,7 @@ import importlib
 import inspect
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -85,7 +85,7 @@ from ion.core.log import LogLimiter
 from ion.core.messaging import message as wire
 from ion.core.messaging.message import ANONYMOUS, Performative, Protocol
 from ion.core.messaging.transport import Delivery, Properties
-from ion.core.security import Narrow, UnauthorizedError, authorize, control, control_action
+from ion.core.security import Narrow, UnauthorizedError, audit_action, authorize, control, control_action
 from ion.core.settings import ProcessSettings
 
 if TYPE_CHECKING:
@@ -765,22 +765,25 @@ class Process(LifecycleObject):
             return None
         token = current_message.set(msg)
         receiver_token = _current_receiver.set(receiver)
+        cls = type(self)
+        audit_as = audit_action(cls, op)
         try:
             try:
-                action = control_action(type(self), op)
+                action = control_action(cls, op)
                 if action is not None:
                     authorize(self.container, msg, action, f"{self.proc_name} ({self.id})",
                               limiter=self.log_limiter)
-                result = _op_call(type(self), op)(method, msg)
+                result = _op_call(cls, op)(method, msg)
             except Exception:
                 result = Failure()
+            if inspect.iscoroutine(result):
+                result = defer.Deferred.fromCoroutine(result)
+            if audit_as is not None:  # recorded once its outcome is known (refusals too)
+                result = self.container.audit.watch(result, msg, audit_as, f"{self.proc_name} ({self.id})")
             if not isinstance(result, (defer.Deferred, Failure)):
-                if inspect.iscoroutine(result):
-                    result = defer.Deferred.fromCoroutine(result)
-                else:
-                    # The common case, a synchronous op: answer now, without a Deferred.
-                    self._op_answer(result, msg)
-                    return None
+                # The common case, a synchronous op: answer now, without a Deferred.
+                self._op_answer(result, msg)
+                return None
         finally:
             _current_receiver.reset(receiver_token)
             current_message.reset(token)
@@ -1047,6 +1050,12 @@ class Process(LifecycleObject):
         return pid
 
     # -- built-in ops -------------------------------------------------------------------------
+    def metric_families(self) -> Iterable[Any]:
+        """Prometheus metric families of this process's state, read at each scrape on the reactor
+        thread (:mod:`ion.core.metrics`); families of one name from several processes are added
+        up, so label by what a process *is* (states, kinds), never by its pid. None by default."""
+        return ()
+
     def op_ping(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Answer that the process is alive."""
         return {"pong": content, "pid": self.id, "name": self.proc_name, "state": self.state.value}

@@ -51,6 +51,7 @@ __all__ = [
     "UnauthorizedError",
     "control",
     "control_action",
+    "audit_action",
     "operators",
     "authorize",
     "is_operator",
@@ -72,6 +73,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: The attribute :func:`control` sets on an op.
 _CONTROL_ATTR = "__ion_control__"
 
+#: The attribute :func:`ion.core.audit.audited` sets on an op.
+AUDITED_ATTR = "__ion_audited__"
+
 
 class UnauthorizedError(ApplicationError):
     """The caller's broker user may not do this (403)."""
@@ -79,12 +83,22 @@ class UnauthorizedError(ApplicationError):
     code = 403
 
 
-def control(action: str) -> Callable[[F], F]:
+#: The attribute :func:`control` sets on an op it is told not to audit.
+_UNAUDITED_ATTR = "__ion_control_unaudited__"
+
+
+def control(action: str, *, audited: bool = True) -> Callable[[F], F]:
     """Mark an ``op_*`` method as the control operation ``action`` (e.g. ``"process.terminate"``):
-    only the system's operators may call it (see the module notes)."""
+    only the system's operators may call it (see the module notes).
+
+    :param audited: record each call in the audit trail (:mod:`ion.core.audit`); False for the
+        mechanics the system's own services run for every fetch (cache locks, staging, unpack).
+    """
 
     def mark(op: F) -> F:
         setattr(op, _CONTROL_ATTR, action)
+        if not audited:
+            setattr(op, _UNAUDITED_ATTR, True)
         return op
 
     return mark
@@ -103,9 +117,31 @@ def control_action(cls: type, op: str) -> str | None:
         return cache[op]
     except KeyError:
         pass
+    action = _mark(cls, op, _CONTROL_ATTR)
+    cache[op] = action
+    return action
+
+
+def _mark(cls: type, op: str, attr: str) -> Any:
+    """The value ``attr`` has on the first ``op_<op>`` along ``cls``'s MRO that has it, or None."""
     name = "op_" + op
-    action = next((getattr(klass.__dict__[name], _CONTROL_ATTR) for klass in cls.__mro__
-                   if name in klass.__dict__ and hasattr(klass.__dict__[name], _CONTROL_ATTR)), None)
+    return next((getattr(klass.__dict__[name], attr) for klass in cls.__mro__
+                 if name in klass.__dict__ and hasattr(klass.__dict__[name], attr)), None)
+
+
+def audit_action(cls: type, op: str) -> str | None:
+    """The action under which a call of ``op_<op>`` of ``cls`` is audited, or None: its control
+    action unless marked ``audited=False``, else the action of :func:`ion.core.audit.audited`."""
+    cache: dict[str, str | None] = cls.__dict__.get("_ion_audit_cache") or {}
+    if "_ion_audit_cache" not in cls.__dict__:
+        type.__setattr__(cls, "_ion_audit_cache", cache)
+    try:
+        return cache[op]
+    except KeyError:
+        pass
+    action = control_action(cls, op)
+    if action is None or _mark(cls, op, _UNAUDITED_ATTR):
+        action = None if action is not None else _mark(cls, op, AUDITED_ATTR)
     cache[op] = action
     return action
 

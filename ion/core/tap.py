@@ -24,7 +24,7 @@ import atexit
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, urlsplit
@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from ion.core.config import Config, deep_merge, parse_value
 from ion.core.exceptions import AppError, ConfigurationError, IonError, TransportError
+from ion.core.health import sd_notify
 from ion.core.messaging.transport import parse_broker_url
 
 __all__ = ["Options", "ContainerService", "makeService", "run_cc", "parse_container_args",
@@ -193,6 +194,17 @@ class Options(usage.Options):
         self["config_overrides"] = deep_merge(self["config_overrides"], overrides)
 
     opt_a = opt_args
+
+    def opt_http(self, value: str) -> None:
+        """Open the container's HTTP port (health probes, metrics) on PORT (0: any free one), on
+        127.0.0.1 unless ion.core.http.bind says otherwise."""
+        try:
+            port = int(value)
+        except ValueError:
+            raise usage.UsageError(f"--http takes a port number, not {value!r}") from None
+        if not 0 <= port <= 65535:
+            raise usage.UsageError(f"--http takes a port number (0-65535), not {port}")
+        self["config_overrides"] = deep_merge(self["config_overrides"], {"ion.core.http": {"port": port}})
 
     def opt_no_shell(self) -> None:
         """Never open the interactive shell (daemon and test use)."""
@@ -424,6 +436,7 @@ class ContainerService(service.Service):
         if opts["config_overrides"]:
             config.set_command_line(opts["config_overrides"])
         args = dict(opts["container_args"])
+        _default_audit_path(config, opts)
         self.container = Container(
             config=config, broker_url=opts["broker_url"], broker=self.broker, sysname=args.get("sysname"),
             contid=str(args["contid"]) if args.get("contid") is not None else None, reactor=self.reactor,
@@ -439,6 +452,8 @@ class ContainerService(service.Service):
                        id=self.container.id, sysname=self.container.sysname,
                        n=len(self.container.proc_manager.processes),
                        apps=", ".join(self.container.app_manager.running) or "none")
+        # systemd (Type=notify): started; the HTTP port's /readyz tells the finer state.
+        sd_notify(f"READY=1\nSTATUS=container {self.container.id} of system {self.container.sysname} is up")
         if self._wants_shell():
             await self._open_shell()
         return self.container
@@ -538,6 +553,7 @@ class ContainerService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self._stopping = True
+        sd_notify("STOPPING=1")
         if self.install_signal_handlers:
             self._claim_sigterm()
         if self.shell is not None:
@@ -554,6 +570,19 @@ class ContainerService(service.Service):
             await container.terminate()
         except Exception as exc:
             self._log.error("container {id} did not stop cleanly: {exc}", id=container.id, exc=exc)
+
+
+def _default_audit_path(config: Config, opts: Any) -> None:
+    """The audit file beside twistd's log file (``ion-audit.jsonl``; in the working folder when
+    logging to the terminal), unless ``ion.core.audit: path`` is set (or set to None: none)."""
+    from ion.core.audit import AuditSettings
+
+    if config.container_get(AuditSettings.SECTION, "path", "unset") != "unset":
+        return
+    parent = getattr(opts, "parent", None)
+    logfile = parent.get("logfile") if isinstance(parent, Mapping) else None
+    folder = os.path.dirname(os.path.abspath(logfile)) if logfile and logfile != "-" else os.getcwd()
+    config.set_command_line({AuditSettings.SECTION: {"path": os.path.join(folder, "ion-audit.jsonl")}})
 
 
 def makeService(options: Options) -> ContainerService:

@@ -12,6 +12,7 @@ broker restart during a stream of calls.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -57,6 +58,7 @@ class ContainerProcess(protocol.ProcessProtocol):
         self.ended: defer.Deferred[int] = defer.Deferred()
         self.exit_code: int | None = None
         self.container_id: str | None = None
+        self.audit_path: Path | None = None
 
     def __repr__(self) -> str:
         return f"<{self.name} {self.container_id} exit={self.exit_code}>"
@@ -170,7 +172,7 @@ def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 @pytest_twisted.async_yield_fixture
-async def launch(amqp_url: str) -> AsyncIterator[Launcher]:
+async def launch(amqp_url: str, tmp_path: Path) -> AsyncIterator[Launcher]:
     """``await launch(*apps, args=[...], env={...}, ready=True)``: a container in a child process.
 
     By default it joins system ``mysys`` on the test's vhost (``--broker <amqp_url>``);
@@ -182,8 +184,10 @@ async def launch(amqp_url: str) -> AsyncIterator[Launcher]:
                     env: dict[str, str] | None = None, ready: bool = True, name: str | None = None) -> ContainerProcess:
         child = ContainerProcess(name or f"container {len(children) + 1}")
         broker = ["--broker", amqp_url] if broker_args is None else broker_args
+        # Its audit file in the test's folder (twistd's default is its working folder, the repository).
+        child.audit_path = tmp_path / f"audit-{len(children) + 1}.jsonl"
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "cc", "--no-shell", *broker, "-s", SYSNAME,
-                *(args or []), *apps]
+                "-a", f"ion.core.audit.path={child.audit_path}", *(args or []), *apps]
         reactor.spawnProcess(child, sys.executable, argv, env=_child_env(env), path=str(REPO))
         children.append(child)
         if ready:
@@ -349,6 +353,11 @@ async def test_nodes_lists_every_container_and_spawn_starts_a_process_in_another
     assert {"pid": pid, "name": "hello"}.items() <= next(p for p in table if p["pid"] == pid).items()
     module_pid = str(await shell.spawn("ion.services.hello", node=bare.container_id, name="hello2"))
     assert _container_of(module_pid) == bare.container_id and module_pid != pid
+    # Both spawns are in the audit file of the container that ran them, under the broker's login.
+    assert bare.audit_path is not None
+    audit = [json.loads(line) for line in bare.audit_path.read_text().splitlines()]
+    assert [(r["action"], r["result"], r["user"], r["container"]) for r in audit] == [
+        ("agent.spawn", "ok", "guest", bare.container_id)] * 2
 
 
 # -- any AMQP client -----------------------------------------------------------------------------------------

@@ -373,7 +373,8 @@ class TTY(io.StringIO):
 def service_for(*argv: str, **kwargs: Any) -> ContainerService:
     kwargs.setdefault("exit_on_error", False)
     kwargs.setdefault("install_signal_handlers", False)
-    kwargs.setdefault("config", test_config())
+    # No audit file in the working folder (twistd's default): the audit has tests of its own.
+    kwargs.setdefault("config", test_config({"ion.core.audit": {"path": None}}))
     kwargs.setdefault("stderr", io.StringIO())
     return ContainerService(parse(*argv), **kwargs)
 
@@ -397,6 +398,25 @@ async def test_service_starts_container_and_apps_then_stops_in_reverse(broker: A
     assert container.state is State.TERMINATED
     assert order == ["hello", "agent"]
     assert not svc.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_systemd_is_told_ready_then_stopping(broker: Any, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With $NOTIFY_SOCKET (a systemd Type=notify unit): READY=1 once the apps run, STOPPING=1 at stop."""
+    import socket
+
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(path)
+        systemd.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        svc = service_for("--no-shell", "-a", "contid=sd1", str(HELLO_APP), broker=broker)
+        svc.startService()
+        await svc.started
+        assert systemd.recv(200).split(b"\n")[0] == b"READY=1"
+        await svc.stopService()
+        assert systemd.recv(200) == b"STOPPING=1"
 
 
 @pytest_twisted.ensureDeferred

@@ -144,7 +144,9 @@ class CacheService(ServiceProcess):
         self.settings = CacheSettings.from_config(self.get_config)
         self.cache = self.settings.open(root, clock=self.clock, pool=self.container.blocking)
         self.reaper = CacheReaper(self.cache, ReapPolicy.from_config(self.get_config), name=self.id,
-                                  publish=self.container.publish_event, clock=self.clock)
+                                  publish=self._publish_event, clock=self.clock)
+        #: The last reap round's report this instance saw (its own, or another's event).
+        self.last_reap: dict[str, Any] | None = None
         self.election = ReaperElection(self, self.reaper)
         # One instance of the system verifies on schedule, the elected one (a shared cache is
         # read once per round, within one bandwidth cap); any instance verifies on request.
@@ -152,6 +154,37 @@ class CacheService(ServiceProcess):
                                       publish=self.container.publish_event, clock=self.clock,
                                       should_run=self.election.is_elected)
         self._leases: dict[str, _Lease] = {}
+
+    def _publish_event(self, routing_key: str, content: Any) -> None:
+        if routing_key == "cache.reap" and isinstance(content, Mapping):
+            self.last_reap = dict(content)
+        self.container.publish_event(routing_key, content)
+
+    def metric_families(self) -> Any:
+        """The cache as this instance last saw it: entries and bytes after the last reap round,
+        entries by verify state. (Several instances on one cache report one series: the
+        families are added up, so each gives the gauges only once, the elected one.)"""
+        from prometheus_client.core import GaugeMetricFamily
+
+        if not self.election.is_elected():
+            return []
+        families = []
+        reap = self.last_reap
+        if reap is not None and not reap.get("error"):
+            pruned = reap.get("pruned") or {}
+            removed = pruned.get("removed") or []
+            freed = sum(int(e.get("size") or 0) for e in removed if isinstance(e, Mapping))
+            families.append(GaugeMetricFamily("ion_cache_entries", "Entries in the cache after the last reap round.",
+                                              value=int(reap.get("entries") or 0) - len(removed)))
+            families.append(GaugeMetricFamily("ion_cache_bytes", "Bytes in the cache after the last reap round.",
+                                              value=int(reap.get("bytes_before") or 0) - freed))
+        verify = GaugeMetricFamily("ion_cache_verify_entries", "Entries by the outcome of their last periodic "
+                                   "verification (good or bad).", labels=("state",))
+        states = [s.state for s in self.verifier.states.values()]
+        for state in ("good", "bad"):
+            verify.add_metric((state,), states.count(state))
+        families.append(verify)
+        return families
 
     def receivers_to_create(self) -> list[Receiver]:
         # After the service's own: the election queue keeps its one-at-a-time window.
@@ -231,7 +264,7 @@ class CacheService(ServiceProcess):
         """``{}`` -> ``{entries: [info, ...]}``, every complete entry."""
         return {"entries": [e.to_wire() for e in await self.cache.list()], "root": str(self.cache.root)}
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     async def op_lock(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{key, timeout?, lease?}`` -> ``{token, pid, key, path, lease}``; 409 after ``timeout`` seconds."""
         c = _dict(content, "lock")
@@ -260,7 +293,7 @@ class CacheService(ServiceProcess):
         self._schedule_expiry(lock.id, lease)
         return {"token": lock.id, "pid": self.id, "key": key.to_wire(), "path": str(lock.path), "lease": lease_s}
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     def op_renew(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{token, lease?}`` -> ``{lease}``: the lock lasts ``lease`` more seconds; 409 if it was taken over."""
         c = _dict(content, "renew")
@@ -291,7 +324,7 @@ class CacheService(ServiceProcess):
                 return {"cancelled": True, "released": True}
         return result
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     async def op_unlock(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{token}`` -> ``{released: true}``; 404 for an unknown token."""
         lease = self._lease(_dict(content, "unlock"))
@@ -301,18 +334,18 @@ class CacheService(ServiceProcess):
         await self.cache.unlock(lease.lock)
         return {"released": True}
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     async def op_new_staging(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{}`` -> ``{path}``: a new staging folder for one fetch."""
         return {"path": str(await self.cache.new_staging())}
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     async def op_discard_staging(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{path}`` -> ``{}``: remove a staging folder (fetch failed)."""
         await self.cache.discard_staging(str(_dict(content, "discard_staging").get("path", "")))
         return {}
 
-    @control("cache.write")
+    @control("cache.write", audited=False)
     async def op_publish(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """``{token, staging, files: {path: {size, remote_checksum, sha256}}, url?, key?}`` -> the entry's info."""
         c = _dict(content, "publish")

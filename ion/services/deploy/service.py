@@ -62,6 +62,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ion.core.audit import audited
 from ion.core.exceptions import ApplicationError, ConfigurationError, ReceivedError
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
@@ -300,7 +301,11 @@ class DeployService(ServiceProcess):
                 event.update({k: info[k] for k in ("state", "already", "reason") if k in info})
             self.container.publish_event("deploy.progress", event)
 
+        items = self.container.metrics.counter("ion_deploy_items", "Deployed items by outcome (downloaded, "
+                                               "cached, updated, failed, cancelled).", ("state",))
+
         def on_result(result: ItemResult) -> None:
+            items.labels(result.state).inc()
             if job is not None:
                 self.jobs.partial(job, _part(result), result.to_wire(), cancelled=result.cancelled)
 
@@ -310,6 +315,7 @@ class DeployService(ServiceProcess):
                                                      targets=targets))
 
     # -- ops --------------------------------------------------------------------------------
+    @audited("deploy.run")
     async def op_deploy(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Deploy now; answer every item's state when all are done."""
         self.refuse_if_draining()
@@ -333,6 +339,7 @@ class DeployService(ServiceProcess):
                                              response_code=503), msg)
         return None
 
+    @audited("deploy.run")
     async def op_deploy_async(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Start a deployment and answer its job id at once; poll ``job_status``."""
         self.refuse_if_draining()
@@ -382,6 +389,19 @@ class DeployService(ServiceProcess):
     def op_jobs(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> list[dict[str, Any]]:
         """Every job on record."""
         return self.jobs.list()
+
+    def metric_families(self) -> Any:
+        """``ion_deploy_jobs{state}``: the async jobs this instance holds in memory, by state."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        from ion.core.jobs import JobStatus
+
+        family = GaugeMetricFamily("ion_deploy_jobs", "Deploy jobs held in memory, by state.", labels=("state",))
+        states = [job.status for job in self.jobs.jobs.values()]
+        for state in JobStatus:
+            if state is not JobStatus.LOST_IN_SPACE:
+                family.add_metric((state.name,), states.count(state))
+        return [family]
 
 
 def _part(result: ItemResult) -> str:

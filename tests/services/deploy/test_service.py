@@ -296,6 +296,57 @@ async def test_a_long_sync_deploy_keeps_nothing_else_waiting(deploy_system: Any,
     assert first["ok"] and first["items"][0]["state"] == "downloaded"
 
 
+# -- metrics -------------------------------------------------------------------------------------------------
+def scrape(container: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    container.metrics.snapshot()
+    text = generate_latest(container.metrics.registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deploy_is_counted_in_the_metrics(deploy_system: Any, make_repo: Any, tmp_path: Path) -> None:
+    """Items by outcome, fetches by kind and outcome, bytes fetched, cache hits and misses, jobs by state."""
+    url, _ = make_repo("http")
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")))
+    assert (await deploy_system.deploy(spec))["ok"]
+    found = scrape(deploy_system.container)
+    assert found[("ion_deploy_items_total", (("state", "downloaded"),))] == 3
+    assert found[("ion_fetch_results_total", (("kind", "http"), ("state", "downloaded")))] == 3
+    assert found[("ion_fetch_bytes_total", (("kind", "http"),))] == sum(len(CONTENT[r]) for r in (TGZ, ZIP, PLAIN))
+    assert found[("ion_cache_lookups_total", (("result", "miss"),))] == 3
+    assert found[("ion_fetch_seconds_count", (("kind", "http"), ("state", "downloaded")))] == 3
+    job = await deploy_system.deploy_async(spec)
+    await deploy_system.events.wait(lambda e: e.get("job") == job and e.get("phase") == "done"
+                                    and e.get("item") == "linux/notes/1.0" and "position" in e)
+    found = scrape(deploy_system.container)
+    assert found[("ion_cache_lookups_total", (("result", "hit"),))] >= 1
+    assert sum(found[("ion_deploy_jobs", (("state", s),))] for s in ("RUNNING", "PARTIAL", "FINISHED")) == 1
+    assert found[("ion_deploy_jobs", (("state", "REMOTE_ERROR"),))] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cache_is_seen_in_the_metrics_after_a_reap_and_a_verify(deploy_system: Any, make_repo: Any,
+                                                                          tmp_path: Path) -> None:
+    """The elected Cache instance gives entries and bytes after the last reap round, and entries by verify state."""
+    from ion.services.cache.service import CacheClient
+
+    url, _ = make_repo("file")
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")))
+    assert (await deploy_system.deploy(spec))["ok"]
+    cache = CacheClient(deploy_system.proc)
+    report = await cache.reap(timeout=60)
+    await cache.verify_round(timeout=60)
+    found = scrape(deploy_system.container)
+    assert found[("ion_cache_entries", ())] == report.entries == 3
+    assert found[("ion_cache_bytes", ())] == report.bytes_before > 0
+    assert found[("ion_cache_verify_entries", (("state", "good"),))] == 3
+    assert found[("ion_cache_verify_entries", (("state", "bad"),))] == 0
+
+
 # -- typed content (ion.deployer, encoding: protobuf) -------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_protobuf_requests_get_what_dict_requests_get(deploy_system: Any, make_repo: Any,

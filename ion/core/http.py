@@ -1,0 +1,161 @@
+# -*- test-case-name: tests.core.test_http -*-
+"""The container's HTTP port: health probes and Prometheus metrics.
+
+Off by default (an embedded one-container system needs none). Turned on by
+``ion.core.http: port`` (0: any free port, logged) in the container's own
+config, or ``twistd cc --http PORT``; ``bind`` (default ``127.0.0.1``) is
+the address it listens on. Both are read from the container's own layers
+only: an app cannot open a port.
+
+=============  ==========================================================
+``/healthz``   200 while the reactor turns: ``{"alive": true, ...}``
+``/readyz``    200 when ready to take work, else 503; the JSON body lists
+               the problems (:func:`ion.core.health.readiness`)
+``/metrics``   Prometheus text format (:mod:`ion.core.metrics`), rendered
+               by ``prometheus_client.twisted.MetricsResource``
+=============  ==========================================================
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from ion.core.config import Settings, setting
+from ion.core.exceptions import ConfigurationError
+from ion.core.health import liveness, readiness
+
+if TYPE_CHECKING:
+    from ion.core.container import Container
+
+__all__ = ["HttpSettings", "HttpPort"]
+
+
+@dataclass(frozen=True)
+class HttpSettings(Settings):
+    """``ion.core.http``: the container's HTTP port (read from the container's own layers).
+
+    :ivar port: TCP port; None: no HTTP port; 0: any free one.
+    :ivar bind: the address to listen on.
+    """
+
+    SECTION: ClassVar[str] = "ion.core.http"
+
+    port: int | None = setting(None, minimum=0)
+    bind: str = "127.0.0.1"
+
+
+def _json(request: Request, code: int, body: dict[str, Any]) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, indent=1).encode() + b"\n"
+
+
+class _Health(Resource):
+    isLeaf = True
+
+    def __init__(self, container: Container) -> None:
+        super().__init__()
+        self.container = container
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, 200, liveness(self.container))
+
+    render_HEAD = render_GET
+
+
+class _Ready(_Health):
+    def render_GET(self, request: Request) -> bytes:
+        verdict = readiness(self.container)
+        return _json(request, 200 if verdict.ready else 503, verdict.to_json(self.container))
+
+    render_HEAD = render_GET
+
+
+class _Metrics(Resource):
+    """Takes the container's snapshot on the reactor thread, then lets ``prometheus_client`` render it."""
+
+    isLeaf = True
+
+    def __init__(self, container: Container) -> None:
+        super().__init__()
+        from prometheus_client.twisted import MetricsResource
+
+        self.container = container
+        self.render_resource = MetricsResource(container.metrics.registry)
+
+    def render(self, request: Request) -> Any:
+        self.container.metrics.snapshot()
+        return self.render_resource.render(request)
+
+
+class _Root(Resource):
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        from twisted.web.pages import notFound
+
+        return notFound()
+
+
+class HttpPort:
+    """Listens on the container's HTTP port while the container runs (see the module notes)."""
+
+    _log = Logger()
+
+    def __init__(self, container: Container) -> None:
+        self.container = container
+        self.listening: Any = None
+        self.root = _Root()
+        self.root.putChild(b"healthz", _Health(container))
+        self.root.putChild(b"readyz", _Ready(container))
+        self.root.putChild(b"metrics", _Metrics(container))
+
+    @property
+    def settings(self) -> HttpSettings:
+        config = self.container.config
+        return HttpSettings.from_config(lambda key, default: config.container_get(HttpSettings.SECTION, key, default))
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port listened on (None while closed)."""
+        return None if self.listening is None else int(self.listening.getHost().port)
+
+    @property
+    def url(self) -> str | None:
+        """``http://bind:port`` while listening."""
+        if self.listening is None:
+            return None
+        host = self.listening.getHost()
+        address = f"[{host.host}]" if ":" in host.host else host.host
+        return f"http://{address}:{host.port}"
+
+    def start(self) -> defer.Deferred[None]:
+        """Listen, if configured; a port that cannot be had fails the container's start."""
+        from twisted.internet.error import CannotListenError
+
+        settings = self.settings
+        if settings.port is None or self.listening is not None:
+            return defer.succeed(None)
+        site = Site(self.root)
+        site.noisy = False
+        site.displayTracebacks = False
+        try:
+            self.listening = self.container.reactor.listenTCP(settings.port, site, interface=settings.bind)
+        except CannotListenError as exc:
+            return defer.fail(ConfigurationError(
+                f"{HttpSettings.SECTION}: cannot listen on {settings.bind}:{settings.port}: {exc.socketError}"))
+        self._log.info("container {id}: HTTP on {url} (/healthz, /readyz, /metrics)", id=self.container.id,
+                       url=self.url)
+        return defer.succeed(None)
+
+    def stop(self) -> defer.Deferred[None]:
+        listening, self.listening = self.listening, None
+        if listening is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(listening.stopListening)

@@ -1,0 +1,209 @@
+"""The container's HTTP port: /healthz, /readyz and /metrics over real HTTP, and systemd's notify socket."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, reactor, task, threads
+
+from ion.core.exceptions import ConfigurationError
+from ion.core.health import sd_notify
+from ion.core.process import Process
+from ion.core.tap import Options
+from ion.testing import ContainerFactory, client_process
+
+HTTP = {"ion.core.http": {"port": 0}}
+
+
+async def get(url: str) -> tuple[int, bytes]:
+    response = await treq.get(url, persistent=False)
+    return response.code, await response.content()
+
+
+async def get_json(url: str) -> tuple[int, dict[str, Any]]:
+    code, body = await get(url)
+    return code, json.loads(body)
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``{(name, sorted labels): value}`` of a scrape, parsed by prometheus_client's own parser."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+
+
+async def wait_for(check: Any, what: str, limit: float = 20.0) -> Any:
+    """Poll ``check()`` (async) every 50 ms until it answers non-None; fail after ``limit`` seconds."""
+    for _ in range(int(limit / 0.05)):
+        found = await check()
+        if found is not None:
+            return found
+        await task.deferLater(reactor, 0.05, lambda: None)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+class SlowToStop(Process):
+    """Holds its terminate until ``release`` fires: the container stays in its drain meanwhile."""
+
+    release: defer.Deferred[None]
+
+    def on_terminate(self, *args: Any, **kwargs: Any) -> Any:
+        return SlowToStop.release
+
+
+def test_no_port_unless_asked(container: Any) -> None:
+    assert container.http.port is None and container.http.url is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_ready_and_metrics(container_factory: Any) -> None:
+    container = await container_factory(config=HTTP)
+    await container.app_manager.start_app("hello")
+    url = container.http.url
+    assert url is not None and url.startswith("http://127.0.0.1:")
+
+    code, alive = await get_json(url + "/healthz")
+    assert code == 200 and alive["alive"] is True and alive["container"] == container.id
+    code, ready = await get_json(url + "/readyz")
+    assert (code, ready["ready"], ready["problems"]) == (200, True, [])
+
+    client = await client_process(container)
+    await client.rpc_send("hello", "hello", "you")
+    code, text = await get(url + "/metrics")
+    assert code == 200
+    found = samples(text)
+    assert found[("ion_broker_connected", ())] == 1.0
+    assert found[("ion_processes", (("state", "ACTIVE"),))] == len(container.proc_manager.processes) >= 3
+    assert found[("ion_processes", (("state", "ERROR"),))] == 0
+    assert found[("ion_apps", (("state", "running"),))] == 1
+    assert found[("ion_container_info", (("broker", "memory://"), ("container", container.id),
+                                         ("system", container.sysname)))] == 1
+    assert found[("ion_receiver_prefetch", (("process", "hello"),))] >= 1
+    assert (("ion_conversations_in_flight", (("process", "test-client"), ("role", "initiator"))) in found)
+    # Labels are names, never pids.
+    assert not any(container.id in dict(labels).get("process", "") for _, labels in found)
+
+    code, _ = await get(url + "/nosuch")
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz_is_503_at_once_when_the_container_stops(container_factory: Any) -> None:
+    """A terminate (SIGTERM's drain) makes /readyz 503 naming it while the processes still stop;
+    /healthz stays 200; then the port closes."""
+    container = await container_factory(config=HTTP)
+    SlowToStop.release = defer.Deferred()
+    await container.spawn(SlowToStop, name="slow")
+    url = container.http.url
+    stopping = container.terminate()
+    stopped: list[object] = []
+    stopping.addBoth(stopped.append)
+    try:
+        code, body = await get_json(url + "/readyz")
+        assert code == 503 and body["ready"] is False
+        assert body["problems"] == [f"container {container.id} is stopping"]
+        assert (await get(url + "/healthz"))[0] == 200
+        assert not stopped
+    finally:
+        SlowToStop.release.callback(None)
+    await stopping
+    assert container.http.port is None
+    with pytest.raises(Exception, match="refused"):
+        await get(url + "/healthz")
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz_names_a_process_of_an_app_that_is_not_active(container_factory: Any) -> None:
+    container = await container_factory(config=HTTP)
+    await container.app_manager.start_app("hello")
+    supervisor = container.app_manager.running["hello"].state
+    pid = supervisor.pids[0]
+    proc = container.proc_manager.get(pid)
+    from ion.core.lifecycle import State
+
+    proc._set_state(State.READY)  # as while it (re)starts
+    code, body = await get_json(container.http.url + "/readyz")
+    assert code == 503 and body["problems"] == [f"app hello: process hello ({pid}) is READY"]
+    proc._set_state(State.ACTIVE)
+    assert (await get(container.http.url + "/readyz"))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_in_use_fails_the_start_naming_it() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    factory = ContainerFactory()
+    try:
+        with pytest.raises(ConfigurationError, match=rf"ion.core.http: cannot listen on 127.0.0.1:{port}"):
+            await factory(config={"ion.core.http": {"port": port}})
+    finally:
+        taken.close()
+        await factory.teardown()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_app_cannot_open_the_port(container_factory: Any) -> None:
+    """The port is the container's: an app's config layer is not read for it."""
+    container = await container_factory()
+    container.config.overlay_app("sneaky", {"ion.core.http": {"port": 0}})
+    await container.http.start()
+    assert container.http.port is None
+
+
+def test_the_http_option_sets_the_port() -> None:
+    opts = Options()
+    opts.parseOptions(["--http", "0", "--no-shell"])
+    assert opts["config_overrides"]["ion.core.http"] == {"port": 0}
+    from twisted.python.usage import UsageError
+
+    for bad in ("x", "70000"):
+        with pytest.raises(UsageError, match="--http takes a port number"):
+            Options().parseOptions(["--http", bad])
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz_follows_the_broker_connection(rabbitmq: Any, amqp_url: str) -> None:
+    """On RabbitMQ: the broker closes the container's connection, /readyz is 503 naming it, then 200 again
+    once the transport has reconnected."""
+    factory = ContainerFactory(broker_url=amqp_url)
+    try:
+        container = await factory(config=HTTP)
+        url = container.http.url + "/readyz"
+        assert (await get(url))[0] == 200
+        vhost = unquote(urlsplit(amqp_url).path.lstrip("/"))
+        await threads.deferToThread(rabbitmq.ctl, "close_all_connections", "-p", vhost, "test: broker loss")
+
+        async def unready() -> Any:
+            code, body = await get_json(url)
+            return body if code == 503 else None
+
+        body = await wait_for(unready, "/readyz to say the connection is lost")
+        assert any(p.startswith("not connected to the broker") for p in body["problems"])
+
+        async def ready_again() -> Any:
+            return True if (await get(url))[0] == 200 else None
+
+        await wait_for(ready_again, "/readyz to be 200 after the reconnect", limit=60)
+        code, text = await get(container.http.url + "/metrics")
+        assert samples(text)[("ion_broker_reconnects_total", ())] >= 1
+    finally:
+        await factory.teardown()
+
+
+def test_sd_notify_sends_to_the_notify_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        assert sd_notify("READY=1", {"NOTIFY_SOCKET": path}) is True
+        assert server.recv(100) == b"READY=1"
+    assert sd_notify("READY=1", {}) is False
+    assert sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "gone")}) is False

@@ -137,15 +137,41 @@ def test_container_takes_transport_settings_from_config() -> None:
     assert isinstance(default, AmqpTransport)
     assert (default.confirm, default.reconnect_initial, default.reconnect_max, default.heartbeat) == (
         True, 0.5, 10.0, None)
+    assert default.reconnect_jitter == 0.5
     tuned = Container(config=test_config({"ion.core.messaging": {
-        "publisher_confirms": False, "reconnect_initial": 0.2, "reconnect_max": 1, "heartbeat": 30}}),
-        broker_url=url).transport
+        "publisher_confirms": False, "reconnect_initial": 0.2, "reconnect_max": 1, "heartbeat": 30,
+        "reconnect_jitter": 0.25}}), broker_url=url).transport
     assert (tuned.confirm, tuned.reconnect_initial, tuned.reconnect_max, tuned.heartbeat) == (False, 0.2, 1.0, 30)
+    assert tuned.reconnect_jitter == 0.25
     for key, value, match in (("publisher_confirms", "no", "true or false"),
                               ("reconnect_max", 0, "reconnect_max must be a number of seconds > 0"),
+                              ("reconnect_jitter", 1.5, "reconnect_jitter must be a number from 0 to 1"),
+                              ("reconnect_jitter", -0.1, "reconnect_jitter must be a number >= 0"),
                               ("heartbeat", "x", "heartbeat must be")):
         with pytest.raises(ConfigurationError, match=match):
             AmqpTransport.from_config(url, {key: value})
+
+
+def test_reconnect_delay_policy_is_jittered_and_bounded() -> None:
+    """reconnect_delay: the doubling from reconnect_initial up to reconnect_max, less a random share
+    of up to the jitter; seeded generators (one per container) give different waits, replayable;
+    jitter 0 is the exact doubling; no wait is ever above the maximum, however many attempts."""
+    import random
+
+    from ion.core.messaging.amqp import reconnect_delay
+
+    caps = [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert [reconnect_delay(n, 0.5, 10.0, 0) for n in range(7)] == caps
+    containers = [random.Random(seed) for seed in range(50)]
+    firsts = [reconnect_delay(0, 0.5, 10.0, 0.5, rng) for rng in containers]
+    assert len(set(firsts)) == 50 and all(0.25 <= d <= 0.5 for d in firsts)
+    assert max(firsts) - min(firsts) > 0.15  # spread over the window, not bunched
+    rng, replay = random.Random(7), random.Random(7)
+    waits = [reconnect_delay(n, 0.5, 10.0, 0.5, rng) for n in range(7)]
+    assert waits == [reconnect_delay(n, 0.5, 10.0, 0.5, replay) for n in range(7)]
+    assert all(cap * 0.5 <= w <= cap for w, cap in zip(waits, caps, strict=True))
+    assert reconnect_delay(5000, 0.5, 10.0, 0.1, rng) <= 10.0
+    assert reconnect_delay(3, 0.5, 10.0, 1.0, random.Random(1)) <= 4.0
 
 
 # -- connecting ---------------------------------------------------------------------------------------

@@ -957,3 +957,47 @@ async def test_send_with_confirm_fires_once_the_broker_took_it(amqp_containers: 
     with pytest.raises(TransportError, match="PRECONDITION_FAILED - user_id property set to 'mallory'"):
         await proc.send("hello", "hello", "refused", confirm=True)
     transport.user = "guest"
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_unconfirmed_messages_are_those_since_the_broker_last_showed_it_took_them(
+        transport_factory: Any, monkeypatch: Any) -> None:
+    """Every FENCE_EVERY unconfirmed publishes a basic.qos round trip shows the broker took them, so
+    they are forgotten; when the broker then closes the channel (a refused user_id), the refused
+    callbacks hear of each message published on it since, with the broker's code and text, and the
+    next publish goes out on a new channel."""
+    import ion.core.messaging.amqp as amqp
+
+    monkeypatch.setattr(amqp, "FENCE_EVERY", 4)
+    t = await transport_factory()
+    q = await t.declare_queue(_name())
+    inbox = _Inbox()
+    await t.consume(q, inbox)
+    refused: list[tuple[str, str | None, Exception]] = []
+    heard: defer.Deferred[None] = defer.Deferred()
+
+    def on_refused(exchange: str, key: str, props: Properties, error: Exception) -> None:
+        refused.append((key, props.correlation_id, error))
+        if len(refused) == 2:
+            heard.callback(None)
+
+    t.add_refused_callback(on_refused)
+    for i in range(4):
+        await t.publish("", q, b"a", Properties(correlation_id=f"a#{i}"), confirm=False)
+    channel = t._fast.current()
+    assert channel is not None and t._unconfirmed[channel].fencing
+    t.user = "mallory"
+    t.publish("", q, b"b", Properties(correlation_id="b#1"), confirm=False)
+    t.user = "guest"
+    t.publish("", q, b"c", Properties(correlation_id="b#2"), confirm=False)  # after it: dropped too
+    await heard.addTimeout(10, reactor)
+    assert [(key, cid) for key, cid, _ in refused] == [(q, "b#1"), (q, "b#2")]
+    error = refused[0][2]
+    assert isinstance(error, TransportError) and getattr(error, "reply_code", None) == 406
+    assert "PRECONDITION_FAILED - user_id property set to 'mallory'" in str(error)
+    while len(inbox.items) < 4:
+        await inbox.next()
+    await t.publish("", q, b"after", Properties(), confirm=False)
+    assert (await inbox.next()).body == b"after"
+    assert t._fast.current() is not channel
+    assert [d.body for d in inbox.items] == [b"a"] * 4 + [b"after"]

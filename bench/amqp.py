@@ -7,7 +7,9 @@ Measures, in one run and on the same broker:
   process (``twistd -n cc --no-shell --broker URL -s bench res/apps/hello.app``),
   with the shipped settings (publisher confirms on), and again with
   ``ion.core.messaging: publisher_confirms`` off in both containers
-  (``--confirms`` chooses);
+  (``--confirms`` chooses). Requests and replies never ask for a confirm
+  (the reply is the confirmation); the setting only decides for one-way
+  sends and events (the agents' heartbeats), so the two rows differ by little;
 * **raw pika** -- the smallest RPC echo written directly on pika's Twisted
   adapter: a server in another OS process consumes one queue (manual ack,
   the same prefetch window as ioncore's receivers) and publishes each reply
@@ -15,10 +17,11 @@ Measures, in one run and on the same broker:
   with a ``correlation_id`` and consumes its exclusive reply queue
   (``auto_ack``). Both set ``TCP_NODELAY`` as ioncore's transport does. A
   second row, **raw pika, ioncore's AMQP use**, makes the same calls the way
-  ioncore's transport uses AMQP (a topic exchange, publisher confirms on both
-  sides, mandatory requests, ``message_id`` and ``user_id`` set): the gap
-  between it and ioncore is the container's own cost, the gap between the
-  two pika rows the cost of those AMQP features;
+  ioncore's transport used AMQP until requests and replies went without
+  confirms (a topic exchange, publisher confirms on both sides, mandatory
+  requests, ``message_id`` and ``user_id`` set); **DESIGN's AMQP use** is
+  that without confirms and mandatory: the gap between the pika rows is the
+  cost of those AMQP features, between them and ioncore the container's own;
 * **nameko 2.14** -- a ``nameko run`` service and a ``ClusterRpcProxy``
   client, each in its own OS process, when a Python that can import nameko
   is found (``--nameko-python``, ``$NAMEKO_PYTHON``, ``/tmp/nameko-venv``,
@@ -33,10 +36,15 @@ broker (Linux ``/proc``). On a shared machine calls/s swing with the load;
 the CPU figures barely do, and show where a difference comes from. The table ends with each row's ratio to
 raw pika (the issue's target: ioncore >= 0.9x raw pika on both figures).
 
+The rows run ``--repeat`` times (default 3), interleaved (every row once, then every row again, ...),
+and the table shows the median of each figure over the runs; ``--json`` also gives each run's own
+figures (``runs``).
+
 Without ``--url`` it starts a private RabbitMQ (:mod:`ion.testing.rabbitmq`,
 about 10 s, on 127.0.0.1) and stops it at the end. Run from the repository root::
 
-    python bench/amqp.py                   # the table
+    python bench/amqp.py                   # the table (medians of 3 interleaved runs)
+    python bench/amqp.py --repeat 1        # one run of each row
     python bench/amqp.py --json            # machine-readable
     python bench/amqp.py --url amqp://guest:guest@127.0.0.1:5672/ --only ioncore,pika
 
@@ -75,7 +83,8 @@ from twisted.internet import defer, task  # noqa: E402
 
 from ion.testing.processes import WatchedProcess  # noqa: E402
 
-__all__ = ["main", "parse_args", "percentile", "sequential", "windowed", "format_table", "RATIO_TARGET"]
+__all__ = ["main", "parse_args", "percentile", "sequential", "windowed", "median_result", "format_table",
+           "RATIO_TARGET"]
 
 #: ioncore's calls/s over raw pika's, on both figures (the issue's target).
 RATIO_TARGET = 0.9
@@ -571,12 +580,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of ioncore,pika,nameko (default: all three)")
     p.add_argument("--nameko-python", help="a Python that can import nameko 2.14 (default: $NAMEKO_PYTHON, "
                                            f"{DEFAULT_NAMEKO_VENV}, else this one)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="run every row N times, interleaved, and report the median of each figure "
+                        "(default 3)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     p.add_argument("--strict", action="store_true", help="exit 1 if ioncore is under 0.9x raw pika")
     p.add_argument("--pika-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pika-mode", choices=PIKA_MODES, default="plain", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("calls", "inflight_calls", "window"):
+    for name in ("calls", "inflight_calls", "window", "repeat"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
@@ -590,30 +602,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _median(values: list[Any]) -> Any:
+    """The median of the numbers in ``values`` (None when there are none)."""
+    nums = sorted(v for v in values if isinstance(v, (int, float)) and not math.isnan(v))
+    if not nums:
+        return None
+    mid = len(nums) // 2
+    return nums[mid] if len(nums) % 2 else (nums[mid - 1] + nums[mid]) / 2
+
+
+def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row's result from its repeated runs: the median of each figure (calls/s, p50, p99 of
+    each phase, CPU µs per call of each process), taken separately. A row that failed in every
+    run is ``{"na": ...}`` (the last reason); runs that failed are left out, and counted."""
+    good = [r for r in runs if "na" not in r]
+    if not good:
+        return runs[-1] if runs else {"na": "not run"}
+    out: dict[str, Any] = {"runs": len(good)}
+    if len(good) < len(runs):
+        out["failed_runs"] = len(runs) - len(good)
+    for phase in ("sequential", "window"):
+        keys = good[0][phase].keys()
+        out[phase] = {k: _median([r[phase].get(k) for r in good]) for k in keys}
+    if any("cpu_us" in r for r in good):
+        out["cpu_us"] = {k: _median([(r.get("cpu_us") or {}).get(k) for r in good])
+                         for k in ("client", "server", "broker")}
+    for key in ("version",):
+        if key in good[0]:
+            out[key] = good[0][key]
+    return out
+
+
 @defer.inlineCallbacks
 def run(reactor: Any, args: argparse.Namespace, url: str) -> Any:
-    """Every selected client on ``url``; fires with the report dict."""
-    results: dict[str, Any] = {}
+    """Every selected client on ``url``, ``args.repeat`` times interleaved (row A, B, C, A, B, C,
+    ...: a slow spell of the shared machine hits every row alike, not one); fires with the report
+    dict, whose ``results`` are the medians of the runs and ``runs`` each run's own figures."""
     runs = ["ioncore"] if args.confirms == "on" else ["ioncore-noconfirm"] if args.confirms == "off" else [
         "ioncore", "ioncore-noconfirm"]
-    for name in [*runs, "pika", "pika-design", "pika-like", "nameko"]:
-        if name.split("-")[0] not in args.only:
-            continue
-        try:
-            if name.startswith("ioncore"):
-                results[name] = yield bench_ioncore(reactor, url, args, confirms=name == "ioncore")
-            elif name.startswith("pika"):
-                mode = {"pika": "plain", "pika-design": "design", "pika-like": "ioncore"}[name]
-                results[name] = yield bench_pika(reactor, url, args, mode=mode)
-            else:
-                python, why = find_nameko_python(args.nameko_python)
-                if python is None:
-                    results[name] = {"na": why}
-                    continue
-                results[name] = yield bench_nameko(reactor, url, args, python)
-                results[name]["version"] = why
-        except Exception as exc:
-            results[name] = {"na": f"failed: {exc}"}
+    names = [n for n in [*runs, "pika", "pika-design", "pika-like", "nameko"] if n.split("-")[0] in args.only]
+    per_run: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    nameko: tuple[str | None, str] | None = None
+    for round_no in range(1, args.repeat + 1):
+        if args.repeat > 1:
+            print(f"round {round_no} of {args.repeat} ...", file=sys.stderr, flush=True)
+        for name in names:
+            try:
+                if name.startswith("ioncore"):
+                    res = yield bench_ioncore(reactor, url, args, confirms=name == "ioncore")
+                elif name.startswith("pika"):
+                    mode = {"pika": "plain", "pika-design": "design", "pika-like": "ioncore"}[name]
+                    res = yield bench_pika(reactor, url, args, mode=mode)
+                else:
+                    if nameko is None:
+                        nameko = find_nameko_python(args.nameko_python)
+                    python, why = nameko
+                    if python is None:
+                        res = {"na": why}
+                    else:
+                        res = yield bench_nameko(reactor, url, args, python)
+                        res["version"] = why
+            except Exception as exc:
+                res = {"na": f"failed: {exc}"}
+            per_run[name].append(res)
+    results = {name: median_result(rs) for name, rs in per_run.items()}
     ratios: dict[str, Any] = {}
     base = results.get("pika")
     if base and "na" not in base:
@@ -631,6 +683,7 @@ def run(reactor: Any, args: argparse.Namespace, url: str) -> Any:
         },
         "args": {k: v for k, v in vars(args).items() if k not in ("pika_server", "url")},
         "results": results,
+        "runs": per_run,
         "ratio_to_raw_pika": ratios,
     }
 
@@ -664,7 +717,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"RPC on RabbitMQ ({env['broker']}): client and server in separate OS processes",
         f"Python {env['python']}, Twisted {env['twisted']}, pika {env['pika']}, msgpack {env['msgpack']}, "
         f"{env['cpus']} CPUs",
-        f"sequential: {args['calls']} calls; window: {args['inflight_calls']} calls, {args['window']} in flight",
+        f"sequential: {args['calls']} calls; window: {args['inflight_calls']} calls, {args['window']} in flight"
+        + (f"; median of {args.get('repeat', 1)} interleaved runs" if args.get("repeat", 1) > 1 else ""),
         "",
         f"{'client':<28}{'seq calls/s':>12}{'p50 us':>9}{'p99 us':>9}   "
         f"{'window calls/s':>14}{'p50 us':>9}{'p99 us':>9}   {'vs raw pika (seq / window)':>26}"
@@ -684,13 +738,15 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{labels[name]:<28}{s['calls_per_s']:>12,.0f}{_cell(s['p50_us'], '.0f'):>9}{_cell(s['p99_us'], '.0f'):>9}"
             f"   {w['calls_per_s']:>14,.0f}{_cell(w['p50_us'], '.0f'):>9}{_cell(w['p99_us'], '.0f'):>9}"
-            f"   {ratio_text:>26}   {_cpu_cells(res.get('cpu_us'))}")
+            f"   {ratio_text:>26}   {_cpu_cells(res.get('cpu_us'))}"
+            + (f"   ({res['failed_runs']} run(s) failed)" if res.get("failed_runs") else ""))
     lines.append("-" * WIDTH)
     if "pika-design" in report["results"]:
         lines.append("raw pika, DESIGN's AMQP use: the system's topic exchange, message_id + broker-validated "
                      "user_id (DESIGN 4-5)")
     if "pika-like" in report["results"]:
-        lines.append("raw pika, ioncore's AMQP use: that, plus publisher confirms and mandatory requests")
+        lines.append("raw pika, ioncore's AMQP use: that, plus publisher confirms and mandatory requests "
+                     "(ioncore's requests and replies now go without confirms)")
     ion = report["ratio_to_raw_pika"].get("ioncore")
     if ion:
         ok = all(v >= RATIO_TARGET for v in ion.values())

@@ -14,7 +14,7 @@ import itertools
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -178,6 +178,7 @@ class ExchangeManager:
         yield transport.declare_exchange(self.container.exchange_name, "topic")
         yield transport.declare_exchange(self.container.events_exchange, "topic")
         transport.add_return_callback(self._returned)
+        transport.add_refused_callback(self._refused)
         transport.add_connection_listener(self._connection_changed)
 
     def _connection_changed(self, event: str, reason: str | None) -> None:
@@ -203,10 +204,23 @@ class ExchangeManager:
                 conv_id, f"no process or service is bound to {routing_key!r} in system "
                          f"{self.container.sysname}", code=404)
 
+    def _refused(self, exchange: str, routing_key: str, properties: Properties, error: Exception) -> None:
+        # A message sent without a confirm on a channel the broker then closed with an error (a
+        # refused user_id, ACCESS_REFUSED ...): the call it belongs to fails now, with the broker's
+        # reason and code, instead of waiting for its timeout. (The transport logged the closing.)
+        conv_id = properties.correlation_id or ""
+        proc = self.container.proc_manager.get(conv_id.split("#", 1)[0])
+        if proc is not None:
+            code = getattr(error, "reply_code", None)
+            proc.conversations.fail_matching(
+                conv_id, f"the broker refused the message to {routing_key!r}: {error}",
+                code=code if isinstance(code, int) and 400 <= code < 600 else 503)
+
     @defer.inlineCallbacks
     def stop(self) -> Any:
         transport = self.container.transport
         transport.remove_return_callback(self._returned)
+        transport.remove_refused_callback(self._refused)
         transport.remove_connection_listener(self._connection_changed)
         self.connected = False
         yield transport.close()
@@ -216,7 +230,9 @@ class Container(LifecycleObject):
     """One capability container.
 
     :param config: the configuration (default: read from ``res/config``).
-    :param broker_url: ``memory://`` (default) or ``amqp://user:pass@host:port/vhost``.
+    :param broker_url: ``memory://`` or ``amqp://user:pass@host:port/vhost``, or a list of AMQP
+        URLs (the nodes of one cluster, tried in turn); default: ``brokers`` of the
+        ``ion.core.messaging`` config section, else ``memory://``.
     :param broker: an embedded broker to join (several containers may share one).
     :param transport: a ready transport to use instead of ``broker_url``.
     :param sysname: the system name (default: the container id).
@@ -228,7 +244,7 @@ class Container(LifecycleObject):
 
     _log = Logger()
 
-    def __init__(self, *, config: Config | None = None, broker_url: str = "memory://",
+    def __init__(self, *, config: Config | None = None, broker_url: str | Sequence[str] | None = None,
                  broker: MemoryBroker | None = None, transport: Transport | None = None,
                  sysname: str | None = None, contid: str | None = None, reactor: Any = None,
                  clock: IReactorTime | None = None, args: Mapping[str, Any] | None = None) -> None:
@@ -247,8 +263,14 @@ class Container(LifecycleObject):
         self.events_exchange = f"ion.{self.sysname}.events"
         self.max_message_size = self.config.settings(MessagingSettings).max_message_size
         self.broker = broker
-        self.broker_url = broker_url
-        self.transport: Transport = transport or self._make_transport(broker_url, broker)
+        if broker_url is None:
+            broker_url = self.config.settings(MessagingSettings).brokers or "memory://"
+        #: The broker address(es) given; ``broker_url`` is the first.
+        self.broker_urls: list[str] = [broker_url] if isinstance(broker_url, str) else list(broker_url)
+        if not self.broker_urls:
+            raise ConfigurationError("no broker URL given")
+        self.broker_url = self.broker_urls[0]
+        self.transport: Transport = transport or self._make_transport(self.broker_urls, broker)
         self._pids: Iterator[int] = itertools.count(1)
         self.proc_manager = ProcessManager(self)
         self.exchange_manager = ExchangeManager(self)
@@ -278,8 +300,11 @@ class Container(LifecycleObject):
     def __repr__(self) -> str:
         return f"<Container {self.id} sys={self.sysname} {self.state.value}>"
 
-    def _make_transport(self, url: str, broker: MemoryBroker | None) -> Transport:
-        parsed = parse_broker_url(url)
+    def _make_transport(self, urls: list[str], broker: MemoryBroker | None) -> Transport:
+        every = [parse_broker_url(url) for url in urls]
+        parsed = every[0]
+        if any(u.scheme == "memory" for u in every) and len(every) > 1:
+            raise ConfigurationError("memory:// is one broker of its own: it cannot be one of several addresses")
         if parsed.scheme == "memory":
             if broker is None:
                 broker = self.broker = MemoryBroker(self.reactor)
@@ -290,7 +315,7 @@ class Container(LifecycleObject):
             raise ConfigurationError(
                 f"the AMQP transport is not available in this build; use memory:// (got {parsed})"
             ) from None
-        return AmqpTransport.from_config(parsed, self.config.settings(MessagingSettings), reactor=self.reactor)
+        return AmqpTransport.from_config(every, self.config.settings(MessagingSettings), reactor=self.reactor)
 
     def new_pid(self) -> str:
         """The next process id, ``<container-id>.<n>``."""
@@ -311,8 +336,9 @@ class Container(LifecycleObject):
 
             self.agent_pid = yield self.proc_manager.spawn(ContainerAgent)
         # str() of the parsed URL leaves the password out.
+        url = getattr(self.transport, "url", None)  # the AMQP address in use, of several
         self._log.info("container {id} of system {sysname} is up on {broker}",
-                       id=self.id, sysname=self.sysname, broker=str(parse_broker_url(self.broker_url)))
+                       id=self.id, sysname=self.sysname, broker=str(url or parse_broker_url(self.broker_url)))
 
     @defer.inlineCallbacks
     def on_terminate(self) -> Any:
@@ -341,8 +367,9 @@ class Container(LifecycleObject):
         """Spawn a process here; fires with its pid."""
         return self.proc_manager.spawn(desc, spawnargs, name=name, parent=parent)
 
-    def publish_event(self, routing_key: str, content: Any) -> None:
-        """Publish a one-off event on the system's events exchange (best effort)."""
+    def publish_event(self, routing_key: str, content: Any, *, confirm: bool | None = None) -> None:
+        """Publish a one-off event on the system's events exchange (best effort); ``confirm``:
+        ask the broker for a publisher confirm (None: ``publisher_confirms`` says)."""
         if self.transport is None or self.state in (State.TERMINATED, State.ERROR):
             return
         msg = wire.build(sender=self.id, sender_name="container", receiver=routing_key, op="event",
@@ -351,7 +378,7 @@ class Container(LifecycleObject):
         try:
             body = wire.encode(msg, self.max_message_size)
             d = self.transport.publish(self.events_exchange, routing_key, body,
-                                       Properties(correlation_id=msg["conv-id"]))
+                                       Properties(correlation_id=msg["conv-id"]), confirm=confirm)
         except Exception as exc:
             self._log.debug("event {key} not published: {exc}", key=routing_key, exc=exc)
             return

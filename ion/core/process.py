@@ -854,12 +854,16 @@ class Process(LifecycleObject):
             return str(current.get("user-id") or ANONYMOUS)
         return self.user_id
 
-    def _publish(self, msg: dict[str, Any], mandatory: bool = False) -> defer.Deferred[None]:
+    def _publish(self, msg: dict[str, Any], mandatory: bool = False,
+                 confirm: bool | None = None) -> defer.Deferred[None]:
+        """Encode and publish ``msg`` to its receiver. ``confirm``: ask the broker for a publisher
+        confirm (None: the transport's default, ``publisher_confirms``); requests and replies of
+        rpc/request conversations say False, their reply or timeout being the confirmation."""
         container = self.container
         body = wire.encode(msg, container.max_message_size)
         props = Properties(correlation_id=msg["conv-id"], reply_to=msg["reply-to"])
         return container.transport.publish(container.exchange_name, msg["receiver"], body, props,
-                                           mandatory=mandatory)
+                                           mandatory=mandatory, confirm=confirm)
 
     def _route_around_self(self, target: str) -> tuple[str, str | None]:
         """Where to send a request so that it cannot wait behind the op making it.
@@ -892,7 +896,9 @@ class Process(LifecycleObject):
             conv_id=conv.conv_id, protocol=protocol, performative=Performative.REQUEST,
             user_id=self._delegated_user(), extra=headers)
         try:
-            d = self._publish(msg, mandatory=True)
+            # No confirm for an rpc/request: the reply, or the timeout, confirms it; an unroutable
+            # one comes back (404) and one the broker refuses is reported (ExchangeManager) at once.
+            d = self._publish(msg, mandatory=True, confirm=False if protocol in _REQUEST_PROTOCOLS else None)
         except MessageError as exc:
             conv.event("error", reason=str(exc), code=413 if isinstance(exc, MessageTooLargeError) else 400)
             return conv
@@ -947,14 +953,19 @@ class Process(LifecycleObject):
         return self._publish(msg)
 
     def send(self, receiver: str, op: str, content: Any = None,
-             headers: Mapping[str, Any] | None = None) -> defer.Deferred[None]:
-        """A one-off message (protocol ``none``): no reply, no conversation kept."""
+             headers: Mapping[str, Any] | None = None, *, confirm: bool | None = None) -> defer.Deferred[None]:
+        """A one-off message (protocol ``none``): no reply, no conversation kept.
+
+        ``confirm=True``: the Deferred fires only once the broker took the message (and fails
+        with its reason if it refused it); False: once it is on its way; None (default): as
+        ``ion.core.messaging: publisher_confirms`` says.
+        """
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=self.resolve(receiver), op=op,
             content=content, conv_id=self.conversations.new_id(), protocol=Protocol.NONE,
             performative=Performative.INFORM, user_id=self._delegated_user(), extra=headers)
         try:
-            return self._publish(msg)
+            return self._publish(msg, confirm=confirm)
         except MessageError:
             return defer.fail()
 
@@ -982,7 +993,7 @@ class Process(LifecycleObject):
             protocol=msg["protocol"], performative=performative, status=status,
             response_code=response_code, user_id=self._delegated_user(), extra=headers)
         try:
-            return self._publish(reply)
+            return self._publish(reply, confirm=False if msg.get("protocol") in _REQUEST_PROTOCOLS else None)
         except MessageError as exc:
             if performative == Performative.FAILURE:
                 if isinstance(content, Mapping) and content.get("cut"):
@@ -1039,7 +1050,7 @@ class Process(LifecycleObject):
             content={"error": type(exc).__name__, "message": str(exc)}, conv_id=props.correlation_id,
             conv_seq=2, protocol=Protocol.RPC, performative=Performative.FAILURE, status="ERROR",
             response_code=code, user_id=self.user_id)
-        self._publish(reply).addErrback(lambda f: None)
+        self._publish(reply, confirm=False).addErrback(lambda f: None)
 
     # -- processes -------------------------------------------------------------------------
     @defer.inlineCallbacks
@@ -1100,8 +1111,9 @@ class ProcessClient:
                 ) -> defer.Deferred[RpcResult]:
         return self.proc.request(self.target, op, content, headers, timeout, on_agree, trusted=self.trusted)
 
-    def send(self, op: str, content: Any = None) -> defer.Deferred[None]:
-        return self.proc.send(self.target, op, content)
+    def send(self, op: str, content: Any = None, *, confirm: bool | None = None) -> defer.Deferred[None]:
+        """A one-off message to the target (see :meth:`Process.send`, ``confirm`` included)."""
+        return self.proc.send(self.target, op, content, confirm=confirm)
 
     @defer.inlineCallbacks
     def ping(self, timeout: float | None = None) -> Any:

@@ -7,10 +7,11 @@ Each default is declared here once; ``res/config/ion.config`` documents the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ion.core.config import Settings, setting
+from ion.core.exceptions import ConfigurationError
 
 __all__ = ["ProcessSettings", "MessagingSettings", "ContainerSettings", "AppsSettings"]
 
@@ -38,9 +39,14 @@ class MessagingSettings(Settings):
 
     :ivar max_message_size: largest encoded message accepted or sent, in bytes.
     :ivar memory_user: the broker login the embedded broker stamps on messages.
-    :ivar publisher_confirms: AMQP: publish in confirm mode.
+    :ivar brokers: the broker URLs of a container whose command line names none (``--broker``,
+        ``-h``): empty = the embedded broker; several = the nodes of one cluster, tried in turn.
+    :ivar publisher_confirms: AMQP: one-way sends and events ask the broker for a confirm unless
+        they say otherwise (requests and replies of conversations never do).
     :ivar reconnect_initial: AMQP: seconds before the first reconnection attempt (doubled after each).
     :ivar reconnect_max: AMQP: the longest wait between two attempts.
+    :ivar reconnect_jitter: AMQP: the share of each wait (0-1) drawn at random, so that containers
+        do not all reconnect in the same instant after a broker restart; 0: the exact doubling.
     :ivar heartbeat: AMQP heartbeat in seconds; 0: none; None: what the broker proposes.
     """
 
@@ -48,10 +54,18 @@ class MessagingSettings(Settings):
 
     max_message_size: int = setting(16 * 1024 * 1024, minimum=1)
     memory_user: str = "ion"
+    brokers: list[str] = field(default_factory=list)
     publisher_confirms: bool = True
     reconnect_initial: float = setting(0.5, positive=True, unit="seconds")
     reconnect_max: float = setting(10.0, positive=True, unit="seconds")
+    reconnect_jitter: float = setting(0.5, finite=True)
     heartbeat: float | None = setting(None, unit="seconds")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reconnect_jitter > 1:
+            raise ConfigurationError(f"{self.SECTION}: reconnect_jitter must be a number from 0 to 1, "
+                                     f"not {self.reconnect_jitter!r}")
 
 
 @dataclass(frozen=True)

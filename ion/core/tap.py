@@ -156,8 +156,10 @@ def _credentials_from_file(path: str) -> tuple[str, str]:
 class Options(usage.Options):
     """The options of ``twistd cc`` (DESIGN §7); positional arguments are app/rel files or app names.
 
-    After parsing: ``broker_url`` (the URL to connect to, password included),
-    ``broker_display`` (the same without the password), ``container_args``,
+    After parsing: ``broker_url`` (the URL to connect to, password included; the first of
+    several), ``broker_urls`` (every URL given, in order; empty when no broker option was
+    given: the container then takes ``brokers`` of its config, else memory://),
+    ``broker_display`` (the same without the passwords), ``container_args``,
     ``config_overrides`` and ``files``.
     """
 
@@ -174,7 +176,6 @@ class Options(usage.Options):
         ["broker_username", None, None, f"Broker login [default: ${ENV_BROKER_USERNAME}, else guest]."],
         ["broker_password", None, None, f"Broker password [default: ${ENV_BROKER_PASSWORD}, else guest]."],
         ["broker_credfile", None, None, "File holding the broker login as 'user password'."],
-        ["broker", None, None, "The whole broker URL: memory:// (the default) or amqp://user:pass@host:port/vhost."],
         ["sysname", "s", None, "System name (same as -a sysname=NAME) [default: the container id]."],
     ]
 
@@ -184,8 +185,14 @@ class Options(usage.Options):
         self["config_overrides"] = {}
         self["files"] = []
         self["no_shell"] = False
+        self["broker"] = []
         self["broker_url"] = "memory://"
+        self["broker_urls"] = []
         self["broker_display"] = "memory://"
+
+    def opt_broker(self, url: str) -> None:
+        """The whole broker URL: memory:// (the default) or amqp://user:pass@host:port/vhost. Give it more than once for the nodes of one cluster: they are tried in turn when one is down."""
+        self["broker"].append(url)
 
     def opt_args(self, value: str) -> None:
         """Container args: k=v,... or a dict literal (sysname, contid, apparg_<app>=..., module.key=value overrides config). May be repeated."""
@@ -261,7 +268,7 @@ class Options(usage.Options):
     def _check_broker(self) -> None:
         host, port, vhost = self["broker_host"], self["broker_port"], self["broker_vhost"]
         user, password = self._explicit_credentials()
-        url = self["broker"]
+        urls: list[str] = self["broker"]
         if port is not None:
             try:
                 port = int(port)
@@ -272,27 +279,41 @@ class Options(usage.Options):
         explicit = [name for name, value in (("--broker_host", host), ("--broker_port", port),
                                              ("--broker_vhost", vhost), ("--broker_username", user),
                                              ("--broker_password", password)) if value is not None]
-        if url is not None:
+        if urls:
             if host is not None or port is not None or vhost is not None:
                 raise usage.UsageError("--broker URL names the host, port and vhost itself; "
                                        "do not also give --broker_host/--broker_port/--broker_vhost")
-            try:
-                parsed = parse_broker_url(url)
-            except ConfigurationError as exc:
-                raise usage.UsageError(f"--broker: {exc}") from None
-            if parsed.scheme == "memory":
-                if explicit:
-                    raise usage.UsageError(f"{', '.join(explicit)}: only for an AMQP broker, not memory://")
-                return
-            parts = urlsplit(url)
-            if parts.username is not None and (user is not None or password is not None):
-                raise usage.UsageError("give the broker login in the --broker URL or with "
-                                       "--broker_username/--broker_password/--broker_credfile, not both")
-            if parts.username is None:
-                user, password = self._login(user, password)
-            else:
-                user, password = parsed.username, parsed.password
-            self._set_amqp(parsed.scheme, parsed.host, parsed.port, parsed.vhost, user, password)
+            full: list[str] = []
+            for url in urls:
+                try:
+                    parsed = parse_broker_url(url)
+                except ConfigurationError as exc:
+                    raise usage.UsageError(f"--broker: {exc}") from None
+                if parsed.scheme == "memory":
+                    if len(urls) > 1:
+                        raise usage.UsageError("--broker memory:// is a broker of its own; it cannot be one of "
+                                               "several --broker addresses")
+                    if explicit:
+                        raise usage.UsageError(f"{', '.join(explicit)}: only for an AMQP broker, not memory://")
+                    self["broker_urls"] = ["memory://"]
+                    return
+                parts = urlsplit(url)
+                if parts.username is not None and (user is not None or password is not None):
+                    raise usage.UsageError("give the broker login in the --broker URL or with "
+                                           "--broker_username/--broker_password/--broker_credfile, not both")
+                if parts.username is None:
+                    login, secret = self._login(user, password)
+                else:
+                    login, secret = parsed.username, parsed.password
+                self._set_amqp(parsed.scheme, parsed.host, parsed.port, parsed.vhost, login, secret)
+                full.append(self["broker_url"])
+            if len(full) > 1:
+                first = parse_broker_url(full[0])
+                self["broker_url"] = full[0]
+                self["broker_host"], self["broker_port"], self["broker_vhost"] = first.host, first.port, first.vhost
+                self["broker_username"], self["broker_password"] = first.username, first.password
+                self["broker_display"] = ", ".join(str(parse_broker_url(u)) for u in full)
+            self["broker_urls"] = full
             return
         if host is None:
             if explicit:
@@ -301,6 +322,7 @@ class Options(usage.Options):
             return
         user, password = self._login(user, password)
         self._set_amqp("amqp", host, port or DEFAULT_BROKER_PORT, vhost or DEFAULT_BROKER_VHOST, user, password)
+        self["broker_urls"] = [self["broker_url"]]
 
     @staticmethod
     def _login(user: str | None, password: str | None) -> tuple[str, str]:
@@ -437,8 +459,11 @@ class ContainerService(service.Service):
             config.set_command_line(opts["config_overrides"])
         args = dict(opts["container_args"])
         _default_audit_path(config, opts)
+        # No broker option given: the config's brokers, else memory:// (the container decides).
+        urls = opts.get("broker_urls")
+        broker_url = opts["broker_url"] if urls is None else (urls or None)
         self.container = Container(
-            config=config, broker_url=opts["broker_url"], broker=self.broker, sysname=args.get("sysname"),
+            config=config, broker_url=broker_url, broker=self.broker, sysname=args.get("sysname"),
             contid=str(args["contid"]) if args.get("contid") is not None else None, reactor=self.reactor,
             args=args)
         await self.container.start()

@@ -19,6 +19,7 @@ from ion.core.exceptions import (
     ReceivedApplicationError,
     ReceivedContainerError,
     ReceivedError,
+    TransportError,
 )
 from ion.core.lifecycle import State
 from ion.core.messaging.message import Performative, Protocol
@@ -487,3 +488,53 @@ def test_fail_all_ends_every_open_conversation() -> None:
         assert isinstance(err, ReceivedError)
         assert err.message == "going away"
     assert len(table) == 0
+
+
+# -- publisher confirms ---------------------------------------------------------------------------------
+def test_requests_and_replies_ask_for_no_confirm_one_way_sends_choose(system: ClockedSystem,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """rpc and request messages, and their replies, are published with ``confirm=False`` (the
+    reply or the timeout confirms them); a one-way send passes its ``confirm`` through (None:
+    the transport's default, ``publisher_confirms``)."""
+    svc, client = _echo_and_client(system)
+    transport = system.container.transport
+    seen: list[tuple[str, bool | None]] = []
+    real_publish = transport.publish
+
+    def publish(exchange: str, routing_key: str, body: bytes, properties: Any, *, mandatory: bool = False,
+                confirm: bool | None = None) -> Any:
+        seen.append((routing_key, confirm))
+        return real_publish(exchange, routing_key, body, properties, mandatory=mandatory, confirm=confirm)
+
+    monkeypatch.setattr(transport, "publish", publish)
+    system.result(client.rpc_send("echo", "echo", 1))
+    system.result(client.request("echo", "echo", 2))
+    confirmed = client.send("echo", "echo", 3, confirm=True)
+    no_result(confirmed)  # the embedded broker confirms from its pump, as a broker's ack arrives
+    success_of(client.send("echo", "echo", 4))
+    system.pump()
+    success_of(confirmed)
+    assert seen == [("clocked.echo", False), (client.backend_name, False),
+                    ("clocked.echo", False), (client.backend_name, False),
+                    ("clocked.echo", True), ("clocked.echo", None)]
+
+
+def test_a_message_the_broker_refused_fails_its_call_at_once(system: ClockedSystem) -> None:
+    """When the transport reports a request refused (an unconfirmed message on a channel the broker
+    closed with an error), its call fails at once with the broker's code and text, not at its
+    timeout; the reply that may still come is dropped as late."""
+    from ion.core.messaging.transport import Properties
+
+    svc, client = _echo_and_client(system)
+    d = client.rpc_send("echo", "echo", 1, timeout=60)
+    conv_id = f"{client.id}#1"
+    error = TransportError("PRECONDITION_FAILED - user_id property set to 'x' but authenticated user was 'y'")
+    error.reply_code = 406  # type: ignore[attr-defined]
+    system.container.transport._notify_refused(system.container.exchange_name, "clocked.echo",
+                                               Properties(correlation_id=conv_id), error)
+    err = failure_of(d, ConversationError)
+    assert err.response_code == 406 and not isinstance(err, ConversationTimeout)
+    assert err.message == ("the broker refused the message to 'clocked.echo': PRECONDITION_FAILED - user_id "
+                           "property set to 'x' but authenticated user was 'y'")
+    system.pump()
+    assert client.conversations.late_messages == 1

@@ -126,6 +126,40 @@ def test_broker_url_option() -> None:
     assert parse("--broker", "memory://")["broker_url"] == "memory://"
 
 
+def test_broker_given_more_than_once_is_a_list_tried_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--broker URL --broker URL2: the nodes of one cluster, in order (each with its own login, else
+    the command line's or the environment's); one --broker or -h stays a one-address list."""
+    monkeypatch.setenv(tap.ENV_BROKER_PASSWORD, "envpass")
+    options = parse("--broker", "amqp://bob:pw@rabbit1:5673/vh", "--broker", "amqp://rabbit2/vh")
+    assert options["broker_urls"] == ["amqp://bob:pw@rabbit1:5673/vh", "amqp://guest:envpass@rabbit2:5672/vh"]
+    assert options["broker_url"] == "amqp://bob:pw@rabbit1:5673/vh"
+    assert options["broker_display"] == "amqp://bob@rabbit1:5673/vh, amqp://guest@rabbit2:5672/vh"
+    assert (options["broker_host"], options["broker_port"], options["broker_username"]) == ("rabbit1", 5673, "bob")
+    assert "pw" not in options["broker_display"] and "envpass" not in options["broker_display"]
+    assert parse("--broker", "amqp://bob:pw@rabbit1:5673/vh")["broker_urls"] == ["amqp://bob:pw@rabbit1:5673/vh"]
+    assert parse("-h", "h")["broker_urls"] == ["amqp://guest:envpass@h:5672/"]
+    assert parse()["broker_urls"] == []  # none given: the config's brokers, else memory://
+    with pytest.raises(usage.UsageError, match="cannot be one of several"):
+        parse("--broker", "amqp://h1/", "--broker", "memory://")
+
+
+def test_container_takes_the_configs_brokers_when_the_command_line_names_none() -> None:
+    """Without a broker option the container uses ``brokers`` of ion.core.messaging (a list, tried
+    in turn), else the embedded broker; a broker option wins over the config."""
+    from ion.core.container import Container
+    from ion.core.messaging.amqp import AmqpTransport
+
+    config = test_config({"ion.core.messaging": {"brokers": ["amqp://u:p@n1:5999/v", "amqp://u:p@n2:5999/v"]}})
+    listed = Container(config=config, broker_url=None)
+    assert isinstance(listed.transport, AmqpTransport)
+    assert [(u.host, u.port) for u in listed.transport.urls] == [("n1", 5999), ("n2", 5999)]
+    assert listed.broker_urls == ["amqp://u:p@n1:5999/v", "amqp://u:p@n2:5999/v"]
+    assert Container(config=test_config(), broker_url=None).broker_url == "memory://"
+    assert Container(config=config, broker_url="memory://").broker_url == "memory://"
+    with pytest.raises(ConfigurationError, match="brokers must be"):
+        Container(config=test_config({"ion.core.messaging": {"brokers": "amqp://n1/"}}))
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--broker", "memory://", "--broker_host", "h"], "names the host"),
     (["--broker", "amqp://h/", "--broker_port", "5"], "names the host"),

@@ -8,12 +8,24 @@ reused, never opened per send:
   time, so a broker error (404, 405, 406 ...), which closes the channel in
   AMQP, fails only the operation that caused it; the next operation opens a
   fresh channel;
-- a **publish** channel in confirm mode: ``publish`` fires when the broker
-  has taken the message, and fails with the broker's text if it did not. A
-  ``mandatory`` message no queue takes comes back as ``basic.return`` and is
-  handed to the return callbacks. Exchanges are checked (passively, once per
-  connection) before the first publish to them, so a publish to a missing
-  exchange fails alone instead of closing the channel under other publishes;
+- a **publish** channel without confirms, for requests and replies of
+  conversations (their reply, or the timeout, is the confirmation) and any
+  ``publish(confirm=False)``: ``publish`` fires once the message is written.
+  If the broker closes that channel with an error (a refused ``user_id``,
+  ``ACCESS_REFUSED`` ...) the messages published on it that it may have
+  dropped — those since it opened, less those a later ``basic.qos``
+  round trip on it showed the broker had taken (one every
+  :data:`FENCE_EVERY` messages) — go to the refused callbacks with the
+  broker's reason, so a container fails those calls at once;
+- a **confirm** channel in confirm mode, for ``publish(confirm=True)`` (and
+  ``confirm=None`` when :attr:`AmqpTransport.confirm`, the
+  ``publisher_confirms`` setting, is on): ``publish`` fires when the broker
+  has taken the message, and fails with the broker's text if it did not.
+  On both, a ``mandatory`` message no queue takes comes back as
+  ``basic.return`` and is handed to the return callbacks. Exchanges are
+  checked (passively, once per connection) before the first publish to them,
+  so a publish to a missing exchange fails alone instead of closing the
+  channel under other publishes;
 - **one channel per consumer**, with its own ``basic.qos`` prefetch, so each
   receiver's window and acks are its own and a consumer error (exclusive
   queue, access refused) cannot cancel another consumer. Deliveries are
@@ -26,7 +38,12 @@ reused, never opened per send:
 When the connection drops, in-flight operations fail with
 :class:`~ion.core.exceptions.ConnectionLostError`, connection listeners hear
 ``("lost", reason)``, and the transport reconnects with exponential backoff
-(0.5 s doubling up to 10 s, on an injectable clock). Once connected it
+and random jitter (0.5 s doubling up to 10 s, each wait shortened by a random
+share of up to ``reconnect_jitter``, on an injectable clock and random
+generator), so that many containers do not reconnect in the same instant.
+Given several broker addresses (the nodes of a cluster), it connects to the
+first that answers, and after a loss tries the next one, and so on in turn.
+Once connected it
 re-declares the exchanges, queues and bindings it made, re-creates its
 consumers under their old tags, and listeners hear ``("restored", None)``.
 Deliveries received before the loss cannot be settled any more: their
@@ -34,15 +51,16 @@ Deliveries received before the loss cannot be settled any more: their
 
 A container makes its transport with :meth:`AmqpTransport.from_config`, from
 the ``ion.core.messaging`` config section: ``publisher_confirms``,
-``reconnect_initial``, ``reconnect_max``, ``heartbeat``.
+``reconnect_initial``, ``reconnect_max``, ``reconnect_jitter``, ``heartbeat``.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import random
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pika
@@ -66,14 +84,37 @@ from ion.core.messaging.transport import (
 )
 from ion.core.settings import MessagingSettings
 
-__all__ = ["AmqpTransport", "DEFAULT_RECONNECT_INITIAL", "DEFAULT_RECONNECT_MAX"]
+__all__ = ["AmqpTransport", "DEFAULT_RECONNECT_INITIAL", "DEFAULT_RECONNECT_MAX", "DEFAULT_RECONNECT_JITTER",
+           "FENCE_EVERY", "reconnect_delay"]
 
 #: Seconds before the first reconnection attempt; doubled after each failure.
 DEFAULT_RECONNECT_INITIAL = MessagingSettings.reconnect_initial
 #: Longest wait between two reconnection attempts, in seconds.
 DEFAULT_RECONNECT_MAX = MessagingSettings.reconnect_max
+#: The share of each reconnection wait drawn at random (0: the exact doubling).
+DEFAULT_RECONNECT_JITTER = MessagingSettings.reconnect_jitter
 #: Seconds to wait for the TCP connection to the broker.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Unconfirmed publishes on the publish channel between two checks (a ``basic.qos`` round trip)
+#: that the broker took them; only those since the last check are reported refused if it closes.
+FENCE_EVERY = 256
+
+
+def reconnect_delay(attempt: int, initial: float, maximum: float, jitter: float = DEFAULT_RECONNECT_JITTER,
+                    rng: random.Random | None = None) -> float:
+    """Seconds to wait before reconnection attempt ``attempt`` (0 for the first).
+
+    ``initial`` doubled per attempt, at most ``maximum`` (the "cap"), less a random share of up
+    to ``jitter`` of it: a wait is in ``[(1 - jitter) * cap, cap]``, so containers that lost
+    the same broker at the same moment spread their attempts instead of all reconnecting in
+    the same instant (the idea of ``twisted.application.internet.backoffPolicy``, with the
+    jitter in proportion to the wait). ``rng``: the random generator (a seeded
+    ``random.Random`` in tests); default the ``random`` module's.
+    """
+    cap = min(initial * 2.0 ** min(attempt, 64), maximum)
+    if jitter <= 0:
+        return cap
+    return cap * (1.0 - jitter * (rng or random).random())
 
 _EXCHANGE_KINDS = ("topic", "direct", "fanout", "headers")
 
@@ -200,6 +241,25 @@ class _ChannelSlot:
         self.channel = None
 
 
+class _SentLog:
+    """What went out without a confirm on one publish channel, and may be lost if it closes.
+
+    Entries are forgotten once a ``basic.qos`` round trip sent after them comes back: the
+    broker handles a channel's frames in order, so it took (routed or returned) every
+    publish before the ``qos-ok``, and none of them can be what closes the channel.
+    """
+
+    __slots__ = ("sent", "fencing")
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, pika.BasicProperties]] = []
+        self.fencing = False
+
+    def fenced(self, n: int) -> None:
+        del self.sent[:n]
+        self.fencing = False
+
+
 class _Consumer:
     """One consumer: what it consumes (kept across reconnections) and its current channel."""
 
@@ -262,41 +322,57 @@ class AmqpTransport(Transport):
     """One connection to RabbitMQ (or any AMQP 0-9-1 broker).
 
     :param url: ``amqp://user:pass@host:port/vhost`` (a string or a parsed
-        :class:`~ion.core.messaging.transport.BrokerURL`).
+        :class:`~ion.core.messaging.transport.BrokerURL`), or a list of them: the nodes of one
+        cluster, tried in turn (see the module doc).
     :param reactor: the reactor for the TCP connection and pika's timers.
     :param clock: schedules reconnection attempts (default: ``reactor``); a
         ``task.Clock`` in tests.
     :param reconnect_initial: seconds before the first reconnection attempt.
     :param reconnect_max: the longest wait between two attempts.
+    :param reconnect_jitter: the share of each wait drawn at random (see :func:`reconnect_delay`).
+    :param rng: the random generator of the jitter (default: the ``random`` module's).
     :param reconnect: reconnect after a loss (else stay disconnected).
     :param heartbeat: AMQP heartbeat in seconds (``None``: the broker's choice).
     :param connect_timeout: seconds to wait for the TCP connection.
-    :param confirm: publish in confirm mode, so that ``publish`` fires once the broker took
-        the message and fails with its reason otherwise (off: fires once written).
+    :param confirm: what ``publish(confirm=None)`` does: ask for a publisher confirm, so that
+        it fires once the broker took the message and fails with its reason otherwise (off:
+        fires once written). Requests and replies of conversations say ``confirm=False``.
     """
 
     _log = Logger()
 
-    def __init__(self, url: BrokerURL | str, *, reactor: Any = None, clock: IReactorTime | None = None,
+    def __init__(self, url: BrokerURL | str | Sequence[BrokerURL | str], *, reactor: Any = None,
+                 clock: IReactorTime | None = None,
                  reconnect_initial: float = DEFAULT_RECONNECT_INITIAL,
-                 reconnect_max: float = DEFAULT_RECONNECT_MAX, reconnect: bool = True,
+                 reconnect_max: float = DEFAULT_RECONNECT_MAX,
+                 reconnect_jitter: float = DEFAULT_RECONNECT_JITTER, rng: random.Random | None = None,
+                 reconnect: bool = True,
                  heartbeat: int | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  confirm: bool = True) -> None:
         super().__init__()
-        if isinstance(url, str):
-            url = parse_broker_url(url)
-        if url.scheme not in ("amqp", "amqps"):
-            raise ConfigurationError(f"AmqpTransport needs an amqp:// URL, not {url}")
+        given = [url] if isinstance(url, (str, BrokerURL)) else list(url)
+        if not given:
+            raise ConfigurationError("AmqpTransport needs at least one amqp:// URL")
+        urls = [parse_broker_url(u) if isinstance(u, str) else u for u in given]
+        for u in urls:
+            if u.scheme not in ("amqp", "amqps"):
+                raise ConfigurationError(f"AmqpTransport needs an amqp:// URL, not {u}")
+        if not 0 <= reconnect_jitter <= 1:
+            raise ConfigurationError(f"reconnect_jitter must be from 0 to 1, not {reconnect_jitter!r}")
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
-        self.url = url
-        self.user = url.username
+        #: The broker addresses, tried in turn; ``url`` is the one in use (or last used).
+        self.urls: list[BrokerURL] = urls
+        self._url_index = 0
+        self.user = urls[0].username
         self.reactor = reactor
         self.clock: IReactorTime = clock or reactor
         self.reconnect_initial = reconnect_initial
         self.reconnect_max = reconnect_max
+        self.reconnect_jitter = reconnect_jitter
+        self.rng = rng
         self.reconnect_enabled = reconnect
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
@@ -305,7 +381,11 @@ class AmqpTransport(Transport):
         self.state = "new"
         self._conn: _Connection | None = None
         self._control = _ChannelSlot(self, "control")
-        self._publisher = _ChannelSlot(self, "publish", self._setup_publisher)
+        #: Publishes that ask for a confirm (confirm mode).
+        self._publisher = _ChannelSlot(self, "confirm", self._setup_publisher)
+        #: Publishes without a confirm: requests and replies of conversations.
+        self._fast = _ChannelSlot(self, "publish", self._setup_fast)
+        self._unconfirmed: dict[TwistedChannel, _SentLog] = {}
         self._control_lock = defer.DeferredLock()
         # Topology record, replayed after a reconnection (insertion-ordered).
         self._exchanges: dict[str, tuple[str, bool, bool]] = {}
@@ -320,6 +400,7 @@ class AmqpTransport(Transport):
         self._exchange_checks: dict[str, list[defer.Deferred[None]]] = {}
         self._reconnect_call: Any = None  # IDelayedCall
         self._attempt = 0
+        self._next_index = 0
         self._last_loss: str | None = None
         self._id_prefix = uuid.uuid4().hex[:12]
         self._message_ids = itertools.count(1)
@@ -327,19 +408,29 @@ class AmqpTransport(Transport):
         self.reconnections = 0
 
     @classmethod
-    def from_config(cls, url: BrokerURL | str, config: MessagingSettings | Mapping[str, Any], *,
-                    reactor: Any = None) -> AmqpTransport:
-        """A transport for ``url`` with the settings of the ``ion.core.messaging`` config section
-        (:class:`~ion.core.settings.MessagingSettings`, or the section itself):
-        ``publisher_confirms`` (bool, default true), ``reconnect_initial`` and ``reconnect_max``
-        (seconds), ``heartbeat`` (seconds; 0 = none; None = the broker's choice).
+    def from_config(cls, url: BrokerURL | str | Sequence[BrokerURL | str],
+                    config: MessagingSettings | Mapping[str, Any], *, reactor: Any = None) -> AmqpTransport:
+        """A transport for ``url`` (one or several) with the settings of the ``ion.core.messaging``
+        config section (:class:`~ion.core.settings.MessagingSettings`, or the section itself):
+        ``publisher_confirms`` (bool, default true: what ``publish(confirm=None)`` does),
+        ``reconnect_initial`` and ``reconnect_max`` (seconds), ``reconnect_jitter`` (0-1),
+        ``heartbeat`` (seconds; 0 = none; None = the broker's choice).
 
         :raises ConfigurationError: naming the setting whose value is unusable.
         """
         s = config if isinstance(config, MessagingSettings) else MessagingSettings.from_config(config)
         return cls(url, reactor=reactor, confirm=s.publisher_confirms, reconnect_initial=s.reconnect_initial,
-                   reconnect_max=max(s.reconnect_initial, s.reconnect_max),
+                   reconnect_max=max(s.reconnect_initial, s.reconnect_max), reconnect_jitter=s.reconnect_jitter,
                    heartbeat=None if s.heartbeat is None else int(s.heartbeat))
+
+    @property
+    def url(self) -> BrokerURL:
+        """The broker address in use (or last used, or the next to try before the first connection)."""
+        return self.urls[self._url_index]
+
+    @url.setter
+    def url(self, value: BrokerURL) -> None:
+        self.urls[self._url_index] = value
 
     def __repr__(self) -> str:
         return f"<AmqpTransport {self.url} {self.state} consumers={len(self._consumers)}>"
@@ -347,7 +438,11 @@ class AmqpTransport(Transport):
     @property
     def where(self) -> str:
         """``host:port`` of the broker, for messages."""
-        return f"{self.url.host}:{self.url.port}"
+        return self._where(self.url)
+
+    @staticmethod
+    def _where(url: BrokerURL) -> str:
+        return f"{url.host}:{url.port}"
 
     @property
     def open_channels(self) -> int:
@@ -370,13 +465,15 @@ class AmqpTransport(Transport):
         Fails with :class:`TransportError` naming the broker and the reason
         (refused login, vhost refused, nothing listening, timeout); the first
         connection is not retried, so a wrong password gives one clear error.
+        Given several addresses, it tries each in turn until one answers, and
+        fails (naming each address and its reason) only if none does.
         """
         if self.state == "connected":
             return defer.succeed(None)
         if self.state != "new":
             return defer.fail(TransportError(f"cannot connect a transport that is {self.state}"))
         self.state = "connecting"
-        d = self._open_connection()
+        d = defer.ensureDeferred(self._connect_any())
 
         def opened(conn: _Connection) -> None:
             if self.state == "closed":  # close() was called while connecting
@@ -394,40 +491,66 @@ class AmqpTransport(Transport):
 
         return d.addCallbacks(opened, failed)
 
-    def _params(self) -> pika.ConnectionParameters:
+    async def _connect_any(self) -> _Connection:
+        """Open a connection to the first address that answers, trying each once from the first."""
+        errors: list[TransportError] = []
+        for index, url in enumerate(self.urls):
+            if self.state == "closed":
+                break
+            try:
+                conn: _Connection = await self._open_connection(url)
+            except TransportError as exc:
+                errors.append(exc)
+                if index + 1 < len(self.urls):
+                    self._log.warn("{e}; trying the next broker address", e=exc)
+                continue
+            self._use_url(index)
+            return conn
+        if len(errors) == 1 and len(self.urls) == 1:
+            raise errors[0]
+        if not errors:
+            raise TransportError(f"the connection to broker at {self.where} was closed while opening")
+        raise TransportError(f"no broker of {len(self.urls)} could be reached: "
+                             + "; ".join(str(e) for e in errors))
+
+    def _use_url(self, index: int) -> None:
+        """From now on the transport is connected to ``urls[index]`` (and publishes as its login)."""
+        self._url_index = index
+        self.user = self.urls[index].username
+
+    def _params(self, url: BrokerURL) -> pika.ConnectionParameters:
         kwargs: dict[str, Any] = {}
         if self.heartbeat is not None:
             kwargs["heartbeat"] = self.heartbeat
         return pika.ConnectionParameters(
-            host=self.url.host, port=self.url.port, virtual_host=self.url.vhost,
-            credentials=pika.PlainCredentials(self.url.username, self.url.password),
+            host=url.host, port=url.port, virtual_host=url.vhost,
+            credentials=pika.PlainCredentials(url.username, url.password),
             client_properties={"connection_name": f"ioncore {self._id_prefix}", "product": "ioncore"},
             **kwargs)
 
-    def _endpoint(self) -> Any:
-        if self.url.scheme == "amqps":
+    def _endpoint(self, url: BrokerURL) -> Any:
+        if url.scheme == "amqps":
             from twisted.internet import ssl
 
-            options = ssl.optionsForClientTLS(self.url.host)
-            return SSL4ClientEndpoint(self.reactor, self.url.host, self.url.port, options,
-                                      timeout=self.connect_timeout)
-        return TCP4ClientEndpoint(self.reactor, self.url.host, self.url.port, timeout=self.connect_timeout)
+            options = ssl.optionsForClientTLS(url.host)
+            return SSL4ClientEndpoint(self.reactor, url.host, url.port, options, timeout=self.connect_timeout)
+        return TCP4ClientEndpoint(self.reactor, url.host, url.port, timeout=self.connect_timeout)
 
-    def _open_connection(self) -> defer.Deferred[_Connection]:
-        conn = _Connection(self._params(), custom_reactor=self.reactor)
+    def _open_connection(self, url: BrokerURL) -> defer.Deferred[_Connection]:
+        conn = _Connection(self._params(url), custom_reactor=self.reactor)
         # As endpoints.connectProtocol, with a quiet factory: no "Starting/Stopping factory"
         # log lines at every (re)connection attempt.
         factory = protocol.Factory.forProtocol(lambda: conn)
         factory.noisy = False
-        d = self._endpoint().connect(factory)
+        d = self._endpoint(url).connect(factory)
         d.addCallback(lambda _: conn.ready)
         d.addCallback(lambda _: conn)
-        d.addErrback(self._connect_failed, conn)
+        d.addErrback(self._connect_failed, conn, url)
         return d
 
-    def _connect_failed(self, f: Failure, conn: _Connection) -> Failure:
+    def _connect_failed(self, f: Failure, conn: _Connection, url: BrokerURL) -> Failure:
         cause = conn.close_reason or conn.open_error or f.value
-        where, user, vhost = self.where, self.url.username, self.url.vhost
+        where, user, vhost = self._where(url), url.username, url.vhost
         refused_login = f"broker at {where} refused login for user {user!r} (wrong user name or password?)"
         refused_vhost = f"broker at {where} refused user {user!r} access to vhost {vhost!r}"
         if isinstance(cause, pika_exc.ConnectionClosedByBroker):
@@ -477,6 +600,8 @@ class AmqpTransport(Transport):
         self._conn = None
         self._control.reset()
         self._publisher.reset()
+        self._fast.reset()
+        self._unconfirmed.clear()
         self._known_exchanges.clear()
         self._acking.clear()
         for consumer in self._consumers.values():
@@ -492,6 +617,8 @@ class AmqpTransport(Transport):
         self._last_loss = text
         self.state = "lost"
         self._log.warn("lost the connection to broker at {where}: {reason}", where=self.where, reason=text)
+        # The next attempt goes to the next address (the same one when there is only one).
+        self._next_index = (self._url_index + 1) % len(self.urls)
         self._notify("lost", text)
         if self.reconnect_enabled:
             self._schedule_reconnect()
@@ -504,10 +631,11 @@ class AmqpTransport(Transport):
                 self._log.failure("connection listener failed on {event}", event=event)
 
     def _schedule_reconnect(self) -> None:
-        delay = min(self.reconnect_initial * (2 ** self._attempt), self.reconnect_max)
+        delay = reconnect_delay(self._attempt, self.reconnect_initial, self.reconnect_max, self.reconnect_jitter,
+                                self.rng)
         self._attempt += 1
-        self._log.info("reconnecting to broker at {where} in {delay:g} s (attempt {attempt})",
-                       where=self.where, delay=delay, attempt=self._attempt)
+        self._log.info("reconnecting to broker at {where} in {delay:.3g} s (attempt {attempt})",
+                       where=self._where(self.urls[self._next_index]), delay=delay, attempt=self._attempt)
         self._reconnect_call = self.clock.callLater(delay, self._reconnect)
 
     def _reconnect(self) -> None:
@@ -515,21 +643,25 @@ class AmqpTransport(Transport):
         if self.state != "lost":
             return
         self.state = "connecting"
-        d = self._open_connection()
-        d.addCallbacks(self._reconnected, self._reconnect_failed)
+        index = self._next_index
+        d = self._open_connection(self.urls[index])
+        d.addCallbacks(self._reconnected, self._reconnect_failed, callbackArgs=(index,), errbackArgs=(index,))
 
-    def _reconnect_failed(self, f: Failure) -> None:
+    def _reconnect_failed(self, f: Failure, index: int) -> None:
         if self.state == "closed":
             return
         self.state = "lost"
-        self._log.warn("reconnection to broker at {where} failed: {e}", where=self.where, e=f.getErrorMessage())
+        self._log.warn("reconnection to broker at {where} failed: {e}", where=self._where(self.urls[index]),
+                       e=f.getErrorMessage())
+        self._next_index = (index + 1) % len(self.urls)
         self._schedule_reconnect()
 
-    def _reconnected(self, conn: _Connection) -> None:
+    def _reconnected(self, conn: _Connection, index: int) -> None:
         if self.state == "closed":
             conn.close()
             return
         attempts = self._attempt
+        self._use_url(index)
         self._use_connection(conn)
         self.state = "restoring"
         d = self._restore()
@@ -695,9 +827,42 @@ class AmqpTransport(Transport):
         return d.addCallbacks(lambda _: None, not_found)
 
     # -- publishing ------------------------------------------------------------------------------
-    def _setup_publisher(self, ch: TwistedChannel) -> defer.Deferred[Any] | None:
+    def _setup_publisher(self, ch: TwistedChannel) -> defer.Deferred[Any]:
         ch.add_on_return_callback(self._returned)
-        return ch.confirm_delivery() if self.confirm else None
+        return ch.confirm_delivery()
+
+    def _setup_fast(self, ch: TwistedChannel) -> None:
+        ch.add_on_return_callback(self._returned)
+        self._unconfirmed[ch] = _SentLog()
+        ch.on_closed.addCallback(self._fast_closed, ch)
+
+    def _fast_closed(self, reason: Any, ch: TwistedChannel) -> None:
+        """The publish channel closed: if the broker closed it with an error, what it may have
+        dropped goes to the refused callbacks, with the broker's reason."""
+        log = self._unconfirmed.pop(ch, None)
+        if log is None or not isinstance(reason, pika_exc.ChannelClosedByBroker):
+            return  # closed by us, or with the connection (the connection listeners hear of that)
+        error = TransportError(reason.reply_text)
+        error.reply_code = reason.reply_code  # type: ignore[attr-defined]
+        self._log.warn("broker at {where} closed the publish channel: {code} {text}; {n} message(s) "
+                       "published on it without a confirm are taken as refused", where=self.where,
+                       code=reason.reply_code, text=reason.reply_text, n=len(log.sent))
+        for exchange, routing_key, props in log.sent:
+            try:
+                self._notify_refused(exchange, routing_key, _from_pika(props), error)
+            except Exception:
+                self._log.failure("a refused callback failed for {key}", key=routing_key)
+
+    def _fence(self, ch: TwistedChannel, log: _SentLog) -> None:
+        """Forget the messages sent so far once the broker answers a ``basic.qos`` sent after them."""
+        log.fencing = True
+        n = len(log.sent)
+        try:
+            d = ch.basic_qos(prefetch_count=0)
+        except Exception:
+            log.fencing = False
+            return
+        d.addCallbacks(lambda _: log.fenced(n), lambda _: None)
 
     def _returned(self, msg: Any) -> None:
         method = msg.method
@@ -732,7 +897,10 @@ class AmqpTransport(Transport):
         return d
 
     def publish(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
-                *, mandatory: bool = False) -> defer.Deferred[None]:
+                *, mandatory: bool = False, confirm: bool | None = None) -> defer.Deferred[None]:
+        """Publish ``body``; with a confirm on the confirm channel, else on the publish channel
+        (see :meth:`Transport.publish <ion.core.messaging.transport.Transport.publish>` and the
+        module doc)."""
         try:
             self._check()
         except TransportError:
@@ -741,21 +909,27 @@ class AmqpTransport(Transport):
         # The caller's Properties are left alone (they may be reused for the next publish).
         pika_props = _to_pika(properties, self.user,
                               properties.message_id or f"{self._id_prefix}.{next(self._message_ids)}")
+        slot = self._publisher if (self.confirm if confirm is None else confirm) else self._fast
         check = self._exchange_exists(exchange)
-        ch = self._publisher.current()
+        ch = slot.current()
         if check is None and ch is not None:
             d = self._send(ch, exchange, routing_key, body, pika_props, mandatory)
         else:
             d = check if check is not None else defer.succeed(None)
-            d.addCallback(lambda _: self._publisher.get())
+            d.addCallback(lambda _: slot.get())
             d.addCallback(self._send, exchange, routing_key, body, pika_props, mandatory)
         return d.addCallbacks(lambda _: None, self._publish_failed)
 
-    @staticmethod
-    def _send(ch: TwistedChannel, exchange: str, routing_key: str, body: bytes,
+    def _send(self, ch: TwistedChannel, exchange: str, routing_key: str, body: bytes,
               props: pika.BasicProperties, mandatory: bool) -> defer.Deferred[Any]:
-        return ch.basic_publish(exchange=exchange, routing_key=routing_key, body=body, properties=props,
-                                mandatory=mandatory)
+        d = ch.basic_publish(exchange=exchange, routing_key=routing_key, body=body, properties=props,
+                             mandatory=mandatory)
+        log = self._unconfirmed.get(ch)
+        if log is not None and ch.is_open:
+            log.sent.append((exchange, routing_key, props))
+            if len(log.sent) >= FENCE_EVERY and not log.fencing:
+                self._fence(ch, log)
+        return d
 
     def _publish_failed(self, f: Failure) -> Any:
         if f.check(pika_exc.UnroutableError):

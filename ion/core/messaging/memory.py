@@ -433,7 +433,13 @@ class MemoryTransport(Transport):
         return defer.succeed(None)
 
     def publish(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
-                *, mandatory: bool = False) -> defer.Deferred[None]:
+                *, mandatory: bool = False, confirm: bool | None = None) -> defer.Deferred[None]:
+        """Route ``body`` now (the embedded broker takes a message as it is published).
+
+        Unconfirmed (the default here: ``confirm`` is False), the Deferred has fired on return.
+        With ``confirm``, it fires from the broker's pump, as a broker's confirm arrives: after
+        the return callbacks have heard of a mandatory message that no queue took, as on RabbitMQ.
+        """
         try:
             self._check_open()
             # The caller's object is never changed (it may be reused for the
@@ -446,7 +452,11 @@ class MemoryTransport(Transport):
             self.broker._publish(self, exchange, routing_key, bytes(body), properties, mandatory)
         except TransportError:
             return defer.fail()
-        return defer.succeed(None)
+        if not (self.confirm if confirm is None else confirm):
+            return defer.succeed(None)
+        confirmed: defer.Deferred[None] = defer.Deferred()
+        self.broker._schedule(confirmed.callback, None)  # after a return _publish scheduled
+        return confirmed
 
     def consume(self, queue: str, callback: ConsumeCallback, *, prefetch: int = 1,
                 exclusive: bool = False, auto_ack: bool = False) -> defer.Deferred[str]:

@@ -25,6 +25,7 @@ __all__ = [
     "Transport",
     "ConsumeCallback",
     "ReturnCallback",
+    "RefusedCallback",
     "ConnectionListener",
     "BrokerURL",
     "parse_broker_url",
@@ -92,6 +93,10 @@ class Delivery:
 ConsumeCallback = Callable[[Delivery], None]
 #: Called with (exchange, routing_key, properties) for a mandatory message no queue took.
 ReturnCallback = Callable[[str, str, Properties], None]
+#: Called with (exchange, routing_key, properties, error) for an unconfirmed message the broker may
+#: have dropped: it closed the channel the message went out on with an error (``error`` is a
+#: :class:`~ion.core.exceptions.TransportError` with the broker's text and its ``reply_code``).
+RefusedCallback = Callable[[str, str, Properties, Exception], None]
 #: Called with ``"lost"`` (and the reason) or ``"restored"``.
 ConnectionListener = Callable[[str, str | None], None]
 
@@ -110,6 +115,7 @@ class Transport(abc.ABC):
 
     def __init__(self) -> None:
         self._return_callbacks: list[ReturnCallback] = []
+        self._refused_callbacks: list[RefusedCallback] = []
         self._connection_listeners: list[ConnectionListener] = []
 
     @abc.abstractmethod
@@ -142,11 +148,27 @@ class Transport(abc.ABC):
     def unbind(self, queue: str, exchange: str, routing_key: str) -> defer.Deferred[None]:
         """Undo :meth:`bind`."""
 
+    #: What ``publish(confirm=None)`` means: ask the broker for a confirm, or not.
+    confirm: bool = False
+
     @abc.abstractmethod
     def publish(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
-                *, mandatory: bool = False) -> defer.Deferred[None]:
+                *, mandatory: bool = False, confirm: bool | None = None) -> defer.Deferred[None]:
         """Send ``body``; a ``mandatory`` message that no queue takes is returned
-        to the callbacks registered with :meth:`add_return_callback`."""
+        to the callbacks registered with :meth:`add_return_callback`.
+
+        ``confirm=True``: the Deferred fires only once the broker has taken the
+        message (a mandatory one it returns is handed to the return callbacks
+        first), and fails with the broker's reason if it refused it.
+        ``confirm=False``: it fires once the message is on its way; a broker
+        that then refuses it (on RabbitMQ: closes the channel) reports it to
+        the callbacks of :meth:`add_refused_callback`, with every other
+        message published without a confirm that the closed channel may have
+        dropped. ``None``: the transport's :attr:`confirm`. Requests and
+        replies of conversations go without (the reply, or the timeout, is
+        their confirmation); one-way messages that must arrive ask for one.
+        A publish to an exchange that does not exist fails either way.
+        """
 
     @abc.abstractmethod
     def consume(self, queue: str, callback: ConsumeCallback, *, prefetch: int = 1,
@@ -177,6 +199,14 @@ class Transport(abc.ABC):
         if callback in self._return_callbacks:
             self._return_callbacks.remove(callback)
 
+    def add_refused_callback(self, callback: RefusedCallback) -> None:
+        """Be told of unconfirmed messages the broker refused or dropped (see :meth:`publish`)."""
+        self._refused_callbacks.append(callback)
+
+    def remove_refused_callback(self, callback: RefusedCallback) -> None:
+        if callback in self._refused_callbacks:
+            self._refused_callbacks.remove(callback)
+
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         """Be told when the connection is lost and restored."""
         self._connection_listeners.append(listener)
@@ -188,6 +218,10 @@ class Transport(abc.ABC):
     def _notify_return(self, exchange: str, routing_key: str, properties: Properties) -> None:
         for cb in list(self._return_callbacks):
             cb(exchange, routing_key, properties)
+
+    def _notify_refused(self, exchange: str, routing_key: str, properties: Properties, error: Exception) -> None:
+        for cb in list(self._refused_callbacks):
+            cb(exchange, routing_key, properties, error)
 
     def _notify_connection(self, event: str, reason: str | None = None) -> None:
         for listener in list(self._connection_listeners):

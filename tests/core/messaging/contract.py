@@ -627,6 +627,69 @@ class TransportContract:
         assert removed.calls == []
         assert got.bodies == [b"taken"]
 
+    # -- publisher confirms ----------------------------------------------------------------------------
+    @pytest_twisted.ensureDeferred
+    async def test_confirmed_publish_fires_once_the_broker_took_it(self, transport_factory: TransportFactory,
+                                                                   unique: str) -> None:
+        """``confirm=True``: the Deferred does not fire within publish() but once the broker took the
+        message: it is in its queue then, even if the publisher's connection goes right after."""
+        publisher, reader = await transport_factory(), await transport_factory()
+        ex, q = f"{unique}.x", f"{unique}.q"
+        await self.queue(reader, ex, q, "k")
+        await publisher.declare_exchange(ex, "topic")
+        d = publisher.publish(ex, "k", b"taken", Properties(correlation_id="c1#1"), confirm=True)
+        fired: list[Any] = []
+        d.addBoth(lambda result: fired.append(result) or result)
+        assert fired == []
+        assert await d is None
+        await publisher.close()
+        got = Collector()
+        await reader.consume(q, got)
+        assert [x.body for x in await got.wait_for(1)] == [b"taken"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_unconfirmed_publish_is_delivered(self, transport_factory: TransportFactory, unique: str) -> None:
+        """``confirm=False`` (how requests and replies go): delivered as any other, in order with
+        confirmed ones from the same connection."""
+        t = await transport_factory()
+        ex, q = f"{unique}.x", f"{unique}.q"
+        await self.queue(t, ex, q, "k")
+        got = Collector()
+        await t.consume(q, got, prefetch=10)
+        await t.publish(ex, "k", b"one", Properties(), confirm=False)
+        await t.publish(ex, "k", b"two", Properties(), confirm=False)
+        assert [x.body for x in await got.wait_for(2)] == [b"one", b"two"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_mandatory_without_route_is_returned_with_or_without_confirm(
+            self, transport_factory: TransportFactory, unique: str) -> None:
+        """An unroutable mandatory message comes back to the return callbacks whether or not it asked
+        for a confirm; a confirmed one is returned before its Deferred fires, which then succeeds."""
+        t = await transport_factory()
+        ex = f"{unique}.x"
+        await self.queue(t, ex, f"{unique}.q", "bound")
+        returns = Returns()
+        t.add_return_callback(returns)
+        await t.publish(ex, "nobody.a", b"a", Properties(correlation_id="r#1"), mandatory=True, confirm=False)
+        await returns.wait_for(1)
+        returned_when_fired: list[int] = []
+        d = t.publish(ex, "nobody.b", b"b", Properties(correlation_id="r#2"), mandatory=True, confirm=True)
+        d.addCallback(lambda result: returned_when_fired.append(len(returns.calls)) or result)
+        assert await d is None
+        assert returned_when_fired == [2]
+        assert [(key, props.correlation_id) for _, key, props in returns.calls] == [
+            ("nobody.a", "r#1"), ("nobody.b", "r#2")]
+
+    @pytest_twisted.ensureDeferred
+    async def test_publish_to_missing_exchange_fails_with_or_without_confirm(
+            self, transport_factory: TransportFactory, unique: str) -> None:
+        """A missing exchange fails the publish itself, confirmed or not; the connection still works."""
+        t = await transport_factory()
+        for confirm in (False, True):
+            with pytest.raises(TransportError):
+                await t.publish(f"{unique}.missing", "k", b"x", Properties(), confirm=confirm)
+        await self.round_trip(t, unique)
+
     @pytest_twisted.ensureDeferred
     async def test_publish_to_missing_exchange_fails(self, transport_factory: TransportFactory,
                                                      unique: str) -> None:

@@ -137,15 +137,41 @@ def test_container_takes_transport_settings_from_config() -> None:
     assert isinstance(default, AmqpTransport)
     assert (default.confirm, default.reconnect_initial, default.reconnect_max, default.heartbeat) == (
         True, 0.5, 10.0, None)
+    assert default.reconnect_jitter == 0.5
     tuned = Container(config=test_config({"ion.core.messaging": {
-        "publisher_confirms": False, "reconnect_initial": 0.2, "reconnect_max": 1, "heartbeat": 30}}),
-        broker_url=url).transport
+        "publisher_confirms": False, "reconnect_initial": 0.2, "reconnect_max": 1, "heartbeat": 30,
+        "reconnect_jitter": 0.25}}), broker_url=url).transport
     assert (tuned.confirm, tuned.reconnect_initial, tuned.reconnect_max, tuned.heartbeat) == (False, 0.2, 1.0, 30)
+    assert tuned.reconnect_jitter == 0.25
     for key, value, match in (("publisher_confirms", "no", "true or false"),
                               ("reconnect_max", 0, "reconnect_max must be a number of seconds > 0"),
+                              ("reconnect_jitter", 1.5, "reconnect_jitter must be a number from 0 to 1"),
+                              ("reconnect_jitter", -0.1, "reconnect_jitter must be a number >= 0"),
                               ("heartbeat", "x", "heartbeat must be")):
         with pytest.raises(ConfigurationError, match=match):
             AmqpTransport.from_config(url, {key: value})
+
+
+def test_reconnect_delay_policy_is_jittered_and_bounded() -> None:
+    """reconnect_delay: the doubling from reconnect_initial up to reconnect_max, less a random share
+    of up to the jitter; seeded generators (one per container) give different waits, replayable;
+    jitter 0 is the exact doubling; no wait is ever above the maximum, however many attempts."""
+    import random
+
+    from ion.core.messaging.amqp import reconnect_delay
+
+    caps = [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert [reconnect_delay(n, 0.5, 10.0, 0) for n in range(7)] == caps
+    containers = [random.Random(seed) for seed in range(50)]
+    firsts = [reconnect_delay(0, 0.5, 10.0, 0.5, rng) for rng in containers]
+    assert len(set(firsts)) == 50 and all(0.25 <= d <= 0.5 for d in firsts)
+    assert max(firsts) - min(firsts) > 0.15  # spread over the window, not bunched
+    rng, replay = random.Random(7), random.Random(7)
+    waits = [reconnect_delay(n, 0.5, 10.0, 0.5, rng) for n in range(7)]
+    assert waits == [reconnect_delay(n, 0.5, 10.0, 0.5, replay) for n in range(7)]
+    assert all(cap * 0.5 <= w <= cap for w, cap in zip(waits, caps, strict=True))
+    assert reconnect_delay(5000, 0.5, 10.0, 0.1, rng) <= 10.0
+    assert reconnect_delay(3, 0.5, 10.0, 1.0, random.Random(1)) <= 4.0
 
 
 # -- connecting ---------------------------------------------------------------------------------------
@@ -682,13 +708,14 @@ class _WatchedClock(task.Clock):
 
 @pytest_twisted.ensureDeferred
 async def test_reconnection_backoff_on_the_injected_clock(amqp_url: str) -> None:
-    """Reconnection attempts wait 0.5 s, 1 s, 2 s ... up to 10 s, on the transport's clock."""
+    """Reconnection attempts wait 0.5 s, 1 s, 2 s ... up to 10 s, on the transport's clock
+    (without jitter: the doubling the jittered waits are drawn below)."""
     import dataclasses
 
     from ion.testing.rabbitmq import free_port
 
     clock = _WatchedClock()
-    t = AmqpTransport(amqp_url, clock=clock)
+    t = AmqpTransport(amqp_url, clock=clock, reconnect_jitter=0)
     await t.connect()
     seen, wait = _events(t)
     try:
@@ -707,3 +734,270 @@ async def test_reconnection_backoff_on_the_injected_clock(amqp_url: str) -> None
     finally:
         await t.close()
         assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnection_waits_are_jittered_and_differ_between_transports(amqp_url: str) -> None:
+    """Two transports that lose the broker at the same moment draw different waits (seeded
+    generators here), each a random share of at most ``reconnect_jitter`` below the doubling,
+    never above ``reconnect_max``: they do not all come back in the same instant."""
+    import dataclasses
+    import random
+
+    from ion.core.messaging.amqp import reconnect_delay
+    from ion.testing.rabbitmq import free_port
+
+    closed = free_port(30000, 40000)
+    runs: list[list[float]] = []
+    for seed in (1, 2):
+        clock = _WatchedClock()
+        t = AmqpTransport(amqp_url, clock=clock, rng=random.Random(seed))
+        await t.connect()
+        try:
+            scheduled = clock.next_call()
+            t._conn.transport.abortConnection()
+            delays = [await scheduled]
+            t.url = dataclasses.replace(t.url, port=closed)
+            for _ in range(6):
+                scheduled = clock.next_call()
+                clock.advance(delays[-1])
+                delays.append(await scheduled)
+            runs.append(delays)
+        finally:
+            await t.close()
+        replay = random.Random(seed)
+        assert delays == [reconnect_delay(n, 0.5, 10.0, 0.5, replay) for n in range(7)]
+        for n, (delay, cap) in enumerate(zip(delays, [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0], strict=True)):
+            assert cap / 2 <= delay <= cap, (n, delay)
+    assert runs[0] != runs[1]
+    assert all(a != b for a, b in zip(*runs, strict=True))
+
+
+@pytest_twisted.ensureDeferred
+async def test_broker_addresses_are_tried_in_turn(amqp_url: str) -> None:
+    """With a list of addresses, connect() skips one that is down (a closed loopback port) for
+    the next; after a loss the transport moves on to the next address, round the list, until
+    one answers; and the first address alone still fails with its own error."""
+    import dataclasses
+
+    from ion.core.messaging.transport import parse_broker_url
+    from ion.testing.rabbitmq import free_port
+
+    real = parse_broker_url(amqp_url)
+    down = dataclasses.replace(real, port=free_port(30000, 40000))
+    clock = _WatchedClock()
+    t = AmqpTransport([down, real], clock=clock, reconnect_jitter=0)
+    tried: list[int] = []
+    real_open = t._open_connection
+
+    def open_connection(url: Any) -> Any:
+        tried.append(url.port)
+        return real_open(url)
+
+    t._open_connection = open_connection  # type: ignore[method-assign]
+    await t.connect()
+    seen, wait = _events(t)
+    try:
+        assert tried == [down.port, real.port] and t.url == real and t.where == f"127.0.0.1:{real.port}"
+        q = await t.declare_queue(_name())
+        inbox = _Inbox()
+        await t.consume(q, inbox)
+        # The connection drops: the first attempt goes to the next address (down), the second
+        # to the one after it (round the list: the broker), which restores the consumer.
+        scheduled = clock.next_call()
+        restored = wait("restored")
+        t._conn.transport.abortConnection()
+        clock.advance(await scheduled)
+        scheduled = clock.next_call()
+        clock.advance(await scheduled)
+        await restored
+        assert tried == [down.port, real.port, down.port, real.port]
+        assert [e for e, _ in seen] == ["lost", "restored"] and t.url == real
+        await t.publish("", q, b"after", Properties())
+        assert (await inbox.next()).body == b"after"
+    finally:
+        await t.close()
+    with pytest.raises(TransportError, match=f"no broker of 2 could be reached: cannot connect to broker at "
+                                             f"127.0.0.1:{down.port}: connection refused .*; cannot connect"):
+        await AmqpTransport([down, down]).connect()
+    with pytest.raises(TransportError, match=f"^cannot connect to broker at 127.0.0.1:{down.port}: connection "
+                                             "refused"):
+        await AmqpTransport([down]).connect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_on_a_list_of_brokers_from_options_or_config(amqp_url: str) -> None:
+    """A container given several broker URLs (``--broker`` twice, or ``brokers`` of
+    ion.core.messaging) starts on the first that answers and calls go through it."""
+    import dataclasses
+
+    from ion.core.container import Container
+    from ion.core.messaging.transport import parse_broker_url
+    from ion.testing import test_config
+    from ion.testing.rabbitmq import free_port
+
+    real = parse_broker_url(amqp_url)
+    down = str(dataclasses.replace(real, port=free_port(30000, 40000))).replace(
+        f"{real.username}@", f"{real.username}:{real.password}@")
+    made = [
+        Container(config=test_config(), broker_url=[down, amqp_url], sysname="listed"),
+        Container(config=test_config({"ion.core.messaging": {"brokers": [down, amqp_url]}}), sysname="listed"),
+    ]
+    try:
+        for container in made:
+            await container.start()
+            assert isinstance(container.transport, AmqpTransport)
+            assert container.transport.url == real and len(container.transport.urls) == 2
+        await made[0].spawn(HelloService)
+        proc = await client_process(made[1])
+        assert await HelloClient(proc).hello("listed") == "Hello there, listed"
+    finally:
+        for container in made:
+            if container.state.value in ("READY", "ACTIVE"):
+                await container.terminate()
+
+
+# -- requests without publisher confirms ----------------------------------------------------------
+def _spy_publishes(monkeypatch: Any) -> list[tuple[str, bool]]:
+    """Record (routing key, confirm mode of the channel) of every message the transport sends."""
+    sent: list[tuple[str, bool]] = []
+    real_send = AmqpTransport._send
+
+    def send(self: AmqpTransport, ch: Any, exchange: str, routing_key: str, *args: Any) -> Any:
+        sent.append((routing_key, bool(ch._delivery_confirmation)))
+        return real_send(self, ch, exchange, routing_key, *args)
+
+    monkeypatch.setattr(AmqpTransport, "_send", send)
+    return sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_and_replies_go_without_confirms_and_unroutable_fails_at_once(
+        amqp_containers: ContainerFactory, monkeypatch: Any) -> None:
+    """An rpc and its reply are published without a confirm; a request no queue is bound to
+    still fails at once with 404 (mandatory: basic.return), not after its timeout."""
+    server = await amqp_containers(sysname="noconf")
+    client = await amqp_containers(sysname="noconf")
+    await server.spawn(HelloService)
+    proc = await client_process(client)
+    sent = _spy_publishes(monkeypatch)
+    assert await HelloClient(proc).hello("x") == "Hello there, x"
+    request = [c for key, c in sent if key == "noconf.hello"]
+    reply = [c for key, c in sent if key == proc.backend_name]
+    assert request == [False] and reply == [False], sent
+    started = time.monotonic()
+    with pytest.raises(ConversationError) as info:
+        await proc.rpc_send("nobody.home", "x", None, timeout=60)
+    assert info.value.response_code == 404 and not isinstance(info.value, ConversationTimeout)
+    assert "no process or service is bound to 'nobody.home' in system noconf" in str(info.value)
+    assert time.monotonic() - started < 10
+    assert [c for key, c in sent if key == "nobody.home"] == [False]
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_request_fails_at_once_with_the_brokers_reason(
+        amqp_containers: ContainerFactory, monkeypatch: Any) -> None:
+    """A request the broker refuses (a user_id that is not the connection's login) closes the
+    unconfirmed publish channel: the call fails at once with the broker's code and text, so does
+    every other call published on that channel meanwhile, and later calls work on a new one."""
+    server = await amqp_containers(sysname="refuse")
+    client = await amqp_containers(sysname="refuse")
+    hang_pid = await server.spawn(HangService)
+    hang = server.proc_manager.get(hang_pid)
+    await server.spawn(HelloService)
+    proc = await client_process(client)
+    sent = _spy_publishes(monkeypatch)
+    transport = client.transport
+    assert isinstance(transport, AmqpTransport)
+    in_flight = proc.rpc_send("hang", "hang", None, timeout=60)  # on the channel, unanswered
+    await HelloClient(proc).hello("first")  # the hang request has surely reached the broker
+    transport.user = "mallory"  # what a broker refuses: a user_id that is not the login
+    started = time.monotonic()
+    refused = proc.rpc_send("hello", "hello", "x", timeout=60)
+    with pytest.raises(ConversationError) as info:
+        await refused
+    assert time.monotonic() - started < 10 and not isinstance(info.value, ConversationTimeout)
+    assert info.value.response_code == 406
+    assert "PRECONDITION_FAILED - user_id property set to 'mallory' but authenticated user was 'guest'" in str(
+        info.value)
+    # The call published earlier on the same channel is failed too (its reply could not come
+    # back there: the broker may have dropped anything after the refused message).
+    with pytest.raises(ConversationError, match="PRECONDITION_FAILED"):
+        await in_flight
+    assert [c for key, c in sent if key == "refuse.hello"] == [False, False]
+    transport.user = "guest"
+    assert await HelloClient(proc).hello("again") == "Hello there, again"
+    for d in hang.pending:
+        d.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_with_confirm_fires_once_the_broker_took_it(amqp_containers: ContainerFactory,
+                                                               monkeypatch: Any) -> None:
+    """send(confirm=True) goes out on the confirm channel and fires on the broker's confirm; one the
+    broker refuses fails with its reason. Without it a send follows publisher_confirms."""
+    container = await amqp_containers(sysname="confsend")
+    await container.spawn(HelloService)
+    proc = await client_process(container)
+    sent = _spy_publishes(monkeypatch)
+    transport = container.transport
+    assert isinstance(transport, AmqpTransport)
+    ch_before = transport._publisher.current()
+    d = proc.send("hello", "hello", "one-way", confirm=True)
+    fired: list[Any] = []
+    d.addBoth(lambda result: fired.append(result) or result)
+    assert fired == []  # it waits for the broker's basic.ack
+    await d
+    confirm_channel = transport._publisher.current()
+    assert confirm_channel is not None and (ch_before is None or confirm_channel is ch_before)
+    await proc.send("hello", "hello", "default")  # publisher_confirms (on) decides
+    await proc.send("hello", "hello", "unconfirmed", confirm=False)
+    assert [c for key, c in sent if key == "confsend.hello"] == [True, True, False]
+    transport.user = "mallory"
+    with pytest.raises(TransportError, match="PRECONDITION_FAILED - user_id property set to 'mallory'"):
+        await proc.send("hello", "hello", "refused", confirm=True)
+    transport.user = "guest"
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_unconfirmed_messages_are_those_since_the_broker_last_showed_it_took_them(
+        transport_factory: Any, monkeypatch: Any) -> None:
+    """Every FENCE_EVERY unconfirmed publishes a basic.qos round trip shows the broker took them, so
+    they are forgotten; when the broker then closes the channel (a refused user_id), the refused
+    callbacks hear of each message published on it since, with the broker's code and text, and the
+    next publish goes out on a new channel."""
+    import ion.core.messaging.amqp as amqp
+
+    monkeypatch.setattr(amqp, "FENCE_EVERY", 4)
+    t = await transport_factory()
+    q = await t.declare_queue(_name())
+    inbox = _Inbox()
+    await t.consume(q, inbox)
+    refused: list[tuple[str, str | None, Exception]] = []
+    heard: defer.Deferred[None] = defer.Deferred()
+
+    def on_refused(exchange: str, key: str, props: Properties, error: Exception) -> None:
+        refused.append((key, props.correlation_id, error))
+        if len(refused) == 2:
+            heard.callback(None)
+
+    t.add_refused_callback(on_refused)
+    for i in range(4):
+        await t.publish("", q, b"a", Properties(correlation_id=f"a#{i}"), confirm=False)
+    channel = t._fast.current()
+    assert channel is not None and t._unconfirmed[channel].fencing
+    t.user = "mallory"
+    t.publish("", q, b"b", Properties(correlation_id="b#1"), confirm=False)
+    t.user = "guest"
+    t.publish("", q, b"c", Properties(correlation_id="b#2"), confirm=False)  # after it: dropped too
+    await heard.addTimeout(10, reactor)
+    assert [(key, cid) for key, cid, _ in refused] == [(q, "b#1"), (q, "b#2")]
+    error = refused[0][2]
+    assert isinstance(error, TransportError) and getattr(error, "reply_code", None) == 406
+    assert "PRECONDITION_FAILED - user_id property set to 'mallory'" in str(error)
+    while len(inbox.items) < 4:
+        await inbox.next()
+    await t.publish("", q, b"after", Properties(), confirm=False)
+    assert (await inbox.next()).body == b"after"
+    assert t._fast.current() is not channel
+    assert [d.body for d in inbox.items] == [b"a"] * 4 + [b"after"]

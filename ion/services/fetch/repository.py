@@ -1330,13 +1330,15 @@ class S3Repository(Repository):
     # -- calls (blocking: in the pool) ------------------------------------------------------------------
     def _call(self, method: str, url: str, **kwargs: Any) -> Any:
         """``client.<method>(**kwargs)`` signed, then anonymously if credentials are missing or refused."""
+        # The clients first: making them checks that boto3 is there, with the hint to install
+        # ioncore[s3]; a botocore import before it would fail with a bare "No module named".
+        signed, unsigned = self.clients.get()
         from botocore.exceptions import (
             CredentialRetrievalError,
             NoCredentialsError,
             PartialCredentialsError,
         )
 
-        signed, unsigned = self.clients.get()
         signed_tried = False
         if signed is not None and not self.clients.credentials_refused:
             signed_tried = True

@@ -319,6 +319,40 @@ def test_s3_without_boto3_names_the_install(monkeypatch: pytest.MonkeyPatch) -> 
         repository._import_boto3()
 
 
+_WITHOUT_BOTO3 = """
+import sys
+
+class NoBoto:  # as if the [s3] extra were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("boto3", "botocore", "s3transfer"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoBoto())
+from ion.services.deploy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ion_deploy_of_an_s3_repository_without_boto3_says_to_install_the_extra(tmp_path: Path) -> None:
+    """`ion-deploy` of an s3:// repository without boto3 names `ioncore[s3]`, not "No module named
+    'botocore'" (a botocore import ran before the check that gives the hint)."""
+    import subprocess
+
+    from ion.testing.servers import free_port
+
+    deployment = tmp_path / "deployment.json"
+    deployment.write_text(json.dumps([{"url": "s3://bucket/deps", "items": [
+        {"name": "x", "version": "1.0", "platform": "noarch", "destination": "out/x"}]}]))
+    repo_root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}"}
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_BOTO3, "--cache-dir", str(tmp_path / "cache"),
+                           str(deployment)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "pip install 'ioncore[s3]'" in out and "No module named" not in out, out
+
+
 # -- http ---------------------------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_http_content_md5_is_checked(make_repo: Any, pool: Any, tmp_path: Path) -> None:

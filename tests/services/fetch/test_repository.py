@@ -19,6 +19,7 @@ from ion.services.deploy.spec import parse_repository_url
 from ion.services.fetch.errors import (
     AccessDeniedError,
     BucketNotFoundError,
+    CertificateError,
     ChecksumMismatchError,
     FetchError,
     NotFoundError,
@@ -822,3 +823,28 @@ async def test_file_repository_refuses_links_out_of_it(pool: Any, tmp_path: Path
         with pytest.raises(AccessDeniedError, match="outside the repository"):
             await repo.list_version("linux", name, "1.0")
     assert set(await listed(repo, "linux", "fine", "1.0")) == {"real.txt", "alias.txt"}
+
+
+# -- https ------------------------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_https_with_an_untrusted_certificate_fails_at_once(http_repository: Any, pool: Any,
+                                                                  tmp_path: Path) -> None:
+    """A real HTTPS server with a self-signed certificate: the listing fails on the first attempt
+    with the certificate error (CertificateError), not retried as if the connection had dropped."""
+    from ion.testing.servers import self_signed_certificate
+
+    write_tree(tmp_path / "www" / "deps", CONTENT)
+    server = http_repository(tmp_path / "www", tls=self_signed_certificate())
+    url = parse_repository_url(f"{server.url}/deps")
+    clock = task.Clock()  # a retry would wait on it: none may be scheduled
+    repo = repository_for(url, pool, config=FetchConfig(retry_delay=5.0, retries=4), clock=clock)
+    try:
+        with pytest.raises(CertificateError) as info:
+            await repo.list_version("linux", "zlib", "1.1")
+    finally:
+        await repo.close()
+    message = str(info.value)
+    assert "certificate verify failed" in message and f"{url.url}/linux/zlib/1.1/" in message, message
+    assert "connection dropped" not in message and "attempts" not in message, message
+    assert server.count("deps/linux/zlib/1.1/") == 0  # no request got through the handshake
+    assert clock.getDelayedCalls() == [] or all(not c.active() for c in clock.getDelayedCalls())

@@ -77,7 +77,7 @@ def self_signed_certificate(host: str = "127.0.0.1") -> tuple[bytes, bytes]:
         alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         alt = x509.DNSName(host)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))

@@ -296,7 +296,7 @@ class _ServerTLS:
         from OpenSSL import SSL
 
         self._context = SSL.Context(SSL.TLS_SERVER_METHOD)
-        self._context.use_certificate(x509.load_pem_x509_certificate(certificate))  # type: ignore[arg-type]
+        self._context.use_certificate(x509.load_pem_x509_certificate(certificate))
         self._context.use_privatekey(load_pem_private_key(key, None))  # type: ignore[arg-type]
 
     def getContext(self) -> Any:  # noqa: N802 - Twisted's name

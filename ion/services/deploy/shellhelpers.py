@@ -7,8 +7,8 @@ service). Each helper talks to the Deploy or Cache service by RPC from the
 shell's own process; the deployment file is read where the shell runs, so
 ``$VARS`` and relative paths mean what they mean for the user.
 
-``job = deploy_async(file)`` gives a :class:`DeployJob` at once (the shell
-cannot wait on an assignment); ``job_status(job)`` takes it or a job id and
+``job = deploy_async(file)`` gives a :class:`DeployJob` at once (it is no
+Deferred, so the shell's line does not wait for the deployment); ``job_status(job)`` takes it or a job id and
 shows RUNNING, PARTIAL (with the finished items) or FINISHED.
 
 ``cache_verify()`` shows the Cache service's last periodic-verify round as a

@@ -659,6 +659,7 @@ class ShellManhole(manhole.ColoredManhole):
         self.on_exit = on_exit
         self.banner = banner
         self.left = False
+        self._in_line = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -672,11 +673,17 @@ class ShellManhole(manhole.ColoredManhole):
     @property
     def busy(self) -> bool:
         """Whether a line is running (no prompt is shown until it is done)."""
+        if self._in_line:
+            return True
         interpreter = getattr(self, "interpreter", None)
         return interpreter is not None and interpreter.running is not None
 
     def lineReceived(self, line: bytes) -> None:
-        more = self.interpreter.push(line)
+        self._in_line = True  # its first steps run now: a log line they make needs no prompt redrawn
+        try:
+            more = self.interpreter.push(line)
+        finally:
+            self._in_line = False
         self.pn = bool(more)
         running = self.interpreter.running
         if running is None:

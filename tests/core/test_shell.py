@@ -447,3 +447,28 @@ def test_helpers_help_is_text_and_never_a_pager() -> None:
     assert "info()" in helpers.help() and "Ctrl-C" in helpers.help()
     assert helpers.help("no_such_module_x") == "No Python documentation found for 'no_such_module_x'"
     assert helpers.namespace()["help"] == helpers.help
+
+
+def test_a_waiting_line_keeps_typed_keys_and_ctrl_c_cancels_it() -> None:
+    """While a line waits, keys typed are kept (not echoed over the wait) and run after it; Ctrl-C
+    cancels the waiting call (its Deferred is cancelled) and the prompt comes back."""
+    pending: defer.Deferred[Any] = defer.Deferred()
+    cancelled: list[bool] = []
+    pending.addErrback(lambda f: cancelled.append(bool(f.check(defer.CancelledError))) or f)
+    later: defer.Deferred[Any] = defer.Deferred()
+    term = Terminal({"never": lambda: pending, "later": lambda: later})
+
+    term.type(b"x = later()\r")
+    assert term.proto.busy
+    term.type(b"x + 1\r")  # typed ahead
+    assert "x + 1" not in term.text()
+    later.callback(41)
+    assert not term.proto.busy and term.proto.namespace["x"] == 41
+    assert "\n42\n" in term.text() and term.text().rstrip().endswith("><>")
+
+    term.transport.clear()
+    term.type(b"never()\r")
+    assert term.proto.busy
+    term.type(b"\x03")  # Ctrl-C
+    assert cancelled == [True] and not term.proto.busy
+    assert "KeyboardInterrupt" in term.text() and term.text().rstrip().endswith("><>")

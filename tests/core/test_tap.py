@@ -616,12 +616,15 @@ def test_foreground_twistd_cc_writes_no_pid_file(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_a_missing_app_file_is_one_line_without_the_usage() -> None:
-    """`twistd -n cc res/apps/nosuch.app` prints one line (no `twistd [options]` usage) and exits 64."""
+    """`twistd [-n] cc res/apps/nosuch.app` prints one line (no `twistd [options]` usage) and exits 64."""
     proto = spawn_twistd("res/apps/nosuch.app", twistd_args=("-n",))
     code = await ended_in(proto)
     out = proto.output.decode(errors="replace")
     assert code == 64, out
     assert out.strip().splitlines() == ["Error: res/apps/nosuch.app: no such file"], out
+    proto = spawn_twistd("res/apps/nosuch.app", twistd_args=())  # as a daemon: refused before it forks
+    assert await ended_in(proto) == 64
+    assert proto.output.decode(errors="replace").strip() == "Error: res/apps/nosuch.app: no such file"
     proto = spawn_twistd("--no-such-option", twistd_args=("-n",))
     assert await ended_in(proto) == 64
     assert proto.output.decode(errors="replace").strip() == (

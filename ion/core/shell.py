@@ -468,8 +468,9 @@ class _AwaitCalls(ast.NodeTransformer):
     """``f(x)`` → ``await __ion_wait__(f(x))`` wherever ``await`` may stand, and each top-level
     expression statement ``e`` → ``__ion_show__(e)`` (what the prompt shows).
 
-    Bodies of ``def``, ``lambda``, ``class`` and generator expressions are left as written:
-    ``await`` cannot stand there (and a lambda's calls are made later, by whoever calls it).
+    Bodies of ``def``, ``lambda``, ``class`` and generator expressions (but for their first
+    iterable) are left as written: ``await`` cannot stand there (and their calls are made
+    later, by whoever calls or consumes them). The user's own ``await f()`` stays one await.
     """
 
     def visit_Call(self, node: ast.Call) -> ast.AST:  # noqa: N802 - ast's names
@@ -477,11 +478,22 @@ class _AwaitCalls(ast.NodeTransformer):
         wait = ast.Call(func=ast.Name(id=_WAIT, ctx=ast.Load()), args=[node], keywords=[])
         return ast.copy_location(ast.Await(value=ast.copy_location(wait, node)), node)
 
+    def visit_Await(self, node: ast.Await) -> ast.AST:  # noqa: N802
+        if isinstance(node.value, ast.Call):  # the user's own ``await f(x)``: f(x) is not wrapped again
+            self.generic_visit(node.value)
+            return node
+        self.generic_visit(node)
+        return node
+
     def _leave(self, node: ast.AST) -> ast.AST:
         return node
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = _leave  # noqa: N815
-    visit_GeneratorExp = _leave  # noqa: N815
+
+    def visit_GeneratorExp(self, node: ast.GeneratorExp) -> ast.AST:  # noqa: N802
+        # Only its first iterable is evaluated here and now (the rest runs as it is consumed).
+        node.generators[0].iter = self.visit(node.generators[0].iter)
+        return node
 
 
 def _awaiting_code(source: str, filename: str) -> Any:

@@ -472,3 +472,25 @@ def test_a_waiting_line_keeps_typed_keys_and_ctrl_c_cancels_it() -> None:
     term.type(b"\x03")  # Ctrl-C
     assert cancelled == [True] and not term.proto.busy
     assert "KeyboardInterrupt" in term.text() and term.text().rstrip().endswith("><>")
+
+
+def test_what_a_line_may_hold() -> None:
+    """Lines with the user's own await, a def, a lambda, a generator expression and plain
+    statements run as written; only calls outside those bodies are awaited."""
+    ready: defer.Deferred[Any] = defer.Deferred()
+    ready.callback(5)
+    term = Terminal({"five": lambda: ready, "make": lambda: defer.succeed([1, 2])})
+    for line, shown in [("await five()", "5"), ("five() + 1", "6"), ("sum(x for x in make())", "3"),
+                        ("f = lambda: five()", None), ("type(f()).__name__", "'int'"),
+                        ("len([y for y in make()])", "2"), ("z = 1; z", "1")]:
+        term.transport.clear()
+        term.type(line.encode() + b"\r")
+        assert not term.proto.busy, line
+        out = term.text()
+        assert "Error" not in out and "Traceback" not in out, (line, out)
+        if shown is not None:
+            assert f"\n{shown}\n" in out, (line, out)
+    term.type(b"def g():\r    return five()\r\r")
+    term.transport.clear()
+    term.type(b"g()\r")
+    assert "\n5\n" in term.text()

@@ -366,15 +366,18 @@ class ShellHelpers:
         d.addCallback(lambda _: Text(f"stopped {name}"))
         return d
 
-    def help(self, what: Any = inspect.Parameter.empty) -> Text:
+    def help(self, *what: Any) -> Text:
         """help(x): the documentation of x, printed; help(): how to use this shell.
 
         Python's own ``help`` would open pydoc's pager (or its interactive prompt), which
         reads the terminal itself: with the terminal in raw mode and the reactor blocked in
         it, the whole container froze. This one only renders text and returns it.
         """
-        if what is inspect.Parameter.empty:
+        if not what:
             return Text(HELP_TEXT)
+        if len(what) > 1:
+            raise TypeError(f"help() takes one thing to describe, not {len(what)}")
+        (what,) = what
         if isinstance(what, str):
             return Text(_topic_help(what.strip()))
         try:

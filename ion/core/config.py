@@ -3,8 +3,10 @@
 Layers, lowest first: ``res/config/ion.config`` (defaults), then
 ``res/config/ionlocal.config`` (the user's, git-ignored), then the ``config``
 of each started app, then the command line. Every file is a dict keyed by
-module name, written as a Python literal (parsed with ``ast.literal_eval``)
-or YAML (safe loader). A module sees the merge of its own section and those
+module name, written as a Python literal (parsed with ``ast.literal_eval``;
+JSON's ``true``, ``false`` and ``null`` are accepted too, so a JSON document
+is one) or YAML (safe loader). The files are read once, when the container
+starts: a change needs a restart. A module sees the merge of its own section and those
 of its parent packages (``ion`` < ``ion.services`` < ``ion.services.deploy``).
 """
 
@@ -24,7 +26,8 @@ from typing import Any, ClassVar, TypeVar
 
 from ion.core.exceptions import ConfigurationError
 
-__all__ = ["Config", "Settings", "setting", "resource_root", "read_literal_file", "deep_merge", "parse_value"]
+__all__ = ["Config", "Settings", "setting", "resource_root", "read_literal_file", "deep_merge", "parse_value",
+           "literal"]
 
 S = TypeVar("S", bound="Settings")
 
@@ -63,14 +66,54 @@ def _read_yaml(text: str) -> Any:
         return None
 
 
+#: JSON's words for the Python constants, accepted wherever a literal is read.
+_JSON_WORDS: dict[str, Any] = {"true": True, "false": False, "null": None}
+
+#: The nodes ``ast.literal_eval`` takes (with their operators); anything else is named in the error.
+_LITERAL_NODES = (ast.Expression, ast.Constant, ast.Dict, ast.Set, ast.List, ast.Tuple, ast.UnaryOp, ast.BinOp,
+                  ast.UAdd, ast.USub, ast.Add, ast.Sub, ast.Load)
+
+
+class _JSONWords(ast.NodeTransformer):
+    """Turns the names ``true``, ``false`` and ``null`` into their constants (nothing else)."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:  # noqa: N802 - ast's name
+        if node.id in _JSON_WORDS:
+            return ast.copy_location(ast.Constant(_JSON_WORDS[node.id]), node)
+        return node
+
+
+def literal(text: str) -> Any:
+    """``text`` as a Python literal, JSON's ``true``/``false``/``null`` accepted: never run.
+
+    :raises SyntaxError: text that does not parse (with its line).
+    :raises ValueError: a name, call or expression, naming the first such token and its line
+        (``line 3: 'evil' is not a literal``).
+    """
+    tree = ast.parse(text.lstrip(" \t"), mode="eval")
+    tree = _JSONWords().visit(tree)
+    try:
+        return ast.literal_eval(tree)
+    except ValueError:
+        bad = next((node for node in ast.walk(tree) if not isinstance(node, _LITERAL_NODES)), None)
+        if bad is None or not hasattr(bad, "lineno"):
+            raise
+        token = ast.get_source_segment(text.lstrip(" \t"), bad) or type(bad).__name__
+        if len(token) > 60:
+            token = token[:57] + "..."
+        raise ValueError(f"line {bad.lineno}: {token!r} is not a literal") from None
+
+
 def read_literal_file(path: Path, what: str = "file") -> Any:
-    """Parse a data file written as a Python literal (or YAML), never executing it.
+    """Parse a data file written as a Python literal (JSON's ``true``/``false``/``null``
+    accepted) or YAML, never executing it.
 
     A ``.config``/``.yaml`` file may be YAML, but only if it is not a Python
     expression at all: a Python dict holding a name or a call is refused,
     never read by YAML as a string.
 
-    :raises ConfigurationError: naming the file and the line of a syntax error.
+    :raises ConfigurationError: naming the file and the line of a syntax error, or the
+        line and the token that is not a literal.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -78,7 +121,7 @@ def read_literal_file(path: Path, what: str = "file") -> Any:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise ConfigurationError(f"cannot read {what} {path}: {reason}") from exc
     try:
-        return ast.literal_eval(text)
+        return literal(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
         literal_error = exc
     yaml_allowed = path.suffix in (".yaml", ".yml") or path.name.endswith(".config")
@@ -86,12 +129,13 @@ def read_literal_file(path: Path, what: str = "file") -> Any:
         data = _read_yaml(text)
         if isinstance(data, dict):
             return data
-    where = ""
     if isinstance(literal_error, SyntaxError) and literal_error.lineno:
-        where = f" (line {literal_error.lineno})"
-    elif isinstance(literal_error, ValueError):
-        where = " (only literals are allowed: no names, calls or expressions)"
-    raise ConfigurationError(f"{what} {path} is not a valid literal{where}: {literal_error}")
+        raise ConfigurationError(f"{what} {path} is not a valid literal (line {literal_error.lineno}): "
+                                 f"{literal_error.msg}")
+    if isinstance(literal_error, ValueError):
+        raise ConfigurationError(f"{what} {path}: {literal_error} (only literals are allowed: no names, calls "
+                                 "or expressions; true, false and null are)")
+    raise ConfigurationError(f"{what} {path} is not a valid literal: {literal_error}")
 
 
 def deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,9 +150,10 @@ def deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, An
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value: a Python literal if it parses as one, else the string."""
+    """A command-line value: a literal if it parses as one (JSON's ``true``/``false``/``null``
+    too), else the string."""
     try:
-        return ast.literal_eval(text)
+        return literal(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
 

@@ -11,6 +11,9 @@ falls back to ``ion.core.messaging``, then ``ion.core``, then ``ion``).
 Under ``twistd``, :mod:`ion.core.tap` names :func:`stdout_observer` as the
 ``--logger`` factory when the user chose no ``--logfile``, ``--logger`` or
 ``--syslog``, so the container's log goes to stdout through the filter.
+While the interactive shell runs on that same terminal it takes the lines
+(:func:`set_console`): it writes each above its prompt and redraws the prompt
+and what the user was typing below it.
 
 :class:`LogLimiter` keeps what a peer can make us log per message (garbage,
 expired messages, unknown ops, late replies) to one line per *kind* per
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final, cast
@@ -50,6 +53,7 @@ __all__ = [
     "level_predicate",
     "filtered_observer",
     "stdout_observer",
+    "set_console",
     "LogLimiter",
 ]
 
@@ -118,9 +122,48 @@ def filtered_observer(observer: ILogObserver,
     return FilteringLogObserver(observer, [predicate])
 
 
+#: Where log lines go instead of stdout while an interactive console (the shell) owns the terminal.
+_console: Callable[[str], None] | None = None
+
+
+def set_console(writer: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """Send the stdout log's lines to ``writer`` (None: back to stdout); returns the previous one.
+
+    The shell sets it while it runs on the terminal stdout is on, so that a log line is
+    written above its prompt, which it then redraws with the line being typed, instead of
+    landing in the middle of them.
+    """
+    global _console
+    previous, _console = _console, writer
+    return previous
+
+
+class _ConsoleAwareStream:
+    """The stream of :func:`stdout_observer`: ``stream``, or the console while one is set."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream  # the real stdout, taken once: twistd later points sys.stdout at the log
+
+    def write(self, text: str) -> None:
+        console = _console
+        if console is not None:
+            try:
+                console(text)
+                return
+            except Exception:  # a broken console never loses the log line
+                pass
+        self.stream.write(text)
+
+    def flush(self) -> None:
+        if _console is None:
+            self.stream.flush()
+
+
 def stdout_observer(stream: IO[str] | None = None) -> FilteringLogObserver:
-    """The ``twistd --logger`` factory: text lines on stdout, filtered by module level."""
-    text = cast(ILogObserver, textFileLogObserver(stream if stream is not None else sys.stdout))
+    """The ``twistd --logger`` factory: text lines on stdout (or the shell, see :func:`set_console`),
+    filtered by module level."""
+    out = _ConsoleAwareStream(stream if stream is not None else sys.stdout)
+    text = cast(ILogObserver, textFileLogObserver(cast(IO[str], out)))
     return filtered_observer(text)
 
 

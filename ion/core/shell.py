@@ -8,20 +8,31 @@ Three layers, each usable without the next:
   own (named ``shell``) that every call goes out from. Tests use it directly.
 - :class:`ShellManhole` — a :class:`~twisted.conch.manhole.ColoredManhole`
   with the ``><> `` prompt, input history (kept in a file between sessions),
-  tab completion, and a display hook that prints what a Deferred fires with
-  once it fires (errors as one ``Error: ...`` line).
+  tab completion, and lines that *wait*: each line runs as a coroutine in
+  which every call that gives a Deferred (or a coroutine) is awaited, so
+  ``p = spawn('hello')`` makes ``p`` the pid and ``[rpc_send(...) for ...]``
+  a list of replies, while the reactor keeps running. The prompt comes back
+  when the line is done; keys typed meanwhile are kept for it; Ctrl-C cancels
+  the line. Errors print as one ``Error: ...`` line.
 - :class:`StdioShell` — puts the terminal in raw mode and runs the manhole
-  on :class:`~twisted.internet.stdio.StandardIO`; Ctrl-D leaves and calls
-  ``on_exit`` (the ``twistd cc`` service stops the container and the reactor).
+  on :class:`~twisted.internet.stdio.StandardIO` (on descriptors of its own
+  on the terminal, even when stdout is a pipe: ``twistd -n cc | tee log``);
+  the container's log lines are written above the prompt, which is redrawn.
+  Ctrl-D leaves and calls ``on_exit`` (the ``twistd cc`` service stops the
+  container and the reactor).
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
 import os
+import pydoc
 import re
 import rlcompleter
 import sys
+import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +51,8 @@ from ion.core.service import ServiceProcess
 __all__ = [
     "Listing",
     "Text",
+    "Size",
+    "When",
     "ShellHelpers",
     "ShellManhole",
     "ShellInterpreter",
@@ -95,7 +108,55 @@ class Listing(list[dict[str, Any]]):
         return "\n".join(lines)
 
 
+class Size(int):
+    """A number of bytes that prints in human units (``12.3 MiB``); still an ``int``."""
+
+    def __str__(self) -> str:
+        return human_size(int(self))
+
+    __repr__ = __str__
+
+
+def human_size(n: float) -> str:
+    """``n`` bytes in binary units: ``512 B``, ``1.5 KiB``, ``12.3 MiB``, ``2.0 GiB``."""
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024.0
+        if abs(n) < 1024 or unit == "PiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+class When(float):
+    """A time (epoch seconds) that prints as local ISO time and its age:
+    ``2026-12-06 03:50:12 (5 min ago)``; still a ``float``."""
+
+    def __str__(self) -> str:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(self)))
+        return f"{stamp} ({age(time.time() - float(self))})"
+
+    __repr__ = __str__
+
+
+def age(seconds: float) -> str:
+    """How long ago, roughly: ``12 s ago``, ``5 min ago``, ``3 h ago``, ``2 d ago`` (``in 4 s`` ahead)."""
+    ahead = seconds < 0
+    seconds = abs(seconds)
+    if seconds < 90:
+        text = f"{int(seconds)} s"
+    elif seconds < 90 * 60:
+        text = f"{int(seconds // 60)} min"
+    elif seconds < 36 * 3600:
+        text = f"{int(seconds // 3600)} h"
+    else:
+        text = f"{int(seconds // 86400)} d"
+    return f"in {text}" if ahead else f"{text} ago"
+
+
 def _cell(value: Any) -> str:
+    if isinstance(value, (Size, When)):
+        return str(value)
     if value is None:
         return "-"
     if isinstance(value, (list, tuple)):
@@ -116,7 +177,7 @@ class ShellHelpers:
 
     #: The helpers the shell offers, in the order ``info()`` lists them.
     HELPERS = ("ps", "ms", "svc", "spawn", "send", "rpc_send", "kill", "ping", "nodes", "apps",
-               "start_app", "stop_app", "info")
+               "start_app", "stop_app", "info", "help")
 
     #: Config section naming modules with more helpers (``helpers: ["ion.services.deploy.shellhelpers"]``).
     CONFIG_SECTION = "ion.core.shell"
@@ -274,7 +335,9 @@ class ShellHelpers:
         agent = self._agent()
         assert agent is not None
         content, _ = await self.proc.rpc_send(agent.agent_queue, "nodes", None)
-        return Listing(content, ["container", "pids", "started_at", "agent"], "(no containers)")
+        rows = [{**row, "started_at": When(row["started_at"])}
+                if isinstance(row.get("started_at"), (int, float)) else row for row in content]
+        return Listing(rows, ["container", "pids", "started_at", "agent"], "(no containers)")
 
     def _agent(self, required: bool = True) -> ContainerAgent | None:
         pid = getattr(self.container, "agent_pid", None)
@@ -303,6 +366,25 @@ class ShellHelpers:
         d.addCallback(lambda _: Text(f"stopped {name}"))
         return d
 
+    def help(self, *what: Any) -> Text:
+        """help(x): the documentation of x, printed; help(): how to use this shell.
+
+        Python's own ``help`` would open pydoc's pager (or its interactive prompt), which
+        reads the terminal itself: with the terminal in raw mode and the reactor blocked in
+        it, the whole container froze. This one only renders text and returns it.
+        """
+        if not what:
+            return Text(HELP_TEXT)
+        if len(what) > 1:
+            raise TypeError(f"help() takes one thing to describe, not {len(what)}")
+        (what,) = what
+        if isinstance(what, str):
+            return Text(_topic_help(what.strip()))
+        try:
+            return Text(pydoc.render_doc(what, "Help on %s:", renderer=_PLAIN).rstrip())
+        except Exception as exc:  # noqa: BLE001 - an object pydoc cannot describe
+            return Text(f"No documentation for {what!r}: {error_line(exc)}")
+
     def info(self) -> Text:
         """This list."""
         lines = [f"ION capability container {self.container.id}, system {self.container.sysname}; "
@@ -319,8 +401,48 @@ class ShellHelpers:
             lines.append(f"  {name}{signature}")
             lines.append(f"      {doc[0] if doc else ''}")
         lines.append("")
-        lines.append("A Deferred's result is printed when it fires; _ holds the last result. Ctrl-D leaves.")
+        lines.append("A line waits for the calls in it (Ctrl-C cancels it); _ holds the last result. "
+                     "Ctrl-D leaves.")
         return Text("\n".join(lines))
+
+
+HELP_TEXT = """\
+This is the ><> shell of an ION capability container: Python, with helpers.
+
+  info()            the helpers, one line each (ps, svc, spawn, rpc_send, kill, nodes, ...)
+  help(x)           the documentation of x: help(rpc_send), help(container), help('for')
+  p = spawn('hello')            a line waits for its calls: p is the pid
+  rpc_send('hello', 'hello', 'you')
+
+A line runs until the calls in it are answered; the container keeps working
+meanwhile, and Ctrl-C cancels the line. _ holds the last result. Tab completes
+names; Up and Down walk the history. Ctrl-D leaves the shell and stops the
+container."""
+
+
+def _topic_help(name: str) -> str:
+    """help('x'): a keyword or topic of the Python docs, else the object ``x`` names (a module,
+    ``os.path.join``), as text; never the interactive help or a pager."""
+    if not name:
+        return HELP_TEXT
+    target = pydoc.Helper.topics.get(name, pydoc.Helper.keywords.get(name))
+    for _ in range(5):  # a topic may name another topic (pydoc's own showtopic follows them)
+        if not isinstance(target, str):
+            break
+        target = pydoc.Helper.topics.get(target, pydoc.Helper.keywords.get(target))
+    if isinstance(target, tuple) and target:
+        try:
+            import pydoc_data.topics
+
+            text = pydoc_data.topics.topics.get(target[0])
+            if text:
+                return str(text).strip()
+        except ImportError:  # pragma: no cover
+            pass
+    try:
+        return pydoc.render_doc(name, "Help on %s:", renderer=_PLAIN).rstrip()
+    except (ImportError, pydoc.ErrorDuringImport):
+        return f"No Python documentation found for {name!r}"
 
 
 @defer.inlineCallbacks
@@ -338,15 +460,159 @@ def error_line(error: BaseException | Failure) -> str:
     return "Error: " + (text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
 
 
+#: pydoc's renderer of plain text (no bold by backspaces); not in its type stubs.
+_PLAIN: Any = getattr(pydoc, "plaintext", None) or pydoc.TextDoc()
+
+_WAIT = "__ion_wait__"
+_SHOW = "__ion_show__"
+
+
+class _AwaitCalls(ast.NodeTransformer):
+    """``f(x)`` → ``await __ion_wait__(f(x))`` wherever ``await`` may stand, and each top-level
+    expression statement ``e`` → ``__ion_show__(e)`` (what the prompt shows).
+
+    Bodies of ``def``, ``lambda``, ``class`` and generator expressions (but for their first
+    iterable) are left as written: ``await`` cannot stand there (and their calls are made
+    later, by whoever calls or consumes them). The user's own ``await f()`` stays one await.
+    """
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:  # noqa: N802 - ast's names
+        self.generic_visit(node)
+        wait = ast.Call(func=ast.Name(id=_WAIT, ctx=ast.Load()), args=[node], keywords=[])
+        return ast.copy_location(ast.Await(value=ast.copy_location(wait, node)), node)
+
+    def visit_Await(self, node: ast.Await) -> ast.AST:  # noqa: N802
+        if isinstance(node.value, ast.Call):  # the user's own ``await f(x)``: f(x) is not wrapped again
+            self.generic_visit(node.value)
+            return node
+        self.generic_visit(node)
+        return node
+
+    def _leave(self, node: ast.AST) -> ast.AST:
+        return node
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = _leave  # noqa: N815
+
+    def visit_GeneratorExp(self, node: ast.GeneratorExp) -> ast.AST:  # noqa: N802
+        # Only its first iterable is evaluated here and now (the rest runs as it is consumed).
+        node.generators[0].iter = self.visit(node.generators[0].iter)
+        return node
+
+
+def _awaiting_code(source: str, filename: str) -> Any:
+    """``source`` (one complete interactive input) compiled as a coroutine body in which every call
+    is awaited (see :class:`_AwaitCalls`); None when it holds no call (run it as it is)."""
+    tree = ast.parse(source, filename, mode="single")
+    if not any(isinstance(node, (ast.Call, ast.Await)) for node in ast.walk(tree)):
+        return None
+    body = []
+    for stmt in tree.body:
+        stmt = _AwaitCalls().visit(stmt)
+        if isinstance(stmt, ast.Expr):
+            show = ast.Call(func=ast.Name(id=_SHOW, ctx=ast.Load()), args=[stmt.value], keywords=[])
+            stmt = ast.Expr(value=ast.copy_location(show, stmt))
+        body.append(stmt)
+    module = ast.fix_missing_locations(ast.Module(body=body, type_ignores=[]))
+    return compile(module, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+
+
+async def _wait(value: Any) -> Any:
+    """What a call in a shell line gives: a Deferred's or a coroutine's result, else the value."""
+    if isinstance(value, defer.Deferred) or inspect.iscoroutine(value):
+        return await value
+    return value
+
+
 class ShellInterpreter(manhole.ManholeInterpreter):
-    """Shows what a Deferred fires with, when it fires; ion errors as one line."""
+    """Runs each line as a coroutine that awaits its calls (:attr:`running` while it does);
+    shows a Deferred that is not awaited when it fires; ion errors as one line.
+    """
+
+    def __init__(self, handler: Any, locals: dict[str, Any] | None = None,  # noqa: A002 - manhole's name
+                 filename: str = "<console>") -> None:
+        super().__init__(handler, locals, filename)
+        # Top-level ``await`` of the user's own is accepted too.
+        self.compile.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+        self.locals[_WAIT] = _wait
+        self.locals[_SHOW] = self.displayhook
+        #: The line being run (it fires when the line is done), or None.
+        self.running: defer.Deferred[None] | None = None
+
+    def runsource(self, source: str, filename: str = "<console>", symbol: str = "single") -> bool:
+        try:
+            plain = self.compile(source, filename, symbol)
+        except (OverflowError, SyntaxError, ValueError):
+            self.showsyntaxerror(filename)
+            return False
+        if plain is None:
+            return True  # more input needed
+        try:
+            code = _awaiting_code(source, filename)
+        except SyntaxError:
+            code = None  # a form the rewrite cannot take: run the line as written
+        if code is None:
+            self.runcode(plain)
+            return False
+        try:
+            with self.monkeyPatcher:
+                result = eval(code, self.locals)  # noqa: S307 - the shell runs what its user types
+        except SystemExit:
+            raise
+        except BaseException:
+            self._show_error(*sys.exc_info())
+            return False
+        if inspect.iscoroutine(result):
+            running = defer.Deferred.fromCoroutine(self._stepped(result))
+            running.addErrback(self._failed)
+            if not running.called:
+                self.running = running
+                running.addBoth(self._done)
+        return False
+
+    def _stepped(self, coro: Any) -> Any:
+        """Drive ``coro`` as a generator, each step with the shell's stdout and display hooks
+        in place (a ``print`` after an await goes to the shell, not to the log)."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                with self.monkeyPatcher:
+                    if error is not None:
+                        thrown, error = error, None
+                        yielded = coro.throw(thrown)
+                    else:
+                        yielded = coro.send(value)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                value = yield yielded
+            except BaseException as exc:  # a cancel (Ctrl-C), or the awaited Deferred's failure
+                error = exc
+
+    def _done(self, result: Any) -> Any:
+        self.running = None
+        return result
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(defer.CancelledError):
+            self.write("KeyboardInterrupt\n")
+            return
+        self._show_error(failure.type, failure.value, failure.getTracebackObject())
+
+    def _show_error(self, kind: Any, value: BaseException | None, tb: Any) -> None:
+        if isinstance(value, IonError):
+            self.write(error_line(value) + "\n")
+            return
+        while tb is not None and tb.tb_frame.f_code.co_filename != self.filename:
+            tb = tb.tb_next  # from the user's line on: not the shell's own frames
+        self.write("".join(traceback.format_exception(kind, value, tb)))
 
     def displayhook(self, obj: Any) -> None:
         if obj is None:
             return
         self.locals["_"] = obj
         if not isinstance(obj, defer.Deferred):
-            self.write(repr(obj))
+            self.write(repr(obj) + "\n")
             return
         # Fired already: print now, in line. Later: print above a redrawn prompt.
         fired_later = [False]
@@ -399,6 +665,7 @@ class ShellManhole(manhole.ColoredManhole):
     """
 
     ps = PROMPTS
+    interpreter: ShellInterpreter
 
     def __init__(self, namespace: dict[str, Any] | None = None, *, history_path: Path | None = None,
                  on_exit: Callable[[], Any] | None = None, banner: str = "") -> None:
@@ -407,12 +674,100 @@ class ShellManhole(manhole.ColoredManhole):
         self.on_exit = on_exit
         self.banner = banner
         self.left = False
+        self._in_line = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.interpreter = ShellInterpreter(self, self.namespace)
         self.keyHandlers[b"\x15"] = self.handle_KILL_LINE  # Ctrl-U
+        #: Keys typed while a line runs: handled once it is done (as a terminal keeps them).
+        self.typed_ahead: list[tuple[Any, Any]] = []
         self._load_history()
+
+    # -- lines that wait -------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """Whether a line is running (no prompt is shown until it is done)."""
+        if self._in_line:
+            return True
+        interpreter = getattr(self, "interpreter", None)
+        return interpreter is not None and interpreter.running is not None
+
+    def lineReceived(self, line: bytes) -> None:
+        self._in_line = True  # its first steps run now: a log line they make needs no prompt redrawn
+        try:
+            more = self.interpreter.push(line)
+        finally:
+            self._in_line = False
+        self.pn = bool(more)
+        running = self.interpreter.running
+        if running is None:
+            self._prompt()
+            return
+        running.addBoth(self._line_done)
+
+    def _line_done(self, _: Any) -> None:
+        if self.left:
+            return
+        self._prompt()
+        typed, self.typed_ahead = self.typed_ahead, []
+        for i, (key, modifier) in enumerate(typed):
+            self.keystrokeReceived(key, modifier)
+            if self.busy:  # Enter started another line: the rest waits for that one
+                self.typed_ahead = typed[i + 1:] + self.typed_ahead
+                return
+
+    def _prompt(self) -> None:
+        if self._needsNewline():
+            self.terminal.nextLine()
+        self.terminal.write(self.ps[self.pn])
+
+    def keystrokeReceived(self, keyID: Any, modifier: Any) -> None:  # noqa: N803 - Twisted's names
+        if self.busy:
+            if keyID == manhole.CTRL_C:
+                running = self.interpreter.running
+                if running is not None:
+                    running.cancel()
+                return
+            self.typed_ahead.append((keyID, modifier))
+            return
+        super().keystrokeReceived(keyID, modifier)
+
+    # -- output above the prompt -------------------------------------------------------------------
+    def addOutput(self, data: Any, isAsync: Any = None) -> None:  # noqa: N803 - Twisted's name
+        if isAsync and not self.busy:
+            self.write_above(data)
+            return
+        self.terminal.write(data)
+
+    def write_above(self, text: str | bytes) -> None:
+        """Write ``text`` (a log line, a late result) where the prompt is, then redraw the prompt
+        and what was being typed below it. While a line runs there is no prompt: just write it."""
+        data = text.encode("utf-8", "replace") if isinstance(text, str) else text
+        if self.busy or self.left:
+            self.terminal.write(data)
+            return
+        self.terminal.write(b"\r")
+        self.terminal.eraseToLineEnd()
+        self.terminal.write(data)
+        if self._needsNewline():
+            self.terminal.nextLine()
+        self.redraw_input()
+
+    def redraw_input(self) -> None:
+        """Draw the prompt and the line buffer again on the cursor's line (colored when it can
+        be), the cursor where it was in the line."""
+        self.terminal.write(b"\r")
+        self.terminal.eraseToLineEnd()
+        line = b"".join(self.lineBuffer)
+        try:
+            shown = manhole.lastColorizedLine(self.getSource()) if line.strip() else line
+        except Exception:  # an incomplete token (an open string): plain
+            shown = line
+        self.terminal.write(self.ps[self.pn] + shown)
+        back = len(self.lineBuffer) - self.lineBufferIndex
+        if back:
+            self.terminal.cursorBackward(back)
 
     def handle_KILL_LINE(self) -> None:
         """Ctrl-U: drop what was typed on this line."""
@@ -483,9 +838,12 @@ class ShellManhole(manhole.ColoredManhole):
             return
         common = os.path.commonprefix(found)
         if len(common) > len(word):
-            extra = common[len(word):].encode("utf-8")
-            for i, ch in enumerate(extra):
-                self.characterReceived(bytes([ch]), i < len(extra) - 1)
+            # Into the buffer, then the whole line drawn again: ColoredManhole draws only the
+            # last of several characters when it cannot color the line ("rpc_send(" is an open
+            # bracket), which showed "rpc_s(" for a buffer holding "rpc_send(".
+            for ch in common[len(word):].encode("utf-8"):
+                self.characterReceived(bytes([ch]), True)
+            self.redraw_input()
             return
         if len(found) > 1:
             self.terminal.nextLine()
@@ -515,6 +873,7 @@ class StdioShell:
         self.stdin_fd = stdin_fd
         self.stdout_fd = stdout_fd
         self._saved: list[Any] | None = None
+        self._console_set = False
         self.protocol: insults.ServerProtocol | None = None
         self.stdio: Any = None
 
@@ -525,34 +884,55 @@ class StdioShell:
 
         from twisted.internet import stdio
 
+        from ion.core.log import set_console
+
         self._saved = termios.tcgetattr(self.stdin_fd)
         tty.setraw(self.stdin_fd, termios.TCSANOW)
-        # Raw mode also stops "\n" → "\r\n" on output; the log still writes plain lines.
-        out = termios.tcgetattr(self.stdout_fd)
+        # Raw mode also stops "\n" → "\r\n" on output; the log still writes plain lines. The
+        # settings are the terminal's (stdin's), whatever stdout is: with stdout a pipe
+        # (`twistd -n cc | tee log`) there is no terminal to ask there (ENOTTY).
+        out = termios.tcgetattr(self.stdin_fd)
         out[1] = out[1] | termios.OPOST | termios.ONLCR
-        termios.tcsetattr(self.stdout_fd, termios.TCSANOW, out)
+        termios.tcsetattr(self.stdin_fd, termios.TCSANOW, out)
         self.protocol = insults.ServerProtocol(ShellManhole, self.namespace, history_path=self.history_path,
                                                on_exit=self._left, banner=self.banner)
-        read_fd, write_fd = self._private_fds()
+        read_fd, write_fd, same_terminal = self._private_fds()
         self.stdio = stdio.StandardIO(self.protocol, stdin=read_fd, stdout=write_fd,  # type: ignore[call-arg]
                                       reactor=self.reactor)
+        if same_terminal:  # the log's lines go above the prompt, which is redrawn
+            self._console_set = True
+            set_console(self._log_line)
 
-    def _private_fds(self) -> tuple[int, int]:
-        """Descriptors of the shell's own on the terminal.
+    def _log_line(self, text: str) -> None:
+        proto = self.protocol.terminalProtocol if self.protocol is not None else None
+        if not isinstance(proto, ShellManhole) or proto.left:
+            raise RuntimeError("the shell is gone")  # the log writes the line to stdout itself
+        proto.write_above(text)
+
+    def _private_fds(self) -> tuple[int, int, bool]:
+        """Descriptors of the shell's own on the terminal (read, write), and whether stdout is
+        that terminal too.
 
         StandardIO makes its descriptors non-blocking, and fds 0-2 of a terminal
         usually share one open file: using them would make the log's writes to
-        stdout non-blocking too (failing whenever the terminal is slow).
+        stdout non-blocking too (failing whenever the terminal is slow). The shell
+        writes to stdin's terminal even when stdout is a pipe or a file (``| tee log``):
+        the prompt and the echo of what is typed belong on the screen, not in the log.
         """
         try:
             path = os.ttyname(self.stdin_fd)
-            if os.ttyname(self.stdout_fd) != path:
-                return self.stdin_fd, self.stdout_fd
+        except OSError:
+            return self.stdin_fd, self.stdout_fd, False
+        try:
+            same = os.ttyname(self.stdout_fd) == path
+        except OSError:
+            same = False
+        try:
             read_fd = os.open(path, os.O_RDONLY | os.O_NOCTTY)
             write_fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
         except OSError:
-            return self.stdin_fd, self.stdout_fd
-        return read_fd, write_fd
+            return self.stdin_fd, self.stdout_fd, same
+        return read_fd, write_fd, same
 
     def _left(self) -> None:
         self.restore()
@@ -560,6 +940,11 @@ class StdioShell:
 
     def restore(self) -> None:
         """Give the terminal back its settings (idempotent)."""
+        if self._console_set:
+            from ion.core.log import set_console
+
+            self._console_set = False
+            set_console(None)
         saved, self._saved = self._saved, None
         if saved is None:
             return

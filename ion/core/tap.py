@@ -51,6 +51,7 @@ ENV_BROKER_PASSWORD = "ION_BROKER_PASSWORD"
 EX_UNAVAILABLE = getattr(os, "EX_UNAVAILABLE", 69)
 EX_SOFTWARE = getattr(os, "EX_SOFTWARE", 70)
 EX_CONFIG = getattr(os, "EX_CONFIG", 78)
+EX_USAGE = getattr(os, "EX_USAGE", 64)
 
 DEFAULT_BROKER_PORT = 5672
 DEFAULT_BROKER_VHOST = "/"
@@ -234,11 +235,32 @@ class Options(usage.Options):
         self["files"] = list(files)
 
     # -- checks --------------------------------------------------------------------------------
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse; under ``twistd`` a mistake is one ``Error: ...`` line on stderr and exit 64.
+
+        twistd would print its whole usage text (headed ``twistd [options]``) above the
+        one line that says what is wrong; standalone (tests, ``Options().parseOptions``)
+        the ``UsageError`` is raised as usual.
+        """
+        self._checking = False
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as exc:
+            if not isinstance(getattr(self, "parent", None), usage.Options):
+                raise
+            hint = "" if self._checking else " (twistd cc --help lists the options)"
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"Error: {exc}{hint}\n")
+            stream.flush()
+            raise SystemExit(EX_USAGE) from None
+
     def postOptions(self) -> None:
+        self._checking = True
         self._check_sysname()
         self._check_broker()
         self._check_files()
         self._check_logging()
+        self._check_pidfile()
 
     def _check_sysname(self) -> None:
         args = self["container_args"]
@@ -368,6 +390,36 @@ class Options(usage.Options):
         if (parent.get("logger") is None and not parent.get("logfile") and not parent.get("syslog")
                 and parent.get("nodaemon")):
             parent["logger"] = "ion.core.log.stdout_observer"
+
+
+    def _check_pidfile(self) -> None:
+        """Under ``twistd -n``, no pid file unless ``--pidfile`` is given.
+
+        twistd's default ``./twistd.pid`` lets only one ``twistd`` run per folder: a second
+        container started beside the first (README's two terminals) stopped with "Another
+        twistd server is running". A container in the foreground needs none; a daemon
+        (without ``-n``) keeps twistd's default, so it can be found and stopped.
+        """
+        parent = getattr(self, "parent", None)
+        if parent is None or not hasattr(parent, "get") or not parent.get("nodaemon"):
+            return
+        if parent.get("pidfile") == _TWISTD_PIDFILE and not _pidfile_given(sys.argv[1:]):
+            parent["pidfile"] = ""
+
+
+#: twistd's own default pid file.
+_TWISTD_PIDFILE = "twistd.pid"
+
+
+def _pidfile_given(argv: list[str]) -> bool:
+    """Whether the twistd options before the ``cc`` sub-command name ``--pidfile`` (or a prefix of it)."""
+    for arg in argv:
+        if arg == "cc":
+            return False
+        name = arg.split("=", 1)[0]
+        if len(name) >= len("--pid") and "--pidfile".startswith(name):
+            return True
+    return False
 
 
 # -- the service ----------------------------------------------------------------------------------------

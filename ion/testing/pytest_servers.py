@@ -57,12 +57,13 @@ def s3_env_anonymous(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -
 
 
 @async_yield_fixture
-async def http_repository() -> AsyncIterator[Callable[[str | Path], HTTPRepositoryServer]]:
-    """``http_repository(root)``: a started HTTP repository over ``root``; stopped after the test."""
+async def http_repository() -> AsyncIterator[Callable[..., HTTPRepositoryServer]]:
+    """``http_repository(root, tls=None)``: a started HTTP repository over ``root`` (HTTPS with
+    ``tls=(certificate, key)``); stopped after the test."""
     servers: list[HTTPRepositoryServer] = []
 
-    def start(root: str | Path) -> HTTPRepositoryServer:
-        server = HTTPRepositoryServer(root).start()
+    def start(root: str | Path, tls: tuple[bytes, bytes] | None = None) -> HTTPRepositoryServer:
+        server = HTTPRepositoryServer(root, tls=tls).start()
         servers.append(server)
         return server
 

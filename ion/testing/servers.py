@@ -11,6 +11,8 @@
   ``127.0.0.1:<free port>``, which also counts requests, can send
   ``Content-MD5`` (right or wrong), and can drop the connection in the middle
   of a file the first N times it is asked for.
+  With ``tls=self_signed_certificate()`` it serves HTTPS with a certificate no
+  client trusts.
 - :func:`write_tree` lays out files (``{"linux/zlib/1.2/zlib.tgz": b"..."}``)
   under a folder; :meth:`MotoServer.put_tree` does the same into a bucket.
 
@@ -39,14 +41,16 @@ from typing import Any
 from urllib.parse import unquote
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.web import resource, server
+from zope.interface import implementer
 
 with warnings.catch_warnings():
     # static.File's class attributes use deprecated error pages; nothing we call.
     warnings.simplefilter("ignore", DeprecationWarning)
     from twisted.web import static
 
-__all__ = ["MotoServer", "HTTPRepositoryServer", "write_tree", "free_port"]
+__all__ = ["MotoServer", "HTTPRepositoryServer", "write_tree", "free_port", "self_signed_certificate"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -54,6 +58,34 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def self_signed_certificate(host: str = "127.0.0.1") -> tuple[bytes, bytes]:
+    """A fresh self-signed certificate for ``host`` (an IP address or a name), and its key: PEM
+    ``(certificate, key)``, made with ``cryptography`` (no file, no openssl command)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    try:
+        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        alt = x509.DNSName(host)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
 
 
 def tgz(members: Mapping[str, bytes]) -> bytes:
@@ -254,6 +286,23 @@ class _FaultyRoot(resource.Resource):
         return child.render(request)
 
 
+@implementer(IOpenSSLContextFactory)
+class _ServerTLS:
+    """The server side's OpenSSL context for PEM ``certificate`` and ``key`` (a context factory)."""
+
+    def __init__(self, certificate: bytes, key: bytes) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+        from OpenSSL import SSL
+
+        self._context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self._context.use_certificate(x509.load_pem_x509_certificate(certificate))
+        self._context.use_privatekey(load_pem_private_key(key, None))  # type: ignore[arg-type]
+
+    def getContext(self) -> Any:  # noqa: N802 - Twisted's name
+        return self._context
+
+
 class HTTPRepositoryServer:
     """An HTTP repository over ``root``: ``static.File`` autoindex pages on ``127.0.0.1:<free port>``.
 
@@ -268,7 +317,8 @@ class HTTPRepositoryServer:
     :ivar headers: ``{relative path: {header: value}}`` added to those responses.
     """
 
-    def __init__(self, root: str | os.PathLike[str], reactor: Any = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], reactor: Any = None, *,
+                 tls: tuple[bytes, bytes] | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -284,19 +334,24 @@ class HTTPRepositoryServer:
         self.headers: dict[str, dict[str, str]] = {}
         self._port: Any = None
         self._site: Any = None
+        #: ``(certificate, key)`` PEM: serve HTTPS with them (see :func:`self_signed_certificate`).
+        self.tls = tls
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:<port>`` (the repository URL of ``root``)."""
+        """``http(s)://127.0.0.1:<port>`` (the repository URL of ``root``)."""
         assert self._port is not None, "start() first"
-        return f"http://127.0.0.1:{self._port.getHost().port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._port.getHost().port}"
 
     def start(self) -> HTTPRepositoryServer:
         """Listen (at once; the reactor serves once it runs)."""
         self._site = server.Site(_FaultyRoot(self))
         self._site.displayTracebacks = False
         self._site.noisy = False
-        self._port = self.reactor.listenTCP(0, self._site, interface="127.0.0.1")
+        if self.tls is None:
+            self._port = self.reactor.listenTCP(0, self._site, interface="127.0.0.1")
+        else:
+            self._port = self.reactor.listenSSL(0, self._site, _ServerTLS(*self.tls), interface="127.0.0.1")
         return self
 
     @defer.inlineCallbacks

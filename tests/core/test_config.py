@@ -240,3 +240,30 @@ def test_config_load_default_is_the_resource_root(tmp_path, monkeypatch):
                      repr({"ion.t": {"k": "home-local"}}))
     monkeypatch.setenv("ION_HOME", str(tmp_path))
     assert Config.load().get("ion.t", "k") == "home-local"
+
+
+# -- JSON's words (issue #15) -------------------------------------------------------------------------------
+def test_readme_json_snippet_with_true_false_null_is_read(tmp_path):
+    """The README's config snippet is JSON: true, false and null are read as True, False, None."""
+    folder = write_config_dir(tmp_path, BASE, '{"ion.services.deploy": {"allowed_file_repositories": ["examples/repo"],\n'
+                                              '  "flag": true, "off": false, "none": null}}\n')
+    config = Config.load(folder)
+    assert config.get("ion.services.deploy", "allowed_file_repositories") == ["examples/repo"]
+    assert (config.get("ion.services.deploy", "flag"), config.get("ion.services.deploy", "off"),
+            config.get("ion.services.deploy", "none")) == (True, False, None)
+
+
+def test_a_bad_token_is_named_with_its_line(tmp_path):
+    """A name that is no literal is named, with its line; no '<ast.Name object at 0x...>'."""
+    folder = write_config_dir(tmp_path, BASE, '{"ion.x": {"a": true,\n  "b": yes}}\n')
+    with pytest.raises(ConfigurationError) as info:
+        Config.load(folder)
+    message = str(info.value)
+    assert "line 2: 'yes' is not a literal" in message and "ast." not in message and "0x" not in message
+
+
+def test_json_words_on_the_command_line():
+    """-a module.key=true gives True, as in a config file; other bare words stay strings."""
+    assert parse_value("true") is True and parse_value("null") is None
+    assert parse_value("[true, false]") == [True, False]
+    assert parse_value("yes") == "yes"

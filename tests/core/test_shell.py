@@ -184,14 +184,16 @@ class Terminal:
         self.server.dataReceived(keys)
 
     async def run(self, line: str) -> str:
-        """Type a line and Enter; wait for a Deferred it shows to fire; return the new screen text."""
+        """Type a line and Enter; wait until the line is done (its calls answered); the new screen text."""
         self.transport.clear()
         self.type(line.encode() + b"\r")
-        shown = self.proto.namespace.get("_")
-        if isinstance(shown, defer.Deferred):
+        running = self.proto.interpreter.running
+        if running is not None:
             from twisted.internet import reactor
 
-            await shown.addTimeout(10, reactor)
+            done: defer.Deferred[None] = defer.Deferred()
+            running.addBoth(lambda result: (done.callback(None), result)[1])
+            await done.addTimeout(10, reactor)
         return self.text()
 
     def text(self) -> str:
@@ -292,3 +294,203 @@ async def test_twistd_cc_shell_on_a_terminal() -> None:
     out = proto.output.decode(errors="replace")
     assert code == 0, out
     assert "shell closed: stopping the container" in out and "Traceback" not in out
+
+
+# -- issue #15: as a user meets it, on a real terminal ---------------------------------------------------------
+async def shell_session(*args: str, tee: Path | None = None) -> Any:
+    """`twistd -n cc ARGS` (README's commands: no --pidfile) on a pty, once its prompt is there."""
+    proto = spawn_twistd(*args, env={"ION_SHELL_HISTORY": ""}, use_pty=True, twistd_args=("-n",), tee=tee)
+    try:
+        await proto.wait_for(b"><> ")
+    except RuntimeError:
+        if proto.exit_code is None:
+            proto.transport.signalProcess("KILL")
+        raise
+    return proto
+
+
+async def leave(proto: Any) -> str:
+    """Ctrl-D: the container stops with exit 0; its whole output, ANSI sequences taken out."""
+    proto.transport.write(b"\x04")
+    try:
+        code = await ended_in(proto)
+    except defer.TimeoutError:
+        proto.transport.signalProcess("KILL")
+        raise AssertionError(proto.tail()) from None
+    assert code == 0, proto.tail()
+    return screen(proto.output)
+
+
+def screen(raw: bytes) -> str:
+    return _ANSI.sub(b"", raw).decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+async def until(proto: Any, check: Any, what: str, timeout: float = 20) -> None:
+    """Poll the child's output (bounded) until ``check(screen text)`` holds."""
+    from twisted.internet import reactor, task
+
+    for _ in range(int(timeout / 0.05)):
+        if check(screen(proto.output)):
+            return
+        await task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"{what}: not within {timeout:g} s; output:\n{proto.tail()}")
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_help_prints_and_returns_without_freezing_the_container() -> None:
+    """help(x) prints x's documentation and the prompt comes back; help() prints a short text
+    instead of pydoc's interactive help (which blocked the reactor on the raw terminal)."""
+    proto = await shell_session("res/apps/hello.app")
+    try:
+        proto.transport.write(b"help(rpc_send)\r")
+        await proto.wait_for(b"Help on method rpc_send")
+        proto.transport.write(b"help()\r")
+        await proto.wait_for(b"This is the ><> shell")
+        proto.transport.write(b"help('for')\r")
+        await proto.wait_for(b'The "for" statement')
+        proto.transport.write(b"rpc_send('hello', 'hello', 'after help')\r")  # the reactor still runs
+        await proto.wait_for(b"Hello there, after help")
+    except RuntimeError as exc:
+        proto.transport.signalProcess("KILL")
+        raise AssertionError(str(exc)) from None
+    out = await leave(proto)
+    assert "help>" not in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_shell_with_stdout_piped_through_tee(tmp_path: Path) -> None:
+    """`twistd -n cc res/apps/hello.app | tee log` (stdin a terminal, stdout a pipe) opens the
+    shell instead of failing with (25, 'Inappropriate ioctl for device'); the log reaches the file."""
+    log = tmp_path / "log"
+    proto = await shell_session("res/apps/hello.app", tee=log)
+    try:
+        proto.transport.write(b"rpc_send('hello', 'hello', 'piped')\r")
+        await proto.wait_for(b"Hello there, piped")
+    except RuntimeError as exc:
+        proto.transport.signalProcess("KILL")
+        raise AssertionError(str(exc)) from None
+    out = await leave(proto)
+    assert "Inappropriate ioctl" not in out and "Traceback" not in out, out
+    assert "ready: system" in log.read_text()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_a_line_gets_the_results_of_its_calls(tmp_path: Path) -> None:
+    """`p = spawn('hello')` makes p the pid (kill(p) works); a list comprehension of rpc_send
+    gives the replies, not Deferreds; nodes() shows a local time and an age; Tab shows what
+    it completed; a log line is written above the prompt, which is redrawn with the typed text."""
+    proto = await shell_session("res/apps/hello.app")
+    try:
+        proto.transport.write(b"p = spawn('hello')\r")
+        proto.transport.write(b"kill(p)\r")  # typed before the first line is done: kept for it
+        await proto.wait_for(b"terminated ")
+        proto.transport.write(b"[rpc_send('hello', 'hello', str(i))['value'] for i in range(3)]\r")
+        await proto.wait_for(b"['Hello there, 0', 'Hello there, 1', 'Hello there, 2']")
+        proto.transport.write(b"nodes()\r")
+        await until(proto, lambda text: re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+ s ago\)", text),
+                    "nodes() with a local time and an age")
+
+        proto.transport.write(b"rpc_se\t")
+        await until(proto, lambda text: text.rstrip().endswith("><> rpc_send("), "Tab completion shown")
+        proto.transport.write(b"\x15")  # Ctrl-U
+
+        flag = tmp_path / "now"
+        proto.transport.write(
+            f"import os; from twisted.internet import task, reactor; from twisted.logger import Logger; "
+            f"lc = task.LoopingCall(lambda: os.path.exists({str(flag)!r}) and (lc.stop(), "
+            f"Logger(namespace='ion.core.shell').warn('LOG{{n}}LINE', n=42))); "
+            f"reactor.callLater(0, lc.start, 0.05)\r".encode())
+        proto.transport.write(b"x = 1234567")
+        await until(proto, lambda text: text.rstrip().endswith("><> x = 1234567"), "the typed text")
+        flag.touch()
+        await until(proto, lambda text: "LOG42LINE" in text and "><> x = 1234567" in text.split("LOG42LINE")[-1],
+                    "the prompt and the typed text redrawn below the log line")
+        proto.transport.write(b"\x15")
+    except RuntimeError as exc:
+        proto.transport.signalProcess("KILL")
+        raise AssertionError(str(exc)) from None
+    out = await leave(proto)
+    assert "Deferred" not in out and "Traceback" not in out, out
+    log_line = next(line for line in out.splitlines() if "LOG42LINE" in line)
+    assert "x = 1234567" not in log_line, log_line  # not in the middle of the prompt's line
+
+
+def test_sizes_and_times_print_for_people() -> None:
+    """Sizes print in binary units, times as local ISO time with their age; they stay numbers."""
+    import time
+
+    from ion.core.shell import Size, When, human_size
+
+    assert [human_size(n) for n in (0, 1023, 1536, 12.3 * 2**20, 2 * 2**30)] == [
+        "0 B", "1023 B", "1.5 KiB", "12.3 MiB", "2.0 GiB"]
+    size = Size(12_900_000)
+    assert size == 12_900_000 and repr(size) == "12.3 MiB"
+    started = When(time.time() - 300)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(5 min ago\)", str(started))
+    table = repr(Listing([{"size": size, "when": started}], ["size", "when"]))
+    assert "12.3 MiB" in table and "min ago" in table
+
+
+def test_helpers_help_is_text_and_never_a_pager() -> None:
+    """help(x) returns the rendered text; help() a short guide; an unknown name says so."""
+    class FakeContainer:
+        id, sysname = "cid", "sys"
+
+    class FakeProc:
+        id = "cid.3"
+
+    helpers = ShellHelpers(FakeContainer(), FakeProc())  # type: ignore[arg-type]
+    assert "Call ``op`` at a pid or service name" in helpers.help(helpers.rpc_send)
+    assert "info()" in helpers.help() and "Ctrl-C" in helpers.help()
+    assert helpers.help("no_such_module_x") == "No Python documentation found for 'no_such_module_x'"
+    assert helpers.namespace()["help"] == helpers.help
+
+
+def test_a_waiting_line_keeps_typed_keys_and_ctrl_c_cancels_it() -> None:
+    """While a line waits, keys typed are kept (not echoed over the wait) and run after it; Ctrl-C
+    cancels the waiting call (its Deferred is cancelled) and the prompt comes back."""
+    pending: defer.Deferred[Any] = defer.Deferred()
+    cancelled: list[bool] = []
+    pending.addErrback(lambda f: cancelled.append(bool(f.check(defer.CancelledError))) or f)
+    later: defer.Deferred[Any] = defer.Deferred()
+    term = Terminal({"never": lambda: pending, "later": lambda: later})
+
+    term.type(b"x = later()\r")
+    assert term.proto.busy
+    term.type(b"x + 1\r")  # typed ahead
+    assert "x + 1" not in term.text()
+    later.callback(41)
+    assert not term.proto.busy and term.proto.namespace["x"] == 41
+    assert "\n42\n" in term.text() and term.text().rstrip().endswith("><>")
+
+    term.transport.clear()
+    term.type(b"never()\r")
+    assert term.proto.busy
+    term.type(b"\x03")  # Ctrl-C
+    assert cancelled == [True] and not term.proto.busy
+    assert "KeyboardInterrupt" in term.text() and term.text().rstrip().endswith("><>")
+
+
+def test_what_a_line_may_hold() -> None:
+    """Lines with the user's own await, a def, a lambda, a generator expression and plain
+    statements run as written; only calls outside those bodies are awaited."""
+    ready: defer.Deferred[Any] = defer.Deferred()
+    ready.callback(5)
+    term = Terminal({"five": lambda: ready, "make": lambda: defer.succeed([1, 2])})
+    for line, shown in [("await five()", "5"), ("five() + 1", "6"), ("sum(x for x in make())", "3"),
+                        ("f = lambda: five()", None), ("type(f()).__name__", "'int'"),
+                        ("len([y for y in make()])", "2"), ("z = 1; z", "1")]:
+        term.transport.clear()
+        term.type(line.encode() + b"\r")
+        assert not term.proto.busy, line
+        out = term.text()
+        assert "Error" not in out and "Traceback" not in out, (line, out)
+        if shown is not None:
+            assert f"\n{shown}\n" in out, (line, out)
+    term.type(b"def g():\r    return five()\r\r")
+    term.transport.clear()
+    term.type(b"g()\r")
+    assert "\n5\n" in term.text()

@@ -570,16 +570,24 @@ def test_other_exit_signals_are_left_to_twistd(monkeypatch: pytest.MonkeyPatch) 
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 
-def spawn_twistd(*args: str, env: dict[str, str] | None = None, use_pty: bool = False) -> WatchedProcess:
-    """Run `twistd -n cc ARGS` from the repo root (no pid file), collecting its output."""
+def spawn_twistd(*args: str, env: dict[str, str] | None = None, use_pty: bool = False,
+                 twistd_args: tuple[str, ...] = ("-n", "--pidfile="), tee: Path | None = None,
+                 cwd: Path = REPO) -> WatchedProcess:
+    """Run `twistd TWISTD_ARGS cc ARGS` (default `-n --pidfile=`) from ``cwd`` (the repo root),
+    collecting its output; on a pty with ``use_pty``; with ``tee``, as `twistd ... | tee TEE`
+    (stdout a pipe, stdin and stderr still the terminal)."""
     from twisted.internet import reactor
 
     proto = WatchedProcess("twistd")
     child_env = dict(os.environ)
     child_env.pop("ION_LOGLEVELS", None)
+    child_env.setdefault("PYTHONPATH", str(REPO))
     child_env.update(env or {})
-    reactor.spawnProcess(proto, sys.executable, [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "cc", *args],
-                         env=child_env, path=str(REPO), usePTY=use_pty)
+    argv = [sys.executable, "-c", TWISTD, *twistd_args, "cc", *args]
+    if tee is not None:
+        argv = ["/bin/sh", "-c", '"$@" | tee "$ION_TEST_TEE"', "sh", *argv]
+        child_env["ION_TEST_TEE"] = str(tee)
+    reactor.spawnProcess(proto, argv[0], argv, env=child_env, path=str(cwd), usePTY=use_pty)
     return proto
 
 
@@ -638,3 +646,73 @@ async def test_twistd_cc_with_a_broken_app_file_exits_non_zero(tmp_path: Path) -
     assert len([line for line in out.splitlines() if line.startswith("Error:")]) == 1, out
     assert "bad.app" in out and "Traceback" not in out
 
+
+
+# -- issue #15: README's commands verbatim ---------------------------------------------------------------
+def test_foreground_twistd_cc_writes_no_pid_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`twistd -n cc` writes no ./twistd.pid (two containers may run in one folder) unless
+    --pidfile is given; a daemon keeps twistd's default."""
+    from twisted.scripts.twistd import ServerOptions
+
+    def parsed(*argv: str) -> ServerOptions:
+        monkeypatch.setattr(sys, "argv", ["twistd", *argv])
+        config = ServerOptions()
+        config.parseOptions(list(argv))
+        return config
+
+    assert parsed("-n", "cc", "--no-shell")["pidfile"] == ""
+    assert parsed("-n", "--pidfile", "twistd.pid", "cc")["pidfile"] == os.path.abspath("twistd.pid")
+    assert parsed("-n", "--pidf=mine.pid", "cc")["pidfile"] == os.path.abspath("mine.pid")
+    assert parsed("cc", "--no-shell")["pidfile"] == os.path.abspath("twistd.pid")
+    assert not tap._pidfile_given(["-n", "cc", "--pidfile", "x"])  # after cc: not twistd's option
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_a_missing_app_file_is_one_line_without_the_usage() -> None:
+    """`twistd [-n] cc res/apps/nosuch.app` prints one line (no `twistd [options]` usage) and exits 64."""
+    proto = spawn_twistd("res/apps/nosuch.app", twistd_args=("-n",))
+    code = await ended_in(proto)
+    out = proto.output.decode(errors="replace")
+    assert code == 64, out
+    assert out.strip().splitlines() == ["Error: res/apps/nosuch.app: no such file"], out
+    proto = spawn_twistd("res/apps/nosuch.app", twistd_args=())  # as a daemon: refused before it forks
+    assert await ended_in(proto) == 64
+    assert proto.output.decode(errors="replace").strip() == "Error: res/apps/nosuch.app: no such file"
+    proto = spawn_twistd("--no-such-option", twistd_args=("-n",))
+    assert await ended_in(proto) == 64
+    assert proto.output.decode(errors="replace").strip() == (
+        "Error: option --no-such-option not recognized (twistd cc --help lists the options)")
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_readme_two_terminals_in_one_folder(amqp_url: str) -> None:
+    """README's "Many containers" commands in two terminals of one folder, as written (the
+    broker's port and vhost are the test's): the second no longer stops with "Another twistd
+    server is running"; its shell calls hello in the first."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(amqp_url)
+    broker = ["-p", str(parts.port), "-v", unquote(parts.path.lstrip("/")) or "/"]
+    env = {"ION_SHELL_HISTORY": ""}
+    first = spawn_twistd("-h", "127.0.0.1", *broker, "-s", "mysys", "res/apps/hello.app", env=env,
+                         twistd_args=("-n",), use_pty=True)
+    second = None
+    try:
+        await first.wait_for(b"><> ")
+        second = spawn_twistd("-h", "127.0.0.1", *broker, "-s", "mysys", env=env, twistd_args=("-n",),
+                              use_pty=True)
+        await second.wait_for(b"><> ")
+        second.transport.write(b"rpc_send('hello', 'hello', 'x')\r")
+        await second.wait_for(b"{'value': 'Hello there, x'}")
+        for proto in (second, first):
+            proto.transport.write(b"\x04")
+            assert await ended_in(proto) == 0, proto.tail()
+    finally:
+        for proto in (first, second):
+            if proto is not None and proto.exit_code is None:
+                proto.transport.signalProcess("KILL")
+    for proto in (first, second):
+        assert b"Another twistd server" not in proto.output and b"Traceback" not in proto.output, proto.tail()
+    assert not (REPO / "twistd.pid").exists()

@@ -7,8 +7,8 @@ service). Each helper talks to the Deploy or Cache service by RPC from the
 shell's own process; the deployment file is read where the shell runs, so
 ``$VARS`` and relative paths mean what they mean for the user.
 
-``job = deploy_async(file)`` gives a :class:`DeployJob` at once (the shell
-cannot wait on an assignment); ``job_status(job)`` takes it or a job id and
+``job = deploy_async(file)`` gives a :class:`DeployJob` at once (it is no
+Deferred, so the shell's line does not wait for the deployment); ``job_status(job)`` takes it or a job id and
 shows RUNNING, PARTIAL (with the finished items) or FINISHED.
 
 ``cache_verify()`` shows the Cache service's last periodic-verify round as a
@@ -27,7 +27,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from ion.core.shell import Listing, Text
+from ion.core.shell import Listing, Size, Text, When, human_size
 from ion.services.deploy.spec import DeploymentError, load_deployment
 
 __all__ = ["shell_helpers", "DeployShellHelpers", "DeployJob", "ReapReportText", "VerifyReportText"]
@@ -191,8 +191,8 @@ class ReapReportText(Text):
         import time
 
         rows = Listing([{"dependency": f"{e.key.platform}/{e.key.name}",
-                         "version": e.key.version + ("" if e.key.unpack else " (packed)"), "size": e.size,
-                         "last used": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))}
+                         "version": e.key.version + ("" if e.key.unpack else " (packed)"), "size": Size(e.size),
+                         "last used": When(e.last_used)}
                         for e in (report.pruned.removed if report is not None else [])],
                        ("dependency", "version", "size", "last used"))
         if report is None:
@@ -202,7 +202,7 @@ class ReapReportText(Text):
             pruned = report.pruned
             text = (f"reap round by {report.reaper} at "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(report.started))}: "
-                    f"{len(pruned.removed)} of {report.entries} entries removed ({pruned.bytes_freed} bytes), "
+                    f"{len(pruned.removed)} of {report.entries} entries removed ({human_size(pruned.bytes_freed)}), "
                     f"{len(pruned.busy)} locked, {report.linked} linked, {len(pruned.incomplete)} incomplete, "
                     f"{len(pruned.staging)} staging folders; policy: {policy}"
                     + (f"; error: {report.error}" if report.error else "")
@@ -248,7 +248,6 @@ class VerifyReportText(Text):
     rows: Listing
 
     def __new__(cls, report: Any) -> VerifyReportText:
-        import time
 
         rows = []
         for o in report.outcomes if report is not None else []:
@@ -263,7 +262,7 @@ class VerifyReportText(Text):
             rows.append({"dependency": f"{key.platform}/{key.name}",
                          "version": key.version + ("" if key.unpack else " (packed)"), "outcome": o.outcome,
                          "action": o.action or "", "problem": problem,
-                         "checked": time.strftime("%Y-%m-%d %H:%M", time.localtime(o.checked_at))})
+                         "checked": When(o.checked_at)})
         listing = Listing(rows, _VERIFY_COLUMNS)
         if report is None:
             text = "no verify round yet (cache_verify(run=True) runs one)"
@@ -276,13 +275,10 @@ class VerifyReportText(Text):
 
 
 def _entry_rows(entries: list[Any]) -> Listing:
-    import time
-
     rows = []
     for e in entries:
         key = e.key
         rows.append({"dependency": f"{key.platform}/{key.name}", "version": key.version + ("" if key.unpack else " (packed)"),
-                     "size": e.size, "files": len(e.files),
-                     "last used": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)),
+                     "size": Size(e.size), "files": len(e.files), "last used": When(e.last_used),
                      "path": str(e.path)})
     return Listing(rows, ("dependency", "version", "size", "files", "last used", "path"))

@@ -29,6 +29,7 @@ __all__ = [
     "ChecksumMismatchError",
     "TransferError",
     "RepositoryError",
+    "CertificateError",
     "WriteError",
     "FetchCancelled",
 ]
@@ -143,6 +144,13 @@ class RepositoryError(FetchError):
     """Raised when the repository answers with something unusable (an unexpected
     HTTP status, an S3 error other than not-found or access-denied, a malformed
     sidecar) or cannot be used at all (boto3 missing)."""
+
+    code = 502
+
+
+class CertificateError(RepositoryError):
+    """Raised when an ``https:`` server's certificate is not trusted (self-signed, expired, for
+    another name) or its TLS handshake fails: a fact about the server, never retried."""
 
     code = 502
 

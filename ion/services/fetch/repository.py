@@ -78,6 +78,7 @@ from ion.services.fetch.errors import (
     AccessDeniedError,
     AddressNotAllowedError,
     BucketNotFoundError,
+    CertificateError,
     ChecksumMismatchError,
     FetchError,
     InvalidRequestError,
@@ -900,6 +901,43 @@ def _cancelled(f: Failure) -> bool:
     return any(isinstance(r, Failure) and r.check(defer.CancelledError) for r in reasons)
 
 
+def _tls_failure(f: Failure) -> str | None:
+    """What went wrong in the TLS handshake, if ``f`` (bare, or wrapped by the HTTP client as a
+    ``ResponseNeverReceived`` and friends) is a TLS error; else None.
+
+    An untrusted certificate ends the handshake with an ``OpenSSL.SSL.Error`` (``certificate
+    verify failed``), a wrong name with a ``service_identity`` ``VerificationError``: both are
+    facts about the server, so the caller fails at once instead of retrying.
+    """
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover - no TLS support at all
+        return None
+    try:
+        from service_identity import VerificationError
+        kinds: tuple[type[BaseException], ...] = (SSL.Error, VerificationError)
+    except ImportError:  # pragma: no cover
+        kinds = (SSL.Error,)
+    candidates = [f] + [r for r in (getattr(f.value, "reasons", None) or []) if isinstance(r, Failure)]
+    for candidate in candidates:
+        error = candidate.value
+        if not isinstance(error, kinds):
+            continue
+        if isinstance(error, SSL.Error):
+            details = [str(part[-1]) for part in (error.args[0] if error.args and isinstance(error.args[0], list)
+                                                  else []) if isinstance(part, tuple) and part]
+            text = "; ".join(details) or str(error) or type(error).__name__
+        else:
+            text = str(error) or type(error).__name__
+        hint = ""
+        if "certificate" in text or not isinstance(error, SSL.Error):
+            hint = (" (the server's certificate is not trusted: self-signed, expired, for another name, or "
+                    "from an authority this host does not trust; add that authority to the system's trust "
+                    "store or name a bundle in $SSL_CERT_FILE)")
+        return f"TLS handshake failed: {text}{hint}"
+    return None
+
+
 def _http_retryable(f: Failure) -> str | None:
     """Why ``f`` is a transfer failure worth retrying, or None.
 
@@ -1046,6 +1084,9 @@ class HTTPRepository(Repository):
             raise AddressNotAllowedError(f"{method} {url}: {exc}", url=url, address=exc.address) from None
         except Exception:
             f = Failure()
+            tls = _tls_failure(f)
+            if tls is not None:  # the server's certificate: trying again changes nothing
+                raise CertificateError(f"{method} {url}: {tls}", url=url) from None
             reason = _http_retryable(f)
             if reason is not None:
                 raise _Retryable(f"{method} {url}: {reason}") from None
@@ -1330,13 +1371,15 @@ class S3Repository(Repository):
     # -- calls (blocking: in the pool) ------------------------------------------------------------------
     def _call(self, method: str, url: str, **kwargs: Any) -> Any:
         """``client.<method>(**kwargs)`` signed, then anonymously if credentials are missing or refused."""
+        # The clients first: making them checks that boto3 is there, with the hint to install
+        # ioncore[s3]; a botocore import before it would fail with a bare "No module named".
+        signed, unsigned = self.clients.get()
         from botocore.exceptions import (
             CredentialRetrievalError,
             NoCredentialsError,
             PartialCredentialsError,
         )
 
-        signed, unsigned = self.clients.get()
         signed_tried = False
         if signed is not None and not self.clients.credentials_refused:
             signed_tried = True

@@ -19,6 +19,7 @@ from ion.services.deploy.spec import parse_repository_url
 from ion.services.fetch.errors import (
     AccessDeniedError,
     BucketNotFoundError,
+    CertificateError,
     ChecksumMismatchError,
     FetchError,
     NotFoundError,
@@ -317,6 +318,40 @@ def test_s3_without_boto3_names_the_install(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setitem(sys.modules, "boto3", None)
     with pytest.raises(RepositoryError, match=r"pip install 'ioncore\[s3\]'"):
         repository._import_boto3()
+
+
+_WITHOUT_BOTO3 = """
+import sys
+
+class NoBoto:  # as if the [s3] extra were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("boto3", "botocore", "s3transfer"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoBoto())
+from ion.services.deploy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ion_deploy_of_an_s3_repository_without_boto3_says_to_install_the_extra(tmp_path: Path) -> None:
+    """`ion-deploy` of an s3:// repository without boto3 names `ioncore[s3]`, not "No module named
+    'botocore'" (a botocore import ran before the check that gives the hint)."""
+    import subprocess
+
+    from ion.testing.servers import free_port
+
+    deployment = tmp_path / "deployment.json"
+    deployment.write_text(json.dumps([{"url": "s3://bucket/deps", "items": [
+        {"name": "x", "version": "1.0", "platform": "noarch", "destination": "out/x"}]}]))
+    repo_root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}"}
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_BOTO3, "--cache-dir", str(tmp_path / "cache"),
+                           str(deployment)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "pip install 'ioncore[s3]'" in out and "No module named" not in out, out
 
 
 # -- http ---------------------------------------------------------------------------------------------
@@ -788,3 +823,28 @@ async def test_file_repository_refuses_links_out_of_it(pool: Any, tmp_path: Path
         with pytest.raises(AccessDeniedError, match="outside the repository"):
             await repo.list_version("linux", name, "1.0")
     assert set(await listed(repo, "linux", "fine", "1.0")) == {"real.txt", "alias.txt"}
+
+
+# -- https ------------------------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_https_with_an_untrusted_certificate_fails_at_once(http_repository: Any, pool: Any,
+                                                                  tmp_path: Path) -> None:
+    """A real HTTPS server with a self-signed certificate: the listing fails on the first attempt
+    with the certificate error (CertificateError), not retried as if the connection had dropped."""
+    from ion.testing.servers import self_signed_certificate
+
+    write_tree(tmp_path / "www" / "deps", CONTENT)
+    server = http_repository(tmp_path / "www", tls=self_signed_certificate())
+    url = parse_repository_url(f"{server.url}/deps")
+    clock = task.Clock()  # a retry would wait on it: none may be scheduled
+    repo = repository_for(url, pool, config=FetchConfig(retry_delay=5.0, retries=4), clock=clock)
+    try:
+        with pytest.raises(CertificateError) as info:
+            await repo.list_version("linux", "zlib", "1.1")
+    finally:
+        await repo.close()
+    message = str(info.value)
+    assert "certificate verify failed" in message and f"{url.url}/linux/zlib/1.1/" in message, message
+    assert "connection dropped" not in message and "attempts" not in message, message
+    assert server.count("deps/linux/zlib/1.1/") == 0  # no request got through the handshake
+    assert clock.getDelayedCalls() == [] or all(not c.active() for c in clock.getDelayedCalls())

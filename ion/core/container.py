@@ -1,8 +1,9 @@
 """The capability container: one reactor, many processes, three managers (DESIGN §7).
 
 A :class:`Container` owns its transport (a connection to the embedded broker
-or RabbitMQ), a process manager, an exchange manager and an app manager; it
-starts them in that order and terminates them in reverse
+or RabbitMQ), a blocking pool, an exchange manager (started on initialize),
+its HTTP port, a process manager (the agent first, on activate) and an app
+manager; it starts them in that order and terminates them in reverse
 (:func:`~ion.core.lifecycle.stop_in_reverse`, as the process manager its
 processes, the last spawned first). Several containers
 can live in one OS process (tests do this); nothing here is global.

@@ -1,4 +1,4 @@
-"""pytest fixtures for repository servers (enable with ``pytest_plugins = ["ion.testing.pytest_servers"]``).
+"""pytest fixtures for repository servers (loaded by the ``pytest11`` entry point wherever ioncore is installed).
 
 - ``moto_server`` (session): a :class:`~ion.testing.servers.MotoServer` on
   ``127.0.0.1:<free port>``, started once for the session.

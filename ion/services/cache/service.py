@@ -31,7 +31,7 @@ lock conflict or timeout, 422 corrupt entry or staged content.
 random token and this instance's pid; ``renew``, ``unlock`` and ``publish``
 name the token and go to that pid (several instances may share the service
 queue; :class:`CacheClient` routes them). A lock lasts for its ``lease``
-(default ``lock_timeout``) unless renewed, so a caller that dies or gives up
+(default ``lock_lease``, 60 s) unless renewed, so a caller that dies or gives up
 waiting never pins an entry for good; every lock is released when the
 service terminates, and pending ``lock`` waits are cancelled then (the first
 phase of its terminate, :meth:`CacheService.slc_drain`: they answer 503).

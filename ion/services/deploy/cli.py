@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -85,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Deploy the dependencies a deployment file (Umpire's JSON) lists: fetch them into the "
                     "shared cache, unpack them, link or copy them into place.",
         epilog="Exit status: 0 all deployed, 1 an item failed (or a bad cache entry), 2 unusable deployment "
-               "file or arguments. Cache: --cache-dir, else $ION_CACHE_DIR, else the 'root' of "
-               "ion.services.cache in res/config, else ~/.cache/ion/deploy.")
+               "file or arguments. Cache: --cache-dir, else the 'root' of ion.services.cache in "
+               "res/config, else $ION_CACHE_DIR, else ~/.cache/ion/deploy (the Cache service's rule).")
     p.add_argument("deployment", nargs="?", metavar="DEPLOYMENT.json",
                    help="the deployment file (optional with --verify, --prune, -c or -r alone)")
     p.add_argument("-c", "--clear", action="store_true", help="clear the cache first")
@@ -105,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout, nothing else there")
     p.add_argument("--broker", metavar="URL",
                    help="deploy through the services of a running system on this broker (amqp://...)")
-    p.add_argument("-s", "--sysname", metavar="NAME", help="with --broker: the system name")
+    p.add_argument("-s", "--sysname", metavar="NAME", help="with --broker (and needed by it): the system name")
     p.add_argument("--version", action="store_true", help="print the version of ioncore and exit")
     return p
 
@@ -148,6 +147,13 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append("--keep and --older-than go with --prune")
     if args.sysname and not args.broker:
         problems.append("-s/--sysname goes with --broker")
+    if args.broker and not args.sysname:
+        # A container's system is its own id unless named: none but the one started with -s NAME is reachable.
+        problems.append("--broker needs -s/--sysname: the system name the running containers were started with "
+                        "(twistd cc -s NAME)")
+    if args.broker and args.broker.strip().lower().startswith("memory:"):
+        problems.append("--broker memory:// would be this command's own embedded broker, with no Deploy service on "
+                        "it: without --broker, ion-deploy deploys in its own process")
     if not args.deployment and not (args.verify or args.prune or args.clear or args.repair):
         problems.append("give a DEPLOYMENT.json file (or --verify, --prune, -c or -r alone); --help for help")
     if problems:
@@ -345,14 +351,12 @@ def _max_deployment_bytes() -> int:
 
 
 def _cache_root(args: argparse.Namespace, config: Any) -> Path:
-    from ion.services.cache.core import CacheSettings, default_root
+    """``--cache-dir``, else the cache of the Cache service run with this config (one rule for both)."""
+    from ion.services.cache.core import configured_root
 
     if args.cache_dir:
         return Path(args.cache_dir).expanduser()
-    if os.environ.get("ION_CACHE_DIR"):
-        return default_root()
-    configured = config.settings(CacheSettings).root
-    return Path(configured).expanduser() if configured else default_root()
+    return configured_root(config)
 
 
 async def _maintain_local(cache: Any, args: argparse.Namespace, out: Output, result: dict[str, Any]) -> bool:

@@ -1,4 +1,5 @@
-"""Records shared by the deployer services (DESIGN §4 typed content, §8), below them all.
+"""Records shared by the deployer services (DESIGN §4 typed content, §8), below Deploy and Fetch
+(they use the cache's entry key, :mod:`ion.services.cache.entry`, and nothing else of a service).
 
 :mod:`~ion.services.records.deployer` defines the repository coordinate, the item,
 the fetch request and result, and the one validation of their keys; the Deploy

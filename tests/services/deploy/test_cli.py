@@ -351,3 +351,27 @@ def test_a_failed_fetch_from_an_http_404_leaves_no_empty_folder(tmp_path: Path) 
     assert items["motd"]["state"] == "downloaded"
     assert empty_folders(tmp_path / "cache") == []
     assert not list((tmp_path / "cache").glob("*/noarch/greetings"))
+
+
+def test_broker_needs_the_system_name_and_a_real_broker() -> None:
+    """Without -s no running Deploy service can be reached (a container's system is its own id unless named);
+    memory:// would be this command's own broker. Both are usage errors (2), not a 404 later."""
+    code, _, err = run_main("d.json", "--broker", "amqp://127.0.0.1:1/")
+    assert code == 2 and "--broker needs -s/--sysname" in err
+    code, _, err = run_main("d.json", "--broker", "memory://", "-s", "x")
+    assert code == 2 and "without --broker, ion-deploy deploys in its own process" in err
+
+
+def test_ion_deploy_and_the_cache_service_find_the_same_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With both $ION_CACHE_DIR and a configured root, the command and the services use the configured root."""
+    from ion.services.cache.core import configured_root
+    from ion.services.deploy.cli import _cache_root, _parser
+    from ion.testing import test_config
+
+    monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path / "env"))
+    config = test_config({"ion.services.cache": {"root": str(tmp_path / "configured")}})
+    args = _parser().parse_args(["d.json"])
+    assert _cache_root(args, config) == configured_root(config) == tmp_path / "configured"
+    assert _cache_root(args, test_config()) == configured_root(test_config()) == tmp_path / "env"
+    args = _parser().parse_args(["d.json", "--cache-dir", str(tmp_path / "flag")])
+    assert _cache_root(args, config) == tmp_path / "flag"

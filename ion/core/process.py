@@ -117,6 +117,29 @@ def shorten(text: str, limit: int = LOG_TEXT_LIMIT) -> str:
 #: conv-seq of the request, and of the ops' replies, in an rpc or request.
 _REQUEST_PROTOCOLS = frozenset({Protocol.RPC, Protocol.REQUEST})
 
+_expirations: dict[float, str] = {}
+
+
+def _expiration(timeout: float) -> str:
+    """The AMQP ``expiration`` of a request whose caller waits ``timeout`` seconds: whole
+    milliseconds, rounded down (the broker drops it no later than the caller gives up)."""
+    text = _expirations.get(timeout)
+    if text is None:
+        text = str(max(0, int(timeout * 1000)))
+        if len(_expirations) < 256:  # a few distinct timeouts in practice
+            _expirations[timeout] = text
+    return text
+
+
+def _waited_out(delivery: Delivery, now: float) -> bool:
+    """True if ``delivery`` waited in its receiver's FIFO for as long as its ``expiration``:
+    whoever sent it has given up by now, whatever the hosts' clocks say."""
+    ttl = delivery.properties.expiration
+    received = delivery.received_at
+    if ttl is None or received is None or not ttl.isdigit():
+        return False
+    return now - received >= int(ttl) / 1000.0
+
 Handler = Callable[[dict[str, Any], "Receiver"], "defer.Deferred[Any] | None"]
 
 #: Deliveries the broker may hand a receiver before it acknowledges the first
@@ -290,6 +313,9 @@ class Receiver(LifecycleObject):
             else:
                 delivery.reject(requeue=True)
             return
+        if self.inflight >= self.max_concurrent and delivery.properties.expiration is not None:
+            # It waits behind the message in hand: note since when (its TTL runs on here).
+            delivery.received_at = self.process.clock.seconds()
         self.buffered.append(delivery)
         self._pump()
 
@@ -329,7 +355,8 @@ class Receiver(LifecycleObject):
         # whether the broker delivered it before (to a consumer that stopped before acking it).
         msg["broker-user"] = delivery.properties.user_id
         msg["redelivered"] = delivery.redelivered
-        if msg.get("expiry") and wire.is_expired(msg, time.time()):
+        if msg.get("expiry") and (wire.is_expired(msg, time.time()) or (
+                delivery.received_at is not None and _waited_out(delivery, proc.clock.seconds()))):
             proc.log_limiter.warn(
                 self._log, ("expired-message", self.name),
                 "{pid}: dropped expired message op={op!r} from {sender} (expiry {expiry})",
@@ -851,10 +878,11 @@ class Process(LifecycleObject):
             return str(current.get("user-id") or ANONYMOUS)
         return self.user_id
 
-    def _publish(self, msg: dict[str, Any], mandatory: bool = False) -> defer.Deferred[None]:
+    def _publish(self, msg: dict[str, Any], mandatory: bool = False,
+                 expiration: str | None = None) -> defer.Deferred[None]:
         container = self.container
         body = wire.encode(msg, container.max_message_size)
-        props = Properties(correlation_id=msg["conv-id"], reply_to=msg["reply-to"])
+        props = Properties(correlation_id=msg["conv-id"], reply_to=msg["reply-to"], expiration=expiration)
         return container.transport.publish(container.exchange_name, msg["receiver"], body, props,
                                            mandatory=mandatory)
 
@@ -884,12 +912,22 @@ class Process(LifecycleObject):
         if deadlock is not None:
             conv.event("error", reason=deadlock, code=508)
             return conv
+        expiry: float = 0
+        expiration: str | None = None
+        timeout = conv.timeout
+        if timeout is not None and timeout > 0 and protocol != Protocol.GENERIC:
+            # A request never outlives its caller (DESIGN §4, expiry): the broker discards it once it
+            # has waited the call's timeout (AMQP per-message TTL, whole ms, never past the deadline:
+            # it is sent now, so its remaining time is the whole timeout), and an instance that gets
+            # it later anyway (a broker that ignores TTL, its own prefetch FIFO) drops it by expiry.
+            expiry = time.time() + timeout
+            expiration = _expiration(timeout)
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=target, op=op, content=content,
             conv_id=conv.conv_id, protocol=protocol, performative=Performative.REQUEST,
-            user_id=self._delegated_user(), extra=headers)
+            user_id=self._delegated_user(), expiry=expiry, extra=headers)
         try:
-            d = self._publish(msg, mandatory=True)
+            d = self._publish(msg, mandatory=True, expiration=expiration)
         except MessageError as exc:
             conv.event("error", reason=str(exc), code=413 if isinstance(exc, MessageTooLargeError) else 400)
             return conv

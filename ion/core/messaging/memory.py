@@ -9,6 +9,13 @@ scheduled on the reactor, hands them to consumers. The pump keeps going while
 handlers publish more (a request and its reply are handled in one reactor
 turn), but yields to the reactor after ``budget`` deliveries so that no
 conversation can starve timers or I/O.
+
+A message published with an ``expiration`` (AMQP per-message TTL, milliseconds)
+is discarded, never delivered, once it has waited that long in its queue, on
+the broker's reactor clock (a ``task.Clock`` in tests); as on RabbitMQ it is
+dropped when it reaches the head of its queue, a requeued message keeps its
+original expiry, and ``"0"`` means: delivered now to a consumer with room, or
+not at all.
 """
 
 from __future__ import annotations
@@ -33,20 +40,32 @@ _log = Logger()
 
 
 class _Message:
-    __slots__ = ("body", "properties", "exchange", "routing_key", "redelivered")
+    __slots__ = ("body", "properties", "exchange", "routing_key", "redelivered", "expires_at")
 
-    def __init__(self, body: bytes, properties: Properties, exchange: str, routing_key: str) -> None:
+    def __init__(self, body: bytes, properties: Properties, exchange: str, routing_key: str,
+                 expires_at: float | None = None) -> None:
         self.body = body
         self.properties = properties
         self.exchange = exchange
         self.routing_key = routing_key
         self.redelivered = False
+        #: Reactor time from which it is discarded instead of delivered (its ``expiration``).
+        self.expires_at = expires_at
+
+
+def _ttl_ms(expiration: str) -> int:
+    """The TTL an ``expiration`` property gives, in ms (RabbitMQ's rule: a string of digits)."""
+    if not (isinstance(expiration, str) and expiration.isdigit() and expiration.isascii()):
+        raise TransportError(f"PRECONDITION_FAILED - invalid expiration {expiration!r}: "
+                             "milliseconds as a string of digits")
+    return int(expiration)
 
 
 def _copy_properties(p: Properties) -> Properties:
     """A copy with its own headers dict (``dataclasses.replace`` costs ~1.2 µs, this ~0.4 µs)."""
     return Properties(content_type=p.content_type, correlation_id=p.correlation_id, reply_to=p.reply_to,
-                      message_id=p.message_id, user_id=p.user_id, headers=dict(p.headers or {}))
+                      message_id=p.message_id, user_id=p.user_id, headers=dict(p.headers or {}),
+                      expiration=p.expiration)
 
 
 class _Exchange:
@@ -179,6 +198,8 @@ class MemoryBroker:
         self._tags: Iterator[int] = itertools.count(1)
         self._delivery_tags: Iterator[int] = itertools.count(1)
         self.delivered = 0
+        #: Messages discarded because their ``expiration`` passed before they were delivered.
+        self.expired = 0
 
     def connect(self, user: str = "ion") -> MemoryTransport:
         """A new transport (connection) to this broker, publishing as ``user``."""
@@ -221,15 +242,29 @@ class MemoryBroker:
     def _dispatch(self, queue: _Queue) -> None:
         if not self._live(queue):
             return
-        while queue.messages:
+        messages = queue.messages
+        while messages:
+            msg = messages[0]
+            if msg.expires_at is not None and self.reactor.seconds() >= msg.expires_at:
+                # Expired at the head (as RabbitMQ drops them): also when nobody consumes the queue,
+                # so what waits there for an absent consumer is bounded by its publishers' TTLs.
+                messages.popleft()
+                self._expire(queue, msg)
+                continue
             consumer = queue.pick_consumer()
             if consumer is None:
                 return
-            msg = queue.messages.popleft()
+            messages.popleft()
             tag = next(self._delivery_tags)
             consumer.unacked[tag] = msg
             consumer.pending.add(tag)
             self._schedule(self._deliver, consumer, tag, msg)
+
+    def _expire(self, queue: _Queue, msg: _Message) -> None:
+        self.expired += 1
+        _log.debug("embedded broker: discarded a message on {queue} whose expiration ({ms} ms) passed "
+                   "(correlation id {cid})", queue=queue.name, ms=msg.properties.expiration,
+                   cid=msg.properties.correlation_id)
 
     def _deliver(self, consumer: _Consumer, tag: int, msg: _Message) -> None:
         if tag not in consumer.pending:
@@ -286,11 +321,23 @@ class MemoryBroker:
             if mandatory:
                 self._schedule(transport._notify_return, exchange, routing_key, properties)
             return
+        ttl = properties.expiration
+        expires_at = None if ttl is None else self.reactor.seconds() + _ttl_ms(ttl) / 1000.0
         for name in names:
             queue = self.queues.get(name)
             if queue is None:
                 continue
-            queue.messages.append(_Message(body, properties, exchange, routing_key))
+            if ttl == "0":
+                # Handed at once to a consumer with room, else never (nor after a requeue).
+                msg = _Message(body, properties, exchange, routing_key)
+                queue.messages.append(msg)
+                self._dispatch(queue)
+                msg.expires_at = expires_at
+                if queue.messages and queue.messages[-1] is msg:
+                    queue.messages.pop()
+                    self._expire(queue, msg)
+                continue
+            queue.messages.append(_Message(body, properties, exchange, routing_key, expires_at))
             self._dispatch(queue)
 
     def _delete_queue(self, name: str) -> None:

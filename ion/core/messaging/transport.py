@@ -36,7 +36,10 @@ class Properties:
     """AMQP basic properties the container uses.
 
     ``user_id`` is set by the publishing transport to its broker login; on
-    RabbitMQ the broker validates it against the connection.
+    RabbitMQ the broker validates it against the connection. ``expiration``
+    is AMQP's per-message TTL: milliseconds, as a string of digits (``"15000"``);
+    the broker discards the message once it has waited that long in a queue
+    (it is never delivered after that), and the delivery carries it unchanged.
     """
 
     content_type: str = "application/msgpack"
@@ -45,12 +48,14 @@ class Properties:
     message_id: str | None = None
     user_id: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)
+    expiration: str | None = None
 
 
 class Delivery:
     """One message handed to a consumer; ack or reject it exactly once."""
 
-    __slots__ = ("body", "properties", "exchange", "routing_key", "redelivered", "_settle", "settled")
+    __slots__ = ("body", "properties", "exchange", "routing_key", "redelivered", "_settle", "settled",
+                 "received_at")
 
     def __init__(
         self,
@@ -70,6 +75,9 @@ class Delivery:
         #: True once acked or rejected, and from the start for an ``auto_ack`` consumer
         #: (``settle`` is None): the broker counted it acknowledged when it sent it.
         self.settled = settle is None
+        #: When (the consumer's clock) it arrived, if its consumer had to keep it waiting; with
+        #: ``properties.expiration`` it bounds how long its publisher may still wait for it.
+        self.received_at: float | None = None
 
     def ack(self) -> None:
         """Tell the broker the message is handled; frees one prefetch slot."""

@@ -119,6 +119,9 @@ _REQUEST_PROTOCOLS = frozenset({Protocol.RPC, Protocol.REQUEST})
 
 _expirations: dict[float, str] = {}
 
+#: Types of an op's result that are plainly its answer (no Deferred, coroutine or Failure).
+_PLAIN_RESULTS = frozenset({dict, list, tuple, str, bytes, int, float, bool, type(None)})
+
 
 def _expiration(timeout: float) -> str:
     """The AMQP ``expiration`` of a request whose caller waits ``timeout`` seconds: whole
@@ -313,7 +316,18 @@ class Receiver(LifecycleObject):
             else:
                 delivery.reject(requeue=True)
             return
-        if self.inflight >= self.max_concurrent and delivery.properties.expiration is not None:
+        if self.inflight < self.max_concurrent:
+            if not self.buffered and not self._pumping:
+                # The common case: nothing waits, start it now (what _pump would do, less its loop).
+                self._pumping = True
+                try:
+                    self._start(delivery)
+                finally:
+                    self._pumping = False
+                if self.buffered:
+                    self._pump()
+                return
+        elif delivery.properties.expiration is not None:
             # It waits behind the message in hand: note since when (its TTL runs on here).
             delivery.received_at = self.process.clock.seconds()
         self.buffered.append(delivery)
@@ -355,7 +369,8 @@ class Receiver(LifecycleObject):
         # whether the broker delivered it before (to a consumer that stopped before acking it).
         msg["broker-user"] = delivery.properties.user_id
         msg["redelivered"] = delivery.redelivered
-        if msg.get("expiry") and (wire.is_expired(msg, time.time()) or (
+        expiry = msg.get("expiry")
+        if expiry and (time.time() > expiry or (
                 delivery.received_at is not None and _waited_out(delivery, proc.clock.seconds()))):
             proc.log_limiter.warn(
                 self._log, ("expired-message", self.name),
@@ -370,25 +385,31 @@ class Receiver(LifecycleObject):
         except Exception:
             self._log.failure("{pid}: handler raised on {op!r}", pid=proc.id, op=msg.get("op"))
             result = None
-        if isinstance(result, defer.Deferred) and not result.called:
+        # (None first: an isinstance check of Deferred, an ABC, costs more than the rest of this.)
+        if result is not None and isinstance(result, defer.Deferred) and not result.called:
             result.addBoth(self._handled, delivery)
         else:
-            if isinstance(result, defer.Deferred):
+            if result is not None and isinstance(result, defer.Deferred):
                 result.addErrback(lambda f: None)
             self._handled(None, delivery)
 
     def _handled(self, result: Any, delivery: Delivery) -> None:
         self.inflight -= 1
         self.handled += 1
-        if delivery in self._in_hand:
-            self._in_hand.remove(delivery)
-        self._settle(delivery)
+        in_hand = self._in_hand
+        if in_hand and in_hand[-1] is delivery:
+            in_hand.pop()
+        elif delivery in in_hand:
+            in_hand.remove(delivery)
+        if not delivery.settled:
+            self._settle(delivery)
         if not self.inflight and self._drained:
             waiters, self._drained = self._drained, []
             for d in waiters:
                 if not d.called:
                     d.callback(None)
-        self._pump()
+        if self.buffered and not self._pumping:
+            self._pump()
 
     def _settle(self, delivery: Delivery) -> None:
         if delivery.settled:
@@ -452,6 +473,19 @@ def _op_call(cls: type, op: str) -> OpCall:
     if call is None:
         call = cache[op] = _make_op_call(op, getattr(cls, "op_" + op))
     return call
+
+
+def _op_entry(cls: type, op: str) -> tuple[str | None, OpCall]:
+    """The control action (:func:`~ion.core.security.control_action`) and the :func:`_op_call` of
+    ``op_<op>`` of ``cls``: one lookup per request, worked out once per class and op."""
+    entries: dict[str, tuple[str | None, OpCall]] | None = cls.__dict__.get("_ion_op_entries")
+    if entries is None:
+        entries = {}
+        type.__setattr__(cls, "_ion_op_entries", entries)
+    entry = entries.get(op)
+    if entry is None:
+        entry = entries[op] = (control_action(cls, op), _op_call(cls, op))
+    return entry
 
 
 def _make_op_call(op: str, func: Callable[..., Any]) -> OpCall:
@@ -794,13 +828,18 @@ class Process(LifecycleObject):
         receiver_token = _current_receiver.set(receiver)
         try:
             try:
-                action = control_action(type(self), op)
+                action, call = _op_entry(type(self), op)
                 if action is not None:
                     authorize(self.container, msg, action, f"{self.proc_name} ({self.id})",
                               limiter=self.log_limiter)
-                result = _op_call(type(self), op)(method, msg)
+                result = call(method, msg)
             except Exception:
                 result = Failure()
+            if type(result) in _PLAIN_RESULTS:
+                # The common case, a synchronous op: answer now, without a Deferred (and
+                # without isinstance checks of ABCs).
+                self._op_answer(result, msg)
+                return None
             if not isinstance(result, (defer.Deferred, Failure)):
                 if inspect.iscoroutine(result):
                     result = defer.Deferred.fromCoroutine(result)
@@ -868,6 +907,8 @@ class Process(LifecycleObject):
     def _unless_sent(self, d: defer.Deferred[None], msg: Mapping[str, Any]) -> None:
         """Log (rather than leave unhandled) a reply the transport could not send, e.g. when the
         connection to the broker went away under it: its caller hears of the loss anyway."""
+        if d.called and d.result is None:
+            return  # sent already (the embedded broker): nothing can fail any more
         d.addErrback(lambda f: self._log.warn("{pid}: answer to {op!r} from {sender} not sent: {e}", pid=self.id,
                                               op=msg.get("op"), sender=msg.get("sender"), e=f.getErrorMessage()))
 
@@ -882,7 +923,7 @@ class Process(LifecycleObject):
                  expiration: str | None = None) -> defer.Deferred[None]:
         container = self.container
         body = wire.encode(msg, container.max_message_size)
-        props = Properties(correlation_id=msg["conv-id"], reply_to=msg["reply-to"], expiration=expiration)
+        props = Properties("application/msgpack", msg["conv-id"], msg["reply-to"], None, None, {}, expiration)
         return container.transport.publish(container.exchange_name, msg["receiver"], body, props,
                                            mandatory=mandatory)
 
@@ -904,11 +945,15 @@ class Process(LifecycleObject):
                         f"queue: it would wait for itself until the timeout")
 
     def _start(self, protocol: str, receiver: str, op: str, content: Any,
-               headers: Mapping[str, Any] | None, timeout: float | None, **conv_kwargs: Any) -> Conversation:
-        # conv_kwargs: on_agree, handler, trusted (ConversationTable.start)
-        target, deadlock = self._route_around_self(self.resolve(receiver))
+               headers: Mapping[str, Any] | None, timeout: float | None, *,
+               on_agree: Callable[[Any, dict[str, Any]], Any] | None = None,
+               handler: Callable[[Conversation, Any, dict[str, Any]], Any] | None = None,
+               trusted: bool = False) -> Conversation:
+        # on_agree, handler, trusted: see ConversationTable.start
+        target, deadlock = self._route_around_self(receiver if "." in receiver else f"{self.sysname}.{receiver}")
         conv = self.conversations.start(
-            protocol, target, op, self.rpc_timeout if timeout is None else timeout, **conv_kwargs)
+            protocol, target, op, self.rpc_timeout if timeout is None else timeout, on_agree=on_agree,
+            handler=handler, trusted=trusted)
         if deadlock is not None:
             conv.event("error", reason=deadlock, code=508)
             return conv
@@ -931,7 +976,7 @@ class Process(LifecycleObject):
         except MessageError as exc:
             conv.event("error", reason=str(exc), code=413 if isinstance(exc, MessageTooLargeError) else 400)
             return conv
-        if not (d.called and not isinstance(d.result, Failure)):  # the embedded broker took it already
+        if not (d.called and d.result is None):  # the embedded broker took it already
             d.addErrback(lambda f: conv.event("error", reason=f"could not send: {f.getErrorMessage()}"))
         return conv
 

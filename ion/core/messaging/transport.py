@@ -81,7 +81,12 @@ class Delivery:
 
     def ack(self) -> None:
         """Tell the broker the message is handled; frees one prefetch slot."""
-        self._done(ack=True, requeue=False)
+        settle = self._settle
+        if self.settled or settle is None:
+            self._done(ack=True, requeue=False)  # raises
+            return
+        self.settled = True
+        settle(True, False)
 
     def reject(self, requeue: bool = True) -> None:
         """Give the message back (``requeue``) or drop it."""

@@ -148,7 +148,7 @@ class Conversation:
     def event(self, name: str, msg: dict[str, Any] | None = None, reason: str = "",
               code: int = 503) -> None:
         """Feed an event (a reply's performative, ``timeout``, ``error``, ``end``)."""
-        if self.final:
+        if self.state in FINAL:
             _log.debug("{conv}: {event} after the end, dropped", conv=self, event=name)
             return
         new = self._transitions.get((self.state, name))
@@ -161,8 +161,9 @@ class Conversation:
             return
         self.state = new
         if new in FINAL:
-            self._disarm()
-            self.table._collect(self)
+            if self.deadline is not None:
+                self.table._drop_deadline(self)
+            self.table.initiated.pop(self.conv_id, None)
             self._finish(name, msg, reason, code)
         else:
             self._progress(name, msg)
@@ -295,6 +296,7 @@ class ConversationTable:
         self.initiated: dict[str, Conversation] = {}
         self.responding: dict[str, ResponderConversation] = {}
         self._ids: Iterator[int] = itertools.count(1)
+        self._id_prefix = f"{process.id}#"
         self.late_messages = 0
         #: timeout -> {conv-id: conversation} of those waiting with that timeout, oldest first: in
         #: deadline order, as the clock only moves on (an idle timeout re-arms at the end).
@@ -307,7 +309,7 @@ class ConversationTable:
         return len(self.initiated) + len(self.responding)
 
     def new_id(self) -> str:
-        return f"{self.process.id}#{next(self._ids)}"
+        return f"{self._id_prefix}{next(self._ids)}"
 
     def start(self, protocol: str, receiver: str, op: str, timeout: float | None, *,
               on_agree: Callable[[Any, dict[str, Any]], Any] | None = None,

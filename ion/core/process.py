@@ -867,9 +867,14 @@ class Process(LifecycleObject):
         return conv is None or conv.state not in ("RECEIVED", "AGREED")
 
     def _op_done(self, result: Any, msg: dict[str, Any]) -> None:
-        if msg["protocol"] in _REQUEST_PROTOCOLS and not self._answered(msg):
-            self._unless_sent(self.reply_ok(msg, result), msg)
-        self.conversations.responding.pop(msg["conv-id"], None)
+        responding = self.conversations.responding
+        conv = responding.get(msg["conv-id"])
+        if conv is not None and conv.state in ("RECEIVED", "AGREED") and msg["protocol"] in _REQUEST_PROTOCOLS:
+            # (reply_ok, less the Deferred when the broker took the answer at once)
+            d = self._reply(msg, "result", result, None, Performative.INFORM_RESULT, "OK", 200)
+            if d is not None:
+                self._unless_sent(d, msg)
+        responding.pop(msg["conv-id"], None)
 
     def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
         exc = failure.value
@@ -921,11 +926,20 @@ class Process(LifecycleObject):
 
     def _publish(self, msg: dict[str, Any], mandatory: bool = False,
                  expiration: str | None = None) -> defer.Deferred[None]:
+        d = self._publish_now(msg, mandatory, expiration)
+        return defer.succeed(None) if d is None else d
+
+    def _publish_now(self, msg: dict[str, Any], mandatory: bool = False,
+                     expiration: str | None = None) -> defer.Deferred[None] | None:
+        """Encode and publish ``msg``; None if the broker took it at once (no Deferred made).
+
+        :raises MessageError: if it cannot be encoded or is too large.
+        """
         container = self.container
         body = wire.encode(msg, container.max_message_size)
         props = Properties("application/msgpack", msg["conv-id"], msg["reply-to"], None, None, {}, expiration)
-        return container.transport.publish(container.exchange_name, msg["receiver"], body, props,
-                                           mandatory=mandatory)
+        return container.transport.publish_now(container.exchange_name, msg["receiver"], body, props,
+                                               mandatory=mandatory)
 
     def _route_around_self(self, target: str) -> tuple[str, str | None]:
         """Where to send a request so that it cannot wait behind the op making it.
@@ -972,11 +986,11 @@ class Process(LifecycleObject):
             conv_id=conv.conv_id, protocol=protocol, performative=Performative.REQUEST,
             user_id=self._delegated_user(), expiry=expiry, extra=headers)
         try:
-            d = self._publish(msg, mandatory=True, expiration=expiration)
+            d = self._publish_now(msg, True, expiration)
         except MessageError as exc:
             conv.event("error", reason=str(exc), code=413 if isinstance(exc, MessageTooLargeError) else 400)
             return conv
-        if not (d.called and d.result is None):  # the embedded broker took it already
+        if d is not None and not (d.called and d.result is None):  # (None: the embedded broker took it)
             d.addErrback(lambda f: conv.event("error", reason=f"could not send: {f.getErrorMessage()}"))
         return conv
 
@@ -1046,6 +1060,12 @@ class Process(LifecycleObject):
 
         :raises IllegalStateError: if the conversation was already answered.
         """
+        d = self._reply(msg, op, content, headers, performative, status, response_code)
+        return defer.succeed(None) if d is None else d
+
+    def _reply(self, msg: Mapping[str, Any], op: str, content: Any, headers: Mapping[str, Any] | None,
+               performative: str, status: str, response_code: int) -> defer.Deferred[None] | None:
+        """:meth:`reply`; None when the broker took the answer at once (no Deferred made)."""
         conv = self.conversations.responding.get(msg["conv-id"])
         seq = int(msg.get("conv-seq") or 1) + 1
         if conv is not None:
@@ -1062,7 +1082,7 @@ class Process(LifecycleObject):
             protocol=msg["protocol"], performative=performative, status=status,
             response_code=response_code, user_id=self._delegated_user(), extra=headers)
         try:
-            return self._publish(reply)
+            return self._publish_now(reply)
         except MessageError as exc:
             if performative == Performative.FAILURE:
                 if isinstance(content, Mapping) and content.get("cut"):

@@ -357,7 +357,21 @@ class MemoryBroker:
                     queue.messages.pop()
                     self._expire(queue, msg)
                 continue
-            queue.messages.append(_Message(body, properties, exchange, routing_key, expires_at))
+            msg = _Message(body, properties, exchange, routing_key, expires_at)
+            consumers = queue.consumers
+            if not queue.messages and len(consumers) == 1:
+                # The common case, inline: nothing waits and one consumer; straight to it if it has room.
+                consumer = consumers[0]
+                if consumer.auto_ack or consumer.prefetch <= 0 or len(consumer.unacked) < consumer.prefetch:
+                    tag = next(self._delivery_tags)
+                    consumer.unacked[tag] = msg
+                    consumer.pending.add(tag)
+                    self._pending.append((self._deliver, (consumer, tag, msg)))
+                    if not self._pumping and not self._scheduled:
+                        self._scheduled = True
+                        self.reactor.callLater(0, self._pump)
+                    continue
+            queue.messages.append(msg)
             self._dispatch(queue)
 
     def _delete_queue(self, name: str) -> None:
@@ -501,6 +515,11 @@ class MemoryTransport(Transport):
 
     def publish(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
                 *, mandatory: bool = False) -> defer.Deferred[None]:
+        d = self.publish_now(exchange, routing_key, body, properties, mandatory=mandatory)
+        return defer.succeed(None) if d is None else d
+
+    def publish_now(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
+                    *, mandatory: bool = False) -> defer.Deferred[None] | None:
         try:
             if self.closed:
                 self._check_open()  # raises
@@ -515,7 +534,7 @@ class MemoryTransport(Transport):
             self.broker._publish(self, exchange, routing_key, bytes(body), properties, mandatory)
         except TransportError:
             return defer.fail()
-        return defer.succeed(None)
+        return None
 
     def consume(self, queue: str, callback: ConsumeCallback, *, prefetch: int = 1,
                 exclusive: bool = False, auto_ack: bool = False) -> defer.Deferred[str]:

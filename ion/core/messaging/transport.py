@@ -161,6 +161,12 @@ class Transport(abc.ABC):
         """Send ``body``; a ``mandatory`` message that no queue takes is returned
         to the callbacks registered with :meth:`add_return_callback`."""
 
+    def publish_now(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
+                    *, mandatory: bool = False) -> defer.Deferred[None] | None:
+        """:meth:`publish`, returning None instead of a fired Deferred when the broker took the
+        message at once (the embedded broker): the container's sends make no Deferred then."""
+        return self.publish(exchange, routing_key, body, properties, mandatory=mandatory)
+
     @abc.abstractmethod
     def consume(self, queue: str, callback: ConsumeCallback, *, prefetch: int = 1,
                 exclusive: bool = False, auto_ack: bool = False) -> defer.Deferred[str]:

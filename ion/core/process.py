@@ -797,7 +797,7 @@ class Process(LifecycleObject):
         if receiver.name == self.backend_name:
             if self.conversations.handle(msg):
                 return None
-        elif self.conversations.stray_reply(msg):
+        elif msg["performative"] in REPLY_PERFORMATIVES and self.conversations.stray_reply(msg):
             return None
         return self._dispatch(msg, receiver)
 
@@ -837,8 +837,11 @@ class Process(LifecycleObject):
                 result = Failure()
             if type(result) in _PLAIN_RESULTS:
                 # The common case, a synchronous op: answer now, without a Deferred (and
-                # without isinstance checks of ABCs).
-                self._op_answer(result, msg)
+                # without isinstance checks of ABCs); as _op_answer, inline.
+                try:
+                    self._op_done(result, msg)
+                except Exception:
+                    self._log.failure("{pid}: answering {op!r} failed", pid=self.id, op=op)
                 return None
             if not isinstance(result, (defer.Deferred, Failure)):
                 if inspect.iscoroutine(result):

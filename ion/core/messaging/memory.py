@@ -515,11 +515,6 @@ class MemoryTransport(Transport):
 
     def publish(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
                 *, mandatory: bool = False) -> defer.Deferred[None]:
-        d = self.publish_now(exchange, routing_key, body, properties, mandatory=mandatory)
-        return defer.succeed(None) if d is None else d
-
-    def publish_now(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
-                    *, mandatory: bool = False) -> defer.Deferred[None] | None:
         try:
             if self.closed:
                 self._check_open()  # raises
@@ -531,6 +526,21 @@ class MemoryTransport(Transport):
             properties = Properties(p.content_type, p.correlation_id, p.reply_to,
                                     mid if mid is not None else f"{self._id_prefix}.{next(self._message_ids)}",
                                     self.user, dict(headers) if headers else {}, p.expiration)
+            self.broker._publish(self, exchange, routing_key, bytes(body), properties, mandatory)
+        except TransportError:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def publish_now(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
+                    *, mandatory: bool = False) -> defer.Deferred[None] | None:
+        try:
+            if self.closed:
+                self._check_open()  # raises
+            # The caller gave ``properties`` up: the message keeps them, stamped, as on RabbitMQ,
+            # with who really published.
+            properties.user_id = self.user
+            if properties.message_id is None:
+                properties.message_id = f"{self._id_prefix}.{next(self._message_ids)}"
             self.broker._publish(self, exchange, routing_key, bytes(body), properties, mandatory)
         except TransportError:
             return defer.fail()

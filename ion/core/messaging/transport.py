@@ -164,7 +164,10 @@ class Transport(abc.ABC):
     def publish_now(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
                     *, mandatory: bool = False) -> defer.Deferred[None] | None:
         """:meth:`publish`, returning None instead of a fired Deferred when the broker took the
-        message at once (the embedded broker): the container's sends make no Deferred then."""
+        message at once (the embedded broker): the container's sends make no Deferred then.
+
+        Unlike :meth:`publish`, the caller gives ``properties`` up (it made them for this one
+        message): the transport may keep and stamp them instead of copying them."""
         return self.publish(exchange, routing_key, body, properties, mandatory=mandatory)
 
     @abc.abstractmethod

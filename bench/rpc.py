@@ -27,21 +27,30 @@ Every phase is preceded by a warm-up (``--warmup`` calls, default 500) and a
 loops are plain Deferred callbacks (no ``inlineCallbacks``) so that the
 harness adds as little as possible to what is measured.
 
+``--profile N`` runs the sequential and the windowed phase once more under
+:mod:`cProfile` after the figures (which it does not touch) and prints the
+``N`` top entries of each by own time on stderr, with the Python function
+calls per RPC.
+
 Run it from the repository root::
 
     python bench/rpc.py                       # the table
     python bench/rpc.py --calls 20000 --json  # machine-readable
+    python bench/rpc.py --profile 15          # and where the time goes
     python bench/rpc.py --help
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import json
 import math
 import os
 import platform
+import pstats
 import sys
 import time
 from collections.abc import Callable
@@ -214,6 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="calls of the no-broker floor (default: same as --calls)")
     p.add_argument("--warmup", type=int, default=500, help="warm-up calls before each phase (default 500)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then run the sequential and windowed phases again under cProfile and print "
+                        "their N top entries by own time on stderr (default 0: no profile)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if a target is missed")
     args = p.parse_args(argv)
     for name in ("calls", "inflight_calls", "window"):
@@ -277,6 +289,17 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         cpu = time.process_time()
         secs, lat = floor(args.floor_calls, client_pid, service_pid, target)
         results.append(summarize("floor", args.floor_calls, secs, lat, time.process_time() - cpu, in_flight=1))
+        profiles: dict[str, str] = {}
+        if args.profile > 0:
+            for name, phase in (("sequential", lambda: sequential(call, args.calls)),
+                                ("window", lambda: windowed(call, args.inflight_calls, args.window))):
+                calls = args.calls if name == "sequential" else args.inflight_calls
+                gc.collect()
+                prof = cProfile.Profile()
+                prof.enable()
+                yield phase()
+                prof.disable()
+                profiles[name] = profile_text(prof, calls, args.profile)
         broker_delivered = container.broker.delivered if container.broker is not None else None
         open_convs = len(client.conversations)
     finally:
@@ -305,8 +328,25 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         "ratio_floor_over_window": flo["calls_per_s"] / win["calls_per_s"],
         "targets": targets,
         "broker_deliveries": broker_delivered,
+        "profiles": profiles,
         "open_conversations_after": open_convs,
     }
+
+
+def profile_text(prof: cProfile.Profile, calls: int, top: int) -> str:
+    """The ``top`` entries of ``prof`` by own time, after a line of Python function calls per RPC."""
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    site = os.path.dirname(os.path.dirname(defer.__file__))
+    site = os.path.dirname(site) + os.sep
+    lines = [line.replace(root, "").replace(site, "") for line in out.getvalue().splitlines()]
+    table = [line for line in lines[lines.index(next(x for x in lines if "ncalls" in x)):] if line.strip()]
+    stats_any: Any = stats
+    head = (f"{calls} calls: {stats_any.total_calls / calls:.0f} function calls per call, "
+            f"{stats_any.total_tt / calls * 1e6:.1f} {_micro()} per call under cProfile")
+    return "\n".join([head, *table])
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -370,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(format_table(report))
         sys.stdout.flush()
+        for name, text in report["profiles"].items():
+            print(f"\n-- profile of the {name} phase: {text}", file=sys.stderr)
         if args.strict and not all(t["pass"] for t in report["targets"]):
             raise SystemExit(1)
 

@@ -125,7 +125,8 @@ class Conversation:
         #: (a call to a system service: another login could consume its queue and answer).
         self.trusted = False
         self.seq = 1
-        self._arm()
+        if timeout is not None and timeout > 0:  # (_arm, inline)
+            table._add_deadline(self, timeout)
 
     def __repr__(self) -> str:
         return f"<Conversation {self.conv_id} {self.protocol} {self.op!r} -> {self.receiver} {self.state}>"

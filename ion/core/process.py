@@ -967,7 +967,10 @@ class Process(LifecycleObject):
                handler: Callable[[Conversation, Any, dict[str, Any]], Any] | None = None,
                trusted: bool = False) -> Conversation:
         # on_agree, handler, trusted: see ConversationTable.start
-        target, deadlock = self._route_around_self(receiver if "." in receiver else f"{self.sysname}.{receiver}")
+        target = receiver if "." in receiver else f"{self.sysname}.{receiver}"
+        deadlock = None
+        if _current_receiver.get() is not None:  # called from an op: it may be calling itself
+            target, deadlock = self._route_around_self(target)
         conv = self.conversations.start(
             protocol, target, op, self.rpc_timeout if timeout is None else timeout, on_agree=on_agree,
             handler=handler, trusted=trusted)
@@ -983,7 +986,7 @@ class Process(LifecycleObject):
             # it is sent now, so its remaining time is the whole timeout), and an instance that gets
             # it later anyway (a broker that ignores TTL, its own prefetch FIFO) drops it by expiry.
             expiry = time.time() + timeout
-            expiration = _expiration(timeout)
+            expiration = _expirations.get(timeout) or _expiration(timeout)
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=target, op=op, content=content,
             conv_id=conv.conv_id, protocol=protocol, performative=Performative.REQUEST,

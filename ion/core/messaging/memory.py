@@ -338,7 +338,7 @@ class MemoryBroker:
                 self._schedule(transport._notify_return, exchange, routing_key, properties)
             return
         ttl = properties.expiration
-        expires_at = None if ttl is None else self.reactor.seconds() + _ttl(ttl)
+        expires_at = None if ttl is None else self.reactor.seconds() + (_ttls.get(ttl) or _ttl(ttl))
         shared = False
         for name in names:
             queue = self.queues.get(name)

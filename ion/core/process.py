@@ -16,6 +16,13 @@ another one) sets ``prefetch: 1``. Beside ``broker-user``, the receiver sets
 ``redelivered`` on each message: whether the broker delivered it before, to a
 consumer that stopped without acknowledging it.
 
+A request never outlives its caller: an rpc or request goes out with its
+timeout as the AMQP ``expiration`` (the broker discards it once it has waited
+that long in a queue) and its deadline as the ``expiry`` header. A receiver
+drops, unanswered (logged, rate-limited), a message whose ``expiry`` has
+passed, or one that waited out its ``expiration`` in the receiver's FIFO
+behind the message in hand: its caller has given up.
+
 Requests are dispatched to ``op_<name>``; what an op returns is the reply's
 content unless it replied itself. An op declared ``(self, content, headers,
 msg)`` gets those (``headers`` and ``msg`` are the request); any other op gets

@@ -13,6 +13,12 @@ protocol      initiator's machine              final states
 ``request``   REQUESTED → AGREED → DONE ...    DONE, FAILED, REFUSED, TIMEOUT, ERROR
 ``generic``   OPEN → OPEN ... → ENDED          ENDED, FAILED, TIMEOUT, ERROR
 ============  ==============================  ================================
+
+Timeouts: a conversation's deadline is kept in its table, and one timer per
+table (process), armed for the earliest deadline, ends those that pass; a
+conversation that ends before its deadline costs a dict entry, not a reactor
+timer (with many calls in flight a ``callLater`` each filled the reactor's
+timer heap with cancelled calls).
 """
 
 from __future__ import annotations
@@ -96,7 +102,7 @@ class Conversation:
 
     __slots__ = (
         "table", "conv_id", "protocol", "receiver", "op", "state", "deferred", "timeout",
-        "_timer", "on_agree", "handler", "seq", "_transitions", "trusted",
+        "deadline", "on_agree", "handler", "seq", "_transitions", "trusted",
     )
 
     def __init__(self, table: ConversationTable, conv_id: str, protocol: str, receiver: str,
@@ -111,14 +117,16 @@ class Conversation:
         self._transitions = TABLES[protocol]
         self.deferred: defer.Deferred[RpcResult] = defer.Deferred(self._cancelled)
         self.timeout = timeout
-        self._timer: IDelayedCall | None = None
+        #: When (the table's clock) it times out, while it waits with a timeout.
+        self.deadline: float | None = None
         self.on_agree = on_agree
         self.handler = handler
         #: Only answers published by one of the system's operators (broker-user) are taken
         #: (a call to a system service: another login could consume its queue and answer).
         self.trusted = False
         self.seq = 1
-        self._arm()
+        if timeout is not None and timeout > 0:  # (_arm, inline)
+            table._add_deadline(self, timeout)
 
     def __repr__(self) -> str:
         return f"<Conversation {self.conv_id} {self.protocol} {self.op!r} -> {self.receiver} {self.state}>"
@@ -129,19 +137,19 @@ class Conversation:
 
     # -- timer -----------------------------------------------------------------
     def _arm(self) -> None:
-        if self.timeout is not None and self.timeout > 0:
-            self._timer = self.table.clock.callLater(self.timeout, self.event, "timeout")
+        timeout = self.timeout
+        if timeout is not None and timeout > 0:
+            self.table._add_deadline(self, timeout)
 
     def _disarm(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self.deadline is not None:
+            self.table._drop_deadline(self)
 
     # -- the machine -------------------------------------------------------------
     def event(self, name: str, msg: dict[str, Any] | None = None, reason: str = "",
               code: int = 503) -> None:
         """Feed an event (a reply's performative, ``timeout``, ``error``, ``end``)."""
-        if self.final:
+        if self.state in FINAL:
             _log.debug("{conv}: {event} after the end, dropped", conv=self, event=name)
             return
         new = self._transitions.get((self.state, name))
@@ -154,8 +162,9 @@ class Conversation:
             return
         self.state = new
         if new in FINAL:
-            self._disarm()
-            self.table._collect(self)
+            if self.deadline is not None:
+                self.table._drop_deadline(self)
+            self.table.initiated.pop(self.conv_id, None)
             self._finish(name, msg, reason, code)
         else:
             self._progress(name, msg)
@@ -288,13 +297,20 @@ class ConversationTable:
         self.initiated: dict[str, Conversation] = {}
         self.responding: dict[str, ResponderConversation] = {}
         self._ids: Iterator[int] = itertools.count(1)
+        self._id_prefix = f"{process.id}#"
         self.late_messages = 0
+        #: timeout -> {conv-id: conversation} of those waiting with that timeout, oldest first: in
+        #: deadline order, as the clock only moves on (an idle timeout re-arms at the end).
+        self._waiting: dict[float, dict[str, Conversation]] = {}
+        #: The one timer of the table, armed for ``_timer_at`` (no earlier deadline waits).
+        self._timer: IDelayedCall | None = None
+        self._timer_at = 0.0
 
     def __len__(self) -> int:
         return len(self.initiated) + len(self.responding)
 
     def new_id(self) -> str:
-        return f"{self.process.id}#{next(self._ids)}"
+        return f"{self._id_prefix}{next(self._ids)}"
 
     def start(self, protocol: str, receiver: str, op: str, timeout: float | None, *,
               on_agree: Callable[[Any, dict[str, Any]], Any] | None = None,
@@ -310,6 +326,58 @@ class ConversationTable:
 
     def _collect(self, conv: Conversation) -> None:
         self.initiated.pop(conv.conv_id, None)
+
+    # -- deadlines: one timer for the table -------------------------------------------------------------
+    def _add_deadline(self, conv: Conversation, timeout: float) -> None:
+        deadline = conv.deadline = self.clock.seconds() + timeout
+        waiting = self._waiting.get(timeout)
+        if waiting is None:
+            waiting = self._waiting[timeout] = {}
+        waiting[conv.conv_id] = conv
+        timer = self._timer
+        if timer is None:
+            self._timer_at = deadline
+            self._timer = self.clock.callLater(timeout, self._deadlines_due)
+        elif deadline < self._timer_at:
+            self._timer_at = deadline
+            timer.reset(timeout)
+
+    def _drop_deadline(self, conv: Conversation) -> None:
+        conv.deadline = None
+        timeout = conv.timeout
+        if timeout is None:
+            return
+        waiting = self._waiting.get(timeout)
+        if waiting is not None:
+            waiting.pop(conv.conv_id, None)
+            if not waiting:
+                del self._waiting[timeout]
+                if not self._waiting and self._timer is not None:
+                    # Nothing waits: no timer left behind (a process at rest has none).
+                    timer, self._timer = self._timer, None
+                    timer.cancel()
+
+    def _deadlines_due(self) -> None:
+        """The timer: time out every conversation whose deadline has come, re-arm for the next."""
+        self._timer = None
+        now = self.clock.seconds()
+        due: list[Conversation] = []
+        for waiting in self._waiting.values():
+            for conv in waiting.values():
+                if conv.deadline is None or conv.deadline > now:  # (None: never, kept for mypy)
+                    break
+                due.append(conv)
+        for conv in due:
+            conv.event("timeout")
+        if self._waiting:
+            # (A conversation started by a timed-out one's callbacks may have armed the timer already.)
+            first = min(next(iter(w.values())).deadline or now for w in self._waiting.values())
+            if self._timer is None:
+                self._timer_at = first
+                self._timer = self.clock.callLater(max(0.0, first - now), self._deadlines_due)
+            elif first < self._timer_at:
+                self._timer_at = first
+                self._timer.reset(max(0.0, first - now))
 
     def handle(self, msg: dict[str, Any]) -> bool:
         """Route a message that arrived on the process's *backend* (reply) queue.

@@ -16,6 +16,13 @@ another one) sets ``prefetch: 1``. Beside ``broker-user``, the receiver sets
 ``redelivered`` on each message: whether the broker delivered it before, to a
 consumer that stopped without acknowledging it.
 
+A request never outlives its caller: an rpc or request goes out with its
+timeout as the AMQP ``expiration`` (the broker discards it once it has waited
+that long in a queue) and its deadline as the ``expiry`` header. A receiver
+drops, unanswered (logged, rate-limited), a message whose ``expiry`` has
+passed, or one that waited out its ``expiration`` in the receiver's FIFO
+behind the message in hand: its caller has given up.
+
 Requests are dispatched to ``op_<name>``; what an op returns is the reply's
 content unless it replied itself. An op declared ``(self, content, headers,
 msg)`` gets those (``headers`` and ``msg`` are the request); any other op gets
@@ -116,6 +123,32 @@ def shorten(text: str, limit: int = LOG_TEXT_LIMIT) -> str:
 
 #: conv-seq of the request, and of the ops' replies, in an rpc or request.
 _REQUEST_PROTOCOLS = frozenset({Protocol.RPC, Protocol.REQUEST})
+
+_expirations: dict[float, str] = {}
+
+#: Types of an op's result that are plainly its answer (no Deferred, coroutine or Failure).
+_PLAIN_RESULTS = frozenset({dict, list, tuple, str, bytes, int, float, bool, type(None)})
+
+
+def _expiration(timeout: float) -> str:
+    """The AMQP ``expiration`` of a request whose caller waits ``timeout`` seconds: whole
+    milliseconds, rounded down (the broker drops it no later than the caller gives up)."""
+    text = _expirations.get(timeout)
+    if text is None:
+        text = str(max(0, int(timeout * 1000)))
+        if len(_expirations) < 256:  # a few distinct timeouts in practice
+            _expirations[timeout] = text
+    return text
+
+
+def _waited_out(delivery: Delivery, now: float) -> bool:
+    """True if ``delivery`` waited in its receiver's FIFO for as long as its ``expiration``:
+    whoever sent it has given up by now, whatever the hosts' clocks say."""
+    ttl = delivery.properties.expiration
+    received = delivery.received_at
+    if ttl is None or received is None or not ttl.isdigit():
+        return False
+    return now - received >= int(ttl) / 1000.0
 
 Handler = Callable[[dict[str, Any], "Receiver"], "defer.Deferred[Any] | None"]
 
@@ -290,6 +323,20 @@ class Receiver(LifecycleObject):
             else:
                 delivery.reject(requeue=True)
             return
+        if self.inflight < self.max_concurrent:
+            if not self.buffered and not self._pumping:
+                # The common case: nothing waits, start it now (what _pump would do, less its loop).
+                self._pumping = True
+                try:
+                    self._start(delivery)
+                finally:
+                    self._pumping = False
+                if self.buffered:
+                    self._pump()
+                return
+        elif delivery.properties.expiration is not None:
+            # It waits behind the message in hand: note since when (its TTL runs on here).
+            delivery.received_at = self.process.clock.seconds()
         self.buffered.append(delivery)
         self._pump()
 
@@ -329,7 +376,9 @@ class Receiver(LifecycleObject):
         # whether the broker delivered it before (to a consumer that stopped before acking it).
         msg["broker-user"] = delivery.properties.user_id
         msg["redelivered"] = delivery.redelivered
-        if msg.get("expiry") and wire.is_expired(msg, time.time()):
+        expiry = msg.get("expiry")
+        if expiry and (time.time() > expiry or (
+                delivery.received_at is not None and _waited_out(delivery, proc.clock.seconds()))):
             proc.log_limiter.warn(
                 self._log, ("expired-message", self.name),
                 "{pid}: dropped expired message op={op!r} from {sender} (expiry {expiry})",
@@ -343,25 +392,31 @@ class Receiver(LifecycleObject):
         except Exception:
             self._log.failure("{pid}: handler raised on {op!r}", pid=proc.id, op=msg.get("op"))
             result = None
-        if isinstance(result, defer.Deferred) and not result.called:
+        # (None first: an isinstance check of Deferred, an ABC, costs more than the rest of this.)
+        if result is not None and isinstance(result, defer.Deferred) and not result.called:
             result.addBoth(self._handled, delivery)
         else:
-            if isinstance(result, defer.Deferred):
+            if result is not None and isinstance(result, defer.Deferred):
                 result.addErrback(lambda f: None)
             self._handled(None, delivery)
 
     def _handled(self, result: Any, delivery: Delivery) -> None:
         self.inflight -= 1
         self.handled += 1
-        if delivery in self._in_hand:
-            self._in_hand.remove(delivery)
-        self._settle(delivery)
+        in_hand = self._in_hand
+        if in_hand and in_hand[-1] is delivery:
+            in_hand.pop()
+        elif delivery in in_hand:
+            in_hand.remove(delivery)
+        if not delivery.settled:
+            self._settle(delivery)
         if not self.inflight and self._drained:
             waiters, self._drained = self._drained, []
             for d in waiters:
                 if not d.called:
                     d.callback(None)
-        self._pump()
+        if self.buffered and not self._pumping:
+            self._pump()
 
     def _settle(self, delivery: Delivery) -> None:
         if delivery.settled:
@@ -425,6 +480,20 @@ def _op_call(cls: type, op: str) -> OpCall:
     if call is None:
         call = cache[op] = _make_op_call(op, getattr(cls, "op_" + op))
     return call
+
+
+def _op_entry(cls: type, op: str) -> tuple[str | None, OpCall, str | None]:
+    """The control action (:func:`~ion.core.security.control_action`), the :func:`_op_call` and
+    the audited action (:func:`~ion.core.security.audit_action`) of ``op_<op>`` of ``cls``: one
+    lookup per request, worked out once per class and op."""
+    entries: dict[str, tuple[str | None, OpCall, str | None]] | None = cls.__dict__.get("_ion_op_entries")
+    if entries is None:
+        entries = {}
+        type.__setattr__(cls, "_ion_op_entries", entries)
+    entry = entries.get(op)
+    if entry is None:
+        entry = entries[op] = (control_action(cls, op), _op_call(cls, op), audit_action(cls, op))
+    return entry
 
 
 def _make_op_call(op: str, func: Callable[..., Any]) -> OpCall:
@@ -736,7 +805,7 @@ class Process(LifecycleObject):
         if receiver.name == self.backend_name:
             if self.conversations.handle(msg):
                 return None
-        elif self.conversations.stray_reply(msg):
+        elif msg["performative"] in REPLY_PERFORMATIVES and self.conversations.stray_reply(msg):
             return None
         return self._dispatch(msg, receiver)
 
@@ -765,25 +834,34 @@ class Process(LifecycleObject):
             return None
         token = current_message.set(msg)
         receiver_token = _current_receiver.set(receiver)
-        cls = type(self)
-        audit_as = audit_action(cls, op)
+        audit_as: str | None = None
         try:
             try:
-                action = control_action(cls, op)
+                action, call, audit_as = _op_entry(type(self), op)
                 if action is not None:
                     authorize(self.container, msg, action, f"{self.proc_name} ({self.id})",
                               limiter=self.log_limiter)
-                result = _op_call(cls, op)(method, msg)
+                result = call(method, msg)
             except Exception:
                 result = Failure()
-            if inspect.iscoroutine(result):
-                result = defer.Deferred.fromCoroutine(result)
             if audit_as is not None:  # recorded once its outcome is known (refusals too)
+                if inspect.iscoroutine(result):
+                    result = defer.Deferred.fromCoroutine(result)
                 result = self.container.audit.watch(result, msg, audit_as, f"{self.proc_name} ({self.id})")
-            if not isinstance(result, (defer.Deferred, Failure)):
-                # The common case, a synchronous op: answer now, without a Deferred.
-                self._op_answer(result, msg)
+            if type(result) in _PLAIN_RESULTS:
+                # The common case, a synchronous op: answer now, without a Deferred (and
+                # without isinstance checks of ABCs); as _op_answer, inline.
+                try:
+                    self._op_done(result, msg)
+                except Exception:
+                    self._log.failure("{pid}: answering {op!r} failed", pid=self.id, op=op)
                 return None
+            if not isinstance(result, (defer.Deferred, Failure)):
+                if inspect.iscoroutine(result):
+                    result = defer.Deferred.fromCoroutine(result)
+                else:
+                    self._op_answer(result, msg)
+                    return None
         finally:
             _current_receiver.reset(receiver_token)
             current_message.reset(token)
@@ -804,9 +882,14 @@ class Process(LifecycleObject):
         return conv is None or conv.state not in ("RECEIVED", "AGREED")
 
     def _op_done(self, result: Any, msg: dict[str, Any]) -> None:
-        if msg["protocol"] in _REQUEST_PROTOCOLS and not self._answered(msg):
-            self._unless_sent(self.reply_ok(msg, result), msg)
-        self.conversations.responding.pop(msg["conv-id"], None)
+        responding = self.conversations.responding
+        conv = responding.get(msg["conv-id"])
+        if conv is not None and conv.state in ("RECEIVED", "AGREED") and msg["protocol"] in _REQUEST_PROTOCOLS:
+            # (reply_ok, less the Deferred when the broker took the answer at once)
+            d = self._reply(msg, "result", result, None, Performative.INFORM_RESULT, "OK", 200)
+            if d is not None:
+                self._unless_sent(d, msg)
+        responding.pop(msg["conv-id"], None)
 
     def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
         exc = failure.value
@@ -844,6 +927,8 @@ class Process(LifecycleObject):
     def _unless_sent(self, d: defer.Deferred[None], msg: Mapping[str, Any]) -> None:
         """Log (rather than leave unhandled) a reply the transport could not send, e.g. when the
         connection to the broker went away under it: its caller hears of the loss anyway."""
+        if d.called and d.result is None:
+            return  # sent already (the embedded broker): nothing can fail any more
         d.addErrback(lambda f: self._log.warn("{pid}: answer to {op!r} from {sender} not sent: {e}", pid=self.id,
                                               op=msg.get("op"), sender=msg.get("sender"), e=f.getErrorMessage()))
 
@@ -855,15 +940,26 @@ class Process(LifecycleObject):
         return self.user_id
 
     def _publish(self, msg: dict[str, Any], mandatory: bool = False,
-                 confirm: bool | None = None) -> defer.Deferred[None]:
-        """Encode and publish ``msg`` to its receiver. ``confirm``: ask the broker for a publisher
-        confirm (None: the transport's default, ``publisher_confirms``); requests and replies of
-        rpc/request conversations say False, their reply or timeout being the confirmation."""
+                 confirm: bool | None = None, expiration: str | None = None) -> defer.Deferred[None]:
+        """Encode and publish ``msg`` to its receiver (see :meth:`_publish_now`)."""
+        d = self._publish_now(msg, mandatory, confirm, expiration)
+        return defer.succeed(None) if d is None else d
+
+    def _publish_now(self, msg: dict[str, Any], mandatory: bool = False, confirm: bool | None = None,
+                     expiration: str | None = None) -> defer.Deferred[None] | None:
+        """Encode and publish ``msg``; None if the broker took it at once (no Deferred made).
+
+        ``confirm``: ask the broker for a publisher confirm (None: the transport's default,
+        ``publisher_confirms``); requests and replies of rpc/request conversations say False,
+        their reply or timeout being the confirmation. ``expiration``: the AMQP per-message TTL.
+
+        :raises MessageError: if it cannot be encoded or is too large.
+        """
         container = self.container
         body = wire.encode(msg, container.max_message_size)
-        props = Properties(correlation_id=msg["conv-id"], reply_to=msg["reply-to"])
-        return container.transport.publish(container.exchange_name, msg["receiver"], body, props,
-                                           mandatory=mandatory, confirm=confirm)
+        props = Properties("application/msgpack", msg["conv-id"], msg["reply-to"], None, None, {}, expiration)
+        return container.transport.publish_now(container.exchange_name, msg["receiver"], body, props,
+                                               mandatory=mandatory, confirm=confirm)
 
     def _route_around_self(self, target: str) -> tuple[str, str | None]:
         """Where to send a request so that it cannot wait behind the op making it.
@@ -883,26 +979,43 @@ class Process(LifecycleObject):
                         f"queue: it would wait for itself until the timeout")
 
     def _start(self, protocol: str, receiver: str, op: str, content: Any,
-               headers: Mapping[str, Any] | None, timeout: float | None, **conv_kwargs: Any) -> Conversation:
-        # conv_kwargs: on_agree, handler, trusted (ConversationTable.start)
-        target, deadlock = self._route_around_self(self.resolve(receiver))
+               headers: Mapping[str, Any] | None, timeout: float | None, *,
+               on_agree: Callable[[Any, dict[str, Any]], Any] | None = None,
+               handler: Callable[[Conversation, Any, dict[str, Any]], Any] | None = None,
+               trusted: bool = False) -> Conversation:
+        # on_agree, handler, trusted: see ConversationTable.start
+        target = receiver if "." in receiver else f"{self.sysname}.{receiver}"
+        deadlock = None
+        if _current_receiver.get() is not None:  # called from an op: it may be calling itself
+            target, deadlock = self._route_around_self(target)
         conv = self.conversations.start(
-            protocol, target, op, self.rpc_timeout if timeout is None else timeout, **conv_kwargs)
+            protocol, target, op, self.rpc_timeout if timeout is None else timeout, on_agree=on_agree,
+            handler=handler, trusted=trusted)
         if deadlock is not None:
             conv.event("error", reason=deadlock, code=508)
             return conv
+        expiry: float = 0
+        expiration: str | None = None
+        timeout = conv.timeout
+        if timeout is not None and timeout > 0 and protocol != Protocol.GENERIC:
+            # A request never outlives its caller (DESIGN §4, expiry): the broker discards it once it
+            # has waited the call's timeout (AMQP per-message TTL, whole ms, never past the deadline:
+            # it is sent now, so its remaining time is the whole timeout), and an instance that gets
+            # it later anyway (a broker that ignores TTL, its own prefetch FIFO) drops it by expiry.
+            expiry = time.time() + timeout
+            expiration = _expirations.get(timeout) or _expiration(timeout)
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=target, op=op, content=content,
             conv_id=conv.conv_id, protocol=protocol, performative=Performative.REQUEST,
-            user_id=self._delegated_user(), extra=headers)
+            user_id=self._delegated_user(), expiry=expiry, extra=headers)
         try:
             # No confirm for an rpc/request: the reply, or the timeout, confirms it; an unroutable
             # one comes back (404) and one the broker refuses is reported (ExchangeManager) at once.
-            d = self._publish(msg, mandatory=True, confirm=False if protocol in _REQUEST_PROTOCOLS else None)
+            d = self._publish_now(msg, True, False if protocol in _REQUEST_PROTOCOLS else None, expiration)
         except MessageError as exc:
             conv.event("error", reason=str(exc), code=413 if isinstance(exc, MessageTooLargeError) else 400)
             return conv
-        if not (d.called and not isinstance(d.result, Failure)):  # the embedded broker took it already
+        if d is not None and not (d.called and d.result is None):  # (None: the embedded broker took it)
             d.addErrback(lambda f: conv.event("error", reason=f"could not send: {f.getErrorMessage()}"))
         return conv
 
@@ -977,6 +1090,12 @@ class Process(LifecycleObject):
 
         :raises IllegalStateError: if the conversation was already answered.
         """
+        d = self._reply(msg, op, content, headers, performative, status, response_code)
+        return defer.succeed(None) if d is None else d
+
+    def _reply(self, msg: Mapping[str, Any], op: str, content: Any, headers: Mapping[str, Any] | None,
+               performative: str, status: str, response_code: int) -> defer.Deferred[None] | None:
+        """:meth:`reply`; None when the broker took the answer at once (no Deferred made)."""
         conv = self.conversations.responding.get(msg["conv-id"])
         seq = int(msg.get("conv-seq") or 1) + 1
         if conv is not None:
@@ -993,7 +1112,7 @@ class Process(LifecycleObject):
             protocol=msg["protocol"], performative=performative, status=status,
             response_code=response_code, user_id=self._delegated_user(), extra=headers)
         try:
-            return self._publish(reply, confirm=False if msg.get("protocol") in _REQUEST_PROTOCOLS else None)
+            return self._publish_now(reply, False, False if msg.get("protocol") in _REQUEST_PROTOCOLS else None)
         except MessageError as exc:
             if performative == Performative.FAILURE:
                 if isinstance(content, Mapping) and content.get("cut"):

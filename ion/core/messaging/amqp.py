@@ -303,6 +303,7 @@ def _to_pika(props: Properties, user_id: str, message_id: str) -> pika.BasicProp
         message_id=message_id,
         user_id=user_id,
         headers=dict(props.headers) if props.headers else None,
+        expiration=props.expiration,
     )
 
 
@@ -315,6 +316,7 @@ def _from_pika(props: pika.BasicProperties) -> Properties:
         message_id=props.message_id,
         user_id=props.user_id,
         headers=dict(headers) if headers else {},
+        expiration=props.expiration,
     )
 
 

@@ -9,6 +9,7 @@ turned back into an instance of that type on receipt.
 from __future__ import annotations
 
 import itertools
+import operator
 import threading
 import time
 from collections.abc import Mapping
@@ -248,7 +249,12 @@ _HEADER_TYPES: Final[dict[str, tuple[type, ...]]] = {
 _TYPE_NAMES: Final = {(str,): "a string", (int,): "an int", (int, float): "a number"}
 
 
-_BUILD_TYPES: Final = tuple(str if _HEADER_TYPES[h] == (str,) else int for h in HEADERS)
+#: The headers the fast path of :func:`validate` compares by type (``expiry`` apart: an int
+#: 0, or a float deadline, as :func:`build` makes it), and the exact types build() gives them.
+_FAST_HEADERS: Final = tuple(h for h in HEADERS if h != "expiry")
+_BUILD_TYPES: Final = tuple(str if _HEADER_TYPES[h] == (str,) else int for h in _FAST_HEADERS)
+_fast_headers_of: Final = operator.itemgetter(*_FAST_HEADERS)
+_NUMBER_TYPES: Final = (int, float)
 _ENCODINGS: Final = ("msgpack", "protobuf")
 
 
@@ -263,7 +269,12 @@ def validate(msg: Mapping[str, Any]) -> None:
     """
     # Fast path: exactly the header types build() produces, compared in C; anything
     # else (an optional header missing, a float ts, a bool) gets the full check below.
-    if (tuple(map(type, map(msg.get, HEADERS))) == _BUILD_TYPES and msg["protocol"] in Protocol.ALL
+    try:
+        values = _fast_headers_of(msg)  # (one C call; a KeyError: a header is missing)
+    except KeyError:
+        values = ()
+    if (tuple(map(type, values)) == _BUILD_TYPES
+            and type(msg.get("expiry")) in _NUMBER_TYPES and msg["protocol"] in Protocol.ALL
             and msg["performative"] in Performative.ALL and msg["encoding"] in _ENCODINGS):
         return
     missing = [h for h in REQUIRED_HEADERS if h not in msg]

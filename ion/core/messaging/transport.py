@@ -37,7 +37,10 @@ class Properties:
     """AMQP basic properties the container uses.
 
     ``user_id`` is set by the publishing transport to its broker login; on
-    RabbitMQ the broker validates it against the connection.
+    RabbitMQ the broker validates it against the connection. ``expiration``
+    is AMQP's per-message TTL: milliseconds, as a string of digits (``"15000"``);
+    the broker discards the message once it has waited that long in a queue
+    (it is never delivered after that), and the delivery carries it unchanged.
     """
 
     content_type: str = "application/msgpack"
@@ -46,12 +49,14 @@ class Properties:
     message_id: str | None = None
     user_id: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)
+    expiration: str | None = None
 
 
 class Delivery:
     """One message handed to a consumer; ack or reject it exactly once."""
 
-    __slots__ = ("body", "properties", "exchange", "routing_key", "redelivered", "_settle", "settled")
+    __slots__ = ("body", "properties", "exchange", "routing_key", "redelivered", "_settle", "settled",
+                 "received_at")
 
     def __init__(
         self,
@@ -71,10 +76,18 @@ class Delivery:
         #: True once acked or rejected, and from the start for an ``auto_ack`` consumer
         #: (``settle`` is None): the broker counted it acknowledged when it sent it.
         self.settled = settle is None
+        #: When (the consumer's clock) it arrived, if its consumer had to keep it waiting; with
+        #: ``properties.expiration`` it bounds how long its publisher may still wait for it.
+        self.received_at: float | None = None
 
     def ack(self) -> None:
         """Tell the broker the message is handled; frees one prefetch slot."""
-        self._done(ack=True, requeue=False)
+        settle = self._settle
+        if self.settled or settle is None:
+            self._done(ack=True, requeue=False)  # raises
+            return
+        self.settled = True
+        settle(True, False)
 
     def reject(self, requeue: bool = True) -> None:
         """Give the message back (``requeue``) or drop it."""
@@ -169,6 +182,15 @@ class Transport(abc.ABC):
         their confirmation); one-way messages that must arrive ask for one.
         A publish to an exchange that does not exist fails either way.
         """
+
+    def publish_now(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
+                    *, mandatory: bool = False, confirm: bool | None = None) -> defer.Deferred[None] | None:
+        """:meth:`publish`, returning None instead of a fired Deferred when the broker took the
+        message at once (the embedded broker): the container's sends make no Deferred then.
+
+        Unlike :meth:`publish`, the caller gives ``properties`` up (it made them for this one
+        message): the transport may keep and stamp them instead of copying them."""
+        return self.publish(exchange, routing_key, body, properties, mandatory=mandatory, confirm=confirm)
 
     @abc.abstractmethod
     def consume(self, queue: str, callback: ConsumeCallback, *, prefetch: int = 1,

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.python.failure import Failure
 
 from ion.core.exceptions import TransportError
@@ -188,6 +188,29 @@ class TransportContract:
         assert isinstance(props.message_id, str) and props.message_id
         assert second.body == b"second"
         assert second.properties.message_id == "mine-1"
+
+    @pytest_twisted.ensureDeferred
+    async def test_expiration(self, transport_factory: TransportFactory, unique: str) -> None:
+        """A message whose ``expiration`` (TTL, ms) passes while it waits in a queue is never delivered;
+        one still within it is, with its expiration unchanged; one without none never expires."""
+        t = await transport_factory()
+        ex, q = f"{unique}.x", f"{unique}.q"
+        await self.queue(t, ex, q, "k")
+        await t.publish(ex, "k", b"short", Properties(correlation_id="c1", expiration="20"))
+        await t.publish(ex, "k", b"long", Properties(correlation_id="c2", expiration="60000"))
+        await t.publish(ex, "k", b"forever", Properties(correlation_id="c3"))
+        await t.publish(ex, "k", b"short again", Properties(expiration="20"))
+        # Nobody consumes meanwhile: the short ones wait out their TTL in the queue (a real wait,
+        # this suite runs on the reactor; the embedded broker's clock is the reactor's).
+        await task.deferLater(reactor, 0.2, lambda: None)
+        got = Collector()
+        await t.consume(q, got, prefetch=10)
+        await t.publish(ex, "k", b"after", Properties(expiration="60000"))
+        deliveries = await got.wait_for(3)
+        await self.round_trip(t, unique)
+        assert got.bodies == [b"long", b"forever", b"after"]
+        assert [d.properties.expiration for d in deliveries] == ["60000", None, "60000"]
+        assert deliveries[0].properties.correlation_id == "c2"
 
     @pytest_twisted.ensureDeferred
     async def test_message_ids_are_unique(self, transport_factory: TransportFactory, unique: str) -> None:

@@ -473,6 +473,31 @@ async def test_hello_rpc_between_two_containers(amqp_containers: ContainerFactor
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_request_whose_caller_gave_up_is_never_run_by_the_next_instance(
+        amqp_containers: ContainerFactory) -> None:
+    """#14: a call to a service whose only container has stopped times out; the request, left in
+    the service's queue, is discarded by RabbitMQ (its ``expiration``) and never run by the
+    instance that starts afterwards, which serves the calls made from then on."""
+    from tests.core.support import EchoService
+
+    first = await amqp_containers(sysname="lifetime")
+    await first.spawn(EchoService)
+    await first.terminate()  # the only instance's container stops; the service queue stays
+    caller = await amqp_containers(sysname="lifetime")
+    proc = await client_process(caller)
+    with pytest.raises(ConversationTimeout):
+        await proc.rpc_send("echo", "echo", "late", timeout=1)
+    second = await amqp_containers(sysname="lifetime")
+    svc = second.proc_manager.get(await second.spawn(EchoService))
+    assert isinstance(svc, EchoService)
+    # The late request was ahead of this one in the queue: had it been delivered, it would have run first.
+    content, _ = await proc.rpc_send("echo", "echo", "fresh", timeout=10)
+    assert content == "fresh"
+    assert svc.calls == [("echo", "fresh")]
+    assert proc.conversations.late_messages == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_service_sees_the_broker_validated_user(amqp_url: str, rabbitmq: Any) -> None:
     """broker-user is the caller's broker login, whatever user-id it claims."""
     vhost = _vhost(amqp_url)

@@ -123,6 +123,55 @@ class ClockedBrokerTests(SynchronousTestCase):
         self.assertEqual(replies.bodies, [b"ping!"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_expiration_runs_on_the_brokers_clock(self) -> None:
+        """A message waits its ``expiration`` (ms) and no longer: at its TTL it is discarded, even
+        from a queue nobody consumes (at the head, as the next publish finds it); not a moment before."""
+        self.successResultOf(self.conn.publish("x", "k", b"short", Properties(expiration="1000")))
+        self.successResultOf(self.conn.publish("x", "k", b"long", Properties(expiration="5000")))
+        self.clock.advance(0.999)
+        self.assertEqual(len(self.broker.queues["q"].messages), 2)
+        self.clock.advance(0.001)
+        self.successResultOf(self.conn.publish("x", "k", b"plain", Properties()))
+        self.assertEqual([m.body for m in self.broker.queues["q"].messages], [b"long", b"plain"])
+        self.assertEqual(self.broker.expired, 1)
+        got = Collector()
+        self.successResultOf(self.conn.consume("q", got, prefetch=10))
+        self.clock.advance(0)
+        self.assertEqual(got.bodies, [b"long", b"plain"])
+        self.assertEqual(got.deliveries[0].properties.expiration, "5000")
+
+    def test_a_requeued_message_keeps_its_expiry(self) -> None:
+        """A message given back after its TTL passed (its consumer stopped) is not delivered again."""
+        got = Collector(auto_ack=False)
+        self.successResultOf(self.conn.consume("q", got, prefetch=10))
+        self.successResultOf(self.conn.publish("x", "k", b"m", Properties(expiration="2000")))
+        self.clock.advance(0)
+        self.assertEqual(got.bodies, [b"m"])
+        self.clock.advance(2)
+        got.deliveries[0].reject(requeue=True)
+        self.clock.advance(0)
+        self.assertEqual(len(got.deliveries), 1)
+        self.assertEqual((self.broker.expired, len(self.broker.queues["q"].messages)), (1, 0))
+
+    def test_expiration_zero_is_now_or_never(self) -> None:
+        """``expiration: "0"``: delivered if a consumer has room at once, else discarded."""
+        self.successResultOf(self.conn.publish("x", "k", b"nobody", Properties(expiration="0")))
+        self.assertEqual((self.broker.expired, len(self.broker.queues["q"].messages)), (1, 0))
+        got = Collector()
+        self.successResultOf(self.conn.consume("q", got, prefetch=1))
+        self.successResultOf(self.conn.publish("x", "k", b"taken", Properties(expiration="0")))
+        self.successResultOf(self.conn.publish("x", "k", b"no room", Properties(expiration="0")))
+        self.clock.advance(0)
+        self.assertEqual(got.bodies, [b"taken"])
+        self.assertEqual(self.broker.expired, 2)
+
+    def test_a_malformed_expiration_is_refused(self) -> None:
+        """As RabbitMQ: an expiration that is not milliseconds as a string of digits fails the publish."""
+        for bad in ("soon", "-1", "1.5", ""):
+            failure = self.failureResultOf(self.conn.publish("x", "k", b"m", Properties(expiration=bad)))
+            self.assertIn("PRECONDITION_FAILED - invalid expiration", str(failure.value))
+        self.assertEqual(len(self.broker.queues["q"].messages), 0)
+
     def test_pump_yields_after_budget(self) -> None:
         """The pump hands over at most ``budget`` deliveries per reactor turn, then reschedules itself."""
         reactor = TurnByTurnReactor()

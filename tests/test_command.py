@@ -238,3 +238,49 @@ async def test_audit_follow_streams_control_events_until_sigterm(system: System)
         follower.signal("TERM")
     assert await follower.exited(30) == 0, follower.output
 
+
+
+@pytest.mark.amqp
+@pytest_twisted.ensureDeferred
+async def test_jobs_and_job_follow(amqp_url: str, tmp_path: Path) -> None:
+    """jobs lists the deploy jobs of every Deploy instance; job ID --follow prints each part as it ends and
+    the job's state until it is over (exit 0: all deployed); an unknown job is exit 1."""
+    from ion.services.deploy.service import DeployClient
+    from ion.services.deploy.spec import load_deployment
+    from tests.services.deploy.test_cli import SAMPLE, write_deployment
+
+    factory = ContainerFactory(broker_url=amqp_url)
+    try:
+        container = await factory(sysname=SYSNAME, config={
+            "ion.services.cache": {"root": str(tmp_path / "service-cache"), "host_id": "test-host"},
+            "ion.services.unpack": {"allowed_roots": [str(tmp_path / "service-cache")]},
+            "ion.services.deploy": {"allowed_destinations": [str(tmp_path)],
+                                    "allowed_file_repositories": [str(tmp_path)]},
+        })
+        await container.app_manager.start_app("deploy")
+        items = [{**item, "destination": str(tmp_path / item["destination"])} for item in SAMPLE]
+        path = write_deployment(tmp_path, items)
+        path.write_text(path.read_text().replace('"file:repo"', json.dumps(f"file:{tmp_path / 'repo'}")))
+        deployment = load_deployment(path)
+        job = await DeployClient(await client_process(container)).deploy_async(deployment)
+        args = ["--broker", amqp_url, "-s", SYSNAME]
+
+        code, out, err = await ion(*args, "job", job, "--follow")
+        assert code == 0, err
+        lines = out.splitlines()
+        assert lines[-1] == f"job {job}: FINISHED, 3 of 3 parts done", out
+        assert sum(1 for line in lines if line.endswith(": downloaded")) == 3, out
+
+        code, out, err = await ion(*args, "jobs", "--json")
+        assert code == 0, err
+        (listed,) = json.loads(out)["jobs"]
+        assert listed["job"] == job and listed["state"] == "FINISHED"
+        code, out, err = await ion(*args, "jobs")
+        assert code == 0 and job in out and "FINISHED" in out
+
+        code, out, err = await ion(*args, "job", job, "--json")
+        assert code == 0 and json.loads(out)["job"]["state"] == "FINISHED"
+        code, out, err = await ion(*args, "job", "no-such-job")
+        assert code == 1 and "LOST_IN_SPACE" in out
+    finally:
+        await factory.teardown()

@@ -287,6 +287,8 @@ class Run:
         return EXIT_OK
 
     async def jobs(self) -> int:
+        from ion.core.control import ControlError
+        from ion.core.exceptions import ReceivedError
         from ion.services.deploy.service import DeployClient
 
         await self.control.discover(self.args.wait)
@@ -294,8 +296,13 @@ class Run:
         proc = self.control.proc
         rows: list[dict[str, Any]] = []
         for pid in instances or [None]:
-            for job in plain(await DeployClient(proc, pid).jobs()) or []:
-                rows.append({"instance": pid or "deploy", **job})
+            try:
+                jobs = plain(await DeployClient(proc, pid).jobs()) or []
+            except ReceivedError as exc:
+                if pid is None and exc.response_code == 404:
+                    raise ControlError(f"no Deploy service runs in system {self.args.sysname}") from None
+                raise
+            rows.extend({"instance": pid or "deploy", **job} for job in jobs)
         self.result["jobs"] = rows
         _table(self.out, _when(rows, "created", "ended"), ["job", "state", "total", "created", "ended", "error"],
                "(no jobs)")

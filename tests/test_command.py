@@ -185,6 +185,8 @@ async def test_nodes_ps_ping_and_call(system: System) -> None:
     code, out, err = await ion(*system.args("call", "no_such_service", "x", "--json", "--timeout", "5"))
     assert code == 1 and "404" in err
     assert json.loads(out)["code"] == 404
+    code, out, err = await ion(*system.args("jobs", "--wait", "0.5"))
+    assert code == 1 and err.strip() == f"Error: no Deploy service runs in system {SYSNAME}"
 
 
 @pytest.mark.amqp
@@ -284,3 +286,20 @@ async def test_jobs_and_job_follow(amqp_url: str, tmp_path: Path) -> None:
         assert code == 1 and "LOST_IN_SPACE" in out
     finally:
         await factory.teardown()
+
+
+def test_shell_completion_with_argcomplete(tmp_path: Path) -> None:
+    """Under argcomplete (as `register-python-argcomplete ion` runs it), the command completes its
+    subcommands and options and exits without doing anything."""
+    import subprocess
+
+    out = tmp_path / "completions"
+    env = {**_env(), "_ARGCOMPLETE": "1", "_ARGCOMPLETE_IFS": "\n", "COMP_LINE": "ion p", "COMP_POINT": "5",
+           "_ARGCOMPLETE_STDOUT_FILENAME": str(out)}
+    done = subprocess.run([sys.executable, "-m", "ion.command"], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sorted(out.read_text().split()) == ["ping", "ps"]
+    env.update(COMP_LINE="ion ps --n", COMP_POINT="10")
+    subprocess.run([sys.executable, "-m", "ion.command"], env=env, cwd=REPO, timeout=60, check=True)
+    assert out.read_text().split() == ["--node"]

@@ -146,6 +146,16 @@ class SystemControl:
                                                    timeout=timeout if timeout is not None else self.timeout)
         return reply
 
+    async def _agent_rpc(self, cid: str, op: str, content: Any = None) -> Any:
+        """Call ``op`` of container ``cid``'s agent; a container that is not there is a clear error."""
+        try:
+            return await self._rpc(agent_queue(self.sysname, cid), op, content)
+        except ReceivedError as exc:
+            if exc.response_code == 404 and "bound" in str(exc):
+                raise ControlError(f"no container {cid!r} in system {self.sysname} (no agent answers at "
+                                   f"{agent_queue(self.sysname, cid)})") from None
+            raise
+
     # -- looking ------------------------------------------------------------------------------------
     async def discover(self, settle: float = DEFAULT_SETTLE) -> list[dict[str, Any]]:
         """:meth:`nodes` after ``settle`` seconds (on the process's clock): long enough for the
@@ -173,7 +183,7 @@ class SystemControl:
         """
         if node is not None:
             cid = self.resolve_node(node)
-            return [{"container": cid, **row} for row in await self._rpc(agent_queue(self.sysname, cid), "ps")]
+            return [{"container": cid, **row} for row in await self._agent_rpc(cid, "ps")]
         nodes = await self.nodes()
 
         async def one(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -208,7 +218,7 @@ class SystemControl:
         request: dict[str, Any] = {"module" if "." in what else "app": what, "spawnargs": dict(spawnargs or {})}
         if name:
             request["name"] = name
-        return str(await self._rpc(agent_queue(self.sysname, cid), "spawn", request))
+        return str(await self._agent_rpc(cid, "spawn", request))
 
     async def kill(self, pid: str) -> dict[str, Any]:
         """Terminate process ``pid`` (a pid; or a name, of a process of the caller's container) by

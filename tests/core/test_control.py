@@ -78,6 +78,10 @@ def test_ps_of_one_node_and_of_every_node(cluster: Cluster) -> None:
     with pytest.raises(ControlError, match="ambiguous"):
         control.resolve_node("c")
     assert control.resolve_node("c1") == "c1" and control.resolve_node("c2") == "c2"
+    with pytest.raises(ControlError, match="no container 'nowhere' in system sys"):
+        cluster.run(control.ps("nowhere"))
+    with pytest.raises(ControlError, match="no container 'nowhere'"):
+        cluster.run(control.spawn("hello", node="nowhere"))
 
 
 def test_ps_of_every_node_reports_one_that_does_not_answer(cluster: Cluster) -> None:

@@ -237,7 +237,8 @@ def test_pyproject_metadata() -> None:
     assert data["build-system"]["build-backend"] == "setuptools.build_meta"
     assert project["license"] == "Apache-2.0" and (ROOT / "LICENSE").is_file()
     assert all((ROOT / f).is_file() for f in project["license-files"])
-    assert project["scripts"] == {"ion-cc": "ion.core.tap:run_cc", "ion-deploy": "ion.services.deploy.cli:main"}
+    assert project["scripts"] == {"ion-cc": "ion.core.tap:run_cc", "ion-deploy": "ion.services.deploy.cli:main",
+                                  "ion": "ion.command:main"}
     for name, target in project["entry-points"]["pytest11"].items():
         assert util.find_spec(target) is not None, name
     setuptools = data["tool"]["setuptools"]

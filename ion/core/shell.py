@@ -43,7 +43,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ion.core.agent import ContainerAgent, agent_queue
+from ion.core.control import SystemControl
 from ion.core.exceptions import IonError
 from ion.core.process import Process
 from ion.core.service import ServiceProcess
@@ -185,6 +185,9 @@ class ShellHelpers:
     def __init__(self, container: Any, proc: Process) -> None:
         self.container = container
         self.proc = proc
+        #: The one control API (:mod:`ion.core.control`): every helper that looks at other
+        #: containers or changes the system goes through it, as the ``ion`` command does.
+        self.control = SystemControl(proc, caller="the shell")
         self._extra: dict[str, Any] | None = None
 
     def extra_helpers(self) -> dict[str, Any]:
@@ -222,12 +225,22 @@ class ShellHelpers:
         return ns
 
     # -- this container ---------------------------------------------------------------------
-    def ps(self) -> Listing:
-        """The processes of this container: pid, name, class, state."""
+    def ps(self, node: str | None = None) -> Any:
+        """The processes of this container: pid, name, class, state; ``ps(node)``: of container
+        ``node`` (an id or a unique prefix), ``ps('*')``: of every container (fires with the listing)."""
+        if node is not None:
+            return defer.ensureDeferred(self._remote_ps(None if node == "*" else node))
         rows = [{"pid": p.id, "name": p.proc_name, "class": type(p).__name__, "state": p.state.value,
                  "parent": p.parent.id if p.parent is not None else None}
                 for p in list(self.container.proc_manager.processes.values())]
         return Listing(rows, ["pid", "name", "class", "state", "parent"], "(no processes)")
+
+    async def _remote_ps(self, node: str | None) -> Listing:
+        rows = await self.control.ps(node)
+        columns = ["container", "pid", "name", "class", "state", "parent"]
+        if any(row.get("error") for row in rows):
+            columns.append("error")
+        return Listing(rows, columns, "(no processes)")
 
     def ms(self) -> Listing:
         """Messaging names of this container: its exchanges and every queue its processes consume."""
@@ -270,45 +283,17 @@ class ShellHelpers:
 
     async def _spawn(self, what: str, node: str | None, spawnargs: Mapping[str, Any] | None,
                      name: str | None) -> Any:
-        if node is None or node == self.container.id:
-            pid = await self.container.spawn(what, dict(spawnargs or {}), name=name)
-            return Text(pid)
-        target = self._node(node)
-        request: dict[str, Any] = {"module" if "." in what else "app": what, "spawnargs": dict(spawnargs or {})}
-        if name:
-            request["name"] = name
-        content, _ = await self.proc.rpc_send(agent_queue(self.container.sysname, target), "spawn", request)
-        return Text(content)
-
-    def _node(self, node: str) -> str:
-        agent = self._agent(required=False)
-        if agent is None or node in agent.nodes:
-            return node
-        found = [cid for cid in agent.nodes if cid.startswith(node)]
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise IonError(f"node {node!r} is ambiguous: {', '.join(sorted(found))}")
-        return node  # not heard of (yet): let the request say whether it is there
+        return Text(await self.control.spawn(what, node=node, name=name, spawnargs=spawnargs))
 
     def kill(self, pid: str) -> defer.Deferred[Any]:
         """Terminate a process: one of this container (by pid or name), or another container's by pid."""
         return defer.ensureDeferred(self._kill(pid))
 
     async def _kill(self, pid: str) -> Any:
-        pm = self.container.proc_manager
-        proc = pm.find(pid)
-        if proc is not None:
-            if proc is self.proc:
-                raise IonError(f"{proc.id} is the shell's own process")
-            if isinstance(proc, ContainerAgent):
-                raise IonError(f"{proc.id} is the container agent; it runs as long as its container")
-            await pm.terminate_process(proc.id)
-            return Text(f"terminated {proc.id} ({proc.proc_name})")
-        if "." not in pid or pid.rsplit(".", 1)[0] == self.container.id:
-            raise IonError(f"no process {pid!r} in container {self.container.id}")
-        await self.proc.rpc_send(pid, "terminate", None)
-        return Text(f"terminating {pid}")
+        done = await self.control.kill(pid)
+        if done["done"]:
+            return Text(f"terminated {done['pid']} ({done['name']})")
+        return Text(f"terminating {done['pid']}")
 
     # -- messages -----------------------------------------------------------------------------------
     def send(self, to: str, op: str, content: Any = None) -> defer.Deferred[Any]:
@@ -325,28 +310,17 @@ class ShellHelpers:
 
     def ping(self, service: str, timeout: float | None = None) -> defer.Deferred[Any]:
         """Ping a service or a pid: who answered, and its state."""
-        return self.rpc_send(service, "ping", None, timeout=timeout)
+        return defer.ensureDeferred(self.control.ping(service, timeout=timeout))
 
     def nodes(self) -> defer.Deferred[Any]:
         """The live containers of this system (as this container's agent hears them)."""
         return defer.ensureDeferred(self._nodes())
 
     async def _nodes(self) -> Listing:
-        agent = self._agent()
-        assert agent is not None
-        content, _ = await self.proc.rpc_send(agent.agent_queue, "nodes", None)
+        content = await self.control.nodes()
         rows = [{**row, "started_at": When(row["started_at"])}
                 if isinstance(row.get("started_at"), (int, float)) else row for row in content]
         return Listing(rows, ["container", "pids", "started_at", "agent"], "(no containers)")
-
-    def _agent(self, required: bool = True) -> ContainerAgent | None:
-        pid = getattr(self.container, "agent_pid", None)
-        agent = self.container.proc_manager.get(pid) if pid else None
-        if isinstance(agent, ContainerAgent):
-            return agent
-        if required:
-            raise IonError(f"container {self.container.id} runs no agent")
-        return None
 
     # -- apps -----------------------------------------------------------------------------------------
     def start_app(self, name_or_path: str, config: Mapping[str, Any] | None = None,

@@ -125,6 +125,11 @@ async def test_nodes_and_remote_spawn(container_factory: Any) -> None:
     nodes = await helpers.nodes()
     assert sorted(n["container"] for n in nodes) == sorted([a.id, b.id])
     assert "container" in repr(nodes).splitlines()[0]
+    # ps(node): another container's processes (through its agent); ps('*'): every container's.
+    there = await helpers.ps(b.id)
+    assert {row["pid"] for row in there} == set(b.proc_manager.processes)
+    assert repr(there).splitlines()[0].split()[:2] == ["container", "pid"]
+    assert {row["container"] for row in await helpers.ps("*")} == {a.id, b.id}
 
     pid = await helpers.spawn("ion.services.hello", node=b.id)
     assert pid.startswith(b.id + ".") and isinstance(b.proc_manager.get(pid), HelloService)

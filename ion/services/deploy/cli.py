@@ -15,7 +15,9 @@ verifies and repairs it first, ``-d`` shows tracebacks. Also: ``--verify``,
 ``--json``, ``--version``. Order of work: clear, repair/verify, deploy, prune.
 
 Exit codes: 0 everything deployed (and every verified entry good), 1 an item
-failed (or a bad entry), 2 an unusable deployment file or arguments.
+failed (or a bad entry), 2 an unusable deployment file or arguments, 69
+(``EX_UNAVAILABLE``) the broker of ``--broker`` cannot be reached or refused
+the login. The ``ion`` command (:mod:`ion.command`) uses the same codes.
 
 Only what the run needs is imported: ``rich`` only for a terminal, boto3
 only when an s3 repository is fetched (the repository imports it on use).
@@ -31,11 +33,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["main", "package_version", "parse_duration", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
+__all__ = ["main", "package_version", "parse_duration", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNAVAILABLE"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: sysexits' EX_UNAVAILABLE, as ``twistd cc`` exits when its broker cannot be reached.
+EXIT_UNAVAILABLE = 69
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -84,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Deploy the dependencies a deployment file (Umpire's JSON) lists: fetch them into the "
                     "shared cache, unpack them, link or copy them into place.",
         epilog="Exit status: 0 all deployed, 1 an item failed (or a bad cache entry), 2 unusable deployment "
-               "file or arguments. Cache: --cache-dir, else the 'root' of ion.services.cache in "
+               "file or arguments, 69 the broker of --broker unreachable. Cache: --cache-dir, else the 'root' of ion.services.cache in "
                "res/config, else $ION_CACHE_DIR, else ~/.cache/ion/deploy (the Cache service's rule).")
     p.add_argument("deployment", nargs="?", metavar="DEPLOYMENT.json",
                    help="the deployment file (optional with --verify, --prune, -c or -r alone)")
@@ -629,7 +633,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
             code[0] = EXIT_FAILED
             result["errors"] = ["interrupted"]
         except Exception as exc:
-            from ion.core.exceptions import IonError
+            from ion.core.exceptions import IonError, TransportError
 
             if args.debug:
                 import traceback
@@ -638,7 +642,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
             text = str(exc) if isinstance(exc, IonError) and str(exc) else f"{type(exc).__name__}: {exc}"
             out.error(text)
             result["errors"] = [text]
-            code[0] = EXIT_FAILED
+            code[0] = EXIT_UNAVAILABLE if isinstance(exc, TransportError) else EXIT_FAILED
         finally:
             try:
                 reactor.removeSystemEventTrigger(trigger)

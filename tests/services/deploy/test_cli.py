@@ -375,3 +375,11 @@ def test_ion_deploy_and_the_cache_service_find_the_same_cache(tmp_path: Path, mo
     assert _cache_root(args, test_config()) == configured_root(test_config()) == tmp_path / "env"
     args = _parser().parse_args(["d.json", "--cache-dir", str(tmp_path / "flag")])
     assert _cache_root(args, config) == tmp_path / "flag"
+
+
+def test_an_unreachable_broker_is_exit_69(tmp_path: Path) -> None:
+    """--broker naming a broker that cannot be reached: one Error line, exit 69 (EX_UNAVAILABLE), as
+    twistd cc and the ion command exit."""
+    done = run(tmp_path, "--verify", "--broker", "amqp://guest:guest@127.0.0.1:1/", "-s", "x")
+    assert done.returncode == 69, done.stderr
+    assert "Error: cannot connect to broker at 127.0.0.1:1" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,267 @@
+# -*- test-case-name: tests.core.test_control -*-
+"""The one control API of the core (issue #16 §1, "One control path").
+
+:class:`SystemControl` is what the shell, the ``ion`` command and the web
+console use to look at a running system and to change it: ``nodes``, ``ps``,
+``ping``, ``call``, ``spawn``, ``kill`` and ``follow_audit``. Every one of
+them goes out as a message from one process (the caller's own), so an action
+that changes the system is authorized where it runs, on the broker-validated
+user of that message (:mod:`ion.core.security`), and recorded there in the
+audit trail (:mod:`ion.core.audit`): no tool has a copy of an action of its
+own, and none bypasses the checks by calling into a container directly.
+
+- ``nodes()``: the live containers, as the caller's container's agent hears
+  them (:class:`~ion.core.agent.ContainerAgent`). A container that has just
+  started learns the others from the heartbeats they send at once in answer
+  to its ``container.start``: :meth:`SystemControl.discover` waits a short
+  settle time for those answers (one broker round trip is enough).
+- ``ps(node)``: the processes of one container (its agent's ``ps`` op), or
+  of every live container when ``node`` is None.
+- ``spawn(what, node=...)``: the ``spawn`` op of that container's agent (a
+  control operation: ``agent.spawn``).
+- ``kill(pid)``: the ``terminate`` op of that process (a control operation:
+  ``process.terminate``).
+- ``follow_audit(callback)``: a listener process bound to ``control.#`` on
+  the system's events exchange; each audit record goes to ``callback``.
+
+Deploy and cache actions stay in their service clients
+(:class:`~ion.services.deploy.service.DeployClient`,
+:class:`~ion.services.cache.service.CacheClient`): the core imports no
+service; a tool composes them with this API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from ion.core.agent import ContainerAgent, agent_queue
+from ion.core.exceptions import IonError, ReceivedError
+from ion.core.process import Process, Receiver
+
+__all__ = ["SystemControl", "ControlError", "AuditListener", "DEFAULT_SETTLE", "AUDIT_BINDING"]
+
+_log = Logger()
+
+#: Seconds :meth:`SystemControl.discover` waits for the other containers' answers to our start.
+DEFAULT_SETTLE = 1.0
+
+#: The binding of :class:`AuditListener` on the events exchange: every audit record.
+AUDIT_BINDING = "control.#"
+
+
+class ControlError(IonError):
+    """A control action that cannot be asked for as given (no agent, an ambiguous node, ...)."""
+
+
+class AuditListener(Process):
+    """Hands every ``control.<action>`` event of its system (an audit record, see
+    :mod:`ion.core.audit`) to ``callback(record)``.
+
+    Spawn args: ``callback`` (called on the reactor thread, once per record).
+    """
+
+    name = "audit-listener"
+    _log = Logger()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.callback: Callable[[dict[str, Any]], Any] | None = self.spawnargs.get("callback")
+
+    def receivers_to_create(self) -> list[Receiver]:
+        return super().receivers_to_create() + [
+            Receiver(self, f"{self.id}.audit", self._event, exchange=self.container.events_exchange,
+                     bindings=[AUDIT_BINDING])]
+
+    def _event(self, msg: dict[str, Any], receiver: Receiver) -> None:
+        content = msg.get("content")
+        if not isinstance(content, Mapping) or self.callback is None:
+            return
+        record = dict(content)
+        record.setdefault("action", str(msg.get("receiver") or "").removeprefix("control."))
+        try:
+            self.callback(record)
+        except Exception:
+            self._log.failure("{pid}: audit callback failed", pid=self.id)
+
+
+class SystemControl:
+    """Look at and change a running system, over messages sent by ``proc``.
+
+    :param proc: the caller's process (the shell's, the command's); its container must run an
+        agent for :meth:`nodes`, :meth:`ps` of every node and :meth:`spawn`.
+    :param client: ``proc``'s container is a short-lived client (the ``ion`` command), not part
+        of the system: it is left out of :meth:`nodes` and :meth:`ps`.
+    :param timeout: seconds each call waits for its answer (None: ``ion.core.process: rpc_timeout``).
+    :param caller: who ``proc`` is, in error messages (``the shell``).
+    """
+
+    def __init__(self, proc: Process, *, client: bool = False, timeout: float | None = None,
+                 caller: str = "the caller") -> None:
+        self.proc = proc
+        self.caller = caller
+        self.client = client
+        self.timeout = timeout
+
+    @property
+    def container(self) -> Any:
+        """``proc``'s container."""
+        return self.proc.container
+
+    @property
+    def sysname(self) -> str:
+        return str(self.container.sysname)
+
+    # -- the local agent ------------------------------------------------------------------------
+    def agent(self, required: bool = True) -> ContainerAgent | None:
+        """The agent of ``proc``'s container (None, or :class:`ControlError` when ``required``)."""
+        pid = getattr(self.container, "agent_pid", None)
+        agent = self.container.proc_manager.get(pid) if pid else None
+        if isinstance(agent, ContainerAgent):
+            return agent
+        if required:
+            raise ControlError(f"container {self.container.id} runs no agent (ion.core.container: agent)")
+        return None
+
+    def resolve_node(self, node: str) -> str:
+        """The container id ``node`` names: an id, or a unique prefix of a live container's id.
+
+        An id the agent has not heard of is returned as it is: the request tells whether it is there.
+        """
+        agent = self.agent(required=False)
+        if agent is None or node in agent.nodes:
+            return node
+        found = [cid for cid in agent.nodes if cid.startswith(node)]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ControlError(f"node {node!r} is ambiguous: {', '.join(sorted(found))}")
+        return node
+
+    async def _rpc(self, target: str, op: str, content: Any = None, timeout: float | None = None) -> Any:
+        reply, _headers = await self.proc.rpc_send(target, op, content,
+                                                   timeout=timeout if timeout is not None else self.timeout)
+        return reply
+
+    async def _agent_rpc(self, cid: str, op: str, content: Any = None) -> Any:
+        """Call ``op`` of container ``cid``'s agent; a container that is not there is a clear error."""
+        try:
+            return await self._rpc(agent_queue(self.sysname, cid), op, content)
+        except ReceivedError as exc:
+            if exc.response_code == 404 and "bound" in str(exc):
+                raise ControlError(f"no container {cid!r} in system {self.sysname} (no agent answers at "
+                                   f"{agent_queue(self.sysname, cid)})") from None
+            raise
+
+    # -- looking ------------------------------------------------------------------------------------
+    async def discover(self, settle: float = DEFAULT_SETTLE) -> list[dict[str, Any]]:
+        """:meth:`nodes` after ``settle`` seconds (on the process's clock): long enough for the
+        heartbeats the other agents send at once in answer to this container's start."""
+        if settle > 0:
+            await task.deferLater(self.proc.clock, settle, lambda: None)
+        return await self.nodes()
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """The live containers of the system, by id: ``[{container, sysname, pids, started_at,
+        interval, agent, last_seen}]`` (the agent's ``nodes`` op)."""
+        agent = self.agent()
+        assert agent is not None
+        rows = await self._rpc(agent.agent_queue, "nodes")
+        if self.client:
+            rows = [row for row in rows if row.get("container") != self.container.id]
+        return list(rows)
+
+    async def ps(self, node: str | None = None) -> list[dict[str, Any]]:
+        """The processes of container ``node`` (an id or a unique prefix), or of every live
+        container when None: ``[{container, pid, name, class, module, state, parent}]``.
+
+        Every container is asked at once; one that does not answer gives a row with ``error``
+        (its reason) and no pid, rather than failing the listing of the others.
+        """
+        if node is not None:
+            cid = self.resolve_node(node)
+            return [{"container": cid, **row} for row in await self._agent_rpc(cid, "ps")]
+        nodes = await self.nodes()
+
+        async def one(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+            cid = str(entry["container"])
+            try:
+                rows = await self._rpc(str(entry.get("agent") or agent_queue(self.sysname, cid)), "ps")
+            except (ReceivedError, IonError) as exc:
+                return [{"container": cid, "pid": None, "name": None, "class": None, "module": None,
+                         "state": None, "parent": None, "error": str(exc)}]
+            return [{"container": cid, **row} for row in rows]
+
+        tables = await defer.gatherResults([defer.ensureDeferred(one(n)) for n in nodes], consumeErrors=True)
+        return [row for table in tables for row in table]
+
+    async def ping(self, target: str, timeout: float | None = None) -> dict[str, Any]:
+        """Ping a service (any of its instances) or a pid: ``{pong, pid, name, state, ...}``."""
+        return dict(await self._rpc(target, "ping", None, timeout))
+
+    async def call(self, target: str, op: str, content: Any = None, timeout: float | None = None) -> Any:
+        """Call ``op`` at a service or pid; the reply's content (a refused or failed call raises
+        the :class:`~ion.core.exceptions.ReceivedError` that says why)."""
+        return await self._rpc(target, op, content, timeout)
+
+    # -- changing -----------------------------------------------------------------------------------
+    async def spawn(self, what: str, node: str | None = None, name: str | None = None,
+                    spawnargs: Mapping[str, Any] | None = None) -> str:
+        """Start a process (a dotted module, or a one-process app name) in container ``node``
+        (default: the caller's); its pid. The ``spawn`` op of that container's agent: operators only."""
+        cid = self.container.id if node is None else self.resolve_node(node)
+        if cid == self.container.id:
+            self.agent()  # a clear error rather than a 404 from a queue nobody consumes
+        request: dict[str, Any] = {"module" if "." in what else "app": what, "spawnargs": dict(spawnargs or {})}
+        if name:
+            request["name"] = name
+        return str(await self._agent_rpc(cid, "spawn", request))
+
+    async def kill(self, pid: str) -> dict[str, Any]:
+        """Terminate process ``pid`` (a pid; or a name, of a process of the caller's container) by
+        its ``terminate`` op (operators only; audited where it runs).
+
+        Answers ``{pid, name, container, done}``: ``done`` when the process has ended (a process of
+        the caller's own container is waited for), False when it was asked to and said it would.
+        """
+        pm = self.container.proc_manager
+        local = pm.find(pid)  # a process of this container, by pid or by name
+        if local is None and ("." not in pid or pid.rsplit(".", 1)[0] == self.container.id):
+            raise ControlError(f"no process {pid!r} in container {self.container.id}")
+        if local is not None:
+            pid = local.id
+            if local is self.proc:
+                raise ControlError(f"{pid} is {self.caller}'s own process")
+            if isinstance(local, ContainerAgent):
+                raise ControlError(f"{pid} is the container agent; it runs as long as its container")
+        ended: defer.Deferred[None] = defer.Deferred()
+
+        def exited(proc: Process, state: Any) -> None:
+            if proc.id == pid and not ended.called:
+                ended.callback(None)
+
+        if local is not None:
+            pm.add_exit_listener(exited)
+        try:
+            reply = await self._rpc(pid, "terminate", None)
+            if local is not None and pm.get(pid) is not None:
+                await ended
+        finally:
+            pm.remove_exit_listener(exited)
+        container = pid.rsplit(".", 1)[0] if "." in pid else None
+        answered = reply.get("terminating") if isinstance(reply, Mapping) else None
+        return {"pid": str(answered or pid), "name": local.proc_name if local is not None else None,
+                "container": container, "done": local is not None}
+
+    # -- the audit trail ----------------------------------------------------------------------------
+    async def follow_audit(self, callback: Callable[[dict[str, Any]], Any]) -> AuditListener:
+        """Spawn an :class:`AuditListener` in the caller's container handing every audit record of the
+        system (``control.*`` events) to ``callback``; terminate it (``proc_manager.terminate_process``)
+        to stop following."""
+        pid = await self.container.spawn(AuditListener, {"callback": callback})
+        listener = self.container.proc_manager.get(pid)
+        assert isinstance(listener, AuditListener)
+        return listener

@@ -312,9 +312,11 @@ class Console:
             return
         if key.startswith("process."):
             self._forget(("ps", content.get("container")))
+            self._forget(("apps", content.get("container")))
             self.push("process", {k: content.get(k) for k in ("pid", "name", "state", "previous", "container")})
         elif key.startswith("container."):
             self._forget(("ps", content.get("container")))
+            self._forget(("apps", content.get("container")))
             self.push("container", {"event": key, "container": content.get("container")})
         elif key.startswith("control."):
             entry = dict(content)
@@ -335,6 +337,9 @@ class Console:
         hit = self._memo.get(key)
         if hit is not None and now - hit[0] < ttl:
             return hit[1]
+        if len(self._memo) > 1000:  # answers about processes and containers long gone
+            for old in [k for k, (at, _) in self._memo.items() if now - at > 60]:
+                del self._memo[old]
         pending = self._pending.get(key)
         if pending is None:
             async def run() -> Any:
@@ -399,40 +404,58 @@ class Console:
         ]
 
     async def processes_of(self, node: str) -> dict[str, Any]:
-        """``{"value": rows}`` or ``{"error"}``: the process table of container ``node``."""
+        """``{"value": rows}`` or ``{"error"}``: the process table of container ``node``, each row with
+        the app it belongs to."""
         if node == self.container.id:
             return {"value": self.local_processes()}
-        return await self._kept(("ps", node), PS_TTL,
-                                lambda: self._read(agent_queue(self.container.sysname, node), "ps"))
+        table, apps = await defer.gatherResults([
+            defer.ensureDeferred(self._kept(("ps", node), PS_TTL, lambda: self._read(self._agent(node), "ps"))),
+            defer.ensureDeferred(self.apps_of(node)),
+        ])
+        if "value" not in table or not isinstance(table["value"], list):
+            return table
+        app_of = {pid: app["app"] for app in apps.get("value") or [] for pid in app.get("pids") or []}
+        return {"value": [dict(row, app=app_of.get(row.get("pid"))) for row in table["value"]
+                          if isinstance(row, Mapping)]}
+
+    async def apps_of(self, node: str) -> dict[str, Any]:
+        """``{"value": apps}`` or ``{"error"}``: the apps of container ``node`` (its agent's ``apps``)."""
+        if node == self.container.id:
+            agent = self.container.proc_manager.get(self.container.agent_pid or "")
+            if agent is not None and hasattr(agent, "app_table"):
+                return {"value": agent.app_table()}
+            return {"value": []}
+        return await self._kept(("apps", node), SERVICE_TTL, lambda: self._read(self._agent(node), "apps"))
+
+    def _agent(self, node: str) -> str:
+        return agent_queue(self.container.sysname, node)
 
     async def system(self, offset: int, limit: int, query: str = "") -> dict[str, Any]:
-        """The containers, this container's apps, and every container's processes as one tree, paged."""
+        """The containers and their apps, and every container's processes as one tree, paged."""
         c = self.container
         nodes = self.nodes()
-        tables = await defer.gatherResults([defer.ensureDeferred(self.processes_of(n["container"]))
-                                            for n in nodes])
+        ids = [n["container"] for n in nodes]
+        tables, apps = await defer.gatherResults([
+            defer.gatherResults([defer.ensureDeferred(self.processes_of(cid)) for cid in ids]),
+            defer.gatherResults([defer.ensureDeferred(self.apps_of(cid)) for cid in ids]),
+        ])
         rows: list[dict[str, Any]] = []
         containers = []
-        for node, table in zip(nodes, tables, strict=True):
+        for node, table, app_list in zip(nodes, tables, apps, strict=True):
             cid = node["container"]
             procs = table.get("value")
-            info = {"container": cid, "local": cid == c.id, "started_at": node.get("started_at"),
-                    "last_seen": node.get("last_seen"), "error": table.get("error"),
-                    "processes": len(procs) if isinstance(procs, list) else None}
-            containers.append(info)
+            containers.append({"container": cid, "local": cid == c.id, "started_at": node.get("started_at"),
+                               "last_seen": node.get("last_seen"), "error": table.get("error"),
+                               "processes": len(procs) if isinstance(procs, list) else None,
+                               "apps": app_list.get("value") or []})
             if isinstance(procs, list):
                 rows.extend(dict(row, container=cid) for row in tree_order(procs))
         if query:
             q = query.lower()
-            rows = [r for r in rows if any(q in str(r.get(k) or "").lower() for k in ("pid", "name", "class", "state"))]
-        apps = [{"app": name, "version": running.definition.version,
-                 "pids": list(getattr(running.state, "pids", None) or []),
-                 "description": running.definition.description}
-                for name, running in c.app_manager.running.items()]
-        failed = [{"app": name, "reason": reason} for name, reason in c.app_manager.failed.items()]
-        return {"system": c.sysname, "container": c.id, "containers": containers, "apps": apps,
-                "failed_apps": failed, "processes": page(rows, offset, limit),
-                "audited": c.audit.path is not None}
+            rows = [r for r in rows if any(q in str(r.get(k) or "").lower()
+                                           for k in ("pid", "name", "class", "state", "app"))]
+        return {"system": c.sysname, "container": c.id, "containers": containers,
+                "processes": page(rows, offset, limit), "audited": c.audit.path is not None}
 
     def queues(self, offset: int, limit: int) -> dict[str, Any]:
         """Queues and their depth: every queue of the embedded broker, else this container's (depth unknown)."""
@@ -530,14 +553,25 @@ class Console:
                 "quarantine": summary.pop("quarantined") if summary else [], **page(rows, offset, limit)}
 
     async def observer(self, limit: int) -> dict[str, Any]:
-        """The last lines of the observers of this container, and of the others' (their ``tail`` op)."""
+        """The last lines of the system's observers: this container's read directly, the others'
+        by their ``tail`` op (found in their containers' process tables)."""
         lines: list[dict[str, Any]] = []
-        observers = 0
+        observers = []
         for p in list(self.container.proc_manager.processes.values()):
             tail = getattr(p, "tail", None)
             if isinstance(tail, deque):
-                observers += 1
+                observers.append({"pid": p.id, "container": self.container.id})
                 lines.extend(tail)
+        remote = [n["container"] for n in self.nodes() if n["container"] != self.container.id]
+        tables = await defer.gatherResults([defer.ensureDeferred(self.processes_of(cid)) for cid in remote])
+        pids = [(cid, row["pid"]) for cid, table in zip(remote, tables, strict=True)
+                for row in table.get("value") or [] if row.get("class") == "ObserverProcess"]
+        tails = await defer.gatherResults([
+            defer.ensureDeferred(self._kept(("tail", pid), PS_TTL, lambda pid=pid: self._read(pid, "tail")))  # type: ignore[misc]
+            for _, pid in pids])
+        for (cid, pid), tail in zip(pids, tails, strict=True):
+            observers.append({"pid": pid, "container": cid, "error": tail.get("error")})
+            lines.extend(dict(line) for line in tail.get("value") or [] if isinstance(line, Mapping))
         lines.sort(key=lambda line: line.get("time") or 0)
         return {"observers": observers, "items": lines[-limit:]}
 

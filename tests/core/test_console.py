@@ -210,6 +210,7 @@ async def test_the_token_file_is_its_owners_only_and_removed_at_stop(tmp_path: P
 async def test_system_shows_two_containers_and_their_process_trees(container_factory: Any, tmp_path: Path) -> None:
     c1, c2 = await two_containers(container_factory, tmp_path)
     await c1.app_manager.start_app("hello")
+    await c2.app_manager.start_app("hello")
     parent = await c2.spawn(Parent)
     child = c2.proc_manager.get(parent).children[0].id
     code, data = await get_json(c1.http.url + "/api/system")
@@ -220,9 +221,13 @@ async def test_system_shows_two_containers_and_their_process_trees(container_fac
     assert (rows[parent]["depth"], rows[child]["depth"], rows[child]["parent"]) == (0, 1, parent)
     pids = [r["pid"] for r in data["processes"]["items"]]
     assert pids.index(child) == pids.index(parent) + 1  # a child right under its parent
-    hello = next(r for r in rows.values() if r["name"] == "hello")
-    assert hello["app"] == "hello" and hello["state"] == "ACTIVE" and hello["queues"]
-    assert [a["app"] for a in data["apps"]] == ["hello"]
+    here, there = (next(r for r in rows.values() if r["name"] == "hello" and r["container"] == c.id)
+                   for c in (c1, c2))
+    assert here["app"] == "hello" and here["state"] == "ACTIVE" and here["queues"]
+    assert there["app"] == "hello" and there["state"] == "ACTIVE"  # from c2's agent: ps and apps
+    for info in data["containers"]:
+        assert [(a["app"], a["failed"]) for a in info["apps"]] == [("hello", None)]
+        assert len(info["apps"][0]["pids"]) == 1
     code, found = await get_json(c1.http.url + "/api/system?q=child")
     assert [r["pid"] for r in found["processes"]["items"]] == [child]
 
@@ -372,8 +377,9 @@ class Holder(Process):
 
 @pytest_twisted.ensureDeferred
 async def test_queues_conversations_and_the_observer(container_factory: Any, tmp_path: Path) -> None:
-    c1 = await container_factory(config=http_config(tmp_path))
+    c1, c2 = await two_containers(container_factory, tmp_path)
     await c1.app_manager.start_app("observer")
+    await c2.app_manager.start_app("observer")
     Holder.release = defer.Deferred()
     holder = await c1.spawn(Holder, name="holder")
     caller = c1.proc_manager.get(await c1.spawn(Process, name="caller"))
@@ -393,13 +399,38 @@ async def test_queues_conversations_and_the_observer(container_factory: Any, tmp
     finally:
         Holder.release.callback("done")
     await call
-    code, seen = await wait_for(lambda: _observed(c1.http.url + "/api/observer", "hold"), "the observer's tail")
-    assert seen["observers"] == 1
+    code, seen = await wait_for(lambda: _observed(c1.http.url + "/api/observer", "hold", 2), "the observers' tails")
+    assert sorted(o["container"] for o in seen["observers"]) == sorted([c1.id, c2.id])
 
 
-async def _observed(url: str, op: str) -> Any:
+async def _observed(url: str, op: str, times: int) -> Any:
+    """The observers' tail once ``op`` is in it ``times`` times (once per observer)."""
     code, data = await get_json(url)
-    return (code, data) if any(f": {op} [" in line["line"] for line in data["items"]) else None
+    seen = sum(1 for line in data["items"] if f": {op} [" in line["line"] and "events" not in line["line"])
+    return (code, data) if seen >= times else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_rabbitmq(rabbitmq: Any, amqp_url: str, tmp_path: Path) -> None:
+    """Two containers on RabbitMQ: the other's processes come from its agent, a kill goes over the broker;
+    queue depth is not known here (null), and the queues listed are this container's."""
+    factory = ContainerFactory(broker_url=amqp_url)
+    try:
+        c1, c2 = await two_containers(factory, tmp_path)
+        victim = await c2.spawn(Process, name="victim")
+        code, data = await get_json(c1.http.url + "/api/system")
+        assert code == 200 and {c["container"] for c in data["containers"]} == {c1.id, c2.id}
+        assert victim in {r["pid"] for r in data["processes"]["items"]}
+        code, queues = await get_json(c1.http.url + "/api/queues?limit=1000")
+        assert queues["depth_known"] is False and queues["broker"] == "amqp"
+        assert {q["queue"] for q in queues["items"]} >= {c1.agent_pid} and all(q["depth"] is None
+                                                                             for q in queues["items"])
+        assert not any(q["queue"] == c2.agent_pid for q in queues["items"])
+        code, answer = await post(c1.http.url + "/api/kill", {"pid": victim}, c1.http.console.token)
+        assert code == 200
+        await wait_for(lambda: True if c2.proc_manager.get(victim) is None else None, "the victim to end")
+    finally:
+        await factory.teardown()
 
 
 # -- in a browser ------------------------------------------------------------------------------------------------------

@@ -56,13 +56,14 @@ const views = {
   async processes() {
     const data = await getJSON(`api/system?${paged("processes")}&q=${encodeURIComponent(state.q)}`);
     $("#system").textContent = `system ${data.system} · container ${data.container}`;
+    const apps = (list) => list.map((a) => a.failed
+      ? `<span class="state error" title="${esc(a.failed)}">${esc(a.app)} failed</span>`
+      : `<span title="${esc(a.description)}">${esc(a.app)} ${esc(a.version)}</span>`).join("");
     $("#containers tbody").innerHTML = data.containers.map((c) =>
       `<tr data-container="${esc(c.container)}"><td class="mono">${esc(c.container)}${c.local ? ' <span class="muted small">(this one)</span>' : ""}</td>` +
-      `<td class="num">${c.processes ?? ""}</td><td>${since(c.started_at)}</td><td>${c.local ? "" : since(c.last_seen)}</td>` +
+      `<td class="num">${c.processes ?? ""}</td><td class="chips">${apps(c.apps || [])}</td>` +
+      `<td>${since(c.started_at)}</td><td>${c.local ? "" : since(c.last_seen)}</td>` +
       `<td class="small">${c.error ? `<span class="state error">${esc(c.error)}</span>` : ""}</td></tr>`).join("");
-    $("#apps").innerHTML = data.apps.map((a) => `<span title="${esc(a.description)}">${esc(a.app)} ${esc(a.version)} · ${a.pids.length} process(es)</span>`).join("") +
-      data.failed_apps.map((a) => `<span class="state error" title="${esc(a.reason)}">${esc(a.app)} failed</span>`).join("") ||
-      '<span class="muted">none</span>';
     let current = null;
     const rows = [];
     for (const p of data.processes.items) {
@@ -132,8 +133,9 @@ const views = {
   },
   async observer() {
     const data = await getJSON("api/observer?limit=200");
-    $("#observernote").textContent = data.observers ? `${data.observers} observer(s) in this container; the last lines:`
-      : "No observer runs in this container (start res/apps/observer.app).";
+    $("#observernote").textContent = data.observers.length
+      ? `The last lines of ${data.observers.map((o) => `${o.pid}${o.error ? ` (${o.error})` : ""}`).join(", ")}:`
+      : "No observer runs in the system (start res/apps/observer.app in one of its containers).";
     $("#observerlines").textContent = data.items.map((l) => `${new Date(l.time * 1000).toLocaleTimeString()} ${l.line}`).join("\n");
   },
   async audit() {

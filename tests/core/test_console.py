@@ -521,6 +521,7 @@ async def test_the_console_in_a_browser(browser: Any, container_factory: Any, tm
     from selenium.webdriver.common.by import By
 
     c1, c2 = await two_containers(container_factory, tmp_path)
+    await c2.app_manager.start_app("hello")
     parent = await c2.spawn(Parent)
     child = c2.proc_manager.get(parent).children[0].id
     await in_thread(browser.get, c1.http.url + "/")

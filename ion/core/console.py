@@ -613,8 +613,8 @@ class Console:
         except Exception as exc:
             code, text = _error_of(exc)
             raise ConsoleError(code, text) from None
-        self._forget("jobs")
-        self._forget("verify")
+        for key in ("jobs", "verify", "cache"):
+            self._forget(key)
         return {"ok": True, "action": action, "target": target, "result": answer}
 
 
@@ -646,23 +646,24 @@ def tree_order(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _verify_summary(report: Any) -> dict[str, Any]:
+    """What the page shows of a Cache ``verify_report``: when, the outcomes counted, the entries it
+    quarantined."""
     if not isinstance(report, Mapping):
         return {}
-    entries = report.get("entries") or report.get("reports") or []
-    counts: dict[str, int] = {}
+    outcomes = [o for o in report.get("outcomes") or [] if isinstance(o, Mapping)]
+    counts = report.get("counts")
+    if not isinstance(counts, Mapping):
+        counts = {}
+        for outcome in outcomes:
+            counts[str(outcome.get("outcome"))] = counts.get(str(outcome.get("outcome")), 0) + 1
     quarantined = []
-    for entry in entries:
-        if not isinstance(entry, Mapping):
-            continue
-        status = str(entry.get("status") or entry.get("state") or "?")
-        counts[status] = counts.get(status, 0) + 1
-        if entry.get("action") == "quarantined" or entry.get("moved_to"):
-            key = entry.get("key") or {}
+    for outcome in outcomes:
+        if outcome.get("action") == "quarantined" or outcome.get("moved_to"):
+            key = outcome.get("key") or {}
             quarantined.append({"name": key.get("name"), "version": key.get("version"),
-                                "moved_to": entry.get("moved_to"), "problems": entry.get("problems")})
-    summary = {k: report.get(k) for k in ("started", "ended", "finished", "reason", "trigger") if k in report}
-    summary.update(counts=counts, quarantined=quarantined)
-    return summary
+                                "moved_to": outcome.get("moved_to"), "problems": outcome.get("problems")})
+    return {"started": report.get("started"), "finished": report.get("finished"), "trigger": report.get("trigger"),
+            "counts": {k: n for k, n in counts.items() if n}, "quarantined": quarantined}
 
 
 def _client(request: Request) -> str:

@@ -136,9 +136,10 @@ class FakeCache(ServiceProcess):
             for i in range(self.entries)]}
 
     def op_verify_report(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
-        bad = {"key": {"name": "dep00007", "version": "1.0"}, "status": "good→bad", "action": "quarantined",
+        bad = {"key": {"name": "dep00007", "version": "1.0"}, "outcome": "good→bad", "action": "quarantined",
                "moved_to": "/cache/quarantine/dep00007", "problems": {"a": "sha256 differs"}}
-        return {"started": 1.0e9, "ended": 1.0e9 + 5, "entries": [{"status": "good"}] * 3 + [bad]}
+        return {"started": 1.0e9, "finished": 1.0e9 + 5, "trigger": "schedule",
+                "outcomes": [{"outcome": "good"}] * 3 + [bad]}
 
     @control("cache.verify")
     def op_verify_round(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
@@ -233,7 +234,11 @@ async def test_system_shows_two_containers_and_their_process_trees(container_fac
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_event_stream_tells_a_spawn_and_ends_when_the_container_stops(tmp_path: Path) -> None:
+async def test_the_event_stream_tells_a_spawn_and_ends_when_the_container_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ion.core.console
+
+    monkeypatch.setattr(ion.core.console, "HEARTBEAT", 0.1)
     factory = ContainerFactory()
     try:
         c1 = await factory(config=http_config(tmp_path))
@@ -254,6 +259,7 @@ async def test_the_event_stream_tells_a_spawn_and_ends_when_the_container_stops(
         event = next(json.loads(block.split("data: ", 1)[1]) for block in b"".join(chunks).decode().split("\n\n")
                      if pid in block and '"ACTIVE"' in block)
         assert event == {"pid": pid, "name": "newcomer", "state": "ACTIVE", "previous": "READY", "container": c2.id}
+        await wait_for(lambda: True if b": keep-alive" in b"".join(chunks) else None, "a keep-alive comment")
         await c1.terminate()
         await wait_for(lambda: True if ended.called else None, "the stream to end with the container")
     finally:
@@ -431,6 +437,42 @@ async def test_on_rabbitmq(rabbitmq: Any, amqp_url: str, tmp_path: Path) -> None
         await wait_for(lambda: True if c2.proc_manager.get(victim) is None else None, "the victim to end")
     finally:
         await factory.teardown()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_real_cache_service_verified_from_the_console(container_factory: Any, tmp_path: Path) -> None:
+    """The Cache service itself: its entry listed, a verification run from the console finds it good; once
+    damaged, the next one quarantines it and the console lists it there."""
+    from ion.services.cache.core import sha256_file
+    from ion.services.cache.entry import EntryKey, FileMeta
+    from ion.services.cache.service import CacheClient, CacheService
+
+    c1 = await container_factory(config=http_config(tmp_path))
+    c2 = await container_factory(config={"ion.services.cache": {"root": str(tmp_path / "cache")}})
+    await c1.proc_manager.get(c1.agent_pid).wait_for_node(c2.id, timeout=10)
+    await c2.spawn(CacheService, {"host_id": "test-host"})
+    cache = CacheClient(c2.proc_manager.get(await c2.spawn(Process, name="filler")))
+    key = EntryKey("repo.file", "linux", "tool", "1.0")
+    lock = await cache.lock(key, timeout=5)
+    staging = Path(await cache.new_staging())
+    (staging / "tool").write_bytes(b"v1")
+    info = await cache.publish(lock, str(staging), {"tool": FileMeta(2, None, sha256_file(staging / "tool"))})
+    await cache.unlock(lock)
+
+    code, data = await get_json(c1.http.url + "/api/cache")
+    assert code == 200 and data["available"] and data["root"] == str(tmp_path / "cache")
+    assert [(e["name"], e["version"], e["size"], e["files"]) for e in data["items"]] == [("tool", "1.0", 2, 1)]
+    assert data["verify"] == {} and data["quarantine"] == []
+    token = c1.http.console.token
+    assert (await post(c1.http.url + "/api/verify", {}, token))[0] == 200
+    code, data = await get_json(c1.http.url + "/api/cache")
+    assert data["verify"]["counts"] == {"good": 1} and data["verify"]["trigger"] == "request"
+    (info.path / "tool").write_bytes(b"XX")
+    assert (await post(c1.http.url + "/api/verify", {}, token))[0] == 200
+    code, data = await get_json(c1.http.url + "/api/cache")
+    assert data["verify"]["counts"] == {"good→bad": 1} and data["total"] == 0
+    (gone,) = data["quarantine"]
+    assert (gone["name"], gone["version"]) == ("tool", "1.0") and "quarantine" in gone["moved_to"]
 
 
 # -- in a browser ------------------------------------------------------------------------------------------------------

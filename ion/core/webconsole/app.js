@@ -120,7 +120,7 @@ const views = {
       const v = data.verify || {};
       const counts = Object.entries(v.counts || {}).map(([k, n]) => `${badge(k)} ${n}`).join(" ");
       $("#cachesummary").innerHTML = `<p><b>${data.total}</b> entries, <b>${bytes(data.bytes)}</b> in <span class="mono">${esc(data.root)}</span></p>` +
-        `<p>Last verification: ${v.counts ? `${since(v.ended || v.finished || v.started)} ${counts}` : '<span class="muted">none yet</span>'} ` +
+        `<p>Last verification: ${v.started ? `${since(v.finished || v.started)} (${esc(v.trigger)}) ${counts}` : '<span class="muted">none yet</span>'} ` +
         `<button class="act verify">verify now</button></p>`;
     }
     $("#cachetable tbody").innerHTML = data.items.map((e) =>

@@ -35,7 +35,7 @@ from ion.core.process import Process, ProcessDesc, Receiver
 from ion.core.security import control
 from ion.core.settings import ContainerSettings
 
-__all__ = ["ContainerAgent", "NodeInfo", "agent_queue", "MISSED_HEARTBEATS",
+__all__ = ["ContainerAgent", "NodeInfo", "agent_queue", "app_table", "MISSED_HEARTBEATS",
            "DEFAULT_HEARTBEAT_INTERVAL"]
 
 #: A container silent for this many of its heartbeat intervals is dropped from the table.
@@ -66,6 +66,17 @@ class NodeInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def app_table(container: Any) -> list[dict[str, Any]]:
+    """``container``'s running apps, in start order, then the failed ones (``failed``: why its
+    supervisor gave up): ``[{app, version, description, pids, failed}]``."""
+    apps = container.app_manager
+    running = [{"app": name, "version": app.definition.version, "description": app.definition.description,
+                "pids": list(getattr(app.state, "pids", None) or []), "failed": None}
+               for name, app in list(apps.running.items())]
+    return running + [{"app": name, "version": None, "description": None, "pids": [], "failed": reason}
+                      for name, reason in list(apps.failed.items())]
 
 
 class ContainerAgent(Process):
@@ -243,13 +254,8 @@ class ContainerAgent(Process):
         ]
 
     def app_table(self) -> list[dict[str, Any]]:
-        """This container's running apps, in start order, and the failed ones."""
-        apps = self.container.app_manager
-        running = [{"app": name, "version": app.definition.version, "description": app.definition.description,
-                    "pids": list(getattr(app.state, "pids", None) or []), "failed": None}
-                   for name, app in list(apps.running.items())]
-        return running + [{"app": name, "version": None, "description": None, "pids": [], "failed": reason}
-                          for name, reason in list(apps.failed.items())]
+        """This container's apps (:func:`app_table`)."""
+        return app_table(self.container)
 
     # -- ops ------------------------------------------------------------------------------------
     def op_nodes(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:

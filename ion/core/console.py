@@ -71,7 +71,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ion.core.agent import agent_queue
+from ion.core.agent import agent_queue, app_table
 from ion.core.deferreds import observe
 from ion.core.process import Process, Receiver
 
@@ -421,10 +421,7 @@ class Console:
     async def apps_of(self, node: str) -> dict[str, Any]:
         """``{"value": apps}`` or ``{"error"}``: the apps of container ``node`` (its agent's ``apps``)."""
         if node == self.container.id:
-            agent = self.container.proc_manager.get(self.container.agent_pid or "")
-            if agent is not None and hasattr(agent, "app_table"):
-                return {"value": agent.app_table()}
-            return {"value": []}
+            return {"value": app_table(self.container)}
         return await self._kept(("apps", node), SERVICE_TTL, lambda: self._read(self._agent(node), "apps"))
 
     def _agent(self, node: str) -> str:

@@ -189,6 +189,18 @@ async def test_the_console_can_be_turned_off(container_factory: Any, tmp_path: P
 
 
 @pytest_twisted.ensureDeferred
+async def test_without_an_agent_the_console_shows_its_own_container(container_factory: Any, tmp_path: Path) -> None:
+    config = http_config(tmp_path)
+    config["ion.core.container"] = {"agent": False}
+    container = await container_factory(config=config)
+    await container.app_manager.start_app("hello")
+    code, data = await get_json(container.http.url + "/api/system")
+    assert code == 200 and [c["container"] for c in data["containers"]] == [container.id]
+    assert [a["app"] for a in data["containers"][0]["apps"]] == ["hello"]
+    assert sorted(r["name"] for r in data["processes"]["items"]) == ["console", "hello"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_token_file_is_its_owners_only_and_removed_at_stop(tmp_path: Path) -> None:
     factory = ContainerFactory()
     try:

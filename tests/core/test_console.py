@@ -651,3 +651,46 @@ async def test_the_first_page_of_2000_processes_renders_in_a_browser(browser: An
     assert count.endswith(f"of {2000 + len(c1.proc_manager.processes)}")
     await in_thread(click, browser, '.pager[data-for="processes"] .next')
     await in_thread(wait_until, browser, row("fake-node.150"), "the second page")
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_tab_in_a_browser(browser: Any, container_factory: Any, tmp_path: Path) -> None:
+    """Each tab shows its view (queues, conversations, jobs with their progress, 10,000 cache entries
+    paged, the observer, the audit trail) without a script error; cancel and verify work from the page."""
+    from selenium.webdriver.common.by import By
+
+    c1, c2 = await two_containers(container_factory, tmp_path)
+    await c2.app_manager.start_app("observer")
+    await c2.spawn(FakeCache)
+    await c2.spawn(FakeDeploy)
+    FakeCache.rounds, FakeDeploy.cancelled = 0, []
+    await in_thread(browser.get, c1.http.url + "/")
+    await in_thread(wait_until, browser, row(c2.agent_pid), "the processes")
+    await in_thread(lambda: browser.find_element(By.ID, "token").send_keys(c1.http.console.token))
+
+    def text(selector: str) -> Callable[[Any], str]:
+        return lambda d: d.find_element(By.CSS_SELECTOR, selector).text
+
+    async def show(tab: str, selector: str, expected: str) -> None:
+        await in_thread(click, browser, f'button[data-tab="{tab}"]')
+        await in_thread(wait_until, browser, lambda d: expected in text(selector)(d), f"{expected!r} in {tab}")
+
+    await show("queues", "#queuetable", c2.agent_pid)
+    assert "embedded broker" in await in_thread(text("#queuenote"), browser)
+    await show("convs", "#convs", "in flight")
+    await show("jobs", "#jobtable", "2/4 · 1 failed")
+    await in_thread(click, browser, 'button.cancel[data-job="j1"]')
+    await in_thread(wait_until, browser, lambda d: "done" in text("#message")(d), "the cancel done")
+    assert FakeDeploy.cancelled == ["j1"]
+    await show("cache", '.pager[data-for="cache"]', "1–100 of 10000")
+    assert "dep00007" in await in_thread(text("#quarantine"), browser)
+    await in_thread(click, browser, ".pager[data-for=\"cache\"] .next")
+    await in_thread(wait_until, browser, lambda d: "dep00100" in text("#cachetable")(d), "the second page")
+    await in_thread(click, browser, "button.verify")
+    await in_thread(wait_until, browser, lambda d: "cache verify: done" in text("#message")(d), "the verify done")
+    assert FakeCache.rounds == 1
+    await show("observer", "#observerlines", "jobs [rpc/request]")
+    await show("audit", "#audittable", "job.cancel")
+    assert "cache.verify" in await in_thread(text("#audittable"), browser)
+    errors = await in_thread(lambda: [e for e in browser.get_log("browser") if e.get("level") == "SEVERE"])
+    assert not errors, errors

@@ -263,9 +263,15 @@ class Console:
             self._heartbeat.start(HEARTBEAT, now=False)
 
     def process_gone(self, proc: ConsoleProcess) -> None:
+        """The console's process ended: with the container, the streams end too; otherwise (it was
+        killed) the views of this container still answer, the calls over messages say 503."""
         if self.proc is proc:
             self.proc = None
-        self.close_streams()
+        if self.container.stopping:
+            self.close_streams()
+        else:
+            self._log.warn("console: its process {pid} ended while the container runs; events and the "
+                           "other containers' views stop until the container restarts", pid=proc.id)
 
     def close_streams(self) -> None:
         """End every event stream (the container stops)."""
@@ -581,7 +587,7 @@ class Console:
         """Run ``action`` for an allowed request, or refuse it (403, audited)."""
         field, control = ACTIONS[action]
         content = body if isinstance(body, Mapping) else {}
-        target = str(content.get(field) or "") if field else {"job_cancel": "deploy", "verify": "cache"}[action]
+        target = str(content.get(field) or "")[:200] if field else "cache"
         client = _client(request)
         if not self.allowed(request):
             from ion.core.security import UnauthorizedError

@@ -336,7 +336,7 @@ async def test_2000_processes_are_paged(container_factory: Any, tmp_path: Path) 
     assert (procs["offset"], procs["limit"], len(procs["items"])) == (1000, 100, 100)
     fake = [r for r in procs["items"] if r["container"] == "fake-node"]
     assert fake and all(r["depth"] == (0 if r["parent"] is None else 1) for r in fake)
-    assert elapsed < 5  # generous: the figure is reported, not asserted tight
+    print(f"\nconsole: /api/system, page 11 of {procs['total']} processes, in {elapsed * 1000:.0f} ms")
     code, last = await get_json(c1.http.url + "/api/system?offset=1990&limit=1000")
     assert len(last["processes"]["items"]) == procs["total"] - 1990
     for bad in ("limit=0", "limit=5000", "offset=-1", "offset=x"):
@@ -350,7 +350,10 @@ async def test_10000_cache_entries_are_paged_and_verify_runs_with_the_token(cont
     c1, c2 = await two_containers(container_factory, tmp_path)
     await c2.spawn(FakeCache)
     FakeCache.rounds = 0
+    started = time.perf_counter()
     code, data = await get_json(c1.http.url + "/api/cache?offset=9950&limit=100")
+    print(f"\nconsole: /api/cache, the last page of 10,000 entries (a list call over messages), in "
+          f"{(time.perf_counter() - started) * 1000:.0f} ms")
     assert code == 200 and data["available"] is True and data["total"] == 10_000
     assert [e["name"] for e in data["items"]] == [f"dep{i:05d}" for i in range(9950, 10_000)]
     assert data["bytes"] == sum(1000 + i for i in range(10_000))

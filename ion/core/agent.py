@@ -11,7 +11,8 @@ The agent makes a container visible to the rest of its system:
   and keeps a table of the live containers of the system, dropping one after
   3 missed heartbeats or its ``container.stop``;
 - it answers ``nodes`` (the live containers), ``ps`` (this container's
-  processes) and ``spawn`` (start a process here) on its main queue and on
+  processes), ``apps`` (its running apps) and ``spawn`` (start a process
+  here) on its main queue and on
   ``<sysname>.agent.<container-id>``, which any container of the system can
   name (:func:`agent_queue`). ``spawn`` is a control operation: only the
   system's operators may call it (:mod:`ion.core.security`).
@@ -34,7 +35,7 @@ from ion.core.process import Process, ProcessDesc, Receiver
 from ion.core.security import control
 from ion.core.settings import ContainerSettings
 
-__all__ = ["ContainerAgent", "NodeInfo", "agent_queue", "MISSED_HEARTBEATS",
+__all__ = ["ContainerAgent", "NodeInfo", "agent_queue", "app_table", "MISSED_HEARTBEATS",
            "DEFAULT_HEARTBEAT_INTERVAL"]
 
 #: A container silent for this many of its heartbeat intervals is dropped from the table.
@@ -65,6 +66,17 @@ class NodeInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def app_table(container: Any) -> list[dict[str, Any]]:
+    """``container``'s running apps, in start order, then the failed ones (``failed``: why its
+    supervisor gave up): ``[{app, version, description, pids, failed}]``."""
+    apps = container.app_manager
+    running = [{"app": name, "version": app.definition.version, "description": app.definition.description,
+                "pids": list(getattr(app.state, "pids", None) or []), "failed": None}
+               for name, app in list(apps.running.items())]
+    return running + [{"app": name, "version": None, "description": None, "pids": [], "failed": reason}
+                      for name, reason in list(apps.failed.items())]
 
 
 class ContainerAgent(Process):
@@ -241,6 +253,10 @@ class ContainerAgent(Process):
             for proc in list(self.container.proc_manager.processes.values())
         ]
 
+    def app_table(self) -> list[dict[str, Any]]:
+        """This container's apps (:func:`app_table`)."""
+        return app_table(self.container)
+
     # -- ops ------------------------------------------------------------------------------------
     def op_nodes(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """The live containers of the system: ``[{container, sysname, pids, started_at, ...}]``."""
@@ -249,6 +265,11 @@ class ContainerAgent(Process):
     def op_ps(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """This container's processes: ``[{pid, name, class, module, state, parent}]``."""
         return self.process_table()
+
+    def op_apps(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """This container's apps: ``[{app, version, description, pids, failed}]`` (``failed``: why the
+        supervisor gave up, else None)."""
+        return self.app_table()
 
     @control("agent.spawn")
     @defer.inlineCallbacks

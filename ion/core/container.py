@@ -295,7 +295,7 @@ class Container(LifecycleObject):
         self.audit = AuditLog(self)
         from ion.core.http import HttpPort
 
-        #: The container's HTTP port (health, metrics), when ``ion.core.http: port`` is set.
+        #: The container's HTTP port (health, metrics, the web console), when ``ion.core.http: port`` is set.
         self.http = HttpPort(self)
 
     def __repr__(self) -> str:
@@ -336,6 +336,8 @@ class Container(LifecycleObject):
             from ion.core.agent import ContainerAgent
 
             self.agent_pid = yield self.proc_manager.spawn(ContainerAgent)
+        # The web console's process, after the agent (it reads the agent's nodes table).
+        yield self.http.start_console()
         # str() of the parsed URL leaves the password out.
         url = getattr(self.transport, "url", None)  # the AMQP address in use, of several
         self._log.info("container {id} of system {sysname} is up on {broker}",

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.core.test_http -*-
-"""The container's HTTP port: health probes and Prometheus metrics.
+"""The container's HTTP port: health probes, Prometheus metrics and the web console.
 
 Off by default (an embedded one-container system needs none). Turned on by
 ``ion.core.http: port`` (0: any free port, logged) in the container's own
@@ -13,7 +13,14 @@ only: an app cannot open a port.
                the problems (:func:`ion.core.health.readiness`)
 ``/metrics``   Prometheus text format (:mod:`ion.core.metrics`), rendered
                by ``prometheus_client.twisted.MetricsResource``
+``/``          the web console (:mod:`ion.core.console`): the page, its
+               files under ``/static/``, its JSON under ``/api/``
 =============  ==========================================================
+
+The console is on with the port unless ``console`` is false. Its actions
+need the operator token: ``token``, else one generated at start into
+``token_file`` (default ``ion-console-<container id>.token`` in the working
+folder, mode 0600, removed at stop).
 """
 
 from __future__ import annotations
@@ -43,12 +50,19 @@ class HttpSettings(Settings):
 
     :ivar port: TCP port; None: no HTTP port; 0: any free one.
     :ivar bind: the address to listen on.
+    :ivar console: serve the web console at ``/``.
+    :ivar token: the console's operator token; None: one is generated at start.
+    :ivar token_file: where a generated token is written (None: ``ion-console-<container id>.token``
+        in the working folder).
     """
 
     SECTION: ClassVar[str] = "ion.core.http"
 
     port: int | None = setting(None, minimum=0)
     bind: str = "127.0.0.1"
+    console: bool = True
+    token: str | None = None
+    token_file: str | None = None
 
 
 def _json(request: Request, code: int, body: dict[str, Any]) -> bytes:
@@ -115,6 +129,11 @@ class HttpPort:
         self.root.putChild(b"healthz", _Health(container))
         self.root.putChild(b"readyz", _Ready(container))
         self.root.putChild(b"metrics", _Metrics(container))
+        from ion.core.console import Console
+
+        #: The web console (mounted at start when ``console`` is on).
+        self.console = Console(container)
+        self.console_on = False
 
     @property
     def settings(self) -> HttpSettings:
@@ -136,26 +155,50 @@ class HttpPort:
         return f"http://{address}:{host.port}"
 
     def start(self) -> defer.Deferred[None]:
-        """Listen, if configured; a port that cannot be had fails the container's start."""
+        """Listen, if configured (the console's token written first); a port that cannot be had
+        fails the container's start."""
+        return defer.ensureDeferred(self._start())
+
+    async def _start(self) -> None:
         from twisted.internet.error import CannotListenError
 
         settings = self.settings
         if settings.port is None or self.listening is not None:
-            return defer.succeed(None)
+            return
+        if settings.console and not self.console_on:
+            from ion.core.console import api, static
+
+            await self.console.prepare_token(settings.token, settings.token_file)
+            index, files = static()
+            self.root.putChild(b"", index)
+            self.root.putChild(b"static", files)
+            self.root.putChild(b"api", api(self.console))
+            self.console_on = True
         site = Site(self.root)
         site.noisy = False
         site.displayTracebacks = False
         try:
             self.listening = self.container.reactor.listenTCP(settings.port, site, interface=settings.bind)
         except CannotListenError as exc:
-            return defer.fail(ConfigurationError(
-                f"{HttpSettings.SECTION}: cannot listen on {settings.bind}:{settings.port}: {exc.socketError}"))
-        self._log.info("container {id}: HTTP on {url} (/healthz, /readyz, /metrics)", id=self.container.id,
-                       url=self.url)
-        return defer.succeed(None)
+            await self.console.stop()
+            raise ConfigurationError(
+                f"{HttpSettings.SECTION}: cannot listen on {settings.bind}:{settings.port}: {exc.socketError}"
+            ) from None
+        self._log.info("container {id}: HTTP on {url} (/healthz, /readyz, /metrics{console})", id=self.container.id,
+                       url=self.url, console=", the console at /" if self.console_on else "")
+
+    def start_console(self) -> defer.Deferred[None]:
+        """Spawn the console's process (the container calls this after spawning its agent)."""
+        if self.listening is None or not self.console_on:
+            return defer.succeed(None)
+        return defer.ensureDeferred(self.console.start())
 
     def stop(self) -> defer.Deferred[None]:
+        """Close the console's event streams, stop listening, remove the generated token file."""
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await self.console.stop()
         listening, self.listening = self.listening, None
-        if listening is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(listening.stopListening)
+        if listening is not None:
+            await defer.maybeDeferred(listening.stopListening)

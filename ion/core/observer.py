@@ -3,20 +3,27 @@
 
 A debugging aid. Its queue is bound with ``#`` to the system exchange (and,
 with ``events: True`` in its config or spawnargs, to the events exchange),
-so it sees a copy of every message. Side effect: a request to a name nobody
+so it sees a copy of every message. It keeps its last :data:`TAIL` lines
+(``tail``: read by the web console, :mod:`ion.core.console`, and answered by
+its ``tail`` op to other containers' consoles). Side effect: a request to a name nobody
 consumes is no longer refused at once with a 404 (the observer's queue took
 a copy), so the caller waits for its timeout instead.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from typing import Any, ClassVar
 
 from twisted.logger import Logger
 
 from ion.core.process import Process, Receiver
 
-__all__ = ["ObserverProcess", "describe"]
+__all__ = ["ObserverProcess", "describe", "TAIL"]
+
+#: Lines an observer keeps for the console.
+TAIL = 200
 
 
 def describe(msg: dict[str, Any], exchange: str = "") -> str:
@@ -39,6 +46,8 @@ class ObserverProcess(Process):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.seen = 0
+        #: The last :data:`TAIL` lines: ``{time, line}`` (wall-clock seconds).
+        self.tail: deque[dict[str, Any]] = deque(maxlen=TAIL)
 
     def receivers_to_create(self) -> list[Receiver]:
         receivers = super().receivers_to_create()
@@ -52,4 +61,10 @@ class ObserverProcess(Process):
     def _observe(self, msg: dict[str, Any], receiver: Receiver) -> None:
         self.seen += 1
         exchange = "events" if receiver.exchange else ""
-        self._log.info("{line}", line=describe(msg, exchange))
+        line = describe(msg, exchange)
+        self.tail.append({"time": time.time(), "line": line, "observer": self.id})
+        self._log.info("{line}", line=line)
+
+    def op_tail(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """The last lines seen (at most :data:`TAIL`), oldest first: ``[{time, line, observer}]``."""
+        return list(self.tail)

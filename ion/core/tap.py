@@ -204,8 +204,8 @@ class Options(usage.Options):
     opt_a = opt_args
 
     def opt_http(self, value: str) -> None:
-        """Open the container's HTTP port (health probes, metrics) on PORT (0: any free one), on
-        127.0.0.1 unless ion.core.http.bind says otherwise."""
+        """Open the container's HTTP port (health probes, metrics, the web console at /) on PORT
+        (0: any free one), on 127.0.0.1 unless ion.core.http.bind says otherwise."""
         try:
             port = int(value)
         except ValueError:

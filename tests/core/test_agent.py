@@ -201,6 +201,18 @@ def test_ps_op_lists_this_containers_processes(cluster: Cluster) -> None:
     assert by_pid[hello.id]["state"] == "ACTIVE" and by_pid[hello.id]["module"] == "ion.services.hello"
 
 
+def test_apps_op_lists_this_containers_apps(cluster: Cluster) -> None:
+    """The agent's apps op answers the running apps, with their pids, and the failed ones."""
+    c1 = cluster.container("c1")
+    assert cluster.call(c1, "sys.agent.c1", "apps") == []
+    cluster.result(c1.app_manager.start_app("hello"))
+    c1.app_manager.failed["broken"] = "gave up"
+    (hello, broken) = cluster.call(c1, "sys.agent.c1", "apps")
+    assert (hello["app"], hello["failed"], hello["pids"]) == ("hello", None,
+                                                              list(c1.app_manager.running["hello"].state.pids))
+    assert (broken["app"], broken["failed"]) == ("broken", "gave up")
+
+
 def test_spawn_op_starts_a_process_in_that_container(cluster: Cluster) -> None:
     """Another container asks c2's agent to spawn; the pid is c2's and the service answers."""
     c1 = cluster.container("c1")

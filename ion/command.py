@@ -15,7 +15,7 @@ or a service client, prints the result and leaves::
     ion --broker amqp://... -s mysys job ID [--follow]
     ion audit [--file ion-audit.jsonl]
     ion --broker amqp://... -s mysys audit --follow
-    ion console [--http-url URL]
+    ion console [--http-url URL] [--open]
 
 ``--broker`` and ``-s`` may also come from ``$ION_BROKER_URL`` and
 ``$ION_SYSNAME``; the options may stand before or after the subcommand.
@@ -67,7 +67,7 @@ ENV_BROKER_URL = "ION_BROKER_URL"
 ENV_SYSNAME = "ION_SYSNAME"
 
 #: Subcommands that need the list of live containers (an agent in the command's container).
-_NEEDS_NODES = {"nodes", "ps", "jobs"}
+_NEEDS_NODES = {"nodes", "ps", "jobs", "console"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,8 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--file", metavar="FILE", help=f"the audit file (default ./{DEFAULT_AUDIT_FILE})")
     c.add_argument("--follow", action="store_true",
                    help="print the system's control.* events as they come, until Ctrl-C (needs --broker)")
-    c = command("console", "the web console's address")
-    c.add_argument("--http-url", metavar="URL", help="the HTTP base URL of a container of the system")
+    c = command("console", "where the system's web consoles are (--open: open the first in a browser)")
+    c.add_argument("--http-url", metavar="URL", help="a console's URL, when not asking the system (no --broker)")
+    c.add_argument("--open", action="store_true", help="open the (first) console in the web browser")
     return p
 
 
@@ -156,6 +157,8 @@ def _check(args: argparse.Namespace) -> None:
         problems.append("give a command: ping, nodes, ps, call, kill, jobs, job, audit or console; --help for help")
         raise UsageProblem(problems)
     needs_broker = args.command not in ("audit", "console") or (args.command == "audit" and args.follow)
+    if args.command == "console" and args.broker and not args.http_url:
+        needs_broker = True
     if args.command == "audit" and args.follow and args.file:
         problems.append("audit: --file reads a file, --follow the live system: give one")
     if needs_broker:
@@ -226,6 +229,12 @@ class Run:
         self.result["nodes"] = rows
         _table(self.out, _when(rows, "started_at"), ["container", "pids", "started_at", "agent"], "(no containers)")
         return EXIT_OK
+
+    async def console(self) -> int:
+        """The consoles the system's containers announce."""
+        nodes = await self.control.discover(self.args.wait)
+        rows = [{"container": n["container"], "console": n["console"]} for n in nodes if n.get("console")]
+        return _show_consoles(self.args, self.out, self.result, rows)
 
     async def ps(self) -> int:
         if self.args.node is None:
@@ -417,7 +426,8 @@ def _read_audit(args: argparse.Namespace, out: Output, result: dict[str, Any]) -
 
 
 def _console(args: argparse.Namespace, out: Output, result: dict[str, Any]) -> int:
-    """``ion console``: the web console is not built yet; says so (and where the HTTP port is, if known)."""
+    """``ion console`` without ``--broker``: the console of the container this folder's config opens
+    (its ``ion.core.http: port``), or ``--http-url``."""
     url = args.http_url
     if not url:
         from ion.core.config import Config
@@ -428,13 +438,27 @@ def _console(args: argparse.Namespace, out: Output, result: dict[str, Any]) -> i
         except Exception:  # noqa: BLE001 - a broken config: no URL known
             port = None
         url = f"http://127.0.0.1:{port}/" if port else None
-    result["http_url"] = url
-    message = "the web console is not available yet (issue #16)"
-    if url:
-        message += f"; the container's HTTP port at {url} serves /healthz, /readyz and /metrics"
-    out.error(message)
-    result["errors"] = [message]
-    return EXIT_FAILED
+    if not url:
+        message = ("no console known: give --broker URL -s NAME (the system's containers say where theirs are), "
+                   "or --http-url URL; a container serves one when started with --http PORT")
+        out.error(message)
+        result["errors"] = [message]
+        return EXIT_FAILED
+    return _show_consoles(args, out, result, [{"container": None, "console": url}])
+
+
+def _show_consoles(args: argparse.Namespace, out: Output, result: dict[str, Any],
+                   rows: list[dict[str, Any]]) -> int:
+    result["consoles"] = rows
+    _table(out, rows, ["container", "console"], "(no container of the system serves a console: start one with "
+                                                "twistd cc --http PORT)")
+    if not rows:
+        return EXIT_FAILED
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(rows[0]["console"])
+    return EXIT_OK
 
 
 def _start_logging(out: Output, debug: bool) -> None:
@@ -545,7 +569,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
 
-    if args.command == "console":
+    if args.command == "console" and not (args.broker and not args.http_url):
         return finish(_console(args, out, result))
     if args.command == "audit" and not args.follow:
         try:

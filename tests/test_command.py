@@ -72,7 +72,9 @@ async def system(amqp_url: str, tmp_path: Path) -> AsyncIterator[System]:
     factory = ContainerFactory(broker_url=amqp_url)
     try:
         audit = {"ion.core.audit": {"path": str(tmp_path / "audit.jsonl")}}
-        first = await factory(sysname=SYSNAME, config=audit)
+        # The first serves the web console (its address goes out in its agent's announcements).
+        first = await factory(sysname=SYSNAME, config={**audit, "ion.core.http": {
+            "port": 0, "token_file": str(tmp_path / "console.token")}})
         second = await factory(sysname=SYSNAME, config=audit)
         agent = first.proc_manager.get(first.agent_pid)
         assert isinstance(agent, ContainerAgent)
@@ -133,7 +135,7 @@ def test_an_unreachable_broker_is_exit_69() -> None:
     assert result["ok"] is False and result["broker"] == "amqp://guest:***@127.0.0.1:1/" and "secret" not in out
 
 
-def test_audit_prints_a_file_and_console_says_it_is_not_there(tmp_path: Path) -> None:
+def test_audit_prints_a_file_and_console_gives_an_address(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     record = {"time": "2026-12-06T04:00:00.000Z", "user": "guest", "action": "process.terminate",
               "target": "hello (c.2)", "container": "c", "result": "ok", "code": 200, "error": None}
@@ -145,8 +147,8 @@ def test_audit_prints_a_file_and_console_says_it_is_not_there(tmp_path: Path) ->
     assert json.loads(out)["records"] == [record]
     code, _, err = _sync_ion("audit", "--file", str(tmp_path / "none.jsonl"))
     assert code == 1 and "no audit file" in err
-    code, _, err = _sync_ion("console", "--http-url", "http://127.0.0.1:8080/")
-    assert code == 1 and "not available yet" in err and "http://127.0.0.1:8080/" in err
+    code, out, _ = _sync_ion("console", "--http-url", "http://127.0.0.1:8080/", "--json")
+    assert code == 0 and json.loads(out)["consoles"] == [{"container": None, "console": "http://127.0.0.1:8080/"}]
 
 
 # -- against a running system ------------------------------------------------------------------------------
@@ -172,6 +174,10 @@ async def test_nodes_ps_ping_and_call(system: System) -> None:
     assert code == 0, err
     assert out.splitlines()[0].split()[:3] == ["container", "pid", "name"]
     assert {line.split()[1] for line in out.splitlines()[1:]} == set(system.second.proc_manager.processes)
+
+    code, out, err = await ion(*system.args("console", "--json"))
+    assert code == 0, err
+    assert json.loads(out)["consoles"] == [{"container": system.first.id, "console": system.first.http.url + "/"}]
 
     code, out, err = await ion(*system.args("ping", "hello"))
     assert code == 0, err

@@ -6,7 +6,8 @@ The agent makes a container visible to the rest of its system:
 - it announces the container on the events exchange (``container.start``,
   then ``container.heartbeat`` every ``ion.core.container: heartbeat_interval``
   seconds, and ``container.stop`` when it terminates), with content
-  ``{container, sysname, pids, started_at, interval, agent}``;
+  ``{container, sysname, pids, started_at, interval, agent, console}`` (``console``: the
+  URL of its web console, or None);
 - it listens to those events (a queue of its own bound with ``container.#``)
   and keeps a table of the live containers of the system, dropping one after
   3 missed heartbeats or its ``container.stop``;
@@ -63,6 +64,8 @@ class NodeInfo:
     interval: float
     agent: str
     last_seen: float
+    #: The URL of its web console (None: it serves none).
+    console: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,7 +160,13 @@ class ContainerAgent(Process):
             "started_at": container.started_at,
             "interval": self.heartbeat_interval,
             "agent": self.agent_queue,
+            "console": self._console_url(),
         }
+
+    def _console_url(self) -> str | None:
+        http = getattr(self.container, "http", None)
+        url = http.url if http is not None and getattr(http, "console_on", False) else None
+        return f"{url}/" if url else None
 
     def heartbeat(self) -> None:
         """Announce this container once more and forget the containers gone silent."""
@@ -188,6 +197,7 @@ class ContainerAgent(Process):
                 interval=float(content.get("interval") or DEFAULT_HEARTBEAT_INTERVAL),
                 agent=str(content.get("agent") or agent_queue(self.sysname, str(content["container"]))),
                 last_seen=now,
+                console=content["console"] if isinstance(content.get("console"), str) else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             self._log.warn("{pid}: ignored a malformed container announcement: {exc}", pid=self.id, exc=exc)

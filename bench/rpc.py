@@ -51,6 +51,7 @@ import math
 import os
 import platform
 import pstats
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -70,6 +71,8 @@ __all__ = ["main", "parse_args", "run", "percentile", "format_table",
 #: The issue's targets (#14): calls/s of the sequential and the windowed phase, floor/sequential.
 SEQ_TARGET_CALLS_PER_S = 25_000
 FLOOR_RATIO_TARGET = 2.5
+#: Issue #16: the per-message metrics cost at most this much CPU per message (µs).
+METRICS_TARGET_US = 3.0
 
 SYSNAME = "bench"
 SERVICE = "hello"
@@ -282,6 +285,28 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         results.append(summarize("window", args.inflight_calls, secs, lat, time.process_time() - cpu,
                                  in_flight=args.window))
 
+        # What the per-message metrics cost (#16: at most 3 µs of CPU per message): sequential rounds
+        # with and without them, interleaved, CPU medians. A call is two messages, each counted
+        # where it is sent and where it is received, and one latency observed on each side.
+        service = container.proc_manager.get(service_pid)
+        on_cpu: list[float] = []
+        off_cpu: list[float] = []
+        n = max(1000, args.calls // 5)
+        for _round in range(5):
+            for metrics_on, into in ((True, on_cpu), (False, off_cpu)):
+                for proc in (client, service):
+                    _metrics_on(proc, container.metrics if metrics_on else None)
+                gc.collect()
+                cpu = time.process_time()
+                yield sequential(call, n)
+                into.append((time.process_time() - cpu) / n * 1e6)
+        for proc in (client, service):
+            _metrics_on(proc, container.metrics)
+        metrics_cost = {"calls_per_round": n, "rounds": 5, "cpu_us_on": statistics.median(on_cpu),
+                        "cpu_us_off": statistics.median(off_cpu)}
+        metrics_cost["cpu_us_per_call"] = metrics_cost["cpu_us_on"] - metrics_cost["cpu_us_off"]
+        metrics_cost["cpu_us_per_message"] = metrics_cost["cpu_us_per_call"] / 2
+
         target = client.resolve(SERVICE)
         if args.warmup:
             floor(args.warmup, client_pid, service_pid, target)
@@ -308,6 +333,8 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
     seq, win, flo = results
     ratio = flo["calls_per_s"] / seq["calls_per_s"]
     targets = [
+        {"name": f"metrics <= {METRICS_TARGET_US:g} us CPU/message", "value": metrics_cost["cpu_us_per_message"],
+         "pass": metrics_cost["cpu_us_per_message"] <= METRICS_TARGET_US},
         {"name": f"sequential >= {SEQ_TARGET_CALLS_PER_S:,} calls/s", "value": seq["calls_per_s"],
          "pass": seq["calls_per_s"] >= SEQ_TARGET_CALLS_PER_S},
         {"name": f"window >= {SEQ_TARGET_CALLS_PER_S:,} calls/s", "value": win["calls_per_s"],
@@ -327,6 +354,7 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         "ratio_floor_over_sequential": ratio,
         "ratio_floor_over_window": flo["calls_per_s"] / win["calls_per_s"],
         "targets": targets,
+        "metrics_cost": metrics_cost,
         "broker_deliveries": broker_delivered,
         "profiles": profiles,
         "open_conversations_after": open_convs,
@@ -362,6 +390,14 @@ def _micro() -> str:
     return "µs"
 
 
+def _metrics_on(proc: Any, metrics: Any) -> None:
+    """Turn a process's per-message metrics on (the container's) or off (None), forgetting its cached children."""
+    proc._metrics = metrics
+    proc.conversations._metrics = metrics
+    for cache in (proc._m_received, proc._m_sent, proc._m_served, proc.conversations._m_calls):
+        cache.clear()
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as the plain-text table ``python bench/rpc.py`` prints."""
     env = report["environment"]
@@ -390,10 +426,20 @@ def format_table(report: dict[str, Any]) -> str:
         f"ratio floor/sequential: {report['ratio_floor_over_sequential']:.2f}x"
         f"    floor/window: {report['ratio_floor_over_window']:.2f}x",
         "",
+        f"per-message metrics: {report['metrics_cost']['cpu_us_on']:.1f} {us} CPU/call with, "
+        f"{report['metrics_cost']['cpu_us_off']:.1f} without: {report['metrics_cost']['cpu_us_per_call']:.2f} {us}"
+        f" per call, {report['metrics_cost']['cpu_us_per_message']:.2f} {us} per message (medians of "
+        f"{report['metrics_cost']['rounds']} interleaved rounds of {report['metrics_cost']['calls_per_round']:,})",
+        "",
         "targets:",
     ]
     for t in report["targets"]:
-        value = f"{t['value']:,.0f} calls/s" if "calls/s" in t["name"] else f"{t['value']:.2f}x"
+        if "calls/s" in t["name"]:
+            value = f"{t['value']:,.0f} calls/s"
+        elif "CPU" in t["name"]:
+            value = f"{t['value']:.2f} us"
+        else:
+            value = f"{t['value']:.2f}x"
         lines.append(f"  {t['name']:<34}{value:>18}   {'PASS' if t['pass'] else 'MISS'}")
     return "\n".join(lines)
 

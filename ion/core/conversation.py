@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from time import perf_counter
 from typing import Any
 
 from twisted.internet import defer
@@ -102,7 +103,7 @@ class Conversation:
 
     __slots__ = (
         "table", "conv_id", "protocol", "receiver", "op", "state", "deferred", "timeout",
-        "deadline", "on_agree", "handler", "seq", "_transitions", "trusted",
+        "deadline", "on_agree", "handler", "seq", "_transitions", "trusted", "started",
     )
 
     def __init__(self, table: ConversationTable, conv_id: str, protocol: str, receiver: str,
@@ -125,6 +126,8 @@ class Conversation:
         #: (a call to a system service: another login could consume its queue and answer).
         self.trusted = False
         self.seq = 1
+        #: When it started (``perf_counter``: the call's latency, ``ion_rpc_client_seconds``).
+        self.started = perf_counter()
         if timeout is not None and timeout > 0:  # (_arm, inline)
             table._add_deadline(self, timeout)
 
@@ -203,6 +206,7 @@ class Conversation:
         d = self.deferred
         if d.called:
             return
+        self.table.observe(self)
         if self.state in ("DONE", "ENDED"):
             if msg is not None and self.protocol == Protocol.GENERIC:
                 self._call_handler(msg)
@@ -237,7 +241,7 @@ class Conversation:
         self._disarm()
         self._arm()
         self.seq += 1
-        return self.table.process._send_in_conversation(
+        return self.table.process.send_in_conversation(
             self, op, content, Performative.INFORM, headers)
 
     def end(self, content: Any = None) -> defer.Deferred[None]:
@@ -245,7 +249,7 @@ class Conversation:
         if self.final:
             return defer.succeed(None)
         self.seq += 1
-        d = self.table.process._send_in_conversation(
+        d = self.table.process.send_in_conversation(
             self, "end", content, Performative.INFORM_RESULT, None)
         self.event("end", reason="ended")
         return d
@@ -254,9 +258,11 @@ class Conversation:
 class ResponderConversation:
     """The responder's side: which answers it has given (agree, then a result)."""
 
-    __slots__ = ("conv_id", "protocol", "state", "request", "seq")
+    __slots__ = ("conv_id", "protocol", "state", "request", "seq", "started")
 
     def __init__(self, request: dict[str, Any]) -> None:
+        #: When it arrived (``perf_counter``: the op's latency, ``ion_rpc_server_seconds``).
+        self.started = perf_counter()
         self.conv_id: str = request["conv-id"]
         self.protocol: str = request["protocol"]
         self.state = "RECEIVED"
@@ -305,6 +311,11 @@ class ConversationTable:
         #: The one timer of the table, armed for ``_timer_at`` (no earlier deadline waits).
         self._timer: IDelayedCall | None = None
         self._timer_at = 0.0
+        #: The container's metrics (:mod:`ion.core.metrics`), and the labelled children of its
+        #: call families by (target, op); receivers by their bounded target label (not pids).
+        self._metrics = getattr(getattr(process, "container", None), "metrics", None)
+        self._m_calls: dict[tuple[str, str], Any] = {}
+        self._targets: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.initiated) + len(self.responding)
@@ -326,6 +337,34 @@ class ConversationTable:
 
     def _collect(self, conv: Conversation) -> None:
         self.initiated.pop(conv.conv_id, None)
+
+    def observe(self, conv: Conversation) -> None:
+        """Count a call that ended: its latency when an answer came (``ion_rpc_client_seconds``),
+        else why it ended without one (``ion_rpc_client_failures_total``: timeout or error)."""
+        metrics = self._metrics
+        if metrics is None or conv.protocol == Protocol.GENERIC:
+            return
+        target = self._targets.get(conv.receiver)
+        if target is None:
+            from ion.core.metrics import target_label
+
+            target = target_label(conv.receiver, self.process.sysname)
+            if target != "pid":  # (pids come and go: not kept)
+                self._targets[conv.receiver] = target
+        state = conv.state
+        answered = state in ("DONE", "FAILED", "REFUSED")
+        key = (target, conv.op if answered else f"{conv.op}\0{state}")
+        child = self._m_calls.get(key)
+        if child is None:
+            if answered:
+                child = metrics.rpc_client.labels(target, conv.op)
+            else:
+                child = metrics.rpc_failures.labels(target, conv.op, "timeout" if state == "TIMEOUT" else "error")
+            self._m_calls[key] = child
+        if answered:
+            child.observe(perf_counter() - conv.started)
+        else:
+            child.inc()
 
     # -- deadlines: one timer for the table -------------------------------------------------------------
     def _add_deadline(self, conv: Conversation, timeout: float) -> None:

@@ -21,6 +21,7 @@ once per container by :meth:`ContainerMetrics.counter` and
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -28,8 +29,15 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram as PromHistogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from twisted.logger import Logger
 
 from ion.core.lifecycle import State
@@ -38,7 +46,22 @@ from ion.core.process import Process
 if TYPE_CHECKING:
     from ion.core.container import Container
 
-__all__ = ["ContainerMetrics"]
+__all__ = ["ContainerMetrics", "RPC_BUCKETS", "target_label"]
+
+#: Buckets of the RPC latency histograms: 100 µs to a minute.
+RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+               10.0, 30.0, 60.0)
+
+
+def target_label(receiver: str, sysname: str) -> str:
+    """A bounded label for a message's receiver: the service name for ``<sysname>.<service>``,
+    ``agent`` for an agent's queue, ``pid`` for a process's own queue (pids are unbounded)."""
+    name = receiver[len(sysname) + 1:] if receiver.startswith(sysname + ".") else receiver
+    if name.startswith("agent."):
+        return "agent"
+    if "." in name or name.isdigit():
+        return "pid"
+    return name
 
 _log = Logger()
 
@@ -65,6 +88,20 @@ class ContainerMetrics:
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
         self._made: dict[str, Any] = {}
+        # The messaging families, counted by every process as it sends, receives and answers
+        # (their labelled children cached by each process: a count is one dict lookup and an add).
+        self.received = Tallies("ion_messages_received", "Messages received, by process name and op "
+                                     "(a reply's op is result or error; an op the process has not: other).",
+                                     ("process", "op"))
+        self.sent = Tallies("ion_messages_sent", "Messages sent, by process name and op.", ("process", "op"))
+        self.rpc_client = Timings(
+            "ion_rpc_client_seconds", "Seconds from a request to its reply, on the caller, by target (a service "
+            "name, agent or pid) and op; timeouts and lost calls are in ion_rpc_client_failures_total.",
+            ("target", "op"), buckets=RPC_BUCKETS)
+        self.rpc_failures = Tallies("ion_rpc_client_failures", "Calls that ended without a reply, by target "
+                                         "and reason (timeout or error).", ("target", "op", "reason"))
+        self.rpc_server = Timings("ion_rpc_server_seconds", "Seconds an op took to answer, on the service, "
+                                         "by process name and op.", ("process", "op"), buckets=RPC_BUCKETS)
 
     def counter(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> PromCounter:
         """The counter ``name`` of this container (made on first use; every instance of a service
@@ -89,6 +126,8 @@ class ContainerMetrics:
         self._snapshot.families = _merged(list(self._container_families()))
 
     def _container_families(self) -> Iterator[Metric]:
+        for family in (self.received, self.sent, self.rpc_client, self.rpc_failures, self.rpc_server):
+            yield family.family()
         c = self.container
         info = InfoMetricFamily("ion_container", "The container: its id, system and broker.",
                                 labels=("container", "system", "broker"))
@@ -149,6 +188,81 @@ class ContainerMetrics:
         apps.add_metric(("running",), len(c.app_manager.running))
         apps.add_metric(("failed",), len(c.app_manager.failed))
         yield apps
+
+
+class Tally:
+    """One counter, counted on the reactor thread: an add, no lock (read by :meth:`ContainerMetrics.snapshot`,
+    on the same thread). The per-message families use these: a ``prometheus_client`` child takes a lock
+    and checks its arguments, several µs per message in all."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class Tallies:
+    """A counter family of :class:`Tally` children by label values (``labels(...)`` as in prometheus_client)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.children: dict[tuple[str, ...], Tally] = {}
+
+    def labels(self, *values: str) -> Tally:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = Tally()
+        return child
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in self.children.items():
+            family.add_metric(values, child.value)
+        return family
+
+
+class Timing:
+    """One histogram, observed on the reactor thread: a bisect and two adds (see :class:`Tally`)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class Timings:
+    """A histogram family of :class:`Timing` children by label values."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
+                 buckets: tuple[float, ...]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.buckets = tuple(sorted(buckets))
+        self.children: dict[tuple[str, ...], Timing] = {}
+
+    def labels(self, *values: str) -> Timing:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = Timing(self.buckets)
+        return child
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in self.children.items():
+            running, buckets = 0, []
+            for bound, count in zip((*self.buckets, float("inf")), child.counts, strict=True):
+                running += count
+                buckets.append((floatToGoString(bound), running))
+            family.add_metric(values, buckets, child.sum)
+        return family
 
 
 def _merged(families: list[Metric]) -> list[Metric]:

@@ -66,6 +66,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
@@ -127,6 +128,9 @@ _REQUEST_PROTOCOLS = frozenset({Protocol.RPC, Protocol.REQUEST})
 _expirations: dict[float, str] = {}
 
 #: Types of an op's result that are plainly its answer (no Deferred, coroutine or Failure).
+#: The ops of answers (results, errors, agrees): counted by name on receipt like an op of the process.
+_ANSWER_OPS = frozenset({"result", "agree", "end"})
+
 _PLAIN_RESULTS = frozenset({dict, list, tuple, str, bytes, int, float, bool, type(None)})
 
 
@@ -611,6 +615,12 @@ class Process(LifecycleObject):
         #: What peers make us log per message (garbage, unknown ops): one line per kind per 10 s.
         self.log_limiter = LogLimiter(self.clock)
         self.conversations = ConversationTable(self, self.clock)
+        #: The container's metrics, and this process's labelled children of its messaging families
+        #: (by op or target and op), so that counting a message is a dict lookup and an add.
+        self._metrics = getattr(container, "metrics", None)
+        self._m_received: dict[str, Any] = {}
+        self._m_sent: dict[str, Any] = {}
+        self._m_served: dict[str, Any] = {}
         self.receivers: list[Receiver] = []
         self.children: list[Process] = []
         self.parent: Process | None = None
@@ -800,6 +810,12 @@ class Process(LifecycleObject):
         return self._receive(msg, receiver)
 
     def _receive(self, msg: dict[str, Any], receiver: Receiver) -> defer.Deferred[Any] | None:
+        op = msg["op"]
+        child = self._m_received.get(op)
+        if child is None:
+            child = self._received_child(op)
+        if child is not None:
+            child.inc()
         # Answers to our conversations arrive on the backend queue; requests
         # (including ones this process sent to itself) on the others.
         if receiver.name == self.backend_name:
@@ -808,6 +824,28 @@ class Process(LifecycleObject):
         elif msg["performative"] in REPLY_PERFORMATIVES and self.conversations.stray_reply(msg):
             return None
         return self._dispatch(msg, receiver)
+
+    def _received_child(self, op: str) -> Any:
+        """The ``ion_messages_received`` child of ``op``: an op of ours, a reply's, else ``other``
+        (kept only for the bounded set of known ops: a caller may send any op name)."""
+        if self._metrics is None:
+            return None
+        known = op in _ANSWER_OPS or (op.isidentifier() and hasattr(type(self), "op_" + op))
+        child = self._metrics.received.labels(self.proc_name, op if known else "other")
+        if known:
+            self._m_received[op] = child
+        return child
+
+    def _observe_served(self, msg: Mapping[str, Any]) -> None:
+        """``ion_rpc_server_seconds`` of the op that answered ``msg`` (a request)."""
+        conv = self.conversations.responding.get(msg["conv-id"])
+        if conv is None or self._metrics is None:
+            return
+        op = msg["op"]
+        child = self._m_served.get(op)
+        if child is None:
+            child = self._m_served[op] = self._metrics.rpc_server.labels(self.proc_name, op)
+        child.observe(perf_counter() - conv.started)
 
     def _dispatch(self, msg: dict[str, Any], receiver: Receiver | None = None) -> defer.Deferred[Any] | None:
         op = msg["op"]
@@ -884,6 +922,8 @@ class Process(LifecycleObject):
     def _op_done(self, result: Any, msg: dict[str, Any]) -> None:
         responding = self.conversations.responding
         conv = responding.get(msg["conv-id"])
+        if conv is not None and self._metrics is not None:
+            self._observe_served(msg)
         if conv is not None and conv.state in ("RECEIVED", "AGREED") and msg["protocol"] in _REQUEST_PROTOCOLS:
             # (reply_ok, less the Deferred when the broker took the answer at once)
             d = self._reply(msg, "result", result, None, Performative.INFORM_RESULT, "OK", 200)
@@ -892,6 +932,7 @@ class Process(LifecycleObject):
         responding.pop(msg["conv-id"], None)
 
     def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
+        self._observe_served(msg)
         exc = failure.value
         content: dict[str, Any] | None = None
         if isinstance(exc, defer.CancelledError):
@@ -957,6 +998,12 @@ class Process(LifecycleObject):
         """
         container = self.container
         body = wire.encode(msg, container.max_message_size)
+        op = msg["op"]
+        child = self._m_sent.get(op)
+        if child is None and self._metrics is not None:
+            child = self._m_sent[op] = self._metrics.sent.labels(self.proc_name, op)
+        if child is not None:
+            child.inc()
         props = Properties("application/msgpack", msg["conv-id"], msg["reply-to"], None, None, {}, expiration)
         return container.transport.publish_now(container.exchange_name, msg["receiver"], body, props,
                                                mandatory=mandatory, confirm=confirm)
@@ -1057,8 +1104,10 @@ class Process(LifecycleObject):
         message from the peer, or after ``idle_timeout`` seconds without a message."""
         return self._start(Protocol.GENERIC, receiver, op, content, headers, idle_timeout, handler=handler)
 
-    def _send_in_conversation(self, conv: Conversation, op: str, content: Any, performative: str,
-                              headers: Mapping[str, Any] | None) -> defer.Deferred[None]:
+    def send_in_conversation(self, conv: Conversation, op: str, content: Any, performative: str,
+                             headers: Mapping[str, Any] | None) -> defer.Deferred[None]:
+        """Send the next message of ``conv`` (a ``generic`` conversation this process started) to its
+        peer: what :meth:`Conversation.send <ion.core.conversation.Conversation.send>` and ``end`` use."""
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=conv.receiver, op=op,
             content=content, conv_id=conv.conv_id, conv_seq=conv.seq, protocol=conv.protocol,

@@ -87,6 +87,14 @@ async def test_health_ready_and_metrics(container_factory: Any) -> None:
                                          ("system", container.sysname)))] == 1
     assert found[("ion_receiver_prefetch", (("process", "hello"),))] >= 1
     assert (("ion_conversations_in_flight", (("process", "test-client"), ("role", "initiator"))) in found)
+    # Every message counted where it was sent and received, and the call's latency on both sides.
+    assert found[("ion_messages_sent_total", (("op", "hello"), ("process", "test-client")))] == 1
+    assert found[("ion_messages_received_total", (("op", "hello"), ("process", "hello")))] == 1
+    assert found[("ion_messages_sent_total", (("op", "result"), ("process", "hello")))] == 1
+    assert found[("ion_messages_received_total", (("op", "result"), ("process", "test-client")))] == 1
+    assert found[("ion_rpc_client_seconds_count", (("op", "hello"), ("target", "hello")))] == 1
+    assert found[("ion_rpc_server_seconds_count", (("op", "hello"), ("process", "hello")))] == 1
+    assert found[("ion_rpc_client_seconds_bucket", (("le", "+Inf"), ("op", "hello"), ("target", "hello")))] == 1
     # Labels are names, never pids.
     assert not any(container.id in dict(labels).get("process", "") for _, labels in found)
 
@@ -207,3 +215,41 @@ def test_sd_notify_sends_to_the_notify_socket(tmp_path: Path) -> None:
         assert server.recv(100) == b"READY=1"
     assert sd_notify("READY=1", {}) is False
     assert sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "gone")}) is False
+
+
+def test_calls_without_an_answer_and_unknown_ops_are_counted_bounded() -> None:
+    """A timeout and an unknown op: ``ion_rpc_client_failures_total`` by reason; an op the process has not
+    is counted as ``other`` (a caller may send any name: the labels stay bounded); a pid target is ``pid``."""
+    from prometheus_client import generate_latest
+
+    from ion.core.exceptions import ConversationTimeout, ReceivedApplicationError
+    from ion.services.hello import HelloService
+    from ion.testing import ClockedCluster
+    from tests.core.support import failure_of
+
+    cluster = ClockedCluster()
+    home = cluster.start_container("home", "s")
+    hello = cluster.spawn_in(home, HelloService)
+    caller = cluster.spawn_in(home, Process, name="caller")
+    for op in ("nope1", "nope2"):
+        d = caller.rpc_send("hello", op, None)
+        assert failure_of(cluster.pump() or d, ReceivedApplicationError).response_code == 404
+    d = caller.rpc_send("nobody-here", "hello", None, timeout=5)  # mandatory: returned, an error at once
+    cluster.pump()
+    d2 = caller.rpc_send(hello.id, "hello", "x", timeout=5)
+    cluster.result(d2)
+    cluster.result(home.transport.declare_queue("s.silent"))  # a queue nobody consumes: no answer ever
+    cluster.result(home.transport.bind("s.silent", home.exchange_name, "s.silent"))
+    silent = caller.rpc_send("s.silent", "x", None, timeout=5)
+    cluster.pump()
+    cluster.clock.advance(6)
+    failure_of(silent, ConversationTimeout)
+    failure_of(d, Exception)
+    home.metrics.snapshot()
+    found = samples(generate_latest(home.metrics.registry))
+    assert found[("ion_messages_received_total", (("op", "other"), ("process", "hello")))] == 2
+    assert found[("ion_rpc_client_seconds_count", (("op", "nope1"), ("target", "hello")))] == 1
+    assert found[("ion_rpc_client_seconds_count", (("op", "hello"), ("target", "pid")))] == 1
+    assert found[("ion_rpc_client_failures_total", (("op", "x"), ("reason", "timeout"), ("target", "silent")))] == 1
+    assert found[("ion_rpc_client_failures_total", (("op", "hello"), ("reason", "error"),
+                                                     ("target", "nobody-here")))] == 1

@@ -603,14 +603,23 @@ class Console:
                                     f"of container {self.container.id})")
         if field and not target:
             raise ConsoleError(400, f"{action} needs {field!r}")
-        headers = {"user-id": client}
+        if self.proc is None:
+            raise ConsoleError(503, f"the console of container {self.container.id} is not running")
+        from ion.core.control import ControlError, SystemControl
+
+        # The one control path (as the shell's and the ion command's), from the console's process; the
+        # client's address goes as the user-id claim, for the audit record.
+        system = SystemControl(self.proc, caller="the web console", headers={"user-id": client},
+                               timeout=READ_TIMEOUT)
         try:
             if action == "kill":
-                answer = await self.call(target, "terminate", None, headers=headers)
+                answer: Any = await system.kill(target)
             elif action == "job_cancel":
-                answer = await self.call("deploy", "job_cancel", {"job": target}, headers=headers)
+                answer = await system.cancel_job(target)
             else:
-                answer = await self.call("cache", "verify_round", {}, timeout=3600.0, headers=headers)
+                answer = await system.verify_cache()
+        except ControlError as exc:
+            raise ConsoleError(400, str(exc)) from None
         except ConsoleError:
             raise
         except Exception as exc:

@@ -88,6 +88,11 @@ class AuditListener(Process):
             self._log.failure("{pid}: audit callback failed", pid=self.id)
 
 
+#: Separates the pid of the Deploy instance that runs a job from the rest of its id (the Deploy
+#: service makes its job ids with it).
+JOB_SEP = "/"
+
+
 class SystemControl:
     """Look at and change a running system, over messages sent by ``proc``.
 
@@ -97,14 +102,17 @@ class SystemControl:
         of the system: it is left out of :meth:`nodes` and :meth:`ps`.
     :param timeout: seconds each call waits for its answer (None: ``ion.core.process: rpc_timeout``).
     :param caller: who ``proc`` is, in error messages (``the shell``).
+    :param headers: extra headers of every call (claims for the record, such as the web console's
+        ``user-id: web <address>``: the target decides on the broker user, never on them).
     """
 
     def __init__(self, proc: Process, *, client: bool = False, timeout: float | None = None,
-                 caller: str = "the caller") -> None:
+                 caller: str = "the caller", headers: Mapping[str, Any] | None = None) -> None:
         self.proc = proc
         self.caller = caller
         self.client = client
         self.timeout = timeout
+        self.headers = dict(headers) if headers else None
 
     @property
     def container(self) -> Any:
@@ -142,7 +150,7 @@ class SystemControl:
         return node
 
     async def _rpc(self, target: str, op: str, content: Any = None, timeout: float | None = None) -> Any:
-        reply, _headers = await self.proc.rpc_send(target, op, content,
+        reply, _headers = await self.proc.rpc_send(target, op, content, headers=self.headers,
                                                    timeout=timeout if timeout is not None else self.timeout)
         return reply
 
@@ -255,6 +263,18 @@ class SystemControl:
         answered = reply.get("terminating") if isinstance(reply, Mapping) else None
         return {"pid": str(answered or pid), "name": local.proc_name if local is not None else None,
                 "container": container, "done": local is not None}
+
+    # -- the deployer's actions (by service and op name: the core imports no service) -----------------
+    async def cancel_job(self, job: str) -> Any:
+        """Cancel a running deploy job (operators only; audited) at the Deploy instance that runs it:
+        a job id names it (``<pid>/<hex>``); another id goes to the ``deploy`` service.
+        ``{job, cancelled: bool}``."""
+        target = job.split(JOB_SEP, 1)[0] if JOB_SEP in job else "deploy"
+        return await self._rpc(target, "job_cancel", {"job": job})
+
+    async def verify_cache(self, timeout: float = 3600.0) -> Any:
+        """Have the Cache service run a verification round now (operators only; audited); its report."""
+        return await self._rpc("cache", "verify_round", {}, timeout=timeout)
 
     # -- the audit trail ----------------------------------------------------------------------------
     async def follow_audit(self, callback: Callable[[dict[str, Any]], Any]) -> AuditListener:

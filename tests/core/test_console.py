@@ -284,7 +284,7 @@ async def test_kill_with_the_token_terminates_over_messages_and_is_audited(conta
     c1, c2 = await two_containers(container_factory, tmp_path)
     victim = await c2.spawn(Process, name="victim")
     code, answer = await post(c1.http.url + "/api/kill", {"pid": victim}, c1.http.console.token)
-    assert code == 200 and answer["ok"] is True and answer["result"] == {"terminating": victim}
+    assert code == 200 and answer["ok"] is True and answer["result"]["pid"] == victim
     await wait_for(lambda: True if c2.proc_manager.get(victim) is None else None, "the victim to end")
     await c2.audit.flush()
     (entry,) = [r for r in records(tmp_path / "c2-audit.jsonl") if r["action"] == "process.terminate"]

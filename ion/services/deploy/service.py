@@ -63,6 +63,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ion.core.audit import audited
+from ion.core.control import JOB_SEP as CONTROL_JOB_SEP
+from ion.core.control import SystemControl
 from ion.core.exceptions import ApplicationError, ConfigurationError, ReceivedError
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
@@ -88,8 +90,9 @@ from ion.services.records import convert
 
 __all__ = ["DeployService", "DeployClient", "JobProgressListener", "JOB_SEP"]
 
-#: Separates the pid of the Deploy instance that runs a job from the rest of its id.
-JOB_SEP = "/"
+#: Separates the pid of the Deploy instance that runs a job from the rest of its id (the control
+#: API routes a job's cancel by it: one home, ion.core.control).
+JOB_SEP = CONTROL_JOB_SEP
 
 
 class DeployService(ServiceProcess):
@@ -457,9 +460,10 @@ class DeployClient(ServiceClient):
     def cancel_job(self, job: str) -> Any:
         """Cancel a running async job at the instance that runs it (operators only):
         ``{job, cancelled: bool}``."""
-        target = job.split(JOB_SEP, 1)[0] if JOB_SEP in job else self.target
-        content, _ = yield self.proc.rpc_send(target, "job_cancel", {"job": job})
-        return content
+        if JOB_SEP not in job:  # not a job id of ours: ask the instance this client names
+            content, _ = yield self.proc.rpc_send(self.target, "job_cancel", {"job": job})
+            return content
+        return (yield defer.ensureDeferred(SystemControl(self.proc).cancel_job(job)))
 
     @defer.inlineCallbacks
     def jobs(self) -> Any:

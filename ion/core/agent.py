@@ -23,6 +23,7 @@ The container spawns the agent first and terminates it last.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -33,7 +34,7 @@ from twisted.logger import Logger
 from ion.core.exceptions import AppError, ApplicationError, ConfigurationError, IllegalStateError
 from ion.core.lifecycle import State
 from ion.core.process import Process, ProcessDesc, Receiver
-from ion.core.security import control
+from ion.core.security import control, is_operator
 from ion.core.settings import ContainerSettings
 
 __all__ = ["ContainerAgent", "NodeInfo", "agent_queue", "app_table", "MISSED_HEARTBEATS",
@@ -69,6 +70,19 @@ class NodeInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _console_url(value: Any) -> str | None:
+    """An announced console address, if it is an ``http(s)://`` URL of a host (else None)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str) or len(value) > 300:
+        return None
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return None
+    return value if parts.scheme in ("http", "https") and parts.hostname else None
 
 
 def app_table(container: Any) -> list[dict[str, Any]]:
@@ -160,13 +174,17 @@ class ContainerAgent(Process):
             "started_at": container.started_at,
             "interval": self.heartbeat_interval,
             "agent": self.agent_queue,
-            "console": self._console_url(),
+            "console": self._own_console_url(),
         }
 
-    def _console_url(self) -> str | None:
+    def _own_console_url(self) -> str | None:
         http = getattr(self.container, "http", None)
         url = http.url if http is not None and getattr(http, "console_on", False) else None
-        return f"{url}/" if url else None
+        if not url:
+            return None
+        for wildcard in ("//0.0.0.0:", "//[::]:"):  # listening everywhere: name this host
+            url = url.replace(wildcard, f"//{socket.gethostname()}:")
+        return f"{url}/"
 
     def heartbeat(self) -> None:
         """Announce this container once more and forget the containers gone silent."""
@@ -197,7 +215,7 @@ class ContainerAgent(Process):
                 interval=float(content.get("interval") or DEFAULT_HEARTBEAT_INTERVAL),
                 agent=str(content.get("agent") or agent_queue(self.sysname, str(content["container"]))),
                 last_seen=now,
-                console=content["console"] if isinstance(content.get("console"), str) else None,
+                console=_console_url(content.get("console")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             self._log.warn("{pid}: ignored a malformed container announcement: {exc}", pid=self.id, exc=exc)
@@ -235,6 +253,14 @@ class ContainerAgent(Process):
                 self._log.info("{pid}: container {cid} stopped", pid=self.id, cid=cid)
             return
         if event not in (EVENT_START, EVENT_HEARTBEAT):
+            return
+        if not is_operator(self.container, msg.get("broker-user")):
+            # A container of this system publishes as one of its operators; anything else is a
+            # claim (a fake node, a console URL to lure an operator's browser): not listed.
+            self.log_limiter.warn(self._log, ("foreign-announcement", str(msg.get("broker-user"))),
+                                  "{pid}: ignored an announcement of container {cid!r} by broker user {user!r}, "
+                                  "not an operator of system {sysname}", pid=self.id, cid=cid,
+                                  user=msg.get("broker-user"), sysname=self.sysname)
             return
         known = cid in self.nodes
         self._remember(content, self.clock.seconds())
@@ -280,6 +306,12 @@ class ContainerAgent(Process):
         """This container's apps: ``[{app, version, description, pids, failed}]`` (``failed``: why the
         supervisor gave up, else None)."""
         return self.app_table()
+
+    @control("process.terminate")
+    def op_terminate(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """Refused (409): the agent runs as long as its container; stop the container instead."""
+        raise ApplicationError(f"{self.id} is the agent of container {self.container.id}: it runs as long as its "
+                               f"container (stop the container instead)", 409)
 
     @control("agent.spawn")
     @defer.inlineCallbacks

@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from ion.core.agent import ContainerAgent, agent_queue
 from ion.core.exceptions import IonError, ReceivedError
 from ion.core.process import Process, Receiver
+from ion.core.settings import ProcessSettings
 
 __all__ = ["SystemControl", "ControlError", "AuditListener", "DEFAULT_SETTLE", "AUDIT_BINDING"]
 
@@ -239,6 +240,9 @@ class SystemControl:
         local = pm.find(pid)  # a process of this container, by pid or by name
         if local is None and ("." not in pid or pid.rsplit(".", 1)[0] == self.container.id):
             raise ControlError(f"no process {pid!r} in container {self.container.id}")
+        if local is None and not pid.rsplit(".", 1)[1].isdigit():
+            # A service's or an agent's queue name would terminate whichever instance takes it.
+            raise ControlError(f"{pid!r} is not a process id (<container>.<n>): kill names one process")
         if local is not None:
             pid = local.id
             if local is self.proc:
@@ -256,7 +260,13 @@ class SystemControl:
         try:
             reply = await self._rpc(pid, "terminate", None)
             if local is not None and pm.get(pid) is not None:
-                await ended
+                # It said it would; its own stop is bounded by its terminate_timeout, and so is this wait.
+                limit = self.timeout if self.timeout is not None else self.proc.rpc_timeout
+                try:
+                    stop = self.container.config.settings(ProcessSettings).terminate_timeout
+                    await ended.addTimeout(limit + stop, self.proc.clock)
+                except defer.TimeoutError:
+                    return {"pid": pid, "name": local.proc_name, "container": self.container.id, "done": False}
         finally:
             pm.remove_exit_listener(exited)
         container = pid.rsplit(".", 1)[0] if "." in pid else None

@@ -192,3 +192,37 @@ def test_a_non_operator_cannot_kill_or_spawn(cluster: Cluster) -> None:
     assert c1.proc_manager.get(hello.id) is hello
     with pytest.raises(ReceivedApplicationError, match="not an operator"):
         cluster.run(control.spawn("hello", node="c1"))
+
+
+def test_kill_names_one_process_and_never_an_agent(cluster: Cluster) -> None:
+    """A service's or an agent's queue name would terminate whichever instance takes it: refused before
+    sending; an agent refuses its terminate (409) even to an operator: it runs as long as its container."""
+    c1 = cluster.container("c1")
+    c2 = cluster.container("c2")
+    cluster.spawn_in(c2, HelloService)
+    control = cluster.control(c1)
+    for name in ("sys.hello", "sys.agent.c2"):
+        with pytest.raises(ControlError, match="is not a process id"):
+            cluster.run(control.kill(name))
+    with pytest.raises(ReceivedApplicationError, match="runs as long as its container") as refused:
+        cluster.run(control.kill(str(c2.agent_pid)))
+    assert refused.value.response_code == 409
+    assert c2.proc_manager.get(str(c2.agent_pid)) is not None
+
+
+def test_announcements_count_only_from_the_systems_operators(cluster: Cluster) -> None:
+    """A login that is not an operator cannot add a container to nodes() (nor a console URL to lure an
+    operator's browser); an operator's announced console is kept only as an http(s) URL."""
+    from ion.core.agent import EVENT_HEARTBEAT
+
+    c1 = cluster.container("c1")
+    outsider = cluster.container("mallory", **{"ion.core.messaging": {"memory_user": "mallory"}})
+    fake = {"container": "fake", "sysname": "sys", "pids": 1, "started_at": 0.0, "interval": INTERVAL,
+            "agent": "sys.agent.fake", "console": "http://phish.example/"}
+    outsider.publish_event(EVENT_HEARTBEAT, fake)
+    c1.publish_event(EVENT_HEARTBEAT, dict(fake, container="real", console="javascript:alert(1)"))
+    c1.publish_event(EVENT_HEARTBEAT, dict(fake, container="web", console="https://c.example:8080/"))
+    cluster.pump()
+    nodes = {n["container"]: n for n in cluster.run(cluster.control(c1).nodes())}
+    assert "fake" not in nodes and "mallory" not in nodes
+    assert nodes["real"]["console"] is None and nodes["web"]["console"] == "https://c.example:8080/"

@@ -359,6 +359,12 @@ class AmqpTransport(Transport):
         for u in urls:
             if u.scheme not in ("amqp", "amqps"):
                 raise ConfigurationError(f"AmqpTransport needs an amqp:// URL, not {u}")
+        logins = sorted({u.username for u in urls})
+        if len(logins) > 1:
+            # The container's login is who it is (its operators, the user_id of its messages): a
+            # failover must not make it someone else.
+            raise ConfigurationError(f"the broker addresses log in as different users ({', '.join(logins)}); "
+                                     f"give every address of one container the same login")
         if not 0 <= reconnect_jitter <= 1:
             raise ConfigurationError(f"reconnect_jitter must be from 0 to 1, not {reconnect_jitter!r}")
         if reactor is None:

@@ -1026,3 +1026,13 @@ async def test_refused_unconfirmed_messages_are_those_since_the_broker_last_show
     assert (await inbox.next()).body == b"after"
     assert t._fast.current() is not channel
     assert [d.body for d in inbox.items] == [b"a"] * 4 + [b"after"]
+
+
+def test_broker_addresses_of_one_container_share_one_login() -> None:
+    """A failover must not make the container someone else (its operators, its messages' user_id): a
+    list whose addresses log in as different users is refused at once, naming them."""
+    from ion.core.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"log in as different users \(alice, bob\)"):
+        AmqpTransport(["amqp://alice:x@127.0.0.1:1/", "amqp://bob:y@127.0.0.1:2/"])
+    AmqpTransport(["amqp://alice:x@127.0.0.1:1/", "amqp://alice:x@127.0.0.1:2/"])  # one login: fine

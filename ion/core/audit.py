@@ -23,8 +23,9 @@ Each record is
   set in the container's own config (``twistd cc`` sets it beside its log
   file, or to ``ion-audit.jsonl`` in its working folder when it logs to
   the terminal). The file is opened append-only, without following a
-  symlink, readable by its owner only; lines are written in order, off the
-  reactor thread.
+  symlink, readable by its owner only (made so if it existed), never a FIFO
+  or device; lines are written whole and in order, off the reactor thread;
+  lines a failed write left are written before the next record.
 
 Actions the system's own services take on its cache for every fetch (lock,
 publish, staging, unpack) are control operations but not audited:
@@ -33,8 +34,10 @@ publish, staging, unpack) are control operations but not audited:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -94,6 +97,28 @@ def _args(content: Any) -> str:
     return _cut(text)
 
 
+#: Lines kept for a later attempt when the audit file cannot be written (the oldest dropped beyond).
+MAX_UNWRITTEN = 10_000
+
+
+def _open_append(path: str) -> int:
+    """The audit file, opened to append: never through a symlink, never a FIFO or device (it could
+    block a pool thread for good), and readable by its owner only, even if it existed."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                 0o600)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"the audit file {path} is not a regular file")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class AuditLog:
     """Records a container's audited actions (see the module notes)."""
 
@@ -104,6 +129,8 @@ class AuditLog:
         self._fd: int | None = None
         self._path: str | None = None
         self._last: defer.Deferred[None] = defer.succeed(None)
+        #: Lines a failed write left (written before the next one; see ``_write_blocking``).
+        self._unwritten: list[bytes] = []
 
     @property
     def path(self) -> str | None:
@@ -162,11 +189,19 @@ class AuditLog:
         self._last = self._last.addCallback(write).addErrback(failed)
 
     def _write_blocking(self, path: str, line: bytes) -> None:
+        """Append ``line`` (and any line a failed write left), in order; raises on failure, keeping
+        the lines not written for the next attempt (at most :data:`MAX_UNWRITTEN`)."""
+        self._unwritten.append(line)
+        del self._unwritten[:-MAX_UNWRITTEN]
         if self._fd is None or self._path != path:
             self.close()
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self._fd = _open_append(path)
             self._path = path
-        os.write(self._fd, line)  # one write of one line on an O_APPEND file: lines never interleave
+        while self._unwritten:
+            data = memoryview(self._unwritten[0])
+            while data:  # one write of one line on an O_APPEND file: lines never interleave
+                data = data[os.write(self._fd, data):]
+            self._unwritten.pop(0)
 
     def flush(self) -> defer.Deferred[None]:
         """Fires once every record asked for so far is written (or its failure logged)."""

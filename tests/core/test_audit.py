@@ -165,3 +165,31 @@ def test_twistd_puts_the_file_beside_its_log(tmp_path: Path, monkeypatch: Any) -
     config = Config({"ion.core.audit": {"path": None}})  # set (to none): kept
     _default_audit_path(config, Sub())
     assert config.container_get("ion.core.audit", "path") is None
+
+
+def test_an_existing_file_is_made_private_and_a_fifo_never_blocks(tmp_path: Path, log_events: list[Any]) -> None:
+    cluster, home, insider, outsider, target, watcher = _system(tmp_path)
+    path = tmp_path / "audit.jsonl"
+    path.write_text("")
+    path.chmod(0o644)
+    cluster.result(insider.rpc_send(target.id, "reset", None))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and len(records(path)) == 1
+    cluster.result(home.audit.stop())
+    path.unlink()
+    os.mkfifo(path)  # nobody reads it: an open for writing would wait for a reader for good
+    cluster.result(insider.rpc_send(target.id, "reset", None))
+    cluster.pump()
+    assert logged(log_events, "audit record not written to")
+
+
+def test_a_record_that_could_not_be_written_is_written_with_the_next(tmp_path: Path, log_events: list[Any]) -> None:
+    cluster, home, insider, outsider, target, watcher = _system(tmp_path)
+    path = tmp_path / "audit.jsonl"
+    path.mkdir()  # cannot be opened as a file
+    cluster.result(insider.rpc_send(target.id, "reset", "first"))
+    cluster.pump()
+    assert logged(log_events, "audit record not written to")
+    path.rmdir()
+    cluster.result(insider.rpc_send(target.id, "reset", "second"))
+    cluster.pump()
+    assert [json.loads(r["args"]) for r in records(path)] == ["first", "second"]

@@ -349,7 +349,7 @@ class ConversationTable:
             from ion.core.metrics import target_label
 
             target = target_label(conv.receiver, self.process.sysname)
-            if target != "pid":  # (pids come and go: not kept)
+            if target != "pid" and len(self._targets) < 1000:  # (pids come and go: not kept)
                 self._targets[conv.receiver] = target
         state = conv.state
         answered = state in ("DONE", "FAILED", "REFUSED")
@@ -360,7 +360,8 @@ class ConversationTable:
                 child = metrics.rpc_client.labels(target, conv.op)
             else:
                 child = metrics.rpc_failures.labels(target, conv.op, "timeout" if state == "TIMEOUT" else "error")
-            self._m_calls[key] = child
+            if len(self._m_calls) < 1000:
+                self._m_calls[key] = child
         if answered:
             child.observe(perf_counter() - conv.started)
         else:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -214,7 +214,8 @@ class Tallies:
     def labels(self, *values: str) -> Tally:
         child = self.children.get(values)
         if child is None:
-            child = self.children[values] = Tally()
+            values = _bounded(self.children, values)
+            child = self.children.get(values) or self.children.setdefault(values, Tally())
         return child
 
     def family(self) -> Metric:
@@ -251,7 +252,8 @@ class Timings:
     def labels(self, *values: str) -> Timing:
         child = self.children.get(values)
         if child is None:
-            child = self.children[values] = Timing(self.buckets)
+            values = _bounded(self.children, values)
+            child = self.children.get(values) or self.children.setdefault(values, Timing(self.buckets))
         return child
 
     def family(self) -> Metric:
@@ -263,6 +265,15 @@ class Timings:
                 buckets.append((floatToGoString(bound), running))
             family.add_metric(values, buckets, child.sum)
         return family
+
+
+#: Series a per-message family keeps; beyond, new label values are counted under ``other``
+#: (a caller can name any op or target: a typo, a scan must not grow the registry for good).
+MAX_SERIES = 500
+
+
+def _bounded(children: Mapping[tuple[str, ...], Any], values: tuple[str, ...]) -> tuple[str, ...]:
+    return values if len(children) < MAX_SERIES else ("other",) * len(values)
 
 
 def _merged(families: list[Metric]) -> list[Metric]:

@@ -1001,7 +1001,9 @@ class Process(LifecycleObject):
         op = msg["op"]
         child = self._m_sent.get(op)
         if child is None and self._metrics is not None:
-            child = self._m_sent[op] = self._metrics.sent.labels(self.proc_name, op)
+            child = self._metrics.sent.labels(self.proc_name, op)
+            if len(self._m_sent) < 1000:
+                self._m_sent[op] = child
         if child is not None:
             child.inc()
         props = Properties("application/msgpack", msg["conv-id"], msg["reply-to"], None, None, {}, expiration)

@@ -253,3 +253,18 @@ def test_calls_without_an_answer_and_unknown_ops_are_counted_bounded() -> None:
     assert found[("ion_rpc_client_failures_total", (("op", "x"), ("reason", "timeout"), ("target", "silent")))] == 1
     assert found[("ion_rpc_client_failures_total", (("op", "hello"), ("reason", "error"),
                                                      ("target", "nobody-here")))] == 1
+
+
+def test_a_family_keeps_a_bounded_number_of_series() -> None:
+    """Callers name ops and targets: past MAX_SERIES, new label values are counted as ``other``."""
+    from ion.core.metrics import MAX_SERIES, Tallies, Timings
+
+    sent = Tallies("t", "doc", ("process", "op"))
+    took = Timings("h", "doc", ("target", "op"), buckets=(0.1, 1.0))
+    for i in range(MAX_SERIES + 50):
+        sent.labels("p", f"op{i}").inc()
+        took.labels(f"svc{i}", "x").observe(0.5)
+    assert len(sent.children) == len(took.children) == MAX_SERIES + 1
+    assert sent.children[("other", "other")].value == 50
+    assert took.children[("other", "other")].counts == [0, 50, 0]
+    assert sent.labels("p", "op3").value == 1  # a kept series keeps counting

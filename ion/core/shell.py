@@ -218,10 +218,11 @@ class ShellHelpers:
         return cls(container, container.proc_manager.get(pid))
 
     def namespace(self) -> dict[str, Any]:
-        """The names the shell offers: every helper, plus ``container`` and ``shell``."""
+        """The names the shell offers: every helper, plus ``container``, ``shell`` and Twisted's
+        ``defer`` (``defer.gatherResults([...])`` runs calls together)."""
         ns: dict[str, Any] = {name: getattr(self, name) for name in self.HELPERS}
         ns.update(self.extra_helpers())
-        ns.update(container=self.container, shell=self, sysname=self.container.sysname)
+        ns.update(container=self.container, shell=self, sysname=self.container.sysname, defer=defer)
         return ns
 
     # -- this container ---------------------------------------------------------------------
@@ -442,22 +443,37 @@ _SHOW = "__ion_show__"
 
 
 class _AwaitCalls(ast.NodeTransformer):
-    """``f(x)`` → ``await __ion_wait__(f(x))`` wherever ``await`` may stand, and each top-level
-    expression statement ``e`` → ``__ion_show__(e)`` (what the prompt shows).
+    """``f(x)`` → ``await __ion_wait__(f, x)`` wherever ``await`` may stand, and each top-level
+    expression statement ``e`` → ``__ion_show__(e)`` (what the prompt shows). ``__ion_wait__``
+    calls ``f`` and waits for a Deferred or coroutine it gives, unless ``f`` is a class (making a
+    ``Deferred()`` is not waiting for one).
 
     Bodies of ``def``, ``lambda``, ``class`` and generator expressions (but for their first
     iterable) are left as written: ``await`` cannot stand there (and their calls are made
-    later, by whoever calls or consumes them). The user's own ``await f()`` stays one await.
+    later, by whoever calls or consumes them). So are calls inside a list, tuple, set or dict
+    written as an argument of another call: ``gatherResults([rpc(1), rpc(2)])`` hands it the
+    two Deferreds, the calls run at once, and the line waits for the gathering. The user's
+    own ``await f()`` stays one await.
     """
 
     def visit_Call(self, node: ast.Call) -> ast.AST:  # noqa: N802 - ast's names
-        self.generic_visit(node)
-        wait = ast.Call(func=ast.Name(id=_WAIT, ctx=ast.Load()), args=[node], keywords=[])
+        node.func = self.visit(node.func)
+        node.args = [arg if isinstance(arg, _LITERALS) else self.visit(arg) for arg in node.args]
+        for keyword in node.keywords:
+            if not isinstance(keyword.value, _LITERALS):
+                keyword.value = self.visit(keyword.value)
+        wait = ast.Call(func=ast.Name(id=_WAIT, ctx=ast.Load()), args=[node.func, *node.args],
+                        keywords=node.keywords)
         return ast.copy_location(ast.Await(value=ast.copy_location(wait, node)), node)
 
     def visit_Await(self, node: ast.Await) -> ast.AST:  # noqa: N802
         if isinstance(node.value, ast.Call):  # the user's own ``await f(x)``: f(x) is not wrapped again
-            self.generic_visit(node.value)
+            call = node.value
+            call.func = self.visit(call.func)
+            call.args = [arg if isinstance(arg, _LITERALS) else self.visit(arg) for arg in call.args]
+            for keyword in call.keywords:
+                if not isinstance(keyword.value, _LITERALS):
+                    keyword.value = self.visit(keyword.value)
             return node
         self.generic_visit(node)
         return node
@@ -490,8 +506,16 @@ def _awaiting_code(source: str, filename: str) -> Any:
     return compile(module, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
 
 
-async def _wait(value: Any) -> Any:
-    """What a call in a shell line gives: a Deferred's or a coroutine's result, else the value."""
+#: Arguments written as these literals keep their calls as written (see :class:`_AwaitCalls`).
+_LITERALS = (ast.List, ast.Tuple, ast.Set, ast.Dict)
+
+
+async def _wait(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """What a call in a shell line gives: ``func(*args, **kwargs)``, its Deferred's or coroutine's
+    result; what a class gives as it is (``Deferred()`` is an object to keep, not to wait for)."""
+    value = func(*args, **kwargs)
+    if isinstance(func, type):
+        return value
     if isinstance(value, defer.Deferred) or inspect.iscoroutine(value):
         return await value
     return value

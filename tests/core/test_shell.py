@@ -479,6 +479,35 @@ def test_a_waiting_line_keeps_typed_keys_and_ctrl_c_cancels_it() -> None:
     assert "KeyboardInterrupt" in term.text() and term.text().rstrip().endswith("><>")
 
 
+def test_calls_in_a_written_list_run_at_once_and_a_class_is_not_waited_for() -> None:
+    """``gatherResults([a(), b()])`` gets the two Deferreds (both calls made at once) and the line waits
+    for the gathering; ``d = Deferred()`` keeps the new Deferred instead of waiting for it forever;
+    a call given straight as an argument is still waited for (``twice(five())``)."""
+    first: defer.Deferred[Any] = defer.Deferred()
+    second: defer.Deferred[Any] = defer.Deferred()
+    made: list[str] = []
+
+    def call(name: str, d: defer.Deferred[Any]) -> Any:
+        made.append(name)
+        return d
+
+    ready: defer.Deferred[Any] = defer.Deferred()
+    ready.callback(5)
+    term = Terminal({"a": lambda: call("a", first), "b": lambda: call("b", second), "defer": defer,
+                     "five": lambda: ready, "twice": lambda n: 2 * n})
+    term.type(b"defer.gatherResults([a(), b()])\r")
+    assert made == ["a", "b"] and term.proto.busy  # both calls made; the line waits for both
+    second.callback(2)
+    first.callback(1)
+    assert not term.proto.busy and "\n[1, 2]\n" in term.text()
+    term.transport.clear()
+    term.type(b"d = defer.Deferred(); type(d).__name__\r")
+    assert not term.proto.busy and "\n'Deferred'\n" in term.text()
+    term.transport.clear()
+    term.type(b"twice(five())\r")
+    assert "\n10\n" in term.text()
+
+
 def test_what_a_line_may_hold() -> None:
     """Lines with the user's own await, a def, a lambda, a generator expression and plain
     statements run as written; only calls outside those bodies are awaited."""

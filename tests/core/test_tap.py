@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import io
+import itertools
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -569,6 +573,11 @@ def test_other_exit_signals_are_left_to_twistd(monkeypatch: pytest.MonkeyPatch) 
 # -- real twistd runs ---------------------------------------------------------------------------------------------
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
+#: Where the twistd children of these tests keep their audit files (removed at exit).
+_AUDIT_DIR = Path(tempfile.mkdtemp(prefix="ion-test-audit-"))
+atexit.register(shutil.rmtree, _AUDIT_DIR, True)
+_AUDITS = itertools.count(1)
+
 
 def spawn_twistd(*args: str, env: dict[str, str] | None = None, use_pty: bool = False,
                  twistd_args: tuple[str, ...] = ("-n", "--pidfile="), tee: Path | None = None,
@@ -583,7 +592,9 @@ def spawn_twistd(*args: str, env: dict[str, str] | None = None, use_pty: bool = 
     child_env.pop("ION_LOGLEVELS", None)
     child_env.setdefault("PYTHONPATH", str(REPO))
     child_env.update(env or {})
-    argv = [sys.executable, "-c", TWISTD, *twistd_args, "cc", *args]
+    # Its audit file out of the repository (twistd's default: its working folder).
+    audit = ["-a", f"ion.core.audit.path={_AUDIT_DIR / f'audit-{next(_AUDITS)}.jsonl'}"]
+    argv = [sys.executable, "-c", TWISTD, *twistd_args, "cc", *audit, *args]
     if tee is not None:
         argv = ["/bin/sh", "-c", '"$@" | tee "$ION_TEST_TEE"', "sh", *argv]
         child_env["ION_TEST_TEE"] = str(tee)

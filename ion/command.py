@@ -13,6 +13,9 @@ or a service client, prints the result and leaves::
     ion --broker amqp://... -s mysys kill PID
     ion --broker amqp://... -s mysys jobs
     ion --broker amqp://... -s mysys job ID [--follow]
+    ion --broker amqp://... -s mysys cancel ID
+    ion --broker amqp://... -s mysys app start|stop APP [--node N]
+    ion --broker amqp://... -s mysys cache verify|reap|prune [--older-than D] [--keep N]
     ion audit [--file ion-audit.jsonl]
     ion --broker amqp://... -s mysys audit --follow
     ion console [--http-url URL] [--open]
@@ -67,7 +70,7 @@ ENV_BROKER_URL = "ION_BROKER_URL"
 ENV_SYSNAME = "ION_SYSNAME"
 
 #: Subcommands that need the list of live containers (an agent in the command's container).
-_NEEDS_NODES = {"nodes", "ps", "jobs", "console"}
+_NEEDS_NODES = {"nodes", "ps", "jobs", "console", "app"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,6 +121,16 @@ def _parser() -> argparse.ArgumentParser:
     c = command("job", "one deploy job's status")
     c.add_argument("job", metavar="ID")
     c.add_argument("--follow", action="store_true", help="print its progress until it ends")
+    c = command("cancel", "cancel a running deploy job (operators only; audited)")
+    c.add_argument("job", metavar="ID")
+    c = command("app", "start or stop an app in a container (operators only; audited)")
+    c.add_argument("action", choices=("start", "stop"))
+    c.add_argument("app", metavar="APP", help="the app's name (from the container's app folders)")
+    c.add_argument("--node", metavar="N", help="the container (its id or a unique prefix); default: the only one")
+    c = command("cache", "the shared cache: verify, reap or prune it now (operators only; audited)")
+    c.add_argument("action", choices=("verify", "reap", "prune"))
+    c.add_argument("--older-than", metavar="D", help="prune: entries unused for this long (90s, 30m, 12h, 7d, 2w)")
+    c.add_argument("--keep", metavar="N", help="prune: keep the N most recently used versions of each dependency")
     c = command("audit", "the audit trail: a file's records, or the system's live (--follow)")
     c.add_argument("--file", metavar="FILE", help=f"the audit file (default ./{DEFAULT_AUDIT_FILE})")
     c.add_argument("--follow", action="store_true",
@@ -154,11 +167,31 @@ def _check(args: argparse.Namespace) -> None:
     if args.timeout == 0:
         problems.append("--timeout must be more than 0")
     if not args.command:
-        problems.append("give a command: ping, nodes, ps, call, kill, jobs, job, audit or console; --help for help")
+        problems.append("give a command: ping, nodes, ps, call, kill, jobs, job, cancel, app, cache, audit or "
+                        "console; --help for help")
         raise UsageProblem(problems)
     needs_broker = args.command not in ("audit", "console") or (args.command == "audit" and args.follow)
     if args.command == "console" and args.broker and not args.http_url:
         needs_broker = True
+    if args.command == "cache":
+        if args.action != "prune" and (args.older_than is not None or args.keep is not None):
+            problems.append("cache: --older-than and --keep go with prune")
+        if args.action == "prune" and args.older_than is None and args.keep is None:
+            problems.append("cache prune: give --older-than D or --keep N (or both)")
+        if args.older_than is not None:
+            from ion.services.deploy.cli import parse_duration
+
+            try:
+                args.older_than = parse_duration(args.older_than)
+            except ValueError as exc:
+                problems.append(f"--older-than: {exc}")
+        if args.keep is not None:
+            try:
+                args.keep = int(args.keep)
+                if args.keep < 0:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"--keep takes a whole number >= 0, not {args.keep!r}")
     if args.command == "audit" and args.follow and args.file:
         problems.append("audit: --file reads a file, --follow the live system: give one")
     if needs_broker:
@@ -293,6 +326,50 @@ class Run:
         done = await self.control.kill(self.args.pid)
         self.result["killed"] = done
         self.out.line(f"terminated {done['pid']}" if done["done"] else f"terminating {done['pid']}")
+        return EXIT_OK
+
+    async def cancel(self) -> int:
+        answer = plain(await self.control.cancel_job(self.args.job))
+        self.result["cancel"] = answer
+        self.out.line(f"job {answer.get('job')}: " + ("cancelled" if answer.get("cancelled") else "not running"))
+        return EXIT_OK if answer.get("cancelled") else EXIT_FAILED
+
+    async def app(self) -> int:
+        from ion.core.control import ControlError
+
+        node = self.args.node
+        if node is None:
+            nodes = [n["container"] for n in await self.control.discover(self.args.wait)]
+            if len(nodes) != 1:
+                raise ControlError(f"name the container with --node: the system has {len(nodes)} "
+                                   f"({', '.join(nodes) or 'none'})")
+            node = nodes[0]
+        act = self.control.start_app if self.args.action == "start" else self.control.stop_app
+        answer = plain(await act(self.args.app, node=node))
+        self.result["app"] = answer
+        verb = {"start": ("started", "already running"), "stop": ("stopped", "stopped")}[self.args.action]
+        done = answer.get("started", answer.get("stopped"))
+        self.out.line(f"app {answer.get('app')} in {answer.get('container')}: {verb[0] if done else verb[1]}")
+        return EXIT_OK
+
+    async def cache(self) -> int:
+        action = self.args.action
+        if action == "verify":
+            report = plain(await self.control.verify_cache(timeout=max(self.args.timeout, 3600.0)))
+            outcomes = report.get("outcomes") or []
+            bad = [o for o in outcomes if o.get("state") == "bad"]
+            self.out.line(f"verified {len(outcomes)} entries: {len(outcomes) - len(bad)} good, {len(bad)} bad")
+        elif action == "reap":
+            report = plain(await self.control.reap_cache(timeout=max(self.args.timeout, 3600.0)))
+            removed = (report.get("pruned") or {}).get("removed") or []
+            self.out.line(f"reaped by {report.get('reaper')}: {len(removed)} of {report.get('entries')} entries "
+                          f"removed")
+        else:
+            report = plain(await self.control.prune_cache(self.args.older_than, self.args.keep,
+                                                          timeout=max(self.args.timeout, 600.0)))
+            self.out.line(f"pruned: {len(report.get('removed') or [])} entries removed, "
+                          f"{len(report.get('busy') or [])} in use left")
+        self.result["cache"] = report
         return EXIT_OK
 
     async def jobs(self) -> int:

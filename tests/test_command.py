@@ -260,6 +260,7 @@ async def test_jobs_and_job_follow(amqp_url: str, tmp_path: Path) -> None:
     factory = ContainerFactory(broker_url=amqp_url)
     try:
         container = await factory(sysname=SYSNAME, config={
+            "ion.core.audit": {"path": str(tmp_path / "audit.jsonl")},
             "ion.services.cache": {"root": str(tmp_path / "service-cache"), "host_id": "test-host"},
             "ion.services.unpack": {"allowed_roots": [str(tmp_path / "service-cache")]},
             "ion.services.deploy": {"allowed_destinations": [str(tmp_path)],
@@ -290,6 +291,29 @@ async def test_jobs_and_job_follow(amqp_url: str, tmp_path: Path) -> None:
         assert code == 0 and json.loads(out)["job"]["state"] == "FINISHED"
         code, out, err = await ion(*args, "job", "no-such-job")
         assert code == 1 and "LOST_IN_SPACE" in out
+
+        # The cache of that system: verified (three good entries), reaped, pruned; a finished job
+        # is not running any more (cancel: exit 1).
+        code, out, err = await ion(*args, "cache", "verify")
+        assert code == 0 and out.strip() == "verified 3 entries: 3 good, 0 bad", err
+        code, out, err = await ion(*args, "cache", "reap", "--json")
+        assert code == 0 and json.loads(out)["cache"]["entries"] == 3, err
+        code, out, err = await ion(*args, "cache", "prune", "--keep", "0")
+        assert code == 0 and out.strip().startswith("pruned: "), err
+        code, out, err = await ion(*args, "cancel", job)
+        assert code == 1 and out.strip() == f"job {job}: not running", err
+        code, _, err = await ion(*args, "cache", "prune")
+        assert code == 2 and "give --older-than D or --keep N" in err
+        # An app, stopped and started again in the system's one container.
+        code, out, err = await ion(*args, "app", "stop", "fetch")
+        assert code == 0 and out.strip() == f"app fetch in {container.id}: stopped", err
+        assert "fetch" not in container.app_manager.running
+        code, out, err = await ion(*args, "app", "start", "fetch")
+        assert code == 0 and out.strip() == f"app fetch in {container.id}: started", err
+        assert "fetch" in container.app_manager.running
+        await container.audit.flush()
+        audit = [json.loads(line)["action"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        assert {"cache.verify", "cache.reap", "cache.prune", "job.cancel", "app.stop", "app.start"} <= set(audit)
     finally:
         await factory.teardown()
 

@@ -85,6 +85,13 @@ def _console_url(value: Any) -> str | None:
     return value if parts.scheme in ("http", "https") and parts.hostname else None
 
 
+def _app_name(value: Any) -> str:
+    """An app *name* (by message, never a path: what may run is what the container's app folders hold)."""
+    if not isinstance(value, str) or not value or not value.replace("_", "").replace("-", "").isalnum():
+        raise ApplicationError(f"an app is named by its name (letters, digits, - and _), not {value!r}", 400)
+    return value
+
+
 def app_table(container: Any) -> list[dict[str, Any]]:
     """``container``'s running apps, in start order, then the failed ones (``failed``: why its
     supervisor gave up): ``[{app, version, description, pids, failed}]``."""
@@ -306,6 +313,29 @@ class ContainerAgent(Process):
         """This container's apps: ``[{app, version, description, pids, failed}]`` (``failed``: why the
         supervisor gave up, else None)."""
         return self.app_table()
+
+    @control("app.start")
+    async def op_start_app(self, app: str) -> Any:
+        """Start app ``app`` (a name from this container's app folders, with its dependencies) here:
+        ``{app, container, started}`` (``started`` False: it was running already)."""
+        name = _app_name(app)
+        manager = self.container.app_manager
+        if name in manager.running:
+            return {"app": name, "container": self.container.id, "started": False}
+        try:
+            await manager.start_app(name)
+        except (AppError, ConfigurationError) as exc:
+            raise ApplicationError(f"cannot start app {name!r} in {self.container.id}: {exc}", 400) from None
+        return {"app": name, "container": self.container.id, "started": True}
+
+    @control("app.stop")
+    async def op_stop_app(self, app: str) -> Any:
+        """Stop app ``app`` here (its processes in reverse start order): ``{app, container, stopped}``."""
+        name = _app_name(app)
+        if name not in self.container.app_manager.running:
+            raise ApplicationError(f"app {name!r} is not running in {self.container.id}", 404)
+        await self.container.app_manager.stop_app(name)
+        return {"app": name, "container": self.container.id, "stopped": True}
 
     @control("process.terminate")
     def op_terminate(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:

@@ -274,6 +274,20 @@ class SystemControl:
         return {"pid": str(answered or pid), "name": local.proc_name if local is not None else None,
                 "container": container, "done": local is not None}
 
+    # -- apps ---------------------------------------------------------------------------------------
+    async def start_app(self, app: str, node: str | None = None) -> Any:
+        """Start app ``app`` (a name) in container ``node`` (default: the caller's) by its agent's
+        ``start_app`` (operators only; audited there): ``{app, container, started}``."""
+        return await self._agent_rpc(self._node_or_own(node), "start_app", {"app": app})
+
+    async def stop_app(self, app: str, node: str | None = None) -> Any:
+        """Stop app ``app`` in container ``node`` (default: the caller's) by its agent's ``stop_app``
+        (operators only; audited there): ``{app, container, stopped}``."""
+        return await self._agent_rpc(self._node_or_own(node), "stop_app", {"app": app})
+
+    def _node_or_own(self, node: str | None) -> str:
+        return str(self.container.id) if node is None else self.resolve_node(node)
+
     # -- the deployer's actions (by service and op name: the core imports no service) -----------------
     async def cancel_job(self, job: str) -> Any:
         """Cancel a running deploy job (operators only; audited) at the Deploy instance that runs it:
@@ -285,6 +299,16 @@ class SystemControl:
     async def verify_cache(self, timeout: float = 3600.0) -> Any:
         """Have the Cache service run a verification round now (operators only; audited); its report."""
         return await self._rpc("cache", "verify_round", {}, timeout=timeout)
+
+    async def reap_cache(self, timeout: float = 3600.0) -> Any:
+        """Have the system's elected cache reaper run a round now (operators only; audited); its report."""
+        return await self._rpc(f"{self.sysname}.cache.reaper", "reap_tick", {"force": True}, timeout=timeout)
+
+    async def prune_cache(self, older_than: float | None = None, keep: int | None = None,
+                          timeout: float = 600.0) -> Any:
+        """Remove cache entries unused for ``older_than`` seconds, or beyond the ``keep`` most recently
+        used versions of each dependency (operators only; audited); what was removed."""
+        return await self._rpc("cache", "prune", {"older_than": older_than, "keep": keep}, timeout=timeout)
 
     # -- the audit trail ----------------------------------------------------------------------------
     async def follow_audit(self, callback: Callable[[dict[str, Any]], Any]) -> AuditListener:

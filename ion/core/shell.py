@@ -325,8 +325,16 @@ class ShellHelpers:
 
     # -- apps -----------------------------------------------------------------------------------------
     def start_app(self, name_or_path: str, config: Mapping[str, Any] | None = None,
-                  args: Mapping[str, Any] | None = None, mult: int = 1) -> defer.Deferred[Any]:
-        """Start an app (a name from res/apps, or a .app/.rel path) and its dependencies."""
+                  args: Mapping[str, Any] | None = None, mult: int = 1, node: str | None = None) -> defer.Deferred[Any]:
+        """Start an app and its dependencies: a name from res/apps (here or in container ``node``, by
+        its agent: audited), or a .app/.rel path here (with ``config``, ``args``, ``mult``)."""
+        by_name = (str(name_or_path).replace("_", "").replace("-", "").isalnum() and config is None
+                   and args is None and mult == 1 and self.control.agent(required=False) is not None)
+        if node is not None or by_name:
+            d = defer.ensureDeferred(self.control.start_app(str(name_or_path), node=node))
+            d.addCallback(lambda a: Text(f"{'started' if a['started'] else 'already running:'} {a['app']}"
+                                         + (f" in {a['container']}" if node is not None else "")))
+            return d
         if str(name_or_path).endswith(".rel"):
             d = self.container.app_manager.start_rel(name_or_path)
             d.addCallback(lambda names: Text(f"started {', '.join(names)}"))
@@ -335,10 +343,15 @@ class ShellHelpers:
         d.addCallback(lambda name: Text(f"started {name}"))
         return d
 
-    def stop_app(self, name: str) -> defer.Deferred[Any]:
-        """Stop a running app (its processes in reverse start order)."""
-        d = self.container.app_manager.stop_app(name)
-        d.addCallback(lambda _: Text(f"stopped {name}"))
+    def stop_app(self, name: str, node: str | None = None) -> defer.Deferred[Any]:
+        """Stop a running app (its processes in reverse start order), here or in container ``node``
+        (by its agent: audited)."""
+        if node is None and self.control.agent(required=False) is None:  # a container without an agent
+            local = self.container.app_manager.stop_app(name)
+            local.addCallback(lambda _: Text(f"stopped {name}"))
+            return local
+        d = defer.ensureDeferred(self.control.stop_app(name, node=node))
+        d.addCallback(lambda a: Text(f"stopped {a['app']}" + (f" in {a['container']}" if node is not None else "")))
         return d
 
     def help(self, *what: Any) -> Text:

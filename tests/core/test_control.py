@@ -226,3 +226,47 @@ def test_announcements_count_only_from_the_systems_operators(cluster: Cluster) -
     nodes = {n["container"]: n for n in cluster.run(cluster.control(c1).nodes())}
     assert "fake" not in nodes and "mallory" not in nodes
     assert nodes["real"]["console"] is None and nodes["web"]["console"] == "https://c.example:8080/"
+
+
+def test_apps_start_and_stop_by_their_agent_audited(cluster: Cluster, tmp_path: Any) -> None:
+    """start_app/stop_app go to the container's agent (a name, never a path), for operators only,
+    and are recorded in that container's audit trail."""
+    import json
+
+    c1 = cluster.container("c1")
+    c2 = cluster.container("c2", **{"ion.core.audit": {"path": str(tmp_path / "c2.jsonl")}})
+    control = cluster.control(c1)
+    assert cluster.run(control.start_app("hello", node="c2")) == {"app": "hello", "container": "c2",
+                                                                   "started": True}
+    assert "hello" in c2.app_manager.running and "hello" not in c1.app_manager.running
+    assert cluster.run(control.start_app("hello", node="c2"))["started"] is False
+    assert cluster.run(control.stop_app("hello", node="c2"))["stopped"] is True
+    assert "hello" not in c2.app_manager.running
+    with pytest.raises(ReceivedApplicationError, match="is not running") as gone:
+        cluster.run(control.stop_app("hello", node="c2"))
+    assert gone.value.response_code == 404
+    with pytest.raises(ReceivedApplicationError, match="named by its name") as path:
+        cluster.run(control.start_app("../../etc/x", node="c2"))
+    assert path.value.response_code == 400
+    outsider = cluster.container("m", **{"ion.core.messaging": {"memory_user": "mallory"}})
+    with pytest.raises(ReceivedApplicationError) as refused:
+        cluster.run(cluster.control(outsider).start_app("hello", node="c2"))
+    assert refused.value.response_code == 403 and "hello" not in c2.app_manager.running
+    cluster.result(c2.audit.flush())
+    actions = [(r["action"], r["result"]) for r in map(json.loads, (tmp_path / "c2.jsonl").read_text().splitlines())]
+    assert actions == [("app.start", "ok"), ("app.start", "ok"), ("app.stop", "ok"), ("app.stop", "error"),
+                       ("app.start", "error"), ("app.start", "refused")]
+
+
+def test_the_cache_actions_name_the_cache_services_queues() -> None:
+    """The control API names the Cache service's ops by string (the core imports no service): they
+    must be the queues and ops the service has."""
+    import inspect
+
+    from ion.services.cache.reaper import TICK_OP, election_queue
+    from ion.services.cache.service import CacheService
+
+    source = inspect.getsource(SystemControl.reap_cache)
+    assert election_queue("{self.sysname}") in source and f'"{TICK_OP}"' in source
+    for op in ("verify_round", "prune"):
+        assert hasattr(CacheService, f"op_{op}")

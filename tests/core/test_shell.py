@@ -107,8 +107,25 @@ async def test_spawn_send_ping_start_and_stop_app(container: Any) -> None:
     assert await helpers.send("hello", "hello", "one-off") == f"sent 'hello' to {container.sysname}.hello"
     assert await helpers.start_app("hello") == "started hello"
     assert "hello" in container.app_manager.running
+    assert await helpers.start_app("hello") == "already running: hello"
     assert await helpers.stop_app("hello") == "stopped hello"
     assert "hello" not in container.app_manager.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_apps_by_name_go_through_the_agent_and_are_audited(container_factory: Any, tmp_path: Any) -> None:
+    """start_app/stop_app of a name is the agent's control op (the one control path), in the audit trail;
+    a .app path (or config, args, mult) starts it here, as before."""
+    import json
+
+    container = await container_factory(config={"ion.core.audit": {"path": str(tmp_path / "a.jsonl")}})
+    helpers = await shell_in(container)
+    assert await helpers.start_app("hello") == "started hello"
+    assert await helpers.stop_app("hello") == "stopped hello"
+    assert await helpers.start_app("res/apps/hello.app") == "started hello"
+    await container.audit.flush()
+    assert [json.loads(line)["action"] for line in (tmp_path / "a.jsonl").read_text().splitlines()] == [
+        "app.start", "app.stop"]
 
 
 @pytest_twisted.ensureDeferred

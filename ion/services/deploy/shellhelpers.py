@@ -163,20 +163,30 @@ class DeployShellHelpers:
 
     def cache_verify(self, run: bool = False, timeout: float = 3600) -> Any:
         """The cache's last periodic-verify round, one row per entry; run=True runs a round now first."""
+        from ion.core.control import SystemControl
         from ion.services.cache.service import CacheClient
+        from ion.services.cache.verify import VerifyReport
 
-        client = CacheClient(self.proc)
-        d = client.verify_round(timeout=timeout) if run else client.verify_report()
+        if run:  # an action: the one control path (operators only; audited)
+            d = defer.ensureDeferred(SystemControl(self.proc).verify_cache(timeout=timeout))
+            d.addCallback(VerifyReport.from_wire)
+        else:
+            d = CacheClient(self.proc).verify_report()
         d.addCallback(VerifyReportText)
         return d
 
 
     def cache_reap(self, run: bool = False, timeout: float = 3600) -> Any:
         """The reaper's last round (who, the policy, what it removed); run=True has it run one now."""
+        from ion.core.control import SystemControl
+        from ion.services.cache.reaper import ReapReport
         from ion.services.cache.service import CacheClient
 
-        client = CacheClient(self.proc)
-        d = client.reap(timeout=timeout) if run else client.reap_report()
+        if run:  # an action: the one control path (operators only; audited)
+            d = defer.ensureDeferred(SystemControl(self.proc).reap_cache(timeout=timeout))
+            d.addCallback(ReapReport.from_wire)
+        else:
+            d = CacheClient(self.proc).reap_report()
         d.addCallback(ReapReportText)
         return d
 

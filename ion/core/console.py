@@ -257,7 +257,7 @@ class _Stream:
 
     def resumeProducing(self) -> None:
         self.paused = False
-        if self.held_back:
+        if self.held_back and self.open:
             # What was missed: the page reloads its view on any event.
             self.held_back = 0
             self.request.write(b"event: process\ndata: {}\n\n")
@@ -350,8 +350,10 @@ class Console:
                 request.finish()
 
     async def stop(self) -> None:
-        """Close the streams and remove the generated token file."""
+        """Close the streams, say what the log limiter counted (its timer cancelled), remove the generated
+        token file."""
         self.close_streams()
+        self._limiter.flush()
         path, self.token_path = self.token_path, None
         self.token = None
         if path is not None:

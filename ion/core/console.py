@@ -50,7 +50,23 @@ process, so its target authorizes it (the console's login is the
 container's, an operator) and audits it, with ``claimed_user`` naming the
 web client. A POST without the token, or with a wrong one, is refused with
 403 and recorded in the audit trail (no broker user; the remote address as
-the claimed user).
+the claimed user). Before the token is looked at, a POST must be
+``Content-Type: application/json`` (415) and not come from another origin
+(``Origin`` or ``Sec-Fetch-Site: cross-site``: 403), so a page of another site
+cannot make the browser send one; a refusal's audit record holds the action,
+the target (cut) and the client, never the body, and at most
+:data:`REFUSALS_RECORDED` refusals of one client are recorded a minute (the
+rest are counted in the log), so a flood cannot fill the audit file.
+
+**Limits.** At most :data:`MAX_STREAMS` event streams at once (503 beyond);
+a stream whose reader does not keep up (its connection's send buffer stays
+full) is dropped once :data:`STREAM_BACKLOG` bytes of events were held back
+for it (the page reconnects and reloads). The audit view keeps only the
+``control.*`` events sent by one of the system's operators (their broker user
+shown), each cut to a few hundred characters a field.
+
+**Types.** The views check the types of what other processes answer (numbers
+are numbers, else null); the page escapes every value it shows.
 """
 
 from __future__ import annotations
@@ -66,13 +82,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from ion.core.agent import agent_queue, app_table
 from ion.core.deferreds import observe
+from ion.core.http import MAX_BODY
+from ion.core.log import LogLimiter
 from ion.core.process import Process, Receiver
 
 if TYPE_CHECKING:
@@ -98,6 +118,17 @@ JOBS_TTL = 0.5
 READ_TIMEOUT = 5.0
 #: Lines of the audit trail kept for the page.
 AUDIT_TAIL = 200
+#: Characters kept of each field of an audit entry shown (the whole entry stays small).
+AUDIT_FIELD = 300
+#: Event streams open at once, at most (503 beyond).
+MAX_STREAMS = 32
+#: Bytes of events held back for a stream whose connection cannot send before it is dropped.
+STREAM_BACKLOG = 256 * 1024
+#: Refused actions recorded in the audit trail per client per :data:`REFUSAL_WINDOW` seconds.
+REFUSALS_RECORDED = 20
+REFUSAL_WINDOW = 60.0
+#: Clients whose refusals are counted at once (the oldest window is forgotten first).
+REFUSAL_CLIENTS = 1000
 
 #: The actions the page may ask for: ``name -> (what the content must hold, control action)``.
 ACTIONS: dict[str, tuple[str | None, str]] = {
@@ -203,10 +234,40 @@ class ConsoleProcess(Process):
         ]
 
     def _on_event(self, msg: dict[str, Any], receiver: Receiver) -> None:
-        self.container.http.console.on_event(str(msg.get("receiver") or ""), msg.get("content"))
+        self.container.http.console.on_event(str(msg.get("receiver") or ""), msg.get("content"),
+                                             msg.get("broker-user"))
 
     def slc_terminate(self) -> None:
         self.container.http.console.process_gone(self)
+
+
+@implementer(IPushProducer)
+class _Stream:
+    """One open event stream, and the producer registered on its request: the connection pauses it while
+    its send buffer is full; what is pushed meanwhile is held back (not buffered) and counted."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.paused = False
+        #: Bytes of events held back since the connection paused.
+        self.held_back = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.held_back and self.open:
+            # What was missed: the page reloads its view on any event.
+            self.held_back = 0
+            self.request.write(b"event: process\ndata: {}\n\n")
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    @property
+    def open(self) -> bool:
+        return not self.request.finished and not getattr(self.request, "_disconnected", False)
 
 
 class Console:
@@ -221,13 +282,17 @@ class Console:
         #: The file the token was written to (removed at stop), if generated.
         self.token_path: str | None = None
         self.proc: ConsoleProcess | None = None
-        self.streams: set[Request] = set()
+        #: The open event streams.
+        self.streams: dict[Request, _Stream] = {}
+        #: Streams dropped for a reader that did not keep up (for tests and stats).
+        self.streams_dropped = 0
         self.audit_tail: deque[dict[str, Any]] = deque(maxlen=AUDIT_TAIL)
         self._heartbeat: task.LoopingCall | None = None
         self._memo: dict[Any, tuple[float, Any]] = {}
         self._pending: dict[Any, defer.Deferred[Any]] = {}
-        #: When each conversation was first seen without a timer to tell its age.
-        self._first_seen: dict[str, float] = {}
+        #: Per client: (start of its window, refusals recorded in it).
+        self._refusals: dict[str, tuple[float, int]] = {}
+        self._limiter = LogLimiter(container.reactor)
 
     # -- the token -------------------------------------------------------------------------------
     async def prepare_token(self, configured: str | None, token_file: str | None) -> None:
@@ -278,42 +343,71 @@ class Console:
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
         self._heartbeat = None
-        streams, self.streams = self.streams, set()
-        for request in streams:
-            if not request.finished and not getattr(request, "_disconnected", False):
+        streams, self.streams = self.streams, {}
+        for request, stream in streams.items():
+            if stream.open:
+                request.unregisterProducer()
                 request.finish()
 
     async def stop(self) -> None:
-        """Close the streams and remove the generated token file."""
+        """Close the streams, say what the log limiter counted (its timer cancelled), remove the generated
+        token file."""
         self.close_streams()
+        self._limiter.flush()
         path, self.token_path = self.token_path, None
         self.token = None
         if path is not None:
             await self.container.blocking.run(_remove, path)
 
     # -- events --------------------------------------------------------------------------------------
-    def subscribe(self, request: Request) -> None:
-        self.streams.add(request)
-        request.notifyFinish().addBoth(lambda _: self.streams.discard(request))
+    def subscribe(self, request: Request) -> bool:
+        """Add ``request`` as an event stream; False if :data:`MAX_STREAMS` are open already."""
+        if len(self.streams) >= MAX_STREAMS:
+            return False
+        stream = self.streams[request] = _Stream(request)
+        request.registerProducer(stream, True)
+        request.notifyFinish().addBoth(lambda _: self.streams.pop(request, None))
+        return True
+
+    def _send(self, stream: _Stream, chunk: bytes) -> None:
+        """Write ``chunk`` to ``stream``, or hold it back while its connection cannot send; drop the stream
+        once :data:`STREAM_BACKLOG` bytes were held back (a reader that does not keep up)."""
+        request = stream.request
+        if not stream.open:
+            self.streams.pop(request, None)
+            return
+        if not stream.paused:
+            request.write(chunk)
+            return
+        stream.held_back += len(chunk)
+        if stream.held_back > STREAM_BACKLOG:
+            self.streams.pop(request, None)
+            self.streams_dropped += 1
+            self._limiter.warn(self._log, "slow-stream", "console: an event stream to {client} dropped: its "
+                               "reader did not keep up ({n} bytes held back)", client=_client(request),
+                               n=stream.held_back)
+            transport = getattr(request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
 
     def push(self, kind: str, data: Any) -> None:
         """Send one event to every open stream."""
         if not self.streams:
             return
         chunk = f"event: {kind}\ndata: {json.dumps(data, default=repr, separators=(',', ':'))}\n\n".encode()
-        for request in list(self.streams):
-            if request.finished or getattr(request, "_disconnected", False):
-                self.streams.discard(request)
-                continue
-            request.write(chunk)
+        for stream in list(self.streams.values()):
+            self._send(stream, chunk)
 
     def _keep_alive(self) -> None:
-        for request in list(self.streams):
-            if not request.finished and not getattr(request, "_disconnected", False):
-                request.write(b": keep-alive\n\n")
+        for stream in list(self.streams.values()):
+            self._send(stream, b": keep-alive\n\n")
 
-    def on_event(self, key: str, content: Any) -> None:
-        """An event of the system (from :class:`ConsoleProcess`): forget what it makes stale, tell the page."""
+    def on_event(self, key: str, content: Any, broker_user: Any = None) -> None:
+        """An event of the system (from :class:`ConsoleProcess`): forget what it makes stale, tell the page.
+
+        A ``control.*`` event (an audit record) is kept only if its message's ``broker_user`` (set by the
+        broker, not by the sender) is one of the system's operators: any process may publish an event,
+        only the containers' own logins record actions."""
         if not isinstance(content, Mapping):
             return
         if key.startswith("process."):
@@ -325,7 +419,13 @@ class Console:
             self._forget(("apps", content.get("container")))
             self.push("container", {"event": key, "container": content.get("container")})
         elif key.startswith("control."):
-            entry = dict(content)
+            from ion.core.security import is_operator
+
+            if not is_operator(self.container, broker_user):
+                self._limiter.warn(self._log, "forged-audit", "console: a {key} event from broker user {user!r} "
+                                   "(not an operator) left out of the audit view", key=key, user=broker_user)
+                return
+            entry = audit_entry(content, broker_user)
             self.audit_tail.append(entry)
             self.push("audit", entry)
         elif key.startswith("cache."):
@@ -420,9 +520,14 @@ class Console:
         ])
         if "value" not in table or not isinstance(table["value"], list):
             return table
-        app_of = {pid: app["app"] for app in apps.get("value") or [] for pid in app.get("pids") or []}
-        return {"value": [dict(row, app=app_of.get(row.get("pid"))) for row in table["value"]
-                          if isinstance(row, Mapping)]}
+        app_list = apps.get("value")
+        app_of: dict[str, Any] = {}
+        for app in app_list if isinstance(app_list, list) else []:
+            pids = app.get("pids") if isinstance(app, Mapping) else None
+            for pid in pids if isinstance(pids, list) else []:
+                if isinstance(pid, str):
+                    app_of[pid] = app.get("app")
+        return {"value": [_process_row(row, app_of) for row in table["value"] if isinstance(row, Mapping)]}
 
     async def apps_of(self, node: str) -> dict[str, Any]:
         """``{"value": apps}`` or ``{"error"}``: the apps of container ``node`` (its agent's ``apps``)."""
@@ -447,8 +552,8 @@ class Console:
         for node, table, app_list in zip(nodes, tables, apps, strict=True):
             cid = node["container"]
             procs = table.get("value")
-            containers.append({"container": cid, "local": cid == c.id, "started_at": node.get("started_at"),
-                               "last_seen": node.get("last_seen"), "error": table.get("error"),
+            containers.append({"container": cid, "local": cid == c.id, "started_at": _number(node.get("started_at")),
+                               "last_seen": _number(node.get("last_seen")), "error": table.get("error"),
                                "processes": len(procs) if isinstance(procs, list) else None,
                                "apps": app_list.get("value") or []})
             if isinstance(procs, list):
@@ -485,32 +590,20 @@ class Console:
     def conversations(self, offset: int, limit: int) -> dict[str, Any]:
         """This container's conversations in flight: initiator, peer, op, age, state (oldest first)."""
         c = self.container
-        now_clock = c.clock.seconds()
-        now_wall = time.time()
+        now = time.perf_counter()
         rows: list[dict[str, Any]] = []
-        seen: set[str] = set()
         for p in list(c.proc_manager.processes.values()):
             table = p.conversations
             for conv in list(table.initiated.values()):
-                timer = getattr(conv, "_timer", None)
-                if timer is not None and timer.active() and conv.timeout:
-                    age: float | None = now_clock - (timer.getTime() - conv.timeout)
-                else:
-                    age = now_clock - self._first_seen.setdefault(conv.conv_id, now_clock)
-                seen.add(conv.conv_id)
                 rows.append({"conv": conv.conv_id, "role": "initiator", "initiator": f"{p.proc_name} ({p.id})",
                              "peer": conv.receiver, "op": conv.op, "protocol": conv.protocol,
-                             "age": round(max(age or 0.0, 0.0), 3), "state": conv.state})
+                             "age": _age(now, conv.started), "state": conv.state})
             for resp in list(table.responding.values()):
                 request = resp.request
-                ts = request.get("ts")
-                age = now_wall - ts / 1000 if isinstance(ts, (int, float)) else None
                 rows.append({"conv": resp.conv_id, "role": "responder",
                              "initiator": f"{request.get('sender-name') or '?'} ({request.get('sender')})",
                              "peer": f"{p.proc_name} ({p.id})", "op": request.get("op"), "protocol": resp.protocol,
-                             "age": None if age is None else round(max(age, 0.0), 3), "state": resp.state})
-        for gone in set(self._first_seen) - seen:
-            del self._first_seen[gone]
+                             "age": _age(now, resp.started), "state": resp.state})
         rows.sort(key=lambda r: -(r["age"] or 0.0))
         return {"container": c.id, **page(rows, offset, limit)}
 
@@ -521,11 +614,13 @@ class Console:
             return {"available": False, **answer, "items": []}
         jobs = [job for job in answer["value"] or [] if isinstance(job, Mapping)]
         items = []
-        for job in sorted(jobs, key=lambda j: -(j.get("created") or 0)):
-            results = job.get("results") or {}
-            items.append({"job": job.get("job"), "kind": job.get("kind"), "state": job.get("state"),
-                          "done": len(results), "total": job.get("total"), "error": job.get("error"),
-                          "created": job.get("created"), "ended": job.get("ended"),
+        for job in sorted(jobs, key=lambda j: -(_number(j.get("created")) or 0)):
+            results = job.get("results")
+            results = results if isinstance(results, Mapping) else {}
+            items.append({"job": _text(job.get("job")), "kind": _text(job.get("kind")),
+                          "state": _text(job.get("state")), "done": len(results), "total": _integer(job.get("total")),
+                          "error": _text(job.get("error")), "created": _number(job.get("created")),
+                          "ended": _number(job.get("ended")),
                           "failed": sum(1 for r in results.values() if isinstance(r, Mapping) and r.get("ok") is False)})
         return {"available": True, "items": items}
 
@@ -537,21 +632,27 @@ class Console:
         ])
         if "value" not in listing:
             return {"available": False, **listing, **page([], offset, limit)}
-        value = listing["value"] or {}
+        value = listing["value"] if isinstance(listing["value"], Mapping) else {}
         rows = []
-        for entry in value.get("entries") or []:
-            key = entry.get("key") or {}
-            rows.append({"name": key.get("name"), "version": key.get("version"), "platform": key.get("platform"),
-                         "size": entry.get("size"), "files": len(entry.get("files") or {}),
-                         "last_used": entry.get("last_used"), "fetched_at": entry.get("fetched_at"),
-                         "url": entry.get("url")})
+        entries = value.get("entries")
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, Mapping):
+                continue
+            key = entry.get("key")
+            key = key if isinstance(key, Mapping) else {}
+            files = entry.get("files")
+            rows.append({"name": _text(key.get("name")), "version": _text(key.get("version")),
+                         "platform": _text(key.get("platform")), "size": _integer(entry.get("size")),
+                         "files": len(files) if isinstance(files, (Mapping, list)) else None,
+                         "last_used": _number(entry.get("last_used")), "fetched_at": _number(entry.get("fetched_at")),
+                         "url": _text(entry.get("url"))})
         if query:
             q = query.lower()
             rows = [r for r in rows if q in f"{r['name']} {r['version']}".lower()]
         rows.sort(key=lambda r: (str(r["name"]), str(r["version"])))
         report = verify.get("value") if isinstance(verify, Mapping) else None
         summary = _verify_summary(report)
-        return {"available": True, "root": value.get("root"), "bytes": sum(int(r["size"] or 0) for r in rows),
+        return {"available": True, "root": _text(value.get("root")), "bytes": sum(r["size"] or 0 for r in rows),
                 "verify": summary, "verify_error": verify.get("error"),
                 "quarantine": summary.pop("quarantined") if summary else [], **page(rows, offset, limit)}
 
@@ -583,6 +684,32 @@ class Console:
         return {"items": list(self.audit_tail)[-limit:]}
 
     # -- actions -------------------------------------------------------------------------------------------------
+    def refuse(self, request: Request, action: str, target: str, reason: str, code: int = 403) -> None:
+        """Record a refused action in the audit trail: the action, the target (cut) and the client, never
+        the body; at most :data:`REFUSALS_RECORDED` per client per :data:`REFUSAL_WINDOW` (the rest counted
+        in the log)."""
+        from ion.core.security import UnauthorizedError
+
+        control = ACTIONS[action][1]
+        client = _client(request)
+        now = self.container.reactor.seconds()
+        start, count = self._refusals.get(client, (now, 0))
+        if now - start >= REFUSAL_WINDOW:
+            start, count = now, 0
+        if count >= REFUSALS_RECORDED:
+            self._limiter.warn(self._log, ("refusals", client), "console: refusals of {client} not recorded in the "
+                               "audit trail (over {n} in {window:.0f} s): {action}: {reason}", client=client,
+                               n=REFUSALS_RECORDED, window=REFUSAL_WINDOW, action=control, reason=reason)
+            return
+        if client not in self._refusals and len(self._refusals) >= REFUSAL_CLIENTS:
+            del self._refusals[min(self._refusals, key=lambda k: self._refusals[k][0])]
+        self._refusals[client] = (start, count + 1)
+        target = _cut(target or "?", 200)
+        error = UnauthorizedError(f"{control} on {target} from the web console ({client}): {reason}", code)
+        msg: dict[str, Any] = {"broker-user": None, "user-id": client, "sender": None, "sender-name": "web console",
+               "op": action, "content": {}}
+        self.container.audit.record(msg, control, target, Failure(error))
+
     async def act(self, request: Request, action: str, body: Any) -> dict[str, Any]:
         """Run ``action`` for an allowed request, or refuse it (403, audited)."""
         field, control = ACTIONS[action]
@@ -590,15 +717,9 @@ class Console:
         target = str(content.get(field) or "")[:200] if field else "cache"
         client = _client(request)
         if not self.allowed(request):
-            from ion.core.security import UnauthorizedError
-
             reason = ("no operator token" if not request.getHeader(b"authorization")
                       else "a wrong operator token")
-            error = UnauthorizedError(f"{control} on {target or '?'} from the web console ({client}): {reason}",
-                                      403)
-            msg = {"broker-user": None, "user-id": client, "sender": None, "sender-name": "web console",
-                   "op": action, "content": dict(content)}
-            self.container.audit.record(msg, control, target or "?", Failure(error))
+            self.refuse(request, action, target, reason)
             raise ConsoleError(403, f"refused: {reason} (Authorization: Bearer <token>; see the token file "
                                     f"of container {self.container.id})")
         if field and not target:
@@ -674,8 +795,9 @@ def _verify_summary(report: Any) -> dict[str, Any]:
             key = outcome.get("key") or {}
             quarantined.append({"name": key.get("name"), "version": key.get("version"),
                                 "moved_to": outcome.get("moved_to"), "problems": outcome.get("problems")})
-    return {"started": report.get("started"), "finished": report.get("finished"), "trigger": report.get("trigger"),
-            "counts": {k: n for k, n in counts.items() if n}, "quarantined": quarantined}
+    return {"started": _number(report.get("started")), "finished": _number(report.get("finished")),
+            "trigger": _text(report.get("trigger")),
+            "counts": {str(k): n for k, n in counts.items() if _integer(n)}, "quarantined": quarantined}
 
 
 def _client(request: Request) -> str:
@@ -684,8 +806,74 @@ def _client(request: Request) -> str:
     return f"web {host}"
 
 
+def _age(now: float, started: Any) -> float | None:
+    """Seconds since ``started`` (a ``perf_counter`` value), rounded to the ms; None if not a number."""
+    started = _number(started)
+    return None if started is None else round(max(now - started, 0.0), 3)
+
+
+def _number(value: Any) -> float | int | None:
+    """``value`` if it is a finite number (not a bool), else None: what another process answers is checked."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if value == value and value not in (float("inf"), float("-inf")) else None
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` if it is an int (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(value: Any, limit: int = 1000) -> str | None:
+    """``value`` as a string of at most ``limit`` characters (None stays None)."""
+    return None if value is None else _cut(value if isinstance(value, str) else str(value), limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+#: The fields of a process row of another container, and what each must be.
+_ROW_TEXT = ("pid", "name", "class", "module", "state", "parent")
+
+
+def _process_row(row: Mapping[str, Any], app_of: Mapping[str, Any]) -> dict[str, Any]:
+    """A process row of another container's agent, its fields checked (text is text, numbers numbers)."""
+    out: dict[str, Any] = {k: _text(row.get(k), 200) for k in _ROW_TEXT}
+    queues = row.get("queues")
+    out["queues"] = [_text(q, 200) for q in queues[:50]] if isinstance(queues, list) else []
+    out["convs"] = _integer(row.get("convs"))
+    out["app"] = _text(app_of.get(out["pid"]) if isinstance(out["pid"], str) else None, 200)
+    return out
+
+
+#: The fields of an audit record (:meth:`ion.core.audit.Audit.record`) the console keeps.
+_AUDIT_FIELDS = ("time", "container", "system", "user", "claimed_user", "sender", "sender_name", "action",
+                 "target", "op", "args", "result", "code", "error")
+
+
+def audit_entry(content: Mapping[str, Any], broker_user: str) -> dict[str, Any]:
+    """The audit view's entry of a ``control.*`` event: its known fields, each cut to
+    :data:`AUDIT_FIELD` characters (numbers kept), and the broker user that sent it."""
+    entry: dict[str, Any] = {}
+    for key in _AUDIT_FIELDS:
+        value = content.get(key)
+        if value is None or isinstance(value, bool) or (isinstance(value, int) and key == "code"):
+            entry[key] = value
+        elif isinstance(value, str):
+            entry[key] = _cut(value, AUDIT_FIELD)
+        else:
+            entry[key] = _cut(json.dumps(value, default=repr, ensure_ascii=False), AUDIT_FIELD)
+    entry["broker_user"] = broker_user
+    return entry
+
+
 def _write_token(path: str, token: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """Write ``token`` to a new file at ``path``, readable by its owner only: whatever is there is
+    removed first, and the file is created exclusively without following a link (a file, hard link or
+    symlink placed there beforehand is never written through)."""
+    _remove(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, (token + "\n").encode())
@@ -731,7 +919,16 @@ class _Action(Resource):
         self.action = action
 
     def render_POST(self, request: Request) -> int:
-        raw = request.content.read(65536) if request.content is not None else b""
+        refusal = _cross_site(request)
+        if refusal is not None:
+            code, reason = refusal
+            self.console.refuse(request, self.action, "?", reason, code)
+
+            async def refused() -> Any:
+                raise ConsoleError(code, f"refused: {reason}")
+
+            return _serve(request, refused)
+        raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
         try:
             body = json.loads(raw) if raw.strip() else {}
         except ValueError:
@@ -745,6 +942,27 @@ class _Action(Resource):
         return _serve(request, run)
 
 
+def _header(request: Request, name: bytes) -> str | None:
+    """A request header as text (None if absent)."""
+    value = request.getHeader(name)
+    return None if value is None else value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+
+def _cross_site(request: Request) -> tuple[int, str] | None:
+    """``(code, reason)`` if a POST may come from a page of another site: not ``application/json`` (a form
+    or a "simple" fetch can send no other without a preflight) or an ``Origin`` not this one; else None."""
+    kind = (_header(request, b"content-type") or "").split(";", 1)[0].strip().lower()
+    if kind != "application/json":
+        return 415, f"an action must be Content-Type: application/json, not {_cut(kind, 60) or 'none'!r}"
+    origin = _header(request, b"origin")
+    host = (_header(request, b"host") or "").strip().lower()
+    if origin is not None and origin.strip().lower() not in (f"http://{host}", f"https://{host}"):
+        return 403, f"cross-origin request (Origin {_cut(origin, 100)!r})"
+    if (_header(request, b"sec-fetch-site") or "").lower() == "cross-site":
+        return 403, "cross-site request (Sec-Fetch-Site)"
+    return None
+
+
 class _Events(Resource):
     """``/api/events``: the event stream."""
 
@@ -754,12 +972,16 @@ class _Events(Resource):
         super().__init__()
         self.console = console
 
-    def render_GET(self, request: Request) -> int:
+    def render_GET(self, request: Request) -> int | bytes:
+        if not self.console.subscribe(request):
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"retry-after", b"10")
+            return json.dumps({"error": f"too many event streams (at most {MAX_STREAMS})"}).encode()
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
         request.write(b"retry: 2000\n: connected\n\n")
-        self.console.subscribe(request)
         return NOT_DONE_YET
 
 

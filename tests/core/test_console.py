@@ -405,10 +405,14 @@ async def test_queues_conversations_and_the_observer(container_factory: Any, tmp
     holder = await c1.spawn(Holder, name="holder")
     caller = c1.proc_manager.get(await c1.spawn(Process, name="caller"))
     call = caller.rpc_send(holder, "hold", None, timeout=30)
+    sent = time.perf_counter()  # both conversations started before this
     try:
+        # Held for a measurable time (bounded polling): each age is at least that long.
+        await wait_for(lambda: True if time.perf_counter() - sent >= 0.3 else None, "0.3 s to pass")
         code, convs = await get_json(c1.http.url + "/api/convs")
         assert code == 200
         mine = {(r["role"], r["op"]) : r for r in convs["items"] if r["op"] == "hold"}
+        assert mine[("initiator", "hold")]["age"] >= 0.3 and mine[("responder", "hold")]["age"] >= 0.3
         assert mine[("initiator", "hold")]["peer"] == holder
         assert mine[("initiator", "hold")]["initiator"] == f"caller ({caller.id})"
         assert mine[("responder", "hold")]["peer"] == f"holder ({holder})"
@@ -697,3 +701,216 @@ async def test_every_tab_in_a_browser(browser: Any, container_factory: Any, tmp_
     assert "cache.verify" in await in_thread(text("#audittable"), browser)
     errors = await in_thread(lambda: [e for e in browser.get_log("browser") if e.get("level") == "SEVERE"])
     assert not errors, errors
+
+
+# -- hardening --------------------------------------------------------------------------------------------------------
+XSS = "<img src=x onerror=\"window.__pwned=sessionStorage.getItem('ion-console-token')||'yes'\">"
+
+
+class HostileDeploy(FakeDeploy):
+    """A ``deploy`` that answers ``jobs`` with markup where numbers and names belong."""
+
+    def op_jobs(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        return [{"job": f"j2{XSS}", "kind": XSS, "state": "RUNNING", "total": XSS, "error": XSS,
+                 "results": {"1 a": {"ok": True}}, "created": XSS, "ended": None}]
+
+
+class HostileCache(FakeCache):
+    """A ``cache`` whose entries have sizes that are not integers, and markup in its report."""
+
+    def op_list(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        sizes: list[Any] = [XSS, None, 5, 2.5, True, "7", 11]
+        return {"root": XSS, "entries": [
+            {"key": {"name": f"dep{i}", "version": "1.0", "platform": XSS}, "size": size, "files": XSS,
+             "last_used": XSS, "fetched_at": None, "url": None} for i, size in enumerate(sizes)] + ["junk", None]}
+
+    def op_verify_report(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        return {"started": 1.0e9, "finished": XSS, "trigger": XSS, "counts": {XSS: XSS, "good": 3}, "outcomes": []}
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_service_answers_render_as_text_in_a_browser(browser: Any, container_factory: Any,
+                                                                   tmp_path: Path) -> None:
+    """Markup in a service's answer (Deploy's jobs, Cache's entries and report, another agent's process
+    table) is shown as text, and no script of it runs: the token in sessionStorage stays on the page."""
+    from selenium.webdriver.common.by import By
+
+    c1 = await container_factory(config=http_config(tmp_path))
+    FakeNode.rows = [{"pid": "fake-node.0", "name": XSS, "class": XSS, "module": XSS, "state": XSS,
+                      "parent": None, "convs": XSS, "queues": [XSS]}]
+    await c1.spawn(FakeNode, name="fake-agent")
+    c1.publish_event("container.heartbeat", {"container": "fake-node", "sysname": c1.sysname, "pids": 1,
+                                             "started_at": XSS, "interval": 60.0,
+                                             "agent": agent_queue(c1.sysname, "fake-node")})
+    await c1.proc_manager.get(c1.agent_pid).wait_for_node("fake-node", timeout=10)
+    await c1.spawn(HostileDeploy)
+    await c1.spawn(HostileCache)
+    code, jobs = await get_json(c1.http.url + "/api/jobs")
+    assert jobs["items"][0]["total"] is None and jobs["items"][0]["created"] is None  # numbers are numbers
+    await in_thread(browser.get, c1.http.url + "/")
+    await in_thread(browser.execute_script, "sessionStorage.setItem('ion-console-token', 'secret')")
+    await in_thread(wait_until, browser, row("fake-node.0"), "the hostile process row")
+
+    def text(selector: str) -> Callable[[Any], str]:
+        return lambda d: d.find_element(By.CSS_SELECTOR, selector).text
+
+    assert "<img src=x" in await in_thread(text('tr[data-pid="fake-node.0"]'), browser)
+    await in_thread(click, browser, 'button[data-tab="jobs"]')
+    await in_thread(wait_until, browser, lambda d: "j2<img" in text("#jobtable")(d), "the hostile job as text")
+    assert "1/?" in await in_thread(text("#jobtable"), browser)
+    await in_thread(click, browser, 'button[data-tab="cache"]')
+    await in_thread(wait_until, browser, lambda d: "dep6" in text("#cachetable")(d), "the hostile cache")
+    assert "<img src=x" in await in_thread(text("#cachesummary"), browser)
+    for tab in ("processes", "jobs", "cache"):
+        await in_thread(click, browser, f'button[data-tab="{tab}"]')
+        await in_thread(wait_until, browser, lambda d, tab=tab: d.execute_script("return document.body.dataset.loaded")
+                        == tab, f"the {tab} tab drawn")
+        assert await in_thread(browser.execute_script, "return document.querySelectorAll('main img').length") == 0
+    assert await in_thread(browser.execute_script, "return window.__pwned === undefined")
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_bad_size_does_not_break_the_cache_view(container_factory: Any, tmp_path: Path) -> None:
+    """Sizes that are not integers are null on their row; the total counts the others."""
+    c1 = await container_factory(config=http_config(tmp_path))
+    await c1.spawn(HostileCache)
+    code, data = await wait_for(lambda: _available(c1.http.url + "/api/cache"), "the cache view")
+    assert code == 200 and data["bytes"] == 5 + 11
+    assert [e["size"] for e in data["items"]] == [None, None, 5, None, None, None, 11]
+    assert all(e["files"] is None and e["last_used"] is None for e in data["items"])
+    assert data["verify"]["counts"] == {"good": 3} and data["verify"]["finished"] is None
+
+
+async def post_raw(url: str, data: bytes, headers: dict[str, list[str]]) -> tuple[int, Any]:
+    response = await treq.post(url, data=data, headers=headers, persistent=False)
+    body = await response.content()
+    try:
+        return response.code, json.loads(body)
+    except ValueError:
+        return response.code, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_cross_site_posts_are_refused_before_anything_and_recorded_bounded(
+        container_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An action not sent as application/json (415), or from another origin (403), is refused even with
+    the token, and recorded without its body; a body over 8 KiB is 413; a flood of refusals from one client
+    records only REFUSALS_RECORDED of them."""
+    import ion.core.console
+
+    monkeypatch.setattr(ion.core.console, "REFUSALS_RECORDED", 5)
+    c1 = await container_factory(config=http_config(tmp_path))
+    await c1.spawn(FakeCache)
+    FakeCache.rounds = 0
+    url, token, port = c1.http.url + "/api/verify", c1.http.console.token, c1.http.port
+    auth = {"authorization": [f"Bearer {token}"]}
+    secret = b'{"pid": "body-secret"}'
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "text/plain; x=application/json"):
+        code, answer = await post_raw(url, secret, {**auth, "content-type": [kind]})
+        assert code == 415 and "application/json" in answer["error"]
+    code, answer = await post_raw(url, secret, {**auth, "content-type": ["application/json"],
+                                                "origin": ["http://evil.example"]})
+    assert code == 403 and "cross-origin" in answer["error"]
+    code, answer = await post_raw(url, secret, {**auth, "content-type": ["application/json"],
+                                                "sec-fetch-site": ["cross-site"]})
+    assert code == 403
+    assert FakeCache.rounds == 0
+    code, answer = await post_raw(url, b"{}", {**auth, "content-type": ["application/json; charset=utf-8"],
+                                               "origin": [f"http://127.0.0.1:{port}"]})
+    assert code == 200 and FakeCache.rounds == 1
+    code, _ = await post_raw(c1.http.url + "/api/kill", b'{"pid": "' + b"x" * 9000 + b'"}',
+                             {**auth, "content-type": ["application/json"]})
+    assert code == 413
+    await c1.audit.flush()
+    refused = [r for r in records(tmp_path / "c1-audit.jsonl") if r["result"] == "refused"]
+    assert len(refused) == 5  # 5 refusals, each recorded: then the flood
+    assert {(r["action"], r["target"], r["claimed_user"]) for r in refused} == {("cache.verify", "?", "web 127.0.0.1")}
+    assert b"body-secret" not in (tmp_path / "c1-audit.jsonl").read_bytes()
+    for _ in range(20):
+        assert (await post(url, {"pid": "body-secret"}))[0] == 403
+    await c1.audit.flush()
+    assert len([r for r in records(tmp_path / "c1-audit.jsonl") if r["result"] == "refused"]) == 5
+    assert b"body-secret" not in (tmp_path / "c1-audit.jsonl").read_bytes()
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_control_events_are_left_out_of_the_audit_view(container_factory: Any, tmp_path: Path) -> None:
+    """A ``control.*`` event published by a login that is not an operator is not shown; an operator's is,
+    with the broker user that sent it, each field cut."""
+    c1 = await container_factory(config=http_config(tmp_path))
+    mallory = await container_factory(config={"ion.core.messaging": {"memory_user": "mallory"},
+                                              "ion.core.container": {"agent": False}})
+    forged = {"time": "now", "user": c1.transport.user, "action": "process.terminate", "target": "forged-entry",
+              "result": "ok", "code": 200}
+    mallory.publish_event("control.process.terminate", forged)
+    c1.publish_event("control.process.terminate", {**forged, "target": "real-entry", "error": "e" * 5000})
+
+    async def seen() -> Any:
+        code, data = await get_json(c1.http.url + "/api/audit")
+        return data["items"] if any(a["target"] == "real-entry" for a in data["items"]) else None
+
+    items = await wait_for(seen, "the operator's event in the audit view")
+    assert [a["target"] for a in items] == ["real-entry"]
+    (entry,) = items
+    assert entry["broker_user"] == c1.transport.user and len(entry["error"]) <= 300
+    assert len(json.dumps(entry)) < 2000
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_token_file_is_never_written_through_a_placed_link(container_factory: Any,
+                                                                     tmp_path: Path) -> None:
+    """A hard link (or a symlink) placed at the token file's path beforehand is replaced, not written
+    through: the file it points to keeps its content."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.link(victim, tmp_path / "c1.token")
+    os.symlink(victim, tmp_path / "c2.token")
+    c1 = await container_factory(config=http_config(tmp_path, "c1"))
+    c2 = await container_factory(config=http_config(tmp_path, "c2"))
+    assert victim.read_text() == "precious\n"
+    for c, name in ((c1, "c1.token"), (c2, "c2.token")):
+        path = tmp_path / name
+        assert not path.is_symlink() and path.stat().st_ino != victim.stat().st_ino
+        assert path.read_text().strip() == c.http.console.token
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest_twisted.ensureDeferred
+async def test_event_streams_are_capped_and_a_slow_reader_is_dropped(
+        container_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond MAX_STREAMS streams: 503. A reader that does not read: once its connection's send buffer is
+    full, what is pushed is held back, and past STREAM_BACKLOG bytes the stream is dropped."""
+    import socket
+
+    import ion.core.console
+
+    monkeypatch.setattr(ion.core.console, "MAX_STREAMS", 2)
+    c1 = await container_factory(config=http_config(tmp_path))
+    console = c1.http.console
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        slow.connect(("127.0.0.1", c1.http.port))
+        slow.sendall(f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{c1.http.port}\r\n\r\n".encode())
+        await wait_for(lambda: True if len(console.streams) == 1 else None, "the slow stream")
+        fine = await treq.get(c1.http.url + "/api/events", unbuffered=True, persistent=False)
+        assert fine.code == 200 and len(console.streams) == 2
+        code, answer = await get_json(c1.http.url + "/api/events")
+        assert code == 503 and "too many" in answer["error"]
+        chunks: list[bytes] = []
+        ended = treq.collect(fine, chunks.append)
+        # 40 KB of events a reactor turn (at most 16 MB): the slow reader's kernel buffers fill, then its
+        # connection's, then the held-back bytes pass the limit; the other stream reads on.
+        for turn in range(400):
+            for i in range(5):
+                console.push("process", {"pid": f"p{turn}.{i}", "pad": "x" * 8000})
+            await task.deferLater(reactor, 0, lambda: None)
+            if console.streams_dropped:
+                break
+        assert console.streams_dropped == 1 and len(console.streams) == 1
+        assert list(console.streams)[0] is not None and not ended.called
+        sent = (turn + 1) * 5 * 8000
+        await wait_for(lambda: True if len(b"".join(chunks)) > sent else None, "the other stream's events")
+        print(f"\nconsole: the slow reader dropped after {sent / 1e6:.1f} MB of events")
+    finally:
+        slow.close()

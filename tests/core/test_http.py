@@ -13,6 +13,7 @@ import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task, threads
+from twisted.internet.protocol import Protocol
 
 from ion.core.exceptions import ConfigurationError
 from ion.core.health import sd_notify
@@ -20,7 +21,10 @@ from ion.core.process import Process
 from ion.core.tap import Options
 from ion.testing import ContainerFactory, client_process
 
-HTTP = {"ion.core.http": {"port": 0}}
+
+def http_config(tmp_path: Path, **http: Any) -> dict[str, Any]:
+    """The HTTP port on any free port, the console's token file in ``tmp_path`` (not the working folder)."""
+    return {"ion.core.http": {"port": 0, "token_file": str(tmp_path / "console.token"), **http}}
 
 
 async def get(url: str) -> tuple[int, bytes]:
@@ -63,11 +67,12 @@ def test_no_port_unless_asked(container: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_health_ready_and_metrics(container_factory: Any) -> None:
-    container = await container_factory(config=HTTP)
+async def test_health_ready_and_metrics(container_factory: Any, tmp_path: Path) -> None:
+    container = await container_factory(config=http_config(tmp_path))
     await container.app_manager.start_app("hello")
     url = container.http.url
     assert url is not None and url.startswith("http://127.0.0.1:")
+    assert container.http.console.token_path == str(tmp_path / "console.token")
 
     code, alive = await get_json(url + "/healthz")
     assert code == 200 and alive["alive"] is True and alive["container"] == container.id
@@ -103,10 +108,10 @@ async def test_health_ready_and_metrics(container_factory: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_readyz_is_503_at_once_when_the_container_stops(container_factory: Any) -> None:
+async def test_readyz_is_503_at_once_when_the_container_stops(container_factory: Any, tmp_path: Path) -> None:
     """A terminate (SIGTERM's drain) makes /readyz 503 naming it while the processes still stop;
     /healthz stays 200; then the port closes."""
-    container = await container_factory(config=HTTP)
+    container = await container_factory(config=http_config(tmp_path))
     SlowToStop.release = defer.Deferred()
     await container.spawn(SlowToStop, name="slow")
     url = container.http.url
@@ -128,8 +133,9 @@ async def test_readyz_is_503_at_once_when_the_container_stops(container_factory:
 
 
 @pytest_twisted.ensureDeferred
-async def test_readyz_names_a_process_of_an_app_that_is_not_active(container_factory: Any) -> None:
-    container = await container_factory(config=HTTP)
+async def test_readyz_names_a_process_of_an_app_that_is_not_active(container_factory: Any,
+                                                                    tmp_path: Path) -> None:
+    container = await container_factory(config=http_config(tmp_path))
     await container.app_manager.start_app("hello")
     supervisor = container.app_manager.running["hello"].state
     pid = supervisor.pids[0]
@@ -144,7 +150,7 @@ async def test_readyz_names_a_process_of_an_app_that_is_not_active(container_fac
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_port_in_use_fails_the_start_naming_it() -> None:
+async def test_a_port_in_use_fails_the_start_naming_it(tmp_path: Path) -> None:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
@@ -152,7 +158,8 @@ async def test_a_port_in_use_fails_the_start_naming_it() -> None:
     factory = ContainerFactory()
     try:
         with pytest.raises(ConfigurationError, match=rf"ion.core.http: cannot listen on 127.0.0.1:{port}"):
-            await factory(config={"ion.core.http": {"port": port}})
+            await factory(config=http_config(tmp_path, port=port))
+        assert not (tmp_path / "console.token").exists()
     finally:
         taken.close()
         await factory.teardown()
@@ -179,12 +186,12 @@ def test_the_http_option_sets_the_port() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_readyz_follows_the_broker_connection(rabbitmq: Any, amqp_url: str) -> None:
+async def test_readyz_follows_the_broker_connection(rabbitmq: Any, amqp_url: str, tmp_path: Path) -> None:
     """On RabbitMQ: the broker closes the container's connection, /readyz is 503 naming it, then 200 again
     once the transport has reconnected."""
     factory = ContainerFactory(broker_url=amqp_url)
     try:
-        container = await factory(config=HTTP)
+        container = await factory(config=http_config(tmp_path))
         url = container.http.url + "/readyz"
         assert (await get(url))[0] == 200
         vhost = unquote(urlsplit(amqp_url).path.lstrip("/"))
@@ -268,3 +275,107 @@ def test_a_family_keeps_a_bounded_number_of_series() -> None:
     assert sent.children[("other", "other")].value == 50
     assert took.children[("other", "other")].counts == [0, 50, 0]
     assert sent.labels("p", "op3").value == 1  # a kept series keeps counting
+
+
+# -- who may talk to the port, and what outlives it ---------------------------------------------------------------
+async def get_with_host(url: str, host: str) -> tuple[int, Any]:
+    """GET ``url`` with the ``Host`` header ``host`` (as a page of a rebound name would send it)."""
+    response = await treq.get(url, headers={"host": [host]}, persistent=False)
+    await response.content()
+    return response.code, response.headers
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_console_answers_only_its_own_hosts_and_the_probes_any(container_factory: Any,
+                                                                         tmp_path: Path) -> None:
+    """DNS rebinding: a Host that is not the bound address, a loopback name or an allowed one gets 421 on
+    the console, its files and its API; /healthz, /readyz and /metrics answer any Host. The console's
+    responses carry the security headers."""
+    from ion.core.http import SECURITY_HEADERS
+
+    container = await container_factory(config=http_config(tmp_path, allowed_hosts=["Console.Example"]))
+    url, port = container.http.url, container.http.port
+    for path in ("/", "/static/app.js", "/api/system", "/api/events", "/nosuch"):
+        code, headers = await get_with_host(url + path, "evil.example")
+        assert code == 421, path
+        assert headers.getRawHeaders("x-frame-options") == ["DENY"]
+        assert (await get_with_host(url + path, f"evil.example:{port}"))[0] == 421
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert (await get_with_host(url + path, "evil.example"))[0] == 200, path
+        assert (await get_with_host(url + path, "10.1.2.3:9100"))[0] == 200, path
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}",
+                 "console.example", f"console.example:{port}"):
+        code, headers = await get_with_host(url + "/api/system", host)
+        assert code == 200, host
+        for name, value in SECURITY_HEADERS.items():
+            assert headers.getRawHeaders(name.decode()) == [value.decode()], name
+    csp = (await get_with_host(url + "/", f"127.0.0.1:{port}"))[1].getRawHeaders("content-security-policy")[0]
+    for part in ("default-src 'self'", "script-src 'self'", "object-src 'none'", "frame-ancestors 'none'"):
+        assert part in csp
+    assert (await get_with_host(url + "/", "127.0.0.1"))[0] == 421  # a browser sends the port it uses
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_are_rendered_in_the_containers_own_pool(container_factory: Any, tmp_path: Path) -> None:
+    """/metrics: generate_latest runs in the container's blocking pool (not the global reactor's thread
+    pool), and the answer has Prometheus's content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    container = await container_factory(config=http_config(tmp_path, console=False))
+    ran: list[Any] = []
+    run = container.blocking.run
+
+    def spy(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        ran.append(fn)
+        return run(fn, *args, **kwargs)
+
+    container.blocking.run = spy
+    response = await treq.get(container.http.url + "/metrics", persistent=False)
+    text = await response.content()
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == [CONTENT_TYPE_LATEST]
+    assert ran == [generate_latest]
+    assert samples(text)[("ion_broker_connected", ())] == 1.0
+
+
+class _Client(Protocol):
+    """A raw HTTP/1.1 client connection: what it received, and when the server closed it."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keep_alive_connection_is_closed_when_the_container_stops(tmp_path: Path) -> None:
+    """A keep-alive connection (a request answered, the connection kept open) does not outlive the
+    container: its stop closes it (Twisted's own idle timeout is a minute)."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    factory = ContainerFactory()
+    try:
+        container = await factory(config=http_config(tmp_path))
+        port = container.http.port
+        client = _Client()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        client.transport.write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+
+        async def answered() -> Any:
+            return True if b'"alive": true' in client.received else None
+
+        await wait_for(answered, "the answer on the keep-alive connection")
+        assert not client.closed.called
+        await container.terminate()
+
+        async def closed() -> Any:
+            return True if client.closed.called else None
+
+        await wait_for(closed, "the connection closed by the container's stop", limit=5)
+    finally:
+        await factory.teardown()

@@ -213,8 +213,8 @@ class Conversation:
         table = self.table
         table.observe(self)
         if table.recent is not None:
-            table.recent.add(self.conv_id, self.traceparent, "initiator", table.process.id, self.receiver, self.op,
-                             self.protocol, self.state, self.started)
+            table.recent.append((self.conv_id, self.traceparent, "initiator", table.process.id, self.receiver,
+                                 self.op, self.protocol, self.state, self.started))
         if self.span is not None:
             from ion.core.trace import end_span
 

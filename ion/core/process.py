@@ -938,8 +938,14 @@ class Process(LifecycleObject):
             d = self._reply(msg, "result", result, None, Performative.INFORM_RESULT, "OK", 200)
             if d is not None:
                 self._unless_sent(d, msg)
-        if conv is not None:
-            self._responded(msg, 200)
+        if conv is not None:  # (_responded(msg, 200), inline)
+            responding.pop(msg["conv-id"], None)
+            if conv.span is not None:
+                trace.end_span(conv.span, 200)
+            recent = self.conversations.recent
+            if recent is not None:
+                recent.append((conv.conv_id, msg.get("traceparent"), "responder", self.id, msg["sender"], msg["op"],
+                               conv.protocol, conv.state, conv.started))
 
     def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
         self._observe_served(msg)
@@ -985,8 +991,8 @@ class Process(LifecycleObject):
             trace.end_span(conv.span, code, error)
         recent = self.conversations.recent
         if recent is not None:
-            recent.add(conv.conv_id, msg.get("traceparent"), "responder", self.id, msg["sender"], msg["op"],
-                       conv.protocol, conv.state, conv.started)
+            recent.append((conv.conv_id, msg.get("traceparent"), "responder", self.id, msg["sender"], msg["op"],
+                           conv.protocol, conv.state, conv.started))
 
     def _unless_sent(self, d: defer.Deferred[None], msg: Mapping[str, Any]) -> None:
         """Log (rather than leave unhandled) a reply the transport could not send, e.g. when the

@@ -299,10 +299,10 @@ class ShellHelpers:
             if trace_id is None:
                 return Listing([], _TRACE_COLUMNS, f"(no conversation {key} known to this container)")
         now = time.time()
-        rows = [{**r, "started": When(now - r["age"]), "ended": None} for r in live if r["trace"] == trace_id]
+        rows = [{**r, "started": When(now - r["age"]), "in flight": True} for r in live if r["trace"] == trace_id]
         rows += [{"conv": e.conv, "role": e.role, "initiator": e.pid if e.role == "initiator" else e.peer,
                   "peer": e.peer if e.role == "initiator" else e.pid, "op": e.op, "protocol": e.protocol,
-                  "state": e.state, "started": When(e.started), "ended": When(e.ended), "trace": e.trace}
+                  "state": e.state, "started": When(e.started), "in flight": False, "trace": e.trace}
                  for e in ended if e.trace == trace_id]
         rows.sort(key=lambda r: float(r["started"]))
         return Listing(rows, _TRACE_COLUMNS, f"(trace {trace_id}: nothing of it known to this container)")
@@ -413,7 +413,7 @@ class ShellHelpers:
 
 
 _CONV_COLUMNS = ["conv", "role", "initiator", "peer", "op", "protocol", "state", "age", "trace"]
-_TRACE_COLUMNS = ["conv", "role", "initiator", "peer", "op", "protocol", "state", "started", "ended", "trace"]
+_TRACE_COLUMNS = ["conv", "role", "initiator", "peer", "op", "protocol", "state", "started", "in flight", "trace"]
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 
 

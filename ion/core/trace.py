@@ -68,46 +68,58 @@ MAX_TRACESTATE: Final = 512
 
 
 # -- ids ----------------------------------------------------------------------------------------------
-#: Random bytes drawn ahead (one ``os.urandom`` per 512 span ids), handed out in slices.
-_POOL_BYTES: Final = 4096
-_pool = b""
-_pool_at = _POOL_BYTES
+#: Random hex drawn ahead (one ``os.urandom`` per 1024 span ids), handed out in slices of 16 or 48
+#: characters: a new id is a string slice, not a system call (every message takes one or two).
+_POOL_CHARS: Final = 16384
+_ZERO_TRACE: Final = "0" * 32
+_ZERO_SPAN: Final = "0" * 16
+
+
+def _fresh_pool() -> str:
+    """Random hex of which no 16-character chunk (a span id, half a trace id) is all zeros: ids are
+    handed out at multiples of 16, so none is ever zero (W3C forbids zero ids)."""
+    while True:
+        pool = os.urandom(_POOL_CHARS // 2).hex()
+        if _ZERO_SPAN not in pool:  # (any 16 zeros, aligned or not: drawn again, about never)
+            return pool
+
+
+_pool = _fresh_pool()
+_pool_at = 0
 
 
 def _random_hex(n: int) -> str:
-    """``n`` random bytes as hex, never all zeros (W3C forbids zero ids)."""
+    """``n`` random hex characters, ``n`` a multiple of 16 up to 48, never all zeros."""
     global _pool, _pool_at
     at = _pool_at
-    if at + n > _POOL_BYTES:
-        _pool = os.urandom(_POOL_BYTES)
+    if at + n > _POOL_CHARS:
+        _pool = _fresh_pool()
         at = 0
     _pool_at = at + n
-    chunk = _pool[at:at + n]
-    if not chunk.strip(b"\0"):  # (2^-64 per span id; still never a zero id)
-        return _random_hex(n)
-    return chunk.hex()
+    return _pool[at:at + n]
 
 
 def new_trace_id() -> str:
     """A new random trace id: 32 lowercase hex characters."""
-    return _random_hex(16)
+    return _random_hex(32)
 
 
 def new_span_id() -> str:
     """A new random span (parent) id: 16 lowercase hex characters."""
-    return _random_hex(8)
+    return _random_hex(16)
 
 
 def new_traceparent(flags: str = "00") -> str:
     """The ``traceparent`` of a new trace (a root: nothing before it)."""
-    return f"00-{_random_hex(16)}-{_random_hex(8)}-{flags}"
+    ids = _random_hex(48)
+    return f"00-{ids[:32]}-{ids[32:]}-{flags}"
 
 
 # -- parsing ------------------------------------------------------------------------------------------
 #: version 00: exactly 55 characters; a later version (never ff) may add ``-...`` fields.
 _TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?").fullmatch
-_ZERO_TRACE: Final = "0" * 32
-_ZERO_SPAN: Final = "0" * 16
+#: The common case, checked first: version 00 as this container writes it.
+_TRACEPARENT_00: Final = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}\Z").match
 #: A tracestate list member: ``key=value`` (W3C trace-context §3.3.1).
 _TS_MEMBER: Final = re.compile(
     r"(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
@@ -160,18 +172,27 @@ def valid_tracestate(value: Any) -> bool:
 # -- continuing traces ------------------------------------------------------------------------------
 def continue_trace(parent: Mapping[str, Any] | None) -> str:
     """The ``traceparent`` of a message sent on behalf of ``parent`` (a handled message, already
-    checked by :func:`ensure`): its trace id and flags, a new parent id; None: a new trace.
+    checked by :func:`ensure`, or one this container built): its trace id and flags, a new parent
+    id; None (or a parent without a usable one): a new trace.
 
     While an SDK records spans, the parent id is the SERVER span's of the request being
-    handled (:data:`current_span`)."""
+    handled (:data:`current_span`). (Flat on purpose: every message built takes this path.)"""
+    global _pool, _pool_at
+    at = _pool_at
+    if at + 48 > _POOL_CHARS:
+        _pool = _fresh_pool()
+        at = 0
     if parent is not None:
         tp = parent.get("traceparent")
-        if type(tp) is str and len(tp) >= 55:
-            span = current_span.get() if state.tracer is not None else None
-            if span is not None:
-                return _of_span(span)
-            return f"00-{tp[3:35]}-{_random_hex(8)}-{tp[53:55]}"
-    return f"00-{_random_hex(16)}-{_random_hex(8)}-00"
+        if type(tp) is str and len(tp) == 55:
+            if state.tracer is not None:
+                span = current_span.get()
+                if span is not None:
+                    return _of_span(span)
+            _pool_at = at + 16
+            return tp[:36] + _pool[at:at + 16] + tp[52:]
+    _pool_at = at + 48
+    return "00-" + _pool[at:at + 32] + "-" + _pool[at + 32:at + 48] + "-00"
 
 
 def ensure(msg: dict[str, Any]) -> None:
@@ -179,14 +200,16 @@ def ensure(msg: dict[str, Any]) -> None:
     a missing or malformed ``traceparent`` becomes a new trace (never an error); a malformed or
     oversized ``tracestate`` is dropped; a later version's ``traceparent`` is kept as version 00."""
     tp = msg.get("traceparent")
+    if type(tp) is str and _TRACEPARENT_00(tp) is not None:
+        if "tracestate" in msg and not valid_tracestate(msg["tracestate"]):
+            del msg["tracestate"]
+        return
     parsed = parse(tp)
     if parsed is None:
-        msg["traceparent"] = f"00-{_random_hex(16)}-{_random_hex(8)}-00"
+        msg["traceparent"] = new_traceparent()
         msg.pop("tracestate", None)  # (a tracestate belongs to the traceparent it came with)
         return
-    assert type(tp) is str
-    if len(tp) != 55 or tp[:2] != "00":
-        msg["traceparent"] = f"00-{parsed[0]}-{parsed[1]}-{parsed[2]}"
+    msg["traceparent"] = f"00-{parsed[0]}-{parsed[1]}-{parsed[2]}"
     if "tracestate" in msg and not valid_tracestate(msg["tracestate"]):
         del msg["tracestate"]
 
@@ -365,7 +388,8 @@ def end_span(span: Any, code: int | None = None, error: str | None = None) -> No
 # -- what a container knows of traces ----------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class EndedConversation:
-    """A conversation that ended in this container (initiator or responder side)."""
+    """A conversation that ended in this container (initiator or responder side); ``started``: when it
+    started (epoch seconds)."""
 
     conv: str
     trace: str | None
@@ -376,31 +400,33 @@ class EndedConversation:
     protocol: str
     state: str
     started: float
-    ended: float
 
 
 class RecentConversations:
     """The last :data:`RECENT_CONVERSATIONS` conversations that ended in one container.
 
-    Appends are a tuple into a bounded deque (the per-message path); rows are made on reading.
+    On the per-message path: :attr:`append` (the deque's own method) of a tuple
+    ``(conv, traceparent, role, pid, peer, op, protocol, state, started)``, ``started`` by
+    ``perf_counter``; the rows are made on reading.
     """
 
     def __init__(self, size: int = RECENT_CONVERSATIONS) -> None:
         self._ring: deque[tuple[Any, ...]] = deque(maxlen=size)
+        self.append = self._ring.append
 
     def add(self, conv: str, traceparent: Any, role: str, pid: str, peer: str, op: str, protocol: str,
             state: str, started: float) -> None:
         """Record one ended conversation; ``started``: its ``perf_counter`` start."""
-        self._ring.append((conv, traceparent, role, pid, peer, op, protocol, state, started, perf_counter()))
+        self._ring.append((conv, traceparent, role, pid, peer, op, protocol, state, started))
 
     def __len__(self) -> int:
         return len(self._ring)
 
     def __iter__(self) -> Iterator[EndedConversation]:
         wall = time.time() - perf_counter()  # perf_counter -> epoch seconds
-        for conv, tp, role, pid, peer, op, protocol, st, started, ended in list(self._ring):
+        for conv, tp, role, pid, peer, op, protocol, st, started in list(self._ring):
             yield EndedConversation(conv, tp[3:35] if type(tp) is str and len(tp) >= 55 else None, role, pid,
-                                    peer, op, protocol, st, wall + started, wall + ended)
+                                    peer, op, protocol, st, wall + started)
 
 
 def in_flight(container: Container) -> Iterable[dict[str, Any]]:

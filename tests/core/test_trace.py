@@ -259,7 +259,7 @@ def test_shell_convs_and_trace() -> None:
     assert "trace" in repr(rows).splitlines()[0]
     conv_id = next(r["conv"] for r in rows if r["role"] == "initiator")
     in_flight = shell.trace(conv_id)
-    assert len(in_flight) == 2 and {r["ended"] for r in in_flight} == {None}
+    assert len(in_flight) == 2 and {r["in flight"] for r in in_flight} == {True}
     slow.waiting.callback("done")
     system.result(d)
     system.result(shell.proc.rpc_send("back", "echo", headers={"traceparent": TP}))
@@ -356,3 +356,83 @@ def test_sdk_roots_are_new_traces(spans: InMemorySpanExporter) -> None:
     clients = [s for s in spans.get_finished_spans() if s.kind == SpanKind.CLIENT]
     assert len({s.context.trace_id for s in clients}) == 2
     assert all(s.parent is None for s in clients)
+
+
+EXPORT_SCRIPT = r'''
+import http.server, sys, threading
+from ion.core import trace
+from ion.core.process import Process
+from ion.core.settings import TraceSettings
+from ion.testing import ClockedSystem
+from tests.core.test_trace import Back
+
+bodies = []
+
+class Collector(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        bodies.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.HTTPServer(("127.0.0.1", 0), Collector)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+endpoint = f"http://127.0.0.1:{server.server_port}/v1/traces"
+system = ClockedSystem(config={"ion.core.trace": {"otlp_endpoint": endpoint, "service_name": "ion-export-test"}})
+assert trace.state.tracer is not None, "no tracer"
+system.spawn(Back)
+caller = system.spawn(Process, name="caller")
+system.result(caller.rpc_send("back", "echo", headers={"traceparent": sys.argv[1]}))
+assert trace.state.configured.force_flush(10_000)
+server.shutdown()
+body = b"".join(b for _, b in bodies)
+print(bodies[0][0] if bodies else None, b"ion-export-test" in body, bytes.fromhex(sys.argv[1][3:35]) in body,
+      body.count(b"rabbitmq"), b"echo" in body)
+'''
+
+
+def test_spans_are_exported_to_the_otlp_endpoint_of_the_config(tmp_path: Any) -> None:
+    """``ion.core.trace: otlp_endpoint``: a TracerProvider with a batch processor and the OTLP/HTTP exporter,
+    set up at container start; the spans reach the collector (a loopback HTTP server) with the service
+    name and the trace id. In a child interpreter: the global provider can be set once per process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, TP], capture_output=True, text=True, env=env,
+                          cwd=str(root), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["/v1/traces", "True", "True", "0", "True"], done.stdout + done.stderr
+
+
+def test_an_endpoint_without_the_sdk_is_ignored_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_exporter(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("opentelemetry.exporter"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_exporter)
+    warned: list[str] = []
+
+    class Log:
+        def warn(self, fmt: str, **kw: Any) -> None:
+            warned.append(fmt.format(**kw))
+
+        def info(self, fmt: str, **kw: Any) -> None:  # pragma: no cover - not reached
+            raise AssertionError(fmt)
+
+    from ion.core.settings import TraceSettings
+
+    assert trace.configure(TraceSettings(otlp_endpoint="http://127.0.0.1:9/v1/traces"), "s", Log()) is None
+    assert warned and "ignored" in warned[0] and "ioncore[otel]" in warned[0]

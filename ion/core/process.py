@@ -1148,10 +1148,12 @@ class Process(LifecycleObject):
                              headers: Mapping[str, Any] | None) -> defer.Deferred[None]:
         """Send the next message of ``conv`` (a ``generic`` conversation this process started) to its
         peer: what :meth:`Conversation.send <ion.core.conversation.Conversation.send>` and ``end`` use."""
+        # Outside an op (a handler of the conversation, a timer), the conversation's own trace goes on.
+        trace_from = None if current_message.get() is not None else {"traceparent": conv.traceparent}
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=conv.receiver, op=op,
             content=content, conv_id=conv.conv_id, conv_seq=conv.seq, protocol=conv.protocol,
-            performative=performative, user_id=self._delegated_user(), extra=headers)
+            performative=performative, user_id=self._delegated_user(), extra=headers, trace_from=trace_from)
         return self._publish(msg)
 
     def send(self, receiver: str, op: str, content: Any = None,

@@ -436,3 +436,26 @@ def test_an_endpoint_without_the_sdk_is_ignored_with_a_warning(monkeypatch: pyte
 
     assert trace.configure(TraceSettings(otlp_endpoint="http://127.0.0.1:9/v1/traces"), "s", Log()) is None
     assert warned and "ignored" in warned[0] and "ioncore[otel]" in warned[0]
+
+
+def test_a_generic_conversation_keeps_its_trace_outside_any_op() -> None:
+    """Messages of a generic conversation sent from outside an op (its handler, a timer) go on with the
+    conversation's trace, not a new one each."""
+    system = ClockedSystem()
+    back = system.spawn(Back)
+    seen: list[str] = []
+    original = back._dispatch
+
+    def spy(msg: dict[str, Any], receiver: Any = None) -> Any:
+        seen.append(msg["traceparent"])
+        return original(msg, receiver)
+
+    back._dispatch = spy  # type: ignore[method-assign]
+    caller = system.spawn(Process, name="caller")
+    conv = caller.converse(back.id, "echo", "first")
+    system.advance(0.1)
+    conv.send("echo", "second")
+    system.advance(0.1)
+    conv.end()
+    system.advance(0.1)
+    assert len(seen) >= 2 and {tp[3:35] for tp in seen} == {conv.traceparent[3:35]}  # type: ignore[index]

@@ -278,7 +278,9 @@ def validate(msg: Mapping[str, Any]) -> None:
 
     Required headers must be present; every DESIGN §4 header that is present
     must have its documented type (strings, ints for ``conv-seq`` and
-    ``response-code``, numbers for ``expiry`` and ``ts``).
+    ``response-code``, numbers for ``expiry`` and ``ts``). ``traceparent`` and
+    ``tracestate`` are not checked here: a malformed trace context is never an
+    error, the receiving process replaces it (:func:`ion.core.trace.ensure`).
 
     :raises MalformedMessageError: naming the first missing or mistyped header.
     """

@@ -1087,7 +1087,7 @@ class Process(LifecycleObject):
             given = headers.get("traceparent") if headers else None
             span = conv.span = trace.start_client_span(getattr(self.container, "messaging_system", "ion"), target, op,
                                                        conv.conv_id, given if trace.is_valid(given) else None)
-            traceparent = trace._of_span(span)
+            traceparent = trace.span_traceparent(span)
             if given is not None:
                 headers = {k: v for k, v in headers.items() if k != "traceparent"}  # type: ignore[union-attr]
         msg = wire.build(
@@ -1202,7 +1202,7 @@ class Process(LifecycleObject):
             op=op, content=content, conv_id=msg["conv-id"], conv_seq=seq,
             protocol=msg["protocol"], performative=performative, status=status,
             response_code=response_code, user_id=self._delegated_user(), extra=headers,
-            traceparent=None if conv is None or conv.span is None else trace._of_span(conv.span), trace_from=msg)
+            traceparent=None if conv is None or conv.span is None else trace.span_traceparent(conv.span), trace_from=msg)
         try:
             return self._publish_now(reply, False, False if msg.get("protocol") in _REQUEST_PROTOCOLS else None)
         except MessageError as exc:

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "current_message", "current_span", "TraceSettings", "TraceState", "state", "parse", "is_valid",
     "valid_tracestate", "new_trace_id", "new_span_id", "new_traceparent", "continue_trace", "ensure",
-    "trace_id_of", "current_trace_id", "refresh", "use_tracer_provider", "configure", "RecentConversations",
+    "trace_id_of", "current_trace_id", "span_traceparent", "refresh", "use_tracer_provider", "configure", "RecentConversations",
     "RECENT_CONVERSATIONS",
 ]
 
@@ -188,7 +188,7 @@ def continue_trace(parent: Mapping[str, Any] | None) -> str:
             if state.tracer is not None:
                 span = current_span.get()
                 if span is not None:
-                    return _of_span(span)
+                    return span_traceparent(span)
             _pool_at = at + 16
             return tp[:36] + _pool[at:at + 16] + tp[52:]
     _pool_at = at + 48
@@ -322,7 +322,7 @@ def _remote_context(traceparent: str) -> Any:
     return otel.set_span_in_context(otel.NonRecordingSpan(ctx))
 
 
-def _of_span(span: Any) -> str:
+def span_traceparent(span: Any) -> str:
     """The ``traceparent`` of a span's context."""
     ctx = span.get_span_context()
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"

@@ -74,6 +74,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from ion.core.agent import agent_queue, app_table
 from ion.core.deferreds import observe
 from ion.core.process import Process, Receiver
+from ion.core.trace import trace_id_of
 
 if TYPE_CHECKING:
     from ion.core.container import Container
@@ -483,7 +484,7 @@ class Console:
                 **page(rows, offset, limit)}
 
     def conversations(self, offset: int, limit: int) -> dict[str, Any]:
-        """This container's conversations in flight: initiator, peer, op, age, state (oldest first)."""
+        """This container's conversations in flight: initiator, peer, op, age, state, trace id (oldest first)."""
         c = self.container
         now_clock = c.clock.seconds()
         now_wall = time.time()
@@ -500,7 +501,8 @@ class Console:
                 seen.add(conv.conv_id)
                 rows.append({"conv": conv.conv_id, "role": "initiator", "initiator": f"{p.proc_name} ({p.id})",
                              "peer": conv.receiver, "op": conv.op, "protocol": conv.protocol,
-                             "age": round(max(age or 0.0, 0.0), 3), "state": conv.state})
+                             "age": round(max(age or 0.0, 0.0), 3), "state": conv.state,
+                             "trace": trace_id_of({"traceparent": conv.traceparent})})
             for resp in list(table.responding.values()):
                 request = resp.request
                 ts = request.get("ts")
@@ -508,7 +510,8 @@ class Console:
                 rows.append({"conv": resp.conv_id, "role": "responder",
                              "initiator": f"{request.get('sender-name') or '?'} ({request.get('sender')})",
                              "peer": f"{p.proc_name} ({p.id})", "op": request.get("op"), "protocol": resp.protocol,
-                             "age": None if age is None else round(max(age, 0.0), 3), "state": resp.state})
+                             "age": None if age is None else round(max(age, 0.0), 3), "state": resp.state,
+                             "trace": trace_id_of(request)})
         for gone in set(self._first_seen) - seen:
             del self._first_seen[gone]
         rows.sort(key=lambda r: -(r["age"] or 0.0))

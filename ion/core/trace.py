@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 __all__ = [
     "current_message", "current_span", "TraceSettings", "TraceState", "state", "parse", "is_valid",
     "valid_tracestate", "new_trace_id", "new_span_id", "new_traceparent", "continue_trace", "ensure",
-    "trace_id_of", "current_trace_id", "span_traceparent", "refresh", "use_tracer_provider", "configure", "RecentConversations",
+    "trace_id_of", "current_trace_id", "span_traceparent", "refresh", "use_tracer_provider", "configure",
+    "start_client_span", "start_server_span", "end_span", "RecentConversations", "EndedConversation", "in_flight",
     "RECENT_CONVERSATIONS",
 ]
 

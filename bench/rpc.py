@@ -73,6 +73,8 @@ SEQ_TARGET_CALLS_PER_S = 25_000
 FLOOR_RATIO_TARGET = 2.5
 #: Issue #16: the per-message metrics cost at most this much CPU per message (µs).
 METRICS_TARGET_US = 3.0
+#: Issue #16 §5: the trace context (no OpenTelemetry SDK) costs at most this much CPU per message (µs).
+TRACE_TARGET_US = 2.0
 
 SYSNAME = "bench"
 SERVICE = "hello"
@@ -307,6 +309,23 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         metrics_cost["cpu_us_per_call"] = metrics_cost["cpu_us_on"] - metrics_cost["cpu_us_off"]
         metrics_cost["cpu_us_per_message"] = metrics_cost["cpu_us_per_call"] / 2
 
+        # What the trace context costs without an OpenTelemetry SDK (#16 §5: about 1-2 µs per message):
+        # rounds with it and with its work stubbed out (a constant traceparent of the same size, no check
+        # on receipt, no ring of ended conversations), interleaved, CPU medians.
+        on_cpu, off_cpu = [], []
+        for _round in range(5):
+            for trace_on, into in ((True, on_cpu), (False, off_cpu)):
+                _trace_on(trace_on, client, service)
+                gc.collect()
+                cpu = time.process_time()
+                yield sequential(call, n)
+                into.append((time.process_time() - cpu) / n * 1e6)
+        _trace_on(True, client, service)
+        trace_cost = {"calls_per_round": n, "rounds": 5, "cpu_us_on": statistics.median(on_cpu),
+                      "cpu_us_off": statistics.median(off_cpu)}
+        trace_cost["cpu_us_per_call"] = trace_cost["cpu_us_on"] - trace_cost["cpu_us_off"]
+        trace_cost["cpu_us_per_message"] = trace_cost["cpu_us_per_call"] / 2
+
         target = client.resolve(SERVICE)
         if args.warmup:
             floor(args.warmup, client_pid, service_pid, target)
@@ -335,6 +354,8 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
     targets = [
         {"name": f"metrics <= {METRICS_TARGET_US:g} us CPU/message", "value": metrics_cost["cpu_us_per_message"],
          "pass": metrics_cost["cpu_us_per_message"] <= METRICS_TARGET_US},
+        {"name": f"trace <= {TRACE_TARGET_US:g} us CPU/message", "value": trace_cost["cpu_us_per_message"],
+         "pass": trace_cost["cpu_us_per_message"] <= TRACE_TARGET_US},
         {"name": f"sequential >= {SEQ_TARGET_CALLS_PER_S:,} calls/s", "value": seq["calls_per_s"],
          "pass": seq["calls_per_s"] >= SEQ_TARGET_CALLS_PER_S},
         {"name": f"window >= {SEQ_TARGET_CALLS_PER_S:,} calls/s", "value": win["calls_per_s"],
@@ -355,6 +376,7 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         "ratio_floor_over_window": flo["calls_per_s"] / win["calls_per_s"],
         "targets": targets,
         "metrics_cost": metrics_cost,
+        "trace_cost": trace_cost,
         "broker_deliveries": broker_delivered,
         "profiles": profiles,
         "open_conversations_after": open_convs,
@@ -398,6 +420,24 @@ def _metrics_on(proc: Any, metrics: Any) -> None:
         cache.clear()
 
 
+_STUB_TRACEPARENT = "00-" + "1" * 32 + "-" + "2" * 16 + "-00"
+
+
+def _trace_on(on: bool, *procs: Any) -> None:
+    """The trace context's work on (the real functions) or stubbed out (a constant traceparent of
+    the same size, no check on receipt, no ring of ended conversations) for ``procs``."""
+    from ion.core import trace
+    from ion.core.messaging import message as wire
+
+    if not hasattr(_trace_on, "real"):
+        _trace_on.real = (wire.continue_trace, trace.ensure)  # type: ignore[attr-defined]
+    continue_trace, ensure = _trace_on.real  # type: ignore[attr-defined]
+    wire.continue_trace = continue_trace if on else (lambda parent: _STUB_TRACEPARENT)  # type: ignore[assignment]
+    trace.ensure = ensure if on else (lambda msg: None)  # type: ignore[assignment]
+    for proc in procs:
+        proc.conversations.recent = proc.container.recent_conversations if on else None
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as the plain-text table ``python bench/rpc.py`` prints."""
     env = report["environment"]
@@ -430,6 +470,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['metrics_cost']['cpu_us_off']:.1f} without: {report['metrics_cost']['cpu_us_per_call']:.2f} {us}"
         f" per call, {report['metrics_cost']['cpu_us_per_message']:.2f} {us} per message (medians of "
         f"{report['metrics_cost']['rounds']} interleaved rounds of {report['metrics_cost']['calls_per_round']:,})",
+        f"trace context: {report['trace_cost']['cpu_us_on']:.1f} {us} CPU/call with, "
+        f"{report['trace_cost']['cpu_us_off']:.1f} stubbed out: {report['trace_cost']['cpu_us_per_call']:.2f} {us}"
+        f" per call, {report['trace_cost']['cpu_us_per_message']:.2f} {us} per message (no OpenTelemetry SDK; "
+        f"medians of {report['trace_cost']['rounds']} interleaved rounds of {report['trace_cost']['calls_per_round']:,})",
         "",
         "targets:",
     ]

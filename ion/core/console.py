@@ -94,6 +94,7 @@ from ion.core.deferreds import observe
 from ion.core.http import MAX_BODY
 from ion.core.log import LogLimiter
 from ion.core.process import Process, Receiver
+from ion.core.trace import trace_id_of
 
 if TYPE_CHECKING:
     from ion.core.container import Container
@@ -588,7 +589,7 @@ class Console:
                 **page(rows, offset, limit)}
 
     def conversations(self, offset: int, limit: int) -> dict[str, Any]:
-        """This container's conversations in flight: initiator, peer, op, age, state (oldest first)."""
+        """This container's conversations in flight: initiator, peer, op, age, state, trace id (oldest first)."""
         c = self.container
         now = time.perf_counter()
         rows: list[dict[str, Any]] = []
@@ -597,13 +598,15 @@ class Console:
             for conv in list(table.initiated.values()):
                 rows.append({"conv": conv.conv_id, "role": "initiator", "initiator": f"{p.proc_name} ({p.id})",
                              "peer": conv.receiver, "op": conv.op, "protocol": conv.protocol,
-                             "age": _age(now, conv.started), "state": conv.state})
+                             "age": _age(now, conv.started), "state": conv.state,
+                             "trace": trace_id_of({"traceparent": conv.traceparent})})
             for resp in list(table.responding.values()):
                 request = resp.request
                 rows.append({"conv": resp.conv_id, "role": "responder",
                              "initiator": f"{request.get('sender-name') or '?'} ({request.get('sender')})",
                              "peer": f"{p.proc_name} ({p.id})", "op": request.get("op"), "protocol": resp.protocol,
-                             "age": _age(now, resp.started), "state": resp.state})
+                             "age": _age(now, resp.started), "state": resp.state,
+                             "trace": trace_id_of(request)})
         rows.sort(key=lambda r: -(r["age"] or 0.0))
         return {"container": c.id, **page(rows, offset, limit)}
 

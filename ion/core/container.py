@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ion.core import trace
 from ion.core.config import Config
 from ion.core.exceptions import ConfigurationError, IonError
 from ion.core.lifecycle import LifecycleObject, State, stop_in_reverse
@@ -29,7 +30,7 @@ from ion.core.messaging import message as wire
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.messaging.transport import Properties, Transport, parse_broker_url
 from ion.core.process import Process, ProcessDesc
-from ion.core.settings import ContainerSettings, MessagingSettings
+from ion.core.settings import ContainerSettings, MessagingSettings, TraceSettings
 from ion.core.threads import BlockingPool
 
 if TYPE_CHECKING:
@@ -285,6 +286,10 @@ class Container(LifecycleObject):
         self.blocking = BlockingPool(self.reactor, maxthreads=self.config.settings(ContainerSettings).max_threads)
         #: True from the moment terminate is asked (``/readyz`` answers 503 at once).
         self.stopping = False
+        #: The conversations that ended here lately, with their trace ids (the shell's ``trace()``).
+        self.recent_conversations = trace.RecentConversations()
+        #: ``messaging.system`` of the spans of this container's messages (:mod:`ion.core.trace`).
+        self.messaging_system = "rabbitmq" if self.broker_url.startswith("amqp") else "ion"
         from ion.core.metrics import ContainerMetrics
 
         #: The container's Prometheus registry and metrics (:mod:`ion.core.metrics`).
@@ -325,6 +330,8 @@ class Container(LifecycleObject):
     # -- lifecycle -----------------------------------------------------------------------
     @defer.inlineCallbacks
     def on_initialize(self) -> Any:
+        # Spans or not (an SDK provider, or ion.core.trace: otlp_endpoint), decided once here.
+        trace.configure(self.config.settings(TraceSettings), self.sysname, self._log)
         yield self.exchange_manager.start()
 
     @defer.inlineCallbacks

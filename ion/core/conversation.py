@@ -103,7 +103,7 @@ class Conversation:
 
     __slots__ = (
         "table", "conv_id", "protocol", "receiver", "op", "state", "deferred", "timeout",
-        "deadline", "on_agree", "handler", "seq", "_transitions", "trusted", "started",
+        "deadline", "on_agree", "handler", "seq", "_transitions", "trusted", "started", "traceparent", "span",
     )
 
     def __init__(self, table: ConversationTable, conv_id: str, protocol: str, receiver: str,
@@ -128,6 +128,10 @@ class Conversation:
         self.seq = 1
         #: When it started (``perf_counter``: the call's latency, ``ion_rpc_client_seconds``).
         self.started = perf_counter()
+        #: The ``traceparent`` of its first message (set by the process that sends it).
+        self.traceparent: str | None = None
+        #: Its OpenTelemetry CLIENT span, while an SDK records spans (:mod:`ion.core.trace`).
+        self.span: Any = None
         if timeout is not None and timeout > 0:  # (_arm, inline)
             table._add_deadline(self, timeout)
 
@@ -206,7 +210,16 @@ class Conversation:
         d = self.deferred
         if d.called:
             return
-        self.table.observe(self)
+        table = self.table
+        table.observe(self)
+        if table.recent is not None:
+            table.recent.append((self.conv_id, self.traceparent, "initiator", table.process.id, self.receiver,
+                                 self.op, self.protocol, self.state, self.started))
+        if self.span is not None:
+            from ion.core.trace import end_span
+
+            end_span(self.span, int((msg or {}).get("response-code") or 0) or None,
+                     None if self.state in ("DONE", "ENDED", "FAILED", "REFUSED") else reason or self.state)
         if self.state in ("DONE", "ENDED"):
             if msg is not None and self.protocol == Protocol.GENERIC:
                 self._call_handler(msg)
@@ -258,7 +271,7 @@ class Conversation:
 class ResponderConversation:
     """The responder's side: which answers it has given (agree, then a result)."""
 
-    __slots__ = ("conv_id", "protocol", "state", "request", "seq", "started")
+    __slots__ = ("conv_id", "protocol", "state", "request", "seq", "started", "span")
 
     def __init__(self, request: dict[str, Any]) -> None:
         #: When it arrived (``perf_counter``: the op's latency, ``ion_rpc_server_seconds``).
@@ -269,6 +282,8 @@ class ResponderConversation:
         self.request = request
         seq = request.get("conv-seq")
         self.seq: int = seq if isinstance(seq, int) else 1
+        #: Its OpenTelemetry SERVER span, while an SDK records spans (:mod:`ion.core.trace`).
+        self.span: Any = None
 
     def next_seq(self) -> int:
         """The conv-seq of our next answer (an agree is 2, the result after it 3)."""
@@ -316,6 +331,8 @@ class ConversationTable:
         self._metrics = getattr(getattr(process, "container", None), "metrics", None)
         self._m_calls: dict[tuple[str, str], Any] = {}
         self._targets: dict[str, str] = {}
+        #: The container's ring of ended conversations (:class:`ion.core.trace.RecentConversations`).
+        self.recent: Any = getattr(getattr(process, "container", None), "recent_conversations", None)
 
     def __len__(self) -> int:
         return len(self.initiated) + len(self.responding)

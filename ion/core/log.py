@@ -34,17 +34,21 @@ from typing import IO, Any, Final, cast
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogFilterPredicate,
     ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
-    textFileLogObserver,
+    formatEventAsClassicLogText,
+    formatTime,
+    timeFormatRFC3339,
 )
 
 from ion.core.config import read_literal_file, resource_root
 from ion.core.exceptions import ConfigurationError
+from ion.core.trace import current_trace_id
 
 __all__ = [
     "LOGLEVELS_ENV",
@@ -53,6 +57,8 @@ __all__ = [
     "level_predicate",
     "filtered_observer",
     "stdout_observer",
+    "text_observer",
+    "format_event",
     "set_console",
     "LogLimiter",
 ]
@@ -159,12 +165,34 @@ class _ConsoleAwareStream:
             self.stream.flush()
 
 
+def _event_time(when: float | None) -> str:
+    return formatTime(when, timeFormatRFC3339)
+
+
+def format_event(event: dict[str, Any]) -> str | None:
+    """An event as the classic text line, with `` trace=<trace id>`` at the end of its first line
+    when it was logged while an op handled a message (:func:`ion.core.trace.current_trace_id`: the
+    observer runs in the code that logs, so the op's context is the current one)."""
+    text = formatEventAsClassicLogText(event, formatTime=_event_time)
+    if not text:
+        return text
+    trace_id = event.get("ion_trace") or current_trace_id()
+    if trace_id is None:
+        return text
+    first, newline, rest = text.partition("\n")
+    return f"{first} trace={trace_id}{newline}{rest}"
+
+
+def text_observer(stream: IO[str]) -> ILogObserver:
+    """Text lines on ``stream``, each with the trace id of the message being handled (:func:`format_event`)."""
+    return cast(ILogObserver, FileLogObserver(stream, format_event))
+
+
 def stdout_observer(stream: IO[str] | None = None) -> FilteringLogObserver:
     """The ``twistd --logger`` factory: text lines on stdout (or the shell, see :func:`set_console`),
-    filtered by module level."""
+    filtered by module level; a line logged while an op handles a message ends with ``trace=<id>``."""
     out = _ConsoleAwareStream(stream if stream is not None else sys.stdout)
-    text = cast(ILogObserver, textFileLogObserver(cast(IO[str], out)))
-    return filtered_observer(text)
+    return filtered_observer(text_observer(cast(IO[str], out)))
 
 
 # -- rate limiting ---------------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ion.core import trace
 from ion.core.conversation import (
     REPLY_PERFORMATIVES,
     Conversation,
@@ -95,6 +96,7 @@ from ion.core.messaging.message import ANONYMOUS, Performative, Protocol
 from ion.core.messaging.transport import Delivery, Properties
 from ion.core.security import Narrow, UnauthorizedError, audit_action, authorize, control, control_action
 from ion.core.settings import ProcessSettings
+from ion.core.trace import current_message, current_span
 
 if TYPE_CHECKING:
     from ion.core.container import Container
@@ -102,10 +104,9 @@ if TYPE_CHECKING:
 __all__ = ["Process", "Receiver", "ProcessDesc", "ProcessClient", "current_message", "load_process_class",
            "shorten"]
 
-#: The request being handled by the op running now (follows ``async def`` and
-#: ``inlineCallbacks`` ops across their awaits); used for ``user-id`` delegation.
-current_message: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "ion_current_message", default=None)
+#: (:data:`ion.core.trace.current_message`: the request being handled by the op running now, which
+#: follows ``async def`` and ``inlineCallbacks`` ops across their awaits; ``user-id`` delegation and
+#: the trace context of what the op sends.)
 
 #: The receiver whose message the running op is handling (self-deadlock avoidance).
 _current_receiver: contextvars.ContextVar[Receiver | None] = contextvars.ContextVar(
@@ -776,7 +777,8 @@ class Process(LifecycleObject):
                 except Exception as exc:
                     self._log.warn("{pid}: could not answer {conv_id}: {exc}", pid=self.id,
                                    conv_id=conv.conv_id, exc=exc)
-        self.conversations.responding.clear()
+        for msg in [conv.request for conv in self.conversations.responding.values()]:
+            self._responded(msg, 503, "ProcessTerminated")
 
     def on_error(self, cause: Failure) -> Any:
         reason = f"process {self.id} ({self.proc_name}) failed: {cause.getErrorMessage()}"
@@ -850,8 +852,12 @@ class Process(LifecycleObject):
     def _dispatch(self, msg: dict[str, Any], receiver: Receiver | None = None) -> defer.Deferred[Any] | None:
         op = msg["op"]
         protocol = msg["protocol"]
+        trace.ensure(msg)  # (a missing or malformed traceparent: a new trace)
+        span = None
         if protocol in _REQUEST_PROTOCOLS:
-            self.conversations.responding[msg["conv-id"]] = ResponderConversation(msg)
+            responder = self.conversations.responding[msg["conv-id"]] = ResponderConversation(msg)
+            if trace.state.tracer is not None:
+                span = responder.span = trace.start_server_span(getattr(self.container, "messaging_system", "ion"), msg)
         method = getattr(self, "op_" + op, None) if op.isidentifier() else None
         if method is None:
             if protocol == Protocol.GENERIC and msg["performative"] in REPLY_PERFORMATIVES:
@@ -868,10 +874,11 @@ class Process(LifecycleObject):
                                                      response_code=404), msg)
                 except Exception:
                     self._log.failure("{pid}: could not answer the unknown op {op!r}", pid=self.id, op=op)
-            self.conversations.responding.pop(msg["conv-id"], None)
+            self._responded(msg, 404)
             return None
         token = current_message.set(msg)
         receiver_token = _current_receiver.set(receiver)
+        span_token = current_span.set(span) if span is not None else None
         audit_as: str | None = None
         try:
             try:
@@ -901,6 +908,8 @@ class Process(LifecycleObject):
                     self._op_answer(result, msg)
                     return None
         finally:
+            if span_token is not None:
+                current_span.reset(span_token)
             _current_receiver.reset(receiver_token)
             current_message.reset(token)
         d = result if isinstance(result, defer.Deferred) else defer.fail(result)
@@ -929,7 +938,14 @@ class Process(LifecycleObject):
             d = self._reply(msg, "result", result, None, Performative.INFORM_RESULT, "OK", 200)
             if d is not None:
                 self._unless_sent(d, msg)
-        responding.pop(msg["conv-id"], None)
+        if conv is not None:  # (_responded(msg, 200), inline)
+            responding.pop(msg["conv-id"], None)
+            if conv.span is not None:
+                trace.end_span(conv.span, 200)
+            recent = self.conversations.recent
+            if recent is not None:
+                recent.append((conv.conv_id, msg.get("traceparent"), "responder", self.id, msg["sender"], msg["op"],
+                               conv.protocol, conv.state, conv.started))
 
     def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
         self._observe_served(msg)
@@ -963,7 +979,20 @@ class Process(LifecycleObject):
                 self._unless_sent(self.reply_err(msg, content, response_code=code), msg)
             except Exception:
                 self._log.failure("{pid}: could not send the error reply", pid=self.id)
-        self.conversations.responding.pop(msg["conv-id"], None)
+        self._responded(msg, code, type(exc).__name__ if code >= 500 else None)
+
+    def _responded(self, msg: Mapping[str, Any], code: int, error: str | None = None) -> None:
+        """The op of a request has ended: forget its responder conversation (remembered among the
+        container's recent ones, with its trace id) and end its SERVER span, if one was made."""
+        conv = self.conversations.responding.pop(msg["conv-id"], None)
+        if conv is None:
+            return
+        if conv.span is not None:
+            trace.end_span(conv.span, code, error)
+        recent = self.conversations.recent
+        if recent is not None:
+            recent.append((conv.conv_id, msg.get("traceparent"), "responder", self.id, msg["sender"], msg["op"],
+                           conv.protocol, conv.state, conv.started))
 
     def _unless_sent(self, d: defer.Deferred[None], msg: Mapping[str, Any]) -> None:
         """Log (rather than leave unhandled) a reply the transport could not send, e.g. when the
@@ -1053,10 +1082,21 @@ class Process(LifecycleObject):
             # it later anyway (a broker that ignores TTL, its own prefetch FIFO) drops it by expiry.
             expiry = time.time() + timeout
             expiration = _expirations.get(timeout) or _expiration(timeout)
+        traceparent = None
+        if trace.state.tracer is not None and protocol in _REQUEST_PROTOCOLS:
+            # A CLIENT span, whose context is the request's traceparent (a caller's own traceparent
+            # header: its parent).
+            given = headers.get("traceparent") if headers else None
+            span = conv.span = trace.start_client_span(getattr(self.container, "messaging_system", "ion"), target, op,
+                                                       conv.conv_id, given if trace.is_valid(given) else None)
+            traceparent = trace.span_traceparent(span)
+            if given is not None:
+                headers = {k: v for k, v in headers.items() if k != "traceparent"}  # type: ignore[union-attr]
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=target, op=op, content=content,
             conv_id=conv.conv_id, protocol=protocol, performative=Performative.REQUEST,
-            user_id=self._delegated_user(), expiry=expiry, extra=headers)
+            user_id=self._delegated_user(), expiry=expiry, extra=headers, traceparent=traceparent)
+        conv.traceparent = msg["traceparent"]
         try:
             # No confirm for an rpc/request: the reply, or the timeout, confirms it; an unroutable
             # one comes back (404) and one the broker refuses is reported (ExchangeManager) at once.
@@ -1110,10 +1150,12 @@ class Process(LifecycleObject):
                              headers: Mapping[str, Any] | None) -> defer.Deferred[None]:
         """Send the next message of ``conv`` (a ``generic`` conversation this process started) to its
         peer: what :meth:`Conversation.send <ion.core.conversation.Conversation.send>` and ``end`` use."""
+        # Outside an op (a handler of the conversation, a timer), the conversation's own trace goes on.
+        trace_from = None if current_message.get() is not None else {"traceparent": conv.traceparent}
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=conv.receiver, op=op,
             content=content, conv_id=conv.conv_id, conv_seq=conv.seq, protocol=conv.protocol,
-            performative=performative, user_id=self._delegated_user(), extra=headers)
+            performative=performative, user_id=self._delegated_user(), extra=headers, trace_from=trace_from)
         return self._publish(msg)
 
     def send(self, receiver: str, op: str, content: Any = None,
@@ -1161,7 +1203,8 @@ class Process(LifecycleObject):
             sender=self.id, sender_name=self.proc_name, receiver=msg.get("reply-to") or msg["sender"],
             op=op, content=content, conv_id=msg["conv-id"], conv_seq=seq,
             protocol=msg["protocol"], performative=performative, status=status,
-            response_code=response_code, user_id=self._delegated_user(), extra=headers)
+            response_code=response_code, user_id=self._delegated_user(), extra=headers,
+            traceparent=None if conv is None or conv.span is None else trace.span_traceparent(conv.span), trace_from=msg)
         try:
             return self._publish_now(reply, False, False if msg.get("protocol") in _REQUEST_PROTOCOLS else None)
         except MessageError as exc:

@@ -13,7 +13,7 @@ from typing import ClassVar
 from ion.core.config import Settings, setting
 from ion.core.exceptions import ConfigurationError
 
-__all__ = ["ProcessSettings", "MessagingSettings", "ContainerSettings", "AppsSettings"]
+__all__ = ["ProcessSettings", "MessagingSettings", "ContainerSettings", "AppsSettings", "TraceSettings"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,20 @@ class AppsSettings(Settings):
     restart_strategy: str = "one_for_one"
     max_restarts: int = setting(3, minimum=None)
     restart_period: float = setting(5.0, minimum=None)
+
+
+@dataclass(frozen=True)
+class TraceSettings(Settings):
+    """``ion.core.trace``: exporting spans.
+
+    :ivar otlp_endpoint: the OTLP/HTTP traces endpoint (``http://collector:4318/v1/traces``);
+        None: nothing is exported (and, unless the application set an SDK provider itself,
+        no span is made).
+    :ivar service_name: the ``service.name`` resource attribute of the exported spans;
+        None: ``ion-<sysname>``.
+    """
+
+    SECTION: ClassVar[str] = "ion.core.trace"
+
+    otlp_endpoint: str | None = None
+    service_name: str | None = None

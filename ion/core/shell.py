@@ -47,6 +47,7 @@ from ion.core.control import SystemControl
 from ion.core.exceptions import IonError
 from ion.core.process import Process
 from ion.core.service import ServiceProcess
+from ion.core.trace import in_flight
 
 __all__ = [
     "Listing",
@@ -176,7 +177,7 @@ class ShellHelpers:
     """
 
     #: The helpers the shell offers, in the order ``info()`` lists them.
-    HELPERS = ("ps", "ms", "svc", "spawn", "send", "rpc_send", "kill", "ping", "nodes", "apps",
+    HELPERS = ("ps", "ms", "svc", "convs", "trace", "spawn", "send", "rpc_send", "kill", "ping", "nodes", "apps",
                "start_app", "stop_app", "info", "help")
 
     #: Config section naming modules with more helpers (``helpers: ["ion.services.deploy.shellhelpers"]``).
@@ -275,6 +276,37 @@ class ShellHelpers:
                          "pids": list(pids) if pids is not None else None,
                          "description": running.definition.description})
         return Listing(rows, ["app", "version", "pids", "description"], "(no apps)")
+
+    def convs(self) -> Listing:
+        """The conversations in flight of this container's processes, oldest first, as the web console
+        shows them: conv id, role (initiator or responder), initiator, peer, op, protocol, state,
+        age (seconds), trace id."""
+        rows = sorted(in_flight(self.container), key=lambda r: -r["age"])
+        return Listing(rows, _CONV_COLUMNS, "(no conversations in flight)")
+
+    def trace(self, conv_or_trace_id: str) -> Listing:
+        """What *this container* knows of a trace, given a conversation id (``<pid>#<n>``) or a
+        trace id (32 hex): its conversations in flight here and those that ended here lately (the
+        container keeps the last few hundred), oldest first. Other containers' parts of the same
+        trace are not shown: ask their shells, or look the trace id up in the span exporter's
+        backend (``ion.core.trace: otlp_endpoint``) or in their log lines (``trace=<id>``)."""
+        key = str(conv_or_trace_id).strip()
+        live = list(in_flight(self.container))
+        ended = list(self.container.recent_conversations)
+        trace_id = key.lower() if _TRACE_ID.fullmatch(key.lower()) else None
+        if trace_id is None:
+            found = [r["trace"] for r in live if r["conv"] == key] + [e.trace for e in ended if e.conv == key]
+            trace_id = next((t for t in found if t), None)
+            if trace_id is None:
+                return Listing([], _TRACE_COLUMNS, f"(no conversation {key} known to this container)")
+        now = time.time()
+        rows = [{**r, "started": When(now - r["age"]), "in flight": True} for r in live if r["trace"] == trace_id]
+        rows += [{"conv": e.conv, "role": e.role, "initiator": e.pid if e.role == "initiator" else e.peer,
+                  "peer": e.peer if e.role == "initiator" else e.pid, "op": e.op, "protocol": e.protocol,
+                  "state": e.state, "started": When(e.started), "in flight": False, "trace": e.trace}
+                 for e in ended if e.trace == trace_id]
+        rows.sort(key=lambda r: float(r["started"]))
+        return Listing(rows, _TRACE_COLUMNS, f"(trace {trace_id}: nothing of it known to this container)")
 
     # -- processes anywhere in the system -------------------------------------------------------
     def spawn(self, name_or_module: str, node: str | None = None, spawnargs: Mapping[str, Any] | None = None,
@@ -392,6 +424,11 @@ class ShellHelpers:
         lines.append("A line waits for the calls in it (Ctrl-C cancels it); _ holds the last result. "
                      "Ctrl-D leaves.")
         return Text("\n".join(lines))
+
+
+_CONV_COLUMNS = ["conv", "role", "initiator", "peer", "op", "protocol", "state", "age", "trace"]
+_TRACE_COLUMNS = ["conv", "role", "initiator", "peer", "op", "protocol", "state", "started", "in flight", "trace"]
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 HELP_TEXT = """\

@@ -417,6 +417,7 @@ async def test_queues_conversations_and_the_observer(container_factory: Any, tmp
         assert mine[("initiator", "hold")]["initiator"] == f"caller ({caller.id})"
         assert mine[("responder", "hold")]["peer"] == f"holder ({holder})"
         assert all(r["age"] is not None and r["age"] >= 0 for r in mine.values())
+        assert len({r["trace"] for r in mine.values()}) == 1 and len(mine[("initiator", "hold")]["trace"]) == 32
         code, queues = await get_json(c1.http.url + "/api/queues?limit=1000")
         assert queues["depth_known"] is True
         row = next(q for q in queues["items"] if q["queue"] == holder)

@@ -14,7 +14,7 @@ import pytest_twisted
 from ion.core.config import Config, Settings, read_literal_file, setting
 from ion.core.exceptions import ConfigurationError
 from ion.core.http import HttpSettings
-from ion.core.settings import AppsSettings, ContainerSettings, MessagingSettings, ProcessSettings
+from ion.core.settings import AppsSettings, ContainerSettings, MessagingSettings, ProcessSettings, TraceSettings
 from ion.services.cache.core import CacheSettings
 from ion.services.cache.reaper import ReapPolicy
 from ion.services.cache.verify import VerifyConfig
@@ -28,7 +28,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "res" / "config" / "ion.config"
 #: Every typed section; a section may be split over several classes (the cache's verify_* and reap_*).
 SETTINGS: tuple[type[Settings], ...] = (
     ProcessSettings, MessagingSettings, ContainerSettings, AppsSettings, CacheSettings, VerifyConfig,
-    ReapPolicy, DeploySettings, FetchConfig, Limits, UnpackSettings, HttpSettings,
+    ReapPolicy, DeploySettings, FetchConfig, Limits, UnpackSettings, HttpSettings, TraceSettings,
 )
 
 #: The keys of ion.config no Settings class holds, and the default the code gives each when the

@@ -19,6 +19,7 @@ import msgpack
 
 from ion.core.exceptions import MalformedMessageError, MessageError, MessageTooLargeError
 from ion.core.settings import MessagingSettings
+from ion.core.trace import continue_trace, current_message
 
 __all__ = [
     "HEADERS",
@@ -37,7 +38,7 @@ __all__ = [
 HEADERS: Final = (
     "sender", "sender-name", "receiver", "reply-to", "op", "conv-id", "conv-seq",
     "protocol", "performative", "status", "response-code", "encoding",
-    "content-type", "user-id", "expiry", "ts",
+    "content-type", "user-id", "expiry", "ts", "traceparent", "tracestate",
 )
 
 #: Headers without which a message cannot be dispatched or answered.
@@ -94,8 +95,19 @@ def build(
     user_id: str = ANONYMOUS,
     expiry: float = 0,
     extra: Mapping[str, Any] | None = None,
+    traceparent: str | None = None,
+    trace_from: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Return a complete ION message dict; ``extra`` headers override the defaults."""
+    """Return a complete ION message dict; ``extra`` headers override the defaults.
+
+    ``traceparent``: the message's trace context; None: it continues the trace of
+    ``trace_from`` (the request a reply answers), else of the message the running op handles
+    (:data:`ion.core.trace.current_message`), with a new parent id, or starts a new trace;
+    the ``tracestate`` of that message goes along.
+    """
+    parent = current_message.get() if trace_from is None else trace_from
+    if traceparent is None:
+        traceparent = continue_trace(parent)
     msg: dict[str, Any] = {
         "sender": sender,
         "sender-name": sender_name,
@@ -113,7 +125,10 @@ def build(
         "user-id": user_id,
         "expiry": expiry,
         "ts": int(time.time() * 1000),
+        "traceparent": traceparent,
     }
+    if parent is not None and "tracestate" in parent:
+        msg["tracestate"] = parent["tracestate"]
     if extra:
         msg.update(extra)
     msg["content"] = content
@@ -251,8 +266,8 @@ _TYPE_NAMES: Final = {(str,): "a string", (int,): "an int", (int, float): "a num
 
 #: The headers the fast path of :func:`validate` compares by type (``expiry`` apart: an int
 #: 0, or a float deadline, as :func:`build` makes it), and the exact types build() gives them.
-_FAST_HEADERS: Final = tuple(h for h in HEADERS if h != "expiry")
-_BUILD_TYPES: Final = tuple(str if _HEADER_TYPES[h] == (str,) else int for h in _FAST_HEADERS)
+_FAST_HEADERS: Final = tuple(h for h in HEADERS if h not in ("expiry", "tracestate"))
+_BUILD_TYPES: Final = tuple(str if _HEADER_TYPES.get(h, (str,)) == (str,) else int for h in _FAST_HEADERS)
 _fast_headers_of: Final = operator.itemgetter(*_FAST_HEADERS)
 _NUMBER_TYPES: Final = (int, float)
 _ENCODINGS: Final = ("msgpack", "protobuf")
@@ -263,7 +278,9 @@ def validate(msg: Mapping[str, Any]) -> None:
 
     Required headers must be present; every DESIGN §4 header that is present
     must have its documented type (strings, ints for ``conv-seq`` and
-    ``response-code``, numbers for ``expiry`` and ``ts``).
+    ``response-code``, numbers for ``expiry`` and ``ts``). ``traceparent`` and
+    ``tracestate`` are not checked here: a malformed trace context is never an
+    error, the receiving process replaces it (:func:`ion.core.trace.ensure`).
 
     :raises MalformedMessageError: naming the first missing or mistyped header.
     """

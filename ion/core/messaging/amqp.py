@@ -59,6 +59,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import struct
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -98,6 +99,10 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Unconfirmed publishes on the publish channel between two checks (a ``basic.qos`` round trip)
 #: that the broker took them; only those since the last check are reported refused if it closes.
 FENCE_EVERY = 256
+#: What the connection hands pika at a time of a bigger read from the broker: runs of whole
+#: frames of about this many bytes (see ``_Connection._feed_in_runs``).
+FEED_BYTES = 4096
+_FRAME_SIZE = struct.Struct(">I")
 
 
 def reconnect_delay(attempt: int, initial: float, maximum: float, jitter: float = DEFAULT_RECONNECT_JITTER,
@@ -168,11 +173,46 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
     def dataReceived(self, data: bytes) -> None:
         self.reading = True
         try:
-            super().dataReceived(data)
+            held = getattr(self._impl, "_frame_buffer", None)
+            if len(data) <= FEED_BYTES or held is None:
+                super().dataReceived(data)
+            else:
+                self._feed_in_runs(data, held)
         finally:
             self.reading = False
             if self.after_read is not None:
                 self.after_read()
+
+    def _feed_in_runs(self, data: bytes, held: bytes) -> None:
+        """Hand pika ``data`` (after the partial frame it ``held``) a run of whole frames of about
+        :data:`FEED_BYTES` at a time.
+
+        pika cuts each frame it reads off the front of its buffer with a copy of the rest
+        (``_frame_buffer = _frame_buffer[n:]``): fed a whole read at once (up to 64 KiB, a
+        hundred deliveries and more with many calls in flight) it copies the rest of the read
+        three times per message, ~10 µs CPU per message here. In runs, the copies stay within
+        one run. A frame is 7 header bytes (its payload size at offset 3), the payload and an
+        end byte; what does not parse as frames (or a partial frame at the end) goes to pika
+        as it is, in the last run, which decodes, keeps or refuses it as before.
+        """
+        impl = self._impl
+        if held:
+            data = held + data
+            impl._frame_buffer = b""
+        feed = super().dataReceived
+        n = len(data)
+        start = end = 0
+        unpack = _FRAME_SIZE.unpack_from
+        while end + 7 <= n:
+            size = unpack(data, end + 3)[0] + 8
+            if end + size > n:
+                break
+            end += size
+            if end - start >= FEED_BYTES:
+                feed(data[start:end])
+                start = end
+        if start < n:
+            feed(data[start:] if start else data)
 
     def _on_close_frame(self, method_frame: Any) -> None:
         method = method_frame.method
@@ -932,19 +972,28 @@ class AmqpTransport(Transport):
                 exchange and exchange not in self._known_exchanges and not exchange.startswith("amq.")):
             return self.publish(exchange, routing_key, body, properties, mandatory=mandatory, confirm=confirm)
         ch = self._fast.channel
-        if ch is None or not ch.is_open:
+        # pika's own channel under the adapter's wrapper: its basic_publish writes the frames
+        # (the wrapper's adds an already fired Deferred). Without it, the wrapper's way.
+        impl = getattr(ch, "_channel", None)
+        if impl is None or not impl.is_open or ch._closed is not None:
             return self.publish(exchange, routing_key, body, properties, mandatory=mandatory, confirm=confirm)
         pika_props = _to_pika(properties, self.user,
                               properties.message_id or f"{self._id_prefix}.{next(self._message_ids)}")
         try:
-            d = self._send(ch, exchange, routing_key, body, pika_props, mandatory)
+            self._send_now(ch, impl, exchange, routing_key, body, pika_props, mandatory)
         except Exception:
             return defer.fail().addCallbacks(lambda _: None, self._publish_failed)
-        # Without confirms pika's adapter answers with an already fired Deferred: None if it
-        # fired with a result, else (a failure) what publish would give.
-        if d.called and not isinstance(d.result, Failure):
-            return None
-        return d.addCallbacks(lambda _: None, self._publish_failed)
+        return None
+
+    def _send_now(self, ch: TwistedChannel, impl: Any, exchange: str, routing_key: str, body: bytes,
+                  props: pika.BasicProperties, mandatory: bool) -> None:
+        """:meth:`_send` on the publish channel ``ch`` through its pika channel ``impl``, no Deferred."""
+        impl.basic_publish(exchange, routing_key, body, props, mandatory)
+        log = self._unconfirmed.get(ch)
+        if log is not None:
+            log.sent.append((exchange, routing_key, props))
+            if len(log.sent) >= FENCE_EVERY and not log.fencing:
+                self._fence(ch, log)
 
     def _send(self, ch: TwistedChannel, exchange: str, routing_key: str, body: bytes,
               props: pika.BasicProperties, mandatory: bool) -> defer.Deferred[Any]:

@@ -190,8 +190,8 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
         pika cuts each frame it reads off the front of its buffer with a copy of the rest
         (``_frame_buffer = _frame_buffer[n:]``): fed a whole read at once (up to 64 KiB, a
         hundred deliveries and more with many calls in flight) it copies the rest of the read
-        three times per message, ~10 µs CPU per message here. In runs, the copies stay within
-        one run. A frame is 7 header bytes (its payload size at offset 3), the payload and an
+        three times per message (~1-3 µs CPU per message of ~400 bytes). In runs, the copies
+        stay within one run. A frame is 7 header bytes (its payload size at offset 3), the payload and an
         end byte; what does not parse as frames (or a partial frame at the end) goes to pika
         as it is, in the last run, which decodes, keeps or refuses it as before.
         """
@@ -1072,7 +1072,8 @@ class AmqpTransport(Transport):
 
         pika's Twisted adapter puts every delivery into the consumer's ``ClosableDeferredQueue``
         and closes that queue when the consumer or its channel ends; a ``get()`` per delivery
-        (a Deferred, its callback chain and the queue's own) cost ~8 µs CPU per message. This
+        makes a Deferred and runs its callbacks and the queue's own (with the publish's
+        Deferreds, ~7 µs CPU per message a side on RabbitMQ, measured A/B). This
         queue object's ``put`` and ``close`` are replaced, on this instance only, by the
         delivery and the stop of the consumer: what a ``get()`` loop would do, minus the
         Deferreds. What arrived before (none, in practice: the deliveries follow consume-ok)

@@ -59,6 +59,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import struct
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -98,6 +99,10 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Unconfirmed publishes on the publish channel between two checks (a ``basic.qos`` round trip)
 #: that the broker took them; only those since the last check are reported refused if it closes.
 FENCE_EVERY = 256
+#: What the connection hands pika at a time of a bigger read from the broker: runs of whole
+#: frames of about this many bytes (see ``_Connection._feed_in_runs``).
+FEED_BYTES = 4096
+_FRAME_SIZE = struct.Struct(">I")
 
 
 def reconnect_delay(attempt: int, initial: float, maximum: float, jitter: float = DEFAULT_RECONNECT_JITTER,
@@ -168,11 +173,46 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
     def dataReceived(self, data: bytes) -> None:
         self.reading = True
         try:
-            super().dataReceived(data)
+            held = getattr(self._impl, "_frame_buffer", None)
+            if len(data) <= FEED_BYTES or held is None:
+                super().dataReceived(data)
+            else:
+                self._feed_in_runs(data, held)
         finally:
             self.reading = False
             if self.after_read is not None:
                 self.after_read()
+
+    def _feed_in_runs(self, data: bytes, held: bytes) -> None:
+        """Hand pika ``data`` (after the partial frame it ``held``) a run of whole frames of about
+        :data:`FEED_BYTES` at a time.
+
+        pika cuts each frame it reads off the front of its buffer with a copy of the rest
+        (``_frame_buffer = _frame_buffer[n:]``): fed a whole read at once (up to 64 KiB, a
+        hundred deliveries and more with many calls in flight) it copies the rest of the read
+        three times per message (~1-3 µs CPU per message of ~400 bytes). In runs, the copies
+        stay within one run. A frame is 7 header bytes (its payload size at offset 3), the payload and an
+        end byte; what does not parse as frames (or a partial frame at the end) goes to pika
+        as it is, in the last run, which decodes, keeps or refuses it as before.
+        """
+        impl = self._impl
+        if held:
+            data = held + data
+            impl._frame_buffer = b""
+        feed = super().dataReceived
+        n = len(data)
+        start = end = 0
+        unpack = _FRAME_SIZE.unpack_from
+        while end + 7 <= n:
+            size = unpack(data, end + 3)[0] + 8
+            if end + size > n:
+                break
+            end += size
+            if end - start >= FEED_BYTES:
+                feed(data[start:end])
+                start = end
+        if start < n:
+            feed(data[start:] if start else data)
 
     def _on_close_frame(self, method_frame: Any) -> None:
         method = method_frame.method
@@ -928,6 +968,39 @@ class AmqpTransport(Transport):
             d.addCallback(self._send, exchange, routing_key, body, pika_props, mandatory)
         return d.addCallbacks(lambda _: None, self._publish_failed)
 
+    def publish_now(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
+                    *, mandatory: bool = False, confirm: bool | None = None) -> defer.Deferred[None] | None:
+        """:meth:`publish`, returning None once a message without a confirm is written on the open
+        publish channel to an exchange known to exist (requests and replies): no Deferred made.
+        Anything else (a confirm, an exchange to check, no channel yet, not connected) goes
+        through :meth:`publish`, as does a publish pika refuses."""
+        if (self.confirm if confirm is None else confirm) or self.state != "connected" or (
+                exchange and exchange not in self._known_exchanges and not exchange.startswith("amq.")):
+            return self.publish(exchange, routing_key, body, properties, mandatory=mandatory, confirm=confirm)
+        ch = self._fast.channel
+        # pika's own channel under the adapter's wrapper: its basic_publish writes the frames
+        # (the wrapper's adds an already fired Deferred). Without it, the wrapper's way.
+        impl = getattr(ch, "_channel", None)
+        if impl is None or not impl.is_open or ch._closed is not None:
+            return self.publish(exchange, routing_key, body, properties, mandatory=mandatory, confirm=confirm)
+        pika_props = _to_pika(properties, self.user,
+                              properties.message_id or f"{self._id_prefix}.{next(self._message_ids)}")
+        try:
+            self._send_now(ch, impl, exchange, routing_key, body, pika_props, mandatory)
+        except Exception:
+            return defer.fail().addCallbacks(lambda _: None, self._publish_failed)
+        return None
+
+    def _send_now(self, ch: TwistedChannel, impl: Any, exchange: str, routing_key: str, body: bytes,
+                  props: pika.BasicProperties, mandatory: bool) -> None:
+        """:meth:`_send` on the publish channel ``ch`` through its pika channel ``impl``, no Deferred."""
+        impl.basic_publish(exchange, routing_key, body, props, mandatory)
+        log = self._unconfirmed.get(ch)
+        if log is not None:
+            log.sent.append((exchange, routing_key, props))
+            if len(log.sent) >= FENCE_EVERY and not log.fencing:
+                self._fence(ch, log)
+
     def _send(self, ch: TwistedChannel, exchange: str, routing_key: str, body: bytes,
               props: pika.BasicProperties, mandatory: bool) -> defer.Deferred[Any]:
         d = ch.basic_publish(exchange=exchange, routing_key=routing_key, body=body, properties=props,
@@ -987,7 +1060,7 @@ class AmqpTransport(Transport):
                 self._close_channel(ch)
                 return
             consumer.use(ch)
-            self._pump(consumer, ch, queue_obj)
+            self._attach(consumer, ch, queue_obj)
 
         def failed(f: Failure) -> Failure:
             if channel:
@@ -1000,26 +1073,44 @@ class AmqpTransport(Transport):
         d.addCallbacks(consuming, failed)
         return d
 
-    def _pump(self, consumer: _Consumer, ch: TwistedChannel, queue_obj: ClosableDeferredQueue) -> None:
-        # Hand every waiting delivery to the consumer, then wait for the next one.
-        # A loop rather than recursion: many deliveries may already be waiting.
-        while consumer.channel is ch:
-            d = queue_obj.get()
-            if not d.called:
-                d.addCallbacks(self._delivered_later, self._consumer_stopped,
-                               callbackArgs=(consumer, ch, queue_obj), errbackArgs=(consumer, ch))
-                return
-            box: list[Any] = []
-            d.addBoth(box.append)
-            if isinstance(box[0], Failure):
-                self._consumer_stopped(box[0], consumer, ch)
-                return
-            self._deliver(consumer, ch, box[0])
+    def _attach(self, consumer: _Consumer, ch: TwistedChannel, queue_obj: ClosableDeferredQueue) -> None:
+        """Hand ``consumer`` each delivery of ``ch`` as pika reads it, with no Deferred in between.
 
-    def _delivered_later(self, msg: Any, consumer: _Consumer, ch: TwistedChannel,
-                         queue_obj: ClosableDeferredQueue) -> None:
-        self._deliver(consumer, ch, msg)
-        self._pump(consumer, ch, queue_obj)
+        pika's Twisted adapter puts every delivery into the consumer's ``ClosableDeferredQueue``
+        and closes that queue when the consumer or its channel ends; a ``get()`` per delivery
+        makes a Deferred and runs its callbacks and the queue's own (with the publish's
+        Deferreds, ~7 µs CPU per message a side on RabbitMQ, measured A/B). This
+        queue object's ``put`` and ``close`` are replaced, on this instance only, by the
+        delivery and the stop of the consumer: what a ``get()`` loop would do, minus the
+        Deferreds. What arrived before (none, in practice: the deliveries follow consume-ok)
+        is delivered first.
+        """
+        deliver = self._deliver
+        log = self._log
+
+        def put(msg: Any) -> None:
+            if consumer.channel is not ch:
+                return  # the consumer moved on: the broker has this channel's deliveries back
+            try:
+                deliver(consumer, ch, msg)
+            except Exception:
+                log.failure("delivery to {consumer} failed", consumer=consumer)
+
+        def close(reason: Any) -> None:
+            queue_obj.closed = reason if reason is not None else pika_exc.ChannelClosed(0, "closed")
+            queue_obj.pending = []
+            if consumer.channel is ch:
+                error = queue_obj.closed
+                self._consumer_stopped(Failure(error if isinstance(error, BaseException) else
+                                               pika_exc.ChannelClosed(0, str(error))), consumer, ch)
+
+        waiting, queue_obj.pending = list(queue_obj.pending), []
+        queue_obj.put = put
+        queue_obj.close = close
+        for msg in waiting:
+            put(msg)
+        if queue_obj.closed is not None:
+            close(queue_obj.closed)
 
     def _deliver(self, consumer: _Consumer, ch: TwistedChannel, msg: Any) -> None:
         method = msg.method

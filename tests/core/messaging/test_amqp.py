@@ -174,6 +174,63 @@ def test_reconnect_delay_policy_is_jittered_and_bounded() -> None:
     assert reconnect_delay(3, 0.5, 10.0, 1.0, random.Random(1)) <= 4.0
 
 
+def test_reads_are_fed_to_pika_in_runs_of_whole_frames() -> None:
+    """A big read from the broker reaches pika in runs of whole frames (its per-frame trim copies
+    the rest of what it was given); whatever the reads' sizes and cuts, pika decodes the same
+    frames in the same order, and a frame cut across reads is put together."""
+    import random
+
+    import pika
+    from pika import frame as pika_frame
+    from pika.adapters.twisted_connection import TwistedProtocolConnection
+
+    from ion.core.messaging import amqp
+
+    props = pika.BasicProperties(content_type="application/msgpack", correlation_id="c", message_id="m")
+    frames = []
+    for i in range(400):
+        body = bytes(random.Random(i).randrange(256) for _ in range(i * 37 % 3000))
+        frames += [pika_frame.Method(1, pika.spec.Basic.Deliver("t", i + 1, False, "x", "k")),
+                   pika_frame.Header(1, len(body), props), pika_frame.Body(1, body), pika_frame.Heartbeat()]
+    stream = b"".join(f.marshal() for f in frames)
+    want = [f.marshal() for f in frames]
+
+    class Impl:
+        """pika's frame loop (its own _on_data_available), recording the frames it decodes."""
+        _frame_buffer = b""
+        bytes_received = 0
+        fed: list[int] = []
+        _read_frame = pika.connection.Connection._read_frame
+        _trim_frame_buffer = pika.connection.Connection._trim_frame_buffer
+        _on_data_available = pika.connection.Connection._on_data_available
+
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+            self.fed = []
+
+        def data_received(self, data: bytes) -> None:
+            self.fed.append(len(data))
+            self._on_data_available(data)
+
+        def _process_frame(self, value: Any) -> None:
+            self.got.append(value.marshal())
+
+    for seed in range(6):
+        conn = amqp._Connection.__new__(amqp._Connection)
+        conn._impl = impl = Impl()
+        assert isinstance(conn, TwistedProtocolConnection)
+        rng = random.Random(seed)
+        pos = 0
+        while pos < len(stream):
+            cut = min(len(stream), pos + rng.choice([1, 7, 100, 4000, 20000, 65536]))
+            conn.dataReceived(stream[pos:cut])
+            pos = cut
+        assert impl.got == want
+        assert impl._frame_buffer == b"" and impl.bytes_received == len(stream)
+        assert max(impl.fed) <= 65536 + 3100  # (a read, plus the partial frame held before it)
+    assert sum(1 for n in impl.fed if n <= amqp.FEED_BYTES + 3100) > len(impl.fed) // 2
+
+
 # -- connecting ---------------------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_wrong_password_is_one_clear_error(amqp_url: str, rabbitmq: Any) -> None:
@@ -892,7 +949,14 @@ def _spy_publishes(monkeypatch: Any) -> list[tuple[str, bool]]:
         sent.append((routing_key, bool(ch._delivery_confirmation)))
         return real_send(self, ch, exchange, routing_key, *args)
 
+    real_send_now = AmqpTransport._send_now
+
+    def send_now(self: AmqpTransport, ch: Any, impl: Any, exchange: str, routing_key: str, *args: Any) -> Any:
+        sent.append((routing_key, bool(ch._delivery_confirmation)))
+        return real_send_now(self, ch, impl, exchange, routing_key, *args)
+
     monkeypatch.setattr(AmqpTransport, "_send", send)
+    monkeypatch.setattr(AmqpTransport, "_send_now", send_now)  # (publish_now, without a Deferred)
     return sent
 
 

@@ -981,7 +981,7 @@ class AmqpTransport(Transport):
         # pika's own channel under the adapter's wrapper: its basic_publish writes the frames
         # (the wrapper's adds an already fired Deferred). Without it, the wrapper's way.
         impl = getattr(ch, "_channel", None)
-        if impl is None or not impl.is_open or ch._closed is not None:
+        if ch is None or impl is None or not impl.is_open or ch._closed is not None:
             return self.publish(exchange, routing_key, body, properties, mandatory=mandatory, confirm=confirm)
         pika_props = _to_pika(properties, self.user,
                               properties.message_id or f"{self._id_prefix}.{next(self._message_ids)}")

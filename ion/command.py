@@ -542,31 +542,16 @@ def _start_logging(out: Output, debug: bool) -> None:
     """Log lines to stderr: every one from debug level with ``--debug``, else errors only (one line
     each). What went wrong with the run is its own ``Error:`` line; the command container's
     lifecycle warnings (its start failing on an unreachable broker) would only repeat it."""
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        formatEvent,
-        globalLogBeginner,
-        textFileLogObserver,
-    )
+    from twisted.logger import LogLevel
 
-    if debug:
-        observer: Any = textFileLogObserver(out.stderr)
-        level = LogLevel.debug
-    else:
-        from ion.core.container import Container
+    from ion.core.container import Container
+    from ion.services.deploy.cli import start_logging
 
-        def observer(event: dict[str, Any]) -> None:
-            if isinstance(event.get("obj"), Container) and "entered ERROR" in str(event.get("log_format")):
-                return  # the command's container failed to start: the run's Error line says why
-            text = formatEvent(event)
-            if text:
-                print(f"Log: {text.splitlines()[0]}", file=out.stderr, flush=True)
+    def failed_start(event: dict[str, Any]) -> bool:
+        return isinstance(event.get("obj"), Container) and "entered ERROR" in str(event.get("log_format"))
 
-        level = LogLevel.error
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [LogLevelFilterPredicate(level)])],
-                                     redirectStandardIO=False)
+    start_logging(out, debug, least=LogLevel.error, skip=failed_start,
+                  line=lambda text: print(f"Log: {text}", file=out.stderr, flush=True))
 
 
 def _container_config(needs_agent: bool) -> Any:

@@ -36,7 +36,7 @@ import ipaddress
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from twisted.logger import Logger
 
@@ -108,18 +108,10 @@ def control_action(cls: type, op: str) -> str | None:
     """The control action the op ``op_<op>`` of ``cls`` was marked with by :func:`control`, or None.
 
     Looked up along the class's MRO: an override in a subclass that forgot the mark stays
-    a control operation.
+    a control operation. (A process looks it up once per class and op, see ``_op_entry`` of
+    :mod:`ion.core.process`.)
     """
-    cache: dict[str, str | None] = cls.__dict__.get("_ion_control_cache") or {}
-    if "_ion_control_cache" not in cls.__dict__:
-        type.__setattr__(cls, "_ion_control_cache", cache)
-    try:
-        return cache[op]
-    except KeyError:
-        pass
-    action = _mark(cls, op, _CONTROL_ATTR)
-    cache[op] = action
-    return action
+    return cast("str | None", _mark(cls, op, _CONTROL_ATTR))
 
 
 def _mark(cls: type, op: str, attr: str) -> Any:
@@ -132,18 +124,10 @@ def _mark(cls: type, op: str, attr: str) -> Any:
 def audit_action(cls: type, op: str) -> str | None:
     """The action under which a call of ``op_<op>`` of ``cls`` is audited, or None: its control
     action unless marked ``audited=False``, else the action of :func:`ion.core.audit.audited`."""
-    cache: dict[str, str | None] = cls.__dict__.get("_ion_audit_cache") or {}
-    if "_ion_audit_cache" not in cls.__dict__:
-        type.__setattr__(cls, "_ion_audit_cache", cache)
-    try:
-        return cache[op]
-    except KeyError:
-        pass
     action = control_action(cls, op)
-    if action is None or _mark(cls, op, _UNAUDITED_ATTR):
-        action = None if action is not None else _mark(cls, op, AUDITED_ATTR)
-    cache[op] = action
-    return action
+    if action is None:
+        return cast("str | None", _mark(cls, op, AUDITED_ATTR))
+    return None if _mark(cls, op, _UNAUDITED_ATTR) else action
 
 
 def operators(container: Container) -> frozenset[str]:

@@ -29,7 +29,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -530,7 +530,12 @@ async def _deploy_through_service(container: Any, proc: Any, deployment: Any, ou
     return answers
 
 
-def _start_logging(out: Output, debug: bool) -> None:
+def start_logging(out: Output, debug: bool, *, least: Any = None, line: Callable[[str], None] | None = None,
+                  skip: Callable[[dict[str, Any]], bool] | None = None) -> None:
+    """Log lines of a command to its stderr: every one from debug level with ``--debug``, else from
+    ``least`` on (default: warnings), the first line of each, printed by ``line`` (default:
+    ``out.warning``); ``skip(event)`` leaves an event out (one the run's own error line repeats).
+    ``ion-deploy`` and ``ion`` both log this way."""
     from twisted.logger import (
         FilteringLogObserver,
         LogLevel,
@@ -544,12 +549,16 @@ def _start_logging(out: Output, debug: bool) -> None:
         observer: Any = textFileLogObserver(out.stderr)
         level = LogLevel.debug
     else:
+        show = line or out.warning
+
         def observer(event: dict[str, Any]) -> None:
+            if skip is not None and skip(event):
+                return
             text = formatEvent(event)
             if text:
-                out.warning(text.splitlines()[0])
+                show(text.splitlines()[0])
 
-        level = LogLevel.warn
+        level = least if least is not None else LogLevel.warn
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [LogLevelFilterPredicate(level)])],
                                      redirectStandardIO=False)
 
@@ -604,7 +613,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
         for warning in deployment.warnings:
             out.warning(warning)
 
-    _start_logging(out, args.debug)
+    start_logging(out, args.debug)
     code = [EXIT_FAILED]
     from twisted.internet import defer, task
 

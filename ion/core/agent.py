@@ -255,11 +255,7 @@ class ContainerAgent(Process):
         if not isinstance(content, Mapping) or "container" not in content:
             return
         cid = str(content["container"])
-        if event == EVENT_STOP:
-            if cid != self.container.id and self.nodes.pop(cid, None) is not None:
-                self._log.info("{pid}: container {cid} stopped", pid=self.id, cid=cid)
-            return
-        if event not in (EVENT_START, EVENT_HEARTBEAT):
+        if event not in (EVENT_START, EVENT_HEARTBEAT, EVENT_STOP):
             return
         if not is_operator(self.container, msg.get("broker-user")):
             # A container of this system publishes as one of its operators; anything else is a
@@ -268,6 +264,10 @@ class ContainerAgent(Process):
                                   "{pid}: ignored an announcement of container {cid!r} by broker user {user!r}, "
                                   "not an operator of system {sysname}", pid=self.id, cid=cid,
                                   user=msg.get("broker-user"), sysname=self.sysname)
+            return
+        if event == EVENT_STOP:
+            if cid != self.container.id and self.nodes.pop(cid, None) is not None:
+                self._log.info("{pid}: container {cid} stopped", pid=self.id, cid=cid)
             return
         known = cid in self.nodes
         self._remember(content, self.clock.seconds())
@@ -317,7 +317,9 @@ class ContainerAgent(Process):
     @control("app.start")
     async def op_start_app(self, app: str) -> Any:
         """Start app ``app`` (a name from this container's app folders, with its dependencies) here:
-        ``{app, container, started}`` (``started`` False: it was running already)."""
+        ``{app, container, started}`` (``started`` False: it was running already). The agent takes
+        one request at a time, so a retried or concurrent start waits behind the one in progress
+        and finds the app running: never started twice."""
         name = _app_name(app)
         manager = self.container.app_manager
         if name in manager.running:

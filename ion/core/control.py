@@ -89,6 +89,9 @@ class AuditListener(Process):
             self._log.failure("{pid}: audit callback failed", pid=self.id)
 
 
+#: Seconds an app's start or stop by its agent may take (its processes' own starts and stops).
+APP_TIMEOUT = 300.0
+
 #: Separates the pid of the Deploy instance that runs a job from the rest of its id (the Deploy
 #: service makes its job ids with it).
 JOB_SEP = "/"
@@ -155,10 +158,10 @@ class SystemControl:
                                                    timeout=timeout if timeout is not None else self.timeout)
         return reply
 
-    async def _agent_rpc(self, cid: str, op: str, content: Any = None) -> Any:
+    async def _agent_rpc(self, cid: str, op: str, content: Any = None, timeout: float | None = None) -> Any:
         """Call ``op`` of container ``cid``'s agent; a container that is not there is a clear error."""
         try:
-            return await self._rpc(agent_queue(self.sysname, cid), op, content)
+            return await self._rpc(agent_queue(self.sysname, cid), op, content, timeout=timeout)
         except ReceivedError as exc:
             if exc.response_code == 404 and "bound" in str(exc):
                 raise ControlError(f"no container {cid!r} in system {self.sysname} (no agent answers at "
@@ -278,12 +281,12 @@ class SystemControl:
     async def start_app(self, app: str, node: str | None = None) -> Any:
         """Start app ``app`` (a name) in container ``node`` (default: the caller's) by its agent's
         ``start_app`` (operators only; audited there): ``{app, container, started}``."""
-        return await self._agent_rpc(self._node_or_own(node), "start_app", {"app": app})
+        return await self._agent_rpc(self._node_or_own(node), "start_app", {"app": app}, timeout=APP_TIMEOUT)
 
     async def stop_app(self, app: str, node: str | None = None) -> Any:
         """Stop app ``app`` in container ``node`` (default: the caller's) by its agent's ``stop_app``
         (operators only; audited there): ``{app, container, stopped}``."""
-        return await self._agent_rpc(self._node_or_own(node), "stop_app", {"app": app})
+        return await self._agent_rpc(self._node_or_own(node), "stop_app", {"app": app}, timeout=APP_TIMEOUT)
 
     def _node_or_own(self, node: str | None) -> str:
         return str(self.container.id) if node is None else self.resolve_node(node)

@@ -317,9 +317,11 @@ def _remote_context(traceparent: str) -> Any:
     parsed = parse(traceparent)
     if parsed is None:
         return None
-    trace_id, span_id, flags = parsed
+    trace_id, span_id, _flags = parsed
+    # The caller's sampled flag is a claim (and ION writes 00 where no SDK runs): it decides
+    # nothing here. The parent counts as sampled, so this container's own sampler decides.
     ctx = otel.SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
-                           trace_flags=otel.TraceFlags(int(flags, 16)))
+                           trace_flags=otel.TraceFlags(otel.TraceFlags.SAMPLED))
     return otel.set_span_in_context(otel.NonRecordingSpan(ctx))
 
 

@@ -270,3 +270,42 @@ def test_the_cache_actions_name_the_cache_services_queues() -> None:
     assert election_queue("{self.sysname}") in source and f'"{TICK_OP}"' in source
     for op in ("verify_round", "prune"):
         assert hasattr(CacheService, f"op_{op}")
+
+
+def test_a_stop_announcement_counts_only_from_an_operator(cluster: Cluster) -> None:
+    """A login that is not an operator cannot take a live container out of nodes() by announcing its stop."""
+    from ion.core.agent import EVENT_STOP
+
+    c1 = cluster.container("c1")
+    cluster.container("c2")
+    outsider = cluster.container("m", **{"ion.core.messaging": {"memory_user": "mallory"}})
+    outsider.publish_event(EVENT_STOP, {"container": "c2", "sysname": "sys"})
+    cluster.pump()
+    assert "c2" in [n["container"] for n in cluster.run(cluster.control(c1).nodes())]
+    c1.publish_event(EVENT_STOP, {"container": "c2", "sysname": "sys"})  # an operator's word counts
+    cluster.pump()
+    assert "c2" not in [n["container"] for n in cluster.run(cluster.control(c1).nodes())]
+
+
+def test_a_second_start_of_an_app_waits_for_the_first(cluster: Cluster) -> None:
+    """Two start_app of one app while it starts (a retry after a timeout, two operators): the agent takes
+    one request at a time, so the app starts once and the second answers started: False."""
+    c1 = cluster.container("c1")
+    control = cluster.control(c1)
+    gate: defer.Deferred[None] = defer.Deferred()
+    real_start = c1.app_manager.start_app
+    calls: list[str] = []
+
+    def slow_start(name: Any, **kwargs: Any) -> Any:
+        calls.append(str(name))
+        return gate.addCallback(lambda _: real_start(name, **kwargs))
+
+    c1.app_manager.start_app = slow_start  # type: ignore[method-assign]
+    first = defer.ensureDeferred(control.start_app("hello"))
+    second = defer.ensureDeferred(control.start_app("hello"))
+    cluster.pump()
+    assert calls == ["hello"] and not first.called and not second.called
+    gate.callback(None)
+    cluster.pump()
+    assert cluster.result(first)["started"] is True and cluster.result(second)["started"] is False
+    assert calls == ["hello"] and "hello" in c1.app_manager.running

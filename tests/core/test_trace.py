@@ -337,6 +337,15 @@ def test_sdk_client_and_server_spans(spans: InMemorySpanExporter) -> None:
     assert server.name == f"relay {system.container.sysname}.front"
 
 
+def test_sdk_spans_whatever_the_callers_sampled_flag_says(spans: InMemorySpanExporter) -> None:
+    """A request whose traceparent says "not sampled" (-00: what a container without an SDK, the ion
+    command or a plain client writes) is recorded all the same: a caller's flag decides nothing."""
+    system, caller = _spawn_pair()
+    system.result(caller.rpc_send("front", "relay", headers={"traceparent": TP[:-2] + "00"}))
+    finished = spans.get_finished_spans()
+    assert len(finished) == 4 and {f"{s.context.trace_id:032x}" for s in finished} == {TRACE}
+
+
 def test_sdk_span_of_a_failed_call(spans: InMemorySpanExporter) -> None:
     system = ClockedSystem()
     system.spawn(Back)

@@ -131,6 +131,8 @@ class AuditLog:
         self._last: defer.Deferred[None] = defer.succeed(None)
         #: Lines a failed write left (written before the next one; see ``_write_blocking``).
         self._unwritten: list[bytes] = []
+        #: Records dropped because the file could not be written for too long (logged).
+        self.lost = 0
 
     @property
     def path(self) -> str | None:
@@ -192,15 +194,24 @@ class AuditLog:
         """Append ``line`` (and any line a failed write left), in order; raises on failure, keeping
         the lines not written for the next attempt (at most :data:`MAX_UNWRITTEN`)."""
         self._unwritten.append(line)
-        del self._unwritten[:-MAX_UNWRITTEN]
+        if len(self._unwritten) > MAX_UNWRITTEN:
+            lost = len(self._unwritten) - MAX_UNWRITTEN
+            del self._unwritten[:lost]
+            self.lost += lost
+            self._log.error("{n} audit records lost: the audit file {path} could not be written for "
+                            "{max} records", n=lost, path=path, max=MAX_UNWRITTEN)
         if self._fd is None or self._path != path:
             self.close()
             self._fd = _open_append(path)
             self._path = path
         while self._unwritten:
             data = memoryview(self._unwritten[0])
-            while data:  # one write of one line on an O_APPEND file: lines never interleave
-                data = data[os.write(self._fd, data):]
+            try:
+                while data:  # one write of one line on an O_APPEND file: lines never interleave
+                    data = data[os.write(self._fd, data):]
+            finally:
+                if data:  # a short write, then an error: the rest (not the whole line) is left
+                    self._unwritten[0] = bytes(data)
             self._unwritten.pop(0)
 
     def flush(self) -> defer.Deferred[None]:
@@ -210,8 +221,15 @@ class AuditLog:
         return d
 
     def stop(self) -> defer.Deferred[None]:
-        """Write what is pending, then close the file (closing a local file does not block)."""
-        return self.flush().addCallback(lambda _: self.close())
+        """Write what is pending, then close the file (closing a local file does not block); records
+        that still could not be written are counted in a log line, never dropped unsaid."""
+        def close(_: Any) -> None:
+            if self._unwritten:
+                self._log.error("{n} audit records not written to {path} at stop", n=len(self._unwritten),
+                                path=self._path or self.path)
+            self.close()
+
+        return self.flush().addCallback(close)
 
     def close(self) -> None:
         fd, self._fd = self._fd, None

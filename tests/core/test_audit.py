@@ -193,3 +193,28 @@ def test_a_record_that_could_not_be_written_is_written_with_the_next(tmp_path: P
     cluster.result(insider.rpc_send(target.id, "reset", "second"))
     cluster.pump()
     assert [json.loads(r["args"]) for r in records(path)] == ["first", "second"]
+
+
+def test_a_line_cut_by_a_short_write_is_finished_not_repeated(tmp_path: Path, monkeypatch: Any) -> None:
+    """A write that takes part of a line and then fails (a full disk): the next attempt writes the rest,
+    so the file holds whole lines, each once."""
+    import ion.core.audit as audit_module
+
+    cluster, home, insider, outsider, target, watcher = _system(tmp_path)
+    real_write = os.write
+    script = ["short", "full"]  # a short write (10 bytes taken), then ENOSPC; then the disk has room
+
+    def short_then_full(fd: int, data: Any) -> int:
+        step = script.pop(0) if script else None
+        if step == "short":
+            return real_write(fd, bytes(data[:10]))
+        if step == "full":
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(audit_module.os, "write", short_then_full)
+    cluster.result(insider.rpc_send(target.id, "reset", "first"))
+    cluster.pump()
+    cluster.result(insider.rpc_send(target.id, "reset", "second"))
+    cluster.pump()
+    assert [json.loads(r["args"]) for r in records(tmp_path / "audit.jsonl")] == ["first", "second"]

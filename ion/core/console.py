@@ -58,7 +58,8 @@ the target (cut) and the client, never the body, and at most
 :data:`REFUSALS_RECORDED` refusals of one client are recorded a minute (the
 rest are counted in the log), so a flood cannot fill the audit file.
 
-**Limits.** At most :data:`MAX_STREAMS` event streams at once (503 beyond);
+**Limits.** At most :data:`MAX_STREAMS` event streams at once (503 beyond),
+:data:`STREAMS_PER_CLIENT` per client address (its oldest closed for a new one);
 a stream whose reader does not keep up (its connection's send buffer stays
 full) is dropped once :data:`STREAM_BACKLOG` bytes of events were held back
 for it (the page reconnects and reloads). The audit view keeps only the
@@ -123,6 +124,8 @@ AUDIT_TAIL = 200
 AUDIT_FIELD = 300
 #: Event streams open at once, at most (503 beyond).
 MAX_STREAMS = 32
+#: Event streams one client address may hold (a page needs one; a reload opens the next).
+STREAMS_PER_CLIENT = 4
 #: Bytes of events held back for a stream whose connection cannot send before it is dropped.
 STREAM_BACKLOG = 256 * 1024
 #: Refused actions recorded in the audit trail per client per :data:`REFUSAL_WINDOW` seconds.
@@ -362,7 +365,18 @@ class Console:
 
     # -- events --------------------------------------------------------------------------------------
     def subscribe(self, request: Request) -> bool:
-        """Add ``request`` as an event stream; False if :data:`MAX_STREAMS` are open already."""
+        """Add ``request`` as an event stream; False if :data:`MAX_STREAMS` are open already. One
+        client (address) holds at most :data:`STREAMS_PER_CLIENT`: its oldest is closed for a new one,
+        so no client can take every stream."""
+        client = _client(request)
+        mine = [r for r in self.streams if _client(r) == client]
+        if len(mine) >= STREAMS_PER_CLIENT:
+            oldest = mine[0]
+            self.streams.pop(oldest, None)
+            try:
+                oldest.finish()
+            except Exception:  # noqa: BLE001 - its connection is gone already
+                pass
         if len(self.streams) >= MAX_STREAMS:
             return False
         stream = self.streams[request] = _Stream(request)

@@ -41,6 +41,7 @@ closed, so none outlives the container.
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -159,7 +160,7 @@ class _Metrics(Resource):
                 request.write(b"metrics unavailable\n")
                 request.finish()
 
-        d.addCallbacks(write, failed)
+        d.addCallback(write).addErrback(failed)
         return NOT_DONE_YET
 
     render_HEAD = render_GET
@@ -199,16 +200,29 @@ class _Request(Request):
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_BODY:
-            self.too_large = True
-            length = None
+            self._refuse()
+            length = 0
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
         if self._received > MAX_BODY:
-            self.too_large = True
+            self._refuse()
         if not self.too_large:
             super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        """Answer 413 now and close the connection: reading (and dropping) an endless body would keep
+        the reactor busy for as long as the client sends."""
+        if self.too_large:
+            return
+        self.too_large = True
+        channel = self.channel
+        if channel is not None and channel.transport is not None:
+            body = json.dumps({"error": f"the request body is over {MAX_BODY} bytes"}).encode() + b"\n"
+            channel.transport.write(b"HTTP/1.1 413 Request Entity Too Large\r\ncontent-type: application/json\r\n"
+                                    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            channel.transport.loseConnection()
 
 
 class _Site(Site):
@@ -313,6 +327,8 @@ class HttpPort:
         bind = settings.bind.strip().lower()
         if bind not in ("", "0.0.0.0", "::"):
             names.add(f"[{bind}]" if ":" in bind else bind)
+        else:  # listening everywhere: the host's name, which the agent announces (socket.gethostname)
+            names.add(socket.gethostname().lower())
         hosts = {f"{name}:{port}" for name in names}
         for extra in settings.allowed_hosts:
             extra = extra.strip().lower()

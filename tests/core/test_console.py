@@ -915,3 +915,21 @@ async def test_event_streams_are_capped_and_a_slow_reader_is_dropped(
         print(f"\nconsole: the slow reader dropped after {sent / 1e6:.1f} MB of events")
     finally:
         slow.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_client_cannot_take_every_stream(container_factory: Any, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past STREAMS_PER_CLIENT streams of one address, its oldest stream is closed for the new one."""
+    import ion.core.console
+
+    monkeypatch.setattr(ion.core.console, "STREAMS_PER_CLIENT", 1)
+    c1 = await container_factory(config=http_config(tmp_path))
+    console = c1.http.console
+    first = await treq.get(c1.http.url + "/api/events", unbuffered=True, persistent=False)
+    first_ended = treq.collect(first, lambda _: None)
+    await wait_for(lambda: True if len(console.streams) == 1 else None, "the first stream")
+    second = await treq.get(c1.http.url + "/api/events", unbuffered=True, persistent=False)
+    assert second.code == 200
+    await first_ended  # closed by the console for the second one
+    assert len(console.streams) == 1

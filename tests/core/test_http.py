@@ -379,3 +379,25 @@ async def test_a_keep_alive_connection_is_closed_when_the_container_stops(tmp_pa
         await wait_for(closed, "the connection closed by the container's stop", limit=5)
     finally:
         await factory.teardown()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endless_body_is_refused_at_once(container_factory: Any, tmp_path: Path) -> None:
+    """A request announcing a body far over the limit gets its 413 and a closed connection at once, before
+    any of the body is sent: the port never reads (and drops) what a client could send forever."""
+    import socket as sockets
+
+    container = await container_factory(config=http_config(tmp_path))
+    port = container.http.port
+
+    def ask() -> bytes:
+        with sockets.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(f"POST /api/kill HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+                         f"content-length: {10 ** 12}\r\n\r\n".encode())
+            answer = b""
+            while chunk := conn.recv(4096):  # until the port closes the connection
+                answer += chunk
+            return answer
+
+    answer = await threads.deferToThread(ask)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"connection: close" in answer

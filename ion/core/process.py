@@ -1092,6 +1092,10 @@ class Process(LifecycleObject):
             traceparent = trace.span_traceparent(span)
             if given is not None:
                 headers = {k: v for k, v in headers.items() if k != "traceparent"}  # type: ignore[union-attr]
+        elif headers and "traceparent" in headers and not trace.is_valid(headers["traceparent"]):
+            # A caller's own traceparent goes out only if it is one (else build's: a new trace, with
+            # no tracestate of the one that was not).
+            headers = {k: v for k, v in headers.items() if k not in ("traceparent", "tracestate")}
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=target, op=op, content=content,
             conv_id=conv.conv_id, protocol=protocol, performative=Performative.REQUEST,

@@ -973,7 +973,7 @@ class AmqpTransport(Transport):
         """:meth:`publish`, returning None once a message without a confirm is written on the open
         publish channel to an exchange known to exist (requests and replies): no Deferred made.
         Anything else (a confirm, an exchange to check, no channel yet, not connected) goes
-        through :meth:`publish`, as does a publish pika refuses."""
+        through :meth:`publish`; a publish pika refuses here answers a failed Deferred."""
         if (self.confirm if confirm is None else confirm) or self.state != "connected" or (
                 exchange and exchange not in self._known_exchanges and not exchange.startswith("amq.")):
             return self.publish(exchange, routing_key, body, properties, mandatory=mandatory, confirm=confirm)
@@ -1090,7 +1090,10 @@ class AmqpTransport(Transport):
 
         def put(msg: Any) -> None:
             if consumer.channel is not ch:
-                return  # the consumer moved on: the broker has this channel's deliveries back
+                # The consumer moved on: the broker has this channel's unacknowledged deliveries back
+                # (an auto-acked one is lost with the channel, as the broker counted it delivered).
+                log.debug("{queue}: a delivery on a channel its consumer left was dropped", queue=consumer.queue)
+                return
             try:
                 deliver(consumer, ch, msg)
             except Exception:

@@ -580,8 +580,9 @@ class Console:
         return {"system": c.sysname, "container": c.id, "containers": containers,
                 "processes": page(rows, offset, limit), "audited": c.audit.path is not None}
 
-    def queues(self, offset: int, limit: int) -> dict[str, Any]:
-        """Queues and their depth: every queue of the embedded broker, else this container's (depth unknown)."""
+    async def queues(self, offset: int, limit: int) -> dict[str, Any]:
+        """Queues and their depth: every queue of the embedded broker; on RabbitMQ this container's
+        queues, each page's depths asked of the broker (a passive declare per queue)."""
         c = self.container
         owners: dict[str, dict[str, Any]] = {}
         for p in list(c.proc_manager.processes.values()):
@@ -589,18 +590,26 @@ class Console:
                 owners[r.name] = {"pid": p.id, "process": p.proc_name, "shared": r.shared, "prefetch": r.prefetch,
                                   "inflight": r.inflight, "buffered": len(r.buffered)}
         broker = c.broker
-        rows: list[dict[str, Any]] = []
         if broker is not None and hasattr(broker, "queues"):
+            rows: list[dict[str, Any]] = []
             for name in sorted(broker.queues):
                 queue = broker.queues[name]
                 rows.append({"queue": name, "depth": len(queue.messages), "consumers": len(queue.consumers),
                              **owners.get(name, {})})
-            depth_known = True
-        else:
-            rows = [{"queue": name, "depth": None, "consumers": None, **owner} for name, owner in sorted(owners.items())]
-            depth_known = False
-        return {"depth_known": depth_known, "broker": "memory" if depth_known else "amqp",
-                **page(rows, offset, limit)}
+            return {"depth_known": True, "broker": "memory", **page(rows, offset, limit)}
+        rows = [{"queue": name, "depth": None, "consumers": None, **owner} for name, owner in sorted(owners.items())]
+        answer = {"depth_known": True, "broker": "amqp", **page(rows, offset, limit)}
+
+        async def depth(row: dict[str, Any]) -> None:
+            try:
+                counted = await c.transport.queue_depth(row["queue"])
+            except Exception:  # noqa: BLE001 - the broker could not tell (connection lost): unknown
+                counted = None
+            if counted is not None:
+                row["depth"], row["consumers"] = counted
+
+        await defer.gatherResults([defer.ensureDeferred(depth(row)) for row in answer["items"]])
+        return answer
 
     def conversations(self, offset: int, limit: int) -> dict[str, Any]:
         """This container's conversations in flight: initiator, peer, op, age, state, trace id (oldest first)."""

@@ -439,7 +439,7 @@ async def _observed(url: str, op: str, times: int) -> Any:
 @pytest_twisted.ensureDeferred
 async def test_on_rabbitmq(rabbitmq: Any, amqp_url: str, tmp_path: Path) -> None:
     """Two containers on RabbitMQ: the other's processes come from its agent, a kill goes over the broker;
-    queue depth is not known here (null), and the queues listed are this container's."""
+    the queues listed are this container's, with their depth and consumers as the broker counts them."""
     factory = ContainerFactory(broker_url=amqp_url)
     try:
         c1, c2 = await two_containers(factory, tmp_path)
@@ -448,9 +448,9 @@ async def test_on_rabbitmq(rabbitmq: Any, amqp_url: str, tmp_path: Path) -> None
         assert code == 200 and {c["container"] for c in data["containers"]} == {c1.id, c2.id}
         assert victim in {r["pid"] for r in data["processes"]["items"]}
         code, queues = await get_json(c1.http.url + "/api/queues?limit=1000")
-        assert queues["depth_known"] is False and queues["broker"] == "amqp"
-        assert {q["queue"] for q in queues["items"]} >= {c1.agent_pid} and all(q["depth"] is None
-                                                                             for q in queues["items"])
+        assert queues["depth_known"] is True and queues["broker"] == "amqp"
+        assert {q["queue"] for q in queues["items"]} >= {c1.agent_pid}
+        assert all(isinstance(q["depth"], int) and q["consumers"] >= 1 for q in queues["items"]), queues["items"]
         assert not any(q["queue"] == c2.agent_pid for q in queues["items"])
         code, answer = await post(c1.http.url + "/api/kill", {"pid": victim}, c1.http.console.token)
         assert code == 200

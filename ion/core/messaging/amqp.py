@@ -829,6 +829,18 @@ class AmqpTransport(Transport):
             queue=name, durable=durable, exclusive=exclusive, auto_delete=auto_delete, arguments=args))
         return d.addCallback(done)
 
+    def queue_depth(self, name: str) -> defer.Deferred[tuple[int, int] | None]:
+        def counted(frame: Any) -> tuple[int, int]:
+            return int(frame.method.message_count), int(frame.method.consumer_count)
+
+        def missing(f: Failure) -> Any:
+            if f.check(TransportError) and getattr(f.value, "reply_code", None) == 404:
+                return None  # NOT_FOUND (the control channel is reopened for the next operation)
+            return f
+
+        d = self._control_op(lambda ch: ch.queue_declare(queue=name, passive=True))
+        return d.addCallbacks(counted, missing)
+
     def _forget_queue(self, name: str) -> None:
         self._queues.pop(name, None)
         for key in [k for k in self._bindings if k[0] == name]:

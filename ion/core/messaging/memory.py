@@ -474,6 +474,14 @@ class MemoryTransport(Transport):
             return defer.fail()
         return defer.succeed(name)
 
+    def queue_depth(self, name: str) -> defer.Deferred[tuple[int, int] | None]:
+        try:
+            self._check_open()
+        except TransportError:
+            return defer.fail()
+        queue = self.broker.queues.get(name)
+        return defer.succeed(None if queue is None else (len(queue.messages), len(queue.consumers)))
+
     def delete_queue(self, name: str) -> defer.Deferred[None]:
         try:
             self._check_open()

@@ -150,6 +150,11 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
+    def queue_depth(self, name: str) -> defer.Deferred[tuple[int, int] | None]:
+        """``(messages ready, consumers)`` of queue ``name`` as the broker counts them now (on
+        RabbitMQ a passive ``queue.declare``), or None when the broker has no such queue."""
+
+    @abc.abstractmethod
     def delete_queue(self, name: str) -> defer.Deferred[None]:
         """Delete a queue and the messages in it (no error if it is gone)."""
 

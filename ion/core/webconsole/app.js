@@ -99,8 +99,8 @@ const views = {
   },
   async queues() {
     const data = await getJSON(`api/queues?${paged("queues")}`);
-    $("#queuenote").textContent = data.depth_known ? "Every queue of the embedded broker, with the messages waiting in it."
-      : "RabbitMQ: the queues this container consumes; their depth is shown by RabbitMQ (rabbitmqctl list_queues), not here.";
+    $("#queuenote").textContent = data.broker === "memory" ? "Every queue of the embedded broker, with the messages waiting in it."
+      : "RabbitMQ: the queues this container consumes, with the messages waiting in each as the broker counts them.";
     $("#queuetable tbody").innerHTML = data.items.map((q) =>
       `<tr><td class="mono">${esc(q.queue)}</td><td class="num">${num(q.depth, "?")}</td><td class="num">${num(q.consumers)}</td>` +
       `<td>${q.pid ? `${esc(q.process)} <span class="muted mono">${esc(q.pid)}</span>` : ""}</td><td class="num">${num(q.inflight)}</td>` +

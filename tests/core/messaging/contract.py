@@ -752,6 +752,26 @@ class TransportContract:
         with pytest.raises(TransportError):
             await t.bind(q, f"{unique}.missing", "k")
 
+    @pytest_twisted.ensureDeferred
+    async def test_queue_depth(self, transport_factory: TransportFactory, unique: str) -> None:
+        """queue_depth counts the messages ready and the consumers; a missing queue is None, and the
+        connection still works after asking for one."""
+        t = await transport_factory()
+        ex = f"{unique}.x"
+        q = await self.queue(t, ex, f"{unique}.q", "k")
+        assert await t.queue_depth(q) == (0, 0)
+        for i in range(3):
+            await t.publish(ex, "k", b"%d" % i, Properties(), confirm=True)
+        assert await t.queue_depth(q) == (3, 0)
+        assert await t.queue_depth(f"{unique}.missing") is None
+        got = Collector()
+        await t.consume(q, got)
+        assert len(await got.wait_for(3)) == 3
+        for _ in range(100):  # the broker counts the consumer and the deliveries settled: bounded wait
+            if await t.queue_depth(q) == (0, 1):
+                break
+        assert await t.queue_depth(q) == (0, 1)
+
     # -- queue kinds ---------------------------------------------------------------------------
     @pytest_twisted.ensureDeferred
     async def test_delete_queue(self, transport_factory: TransportFactory, unique: str) -> None:

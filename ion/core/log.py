@@ -195,6 +195,28 @@ def stdout_observer(stream: IO[str] | None = None) -> FilteringLogObserver:
     return filtered_observer(text_observer(cast(IO[str], out)))
 
 
+#: The log file ``twistd --logfile`` named for a container (see :func:`file_observer`).
+_logfile: str | None = None
+
+
+def use_logfile(path: str) -> str:
+    """Have :func:`file_observer` write to ``path``; the ``twistd --logger`` name to give."""
+    global _logfile
+    _logfile = path
+    return "ion.core.log.file_observer"
+
+
+def file_observer() -> FilteringLogObserver:
+    """The ``twistd --logger`` factory for a container with ``--logfile``: twistd's rotating log file
+    (``LogFile``, 1 MB a file), the same lines as :func:`stdout_observer` (filtered by module level,
+    ``trace=<id>`` on a line logged while an op handles a message)."""
+    from twisted.python.logfile import LogFile
+
+    if _logfile is None:
+        raise ConfigurationError("file_observer needs the log file's path (use_logfile)")
+    return filtered_observer(text_observer(cast(IO[str], LogFile.fromFullPath(_logfile))))
+
+
 # -- rate limiting ---------------------------------------------------------------------------------------
 #: Seconds of one window of :class:`LogLimiter`: one line per kind per window.
 LIMIT_INTERVAL: Final = 10.0

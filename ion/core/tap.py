@@ -390,6 +390,11 @@ class Options(usage.Options):
         if (parent.get("logger") is None and not parent.get("logfile") and not parent.get("syslog")
                 and parent.get("nodaemon")):
             parent["logger"] = "ion.core.log.stdout_observer"
+        elif parent.get("logger") is None and parent.get("logfile") not in (None, "-") and not parent.get("syslog"):
+            # A log file: the same lines (levels, trace ids), in twistd's rotating file.
+            from ion.core.log import use_logfile
+
+            parent["logger"] = use_logfile(os.path.abspath(str(parent["logfile"])))
 
 
     def _check_pidfile(self) -> None:

@@ -634,6 +634,38 @@ async def sigterm_hello_after(line: bytes) -> tuple[int, str]:
 
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
+async def test_twistd_cc_with_a_log_file_logs_there(tmp_path: Path) -> None:
+    """`twistd -n --logfile FILE cc ...`: the container's lines go to FILE (through ion's observer, with its
+    levels and trace ids), not to the terminal."""
+    from twisted.internet import reactor
+    from twisted.scripts._twistd_unix import ServerOptions
+
+    from ion.core.log import file_observer, stdout_observer
+
+    parsed = ServerOptions()
+    parsed.parseOptions(["-n", "--logfile", str(tmp_path / "x.log"), "cc", "--no-shell"])
+    assert parsed["logger"] is file_observer  # (twistd's own file observer would drop the trace ids)
+    parsed = ServerOptions()
+    parsed.parseOptions(["-n", "cc", "--no-shell"])
+    assert parsed["logger"] is stdout_observer
+
+    log = tmp_path / "cc.log"
+    proto = spawn_twistd("--no-shell", "res/apps/hello.app", twistd_args=("-n", "--pidfile=", "--logfile", str(log)))
+    try:
+        for _ in range(400):  # bounded: the container writes its start lines to the file
+            if log.exists() and "started app hello" in log.read_text():
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert "started app hello" in log.read_text()
+    finally:
+        if proto.exit_code is None:
+            proto.transport.signalProcess("TERM")
+        await ended_in(proto)
+    assert "started app hello" not in proto.output.decode(errors="replace")
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
 async def test_twistd_cc_sigterm_while_the_reactor_starts_exits_zero() -> None:
     """A SIGTERM sent as the reactor starts (its handlers and ours race) still stops cleanly with 0."""
     code, out = await sigterm_hello_after(b"reactor class")

@@ -213,6 +213,23 @@ def test_log_lines_carry_the_trace_id() -> None:
     assert format_event({"log_format": "x", "log_level": None, "log_time": 0.0}) is not None
 
 
+def test_a_log_file_carries_the_trace_id_too(tmp_path: Any) -> None:
+    """twistd --logfile: the container logs to that (rotating) file through the same lines as on stdout."""
+    from ion.core.log import file_observer, use_logfile
+
+    assert use_logfile(str(tmp_path / "cc.log")) == "ion.core.log.file_observer"
+    observer = file_observer()
+    log = Logger(observer=observer, namespace="ion.test")
+    token = trace.current_message.set({"traceparent": TP})
+    try:
+        log.warn("inside")
+    finally:
+        trace.current_message.reset(token)
+    log.warn("outside")
+    lines = (tmp_path / "cc.log").read_text().splitlines()
+    assert lines[0].endswith(f"inside trace={TRACE}") and lines[1].endswith("outside")
+
+
 def test_an_op_logs_with_its_trace_id(log_events: list[dict[str, Any]]) -> None:
     """The observer runs in the op's context: the log line of ``relay`` gets the request's trace id."""
     system, caller = _spawn_pair()

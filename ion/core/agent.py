@@ -314,6 +314,13 @@ class ContainerAgent(Process):
         supervisor gave up, else None)."""
         return self.app_table()
 
+    def op_convs(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """This container's conversations in flight (``ion.core.trace.in_flight``): conv, role,
+        initiator, peer, op, protocol, state, age (seconds), trace id."""
+        from ion.core.trace import in_flight
+
+        return [dict(row, age=round(row["age"], 3)) for row in in_flight(self.container)]
+
     @control("app.start")
     async def op_start_app(self, app: str) -> Any:
         """Start app ``app`` (a name from this container's app folders, with its dependencies) here:

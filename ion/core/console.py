@@ -76,7 +76,6 @@ import hmac
 import json
 import os
 import secrets
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
@@ -90,12 +89,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from ion.core import trace
 from ion.core.agent import agent_queue, app_table
 from ion.core.deferreds import observe
 from ion.core.http import MAX_BODY
 from ion.core.log import LogLimiter
 from ion.core.process import Process, Receiver
-from ion.core.trace import trace_id_of
 
 if TYPE_CHECKING:
     from ion.core.container import Container
@@ -124,6 +123,8 @@ AUDIT_TAIL = 200
 AUDIT_FIELD = 300
 #: Event streams open at once, at most (503 beyond).
 MAX_STREAMS = 32
+#: Rows of another container's conversations taken from one answer.
+MAX_REMOTE_ROWS = 5000
 #: Event streams one client address may hold (a page needs one; a reload opens the next).
 STREAMS_PER_CLIENT = 4
 #: Bytes of events held back for a stream whose connection cannot send before it is dropped.
@@ -611,27 +612,24 @@ class Console:
         await defer.gatherResults([defer.ensureDeferred(depth(row)) for row in answer["items"]])
         return answer
 
-    def conversations(self, offset: int, limit: int) -> dict[str, Any]:
-        """This container's conversations in flight: initiator, peer, op, age, state, trace id (oldest first)."""
-        c = self.container
-        now = time.perf_counter()
-        rows: list[dict[str, Any]] = []
-        for p in list(c.proc_manager.processes.values()):
-            table = p.conversations
-            for conv in list(table.initiated.values()):
-                rows.append({"conv": conv.conv_id, "role": "initiator", "initiator": f"{p.proc_name} ({p.id})",
-                             "peer": conv.receiver, "op": conv.op, "protocol": conv.protocol,
-                             "age": _age(now, conv.started), "state": conv.state,
-                             "trace": trace_id_of({"traceparent": conv.traceparent})})
-            for resp in list(table.responding.values()):
-                request = resp.request
-                rows.append({"conv": resp.conv_id, "role": "responder",
-                             "initiator": f"{request.get('sender-name') or '?'} ({request.get('sender')})",
-                             "peer": f"{p.proc_name} ({p.id})", "op": request.get("op"), "protocol": resp.protocol,
-                             "age": _age(now, resp.started), "state": resp.state,
-                             "trace": trace_id_of(request)})
+    async def conversations(self, offset: int, limit: int) -> dict[str, Any]:
+        """The system's conversations in flight: initiator, peer, op, age, state, trace id, container
+        (oldest first): this container's read here, the others' by their agents' ``convs`` op."""
+        rows = [dict(row, container=self.container.id, age=round(row["age"], 3))
+                for row in trace.in_flight(self.container)]
+        remote = [n["container"] for n in self.nodes() if n["container"] != self.container.id]
+        answers = await defer.gatherResults([
+            defer.ensureDeferred(self._kept(("convs", cid), PS_TTL,
+                                            lambda cid=cid: self._read(self._agent(cid), "convs")))  # type: ignore[misc]
+            for cid in remote])
+        errors = []
+        for cid, answer in zip(remote, answers, strict=True):
+            if "value" not in answer or not isinstance(answer["value"], list):
+                errors.append({"container": cid, "error": _text(answer.get("error"), 300)})
+                continue
+            rows.extend(_conv_row(row, cid) for row in answer["value"][:MAX_REMOTE_ROWS] if isinstance(row, Mapping))
         rows.sort(key=lambda r: -(r["age"] or 0.0))
-        return {"container": c.id, **page(rows, offset, limit)}
+        return {"container": self.container.id, "errors": errors, **page(rows, offset, limit)}
 
     async def jobs(self) -> dict[str, Any]:
         """The Deploy service's jobs (``{"error"}`` when none answers), newest first."""
@@ -832,12 +830,6 @@ def _client(request: Request) -> str:
     return f"web {host}"
 
 
-def _age(now: float, started: Any) -> float | None:
-    """Seconds since ``started`` (a ``perf_counter`` value), rounded to the ms; None if not a number."""
-    started = _number(started)
-    return None if started is None else round(max(now - started, 0.0), 3)
-
-
 def _number(value: Any) -> float | int | None:
     """``value`` if it is a finite number (not a bool), else None: what another process answers is checked."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -848,6 +840,15 @@ def _number(value: Any) -> float | int | None:
 def _integer(value: Any) -> int | None:
     """``value`` if it is an int (not a bool), else None."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _conv_row(row: Mapping[str, Any], container: str) -> dict[str, Any]:
+    """A conversation row another container's agent answered, its fields checked (text cut, numbers numbers)."""
+    out: dict[str, Any] = {key: _text(row.get(key), 300)
+                           for key in ("conv", "role", "initiator", "peer", "op", "protocol", "state", "trace")}
+    out["age"] = _number(row.get("age"))
+    out["container"] = container
+    return out
 
 
 def _text(value: Any, limit: int = 1000) -> str | None:

@@ -418,6 +418,7 @@ async def test_queues_conversations_and_the_observer(container_factory: Any, tmp
         assert mine[("responder", "hold")]["peer"] == f"holder ({holder})"
         assert all(r["age"] is not None and r["age"] >= 0 for r in mine.values())
         assert len({r["trace"] for r in mine.values()}) == 1 and len(mine[("initiator", "hold")]["trace"]) == 32
+        assert {r["container"] for r in mine.values()} == {c1.id}
         code, queues = await get_json(c1.http.url + "/api/queues?limit=1000")
         assert queues["depth_known"] is True
         row = next(q for q in queues["items"] if q["queue"] == holder)
@@ -425,6 +426,21 @@ async def test_queues_conversations_and_the_observer(container_factory: Any, tmp
     finally:
         Holder.release.callback("done")
     await call
+    # A conversation answered in the other container: its responder side comes from that container's agent.
+    Holder.release = defer.Deferred()
+    far = await c2.spawn(Holder, name="far-holder")
+    far_call = caller.rpc_send(far, "hold", None, timeout=30)
+    try:
+        async def far_row() -> Any:
+            code, convs = await get_json(c1.http.url + "/api/convs")
+            rows = [r for r in convs["items"] if r["role"] == "responder" and r["peer"] == f"far-holder ({far})"]
+            return rows[0] if rows else None
+
+        row = await wait_for(far_row, "the other container's responder row")
+        assert row["container"] == c2.id and row["op"] == "hold" and isinstance(row["age"], float)
+    finally:
+        Holder.release.callback("done")
+    await far_call
     code, seen = await wait_for(lambda: _observed(c1.http.url + "/api/observer", "hold", 2), "the observers' tails")
     assert sorted(o["container"] for o in seen["observers"]) == sorted([c1.id, c2.id])
 

@@ -110,10 +110,11 @@ const views = {
   async convs() {
     const data = await getJSON(`api/convs?${paged("convs")}`);
     $("#convtable tbody").innerHTML = data.items.map((c) =>
-      `<tr><td>${esc(c.initiator)}</td><td class="mono">${esc(c.peer)}</td><td>${esc(c.op)}</td><td>${esc(c.protocol)}</td>` +
+      `<tr><td class="mono small">${esc(c.container)}</td><td>${esc(c.initiator)}</td><td class="mono">${esc(c.peer)}</td>` +
+      `<td>${esc(c.op)}</td><td>${esc(c.protocol)}</td>` +
       `<td class="num">${age(c.age)}</td><td>${badge(c.state)}</td><td class="mono small">${esc(c.conv)}</td>` +
       `<td class="mono small">${esc(c.trace ?? "")}</td></tr>`).join("") ||
-      '<tr><td colspan="8" class="muted">none in flight</td></tr>';
+      '<tr><td colspan="9" class="muted">none in flight</td></tr>';
     pager("convs", data);
   },
   async jobs() {

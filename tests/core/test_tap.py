@@ -22,7 +22,7 @@ from twisted.python import usage
 from ion.core import tap
 from ion.core.exceptions import ConfigurationError
 from ion.core.lifecycle import State
-from ion.core.log import filtered_observer, level_predicate, read_levels, stdout_observer
+from ion.core.log import file_observer, filtered_observer, level_predicate, read_levels, stdout_observer
 from ion.core.tap import ContainerService, Options, parse_container_args
 from ion.testing import rpc, test_config
 from ion.testing.processes import WatchedProcess
@@ -283,7 +283,7 @@ def test_twistd_command_line_installs_the_filtered_stdout_logger() -> None:
 
     with_file = ServerOptions()
     with_file.parseOptions(["-n", "--logfile", "cc.log", "cc"])
-    assert with_file["logger"] is None
+    assert with_file["logger"] is file_observer  # the same lines, in twistd's rotating file
 
 
 def test_make_service_returns_a_container_service() -> None:

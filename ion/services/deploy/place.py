@@ -257,10 +257,25 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
     raise AssertionError("unreachable")  # pragma: no cover  (for the type checker: ExitStack swallows nothing)
 
 
+def _remove_leftovers(dest: SafeDir, names: list[str]) -> None:
+    """Remove the temporary copies (``.<name>.ion-new-*``) and set-aside old versions
+    (``.<name>.ion-old-*``) of ``names`` that a placer killed mid-way left: only a placer holding the
+    destination's lock makes them, and we hold it now, so every one there is a dead placer's."""
+    prefixes = tuple(f".{n}.ion-{kind}-" for n in names for kind in ("new", "old"))
+    for leftover in dest.listdir():
+        if leftover.startswith(prefixes):
+            try:
+                dest.remove(leftover)
+            except OSError as exc:
+                raise PlacementError(f"cannot remove {dest.path / leftover}, left by a placement that was "
+                                     f"killed: {exc.strerror or exc}") from exc
+
+
 def _place_locked(entry: Path, names: list[str], destination: Path, dest: SafeDir, records: SafeDir,
                   manifest: Path, *, link: bool, version: str, entry_stamp: str) -> Placement:
     """:func:`place`, the destination and its records open, holding the destination's lock."""
     mname = manifest.name
+    _remove_leftovers(dest, names)
     previous = _read_manifest(records, mname) or {}
     prev_names = [str(n) for n in previous.get("names", [])]
     record = _record(entry, names, link=link, version=version, entry_stamp=entry_stamp)

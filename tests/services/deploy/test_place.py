@@ -174,3 +174,22 @@ def test_partial_copy_failure_does_not_block_the_destination(tmp_path):
     assert (dest / "a").read_text() == "A"
     result = put(entry, dest, ["a"], link=False, stamp="t2")
     assert (dest / "a").read_text() == "A" and not result.already
+
+
+def test_what_a_killed_placement_left_is_removed_by_the_next(tmp_path):
+    """A placer killed between its copy and its swap leaves ``.<name>.ion-new-*`` (or, mid-swap, the set-aside
+    ``.<name>.ion-old-*``) in the destination; the next placement of that name, holding the destination's
+    lock, removes them, whether it copies again or finds everything in place. Other names' are left alone."""
+    entry = make_entry(tmp_path, "1.0", {"tool/README": "tool\n", "tool/bin/tool": "x"})
+    dest = tmp_path / "out"
+    put(entry, dest, ["tool"], link=False)
+    for leftover in (".tool.ion-new-bcf5e5b4/README", ".tool.ion-old-0a1b2c3d/bin/tool", ".other.ion-new-1/x"):
+        (dest / leftover).parent.mkdir(parents=True, exist_ok=True)
+        (dest / leftover).write_text("half")
+    assert put(entry, dest, ["tool"], link=False).already  # in place: only the leftovers go
+    assert sorted(p.name for p in dest.iterdir()) == [".ion-deploy", ".other.ion-new-1", "tool"]
+    (dest / ".tool.ion-new-ffff0000").mkdir()
+    put(make_entry(tmp_path, "2.0", {"tool/README": "tool 2\n"}), dest, ["tool"], link=False, version="2.0",
+        stamp="t2")
+    assert sorted(p.name for p in dest.iterdir()) == [".ion-deploy", ".other.ion-new-1", "tool"]
+    assert (dest / "tool" / "README").read_text() == "tool 2\n"

@@ -649,24 +649,11 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
     from ion.core.exceptions import TransportError
 
     async def run(reactor: Any) -> None:
-        work = defer.ensureDeferred(_run(reactor, args, out, result))
-        finished: defer.Deferred[None] = defer.Deferred()
+        from ion.services.deploy.cli import run_until_stopped
 
-        def ended(outcome: Any) -> Any:
-            finished.callback(None)
-            return outcome
-
-        work.addBoth(ended)
-
-        def interrupted() -> defer.Deferred[None]:
-            # Ctrl-C or SIGTERM: cancel the run and let it leave cleanly (its container terminated).
-            if not work.called:
-                work.cancel()
-            return finished
-
-        trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted)
         try:
-            code[0] = await work
+            # Ctrl-C or SIGTERM cancels the run and lets it leave cleanly (its container terminated).
+            code[0] = await run_until_stopped(reactor, _run(reactor, args, out, result))
         except defer.CancelledError:
             # Following (audit --follow, job --follow) ends this way; anything else was interrupted.
             following = getattr(args, "follow", False)
@@ -691,11 +678,6 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
             if isinstance(response_code, int):
                 result["code"] = response_code
             code[0] = EXIT_FAILED
-        finally:
-            try:
-                reactor.removeSystemEventTrigger(trigger)
-            except (ValueError, KeyError):
-                pass
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(run(reactor)))

@@ -29,11 +29,14 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
-__all__ = ["main", "package_version", "parse_duration", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNAVAILABLE"]
+__all__ = ["main", "package_version", "parse_duration", "run_until_stopped", "start_logging", "EXIT_OK",
+           "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNAVAILABLE"]
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -530,6 +533,40 @@ async def _deploy_through_service(container: Any, proc: Any, deployment: Any, ou
     return answers
 
 
+async def run_until_stopped(reactor: Any, work: Coroutine[Any, Any, T],
+                            on_interrupt: Callable[[], None] | None = None) -> T:
+    """Await ``work`` under ``reactor``; a shutdown meanwhile (Ctrl-C, SIGTERM) cancels it (after
+    ``on_interrupt()``) and lets its cleanup finish (locks released, staging discarded, a container
+    terminated) before the reactor stops. Raises ``CancelledError`` when it was interrupted.
+    ``ion-deploy`` and ``ion`` both run this way."""
+    from twisted.internet import defer
+
+    running = defer.ensureDeferred(work)
+    finished: defer.Deferred[None] = defer.Deferred()
+
+    def ended(outcome: Any) -> Any:
+        finished.callback(None)
+        return outcome
+
+    running.addBoth(ended)
+
+    def interrupted() -> defer.Deferred[None]:
+        if not running.called:
+            if on_interrupt is not None:
+                on_interrupt()
+            running.cancel()
+        return finished
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted)
+    try:
+        return await running
+    finally:
+        try:
+            reactor.removeSystemEventTrigger(trigger)
+        except (ValueError, KeyError):
+            pass
+
+
 def start_logging(out: Output, debug: bool, *, least: Any = None, line: Callable[[str], None] | None = None,
                   skip: Callable[[dict[str, Any]], bool] | None = None) -> None:
     """Log lines of a command to its stderr: every one from debug level with ``--debug``, else from
@@ -619,25 +656,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
 
     async def run(reactor: Any) -> None:
         runner = _run_broker if args.broker else _run_local
-        work = defer.ensureDeferred(runner(reactor, args, deployment, out, result))
-        finished: defer.Deferred[None] = defer.Deferred()
-        def ended(outcome: Any) -> Any:
-            finished.callback(None)
-            return outcome
-
-        work.addBoth(ended)
-
-        def interrupted() -> defer.Deferred[None]:
-            # SIGTERM or Ctrl-C: cancel the run and let its cleanup (locks
-            # released, staging discarded) finish before the reactor stops.
-            if not work.called:
-                out.error("interrupted: cancelling, releasing locks")
-                work.cancel()
-            return finished
-
-        trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted)
         try:
-            code[0] = await work
+            code[0] = await run_until_stopped(reactor, runner(reactor, args, deployment, out, result),
+                                              lambda: out.error("interrupted: cancelling, releasing locks"))
         except defer.CancelledError:
             code[0] = EXIT_FAILED
             result["errors"] = ["interrupted"]
@@ -652,11 +673,6 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
             out.error(text)
             result["errors"] = [text]
             code[0] = EXIT_UNAVAILABLE if isinstance(exc, TransportError) else EXIT_FAILED
-        finally:
-            try:
-                reactor.removeSystemEventTrigger(trigger)
-            except (ValueError, KeyError):
-                pass
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(run(reactor)))

@@ -25,7 +25,15 @@ from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import Process
 from ion.core.threads import SynchronousPool
 
-__all__ = ["ContainerFactory", "ClockedSystem", "ClockedCluster", "rpc", "client_process", "test_config"]
+__all__ = ["on_ci", "ContainerFactory", "ClockedSystem", "ClockedCluster", "rpc", "client_process", "test_config"]
+
+
+def on_ci() -> bool:
+    """Whether the tests run on CI (``CI`` set to true, 1 or yes): there, a missing broker, server or
+    browser fails its tests rather than skipping them."""
+    import os
+
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 def test_config(overlay: Mapping[str, Any] | None = None) -> Config:

@@ -10,7 +10,6 @@ the test using it and says what to install.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +29,9 @@ AVAILABLE = pytest_twisted is not None
 def _unavailable(fn: Callable[..., Any]) -> Any:
     def fixture() -> None:
         why = f"the {fn.__name__!r} fixture needs pytest-twisted (pip install 'ioncore[test]')"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        from ion.testing import on_ci
+
+        if on_ci():
             pytest.fail(why, pytrace=False)  # on CI a missing test dependency is a failure, never a skip
         pytest.skip(why)
 

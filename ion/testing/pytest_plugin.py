@@ -21,7 +21,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from ion.core.container import Container
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import Process
-from ion.testing import ClockedSystem, ContainerFactory
+from ion.testing import ClockedSystem, ContainerFactory, on_ci
 from ion.testing.asyncfixtures import async_fixture, async_yield_fixture
 
 
@@ -82,12 +82,6 @@ def log_events() -> Iterator[list[dict[str, Any]]]:
 #   vhost (``.name``, ``.password``, ``.url`` ...), deleted after the test.
 
 
-def _on_ci() -> bool:
-    import os
-
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
 def require_managed_broker(rabbitmq: Any, why: str) -> None:
     """Skip (fail when CI=true) a test that must control the broker (restart it, count its
     queues) when the session uses an external one (ION_TEST_AMQP_URL)."""
@@ -97,7 +91,7 @@ def require_managed_broker(rabbitmq: Any, why: str) -> None:
 
 
 def _no_broker(reason: str) -> None:
-    if _on_ci():
+    if on_ci():
         pytest.fail(f"RabbitMQ is required on CI (CI=true) but unavailable: {reason}", pytrace=False)
     pytest.skip(f"RabbitMQ unavailable: {reason}")
 
@@ -111,7 +105,7 @@ def rabbitmq() -> Any:
     if external is not None:
         yield external
         return
-    if rmq.find_rabbitmq() is None and _on_ci():
+    if rmq.find_rabbitmq() is None and on_ci():
         try:
             rmq.install_rabbitmq()  # bin/test does this; a bare pytest run on CI gets it here
         except rmq.BrokerUnavailable as exc:

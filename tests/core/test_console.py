@@ -26,7 +26,7 @@ from ion.core.container import Container
 from ion.core.process import Process, Receiver
 from ion.core.security import control
 from ion.core.service import ServiceProcess
-from ion.testing import ContainerFactory
+from ion.testing import ContainerFactory, on_ci
 from ion.testing.asyncfixtures import async_yield_fixture
 
 CHROMIUM = "/usr/bin/chromium"
@@ -513,7 +513,7 @@ async def test_the_real_cache_service_verified_from_the_console(container_factor
 
 # -- in a browser ------------------------------------------------------------------------------------------------------
 def _no_browser(reason: str) -> None:
-    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+    if on_ci():
         pytest.fail(f"the console's browser tests need Chromium on CI (CI=true): {reason}", pytrace=False)
     pytest.skip(f"no browser: {reason}")
 

@@ -26,6 +26,7 @@ from ion.services.deploy.spec import parse_repository_url
 from ion.services.fetch.core import Fetcher, FetchRequest, local_unpack
 from ion.services.fetch.errors import AccessDeniedError, AddressNotAllowedError, TransferError, WriteError
 from ion.services.fetch.repository import FetchConfig
+from ion.testing import on_ci
 from ion.testing.servers import HTTPRepositoryServer, _FaultyRoot, write_tree
 
 #: Seconds a fetch may take before the test fails as hung (a guard, not a measure).
@@ -147,7 +148,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
                           capture_output=True, text=True)
     if done.returncode != 0:
         reason = f"cannot mount a 4 MiB tmpfs (root needed): {done.stderr.strip()}"
-        if os.environ.get("CI") == "true":
+        if on_ci():
             pytest.fail(reason)  # CI runs as root: never skip the full-disk cases there
         pytest.skip(reason)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -20,3 +21,24 @@ def pool() -> Iterator[BlockingPool]:
     p.start()
     yield p
     p.stop()
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """An OpenTelemetry SDK provider in use for the test (ion.core.trace records spans), its finished
+    spans in the ``InMemorySpanExporter`` given; the API's default provider again afterwards."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from ion.core import trace
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.use_tracer_provider(provider)
+    try:
+        yield exporter
+    finally:
+        trace.use_tracer_provider(None)
+        provider.shutdown()

@@ -5,12 +5,9 @@ shell's ``convs()`` and ``trace()``, and the OpenTelemetry spans with the SDK's 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from twisted.internet import defer
@@ -309,19 +306,6 @@ def test_no_sdk_no_spans() -> None:
     assert trace.state.tracer is None
     content, _ = system.result(caller.rpc_send("front", "relay"))
     assert trace.parse(content["mine"])
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.use_tracer_provider(provider)
-    try:
-        yield exporter
-    finally:
-        trace.use_tracer_provider(None)
-        provider.shutdown()
 
 
 def test_sdk_client_and_server_spans(spans: InMemorySpanExporter) -> None:

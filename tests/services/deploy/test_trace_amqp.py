@@ -11,7 +11,6 @@ client and server spans of both containers carry it too.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,6 @@ import msgpack
 import pika
 import pytest
 import pytest_twisted
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from twisted.internet import threads
@@ -64,19 +61,6 @@ class Tap:
     def close(self) -> None:
         if self.connection.is_open:
             self.connection.close()
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.use_tracer_provider(provider)
-    try:
-        yield exporter
-    finally:
-        trace.use_tracer_provider(None)
-        provider.shutdown()
 
 
 async def _deploy_over_two_containers(amqp_url: str, tmp_path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:

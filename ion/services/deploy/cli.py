@@ -14,8 +14,15 @@ verifies and repairs it first, ``-d`` shows tracebacks. Also: ``--verify``,
 ``--prune [--older-than D] [--keep N]``, ``--jobs N``, ``--cache-dir``,
 ``--json``, ``--version``. Order of work: clear, repair/verify, deploy, prune.
 
+A successful deploy records a generation of the deployment file
+(:mod:`ion.services.deploy.generations`); ``--generations FILE`` lists the
+kept ones and ``--rollback [N] FILE`` puts generation N (default: the
+previous one) back in place instead of deploying the file, which is then not
+read (it may be broken, or gone).
+
 Exit codes: 0 everything deployed (and every verified entry good), 1 an item
-failed (or a bad entry), 2 an unusable deployment file or arguments, 69
+failed (or a bad entry), 2 an unusable deployment file or arguments (or no
+such generation), 69
 (``EX_UNAVAILABLE``) the broker of ``--broker`` cannot be reached or refused
 the login. The ``ion`` command (:mod:`ion.command`) uses the same codes.
 
@@ -80,6 +87,10 @@ def parse_duration(text: str) -> float:
     return value
 
 
+#: ``--rollback`` without N.
+_PREVIOUS = "previous"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's own errors: our format and exit code
         raise UsageProblem([message])
@@ -109,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", metavar="N", help="dependencies fetched at once (default: config, 8)")
     p.add_argument("--cache-dir", metavar="DIR", help="the cache root")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout, nothing else there")
+    p.add_argument("--generations", action="store_true",
+                   help="list the kept generations of DEPLOYMENT.json (each successful deploy records one)")
+    p.add_argument("--rollback", nargs="?", const=_PREVIOUS, metavar="N",
+                   help="put generation N of DEPLOYMENT.json back in place (default: the previous one), "
+                        "instead of deploying the file")
     p.add_argument("--broker", metavar="URL",
                    help="deploy through the services of a running system on this broker (amqp://...)")
     p.add_argument("-s", "--sysname", metavar="NAME", help="with --broker (and needed by it): the system name")
@@ -150,6 +166,20 @@ def _check_args(args: argparse.Namespace) -> None:
             args.older_than = parse_duration(args.older_than)
         except ValueError as exc:
             problems.append(f"--older-than: {exc}")
+    if args.rollback is not None:
+        if args.rollback == _PREVIOUS:
+            args.rollback_to = None
+        elif args.rollback.strip().isdigit() and int(args.rollback) >= 1:
+            args.rollback_to = int(args.rollback)
+        elif args.deployment is None and not args.rollback.strip().lstrip("-").isdigit():
+            # ``--rollback FILE``: argparse gave the file to the option's optional N.
+            args.deployment, args.rollback, args.rollback_to = args.rollback, _PREVIOUS, None
+        else:
+            problems.append(f"--rollback takes a generation number >= 1, not {args.rollback!r}")
+        if args.generations:
+            problems.append("--rollback and --generations go one at a time")
+    if (args.generations or args.rollback is not None) and not args.deployment:
+        problems.append("--generations and --rollback need the DEPLOYMENT.json file whose generations they use")
     if (args.keep is not None or args.older_than is not None) and not args.prune:
         problems.append("--keep and --older-than go with --prune")
     if args.sysname and not args.broker:
@@ -339,6 +369,57 @@ def _wire(obj: Any) -> Any:
     return obj.to_wire() if hasattr(obj, "to_wire") else obj
 
 
+def _wire_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Summary rows of item results that carry only their label (``platform/name/version``)."""
+    rows = []
+    for wire in results:
+        row = dict(wire)
+        platform, _, rest = str(wire.get("item", "")).partition("/")
+        name, _, version = rest.rpartition("/")
+        row.update(name=name, version=version, platform=platform)
+        rows.append(row)
+    return rows
+
+
+def _when(seconds: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def _show_generations(out: Output, listing: Mapping[str, Any]) -> None:
+    """The kept generations (newest first, as ``op_generations`` answers), each with its items."""
+    gens = listing.get("generations") or []
+    where = f"{listing.get('file')} (host {listing.get('host')})"
+    if not gens:
+        out.line(f"No generation of {where} is recorded")
+        return
+    out.line(f"Generations of {where}, newest first (keeping {listing.get('keep')}):")
+    for n, g in enumerate(gens):
+        notes = ["current"] if n == 0 else []
+        if g.get("rollback_of") is not None:
+            notes.append(f"rollback to {g['rollback_of']}")
+        digest = str(g.get("file_sha256") or "")[:12] or "-"
+        out.line(f"  {g.get('generation')}  {_when(float(g.get('time') or 0))}  by {g.get('caller') or '?'} "
+                 f"via {g.get('via')}  file sha256 {digest}" + (f"  ({', '.join(notes)})" if notes else ""))
+        for item in g.get("items") or []:
+            out.line(f"      {item.get('platform')}/{item.get('name')} {item.get('version')} -> "
+                     f"{item.get('destination')}")
+
+
+def _rolled_back(out: Output, answer: Mapping[str, Any], result: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
+    """Show and record a rollback's outcome; True if every item is in place."""
+    result["rollback"] = {"to": answer.get("rollback_of"), "generation": answer.get("generation")}
+    result["items"] = rows
+    _summary(out, rows)
+    ok = all(r["state"] not in ("failed", "cancelled") for r in rows)
+    if ok:
+        out.line(f"Rolled back to generation {answer.get('rollback_of')}: now generation {answer.get('generation')}")
+    else:
+        out.line(f"Rollback to generation {answer.get('rollback_of')} incomplete: no generation recorded")
+    return ok
+
+
 # -- the run --------------------------------------------------------------------------------------------
 def _config() -> Any:
     from ion.core.config import Config
@@ -389,6 +470,8 @@ async def _maintain_local(cache: Any, args: argparse.Namespace, out: Output, res
 
 async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, out: Output,
                      result: dict[str, Any]) -> int:
+    from twisted.internet import defer
+
     from ion.core.settings import ContainerSettings
     from ion.core.threads import BlockingPool
     from ion.services.cache.core import CacheSettings
@@ -402,10 +485,20 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
     cache = config.settings(CacheSettings).open(root, clock=reactor, pool=pool)
     fetcher = None
     try:
+        from ion.services.deploy import generations as gen
+
+        store = gen.GenerationStore(cache.root, pool, config.settings(DeploySettings).keep_generations)
         # What deployers of this host that died (killed mid-download) left in staging.
         await cache.cleanup_staging()
         ok = await _maintain_local(cache, args, out, result)
-        if deployment is not None:
+        if args.generations:
+            file = gen.DeploymentFile.of(args.deployment, cache.host_id)
+            history = await store.history(file)
+            listing = {**file.to_wire(), "keep": store.keep,
+                       "generations": [g.to_wire() for g in reversed(history.generations)]}
+            result["generations"] = listing["generations"]
+            _show_generations(out, listing)
+        elif deployment is not None or args.rollback is not None:
             from ion.services.deploy.core import Deployer
             from ion.services.fetch.core import Fetcher, local_unpack
             from ion.services.unpack.core import Limits
@@ -414,12 +507,30 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
             fetcher = Fetcher(cache, local_unpack(pool, limits), pool=pool, reactor=reactor,
                               config=config.for_module("ion.services.fetch"))
             deployer = Deployer(_fetch_function(fetcher), pool, max_parallel=jobs, cache_root=cache.root)
-            with Progress(out, deployment.items) as progress:
-                results = await deployer.deploy(deployment, progress=progress)
-            rows = _rows(deployment.items, [r.to_wire() for r in results])
-            result["items"] = rows
-            _summary(out, rows)
-            ok = ok and all(r.ok for r in results)
+
+            async def deploy(d: Any) -> Any:
+                with Progress(out, d.items) as progress:
+                    return await deployer.deploy(d, progress=progress)
+
+            if args.rollback is not None:
+                file = gen.DeploymentFile.of(args.deployment, cache.host_id)
+                out.line(f"Rolling back {file.path} to " + (f"generation {args.rollback_to}"
+                                                            if args.rollback_to else "the previous generation"))
+                done = await gen.rollback(store, file, args.rollback_to, lambda d: defer.ensureDeferred(deploy(d)),
+                                          caller=gen.os_user(), via="ion-deploy")
+                rows = _rows(done.deployment.items, [r.to_wire() for r in done.results])
+                ok = _rolled_back(out, done.to_wire(), result, rows) and ok
+            else:
+                results = await deploy(deployment)
+                rows = _rows(deployment.items, [r.to_wire() for r in results])
+                result["items"] = rows
+                _summary(out, rows)
+                ok = ok and all(r.ok for r in results)
+                if deployment.file is not None:
+                    recorded = await gen.record_generation(
+                        store, gen.DeploymentFile(deployment.file, cache.host_id), deployment, results,
+                        caller=gen.os_user(), via="ion-deploy")
+                    result["generation"] = recorded.number if recorded is not None else None
         if args.prune:
             report = await cache.prune(older_than=args.older_than, keep=args.keep)
             result["prune"] = report.to_wire()
@@ -454,6 +565,7 @@ def _fetch_function(fetcher: Any) -> Any:
 async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, out: Output,
                       result: dict[str, Any]) -> int:
     from ion.core.container import Container
+    from ion.core.exceptions import ReceivedApplicationError
     from ion.core.process import Process
 
     container = Container(config=_config(), broker_url=args.broker, sysname=args.sysname, reactor=reactor)
@@ -479,7 +591,27 @@ async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, o
                 _report_entries(out, what, reports)
                 ok = all(r["status"] == "good" or (args.repair and r.get("action") in ("quarantined", "removed"))
                          for r in reports)
-        if deployment is not None:
+        if args.generations or args.rollback is not None:
+            from ion.services.deploy.service import DeployClient
+
+            client = DeployClient(proc)
+            file = client.deployment_file(args.deployment)
+            try:
+                if args.generations:
+                    listing = await client.generations(file)
+                    result["generations"] = listing["generations"]
+                    _show_generations(out, listing)
+                else:
+                    out.line(f"Rolling back {file.path} through the deploy service of {args.broker}")
+                    answer = await client.rollback(file, args.rollback_to)
+                    ok = _rolled_back(out, answer, result, _wire_rows(answer["items"])) and ok
+            except ReceivedApplicationError as exc:
+                if exc.response_code not in (400, 404):
+                    raise
+                from ion.services.deploy.generations import GenerationError
+
+                raise GenerationError(str(exc.message), exc.response_code) from None
+        elif deployment is not None:
             out.line(f"Deploying {deployment.source} through the deploy service of {args.broker}")
             answers = await _deploy_through_service(container, proc, deployment, out)
             rows = _rows(deployment.items, answers)
@@ -631,7 +763,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
         return int(exc.code or 0)
 
     deployment = None
-    if args.deployment:
+    if args.deployment and (args.generations or args.rollback is not None):
+        result["source"] = args.deployment  # its generations are used; the file itself is not read
+    elif args.deployment:
         from ion.services.deploy.spec import DeploymentError, load_deployment
 
         try:
@@ -654,6 +788,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
     code = [EXIT_FAILED]
     from twisted.internet import defer, task
 
+    from ion.services.deploy.generations import GenerationError
+
     async def run(reactor: Any) -> None:
         runner = _run_broker if args.broker else _run_local
         try:
@@ -662,6 +798,10 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
         except defer.CancelledError:
             code[0] = EXIT_FAILED
             result["errors"] = ["interrupted"]
+        except GenerationError as exc:  # no such generation: the arguments named none that is kept
+            out.error(str(exc))
+            result["errors"] = [str(exc)]
+            code[0] = EXIT_USAGE
         except Exception as exc:
             from ion.core.exceptions import IonError, TransportError
 

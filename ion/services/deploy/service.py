@@ -38,6 +38,15 @@ and carries every item's result; an async job ends ``REMOTE_ERROR`` with
 ``cancelled`` listing its unfinished items (see :mod:`ion.core.jobs`). Only
 then does the process terminate as every process does.
 
+**Generations** (:mod:`ion.services.deploy.generations`): a deploy request
+may name the deployment file it was read from (``file``, ``host``,
+``file_sha256``: :meth:`DeployClient.deploy` sends them); when every item is
+in place, the service records a generation of that file in
+``<cache root>/generations`` with the caller's ``broker-user``. Ops
+``generations`` (``{file, host}``: the kept ones, newest first) and
+``rollback`` (``{file, host, generation}``: authorized and audited as a
+deploy, ``deploy.rollback``) read them.
+
 **Durable jobs**: each async job's record is also written to
 ``<job_dir>/<quoted job id>.json`` (default ``<cache root>/jobs``), when it
 starts, as each item ends and at its end. ``job_status`` of a job that is not
@@ -73,6 +82,13 @@ from ion.core.security import control, narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.cache.core import CacheSettings
 from ion.services.deploy.core import AccessRefused, Deployer, ItemResult, check_allowed
+from ion.services.deploy.generations import (
+    DeploymentFile,
+    GenerationStore,
+    parse_number,
+    record_generation,
+    rollback,
+)
 from ion.services.deploy.place import Target
 from ion.services.deploy.settings import DeploySettings
 from ion.services.deploy.spec import (
@@ -96,14 +112,15 @@ JOB_SEP = CONTROL_JOB_SEP
 
 
 class DeployService(ServiceProcess):
-    """Ops: ``deploy``, ``deploy_async``, ``job_status``, ``jobs``, ``job_cancel`` (operators only).
+    """Ops: ``deploy``, ``deploy_async``, ``job_status``, ``jobs``, ``job_cancel`` (operators only),
+    ``generations``, ``rollback``.
 
     Config (``ion.services.deploy``): ``max_parallel`` (8), ``allowed_destinations``,
     ``allowed_file_repositories``, ``job_retention`` (3600 s), ``fetch_timeout`` (3600 s),
     ``max_concurrent`` (requests handled at once, 16), ``drain_timeout`` (30 s),
     ``job_dir`` (durable job records; None: ``<cache root>/jobs``; ``False``: none),
     ``max_deployment_bytes`` (64 MiB: a bigger request is a 400; a bound apps and spawnargs may only
-    lower). HTTP(S) repositories at addresses outside ``allowed_networks`` of ``ion.services.fetch``
+    lower), ``keep_generations`` (3). HTTP(S) repositories at addresses outside ``allowed_networks`` of ``ion.services.fetch``
     refuse the request with a 403 (see :mod:`ion.services.fetch.netguard`).
     """
 
@@ -137,6 +154,8 @@ class DeployService(ServiceProcess):
         self.owner = self._owner()
         self.jobs = JobTable(self.clock, self.settings.job_retention, store=self._job_store(),
                              owner=self.owner, owner_alive=self._owner_alive)
+        self.generations = GenerationStore(self._cache_root(), self.container.blocking,
+                                           self.settings.keep_generations)
 
     def slc_activate(self) -> None:
         # Records of jobs that ended (or died) longer than job_retention ago.
@@ -242,6 +261,21 @@ class DeployService(ServiceProcess):
             raise ApplicationError(f"{source}: the request lists no item", 400)
         return Deployment(source, items)
 
+    @staticmethod
+    def _deployment_file(content: Any) -> DeploymentFile | None:
+        """The deployment file a deploy request names (its generations'), or None."""
+        if isinstance(content, convert.pb.DeployRequest):
+            content = {"file": content.file, "host": content.host}
+        if not isinstance(content, Mapping) or not content.get("file"):
+            return None
+        return DeploymentFile.from_wire(content)
+
+    def _record(self, file: DeploymentFile | None, deployment: Deployment, results: list[ItemResult],
+                msg: Mapping[str, Any]) -> defer.Deferred[Any]:
+        """Record a generation of ``file`` if every item is in place (the one hook after a deploy)."""
+        return defer.ensureDeferred(record_generation(self.generations, file, deployment, results,
+                                                      caller=msg.get("broker-user"), via=f"deploy {self.id}"))
+
     def _cache_root(self) -> Path:
         """The cache root of this container's config (where the Cache service publishes entries)."""
         from ion.services.cache.core import configured_root
@@ -324,11 +358,13 @@ class DeployService(ServiceProcess):
         self.refuse_if_draining()
         protobuf = isinstance(content, convert.pb.DeployRequest)
         deployment = self._deployment(content)
+        file = self._deployment_file(content)
         # realpath may touch slow filesystems: resolve off the reactor thread.
         targets = await self.container.blocking.run(self._authorize, deployment.items)
         results = await self._run(deployment, None, targets)
         cancelled = [r.item.label for r in results if r.cancelled]
         if not cancelled:
+            await self._record(file, deployment, results, msg)
             summary = _summary(deployment, results)
             return convert.summary_to_pb(summary) if protobuf else summary
         # Stopped before every item was in place: an error naming what was cancelled, with every
@@ -348,11 +384,13 @@ class DeployService(ServiceProcess):
         self.refuse_if_draining()
         protobuf = isinstance(content, convert.pb.DeployRequest)
         deployment = self._deployment(content)
+        file = self._deployment_file(content)
         targets = await self.container.blocking.run(self._authorize, deployment.items)
         # The id names this instance, so status polls reach the one holding the job
         # even when several Deploy instances share the service queue.
         job_id = f"{self.id}{JOB_SEP}{os.urandom(8).hex()}"
         work = self._run(deployment, job_id, targets)
+        work.addCallback(lambda results: self._record(file, deployment, results, msg).addCallback(lambda _: results))
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
         job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id)
         if protobuf:
@@ -393,6 +431,34 @@ class DeployService(ServiceProcess):
         """Every job on record."""
         return self.jobs.list()
 
+    async def op_generations(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{file, host}``: the kept generations of that deployment file, newest first:
+        ``{file, host, keep, generations: [{generation, time, caller, via, source, file_sha256,
+        rollback_of, items}]}``."""
+        file = DeploymentFile.from_wire(content)
+        history = await self.generations.history(file)
+        return {**file.to_wire(), "keep": self.generations.keep,
+                "generations": [g.to_wire() for g in reversed(history.generations)]}
+
+    @audited("deploy.rollback")
+    async def op_rollback(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{file, host, generation}``: put generation N (absent or None: the previous one) of that
+        deployment file back in place, authorized as a deploy of its items is; record it as a new
+        generation. Answers a deploy's summary plus ``rollback_of`` and ``generation``
+        (the one recorded; None when an item failed). No such generation: 404 naming the kept ones."""
+        self.refuse_if_draining()
+        file = DeploymentFile.from_wire(content)
+        number = parse_number(content.get("generation"))
+        targets: list[Target] = []
+
+        async def authorize(deployment: Deployment) -> None:
+            targets[:] = await self.container.blocking.run(self._authorize, deployment.items)
+
+        done = await rollback(self.generations, file, number, lambda d: self._run(d, None, targets),
+                              caller=msg.get("broker-user"), via=f"deploy {self.id}",
+                              check=lambda d: defer.ensureDeferred(authorize(d)))
+        return done.to_wire()
+
     def metric_families(self) -> Any:
         """``ion_deploy_jobs{state}``: the async jobs this instance holds in memory, by state."""
         from prometheus_client.core import GaugeMetricFamily
@@ -422,24 +488,42 @@ class DeployClient(ServiceClient):
     service_name = "deploy"
 
     @staticmethod
-    def request_content(deployment: Deployment) -> Any:
+    def request_content(deployment: Deployment, host: str | None = None) -> Any:
         """The content of a deploy request for a deployment read where the caller runs: an
         ``ion.deployer.DeployRequest`` (the plain-dict spelling is :meth:`DeploymentItem.to_dict`'s).
+        With ``host`` (this host's id), a deployment read from a file names that file, so the
+        service records its generations.
 
         (Not ``request``: that is ServiceClient's conversation call, which this must not hide.)
         """
-        return convert.deploy_request_to_pb(deployment.source, deployment.items)
+        named = deployment.file is not None and host is not None
+        return convert.deploy_request_to_pb(deployment.source, deployment.items,
+                                            file=deployment.file if named else None, host=host if named else None,
+                                            file_sha256=deployment.file_sha256 if named else None)
+
+    def host_id(self) -> str:
+        """This host's id, as the cache knows it (``host_id`` of ``ion.services.cache``, else
+        :func:`~ion.services.cache.locks.resolve_host_id`): the host part of a deployment file's
+        generations."""
+        from ion.services.cache.locks import resolve_host_id
+
+        return self.proc.container.config.settings(CacheSettings).host_id or resolve_host_id()
+
+    def deployment_file(self, path: str | os.PathLike[str]) -> DeploymentFile:
+        """The deployment file at ``path`` on this host, as its generations are named."""
+        return DeploymentFile.of(path, self.host_id())
 
     @defer.inlineCallbacks
     def deploy(self, deployment: Deployment, timeout: float | None = 3600) -> Any:
         """Deploy and wait: ``{"ok", "items": [{item, state, already, reason, ...}]}``."""
-        content, _ = yield self.rpc_send("deploy", self.request_content(deployment), timeout=timeout)
+        content, _ = yield self.rpc_send("deploy", self.request_content(deployment, self.host_id()),
+                                         timeout=timeout)
         return convert.summary_to_wire(content) if isinstance(content, convert.pb.DeploySummary) else content
 
     @defer.inlineCallbacks
     def deploy_async(self, deployment: Deployment) -> Any:
         """Start a deployment; fires with its job id."""
-        content, _ = yield self.rpc_send("deploy_async", self.request_content(deployment))
+        content, _ = yield self.rpc_send("deploy_async", self.request_content(deployment, self.host_id()))
         return content.job if isinstance(content, convert.pb.JobStarted) else content["job"]
 
     @defer.inlineCallbacks
@@ -469,6 +553,19 @@ class DeployClient(ServiceClient):
     def jobs(self) -> Any:
         """Every job the service (instance that answers) has on record."""
         content, _ = yield self.rpc_send("jobs", None)
+        return content
+
+    @defer.inlineCallbacks
+    def generations(self, file: DeploymentFile) -> Any:
+        """The kept generations of a deployment file, newest first (see ``op_generations``)."""
+        content, _ = yield self.rpc_send("generations", file.to_wire())
+        return content
+
+    @defer.inlineCallbacks
+    def rollback(self, file: DeploymentFile, generation: int | None = None, timeout: float | None = 3600) -> Any:
+        """Put generation ``generation`` (None: the previous one) of a deployment file back in place:
+        ``{"ok", "items", "rollback_of", "generation"}``."""
+        content, _ = yield self.rpc_send("rollback", {**file.to_wire(), "generation": generation}, timeout=timeout)
         return content
 
 

@@ -124,14 +124,21 @@ def result_to_wire(msg: Any) -> dict[str, Any]:
             "fetched_at": float(msg.fetched_at), "stamp": msg.stamp, "warnings": list(msg.warnings)}
 
 
-def deploy_request_to_pb(source: str, items: list[DeploymentItem]) -> Any:
-    """The ``ion.deployer.DeployRequest`` of a deployment read where the caller runs."""
-    return pb.DeployRequest(source=source, items=[item_to_pb(item) for item in items])
+def deploy_request_to_pb(source: str, items: list[DeploymentItem], *, file: str | None = None,
+                         host: str | None = None, file_sha256: str | None = None) -> Any:
+    """The ``ion.deployer.DeployRequest`` of a deployment read where the caller runs (``file``,
+    ``host``, ``file_sha256``: the deployment file it was read from, which names its generations)."""
+    return pb.DeployRequest(source=source, items=[item_to_pb(item) for item in items], file=file or "",
+                            host=host or "", file_sha256=file_sha256 or "")
 
 
 def deploy_request_to_wire(msg: Any) -> dict[str, Any]:
     """An ``ion.deployer.DeployRequest`` as the dict a plain-dict client sends (to be checked as one)."""
-    return {"source": msg.source, "items": [item_to_wire(item) for item in msg.items]}
+    out: dict[str, Any] = {"source": msg.source, "items": [item_to_wire(item) for item in msg.items]}
+    for key in ("file", "host", "file_sha256"):
+        if getattr(msg, key):
+            out[key] = getattr(msg, key)
+    return out
 
 
 def item_result_to_pb(wire: Mapping[str, Any]) -> Any:

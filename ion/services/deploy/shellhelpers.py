@@ -1,5 +1,5 @@
 """The deployer's helpers in the ``cc`` shell: ``deploy``, ``deploy_async``, ``jobs``, ``job_status``, ``cache_ls``,
-``cache_verify``, ``cache_reap``, ``job_cancel``.
+``cache_verify``, ``cache_reap``, ``job_cancel``, ``generations``, ``rollback``.
 
 Loaded by :class:`ion.core.shell.ShellHelpers` because ``res/config/ion.config``
 names this module under ``ion.core.shell: helpers`` (the core imports no
@@ -14,6 +14,11 @@ shows RUNNING, PARTIAL (with the finished items) or FINISHED.
 ``cache_verify()`` shows the Cache service's last periodic-verify round as a
 table (one row per entry: good, bad, good→bad, bad→good or skipped, and what
 was done); ``cache_verify(run=True)`` runs a round first.
+
+``generations(file)`` lists the kept generations of a deployment file (one row
+each, newest first: each successful deploy records one); ``rollback(file)``
+puts the previous one back in place, ``rollback(file, n)`` generation ``n``,
+and shows each item's state and the generation it recorded.
 
 ``cache_reap()`` shows the system reaper's last round (who reaped, the
 policy, and each entry removed); ``cache_reap(run=True)`` has the elected
@@ -30,7 +35,8 @@ from twisted.internet import defer
 from ion.core.shell import Listing, Size, Text, When, human_size
 from ion.services.deploy.spec import DeploymentError, load_deployment
 
-__all__ = ["shell_helpers", "DeployShellHelpers", "DeployJob", "ReapReportText", "VerifyReportText"]
+__all__ = ["shell_helpers", "DeployShellHelpers", "DeployJob", "ReapReportText", "VerifyReportText",
+           "GenerationsText", "RollbackText"]
 
 _ITEM_COLUMNS = ("item", "version", "state", "destination", "note")
 
@@ -40,7 +46,7 @@ def shell_helpers(shell: Any) -> dict[str, Any]:
     helpers = DeployShellHelpers(shell.proc)
     return {"deploy": helpers.deploy, "deploy_async": helpers.deploy_async, "jobs": helpers.jobs,
             "job_status": helpers.job_status, "job_cancel": helpers.job_cancel, "cache_ls": helpers.cache_ls, "cache_verify": helpers.cache_verify,
-            "cache_reap": helpers.cache_reap}
+            "cache_reap": helpers.cache_reap, "generations": helpers.generations, "rollback": helpers.rollback}
 
 
 class DeployJob:
@@ -153,6 +159,21 @@ class DeployShellHelpers:
         answer = yield self._deploy_client().cancel_job(str(job))
         return Text(f"job {answer['job']}: " + ("cancelled" if answer["cancelled"] else "not running here"))
 
+    def generations(self, file: str) -> Any:
+        """The kept generations of a deployment file, newest first: number, when, who, items."""
+        client = self._deploy_client()
+        d = client.generations(client.deployment_file(file))
+        d.addCallback(GenerationsText)
+        return d
+
+    def rollback(self, file: str, n: int | None = None, timeout: float | None = 3600) -> Any:
+        """Put generation n of a deployment file back in place (None: the previous one); shows each
+        item's state and the generation recorded for it."""
+        client = self._deploy_client()
+        d = client.rollback(client.deployment_file(file), n, timeout=timeout)
+        d.addCallback(RollbackText)
+        return d
+
     def cache_ls(self) -> Any:
         """The cache's entries: dependency, version, size, files, last use."""
         from ion.services.cache.service import CacheClient
@@ -220,6 +241,45 @@ class ReapReportText(Text):
         obj = super().__new__(cls, text)
         obj.report = report
         obj.rows = rows
+        return obj
+
+
+class GenerationsText(Text):
+    """The generations of a deployment file as the shell prints them (``listing``: the wire answer)."""
+
+    listing: dict[str, Any]
+    rows: Listing
+
+    def __new__(cls, listing: Mapping[str, Any]) -> GenerationsText:
+        gens = list(listing.get("generations") or [])
+        rows = Listing([{"generation": g.get("generation"), "deployed": When(float(g.get("time") or 0)),
+                         "caller": g.get("caller") or "", "via": g.get("via") or "",
+                         "items": ", ".join(f"{i.get('name')} {i.get('version')}" for i in g.get("items") or []),
+                         "note": ("current" if n == 0 else "")
+                         + (f"{'; ' if n == 0 else ''}rollback to {g['rollback_of']}"
+                            if g.get("rollback_of") is not None else "")}
+                        for n, g in enumerate(gens)],
+                       ("generation", "deployed", "caller", "via", "items", "note"))
+        head = f"generations of {listing.get('file')} (host {listing.get('host')}), keeping {listing.get('keep')}"
+        text = head + ("\n" + repr(rows) if gens else ": none recorded")
+        obj = super().__new__(cls, text)
+        obj.listing = dict(listing)
+        obj.rows = rows
+        return obj
+
+
+class RollbackText(Text):
+    """A rollback's outcome as the shell prints it: a line, then each item's state (``answer``: the wire one)."""
+
+    answer: dict[str, Any]
+
+    def __new__(cls, answer: Mapping[str, Any]) -> RollbackText:
+        if answer.get("ok"):
+            head = f"rolled back to generation {answer.get('rollback_of')}: now generation {answer.get('generation')}"
+        else:
+            head = f"rollback to generation {answer.get('rollback_of')} incomplete: no generation recorded"
+        obj = super().__new__(cls, head + "\n" + repr(item_rows(list(answer.get("items") or []))))
+        obj.answer = dict(answer)
         return obj
 
 

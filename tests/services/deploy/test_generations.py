@@ -99,11 +99,10 @@ async def local(tmp_path: Path) -> AsyncIterator[Local]:
 
     from ion.core.threads import BlockingPool
     from ion.services.cache.core import Cache
+    from ion.services.deploy.cli import _fetch_function
     from ion.services.deploy.core import Deployer
     from ion.services.fetch.core import Fetcher, local_unpack
     from ion.services.fetch.repository import FetchConfig
-
-    from ion.services.deploy.cli import _fetch_function
 
     pool = BlockingPool(reactor, maxthreads=4)
     pool.start()

@@ -42,7 +42,8 @@ then does the process terminate as every process does.
 may name the deployment file it was read from (``file``, ``host``,
 ``file_sha256``: :meth:`DeployClient.deploy` sends them); when every item is
 in place, the service records a generation of that file in
-``<cache root>/generations`` with the caller's ``broker-user``. Ops
+``<cache root>/generations`` with the caller's ``broker-user`` (a sync
+``deploy`` before it answers; an async job as it ends). Ops
 ``generations`` (``{file, host}``: the kept ones, newest first) and
 ``rollback`` (``{file, host, generation}``: authorized and audited as a
 deploy, ``deploy.rollback``) read them.
@@ -390,7 +391,15 @@ class DeployService(ServiceProcess):
         # even when several Deploy instances share the service queue.
         job_id = f"{self.id}{JOB_SEP}{os.urandom(8).hex()}"
         work = self._run(deployment, job_id, targets)
-        work.addCallback(lambda results: self._record(file, deployment, results, msg).addCallback(lambda _: results))
+
+        def finished(results: list[ItemResult]) -> list[ItemResult]:
+            # Recorded as the job ends, not before it: its status is final with its last item.
+            recording = self._record(file, deployment, results, msg)
+            if not self.draining:
+                self.track(recording)  # terminate waits for the record too
+            return results
+
+        work.addCallback(finished)
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
         job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id)
         if protobuf:

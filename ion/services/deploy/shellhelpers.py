@@ -234,7 +234,8 @@ class ReapReportText(Text):
             text = (f"reap round by {report.reaper} at "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(report.started))}: "
                     f"{len(pruned.removed)} of {report.entries} entries removed ({human_size(pruned.bytes_freed)}), "
-                    f"{len(pruned.busy)} locked, {report.linked} linked, {len(pruned.incomplete)} incomplete, "
+                    f"{len(pruned.busy)} locked, {report.linked} linked, {report.kept} kept by generations, "
+                    f"{len(pruned.incomplete)} incomplete, "
                     f"{len(pruned.staging)} staging folders; policy: {policy}"
                     + (f"; error: {report.error}" if report.error else "")
                     + ("\n" + repr(rows) if rows else ""))

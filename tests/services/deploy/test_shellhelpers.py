@@ -145,17 +145,21 @@ async def test_cache_verify_shows_last_report(shell: Any, tmp_path: Path) -> Non
 @pytest_twisted.ensureDeferred
 async def test_cache_reap_runs_and_shows_the_reapers_round(shell: Any, tmp_path: Path) -> None:
     """cache_reap(run=True) has the elected reaper run a round: with keep=0 the copied dependency goes,
-    the linked ones stay (their destinations link into the cache); cache_reap() shows that round."""
-    from ion.services.cache.reaper import ReapPolicy
+    the linked ones stay (their destinations link into the cache); cache_reap() shows that round.
+    (The deploy's generation, which would keep all three, is removed first.)"""
+    import shutil
+
+    from ion.services.cache.reaper import GENERATIONS_DIR, ReapPolicy
 
     assert "no reap round yet" in await shell["cache_reap"]()
     await shell["deploy"](sample(tmp_path))
+    shutil.rmtree(tmp_path / "cache" / GENERATIONS_DIR)
     cache_service = shell["container"].proc_manager.find("cache")
     cache_service.reaper.policy = ReapPolicy(keep=0, min_idle=0)
     report = await shell["cache_reap"](run=True)
     assert [r["dependency"] for r in report.rows] == ["noarch/greetings"]
     assert report.startswith(f"reap round by {cache_service.id}") and "1 of 3 entries removed" in report
-    assert "2 linked" in report and "keep=0" in report
+    assert "2 linked, 0 kept by generations" in report and "keep=0" in report
     assert (tmp_path / "d/etc/motd.txt").read_text() and (tmp_path / "d/share").is_dir()
     last = await shell["cache_reap"]()
     assert last.rows == report.rows

@@ -413,3 +413,49 @@ def test_a_deployment_is_read_with_its_identity(tmp_path: Path, repo: str) -> No
     deployment: Deployment = load_deployment(path)
     assert deployment.file == str(path.resolve())
     assert deployment.file_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ion_deploy_generations_and_rollback_through_a_running_system(amqp_url: str, tmp_path: Path,
+                                                                          repo: str) -> None:
+    """With --broker, the Deploy service records the generations of the file ion-deploy names, and
+    --generations and --rollback go to its ops (same output as in process)."""
+    from twisted.internet import utils
+
+    from ion.testing import ContainerFactory
+
+    from .scenario_support import system_config
+
+    (tmp_path / "dest").mkdir()
+    factory = ContainerFactory(broker_url=amqp_url)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+    async def ion_deploy(*args: str) -> tuple[int, str, str]:
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "ion.services.deploy.cli", *args, "--broker", amqp_url, "-s", "gensys"],
+            env=env, path=str(tmp_path))
+        return code, out.decode(), err.decode()
+
+    try:
+        container = await factory(sysname="gensys", config=system_config(tmp_path))
+        await container.app_manager.start_app("deploy")
+        path = write(tmp_path, repo, "1.0")
+        code, out, err = await ion_deploy(str(path))
+        assert code == 0, err + out
+        write(tmp_path, repo, "2.0")
+        code, out, err = await ion_deploy(str(path))
+        assert code == 0, err + out
+        code, out, err = await ion_deploy("--generations", str(path), "--json")
+        assert code == 0, err
+        assert [g["generation"] for g in json.loads(out)["generations"]] == [2, 1]
+        code, out, err = await ion_deploy("--rollback", str(path), "--json")
+        assert code == 0, err
+        data = json.loads(out)
+        assert data["rollback"] == {"to": 1, "generation": 3}
+        assert [(i["name"], i["version"], i["state"]) for i in data["items"]] == [
+            ("notes", "1.0", "cached"), ("tool", "1.0", "cached")]
+        assert notes_in_place(tmp_path) == "notes 1.0\n"
+        code, out, err = await ion_deploy("--rollback", "7", str(path))
+        assert code == 2 and "has no generation 7; kept: 1, 2, 3" in err
+    finally:
+        await factory.teardown()

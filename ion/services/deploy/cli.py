@@ -470,8 +470,6 @@ async def _maintain_local(cache: Any, args: argparse.Namespace, out: Output, res
 
 async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, out: Output,
                      result: dict[str, Any]) -> int:
-    from twisted.internet import defer
-
     from ion.core.settings import ContainerSettings
     from ion.core.threads import BlockingPool
     from ion.services.cache.core import CacheSettings
@@ -485,20 +483,10 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
     cache = config.settings(CacheSettings).open(root, clock=reactor, pool=pool)
     fetcher = None
     try:
-        from ion.services.deploy import generations as gen
-
-        store = gen.GenerationStore(cache.root, pool, config.settings(DeploySettings).keep_generations)
         # What deployers of this host that died (killed mid-download) left in staging.
         await cache.cleanup_staging()
         ok = await _maintain_local(cache, args, out, result)
-        if args.generations:
-            file = gen.DeploymentFile.of(args.deployment, cache.host_id)
-            history = await store.history(file)
-            listing = {**file.to_wire(), "keep": store.keep,
-                       "generations": [g.to_wire() for g in reversed(history.generations)]}
-            result["generations"] = listing["generations"]
-            _show_generations(out, listing)
-        elif deployment is not None or args.rollback is not None:
+        if deployment is not None:
             from ion.services.deploy.core import Deployer
             from ion.services.fetch.core import Fetcher, local_unpack
             from ion.services.unpack.core import Limits
@@ -507,30 +495,15 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
             fetcher = Fetcher(cache, local_unpack(pool, limits), pool=pool, reactor=reactor,
                               config=config.for_module("ion.services.fetch"))
             deployer = Deployer(_fetch_function(fetcher), pool, max_parallel=jobs, cache_root=cache.root)
-
-            async def deploy(d: Any) -> Any:
-                with Progress(out, d.items) as progress:
-                    return await deployer.deploy(d, progress=progress)
-
-            if args.rollback is not None:
-                file = gen.DeploymentFile.of(args.deployment, cache.host_id)
-                out.line(f"Rolling back {file.path} to " + (f"generation {args.rollback_to}"
-                                                            if args.rollback_to else "the previous generation"))
-                done = await gen.rollback(store, file, args.rollback_to, lambda d: defer.ensureDeferred(deploy(d)),
-                                          caller=gen.os_user(), via="ion-deploy")
-                rows = _rows(done.deployment.items, [r.to_wire() for r in done.results])
-                ok = _rolled_back(out, done.to_wire(), result, rows) and ok
-            else:
-                results = await deploy(deployment)
-                rows = _rows(deployment.items, [r.to_wire() for r in results])
-                result["items"] = rows
-                _summary(out, rows)
-                ok = ok and all(r.ok for r in results)
-                if deployment.file is not None:
-                    recorded = await gen.record_generation(
-                        store, gen.DeploymentFile(deployment.file, cache.host_id), deployment, results,
-                        caller=gen.os_user(), via="ion-deploy")
-                    result["generation"] = recorded.number if recorded is not None else None
+            with Progress(out, deployment.items) as progress:
+                results = await deployer.deploy(deployment, progress=progress)
+            rows = _rows(deployment.items, [r.to_wire() for r in results])
+            result["items"] = rows
+            _summary(out, rows)
+            ok = ok and all(r.ok for r in results)
+            result["generation"] = await _record_local(cache, pool, config, deployment, results)
+        elif args.generations or args.rollback is not None:
+            ok = await _generations_local(reactor, cache, pool, config, jobs, args, out, result) and ok
         if args.prune:
             report = await cache.prune(older_than=args.older_than, keep=args.keep)
             result["prune"] = report.to_wire()
@@ -542,6 +515,58 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
         await cache.close()
         pool.stop()
     return EXIT_OK if ok else EXIT_FAILED
+
+
+async def _record_local(cache: Any, pool: Any, config: Any, deployment: Any, results: Any) -> int | None:
+    """Record the generation of a successful deploy of a file (the one hook after it); its number."""
+    from ion.services.deploy import generations as gen
+    from ion.services.deploy.settings import DeploySettings
+
+    if deployment.file is None:
+        return None
+    store = gen.GenerationStore(cache.root, pool, config.settings(DeploySettings).keep_generations)
+    recorded = await gen.record_generation(store, gen.DeploymentFile(deployment.file, cache.host_id), deployment,
+                                           results, caller=gen.os_user(), via="ion-deploy")
+    return recorded.number if recorded is not None else None
+
+
+async def _generations_local(reactor: Any, cache: Any, pool: Any, config: Any, jobs: int, args: argparse.Namespace,
+                             out: Output, result: dict[str, Any]) -> bool:
+    """``--generations`` or ``--rollback [N]`` in process; False if an item of a rollback failed."""
+    from twisted.internet import defer
+
+    from ion.services.deploy import generations as gen
+    from ion.services.deploy.core import Deployer
+    from ion.services.deploy.settings import DeploySettings
+    from ion.services.fetch.core import Fetcher, local_unpack
+    from ion.services.unpack.core import Limits
+
+    store = gen.GenerationStore(cache.root, pool, config.settings(DeploySettings).keep_generations)
+    file = gen.DeploymentFile.of(args.deployment, cache.host_id)
+    if args.generations:
+        history = await store.history(file)
+        listing = {**file.to_wire(), "keep": store.keep,
+                   "generations": [g.to_wire() for g in reversed(history.generations)]}
+        result["generations"] = listing["generations"]
+        _show_generations(out, listing)
+        return True
+    fetcher = Fetcher(cache, local_unpack(pool, Limits.from_config(config.for_module("ion.services.unpack"))),
+                      pool=pool, reactor=reactor, config=config.for_module("ion.services.fetch"))
+    deployer = Deployer(_fetch_function(fetcher), pool, max_parallel=jobs, cache_root=cache.root)
+
+    async def deploy(deployment: Any) -> Any:
+        with Progress(out, deployment.items) as progress:
+            return await deployer.deploy(deployment, progress=progress)
+
+    out.line(f"Rolling back {file.path} to "
+             + (f"generation {args.rollback_to}" if args.rollback_to else "the previous generation"))
+    try:
+        done = await gen.rollback(store, file, args.rollback_to, lambda d: defer.ensureDeferred(deploy(d)),
+                                  caller=gen.os_user(), via="ion-deploy")
+    finally:
+        await fetcher.close()
+    rows = _rows(done.deployment.items, [r.to_wire() for r in done.results])
+    return _rolled_back(out, done.to_wire(), result, rows)
 
 
 def _fetch_function(fetcher: Any) -> Any:

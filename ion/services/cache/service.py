@@ -181,7 +181,7 @@ class CacheService(ServiceProcess):
 
         if not self.election.is_elected():
             return []
-        families = []
+        families: list[Any] = []
         reap = self.last_reap
         if reap is not None and not reap.get("error"):
             pruned = reap.get("pruned") or {}

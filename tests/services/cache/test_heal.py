@@ -22,7 +22,7 @@ from ion.services.records.deployer import parse_repository_url
 from ion.testing.pytest_plugin import async_yield_fixture
 from ion.testing.servers import HTTPRepositoryServer, tgz, write_tree
 
-from .test_verify import flip
+from .test_verify import flip as _flip
 
 TOOL = b"#!/bin/sh\necho the good tool\n" * 50
 FILES = {
@@ -82,6 +82,12 @@ async def scheduled_round(verifier: CacheVerifier, clock: task.Clock) -> Any:
     report = await verifier.run_round()  # joins the round the schedule started (its trigger says so)
     assert report.trigger == "schedule"
     return report
+
+
+def flip(path: Path) -> None:
+    """Rot one byte of a file the fetch published (writable first: an archive may have made it read-only)."""
+    path.chmod(0o644)
+    _flip(path)
 
 
 def row(report: Any, key: EntryKey) -> Any:
@@ -245,3 +251,40 @@ def test_refetch_request_leads_back_to_the_entry_repository(tmp_path: Path) -> N
     d.addErrback(failures.append)
     assert failures and failures[0].check(InvalidRequestError)
     assert isinstance(d, defer.Deferred)
+
+
+# -- through the services ------------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_cache_service_heals_through_the_fetch_service(container_factory: Any, tmp_path: Path) -> None:
+    """The Cache service's verify round quarantines a rotten entry and has the Fetch service fetch it again
+    (its locks, checks and bounds), with no deploy: the round says refetched, the next bad→good, and the
+    ion_cache_verify_refetches counter counts it."""
+    from ion.services.cache.service import CacheClient, CacheService
+    from ion.services.fetch.service import FetchClient
+    from ion.testing import client_process
+
+    cache_root = tmp_path / "cache"
+    repo = write_tree(tmp_path / "repo", FILES)
+    container = await container_factory(config={
+        "ion.services.cache": {"root": str(cache_root), "host_id": "test-host", "verify_interval": 0,
+                               "verify_bandwidth": 0},
+        "ion.services.unpack": {"allowed_roots": [str(cache_root)]},
+        "ion.services.fetch": {"allowed_file_repositories": [str(tmp_path)], "retry_delay": 0.0},
+    })
+    await container.app_manager.start_app("fetch")
+    proc = await client_process(container)
+    fetched = await FetchClient(proc).fetch(FetchRequest(parse_repository_url(f"file://{repo}"), *TOOL_KEY_PARTS))
+    key = EntryKey.from_wire(fetched["key"])
+    flip(Path(fetched["path"]) / "tool/bin/tool")
+    cache = CacheClient(proc)
+    bad = row(await cache.verify_round(), key)
+    assert bad.outcome == GOOD_TO_BAD and bad.action == REFETCHED and bad.moved_to is not None
+    assert (Path(fetched["path"]) / "tool/bin/tool").read_bytes() == TOOL
+    assert row(await cache.verify_round(), key).outcome == BAD_TO_GOOD
+    service = container.proc_manager.find("cache")
+    assert isinstance(service, CacheService) and service.verifier.refetches == {"refetched": 1, "failed": 0}
+    families = {f.name: f for f in service.metric_families()}
+    if families:  # the gauges are given by the elected instance only
+        samples = {s.labels["result"]: s.value for s in families["ion_cache_verify_refetches"].samples
+                   if s.name.endswith("_total")}
+        assert samples == {"refetched": 1, "failed": 0}

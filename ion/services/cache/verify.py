@@ -384,24 +384,27 @@ class _State:
     since: float
     checked: float
     #: A bad entry's healing: the version folder to fetch it from (None: its .entry named none),
-    #: its size (reserved on the limiter), failed refetches in a row, when to try again, the last error.
+    #: its size (reserved on the limiter), failed refetches in a row, when to try again, the last
+    #: error, and when it was fetched again (the next round checks it).
     url: str | None = None
     size: int = 0
     failures: int = 0
     retry_at: float = 0.0
     error: str | None = None
+    refetched: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {"key": self.key.to_wire(), "state": self.state, "since": self.since, "checked": self.checked,
                 "url": self.url, "size": self.size, "failures": self.failures, "retry_at": self.retry_at,
-                "error": self.error}
+                "error": self.error, "refetched": self.refetched}
 
     @classmethod
     def from_wire(cls, s: Mapping[str, Any]) -> _State:
         # Files written before healing have no url/size/failures: such an entry awaits a deploy.
         return cls(EntryKey.from_wire(s["key"]), str(s["state"]), float(s["since"]), float(s["checked"]),
                    s.get("url") or None, int(s.get("size") or 0), int(s.get("failures") or 0),
-                   float(s.get("retry_at") or 0.0), s.get("error") or None)
+                   float(s.get("retry_at") or 0.0), s.get("error") or None,
+                   float(s["refetched"]) if s.get("refetched") is not None else None)
 
 
 class CacheVerifier:
@@ -573,11 +576,13 @@ class CacheVerifier:
         for rel, s in list(self.states.items()):
             if rel in seen:
                 continue
-            if s.state == BAD:  # quarantined earlier, not fetched again yet: still bad, not served
+            if s.state == BAD and s.refetched is None:  # quarantined earlier, not fetched again yet: not served
                 waiting.append(EntryOutcome(s.key, self.cache.entry_path(s.key), BAD, BAD, checked_at=now,
                                             url=s.url))
             else:
-                del self.states[rel]  # removed (prune, clear) while good: nothing to remember
+                # Removed (prune, clear, the reaper) while good, or after it was fetched again:
+                # nothing to remember (and nothing to fetch: it is no longer wanted).
+                del self.states[rel]
         await defer.gatherResults([sem.run(self._heal_deferred, o) for o in waiting], consumeErrors=True)
         outcomes.extend(waiting)
         outcomes.sort(key=lambda o: (o.key.repo_id, o.key.platform, o.key.name, o.key.version, o.key.unpack))
@@ -675,7 +680,7 @@ class CacheVerifier:
                            "quarantined, next try in {delay:.0f} s", entry=str(out.key), url=state.url,
                            error=state.error, delay=delay)
             return
-        state.failures, state.retry_at, state.error = 0, 0.0, None
+        state.failures, state.retry_at, state.error, state.refetched = 0, 0.0, None, self.clock.seconds()
         self.refetches["refetched"] += 1
         out.action = REFETCHED
         self._log.info("cache verify: fetched bad entry {entry} again from {url}", entry=str(out.key), url=state.url)

@@ -204,6 +204,24 @@ async def test_a_file_repository_back_after_a_failure_heals_the_entry(
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_entry_removed_after_its_refetch_is_not_fetched_again(
+        tmp_path: Path, fetcher: Fetcher, real_cache: Cache, make_verifier: Callable[..., CacheVerifier]) -> None:
+    """Fetched again, then removed (prune, clear, the reaper) before the next round: it is no longer wanted,
+    so that round forgets it instead of fetching it once more."""
+    repo = write_tree(tmp_path / "repo", FILES)
+    first = await fetcher.fetch(FetchRequest(parse_repository_url(f"file://{repo}"), "linux", "lib", "2.0",
+                                             unpack=False))
+    flip(first.path / "lib.so")
+    verifier = make_verifier()
+    assert row(await verifier.run_round(), first.key).action == REFETCHED
+    await real_cache.clear()
+    report = await verifier.run_round()
+    assert [o for o in report.outcomes if o.key == first.key] == [] and str(first.key.relpath) not in verifier.states
+    assert await real_cache.lookup(first.key) is None and verifier.refetches["refetched"] == 1
+    await fetcher.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_entry_without_a_recorded_url_awaits_a_deploy(real_cache: Cache, fetcher: Fetcher,
                                                             make_verifier: Callable[..., CacheVerifier]) -> None:
     """An entry whose .entry names no URL (published by hand) is quarantined and left for the next

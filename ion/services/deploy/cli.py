@@ -11,8 +11,14 @@ Deploy service with a :class:`~ion.services.deploy.service.DeployClient`).
 
 Umpire's flags keep their meaning: ``-c`` clears the cache first, ``-r``
 verifies and repairs it first, ``-d`` shows tracebacks. Also: ``--verify``,
-``--prune [--older-than D] [--keep N]``, ``--jobs N``, ``--cache-dir``,
+``--verify-used``, ``--prune [--older-than D] [--keep N]``, ``--jobs N``, ``--cache-dir``,
 ``--json``, ``--version``. Order of work: clear, repair/verify, deploy, prune.
+
+Every entry the deployment uses is checked by size and mtime as it is looked up
+(a file written since its entry was published is re-hashed); with
+``--verify-used`` (in process) each cached entry it uses is also re-hashed
+before it is placed, and a bad one healed: quarantined, under its lock, and
+fetched again (issue 17 §3).
 
 A successful deploy records a generation of the deployment file
 (:mod:`ion.services.deploy.generations`); ``--generations FILE`` lists the
@@ -111,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="verify the cache and repair bad entries first (they are fetched again)")
     p.add_argument("-d", "--debug", action="store_true", help="show tracebacks and debug log lines")
     p.add_argument("--verify", action="store_true", help="verify the cache and report good/bad entries")
+    p.add_argument("--verify-used", action="store_true",
+                   help="re-hash each cached entry this deployment uses before placing it; a bad one is "
+                        "quarantined and fetched again (in process; default: size and mtime checks)")
     p.add_argument("--prune", action="store_true",
                    help="remove cache entries (after deploying): see --older-than and --keep")
     p.add_argument("--older-than", metavar="DURATION",
@@ -184,6 +193,11 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append("--keep and --older-than go with --prune")
     if args.sysname and not args.broker:
         problems.append("-s/--sysname goes with --broker")
+    if args.verify_used and not args.deployment:
+        problems.append("--verify-used checks the entries a deployment uses: give a DEPLOYMENT.json file")
+    if args.verify_used and args.broker:
+        problems.append("--verify-used checks entries in this process; with --broker the Cache service's "
+                        "periodic verification heals them")
     if args.broker and not args.sysname:
         # A container's system is its own id unless named: none but the one started with -s NAME is reachable.
         problems.append("--broker needs -s/--sysname: the system name the running containers were started with "
@@ -494,9 +508,13 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
             limits = Limits.from_config(config.for_module("ion.services.unpack"))
             fetcher = Fetcher(cache, local_unpack(pool, limits), pool=pool, reactor=reactor,
                               config=config.for_module("ion.services.fetch"))
-            deployer = Deployer(_fetch_function(fetcher), pool, max_parallel=jobs, cache_root=cache.root)
+            healed: list[dict[str, Any]] = []
+            deployer = Deployer(_fetch_function(fetcher, cache if args.verify_used else None, healed, out), pool,
+                                max_parallel=jobs, cache_root=cache.root)
             with Progress(out, deployment.items) as progress:
                 results = await deployer.deploy(deployment, progress=progress)
+            if args.verify_used:
+                result["healed"] = healed
             rows = _rows(deployment.items, [r.to_wire() for r in results])
             result["items"] = rows
             _summary(out, rows)
@@ -569,8 +587,11 @@ async def _generations_local(reactor: Any, cache: Any, pool: Any, config: Any, j
     return _rolled_back(out, done.to_wire(), result, rows)
 
 
-def _fetch_function(fetcher: Any) -> Any:
-    """The Deployer's fetch function over an in-process :class:`Fetcher`."""
+def _fetch_function(fetcher: Any, verify_cache: Any = None, healed: list[dict[str, Any]] | None = None,
+                    out: Output | None = None) -> Any:
+    """The Deployer's fetch function over an in-process :class:`Fetcher`; with ``verify_cache`` (the
+    :class:`Cache`, ``--verify-used``) a cached entry is re-hashed first and healed if bad (each
+    healed entry appended to ``healed``)."""
 
     def fetch(item: Any, progress: Any) -> Any:
         def on_progress(p: Any) -> None:
@@ -579,12 +600,49 @@ def _fetch_function(fetcher: Any) -> Any:
             elif p.phase != "done":
                 progress("fetch", {"step": p.phase, "file": p.file})
 
-        d = fetcher.fetch(item, on_progress)
-        d.addCallback(lambda r: {"state": r.state, "path": str(r.path), "names": r.info.content_names(),
-                                 "stamp": r.info.content_digest()})
-        return d
+        async def run() -> dict[str, Any]:
+            r = await fetcher.fetch(item, on_progress)
+            if verify_cache is not None and r.state == "cached":
+                progress("fetch", {"step": "verifying"})
+                bad = await _quarantine_if_bad(verify_cache, r.key, r.path)
+                if bad is not None:  # quarantined, or republished meanwhile: look it up (or fetch it) again
+                    quarantined = bad.action == "quarantined"
+                    if quarantined and out is not None:
+                        problems = "; ".join(f"{f}: {p}" for f, p in sorted(bad.problems.items()))
+                        out.warning(f"{item.label}: cache entry {r.path} was bad ({problems}): quarantined, "
+                                    "fetching it again")
+                    r = await fetcher.fetch(item, on_progress)
+                    if quarantined and healed is not None:
+                        healed.append({"item": item.label, "entry": str(r.path), "problems": dict(bad.problems),
+                                       "moved_to": str(bad.moved_to) if bad.moved_to else None,
+                                       "state": r.state})
+            return {"state": r.state, "path": str(r.path), "names": r.info.content_names(),
+                    "stamp": r.info.content_digest()}
+
+        from twisted.internet import defer
+
+        return defer.ensureDeferred(run())
 
     return fetch
+
+
+async def _quarantine_if_bad(cache: Any, key: Any, path: Path) -> Any:
+    """``--verify-used``: re-hash the entry ``key`` at ``path``; None if it is good. If bad, check it again
+    under its lock (a republish may have replaced it meanwhile) and quarantine it (``action``
+    ``quarantined``). Its :class:`EntryReport`: the caller looks it up (or fetches it) again."""
+    report = await cache.verify_entry(key, path)
+    if report.status != "bad":
+        return None
+    lock = await cache.lock(key)
+    try:
+        report = await cache.verify_entry(key, path)
+        if report.status != "bad":
+            return report
+        report.moved_to = await cache.quarantine(key, path, report.problems, log_prefix="ion-deploy --verify-used: ")
+        report.action = "quarantined"
+        return report
+    finally:
+        await cache.unlock(lock)
 
 
 async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, out: Output,

@@ -114,8 +114,8 @@ async def test_bad_file_lists_every_problem(shell: Any, tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_cache_verify_shows_last_report(shell: Any, tmp_path: Path) -> None:
     """cache_verify() shows the last periodic-verify round as a table; run=True runs one. A byte flipped in
-    a deployed (linked) file is good→bad and quarantined, the next deploy fetches it again, and the round
-    after that says bad→good."""
+    a deployed (linked) file is good→bad, quarantined and fetched again at once (the deployed link sees the
+    good bytes before any deploy), and the round after that says bad→good."""
     assert callable(shell["cache_verify"])
     none = await shell["cache_verify"]()
     assert isinstance(none, Text) and none.report is None and "no verify round yet" in none
@@ -131,11 +131,11 @@ async def test_cache_verify_shows_last_report(shell: Any, tmp_path: Path) -> Non
     cached.write_bytes(bytes(data))
     bad = await shell["cache_verify"](run=True)
     row = next(r for r in bad.rows if r["dependency"] == "noarch/motd")
-    assert (row["outcome"], row["action"]) == ("good→bad", "quarantined") and "motd.txt: sha256" in row["problem"]
+    assert (row["outcome"], row["action"]) == ("good→bad", "refetched") and "motd.txt: sha256" in row["problem"]
     assert "good→bad" in repr(bad)
-    again = await shell["deploy"](file)
-    assert next(r["state"] for r in again if r["item"] == "noarch/motd") == "downloaded"
     assert (tmp_path / "d/etc/motd.txt").read_bytes() != bytes(data)
+    again = await shell["deploy"](file)
+    assert next(r["state"] for r in again if r["item"] == "noarch/motd") == "cached"
     healed = await shell["cache_verify"](run=True)
     assert next(r["outcome"] for r in healed.rows if r["dependency"] == "noarch/motd") == "bad→good"
     last = await shell["cache_verify"]()

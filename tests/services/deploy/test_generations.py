@@ -459,3 +459,16 @@ async def test_ion_deploy_generations_and_rollback_through_a_running_system(amqp
         assert code == 2 and "has no generation 7; kept: 1, 2, 3" in err
     finally:
         await factory.teardown()
+
+
+def test_a_deploy_request_names_its_file(tmp_path: Path, repo: str) -> None:
+    """DeployClient's request carries the file, host and file hash as protobuf and reads back as the dict
+    a plain client sends; without a host (no file named) they are left out."""
+    from ion.services.deploy.service import DeployClient
+    from ion.services.records import convert
+
+    deployment = load_deployment(write(tmp_path, repo, "1.0"))
+    msg = convert.pb.DeployRequest.FromString(DeployClient.request_content(deployment, HOST).SerializeToString())
+    wire = convert.deploy_request_to_wire(msg)
+    assert (wire["file"], wire["host"], wire["file_sha256"]) == (deployment.file, HOST, deployment.file_sha256)
+    assert "file" not in convert.deploy_request_to_wire(DeployClient.request_content(deployment))

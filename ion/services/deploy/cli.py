@@ -427,6 +427,10 @@ def _rolled_back(out: Output, answer: Mapping[str, Any], result: dict[str, Any],
     result["items"] = rows
     _summary(out, rows)
     ok = all(r["state"] not in ("failed", "cancelled") for r in rows)
+    left = list(answer.get("left") or [])
+    if left:
+        result["rollback"]["left"] = left
+        out.line(f"Left in place (generation {answer.get('rollback_of')} lacks them): {'; '.join(left)}")
     if ok:
         out.line(f"Rolled back to generation {answer.get('rollback_of')}: now generation {answer.get('generation')}")
     else:

@@ -37,7 +37,8 @@ Decisions:
   deploys it the usual way: an entry still cached is a cache hit, placed
   without any download; an evicted one is fetched again from its repository
   (and checked against the recorded ``sha256``). Items the newest generation
-  has and the rolled-back one lacks are left in place.
+  has and the rolled-back one lacks are left in place, and named in the
+  answer (``left``).
 - **The caller**: the broker-validated ``broker-user`` on the service, the OS
   user for ``ion-deploy`` in process.
 """
@@ -356,13 +357,16 @@ async def record_generation(store: GenerationStore, file: DeploymentFile | None,
 
 @dataclass
 class Rollback:
-    """What a rollback did: the generation put back (``to``), every item's result, and the generation
-    recorded for it (None when an item failed; the newest when nothing changed)."""
+    """What a rollback did: the generation put back (``to``), every item's result, the generation
+    recorded for it (None when an item failed; the newest when nothing changed), and the items of
+    the newest generation that ``to`` lacks, left in place (``left``: ``platform/name/version ->
+    destination``)."""
 
     to: Generation
     deployment: Deployment
     results: list[ItemResult]
     generation: Generation | None
+    left: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -371,7 +375,8 @@ class Rollback:
     def to_wire(self) -> dict[str, Any]:
         return {"source": self.deployment.source, "ok": self.ok, "items": [r.to_wire() for r in self.results],
                 "rollback_of": self.to.number,
-                "generation": self.generation.number if self.generation is not None else None}
+                "generation": self.generation.number if self.generation is not None else None,
+                "left": list(self.left)}
 
 
 async def rollback(store: GenerationStore, file: DeploymentFile, number: int | None,
@@ -385,14 +390,19 @@ async def rollback(store: GenerationStore, file: DeploymentFile, number: int | N
         may raise, or return a Deferred.
     :raises GenerationError: no such generation.
     """
-    target = await store.find(file, number)
+    history = await store.history(file)
+    target = history.find(number)
+    placed = {(i.get("destination"), i.get("platform"), i.get("name")) for i in target.items}
+    left = [f"{i.get('platform')}/{i.get('name')}/{i.get('version')} -> {i.get('destination')}"
+            for i in history.generations[-1].items
+            if (i.get("destination"), i.get("platform"), i.get("name")) not in placed]
     deployment = target.deployment()
     if check is not None:
         await defer.maybeDeferred(check, deployment)
     results = list(await deploy(deployment))
     generation = await record_generation(store, file, deployment, results, caller=caller, via=via,
                                          rollback_of=target.number)
-    return Rollback(target, deployment, results, generation)
+    return Rollback(target, deployment, results, generation, left)
 
 
 def parse_number(value: Any) -> int | None:

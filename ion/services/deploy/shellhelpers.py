@@ -279,6 +279,8 @@ class RollbackText(Text):
             head = f"rolled back to generation {answer.get('rollback_of')}: now generation {answer.get('generation')}"
         else:
             head = f"rollback to generation {answer.get('rollback_of')} incomplete: no generation recorded"
+        if answer.get("left"):
+            head += f"\nleft in place (generation {answer.get('rollback_of')} lacks them): {'; '.join(answer['left'])}"
         obj = super().__new__(cls, head + "\n" + repr(item_rows(list(answer.get("items") or []))))
         obj.answer = dict(answer)
         return obj

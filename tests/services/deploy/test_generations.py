@@ -174,6 +174,21 @@ async def test_rollback_with_cached_entries_downloads_nothing(local: Local, repo
     assert again.to.number == 2 and notes_in_place(tmp_path) == "notes 2.0\n"
     assert again.generation is not None and again.generation.number == 4
     assert sum(downloads.values()) == before
+    assert done.left == again.left == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_items_the_generation_lacks_are_left_in_place_and_named(local: Local, repo: str,
+                                                                      tmp_path: Path) -> None:
+    """An item added since generation N stays where it is after a rollback to N, named in ``left``."""
+    path = write(tmp_path, repo, "1.0", tool=False)
+    await local.deploy(path)
+    write(tmp_path, repo, "2.0")
+    await local.deploy(path)
+    done = await local.rollback(path)
+    assert done.ok and done.left == [f"linux/tool/1.0 -> {tmp_path / 'dest' / 'tool'}"]
+    assert (tmp_path / "dest" / "tool" / "tool.txt").exists()
+    assert done.to_wire()["left"] == done.left
 
 
 @pytest_twisted.ensureDeferred

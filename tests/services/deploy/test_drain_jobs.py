@@ -301,17 +301,18 @@ def _dead_pid() -> int:
 async def test_a_running_record_of_a_dead_owner_is_lost_in_space(owner: str, container_factory: Any,
                                                                 tmp_path: Path) -> None:
     """A record left RUNNING/PARTIAL by a container that is gone answers LOST_IN_SPACE saying it died (never
-    RUNNING forever); one whose container is alive (listed by the agent) is answered as recorded."""
+    RUNNING forever; such a record holds nothing to resume it by); one whose owner is alive (its process
+    queue consumed, as the broker shows) is answered as recorded."""
     container, client = await _deploy_container(container_factory, tmp_path)
     dead = _dead_pid()
+    live = deploy_service(container).id
     owners = {
         "dead pid on this host": {"container": "gone", "host": "test-host", "pid": dead, "process": "gone.5"},
         "this container id, started again": {"container": container.id, "host": "test-host", "pid": dead,
                                              "process": f"{container.id}.5"},
         "another host, container not among the nodes": {"container": "elsewhere", "host": "other-host",
                                                         "pid": os.getpid(), "process": "elsewhere.5"},
-        "another host, alive": {"container": container.id, "host": "other-host", "pid": 1,
-                                "process": f"{container.id}.77"},
+        "another host, alive": {"container": container.id, "host": "other-host", "pid": 1, "process": live},
     }
     job = f"{owners[owner]['process']}/abc123"
     record = {"job": job, "kind": "deploy", "status": 3, "state": "PARTIAL", "total": 2, "error": None,

@@ -36,8 +36,9 @@ data (what its service needs to run the rest: for a deployment, the request as
 validated) keeps it in its record. Every instance sharing the folder scans it
 (:meth:`JobTable.scan`, every few seconds) and so does ``lookup``: a record still
 RUNNING/PARTIAL whose owner is judged gone twice, ``takeover_grace`` seconds
-apart, is *claimed* by creating ``.<quoted id>.claim-<n>`` with ``O_EXCL`` (``n``:
-the takeover's number, so exactly one instance wins each takeover), read again
+apart, is *claimed* by creating ``.<quoted id>.claim-<n>`` (a hard link to a
+written temporary file: it fails if the name exists; ``n``: the takeover's
+number, so exactly one instance wins each takeover), read again
 (the owner may have ended it just before dying), and handed to the ``resume``
 hook, which starts the parts not yet in ``results``. The record then names the
 new owner and lists ``takeovers`` (``from``, ``by``, ``at``), which ``status`` /
@@ -172,6 +173,8 @@ class JobTable:
         self.takeover_grace = takeover_grace
         #: Job ids whose owner was judged gone, and when first (cleared when judged alive).
         self._gone_since: dict[str, float] = {}
+        #: Record files seen ended by :meth:`scan` (an ended job never runs again: not read again).
+        self._ended: set[str] = set()
 
     def start(self, kind: str, work: defer.Deferred[Any], *, total: int | None = None,
               job_id: str | None = None, resume: Mapping[str, Any] | None = None) -> Job:
@@ -331,8 +334,8 @@ class JobTable:
     async def _scan(self, store: JobStore) -> list[str]:
         taken: list[str] = []
         suspects: set[str] = set()
-        for job_id, record in (await store.load_all()).items():
-            if job_id in self.jobs or record.get("status") not in _RUNNING or not self._resumable(record):
+        for job_id, record in (await store.load_running(self._ended)).items():
+            if job_id in self.jobs or not self._resumable(record):
                 continue
             if await self._alive(record.get("owner") or {}):
                 continue
@@ -379,7 +382,7 @@ class JobTable:
         job = Job(job_id, str(fresh.get("kind") or "job"), float(fresh.get("created") or self.clock.seconds()),
                   total=fresh.get("total"), results=dict(fresh.get("results") or {}),
                   cancelled=list(fresh.get("cancelled") or []), owner=self.owner,
-                  resume=dict(fresh["resume"]), takeovers=takeovers)
+                  resume=dict(fresh.get("resume") or {}), takeovers=takeovers)
         self._log.warn("job {job} ({kind}) taken over from {previous} (takeover {n}); {done} part(s) had finished",
                        job=job_id, kind=job.kind, previous=previous, n=number, done=len(job.results))
         self.jobs[job_id] = job
@@ -576,6 +579,31 @@ class JobStore:
     def load_claim(self, job_id: str, number: int) -> defer.Deferred[dict[str, Any] | None]:
         """Who made claim ``number`` of ``job_id`` (None: no such claim, or unreadable)."""
         d: defer.Deferred[dict[str, Any] | None] = self.pool.run(_read, self.claim_path(job_id, number))
+        return d
+
+    def load_running(self, ended: set[str]) -> defer.Deferred[dict[str, dict[str, Any]]]:
+        """Every readable record still RUNNING/PARTIAL, by job id, for a periodic scan: the file
+        names in ``ended`` are not read (the scan's memory of ended records; updated here)."""
+        def read_running() -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            try:
+                names = [n for n in os.listdir(self.directory) if not n.startswith(".") and n.endswith(self.SUFFIX)]
+            except FileNotFoundError:
+                names = []
+            ended.intersection_update(names)
+            for name in names:
+                if name in ended:
+                    continue
+                record = _read(self.directory / name)
+                if record is None:
+                    continue
+                if record.get("status") in _RUNNING:
+                    out[unquote(name[:-len(self.SUFFIX)])] = record
+                else:
+                    ended.add(name)
+            return out
+
+        d: defer.Deferred[dict[str, dict[str, Any]]] = self.pool.run(read_running)
         return d
 
     def remove(self, job_id: str) -> defer.Deferred[None]:

@@ -37,6 +37,9 @@ def _container(amqp_url: str, sysname: str, tmp_path: Path, name: str) -> Contai
     cache, dest = tmp_path / "cache", tmp_path / "dest"
     settings = {
         "ion.services.cache.root": str(cache), "ion.services.cache.host_id": "test-host",
+        # The dead container's Fetch service may have held the held entry's lock through the other
+        # container's Cache service: a lease that is not renewed lasts this long.
+        "ion.services.cache.lock_lease": 3,
         "ion.services.unpack.allowed_roots": [str(cache)], "ion.services.fetch.retry_delay": 0.0,
         "ion.services.fetch.allowed_networks": ["127.0.0.0/8", "::1/128"],
         "ion.services.deploy.allowed_destinations": [str(dest)], "ion.services.deploy.takeover_interval": 0.5,

@@ -540,3 +540,46 @@ def _pause(seconds: float) -> defer.Deferred[None]:
     from twisted.internet import reactor
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_instances_on_one_broker_the_survivor_takes_the_job_over(container_factory: Any, make_repo: Any,
+                                                                           tmp_path: Path) -> None:
+    """Two containers of one system on the embedded broker, one cache: the Deploy instance running a job
+    stops abruptly mid-download (its queues lose their consumers, as a dead container's connection does;
+    it writes nothing more). The other sees at the broker that nobody consumes its process queue, takes
+    the job over and finishes it; job_status shows FINISHED with both items and the takeover."""
+    url, server = make_repo("http")
+    gate = server.hold(f"deps/{TGZ}")
+    first, client = await _deploy_container(container_factory, tmp_path, takeover_interval=0.2)
+    second = await container_factory(sysname=first.sysname, config=system_config(tmp_path, takeover_interval=0.2))
+    await second.app_manager.start_app("deploy")
+    events = await scenario_support.event_sink(first)
+    victim, heir = deploy_service(first), deploy_service(second)
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:2]))
+    started, _ = await within(client.proc.rpc_send(victim.id, "deploy_async", client.request_content(spec)))
+    job = started.job
+    await within(server.wait_held(f"deps/{TGZ}"))
+    await events.wait(item_done(job, "linux/notes/1.0"))
+    await within(victim.jobs.flush())
+    # Abruptly: its record stays PARTIAL, its fetch goes (lock released), its queues lose their consumers.
+    victim.jobs.store = None
+    victim.jobs.resume = None
+    victim.jobs.cancel_all()
+    for receiver in victim.receivers:
+        await within(receiver.deactivate())
+    taken = await events.wait(lambda e: e.get("job") == job and e.get("phase") == "takeover")
+    assert taken["by"]["process"] == heir.id and taken["remaining"] == 1
+    gate.callback(None)
+    await events.wait(lambda e: item_done(job, "linux/zlib/1.2")(e) and e.get("state") != "cancelled")
+    status: dict[str, Any] = {}
+    for _ in range(100):
+        status = await within(client.job_status(job))
+        if status["state"] not in ("RUNNING", "PARTIAL"):
+            break
+        await within(_pause(0.02))
+    assert status["state"] == "FINISHED", status
+    assert {r["item"]: r["state"] for r in status["results"].values()} == {
+        "linux/notes/1.0": "downloaded", "linux/zlib/1.2": "downloaded"}
+    assert [(t["from"]["process"], t["by"]["process"]) for t in status["takeovers"]] == [(victim.id, heir.id)]
+    assert server.gets(f"deps/{PLAIN}") == 1 and (tmp_path / "dest/zlib/zlib/include/zlib.h").exists()

@@ -56,8 +56,26 @@ again on the same cache) can tell what became of it; a record left
 RUNNING/PARTIAL by a container that is gone answers ``LOST_IN_SPACE`` with
 ``died: true``. The owner is judged gone when it is this container's own
 record but no process of ours runs it (the container restarted), when it ran
-on this host under a pid that is dead, or, from another host, when its
+on this host under a pid that is dead, or otherwise (another host, or another
+container of this OS process) when the broker shows no consumer on its
+process queue (a passive declare: a dead container's connection, and so its
+consumers, are gone at once); if the broker cannot be asked, when its
 container is not among the live ones the agent knows (``nodes()``).
+
+**Takeover** (issue #17 §4, see :mod:`ion.core.jobs`): an async job's record
+also holds what is needed to resume it (``resume``: the request's items as
+validated, the source, the caller's broker user and the allowed-roots
+decision). Every instance scans the job records every ``takeover_interval``
+seconds (on the reactor, the reads in the pool); a job whose owner is judged
+gone on two scans is claimed by exactly one instance (an exclusive claim file
+beside the record), which deploys the items not yet in its results again
+(placement is idempotent: an item in place answers ``already``), under the
+same job id, so its ``deploy.progress`` events reach the same followers, and
+``job_status`` lists its ``takeovers``. ``job_status`` asked of a job whose
+owner is gone takes it over the same way. The instance checks the items
+against its own allowed roots again (a 403 ends the job REMOTE_ERROR). After
+``max_takeovers`` (3) the job ends REMOTE_ERROR. A draining instance takes
+nothing over.
 """
 
 from __future__ import annotations
@@ -68,7 +86,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -153,8 +171,12 @@ class DeployService(ServiceProcess):
             self.container.config.container_get("ion.services.fetch", CONFIG_KEY, None))
         self.settings = DeploySettings.from_config(self.get_config)
         self.owner = self._owner()
+        interval = self.settings.takeover_interval or 0.0
         self.jobs = JobTable(self.clock, self.settings.job_retention, store=self._job_store(),
-                             owner=self.owner, owner_alive=self._owner_alive)
+                             owner=self.owner, owner_alive=self._owner_alive,
+                             resume=self._resume_job if interval > 0 else None,
+                             max_takeovers=self.settings.max_takeovers, takeover_grace=interval)
+        self._takeover_scan: task.LoopingCall | None = None
         self.generations = GenerationStore(self._cache_root(), self.container.blocking,
                                            self.settings.keep_generations)
 
@@ -162,12 +184,15 @@ class DeployService(ServiceProcess):
         # Records of jobs that ended (or died) longer than job_retention ago.
         self.jobs.prune().addErrback(lambda f: self._log.warn("{pid}: pruning job records failed: {e}",
                                                                pid=self.id, e=f.getErrorMessage()))
+        self._start_takeover_scan()
 
     def slc_drain(self) -> Any:
         """Terminate's first phase: :meth:`drain` for ``drain_timeout`` (see the module notes)."""
+        self._stop_takeover_scan()
         return self.drain(self.settings.drain_timeout or 0.0)
 
     def slc_terminate(self) -> Any:
+        self._stop_takeover_scan()
         self.jobs.cancel_all()
         return self.jobs.flush()
 
@@ -210,7 +235,7 @@ class DeployService(ServiceProcess):
         """Who runs this instance's jobs: container, host, OS pid and process id."""
         return {"container": self.container.id, "host": self._host_id(), "pid": os.getpid(), "process": self.id}
 
-    def _owner_alive(self, owner: Mapping[str, Any]) -> bool:
+    def _owner_alive(self, owner: Mapping[str, Any]) -> bool | defer.Deferred[bool]:
         """Whether the owner of a job record still runs it (see the module notes)."""
         from ion.services.cache.locks import pid_alive
 
@@ -219,14 +244,79 @@ class DeployService(ServiceProcess):
                 return False  # this container id, started again
             proc = self.container.proc_manager.get(str(owner.get("process")))
             return proc is not None and not proc.is_final
-        if owner.get("host") == self.owner["host"]:
+        if owner.get("host") == self.owner["host"] and owner.get("pid") != self.owner["pid"]:
             pid = owner.get("pid")
             return isinstance(pid, int) and pid_alive(pid)
+        process = owner.get("process")
+        if not isinstance(process, str) or not process:
+            return self._owner_among_nodes(owner)
+        # Its process queue, as the broker sees it: consumed while its container's connection lives.
+        depth = defer.maybeDeferred(self.container.transport.queue_depth, process)
+
+        def judged(counts: tuple[int, int] | None) -> bool:
+            return counts is not None and counts[1] > 0
+
+        def unknown(f: Any) -> bool:
+            self._log.debug("{pid}: the broker could not tell about {q}: {e}", pid=self.id, q=process,
+                            e=f.getErrorMessage())
+            return self._owner_among_nodes(owner)
+
+        return depth.addCallbacks(judged, unknown)
+
+    def _owner_among_nodes(self, owner: Mapping[str, Any]) -> bool:
+        """Whether the agent lists the owner's container among the live ones (True without an agent)."""
         agent = self.container.proc_manager.get(self.container.agent_pid or "")
         live_nodes = getattr(agent, "live_nodes", None)
         if live_nodes is None:
             return True  # no agent to ask: do not declare anyone dead
         return any(node.get("container") == owner.get("container") for node in live_nodes())
+
+    # -- job takeover (see the module notes and ion.core.jobs) -----------------------------------
+    def _start_takeover_scan(self) -> None:
+        interval = self.settings.takeover_interval or 0.0
+        if interval <= 0 or self.jobs.store is None or self._takeover_scan is not None:
+            return
+        scan = task.LoopingCall(self._scan_for_takeover)
+        scan.clock = self.clock
+        self._takeover_scan = scan
+        scan.start(interval, now=False).addErrback(
+            lambda f: self._log.failure("{pid}: the job takeover scan stopped", f, pid=self.id))
+
+    def _stop_takeover_scan(self) -> None:
+        """A stopping instance takes no job over (neither by scan nor by ``job_status``)."""
+        self.jobs.resume = None
+        scan, self._takeover_scan = self._takeover_scan, None
+        if scan is not None and scan.running:
+            scan.stop()
+
+    def _scan_for_takeover(self) -> defer.Deferred[None]:
+        """One scan of the job records (a failed scan is logged; the next one comes)."""
+        def failed(f: Any) -> None:
+            self._log.warn("{pid}: scanning the job records for takeover failed: {e}", pid=self.id,
+                           e=f.getErrorMessage())
+
+        return self.jobs.scan().addCallbacks(lambda _: None, failed)
+
+    async def _resume_job(self, job_id: str, record: Mapping[str, Any]) -> defer.Deferred[Any]:
+        """Deploy the items of a taken-over job that are not in its results (the JobTable's
+        ``resume`` hook); the work's Deferred fires with those items' results by part."""
+        resume = record.get("resume") or {}
+        source = str(resume.get("source") or "<request>")
+        items = [item_from_dict(dict(raw), source) for raw in resume.get("items") or []]
+        done = set(record.get("results") or {})
+        remaining = [item for item in items if f"{item.position} {item.label}".strip() not in done]
+        self._log.info("{pid}: taking job {job} over from {owner} for broker user {user!r}: {n} of {total} "
+                       "item(s) left", pid=self.id, job=job_id, owner=record.get("owner"),
+                       user=resume.get("caller"), n=len(remaining), total=len(items))
+        self.container.publish_event("deploy.progress", {
+            "job": job_id, "phase": "takeover", "from": record.get("owner"), "by": self.owner,
+            "remaining": len(remaining)})
+        if not remaining:
+            return defer.succeed({})
+        # This instance's own bounds decide what it writes (they may differ from the first owner's).
+        targets = await self.container.blocking.run(self._authorize, remaining)
+        work = self._run(Deployment(source, remaining), job_id, targets)
+        return work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
 
     # -- request handling ---------------------------------------------------------------
     def _deployment(self, content: Any) -> Deployment:
@@ -401,7 +491,8 @@ class DeployService(ServiceProcess):
 
         work.addCallback(finished)
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
-        job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id)
+        job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id,
+                              resume=_resume_data(deployment, targets, msg.get("broker-user")))
         if protobuf:
             return convert.pb.JobStarted(job=job.job_id, total=len(deployment.items))
         return {"job": job.job_id, "total": len(deployment.items)}
@@ -486,6 +577,14 @@ def _part(result: ItemResult) -> str:
     return f"{result.item.position} {result.item.label}".strip()
 
 
+def _resume_data(deployment: Deployment, targets: list[Target], caller: Any) -> dict[str, Any]:
+    """What a takeover needs (the job record's ``resume``): the request as validated, its caller,
+    and where each destination was allowed (root, resolved path)."""
+    return {"source": deployment.source, "items": [item.to_dict() for item in deployment.items],
+            "caller": caller if isinstance(caller, str) else None,
+            "targets": [[str(t.root), str(t.path)] for t in targets]}
+
+
 def _summary(deployment: Deployment, results: list[ItemResult]) -> dict[str, Any]:
     return {"source": deployment.source, "ok": all(r.ok for r in results),
             "items": [r.to_wire() for r in results]}
@@ -540,6 +639,11 @@ class DeployClient(ServiceClient):
         """The job's record: ``{"status", "state", "results", ...}``, asked of the instance that runs it."""
         target = job.split(JOB_SEP, 1)[0] if JOB_SEP in job else self.target
         query = convert.pb.JobQuery(job=job)
+        if target != self.target and not (yield self._consumed(target)):
+            # Its instance died (its queue has no consumer): another instance answers, from the
+            # job's record, or as the instance that took the job over.
+            content, _ = yield self.rpc_send("job_status", query)
+            return convert.job_status_to_wire(content) if isinstance(content, convert.pb.JobStatus) else content
         try:
             content, _ = yield self.proc.rpc_send(target, "job_status", query)
         except ReceivedError as exc:
@@ -548,6 +652,11 @@ class DeployClient(ServiceClient):
             # That instance is gone (or stopping): any instance answers from the job's durable record.
             content, _ = yield self.rpc_send("job_status", query)
         return convert.job_status_to_wire(content) if isinstance(content, convert.pb.JobStatus) else content
+
+    def _consumed(self, queue: str) -> defer.Deferred[bool]:
+        """Whether the broker shows a consumer on ``queue`` (True when it cannot tell)."""
+        d = defer.maybeDeferred(self.proc.container.transport.queue_depth, queue)
+        return d.addCallbacks(lambda counts: counts is not None and counts[1] > 0, lambda _f: True)
 
     @defer.inlineCallbacks
     def cancel_job(self, job: str) -> Any:

@@ -188,8 +188,21 @@ def job_status_to_pb(wire: Mapping[str, Any]) -> Any:
             msg.results[str(part)].CopyFrom(item_result_to_pb(result))
     owner = wire.get("owner")
     if isinstance(owner, Mapping):
-        msg.owner.CopyFrom(pb.JobOwner(**{k: owner[k] for k in _OWNER_KEYS if owner.get(k) is not None}))
+        msg.owner.CopyFrom(_owner_to_pb(owner))
+    for takeover in wire.get("takeovers") or ():
+        if isinstance(takeover, Mapping):
+            msg.takeovers.append(pb.JobTakeover(from_owner=_owner_to_pb(takeover.get("from") or {}),
+                                                by_owner=_owner_to_pb(takeover.get("by") or {}),
+                                                at=float(takeover.get("at") or 0.0)))
     return msg
+
+
+def _owner_to_pb(owner: Mapping[str, Any]) -> Any:
+    return pb.JobOwner(**{k: owner[k] for k in _OWNER_KEYS if owner.get(k) is not None})
+
+
+def _owner_to_wire(owner: Any) -> dict[str, Any]:
+    return {k: getattr(owner, k) for k in _OWNER_KEYS}
 
 
 def job_status_to_wire(msg: Any) -> dict[str, Any]:
@@ -204,5 +217,8 @@ def job_status_to_wire(msg: Any) -> dict[str, Any]:
     if msg.died:
         out["died"] = True
     if msg.HasField("owner"):
-        out["owner"] = {k: getattr(msg.owner, k) for k in _OWNER_KEYS}
+        out["owner"] = _owner_to_wire(msg.owner)
+    if msg.takeovers:
+        out["takeovers"] = [{"from": _owner_to_wire(t.from_owner), "by": _owner_to_wire(t.by_owner), "at": t.at}
+                            for t in msg.takeovers]
     return out

@@ -218,8 +218,18 @@ class JobOwner(_message.Message):
     process: str
     def __init__(self, container: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., process: _Optional[str] = ...) -> None: ...
 
+class JobTakeover(_message.Message):
+    __slots__ = ("from_owner", "by_owner", "at")
+    FROM_OWNER_FIELD_NUMBER: _ClassVar[int]
+    BY_OWNER_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    from_owner: JobOwner
+    by_owner: JobOwner
+    at: float
+    def __init__(self, from_owner: _Optional[_Union[JobOwner, _Mapping]] = ..., by_owner: _Optional[_Union[JobOwner, _Mapping]] = ..., at: _Optional[float] = ...) -> None: ...
+
 class JobStatus(_message.Message):
-    __slots__ = ("job", "kind", "status", "total", "error", "created", "ended", "cancelled", "results", "from_record", "died", "owner")
+    __slots__ = ("job", "kind", "status", "total", "error", "created", "ended", "cancelled", "results", "from_record", "died", "owner", "takeovers")
     class ResultsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +249,7 @@ class JobStatus(_message.Message):
     FROM_RECORD_FIELD_NUMBER: _ClassVar[int]
     DIED_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    TAKEOVERS_FIELD_NUMBER: _ClassVar[int]
     job: str
     kind: str
     status: JobState
@@ -251,4 +262,5 @@ class JobStatus(_message.Message):
     from_record: bool
     died: bool
     owner: JobOwner
-    def __init__(self, job: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., ended: _Optional[float] = ..., cancelled: _Optional[_Iterable[str]] = ..., results: _Optional[_Mapping[str, ItemResult]] = ..., from_record: _Optional[bool] = ..., died: _Optional[bool] = ..., owner: _Optional[_Union[JobOwner, _Mapping]] = ...) -> None: ...
+    takeovers: _containers.RepeatedCompositeFieldContainer[JobTakeover]
+    def __init__(self, job: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., ended: _Optional[float] = ..., cancelled: _Optional[_Iterable[str]] = ..., results: _Optional[_Mapping[str, ItemResult]] = ..., from_record: _Optional[bool] = ..., died: _Optional[bool] = ..., owner: _Optional[_Union[JobOwner, _Mapping]] = ..., takeovers: _Optional[_Iterable[_Union[JobTakeover, _Mapping]]] = ...) -> None: ...

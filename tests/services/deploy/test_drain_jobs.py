@@ -24,7 +24,7 @@ from ion.core.jobs import JobStatus, JobStore, JobTable
 from ion.services.deploy.spec import load_deployment
 
 from . import scenario_support
-from .scenario_support import TGZ, ZIP, item, system_config, within, write_deployment
+from .scenario_support import PLAIN, TGZ, ZIP, item, system_config, within, write_deployment
 
 # Fixtures of scenario_support, used by name.
 deploy_system = scenario_support.deploy_system
@@ -301,17 +301,18 @@ def _dead_pid() -> int:
 async def test_a_running_record_of_a_dead_owner_is_lost_in_space(owner: str, container_factory: Any,
                                                                 tmp_path: Path) -> None:
     """A record left RUNNING/PARTIAL by a container that is gone answers LOST_IN_SPACE saying it died (never
-    RUNNING forever); one whose container is alive (listed by the agent) is answered as recorded."""
+    RUNNING forever; such a record holds nothing to resume it by); one whose owner is alive (its process
+    queue consumed, as the broker shows) is answered as recorded."""
     container, client = await _deploy_container(container_factory, tmp_path)
     dead = _dead_pid()
+    live = deploy_service(container).id
     owners = {
         "dead pid on this host": {"container": "gone", "host": "test-host", "pid": dead, "process": "gone.5"},
         "this container id, started again": {"container": container.id, "host": "test-host", "pid": dead,
                                              "process": f"{container.id}.5"},
         "another host, container not among the nodes": {"container": "elsewhere", "host": "other-host",
                                                         "pid": os.getpid(), "process": "elsewhere.5"},
-        "another host, alive": {"container": container.id, "host": "other-host", "pid": 1,
-                                "process": f"{container.id}.77"},
+        "another host, alive": {"container": container.id, "host": "other-host", "pid": 1, "process": live},
     }
     job = f"{owners[owner]['process']}/abc123"
     record = {"job": job, "kind": "deploy", "status": 3, "state": "PARTIAL", "total": 2, "error": None,
@@ -457,3 +458,128 @@ def test_expired_records_are_pruned_while_the_table_is_used(tmp_path: Path) -> N
     clock.advance(61)
     table.list()
     assert list((tmp_path / "jobs").iterdir()) == []
+
+
+# -- takeover: a job survives its container (issue #17 §4) ----------------------------------------------------
+def _resumable_record(job: str, owner: dict[str, Any], spec: Any, done: list[int], now: float) -> dict[str, Any]:
+    """A PARTIAL record as ``deploy_async`` writes it (with ``resume``), the items at ``done`` finished."""
+    from ion.services.deploy.place import Target
+    from ion.services.deploy.service import _resume_data
+
+    results = {f"{spec.items[i].position} {spec.items[i].label}": {
+        "item": spec.items[i].label, "position": spec.items[i].position, "state": "downloaded", "already": False,
+        "reason": None, "destination": str(spec.items[i].destination), "entry": None, "names": [], "link": True}
+        for i in done}
+    targets = [Target(Path(item.destination).parent, Path(item.destination)) for item in spec.items]
+    return {"job": job, "kind": "deploy", "status": 3, "state": "PARTIAL", "total": len(spec.items), "error": None,
+            "results": results, "created": 1.0, "ended": None, "cancelled": [], "record": 2, "owner": owner,
+            "updated": now, "resume": _resume_data(spec, targets, "alice")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_whose_owner_died_is_taken_over_and_finishes_only_the_rest(container_factory: Any,
+                                                                              make_repo: Any,
+                                                                              tmp_path: Path) -> None:
+    """A PARTIAL record of a dead owner (a dead pid of this host) with resume data: the Deploy instance's scan
+    claims it, deploys the two items not finished under the same job id (its progress events name it), and
+    job_status (the id's instance is gone: asked of the service) answers FINISHED with every item and the
+    takeover; the finished item is not fetched again."""
+    url, server = make_repo("http")
+    container, client = await _deploy_container(container_factory, tmp_path, takeover_interval=0.2)
+    events = await scenario_support.event_sink(container)
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")))
+    dead = {"container": "gone", "host": "test-host", "pid": _dead_pid(), "process": "gone.5"}
+    job = "gone.5/abc123"
+    await JobStore(tmp_path / "cache" / "jobs").save(
+        job, _resumable_record(job, dead, spec, [0], container.clock.seconds()))
+    taken = await events.wait(lambda e: e.get("job") == job and e.get("phase") == "takeover")
+    assert taken["from"] == dead and taken["remaining"] == 2
+    await events.wait(item_done(job, "linux/zlib/1.2"))
+    await events.wait(item_done(job, "linux/tool/3.0"))
+    status = await within(client.job_status(job))
+    assert (status["status"], status["state"]) == (JobStatus.FINISHED, "FINISHED")
+    assert {r["item"]: r["state"] for r in status["results"].values()} == {
+        "linux/notes/1.0": "downloaded", "linux/zlib/1.2": "downloaded", "linux/tool/3.0": "downloaded"}
+    [takeover] = status["takeovers"]
+    assert takeover["from"] == dead and takeover["by"]["process"] == deploy_service(container).id
+    assert (server.gets(f"deps/{PLAIN}"), server.gets(f"deps/{TGZ}"), server.gets(f"deps/{ZIP}")) == (0, 1, 1)
+    assert (tmp_path / "dest/tool/tool/README").exists()
+    await within(deploy_service(container).jobs.flush())
+    record = json.loads((tmp_path / "cache" / "jobs" / JobStore(tmp_path).path(job).name).read_text())
+    assert record["state"] == "FINISHED" and record["owner"]["process"] == deploy_service(container).id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_taken_over_job_outside_the_new_owners_roots_ends_remote_error(container_factory: Any,
+                                                                               make_repo: Any,
+                                                                               tmp_path: Path) -> None:
+    """The instance taking a job over checks its items against its own allowed roots: a destination it may
+    not write ends the job REMOTE_ERROR with the 403's reason, nothing written."""
+    url, server = make_repo("http")
+    container, client = await _deploy_container(container_factory, tmp_path, takeover_interval=0.2,
+                                                allowed_destinations=[str(tmp_path / "elsewhere")])
+    (tmp_path / "elsewhere").mkdir()
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:2]))
+    dead = {"container": "gone", "host": "test-host", "pid": _dead_pid(), "process": "gone.5"}
+    job = "gone.5/def456"
+    await JobStore(tmp_path / "cache" / "jobs").save(
+        job, _resumable_record(job, dead, spec, [0], container.clock.seconds()))
+    status: dict[str, Any] = {}
+    for _ in range(200):
+        status = await within(client.job_status(job))
+        if status["state"] not in ("RUNNING", "PARTIAL"):
+            break
+        await within(_pause(0.05))
+    assert status["state"] == "REMOTE_ERROR" and "outside the allowed roots" in status["error"]
+    assert status["takeovers"][0]["from"] == dead and not (tmp_path / "dest" / "zlib").exists()
+    assert server.gets(f"deps/{TGZ}") == 0
+
+
+def _pause(seconds: float) -> defer.Deferred[None]:
+    """Wait ``seconds`` on the reactor (between two polls of a job's status; no assertion depends on it)."""
+    from twisted.internet import reactor
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_instances_on_one_broker_the_survivor_takes_the_job_over(container_factory: Any, make_repo: Any,
+                                                                           tmp_path: Path) -> None:
+    """Two containers of one system on the embedded broker, one cache: the Deploy instance running a job
+    stops abruptly mid-download (its queues lose their consumers, as a dead container's connection does;
+    it writes nothing more). The other sees at the broker that nobody consumes its process queue, takes
+    the job over and finishes it; job_status shows FINISHED with both items and the takeover."""
+    url, server = make_repo("http")
+    gate = server.hold(f"deps/{TGZ}")
+    first, client = await _deploy_container(container_factory, tmp_path, takeover_interval=0.2)
+    second = await container_factory(sysname=first.sysname, config=system_config(tmp_path, takeover_interval=0.2))
+    await second.app_manager.start_app("deploy")
+    events = await scenario_support.event_sink(first)
+    victim, heir = deploy_service(first), deploy_service(second)
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:2]))
+    started, _ = await within(client.proc.rpc_send(victim.id, "deploy_async", client.request_content(spec)))
+    job = started.job
+    await within(server.wait_held(f"deps/{TGZ}"))
+    await events.wait(item_done(job, "linux/notes/1.0"))
+    await within(victim.jobs.flush())
+    # Abruptly: its record stays PARTIAL, its fetch goes (lock released), its queues lose their consumers.
+    victim.jobs.store = None
+    victim.jobs.resume = None
+    victim.jobs.cancel_all()
+    for receiver in victim.receivers:
+        await within(receiver.deactivate())
+    taken = await events.wait(lambda e: e.get("job") == job and e.get("phase") == "takeover")
+    assert taken["by"]["process"] == heir.id and taken["remaining"] == 1
+    gate.callback(None)
+    await events.wait(lambda e: item_done(job, "linux/zlib/1.2")(e) and e.get("state") != "cancelled")
+    status: dict[str, Any] = {}
+    for _ in range(100):
+        status = await within(client.job_status(job))
+        if status["state"] not in ("RUNNING", "PARTIAL"):
+            break
+        await within(_pause(0.02))
+    assert status["state"] == "FINISHED", status
+    assert {r["item"]: r["state"] for r in status["results"].values()} == {
+        "linux/notes/1.0": "downloaded", "linux/zlib/1.2": "downloaded"}
+    assert [(t["from"]["process"], t["by"]["process"]) for t in status["takeovers"]] == [(victim.id, heir.id)]
+    assert server.gets(f"deps/{PLAIN}") == 1 and (tmp_path / "dest/zlib/zlib/include/zlib.h").exists()

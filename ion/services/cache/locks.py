@@ -78,6 +78,7 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
+import logging
 import math
 import os
 import re
@@ -608,6 +609,21 @@ def _resource_locked(exc: BaseException) -> bool:
     return getattr(exc, "reply_code", None) == 405 or "RESOURCE_LOCKED" in str(exc)
 
 
+class _LockRefusalsAreExpected(logging.Filter):
+    """Drops pika's warning for each ``RESOURCE_LOCKED`` refusal of a broker lock queue: a waiter
+    is refused at every retry (:class:`BrokerLocks`), and says itself what it waits for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() if record.args else str(record.msg)
+        return not ("RESOURCE_LOCKED" in text and BROKER_LOCK_PREFIX in text)
+
+
+def _quiet_pika() -> None:
+    log = logging.getLogger("pika.channel")
+    if not any(isinstance(f, _LockRefusalsAreExpected) for f in log.filters):
+        log.addFilter(_LockRefusalsAreExpected())
+
+
 def broker_identity(transport: Any) -> str | None:
     """What names the broker a transport is connected to, the same from every host of one broker
     (or cluster) and vhost: ``amqp:<cluster_name>/<vhost>`` (RabbitMQ's ``cluster_name``, by
@@ -684,6 +700,7 @@ class BrokerLocks:
 
     def __init__(self, connect: Callable[[], Any], clock: IReactorTime, *, poll_start: float = 0.05,
                  poll_max: float = 0.5) -> None:
+        _quiet_pika()
         self.connect = connect
         self.clock = clock
         self.poll_start = poll_start
@@ -714,8 +731,11 @@ class BrokerLocks:
     # -- the connection -------------------------------------------------------------------------
     async def _transport(self) -> Any:
         """The lock connection, made now if there is none (one attempt shared by every caller)."""
-        if self.transport is not None:
-            return self.transport
+        current = self.transport
+        if current is not None:
+            if getattr(current, "connected", not getattr(current, "closed", False)):
+                return current
+            self._connection_event(current, "lost", "the connection was closed")
         d: defer.Deferred[Any] = defer.Deferred()
         if self._waiters is None:
             self._waiters = [d]

@@ -124,6 +124,7 @@ def test_a_marker_of_another_broker_is_not_trusted(host, key, clock, broker):
     clock.pump([0.5] * 20)
     assert not waiting.called
     waiting.cancel()
+    failure_of(waiting, defer.CancelledError)
     assert held.path.exists()
 
 

@@ -1,0 +1,115 @@
+"""Cache locks through the broker on the real RabbitMQ (issue 18).
+
+- the contract the embedded broker keeps too (test_broker_locks.py): an exclusive queue per lock,
+  another connection's declare refused with RESOURCE_LOCKED and retried, the queue freed when its
+  connection closes, the same marker (cluster name and vhost) seen from every connection;
+- two deployers on two "hosts" (``ION_HOST_ID``) sharing one cache folder and the broker, each its
+  own OS process (``python -m tests.services.deploy.scenario_support --broker``); the lock holder is
+  SIGKILLed mid-download (the HTTP server stalls its GET half-way): the other takes the lock over
+  and completes, and the file is downloaded twice, no more. ``lock_timeout`` is 600 s and every
+  wait of the test fails after 30 s, so the takeover cannot have waited for the lock file's timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from ion.core.messaging.amqp import AmqpTransport
+from ion.services.cache.entry import EntryKey
+from ion.services.cache.locks import BrokerLocks, LockHolder, _Acquisition
+from tests.services.deploy import scenario_support
+from tests.services.deploy.scenario_support import TGZ, ChildDeployer, item, tree, within, write_deployment
+
+pytestmark = [pytest.mark.amqp]
+
+# Fixtures of scenario_support, used by name.
+http_servers = scenario_support.http_servers
+make_repo = scenario_support.make_repo
+
+KEY = EntryKey("repo.file", "linux", "tool", "1.0", True)
+
+
+def _locks(amqp_url: str) -> tuple[BrokerLocks, list[AmqpTransport]]:
+    made: list[AmqpTransport] = []
+
+    def connect() -> AmqpTransport:
+        t = AmqpTransport(amqp_url, reconnect=False, heartbeat=5)
+        made.append(t)
+        return t
+
+    return BrokerLocks(connect, reactor), made
+
+
+@pytest_twisted.ensureDeferred
+async def test_exclusive_queue_lock_contract_on_rabbitmq(amqp_url: str, tmp_path: Path) -> None:
+    a, a_conns = _locks(amqp_url)
+    b, _ = _locks(amqp_url)
+    queue = BrokerLocks.queue_name(KEY, tmp_path / "1.0.lock")
+    try:
+        far = reactor.seconds() + 30
+        held = await within(a.acquire(queue, far, _Acquisition(), str(KEY), 30))
+        assert held is not None and held.marker
+        # One try, refused (405 RESOURCE_LOCKED): a LockTimeoutError, not a fallback to files.
+        from ion.services.cache.errors import LockTimeoutError
+
+        with pytest.raises(LockTimeoutError, match="broker lock"):
+            await b.acquire(queue, reactor.seconds(), _Acquisition(), str(KEY), 0)
+        waiting = defer.ensureDeferred(b.acquire(queue, far, _Acquisition(), str(KEY), 30))
+        await a_conns[0].close()  # what a SIGKILL does to the holder's connection
+        taken = await within(waiting)
+        assert taken is not None and taken.marker == held.marker  # one broker, one vhost: one marker
+        await b.release(taken)
+        again = await within(a.acquire(queue, far, _Acquisition(), str(KEY), 30))  # a new connection
+        assert again is not None and len(a_conns) == 2
+        await a.release(again)
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _lock_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.lock") if p.is_file())
+
+
+@pytest_twisted.ensureDeferred
+async def test_holder_killed_mid_download_the_other_host_takes_over_via_the_broker(
+        amqp_url: str, make_repo: Any, tmp_path: Path) -> None:
+    url, server = make_repo("http")
+    server.stalls[f"deps/{TGZ}"] = 1  # the first GET sends half the file, then nothing
+    cache_root = tmp_path / "cache"
+    first = write_deployment(tmp_path / "a.json", url, [item("zlib", "1.2", tmp_path / "dest-a")])
+    second = write_deployment(tmp_path / "b.json", url, [item("zlib", "1.2", tmp_path / "dest-b")])
+    a = ChildDeployer().start(first, cache_root, "host-a", wait_for_go=False, broker=amqp_url)
+    b: ChildDeployer | None = None
+    try:
+        await within(server.wait_for(f"deps/{TGZ}", "GET"))
+        [lock] = _lock_files(cache_root)
+        holder = LockHolder.parse(lock.read_text())
+        assert holder is not None and (holder.host_id, holder.pid) == ("host-a", a.pid) and holder.broker
+        b = ChildDeployer().start(second, cache_root, "host-b", wait_for_go=False, broker=amqp_url)
+        await within(b.ready)
+        assert a.pid is not None
+        killed = time.monotonic()
+        os.kill(a.pid, signal.SIGKILL)
+        assert await within(a.ended) == -signal.SIGKILL
+        assert await within(b.ended) == 0, b.err.decode()[-3000:]
+        print(f"\nlock taken over and the download completed {time.monotonic() - killed:.2f} s after the SIGKILL")
+        result = b.result()
+        assert result["ok"] and [r["state"] for r in result["items"]] == ["downloaded"], result
+        assert tree(tmp_path / "dest-b") == {"zlib/include/zlib.h": scenario_support.ZLIB_H,
+                                             "zlib/lib/libz.a": b"\0" * 4000}
+        assert server.gets(f"deps/{TGZ}") == 2, server.requests
+        assert _lock_files(cache_root) == []
+    finally:
+        for child in (a, b):
+            if child is not None and child.pid is not None and not child.ended.called:
+                os.kill(child.pid, signal.SIGKILL)
+                await child.ended

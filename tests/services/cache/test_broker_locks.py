@@ -10,13 +10,16 @@ container holding a lock mid-download: tests/services/fetch/test_broker_lock_tak
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer, task
 
 from ion.core.messaging.memory import MemoryBroker, MemoryTransport
 from ion.services.cache.core import Cache
+from ion.services.cache.entry import EntryKey
 from ion.services.cache.errors import LockNotHeldError, LockTimeoutError
 from ion.services.cache.locks import BROKER_LOCK_PREFIX, BrokerLocks, LockHolder, lock_transport_factory
 
@@ -45,25 +48,25 @@ class Host:
 
 
 @pytest.fixture
-def broker(clock: task.Clock) -> MemoryBroker:
+def shared_broker(clock: task.Clock) -> MemoryBroker:
     return MemoryBroker(clock)
 
 
 @pytest.fixture
-def host(broker: MemoryBroker, make_cache: Callable[..., Cache], clock: task.Clock) -> Callable[..., Host]:
-    return lambda host_id, **kw: Host(broker, make_cache, clock, host_id, **kw)
+def host(shared_broker: MemoryBroker, make_cache: Callable[..., Cache], clock: task.Clock) -> Callable[..., Host]:
+    return lambda host_id, **kw: Host(shared_broker, make_cache, clock, host_id, **kw)
 
 
-def test_holding_the_lock_is_holding_its_exclusive_queue(host, broker, key, clock):
+def test_holding_the_lock_is_holding_its_exclusive_queue(host, shared_broker, key, clock):
     a = host("host-a")
     lock = fired(a.cache.lock(key))
     queue = BrokerLocks.queue_name(key, lock.path)
     assert queue.startswith(BROKER_LOCK_PREFIX) and len(queue) < 255
-    assert broker.queues[queue].exclusive_owner is a.connections[0]
+    assert shared_broker.queues[queue].exclusive_owner is a.connections[0]
     holder = LockHolder.parse(lock.path.read_text())
     assert holder.broker == lock.broker.marker and holder.broker  # the lock file says it
     fired(a.cache.unlock(lock))
-    assert queue not in broker.queues and not lock.path.exists()
+    assert queue not in shared_broker.queues and not lock.path.exists()
 
 
 def test_a_waiter_gets_the_lock_when_the_holder_releases(host, key, clock):
@@ -113,7 +116,7 @@ def test_a_lock_file_without_the_marker_waits_for_lock_timeout(host, key, clock)
     assert LockHolder.parse(lock.path.read_text()).host_id == "host-b"
 
 
-def test_a_marker_of_another_broker_is_not_trusted(host, key, clock, broker):
+def test_a_marker_of_another_broker_is_not_trusted(host, key, clock, shared_broker):
     """The marker names the broker (and the queue): a holder on another broker sharing the cache keeps its lock."""
     a = host("host-a")
     held = fired(a.cache.lock(key))
@@ -137,7 +140,7 @@ def test_waiting_for_the_broker_lock_times_out_naming_it(host, key, clock):
     assert "broker lock" in str(err) and "5 s" in str(err)
 
 
-def test_cancelling_a_wait_leaves_nothing_held(host, broker, key, clock):
+def test_cancelling_a_wait_leaves_nothing_held(host, shared_broker, key, clock):
     a, b = host("host-a"), host("host-b")
     held = fired(a.cache.lock(key))
     queue = BrokerLocks.queue_name(key, held.path)
@@ -147,7 +150,7 @@ def test_cancelling_a_wait_leaves_nothing_held(host, broker, key, clock):
     failure_of(waiting, defer.CancelledError)
     fired(a.cache.unlock(held))
     clock.pump([0.5] * 4)
-    assert queue not in broker.queues and not b.locks.held
+    assert queue not in shared_broker.queues and not b.locks.held
     lock = fired(host("host-c").cache.lock(key, timeout=0))  # free for anyone
     assert lock.active
 
@@ -205,12 +208,12 @@ def test_same_host_processes_still_use_the_file(host, key, clock):
     fired(a.cache.unlock(lock))
 
 
-def test_close_releases_and_closes_the_connection(host, broker, key):
+def test_close_releases_and_closes_the_connection(host, shared_broker, key):
     a = host("host-a")
     lock = fired(a.cache.lock(key))
     fired(a.cache.close())
     assert not lock.held and a.connections[0].closed
-    assert not [q for q in broker.queues if q.startswith(BROKER_LOCK_PREFIX)]
+    assert not [q for q in shared_broker.queues if q.startswith(BROKER_LOCK_PREFIX)]
 
 
 def test_lock_file_format_stays_readable():
@@ -228,3 +231,28 @@ def test_lock_transport_factory(clock):
     made = lock_transport_factory(t)()
     assert isinstance(made, MemoryTransport) and made is not t and made.broker is broker and made.user == "svc"
     assert lock_transport_factory(object()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cache_service_takes_its_locks_through_the_broker(container, process_factory, tmp_path):
+    """The Cache service of a container holds each lock's exclusive queue on a connection of its own
+    (not the container's), and frees it at unlock and at terminate; ``broker_locks: false`` turns it off."""
+    from ion.services.cache.service import CacheClient, CacheService
+    from ion.testing import client_process
+
+    key = EntryKey("repo.file", "linux", "tool", "1.0")
+    service = await process_factory(CacheService, root=str(tmp_path / "c"), host_id="svc-host", lock_timeout=60)
+    cache = CacheClient(await client_process(container))
+    lock = await cache.lock(key, timeout=5)
+    queue = BrokerLocks.queue_name(key, Path(lock.path))
+    owner = container.broker.queues[queue].exclusive_owner
+    assert owner is not None and owner is not container.transport and owner is service.cache.locks.broker.transport
+    assert LockHolder.parse(Path(lock.path).read_text()).broker
+    await cache.unlock(lock)
+    assert queue not in container.broker.queues
+    lock = await cache.lock(key, timeout=5)
+    await container.proc_manager.terminate_process(service.id)
+    assert queue not in container.broker.queues and owner.closed
+
+    plain = await process_factory(CacheService, root=str(tmp_path / "d"), host_id="svc-host", broker_locks=False)
+    assert plain.cache.locks.broker is None

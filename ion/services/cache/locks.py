@@ -1,10 +1,19 @@
 """Entry locks: one fetch per cache entry, within a process and across processes and hosts.
 
-Two levels (DESIGN §8, "Locks"):
+Two levels (DESIGN §8, "Locks"), and a third between them where hosts share a broker:
 
 - **In the process**, a ``DeferredLock`` per entry: a second fetch of the
   same entry waits on a Deferred that fires when the first one releases --
   no sleep, no polling.
+- **Through the broker** (the Cache service; :class:`BrokerLocks`, issue 18),
+  an exclusive queue per lock, which the broker deletes when its holder's
+  connection closes: the lock of a host that dies is free within the
+  broker's detection time (a closed socket: at once; a silent host: the
+  AMQP heartbeat), not ``lock_timeout``. Its holder writes the broker lock's
+  marker in the lock file, and a process that gets the broker lock takes a
+  file with the same marker over at once (see :meth:`LockTable.judge`).
+  Without a broker (``ion-deploy``), or when it cannot be reached, the lock
+  file alone.
 - **Across processes and hosts**, the lock file ``<version>[~packed].lock``
   beside the entry folder, created with ``O_CREAT | O_EXCL`` and holding
   ``host_id::pid::started`` (``started``: wall-clock seconds, 6 decimals),

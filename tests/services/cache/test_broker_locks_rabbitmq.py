@@ -25,6 +25,7 @@ from twisted.internet import defer, reactor
 from ion.core.messaging.amqp import AmqpTransport
 from ion.services.cache.entry import EntryKey
 from ion.services.cache.locks import BrokerLocks, LockHolder, _Acquisition
+from tests.core.test_multicontainer import launch  # noqa: F401 - the fixture, by name
 from tests.services.deploy import scenario_support
 from tests.services.deploy.scenario_support import TGZ, ChildDeployer, item, tree, within, write_deployment
 
@@ -113,3 +114,54 @@ async def test_holder_killed_mid_download_the_other_host_takes_over_via_the_brok
             if child is not None and child.pid is not None and not child.ended.called:
                 os.kill(child.pid, signal.SIGKILL)
                 await child.ended
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_two_containers_sharing_a_cache_holder_killed_mid_fetch(
+        launch: Any, amqp_url: str, make_repo: Any, tmp_path: Path) -> None:
+    """The same through the services: two ``twistd cc fetch.app`` containers (Fetch, Cache, Unpack), each
+    a system of its own (so each Fetch locks through its own Cache service) on one broker, hosts
+    ``host-a`` and ``host-b`` sharing one cache folder. A's container is SIGKILLed while its Fetch
+    downloads; B's fetch of the same entry, waiting for the lock, takes it over and completes."""
+    from ion.services.fetch.core import FetchRequest
+    from ion.services.records.deployer import parse_repository_url
+    from ion.services.fetch.service import FetchClient
+    from ion.testing import ContainerFactory, client_process
+
+    url, server = make_repo("http")
+    server.stalls[f"deps/{TGZ}"] = 1
+    cache = tmp_path / "cache"
+    settings = ",".join([f"ion.services.cache.root='{cache}'", "ion.services.cache.lock_timeout=600",
+                         f"ion.services.unpack.allowed_roots=['{cache}']", "ion.services.fetch.retry_delay=0",
+                         "ion.services.fetch.allowed_networks=['127.0.0.0/8','::1/128']"])
+    a = await launch("res/apps/fetch.app", args=["-s", "hosta", "-a", settings], env={"ION_HOST_ID": "host-a"},
+                     name="container A")
+    b = await launch("res/apps/fetch.app", args=["-s", "hostb", "-a", settings], env={"ION_HOST_ID": "host-b"},
+                     name="container B")
+    factory = ContainerFactory(broker_url=amqp_url)
+    try:
+        fetch_a = FetchClient(await client_process(await factory(sysname="hosta")))
+        fetch_b = FetchClient(await client_process(await factory(sysname="hostb")))
+        request = FetchRequest(parse_repository_url(url), "linux", "zlib", "1.2")
+        first = defer.ensureDeferred(fetch_a.fetch(request, timeout=120))
+        first.addErrback(lambda f: f.value)  # A dies with the call in hand
+        await within(server.wait_for(f"deps/{TGZ}", "GET"))
+        [lock] = _lock_files(cache)
+        holder = LockHolder.parse(lock.read_text())
+        assert holder is not None and holder.host_id == "host-a" and holder.broker, lock.read_text()
+        second = defer.ensureDeferred(fetch_b.fetch(request, timeout=120))
+        killed = time.monotonic()
+        a.signal("KILL")
+        assert await a.exited() == -signal.SIGKILL
+        result = await within(second)
+        print(f"\nB's fetch completed {time.monotonic() - killed:.2f} s after A's SIGKILL")
+        assert result["state"] == "downloaded", result
+        assert "took over the lock" in b.output and "host-a" in b.output, b.output[-3000:]
+        assert server.gets(f"deps/{TGZ}") == 2, server.requests
+        assert _lock_files(cache) == []
+    except BaseException:
+        print("A:", a.output[-3000:], "\nB:", b.output[-3000:], server.requests)
+        raise
+    finally:
+        await factory.teardown()

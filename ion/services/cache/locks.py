@@ -699,7 +699,9 @@ class BrokerLocks:
 
     Broker unreachable (no connection can be made, or a declare fails otherwise than with 405):
     the acquisition goes on with the lock file alone, as without a broker (a warning says so),
-    and that file carries no marker, so nobody takes it over before ``lock_timeout``.
+    and that file carries no marker, so nobody takes it over before ``lock_timeout``. After a
+    failed connection, the locks taken within ``retry_connect`` seconds (10) go to their files at
+    once, without waiting for another attempt to fail.
 
     :param connect: makes a new, unconnected transport to the broker (see :func:`lock_transport_factory`).
     :param clock: schedules the retries.
@@ -708,12 +710,16 @@ class BrokerLocks:
     _log = _log
 
     def __init__(self, connect: Callable[[], Any], clock: IReactorTime, *, poll_start: float = 0.05,
-                 poll_max: float = 0.5) -> None:
+                 poll_max: float = 0.5, retry_connect: float = 10.0) -> None:
         _quiet_pika()
         self.connect = connect
         self.clock = clock
         self.poll_start = poll_start
         self.poll_max = poll_max
+        self.retry_connect = retry_connect
+        #: Until when (clock seconds) a failed connection is not tried again, and why it failed.
+        self._down_until = -math.inf
+        self._down_reason = ""
         #: The connection the locks are held on, once made (None again after a loss).
         self.transport: Any = None
         self._waiters: list[defer.Deferred[Any]] | None = None
@@ -764,6 +770,9 @@ class BrokerLocks:
         return transport
 
     def _opened(self, result: Any) -> None:
+        if isinstance(result, Failure):
+            self._down_until = self.clock.seconds() + self.retry_connect
+            self._down_reason = result.getErrorMessage() or type(result.value).__name__
         waiters, self._waiters = self._waiters or [], None
         for d in waiters:
             if isinstance(result, Failure):
@@ -803,6 +812,11 @@ class BrokerLocks:
         while True:
             if acq.cancelled or self.closed:
                 raise defer.CancelledError()
+            if self.transport is None and self.clock.seconds() < self._down_until:
+                self._log.warn("not taking the broker lock {queue} of {entry}: the broker could not be reached "
+                               "({err}); going on with the lock file alone", queue=queue, entry=entry,
+                               err=self._down_reason)
+                return None
             try:
                 transport = await self._transport()
                 await transport.declare_queue(queue, exclusive=True)

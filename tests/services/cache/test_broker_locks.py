@@ -187,12 +187,21 @@ def test_broker_unreachable_falls_back_to_the_lock_file(make_cache, key, clock, 
 
         return Down(MemoryBroker(clock))
 
-    cache = make_cache("host-a", broker_locks=BrokerLocks(refuse, clock))
+    attempts: list[Any] = []
+    cache = make_cache("host-a", broker_locks=BrokerLocks(lambda: attempts.append(1) or refuse(), clock))
     lock = fired(cache.lock(key, timeout=0))
     assert lock.active and lock.broker is None
     assert LockHolder.parse(lock.path.read_text()).broker is None
     assert any("going on with the lock file alone" in m and "connection refused" in m for m in messages(log_events))
     fired(cache.unlock(lock))
+    # Within retry_connect (10 s) of the failure the next lock goes to its file at once ...
+    clock.advance(5)
+    fired(cache.unlock(fired(cache.lock(key, timeout=0))))
+    assert len(attempts) == 1
+    # ... and then the broker is tried again.
+    clock.advance(6)
+    fired(cache.unlock(fired(cache.lock(key, timeout=0))))
+    assert len(attempts) == 2
 
 
 def test_same_host_processes_still_use_the_file(host, key, clock):

@@ -119,7 +119,7 @@ async def test_holder_killed_mid_download_the_other_host_takes_over_via_the_brok
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_two_containers_sharing_a_cache_holder_killed_mid_fetch(
-        launch: Any, amqp_url: str, make_repo: Any, tmp_path: Path) -> None:
+        launch: Any, amqp_url: str, make_repo: Any, tmp_path: Path) -> None:  # noqa: F811
     """The same through the services: two ``twistd cc fetch.app`` containers (Fetch, Cache, Unpack), each
     a system of its own (so each Fetch locks through its own Cache service) on one broker, hosts
     ``host-a`` and ``host-b`` sharing one cache folder. A's container is SIGKILLed while its Fetch

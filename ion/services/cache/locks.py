@@ -9,7 +9,7 @@ Two levels (DESIGN §8, "Locks"), and a third between them where hosts share a b
   an exclusive queue per lock, which the broker deletes when its holder's
   connection closes: the lock of a host that dies is free within the
   broker's detection time (a closed socket: at once; a silent host: the
-  AMQP heartbeat), not ``lock_timeout``. Its holder writes the broker lock's
+  AMQP heartbeats), not ``lock_timeout``. Its holder writes the broker lock's
   marker in the lock file, and a process that gets the broker lock takes a
   file with the same marker over at once (see :meth:`LockTable.judge`).
   Without a broker (``ion-deploy``), or when it cannot be reached, the lock
@@ -683,8 +683,9 @@ class BrokerLocks:
     is holding it; another connection's declare is refused with ``RESOURCE_LOCKED`` (405) and
     tried again with a backoff from ``poll_start`` to ``poll_max`` (50 ms to 0.5 s) on the clock;
     releasing deletes it. The broker deletes an exclusive queue when the connection that declared
-    it closes: at once when the holder's process dies (its socket is closed), after the AMQP
-    heartbeat (5 s by default, ``ion.core.messaging: heartbeat``) when its host falls silent.
+    it closes: at once when the holder's process dies (its socket is closed); once it has missed
+    2-3 AMQP heartbeats (5 s each by default, ``ion.core.messaging: heartbeat``) when its host
+    falls silent.
 
     The locks go over a **connection of their own** (``connect`` makes it, lazily, and again
     after a loss), without reconnection: a lost connection means lost locks -- every hold on it

@@ -4,7 +4,7 @@ its holder's connection closes, so a dead host's lock is taken over without wait
 Unit tests on the embedded broker (which keeps the exclusive-queue contract of RabbitMQ: another
 connection's declare is refused with RESOURCE_LOCKED, the queue goes with its connection), on a
 ``task.Clock`` with a synchronous pool. The same contract on the real RabbitMQ, and the SIGKILL of a
-container holding a lock mid-download: tests/services/fetch/test_broker_lock_takeover.py.
+container holding a lock mid-download: test_broker_locks_rabbitmq.py.
 """
 
 from __future__ import annotations

@@ -106,6 +106,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.exceptions import ConnectionLostError
+from ion.core.messaging.memory import MemoryTransport
 from ion.services.cache.entry import EntryKey
 from ion.services.cache.errors import InvalidKeyError, LockTimeoutError
 
@@ -639,10 +640,9 @@ def broker_identity(transport: Any) -> str | None:
     default ``rabbit@<first node's host>``); ``memory:<pid>:<id>`` for the embedded broker (of
     this process only). None when it cannot be told: then no lock file is marked (see
     :meth:`BrokerLocks.marker`), and takeovers wait for ``lock_timeout`` as without a broker."""
-    broker = getattr(transport, "broker", None)
-    if broker is not None and type(transport).__name__ == "MemoryTransport":
-        return f"memory:{os.getpid()}:{id(broker)}"
-    props = getattr(transport, "server_properties", None)
+    if isinstance(transport, MemoryTransport):
+        return f"memory:{os.getpid()}:{id(transport.broker)}"
+    props = getattr(transport, "server_properties", None)  # AmqpTransport's
     if not isinstance(props, Mapping):
         return None
     name = props.get("cluster_name")
@@ -881,14 +881,17 @@ def lock_transport_factory(transport: Any) -> Callable[[], Any] | None:
     """How to open the lock connection (:class:`BrokerLocks`) to the broker of a container's
     ``transport``: the same addresses and login, no reconnection; None for a transport of
     another kind."""
-    broker = getattr(transport, "broker", None)
-    if broker is not None and type(transport).__name__ == "MemoryTransport":
-        return lambda: broker.connect(transport.user)
-    urls = getattr(transport, "urls", None)
-    if urls and type(transport).__name__ == "AmqpTransport":
-        cls = type(transport)
-        return lambda: cls(list(urls), reactor=transport.reactor, reconnect=False, heartbeat=transport.heartbeat,
-                           connect_timeout=min(transport.connect_timeout, 5.0), confirm=False)
+    if isinstance(transport, MemoryTransport):
+        broker, user = transport.broker, transport.user
+        return lambda: broker.connect(user)
+    try:
+        from ion.core.messaging.amqp import AmqpTransport
+    except ImportError:  # pragma: no cover - pika is a dependency
+        return None
+    if isinstance(transport, AmqpTransport):
+        amqp = transport
+        return lambda: AmqpTransport(list(amqp.urls), reactor=amqp.reactor, reconnect=False, heartbeat=amqp.heartbeat,
+                                     connect_timeout=min(amqp.connect_timeout, 5.0), confirm=False)
     return None
 
 

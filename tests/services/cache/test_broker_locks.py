@@ -240,6 +240,13 @@ def test_lock_transport_factory(clock):
     made = lock_transport_factory(t)()
     assert isinstance(made, MemoryTransport) and made is not t and made.broker is broker and made.user == "svc"
     assert lock_transport_factory(object()) is None
+    from ion.core.messaging.amqp import AmqpTransport
+
+    container = AmqpTransport(["amqp://u:p@10.0.0.1:5672/v", "amqp://u:p@10.0.0.2:5672/v"], reactor=clock, heartbeat=5)
+    lock_conn = lock_transport_factory(container)()
+    assert isinstance(lock_conn, AmqpTransport) and lock_conn is not container
+    assert lock_conn.urls == container.urls and lock_conn.urls is not container.urls
+    assert (lock_conn.reconnect_enabled, lock_conn.heartbeat, lock_conn.state) == (False, 5, "new")
 
 
 @pytest_twisted.ensureDeferred

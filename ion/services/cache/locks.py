@@ -1098,8 +1098,8 @@ class LockTable:
     def _broker_lost(self, lock: CacheLock) -> None:
         """The connection holding ``lock``'s broker lock was lost: another host may take the lock
         file over at once (it carries the broker lock's marker), so the lock counts as lost."""
-        if not lock.held or lock.lost:
-            return
+        if not lock.held or lock.lost or lock.holder.broker is None:
+            return  # an unmarked file (taken after the loss) is judged by the old rules: still ours
         lock.lost = lock.broker_lost = True
         self._log.error("lost the lock of {entry} ({path}): its broker lock went with the connection to the broker",
                         entry=str(lock.key), path=str(lock.path))

@@ -175,6 +175,25 @@ def test_losing_the_broker_connection_loses_the_lock(host, key, clock, log_event
     fired(a.cache.unlock(again))
 
 
+def test_connection_lost_while_waiting_for_the_file_goes_on_with_the_file_alone(host, key, clock):
+    """The broker lock is held, the lock file is another's (unmarked, e.g. ion-deploy's), and the lock
+    connection drops meanwhile: the file is then taken without the marker, so the lock stays good."""
+    a = host("host-a")
+    plain = Cache(a.cache.root, host_id="host-x", lock_timeout=600, clock=clock, pool=a.cache.pool)
+    other = fired(plain.lock(key))
+    waiting = a.cache.lock(key, timeout=60)
+    clock.advance(1)
+    conn = a.connections[0]
+    conn.close()
+    conn._notify_connection("lost", "gone")
+    fired(plain.unlock(other))
+    clock.advance(1)
+    lock = fired(waiting)
+    assert lock.active and LockHolder.parse(lock.path.read_text()).broker is None
+    fired(a.cache.unlock(lock))
+    assert not lock.path.exists()
+
+
 def test_broker_unreachable_falls_back_to_the_lock_file(make_cache, key, clock, log_events):
     """No connection can be made: the lock is taken with its file alone (no marker), with a warning."""
 

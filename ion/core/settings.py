@@ -47,7 +47,8 @@ class MessagingSettings(Settings):
     :ivar reconnect_max: AMQP: the longest wait between two attempts.
     :ivar reconnect_jitter: AMQP: the share of each wait (0-1) drawn at random, so that containers
         do not all reconnect in the same instant after a broker restart; 0: the exact doubling.
-    :ivar heartbeat: AMQP heartbeat in seconds; 0: none; None: what the broker proposes.
+    :ivar heartbeat: AMQP heartbeat in seconds (5: a silent host is dropped by the broker, and its
+        cache locks freed, within seconds); 0: none; None: what the broker proposes (RabbitMQ: 60).
     """
 
     SECTION: ClassVar[str] = "ion.core.messaging"
@@ -59,7 +60,7 @@ class MessagingSettings(Settings):
     reconnect_initial: float = setting(0.5, positive=True, unit="seconds")
     reconnect_max: float = setting(10.0, positive=True, unit="seconds")
     reconnect_jitter: float = setting(0.5, finite=True)
-    heartbeat: float | None = setting(None, unit="seconds")
+    heartbeat: float | None = setting(5.0, unit="seconds")
 
     def __post_init__(self) -> None:
         super().__post_init__()

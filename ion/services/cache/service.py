@@ -4,6 +4,8 @@
 ``root`` (default ``$ION_CACHE_DIR``, else ``~/.cache/ion/deploy``),
 ``lock_timeout`` (600 s), ``lock_wait_timeout`` (2 x lock_timeout),
 ``host_id`` (default: see :func:`~ion.services.cache.locks.resolve_host_id`),
+``broker_locks`` (true: each lock is taken through the broker as well, on a
+connection of the service's own, see :class:`~ion.services.cache.locks.BrokerLocks`),
 ``fsync`` (fsync file contents at publish), ``max_concurrent`` (requests
 handled at once: a ``lock`` waiting for its entry must not keep ``unlock``
 from being handled).
@@ -78,7 +80,7 @@ from ion.services.cache.errors import (
     LockNotHeldError,
     UnknownLockError,
 )
-from ion.services.cache.locks import CacheLock
+from ion.services.cache.locks import BrokerLocks, CacheLock, lock_transport_factory
 from ion.services.cache.reaper import (
     TICK_OP,
     CacheReaper,
@@ -146,7 +148,12 @@ class CacheService(ServiceProcess):
         # (checked on resolved paths: realpath, in the pool).
         root = yield self.container.blocking.run(self.bounded_config, "root", narrow_root, str(default_root()))
         self.settings = CacheSettings.from_config(self.get_config)
-        self.cache = self.settings.open(root, clock=self.clock, pool=self.container.blocking)
+        broker_locks: BrokerLocks | None = None
+        connect = lock_transport_factory(self.container.transport) if self.settings.broker_locks else None
+        if connect is not None:
+            broker_locks = BrokerLocks(connect, self.clock)
+        self.cache = self.settings.open(root, clock=self.clock, pool=self.container.blocking,
+                                        broker_locks=broker_locks)
         self.reaper = CacheReaper(self.cache, ReapPolicy.from_config(self.get_config), name=self.id,
                                   publish=self._publish_event, clock=self.clock)
         #: The last reap round's report this instance saw (its own, or another's event).

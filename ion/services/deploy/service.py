@@ -332,6 +332,18 @@ class DeployService(ServiceProcess):
             raise ApplicationError(f"{source}: the request lists no item", 400)
         return Deployment(source, items)
 
+    @staticmethod
+    def _partial(content: Any) -> bool:
+        """The request's ``partial`` (absent: False, all or nothing); anything but a boolean is refused (400)."""
+        if isinstance(content, convert.pb.DeployRequest):
+            return bool(content.partial)
+        partial = content.get("partial", False) if isinstance(content, Mapping) else False
+        if partial is None:
+            return False
+        if not isinstance(partial, bool):
+            raise ApplicationError(f"partial must be true or false, not {type(partial).__name__} {partial!r}", 400)
+        return partial
+
     def _cache_root(self) -> Path:
         """The cache root of this container's config (where the Cache service publishes entries)."""
         from ion.services.cache.core import configured_root
@@ -385,8 +397,8 @@ class DeployService(ServiceProcess):
         return Deployer(run_fetch, self.container.blocking, max_parallel=self.settings.max_parallel,
                         cache_root=self._cache_root())
 
-    def _run(self, deployment: Deployment, job: str | None,
-             targets: list[Target]) -> defer.Deferred[list[ItemResult]]:
+    def _run(self, deployment: Deployment, job: str | None, targets: list[Target],
+             partial: bool = False) -> defer.Deferred[list[ItemResult]]:
         def progress(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
             event = {"job": job, "item": item.label, "position": item.position, "phase": phase,
                      "bytes": info.get("done") if isinstance(info, Mapping) else None}
@@ -405,7 +417,7 @@ class DeployService(ServiceProcess):
         self.refuse_if_draining()
         # Tracked: terminate waits for it (drain_timeout), then cancels it.
         return self.track(self._deployer(job).deploy(deployment, progress=progress, on_result=on_result,
-                                                     targets=targets))
+                                                     targets=targets, partial=partial))
 
     # -- ops --------------------------------------------------------------------------------
     @audited("deploy.run")
@@ -414,9 +426,10 @@ class DeployService(ServiceProcess):
         self.refuse_if_draining()
         protobuf = isinstance(content, convert.pb.DeployRequest)
         deployment = self._deployment(content)
+        partial = self._partial(content)
         # realpath may touch slow filesystems: resolve off the reactor thread.
         targets = await self.container.blocking.run(self._authorize, deployment.items)
-        results = await self._run(deployment, None, targets)
+        results = await self._run(deployment, None, targets, partial)
         cancelled = [r.item.label for r in results if r.cancelled]
         if not cancelled:
             summary = _summary(deployment, results)
@@ -438,11 +451,12 @@ class DeployService(ServiceProcess):
         self.refuse_if_draining()
         protobuf = isinstance(content, convert.pb.DeployRequest)
         deployment = self._deployment(content)
+        partial = self._partial(content)
         targets = await self.container.blocking.run(self._authorize, deployment.items)
         # The id names this instance, so status polls reach the one holding the job
         # even when several Deploy instances share the service queue.
         job_id = f"{self.id}{JOB_SEP}{os.urandom(8).hex()}"
-        work = self._run(deployment, job_id, targets)
+        work = self._run(deployment, job_id, targets, partial)
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
         job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id,
                               resume=_resume_data(deployment, targets, msg.get("broker-user")))
@@ -521,24 +535,29 @@ class DeployClient(ServiceClient):
     service_name = "deploy"
 
     @staticmethod
-    def request_content(deployment: Deployment) -> Any:
+    def request_content(deployment: Deployment, *, partial: bool = False) -> Any:
         """The content of a deploy request for a deployment read where the caller runs: an
-        ``ion.deployer.DeployRequest`` (the plain-dict spelling is :meth:`DeploymentItem.to_dict`'s).
+        ``ion.deployer.DeployRequest`` (the plain-dict spelling is :meth:`DeploymentItem.to_dict`'s
+        items, with ``source`` and ``partial``).
 
         (Not ``request``: that is ServiceClient's conversation call, which this must not hide.)
         """
-        return convert.deploy_request_to_pb(deployment.source, deployment.items)
+        return convert.deploy_request_to_pb(deployment.source, deployment.items, partial=partial)
 
     @defer.inlineCallbacks
-    def deploy(self, deployment: Deployment, timeout: float | None = 3600) -> Any:
-        """Deploy and wait: ``{"ok", "items": [{item, state, already, reason, ...}]}``."""
-        content, _ = yield self.rpc_send("deploy", self.request_content(deployment), timeout=timeout)
+    def deploy(self, deployment: Deployment, timeout: float | None = 3600, *, partial: bool = False) -> Any:
+        """Deploy and wait: ``{"ok", "items": [{item, state, already, reason, ...}]}``.
+
+        :param partial: keep each item placed whatever the others do (default: all or nothing).
+        """
+        content, _ = yield self.rpc_send("deploy", self.request_content(deployment, partial=partial),
+                                         timeout=timeout)
         return convert.summary_to_wire(content) if isinstance(content, convert.pb.DeploySummary) else content
 
     @defer.inlineCallbacks
-    def deploy_async(self, deployment: Deployment) -> Any:
-        """Start a deployment; fires with its job id."""
-        content, _ = yield self.rpc_send("deploy_async", self.request_content(deployment))
+    def deploy_async(self, deployment: Deployment, *, partial: bool = False) -> Any:
+        """Start a deployment (``partial``: see :meth:`deploy`); fires with its job id."""
+        content, _ = yield self.rpc_send("deploy_async", self.request_content(deployment, partial=partial))
         return content.job if isinstance(content, convert.pb.JobStarted) else content["job"]
 
     @defer.inlineCallbacks
@@ -641,7 +660,7 @@ class JobProgressListener(Process):
         phase = str(event.get("phase") or "")
         if event.get("position") is not None:  # the Deploy service's: one item's phase
             for item in [i for i in self.items if i.position == event["position"]]:
-                if phase in ("place", "done", "failed"):
+                if phase in ("place", "done", "failed", "rolled back"):
                     self.progress(item, phase, event)
                 elif phase == "cancelled":
                     self.progress(item, "failed", event)

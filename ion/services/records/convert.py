@@ -124,14 +124,14 @@ def result_to_wire(msg: Any) -> dict[str, Any]:
             "fetched_at": float(msg.fetched_at), "stamp": msg.stamp, "warnings": list(msg.warnings)}
 
 
-def deploy_request_to_pb(source: str, items: list[DeploymentItem]) -> Any:
+def deploy_request_to_pb(source: str, items: list[DeploymentItem], *, partial: bool = False) -> Any:
     """The ``ion.deployer.DeployRequest`` of a deployment read where the caller runs."""
-    return pb.DeployRequest(source=source, items=[item_to_pb(item) for item in items])
+    return pb.DeployRequest(source=source, items=[item_to_pb(item) for item in items], partial=partial)
 
 
 def deploy_request_to_wire(msg: Any) -> dict[str, Any]:
     """An ``ion.deployer.DeployRequest`` as the dict a plain-dict client sends (to be checked as one)."""
-    return {"source": msg.source, "items": [item_to_wire(item) for item in msg.items]}
+    return {"source": msg.source, "items": [item_to_wire(item) for item in msg.items], "partial": msg.partial}
 
 
 def item_result_to_pb(wire: Mapping[str, Any]) -> Any:

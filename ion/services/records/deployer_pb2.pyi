@@ -169,12 +169,14 @@ class ItemResult(_message.Message):
     def __init__(self, item: _Optional[str] = ..., position: _Optional[str] = ..., state: _Optional[str] = ..., already: _Optional[bool] = ..., reason: _Optional[str] = ..., destination: _Optional[str] = ..., entry: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., link: _Optional[bool] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
-    __slots__ = ("source", "items")
+    __slots__ = ("source", "items", "partial")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     source: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
-    def __init__(self, source: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+    partial: bool
+    def __init__(self, source: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class DeploySummary(_message.Message):
     __slots__ = ("source", "ok", "items")

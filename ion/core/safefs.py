@@ -435,23 +435,32 @@ def _renameat2() -> Any:
         return _renameat2_call[0]
     call: Any = None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc: Any = ctypes.CDLL(None, use_errno=True)
     except OSError:
         libc = None
     if libc is not None and hasattr(libc, "renameat2"):
         call = libc.renameat2
         call.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
         call.restype = ctypes.c_int
-    elif libc is not None and hasattr(libc, "syscall") and platform.system() == "Linux":
-        number = _SYS_RENAMEAT2.get(platform.machine())
-        if number is not None:
-            syscall = libc.syscall
-            syscall.restype = ctypes.c_long
-
-            def call(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> int:
-                return int(syscall(ctypes.c_long(number), ctypes.c_int(olddirfd), ctypes.c_char_p(old),
-                                   ctypes.c_int(newdirfd), ctypes.c_char_p(new), ctypes.c_uint(flags)))
+    elif libc is not None:
+        call = _syscall_renameat2(libc)
     _renameat2_call.append(call)
+    return call
+
+
+def _syscall_renameat2(libc: Any) -> Any:
+    """``renameat2`` through ``syscall(SYS_renameat2, ...)``, for a C library without the wrapper
+    (glibc before 2.28); None off Linux or on a machine whose number is not known here."""
+    number = _SYS_RENAMEAT2.get(platform.machine())
+    if platform.system() != "Linux" or number is None or not hasattr(libc, "syscall"):
+        return None
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+
+    def call(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> int:
+        return int(syscall(ctypes.c_long(number), ctypes.c_int(olddirfd), ctypes.c_char_p(old),
+                           ctypes.c_int(newdirfd), ctypes.c_char_p(new), ctypes.c_uint(flags)))
+
     return call
 
 

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer
 
+from ion.core.exceptions import ReceivedApplicationError
 from ion.core.safefs import SafeDir
 from ion.core.threads import SynchronousPool
 from ion.services.deploy.core import ROLLED_BACK, Deployer
@@ -31,9 +33,22 @@ from ion.services.deploy.place import (
     placed_already,
     undo,
 )
-from ion.services.deploy.spec import parse_deployment
+from ion.services.deploy.spec import load_deployment, parse_deployment
+from tests.services.deploy import scenario_support
+from tests.services.deploy.scenario_support import item, write_deployment
+
+# Fixtures of scenario_support, used by name.
+deploy_system = scenario_support.deploy_system
+http_servers = scenario_support.http_servers
+make_repo = scenario_support.make_repo
 
 ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Job records and any default cache stay in the test's folder."""
+    monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path / "env-cache"))
 
 
 @pytest.fixture(params=["exchange", "symlink switch"])
@@ -245,6 +260,7 @@ class Repo:
 
 
 def deployment(tmp_path: Path, version: str, **per_item: Any) -> Any:
+    """Four items, two copied into nested destinations and two linked, all at ``version``."""
     items = [{"name": n, "version": per_item.get(n, version), "platform": "linux",
               "destination": str(tmp_path / "dest" / d), "link": link}
              for n, d, link in (("a", "one", False), ("b", "two", True), ("c", "one/c", False), ("d", "four", True))]
@@ -385,3 +401,25 @@ print(count)
 for names in missing[:20]:
     print(names)
 """
+
+
+# -- through the Deploy service -------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_the_service_reads_partial_from_a_dict_request_and_refuses_a_non_boolean(
+        deploy_system: Any, make_repo: Any, tmp_path: Path) -> None:
+    """A plain-dict request's ``partial``: true keeps the items placed beside a failed one; anything but a
+    boolean is a 400 naming it, and nothing runs."""
+    url, _ = make_repo("file")
+    dest = tmp_path / "dest"
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, [
+        item("zlib", "1.2", dest / "a"), item("zlib", "9.9", dest / "b")]))
+    items = [dict(i.to_dict()) for i in spec.items]
+    with pytest.raises(ReceivedApplicationError) as info:
+        await deploy_system.rpc_send("deploy", {"source": "d.json", "items": items, "partial": "yes"})
+    assert info.value.response_code == 400 and "partial must be true or false" in info.value.message
+    assert not (dest / "a").exists()
+    content, _ = await deploy_system.rpc_send("deploy", {"source": "d.json", "items": items, "partial": True})
+    assert [r["state"] for r in content["items"]] == ["downloaded", "failed"]
+    assert (dest / "a/zlib").is_symlink()
+    content, _ = await deploy_system.rpc_send("deploy", {"source": "d.json", "items": items})
+    assert [r["state"] for r in content["items"]] == ["cached", "failed"]  # in place already: nothing to undo

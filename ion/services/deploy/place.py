@@ -3,14 +3,41 @@
 Blocking filesystem code, run in the container's :class:`~ion.core.threads.BlockingPool`.
 
 Each top-level name of the entry becomes either a symlink into the cache
-(``link: true``) or a copy, written beside the target and renamed over it, so
-the destination never holds a half-written dependency. What an item placed is
-recorded in a manifest, ``<destination>/.ion-deploy/<platform>.<name>.json``,
-written last; the next deployment of that item removes the names the new
-version lacks, and nothing else at the destination is ever touched. A name
-that exists there but that no item of ours placed is refused, never
-overwritten — except a symlink, which holds no data (Umpire's old links, a
-dangling link) and is replaced.
+(``link: true``) or a copy, written beside the target (``.<name>.ion-new-*``)
+and switched in, so the destination never holds a half-written dependency.
+What an item placed is recorded in a manifest,
+``<destination>/.ion-deploy/<platform>.<name>.json``, written last; the next
+deployment of that item removes the names the new version lacks, and nothing
+else at the destination is ever touched. A name that exists there but that no
+item of ours placed is refused, never overwritten — except a symlink, which
+holds no data (Umpire's old links, a dangling link) and is replaced.
+
+**A name is never missing** (:func:`_swap_in`). The new version is swapped
+with the old one by :meth:`SafeDir.exchange <ion.core.safefs.SafeDir.exchange>`
+(``renameat2(RENAME_EXCHANGE)``): one step, the old version left at
+``.<name>.ion-old-*``. Where the filesystem has no exchange (NFS, old
+kernels), a file or link is renamed over the name (atomic; the old one kept
+aside by a hard link or a copy first), and a copied folder is put beside it as
+a versioned folder ``.<name>.ion-ver-<8 hex>`` that the name, a symlink,
+names: switching it is renaming a new link over the old one. Readers follow
+the link as they would the folder; the copy is in place already when its
+placement finds such a link to its own version. Only a real folder at the
+name without exchange has the two renames (old aside, new in) of old, once:
+the name is a link from then on.
+
+**Two-phase** (``place(pending=True)``, the Deployer's all or nothing):
+the names are switched and the manifest written, but the previous versions
+stay aside; the result's :class:`Switch` is then committed (:func:`commit`:
+the previous versions removed) or undone (:func:`undo`: each name exchanged
+back, the names the new version lacked renamed back, the manifest rewritten
+as it was), each under the destination's lock again. Meanwhile the switch
+holds a shared ``flock`` on ``.ion-deploy/.pending``. A placement removes what
+a killed placer left (``.<name>.ion-new-*`` always; ``.ion-old-*`` and the
+``.ion-ver-*`` no link names only when it can take ``.pending`` exclusively,
+that is when no live switch waits there): a SIGKILLed deployer's shared lock
+is gone with it, so its set-aside versions are cleaned by the next placement.
+A name changed by someone else since the switch is not switched back
+(:class:`PlacementError` says which).
 
 **Nothing is redirected.** A destination is checked (under an allowed root,
 after ``realpath``) when the request arrives, and written after a fetch that
@@ -24,7 +51,7 @@ never followed. The same holds for ``.ion-deploy`` and the names in it. A
 destination in the cache root, or in the entry itself, is refused: published
 cache entries are never written by a deployment. An entry whose top-level
 names include ``.ion-deploy`` or the placer's temporary names
-(``.<name>.ion-new-*``, ``.<name>.ion-old-*``) is refused too, so the record
+(``.<name>.ion-new-*``, ``.<name>.ion-old-*``, ``.<name>.ion-ver-*``) is refused too, so the record
 of a destination can never be a link into the cache nor part of a dependency.
 
 **One placement of a destination at a time**, across threads and processes:

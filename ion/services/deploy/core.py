@@ -256,8 +256,14 @@ class Deployer:
         and make its item's result ``rolled back`` (or ``failed``, saying so, where that failed)."""
         results: list[ItemResult] | None = None if isinstance(outcome, Failure) else list(outcome)
         if results is not None and all(r.ok for r in results):
-            for _, switch in switched:
-                for problem in await self.pool.run(commit, switch):
+            # In parallel (bounded by the pool); two in one destination take its lock in turn.
+            commits = [self.pool.run(commit, switch) for _, switch in switched]
+            for done in await defer.DeferredList(commits, consumeErrors=True):
+                ok, problems = done
+                if not ok:
+                    _log.failure("committing a placement failed", problems)
+                    continue
+                for problem in problems:
                     _log.warn("{problem} (the next placement removes it)", problem=problem)
             return outcome
         why = "the deployment did not end"

@@ -407,7 +407,8 @@ class DeployService(ServiceProcess):
             self.container.publish_event("deploy.progress", event)
 
         items = self.container.metrics.counter("ion_deploy_items", "Deployed items by outcome (downloaded, "
-                                               "cached, updated, failed, cancelled).", ("state",))
+                                               "cached, updated, failed, cancelled; an item switched back "
+                                               "is counted again as rolled back).", ("state",))
 
         def on_result(result: ItemResult) -> None:
             items.labels(result.state).inc()

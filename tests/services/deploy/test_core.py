@@ -170,7 +170,8 @@ def test_two_versions_into_one_destination_are_placed_in_turn(tmp_path):
     pool.step()  # the destinations' realpaths, first and at once
     steps = []
     while pool.pending:
-        assert len(pool.pending) == 1  # the second placement waits for the first
+        # The second placement waits for the first (the commits at the end may run together).
+        assert len(pool.pending) == 1 or {p[1].__name__ for p in pool.pending} == {"commit"}
         steps.append(pool.pending[0][1].__name__)
         pool.step()
     # Each: a quick check whether it is in place already, then the placement; at the end (all

@@ -65,7 +65,9 @@ same job id, so its ``deploy.progress`` events reach the same followers, and
 owner is gone takes it over the same way. The instance checks the items
 against its own allowed roots again (a 403 ends the job REMOTE_ERROR). After
 ``max_takeovers`` (3) the job ends REMOTE_ERROR. A draining instance takes
-nothing over.
+nothing over. The takeover keeps the request's ``partial``; all or nothing
+spans one instance's run only: the items the dead owner switched in stay (each
+whole), and a failure after the takeover switches back only the items it placed.
 """
 
 from __future__ import annotations
@@ -295,7 +297,7 @@ class DeployService(ServiceProcess):
             return defer.succeed({})
         # This instance's own bounds decide what it writes (they may differ from the first owner's).
         targets = await self.container.blocking.run(self._authorize, remaining)
-        work = self._run(Deployment(source, remaining), job_id, targets)
+        work = self._run(Deployment(source, remaining), job_id, targets, resume.get("partial") is True)
         return work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
 
     # -- request handling ---------------------------------------------------------------
@@ -460,7 +462,7 @@ class DeployService(ServiceProcess):
         work = self._run(deployment, job_id, targets, partial)
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
         job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id,
-                              resume=_resume_data(deployment, targets, msg.get("broker-user")))
+                              resume=_resume_data(deployment, targets, msg.get("broker-user"), partial))
         if protobuf:
             return convert.pb.JobStarted(job=job.job_id, total=len(deployment.items))
         return {"job": job.job_id, "total": len(deployment.items)}
@@ -517,12 +519,13 @@ def _part(result: ItemResult) -> str:
     return f"{result.item.position} {result.item.label}".strip()
 
 
-def _resume_data(deployment: Deployment, targets: list[Target], caller: Any) -> dict[str, Any]:
+def _resume_data(deployment: Deployment, targets: list[Target], caller: Any,
+                 partial: bool = False) -> dict[str, Any]:
     """What a takeover needs (the job record's ``resume``): the request as validated, its caller,
-    and where each destination was allowed (root, resolved path)."""
+    where each destination was allowed (root, resolved path), and ``partial``."""
     return {"source": deployment.source, "items": [item.to_dict() for item in deployment.items],
             "caller": caller if isinstance(caller, str) else None,
-            "targets": [[str(t.root), str(t.path)] for t in targets]}
+            "targets": [[str(t.root), str(t.path)] for t in targets], "partial": partial}
 
 
 def _summary(deployment: Deployment, results: list[ItemResult]) -> dict[str, Any]:

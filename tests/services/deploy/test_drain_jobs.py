@@ -19,6 +19,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
+from ion.core.deferreds import observe
 from ion.core.exceptions import ReceivedError
 from ion.core.jobs import JobStatus, JobStore, JobTable
 from ion.services.deploy.spec import load_deployment
@@ -502,6 +503,8 @@ async def test_a_job_whose_owner_died_is_taken_over_and_finishes_only_the_rest(c
     assert taken["from"] == dead and taken["remaining"] == 2
     await events.wait(item_done(job, "linux/zlib/1.2"))
     await events.wait(item_done(job, "linux/tool/3.0"))
+    # All or nothing: the job ends once its items' switches are committed (in the pool).
+    await within(observe(deploy_service(container).jobs.jobs[job].deferred))
     status = await within(client.job_status(job))
     assert (status["status"], status["state"]) == (JobStatus.FINISHED, "FINISHED")
     assert {r["item"]: r["state"] for r in status["results"].values()} == {

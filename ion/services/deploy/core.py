@@ -20,8 +20,9 @@ and whether its destination was already right (``already``).
 aside). When every item is in place, each switch is committed (the previous
 versions removed); when any item failed or was cancelled, every item this
 deployment switched is switched back (the last first), so each destination
-holds its previous generation whole, files and manifests. ``partial=True``
-keeps the item-by-item behaviour: each item committed as it is placed, the
+holds its previous generation whole, files and manifests; an item whose
+fetch ends after a failure is not switched in at all (``rolled back`` too,
+unless it was in place already). ``partial=True`` keeps the item-by-item behaviour: each item committed as it is placed, the
 others left as they are. A deployer killed between the switches and their
 commit leaves each item whole, in its new or its previous version (the
 previous one removed by the next placement of the item).
@@ -164,15 +165,14 @@ class Deployer:
                targets: list[Target] | None = None, partial: bool = False) -> defer.Deferred[list[ItemResult]]:
         """Deploy every item; fires with one :class:`ItemResult` per item, in file order.
 
-        :param partial: keep each item placed whatever the others do; by default
-            (all or nothing) a failed or cancelled item switches back every item this
-            deployment switched (``rolled back``). ``on_result`` is called again for those.
-
         :param targets: one per item, in order: where each destination was checked
             (resolved) and the root its walk starts from at write time (the Deploy
             service's allowed roots). None: each destination's realpath now, walked
             from ``/`` (``ion-deploy`` in process): a folder swapped for a link
             during the fetch is refused either way, never followed.
+        :param partial: keep each item placed whatever the others do; by default
+            (all or nothing) a failed or cancelled item switches back every item this
+            deployment switched (``rolled back``); ``on_result`` is called again for those.
         """
         if targets is None:
             # realpath may block (a slow or network filesystem): resolved in the pool, then deployed.
@@ -188,6 +188,8 @@ class Deployer:
         placing: dict[Path, defer.DeferredLock] = {}
         # All or nothing: what each item switched in, in the order switched (committed or undone at the end).
         switched: list[tuple[int, Switch]] = []
+        # All or nothing: the items that did not deploy so far (once one has, no other is switched in).
+        failures: list[str] = []
 
         def report(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
             if progress is not None:
@@ -220,12 +222,15 @@ class Deployer:
             else:
                 try:
                     result, switch = await _despite_cancel(defer.ensureDeferred(
-                        self._place(item, target, fetched, report, pending=not partial)))
+                        self._place(item, target, fetched, report, pending=not partial,
+                                    hold_back=None if partial else failures)))
                     if switch is not None:
                         switched.append((index, switch))
                 finally:
                     lock.release()
-            phase = "done" if result.ok else ("cancelled" if result.cancelled else "failed")
+            if not result.ok and result.state != ROLLED_BACK:
+                failures.append(f"{item.label}: {result.state}")
+            phase = "done" if result.ok else result.state if result.state in ("cancelled", ROLLED_BACK) else "failed"
             report(item, phase, result.to_wire())
             if on_result is not None:
                 on_result(result)
@@ -268,7 +273,7 @@ class Deployer:
             return outcome
         why = "the deployment did not end"
         if results is not None:
-            bad = [r for r in results if not r.ok]
+            bad = [r for r in results if not r.ok and r.state != ROLLED_BACK]
             why = (f"{len(bad)} item(s) of this deployment did not deploy "
                    f"({', '.join(f'{r.item.label}: {r.state}' for r in bad[:3])}{', ...' if len(bad) > 3 else ''})")
         for index, switch in reversed(switched):
@@ -286,7 +291,7 @@ class Deployer:
                 if item_result is None:
                     continue
                 new = ItemResult(item_result.item, ROLLED_BACK, reason=f"switched back to its previous version: "
-                                 f"{why} (all or nothing; --partial keeps what was placed)",
+                                 f"{why} (all or nothing; a partial deployment keeps what was placed)",
                                  entry=item_result.entry, names=item_result.names)
             assert results is not None
             results[index] = new
@@ -296,7 +301,13 @@ class Deployer:
         return results if results is not None else outcome
 
     async def _place(self, item: DeploymentItem, target: Target, fetched: Mapping[str, Any],
-                     report: ProgressFunction, *, pending: bool) -> tuple[ItemResult, Switch | None]:
+                     report: ProgressFunction, *, pending: bool,
+                     hold_back: list[str] | None = None) -> tuple[ItemResult, Switch | None]:
+        """Place one fetched item (two-phase when ``pending``): its result and its switch, if any.
+
+        ``hold_back`` (all or nothing): the items that did not deploy so far; if there are
+        any, an item not in place already is not switched in (``rolled back``, saying why).
+        """
         entry = Path(fetched["path"])
         names = list(fetched.get("names") or [])
         report(item, "place", {"destination": str(item.destination)})
@@ -306,6 +317,11 @@ class Deployer:
             # Most items of a warm deploy are in place already: a short check, with the others'.
             placed = await run_short(self.pool, placed_already, entry, names, target.path, root=target.root,
                                      **how)
+            if placed is None and hold_back:
+                return ItemResult(item, ROLLED_BACK, entry=str(entry), reason=(
+                    f"not switched in: {len(hold_back)} item(s) of this deployment did not deploy "
+                    f"({', '.join(hold_back[:3])}{', ...' if len(hold_back) > 3 else ''}); its previous version "
+                    f"stays (all or nothing; a partial deployment keeps what was placed)")), None
             if placed is None:
                 placed = await self.pool.run(place, entry, names, target.path, root=target.root,
                                              cache_root=self.cache_root, pending=pending, **how)

@@ -286,9 +286,17 @@ def test_a_failing_item_in_the_middle_leaves_the_previous_generation_whole(tmp_p
     results = deploy(deployer, deployment(tmp_path, "2.0"))
     assert [r.state for r in results] == [ROLLED_BACK, "failed", ROLLED_BACK, ROLLED_BACK]
     assert all("linux/b/2.0" in (r.reason or "") for r in results if r.state == ROLLED_BACK)
+    # a was switched in, then back; c and d, placed after b failed, were never switched in.
+    assert (results[0].reason or "").startswith("switched back")
+    assert all((r.reason or "").startswith("not switched in") for r in results[2:])
     assert snapshot(tmp_path / "dest") == before
     for d in ("one", "two", "one/c", "four"):
         assert leftovers(tmp_path / "dest" / d) == []
+    # Items in place already are what they are, failure or not.
+    same = deploy(deployer, deployment(tmp_path, "1.0", b="2.0"))
+    assert [(r.state, r.already) for r in same] == [("downloaded", True), ("failed", False),
+                                                    ("downloaded", True), ("downloaded", True)]
+    assert snapshot(tmp_path / "dest") == before
 
 
 def test_a_failing_placement_rolls_back_the_others_and_partial_keeps_them(tmp_path: Path, mode: str) -> None:

@@ -12,7 +12,12 @@ Deploy service with a :class:`~ion.services.deploy.service.DeployClient`).
 Umpire's flags keep their meaning: ``-c`` clears the cache first, ``-r``
 verifies and repairs it first, ``-d`` shows tracebacks. Also: ``--verify``,
 ``--verify-used``, ``--prune [--older-than D] [--keep N]``, ``--jobs N``, ``--cache-dir``,
-``--json``, ``--version``. Order of work: clear, repair/verify, deploy, prune.
+``--json``, ``--version``, ``--partial``. Order of work: clear, repair/verify,
+deploy, prune.
+
+A deployment is all or nothing: when an item fails, every item it already
+switched in is switched back to its previous version (``rolled back``);
+``--partial`` keeps each item placed whatever the others do.
 
 Every entry the deployment uses is checked by size and mtime as it is looked up
 (a file written since its entry was published is re-hashed); with
@@ -127,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=str, metavar="N",
                    help="with --prune: keep the N most recently used versions of each dependency")
     p.add_argument("-j", "--jobs", metavar="N", help="dependencies fetched at once (default: config, 8)")
+    p.add_argument("--partial", action="store_true",
+                   help="keep each item placed even if another fails (default: all or nothing, the items "
+                        "already switched in are switched back)")
     p.add_argument("--cache-dir", metavar="DIR", help="the cache root")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout, nothing else there")
     p.add_argument("--generations", action="store_true",
@@ -302,10 +310,10 @@ class Progress:
         elif phase == "place":
             if self.bar is not None:
                 self.bar.update(self.tasks[key], state="placing")
-        elif phase in ("done", "failed"):
+        elif phase in ("done", "failed", "rolled back"):
             state = str(info.get("state") or phase)
             already = bool(info.get("already"))
-            text = "failed" if phase == "failed" else ("already deployed" if already else state)
+            text = phase if phase != "done" else ("already deployed" if already else state)
             if self.bar is not None:
                 task = self.tasks[key]
                 total = self.bar.tasks[task].total if task < len(self.bar.tasks) else None
@@ -316,8 +324,8 @@ class Progress:
 
 
 def _note(row: Mapping[str, Any]) -> str:
-    if row.get("state") == "failed":
-        return str(row.get("reason") or "failed")
+    if row.get("state") in _NOT_DEPLOYED:
+        return str(row.get("reason") or row.get("state"))
     return "Already deployed" if row.get("already") else ""
 
 
@@ -332,7 +340,7 @@ def _summary(out: Output, rows: list[dict[str, Any]]) -> None:
         table = Table(title="Deployment")
         for h in headers:
             table.add_column(h, overflow="fold")
-        styles = {"failed": "red", "downloaded": "green", "updated": "green", "cached": ""}
+        styles = {"failed": "red", "rolled back": "yellow", "downloaded": "green", "updated": "green", "cached": ""}
         for c, r in zip(cells, rows, strict=True):
             table.add_row(*c, style=styles.get(r["state"], ""))
         out.console.print(table)
@@ -343,13 +351,21 @@ def _summary(out: Output, rows: list[dict[str, Any]]) -> None:
         for c in cells:
             note = str(c[-1]).replace("\n", "; ")
             out.line("  ".join(str(v).ljust(w) for v, w in zip(c, widths, strict=False)) + "  " + note)
-    failed = sum(1 for r in rows if r["state"] == "failed")
-    if failed:
-        out.line(f"{len(rows) - failed} of {len(rows)} items deployed; {failed} failed")
+    failed = sum(1 for r in rows if r["state"] in ("failed", "cancelled"))
+    rolled = sum(1 for r in rows if r["state"] == "rolled back")
+    if failed or rolled:
+        line = f"{len(rows) - failed - rolled} of {len(rows)} items deployed; {failed} failed"
+        if rolled:
+            line += f"; {rolled} rolled back (all or nothing: their previous versions are in place)"
+        out.line(line)
     elif all(r.get("already") and r["state"] == "cached" for r in rows):
         out.line(f"Already deployed: all {len(rows)} items")
     else:
         out.line(f"All {len(rows)} items deployed")
+
+
+#: The states of an item that is not in place in its new version.
+_NOT_DEPLOYED = ("failed", "cancelled", "rolled back")
 
 
 def _rows(items: Sequence[Any], results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -516,7 +532,7 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
             deployer = Deployer(_fetch_function(fetcher, cache if args.verify_used else None, healed, out), pool,
                                 max_parallel=jobs, cache_root=cache.root)
             with Progress(out, deployment.items) as progress:
-                results = await deployer.deploy(deployment, progress=progress)
+                results = await deployer.deploy(deployment, progress=progress, partial=args.partial)
             if args.verify_used:
                 result["healed"] = healed
             rows = _rows(deployment.items, [r.to_wire() for r in results])
@@ -700,11 +716,11 @@ async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, o
                 raise GenerationError(str(exc.message), exc.response_code) from None
         elif deployment is not None:
             out.line(f"Deploying {deployment.source} through the deploy service of {args.broker}")
-            answers = await _deploy_through_service(container, proc, deployment, out)
+            answers = await _deploy_through_service(container, proc, deployment, out, partial=args.partial)
             rows = _rows(deployment.items, answers)
             result["items"] = rows
             _summary(out, rows)
-            ok = ok and all(r["state"] != "failed" for r in rows)
+            ok = ok and all(r["state"] not in _NOT_DEPLOYED for r in rows)
         if args.prune:
             from ion.services.cache.service import CacheClient
 
@@ -716,7 +732,8 @@ async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, o
         await container.terminate()
 
 
-async def _deploy_through_service(container: Any, proc: Any, deployment: Any, out: Output) -> list[dict[str, Any]]:
+async def _deploy_through_service(container: Any, proc: Any, deployment: Any, out: Output, *,
+                                  partial: bool = False) -> list[dict[str, Any]]:
     """Deploy as an async job of the Deploy service, showing its progress events; every item's result.
 
     An async job rather than one long call: the job's progress events name it (so this run shows
@@ -731,7 +748,7 @@ async def _deploy_through_service(container: Any, proc: Any, deployment: Any, ou
                                     name="ion-deploy-progress")
         listener = container.proc_manager.get(pid)
         try:
-            job = await client.deploy_async(deployment)
+            job = await client.deploy_async(deployment, partial=partial)
             listener.job = job
             while True:
                 record = await client.job_status(job)

@@ -75,7 +75,9 @@ same job id, so its ``deploy.progress`` events reach the same followers, and
 owner is gone takes it over the same way. The instance checks the items
 against its own allowed roots again (a 403 ends the job REMOTE_ERROR). After
 ``max_takeovers`` (3) the job ends REMOTE_ERROR. A draining instance takes
-nothing over.
+nothing over. The takeover keeps the request's ``partial``; all or nothing
+spans one instance's run only: the items the dead owner switched in stay (each
+whole), and a failure after the takeover switches back only the items it placed.
 """
 
 from __future__ import annotations
@@ -315,7 +317,7 @@ class DeployService(ServiceProcess):
             return defer.succeed({})
         # This instance's own bounds decide what it writes (they may differ from the first owner's).
         targets = await self.container.blocking.run(self._authorize, remaining)
-        work = self._run(Deployment(source, remaining), job_id, targets)
+        work = self._run(Deployment(source, remaining), job_id, targets, resume.get("partial") is True)
         return work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
 
     # -- request handling ---------------------------------------------------------------
@@ -366,6 +368,18 @@ class DeployService(ServiceProcess):
         """Record a generation of ``file`` if every item is in place (the one hook after a deploy)."""
         return defer.ensureDeferred(record_generation(self.generations, file, deployment, results,
                                                       caller=msg.get("broker-user"), via=f"deploy {self.id}"))
+
+    @staticmethod
+    def _partial(content: Any) -> bool:
+        """The request's ``partial`` (absent: False, all or nothing); anything but a boolean is refused (400)."""
+        if isinstance(content, convert.pb.DeployRequest):
+            return bool(content.partial)
+        partial = content.get("partial", False) if isinstance(content, Mapping) else False
+        if partial is None:
+            return False
+        if not isinstance(partial, bool):
+            raise ApplicationError(f"partial must be true or false, not {type(partial).__name__} {partial!r}", 400)
+        return partial
 
     def _cache_root(self) -> Path:
         """The cache root of this container's config (where the Cache service publishes entries)."""
@@ -420,8 +434,8 @@ class DeployService(ServiceProcess):
         return Deployer(run_fetch, self.container.blocking, max_parallel=self.settings.max_parallel,
                         cache_root=self._cache_root())
 
-    def _run(self, deployment: Deployment, job: str | None,
-             targets: list[Target]) -> defer.Deferred[list[ItemResult]]:
+    def _run(self, deployment: Deployment, job: str | None, targets: list[Target],
+             partial: bool = False) -> defer.Deferred[list[ItemResult]]:
         def progress(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
             event = {"job": job, "item": item.label, "position": item.position, "phase": phase,
                      "bytes": info.get("done") if isinstance(info, Mapping) else None}
@@ -430,7 +444,8 @@ class DeployService(ServiceProcess):
             self.container.publish_event("deploy.progress", event)
 
         items = self.container.metrics.counter("ion_deploy_items", "Deployed items by outcome (downloaded, "
-                                               "cached, updated, failed, cancelled).", ("state",))
+                                               "cached, updated, failed, cancelled; an item switched back "
+                                               "is counted again as rolled back).", ("state",))
 
         def on_result(result: ItemResult) -> None:
             items.labels(result.state).inc()
@@ -440,7 +455,7 @@ class DeployService(ServiceProcess):
         self.refuse_if_draining()
         # Tracked: terminate waits for it (drain_timeout), then cancels it.
         return self.track(self._deployer(job).deploy(deployment, progress=progress, on_result=on_result,
-                                                     targets=targets))
+                                                     targets=targets, partial=partial))
 
     # -- ops --------------------------------------------------------------------------------
     @audited("deploy.run")
@@ -450,9 +465,10 @@ class DeployService(ServiceProcess):
         protobuf = isinstance(content, convert.pb.DeployRequest)
         deployment = self._deployment(content)
         file = self._deployment_file(content)
+        partial = self._partial(content)
         # realpath may touch slow filesystems: resolve off the reactor thread.
         targets = await self.container.blocking.run(self._authorize, deployment.items)
-        results = await self._run(deployment, None, targets)
+        results = await self._run(deployment, None, targets, partial)
         cancelled = [r.item.label for r in results if r.cancelled]
         if not cancelled:
             await self._record(file, deployment, results, msg)
@@ -476,11 +492,12 @@ class DeployService(ServiceProcess):
         protobuf = isinstance(content, convert.pb.DeployRequest)
         deployment = self._deployment(content)
         file = self._deployment_file(content)
+        partial = self._partial(content)
         targets = await self.container.blocking.run(self._authorize, deployment.items)
         # The id names this instance, so status polls reach the one holding the job
         # even when several Deploy instances share the service queue.
         job_id = f"{self.id}{JOB_SEP}{os.urandom(8).hex()}"
-        work = self._run(deployment, job_id, targets)
+        work = self._run(deployment, job_id, targets, partial)
 
         def finished(results: list[ItemResult]) -> list[ItemResult]:
             # Recorded as the job ends, not before it: its status is final with its last item.
@@ -492,7 +509,7 @@ class DeployService(ServiceProcess):
         work.addCallback(finished)
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
         job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id,
-                              resume=_resume_data(deployment, targets, msg.get("broker-user")))
+                              resume=_resume_data(deployment, targets, msg.get("broker-user"), partial))
         if protobuf:
             return convert.pb.JobStarted(job=job.job_id, total=len(deployment.items))
         return {"job": job.job_id, "total": len(deployment.items)}
@@ -577,12 +594,13 @@ def _part(result: ItemResult) -> str:
     return f"{result.item.position} {result.item.label}".strip()
 
 
-def _resume_data(deployment: Deployment, targets: list[Target], caller: Any) -> dict[str, Any]:
+def _resume_data(deployment: Deployment, targets: list[Target], caller: Any,
+                 partial: bool = False) -> dict[str, Any]:
     """What a takeover needs (the job record's ``resume``): the request as validated, its caller,
-    and where each destination was allowed (root, resolved path)."""
+    where each destination was allowed (root, resolved path), and ``partial``."""
     return {"source": deployment.source, "items": [item.to_dict() for item in deployment.items],
             "caller": caller if isinstance(caller, str) else None,
-            "targets": [[str(t.root), str(t.path)] for t in targets]}
+            "targets": [[str(t.root), str(t.path)] for t in targets], "partial": partial}
 
 
 def _summary(deployment: Deployment, results: list[ItemResult]) -> dict[str, Any]:
@@ -596,18 +614,18 @@ class DeployClient(ServiceClient):
     service_name = "deploy"
 
     @staticmethod
-    def request_content(deployment: Deployment, host: str | None = None) -> Any:
+    def request_content(deployment: Deployment, host: str | None = None, *, partial: bool = False) -> Any:
         """The content of a deploy request for a deployment read where the caller runs: an
-        ``ion.deployer.DeployRequest`` (the plain-dict spelling is :meth:`DeploymentItem.to_dict`'s).
-        With ``host`` (this host's id), a deployment read from a file names that file, so the
-        service records its generations.
+        ``ion.deployer.DeployRequest`` (the plain-dict spelling is :meth:`DeploymentItem.to_dict`'s
+        items, with ``source`` and ``partial``). With ``host`` (this host's id), a deployment read
+        from a file names that file, so the service records its generations.
 
         (Not ``request``: that is ServiceClient's conversation call, which this must not hide.)
         """
         named = deployment.file is not None and host is not None
         return convert.deploy_request_to_pb(deployment.source, deployment.items,
                                             file=deployment.file if named else None, host=host if named else None,
-                                            file_sha256=deployment.file_sha256 if named else None)
+                                            file_sha256=deployment.file_sha256 if named else None, partial=partial)
 
     def host_id(self) -> str:
         """This host's id, as the cache knows it (``host_id`` of ``ion.services.cache``, else
@@ -622,16 +640,20 @@ class DeployClient(ServiceClient):
         return DeploymentFile.of(path, self.host_id())
 
     @defer.inlineCallbacks
-    def deploy(self, deployment: Deployment, timeout: float | None = 3600) -> Any:
-        """Deploy and wait: ``{"ok", "items": [{item, state, already, reason, ...}]}``."""
-        content, _ = yield self.rpc_send("deploy", self.request_content(deployment, self.host_id()),
+    def deploy(self, deployment: Deployment, timeout: float | None = 3600, *, partial: bool = False) -> Any:
+        """Deploy and wait: ``{"ok", "items": [{item, state, already, reason, ...}]}``.
+
+        :param partial: keep each item placed whatever the others do (default: all or nothing).
+        """
+        content, _ = yield self.rpc_send("deploy", self.request_content(deployment, self.host_id(), partial=partial),
                                          timeout=timeout)
         return convert.summary_to_wire(content) if isinstance(content, convert.pb.DeploySummary) else content
 
     @defer.inlineCallbacks
-    def deploy_async(self, deployment: Deployment) -> Any:
-        """Start a deployment; fires with its job id."""
-        content, _ = yield self.rpc_send("deploy_async", self.request_content(deployment, self.host_id()))
+    def deploy_async(self, deployment: Deployment, *, partial: bool = False) -> Any:
+        """Start a deployment (``partial``: see :meth:`deploy`); fires with its job id."""
+        content, _ = yield self.rpc_send("deploy_async",
+                                         self.request_content(deployment, self.host_id(), partial=partial))
         return content.job if isinstance(content, convert.pb.JobStarted) else content["job"]
 
     @defer.inlineCallbacks
@@ -747,7 +769,7 @@ class JobProgressListener(Process):
         phase = str(event.get("phase") or "")
         if event.get("position") is not None:  # the Deploy service's: one item's phase
             for item in [i for i in self.items if i.position == event["position"]]:
-                if phase in ("place", "done", "failed"):
+                if phase in ("place", "done", "failed", "rolled back"):
                     self.progress(item, phase, event)
                 elif phase == "cancelled":
                     self.progress(item, "failed", event)

@@ -116,23 +116,26 @@ class DeployShellHelpers:
 
         return DeployClient(self.proc)
 
-    def deploy(self, file: str, timeout: float | None = 3600) -> Any:
-        """Deploy a deployment file through the Deploy service; shows each item's state."""
+    def deploy(self, file: str, timeout: float | None = 3600, partial: bool = False) -> Any:
+        """Deploy a deployment file through the Deploy service; shows each item's state.
+
+        All or nothing unless ``partial``: an item that fails switches back the others (``rolled back``).
+        """
         try:
             deployment = load_deployment(file)
         except DeploymentError as exc:
             return Text("\n".join(f"Error: {p}" for p in exc.problems))
-        d = self._deploy_client().deploy(deployment, timeout=timeout)
+        d = self._deploy_client().deploy(deployment, timeout=timeout, partial=partial)
         d.addCallback(lambda answer: item_rows(answer["items"]))
         return d
 
-    def deploy_async(self, file: str) -> Any:
-        """Start deploying a file; gives the job at once (use job_status(job))."""
+    def deploy_async(self, file: str, partial: bool = False) -> Any:
+        """Start deploying a file (``partial``: see ``deploy``); gives the job at once (use job_status(job))."""
         try:
             deployment = load_deployment(file)
         except DeploymentError as exc:
             return Text("\n".join(f"Error: {p}" for p in exc.problems))
-        return DeployJob(deployment.source, self._deploy_client().deploy_async(deployment))
+        return DeployJob(deployment.source, self._deploy_client().deploy_async(deployment, partial=partial))
 
     def jobs(self) -> Any:
         """The Deploy service's jobs: id, state, items done of total."""

@@ -125,16 +125,18 @@ def result_to_wire(msg: Any) -> dict[str, Any]:
 
 
 def deploy_request_to_pb(source: str, items: list[DeploymentItem], *, file: str | None = None,
-                         host: str | None = None, file_sha256: str | None = None) -> Any:
+                         host: str | None = None, file_sha256: str | None = None, partial: bool = False) -> Any:
     """The ``ion.deployer.DeployRequest`` of a deployment read where the caller runs (``file``,
-    ``host``, ``file_sha256``: the deployment file it was read from, which names its generations)."""
+    ``host``, ``file_sha256``: the deployment file it was read from, which names its generations;
+    ``partial``: keep each item placed whatever the others do)."""
     return pb.DeployRequest(source=source, items=[item_to_pb(item) for item in items], file=file or "",
-                            host=host or "", file_sha256=file_sha256 or "")
+                            host=host or "", file_sha256=file_sha256 or "", partial=partial)
 
 
 def deploy_request_to_wire(msg: Any) -> dict[str, Any]:
     """An ``ion.deployer.DeployRequest`` as the dict a plain-dict client sends (to be checked as one)."""
-    out: dict[str, Any] = {"source": msg.source, "items": [item_to_wire(item) for item in msg.items]}
+    out: dict[str, Any] = {"source": msg.source, "items": [item_to_wire(item) for item in msg.items],
+                           "partial": msg.partial}
     for key in ("file", "host", "file_sha256"):
         if getattr(msg, key):
             out[key] = getattr(msg, key)

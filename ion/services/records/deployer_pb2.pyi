@@ -169,18 +169,20 @@ class ItemResult(_message.Message):
     def __init__(self, item: _Optional[str] = ..., position: _Optional[str] = ..., state: _Optional[str] = ..., already: _Optional[bool] = ..., reason: _Optional[str] = ..., destination: _Optional[str] = ..., entry: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., link: _Optional[bool] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
-    __slots__ = ("source", "items", "file", "host", "file_sha256")
+    __slots__ = ("source", "items", "partial", "file", "host", "file_sha256")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     FILE_SHA256_FIELD_NUMBER: _ClassVar[int]
     source: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
+    partial: bool
     file: str
     host: str
     file_sha256: str
-    def __init__(self, source: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., file: _Optional[str] = ..., host: _Optional[str] = ..., file_sha256: _Optional[str] = ...) -> None: ...
+    def __init__(self, source: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., partial: _Optional[bool] = ..., file: _Optional[str] = ..., host: _Optional[str] = ..., file_sha256: _Optional[str] = ...) -> None: ...
 
 class DeploySummary(_message.Message):
     __slots__ = ("source", "ok", "items")

@@ -136,19 +136,28 @@ def test_json_output(tmp_path: Path, sample: Path) -> None:
     assert all(i["state"] == "cached" and i["already"] for i in again["items"])
 
 
-def test_missing_version_fails_that_item_only(tmp_path: Path) -> None:
-    """A version folder that does not exist: exit 1, the reason names where it looked, others deployed."""
+def test_missing_version_fails_that_item_only_with_partial(tmp_path: Path) -> None:
+    """A version folder that does not exist: exit 1, the reason names where it looked; with --partial the
+    others are deployed, without it (all or nothing) they are switched back: rolled back, counted so."""
     items = [dict(SAMPLE[0]), dict(SAMPLE[1], version="9.9"), dict(SAMPLE[2])]
     path = write_deployment(tmp_path, items)
-    result = run(tmp_path, str(path), "--json")
+    whole = run(tmp_path, str(path), "--json")
+    assert whole.returncode == 1
+    states = {i["name"]: i for i in json.loads(whole.stdout)["items"]}
+    assert states["hello-tools"]["state"] == "rolled back" and states["motd"]["state"] == "rolled back"
+    assert "greetings" in states["motd"]["reason"]
+    assert not (tmp_path / "deployed/etc/motd.txt").exists()  # nothing was there before: nothing is
+    plain = run(tmp_path, str(path))
+    assert plain.returncode == 1 and "0 of 3 items deployed; 1 failed; 2 rolled back" in plain.stdout
+    result = run(tmp_path, str(path), "--json", "--partial")
     assert result.returncode == 1
     data = json.loads(result.stdout)
     states = {i["name"]: i for i in data["items"]}
-    assert states["hello-tools"]["state"] == "downloaded" and states["motd"]["state"] == "downloaded"
+    assert {states["hello-tools"]["state"], states["motd"]["state"]} <= {"downloaded", "cached"}
     assert states["greetings"]["state"] == "failed"
     assert str(tmp_path / "repo/noarch/greetings/9.9") in states["greetings"]["reason"]
     assert (tmp_path / "deployed/etc/motd.txt").exists()
-    plain = run(tmp_path, str(path))
+    plain = run(tmp_path, str(path), "--partial")
     assert plain.returncode == 1 and "2 of 3 items deployed; 1 failed" in plain.stdout
 
 
@@ -389,7 +398,7 @@ def test_a_failed_fetch_from_an_http_404_leaves_no_empty_folder(tmp_path: Path) 
         url = f"http://127.0.0.1:{server.server_address[1]}"
         path = tmp_path / "http.json"
         path.write_text(json.dumps([{"url": url, "items": [dict(SAMPLE[1], version="9.9"), dict(SAMPLE[2])]}]))
-        result = run(tmp_path, str(path), "--json")
+        result = run(tmp_path, str(path), "--json", "--partial")
     finally:
         server.shutdown()
         server.server_close()

@@ -19,6 +19,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
+from ion.core.deferreds import observe
 from ion.core.exceptions import ReceivedError
 from ion.core.jobs import JobStatus, JobStore, JobTable
 from ion.services.deploy.spec import load_deployment
@@ -87,7 +88,8 @@ def item_done(job: str | None, label: str) -> Any:
 async def test_drain_waits_for_work_in_progress_then_cancels_the_rest(deploy_system: Any, make_repo: Any,
                                                                        tmp_path: Path) -> None:
     """Within drain_timeout (a task.Clock) a held item finishes; at the timeout the other is cancelled: the job
-    ends REMOTE_ERROR naming it, the finished items keep their state, and the Deploy service holds nothing."""
+    ends REMOTE_ERROR naming it, the finished items are switched back (all or nothing: ``rolled back``), and
+    the Deploy service holds nothing."""
     url, server = make_repo("http")
     gates = {rel: server.hold(f"deps/{rel}") for rel in (TGZ, ZIP)}
     dest = tmp_path / "dest"
@@ -114,11 +116,11 @@ async def test_drain_waits_for_work_in_progress_then_cancels_the_rest(deploy_sys
     status = await within(deploy_system.job_status(job))
     assert (status["status"], status["state"]) == (JobStatus.REMOTE_ERROR, "REMOTE_ERROR")
     states = {r["item"]: r["state"] for r in status["results"].values()}
-    assert states == {"linux/notes/1.0": "downloaded", "linux/tool/3.0": "downloaded",
+    assert states == {"linux/notes/1.0": "rolled back", "linux/tool/3.0": "rolled back",
                       "linux/zlib/1.2": "cancelled"}
     assert len(status["cancelled"]) == 1 and status["cancelled"][0].endswith("linux/zlib/1.2")
     assert status["error"].startswith("cancelled:") and "linux/zlib/1.2" in status["error"]
-    assert (dest / "tool/tool/README").exists() and not (dest / "zlib").exists()
+    assert not (dest / "tool/tool").exists() and not (dest / "zlib").exists()
     # The record beside the cache says the same.
     record = json.loads(next((tmp_path / "cache" / "jobs").glob("*.json")).read_text())
     assert record["status"] == JobStatus.REMOTE_ERROR and record["cancelled"] == status["cancelled"]
@@ -151,6 +153,8 @@ async def test_an_operator_cancels_a_job_and_another_login_may_not(deploy_system
     assert refused.value.response_code == 403 and "'mallory' is not an operator" in refused.value.message
     assert (await within(deploy_system.job_status(job)))["state"] in ("RUNNING", "PARTIAL")
     assert await within(deploy_system.cancel_job(job)) == {"job": job, "cancelled": True}
+    # All or nothing: the item placed is switched back (in the pool), then the job ends.
+    await deploy_system.events.wait(lambda e: e.get("job") == job and e.get("phase") == "rolled back")
     status = await within(deploy_system.job_status(job))
     assert status["state"] == "REMOTE_ERROR" and len(status["cancelled"]) == 2
     assert await within(deploy_system.cancel_job(job)) == {"job": job, "cancelled": False}
@@ -161,7 +165,8 @@ async def test_an_operator_cancels_a_job_and_another_login_may_not(deploy_system
 async def test_terminate_cancels_a_sync_deploy_and_tells_its_caller(container_factory: Any, make_repo: Any,
                                                                     tmp_path: Path) -> None:
     """terminate of the Deploy process (drain_timeout 0): the sync caller gets a 503 naming the cancelled item,
-    with the finished one in place; after the container stops no lock and no staging folder is left."""
+    with the finished one switched back (all or nothing); after the container stops no lock and no staging
+    folder is left."""
     from ion.services.deploy.service import DeployClient
     from ion.testing import client_process
 
@@ -188,7 +193,8 @@ async def test_terminate_cancels_a_sync_deploy_and_tells_its_caller(container_fa
     assert "cancelled: linux/zlib/1.2" in err.message and "finished: linux/notes/1.0" in err.message
     assert err.content["cancelled"] == ["linux/zlib/1.2"]
     assert [(i["item"], i["state"]) for i in err.content["items"]] == [
-        ("linux/notes/1.0", "downloaded"), ("linux/zlib/1.2", "cancelled")]
+        ("linux/notes/1.0", "rolled back"), ("linux/zlib/1.2", "cancelled")]
+    assert not (dest / "notes/notes.txt").exists()
     # The cancel reached the Fetch service: its held download is dropped, lock and staging cleaned up.
     await within(cleaned_up(tmp_path / "cache"))
     assert server.gets(f"deps/{TGZ}") == 0 and not gate.called
@@ -201,7 +207,8 @@ async def test_terminate_cancels_a_sync_deploy_and_tells_its_caller(container_fa
 @pytest_twisted.ensureDeferred
 async def test_cancelling_a_deployment_releases_locks_and_removes_staging(make_repo: Any, tmp_path: Path) -> None:
     """Deferred.cancel of a deployment goes through the Deployer into the Fetcher: the held download is
-    dropped, its entry lock released and its staging folders removed; the finished item stays placed."""
+    dropped, its entry lock released and its staging folders removed; the finished item is switched back
+    (all or nothing), or stays placed with ``partial``."""
     from twisted.internet import reactor
 
     from ion.core.threads import BlockingPool
@@ -244,9 +251,9 @@ async def test_cancelling_a_deployment_releases_locks_and_removes_staging(make_r
     finally:
         await fetcher.close()
         await pool.stop()
-    assert [(r.item.name, r.state) for r in results] == [("notes", "downloaded"), ("zlib", "cancelled")]
+    assert [(r.item.name, r.state) for r in results] == [("notes", "rolled back"), ("zlib", "cancelled")]
     assert lock_files(cache_root) == [] and staging_left(cache_root) == []
-    assert (dest / "notes/notes.txt").exists() and not (dest / "zlib").exists()
+    assert not (dest / "notes/notes.txt").exists() and not (dest / "zlib").exists()
 
 
 # -- durable job records ---------------------------------------------------------------------------------
@@ -435,7 +442,7 @@ async def test_sigterm_mid_deploy_drains_and_leaves_a_durable_record(amqp_url: s
         record = json.loads(records[0].read_text())
         assert record["state"] == "REMOTE_ERROR" and record["error"].startswith("cancelled:")
         assert {r["item"]: r["state"] for r in record["results"].values()} == {
-            "linux/notes/1.0": "downloaded", "linux/zlib/1.2": "cancelled"}
+            "linux/notes/1.0": "rolled back", "linux/zlib/1.2": "cancelled"}
         assert lock_files(cache) == []
         # The stopped instance is gone: any Deploy instance answers from the record.
         await container.app_manager.start_app("deploy")
@@ -496,6 +503,8 @@ async def test_a_job_whose_owner_died_is_taken_over_and_finishes_only_the_rest(c
     assert taken["from"] == dead and taken["remaining"] == 2
     await events.wait(item_done(job, "linux/zlib/1.2"))
     await events.wait(item_done(job, "linux/tool/3.0"))
+    # All or nothing: the job ends once its items' switches are committed (in the pool).
+    await within(observe(deploy_service(container).jobs.jobs[job].deferred))
     status = await within(client.job_status(job))
     assert (status["status"], status["state"]) == (JobStatus.FINISHED, "FINISHED")
     assert {r["item"]: r["state"] for r in status["results"].values()} == {

@@ -77,6 +77,22 @@ async def test_deploy_prints_each_item(shell: Any, tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_deploy_is_all_or_nothing_unless_partial(shell: Any, tmp_path: Path) -> None:
+    """deploy(file) with a missing version: the others are switched back (``rolled back``, saying why);
+    deploy(file, partial=True) keeps them placed."""
+    file = Path(sample(tmp_path))
+    data = json.loads(file.read_text())
+    data[0]["items"][1]["version"] = "9.9"
+    file.write_text(json.dumps(data))
+    rows = await shell["deploy"](str(file))
+    assert [r["state"] for r in rows] == ["rolled back", "failed", "rolled back"]
+    assert "noarch/greetings/9.9" in rows[0]["note"] and not (tmp_path / "d/etc/motd.txt").exists()
+    kept = await shell["deploy"](str(file), partial=True)
+    assert [r["state"] for r in kept] == ["cached", "failed", "cached"]
+    assert (tmp_path / "d/etc/motd.txt").is_symlink()
+
+
+@pytest_twisted.ensureDeferred
 async def test_deploy_async_and_job_status(shell: Any, tmp_path: Path) -> None:
     """deploy_async gives a job at once; job_status goes from RUNNING/PARTIAL to FINISHED; jobs() lists it."""
     container = shell["container"]

@@ -108,6 +108,15 @@ def test_a_deploy_request_round_trips() -> None:
     msg = pb.DeployRequest.FromString(convert.deploy_request_to_pb("d.json", items).SerializeToString())
     wire = convert.deploy_request_to_wire(msg)
     assert wire["source"] == "d.json" and [item_from_dict(i) for i in wire["items"]] == items
+    assert wire["partial"] is False
+
+
+def test_a_partial_deploy_request_round_trips() -> None:
+    """``partial`` (keep each item placed whatever the others do) survives the wire; absent, it is all or nothing."""
+    items = [item_from_dict(ITEM)]
+    msg = pb.DeployRequest.FromString(convert.deploy_request_to_pb("d.json", items, partial=True).SerializeToString())
+    assert convert.deploy_request_to_wire(msg)["partial"] is True
+    assert pb.DeployRequest.FromString(pb.DeployRequest(source="d.json").SerializeToString()).partial is False
 
 
 def test_a_deploy_summary_round_trips() -> None:

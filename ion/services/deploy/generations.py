@@ -15,8 +15,8 @@ Decisions:
 - **Where**: ``<cache root>/generations/<32 hex>.json``, one JSON document per
   deployment file, replaced whole (temporary file and rename, through
   :class:`~ion.core.safefs.SafeDir`) under an ``flock`` of
-  ``generations/.lock``. In the cache root, not beside the destinations: a
-  deployment has many destinations, and the cache's reaper must read which
+  ``generations/.flock`` (not ``*.lock``: never taken for an entry's lock file).
+  In the cache root, not beside the destinations: a deployment has many destinations, and the cache's reaper must read which
   entries the kept generations name cheaply (the ``entries`` key,
   :func:`ion.services.cache.reaper.kept_entries`), and a rollback must find
   the history whatever became of the destinations.
@@ -72,7 +72,7 @@ __all__ = ["DeploymentFile", "Generation", "GenerationError", "GenerationStore",
 #: The version of the record's layout.
 FORMAT = 1
 #: In ``generations/``: the file whose ``flock`` serialises updates of the records.
-LOCK_FILE = ".lock"
+LOCK_FILE = ".flock"
 #: The largest record read (bytes).
 _MAX_BYTES = 64 << 20
 

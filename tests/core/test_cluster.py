@@ -238,11 +238,12 @@ async def test_requests_waiting_in_a_quorum_queue_survive_its_leader(rabbitmq_cl
 
 @pytest_twisted.ensureDeferred
 async def test_reaper_election_survives_the_node_of_its_queue(rabbitmq_cluster: Any, cluster_urls: list[str],
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two Cache service instances (nodes 1 and 2) elect a reaper through the single-active-consumer
     quorum queue, led by node 1 whose instance is active. Node 1 dies: the queue gets a new leader and
     the ticks go to one instance again (the election carries on); the killed node's container comes
     back on another node. (Deploy job takeover is not built yet: not tested here.)"""
+    monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path))  # the containers' cache root
     cluster = rabbitmq_cluster
     vhost = vhost_of(cluster_urls[0])
     factory = ContainerFactory(broker_url=cluster_urls)

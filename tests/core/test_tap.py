@@ -175,7 +175,7 @@ def test_service_queue_type_quorum_by_default_with_several_brokers() -> None:
     assert Container(config=chosen, broker_url="memory://").service_queue_type == "classic"
     with pytest.raises(ConfigurationError, match="service_queue_type must be one of"):
         Container(config=test_config({"ion.core.messaging": {"service_queue_type": "stream"}}),
-                  broker_url=two).service_queue_type
+                  broker_url=two).shared_queue_options()
 
 
 def test_container_takes_the_configs_brokers_when_the_command_line_names_none() -> None:

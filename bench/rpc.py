@@ -325,6 +325,9 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
                       "cpu_us_off": statistics.median(off_cpu)}
         trace_cost["cpu_us_per_call"] = trace_cost["cpu_us_on"] - trace_cost["cpu_us_off"]
         trace_cost["cpu_us_per_message"] = trace_cost["cpu_us_per_call"] / 2
+        # The same cost read directly (a difference of two whole-call figures moves by a µs or two on a
+        # busy machine): what a message's two trace steps take, timed alone on a message of the bench.
+        trace_cost.update(_trace_steps_us())
 
         target = client.resolve(SERVICE)
         if args.warmup:
@@ -423,6 +426,31 @@ def _metrics_on(proc: Any, metrics: Any) -> None:
 _STUB_TRACEPARENT = "00-" + "1" * 32 + "-" + "2" * 16 + "-00"
 
 
+def _trace_steps_us(n: int = 200_000) -> dict[str, float]:
+    """CPU µs of the two steps every message takes without an SDK, each timed alone (medians of 5
+    runs of ``n``): the sender's ``continue_trace`` (of a handled request: a reply) and the
+    receiver's ``ensure`` (a well-formed traceparent)."""
+    from ion.core import trace
+
+    request = {"traceparent": trace.new_traceparent(), "op": OP}
+    continue_trace, ensure = trace.continue_trace, trace.ensure
+    loop = range(n)
+
+    def timed(step: Callable[[], Any]) -> float:
+        runs = []
+        for _ in range(5):
+            cpu = time.process_time()
+            for _ in loop:
+                step()
+            runs.append((time.process_time() - cpu) / n * 1e6)
+        return statistics.median(runs)
+
+    empty = timed(lambda: None)
+    cont = timed(lambda: continue_trace(request)) - empty
+    check = timed(lambda: ensure(request)) - empty
+    return {"continue_us": cont, "ensure_us": check, "direct_us_per_message": cont + check}
+
+
 def _trace_on(on: bool, *procs: Any) -> None:
     """The trace context's work on (the real functions) or stubbed out (a constant traceparent of
     the same size, no check on receipt, no ring of ended conversations) for ``procs``."""
@@ -474,6 +502,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['trace_cost']['cpu_us_off']:.1f} stubbed out: {report['trace_cost']['cpu_us_per_call']:.2f} {us}"
         f" per call, {report['trace_cost']['cpu_us_per_message']:.2f} {us} per message (no OpenTelemetry SDK; "
         f"medians of {report['trace_cost']['rounds']} interleaved rounds of {report['trace_cost']['calls_per_round']:,})",
+        f"trace context, its steps timed alone: continue_trace {report['trace_cost']['continue_us']:.2f} {us} + "
+        f"ensure {report['trace_cost']['ensure_us']:.2f} {us} = {report['trace_cost']['direct_us_per_message']:.2f} "
+        f"{us} per message",
         "",
         "targets:",
     ]

@@ -456,6 +456,11 @@ def _job_line(record: Mapping[str, Any]) -> str:
     total = record.get("total")
     parts = f", {done} of {total} parts done" if total is not None else f", {done} parts done"
     error = f": {record['error']}" if record.get("error") else ""
+    takeovers = [t for t in record.get("takeovers") or () if isinstance(t, Mapping)]
+    if takeovers:  # the containers that died running it, and the one running it now
+        last = takeovers[-1]
+        parts += (f", taken over {len(takeovers)} time(s), last from container "
+                  f"{(last.get('from') or {}).get('container')} by {(last.get('by') or {}).get('container')}")
     return f"job {record.get('job')}: {record.get('state')}{parts}{error}"
 
 

@@ -333,3 +333,14 @@ def test_shell_completion_with_argcomplete(tmp_path: Path) -> None:
     env.update(COMP_LINE="ion ps --n", COMP_POINT="10")
     subprocess.run([sys.executable, "-m", "ion.command"], env=env, cwd=REPO, timeout=60, check=True)
     assert out.read_text().split() == ["--node"]
+
+
+def test_a_taken_over_jobs_line_names_the_takeovers() -> None:
+    """``ion job ID``: a job another container took over says how often, from which container, by which."""
+    from ion.command import _job_line
+
+    record = {"job": "c1.3/ab", "state": "PARTIAL", "total": 3, "results": {"a": {}}, "error": None,
+              "takeovers": [{"from": {"container": "c1"}, "by": {"container": "c2"}, "at": 1.0}]}
+    assert _job_line(record) == ("job c1.3/ab: PARTIAL, 1 of 3 parts done, taken over 1 time(s), "
+                                 "last from container c1 by c2")
+    assert _job_line(dict(record, takeovers=[])) == "job c1.3/ab: PARTIAL, 1 of 3 parts done"

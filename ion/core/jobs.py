@@ -30,6 +30,22 @@ still RUNNING/PARTIAL whose owner is gone (judged by the ``owner_alive``
 function the service supplies) answers ``LOST_IN_SPACE`` with ``error``
 saying the container died, never RUNNING forever. Files expire like the
 in-memory records and are removed by :meth:`JobTable.prune`.
+
+**Takeover** (a job that survives its container). A job started with ``resume``
+data (what its service needs to run the rest: for a deployment, the request as
+validated) keeps it in its record. Every instance sharing the folder scans it
+(:meth:`JobTable.scan`, every few seconds) and so does ``lookup``: a record still
+RUNNING/PARTIAL whose owner is judged gone twice, ``takeover_grace`` seconds
+apart, is *claimed* by creating ``.<quoted id>.claim-<n>`` (a hard link to a
+written temporary file: it fails if the name exists; ``n``: the takeover's
+number, so exactly one instance wins each takeover), read again
+(the owner may have ended it just before dying), and handed to the ``resume``
+hook, which starts the parts not yet in ``results``. The record then names the
+new owner and lists ``takeovers`` (``from``, ``by``, ``at``), which ``status`` /
+``job_status`` show; the finished parts are kept. After ``max_takeovers`` (3) a
+further dead owner ends the job ``REMOTE_ERROR`` instead of resuming it forever.
+A record without ``resume`` (or a table without the hook) still answers
+``LOST_IN_SPACE`` when its owner is gone.
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -51,10 +67,17 @@ from twisted.python.failure import Failure
 
 from ion.core.deferreds import observe
 
-__all__ = ["JobStatus", "Job", "JobTable", "JobStore", "OwnerAlive"]
+__all__ = ["JobStatus", "Job", "JobTable", "JobStore", "OwnerAlive", "Resume"]
 
-#: Version of the record files (``"record"`` key).
-RECORD_VERSION = 1
+#: Version of the record files (``"record"`` key): 2 added ``resume`` and ``takeovers`` (1 is still read).
+RECORD_VERSION = 2
+
+#: ``resume(job_id, record)``: start the parts of a taken-over job not in ``record["results"]``;
+#: awaits to the work's Deferred, which fires with ``{part: result}`` like a started job's.
+Resume = Callable[[str, Mapping[str, Any]], Awaitable["defer.Deferred[Any]"]]
+
+#: Statuses of a job still running (its record may need a new owner).
+_RUNNING = (0, 3)
 
 #: ``owner_alive(owner)``: whether the container that wrote a record still runs the job;
 #: a bool or a Deferred of one.
@@ -90,6 +113,10 @@ class Job:
     owner: dict[str, Any] | None = None
     #: The last write of its durable record (writes of one job are chained, oldest first).
     saving: defer.Deferred[None] | None = field(default=None, repr=False)
+    #: What its service needs to run the rest if its owner dies (kept in the record, never on the wire).
+    resume: dict[str, Any] | None = field(default=None, repr=False)
+    #: Each time another instance took the job over: ``{"from": owner, "by": owner, "at": time}``.
+    takeovers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def status(self) -> JobStatus:
@@ -100,12 +127,15 @@ class Job:
         return JobStatus.PARTIAL if self.results else JobStatus.RUNNING
 
     def to_wire(self) -> dict[str, Any]:
-        """What ``job_status`` answers."""
-        return {
+        """What ``job_status`` answers (``takeovers`` only for a job that was taken over)."""
+        wire = {
             "job": self.job_id, "kind": self.kind, "status": int(self.status), "state": self.status.name,
             "results": dict(self.results), "total": self.total, "error": self.error,
             "created": self.created, "ended": self.ended, "cancelled": list(self.cancelled),
         }
+        if self.takeovers:
+            wire["takeovers"] = [dict(t) for t in self.takeovers]
+        return wire
 
 
 class JobTable:
@@ -117,12 +147,17 @@ class JobTable:
     :param owner: who runs this table's jobs (container, host, pid, process), kept in each record.
     :param owner_alive: judges the owner of a record read back (see :data:`OwnerAlive`);
         None: an owner other than ``owner`` is taken to be alive.
+    :param resume: runs the rest of a job taken over from a dead owner (see :data:`Resume`);
+        None: this table takes no job over.
+    :param max_takeovers: takeovers a job may have; its owner dying once more ends it REMOTE_ERROR.
+    :param takeover_grace: seconds an owner must stay judged gone before its jobs are claimed.
     """
 
     _log = Logger()
 
     def __init__(self, clock: IReactorTime, retention: float = 3600.0, *, store: JobStore | None = None,
-                 owner: Mapping[str, Any] | None = None, owner_alive: OwnerAlive | None = None) -> None:
+                 owner: Mapping[str, Any] | None = None, owner_alive: OwnerAlive | None = None,
+                 resume: Resume | None = None, max_takeovers: int = 3, takeover_grace: float = 0.0) -> None:
         self.clock = clock
         self.retention = retention
         self.jobs: dict[str, Job] = {}
@@ -133,12 +168,23 @@ class JobTable:
         #: Seconds between two prunes of the durable records (done as jobs are started and asked about).
         self.prune_interval = min(retention, 600.0)
         self._pruned = clock.seconds()
+        self.resume = resume
+        self.max_takeovers = max_takeovers
+        self.takeover_grace = takeover_grace
+        #: Job ids whose owner was judged gone, and when first (cleared when judged alive).
+        self._gone_since: dict[str, float] = {}
+        #: Record files seen ended by :meth:`scan` (an ended job never runs again: not read again).
+        self._ended: set[str] = set()
 
     def start(self, kind: str, work: defer.Deferred[Any], *, total: int | None = None,
-              job_id: str | None = None) -> Job:
-        """Record a job whose ``work`` Deferred fires with a dict of results (or fails)."""
+              job_id: str | None = None, resume: Mapping[str, Any] | None = None) -> Job:
+        """Record a job whose ``work`` Deferred fires with a dict of results (or fails).
+
+        :param resume: kept in its durable record, for an instance that takes it over (JSON-able).
+        """
         self.expire()
-        job = Job(job_id or secrets.token_hex(8), kind, self.clock.seconds(), total=total, owner=self.owner)
+        job = Job(job_id or secrets.token_hex(8), kind, self.clock.seconds(), total=total, owner=self.owner,
+                  resume=dict(resume) if resume is not None else None)
         self.jobs[job.job_id] = job
         job.deferred = work
         self._save(job)
@@ -179,6 +225,8 @@ class JobTable:
         """The job's durable record: its wire form, its owner and when it was written."""
         record = job.to_wire()
         record.update(record=RECORD_VERSION, owner=job.owner, updated=self.clock.seconds())
+        if job.resume is not None:
+            record["resume"] = job.resume
         return record
 
     def _save(self, job: Job) -> None:
@@ -234,10 +282,20 @@ class JobTable:
         ended = record.get("ended")
         if isinstance(ended, (int, float)) and now - ended > self.retention:
             return missing
-        if record.get("status") in (JobStatus.RUNNING, JobStatus.PARTIAL):
+        if record.get("status") in _RUNNING:
             owner = record.get("owner") or {}
             if not await self._alive(owner):
-                return self._lost(record, owner)
+                if not self._resumable(record):
+                    return self._lost(record, owner)
+                if self._confirmed_gone(job_id):
+                    job = await self._take_over(job_id, record)
+                    if job is not None:
+                        return job.to_wire()
+                    # Another instance won the claim (or the job ended meanwhile): its record says.
+                    record = await self.store.load(job_id) or record
+            else:
+                self._gone_since.pop(job_id, None)
+        record.pop("resume", None)
         record["from_record"] = True
         return record
 
@@ -253,6 +311,86 @@ class JobTable:
             self._log.warn("could not tell whether {owner} is alive: {exc}", owner=owner, exc=exc)
             return True
 
+    # -- takeover ----------------------------------------------------------------------------
+    def _resumable(self, record: Mapping[str, Any]) -> bool:
+        """Whether this table can take the job of ``record`` over (see the module notes)."""
+        return (self.resume is not None and self.store is not None and self.owner is not None
+                and isinstance(record.get("resume"), Mapping))
+
+    def _confirmed_gone(self, job_id: str) -> bool:
+        """Note that the owner of ``job_id`` was judged gone now; True once it has been for
+        ``takeover_grace`` seconds (a connection blip of a live owner does not lose it its jobs)."""
+        now = self.clock.seconds()
+        first = self._gone_since.setdefault(job_id, now)
+        return now - first >= self.takeover_grace
+
+    def scan(self) -> defer.Deferred[list[str]]:
+        """Take over every job of the store whose owner is gone (see the module notes);
+        fires with the ids this table took over (or ended, past ``max_takeovers``)."""
+        if self.store is None or self.resume is None:
+            return defer.succeed([])
+        return defer.ensureDeferred(self._scan(self.store))
+
+    async def _scan(self, store: JobStore) -> list[str]:
+        taken: list[str] = []
+        suspects: set[str] = set()
+        for job_id, record in (await store.load_running(self._ended)).items():
+            if job_id in self.jobs or not self._resumable(record):
+                continue
+            if await self._alive(record.get("owner") or {}):
+                continue
+            suspects.add(job_id)
+            if self._confirmed_gone(job_id) and await self._take_over(job_id, record) is not None:
+                taken.append(job_id)
+        for job_id in set(self._gone_since) - suspects:
+            del self._gone_since[job_id]
+        return taken
+
+    async def _take_over(self, job_id: str, record: Mapping[str, Any]) -> Job | None:
+        """Claim the job of ``record`` and run its rest here; None if another instance claimed it
+        (or it ended meanwhile). Past ``max_takeovers``, it is ended REMOTE_ERROR instead."""
+        assert self.store is not None and self.resume is not None and self.owner is not None
+        number = len(record.get("takeovers") or []) + 1
+        while True:
+            if job_id in self.jobs:
+                return None
+            if await self.store.claim(job_id, number, self.owner):
+                break
+            # Claimed already: by a live instance (it runs the job now), or by one that died
+            # between its claim and its record (then the next number is free to claim).
+            claimer = await self.store.load_claim(job_id, number)
+            if claimer is None or await self._alive(claimer) or number > self.max_takeovers + 1:
+                return None
+            number += 1
+        self._gone_since.pop(job_id, None)
+        fresh = await self.store.load(job_id)  # as it is now that nobody else may take it
+        if fresh is None or fresh.get("status") not in _RUNNING or fresh.get("owner") != record.get("owner"):
+            return None
+        previous = fresh.get("owner") or {}
+        takeovers = [*list(fresh.get("takeovers") or []),
+                     {"from": previous, "by": self.owner, "at": self.clock.seconds()}]
+        work: defer.Deferred[Any]
+        if number > self.max_takeovers:
+            work = defer.fail(RuntimeError(
+                f"its owner died {number} times while running it (at most {self.max_takeovers} takeovers); "
+                f"not resumed again"))
+        else:
+            try:
+                work = await self.resume(job_id, fresh)
+            except Exception as exc:
+                work = defer.fail(exc)
+        job = Job(job_id, str(fresh.get("kind") or "job"), float(fresh.get("created") or self.clock.seconds()),
+                  total=fresh.get("total"), results=dict(fresh.get("results") or {}),
+                  cancelled=list(fresh.get("cancelled") or []), owner=self.owner,
+                  resume=dict(fresh.get("resume") or {}), takeovers=takeovers)
+        self._log.warn("job {job} ({kind}) taken over from {previous} (takeover {n}); {done} part(s) had finished",
+                       job=job_id, kind=job.kind, previous=previous, n=number, done=len(job.results))
+        self.jobs[job_id] = job
+        job.deferred = work
+        self._save(job)
+        work.addCallbacks(self._finished, self._failed, callbackArgs=(job,), errbackArgs=(job,))
+        return job
+
     @staticmethod
     def _lost(record: dict[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:
         who = ", ".join(f"{k} {owner[k]}" for k in ("container", "host", "pid", "process") if k in owner)
@@ -260,6 +398,7 @@ class JobTable:
                       error=f"container died while running the job ({who or 'owner unknown'}); "
                             f"{len(record.get('results') or {})} part(s) had finished",
                       died=True, from_record=True)
+        record.pop("resume", None)
         return record
 
     def prune(self) -> defer.Deferred[list[str]]:
@@ -349,6 +488,25 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data``, whole (written aside, then ``os.link``ed: a reader never
+    sees it half written); False if it exists (another claimer won)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_bytes())
@@ -407,7 +565,59 @@ class JobStore:
         d: defer.Deferred[dict[str, dict[str, Any]]] = self.pool.run(read_all)
         return d
 
+    def claim_path(self, job_id: str, number: int) -> Path:
+        """The claim file of takeover ``number`` of ``job_id`` (hidden: not a record)."""
+        return self.directory / f".{quote(job_id, safe='')}.claim-{int(number)}"
+
+    def claim(self, job_id: str, number: int, owner: Mapping[str, Any]) -> defer.Deferred[bool]:
+        """Claim takeover ``number`` of ``job_id`` for ``owner``: True for exactly one claimer
+        (a hard link made where none is: atomic, also between hosts sharing the folder over NFS)."""
+        path, data = self.claim_path(job_id, number), json.dumps(dict(owner), sort_keys=True, default=str).encode()
+        d: defer.Deferred[bool] = self.pool.run(_create_exclusive, path, data)
+        return d
+
+    def load_claim(self, job_id: str, number: int) -> defer.Deferred[dict[str, Any] | None]:
+        """Who made claim ``number`` of ``job_id`` (None: no such claim, or unreadable)."""
+        d: defer.Deferred[dict[str, Any] | None] = self.pool.run(_read, self.claim_path(job_id, number))
+        return d
+
+    def load_running(self, ended: set[str]) -> defer.Deferred[dict[str, dict[str, Any]]]:
+        """Every readable record still RUNNING/PARTIAL, by job id, for a periodic scan: the file
+        names in ``ended`` are not read (the scan's memory of ended records; updated here)."""
+        def read_running() -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            try:
+                names = [n for n in os.listdir(self.directory) if not n.startswith(".") and n.endswith(self.SUFFIX)]
+            except FileNotFoundError:
+                names = []
+            ended.intersection_update(names)
+            for name in names:
+                if name in ended:
+                    continue
+                record = _read(self.directory / name)
+                if record is None:
+                    continue
+                if record.get("status") in _RUNNING:
+                    out[unquote(name[:-len(self.SUFFIX)])] = record
+                else:
+                    ended.add(name)
+            return out
+
+        d: defer.Deferred[dict[str, dict[str, Any]]] = self.pool.run(read_running)
+        return d
+
     def remove(self, job_id: str) -> defer.Deferred[None]:
-        """Remove the record of ``job_id`` (gone already is fine)."""
-        d: defer.Deferred[None] = self.pool.run(lambda: self.path(job_id).unlink(missing_ok=True))
+        """Remove the record of ``job_id`` and its claim files (gone already is fine)."""
+        def remove() -> None:
+            self.path(job_id).unlink(missing_ok=True)
+            prefix = f".{quote(job_id, safe='')}.claim-"
+            try:
+                names = os.listdir(self.directory)
+            except FileNotFoundError:
+                return
+            for name in names:
+                if name.startswith(prefix):
+                    (self.directory / name).unlink(missing_ok=True)
+
+        d: defer.Deferred[None] = self.pool.run(remove)
         return d

@@ -12,15 +12,26 @@ descriptor so opened. A component that turns out to be a symlink is refused
 
 :class:`SafeDir` is one such directory descriptor; its methods are the
 primitives (walk, mkdir -p, atomic write of a small file, copy of a tree,
-removal of a tree, an ``flock`` on a file in it). Linux (and other systems
-whose :mod:`os` has the ``dir_fd`` forms) only. Blocking: call from a thread.
+removal of a tree, an ``flock`` on a file in it, the atomic exchange of two
+names). Linux (and other systems whose :mod:`os` has the ``dir_fd`` forms)
+only. Blocking: call from a thread.
+
+**Exchange.** :meth:`SafeDir.exchange` swaps two names in one step
+(``renameat2(RENAME_EXCHANGE)``, Linux 3.15+: ext4, xfs, btrfs, tmpfs,
+overlayfs...), so a folder can be replaced without a moment where its name is
+missing, which two renames cannot do (a folder cannot be renamed over a
+folder that is not empty). Where the kernel or the filesystem lacks it (NFS,
+older kernels, other systems) it answers False and the caller falls back (see
+:mod:`ion.services.deploy.place`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
+import platform
 import secrets
 import stat
 import time
@@ -28,11 +39,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-__all__ = ["SafeDir", "SymlinkRefused", "relative_parts"]
+__all__ = ["SafeDir", "SymlinkRefused", "relative_parts", "RENAME_EXCHANGE"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_CHUNK = 1 << 20
+#: ``renameat2``'s flag that swaps the two names (linux/fs.h).
+RENAME_EXCHANGE = 1 << 1
+#: The errors that mean "this kernel or filesystem cannot exchange": the caller falls back.
+_NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
+#: ``SYS_renameat2`` by machine, for a C library without the wrapper (glibc < 2.28, some musl).
+_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "arm64": 276, "i386": 353, "i686": 353, "armv7l": 382,
+                  "ppc64le": 357, "s390x": 347, "riscv64": 276}
 
 
 class SymlinkRefused(OSError):
@@ -237,6 +256,26 @@ class SafeDir:
         """Rename ``src`` over ``dst`` (atomically replacing a file or link)."""
         os.replace(src, dst, src_dir_fd=self.fd, dst_dir_fd=(into or self).fd)
 
+    def exchange(self, a: str, b: str, *, into: SafeDir | None = None) -> bool:
+        """Swap ``a`` (here) and ``b`` (here or in ``into``) in one step: each name always exists.
+
+        Both must exist; either may be a file, a link or a folder (neither is followed).
+        ``renameat2(RENAME_EXCHANGE)`` on both descriptors.
+
+        :return: True once swapped; False where this kernel or filesystem cannot exchange
+            (``EINVAL``, ``ENOSYS``, ``EOPNOTSUPP``): nothing changed, the caller falls back.
+        :raises OSError: any other failure (a name missing, no permission...), naming ``a``.
+        """
+        call = _renameat2()
+        if call is None:
+            return False
+        if call(self.fd, os.fsencode(a), (into or self).fd, os.fsencode(b), RENAME_EXCHANGE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in _NO_EXCHANGE:
+            return False
+        raise OSError(err, os.strerror(err), str(self.path / a))
+
     def unlink(self, name: str, *, missing_ok: bool = True) -> None:
         """Remove the file or link ``name``."""
         try:
@@ -301,6 +340,43 @@ class SafeDir:
         with SafeDir.open_root(src_path.parent) as parent:
             _copy_at(parent.fd, src_path.name, self.fd, name, src_path)
 
+    def second_name(self, name: str, other: str) -> None:
+        """Give the file or link ``name`` the new name ``other`` too (here), so that it survives a rename
+        over ``name``: a hard link (a link is copied as a link); where a hard link is refused, a copy."""
+        st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, "a folder has no second name", str(self.path / name))
+        if not stat.S_ISLNK(st.st_mode):
+            try:
+                os.link(name, other, src_dir_fd=self.fd, dst_dir_fd=self.fd, follow_symlinks=False)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.EXDEV, errno.EACCES):
+                    raise
+        _copy_at(self.fd, name, self.fd, other, self.path / name)
+
+    def try_lock(self, name: str, *, shared: bool = False, create: bool = True) -> int | None:
+        """An ``flock`` on the file ``name`` here (never followed), without waiting.
+
+        :return: the descriptor that holds it (closing it releases the lock), or None when
+            another holder's lock conflicts (or, without ``create``, the file is missing).
+        """
+        try:
+            fd = self._open(name, os.O_RDONLY | os.O_NONBLOCK | (os.O_CREAT if create else 0), 0o666)
+        except FileNotFoundError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file; cannot lock it", str(self.path / name))
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     @contextmanager
     def locked(self, name: str, timeout: float = 300.0) -> Iterator[None]:
         """Hold an exclusive ``flock`` on the file ``name`` here (made if missing, never followed).
@@ -347,6 +423,45 @@ class SafeDir:
 
     def __repr__(self) -> str:
         return f"SafeDir({self._path!r}, fd={self.fd})"
+
+
+_renameat2_call: list[Any] = []
+
+
+def _renameat2() -> Any:
+    """``renameat2(olddirfd, old, newdirfd, new, flags)`` of the C library (or its raw system call);
+    None where neither is known (not Linux, or an unknown machine without the wrapper)."""
+    if _renameat2_call:
+        return _renameat2_call[0]
+    call: Any = None
+    try:
+        libc: Any = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        libc = None
+    if libc is not None and hasattr(libc, "renameat2"):
+        call = libc.renameat2
+        call.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+        call.restype = ctypes.c_int
+    elif libc is not None:
+        call = _syscall_renameat2(libc)
+    _renameat2_call.append(call)
+    return call
+
+
+def _syscall_renameat2(libc: Any) -> Any:
+    """``renameat2`` through ``syscall(SYS_renameat2, ...)``, for a C library without the wrapper
+    (glibc before 2.28); None off Linux or on a machine whose number is not known here."""
+    number = _SYS_RENAMEAT2.get(platform.machine())
+    if platform.system() != "Linux" or number is None or not hasattr(libc, "syscall"):
+        return None
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+
+    def call(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> int:
+        return int(syscall(ctypes.c_long(number), ctypes.c_int(olddirfd), ctypes.c_char_p(old),
+                           ctypes.c_int(newdirfd), ctypes.c_char_p(new), ctypes.c_uint(flags)))
+
+    return call
 
 
 def _is_link(dir_fd: int, name: str) -> bool:

@@ -47,7 +47,8 @@ class MessagingSettings(Settings):
     :ivar reconnect_max: AMQP: the longest wait between two attempts.
     :ivar reconnect_jitter: AMQP: the share of each wait (0-1) drawn at random, so that containers
         do not all reconnect in the same instant after a broker restart; 0: the exact doubling.
-    :ivar heartbeat: AMQP heartbeat in seconds; 0: none; None: what the broker proposes.
+    :ivar heartbeat: AMQP heartbeat in seconds (5: a silent host is dropped by the broker, and its
+        cache locks freed, within seconds); 0: none; None: what the broker proposes (RabbitMQ: 60).
     :ivar service_queue_type: AMQP: the type of the shared service queues (``<sysname>.<service>``,
         the reaper election's): ``classic`` or ``quorum`` (replicated on the nodes of a cluster, so
         what waits in them survives the loss of a node); None: quorum when the container has more
@@ -65,7 +66,7 @@ class MessagingSettings(Settings):
     reconnect_initial: float = setting(0.5, positive=True, unit="seconds")
     reconnect_max: float = setting(10.0, positive=True, unit="seconds")
     reconnect_jitter: float = setting(0.5, finite=True)
-    heartbeat: float | None = setting(None, unit="seconds")
+    heartbeat: float | None = setting(5.0, unit="seconds")
     service_queue_type: str | None = setting(None, choices=("classic", "quorum"))
     quorum_delivery_limit: int = setting(20, minimum=1)
 

@@ -5,8 +5,10 @@ Every ION message carries a ``traceparent`` header
 (``00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>``) and, when one is
 set, a ``tracestate``. A message sent while an op handles another message
 (:data:`current_message`, which follows the op across its awaits) continues
-that message's trace: same trace id, a new parent id; a message sent outside
-any handled message starts a new trace. A reply carries its request's trace id.
+that message's trace: same trace id and, while an SDK records spans, the parent id of
+this hop's span (with no SDK, the parent's ``traceparent`` unchanged, as OpenTelemetry's no-op
+propagation does); a message sent outside any handled message starts a new trace. A reply
+carries its request's trace id.
 An incoming ``traceparent`` is checked strictly when a process dispatches the
 message (:func:`ensure`): a missing or malformed one is replaced by a new
 trace, never an error; a ``tracestate`` is kept only if well formed and at
@@ -173,16 +175,16 @@ def valid_tracestate(value: Any) -> bool:
 # -- continuing traces ------------------------------------------------------------------------------
 def continue_trace(parent: Mapping[str, Any] | None) -> str:
     """The ``traceparent`` of a message sent on behalf of ``parent`` (a handled message, already
-    checked by :func:`ensure`, or one this container built): its trace id and flags, a new parent
-    id; None (or a parent without a usable one): a new trace.
+    checked by :func:`ensure`, or one this container built); None (or a parent without a usable
+    one): a new trace.
 
-    While an SDK records spans, the parent id is the SERVER span's of the request being
-    handled (:data:`current_span`). (Flat on purpose: every message built takes this path.)"""
+    With no SDK recording spans, the parent's ``traceparent`` goes on unchanged, as the
+    OpenTelemetry API's no-op propagation does: no span of ours exists for a new parent id to
+    name, so a downstream span's parent stays the last span really recorded (a made-up id would
+    leave every collector a "missing parent" gap). While an SDK records spans, the parent id is
+    the SERVER span's of the request being handled (:data:`current_span`). (Flat on purpose:
+    every message built takes this path.)"""
     global _pool, _pool_at
-    at = _pool_at
-    if at + 48 > _POOL_CHARS:
-        _pool = _fresh_pool()
-        at = 0
     if parent is not None:
         tp = parent.get("traceparent")
         if type(tp) is str and len(tp) == 55:
@@ -190,8 +192,11 @@ def continue_trace(parent: Mapping[str, Any] | None) -> str:
                 span = current_span.get()
                 if span is not None:
                     return span_traceparent(span)
-            _pool_at = at + 16
-            return f"{tp[:36]}{_pool[at:at + 16]}{tp[52:]}"  # (an f-string: one allocation)
+            return tp
+    at = _pool_at
+    if at + 48 > _POOL_CHARS:
+        _pool = _fresh_pool()
+        at = 0
     _pool_at = at + 48
     return f"00-{_pool[at:at + 32]}-{_pool[at + 32:at + 48]}-00"
 

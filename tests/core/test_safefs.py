@@ -157,3 +157,102 @@ def test_a_lock_held_elsewhere_is_given_up_after_the_timeout(tmp_path: Path) -> 
         os.close(holder)
     with SafeDir.open_root(tmp_path) as folder, folder.locked("lock", timeout=0):
         pass
+
+
+# -- exchange ----------------------------------------------------------------------------------------------
+def test_exchange_swaps_folders_files_and_links_in_one_step(tmp_path: Path) -> None:
+    """``renameat2(RENAME_EXCHANGE)`` on the real filesystem: a full folder and another, a folder and a
+    link, a file and a folder in another folder (``into``): both names exist after, each holding the other."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/one").write_text("1")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b/two").write_text("2")
+    (tmp_path / "link").symlink_to("a")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/file").write_text("f")
+    with SafeDir.open_root(tmp_path) as top, top.open_dir("sub") as sub:
+        assert top.exchange("a", "b") is True
+        assert (tmp_path / "a/two").read_text() == "2" and (tmp_path / "b/one").read_text() == "1"
+        assert top.exchange("b", "link") is True  # the link is moved, never followed
+        assert os.readlink(tmp_path / "b") == "a" and (tmp_path / "link/one").read_text() == "1"
+        assert top.exchange("link", "file", into=sub) is True
+        assert (tmp_path / "link").read_text() == "f" and (tmp_path / "sub/file/one").read_text() == "1"
+
+
+def test_exchange_of_a_missing_name_is_an_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    with SafeDir.open_root(tmp_path) as top:
+        with pytest.raises(OSError) as info:
+            top.exchange("a", "missing")
+    assert info.value.errno == errno.ENOENT and info.value.filename == str(tmp_path / "a")
+    assert (tmp_path / "a").is_dir()
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_exchange_where_the_filesystem_cannot_answers_false(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            code: int) -> None:
+    """What a kernel without ``renameat2`` or a filesystem without ``RENAME_EXCHANGE`` (NFS...) answers
+    is False, nothing changed, so that the caller falls back; the call as the C library sets ``errno``."""
+    import ctypes
+
+    from ion.core import safefs
+
+    def refuse(*args: object) -> int:
+        ctypes.set_errno(code)
+        return -1
+
+    monkeypatch.setattr(safefs, "_renameat2_call", [refuse])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").write_text("b")
+    with SafeDir.open_root(tmp_path) as top:
+        assert top.exchange("a", "b") is False
+    assert (tmp_path / "a").is_dir() and (tmp_path / "b").read_text() == "b"
+
+
+def test_exchange_through_the_raw_system_call(tmp_path: Path) -> None:
+    """Where the C library lacks the ``renameat2`` wrapper, ``syscall(SYS_renameat2)`` does the same."""
+    import ctypes
+    import platform
+
+    from ion.core import safefs
+
+    call = safefs._syscall_renameat2(ctypes.CDLL(None, use_errno=True))
+    if call is None:
+        pytest.fail(f"no SYS_renameat2 number known for {platform.machine()}")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").write_text("b")
+    with SafeDir.open_root(tmp_path) as top:
+        assert call(top.fd, b"a", top.fd, b"b", safefs.RENAME_EXCHANGE) == 0
+    assert (tmp_path / "b").is_dir() and (tmp_path / "a").read_text() == "b"
+
+
+def test_second_name_survives_a_rename_over_the_first(tmp_path: Path) -> None:
+    """A file gets a hard link, a link a copy of itself (never what it points to); a folder is refused."""
+    (tmp_path / "f").write_text("old")
+    (tmp_path / "l").symlink_to("/nowhere")
+    (tmp_path / "d").mkdir()
+    with SafeDir.open_root(tmp_path) as top:
+        top.second_name("f", "f.old")
+        top.second_name("l", "l.old")
+        (tmp_path / "new").write_text("new")
+        top.replace("new", "f")
+        with pytest.raises(OSError):
+            top.second_name("d", "d.old")
+    assert (tmp_path / "f.old").read_text() == "old" and (tmp_path / "f").read_text() == "new"
+    assert os.readlink(tmp_path / "l.old") == "/nowhere"
+
+
+def test_try_lock_shared_and_exclusive(tmp_path: Path) -> None:
+    """Shared locks coexist, an exclusive one is refused while any is held (without waiting), and a
+    missing file without ``create`` is no lock."""
+    with SafeDir.open_root(tmp_path) as top:
+        assert top.try_lock("p", create=False) is None
+        one, two = top.try_lock("p", shared=True), top.try_lock("p", shared=True)
+        assert one is not None and two is not None
+        assert top.try_lock("p") is None
+        os.close(one)
+        assert top.try_lock("p") is None
+        os.close(two)
+        mine = top.try_lock("p")
+        assert mine is not None and top.try_lock("p", shared=True) is None
+        os.close(mine)

@@ -506,6 +506,14 @@ class AmqpTransport(Transport):
         """True while operations can be sent to the broker."""
         return self.state == "connected"
 
+    @property
+    def server_properties(self) -> dict[str, Any]:
+        """What the broker told of itself when the connection opened (``product``, ``version``,
+        ``cluster_name`` ...); empty while not connected."""
+        conn = self._conn
+        props = getattr(getattr(conn, "_impl", None), "server_properties", None) if conn is not None else None
+        return dict(props) if isinstance(props, Mapping) else {}
+
     # -- connecting ---------------------------------------------------------------------
     def connect(self) -> defer.Deferred[None]:
         """Open the connection.

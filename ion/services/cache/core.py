@@ -78,7 +78,7 @@ from ion.services.cache.errors import (
     OutsideCacheError,
 )
 from ion.services.cache.eviction import EvictionPolicy
-from ion.services.cache.locks import CacheLock, LockTable, resolve_host_id
+from ion.services.cache.locks import BrokerLocks, CacheLock, LockTable, resolve_host_id
 from ion.services.cache.store import QUARANTINE, STAGING, FoundEntry, describe, sha256_file
 
 __all__ = [
@@ -119,6 +119,9 @@ class CacheSettings(Settings):
     :ivar lock_lease: seconds a lock held over messages lasts without renewal.
     :ivar max_concurrent: requests the Cache service handles at once.
     :ivar lock_method: how lock files are created (``excl`` or ``link``, checked by :class:`Cache`).
+    :ivar broker_locks: the Cache service takes each lock through the broker as well
+        (:class:`~ion.services.cache.locks.BrokerLocks`), so the lock of a host that dies is free
+        within seconds instead of ``lock_timeout``; off: lock files only.
     """
 
     SECTION: ClassVar[str] = "ion.services.cache"
@@ -131,12 +134,14 @@ class CacheSettings(Settings):
     lock_lease: float = 60.0
     max_concurrent: int = 32
     lock_method: str = "excl"
+    broker_locks: bool = True
 
     def open(self, root: str | os.PathLike[str], *, clock: IReactorTime | None = None,
-             pool: BlockingPool | None = None) -> Cache:
-        """The :class:`Cache` of ``root`` with these settings."""
+             pool: BlockingPool | None = None, broker_locks: BrokerLocks | None = None) -> Cache:
+        """The :class:`Cache` of ``root`` with these settings (and ``broker_locks``, if given)."""
         return Cache(root, host_id=self.host_id or None, lock_timeout=self.lock_timeout, clock=clock, pool=pool,
-                     wait_timeout=self.lock_wait_timeout, fsync_content=self.fsync, lock_method=self.lock_method)
+                     wait_timeout=self.lock_wait_timeout, fsync_content=self.fsync, lock_method=self.lock_method,
+                     broker_locks=broker_locks)
 
 
 #: Seconds without refresh after which another host may take a lock over (config ``lock_timeout``).
@@ -191,6 +196,8 @@ class Cache:
     :param hash_chunk: bytes read at a time when hashing.
     :param lock_method: how lock files are created: ``excl`` (``O_EXCL``) or ``link``
         (link count, for filesystems where ``O_EXCL`` is not atomic); see locks.py.
+    :param broker_locks: take each lock through the broker too (see :class:`~ion.services.cache.locks.BrokerLocks`);
+        closed with the cache.
     """
 
     _log = Logger()
@@ -199,7 +206,7 @@ class Cache:
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT, clock: IReactorTime | None = None,
                  pool: Any = None, wait_timeout: float | None = None, refresh_interval: float | None = None,
                  fsync_content: bool = CacheSettings.fsync, hash_chunk: int = 1 << 20,
-                 lock_method: str = CacheSettings.lock_method) -> None:
+                 lock_method: str = CacheSettings.lock_method, broker_locks: BrokerLocks | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor
 
@@ -217,7 +224,8 @@ class Cache:
         # Lock files are handled beside the long jobs (hashing, extraction), never queued behind them.
         lock_pool = housekeeping_pool(pool.reactor) if isinstance(pool, BlockingPool) else pool
         self.locks = LockTable(host_id=self.host_id, lock_timeout=self.lock_timeout, clock=clock, pool=lock_pool,
-                               wait_timeout=wait_timeout, refresh_interval=refresh_interval, method=lock_method)
+                               wait_timeout=wait_timeout, refresh_interval=refresh_interval, method=lock_method,
+                               broker=broker_locks)
         self.staging_root = self.root / STAGING
         self.quarantine_root = self.root / QUARANTINE
         self._host_tag = hashlib.sha256(self.host_id.encode()).hexdigest()[:8]
@@ -575,6 +583,11 @@ class Cache:
                              self._host_tag, live)
 
     def close(self) -> defer.Deferred[Any]:
-        """Stop waiting for locks and release every lock held (service terminate, drain)."""
-        return self.locks.release_all()
+        """Stop waiting for locks and release every lock held (service terminate, drain); close
+        the broker locks' connection."""
+        d = self.locks.release_all()
+        broker = self.locks.broker
+        if broker is not None:
+            d.addBoth(lambda _: broker.close())
+        return d
 

@@ -1,10 +1,19 @@
 """Entry locks: one fetch per cache entry, within a process and across processes and hosts.
 
-Two levels (DESIGN §8, "Locks"):
+Two levels (DESIGN §8, "Locks"), and a third between them where hosts share a broker:
 
 - **In the process**, a ``DeferredLock`` per entry: a second fetch of the
   same entry waits on a Deferred that fires when the first one releases --
   no sleep, no polling.
+- **Through the broker** (the Cache service; :class:`BrokerLocks`, issue 18),
+  an exclusive queue per lock, which the broker deletes when its holder's
+  connection closes: the lock of a host that dies is free within the
+  broker's detection time (a closed socket: at once; a silent host: the
+  AMQP heartbeats), not ``lock_timeout``. Its holder writes the broker lock's
+  marker in the lock file, and a process that gets the broker lock takes a
+  file with the same marker over at once (see :meth:`LockTable.judge`).
+  Without a broker (``ion-deploy``), or when it cannot be reached, the lock
+  file alone.
 - **Across processes and hosts**, the lock file ``<version>[~packed].lock``
   beside the entry folder, created with ``O_CREAT | O_EXCL`` and holding
   ``host_id::pid::started`` (``started``: wall-clock seconds, 6 decimals),
@@ -76,7 +85,9 @@ containers often share one machine-id but cannot see each other's pids.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
+import logging
 import math
 import os
 import re
@@ -94,6 +105,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ion.core.exceptions import ConnectionLostError
+from ion.core.messaging.memory import MemoryTransport
 from ion.services.cache.entry import EntryKey
 from ion.services.cache.errors import InvalidKeyError, LockTimeoutError
 
@@ -108,6 +121,11 @@ __all__ = [
     "debris_lock_name",
     "litter_present",
     "LOCK_METHODS",
+    "BROKER_LOCK_PREFIX",
+    "BrokerHold",
+    "BrokerLocks",
+    "broker_identity",
+    "lock_transport_factory",
 ]
 
 _log = Logger()
@@ -284,19 +302,28 @@ def _sweep(path: Path, host_tag: str, max_age: float) -> list[Path]:
 
 @dataclass(frozen=True)
 class LockHolder:
-    """Who holds a lock file: ``host_id::pid::started``."""
+    """Who holds a lock file: ``host_id::pid::started``, and ``::broker=<marker>`` when the holder
+    also held the entry's broker lock (:class:`BrokerLocks`) while it held the file."""
 
     host_id: str
     pid: int
     started: float
+    #: :meth:`BrokerLocks.marker` of the broker lock the holder held, or None (file lock only).
+    broker: str | None = None
 
     def render(self) -> str:
-        return f"{self.host_id}::{self.pid}::{self.started:.6f}"
+        text = f"{self.host_id}::{self.pid}::{self.started:.6f}"
+        return text if self.broker is None else f"{text}::broker={self.broker}"
 
     @classmethod
     def parse(cls, text: str) -> LockHolder | None:
         """The holder written in a lock file, or None if the text is not one."""
         parts = text.strip().split("::")
+        broker: str | None = None
+        if len(parts) == 4 and parts[3].startswith("broker="):
+            broker = parts.pop()[len("broker="):]
+            if not broker or any(c.isspace() for c in broker):
+                return None
         if len(parts) != 3:
             return None
         host, pid_s, started_s = parts
@@ -306,11 +333,12 @@ class LockHolder:
             return None
         if not host or any(c.isspace() for c in host) or pid <= 0 or not math.isfinite(started):
             return None
-        return cls(host, pid, started)
+        return cls(host, pid, started, broker)
 
     def __str__(self) -> str:
         since = datetime.datetime.fromtimestamp(self.started, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        return f"host {self.host_id} pid {self.pid} (since {since} UTC)"
+        via = "" if self.broker is None else ", with the broker lock"
+        return f"host {self.host_id} pid {self.pid} (since {since} UTC{via})"
 
 
 # -- blocking helpers (run in the BlockingPool) -----------------------------------------------
@@ -538,7 +566,9 @@ class CacheLock:
     :ivar id: a random token naming this hold (the service hands it out over RPC).
     :ivar held: True until released.
     :ivar lost: True once another process took the lock over (we failed to
-        refresh it within ``lock_timeout``); the entry may no longer be published with it.
+        refresh it within ``lock_timeout``), or its broker lock was lost with the connection
+        to the broker (:attr:`broker_lost`); the entry may no longer be published with it.
+    :ivar broker: the broker lock held with the lock file (:class:`BrokerLocks`), or None.
     """
 
     def __init__(self, key: EntryKey, path: Path, holder: LockHolder, dev: int, ino: int, acquired_at: float) -> None:
@@ -553,6 +583,9 @@ class CacheLock:
         self._ino = ino
         self._raw = holder.render().encode()
         self._refresh_call: IDelayedCall | None = None
+        self.broker: BrokerHold | None = None
+        #: True when the lock was lost with its broker lock (the file may still be ours: removed at release).
+        self.broker_lost = False
 
     @property
     def active(self) -> bool:
@@ -577,6 +610,291 @@ class _Acquisition:
             self.waiting.cancel()
 
 
+#: Names of the broker lock queues: ``ion.cache.lock.<sha256 of the lock file's path in the cache>``.
+BROKER_LOCK_PREFIX: Final = "ion.cache.lock."
+
+
+def _resource_locked(exc: BaseException) -> bool:
+    """Whether a declare was refused because another connection holds the exclusive queue (405)."""
+    return getattr(exc, "reply_code", None) == 405 or "RESOURCE_LOCKED" in str(exc)
+
+
+class _LockRefusalsAreExpected(logging.Filter):
+    """Drops pika's warning for each ``RESOURCE_LOCKED`` refusal of a broker lock queue: a waiter
+    is refused at every retry (:class:`BrokerLocks`), and says itself what it waits for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() if record.args else str(record.msg)
+        return not ("RESOURCE_LOCKED" in text and BROKER_LOCK_PREFIX in text)
+
+
+def _quiet_pika() -> None:
+    log = logging.getLogger("pika.channel")
+    if not any(isinstance(f, _LockRefusalsAreExpected) for f in log.filters):
+        log.addFilter(_LockRefusalsAreExpected())
+
+
+def broker_identity(transport: Any) -> str | None:
+    """What names the broker a transport is connected to, the same from every host of one broker
+    (or cluster) and vhost: ``amqp:<cluster_name>/<vhost>`` (RabbitMQ's ``cluster_name``, by
+    default ``rabbit@<first node's host>``); ``memory:<pid>:<id>`` for the embedded broker (of
+    this process only). None when it cannot be told: then no lock file is marked (see
+    :meth:`BrokerLocks.marker`), and takeovers wait for ``lock_timeout`` as without a broker."""
+    if isinstance(transport, MemoryTransport):
+        return f"memory:{os.getpid()}:{id(transport.broker)}"
+    props = getattr(transport, "server_properties", None)  # AmqpTransport's
+    if not isinstance(props, Mapping):
+        return None
+    name = props.get("cluster_name")
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    url = getattr(transport, "url", None)
+    if not name or url is None:
+        return None
+    return f"amqp:{name}/{url.vhost}"
+
+
+class BrokerHold:
+    """One broker lock held (an exclusive queue declared on :attr:`BrokerLocks.transport`).
+
+    :ivar queue: the queue's name.
+    :ivar marker: written in the lock file taken with it (:meth:`BrokerLocks.marker`), or None.
+    :ivar lost: True once the connection that holds it was lost: the broker has deleted the
+        queue, and another host may hold it now.
+    :ivar on_lost: called once if it is lost while held.
+    """
+
+    def __init__(self, queue: str, marker: str | None, transport: Any) -> None:
+        self.queue = queue
+        self.marker = marker
+        self.lost = False
+        self.on_lost: Callable[[], None] | None = None
+        self.transport = transport
+
+    def __repr__(self) -> str:
+        return f"<BrokerHold {self.queue}{' lost' if self.lost else ''}>"
+
+
+class BrokerLocks:
+    """Entry locks through the broker, so that the lock of a host that dies is free within the
+    broker's detection time instead of ``lock_timeout`` (issue 18).
+
+    A lock is an **exclusive queue** ``ion.cache.lock.<hash>`` (:meth:`queue_name`): declaring it
+    is holding it; another connection's declare is refused with ``RESOURCE_LOCKED`` (405) and
+    tried again with a backoff from ``poll_start`` to ``poll_max`` (50 ms to 0.5 s) on the clock;
+    releasing deletes it. The broker deletes an exclusive queue when the connection that declared
+    it closes: at once when the holder's process dies (its socket is closed); once it has missed
+    2-3 AMQP heartbeats (5 s each by default, ``ion.core.messaging: heartbeat``) when its host
+    falls silent.
+
+    The locks go over a **connection of their own** (``connect`` makes it, lazily, and again
+    after a loss), without reconnection: a lost connection means lost locks -- every hold on it
+    is marked lost (:attr:`BrokerHold.lost`, and its :class:`CacheLock` with it) -- and must not
+    re-declare them behind the holder's back; its 405 refusals (which close a channel) never
+    touch the container's own channels either.
+
+    The broker lock is the authority across hosts: a waiter that gets it knows that whoever held
+    it before is gone from the broker, so a lock file whose holder wrote the same
+    :meth:`marker` may be taken over at once (:meth:`LockTable.judge`). The lock file itself is
+    still taken, for processes of one host and for ``ion-deploy`` without a broker.
+
+    Broker unreachable (no connection can be made, or a declare fails otherwise than with 405):
+    the acquisition goes on with the lock file alone, as without a broker (a warning says so),
+    and that file carries no marker, so nobody takes it over before ``lock_timeout``. After a
+    failed connection, the locks taken within ``retry_connect`` seconds (10) go to their files at
+    once, without waiting for another attempt to fail.
+
+    :param connect: makes a new, unconnected transport to the broker (see :func:`lock_transport_factory`).
+    :param clock: schedules the retries.
+    """
+
+    _log = _log
+
+    def __init__(self, connect: Callable[[], Any], clock: IReactorTime, *, poll_start: float = 0.05,
+                 poll_max: float = 0.5, retry_connect: float = 10.0) -> None:
+        _quiet_pika()
+        self.connect = connect
+        self.clock = clock
+        self.poll_start = poll_start
+        self.poll_max = poll_max
+        self.retry_connect = retry_connect
+        #: Until when (clock seconds) a failed connection is not tried again, and why it failed.
+        self._down_until = -math.inf
+        self._down_reason = ""
+        #: The connection the locks are held on, once made (None again after a loss).
+        self.transport: Any = None
+        self._waiters: list[defer.Deferred[Any]] | None = None
+        #: Queue name -> the hold on it.
+        self.held: dict[str, BrokerHold] = {}
+        self.closed = False
+
+    @staticmethod
+    def queue_name(key: EntryKey, path: Path) -> str:
+        """The queue of the lock file ``path`` of ``key``: named after the lock file's place in the
+        cache (the same on every host, whatever the mount point), hashed to fit a queue name."""
+        rel = f"{key.relpath.parent}/{path.name}"
+        return BROKER_LOCK_PREFIX + hashlib.sha256(rel.encode()).hexdigest()[:40]
+
+    def marker(self, queue: str, transport: Any) -> str | None:
+        """What a lock file taken under the broker lock ``queue`` says (``::broker=<marker>``):
+        a hash of the broker's identity (:func:`broker_identity`) and the queue; None if the
+        broker cannot be told."""
+        ident = broker_identity(transport)
+        if ident is None:
+            return None
+        return hashlib.sha256(f"{ident}\0{queue}".encode()).hexdigest()[:32]
+
+    # -- the connection -------------------------------------------------------------------------
+    async def _transport(self) -> Any:
+        """The lock connection, made now if there is none (one attempt shared by every caller)."""
+        current = self.transport
+        if current is not None:
+            if getattr(current, "connected", not getattr(current, "closed", False)):
+                return current
+            self._connection_event(current, "lost", "the connection was closed")
+        d: defer.Deferred[Any] = defer.Deferred()
+        if self._waiters is None:
+            self._waiters = [d]
+            defer.ensureDeferred(self._open()).addBoth(self._opened)
+        else:
+            self._waiters.append(d)
+        return await d
+
+    async def _open(self) -> Any:
+        transport = self.connect()
+        await transport.connect()
+        if self.closed:
+            await transport.close()
+            raise defer.CancelledError()
+        transport.add_connection_listener(lambda event, reason: self._connection_event(transport, event, reason))
+        self.transport = transport
+        return transport
+
+    def _opened(self, result: Any) -> None:
+        if isinstance(result, Failure):
+            self._down_until = self.clock.seconds() + self.retry_connect
+            self._down_reason = result.getErrorMessage() or type(result.value).__name__
+        waiters, self._waiters = self._waiters or [], None
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def _connection_event(self, transport: Any, event: str, reason: str | None) -> None:
+        if event != "lost" or transport is not self.transport:
+            return
+        self.transport = None
+        lost = [hold for hold in self.held.values() if hold.transport is transport]
+        for hold in lost:
+            del self.held[hold.queue]
+            hold.lost = True
+            self._log.error("lost the broker lock {queue}: the connection to the broker was lost ({reason}); "
+                            "another host may take the lock over now", queue=hold.queue, reason=reason)
+            if hold.on_lost is not None:
+                try:
+                    hold.on_lost()
+                except Exception:
+                    self._log.failure("handling the loss of the broker lock {queue}", queue=hold.queue)
+        d = defer.maybeDeferred(transport.close)
+        d.addErrback(lambda f: None)
+
+    # -- holding --------------------------------------------------------------------------------
+    async def acquire(self, queue: str, deadline: float, acq: _Acquisition, entry: str,
+                      timeout: float) -> BrokerHold | None:
+        """Hold the broker lock ``queue``: the :class:`BrokerHold`, or None when the broker cannot be
+        asked (go on with the lock file alone; logged).
+
+        :raises LockTimeoutError: at ``deadline`` (clock seconds; ``timeout`` after the start),
+            naming ``entry``.
+        :raises defer.CancelledError: once ``acq`` is cancelled (nothing is left held).
+        """
+        delay = self.poll_start
+        while True:
+            if acq.cancelled or self.closed:
+                raise defer.CancelledError()
+            if self.transport is None and self.clock.seconds() < self._down_until:
+                self._log.warn("not taking the broker lock {queue} of {entry}: the broker could not be reached "
+                               "({err}); going on with the lock file alone", queue=queue, entry=entry,
+                               err=self._down_reason)
+                return None
+            try:
+                transport = await self._transport()
+                await transport.declare_queue(queue, exclusive=True)
+            except defer.CancelledError:
+                raise
+            except Exception as exc:
+                if not _resource_locked(exc):
+                    self._log.warn("could not take the broker lock {queue} of {entry}: {err}; going on with the "
+                                   "lock file alone (taken over only after lock_timeout if its holder dies)",
+                                   queue=queue, entry=entry, err=str(exc) or type(exc).__name__)
+                    return None
+            else:
+                hold = BrokerHold(queue, self.marker(queue, transport), transport)
+                self.held[queue] = hold
+                if acq.cancelled or self.closed:
+                    await self.release(hold)
+                    raise defer.CancelledError()
+                return hold
+            now = self.clock.seconds()
+            if now >= deadline:
+                raise LockTimeoutError(f"gave up waiting for the lock of {entry} after {timeout:g} s: its broker "
+                                       f"lock {queue} is held by another host")
+            acq.waiting = task.deferLater(self.clock, min(delay, deadline - now), lambda: None)
+            try:
+                await acq.waiting
+            finally:
+                acq.waiting = None
+            delay = min(delay * 2, self.poll_max)
+
+    def release(self, hold: BrokerHold) -> defer.Deferred[None]:
+        """Let the next waiter have the lock: delete the queue (never fails; problems are logged)."""
+        if self.held.get(hold.queue) is hold:
+            del self.held[hold.queue]
+        if hold.lost:
+            return defer.succeed(None)  # gone with its connection
+        hold.lost = True
+        d = defer.maybeDeferred(hold.transport.delete_queue, hold.queue)
+
+        def failed(f: Failure) -> None:
+            # A lost connection took the queue with it; anything else is worth a line.
+            if not f.check(ConnectionLostError):
+                self._log.warn("could not release the broker lock {queue}: {err}", queue=hold.queue,
+                               err=f.getErrorMessage())
+
+        return d.addErrback(failed)
+
+    def close(self) -> defer.Deferred[None]:
+        """Release every broker lock and close the connection (the Cache's close)."""
+        self.closed = True
+        transport, self.transport = self.transport, None
+        holds = list(self.held.values())
+        self.held.clear()
+        for hold in holds:
+            hold.lost = True
+        if transport is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(transport.close).addErrback(lambda f: None)
+
+
+def lock_transport_factory(transport: Any) -> Callable[[], Any] | None:
+    """How to open the lock connection (:class:`BrokerLocks`) to the broker of a container's
+    ``transport``: the same addresses and login, no reconnection; None for a transport of
+    another kind."""
+    if isinstance(transport, MemoryTransport):
+        broker, user = transport.broker, transport.user
+        return lambda: broker.connect(user)
+    try:
+        from ion.core.messaging.amqp import AmqpTransport
+    except ImportError:  # pragma: no cover - pika is a dependency
+        return None
+    if isinstance(transport, AmqpTransport):
+        amqp = transport
+        return lambda: AmqpTransport(list(amqp.urls), reactor=amqp.reactor, reconnect=False, heartbeat=amqp.heartbeat,
+                                     connect_timeout=min(amqp.connect_timeout, 5.0), confirm=False)
+    return None
+
+
 class LockTable:
     """The entry locks of one :class:`~ion.services.cache.core.Cache`.
 
@@ -588,18 +906,22 @@ class LockTable:
     :param wait_timeout: default seconds :meth:`acquire` waits (2 x lock_timeout:
         long enough to outwait a stale lock).
     :param refresh_interval: seconds between the holder's mtime refreshes (lock_timeout / 4).
+    :param broker: take each lock through the broker as well (:class:`BrokerLocks`), before its
+        lock file; None: lock files only (``ion-deploy`` without a broker).
     """
 
     _log = _log
 
     def __init__(self, *, host_id: str, lock_timeout: float, clock: IReactorTime, pool: Any,
                  wait_timeout: float | None = None, refresh_interval: float | None = None,
-                 poll_start: float = 0.05, poll_max: float = 1.0, method: str = "excl") -> None:
+                 poll_start: float = 0.05, poll_max: float = 1.0, method: str = "excl",
+                 broker: BrokerLocks | None = None) -> None:
         if lock_timeout <= 0:
             raise InvalidKeyError(f"lock_timeout must be positive, not {lock_timeout!r}")
         if method not in LOCK_METHODS:
             raise InvalidKeyError(f"lock_method must be one of {', '.join(LOCK_METHODS)}, not {method!r}")
         self.method = method
+        self.broker = broker
         self.host_id = _check_host_id(host_id, "the host_id argument")
         self.lock_timeout = float(lock_timeout)
         self.clock = clock
@@ -617,8 +939,12 @@ class LockTable:
         self._pending: set[_Acquisition] = set()
 
     # -- judging --------------------------------------------------------------------------
-    def judge(self, observed: _Observed, now: float) -> str | None:
+    def judge(self, observed: _Observed, now: float, broker: str | None = None) -> str | None:
         """Why a lock file held by someone else may be taken over now, or None to wait.
+
+        ``broker``: the marker of the broker lock the caller holds (:meth:`BrokerLocks.marker`);
+        a holder that wrote the same one held that broker lock, so it is gone from the broker
+        (dead, or cut off and about to find out): taken over at once.
 
         Runs in a pool thread (it checks pids); reads only immutable settings.
         """
@@ -632,6 +958,8 @@ class LockTable:
         holder = observed.holder
         if holder is None:
             return "corrupt lock file (treated as stale)"
+        if broker is not None and holder.broker == broker:
+            return "this process holds the broker lock its holder held (the holder's broker connection is gone)"
         if holder.host_id == self.host_id:
             if holder.pid == os.getpid():
                 if holder.started < PROCESS_STARTED:
@@ -703,22 +1031,31 @@ class LockTable:
         finally:
             acq.waiting = None
         try:
-            return await self._acquire_file(key, path, timeout, deadline, acq)
+            hold: BrokerHold | None = None
+            if self.broker is not None:
+                hold = await self.broker.acquire(BrokerLocks.queue_name(key, path), deadline, acq, str(key), timeout)
+            try:
+                return await self._acquire_file(key, path, timeout, deadline, acq, hold)
+            except BaseException:
+                if hold is not None and self.broker is not None:
+                    self.broker.release(hold)
+                raise
         except BaseException:
             local.release()
             self._forget_local(path)
             raise
 
     async def _acquire_file(self, key: EntryKey, path: Path, timeout: float, deadline: float,
-                            acq: _Acquisition) -> CacheLock:
+                            acq: _Acquisition, hold: BrokerHold | None = None) -> CacheLock:
         delay = self.poll_start
         while True:
             if acq.cancelled:
                 raise defer.CancelledError()
-            holder = LockHolder(self.host_id, os.getpid(), time.time())
+            marker = hold.marker if hold is not None and not hold.lost else None
+            holder = LockHolder(self.host_id, os.getpid(), time.time(), marker)
             attempt: _Attempt = await self.pool.run(
-                _try_acquire, path, holder.render().encode(), self.clock.seconds(), self.judge, self.method,
-                self.sweep)
+                _try_acquire, path, holder.render().encode(), self.clock.seconds(),
+                functools.partial(self.judge, broker=marker), self.method, self.sweep)
             self._log_swept(attempt.swept)
             for obs, reason in attempt.taken_over:
                 self._log.warn("took over the lock of {entry} ({path}) from {previous}: {reason}",
@@ -732,6 +1069,11 @@ class LockTable:
                     await self._remove_file(lock)
                     raise defer.CancelledError()
                 self.held[path] = lock
+                if hold is not None:
+                    lock.broker = hold
+                    hold.on_lost = functools.partial(self._broker_lost, lock)
+                    if hold.lost:
+                        self._broker_lost(lock)
                 self._schedule_refresh(lock)
                 return lock
             now = self.clock.seconds()
@@ -753,6 +1095,15 @@ class LockTable:
             del self._local[path]
 
     # -- holding ------------------------------------------------------------------------------
+    def _broker_lost(self, lock: CacheLock) -> None:
+        """The connection holding ``lock``'s broker lock was lost: another host may take the lock
+        file over at once (it carries the broker lock's marker), so the lock counts as lost."""
+        if not lock.held or lock.lost or lock.holder.broker is None:
+            return  # an unmarked file (taken after the loss) is judged by the old rules: still ours
+        lock.lost = lock.broker_lost = True
+        self._log.error("lost the lock of {entry} ({path}): its broker lock went with the connection to the broker",
+                        entry=str(lock.key), path=str(lock.path))
+
     def _schedule_refresh(self, lock: CacheLock) -> None:
         if lock.active:
             lock._refresh_call = self.clock.callLater(self.refresh_interval, self._refresh, lock)
@@ -785,7 +1136,7 @@ class LockTable:
 
     # -- releasing ------------------------------------------------------------------------------
     def _remove_file(self, lock: CacheLock) -> defer.Deferred[None]:
-        if lock.lost:
+        if lock.lost and not lock.broker_lost:
             return defer.succeed(None)  # the file is the new holder's now
         d = self.pool.run(_remove_if, lock.path, lock._dev, lock._ino, lock._raw, tag=self.tag)
 
@@ -814,6 +1165,9 @@ class LockTable:
         if self.held.get(lock.path) is lock:
             del self.held[lock.path]
         d = self._remove_file(lock)
+        if lock.broker is not None and self.broker is not None:
+            hold, broker = lock.broker, self.broker
+            d.addBoth(lambda _: broker.release(hold))  # after the file: a waiter that gets it finds none
         result: defer.Deferred[None] = defer.Deferred()
 
         def hand_over(_: Any) -> None:

@@ -13,7 +13,8 @@ the removal is :meth:`Cache.evict`, as for ``prune``. Never evicted:
 - an entry **used within** ``reap_min_idle`` seconds (default 600): a deploy
   looks an entry up before it places it, so one between its lookup and its
   placement is safe;
-- an entry a **live destination links to**.
+- an entry a **live destination links to**;
+- an entry a **kept generation names** (:func:`kept_entries`).
 
 **Link records.** Placing a dependency by symlink records the destination
 beside the entry, before the links are made (:func:`record_link`, called by
@@ -29,6 +30,17 @@ on the spot; a dead one is removed); a record of another host, whose disks
 this host cannot see, is live until it is older than ``reap_link_ttl``
 (default 7 days). The names start with ``.``, which no entry key may, so
 the cache never mistakes them for entries.
+
+**Generation records.** Each successful deploy of a deployment file records
+a generation (``ion.services.deploy.generations``) in
+``<root>/generations/<32 hex>.json``, one file per deployment file, which
+lists at its top the entries its kept generations name::
+
+    {"entries": ["<repo-id>/<platform>/<name>/<version folder>", ...], ...}
+
+The reaper reads that key of each file (one small read per deployment file)
+and evicts none of those entries, so a rollback finds them cached. The rest
+of the file is the deployer's.
 
 **Election.** Every Cache service instance consumes one queue,
 ``<sysname>.cache.reaper``, declared with ``x-single-active-consumer``: the
@@ -76,7 +88,8 @@ if TYPE_CHECKING:  # the messaging core is imported only where an election runs 
     from ion.core.process import Process, Receiver
 
 __all__ = ["ReapPolicy", "ReapReport", "CacheReaper", "ReaperElection", "record_link", "live_links", "choose",
-           "LINKS_DIR", "STATE_FILE", "TICK_OP", "election_queue", "election_receiver"]
+           "LINKS_DIR", "STATE_FILE", "TICK_OP", "GENERATIONS_DIR", "kept_entries", "election_queue",
+           "election_receiver"]
 
 #: The folder, beside a dependency's versions, that holds their link records.
 LINKS_DIR = ".links"
@@ -86,6 +99,12 @@ STATE_FILE = ".reaper.json"
 TICK_OP = "reap_tick"
 #: Refresh a link record at most this often (seconds) when a deploy finds it in place.
 _REFRESH_AFTER = 3600.0
+#: The folder, in the cache root, of the deployment files' generation records.
+GENERATIONS_DIR = "generations"
+#: The largest generation record read (bytes): a bigger one is skipped (and protects nothing).
+_MAX_GENERATIONS_BYTES = 64 << 20
+
+_log = Logger()
 
 
 # -- link records (blocking: run in a pool thread) ---------------------------------------------------------
@@ -193,6 +212,43 @@ def _drop_links(entry: Path) -> None:
             pass
 
 
+# -- generation records (blocking) -----------------------------------------------------------------------
+def kept_entries(root: Path) -> set[Path]:
+    """The entry folders the kept generations of every deployment file name (blocking).
+
+    Reads the ``entries`` key of each ``<root>/generations/*.json`` (see the module
+    notes); an unreadable record is logged and protects nothing.
+    """
+    kept: set[Path] = set()
+    try:
+        top = SafeDir.open_root(root)
+    except OSError:
+        return kept
+    with top:
+        try:
+            folder = top.open_dir(GENERATIONS_DIR)
+        except OSError:
+            return kept
+        with folder:
+            for name in folder.listdir():
+                if name.startswith(".") or not name.endswith(".json"):
+                    continue  # the lock file, a record being written
+                try:
+                    raw = folder.read_bytes(name, limit=_MAX_GENERATIONS_BYTES + 1)
+                    if raw is None or len(raw) > _MAX_GENERATIONS_BYTES:
+                        continue
+                    entries = json.loads(raw.decode("utf-8")).get("entries")
+                except (OSError, ValueError, AttributeError) as exc:
+                    _log.warn("cannot read the generation record {path}: {exc}", path=str(folder.path / name),
+                              exc=exc)
+                    continue
+                for rel in entries if isinstance(entries, list) else ():
+                    parts = Path(rel).parts if isinstance(rel, str) else ()
+                    if len(parts) == 4 and not any(p in ("..", ".", "/") for p in parts):
+                        kept.add(root.joinpath(*parts))
+    return kept
+
+
 # -- policy ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ReapPolicy(Settings):
@@ -252,11 +308,13 @@ class ReapReport:
     linked: int = 0
     pruned: PruneReport = field(default_factory=PruneReport)
     error: str | None = None
+    #: Complete entries a kept generation names (never evicted).
+    kept: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return {"started": self.started, "finished": self.finished, "reaper": self.reaper,
                 "policy": dict(self.policy), "entries": self.entries, "bytes_before": self.bytes_before,
-                "linked": self.linked, "pruned": self.pruned.to_wire(), "error": self.error}
+                "linked": self.linked, "kept": self.kept, "pruned": self.pruned.to_wire(), "error": self.error}
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> ReapReport:
@@ -264,7 +322,7 @@ class ReapReport:
                    reaper=str(data.get("reaper", "")), policy=dict(data.get("policy") or {}),
                    entries=int(data.get("entries", 0)), bytes_before=int(data.get("bytes_before", 0)),
                    linked=int(data.get("linked", 0)), pruned=PruneReport.from_wire(data.get("pruned") or {}),
-                   error=data.get("error"))
+                   error=data.get("error"), kept=int(data.get("kept", 0)))
 
 
 def _read_state(root: Path) -> dict[str, Any] | None:
@@ -282,11 +340,17 @@ def _write_state(root: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, root / STATE_FILE)
 
 
-def _survey(root: Path, host_id: str, now: float,
-            link_ttl: float) -> tuple[builtins.list[FoundEntry], builtins.list[Path], dict[Path, int]]:
+def _survey(root: Path, host_id: str, now: float, link_ttl: float
+            ) -> tuple[builtins.list[FoundEntry], builtins.list[Path], dict[Path, int], set[Path]]:
     found, lock_files = store.scan(root)
     linked = {f.path: live_links(f.path, host_id, now, link_ttl) for f in found if f.info is not None}
-    return found, lock_files, linked
+    return found, lock_files, linked, kept_entries(root)
+
+
+def _still_free(entry: Path, root: Path, host_id: str, now: float, link_ttl: float) -> bool:
+    """No live link and no kept generation names ``entry`` now (blocking; under its lock, just
+    before removal: a deploy may have linked it, or recorded a generation naming it, since)."""
+    return not live_links(entry, host_id, now, link_ttl) and entry not in kept_entries(root)
 
 
 class CacheReaper:
@@ -362,20 +426,22 @@ class CacheReaper:
         # Claim the round first, so that a takeover in the middle does not start another at once.
         await cache.pool.run(_write_state, cache.root, {**report.to_wire(), "running": True})
         try:
-            found, lock_files, linked = await cache.pool.run(_survey, cache.root, cache.host_id, now,
-                                                             policy.link_ttl)
+            found, lock_files, linked, kept = await cache.pool.run(_survey, cache.root, cache.host_id, now,
+                                                                   policy.link_ttl)
             complete = [f for f in found if f.info is not None]
             report.entries = len(complete)
             report.bytes_before = sum(f.info.size for f in complete if f.info is not None)
             report.linked = sum(1 for n in linked.values() if n)
+            report.kept = sum(1 for f in complete if f.path in kept)
+            # A kept generation's entry is protected as a linked one is.
+            protected = {f.path: linked.get(f.path, 0) + (f.path in kept) for f in complete}
 
-            async def still_unlinked(f: FoundEntry) -> bool:
-                # Under the entry's lock, just before removal: a deploy may have linked it since.
-                return f.info is None or not await cache.pool.run(live_links, f.path, cache.host_id,
-                                                                  self.clock.seconds(), policy.link_ttl)
+            async def still_free(f: FoundEntry) -> bool:
+                return f.info is None or await cache.pool.run(_still_free, f.path, cache.root, cache.host_id,
+                                                              self.clock.seconds(), policy.link_ttl)
 
-            report.pruned = await cache.evict(policy.eviction.targets(found, now, linked), lock_files,
-                                              quarantine=False, check=still_unlinked)
+            report.pruned = await cache.evict(policy.eviction.targets(found, now, protected), lock_files,
+                                              quarantine=False, check=still_free)
             for info in report.pruned.removed:
                 await cache.pool.run(_drop_links, info.path)
         except Exception as exc:
@@ -386,9 +452,11 @@ class CacheReaper:
         self.last = report
         await cache.pool.run(_write_state, cache.root, report.to_wire())
         self._log.info("{name}: reap round over {n} entries ({size} bytes): removed {removed} "
-                       "({freed} bytes), {busy} locked, {linked} linked{error}", name=self.name, n=report.entries,
+                       "({freed} bytes), {busy} locked, {linked} linked, {kept} kept by generations{error}",
+                       name=self.name, n=report.entries,
                        size=report.bytes_before, removed=len(report.pruned.removed),
                        freed=report.pruned.bytes_freed, busy=len(report.pruned.busy), linked=report.linked,
+                       kept=report.kept,
                        error=f"; error: {report.error}" if report.error else "")
         if self.publish is not None:
             try:

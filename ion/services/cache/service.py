@@ -4,6 +4,8 @@
 ``root`` (default ``$ION_CACHE_DIR``, else ``~/.cache/ion/deploy``),
 ``lock_timeout`` (600 s), ``lock_wait_timeout`` (2 x lock_timeout),
 ``host_id`` (default: see :func:`~ion.services.cache.locks.resolve_host_id`),
+``broker_locks`` (true: each lock is taken through the broker as well, on a
+connection of the service's own, see :class:`~ion.services.cache.locks.BrokerLocks`),
 ``fsync`` (fsync file contents at publish), ``max_concurrent`` (requests
 handled at once: a ``lock`` waiting for its entry must not keep ``unlock``
 from being handled).
@@ -15,8 +17,12 @@ from being handled).
 share of the disk's read rate you grant it), ``verify_chunk`` (bytes per
 paced read, 1 MiB). Each round publishes ``cache.verify.change`` per entry
 that went ``good→bad`` or ``bad→good`` and ``cache.verify.round`` with the
-summary; a bad entry is quarantined, so the next deploy fetches it again.
-``verify_round`` runs a round now; ``verify_report`` answers the last one.
+summary; a bad entry is quarantined and, with ``verify_refetch`` (default
+true), fetched again at once through the Fetch service (a failure is tried
+again by a later round after ``verify_refetch_backoff`` seconds, 300, doubled
+on each failure up to ``verify_refetch_max_backoff``, 86400); else the next
+deploy fetches it again. ``verify_round`` runs a round now; ``verify_report``
+answers the last one.
 
 Ops (content: plain dicts; an entry key in its wire form ``{repo_id | url,
 platform, name, version, unpack}``): ``lookup``, ``info``, ``list``,
@@ -74,7 +80,7 @@ from ion.services.cache.errors import (
     LockNotHeldError,
     UnknownLockError,
 )
-from ion.services.cache.locks import CacheLock
+from ion.services.cache.locks import BrokerLocks, CacheLock, lock_transport_factory
 from ion.services.cache.reaper import (
     TICK_OP,
     CacheReaper,
@@ -142,7 +148,12 @@ class CacheService(ServiceProcess):
         # (checked on resolved paths: realpath, in the pool).
         root = yield self.container.blocking.run(self.bounded_config, "root", narrow_root, str(default_root()))
         self.settings = CacheSettings.from_config(self.get_config)
-        self.cache = self.settings.open(root, clock=self.clock, pool=self.container.blocking)
+        broker_locks: BrokerLocks | None = None
+        connect = lock_transport_factory(self.container.transport) if self.settings.broker_locks else None
+        if connect is not None:
+            broker_locks = BrokerLocks(connect, self.clock)
+        self.cache = self.settings.open(root, clock=self.clock, pool=self.container.blocking,
+                                        broker_locks=broker_locks)
         self.reaper = CacheReaper(self.cache, ReapPolicy.from_config(self.get_config), name=self.id,
                                   publish=self._publish_event, clock=self.clock)
         #: The last reap round's report this instance saw (its own, or another's event).
@@ -150,9 +161,10 @@ class CacheService(ServiceProcess):
         self.election = ReaperElection(self, self.reaper)
         # One instance of the system verifies on schedule, the elected one (a shared cache is
         # read once per round, within one bandwidth cap); any instance verifies on request.
-        self.verifier = CacheVerifier(self.cache, VerifyConfig.from_config(self.get_config),
-                                      publish=self.container.publish_event, clock=self.clock,
-                                      should_run=self.election.is_elected)
+        verify_config = VerifyConfig.from_config(self.get_config)
+        self.verifier = CacheVerifier(self.cache, verify_config, publish=self.container.publish_event,
+                                      clock=self.clock, should_run=self.election.is_elected,
+                                      refetch=self._refetch if verify_config.refetch else None)
         self._leases: dict[str, _Lease] = {}
 
     def _publish_event(self, routing_key: str, content: Any) -> None:
@@ -160,15 +172,23 @@ class CacheService(ServiceProcess):
             self.last_reap = dict(content)
         self.container.publish_event(routing_key, content)
 
+    def _refetch(self, key: EntryKey, url: str) -> Any:
+        """The verifier's refetch: a ``fetch`` of the Fetch service (its locks, checksum checks and
+        repository bounds), from the version folder the bad entry's ``.entry`` recorded."""
+        from ion.services.fetch.core import refetch_request
+        from ion.services.fetch.service import FetchClient
+
+        return FetchClient(self).fetch(refetch_request(key, url))
+
     def metric_families(self) -> Any:
         """The cache as this instance last saw it: entries and bytes after the last reap round,
         entries by verify state. (Several instances on one cache report one series: the
         families are added up, so each gives the gauges only once, the elected one.)"""
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         if not self.election.is_elected():
             return []
-        families = []
+        families: list[Any] = []
         reap = self.last_reap
         if reap is not None and not reap.get("error"):
             pruned = reap.get("pruned") or {}
@@ -184,6 +204,15 @@ class CacheService(ServiceProcess):
         for state in ("good", "bad"):
             verify.add_metric((state,), states.count(state))
         families.append(verify)
+        refetches = CounterMetricFamily("ion_cache_verify_refetches", "Bad entries the periodic verification "
+                                        "fetched again, by result (refetched or failed).", labels=("result",))
+        for result, n in sorted(self.verifier.refetches.items()):
+            refetches.add_metric((result,), n)
+        families.append(refetches)
+        families.append(GaugeMetricFamily("ion_cache_verify_refetch_failing", "Quarantined entries whose last "
+                                          "refetch failed (tried again after a backoff).",
+                                          value=sum(1 for s in self.verifier.states.values()
+                                                    if s.state == "bad" and s.failures)))
         return families
 
     def receivers_to_create(self) -> list[Receiver]:

@@ -26,9 +26,28 @@ Decisions:
   ``.entry`` removed first, then the folder moved under ``quarantine/``), under
   the entry's lock taken with ``timeout=0`` and only if its ``.entry`` is
   still the one it was hashed against. From then on :meth:`Cache.lookup`
-  misses it and the next deploy that needs it fetches it again; the round
-  after that reports it ``bad→good``. Until then every round lists it ``bad``
-  (``action``: ``awaiting refetch``).
+  misses it.
+- **Healing** (issue 17 §3): with a ``refetch`` function (the Cache service:
+  a ``fetch`` of the Fetch service, so the usual locks, checksum checks and
+  address/folder bounds apply; ``ion-deploy``-like callers: an in-process
+  :class:`~ion.services.fetch.core.Fetcher`), a quarantined entry is fetched
+  again at once, in the round that found it (``action``: ``refetched``), from
+  the version folder its ``.entry`` names (``url``, recorded since the first
+  entry format: :func:`~ion.services.fetch.core.refetch_request` turns it back
+  into a request, checked to name the entry's repository). The next round
+  then reports it ``bad→good`` without anyone deploying. Before a refetch the
+  entry's size is reserved on the verifier's :class:`RateLimiter` (the fetch
+  path has no cap of its own), so hashing and refetching together keep
+  within ``verify_bandwidth``. A refetch that fails leaves the entry
+  quarantined (``refetch failed: <why>; next try in N s``) and is tried again
+  by the first round after ``verify_refetch_backoff`` seconds, doubled on each
+  failure up to ``verify_refetch_max_backoff``: a repository that is down is
+  asked once per backoff, never in a loop. Without a ``refetch`` function, or
+  for an entry whose ``.entry`` named no URL, the next deploy that needs it
+  fetches it again (``action``: ``awaiting refetch (...)``, saying why).
+  Scheduled rounds run on the elected instance only, so that is where
+  entries are healed; a round requested of another instance heals what it
+  quarantines itself.
 - **Hashing does not hold the entry's lock**: a fetch is never kept waiting by
   a slow, paced re-hash. The lock is only probed (taken with ``timeout=0`` and
   released at once) to skip entries being fetched or published, and taken
@@ -66,7 +85,7 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -92,6 +111,8 @@ __all__ = [
     "SKIPPED",
     "EVENT_CHANGE",
     "EVENT_ROUND",
+    "REFETCHED",
+    "RefetchFn",
     "DEFAULT_VERIFY_INTERVAL",
     "DEFAULT_VERIFY_WORKERS",
     "DEFAULT_VERIFY_BANDWIDTH",
@@ -123,6 +144,14 @@ _STATE_FORMAT: Final = 1
 PublishFn = Callable[[str, dict[str, Any]], None]
 """Where events go: ``publish(routing_key, content)`` (``Container.publish_event``)."""
 
+RefetchFn = Callable[[EntryKey, str], "defer.Deferred[Any] | Awaitable[Any]"]
+"""``refetch(key, url)``: fetch the entry ``key`` again from the version folder ``url`` (what its
+``.entry`` recorded) into the cache, through the fetch path (lock, checksums, publish); fails
+with the reason when it cannot."""
+
+#: What the ``action`` of a quarantined entry fetched again in the round says.
+REFETCHED: Final = "refetched"
+
 
 # -- configuration ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -134,6 +163,11 @@ class VerifyConfig(Settings):
     :ivar workers: entries checked at once.
     :ivar bandwidth: bytes/s all rounds together may read; None: no cap.
     :ivar chunk: bytes read and hashed per pool job (the pacing unit).
+    :ivar refetch: whether the Cache service fetches a quarantined entry again at once (through
+        the Fetch service); False: the next deploy that needs it does.
+    :ivar refetch_backoff: seconds before a failed refetch is tried again (by a later round);
+        doubled after each failure.
+    :ivar refetch_max_backoff: the most that wait grows to.
     """
 
     SECTION: ClassVar[str] = CONFIG_SECTION
@@ -142,6 +176,13 @@ class VerifyConfig(Settings):
     workers: int = setting(2, key="verify_workers", minimum=1)
     bandwidth: float | None = setting(50.0 * 1024 * 1024, key="verify_bandwidth", off=True, finite=True)
     chunk: int = setting(1024 * 1024, key="verify_chunk", minimum=_MIN_CHUNK)
+    refetch: bool = setting(True, key="verify_refetch")
+    refetch_backoff: float = setting(300.0, key="verify_refetch_backoff", positive=True, finite=True)
+    refetch_max_backoff: float = setting(86400.0, key="verify_refetch_max_backoff", positive=True, finite=True)
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failed refetch in a row."""
+        return min(self.refetch_max_backoff, self.refetch_backoff * 2.0 ** max(0, min(failures - 1, 60)))
 
 
 #: Seconds between rounds (config ``verify_interval``): daily.
@@ -199,10 +240,15 @@ class EntryOutcome:
     :ivar outcome: ``good``, ``bad``, ``good→bad``, ``bad→good`` or ``skipped``.
     :ivar previous: the entry's state before the round (``good``/``bad``; None: never checked).
     :ivar problems: bad file (or ``.entry``) -> what is wrong.
-    :ivar action: ``quarantined`` (moved to ``moved_to``), ``busy`` (bad but locked
-        by a fetch: left to it), ``awaiting refetch`` (quarantined earlier, not
-        fetched again yet); for ``skipped``: ``locked``, ``changed`` or ``incomplete``.
+    :ivar action: ``quarantined`` (moved to ``moved_to``; not fetched again: no refetch
+        function, or its ``.entry`` named no URL), ``refetched`` (quarantined, or found
+        quarantined, and fetched again in this round: the next round says ``bad→good``),
+        ``refetch failed: <why>; next try in N s``, ``awaiting refetch (<why>)``
+        (quarantined earlier, not fetched again yet); for ``skipped``: ``locked``,
+        ``changed`` or ``incomplete``.
     :ivar bytes: bytes hashed for it this round.
+    :ivar url: the version folder it was fetched from (its ``.entry``), when known.
+    :ivar retry_at: clock time from which a later round tries its refetch again (after a failure).
     """
 
     key: EntryKey
@@ -214,6 +260,8 @@ class EntryOutcome:
     moved_to: Path | None = None
     bytes: int = 0
     checked_at: float = 0.0
+    url: str | None = None
+    retry_at: float | None = None
 
     @property
     def state(self) -> str | None:
@@ -233,14 +281,16 @@ class EntryOutcome:
         return {"key": self.key.to_wire(), "entry": str(self.key), "path": str(self.path), "outcome": self.outcome,
                 "previous": self.previous, "problems": dict(self.problems), "action": self.action,
                 "moved_to": str(self.moved_to) if self.moved_to else None, "bytes": self.bytes,
-                "checked_at": self.checked_at}
+                "checked_at": self.checked_at, "url": self.url, "retry_at": self.retry_at}
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> EntryOutcome:
         moved = data.get("moved_to")
+        retry_at = data.get("retry_at")
         return cls(EntryKey.from_wire(data["key"]), Path(data["path"]), str(data["outcome"]), data.get("previous"),
                    dict(data.get("problems") or {}), data.get("action"), Path(moved) if moved else None,
-                   int(data.get("bytes", 0)), float(data.get("checked_at", 0.0)))
+                   int(data.get("bytes", 0)), float(data.get("checked_at", 0.0)), data.get("url"),
+                   float(retry_at) if retry_at is not None else None)
 
 
 @dataclass
@@ -320,6 +370,12 @@ def _save_state(path: Path, data: dict[str, Any]) -> None:
     store.fsync_dir(path.parent)
 
 
+def _describe_error(exc: BaseException) -> str:
+    """One line naming what went wrong: the error's message, else its class."""
+    text = str(getattr(exc, "message", None) or exc or "").strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 # -- the verifier -----------------------------------------------------------------------------------------------
 @dataclass
 class _State:
@@ -327,9 +383,28 @@ class _State:
     state: str  # good | bad
     since: float
     checked: float
+    #: A bad entry's healing: the version folder to fetch it from (None: its .entry named none),
+    #: its size (reserved on the limiter), failed refetches in a row, when to try again, the last
+    #: error, and when it was fetched again (the next round checks it).
+    url: str | None = None
+    size: int = 0
+    failures: int = 0
+    retry_at: float = 0.0
+    error: str | None = None
+    refetched: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"key": self.key.to_wire(), "state": self.state, "since": self.since, "checked": self.checked}
+        return {"key": self.key.to_wire(), "state": self.state, "since": self.since, "checked": self.checked,
+                "url": self.url, "size": self.size, "failures": self.failures, "retry_at": self.retry_at,
+                "error": self.error, "refetched": self.refetched}
+
+    @classmethod
+    def from_wire(cls, s: Mapping[str, Any]) -> _State:
+        # Files written before healing have no url/size/failures: such an entry awaits a deploy.
+        return cls(EntryKey.from_wire(s["key"]), str(s["state"]), float(s["since"]), float(s["checked"]),
+                   s.get("url") or None, int(s.get("size") or 0), int(s.get("failures") or 0),
+                   float(s.get("retry_at") or 0.0), s.get("error") or None,
+                   float(s["refetched"]) if s.get("refetched") is not None else None)
 
 
 class CacheVerifier:
@@ -343,15 +418,20 @@ class CacheVerifier:
     :param should_run: asked before each scheduled round; a round is skipped when it says no
         (the Cache service: only the elected reaper verifies, so that a cache shared by many
         containers is read once per round, within one bandwidth cap).
+    :param refetch: fetches a quarantined entry again (see :data:`RefetchFn` and the module
+        notes); None: bad entries wait for the next deploy that needs them.
     """
 
     _log = Logger()
 
     def __init__(self, cache: Cache, config: VerifyConfig | None = None, *, publish: PublishFn | None = None,
                  clock: IReactorTime | None = None, state_path: str | os.PathLike[str] | None = None,
-                 should_run: Callable[[], bool] | None = None) -> None:
+                 should_run: Callable[[], bool] | None = None, refetch: RefetchFn | None = None) -> None:
         self.cache = cache
         self.should_run = should_run
+        self.refetch = refetch
+        #: Refetches that succeeded and that failed since start (the service's metrics).
+        self.refetches: dict[str, int] = {"refetched": 0, "failed": 0}
         self.config = config or VerifyConfig()
         self.publish = publish
         self.clock: IReactorTime = clock or cache.clock
@@ -423,8 +503,7 @@ class CacheVerifier:
             if data is None:
                 return
             for rel, s in (data.get("entries") or {}).items():
-                self.states[rel] = _State(EntryKey.from_wire(s["key"]), str(s["state"]), float(s["since"]),
-                                          float(s["checked"]))
+                self.states[rel] = _State.from_wire(s)
             if data.get("last_report"):
                 self.last_report = VerifyReport.from_wire(data["last_report"])
         except Exception as exc:
@@ -493,14 +572,19 @@ class CacheVerifier:
         outcomes: list[EntryOutcome] = await defer.gatherResults(checks, consumeErrors=True)
         seen = {self._rel(f.key) for f in found}
         now = self.clock.seconds()
+        waiting: list[EntryOutcome] = []
         for rel, s in list(self.states.items()):
             if rel in seen:
                 continue
-            if s.state == BAD:  # quarantined earlier, not fetched again yet: still bad, not served
-                outcomes.append(EntryOutcome(s.key, self.cache.entry_path(s.key), BAD, BAD,
-                                             action="awaiting refetch", checked_at=now))
+            if s.state == BAD and s.refetched is None:  # quarantined earlier, not fetched again yet: not served
+                waiting.append(EntryOutcome(s.key, self.cache.entry_path(s.key), BAD, BAD, checked_at=now,
+                                            url=s.url))
             else:
-                del self.states[rel]  # removed (prune, clear) while good: nothing to remember
+                # Removed (prune, clear, the reaper) while good, or after it was fetched again:
+                # nothing to remember (and nothing to fetch: it is no longer wanted).
+                del self.states[rel]
+        await defer.gatherResults([sem.run(self._heal_deferred, o) for o in waiting], consumeErrors=True)
+        outcomes.extend(waiting)
         outcomes.sort(key=lambda o: (o.key.repo_id, o.key.platform, o.key.name, o.key.version, o.key.unpack))
         report.outcomes = outcomes
         report.finished = self.clock.seconds()
@@ -549,8 +633,57 @@ class CacheVerifier:
             out.problems = problems
             if not await self._quarantine(out, plan.entry_bytes):
                 return out  # skipped: locked or republished meanwhile
+            out.url = plan.url
         self._settle(out, GOOD if not problems else BAD)
+        if problems:
+            state = self.states[rel]
+            state.url, state.size = plan.url, sum(size for _name, size, _digest in plan.to_hash)
+            state.failures, state.retry_at, state.error = 0, 0.0, None
+            await self._heal(out)
         return out
+
+    def _heal_deferred(self, out: EntryOutcome) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._heal(out))
+
+    async def _heal(self, out: EntryOutcome) -> None:
+        """Fetch a quarantined entry again when it is due (see the module notes); sets ``out.action``."""
+        state = self.states[self._rel(out.key)]
+        now = self.clock.seconds()
+        fresh = "quarantined; " if out.action == "quarantined" else ""  # quarantined in this round
+        if self.refetch is None:
+            out.action = out.action or "awaiting refetch"  # by the next deploy that needs it
+            return
+        if state.url is None:
+            out.action = fresh + ("awaiting refetch (its .entry named no repository URL: the next deploy that "
+                                  "needs it fetches it again)")
+            return
+        if state.retry_at > now:
+            out.retry_at = state.retry_at
+            out.action = (f"awaiting refetch (next try in {state.retry_at - now:.0f} s; "
+                          f"{state.failures} failed, the last: {state.error})")
+            return
+        await self.limiter.acquire(state.size)  # the refetch's bytes count against the cap too
+        if self._stopped:
+            raise defer.CancelledError("the cache verifier is stopping")
+        try:
+            await self.refetch(out.key, state.url)
+        except defer.CancelledError:
+            raise
+        except Exception as exc:
+            state.failures += 1
+            state.error = _describe_error(exc)
+            delay = self.config.backoff(state.failures)
+            state.retry_at = out.retry_at = self.clock.seconds() + delay
+            self.refetches["failed"] += 1
+            out.action = f"refetch failed: {state.error}; next try in {delay:.0f} s"
+            self._log.warn("cache verify: fetching bad entry {entry} again from {url} failed ({error}); it stays "
+                           "quarantined, next try in {delay:.0f} s", entry=str(out.key), url=state.url,
+                           error=state.error, delay=delay)
+            return
+        state.failures, state.retry_at, state.error, state.refetched = 0, 0.0, None, self.clock.seconds()
+        self.refetches["refetched"] += 1
+        out.action = REFETCHED
+        self._log.info("cache verify: fetched bad entry {entry} again from {url}", entry=str(out.key), url=state.url)
 
     async def _hash(self, path: Path, size: int) -> tuple[str, int]:
         hasher = hashlib.sha256()

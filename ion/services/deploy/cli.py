@@ -11,11 +11,29 @@ Deploy service with a :class:`~ion.services.deploy.service.DeployClient`).
 
 Umpire's flags keep their meaning: ``-c`` clears the cache first, ``-r``
 verifies and repairs it first, ``-d`` shows tracebacks. Also: ``--verify``,
-``--prune [--older-than D] [--keep N]``, ``--jobs N``, ``--cache-dir``,
-``--json``, ``--version``. Order of work: clear, repair/verify, deploy, prune.
+``--verify-used``, ``--prune [--older-than D] [--keep N]``, ``--jobs N``, ``--cache-dir``,
+``--json``, ``--version``, ``--partial``. Order of work: clear, repair/verify,
+deploy, prune.
+
+A deployment is all or nothing: when an item fails, every item it already
+switched in is switched back to its previous version (``rolled back``);
+``--partial`` keeps each item placed whatever the others do.
+
+Every entry the deployment uses is checked by size and mtime as it is looked up
+(a file written since its entry was published is re-hashed); with
+``--verify-used`` (in process) each cached entry it uses is also re-hashed
+before it is placed, and a bad one healed: quarantined, under its lock, and
+fetched again (issue 17 §3).
+
+A successful deploy records a generation of the deployment file
+(:mod:`ion.services.deploy.generations`); ``--generations FILE`` lists the
+kept ones and ``--rollback [N] FILE`` puts generation N (default: the
+previous one) back in place instead of deploying the file, which is then not
+read (it may be broken, or gone).
 
 Exit codes: 0 everything deployed (and every verified entry good), 1 an item
-failed (or a bad entry), 2 an unusable deployment file or arguments, 69
+failed (or a bad entry), 2 an unusable deployment file or arguments (or no
+such generation), 69
 (``EX_UNAVAILABLE``) the broker of ``--broker`` cannot be reached or refused
 the login. The ``ion`` command (:mod:`ion.command`) uses the same codes.
 
@@ -80,6 +98,10 @@ def parse_duration(text: str) -> float:
     return value
 
 
+#: ``--rollback`` without N.
+_PREVIOUS = "previous"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's own errors: our format and exit code
         raise UsageProblem([message])
@@ -100,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="verify the cache and repair bad entries first (they are fetched again)")
     p.add_argument("-d", "--debug", action="store_true", help="show tracebacks and debug log lines")
     p.add_argument("--verify", action="store_true", help="verify the cache and report good/bad entries")
+    p.add_argument("--verify-used", action="store_true",
+                   help="re-hash each cached entry this deployment uses before placing it; a bad one is "
+                        "quarantined and fetched again (in process; default: size and mtime checks)")
     p.add_argument("--prune", action="store_true",
                    help="remove cache entries (after deploying): see --older-than and --keep")
     p.add_argument("--older-than", metavar="DURATION",
@@ -107,8 +132,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=str, metavar="N",
                    help="with --prune: keep the N most recently used versions of each dependency")
     p.add_argument("-j", "--jobs", metavar="N", help="dependencies fetched at once (default: config, 8)")
+    p.add_argument("--partial", action="store_true",
+                   help="keep each item placed even if another fails (default: all or nothing, the items "
+                        "already switched in are switched back)")
     p.add_argument("--cache-dir", metavar="DIR", help="the cache root")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout, nothing else there")
+    p.add_argument("--generations", action="store_true",
+                   help="list the kept generations of DEPLOYMENT.json (each successful deploy records one)")
+    p.add_argument("--rollback", nargs="?", const=_PREVIOUS, metavar="N",
+                   help="put generation N of DEPLOYMENT.json back in place (default: the previous one), "
+                        "instead of deploying the file")
     p.add_argument("--broker", metavar="URL",
                    help="deploy through the services of a running system on this broker (amqp://...)")
     p.add_argument("-s", "--sysname", metavar="NAME", help="with --broker (and needed by it): the system name")
@@ -150,10 +183,29 @@ def _check_args(args: argparse.Namespace) -> None:
             args.older_than = parse_duration(args.older_than)
         except ValueError as exc:
             problems.append(f"--older-than: {exc}")
+    if args.rollback is not None:
+        if args.rollback == _PREVIOUS:
+            args.rollback_to = None
+        elif args.rollback.strip().isdigit() and int(args.rollback) >= 1:
+            args.rollback_to = int(args.rollback)
+        elif args.deployment is None and not args.rollback.strip().lstrip("-").isdigit():
+            # ``--rollback FILE``: argparse gave the file to the option's optional N.
+            args.deployment, args.rollback, args.rollback_to = args.rollback, _PREVIOUS, None
+        else:
+            problems.append(f"--rollback takes a generation number >= 1, not {args.rollback!r}")
+        if args.generations:
+            problems.append("--rollback and --generations go one at a time")
+    if (args.generations or args.rollback is not None) and not args.deployment:
+        problems.append("--generations and --rollback need the DEPLOYMENT.json file whose generations they use")
     if (args.keep is not None or args.older_than is not None) and not args.prune:
         problems.append("--keep and --older-than go with --prune")
     if args.sysname and not args.broker:
         problems.append("-s/--sysname goes with --broker")
+    if args.verify_used and not args.deployment:
+        problems.append("--verify-used checks the entries a deployment uses: give a DEPLOYMENT.json file")
+    if args.verify_used and args.broker:
+        problems.append("--verify-used checks entries in this process; with --broker the Cache service's "
+                        "periodic verification heals them")
     if args.broker and not args.sysname:
         # A container's system is its own id unless named: none but the one started with -s NAME is reachable.
         problems.append("--broker needs -s/--sysname: the system name the running containers were started with "
@@ -258,10 +310,10 @@ class Progress:
         elif phase == "place":
             if self.bar is not None:
                 self.bar.update(self.tasks[key], state="placing")
-        elif phase in ("done", "failed"):
+        elif phase in ("done", "failed", "rolled back"):
             state = str(info.get("state") or phase)
             already = bool(info.get("already"))
-            text = "failed" if phase == "failed" else ("already deployed" if already else state)
+            text = phase if phase != "done" else ("already deployed" if already else state)
             if self.bar is not None:
                 task = self.tasks[key]
                 total = self.bar.tasks[task].total if task < len(self.bar.tasks) else None
@@ -272,8 +324,8 @@ class Progress:
 
 
 def _note(row: Mapping[str, Any]) -> str:
-    if row.get("state") == "failed":
-        return str(row.get("reason") or "failed")
+    if row.get("state") in _NOT_DEPLOYED:
+        return str(row.get("reason") or row.get("state"))
     return "Already deployed" if row.get("already") else ""
 
 
@@ -288,7 +340,7 @@ def _summary(out: Output, rows: list[dict[str, Any]]) -> None:
         table = Table(title="Deployment")
         for h in headers:
             table.add_column(h, overflow="fold")
-        styles = {"failed": "red", "downloaded": "green", "updated": "green", "cached": ""}
+        styles = {"failed": "red", "rolled back": "yellow", "downloaded": "green", "updated": "green", "cached": ""}
         for c, r in zip(cells, rows, strict=True):
             table.add_row(*c, style=styles.get(r["state"], ""))
         out.console.print(table)
@@ -299,13 +351,21 @@ def _summary(out: Output, rows: list[dict[str, Any]]) -> None:
         for c in cells:
             note = str(c[-1]).replace("\n", "; ")
             out.line("  ".join(str(v).ljust(w) for v, w in zip(c, widths, strict=False)) + "  " + note)
-    failed = sum(1 for r in rows if r["state"] == "failed")
-    if failed:
-        out.line(f"{len(rows) - failed} of {len(rows)} items deployed; {failed} failed")
+    failed = sum(1 for r in rows if r["state"] in ("failed", "cancelled"))
+    rolled = sum(1 for r in rows if r["state"] == "rolled back")
+    if failed or rolled:
+        line = f"{len(rows) - failed - rolled} of {len(rows)} items deployed; {failed} failed"
+        if rolled:
+            line += f"; {rolled} rolled back (all or nothing: their previous versions are in place)"
+        out.line(line)
     elif all(r.get("already") and r["state"] == "cached" for r in rows):
         out.line(f"Already deployed: all {len(rows)} items")
     else:
         out.line(f"All {len(rows)} items deployed")
+
+
+#: The states of an item that is not in place in its new version.
+_NOT_DEPLOYED = ("failed", "cancelled", "rolled back")
 
 
 def _rows(items: Sequence[Any], results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -337,6 +397,61 @@ def _report_entries(out: Output, what: str, reports: list[Any]) -> None:
 
 def _wire(obj: Any) -> Any:
     return obj.to_wire() if hasattr(obj, "to_wire") else obj
+
+
+def _wire_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Summary rows of item results that carry only their label (``platform/name/version``)."""
+    rows = []
+    for wire in results:
+        row = dict(wire)
+        platform, _, rest = str(wire.get("item", "")).partition("/")
+        name, _, version = rest.rpartition("/")
+        row.update(name=name, version=version, platform=platform)
+        rows.append(row)
+    return rows
+
+
+def _when(seconds: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def _show_generations(out: Output, listing: Mapping[str, Any]) -> None:
+    """The kept generations (newest first, as ``op_generations`` answers), each with its items."""
+    gens = listing.get("generations") or []
+    where = f"{listing.get('file')} (host {listing.get('host')})"
+    if not gens:
+        out.line(f"No generation of {where} is recorded")
+        return
+    out.line(f"Generations of {where}, newest first (keeping {listing.get('keep')}):")
+    for n, g in enumerate(gens):
+        notes = ["current"] if n == 0 else []
+        if g.get("rollback_of") is not None:
+            notes.append(f"rollback to {g['rollback_of']}")
+        digest = str(g.get("file_sha256") or "")[:12] or "-"
+        out.line(f"  {g.get('generation')}  {_when(float(g.get('time') or 0))}  by {g.get('caller') or '?'} "
+                 f"via {g.get('via')}  file sha256 {digest}" + (f"  ({', '.join(notes)})" if notes else ""))
+        for item in g.get("items") or []:
+            out.line(f"      {item.get('platform')}/{item.get('name')} {item.get('version')} -> "
+                     f"{item.get('destination')}")
+
+
+def _rolled_back(out: Output, answer: Mapping[str, Any], result: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
+    """Show and record a rollback's outcome; True if every item is in place."""
+    result["rollback"] = {"to": answer.get("rollback_of"), "generation": answer.get("generation")}
+    result["items"] = rows
+    _summary(out, rows)
+    ok = all(r["state"] not in ("failed", "cancelled") for r in rows)
+    left = list(answer.get("left") or [])
+    if left:
+        result["rollback"]["left"] = left
+        out.line(f"Left in place (generation {answer.get('rollback_of')} lacks them): {'; '.join(left)}")
+    if ok:
+        out.line(f"Rolled back to generation {answer.get('rollback_of')}: now generation {answer.get('generation')}")
+    else:
+        out.line(f"Rollback to generation {answer.get('rollback_of')} incomplete: no generation recorded")
+    return ok
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -413,13 +528,20 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
             limits = Limits.from_config(config.for_module("ion.services.unpack"))
             fetcher = Fetcher(cache, local_unpack(pool, limits), pool=pool, reactor=reactor,
                               config=config.for_module("ion.services.fetch"))
-            deployer = Deployer(_fetch_function(fetcher), pool, max_parallel=jobs, cache_root=cache.root)
+            healed: list[dict[str, Any]] = []
+            deployer = Deployer(_fetch_function(fetcher, cache if args.verify_used else None, healed, out), pool,
+                                max_parallel=jobs, cache_root=cache.root)
             with Progress(out, deployment.items) as progress:
-                results = await deployer.deploy(deployment, progress=progress)
+                results = await deployer.deploy(deployment, progress=progress, partial=args.partial)
+            if args.verify_used:
+                result["healed"] = healed
             rows = _rows(deployment.items, [r.to_wire() for r in results])
             result["items"] = rows
             _summary(out, rows)
             ok = ok and all(r.ok for r in results)
+            result["generation"] = await _record_local(cache, pool, config, deployment, results)
+        elif args.generations or args.rollback is not None:
+            ok = await _generations_local(reactor, cache, pool, config, jobs, args, out, result) and ok
         if args.prune:
             report = await cache.prune(older_than=args.older_than, keep=args.keep)
             result["prune"] = report.to_wire()
@@ -433,8 +555,63 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def _fetch_function(fetcher: Any) -> Any:
-    """The Deployer's fetch function over an in-process :class:`Fetcher`."""
+async def _record_local(cache: Any, pool: Any, config: Any, deployment: Any, results: Any) -> int | None:
+    """Record the generation of a successful deploy of a file (the one hook after it); its number."""
+    from ion.services.deploy import generations as gen
+    from ion.services.deploy.settings import DeploySettings
+
+    if deployment.file is None:
+        return None
+    store = gen.GenerationStore(cache.root, pool, config.settings(DeploySettings).keep_generations)
+    recorded = await gen.record_generation(store, gen.DeploymentFile(deployment.file, cache.host_id), deployment,
+                                           results, caller=gen.os_user(), via="ion-deploy")
+    return recorded.number if recorded is not None else None
+
+
+async def _generations_local(reactor: Any, cache: Any, pool: Any, config: Any, jobs: int, args: argparse.Namespace,
+                             out: Output, result: dict[str, Any]) -> bool:
+    """``--generations`` or ``--rollback [N]`` in process; False if an item of a rollback failed."""
+    from twisted.internet import defer
+
+    from ion.services.deploy import generations as gen
+    from ion.services.deploy.core import Deployer
+    from ion.services.deploy.settings import DeploySettings
+    from ion.services.fetch.core import Fetcher, local_unpack
+    from ion.services.unpack.core import Limits
+
+    store = gen.GenerationStore(cache.root, pool, config.settings(DeploySettings).keep_generations)
+    file = gen.DeploymentFile.of(args.deployment, cache.host_id)
+    if args.generations:
+        history = await store.history(file)
+        listing = {**file.to_wire(), "keep": store.keep,
+                   "generations": [g.to_wire() for g in reversed(history.generations)]}
+        result["generations"] = listing["generations"]
+        _show_generations(out, listing)
+        return True
+    fetcher = Fetcher(cache, local_unpack(pool, Limits.from_config(config.for_module("ion.services.unpack"))),
+                      pool=pool, reactor=reactor, config=config.for_module("ion.services.fetch"))
+    deployer = Deployer(_fetch_function(fetcher), pool, max_parallel=jobs, cache_root=cache.root)
+
+    async def deploy(deployment: Any) -> Any:
+        with Progress(out, deployment.items) as progress:
+            return await deployer.deploy(deployment, progress=progress)
+
+    out.line(f"Rolling back {file.path} to "
+             + (f"generation {args.rollback_to}" if args.rollback_to else "the previous generation"))
+    try:
+        done = await gen.rollback(store, file, args.rollback_to, lambda d: defer.ensureDeferred(deploy(d)),
+                                  caller=gen.os_user(), via="ion-deploy")
+    finally:
+        await fetcher.close()
+    rows = _rows(done.deployment.items, [r.to_wire() for r in done.results])
+    return _rolled_back(out, done.to_wire(), result, rows)
+
+
+def _fetch_function(fetcher: Any, verify_cache: Any = None, healed: list[dict[str, Any]] | None = None,
+                    out: Output | None = None) -> Any:
+    """The Deployer's fetch function over an in-process :class:`Fetcher`; with ``verify_cache`` (the
+    :class:`Cache`, ``--verify-used``) a cached entry is re-hashed first and healed if bad (each
+    healed entry appended to ``healed``)."""
 
     def fetch(item: Any, progress: Any) -> Any:
         def on_progress(p: Any) -> None:
@@ -443,17 +620,55 @@ def _fetch_function(fetcher: Any) -> Any:
             elif p.phase != "done":
                 progress("fetch", {"step": p.phase, "file": p.file})
 
-        d = fetcher.fetch(item, on_progress)
-        d.addCallback(lambda r: {"state": r.state, "path": str(r.path), "names": r.info.content_names(),
-                                 "stamp": r.info.content_digest()})
-        return d
+        async def run() -> dict[str, Any]:
+            r = await fetcher.fetch(item, on_progress)
+            if verify_cache is not None and r.state == "cached":
+                progress("fetch", {"step": "verifying"})
+                bad = await _quarantine_if_bad(verify_cache, r.key, r.path)
+                if bad is not None:  # quarantined, or republished meanwhile: look it up (or fetch it) again
+                    quarantined = bad.action == "quarantined"
+                    if quarantined and out is not None:
+                        problems = "; ".join(f"{f}: {p}" for f, p in sorted(bad.problems.items()))
+                        out.warning(f"{item.label}: cache entry {r.path} was bad ({problems}): quarantined, "
+                                    "fetching it again")
+                    r = await fetcher.fetch(item, on_progress)
+                    if quarantined and healed is not None:
+                        healed.append({"item": item.label, "entry": str(r.path), "problems": dict(bad.problems),
+                                       "moved_to": str(bad.moved_to) if bad.moved_to else None,
+                                       "state": r.state})
+            return {"state": r.state, "path": str(r.path), "names": r.info.content_names(),
+                    "stamp": r.info.content_digest()}
+
+        from twisted.internet import defer
+
+        return defer.ensureDeferred(run())
 
     return fetch
+
+
+async def _quarantine_if_bad(cache: Any, key: Any, path: Path) -> Any:
+    """``--verify-used``: re-hash the entry ``key`` at ``path``; None if it is good. If bad, check it again
+    under its lock (a republish may have replaced it meanwhile) and quarantine it (``action``
+    ``quarantined``). Its :class:`EntryReport`: the caller looks it up (or fetches it) again."""
+    report = await cache.verify_entry(key, path)
+    if report.status != "bad":
+        return None
+    lock = await cache.lock(key)
+    try:
+        report = await cache.verify_entry(key, path)
+        if report.status != "bad":
+            return report
+        report.moved_to = await cache.quarantine(key, path, report.problems, log_prefix="ion-deploy --verify-used: ")
+        report.action = "quarantined"
+        return report
+    finally:
+        await cache.unlock(lock)
 
 
 async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, out: Output,
                       result: dict[str, Any]) -> int:
     from ion.core.container import Container
+    from ion.core.exceptions import ReceivedApplicationError
     from ion.core.process import Process
 
     container = Container(config=_config(), broker_url=args.broker, sysname=args.sysname, reactor=reactor)
@@ -479,13 +694,33 @@ async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, o
                 _report_entries(out, what, reports)
                 ok = all(r["status"] == "good" or (args.repair and r.get("action") in ("quarantined", "removed"))
                          for r in reports)
-        if deployment is not None:
+        if args.generations or args.rollback is not None:
+            from ion.services.deploy.service import DeployClient
+
+            client = DeployClient(proc)
+            file = client.deployment_file(args.deployment)
+            try:
+                if args.generations:
+                    listing = await client.generations(file)
+                    result["generations"] = listing["generations"]
+                    _show_generations(out, listing)
+                else:
+                    out.line(f"Rolling back {file.path} through the deploy service of {args.broker}")
+                    answer = await client.rollback(file, args.rollback_to)
+                    ok = _rolled_back(out, answer, result, _wire_rows(answer["items"])) and ok
+            except ReceivedApplicationError as exc:
+                if exc.response_code not in (400, 404):
+                    raise
+                from ion.services.deploy.generations import GenerationError
+
+                raise GenerationError(str(exc.message), exc.response_code) from None
+        elif deployment is not None:
             out.line(f"Deploying {deployment.source} through the deploy service of {args.broker}")
-            answers = await _deploy_through_service(container, proc, deployment, out)
+            answers = await _deploy_through_service(container, proc, deployment, out, partial=args.partial)
             rows = _rows(deployment.items, answers)
             result["items"] = rows
             _summary(out, rows)
-            ok = ok and all(r["state"] != "failed" for r in rows)
+            ok = ok and all(r["state"] not in _NOT_DEPLOYED for r in rows)
         if args.prune:
             from ion.services.cache.service import CacheClient
 
@@ -497,7 +732,8 @@ async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, o
         await container.terminate()
 
 
-async def _deploy_through_service(container: Any, proc: Any, deployment: Any, out: Output) -> list[dict[str, Any]]:
+async def _deploy_through_service(container: Any, proc: Any, deployment: Any, out: Output, *,
+                                  partial: bool = False) -> list[dict[str, Any]]:
     """Deploy as an async job of the Deploy service, showing its progress events; every item's result.
 
     An async job rather than one long call: the job's progress events name it (so this run shows
@@ -512,7 +748,7 @@ async def _deploy_through_service(container: Any, proc: Any, deployment: Any, ou
                                     name="ion-deploy-progress")
         listener = container.proc_manager.get(pid)
         try:
-            job = await client.deploy_async(deployment)
+            job = await client.deploy_async(deployment, partial=partial)
             listener.job = job
             while True:
                 record = await client.job_status(job)
@@ -631,7 +867,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
         return int(exc.code or 0)
 
     deployment = None
-    if args.deployment:
+    if args.deployment and (args.generations or args.rollback is not None):
+        result["source"] = args.deployment  # its generations are used; the file itself is not read
+    elif args.deployment:
         from ion.services.deploy.spec import DeploymentError, load_deployment
 
         try:
@@ -654,6 +892,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
     code = [EXIT_FAILED]
     from twisted.internet import defer, task
 
+    from ion.services.deploy.generations import GenerationError
+
     async def run(reactor: Any) -> None:
         runner = _run_broker if args.broker else _run_local
         try:
@@ -662,6 +902,10 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, st
         except defer.CancelledError:
             code[0] = EXIT_FAILED
             result["errors"] = ["interrupted"]
+        except GenerationError as exc:  # no such generation: the arguments named none that is kept
+            out.error(str(exc))
+            result["errors"] = [str(exc)]
+            code[0] = EXIT_USAGE
         except Exception as exc:
             from ion.core.exceptions import IonError, TransportError
 

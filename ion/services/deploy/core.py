@@ -9,9 +9,23 @@ state:
   refetched because the remote changed (``keep_updated``);
 - ``failed``, with the reason;
 - ``cancelled``: the deployment was cancelled (``Deferred.cancel()``, e.g. its
-  service stopping) before the item was in place.
+  service stopping) before the item was in place;
+- ``rolled back``: it was switched in, then back to its previous version
+  because another item failed or was cancelled (all or nothing, below).
 
 and whether its destination was already right (``already``).
+
+**All or nothing** (the default): each item is placed two-phase
+(``place(pending=True)``: its names switched in, its previous version kept
+aside). When every item is in place, each switch is committed (the previous
+versions removed); when any item failed or was cancelled, every item this
+deployment switched is switched back (the last first), so each destination
+holds its previous generation whole, files and manifests; an item whose
+fetch ends after a failure is not switched in at all (``rolled back`` too,
+unless it was in place already). ``partial=True`` keeps the item-by-item behaviour: each item committed as it is placed, the
+others left as they are. A deployer killed between the switches and their
+commit leaves each item whole, in its new or its previous version (the
+previous one removed by the next placement of the item).
 
 **Cancellation.** Cancelling the Deferred of :meth:`Deployer.deploy` cancels
 every fetch not finished yet (through ``fetch``'s Deferred: the Fetch core
@@ -28,7 +42,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -36,19 +50,24 @@ from twisted.python.failure import Failure
 
 from ion.core.exceptions import ApplicationError
 from ion.core.threads import run_short
-from ion.services.deploy.place import PlacementError, Target, place, placed_already
+from ion.services.deploy.place import PlacementError, Switch, Target, commit, place, placed_already, undo
 from ion.services.deploy.settings import DeploySettings
 from ion.services.deploy.spec import Deployment, DeploymentItem
 
 __all__ = ["Deployer", "ItemResult", "FetchFunction", "ProgressFunction", "check_allowed", "AccessRefused",
-           "CANCELLED_REASON"]
+           "CANCELLED_REASON", "ROLLED_BACK"]
 
 _log = Logger()
 
+T = TypeVar("T")
+
 #: The reason of an item whose deployment was cancelled before it was in place.
 CANCELLED_REASON = "cancelled before it was in place (the deployment was stopped)"
+#: The state of an item switched back to its previous version (all or nothing).
+ROLLED_BACK = "rolled back"
 
-#: ``progress(item, phase, info)`` — phase is ``fetch``, ``bytes``, ``place``, ``done``, ``failed``, ``cancelled``.
+#: ``progress(item, phase, info)`` — phase is ``fetch``, ``bytes``, ``place``, ``done``, ``failed``, ``cancelled``,
+#: ``rolled back``.
 ProgressFunction = Callable[[DeploymentItem, str, Mapping[str, Any]], None]
 
 
@@ -104,7 +123,7 @@ class ItemResult:
 
     @property
     def ok(self) -> bool:
-        return self.state not in ("failed", "cancelled")
+        return self.state not in ("failed", "cancelled", ROLLED_BACK)
 
     @property
     def cancelled(self) -> bool:
@@ -143,7 +162,7 @@ class Deployer:
 
     def deploy(self, deployment: Deployment, *, progress: ProgressFunction | None = None,
                on_result: Callable[[ItemResult], None] | None = None,
-               targets: list[Target] | None = None) -> defer.Deferred[list[ItemResult]]:
+               targets: list[Target] | None = None, partial: bool = False) -> defer.Deferred[list[ItemResult]]:
         """Deploy every item; fires with one :class:`ItemResult` per item, in file order.
 
         :param targets: one per item, in order: where each destination was checked
@@ -151,12 +170,15 @@ class Deployer:
             service's allowed roots). None: each destination's realpath now, walked
             from ``/`` (``ion-deploy`` in process): a folder swapped for a link
             during the fetch is refused either way, never followed.
+        :param partial: keep each item placed whatever the others do; by default
+            (all or nothing) a failed or cancelled item switches back every item this
+            deployment switched (``rolled back``); ``on_result`` is called again for those.
         """
         if targets is None:
             # realpath may block (a slow or network filesystem): resolved in the pool, then deployed.
             resolved = self.pool.run(resolve_targets, [item.destination for item in deployment.items])
             return resolved.addCallback(lambda found: self.deploy(deployment, progress=progress, on_result=on_result,
-                                                                  targets=found))
+                                                                  targets=found, partial=partial))
         if len(targets) != len(deployment.items):
             raise ValueError("one target per item")
         semaphore = defer.DeferredSemaphore(self.max_parallel)
@@ -164,6 +186,10 @@ class Deployer:
         # Items placed into one destination are placed one after the other (they
         # may share manifest files and names); different destinations in parallel.
         placing: dict[Path, defer.DeferredLock] = {}
+        # All or nothing: what each item switched in, in the order switched (committed or undone at the end).
+        switched: list[tuple[int, Switch]] = []
+        # All or nothing: the items that did not deploy so far (once one has, no other is switched in).
+        failures: list[str] = []
 
         def report(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
             if progress is not None:
@@ -184,7 +210,7 @@ class Deployer:
                     semaphore.run(self.fetch, item, lambda phase, info: report(item, phase, info)))
             return shared.wait()
 
-        async def one(item: DeploymentItem, target: Target) -> ItemResult:
+        async def one(index: int, item: DeploymentItem, target: Target) -> ItemResult:
             try:
                 fetched = await fetch_once(item)
                 lock = placing.setdefault(target.path, defer.DeferredLock())
@@ -195,11 +221,16 @@ class Deployer:
                 result = ItemResult(item, "failed", reason=_reason(exc))
             else:
                 try:
-                    result = await _despite_cancel(defer.ensureDeferred(self._place(item, target, fetched,
-                                                                                    report)))
+                    result, switch = await _despite_cancel(defer.ensureDeferred(
+                        self._place(item, target, fetched, report, pending=not partial,
+                                    hold_back=None if partial else failures)))
+                    if switch is not None:
+                        switched.append((index, switch))
                 finally:
                     lock.release()
-            phase = "done" if result.ok else ("cancelled" if result.cancelled else "failed")
+            if not result.ok and result.state != ROLLED_BACK:
+                failures.append(f"{item.label}: {result.state}")
+            phase = "done" if result.ok else result.state if result.state in ("cancelled", ROLLED_BACK) else "failed"
             report(item, phase, result.to_wire())
             if on_result is not None:
                 on_result(result)
@@ -213,12 +244,70 @@ class Deployer:
                 return outcome
             return defer.DeferredList(pending, consumeErrors=True).addCallback(lambda _: outcome)
 
-        results = defer.gatherResults([defer.ensureDeferred(one(item, target))
-                                       for item, target in zip(deployment.items, targets, strict=True)])
-        return results.addBoth(settled)
+        def finish(outcome: Any) -> Any:
+            # Every item has ended (a placement under way was let finish): keep all, or switch all back.
+            if not switched:
+                return outcome
+            work = defer.ensureDeferred(self._finish(outcome, switched, report, on_result))
+            return defer.ensureDeferred(_despite_cancel(work))
+
+        results = defer.gatherResults([defer.ensureDeferred(one(index, item, target)) for index, (item, target)
+                                       in enumerate(zip(deployment.items, targets, strict=True))])
+        return results.addBoth(finish).addBoth(settled)
+
+    async def _finish(self, outcome: Any, switched: list[tuple[int, Switch]], report: ProgressFunction,
+                      on_result: Callable[[ItemResult], None] | None) -> Any:
+        """Commit every switch when every item is in place; else switch each back, the last first,
+        and make its item's result ``rolled back`` (or ``failed``, saying so, where that failed)."""
+        results: list[ItemResult] | None = None if isinstance(outcome, Failure) else list(outcome)
+        if results is not None and all(r.ok for r in results):
+            # In parallel (bounded by the pool); two in one destination take its lock in turn.
+            commits = [self.pool.run(commit, switch) for _, switch in switched]
+            for done in await defer.DeferredList(commits, consumeErrors=True):
+                ok, problems = done
+                if not ok:
+                    _log.failure("committing a placement failed", problems)
+                    continue
+                for problem in problems:
+                    _log.warn("{problem} (the next placement removes it)", problem=problem)
+            return outcome
+        why = "the deployment did not end"
+        if results is not None:
+            bad = [r for r in results if not r.ok and r.state != ROLLED_BACK]
+            why = (f"{len(bad)} item(s) of this deployment did not deploy "
+                   f"({', '.join(f'{r.item.label}: {r.state}' for r in bad[:3])}{', ...' if len(bad) > 3 else ''})")
+        for index, switch in reversed(switched):
+            item_result = results[index] if results is not None else None
+            try:
+                await self.pool.run(undo, switch)
+            except Exception as exc:
+                _log.error("cannot switch {dest} back: {exc}", dest=str(switch.destination), exc=_reason(exc))
+                if item_result is None:
+                    continue
+                new = ItemResult(item_result.item, "failed", reason=f"{why}, and switching it back to its "
+                                 f"previous version failed: {_reason(exc)}; it holds the new version",
+                                 entry=item_result.entry, names=item_result.names)
+            else:
+                if item_result is None:
+                    continue
+                new = ItemResult(item_result.item, ROLLED_BACK, reason=f"switched back to its previous version: "
+                                 f"{why} (all or nothing; a partial deployment keeps what was placed)",
+                                 entry=item_result.entry, names=item_result.names)
+            assert results is not None
+            results[index] = new
+            report(new.item, new.state if new.state == ROLLED_BACK else "failed", new.to_wire())
+            if on_result is not None:
+                on_result(new)
+        return results if results is not None else outcome
 
     async def _place(self, item: DeploymentItem, target: Target, fetched: Mapping[str, Any],
-                     report: ProgressFunction) -> ItemResult:
+                     report: ProgressFunction, *, pending: bool,
+                     hold_back: list[str] | None = None) -> tuple[ItemResult, Switch | None]:
+        """Place one fetched item (two-phase when ``pending``): its result and its switch, if any.
+
+        ``hold_back`` (all or nothing): the items that did not deploy so far; if there are
+        any, an item not in place already is not switched in (``rolled back``, saying why).
+        """
         entry = Path(fetched["path"])
         names = list(fetched.get("names") or [])
         report(item, "place", {"destination": str(item.destination)})
@@ -228,16 +317,21 @@ class Deployer:
             # Most items of a warm deploy are in place already: a short check, with the others'.
             placed = await run_short(self.pool, placed_already, entry, names, target.path, root=target.root,
                                      **how)
+            if placed is None and hold_back:
+                return ItemResult(item, ROLLED_BACK, entry=str(entry), reason=(
+                    f"not switched in: {len(hold_back)} item(s) of this deployment did not deploy "
+                    f"({', '.join(hold_back[:3])}{', ...' if len(hold_back) > 3 else ''}); its previous version "
+                    f"stays (all or nothing; a partial deployment keeps what was placed)")), None
             if placed is None:
                 placed = await self.pool.run(place, entry, names, target.path, root=target.root,
-                                             cache_root=self.cache_root, **how)
+                                             cache_root=self.cache_root, pending=pending, **how)
         except PlacementError as exc:
-            return ItemResult(item, "failed", reason=str(exc), entry=str(entry))
+            return ItemResult(item, "failed", reason=str(exc), entry=str(entry)), None
         except Exception as exc:
             _log.failure("placing {item} failed", item=item.label)
-            return ItemResult(item, "failed", reason=_reason(exc), entry=str(entry))
+            return ItemResult(item, "failed", reason=_reason(exc), entry=str(entry)), None
         return ItemResult(item, str(fetched.get("state", "cached")), already=placed.already,
-                          entry=str(entry), names=tuple(placed.names))
+                          entry=str(entry), names=tuple(placed.names)), placed.switch
 
 
 class _Shared:
@@ -287,7 +381,7 @@ def _fire_unless_called(_: Any, waiter: defer.Deferred[None]) -> None:
         waiter.callback(None)
 
 
-async def _despite_cancel(d: defer.Deferred[ItemResult]) -> ItemResult:
+async def _despite_cancel(d: defer.Deferred[T]) -> T:
     """``d``'s result; a cancel of the awaiting coroutine is ignored and ``d`` awaited to its end."""
     outcome: list[Any] = []
 
@@ -304,7 +398,7 @@ async def _despite_cancel(d: defer.Deferred[ItemResult]) -> ItemResult:
             _log.info("a deployment was cancelled while an item was being placed; letting it finish")
     if isinstance(outcome[0], Failure):
         outcome[0].raiseException()
-    result: ItemResult = outcome[0]
+    result: T = outcome[0]
     return result
 
 

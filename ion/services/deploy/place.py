@@ -3,14 +3,41 @@
 Blocking filesystem code, run in the container's :class:`~ion.core.threads.BlockingPool`.
 
 Each top-level name of the entry becomes either a symlink into the cache
-(``link: true``) or a copy, written beside the target and renamed over it, so
-the destination never holds a half-written dependency. What an item placed is
-recorded in a manifest, ``<destination>/.ion-deploy/<platform>.<name>.json``,
-written last; the next deployment of that item removes the names the new
-version lacks, and nothing else at the destination is ever touched. A name
-that exists there but that no item of ours placed is refused, never
-overwritten — except a symlink, which holds no data (Umpire's old links, a
-dangling link) and is replaced.
+(``link: true``) or a copy, written beside the target (``.<name>.ion-new-*``)
+and switched in, so the destination never holds a half-written dependency.
+What an item placed is recorded in a manifest,
+``<destination>/.ion-deploy/<platform>.<name>.json``, written last; the next
+deployment of that item removes the names the new version lacks, and nothing
+else at the destination is ever touched. A name that exists there but that no
+item of ours placed is refused, never overwritten — except a symlink, which
+holds no data (Umpire's old links, a dangling link) and is replaced.
+
+**A name is never missing** (:func:`_swap_in`). The new version is swapped
+with the old one by :meth:`SafeDir.exchange <ion.core.safefs.SafeDir.exchange>`
+(``renameat2(RENAME_EXCHANGE)``): one step, the old version left at
+``.<name>.ion-old-*``. Where the filesystem has no exchange (NFS, old
+kernels), a file or link is renamed over the name (atomic; the old one kept
+aside by a hard link or a copy first), and a copied folder is put beside it as
+a versioned folder ``.<name>.ion-ver-<8 hex>`` that the name, a symlink,
+names: switching it is renaming a new link over the old one. Readers follow
+the link as they would the folder; the copy is in place already when its
+placement finds such a link to its own version. Only a real folder at the
+name without exchange has the two renames (old aside, new in) of old, once:
+the name is a link from then on.
+
+**Two-phase** (``place(pending=True)``, the Deployer's all or nothing):
+the names are switched and the manifest written, but the previous versions
+stay aside; the result's :class:`Switch` is then committed (:func:`commit`:
+the previous versions removed) or undone (:func:`undo`: each name exchanged
+back, the names the new version lacked renamed back, the manifest rewritten
+as it was), each under the destination's lock again. Meanwhile the switch
+holds a shared ``flock`` on ``.ion-deploy/.pending``. A placement removes what
+a killed placer left (``.<name>.ion-new-*`` always; ``.ion-old-*`` and the
+``.ion-ver-*`` no link names only when it can take ``.pending`` exclusively,
+that is when no live switch waits there): a SIGKILLed deployer's shared lock
+is gone with it, so its set-aside versions are cleaned by the next placement.
+A name changed by someone else since the switch is not switched back
+(:class:`PlacementError` says which).
 
 **Nothing is redirected.** A destination is checked (under an allowed root,
 after ``realpath``) when the request arrives, and written after a fetch that
@@ -24,7 +51,7 @@ never followed. The same holds for ``.ion-deploy`` and the names in it. A
 destination in the cache root, or in the entry itself, is refused: published
 cache entries are never written by a deployment. An entry whose top-level
 names include ``.ion-deploy`` or the placer's temporary names
-(``.<name>.ion-new-*``, ``.<name>.ion-old-*``) is refused too, so the record
+(``.<name>.ion-new-*``, ``.<name>.ion-old-*``, ``.<name>.ion-ver-*``) is refused too, so the record
 of a destination can never be a link into the cache nor part of a dependency.
 
 **One placement of a destination at a time**, across threads and processes:
@@ -40,6 +67,7 @@ so that the cache's reaper never evicts an entry a live destination uses.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -55,12 +83,16 @@ from ion.core.exceptions import IonError
 from ion.core.safefs import SafeDir, SymlinkRefused
 from ion.services.cache.reaper import record_link
 
-__all__ = ["PlacementError", "Placement", "Target", "place", "placed_already", "manifest_path", "is_name",
-           "is_reserved", "MANIFEST_DIR", "LOCK_FILE"]
+__all__ = ["PlacementError", "Placement", "Switch", "Target", "place", "commit", "undo", "placed_already",
+           "manifest_path", "is_name", "is_reserved", "MANIFEST_DIR", "LOCK_FILE", "PENDING_FILE"]
 
 MANIFEST_DIR = ".ion-deploy"
 #: In :data:`MANIFEST_DIR`: the file whose ``flock`` serialises placements of one destination.
 LOCK_FILE = ".lock"
+#: In :data:`MANIFEST_DIR`: shared-``flock``ed while switched items wait for their commit or undo.
+PENDING_FILE = ".pending"
+#: The placer's own names at a destination: ``.<name>.ion-<kind>-<8 hex>``.
+TEMP_KINDS = ("new", "old", "ver")
 
 _log = Logger()
 
@@ -77,6 +109,8 @@ class Placement:
     names: list[str]
     already: bool
     removed: list[str] = field(default_factory=list)
+    #: Two-phase (``place(pending=True)``): what to :func:`commit` or :func:`undo`; None when nothing changed.
+    switch: Switch | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {"destination": str(self.destination), "names": self.names, "already": self.already,
@@ -118,7 +152,7 @@ def is_name(name: object) -> bool:
 
 def is_reserved(name: str) -> bool:
     """True for a name the placer keeps for itself at a destination: its records' folder, its temp names."""
-    return name == MANIFEST_DIR or (name.startswith(".") and (".ion-new-" in name or ".ion-old-" in name))
+    return name == MANIFEST_DIR or (name.startswith(".") and any(f".ion-{kind}-" in name for kind in TEMP_KINDS))
 
 
 def _check_names(entry: Path, names: list[str]) -> None:
@@ -201,27 +235,189 @@ def _owners(records: SafeDir, skip: str) -> dict[str, str]:
     return owners
 
 
-def _swap_in(dest: SafeDir, tmp: str, name: str) -> None:
-    """Rename ``tmp`` over ``name`` (a file, link or folder), both in ``dest``."""
+@dataclass
+class _Swap:
+    """One name a placement switched, and how to switch it back.
+
+    ``how``: ``new`` (nothing was there), ``exchanged`` (the old version swapped out in one step,
+    now at ``old``), ``replaced`` (the old file or link kept at ``old``, a hard link or copy, and
+    the new one renamed over it), ``aside`` (no exchange: the old folder renamed to ``old``, then
+    the new one renamed in) or ``removed`` (a name the new version lacks, renamed to ``old``).
+    """
+
+    name: str
+    how: str
+    old: str | None = None
+    #: ``(st_dev, st_ino)`` of what was put at ``name``: checked before switching it back.
+    placed: tuple[int, int] | None = None
+    #: The versioned folder ``.<name>.ion-ver-*`` the old link named: removed with the old version.
+    old_version: str | None = None
+    #: The versioned folder the new link names (no exchange, a folder copied): removed on undo.
+    new_version: str | None = None
+
+
+@dataclass
+class Switch:
+    """What a placement switched in, waiting for :func:`commit` or :func:`undo` (each under the lock).
+
+    Meanwhile the previous versions wait at their temporary names and the switch holds a
+    shared ``flock`` on ``.ion-deploy/.pending``, so that no placement takes them for what
+    a killed placer left (see :func:`_remove_leftovers`).
+    """
+
+    top: Path
+    path: Path
+    destination: Path
+    manifest: str
+    #: The manifest's content before (None: there was none).
+    previous: bytes | None
+    swaps: list[_Swap]
+    pending_fd: int = -1
+
+    def release(self) -> None:
+        """Drop the shared lock that keeps the previous versions (after a commit or an undo)."""
+        if self.pending_fd >= 0:
+            os.close(self.pending_fd)
+            self.pending_fd = -1
+
+
+def _ident(dest: SafeDir, name: str) -> tuple[int, int] | None:
     st = dest.lstat(name)
+    return None if st is None else (st.st_dev, st.st_ino)
+
+
+def _version_of(dest: SafeDir, name: str) -> str | None:
+    """The versioned folder ``.<name>.ion-ver-*`` beside it that the link ``name`` names, if it is one."""
+    target = dest.readlink(name)
+    if target is None or not target.startswith(f".{name}.ion-ver-") or "/" in target:
+        return None
+    st = dest.lstat(target)
+    return target if st is not None and stat.S_ISDIR(st.st_mode) else None
+
+
+def _swap_in(dest: SafeDir, tmp: str, name: str) -> _Swap:
+    """Put ``tmp`` (the new version) at ``name``, both in ``dest``, keeping the old version aside.
+
+    ``name`` is never missing: an exchange where the filesystem has one; otherwise a file or
+    link is renamed over it (atomic), and a copied folder becomes a versioned folder
+    ``.<name>.ion-ver-*`` that ``name``, a symlink, names, switched by that same rename. Only
+    a real folder at ``name`` without exchange is renamed aside first (once: it is a link after).
+    """
+    token = tmp.rsplit("-", 1)[-1]
+    old = f".{name}.ion-old-{token}"
+    st = dest.lstat(name)
+    if st is None:
+        dest.rename(tmp, name)
+        return _Swap(name, "new", placed=_ident(dest, name))
+    old_version = _version_of(dest, name) if stat.S_ISLNK(st.st_mode) else None
+    if dest.exchange(tmp, name):
+        try:
+            dest.rename(tmp, old)
+        except OSError:
+            old = tmp  # it waits at the temporary name instead
+        return _Swap(name, "exchanged", old=old, placed=_ident(dest, name), old_version=old_version)
+    new_version = None
     new = dest.lstat(tmp)
-    # rename() replaces a file or link by a file or link, and nothing else: a folder on either
-    # side goes aside first (a copied folder over an old link included).
-    if st is not None and (stat.S_ISDIR(st.st_mode) or (new is not None and stat.S_ISDIR(new.st_mode))):
-        old = f".{name}.ion-old-{uuid.uuid4().hex[:8]}"
+    if new is not None and stat.S_ISDIR(new.st_mode):
+        new_version = f".{name}.ion-ver-{token}"
+        dest.rename(tmp, new_version)
+        dest.symlink(new_version, tmp)
+    try:
+        if not stat.S_ISDIR(st.st_mode):
+            dest.second_name(name, old)
+            dest.replace(tmp, name)
+            return _Swap(name, "replaced", old=old, placed=_ident(dest, name), old_version=old_version,
+                         new_version=new_version)
+        # A real folder and no exchange: the one moment without the name (the next switch is a link's).
         dest.rename(name, old)
         try:
             dest.rename(tmp, name)
         except OSError:
             dest.rename(old, name)  # the old version back in place: a failed update loses nothing
             raise
-        dest.remove(old)
-    else:
-        dest.replace(tmp, name)
+        return _Swap(name, "aside", old=old, placed=_ident(dest, name), new_version=new_version)
+    except BaseException:
+        if new_version is not None:
+            dest.remove(new_version)
+        raise
+
+
+def _commit_swaps(dest: SafeDir, swaps: list[_Swap]) -> list[str]:
+    """Remove the previous versions the swaps kept; the problems met (each one's name stays a leftover)."""
+    problems = []
+    for s in swaps:
+        for gone in (s.old, s.old_version):
+            if gone is None:
+                continue
+            try:
+                dest.remove(gone)
+            except OSError as exc:
+                problems.append(f"cannot remove {dest.path / gone}, the previous version of {s.name}: "
+                                f"{exc.strerror or exc}")
+    return problems
+
+
+def _undo_swaps(dest: SafeDir, swaps: list[_Swap]) -> None:
+    """Switch each name back to its previous version, the last switched first.
+
+    :raises OSError: or :class:`PlacementError` (a name changed since): the rest is left as it is.
+    """
+    for s in reversed(swaps):
+        now = _ident(dest, s.name)
+        if s.how == "removed":
+            if now is not None:
+                raise PlacementError(f"{dest.path / s.name} was placed again since; not switched back")
+            assert s.old is not None
+            dest.rename(s.old, s.name)
+            continue
+        if now != s.placed:
+            raise PlacementError(f"{dest.path / s.name} changed since this deployment placed it; "
+                                 f"not switched back")
+        if s.how == "new":
+            dest.remove(s.name)
+        elif s.how == "exchanged":
+            assert s.old is not None
+            if not dest.exchange(s.old, s.name):
+                raise PlacementError(f"cannot switch {dest.path / s.name} back: the filesystem no longer "
+                                     f"exchanges names")
+            dest.remove(s.old)
+        elif s.how == "replaced":
+            assert s.old is not None
+            dest.replace(s.old, s.name)
+        else:  # aside: the name is missing for a moment again, as when it was switched
+            assert s.old is not None
+            gone = f".{s.name}.ion-new-{uuid.uuid4().hex[:8]}"
+            dest.rename(s.name, gone)
+            dest.rename(s.old, s.name)
+            dest.remove(gone)
+        if s.new_version is not None:
+            dest.remove(s.new_version)
+
+
+def _hold_pending(records: SafeDir) -> int:
+    """A shared ``flock`` on ``.ion-deploy/.pending``, held while previous versions wait (see :class:`Switch`)."""
+    # Only a placement holding the destination's lock (as we do) takes it exclusively: never busy.
+    fd = records.try_lock(PENDING_FILE, shared=True)
+    if fd is None:
+        raise OSError(errno.EWOULDBLOCK, "locked by another placement", str(records.path / PENDING_FILE))
+    return fd
+
+
+def _none_pending(records: SafeDir) -> bool:
+    """True if no placement's previous versions wait at this destination (no shared lock on ``.pending``)."""
+    try:
+        fd = records.try_lock(PENDING_FILE, create=False)
+    except OSError:
+        return False
+    if fd is not None:
+        os.close(fd)
+        return True
+    return not records.exists(PENDING_FILE)
 
 
 def place(entry: Path, names: list[str], destination: Path, *, link: bool, platform: str, name: str,
-          version: str, entry_stamp: str, root: Path | None = None, cache_root: Path | None = None) -> Placement:
+          version: str, entry_stamp: str, root: Path | None = None, cache_root: Path | None = None,
+          pending: bool = False) -> Placement:
     """Place an entry's top-level ``names`` at ``destination``.
 
     :param entry: the cache entry folder.
@@ -232,6 +428,11 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
         link below ``root`` is followed. None: ``destination``'s realpath now,
         walked from ``/``.
     :param cache_root: the cache's root: a destination in it is refused.
+    :param pending: two-phase: the names are switched and the manifest written, but
+        the previous versions are kept until :func:`commit` or :func:`undo` of the
+        result's ``switch`` (None when nothing changed). If one name fails, the
+        item's names already switched are switched back. False: done at once (the
+        previous versions removed; a failure keeps the names placed so far, recorded).
     :raises PlacementError: naming the path that could not be written (or was a
         symbolic link), or a name that something else owns.
     """
@@ -252,18 +453,92 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
             raise PlacementError(f"cannot write {destination / MANIFEST_DIR}: {exc.strerror or exc}") from exc
         if link:  # before the links are made (see the module notes), once the destination is known good
             _record_link(entry, destination)
-        return _place_locked(entry, names, destination, dest, records, manifest, link=link, version=version,
-                             entry_stamp=entry_stamp)
+        placement = _place_locked(entry, names, destination, dest, records, manifest, link=link, version=version,
+                                  entry_stamp=entry_stamp, pending=pending)
+        switch = placement.switch
+        if switch is not None:
+            switch.top, switch.path = top, path
+            if not pending:
+                placement.switch = None
+                for problem in _commit_swaps(dest, switch.swaps):
+                    _log.warn("{problem} (the next placement removes it)", problem=problem)
+        return placement
     raise AssertionError("unreachable")  # pragma: no cover  (for the type checker: ExitStack swallows nothing)
 
 
-def _remove_leftovers(dest: SafeDir, names: list[str]) -> None:
-    """Remove the temporary copies (``.<name>.ion-new-*``) and set-aside old versions
-    (``.<name>.ion-old-*``) of ``names`` that a placer killed mid-way left: only a placer holding the
-    destination's lock makes them, and we hold it now, so every one there is a dead placer's."""
-    prefixes = tuple(f".{n}.ion-{kind}-" for n in names for kind in ("new", "old"))
+def _locked_destination(switch: Switch) -> Any:
+    """The switch's destination and records, walked again from its root, holding the destination's lock."""
+    stack = ExitStack()
+    try:
+        dest = stack.enter_context(SafeDir.open_below(switch.top, switch.path))
+        records = stack.enter_context(dest.open_dir(MANIFEST_DIR))
+        stack.enter_context(records.locked(LOCK_FILE))
+    except SymlinkRefused as exc:
+        stack.close()
+        raise PlacementError(_refused(exc)) from exc
+    except (OSError, ValueError) as exc:
+        stack.close()
+        raise PlacementError(f"cannot open {switch.destination} again: {getattr(exc, 'strerror', None) or exc}") \
+            from exc
+    return stack, dest, records
+
+
+def commit(switch: Switch) -> list[str]:
+    """Keep what ``switch`` placed: its previous versions are removed, under the destination's lock.
+
+    Blocking. :return: the problems met (each previous version that could not be removed is
+    a leftover the next placement of that item removes); the new versions stay either way.
+    """
+    try:
+        stack, dest, _ = _locked_destination(switch)
+    except PlacementError as exc:
+        switch.release()
+        return [str(exc)]
+    with stack:
+        try:
+            return _commit_swaps(dest, switch.swaps)
+        finally:
+            switch.release()
+
+
+def undo(switch: Switch) -> None:
+    """Switch back what ``switch`` placed: each name to its previous version (exchanged back where
+    it was exchanged), and the manifest to what it said before, under the destination's lock.
+
+    Blocking. :raises PlacementError: a name could not be switched back (or changed since).
+    """
+    try:
+        stack, dest, records = _locked_destination(switch)
+    except PlacementError:
+        switch.release()
+        raise
+    with stack:
+        try:
+            _undo_swaps(dest, switch.swaps)
+            if switch.previous is None:
+                records.unlink(switch.manifest)
+            else:
+                records.write_atomic(switch.manifest, switch.previous)
+        except SymlinkRefused as exc:
+            raise PlacementError(_refused(exc)) from exc
+        except OSError as exc:
+            raise PlacementError(f"cannot switch {switch.destination} back: {exc.strerror or exc}") from exc
+        finally:
+            switch.release()
+
+
+def _remove_leftovers(dest: SafeDir, records: SafeDir, names: list[str]) -> None:
+    """Remove what a placer killed mid-way left for ``names``: temporary copies (``.<name>.ion-new-*``), and,
+    unless a live placement's previous versions wait here (a shared lock on ``.pending``), set-aside old
+    versions (``.<name>.ion-old-*``) and versioned folders no link names (``.<name>.ion-ver-*``).
+
+    Only a placer holding the destination's lock makes them, and we hold it now, so every one
+    there is a dead placer's, or a pending switch's (which holds ``.pending``)."""
+    kinds = ("new", "old", "ver") if _none_pending(records) else ("new",)
+    prefixes = tuple(f".{n}.ion-{kind}-" for n in names for kind in kinds)
+    current = {_version_of(dest, n) for n in names}
     for leftover in dest.listdir():
-        if leftover.startswith(prefixes):
+        if leftover.startswith(prefixes) and leftover not in current:
             try:
                 dest.remove(leftover)
             except OSError as exc:
@@ -272,12 +547,16 @@ def _remove_leftovers(dest: SafeDir, names: list[str]) -> None:
 
 
 def _place_locked(entry: Path, names: list[str], destination: Path, dest: SafeDir, records: SafeDir,
-                  manifest: Path, *, link: bool, version: str, entry_stamp: str) -> Placement:
+                  manifest: Path, *, link: bool, version: str, entry_stamp: str, pending: bool) -> Placement:
     """:func:`place`, the destination and its records open, holding the destination's lock."""
     mname = manifest.name
-    _remove_leftovers(dest, names)
+    try:
+        before = records.read_bytes(mname)
+    except OSError:
+        before = None
     previous = _read_manifest(records, mname) or {}
     prev_names = [str(n) for n in previous.get("names", [])]
+    _remove_leftovers(dest, records, sorted(set(names) | set(prev_names)))
     record = _record(entry, names, link=link, version=version, entry_stamp=entry_stamp)
     if _same(previous, record) and _all_in_place(entry, names, dest, link):
         return Placement(destination, sorted(names), already=True)
@@ -295,53 +574,112 @@ def _place_locked(entry: Path, names: list[str], destination: Path, dest: SafeDi
         if st is not None and n not in prev_names and not stat.S_ISLNK(st.st_mode):
             raise PlacementError(f"{target} exists and was not placed by a deployment; "
                                  f"refusing to overwrite it (move it away to deploy here)")
-    placed_any = False
-    placed: list[str] = []
-    current = destination
+    switch = Switch(Path("/"), destination, destination, mname, before, [])
+    if pending:
+        try:
+            switch.pending_fd = _hold_pending(records)
+        except OSError as exc:
+            raise PlacementError(f"cannot write {records.path / PENDING_FILE}: {exc.strerror or exc}") from exc
     try:
-        for n in names:
-            current = destination / n
-            src = entry / n
-            if link and dest.readlink(n) == str(src):
-                continue
-            tmp = f".{n}.ion-new-{uuid.uuid4().hex[:8]}"
+        _switch_names(entry, names, destination, dest, link, switch)
+        removed = _set_aside_removed(dest, destination, names, prev_names, switch)
+    except (OSError, PlacementError) as exc:
+        _failed_switch(exc, dest, records, manifest, switch, previous, prev_names, pending)
+        raise AssertionError("unreachable") from exc  # pragma: no cover  (_failed_switch raises)
+    try:
+        _write_manifest(records, manifest, record)
+    except PlacementError:
+        _failed_switch(None, dest, records, manifest, switch, previous, prev_names, pending=True)
+        raise
+    if not switch.swaps:
+        switch.release()
+        return Placement(destination, sorted(names), already=True)
+    return Placement(destination, sorted(names), already=False, removed=removed, switch=switch)
+
+
+def _switch_names(entry: Path, names: list[str], destination: Path, dest: SafeDir, link: bool,
+                  switch: Switch) -> None:
+    """Each name's new version written beside it and switched in (:func:`_swap_in`), recorded in ``switch``."""
+    for n in names:
+        src = entry / n
+        if link and dest.readlink(n) == str(src):
+            continue
+        tmp = f".{n}.ion-new-{uuid.uuid4().hex[:8]}"
+        try:
+            if link:
+                dest.symlink(src, tmp)
+            else:
+                dest.copy_tree(src, tmp)
+            switch.swaps.append(_swap_in(dest, tmp, n))
+        except OSError as exc:
             try:
-                if link:
-                    dest.symlink(src, tmp)
-                else:
-                    dest.copy_tree(src, tmp)
-                _swap_in(dest, tmp, n)
-                placed_any = True
-                placed.append(n)
-            except BaseException:
-                try:
-                    dest.remove(tmp)
-                except OSError:
-                    pass
-                raise
-    except OSError as exc:
-        # Record what is ours now (the old names and those just placed), so that
-        # the next run may replace them instead of refusing them as foreign.
-        partial = dict(previous, names=sorted(set(prev_names) | set(placed)), stamp="partial")
+                dest.remove(tmp)
+            except OSError:
+                pass
+            if exc.filename is None or not os.path.isabs(str(exc.filename)):
+                exc.filename = str(destination / n)
+            raise
+        except BaseException:
+            try:
+                dest.remove(tmp)
+            except OSError:
+                pass
+            raise
+
+
+def _set_aside_removed(dest: SafeDir, destination: Path, names: list[str], prev_names: list[str],
+                       switch: Switch) -> list[str]:
+    """The names the previous version placed and this one lacks, renamed aside (removed on commit)."""
+    removed = []
+    for n in prev_names:
+        if n not in names and dest.exists(n):
+            old = f".{n}.ion-old-{uuid.uuid4().hex[:8]}"
+            try:
+                dest.rename(n, old)
+            except OSError as exc:
+                raise PlacementError(f"cannot remove {destination / n}, left from the previous version: "
+                                     f"{exc.strerror or exc}") from exc
+            switch.swaps.append(_Swap(n, "removed", old=old))
+            removed.append(n)
+    return removed
+
+
+def _failed_switch(exc: BaseException | None, dest: SafeDir, records: SafeDir, manifest: Path, switch: Switch,
+                   previous: dict[str, Any], prev_names: list[str], pending: bool) -> None:
+    """A name could not be switched: two-phase, the item's switched names go back; else (or if that
+    fails too) what is ours now is recorded (the old names and those placed), so that the next run may
+    replace them instead of refusing them as foreign. Raises the :class:`PlacementError` to report."""
+    switched_back = False
+    if pending:
+        try:
+            _undo_swaps(dest, switch.swaps)
+            if switch.previous is None:
+                records.unlink(manifest.name)
+            else:
+                records.write_atomic(manifest.name, switch.previous)
+            switched_back = True
+        except (OSError, PlacementError) as undo_exc:
+            _log.warn("cannot switch {dest} back after a failed placement: {exc}", dest=str(dest.path),
+                      exc=undo_exc)
+    if not switched_back:
+        for problem in _commit_swaps(dest, switch.swaps):
+            _log.warn("{problem} (the next placement removes it)", problem=problem)
+        placed = [s.name for s in switch.swaps if s.how != "removed"]
+        gone = {s.name for s in switch.swaps if s.how == "removed"}
+        partial = dict(previous, names=sorted((set(prev_names) - gone) | set(placed)), stamp="partial")
         try:
             _write_manifest(records, manifest, partial)
         except PlacementError:
             pass
-        if isinstance(exc, SymlinkRefused):
-            raise PlacementError(_refused(exc)) from exc
-        where = exc.filename if exc.filename and os.path.isabs(str(exc.filename)) else current
-        raise PlacementError(f"cannot write {where}: {exc.strerror or exc}") from exc
-    removed = []
-    for n in prev_names:
-        if n not in names and dest.exists(n):
-            try:
-                dest.remove(n)
-            except OSError as exc:
-                raise PlacementError(f"cannot remove {destination / n}, left from the previous version: "
-                                     f"{exc.strerror or exc}") from exc
-            removed.append(n)
-    _write_manifest(records, manifest, record)
-    return Placement(destination, sorted(names), already=not placed_any and not removed, removed=removed)
+    switch.release()
+    if exc is None:
+        return
+    if isinstance(exc, PlacementError):
+        raise exc
+    if isinstance(exc, SymlinkRefused):
+        raise PlacementError(_refused(exc)) from exc
+    assert isinstance(exc, OSError)
+    raise PlacementError(f"cannot write {exc.filename}: {exc.strerror or exc}") from exc
 
 
 def placed_already(entry: Path, names: list[str], destination: Path, *, link: bool, platform: str, name: str,
@@ -403,6 +741,6 @@ def _all_in_place(entry: Path, names: list[str], dest: SafeDir, link: bool) -> b
                 return False
         else:
             st = dest.lstat(n)
-            if st is None or stat.S_ISLNK(st.st_mode):
-                return False
+            if st is None or (stat.S_ISLNK(st.st_mode) and _version_of(dest, n) is None):
+                return False  # missing, or a link but to a version folder of its own (no exchange)
     return True

@@ -38,6 +38,16 @@ and carries every item's result; an async job ends ``REMOTE_ERROR`` with
 ``cancelled`` listing its unfinished items (see :mod:`ion.core.jobs`). Only
 then does the process terminate as every process does.
 
+**Generations** (:mod:`ion.services.deploy.generations`): a deploy request
+may name the deployment file it was read from (``file``, ``host``,
+``file_sha256``: :meth:`DeployClient.deploy` sends them); when every item is
+in place, the service records a generation of that file in
+``<cache root>/generations`` with the caller's ``broker-user`` (a sync
+``deploy`` before it answers; an async job as it ends). Ops
+``generations`` (``{file, host}``: the kept ones, newest first) and
+``rollback`` (``{file, host, generation}``: authorized and audited as a
+deploy, ``deploy.rollback``) read them.
+
 **Durable jobs**: each async job's record is also written to
 ``<job_dir>/<quoted job id>.json`` (default ``<cache root>/jobs``), when it
 starts, as each item ends and at its end. ``job_status`` of a job that is not
@@ -46,8 +56,28 @@ again on the same cache) can tell what became of it; a record left
 RUNNING/PARTIAL by a container that is gone answers ``LOST_IN_SPACE`` with
 ``died: true``. The owner is judged gone when it is this container's own
 record but no process of ours runs it (the container restarted), when it ran
-on this host under a pid that is dead, or, from another host, when its
+on this host under a pid that is dead, or otherwise (another host, or another
+container of this OS process) when the broker shows no consumer on its
+process queue (a passive declare: a dead container's connection, and so its
+consumers, are gone at once); if the broker cannot be asked, when its
 container is not among the live ones the agent knows (``nodes()``).
+
+**Takeover** (issue #17 §4, see :mod:`ion.core.jobs`): an async job's record
+also holds what is needed to resume it (``resume``: the request's items as
+validated, the source, the caller's broker user and the allowed-roots
+decision). Every instance scans the job records every ``takeover_interval``
+seconds (on the reactor, the reads in the pool); a job whose owner is judged
+gone on two scans is claimed by exactly one instance (an exclusive claim file
+beside the record), which deploys the items not yet in its results again
+(placement is idempotent: an item in place answers ``already``), under the
+same job id, so its ``deploy.progress`` events reach the same followers, and
+``job_status`` lists its ``takeovers``. ``job_status`` asked of a job whose
+owner is gone takes it over the same way. The instance checks the items
+against its own allowed roots again (a 403 ends the job REMOTE_ERROR). After
+``max_takeovers`` (3) the job ends REMOTE_ERROR. A draining instance takes
+nothing over. The takeover keeps the request's ``partial``; all or nothing
+spans one instance's run only: the items the dead owner switched in stay (each
+whole), and a failure after the takeover switches back only the items it placed.
 """
 
 from __future__ import annotations
@@ -58,7 +88,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -73,6 +103,13 @@ from ion.core.security import control, narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.cache.core import CacheSettings
 from ion.services.deploy.core import AccessRefused, Deployer, ItemResult, check_allowed
+from ion.services.deploy.generations import (
+    DeploymentFile,
+    GenerationStore,
+    parse_number,
+    record_generation,
+    rollback,
+)
 from ion.services.deploy.place import Target
 from ion.services.deploy.settings import DeploySettings
 from ion.services.deploy.spec import (
@@ -96,14 +133,15 @@ JOB_SEP = CONTROL_JOB_SEP
 
 
 class DeployService(ServiceProcess):
-    """Ops: ``deploy``, ``deploy_async``, ``job_status``, ``jobs``, ``job_cancel`` (operators only).
+    """Ops: ``deploy``, ``deploy_async``, ``job_status``, ``jobs``, ``job_cancel`` (operators only),
+    ``generations``, ``rollback``.
 
     Config (``ion.services.deploy``): ``max_parallel`` (8), ``allowed_destinations``,
     ``allowed_file_repositories``, ``job_retention`` (3600 s), ``fetch_timeout`` (3600 s),
     ``max_concurrent`` (requests handled at once, 16), ``drain_timeout`` (30 s),
     ``job_dir`` (durable job records; None: ``<cache root>/jobs``; ``False``: none),
     ``max_deployment_bytes`` (64 MiB: a bigger request is a 400; a bound apps and spawnargs may only
-    lower). HTTP(S) repositories at addresses outside ``allowed_networks`` of ``ion.services.fetch``
+    lower), ``keep_generations`` (3). HTTP(S) repositories at addresses outside ``allowed_networks`` of ``ion.services.fetch``
     refuse the request with a 403 (see :mod:`ion.services.fetch.netguard`).
     """
 
@@ -135,19 +173,28 @@ class DeployService(ServiceProcess):
             self.container.config.container_get("ion.services.fetch", CONFIG_KEY, None))
         self.settings = DeploySettings.from_config(self.get_config)
         self.owner = self._owner()
+        interval = self.settings.takeover_interval or 0.0
         self.jobs = JobTable(self.clock, self.settings.job_retention, store=self._job_store(),
-                             owner=self.owner, owner_alive=self._owner_alive)
+                             owner=self.owner, owner_alive=self._owner_alive,
+                             resume=self._resume_job if interval > 0 else None,
+                             max_takeovers=self.settings.max_takeovers, takeover_grace=interval)
+        self._takeover_scan: task.LoopingCall | None = None
+        self.generations = GenerationStore(self._cache_root(), self.container.blocking,
+                                           self.settings.keep_generations)
 
     def slc_activate(self) -> None:
         # Records of jobs that ended (or died) longer than job_retention ago.
         self.jobs.prune().addErrback(lambda f: self._log.warn("{pid}: pruning job records failed: {e}",
                                                                pid=self.id, e=f.getErrorMessage()))
+        self._start_takeover_scan()
 
     def slc_drain(self) -> Any:
         """Terminate's first phase: :meth:`drain` for ``drain_timeout`` (see the module notes)."""
+        self._stop_takeover_scan()
         return self.drain(self.settings.drain_timeout or 0.0)
 
     def slc_terminate(self) -> Any:
+        self._stop_takeover_scan()
         self.jobs.cancel_all()
         return self.jobs.flush()
 
@@ -190,7 +237,7 @@ class DeployService(ServiceProcess):
         """Who runs this instance's jobs: container, host, OS pid and process id."""
         return {"container": self.container.id, "host": self._host_id(), "pid": os.getpid(), "process": self.id}
 
-    def _owner_alive(self, owner: Mapping[str, Any]) -> bool:
+    def _owner_alive(self, owner: Mapping[str, Any]) -> bool | defer.Deferred[bool]:
         """Whether the owner of a job record still runs it (see the module notes)."""
         from ion.services.cache.locks import pid_alive
 
@@ -199,14 +246,79 @@ class DeployService(ServiceProcess):
                 return False  # this container id, started again
             proc = self.container.proc_manager.get(str(owner.get("process")))
             return proc is not None and not proc.is_final
-        if owner.get("host") == self.owner["host"]:
+        if owner.get("host") == self.owner["host"] and owner.get("pid") != self.owner["pid"]:
             pid = owner.get("pid")
             return isinstance(pid, int) and pid_alive(pid)
+        process = owner.get("process")
+        if not isinstance(process, str) or not process:
+            return self._owner_among_nodes(owner)
+        # Its process queue, as the broker sees it: consumed while its container's connection lives.
+        depth = defer.maybeDeferred(self.container.transport.queue_depth, process)
+
+        def judged(counts: tuple[int, int] | None) -> bool:
+            return counts is not None and counts[1] > 0
+
+        def unknown(f: Any) -> bool:
+            self._log.debug("{pid}: the broker could not tell about {q}: {e}", pid=self.id, q=process,
+                            e=f.getErrorMessage())
+            return self._owner_among_nodes(owner)
+
+        return depth.addCallbacks(judged, unknown)
+
+    def _owner_among_nodes(self, owner: Mapping[str, Any]) -> bool:
+        """Whether the agent lists the owner's container among the live ones (True without an agent)."""
         agent = self.container.proc_manager.get(self.container.agent_pid or "")
         live_nodes = getattr(agent, "live_nodes", None)
         if live_nodes is None:
             return True  # no agent to ask: do not declare anyone dead
         return any(node.get("container") == owner.get("container") for node in live_nodes())
+
+    # -- job takeover (see the module notes and ion.core.jobs) -----------------------------------
+    def _start_takeover_scan(self) -> None:
+        interval = self.settings.takeover_interval or 0.0
+        if interval <= 0 or self.jobs.store is None or self._takeover_scan is not None:
+            return
+        scan = task.LoopingCall(self._scan_for_takeover)
+        scan.clock = self.clock
+        self._takeover_scan = scan
+        scan.start(interval, now=False).addErrback(
+            lambda f: self._log.failure("{pid}: the job takeover scan stopped", f, pid=self.id))
+
+    def _stop_takeover_scan(self) -> None:
+        """A stopping instance takes no job over (neither by scan nor by ``job_status``)."""
+        self.jobs.resume = None
+        scan, self._takeover_scan = self._takeover_scan, None
+        if scan is not None and scan.running:
+            scan.stop()
+
+    def _scan_for_takeover(self) -> defer.Deferred[None]:
+        """One scan of the job records (a failed scan is logged; the next one comes)."""
+        def failed(f: Any) -> None:
+            self._log.warn("{pid}: scanning the job records for takeover failed: {e}", pid=self.id,
+                           e=f.getErrorMessage())
+
+        return self.jobs.scan().addCallbacks(lambda _: None, failed)
+
+    async def _resume_job(self, job_id: str, record: Mapping[str, Any]) -> defer.Deferred[Any]:
+        """Deploy the items of a taken-over job that are not in its results (the JobTable's
+        ``resume`` hook); the work's Deferred fires with those items' results by part."""
+        resume = record.get("resume") or {}
+        source = str(resume.get("source") or "<request>")
+        items = [item_from_dict(dict(raw), source) for raw in resume.get("items") or []]
+        done = set(record.get("results") or {})
+        remaining = [item for item in items if f"{item.position} {item.label}".strip() not in done]
+        self._log.info("{pid}: taking job {job} over from {owner} for broker user {user!r}: {n} of {total} "
+                       "item(s) left", pid=self.id, job=job_id, owner=record.get("owner"),
+                       user=resume.get("caller"), n=len(remaining), total=len(items))
+        self.container.publish_event("deploy.progress", {
+            "job": job_id, "phase": "takeover", "from": record.get("owner"), "by": self.owner,
+            "remaining": len(remaining)})
+        if not remaining:
+            return defer.succeed({})
+        # This instance's own bounds decide what it writes (they may differ from the first owner's).
+        targets = await self.container.blocking.run(self._authorize, remaining)
+        work = self._run(Deployment(source, remaining), job_id, targets, resume.get("partial") is True)
+        return work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
 
     # -- request handling ---------------------------------------------------------------
     def _deployment(self, content: Any) -> Deployment:
@@ -241,6 +353,33 @@ class DeployService(ServiceProcess):
         if not items:
             raise ApplicationError(f"{source}: the request lists no item", 400)
         return Deployment(source, items)
+
+    @staticmethod
+    def _deployment_file(content: Any) -> DeploymentFile | None:
+        """The deployment file a deploy request names (its generations'), or None."""
+        if isinstance(content, convert.pb.DeployRequest):
+            content = {"file": content.file, "host": content.host}
+        if not isinstance(content, Mapping) or not content.get("file"):
+            return None
+        return DeploymentFile.from_wire(content)
+
+    def _record(self, file: DeploymentFile | None, deployment: Deployment, results: list[ItemResult],
+                msg: Mapping[str, Any]) -> defer.Deferred[Any]:
+        """Record a generation of ``file`` if every item is in place (the one hook after a deploy)."""
+        return defer.ensureDeferred(record_generation(self.generations, file, deployment, results,
+                                                      caller=msg.get("broker-user"), via=f"deploy {self.id}"))
+
+    @staticmethod
+    def _partial(content: Any) -> bool:
+        """The request's ``partial`` (absent: False, all or nothing); anything but a boolean is refused (400)."""
+        if isinstance(content, convert.pb.DeployRequest):
+            return bool(content.partial)
+        partial = content.get("partial", False) if isinstance(content, Mapping) else False
+        if partial is None:
+            return False
+        if not isinstance(partial, bool):
+            raise ApplicationError(f"partial must be true or false, not {type(partial).__name__} {partial!r}", 400)
+        return partial
 
     def _cache_root(self) -> Path:
         """The cache root of this container's config (where the Cache service publishes entries)."""
@@ -295,8 +434,8 @@ class DeployService(ServiceProcess):
         return Deployer(run_fetch, self.container.blocking, max_parallel=self.settings.max_parallel,
                         cache_root=self._cache_root())
 
-    def _run(self, deployment: Deployment, job: str | None,
-             targets: list[Target]) -> defer.Deferred[list[ItemResult]]:
+    def _run(self, deployment: Deployment, job: str | None, targets: list[Target],
+             partial: bool = False) -> defer.Deferred[list[ItemResult]]:
         def progress(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
             event = {"job": job, "item": item.label, "position": item.position, "phase": phase,
                      "bytes": info.get("done") if isinstance(info, Mapping) else None}
@@ -305,7 +444,8 @@ class DeployService(ServiceProcess):
             self.container.publish_event("deploy.progress", event)
 
         items = self.container.metrics.counter("ion_deploy_items", "Deployed items by outcome (downloaded, "
-                                               "cached, updated, failed, cancelled).", ("state",))
+                                               "cached, updated, failed, cancelled; an item switched back "
+                                               "is counted again as rolled back).", ("state",))
 
         def on_result(result: ItemResult) -> None:
             items.labels(result.state).inc()
@@ -315,7 +455,7 @@ class DeployService(ServiceProcess):
         self.refuse_if_draining()
         # Tracked: terminate waits for it (drain_timeout), then cancels it.
         return self.track(self._deployer(job).deploy(deployment, progress=progress, on_result=on_result,
-                                                     targets=targets))
+                                                     targets=targets, partial=partial))
 
     # -- ops --------------------------------------------------------------------------------
     @audited("deploy.run")
@@ -324,11 +464,14 @@ class DeployService(ServiceProcess):
         self.refuse_if_draining()
         protobuf = isinstance(content, convert.pb.DeployRequest)
         deployment = self._deployment(content)
+        file = self._deployment_file(content)
+        partial = self._partial(content)
         # realpath may touch slow filesystems: resolve off the reactor thread.
         targets = await self.container.blocking.run(self._authorize, deployment.items)
-        results = await self._run(deployment, None, targets)
+        results = await self._run(deployment, None, targets, partial)
         cancelled = [r.item.label for r in results if r.cancelled]
         if not cancelled:
+            await self._record(file, deployment, results, msg)
             summary = _summary(deployment, results)
             return convert.summary_to_pb(summary) if protobuf else summary
         # Stopped before every item was in place: an error naming what was cancelled, with every
@@ -348,13 +491,25 @@ class DeployService(ServiceProcess):
         self.refuse_if_draining()
         protobuf = isinstance(content, convert.pb.DeployRequest)
         deployment = self._deployment(content)
+        file = self._deployment_file(content)
+        partial = self._partial(content)
         targets = await self.container.blocking.run(self._authorize, deployment.items)
         # The id names this instance, so status polls reach the one holding the job
         # even when several Deploy instances share the service queue.
         job_id = f"{self.id}{JOB_SEP}{os.urandom(8).hex()}"
-        work = self._run(deployment, job_id, targets)
+        work = self._run(deployment, job_id, targets, partial)
+
+        def finished(results: list[ItemResult]) -> list[ItemResult]:
+            # Recorded as the job ends, not before it: its status is final with its last item.
+            recording = self._record(file, deployment, results, msg)
+            if not self.draining:
+                self.track(recording)  # terminate waits for the record too
+            return results
+
+        work.addCallback(finished)
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
-        job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id)
+        job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id,
+                              resume=_resume_data(deployment, targets, msg.get("broker-user"), partial))
         if protobuf:
             return convert.pb.JobStarted(job=job.job_id, total=len(deployment.items))
         return {"job": job.job_id, "total": len(deployment.items)}
@@ -393,6 +548,34 @@ class DeployService(ServiceProcess):
         """Every job on record."""
         return self.jobs.list()
 
+    async def op_generations(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{file, host}``: the kept generations of that deployment file, newest first:
+        ``{file, host, keep, generations: [{generation, time, caller, via, source, file_sha256,
+        rollback_of, items}]}``."""
+        file = DeploymentFile.from_wire(content)
+        history = await self.generations.history(file)
+        return {**file.to_wire(), "keep": self.generations.keep,
+                "generations": [g.to_wire() for g in reversed(history.generations)]}
+
+    @audited("deploy.rollback")
+    async def op_rollback(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
+        """``{file, host, generation}``: put generation N (absent or None: the previous one) of that
+        deployment file back in place, authorized as a deploy of its items is; record it as a new
+        generation. Answers a deploy's summary plus ``rollback_of`` and ``generation``
+        (the one recorded; None when an item failed). No such generation: 404 naming the kept ones."""
+        self.refuse_if_draining()
+        file = DeploymentFile.from_wire(content)
+        number = parse_number(content.get("generation"))
+        targets: list[Target] = []
+
+        async def authorize(deployment: Deployment) -> None:
+            targets[:] = await self.container.blocking.run(self._authorize, deployment.items)
+
+        done = await rollback(self.generations, file, number, lambda d: self._run(d, None, targets),
+                              caller=msg.get("broker-user"), via=f"deploy {self.id}",
+                              check=lambda d: defer.ensureDeferred(authorize(d)))
+        return done.to_wire()
+
     def metric_families(self) -> Any:
         """``ion_deploy_jobs{state}``: the async jobs this instance holds in memory, by state."""
         from prometheus_client.core import GaugeMetricFamily
@@ -411,6 +594,15 @@ def _part(result: ItemResult) -> str:
     return f"{result.item.position} {result.item.label}".strip()
 
 
+def _resume_data(deployment: Deployment, targets: list[Target], caller: Any,
+                 partial: bool = False) -> dict[str, Any]:
+    """What a takeover needs (the job record's ``resume``): the request as validated, its caller,
+    where each destination was allowed (root, resolved path), and ``partial``."""
+    return {"source": deployment.source, "items": [item.to_dict() for item in deployment.items],
+            "caller": caller if isinstance(caller, str) else None,
+            "targets": [[str(t.root), str(t.path)] for t in targets], "partial": partial}
+
+
 def _summary(deployment: Deployment, results: list[ItemResult]) -> dict[str, Any]:
     return {"source": deployment.source, "ok": all(r.ok for r in results),
             "items": [r.to_wire() for r in results]}
@@ -422,24 +614,46 @@ class DeployClient(ServiceClient):
     service_name = "deploy"
 
     @staticmethod
-    def request_content(deployment: Deployment) -> Any:
+    def request_content(deployment: Deployment, host: str | None = None, *, partial: bool = False) -> Any:
         """The content of a deploy request for a deployment read where the caller runs: an
-        ``ion.deployer.DeployRequest`` (the plain-dict spelling is :meth:`DeploymentItem.to_dict`'s).
+        ``ion.deployer.DeployRequest`` (the plain-dict spelling is :meth:`DeploymentItem.to_dict`'s
+        items, with ``source`` and ``partial``). With ``host`` (this host's id), a deployment read
+        from a file names that file, so the service records its generations.
 
         (Not ``request``: that is ServiceClient's conversation call, which this must not hide.)
         """
-        return convert.deploy_request_to_pb(deployment.source, deployment.items)
+        named = deployment.file is not None and host is not None
+        return convert.deploy_request_to_pb(deployment.source, deployment.items,
+                                            file=deployment.file if named else None, host=host if named else None,
+                                            file_sha256=deployment.file_sha256 if named else None, partial=partial)
+
+    def host_id(self) -> str:
+        """This host's id, as the cache knows it (``host_id`` of ``ion.services.cache``, else
+        :func:`~ion.services.cache.locks.resolve_host_id`): the host part of a deployment file's
+        generations."""
+        from ion.services.cache.locks import resolve_host_id
+
+        return self.proc.container.config.settings(CacheSettings).host_id or resolve_host_id()
+
+    def deployment_file(self, path: str | os.PathLike[str]) -> DeploymentFile:
+        """The deployment file at ``path`` on this host, as its generations are named."""
+        return DeploymentFile.of(path, self.host_id())
 
     @defer.inlineCallbacks
-    def deploy(self, deployment: Deployment, timeout: float | None = 3600) -> Any:
-        """Deploy and wait: ``{"ok", "items": [{item, state, already, reason, ...}]}``."""
-        content, _ = yield self.rpc_send("deploy", self.request_content(deployment), timeout=timeout)
+    def deploy(self, deployment: Deployment, timeout: float | None = 3600, *, partial: bool = False) -> Any:
+        """Deploy and wait: ``{"ok", "items": [{item, state, already, reason, ...}]}``.
+
+        :param partial: keep each item placed whatever the others do (default: all or nothing).
+        """
+        content, _ = yield self.rpc_send("deploy", self.request_content(deployment, self.host_id(), partial=partial),
+                                         timeout=timeout)
         return convert.summary_to_wire(content) if isinstance(content, convert.pb.DeploySummary) else content
 
     @defer.inlineCallbacks
-    def deploy_async(self, deployment: Deployment) -> Any:
-        """Start a deployment; fires with its job id."""
-        content, _ = yield self.rpc_send("deploy_async", self.request_content(deployment))
+    def deploy_async(self, deployment: Deployment, *, partial: bool = False) -> Any:
+        """Start a deployment (``partial``: see :meth:`deploy`); fires with its job id."""
+        content, _ = yield self.rpc_send("deploy_async",
+                                         self.request_content(deployment, self.host_id(), partial=partial))
         return content.job if isinstance(content, convert.pb.JobStarted) else content["job"]
 
     @defer.inlineCallbacks
@@ -447,6 +661,11 @@ class DeployClient(ServiceClient):
         """The job's record: ``{"status", "state", "results", ...}``, asked of the instance that runs it."""
         target = job.split(JOB_SEP, 1)[0] if JOB_SEP in job else self.target
         query = convert.pb.JobQuery(job=job)
+        if target != self.target and not (yield self._consumed(target)):
+            # Its instance died (its queue has no consumer): another instance answers, from the
+            # job's record, or as the instance that took the job over.
+            content, _ = yield self.rpc_send("job_status", query)
+            return convert.job_status_to_wire(content) if isinstance(content, convert.pb.JobStatus) else content
         try:
             content, _ = yield self.proc.rpc_send(target, "job_status", query)
         except ReceivedError as exc:
@@ -455,6 +674,11 @@ class DeployClient(ServiceClient):
             # That instance is gone (or stopping): any instance answers from the job's durable record.
             content, _ = yield self.rpc_send("job_status", query)
         return convert.job_status_to_wire(content) if isinstance(content, convert.pb.JobStatus) else content
+
+    def _consumed(self, queue: str) -> defer.Deferred[bool]:
+        """Whether the broker shows a consumer on ``queue`` (True when it cannot tell)."""
+        d = defer.maybeDeferred(self.proc.container.transport.queue_depth, queue)
+        return d.addCallbacks(lambda counts: counts is not None and counts[1] > 0, lambda _f: True)
 
     @defer.inlineCallbacks
     def cancel_job(self, job: str) -> Any:
@@ -469,6 +693,19 @@ class DeployClient(ServiceClient):
     def jobs(self) -> Any:
         """Every job the service (instance that answers) has on record."""
         content, _ = yield self.rpc_send("jobs", None)
+        return content
+
+    @defer.inlineCallbacks
+    def generations(self, file: DeploymentFile) -> Any:
+        """The kept generations of a deployment file, newest first (see ``op_generations``)."""
+        content, _ = yield self.rpc_send("generations", file.to_wire())
+        return content
+
+    @defer.inlineCallbacks
+    def rollback(self, file: DeploymentFile, generation: int | None = None, timeout: float | None = 3600) -> Any:
+        """Put generation ``generation`` (None: the previous one) of a deployment file back in place:
+        ``{"ok", "items", "rollback_of", "generation"}``."""
+        content, _ = yield self.rpc_send("rollback", {**file.to_wire(), "generation": generation}, timeout=timeout)
         return content
 
 
@@ -532,7 +769,7 @@ class JobProgressListener(Process):
         phase = str(event.get("phase") or "")
         if event.get("position") is not None:  # the Deploy service's: one item's phase
             for item in [i for i in self.items if i.position == event["position"]]:
-                if phase in ("place", "done", "failed"):
+                if phase in ("place", "done", "failed", "rolled back"):
                     self.progress(item, phase, event)
                 elif phase == "cancelled":
                     self.progress(item, "failed", event)

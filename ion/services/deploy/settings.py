@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ion.core.config import Settings
+from ion.core.config import Settings, setting
 
 __all__ = ["DeploySettings"]
 
@@ -24,6 +24,11 @@ class DeploySettings(Settings):
     :ivar drain_timeout: seconds the deployments in progress get when the service stops (None: 0).
     :ivar job_dir: folder of the durable job records; None: ``<cache root>/jobs``; False: memory only.
     :ivar max_concurrent: requests the service handles at once.
+    :ivar takeover_interval: seconds between two scans of the job records for jobs whose owner died
+        (taken over by this instance); 0 or None: this instance takes no job over.
+    :ivar max_takeovers: takeovers an async job may have; its owner dying once more ends it REMOTE_ERROR.
+    :ivar keep_generations: generations kept per deployment file (``<cache root>/generations``),
+        whose cache entries the reaper never evicts; at least 1.
     """
 
     SECTION: ClassVar[str] = "ion.services.deploy"
@@ -34,3 +39,6 @@ class DeploySettings(Settings):
     drain_timeout: float | None = 30.0
     job_dir: str | bool | None = None
     max_concurrent: int = 16
+    takeover_interval: float | None = 2.0
+    max_takeovers: int = 3
+    keep_generations: int = setting(3, positive=True)

@@ -1,5 +1,5 @@
 """The deployer's helpers in the ``cc`` shell: ``deploy``, ``deploy_async``, ``jobs``, ``job_status``, ``cache_ls``,
-``cache_verify``, ``cache_reap``, ``job_cancel``.
+``cache_verify``, ``cache_reap``, ``job_cancel``, ``generations``, ``rollback``.
 
 Loaded by :class:`ion.core.shell.ShellHelpers` because ``res/config/ion.config``
 names this module under ``ion.core.shell: helpers`` (the core imports no
@@ -14,6 +14,11 @@ shows RUNNING, PARTIAL (with the finished items) or FINISHED.
 ``cache_verify()`` shows the Cache service's last periodic-verify round as a
 table (one row per entry: good, bad, good→bad, bad→good or skipped, and what
 was done); ``cache_verify(run=True)`` runs a round first.
+
+``generations(file)`` lists the kept generations of a deployment file (one row
+each, newest first: each successful deploy records one); ``rollback(file)``
+puts the previous one back in place, ``rollback(file, n)`` generation ``n``,
+and shows each item's state and the generation it recorded.
 
 ``cache_reap()`` shows the system reaper's last round (who reaped, the
 policy, and each entry removed); ``cache_reap(run=True)`` has the elected
@@ -30,7 +35,8 @@ from twisted.internet import defer
 from ion.core.shell import Listing, Size, Text, When, human_size
 from ion.services.deploy.spec import DeploymentError, load_deployment
 
-__all__ = ["shell_helpers", "DeployShellHelpers", "DeployJob", "ReapReportText", "VerifyReportText"]
+__all__ = ["shell_helpers", "DeployShellHelpers", "DeployJob", "ReapReportText", "VerifyReportText",
+           "GenerationsText", "RollbackText"]
 
 _ITEM_COLUMNS = ("item", "version", "state", "destination", "note")
 
@@ -40,7 +46,7 @@ def shell_helpers(shell: Any) -> dict[str, Any]:
     helpers = DeployShellHelpers(shell.proc)
     return {"deploy": helpers.deploy, "deploy_async": helpers.deploy_async, "jobs": helpers.jobs,
             "job_status": helpers.job_status, "job_cancel": helpers.job_cancel, "cache_ls": helpers.cache_ls, "cache_verify": helpers.cache_verify,
-            "cache_reap": helpers.cache_reap}
+            "cache_reap": helpers.cache_reap, "generations": helpers.generations, "rollback": helpers.rollback}
 
 
 class DeployJob:
@@ -110,23 +116,26 @@ class DeployShellHelpers:
 
         return DeployClient(self.proc)
 
-    def deploy(self, file: str, timeout: float | None = 3600) -> Any:
-        """Deploy a deployment file through the Deploy service; shows each item's state."""
+    def deploy(self, file: str, timeout: float | None = 3600, partial: bool = False) -> Any:
+        """Deploy a deployment file through the Deploy service; shows each item's state.
+
+        All or nothing unless ``partial``: an item that fails switches back the others (``rolled back``).
+        """
         try:
             deployment = load_deployment(file)
         except DeploymentError as exc:
             return Text("\n".join(f"Error: {p}" for p in exc.problems))
-        d = self._deploy_client().deploy(deployment, timeout=timeout)
+        d = self._deploy_client().deploy(deployment, timeout=timeout, partial=partial)
         d.addCallback(lambda answer: item_rows(answer["items"]))
         return d
 
-    def deploy_async(self, file: str) -> Any:
-        """Start deploying a file; gives the job at once (use job_status(job))."""
+    def deploy_async(self, file: str, partial: bool = False) -> Any:
+        """Start deploying a file (``partial``: see ``deploy``); gives the job at once (use job_status(job))."""
         try:
             deployment = load_deployment(file)
         except DeploymentError as exc:
             return Text("\n".join(f"Error: {p}" for p in exc.problems))
-        return DeployJob(deployment.source, self._deploy_client().deploy_async(deployment))
+        return DeployJob(deployment.source, self._deploy_client().deploy_async(deployment, partial=partial))
 
     def jobs(self) -> Any:
         """The Deploy service's jobs: id, state, items done of total."""
@@ -152,6 +161,21 @@ class DeployShellHelpers:
             job = yield job.wait()
         answer = yield self._deploy_client().cancel_job(str(job))
         return Text(f"job {answer['job']}: " + ("cancelled" if answer["cancelled"] else "not running here"))
+
+    def generations(self, file: str) -> Any:
+        """The kept generations of a deployment file, newest first: number, when, who, items."""
+        client = self._deploy_client()
+        d = client.generations(client.deployment_file(file))
+        d.addCallback(GenerationsText)
+        return d
+
+    def rollback(self, file: str, n: int | None = None, timeout: float | None = 3600) -> Any:
+        """Put generation n of a deployment file back in place (None: the previous one); shows each
+        item's state and the generation recorded for it."""
+        client = self._deploy_client()
+        d = client.rollback(client.deployment_file(file), n, timeout=timeout)
+        d.addCallback(RollbackText)
+        return d
 
     def cache_ls(self) -> Any:
         """The cache's entries: dependency, version, size, files, last use."""
@@ -213,13 +237,55 @@ class ReapReportText(Text):
             text = (f"reap round by {report.reaper} at "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(report.started))}: "
                     f"{len(pruned.removed)} of {report.entries} entries removed ({human_size(pruned.bytes_freed)}), "
-                    f"{len(pruned.busy)} locked, {report.linked} linked, {len(pruned.incomplete)} incomplete, "
+                    f"{len(pruned.busy)} locked, {report.linked} linked, {report.kept} kept by generations, "
+                    f"{len(pruned.incomplete)} incomplete, "
                     f"{len(pruned.staging)} staging folders; policy: {policy}"
                     + (f"; error: {report.error}" if report.error else "")
                     + ("\n" + repr(rows) if rows else ""))
         obj = super().__new__(cls, text)
         obj.report = report
         obj.rows = rows
+        return obj
+
+
+class GenerationsText(Text):
+    """The generations of a deployment file as the shell prints them (``listing``: the wire answer)."""
+
+    listing: dict[str, Any]
+    rows: Listing
+
+    def __new__(cls, listing: Mapping[str, Any]) -> GenerationsText:
+        gens = list(listing.get("generations") or [])
+        rows = Listing([{"generation": g.get("generation"), "deployed": When(float(g.get("time") or 0)),
+                         "caller": g.get("caller") or "", "via": g.get("via") or "",
+                         "items": ", ".join(f"{i.get('name')} {i.get('version')}" for i in g.get("items") or []),
+                         "note": ("current" if n == 0 else "")
+                         + (f"{'; ' if n == 0 else ''}rollback to {g['rollback_of']}"
+                            if g.get("rollback_of") is not None else "")}
+                        for n, g in enumerate(gens)],
+                       ("generation", "deployed", "caller", "via", "items", "note"))
+        head = f"generations of {listing.get('file')} (host {listing.get('host')}), keeping {listing.get('keep')}"
+        text = head + ("\n" + repr(rows) if gens else ": none recorded")
+        obj = super().__new__(cls, text)
+        obj.listing = dict(listing)
+        obj.rows = rows
+        return obj
+
+
+class RollbackText(Text):
+    """A rollback's outcome as the shell prints it: a line, then each item's state (``answer``: the wire one)."""
+
+    answer: dict[str, Any]
+
+    def __new__(cls, answer: Mapping[str, Any]) -> RollbackText:
+        if answer.get("ok"):
+            head = f"rolled back to generation {answer.get('rollback_of')}: now generation {answer.get('generation')}"
+        else:
+            head = f"rollback to generation {answer.get('rollback_of')} incomplete: no generation recorded"
+        if answer.get("left"):
+            head += f"\nleft in place (generation {answer.get('rollback_of')} lacks them): {'; '.join(answer['left'])}"
+        obj = super().__new__(cls, head + "\n" + repr(item_rows(list(answer.get("items") or []))))
+        obj.answer = dict(answer)
         return obj
 
 

@@ -14,6 +14,7 @@ Repository URLs: ``s3://bucket[/prefix]``, ``file:///abs/path`` or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -68,11 +69,18 @@ class DeploymentError(IonError):
 
 @dataclass
 class Deployment:
-    """A validated deployment: its items in file order, and warnings (unknown keys)."""
+    """A validated deployment: its items in file order, and warnings (unknown keys).
+
+    ``file`` and ``file_sha256``: the deployment file's resolved path and the sha256 of its
+    bytes, when it was read from a file (:func:`load_deployment`): what names its generations
+    (:mod:`ion.services.deploy.generations`) and what each generation records of it.
+    """
 
     source: str
     items: list[DeploymentItem]
     warnings: list[str] = field(default_factory=list)
+    file: str | None = None
+    file_sha256: str | None = None
 
 
 def _expand(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
@@ -280,4 +288,7 @@ def load_deployment(path: str | Path, *, cwd: Path | None = None, environ: Mappi
         # objects nested too deeply.
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise DeploymentError(source, [f"{source}: invalid JSON: {reason}"]) from None
-    return parse_deployment(data, source=source, base_dir=path.resolve().parent, cwd=cwd, environ=environ)
+    real = path.resolve()
+    deployment = parse_deployment(data, source=source, base_dir=real.parent, cwd=cwd, environ=environ)
+    deployment.file, deployment.file_sha256 = str(real), hashlib.sha256(raw).hexdigest()
+    return deployment

@@ -67,6 +67,7 @@ __all__ = [
     "remote_unpack",
     "describe_origin",
     "entry_is_current",
+    "refetch_request",
     "STATES",
 ]
 
@@ -204,6 +205,40 @@ def entry_is_current(info: EntryInfo, listing: list[RemoteFile]) -> bool:
         elif f.size is not None and r.size is not None and f.size != r.size:
             return False
     return True
+
+
+def refetch_request(key: EntryKey, url: str | None) -> FetchRequest:
+    """The request that fetches the entry ``key`` again from ``url``, the version folder its ``.entry``
+    recorded (``Repository.version_url``: a path for ``file:``, ``http(s)://.../<platform>/<name>/<version>/``,
+    ``s3://bucket/prefix/.../``), as the cache's verifier heals a quarantined entry (issue 17 §3).
+
+    The repository is the URL without its last three parts, and must name the entry's repository
+    folder (``repo_id``): a URL that does not is refused, never fetched from.
+
+    :raises InvalidRequestError: no URL, or one that does not lead back to the entry's repository.
+    """
+    if not url:
+        raise InvalidRequestError(f"entry {key}: its .entry names no repository URL to fetch it from")
+    parts = (key.platform, key.name, key.version)
+    candidates: list[str] = []
+    if "://" not in url:  # a file: repository's folder
+        folder = Path(url)
+        if folder.is_absolute() and folder.parts[-3:] == parts:
+            candidates.append("file://" + quote(str(folder.parents[2])))
+    else:
+        for tail in ("/".join(quote(p, safe="") for p in parts) + "/", "/".join(parts) + "/"):
+            if url.endswith("/" + tail):
+                candidates.append(url[: -len(tail)].rstrip("/"))
+    for candidate in candidates:
+        try:
+            repository = records.parse_repository_url(candidate)
+            if repo_id(repository.wire_url) == key.repo_id:
+                return FetchRequest(repository, key.platform, key.name, key.version, key.unpack,
+                                    label="cache verify (refetch)")
+        except (ValueError, InvalidKeyError):
+            continue
+    raise InvalidRequestError(f"entry {key}: its recorded URL {url} does not name a version folder of its "
+                              f"repository ({key.repo_id}); not fetching from it", url=url)
 
 
 # -- collaborators ---------------------------------------------------------------------------------------
@@ -439,6 +474,16 @@ class Fetcher:
                 yield repo.close()
             except Exception as exc:  # pragma: no cover - best effort
                 self._log.warn("closing {repo} failed: {exc}", repo=repr(repo), exc=exc)
+
+    def refetch(self, key: EntryKey, url: str | None) -> defer.Deferred[FetchResult]:
+        """Fetch the (quarantined) entry ``key`` again from ``url``, the version folder its ``.entry``
+        recorded (:func:`refetch_request`): the :data:`~ion.services.cache.verify.RefetchFn` of a
+        :class:`~ion.services.cache.verify.CacheVerifier` in the same process."""
+        try:
+            request = refetch_request(key, url)
+        except InvalidRequestError:
+            return defer.fail()
+        return self.fetch(request)
 
     def fetch(self, request: FetchRequest | DeploymentItem,
               progress: ProgressFn | None = None) -> defer.Deferred[FetchResult]:

@@ -124,14 +124,23 @@ def result_to_wire(msg: Any) -> dict[str, Any]:
             "fetched_at": float(msg.fetched_at), "stamp": msg.stamp, "warnings": list(msg.warnings)}
 
 
-def deploy_request_to_pb(source: str, items: list[DeploymentItem]) -> Any:
-    """The ``ion.deployer.DeployRequest`` of a deployment read where the caller runs."""
-    return pb.DeployRequest(source=source, items=[item_to_pb(item) for item in items])
+def deploy_request_to_pb(source: str, items: list[DeploymentItem], *, file: str | None = None,
+                         host: str | None = None, file_sha256: str | None = None, partial: bool = False) -> Any:
+    """The ``ion.deployer.DeployRequest`` of a deployment read where the caller runs (``file``,
+    ``host``, ``file_sha256``: the deployment file it was read from, which names its generations;
+    ``partial``: keep each item placed whatever the others do)."""
+    return pb.DeployRequest(source=source, items=[item_to_pb(item) for item in items], file=file or "",
+                            host=host or "", file_sha256=file_sha256 or "", partial=partial)
 
 
 def deploy_request_to_wire(msg: Any) -> dict[str, Any]:
     """An ``ion.deployer.DeployRequest`` as the dict a plain-dict client sends (to be checked as one)."""
-    return {"source": msg.source, "items": [item_to_wire(item) for item in msg.items]}
+    out: dict[str, Any] = {"source": msg.source, "items": [item_to_wire(item) for item in msg.items],
+                           "partial": msg.partial}
+    for key in ("file", "host", "file_sha256"):
+        if getattr(msg, key):
+            out[key] = getattr(msg, key)
+    return out
 
 
 def item_result_to_pb(wire: Mapping[str, Any]) -> Any:
@@ -181,8 +190,21 @@ def job_status_to_pb(wire: Mapping[str, Any]) -> Any:
             msg.results[str(part)].CopyFrom(item_result_to_pb(result))
     owner = wire.get("owner")
     if isinstance(owner, Mapping):
-        msg.owner.CopyFrom(pb.JobOwner(**{k: owner[k] for k in _OWNER_KEYS if owner.get(k) is not None}))
+        msg.owner.CopyFrom(_owner_to_pb(owner))
+    for takeover in wire.get("takeovers") or ():
+        if isinstance(takeover, Mapping):
+            msg.takeovers.append(pb.JobTakeover(from_owner=_owner_to_pb(takeover.get("from") or {}),
+                                                by_owner=_owner_to_pb(takeover.get("by") or {}),
+                                                at=float(takeover.get("at") or 0.0)))
     return msg
+
+
+def _owner_to_pb(owner: Mapping[str, Any]) -> Any:
+    return pb.JobOwner(**{k: owner[k] for k in _OWNER_KEYS if owner.get(k) is not None})
+
+
+def _owner_to_wire(owner: Any) -> dict[str, Any]:
+    return {k: getattr(owner, k) for k in _OWNER_KEYS}
 
 
 def job_status_to_wire(msg: Any) -> dict[str, Any]:
@@ -197,5 +219,8 @@ def job_status_to_wire(msg: Any) -> dict[str, Any]:
     if msg.died:
         out["died"] = True
     if msg.HasField("owner"):
-        out["owner"] = {k: getattr(msg.owner, k) for k in _OWNER_KEYS}
+        out["owner"] = _owner_to_wire(msg.owner)
+    if msg.takeovers:
+        out["takeovers"] = [{"from": _owner_to_wire(t.from_owner), "by": _owner_to_wire(t.by_owner), "at": t.at}
+                            for t in msg.takeovers]
     return out

@@ -169,12 +169,20 @@ class ItemResult(_message.Message):
     def __init__(self, item: _Optional[str] = ..., position: _Optional[str] = ..., state: _Optional[str] = ..., already: _Optional[bool] = ..., reason: _Optional[str] = ..., destination: _Optional[str] = ..., entry: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., link: _Optional[bool] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
-    __slots__ = ("source", "items")
+    __slots__ = ("source", "items", "partial", "file", "host", "file_sha256")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    FILE_SHA256_FIELD_NUMBER: _ClassVar[int]
     source: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
-    def __init__(self, source: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+    partial: bool
+    file: str
+    host: str
+    file_sha256: str
+    def __init__(self, source: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., partial: _Optional[bool] = ..., file: _Optional[str] = ..., host: _Optional[str] = ..., file_sha256: _Optional[str] = ...) -> None: ...
 
 class DeploySummary(_message.Message):
     __slots__ = ("source", "ok", "items")
@@ -212,8 +220,18 @@ class JobOwner(_message.Message):
     process: str
     def __init__(self, container: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., process: _Optional[str] = ...) -> None: ...
 
+class JobTakeover(_message.Message):
+    __slots__ = ("from_owner", "by_owner", "at")
+    FROM_OWNER_FIELD_NUMBER: _ClassVar[int]
+    BY_OWNER_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    from_owner: JobOwner
+    by_owner: JobOwner
+    at: float
+    def __init__(self, from_owner: _Optional[_Union[JobOwner, _Mapping]] = ..., by_owner: _Optional[_Union[JobOwner, _Mapping]] = ..., at: _Optional[float] = ...) -> None: ...
+
 class JobStatus(_message.Message):
-    __slots__ = ("job", "kind", "status", "total", "error", "created", "ended", "cancelled", "results", "from_record", "died", "owner")
+    __slots__ = ("job", "kind", "status", "total", "error", "created", "ended", "cancelled", "results", "from_record", "died", "owner", "takeovers")
     class ResultsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +251,7 @@ class JobStatus(_message.Message):
     FROM_RECORD_FIELD_NUMBER: _ClassVar[int]
     DIED_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    TAKEOVERS_FIELD_NUMBER: _ClassVar[int]
     job: str
     kind: str
     status: JobState
@@ -245,4 +264,5 @@ class JobStatus(_message.Message):
     from_record: bool
     died: bool
     owner: JobOwner
-    def __init__(self, job: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., ended: _Optional[float] = ..., cancelled: _Optional[_Iterable[str]] = ..., results: _Optional[_Mapping[str, ItemResult]] = ..., from_record: _Optional[bool] = ..., died: _Optional[bool] = ..., owner: _Optional[_Union[JobOwner, _Mapping]] = ...) -> None: ...
+    takeovers: _containers.RepeatedCompositeFieldContainer[JobTakeover]
+    def __init__(self, job: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., ended: _Optional[float] = ..., cancelled: _Optional[_Iterable[str]] = ..., results: _Optional[_Mapping[str, ItemResult]] = ..., from_record: _Optional[bool] = ..., died: _Optional[bool] = ..., owner: _Optional[_Union[JobOwner, _Mapping]] = ..., takeovers: _Optional[_Iterable[_Union[JobTakeover, _Mapping]]] = ...) -> None: ...

@@ -136,7 +136,7 @@ def test_container_takes_transport_settings_from_config() -> None:
     default = Container(config=test_config(), broker_url=url).transport
     assert isinstance(default, AmqpTransport)
     assert (default.confirm, default.reconnect_initial, default.reconnect_max, default.heartbeat) == (
-        True, 0.5, 10.0, None)
+        True, 0.5, 10.0, 5)  # 5 s: a silent host's broker locks of the cache are freed within seconds
     assert default.reconnect_jitter == 0.5
     tuned = Container(config=test_config({"ion.core.messaging": {
         "publisher_confirms": False, "reconnect_initial": 0.2, "reconnect_max": 1, "heartbeat": 30,

@@ -293,7 +293,7 @@ class ChildDeployer(protocol.ProcessProtocol):
         self.pid: int | None = None
 
     def start(self, deployment: Path, cache_root: Path, host_id: str, *, wait_for_go: bool = True,
-              env: Mapping[str, str] | None = None) -> ChildDeployer:
+              env: Mapping[str, str] | None = None, broker: str | None = None) -> ChildDeployer:
         from twisted.internet import reactor
 
         repo_root = str(Path(__file__).resolve().parents[3])
@@ -301,7 +301,7 @@ class ChildDeployer(protocol.ProcessProtocol):
         full_env.update(env or {})
         full_env["PYTHONPATH"] = repo_root + os.pathsep + full_env.get("PYTHONPATH", "")
         args = [sys.executable, "-m", "tests.services.deploy.scenario_support", str(deployment), str(cache_root),
-                host_id] + (["--wait"] if wait_for_go else [])
+                host_id] + (["--wait"] if wait_for_go else []) + (["--broker", broker] if broker else [])
         transport = reactor.spawnProcess(self, sys.executable, args, env=full_env, path=repo_root)
         self.pid = transport.pid
         return self
@@ -332,8 +332,9 @@ class ChildDeployer(protocol.ProcessProtocol):
 
 
 async def deploy_in_process(deployment: Path, cache_root: Path, host_id: str, *,
-                            wait_timeout: float | None = None) -> list[Any]:
-    """Deploy ``deployment`` with the in-process Fetcher + Deployer over a local Cache (no services)."""
+                            wait_timeout: float | None = None, broker: str | None = None) -> list[Any]:
+    """Deploy ``deployment`` with the in-process Fetcher + Deployer over a local Cache (no services);
+    with ``broker`` (an amqp:// URL), the Cache takes its locks through that broker as well."""
     from twisted.internet import reactor
 
     from ion.core.threads import BlockingPool
@@ -345,7 +346,13 @@ async def deploy_in_process(deployment: Path, cache_root: Path, host_id: str, *,
 
     pool = BlockingPool(reactor, maxthreads=4)
     pool.start()
-    cache = Cache(cache_root, host_id=host_id, pool=pool, wait_timeout=wait_timeout)
+    broker_locks = None
+    if broker is not None:
+        from ion.core.messaging.amqp import AmqpTransport
+        from ion.services.cache.locks import BrokerLocks
+
+        broker_locks = BrokerLocks(lambda: AmqpTransport(broker, reconnect=False, heartbeat=5), reactor)
+    cache = Cache(cache_root, host_id=host_id, pool=pool, wait_timeout=wait_timeout, broker_locks=broker_locks)
     fetcher = Fetcher(cache, local_unpack(pool), pool=pool, config=FetchConfig(retry_delay=0.0))
 
     def fetch(item: Any, progress: Any) -> defer.Deferred[dict[str, Any]]:
@@ -358,12 +365,14 @@ async def deploy_in_process(deployment: Path, cache_root: Path, host_id: str, *,
         return list(await Deployer(fetch, pool).deploy(load_deployment(deployment)))
     finally:
         await fetcher.close()
+        await cache.close()
         pool.stop()
 
 
 def main(argv: list[str]) -> int:
-    """``DEPLOYMENT CACHE_ROOT HOST_ID [--wait]``: deploy in process, print ``READY`` (then wait for a line on
-    stdin with ``--wait``) and finally ``{"ok", "items": [...]}``; exit 0 when every item deployed."""
+    """``DEPLOYMENT CACHE_ROOT HOST_ID [--wait] [--broker URL]``: deploy in process (its cache locks through
+    the broker of ``--broker`` as well), print ``READY`` (then wait for a line on stdin with ``--wait``) and
+    finally ``{"ok", "items": [...]}``; exit 0 when every item deployed."""
     from twisted.internet import task
 
     deployment, cache_root, host_id = Path(argv[0]), Path(argv[1]), argv[2]
@@ -375,7 +384,8 @@ def main(argv: list[str]) -> int:
             from twisted.internet import threads
 
             await threads.deferToThread(sys.stdin.readline)
-        results = await deploy_in_process(deployment, cache_root, host_id)
+        broker = argv[argv.index("--broker") + 1] if "--broker" in argv else None
+        results = await deploy_in_process(deployment, cache_root, host_id, broker=broker)
         outcome["ok"] = all(r.ok for r in results)
         print(json.dumps({"ok": outcome["ok"], "items": [r.to_wire() for r in results]}), flush=True)
         if not outcome["ok"]:

@@ -136,19 +136,28 @@ def test_json_output(tmp_path: Path, sample: Path) -> None:
     assert all(i["state"] == "cached" and i["already"] for i in again["items"])
 
 
-def test_missing_version_fails_that_item_only(tmp_path: Path) -> None:
-    """A version folder that does not exist: exit 1, the reason names where it looked, others deployed."""
+def test_missing_version_fails_that_item_only_with_partial(tmp_path: Path) -> None:
+    """A version folder that does not exist: exit 1, the reason names where it looked; with --partial the
+    others are deployed, without it (all or nothing) they are switched back: rolled back, counted so."""
     items = [dict(SAMPLE[0]), dict(SAMPLE[1], version="9.9"), dict(SAMPLE[2])]
     path = write_deployment(tmp_path, items)
-    result = run(tmp_path, str(path), "--json")
+    whole = run(tmp_path, str(path), "--json")
+    assert whole.returncode == 1
+    states = {i["name"]: i for i in json.loads(whole.stdout)["items"]}
+    assert states["hello-tools"]["state"] == "rolled back" and states["motd"]["state"] == "rolled back"
+    assert "greetings" in states["motd"]["reason"]
+    assert not (tmp_path / "deployed/etc/motd.txt").exists()  # nothing was there before: nothing is
+    plain = run(tmp_path, str(path))
+    assert plain.returncode == 1 and "0 of 3 items deployed; 1 failed; 2 rolled back" in plain.stdout
+    result = run(tmp_path, str(path), "--json", "--partial")
     assert result.returncode == 1
     data = json.loads(result.stdout)
     states = {i["name"]: i for i in data["items"]}
-    assert states["hello-tools"]["state"] == "downloaded" and states["motd"]["state"] == "downloaded"
+    assert {states["hello-tools"]["state"], states["motd"]["state"]} <= {"downloaded", "cached"}
     assert states["greetings"]["state"] == "failed"
     assert str(tmp_path / "repo/noarch/greetings/9.9") in states["greetings"]["reason"]
     assert (tmp_path / "deployed/etc/motd.txt").exists()
-    plain = run(tmp_path, str(path))
+    plain = run(tmp_path, str(path), "--partial")
     assert plain.returncode == 1 and "2 of 3 items deployed; 1 failed" in plain.stdout
 
 
@@ -185,6 +194,55 @@ def test_verify_then_repair(tmp_path: Path, sample: Path) -> None:
     states = {i["name"]: i["state"] for i in result["items"]}
     assert states == {"hello-tools": "cached", "greetings": "cached", "motd": "downloaded"}
     assert run(tmp_path, "--verify").returncode == 0
+
+
+def rot(path: Path) -> None:
+    """Flip one byte of ``path`` as bit rot does: same size, same mtime (only a re-hash sees it)."""
+    st = os.stat(path)
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.chmod(path, st.st_mode)
+
+
+def test_verify_used_heals_a_bad_entry_before_placing_it(tmp_path: Path, sample: Path) -> None:
+    """Without --verify-used a rotten entry passes the size and mtime checks and is served as today; with
+    it, the entries the deployment uses are re-hashed, the bad one quarantined and fetched again, and the
+    good bytes deployed (the others stay cached)."""
+    assert run(tmp_path, str(sample)).returncode == 0
+    good = (tmp_path / "repo/noarch/motd/1.0/motd.txt").read_bytes()
+    rot(next((tmp_path / "cache").glob("*/noarch/motd/1.0/motd.txt")))
+    deployed = tmp_path / "deployed/etc/motd.txt"
+    assert deployed.read_bytes() != good
+
+    plain = run(tmp_path, str(sample), "--json")
+    assert plain.returncode == 0, plain.stderr
+    data = json.loads(plain.stdout)
+    assert [i["state"] for i in data["items"]] == ["cached"] * 3 and "healed" not in data
+    assert deployed.read_bytes() != good
+
+    healed = run(tmp_path, str(sample), "--verify-used", "--json")
+    assert healed.returncode == 0, healed.stderr
+    data = json.loads(healed.stdout)
+    assert {i["name"]: i["state"] for i in data["items"]} == {"hello-tools": "cached", "greetings": "cached",
+                                                             "motd": "downloaded"}
+    [fixed] = data["healed"]
+    assert "motd.txt" in fixed["problems"] and fixed["state"] == "downloaded" and Path(fixed["moved_to"]).is_dir()
+    assert "was bad" in healed.stderr and "quarantined, fetching it again" in healed.stderr
+    assert deployed.read_bytes() == good
+    assert run(tmp_path, "--verify").returncode == 0
+    again = run(tmp_path, str(sample), "--verify-used", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["healed"] == []
+
+
+def test_verify_used_needs_a_deployment_and_no_broker(tmp_path: Path) -> None:
+    """--verify-used checks what a deployment run in this process uses: refused alone and with --broker."""
+    code, _out, err = run_main("--verify-used", "--verify")
+    assert code == 2 and "--verify-used checks the entries a deployment uses" in err
+    code, _out, err = run_main(str(tmp_path / "d.json"), "--verify-used", "--broker", "amqp://x", "-s", "s")
+    assert code == 2 and "with --broker the Cache service's periodic verification heals them" in err
 
 
 def test_prune_keep_one(tmp_path: Path) -> None:
@@ -340,7 +398,7 @@ def test_a_failed_fetch_from_an_http_404_leaves_no_empty_folder(tmp_path: Path) 
         url = f"http://127.0.0.1:{server.server_address[1]}"
         path = tmp_path / "http.json"
         path.write_text(json.dumps([{"url": url, "items": [dict(SAMPLE[1], version="9.9"), dict(SAMPLE[2])]}]))
-        result = run(tmp_path, str(path), "--json")
+        result = run(tmp_path, str(path), "--json", "--partial")
     finally:
         server.shutdown()
         server.server_close()

@@ -19,12 +19,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
+from ion.core.deferreds import observe
 from ion.core.exceptions import ReceivedError
 from ion.core.jobs import JobStatus, JobStore, JobTable
 from ion.services.deploy.spec import load_deployment
 
 from . import scenario_support
-from .scenario_support import TGZ, ZIP, item, system_config, within, write_deployment
+from .scenario_support import PLAIN, TGZ, ZIP, item, system_config, within, write_deployment
 
 # Fixtures of scenario_support, used by name.
 deploy_system = scenario_support.deploy_system
@@ -87,7 +88,8 @@ def item_done(job: str | None, label: str) -> Any:
 async def test_drain_waits_for_work_in_progress_then_cancels_the_rest(deploy_system: Any, make_repo: Any,
                                                                        tmp_path: Path) -> None:
     """Within drain_timeout (a task.Clock) a held item finishes; at the timeout the other is cancelled: the job
-    ends REMOTE_ERROR naming it, the finished items keep their state, and the Deploy service holds nothing."""
+    ends REMOTE_ERROR naming it, the finished items are switched back (all or nothing: ``rolled back``), and
+    the Deploy service holds nothing."""
     url, server = make_repo("http")
     gates = {rel: server.hold(f"deps/{rel}") for rel in (TGZ, ZIP)}
     dest = tmp_path / "dest"
@@ -114,11 +116,11 @@ async def test_drain_waits_for_work_in_progress_then_cancels_the_rest(deploy_sys
     status = await within(deploy_system.job_status(job))
     assert (status["status"], status["state"]) == (JobStatus.REMOTE_ERROR, "REMOTE_ERROR")
     states = {r["item"]: r["state"] for r in status["results"].values()}
-    assert states == {"linux/notes/1.0": "downloaded", "linux/tool/3.0": "downloaded",
+    assert states == {"linux/notes/1.0": "rolled back", "linux/tool/3.0": "rolled back",
                       "linux/zlib/1.2": "cancelled"}
     assert len(status["cancelled"]) == 1 and status["cancelled"][0].endswith("linux/zlib/1.2")
     assert status["error"].startswith("cancelled:") and "linux/zlib/1.2" in status["error"]
-    assert (dest / "tool/tool/README").exists() and not (dest / "zlib").exists()
+    assert not (dest / "tool/tool").exists() and not (dest / "zlib").exists()
     # The record beside the cache says the same.
     record = json.loads(next((tmp_path / "cache" / "jobs").glob("*.json")).read_text())
     assert record["status"] == JobStatus.REMOTE_ERROR and record["cancelled"] == status["cancelled"]
@@ -151,6 +153,8 @@ async def test_an_operator_cancels_a_job_and_another_login_may_not(deploy_system
     assert refused.value.response_code == 403 and "'mallory' is not an operator" in refused.value.message
     assert (await within(deploy_system.job_status(job)))["state"] in ("RUNNING", "PARTIAL")
     assert await within(deploy_system.cancel_job(job)) == {"job": job, "cancelled": True}
+    # All or nothing: the item placed is switched back (in the pool), then the job ends.
+    await deploy_system.events.wait(lambda e: e.get("job") == job and e.get("phase") == "rolled back")
     status = await within(deploy_system.job_status(job))
     assert status["state"] == "REMOTE_ERROR" and len(status["cancelled"]) == 2
     assert await within(deploy_system.cancel_job(job)) == {"job": job, "cancelled": False}
@@ -161,7 +165,8 @@ async def test_an_operator_cancels_a_job_and_another_login_may_not(deploy_system
 async def test_terminate_cancels_a_sync_deploy_and_tells_its_caller(container_factory: Any, make_repo: Any,
                                                                     tmp_path: Path) -> None:
     """terminate of the Deploy process (drain_timeout 0): the sync caller gets a 503 naming the cancelled item,
-    with the finished one in place; after the container stops no lock and no staging folder is left."""
+    with the finished one switched back (all or nothing); after the container stops no lock and no staging
+    folder is left."""
     from ion.services.deploy.service import DeployClient
     from ion.testing import client_process
 
@@ -188,7 +193,8 @@ async def test_terminate_cancels_a_sync_deploy_and_tells_its_caller(container_fa
     assert "cancelled: linux/zlib/1.2" in err.message and "finished: linux/notes/1.0" in err.message
     assert err.content["cancelled"] == ["linux/zlib/1.2"]
     assert [(i["item"], i["state"]) for i in err.content["items"]] == [
-        ("linux/notes/1.0", "downloaded"), ("linux/zlib/1.2", "cancelled")]
+        ("linux/notes/1.0", "rolled back"), ("linux/zlib/1.2", "cancelled")]
+    assert not (dest / "notes/notes.txt").exists()
     # The cancel reached the Fetch service: its held download is dropped, lock and staging cleaned up.
     await within(cleaned_up(tmp_path / "cache"))
     assert server.gets(f"deps/{TGZ}") == 0 and not gate.called
@@ -201,7 +207,8 @@ async def test_terminate_cancels_a_sync_deploy_and_tells_its_caller(container_fa
 @pytest_twisted.ensureDeferred
 async def test_cancelling_a_deployment_releases_locks_and_removes_staging(make_repo: Any, tmp_path: Path) -> None:
     """Deferred.cancel of a deployment goes through the Deployer into the Fetcher: the held download is
-    dropped, its entry lock released and its staging folders removed; the finished item stays placed."""
+    dropped, its entry lock released and its staging folders removed; the finished item is switched back
+    (all or nothing), or stays placed with ``partial``."""
     from twisted.internet import reactor
 
     from ion.core.threads import BlockingPool
@@ -244,9 +251,9 @@ async def test_cancelling_a_deployment_releases_locks_and_removes_staging(make_r
     finally:
         await fetcher.close()
         await pool.stop()
-    assert [(r.item.name, r.state) for r in results] == [("notes", "downloaded"), ("zlib", "cancelled")]
+    assert [(r.item.name, r.state) for r in results] == [("notes", "rolled back"), ("zlib", "cancelled")]
     assert lock_files(cache_root) == [] and staging_left(cache_root) == []
-    assert (dest / "notes/notes.txt").exists() and not (dest / "zlib").exists()
+    assert not (dest / "notes/notes.txt").exists() and not (dest / "zlib").exists()
 
 
 # -- durable job records ---------------------------------------------------------------------------------
@@ -301,17 +308,18 @@ def _dead_pid() -> int:
 async def test_a_running_record_of_a_dead_owner_is_lost_in_space(owner: str, container_factory: Any,
                                                                 tmp_path: Path) -> None:
     """A record left RUNNING/PARTIAL by a container that is gone answers LOST_IN_SPACE saying it died (never
-    RUNNING forever); one whose container is alive (listed by the agent) is answered as recorded."""
+    RUNNING forever; such a record holds nothing to resume it by); one whose owner is alive (its process
+    queue consumed, as the broker shows) is answered as recorded."""
     container, client = await _deploy_container(container_factory, tmp_path)
     dead = _dead_pid()
+    live = deploy_service(container).id
     owners = {
         "dead pid on this host": {"container": "gone", "host": "test-host", "pid": dead, "process": "gone.5"},
         "this container id, started again": {"container": container.id, "host": "test-host", "pid": dead,
                                              "process": f"{container.id}.5"},
         "another host, container not among the nodes": {"container": "elsewhere", "host": "other-host",
                                                         "pid": os.getpid(), "process": "elsewhere.5"},
-        "another host, alive": {"container": container.id, "host": "other-host", "pid": 1,
-                                "process": f"{container.id}.77"},
+        "another host, alive": {"container": container.id, "host": "other-host", "pid": 1, "process": live},
     }
     job = f"{owners[owner]['process']}/abc123"
     record = {"job": job, "kind": "deploy", "status": 3, "state": "PARTIAL", "total": 2, "error": None,
@@ -434,7 +442,7 @@ async def test_sigterm_mid_deploy_drains_and_leaves_a_durable_record(amqp_url: s
         record = json.loads(records[0].read_text())
         assert record["state"] == "REMOTE_ERROR" and record["error"].startswith("cancelled:")
         assert {r["item"]: r["state"] for r in record["results"].values()} == {
-            "linux/notes/1.0": "downloaded", "linux/zlib/1.2": "cancelled"}
+            "linux/notes/1.0": "rolled back", "linux/zlib/1.2": "cancelled"}
         assert lock_files(cache) == []
         # The stopped instance is gone: any Deploy instance answers from the record.
         await container.app_manager.start_app("deploy")
@@ -457,3 +465,130 @@ def test_expired_records_are_pruned_while_the_table_is_used(tmp_path: Path) -> N
     clock.advance(61)
     table.list()
     assert list((tmp_path / "jobs").iterdir()) == []
+
+
+# -- takeover: a job survives its container (issue #17 §4) ----------------------------------------------------
+def _resumable_record(job: str, owner: dict[str, Any], spec: Any, done: list[int], now: float) -> dict[str, Any]:
+    """A PARTIAL record as ``deploy_async`` writes it (with ``resume``), the items at ``done`` finished."""
+    from ion.services.deploy.place import Target
+    from ion.services.deploy.service import _resume_data
+
+    results = {f"{spec.items[i].position} {spec.items[i].label}": {
+        "item": spec.items[i].label, "position": spec.items[i].position, "state": "downloaded", "already": False,
+        "reason": None, "destination": str(spec.items[i].destination), "entry": None, "names": [], "link": True}
+        for i in done}
+    targets = [Target(Path(item.destination).parent, Path(item.destination)) for item in spec.items]
+    return {"job": job, "kind": "deploy", "status": 3, "state": "PARTIAL", "total": len(spec.items), "error": None,
+            "results": results, "created": 1.0, "ended": None, "cancelled": [], "record": 2, "owner": owner,
+            "updated": now, "resume": _resume_data(spec, targets, "alice")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_whose_owner_died_is_taken_over_and_finishes_only_the_rest(container_factory: Any,
+                                                                              make_repo: Any,
+                                                                              tmp_path: Path) -> None:
+    """A PARTIAL record of a dead owner (a dead pid of this host) with resume data: the Deploy instance's scan
+    claims it, deploys the two items not finished under the same job id (its progress events name it), and
+    job_status (the id's instance is gone: asked of the service) answers FINISHED with every item and the
+    takeover; the finished item is not fetched again."""
+    url, server = make_repo("http")
+    container, client = await _deploy_container(container_factory, tmp_path, takeover_interval=0.2)
+    events = await scenario_support.event_sink(container)
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")))
+    dead = {"container": "gone", "host": "test-host", "pid": _dead_pid(), "process": "gone.5"}
+    job = "gone.5/abc123"
+    await JobStore(tmp_path / "cache" / "jobs").save(
+        job, _resumable_record(job, dead, spec, [0], container.clock.seconds()))
+    taken = await events.wait(lambda e: e.get("job") == job and e.get("phase") == "takeover")
+    assert taken["from"] == dead and taken["remaining"] == 2
+    await events.wait(item_done(job, "linux/zlib/1.2"))
+    await events.wait(item_done(job, "linux/tool/3.0"))
+    # All or nothing: the job ends once its items' switches are committed (in the pool).
+    await within(observe(deploy_service(container).jobs.jobs[job].deferred))
+    status = await within(client.job_status(job))
+    assert (status["status"], status["state"]) == (JobStatus.FINISHED, "FINISHED")
+    assert {r["item"]: r["state"] for r in status["results"].values()} == {
+        "linux/notes/1.0": "downloaded", "linux/zlib/1.2": "downloaded", "linux/tool/3.0": "downloaded"}
+    [takeover] = status["takeovers"]
+    assert takeover["from"] == dead and takeover["by"]["process"] == deploy_service(container).id
+    assert (server.gets(f"deps/{PLAIN}"), server.gets(f"deps/{TGZ}"), server.gets(f"deps/{ZIP}")) == (0, 1, 1)
+    assert (tmp_path / "dest/tool/tool/README").exists()
+    await within(deploy_service(container).jobs.flush())
+    record = json.loads((tmp_path / "cache" / "jobs" / JobStore(tmp_path).path(job).name).read_text())
+    assert record["state"] == "FINISHED" and record["owner"]["process"] == deploy_service(container).id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_taken_over_job_outside_the_new_owners_roots_ends_remote_error(container_factory: Any,
+                                                                               make_repo: Any,
+                                                                               tmp_path: Path) -> None:
+    """The instance taking a job over checks its items against its own allowed roots: a destination it may
+    not write ends the job REMOTE_ERROR with the 403's reason, nothing written."""
+    url, server = make_repo("http")
+    container, client = await _deploy_container(container_factory, tmp_path, takeover_interval=0.2,
+                                                allowed_destinations=[str(tmp_path / "elsewhere")])
+    (tmp_path / "elsewhere").mkdir()
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:2]))
+    dead = {"container": "gone", "host": "test-host", "pid": _dead_pid(), "process": "gone.5"}
+    job = "gone.5/def456"
+    await JobStore(tmp_path / "cache" / "jobs").save(
+        job, _resumable_record(job, dead, spec, [0], container.clock.seconds()))
+    status: dict[str, Any] = {}
+    for _ in range(200):
+        status = await within(client.job_status(job))
+        if status["state"] not in ("RUNNING", "PARTIAL"):
+            break
+        await within(_pause(0.05))
+    assert status["state"] == "REMOTE_ERROR" and "outside the allowed roots" in status["error"]
+    assert status["takeovers"][0]["from"] == dead and not (tmp_path / "dest" / "zlib").exists()
+    assert server.gets(f"deps/{TGZ}") == 0
+
+
+def _pause(seconds: float) -> defer.Deferred[None]:
+    """Wait ``seconds`` on the reactor (between two polls of a job's status; no assertion depends on it)."""
+    from twisted.internet import reactor
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_instances_on_one_broker_the_survivor_takes_the_job_over(container_factory: Any, make_repo: Any,
+                                                                           tmp_path: Path) -> None:
+    """Two containers of one system on the embedded broker, one cache: the Deploy instance running a job
+    stops abruptly mid-download (its queues lose their consumers, as a dead container's connection does;
+    it writes nothing more). The other sees at the broker that nobody consumes its process queue, takes
+    the job over and finishes it; job_status shows FINISHED with both items and the takeover."""
+    url, server = make_repo("http")
+    gate = server.hold(f"deps/{TGZ}")
+    first, client = await _deploy_container(container_factory, tmp_path, takeover_interval=0.2)
+    second = await container_factory(sysname=first.sysname, config=system_config(tmp_path, takeover_interval=0.2))
+    await second.app_manager.start_app("deploy")
+    events = await scenario_support.event_sink(first)
+    victim, heir = deploy_service(first), deploy_service(second)
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:2]))
+    started, _ = await within(client.proc.rpc_send(victim.id, "deploy_async", client.request_content(spec)))
+    job = started.job
+    await within(server.wait_held(f"deps/{TGZ}"))
+    await events.wait(item_done(job, "linux/notes/1.0"))
+    await within(victim.jobs.flush())
+    # Abruptly: its record stays PARTIAL, its fetch goes (lock released), its queues lose their consumers.
+    victim.jobs.store = None
+    victim.jobs.resume = None
+    victim.jobs.cancel_all()
+    for receiver in victim.receivers:
+        await within(receiver.deactivate())
+    taken = await events.wait(lambda e: e.get("job") == job and e.get("phase") == "takeover")
+    assert taken["by"]["process"] == heir.id and taken["remaining"] == 1
+    gate.callback(None)
+    await events.wait(lambda e: item_done(job, "linux/zlib/1.2")(e) and e.get("state") != "cancelled")
+    status: dict[str, Any] = {}
+    for _ in range(100):
+        status = await within(client.job_status(job))
+        if status["state"] not in ("RUNNING", "PARTIAL"):
+            break
+        await within(_pause(0.02))
+    assert status["state"] == "FINISHED", status
+    assert {r["item"]: r["state"] for r in status["results"].values()} == {
+        "linux/notes/1.0": "downloaded", "linux/zlib/1.2": "downloaded"}
+    assert [(t["from"]["process"], t["by"]["process"]) for t in status["takeovers"]] == [(victim.id, heir.id)]
+    assert server.gets(f"deps/{PLAIN}") == 1 and (tmp_path / "dest/zlib/zlib/include/zlib.h").exists()

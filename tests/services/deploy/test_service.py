@@ -74,16 +74,22 @@ async def test_deploy_over_rpc_downloads_then_serves_from_cache(kind: str, deplo
 @pytest_twisted.ensureDeferred
 async def test_one_missing_version_never_stops_the_others(deploy_system: Any, make_repo: Any,
                                                           tmp_path: Path) -> None:
-    """A version folder that is not there fails that item only, with a reason naming the URL tried."""
+    """A version folder that is not there fails that item only (``partial``), with a reason naming the URL
+    tried; without ``partial`` (all or nothing) the others are switched back."""
     url, _ = make_repo("http")
     dest = tmp_path / "dest"
     spec = load_deployment(write_deployment(tmp_path / "d.json", url, [
         item("zlib", "1.2", dest / "a"), item("zlib", "9.9", dest / "b"), item("notes", "1.0", dest / "c")]))
-    result = await deploy_system.deploy(spec)
+    whole = await deploy_system.deploy(spec)
+    assert whole["ok"] is False
+    assert [(r["item"], r["state"]) for r in whole["items"]] == [
+        ("linux/zlib/1.2", "rolled back"), ("linux/zlib/9.9", "failed"), ("linux/notes/1.0", "rolled back")]
+    assert "linux/zlib/9.9" in whole["items"][0]["reason"] and not (dest / "c/notes.txt").exists()
+    result = await deploy_system.deploy(spec, partial=True)
     assert result["ok"] is False
     states = [(r["item"], r["state"]) for r in result["items"]]
-    assert states == [("linux/zlib/1.2", "downloaded"), ("linux/zlib/9.9", "failed"),
-                      ("linux/notes/1.0", "downloaded")]
+    assert states == [("linux/zlib/1.2", "cached"), ("linux/zlib/9.9", "failed"),
+                      ("linux/notes/1.0", "cached")]
     assert f"{url}/linux/zlib/9.9/" in result["items"][1]["reason"]
     assert not (dest / "b").exists()
     assert (dest / "c/notes.txt").read_bytes() == CONTENT[PLAIN]
@@ -237,12 +243,13 @@ def test_entry_stamp_is_the_same_fresh_or_read_back_from_the_entry_file() -> Non
 # -- async jobs ----------------------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_async_job_goes_running_partial_finished(deploy_system: Any, make_repo: Any, tmp_path: Path) -> None:
-    """deploy_async answers a job id at once; job_status is RUNNING, then PARTIAL with finished items, then FINISHED."""
+    """deploy_async answers a job id at once; job_status is RUNNING, then PARTIAL with finished items, then
+    FINISHED (``partial``: each item ends as it is placed; all or nothing, the job ends after the commits)."""
     url, server = make_repo("http")
     gates = {rel: server.hold(f"deps/{rel}") for rel in (TGZ, ZIP, PLAIN)}
     dest = tmp_path / "dest"
     spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(dest)))
-    job = await deploy_system.deploy_async(spec)
+    job = await deploy_system.deploy_async(spec, partial=True)
     assert isinstance(job, str) and job
     for rel in gates:
         await within(server.wait_held(f"deps/{rel}"))

@@ -77,6 +77,22 @@ async def test_deploy_prints_each_item(shell: Any, tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_deploy_is_all_or_nothing_unless_partial(shell: Any, tmp_path: Path) -> None:
+    """deploy(file) with a missing version: the others are switched back (``rolled back``, saying why);
+    deploy(file, partial=True) keeps them placed."""
+    file = Path(sample(tmp_path))
+    data = json.loads(file.read_text())
+    data[0]["items"][1]["version"] = "9.9"
+    file.write_text(json.dumps(data))
+    rows = await shell["deploy"](str(file))
+    assert [r["state"] for r in rows] == ["rolled back", "failed", "rolled back"]
+    assert "noarch/greetings/9.9" in rows[0]["note"] and not (tmp_path / "d/etc/motd.txt").exists()
+    kept = await shell["deploy"](str(file), partial=True)
+    assert [r["state"] for r in kept] == ["cached", "failed", "cached"]
+    assert (tmp_path / "d/etc/motd.txt").is_symlink()
+
+
+@pytest_twisted.ensureDeferred
 async def test_deploy_async_and_job_status(shell: Any, tmp_path: Path) -> None:
     """deploy_async gives a job at once; job_status goes from RUNNING/PARTIAL to FINISHED; jobs() lists it."""
     container = shell["container"]
@@ -114,8 +130,8 @@ async def test_bad_file_lists_every_problem(shell: Any, tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_cache_verify_shows_last_report(shell: Any, tmp_path: Path) -> None:
     """cache_verify() shows the last periodic-verify round as a table; run=True runs one. A byte flipped in
-    a deployed (linked) file is good→bad and quarantined, the next deploy fetches it again, and the round
-    after that says bad→good."""
+    a deployed (linked) file is good→bad, quarantined and fetched again at once (the deployed link sees the
+    good bytes before any deploy), and the round after that says bad→good."""
     assert callable(shell["cache_verify"])
     none = await shell["cache_verify"]()
     assert isinstance(none, Text) and none.report is None and "no verify round yet" in none
@@ -131,11 +147,11 @@ async def test_cache_verify_shows_last_report(shell: Any, tmp_path: Path) -> Non
     cached.write_bytes(bytes(data))
     bad = await shell["cache_verify"](run=True)
     row = next(r for r in bad.rows if r["dependency"] == "noarch/motd")
-    assert (row["outcome"], row["action"]) == ("good→bad", "quarantined") and "motd.txt: sha256" in row["problem"]
+    assert (row["outcome"], row["action"]) == ("good→bad", "refetched") and "motd.txt: sha256" in row["problem"]
     assert "good→bad" in repr(bad)
-    again = await shell["deploy"](file)
-    assert next(r["state"] for r in again if r["item"] == "noarch/motd") == "downloaded"
     assert (tmp_path / "d/etc/motd.txt").read_bytes() != bytes(data)
+    again = await shell["deploy"](file)
+    assert next(r["state"] for r in again if r["item"] == "noarch/motd") == "cached"
     healed = await shell["cache_verify"](run=True)
     assert next(r["outcome"] for r in healed.rows if r["dependency"] == "noarch/motd") == "bad→good"
     last = await shell["cache_verify"]()
@@ -145,17 +161,21 @@ async def test_cache_verify_shows_last_report(shell: Any, tmp_path: Path) -> Non
 @pytest_twisted.ensureDeferred
 async def test_cache_reap_runs_and_shows_the_reapers_round(shell: Any, tmp_path: Path) -> None:
     """cache_reap(run=True) has the elected reaper run a round: with keep=0 the copied dependency goes,
-    the linked ones stay (their destinations link into the cache); cache_reap() shows that round."""
-    from ion.services.cache.reaper import ReapPolicy
+    the linked ones stay (their destinations link into the cache); cache_reap() shows that round.
+    (The deploy's generation, which would keep all three, is removed first.)"""
+    import shutil
+
+    from ion.services.cache.reaper import GENERATIONS_DIR, ReapPolicy
 
     assert "no reap round yet" in await shell["cache_reap"]()
     await shell["deploy"](sample(tmp_path))
+    shutil.rmtree(tmp_path / "cache" / GENERATIONS_DIR)
     cache_service = shell["container"].proc_manager.find("cache")
     cache_service.reaper.policy = ReapPolicy(keep=0, min_idle=0)
     report = await shell["cache_reap"](run=True)
     assert [r["dependency"] for r in report.rows] == ["noarch/greetings"]
     assert report.startswith(f"reap round by {cache_service.id}") and "1 of 3 entries removed" in report
-    assert "2 linked" in report and "keep=0" in report
+    assert "2 linked, 0 kept by generations" in report and "keep=0" in report
     assert (tmp_path / "d/etc/motd.txt").read_text() and (tmp_path / "d/share").is_dir()
     last = await shell["cache_reap"]()
     assert last.rows == report.rows

@@ -73,7 +73,7 @@ def test_a_fetch_result_round_trips(url: str | None) -> None:
 
 def test_the_types_are_registered_under_their_full_names() -> None:
     for name in ("Repository", "Item", "FetchRequest", "FetchResult", "JobStatus", "EntryKey", "FileDigests",
-                 "ItemResult", "DeployRequest", "DeploySummary", "JobStarted", "JobQuery", "JobOwner"):
+                 "ItemResult", "DeployRequest", "DeploySummary", "JobStarted", "JobQuery", "JobOwner", "JobTakeover"):
         assert _protobuf_class(f"ion.deployer.{name}").DESCRIPTOR.full_name == f"ion.deployer.{name}"
 
 
@@ -108,6 +108,15 @@ def test_a_deploy_request_round_trips() -> None:
     msg = pb.DeployRequest.FromString(convert.deploy_request_to_pb("d.json", items).SerializeToString())
     wire = convert.deploy_request_to_wire(msg)
     assert wire["source"] == "d.json" and [item_from_dict(i) for i in wire["items"]] == items
+    assert wire["partial"] is False
+
+
+def test_a_partial_deploy_request_round_trips() -> None:
+    """``partial`` (keep each item placed whatever the others do) survives the wire; absent, it is all or nothing."""
+    items = [item_from_dict(ITEM)]
+    msg = pb.DeployRequest.FromString(convert.deploy_request_to_pb("d.json", items, partial=True).SerializeToString())
+    assert convert.deploy_request_to_wire(msg)["partial"] is True
+    assert pb.DeployRequest.FromString(pb.DeployRequest(source="d.json").SerializeToString()).partial is False
 
 
 def test_a_deploy_summary_round_trips() -> None:
@@ -141,3 +150,20 @@ def test_an_unknown_and_a_dead_owners_job_status_round_trip() -> None:
                   from_record=True, ended=None, cancelled=[])
     back = convert.job_status_to_wire(pb.JobStatus.FromString(convert.job_status_to_pb(record).SerializeToString()))
     assert back == record
+
+
+def test_a_taken_over_jobs_status_round_trips() -> None:
+    """A job taken over from a dead owner lists each takeover (from, by, at) in ``ion.deployer.JobStatus``;
+    one never taken over has none (and no ``takeovers`` key)."""
+    from ion.core.jobs import Job
+
+    first = {"container": "c1", "host": "h1", "pid": 41, "process": "c1.3"}
+    second = {"container": "c2", "host": "h2", "pid": 42, "process": "c2.3"}
+    job = Job("c1.3/ab", "deploy", 1700000000.5, total=2, results={"#1 linux/zlib/1.2": ITEM_RESULT},
+              takeovers=[{"from": first, "by": second, "at": 1700000010.25}])
+    wire = dict(job.to_wire(), owner=second)
+    msg = pb.JobStatus.FromString(convert.job_status_to_pb(wire).SerializeToString())
+    assert len(msg.takeovers) == 1 and msg.takeovers[0].from_owner.pid == 41 and msg.takeovers[0].by_owner.host == "h2"
+    assert convert.job_status_to_wire(msg) == wire
+    plain = Job("c1.3/cd", "deploy", 1.0).to_wire()
+    assert "takeovers" not in plain and "takeovers" not in convert.job_status_to_wire(convert.job_status_to_pb(plain))

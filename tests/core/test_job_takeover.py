@@ -1,0 +1,193 @@
+"""Jobs that survive their container (issue #17 §4), in the job table: a record with ``resume`` data
+whose owner is gone is claimed by exactly one table on the same folder, which runs the parts not
+finished; ``takeovers`` says who took it from whom; the number of takeovers is bounded.
+
+The tables share one :class:`JobStore` folder (records written at once: no pool), a ``task.Clock``
+measures the grace, and ``owner_alive`` is a set of the owners still alive.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, task
+
+from ion.core.jobs import JobStatus, JobStore, JobTable
+
+OWNERS = {name: {"container": name, "host": "h", "pid": i, "process": f"{name}.1"}
+          for i, name in enumerate(("a", "b", "c", "d", "e"), start=1)}
+
+
+class World:
+    """Tables on one folder and one clock; ``alive`` names the owners still running."""
+
+    def __init__(self, folder: Path, grace: float = 2.0) -> None:
+        self.clock = task.Clock()
+        self.store = JobStore(folder)
+        self.alive = set(OWNERS)
+        self.grace = grace
+        #: (table's owner, job id, parts already finished) per resume call.
+        self.resumed: list[tuple[str, str, list[str]]] = []
+        #: The work Deferred each resume handed out, by owner.
+        self.work: dict[str, defer.Deferred[Any]] = {}
+
+    def table(self, name: str) -> JobTable:
+        async def resume(job_id: str, record: Mapping[str, Any]) -> defer.Deferred[Any]:
+            self.resumed.append((name, job_id, sorted(record.get("results") or {})))
+            self.work[name] = defer.Deferred()
+            return self.work[name]
+
+        return JobTable(self.clock, store=self.store, owner=OWNERS[name], resume=resume,
+                        owner_alive=lambda owner: owner.get("container") in self.alive,
+                        takeover_grace=self.grace)
+
+    def on_disk(self, job_id: str) -> dict[str, Any]:
+        return dict(json.loads(self.store.path(job_id).read_text()))
+
+
+def fired(d: defer.Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0]
+
+
+def start_job(world: World, table: JobTable) -> str:
+    """A job of three parts with resume data, ``p1`` finished, the rest running."""
+    job = table.start("deploy", defer.Deferred(), total=3, job_id="a.1/j1",
+                      resume={"items": ["p1", "p2", "p3"], "caller": "alice"})
+    table.partial(job.job_id, "p1", {"state": "downloaded"})
+    return job.job_id
+
+
+def test_a_dead_owners_job_is_taken_over_after_the_grace_and_finishes_the_rest(tmp_path: Path) -> None:
+    """Two scans ``takeover_grace`` apart judge the owner gone, then the job is resumed with its finished
+    parts kept; its record names the new owner and the takeover; the end merges the resumed parts."""
+    world = World(tmp_path)
+    owner, other = world.table("a"), world.table("b")
+    job_id = start_job(world, owner)
+    assert fired(other.scan()) == []  # alive: nothing to take over
+    world.alive.discard("a")  # its container died (the table is never used again)
+    assert fired(other.scan()) == [] and world.resumed == []  # judged gone once: not yet
+    world.clock.advance(2)
+    assert fired(other.scan()) == [job_id]
+    assert world.resumed == [("b", job_id, ["p1"])]
+    record = world.on_disk(job_id)
+    assert record["owner"] == OWNERS["b"] and record["state"] == "PARTIAL"
+    assert record["takeovers"] == [{"from": OWNERS["a"], "by": OWNERS["b"], "at": 2.0}]
+    assert record["resume"] == {"items": ["p1", "p2", "p3"], "caller": "alice"}
+    other.partial(job_id, "p2", {"state": "cached"})
+    world.work["b"].callback({"p2": {"state": "cached"}, "p3": {"state": "downloaded"}})
+    status = other.status(job_id)
+    assert (status["state"], sorted(status["results"])) == ("FINISHED", ["p1", "p2", "p3"])
+    assert status["takeovers"][0]["from"] == OWNERS["a"]
+    assert world.on_disk(job_id)["state"] == "FINISHED"
+    assert fired(world.table("c").scan()) == []  # ended: nothing left to take over
+
+
+def test_an_owner_seen_alive_again_keeps_its_job(tmp_path: Path) -> None:
+    """Judged gone once, then alive (a connection blip): the grace starts over, nobody claims."""
+    world = World(tmp_path)
+    job_id = start_job(world, world.table("a"))
+    other = world.table("b")
+    world.alive.discard("a")
+    fired(other.scan())
+    world.alive.add("a")
+    world.clock.advance(2)
+    fired(other.scan())
+    world.alive.discard("a")
+    world.clock.advance(1)
+    assert fired(other.scan()) == [] and world.resumed == []
+    assert world.on_disk(job_id)["owner"] == OWNERS["a"]
+
+
+def test_exactly_one_of_several_instances_takes_a_job_over(tmp_path: Path) -> None:
+    """Three tables notice at once: one claim file wins; the others answer the record that names it."""
+    world = World(tmp_path, grace=0)
+    job_id = start_job(world, world.table("a"))
+    world.alive.discard("a")
+    tables = [world.table(name) for name in ("b", "c", "d")]
+    taken = [fired(t.scan()) for t in tables]
+    assert taken == [[job_id], [], []] and [r[0] for r in world.resumed] == ["b"]
+    assert world.store.claim_path(job_id, 1).exists()
+    # job_status asked of a loser: the record as the winner wrote it.
+    answer = fired(tables[2].lookup(job_id))
+    assert answer["from_record"] is True and answer["takeovers"][0]["by"] == OWNERS["b"]
+    assert "resume" not in answer
+
+
+def test_a_claim_race_between_two_claimers_has_one_winner(tmp_path: Path) -> None:
+    """Both read the record before either claimed: the second claim of the same takeover fails."""
+    store = JobStore(tmp_path)
+    assert fired(store.claim("x.1/j", 1, OWNERS["b"])) is True
+    assert fired(store.claim("x.1/j", 1, OWNERS["c"])) is False
+    assert json.loads(store.claim_path("x.1/j", 1).read_text()) == OWNERS["b"]
+    assert [p.name for p in tmp_path.iterdir()] == [store.claim_path("x.1/j", 1).name]  # no temp file left
+
+
+def test_a_claimer_that_died_before_writing_the_record_does_not_block_the_job(tmp_path: Path) -> None:
+    """A claim file of a dead claimer (it died between its claim and its record): the next number is claimed."""
+    world = World(tmp_path, grace=0)
+    job_id = start_job(world, world.table("a"))
+    world.alive -= {"a", "b"}
+    fired(world.store.claim(job_id, 1, OWNERS["b"]))
+    assert fired(world.table("c").scan()) == [job_id]
+    assert world.store.claim_path(job_id, 2).exists() and world.on_disk(job_id)["owner"] == OWNERS["c"]
+
+
+def test_job_status_of_a_dead_owners_job_takes_it_over(tmp_path: Path) -> None:
+    """``lookup`` (job_status) of a resumable record whose owner is gone claims it and answers the job
+    as now run here; a record without resume data still answers LOST_IN_SPACE."""
+    world = World(tmp_path, grace=0)
+    owner = world.table("a")
+    job_id = start_job(world, owner)
+    plain = owner.start("deploy", defer.Deferred(), total=1, job_id="a.1/plain")
+    world.alive.discard("a")
+    other = world.table("b")
+    answer = fired(other.lookup(job_id))
+    assert (answer["state"], list(answer["results"])) == ("PARTIAL", ["p1"])
+    assert answer["takeovers"][0]["by"] == OWNERS["b"] and "from_record" not in answer
+    lost = fired(other.lookup(plain.job_id))
+    assert (lost["status"], lost["died"]) == (JobStatus.LOST_IN_SPACE, True)
+
+
+def test_takeovers_are_bounded(tmp_path: Path) -> None:
+    """Each owner dies in turn: three takeovers resume the job, the fourth ends it REMOTE_ERROR saying why."""
+    world = World(tmp_path, grace=0)
+    job_id = start_job(world, world.table("a"))
+    for dead, taker in (("a", "b"), ("b", "c"), ("c", "d")):
+        world.alive.discard(dead)
+        assert fired(world.table(taker).scan()) == [job_id]
+    world.alive.discard("d")
+    last = world.table("e")
+    assert fired(last.scan()) == [job_id]
+    assert [r[0] for r in world.resumed] == ["b", "c", "d"]
+    status = last.status(job_id)
+    assert status["state"] == "REMOTE_ERROR" and "died 4 times" in status["error"]
+    assert [t["by"]["container"] for t in status["takeovers"]] == ["b", "c", "d", "e"]
+    assert list(status["results"]) == ["p1"]
+    assert world.on_disk(job_id)["state"] == "REMOTE_ERROR"
+
+
+def test_a_table_without_resume_takes_nothing_over(tmp_path: Path) -> None:
+    """No resume hook (takeover off, or a draining instance): scan does nothing, lookup says LOST_IN_SPACE."""
+    world = World(tmp_path, grace=0)
+    job_id = start_job(world, world.table("a"))
+    world.alive.discard("a")
+    table = world.table("b")
+    table.resume = None
+    assert fired(table.scan()) == []
+    assert fired(table.lookup(job_id))["state"] == "LOST_IN_SPACE"
+    assert not world.store.claim_path(job_id, 1).exists()
+
+
+def test_remove_takes_the_claim_files_too(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    fired(store.save("x.1/j", {"job": "x.1/j"}))
+    fired(store.claim("x.1/j", 1, OWNERS["b"]))
+    fired(store.claim("x.1/j2", 1, OWNERS["b"]))
+    fired(store.remove("x.1/j"))
+    assert [p.name for p in tmp_path.iterdir()] == [store.claim_path("x.1/j2", 1).name]

@@ -1,0 +1,127 @@
+"""A deploy job survives its container (issue #17 §4), for real.
+
+Two ``twistd -n cc --no-shell res/apps/deploy.app`` containers in their own OS processes share one
+system on the test RabbitMQ and one cache folder (so one job store). An async job is started; while
+one of its downloads is held by the HTTP repository, the container running the job is SIGKILLed. The
+other container takes the job over, fetches only what was not done, and ``job_status`` answers
+FINISHED with every item and the takeover (from the dead container, by the live one).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+
+from ion.core.jobs import JobStatus
+from ion.services.deploy.spec import load_deployment
+from tests.core.test_multicontainer import REPO, TWISTD, ContainerProcess
+
+from . import scenario_support
+from .scenario_support import PLAIN, TGZ, item, system_config, within, write_deployment
+
+pytestmark = [pytest.mark.amqp, pytest.mark.slow]
+
+# Fixtures of scenario_support, used by name.
+http_servers = scenario_support.http_servers
+make_repo = scenario_support.make_repo
+
+
+def _container(amqp_url: str, sysname: str, tmp_path: Path, name: str) -> ContainerProcess:
+    cache, dest = tmp_path / "cache", tmp_path / "dest"
+    settings = {
+        "ion.services.cache.root": str(cache), "ion.services.cache.host_id": "test-host",
+        # The dead container's Fetch service may have held the held entry's lock through the other
+        # container's Cache service: a lease that is not renewed lasts this long.
+        "ion.services.cache.lock_lease": 3,
+        "ion.services.unpack.allowed_roots": [str(cache)], "ion.services.fetch.retry_delay": 0.0,
+        "ion.services.fetch.allowed_networks": ["127.0.0.0/8", "::1/128"],
+        "ion.services.deploy.allowed_destinations": [str(dest)], "ion.services.deploy.takeover_interval": 0.5,
+        "ion.core.process.terminate_timeout": 1,
+    }
+    child = ContainerProcess(name)
+    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "cc", "--no-shell", "--broker", amqp_url,
+            "-s", sysname, "-a", repr(settings), "res/apps/deploy.app"]
+    reactor.spawnProcess(child, sys.executable, argv, env=dict(os.environ), path=str(REPO))
+    return child
+
+
+def item_done(job: str, label: str) -> Any:
+    """Matches the Deploy service's own end-of-item event (it has a position)."""
+    return lambda e: e.get("job") == job and e.get("item") == label and e.get("phase") in ("done", "failed") \
+        and "position" in e
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_of_the_container_running_a_job_the_other_finishes_it(amqp_url: str, make_repo: Any,
+                                                                            tmp_path: Path) -> None:
+    """SIGKILL the container running an async job mid-download: the other container takes the job over
+    within seconds, fetches only the item not done, and job_status shows FINISHED with both items and the
+    takeover (from the dead container, by the live one)."""
+    from ion.services.deploy.service import JOB_SEP, DeployClient
+    from ion.testing import ContainerFactory, client_process
+
+    url, server = make_repo("http")
+    gate = server.hold(f"deps/{TGZ}")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    sysname = f"takeover{os.getpid()}"
+    children = [_container(amqp_url, sysname, tmp_path, "container A"),
+                _container(amqp_url, sysname, tmp_path, "container B")]
+    factory = ContainerFactory(broker_url=amqp_url)
+    try:
+        for child in children:
+            await child.ready()
+            await child.wait_for("started app deploy")
+        container = await factory(sysname=sysname, config=system_config(tmp_path))
+        client = DeployClient(await client_process(container))
+        events = await scenario_support.event_sink(container)
+        spec = load_deployment(write_deployment(tmp_path / "d.json", url, [
+            item("notes", "1.0", dest / "notes"), item("zlib", "1.2", dest / "zlib")]))
+        job = await within(client.deploy_async(spec))
+        await within(server.wait_held(f"deps/{TGZ}"))
+        await events.wait(item_done(job, "linux/notes/1.0"))
+        running = await within(client.job_status(job))
+        assert running["state"] == "PARTIAL", running
+        owner_id = job.split(JOB_SEP, 1)[0].rsplit(".", 1)[0]  # the job id names its instance's pid
+        [victim] = [c for c in children if c.container_id == owner_id]
+        [heir] = [c for c in children if c is not victim]
+
+        victim.signal("KILL")
+        killed_at = time.monotonic()
+        assert await victim.exited(30) == -9
+        taken = await events.wait(lambda e: e.get("job") == job and e.get("phase") == "takeover")
+        took = time.monotonic() - killed_at
+        assert taken["remaining"] == 1 and taken["by"]["container"] == heir.container_id
+        gate.callback(None)  # the held download goes on (for the heir; the dead one's connection is gone)
+        await events.wait(item_done(job, "linux/zlib/1.2"))
+        status: dict[str, Any] = {}
+        for _ in range(100):  # the job ends just after its last item's event
+            status = await within(client.job_status(job))
+            if status["status"] not in (JobStatus.RUNNING, JobStatus.PARTIAL):
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert (status["status"], status["state"]) == (JobStatus.FINISHED, "FINISHED"), (status, heir.output[-3000:])
+        states = {r["item"]: r["state"] for r in status["results"].values()}
+        # zlib: downloaded by the heir, or cached when the held download was the heir's Fetch service's
+        # (the Fetch service queue is shared) and it finished it for the dead container's request.
+        assert states["linux/notes/1.0"] == "downloaded" and states["linux/zlib/1.2"] in ("downloaded", "cached")
+        assert len(states) == 2
+        [takeover] = status["takeovers"]
+        assert takeover["from"]["container"] == victim.container_id
+        assert takeover["by"]["container"] == heir.container_id
+        # The finished item was not fetched again.
+        assert server.gets(f"deps/{PLAIN}") == 1
+        assert (dest / "notes" / "notes.txt").exists() and (dest / "zlib" / "zlib" / "include" / "zlib.h").exists()
+        print(f"\njob taken over by {heir.name} {took:.2f} s after SIGKILL of {victim.name}; "
+              f"GETs of the held file: {server.gets(f'deps/{TGZ}')}")
+    finally:
+        for child in children:
+            await child.stop()
+        await factory.teardown()

@@ -5,7 +5,8 @@ fixture, started once, the first time one of these tests runs) and a fresh vhost
 Each container gets all three node addresses, starting with a different one, so each is
 connected to its own node; service queues are quorum queues (the default with several
 addresses). Every test kills one node (``kill -9`` of its Erlang VM) and starts it again.
-``pytest -m cluster`` runs them alone.
+``pytest -m cluster`` runs them alone (with tests/services/deploy/test_takeover_cluster.py: a deploy job
+whose owner's node dies).
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ async def test_reaper_election_survives_the_node_of_its_queue(rabbitmq_cluster: 
     """Two Cache service instances (nodes 1 and 2) elect a reaper through the single-active-consumer
     quorum queue, led by node 1 whose instance is active. Node 1 dies: the queue gets a new leader and
     the ticks go to one instance again (the election carries on); the killed node's container comes
-    back on another node. (Deploy job takeover is not built yet: not tested here.)"""
+    back on another node. (A deploy job on the cluster: tests/services/deploy/test_takeover_cluster.py.)"""
     monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path))  # the containers' cache root
     cluster = rabbitmq_cluster
     vhost = vhost_of(cluster_urls[0])

@@ -129,7 +129,7 @@ def rabbitmq() -> Any:
 
 @pytest.fixture(scope="session")
 def rabbitmq_cluster() -> Any:
-    """The session's 3-node :class:`~ion.testing.rabbitmq.RabbitMQCluster`, started (about 10-15 s)
+    """The session's 3-node :class:`~ion.testing.rabbitmq.RabbitMQCluster`, started (about 12-25 s)
     the first time a test asks for it, stopped at the end of the session. Skipped without RabbitMQ,
     failed when ``CI=true``."""
     from ion.testing import rabbitmq as rmq

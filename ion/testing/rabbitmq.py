@@ -533,7 +533,7 @@ class RabbitMQCluster(_Admin):
     ::
 
         cluster = RabbitMQCluster()         # 3 nodes
-        cluster.start()                     # launched together, then joined to node 0 (~10 s)
+        cluster.start()                     # launched together, then joined to node 0 (12-25 s)
         urls = cluster.urls(vhost)          # one amqp:// URL per node, in node order
         cluster.kill_node(1)                # kill -9 of node 1's Erlang VM
         cluster.restart_node(1)             # the same node again, with its data: it rejoins

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import atexit
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -57,6 +58,9 @@ DEFAULT_BROKER_PORT = 5672
 DEFAULT_BROKER_VHOST = "/"
 DEFAULT_BROKER_USER = "guest"
 DEFAULT_BROKER_PASSWORD = "guest"
+
+#: Where a ``--broker`` comma list splits: before each URL's scheme (a comma in a password stays).
+_BROKER_LIST = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
 
 #: Container args with a meaning of their own (others are kept in ``container.args``).
 _KNOWN_ARGS = ("sysname", "contid")
@@ -192,8 +196,8 @@ class Options(usage.Options):
         self["broker_display"] = "memory://"
 
     def opt_broker(self, url: str) -> None:
-        """The whole broker URL: memory:// (the default) or amqp://user:pass@host:port/vhost. Give it more than once for the nodes of one cluster: they are tried in turn when one is down."""
-        self["broker"].append(url)
+        """The whole broker URL: memory:// (the default) or amqp://user:pass@host:port/vhost. Give it more than once, or a comma list, for the nodes of one cluster: they are tried in turn when one is down."""
+        self["broker"].extend(u.strip() for u in _BROKER_LIST.split(url) if u.strip())
 
     def opt_args(self, value: str) -> None:
         """Container args: k=v,... or a dict literal (sysname, contid, apparg_<app>=..., module.key=value overrides config). May be repeated."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import atexit
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -39,7 +38,7 @@ from twisted.python.failure import Failure
 from ion.core.config import Config, deep_merge, parse_value
 from ion.core.exceptions import AppError, ConfigurationError, IonError, TransportError
 from ion.core.health import sd_notify
-from ion.core.messaging.transport import parse_broker_url
+from ion.core.messaging.transport import parse_broker_url, split_broker_urls
 
 __all__ = ["Options", "ContainerService", "makeService", "run_cc", "parse_container_args",
            "ENV_BROKER_USERNAME", "ENV_BROKER_PASSWORD"]
@@ -58,9 +57,6 @@ DEFAULT_BROKER_PORT = 5672
 DEFAULT_BROKER_VHOST = "/"
 DEFAULT_BROKER_USER = "guest"
 DEFAULT_BROKER_PASSWORD = "guest"
-
-#: Where a ``--broker`` comma list splits: before each URL's scheme (a comma in a password stays).
-_BROKER_LIST = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
 
 #: Container args with a meaning of their own (others are kept in ``container.args``).
 _KNOWN_ARGS = ("sysname", "contid")
@@ -197,7 +193,7 @@ class Options(usage.Options):
 
     def opt_broker(self, url: str) -> None:
         """The whole broker URL: memory:// (the default) or amqp://user:pass@host:port/vhost. Give it more than once, or a comma list, for the nodes of one cluster: they are tried in turn when one is down."""
-        self["broker"].extend(u.strip() for u in _BROKER_LIST.split(url) if u.strip())
+        self["broker"].extend(split_broker_urls(url))
 
     def opt_args(self, value: str) -> None:
         """Container args: k=v,... or a dict literal (sysname, contid, apparg_<app>=..., module.key=value overrides config). May be repeated."""

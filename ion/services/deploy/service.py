@@ -78,6 +78,10 @@ against its own allowed roots again (a 403 ends the job REMOTE_ERROR). After
 nothing over. The takeover keeps the request's ``partial``; all or nothing
 spans one instance's run only: the items the dead owner switched in stay (each
 whole), and a failure after the takeover switches back only the items it placed.
+``job_cancel`` of a job taken over reaches its new owner: the client asks the
+service queue when the id's instance is gone (:meth:`SystemControl.cancel_job`),
+and an instance that does not run the job answers with the ``owner`` its record
+names, where the client sends the cancel (authorized and audited there).
 """
 
 from __future__ import annotations

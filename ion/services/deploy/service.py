@@ -262,6 +262,10 @@ class DeployService(ServiceProcess):
 
         return has_consumer(self.container.transport, process).addCallback(judged)
 
+    async def _owner_is_alive(self, owner: Mapping[str, Any]) -> bool:
+        """:meth:`_owner_alive`, awaited."""
+        return bool(await defer.maybeDeferred(self._owner_alive, owner))
+
     def _owner_among_nodes(self, owner: Mapping[str, Any]) -> bool:
         """Whether the agent lists the owner's container among the live ones (True without an agent)."""
         agent = self.container.proc_manager.get(self.container.agent_pid or "")
@@ -556,16 +560,17 @@ class DeployService(ServiceProcess):
         owner = record.get("owner")
         if not record.get("from_record") or record.get("status") not in (0, 3) or not isinstance(owner, Mapping):
             return answer  # unknown here, or ended
-        if not await self._owner_alive(owner) and self.jobs.store is not None:
+        alive = await self._owner_is_alive(owner)
+        if not alive and self.jobs.store is not None:
             # Gone: an instance may have claimed the job and be starting it (its record follows).
             number = len(record.get("takeovers") or []) + 1
             claimer = await self.jobs.store.load_claim(job, number)
-            if claimer is not None and (claimer.get("process") == self.id or await self._owner_alive(claimer)):
-                owner = claimer
+            if claimer is not None and (claimer.get("process") == self.id or await self._owner_is_alive(claimer)):
+                owner, alive = claimer, True
         process = owner.get("process")
         if process == self.id:
             answer["error"] = "this instance is taking the job over now: ask again"
-        elif isinstance(process, str) and process and await self._owner_alive(owner):
+        elif alive and isinstance(process, str) and process:
             answer["owner"] = process
         else:
             grace = self.settings.takeover_interval or 0.0

@@ -327,10 +327,12 @@ class CacheService(ServiceProcess):
             del self._leases[token]
             if lease.call is not None and lease.call.active():
                 lease.call.cancel()
-            self._log.warn("{pid}: the lock of {entry} held for {owner} released: its holder no longer listens "
-                           "(no consumer on its process queue {holder} at {n} checks {interval:g} s apart)",
+            # (The sender of a request is the process's backend queue: its pid and "b".)
+            holder_pid = (lease.holder or "").removesuffix("b")
+            self._log.warn("{pid}: the lock of {entry} held for process {holder_pid} released: it no longer listens "
+                           "(no consumer on its queue {holder} at {n} checks {interval:g} s apart; {owner})",
                            pid=self.id, entry=str(lease.lock.key), owner=lease.owner, holder=lease.holder,
-                           n=lease.missed, interval=self.settings.lock_holder_check or 0)
+                           holder_pid=holder_pid, n=lease.missed, interval=self.settings.lock_holder_check or 0)
             await self.cache.unlock(lease.lock)
 
     def _check_holders(self) -> defer.Deferred[None]:

@@ -267,6 +267,7 @@ def test_a_lock_whose_holder_died_is_released_after_two_checks_not_its_lease(tmp
     assert not Path(lost.path).exists() and [le.lock.key for le in service._leases.values()] == [other_key]
     released = [e for e in log_events if "no longer listens" in str(e.get("log_format"))]
     assert len(released) == 1 and released[0]["holder"] == doomed.proc.backend_name
+    assert released[0]["holder_pid"] == doomed.proc.id
     # The entry is free for the next caller at once (a takeover's fetch does not wait for the lease).
     again = cluster.result(alive.lock(KEY, timeout=1))
     cluster.advance(20)

@@ -331,7 +331,8 @@ class Run:
     async def cancel(self) -> int:
         answer = plain(await self.control.cancel_job(self.args.job))
         self.result["cancel"] = answer
-        self.out.line(f"job {answer.get('job')}: " + ("cancelled" if answer.get("cancelled") else "not running"))
+        self.out.line(f"job {answer.get('job')}: " + ("cancelled" if answer.get("cancelled") else "not running"
+                                                      + (f" ({answer['error']})" if answer.get("error") else "")))
         return EXIT_OK if answer.get("cancelled") else EXIT_FAILED
 
     async def app(self) -> int:

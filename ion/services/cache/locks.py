@@ -634,10 +634,19 @@ def _quiet_pika() -> None:
         log.addFilter(_LockRefusalsAreExpected())
 
 
+#: RabbitMQ's default ``cluster_name``: the name of the node answering (``rabbit@host``), which
+#: differs from node to node of one cluster until ``rabbitmqctl set_cluster_name`` names it.
+_NODE_NAME = re.compile(r"[^@\s]+@[^@\s]+")
+
+
 def broker_identity(transport: Any) -> str | None:
-    """What names the broker a transport is connected to, the same from every host of one broker
-    (or cluster) and vhost: ``amqp:<cluster_name>/<vhost>`` (RabbitMQ's ``cluster_name``, by
-    default ``rabbit@<first node's host>``); ``memory:<pid>:<id>`` for the embedded broker (of
+    """What names the broker a transport is connected to, the same from every host and every node
+    of one broker (or cluster) and vhost: ``amqp:<cluster_name>/<vhost>`` for a cluster named by
+    ``rabbitmqctl set_cluster_name``; ``amqp:@/<vhost>`` where ``cluster_name`` is RabbitMQ's
+    default, a node's name (``rabbit@host``): that default differs between the nodes of one
+    cluster, so it cannot tell one broker from another (two unnamed brokers with one vhost name
+    and one shared cache then count as one: a takeover too early costs a second download, the
+    first holder's publish being refused). ``memory:<pid>:<id>`` for the embedded broker (of
     this process only). None when it cannot be told: then no lock file is marked (see
     :meth:`BrokerLocks.marker`), and takeovers wait for ``lock_timeout`` as without a broker."""
     if isinstance(transport, MemoryTransport):
@@ -651,6 +660,8 @@ def broker_identity(transport: Any) -> str | None:
     url = getattr(transport, "url", None)
     if not name or url is None:
         return None
+    if _NODE_NAME.fullmatch(name):
+        name = "@"  # (unnamed: see above)
     return f"amqp:{name}/{url.vhost}"
 
 

@@ -18,10 +18,17 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from ion.core.messaging.memory import MemoryBroker, MemoryTransport
+from ion.core.messaging.transport import parse_broker_url
 from ion.services.cache.core import Cache
 from ion.services.cache.entry import EntryKey
 from ion.services.cache.errors import LockNotHeldError, LockTimeoutError
-from ion.services.cache.locks import BROKER_LOCK_PREFIX, BrokerLocks, LockHolder, lock_transport_factory
+from ion.services.cache.locks import (
+    BROKER_LOCK_PREFIX,
+    BrokerLocks,
+    LockHolder,
+    broker_identity,
+    lock_transport_factory,
+)
 
 from .conftest import failure_of, fired, messages, stage
 
@@ -291,3 +298,25 @@ async def test_the_cache_service_takes_its_locks_through_the_broker(container, p
 
     plain = await process_factory(CacheService, root=str(tmp_path / "d"), host_id="svc-host", broker_locks=False)
     assert plain.cache.locks.broker is None
+
+
+class _Connected:
+    """What broker_identity reads of an AMQP transport: the broker's server properties and the URL."""
+
+    def __init__(self, cluster_name: Any, url: str) -> None:
+        self.server_properties = {"cluster_name": cluster_name}
+        self.url = parse_broker_url(url)
+
+
+def test_the_nodes_of_one_unnamed_cluster_are_one_broker() -> None:
+    """RabbitMQ's default cluster_name is the answering node's own name (rabbit@host), different on
+    each node of one cluster (measured on a 3-node 3.10 cluster): a lock taken through one node must
+    be taken over through another, so that default names no broker; a cluster named by
+    set_cluster_name is told from others by its name."""
+    one = broker_identity(_Connected(b"ion-c0@localhost", "amqp://u:p@127.0.0.1:5701/v"))
+    other_node = broker_identity(_Connected("ion-c1@localhost", "amqp://u:p@127.0.0.1:5702/v"))
+    assert one == other_node == "amqp:@/v"
+    assert broker_identity(_Connected("ion-c1@localhost", "amqp://u:p@127.0.0.1:5702/w")) == "amqp:@/w"
+    named = broker_identity(_Connected("prod-east", "amqp://u:p@10.0.0.1/v"))
+    assert named == "amqp:prod-east/v" and named != broker_identity(_Connected("prod-west", "amqp://u:p@10.0.0.2/v"))
+    assert broker_identity(_Connected("", "amqp://u:p@127.0.0.1/v")) is None

@@ -8,7 +8,8 @@
   SIGKILLed mid-download (the HTTP server stalls its GET half-way): the other takes the lock over
   and completes, and the file is downloaded twice, no more; and the same with the holder stopped
   (SIGSTOP: a silent host, dropped by the broker after the AMQP heartbeat, 5 s);
-- the same through the services: two ``twistd cc fetch.app`` containers.
+- the same through the services: two ``twistd cc fetch.app`` containers;
+- the SIGKILL case on the 3-node cluster (marked ``cluster``), each host on a node of its own.
 
 ``lock_timeout`` is 600 s and every wait of the tests fails after 30 s, so no takeover can have
 waited for the lock file's timeout (no timing assertions: the times are printed).
@@ -94,19 +95,35 @@ def _lock_files(root: Path) -> list[Path]:
 @pytest_twisted.ensureDeferred
 async def test_holder_killed_mid_download_the_other_host_takes_over_via_the_broker(
         amqp_url: str, make_repo: Any, tmp_path: Path, fault: str) -> None:
+    await _holder_dies(make_repo, tmp_path, fault, amqp_url, amqp_url)
+
+
+@pytest.mark.cluster
+@pytest_twisted.ensureDeferred
+async def test_on_a_cluster_a_holder_killed_mid_download_is_taken_over_from_another_node(
+        cluster_urls: list[str], make_repo: Any, tmp_path: Path) -> None:
+    """The same on the 3-node cluster, each host connected to a node of its own: the holder's exclusive
+    lock queue lives on its node, which deletes it when the SIGKILL closes the connection; the waiter,
+    on another node, is handed the lock."""
+    await _holder_dies(make_repo, tmp_path, "SIGKILL", cluster_urls[0], cluster_urls[1])
+
+
+async def _holder_dies(make_repo: Any, tmp_path: Path, fault: str, url_a: str, url_b: str) -> None:
+    """Host a (on ``url_a``) holds the lock mid-download when ``fault`` hits it; host b (on ``url_b``)
+    must take the lock over and complete, with two downloads in all and no lock file left."""
     url, server = make_repo("http")
     server.stalls[f"deps/{TGZ}"] = 1  # the first GET sends half the file, then nothing
     cache_root = tmp_path / "cache"
     first = write_deployment(tmp_path / "a.json", url, [item("zlib", "1.2", tmp_path / "dest-a")])
     second = write_deployment(tmp_path / "b.json", url, [item("zlib", "1.2", tmp_path / "dest-b")])
-    a = ChildDeployer().start(first, cache_root, "host-a", wait_for_go=False, broker=amqp_url)
+    a = ChildDeployer().start(first, cache_root, "host-a", wait_for_go=False, broker=url_a)
     b: ChildDeployer | None = None
     try:
         await within(server.wait_for(f"deps/{TGZ}", "GET"))
         [lock] = _lock_files(cache_root)
         holder = LockHolder.parse(lock.read_text())
         assert holder is not None and (holder.host_id, holder.pid) == ("host-a", a.pid) and holder.broker
-        b = ChildDeployer().start(second, cache_root, "host-b", wait_for_go=False, broker=amqp_url)
+        b = ChildDeployer().start(second, cache_root, "host-b", wait_for_go=False, broker=url_b)
         await within(b.ready)
         assert a.pid is not None
         killed = time.monotonic()

@@ -48,6 +48,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -523,11 +524,14 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
         if deployment is not None:
             from ion.services.deploy.core import Deployer
             from ion.services.fetch.core import Fetcher, local_unpack
+            from ion.services.fetch.repository import FetchConfig
             from ion.services.unpack.core import Limits
 
             limits = Limits.from_config(config.for_module("ion.services.unpack"))
-            fetcher = Fetcher(cache, local_unpack(pool, limits), pool=pool, reactor=reactor,
-                              config=config.for_module("ion.services.fetch"))
+            # --jobs requests in flight per repository, so at most that many connections to it.
+            fetch_config = replace(FetchConfig.from_config(config.for_module("ion.services.fetch")),
+                                   max_connections=jobs)
+            fetcher = Fetcher(cache, local_unpack(pool, limits), pool=pool, reactor=reactor, config=fetch_config)
             healed: list[dict[str, Any]] = []
             deployer = Deployer(_fetch_function(fetcher, cache if args.verify_used else None, healed, out), pool,
                                 max_parallel=jobs, cache_root=cache.root)

@@ -8,8 +8,11 @@ the URL's scheme (:func:`repository_for`):
 - ``http(s):`` (:class:`HTTPRepository`): treq, streamed; a version folder is
   listed through its index page, the links of an autoindex page as nginx,
   Apache or ``python -m http.server`` serve it (sub-folders followed; parent,
-  sort and off-site links ignored), then one ``HEAD`` per file for its size,
-  ``Content-MD5``, ``ETag`` and ``Last-Modified``.
+  sort and off-site links ignored), then, when the listing must describe the
+  files (``describe=True``: a ``keep_updated`` check compares their markers),
+  one ``HEAD`` per file for its size, ``Content-MD5``, ``ETag`` and
+  ``Last-Modified``; a listing only to download (``describe=False``) makes no
+  ``HEAD``: the ``GET`` of each file says all of that.
 - ``s3:`` (:class:`S3Repository`): boto3 with its standard settings
   (``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE`` and the config files, the
   ``AWS_*`` credential variables...), imported only when an ``s3:`` repository
@@ -17,6 +20,13 @@ the URL's scheme (:func:`repository_for`):
   none or they are refused, again anonymously (botocore ``UNSIGNED``): public
   buckets work without an account. boto3 blocks, so every call runs in the
   :class:`~ion.core.threads.BlockingPool`.
+
+**Connections**: a repository makes at most ``max_connections`` requests at
+once (:attr:`Repository.slots`; ``ion-deploy`` sets it to ``--jobs``), so it
+holds at most that many connections: HTTP through one persistent treq
+connection pool keeping as many per host, S3 through one boto3 client whose
+pool keeps as many (``max_pool_connections``). An S3 listing gives each key's
+size and ETag: no request per file but its ``GET``.
 
 Layout: ``<url>/<platform>/<name>/<version>/<files>``; every file under the
 version folder belongs to the dependency, sub-folders kept, except a
@@ -198,8 +208,12 @@ class FetchConfig(Settings):
     :param chunk_size: bytes handed to the pool per write (HTTP); S3 and file downloads move
         8 chunks per pool job, read in pieces of at most 256 KiB.
     :param max_buffered: bytes of one download waiting to be written before the network is paused.
-    :param listing_concurrency: HTTP ``HEAD`` requests at once while listing.
-    :param s3_max_connections: connections in boto3's pool per repository.
+    :param listing_concurrency: HTTP ``HEAD`` requests at once while listing (within ``max_connections``).
+    :param max_connections: requests in flight at once per repository, and so its connections
+        (HTTP and S3); ``ion-deploy`` sets it to ``--jobs``. The files of a version folder are
+        downloaded that many at a time.
+    :param s3_max_connections: connections boto3's pool keeps per repository (at most
+        ``max_connections`` are used).
     :param max_concurrent: fetch requests the service handles at once.
     :param progress_interval: seconds between two ``deploy.progress`` events of one file.
     :param rpc_timeout: seconds a ``FetchClient`` call waits for the answer unless told otherwise.
@@ -216,6 +230,7 @@ class FetchConfig(Settings):
     chunk_size: int = setting(1 << 20, minimum=1)
     max_buffered: int = setting(8 << 20, minimum=1)
     listing_concurrency: int = setting(8, minimum=1)
+    max_connections: int = setting(8, minimum=1)
     s3_max_connections: int = setting(16, minimum=1)
     max_concurrent: int = 16
     progress_interval: float = 0.5
@@ -544,6 +559,9 @@ class Repository:
         self.reactor = reactor
         self.clock: IReactorTime = clock or reactor
         self.config = config or FetchConfig()
+        #: One token per request in flight (``max_connections``): every listing request, sidecar
+        #: read and download attempt holds one, so the repository holds at most that many connections.
+        self.slots = defer.DeferredSemaphore(int(self.config.max_connections))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -553,8 +571,13 @@ class Repository:
         """The version folder's URL (or path), as messages name it; ends with ``/``."""
         return self.url.child(platform, name, version).rstrip("/") + "/"
 
-    def list_version(self, platform: str, name: str, version: str) -> defer.Deferred[list[RemoteFile]]:
+    def list_version(self, platform: str, name: str, version: str, *,
+                     describe: bool = True) -> defer.Deferred[list[RemoteFile]]:
         """Every file of the version folder, sorted by path (sidecars folded into their file).
+
+        ``describe=False``: the files are listed to be downloaded, whose transfers say their size,
+        checksum and marker; a repository whose listing does not give them (HTTP) leaves them
+        unknown (None) rather than asking for each file (S3 and ``file:`` give them anyway).
 
         :raises NotFoundError: no such version folder, or nothing in it (the URL tried named).
         :raises BucketNotFoundError, AccessDeniedError, TransferError, RepositoryError: as their names say.
@@ -563,7 +586,7 @@ class Repository:
         async def run() -> list[RemoteFile]:
             _version_parts(platform, name, version)
             where = self.version_url(platform, name, version)
-            files = await self._retrying("listing", where, lambda: self._list(platform, name, version))
+            files = await self._retrying("listing", where, lambda: self._list(platform, name, version, describe))
             if not files:
                 raise NotFoundError(f"no files under {where}", url=where)
             return await self._fold_sidecars(files)
@@ -593,8 +616,12 @@ class Repository:
         return defer.succeed(None)
 
     # -- for implementations ----------------------------------------------------------------------------
-    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
+    async def _list(self, platform: str, name: str, version: str, describe: bool = True) -> list[RemoteFile]:
         raise NotImplementedError
+
+    def _slot(self, fn: Callable[[], Any]) -> defer.Deferred[Any]:
+        """``fn()`` once a request slot is free (:attr:`slots`), holding it until ``fn`` ends."""
+        return self.slots.run(lambda: defer.ensureDeferred(fn()))
 
     async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
         """The content of a small file (a sidecar), at most ``limit`` bytes."""
@@ -640,7 +667,8 @@ class Repository:
         for path, car in sidecars.items():
             if car.size is not None and car.size > _MAX_SIDECAR:
                 raise RepositoryError(f"sidecar {car.url} is {car.size} bytes: not a sha256 file", url=car.url)
-            text = await self._retrying("reading", car.url, functools.partial(self._read_small, car, _MAX_SIDECAR))
+            text = await self._retrying("reading", car.url,
+                                        lambda car=car: self._slot(lambda: self._read_small(car, _MAX_SIDECAR)))
             digest = _parse_sidecar(text)
             if digest is None:
                 raise RepositoryError(f"sidecar {car.url} does not hold a sha256 (64 hex digits)", url=car.url)
@@ -663,7 +691,7 @@ class Repository:
 
         async def attempt() -> RemoteFile:
             seen["last"] = remote
-            got = await self._transfer(remote, sink, report)
+            got = await self._slot(lambda: self._transfer(remote, sink, report))
             seen["last"] = got
             return got
 
@@ -784,7 +812,7 @@ class FileRepository(Repository):
     def version_url(self, platform: str, name: str, version: str) -> str:
         return str(self._folder(platform, name, version)) + "/"
 
-    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
+    async def _list(self, platform: str, name: str, version: str, describe: bool = True) -> list[RemoteFile]:
         folder = self._folder(platform, name, version)
         # Files are read only from inside the repository, symlinks resolved (DESIGN §8).
         files = await self.pool.run(_walk_folder, folder, str, os.path.realpath(self.url.location))
@@ -1041,7 +1069,8 @@ class HTTPRepository(Repository):
         from twisted.web.client import Agent, HTTPConnectionPool
 
         self._pool = HTTPConnectionPool(self.reactor, persistent=True)
-        self._pool.maxPersistentPerHost = max(2, int(self.config.listing_concurrency))
+        # Every request in flight holds a slot (max_connections): keep a connection for each.
+        self._pool.maxPersistentPerHost = int(self.config.max_connections)
         # A request that fails on a cached connection the server had closed is sent again at once on
         # a new one (GET and HEAD only): an HTTP/1.0 server such as ``python -m http.server`` closes
         # every connection without saying so. Real failures still go through our retries, logged.
@@ -1158,7 +1187,7 @@ class HTTPRepository(Repository):
             raise
         return bytes(body)
 
-    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
+    async def _list(self, platform: str, name: str, version: str, describe: bool = True) -> list[RemoteFile]:
         top = self.version_url(platform, name, version)
         names: list[tuple[str, str]] = []  # (relative path, url)
         visited: set[str] = set()
@@ -1167,12 +1196,7 @@ class HTTPRepository(Repository):
             if folder_url in visited or depth > _MAX_LISTING_DEPTH:
                 return
             visited.add(folder_url)
-            response = await self._request("GET", folder_url)
-            if int(response.code) == 404 and depth == 0:
-                await self._discard(response)
-                raise NotFoundError(f"no files under {folder_url} (HTTP 404)", url=folder_url)
-            await self._checked(response, folder_url, "listing")
-            page = await self._content(response, 16 << 20, folder_url)
+            response, page = await self._slot(lambda: self._index_page(folder_url, depth))
             ctype = (self._header(response, "content-type") or "").lower()
             if ctype and "html" not in ctype:
                 raise RepositoryError(f"{folder_url} is not an index page (Content-Type {ctype}); an HTTP "
@@ -1186,12 +1210,23 @@ class HTTPRepository(Repository):
                 await walk(folder_url + quote(sub, safe="") + "/", rel + sub + "/", depth + 1)
 
         await walk(top, "", 0)
+        if not describe:  # each file's GET will say its size, Content-MD5 and ETag
+            return [RemoteFile(path=r, url=u, size=None, source=u) for r, u in names]
         semaphore = defer.DeferredSemaphore(int(self.config.listing_concurrency))
 
         async def head(rel: str, url: str) -> RemoteFile:
-            return await semaphore.run(lambda: defer.Deferred.fromCoroutine(self._head(rel, url)))
+            return await semaphore.run(lambda: self._slot(lambda: self._head(rel, url)))
 
         return await _gather([defer.Deferred.fromCoroutine(head(r, u)) for r, u in names])
+
+    async def _index_page(self, folder_url: str, depth: int) -> tuple[Any, bytes]:
+        """The response and body of a folder's index page."""
+        response = await self._request("GET", folder_url)
+        if int(response.code) == 404 and depth == 0:
+            await self._discard(response)
+            raise NotFoundError(f"no files under {folder_url} (HTTP 404)", url=folder_url)
+        await self._checked(response, folder_url, "listing")
+        return response, await self._content(response, 16 << 20, folder_url)
 
     def _describe(self, rel: str, url: str, response: Any, size: int | None) -> RemoteFile:
         checksums: list[Checksum] = []
@@ -1334,8 +1369,10 @@ class _S3Clients:
                 from botocore import UNSIGNED
                 from botocore.config import Config
 
+                # Requests in flight are at most max_connections (the repository's slots).
                 options = dict(retries={"max_attempts": 2, "mode": "standard"},
-                               max_pool_connections=int(self.config.s3_max_connections),
+                               max_pool_connections=min(int(self.config.s3_max_connections),
+                                                        int(self.config.max_connections)),
                                connect_timeout=self.config.connect_timeout or 60,
                                read_timeout=self.config.read_timeout or 60)
                 session = boto3.session.Session()
@@ -1348,6 +1385,15 @@ class _S3Clients:
                 self.unsigned = session.client("s3", config=Config(signature_version=UNSIGNED, **options))
                 self._made = True
             return self.signed, self.unsigned
+
+    def close(self) -> None:
+        """Close the clients' connections (blocking)."""
+        with self._lock:
+            for client in (self.signed, self.unsigned):
+                if client is not None:
+                    client.close()
+            self.signed = self.unsigned = None
+            self._made = False
 
 
 class S3Repository(Repository):
@@ -1363,6 +1409,9 @@ class S3Repository(Repository):
 
     def version_url(self, platform: str, name: str, version: str) -> str:
         return f"s3://{self.bucket}/{self._prefix(platform, name, version)}"
+
+    def close(self) -> defer.Deferred[None]:
+        return self.pool.run(self.clients.close)
 
     def _prefix(self, platform: str, name: str, version: str) -> str:
         parts = [p for p in (self.url.prefix.strip("/"), platform, name, version) if p]
@@ -1511,8 +1560,9 @@ class S3Repository(Repository):
             pass
 
     # -- the interface --------------------------------------------------------------------------------
-    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
-        return await self.pool.run(self._list_blocking, self._prefix(platform, name, version))
+    async def _list(self, platform: str, name: str, version: str, describe: bool = True) -> list[RemoteFile]:
+        prefix = self._prefix(platform, name, version)
+        return await self._slot(lambda: self.pool.run(self._list_blocking, prefix))
 
     async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
         def read() -> bytes:

@@ -486,15 +486,15 @@ class HTTPRepositoryServer:
         assert self._port is not None, "start() first"
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._port.getHost().port}"
 
-    def start(self) -> HTTPRepositoryServer:
-        """Listen (at once; the reactor serves once it runs)."""
+    def start(self, port: int = 0) -> HTTPRepositoryServer:
+        """Listen on ``port`` (0: a free one), at once; the reactor serves once it runs."""
         self._site = _CountingSite(_FaultyRoot(self), self)
         self._site.displayTracebacks = False
         self._site.noisy = False
         if self.tls is None:
-            self._port = self.reactor.listenTCP(0, self._site, interface="127.0.0.1")
+            self._port = self.reactor.listenTCP(port, self._site, interface="127.0.0.1")
         else:
-            self._port = self.reactor.listenSSL(0, self._site, _ServerTLS(*self.tls), interface="127.0.0.1")
+            self._port = self.reactor.listenSSL(port, self._site, _ServerTLS(*self.tls), interface="127.0.0.1")
         return self
 
     @defer.inlineCallbacks
@@ -524,13 +524,21 @@ class HTTPRepositoryServer:
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m ion.testing.servers moto HOST PORT``: serve moto's S3 until killed."""
-    if len(argv) != 3 or argv[0] != "moto":
-        print("usage: python -m ion.testing.servers moto HOST PORT", file=sys.stderr)
+    """``python -m ion.testing.servers moto HOST PORT``: serve moto's S3 until killed;
+    ``python -m ion.testing.servers http ROOT PORT``: serve ``ROOT`` as an HTTP repository on
+    ``127.0.0.1:PORT`` until killed (a benchmark's servers, in processes of their own)."""
+    if len(argv) != 3 or argv[0] not in ("moto", "http"):
+        print("usage: python -m ion.testing.servers moto HOST PORT | http ROOT PORT", file=sys.stderr)
         return 2
-    MotoServer(argv[1], int(argv[2])).start()
-    threading.Event().wait()
-    return 0  # pragma: no cover - killed
+    if argv[0] == "moto":
+        MotoServer(argv[1], int(argv[2])).start()
+        threading.Event().wait()
+        return 0  # pragma: no cover - killed
+    from twisted.internet import reactor
+
+    HTTPRepositoryServer(argv[1], reactor).start(int(argv[2]))
+    reactor.run()  # type: ignore[attr-defined]
+    return 0
 
 
 if __name__ == "__main__":

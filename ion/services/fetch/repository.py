@@ -1287,7 +1287,7 @@ class HTTPRepository(Repository):
         checksums = {c.algorithm: c for c in remote.checksums}
         checksums.update({c.algorithm: c for c in got.checksums})
         got = replace(got, checksums=tuple(checksums.values()), marker=got.marker or remote.marker, source=url)
-        await self.pool.run(functools.partial(sink.want_md5, "md5" in checksums, sha256_checked="sha256" in checksums))
+        sink.want_md5("md5" in checksums, sha256_checked="sha256" in checksums)  # (no I/O: no pool job)
         writer = _PoolWriter(self.pool, sink, self.config, progress=progress)
         done: defer.Deferred[None] = defer.Deferred()
         receiver = _BodyReceiver(writer, done, self.clock, float(self.config.read_timeout))
@@ -1588,22 +1588,39 @@ class S3Repository(Repository):
 
         return await self.pool.run(read)
 
-    async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
-        body, size, etag = await self.pool.run(self._open_blocking, remote.source, remote.url)
-        sink.expected = size
+    def _first_step(self, remote: RemoteFile, sink: _Sink, step: int, chunk: int) -> tuple[Any, int | None, str, int]:
+        """GET the object and read its first ``step`` bytes, in one pool job; an object that fits
+        (a small file) is read to its end and its body closed here: ``(None, size, etag, n)``.
+        Else ``(body, size, etag, n)``: the caller reads on."""
+        body, size, etag = self._open_blocking(remote.source, remote.url)
         try:
-            await self.pool.run(sink.want_md5, bool(self._etag_checksums(etag)))
-            chunk = int(self.config.chunk_size)
-            step = chunk * 8
-            done = 0
-            while True:
-                n = await self.pool.run(self._read_step, sink, body, step, chunk, remote.url)
-                if not n:
-                    break
-                done += n
-                progress(done)
-        finally:
-            await self.pool.run(self._close_body, body)
+            sink.expected = size
+            sink.want_md5(bool(self._etag_checksums(etag)))
+            n = self._read_step(sink, body, step, chunk, remote.url)
+        except BaseException:
+            self._close_body(body)
+            raise
+        if n < step:  # fill_from stops short only at the end of the body
+            self._close_body(body)
+            return None, size, etag, n
+        return body, size, etag, n
+
+    async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
+        chunk = int(self.config.chunk_size)
+        step = chunk * 8
+        body, size, etag, done = await self.pool.run(self._first_step, remote, sink, step, chunk)
+        if done:
+            progress(done)
+        if body is not None:
+            try:
+                while True:
+                    n = await self.pool.run(self._read_step, sink, body, step, chunk, remote.url)
+                    if not n:
+                        break
+                    done += n
+                    progress(done)
+            finally:
+                await self.pool.run(self._close_body, body)
         if size is not None and done != size:
             raise _Retryable(f"{remote.url}: the body ended after {done} of {size} bytes")
         # What the GET answered describes these bytes (the object may have changed since the listing).

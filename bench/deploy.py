@@ -259,7 +259,8 @@ def run_child(cmd: list[str], env: dict[str, str], cwd: Path | None = None,
         out.seek(0)
         err.seek(0)
         return {"wall": wall, "rc": proc.returncode, "out": out.read().decode("utf-8", "replace"),
-                "err": err.read().decode("utf-8", "replace"), "maxrss_mb": hwm_kb / 1024.0}
+                "err": err.read().decode("utf-8", "replace"), "maxrss_mb": hwm_kb / 1024.0,
+                "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def child_env(moto: MotoServer, pycache: Path, **extra: str) -> dict[str, str]:
@@ -626,8 +627,8 @@ class Bench:
                   f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
             urls = {"s3": self.url, "http": f"http://127.0.0.1:{port}/repo"}
             shapes = {"items": names, "folder": ["smallfolder"]}
-            runs: dict[str, dict[str, list[float]]] = {f"{k} {s}": {"ion": [], "floor": []}
-                                                       for k in urls for s in shapes}
+            runs: dict[str, dict[str, list[float]]] = {f"{k} {s}": {"ion": [], "floor": [], "ion_cpu": [],
+                                                                    "floor_cpu": []} for k in urls for s in shapes}
             for _ in range(a.repeat_cold):
                 for kind, url in urls.items():
                     for shape, items in shapes.items():
@@ -643,6 +644,7 @@ class Bench:
                         if r["rc"] != 0:
                             raise RuntimeError(f"small floor ({key}) failed: {r['err'][-2000:]}")
                         runs[key]["floor"].append(r["wall"])
+                        runs[key]["floor_cpu"].append(r["cpu"])
                         shutil.rmtree(run)
                         run = self.fresh(f"small-{kind}-{shape}-ion")
                         deployment = deployment_file(run / "deploy.json", url, [
@@ -650,6 +652,7 @@ class Bench:
                         r = self.ion_deploy(deployment, run / "cache")
                         assert r["states"] == ["downloaded"], r["states"]
                         runs[key]["ion"].append(r["wall"])
+                        runs[key]["ion_cpu"].append(r["cpu"])
                         got = sum(len([f for f in fs if f.endswith(".bin")])
                                   for _, _, fs in os.walk(run / "dest", followlinks=True))
                         if got != n:
@@ -666,6 +669,8 @@ class Bench:
             ratio = ion_s / floor_s
             self.row(f"small {kind}: {what}, jobs {a.jobs}", f"{ion_s:.2f} s", f"{floor_s:.2f} s ({client})", "-",
                      f"{ratio:.2f}x floor", f"<= {SMALL_RATIO_TARGET}x floor", ratio <= SMALL_RATIO_TARGET)
+            self.notes.append(f"small {kind} {shape}: CPU (user+sys) of the process: ion-deploy "
+                              f"{median(r['ion_cpu']):.2f} s, floor {median(r['floor_cpu']):.2f} s")
         self.figures["small"] = runs
 
     def rpc(self) -> None:

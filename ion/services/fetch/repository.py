@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import http.client
 import os
@@ -277,7 +276,10 @@ def _write_error(exc: OSError, path: Path, url: str | None) -> WriteError:
 
 
 class _Sink:
-    """One file being written, hashed as it goes. Every method blocks: run them in the pool.
+    """One file being written, hashed as it goes. Every method but :meth:`want_md5` and
+    :attr:`closed` may block: run them in the pool. Making one does no I/O: the file is
+    created (parents too) by the first write, or by :meth:`close` for an empty one, so a
+    small file costs one pool job, not three.
 
     A failed write (a full disk, a quota, ``RLIMIT_FSIZE``, an I/O error) raises
     :class:`WriteError` naming the file and the OS reason, never a bare ``OSError``.
@@ -286,11 +288,9 @@ class _Sink:
     def __init__(self, path: Path, *, sha256: bool = True, url: str | None = None) -> None:
         self.path = path
         self.url = url
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
-        except OSError as exc:
-            raise _write_error(exc, path, url) from None
+        self.file: Any = None
+        #: What :meth:`close` returned (it may be called again: the same answer, no I/O).
+        self.closed: tuple[int, str | None, str | None] | None = None
         #: The caller needs the sha256 whatever else is checked (else: only when nothing else is).
         self.sha256_needed = sha256
         self.sha256: Any = hashlib.sha256()
@@ -316,7 +316,16 @@ class _Sink:
         if wanted and not (self.sha256_needed or sha256_checked):
             self.sha256 = None
 
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
+        except OSError as exc:
+            raise _write_error(exc, self.path, self.url) from None
+
     def _write_all(self, view: memoryview) -> None:
+        if self.file is None:
+            self._open()
         try:
             while view:
                 view = view[self.file.write(view):]
@@ -417,26 +426,36 @@ class _Sink:
 
     def reset(self) -> None:
         """Start the file again from byte 0 (a retry)."""
-        try:
-            self.file.seek(0)
-            self.file.truncate()
-        except OSError as exc:
-            raise _write_error(exc, self.path, self.url) from None
+        if self.closed is not None:
+            self.closed, self.file = None, None  # (reopened, emptied, by the next write)
+        elif self.file is not None:
+            try:
+                self.file.seek(0)
+                self.file.truncate()
+            except OSError as exc:
+                raise _write_error(exc, self.path, self.url) from None
         self.sha256 = hashlib.sha256()
         self.md5 = None
         self.size = 0
 
     def close(self) -> tuple[int, str | None, str | None]:
+        """Close the file (created if nothing was written); its size and hex digests."""
+        if self.closed is not None:
+            return self.closed
+        if self.file is None:
+            self._open()
         try:
             self.file.close()
         except OSError as exc:  # a network filesystem may report a failed write only now
             raise _write_error(exc, self.path, self.url) from None
-        return (self.size, self.sha256.hexdigest() if self.sha256 is not None else None,
-                self.md5.hexdigest() if self.md5 is not None else None)
+        self.closed = (self.size, self.sha256.hexdigest() if self.sha256 is not None else None,
+                       self.md5.hexdigest() if self.md5 is not None else None)
+        return self.closed
 
     def abort(self) -> None:
         try:
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
         finally:
             try:
                 self.path.unlink()
@@ -485,18 +504,23 @@ class _PoolWriter:
         if self._gathered >= self.chunk_size:
             self._flush()
 
-    def _flush(self) -> None:
-        if not self._pieces:
+    def _flush(self, close: bool = False) -> None:
+        if not self._pieces and not close:
             return
-        data = b"".join(self._pieces) if len(self._pieces) > 1 else self._pieces[0]
+        data = b"".join(self._pieces) if len(self._pieces) > 1 else (self._pieces[0] if self._pieces else b"")
         self._pieces, self._gathered = [], 0
         self._pending += len(data)
         if self._pending > self.max_buffered and not self.paused and self.pause is not None:
             self.paused = True
             self.pause()
 
+        def write_and_close() -> int:
+            n = self.sink.write(data) if data else 0
+            self.sink.close()
+            return n
+
         def write(_: Any) -> defer.Deferred[int]:
-            return self.pool.run(self.sink.write, data)
+            return self.pool.run(write_and_close) if close else self.pool.run(self.sink.write, data)
 
         def written(n: int) -> None:
             self._pending -= n
@@ -518,9 +542,10 @@ class _PoolWriter:
         self._tail.addCallback(write)
         self._tail.addCallbacks(written, failed)
 
-    async def finish(self) -> None:
-        """Write what is gathered and wait for every write (raising the first write error)."""
-        self._flush()
+    async def finish(self, *, close: bool = False) -> None:
+        """Write what is gathered and wait for every write (raising the first write error);
+        ``close``: the sink is closed by the last write's pool job (all the bytes came)."""
+        self._flush(close)
         await self._tail
 
     async def drain(self) -> None:
@@ -681,8 +706,7 @@ class Repository:
     async def _download(self, remote: RemoteFile, dest: Path, progress: Progress | None,
                         need_sha256: bool = True) -> Downloaded:
         sidecar = any(c.algorithm == "sha256" for c in remote.checksums)
-        sink: _Sink = await self.pool.run(functools.partial(_Sink, dest, sha256=need_sha256 or sidecar,
-                                                            url=remote.url))
+        sink = _Sink(dest, sha256=need_sha256 or sidecar, url=remote.url)  # (no I/O yet)
         seen: dict[str, RemoteFile] = {}
 
         def report(done: int) -> None:
@@ -703,7 +727,8 @@ class Repository:
             if progress is not None:
                 progress(0, remote.size)
             got = await self._retrying("downloading", remote.url, attempt, restart)
-            size, sha256, md5 = await self.pool.run(sink.close)
+            # (A transfer that had all the bytes may have closed it in its last pool job.)
+            size, sha256, md5 = sink.closed or await self.pool.run(sink.close)
             verified = self._verify(got, size, sha256, md5)
         except BaseException:
             try:
@@ -900,8 +925,9 @@ def parse_index_links(html: str, folder_url: str) -> tuple[list[str], list[str]]
 #: HTTP statuses worth another try (with the retry policy): a timeout, too many requests, a server or
 #: gateway error. Other 4xx are the request's own fault: never retried.
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-#: A URL that is already a URI: only ASCII characters allowed in one (RFC 3986), escapes well formed.
-_URI = re.compile(r"https?://(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+#: A URL that is already a URI: only ASCII characters allowed in one (RFC 3986), escapes well formed;
+#: no IPv6 literal (``[...]``: treq cannot request one, and says so).
+_URI = re.compile(r"https?://(?:[A-Za-z0-9\-._~:/?#@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
 
 
 async def _gather(deferreds: list[defer.Deferred[Any]]) -> list[Any]:
@@ -1308,8 +1334,9 @@ class HTTPRepository(Repository):
                 if reason is not None:
                     raise _Retryable(f"GET {url}: {reason} after {receiver.received} bytes") from None
             raise
-        await writer.finish()
-        if size is not None and receiver.received != size:
+        complete = size is None or receiver.received == size
+        await writer.finish(close=complete)
+        if not complete:
             raise _Retryable(f"GET {url}: the body ended after {receiver.received} of {size} bytes")
         return replace(got, size=receiver.received)
 
@@ -1602,6 +1629,8 @@ class S3Repository(Repository):
             raise
         if n < step:  # fill_from stops short only at the end of the body
             self._close_body(body)
+            if size is None or n == size:
+                sink.close()  # all of it: no pool job of its own for that
             return None, size, etag, n
         return body, size, etag, n
 

@@ -179,7 +179,7 @@ class MotoServer:
                     time.sleep(0.05)
             self.stop()
             raise RuntimeError(f"moto_server did not listen on {self.endpoint} within 30 s")
-        from moto.server import DomainDispatcherApplication, create_backend_app
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
         wsgi = _ThreadedWSGIServer((self.host, self.port), _KeepAliveHandler)
         wsgi.set_app(DomainDispatcherApplication(create_backend_app))
@@ -305,7 +305,7 @@ class _KeepAliveHandler(WSGIRequestHandler):
 
     def _body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            parts = []
+            parts: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
@@ -537,7 +537,7 @@ def _main(argv: list[str]) -> int:
     from twisted.internet import reactor
 
     HTTPRepositoryServer(argv[1], reactor).start(int(argv[2]))
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return 0
 
 

@@ -266,6 +266,9 @@ class Progress:
         self.items = list(items)
         self.index = {id(item): n for n, item in enumerate(self.items, 1)}
         self.bytes: dict[int, dict[str, tuple[int, int | None]]] = {}
+        #: Per item: [bytes done, sum of the known totals, files of unknown total], kept up to date
+        #: file by file (summing every file at each event is quadratic: a folder of 2,000 files).
+        self.sums: dict[int, list[int]] = {}
         self.announced: set[tuple[int, str]] = set()
         self.bar: Any = None
         self.tasks: dict[int, Any] = {}
@@ -293,11 +296,20 @@ class Progress:
         key = id(item)
         if phase == "bytes":
             files = self.bytes.setdefault(key, {})
+            sums = self.sums.setdefault(key, [0, 0, 0])
             fname = str(info.get("file") or "")
-            files[fname] = (int(info.get("done") or 0), info.get("total"))
-            done = sum(d for d, _ in files.values())
-            totals = [t for _, t in files.values() if t is not None]
-            total = sum(totals) if len(totals) == len(files) else None
+            new = (int(info.get("done") or 0), info.get("total"))
+            old = files.get(fname)
+            files[fname] = new
+            for entry, sign in ((old, -1), (new, 1)):
+                if entry is not None:
+                    sums[0] += sign * entry[0]
+                    if entry[1] is None:
+                        sums[2] += sign
+                    else:
+                        sums[1] += sign * int(entry[1])
+            done = sums[0]
+            total = sums[1] if sums[2] == 0 else None
             if self.bar is not None:
                 self.bar.update(self.tasks[key], completed=done, total=total, state="downloading")
             elif (key, fname) not in self.announced and self.out.as_json is False:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import os
 import stat
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, Self, cast
@@ -423,7 +423,7 @@ def _mkdirs(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-async def _each(items: list[RemoteFile], fn: Callable[[RemoteFile], Awaitable[None]], at_once: int) -> None:
+async def _each(items: list[RemoteFile], fn: Callable[[RemoteFile], Coroutine[Any, Any, None]], at_once: int) -> None:
     """``fn(item)`` for every item, ``at_once`` at a time. On the first failure no other item is
     started, those running are cancelled, and that failure is raised once every one has ended (so
     nothing still writes into a staging folder the caller removes next)."""
@@ -435,7 +435,7 @@ async def _each(items: list[RemoteFile], fn: Callable[[RemoteFile], Awaitable[No
         for item in todo:  # one iterator for all the workers: each item is taken once
             if failures:
                 return
-            d = defer.ensureDeferred(fn(item))
+            d: defer.Deferred[None] = defer.ensureDeferred(fn(item))
             running.add(d)
             try:
                 await d

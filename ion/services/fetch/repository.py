@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import http.client
 import os
@@ -693,8 +694,7 @@ class Repository:
         for path, car in sidecars.items():
             if car.size is not None and car.size > _MAX_SIDECAR:
                 raise RepositoryError(f"sidecar {car.url} is {car.size} bytes: not a sha256 file", url=car.url)
-            text = await self._retrying("reading", car.url,
-                                        lambda car=car: self._slot(lambda: self._read_small(car, _MAX_SIDECAR)))
+            text = await self._retrying("reading", car.url, functools.partial(self._read_sidecar, car))
             digest = _parse_sidecar(text)
             if digest is None:
                 raise RepositoryError(f"sidecar {car.url} does not hold a sha256 (64 hex digits)", url=car.url)
@@ -702,6 +702,9 @@ class Repository:
             out[path] = replace(f, checksums=(*[c for c in f.checksums if c.algorithm != "sha256"],
                                               Checksum("sha256", digest)))
         return [out[p] for p in sorted(out)]
+
+    def _read_sidecar(self, car: RemoteFile) -> defer.Deferred[bytes]:
+        return self._slot(lambda: self._read_small(car, _MAX_SIDECAR))
 
     async def _download(self, remote: RemoteFile, dest: Path, progress: Progress | None,
                         need_sha256: bool = True) -> Downloaded:
@@ -1133,8 +1136,9 @@ class HTTPRepository(Repository):
         sent: dict[bytes | str, bytes | str] = {k: v for k, v in (headers or {}).items()}
         try:
             if _URI.fullmatch(url):  # already a URI (what we build): straight to the agents
-                d = self._agent.request(method.encode("ascii"), url.encode("ascii"),
-                                        Headers({k: [v] for k, v in sent.items()}))
+                raw = {k.encode("ascii") if isinstance(k, str) else k: [v.encode("latin-1") if isinstance(v, str) else v]
+                       for k, v in sent.items()}
+                d = self._agent.request(method.encode("ascii"), url.encode("ascii"), Headers(raw))
             else:  # treq makes it one (an IRI, a space in a prefix), or says why it cannot
                 d = self._http.request(method, url, headers=sent, unbuffered=True, allow_redirects=True)
         except (ValueError, UnicodeError) as exc:  # the URL itself (treq/hyperlink cannot encode its host)

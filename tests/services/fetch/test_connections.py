@@ -136,3 +136,27 @@ def test_ion_deploy_jobs_bounds_its_s3_connections(s3_env: Any, tmp_path: Path) 
     assert 1 <= s3_env.connections - connections <= 2
     assert s3_env.count("GET", f"/{bucket}") - gets == 2 * N
     assert s3_env.count("HEAD", f"/{bucket}") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_while_a_folder_downloads_in_parallel_leaves_nothing(make_repo: Any, pool: Any,
+                                                                          tmp_path: Path) -> None:
+    """A fetch cancelled while JOBS files of its folder are in flight (one of them stalled) ends every
+    download before it removes the staging folder: CancelledError, lock free, nothing published."""
+    files = {f"linux/many/1.0/f{i}.bin": bytes([i]) * 5000 for i in range(3 * JOBS)}
+    url, server = make_repo("http", files, stalls={"deps/linux/many/1.0/f3.bin": 1})
+    cache = Cache(tmp_path / "cache", host_id="t", pool=pool)
+    fetcher = Fetcher(cache, local_unpack(pool), pool=pool, config=FetchConfig(retry_delay=0.0, max_connections=JOBS))
+    req = FetchRequest(url, "linux", "many", "1.0", unpack=False)
+    d = fetcher.fetch(req)
+    try:
+        await server.wait_for("deps/linux/many/1.0/f3.bin", "GET")
+        d.cancel()
+        with pytest.raises(defer.CancelledError):
+            await d
+    finally:
+        await fetcher.close()
+    assert await cache.lookup(req.key) is None
+    lock = await cache.lock(req.key, timeout=0)
+    await cache.unlock(lock)
+    assert not cache.staging_root.exists() or list(cache.staging_root.iterdir()) == []

@@ -33,6 +33,17 @@ Measures, in one run, and prints side by side (issue 5, "Speed and memory"):
   them as a note), and the ion-deploy
   process's peak RSS growth over that 1 KB run (``VmHWM`` of
   ``/proc/<pid>/status``, polled every 5 ms while it runs; target <= 64 MB).
+* **small** (#17 §5) -- many small files, cold, from S3 (the moto server)
+  and from HTTP (``python -m ion.testing.servers http``, twisted.web autoindex
+  pages, a subprocess too), ``unpack: false``: ``--small-files`` (2000)
+  items of one 4 KB file each, and one item whose version folder holds that
+  many 4 KB files (in 20 sub-folders). Whole ``ion-deploy --jobs N``
+  process vs a **floor** script (subprocess) doing the same listings and
+  GETs in a ``ThreadPoolExecutor(jobs)``: boto3 (one client,
+  ``max_pool_connections=jobs``, ``list_objects_v2`` + ``get_object``) for
+  S3, ``http.client`` keep-alive connections (one per thread; the index
+  page's links followed) for HTTP. Target: <= 1.2x the floor, each.
+  ``--only small`` runs just these rows.
 * **rpc** -- the cold deployment in this process: the in-process path of
   ``ion-deploy`` (``cli._run_local``: Cache, Fetcher, Deployer on the reactor)
   vs a Container on the embedded broker running ``deploy.app`` and a
@@ -60,6 +71,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -74,7 +86,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from ion.testing.servers import MotoServer  # noqa: E402
+from ion.testing.servers import MotoServer, free_port  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
@@ -84,8 +96,13 @@ WARM_UMPIRE_FACTOR = 3.0
 TC1_RATIO_TARGET = 1.15
 BIG_RATIO_TARGET = 0.8
 BIG_RSS_TARGET_MB = 64.0
+SMALL_RATIO_TARGET = 1.2
+SMALL_FILE_BYTES = 4096
+SMALL_FOLDERS = 20
 RPC_OVERHEAD_TARGET = 0.10
 
+#: The measures, in the order they run (``--only`` picks some).
+MEASURES = ("cold", "warm", "tc1", "big", "small", "rpc")
 UMPIRE_PACKAGES = ("umpire==0.6.5", "MaestroOps==0.8.8")
 MB = 1 << 20
 
@@ -116,6 +133,90 @@ with ThreadPoolExecutor(spec["jobs"]) as pool:
     list(pool.map(one, spec["tasks"]))
 t2 = time.perf_counter()
 print(json.dumps({"download_s": t2 - t1, "total_s": t2 - t0}))
+"""
+
+
+# The small-files floors: the same listings and GETs as ion-deploy, in a ThreadPoolExecutor(jobs), the
+# files written under each item's destination. S3: boto3, one client with a pool of jobs connections;
+# HTTP: http.client, one keep-alive connection per thread. Prints {"total_s": ...}.
+SMALL_FLOOR_SCRIPT = r"""
+import json, os, re, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote, urljoin, urlsplit
+t0 = time.perf_counter()
+spec = json.load(open(sys.argv[1]))
+jobs = spec["jobs"]
+if spec["kind"] == "s3":
+    import boto3
+    from botocore.config import Config
+    client = boto3.session.Session().client("s3", config=Config(max_pool_connections=jobs))
+    def listing(prefix):
+        keys, token = [], None
+        while True:
+            kw = {"Bucket": spec["bucket"], "Prefix": prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            page = client.list_objects_v2(**kw)
+            keys += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return [(k, prefix + k) for k in keys]
+            token = page["NextContinuationToken"]
+    def get(source, dest):
+        body = client.get_object(Bucket=spec["bucket"], Key=source)["Body"]
+        with open(dest, "wb") as f:
+            f.write(body.read())
+else:
+    import http.client
+    base = urlsplit(spec["url"])
+    local = threading.local()
+    def request(path):
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection(base.hostname, base.port)
+        conn.request("GET", path)
+        r = conn.getresponse()
+        data = r.read()
+        assert r.status == 200, (path, r.status)
+        return data
+    def listing(prefix, rel=""):
+        folder = base.path.rstrip("/") + "/" + prefix + rel
+        files = []
+        for href in re.findall(r'href="([^"?#]+)"', request(folder).decode()):
+            path = urlsplit(urljoin(folder, href)).path
+            if not path.startswith(folder) or len(path) <= len(folder):
+                continue
+            name = unquote(path[len(folder):])
+            if name.endswith("/"):
+                files += listing(prefix, rel + name)
+            elif "/" not in name:
+                files.append((rel + name, path))
+        return files
+    def get(source, dest):
+        data = request(source)
+        with open(dest, "wb") as f:
+            f.write(data)
+def one(task):
+    prefix, dest = task
+    for rel, source in listing(prefix):
+        path = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        get(source, path)
+def folder(prefix, dest, pool):
+    files = listing(prefix)
+    def fetch(item):
+        rel, source = item
+        path = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        get(source, path)
+    list(pool.map(fetch, files))
+    return len(files)
+with ThreadPoolExecutor(jobs) as pool:
+    if spec["folder"]:
+        n = folder(*spec["tasks"][0], pool)
+    else:
+        list(pool.map(one, spec["tasks"]))
+        n = len(spec["tasks"])
+print(json.dumps({"total_s": time.perf_counter() - t0, "n": n}))
 """
 
 
@@ -158,7 +259,8 @@ def run_child(cmd: list[str], env: dict[str, str], cwd: Path | None = None,
         out.seek(0)
         err.seek(0)
         return {"wall": wall, "rc": proc.returncode, "out": out.read().decode("utf-8", "replace"),
-                "err": err.read().decode("utf-8", "replace"), "maxrss_mb": hwm_kb / 1024.0}
+                "err": err.read().decode("utf-8", "replace"), "maxrss_mb": hwm_kb / 1024.0,
+                "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def child_env(moto: MotoServer, pycache: Path, **extra: str) -> dict[str, str]:
@@ -491,6 +593,86 @@ class Bench:
         self.figures["big"] = {"ion_s": ion_runs, "tiny_s": base_runs, "boto3_download_s": boto_runs,
                                "ion_maxrss_mb": ion_rss, "tiny_maxrss_mb": base_rss}
 
+    def small(self) -> None:
+        """Many small files, cold, from S3 and from HTTP: ``--small-files`` one-file items, and one
+        version folder of that many files; ion-deploy vs the floor, interleaved, medians."""
+        a = self.args
+        n = a.small_files
+        www = self.tmp / "www" / "repo"
+        names = [f"sf{i:05d}" for i in range(n)]
+        files: dict[str, bytes] = {f"linux/{name}/1.0/{name}.bin": os.urandom(SMALL_FILE_BYTES) for name in names}
+        files.update({f"linux/smallfolder/1.0/d{i % SMALL_FOLDERS:02d}/f{i:05d}.bin": os.urandom(SMALL_FILE_BYTES)
+                      for i in range(n)})
+        t0 = time.perf_counter()
+        for rel, data in files.items():
+            (www / rel).parent.mkdir(parents=True, exist_ok=True)
+            (www / rel).write_bytes(data)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda kv: self.client.put_object(Bucket=self.bucket, Key=f"repo/{kv[0]}", Body=kv[1]),
+                          files.items()))
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "ion.testing.servers", "http", str(www.parent), str(port)],
+                                  env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise RuntimeError("the HTTP repository server did not start") from None
+                    time.sleep(0.05)
+            print(f"# small: {len(files)} files of {SMALL_FILE_BYTES} bytes uploaded and served "
+                  f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            urls = {"s3": self.url, "http": f"http://127.0.0.1:{port}/repo"}
+            shapes = {"items": names, "folder": ["smallfolder"]}
+            runs: dict[str, dict[str, list[float]]] = {f"{k} {s}": {"ion": [], "floor": [], "ion_cpu": [],
+                                                                    "floor_cpu": []} for k in urls for s in shapes}
+            for _ in range(a.repeat_cold):
+                for kind, url in urls.items():
+                    for shape, items in shapes.items():
+                        key = f"{kind} {shape}"
+                        run = self.fresh(f"small-{kind}-{shape}-floor")
+                        tasks = [[f"linux/{name}/1.0/", str(run / "dest" / name)] for name in items]
+                        if kind == "s3":
+                            tasks = [[f"repo/{prefix}", dest] for prefix, dest in tasks]
+                        spec = run / "spec.json"
+                        spec.write_text(json.dumps({"kind": kind, "jobs": a.jobs, "bucket": self.bucket, "url": url,
+                                                    "folder": shape == "folder", "tasks": tasks}))
+                        r = run_child([sys.executable, "-c", SMALL_FLOOR_SCRIPT, str(spec)], self.env, cwd=self.tmp)
+                        if r["rc"] != 0:
+                            raise RuntimeError(f"small floor ({key}) failed: {r['err'][-2000:]}")
+                        runs[key]["floor"].append(r["wall"])
+                        runs[key]["floor_cpu"].append(r["cpu"])
+                        shutil.rmtree(run)
+                        run = self.fresh(f"small-{kind}-{shape}-ion")
+                        deployment = deployment_file(run / "deploy.json", url, [
+                            item(name, run / "dest" / name, unpack=False) for name in items])
+                        r = self.ion_deploy(deployment, run / "cache")
+                        assert r["states"] == ["downloaded"], r["states"]
+                        runs[key]["ion"].append(r["wall"])
+                        runs[key]["ion_cpu"].append(r["cpu"])
+                        got = sum(len([f for f in fs if f.endswith(".bin")])
+                                  for _, _, fs in os.walk(run / "dest", followlinks=True))
+                        if got != n:
+                            raise RuntimeError(f"small {key}: {got} files deployed, expected {n}")
+                        shutil.rmtree(run)
+        finally:
+            server.terminate()
+            server.wait()
+        for key, r in runs.items():
+            kind, shape = key.split()
+            ion_s, floor_s = median(r["ion"]), median(r["floor"])
+            what = f"{n} items x 4 KB" if shape == "items" else f"1 folder of {n} x 4 KB"
+            client = "boto3" if kind == "s3" else "http.client"
+            ratio = ion_s / floor_s
+            self.row(f"small {kind}: {what}, jobs {a.jobs}", f"{ion_s:.2f} s", f"{floor_s:.2f} s ({client})", "-",
+                     f"{ratio:.2f}x floor", f"<= {SMALL_RATIO_TARGET}x floor", ratio <= SMALL_RATIO_TARGET)
+            self.notes.append(f"small {kind} {shape}: CPU (user+sys) of the process: ion-deploy "
+                              f"{median(r['ion_cpu']):.2f} s, floor {median(r['floor_cpu']):.2f} s")
+        self.figures["small"] = runs
+
     def rpc(self) -> None:
         """In-process Deployer vs deploy.app over the embedded broker, on one reactor, in this process."""
         a = self.args
@@ -564,19 +746,26 @@ class Bench:
 
     def run(self) -> None:
         self.figures: dict[str, Any] = {}
-        self.setup_umpire()
         a = self.args
-        self.cold()
-        self.warm()
-        self.tc1()
-        if a.big_mb > 0:
+        only = set(a.only.split(",")) if a.only else set(MEASURES)
+        if only & {"cold", "warm", "tc1"}:
+            self.setup_umpire()
+        if "cold" in only or "rpc" in only:
+            self.cold()  # (rpc deploys the cold row's dependencies)
+        if "warm" in only:
+            self.warm()
+        if "tc1" in only:
+            self.tc1()
+        if a.big_mb > 0 and "big" in only:
             self.big()
-        if self.umpire is None:
+        if "small" in only and a.small_files > 0:
+            self.small()
+        if self.umpire is None and only & {"cold", "warm", "tc1"}:
             self.notes.insert(0, f"Umpire: n/a ({self.umpire_reason})")
-        if not a.skip_rpc:
-            self.rpc()  # last: it runs the reactor, which cannot be restarted
-        else:
+        if a.skip_rpc:
             self.notes.append("rpc: skipped (--skip-rpc)")
+        elif "rpc" in only:
+            self.rpc()  # last: it runs the reactor, which cannot be restarted
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -598,8 +787,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=8, help="parallel fetches, ion-deploy and floor (default 8)")
     p.add_argument("--warm-deps", type=int, default=200, help="warm: small linked dependencies (default 200)")
     p.add_argument("--big-mb", type=float, default=1024, help="big: file size in MB (default 1024; 0 skips)")
+    p.add_argument("--small-files", type=int, default=2000,
+                   help="small: items of one 4 KB file, and files of the one folder (default 2000; 0 skips)")
+    p.add_argument("--only", metavar="M[,M...]",
+                   help=f"run only these measures, of {', '.join(MEASURES)} (default: all; rpc needs cold's)")
     p.add_argument("--repeat", type=int, default=3, help="warm: timed runs, median (default 3)")
-    p.add_argument("--repeat-cold", type=int, default=2, help="cold, tc1, big, rpc: runs, median (default 2)")
+    p.add_argument("--repeat-cold", type=int, default=2,
+                   help="cold, tc1, big, small, rpc: runs, median (default 2)")
     p.add_argument("--boto3-multipart", action="store_true",
                    help="big: also time download_file with boto3's default ranged GETs (slow on moto)")
     p.add_argument("--skip-umpire", action="store_true", help="no Umpire column")
@@ -615,6 +809,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    unknown = set(args.only.split(",")) - set(MEASURES) if args.only else set()
+    if unknown:
+        print(f"bench/deploy.py: --only: unknown measure(s) {', '.join(sorted(unknown))} "
+              f"(of {', '.join(MEASURES)})", file=sys.stderr)
+        return 2
     tmp = Path(tempfile.mkdtemp(prefix="ion-bench-deploy-", dir=args.tmp))
     moto = MotoServer(subprocess_mode=True).start()
     t0 = time.perf_counter()

@@ -5,12 +5,15 @@
   this process (default) or as a ``moto_server`` subprocess; :meth:`MotoServer.env`
   gives the variables that point boto3 at it (``AWS_ENDPOINT_URL_S3``, dummy
   credentials, no config files, no instance metadata lookups), so nothing
-  ever reaches a real AWS address.
+  ever reaches a real AWS address. In a thread it counts the TCP connections
+  it accepts and the requests it answers (:attr:`MotoServer.connections`,
+  :attr:`MotoServer.requests`).
 - :class:`HTTPRepositoryServer`: ``twisted.web.static.File`` over a folder
   (autoindex listings, as an HTTP repository serves them) on
   ``127.0.0.1:<free port>``, which also counts requests, can send
   ``Content-MD5`` (right or wrong), and can drop the connection in the middle
-  of a file the first N times it is asked for.
+  of a file the first N times it is asked for. It counts the TCP connections
+  it accepts (:attr:`HTTPRepositoryServer.connections`).
   With ``tls=self_signed_certificate()`` it serves HTTPS with a certificate no
   client trusts.
 - :func:`write_tree` lays out files (``{"linux/zlib/1.2/zlib.tgz": b"..."}``)
@@ -27,18 +30,22 @@ import io
 import logging
 import os
 import socket
+import socketserver
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import uuid
 import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLContextFactory
@@ -125,8 +132,12 @@ class MotoServer:
 
     :param host: the address to listen on; loopback only.
     :param port: 0 for a free one.
-    :param subprocess_mode: run ``python -m moto.server`` in a child process
-        (a benchmark's choice: the server then does not share this process's GIL).
+    :param subprocess_mode: run it in a child process (``python -m ion.testing.servers moto
+        HOST PORT``; a benchmark's choice: the server then does not share this process's GIL).
+
+    Unlike ``moto_server`` (werkzeug's development server, which closes every connection
+    after one response), it keeps connections open (HTTP/1.1), as S3 does: a client's
+    connection reuse can be seen, counted and timed.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, subprocess_mode: bool = False) -> None:
@@ -136,7 +147,13 @@ class MotoServer:
         self.port = port
         self.subprocess_mode = subprocess_mode
         self._threaded: Any = None
+        self._thread: threading.Thread | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        #: TCP connections accepted so far (thread mode only: a subprocess is not watched).
+        self.connections = 0
+        #: ``(method, path)`` of every request answered so far (thread mode only), in order;
+        #: the path is the raw one (``/bucket/key``, query string left out).
+        self.requests: list[tuple[str, str]] = []
 
     @property
     def endpoint(self) -> str:
@@ -149,7 +166,7 @@ class MotoServer:
         if self.subprocess_mode:
             self.port = self.port or free_port(self.host)
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                [sys.executable, "-m", "ion.testing.servers", "moto", self.host, str(self.port)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
@@ -162,18 +179,48 @@ class MotoServer:
                     time.sleep(0.05)
             self.stop()
             raise RuntimeError(f"moto_server did not listen on {self.endpoint} within 30 s")
-        from moto.server import ThreadedMotoServer
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
-        self._threaded = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
-        self._threaded.start()
-        self.host, self.port = self._threaded.get_host_and_port()
+        wsgi = _ThreadedWSGIServer((self.host, self.port), _KeepAliveHandler)
+        wsgi.set_app(DomainDispatcherApplication(create_backend_app))
+        self._threaded = wsgi
+        self.host, self.port = str(wsgi.server_address[0]), int(wsgi.server_address[1])
+        self._count(wsgi)
+        self._thread = threading.Thread(target=wsgi.serve_forever, name="ion-moto-server", daemon=True)
+        self._thread.start()
         return self
+
+    def _count(self, wsgi_server: Any) -> None:
+        """Count what the threaded server accepts (one ``process_request`` per connection)
+        and the requests its WSGI app answers."""
+        accept = wsgi_server.process_request
+        app = wsgi_server.get_app()
+
+        def process_request(request: Any, client_address: Any) -> Any:
+            self.connections += 1  # (one accepting thread: no race)
+            return accept(request, client_address)
+
+        def counted_app(environ: dict[str, Any], start_response: Any) -> Any:
+            self.requests.append((str(environ.get("REQUEST_METHOD", "")), str(environ.get("PATH_INFO", ""))))
+            return app(environ, start_response)
+
+        wsgi_server.process_request = process_request
+        wsgi_server.set_app(counted_app)
+
+    def count(self, method: str | None = None, prefix: str = "") -> int:
+        """How many requests (of ``method``, if given) had a path starting with ``prefix``
+        (``/<bucket>/``: one bucket's)."""
+        return sum(1 for m, p in list(self.requests) if p.startswith(prefix) and (method is None or m == method))
 
     def stop(self) -> None:
         """Stop the server."""
         if self._threaded is not None:
-            self._threaded.stop()
+            self._threaded.shutdown()
+            self._threaded.server_close()
             self._threaded = None
+            if self._thread is not None:
+                self._thread.join()
+                self._thread = None
         if self._process is not None:
             self._process.terminate()
             try:
@@ -233,6 +280,88 @@ class MotoServer:
                               **extra)
 
 
+class _KeepAliveHandler(WSGIRequestHandler):
+    """A WSGI request handler that keeps HTTP/1.1 connections open (werkzeug's server, under
+    ``moto_server``, closes every connection after one response).
+
+    The request body is read whole (``Content-Length`` or chunked) before the application
+    runs, so nothing it leaves unread can spoil the next request on the connection; a
+    response without ``Content-Length`` is sent chunked.
+    """
+
+    protocol_version = "HTTP/1.1"
+    #: Headers and body go out as separate writes: without TCP_NODELAY, Nagle's algorithm holds
+    #: the body until the client's delayed ACK of the headers (40 ms per response on Linux).
+    disable_nagle_algorithm = True
+
+    def handle(self) -> None:
+        try:
+            BaseHTTPRequestHandler.handle(self)  # (wsgiref's own handles one request only)
+        except (ConnectionError, TimeoutError):
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    def _body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            parts: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _run(self) -> None:
+        body = self._body()
+        environ = self.get_environ()
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        environ["REQUEST_URI"] = environ["RAW_URI"] = self.path
+        environ.update({"wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.version": (1, 0),
+                        "wsgi.url_scheme": "http", "wsgi.multithread": True, "wsgi.multiprocess": False,
+                        "wsgi.run_once": False})
+        started: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            started[:] = [status, headers]
+            return lambda data: None  # (no application here writes through it)
+
+        result = self.server.get_app()(environ, start_response)  # type: ignore[attr-defined]
+        try:
+            status, headers = started
+            code, _, phrase = status.partition(" ")
+            self.send_response(int(code), phrase)
+            names = {k.lower() for k, _ in headers}
+            chunked = "content-length" not in names and self.command != "HEAD" and int(code) not in (204, 304)
+            for key, value in headers:
+                if key.lower() not in ("connection", "transfer-encoding", "server", "date"):
+                    self.send_header(key, value)
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for data in result:
+                if data and self.command != "HEAD":
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = _run  # noqa: N815
+
+
+class _ThreadedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    block_on_close = False
+
+
 # -- HTTP --------------------------------------------------------------------------------------------
 class _FaultyRoot(resource.Resource):
     """Serves ``static.File(root)``, with the server's counters and faults applied."""
@@ -286,6 +415,18 @@ class _FaultyRoot(resource.Resource):
         return child.render(request)
 
 
+class _CountingSite(server.Site):
+    """A ``Site`` counting the connections it is given (one protocol built per connection)."""
+
+    def __init__(self, root: resource.Resource, owner: HTTPRepositoryServer) -> None:
+        super().__init__(root)
+        self.owner = owner
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 - Twisted's name
+        self.owner.connections += 1
+        return super().buildProtocol(addr)
+
+
 @implementer(IOpenSSLContextFactory)
 class _ServerTLS:
     """The server side's OpenSSL context for PEM ``certificate`` and ``key`` (a context factory)."""
@@ -315,6 +456,7 @@ class HTTPRepositoryServer:
     :ivar content_md5: ``True``: send the right ``Content-MD5`` with every file; a dict
         ``{relative path: base64 md5}``: send those values (wrong ones, for a test); None: never.
     :ivar headers: ``{relative path: {header: value}}`` added to those responses.
+    :ivar connections: TCP connections accepted so far.
     """
 
     def __init__(self, root: str | os.PathLike[str], reactor: Any = None, *,
@@ -334,6 +476,7 @@ class HTTPRepositoryServer:
         self.headers: dict[str, dict[str, str]] = {}
         self._port: Any = None
         self._site: Any = None
+        self.connections = 0
         #: ``(certificate, key)`` PEM: serve HTTPS with them (see :func:`self_signed_certificate`).
         self.tls = tls
 
@@ -343,15 +486,15 @@ class HTTPRepositoryServer:
         assert self._port is not None, "start() first"
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._port.getHost().port}"
 
-    def start(self) -> HTTPRepositoryServer:
-        """Listen (at once; the reactor serves once it runs)."""
-        self._site = server.Site(_FaultyRoot(self))
+    def start(self, port: int = 0) -> HTTPRepositoryServer:
+        """Listen on ``port`` (0: a free one), at once; the reactor serves once it runs."""
+        self._site = _CountingSite(_FaultyRoot(self), self)
         self._site.displayTracebacks = False
         self._site.noisy = False
         if self.tls is None:
-            self._port = self.reactor.listenTCP(0, self._site, interface="127.0.0.1")
+            self._port = self.reactor.listenTCP(port, self._site, interface="127.0.0.1")
         else:
-            self._port = self.reactor.listenSSL(0, self._site, _ServerTLS(*self.tls), interface="127.0.0.1")
+            self._port = self.reactor.listenSSL(port, self._site, _ServerTLS(*self.tls), interface="127.0.0.1")
         return self
 
     @defer.inlineCallbacks
@@ -378,3 +521,25 @@ class HTTPRepositoryServer:
     def count(self, rel: str, method: str | None = None) -> int:
         """How many requests named ``rel`` (of ``method``, if given)."""
         return sum(1 for m, r in self.requests if r == rel and (method is None or m == method))
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m ion.testing.servers moto HOST PORT``: serve moto's S3 until killed;
+    ``python -m ion.testing.servers http ROOT PORT``: serve ``ROOT`` as an HTTP repository on
+    ``127.0.0.1:PORT`` until killed (a benchmark's servers, in processes of their own)."""
+    if len(argv) != 3 or argv[0] not in ("moto", "http"):
+        print("usage: python -m ion.testing.servers moto HOST PORT | http ROOT PORT", file=sys.stderr)
+        return 2
+    if argv[0] == "moto":
+        MotoServer(argv[1], int(argv[2])).start()
+        threading.Event().wait()
+        return 0  # pragma: no cover - killed
+    from twisted.internet import reactor
+
+    HTTPRepositoryServer(argv[1], reactor).start(int(argv[2]))
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

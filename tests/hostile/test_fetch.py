@@ -118,8 +118,10 @@ def make_fetcher(root: Path, pool: BlockingPool, **config: Any) -> tuple[Cache, 
     return cache, Fetcher(cache, local_unpack(pool), pool=pool, config=FetchConfig(**settings))
 
 
-def notes_request(server: StatusServer) -> FetchRequest:
-    return FetchRequest(parse_repository_url(f"{server.url}/deps"), "linux", "notes", "1.0", unpack=False)
+def notes_request(server: StatusServer, *, keep_updated: bool = False) -> FetchRequest:
+    """``notes 1.0``; ``keep_updated``: its listing HEADs each file (a cold fetch's does not)."""
+    return FetchRequest(parse_repository_url(f"{server.url}/deps"), "linux", "notes", "1.0", unpack=False,
+                        keep_updated=keep_updated)
 
 
 async def assert_clean(cache: Cache, request: FetchRequest) -> None:
@@ -234,13 +236,13 @@ async def test_the_fetch_service_answers_a_full_disk_with_a_507_and_releases_the
 @pytest_twisted.ensureDeferred
 async def test_one_503_on_a_file_is_retried_and_the_fetch_succeeds(method: str, tmp_path: Path, pool: BlockingPool,
                                                                    status_server: Any) -> None:
-    """A 503 on a file's HEAD (listing) or GET (download), once: retried after ``retry_delay`` (0 here);
-    the fetch succeeds."""
+    """A 503 on a file's HEAD (a keep_updated listing) or GET (download), once: retried after
+    ``retry_delay`` (0 here); the fetch succeeds."""
     srv = status_server({"linux/notes/1.0/notes.txt": b"notes\n"})
     srv.statuses[(method, NOTES)] = [503]
     cache, fetcher = make_fetcher(tmp_path / "cache", pool)
     try:
-        result = await within(fetcher.fetch(notes_request(srv)))
+        result = await within(fetcher.fetch(notes_request(srv, keep_updated=method == "HEAD")))
     finally:
         await fetcher.close()
     assert result.state == "downloaded"
@@ -258,7 +260,7 @@ async def test_a_server_error_that_persists_fails_after_the_retries_in_one_line(
     srv = status_server({"linux/notes/1.0/notes.txt": b"notes\n"})
     srv.always[(method, NOTES)] = code
     cache, fetcher = make_fetcher(tmp_path / "cache", pool, retries=2)
-    request = notes_request(srv)
+    request = notes_request(srv, keep_updated=method == "HEAD")
     try:
         with pytest.raises(TransferError) as info:
             await within(fetcher.fetch(request))
@@ -277,12 +279,12 @@ async def test_a_server_error_that_persists_fails_after_the_retries_in_one_line(
 @pytest_twisted.ensureDeferred
 async def test_a_403_on_a_file_is_access_denied_at_once_not_wrapped(method: str, code: int, tmp_path: Path,
                                                                     pool: BlockingPool, status_server: Any) -> None:
-    """A 401/403 on a file while listing (HEAD) or downloading (GET): an AccessDeniedError of one line naming
+    """A 401/403 on a file while listing (HEAD, keep_updated) or downloading (GET): an AccessDeniedError of one line naming
     the status and the URL, at the first answer (a 4xx is not retried), not a FirstError stack dump."""
     srv = status_server({"linux/notes/1.0/notes.txt": b"notes\n", "linux/notes/1.0/other.txt": b"other\n"})
     srv.always[(method, NOTES)] = code
     cache, fetcher = make_fetcher(tmp_path / "cache", pool, retries=3)
-    request = notes_request(srv)
+    request = notes_request(srv, keep_updated=method == "HEAD")
     try:
         with pytest.raises(AccessDeniedError) as info:
             await within(fetcher.fetch(request))
@@ -309,7 +311,7 @@ async def test_a_403_while_listing_reaches_a_fetch_service_caller_as_a_403(conta
     await container.app_manager.start_app("fetch")
     client = FetchClient(await client_process(container))
     with pytest.raises(AccessDeniedError) as info:
-        await within(client.fetch(notes_request(srv)))
+        await within(client.fetch(notes_request(srv, keep_updated=True)))
     assert info.value.code == 403
     assert_one_clear_line(str(info.value))
     assert f"{srv.url}/{NOTES}" in str(info.value) and "403" in str(info.value)

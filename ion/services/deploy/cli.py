@@ -48,6 +48,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -266,6 +267,9 @@ class Progress:
         self.items = list(items)
         self.index = {id(item): n for n, item in enumerate(self.items, 1)}
         self.bytes: dict[int, dict[str, tuple[int, int | None]]] = {}
+        #: Per item: [bytes done, sum of the known totals, files of unknown total], kept up to date
+        #: file by file (summing every file at each event is quadratic: a folder of 2,000 files).
+        self.sums: dict[int, list[int]] = {}
         self.announced: set[tuple[int, str]] = set()
         self.bar: Any = None
         self.tasks: dict[int, Any] = {}
@@ -293,11 +297,20 @@ class Progress:
         key = id(item)
         if phase == "bytes":
             files = self.bytes.setdefault(key, {})
+            sums = self.sums.setdefault(key, [0, 0, 0])
             fname = str(info.get("file") or "")
-            files[fname] = (int(info.get("done") or 0), info.get("total"))
-            done = sum(d for d, _ in files.values())
-            totals = [t for _, t in files.values() if t is not None]
-            total = sum(totals) if len(totals) == len(files) else None
+            new = (int(info.get("done") or 0), info.get("total"))
+            old = files.get(fname)
+            files[fname] = new
+            for entry, sign in ((old, -1), (new, 1)):
+                if entry is not None:
+                    sums[0] += sign * entry[0]
+                    if entry[1] is None:
+                        sums[2] += sign
+                    else:
+                        sums[1] += sign * int(entry[1])
+            done = sums[0]
+            total = sums[1] if sums[2] == 0 else None
             if self.bar is not None:
                 self.bar.update(self.tasks[key], completed=done, total=total, state="downloading")
             elif (key, fname) not in self.announced and self.out.as_json is False:
@@ -524,11 +537,14 @@ async def _run_local(reactor: Any, args: argparse.Namespace, deployment: Any, ou
         if deployment is not None:
             from ion.services.deploy.core import Deployer
             from ion.services.fetch.core import Fetcher, local_unpack
+            from ion.services.fetch.repository import FetchConfig
             from ion.services.unpack.core import Limits
 
             limits = Limits.from_config(config.for_module("ion.services.unpack"))
-            fetcher = Fetcher(cache, local_unpack(pool, limits), pool=pool, reactor=reactor,
-                              config=config.for_module("ion.services.fetch"))
+            # --jobs requests in flight per repository, so at most that many connections to it.
+            fetch_config = replace(FetchConfig.from_config(config.for_module("ion.services.fetch")),
+                                   max_connections=jobs)
+            fetcher = Fetcher(cache, local_unpack(pool, limits), pool=pool, reactor=reactor, config=fetch_config)
             healed: list[dict[str, Any]] = []
             deployer = Deployer(_fetch_function(fetcher, cache if args.verify_used else None, healed, out), pool,
                                 max_parallel=jobs, cache_root=cache.root)

@@ -10,8 +10,11 @@ name, version, unpack, keep_updated, optional sha256) and:
    processes: the cache does the locking), then looks again, since whoever
    held the lock may just have published it;
 3. lists the version folder and downloads every file into a staging folder
-   of its own (``Cache.new_staging()``), verified as it streams in (the
-   repository's checksums, then the item's ``sha256``);
+   of its own (``Cache.new_staging()``), ``max_connections`` files at a time
+   (within the repository's own bound on requests in flight), verified as it
+   streams in (the repository's checksums, then the item's ``sha256``); the
+   listing describes each file (an HTTP ``HEAD`` per file) only when
+   ``keep_updated`` compares it with the entry;
 4. with ``unpack``, extracts each archive into the content staging folder
    (an archive in a sub-folder into that sub-folder; a file that is no
    archive is kept as it is), through the injected unpack function;
@@ -36,7 +39,7 @@ from __future__ import annotations
 import functools
 import os
 import stat
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, Self, cast
@@ -420,6 +423,41 @@ def _mkdirs(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
+async def _each(items: list[RemoteFile], fn: Callable[[RemoteFile], Coroutine[Any, Any, None]], at_once: int) -> None:
+    """``fn(item)`` for every item, ``at_once`` at a time. On the first failure no other item is
+    started, those running are cancelled, and that failure is raised once every one has ended (so
+    nothing still writes into a staging folder the caller removes next)."""
+    todo = iter(items)
+    running: set[defer.Deferred[None]] = set()
+    failures: list[BaseException] = []
+
+    async def worker() -> None:
+        for item in todo:  # one iterator for all the workers: each item is taken once
+            if failures:
+                return
+            d: defer.Deferred[None] = defer.ensureDeferred(fn(item))
+            running.add(d)
+            try:
+                await d
+            except BaseException as exc:
+                if not failures:
+                    failures.append(exc)
+                    for other in list(running - {d}):
+                        other.cancel()
+                return
+            finally:
+                running.discard(d)
+
+    workers = [defer.ensureDeferred(worker()) for _ in range(max(1, min(at_once, len(items))))]
+    try:
+        await defer.DeferredList(workers, consumeErrors=True)
+    except defer.CancelledError:  # (the list gives up at once; its workers end their cleanup first)
+        await defer.DeferredList(workers, consumeErrors=True)
+        raise
+    if failures:
+        raise failures[0]
+
+
 # -- the fetcher ----------------------------------------------------------------------------------------
 class Fetcher:
     """Fetches cache entries: lookup, lock, download, verify, unpack, publish (see the module notes).
@@ -522,7 +560,7 @@ class Fetcher:
                 return self._done(report, "cached", key, info, warnings)
             report("checking")
             try:
-                listing = await repo.list_version(request.platform, request.name, request.version)
+                listing = await repo.list_version(request.platform, request.name, request.version, describe=True)
             except FetchError as exc:
                 warning = f"keep_updated: could not check {repo.version_url(request.platform, request.name, request.version)}" \
                           f" for a newer version ({exc}); using the cached entry"
@@ -541,7 +579,9 @@ class Fetcher:
                 return self._done(report, "cached", key, again, warnings)
             if listing is None:
                 report("listing")
-                listing = await repo.list_version(request.platform, request.name, request.version)
+                # Only a keep_updated comparison needs the files described before their download.
+                listing = await repo.list_version(request.platform, request.name, request.version,
+                                                  describe=request.keep_updated)
             if again is not None and entry_is_current(again, listing):
                 # Published by the holder we waited for, and current: nothing to fetch.
                 return self._done(report, "cached", key, again, warnings)
@@ -587,7 +627,8 @@ class Fetcher:
                 downloads = Path(await self.cache.new_staging())
                 stagings.append(downloads)
             got: dict[str, Downloaded] = {}
-            for remote in listing:
+
+            async def download(remote: RemoteFile) -> None:
                 report("downloading", remote.path, 0, remote.size)
                 # An archive to extract needs no sha256 of its own (what it holds is hashed as it is
                 # extracted) unless the item pins one: an md5 check suffices where there is one.
@@ -598,6 +639,8 @@ class Fetcher:
                 if digest is not None and got[remote.path].sha256 != digest:
                     raise ChecksumMismatchError(remote.path, f"sha256:{digest}", f"sha256:{got[remote.path].sha256}",
                                                 url=remote.url, source="the item's sha256")
+
+            await _each(listing, download, int(self.config.max_connections))
             if request.unpack:
                 files = await self._unpack_all(listing, got, downloads, content, report)
             else:

@@ -8,8 +8,11 @@ the URL's scheme (:func:`repository_for`):
 - ``http(s):`` (:class:`HTTPRepository`): treq, streamed; a version folder is
   listed through its index page, the links of an autoindex page as nginx,
   Apache or ``python -m http.server`` serve it (sub-folders followed; parent,
-  sort and off-site links ignored), then one ``HEAD`` per file for its size,
-  ``Content-MD5``, ``ETag`` and ``Last-Modified``.
+  sort and off-site links ignored), then, when the listing must describe the
+  files (``describe=True``: a ``keep_updated`` check compares their markers),
+  one ``HEAD`` per file for its size, ``Content-MD5``, ``ETag`` and
+  ``Last-Modified``; a listing only to download (``describe=False``) makes no
+  ``HEAD``: the ``GET`` of each file says all of that.
 - ``s3:`` (:class:`S3Repository`): boto3 with its standard settings
   (``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE`` and the config files, the
   ``AWS_*`` credential variables...), imported only when an ``s3:`` repository
@@ -17,6 +20,13 @@ the URL's scheme (:func:`repository_for`):
   none or they are refused, again anonymously (botocore ``UNSIGNED``): public
   buckets work without an account. boto3 blocks, so every call runs in the
   :class:`~ion.core.threads.BlockingPool`.
+
+**Connections**: a repository makes at most ``max_connections`` requests at
+once (:attr:`Repository.slots`; ``ion-deploy`` sets it to ``--jobs``), so it
+holds at most that many connections: HTTP through one persistent treq
+connection pool keeping as many per host, S3 through one boto3 client whose
+pool keeps as many (``max_pool_connections``). An S3 listing gives each key's
+size and ETag: no request per file but its ``GET``.
 
 Layout: ``<url>/<platform>/<name>/<version>/<files>``; every file under the
 version folder belongs to the dependency, sub-folders kept, except a
@@ -72,6 +82,7 @@ from twisted.internet import error as ierror
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from ion.core.config import Settings, setting
 from ion.services.fetch.errors import (
@@ -198,8 +209,12 @@ class FetchConfig(Settings):
     :param chunk_size: bytes handed to the pool per write (HTTP); S3 and file downloads move
         8 chunks per pool job, read in pieces of at most 256 KiB.
     :param max_buffered: bytes of one download waiting to be written before the network is paused.
-    :param listing_concurrency: HTTP ``HEAD`` requests at once while listing.
-    :param s3_max_connections: connections in boto3's pool per repository.
+    :param listing_concurrency: HTTP ``HEAD`` requests at once while listing (within ``max_connections``).
+    :param max_connections: requests in flight at once per repository, and so its connections
+        (HTTP and S3); ``ion-deploy`` sets it to ``--jobs``. The files of a version folder are
+        downloaded that many at a time.
+    :param s3_max_connections: connections boto3's pool keeps per repository (at most
+        ``max_connections`` are used).
     :param max_concurrent: fetch requests the service handles at once.
     :param progress_interval: seconds between two ``deploy.progress`` events of one file.
     :param rpc_timeout: seconds a ``FetchClient`` call waits for the answer unless told otherwise.
@@ -216,6 +231,7 @@ class FetchConfig(Settings):
     chunk_size: int = setting(1 << 20, minimum=1)
     max_buffered: int = setting(8 << 20, minimum=1)
     listing_concurrency: int = setting(8, minimum=1)
+    max_connections: int = setting(8, minimum=1)
     s3_max_connections: int = setting(16, minimum=1)
     max_concurrent: int = 16
     progress_interval: float = 0.5
@@ -261,7 +277,10 @@ def _write_error(exc: OSError, path: Path, url: str | None) -> WriteError:
 
 
 class _Sink:
-    """One file being written, hashed as it goes. Every method blocks: run them in the pool.
+    """One file being written, hashed as it goes. Every method but :meth:`want_md5` and
+    :attr:`closed` may block: run them in the pool. Making one does no I/O: the file is
+    created (parents too) by the first write, or by :meth:`close` for an empty one, so a
+    small file costs one pool job, not three.
 
     A failed write (a full disk, a quota, ``RLIMIT_FSIZE``, an I/O error) raises
     :class:`WriteError` naming the file and the OS reason, never a bare ``OSError``.
@@ -270,11 +289,9 @@ class _Sink:
     def __init__(self, path: Path, *, sha256: bool = True, url: str | None = None) -> None:
         self.path = path
         self.url = url
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
-        except OSError as exc:
-            raise _write_error(exc, path, url) from None
+        self.file: Any = None
+        #: What :meth:`close` returned (it may be called again: the same answer, no I/O).
+        self.closed: tuple[int, str | None, str | None] | None = None
         #: The caller needs the sha256 whatever else is checked (else: only when nothing else is).
         self.sha256_needed = sha256
         self.sha256: Any = hashlib.sha256()
@@ -300,7 +317,16 @@ class _Sink:
         if wanted and not (self.sha256_needed or sha256_checked):
             self.sha256 = None
 
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
+        except OSError as exc:
+            raise _write_error(exc, self.path, self.url) from None
+
     def _write_all(self, view: memoryview) -> None:
+        if self.file is None:
+            self._open()
         try:
             while view:
                 view = view[self.file.write(view):]
@@ -401,26 +427,36 @@ class _Sink:
 
     def reset(self) -> None:
         """Start the file again from byte 0 (a retry)."""
-        try:
-            self.file.seek(0)
-            self.file.truncate()
-        except OSError as exc:
-            raise _write_error(exc, self.path, self.url) from None
+        if self.closed is not None:
+            self.closed, self.file = None, None  # (reopened, emptied, by the next write)
+        elif self.file is not None:
+            try:
+                self.file.seek(0)
+                self.file.truncate()
+            except OSError as exc:
+                raise _write_error(exc, self.path, self.url) from None
         self.sha256 = hashlib.sha256()
         self.md5 = None
         self.size = 0
 
     def close(self) -> tuple[int, str | None, str | None]:
+        """Close the file (created if nothing was written); its size and hex digests."""
+        if self.closed is not None:
+            return self.closed
+        if self.file is None:
+            self._open()
         try:
             self.file.close()
         except OSError as exc:  # a network filesystem may report a failed write only now
             raise _write_error(exc, self.path, self.url) from None
-        return (self.size, self.sha256.hexdigest() if self.sha256 is not None else None,
-                self.md5.hexdigest() if self.md5 is not None else None)
+        self.closed = (self.size, self.sha256.hexdigest() if self.sha256 is not None else None,
+                       self.md5.hexdigest() if self.md5 is not None else None)
+        return self.closed
 
     def abort(self) -> None:
         try:
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
         finally:
             try:
                 self.path.unlink()
@@ -469,18 +505,23 @@ class _PoolWriter:
         if self._gathered >= self.chunk_size:
             self._flush()
 
-    def _flush(self) -> None:
-        if not self._pieces:
+    def _flush(self, close: bool = False) -> None:
+        if not self._pieces and not close:
             return
-        data = b"".join(self._pieces) if len(self._pieces) > 1 else self._pieces[0]
+        data = b"".join(self._pieces) if len(self._pieces) > 1 else (self._pieces[0] if self._pieces else b"")
         self._pieces, self._gathered = [], 0
         self._pending += len(data)
         if self._pending > self.max_buffered and not self.paused and self.pause is not None:
             self.paused = True
             self.pause()
 
+        def write_and_close() -> int:
+            n = self.sink.write(data) if data else 0
+            self.sink.close()
+            return n
+
         def write(_: Any) -> defer.Deferred[int]:
-            return self.pool.run(self.sink.write, data)
+            return self.pool.run(write_and_close) if close else self.pool.run(self.sink.write, data)
 
         def written(n: int) -> None:
             self._pending -= n
@@ -502,9 +543,10 @@ class _PoolWriter:
         self._tail.addCallback(write)
         self._tail.addCallbacks(written, failed)
 
-    async def finish(self) -> None:
-        """Write what is gathered and wait for every write (raising the first write error)."""
-        self._flush()
+    async def finish(self, *, close: bool = False) -> None:
+        """Write what is gathered and wait for every write (raising the first write error);
+        ``close``: the sink is closed by the last write's pool job (all the bytes came)."""
+        self._flush(close)
         await self._tail
 
     async def drain(self) -> None:
@@ -544,6 +586,9 @@ class Repository:
         self.reactor = reactor
         self.clock: IReactorTime = clock or reactor
         self.config = config or FetchConfig()
+        #: One token per request in flight (``max_connections``): every listing request, sidecar
+        #: read and download attempt holds one, so the repository holds at most that many connections.
+        self.slots = defer.DeferredSemaphore(int(self.config.max_connections))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -553,8 +598,13 @@ class Repository:
         """The version folder's URL (or path), as messages name it; ends with ``/``."""
         return self.url.child(platform, name, version).rstrip("/") + "/"
 
-    def list_version(self, platform: str, name: str, version: str) -> defer.Deferred[list[RemoteFile]]:
+    def list_version(self, platform: str, name: str, version: str, *,
+                     describe: bool = True) -> defer.Deferred[list[RemoteFile]]:
         """Every file of the version folder, sorted by path (sidecars folded into their file).
+
+        ``describe=False``: the files are listed to be downloaded, whose transfers say their size,
+        checksum and marker; a repository whose listing does not give them (HTTP) leaves them
+        unknown (None) rather than asking for each file (S3 and ``file:`` give them anyway).
 
         :raises NotFoundError: no such version folder, or nothing in it (the URL tried named).
         :raises BucketNotFoundError, AccessDeniedError, TransferError, RepositoryError: as their names say.
@@ -563,7 +613,7 @@ class Repository:
         async def run() -> list[RemoteFile]:
             _version_parts(platform, name, version)
             where = self.version_url(platform, name, version)
-            files = await self._retrying("listing", where, lambda: self._list(platform, name, version))
+            files = await self._retrying("listing", where, lambda: self._list(platform, name, version, describe))
             if not files:
                 raise NotFoundError(f"no files under {where}", url=where)
             return await self._fold_sidecars(files)
@@ -593,8 +643,12 @@ class Repository:
         return defer.succeed(None)
 
     # -- for implementations ----------------------------------------------------------------------------
-    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
+    async def _list(self, platform: str, name: str, version: str, describe: bool = True) -> list[RemoteFile]:
         raise NotImplementedError
+
+    def _slot(self, fn: Callable[[], Any]) -> defer.Deferred[Any]:
+        """``fn()`` once a request slot is free (:attr:`slots`), holding it until ``fn`` ends."""
+        return self.slots.run(lambda: defer.ensureDeferred(fn()))
 
     async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
         """The content of a small file (a sidecar), at most ``limit`` bytes."""
@@ -640,7 +694,7 @@ class Repository:
         for path, car in sidecars.items():
             if car.size is not None and car.size > _MAX_SIDECAR:
                 raise RepositoryError(f"sidecar {car.url} is {car.size} bytes: not a sha256 file", url=car.url)
-            text = await self._retrying("reading", car.url, functools.partial(self._read_small, car, _MAX_SIDECAR))
+            text = await self._retrying("reading", car.url, functools.partial(self._read_sidecar, car))
             digest = _parse_sidecar(text)
             if digest is None:
                 raise RepositoryError(f"sidecar {car.url} does not hold a sha256 (64 hex digits)", url=car.url)
@@ -649,11 +703,13 @@ class Repository:
                                               Checksum("sha256", digest)))
         return [out[p] for p in sorted(out)]
 
+    def _read_sidecar(self, car: RemoteFile) -> defer.Deferred[bytes]:
+        return self._slot(lambda: self._read_small(car, _MAX_SIDECAR))
+
     async def _download(self, remote: RemoteFile, dest: Path, progress: Progress | None,
                         need_sha256: bool = True) -> Downloaded:
         sidecar = any(c.algorithm == "sha256" for c in remote.checksums)
-        sink: _Sink = await self.pool.run(functools.partial(_Sink, dest, sha256=need_sha256 or sidecar,
-                                                            url=remote.url))
+        sink = _Sink(dest, sha256=need_sha256 or sidecar, url=remote.url)  # (no I/O yet)
         seen: dict[str, RemoteFile] = {}
 
         def report(done: int) -> None:
@@ -663,7 +719,7 @@ class Repository:
 
         async def attempt() -> RemoteFile:
             seen["last"] = remote
-            got = await self._transfer(remote, sink, report)
+            got = await self._slot(lambda: self._transfer(remote, sink, report))
             seen["last"] = got
             return got
 
@@ -674,7 +730,8 @@ class Repository:
             if progress is not None:
                 progress(0, remote.size)
             got = await self._retrying("downloading", remote.url, attempt, restart)
-            size, sha256, md5 = await self.pool.run(sink.close)
+            # (A transfer that had all the bytes may have closed it in its last pool job.)
+            size, sha256, md5 = sink.closed or await self.pool.run(sink.close)
             verified = self._verify(got, size, sha256, md5)
         except BaseException:
             try:
@@ -784,7 +841,7 @@ class FileRepository(Repository):
     def version_url(self, platform: str, name: str, version: str) -> str:
         return str(self._folder(platform, name, version)) + "/"
 
-    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
+    async def _list(self, platform: str, name: str, version: str, describe: bool = True) -> list[RemoteFile]:
         folder = self._folder(platform, name, version)
         # Files are read only from inside the repository, symlinks resolved (DESIGN §8).
         files = await self.pool.run(_walk_folder, folder, str, os.path.realpath(self.url.location))
@@ -871,6 +928,9 @@ def parse_index_links(html: str, folder_url: str) -> tuple[list[str], list[str]]
 #: HTTP statuses worth another try (with the retry policy): a timeout, too many requests, a server or
 #: gateway error. Other 4xx are the request's own fault: never retried.
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: A URL that is already a URI: only ASCII characters allowed in one (RFC 3986), escapes well formed;
+#: no IPv6 literal (``[...]``: treq cannot request one, and says so).
+_URI = re.compile(r"https?://(?:[A-Za-z0-9\-._~:/?#@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
 
 
 async def _gather(deferreds: list[defer.Deferred[Any]]) -> list[Any]:
@@ -1041,7 +1101,8 @@ class HTTPRepository(Repository):
         from twisted.web.client import Agent, HTTPConnectionPool
 
         self._pool = HTTPConnectionPool(self.reactor, persistent=True)
-        self._pool.maxPersistentPerHost = max(2, int(self.config.listing_concurrency))
+        # Every request in flight holds a slot (max_connections): keep a connection for each.
+        self._pool.maxPersistentPerHost = int(self.config.max_connections)
         # A request that fails on a cached connection the server had closed is sent again at once on
         # a new one (GET and HEAD only): an HTTP/1.0 server such as ``python -m http.server`` closes
         # every connection without saying so. Real failures still go through our retries, logged.
@@ -1054,6 +1115,13 @@ class HTTPRepository(Repository):
             endpoints = GuardedEndpointFactory(self.reactor, guard, self.config.connect_timeout or None)
             agent = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self._pool)
         self._http = HTTPClient(agent)
+        # treq's own chain (cookies, redirects, gzip), made once: treq builds it, and parses the URL
+        # with hyperlink, for every request (a third of the reactor's time per small file).
+        from http.cookiejar import CookieJar
+
+        from twisted.web.client import ContentDecoderAgent, CookieAgent, GzipDecoder, RedirectAgent
+
+        self._agent = ContentDecoderAgent(RedirectAgent(CookieAgent(agent, CookieJar())), [(b"gzip", GzipDecoder)])
 
     def close(self) -> defer.Deferred[None]:
         return self._pool.closeCachedConnections()
@@ -1067,7 +1135,12 @@ class HTTPRepository(Repository):
     async def _request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None) -> Any:
         sent: dict[bytes | str, bytes | str] = {k: v for k, v in (headers or {}).items()}
         try:
-            d = self._http.request(method, url, headers=sent, unbuffered=True, allow_redirects=True)
+            if _URI.fullmatch(url):  # already a URI (what we build): straight to the agents
+                raw = {k.encode("ascii") if isinstance(k, str) else k: [v.encode("latin-1") if isinstance(v, str) else v]
+                       for k, v in sent.items()}
+                d = self._agent.request(method.encode("ascii"), url.encode("ascii"), Headers(raw))
+            else:  # treq makes it one (an IRI, a space in a prefix), or says why it cannot
+                d = self._http.request(method, url, headers=sent, unbuffered=True, allow_redirects=True)
         except (ValueError, UnicodeError) as exc:  # the URL itself (treq/hyperlink cannot encode its host)
             raise InvalidRequestError(f"{method} {url}: the HTTP client cannot request this URL "
                                       f"({type(exc).__name__}: {exc})", url=url) from None
@@ -1158,7 +1231,7 @@ class HTTPRepository(Repository):
             raise
         return bytes(body)
 
-    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
+    async def _list(self, platform: str, name: str, version: str, describe: bool = True) -> list[RemoteFile]:
         top = self.version_url(platform, name, version)
         names: list[tuple[str, str]] = []  # (relative path, url)
         visited: set[str] = set()
@@ -1167,12 +1240,7 @@ class HTTPRepository(Repository):
             if folder_url in visited or depth > _MAX_LISTING_DEPTH:
                 return
             visited.add(folder_url)
-            response = await self._request("GET", folder_url)
-            if int(response.code) == 404 and depth == 0:
-                await self._discard(response)
-                raise NotFoundError(f"no files under {folder_url} (HTTP 404)", url=folder_url)
-            await self._checked(response, folder_url, "listing")
-            page = await self._content(response, 16 << 20, folder_url)
+            response, page = await self._slot(lambda: self._index_page(folder_url, depth))
             ctype = (self._header(response, "content-type") or "").lower()
             if ctype and "html" not in ctype:
                 raise RepositoryError(f"{folder_url} is not an index page (Content-Type {ctype}); an HTTP "
@@ -1186,12 +1254,23 @@ class HTTPRepository(Repository):
                 await walk(folder_url + quote(sub, safe="") + "/", rel + sub + "/", depth + 1)
 
         await walk(top, "", 0)
+        if not describe:  # each file's GET will say its size, Content-MD5 and ETag
+            return [RemoteFile(path=r, url=u, size=None, source=u) for r, u in names]
         semaphore = defer.DeferredSemaphore(int(self.config.listing_concurrency))
 
         async def head(rel: str, url: str) -> RemoteFile:
-            return await semaphore.run(lambda: defer.Deferred.fromCoroutine(self._head(rel, url)))
+            return await semaphore.run(lambda: self._slot(lambda: self._head(rel, url)))
 
         return await _gather([defer.Deferred.fromCoroutine(head(r, u)) for r, u in names])
+
+    async def _index_page(self, folder_url: str, depth: int) -> tuple[Any, bytes]:
+        """The response and body of a folder's index page."""
+        response = await self._request("GET", folder_url)
+        if int(response.code) == 404 and depth == 0:
+            await self._discard(response)
+            raise NotFoundError(f"no files under {folder_url} (HTTP 404)", url=folder_url)
+        await self._checked(response, folder_url, "listing")
+        return response, await self._content(response, 16 << 20, folder_url)
 
     def _describe(self, rel: str, url: str, response: Any, size: int | None) -> RemoteFile:
         checksums: list[Checksum] = []
@@ -1238,7 +1317,7 @@ class HTTPRepository(Repository):
         checksums = {c.algorithm: c for c in remote.checksums}
         checksums.update({c.algorithm: c for c in got.checksums})
         got = replace(got, checksums=tuple(checksums.values()), marker=got.marker or remote.marker, source=url)
-        await self.pool.run(functools.partial(sink.want_md5, "md5" in checksums, sha256_checked="sha256" in checksums))
+        sink.want_md5("md5" in checksums, sha256_checked="sha256" in checksums)  # (no I/O: no pool job)
         writer = _PoolWriter(self.pool, sink, self.config, progress=progress)
         done: defer.Deferred[None] = defer.Deferred()
         receiver = _BodyReceiver(writer, done, self.clock, float(self.config.read_timeout))
@@ -1259,8 +1338,9 @@ class HTTPRepository(Repository):
                 if reason is not None:
                     raise _Retryable(f"GET {url}: {reason} after {receiver.received} bytes") from None
             raise
-        await writer.finish()
-        if size is not None and receiver.received != size:
+        complete = size is None or receiver.received == size
+        await writer.finish(close=complete)
+        if not complete:
             raise _Retryable(f"GET {url}: the body ended after {receiver.received} of {size} bytes")
         return replace(got, size=receiver.received)
 
@@ -1334,8 +1414,10 @@ class _S3Clients:
                 from botocore import UNSIGNED
                 from botocore.config import Config
 
+                # Requests in flight are at most max_connections (the repository's slots).
                 options = dict(retries={"max_attempts": 2, "mode": "standard"},
-                               max_pool_connections=int(self.config.s3_max_connections),
+                               max_pool_connections=min(int(self.config.s3_max_connections),
+                                                        int(self.config.max_connections)),
                                connect_timeout=self.config.connect_timeout or 60,
                                read_timeout=self.config.read_timeout or 60)
                 session = boto3.session.Session()
@@ -1348,6 +1430,15 @@ class _S3Clients:
                 self.unsigned = session.client("s3", config=Config(signature_version=UNSIGNED, **options))
                 self._made = True
             return self.signed, self.unsigned
+
+    def close(self) -> None:
+        """Close the clients' connections (blocking)."""
+        with self._lock:
+            for client in (self.signed, self.unsigned):
+                if client is not None:
+                    client.close()
+            self.signed = self.unsigned = None
+            self._made = False
 
 
 class S3Repository(Repository):
@@ -1363,6 +1454,9 @@ class S3Repository(Repository):
 
     def version_url(self, platform: str, name: str, version: str) -> str:
         return f"s3://{self.bucket}/{self._prefix(platform, name, version)}"
+
+    def close(self) -> defer.Deferred[None]:
+        return self.pool.run(self.clients.close)
 
     def _prefix(self, platform: str, name: str, version: str) -> str:
         parts = [p for p in (self.url.prefix.strip("/"), platform, name, version) if p]
@@ -1511,8 +1605,9 @@ class S3Repository(Repository):
             pass
 
     # -- the interface --------------------------------------------------------------------------------
-    async def _list(self, platform: str, name: str, version: str) -> list[RemoteFile]:
-        return await self.pool.run(self._list_blocking, self._prefix(platform, name, version))
+    async def _list(self, platform: str, name: str, version: str, describe: bool = True) -> list[RemoteFile]:
+        prefix = self._prefix(platform, name, version)
+        return await self._slot(lambda: self.pool.run(self._list_blocking, prefix))
 
     async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
         def read() -> bytes:
@@ -1524,22 +1619,41 @@ class S3Repository(Repository):
 
         return await self.pool.run(read)
 
-    async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
-        body, size, etag = await self.pool.run(self._open_blocking, remote.source, remote.url)
-        sink.expected = size
+    def _first_step(self, remote: RemoteFile, sink: _Sink, step: int, chunk: int) -> tuple[Any, int | None, str, int]:
+        """GET the object and read its first ``step`` bytes, in one pool job; an object that fits
+        (a small file) is read to its end and its body closed here: ``(None, size, etag, n)``.
+        Else ``(body, size, etag, n)``: the caller reads on."""
+        body, size, etag = self._open_blocking(remote.source, remote.url)
         try:
-            await self.pool.run(sink.want_md5, bool(self._etag_checksums(etag)))
-            chunk = int(self.config.chunk_size)
-            step = chunk * 8
-            done = 0
-            while True:
-                n = await self.pool.run(self._read_step, sink, body, step, chunk, remote.url)
-                if not n:
-                    break
-                done += n
-                progress(done)
-        finally:
-            await self.pool.run(self._close_body, body)
+            sink.expected = size
+            sink.want_md5(bool(self._etag_checksums(etag)))
+            n = self._read_step(sink, body, step, chunk, remote.url)
+        except BaseException:
+            self._close_body(body)
+            raise
+        if n < step:  # fill_from stops short only at the end of the body
+            self._close_body(body)
+            if size is None or n == size:
+                sink.close()  # all of it: no pool job of its own for that
+            return None, size, etag, n
+        return body, size, etag, n
+
+    async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
+        chunk = int(self.config.chunk_size)
+        step = chunk * 8
+        body, size, etag, done = await self.pool.run(self._first_step, remote, sink, step, chunk)
+        if done:
+            progress(done)
+        if body is not None:
+            try:
+                while True:
+                    n = await self.pool.run(self._read_step, sink, body, step, chunk, remote.url)
+                    if not n:
+                        break
+                    done += n
+                    progress(done)
+            finally:
+                await self.pool.run(self._close_body, body)
         if size is not None and done != size:
             raise _Retryable(f"{remote.url}: the body ended after {done} of {size} bytes")
         # What the GET answered describes these bytes (the object may have changed since the listing).

@@ -30,6 +30,36 @@ def test_moto_env_points_boto3_at_the_server_only(s3_env: MotoServer) -> None:
     assert [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=bucket)["Contents"]] == ["p/a/b.txt"]
 
 
+def test_moto_server_keeps_connections_open_and_counts_them(s3_env: MotoServer) -> None:
+    """S3 keeps a connection for the next request, and so does the test server (werkzeug's moto_server
+    closes each): one client's GETs, listings, PUT and HEAD go over one connection, counted; a chunked
+    request body is read whole before the next request on its connection."""
+    import http.client
+
+    client = s3_env.client()
+    bucket = s3_env.new_bucket()
+    client.put_object(Bucket=bucket, Key="k", Body=b"x" * 4096)
+    before, requests = s3_env.connections, len(s3_env.requests)
+    for _ in range(5):
+        assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"x" * 4096
+        assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]] == ["k"]
+    client.put_object(Bucket=bucket, Key="a b/é", Body=b"y" * 10)
+    assert client.head_object(Bucket=bucket, Key="a b/é")["ContentLength"] == 10
+    assert s3_env.connections - before <= 1
+    assert len(s3_env.requests) - requests == 12
+    assert s3_env.count("GET", f"/{bucket}") == 10 and s3_env.count("HEAD", f"/{bucket}/") == 1
+
+    raw = http.client.HTTPConnection(s3_env.host, s3_env.port)
+    raw.request("PUT", f"/{bucket}/c", body=iter([b"zz", b"z" * 8]), encode_chunked=True)
+    response = raw.getresponse()
+    assert (response.status, response.read()) == (200, b"")
+    raw.request("GET", f"/{bucket}/c")  # the same connection, past the chunked body (anonymous: 403)
+    response = raw.getresponse()
+    assert (response.status, response.read()) == (403, b"")
+    raw.close()
+    assert client.get_object(Bucket=bucket, Key="c")["Body"].read() == b"z" * 10
+
+
 @pytest_twisted.ensureDeferred
 async def test_http_repository_serves_counts_and_drops(http_repository: Any, tmp_path: Path) -> None:
     """The HTTP repository lists folders, counts requests, and cuts a file short when told to."""

@@ -363,8 +363,9 @@ def _commit_swaps(dest: SafeDir, swaps: list[_Swap]) -> list[str]:
     return problems
 
 
-def _undo_swaps(dest: SafeDir, swaps: list[_Swap]) -> None:
-    """Switch each name back to its previous version, the last switched first.
+def _undo_swaps(dest: SafeDir, swaps: list[_Swap], undone: list[str] | None = None) -> None:
+    """Switch each name back to its previous version, the last switched first (each one's name
+    appended to ``undone`` once back).
 
     :raises OSError: or :class:`PlacementError` (a name changed since): the rest is left as it is.
     """
@@ -375,6 +376,8 @@ def _undo_swaps(dest: SafeDir, swaps: list[_Swap]) -> None:
                 raise PlacementError(f"{dest.path / s.name} was placed again since; not switched back")
             assert s.old is not None
             dest.rename(s.old, s.name)
+            if undone is not None:
+                undone.append(s.name)
             continue
         if now != s.placed:
             raise PlacementError(f"{dest.path / s.name} changed since this deployment placed it; "
@@ -396,6 +399,8 @@ def _undo_swaps(dest: SafeDir, swaps: list[_Swap]) -> None:
             dest.rename(s.name, gone)
             dest.rename(s.old, s.name)
             dest.remove(gone)
+        if undone is not None:
+            undone.append(s.name)
         if s.new_version is not None:
             dest.remove(s.new_version)
 
@@ -529,7 +534,13 @@ def undo(switch: Switch) -> None:
         raise
     with stack:
         try:
-            _undo_swaps(dest, switch.swaps)
+            undone: list[str] = []
+            try:
+                _undo_swaps(dest, switch.swaps, undone)
+            except (OSError, PlacementError):
+                if undone:  # part old, part new: see _mark_partial
+                    _mark_partial(records, switch)
+                raise
             if switch.previous is None:
                 records.unlink(switch.manifest)
             else:
@@ -540,6 +551,19 @@ def undo(switch: Switch) -> None:
             raise PlacementError(f"cannot switch {switch.destination} back: {exc.strerror or exc}") from exc
         finally:
             switch.release()
+
+
+def _mark_partial(records: SafeDir, switch: Switch) -> None:
+    """An undo stopped part way (some names back to the previous version, some not): the manifest
+    claims every name either version placed and says ``partial``, so that the next placement of the
+    item places each name again instead of taking the mix for in place."""
+    try:
+        current = _read_manifest(records, switch.manifest) or {}
+        names = {str(n) for n in current.get("names", [])} | {s.name for s in switch.swaps}
+        mark = {k: v for k, v in current.items() if k != "pending"}
+        _write_manifest(records, Path(switch.manifest), dict(mark, names=sorted(names), stamp="partial"))
+    except (OSError, PlacementError) as exc:
+        _log.warn("cannot mark {manifest} partial after a failed undo: {exc}", manifest=switch.manifest, exc=exc)
 
 
 def _remove_leftovers(dest: SafeDir, records: SafeDir, names: list[str]) -> None:

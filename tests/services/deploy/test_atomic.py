@@ -230,6 +230,26 @@ def test_a_pending_placement_is_not_in_place_for_another_deployment(tmp_path: Pa
     assert "pending" not in json.loads(manifest_path(dest, "linux", "tool").read_text())
 
 
+def test_an_undo_stopped_half_way_leaves_the_item_to_be_placed_again(tmp_path: Path, mode: str) -> None:
+    """An undo that switched some names back and then met one changed since (not switched back) leaves
+    the item part old, part new: its manifest must not let the next deployment of the new version take
+    it for in place (every name is placed again)."""
+    v1, v2 = make_entry(tmp_path, "1", V1), make_entry(tmp_path, "2", V2)
+    dest = tmp_path / "out"
+    put(v1, dest, ["tool", "notes.txt"])
+    placed = put(v2, dest, ["tool", "notes.txt"], version="2.0", pending=True)
+    # Someone replaces tool meanwhile (by hand); notes.txt, switched last, is switched back first.
+    os.rename(dest / "tool", tmp_path / "aside")
+    (dest / "tool").mkdir()
+    (dest / "tool/README").write_text("by hand\n")
+    with pytest.raises(PlacementError, match="changed since"):
+        undo(placed.switch)
+    assert (dest / "notes.txt").read_text() == "notes 1\n"
+    again = put(v2, dest, ["tool", "notes.txt"], version="2.0")
+    assert not again.already
+    assert (dest / "notes.txt").read_text() == "notes 2\n" and (dest / "tool/README").read_text() == "tool 2\n"
+
+
 def test_a_sigkilled_placer_s_set_aside_version_is_removed_by_the_next(tmp_path: Path, mode: str) -> None:
     """A deployer killed (SIGKILL) between its switch and its commit leaves the item whole in its new
     version and the old one at ``.<name>.ion-old-*`` (or a versioned folder); its shared lock died with

@@ -352,7 +352,12 @@ class DeployService(ServiceProcess):
             raise ApplicationError("\n".join(problems), 400)
         if not items:
             raise ApplicationError(f"{source}: the request lists no item", 400)
-        return Deployment(source, items)
+        # The sha256 of the deployment file it was read from (DeployClient sends it): its generations record it.
+        digest = content.get("file_sha256") or None
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                       and all(c in "0123456789abcdef" for c in digest)):
+            raise ApplicationError(f"{source}: file_sha256 must be 64 lowercase hex digits, not {digest!r}", 400)
+        return Deployment(source, items, file_sha256=digest)
 
     @staticmethod
     def _deployment_file(content: Any) -> DeploymentFile | None:

@@ -148,8 +148,10 @@ _O_DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
 
 def _check_host_id(value: str, source: str) -> str:
     value = value.strip()
-    if not value or "::" in value or any(c.isspace() for c in value) or len(value) > 200:
-        raise InvalidKeyError(f"host id {value!r} from {source} is empty, too long, or contains '::' or spaces")
+    if not value or "::" in value or any(c.isspace() for c in value) or len(value) > 200 \
+            or value.startswith("broker="):
+        raise InvalidKeyError(f"host id {value!r} from {source} is empty, too long, contains '::' or spaces, "
+                              f"or starts with 'broker=' (a lock file's marker)")
     return value
 
 
@@ -302,10 +304,21 @@ def _sweep(path: Path, host_tag: str, max_age: float) -> list[Path]:
     return removed
 
 
+#: Before the host id in a lock file: the marker of the broker lock its holder held (see :class:`LockHolder`).
+_MARKER_PREFIX: Final = "broker="
+
+
 @dataclass(frozen=True)
 class LockHolder:
-    """Who holds a lock file: ``host_id::pid::started``, and ``::broker=<marker>`` when the holder
-    also held the entry's broker lock (:class:`BrokerLocks`) while it held the file."""
+    """Who holds a lock file: ``host_id::pid::started``, written ``broker=<marker>@host_id::pid::started``
+    when the holder also held the entry's broker lock (:class:`BrokerLocks`) while it held the file.
+
+    The marker goes in front of the host id, not after the three fields: a process of a release
+    before broker locks (a host not upgraded yet, its ``ion-deploy``) then still reads three
+    fields, a holder of another host that it waits for (``lock_timeout``), where a fourth field
+    would make the file "corrupt" to it, taken over at once from a live holder. A fourth field
+    ``::broker=<marker>`` is read too.
+    """
 
     host_id: str
     pid: int
@@ -314,8 +327,8 @@ class LockHolder:
     broker: str | None = None
 
     def render(self) -> str:
-        text = f"{self.host_id}::{self.pid}::{self.started:.6f}"
-        return text if self.broker is None else f"{text}::broker={self.broker}"
+        host = self.host_id if self.broker is None else f"{_MARKER_PREFIX}{self.broker}@{self.host_id}"
+        return f"{host}::{self.pid}::{self.started:.6f}"
 
     @classmethod
     def parse(cls, text: str) -> LockHolder | None:
@@ -329,6 +342,10 @@ class LockHolder:
         if len(parts) != 3:
             return None
         host, pid_s, started_s = parts
+        if broker is None and host.startswith(_MARKER_PREFIX):
+            broker, at, host = host[len(_MARKER_PREFIX):].partition("@")
+            if not at or not broker or any(c.isspace() for c in broker):
+                return None
         try:
             pid, started = int(pid_s), float(started_s)
         except ValueError:
@@ -742,7 +759,7 @@ class BrokerLocks:
         return BROKER_LOCK_PREFIX + hashlib.sha256(rel.encode()).hexdigest()[:40]
 
     def marker(self, queue: str, transport: Any) -> str | None:
-        """What a lock file taken under the broker lock ``queue`` says (``::broker=<marker>``):
+        """What a lock file taken under the broker lock ``queue`` says (``broker=<marker>@`` before its host id):
         a hash of the broker's identity (:func:`broker_identity`) and the queue; None if the
         broker cannot be told."""
         ident = broker_identity(transport)

@@ -275,12 +275,32 @@ def test_close_releases_and_closes_the_connection(host, shared_broker, key):
     assert not [q for q in shared_broker.queues if q.startswith(BROKER_LOCK_PREFIX)]
 
 
+def _parse_of_the_previous_release(text: str) -> tuple[str, int, float] | None:
+    """``LockHolder.parse`` as released before broker locks (c603f93): still run by hosts not upgraded yet
+    (and by their ion-deploy) that share the cache during a rolling upgrade."""
+    parts = text.strip().split("::")
+    if len(parts) != 3:
+        return None  # then judged "corrupt lock file (treated as stale)": taken over at once
+    host, pid_s, started_s = parts
+    try:
+        pid, started = int(pid_s), float(started_s)
+    except ValueError:
+        return None
+    if not host or any(c.isspace() for c in host) or pid <= 0:
+        return None
+    return host, pid, started
+
+
 def test_lock_file_format_stays_readable():
-    """``host::pid::started`` as before; ``::broker=<marker>`` added when taken with the broker lock."""
+    """``host::pid::started`` as before; the broker lock's marker, when taken with it, is written where the
+    previous release still reads a holder (of another host: waited for, never taken for corrupt)."""
     plain = LockHolder.parse("h::12::1700000000.000000")
     assert plain is not None and plain.broker is None
     marked = LockHolder("h", 12, 1.5, "ab12").render()
-    assert marked == "h::12::1.500000::broker=ab12" and LockHolder.parse(marked) == LockHolder("h", 12, 1.5, "ab12")
+    assert LockHolder.parse(marked) == LockHolder("h", 12, 1.5, "ab12")
+    old = _parse_of_the_previous_release(marked)
+    assert old is not None and old[0] != "h" and old[1:] == (12, 1.5)
+    assert LockHolder.parse("h::12::1.500000::broker=ab12") == LockHolder("h", 12, 1.5, "ab12")  # read as well
     assert LockHolder.parse("h::12::1.5::other=x") is None and LockHolder.parse("h::12::1.5::broker=") is None
 
 

@@ -9,7 +9,11 @@ Measures, in one run and on the same broker:
   ``ion.core.messaging: publisher_confirms`` off in both containers
   (``--confirms`` chooses). Requests and replies never ask for a confirm
   (the reply is the confirmation); the setting only decides for one-way
-  sends and events (the agents' heartbeats), so the two rows differ by little;
+  sends and events (the agents' heartbeats), so the two rows differ by little.
+  **ioncore, quorum queue** is the shipped row with the service queue a
+  quorum queue (``ion.core.messaging: service_queue_type quorum``, system
+  ``benchq``): on one node the cost of its Raft log, on a cluster (``--url``
+  of a node) also of its replication;
 * **raw pika** -- the smallest RPC echo written directly on pika's Twisted
   adapter: a server in another OS process consumes one queue (manual ack,
   the same prefetch window as ioncore's receivers) and publishes each reply
@@ -244,24 +248,30 @@ def spawn(name: str, executable: str, argv: list[str], *, cwd: str = REPO,
 
 # -- ioncore ---------------------------------------------------------------------------------------------
 @defer.inlineCallbacks
-def bench_ioncore(reactor: Any, url: str, args: argparse.Namespace, confirms: bool = True) -> Any:
-    """hello service in a twistd child, client container here."""
+def bench_ioncore(reactor: Any, url: str, args: argparse.Namespace, confirms: bool = True,
+                  quorum: bool = False) -> Any:
+    """hello service in a twistd child, client container here (``quorum``: its service queue a quorum
+    queue, in a system of its own, as a queue cannot be classic and quorum at once)."""
     from ion.core.container import Container
     from ion.core.process import Process
     from ion.testing import test_config
 
     overlay: dict[str, Any] = {"ion.core.messaging": {"publisher_confirms": confirms}}
     extra = ["-a", f"ion.core.messaging.publisher_confirms={confirms}"]
+    sysname = SYSNAME + "q" if quorum else SYSNAME
+    if quorum:
+        overlay["ion.core.messaging"]["service_queue_type"] = "quorum"
+        extra += ["-a", "ion.core.messaging.service_queue_type=quorum"]
     if args.prefetch:
         overlay["ion.core.process"] = {"prefetch": args.prefetch}
         extra += ["-a", f"ion.core.process.prefetch={args.prefetch}"]
     server = spawn("ioncore server", sys.executable,
-                   ["-c", TWISTD, "-n", "--pidfile=", "cc", "--no-shell", "--broker", url, "-s", SYSNAME,
+                   ["-c", TWISTD, "-n", "--pidfile=", "cc", "--no-shell", "--broker", url, "-s", sysname,
                     *extra, "res/apps/hello.app"])
     container = None
     try:
         yield server.wait_for(b" ready: system ")
-        container = Container(config=test_config(overlay), broker_url=url, sysname=SYSNAME, reactor=reactor)
+        container = Container(config=test_config(overlay), broker_url=url, sysname=sysname, reactor=reactor)
         yield container.start()
         pid = yield container.spawn(Process, name="bench-client")
         proc = container.proc_manager.get(pid)
@@ -640,6 +650,7 @@ def run(reactor: Any, args: argparse.Namespace, url: str) -> Any:
     dict, whose ``results`` are the medians of the runs and ``runs`` each run's own figures."""
     runs = ["ioncore"] if args.confirms == "on" else ["ioncore-noconfirm"] if args.confirms == "off" else [
         "ioncore", "ioncore-noconfirm"]
+    runs.append("ioncore-quorum")
     names = [n for n in [*runs, "pika", "pika-design", "pika-like", "nameko"] if n.split("-")[0] in args.only]
     per_run: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     nameko: tuple[str | None, str] | None = None
@@ -649,7 +660,8 @@ def run(reactor: Any, args: argparse.Namespace, url: str) -> Any:
         for name in names:
             try:
                 if name.startswith("ioncore"):
-                    res = yield bench_ioncore(reactor, url, args, confirms=name == "ioncore")
+                    res = yield bench_ioncore(reactor, url, args, confirms=name != "ioncore-noconfirm",
+                                              quorum=name == "ioncore-quorum")
                 elif name.startswith("pika"):
                     mode = {"pika": "plain", "pika-design": "design", "pika-like": "ioncore"}[name]
                     res = yield bench_pika(reactor, url, args, mode=mode)
@@ -710,7 +722,8 @@ def _cpu_cells(cpu: dict[str, Any] | None) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The report as the plain-text table ``python bench/amqp.py`` prints."""
     env, args = report["environment"], report["args"]
-    labels = {"ioncore": "ioncore", "ioncore-noconfirm": "ioncore, confirms off", "pika": "raw pika (Twisted adapter)",
+    labels = {"ioncore": "ioncore", "ioncore-noconfirm": "ioncore, confirms off",
+              "ioncore-quorum": "ioncore, quorum queue", "pika": "raw pika (Twisted adapter)",
               "pika-design": "raw pika, DESIGN's AMQP use", "pika-like": "raw pika, ioncore's AMQP use",
               "nameko": "nameko 2.14"}
     lines = [
@@ -725,7 +738,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"   {'CPU us/call: client server broker':>34}",
         "-" * WIDTH,
     ]
-    for name in ("ioncore", "ioncore-noconfirm", "pika", "pika-design", "pika-like", "nameko"):
+    for name in ("ioncore", "ioncore-noconfirm", "ioncore-quorum", "pika", "pika-design", "pika-like", "nameko"):
         res = report["results"].get(name)
         if res is None:
             continue

@@ -81,8 +81,8 @@ class _Parser(argparse.ArgumentParser):
 def _common() -> argparse.ArgumentParser:
     """The options every subcommand takes, before or after its name (no defaults: see :func:`_defaults`)."""
     p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    p.add_argument("--broker", metavar="URL", help=f"the system's broker (amqp://user:password@host/vhost); "
-                                                   f"default ${ENV_BROKER_URL}")
+    p.add_argument("--broker", metavar="URL", help=f"the system's broker (amqp://user:password@host/vhost), or a "
+                                                   f"comma list of the nodes of its cluster; default ${ENV_BROKER_URL}")
     p.add_argument("-s", "--sysname", metavar="NAME", help=f"the system name the containers were started with "
                                                           f"(twistd cc -s NAME); default ${ENV_SYSNAME}")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout, nothing else there")
@@ -331,7 +331,8 @@ class Run:
     async def cancel(self) -> int:
         answer = plain(await self.control.cancel_job(self.args.job))
         self.result["cancel"] = answer
-        self.out.line(f"job {answer.get('job')}: " + ("cancelled" if answer.get("cancelled") else "not running"))
+        self.out.line(f"job {answer.get('job')}: " + ("cancelled" if answer.get("cancelled") else "not running"
+                                                      + (f" ({answer['error']})" if answer.get("error") else "")))
         return EXIT_OK if answer.get("cancelled") else EXIT_FAILED
 
     async def app(self) -> int:
@@ -574,9 +575,12 @@ async def _run(reactor: Any, args: argparse.Namespace, out: Output, result: dict
     from ion.core.process import Process
 
     needs_agent = args.command in _NEEDS_NODES or (args.command == "ping" and not args.target)
-    container = Container(config=_container_config(needs_agent), broker_url=args.broker, sysname=args.sysname,
+    from ion.core.messaging.transport import redacted_url, split_broker_urls
+
+    brokers = split_broker_urls(args.broker)
+    container = Container(config=_container_config(needs_agent), broker_url=brokers, sysname=args.sysname,
                           contid=f"ion-{default_container_id()}", reactor=reactor)
-    result["broker"] = _redacted(args.broker)
+    result["broker"] = ",".join(redacted_url(url) for url in brokers)
     result["sysname"] = args.sysname
     await container.start()  # TransportError when the broker cannot be reached: exit 69
     try:
@@ -589,17 +593,6 @@ async def _run(reactor: Any, args: argparse.Namespace, out: Output, result: dict
         return int(await handler())
     finally:
         await container.terminate()
-
-
-def _redacted(url: str) -> str:
-    """The broker URL without its password."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:

@@ -344,3 +344,13 @@ def test_a_taken_over_jobs_line_names_the_takeovers() -> None:
     assert _job_line(record) == ("job c1.3/ab: PARTIAL, 1 of 3 parts done, taken over 1 time(s), "
                                  "last from container c1 by c2")
     assert _job_line(dict(record, takeovers=[])) == "job c1.3/ab: PARTIAL, 1 of 3 parts done"
+
+
+def test_a_comma_list_of_brokers_is_walked_and_shown_without_passwords() -> None:
+    """--broker URL1,URL2 (a cluster's nodes): every address is tried, each shown without its password."""
+    code, out, err = _sync_ion("--broker", "amqp://guest:secret@127.0.0.1:1/,amqp://guest:hush@127.0.0.1:2/",
+                               "-s", "x", "ping", "hello", "--json")
+    assert code == 69, err
+    result = json.loads(out)
+    assert result["broker"] == "amqp://guest:***@127.0.0.1:1/,amqp://guest:***@127.0.0.1:2/"
+    assert "secret" not in out and "hush" not in out

@@ -323,6 +323,31 @@ class Container(LifecycleObject):
             ) from None
         return AmqpTransport.from_config(every, self.config.settings(MessagingSettings), reactor=self.reactor)
 
+    @property
+    def service_queue_type(self) -> str:
+        """``classic`` or ``quorum``: the type of the shared queues this container declares (config
+        ``ion.core.messaging: service_queue_type``; unset: quorum with more than one broker address).
+        Always classic on the embedded broker."""
+        if not self.broker_url.startswith("amqp"):
+            return "classic"
+        chosen = self.config.settings(MessagingSettings).service_queue_type
+        if chosen is None:
+            return "quorum" if len(self.broker_urls) > 1 else "classic"
+        return chosen
+
+    def shared_queue_options(self, arguments: Mapping[str, Any] | None = None) -> tuple[bool, dict[str, Any] | None]:
+        """``(durable, arguments)`` to declare a shared queue (a service queue, the reaper election's)
+        with, given its own ``arguments`` (``x-single-active-consumer`` ...).
+
+        A quorum queue is durable, never exclusive nor auto-delete (RabbitMQ refuses those), and
+        has a delivery limit (``quorum_delivery_limit``): the broker drops a message delivered that
+        many times unacknowledged, so a request that kills its consumer cannot go round for ever.
+        """
+        if self.service_queue_type != "quorum":
+            return False, dict(arguments) if arguments else None
+        limit = self.config.settings(MessagingSettings).quorum_delivery_limit
+        return True, {"x-queue-type": "quorum", "x-delivery-limit": limit, **(arguments or {})}
+
     def new_pid(self) -> str:
         """The next process id, ``<container-id>.<n>``."""
         return f"{self.id}.{next(self._pids)}"

@@ -43,7 +43,7 @@ from ion.core.exceptions import IonError, ReceivedError
 from ion.core.process import Process, Receiver
 from ion.core.settings import ProcessSettings
 
-__all__ = ["SystemControl", "ControlError", "AuditListener", "DEFAULT_SETTLE", "AUDIT_BINDING"]
+__all__ = ["SystemControl", "ControlError", "AuditListener", "DEFAULT_SETTLE", "AUDIT_BINDING", "has_consumer"]
 
 _log = Logger()
 
@@ -52,6 +52,25 @@ DEFAULT_SETTLE = 1.0
 
 #: The binding of :class:`AuditListener` on the events exchange: every audit record.
 AUDIT_BINDING = "control.#"
+
+
+def has_consumer(transport: Any, queue: str) -> defer.Deferred[bool | None]:
+    """Whether the broker shows a consumer on ``queue``; on a process's own queue (its pid):
+    whether that process still listens (a dead container's connection, and so its consumers,
+    are gone at once). True or False (no consumer, or no such queue); None when the broker
+    cannot tell (the call failed). One check for every caller that judges a process gone by
+    it: the job takeover, a cancel's routing, the Cache service's leases.
+    """
+    def judged(counts: tuple[int, int] | None) -> bool:
+        return counts is not None and counts[1] > 0
+
+    def unknown(f: Any) -> None:
+        _log.debug("the broker could not tell whether {queue} has a consumer: {e}", queue=queue,
+                   e=f.getErrorMessage())
+        return None
+
+    d: defer.Deferred[bool | None] = defer.maybeDeferred(transport.queue_depth, queue).addCallbacks(judged, unknown)
+    return d
 
 
 class ControlError(IonError):
@@ -294,10 +313,31 @@ class SystemControl:
     # -- the deployer's actions (by service and op name: the core imports no service) -----------------
     async def cancel_job(self, job: str) -> Any:
         """Cancel a running deploy job (operators only; audited) at the Deploy instance that runs it:
-        a job id names it (``<pid>/<hex>``); another id goes to the ``deploy`` service.
-        ``{job, cancelled: bool}``."""
+        ``{job, cancelled: bool}`` (and ``owner`` or ``error`` when not cancelled).
+
+        A job id names the instance that started it (``<pid>/<hex>``); when nobody consumes that
+        instance's queue any more (it died; another instance took the job over) or it answers
+        404/503, the ``deploy`` service's queue is asked instead, as is an id of another form. An
+        instance that does not run the job answers with the ``owner`` its durable record names
+        (an instance that took it over): the cancel is sent there, authorized and audited there.
+        """
         target = job.split(JOB_SEP, 1)[0] if JOB_SEP in job else "deploy"
-        return await self._rpc(target, "job_cancel", {"job": job})
+        if target != "deploy" and await has_consumer(self.container.transport, target) is False:
+            target = "deploy"  # its instance is gone: any instance answers, or names the owner
+        asked = {target}
+        try:
+            answer = await self._rpc(target, "job_cancel", {"job": job})
+        except ReceivedError as exc:
+            if target == "deploy" or exc.response_code not in (404, 503):
+                raise
+            answer = await self._rpc("deploy", "job_cancel", {"job": job})
+        while isinstance(answer, Mapping) and not answer.get("cancelled"):
+            owner = answer.get("owner")
+            if not isinstance(owner, str) or "." not in owner or owner in asked or len(asked) > 3:
+                break
+            asked.add(owner)
+            answer = await self._rpc(owner, "job_cancel", {"job": job})
+        return answer
 
     async def verify_cache(self, timeout: float = 3600.0) -> Any:
         """Have the Cache service run a verification round now (operators only; audited); its report."""

@@ -176,6 +176,9 @@ class JobTable:
         self._gone_since: dict[str, float] = {}
         #: Record files seen ended by :meth:`scan` (an ended job never runs again: not read again).
         self._ended: set[str] = set()
+        #: Job ids this table is taking over now (claimed, not yet running here): a ``lookup`` or a
+        #: scan meanwhile must not claim the next takeover of its own claim.
+        self._taking: set[str] = set()
 
     def start(self, kind: str, work: defer.Deferred[Any], *, total: int | None = None,
               job_id: str | None = None, resume: Mapping[str, Any] | None = None) -> Job:
@@ -350,6 +353,16 @@ class JobTable:
     async def _take_over(self, job_id: str, record: Mapping[str, Any]) -> Job | None:
         """Claim the job of ``record`` and run its rest here; None if another instance claimed it
         (or it ended meanwhile). Past ``max_takeovers``, it is ended REMOTE_ERROR instead."""
+        assert self.store is not None and self.resume is not None and self.owner is not None
+        if job_id in self._taking:
+            return None
+        self._taking.add(job_id)
+        try:
+            return await self._claim_and_resume(job_id, record)
+        finally:
+            self._taking.discard(job_id)
+
+    async def _claim_and_resume(self, job_id: str, record: Mapping[str, Any]) -> Job | None:
         assert self.store is not None and self.resume is not None and self.owner is not None
         number = len(record.get("takeovers") or []) + 1
         while True:

@@ -229,7 +229,11 @@ class Receiver(LifecycleObject):
     @defer.inlineCallbacks
     def on_initialize(self) -> Any:
         exchange = self.exchange or self.process.container.exchange_name
-        yield self.transport.declare_queue(self.name, arguments=self.queue_arguments)
+        if self.shared:
+            durable, arguments = self.process.container.shared_queue_options(self.queue_arguments)
+            yield self.transport.declare_queue(self.name, durable=durable, arguments=arguments)
+        else:
+            yield self.transport.declare_queue(self.name, arguments=self.queue_arguments)
         for key in self.bindings:
             yield self.transport.bind(self.name, exchange, key)
 

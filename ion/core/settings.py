@@ -49,6 +49,12 @@ class MessagingSettings(Settings):
         do not all reconnect in the same instant after a broker restart; 0: the exact doubling.
     :ivar heartbeat: AMQP heartbeat in seconds (5: a silent host is dropped by the broker, and its
         cache locks freed, within seconds); 0: none; None: what the broker proposes (RabbitMQ: 60).
+    :ivar service_queue_type: AMQP: the type of the shared service queues (``<sysname>.<service>``,
+        the reaper election's): ``classic`` or ``quorum`` (replicated on the nodes of a cluster, so
+        what waits in them survives the loss of a node); None: quorum when the container has more
+        than one broker address, else classic. Process-own queues are always classic.
+    :ivar quorum_delivery_limit: deliveries of one message from a quorum service queue (its first
+        and its redeliveries after a consumer left it unacknowledged) before the broker drops it.
     """
 
     SECTION: ClassVar[str] = "ion.core.messaging"
@@ -61,6 +67,8 @@ class MessagingSettings(Settings):
     reconnect_max: float = setting(10.0, positive=True, unit="seconds")
     reconnect_jitter: float = setting(0.5, finite=True)
     heartbeat: float | None = setting(5.0, unit="seconds")
+    service_queue_type: str | None = setting(None, choices=("classic", "quorum"))
+    quorum_delivery_limit: int = setting(20, minimum=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()

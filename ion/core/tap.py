@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from ion.core.config import Config, deep_merge, parse_value
 from ion.core.exceptions import AppError, ConfigurationError, IonError, TransportError
 from ion.core.health import sd_notify
-from ion.core.messaging.transport import parse_broker_url
+from ion.core.messaging.transport import parse_broker_url, split_broker_urls
 
 __all__ = ["Options", "ContainerService", "makeService", "run_cc", "parse_container_args",
            "ENV_BROKER_USERNAME", "ENV_BROKER_PASSWORD"]
@@ -192,8 +192,8 @@ class Options(usage.Options):
         self["broker_display"] = "memory://"
 
     def opt_broker(self, url: str) -> None:
-        """The whole broker URL: memory:// (the default) or amqp://user:pass@host:port/vhost. Give it more than once for the nodes of one cluster: they are tried in turn when one is down."""
-        self["broker"].append(url)
+        """The whole broker URL: memory:// (the default) or amqp://user:pass@host:port/vhost. Give it more than once, or a comma list, for the nodes of one cluster: they are tried in turn when one is down."""
+        self["broker"].extend(split_broker_urls(url))
 
     def opt_args(self, value: str) -> None:
         """Container args: k=v,... or a dict literal (sysname, contid, apparg_<app>=..., module.key=value overrides config). May be repeated."""

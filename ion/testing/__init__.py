@@ -13,7 +13,7 @@ The pytest fixtures over these live in :mod:`ion.testing.pytest_plugin`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.internet import defer, task
@@ -51,10 +51,11 @@ class ContainerFactory:
     """Makes containers and terminates every one it made.
 
     :param broker: the embedded broker the containers share (default: a new one).
-    :param broker_url: ``memory://`` or an AMQP URL for containers on RabbitMQ.
+    :param broker_url: ``memory://`` or an AMQP URL for containers on RabbitMQ (or a list of them,
+        the nodes of one cluster; a container may be given its own with ``broker_url=``).
     """
 
-    def __init__(self, broker: MemoryBroker | None = None, *, broker_url: str = "memory://",
+    def __init__(self, broker: MemoryBroker | None = None, *, broker_url: str | Sequence[str] = "memory://",
                  reactor: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -62,7 +63,8 @@ class ContainerFactory:
             reactor = _reactor
         self.reactor = reactor
         self.broker_url = broker_url
-        self.broker = broker if broker is not None or not broker_url.startswith("memory") else MemoryBroker(reactor)
+        first = broker_url if isinstance(broker_url, str) else broker_url[0]
+        self.broker = broker if broker is not None or not first.startswith("memory") else MemoryBroker(reactor)
         self.containers: list[Container] = []
 
     @defer.inlineCallbacks
@@ -70,7 +72,8 @@ class ContainerFactory:
                  args: Mapping[str, Any] | None = None, clock: IReactorTime | None = None,
                  **kwargs: Any) -> Any:
         """A started container; ``config`` overlays the shipped defaults."""
-        container = Container(config=test_config(config), broker_url=self.broker_url, broker=self.broker,
+        container = Container(config=test_config(config), broker_url=kwargs.pop("broker_url", self.broker_url),
+                              broker=self.broker,
                               sysname=sysname, reactor=self.reactor, clock=clock, args=args, **kwargs)
         self.containers.append(container)
         yield container.start()

@@ -12,6 +12,7 @@ entry point), with no conftest line; ``pytest_plugins = ["ion.testing.pytest_plu
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
@@ -78,6 +79,8 @@ def log_events() -> Iterator[list[dict[str, Any]]]:
 #   named by ``ION_TEST_AMQP_URL``). Without RabbitMQ the tests that use it are skipped with the
 #   reason, except when ``CI=true``: there they fail, never skip silently.
 # - ``amqp_url``: ``amqp://guest:guest@127.0.0.1:<port>/<fresh vhost>``, deleted after the test.
+# - ``rabbitmq_cluster`` (session, started the first time a test asks for it): a 3-node
+#   :class:`~ion.testing.rabbitmq.RabbitMQCluster`; ``cluster_urls``: one URL per node on a fresh vhost.
 # - ``amqp_user``: a non-guest :class:`~ion.testing.rabbitmq.BrokerLogin` with all rights on that
 #   vhost (``.name``, ``.password``, ``.url`` ...), deleted after the test.
 
@@ -122,6 +125,42 @@ def rabbitmq() -> Any:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_cluster() -> Any:
+    """The session's 3-node :class:`~ion.testing.rabbitmq.RabbitMQCluster`, started (about 12-25 s)
+    the first time a test asks for it, stopped at the end of the session. Skipped without RabbitMQ,
+    failed when ``CI=true``."""
+    from ion.testing import rabbitmq as rmq
+
+    if rmq.find_rabbitmq() is None and on_ci():
+        try:
+            rmq.install_rabbitmq()
+        except rmq.BrokerUnavailable as exc:
+            _no_broker(str(exc))
+    if rmq.find_rabbitmq() is None:
+        _no_broker("rabbitmq-server is not installed (bin/test installs it; or `apt-get install -y rabbitmq-server`)")
+    try:
+        cluster = rmq.RabbitMQCluster(3)
+        cluster.start()
+    except rmq.BrokerUnavailable as exc:
+        _no_broker(f"cannot start a 3-node cluster: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_urls(rabbitmq_cluster: Any) -> Any:
+    """One URL per node of ``rabbitmq_cluster`` (every node running), on a fresh vhost deleted after the test."""
+    rabbitmq_cluster.ensure_running()
+    vhost = f"ion-cluster-{uuid.uuid4().hex[:8]}"
+    rabbitmq_cluster.add_vhost(vhost)
+    yield rabbitmq_cluster.urls(vhost)
+    rabbitmq_cluster.ensure_running()
+    rabbitmq_cluster.delete_vhost(vhost)
 
 
 @pytest.fixture

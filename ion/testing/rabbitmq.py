@@ -43,6 +43,7 @@ from typing import Any
 
 __all__ = [
     "RabbitMQServer",
+    "RabbitMQCluster",
     "ExternalBroker",
     "BrokerLogin",
     "BrokerUnavailable",
@@ -282,15 +283,22 @@ class RabbitMQServer(_Admin):
     managed = True
 
     def __init__(self, *, port: int | None = None, base_dir: str | None = None,
-                 management: bool = True) -> None:
+                 management: bool = True, nodename: str | None = None, home: str | None = None,
+                 epmd_port: int | None = None) -> None:
         found = find_rabbitmq()
         if found is None:
             raise BrokerUnavailable("rabbitmq-server is not installed (apt-get install -y rabbitmq-server)")
         self.server_bin, self.ctl_bin = found
         self.port = port or free_port(5679, 15000)
-        self.nodename = f"ion-test-{os.getpid()}-{secrets.token_hex(2)}@localhost"
+        self.nodename = nodename or f"ion-test-{os.getpid()}-{secrets.token_hex(2)}@localhost"
         self._own_dir = base_dir is None
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="ion-rabbitmq-"))
+        #: HOME of the node and its rabbitmqctl calls, hence its Erlang cookie (a cluster's nodes share one).
+        self.home = Path(home) if home else self.base_dir
+        #: A cluster's nodes share one port mapper, which the cluster ends (not each node).
+        self._own_epmd = epmd_port is None
+        if epmd_port is not None:
+            self.epmd_port = epmd_port
         self.want_management = management and self._plugin_available("rabbitmq_management")
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
@@ -307,7 +315,8 @@ class RabbitMQServer(_Admin):
         if self._ports_chosen:
             return
         # epmd, node distribution (+ the CLI's range at dist + 1 .. dist + 10) and management.
-        self.epmd_port = free_port(20000, 40000)
+        if self._own_epmd:
+            self.epmd_port = free_port(20000, 40000)
         self.dist_port = free_port(40000, 55000, span=11)
         self.management_port = free_port(15000, 20000) if self.want_management else None
         self._ports_chosen = True
@@ -319,7 +328,7 @@ class RabbitMQServer(_Admin):
         loopback = "-kernel inet_dist_use_interface {127,0,0,1}"
         return {
             **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))},
-            "HOME": str(base),  # hence a private ~/.erlang.cookie
+            "HOME": str(self.home),  # hence a private ~/.erlang.cookie
             "RABBITMQ_NODENAME": self.nodename,
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(self.port),
@@ -366,13 +375,26 @@ class RabbitMQServer(_Admin):
 
         :raises BrokerUnavailable: with the tail of the node's output if it does not come up.
         """
+        self.launch()
+        self.wait_started(time.monotonic() + timeout)
+
+    def launch(self) -> None:
+        """Start the node's process and return at once (:meth:`wait_started` waits for it)."""
         self._choose_ports()
         self._write_config()
-        self._log_file = open(self.base_dir / "server.out", "wb")
+        if self._log_file is None:
+            self._log_file = open(self.base_dir / "server.out", "ab")
         self.process = subprocess.Popen(
             [self.server_bin], env=self.env, cwd=str(self.base_dir), stdin=subprocess.DEVNULL,
             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
+
+    def wait_started(self, deadline: float) -> None:
+        """Wait until the launched node accepts AMQP connections (``deadline``: ``time.monotonic()``).
+
+        :raises BrokerUnavailable: with the tail of the node's output if it exits or does not come up.
+        """
+        assert self.process is not None, "launch() first"
+        timeout = deadline - time.monotonic()
         # `await_startup` fails at once if the node is not up yet: poll `status` first.
         while True:
             if self.process.poll() is not None:
@@ -446,7 +468,7 @@ class RabbitMQServer(_Admin):
                 proc.kill()
                 proc.wait(timeout=10)
         self.process = None
-        if self._ports_chosen:
+        if self._ports_chosen and self._own_epmd:
             # The node started a private epmd on its own port: end that one, and only that one.
             epmd = shutil.which("epmd") or self._erts_epmd()
             if epmd:
@@ -471,3 +493,185 @@ def from_environment() -> ExternalBroker | None:
     if not url:
         return None
     return ExternalBroker(url, os.environ.get("ION_TEST_AMQP_ADMIN_URL") or None)
+
+
+class _ClusterNode(RabbitMQServer):
+    """One node of a :class:`RabbitMQCluster`: shared HOME (cookie) and port mapper, no management."""
+
+    def wait_started(self, deadline: float) -> None:
+        # Cheaper than polling `rabbitmqctl status` (an Erlang VM each time): wait until the node
+        # has registered with the port mapper (`await_startup` fails at once before that).
+        assert self.process is not None, "launch() first"
+        short = self.nodename.split("@", 1)[0]
+        epmd = shutil.which("epmd") or self._erts_epmd() or "epmd"
+        while True:
+            if self.process.poll() is not None:
+                raise BrokerUnavailable(f"{self.nodename} exited with {self.process.returncode}:\n"
+                                        f"{self._output_tail()}")
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"{self.nodename} did not register with epmd in time:\n"
+                                        f"{self._output_tail()}")
+            names = subprocess.run([epmd, "-port", str(self.epmd_port), "-names"], capture_output=True,
+                                   text=True, timeout=30).stdout
+            if f"name {short} at port" in names:
+                break
+            time.sleep(0.2)
+        self.ctl("await_startup", timeout=max(5.0, deadline - time.monotonic()))
+
+    def beam_pid(self) -> int:
+        """The OS pid of the node's Erlang VM (``rabbitmq-server`` is a script that stays its parent):
+        from the pid file the node writes at start, else asked of the node."""
+        try:
+            return int((self.base_dir / "rabbitmq.pid").read_text().strip())
+        except (OSError, ValueError):
+            return int(self.ctl("eval", "list_to_integer(os:getpid()).", timeout=30).strip())
+
+
+class RabbitMQCluster(_Admin):
+    """A cluster of ``size`` private RabbitMQ nodes on 127.0.0.1, started and stopped by the test session.
+
+    ::
+
+        cluster = RabbitMQCluster()         # 3 nodes
+        cluster.start()                     # launched together, then joined to node 0 (12-25 s)
+        urls = cluster.urls(vhost)          # one amqp:// URL per node, in node order
+        cluster.kill_node(1)                # kill -9 of node 1's Erlang VM
+        cluster.restart_node(1)             # the same node again, with its data: it rejoins
+        cluster.stop()
+
+    Every node is a :class:`RabbitMQServer` (own AMQP and distribution ports, data and log
+    folders) with one HOME, hence one Erlang cookie, and one port mapper for all, so the nodes
+    (and every ``rabbitmqctl`` call) find and trust each other. Vhosts and users are made with
+    ``rabbitmqctl`` on a running node (no management plugin: it would slow every node's start).
+    """
+
+    managed = True
+
+    def __init__(self, size: int = 3, *, base_dir: str | None = None) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        self._own_dir = base_dir is None
+        self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="ion-rabbitmq-cluster-"))
+        home = self.base_dir / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.write_text(secrets.token_hex(20))
+            cookie.chmod(0o400)
+        self.epmd_port = free_port(20000, 40000)
+        tag = f"{os.getpid()}-{secrets.token_hex(2)}"
+        self.nodes: list[_ClusterNode] = []
+        ports: set[int] = set()
+        for i in range(size):
+            port = free_port(5679, 15000)
+            while port in ports:
+                port = free_port(5679, 15000)
+            ports.add(port)
+            node_dir = self.base_dir / f"node{i}"
+            node_dir.mkdir(exist_ok=True)
+            self.nodes.append(_ClusterNode(port=port, base_dir=str(node_dir), management=False,
+                                           nodename=f"ion-c{i}-{tag}@localhost", home=str(home),
+                                           epmd_port=self.epmd_port))
+        self.port = self.nodes[0].port
+        self._beam_pids: dict[int, int] = {}
+        #: Seconds the last :meth:`start` took (launch until the cluster is formed).
+        self.start_seconds: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<RabbitMQCluster {', '.join(str(n.port) for n in self.nodes)}>"
+
+    @property
+    def ports(self) -> list[int]:
+        """The AMQP port of each node, in node order."""
+        return [n.port for n in self.nodes]
+
+    def urls(self, vhost: str = "/", user: str | None = None, password: str | None = None) -> list[str]:
+        """One ``amqp://`` URL per node (same vhost and login), in node order."""
+        return [self.node_url(i, vhost, user, password) for i in range(len(self.nodes))]
+
+    def node_url(self, i: int, vhost: str = "/", user: str | None = None, password: str | None = None) -> str:
+        """The URL of node ``i``."""
+        url = self.url(vhost, user, password)
+        return url.replace(f"@{self.host}:{self.port}/", f"@{self.host}:{self.nodes[i].port}/", 1)
+
+    def running(self, i: int) -> bool:
+        """True if node ``i``'s process is alive (started and not killed or stopped)."""
+        proc = self.nodes[i].process
+        return proc is not None and proc.poll() is None
+
+    # -- running -----------------------------------------------------------------------------------
+    def start(self, timeout: float = 120) -> None:
+        """Launch every node at once, wait for them, and join nodes 1.. to node 0.
+
+        :raises BrokerUnavailable: with the reason (and the node's output) if it cannot be formed.
+        """
+        began = time.monotonic()
+        deadline = began + timeout
+        try:
+            for node in self.nodes:
+                node.launch()
+            for node in self.nodes:
+                node.wait_started(deadline)
+            first = self.nodes[0].nodename
+            for node in self.nodes[1:]:
+                node.ctl("stop_app")
+                node.ctl("join_cluster", first)
+                node.ctl("start_app")  # returns once the app runs again
+            for i, node in enumerate(self.nodes):
+                self._beam_pids[i] = node.beam_pid()
+        except BrokerUnavailable:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - began
+
+    def ctl(self, *args: str, timeout: float = 60) -> str:
+        """``rabbitmqctl ARGS`` on the first running node."""
+        for i, node in enumerate(self.nodes):
+            if self.running(i):
+                return node.ctl(*args, timeout=timeout)
+        raise BrokerUnavailable("no node of the cluster is running")
+
+    def kill_node(self, i: int) -> None:
+        """``kill -9`` node ``i``'s Erlang VM (no clean shutdown: its connections just drop)."""
+        node = self.nodes[i]
+        pid = self._beam_pids.pop(i, None) or node.beam_pid()
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        if node.process is not None:
+            try:
+                node.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait(timeout=10)
+
+    def restart_node(self, i: int, timeout: float = 90) -> None:
+        """Start node ``i`` again with its data; it rejoins the cluster."""
+        node = self.nodes[i]
+        node.launch()
+        node.wait_started(time.monotonic() + timeout)
+        self._beam_pids[i] = node.beam_pid()
+
+    def ensure_running(self) -> None:
+        """Restart every node that is not running (after a test killed one)."""
+        for i in range(len(self.nodes)):
+            if not self.running(i):
+                self.restart_node(i)
+
+    def cluster_nodes(self) -> list[str]:
+        """The running nodes of the cluster, as a running node sees them."""
+        out = self.ctl("eval", "rabbit_nodes:all_running().")
+        return sorted(n.strip().strip("'") for n in out.strip().strip("[]").split(",") if n.strip())
+
+    def stop(self) -> None:
+        """Stop every node, the shared port mapper, and remove the cluster's directory (when we made it)."""
+        for node in reversed(self.nodes):
+            node.stop()
+        epmd = shutil.which("epmd") or RabbitMQServer._erts_epmd()
+        if epmd:
+            env = {**os.environ, "ERL_EPMD_PORT": str(self.epmd_port), "ERL_EPMD_ADDRESS": "127.0.0.1"}
+            subprocess.run([epmd, "-port", str(self.epmd_port), "-kill"], env=env, capture_output=True,
+                           timeout=30)
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)

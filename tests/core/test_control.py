@@ -309,3 +309,17 @@ def test_a_second_start_of_an_app_waits_for_the_first(cluster: Cluster) -> None:
     cluster.pump()
     assert cluster.result(first)["started"] is True and cluster.result(second)["started"] is False
     assert calls == ["hello"] and "hello" in c1.app_manager.running
+
+
+def test_has_consumer_tells_a_listening_process_from_a_gone_one(cluster: Cluster) -> None:
+    """``has_consumer``: True while a process's queue is consumed, False once its container's connection
+    went (or for no such queue), None when the broker cannot be asked."""
+    from ion.core.control import has_consumer
+
+    watcher, doomed = cluster.container("w"), cluster.container("d")
+    proc = cluster.spawn_in(doomed, Process)
+    assert cluster.result(has_consumer(watcher.transport, proc.id)) is True
+    assert cluster.result(has_consumer(watcher.transport, "sys.nobody.1")) is False
+    cluster.result(doomed.transport.close())
+    assert cluster.result(has_consumer(watcher.transport, proc.id)) is False
+    assert cluster.result(has_consumer(doomed.transport, proc.id)) is None  # its own connection is closed

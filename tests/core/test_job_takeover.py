@@ -214,3 +214,30 @@ def test_remove_takes_the_claim_files_too(tmp_path: Path) -> None:
     fired(store.claim("x.1/j2", 1, OWNERS["b"]))
     fired(store.remove("x.1/j"))
     assert [p.name for p in tmp_path.iterdir()] == [store.claim_path("x.1/j2", 1).name]
+
+
+def test_a_lookup_while_this_table_is_taking_the_job_over_claims_nothing_more(tmp_path: Path) -> None:
+    """Between its claim and the job running here (its resume hook still starting), a ``lookup`` or a
+    scan of the same table must not take its own claim for a dead claimer's and claim the next takeover."""
+    world = World(tmp_path, grace=0)
+    job_id = start_job(world, world.table("a"))
+    world.alive.discard("a")
+    starting: defer.Deferred[None] = defer.Deferred()
+    table = world.table("b")
+    plain_resume = table.resume
+    assert plain_resume is not None
+
+    async def slow_resume(job: str, record: Mapping[str, Any]) -> defer.Deferred[Any]:
+        await starting
+        return await plain_resume(job, record)
+
+    table.resume = slow_resume
+    scanning = table.scan()
+    assert not scanning.called and world.store.claim_path(job_id, 1).exists()
+    answer = fired(table.lookup(job_id))
+    assert answer["owner"] == OWNERS["a"] and answer["from_record"] is True
+    assert fired(table.scan()) == []
+    assert not world.store.claim_path(job_id, 2).exists()
+    starting.callback(None)
+    assert fired(scanning) == [job_id] and [r[0] for r in world.resumed] == ["b"]
+    assert world.on_disk(job_id)["owner"] == OWNERS["b"]

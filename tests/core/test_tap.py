@@ -147,6 +147,37 @@ def test_broker_given_more_than_once_is_a_list_tried_in_turn(monkeypatch: pytest
         parse("--broker", "amqp://h1/", "--broker", "memory://")
 
 
+def test_broker_comma_list_is_several_addresses() -> None:
+    """--broker URL1,URL2 is --broker URL1 --broker URL2; a comma inside a password is no separator."""
+    options = parse("--broker", "amqp://u:p@n1:5999/v, amqp://u:p@n2:5999/v", "--broker", "amqp://u:p@n3:5999/v")
+    assert options["broker_urls"] == ["amqp://u:p@n1:5999/v", "amqp://u:p@n2:5999/v", "amqp://u:p@n3:5999/v"]
+    assert parse("--broker", "amqp://u:a,b@n1:5999/v")["broker_urls"] == ["amqp://u:a%2Cb@n1:5999/v"]
+
+
+def test_service_queue_type_quorum_by_default_with_several_brokers() -> None:
+    """Shared queues are quorum queues (durable, a delivery limit, their own arguments kept) when the
+    container has several broker addresses or the config says quorum; classic otherwise, and always
+    on the embedded broker."""
+    from ion.core.container import Container
+
+    two = ["amqp://u:p@n1:5999/v", "amqp://u:p@n2:5999/v"]
+    cluster = Container(config=test_config(), broker_url=two)
+    assert cluster.service_queue_type == "quorum"
+    durable, args = cluster.shared_queue_options({"x-single-active-consumer": True})
+    assert durable and args == {"x-queue-type": "quorum", "x-delivery-limit": 20, "x-single-active-consumer": True}
+    single = Container(config=test_config(), broker_url=two[0])
+    assert single.service_queue_type == "classic" and single.shared_queue_options() == (False, None)
+    chosen = test_config({"ion.core.messaging": {"service_queue_type": "quorum", "quorum_delivery_limit": 5}})
+    assert Container(config=chosen, broker_url=two[0]).shared_queue_options()[1] == {
+        "x-queue-type": "quorum", "x-delivery-limit": 5}
+    classic = test_config({"ion.core.messaging": {"service_queue_type": "classic"}})
+    assert Container(config=classic, broker_url=two).service_queue_type == "classic"
+    assert Container(config=chosen, broker_url="memory://").service_queue_type == "classic"
+    with pytest.raises(ConfigurationError, match="service_queue_type must be one of"):
+        Container(config=test_config({"ion.core.messaging": {"service_queue_type": "stream"}}),
+                  broker_url=two).shared_queue_options()
+
+
 def test_container_takes_the_configs_brokers_when_the_command_line_names_none() -> None:
     """Without a broker option the container uses ``brokers`` of ion.core.messaging (a list, tried
     in turn), else the embedded broker; a broker option wins over the config."""

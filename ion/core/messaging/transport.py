@@ -10,10 +10,11 @@ implement it; one contract test suite runs against both.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from twisted.internet import defer
 
@@ -29,6 +30,8 @@ __all__ = [
     "ConnectionListener",
     "BrokerURL",
     "parse_broker_url",
+    "split_broker_urls",
+    "redacted_url",
 ]
 
 
@@ -271,6 +274,29 @@ class BrokerURL:
             return "memory://"
         vhost = "" if self.vhost == "/" else self.vhost
         return f"{self.scheme}://{self.username}@{self.host}:{self.port}/{vhost}"
+
+
+#: Where a broker comma list splits: before each URL's scheme (a comma in a password stays).
+_BROKER_LIST = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_broker_urls(values: str | Iterable[str] | None) -> list[str]:
+    """The broker addresses of ``--broker`` values, each one URL or a comma list of the nodes of one
+    cluster (``amqp://u:p@n1/v,amqp://u:p@n2/v``), in order."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [u.strip() for value in values for u in _BROKER_LIST.split(value) if u.strip()]
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password (``user:***@host``), for output and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def parse_broker_url(url: str) -> BrokerURL:

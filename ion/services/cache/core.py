@@ -55,7 +55,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ion.core.config import Settings
+from ion.core.config import Settings, setting
 from ion.core.threads import BlockingPool, housekeeping_pool, run_short
 from ion.services.cache import store
 from ion.services.cache.entry import (
@@ -117,6 +117,9 @@ class CacheSettings(Settings):
     :ivar host_id: the id written in lock files; None: :func:`~ion.services.cache.locks.resolve_host_id`.
     :ivar fsync: fsync every file at publish.
     :ivar lock_lease: seconds a lock held over messages lasts without renewal.
+    :ivar lock_holder_check: seconds between two checks, while a lock is held over messages, that
+        its holder still listens (its process queue has a consumer); one that does not on two checks
+        in a row loses the lock then, not at the end of its lease. 0 or None: the lease only.
     :ivar max_concurrent: requests the Cache service handles at once.
     :ivar lock_method: how lock files are created (``excl`` or ``link``, checked by :class:`Cache`).
     :ivar broker_locks: the Cache service takes each lock through the broker as well
@@ -132,6 +135,7 @@ class CacheSettings(Settings):
     host_id: str | None = None
     fsync: bool = False
     lock_lease: float = 60.0
+    lock_holder_check: float | None = setting(5.0, off=True)
     max_concurrent: int = 32
     lock_method: str = "excl"
     broker_locks: bool = True

@@ -3,6 +3,7 @@
 ``res/apps/cache.app`` starts it. Config (``ion.services.cache``, or spawnargs):
 ``root`` (default ``$ION_CACHE_DIR``, else ``~/.cache/ion/deploy``),
 ``lock_timeout`` (600 s), ``lock_wait_timeout`` (2 x lock_timeout),
+``lock_lease`` (60 s), ``lock_holder_check`` (5 s, see "Locks over RPC"),
 ``host_id`` (default: see :func:`~ion.services.cache.locks.resolve_host_id`),
 ``broker_locks`` (true: each lock is taken through the broker as well, on a
 connection of the service's own, see :class:`~ion.services.cache.locks.BrokerLocks`),
@@ -38,7 +39,13 @@ random token and this instance's pid; ``renew``, ``unlock`` and ``publish``
 name the token and go to that pid (several instances may share the service
 queue; :class:`CacheClient` routes them). A lock lasts for its ``lease``
 (default ``lock_lease``, 60 s) unless renewed, so a caller that dies or gives up
-waiting never pins an entry for good; every lock is released when the
+waiting never pins an entry for good. A caller that dies loses it sooner: while
+locks are held, every ``lock_holder_check`` seconds (5; 0: off) the service
+asks the broker whether each holder's process queue (the request's ``sender``)
+still has a consumer (:func:`~ion.core.control.has_consumer`, the check the job
+takeover uses); a holder without one on two checks in a row (a dead
+container's connection takes its consumers with it) has its locks released,
+logged with the holder. Every lock is released when the
 service terminates, and pending ``lock`` waits are cancelled then (the first
 phase of its terminate, :meth:`CacheService.slc_drain`: they answer 503).
 
@@ -64,10 +71,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from ion.core.control import has_consumer
 from ion.core.process import Receiver
 from ion.core.security import control, narrow_root
 from ion.core.service import ServiceClient, ServiceProcess
@@ -126,6 +134,10 @@ class _Lease:
     busy: int = 0
     #: (sender, conv-id) of the lock request: a cancel of it that comes late frees the lock.
     conv: tuple[str, str] | None = None
+    #: The pid of the process that asked for the lock (its queue is checked for a consumer).
+    holder: str | None = None
+    #: Checks in a row that found nobody consuming the holder's queue.
+    missed: int = 0
 
 
 class CacheService(ServiceProcess):
@@ -166,6 +178,8 @@ class CacheService(ServiceProcess):
                                       clock=self.clock, should_run=self.election.is_elected,
                                       refetch=self._refetch if verify_config.refetch else None)
         self._leases: dict[str, _Lease] = {}
+        #: Checks, while any lock is held over messages, that each holder still listens.
+        self._holder_check: task.LoopingCall | None = None
 
     def _publish_event(self, routing_key: str, content: Any) -> None:
         if routing_key == "cache.reap" and isinstance(content, Mapping):
@@ -241,6 +255,7 @@ class CacheService(ServiceProcess):
 
     @defer.inlineCallbacks
     def slc_terminate(self) -> Any:
+        self._stop_holder_check()
         for lease in self._leases.values():
             if lease.call is not None and lease.call.active():
                 lease.call.cancel()
@@ -277,6 +292,60 @@ class CacheService(ServiceProcess):
                        "{lease:g} s: released", pid=self.id, entry=str(lease.lock.key), owner=lease.owner,
                        lease=lease.lease)
         self.cache.unlock(lease.lock)
+
+    # -- holders that died (see the module notes) ----------------------------------------------------------
+    def _watch_holders(self) -> None:
+        """Start checking the holders of the locks held over messages (once; ``lock_holder_check``)."""
+        interval = self.settings.lock_holder_check
+        if not interval or self._holder_check is not None or self.draining:
+            return
+        check = task.LoopingCall(self._check_holders)
+        check.clock = self.clock
+        self._holder_check = check
+        check.start(interval, now=False).addErrback(
+            lambda f: self._log.failure("{pid}: the lock holder check stopped", f, pid=self.id))
+
+    def _stop_holder_check(self) -> None:
+        check, self._holder_check = self._holder_check, None
+        if check is not None and check.running:
+            check.stop()
+
+    async def _ask_holders(self) -> None:
+        leases = [(token, lease) for token, lease in self._leases.items() if lease.holder]
+        consumed: dict[str, bool | None] = {}
+        for holder in {lease.holder for _, lease in leases if lease.holder}:
+            consumed[holder] = await has_consumer(self.container.transport, holder)
+        for token, lease in leases:
+            if self._leases.get(token) is not lease:
+                continue  # released meanwhile
+            if consumed.get(lease.holder or "") is not False:  # listening, or the broker cannot tell
+                lease.missed = 0
+                continue
+            lease.missed += 1
+            if lease.missed < 2 or lease.busy:
+                continue  # a publish in progress: the next check, after it
+            del self._leases[token]
+            if lease.call is not None and lease.call.active():
+                lease.call.cancel()
+            # (The sender of a request is the process's backend queue: its pid and "b".)
+            holder_pid = (lease.holder or "").removesuffix("b")
+            self._log.warn("{pid}: the lock of {entry} held for process {holder_pid} released: it no longer listens "
+                           "(no consumer on its queue {holder} at {n} checks {interval:g} s apart; {owner})",
+                           pid=self.id, entry=str(lease.lock.key), owner=lease.owner, holder=lease.holder,
+                           holder_pid=holder_pid, n=lease.missed, interval=self.settings.lock_holder_check or 0)
+            await self.cache.unlock(lease.lock)
+
+    def _check_holders(self) -> defer.Deferred[None]:
+        """One check of every lock holder: a holder whose process queue had no consumer on this
+        check and the one before loses its locks (a check that fails is logged; the next comes)."""
+        def failed(f: Any) -> None:
+            self._log.warn("{pid}: checking the lock holders failed: {e}", pid=self.id, e=f.getErrorMessage())
+
+        def done(_: Any) -> None:
+            if not self._leases:
+                self._stop_holder_check()  # started again by the next lock
+
+        return defer.ensureDeferred(self._ask_holders()).addErrback(failed).addCallback(done)
 
     # -- ops ------------------------------------------------------------------------------------------------
     async def op_lookup(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
@@ -317,9 +386,12 @@ class CacheService(ServiceProcess):
             await self.cache.unlock(lock)
             raise LockError(f"cache service {self.id} is terminating", 503)
         owner = f"{msg.get('sender-name') or '?'} ({msg.get('sender')})"
-        lease = _Lease(lock, owner, lease_s, conv=(str(msg.get("broker-user")), str(msg.get("conv-id"))))
+        sender = msg.get("sender")
+        lease = _Lease(lock, owner, lease_s, conv=(str(msg.get("broker-user")), str(msg.get("conv-id"))),
+                       holder=sender if isinstance(sender, str) and sender else None)
         self._leases[lock.id] = lease
         self._schedule_expiry(lock.id, lease)
+        self._watch_holders()
         return {"token": lock.id, "pid": self.id, "key": key.to_wire(), "path": str(lock.path), "lease": lease_s}
 
     @control("cache.write", audited=False)

@@ -143,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="put generation N of DEPLOYMENT.json back in place (default: the previous one), "
                         "instead of deploying the file")
     p.add_argument("--broker", metavar="URL",
-                   help="deploy through the services of a running system on this broker (amqp://...)")
+                   help="deploy through the services of a running system on this broker (amqp://...; a comma "
+                        "list of the nodes of one cluster: tried in turn)")
     p.add_argument("-s", "--sysname", metavar="NAME", help="with --broker (and needed by it): the system name")
     p.add_argument("--version", action="store_true", help="print the version of ioncore and exit")
     return p
@@ -669,10 +670,12 @@ async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, o
                       result: dict[str, Any]) -> int:
     from ion.core.container import Container
     from ion.core.exceptions import ReceivedApplicationError
+    from ion.core.messaging.transport import redacted_url, split_broker_urls
     from ion.core.process import Process
 
-    container = Container(config=_config(), broker_url=args.broker, sysname=args.sysname, reactor=reactor)
-    result["broker"] = args.broker
+    brokers = split_broker_urls(args.broker)
+    container = Container(config=_config(), broker_url=brokers, sysname=args.sysname, reactor=reactor)
+    result["broker"] = ",".join(redacted_url(url) for url in brokers)  # (never the password)
     await container.start()
     try:
         pid = await container.spawn(Process, name="ion-deploy")

@@ -79,6 +79,10 @@ nothing over. The takeover keeps the request's ``partial`` and its deployment
 file (the job's generation is recorded as it ends, every item counted); all or nothing
 spans one instance's run only: the items the dead owner switched in stay (each
 whole), and a failure after the takeover switches back only the items it placed.
+``job_cancel`` of a job taken over reaches its new owner: the client asks the
+service queue when the id's instance is gone (:meth:`SystemControl.cancel_job`),
+and an instance that does not run the job answers with the ``owner`` its record
+names, where the client sends the cancel (authorized and audited there).
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ from twisted.logger import Logger
 
 from ion.core.audit import audited
 from ion.core.control import JOB_SEP as CONTROL_JOB_SEP
-from ion.core.control import SystemControl
+from ion.core.control import SystemControl, has_consumer
 from ion.core.exceptions import ApplicationError, ConfigurationError, ReceivedError
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
@@ -254,17 +258,14 @@ class DeployService(ServiceProcess):
         if not isinstance(process, str) or not process:
             return self._owner_among_nodes(owner)
         # Its process queue, as the broker sees it: consumed while its container's connection lives.
-        depth = defer.maybeDeferred(self.container.transport.queue_depth, process)
+        def judged(consumed: bool | None) -> bool:
+            return self._owner_among_nodes(owner) if consumed is None else consumed
 
-        def judged(counts: tuple[int, int] | None) -> bool:
-            return counts is not None and counts[1] > 0
+        return has_consumer(self.container.transport, process).addCallback(judged)
 
-        def unknown(f: Any) -> bool:
-            self._log.debug("{pid}: the broker could not tell about {q}: {e}", pid=self.id, q=process,
-                            e=f.getErrorMessage())
-            return self._owner_among_nodes(owner)
-
-        return depth.addCallbacks(judged, unknown)
+    async def _owner_is_alive(self, owner: Mapping[str, Any]) -> bool:
+        """:meth:`_owner_alive`, awaited."""
+        return bool(await defer.maybeDeferred(self._owner_alive, owner))
 
     def _owner_among_nodes(self, owner: Mapping[str, Any]) -> bool:
         """Whether the agent lists the owner's container among the live ones (True without an agent)."""
@@ -574,18 +575,52 @@ class DeployService(ServiceProcess):
         return answer.addCallback(convert.job_status_to_pb) if protobuf else answer
 
     @control("job.cancel")
-    def op_job_cancel(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
+    async def op_job_cancel(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
         """``{job}``: cancel a running async job of this instance (operators only): its downloads
         stop, its locks and staging folders are released, and its status becomes REMOTE_ERROR
-        listing the items that did not finish. ``{job, cancelled: bool}``."""
+        listing the items that did not finish. ``{job, cancelled: bool}``.
+
+        A job this instance does not run is looked up in its durable record: one whose owner is
+        gone is taken over here (as ``job_status`` does) and cancelled; one another live instance
+        runs (it took the job over) answers ``{job, cancelled: false, owner: <its pid>}``, so the
+        caller sends the cancel there (it is authorized and audited where it is done). The cancel
+        is never forwarded under this instance's own identity.
+        """
         job = content.get("job") if isinstance(content, Mapping) else content
         if not isinstance(job, str) or not job or "\0" in job:
             raise ApplicationError("job_cancel takes a job id", 400)
-        cancelled = self.jobs.cancel(job)
-        if cancelled:
-            self._log.info("{pid}: job {job} cancelled by broker user {user!r}", pid=self.id, job=job,
-                           user=msg.get("broker-user"))
-        return {"job": job, "cancelled": cancelled}
+        if not self.jobs.cancel(job):
+            record = await self.jobs.lookup(job)  # a dead owner's job (past the grace) is taken over here
+            if not self.jobs.cancel(job):
+                return await self._job_elsewhere(job, record)
+        self._log.info("{pid}: job {job} cancelled by broker user {user!r}", pid=self.id, job=job,
+                       user=msg.get("broker-user"))
+        return {"job": job, "cancelled": True}
+
+    async def _job_elsewhere(self, job: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        """The answer to a cancel of a job not running here: its live owner's pid, or why not."""
+        answer: dict[str, Any] = {"job": job, "cancelled": False}
+        owner = record.get("owner")
+        if not record.get("from_record") or record.get("status") not in (0, 3) or not isinstance(owner, Mapping):
+            return answer  # unknown here, or ended
+        alive = await self._owner_is_alive(owner)
+        if not alive and self.jobs.store is not None:
+            # Gone: an instance may have claimed the job and be starting it (its record follows).
+            number = len(record.get("takeovers") or []) + 1
+            claimer = await self.jobs.store.load_claim(job, number)
+            if claimer is not None and (claimer.get("process") == self.id or await self._owner_is_alive(claimer)):
+                owner, alive = claimer, True
+        process = owner.get("process")
+        if process == self.id:
+            answer["error"] = "this instance is taking the job over now: ask again"
+        elif alive and isinstance(process, str) and process:
+            answer["owner"] = process
+        else:
+            grace = self.settings.takeover_interval or 0.0
+            answer["error"] = (f"its owner {process} is gone and the job is not taken over yet" +
+                               (f" (within {2 * grace:g} s): ask again" if grace > 0 else
+                                " (this instance takes no job over: takeover_interval is 0)"))
+        return answer
 
     def op_jobs(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> list[dict[str, Any]]:
         """Every job on record."""
@@ -722,13 +757,13 @@ class DeployClient(ServiceClient):
 
     def _consumed(self, queue: str) -> defer.Deferred[bool]:
         """Whether the broker shows a consumer on ``queue`` (True when it cannot tell)."""
-        d = defer.maybeDeferred(self.proc.container.transport.queue_depth, queue)
-        return d.addCallbacks(lambda counts: counts is not None and counts[1] > 0, lambda _f: True)
+        return has_consumer(self.proc.container.transport, queue).addCallback(lambda consumed: consumed is not False)
 
     @defer.inlineCallbacks
     def cancel_job(self, job: str) -> Any:
-        """Cancel a running async job at the instance that runs it (operators only):
-        ``{job, cancelled: bool}``."""
+        """Cancel a running async job at the instance that runs it (operators only), also once
+        another instance took it over (see :meth:`SystemControl.cancel_job`):
+        ``{job, cancelled: bool}`` (and ``owner`` or ``error`` when not cancelled)."""
         if JOB_SEP not in job:  # not a job id of ours: ask the instance this client names
             content, _ = yield self.proc.rpc_send(self.target, "job_cancel", {"job": job})
             return content

@@ -160,7 +160,8 @@ class DeployShellHelpers:
         if isinstance(job, DeployJob):
             job = yield job.wait()
         answer = yield self._deploy_client().cancel_job(str(job))
-        return Text(f"job {answer['job']}: " + ("cancelled" if answer["cancelled"] else "not running here"))
+        return Text(f"job {answer['job']}: " + ("cancelled" if answer["cancelled"] else "not running"
+                                               + (f" ({answer['error']})" if answer.get("error") else "")))
 
     def generations(self, file: str) -> Any:
         """The kept generations of a deployment file, newest first: number, when, who, items."""

@@ -236,3 +236,53 @@ def test_entry_file_is_not_content():
     """The description file name is reserved: a deployer never places it."""
     info = EntryInfo(KEY, Path("/x"), {"a": FileMeta(1, None, "0" * 64)}, links={".entry": "x"})
     assert info.content_names() == ["a"] and ENTRY_FILE not in info.content_names()
+
+
+def test_a_lock_whose_holder_died_is_released_after_two_checks_not_its_lease(tmp_path, log_events):
+    """Container A's process holds a lock through container B's Cache service, then A's connection goes
+    (as when A is killed): its process queue has no consumer. B checks every lock_holder_check seconds
+    and releases the lock at the second check that finds none (logged with the holder), long before
+    its 60 s lease; a live holder keeps its lock through the same checks."""
+    from ion.testing import ClockedCluster
+
+    from .conftest import SyncPool
+
+    cluster = ClockedCluster()
+    a, b = cluster.start_container("a"), cluster.start_container("b")
+    b.blocking = SyncPool()
+    service = cluster.spawn_in(b, CacheService, {"root": str(tmp_path / "c"), "host_id": "h", "lock_timeout": 600})
+    assert service.settings.lock_holder_check == 5
+    doomed = CacheClient(cluster.spawn_in(a, Process))
+    alive = CacheClient(cluster.spawn_in(b, Process))
+    lost = cluster.result(doomed.lock(KEY, timeout=5))
+    other_key = EntryKey("repo.file", "linux", "other", "1.0")
+    kept = cluster.result(alive.lock(other_key, timeout=5))
+    assert lost.lease == 60
+    cluster.advance(5)
+    assert len(service._leases) == 2  # both still listen
+    cluster.result(a.transport.close())  # A dies: its connection, and its consumers, are gone
+    cluster.advance(5)
+    assert Path(lost.path).exists()  # one check without a consumer: not yet
+    cluster.advance(5)
+    assert not Path(lost.path).exists() and [le.lock.key for le in service._leases.values()] == [other_key]
+    released = [e for e in log_events if "no longer listens" in str(e.get("log_format"))]
+    assert len(released) == 1 and released[0]["holder"] == doomed.proc.backend_name
+    assert released[0]["holder_pid"] == doomed.proc.id
+    # The entry is free for the next caller at once (a takeover's fetch does not wait for the lease).
+    again = cluster.result(alive.lock(KEY, timeout=1))
+    cluster.advance(20)
+    assert Path(kept.path).exists() and Path(again.path).exists()
+    cluster.result(alive.unlock(again))
+    cluster.result(alive.unlock(kept))
+    cluster.advance(5)
+    assert service._holder_check is None  # no lock held: no checks
+
+
+def test_the_holder_check_can_be_turned_off(clocked, tmp_path):
+    """lock_holder_check 0: only the lease frees a lock (no checks run)."""
+    clocked.container.blocking = SyncPool()
+    service = clocked.spawn(CacheService, {"root": str(tmp_path / "c"), "host_id": "h", "lock_timeout": 600,
+                                           "lock_holder_check": 0})
+    cache = CacheClient(clocked.spawn(Process))
+    clocked.result(cache.lock(KEY, timeout=5))
+    assert service.settings.lock_holder_check is None and service._holder_check is None

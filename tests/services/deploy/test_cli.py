@@ -298,12 +298,15 @@ async def test_through_a_running_system(amqp_url: str, tmp_path: Path) -> None:
         assert sorted(line.split("] ")[1] for line in text.splitlines() if line.startswith("[")) == [
             "noarch/greetings/2.1: downloaded", "noarch/hello-tools/1.0: downloaded", "noarch/motd/1.0: downloaded"]
         assert (tmp_path / "deployed/etc/motd.txt").resolve().is_relative_to((tmp_path / "service-cache").resolve())
+        # A comma list (a cluster's nodes): a node that is down is passed over for the next one.
         out, err, code = await utils.getProcessOutputAndValue(
-            sys.executable, ["-m", "ion.services.deploy.cli", str(sample), "--broker", amqp_url, "-s", "clisys",
-                             "--json"], env=env, path=str(tmp_path))
+            sys.executable, ["-m", "ion.services.deploy.cli", str(sample), "--broker",
+                             f"amqp://guest:down@127.0.0.1:1/,{amqp_url}", "-s", "clisys", "--json"],
+            env=env, path=str(tmp_path))
         assert code == 0, err.decode()
         data = json.loads(out)
         assert [(i["state"], i["already"]) for i in data["items"]] == [("cached", True)] * 3
+        assert data["broker"].startswith("amqp://guest:***@127.0.0.1:1/,") and "down" not in out.decode()
     finally:
         await factory.teardown()
 

@@ -602,3 +602,56 @@ async def test_two_instances_on_one_broker_the_survivor_takes_the_job_over(conta
         "linux/notes/1.0": "downloaded", "linux/zlib/1.2": "downloaded"}
     assert [(t["from"]["process"], t["by"]["process"]) for t in status["takeovers"]] == [(victim.id, heir.id)]
     assert server.gets(f"deps/{PLAIN}") == 1 and (tmp_path / "dest/zlib/zlib/include/zlib.h").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_taken_over_job_is_cancelled_at_its_new_owner(container_factory: Any, make_repo: Any,
+                                                              tmp_path: Path) -> None:
+    """Three containers of one system on the embedded broker, one cache: the instance running a job stops
+    abruptly and another takes it over. Its id still names the dead instance: ``cancel_job`` sees nobody
+    consumes that queue and asks the service; an instance that does not run the job answers with the owner
+    its record names (asked directly here: the service queue may reach either), and the client sends the
+    cancel there. The new owner cancels it: REMOTE_ERROR listing the item not finished, with the takeover."""
+    url, server = make_repo("http")
+    gate = server.hold(f"deps/{TGZ}")
+    first, client = await _deploy_container(container_factory, tmp_path, takeover_interval=0.2)
+    events = await scenario_support.event_sink(first)
+    others = []
+    for _ in range(2):
+        other = await container_factory(sysname=first.sysname, config=system_config(tmp_path, takeover_interval=0.2))
+        await other.app_manager.start_app("deploy")
+        others.append(other)
+    victim = deploy_service(first)
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:2]))
+    started, _ = await within(client.proc.rpc_send(victim.id, "deploy_async", client.request_content(spec)))
+    job = started.job
+    await within(server.wait_held(f"deps/{TGZ}"))
+    await events.wait(item_done(job, "linux/notes/1.0"))
+    await within(victim.jobs.flush())
+    # Abruptly (as in the test above): its record stays PARTIAL, its queues lose their consumers.
+    victim.jobs.store = None
+    victim.jobs.resume = None
+    victim.jobs.cancel_all()
+    for receiver in victim.receivers:
+        await within(receiver.deactivate())
+    taken = await events.wait(lambda e: e.get("job") == job and e.get("phase") == "takeover")
+    heir = next(deploy_service(c) for c in others if deploy_service(c).id == taken["by"]["process"])
+    bystander = next(deploy_service(c) for c in others if deploy_service(c) is not heir)
+    for _ in range(200):  # the takeover event comes as the heir starts the rest; its record right after
+        if job in heir.jobs.jobs:
+            break
+        await within(_pause(0.01))
+    await within(heir.jobs.flush())
+    # The instance that does not run it names the owner (authorized and audited as a cancel).
+    answer, _ = await within(client.proc.rpc_send(bystander.id, "job_cancel", {"job": job}))
+    assert answer == {"job": job, "cancelled": False, "owner": heir.id}
+    assert await within(client.cancel_job(job)) == {"job": job, "cancelled": True}
+    await within(observe(heir.jobs.jobs[job].deferred))
+    await within(heir.jobs.flush())  # the service queue may reach the bystander: it reads the record
+    status = await within(client.job_status(job))
+    assert status["state"] == "REMOTE_ERROR" and status["error"].startswith("cancelled:"), status
+    assert status["cancelled"] == [f"{spec.items[1].position} linux/zlib/1.2"]
+    assert [(t["from"]["process"], t["by"]["process"]) for t in status["takeovers"]] == [(victim.id, heir.id)]
+    # Once ended, a cancel (asked of whichever instance) is not done again.
+    assert (await within(client.cancel_job(job)))["cancelled"] is False
+    gate.callback(None)

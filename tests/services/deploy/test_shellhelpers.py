@@ -202,4 +202,4 @@ async def test_next_deploy_catches_a_byte_flipped_through_a_link(shell: Any, tmp
 async def test_job_cancel_says_when_the_job_is_not_running(shell: Any) -> None:
     """job_cancel(job) asks the instance that runs the job; one that ended (or never ran) is not cancelled."""
     deploy = shell["container"].proc_manager.find("deploy")
-    assert await shell["job_cancel"](f"{deploy.id}/0123") == f"job {deploy.id}/0123: not running here"
+    assert await shell["job_cancel"](f"{deploy.id}/0123") == f"job {deploy.id}/0123: not running"

@@ -39,7 +39,8 @@ RUNNING/PARTIAL whose owner is judged gone twice, ``takeover_grace`` seconds
 apart, is *claimed* by creating ``.<quoted id>.claim-<n>`` (a hard link to a
 written temporary file: it fails if the name exists; ``n``: the takeover's
 number, so exactly one instance wins each takeover), read again
-(the owner may have ended it just before dying), and handed to the ``resume``
+(the owner may have ended it just before dying; a claimer that backs out then, or
+because it began to stop, removes its claim), and handed to the ``resume``
 hook, which starts the parts not yet in ``results``. The record then names the
 new owner and lists ``takeovers`` (``from``, ``by``, ``at``), which ``status`` /
 ``job_status`` show; the finished parts are kept. After ``max_takeovers`` (3) a
@@ -377,7 +378,13 @@ class JobTable:
             number += 1
         self._gone_since.pop(job_id, None)
         fresh = await self.store.load(job_id)  # as it is now that nobody else may take it
-        if fresh is None or fresh.get("status") not in _RUNNING or fresh.get("owner") != record.get("owner"):
+        resume = self.resume
+        if (resume is None or fresh is None or fresh.get("status") not in _RUNNING
+                or fresh.get("owner") != record.get("owner")):
+            # Backing out (this table began to stop, the job ended, or the record read was stale):
+            # the claim is given back, else a live claimer that runs nothing would keep every
+            # other instance from this takeover number (the job RUNNING forever).
+            await self.store.unclaim(job_id, number)
             return None
         previous = fresh.get("owner") or {}
         takeovers = [*list(fresh.get("takeovers") or []),
@@ -389,7 +396,7 @@ class JobTable:
                 f"not resumed again"))
         else:
             try:
-                work = await self.resume(job_id, fresh)
+                work = await resume(job_id, fresh)
             except Exception as exc:
                 work = defer.fail(exc)
         job = Job(job_id, str(fresh.get("kind") or "job"), float(fresh.get("created") or self.clock.seconds()),
@@ -587,6 +594,11 @@ class JobStore:
         (a hard link made where none is: atomic, also between hosts sharing the folder over NFS)."""
         path, data = self.claim_path(job_id, number), json.dumps(dict(owner), sort_keys=True, default=str).encode()
         d: defer.Deferred[bool] = self.pool.run(_create_exclusive, path, data)
+        return d
+
+    def unclaim(self, job_id: str, number: int) -> defer.Deferred[None]:
+        """Give claim ``number`` of ``job_id`` back (a claimer that backs out; gone already is fine)."""
+        d: defer.Deferred[None] = self.pool.run(self.claim_path(job_id, number).unlink, missing_ok=True)
         return d
 
     def load_claim(self, job_id: str, number: int) -> defer.Deferred[dict[str, Any] | None]:

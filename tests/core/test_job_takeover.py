@@ -138,6 +138,29 @@ def test_a_claimer_that_died_before_writing_the_record_does_not_block_the_job(tm
     assert world.store.claim_path(job_id, 2).exists() and world.on_disk(job_id)["owner"] == OWNERS["c"]
 
 
+def test_a_claimer_that_backs_out_leaves_the_job_to_the_next(tmp_path: Path, monkeypatch: Any) -> None:
+    """An instance that claimed a takeover and then backs out (it began to drain while it read the record
+    back; or the record it had read was stale) gives its claim back: the job is not ended by a
+    resume hook that is gone, and another instance takes it over (never RUNNING forever)."""
+    world = World(tmp_path, grace=0)
+    job_id = start_job(world, world.table("a"))
+    world.alive.discard("a")
+    draining = world.table("b")
+    load = world.store.load
+
+    def load_while_draining(job: str) -> Any:
+        draining.resume = None  # slc_drain: a stopping instance takes nothing over
+        return load(job)
+
+    monkeypatch.setattr(world.store, "load", load_while_draining)
+    assert fired(draining.scan()) == []
+    monkeypatch.setattr(world.store, "load", load)
+    record = world.on_disk(job_id)
+    assert record["state"] == "PARTIAL" and record["owner"] == OWNERS["a"] and job_id not in draining.jobs
+    assert fired(world.table("c").scan()) == [job_id]
+    assert world.on_disk(job_id)["owner"] == OWNERS["c"] and [r[0] for r in world.resumed] == ["c"]
+
+
 def test_job_status_of_a_dead_owners_job_takes_it_over(tmp_path: Path) -> None:
     """``lookup`` (job_status) of a resumable record whose owner is gone claims it and answers the job
     as now run here; a record without resume data still answers LOST_IN_SPACE."""

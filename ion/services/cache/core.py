@@ -229,7 +229,7 @@ class Cache:
         lock_pool = housekeeping_pool(pool.reactor) if isinstance(pool, BlockingPool) else pool
         self.locks = LockTable(host_id=self.host_id, lock_timeout=self.lock_timeout, clock=clock, pool=lock_pool,
                                wait_timeout=wait_timeout, refresh_interval=refresh_interval, method=lock_method,
-                               broker=broker_locks)
+                               broker=broker_locks, root=self.root)
         self.staging_root = self.root / STAGING
         self.quarantine_root = self.root / QUARANTINE
         self._host_tag = hashlib.sha256(self.host_id.encode()).hexdigest()[:8]

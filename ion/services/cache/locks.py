@@ -126,6 +126,8 @@ __all__ = [
     "BrokerLocks",
     "broker_identity",
     "lock_transport_factory",
+    "cache_identity",
+    "CACHE_ID_FILE",
 ]
 
 _log = Logger()
@@ -146,8 +148,10 @@ _O_DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
 
 def _check_host_id(value: str, source: str) -> str:
     value = value.strip()
-    if not value or "::" in value or any(c.isspace() for c in value) or len(value) > 200:
-        raise InvalidKeyError(f"host id {value!r} from {source} is empty, too long, or contains '::' or spaces")
+    if not value or "::" in value or any(c.isspace() for c in value) or len(value) > 200 \
+            or value.startswith("broker="):
+        raise InvalidKeyError(f"host id {value!r} from {source} is empty, too long, contains '::' or spaces, "
+                              f"or starts with 'broker=' (a lock file's marker)")
     return value
 
 
@@ -300,10 +304,21 @@ def _sweep(path: Path, host_tag: str, max_age: float) -> list[Path]:
     return removed
 
 
+#: Before the host id in a lock file: the marker of the broker lock its holder held (see :class:`LockHolder`).
+_MARKER_PREFIX: Final = "broker="
+
+
 @dataclass(frozen=True)
 class LockHolder:
-    """Who holds a lock file: ``host_id::pid::started``, and ``::broker=<marker>`` when the holder
-    also held the entry's broker lock (:class:`BrokerLocks`) while it held the file."""
+    """Who holds a lock file: ``host_id::pid::started``, written ``broker=<marker>@host_id::pid::started``
+    when the holder also held the entry's broker lock (:class:`BrokerLocks`) while it held the file.
+
+    The marker goes in front of the host id, not after the three fields: a process of a release
+    before broker locks (a host not upgraded yet, its ``ion-deploy``) then still reads three
+    fields, a holder of another host that it waits for (``lock_timeout``), where a fourth field
+    would make the file "corrupt" to it, taken over at once from a live holder. A fourth field
+    ``::broker=<marker>`` is read too.
+    """
 
     host_id: str
     pid: int
@@ -312,8 +327,8 @@ class LockHolder:
     broker: str | None = None
 
     def render(self) -> str:
-        text = f"{self.host_id}::{self.pid}::{self.started:.6f}"
-        return text if self.broker is None else f"{text}::broker={self.broker}"
+        host = self.host_id if self.broker is None else f"{_MARKER_PREFIX}{self.broker}@{self.host_id}"
+        return f"{host}::{self.pid}::{self.started:.6f}"
 
     @classmethod
     def parse(cls, text: str) -> LockHolder | None:
@@ -327,6 +342,10 @@ class LockHolder:
         if len(parts) != 3:
             return None
         host, pid_s, started_s = parts
+        if broker is None and host.startswith(_MARKER_PREFIX):
+            broker, at, host = host[len(_MARKER_PREFIX):].partition("@")
+            if not at or not broker or any(c.isspace() for c in broker):
+                return None
         try:
             pid, started = int(pid_s), float(started_s)
         except ValueError:
@@ -610,7 +629,7 @@ class _Acquisition:
             self.waiting.cancel()
 
 
-#: Names of the broker lock queues: ``ion.cache.lock.<sha256 of the lock file's path in the cache>``.
+#: Names of the broker lock queues: ``ion.cache.lock.<sha256 of the cache's id and the lock file's path in it>``.
 BROKER_LOCK_PREFIX: Final = "ion.cache.lock."
 
 
@@ -740,14 +759,18 @@ class BrokerLocks:
         self.closed = False
 
     @staticmethod
-    def queue_name(key: EntryKey, path: Path) -> str:
-        """The queue of the lock file ``path`` of ``key``: named after the lock file's place in the
-        cache (the same on every host, whatever the mount point), hashed to fit a queue name."""
+    def queue_name(key: EntryKey, path: Path, cache_id: str | None = None) -> str:
+        """The queue of the lock file ``path`` of ``key`` in the cache ``cache_id``
+        (:func:`cache_identity`): named after the cache and the lock file's place in it (the
+        same on every host sharing that cache, whatever the mount point; another on a host
+        with a cache of its own), hashed to fit a queue name."""
         rel = f"{key.relpath.parent}/{path.name}"
+        if cache_id is not None:
+            rel = f"{cache_id}\0{rel}"
         return BROKER_LOCK_PREFIX + hashlib.sha256(rel.encode()).hexdigest()[:40]
 
     def marker(self, queue: str, transport: Any) -> str | None:
-        """What a lock file taken under the broker lock ``queue`` says (``::broker=<marker>``):
+        """What a lock file taken under the broker lock ``queue`` says (``broker=<marker>@`` before its host id):
         a hash of the broker's identity (:func:`broker_identity`) and the queue; None if the
         broker cannot be told."""
         ident = broker_identity(transport)
@@ -888,6 +911,54 @@ class BrokerLocks:
         return defer.maybeDeferred(transport.close).addErrback(lambda f: None)
 
 
+#: In the cache root: the cache's random id, which names its broker locks (:func:`cache_identity`).
+CACHE_ID_FILE: Final = ".cache-id"
+
+
+def cache_identity(root: Path) -> str:
+    """The id of the cache at ``root`` (blocking): 32 hex read from ``<root>/.cache-id``, made
+    once by whoever comes first (written aside, then hard-linked: exactly one maker wins).
+
+    Hosts sharing one cache folder read the same id whatever their mount point; hosts with
+    caches of their own have different ids, so their broker locks (:meth:`BrokerLocks.queue_name`)
+    never hold each other up.
+    """
+    path = root / CACHE_ID_FILE
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+        else:
+            try:
+                text = os.read(fd, 256).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
+            if re.fullmatch(r"[0-9a-f]{32}", text):
+                return text
+            return hashlib.sha256(text.encode()).hexdigest()[:32]  # not ours, but the same for every host
+        os.makedirs(root, exist_ok=True)
+        token = secrets.token_hex(16)
+        tmp = root / f"{CACHE_ID_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, f"{token}\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(tmp, path)
+            return token
+        except FileExistsError:
+            continue  # another host made it first: read theirs
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+    raise OSError(f"cannot read or make {path}")
+
+
 def lock_transport_factory(transport: Any) -> Callable[[], Any] | None:
     """How to open the lock connection (:class:`BrokerLocks`) to the broker of a container's
     ``transport``: the same addresses and login, no reconnection; None for a transport of
@@ -926,13 +997,16 @@ class LockTable:
     def __init__(self, *, host_id: str, lock_timeout: float, clock: IReactorTime, pool: Any,
                  wait_timeout: float | None = None, refresh_interval: float | None = None,
                  poll_start: float = 0.05, poll_max: float = 1.0, method: str = "excl",
-                 broker: BrokerLocks | None = None) -> None:
+                 broker: BrokerLocks | None = None, root: Path | None = None) -> None:
         if lock_timeout <= 0:
             raise InvalidKeyError(f"lock_timeout must be positive, not {lock_timeout!r}")
         if method not in LOCK_METHODS:
             raise InvalidKeyError(f"lock_method must be one of {', '.join(LOCK_METHODS)}, not {method!r}")
         self.method = method
         self.broker = broker
+        #: The cache root, whose id names the broker locks (:func:`cache_identity`); read once.
+        self.root = root
+        self._cache_id: str | None = None
         self.host_id = _check_host_id(host_id, "the host_id argument")
         self.lock_timeout = float(lock_timeout)
         self.clock = clock
@@ -1044,7 +1118,8 @@ class LockTable:
         try:
             hold: BrokerHold | None = None
             if self.broker is not None:
-                hold = await self.broker.acquire(BrokerLocks.queue_name(key, path), deadline, acq, str(key), timeout)
+                queue = BrokerLocks.queue_name(key, path, await self._cache_identity())
+                hold = await self.broker.acquire(queue, deadline, acq, str(key), timeout)
             try:
                 return await self._acquire_file(key, path, timeout, deadline, acq, hold)
             except BaseException:
@@ -1104,6 +1179,18 @@ class LockTable:
         local = self._local.get(path)
         if local is not None and not local.locked and not local.waiting:
             del self._local[path]
+
+    async def _cache_identity(self) -> str | None:
+        """The id of this table's cache (:func:`cache_identity`, read once); None without a root, or
+        if it cannot be read or made (logged: the broker lock is then named by the entry alone)."""
+        if self._cache_id is None and self.root is not None:
+            try:
+                self._cache_id = await self.pool.run(cache_identity, self.root)
+            except OSError as exc:
+                self._log.warn("cannot read the cache id in {root} ({exc}): broker locks are named by their "
+                               "entry alone (hosts with caches of their own then wait for each other)",
+                               root=str(self.root), exc=exc)
+        return self._cache_id
 
     # -- holding ------------------------------------------------------------------------------
     def _broker_lost(self, lock: CacheLock) -> None:

@@ -36,6 +36,9 @@ a killed placer left (``.<name>.ion-new-*`` always; ``.ion-old-*`` and the
 ``.ion-ver-*`` no link names only when it can take ``.pending`` exclusively,
 that is when no live switch waits there): a SIGKILLed deployer's shared lock
 is gone with it, so its set-aside versions are cleaned by the next placement.
+Until its commit, a switch's manifest says ``"pending": true``: another
+deployment does not take that version for in place (an undo may still take it
+away) and places it again; a mark no live switch holds is dropped.
 A name changed by someone else since the switch is not switched back
 (:class:`PlacementError` says which).
 
@@ -273,6 +276,9 @@ class Switch:
     previous: bytes | None
     swaps: list[_Swap]
     pending_fd: int = -1
+    #: The manifest as the switch wrote it (marked ``pending``), and as :func:`commit` rewrites it.
+    written: bytes | None = None
+    committed: bytes | None = None
 
     def release(self) -> None:
         """Drop the shared lock that keeps the previous versions (after a commit or an undo)."""
@@ -357,8 +363,9 @@ def _commit_swaps(dest: SafeDir, swaps: list[_Swap]) -> list[str]:
     return problems
 
 
-def _undo_swaps(dest: SafeDir, swaps: list[_Swap]) -> None:
-    """Switch each name back to its previous version, the last switched first.
+def _undo_swaps(dest: SafeDir, swaps: list[_Swap], undone: list[str] | None = None) -> None:
+    """Switch each name back to its previous version, the last switched first (each one's name
+    appended to ``undone`` once back).
 
     :raises OSError: or :class:`PlacementError` (a name changed since): the rest is left as it is.
     """
@@ -369,6 +376,8 @@ def _undo_swaps(dest: SafeDir, swaps: list[_Swap]) -> None:
                 raise PlacementError(f"{dest.path / s.name} was placed again since; not switched back")
             assert s.old is not None
             dest.rename(s.old, s.name)
+            if undone is not None:
+                undone.append(s.name)
             continue
         if now != s.placed:
             raise PlacementError(f"{dest.path / s.name} changed since this deployment placed it; "
@@ -390,6 +399,8 @@ def _undo_swaps(dest: SafeDir, swaps: list[_Swap]) -> None:
             dest.rename(s.name, gone)
             dest.rename(s.old, s.name)
             dest.remove(gone)
+        if undone is not None:
+            undone.append(s.name)
         if s.new_version is not None:
             dest.remove(s.new_version)
 
@@ -490,13 +501,22 @@ def commit(switch: Switch) -> list[str]:
     a leftover the next placement of that item removes); the new versions stay either way.
     """
     try:
-        stack, dest, _ = _locked_destination(switch)
+        stack, dest, records = _locked_destination(switch)
     except PlacementError as exc:
         switch.release()
         return [str(exc)]
     with stack:
         try:
-            return _commit_swaps(dest, switch.swaps)
+            problems = _commit_swaps(dest, switch.swaps)
+            if switch.written is not None and switch.committed is not None:
+                # The manifest loses its pending mark, unless another placement has rewritten it since.
+                try:
+                    if records.read_bytes(switch.manifest) == switch.written:
+                        records.write_atomic(switch.manifest, switch.committed)
+                except OSError as exc:
+                    problems.append(f"cannot record the commit in {records.path / switch.manifest}: "
+                                    f"{exc.strerror or exc} (the next placement of the item places it again)")
+            return problems
         finally:
             switch.release()
 
@@ -514,7 +534,13 @@ def undo(switch: Switch) -> None:
         raise
     with stack:
         try:
-            _undo_swaps(dest, switch.swaps)
+            undone: list[str] = []
+            try:
+                _undo_swaps(dest, switch.swaps, undone)
+            except (OSError, PlacementError):
+                if undone:  # part old, part new: see _mark_partial
+                    _mark_partial(records, switch)
+                raise
             if switch.previous is None:
                 records.unlink(switch.manifest)
             else:
@@ -525,6 +551,19 @@ def undo(switch: Switch) -> None:
             raise PlacementError(f"cannot switch {switch.destination} back: {exc.strerror or exc}") from exc
         finally:
             switch.release()
+
+
+def _mark_partial(records: SafeDir, switch: Switch) -> None:
+    """An undo stopped part way (some names back to the previous version, some not): the manifest
+    claims every name either version placed and says ``partial``, so that the next placement of the
+    item places each name again instead of taking the mix for in place."""
+    try:
+        current = _read_manifest(records, switch.manifest) or {}
+        names = {str(n) for n in current.get("names", [])} | {s.name for s in switch.swaps}
+        mark = {k: v for k, v in current.items() if k != "pending"}
+        _write_manifest(records, Path(switch.manifest), dict(mark, names=sorted(names), stamp="partial"))
+    except (OSError, PlacementError) as exc:
+        _log.warn("cannot mark {manifest} partial after a failed undo: {exc}", manifest=switch.manifest, exc=exc)
 
 
 def _remove_leftovers(dest: SafeDir, records: SafeDir, names: list[str]) -> None:
@@ -558,7 +597,17 @@ def _place_locked(entry: Path, names: list[str], destination: Path, dest: SafeDi
     prev_names = [str(n) for n in previous.get("names", [])]
     _remove_leftovers(dest, records, sorted(set(names) | set(prev_names)))
     record = _record(entry, names, link=link, version=version, entry_stamp=entry_stamp)
+    # Marked pending by a switch whose placer died before its commit (no live switch holds
+    # ``.pending``): the item is whole in that version, which counts as in place.
+    stale = bool(previous.get("pending")) and _none_pending(records)
+    if stale:
+        previous = {k: v for k, v in previous.items() if k != "pending"}
     if _same(previous, record) and _all_in_place(entry, names, dest, link):
+        if stale:
+            try:
+                _write_manifest(records, manifest, record)
+            except PlacementError as exc:
+                _log.warn("{exc} (its pending mark stays: the next placement checks it again)", exc=exc)
         return Placement(destination, sorted(names), already=True)
     if not prev_names and link and names and _all_in_place(entry, names, dest, link):
         # Links already right but no record (first deploy over a tree placed by hand).
@@ -587,7 +636,13 @@ def _place_locked(entry: Path, names: list[str], destination: Path, dest: SafeDi
         _failed_switch(exc, dest, records, manifest, switch, previous, prev_names, pending)
         raise AssertionError("unreachable") from exc  # pragma: no cover  (_failed_switch raises)
     try:
-        _write_manifest(records, manifest, record)
+        if pending and switch.swaps:
+            # Marked pending until its commit: not "in place" for another deployment meanwhile
+            # (:func:`_same`), since an undo may still take it away.
+            _write_manifest(records, manifest, dict(record, pending=True))
+            switch.written, switch.committed = _manifest_bytes(dict(record, pending=True)), _manifest_bytes(record)
+        else:
+            _write_manifest(records, manifest, record)
     except PlacementError:
         _failed_switch(None, dest, records, manifest, switch, previous, prev_names, pending=True)
         raise
@@ -722,14 +777,22 @@ def _record(entry: Path, names: list[str], *, link: bool, version: str, entry_st
 
 
 def _same(previous: dict[str, Any], record: dict[str, Any]) -> bool:
+    """The manifest ``previous`` records the placement ``record`` describes, committed (a
+    two-phase switch not committed yet may still be undone: not in place)."""
+    if previous.get("pending"):
+        return False
     return all(previous.get(k) == v for k, v in record.items() if k != "names") and sorted(
         str(n) for n in previous.get("names", [])) == record["names"]
+
+
+def _manifest_bytes(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, indent=1, sort_keys=True).encode("utf-8")
 
 
 def _write_manifest(records: SafeDir, manifest: Path, record: dict[str, Any]) -> None:
     """Write the manifest (atomically, in the records folder opened without following links)."""
     try:
-        records.write_atomic(manifest.name, json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
+        records.write_atomic(manifest.name, _manifest_bytes(record))
     except OSError as exc:
         raise PlacementError(f"cannot record the deployment in {manifest}: {exc.strerror or exc}") from exc
 

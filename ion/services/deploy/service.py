@@ -75,7 +75,8 @@ same job id, so its ``deploy.progress`` events reach the same followers, and
 owner is gone takes it over the same way. The instance checks the items
 against its own allowed roots again (a 403 ends the job REMOTE_ERROR). After
 ``max_takeovers`` (3) the job ends REMOTE_ERROR. A draining instance takes
-nothing over. The takeover keeps the request's ``partial``; all or nothing
+nothing over. The takeover keeps the request's ``partial`` and its deployment
+file (the job's generation is recorded as it ends, every item counted); all or nothing
 spans one instance's run only: the items the dead owner switched in stay (each
 whole), and a failure after the takeover switches back only the items it placed.
 ``job_cancel`` of a job taken over reaches its new owner: the client asks the
@@ -314,12 +315,49 @@ class DeployService(ServiceProcess):
         self.container.publish_event("deploy.progress", {
             "job": job_id, "phase": "takeover", "from": record.get("owner"), "by": self.owner,
             "remaining": len(remaining)})
-        if not remaining:
-            return defer.succeed({})
+        if not remaining:  # its owner died after its last item: only the generation is left to record
+            recorded = self._record_taken_over(resume, items, record.get("results") or {}, [])
+            return recorded.addCallback(lambda _: {})
         # This instance's own bounds decide what it writes (they may differ from the first owner's).
         targets = await self.container.blocking.run(self._authorize, remaining)
         work = self._run(Deployment(source, remaining), job_id, targets, resume.get("partial") is True)
+
+        def finished(results: list[ItemResult]) -> list[ItemResult]:
+            # The job's generation, as deploy_async records it: every item, the dead owner's ones too.
+            recording = self._record_taken_over(resume, items, record.get("results") or {}, results)
+            if not self.draining:
+                self.track(recording)
+            return results
+
+        work.addCallback(finished)
         return work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
+
+    def _record_taken_over(self, resume: Mapping[str, Any], items: list[DeploymentItem],
+                           done: Mapping[str, Any], results: list[ItemResult]) -> defer.Deferred[Any]:
+        """Record the generation of a taken-over job whose request named its file, if every item
+        (those the dead owner finished, from its record, and ``results``) is in place."""
+        try:
+            file = DeploymentFile.from_wire(resume.get("file")) if resume.get("file") else None
+        except ApplicationError:
+            file = None
+        if file is None:
+            return defer.succeed(None)
+        by_part = {_part(r): r for r in results}
+        every: list[ItemResult] = []
+        for item in items:
+            part = f"{item.position} {item.label}".strip()
+            wire = done.get(part)
+            if part in by_part:
+                every.append(by_part[part])
+            elif isinstance(wire, Mapping) and isinstance(wire.get("state"), str):
+                every.append(ItemResult(item, wire["state"], already=bool(wire.get("already"))))
+            else:
+                return defer.succeed(None)  # an item without a result: not a whole deployment
+        digest = resume.get("file_sha256")
+        deployment = Deployment(str(resume.get("source") or "<request>"), items,
+                                file_sha256=digest if isinstance(digest, str) else None)
+        caller = resume.get("caller")
+        return self._record(file, deployment, every, {"broker-user": caller if isinstance(caller, str) else None})
 
     # -- request handling ---------------------------------------------------------------
     def _deployment(self, content: Any) -> Deployment:
@@ -353,7 +391,12 @@ class DeployService(ServiceProcess):
             raise ApplicationError("\n".join(problems), 400)
         if not items:
             raise ApplicationError(f"{source}: the request lists no item", 400)
-        return Deployment(source, items)
+        # The sha256 of the deployment file it was read from (DeployClient sends it): its generations record it.
+        digest = content.get("file_sha256") or None
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                       and all(c in "0123456789abcdef" for c in digest)):
+            raise ApplicationError(f"{source}: file_sha256 must be 64 lowercase hex digits, not {digest!r}", 400)
+        return Deployment(source, items, file_sha256=digest)
 
     @staticmethod
     def _deployment_file(content: Any) -> DeploymentFile | None:
@@ -510,7 +553,7 @@ class DeployService(ServiceProcess):
         work.addCallback(finished)
         work.addCallback(lambda results: {_part(r): r.to_wire() for r in results})
         job = self.jobs.start("deploy", work, total=len(deployment.items), job_id=job_id,
-                              resume=_resume_data(deployment, targets, msg.get("broker-user"), partial))
+                              resume=_resume_data(deployment, targets, msg.get("broker-user"), partial, file))
         if protobuf:
             return convert.pb.JobStarted(job=job.job_id, total=len(deployment.items))
         return {"job": job.job_id, "total": len(deployment.items)}
@@ -630,12 +673,14 @@ def _part(result: ItemResult) -> str:
 
 
 def _resume_data(deployment: Deployment, targets: list[Target], caller: Any,
-                 partial: bool = False) -> dict[str, Any]:
+                 partial: bool = False, file: DeploymentFile | None = None) -> dict[str, Any]:
     """What a takeover needs (the job record's ``resume``): the request as validated, its caller,
-    where each destination was allowed (root, resolved path), and ``partial``."""
+    where each destination was allowed (root, resolved path), ``partial``, and the deployment file
+    it named (``file``, ``file_sha256``: the taken-over job records its generation as it ends)."""
     return {"source": deployment.source, "items": [item.to_dict() for item in deployment.items],
             "caller": caller if isinstance(caller, str) else None,
-            "targets": [[str(t.root), str(t.path)] for t in targets], "partial": partial}
+            "targets": [[str(t.root), str(t.path)] for t in targets], "partial": partial,
+            "file": file.to_wire() if file is not None else None, "file_sha256": deployment.file_sha256}
 
 
 def _summary(deployment: Deployment, results: list[ItemResult]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from ion.services.cache.locks import (
     BrokerLocks,
     LockHolder,
     broker_identity,
+    cache_identity,
     lock_transport_factory,
 )
 
@@ -67,13 +68,38 @@ def host(shared_broker: MemoryBroker, make_cache: Callable[..., Cache], clock: t
 def test_holding_the_lock_is_holding_its_exclusive_queue(host, shared_broker, key, clock):
     a = host("host-a")
     lock = fired(a.cache.lock(key))
-    queue = BrokerLocks.queue_name(key, lock.path)
+    queue = lock.broker.queue
+    assert queue == BrokerLocks.queue_name(key, lock.path, cache_identity(a.cache.root))
     assert queue.startswith(BROKER_LOCK_PREFIX) and len(queue) < 255
     assert shared_broker.queues[queue].exclusive_owner is a.connections[0]
     holder = LockHolder.parse(lock.path.read_text())
     assert holder.broker == lock.broker.marker and holder.broker  # the lock file says it
     fired(a.cache.unlock(lock))
     assert queue not in shared_broker.queues and not lock.path.exists()
+
+
+def test_hosts_with_caches_of_their_own_do_not_wait_for_each_other(shared_broker, key, clock, pool, tmp_path):
+    """Two hosts on one broker, each with a cache of its own (the default: a local cache root): the
+    same entry's lock in one cache does not hold up the other's fetch (a broker lock names its
+    cache). Two hosts sharing one cache, mounted at different paths, still share the broker lock."""
+    def cache_at(root: Path, host_id: str) -> Cache:
+        return Host(shared_broker, lambda h, **kw: Cache(root, host_id=h, clock=clock, pool=pool, **kw), clock,
+                    host_id).cache
+
+    a, b = cache_at(tmp_path / "a-cache", "host-a"), cache_at(tmp_path / "b-cache", "host-b")
+    held = fired(a.lock(key))
+    other = fired(b.lock(key, timeout=5))  # at once: another cache's entry
+    assert held.broker.queue != other.broker.queue
+    fired(b.unlock(other))
+    # The same cache seen through another path (another host's mount point): one lock for both.
+    (tmp_path / "mount").symlink_to(tmp_path / "a-cache")
+    c = cache_at(tmp_path / "mount", "host-c")
+    waiting = c.lock(key, timeout=5)
+    clock.pump([0.5] * 3)
+    assert not waiting.called
+    fired(a.unlock(held))
+    clock.pump([0.5] * 2)
+    fired(c.unlock(fired(waiting)))
 
 
 def test_a_waiter_gets_the_lock_when_the_holder_releases(host, key, clock):
@@ -150,7 +176,7 @@ def test_waiting_for_the_broker_lock_times_out_naming_it(host, key, clock):
 def test_cancelling_a_wait_leaves_nothing_held(host, shared_broker, key, clock):
     a, b = host("host-a"), host("host-b")
     held = fired(a.cache.lock(key))
-    queue = BrokerLocks.queue_name(key, held.path)
+    queue = held.broker.queue
     waiting = b.cache.lock(key, timeout=60)
     clock.advance(1)
     waiting.cancel()
@@ -251,12 +277,32 @@ def test_close_releases_and_closes_the_connection(host, shared_broker, key):
     assert not [q for q in shared_broker.queues if q.startswith(BROKER_LOCK_PREFIX)]
 
 
+def _parse_of_the_previous_release(text: str) -> tuple[str, int, float] | None:
+    """``LockHolder.parse`` as released before broker locks (c603f93): still run by hosts not upgraded yet
+    (and by their ion-deploy) that share the cache during a rolling upgrade."""
+    parts = text.strip().split("::")
+    if len(parts) != 3:
+        return None  # then judged "corrupt lock file (treated as stale)": taken over at once
+    host, pid_s, started_s = parts
+    try:
+        pid, started = int(pid_s), float(started_s)
+    except ValueError:
+        return None
+    if not host or any(c.isspace() for c in host) or pid <= 0:
+        return None
+    return host, pid, started
+
+
 def test_lock_file_format_stays_readable():
-    """``host::pid::started`` as before; ``::broker=<marker>`` added when taken with the broker lock."""
+    """``host::pid::started`` as before; the broker lock's marker, when taken with it, is written where the
+    previous release still reads a holder (of another host: waited for, never taken for corrupt)."""
     plain = LockHolder.parse("h::12::1700000000.000000")
     assert plain is not None and plain.broker is None
     marked = LockHolder("h", 12, 1.5, "ab12").render()
-    assert marked == "h::12::1.500000::broker=ab12" and LockHolder.parse(marked) == LockHolder("h", 12, 1.5, "ab12")
+    assert LockHolder.parse(marked) == LockHolder("h", 12, 1.5, "ab12")
+    old = _parse_of_the_previous_release(marked)
+    assert old is not None and old[0] != "h" and old[1:] == (12, 1.5)
+    assert LockHolder.parse("h::12::1.500000::broker=ab12") == LockHolder("h", 12, 1.5, "ab12")  # read as well
     assert LockHolder.parse("h::12::1.5::other=x") is None and LockHolder.parse("h::12::1.5::broker=") is None
 
 
@@ -286,7 +332,7 @@ async def test_the_cache_service_takes_its_locks_through_the_broker(container, p
     service = await process_factory(CacheService, root=str(tmp_path / "c"), host_id="svc-host", lock_timeout=60)
     cache = CacheClient(await client_process(container))
     lock = await cache.lock(key, timeout=5)
-    queue = BrokerLocks.queue_name(key, Path(lock.path))
+    queue = BrokerLocks.queue_name(key, Path(lock.path), cache_identity(tmp_path / "c"))
     owner = container.broker.queues[queue].exclusive_owner
     assert owner is not None and owner is not container.transport and owner is service.cache.locks.broker.transport
     assert LockHolder.parse(Path(lock.path).read_text()).broker

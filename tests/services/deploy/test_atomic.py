@@ -193,10 +193,61 @@ def test_a_live_switch_keeps_its_previous_version_from_the_leftover_sweep(tmp_pa
     kept = leftovers(dest)
     assert kept
     (dest / ".tool.ion-new-deadbeef").mkdir()  # a killed placer's copy: removable any time
-    assert put(v2, dest, ["tool"], version="2.0").already
+    # Another deployment of the same version places it again (a pending switch is not in place yet).
+    assert not put(v2, dest, ["tool"], version="2.0").already
     assert leftovers(dest) == kept
-    undo(placed.switch)
+    with pytest.raises(PlacementError, match="changed since"):
+        undo(placed.switch)  # what the other deployment placed stays
+    assert (dest / "tool/README").read_text() == "tool 2\n"
+    put(v1, dest, ["tool"])  # no switch pending now: the next placement sweeps the rest
     assert (dest / "tool/README").read_text() == "tool 1\n" and leftovers(dest) == []
+
+
+def test_a_pending_placement_is_not_in_place_for_another_deployment(tmp_path: Path, mode: str) -> None:
+    """A switch waiting for its commit or undo is not "already deployed" for another deployment of the
+    same version: that one places it again, so the first one's undo cannot take away what the other
+    reported in place (and recorded as a generation); once committed, it is in place for everyone."""
+    v1, v2 = make_entry(tmp_path, "1", V1), make_entry(tmp_path, "2", V2)
+    dest = tmp_path / "out"
+    how = {"link": False, "platform": "linux", "name": "tool", "version": "2.0", "entry_stamp": "stamp-2.0"}
+    put(v1, dest, ["tool", "notes.txt"])
+    first = put(v2, dest, ["tool", "notes.txt"], version="2.0", pending=True)
+    assert placed_already(v2, ["tool", "notes.txt"], dest, **how) is None
+    second = put(v2, dest, ["tool", "notes.txt"], version="2.0")
+    assert not second.already
+    with pytest.raises(PlacementError, match="changed since"):
+        undo(first.switch)
+    assert (dest / "tool/README").read_text() == "tool 2\n" and (dest / "notes.txt").read_text() == "notes 2\n"
+    assert placed_already(v2, ["tool", "notes.txt"], dest, **how) is not None
+    # Committed: in place for the next deployment, and its manifest says so.
+    third = put(v1, dest, ["tool", "notes.txt"], pending=True)
+    assert placed_already(v1, ["tool", "notes.txt"], dest, **dict(how, version="1.0", entry_stamp="stamp-1.0")) \
+        is None
+    commit(third.switch)
+    assert placed_already(v1, ["tool", "notes.txt"], dest, **dict(how, version="1.0", entry_stamp="stamp-1.0")) \
+        is not None
+    assert put(v1, dest, ["tool", "notes.txt"]).already
+    assert "pending" not in json.loads(manifest_path(dest, "linux", "tool").read_text())
+
+
+def test_an_undo_stopped_half_way_leaves_the_item_to_be_placed_again(tmp_path: Path, mode: str) -> None:
+    """An undo that switched some names back and then met one changed since (not switched back) leaves
+    the item part old, part new: its manifest must not let the next deployment of the new version take
+    it for in place (every name is placed again)."""
+    v1, v2 = make_entry(tmp_path, "1", V1), make_entry(tmp_path, "2", V2)
+    dest = tmp_path / "out"
+    put(v1, dest, ["tool", "notes.txt"])
+    placed = put(v2, dest, ["tool", "notes.txt"], version="2.0", pending=True)
+    # Someone replaces tool meanwhile (by hand); notes.txt, switched last, is switched back first.
+    os.rename(dest / "tool", tmp_path / "aside")
+    (dest / "tool").mkdir()
+    (dest / "tool/README").write_text("by hand\n")
+    with pytest.raises(PlacementError, match="changed since"):
+        undo(placed.switch)
+    assert (dest / "notes.txt").read_text() == "notes 1\n"
+    again = put(v2, dest, ["tool", "notes.txt"], version="2.0")
+    assert not again.already
+    assert (dest / "notes.txt").read_text() == "notes 2\n" and (dest / "tool/README").read_text() == "tool 2\n"
 
 
 def test_a_sigkilled_placer_s_set_aside_version_is_removed_by_the_next(tmp_path: Path, mode: str) -> None:

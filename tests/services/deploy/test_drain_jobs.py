@@ -468,8 +468,10 @@ def test_expired_records_are_pruned_while_the_table_is_used(tmp_path: Path) -> N
 
 
 # -- takeover: a job survives its container (issue #17 §4) ----------------------------------------------------
-def _resumable_record(job: str, owner: dict[str, Any], spec: Any, done: list[int], now: float) -> dict[str, Any]:
-    """A PARTIAL record as ``deploy_async`` writes it (with ``resume``), the items at ``done`` finished."""
+def _resumable_record(job: str, owner: dict[str, Any], spec: Any, done: list[int], now: float,
+                      file: Any = None) -> dict[str, Any]:
+    """A PARTIAL record as ``deploy_async`` writes it (with ``resume``), the items at ``done`` finished;
+    ``file``: the deployment file the request named (its generations)."""
     from ion.services.deploy.place import Target
     from ion.services.deploy.service import _resume_data
 
@@ -480,7 +482,7 @@ def _resumable_record(job: str, owner: dict[str, Any], spec: Any, done: list[int
     targets = [Target(Path(item.destination).parent, Path(item.destination)) for item in spec.items]
     return {"job": job, "kind": "deploy", "status": 3, "state": "PARTIAL", "total": len(spec.items), "error": None,
             "results": results, "created": 1.0, "ended": None, "cancelled": [], "record": 2, "owner": owner,
-            "updated": now, "resume": _resume_data(spec, targets, "alice")}
+            "updated": now, "resume": _resume_data(spec, targets, "alice", file=file)}
 
 
 @pytest_twisted.ensureDeferred
@@ -490,15 +492,19 @@ async def test_a_job_whose_owner_died_is_taken_over_and_finishes_only_the_rest(c
     """A PARTIAL record of a dead owner (a dead pid of this host) with resume data: the Deploy instance's scan
     claims it, deploys the two items not finished under the same job id (its progress events name it), and
     job_status (the id's instance is gone: asked of the service) answers FINISHED with every item and the
-    takeover; the finished item is not fetched again."""
+    takeover; the finished item is not fetched again. The request named its deployment file: the job's
+    generation is recorded as it ends, with every item (the dead owner's too) and the first caller."""
+    from ion.services.deploy.generations import DeploymentFile
+
     url, server = make_repo("http")
     container, client = await _deploy_container(container_factory, tmp_path, takeover_interval=0.2)
     events = await scenario_support.event_sink(container)
     spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")))
     dead = {"container": "gone", "host": "test-host", "pid": _dead_pid(), "process": "gone.5"}
     job = "gone.5/abc123"
+    file = DeploymentFile.of(tmp_path / "d.json", "test-host")
     await JobStore(tmp_path / "cache" / "jobs").save(
-        job, _resumable_record(job, dead, spec, [0], container.clock.seconds()))
+        job, _resumable_record(job, dead, spec, [0], container.clock.seconds(), file=file))
     taken = await events.wait(lambda e: e.get("job") == job and e.get("phase") == "takeover")
     assert taken["from"] == dead and taken["remaining"] == 2
     await events.wait(item_done(job, "linux/zlib/1.2"))
@@ -516,6 +522,10 @@ async def test_a_job_whose_owner_died_is_taken_over_and_finishes_only_the_rest(c
     await within(deploy_service(container).jobs.flush())
     record = json.loads((tmp_path / "cache" / "jobs" / JobStore(tmp_path).path(job).name).read_text())
     assert record["state"] == "FINISHED" and record["owner"]["process"] == deploy_service(container).id
+    history = await within(deploy_service(container).generations.history(file))
+    [generation] = history.generations
+    assert [i["name"] for i in generation.items] == ["notes", "zlib", "tool"]
+    assert generation.caller == "alice" and generation.file_sha256 == spec.file_sha256
 
 
 @pytest_twisted.ensureDeferred

@@ -316,6 +316,8 @@ async def test_the_service_records_lists_and_rolls_back(deploy_system: Any, repo
     assert [g["generation"] for g in listing["generations"]] == [2, 1]  # newest first
     assert listing["keep"] == 3 and listing["file"] == str(path.resolve())
     assert listing["generations"][0]["via"].startswith("deploy ")
+    # What the file held (the request's file_sha256), as ion-deploy in process records it.
+    assert listing["generations"][0]["file_sha256"] == load_deployment(path).file_sha256
     before = sum(downloads.values())
 
     answer = await deploy_system.rollback(file)

@@ -171,12 +171,17 @@ class ExchangeManager:
         self.lost_reason: str | None = None
         #: Connections restored after a loss.
         self.reconnects = 0
+        #: When (the container's clock) the connection came up last; None while it is down. What
+        #: the broker says of other containers (a queue without consumer) means "gone" only once
+        #: this connection has been up longer than they could take to reconnect.
+        self.connected_since: float | None = None
 
     @defer.inlineCallbacks
     def start(self) -> Any:
         transport = self.container.transport
         yield transport.connect()
         self.connected = True
+        self.connected_since = self.container.clock.seconds()
         yield transport.declare_exchange(self.container.exchange_name, "topic")
         yield transport.declare_exchange(self.container.events_exchange, "topic")
         transport.add_return_callback(self._returned)
@@ -187,13 +192,14 @@ class ExchangeManager:
         # No reply can come back over a lost connection: fail every call in flight now
         # (ConversationError, 503) rather than letting each wait for its timeout.
         if event == "lost":
-            self.connected, self.lost_reason = False, reason or "lost"
+            self.connected, self.lost_reason, self.connected_since = False, reason or "lost", None
             self._log.warn("container {id}: connection to the broker lost ({reason}); calls in flight "
                            "fail, reconnecting", id=self.container.id, reason=reason)
             for proc in list(self.container.proc_manager.processes.values()):
                 proc.conversations.fail_all(f"connection to the broker lost: {reason}")
         elif event == "restored":
             self.connected, self.lost_reason = True, None
+            self.connected_since = self.container.clock.seconds()
             self.reconnects += 1
             self._log.info("container {id}: connection to the broker restored", id=self.container.id)
 

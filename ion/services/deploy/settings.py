@@ -27,6 +27,10 @@ class DeploySettings(Settings):
     :ivar takeover_interval: seconds between two scans of the job records for jobs whose owner died
         (taken over by this instance); 0 or None: this instance takes no job over.
     :ivar max_takeovers: takeovers an async job may have; its owner dying once more ends it REMOTE_ERROR.
+    :ivar takeover_settle: seconds this container's connection to the broker must have been up before
+        an owner whose process queue has no consumer counts as gone (None: ``reconnect_max`` of
+        ``ion.core.messaging`` plus 10 s): after a broker restart or a blip of our own, live owners
+        may still be reconnecting, and taking their jobs would run each twice.
     :ivar keep_generations: generations kept per deployment file (``<cache root>/generations``),
         whose cache entries the reaper never evicts; at least 1.
     """
@@ -41,4 +45,5 @@ class DeploySettings(Settings):
     max_concurrent: int = 16
     takeover_interval: float | None = 2.0
     max_takeovers: int = 3
+    takeover_settle: float | None = None
     keep_generations: int = setting(3, positive=True)

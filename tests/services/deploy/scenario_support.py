@@ -249,7 +249,9 @@ def system_config(tmp_path: Path, **deploy: Any) -> dict[str, Any]:
     """Config of a deploy.app container: cache, destinations and file: repositories inside ``tmp_path``."""
     cache_root = tmp_path / "cache"
     section = {"allowed_destinations": [str(tmp_path / "dest")],
-               "allowed_file_repositories": [str(tmp_path / "repos")]}
+               "allowed_file_repositories": [str(tmp_path / "repos")],
+               # An owner without consumer counts as gone at once (test_drain_jobs tests the settle).
+               "takeover_settle": 0.0}
     section.update(deploy)
     return {
         "ion.services.cache": {"root": str(cache_root), "host_id": "test-host"},

@@ -562,6 +562,28 @@ def _pause(seconds: float) -> defer.Deferred[None]:
 
 
 @pytest_twisted.ensureDeferred
+async def test_no_owner_counts_as_gone_until_our_own_connection_has_settled(container_factory: Any,
+                                                                           tmp_path: Path) -> None:
+    """After a broker restart every container reconnects, each after its own backoff: the first one
+    back sees the others' process queues unconsumed. Until its own connection has been up
+    takeover_settle seconds, an owner the broker shows no consumer for is not judged gone (its job is
+    not taken, so never run twice); a dead pid on this host is told at once all the same."""
+    container, _client = await _deploy_container(container_factory, tmp_path, takeover_settle=30.0)
+    service = deploy_service(container)
+    manager = container.exchange_manager
+    elsewhere = {"container": "elsewhere", "host": "other-host", "pid": 1, "process": "elsewhere.5"}
+    dead_here = {"container": "gone", "host": "test-host", "pid": _dead_pid(), "process": "gone.5"}
+    now = container.clock.seconds()
+    manager.connected_since = now  # just reconnected
+    assert await service._owner_is_alive(elsewhere) is True
+    assert await service._owner_is_alive(dead_here) is False
+    manager.connected_since = None  # the connection is down: nothing the broker says counts
+    assert await service._owner_is_alive(elsewhere) is True
+    manager.connected_since = now - 31.0  # up longer than takeover_settle
+    assert await service._owner_is_alive(elsewhere) is False
+
+
+@pytest_twisted.ensureDeferred
 async def test_two_instances_on_one_broker_the_survivor_takes_the_job_over(container_factory: Any, make_repo: Any,
                                                                            tmp_path: Path) -> None:
     """Two containers of one system on the embedded broker, one cache: the Deploy instance running a job

@@ -695,8 +695,10 @@ class Bench:
                 run = self.fresh("rpc-inproc")
                 spec = load_deployment(deployment_file(run / "deploy.json", self.url,
                                                        [item(n, run / "dest" / n) for n in names]))
-                ns = argparse.Namespace(cache_dir=str(run / "cache"), jobs=a.jobs, clear=False, repair=False,
-                                        verify=False, prune=False, older_than=None, keep=None)
+                # ion-deploy's own options, as its command line would give them (every default included).
+                ns = cli._parser().parse_args([str(run / "deploy.json"), "--cache-dir", str(run / "cache"),
+                                               "--jobs", str(a.jobs), "--json"])
+                cli._check_args(ns)
                 out = cli.Output(open(os.devnull, "w"), sys.stderr, as_json=True)
                 result: dict[str, Any] = {}
                 t0 = time.perf_counter()

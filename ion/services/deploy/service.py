@@ -100,7 +100,7 @@ from twisted.logger import Logger
 from ion.core.audit import audited
 from ion.core.control import JOB_SEP as CONTROL_JOB_SEP
 from ion.core.control import SystemControl, has_consumer
-from ion.core.exceptions import ApplicationError, ConfigurationError, ReceivedError
+from ion.core.exceptions import ApplicationError, ConfigurationError, ConversationError, ReceivedError
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
@@ -136,6 +136,22 @@ __all__ = ["DeployService", "DeployClient", "JobProgressListener", "JOB_SEP"]
 #: Separates the pid of the Deploy instance that runs a job from the rest of its id (the control
 #: API routes a job's cancel by it: one home, ion.core.control).
 JOB_SEP = CONTROL_JOB_SEP
+
+#: An item's fetch cut off by the loss of the connection to the broker is asked again once the
+#: container has reconnected, this many times at most.
+FETCH_RECONNECT_RETRIES = 3
+#: Seconds between two looks at the connection while waiting for it to come back.
+RECONNECT_POLL = 0.1
+
+
+def cut_off(exc: BaseException) -> bool:
+    """Whether a call failed because this container lost its connection to the broker (its request
+    may or may not have run): the 503 :class:`ConversationError` of a call in flight at the loss, or
+    of one that could not be sent while reconnecting."""
+    if not isinstance(exc, ConversationError) or exc.response_code != 503 or not isinstance(exc.content, Mapping):
+        return False
+    message = str(exc.content.get("message") or "")
+    return message.startswith(("connection to the broker lost", "could not send"))
 
 
 class DeployService(ServiceProcess):
@@ -480,8 +496,22 @@ class DeployService(ServiceProcess):
             # With a job, the Fetch service copies it and the item into its progress events (bytes
             # per file), so a job's watcher sees its downloads, not only its items' phases.
             # Cancellable: a deployment cancelled (drain) cancels the download at the Fetch service.
-            content = await FetchClient(self).fetch(item, timeout=timeout, job=job,
-                                                    position=item.label if job is not None else None)
+            retries = 0
+            while True:
+                try:
+                    content = await FetchClient(self).fetch(item, timeout=timeout, job=job,
+                                                            position=item.label if job is not None else None)
+                    break
+                except ConversationError as exc:
+                    # Cut off by the loss of the connection (a cluster node died, the broker restarted):
+                    # asked again once reconnected. A fetch is idempotent (the cache has it, or its lock
+                    # is waited for while the first request's download finishes).
+                    if not cut_off(exc) or retries >= FETCH_RECONNECT_RETRIES:
+                        raise
+                    retries += 1
+                    self._log.info("{pid}: fetch of {item} cut off ({e}); asking again once reconnected",
+                                   pid=self.id, item=item.label, e=exc)
+                    await self._reconnected(timeout)
             return {"state": content["state"], "path": content["path"],
                     "names": content.get("content") or content.get("names") or [],
                     # The entry's content digest: a copy is redone only when the content changed.
@@ -492,6 +522,16 @@ class DeployService(ServiceProcess):
 
         return Deployer(run_fetch, self.container.blocking, max_parallel=self.settings.max_parallel,
                         cache_root=self._cache_root())
+
+    async def _reconnected(self, timeout: float) -> None:
+        """Wait (polling on the clock) until the container's connection to the broker is up again;
+        :class:`ConversationError` 503 after ``timeout`` seconds."""
+        waited = 0.0
+        while not self.container.exchange_manager.connected:
+            if waited >= timeout:
+                raise ConversationError("broker", "", f"not reconnected to the broker within {timeout:g} s")
+            await task.deferLater(self.clock, RECONNECT_POLL, lambda: None)
+            waited += RECONNECT_POLL
 
     def _run(self, deployment: Deployment, job: str | None, targets: list[Target],
              partial: bool = False) -> defer.Deferred[list[ItemResult]]:

@@ -562,6 +562,38 @@ def _pause(seconds: float) -> defer.Deferred[None]:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_fetch_cut_off_by_a_lost_connection_is_asked_again_once_reconnected(
+        container_factory: Any, make_repo: Any, tmp_path: Path) -> None:
+    """A deploy whose item's fetch is in flight when the container loses its connection to the broker
+    (a cluster node died) does not fail that item: the call fails at once (503, connection lost), the
+    Deploy service waits for the connection to come back and asks again; the first request's download
+    finishes meanwhile, so the second finds the entry cached (one GET in all)."""
+    url, server = make_repo("http")
+    gate = server.hold(f"deps/{TGZ}")
+    container, client = await _deploy_container(container_factory, tmp_path)
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:2]))
+    job = await within(client.deploy_async(spec))
+    await within(server.wait_held(f"deps/{TGZ}"))
+    manager = container.exchange_manager
+    manager._connection_changed("lost", "node c1 died")  # (what the transport reports: calls in flight fail)
+    await within(_pause(0.3))  # the job waits for the connection
+    manager._connection_changed("restored", None)
+    gate.callback(None)
+    status: dict[str, Any] = {}
+    for _ in range(200):
+        status = await within(client.job_status(job))
+        if status["state"] not in ("RUNNING", "PARTIAL"):
+            break
+        await within(_pause(0.02))
+    assert status["state"] == "FINISHED", status
+    states = {r["item"]: r["state"] for r in status["results"].values()}
+    # (the held download's item asked again finds its entry cached; the other's call may have been cut
+    # off too, after its download)
+    assert states["linux/zlib/1.2"] == "cached" and states["linux/notes/1.0"] in ("downloaded", "cached"), status
+    assert server.gets(f"deps/{TGZ}") == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_no_owner_counts_as_gone_until_our_own_connection_has_settled(container_factory: Any,
                                                                            tmp_path: Path) -> None:
     """After a broker restart every container reconnects, each after its own backoff: the first one

@@ -4,7 +4,8 @@ Two containers running deploy.app (each connected to its own node: 1 and 2) shar
 hence one job store; a client container on node 0 starts an async job whose second download is held.
 The node of the job's owner is killed (``kill -9``): the owner lives on and reconnects to another node,
 so the other instance must not take its job over (it judges an owner by the consumers of its process
-queue, which the owner re-declares within a fraction of a second, well inside the takeover grace).
+queue, which the owner re-declares within a fraction of a second, well inside the takeover grace), and
+the owner asks again for the fetches the loss cut off: the job finishes whole.
 """
 
 from __future__ import annotations
@@ -99,16 +100,10 @@ async def test_a_job_stays_with_its_owner_when_the_owners_node_dies(rabbitmq_clu
         status = await ended(client, job)
         assert not status.get("takeovers"), status
         assert not [e for e in events.events if e.get("job") == job and e.get("phase") == "takeover"]
-        # Its owner's calls in flight at the loss (the held download) failed at once: the job ended, with
-        # those items failed and nothing switched in (all or nothing), rather than waiting or being resumed.
+        # Its owner's calls in flight at the loss (the held download) failed at once (503, connection
+        # lost); the owner asked again once reconnected (to another node), and the job finished whole.
         assert status["state"] == "FINISHED", status
-        for result in status["results"].values():
-            assert result["state"] in ("downloaded", "cached") or (
-                result["state"] == "failed" and "connection to the broker lost" in result["reason"]), result
-        # Deployed again after the failover, it goes through (once the lease of a lock the cut-off call
-        # held has run out).
-        again = await ended(client, await within(client.deploy_async(spec)))
-        assert {r["state"] for r in again["results"].values()} <= {"downloaded", "cached", "already"}, again
+        assert {r["state"] for r in status["results"].values()} <= {"downloaded", "cached"}, status
         assert (dest / "zlib" / "zlib" / "include" / "zlib.h").exists()
         await threads.deferToThread(cluster.restart_node, killed)
         killed = None

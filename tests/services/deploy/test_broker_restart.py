@@ -4,8 +4,8 @@ Container A (``deploy.app``) and container B (``fetch.app``) run in child
 processes on the test RabbitMQ and share one cache; this test's container asks
 A for an async deploy of three dependencies from an HTTP repository that holds
 one file back. The broker stops and starts while that file is being fetched.
-The job must end (never RUNNING for ever) saying which items failed and why;
-a retry completes the deployment.
+The job must end (never RUNNING for ever), and whole: the fetch cut off by the
+restart is asked again once the Deploy service has reconnected.
 """
 
 from __future__ import annotations
@@ -100,19 +100,12 @@ async def test_broker_restart_during_a_multi_container_deploy(launch: Launcher, 
 
         status = await _job_done(deploy, job)
         results = list(status["results"].values())
+        # The tool item's fetch was a call in flight when the broker went: it failed at once (503,
+        # connection lost) and the Deploy service asked again once reconnected: the job finished whole.
         assert status["status"] == FINISHED and len(results) == 3, status
-        failed = [r for r in results if r["state"] == "failed"]
-        # The tool item's fetch was a call in flight when the broker went: it failed at once, and says so.
-        assert [r["item"] for r in failed] == ["linux/tool/3.0"], status
-        assert "connection to the broker lost" in failed[0]["reason"], failed
-        # All or nothing: the items placed beside it are switched back.
-        assert all(r["state"] == "rolled back" for r in results if r not in failed), status
-        print(f"\njob after the broker restart: {status['state']}; failed: "
-              f"{[(r['item'], r['reason']) for r in failed]}")
-
-        retry = await deploy.deploy(deployment, timeout=120)
-        assert retry["ok"], retry
-        assert {r["state"] for r in retry["items"]} <= {"cached", "downloaded", "updated"}, retry
+        assert {r["state"] for r in results} <= {"cached", "downloaded"}, status
+        print(f"\njob after the broker restart: {status['state']}; "
+              f"{[(r['item'], r['state']) for r in results]}")
         assert tree(dest / "notes") == {"notes.txt": CONTENT[PLAIN]}
         assert tree(dest / "zlib")["zlib/include/zlib.h"] == b"/* zlib 1.2 */\n"
         assert tree(dest / "tool")["tool/bin/tool"] == b"#!/bin/sh\necho tool\n"

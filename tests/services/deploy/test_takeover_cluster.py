@@ -46,9 +46,9 @@ async def ended(client: Any, job: str) -> dict[str, Any]:
 async def test_a_job_stays_with_its_owner_when_the_owners_node_dies(rabbitmq_cluster: Any, cluster_urls: list[str],
                                                                     make_repo: Any, tmp_path: Path) -> None:
     """The job's owner loses its node mid-job: it reconnects to another node, the other instance scans
-    the job records all along and takes nothing over; the job ends under its owner, the items whose
-    calls were in flight failed ("connection to the broker lost"), and the same deployment run again
-    goes through."""
+    the job records all along and takes nothing over; the job ends under its owner, whole: the fetches
+    whose calls were in flight failed ("connection to the broker lost") and were asked again once the
+    owner had reconnected."""
     from ion.services.deploy.service import JOB_SEP, DeployClient
     from ion.testing import ContainerFactory, client_process
 

@@ -70,7 +70,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -646,6 +646,15 @@ class Process(LifecycleObject):
     def config(self) -> dict[str, Any]:
         """The effective config of this process's module (see :meth:`Config.for_module`)."""
         return self.container.config.for_module(type(self).__module__)
+
+    def repeat(self, interval: float, work: Callable[[], Any], what: str) -> task.LoopingCall:
+        """Run ``work`` every ``interval`` seconds on the process's clock, the first time one interval
+        from now; a failure that stops it is logged (``<pid>: <what> stopped``). Stop it with ``stop()``."""
+        loop = task.LoopingCall(work)
+        loop.clock = self.clock
+        loop.start(interval, now=False).addErrback(
+            lambda f: self._log.failure("{pid}: {what} stopped", f, pid=self.id, what=what))
+        return loop
 
     def get_config(self, key: str, default: Any = None) -> Any:
         """A config value: spawnargs first, then the module's config section."""

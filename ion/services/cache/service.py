@@ -299,11 +299,7 @@ class CacheService(ServiceProcess):
         interval = self.settings.lock_holder_check
         if not interval or self._holder_check is not None or self.draining:
             return
-        check = task.LoopingCall(self._check_holders)
-        check.clock = self.clock
-        self._holder_check = check
-        check.start(interval, now=False).addErrback(
-            lambda f: self._log.failure("{pid}: the lock holder check stopped", f, pid=self.id))
+        self._holder_check = self.repeat(interval, self._check_holders, "the lock holder check")
 
     def _stop_holder_check(self) -> None:
         check, self._holder_check = self._holder_check, None

@@ -311,11 +311,7 @@ class DeployService(ServiceProcess):
         interval = self.settings.takeover_interval or 0.0
         if interval <= 0 or self.jobs.store is None or self._takeover_scan is not None:
             return
-        scan = task.LoopingCall(self._scan_for_takeover)
-        scan.clock = self.clock
-        self._takeover_scan = scan
-        scan.start(interval, now=False).addErrback(
-            lambda f: self._log.failure("{pid}: the job takeover scan stopped", f, pid=self.id))
+        self._takeover_scan = self.repeat(interval, self._scan_for_takeover, "the job takeover scan")
 
     def _stop_takeover_scan(self) -> None:
         """A stopping instance takes no job over (neither by scan nor by ``job_status``)."""

@@ -143,6 +143,20 @@ def within(d: Any, seconds: float = WAIT) -> defer.Deferred[Any]:
     return defer.ensureDeferred(d).addTimeout(seconds, reactor)
 
 
+async def job_ended(client: Any, job: str, polls: int = 500, every: float = 0.02) -> dict[str, Any]:
+    """``client.job_status(job)`` once the job no longer runs (RUNNING or PARTIAL), polled ``every``
+    seconds; the last status after ``polls`` polls (the caller's assertion then says what it was)."""
+    from twisted.internet import reactor, task
+
+    status: dict[str, Any] = {}
+    for _ in range(polls):
+        status = await within(client.job_status(job))
+        if status["state"] not in ("RUNNING", "PARTIAL"):
+            break
+        await task.deferLater(reactor, every, lambda: None)
+    return status
+
+
 class EventSink:
     """Collects the system's ``deploy.progress`` events; :meth:`wait` fires on the first that matches."""
 

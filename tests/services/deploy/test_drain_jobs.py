@@ -25,7 +25,7 @@ from ion.core.jobs import JobStatus, JobStore, JobTable
 from ion.services.deploy.spec import load_deployment
 
 from . import scenario_support
-from .scenario_support import PLAIN, TGZ, ZIP, item, system_config, within, write_deployment
+from .scenario_support import PLAIN, TGZ, ZIP, item, job_ended, system_config, within, write_deployment
 
 # Fixtures of scenario_support, used by name.
 deploy_system = scenario_support.deploy_system
@@ -543,12 +543,7 @@ async def test_a_taken_over_job_outside_the_new_owners_roots_ends_remote_error(c
     job = "gone.5/def456"
     await JobStore(tmp_path / "cache" / "jobs").save(
         job, _resumable_record(job, dead, spec, [0], container.clock.seconds()))
-    status: dict[str, Any] = {}
-    for _ in range(200):
-        status = await within(client.job_status(job))
-        if status["state"] not in ("RUNNING", "PARTIAL"):
-            break
-        await within(_pause(0.05))
+    status = await job_ended(client, job)
     assert status["state"] == "REMOTE_ERROR" and "outside the allowed roots" in status["error"]
     assert status["takeovers"][0]["from"] == dead and not (tmp_path / "dest" / "zlib").exists()
     assert server.gets(f"deps/{TGZ}") == 0
@@ -579,12 +574,7 @@ async def test_a_fetch_cut_off_by_a_lost_connection_is_asked_again_once_reconnec
     await within(_pause(0.3))  # the job waits for the connection
     manager._connection_changed("restored", None)
     gate.callback(None)
-    status: dict[str, Any] = {}
-    for _ in range(200):
-        status = await within(client.job_status(job))
-        if status["state"] not in ("RUNNING", "PARTIAL"):
-            break
-        await within(_pause(0.02))
+    status = await job_ended(client, job)
     assert status["state"] == "FINISHED", status
     states = {r["item"]: r["state"] for r in status["results"].values()}
     # (the held download's item asked again finds its entry cached; the other's call may have been cut
@@ -645,12 +635,7 @@ async def test_two_instances_on_one_broker_the_survivor_takes_the_job_over(conta
     assert taken["by"]["process"] == heir.id and taken["remaining"] == 1
     gate.callback(None)
     await events.wait(lambda e: item_done(job, "linux/zlib/1.2")(e) and e.get("state") != "cancelled")
-    status: dict[str, Any] = {}
-    for _ in range(100):
-        status = await within(client.job_status(job))
-        if status["state"] not in ("RUNNING", "PARTIAL"):
-            break
-        await within(_pause(0.02))
+    status = await job_ended(client, job)
     assert status["state"] == "FINISHED", status
     assert {r["item"]: r["state"] for r in status["results"].values()} == {
         "linux/notes/1.0": "downloaded", "linux/zlib/1.2": "downloaded"}

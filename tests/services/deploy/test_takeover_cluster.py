@@ -16,30 +16,18 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task, threads
+from twisted.internet import threads
 
-from ion.core.jobs import JobStatus
 from ion.services.deploy.spec import load_deployment
 from tests.core.test_cluster import FAST_RECONNECT, rotated, until
 
 from . import scenario_support
-from .scenario_support import TGZ, item, system_config, within, write_deployment
+from .scenario_support import TGZ, item, job_ended, system_config, within, write_deployment
 
 pytestmark = [pytest.mark.amqp, pytest.mark.cluster]
 
 http_servers = scenario_support.http_servers
 make_repo = scenario_support.make_repo
-
-
-async def ended(client: Any, job: str) -> dict[str, Any]:
-    """``job_status`` of ``job`` once it is no longer running."""
-    status: dict[str, Any] = {}
-    for _ in range(600):
-        status = await within(client.job_status(job))
-        if status["status"] not in (JobStatus.RUNNING, JobStatus.PARTIAL):
-            return status
-        await task.deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"job {job} still running: {status}")
 
 
 @pytest_twisted.ensureDeferred
@@ -97,7 +85,7 @@ async def test_a_job_stays_with_its_owner_when_the_owners_node_dies(rabbitmq_clu
         seen = scans[0]
         await until(lambda: scans[0] >= seen + 6, what="six takeover scans of the other instance")
         gate.callback(None)
-        status = await ended(client, job)
+        status = await job_ended(client, job, polls=600, every=0.05)
         assert not status.get("takeovers"), status
         assert not [e for e in events.events if e.get("job") == job and e.get("phase") == "takeover"]
         # Its owner's calls in flight at the loss (the held download) failed at once (503, connection

@@ -634,7 +634,8 @@ class Fetcher:
                 # extracted) unless the item pins one: an md5 check suffices where there is one.
                 got[remote.path] = await repo.download(remote, downloads / PurePosixPath(remote.path),
                                                        progress=functools.partial(report, "downloading", remote.path),
-                                                       sha256=not request.unpack or remote.path in expected)
+                                                       sha256=not request.unpack or remote.path in expected,
+                                                       within=downloads)
                 digest = expected.get(remote.path)
                 if digest is not None and got[remote.path].sha256 != digest:
                     raise ChecksumMismatchError(remote.path, f"sha256:{digest}", f"sha256:{got[remote.path].sha256}",

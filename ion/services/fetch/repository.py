@@ -85,6 +85,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from ion.core.config import Settings, setting
+from ion.core.safefs import SafeDir
 from ion.services.fetch.errors import (
     AccessDeniedError,
     AddressNotAllowedError,
@@ -286,9 +287,13 @@ class _Sink:
     :class:`WriteError` naming the file and the OS reason, never a bare ``OSError``.
     """
 
-    def __init__(self, path: Path, *, sha256: bool = True, url: str | None = None) -> None:
+    def __init__(self, path: Path, *, sha256: bool = True, url: str | None = None,
+                 within: Path | None = None) -> None:
         self.path = path
         self.url = url
+        #: The folder the file is written below (a staging folder), which must still exist: its missing
+        #: parents below it are made, never it (see :meth:`_open`).
+        self.within = within
         self.file: Any = None
         #: What :meth:`close` returned (it may be called again: the same answer, no I/O).
         self.closed: tuple[int, str | None, str | None] | None = None
@@ -319,8 +324,17 @@ class _Sink:
 
     def _open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
+            if self.within is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
+                return
+            # Through the folder's descriptor: a write that comes after its fetch was given up and the
+            # folder removed (a pool job that a cancel could not stop) fails, never makes it again.
+            parts = self.path.parent.relative_to(self.within).parts
+            with SafeDir.open_root(self.within) as top, top.walk(parts, create=True) as folder:
+                fd = os.open(self.path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o666, dir_fd=folder.fd)
+            self.file = open(fd, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
         except OSError as exc:
             raise _write_error(exc, self.path, self.url) from None
 
@@ -621,7 +635,8 @@ class Repository:
         return defer.Deferred.fromCoroutine(run())
 
     def download(self, remote: RemoteFile, dest: str | os.PathLike[str],
-                 progress: Progress | None = None, *, sha256: bool = True) -> defer.Deferred[Downloaded]:
+                 progress: Progress | None = None, *, sha256: bool = True,
+                 within: Path | None = None) -> defer.Deferred[Downloaded]:
         """Stream ``remote`` into ``dest`` (parents made), hashing as it goes; fires with
         what was written once the repository's checksums are verified.
 
@@ -630,13 +645,15 @@ class Repository:
         file (the fallback) or a ``.sha256`` sidecar does; else ``Downloaded.sha256``
         is None.
 
-        On any failure (or cancellation) ``dest`` is removed.
+        On any failure (or cancellation) ``dest`` is removed. ``within``: a folder above ``dest``
+        that must still exist when the file is created (a staging folder): its missing parents
+        below it are made, never it, so a write that outlives a given-up fetch leaves nothing.
 
         :raises ChecksumMismatchError: the content does not match the repository's checksum.
         :raises TransferError: the connection kept failing after ``retries`` tries.
         :raises NotFoundError, AccessDeniedError, RepositoryError: as their names say.
         """
-        return defer.Deferred.fromCoroutine(self._download(remote, Path(dest), progress, sha256))
+        return defer.Deferred.fromCoroutine(self._download(remote, Path(dest), progress, sha256, within))
 
     def close(self) -> defer.Deferred[None]:
         """Release connections (HTTP pool); the repository may not be used afterwards."""
@@ -707,9 +724,9 @@ class Repository:
         return self._slot(lambda: self._read_small(car, _MAX_SIDECAR))
 
     async def _download(self, remote: RemoteFile, dest: Path, progress: Progress | None,
-                        need_sha256: bool = True) -> Downloaded:
+                        need_sha256: bool = True, within: Path | None = None) -> Downloaded:
         sidecar = any(c.algorithm == "sha256" for c in remote.checksums)
-        sink = _Sink(dest, sha256=need_sha256 or sidecar, url=remote.url)  # (no I/O yet)
+        sink = _Sink(dest, sha256=need_sha256 or sidecar, url=remote.url, within=within)  # (no I/O yet)
         seen: dict[str, RemoteFile] = {}
 
         def report(done: int) -> None:

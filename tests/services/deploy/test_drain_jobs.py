@@ -574,7 +574,9 @@ async def test_a_fetch_cut_off_by_a_lost_connection_is_asked_again_once_reconnec
     await within(_pause(0.3))  # the job waits for the connection
     manager._connection_changed("restored", None)
     gate.callback(None)
-    status = await job_ended(client, job)
+    # (the loss also cut off the first fetch's own calls to the Cache service: the entry lock it held is
+    # released when that fetch fails or its lease ends, hence the generous wait)
+    status = await job_ended(client, job, polls=3000)
     assert status["state"] == "FINISHED", status
     states = {r["item"]: r["state"] for r in status["results"].values()}
     # (the held download's item asked again finds its entry cached; the other's call may have been cut

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -848,3 +849,22 @@ async def test_https_with_an_untrusted_certificate_fails_at_once(http_repository
     assert "connection dropped" not in message and "attempts" not in message, message
     assert server.count("deps/linux/zlib/1.1/") == 0  # no request got through the handshake
     assert clock.getDelayedCalls() == [] or all(not c.active() for c in clock.getDelayedCalls())
+
+
+def test_a_sink_below_a_removed_staging_folder_fails_and_makes_nothing(tmp_path: Path) -> None:
+    """A write that comes after its fetch was given up (a pool job a cancel could not stop) and its
+    staging folder removed fails, naming the file; it never makes the folder again (found by a CI
+    run: a 403 on one file of a folder left a staging folder behind). While the folder exists, the
+    parents below it are made as before."""
+    from ion.services.fetch.errors import WriteError
+
+    staging = tmp_path / "staging" / "abc"
+    staging.mkdir(parents=True)
+    live = _Sink(staging / "lib" / "deep" / "a.txt", within=staging)
+    live.write(b"x")
+    assert live.close()[0] == 1 and (staging / "lib" / "deep" / "a.txt").read_bytes() == b"x"
+    late = _Sink(staging / "lib" / "b.txt", within=staging)
+    shutil.rmtree(staging)
+    with pytest.raises(WriteError, match="b.txt"):
+        late.write(b"y")
+    assert not staging.exists()

@@ -392,11 +392,14 @@ class _State:
     retry_at: float = 0.0
     error: str | None = None
     refetched: float | None = None
+    #: Where the bad entry was quarantined (None: not by this verifier, or a file written before this
+    #: was kept): gone, the operator removed it (clear, prune): nothing to fetch again.
+    moved_to: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {"key": self.key.to_wire(), "state": self.state, "since": self.since, "checked": self.checked,
                 "url": self.url, "size": self.size, "failures": self.failures, "retry_at": self.retry_at,
-                "error": self.error, "refetched": self.refetched}
+                "error": self.error, "refetched": self.refetched, "moved_to": self.moved_to}
 
     @classmethod
     def from_wire(cls, s: Mapping[str, Any]) -> _State:
@@ -404,7 +407,12 @@ class _State:
         return cls(EntryKey.from_wire(s["key"]), str(s["state"]), float(s["since"]), float(s["checked"]),
                    s.get("url") or None, int(s.get("size") or 0), int(s.get("failures") or 0),
                    float(s.get("retry_at") or 0.0), s.get("error") or None,
-                   float(s["refetched"]) if s.get("refetched") is not None else None)
+                   float(s["refetched"]) if s.get("refetched") is not None else None, s.get("moved_to") or None)
+
+
+def _gone(paths: list[str]) -> list[str]:
+    """Those of ``paths`` that no longer exist (blocking: run in the pool)."""
+    return [p for p in paths if not os.path.lexists(p)]
 
 
 class CacheVerifier:
@@ -573,10 +581,16 @@ class CacheVerifier:
         seen = {self._rel(f.key) for f in found}
         now = self.clock.seconds()
         waiting: list[EntryOutcome] = []
+        quarantined = [s.moved_to for rel, s in self.states.items()
+                       if rel not in seen and s.state == BAD and s.refetched is None and s.moved_to]
+        removed = set(await self.cache.pool.run(_gone, quarantined)) if quarantined else set()
         for rel, s in list(self.states.items()):
             if rel in seen:
                 continue
-            if s.state == BAD and s.refetched is None:  # quarantined earlier, not fetched again yet: not served
+            if s.state == BAD and s.refetched is None and s.moved_to in removed:
+                # Its quarantined copy was removed (clear, prune): the operator let it go, nothing to heal.
+                del self.states[rel]
+            elif s.state == BAD and s.refetched is None:  # quarantined earlier, not fetched again yet: not served
                 waiting.append(EntryOutcome(s.key, self.cache.entry_path(s.key), BAD, BAD, checked_at=now,
                                             url=s.url))
             else:
@@ -639,6 +653,7 @@ class CacheVerifier:
             state = self.states[rel]
             state.url, state.size = plan.url, sum(size for _name, size, _digest in plan.to_hash)
             state.failures, state.retry_at, state.error = 0, 0.0, None
+            state.moved_to = str(out.moved_to) if out.moved_to is not None else None
             await self._heal(out)
         return out
 

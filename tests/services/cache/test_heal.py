@@ -222,6 +222,33 @@ async def test_an_entry_removed_after_its_refetch_is_not_fetched_again(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_quarantined_entry_cleared_while_its_refetch_waits_is_not_fetched_again(
+        tmp_path: Path, fetcher: Fetcher, real_cache: Cache, clock: task.Clock,
+        make_verifier: Callable[..., CacheVerifier]) -> None:
+    """Its refetch failed and waits for its backoff when the operator clears the cache (its quarantined
+    copy goes too): the operator let it go, so the round after the backoff forgets it rather than
+    downloading it again (found in review)."""
+    repo = write_tree(tmp_path / "repo", FILES)
+    first = await fetcher.fetch(FetchRequest(parse_repository_url(f"file://{repo}"), "linux", "lib", "2.0",
+                                             unpack=False))
+    flip(first.path / "lib.so")
+    folder = repo / "linux" / "lib" / "2.0"
+    folder.rename(repo / "moved")
+    verifier = make_verifier()
+    bad = row(await verifier.run_round(), first.key)
+    assert bad.action is not None and bad.action.startswith("refetch failed: ") and bad.moved_to is not None
+    assert verifier.states[str(first.key.relpath)].moved_to == str(bad.moved_to)
+    (repo / "moved").rename(folder)  # the repository is back: a refetch would now succeed
+    await real_cache.clear()
+    assert not bad.moved_to.exists()
+    clock.advance(100)
+    report = await verifier.run_round()
+    assert [o for o in report.outcomes if o.key == first.key] == [] and str(first.key.relpath) not in verifier.states
+    assert verifier.refetches == {"refetched": 0, "failed": 1} and await real_cache.lookup(first.key) is None
+    await fetcher.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_entry_without_a_recorded_url_awaits_a_deploy(real_cache: Cache, fetcher: Fetcher,
                                                             make_verifier: Callable[..., CacheVerifier]) -> None:
     """An entry whose .entry names no URL (published by hand) is quarantined and left for the next

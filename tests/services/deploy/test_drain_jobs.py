@@ -607,6 +607,27 @@ async def test_no_owner_counts_as_gone_until_our_own_connection_has_settled(cont
     assert await service._owner_is_alive(elsewhere) is False
 
 
+async def _job_held_mid_way(client: Any, victim: Any, spec: Any, server: Any, events: Any) -> str:
+    """Start ``spec`` as an async job on the Deploy instance ``victim``; fires with its id once its
+    first item is done, its second download held and its record written."""
+    started, _ = await within(client.proc.rpc_send(victim.id, "deploy_async", client.request_content(spec)))
+    job: str = started.job
+    await within(server.wait_held(f"deps/{TGZ}"))
+    await events.wait(item_done(job, "linux/notes/1.0"))
+    await within(victim.jobs.flush())
+    return job
+
+
+async def _stop_abruptly(victim: Any) -> None:
+    """What a killed container does to its Deploy instance: its job record stays PARTIAL (nothing more
+    written), its fetch goes (lock released), its queues lose their consumers."""
+    victim.jobs.store = None
+    victim.jobs.resume = None
+    victim.jobs.cancel_all()
+    for receiver in victim.receivers:
+        await within(receiver.deactivate())
+
+
 @pytest_twisted.ensureDeferred
 async def test_two_instances_on_one_broker_the_survivor_takes_the_job_over(container_factory: Any, make_repo: Any,
                                                                            tmp_path: Path) -> None:
@@ -622,17 +643,8 @@ async def test_two_instances_on_one_broker_the_survivor_takes_the_job_over(conta
     events = await scenario_support.event_sink(first)
     victim, heir = deploy_service(first), deploy_service(second)
     spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:2]))
-    started, _ = await within(client.proc.rpc_send(victim.id, "deploy_async", client.request_content(spec)))
-    job = started.job
-    await within(server.wait_held(f"deps/{TGZ}"))
-    await events.wait(item_done(job, "linux/notes/1.0"))
-    await within(victim.jobs.flush())
-    # Abruptly: its record stays PARTIAL, its fetch goes (lock released), its queues lose their consumers.
-    victim.jobs.store = None
-    victim.jobs.resume = None
-    victim.jobs.cancel_all()
-    for receiver in victim.receivers:
-        await within(receiver.deactivate())
+    job = await _job_held_mid_way(client, victim, spec, server, events)
+    await _stop_abruptly(victim)
     taken = await events.wait(lambda e: e.get("job") == job and e.get("phase") == "takeover")
     assert taken["by"]["process"] == heir.id and taken["remaining"] == 1
     gate.callback(None)
@@ -664,17 +676,8 @@ async def test_a_taken_over_job_is_cancelled_at_its_new_owner(container_factory:
         others.append(other)
     victim = deploy_service(first)
     spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:2]))
-    started, _ = await within(client.proc.rpc_send(victim.id, "deploy_async", client.request_content(spec)))
-    job = started.job
-    await within(server.wait_held(f"deps/{TGZ}"))
-    await events.wait(item_done(job, "linux/notes/1.0"))
-    await within(victim.jobs.flush())
-    # Abruptly (as in the test above): its record stays PARTIAL, its queues lose their consumers.
-    victim.jobs.store = None
-    victim.jobs.resume = None
-    victim.jobs.cancel_all()
-    for receiver in victim.receivers:
-        await within(receiver.deactivate())
+    job = await _job_held_mid_way(client, victim, spec, server, events)
+    await _stop_abruptly(victim)
     taken = await events.wait(lambda e: e.get("job") == job and e.get("phase") == "takeover")
     heir = next(deploy_service(c) for c in others if deploy_service(c).id == taken["by"]["process"])
     bystander = next(deploy_service(c) for c in others if deploy_service(c) is not heir)

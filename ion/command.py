@@ -53,7 +53,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from ion.services.deploy.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, Output, UsageProblem
+from ion.services.deploy.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Output,
+    UsageProblem,
+    parse_duration,
+    whole_number,
+)
 
 __all__ = ["main", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNAVAILABLE", "DEFAULT_WAIT", "DEFAULT_TIMEOUT",
            "DEFAULT_AUDIT_FILE", "ENV_BROKER_URL", "ENV_SYSNAME"]
@@ -179,19 +188,11 @@ def _check(args: argparse.Namespace) -> None:
         if args.action == "prune" and args.older_than is None and args.keep is None:
             problems.append("cache prune: give --older-than D or --keep N (or both)")
         if args.older_than is not None:
-            from ion.services.deploy.cli import parse_duration
-
             try:
                 args.older_than = parse_duration(args.older_than)
             except ValueError as exc:
                 problems.append(f"--older-than: {exc}")
-        if args.keep is not None:
-            try:
-                args.keep = int(args.keep)
-                if args.keep < 0:
-                    raise ValueError
-            except ValueError:
-                problems.append(f"--keep takes a whole number >= 0, not {args.keep!r}")
+        args.keep = whole_number(args.keep, "--keep", 0, problems)
     if args.command == "audit" and args.follow and args.file:
         problems.append("audit: --file reads a file, --follow the live system: give one")
     if needs_broker:

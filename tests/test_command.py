@@ -354,3 +354,12 @@ def test_a_comma_list_of_brokers_is_walked_and_shown_without_passwords() -> None
     result = json.loads(out)
     assert result["broker"] == "amqp://guest:***@127.0.0.1:1/,amqp://guest:***@127.0.0.1:2/"
     assert "secret" not in out and "hush" not in out
+
+
+@pytest.mark.parametrize(("keep", "problem"), [("x", "--keep takes a whole number, not 'x'"),
+                                               ("-1", "--keep must be at least 0, not -1")])
+def test_cache_prune_keep_is_checked_as_ion_deploy_checks_it(keep: str, problem: str) -> None:
+    """``ion cache prune --keep`` reads its number with ion-deploy's own check: the same words."""
+    code, _out, err = _sync_ion("--broker", "amqp://guest:secret@127.0.0.1:1/", "-s", "x", "cache", "prune",
+                                "--keep", keep)
+    assert code == 2 and problem in err, err

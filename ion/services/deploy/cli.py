@@ -52,7 +52,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-__all__ = ["main", "package_version", "parse_duration", "run_until_stopped", "start_logging", "EXIT_OK",
+__all__ = ["main", "package_version", "parse_duration", "whole_number", "run_until_stopped", "start_logging", "EXIT_OK",
            "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNAVAILABLE"]
 
 T = TypeVar("T")
@@ -162,7 +162,9 @@ def package_version() -> str:
         return "unknown (not installed)"
 
 
-def _positive_int(value: str | None, flag: str, minimum: int, problems: list[str]) -> int | None:
+def whole_number(value: str | None, flag: str, minimum: int, problems: list[str]) -> int | None:
+    """``value`` of the option ``flag`` as an int of at least ``minimum`` (None: not given); a problem
+    naming the flag is added to ``problems`` (and None returned) if it is not one."""
     if value is None:
         return None
     try:
@@ -178,8 +180,8 @@ def _positive_int(value: str | None, flag: str, minimum: int, problems: list[str
 
 def _check_args(args: argparse.Namespace) -> None:
     problems: list[str] = []
-    args.keep = _positive_int(args.keep, "--keep", 0, problems)
-    args.jobs = _positive_int(args.jobs, "--jobs", 1, problems)
+    args.keep = whole_number(args.keep, "--keep", 0, problems)
+    args.jobs = whole_number(args.jobs, "--jobs", 1, problems)
     if args.older_than is not None:
         try:
             args.older_than = parse_duration(args.older_than)

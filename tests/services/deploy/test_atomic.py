@@ -34,13 +34,7 @@ from ion.services.deploy.place import (
     undo,
 )
 from ion.services.deploy.spec import load_deployment, parse_deployment
-from tests.services.deploy import scenario_support
 from tests.services.deploy.scenario_support import item, write_deployment
-
-# Fixtures of scenario_support, used by name.
-deploy_system = scenario_support.deploy_system
-http_servers = scenario_support.http_servers
-make_repo = scenario_support.make_repo
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -27,11 +27,6 @@ from ion.services.deploy.spec import load_deployment
 from . import scenario_support
 from .scenario_support import PLAIN, TGZ, ZIP, item, job_ended, system_config, within, write_deployment
 
-# Fixtures of scenario_support, used by name.
-deploy_system = scenario_support.deploy_system
-http_servers = scenario_support.http_servers
-make_repo = scenario_support.make_repo
-
 ROOT = Path(__file__).resolve().parents[3]
 
 

@@ -29,12 +29,7 @@ from ion.services.deploy.generations import (
 from ion.services.deploy.spec import Deployment, load_deployment
 from ion.testing.servers import write_tree
 
-from . import scenario_support
 from .scenario_support import item, write_deployment
-
-deploy_system = scenario_support.deploy_system
-downloads = scenario_support.downloads
-http_servers = scenario_support.http_servers
 
 ROOT = Path(__file__).resolve().parents[3]
 HOST = "test-host"

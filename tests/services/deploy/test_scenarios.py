@@ -13,7 +13,6 @@ import pytest_twisted
 
 from ion.services.deploy.spec import load_deployment
 
-from . import scenario_support
 from .scenario_support import (
     CONTENT,
     TGZ,
@@ -27,12 +26,6 @@ from .scenario_support import (
     within,
     write_deployment,
 )
-
-# Fixtures of scenario_support, used by name.
-deploy_system = scenario_support.deploy_system
-downloads = scenario_support.downloads
-http_servers = scenario_support.http_servers
-make_repo = scenario_support.make_repo
 
 TOOL = {"tool/README": b"tool 3.0\n", "tool/bin/tool": b"#!/bin/sh\necho tool\n"}
 ZLIB = {"zlib/include/zlib.h": ZLIB_H, "zlib/lib/libz.a": b"\0" * 4000}

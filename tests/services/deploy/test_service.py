@@ -13,7 +13,6 @@ import pytest_twisted
 from ion.core.exceptions import ReceivedApplicationError
 from ion.services.deploy.spec import load_deployment
 
-from . import scenario_support
 from .scenario_support import (
     CONTENT,
     PLAIN,
@@ -25,12 +24,6 @@ from .scenario_support import (
     within,
     write_deployment,
 )
-
-# Fixtures of scenario_support, used by name.
-deploy_system = scenario_support.deploy_system
-downloads = scenario_support.downloads
-http_servers = scenario_support.http_servers
-make_repo = scenario_support.make_repo
 
 KINDS = ["file", "http", "s3"]
 

@@ -28,10 +28,6 @@ from .scenario_support import PLAIN, TGZ, item, system_config, within, write_dep
 
 pytestmark = [pytest.mark.amqp, pytest.mark.slow]
 
-# Fixtures of scenario_support, used by name.
-http_servers = scenario_support.http_servers
-make_repo = scenario_support.make_repo
-
 
 def _container(amqp_url: str, sysname: str, tmp_path: Path, name: str) -> ContainerProcess:
     cache, dest = tmp_path / "cache", tmp_path / "dest"

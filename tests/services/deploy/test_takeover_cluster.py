@@ -26,9 +26,6 @@ from .scenario_support import TGZ, item, job_ended, system_config, within, write
 
 pytestmark = [pytest.mark.amqp, pytest.mark.cluster]
 
-http_servers = scenario_support.http_servers
-make_repo = scenario_support.make_repo
-
 
 @pytest_twisted.ensureDeferred
 async def test_a_job_stays_with_its_owner_when_the_owners_node_dies(rabbitmq_cluster: Any, cluster_urls: list[str],

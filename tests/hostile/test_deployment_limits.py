@@ -6,7 +6,6 @@ line each) and for the Deploy service (400 naming the item and the key); nothing
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import resource
@@ -18,23 +17,16 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from ion.services.deploy import cli
 from ion.services.deploy.spec import (
     DEFAULT_MAX_DEPLOYMENT_BYTES,
     DeploymentError,
     load_deployment,
     parse_deployment,
 )
+from tests.services.deploy.scenario_support import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 NUL_KEYS = ["destination", "name", "platform", "version"]
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    """``ion-deploy ARGS`` in this process (it stops before the reactor when the file is unusable)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(args), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def an_item(tmp_path: Path, **changes: Any) -> dict[str, Any]:

@@ -43,6 +43,18 @@ def item(name: str, version: str, destination: Path, **extra: Any) -> dict[str, 
     return {"name": name, "version": version, "platform": "linux", "destination": str(destination), **extra}
 
 
+def run_main(*argv: str) -> tuple[int, str, str]:
+    """``ion-deploy ARGV`` in this process (only for runs that stop before the reactor starts):
+    ``(exit code, stdout, stderr)``."""
+    import io
+
+    from ion.services.deploy.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
 def write_deployment(path: Path, url: str, items: list[dict[str, Any]]) -> Path:
     """Write Umpire's JSON (one repository) at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)

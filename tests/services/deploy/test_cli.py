@@ -7,7 +7,6 @@ copy of ``examples/repo`` in ``tmp_path``.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -19,7 +18,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from ion.services.deploy.cli import main, parse_duration
+from ion.services.deploy.cli import parse_duration
+from tests.services.deploy.scenario_support import run_main
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE_REPO = ROOT / "examples" / "repo"
@@ -46,13 +46,6 @@ def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ion.services.deploy.cli", *args,
                            "--cache-dir", str(tmp_path / "cache")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-
-
-def run_main(*argv: str) -> tuple[int, str, str]:
-    """``main(argv)`` in process (only for runs that stop before the reactor starts)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def entries(tmp_path: Path, name: str) -> list[str]:

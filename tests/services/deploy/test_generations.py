@@ -29,7 +29,7 @@ from ion.services.deploy.generations import (
 from ion.services.deploy.spec import Deployment, load_deployment
 from ion.testing.servers import write_tree
 
-from .scenario_support import item, write_deployment
+from .scenario_support import item, run_main, write_deployment
 
 ROOT = Path(__file__).resolve().parents[3]
 HOST = "test-host"
@@ -401,19 +401,11 @@ def test_ion_deploy_generations_and_rollback(tmp_path: Path, repo: str) -> None:
 
 def test_rollback_arguments() -> None:
     """--rollback takes a number >= 1 or none, needs the file, and goes without --generations."""
-    from ion.services.deploy.cli import main
-
-    def run_main(*argv: str) -> tuple[int, str]:
-        import io
-
-        err = io.StringIO()
-        return main(list(argv), stdout=io.StringIO(), stderr=err), err.getvalue()
-
-    code, err = run_main("--rollback", "0", "d.json")
+    code, _, err = run_main("--rollback", "0", "d.json")
     assert code == 2 and "--rollback takes a generation number >= 1, not '0'" in err
-    code, err = run_main("--rollback")
+    code, _, err = run_main("--rollback")
     assert code == 2 and "need the DEPLOYMENT.json file" in err
-    code, err = run_main("--rollback", "--generations", "d.json")
+    code, _, err = run_main("--rollback", "--generations", "d.json")
     assert code == 2 and "one at a time" in err
 
 

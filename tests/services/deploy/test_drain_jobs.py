@@ -564,9 +564,19 @@ async def test_a_fetch_cut_off_by_a_lost_connection_is_asked_again_once_reconnec
     spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:2]))
     job = await within(client.deploy_async(spec))
     await within(server.wait_held(f"deps/{TGZ}"))
+    service = deploy_service(container)
+    waiting: defer.Deferred[None] = defer.Deferred()
+    reconnected = service._reconnected
+
+    def noted(timeout: float) -> Any:  # the service's wait for the connection, noted as it begins
+        if not waiting.called:
+            waiting.callback(None)
+        return reconnected(timeout)
+
+    service._reconnected = noted
     manager = container.exchange_manager
     manager._connection_changed("lost", "node c1 died")  # (what the transport reports: calls in flight fail)
-    await within(_pause(0.3))  # the job waits for the connection
+    await within(waiting)  # the cut-off fetch waits for the connection (rather than failing its item)
     manager._connection_changed("restored", None)
     gate.callback(None)
     # (the loss also cut off the first fetch's own calls to the Cache service: the entry lock it held is

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from ion.core.agent import ContainerAgent, agent_queue
 from ion.core.exceptions import IonError, ReceivedError
 from ion.core.process import Process, Receiver
-from ion.core.settings import ProcessSettings
+from ion.core.settings import MessagingSettings, ProcessSettings
 
 __all__ = ["SystemControl", "ControlError", "AuditListener", "DEFAULT_SETTLE", "AUDIT_BINDING", "has_consumer"]
 
@@ -71,6 +71,20 @@ def has_consumer(transport: Any, queue: str) -> defer.Deferred[bool | None]:
 
     d: defer.Deferred[bool | None] = defer.maybeDeferred(transport.queue_depth, queue).addCallbacks(judged, unknown)
     return d
+
+
+def connection_settled(container: Any, settle: float | None = None) -> bool:
+    """Whether ``container``'s connection to the broker has been up ``settle`` seconds (None:
+    ``reconnect_max`` of ``ion.core.messaging`` plus 10 s). Before that, a queue without consumer
+    (:func:`has_consumer` False) may be a live process whose container is still reconnecting (a broker
+    restart drops every connection at once, and each comes back after its own backoff): nobody may be
+    judged gone by it yet. The job takeover and the Cache service's lease check both ask this first."""
+    since = getattr(container.exchange_manager, "connected_since", None)
+    if since is None:
+        return False
+    if settle is None:
+        settle = container.config.settings(MessagingSettings).reconnect_max + 10.0
+    return bool(container.clock.seconds() - since >= settle)
 
 
 class ControlError(IonError):

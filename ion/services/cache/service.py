@@ -45,7 +45,9 @@ asks the broker whether each holder's process queue (the request's ``sender``)
 still has a consumer (:func:`~ion.core.control.has_consumer`, the check the job
 takeover uses); a holder without one on two checks in a row (a dead
 container's connection takes its consumers with it) has its locks released,
-logged with the holder. Every lock is released when the
+logged with the holder; no check counts until this container's own connection has been up
+``reconnect_max`` + 10 s (:func:`~ion.core.control.connection_settled`: after a broker restart,
+holders may still be reconnecting). Every lock is released when the
 service terminates, and pending ``lock`` waits are cancelled then (the first
 phase of its terminate, :meth:`CacheService.slc_drain`: they answer 503).
 
@@ -75,7 +77,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from ion.core.control import has_consumer
+from ion.core.control import connection_settled, has_consumer
 from ion.core.process import Receiver
 from ion.core.security import control, narrow_root
 from ion.core.service import ServiceClient, ServiceProcess
@@ -307,6 +309,8 @@ class CacheService(ServiceProcess):
             check.stop()
 
     async def _ask_holders(self) -> None:
+        if not connection_settled(self.container):
+            return  # (just (re)connected: holders may still be reconnecting; no check counts yet)
         leases = [(token, lease) for token, lease in self._leases.items() if lease.holder]
         consumed: dict[str, bool | None] = {}
         for holder in {lease.holder for _, lease in leases if lease.holder}:

@@ -99,14 +99,13 @@ from twisted.logger import Logger
 
 from ion.core.audit import audited
 from ion.core.control import JOB_SEP as CONTROL_JOB_SEP
-from ion.core.control import SystemControl, has_consumer
+from ion.core.control import SystemControl, connection_settled, has_consumer
 from ion.core.exceptions import ApplicationError, ConfigurationError, ConversationError, ReceivedError
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
 from ion.core.security import control, narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
-from ion.core.settings import MessagingSettings
 from ion.services.cache.core import CacheSettings
 from ion.services.deploy.core import AccessRefused, Deployer, ItemResult, check_allowed
 from ion.services.deploy.generations import (
@@ -271,7 +270,7 @@ class DeployService(ServiceProcess):
         if owner.get("host") == self.owner["host"] and owner.get("pid") != self.owner["pid"]:
             pid = owner.get("pid")
             return isinstance(pid, int) and pid_alive(pid)
-        if not self._broker_settled():
+        if not connection_settled(self.container, self.settings.takeover_settle):
             return True  # (the broker cannot tell yet: live owners may be reconnecting as we did)
         process = owner.get("process")
         if not isinstance(process, str) or not process:
@@ -281,18 +280,6 @@ class DeployService(ServiceProcess):
             return self._owner_among_nodes(owner) if consumed is None else consumed
 
         return has_consumer(self.container.transport, process).addCallback(judged)
-
-    def _broker_settled(self) -> bool:
-        """Whether this container's connection has been up ``takeover_settle`` seconds: before that,
-        a queue without consumer may be a live container still reconnecting (a broker restart drops
-        every connection at once; the first one back must not take the others' jobs)."""
-        since = getattr(self.container.exchange_manager, "connected_since", None)
-        if since is None:
-            return False
-        settle = self.settings.takeover_settle
-        if settle is None:
-            settle = self.container.config.settings(MessagingSettings).reconnect_max + 10.0
-        return self.container.clock.seconds() - since >= settle
 
     async def _owner_is_alive(self, owner: Mapping[str, Any]) -> bool:
         """:meth:`_owner_alive`, awaited."""

@@ -252,6 +252,7 @@ def test_a_lock_whose_holder_died_is_released_after_two_checks_not_its_lease(tmp
     b.blocking = SyncPool()
     service = cluster.spawn_in(b, CacheService, {"root": str(tmp_path / "c"), "host_id": "h", "lock_timeout": 600})
     assert service.settings.lock_holder_check == 5
+    cluster.advance(20)  # B's connection has been up reconnect_max + 10 s: the broker's word counts
     doomed = CacheClient(cluster.spawn_in(a, Process))
     alive = CacheClient(cluster.spawn_in(b, Process))
     lost = cluster.result(doomed.lock(KEY, timeout=5))
@@ -276,6 +277,31 @@ def test_a_lock_whose_holder_died_is_released_after_two_checks_not_its_lease(tmp
     cluster.result(alive.unlock(kept))
     cluster.advance(5)
     assert service._holder_check is None  # no lock held: no checks
+
+
+def test_no_lock_is_released_while_our_own_connection_settles(tmp_path):
+    """Right after B's connection came back (a broker restart drops every connection at once), A's
+    queue without consumer may only mean A is still reconnecting: no check counts until B's connection
+    has been up reconnect_max + 10 s (20 s); then two checks without a consumer release the lock."""
+    from ion.testing import ClockedCluster
+
+    from .conftest import SyncPool
+
+    cluster = ClockedCluster()
+    a, b = cluster.start_container("a"), cluster.start_container("b")
+    b.blocking = SyncPool()
+    cluster.spawn_in(b, CacheService, {"root": str(tmp_path / "c"), "host_id": "h", "lock_timeout": 600})
+    doomed = CacheClient(cluster.spawn_in(a, Process))
+    lost = cluster.result(doomed.lock(KEY, timeout=5))
+    cluster.result(a.transport.close())  # A's connection is gone ...
+    b.exchange_manager.connected_since = cluster.clock.seconds()  # ... as B's just came back
+    for _ in range(3):
+        cluster.advance(5)  # the checks at 5, 10 and 15 s: none counts
+    assert Path(lost.path).exists()
+    cluster.advance(5)  # settled at 20 s: this check finds no consumer, and the next one too
+    assert Path(lost.path).exists()
+    cluster.advance(5)
+    assert not Path(lost.path).exists()
 
 
 def test_the_holder_check_can_be_turned_off(clocked, tmp_path):

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from ion.core import trace
 from ion.core.config import Config
-from ion.core.exceptions import ConfigurationError, IonError
+from ion.core.exceptions import CONNECTION_LOST, ConfigurationError, IonError
 from ion.core.lifecycle import LifecycleObject, State, stop_in_reverse
 from ion.core.messaging import message as wire
 from ion.core.messaging.memory import MemoryBroker
@@ -196,7 +196,7 @@ class ExchangeManager:
             self._log.warn("container {id}: connection to the broker lost ({reason}); calls in flight "
                            "fail, reconnecting", id=self.container.id, reason=reason)
             for proc in list(self.container.proc_manager.processes.values()):
-                proc.conversations.fail_all(f"connection to the broker lost: {reason}")
+                proc.conversations.fail_all(f"{CONNECTION_LOST}: {reason}")
         elif event == "restored":
             self.connected, self.lost_reason = True, None
             self.connected_since = self.container.clock.seconds()

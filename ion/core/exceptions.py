@@ -18,9 +18,11 @@ the caller as that class (:func:`error_from_reply`,
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Final, Self
 
 __all__ = [
+    "CONNECTION_LOST",
+    "NOT_SENT",
     "IonError",
     "IllegalStateError",
     "ConfigurationError",
@@ -205,6 +207,12 @@ class ConversationTimeout(ReceivedError):
                 "message": f"no reply to {op!r} from {receiver} within {timeout:g} s",
             },
         )
+
+
+#: How a :class:`ConversationError` of a call cut off by the broker connection begins: lost while the
+#: call was in flight (its request may have run), or not sent because the connection was down.
+CONNECTION_LOST: Final = "connection to the broker lost"
+NOT_SENT: Final = "could not send"
 
 
 class ConversationError(ReceivedError):

@@ -83,6 +83,7 @@ from ion.core.conversation import (
     RpcResult,
 )
 from ion.core.exceptions import (
+    NOT_SENT,
     ApplicationError,
     ConfigurationError,
     IllegalStateError,
@@ -1122,7 +1123,7 @@ class Process(LifecycleObject):
             conv.event("error", reason=str(exc), code=413 if isinstance(exc, MessageTooLargeError) else 400)
             return conv
         if d is not None and not (d.called and d.result is None):  # (None: the embedded broker took it)
-            d.addErrback(lambda f: conv.event("error", reason=f"could not send: {f.getErrorMessage()}"))
+            d.addErrback(lambda f: conv.event("error", reason=f"{NOT_SENT}: {f.getErrorMessage()}"))
         return conv
 
     def rpc_send(self, receiver: str, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,

@@ -100,7 +100,14 @@ from twisted.logger import Logger
 from ion.core.audit import audited
 from ion.core.control import JOB_SEP as CONTROL_JOB_SEP
 from ion.core.control import SystemControl, connection_settled, has_consumer
-from ion.core.exceptions import ApplicationError, ConfigurationError, ConversationError, ReceivedError
+from ion.core.exceptions import (
+    CONNECTION_LOST,
+    NOT_SENT,
+    ApplicationError,
+    ConfigurationError,
+    ConversationError,
+    ReceivedError,
+)
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
@@ -150,7 +157,7 @@ def cut_off(exc: BaseException) -> bool:
     if not isinstance(exc, ConversationError) or exc.response_code != 503 or not isinstance(exc.content, Mapping):
         return False
     message = str(exc.content.get("message") or "")
-    return message.startswith(("connection to the broker lost", "could not send"))
+    return message.startswith((CONNECTION_LOST, NOT_SENT))
 
 
 class DeployService(ServiceProcess):

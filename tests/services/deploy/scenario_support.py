@@ -5,6 +5,7 @@ deployer (``python -m tests.services.deploy.scenario_support``) for the multi-pr
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import sys
@@ -65,6 +66,15 @@ def write_deployment(path: Path, url: str, items: list[dict[str, Any]]) -> Path:
 def by_name(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The items of a deploy answer, keyed by ``platform/name/version`` + destination."""
     return {f"{r['item']} -> {r['destination']}": r for r in result["items"]}
+
+
+def files_named(root: Path, pattern: str) -> list[Path]:
+    """Every file under ``root`` whose name matches ``pattern``, sorted. Safe to call while the system
+    runs: a folder removed during the walk (a staging folder cleaned up) is skipped, not an error."""
+    found: list[Path] = []
+    for dirpath, _dirnames, filenames in os.walk(root):  # os.walk ignores folders that vanish
+        found.extend(Path(dirpath, name) for name in fnmatch.filter(filenames, pattern))
+    return sorted(found)
 
 
 def tree(path: Path) -> dict[str, bytes]:

@@ -25,7 +25,7 @@ from ion.core.jobs import JobStatus, JobStore, JobTable
 from ion.services.deploy.spec import load_deployment
 
 from . import scenario_support
-from .scenario_support import PLAIN, TGZ, ZIP, item, job_ended, system_config, within, write_deployment
+from .scenario_support import PLAIN, TGZ, ZIP, files_named, item, job_ended, system_config, within, write_deployment
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -48,7 +48,7 @@ def deploy_service(container: Any) -> Any:
 
 def lock_files(cache: Path) -> list[Path]:
     """Every entry lock file left in the cache."""
-    return sorted(p for p in cache.rglob("*.lock") if p.is_file()) if cache.exists() else []
+    return files_named(cache, "*.lock")
 
 
 def staging_left(cache: Path) -> list[Path]:

@@ -43,7 +43,7 @@ from ion.services.cache.locks import _DEBRIS, LockHolder, debris_tag
 from ion.testing.processes import WatchedProcess
 from ion.testing.servers import HTTPRepositoryServer, tgz, write_tree, zipped
 
-from .scenario_support import tree, within
+from .scenario_support import files_named, tree, within
 
 ROOT = Path(__file__).resolve().parents[3]
 #: Seconds any single wait may take before the test fails.
@@ -201,7 +201,7 @@ def staging_left(cache: Path) -> tuple[int, int]:
 
 def lock_files(cache: Path) -> list[Path]:
     """Lock files (and lock files moved aside) anywhere in the cache."""
-    return sorted(p for p in cache.rglob(f"*{LOCK_SUFFIX}*") if p.is_file())
+    return files_named(cache, f"*{LOCK_SUFFIX}*")
 
 
 def file_gets(server: HTTPRepositoryServer, files: set[str]) -> Counter[str]:

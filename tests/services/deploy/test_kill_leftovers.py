@@ -20,6 +20,8 @@ from pathlib import Path
 from ion.services.cache.entry import ENTRY_FILE, LOCK_SUFFIX
 from ion.services.cache.locks import debris_tag
 
+from .scenario_support import files_named
+
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE_REPO = ROOT / "examples" / "repo"
 HOST = "host-kill-test"
@@ -43,7 +45,7 @@ def ion_deploy(tmp_path: Path, deployment: Path) -> subprocess.CompletedProcess[
 
 def lock_litter(cache: Path) -> list[str]:
     """Lock files, their temporary and moved-aside files, anywhere in the cache."""
-    return sorted(str(p.relative_to(cache)) for p in cache.rglob(f"*{LOCK_SUFFIX}*"))
+    return sorted(str(p.relative_to(cache)) for p in files_named(cache, f"*{LOCK_SUFFIX}*"))
 
 
 def test_rerun_after_kills_at_each_moment_leaves_no_lock(tmp_path: Path) -> None:

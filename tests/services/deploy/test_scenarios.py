@@ -20,6 +20,7 @@ from .scenario_support import (
     ZLIB_H,
     ChildDeployer,
     deploy_in_process,
+    files_named,
     item,
     tgz,
     tree,
@@ -153,7 +154,7 @@ async def test_tc6_keep_updated_refetches_a_changed_object_and_leaves_a_current_
 
 # -- other OS processes -----------------------------------------------------------------------------------
 def lock_files(cache_root: Path) -> list[Path]:
-    return [p for p in cache_root.rglob("*.lock*")] if cache_root.exists() else []
+    return files_named(cache_root, "*.lock*")
 
 
 @pytest_twisted.ensureDeferred

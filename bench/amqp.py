@@ -81,7 +81,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):
     # ``python bench/amqp.py``: make the repository root (and so ``ion``) importable.
     sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/hops.py
 
+import hops  # noqa: E402
 import msgpack  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
@@ -97,7 +99,11 @@ SYSNAME = "bench"
 PAYLOAD = "bench"
 PIKA_QUEUE = "bench.pika.echo"
 PIKA_EXCHANGE = "bench.pika.topic"
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+#: The server child: twistd, recording its socket times first when ``--hops`` asked (see bench/hops.py).
+TWISTD = ("import os, sys\n"
+          "if os.environ.get('ION_BENCH_HOPS'):\n"
+          "    sys.path.insert(0, 'bench'); import hops; hops.install_from_env()\n"
+          "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()")
 DEFAULT_NAMEKO_VENV = "/tmp/nameko-venv/bin/python"
 
 
@@ -222,8 +228,10 @@ def measure(call: Callable[[], defer.Deferred[Any]], args: argparse.Namespace,
     if args.warmup:
         yield sequential(call, args.warmup)
     gc.collect()
+    seq_from = time.monotonic_ns()
     secs, lat = yield sequential(call, args.calls)
     seq = summarize(args.calls, secs, lat)
+    seq_window = (seq_from, time.monotonic_ns())
     if args.warmup:
         yield windowed(call, args.warmup, args.window)
     gc.collect()
@@ -233,7 +241,19 @@ def measure(call: Callable[[], defer.Deferred[Any]], args: argparse.Namespace,
     after = {k: cpu_seconds(pid) for k, pid in pids.items()}
     cpu_us = {k: (after[k] - b) / args.inflight_calls * 1e6 if b is not None and after[k] is not None else None
               for k, b in before.items()}
-    return {"sequential": seq, "window": summarize(args.inflight_calls, secs, lat), "cpu_us": cpu_us}
+    return {"sequential": seq, "window": summarize(args.inflight_calls, secs, lat), "cpu_us": cpu_us,
+            "seq_window": seq_window}
+
+
+def add_hops(result: dict[str, Any], server_pid: int | None) -> dict[str, Any]:
+    """With ``--hops``: the sequential phase's hops (bench/hops.py) into ``result``, from this process's
+    socket times and those the stopped server ``server_pid`` wrote; the window mark goes either way."""
+    window = result.pop("seq_window", None)
+    folder = os.environ.get("ION_BENCH_HOPS")
+    if folder and window and server_pid:
+        result["hops"] = hops.split(hops.events, hops.load(folder, server_pid), *window)
+    hops.events.clear()
+    return result
 
 
 # -- child processes -----------------------------------------------------------------------------------
@@ -282,12 +302,13 @@ def bench_ioncore(reactor: Any, url: str, args: argparse.Namespace, confirms: bo
 
         content, _ = yield call()
         assert content == {"value": f"Hello there, {PAYLOAD}"}, content
-        result = yield measure(call, args, server.transport.pid)
+        server_pid = server.transport.pid
+        result = yield measure(call, args, server_pid)
     finally:
         if container is not None:
             yield container.terminate()
         yield server.stop()
-    return result
+    return add_hops(result, server_pid)
 
 
 # -- raw pika (Twisted adapter) ---------------------------------------------------------------------------
@@ -420,12 +441,13 @@ def bench_pika(reactor: Any, url: str, args: argparse.Namespace, mode: str = "pl
 
         reply = yield call()
         assert reply == {"value": f"Hello there, {PAYLOAD}"}, reply
-        result = yield measure(call, args, server.transport.pid)
+        server_pid = server.transport.pid
+        result = yield measure(call, args, server_pid)
     finally:
         if conn is not None:
             yield conn.close()
         yield server.stop()
-    return result
+    return add_hops(result, server_pid)
 
 
 # -- nameko 2.14 ------------------------------------------------------------------------------------------
@@ -594,6 +616,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run every row N times, interleaved, and report the median of each figure "
                         "(default 3)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    p.add_argument("--hops", action="store_true",
+                   help="also split each sequential call into its hops (client, broker, server) from socket "
+                        "times recorded in the client and the servers (bench/hops.py; ioncore and raw pika rows)")
     p.add_argument("--strict", action="store_true", help="exit 1 if ioncore is under 0.9x raw pika")
     p.add_argument("--pika-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pika-mode", choices=PIKA_MODES, default="plain", help=argparse.SUPPRESS)
@@ -637,6 +662,9 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if any("cpu_us" in r for r in good):
         out["cpu_us"] = {k: _median([(r.get("cpu_us") or {}).get(k) for r in good])
                          for k in ("client", "server", "broker")}
+    if any(r.get("hops") for r in good):
+        keys = next(r["hops"] for r in good if r.get("hops")).keys()
+        out["hops"] = {k: _median([(r.get("hops") or {}).get(k) for r in good]) for k in keys}
     for key in ("version",):
         if key in good[0]:
             out[key] = good[0][key]
@@ -760,6 +788,17 @@ def format_table(report: dict[str, Any]) -> str:
     if "pika-like" in report["results"]:
         lines.append("raw pika, ioncore's AMQP use: that, plus publisher confirms and mandatory requests "
                      "(ioncore's requests and replies now go without confirms)")
+    with_hops = [n for n in labels if (report["results"].get(n) or {}).get("hops")]
+    if with_hops:
+        lines += ["", "sequential call, hop by hop (bench/hops.py; medians, us): broker in = client's write of the "
+                  "request to the server's read, broker out = server's write of the reply to the client's read",
+                  f"{'client':<28}{'broker in':>10}{'server':>8}{'broker out':>11}{'client':>8}{'total':>8}"
+                  f"   {'CPU server':>10}{'CPU client':>11}{'server wake':>12}{'calls':>7}"]
+        for name in with_hops:
+            h = report["results"][name]["hops"]
+            lines.append(f"{labels[name]:<28}{h['broker_in']:>10.0f}{h['server']:>8.0f}{h['broker_out']:>11.0f}"
+                         f"{h['client']:>8.0f}{h['total']:>8.0f}   {h['server_cpu']:>10.0f}{h['client_cpu']:>11.0f}"
+                         f"{_cell(h['server_wake'], '.0f'):>12}{h['calls']:>7.0f}")
     ion = report["ratio_to_raw_pika"].get("ioncore")
     if ion:
         ok = all(v >= RATIO_TARGET for v in ion.values())
@@ -773,9 +812,14 @@ def main(argv: list[str] | None = None) -> None:
     global BROKER_PID
     args = parse_args(argv)
     if args.pika_server:
+        hops.install_from_env()
         task.react(lambda reactor: pika_server(reactor, args.url, PIKA_QUEUE, args.prefetch or 1,
                                                args.pika_mode))
         return
+    hop_dir = None
+    if args.hops:
+        hop_dir = os.environ["ION_BENCH_HOPS"] = tempfile.mkdtemp(prefix="ion-bench-hops-")
+        hops.install()  # this process: the clients
     server = None
     url = args.url
     if url is None:
@@ -802,6 +846,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if server is not None:
             server.stop()
+        if hop_dir is not None:
+            shutil.rmtree(hop_dir, ignore_errors=True)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

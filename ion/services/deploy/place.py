@@ -180,12 +180,16 @@ def _target(destination: Path, root: Path | None) -> tuple[Path, Path]:
     return Path(root), Path(destination)
 
 
-def _refuse_cache(real: Path, destination: Path, entry: Path, cache_root: Path | None) -> None:
-    """A destination that is or lies in the cache root (or the entry) is refused."""
-    for top, what in ((cache_root, "the cache root"), (entry, "the cache entry")):
-        if top is None:
-            continue
-        real_top = Path(os.path.realpath(top))
+def _cache_tops(entry: Path, cache_root: Path | None) -> list[tuple[Path, str]]:
+    """The folders no destination may be or lie in (the cache root, the entry), resolved once per
+    placement for both of its checks."""
+    tops = [(Path(os.path.realpath(cache_root)), "the cache root")] if cache_root is not None else []
+    return [*tops, (Path(os.path.realpath(entry)), "the cache entry")]
+
+
+def _refuse_cache(real: Path, destination: Path, tops: list[tuple[Path, str]]) -> None:
+    """A destination that is or lies in one of ``tops`` (:func:`_cache_tops`) is refused."""
+    for real_top, what in tops:
         if real == real_top or real_top in real.parents:
             raise PlacementError(f"destination {destination} (resolved: {real}) lies in {what} {real_top}; "
                                  f"published cache entries are never written by a deployment: refusing it")
@@ -449,12 +453,13 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
     """
     _check_names(entry, names)
     top, path = _target(destination, root)
-    _refuse_cache(path, destination, entry, cache_root)
+    tops = _cache_tops(entry, cache_root)
+    _refuse_cache(path, destination, tops)
     manifest = manifest_path(destination, platform, name)
     with ExitStack() as stack:
         dest = stack.enter_context(_open_destination(top, path, destination))
         # Defence in depth: where the descriptor really is (the walk followed no link).
-        _refuse_cache(dest.realpath(), destination, entry, cache_root)
+        _refuse_cache(dest.realpath(), destination, tops)
         try:
             records = stack.enter_context(dest.open_dir(MANIFEST_DIR, create=True))
             stack.enter_context(records.locked(LOCK_FILE))

@@ -64,6 +64,7 @@ import json
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ if TYPE_CHECKING:  # the messaging core is imported only where an election runs 
     from ion.core.process import Process, Receiver
 
 __all__ = ["ReapPolicy", "ReapReport", "CacheReaper", "ReaperElection", "record_link", "live_links", "choose",
-           "LINKS_DIR", "STATE_FILE", "TICK_OP", "GENERATIONS_DIR", "kept_entries", "election_queue",
+           "LINKS_DIR", "STATE_FILE", "TICK_OP", "GENERATIONS_DIR", "kept_entries", "KeptEntries", "election_queue",
            "election_receiver"]
 
 #: The folder, beside a dependency's versions, that holds their link records.
@@ -249,6 +250,49 @@ def kept_entries(root: Path) -> set[Path]:
     return kept
 
 
+class KeptEntries:
+    """:func:`kept_entries` of ``root`` for one reap round, read again only when the generations
+    folder has changed since (blocking; safe to call from several pool threads).
+
+    A round asks for the kept entries once per eviction candidate, just before removing it: with
+    thousands of entries and hundreds of records, reading every record each time made a round
+    quadratic. A record is only ever written whole under a new name and renamed into the folder
+    (``generations.append_generation``), which changes the folder's modification time; so an
+    unchanged ``(device, inode, mtime)`` of the folder means unchanged records. A folder modified
+    within the last :data:`RACY_SECONDS` is never trusted that way (a second write within one tick
+    of the file system's clock would leave the same mtime): it is read every time.
+    """
+
+    #: Seconds a folder's mtime must lie in the past before an unchanged one is trusted.
+    RACY_SECONDS = 2.0
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.reads = 0
+        self._stamp: tuple[int, int, int] | None = None
+        self._kept: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def _folder_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.root / GENERATIONS_DIR, follow_symlinks=False)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(st.st_mode) or time.time_ns() - st.st_mtime_ns < self.RACY_SECONDS * 1e9:
+            return None  # (a link is never followed: kept_entries finds nothing there either)
+        return st.st_dev, st.st_ino, st.st_mtime_ns
+
+    def __call__(self) -> set[Path]:
+        with self._lock:
+            stamp = self._folder_stamp()  # before reading: a change during the read shows next time
+            if stamp is not None and stamp == self._stamp:
+                return self._kept
+            self._kept = kept_entries(self.root)
+            self._stamp = stamp
+            self.reads += 1
+            return self._kept
+
+
 # -- policy ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ReapPolicy(Settings):
@@ -340,17 +384,17 @@ def _write_state(root: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, root / STATE_FILE)
 
 
-def _survey(root: Path, host_id: str, now: float, link_ttl: float
+def _survey(root: Path, host_id: str, now: float, link_ttl: float, kept: KeptEntries
             ) -> tuple[builtins.list[FoundEntry], builtins.list[Path], dict[Path, int], set[Path]]:
     found, lock_files = store.scan(root)
     linked = {f.path: live_links(f.path, host_id, now, link_ttl) for f in found if f.info is not None}
-    return found, lock_files, linked, kept_entries(root)
+    return found, lock_files, linked, kept()
 
 
-def _still_free(entry: Path, root: Path, host_id: str, now: float, link_ttl: float) -> bool:
+def _still_free(entry: Path, host_id: str, now: float, link_ttl: float, kept: KeptEntries) -> bool:
     """No live link and no kept generation names ``entry`` now (blocking; under its lock, just
     before removal: a deploy may have linked it, or recorded a generation naming it, since)."""
-    return not live_links(entry, host_id, now, link_ttl) and entry not in kept_entries(root)
+    return not live_links(entry, host_id, now, link_ttl) and entry not in kept()
 
 
 class CacheReaper:
@@ -426,8 +470,9 @@ class CacheReaper:
         # Claim the round first, so that a takeover in the middle does not start another at once.
         await cache.pool.run(_write_state, cache.root, {**report.to_wire(), "running": True})
         try:
+            generations = KeptEntries(cache.root)
             found, lock_files, linked, kept = await cache.pool.run(_survey, cache.root, cache.host_id, now,
-                                                                   policy.link_ttl)
+                                                                   policy.link_ttl, generations)
             complete = [f for f in found if f.info is not None]
             report.entries = len(complete)
             report.bytes_before = sum(f.info.size for f in complete if f.info is not None)
@@ -437,8 +482,8 @@ class CacheReaper:
             protected = {f.path: linked.get(f.path, 0) + (f.path in kept) for f in complete}
 
             async def still_free(f: FoundEntry) -> bool:
-                return f.info is None or await cache.pool.run(_still_free, f.path, cache.root, cache.host_id,
-                                                              self.clock.seconds(), policy.link_ttl)
+                return f.info is None or await cache.pool.run(_still_free, f.path, cache.host_id,
+                                                              self.clock.seconds(), policy.link_ttl, generations)
 
             report.pruned = await cache.evict(policy.eviction.targets(found, now, protected), lock_files,
                                               quarantine=False, check=still_free)

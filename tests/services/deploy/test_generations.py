@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -278,6 +280,66 @@ async def test_the_reaper_keeps_the_entries_of_kept_generations(local: Local, re
     assert versions == ["2.0", "3.0"]
     done = await local.rollback(path)  # to generation 2: its entry is still cached
     assert [r.state for r in done.results] == ["cached"] and notes_in_place(tmp_path) == "notes 2.0\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reap_round_reads_the_generation_records_once(local: Local, repo: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The records are read for the survey and not again for each candidate's last check while their
+    folder is unchanged (and old enough to trust its mtime); the kept entry is still kept."""
+    from twisted.internet import reactor
+
+    from ion.services.cache import reaper as reaper_module
+    from ion.services.cache.reaper import GENERATIONS_DIR, CacheReaper, ReapPolicy
+
+    local.store.keep = 1
+    path = write(tmp_path, repo, "1.0", tool=False)
+    for v in ("1.0", "2.0", "3.0"):
+        write(tmp_path, repo, v, tool=False)
+        await local.deploy(path)
+    # Nothing links the entries any more: every version is a candidate the records must be checked for.
+    shutil.rmtree(tmp_path / "dest")
+    folder = local.cache.root / GENERATIONS_DIR
+    old = time.time() - 60
+    os.utime(folder, (old, old))
+    reads: list[Path] = []
+    real = reaper_module.kept_entries
+    monkeypatch.setattr(reaper_module, "kept_entries", lambda root: reads.append(root) or real(root))
+    report = await CacheReaper(local.cache, ReapPolicy(keep=0, min_idle=0.0), name="reaper", clock=reactor).run()
+    assert report.error is None
+    assert sorted(e.key.version for e in report.pruned.removed) == ["1.0", "2.0"]
+    assert report.kept == 1 and len(reads) == 1
+
+
+def test_kept_entries_are_read_again_when_the_generations_folder_changes(tmp_path: Path) -> None:
+    """KeptEntries answers from its last read while the folder is unchanged and old; a record renamed
+    into it is seen at once, and a folder modified within RACY_SECONDS is read every time."""
+    from ion.services.cache.reaper import GENERATIONS_DIR, KeptEntries
+
+    folder = tmp_path / GENERATIONS_DIR
+    folder.mkdir()
+
+    def record(name: str, entries: list[str]) -> None:
+        (folder / f".{name}.tmp").write_text(json.dumps({"entries": entries}))
+        os.rename(folder / f".{name}.tmp", folder / f"{name}.json")
+
+    def age(seconds: float) -> None:
+        then = time.time() - seconds
+        os.utime(folder, (then, then))
+
+    record("a", ["r/p/a/1.0"])
+    age(60)
+    kept = KeptEntries(tmp_path)
+    assert kept() == {tmp_path / "r/p/a/1.0"} and kept() == {tmp_path / "r/p/a/1.0"} and kept.reads == 1
+    record("b", ["r/p/b/2.0"])  # the folder's mtime is now: read again, and every time while it is recent
+    assert kept() == {tmp_path / "r/p/a/1.0", tmp_path / "r/p/b/2.0"} and kept.reads == 2
+    kept()
+    assert kept.reads == 3
+    age(KeptEntries.RACY_SECONDS + 1)
+    kept()
+    kept()
+    assert kept.reads == 4
+    assert KeptEntries(tmp_path / "missing")() == set()
 
 
 def test_an_unreadable_generation_record_protects_nothing_and_breaks_nothing(tmp_path: Path) -> None:

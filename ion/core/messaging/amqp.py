@@ -182,6 +182,20 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
             self.reading = False
             if self.after_read is not None:
                 self.after_read()
+            self._send_now()
+
+    def _send_now(self) -> None:
+        """Send what handling a read wrote (replies, the next requests, acks) at once, in one
+        ``send``, rather than on the reactor's next turn when it reports the socket writable:
+        a request-reply round trip saves a reactor turn on each side (bench/README.md,
+        "Where a sequential call's time goes"). Only when nothing older is still waiting to go (the
+        socket took all of it), so the bytes keep their order; anything the socket does not
+        take, or a failure, is left to the reactor exactly as before."""
+        transport = self.transport
+        if (transport is None or not getattr(transport, "_tempDataLen", 0) or not transport.connected
+                or transport.disconnecting or len(transport.dataBuffer) != transport.offset):
+            return
+        transport.doWrite()  # (writes what it can; the reactor still owns what is left, and errors)
 
     def _feed_in_runs(self, data: bytes, held: bytes) -> None:
         """Hand pika ``data`` (after the partial frame it ``held``) a run of whole frames of about

@@ -231,6 +231,51 @@ def test_reads_are_fed_to_pika_in_runs_of_whole_frames() -> None:
     assert sum(1 for n in impl.fed if n <= amqp.FEED_BYTES + 3100) > len(impl.fed) // 2
 
 
+@pytest_twisted.ensureDeferred
+async def test_what_a_read_wrote_is_sent_before_the_reactor_turns() -> None:
+    """After pika handled a read, what it wrote (replies, requests, acks) goes into the socket at
+    once, on a real TCP connection: nothing waits in the transport for the reactor's next turn. Not
+    while older bytes still wait (their order first), nor on a connection being closed."""
+    from twisted.internet.protocol import ClientFactory, Factory, Protocol
+
+    from ion.core.messaging import amqp
+
+    got: defer.Deferred[bytes] = defer.Deferred()
+
+    class Sink(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            if not got.called:
+                got.callback(data)
+
+    class Client(Protocol):
+        def connectionMade(self) -> None:
+            connected.callback(self.transport)
+
+    connected: defer.Deferred[Any] = defer.Deferred()
+    port = reactor.listenTCP(0, Factory.forProtocol(Sink), interface="127.0.0.1")
+    conn = amqp._Connection.__new__(amqp._Connection)
+    client = reactor.connectTCP("127.0.0.1", port.getHost().port, ClientFactory.forProtocol(Client))
+    try:
+        transport = await connected
+        conn.transport = transport
+        transport.write(b"frames of a reply")
+        conn._send_now()
+        assert transport._tempDataLen == 0 and transport.dataBuffer == b""  # in the socket already
+        assert await got == b"frames of a reply"
+        # Older bytes still waiting (the socket did not take them): left to the reactor, in order.
+        transport.dataBuffer, transport.offset = b"older", 0
+        transport.write(b"newer")
+        conn._send_now()
+        assert transport._tempDataLen == len(b"newer") and transport.dataBuffer == b"older"
+        transport.dataBuffer = b""
+        transport.loseConnection()
+        conn._send_now()  # closing: the reactor writes what is left, then closes
+        assert transport._tempDataLen == len(b"newer")
+    finally:
+        client.disconnect()
+        await port.stopListening()
+
+
 # -- connecting ---------------------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_wrong_password_is_one_clear_error(amqp_url: str, rabbitmq: Any) -> None:

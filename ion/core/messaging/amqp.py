@@ -166,12 +166,24 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
     #: Called after each such chunk: the transport sends the acknowledgements it gathered.
     after_read: Callable[[], None] | None = None
 
+    #: While pika handles a read: the frames it writes, sent together as the read ends (None: not reading).
+    _out: list[bytes] | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._impl.callbacks.add(0, pika.spec.Connection.Close, self._on_close_frame)
+        self._impl._adapter_emit_data = self._emit
+
+    def _emit(self, data: bytes) -> None:
+        """pika's output: gathered while a read is handled, else to the transport as pika's adapter does."""
+        if self._out is not None:
+            self._out.append(data)
+        else:
+            self._impl._transport.write(data)
 
     def dataReceived(self, data: bytes) -> None:
         self.reading = True
+        self._out = []
         try:
             held = getattr(self._impl, "_frame_buffer", None)
             if len(data) <= FEED_BYTES or held is None:
@@ -180,22 +192,33 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
                 self._feed_in_runs(data, held)
         finally:
             self.reading = False
-            if self.after_read is not None:
-                self.after_read()
-            self._send_now()
+            try:
+                if self.after_read is not None:
+                    self.after_read()
+            finally:
+                out, self._out = self._out, None
+                if out:
+                    self._send_now(b"".join(out))
 
-    def _send_now(self) -> None:
-        """Send what handling a read wrote (replies, the next requests, acks) at once, in one
-        ``send``, rather than on the reactor's next turn when it reports the socket writable:
-        a request-reply round trip saves a reactor turn on each side (bench/README.md,
-        "Where a sequential call's time goes"). Only when nothing older is still waiting to go (the
-        socket took all of it), so the bytes keep their order; anything the socket does not
-        take, or a failure, is left to the reactor exactly as before."""
+    def _send_now(self, data: bytes) -> None:
+        """Send what handling a read wrote (replies, the next requests, the acks gathered) in one
+        ``send``, as the read ends, rather than through the transport's buffer on the reactor's
+        next turn, once ``epoll`` reports the socket writable: a request-reply round trip saves a
+        reactor turn on each side (bench/README.md, "Where a sequential call's time goes"). Only
+        when nothing older waits in the transport, so the bytes keep their order; what the socket
+        does not take, and a failure, go through the transport's buffer as before (the reactor
+        sends the rest, or finds the connection lost)."""
         transport = self.transport
-        if (transport is None or not getattr(transport, "_tempDataLen", 0) or not transport.connected
-                or transport.disconnecting or len(transport.dataBuffer) != transport.offset):
+        if transport is None:
             return
-        transport.doWrite()  # (writes what it can; the reactor still owns what is left, and errors)
+        if (transport.connected and not transport.disconnecting and not transport._tempDataLen
+                and len(transport.dataBuffer) == transport.offset):
+            sent = transport.writeSomeData(data)
+            if isinstance(sent, int) and sent >= 0:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        transport.write(data)
 
     def _feed_in_runs(self, data: bytes, held: bytes) -> None:
         """Hand pika ``data`` (after the partial frame it ``held``) a run of whole frames of about

@@ -233,9 +233,10 @@ def test_reads_are_fed_to_pika_in_runs_of_whole_frames() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_what_a_read_wrote_is_sent_before_the_reactor_turns() -> None:
-    """After pika handled a read, what it wrote (replies, requests, acks) goes into the socket at
-    once, on a real TCP connection: nothing waits in the transport for the reactor's next turn. Not
-    while older bytes still wait (their order first), nor on a connection being closed."""
+    """What pika writes while it handles a read (replies, requests, acks) is gathered and goes into
+    the socket as the read ends, in one send, on a real TCP connection: nothing waits in the
+    transport for the reactor's next turn. Not while older bytes wait there (their order first),
+    nor on a connection being closed: those go through the transport's buffer as before."""
     from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
     from ion.core.messaging import amqp
@@ -251,26 +252,36 @@ async def test_what_a_read_wrote_is_sent_before_the_reactor_turns() -> None:
         def connectionMade(self) -> None:
             connected.callback(self.transport)
 
+    class Impl:
+        """pika's side: a read that writes two frames (a reply and an ack)."""
+
+        def data_received(self, data: bytes) -> None:
+            conn._impl._adapter_emit_data(b"frames of a reply")
+            conn._impl._adapter_emit_data(b" and an ack")
+
     connected: defer.Deferred[Any] = defer.Deferred()
     port = reactor.listenTCP(0, Factory.forProtocol(Sink), interface="127.0.0.1")
-    conn = amqp._Connection.__new__(amqp._Connection)
     client = reactor.connectTCP("127.0.0.1", port.getHost().port, ClientFactory.forProtocol(Client))
     try:
         transport = await connected
-        conn.transport = transport
-        transport.write(b"frames of a reply")
-        conn._send_now()
+        conn = amqp._Connection.__new__(amqp._Connection)
+        conn._impl = Impl()
+        conn._impl._adapter_emit_data = conn._emit
+        conn._impl._transport = conn.transport = transport
+        conn.dataReceived(b"a delivery")
         assert transport._tempDataLen == 0 and transport.dataBuffer == b""  # in the socket already
-        assert await got == b"frames of a reply"
-        # Older bytes still waiting (the socket did not take them): left to the reactor, in order.
+        assert transport not in reactor.getWriters()  # (the reactor was never asked to write)
+        assert await got == b"frames of a reply and an ack"
+        # Older bytes still waiting (the socket did not take them): behind them, in order.
         transport.dataBuffer, transport.offset = b"older", 0
-        transport.write(b"newer")
-        conn._send_now()
-        assert transport._tempDataLen == len(b"newer") and transport.dataBuffer == b"older"
-        transport.dataBuffer = b""
+        conn.dataReceived(b"another delivery")
+        assert transport._tempDataLen == len(b"frames of a reply and an ack") and transport.dataBuffer == b"older"
+        transport.dataBuffer, transport._tempDataBuffer, transport._tempDataLen = b"", [], 0
         transport.loseConnection()
-        conn._send_now()  # closing: the reactor writes what is left, then closes
-        assert transport._tempDataLen == len(b"newer")
+        conn.dataReceived(b"a last delivery")  # closing: the transport writes what is left, then closes
+        assert transport._tempDataLen == len(b"frames of a reply and an ack")
+        conn._emit(b"outside a read")  # (pika writing outside a read: through the transport, as pika does)
+        assert transport._tempDataLen == len(b"frames of a reply and an ack") + len(b"outside a read")
     finally:
         client.disconnect()
         await port.stopListening()

@@ -67,7 +67,7 @@ from typing import Any
 import pika
 from pika import exceptions as pika_exc
 from pika.adapters.twisted_connection import ClosableDeferredQueue, TwistedChannel, TwistedProtocolConnection
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
 from twisted.internet import error as tx_error
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
 from twisted.internet.interfaces import IReactorTime
@@ -207,12 +207,13 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
         reactor turn on each side (bench/README.md, "Where a sequential call's time goes"). Only
         when nothing older waits in the transport, so the bytes keep their order; what the socket
         does not take, and a failure, go through the transport's buffer as before (the reactor
-        sends the rest, or finds the connection lost)."""
+        sends the rest, or finds the connection lost). Over TLS (a transport that is no plain TCP
+        connection) the gathered bytes go through the transport in one write."""
         transport = self.transport
         if transport is None:
             return
-        if (transport.connected and not transport.disconnecting and not transport._tempDataLen
-                and len(transport.dataBuffer) == transport.offset):
+        if (isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting
+                and not transport._tempDataLen and len(transport.dataBuffer) == transport.offset):
             sent = transport.writeSomeData(data)
             if isinstance(sent, int) and sent >= 0:
                 if sent == len(data):

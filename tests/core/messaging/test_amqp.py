@@ -285,6 +285,12 @@ async def test_what_a_read_wrote_is_sent_before_the_reactor_turns() -> None:
     finally:
         client.disconnect()
         await port.stopListening()
+    # Over TLS (a transport that is no plain TCP connection): the gathered bytes, in one write.
+    from twisted.internet.testing import StringTransport
+
+    conn._impl._transport = conn.transport = tls = StringTransport()
+    conn.dataReceived(b"a delivery")
+    assert tls.value() == b"frames of a reply and an ack"
 
 
 # -- connecting ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from ion.core import trace
 from ion.core.config import Config
-from ion.core.exceptions import CONNECTION_LOST, ConfigurationError, IonError
+from ion.core.exceptions import CONNECTION_LOST, NOT_BOUND, ConfigurationError, IonError
 from ion.core.lifecycle import LifecycleObject, State, stop_in_reverse
 from ion.core.messaging import message as wire
 from ion.core.messaging.memory import MemoryBroker
@@ -209,8 +209,7 @@ class ExchangeManager:
         proc = self.container.proc_manager.get(conv_id.split("#", 1)[0])
         if proc is not None:
             proc.conversations.fail_matching(
-                conv_id, f"no process or service is bound to {routing_key!r} in system "
-                         f"{self.container.sysname}", code=404)
+                conv_id, f"{NOT_BOUND} {routing_key!r} in system {self.container.sysname}", code=404)
 
     def _refused(self, exchange: str, routing_key: str, properties: Properties, error: Exception) -> None:
         # A message sent without a confirm on a channel the broker then closed with an error (a

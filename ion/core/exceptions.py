@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Final, Self
 
 __all__ = [
     "CONNECTION_LOST",
+    "NOT_BOUND",
     "NOT_SENT",
     "IonError",
     "IllegalStateError",
@@ -213,6 +214,8 @@ class ConversationTimeout(ReceivedError):
 #: call was in flight (its request may have run), or not sent because the connection was down.
 CONNECTION_LOST: Final = "connection to the broker lost"
 NOT_SENT: Final = "could not send"
+#: How the 404 :class:`ConversationError` of a request no queue took (nobody bound to its receiver) begins.
+NOT_BOUND: Final = "no process or service is bound to"
 
 
 class ConversationError(ReceivedError):

@@ -102,6 +102,7 @@ from ion.core.control import JOB_SEP as CONTROL_JOB_SEP
 from ion.core.control import SystemControl, connection_settled, has_consumer
 from ion.core.exceptions import (
     CONNECTION_LOST,
+    NOT_BOUND,
     NOT_SENT,
     ApplicationError,
     ConfigurationError,
@@ -148,6 +149,8 @@ JOB_SEP = CONTROL_JOB_SEP
 FETCH_RECONNECT_RETRIES = 3
 #: Seconds between two looks at the connection while waiting for it to come back.
 RECONNECT_POLL = 0.1
+#: Seconds between two tries of a fetch no Fetch service queue took, just after a reconnection.
+NOT_BOUND_RETRY = 0.5
 
 
 def cut_off(exc: BaseException) -> bool:
@@ -158,6 +161,12 @@ def cut_off(exc: BaseException) -> bool:
         return False
     message = str(exc.content.get("message") or "")
     return message.startswith((CONNECTION_LOST, NOT_SENT))
+
+
+def not_bound(exc: BaseException) -> bool:
+    """Whether a call failed because no queue took its request (404: nobody bound to its receiver)."""
+    return (isinstance(exc, ConversationError) and exc.response_code == 404 and isinstance(exc.content, Mapping)
+            and str(exc.content.get("message") or "").startswith(NOT_BOUND))
 
 
 class DeployService(ServiceProcess):
@@ -496,12 +505,18 @@ class DeployService(ServiceProcess):
                     # Cut off by the loss of the connection (a cluster node died, the broker restarted):
                     # asked again once reconnected. A fetch is idempotent (the cache has it, or its lock
                     # is waited for while the first request's download finishes).
-                    if not cut_off(exc) or retries >= FETCH_RECONNECT_RETRIES:
+                    if cut_off(exc) and retries < FETCH_RECONNECT_RETRIES:
+                        retries += 1
+                        self._log.info("{pid}: fetch of {item} cut off ({e}); asking again once reconnected",
+                                       pid=self.id, item=item.label, e=exc)
+                        await self._reconnected(timeout)
+                    elif not_bound(exc) and self._restoring_peers():
+                        # Just after a reconnection (a broker restart drops every queue; each container
+                        # declares its own again after its own backoff) the Fetch service may not be
+                        # back yet: asked again until our connection has settled, then a 404 is final.
+                        await task.deferLater(self.clock, NOT_BOUND_RETRY, lambda: None)
+                    else:
                         raise
-                    retries += 1
-                    self._log.info("{pid}: fetch of {item} cut off ({e}); asking again once reconnected",
-                                   pid=self.id, item=item.label, e=exc)
-                    await self._reconnected(timeout)
             return {"state": content["state"], "path": content["path"],
                     "names": content.get("content") or content.get("names") or [],
                     # The entry's content digest: a copy is redone only when the content changed.
@@ -512,6 +527,12 @@ class DeployService(ServiceProcess):
 
         return Deployer(run_fetch, self.container.blocking, max_parallel=self.settings.max_parallel,
                         cache_root=self._cache_root())
+
+    def _restoring_peers(self) -> bool:
+        """Whether this container reconnected to the broker so lately that other containers may still
+        be declaring their queues again (see :func:`ion.core.control.connection_settled`)."""
+        manager = self.container.exchange_manager
+        return bool(getattr(manager, "reconnects", 0)) and not connection_settled(self.container)
 
     async def _reconnected(self, timeout: float) -> None:
         """Wait (polling on the clock) until the container's connection to the broker is up again;

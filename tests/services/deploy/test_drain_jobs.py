@@ -591,6 +591,53 @@ async def test_a_fetch_cut_off_by_a_lost_connection_is_asked_again_once_reconnec
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_fetch_nobody_takes_just_after_a_reconnect_is_asked_again_until_settled(
+        container_factory: Any, make_repo: Any, tmp_path: Path) -> None:
+    """After a broker restart every container declares its queues again after its own backoff: a
+    fetch the Deploy service sends before the Fetch service is back finds no queue (404). Until the
+    Deploy service's own connection has settled it asks again (the item deploys once the Fetch service
+    is back); once settled, a 404 fails the item at once, naming the missing service."""
+    from ion.services.fetch.service import FetchService
+
+    url, _ = make_repo("file")
+    container, client = await _deploy_container(container_factory, tmp_path)
+    service = deploy_service(container)
+    fetchers = [p for p in container.proc_manager.processes.values() if isinstance(p, FetchService)]
+    assert len(fetchers) == 1
+    queue = fetchers[0].service_queue
+    await container.proc_manager.terminate_process(fetchers[0].id)
+    await container.transport.delete_queue(queue)  # (as a broker restart drops it)
+    manager = container.exchange_manager
+    manager._connection_changed("lost", "the broker restarted")
+    manager._connection_changed("restored", None)  # just now: peers may still be restoring
+    retried: defer.Deferred[None] = defer.Deferred()
+    restoring = service._restoring_peers
+
+    def noted() -> bool:  # the service's look at its connection after a 404, noted as it is taken
+        if not retried.called:
+            retried.callback(None)
+        return restoring()
+
+    service._restoring_peers = noted
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:1]))
+    deploying = defer.ensureDeferred(client.deploy(spec))
+    await within(retried)  # the first fetch found no queue, and the service will ask again
+    assert not deploying.called
+    await container.spawn(FetchService)  # the Fetch service is back (its queue declared again)
+    result = await within(deploying)
+    assert [r["state"] for r in result["items"]] == ["downloaded"], result
+    # Settled (long after the reconnection): a fetch nobody takes fails its item at once.
+    others = [p for p in container.proc_manager.processes.values() if isinstance(p, FetchService)]
+    await container.proc_manager.terminate_process(others[0].id)
+    await container.transport.delete_queue(queue)
+    manager.connected_since = container.clock.seconds() - 3600
+    spec = load_deployment(write_deployment(tmp_path / "d2.json", url, three_items(tmp_path / "dest" / "2")[:1]))
+    result = await within(client.deploy(spec))
+    [failed] = result["items"]
+    assert failed["state"] == "failed" and f"no process or service is bound to '{queue}'" in failed["reason"], failed
+
+
+@pytest_twisted.ensureDeferred
 async def test_no_owner_counts_as_gone_until_our_own_connection_has_settled(container_factory: Any,
                                                                            tmp_path: Path) -> None:
     """After a broker restart every container reconnects, each after its own backoff: the first one

@@ -205,6 +205,12 @@ class Receiver(LifecycleObject):
         self.bindings = list(bindings) if bindings is not None else [name]
         self.handler = handler
         self.shared = shared
+        #: Answers to the requests of this queue ask for a publisher confirm, and a request is
+        #: acknowledged only once its answer is confirmed: set for a quorum service queue (a
+        #: cluster), where an instance whose node dies between its answer and the broker taking it
+        #: must leave the request unacknowledged, so that another instance runs it again (redelivered)
+        #: rather than the caller waiting for its timeout.
+        self.confirm_replies = False
         self.prefetch = prefetch if prefetch is not None else process.receiver_prefetch()
         self.max_concurrent = max_concurrent
         self.queue_arguments = queue_arguments
@@ -231,6 +237,7 @@ class Receiver(LifecycleObject):
     def on_initialize(self) -> Any:
         exchange = self.exchange or self.process.container.exchange_name
         if self.shared:
+            self.confirm_replies = self.process.container.service_queue_type == "quorum"
             durable, arguments = self.process.container.shared_queue_options(self.queue_arguments)
             yield self.transport.declare_queue(self.name, durable=durable, arguments=arguments)
         else:
@@ -403,7 +410,7 @@ class Receiver(LifecycleObject):
             self._log.failure("{pid}: handler raised on {op!r}", pid=proc.id, op=msg.get("op"))
             result = None
         # (None first: an isinstance check of Deferred, an ABC, costs more than the rest of this.)
-        if result is not None and isinstance(result, defer.Deferred) and not result.called:
+        if result is not None and isinstance(result, defer.Deferred) and (not result.called or result.paused):
             result.addBoth(self._handled, delivery)
         else:
             if result is not None and isinstance(result, defer.Deferred):
@@ -870,6 +877,8 @@ class Process(LifecycleObject):
         span = None
         if protocol in _REQUEST_PROTOCOLS:
             responder = self.conversations.responding[msg["conv-id"]] = ResponderConversation(msg)
+            if receiver is not None and receiver.confirm_replies:
+                responder.confirm = True
             if trace.state.tracer is not None:
                 span = responder.span = trace.start_server_span(getattr(self.container, "messaging_system", "ion"), msg)
         method = getattr(self, "op_" + op, None) if op.isidentifier() else None
@@ -911,7 +920,7 @@ class Process(LifecycleObject):
                 # The common case, a synchronous op: answer now, without a Deferred (and
                 # without isinstance checks of ABCs); as _op_answer, inline.
                 try:
-                    self._op_done(result, msg)
+                    return self._op_done(result, msg)  # (None: the receiver may ack at once)
                 except Exception:
                     self._log.failure("{pid}: answering {op!r} failed", pid=self.id, op=op)
                 return None
@@ -919,8 +928,7 @@ class Process(LifecycleObject):
                 if inspect.iscoroutine(result):
                     result = defer.Deferred.fromCoroutine(result)
                 else:
-                    self._op_answer(result, msg)
-                    return None
+                    return self._op_answer(result, msg)
         finally:
             if span_token is not None:
                 current_span.reset(span_token)
@@ -929,24 +937,29 @@ class Process(LifecycleObject):
         d = result if isinstance(result, defer.Deferred) else defer.fail(result)
         d.addCallbacks(self._op_done, self._op_failed, callbackArgs=(msg,), errbackArgs=(msg,))
         d.addErrback(lambda f: self._log.failure("{pid}: answering {op!r} failed", f, pid=self.id, op=op))
-        # A synchronous op has been answered already: the receiver may ack at once.
-        return None if d.called else d
+        # A synchronous op has been answered already: the receiver may ack at once (unless the answer
+        # waits for its confirm: paused on it, see _op_done).
+        return None if d.called and not d.paused else d
 
-    def _op_answer(self, result: Any, msg: dict[str, Any]) -> None:
+    def _op_answer(self, result: Any, msg: dict[str, Any]) -> defer.Deferred[None] | None:
         try:
-            self._op_done(result, msg)
+            return self._op_done(result, msg)
         except Exception:
             self._log.failure("{pid}: answering {op!r} failed", pid=self.id, op=msg["op"])
+            return None
 
     def _answered(self, msg: dict[str, Any]) -> bool:
         conv = self.conversations.responding.get(msg["conv-id"])
         return conv is None or conv.state not in ("RECEIVED", "AGREED")
 
-    def _op_done(self, result: Any, msg: dict[str, Any]) -> None:
+    def _op_done(self, result: Any, msg: dict[str, Any]) -> defer.Deferred[None] | None:
+        """Answer the request of an op that ended with ``result``; a Deferred when the request must
+        be acknowledged only once the answer is confirmed (``ResponderConversation.confirm``)."""
         responding = self.conversations.responding
         conv = responding.get(msg["conv-id"])
         if conv is not None and self._metrics is not None:
             self._observe_served(msg)
+        d = None
         if conv is not None and conv.state in ("RECEIVED", "AGREED") and msg["protocol"] in _REQUEST_PROTOCOLS:
             # (reply_ok, less the Deferred when the broker took the answer at once)
             d = self._reply(msg, "result", result, None, Performative.INFORM_RESULT, "OK", 200)
@@ -960,8 +973,11 @@ class Process(LifecycleObject):
             if recent is not None:
                 recent.append((conv.conv_id, msg.get("traceparent"), "responder", self.id, msg["sender"], msg["op"],
                                conv.protocol, conv.state, conv.started))
+            if conv.confirm and d is not None and not d.called:
+                return d
+        return None
 
-    def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
+    def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> defer.Deferred[None] | None:
         self._observe_served(msg)
         exc = failure.value
         content: dict[str, Any] | None = None
@@ -986,14 +1002,19 @@ class Process(LifecycleObject):
             else:
                 self._log.failure("{pid}: op {op!r} from {sender} failed", failure, pid=self.id,
                                   op=msg["op"], sender=msg["sender"])
+        sent = None
+        conv = self.conversations.responding.get(msg["conv-id"])
         if msg["protocol"] != Protocol.NONE and not self._answered(msg):
             try:
                 if content is None:
                     content = {"error": type(exc).__name__, "message": str(exc) or f"{msg['op']} was cancelled"}
-                self._unless_sent(self.reply_err(msg, content, response_code=code), msg)
+                sent = self.reply_err(msg, content, response_code=code)
+                self._unless_sent(sent, msg)
             except Exception:
                 self._log.failure("{pid}: could not send the error reply", pid=self.id)
         self._responded(msg, code, type(exc).__name__ if code >= 500 else None)
+        # (as _op_done: acknowledged once the answer is confirmed, for a quorum service queue)
+        return sent if conv is not None and conv.confirm and sent is not None and not sent.called else None
 
     def _responded(self, msg: Mapping[str, Any], code: int, error: str | None = None) -> None:
         """The op of a request has ended: forget its responder conversation (remembered among the
@@ -1223,8 +1244,12 @@ class Process(LifecycleObject):
             protocol=msg["protocol"], performative=performative, status=status,
             response_code=response_code, user_id=self._delegated_user(), extra=headers,
             traceparent=None if conv is None or conv.span is None else trace.span_traceparent(conv.span), trace_from=msg)
+        # Requests' answers go without a confirm (the caller's reply or timeout is the confirmation),
+        # except from a quorum service queue (see Receiver.confirm_replies).
+        confirm = True if conv is not None and conv.confirm else (
+            False if msg.get("protocol") in _REQUEST_PROTOCOLS else None)
         try:
-            return self._publish_now(reply, False, False if msg.get("protocol") in _REQUEST_PROTOCOLS else None)
+            return self._publish_now(reply, False, confirm)
         except MessageError as exc:
             if performative == Performative.FAILURE:
                 if isinstance(content, Mapping) and content.get("cut"):

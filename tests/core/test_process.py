@@ -558,6 +558,49 @@ def test_receiver_handles_one_message_at_a_time_from_its_prefetch_window(system:
     assert (shared.inflight, len(shared.buffered), len(consumer.unacked)) == (0, 0, 0)
 
 
+def test_a_quorum_service_queues_request_is_acknowledged_once_its_answer_is_confirmed(system: ClockedSystem) -> None:
+    """From a quorum service queue (a cluster), an answer asks for a publisher confirm and the request
+    is acknowledged only once the broker confirmed it: an instance whose node dies in between leaves
+    the request unacknowledged, for another instance to run again (redelivered), rather than its
+    caller waiting for its timeout. Error answers too, slow ops too; the instance's own queue and a
+    classic service queue ask for no confirm."""
+    from twisted.internet import defer
+
+    svc = _echo(system)
+    client = system.spawn(Process)
+    shared = next(r for r in svc.receivers if r.shared)
+    assert not shared.confirm_replies  # (the embedded broker's queues are classic)
+    shared.confirm_replies = True  # what on_initialize sets for a quorum service queue
+    transport = svc.container.transport
+    confirms: list[defer.Deferred[None]] = []
+    publish_now = transport.publish_now
+
+    def confirmed_later(exchange: str, routing_key: str, body: bytes, properties: Any, *, mandatory: bool = False,
+                        confirm: bool | None = None) -> Any:
+        publish_now(exchange, routing_key, body, properties, mandatory=mandatory)  # delivered at once
+        if not confirm:
+            return None
+        confirms.append(defer.Deferred())  # the broker's confirm, given when the test says
+        return confirms[-1]
+
+    transport.publish_now = confirmed_later
+    consumer = system.broker.queues[shared.name].consumers[0]
+    for op, content, timed in (("echo", "hi", 0), ("boom", None, 0), ("slow", 5, 5)):
+        d = client.rpc_send("echo", op, content, timeout=60)
+        system.pump()
+        system.advance(timed)
+        assert d.called, op  # the caller has its answer (a result or the error) ...
+        d.addErrback(lambda f: None)
+        assert (len(confirms), len(consumer.unacked), shared.inflight) == (1, 1, 1), op  # ... the request waits
+        confirms.pop().callback(None)
+        system.pump()
+        assert (len(consumer.unacked), shared.inflight) == (0, 0), op
+    # A request to the instance itself (its own queue) asks for no confirm.
+    d = client.rpc_send(svc.id, "echo", "direct")
+    system.pump()
+    assert success_of(d)[0] == "direct" and not confirms
+
+
 def test_own_queue_is_consumed_without_acks_and_keeps_its_fifo_while_deactivated(system: ClockedSystem) -> None:
     """A process's own queue is consumed with auto_ack: nothing waits for an ack at the broker, the
     FIFO still hands messages over one at a time, and a deactivated receiver keeps its FIFO for

@@ -274,7 +274,7 @@ class Conversation:
 class ResponderConversation:
     """The responder's side: which answers it has given (agree, then a result)."""
 
-    __slots__ = ("conv_id", "protocol", "state", "request", "seq", "started", "span", "confirm")
+    __slots__ = ("conv_id", "protocol", "state", "request", "seq", "started", "span", "delivery")
 
     def __init__(self, request: dict[str, Any]) -> None:
         #: When it arrived (``perf_counter``: the op's latency, ``ion_rpc_server_seconds``).
@@ -287,9 +287,10 @@ class ResponderConversation:
         self.seq: int = seq if isinstance(seq, int) else 1
         #: Its OpenTelemetry SERVER span, while an SDK records spans (:mod:`ion.core.trace`).
         self.span: Any = None
-        #: Its answers ask for a publisher confirm, and the request is acknowledged only once the
-        #: result's is in (a request from a quorum service queue: see ``Receiver.confirm_replies``).
-        self.confirm = False
+        #: The delivery of a request from a quorum service queue (``Receiver.confirm_replies``): its
+        #: answers ask for a publisher confirm, and the delivery is acknowledged only once the result's
+        #: is in (``Delivery.ack_after``). None: answers go without a confirm.
+        self.delivery: Any = None
 
     def next_seq(self) -> int:
         """The conv-seq of our next answer (an agree is 2, the result after it 3)."""

@@ -211,6 +211,8 @@ class Receiver(LifecycleObject):
         #: must leave the request unacknowledged, so that another instance runs it again (redelivered)
         #: rather than the caller waiting for its timeout.
         self.confirm_replies = False
+        #: The delivery whose message the handler is being called with now (read by the process's dispatch).
+        self.delivery_now: Delivery | None = None
         self.prefetch = prefetch if prefetch is not None else process.receiver_prefetch()
         self.max_concurrent = max_concurrent
         self.queue_arguments = queue_arguments
@@ -404,13 +406,16 @@ class Receiver(LifecycleObject):
             return
         self.inflight += 1
         self._in_hand.append(delivery)
+        self.delivery_now = delivery
         try:
             result = self.handler(msg, self)
         except Exception:
             self._log.failure("{pid}: handler raised on {op!r}", pid=proc.id, op=msg.get("op"))
             result = None
+        finally:
+            self.delivery_now = None
         # (None first: an isinstance check of Deferred, an ABC, costs more than the rest of this.)
-        if result is not None and isinstance(result, defer.Deferred) and (not result.called or result.paused):
+        if result is not None and isinstance(result, defer.Deferred) and not result.called:
             result.addBoth(self._handled, delivery)
         else:
             if result is not None and isinstance(result, defer.Deferred):
@@ -437,6 +442,13 @@ class Receiver(LifecycleObject):
 
     def _settle(self, delivery: Delivery) -> None:
         if delivery.settled:
+            return
+        after = delivery.ack_after
+        if after is not None and not after.called:
+            # Acknowledged once its answer is confirmed (a quorum service queue, see confirm_replies);
+            # the receiver goes on with the next message meanwhile.
+            delivery.ack_after = None
+            after.addBoth(lambda _: self._settle(delivery))
             return
         try:
             delivery.ack()
@@ -878,7 +890,7 @@ class Process(LifecycleObject):
         if protocol in _REQUEST_PROTOCOLS:
             responder = self.conversations.responding[msg["conv-id"]] = ResponderConversation(msg)
             if receiver is not None and receiver.confirm_replies:
-                responder.confirm = True
+                responder.delivery = receiver.delivery_now
             if trace.state.tracer is not None:
                 span = responder.span = trace.start_server_span(getattr(self.container, "messaging_system", "ion"), msg)
         method = getattr(self, "op_" + op, None) if op.isidentifier() else None
@@ -920,7 +932,7 @@ class Process(LifecycleObject):
                 # The common case, a synchronous op: answer now, without a Deferred (and
                 # without isinstance checks of ABCs); as _op_answer, inline.
                 try:
-                    return self._op_done(result, msg)  # (None: the receiver may ack at once)
+                    self._op_done(result, msg)
                 except Exception:
                     self._log.failure("{pid}: answering {op!r} failed", pid=self.id, op=op)
                 return None
@@ -928,7 +940,8 @@ class Process(LifecycleObject):
                 if inspect.iscoroutine(result):
                     result = defer.Deferred.fromCoroutine(result)
                 else:
-                    return self._op_answer(result, msg)
+                    self._op_answer(result, msg)
+                    return None
         finally:
             if span_token is not None:
                 current_span.reset(span_token)
@@ -937,24 +950,22 @@ class Process(LifecycleObject):
         d = result if isinstance(result, defer.Deferred) else defer.fail(result)
         d.addCallbacks(self._op_done, self._op_failed, callbackArgs=(msg,), errbackArgs=(msg,))
         d.addErrback(lambda f: self._log.failure("{pid}: answering {op!r} failed", f, pid=self.id, op=op))
-        # A synchronous op has been answered already: the receiver may ack at once (unless the answer
-        # waits for its confirm: paused on it, see _op_done).
-        return None if d.called and not d.paused else d
+        # A synchronous op has been answered already: the receiver may ack at once.
+        return None if d.called else d
 
-    def _op_answer(self, result: Any, msg: dict[str, Any]) -> defer.Deferred[None] | None:
+    def _op_answer(self, result: Any, msg: dict[str, Any]) -> None:
         try:
-            return self._op_done(result, msg)
+            self._op_done(result, msg)
         except Exception:
             self._log.failure("{pid}: answering {op!r} failed", pid=self.id, op=msg["op"])
-            return None
 
     def _answered(self, msg: dict[str, Any]) -> bool:
         conv = self.conversations.responding.get(msg["conv-id"])
         return conv is None or conv.state not in ("RECEIVED", "AGREED")
 
-    def _op_done(self, result: Any, msg: dict[str, Any]) -> defer.Deferred[None] | None:
-        """Answer the request of an op that ended with ``result``; a Deferred when the request must
-        be acknowledged only once the answer is confirmed (``ResponderConversation.confirm``)."""
+    def _op_done(self, result: Any, msg: dict[str, Any]) -> None:
+        """Answer the request of an op that ended with ``result`` (for a request of a quorum service
+        queue, its acknowledgement then waits for the answer's confirm: ``Delivery.ack_after``)."""
         responding = self.conversations.responding
         conv = responding.get(msg["conv-id"])
         if conv is not None and self._metrics is not None:
@@ -973,11 +984,10 @@ class Process(LifecycleObject):
             if recent is not None:
                 recent.append((conv.conv_id, msg.get("traceparent"), "responder", self.id, msg["sender"], msg["op"],
                                conv.protocol, conv.state, conv.started))
-            if conv.confirm and d is not None and not d.called:
-                return d
-        return None
+            if conv.delivery is not None and d is not None and not d.called:
+                conv.delivery.ack_after = d
 
-    def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> defer.Deferred[None] | None:
+    def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
         self._observe_served(msg)
         exc = failure.value
         content: dict[str, Any] | None = None
@@ -1013,8 +1023,8 @@ class Process(LifecycleObject):
             except Exception:
                 self._log.failure("{pid}: could not send the error reply", pid=self.id)
         self._responded(msg, code, type(exc).__name__ if code >= 500 else None)
-        # (as _op_done: acknowledged once the answer is confirmed, for a quorum service queue)
-        return sent if conv is not None and conv.confirm and sent is not None and not sent.called else None
+        if conv is not None and conv.delivery is not None and sent is not None and not sent.called:
+            conv.delivery.ack_after = sent  # (as in _op_done)
 
     def _responded(self, msg: Mapping[str, Any], code: int, error: str | None = None) -> None:
         """The op of a request has ended: forget its responder conversation (remembered among the
@@ -1246,7 +1256,7 @@ class Process(LifecycleObject):
             traceparent=None if conv is None or conv.span is None else trace.span_traceparent(conv.span), trace_from=msg)
         # Requests' answers go without a confirm (the caller's reply or timeout is the confirmation),
         # except from a quorum service queue (see Receiver.confirm_replies).
-        confirm = True if conv is not None and conv.confirm else (
+        confirm = True if conv is not None and conv.delivery is not None else (
             False if msg.get("protocol") in _REQUEST_PROTOCOLS else None)
         try:
             return self._publish_now(reply, False, confirm)

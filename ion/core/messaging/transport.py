@@ -59,7 +59,7 @@ class Delivery:
     """One message handed to a consumer; ack or reject it exactly once."""
 
     __slots__ = ("body", "properties", "exchange", "routing_key", "redelivered", "_settle", "settled",
-                 "received_at")
+                 "received_at", "ack_after")
 
     def __init__(
         self,
@@ -82,6 +82,9 @@ class Delivery:
         #: When (the consumer's clock) it arrived, if its consumer had to keep it waiting; with
         #: ``properties.expiration`` it bounds how long its publisher may still wait for it.
         self.received_at: float | None = None
+        #: What its acknowledgement waits for, if anything: the publisher confirm of its answer (a
+        #: request of a quorum service queue, see ``ion.core.process.Receiver.confirm_replies``).
+        self.ack_after: Any = None
 
     def ack(self) -> None:
         """Tell the broker the message is handled; frees one prefetch slot."""

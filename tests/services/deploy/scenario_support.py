@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -22,6 +23,8 @@ from twisted.web import resource, server
 
 from ion.testing.servers import HTTPRepositoryServer, MotoServer, _FaultyRoot, tgz, write_tree, zipped
 
+#: The repository root (``ion`` importable from it).
+REPO_ROOT = Path(__file__).resolve().parents[3]
 #: Seconds any single wait of these tests may take before the test fails (no test sleeps).
 WAIT = 30.0
 
@@ -54,6 +57,17 @@ def run_main(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = main(list(argv), stdout=out, stderr=err)
     return code, out.getvalue(), err.getvalue()
+
+
+def ion_deploy_process(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``ion-deploy ARGS --cache-dir tmp_path/cache`` in a subprocess, in ``tmp_path`` (the repository's
+    ``ion`` importable; ``ION_CACHE_DIR`` left out of its environment, ``env`` added to it)."""
+    environ = {k: v for k, v in os.environ.items() if k != "ION_CACHE_DIR"}
+    environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), environ.get("PYTHONPATH", "")])
+    environ.update(env)
+    return subprocess.run([sys.executable, "-m", "ion.services.deploy.cli", *args,
+                           "--cache-dir", str(tmp_path / "cache")],
+                          cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=120)
 
 
 def write_deployment(path: Path, url: str, items: list[dict[str, Any]]) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 import pytest_twisted
 
 from ion.services.deploy.cli import parse_duration
-from tests.services.deploy.scenario_support import run_main
+from tests.services.deploy.scenario_support import ion_deploy_process, run_main
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE_REPO = ROOT / "examples" / "repo"
@@ -37,15 +36,6 @@ def write_deployment(tmp_path: Path, items: list[dict[str, Any]], name: str = "d
     path = tmp_path / name
     path.write_text(json.dumps([{"url": "file:repo", "items": items}], indent=1))
     return path
-
-
-def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``ion-deploy ARGS`` in a subprocess, in ``tmp_path``, with the cache in ``tmp_path/cache``."""
-    env = {k: v for k, v in os.environ.items() if k != "ION_CACHE_DIR"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "ion.services.deploy.cli", *args,
-                           "--cache-dir", str(tmp_path / "cache")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
 def entries(tmp_path: Path, name: str) -> list[str]:
@@ -100,7 +90,7 @@ def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
 # -- end to end ------------------------------------------------------------------------------------------
 def test_cold_then_warm_deploy(tmp_path: Path, sample: Path) -> None:
     """A cold run downloads and places everything; a warm one reports every item already deployed."""
-    cold = run(tmp_path, str(sample))
+    cold = ion_deploy_process(tmp_path, str(sample))
     assert cold.returncode == 0, cold.stderr
     assert (tmp_path / "deployed/tools").is_dir()
     motd = tmp_path / "deployed/etc/motd.txt"
@@ -110,7 +100,7 @@ def test_cold_then_warm_deploy(tmp_path: Path, sample: Path) -> None:
     assert cold.stdout.count("downloaded") >= 3 and "All 3 items deployed" in cold.stdout
     assert "Traceback" not in cold.stderr
 
-    warm = run(tmp_path, str(sample))
+    warm = ion_deploy_process(tmp_path, str(sample))
     assert warm.returncode == 0, warm.stderr
     rows = [line for line in warm.stdout.splitlines() if line.startswith("noarch/")]
     assert len(rows) == 3 and all("cached" in r and "Already deployed" in r for r in rows)
@@ -119,13 +109,13 @@ def test_cold_then_warm_deploy(tmp_path: Path, sample: Path) -> None:
 
 def test_json_output(tmp_path: Path, sample: Path) -> None:
     """--json prints only a JSON document on stdout, with each item's state."""
-    result = run(tmp_path, str(sample), "--json")
+    result = ion_deploy_process(tmp_path, str(sample), "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["ok"] is True and data["cache"] == str(tmp_path / "cache")
     assert [(i["name"], i["state"]) for i in data["items"]] == [
         ("hello-tools", "downloaded"), ("greetings", "downloaded"), ("motd", "downloaded")]
-    again = json.loads(run(tmp_path, str(sample), "--json").stdout)
+    again = json.loads(ion_deploy_process(tmp_path, str(sample), "--json").stdout)
     assert all(i["state"] == "cached" and i["already"] for i in again["items"])
 
 
@@ -134,15 +124,15 @@ def test_missing_version_fails_that_item_only_with_partial(tmp_path: Path) -> No
     others are deployed, without it (all or nothing) they are switched back: rolled back, counted so."""
     items = [dict(SAMPLE[0]), dict(SAMPLE[1], version="9.9"), dict(SAMPLE[2])]
     path = write_deployment(tmp_path, items)
-    whole = run(tmp_path, str(path), "--json")
+    whole = ion_deploy_process(tmp_path, str(path), "--json")
     assert whole.returncode == 1
     states = {i["name"]: i for i in json.loads(whole.stdout)["items"]}
     assert states["hello-tools"]["state"] == "rolled back" and states["motd"]["state"] == "rolled back"
     assert "greetings" in states["motd"]["reason"]
     assert not (tmp_path / "deployed/etc/motd.txt").exists()  # nothing was there before: nothing is
-    plain = run(tmp_path, str(path))
+    plain = ion_deploy_process(tmp_path, str(path))
     assert plain.returncode == 1 and "0 of 3 items deployed; 1 failed; 2 rolled back" in plain.stdout
-    result = run(tmp_path, str(path), "--json", "--partial")
+    result = ion_deploy_process(tmp_path, str(path), "--json", "--partial")
     assert result.returncode == 1
     data = json.loads(result.stdout)
     states = {i["name"]: i for i in data["items"]}
@@ -150,14 +140,14 @@ def test_missing_version_fails_that_item_only_with_partial(tmp_path: Path) -> No
     assert states["greetings"]["state"] == "failed"
     assert str(tmp_path / "repo/noarch/greetings/9.9") in states["greetings"]["reason"]
     assert (tmp_path / "deployed/etc/motd.txt").exists()
-    plain = run(tmp_path, str(path), "--partial")
+    plain = ion_deploy_process(tmp_path, str(path), "--partial")
     assert plain.returncode == 1 and "2 of 3 items deployed; 1 failed" in plain.stdout
 
 
 def test_clear_first(tmp_path: Path, sample: Path) -> None:
     """-c empties the cache before deploying, so everything is downloaded again."""
-    assert run(tmp_path, str(sample)).returncode == 0
-    result = run(tmp_path, str(sample), "-c", "--json")
+    assert ion_deploy_process(tmp_path, str(sample)).returncode == 0
+    result = ion_deploy_process(tmp_path, str(sample), "-c", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert len(data["clear"]["removed"]) == 3
@@ -166,8 +156,8 @@ def test_clear_first(tmp_path: Path, sample: Path) -> None:
 
 def test_verify_then_repair(tmp_path: Path, sample: Path) -> None:
     """--verify reports good entries, then a flipped byte as bad (exit 1); -r repairs and the deploy refetches."""
-    assert run(tmp_path, str(sample)).returncode == 0
-    good = run(tmp_path, "--verify")
+    assert ion_deploy_process(tmp_path, str(sample)).returncode == 0
+    good = ion_deploy_process(tmp_path, "--verify")
     assert good.returncode == 0, good.stderr
     assert "verify: 3 entries, 3 good, 0 bad" in good.stdout
 
@@ -176,17 +166,17 @@ def test_verify_then_repair(tmp_path: Path, sample: Path) -> None:
     data[0] ^= 0x01
     os.chmod(cached, 0o644)
     cached.write_bytes(bytes(data))
-    bad = run(tmp_path, "--verify")
+    bad = ion_deploy_process(tmp_path, "--verify")
     assert bad.returncode == 1
     assert "noarch/motd/1.0: bad" in bad.stdout and "1 bad" in bad.stdout
 
-    repaired = run(tmp_path, str(sample), "-r", "--json")
+    repaired = ion_deploy_process(tmp_path, str(sample), "-r", "--json")
     assert repaired.returncode == 0, repaired.stderr
     result = json.loads(repaired.stdout)
     assert [r["action"] for r in result["repair"] if r["status"] == "bad"] == ["quarantined"]
     states = {i["name"]: i["state"] for i in result["items"]}
     assert states == {"hello-tools": "cached", "greetings": "cached", "motd": "downloaded"}
-    assert run(tmp_path, "--verify").returncode == 0
+    assert ion_deploy_process(tmp_path, "--verify").returncode == 0
 
 
 def rot(path: Path) -> None:
@@ -204,19 +194,19 @@ def test_verify_used_heals_a_bad_entry_before_placing_it(tmp_path: Path, sample:
     """Without --verify-used a rotten entry passes the size and mtime checks and is served as today; with
     it, the entries the deployment uses are re-hashed, the bad one quarantined and fetched again, and the
     good bytes deployed (the others stay cached)."""
-    assert run(tmp_path, str(sample)).returncode == 0
+    assert ion_deploy_process(tmp_path, str(sample)).returncode == 0
     good = (tmp_path / "repo/noarch/motd/1.0/motd.txt").read_bytes()
     rot(next((tmp_path / "cache").glob("*/noarch/motd/1.0/motd.txt")))
     deployed = tmp_path / "deployed/etc/motd.txt"
     assert deployed.read_bytes() != good
 
-    plain = run(tmp_path, str(sample), "--json")
+    plain = ion_deploy_process(tmp_path, str(sample), "--json")
     assert plain.returncode == 0, plain.stderr
     data = json.loads(plain.stdout)
     assert [i["state"] for i in data["items"]] == ["cached"] * 3 and "healed" not in data
     assert deployed.read_bytes() != good
 
-    healed = run(tmp_path, str(sample), "--verify-used", "--json")
+    healed = ion_deploy_process(tmp_path, str(sample), "--verify-used", "--json")
     assert healed.returncode == 0, healed.stderr
     data = json.loads(healed.stdout)
     assert {i["name"]: i["state"] for i in data["items"]} == {"hello-tools": "cached", "greetings": "cached",
@@ -225,8 +215,8 @@ def test_verify_used_heals_a_bad_entry_before_placing_it(tmp_path: Path, sample:
     assert "motd.txt" in fixed["problems"] and fixed["state"] == "downloaded" and Path(fixed["moved_to"]).is_dir()
     assert "was bad" in healed.stderr and "quarantined, fetching it again" in healed.stderr
     assert deployed.read_bytes() == good
-    assert run(tmp_path, "--verify").returncode == 0
-    again = run(tmp_path, str(sample), "--verify-used", "--json")
+    assert ion_deploy_process(tmp_path, "--verify").returncode == 0
+    again = ion_deploy_process(tmp_path, str(sample), "--verify-used", "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["healed"] == []
 
 
@@ -246,10 +236,10 @@ def test_prune_keep_one(tmp_path: Path) -> None:
     (newer / "motd.txt").write_text("a newer message of the day\n")
     first = write_deployment(tmp_path, [SAMPLE[2]], "v1.json")
     second = write_deployment(tmp_path, [dict(SAMPLE[2], version="1.1")], "v2.json")
-    assert run(tmp_path, str(first)).returncode == 0
-    assert run(tmp_path, str(second)).returncode == 0
+    assert ion_deploy_process(tmp_path, str(first)).returncode == 0
+    assert ion_deploy_process(tmp_path, str(second)).returncode == 0
     assert entries(tmp_path, "motd") == ["1.0", "1.1"]
-    result = run(tmp_path, "--prune", "--keep", "1", "--json")
+    result = ion_deploy_process(tmp_path, "--prune", "--keep", "1", "--json")
     assert result.returncode == 0, result.stderr
     assert [e["key"]["version"] for e in json.loads(result.stdout)["prune"]["removed"]] == ["1.0"]
     assert entries(tmp_path, "motd") == ["1.1"]
@@ -258,7 +248,7 @@ def test_prune_keep_one(tmp_path: Path) -> None:
 
 def test_one_job_at_a_time(tmp_path: Path, sample: Path) -> None:
     """--jobs 1 deploys every item, one fetch at a time."""
-    result = run(tmp_path, str(sample), "--jobs", "1", "--json")
+    result = ion_deploy_process(tmp_path, str(sample), "--jobs", "1", "--json")
     assert result.returncode == 0, result.stderr
     assert [i["state"] for i in json.loads(result.stdout)["items"]] == ["downloaded"] * 3
 
@@ -321,7 +311,7 @@ def test_staging_left_by_a_dead_deployer_of_this_host_is_removed(tmp_path: Path,
     other = staging / "0000ffff-1-1700000000000-abcdef"
     for folder in (dead, live, other):
         (folder / "part").mkdir(parents=True)
-    done = run(tmp_path, str(sample))
+    done = ion_deploy_process(tmp_path, str(sample))
     assert done.returncode == 0, done.stderr
     assert not dead.exists() and live.exists() and other.exists()
 
@@ -348,9 +338,9 @@ def test_verify_names_the_repository_of_each_entry(tmp_path: Path) -> None:
     shutil.copytree(EXAMPLE_REPO, tmp_path / "mirror")
     second = tmp_path / "mirror.json"
     second.write_text(json.dumps([{"url": "file:mirror", "items": [dict(SAMPLE[2], destination="deployed/etc2")]}]))
-    assert run(tmp_path, str(first)).returncode == 0
-    assert run(tmp_path, str(second)).returncode == 0
-    lines = [line for line in run(tmp_path, "--verify").stdout.splitlines() if line.endswith(": good")]
+    assert ion_deploy_process(tmp_path, str(first)).returncode == 0
+    assert ion_deploy_process(tmp_path, str(second)).returncode == 0
+    lines = [line for line in ion_deploy_process(tmp_path, "--verify").stdout.splitlines() if line.endswith(": good")]
     assert sorted(lines) == sorted([f"verify: {tmp_path / 'repo/noarch/motd/1.0'}: good",
                                     f"verify: {tmp_path / 'mirror/noarch/motd/1.0'}: good"])
 
@@ -369,7 +359,7 @@ def test_a_failed_fetch_from_a_file_repository_leaves_no_empty_folder(tmp_path: 
     """A version missing from a file: repository, and a file that fails its sha256 (after downloading
     into staging): the items fail, the cache holds no empty <repo>/<platform>/<name>/ or staging folder."""
     items = [dict(SAMPLE[1], version="9.9"), dict(SAMPLE[2], sha256="0" * 64)]
-    result = run(tmp_path, str(write_deployment(tmp_path, items)), "--json")
+    result = ion_deploy_process(tmp_path, str(write_deployment(tmp_path, items)), "--json")
     assert result.returncode == 1
     assert [i["state"] for i in json.loads(result.stdout)["items"]] == ["failed", "failed"]
     cache = tmp_path / "cache"
@@ -394,7 +384,7 @@ def test_a_failed_fetch_from_an_http_404_leaves_no_empty_folder(tmp_path: Path) 
         url = f"http://127.0.0.1:{server.server_address[1]}"
         path = tmp_path / "http.json"
         path.write_text(json.dumps([{"url": url, "items": [dict(SAMPLE[1], version="9.9"), dict(SAMPLE[2])]}]))
-        result = run(tmp_path, str(path), "--json", "--partial")
+        result = ion_deploy_process(tmp_path, str(path), "--json", "--partial")
     finally:
         server.shutdown()
         server.server_close()
@@ -434,6 +424,6 @@ def test_ion_deploy_and_the_cache_service_find_the_same_cache(tmp_path: Path, mo
 def test_an_unreachable_broker_is_exit_69(tmp_path: Path) -> None:
     """--broker naming a broker that cannot be reached: one Error line, exit 69 (EX_UNAVAILABLE), as
     twistd cc and the ion command exit."""
-    done = run(tmp_path, "--verify", "--broker", "amqp://guest:guest@127.0.0.1:1/", "-s", "x")
+    done = ion_deploy_process(tmp_path, "--verify", "--broker", "amqp://guest:guest@127.0.0.1:1/", "-s", "x")
     assert done.returncode == 69, done.stderr
     assert "Error: cannot connect to broker at 127.0.0.1:1" in done.stderr and "Traceback" not in done.stderr

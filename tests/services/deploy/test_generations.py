@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -31,7 +30,7 @@ from ion.services.deploy.generations import (
 from ion.services.deploy.spec import Deployment, load_deployment
 from ion.testing.servers import write_tree
 
-from .scenario_support import item, run_main, write_deployment
+from .scenario_support import ion_deploy_process, item, run_main, write_deployment
 
 ROOT = Path(__file__).resolve().parents[3]
 HOST = "test-host"
@@ -416,31 +415,22 @@ async def test_a_rollback_is_authorized_as_a_deploy(deploy_system: Any, repo: st
 
 
 # -- ion-deploy end to end ------------------------------------------------------------------------------
-def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``ion-deploy ARGS --cache-dir tmp_path/cache`` in a subprocess, in ``tmp_path``."""
-    env = {k: v for k, v in os.environ.items() if k != "ION_CACHE_DIR"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "ion.services.deploy.cli", *args,
-                           "--cache-dir", str(tmp_path / "cache")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-
-
 def test_ion_deploy_generations_and_rollback(tmp_path: Path, repo: str) -> None:
     """ion-deploy records a generation per successful deploy, --generations lists them, --rollback
     puts the previous one back from the cache (no download) and --rollback N a chosen one; an N
     not kept exits 2 naming the kept ones; --json gives the same as JSON."""
     path = write(tmp_path, repo, "1.0")
-    assert run(tmp_path, str(path)).returncode == 0
+    assert ion_deploy_process(tmp_path, str(path)).returncode == 0
     write(tmp_path, repo, "2.0")
-    assert run(tmp_path, str(path)).returncode == 0
+    assert ion_deploy_process(tmp_path, str(path)).returncode == 0
 
-    listing = run(tmp_path, "--generations", str(path))
+    listing = ion_deploy_process(tmp_path, "--generations", str(path))
     assert listing.returncode == 0, listing.stderr
     assert f"Generations of {path.resolve()}" in listing.stdout
     lines = listing.stdout.splitlines()
     assert lines[1].split()[0] == "2" and "(current)" in lines[1] and "linux/notes 2.0" in lines[2]
 
-    rolled = run(tmp_path, "--rollback", str(path), "--json")
+    rolled = ion_deploy_process(tmp_path, "--rollback", str(path), "--json")
     assert rolled.returncode == 0, rolled.stderr
     data = json.loads(rolled.stdout)
     assert data["ok"] and data["rollback"] == {"to": 1, "generation": 3}
@@ -448,15 +438,15 @@ def test_ion_deploy_generations_and_rollback(tmp_path: Path, repo: str) -> None:
         ("notes", "1.0", "cached"), ("tool", "1.0", "cached")]
     assert notes_in_place(tmp_path) == "notes 1.0\n"
 
-    chosen = run(tmp_path, "--rollback", "2", str(path))
+    chosen = ion_deploy_process(tmp_path, "--rollback", "2", str(path))
     assert chosen.returncode == 0, chosen.stderr
     assert "Rolled back to generation 2: now generation 4" in chosen.stdout
     assert notes_in_place(tmp_path) == "notes 2.0\n"
 
-    missing = run(tmp_path, "--rollback", "1", str(path), "--json")
+    missing = ion_deploy_process(tmp_path, "--rollback", "1", str(path), "--json")
     assert missing.returncode == 2
     assert "has no generation 1; kept: 2, 3, 4" in json.loads(missing.stdout)["errors"][0]
-    listed = json.loads(run(tmp_path, "--generations", str(path), "--json").stdout)
+    listed = json.loads(ion_deploy_process(tmp_path, "--generations", str(path), "--json").stdout)
     assert [g["generation"] for g in listed["generations"]] == [4, 3, 2]
     assert listed["generations"][0]["rollback_of"] == 2
 

@@ -13,14 +13,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from ion.services.cache.entry import ENTRY_FILE, LOCK_SUFFIX
 from ion.services.cache.locks import debris_tag
 
-from .scenario_support import files_named
+from .scenario_support import files_named, ion_deploy_process
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE_REPO = ROOT / "examples" / "repo"
@@ -35,12 +34,7 @@ def dead_pid() -> int:
 
 
 def ion_deploy(tmp_path: Path, deployment: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "ION_CACHE_DIR"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["ION_HOST_ID"] = HOST
-    return subprocess.run([sys.executable, "-m", "ion.services.deploy.cli", str(deployment), "--json",
-                           "--cache-dir", str(tmp_path / "cache")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return ion_deploy_process(tmp_path, str(deployment), "--json", ION_HOST_ID=HOST)
 
 
 def lock_litter(cache: Path) -> list[str]:

@@ -179,6 +179,19 @@ def within(d: Any, seconds: float = WAIT) -> defer.Deferred[Any]:
     return defer.ensureDeferred(d).addTimeout(seconds, reactor)
 
 
+async def deploy_held(client: Any, url: str, server: Any, tmp_path: Path, dest: Path) -> str:
+    """Start an async deploy of notes 1.0 and zlib 1.2 (``<dest>/notes``, ``<dest>/zlib``) from ``url``,
+    whose zlib download ``server`` holds (the caller's ``server.hold(f"deps/{TGZ}")``); fires with the
+    job id once that download waits at the server."""
+    from ion.services.deploy.spec import load_deployment
+
+    spec = load_deployment(write_deployment(tmp_path / "d.json", url, [
+        item("notes", "1.0", dest / "notes"), item("zlib", "1.2", dest / "zlib")]))
+    job: str = await within(client.deploy_async(spec))
+    await within(server.wait_held(f"deps/{TGZ}"))
+    return job
+
+
 async def job_ended(client: Any, job: str, polls: int = 500, every: float = 0.02) -> dict[str, Any]:
     """``client.job_status(job)`` once the job no longer runs (RUNNING or PARTIAL), polled ``every``
     seconds; the last status after ``polls`` polls (the caller's assertion then says what it was)."""
@@ -293,6 +306,19 @@ def downloads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
     monkeypatch.setattr(Repository, "download", counting)
     return counts
+
+
+def child_settings(cache: Path, dest: Path, **deploy: Any) -> dict[str, Any]:
+    """Settings (``twistd cc -a``, dotted keys) of a deploy.app container in a child process, on the
+    cache ``cache``, writing below ``dest``, fetching from loopback; ``deploy``: more
+    ``ion.services.deploy`` keys (``takeover_interval=0.5`` ...)."""
+    return {
+        "ion.services.cache.root": str(cache), "ion.services.cache.host_id": "test-host",
+        "ion.services.unpack.allowed_roots": [str(cache)], "ion.services.fetch.retry_delay": 0.0,
+        "ion.services.fetch.allowed_networks": ["127.0.0.0/8", "::1/128"],
+        "ion.services.deploy.allowed_destinations": [str(dest)], "ion.core.process.terminate_timeout": 1,
+        **{f"ion.services.deploy.{key}": value for key, value in deploy.items()},
+    }
 
 
 def system_config(tmp_path: Path, **deploy: Any) -> dict[str, Any]:

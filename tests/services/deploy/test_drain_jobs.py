@@ -25,7 +25,19 @@ from ion.core.jobs import JobStatus, JobStore, JobTable
 from ion.services.deploy.spec import load_deployment
 
 from . import scenario_support
-from .scenario_support import PLAIN, TGZ, ZIP, files_named, item, job_ended, system_config, within, write_deployment
+from .scenario_support import (
+    PLAIN,
+    TGZ,
+    ZIP,
+    child_settings,
+    deploy_held,
+    files_named,
+    item,
+    job_ended,
+    system_config,
+    within,
+    write_deployment,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -408,13 +420,7 @@ async def test_sigterm_mid_deploy_drains_and_leaves_a_durable_record(amqp_url: s
     dest, cache = tmp_path / "dest", tmp_path / "cache"
     dest.mkdir()
     sysname = f"drain{os.getpid()}"
-    settings = {
-        "ion.services.cache.root": str(cache), "ion.services.cache.host_id": "test-host",
-        "ion.services.unpack.allowed_roots": [str(cache)], "ion.services.fetch.retry_delay": 0.0,
-        "ion.services.fetch.allowed_networks": ["127.0.0.0/8", "::1/128"],
-        "ion.services.deploy.allowed_destinations": [str(dest)], "ion.services.deploy.drain_timeout": 0,
-        "ion.core.process.terminate_timeout": 1,
-    }
+    settings = child_settings(cache, dest, drain_timeout=0)
     proto = WatchedProcess("twistd")
     reactor.spawnProcess(proto, sys.executable, [
         sys.executable, "-c", TWISTD, "-n", "--pidfile=", "cc", "--no-shell", "--broker", amqp_url, "-s", sysname,
@@ -425,9 +431,7 @@ async def test_sigterm_mid_deploy_drains_and_leaves_a_durable_record(amqp_url: s
         container = await factory(sysname=sysname, config=system_config(tmp_path))
         client = DeployClient(await client_process(container))
         events = await scenario_support.event_sink(container)
-        spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(dest)[:2]))
-        job = await within(client.deploy_async(spec))
-        await within(server.wait_held(f"deps/{TGZ}"))
+        job = await deploy_held(client, url, server, tmp_path, dest)
         await events.wait(item_done(job, "linux/notes/1.0"))
         proto.transport.signalProcess("TERM")
         code = await within(proto.ended, 60)
@@ -561,9 +565,7 @@ async def test_a_fetch_cut_off_by_a_lost_connection_is_asked_again_once_reconnec
     url, server = make_repo("http")
     gate = server.hold(f"deps/{TGZ}")
     container, client = await _deploy_container(container_factory, tmp_path)
-    spec = load_deployment(write_deployment(tmp_path / "d.json", url, three_items(tmp_path / "dest")[:2]))
-    job = await within(client.deploy_async(spec))
-    await within(server.wait_held(f"deps/{TGZ}"))
+    job = await deploy_held(client, url, server, tmp_path, tmp_path / "dest")
     service = deploy_service(container)
     waiting: defer.Deferred[None] = defer.Deferred()
     reconnected = service._reconnected

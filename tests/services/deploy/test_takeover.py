@@ -20,24 +20,17 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from ion.core.jobs import JobStatus
-from ion.services.deploy.spec import load_deployment
 from tests.core.test_multicontainer import REPO, TWISTD, ContainerProcess
 
 from . import scenario_support
-from .scenario_support import PLAIN, TGZ, item, system_config, within, write_deployment
+from .scenario_support import PLAIN, TGZ, child_settings, deploy_held, system_config, within
 
 pytestmark = [pytest.mark.amqp, pytest.mark.slow]
 
 
 def _container(amqp_url: str, sysname: str, tmp_path: Path, name: str) -> ContainerProcess:
     cache, dest = tmp_path / "cache", tmp_path / "dest"
-    settings = {
-        "ion.services.cache.root": str(cache), "ion.services.cache.host_id": "test-host",
-        "ion.services.unpack.allowed_roots": [str(cache)], "ion.services.fetch.retry_delay": 0.0,
-        "ion.services.fetch.allowed_networks": ["127.0.0.0/8", "::1/128"],
-        "ion.services.deploy.allowed_destinations": [str(dest)], "ion.services.deploy.takeover_interval": 0.5,
-        "ion.core.process.terminate_timeout": 1,
-    }
+    settings = child_settings(cache, dest, takeover_interval=0.5)
     child = ContainerProcess(name)
     argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "cc", "--no-shell", "--broker", amqp_url,
             "-s", sysname, "-a", repr(settings), "res/apps/deploy.app"]
@@ -75,10 +68,7 @@ async def test_sigkill_of_the_container_running_a_job_the_other_finishes_it(amqp
         container = await factory(sysname=sysname, config=system_config(tmp_path))
         client = DeployClient(await client_process(container))
         events = await scenario_support.event_sink(container)
-        spec = load_deployment(write_deployment(tmp_path / "d.json", url, [
-            item("notes", "1.0", dest / "notes"), item("zlib", "1.2", dest / "zlib")]))
-        job = await within(client.deploy_async(spec))
-        await within(server.wait_held(f"deps/{TGZ}"))
+        job = await deploy_held(client, url, server, tmp_path, dest)
         await events.wait(item_done(job, "linux/notes/1.0"))
         running = await within(client.job_status(job))
         assert running["state"] == "PARTIAL", running

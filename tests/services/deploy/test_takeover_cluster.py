@@ -18,11 +18,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from ion.services.deploy.spec import load_deployment
 from tests.core.test_cluster import FAST_RECONNECT, rotated, until
 
 from . import scenario_support
-from .scenario_support import TGZ, item, job_ended, system_config, within, write_deployment
+from .scenario_support import TGZ, deploy_held, job_ended, system_config
 
 pytestmark = [pytest.mark.amqp, pytest.mark.cluster]
 
@@ -60,10 +59,7 @@ async def test_a_job_stays_with_its_owner_when_the_owners_node_dies(rabbitmq_clu
         client_container = await factory(sysname=sysname, broker_url=rotated(cluster_urls, 0), config=config)
         client = DeployClient(await client_process(client_container))
         events = await scenario_support.event_sink(client_container)
-        spec = load_deployment(write_deployment(tmp_path / "d.json", url, [
-            item("notes", "1.0", dest / "notes"), item("zlib", "1.2", dest / "zlib")]))
-        job = await within(client.deploy_async(spec))
-        await within(server.wait_held(f"deps/{TGZ}"))
+        job = await deploy_held(client, url, server, tmp_path, dest)
         owner_id = job.split(JOB_SEP, 1)[0].rsplit(".", 1)[0]
         [owner] = [c for c in deployers if c.id == owner_id]
         [other] = [c for c in deployers if c is not owner]

@@ -39,12 +39,6 @@ from tests.services.deploy.scenario_support import item, write_deployment
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(autouse=True)
-def _cache_dir_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Job records and any default cache stay in the test's folder."""
-    monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path / "env-cache"))
-
-
 @pytest.fixture(params=["exchange", "symlink switch"])
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test twice: with the filesystem's exchange, and with the fallback (no exchange)."""

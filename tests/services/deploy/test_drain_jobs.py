@@ -42,12 +42,6 @@ from .scenario_support import (
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(autouse=True)
-def _cache_dir_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Job records of a service without a configured cache root stay in the test's folder."""
-    monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path / "env-cache"))
-
-
 # -- helpers ---------------------------------------------------------------------------------------------
 def deploy_service(container: Any) -> Any:
     """The DeployService process of ``container``."""

@@ -28,13 +28,6 @@ from .scenario_support import (
 KINDS = ["file", "http", "s3"]
 
 
-@pytest.fixture(autouse=True)
-def _cache_dir_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Deploy service spawned without a cache root keeps its job records in the test's folder,
-    not in the user's cache (``$ION_CACHE_DIR`` is the default root)."""
-    monkeypatch.setenv("ION_CACHE_DIR", str(tmp_path / "env-cache"))
-
-
 def three_items(dest: Path) -> list[dict[str, Any]]:
     """The tgz, the zip and the plain file, each linked into a folder of its own."""
     return [item("zlib", "1.2", dest / "zlib"), item("tool", "3.0", dest / "tool"),

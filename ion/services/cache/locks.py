@@ -112,6 +112,7 @@ from ion.services.cache.errors import InvalidKeyError, LockTimeoutError
 
 __all__ = [
     "PROCESS_STARTED",
+    "this_host_id",
     "LockHolder",
     "CacheLock",
     "LockTable",
@@ -184,6 +185,19 @@ def resolve_host_id(env: Mapping[str, str] | None = None, *,
     except OSError:
         ns = _INIT_PID_NS
     return base if ns == _INIT_PID_NS else f"{base}+pidns{ns}"
+
+
+_host_ids: dict[str | None, str] = {}
+
+
+def this_host_id() -> str:
+    """:func:`resolve_host_id`, read once per value of ``ION_HOST_ID`` (it reads, and may create, small
+    files: the reactor thread pays for it once per process, not per call)."""
+    env = os.environ.get("ION_HOST_ID")
+    host = _host_ids.get(env)
+    if host is None:
+        host = _host_ids[env] = resolve_host_id()
+    return host
 
 
 def _stored_uuid(path: Path) -> str:

@@ -82,7 +82,7 @@ from ion.services.cache import store
 from ion.services.cache.core import Cache
 from ion.services.cache.entry import PruneReport
 from ion.services.cache.eviction import EvictionPolicy
-from ion.services.cache.locks import resolve_host_id
+from ion.services.cache.locks import this_host_id
 from ion.services.cache.store import FoundEntry
 
 if TYPE_CHECKING:  # the messaging core is imported only where an election runs (not by ion-deploy)
@@ -118,16 +118,6 @@ def _record_name(host: str, destination: Path) -> str:
     return hashlib.sha256(f"{host}\0{destination}".encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".json"
 
 
-_host_ids: dict[str | None, str] = {}
-
-
-def _this_host() -> str:
-    """:func:`resolve_host_id`, once per value of ``ION_HOST_ID`` (it reads files)."""
-    env = os.environ.get("ION_HOST_ID")
-    host = _host_ids.get(env)
-    if host is None:
-        host = _host_ids[env] = resolve_host_id()
-    return host
 
 
 def record_link(entry: Path, destination: Path, host_id: str | None = None, now: float | None = None) -> Path:
@@ -138,7 +128,7 @@ def record_link(entry: Path, destination: Path, host_id: str | None = None, now:
     descriptors below the dependency's folder, following no link
     (:class:`~ion.core.safefs.SafeDir`): a ``.links`` swapped for a link is refused.
     """
-    host = host_id or _this_host()
+    host = host_id or this_host_id()
     folder = links_folder(entry)
     name = _record_name(host, destination)
     path = folder / name

@@ -599,7 +599,7 @@ async def _generations_local(reactor: Any, cache: Any, pool: Any, config: Any, j
     from ion.services.unpack.core import Limits
 
     store = gen.GenerationStore(cache.root, pool, config.settings(DeploySettings).keep_generations)
-    file = gen.DeploymentFile.of(args.deployment, cache.host_id)
+    file = await pool.run(gen.DeploymentFile.of, args.deployment, cache.host_id)  # (realpath: off the reactor)
     if args.generations:
         history = await store.history(file)
         listing = {**file.to_wire(), "keep": store.keep,
@@ -719,7 +719,7 @@ async def _run_broker(reactor: Any, args: argparse.Namespace, deployment: Any, o
             from ion.services.deploy.service import DeployClient
 
             client = DeployClient(proc)
-            file = client.deployment_file(args.deployment)
+            file = await client.deployment_file(args.deployment)
             try:
                 if args.generations:
                     listing = await client.generations(file)

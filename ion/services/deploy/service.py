@@ -265,10 +265,10 @@ class DeployService(ServiceProcess):
         return JobStore(folder.expanduser(), self.container.blocking)
 
     def _host_id(self) -> str:
-        from ion.services.cache.locks import resolve_host_id
+        from ion.services.cache.locks import this_host_id
 
         configured = self.container.config.settings(CacheSettings).host_id
-        return configured or resolve_host_id()
+        return configured or this_host_id()
 
     def _owner(self) -> dict[str, Any]:
         """Who runs this instance's jobs: container, host, OS pid and process id."""
@@ -775,15 +775,18 @@ class DeployClient(ServiceClient):
 
     def host_id(self) -> str:
         """This host's id, as the cache knows it (``host_id`` of ``ion.services.cache``, else
-        :func:`~ion.services.cache.locks.resolve_host_id`): the host part of a deployment file's
+        :func:`~ion.services.cache.locks.this_host_id`): the host part of a deployment file's
         generations."""
-        from ion.services.cache.locks import resolve_host_id
+        from ion.services.cache.locks import this_host_id
 
-        return self.proc.container.config.settings(CacheSettings).host_id or resolve_host_id()
+        return self.proc.container.config.settings(CacheSettings).host_id or this_host_id()
 
-    def deployment_file(self, path: str | os.PathLike[str]) -> DeploymentFile:
-        """The deployment file at ``path`` on this host, as its generations are named."""
-        return DeploymentFile.of(path, self.host_id())
+    def deployment_file(self, path: str | os.PathLike[str]) -> defer.Deferred[DeploymentFile]:
+        """The deployment file at ``path`` on this host, as its generations are named (its path
+        resolved and this host's id read in the container's blocking pool, off the reactor)."""
+        d: defer.Deferred[DeploymentFile] = self.proc.container.blocking.run(
+            lambda: DeploymentFile.of(path, self.host_id()))
+        return d
 
     @defer.inlineCallbacks
     def deploy(self, deployment: Deployment, timeout: float | None = 3600, *, partial: bool = False) -> Any:

@@ -166,7 +166,7 @@ class DeployShellHelpers:
     def generations(self, file: str) -> Any:
         """The kept generations of a deployment file, newest first: number, when, who, items."""
         client = self._deploy_client()
-        d = client.generations(client.deployment_file(file))
+        d = client.deployment_file(file).addCallback(client.generations)
         d.addCallback(GenerationsText)
         return d
 
@@ -174,7 +174,7 @@ class DeployShellHelpers:
         """Put generation n of a deployment file back in place (None: the previous one); shows each
         item's state and the generation recorded for it."""
         client = self._deploy_client()
-        d = client.rollback(client.deployment_file(file), n, timeout=timeout)
+        d = client.deployment_file(file).addCallback(client.rollback, n, timeout=timeout)
         d.addCallback(RollbackText)
         return d
 

@@ -366,7 +366,7 @@ async def test_the_service_records_lists_and_rolls_back(deploy_system: Any, repo
     assert (await deploy_system.deploy(load_deployment(path)))["ok"]
     write(tmp_path, repo, "2.0")
     assert (await deploy_system.deploy(load_deployment(path)))["ok"]
-    file = deploy_system.deployment_file(path)
+    file = await deploy_system.deployment_file(path)
     assert file.host == HOST  # the container's host_id
     listing = await deploy_system.generations(file)
     assert [g["generation"] for g in listing["generations"]] == [2, 1]  # newest first
@@ -409,7 +409,7 @@ async def test_a_rollback_is_authorized_as_a_deploy(deploy_system: Any, repo: st
     data["generations"][0]["items"][0]["destination"] = str(tmp_path / "elsewhere")
     record.write_text(json.dumps(data))
     with pytest.raises(ReceivedApplicationError) as info:
-        await deploy_system.rollback(deploy_system.deployment_file(path))
+        await deploy_system.rollback(await deploy_system.deployment_file(path))
     assert info.value.response_code == 403 and "outside the allowed roots" in info.value.message
     assert not (tmp_path / "elsewhere").exists() and notes_in_place(tmp_path) == "notes 2.0\n"
 

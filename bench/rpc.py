@@ -75,6 +75,10 @@ FLOOR_RATIO_TARGET = 2.5
 METRICS_TARGET_US = 3.0
 #: Issue #16 §5: the trace context (no OpenTelemetry SDK) costs at most this much CPU per message (µs).
 TRACE_TARGET_US = 2.0
+#: Issue #16 §5: spans with no SDK configured cost "nothing measurable": their hooks on the message path
+#: take under this much CPU per message (µs), a tenth of what this bench can tell apart (its A/A spread,
+#: printed beside it) and a two-hundredth of a message's cost.
+SPAN_HOOKS_TARGET_US = 0.1
 
 SYSNAME = "bench"
 SERVICE = "hello"
@@ -312,9 +316,11 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         # What the trace context costs without an OpenTelemetry SDK (#16 §5: about 1-2 µs per message):
         # rounds with it and with its work stubbed out (a constant traceparent of the same size, no check
         # on receipt, no ring of ended conversations), interleaved, CPU medians.
-        on_cpu, off_cpu = [], []
+        # A third arm, the same as the first (A/A): how far apart two medians of identical code fall here,
+        # the smallest difference this measurement can tell from noise.
+        on_cpu, off_cpu, again_cpu = [], [], []
         for _round in range(5):
-            for trace_on, into in ((True, on_cpu), (False, off_cpu)):
+            for trace_on, into in ((True, on_cpu), (False, off_cpu), (True, again_cpu)):
                 _trace_on(trace_on, client, service)
                 gc.collect()
                 cpu = time.process_time()
@@ -322,12 +328,14 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
                 into.append((time.process_time() - cpu) / n * 1e6)
         _trace_on(True, client, service)
         trace_cost = {"calls_per_round": n, "rounds": 5, "cpu_us_on": statistics.median(on_cpu),
-                      "cpu_us_off": statistics.median(off_cpu)}
+                      "cpu_us_off": statistics.median(off_cpu), "cpu_us_on_again": statistics.median(again_cpu)}
         trace_cost["cpu_us_per_call"] = trace_cost["cpu_us_on"] - trace_cost["cpu_us_off"]
         trace_cost["cpu_us_per_message"] = trace_cost["cpu_us_per_call"] / 2
+        trace_cost["aa_us_per_message"] = abs(trace_cost["cpu_us_on"] - trace_cost["cpu_us_on_again"]) / 2
         # The same cost read directly (a difference of two whole-call figures moves by a µs or two on a
         # busy machine): what a message's two trace steps take, timed alone on a message of the bench.
         trace_cost.update(_trace_steps_us())
+        trace_cost.update(_span_hooks_us())
 
         target = client.resolve(SERVICE)
         if args.warmup:
@@ -357,8 +365,10 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
     targets = [
         {"name": f"metrics <= {METRICS_TARGET_US:g} us CPU/message", "value": metrics_cost["cpu_us_per_message"],
          "pass": metrics_cost["cpu_us_per_message"] <= METRICS_TARGET_US},
-        {"name": f"trace <= {TRACE_TARGET_US:g} us CPU/message", "value": trace_cost["cpu_us_per_message"],
+        {"name": f"trace context <= {TRACE_TARGET_US:g} us CPU/message", "value": trace_cost["cpu_us_per_message"],
          "pass": trace_cost["cpu_us_per_message"] <= TRACE_TARGET_US},
+        {"name": f"spans, no SDK <= {SPAN_HOOKS_TARGET_US:g} us CPU/message", "value": trace_cost["span_hooks_us"],
+         "pass": trace_cost["span_hooks_us"] <= SPAN_HOOKS_TARGET_US},
         {"name": f"sequential >= {SEQ_TARGET_CALLS_PER_S:,} calls/s", "value": seq["calls_per_s"],
          "pass": seq["calls_per_s"] >= SEQ_TARGET_CALLS_PER_S},
         {"name": f"window >= {SEQ_TARGET_CALLS_PER_S:,} calls/s", "value": win["calls_per_s"],
@@ -451,6 +461,72 @@ def _trace_steps_us(n: int = 200_000) -> dict[str, float]:
     return {"continue_us": cont, "ensure_us": check, "direct_us_per_message": cont + check}
 
 
+#: The span hooks a sequential call passes with no SDK (ion/core/process.py, conversation.py, trace.py):
+#: the server's dispatch (``state.tracer``, its ``span``, ``span_token``, the ``finally``), answer
+#: (``conv.span``) and reply's ``traceparent`` (``conv.span``, then ``state.tracer`` in continue_trace);
+#: the client's start (``state.tracer``) and finish (``self.span``); a ``span = None`` in each
+#: conversation record made.
+SPAN_HOOKS_PER_CALL = ("tracer", "local", "token", "finally", "span", "span", "tracer", "tracer", "span",
+                       "init", "init")
+
+
+def _span_hooks_us(n: int = 200_000) -> dict[str, float]:
+    """What spans cost per message with no SDK (#16 §5): the hooks of :data:`SPAN_HOOKS_PER_CALL`,
+    the same attribute tests and assignments on the same objects, timed alone (medians of 5 runs of
+    ``n`` calls' worth, per message); beside it, what one no-op span through the OpenTelemetry API
+    would cost (``start_span`` and ``end`` on the API's default provider), which the container never
+    calls without an SDK (decided once per start, :func:`ion.core.trace.refresh`)."""
+    from opentelemetry import trace as otel
+
+    from ion.core import trace
+    from ion.core.conversation import Conversation
+
+    conv = Conversation.__new__(Conversation)
+    conv.span = None
+    state = trace.state
+    assert state.tracer is None, "the span figure is for a container with no SDK"
+
+    def hooks() -> None:
+        # One call's worth, as the message path runs them (see SPAN_HOOKS_PER_CALL).
+        span = None
+        if state.tracer is not None:
+            span = 1
+        token = 1 if span is not None else None
+        if token is not None:
+            pass
+        if conv.span is not None:
+            pass
+        if conv.span is not None:
+            pass
+        if state.tracer is not None:
+            pass
+        if state.tracer is not None:
+            pass
+        if conv.span is not None:
+            pass
+        conv.span = None
+        conv.span = None
+
+    tracer = otel.get_tracer("ion.bench")
+    kind = otel.SpanKind.SERVER
+
+    def noop_span() -> None:
+        tracer.start_span("hello bench", kind=kind, attributes={"messaging.system": "ion"}).end()
+
+    def timed(step: Callable[[], Any], count: int = n) -> float:
+        runs = []
+        for _ in range(5):
+            cpu = time.process_time()
+            for _ in range(count):
+                step()
+            runs.append((time.process_time() - cpu) / count * 1e6)
+        return statistics.median(runs)
+
+    empty = timed(lambda: None)
+    return {"span_hooks_us": max(0.0, timed(hooks) - empty) / 2,
+            "otel_noop_span_us": max(0.0, timed(noop_span, n // 10) - timed(lambda: None, n // 10))}
+
+
 def _trace_on(on: bool, *procs: Any) -> None:
     """The trace context's work on (the real functions) or stubbed out (a constant traceparent of
     the same size, no check on receipt, no ring of ended conversations) for ``procs``."""
@@ -505,6 +581,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"trace context, its steps timed alone: continue_trace {report['trace_cost']['continue_us']:.2f} {us} + "
         f"ensure {report['trace_cost']['ensure_us']:.2f} {us} = {report['trace_cost']['direct_us_per_message']:.2f} "
         f"{us} per message",
+        f"spans with no SDK: their hooks timed alone {report['trace_cost']['span_hooks_us']:.3f} {us} per message "
+        f"(one no-op span through the OpenTelemetry API, never made: {report['trace_cost']['otel_noop_span_us']:.2f} "
+        f"{us}); A/A spread of the trace rounds: {report['trace_cost']['aa_us_per_message']:.2f} {us} per message",
         "",
         "targets:",
     ]

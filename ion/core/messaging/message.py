@@ -76,6 +76,7 @@ class Protocol:
 
 
 _message_ids = itertools.count(1)
+_unpackb = msgpack.unpackb
 
 
 def build(
@@ -182,7 +183,11 @@ def encode(msg: Mapping[str, Any], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> 
             body_src = _pack_content(dict(msg))
             for header in TRANSPORT_HEADERS:
                 body_src.pop(header, None)
-        body: bytes = _packer().pack(body_src)
+        try:
+            packer = _packers.packer
+        except AttributeError:  # (this thread's first message)
+            packer = _packer()
+        body: bytes = packer.pack(body_src)
     except Exception as exc:
         raise MessageError(f"cannot encode message for op {_shown(msg.get('op'))}: {exc}") from exc
     if max_size and len(body) > max_size:
@@ -219,14 +224,16 @@ def decode(body: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, A
     if max_size and len(body) > max_size:
         raise MessageTooLargeError(f"message of {len(body)} bytes is over the limit of {max_size}")
     try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        msg = _unpackb(body, raw=False, strict_map_key=False)
     except Exception as exc:
         raise MalformedMessageError(f"body is not valid msgpack: {exc}") from exc
-    if not isinstance(msg, dict):
+    if type(msg) is not dict:  # (unpackb makes plain dicts, never a subclass)
         raise MalformedMessageError(f"body is a {type(msg).__name__}, not a message dict")
     for header in TRANSPORT_HEADERS:
-        msg.pop(header, None)
-    validate(msg)
+        if header in msg:
+            del msg[header]
+    if not _fast_valid(msg):
+        validate(msg)  # raises, naming what is wrong (or passes what build() would not make)
     if msg.get("encoding") == "protobuf":
         content = msg.get("content")
         if not isinstance(content, bytes):
@@ -264,13 +271,33 @@ _HEADER_TYPES: Final[dict[str, tuple[type, ...]]] = {
 _TYPE_NAMES: Final = {(str,): "a string", (int,): "an int", (int, float): "a number"}
 
 
-#: The headers the fast path of :func:`validate` compares by type (``expiry`` apart: an int
-#: 0, or a float deadline, as :func:`build` makes it), and the exact types build() gives them.
-_FAST_HEADERS: Final = tuple(h for h in HEADERS if h not in ("expiry", "tracestate"))
-_BUILD_TYPES: Final = tuple(str if _HEADER_TYPES.get(h, (str,)) == (str,) else int for h in _FAST_HEADERS)
-_fast_headers_of: Final = operator.itemgetter(*_FAST_HEADERS)
+#: The fast path of :func:`validate` (and :func:`decode`): the headers :func:`build` makes, read with
+#: one ``itemgetter`` call each: those it makes strings (``traceparent`` too: build always sets one),
+#: checked by joining them (one C call; a TypeError if one is not a string, which the full check then
+#: names), and the numbers, compared by exact type (``expiry``: an int 0, or a float deadline).
+_FAST_STR_HEADERS: Final = tuple(h for h in HEADERS if h not in ("expiry", "tracestate")
+                                 and _HEADER_TYPES.get(h, (str,)) == (str,))
+_FAST_INT_HEADERS: Final = ("conv-seq", "response-code", "ts")
+_fast_strs_of: Final = operator.itemgetter(*_FAST_STR_HEADERS)
+_fast_numbers_of: Final = operator.itemgetter(*_FAST_INT_HEADERS, "expiry")
 _NUMBER_TYPES: Final = (int, float)
 _ENCODINGS: Final = ("msgpack", "protobuf")
+_PROTOCOLS: Final = Protocol.ALL
+_PERFORMATIVES: Final = Performative.ALL
+
+
+def _fast_valid(msg: Mapping[str, Any]) -> bool:
+    """True if ``msg`` has every header :func:`build` makes, each of the exact type build gives it
+    (so :func:`validate` would pass it): the common case, in a few C calls. False: check it whole."""
+    try:
+        "".join(_fast_strs_of(msg))  # (a KeyError: one is missing; a TypeError: one is not a string)
+        seq, code, ts, expiry = _fast_numbers_of(msg)
+    except (KeyError, TypeError):
+        return False
+    return (type(seq) is int and type(code) is int and type(ts) is int
+            and (type(expiry) is float or type(expiry) is int)
+            and msg["protocol"] in _PROTOCOLS and msg["performative"] in _PERFORMATIVES
+            and msg["encoding"] in _ENCODINGS)
 
 
 def validate(msg: Mapping[str, Any]) -> None:
@@ -284,15 +311,9 @@ def validate(msg: Mapping[str, Any]) -> None:
 
     :raises MalformedMessageError: naming the first missing or mistyped header.
     """
-    # Fast path: exactly the header types build() produces, compared in C; anything
-    # else (an optional header missing, a float ts, a bool) gets the full check below.
-    try:
-        values = _fast_headers_of(msg)  # (one C call; a KeyError: a header is missing)
-    except KeyError:
-        values = ()
-    if (tuple(map(type, values)) == _BUILD_TYPES
-            and type(msg.get("expiry")) in _NUMBER_TYPES and msg["protocol"] in Protocol.ALL
-            and msg["performative"] in Performative.ALL and msg["encoding"] in _ENCODINGS):
+    # Fast path: exactly the header types build() produces; anything else (an optional
+    # header missing, a float ts, a bool) gets the full check below.
+    if _fast_valid(msg):
         return
     missing = [h for h in REQUIRED_HEADERS if h not in msg]
     if missing:

@@ -93,6 +93,8 @@ REPLY_PERFORMATIVES = frozenset({Performative.INFORM_RESULT, Performative.FAILUR
                                  Performative.AGREE, Performative.REFUSE})
 INITIAL = {Protocol.RPC: "REQUESTED", Protocol.REQUEST: "REQUESTED", Protocol.GENERIC: "OPEN"}
 FINAL = frozenset({"DONE", "FAILED", "REFUSED", "TIMEOUT", "ERROR", "ENDED"})
+#: Final states of a call that got its answer (the others ended without one).
+_ANSWERED = frozenset({"DONE", "FAILED", "REFUSED"})
 
 GenericHandler = Callable[["Conversation", Any, dict[str, Any]], Any]
 
@@ -159,13 +161,15 @@ class Conversation:
     def event(self, name: str, msg: dict[str, Any] | None = None, reason: str = "",
               code: int = 503) -> None:
         """Feed an event (a reply's performative, ``timeout``, ``error``, ``end``)."""
-        if self.state in FINAL:
+        state = self.state
+        if state in FINAL:
             _log.debug("{conv}: {event} after the end, dropped", conv=self, event=name)
             return
-        new = self._transitions.get((self.state, name))
+        new = self._transitions.get((state, name))
+        table = self.table
         if new is None:
-            self.table.log_limiter.warn(
-                _log, ("unexpected-event", self.table.process.id),
+            table.log_limiter.warn(
+                _log, ("unexpected-event", table.process.id),
                 "{conv}: unexpected {event!r} from {sender}, dropped",
                 conv=self, event=name, sender=(msg or {}).get("sender"),
             )
@@ -173,8 +177,8 @@ class Conversation:
         self.state = new
         if new in FINAL:
             if self.deadline is not None:
-                self.table._drop_deadline(self)
-            self.table.initiated.pop(self.conv_id, None)
+                table._drop_deadline(self)
+            table.initiated.pop(self.conv_id, None)
             self._finish(name, msg, reason, code)
         else:
             self._progress(name, msg)
@@ -214,28 +218,34 @@ class Conversation:
         if d.called:
             return
         table = self.table
-        table.observe(self)
-        if table.recent is not None:
-            table.recent.append((self.conv_id, self.traceparent, "initiator", table.process.id, self.receiver,
-                                 self.op, self.protocol, self.state, self.started))
+        state = self.state
+        if table._metrics is not None:
+            table.observe(self)
+        recent = table.recent
+        if recent is not None:
+            recent.append((self.conv_id, self.traceparent, "initiator", table.process.id, self.receiver,
+                           self.op, self.protocol, state, self.started))
         if self.span is not None:
             from ion.core.trace import end_span
 
             end_span(self.span, int((msg or {}).get("response-code") or 0) or None,
-                     None if self.state in ("DONE", "ENDED", "FAILED", "REFUSED") else reason or self.state)
-        if self.state in ("DONE", "ENDED"):
-            if msg is not None and self.protocol == Protocol.GENERIC:
+                     None if state in ("DONE", "ENDED", "FAILED", "REFUSED") else reason or state)
+        if state == "DONE" or state == "ENDED":
+            if msg is None:
+                d.callback((None, {}))
+                return
+            if self.protocol == Protocol.GENERIC:
                 self._call_handler(msg)
-            d.callback((msg.get("content") if msg else None, msg or {}))
-        elif self.state in ("FAILED", "REFUSED"):
+            d.callback((msg.get("content"), msg))
+        elif state in ("FAILED", "REFUSED"):
             assert msg is not None
             if self.protocol == Protocol.GENERIC:
                 self._call_handler(msg)
             headers = dict(msg)
-            if self.state == "REFUSED" and not 400 <= int(headers.get("response-code") or 0) < 500:
+            if state == "REFUSED" and not 400 <= int(headers.get("response-code") or 0) < 500:
                 headers["response-code"] = 403
             d.errback(received_error_for(headers, msg.get("content")))
-        elif self.state == "TIMEOUT":
+        elif state == "TIMEOUT":
             d.errback(ConversationTimeout(self.receiver, self.op, self.timeout or 0, self.conv_id))
         else:
             d.errback(ConversationError(self.receiver, self.conv_id, reason or "conversation failed", code))
@@ -355,8 +365,8 @@ class ConversationTable:
               trusted: bool = False) -> Conversation:
         """Open an initiator conversation (its first message is the caller's to send);
         ``trusted``: take answers from the system's operators only."""
-        conv = Conversation(self, conv_id or self.new_id(), protocol, receiver, op, timeout,
-                            on_agree, handler)
+        conv = Conversation(self, conv_id or f"{self._id_prefix}{next(self._ids)}", protocol, receiver, op,
+                            timeout, on_agree, handler)
         conv.trusted = trusted
         self.initiated[conv.conv_id] = conv
         return conv
@@ -378,7 +388,7 @@ class ConversationTable:
             if target != "pid" and len(self._targets) < 1000:  # (pids come and go: not kept)
                 self._targets[conv.receiver] = target
         state = conv.state
-        answered = state in ("DONE", "FAILED", "REFUSED")
+        answered = state in _ANSWERED
         key = (target, conv.op if answered else f"{conv.op}\0{state}")
         child = self._m_calls.get(key)
         if child is None:

@@ -135,6 +135,9 @@ _ANSWER_OPS = frozenset({"result", "agree", "end"})
 
 _PLAIN_RESULTS = frozenset({dict, list, tuple, str, bytes, int, float, bool, type(None)})
 
+#: States of a responder conversation whose request still waits for its answer.
+_UNANSWERED = ("RECEIVED", "AGREED")
+
 
 def _expiration(timeout: float) -> str:
     """The AMQP ``expiration`` of a request whose caller waits ``timeout`` seconds: whole
@@ -157,6 +160,8 @@ def _waited_out(delivery: Delivery, now: float) -> bool:
     return now - received >= int(ttl) / 1000.0
 
 Handler = Callable[[dict[str, Any], "Receiver"], "defer.Deferred[Any] | None"]
+
+_ACTIVE = State.ACTIVE
 
 #: Deliveries the broker may hand a receiver before it acknowledges the first
 #: (``ion.core.process: prefetch``); they wait in the receiver's FIFO.
@@ -334,7 +339,7 @@ class Receiver(LifecycleObject):
 
     # -- delivery ------------------------------------------------------------------
     def _on_delivery(self, delivery: Delivery) -> None:
-        if self.state is not State.ACTIVE or not self._consuming:
+        if self.state is not _ACTIVE or not self._consuming:
             # Arrived after we stopped consuming: let another consumer have it (an own
             # queue's delivery has nowhere else to go: it waits in the FIFO).
             if delivery.settled:
@@ -405,7 +410,8 @@ class Receiver(LifecycleObject):
             self._settle(delivery)
             return
         self.inflight += 1
-        self._in_hand.append(delivery)
+        in_hand = self._in_hand
+        in_hand.append(delivery)
         self.delivery_now = delivery
         try:
             result = self.handler(msg, self)
@@ -414,15 +420,31 @@ class Receiver(LifecycleObject):
             result = None
         finally:
             self.delivery_now = None
-        # (None first: an isinstance check of Deferred, an ABC, costs more than the rest of this.)
-        if result is not None and isinstance(result, defer.Deferred) and not result.called:
+        if result is None:
+            # The common case, handled at once (a reply taken, a synchronous op answered): what
+            # _handled does, inline.
+            self.inflight -= 1
+            self.handled += 1
+            if in_hand and in_hand[-1] is delivery:
+                in_hand.pop()
+            elif delivery in in_hand:
+                in_hand.remove(delivery)
+            if not delivery.settled:
+                self._settle(delivery)
+            if self._drained and not self.inflight:
+                self._wake_drained()
+            if self.buffered and not self._pumping:
+                self._pump()
+        # (An isinstance check of Deferred, an ABC, costs more than the rest of this: not for None.)
+        elif isinstance(result, defer.Deferred) and not result.called:
             result.addBoth(self._handled, delivery)
         else:
-            if result is not None and isinstance(result, defer.Deferred):
+            if isinstance(result, defer.Deferred):
                 result.addErrback(lambda f: None)
             self._handled(None, delivery)
 
     def _handled(self, result: Any, delivery: Delivery) -> None:
+        """A message is handled (its handler's Deferred fired): settle it, start the next one."""
         self.inflight -= 1
         self.handled += 1
         in_hand = self._in_hand
@@ -432,13 +454,17 @@ class Receiver(LifecycleObject):
             in_hand.remove(delivery)
         if not delivery.settled:
             self._settle(delivery)
-        if not self.inflight and self._drained:
-            waiters, self._drained = self._drained, []
-            for d in waiters:
-                if not d.called:
-                    d.callback(None)
+        if self._drained and not self.inflight:
+            self._wake_drained()
         if self.buffered and not self._pumping:
             self._pump()
+
+    def _wake_drained(self) -> None:
+        """Fire what :meth:`drain` returned: nothing is being handled any more."""
+        waiters, self._drained = self._drained, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
 
     def _settle(self, delivery: Delivery) -> None:
         if delivery.settled:
@@ -511,14 +537,23 @@ def _op_call(cls: type, op: str) -> OpCall:
     return call
 
 
-def _op_entry(cls: type, op: str) -> tuple[str | None, OpCall, str | None]:
-    """The control action (:func:`~ion.core.security.control_action`), the :func:`_op_call` and
-    the audited action (:func:`~ion.core.security.audit_action`) of ``op_<op>`` of ``cls``: one
-    lookup per request, worked out once per class and op."""
-    entries: dict[str, tuple[str | None, OpCall, str | None]] | None = cls.__dict__.get("_ion_op_entries")
+OpEntry = tuple["str | None", OpCall, "str | None"]
+
+
+def _op_entries(cls: type) -> dict[str, OpEntry]:
+    """The table of :func:`_op_entry` of ``cls`` (its own, not a base class's)."""
+    entries: dict[str, OpEntry] | None = cls.__dict__.get("_ion_op_entries")
     if entries is None:
         entries = {}
         type.__setattr__(cls, "_ion_op_entries", entries)
+    return entries
+
+
+def _op_entry(cls: type, op: str) -> OpEntry:
+    """The control action (:func:`~ion.core.security.control_action`), the :func:`_op_call` and
+    the audited action (:func:`~ion.core.security.audit_action`) of ``op_<op>`` of ``cls``: one
+    lookup per request, worked out once per class and op."""
+    entries = _op_entries(cls)
     entry = entries.get(op)
     if entry is None:
         entry = entries[op] = (control_action(cls, op), _op_call(cls, op), audit_action(cls, op))
@@ -646,6 +681,8 @@ class Process(LifecycleObject):
         self._m_received: dict[str, Any] = {}
         self._m_sent: dict[str, Any] = {}
         self._m_served: dict[str, Any] = {}
+        #: op -> how it is called (:func:`_op_entry`): the class's table, read without a call per request.
+        self._op_entries = _op_entries(type(self))
         self.receivers: list[Receiver] = []
         self.children: list[Process] = []
         self.parent: Process | None = None
@@ -850,11 +887,16 @@ class Process(LifecycleObject):
         if child is None:
             child = self._received_child(op)
         if child is not None:
-            child.inc()
+            child.value += 1  # (a Tally of ion.core.metrics: its inc(), inline)
         # Answers to our conversations arrive on the backend queue; requests
         # (including ones this process sent to itself) on the others.
         if receiver.name == self.backend_name:
-            if self.conversations.handle(msg):
+            conversations = self.conversations
+            conv = conversations.initiated.get(msg["conv-id"])
+            if conv is not None and not conv.trusted:
+                conv.event(msg["performative"], msg)  # (conversations.handle's common case, inline)
+                return None
+            if conversations.handle(msg):
                 return None
         elif msg["performative"] in REPLY_PERFORMATIVES and self.conversations.stray_reply(msg):
             return None
@@ -917,11 +959,17 @@ class Process(LifecycleObject):
         audit_as: str | None = None
         try:
             try:
-                action, call, audit_as = _op_entry(type(self), op)
+                entry = self._op_entries.get(op)
+                if entry is None:
+                    entry = _op_entry(type(self), op)
+                action, call, audit_as = entry
                 if action is not None:
                     authorize(self.container, msg, action, f"{self.proc_name} ({self.id})",
                               limiter=self.log_limiter)
-                result = call(method, msg)
+                if call is _classic:
+                    result = method(msg.get("content"), msg, msg)  # (_classic, inline)
+                else:
+                    result = call(method, msg)
             except Exception:
                 result = Failure()
             if audit_as is not None:  # recorded once its outcome is known (refusals too)
@@ -966,26 +1014,35 @@ class Process(LifecycleObject):
     def _op_done(self, result: Any, msg: dict[str, Any]) -> None:
         """Answer the request of an op that ended with ``result`` (for a request of a quorum service
         queue, its acknowledgement then waits for the answer's confirm: ``Delivery.ack_after``)."""
-        responding = self.conversations.responding
-        conv = responding.get(msg["conv-id"])
-        if conv is not None and self._metrics is not None:
-            self._observe_served(msg)
+        conversations = self.conversations
+        responding = conversations.responding
+        conv_id = msg["conv-id"]
+        conv = responding.get(conv_id)
+        if conv is None:
+            return  # (answered and forgotten already, or a one-way message: nothing to do)
+        metrics = self._metrics
+        if metrics is not None:  # (_observe_served, inline)
+            op = msg["op"]
+            child = self._m_served.get(op)
+            if child is None:
+                child = self._m_served[op] = metrics.rpc_server.labels(self.proc_name, op)
+            child.observe(perf_counter() - conv.started)
         d = None
-        if conv is not None and conv.state in ("RECEIVED", "AGREED") and msg["protocol"] in _REQUEST_PROTOCOLS:
+        if conv.state in _UNANSWERED and msg["protocol"] in _REQUEST_PROTOCOLS:
             # (reply_ok, less the Deferred when the broker took the answer at once)
             d = self._reply(msg, "result", result, None, Performative.INFORM_RESULT, "OK", 200)
             if d is not None:
                 self._unless_sent(d, msg)
-        if conv is not None:  # (_responded(msg, 200), inline)
-            responding.pop(msg["conv-id"], None)
-            if conv.span is not None:
-                trace.end_span(conv.span, 200)
-            recent = self.conversations.recent
-            if recent is not None:
-                recent.append((conv.conv_id, msg.get("traceparent"), "responder", self.id, msg["sender"], msg["op"],
-                               conv.protocol, conv.state, conv.started))
-            if conv.delivery is not None and d is not None and not d.called:
-                conv.delivery.ack_after = d
+        # (_responded(msg, 200), inline)
+        responding.pop(conv_id, None)
+        if conv.span is not None:
+            trace.end_span(conv.span, 200)
+        recent = conversations.recent
+        if recent is not None:
+            recent.append((conv.conv_id, msg.get("traceparent"), "responder", self.id, msg["sender"], msg["op"],
+                           conv.protocol, conv.state, conv.started))
+        if conv.delivery is not None and d is not None and not d.called:
+            conv.delivery.ack_after = d
 
     def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
         self._observe_served(msg)
@@ -1079,7 +1136,7 @@ class Process(LifecycleObject):
             if len(self._m_sent) < 1000:
                 self._m_sent[op] = child
         if child is not None:
-            child.inc()
+            child.value += 1  # (a Tally of ion.core.metrics: its inc(), inline)
         props = Properties("application/msgpack", msg["conv-id"], msg["reply-to"], None, None, {}, expiration)
         return container.transport.publish_now(container.exchange_name, msg["receiver"], body, props,
                                                mandatory=mandatory, confirm=confirm)
@@ -1107,13 +1164,15 @@ class Process(LifecycleObject):
                handler: Callable[[Conversation, Any, dict[str, Any]], Any] | None = None,
                trusted: bool = False) -> Conversation:
         # on_agree, handler, trusted: see ConversationTable.start
-        target = receiver if "." in receiver else f"{self.sysname}.{receiver}"
+        container = self.container
+        target = receiver if "." in receiver else f"{container.sysname}.{receiver}"
         deadlock = None
         if _current_receiver.get() is not None:  # called from an op: it may be calling itself
             target, deadlock = self._route_around_self(target)
-        conv = self.conversations.start(
-            protocol, target, op, self.rpc_timeout if timeout is None else timeout, on_agree=on_agree,
-            handler=handler, trusted=trusted)
+        if timeout is None:  # (self.rpc_timeout, inline)
+            timeout = container.config.settings(ProcessSettings).rpc_timeout
+        conv = self.conversations.start(protocol, target, op, timeout, on_agree=on_agree, handler=handler,
+                                        trusted=trusted)
         if deadlock is not None:
             conv.event("error", reason=deadlock, code=508)
             return conv
@@ -1141,10 +1200,12 @@ class Process(LifecycleObject):
             # A caller's own traceparent goes out only if it is one (else build's: a new trace, with
             # no tracestate of the one that was not).
             headers = {k: v for k, v in headers.items() if k not in ("traceparent", "tracestate")}
+        current = current_message.get()  # (_delegated_user(), inline)
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=target, op=op, content=content,
             conv_id=conv.conv_id, protocol=protocol, performative=Performative.REQUEST,
-            user_id=self._delegated_user(), expiry=expiry, extra=headers, traceparent=traceparent)
+            user_id=self.user_id if current is None else str(current.get("user-id") or ANONYMOUS),
+            expiry=expiry, extra=headers, traceparent=traceparent)
         conv.traceparent = msg["traceparent"]
         try:
             # No confirm for an rpc/request: the reply, or the timeout, confirms it; an unroutable
@@ -1239,20 +1300,22 @@ class Process(LifecycleObject):
                performative: str, status: str, response_code: int) -> defer.Deferred[None] | None:
         """:meth:`reply`; None when the broker took the answer at once (no Deferred made)."""
         conv = self.conversations.responding.get(msg["conv-id"])
-        seq = int(msg.get("conv-seq") or 1) + 1
         if conv is not None:
             before = (conv.state, conv.seq)
             conv.answer(performative)
-            seq = conv.next_seq()
+            seq = conv.seq = conv.seq + 1  # (conv.next_seq(), inline)
         elif msg.get("protocol") in _REQUEST_PROTOCOLS and msg.get("performative") == Performative.REQUEST:
             # Its op has ended (and so it was answered), or the process terminated.
             raise IllegalStateError(
                 f"conversation {msg['conv-id']} was already answered; cannot send {performative}")
+        else:
+            seq = int(msg.get("conv-seq") or 1) + 1
+        current = current_message.get()  # (_delegated_user(), inline)
         reply = wire.build(
             sender=self.id, sender_name=self.proc_name, receiver=msg.get("reply-to") or msg["sender"],
             op=op, content=content, conv_id=msg["conv-id"], conv_seq=seq,
-            protocol=msg["protocol"], performative=performative, status=status,
-            response_code=response_code, user_id=self._delegated_user(), extra=headers,
+            protocol=msg["protocol"], performative=performative, status=status, response_code=response_code,
+            user_id=self.user_id if current is None else str(current.get("user-id") or ANONYMOUS), extra=headers,
             traceparent=None if conv is None or conv.span is None else trace.span_traceparent(conv.span), trace_from=msg)
         # Requests' answers go without a confirm (the caller's reply or timeout is the confirmation),
         # except from a quorum service queue (see Receiver.confirm_replies).

@@ -24,6 +24,7 @@ import itertools
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from twisted.internet import defer
@@ -282,21 +283,22 @@ class MemoryBroker:
                    cid=msg.properties.correlation_id)
 
     def _deliver(self, consumer: _Consumer, tag: int, msg: _Message) -> None:
-        if tag not in consumer.pending:
+        pending = consumer.pending
+        if tag not in pending:
             return  # taken back (cancel, close, queue deleted) before it was handed over
-        consumer.pending.discard(tag)
+        pending.remove(tag)
         self.delivered += 1
-        settle: Callable[[bool, bool], None] | None = None
+        settle: Callable[[bool, bool], None] | None
         if consumer.auto_ack:
             del consumer.unacked[tag]  # acknowledged as it is handed over
+            settle = None
         else:
-            def settle(ack: bool, requeue: bool) -> None:
-                self._settle(consumer, tag, ack, requeue)
-
+            settle = partial(self._settle, consumer, tag)  # (ack, requeue)
         # Each delivery gets its own properties, as if decoded from the wire: the message's own
         # (copied from the publisher's, one per queue) the first time, a copy after a requeue.
-        props = _copy_properties(msg.properties) if msg.redelivered else msg.properties
-        delivery = Delivery(msg.body, props, msg.exchange, msg.routing_key, msg.redelivered, settle)
+        redelivered = msg.redelivered
+        delivery = Delivery(msg.body, _copy_properties(msg.properties) if redelivered else msg.properties,
+                            msg.exchange, msg.routing_key, redelivered, settle)
         consumer.callback(delivery)
 
     def _settle(self, consumer: _Consumer, tag: int, ack: bool, requeue: bool) -> None:
@@ -312,7 +314,8 @@ class MemoryBroker:
         if not ack and requeue and self._live(queue):
             msg.redelivered = True
             queue.messages.appendleft(msg)
-        self._dispatch(queue)
+        if queue.messages:  # (a slot is free: the next waiting message, if any, goes out)
+            self._dispatch(queue)
 
     def _take_back_pending(self, consumer: _Consumer) -> None:
         """Return messages not yet handed to ``consumer`` to the head of its queue, in order."""

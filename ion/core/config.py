@@ -240,10 +240,9 @@ class Config:
 
         :raises ConfigurationError: naming ``section: key`` of a value that is not usable.
         """
-        cached = self._settings.get(cls)
+        cached: Any = self._settings.get(cls)  # (an instance of cls: it is stored by its class)
         if cached is None:
             cached = self._settings[cls] = cls.from_config(self.for_module(cls.SECTION))
-        assert isinstance(cached, cls)
         return cached
 
     # -- the container's own layers (security bounds, see ion.core.security) ------------------

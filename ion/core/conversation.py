@@ -27,6 +27,7 @@ sequential call); a process that ends cancels it.
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from time import perf_counter
 from typing import Any
@@ -175,13 +176,55 @@ class Conversation:
             )
             return
         self.state = new
-        if new in FINAL:
-            if self.deadline is not None:
-                table._drop_deadline(self)
-            table.initiated.pop(self.conv_id, None)
-            self._finish(name, msg, reason, code)
-        else:
+        if new not in FINAL:
             self._progress(name, msg)
+            return
+        # The end: no deadline any more (table._drop_deadline, inline), out of the table, and the
+        # call's Deferred fires or fails.
+        conv_id = self.conv_id
+        if self.deadline is not None:
+            self.deadline = None
+            timeout = self.timeout
+            if timeout is not None:
+                waiting = table._waiting.get(timeout)
+                if waiting is not None:
+                    waiting.pop(conv_id, None)
+                    if not waiting:
+                        del table._waiting[timeout]  # (the timer stays armed: see _drop_deadline)
+        table.initiated.pop(conv_id, None)
+        d = self.deferred
+        if d.called:
+            return
+        if table._metrics is not None:
+            table.observe(self)
+        recent = table.recent
+        if recent is not None:
+            recent.append((conv_id, self.traceparent, "initiator", table.process.id, self.receiver,
+                           self.op, self.protocol, new, self.started))
+        if self.span is not None:
+            from ion.core.trace import end_span
+
+            end_span(self.span, int((msg or {}).get("response-code") or 0) or None,
+                     None if new in ("DONE", "ENDED", "FAILED", "REFUSED") else reason or new)
+        if new == "DONE" or new == "ENDED":
+            if msg is None:
+                d.callback((None, {}))
+                return
+            if self.protocol == Protocol.GENERIC:
+                self._call_handler(msg)
+            d.callback((msg.get("content"), msg))
+        elif new in ("FAILED", "REFUSED"):
+            assert msg is not None
+            if self.protocol == Protocol.GENERIC:
+                self._call_handler(msg)
+            headers = dict(msg)
+            if new == "REFUSED" and not 400 <= int(headers.get("response-code") or 0) < 500:
+                headers["response-code"] = 403
+            d.errback(received_error_for(headers, msg.get("content")))
+        elif new == "TIMEOUT":
+            d.errback(ConversationTimeout(self.receiver, self.op, self.timeout or 0, conv_id))
+        else:
+            d.errback(ConversationError(self.receiver, conv_id, reason or "conversation failed", code))
 
     def _progress(self, name: str, msg: dict[str, Any] | None) -> None:
         assert msg is not None
@@ -212,43 +255,6 @@ class Conversation:
                     lambda f: _log.failure("{conv}: handler failed", f, conv=self))
             except Exception:  # pragma: no cover
                 _log.failure("{conv}: handler failed", conv=self)
-
-    def _finish(self, name: str, msg: dict[str, Any] | None, reason: str, code: int) -> None:
-        d = self.deferred
-        if d.called:
-            return
-        table = self.table
-        state = self.state
-        if table._metrics is not None:
-            table.observe(self)
-        recent = table.recent
-        if recent is not None:
-            recent.append((self.conv_id, self.traceparent, "initiator", table.process.id, self.receiver,
-                           self.op, self.protocol, state, self.started))
-        if self.span is not None:
-            from ion.core.trace import end_span
-
-            end_span(self.span, int((msg or {}).get("response-code") or 0) or None,
-                     None if state in ("DONE", "ENDED", "FAILED", "REFUSED") else reason or state)
-        if state == "DONE" or state == "ENDED":
-            if msg is None:
-                d.callback((None, {}))
-                return
-            if self.protocol == Protocol.GENERIC:
-                self._call_handler(msg)
-            d.callback((msg.get("content"), msg))
-        elif state in ("FAILED", "REFUSED"):
-            assert msg is not None
-            if self.protocol == Protocol.GENERIC:
-                self._call_handler(msg)
-            headers = dict(msg)
-            if state == "REFUSED" and not 400 <= int(headers.get("response-code") or 0) < 500:
-                headers["response-code"] = 403
-            d.errback(received_error_for(headers, msg.get("content")))
-        elif state == "TIMEOUT":
-            d.errback(ConversationTimeout(self.receiver, self.op, self.timeout or 0, self.conv_id))
-        else:
-            d.errback(ConversationError(self.receiver, self.conv_id, reason or "conversation failed", code))
 
     def _cancelled(self, d: defer.Deferred[Any]) -> None:
         # The caller gave up (d.cancel()): end the machine, keep the CancelledError.
@@ -399,7 +405,10 @@ class ConversationTable:
             if len(self._m_calls) < 1000:
                 self._m_calls[key] = child
         if answered:
-            child.observe(perf_counter() - conv.started)
+            # (a Timing of ion.core.metrics: its observe(), inline)
+            took = perf_counter() - conv.started
+            child.counts[bisect_left(child.bounds, took)] += 1
+            child.sum += took
         else:
             child.inc()
 

@@ -255,6 +255,7 @@ class MemoryBroker:
         if self.queues.get(queue.name) is not queue:
             return  # deleted
         messages = queue.messages
+        consumers = queue.consumers
         while messages:
             msg = messages[0]
             if msg.expires_at is not None and self.reactor.seconds() >= msg.expires_at:
@@ -263,9 +264,15 @@ class MemoryBroker:
                 messages.popleft()
                 self._expire(queue, msg)
                 continue
-            consumer = queue.pick_consumer()
-            if consumer is None:
-                return
+            if len(consumers) == 1:  # (queue.pick_consumer(), inline for one consumer)
+                consumer = consumers[0]
+                if not (consumer.auto_ack or consumer.prefetch <= 0 or len(consumer.unacked) < consumer.prefetch):
+                    return
+            else:
+                picked = queue.pick_consumer()
+                if picked is None:
+                    return
+                consumer = picked
             messages.popleft()
             tag = next(self._delivery_tags)
             consumer.unacked[tag] = msg

@@ -1207,12 +1207,11 @@ class Process(LifecycleObject):
             # A caller's own traceparent goes out only if it is one (else build's: a new trace, with
             # no tracestate of the one that was not).
             headers = {k: v for k, v in headers.items() if k not in ("traceparent", "tracestate")}
-        current = current_message.get()  # (_delegated_user(), inline)
-        msg = wire.build(
-            sender=self.backend_name, sender_name=self.proc_name, receiver=target, op=op, content=content,
-            conv_id=conv.conv_id, protocol=protocol, performative=Performative.REQUEST,
-            user_id=self.user_id if current is None else str(current.get("user-id") or ANONYMOUS),
-            expiry=expiry, extra=headers, traceparent=traceparent)
+        current = current_message.get()  # (_delegated_user(), inline; and the trace it continues)
+        msg = wire.make(self.backend_name, self.proc_name, target, None, op, conv.conv_id, 1, protocol,
+                        Performative.REQUEST, "OK", 200,
+                        self.user_id if current is None else str(current.get("user-id") or ANONYMOUS),
+                        expiry, traceparent, current, headers, content)
         conv.traceparent = msg["traceparent"]
         try:
             # No confirm for an rpc/request: the reply, or the timeout, confirms it; an unroutable
@@ -1318,12 +1317,11 @@ class Process(LifecycleObject):
         else:
             seq = int(msg.get("conv-seq") or 1) + 1
         current = current_message.get()  # (_delegated_user(), inline)
-        reply = wire.build(
-            sender=self.id, sender_name=self.proc_name, receiver=msg.get("reply-to") or msg["sender"],
-            op=op, content=content, conv_id=msg["conv-id"], conv_seq=seq,
-            protocol=msg["protocol"], performative=performative, status=status, response_code=response_code,
-            user_id=self.user_id if current is None else str(current.get("user-id") or ANONYMOUS), extra=headers,
-            traceparent=None if conv is None or conv.span is None else trace.span_traceparent(conv.span), trace_from=msg)
+        reply = wire.make(
+            self.id, self.proc_name, msg.get("reply-to") or msg["sender"], None, op, msg["conv-id"], seq,
+            msg["protocol"], performative, status, response_code,
+            self.user_id if current is None else str(current.get("user-id") or ANONYMOUS),
+            0, None if conv is None or conv.span is None else trace.span_traceparent(conv.span), msg, headers, content)
         # Requests' answers go without a confirm (the caller's reply or timeout is the confirmation),
         # except from a quorum service queue (see Receiver.confirm_replies).
         confirm = True if conv is not None and conv.delivery is not None else (

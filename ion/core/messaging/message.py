@@ -29,6 +29,7 @@ __all__ = [
     "encode",
     "decode",
     "build",
+    "make",
     "validate",
     "is_expired",
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -107,6 +108,42 @@ def build(
     the ``tracestate`` of that message goes along.
     """
     parent = current_message.get() if trace_from is None else trace_from
+    if traceparent is None:
+        traceparent = continue_trace(parent)
+    msg: dict[str, Any] = {
+        "sender": sender,
+        "sender-name": sender_name,
+        "receiver": receiver,
+        "reply-to": reply_to or sender,
+        "op": op,
+        "conv-id": conv_id,
+        "conv-seq": conv_seq,
+        "protocol": protocol,
+        "performative": performative,
+        "status": status,
+        "response-code": response_code,
+        "encoding": "msgpack",
+        "content-type": "",
+        "user-id": user_id,
+        "expiry": expiry,
+        "ts": int(time.time() * 1000),
+        "traceparent": traceparent,
+    }
+    if parent is not None and "tracestate" in parent:
+        msg["tracestate"] = parent["tracestate"]
+    if extra:
+        msg.update(extra)
+    msg["content"] = content
+    return msg
+
+
+def make(sender: str, sender_name: str, receiver: str, reply_to: str | None, op: str, conv_id: str,
+         conv_seq: int, protocol: str, performative: str, status: str, response_code: int, user_id: str,
+         expiry: float, traceparent: str | None, parent: Mapping[str, Any] | None,
+         extra: Mapping[str, Any] | None, content: Any) -> dict[str, Any]:
+    """:func:`build`, every argument given by position (no keyword binding: the container's own
+    senders, one call per message), and ``parent`` the message whose trace it continues (build's
+    ``trace_from``, else the message the running op handles), None: a new trace. The same dict."""
     if traceparent is None:
         traceparent = continue_trace(parent)
     msg: dict[str, Any] = {

@@ -107,6 +107,27 @@ def test_build_extra_overrides_defaults() -> None:
     assert (msg["reply-to"], msg["user-id"], msg["content"]) == ("elsewhere", "bob", 1)
 
 
+@pytest.mark.parametrize("parent", [
+    None,
+    {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"},
+    {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "tracestate": "k=v"},
+])
+@pytest.mark.parametrize("extra", [None, {}, {"user-id": "bob", "x-custom": 1, "content": "ignored"}])
+@pytest.mark.parametrize("traceparent", [None, "00-" + "c" * 32 + "-" + "d" * 16 + "-00"])
+def test_make_is_build_by_position(monkeypatch: pytest.MonkeyPatch, parent: Any, extra: Any,
+                                   traceparent: Any) -> None:
+    """make() (the container's positional build) gives the very dict build() gives, key order too."""
+    monkeypatch.setattr(wire.time, "time", lambda: 1234.5678)
+    monkeypatch.setattr(wire, "continue_trace", lambda p: "new" if p is None else "from " + p["traceparent"])
+    built = wire.build(sender="s", sender_name="n", receiver="r", reply_to=None, op="op", conv_id="c",
+                       conv_seq=2, protocol="request", performative="agree", status="ERROR", response_code=409,
+                       user_id="u", expiry=9.5, extra=extra, traceparent=traceparent, trace_from=parent,
+                       content={"a": 1})
+    made = wire.make("s", "n", "r", None, "op", "c", 2, "request", "agree", "ERROR", 409, "u", 9.5, traceparent,
+                     parent, extra, {"a": 1})
+    assert list(made.items()) == list(built.items())
+
+
 def test_encode_does_not_change_the_message() -> None:
     """encode() leaves the caller's dict as it was."""
     msg = full_message(content=struct_pb2.Struct(), **{"broker-user": "x"})

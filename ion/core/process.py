@@ -431,7 +431,14 @@ class Receiver(LifecycleObject):
             elif delivery in in_hand:
                 in_hand.remove(delivery)
             if not delivery.settled:
-                self._settle(delivery)
+                if delivery.ack_after is None:  # (_settle, inline: no answer's confirm to wait for)
+                    try:
+                        delivery.ack()
+                    except Exception as exc:
+                        # The connection went away: the broker requeues it for another consumer.
+                        self._log.warn("{queue}: could not ack: {exc}", queue=self.name, exc=exc)
+                else:
+                    self._settle(delivery)
             if self._drained and not self.inflight:
                 self._wake_drained()
             if self.buffered and not self._pumping:
@@ -1308,7 +1315,10 @@ class Process(LifecycleObject):
         conv = self.conversations.responding.get(msg["conv-id"])
         if conv is not None:
             before = (conv.state, conv.seq)
-            conv.answer(performative)
+            if performative == Performative.INFORM_RESULT and conv.state in _UNANSWERED:
+                conv.state = "DONE"  # (conv.answer(performative), inline: the result of a request)
+            else:
+                conv.answer(performative)
             seq = conv.seq = conv.seq + 1  # (conv.next_seq(), inline)
         elif msg.get("protocol") in _REQUEST_PROTOCOLS and msg.get("performative") == Performative.REQUEST:
             # Its op has ended (and so it was answered), or the process terminated.

@@ -209,6 +209,8 @@ class MemoryBroker:
         self._pumping = False
         self._tags: Iterator[int] = itertools.count(1)
         self._delivery_tags: Iterator[int] = itertools.count(1)
+        #: _deliver, bound once (the pump calls it for every message).
+        self._deliver_now = self._deliver
         self.delivered = 0
         #: Messages discarded because their ``expiration`` passed before they were delivered.
         self.expired = 0
@@ -278,7 +280,7 @@ class MemoryBroker:
             consumer.unacked[tag] = msg
             consumer.pending.add(tag)
             # (_schedule, inline: one per message)
-            self._pending.append((self._deliver, (consumer, tag, msg)))
+            self._pending.append((self._deliver_now, (consumer, tag, msg)))
             if not self._pumping and not self._scheduled:
                 self._scheduled = True
                 self.reactor.callLater(0, self._pump)
@@ -376,7 +378,7 @@ class MemoryBroker:
                     tag = next(self._delivery_tags)
                     consumer.unacked[tag] = msg
                     consumer.pending.add(tag)
-                    self._pending.append((self._deliver, (consumer, tag, msg)))
+                    self._pending.append((self._deliver_now, (consumer, tag, msg)))
                     if not self._pumping and not self._scheduled:
                         self._scheduled = True
                         self.reactor.callLater(0, self._pump)
@@ -565,7 +567,8 @@ class MemoryTransport(Transport):
             properties.user_id = self.user
             if properties.message_id is None:
                 properties.message_id = f"{self._id_prefix}.{next(self._message_ids)}"
-            self.broker._publish(self, exchange, routing_key, bytes(body), properties, mandatory)
+            self.broker._publish(self, exchange, routing_key, body if type(body) is bytes else bytes(body),
+                                 properties, mandatory)
         except TransportError:
             return defer.fail()
         if not (self.confirm if confirm is None else confirm):

@@ -62,6 +62,7 @@ import random
 import struct
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import pika
@@ -387,15 +388,10 @@ def _to_pika(props: Properties, user_id: str, message_id: str) -> pika.BasicProp
 
 def _from_pika(props: pika.BasicProperties) -> Properties:
     headers = props.headers
-    return Properties(
-        content_type=props.content_type or "",
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        message_id=props.message_id,
-        user_id=props.user_id,
-        headers=dict(headers) if headers else {},
-        expiration=props.expiration,
-    )
+    # (content_type, correlation_id, reply_to, message_id, user_id, headers, expiration): by position,
+    # once per message received.
+    return Properties(props.content_type or "", props.correlation_id, props.reply_to, props.message_id,
+                      props.user_id, dict(headers) if headers else {}, props.expiration)
 
 
 class AmqpTransport(Transport):
@@ -1189,9 +1185,7 @@ class AmqpTransport(Transport):
         if not consumer.auto_ack:
             consumer.unacked += 1
             consumer.outstanding[tag] = None
-
-            def settle(ack: bool, requeue: bool) -> None:
-                self._settle(consumer, ch, tag, ack, requeue)
+            settle = partial(self._settle, consumer, ch, tag)  # (ack, requeue): no Python frame of its own
 
         delivery = Delivery(msg.body, _from_pika(msg.properties), method.exchange, method.routing_key,
                             bool(method.redelivered), settle)

@@ -545,7 +545,10 @@ def _op_call(cls: type, op: str) -> OpCall:
     return call
 
 
-OpEntry = tuple["str | None", OpCall, "str | None"]
+#: (control action, how it is called, audited action, the method's name ``op_<op>``: one string
+#: object per class and op, so that looking the method up hits the type's attribute cache, which a
+#: name made anew per message never does).
+OpEntry = tuple["str | None", OpCall, "str | None", str]
 
 
 def _op_entries(cls: type) -> dict[str, OpEntry]:
@@ -564,7 +567,7 @@ def _op_entry(cls: type, op: str) -> OpEntry:
     entries = _op_entries(cls)
     entry = entries.get(op)
     if entry is None:
-        entry = entries[op] = (control_action(cls, op), _op_call(cls, op), audit_action(cls, op))
+        entry = entries[op] = (control_action(cls, op), _op_call(cls, op), audit_action(cls, op), "op_" + op)
     return entry
 
 
@@ -943,7 +946,11 @@ class Process(LifecycleObject):
                 responder.delivery = receiver.delivery_now
             if trace.state.tracer is not None:
                 span = responder.span = trace.start_server_span(getattr(self.container, "messaging_system", "ion"), msg)
-        method = getattr(self, "op_" + op, None) if op.isidentifier() else None
+        entry = self._op_entries.get(op)  # (an op dispatched before: its name, looked up in the type's cache)
+        if entry is not None:
+            method = getattr(self, entry[3], None)
+        else:
+            method = getattr(self, "op_" + op, None) if op.isidentifier() else None
         if method is None:
             if protocol == Protocol.GENERIC and msg["performative"] in REPLY_PERFORMATIVES:
                 # The peer ended a generic conversation and we have no op_<op> to be told.
@@ -967,10 +974,9 @@ class Process(LifecycleObject):
         audit_as: str | None = None
         try:
             try:
-                entry = self._op_entries.get(op)
                 if entry is None:
                     entry = _op_entry(type(self), op)
-                action, call, audit_as = entry
+                action, call, audit_as, _name = entry
                 if action is not None:
                     authorize(self.container, msg, action, f"{self.proc_name} ({self.id})",
                               limiter=self.log_limiter)

@@ -108,33 +108,8 @@ def build(
     the ``tracestate`` of that message goes along.
     """
     parent = current_message.get() if trace_from is None else trace_from
-    if traceparent is None:
-        traceparent = continue_trace(parent)
-    msg: dict[str, Any] = {
-        "sender": sender,
-        "sender-name": sender_name,
-        "receiver": receiver,
-        "reply-to": reply_to or sender,
-        "op": op,
-        "conv-id": conv_id,
-        "conv-seq": conv_seq,
-        "protocol": protocol,
-        "performative": performative,
-        "status": status,
-        "response-code": response_code,
-        "encoding": "msgpack",
-        "content-type": "",
-        "user-id": user_id,
-        "expiry": expiry,
-        "ts": int(time.time() * 1000),
-        "traceparent": traceparent,
-    }
-    if parent is not None and "tracestate" in parent:
-        msg["tracestate"] = parent["tracestate"]
-    if extra:
-        msg.update(extra)
-    msg["content"] = content
-    return msg
+    return make(sender, sender_name, receiver, reply_to, op, conv_id, conv_seq, protocol, performative, status,
+                response_code, user_id, expiry, traceparent, parent, extra, content)
 
 
 def make(sender: str, sender_name: str, receiver: str, reply_to: str | None, op: str, conv_id: str,

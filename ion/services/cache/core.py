@@ -181,6 +181,18 @@ def configured_root(config: Any) -> Path:
     return Path(root).expanduser() if root else default_root()
 
 
+def _publish_locked(owned: Callable[[CacheLock], bool], lock: CacheLock, removal: Callable[[], Any] | None,
+                    staging: Path, path: Path, info: EntryInfo, trash: Path, now: float,
+                    fsync_content: bool) -> tuple[EntryInfo | None, Any]:
+    """:meth:`Cache.publish`'s one pool job: the lock checked (None: not ours any more, nothing done),
+    the staged folder published (:func:`~ion.services.cache.store.publish_staged`), then, given a
+    ``removal`` (:meth:`LockTable.removal`), the lock file removed; the entry and that outcome."""
+    if not owned(lock):
+        return None, None
+    published = store.publish_staged(staging, path, info, trash, now, fsync_content)
+    return published, removal() if removal is not None else None
+
+
 # -- the cache ------------------------------------------------------------------------------------------
 class Cache:
     """The cache of one root folder, shared by every process (on every host) that uses it.
@@ -304,7 +316,7 @@ class Cache:
         return [f.info for f in found if f.info is not None]
 
     # -- locks ----------------------------------------------------------------------------------------
-    def lock(self, key: EntryKey, timeout: float | None = None) -> defer.Deferred[CacheLock]:
+    def lock(self, key: EntryKey, timeout: float | None = None, *, lookup: bool = False) -> defer.Deferred[CacheLock]:
         """Take the lock of ``key``: in this process, one holder per entry (others wait
         on a Deferred); across processes and hosts, the lock file (see
         :mod:`ion.services.cache.locks`).
@@ -314,30 +326,46 @@ class Cache:
         :meth:`unlock` on every path (or use :meth:`with_lock`).
 
         :param timeout: seconds to wait (default ``wait_timeout``; 0: do not wait).
+        :param lookup: that second lookup is made in the pool job that takes the lock (one job,
+            not two): the lock's :attr:`~CacheLock.looked_up` is then what :meth:`lookup` would
+            answer (None where it failed: look again).
         :raises LockTimeoutError: naming the holder, when the wait times out.
         """
-        return self.locks.acquire(key, self.lock_path(key), timeout)
+        if not lookup:
+            return self.locks.acquire(key, self.lock_path(key), timeout)
+        path = self.entry_path(key)
+
+        def look(now: float) -> tuple[EntryInfo | None, str | None]:
+            info, problem, _litter = store.lookup_entry(path, key, now, None)  # (the lock is ours: no litter)
+            return info, problem
+
+        def looked(lock: CacheLock) -> CacheLock:
+            found = lock.then[0] if lock.then is not None else None
+            if isinstance(found, tuple):
+                info, problem = found
+                if problem:
+                    self._log.warn("not serving {entry}: {problem}; it will be fetched again",
+                                   entry=str(key), problem=problem)
+                lock.looked_up = (info,)
+            return lock
+
+        return self.locks.acquire(key, self.lock_path(key), timeout, then=look).addCallback(looked)
 
     def unlock(self, lock: CacheLock) -> defer.Deferred[None]:
         """Release ``lock`` (never fails; twice is harmless).
 
         The folders its lock file leaves empty are removed with it, up to the
-        root: a fetch that failed before publishing (a missing version, a 404)
-        leaves no empty ``<repo-id>/<platform>/<name>/`` behind. Only empty
-        folders go (``rmdir``), so a folder holding another lock or an entry
-        stays; a contender creating its lock meanwhile makes the folder again
-        (:meth:`LockTable.acquire` retries a vanished folder).
+        root, in the same pool job: a fetch that failed before publishing (a
+        missing version, a 404) leaves no empty ``<repo-id>/<platform>/<name>/``
+        behind. Only empty folders go (``rmdir``), so a folder holding another
+        lock or an entry stays; a contender creating its lock meanwhile makes
+        the folder again (:meth:`LockTable.acquire` retries a vanished folder).
+        A lock released already (by :meth:`publish` with ``release``) is left
+        as it is: its folder holds the entry.
         """
-        d = self.locks.release(lock)
-
-        def tidy(_: None) -> defer.Deferred[None]:
-            done = self.pool.run(store.remove_empty_parents, self.root, [lock.path])
-            done.addErrback(lambda f: self._log.warn("could not remove the empty folders above {path}: {exc}",
-                                                     path=str(lock.path), exc=f.value))
-            return done
-
-        d.addCallback(tidy)
-        return d
+        if not lock.held:
+            return defer.succeed(None)
+        return self.locks.release(lock, tidy=functools.partial(store.remove_empty_parents, self.root, [lock.path]))
 
     def with_lock(self, key: EntryKey, fn: Callable[..., Awaitable[T] | T], *args: Any,
                   timeout: float | None = None, **kwargs: Any) -> defer.Deferred[T]:
@@ -392,13 +420,18 @@ class Cache:
     @_deferred
     async def publish(self, key: EntryKey, staging_dir: str | os.PathLike[str],
                       files: Mapping[str, FileMeta | Mapping[str, Any]], *, lock: CacheLock | None = None,
-                      url: str | None = None) -> EntryInfo:
+                      url: str | None = None, release: bool = False) -> EntryInfo:
         """Make the staged content the entry of ``key``, atomically; fires with its EntryInfo.
 
         ``files`` describes every regular file in the staging folder (path
         relative to it, ``/``-separated -> :class:`FileMeta`); symlinks inside
         the folder are recorded as they are. The caller must hold the entry's
         lock (``lock``, or one this Cache holds on ``key``).
+
+        ``release``: once published, the lock is released in the same pool job (its file removed;
+        see :meth:`unlock`, which then does nothing); a failed publish keeps it.
+
+        The lock is checked (its file still ours) in the pool job that publishes, right before.
 
         :raises LockNotHeldError: no lock, or it was taken over.
         :raises OutsideCacheError: ``staging_dir`` is not one of this cache's staging folders.
@@ -410,15 +443,29 @@ class Cache:
         held = lock if lock is not None else self.locks.held.get(self.lock_path(key))
         if held is None or held.key != key or not held.held:
             raise LockNotHeldError(f"publishing {key} needs its lock ({self.lock_path(key)}); it is not held")
-        if held.lost or not await self.locks.check(held):
+        taken_over = LockNotHeldError(f"the lock of {key} ({held.path}) was taken over by another process; "
+                                      "not publishing")
+        if not held.active:
             held.lost = True
-            raise LockNotHeldError(f"the lock of {key} ({held.path}) was taken over by another process; "
-                                   "not publishing")
+            raise taken_over
         path = self.entry_path(key)
         now = self.clock.seconds()
         info = EntryInfo(key=key, path=path, files=metas, fetched_at=now, last_used=now, url=url)
-        info = await self.pool.run(store.publish_staged, staging, path, info, self._trash(), now, self.fsync_content)
+        removal = self.locks.removal(held) if release else None
+        try:
+            published, removed = await self.pool.run(_publish_locked, self.locks.owned, held, removal, staging,
+                                                     path, info, self._trash(), now, self.fsync_content)
+        except BaseException:
+            self.locks.keep(held)
+            raise
+        if published is None:
+            self.locks.keep(held)
+            held.lost = True
+            raise taken_over
+        info = published
         self._staging.discard(staging)
+        if removal is not None:
+            await self.locks.release(held, removed=removed)
         self._log.info("published {entry} at {path}: {n} files, {size} bytes",
                        entry=str(key), path=str(path), n=len(info.files), size=info.size)
         return info

@@ -406,6 +406,8 @@ class _Attempt:
     taken_over: list[tuple[_Observed, str]] = field(default_factory=list)
     displaced: list[_Observed] = field(default_factory=list)
     swept: list[Path] = field(default_factory=list)
+    #: Acquired with a ``then``: what it answered (or raised), in a tuple.
+    then: tuple[Any] | None = None
 
 
 def _observe(path: Path) -> _Observed | None:
@@ -556,9 +558,38 @@ def _refresh(path: Path, dev: int, ino: int, raw: bytes, now: float) -> bool:
     return True
 
 
+#: The outcome of a :meth:`LockTable.removal` of a lock whose file is another holder's now (not touched).
+_NOT_OURS: Final = "not ours"
+
+
+def _removed_or_failure(path: Path, dev: int, ino: int, raw: bytes, tag: str | None) -> Any:
+    """:func:`_remove_if`'s outcome, or what it raised (at the end of a job whose own work is done)."""
+    try:
+        return _remove_if(path, dev, ino, raw, tag=tag)
+    except Exception as exc:
+        return exc
+
+
+def _call_caught(fn: Callable[[], Any]) -> BaseException | None:
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _remove_then(path: Path, dev: int, ino: int, raw: bytes, tag: str | None,
+                 tidy: Callable[[], Any] | None) -> tuple[str, BaseException | None]:
+    """Release's one pool job: the lock file removed if it is ours (:func:`_remove_if`), then ``tidy()``;
+    the outcome and what ``tidy`` raised."""
+    outcome = _remove_if(path, dev, ino, raw, tag=tag)
+    return outcome, _call_caught(tidy) if tidy is not None else None
+
+
 def _try_acquire(path: Path, content: bytes, now: float,
                  judge: Callable[[_Observed, float], str | None], method: str = "excl",
-                 sweep: Callable[[Path], list[Path]] | None = None) -> _Attempt:
+                 sweep: Callable[[Path], list[Path]] | None = None,
+                 then: Callable[[float], Any] | None = None) -> _Attempt:
     attempt = _Attempt(False)
     create = LOCK_METHODS[method]
     holder = LockHolder.parse(content.decode("utf-8", "replace"))
@@ -573,6 +604,11 @@ def _try_acquire(path: Path, content: bytes, now: float,
             continue
         if made is not None:
             attempt.acquired, (attempt.dev, attempt.ino) = True, made
+            if then is not None:  # the lock's first use, in the same pool job
+                try:
+                    attempt.then = (then(now),)
+                except Exception as exc:
+                    attempt.then = (exc,)
             return attempt
         obs = _observe(path)
         if obs is None:
@@ -619,6 +655,12 @@ class CacheLock:
         self.broker: BrokerHold | None = None
         #: True when the lock was lost with its broker lock (the file may still be ours: removed at release).
         self.broker_lost = False
+        #: True while a pool job that ends by removing the file runs (:meth:`LockTable.removal`): no refresh.
+        self.releasing = False
+        #: What the ``then`` of :meth:`LockTable.acquire` answered (or raised), in a tuple; None without one.
+        self.then: tuple[Any] | None = None
+        #: ``Cache.lock(lookup=True)``: the entry as the lookup made with the lock found it, in a tuple.
+        self.looked_up: tuple[Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -1074,7 +1116,8 @@ class LockTable:
         return _sweep(path, self._host_tag, self.lock_timeout)
 
     # -- acquiring ----------------------------------------------------------------------------
-    def acquire(self, key: EntryKey, path: Path, timeout: float | None = None) -> defer.Deferred[CacheLock]:
+    def acquire(self, key: EntryKey, path: Path, timeout: float | None = None, *,
+                then: Callable[[float], Any] | None = None) -> defer.Deferred[CacheLock]:
         """Take the lock of ``key`` (lock file ``path``); fires with a :class:`CacheLock`.
 
         Waits at most ``timeout`` seconds (default ``wait_timeout``; ``0``: one
@@ -1082,12 +1125,17 @@ class LockTable:
         :class:`~ion.services.cache.errors.LockTimeoutError` naming the holder.
         Cancelling the Deferred stops the wait; a lock file created meanwhile
         is removed again, so a cancelled acquisition never leaks a lock.
+
+        ``then(now)``: a blocking call made once the lock file is ours, in the pool job that took
+        it (the lock's first use: a lookup of the entry); its answer (or what it raised) is the
+        lock's :attr:`~CacheLock.then`. It must leave nothing to undo: a cancelled acquisition
+        removes the lock file and drops that answer.
         """
         acq = _Acquisition()
         self._pending.add(acq)
         outer: defer.Deferred[CacheLock] = defer.Deferred(lambda _: acq.cancel())
         inner = defer.Deferred.fromCoroutine(
-            self._acquire(key, path, self.wait_timeout if timeout is None else float(timeout), acq))
+            self._acquire(key, path, self.wait_timeout if timeout is None else float(timeout), acq, then))
 
         def deliver(result: Any) -> None:
             self._pending.discard(acq)
@@ -1105,7 +1153,8 @@ class LockTable:
         inner.addBoth(deliver)
         return outer
 
-    async def _acquire(self, key: EntryKey, path: Path, timeout: float, acq: _Acquisition) -> CacheLock:
+    async def _acquire(self, key: EntryKey, path: Path, timeout: float, acq: _Acquisition,
+                       then: Callable[[float], Any] | None = None) -> CacheLock:
         start = self.clock.seconds()
         deadline = start + timeout if math.isfinite(timeout) else math.inf
         local = self._local.get(path)
@@ -1135,7 +1184,7 @@ class LockTable:
                 queue = BrokerLocks.queue_name(key, path, await self._cache_identity())
                 hold = await self.broker.acquire(queue, deadline, acq, str(key), timeout)
             try:
-                return await self._acquire_file(key, path, timeout, deadline, acq, hold)
+                return await self._acquire_file(key, path, timeout, deadline, acq, hold, then)
             except BaseException:
                 if hold is not None and self.broker is not None:
                     self.broker.release(hold)
@@ -1146,7 +1195,8 @@ class LockTable:
             raise
 
     async def _acquire_file(self, key: EntryKey, path: Path, timeout: float, deadline: float,
-                            acq: _Acquisition, hold: BrokerHold | None = None) -> CacheLock:
+                            acq: _Acquisition, hold: BrokerHold | None = None,
+                            then: Callable[[float], Any] | None = None) -> CacheLock:
         delay = self.poll_start
         while True:
             if acq.cancelled:
@@ -1155,7 +1205,7 @@ class LockTable:
             holder = LockHolder(self.host_id, os.getpid(), time.time(), marker)
             attempt: _Attempt = await self.pool.run(
                 _try_acquire, path, holder.render().encode(), self.clock.seconds(),
-                functools.partial(self.judge, broker=marker), self.method, self.sweep)
+                functools.partial(self.judge, broker=marker), self.method, self.sweep, then)
             self._log_swept(attempt.swept)
             for obs, reason in attempt.taken_over:
                 self._log.warn("took over the lock of {entry} ({path}) from {previous}: {reason}",
@@ -1165,6 +1215,7 @@ class LockTable:
                                 "that holder will find its lock lost", path=str(path), previous=obs.describe())
             if attempt.acquired:
                 lock = CacheLock(key, path, holder, attempt.dev, attempt.ino, self.clock.seconds())
+                lock.then = attempt.then
                 if acq.cancelled:
                     await self._remove_file(lock)
                     raise defer.CancelledError()
@@ -1217,7 +1268,7 @@ class LockTable:
                         entry=str(lock.key), path=str(lock.path))
 
     def _schedule_refresh(self, lock: CacheLock) -> None:
-        if lock.active:
+        if lock.active and not lock.releasing:
             lock._refresh_call = self.clock.callLater(self.refresh_interval, self._refresh, lock)
 
     def _refresh(self, lock: CacheLock) -> None:
@@ -1227,7 +1278,7 @@ class LockTable:
         d = self.pool.run(_refresh, lock.path, lock._dev, lock._ino, lock._raw, self.clock.seconds())
 
         def done(ok: bool) -> None:
-            if ok or not lock.held:
+            if ok or not lock.held or lock.releasing:  # (releasing: its file is being removed by its holder)
                 self._schedule_refresh(lock)
                 return
             lock.lost = True
@@ -1247,26 +1298,59 @@ class LockTable:
         return self.pool.run(_owned, lock.path, lock._dev, lock._ino, lock._raw)
 
     # -- releasing ------------------------------------------------------------------------------
-    def _remove_file(self, lock: CacheLock) -> defer.Deferred[None]:
+    def owned(self, lock: CacheLock) -> bool:
+        """Whether the lock file is still ours (blocking: :meth:`check` in the calling thread, for a pool
+        job that checks the lock and then uses it, e.g. a publish)."""
+        return _owned(lock.path, lock._dev, lock._ino, lock._raw)
+
+    def removal(self, lock: CacheLock) -> Callable[[], Any]:
+        """The blocking removal of ``lock``'s file, for the end of a pool job that needs the lock until
+        then (a publish that releases it: one job instead of two). Its outcome goes to
+        :meth:`release` (``removed=``); meanwhile the lock is not refreshed. :meth:`keep` undoes this
+        when the job ends without calling it."""
+        lock.releasing = True
+        if lock._refresh_call is not None and lock._refresh_call.active():
+            lock._refresh_call.cancel()
+        lock._refresh_call = None
         if lock.lost and not lock.broker_lost:
-            return defer.succeed(None)  # the file is the new holder's now
-        d = self.pool.run(_remove_if, lock.path, lock._dev, lock._ino, lock._raw, tag=self.tag)
+            return lambda: _NOT_OURS  # the file is the new holder's now
+        return functools.partial(_removed_or_failure, lock.path, lock._dev, lock._ino, lock._raw, self.tag)
 
-        def done(outcome: str) -> None:
-            if outcome != "removed" and not lock.lost:
-                self._log.warn("the lock {path} of {entry} was no longer ours at release ({outcome})",
-                               path=str(lock.path), entry=str(lock.key), outcome=outcome)
+    def keep(self, lock: CacheLock) -> None:
+        """The job of a :meth:`removal` ended without removing the file: the lock is held as before."""
+        if lock.releasing:
+            lock.releasing = False
+            self._schedule_refresh(lock)
 
-        def failed(f: Failure) -> None:
-            self._log.failure("could not remove the lock file {path}", f, path=str(lock.path))
+    def _removed(self, lock: CacheLock, outcome: Any) -> None:
+        if isinstance(outcome, BaseException):
+            self._log.failure("could not remove the lock file {path}", Failure(outcome), path=str(lock.path))
+        elif outcome != "removed" and outcome != _NOT_OURS and not lock.lost:
+            self._log.warn("the lock {path} of {entry} was no longer ours at release ({outcome})",
+                           path=str(lock.path), entry=str(lock.key), outcome=outcome)
 
-        d.addCallbacks(done, failed)
-        return d
+    def _remove_file(self, lock: CacheLock, tidy: Callable[[], Any] | None = None) -> defer.Deferred[Any]:
+        """Remove the lock file (if still ours), then ``tidy()`` in the same pool job; fires with what
+        ``tidy`` raised (None: nothing)."""
+        if lock.lost and not lock.broker_lost:  # the file is the new holder's now
+            return self.pool.run(_call_caught, tidy) if tidy is not None else defer.succeed(None)
+        d = self.pool.run(_remove_then, lock.path, lock._dev, lock._ino, lock._raw, self.tag, tidy)
 
-    def release(self, lock: CacheLock) -> defer.Deferred[None]:
+        def done(outcome: tuple[Any, BaseException | None]) -> BaseException | None:
+            self._removed(lock, outcome[0])
+            return outcome[1]
+
+        return d.addCallback(done)
+
+    def release(self, lock: CacheLock, *, tidy: Callable[[], Any] | None = None,
+                removed: Any = None) -> defer.Deferred[None]:
         """Release ``lock``: remove its file (if still ours), then let the next waiter in.
 
         Never fails (problems are logged); releasing twice does nothing.
+
+        :param tidy: a blocking call run right after the file's removal, in the same pool job (the
+            folders the lock file left empty); what it raises is logged.
+        :param removed: the outcome of a :meth:`removal` already run (the file is not removed again).
         """
         if not lock.held:
             return defer.succeed(None)
@@ -1276,7 +1360,21 @@ class LockTable:
         lock._refresh_call = None
         if self.held.get(lock.path) is lock:
             del self.held[lock.path]
-        d = self._remove_file(lock)
+        if removed is not None:
+            self._removed(lock, removed)
+            d: defer.Deferred[Any] = defer.succeed(None)
+        else:
+            d = self._remove_file(lock, tidy)
+
+            def tidied(problem: BaseException | None) -> None:
+                if problem is not None:
+                    self._log.warn("could not remove the empty folders above {path}: {exc}", path=str(lock.path),
+                                   exc=problem)
+
+            def failed(f: Failure) -> None:
+                self._log.failure("could not remove the lock file {path}", f, path=str(lock.path))
+
+            d.addCallbacks(tidied, failed)
         if lock.broker is not None and self.broker is not None:
             hold, broker = lock.broker, self.broker
             d.addBoth(lambda _: broker.release(hold))  # after the file: a waiter that gets it finds none

@@ -271,7 +271,8 @@ class LocalCache:
         return self.cache.lookup(key)
 
     def lock(self, key: EntryKey) -> Any:
-        return self.cache.lock(key)
+        # The fetcher's lookup after the lock is made in the job that takes it (see Fetcher._fetch).
+        return self.cache.lock(key, lookup=True)
 
     def unlock(self, lock: Any) -> Any:
         return self.cache.unlock(lock)
@@ -283,7 +284,8 @@ class LocalCache:
         return self.cache.discard_staging(path)
 
     def publish(self, key: EntryKey, lock: Any, staging: Path, files: Mapping[str, FileMeta], url: str) -> Any:
-        return self.cache.publish(key, staging, files, lock=lock, url=url)
+        # Released in the publish's own pool job (the fetcher's unlock then does nothing).
+        return self.cache.publish(key, staging, files, lock=lock, url=url, release=True)
 
 
 class RemoteCache:
@@ -573,8 +575,10 @@ class Fetcher:
         report("waiting")
         lock = await self.cache.lock(key)
         try:
-            # Whoever held the lock before us may have published it meanwhile.
-            again: EntryInfo | None = await self.cache.lookup(key)
+            # Whoever held the lock before us may have published it meanwhile (looked up with the
+            # lock by a local cache, in the same pool job).
+            looked_up = getattr(lock, "looked_up", None)
+            again: EntryInfo | None = looked_up[0] if looked_up is not None else await self.cache.lookup(key)
             if again is not None and not request.keep_updated:
                 return self._done(report, "cached", key, again, warnings)
             if listing is None:

@@ -15,7 +15,7 @@ from twisted.internet import defer, task
 from ion.services.cache import locks
 from ion.services.cache.core import Cache
 from ion.services.cache.entry import EntryKey
-from ion.services.cache.errors import InvalidKeyError, LockNotHeldError, LockTimeoutError
+from ion.services.cache.errors import CorruptEntryError, InvalidKeyError, LockNotHeldError, LockTimeoutError
 from ion.services.cache.locks import LockHolder, resolve_host_id
 
 from .conftest import GatedPool, failure_of, fired, messages, put, stage, write_lock
@@ -424,3 +424,76 @@ async def test_lock_files_are_handled_while_the_blocking_pool_is_busy(tmp_path, 
         release.set()
         await busy
         await pool.stop()
+
+
+# -- a publish that releases the lock in its own pool job ------------------------------------------------
+def test_publish_with_release_publishes_and_releases_in_one_pool_job(cache, key, pool, clock):
+    """``publish(release=True)``: the lock checked, the entry published and the lock file removed in one
+    pool job; the lock is released (a waiter gets it), and the unlock that follows does nothing."""
+    lock = fired(cache.lock(key))
+    staging, metas = stage(cache, {"f": b"x"})
+    waiter = cache.lock(key, timeout=10)
+    del pool.calls[:]
+    info = fired(cache.publish(key, staging, metas, lock=lock, release=True))
+    assert pool.calls == ["_publish_locked", "_try_acquire"]  # (then the waiter's try, which wins)
+    assert (info.path / "f").read_bytes() == b"x"
+    assert not lock.held and cache.locks.held.get(lock.path) is not lock
+    other = fired(waiter)  # handed over: the file was removed
+    assert other.active and other.path.exists()
+    del pool.calls[:]
+    fired(cache.unlock(lock))  # twice is harmless: no job, and the new holder's file stays
+    assert pool.calls == [] and other.path.exists()
+    fired(cache.unlock(other))
+    assert not other.path.exists()
+
+
+def test_publish_with_release_of_a_lost_lock_publishes_nothing_and_keeps_the_other_file(make_cache, key, clock):
+    """A holder that lost its lock and publishes with ``release``: refused (LockNotHeldError), nothing
+    published, the new holder's lock file untouched, by the publish and by the unlock after it."""
+    a, b = make_cache("host-a"), make_cache("host-b")
+    lock_a = fired(a.lock(key))
+    lock_a._refresh_call.cancel()  # the holder stalls
+    d = b.lock(key, timeout=1000)
+    clock.advance(61)
+    clock.advance(1)
+    lock_b = fired(d)
+    staging, metas = stage(a, {"f": b"x"})
+    failure_of(a.publish(key, staging, metas, lock=lock_a, release=True), LockNotHeldError)
+    assert lock_a.lost and not a.entry_path(key).exists()
+    fired(a.unlock(lock_a))
+    assert lock_b.path.exists() and LockHolder.parse(lock_b.path.read_text()).host_id == "host-b"
+
+
+def test_failed_publish_with_release_keeps_the_lock_and_its_refresh(cache, key, pool, clock):
+    """A publish with ``release`` that fails (content not as described) keeps the lock, still refreshed;
+    the unlock after it removes the file and its empty folders in one pool job."""
+    lock = fired(cache.lock(key))
+    staging, metas = stage(cache, {"f": b"x"})
+    metas["missing"] = metas["f"]
+    failure_of(cache.publish(key, staging, metas, lock=lock, release=True), CorruptEntryError)
+    assert lock.active and not lock.releasing and lock._refresh_call is not None and lock._refresh_call.active()
+    fired(cache.discard_staging(staging))
+    del pool.calls[:]
+    fired(cache.unlock(lock))
+    assert pool.calls == ["_remove_then"]
+    assert not lock.path.exists() and not lock.path.parent.exists()  # its folders tidied in that job
+
+
+def test_lock_with_lookup_looks_the_entry_up_in_the_job_that_takes_it(cache, key, pool):
+    """``lock(lookup=True)``: the lookup made once the lock is held (whoever held it may have published
+    the entry meanwhile) runs in the pool job that takes the lock; ``looked_up`` holds its answer."""
+    first = fired(cache.lock(key))
+    waiting = cache.lock(key, timeout=10, lookup=True)
+    staging, metas = stage(cache, {"f": b"x"})
+    fired(cache.publish(key, staging, metas, lock=first))
+    del pool.calls[:]
+    fired(cache.unlock(first))
+    second = fired(waiting)
+    assert pool.calls == ["_remove_then", "_try_acquire"]  # the release, then the take with its lookup
+    assert second.looked_up is not None and set(second.looked_up[0].files) == {"f"}
+    fired(cache.unlock(second))
+    other = EntryKey(key.repo_id, key.platform, key.name, "2.0", key.unpack)
+    third = fired(cache.lock(other, lookup=True))
+    assert third.looked_up == (None,)
+    fired(cache.unlock(third))
+    assert fired(cache.lock(other)).looked_up is None  # (not asked)

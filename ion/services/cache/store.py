@@ -177,16 +177,18 @@ class TreeCheck:
     to_hash: list[tuple[str, int, str]] = field(default_factory=list)
 
 
-def compare_tree(top: Path, info: EntryInfo, *, staged: bool) -> TreeCheck:
+def compare_tree(top: Path, info: EntryInfo, *, staged: bool,
+                 listing: list[tuple[str, os.stat_result]] | None = None) -> TreeCheck:
     """Compare the tree at ``top`` with ``info`` (names, kinds, sizes, link targets; no content read).
 
     ``staged``: a folder about to be published: its symlinks are collected into
     ``info.links`` instead of compared, and ``.entry`` is a reserved name.
+    ``listing``: :func:`walk` of ``top``, if the caller has it already.
     """
     check = TreeCheck()
     problems = check.problems
     seen: set[str] = set()
-    for rel, st in walk(top):
+    for rel, st in walk(top) if listing is None else listing:
         if rel in (ENTRY_FILE, ENTRY_TMP):
             if staged:
                 problems[rel] = "the name is reserved for the cache's description file"
@@ -325,29 +327,40 @@ def write_entry_file(path: Path, info: EntryInfo, now: float) -> None:
 
 
 def publish_staged(staging: Path, path: Path, info: EntryInfo, trash: Path, now: float, fsync_content: bool) -> EntryInfo:
-    if not staging.is_dir() or staging.is_symlink():
+    try:
+        st = os.lstat(staging)
+    except FileNotFoundError:
+        st = None
+    if st is None or not stat.S_ISDIR(st.st_mode):
         raise CorruptEntryError(f"cannot publish {info.key}: staging folder {staging} does not exist")
     info.links.clear()
-    problems = check_tree(staging, info, hash_chunk=None, staged=True)
+    listing = walk(staging)
+    problems = compare_tree(staging, info, staged=True, listing=listing).problems
     if problems:
         raise CorruptEntryError(f"cannot publish {info.key} from {staging}: {describe(problems)}")
     # (Renames keep mtimes: a file of the entry written after this is newer.)
-    info.content_mtime_ns = max((os.lstat(staging / rel).st_mtime_ns for rel in info.files), default=None)
+    mtimes = {rel: st.st_mtime_ns for rel, st in listing}
+    info.content_mtime_ns = max((mtimes[rel] for rel in info.files), default=None)
     if fsync_content:
         for rel in info.files:
             with open(staging / rel, "rb") as f:
                 os.fsync(f.fileno())
-    path.parent.mkdir(parents=True, exist_ok=True)
     old: Path | None = None
-    if os.path.lexists(path):
-        # An older, incomplete or quarantine-bound folder: out of the way in one rename.
-        try:
-            (path / ENTRY_FILE).unlink()
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-        os.rename(path, trash)
-        old = trash
-    os.rename(staging, path)
+    try:
+        # Nothing there yet (the lock file's folder exists: the caller holds the lock): one rename.
+        # (An empty folder there is replaced by it, as it would be by the steps below.)
+        os.rename(staging, path)
+    except OSError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(path):
+            # An older, incomplete or quarantine-bound folder: out of the way in one rename.
+            try:
+                (path / ENTRY_FILE).unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            os.rename(path, trash)
+            old = trash
+        os.rename(staging, path)
     fsync_dir(path.parent)
     write_entry_file(path, info, now)
     info.last_used = now
@@ -579,9 +592,12 @@ def remove_empty_parents(root: Path, paths: list[Path]) -> None:
 
 
 def make_staging(staging_root: Path, path: Path) -> Path:
-    """Create the staging folder ``path`` (and ``staging/``); ``path``."""
-    staging_root.mkdir(parents=True, exist_ok=True)
-    path.mkdir()
+    """Create the staging folder ``path`` (and ``staging/``, the first time); ``path``."""
+    try:
+        path.mkdir()
+    except FileNotFoundError:
+        staging_root.mkdir(parents=True, exist_ok=True)
+        path.mkdir()
     return path
 
 

@@ -331,9 +331,13 @@ class _Sink:
             # Through the folder's descriptor: a write that comes after its fetch was given up and the
             # folder removed (a pool job that a cancel could not stop) fails, never makes it again.
             parts = self.path.parent.relative_to(self.within).parts
-            with SafeDir.open_root(self.within) as top, top.walk(parts, create=True) as folder:
-                fd = os.open(self.path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             0o666, dir_fd=folder.fd)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            with SafeDir.open_root(self.within) as top:
+                if not parts:  # (a file of the folder itself: no walk)
+                    fd = os.open(self.path.name, flags, 0o666, dir_fd=top.fd)
+                else:
+                    with top.walk(parts, create=True) as folder:
+                        fd = os.open(self.path.name, flags, 0o666, dir_fd=folder.fd)
             self.file = open(fd, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
         except OSError as exc:
             raise _write_error(exc, self.path, self.url) from None

@@ -417,3 +417,18 @@ def test_real_cache_defaults(tmp_path, monkeypatch):
     c = Cache(core.default_root())
     assert c.host_id == "from-env" and c.root == tmp_path / "c"
     assert c.locks.lock_timeout == 600 and c.locks.wait_timeout == 1200 and c.locks.refresh_interval == 150
+
+
+def test_publish_over_an_empty_folder_or_an_incomplete_entry(cache, key):
+    """Publish is one rename where nothing is there; an empty folder at the entry's path is replaced by it
+    as well, and an incomplete entry (no .entry) is moved aside first, then removed: the staging folder
+    is gone either way and no old file stays."""
+    path = cache.entry_path(key)
+    path.mkdir(parents=True)
+    put(cache, key, {"a": b"1"})
+    assert sorted(p.name for p in path.iterdir()) == [ENTRY_FILE, "a"]
+    (path / ENTRY_FILE).unlink()  # incomplete now
+    put(cache, key, {"b": b"2"})
+    assert sorted(p.name for p in path.iterdir()) == [ENTRY_FILE, "b"]
+    assert set(fired(cache.lookup(key)).files) == {"b"}
+    assert list(cache.staging_root.iterdir()) == []

@@ -848,6 +848,24 @@ def _open_source(path: str) -> tuple[Any, os.stat_result]:
     return f, os.fstat(f.fileno())
 
 
+def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int) -> tuple[Any, os.stat_result, int]:
+    """:class:`FileRepository`'s first pool job of a file: opened, its first ``step`` bytes copied
+    into ``sink``; a file that ended within them is closed, and the sink too (its file complete).
+    The open file (None once closed), its status and the bytes copied."""
+    src, st = _open_source(path)
+    try:
+        sink.expected = st.st_size
+        done = sink.fill_from(src.readinto, step, chunk)
+        if done >= step:
+            return src, st, done  # more to come, in jobs of their own (progress between them)
+    except BaseException:
+        src.close()
+        raise
+    src.close()
+    sink.close()
+    return None, st, done
+
+
 def _read_head(path: str, limit: int) -> bytes:
     with open(path, "rb") as f:
         return f.read(limit)
@@ -874,20 +892,23 @@ class FileRepository(Repository):
         return await self.pool.run(_read_head, remote.source, limit)
 
     async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
-        src, st = await self.pool.run(_open_source, remote.source)
-        sink.expected = st.st_size
+        chunk = int(self.config.chunk_size)
+        step = chunk * 8
+        # One pool job opens the file and copies its first step; a file that fits in it (most
+        # small files) is closed there too, the sink with it: one job per file, not five.
+        src, st, done = await self.pool.run(_open_and_fill, remote.source, sink, step, chunk)
         try:
-            chunk = int(self.config.chunk_size)
-            step = chunk * 8
-            done = 0
-            while True:
+            if done:
+                progress(done)
+            while src is not None:
                 n = await self.pool.run(sink.fill_from, src.readinto, step, chunk)
                 if not n:
                     break
                 done += n
                 progress(done)
         finally:
-            await self.pool.run(src.close)
+            if src is not None:
+                await self.pool.run(src.close)
         # What was read is what the file holds now (it may have changed since the listing).
         return replace(remote, size=done, marker=_file_marker(st))
 

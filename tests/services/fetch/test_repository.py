@@ -868,3 +868,41 @@ def test_a_sink_below_a_removed_staging_folder_fails_and_makes_nothing(tmp_path:
     with pytest.raises(WriteError, match="b.txt"):
         late.write(b"y")
     assert not staging.exists()
+
+
+@pytest.mark.parametrize(("size", "jobs"), [(0, ["_open_and_fill"]), (4096, ["_open_and_fill"]),
+                                            (3 * 1024, ["_open_and_fill", "fill_from", "fill_from", "close", "close"])])
+def test_a_small_file_of_a_folder_is_copied_in_one_pool_job(tmp_path: Path, size: int, jobs: list[str]) -> None:
+    """file: a file that fits in one step (chunk_size x 8) is opened, copied, hashed and closed, its copy
+    too, in one pool job; a bigger one goes on a step per job (progress between them), then is closed."""
+    from ion.services.fetch.repository import FileRepository
+
+    class Pool(_SyncPool):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def run(self, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            self.calls.append(fn.__name__)
+            return super().run(fn, *args, **kwargs)
+
+    data = os.urandom(size)
+    write_tree(tmp_path / "www", {"linux/z/1.0/z.bin": data})
+    pool = Pool()
+    chunk = 256 if size == 3 * 1024 else 64 << 10
+    repo = FileRepository(parse_repository_url(f"file://{tmp_path / 'www'}"), pool, config=FetchConfig(chunk_size=chunk))
+    [remote] = _fired(repo.list_version("linux", "z", "1.0"))
+    pool.calls.clear()
+    seen: list[int] = []
+    got = _fired(repo.download(remote, tmp_path / "out" / "z.bin", lambda done, total: seen.append(done)))
+    assert pool.calls == jobs
+    assert (tmp_path / "out" / "z.bin").read_bytes() == data and got.size == size and got.sha256 == sha(data)
+    assert seen[-1] == size
+
+
+def _fired(d: defer.Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "not fired"
+    if isinstance(results[0], Exception) or hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]

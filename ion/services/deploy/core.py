@@ -261,15 +261,21 @@ class Deployer:
         and make its item's result ``rolled back`` (or ``failed``, saying so, where that failed)."""
         results: list[ItemResult] | None = None if isinstance(outcome, Failure) else list(outcome)
         if results is not None and all(r.ok for r in results):
-            # In parallel (bounded by the pool); two in one destination take its lock in turn.
-            commits = [self.pool.run(commit, switch) for _, switch in switched]
-            for done in await defer.DeferredList(commits, consumeErrors=True):
-                ok, problems = done
-                if not ok:
-                    _log.failure("committing a placement failed", problems)
-                    continue
-                for problem in problems:
-                    _log.warn("{problem} (the next placement removes it)", problem=problem)
+            # In at most max_parallel pool jobs, each committing its share of the switches in turn (a
+            # job per switch cost more on the reactor than the commit); two in one destination take
+            # its lock in turn.
+            switches = [switch for _, switch in switched]
+            size = -(-len(switches) // self.max_parallel)
+            chunks = [switches[i:i + size] for i in range(0, len(switches), size)]
+            jobs = [self.pool.run(commit, chunk[0]).addCallback(lambda problems: [problems]) if len(chunk) == 1
+                    else self.pool.run(_commit_each, chunk) for chunk in chunks]
+            for ok, done in await defer.DeferredList(jobs, consumeErrors=True):
+                for problems in done if ok else [done]:
+                    if isinstance(problems, Failure):
+                        _log.failure("committing a placement failed", problems)
+                        continue
+                    for problem in problems:
+                        _log.warn("{problem} (the next placement removes it)", problem=problem)
             return outcome
         why = "the deployment did not end"
         if results is not None:
@@ -332,6 +338,17 @@ class Deployer:
             return ItemResult(item, "failed", reason=_reason(exc), entry=str(entry)), None
         return ItemResult(item, str(fetched.get("state", "cached")), already=placed.already,
                           entry=str(entry), names=tuple(placed.names)), placed.switch
+
+
+def _commit_each(switches: list[Switch]) -> list[list[str] | Failure]:
+    """In a pool thread: :func:`commit` each switch in turn; each one's problems, or its Failure."""
+    outcomes: list[list[str] | Failure] = []
+    for switch in switches:
+        try:
+            outcomes.append(commit(switch))
+        except Exception:
+            outcomes.append(Failure())
+    return outcomes
 
 
 class _Shared:

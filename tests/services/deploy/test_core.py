@@ -199,3 +199,28 @@ def test_cancelling_a_deployment_cancels_its_fetches(tmp_path):
     # Every item ends, as cancelled (the deployment's result still lists them all).
     assert [r.state for r in outcome[0]] == ["cancelled"] * 3
     assert all(not r.ok and "cancelled" in (r.reason or "") for r in outcome[0])
+
+
+def test_commits_run_in_at_most_max_parallel_pool_jobs(tmp_path):
+    """All or nothing, every item placed: the switches are committed in at most ``max_parallel`` pool
+    jobs (each committing its share in turn), not one job per item; each one is committed."""
+    import json
+
+    class CountingPool(SynchronousPool):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def run(self, fn, *args, **kwargs):
+            self.calls.append(fn.__name__)
+            return super().run(fn, *args, **kwargs)
+
+    cache = CacheStandIn(tmp_path / "cache")
+    names = [f"d{n}" for n in range(7)]
+    dep = deployment(tmp_path, *(item(n, f"out/{n}") for n in names))
+    pool = CountingPool()
+    results = run(Deployer(cache.fetch, pool, max_parallel=3), dep)
+    assert [r.state for r in results] == ["downloaded"] * 7
+    assert pool.calls.count("commit") + pool.calls.count("_commit_each") == 3
+    for n in names:
+        manifest = json.loads((tmp_path / "out" / n / ".ion-deploy" / f"linux.{n}.json").read_text())
+        assert "pending" not in manifest and manifest["names"] == ["lib"]

@@ -34,6 +34,7 @@ import os
 import platform
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["SafeDir", "SymlinkRefused", "relative_parts", "RENAME_EXCHANGE"]
+__all__ = ["SafeDir", "SymlinkRefused", "WalkCache", "relative_parts", "RENAME_EXCHANGE"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_CHUNK = 1 << 20
@@ -96,6 +97,9 @@ class SafeDir:
     def __init__(self, fd: int, path: str | os.PathLike[str]) -> None:
         self.fd = fd
         self._path = os.fspath(path)
+        #: True when the walk that opened it made this very folder (it was missing): it holds
+        #: nothing but what was put there since.
+        self.created = False
 
     @property
     def path(self) -> Path:
@@ -131,39 +135,51 @@ class SafeDir:
     def walk(self, parts: tuple[str, ...] | list[str], *, create: bool = False, mode: int = 0o777) -> SafeDir:
         """A new :class:`SafeDir` for the folder ``parts`` below this one, no symlink followed.
 
-        :param create: make missing folders with ``mode`` (less the umask).
+        :param create: make missing folders with ``mode`` (less the umask); the result's
+            :attr:`created` says whether its own folder was made.
         :raises SymlinkRefused: naming the first component that is a symlink.
         :raises OSError: a component is missing (without ``create``), not a folder, or unreadable.
         """
-        fd = os.dup(self.fd)
         path = self._path.rstrip("/")
+        if not parts:
+            return SafeDir(os.dup(self.fd), path or "/")
+        # The first component is opened relative to this descriptor itself (no dup of it).
+        fd, own, made = self.fd, False, False
         try:
             for part in parts:
                 if part in ("", ".", "..") or "/" in part:
                     raise ValueError(f"{part!r} is not a single path component")
                 path = f"{path}/{part}"
-                child = self._open_child(fd, part, path, create, mode)
-                os.close(fd)
-                fd = child
+                child, made = self._open_child(fd, part, path, create, mode)
+                if own:
+                    os.close(fd)
+                fd, own = child, True
         except BaseException:
-            os.close(fd)
+            if own:
+                os.close(fd)
             raise
-        return SafeDir(fd, path or "/")
+        found = SafeDir(fd, path or "/")
+        found.created = made
+        return found
 
     def open_dir(self, name: str, *, create: bool = False, mode: int = 0o777) -> SafeDir:
         """The folder ``name`` in this one (see :meth:`walk`)."""
         return self.walk((name,), create=create, mode=mode)
 
     @staticmethod
-    def _open_child(fd: int, part: str, path: str, create: bool, mode: int) -> int:
+    def _open_child(fd: int, part: str, path: str, create: bool, mode: int) -> tuple[int, bool]:
+        """The folder ``part`` of ``fd`` opened (made first if missing and ``create``), and whether
+        this call made it."""
+        made = False
         while True:
             try:
-                return os.open(part, _DIR_FLAGS, dir_fd=fd)
+                return os.open(part, _DIR_FLAGS, dir_fd=fd), made
             except FileNotFoundError:
                 if not create:
                     raise
                 try:
                     os.mkdir(part, mode, dir_fd=fd)
+                    made = True
                 except FileExistsError:
                     pass  # made by someone else meanwhile: open it (or find what it is)
             except OSError as exc:
@@ -378,7 +394,7 @@ class SafeDir:
         return fd
 
     @contextmanager
-    def locked(self, name: str, timeout: float = 300.0) -> Iterator[None]:
+    def locked(self, name: str, timeout: float = 300.0, *, new: bool = False) -> Iterator[bool]:
         """Hold an exclusive ``flock`` on the file ``name`` here (made if missing, never followed).
 
         Opened read-only (anyone who may read the folder can lock it) and non-blocking
@@ -386,7 +402,19 @@ class SafeDir:
         Waits at most ``timeout`` seconds for another holder (polling, in the calling
         thread), then fails with ``EWOULDBLOCK``: a holder that hangs (or a local user
         who holds the lock on purpose) cannot keep a pool thread for ever.
+
+        Yields whether this call made the file, locked before anyone else could see it
+        (so nobody ever held this lock before): only with ``new``, for a folder just made,
+        where it is missing (an unnamed file, locked, then linked to the name, which fails
+        if the name exists; where the filesystem has no unnamed files, never). Otherwise False.
         """
+        fd = self._create_locked(name) if new else -1
+        if fd >= 0:
+            try:
+                yield True
+            finally:
+                os.close(fd)  # releases the lock
+            return
         fd = self._open(name, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK, 0o666)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -403,9 +431,28 @@ class SafeDir:
                                       str(self.path / name)) from None
                     time.sleep(pause)  # a pool thread, never the reactor's
                     pause = min(pause * 2, 0.25)
-            yield
+            yield False
         finally:
             os.close(fd)  # releases the lock
+
+    def _create_locked(self, name: str) -> int:
+        """The new file ``name`` here, locked (exclusive ``flock``) before it has its name: its
+        descriptor; -1 if the name exists, or where unnamed files cannot be made or linked."""
+        tmpfile = getattr(os, "O_TMPFILE", 0)
+        if not tmpfile or os.link not in os.supports_dir_fd:
+            return -1
+        try:
+            fd = os.open(".", os.O_WRONLY | tmpfile | os.O_CLOEXEC, 0o666, dir_fd=self.fd)
+        except OSError:
+            return -1  # EOPNOTSUPP (the filesystem), EISDIR or EINVAL (the kernel)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else can see it: never busy
+            # linkat(AT_FDCWD, "/proc/self/fd/N", dir, name, AT_SYMLINK_FOLLOW): fails if the name exists.
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=self.fd, follow_symlinks=True)
+        except OSError:
+            os.close(fd)
+            return -1
+        return fd
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -423,6 +470,123 @@ class SafeDir:
 
     def __repr__(self) -> str:
         return f"SafeDir({self._path!r}, fd={self.fd})"
+
+
+class WalkCache:
+    """The folders above the destinations of one deployment, each walked to once (thread-safe).
+
+    :meth:`open_below` answers what :meth:`SafeDir.open_below` would, but walks to the
+    path's parent only the first time (from the root, following no link) and keeps that
+    descriptor; later walks of paths in that folder start there. A folder swapped for a
+    link after that first walk is never followed: the kept descriptor names the folder
+    that was walked to (wherever it has been moved), and what is below it is walked
+    following no link, as ever. At most ``limit`` folders are kept (beyond, walks go from
+    the root). :meth:`realpath` remembers the folders it resolved, the same way.
+
+    Its owner closes it once nothing uses it any more (:meth:`close`; a walk under way
+    keeps the descriptors open until it ends).
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._dirs: dict[tuple[str, str], SafeDir] = {}
+        self._real: dict[str, str] = {}
+        self._users = 0
+        self._closed = False
+
+    def open_below(self, root: str | os.PathLike[str], path: str | os.PathLike[str], *,
+                   create: bool = False, mode: int = 0o777) -> SafeDir:
+        """:meth:`SafeDir.open_below` of ``path`` below ``root``: a new :class:`SafeDir`, its own to close."""
+        parts = relative_parts(path, root)
+        if not parts:
+            return SafeDir.open_below(root, path, create=create, mode=mode)
+        top = os.fspath(root)
+        key = (top, "/".join(parts[:-1]))
+        parent = self._enter(key)
+        spare: SafeDir | None = None
+        try:
+            if parent is None:
+                found = SafeDir.open_below(top, os.path.join(top, *parts[:-1]), create=create, mode=mode)
+                parent, kept = self._keep(key, found)
+                if not kept:
+                    spare = found  # not kept (over the limit, or closed): closed after this walk
+            return parent.walk(parts[-1:], create=create, mode=mode)
+        finally:
+            if spare is not None:
+                spare.close()
+            self._leave()
+
+    def _enter(self, key: tuple[str, str]) -> SafeDir | None:
+        with self._lock:
+            self._users += 1
+            return self._dirs.get(key)
+
+    def _keep(self, key: tuple[str, str], found: SafeDir) -> tuple[SafeDir, bool]:
+        """The folder to walk from (``found``, now kept if it may be, or the one another thread kept
+        meanwhile), and whether it is kept (else the caller closes it after its walk)."""
+        with self._lock:
+            kept = self._dirs.get(key)
+            if kept is None and not self._closed and len(self._dirs) < self.limit:
+                self._dirs[key] = kept = found
+        if kept is None:
+            return found, False
+        if kept is not found:
+            found.close()
+        return kept, True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            done = self._closed and self._users == 0
+            dirs = list(self._dirs.values()) if done else []
+            if done:
+                self._dirs.clear()
+        for d in dirs:
+            d.close()
+
+    def realpath(self, path: str | os.PathLike[str]) -> str:
+        """``os.path.realpath(path)`` of an absolute path, each folder above it resolved once (one
+        ``lstat`` for each name below one resolved already)."""
+        p = os.fspath(path)
+        if not p.startswith("/") or ".." in p.split("/"):
+            return os.path.realpath(p)  # (a ".." after a link is not folded away lexically)
+        p = os.path.normpath(p)
+        with self._lock:
+            hit = self._real.get(p)
+        if hit is not None:
+            return hit
+        parent, name = os.path.split(p)
+        if not name or parent == p:
+            return os.path.realpath(p)
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return os.path.realpath(p)  # missing (resolved as far as it exists), or unreadable
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(p)
+        else:
+            real = os.path.join(self.realpath(parent), name)
+        with self._lock:
+            self._real[p] = real
+        return real
+
+    def close(self) -> None:
+        """Close the kept descriptors (once no walk uses them); later walks go from the root."""
+        with self._lock:
+            self._closed = True
+            done = self._users == 0
+            dirs = list(self._dirs.values()) if done else []
+            if done:
+                self._dirs.clear()
+        for d in dirs:
+            d.close()
+
+    def __enter__(self) -> WalkCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _renameat2_call: list[Any] = []

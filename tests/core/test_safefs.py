@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ion.core.safefs import SafeDir, SymlinkRefused, relative_parts
+from ion.core.safefs import SafeDir, SymlinkRefused, WalkCache, relative_parts
 
 
 def test_walk_makes_missing_folders_and_refuses_a_link_naming_it(tmp_path: Path) -> None:
@@ -256,3 +256,76 @@ def test_try_lock_shared_and_exclusive(tmp_path: Path) -> None:
         mine = top.try_lock("p")
         assert mine is not None and top.try_lock("p", shared=True) is None
         os.close(mine)
+
+
+# -- the walks of one deployment ---------------------------------------------------------------------------
+def test_walk_reports_whether_it_made_the_folder(tmp_path: Path) -> None:
+    """``created``: the walk made the folder itself (it was missing), not one that was there."""
+    with SafeDir.open_below(tmp_path, tmp_path / "a" / "b", create=True) as made:
+        assert made.created
+    with SafeDir.open_below(tmp_path, tmp_path / "a" / "b", create=True) as found:
+        assert not found.created
+    with SafeDir.open_root(tmp_path) as top, top.walk(()) as same:
+        assert not same.created and same.realpath() == tmp_path
+
+
+def test_locked_new_says_whether_it_made_the_lock_file(tmp_path: Path) -> None:
+    """``locked(new=True)`` yields True when it made the file, False when it was there (or without ``new``)."""
+    with SafeDir.open_root(tmp_path) as d:
+        with d.locked(".lock", new=True) as made:
+            assert made and (tmp_path / ".lock").is_file()
+        with d.locked(".lock", new=True) as made:
+            assert not made
+        with d.locked(".lock") as made:
+            assert not made
+        (tmp_path / ".other").symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(SymlinkRefused), d.locked(".other", new=True):
+            pass
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_walk_cache_walks_to_a_parent_once_and_never_follows_a_link_swapped_in(tmp_path: Path) -> None:
+    """A second destination in the same folder is walked to from that folder's kept descriptor: a folder
+    above swapped for a link after the first walk is not followed (the kept one is the folder walked
+    to, wherever it went); a destination itself swapped for a link is refused, as by SafeDir."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    (outside / "a").mkdir(parents=True)
+    with WalkCache() as walks:
+        with walks.open_below(root, root / "a" / "one", create=True) as one:
+            assert one.created and one.realpath() == root / "a" / "one"
+        (root / "a").rename(tmp_path / "moved")
+        (root / "a").symlink_to(outside / "a")
+        with walks.open_below(root, root / "a" / "two", create=True) as two:
+            assert two.realpath() == tmp_path / "moved" / "two"  # the folder walked to, never the link
+        assert list((outside / "a").iterdir()) == []
+        (tmp_path / "moved" / "three").symlink_to(outside / "a")
+        with pytest.raises(SymlinkRefused):
+            walks.open_below(root, root / "a" / "three")
+    # Closed: a walk goes from the root again, and refuses the link there.
+    with pytest.raises(SymlinkRefused):
+        walks.open_below(root, root / "a" / "four", create=True)
+    assert list((outside / "a").iterdir()) == []
+
+
+def test_walk_cache_keeps_at_most_limit_folders_and_closes_them(tmp_path: Path) -> None:
+    """Over ``limit`` folders, walks go from the root (nothing kept, nothing leaked); ``close`` closes them."""
+    before = len(os.listdir("/proc/self/fd"))
+    walks = WalkCache(limit=2)
+    for n in range(5):
+        with walks.open_below(tmp_path, tmp_path / f"p{n}" / "d", create=True) as d:
+            assert d.realpath() == tmp_path / f"p{n}" / "d"
+    assert len(os.listdir("/proc/self/fd")) == before + 2
+    walks.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_walk_cache_realpath_resolves_as_os_path_realpath(tmp_path: Path) -> None:
+    """``realpath`` agrees with ``os.path.realpath`` for folders, links among them and missing names."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    walks = WalkCache()
+    for path in (tmp_path / "real" / "sub", tmp_path / "link" / "sub", tmp_path / "link" / "missing" / "x",
+                 tmp_path / "real" / ".." / "link", tmp_path / "link" / ".." / "link", Path("/")):
+        assert walks.realpath(path) == os.path.realpath(path), path
+        assert walks.realpath(path) == os.path.realpath(path), path  # (remembered)

@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.exceptions import ApplicationError
+from ion.core.safefs import WalkCache
 from ion.core.threads import run_short
 from ion.services.deploy.place import PlacementError, Switch, Target, commit, place, placed_already, undo
 from ion.services.deploy.settings import DeploySettings
@@ -182,6 +183,9 @@ class Deployer:
         if len(targets) != len(deployment.items):
             raise ValueError("one target per item")
         semaphore = defer.DeferredSemaphore(self.max_parallel)
+        # The folders above the destinations, each walked to once in this deployment (then each
+        # placement, check and commit walks from its destination's parent; no link followed, as ever).
+        walks = WalkCache()
         fetches: dict[tuple[Any, ...], _Shared] = {}
         # Items placed into one destination are placed one after the other (they
         # may share manifest files and names); different destinations in parallel.
@@ -223,7 +227,7 @@ class Deployer:
                 try:
                     result, switch = await _despite_cancel(defer.ensureDeferred(
                         self._place(item, target, fetched, report, pending=not partial,
-                                    hold_back=None if partial else failures)))
+                                    hold_back=None if partial else failures, walks=walks)))
                     if switch is not None:
                         switched.append((index, switch))
                 finally:
@@ -251,9 +255,13 @@ class Deployer:
             work = defer.ensureDeferred(self._finish(outcome, switched, report, on_result))
             return defer.ensureDeferred(_despite_cancel(work))
 
+        def close_walks(outcome: Any) -> Any:
+            walks.close()  # (a walk still under way keeps its folders open until it ends)
+            return outcome
+
         results = defer.gatherResults([defer.ensureDeferred(one(index, item, target)) for index, (item, target)
                                        in enumerate(zip(deployment.items, targets, strict=True))])
-        return results.addBoth(finish).addBoth(settled)
+        return results.addBoth(finish).addBoth(settled).addBoth(close_walks)
 
     async def _finish(self, outcome: Any, switched: list[tuple[int, Switch]], report: ProgressFunction,
                       on_result: Callable[[ItemResult], None] | None) -> Any:
@@ -307,8 +315,8 @@ class Deployer:
         return results if results is not None else outcome
 
     async def _place(self, item: DeploymentItem, target: Target, fetched: Mapping[str, Any],
-                     report: ProgressFunction, *, pending: bool,
-                     hold_back: list[str] | None = None) -> tuple[ItemResult, Switch | None]:
+                     report: ProgressFunction, *, pending: bool, hold_back: list[str] | None = None,
+                     walks: WalkCache | None = None) -> tuple[ItemResult, Switch | None]:
         """Place one fetched item (two-phase when ``pending``): its result and its switch, if any.
 
         ``hold_back`` (all or nothing): the items that did not deploy so far; if there are
@@ -322,7 +330,7 @@ class Deployer:
         try:
             # Most items of a warm deploy are in place already: a short check, with the others'.
             placed = await run_short(self.pool, placed_already, entry, names, target.path, root=target.root,
-                                     **how)
+                                     walks=walks, **how)
             if placed is None and hold_back:
                 return ItemResult(item, ROLLED_BACK, entry=str(entry), reason=(
                     f"not switched in: {len(hold_back)} item(s) of this deployment did not deploy "
@@ -330,7 +338,7 @@ class Deployer:
                     f"stays (all or nothing; a partial deployment keeps what was placed)")), None
             if placed is None:
                 placed = await self.pool.run(place, entry, names, target.path, root=target.root,
-                                             cache_root=self.cache_root, pending=pending, **how)
+                                             cache_root=self.cache_root, pending=pending, walks=walks, **how)
         except PlacementError as exc:
             return ItemResult(item, "failed", reason=str(exc), entry=str(entry)), None
         except Exception as exc:

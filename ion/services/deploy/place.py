@@ -83,7 +83,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from ion.core.exceptions import IonError
-from ion.core.safefs import SafeDir, SymlinkRefused
+from ion.core.safefs import SafeDir, SymlinkRefused, WalkCache
 from ion.services.cache.reaper import record_link
 
 __all__ = ["PlacementError", "Placement", "Switch", "Target", "place", "commit", "undo", "placed_already",
@@ -180,11 +180,12 @@ def _target(destination: Path, root: Path | None) -> tuple[Path, Path]:
     return Path(root), Path(destination)
 
 
-def _cache_tops(entry: Path, cache_root: Path | None) -> list[tuple[Path, str]]:
+def _cache_tops(entry: Path, cache_root: Path | None, walks: WalkCache | None = None) -> list[tuple[Path, str]]:
     """The folders no destination may be or lie in (the cache root, the entry), resolved once per
-    placement for both of its checks."""
-    tops = [(Path(os.path.realpath(cache_root)), "the cache root")] if cache_root is not None else []
-    return [*tops, (Path(os.path.realpath(entry)), "the cache entry")]
+    placement for both of its checks (with ``walks``, the folders above them once per deployment)."""
+    realpath = walks.realpath if walks is not None else os.path.realpath
+    tops = [(Path(realpath(cache_root)), "the cache root")] if cache_root is not None else []
+    return [*tops, (Path(realpath(entry)), "the cache entry")]
 
 
 def _refuse_cache(real: Path, destination: Path, tops: list[tuple[Path, str]]) -> None:
@@ -195,10 +196,11 @@ def _refuse_cache(real: Path, destination: Path, tops: list[tuple[Path, str]]) -
                                  f"published cache entries are never written by a deployment: refusing it")
 
 
-def _open_destination(top: Path, path: Path, destination: Path) -> SafeDir:
-    """The destination folder, made if missing, walked from ``top`` without following links."""
+def _open_destination(top: Path, path: Path, destination: Path, walks: WalkCache | None = None) -> SafeDir:
+    """The destination folder, made if missing, walked from ``top`` without following links (with
+    ``walks``, from its parent folder as first walked to in this deployment)."""
     try:
-        return SafeDir.open_below(top, path, create=True)
+        return (walks or SafeDir).open_below(top, path, create=True)
     except SymlinkRefused as exc:
         raise PlacementError(_refused(exc)) from exc
     except ValueError as exc:
@@ -211,11 +213,19 @@ def _open_destination(top: Path, path: Path, destination: Path) -> SafeDir:
 def _read_manifest(records: SafeDir, manifest: str) -> dict[str, Any] | None:
     try:
         raw = records.read_bytes(manifest)
-        if raw is None:
-            return None
-        data = json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError):
+    except OSError:
         return None  # unreadable (or a link): treated as no previous deployment
+    return _parse_manifest(raw)
+
+
+def _parse_manifest(raw: bytes | None) -> dict[str, Any] | None:
+    """A manifest's content (read by :func:`_read_manifest`), or None if it is none or not one."""
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return None  # unreadable: treated as no previous deployment
     if not isinstance(data, dict) or not isinstance(data.get("names"), list):
         return None
     # A manifest is a file in the destination, which others may write: never let
@@ -283,6 +293,9 @@ class Switch:
     #: The manifest as the switch wrote it (marked ``pending``), and as :func:`commit` rewrites it.
     written: bytes | None = None
     committed: bytes | None = None
+    #: The deployment's walks (:class:`~ion.core.safefs.WalkCache`), if any: the commit or undo walks
+    #: from the destination's parent as first walked to.
+    walks: WalkCache | None = field(default=None, repr=False)
 
     def release(self) -> None:
         """Drop the shared lock that keeps the previous versions (after a commit or an undo)."""
@@ -432,7 +445,7 @@ def _none_pending(records: SafeDir) -> bool:
 
 def place(entry: Path, names: list[str], destination: Path, *, link: bool, platform: str, name: str,
           version: str, entry_stamp: str, root: Path | None = None, cache_root: Path | None = None,
-          pending: bool = False) -> Placement:
+          pending: bool = False, walks: WalkCache | None = None) -> Placement:
     """Place an entry's top-level ``names`` at ``destination``.
 
     :param entry: the cache entry folder.
@@ -448,21 +461,26 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
         result's ``switch`` (None when nothing changed). If one name fails, the
         item's names already switched are switched back. False: done at once (the
         previous versions removed; a failure keeps the names placed so far, recorded).
+    :param walks: the deployment's :class:`~ion.core.safefs.WalkCache`: the destination is walked
+        to from its parent folder as first walked to, and the cache's folders resolved once.
     :raises PlacementError: naming the path that could not be written (or was a
         symbolic link), or a name that something else owns.
     """
     _check_names(entry, names)
     top, path = _target(destination, root)
-    tops = _cache_tops(entry, cache_root)
+    tops = _cache_tops(entry, cache_root, walks)
     _refuse_cache(path, destination, tops)
     manifest = manifest_path(destination, platform, name)
     with ExitStack() as stack:
-        dest = stack.enter_context(_open_destination(top, path, destination))
+        dest = stack.enter_context(_open_destination(top, path, destination, walks))
         # Defence in depth: where the descriptor really is (the walk followed no link).
         _refuse_cache(dest.realpath(), destination, tops)
         try:
             records = stack.enter_context(dest.open_dir(MANIFEST_DIR, create=True))
-            stack.enter_context(records.locked(LOCK_FILE))
+            # A destination this placement made holds nothing of an earlier one: when its records
+            # folder and their lock are new too, none is read (no record, leftover or manifest).
+            made_lock = stack.enter_context(records.locked(LOCK_FILE, new=dest.created and records.created))
+            fresh = dest.created and records.created and made_lock
         except SymlinkRefused as exc:
             raise PlacementError(_refused(exc)) from exc
         except OSError as exc:
@@ -470,10 +488,10 @@ def place(entry: Path, names: list[str], destination: Path, *, link: bool, platf
         if link:  # before the links are made (see the module notes), once the destination is known good
             _record_link(entry, destination)
         placement = _place_locked(entry, names, destination, dest, records, manifest, link=link, version=version,
-                                  entry_stamp=entry_stamp, pending=pending)
+                                  entry_stamp=entry_stamp, pending=pending, fresh=fresh)
         switch = placement.switch
         if switch is not None:
-            switch.top, switch.path = top, path
+            switch.top, switch.path, switch.walks = top, path, walks
             if not pending:
                 placement.switch = None
                 for problem in _commit_swaps(dest, switch.swaps):
@@ -486,7 +504,7 @@ def _locked_destination(switch: Switch) -> Any:
     """The switch's destination and records, walked again from its root, holding the destination's lock."""
     stack = ExitStack()
     try:
-        dest = stack.enter_context(SafeDir.open_below(switch.top, switch.path))
+        dest = stack.enter_context((switch.walks or SafeDir).open_below(switch.top, switch.path))
         records = stack.enter_context(dest.open_dir(MANIFEST_DIR))
         stack.enter_context(records.locked(LOCK_FILE))
     except SymlinkRefused as exc:
@@ -591,16 +609,25 @@ def _remove_leftovers(dest: SafeDir, records: SafeDir, names: list[str]) -> None
 
 
 def _place_locked(entry: Path, names: list[str], destination: Path, dest: SafeDir, records: SafeDir,
-                  manifest: Path, *, link: bool, version: str, entry_stamp: str, pending: bool) -> Placement:
-    """:func:`place`, the destination and its records open, holding the destination's lock."""
+                  manifest: Path, *, link: bool, version: str, entry_stamp: str, pending: bool,
+                  fresh: bool = False) -> Placement:
+    """:func:`place`, the destination and its records open, holding the destination's lock.
+
+    ``fresh``: this placement made the destination folder, its records folder and their lock file
+    (nobody placed anything there before it): no record, leftover or manifest to read.
+    """
     mname = manifest.name
-    try:
-        before = records.read_bytes(mname)
-    except OSError:
+    if fresh:
         before = None
-    previous = _read_manifest(records, mname) or {}
+    else:
+        try:
+            before = records.read_bytes(mname)
+        except OSError:
+            before = None
+    previous = _parse_manifest(before) or {}
     prev_names = [str(n) for n in previous.get("names", [])]
-    _remove_leftovers(dest, records, sorted(set(names) | set(prev_names)))
+    if not fresh:
+        _remove_leftovers(dest, records, sorted(set(names) | set(prev_names)))
     record = _record(entry, names, link=link, version=version, entry_stamp=entry_stamp)
     # Marked pending by a switch whose placer died before its commit (no live switch holds
     # ``.pending``): the item is whole in that version, which counts as in place.
@@ -614,12 +641,12 @@ def _place_locked(entry: Path, names: list[str], destination: Path, dest: SafeDi
             except PlacementError as exc:
                 _log.warn("{exc} (its pending mark stays: the next placement checks it again)", exc=exc)
         return Placement(destination, sorted(names), already=True)
-    if not prev_names and link and names and _all_in_place(entry, names, dest, link):
+    if not fresh and not prev_names and link and names and _all_in_place(entry, names, dest, link):
         # Links already right but no record (first deploy over a tree placed by hand).
         _write_manifest(records, manifest, record)
         return Placement(destination, sorted(names), already=True)
 
-    owners = _owners(records, mname)
+    owners = {} if fresh else _owners(records, mname)
     for n in names:
         target = destination / n
         if n in owners:
@@ -743,7 +770,8 @@ def _failed_switch(exc: BaseException | None, dest: SafeDir, records: SafeDir, m
 
 
 def placed_already(entry: Path, names: list[str], destination: Path, *, link: bool, platform: str, name: str,
-                   version: str, entry_stamp: str, root: Path | None = None) -> Placement | None:
+                   version: str, entry_stamp: str, root: Path | None = None,
+                   walks: WalkCache | None = None) -> Placement | None:
     """The placement, if ``destination`` holds this entry's ``names`` as :func:`place` left them; else None.
 
     A few opens and stats and one small read, by descriptors walked from
@@ -756,7 +784,7 @@ def placed_already(entry: Path, names: list[str], destination: Path, *, link: bo
     top, path = _target(destination, root)
     record = _record(entry, names, link=link, version=version, entry_stamp=entry_stamp)
     try:
-        with SafeDir.open_below(top, path) as dest:
+        with (walks or SafeDir).open_below(top, path) as dest:
             with dest.open_dir(MANIFEST_DIR) as records:
                 previous = _read_manifest(records, _manifest_name(platform, name)) or {}
             if not (_same(previous, record) and _all_in_place(entry, names, dest, link)):

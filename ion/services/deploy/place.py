@@ -661,6 +661,20 @@ def _place_locked(entry: Path, names: list[str], destination: Path, dest: SafeDi
             switch.pending_fd = _hold_pending(records)
         except OSError as exc:
             raise PlacementError(f"cannot write {records.path / PENDING_FILE}: {exc.strerror or exc}") from exc
+    # Recorded before any name is switched, so that a placer killed amid the switch (SIGKILL: no
+    # cleanup) leaves names the next placement knows for ours, never "not placed by a deployment".
+    # A fresh destination (nothing there before) with two phases gets its pending record at once:
+    # each name is then missing or its new version whole, as that record says (a stale pending
+    # mark: see above). Otherwise a record that claims the old names and the new ones, marked
+    # partial (never "in place"): the next placement places each name again.
+    prewritten = fresh and pending
+    intent = dict(record, pending=True) if prewritten else dict(
+        previous, names=sorted(set(prev_names) | set(names)), stamp="partial", pending=True)
+    try:
+        _write_manifest(records, manifest, intent)
+    except PlacementError:
+        switch.release()
+        raise
     try:
         _switch_names(entry, names, destination, dest, link, switch)
         removed = _set_aside_removed(dest, destination, names, prev_names, switch)
@@ -671,7 +685,8 @@ def _place_locked(entry: Path, names: list[str], destination: Path, dest: SafeDi
         if pending and switch.swaps:
             # Marked pending until its commit: not "in place" for another deployment meanwhile
             # (:func:`_same`), since an undo may still take it away.
-            _write_manifest(records, manifest, dict(record, pending=True))
+            if not prewritten:
+                _write_manifest(records, manifest, dict(record, pending=True))
             switch.written, switch.committed = _manifest_bytes(dict(record, pending=True)), _manifest_bytes(record)
         else:
             _write_manifest(records, manifest, record)

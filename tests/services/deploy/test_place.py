@@ -193,3 +193,40 @@ def test_what_a_killed_placement_left_is_removed_by_the_next(tmp_path):
         stamp="t2")
     assert sorted(p.name for p in dest.iterdir()) == [".ion-deploy", ".other.ion-new-1", "tool"]
     assert (dest / "tool" / "README").read_text() == "tool 2\n"
+
+
+@pytest.mark.parametrize("pending", [True, False])
+@pytest.mark.parametrize("before", [None, "0.9"])
+def test_a_placer_killed_amid_its_switch_leaves_names_the_next_one_replaces(tmp_path, pending, before):
+    """A placer SIGKILLed after it switched one name of two, before its record was final (no cleanup
+    runs), into a new destination or over a previous version: the next placement takes every name for
+    ours (recorded before the switch) and places the item whole, never refusing a name as foreign."""
+    import ion.services.deploy.place as place_module
+
+    entry = make_entry(tmp_path, "1.0", {"a/f": "A1", "b/f": "B1"})
+    dest = tmp_path / "out"
+    if before is not None:
+        put(make_entry(tmp_path, before, {"a/f": "A0", "b/f": "B0", "c/f": "C0"}), dest, ["a", "b", "c"],
+            link=False, version=before, stamp="t0")
+    pid = os.fork()
+    if pid == 0:  # the placer, killed (no cleanup at all) right after its first name is switched
+        real = place_module._swap_in
+
+        def swap_then_die(*args, **kwargs):
+            real(*args, **kwargs)
+            os._exit(9)
+
+        place_module._swap_in = swap_then_die
+        try:
+            place(entry, ["a", "b"], dest, link=False, platform="linux", name="zlib", version="1.0",
+                  entry_stamp="t1", pending=pending)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 9
+    assert (dest / "a" / "f").read_text() == "A1"  # switched before the kill
+    result = put(entry, dest, ["a", "b"], link=False, stamp="t1")
+    assert not result.already
+    assert (dest / "a" / "f").read_text() == "A1" and (dest / "b" / "f").read_text() == "B1"
+    assert sorted(p.name for p in dest.iterdir()) == [".ion-deploy", "a", "b"]
+    assert put(entry, dest, ["a", "b"], link=False, stamp="t1").already

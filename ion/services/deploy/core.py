@@ -328,9 +328,14 @@ class Deployer:
         how = dict(link=item.link, platform=item.platform, name=item.name, version=item.version,
                    entry_stamp=str(fetched.get("stamp") or ""))
         try:
-            # Most items of a warm deploy are in place already: a short check, with the others'.
-            placed = await run_short(self.pool, placed_already, entry, names, target.path, root=target.root,
-                                     walks=walks, **how)
+            placed = None
+            if fetched.get("state", "cached") == "cached" or hold_back:
+                # Most items of a warm deploy are in place already: a short check, with the others'.
+                # (A fetched one goes straight to place(), which finds it in place as well, under
+                # the destination's lock: one pool job, not two. Not when one that is not in place
+                # must be held back, below.)
+                placed = await run_short(self.pool, placed_already, entry, names, target.path, root=target.root,
+                                         walks=walks, **how)
             if placed is None and hold_back:
                 return ItemResult(item, ROLLED_BACK, entry=str(entry), reason=(
                     f"not switched in: {len(hold_back)} item(s) of this deployment did not deploy "

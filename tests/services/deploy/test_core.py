@@ -174,9 +174,9 @@ def test_two_versions_into_one_destination_are_placed_in_turn(tmp_path):
         assert len(pool.pending) == 1 or {p[1].__name__ for p in pool.pending} == {"commit"}
         steps.append(pool.pending[0][1].__name__)
         pool.step()
-    # Each: a quick check whether it is in place already, then the placement; at the end (all
-    # or nothing) each switch is committed.
-    assert steps == ["placed_already", "place", "placed_already", "place", "commit", "commit"]
+    # Each (downloaded, so not checked first: place() finds an item in place itself), the placement;
+    # at the end (all or nothing) each switch is committed.
+    assert steps == ["place", "place", "commit", "commit"]
     results = []
     d.addCallback(results.append)
     assert results and [r.ok for r in results[0]] == [True, True]
@@ -224,3 +224,34 @@ def test_commits_run_in_at_most_max_parallel_pool_jobs(tmp_path):
     for n in names:
         manifest = json.loads((tmp_path / "out" / n / ".ion-deploy" / f"linux.{n}.json").read_text())
         assert "pending" not in manifest and manifest["names"] == ["lib"]
+
+
+def test_a_cached_item_is_checked_first_and_a_fetched_one_placed_at_once(tmp_path):
+    """A cached item gets the quick check (most are in place on a warm deploy); a downloaded one goes
+    straight to place(), one pool job, which reports it ``already`` when it is in place."""
+
+    class Pool(SynchronousPool):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def run(self, fn, *args, **kwargs):
+            self.calls.append(fn.__name__)
+            return super().run(fn, *args, **kwargs)
+
+        run_short = run
+
+    cache = CacheStandIn(tmp_path / "cache")
+    dep = deployment(tmp_path, item("a", "out/a"))
+    pool = Pool()
+    [first] = run(Deployer(cache.fetch, pool), dep)
+    assert first.state == "downloaded" and not first.already
+    assert pool.calls == ["resolve_targets", "place", "commit"]
+
+    def fetch_cached(it, progress):
+        return cache.fetch(it, progress).addCallback(lambda r: dict(r, state="cached"))
+
+    for fetch, state, steps in ((cache.fetch, "downloaded", ["place"]), (fetch_cached, "cached", ["placed_already"])):
+        pool.calls.clear()
+        [again] = run(Deployer(fetch, pool), dep)
+        assert again.state == state and again.already and again.ok
+        assert pool.calls == ["resolve_targets", *steps]

@@ -27,7 +27,6 @@ sequential call); a process that ends cancels it.
 from __future__ import annotations
 
 import itertools
-from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from time import perf_counter
 from typing import Any
@@ -179,18 +178,10 @@ class Conversation:
         if new not in FINAL:
             self._progress(name, msg)
             return
-        # The end: no deadline any more (table._drop_deadline, inline), out of the table, and the
-        # call's Deferred fires or fails.
+        # The end: no deadline any more, out of the table, and the call's Deferred fires or fails.
         conv_id = self.conv_id
         if self.deadline is not None:
-            self.deadline = None
-            timeout = self.timeout
-            if timeout is not None:
-                waiting = table._waiting.get(timeout)
-                if waiting is not None:
-                    waiting.pop(conv_id, None)
-                    if not waiting:
-                        del table._waiting[timeout]  # (the timer stays armed: see _drop_deadline)
+            table._drop_deadline(self)
         table.initiated.pop(conv_id, None)
         d = self.deferred
         if d.called:
@@ -371,8 +362,7 @@ class ConversationTable:
               trusted: bool = False) -> Conversation:
         """Open an initiator conversation (its first message is the caller's to send);
         ``trusted``: take answers from the system's operators only."""
-        conv = Conversation(self, conv_id or f"{self._id_prefix}{next(self._ids)}", protocol, receiver, op,
-                            timeout, on_agree, handler)
+        conv = Conversation(self, conv_id or self.new_id(), protocol, receiver, op, timeout, on_agree, handler)
         conv.trusted = trusted
         self.initiated[conv.conv_id] = conv
         return conv
@@ -405,10 +395,7 @@ class ConversationTable:
             if len(self._m_calls) < 1000:
                 self._m_calls[key] = child
         if answered:
-            # (a Timing of ion.core.metrics: its observe(), inline)
-            took = perf_counter() - conv.started
-            child.counts[bisect_left(child.bounds, took)] += 1
-            child.sum += took
+            child.observe(perf_counter() - conv.started)
         else:
             child.inc()
 

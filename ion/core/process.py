@@ -63,7 +63,6 @@ import contextvars
 import importlib
 import inspect
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -411,8 +410,7 @@ class Receiver(LifecycleObject):
             self._settle(delivery)
             return
         self.inflight += 1
-        in_hand = self._in_hand
-        in_hand.append(delivery)
+        self._in_hand.append(delivery)
         self.delivery_now = delivery
         try:
             result = self.handler(msg, self)
@@ -422,27 +420,8 @@ class Receiver(LifecycleObject):
         finally:
             self.delivery_now = None
         if result is None:
-            # The common case, handled at once (a reply taken, a synchronous op answered): what
-            # _handled does, inline.
-            self.inflight -= 1
-            self.handled += 1
-            if in_hand and in_hand[-1] is delivery:
-                in_hand.pop()
-            elif delivery in in_hand:
-                in_hand.remove(delivery)
-            if not delivery.settled:
-                if delivery.ack_after is None:  # (_settle, inline: no answer's confirm to wait for)
-                    try:
-                        delivery.ack()
-                    except Exception as exc:
-                        # The connection went away: the broker requeues it for another consumer.
-                        self._log.warn("{queue}: could not ack: {exc}", queue=self.name, exc=exc)
-                else:
-                    self._settle(delivery)
-            if self._drained and not self.inflight:
-                self._wake_drained()
-            if self.buffered and not self._pumping:
-                self._pump()
+            # The common case, handled at once (a reply taken, a synchronous op answered).
+            self._handled(None, delivery)
         # (An isinstance check of Deferred, an ABC, costs more than the rest of this: not for None.)
         elif isinstance(result, defer.Deferred) and not result.called:
             result.addBoth(self._handled, delivery)
@@ -898,16 +877,11 @@ class Process(LifecycleObject):
         if child is None:
             child = self._received_child(op)
         if child is not None:
-            child.value += 1  # (a Tally of ion.core.metrics: its inc(), inline)
+            child.value += 1  # (Tally.inc: a counter's add, without a call per message)
         # Answers to our conversations arrive on the backend queue; requests
         # (including ones this process sent to itself) on the others.
         if receiver.name == self.backend_name:
-            conversations = self.conversations
-            conv = conversations.initiated.get(msg["conv-id"])
-            if conv is not None and not conv.trusted:
-                conv.event(msg["performative"], msg)  # (conversations.handle's common case, inline)
-                return None
-            if conversations.handle(msg):
+            if self.conversations.handle(msg):
                 return None
         elif msg["performative"] in REPLY_PERFORMATIVES and self.conversations.stray_reply(msg):
             return None
@@ -924,16 +898,12 @@ class Process(LifecycleObject):
             self._m_received[op] = child
         return child
 
-    def _observe_served(self, msg: Mapping[str, Any]) -> None:
-        """``ion_rpc_server_seconds`` of the op that answered ``msg`` (a request)."""
-        conv = self.conversations.responding.get(msg["conv-id"])
-        if conv is None or self._metrics is None:
-            return
-        op = msg["op"]
+    def _observe_served(self, metrics: Any, op: str, started: float) -> None:
+        """``ion_rpc_server_seconds`` of ``op``, whose request arrived at ``started`` (``perf_counter``)."""
         child = self._m_served.get(op)
         if child is None:
-            child = self._m_served[op] = self._metrics.rpc_server.labels(self.proc_name, op)
-        child.observe(perf_counter() - conv.started)
+            child = self._m_served[op] = metrics.rpc_server.labels(self.proc_name, op)
+        child.observe(perf_counter() - started)
 
     def _dispatch(self, msg: dict[str, Any], receiver: Receiver | None = None) -> defer.Deferred[Any] | None:
         op = msg["op"]
@@ -980,10 +950,7 @@ class Process(LifecycleObject):
                 if action is not None:
                     authorize(self.container, msg, action, f"{self.proc_name} ({self.id})",
                               limiter=self.log_limiter)
-                if call is _classic:
-                    result = method(msg.get("content"), msg, msg)  # (_classic, inline)
-                else:
-                    result = call(method, msg)
+                result = call(method, msg)
             except Exception:
                 result = Failure()
             if audit_as is not None:  # recorded once its outcome is known (refusals too)
@@ -1035,15 +1002,8 @@ class Process(LifecycleObject):
         if conv is None:
             return  # (answered and forgotten already, or a one-way message: nothing to do)
         metrics = self._metrics
-        if metrics is not None:  # (_observe_served, inline)
-            op = msg["op"]
-            child = self._m_served.get(op)
-            if child is None:
-                child = self._m_served[op] = metrics.rpc_server.labels(self.proc_name, op)
-            # (a Timing of ion.core.metrics: its observe(), inline)
-            took = perf_counter() - conv.started
-            child.counts[bisect_left(child.bounds, took)] += 1
-            child.sum += took
+        if metrics is not None:
+            self._observe_served(metrics, msg["op"], conv.started)
         d = None
         if conv.state in _UNANSWERED and msg["protocol"] in _REQUEST_PROTOCOLS:
             # (reply_ok, less the Deferred when the broker took the answer at once)
@@ -1062,7 +1022,9 @@ class Process(LifecycleObject):
             conv.delivery.ack_after = d
 
     def _op_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
-        self._observe_served(msg)
+        served = self.conversations.responding.get(msg["conv-id"])
+        if served is not None and self._metrics is not None:
+            self._observe_served(self._metrics, msg["op"], served.started)
         exc = failure.value
         content: dict[str, Any] | None = None
         if isinstance(exc, defer.CancelledError):
@@ -1122,11 +1084,10 @@ class Process(LifecycleObject):
                                               op=msg.get("op"), sender=msg.get("sender"), e=f.getErrorMessage()))
 
     # -- sending ------------------------------------------------------------------------
-    def _delegated_user(self) -> str:
-        current = current_message.get()
-        if current is not None:
-            return str(current.get("user-id") or ANONYMOUS)
-        return self.user_id
+    def _delegated_user(self, current: Mapping[str, Any] | None) -> str:
+        """Who a message sent now is on behalf of: the user of ``current``, the request the running op
+        handles (:data:`current_message`), else this process's own."""
+        return self.user_id if current is None else str(current.get("user-id") or ANONYMOUS)
 
     def _publish(self, msg: dict[str, Any], mandatory: bool = False,
                  confirm: bool | None = None, expiration: str | None = None) -> defer.Deferred[None]:
@@ -1153,7 +1114,7 @@ class Process(LifecycleObject):
             if len(self._m_sent) < 1000:
                 self._m_sent[op] = child
         if child is not None:
-            child.value += 1  # (a Tally of ion.core.metrics: its inc(), inline)
+            child.value += 1  # (Tally.inc: a counter's add, without a call per message)
         props = Properties("application/msgpack", msg["conv-id"], msg["reply-to"], None, None, {}, expiration)
         return container.transport.publish_now(container.exchange_name, msg["receiver"], body, props,
                                                mandatory=mandatory, confirm=confirm)
@@ -1186,13 +1147,8 @@ class Process(LifecycleObject):
         deadlock = None
         if _current_receiver.get() is not None:  # called from an op: it may be calling itself
             target, deadlock = self._route_around_self(target)
-        if timeout is None:  # (self.rpc_timeout, inline)
-            timeout = container.config.settings(ProcessSettings).rpc_timeout
-        table = self.conversations  # (table.start(), inline)
-        conv = Conversation(table, f"{table._id_prefix}{next(table._ids)}", protocol, target, op, timeout,
-                            on_agree, handler)
-        conv.trusted = trusted
-        table.initiated[conv.conv_id] = conv
+        conv = self.conversations.start(protocol, target, op, self.rpc_timeout if timeout is None else timeout,
+                                        on_agree=on_agree, handler=handler, trusted=trusted)
         if deadlock is not None:
             conv.event("error", reason=deadlock, code=508)
             return conv
@@ -1220,11 +1176,10 @@ class Process(LifecycleObject):
             # A caller's own traceparent goes out only if it is one (else build's: a new trace, with
             # no tracestate of the one that was not).
             headers = {k: v for k, v in headers.items() if k not in ("traceparent", "tracestate")}
-        current = current_message.get()  # (_delegated_user(), inline; and the trace it continues)
+        current = current_message.get()  # (whose user it goes for, and the trace it continues)
         msg = wire.make(self.backend_name, self.proc_name, target, None, op, conv.conv_id, 1, protocol,
                         Performative.REQUEST, "OK", 200,
-                        self.user_id if current is None else str(current.get("user-id") or ANONYMOUS),
-                        expiry, traceparent, current, headers, content)
+                        self._delegated_user(current), expiry, traceparent, current, headers, content)
         conv.traceparent = msg["traceparent"]
         try:
             # No confirm for an rpc/request: the reply, or the timeout, confirms it; an unroutable
@@ -1284,7 +1239,7 @@ class Process(LifecycleObject):
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=conv.receiver, op=op,
             content=content, conv_id=conv.conv_id, conv_seq=conv.seq, protocol=conv.protocol,
-            performative=performative, user_id=self._delegated_user(), extra=headers, trace_from=trace_from)
+            performative=performative, user_id=self._delegated_user(current_message.get()), extra=headers, trace_from=trace_from)
         return self._publish(msg)
 
     def send(self, receiver: str, op: str, content: Any = None,
@@ -1298,7 +1253,7 @@ class Process(LifecycleObject):
         msg = wire.build(
             sender=self.backend_name, sender_name=self.proc_name, receiver=self.resolve(receiver), op=op,
             content=content, conv_id=self.conversations.new_id(), protocol=Protocol.NONE,
-            performative=Performative.INFORM, user_id=self._delegated_user(), extra=headers)
+            performative=Performative.INFORM, user_id=self._delegated_user(current_message.get()), extra=headers)
         try:
             return self._publish(msg, confirm=confirm)
         except MessageError:
@@ -1321,22 +1276,18 @@ class Process(LifecycleObject):
         conv = self.conversations.responding.get(msg["conv-id"])
         if conv is not None:
             before = (conv.state, conv.seq)
-            if performative == Performative.INFORM_RESULT and conv.state in _UNANSWERED:
-                conv.state = "DONE"  # (conv.answer(performative), inline: the result of a request)
-            else:
-                conv.answer(performative)
-            seq = conv.seq = conv.seq + 1  # (conv.next_seq(), inline)
+            conv.answer(performative)
+            seq = conv.next_seq()
         elif msg.get("protocol") in _REQUEST_PROTOCOLS and msg.get("performative") == Performative.REQUEST:
             # Its op has ended (and so it was answered), or the process terminated.
             raise IllegalStateError(
                 f"conversation {msg['conv-id']} was already answered; cannot send {performative}")
         else:
             seq = int(msg.get("conv-seq") or 1) + 1
-        current = current_message.get()  # (_delegated_user(), inline)
         reply = wire.make(
             self.id, self.proc_name, msg.get("reply-to") or msg["sender"], None, op, msg["conv-id"], seq,
             msg["protocol"], performative, status, response_code,
-            self.user_id if current is None else str(current.get("user-id") or ANONYMOUS),
+            self._delegated_user(current_message.get()),
             0, None if conv is None or conv.span is None else trace.span_traceparent(conv.span), msg, headers, content)
         # Requests' answers go without a confirm (the caller's reply or timeout is the confirmation),
         # except from a quorum service queue (see Receiver.confirm_replies).

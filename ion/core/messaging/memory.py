@@ -257,7 +257,6 @@ class MemoryBroker:
         if self.queues.get(queue.name) is not queue:
             return  # deleted
         messages = queue.messages
-        consumers = queue.consumers
         while messages:
             msg = messages[0]
             if msg.expires_at is not None and self.reactor.seconds() >= msg.expires_at:
@@ -266,15 +265,9 @@ class MemoryBroker:
                 messages.popleft()
                 self._expire(queue, msg)
                 continue
-            if len(consumers) == 1:  # (queue.pick_consumer(), inline for one consumer)
-                consumer = consumers[0]
-                if not (consumer.auto_ack or consumer.prefetch <= 0 or len(consumer.unacked) < consumer.prefetch):
-                    return
-            else:
-                picked = queue.pick_consumer()
-                if picked is None:
-                    return
-                consumer = picked
+            consumer = queue.pick_consumer()
+            if consumer is None:
+                return
             messages.popleft()
             tag = next(self._delivery_tags)
             consumer.unacked[tag] = msg

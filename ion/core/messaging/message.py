@@ -244,16 +244,7 @@ def decode(body: bytes, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, A
     for header in TRANSPORT_HEADERS:
         if header in msg:
             del msg[header]
-    try:  # (_fast_valid, inline)
-        "".join(_fast_strs_of(msg))
-        seq, code, ts, expiry = _fast_numbers_of(msg)
-        fast = (type(seq) is int and type(code) is int and type(ts) is int
-                and (type(expiry) is float or type(expiry) is int)
-                and msg["protocol"] in _PROTOCOLS and msg["performative"] in _PERFORMATIVES
-                and msg["encoding"] in _ENCODINGS)
-    except (KeyError, TypeError):
-        fast = False
-    if not fast:
+    if not _fast_valid(msg):
         validate(msg)  # raises, naming what is wrong (or passes what build() would not make)
     if msg.get("encoding") == "protobuf":
         content = msg.get("content")

@@ -46,6 +46,19 @@ class CacheStandIn:
         return d.addCallback(done)
 
 
+class CountingPool(SynchronousPool):
+    """Runs each call now, as SynchronousPool does, and records its function's name (``calls``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def run(self, fn, *args, **kwargs):
+        self.calls.append(fn.__name__)
+        return super().run(fn, *args, **kwargs)
+
+    run_short = run
+
+
 def deployment(tmp_path: Path, *items: dict[str, Any]):
     return parse_deployment([{"url": "file:repo", "items": list(items)}], source="d.json", base_dir=tmp_path,
                             cwd=tmp_path, environ={})
@@ -206,14 +219,6 @@ def test_commits_run_in_at_most_max_parallel_pool_jobs(tmp_path):
     jobs (each committing its share in turn), not one job per item; each one is committed."""
     import json
 
-    class CountingPool(SynchronousPool):
-        def __init__(self) -> None:
-            self.calls: list[str] = []
-
-        def run(self, fn, *args, **kwargs):
-            self.calls.append(fn.__name__)
-            return super().run(fn, *args, **kwargs)
-
     cache = CacheStandIn(tmp_path / "cache")
     names = [f"d{n}" for n in range(7)]
     dep = deployment(tmp_path, *(item(n, f"out/{n}") for n in names))
@@ -230,19 +235,9 @@ def test_a_cached_item_is_checked_first_and_a_fetched_one_placed_at_once(tmp_pat
     """A cached item gets the quick check (most are in place on a warm deploy); a downloaded one goes
     straight to place(), one pool job, which reports it ``already`` when it is in place."""
 
-    class Pool(SynchronousPool):
-        def __init__(self) -> None:
-            self.calls: list[str] = []
-
-        def run(self, fn, *args, **kwargs):
-            self.calls.append(fn.__name__)
-            return super().run(fn, *args, **kwargs)
-
-        run_short = run
-
     cache = CacheStandIn(tmp_path / "cache")
     dep = deployment(tmp_path, item("a", "out/a"))
-    pool = Pool()
+    pool = CountingPool()
     [first] = run(Deployer(cache.fetch, pool), dep)
     assert first.state == "downloaded" and not first.already
     assert pool.calls == ["resolve_targets", "place", "commit"]

@@ -17,6 +17,8 @@ from urllib.parse import unquote, urlsplit
 import msgpack
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task, threads
 
 from ion.core.exceptions import ConnectionLostError, ConversationError, ConversationTimeout, TransportError
@@ -229,6 +231,49 @@ def test_reads_are_fed_to_pika_in_runs_of_whole_frames() -> None:
         assert impl._frame_buffer == b"" and impl.bytes_received == len(stream)
         assert max(impl.fed) <= 65536 + 3100  # (a read, plus the partial frame held before it)
     assert sum(1 for n in impl.fed if n <= amqp.FEED_BYTES + 3100) > len(impl.fed) // 2
+
+
+_short_text = st.text(max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(channel=st.integers(1, 2047), exchange=_short_text, routing_key=_short_text, mandatory=st.booleans(),
+       props=st.builds(Properties, content_type=st.none() | _short_text, correlation_id=st.none() | _short_text,
+                       reply_to=st.none() | _short_text, message_id=st.none() | _short_text,
+                       user_id=st.none() | _short_text,
+                       headers=st.dictionaries(st.text(max_size=8), st.integers(-2**31, 2**31 - 1) | _short_text,
+                                               max_size=3),
+                       expiration=st.none() | st.integers(0, 2**31).map(str)),
+       body=st.binary(max_size=300), body_max=st.sampled_from([1, 7, 100, 131064]))
+def test_publish_frames_are_what_pika_writes(channel: int, exchange: str, routing_key: str, mandatory: bool,
+                                             props: Properties, body: bytes, body_max: int) -> None:
+    """The fast publish path's frames (:func:`~ion.core.messaging.amqp.publish_frames`) are byte for
+    byte those pika's ``Channel.basic_publish`` writes for the same message: method, content header
+    with every property the container sets, and the body cut at the connection's frame size."""
+    import pika
+    from pika import frame as pika_frame
+
+    from ion.core.messaging.amqp import _to_pika, publish_frames
+
+    pika_props = _to_pika(props, props.user_id, props.message_id)  # type: ignore[arg-type]
+    want = [pika_frame.Method(channel, pika.spec.Basic.Publish(exchange=exchange, routing_key=routing_key,
+                                                                mandatory=mandatory)).marshal(),
+            pika_frame.Header(channel, len(body), pika_props).marshal()]
+    want += [pika_frame.Body(channel, body[i:i + body_max]).marshal() for i in range(0, len(body), body_max)]
+    assert publish_frames(channel, exchange, routing_key, mandatory, props, body, body_max) == b"".join(want)
+
+
+def test_publish_frames_refuse_a_short_string_over_255_octets() -> None:
+    """As pika's encoder does: a routing key or property over 255 octets of UTF-8 cannot be sent."""
+    from pika import exceptions as pika_exc
+
+    from ion.core.messaging.amqp import publish_frames
+
+    props = Properties(correlation_id="é" * 128)
+    with pytest.raises(pika_exc.ShortStringTooLong):
+        publish_frames(1, "x", "k", False, props, b"body", 100)
+    with pytest.raises(pika_exc.ShortStringTooLong):
+        publish_frames(1, "x", "k" * 256, False, Properties(), b"body", 100)
 
 
 @pytest_twisted.ensureDeferred

@@ -417,10 +417,10 @@ def _repeated_string(value: str) -> bytes:
     return data
 
 
-def _short_string(value: str) -> bytes:
+def _short_string(value: str | bytes) -> bytes:
     """An AMQP short string: its length in one octet, then its UTF-8 (pika's ``ShortStringTooLong``
     over 255 octets, as its own encoder raises)."""
-    data = value.encode() if type(value) is str else bytes(value)
+    data = value.encode() if isinstance(value, str) else bytes(value)
     if len(data) > 255:
         raise pika_exc.ShortStringTooLong(data)
     return bytes((len(data),)) + data
@@ -469,7 +469,7 @@ def publish_frames(channel_number: int, exchange: str, routing_key: str, mandato
     size = len(body)
     pieces[0] = _CONTENT_HEAD.pack(60, 0, size, flags)
     header = b"".join(pieces)
-    frames = [method, _FRAME_HEAD.pack(2, channel_number, len(header)), header, _FRAME_END]
+    frames: list[bytes | memoryview] = [method, _FRAME_HEAD.pack(2, channel_number, len(header)), header, _FRAME_END]
     if size <= body_max:
         if size:
             frames += (_FRAME_HEAD.pack(3, channel_number, size), body, _FRAME_END)

@@ -68,7 +68,7 @@ from typing import Any
 import pika
 from pika import exceptions as pika_exc
 from pika.adapters.twisted_connection import ClosableDeferredQueue, TwistedChannel, TwistedProtocolConnection
-from pika.data import encode_table
+from pika.data import decode_table, encode_table
 from twisted.internet import defer, protocol, tcp
 from twisted.internet import error as tx_error
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
@@ -175,6 +175,9 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._impl.callbacks.add(0, pika.spec.Connection.Close, self._on_close_frame)
         self._impl._adapter_emit_data = self._emit
+        #: The consumers whose deliveries this connection decodes itself (see :meth:`_read`): by
+        #: (channel number, consumer tag), pika's channel and what takes a delivery.
+        self.takers: dict[tuple[int, str], tuple[Any, DeliveryTaker]] = {}
 
     def _emit(self, data: bytes) -> None:
         """pika's output: gathered while a read is handled, else to the transport as pika's adapter does."""
@@ -188,10 +191,15 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
         self._out = []
         try:
             held = getattr(self._impl, "_frame_buffer", None)
-            if len(data) <= FEED_BYTES or held is None:
+            if held is None:
                 super().dataReceived(data)
+            elif self.takers:
+                if held:
+                    data = held + data
+                    self._impl._frame_buffer = b""
+                self._read(data)
             else:
-                self._feed_in_runs(data, held)
+                self._feed(data, held)
         finally:
             self.reading = False
             try:
@@ -222,6 +230,51 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
                     return
                 data = data[sent:]
         transport.write(data)
+
+    def _read(self, data: bytes) -> None:
+        """Handle a read from the broker: each whole delivery (``basic.deliver``, its content header and
+        body frames) to a consumer in :attr:`takers` is decoded here and handed to its taker, every
+        other frame goes to pika, in the order they came (a delivery cut across two reads too: pika
+        puts it together, as it does for a consumer that is not one of ours). pika makes a frame object
+        and a method or properties object of each of its frames (~10 µs of CPU per message for that
+        alone), then runs each through its callback manager and content assembler; here a delivery
+        is decoded in ~3 µs (bench/README.md). A test feeds both paths the same streams."""
+        impl = self._impl
+        n = len(data)
+        pos = start = 0  # start: where the bytes not yet handed to pika (or taken here) begin
+        head = _FRAME_HEAD.unpack_from
+        while pos + 7 <= n:
+            kind, number, size = head(data, pos)
+            end = pos + size + 8
+            if end > n:
+                break
+            if kind == 1 and data[pos + 7:pos + 11] == _DELIVER:
+                delivery = _parse_delivery(data, pos, end, number, n)
+                if delivery is not None:
+                    if start < pos:
+                        self._feed(data[start:pos], b"")
+                    after, tag = delivery[0], delivery[1]
+                    found = self.takers.get((number, tag))
+                    channel = impl._channels.get(number) if found is not None else None
+                    if (found is None or channel is not found[0] or not channel.is_open
+                            or tag not in channel._consumers or tag in channel._cancelled):
+                        self._feed(data[pos:after], b"")  # (pika's way: it knows what to do with it)
+                    else:
+                        impl.frames_received += delivery[8]
+                        impl.bytes_received += after - pos
+                        found[1](*delivery[2:8])
+                    pos = start = after
+                    continue
+            pos = end
+        if start < n:
+            self._feed(data[start:] if start else data, b"")
+
+    def _feed(self, data: bytes, held: bytes) -> None:
+        """Hand pika ``data`` (after the partial frame ``held`` before it), in runs if it is big."""
+        if len(data) <= FEED_BYTES:
+            super().dataReceived(data)
+        else:
+            self._feed_in_runs(data, held)
 
     def _feed_in_runs(self, data: bytes, held: bytes) -> None:
         """Hand pika ``data`` (after the partial frame it ``held``) a run of whole frames of about
@@ -485,6 +538,103 @@ def publish_method_frame(channel_number: int, exchange: str, routing_key: str, m
     """The method frame of a ``basic.publish`` (see :func:`publish_frames`)."""
     payload = b"".join((_PUBLISH_HEAD, _short_string(exchange), _short_string(routing_key), _MANDATORY[mandatory]))
     return b"".join((_FRAME_HEAD.pack(1, channel_number, len(payload)), payload, _FRAME_END))
+
+
+#: What takes a delivery the connection decoded itself: (delivery tag, redelivered, exchange, routing
+#: key, properties, body).
+DeliveryTaker = Callable[[int, bool, str, str, Properties, bytes], None]
+#: A ``basic.deliver`` method payload starts with Basic (60) Deliver (60).
+_DELIVER = struct.pack(">HH", 60, 60)
+_DELIVERY_TAG = struct.Struct(">QB")
+#: The basic class's properties in wire order (AMQP 0-9-1): flag, kind (``s`` short string, ``t``
+#: table, ``1``/``8`` an octet/a long long to skip), and the index of the :class:`Properties` argument
+#: it fills (None: a property the container does not keep, as :func:`_from_pika`).
+_PROPERTY_LAYOUT: tuple[tuple[int, str, int | None], ...] = (
+    (1 << 15, "s", 0), (1 << 14, "s", None), (1 << 13, "t", 5), (1 << 12, "1", None), (1 << 11, "1", None),
+    (1 << 10, "s", 1), (1 << 9, "s", 2), (1 << 8, "s", 6), (1 << 7, "s", 3), (1 << 6, "8", None),
+    (1 << 5, "s", None), (1 << 4, "s", 4), (1 << 3, "s", None), (1 << 2, "s", None))
+#: By property flags: the (kind, index) of each property present, in wire order.
+_property_plans: dict[int, tuple[tuple[str, int | None], ...]] = {}
+
+
+def _property_plan(flags: int) -> tuple[tuple[str, int | None], ...]:
+    plan = _property_plans[flags] = tuple((kind, index) for flag, kind, index in _PROPERTY_LAYOUT if flags & flag)
+    return plan
+
+
+def _text(data: bytes) -> Any:
+    """A short string's value as pika gives it: text if it is UTF-8, else the bytes."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data
+
+
+def _parse_delivery(data: bytes, pos: int, end: int, number: int, n: int) -> tuple[Any, ...] | None:
+    """The delivery whose ``basic.deliver`` frame on channel ``number`` is ``data[pos:end]``, if its
+    content header and body frames follow whole in ``data`` (``n`` bytes): (end of its last frame,
+    consumer tag, delivery tag, redelivered, exchange, routing key, :class:`Properties`, body, frames).
+    None when anything is not what a delivery is made of (pika then reads it, and says what is wrong)."""
+    try:
+        if data[end - 1] != 0xCE:
+            return None
+        p = pos + 11
+        length = data[p]
+        consumer_tag = _text(data[p + 1:p + 1 + length])
+        p += 1 + length
+        delivery_tag, bits = _DELIVERY_TAG.unpack_from(data, p)
+        p += 9
+        length = data[p]
+        exchange = _text(data[p + 1:p + 1 + length])
+        p += 1 + length
+        length = data[p]
+        routing_key = _text(data[p + 1:p + 1 + length])
+        if p + 1 + length != end - 1 or end + 7 > n:
+            return None
+        kind, channel, size = _FRAME_HEAD.unpack_from(data, end)
+        header_end = end + size + 8
+        if kind != 2 or channel != number or header_end > n or data[header_end - 1] != 0xCE:
+            return None
+        class_id, _weight, body_size, flags = _CONTENT_HEAD.unpack_from(data, end + 7)
+        if class_id != 60 or flags & 1:
+            return None  # (a second word of flags: no such property in AMQP 0-9-1)
+        values: list[Any] = [None] * 7
+        p = end + 21
+        for kind_of, index in _property_plans.get(flags) or _property_plan(flags):
+            if kind_of == "s":
+                length = data[p]
+                value: Any = _text(data[p + 1:p + 1 + length])
+                p += 1 + length
+            elif kind_of == "t":
+                value, p = decode_table(data, p)
+            else:
+                p += 1 if kind_of == "1" else 8
+                continue
+            if index is not None:
+                values[index] = value
+        if p != header_end - 1:
+            return None
+        p = header_end
+        chunks = []
+        left = body_size
+        while left > 0:
+            if p + 7 > n:
+                return None
+            kind, channel, size = _FRAME_HEAD.unpack_from(data, p)
+            frame_end = p + size + 8
+            if kind != 3 or channel != number or frame_end > n or size > left or data[frame_end - 1] != 0xCE:
+                return None
+            chunks.append(data[p + 7:frame_end - 1])
+            left -= size
+            p = frame_end
+    except Exception:  # (whatever the bytes are, pika reads them then, and says what is wrong)
+        return None
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    frames = 2 + len(chunks)
+    headers = values[5]
+    props = Properties(values[0] or "", values[1], values[2], values[3], values[4],
+                       headers if headers else {}, values[6])
+    return (p, consumer_tag, delivery_tag, bool(bits & 1), exchange, routing_key, props, body, frames)
 
 
 def _from_pika(props: pika.BasicProperties) -> Properties:
@@ -1262,20 +1412,34 @@ class AmqpTransport(Transport):
         deliver = self._deliver
         log = self._log
 
-        def put(msg: Any) -> None:
+        def take(tag: int, redelivered: bool, exchange: str, routing_key: str, props: Properties,
+                 body: bytes) -> None:
             if consumer.channel is not ch:
                 # The consumer moved on: the broker has this channel's unacknowledged deliveries back
                 # (an auto-acked one is lost with the channel, as the broker counted it delivered).
                 log.debug("{queue}: a delivery on a channel its consumer left was dropped", queue=consumer.queue)
                 return
             try:
-                deliver(consumer, ch, msg)
+                deliver(consumer, ch, tag, redelivered, exchange, routing_key, props, body)
             except Exception:
                 log.failure("delivery to {consumer} failed", consumer=consumer)
+
+        def put(msg: Any) -> None:
+            method = msg.method
+            take(method.delivery_tag, bool(method.redelivered), method.exchange, method.routing_key,
+                 _from_pika(msg.properties), msg.body)
+
+        impl = getattr(ch, "_channel", None)
+        conn = self._conn
+        if impl is not None and conn is not None:
+            # Its deliveries decoded by the connection as they are read (see _Connection._read).
+            conn.takers[(impl.channel_number, consumer.tag)] = (impl, take)
 
         def close(reason: Any) -> None:
             queue_obj.closed = reason if reason is not None else pika_exc.ChannelClosed(0, "closed")
             queue_obj.pending = []
+            if impl is not None and conn is not None:
+                conn.takers.pop((impl.channel_number, consumer.tag), None)
             if consumer.channel is ch:
                 error = queue_obj.closed
                 self._consumer_stopped(Failure(error if isinstance(error, BaseException) else
@@ -1289,9 +1453,8 @@ class AmqpTransport(Transport):
         if queue_obj.closed is not None:
             close(queue_obj.closed)
 
-    def _deliver(self, consumer: _Consumer, ch: TwistedChannel, msg: Any) -> None:
-        method = msg.method
-        tag = method.delivery_tag
+    def _deliver(self, consumer: _Consumer, ch: TwistedChannel, tag: int, redelivered: bool, exchange: str,
+                 routing_key: str, props: Properties, body: bytes) -> None:
         if consumer.cancelled:
             # Arrived between basic.cancel and cancel-ok: give it back for another consumer
             # (with auto_ack the broker has counted it acknowledged already: it is dropped).
@@ -1307,8 +1470,7 @@ class AmqpTransport(Transport):
             consumer.outstanding[tag] = None
             settle = partial(self._settle, consumer, ch, tag)  # (ack, requeue): no Python frame of its own
 
-        delivery = Delivery(msg.body, _from_pika(msg.properties), method.exchange, method.routing_key,
-                            bool(method.redelivered), settle)
+        delivery = Delivery(body, props, exchange, routing_key, redelivered, settle)
         try:
             consumer.callback(delivery)
         except Exception:

@@ -220,6 +220,7 @@ def test_reads_are_fed_to_pika_in_runs_of_whole_frames() -> None:
     for seed in range(6):
         conn = amqp._Connection.__new__(amqp._Connection)
         conn._impl = impl = Impl()
+        conn.takers = {}
         assert isinstance(conn, TwistedProtocolConnection)
         rng = random.Random(seed)
         pos = 0
@@ -231,6 +232,125 @@ def test_reads_are_fed_to_pika_in_runs_of_whole_frames() -> None:
         assert impl._frame_buffer == b"" and impl.bytes_received == len(stream)
         assert max(impl.fed) <= 65536 + 3100  # (a read, plus the partial frame held before it)
     assert sum(1 for n in impl.fed if n <= amqp.FEED_BYTES + 3100) > len(impl.fed) // 2
+
+
+def test_deliveries_decoded_by_the_connection_are_those_pika_decodes() -> None:
+    """The connection decodes the deliveries of its consumers itself (``_Connection._read``) and hands
+    every other frame to pika, in order: over random streams (deliveries to consumers of ours, to a
+    cancelled one and to a consumer it does not know, returns, acks and heartbeats, bodies cut in
+    several frames, reads cut anywhere), what reaches the consumers and pika is, in order, what pika
+    alone makes of the stream, and pika's byte and frame counts are as if it had read it all."""
+    import random
+
+    import pika
+    from pika import frame as pika_frame
+    from pika.channel import ContentFrameAssembler
+
+    from ion.core.messaging import amqp
+
+    record: list[tuple[Any, ...]] = []
+
+    def as_record(number: int, method: Any, props: Properties, body: bytes) -> tuple[Any, ...]:
+        return (number, type(method).__name__, getattr(method, "consumer_tag", None),
+                getattr(method, "delivery_tag", None), bool(getattr(method, "redelivered", False)),
+                method.exchange, method.routing_key, props, body)
+
+    class Channel:
+        def __init__(self, number: int, tags: set[str], cancelled: set[str]) -> None:
+            self.channel_number, self._consumers, self._cancelled = number, tags, cancelled
+            self.is_open = True
+            self.assembler = ContentFrameAssembler()
+
+    class Impl:
+        """pika's frame loop (its own _on_data_available); content put together by pika's assembler."""
+        _read_frame = pika.connection.Connection._read_frame
+        _trim_frame_buffer = pika.connection.Connection._trim_frame_buffer
+        _on_data_available = pika.connection.Connection._on_data_available
+
+        def __init__(self, channels: dict[int, Channel]) -> None:
+            self._channels = channels
+            self._frame_buffer = b""
+            self.bytes_received = self.frames_received = 0
+
+        def data_received(self, data: bytes) -> None:
+            self._on_data_available(data)
+
+        def _process_frame(self, value: Any) -> None:
+            self.frames_received += 1
+            if isinstance(value, pika_frame.Method) and not pika.spec.has_content(value.method.INDEX):
+                record.append(("frame", value.marshal()))
+            elif isinstance(value, pika_frame.Heartbeat):
+                record.append(("frame", value.marshal()))
+            else:
+                done = self._channels[value.channel_number].assembler.process(value)
+                if done:
+                    method, header, body = done
+                    record.append(as_record(value.channel_number, method.method,
+                                            amqp._from_pika(header.properties), body))
+
+    took: list[int] = []
+    cancelled_took: list[Any] = []
+
+    def taker(number: int, consumer_tag: str) -> Any:
+        def take(delivery_tag: int, redelivered: bool, exchange: str, routing_key: str, properties: Properties,
+                 content: bytes) -> None:
+            took.append(delivery_tag)
+            method = pika.spec.Basic.Deliver(consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+            record.append(as_record(number, method, properties, content))
+        return take
+
+    for seed in range(40):
+        rng = random.Random(seed)
+        channels = {1: Channel(1, {"ours-1", "gone"}, {"gone"}), 2: Channel(2, {"ours-2"}, set()),
+                    3: Channel(3, {"theirs"}, set())}
+        frames: list[Any] = []
+        want: list[tuple[Any, ...]] = []
+        for i in range(150):
+            shape = rng.random()
+            if shape < 0.1:
+                frames.append(pika_frame.Heartbeat())
+                want.append(("frame", frames[-1].marshal()))
+                continue
+            if shape < 0.2:
+                frames.append(pika_frame.Method(rng.choice([1, 2]), pika.spec.Basic.Ack(i, False)))
+                want.append(("frame", frames[-1].marshal()))
+                continue
+            number, tag = rng.choice([(1, "ours-1"), (2, "ours-2"), (3, "theirs"), (1, "gone")])
+            body = rng.randbytes(rng.choice([0, 1, 50, 400, 3000]))
+            headers = {"h": i, "s": "é"} if rng.random() < 0.2 else None
+            props = pika.BasicProperties(content_type=rng.choice(["application/msgpack", None]),
+                                         correlation_id=f"c{i}", reply_to=rng.choice(["r.q", None]),
+                                         message_id=f"m{i}", user_id="ion", headers=headers,
+                                         expiration=rng.choice(["1500", None]), delivery_mode=rng.choice([2, None]),
+                                         timestamp=rng.choice([1700000000, None]), app_id=rng.choice(["a", None]))
+            if shape < 0.3:
+                method: Any = pika.spec.Basic.Return(312, "NO_ROUTE", "ex", f"k{i}")
+            else:
+                method = pika.spec.Basic.Deliver(tag, i + 1, rng.random() < 0.3, "ex", f"k{i}")
+            frames += [pika_frame.Method(number, method), pika_frame.Header(number, len(body), props)]
+            frames += [pika_frame.Body(number, body[j:j + 1000]) for j in range(0, len(body), 1000)]
+            if tag != "gone" or shape < 0.3:
+                want.append(as_record(number, method, amqp._from_pika(props), body))
+        stream = b"".join(f.marshal() for f in frames)
+
+        record.clear()
+        conn = amqp._Connection.__new__(amqp._Connection)
+        conn._impl = impl = Impl(channels)
+        took.clear()
+        cancelled_took.clear()
+        conn.takers = {(1, "ours-1"): (channels[1], taker(1, "ours-1")), (2, "ours-2"): (channels[2], taker(2, "ours-2")),
+                       (1, "gone"): (channels[1], lambda *delivery: cancelled_took.append(delivery))}
+        pos = 0
+        while pos < len(stream):
+            cut = min(len(stream), pos + rng.choice([1, 7, 100, 4000, 20000, 65536]))
+            conn.dataReceived(stream[pos:cut])
+            pos = cut
+        # (a delivery to a cancelled consumer pika drops, as pika's channel does: not in ``want``)
+        record[:] = [r for r in record if r[0] == "frame" or r[2] != "gone"]
+        assert record == want
+        assert impl._frame_buffer == b"" and impl.bytes_received == len(stream)
+        assert impl.frames_received == len(frames)
+        assert took and not cancelled_took  # (the connection's own decoding was used, never for a cancelled one)
 
 
 _short_text = st.text(max_size=60)

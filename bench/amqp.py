@@ -90,10 +90,16 @@ from twisted.internet import defer, task  # noqa: E402
 from ion.testing.processes import WatchedProcess  # noqa: E402
 
 __all__ = ["main", "parse_args", "percentile", "sequential", "windowed", "median_result", "format_table",
-           "RATIO_TARGET"]
+           "RATIO_TARGET", "issue_targets"]
 
 #: ioncore's calls/s over raw pika's, on both figures (the issue's target).
 RATIO_TARGET = 0.9
+#: The other targets of #14: CPU per call and p99 against raw pika with DESIGN's AMQP use; calls/s
+#: against nameko 2.14, sequential and with calls in flight.
+CPU_RATIO_TARGET = 1.25
+P99_RATIO_TARGET = 1.5
+NAMEKO_SEQ_TARGET = 3.0
+NAMEKO_WINDOW_TARGET = 10.0
 
 SYSNAME = "bench"
 PAYLOAD = "bench"
@@ -804,7 +810,41 @@ def format_table(report: dict[str, Any]) -> str:
         ok = all(v >= RATIO_TARGET for v in ion.values())
         lines.append(f"target ioncore >= {RATIO_TARGET}x raw pika on both figures: "
                      f"{ion['sequential']:.2f}x / {ion['window']:.2f}x   {'PASS' if ok else 'MISS'}")
+    targets = issue_targets(report["results"])
+    if targets:
+        lines += ["", "targets of #14 (ioncore with its shipped settings):"]
+        lines += [f"  {what:<58}{got:>16}   {'PASS' if ok else 'MISS'}" for what, got, ok in targets]
     return "\n".join(lines)
+
+
+def issue_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The targets of issue #14 that ``results`` has the rows for: (what, figure, met). Against "raw
+    pika, DESIGN's AMQP use": calls/s >= 0.9x on both phases, CPU per call of client and server
+    <= 1.25x, p99 with calls in flight <= 1.5x; against nameko: >= 3x sequential, >= 10x in flight."""
+    ion = results.get("ioncore")
+    if not ion or "na" in ion:
+        return []
+    rows: list[tuple[str, str, bool]] = []
+    design = results.get("pika-design")
+    if design and "na" not in design:
+        for phase in ("sequential", "window"):
+            r = ion[phase]["calls_per_s"] / design[phase]["calls_per_s"]
+            rows.append((f"{phase} calls/s >= {RATIO_TARGET}x raw pika, DESIGN's use", f"{r:.2f}x", r >= RATIO_TARGET))
+        for side in ("client", "server"):
+            mine, theirs = (ion.get("cpu_us") or {}).get(side), (design.get("cpu_us") or {}).get(side)
+            if mine and theirs:
+                r = mine / theirs
+                rows.append((f"CPU per call, {side} <= {CPU_RATIO_TARGET}x raw pika, DESIGN's use",
+                             f"{mine:.0f}/{theirs:.0f} {r:.2f}x", r <= CPU_RATIO_TARGET))
+        r = ion["window"]["p99_us"] / design["window"]["p99_us"]
+        rows.append((f"p99 in flight <= {P99_RATIO_TARGET}x raw pika, DESIGN's use", f"{r:.2f}x",
+                     r <= P99_RATIO_TARGET))
+    nameko = results.get("nameko")
+    if nameko and "na" not in nameko:
+        for phase, target in (("sequential", NAMEKO_SEQ_TARGET), ("window", NAMEKO_WINDOW_TARGET)):
+            r = ion[phase]["calls_per_s"] / nameko[phase]["calls_per_s"]
+            rows.append((f"{phase} calls/s >= {target:g}x nameko", f"{r:.1f}x", r >= target))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

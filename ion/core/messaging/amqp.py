@@ -562,33 +562,26 @@ def _property_plan(flags: int) -> tuple[tuple[str, int | None], ...]:
     return plan
 
 
-def _text(data: bytes) -> Any:
-    """A short string's value as pika gives it: text if it is UTF-8, else the bytes."""
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        return data
-
-
 def _parse_delivery(data: bytes, pos: int, end: int, number: int, n: int) -> tuple[Any, ...] | None:
     """The delivery whose ``basic.deliver`` frame on channel ``number`` is ``data[pos:end]``, if its
     content header and body frames follow whole in ``data`` (``n`` bytes): (end of its last frame,
     consumer tag, delivery tag, redelivered, exchange, routing key, :class:`Properties`, body, frames).
-    None when anything is not what a delivery is made of (pika then reads it, and says what is wrong)."""
+    None when anything is not what a delivery is made of, or a short string is not UTF-8 (pika then
+    reads it: it says what is wrong, or gives such a string as bytes)."""
     try:
         if data[end - 1] != 0xCE:
             return None
         p = pos + 11
         length = data[p]
-        consumer_tag = _text(data[p + 1:p + 1 + length])
+        consumer_tag = data[p + 1:p + 1 + length].decode()
         p += 1 + length
         delivery_tag, bits = _DELIVERY_TAG.unpack_from(data, p)
         p += 9
         length = data[p]
-        exchange = _text(data[p + 1:p + 1 + length])
+        exchange = data[p + 1:p + 1 + length].decode()
         p += 1 + length
         length = data[p]
-        routing_key = _text(data[p + 1:p + 1 + length])
+        routing_key = data[p + 1:p + 1 + length].decode()
         if p + 1 + length != end - 1 or end + 7 > n:
             return None
         kind, channel, size = _FRAME_HEAD.unpack_from(data, end)
@@ -603,7 +596,7 @@ def _parse_delivery(data: bytes, pos: int, end: int, number: int, n: int) -> tup
         for kind_of, index in _property_plans.get(flags) or _property_plan(flags):
             if kind_of == "s":
                 length = data[p]
-                value: Any = _text(data[p + 1:p + 1 + length])
+                value: Any = data[p + 1:p + 1 + length].decode()
                 p += 1 + length
             elif kind_of == "t":
                 value, p = decode_table(data, p)

@@ -319,7 +319,8 @@ def test_deliveries_decoded_by_the_connection_are_those_pika_decodes() -> None:
             body = rng.randbytes(rng.choice([0, 1, 50, 400, 3000]))
             headers = {"h": i, "s": "é"} if rng.random() < 0.2 else None
             props = pika.BasicProperties(content_type=rng.choice(["application/msgpack", None]),
-                                         correlation_id=f"c{i}", reply_to=rng.choice(["r.q", None]),
+                                         correlation_id=f"c{i}" if rng.random() < 0.9 else b"\xff not UTF-8",
+                                         reply_to=rng.choice(["r.q", None]),
                                          message_id=f"m{i}", user_id="ion", headers=headers,
                                          expiration=rng.choice(["1500", None]), delivery_mode=rng.choice([2, None]),
                                          timestamp=rng.choice([1700000000, None]), app_id=rng.choice(["a", None]))

@@ -190,6 +190,37 @@ class TransportContract:
         assert second.properties.message_id == "mine-1"
 
     @pytest_twisted.ensureDeferred
+    async def test_publish_now_carries_any_body_and_properties(self, transport_factory: TransportFactory,
+                                                                unique: str) -> None:
+        """What the container's sends use (``publish_now``): bodies of any size (over AMQP's frame size
+        too, and empty) and every property, non-ASCII text and header tables included, arrive as sent."""
+        import random
+
+        consumer_conn = await transport_factory()
+        publisher = await transport_factory()
+        ex, q = f"{unique}.x", f"{unique}.q"
+        await self.queue(consumer_conn, ex, q, "k")
+        got = Collector()
+        await consumer_conn.consume(q, got, prefetch=10)
+        await publisher.publish(ex, "k", b"first", Properties())  # (the exchange is known from then on)
+        bodies = [random.Random(7).randbytes(300_000), b"", b"small \xff"]
+        for n, body in enumerate(bodies):
+            d = publisher.publish_now(ex, "k", body, Properties(
+                "application/msgpack", f"ré-{n}#1", "reply.ü", None, None, {"x-n": n, "x-s": "ß"}, "60000"),
+                mandatory=True, confirm=False)
+            if d is not None:
+                await d
+        deliveries = await got.wait_for(4)
+        assert [d.body for d in deliveries] == [b"first", *bodies]
+        for n, delivery in enumerate(deliveries[1:]):
+            props = delivery.properties
+            assert (props.content_type, props.correlation_id, props.reply_to, props.expiration) == (
+                "application/msgpack", f"ré-{n}#1", "reply.ü", "60000")
+            assert props.headers == {"x-n": n, "x-s": "ß"}
+            assert props.user_id == publisher.user and props.message_id
+            assert (delivery.exchange, delivery.routing_key, delivery.redelivered) == (ex, "k", False)
+
+    @pytest_twisted.ensureDeferred
     async def test_expiration(self, transport_factory: TransportFactory, unique: str) -> None:
         """A message whose ``expiration`` (TTL, ms) passes while it waits in a queue is never delivered;
         one still within it is, with its expiration unchanged; one without none never expires."""

@@ -257,8 +257,11 @@ class _Connection(TwistedProtocolConnection):  # type: ignore[misc]
                     found = self.takers.get((number, tag))
                     channel = impl._channels.get(number) if found is not None else None
                     if (found is None or channel is not found[0] or not channel.is_open
-                            or tag not in channel._consumers or tag in channel._cancelled):
-                        self._feed(data[pos:after], b"")  # (pika's way: it knows what to do with it)
+                            or tag not in channel._consumers or tag in channel._cancelled
+                            or channel._content_assembler._method_frame is not None):
+                        # pika's way: it knows what to do with it (and, with part of a message in hand on
+                        # that channel, which only a broken stream leaves, it says what is wrong).
+                        self._feed(data[pos:after], b"")
                     else:
                         impl.frames_received += delivery[8]
                         impl.bytes_received += after - pos
@@ -472,8 +475,13 @@ def _repeated_string(value: str) -> bytes:
 
 def _short_string(value: str | bytes) -> bytes:
     """An AMQP short string: its length in one octet, then its UTF-8 (pika's ``ShortStringTooLong``
-    over 255 octets, as its own encoder raises)."""
-    data = value.encode() if isinstance(value, str) else bytes(value)
+    over 255 octets, as its own encoder raises; a TypeError for a value that is no text)."""
+    if isinstance(value, str):
+        data = value.encode()
+    elif isinstance(value, bytes):
+        data = value
+    else:
+        raise TypeError(f"an AMQP short string must be text, not {type(value).__name__}")
     if len(data) > 255:
         raise pika_exc.ShortStringTooLong(data)
     return bytes((len(data),)) + data
@@ -558,6 +566,10 @@ _property_plans: dict[int, tuple[tuple[str, int | None], ...]] = {}
 
 
 def _property_plan(flags: int) -> tuple[tuple[str, int | None], ...]:
+    """The plan of ``flags`` (kept: a broker sends a handful of combinations; at most
+    :data:`_REPEATED_MAX` are kept, whatever it sends)."""
+    if len(_property_plans) >= _REPEATED_MAX:
+        _property_plans.clear()
     plan = _property_plans[flags] = tuple((kind, index) for flag, kind, index in _PROPERTY_LAYOUT if flags & flag)
     return plan
 
@@ -1286,7 +1298,7 @@ class AmqpTransport(Transport):
         # The caller gave ``properties`` up: stamped with who really sends (RabbitMQ checks user_id
         # against the connection's login) and kept in the publish channel's log.
         properties.user_id = self.user
-        if properties.message_id is None:
+        if not properties.message_id:
             properties.message_id = f"{self._id_prefix}.{next(self._message_ids)}"
         try:
             self._send_now(ch, impl, exchange, routing_key, body, properties, mandatory)
@@ -1307,8 +1319,9 @@ class AmqpTransport(Transport):
                 self._method_frames.clear()
             method = self._method_frames[key] = publish_method_frame(number, exchange, routing_key, mandatory)
         conn = impl.connection
-        data = publish_frames(number, exchange, routing_key, mandatory, props,
-                              body if type(body) is bytes else bytes(body), conn._body_max_length, method)
+        if type(body) is not bytes:
+            body = bytes(body)
+        data = publish_frames(number, exchange, routing_key, mandatory, props, body, conn._body_max_length, method)
         conn.bytes_sent += len(data)
         conn.frames_sent += 2 + (len(body) + conn._body_max_length - 1) // conn._body_max_length
         conn._adapter_emit_data(data)

@@ -497,6 +497,7 @@ def publish_frames(channel_number: int, exchange: str, routing_key: str, mandato
     on the channel, exchange, routing key and ``mandatory``: see :func:`publish_method_frame`)."""
     if method is None:
         method = publish_method_frame(channel_number, exchange, routing_key, mandatory)
+    # The properties in wire order, one block each (a loop over a table of them cost ~1 µs more a message).
     flags = 0
     pieces = [b""]
     value: Any = props.content_type

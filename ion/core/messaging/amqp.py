@@ -492,7 +492,7 @@ def publish_frames(channel_number: int, exchange: str, routing_key: str, mandato
     """The frames of one ``basic.publish`` of ``body`` with ``props`` on channel ``channel_number``,
     byte for byte what pika's ``Channel.basic_publish`` writes for ``_to_pika(props, ...)`` (a test
     checks), as one string: the publish path's hot spot, made without pika's frame and property objects
-    (~8 µs of CPU per message there, ~1.5 here). ``body_max``: the most body octets a frame carries
+    (~7-8 µs of CPU per message there, ~2 here). ``body_max``: the most body octets a frame carries
     (the connection's frame-max less 8). ``method``: the method frame, if made already (it depends only
     on the channel, exchange, routing key and ``mandatory``: see :func:`publish_method_frame`)."""
     if method is None:

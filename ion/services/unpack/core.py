@@ -806,6 +806,10 @@ class _Tree:
 
     def make_hardlink(self, parts: tuple[str, ...], member: str, linkname: str, budget: _Budget) -> None:
         source = self.hardlink_source(parts, member, linkname)
+        if source == parts:
+            # A hard link to itself: how tar stores a file named twice (``tar -cf x.tar f f``); the name
+            # holds that very file already (GNU tar extracts it so too).
+            return
         src_parent = self._dir_fd(source[:-1], member)
         try:
             st = os.stat(source[-1], dir_fd=src_parent, follow_symlinks=False)

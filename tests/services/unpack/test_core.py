@@ -120,6 +120,15 @@ def test_tar_hard_link_inside_is_kept(sandbox):
     assert result.total_bytes == 10
 
 
+def test_tar_hard_link_to_itself_keeps_the_file(sandbox):
+    """``tar -cf x.tar f f`` stores the second ``f`` as a hard link to itself: the file is kept as it
+    is (as GNU tar extracts it), not removed to make room for a link to the name just removed."""
+    archive = write_tar(sandbox.archives / "self.tar", [M("d/f", data=b"hi\n"), M("d/f", "hardlink", link="d/f")])
+    result = extract(archive, sandbox.target)
+    assert (sandbox.target / "d/f").read_bytes() == b"hi\n"
+    assert result.total_bytes == 3
+
+
 @pytest.mark.parametrize("kind", ["tgz", "zip"])
 def test_files_are_hashed_as_they_are_written(sandbox, kind):
     """result.files gives each regular file's size and sha256 as it ended on disk: a file listed

@@ -43,7 +43,6 @@ import builtins
 import functools
 import hashlib
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -57,6 +56,7 @@ from twisted.logger import Logger
 
 from ion.core.config import Settings, setting
 from ion.core.threads import BlockingPool, housekeeping_pool, run_short
+from ion.core.tokens import random_hex
 from ion.services.cache import store
 from ion.services.cache.entry import (
     LOCK_SUFFIX,
@@ -261,7 +261,7 @@ class Cache:
         return self.entry_path(key).with_name(key.folder_name + LOCK_SUFFIX)
 
     def _unique(self) -> str:
-        return f"{self._host_tag}-{os.getpid()}-{int(time.time() * 1000)}-{secrets.token_hex(6)}"
+        return f"{self._host_tag}-{os.getpid()}-{int(time.time() * 1000)}-{random_hex(12)}"
 
     def _trash(self) -> Path:
         return self.staging_root / f"{self._unique()}-trash"

@@ -32,7 +32,6 @@ import errno
 import fcntl
 import os
 import platform
-import secrets
 import stat
 import threading
 import time
@@ -41,6 +40,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from ion.core.tokens import random_hex
 
 __all__ = ["SafeDir", "SymlinkRefused", "WalkCache", "relative_parts", "RENAME_EXCHANGE"]
 
@@ -330,7 +331,7 @@ class SafeDir:
         The temp name starts with ``.`` and ends ``.tmp``; ``mode`` is less the umask;
         ``mtime`` (epoch seconds) sets the file's times.
         """
-        tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+        tmp = f".{name}.{random_hex(8)}.tmp"
         fd = self.create_file(tmp, mode)
         try:
             try:

@@ -9,13 +9,16 @@ under a millisecond (a stat, a small file read) go through
 
 from __future__ import annotations
 
+import collections
+import threading
 import weakref
 from collections.abc import Callable
+from queue import SimpleQueue
 from typing import Any, TypeVar
 
 from twisted.internet import defer, threads
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from ion.core.settings import ContainerSettings
 
@@ -23,11 +26,24 @@ __all__ = ["BlockingPool", "SynchronousPool", "housekeeping_pool", "run_short"]
 
 T = TypeVar("T")
 
+_log = Logger()
+
+#: A call handed to a pool thread: function, arguments, and the Deferred its outcome fires.
+_Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], "defer.Deferred[Any]"]
+
 
 class BlockingPool:
-    """A ``ThreadPool(minthreads, maxthreads)`` with a Deferred-returning ``run``.
+    """Up to ``maxthreads`` threads for blocking calls, with a Deferred-returning ``run``.
+
+    A call is handed to the threads through one ``queue.SimpleQueue`` (a waiting thread is
+    woken only when one is idle), and results come back to the reactor in batches: the
+    first result of a batch asks the reactor (one ``callFromThread``) to deliver every
+    result ready by then. A many-small-files deploy makes ~6 calls per item; Twisted's
+    ``ThreadPool`` (a coordinator lock, a queue per thread, one ``callFromThread`` per
+    result) cost ~75 µs of CPU per call on a loaded 2-CPU machine, this ~15 µs.
 
     :param reactor: the reactor results are delivered on.
+    :param minthreads: accepted for compatibility; threads start as calls need them.
     :param maxthreads: the most blocking calls running at once; more wait their turn.
     """
 
@@ -38,41 +54,57 @@ class BlockingPool:
 
             reactor = _reactor
         self.reactor = reactor
-        self.pool = ThreadPool(minthreads, maxthreads, name=name)
+        self.name = name
+        self.maxthreads = max(1, maxthreads)
+        self._calls: SimpleQueue[_Call | None] = SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._unanswered = 0  # calls handed out and not yet answered (reactor thread only)
+        self._results: collections.deque[tuple[defer.Deferred[Any], Any]] = collections.deque()
+        self._delivery_asked = False
+        self._started = False
         self._shutdown_trigger: Any = None
         self._stopped = False
         self._short: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], defer.Deferred[Any]]] = []
 
     @property
     def started(self) -> bool:
-        return bool(self.pool.started)
+        return self._started
 
     def start(self) -> None:
-        """Start the threads; stopped again at reactor shutdown if nobody stops it first."""
-        if self.pool.started:
+        """Accept calls; the threads are stopped at reactor shutdown if nobody stops them first."""
+        if self._started:
             return
-        self.pool.start()
+        self._started = True
         self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._shutdown)
 
     def stop(self) -> defer.Deferred[None]:
-        """Refuse new calls, let running ones finish, and join the threads.
+        """Refuse new calls, let the calls handed out finish, and join the threads.
 
         The join happens off the reactor thread (it may wait for a long extraction),
-        so the reactor keeps serving while the pool drains; the Deferred fires when
-        every thread is gone.
+        so the reactor keeps serving (and delivering results) while the pool drains; the
+        Deferred fires when every thread is gone.
         """
         self._stopped = True
         self._remove_trigger()
-        if not self.pool.started:
+        if not self._started:
             return defer.succeed(None)
-        return threads.deferToThread(self.pool.stop)
+        return threads.deferToThread(self._end_threads)
 
     def _shutdown(self) -> None:
         # The reactor is going away: nothing is left to keep responsive.
         self._stopped = True
         self._shutdown_trigger = None
-        if self.pool.started:
-            self.pool.stop()
+        if self._started:
+            self._end_threads()
+
+    def _end_threads(self) -> None:
+        """Each thread ends after the calls queued before its end marker; wait for them all."""
+        self._started = False
+        ending, self._threads = self._threads, []
+        for _ in ending:
+            self._calls.put(None)
+        for thread in ending:
+            thread.join()
 
     def _remove_trigger(self) -> None:
         if self._shutdown_trigger is not None:
@@ -87,10 +119,49 @@ class BlockingPool:
         if self._stopped:
             from ion.core.exceptions import IonError
 
-            return defer.fail(IonError(f"{self.pool.name}: the pool is stopped (its owner terminated)"))
-        if not self.pool.started:
+            return defer.fail(IonError(f"{self.name}: the pool is stopped (its owner terminated)"))
+        if not self._started:
             self.start()
-        return threads.deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
+        d: defer.Deferred[T] = defer.Deferred()
+        self._unanswered += 1
+        if self._unanswered > len(self._threads) and len(self._threads) < self.maxthreads:
+            thread = threading.Thread(target=self._serve, name=f"PoolThread-{self.name}-{len(self._threads)}")
+            self._threads.append(thread)
+            thread.start()
+        self._calls.put((fn, args, kwargs, d))
+        return d
+
+    def _serve(self) -> None:
+        """A pool thread: run calls until an end marker; hand each outcome to the reactor."""
+        get, results = self._calls.get, self._results
+        while (call := get()) is not None:
+            fn, args, kwargs, d = call
+            try:
+                outcome: Any = fn(*args, **kwargs)
+            except BaseException:
+                outcome = Failure()
+            del fn, args, kwargs, call
+            results.append((d, outcome))
+            if not self._delivery_asked:
+                self._delivery_asked = True
+                self.reactor.callFromThread(self._deliver)
+            del d, outcome
+
+    def _deliver(self) -> None:
+        """On the reactor: fire the Deferreds of every outcome ready (the flag is cleared first,
+        so an outcome appended while this runs is either taken here or asks again)."""
+        self._delivery_asked = False
+        results = self._results
+        while results:
+            d, outcome = results.popleft()
+            self._unanswered -= 1
+            try:
+                if isinstance(outcome, Failure):
+                    d.errback(outcome)
+                else:
+                    d.callback(outcome)
+            except Exception:
+                _log.failure("{pool}: delivering a result", pool=self.name)
 
     def run_short(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
         """Like :meth:`run`, for a call that takes well under a millisecond.

@@ -96,3 +96,76 @@ async def test_short_calls_on_a_stopped_pool_fail():
         await pending
     with pytest.raises(IonError, match="pool is stopped"):
         await pool.run_short(lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_beyond_maxthreads_wait_their_turn_and_each_gets_its_own_outcome():
+    """More calls than threads: at most ``maxthreads`` threads ever run them; every Deferred fires
+    with its own call's result, or its error as a Failure of the original exception."""
+    from twisted.internet import defer
+
+    pool = BlockingPool(maxthreads=2, name="test-turns")
+    release = threading.Event()
+    names: set[str] = set()
+
+    def call(i: int) -> int:
+        names.add(threading.current_thread().name)
+        release.wait(10)
+        if i % 5 == 0:
+            raise KeyError(i)
+        return i * i
+
+    try:
+        calls = [pool.run(call, i) for i in range(12)]
+        release.set()
+        outcomes = await defer.DeferredList(calls, consumeErrors=True)
+        for i, (ok, value) in enumerate(outcomes):
+            if i % 5 == 0:
+                assert not ok and value.check(KeyError) and value.value.args == (i,)
+            else:
+                assert ok and value == i * i
+        assert 1 <= len(names) <= 2 and all(n.startswith("PoolThread-test-turns-") for n in names)
+    finally:
+        await pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_runs_the_calls_already_queued_then_ends_the_threads():
+    """Calls handed out before stop() still run and deliver their results; then every thread ends."""
+    pool = BlockingPool(maxthreads=1, name="test-drain")
+    release = threading.Event()
+    ran: list[int] = []
+
+    def call(i: int) -> int:
+        release.wait(10)
+        ran.append(i)
+        return i
+
+    queued = [pool.run(call, i) for i in range(4)]  # one runs, three wait behind it
+    stopped = pool.stop()
+    release.set()
+    assert [await d for d in queued] == [0, 1, 2, 3]
+    await stopped
+    assert ran == [0, 1, 2, 3] and not pool.started
+    assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-test-drain-")]
+
+
+def test_reactor_shutdown_runs_the_queued_calls_and_joins_the_threads():
+    """At reactor shutdown the pool's threads finish what was queued and are joined before the
+    shutdown goes on; calls made afterwards are refused."""
+    from twisted.internet import reactor
+
+    pool = BlockingPool(reactor, maxthreads=1, name="test-shutdown")
+    release = threading.Event()
+    ran: list[int] = []
+    queued = [pool.run(lambda i=i: release.wait(10) and ran.append(i)) for i in range(3)]
+    release.set()
+    pool._shutdown()  # what the "during shutdown" trigger calls
+    assert ran == [0, 1, 2] and not pool.started
+    assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-test-shutdown-")]
+    for d in queued:
+        d.addErrback(lambda f: None)  # delivered by the reactor later; nothing to wait for here
+    refused = pool.run(lambda: None)
+    with pytest.raises(IonError, match="pool is stopped"):
+        refused.result.raiseException()
+    refused.addErrback(lambda f: None)

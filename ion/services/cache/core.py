@@ -43,7 +43,6 @@ import builtins
 import functools
 import hashlib
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -57,6 +56,7 @@ from twisted.logger import Logger
 
 from ion.core.config import Settings, setting
 from ion.core.threads import BlockingPool, housekeeping_pool, run_short
+from ion.core.tokens import random_hex
 from ion.services.cache import store
 from ion.services.cache.entry import (
     LOCK_SUFFIX,
@@ -150,6 +150,8 @@ class CacheSettings(Settings):
 
 #: Seconds without refresh after which another host may take a lock over (config ``lock_timeout``).
 DEFAULT_LOCK_TIMEOUT: Final = CacheSettings.lock_timeout
+#: The most keys whose entry and lock paths a :class:`Cache` keeps made (:meth:`Cache.entry_path`).
+_PATHS_KEPT: Final = 4096
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -247,6 +249,9 @@ class Cache:
         self._host_tag = hashlib.sha256(self.host_id.encode()).hexdigest()[:8]
         #: Staging folders handed out and not yet published or discarded.
         self._staging: set[Path] = set()
+        #: (entry path, lock path) of the keys met lately: made once, not at each of the five or so
+        #: times a fetch asks (a pathlib join costs more than the dict look-up). Emptied when full.
+        self._paths: dict[EntryKey, tuple[Path, Path]] = {}
 
     def __repr__(self) -> str:
         return f"<Cache {self.root} host={self.host_id}>"
@@ -254,14 +259,24 @@ class Cache:
     # -- paths ------------------------------------------------------------------------------------
     def entry_path(self, key: EntryKey) -> Path:
         """``<root>/<repo-id>/<platform>/<name>/<version>[~packed]``."""
-        return self.root.joinpath(*key.relpath.parts)
+        return self._paths_of(key)[0]
 
     def lock_path(self, key: EntryKey) -> Path:
         """``<root>/<repo-id>/<platform>/<name>/<version>[~packed].lock``."""
-        return self.entry_path(key).with_name(key.folder_name + LOCK_SUFFIX)
+        return self._paths_of(key)[1]
+
+    def _paths_of(self, key: EntryKey) -> tuple[Path, Path]:
+        paths = self._paths.get(key)
+        if paths is None:
+            entry = self.root.joinpath(*key.relpath.parts)
+            paths = (entry, entry.with_name(key.folder_name + LOCK_SUFFIX))
+            if len(self._paths) >= _PATHS_KEPT:
+                self._paths.clear()
+            self._paths[key] = paths
+        return paths
 
     def _unique(self) -> str:
-        return f"{self._host_tag}-{os.getpid()}-{int(time.time() * 1000)}-{secrets.token_hex(6)}"
+        return f"{self._host_tag}-{os.getpid()}-{int(time.time() * 1000)}-{random_hex(12)}"
 
     def _trash(self) -> Path:
         return self.staging_root / f"{self._unique()}-trash"

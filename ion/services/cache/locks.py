@@ -107,6 +107,7 @@ from twisted.python.failure import Failure
 
 from ion.core.exceptions import ConnectionLostError
 from ion.core.messaging.memory import MemoryTransport
+from ion.core.tokens import random_hex
 from ion.services.cache.entry import EntryKey
 from ion.services.cache.errors import InvalidKeyError, LockTimeoutError
 
@@ -250,7 +251,7 @@ _DEBRIS: Final = re.compile(r"^\.(?P<lock>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+
 
 
 def _debris_path(path: Path, tag: str | None, kind: str) -> Path:
-    return path.with_name(f".{path.name}.{tag or f'{_ANON_HOST}-{os.getpid()}'}.{secrets.token_hex(6)}.{kind}")
+    return path.with_name(f".{path.name}.{tag or f'{_ANON_HOST}-{os.getpid()}'}.{random_hex(12)}.{kind}")
 
 
 def _is_litter(lock_name: str, name: str) -> bool:
@@ -644,7 +645,7 @@ class CacheLock:
         self.key = key
         self.path = path
         self.holder = holder
-        self.id = secrets.token_hex(16)
+        self.id = random_hex(32)
         self.acquired_at = acquired_at
         self.held = True
         self.lost = False

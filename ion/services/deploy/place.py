@@ -74,7 +74,6 @@ import errno
 import json
 import os
 import stat
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +83,7 @@ from twisted.logger import Logger
 
 from ion.core.exceptions import IonError
 from ion.core.safefs import SafeDir, SymlinkRefused, WalkCache
+from ion.core.tokens import random_hex
 from ion.services.cache.reaper import record_link
 
 __all__ = ["PlacementError", "Placement", "Switch", "Target", "place", "commit", "undo", "placed_already",
@@ -412,7 +412,7 @@ def _undo_swaps(dest: SafeDir, swaps: list[_Swap], undone: list[str] | None = No
             dest.replace(s.old, s.name)
         else:  # aside: the name is missing for a moment again, as when it was switched
             assert s.old is not None
-            gone = f".{s.name}.ion-new-{uuid.uuid4().hex[:8]}"
+            gone = f".{s.name}.ion-new-{random_hex(8)}"
             dest.rename(s.name, gone)
             dest.rename(s.old, s.name)
             dest.remove(gone)
@@ -706,7 +706,7 @@ def _switch_names(entry: Path, names: list[str], destination: Path, dest: SafeDi
         src = entry / n
         if link and dest.readlink(n) == str(src):
             continue
-        tmp = f".{n}.ion-new-{uuid.uuid4().hex[:8]}"
+        tmp = f".{n}.ion-new-{random_hex(8)}"
         try:
             if link:
                 dest.symlink(src, tmp)
@@ -735,7 +735,7 @@ def _set_aside_removed(dest: SafeDir, destination: Path, names: list[str], prev_
     removed = []
     for n in prev_names:
         if n not in names and dest.exists(n):
-            old = f".{n}.ion-old-{uuid.uuid4().hex[:8]}"
+            old = f".{n}.ion-old-{random_hex(8)}"
             try:
                 dest.rename(n, old)
             except OSError as exc:

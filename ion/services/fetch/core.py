@@ -429,6 +429,9 @@ async def _each(items: list[RemoteFile], fn: Callable[[RemoteFile], Coroutine[An
     """``fn(item)`` for every item, ``at_once`` at a time. On the first failure no other item is
     started, those running are cancelled, and that failure is raised once every one has ended (so
     nothing still writes into a staging folder the caller removes next)."""
+    if len(items) == 1:  # (a one-file version, most of a deploy of many small items: no workers to start)
+        await fn(items[0])
+        return
     todo = iter(items)
     running: set[defer.Deferred[None]] = set()
     failures: list[BaseException] = []

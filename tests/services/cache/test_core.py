@@ -432,3 +432,16 @@ def test_publish_over_an_empty_folder_or_an_incomplete_entry(cache, key):
     assert sorted(p.name for p in path.iterdir()) == [ENTRY_FILE, "b"]
     assert set(fired(cache.lookup(key)).files) == {"b"}
     assert list(cache.staging_root.iterdir()) == []
+
+
+def test_entry_and_lock_paths_are_made_once_per_key_and_forgotten_when_too_many(cache, key, monkeypatch):
+    """entry_path/lock_path: the same paths as joined from the key, kept per key (one join per key,
+    not per call) and all forgotten once more keys than _PATHS_KEPT were met."""
+    monkeypatch.setattr(core, "_PATHS_KEPT", 3)
+    want = cache.root.joinpath(*key.relpath.parts)
+    assert cache.entry_path(key) == want and cache.lock_path(key) == want.with_name(want.name + ".lock")
+    assert cache.entry_path(key) is cache.entry_path(key)
+    others = [version(key, f"2.{i}") for i in range(3)]
+    for other in others:
+        assert cache.entry_path(other) == cache.root.joinpath(*other.relpath.parts)
+    assert len(cache._paths) <= 3 and cache.entry_path(key) == want  # made again after the clear

@@ -906,3 +906,54 @@ def _fired(d: defer.Deferred[Any]) -> Any:
     if isinstance(results[0], Exception) or hasattr(results[0], "raiseException"):
         results[0].raiseException()
     return results[0]
+
+
+def test_an_http_repository_makes_each_endpoint_once():
+    """Twisted's Agent asks for an endpoint at every request: _EndpointsOnce makes the one of each
+    (scheme, host, port) once and hands it out again; another host or port gets its own, and a
+    factory's refusal (an unsupported scheme) is raised every time, never kept."""
+    from twisted.web.client import URI
+
+    from ion.services.fetch.repository import _EndpointsOnce
+
+    made: list[bytes] = []
+
+    class Factory:
+        def endpointForURI(self, uri):  # noqa: N802 - Twisted's interface
+            if uri.scheme == b"ftp":
+                raise ValueError("unsupported")
+            made.append(uri.toBytes())
+            return object()
+
+    endpoints = _EndpointsOnce(Factory())
+    first = endpoints.endpointForURI(URI.fromBytes(b"http://repo.example:8080/a/1.0/"))
+    assert endpoints.endpointForURI(URI.fromBytes(b"http://repo.example:8080/a/1.0/a.bin")) is first
+    assert endpoints.endpointForURI(URI.fromBytes(b"http://repo.example:8081/a/")) is not first
+    assert endpoints.endpointForURI(URI.fromBytes(b"https://repo.example:8080/a/")) is not first
+    assert len(made) == 3
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            endpoints.endpointForURI(URI.fromBytes(b"ftp://repo.example/a/"))
+
+
+def test_a_request_slot_is_held_until_its_call_ends_and_a_wait_cancelled_takes_none(tmp_path: Path) -> None:
+    """_slot: with one slot, a second call waits for the first; cancelling it while it waits gives
+    up no slot it never had; the slot is freed when the call holding it ends, however it ends."""
+    from ion.core.threads import SynchronousPool
+
+    (tmp_path / "deps").mkdir()
+    repo = repository_for(parse_repository_url(f"file://{tmp_path}/deps"), SynchronousPool(),
+                          config={"max_connections": 1})
+    first: defer.Deferred[str] = defer.Deferred()
+    held = repo._slot(lambda: first)
+    waiting = repo._slot(lambda: defer.succeed("never run"))
+    assert repo.slots.tokens == 0 and not waiting.called
+    waiting.cancel()
+    assert isinstance(waiting.result.value, defer.CancelledError)
+    waiting.addErrback(lambda f: None)
+    assert repo.slots.tokens == 0  # still the first call's
+    first.errback(KeyError("boom"))
+    assert isinstance(held.result.value, KeyError)
+    held.addErrback(lambda f: None)
+    assert repo.slots.tokens == 1
+    assert repo._slot(lambda: defer.succeed("next")).result == "next" and repo.slots.tokens == 1

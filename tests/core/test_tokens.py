@@ -1,0 +1,48 @@
+"""random_hex: random names drawn from one OS read, never handed out twice, not shared with a fork."""
+
+from __future__ import annotations
+
+import os
+import string
+import threading
+
+from ion.core.tokens import POOL_BYTES, random_hex
+
+
+def test_lengths_and_alphabet():
+    for n in (1, 8, 12, 32, 2 * POOL_BYTES + 3):
+        value = random_hex(n)
+        assert len(value) == n and set(value) <= set(string.hexdigits.lower())
+
+
+def test_no_name_is_handed_out_twice_across_threads_and_pool_refills():
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def draw() -> None:
+        mine = [random_hex(32) for _ in range(2000)]  # several pools' worth between the threads
+        with lock:
+            seen.extend(mine)
+
+    workers = [threading.Thread(target=draw) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(set(seen)) == len(seen) == 8000
+
+
+def test_a_forked_child_draws_a_pool_of_its_own():
+    random_hex(12)  # the parent has a pool (maybe drawn just now)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(w, random_hex(32).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    child = os.read(r, 64).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert len(child) == 32 and child != random_hex(32)  # the parent's next name is not the child's

@@ -10,12 +10,14 @@ from ion.core.tokens import POOL_BYTES, random_hex
 
 
 def test_lengths_and_alphabet():
+    """Any length asked, longer than a pool too, in lowercase hex."""
     for n in (1, 8, 12, 32, 2 * POOL_BYTES + 3):
         value = random_hex(n)
         assert len(value) == n and set(value) <= set(string.hexdigits.lower())
 
 
 def test_no_name_is_handed_out_twice_across_threads_and_pool_refills():
+    """Threads drawing at once, over several refills, never get the same characters twice."""
     seen: list[str] = []
     lock = threading.Lock()
 
@@ -33,6 +35,7 @@ def test_no_name_is_handed_out_twice_across_threads_and_pool_refills():
 
 
 def test_a_forked_child_draws_a_pool_of_its_own():
+    """A forked child does not hand out the parent's next names."""
     random_hex(12)  # the parent has a pool (maybe drawn just now)
     r, w = os.pipe()
     pid = os.fork()

@@ -20,6 +20,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ion.core.deferreds import observe
 from ion.core.settings import ContainerSettings
 
 __all__ = ["BlockingPool", "SynchronousPool", "housekeeping_pool", "run_short"]
@@ -64,6 +65,8 @@ class BlockingPool:
         self._started = False
         self._shutdown_trigger: Any = None
         self._stopped = False
+        #: The join of the threads, once stop() asked for it.
+        self._stopping: defer.Deferred[None] | None = None
         self._short: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], defer.Deferred[Any]]] = []
 
     @property
@@ -86,9 +89,11 @@ class BlockingPool:
         """
         self._stopped = True
         self._remove_trigger()
-        if not self._started:
-            return defer.succeed(None)
-        return threads.deferToThread(self._end_threads)
+        if self._stopping is None:
+            if not self._started:
+                return defer.succeed(None)
+            self._stopping = threads.deferToThread(self._end_threads)
+        return observe(self._stopping)  # (a second stop() waits for the same threads)
 
     def _shutdown(self) -> None:
         # The reactor is going away: nothing is left to keep responsive.
@@ -98,13 +103,14 @@ class BlockingPool:
             self._end_threads()
 
     def _end_threads(self) -> None:
-        """Each thread ends after the calls queued before its end marker; wait for them all."""
-        self._started = False
+        """Each thread ends after the calls queued before its end marker; wait for them all.
+        (Calls queued before a reactor shutdown run first, as with Twisted's ``ThreadPool``.)"""
         ending, self._threads = self._threads, []
         for _ in ending:
             self._calls.put(None)
         for thread in ending:
             thread.join()
+        self._started = False
 
     def _remove_trigger(self) -> None:
         if self._shutdown_trigger is not None:
@@ -122,12 +128,17 @@ class BlockingPool:
             return defer.fail(IonError(f"{self.name}: the pool is stopped (its owner terminated)"))
         if not self._started:
             self.start()
+        if self._unanswered >= len(self._threads) and len(self._threads) < self.maxthreads:
+            thread = threading.Thread(target=self._serve, name=f"PoolThread-{self.name}-{len(self._threads)}")
+            try:
+                thread.start()
+            except RuntimeError:  # (can't start a new thread: the threads there are take it in turn)
+                if not self._threads:
+                    return defer.fail()
+            else:
+                self._threads.append(thread)
         d: defer.Deferred[T] = defer.Deferred()
         self._unanswered += 1
-        if self._unanswered > len(self._threads) and len(self._threads) < self.maxthreads:
-            thread = threading.Thread(target=self._serve, name=f"PoolThread-{self.name}-{len(self._threads)}")
-            self._threads.append(thread)
-            thread.start()
         self._calls.put((fn, args, kwargs, d))
         return d
 
@@ -148,11 +159,13 @@ class BlockingPool:
             del d, outcome
 
     def _deliver(self) -> None:
-        """On the reactor: fire the Deferreds of every outcome ready (the flag is cleared first,
-        so an outcome appended while this runs is either taken here or asks again)."""
+        """On the reactor: fire the Deferreds of the outcomes ready now (the flag is cleared first,
+        so an outcome appended while this runs is taken here or asks again). Only those: one whose
+        callbacks start the next call would otherwise keep this loop, and the reactor, going for as
+        long as chained calls finish (timers, I/O and heartbeats waiting behind it)."""
         self._delivery_asked = False
         results = self._results
-        while results:
+        for _ in range(len(results)):
             d, outcome = results.popleft()
             self._unanswered -= 1
             try:

@@ -9,6 +9,9 @@ hands out slices of one ``os.urandom`` read of :data:`POOL_BYTES` instead: the s
 source (the kernel's CSPRNG), each character used once, safe across threads and forks
 (a child process draws a pool of its own, never the parent's next names).
 
+For names and in-process tokens only: the next names sit in the process's memory, so
+not for secrets or for tokens shown to other parties (``secrets`` is for those).
+
 (:mod:`ion.core.trace` keeps a pool of its own for span and trace ids, which must be
 aligned and never all zeros.)
 """

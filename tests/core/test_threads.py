@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -160,6 +161,7 @@ def test_reactor_shutdown_runs_the_queued_calls_and_joins_the_threads():
     ran: list[int] = []
     queued = [pool.run(lambda i=i: release.wait(10) and ran.append(i)) for i in range(3)]
     release.set()
+    pool._remove_trigger()  # (called by hand below: not left registered on the test session's reactor)
     pool._shutdown()  # what the "during shutdown" trigger calls
     assert ran == [0, 1, 2] and not pool.started
     assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-test-shutdown-")]
@@ -169,3 +171,67 @@ def test_reactor_shutdown_runs_the_queued_calls_and_joins_the_threads():
     with pytest.raises(IonError, match="pool is stopped"):
         refused.result.raiseException()
     refused.addErrback(lambda f: None)
+
+
+def _until(ready: Any) -> None:
+    """Wait (at most 10 s) until a pool thread has done what ``ready()`` checks."""
+    for _ in range(1000):
+        if ready():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("a pool thread did not get there in 10 s")
+
+
+def test_one_delivery_fires_only_the_outcomes_ready_when_it_began():
+    """A callback that starts the next call cannot keep the delivery (and the reactor) going: the
+    outcome of that call, in before the delivery ends, waits for a delivery of its own."""
+    asked: list[Any] = []
+
+    class Reactor:
+        """Keeps what pool threads hand to the reactor; nothing runs until the test runs it."""
+
+        def callFromThread(self, fn: Any, *args: Any) -> None:  # noqa: N802 - Twisted's interface
+            asked.append(fn)
+
+        def addSystemEventTrigger(self, *args: Any) -> Any:  # noqa: N802
+            return None
+
+    pool = BlockingPool(Reactor(), maxthreads=1, name="test-bounded")
+    fired: list[str] = []
+
+    def then(_: Any) -> None:
+        fired.append("first")
+        pool.run(lambda: None).addCallback(lambda _: fired.append("second"))
+        _until(lambda: pool._results)  # the second outcome is in while this delivery still runs
+
+    try:
+        pool.run(lambda: "one").addCallback(then)
+        _until(lambda: asked)
+        asked.pop(0)()  # the first delivery
+        assert fired == ["first"]
+        assert asked  # the second outcome asked for a delivery of its own
+        while asked:
+            asked.pop(0)()
+        assert fired == ["first", "second"]
+    finally:
+        pool._stopped = True
+        pool._end_threads()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_stop_waits_for_the_same_threads():
+    """stop() twice: both Deferreds fire only once the threads are gone (the second one used to fire
+    at once, the pool's threads still running)."""
+    pool = BlockingPool(maxthreads=1, name="test-twice")
+    release = threading.Event()
+    running = pool.run(release.wait, 10)
+    first, second = pool.stop(), pool.stop()
+    try:
+        assert not first.called and not second.called and pool.started
+    finally:
+        release.set()
+    await running
+    await first
+    await second
+    assert not pool.started
+    assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-test-twice-")]

@@ -59,6 +59,7 @@ unless ``--strict`` is given (then 1 when ioncore is under 0.9x raw pika).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -72,7 +73,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import version as dist_version
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -90,7 +91,7 @@ from twisted.internet import defer, task  # noqa: E402
 from ion.testing.processes import WatchedProcess  # noqa: E402
 
 __all__ = ["main", "parse_args", "percentile", "sequential", "windowed", "median_result", "format_table",
-           "RATIO_TARGET", "issue_targets"]
+           "RATIO_TARGET", "issue_targets", "broker_url"]
 
 #: ioncore's calls/s over raw pika's, on both figures (the issue's target).
 RATIO_TARGET = 0.9
@@ -847,6 +848,23 @@ def issue_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return rows
 
 
+@contextlib.contextmanager
+def broker_url(url: str | None, vhost: str) -> Iterator[str]:
+    """``url``; None: a new vhost ``vhost`` of a private RabbitMQ started now, stopped on leaving."""
+    if url is not None:
+        yield url
+        return
+    from ion.testing.rabbitmq import RabbitMQServer
+
+    print("starting a private RabbitMQ ...", file=sys.stderr, flush=True)
+    server = RabbitMQServer()
+    server.start()
+    try:
+        yield server.new_vhost_url(vhost)
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse ``argv``, start a broker unless ``--url``, run, print; exits the process."""
     global BROKER_PID
@@ -860,32 +878,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.hops:
         hop_dir = os.environ["ION_BENCH_HOPS"] = tempfile.mkdtemp(prefix="ion-bench-hops-")
         hops.install()  # this process: the clients
-    server = None
-    url = args.url
-    if url is None:
-        from ion.testing.rabbitmq import RabbitMQServer
-
-        print("starting a private RabbitMQ ...", file=sys.stderr, flush=True)
-        server = RabbitMQServer()
-        server.start()
-        url = server.new_vhost_url("ion-bench")
-    BROKER_PID = listening_pid(urlsplit(url).port or 5672)
     report: dict[str, Any] = {}
     try:
-        def _main(reactor: Any) -> Any:
-            # SIGINT/SIGTERM end the run (the finally below stops the broker).
-            d = run(reactor, args, url)
-            d.addCallback(report.update)
-            return d
+        with broker_url(args.url, "ion-bench") as url:
+            BROKER_PID = listening_pid(urlsplit(url).port or 5672)
 
-        try:
-            task.react(_main)
-        except SystemExit as exc:
-            if exc.code not in (0, None):
-                raise
+            def _main(reactor: Any) -> Any:
+                # SIGINT/SIGTERM end the run (leaving the with stops the broker).
+                d = run(reactor, args, url)
+                d.addCallback(report.update)
+                return d
+
+            try:
+                task.react(_main)
+            except SystemExit as exc:
+                if exc.code not in (0, None):
+                    raise
     finally:
-        if server is not None:
-            server.stop()
         if hop_dir is not None:
             shutil.rmtree(hop_dir, ignore_errors=True)
     if args.json:

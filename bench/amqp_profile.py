@@ -109,28 +109,18 @@ def profile(url: str, calls: int, window: int, folder: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    broker = None
-    url = args.url
-    if url is None:
-        from ion.testing.rabbitmq import RabbitMQServer
+    from amqp import broker_url  # (bench/amqp.py: this script's folder is on sys.path)
 
-        print("starting a private RabbitMQ ...", file=sys.stderr, flush=True)
-        broker = RabbitMQServer()
-        broker.start()
-        url = broker.new_vhost_url("ion-profile")
-    try:
-        with tempfile.TemporaryDirectory(prefix="ion-amqp-profile-") as folder:
-            wall = profile(url, args.calls, args.window, folder)
-            print(f"{args.calls} calls, {args.window} in flight, {wall:.2f} s under cProfile")
-            for side in ("client", "server"):
-                stats = pstats.Stats(os.path.join(folder, f"{side}.prof"))
-                calls = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
-                print(f"\n== {side}: {calls / args.calls:.0f} Python function calls per call")
-                stats.sort_stats("tottime").print_stats(args.top)
-    finally:
-        if broker is not None:
-            broker.stop()
+    args = parse_args(argv)
+    with broker_url(args.url, "ion-profile") as url, \
+            tempfile.TemporaryDirectory(prefix="ion-amqp-profile-") as folder:
+        wall = profile(url, args.calls, args.window, folder)
+        print(f"{args.calls} calls, {args.window} in flight, {wall:.2f} s under cProfile")
+        for side in ("client", "server"):
+            stats = pstats.Stats(os.path.join(folder, f"{side}.prof"))
+            calls = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
+            print(f"\n== {side}: {calls / args.calls:.0f} Python function calls per call")
+            stats.sort_stats("tottime").print_stats(args.top)
 
 
 if __name__ == "__main__":

@@ -432,6 +432,10 @@ class _Sink:
     def _fill_inline(self, readinto: Callable[[memoryview], int], limit: int, size: int) -> int:
         """:meth:`fill_from` with the hashing in this thread (a small file: no helper threads), in
         ``size``-byte pieces (``chunk_size``: fewer, bigger calls through the HTTP stack)."""
+        if self.expected is not None:
+            # A small file of known size: a buffer of its size (and a byte more, to see the end in one
+            # read), not of chunk_size: a 1 MiB buffer per 4 KB file is mostly page faults.
+            size = max(1, min(size, self.expected + 1))
         if self._inline is None or len(self._inline) != size:
             self._inline = memoryview(bytearray(size))
         buffer = self._inline

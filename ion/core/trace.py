@@ -74,6 +74,7 @@ MAX_TRACESTATE: Final = 512
 # -- ids ----------------------------------------------------------------------------------------------
 #: Random hex drawn ahead (one ``os.urandom`` per 1024 span ids), handed out in slices of 16 or 48
 #: characters: a new id is a string slice, not a system call (every message takes one or two).
+#: Drawn on the reactor thread only (the message path), without a lock; a forked child draws anew.
 _POOL_CHARS: Final = 16384
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
@@ -90,6 +91,16 @@ def _fresh_pool() -> str:
 
 _pool = _fresh_pool()
 _pool_at = 0
+
+
+def _fresh_pool_in_child() -> None:
+    """After ``fork``: the child draws ids of its own (else its next trace and span ids would be
+    the parent's next ones, one trace id for two processes' unrelated calls)."""
+    global _pool, _pool_at
+    _pool, _pool_at = _fresh_pool(), 0
+
+
+os.register_at_fork(after_in_child=_fresh_pool_in_child)
 
 
 def _random_hex(n: int) -> str:

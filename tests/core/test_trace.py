@@ -122,6 +122,26 @@ def test_ids_are_fresh_and_never_zero() -> None:
     assert len(traces) == 5000 and all(len(t) == 32 for t in traces)
 
 
+def test_a_forked_child_draws_ids_of_its_own() -> None:
+    """A forked child's next trace is not the parent's next one (the id pool is drawn anew)."""
+    import os
+
+    trace.new_span_id()  # the parent's pool is in use
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(w, trace.new_traceparent().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    child = os.read(r, 64).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert trace.parse(child) is not None
+    assert child != trace.new_traceparent()  # the parent's next trace is not the child's
+
+
 def test_build_outside_any_op_starts_a_new_trace_each_time() -> None:
     one = wire.build(sender="s", receiver="r", op="op", content=None, conv_id="s#1")
     two = wire.build(sender="s", receiver="r", op="op", content=None, conv_id="s#2")

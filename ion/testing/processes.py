@@ -7,12 +7,32 @@ sends SIGTERM, then SIGKILL after a grace period.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessExitedAlready
 
-__all__ = ["WatchedProcess"]
+__all__ = ["WatchedProcess", "in_forked_child"]
+
+
+def in_forked_child(fn: Callable[[], str], limit: int = 4096) -> str:
+    """What ``fn()`` returns when run in a forked child of this process (at most ``limit`` bytes of
+    it, sent back through a pipe): for what a fork must not share with its parent (random pools)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(w, fn().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        return os.read(r, limit).decode()
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
 
 
 class WatchedProcess(protocol.ProcessProtocol):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import string
 import threading
 
 from ion.core.tokens import POOL_BYTES, random_hex
+from ion.testing.processes import in_forked_child
 
 
 def test_lengths_and_alphabet():
@@ -37,15 +37,5 @@ def test_no_name_is_handed_out_twice_across_threads_and_pool_refills():
 def test_a_forked_child_draws_a_pool_of_its_own():
     """A forked child does not hand out the parent's next names."""
     random_hex(12)  # the parent has a pool (maybe drawn just now)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.write(w, random_hex(32).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    child = os.read(r, 64).decode()
-    os.close(r)
-    os.waitpid(pid, 0)
+    child = in_forked_child(lambda: random_hex(32))
     assert len(child) == 32 and child != random_hex(32)  # the parent's next name is not the child's

@@ -20,6 +20,7 @@ from ion.core.process import Process
 from ion.core.service import ServiceProcess
 from ion.core.shell import ShellHelpers
 from ion.testing import ClockedSystem
+from ion.testing.processes import in_forked_child
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -124,20 +125,8 @@ def test_ids_are_fresh_and_never_zero() -> None:
 
 def test_a_forked_child_draws_ids_of_its_own() -> None:
     """A forked child's next trace is not the parent's next one (the id pool is drawn anew)."""
-    import os
-
     trace.new_span_id()  # the parent's pool is in use
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.write(w, trace.new_traceparent().encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    child = os.read(r, 64).decode()
-    os.close(r)
-    os.waitpid(pid, 0)
+    child = in_forked_child(trace.new_traceparent)
     assert trace.parse(child) is not None
     assert child != trace.new_traceparent()  # the parent's next trace is not the child's
 
@@ -392,6 +381,7 @@ from ion.core import trace
 from ion.core.process import Process
 from ion.core.settings import TraceSettings
 from ion.testing import ClockedSystem
+from ion.testing.processes import in_forked_child
 from tests.core.test_trace import Back
 
 bodies = []

@@ -141,6 +141,9 @@ PROCESS_STARTED: Final = time.time()
 #: The most lock files moved aside that a :class:`LockTable` keeps before deleting them while
 #: locks are still held (see :meth:`LockTable.removal`).
 ASIDE_KEPT: Final = 8192
+#: Seconds a :class:`LockTable` must have held and waited for no lock before it deletes the lock
+#: files moved aside (a deployment's fetches come and go; its end is a pause).
+ASIDE_DELAY: Final = 1.0
 
 #: Seconds an empty lock file is taken for one being created; older, its creator died between
 #: creating and writing it (with ``lock_method: link`` a lock file is never empty).
@@ -1108,6 +1111,9 @@ class LockTable:
         #: Lock files a publish moved aside (:meth:`removal`), to delete once no lock is held or
         #: waited for (:meth:`_delete_aside`); appended to by pool threads.
         self._aside: deque[Path] = deque()
+        #: When a lock was last taken, waited for or released (:meth:`_delete_aside` waits for a pause).
+        self._last_busy = 0.0
+        self._aside_call: IDelayedCall | None = None
 
     # -- judging --------------------------------------------------------------------------
     def judge(self, observed: _Observed, now: float, broker: str | None = None) -> str | None:
@@ -1163,6 +1169,7 @@ class LockTable:
         """
         acq = _Acquisition()
         self._pending.add(acq)
+        self._last_busy = self.clock.seconds()
         outer: defer.Deferred[CacheLock] = defer.Deferred(lambda _: acq.cancel())
         inner = defer.Deferred.fromCoroutine(
             self._acquire(key, path, self.wait_timeout if timeout is None else float(timeout), acq, then))
@@ -1340,8 +1347,8 @@ class LockTable:
         when the job ends without calling it.
 
         The lock file is renamed aside (the lock is free from then on) and that file is deleted
-        later, with the others of the deployment, once this table holds and waits for no lock
-        (:meth:`_delete_aside`): on a filesystem without a journal (ext4 ``^has_journal``) every
+        later, with the others of the deployment, once this table has held and waited for no lock
+        for a second, or when it is closed (:meth:`_delete_aside`): on a filesystem without a journal (ext4 ``^has_journal``) every
         file deleted leaves a free inode that each new file of the next ~30 s walks past
         (``recently_deleted``), so a deletion per item made a deployment of many small items
         quadratic in the kernel (a fifth of its CPU at 1,000 items). Until then the file is debris
@@ -1359,11 +1366,23 @@ class LockTable:
                                  self._aside.append)
 
     def _delete_aside(self, *, idle_only: bool = True) -> defer.Deferred[None]:
-        """Delete the lock files :meth:`removal` moved aside, in one pool job: when this table holds
-        no lock and waits for none (``idle_only``: a deployment has ended), or when
-        :data:`ASIDE_KEPT` of them wait. Never fails (problems are logged)."""
-        if not self._aside or (idle_only and (self.held or self._pending) and len(self._aside) < ASIDE_KEPT):
+        """Delete the lock files :meth:`removal` moved aside, in one pool job: once this table has
+        held and waited for no lock for :data:`ASIDE_DELAY` seconds (``idle_only``: a deployment has
+        ended; checked again then, on the clock), or at once when :data:`ASIDE_KEPT` of them wait,
+        or when not ``idle_only`` (``release_all``). Never fails (problems are logged)."""
+        if not self._aside:
             return defer.succeed(None)
+        if idle_only and len(self._aside) < ASIDE_KEPT:
+            if self.held or self._pending:
+                return defer.succeed(None)  # (the release that leaves the table idle comes back here)
+            idle_for = self.clock.seconds() - self._last_busy
+            if idle_for < ASIDE_DELAY:
+                if self._aside_call is None or not self._aside_call.active():
+                    self._aside_call = self.clock.callLater(ASIDE_DELAY - idle_for, self._delete_aside)
+                return defer.succeed(None)
+        if self._aside_call is not None and self._aside_call.active():
+            self._aside_call.cancel()
+        self._aside_call = None
         paths: list[Path] = []
         while True:  # (pool threads may append meanwhile: popped one by one, none lost)
             try:
@@ -1450,7 +1469,8 @@ class LockTable:
             if local is not None and local.locked:
                 local.release()
             self._forget_local(lock.path)
-            self._delete_aside()  # (the last lock of a deployment released: the files moved aside go)
+            self._last_busy = self.clock.seconds()
+            self._delete_aside()  # (the last lock of a deployment released: the files moved aside go soon)
             result.callback(None)
 
         d.addBoth(hand_over)

@@ -508,9 +508,11 @@ def _aside(lock_path: Path) -> list[str]:
                   if n.startswith(f".{lock_path.name}.") and n.endswith(".stale"))
 
 
-def test_publish_with_release_deletes_the_moved_aside_lock_files_once_no_lock_is_held(make_cache, key, pool):
+def test_publish_with_release_deletes_the_moved_aside_lock_files_once_no_lock_is_held(make_cache, key, pool,
+                                                                                       clock):
     """A publish with ``release`` frees the lock at once (another host takes it) but deletes the file it
-    moved aside only when its table holds no lock any more: the end of a deployment, in one pool job."""
+    moved aside only once its table has held no lock for a while (the end of a deployment), in one
+    pool job."""
     a, b = make_cache("host-a"), make_cache("host-b")
     other = EntryKey(key.repo_id, key.platform, "other", key.version, key.unpack)
     first, second = fired(a.lock(key)), fired(a.lock(other))
@@ -524,7 +526,15 @@ def test_publish_with_release_deletes_the_moved_aside_lock_files_once_no_lock_is
     staging, metas = stage(a, {"g": b"y"})
     del pool.calls[:]
     fired(a.publish(other, staging, metas, lock=second, release=True))  # the last lock of host-a
-    assert pool.calls == ["_publish_locked", "_unlink_each"]
+    assert pool.calls == ["_publish_locked"] and len(_aside(first.path) + _aside(second.path)) == 2
+    clock.advance(locks.ASIDE_DELAY / 2)
+    third = fired(a.lock(other))  # busy again before the pause is over: nothing deleted
+    fired(a.unlock(third))
+    clock.advance(locks.ASIDE_DELAY / 2)
+    assert len(_aside(first.path) + _aside(second.path)) == 2
+    del pool.calls[:]
+    clock.advance(locks.ASIDE_DELAY / 2)  # a pause of ASIDE_DELAY since the last release
+    assert pool.calls == ["_unlink_each"]
     assert _aside(first.path) == [] and _aside(second.path) == [] and not second.path.exists()
     assert set(fired(a.lookup(key)).files) == {"f"} and set(fired(a.lookup(other)).files) == {"g"}
 

@@ -1348,13 +1348,15 @@ class LockTable:
 
         The lock file is renamed aside (the lock is free from then on) and that file is deleted
         later, with the others of the deployment, once this table has held and waited for no lock
-        for a second, or when it is closed (:meth:`_delete_aside`): on a filesystem without a journal (ext4 ``^has_journal``) every
-        file deleted leaves a free inode that each new file of the next ~30 s walks past
-        (``recently_deleted``), so a deletion per item made a deployment of many small items
-        quadratic in the kernel (a fifth of its CPU at 1,000 items). Until then the file is debris
-        of a live process, named as such (``.<lock>.<host>-<pid>.<random>.stale``): never taken
-        for a lock, left alone by other processes' sweeps (:func:`_sweep`), and removed by them
-        at once if this process is killed first.
+        for :data:`ASIDE_DELAY`, or when it is closed (:meth:`_delete_aside`). On ext4 without a
+        journal every file deleted leaves a free inode that each new file of the next ~30 s walks
+        past (``recently_deleted``): a deletion per item made a deployment of many small items
+        quadratic in the kernel (a fifth of ion-deploy's CPU at 1,000 items, by ``perf``). Until
+        then the file is debris of a live process, named as such
+        (``.<lock>.<host>-<pid>.<random>.stale``): never taken for a lock, left alone by other
+        processes' sweeps (:func:`_sweep`), and removed by them at once if this process is killed
+        first. (A table closed while a publish's removal is under way may leave that one file to
+        those sweeps.)
         """
         lock.releasing = True
         if lock._refresh_call is not None and lock._refresh_call.active():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -497,3 +499,97 @@ def test_lock_with_lookup_looks_the_entry_up_in_the_job_that_takes_it(cache, key
     assert third.looked_up == (None,)
     fired(cache.unlock(third))
     assert fired(cache.lock(other)).looked_up is None  # (not asked)
+
+
+# -- lock files moved aside by a publish, deleted once no lock is held -------------------------------------
+def _aside(lock_path: Path) -> list[str]:
+    """The moved-aside files (``.<lock>.<host>-<pid>.<hex>.stale``) beside ``lock_path``."""
+    return sorted(n for n in os.listdir(lock_path.parent)
+                  if n.startswith(f".{lock_path.name}.") and n.endswith(".stale"))
+
+
+def test_publish_with_release_deletes_the_moved_aside_lock_files_once_no_lock_is_held(make_cache, key, pool,
+                                                                                       clock):
+    """A publish with ``release`` frees the lock at once (another host takes it) but deletes the file it
+    moved aside only once its table has held no lock for a while (the end of a deployment), in one
+    pool job."""
+    a, b = make_cache("host-a"), make_cache("host-b")
+    other = EntryKey(key.repo_id, key.platform, "other", key.version, key.unpack)
+    first, second = fired(a.lock(key)), fired(a.lock(other))
+    staging, metas = stage(a, {"f": b"x"})
+    fired(a.publish(key, staging, metas, lock=first, release=True))
+    assert not first.path.exists() and len(_aside(first.path)) == 1  # free, its file moved aside
+    assert locks.debris_tag("host-a", os.getpid()) in _aside(first.path)[0]
+    taken = fired(b.lock(key, timeout=0))  # the lock is free: another host takes it, the file aside stays
+    assert len(_aside(first.path)) == 1
+    fired(b.unlock(taken))
+    staging, metas = stage(a, {"g": b"y"})
+    del pool.calls[:]
+    fired(a.publish(other, staging, metas, lock=second, release=True))  # the last lock of host-a
+    assert pool.calls == ["_publish_locked"] and len(_aside(first.path) + _aside(second.path)) == 2
+    clock.advance(locks.ASIDE_DELAY / 2)
+    third = fired(a.lock(other))  # busy again before the pause is over: nothing deleted
+    fired(a.unlock(third))
+    clock.advance(locks.ASIDE_DELAY / 2)
+    assert len(_aside(first.path) + _aside(second.path)) == 2
+    del pool.calls[:]
+    clock.advance(locks.ASIDE_DELAY / 2)  # a pause of ASIDE_DELAY since the last release
+    assert pool.calls == ["_unlink_each"]
+    assert _aside(first.path) == [] and _aside(second.path) == [] and not second.path.exists()
+    assert set(fired(a.lookup(key)).files) == {"f"} and set(fired(a.lookup(other)).files) == {"g"}
+
+
+def test_release_all_deletes_the_moved_aside_lock_files(cache, key):
+    """Closing the cache (``release_all``) deletes the files moved aside, whatever else it releases."""
+    other = EntryKey(key.repo_id, key.platform, "other", key.version, key.unpack)
+    first, second = fired(cache.lock(key)), fired(cache.lock(other))
+    staging, metas = stage(cache, {"f": b"x"})
+    fired(cache.publish(key, staging, metas, lock=first, release=True))
+    assert len(_aside(first.path)) == 1 and second.held
+    fired(cache.close())
+    assert _aside(first.path) == [] and not second.path.exists()
+
+
+_KILLED_PUBLISHER = """
+import os, signal, sys
+from pathlib import Path
+from twisted.internet import task
+from ion.core.threads import SynchronousPool
+from ion.services.cache.core import Cache, sha256_file
+from ion.services.cache.entry import EntryKey, FileMeta
+
+cache = Cache(sys.argv[1], host_id="host-a", lock_timeout=60, clock=task.Clock(), pool=SynchronousPool())
+done, held = EntryKey("repo.file", "linux", "done", "1.0", True), EntryKey("repo.file", "linux", "held", "1.0", True)
+
+
+def fired(d):
+    results = []
+    d.addBoth(results.append)
+    return results[0]
+
+
+lock = fired(cache.lock(done))
+fired(cache.lock(held))
+staging = fired(cache.new_staging())
+(staging / "f").write_bytes(b"x")
+fired(cache.publish(done, staging, {"f": FileMeta(1, None, sha256_file(staging / "f"))}, lock=lock, release=True))
+os.kill(os.getpid(), signal.SIGKILL)  # the lock of 'held' held, the file of 'done' moved aside
+"""
+
+
+def test_a_publisher_killed_with_lock_files_moved_aside_leaves_them_to_the_next_taker(make_cache, root, clock):
+    """SIGKILL after a publish moved its lock file aside, while another lock is held: the entry is
+    complete, and the files the dead process left (the file moved aside, the lock file it held) are
+    debris of a dead pid: the next taker of each lock removes them at once."""
+    child = subprocess.run([sys.executable, "-c", _KILLED_PUBLISHER, str(root)], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3])))
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    cache = make_cache("host-a")
+    done = EntryKey("repo.file", "linux", "done", "1.0", True)
+    held = EntryKey("repo.file", "linux", "held", "1.0", True)
+    assert len(_aside(cache.lock_path(done))) == 1 and cache.lock_path(held).exists()
+    assert set(fired(cache.lookup(done)).files) == {"f"}  # published before the kill: complete
+    lock = fired(cache.lock(done, timeout=0))  # taken; the dead process's file swept on the way
+    assert _aside(cache.lock_path(done)) == []
+    fired(cache.unlock(lock))
+    fired(cache.unlock(fired(cache.lock(held, timeout=0))))  # its dead holder's lock: taken over at once

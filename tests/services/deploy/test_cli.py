@@ -427,3 +427,43 @@ def test_an_unreachable_broker_is_exit_69(tmp_path: Path) -> None:
     done = ion_deploy_process(tmp_path, "--verify", "--broker", "amqp://guest:guest@127.0.0.1:1/", "-s", "x")
     assert done.returncode == 69, done.stderr
     assert "Error: cannot connect to broker at 127.0.0.1:1" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- in process: the pools ------------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_the_cache_and_the_placements_have_a_pool_of_their_own(sample: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """ion-deploy in process: the cache's and the placements' file work runs in a pool of
+    ``FILES_THREADS`` threads (few threads handing the GIL over), the transfers in a pool of
+    ``--jobs`` threads; every item deploys."""
+    from twisted.internet import reactor
+
+    from ion.services.deploy import cli
+    from ion.services.deploy import core as deploy_core
+    from ion.services.deploy.spec import load_deployment
+    from ion.services.fetch import core as fetch_core
+
+    seen: dict[str, Any] = {}
+    real_deployer, real_fetcher = deploy_core.Deployer.__init__, fetch_core.Fetcher.__init__
+
+    def deployer(self: Any, fetch: Any, pool: Any, **kwargs: Any) -> None:
+        seen["placements"] = pool
+        real_deployer(self, fetch, pool, **kwargs)
+
+    def fetcher(self: Any, cache: Any, unpack: Any, **kwargs: Any) -> None:
+        seen["cache"], seen["transfers"] = cache.pool, kwargs["pool"]
+        real_fetcher(self, cache, unpack, **kwargs)
+
+    monkeypatch.setattr(deploy_core.Deployer, "__init__", deployer)
+    monkeypatch.setattr(fetch_core.Fetcher, "__init__", fetcher)
+    monkeypatch.chdir(tmp_path)
+    args = cli._parser().parse_args([str(sample), "--cache-dir", str(tmp_path / "cache"), "--jobs", "5", "--json"])
+    cli._check_args(args)
+    result: dict[str, Any] = {}
+    with open(os.devnull, "w") as devnull:
+        code = await cli._run_local(reactor, args, load_deployment(sample), cli.Output(devnull, sys.stderr,
+                                                                                     as_json=True), result)
+    assert code == cli.EXIT_OK and {row["state"] for row in result["items"]} == {"downloaded"}
+    files, transfers = seen["placements"], seen["transfers"]
+    assert seen["cache"] is files and files.name == "ion-files" and files.maxthreads == cli.FILES_THREADS
+    assert transfers is not files and transfers.maxthreads >= 5

@@ -47,6 +47,16 @@ new owner and lists ``takeovers`` (``from``, ``by``, ``at``), which ``status`` /
 further dead owner ends the job ``REMOTE_ERROR`` instead of resuming it forever.
 A record without ``resume`` (or a table without the hook) still answers
 ``LOST_IN_SPACE`` when its owner is gone.
+
+**One writer per record** (an owner judged gone while it still runs: its broker
+connection was lost, not its process). Every write of a record first reads the
+one on disk, in the same pool job: one that lists more ``takeovers`` than the
+writer's job knows of was written by an instance that took the job over since,
+and is left as it is. The superseded owner then forgets the job (``status`` and
+``lookup`` answer the new owner's record) and lets its work run out without
+recording it: cancelling it could switch back items the new owner counts as
+done. A write that lands between a taker's claim and its first record is
+overwritten by that record; at worst the new owner runs a part again.
 """
 
 from __future__ import annotations
@@ -118,6 +128,8 @@ class Job:
     resume: dict[str, Any] | None = field(default=None, repr=False)
     #: Each time another instance took the job over: ``{"from": owner, "by": owner, "at": time}``.
     takeovers: list[dict[str, Any]] = field(default_factory=list)
+    #: Another instance took it over while this one still ran it: its record is no longer written here.
+    superseded: bool = field(default=False, repr=False)
 
     @property
     def status(self) -> JobStatus:
@@ -236,13 +248,14 @@ class JobTable:
     def _save(self, job: Job) -> None:
         """Write the job's record now, after its earlier writes (a later state never loses to an older one)."""
         store = self.store
-        if store is None:
+        if store is None or job.superseded:
             return
         record = self.record(job)
         previous = job.saving if job.saving is not None else defer.succeed(None)
 
         def write(_: Any) -> defer.Deferred[None]:
-            return store.save(job.job_id, record)
+            return store.save_unless_taken_over(job.job_id, record, len(job.takeovers)).addCallback(
+                lambda current: None if current is None else self._superseded(job, current))
 
         def failed(f: Failure) -> None:
             self._log.warn("job {job}: could not write its record in {dir}: {err}", job=job.job_id,
@@ -256,6 +269,20 @@ class JobTable:
             self._saving.discard(d)
 
         d.addBoth(written)
+
+    def _superseded(self, job: Job, current: Mapping[str, Any]) -> None:
+        """Another instance took ``job`` over while this table still ran it (``current``: its record):
+        stop writing the record and forget the job; its work runs out unrecorded (see the module's
+        "One writer per record")."""
+        if job.superseded:
+            return
+        job.superseded = True
+        if self.jobs.get(job.job_id) is job:
+            del self.jobs[job.job_id]
+        last = (current.get("takeovers") or [None])[-1]
+        self._log.warn("job {job} ({kind}) was taken over by {by} while this instance still ran it (judged gone, "
+                       "its broker connection lost?): its record is theirs now; the work left here is not recorded",
+                       job=job.job_id, kind=job.kind, by=last.get("by") if isinstance(last, dict) else "another instance")
 
     def flush(self) -> defer.Deferred[None]:
         """Fires once every record write asked for so far is done (written or logged as failed)."""
@@ -559,6 +586,25 @@ class JobStore:
         """Write (replace) the record of ``job_id``."""
         data = json.dumps(record, sort_keys=True, default=str).encode()
         d: defer.Deferred[None] = self.pool.run(_write_atomic, self.path(job_id), data)
+        return d
+
+    def save_unless_taken_over(self, job_id: str, record: Mapping[str, Any],
+                               takeovers: int) -> defer.Deferred[dict[str, Any] | None]:
+        """Write the record of ``job_id`` unless the one on disk lists more than ``takeovers``
+        takeovers (another instance took the job over since the writer's last knowledge of it): then
+        that record, unwritten; None once written. The read and the write are one pool job."""
+        data = json.dumps(record, sort_keys=True, default=str).encode()
+        path = self.path(job_id)
+
+        def save() -> dict[str, Any] | None:
+            current = _read(path)
+            listed = current.get("takeovers") if current is not None else None
+            if isinstance(listed, list) and len(listed) > takeovers:
+                return current
+            _write_atomic(path, data)
+            return None
+
+        d: defer.Deferred[dict[str, Any] | None] = self.pool.run(save)
         return d
 
     def load(self, job_id: str) -> defer.Deferred[dict[str, Any] | None]:

@@ -241,3 +241,59 @@ def test_a_lookup_while_this_table_is_taking_the_job_over_claims_nothing_more(tm
     starting.callback(None)
     assert fired(scanning) == [job_id] and [r[0] for r in world.resumed] == ["b"]
     assert world.on_disk(job_id)["owner"] == OWNERS["b"]
+
+
+def test_an_owner_that_lost_its_job_to_a_takeover_stops_writing_its_record(tmp_path: Path) -> None:
+    """An owner judged gone while it still ran (its broker connection lost, not its process): once another
+    table took the job over, its writes leave the new owner's record as it is, it forgets the job (status
+    and lookup answer that record), and its work runs out unrecorded, neither cancelled nor written."""
+    world = World(tmp_path, grace=0)
+    owner, other = world.table("a"), world.table("b")
+    job_id = start_job(world, owner)
+    work = owner.jobs[job_id].deferred
+    assert work is not None
+    world.alive.discard("a")
+    assert fired(other.scan()) == [job_id]
+    world.alive.add("a")  # it ran all along
+    taken = world.on_disk(job_id)
+    owner.partial(job_id, "p2", {"state": "downloaded"})  # its next write: refused
+    assert world.on_disk(job_id) == taken
+    assert job_id not in owner.jobs and not work.called
+    answer = fired(owner.lookup(job_id))
+    assert answer["from_record"] is True and answer["owner"] == OWNERS["b"] and answer["state"] == "PARTIAL"
+    work.callback({"p2": {"state": "downloaded"}, "p3": {"state": "downloaded"}})  # its end: not written either
+    assert world.on_disk(job_id) == taken
+    world.work["b"].callback({"p2": {"state": "cached"}, "p3": {"state": "cached"}})
+    record = world.on_disk(job_id)
+    assert record["state"] == "FINISHED" and record["owner"] == OWNERS["b"]
+    assert record["results"]["p2"] == {"state": "cached"}
+
+
+def test_a_write_after_a_claim_is_carried_over_and_the_next_one_refused(tmp_path: Path) -> None:
+    """The old owner's write that lands after a claim but before the taker read the record is written
+    (nothing on disk says taken over yet) and so is resumed from; once the taker's record is there, the
+    old owner's next write is refused."""
+    world = World(tmp_path, grace=0)
+    owner, other = world.table("a"), world.table("b")
+    job_id = start_job(world, owner)
+    world.alive.discard("a")
+    fired(world.store.claim(job_id, 1, OWNERS["b"]))  # b claimed; its record is not written yet
+    owner.partial(job_id, "p2", {"state": "downloaded"})
+    assert world.on_disk(job_id)["owner"] == OWNERS["a"] and "p2" in world.on_disk(job_id)["results"]
+    fired(world.store.unclaim(job_id, 1))  # (b backs out of this try; its scan claims afresh)
+    assert fired(other.scan()) == [job_id] and world.resumed == [("b", job_id, ["p1", "p2"])]
+    owner.partial(job_id, "p3", {"state": "downloaded"})
+    assert world.on_disk(job_id)["owner"] == OWNERS["b"] and "p3" not in world.on_disk(job_id)["results"]
+    assert job_id not in owner.jobs
+
+
+def test_a_malformed_takeovers_list_on_disk_does_not_stop_the_owners_writes(tmp_path: Path) -> None:
+    """A record whose ``takeovers`` is not a list (a hand edit, another tool) is no takeover: written over."""
+    world = World(tmp_path)
+    owner = world.table("a")
+    job_id = start_job(world, owner)
+    record = world.on_disk(job_id)
+    record["takeovers"] = 7
+    world.store.path(job_id).write_text(json.dumps(record))
+    owner.partial(job_id, "p2", {"state": "cached"})
+    assert world.on_disk(job_id)["results"]["p2"] == {"state": "cached"} and job_id in owner.jobs

@@ -56,7 +56,8 @@ and is left as it is. The superseded owner then forgets the job (``status`` and
 ``lookup`` answer the new owner's record) and lets its work run out without
 recording it: cancelling it could switch back items the new owner counts as
 done. A write that lands between a taker's claim and its first record is
-overwritten by that record; at worst the new owner runs a part again.
+read by the taker (it reads the record after its claim) or replaced by that
+record; at worst the new owner runs a part again.
 """
 
 from __future__ import annotations

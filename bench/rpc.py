@@ -69,7 +69,7 @@ if __package__ in (None, ""):
     # ``python bench/rpc.py``: make the repository root (and so ``ion``) importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-__all__ = ["main", "parse_args", "run", "percentile", "format_table",
+__all__ = ["main", "parse_args", "run", "percentile", "median_row", "format_table",
            "SEQ_TARGET_CALLS_PER_S", "FLOOR_RATIO_TARGET"]
 
 #: The issue's targets (#14): calls/s of the sequential and the windowed phase, floor/sequential.

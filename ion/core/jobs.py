@@ -54,8 +54,10 @@ one on disk, in the same pool job: one that lists more ``takeovers`` than the
 writer's job knows of was written by an instance that took the job over since,
 and is left as it is. The superseded owner then forgets the job (``status`` and
 ``lookup`` answer the new owner's record) and lets its work run out without
-recording it: cancelling it could switch back items the new owner counts as
-done. A write that lands between a taker's claim and its first record is
+recording it; :meth:`JobTable.taken_over` (which reads the record) tells that
+work to keep what it did (the Deploy service's deployment then commits its
+switches instead of switching them back: the new owner counts the items
+finished there as done). A write that lands between a taker's claim and its first record is
 read by the taker (it reads the record after its claim) or replaced by that
 record; at worst the new owner runs a part again.
 """
@@ -192,6 +194,8 @@ class JobTable:
         #: Job ids this table is taking over now (claimed, not yet running here): a ``lookup`` or a
         #: scan meanwhile must not claim the next takeover of its own claim.
         self._taking: set[str] = set()
+        #: Job ids another instance took over while this table still ran them, and when it found out.
+        self._superseded_at: dict[str, float] = {}
 
     def start(self, kind: str, work: defer.Deferred[Any], *, total: int | None = None,
               job_id: str | None = None, resume: Mapping[str, Any] | None = None) -> Job:
@@ -278,12 +282,36 @@ class JobTable:
         if job.superseded:
             return
         job.superseded = True
+        self._superseded_at[job.job_id] = self.clock.seconds()
         if self.jobs.get(job.job_id) is job:
             del self.jobs[job.job_id]
         last = (current.get("takeovers") or [None])[-1]
         self._log.warn("job {job} ({kind}) was taken over by {by} while this instance still ran it (judged gone, "
                        "its broker connection lost?): its record is theirs now; the work left here is not recorded",
                        job=job.job_id, kind=job.kind, by=last.get("by") if isinstance(last, dict) else "another instance")
+
+    def superseded(self, job_id: str) -> bool:
+        """Whether another instance took ``job_id`` over while this table still ran it, as far as
+        this table's writes found out (:meth:`taken_over` asks the record itself)."""
+        return job_id in self._superseded_at
+
+    async def taken_over(self, job_id: str) -> bool:
+        """Whether another instance took ``job_id`` over while this table ran it: its record on disk
+        lists more takeovers than this table's job (read now, in the pool; the job is then
+        superseded here, as by a refused write). Its work, left to run out, must keep what it did:
+        the new owner counts it as done."""
+        if job_id in self._superseded_at:
+            return True
+        job = self.jobs.get(job_id)
+        if job is None or self.store is None:
+            return False
+        current = await self.store.load(job_id)
+        listed = current.get("takeovers") if current is not None else None
+        if not (isinstance(listed, list) and len(listed) > len(job.takeovers)):
+            return False
+        assert current is not None
+        self._superseded(job, current)
+        return True
 
     def flush(self) -> defer.Deferred[None]:
         """Fires once every record write asked for so far is done (written or logged as failed)."""
@@ -494,6 +522,8 @@ class JobTable:
         now = self.clock.seconds()
         for job_id in [j.job_id for j in self.jobs.values() if j.ended is not None and now - j.ended > self.retention]:
             del self.jobs[job_id]
+        for job_id in [i for i, at in self._superseded_at.items() if now - at > self.retention]:
+            del self._superseded_at[job_id]
         if self.store is not None and now - self._pruned >= self.prune_interval:
             self._pruned = now
             self.prune().addErrback(lambda f: self._log.warn("pruning job records in {dir} failed: {err}",

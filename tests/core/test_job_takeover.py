@@ -261,6 +261,7 @@ def test_an_owner_that_lost_its_job_to_a_takeover_stops_writing_its_record(tmp_p
     assert job_id not in owner.jobs and not work.called
     answer = fired(owner.lookup(job_id))
     assert answer["from_record"] is True and answer["owner"] == OWNERS["b"] and answer["state"] == "PARTIAL"
+    assert owner.superseded(job_id) and not other.superseded(job_id)  # (its work keeps what it did)
     work.callback({"p2": {"state": "downloaded"}, "p3": {"state": "downloaded"}})  # its end: not written either
     assert world.on_disk(job_id) == taken
     world.work["b"].callback({"p2": {"state": "cached"}, "p3": {"state": "cached"}})
@@ -297,3 +298,34 @@ def test_a_malformed_takeovers_list_on_disk_does_not_stop_the_owners_writes(tmp_
     world.store.path(job_id).write_text(json.dumps(record))
     owner.partial(job_id, "p2", {"state": "cached"})
     assert world.on_disk(job_id)["results"]["p2"] == {"state": "cached"} and job_id in owner.jobs
+
+
+def test_a_superseded_job_is_remembered_for_the_retention(tmp_path: Path) -> None:
+    """``superseded(job)`` answers True from the moment a write found the takeover, for ``retention`` seconds."""
+    world = World(tmp_path, grace=0)
+    owner, other = world.table("a"), world.table("b")
+    job_id = start_job(world, owner)
+    world.alive.discard("a")
+    fired(other.scan())
+    assert not owner.superseded(job_id)  # not known until its next write
+    owner.partial(job_id, "p2", {"state": "downloaded"})
+    assert owner.superseded(job_id)
+    world.clock.advance(owner.retention + 1)
+    owner.expire()
+    assert not owner.superseded(job_id)
+
+
+def test_taken_over_reads_the_record_itself(tmp_path: Path) -> None:
+    """``taken_over(job)`` does not wait for a write to find the takeover: it reads the record (the Deploy
+    service asks it before switching a deployment back), and from then on the job is superseded here."""
+    world = World(tmp_path, grace=0)
+    owner, other = world.table("a"), world.table("b")
+    job_id = start_job(world, owner)
+    assert fired(defer.ensureDeferred(owner.taken_over(job_id))) is False and job_id in owner.jobs
+    world.alive.discard("a")
+    fired(other.scan())
+    assert not owner.superseded(job_id)
+    assert fired(defer.ensureDeferred(owner.taken_over(job_id))) is True
+    assert owner.superseded(job_id) and job_id not in owner.jobs
+    assert fired(defer.ensureDeferred(other.taken_over(job_id))) is False  # the new owner's own job
+    assert fired(defer.ensureDeferred(owner.taken_over("no such job"))) is False

@@ -39,7 +39,7 @@ the finished ones as they are, the others ``cancelled``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -163,7 +163,8 @@ class Deployer:
 
     def deploy(self, deployment: Deployment, *, progress: ProgressFunction | None = None,
                on_result: Callable[[ItemResult], None] | None = None,
-               targets: list[Target] | None = None, partial: bool = False) -> defer.Deferred[list[ItemResult]]:
+               targets: list[Target] | None = None, partial: bool = False,
+               keep: Callable[[], Awaitable[bool]] | None = None) -> defer.Deferred[list[ItemResult]]:
         """Deploy every item; fires with one :class:`ItemResult` per item, in file order.
 
         :param targets: one per item, in order: where each destination was checked
@@ -174,12 +175,16 @@ class Deployer:
         :param partial: keep each item placed whatever the others do; by default
             (all or nothing) a failed or cancelled item switches back every item this
             deployment switched (``rolled back``); ``on_result`` is called again for those.
+        :param keep: asked (awaited), all or nothing, when the deployment did not end whole: True
+            commits what it switched in, as a partial deployment would, instead of switching it back
+            (the Deploy service: its job was taken over by another instance, which counts the items
+            finished here as done and runs the rest).
         """
         if targets is None:
             # realpath may block (a slow or network filesystem): resolved in the pool, then deployed.
             resolved = self.pool.run(resolve_targets, [item.destination for item in deployment.items])
             return resolved.addCallback(lambda found: self.deploy(deployment, progress=progress, on_result=on_result,
-                                                                  targets=found, partial=partial))
+                                                                  targets=found, partial=partial, keep=keep))
         if len(targets) != len(deployment.items):
             raise ValueError("one target per item")
         semaphore = defer.DeferredSemaphore(self.max_parallel)
@@ -252,7 +257,7 @@ class Deployer:
             # Every item has ended (a placement under way was let finish): keep all, or switch all back.
             if not switched:
                 return outcome
-            work = defer.ensureDeferred(self._finish(outcome, switched, report, on_result))
+            work = defer.ensureDeferred(self._finish(outcome, switched, report, on_result, keep))
             return defer.ensureDeferred(_despite_cancel(work))
 
         def close_walks(outcome: Any) -> Any:
@@ -264,11 +269,18 @@ class Deployer:
         return results.addBoth(finish).addBoth(settled).addBoth(close_walks)
 
     async def _finish(self, outcome: Any, switched: list[tuple[int, Switch]], report: ProgressFunction,
-                      on_result: Callable[[ItemResult], None] | None) -> Any:
-        """Commit every switch when every item is in place; else switch each back, the last first,
-        and make its item's result ``rolled back`` (or ``failed``, saying so, where that failed)."""
+                      on_result: Callable[[ItemResult], None] | None,
+                      keep: Callable[[], Awaitable[bool]] | None = None) -> Any:
+        """Commit every switch when every item is in place, or when ``keep()`` says so (see
+        :meth:`deploy`); else switch each back, the last first, and make its item's result
+        ``rolled back`` (or ``failed``, saying so, where that failed)."""
         results: list[ItemResult] | None = None if isinstance(outcome, Failure) else list(outcome)
-        if results is not None and all(r.ok for r in results):
+        whole = results is not None and all(r.ok for r in results)
+        if not whole and keep is not None and await self._asked_to_keep(keep):
+            _log.warn("a deployment that did not end whole keeps the {n} item(s) it switched in: its caller "
+                      "says they are another's to keep (a job taken over by another instance)", n=len(switched))
+            whole = True
+        if whole:
             # In at most max_parallel pool jobs, each committing its share of the switches in turn (a
             # job per switch cost more on the reactor than the commit); two in one destination take
             # its lock in turn.
@@ -313,6 +325,15 @@ class Deployer:
             if on_result is not None:
                 on_result(new)
         return results if results is not None else outcome
+
+    @staticmethod
+    async def _asked_to_keep(keep: Callable[[], Awaitable[bool]]) -> bool:
+        """``keep()``'s answer; False (all or nothing, as ever) if it cannot say."""
+        try:
+            return bool(await keep())
+        except Exception:
+            _log.failure("asking whether to keep a deployment's switches failed; switching them back")
+            return False
 
     async def _place(self, item: DeploymentItem, target: Target, fetched: Mapping[str, Any],
                      report: ProgressFunction, *, pending: bool, hold_back: list[str] | None = None,

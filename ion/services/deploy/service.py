@@ -564,8 +564,11 @@ class DeployService(ServiceProcess):
 
         self.refuse_if_draining()
         # Tracked: terminate waits for it (drain_timeout), then cancels it.
+        # A job another instance took over while this one ran it keeps what it switched in (that
+        # instance counts the items finished here as done), whatever happens to the rest here.
+        keep = None if job is None else (lambda: self.jobs.taken_over(job))
         return self.track(self._deployer(job).deploy(deployment, progress=progress, on_result=on_result,
-                                                     targets=targets, partial=partial))
+                                                     targets=targets, partial=partial, keep=keep))
 
     # -- ops --------------------------------------------------------------------------------
     @audited("deploy.run")

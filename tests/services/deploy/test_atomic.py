@@ -376,6 +376,48 @@ def test_a_cancelled_deployment_switches_back_what_it_placed(tmp_path: Path, mod
     assert ("a", "downloaded") in heard and ("a", ROLLED_BACK) in heard
 
 
+def test_keep_commits_what_a_deployment_switched_in_whatever_else_happened(tmp_path: Path, mode: str) -> None:
+    """``keep()`` True (its job was taken over by another instance, which counts the items finished here as
+    done): a cancel or a failure does not switch back what was switched in, it is committed; ``keep()``
+    False, or failing, is all or nothing as ever."""
+    repo = Repo(tmp_path / "cache")
+    deployer = Deployer(repo.fetch, SynchronousPool())
+    deploy(deployer, deployment(tmp_path, "1.0"))
+    repo.held["c"] = defer.Deferred()
+    asked: list[bool] = []
+
+    async def keep() -> bool:
+        asked.append(True)
+        return True
+
+    d = deployer.deploy(deployment(tmp_path, "2.0"), keep=keep)
+    assert asked == []  # asked only at the end
+    d.cancel()
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert [r.state for r in out[0]] == ["downloaded", "downloaded", "cancelled", "downloaded"] and asked == [True]
+    assert (tmp_path / "dest/one/tool/README").read_text() == "a 2.0\n"
+    assert (tmp_path / "dest/four/notes.txt").read_text() == "notes of d 2.0\n"
+    assert (tmp_path / "dest/one/c/notes.txt").read_text() == "notes of c 1.0\n"  # never placed here
+    for d_ in ("one", "two", "one/c", "four"):
+        assert leftovers(tmp_path / "dest" / d_) == []
+    del repo.held["c"]
+    assert all(r.already for r in deploy(deployer, deployment(tmp_path, "2.0", c="1.0")))  # committed: in place
+    repo.fail.add("b")
+    before = snapshot(tmp_path / "dest")
+
+    async def no() -> bool:
+        return False
+
+    async def cannot_say() -> bool:
+        raise OSError("the job records are unreadable")
+
+    for answer in (no, cannot_say):
+        results = deploy(deployer, deployment(tmp_path, "3.0"), keep=answer)
+        assert [r.state for r in results] == [ROLLED_BACK, "failed", ROLLED_BACK, ROLLED_BACK]
+        assert snapshot(tmp_path / "dest") == before
+
+
 def test_every_item_in_place_commits_and_leaves_nothing_aside(tmp_path: Path, mode: str) -> None:
     repo = Repo(tmp_path / "cache")
     deployer = Deployer(repo.fetch, SynchronousPool())

@@ -26,6 +26,7 @@ from ion.services.deploy.spec import load_deployment
 
 from . import scenario_support
 from .scenario_support import (
+    CONTENT,
     PLAIN,
     TGZ,
     ZIP,
@@ -747,3 +748,38 @@ async def test_a_taken_over_job_is_cancelled_at_its_new_owner(container_factory:
     # Once ended, a cancel (asked of whichever instance) is not done again.
     assert (await within(client.cancel_job(job)))["cancelled"] is False
     gate.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_taken_over_while_its_owner_ran_keeps_what_the_owner_switched_in(container_factory: Any,
+                                                                                      make_repo: Any,
+                                                                                      tmp_path: Path) -> None:
+    """Another instance took the job over while this one still ran it (this one was judged gone: its broker
+    connection lost, not its process): when this one's deployment is then cancelled (as its service's drain
+    does), the item it switched in stays, committed (the new owner counts it as done and runs the rest),
+    not switched back; the record stays the new owner's; nothing is left pending."""
+    url, server = make_repo("http")
+    gate = server.hold(f"deps/{TGZ}")
+    container, client = await _deploy_container(container_factory, tmp_path)
+    events = await scenario_support.event_sink(container)
+    dest = tmp_path / "dest"
+    job = await deploy_held(client, url, server, tmp_path, dest)
+    await events.wait(item_done(job, "linux/notes/1.0"))  # switched in, waiting for zlib (all or nothing)
+    svc = deploy_service(container)
+    await within(svc.jobs.flush())
+    store = JobStore(tmp_path / "cache" / "jobs")
+    record = json.loads(store.path(job).read_text())
+    taker = {"container": "elsewhere", "host": "other-host", "pid": 1, "process": "elsewhere.1"}
+    record.update(owner=taker, takeovers=[{"from": record["owner"], "by": taker, "at": 0.0}])
+    await store.save(job, record)
+    taken = store.path(job).read_text()
+    work = svc.jobs.jobs[job].deferred
+    assert svc.jobs.cancel(job)
+    await within(observe(work))
+    gate.callback(None)
+    assert (dest / "notes" / "notes.txt").read_bytes() == CONTENT[PLAIN]
+    assert store.path(job).read_text() == taken and svc.jobs.superseded(job) and job not in svc.jobs.jobs
+    # Committed, not pending: deploying it again finds it in place.
+    again = load_deployment(write_deployment(tmp_path / "again.json", url, [item("notes", "1.0", dest / "notes")]))
+    summary = await within(client.deploy(again))
+    assert [(r["state"], r["already"]) for r in summary["items"]] == [("cached", True)], summary

@@ -306,10 +306,8 @@ class JobTable:
         if job is None or self.store is None:
             return False
         current = await self.store.load(job_id)
-        listed = current.get("takeovers") if current is not None else None
-        if not (isinstance(listed, list) and len(listed) > len(job.takeovers)):
+        if current is None or not _taken_over_since(current, len(job.takeovers)):
             return False
-        assert current is not None
         self._superseded(job, current)
         return True
 
@@ -585,6 +583,12 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
     return True
 
 
+def _taken_over_since(record: Mapping[str, Any] | None, takeovers: int) -> bool:
+    """Whether ``record`` lists more than ``takeovers`` takeovers (a malformed list: none)."""
+    listed = record.get("takeovers") if record is not None else None
+    return isinstance(listed, list) and len(listed) > takeovers
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_bytes())
@@ -629,8 +633,7 @@ class JobStore:
 
         def save() -> dict[str, Any] | None:
             current = _read(path)
-            listed = current.get("takeovers") if current is not None else None
-            if isinstance(listed, list) and len(listed) > takeovers:
+            if _taken_over_since(current, takeovers):
                 return current
             _write_atomic(path, data)
             return None

@@ -20,6 +20,7 @@ import os
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -46,9 +47,22 @@ def resource_root() -> Path:
     return Path(__file__).resolve().parents[2] / "res"
 
 
+def _parse_expression(text: str) -> ast.Expression:
+    """``text`` parsed as one Python expression, without the tokenizer's warnings.
+
+    Those ("invalid decimal literal" for the ``1if`` in a path such as ``/tmp/x-1if2``, "invalid
+    escape sequence") are about code, not data: a value is a literal or it is not, and a
+    command-line string or a config file must not print a Python warning.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ast.parse(text.lstrip(" \t"), mode="eval")
+
+
 def _is_python_expression(text: str) -> bool:
     try:
-        ast.parse(text.lstrip(" \t"), mode="eval")
+        _parse_expression(text)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return False
     return True
@@ -90,7 +104,7 @@ def literal(text: str) -> Any:
     :raises ValueError: a name, call or expression, naming the first such token and its line
         (``line 3: 'evil' is not a literal``).
     """
-    tree = ast.parse(text.lstrip(" \t"), mode="eval")
+    tree = _parse_expression(text)
     tree = _JSONWords().visit(tree)
     try:
         return ast.literal_eval(tree)

@@ -267,3 +267,17 @@ def test_json_words_on_the_command_line():
     assert parse_value("true") is True and parse_value("null") is None
     assert parse_value("[true, false]") == [True, False]
     assert parse_value("yes") == "yes"
+
+
+@pytest.mark.parametrize("text", ["/tmp/ion-test-audit-1if2ab/audit-1.jsonl", "/tmp/x-3or_y", "'\\d+'"])
+def test_a_value_python_would_warn_about_prints_no_warning(text):
+    """A path whose random part tokenizes as ``1if`` (Python: "invalid decimal literal") or a string with
+    an escape Python warns about stays a value, and no SyntaxWarning reaches stderr (CI's `twistd`
+    child printed one for its audit path's random folder name)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = parse_value(text)
+    assert [str(w.message) for w in caught] == []
+    assert value == (text if not text.startswith("'") else "\\d+")

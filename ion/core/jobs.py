@@ -52,12 +52,14 @@ A record without ``resume`` (or a table without the hook) still answers
 connection was lost, not its process). Every write of a record first reads the
 one on disk, in the same pool job: one that lists more ``takeovers`` than the
 writer's job knows of was written by an instance that took the job over since,
-and is left as it is. The superseded owner then forgets the job (``status`` and
-``lookup`` answer the new owner's record) and lets its work run out without
-recording it; :meth:`JobTable.taken_over` (which reads the record) tells that
-work to keep what it did (the Deploy service's deployment then commits its
-switches instead of switching them back: the new owner counts the items
-finished there as done). A write that lands between a taker's claim and its first record is
+and is left as it is; the owner's own :meth:`JobTable.scan` finds that record
+too, between two writes. The superseded owner then forgets the job (``status``
+and ``lookup`` answer the new owner's record) and cancels what is left of its
+work, unrecorded (the new owner runs every part not finished at its takeover);
+:meth:`JobTable.taken_over` (which reads the record) tells that work to keep
+what it did (the Deploy service's deployment then commits its switches instead
+of switching them back: the new owner counts the items finished there as done,
+and the service publishes no more progress for the job). A write that lands between a taker's claim and its first record is
 read by the taker (it reads the record after its claim) or replaced by that
 record; at worst the new owner runs a part again.
 """
@@ -277,7 +279,7 @@ class JobTable:
 
     def _superseded(self, job: Job, current: Mapping[str, Any]) -> None:
         """Another instance took ``job`` over while this table still ran it (``current``: its record):
-        stop writing the record and forget the job; its work runs out unrecorded (see the module's
+        stop writing the record, forget the job and cancel what is left of its work (see the module's
         "One writer per record")."""
         if job.superseded:
             return
@@ -287,8 +289,12 @@ class JobTable:
             del self.jobs[job.job_id]
         last = (current.get("takeovers") or [None])[-1]
         self._log.warn("job {job} ({kind}) was taken over by {by} while this instance still ran it (judged gone, "
-                       "its broker connection lost?): its record is theirs now; the work left here is not recorded",
+                       "its broker connection lost?): its record is theirs now; the work left here is cancelled",
                        job=job.job_id, kind=job.kind, by=last.get("by") if isinstance(last, dict) else "another instance")
+        if not job.done and job.deferred is not None:
+            # The new owner runs every part not finished at its takeover: running them here too would
+            # only race it. What the work finished stays (it asks taken_over(), which now says True).
+            job.deferred.cancel()
 
     def superseded(self, job_id: str) -> bool:
         """Whether another instance took ``job_id`` over while this table still ran it, as far as
@@ -298,8 +304,8 @@ class JobTable:
     async def taken_over(self, job_id: str) -> bool:
         """Whether another instance took ``job_id`` over while this table ran it: its record on disk
         lists more takeovers than this table's job (read now, in the pool; the job is then
-        superseded here, as by a refused write). Its work, left to run out, must keep what it did:
-        the new owner counts it as done."""
+        superseded here, as by a refused write, and its work cancelled). That work must keep what
+        it did: the new owner counts it as done."""
         if job_id in self._superseded_at:
             return True
         job = self.jobs.get(job_id)
@@ -393,7 +399,12 @@ class JobTable:
         taken: list[str] = []
         suspects: set[str] = set()
         for job_id, record in (await store.load_running(self._ended)).items():
-            if job_id in self.jobs or not self._resumable(record):
+            mine = self.jobs.get(job_id)
+            if mine is not None:
+                if not mine.done and _taken_over_since(record, len(mine.takeovers)):
+                    self._superseded(mine, record)  # found out here, not only at its next write
+                continue
+            if not self._resumable(record):
                 continue
             if await self._alive(record.get("owner") or {}):
                 continue

@@ -246,11 +246,13 @@ def test_a_lookup_while_this_table_is_taking_the_job_over_claims_nothing_more(tm
 def test_an_owner_that_lost_its_job_to_a_takeover_stops_writing_its_record(tmp_path: Path) -> None:
     """An owner judged gone while it still ran (its broker connection lost, not its process): once another
     table took the job over, its writes leave the new owner's record as it is, it forgets the job (status
-    and lookup answer that record), and its work runs out unrecorded, neither cancelled nor written."""
+    and lookup answer that record), and its work is cancelled (the new owner runs every part not finished
+    at its takeover), its end not written."""
     world = World(tmp_path, grace=0)
     owner, other = world.table("a"), world.table("b")
     job_id = start_job(world, owner)
-    work = owner.jobs[job_id].deferred
+    job = owner.jobs[job_id]
+    work = job.deferred
     assert work is not None
     world.alive.discard("a")
     assert fired(other.scan()) == [job_id]
@@ -258,12 +260,12 @@ def test_an_owner_that_lost_its_job_to_a_takeover_stops_writing_its_record(tmp_p
     taken = world.on_disk(job_id)
     owner.partial(job_id, "p2", {"state": "downloaded"})  # its next write: refused
     assert world.on_disk(job_id) == taken
-    assert job_id not in owner.jobs and not work.called
+    assert job_id not in owner.jobs
+    assert work.called and job.error is not None and job.error.startswith("CancelledError")  # its end: not written
+    assert world.on_disk(job_id) == taken
     answer = fired(owner.lookup(job_id))
     assert answer["from_record"] is True and answer["owner"] == OWNERS["b"] and answer["state"] == "PARTIAL"
     assert owner.superseded(job_id) and not other.superseded(job_id)  # (its work keeps what it did)
-    work.callback({"p2": {"state": "downloaded"}, "p3": {"state": "downloaded"}})  # its end: not written either
-    assert world.on_disk(job_id) == taken
     world.work["b"].callback({"p2": {"state": "cached"}, "p3": {"state": "cached"}})
     record = world.on_disk(job_id)
     assert record["state"] == "FINISHED" and record["owner"] == OWNERS["b"]
@@ -329,3 +331,23 @@ def test_taken_over_reads_the_record_itself(tmp_path: Path) -> None:
     assert owner.superseded(job_id) and job_id not in owner.jobs
     assert fired(defer.ensureDeferred(other.taken_over(job_id))) is False  # the new owner's own job
     assert fired(defer.ensureDeferred(owner.taken_over("no such job"))) is False
+
+
+def test_an_owner_finds_its_job_taken_over_in_its_own_scan(tmp_path: Path) -> None:
+    """The owner need not write to find out: its scan reads the record, sees the takeover, forgets the job
+    and cancels its work; a job of its own that nobody took over is left running."""
+    world = World(tmp_path, grace=0)
+    owner, other = world.table("a"), world.table("b")
+    job_id = start_job(world, owner)
+    job = owner.jobs[job_id]
+    work = job.deferred
+    assert work is not None
+    assert fired(owner.scan()) == [] and job_id in owner.jobs and not work.called  # its own, not taken over
+    world.alive.discard("a")
+    taken_by_b = fired(other.scan())
+    world.alive.add("a")
+    assert taken_by_b == [job_id] and not owner.superseded(job_id)
+    assert fired(owner.scan()) == []  # not taken over (b runs it): found superseded
+    assert owner.superseded(job_id) and job_id not in owner.jobs
+    assert work.called and job.error is not None and job.error.startswith("CancelledError")
+    assert world.on_disk(job_id)["owner"] == OWNERS["b"]

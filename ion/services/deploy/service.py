@@ -83,6 +83,10 @@ whole), and a failure after the takeover switches back only the items it placed.
 service queue when the id's instance is gone (:meth:`SystemControl.cancel_job`),
 and an instance that does not run the job answers with the ``owner`` its record
 names, where the client sends the cancel (authorized and audited there).
+An owner judged gone while it still ran (its broker connection lost, not its
+process) learns of the takeover from the record (its next write, its own scan):
+it cancels the rest of that deployment, keeps what it switched in, records no
+generation for it and publishes no more of its ``deploy.progress``.
 """
 
 from __future__ import annotations
@@ -547,6 +551,8 @@ class DeployService(ServiceProcess):
     def _run(self, deployment: Deployment, job: str | None, targets: list[Target],
              partial: bool = False) -> defer.Deferred[list[ItemResult]]:
         def progress(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
+            if job is not None and self.jobs.superseded(job):
+                return  # its followers hear the new owner now, not this instance's cancelled rest
             event = {"job": job, "item": item.label, "position": item.position, "phase": phase,
                      "bytes": info.get("done") if isinstance(info, Mapping) else None}
             if isinstance(info, Mapping):  # an item's end: its state, as in the result

@@ -783,3 +783,48 @@ async def test_a_job_taken_over_while_its_owner_ran_keeps_what_the_owner_switche
     again = load_deployment(write_deployment(tmp_path / "again.json", url, [item("notes", "1.0", dest / "notes")]))
     summary = await within(client.deploy(again))
     assert [(r["state"], r["already"]) for r in summary["items"]] == [("cached", True)], summary
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_owner_that_finds_its_job_taken_over_cancels_the_rest_and_goes_quiet(container_factory: Any,
+                                                                                     make_repo: Any,
+                                                                                     tmp_path: Path) -> None:
+    """The owner's own takeover scan finds the new owner's record (no write of its own needed): it cancels
+    the rest of its deployment on its own (the held item: the new owner runs it), keeps the item it switched
+    in, publishes no more progress for the job and records no generation for it."""
+    url, server = make_repo("http")
+    gate = server.hold(f"deps/{TGZ}")
+    container, client = await _deploy_container(container_factory, tmp_path)
+    events = await scenario_support.event_sink(container)
+    dest = tmp_path / "dest"
+    job = await deploy_held(client, url, server, tmp_path, dest)
+    await events.wait(item_done(job, "linux/notes/1.0"))  # switched in, waiting for zlib (all or nothing)
+    svc = deploy_service(container)
+    await within(svc.jobs.flush())
+    store = JobStore(tmp_path / "cache" / "jobs")
+    record = json.loads(store.path(job).read_text())
+    taker = {"container": "elsewhere", "host": "other-host", "pid": 1, "process": "elsewhere.1"}
+    record.update(owner=taker, takeovers=[{"from": record["owner"], "by": taker, "at": 0.0}])
+    await store.save(job, record)
+    taken = store.path(job).read_text()
+    work = svc.jobs.jobs[job].deferred
+    assert not work.called
+    assert await within(svc.jobs.scan()) == []  # its own job: not taken over, found superseded
+    assert svc.jobs.superseded(job) and job not in svc.jobs.jobs
+    await within(observe(work))  # cancelled by the owner itself (nobody called cancel)
+    gate.callback(None)
+    assert (dest / "notes" / "notes.txt").read_bytes() == CONTENT[PLAIN]
+    assert not (dest / "zlib").exists()
+    assert store.path(job).read_text() == taken
+    # A deployment after it: its events come after any the job's cancelled rest could have published.
+    again = load_deployment(write_deployment(tmp_path / "again.json", url, [item("notes", "1.0", dest / "notes")]))
+    summary = await within(client.deploy(again))
+    assert [(r["state"], r["already"]) for r in summary["items"]] == [("cached", True)], summary
+    await events.wait(item_done(None, "linux/notes/1.0"))
+    zlib = [e for e in events.events if e.get("job") == job and e.get("item") == "linux/zlib/1.2"]
+    # The Deploy service's own (with a position): only its start; no end (cancelled) from anyone.
+    assert [e["phase"] for e in zlib if "position" in e] == ["fetch"], zlib
+    assert not {e["phase"] for e in zlib} & {"cancelled", "failed", "done", "rolled back"}, zlib
+    # One generation: the second deployment's (d.json, the job's file, has none).
+    [generation] = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "generations").glob("*.json")]
+    assert generation["file"] == str(tmp_path / "again.json"), generation

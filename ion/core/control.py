@@ -39,11 +39,12 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from ion.core.agent import ContainerAgent, agent_queue
-from ion.core.exceptions import IonError, ReceivedError
+from ion.core.exceptions import ConversationError, IonError, ReceivedError
 from ion.core.process import Process, Receiver
 from ion.core.settings import MessagingSettings, ProcessSettings
 
-__all__ = ["SystemControl", "ControlError", "AuditListener", "DEFAULT_SETTLE", "AUDIT_BINDING", "has_consumer"]
+__all__ = ["SystemControl", "ControlError", "AuditListener", "DEFAULT_SETTLE", "AUDIT_BINDING", "has_consumer",
+           "connection_settled", "reconnected", "RECONNECT_POLL"]
 
 _log = Logger()
 
@@ -85,6 +86,26 @@ def connection_settled(container: Any, settle: float | None = None) -> bool:
     if settle is None:
         settle = container.config.settings(MessagingSettings).reconnect_max + 10.0
     return bool(container.clock.seconds() - since >= settle)
+
+
+#: Seconds between two looks at the connection while :func:`reconnected` waits for it.
+RECONNECT_POLL = 0.1
+
+
+async def reconnected(container: Any, timeout: float, clock: Any = None) -> None:
+    """Wait (polling on ``clock``, the container's by default) until ``container``'s connection to the
+    broker is up again: what a call cut off by its loss (:func:`ion.core.exceptions.cut_off`) waits for
+    before it is asked again.
+
+    :raises ConversationError: 503 after ``timeout`` seconds without a connection.
+    """
+    clock = clock if clock is not None else container.clock
+    waited = 0.0
+    while not container.exchange_manager.connected:
+        if waited >= timeout:
+            raise ConversationError("broker", "", f"not reconnected to the broker within {timeout:g} s")
+        await task.deferLater(clock, RECONNECT_POLL, lambda: None)
+        waited += RECONNECT_POLL
 
 
 class ControlError(IonError):

@@ -42,6 +42,8 @@ __all__ = [
     "ConversationError",
     "received_error_for",
     "error_from_reply",
+    "cut_off",
+    "not_bound",
 ]
 
 
@@ -226,6 +228,22 @@ class ConversationError(ReceivedError):
             {"response-code": code, "sender": receiver, "conv-id": conv_id},
             {"error": "ConversationError", "message": reason},
         )
+
+
+def cut_off(exc: BaseException) -> bool:
+    """Whether a call failed because this container lost its connection to the broker (its request
+    may or may not have run): the 503 :class:`ConversationError` of a call in flight at the loss, or
+    of one that could not be sent while reconnecting."""
+    if not isinstance(exc, ConversationError) or exc.response_code != 503 or not isinstance(exc.content, Mapping):
+        return False
+    message = str(exc.content.get("message") or "")
+    return message.startswith((CONNECTION_LOST, NOT_SENT))
+
+
+def not_bound(exc: BaseException) -> bool:
+    """Whether a call failed because no queue took its request (404: nobody bound to its receiver)."""
+    return (isinstance(exc, ConversationError) and exc.response_code == 404 and isinstance(exc.content, Mapping)
+            and str(exc.content.get("message") or "").startswith(NOT_BOUND))
 
 
 def received_error_for(headers: Mapping[str, Any], content: Any) -> ReceivedError:

@@ -45,7 +45,9 @@ asks the broker whether each holder's process queue (the request's ``sender``)
 still has a consumer (:func:`~ion.core.control.has_consumer`, the check the job
 takeover uses); a holder without one on two checks in a row (a dead
 container's connection takes its consumers with it) has its locks released,
-logged with the holder; no check counts until this container's own connection has been up
+logged with the holder; a caller that lives on through the loss of its own
+connection sends the ``unlock`` (and ``discard_staging``) the loss cut off again
+once reconnected (:class:`CacheClient`); no check counts until this container's own connection has been up
 ``reconnect_max`` + 10 s (:func:`~ion.core.control.connection_settled`: after a broker restart,
 holders may still be reconnecting). Every lock is released when the
 service terminates, and pending ``lock`` waits are cancelled then (the first
@@ -68,7 +70,7 @@ From any process::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +79,8 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from ion.core.control import connection_settled, has_consumer
+from ion.core.control import connection_settled, has_consumer, reconnected
+from ion.core.exceptions import ConversationError, cut_off
 from ion.core.process import Receiver
 from ion.core.security import control, narrow_root
 from ion.core.service import ServiceClient, ServiceProcess
@@ -106,6 +109,9 @@ __all__ = ["CacheService", "CacheClient", "RemoteLock"]
 
 #: Seconds a client's ``lock`` waits by default (2 x the default lock_timeout).
 DEFAULT_CLIENT_WAIT = 2 * DEFAULT_LOCK_TIMEOUT
+#: Seconds a clean-up call (``unlock``, ``discard_staging``) cut off by the loss of the broker
+#: connection waits for the connection to come back, to be sent again.
+CLEANUP_RECONNECT_WAIT = 30.0
 
 
 def _dict(content: Any, op: str) -> dict[str, Any]:
@@ -531,6 +537,8 @@ class RemoteLock:
 class CacheClient(ServiceClient):
     """Calls the cache service; raises the service's :mod:`~ion.services.cache.errors` classes as they are."""
 
+    _log = Logger()
+
     service_name = "cache"
     errors = (CacheError,)
     #: A system service: its answers are taken from the system's operators only.
@@ -601,11 +609,16 @@ class CacheClient(ServiceClient):
         data = yield self._call("renew", {"token": lock.token, "lease": lease}, target=lock.pid)
         return data["lease"]
 
-    @defer.inlineCallbacks
-    def unlock(self, lock: RemoteLock) -> Any:
-        """Release the lock."""
-        yield self._call("unlock", {"token": lock.token}, target=lock.pid)
-        return None
+    def unlock(self, lock: RemoteLock) -> defer.Deferred[None]:
+        """Release the lock.
+
+        Cut off by the loss of this container's connection to the broker, it is sent again once
+        reconnected (within :data:`CLEANUP_RECONNECT_WAIT` s): a caller that lives on must not leave
+        the entry locked for every other fetch until the lease ends. A lock the service no longer
+        holds by then (the first unlock reached it, or the lease ended) counts as released.
+        """
+        return defer.ensureDeferred(self._resent_once_reconnected(
+            lambda: self._call("unlock", {"token": lock.token}, target=lock.pid), done_if=UnknownLockError))
 
     @defer.inlineCallbacks
     def new_staging(self) -> Any:
@@ -613,10 +626,30 @@ class CacheClient(ServiceClient):
         data = yield self._call("new_staging", {})
         return Path(data["path"])
 
-    @defer.inlineCallbacks
-    def discard_staging(self, path: str | Path) -> Any:
-        yield self._call("discard_staging", {"path": str(path)})
-        return None
+    def discard_staging(self, path: str | Path) -> defer.Deferred[None]:
+        """Remove a staging folder; sent again once reconnected if cut off (as :meth:`unlock`)."""
+        return defer.ensureDeferred(self._resent_once_reconnected(
+            lambda: self._call("discard_staging", {"path": str(path)})))
+
+    async def _resent_once_reconnected(self, call: Callable[[], defer.Deferred[Any]],
+                                       done_if: type[Exception] | None = None) -> None:
+        """``call()``; if the loss of the broker connection cut it off (it may or may not have run),
+        ``call()`` again once reconnected, where ``done_if`` (the first call ran) counts as done: for
+        the idempotent clean-ups only."""
+        try:
+            await call()
+            return
+        except ConversationError as exc:
+            if not cut_off(exc):
+                raise
+            self._log.info("cache call cut off by the loss of the broker connection ({e}); sending it again "
+                           "once reconnected", e=exc)
+        await reconnected(self.proc.container, CLEANUP_RECONNECT_WAIT)
+        try:
+            await call()
+        except Exception as exc:
+            if done_if is None or not isinstance(exc, done_if):
+                raise
 
     @defer.inlineCallbacks
     def publish(self, lock: RemoteLock, staging: str | Path, files: Mapping[str, FileMeta | Mapping[str, Any]],

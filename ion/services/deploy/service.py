@@ -103,15 +103,14 @@ from twisted.logger import Logger
 
 from ion.core.audit import audited
 from ion.core.control import JOB_SEP as CONTROL_JOB_SEP
-from ion.core.control import SystemControl, connection_settled, has_consumer
+from ion.core.control import SystemControl, connection_settled, has_consumer, reconnected
 from ion.core.exceptions import (
-    CONNECTION_LOST,
-    NOT_BOUND,
-    NOT_SENT,
     ApplicationError,
     ConfigurationError,
     ConversationError,
     ReceivedError,
+    cut_off,
+    not_bound,
 )
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
@@ -151,26 +150,8 @@ JOB_SEP = CONTROL_JOB_SEP
 #: An item's fetch cut off by the loss of the connection to the broker is asked again once the
 #: container has reconnected, this many times at most.
 FETCH_RECONNECT_RETRIES = 3
-#: Seconds between two looks at the connection while waiting for it to come back.
-RECONNECT_POLL = 0.1
 #: Seconds between two tries of a fetch no Fetch service queue took, just after a reconnection.
 NOT_BOUND_RETRY = 0.5
-
-
-def cut_off(exc: BaseException) -> bool:
-    """Whether a call failed because this container lost its connection to the broker (its request
-    may or may not have run): the 503 :class:`ConversationError` of a call in flight at the loss, or
-    of one that could not be sent while reconnecting."""
-    if not isinstance(exc, ConversationError) or exc.response_code != 503 or not isinstance(exc.content, Mapping):
-        return False
-    message = str(exc.content.get("message") or "")
-    return message.startswith((CONNECTION_LOST, NOT_SENT))
-
-
-def not_bound(exc: BaseException) -> bool:
-    """Whether a call failed because no queue took its request (404: nobody bound to its receiver)."""
-    return (isinstance(exc, ConversationError) and exc.response_code == 404 and isinstance(exc.content, Mapping)
-            and str(exc.content.get("message") or "").startswith(NOT_BOUND))
 
 
 class DeployService(ServiceProcess):
@@ -539,14 +520,9 @@ class DeployService(ServiceProcess):
         return bool(getattr(manager, "reconnects", 0)) and not connection_settled(self.container)
 
     async def _reconnected(self, timeout: float) -> None:
-        """Wait (polling on the clock) until the container's connection to the broker is up again;
-        :class:`ConversationError` 503 after ``timeout`` seconds."""
-        waited = 0.0
-        while not self.container.exchange_manager.connected:
-            if waited >= timeout:
-                raise ConversationError("broker", "", f"not reconnected to the broker within {timeout:g} s")
-            await task.deferLater(self.clock, RECONNECT_POLL, lambda: None)
-            waited += RECONNECT_POLL
+        """Wait until the container's connection to the broker is up again (see
+        :func:`ion.core.control.reconnected`)."""
+        await reconnected(self.container, timeout, self.clock)
 
     def _run(self, deployment: Deployment, job: str | None, targets: list[Target],
              partial: bool = False) -> defer.Deferred[list[ItemResult]]:

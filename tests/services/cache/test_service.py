@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 
 from ion.core.apps.appfile import load_app_file
@@ -312,3 +313,59 @@ def test_the_holder_check_can_be_turned_off(clocked, tmp_path):
     cache = CacheClient(clocked.spawn(Process))
     clocked.result(cache.lock(KEY, timeout=5))
     assert service.settings.lock_holder_check is None and service._holder_check is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unlock_cut_off_by_the_broker_connection_is_sent_again_once_reconnected(container, process_factory,
+                                                                                        tmp_path):
+    """A caller that lives on through a lost broker connection (a frozen container, a node's loss) must
+    not leave its lock for the lease to end: an unlock (and a staging folder's discard) cut off by the
+    loss waits for the connection and is sent again (here the first ones had run: the service no longer
+    knowing the token counts as released), and the next caller gets the lock at once."""
+    from twisted.internet import defer
+
+    service, first = await start(container, process_factory, tmp_path / "c")
+    second = CacheClient(await client_process(container, "second"))
+    lock = await first.lock(KEY, timeout=5)
+    staging = await first.new_staging()
+    sent = []
+    real = first._call
+    first._call = lambda op, content=None, **kw: (sent.append(op), real(op, content, **kw))[1]
+    unlocking = first.unlock(lock)
+    discarding = first.discard_staging(staging)
+    manager = container.exchange_manager
+    manager._connection_changed("lost", "the test")  # (both calls were in flight: they fail, 503)
+    await first.lookup(KEY)  # (the embedded broker still delivers: the first two ran meanwhile)
+    assert not unlocking.called and not discarding.called  # waiting for the connection, not failed
+    manager._connection_changed("restored", None)
+    await defer.DeferredList([unlocking, discarding], fireOnOneErrback=True, consumeErrors=True)
+    assert sent == ["unlock", "discard_staging", "lookup", "unlock", "discard_staging"]
+    assert lock.token not in service._leases and not Path(staging).exists()
+    granted = await second.lock(KEY, timeout=1)
+    await second.unlock(granted)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resent_clean_up_raises_any_other_error(container, process_factory, tmp_path):
+    """Sent again, only the error that says the first call ran (an unknown lock token) is taken for done."""
+    from ion.core.exceptions import CONNECTION_LOST, ConversationError
+
+    service, cache = await start(container, process_factory, tmp_path / "c")
+    real = cache._call
+    calls = []
+
+    def cut_off_first(op, content=None, **kw):
+        calls.append(op)
+        if len(calls) == 1:
+            raise ConversationError(service.id, "", f"{CONNECTION_LOST}: the test")
+        return real(op, content, **kw)
+
+    cache._call = cut_off_first
+    with pytest.raises(OutsideCacheError):
+        await cache.discard_staging(tmp_path / "elsewhere")
+    assert calls == ["discard_staging", "discard_staging"]
+    calls.clear()
+    cache._call = lambda op, content=None, **kw: (_ for _ in ()).throw(
+        ConversationError(service.id, "", "the service stopped"))  # 503, not a cut-off: raised at once
+    with pytest.raises(ConversationError):
+        await cache.unlock(await CacheClient(cache.proc).lock(KEY, timeout=5))

@@ -576,8 +576,8 @@ async def test_a_fetch_cut_off_by_a_lost_connection_is_asked_again_once_reconnec
     await within(waiting)  # the cut-off fetch waits for the connection (rather than failing its item)
     manager._connection_changed("restored", None)
     gate.callback(None)
-    # (the loss also cut off the first fetch's own calls to the Cache service: the entry lock it held is
-    # released when that fetch fails or its lease ends, hence the generous wait)
+    # (the loss also cut off the first fetch's own calls to the Cache service: the release of the entry
+    # lock it held is sent again once reconnected, or the lock ends with its lease: a generous wait)
     status = await job_ended(client, job, polls=3000)
     assert status["state"] == "FINISHED", status
     states = {r["item"]: r["state"] for r in status["results"].values()}

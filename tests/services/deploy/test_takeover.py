@@ -190,8 +190,22 @@ async def test_an_owner_frozen_until_the_broker_dropped_it_stops_its_job_once_th
                 and "position" in e and e["phase"] in ("done", "failed", "cancelled", "rolled back")]
         assert ends == ["done"], ends
         assert owner.exit_code is None  # it lives on, reconnected
+        # The cache is whole: no lock or staging folder left by either side (a cancelled fetch of the
+        # owner's, if the held download was its Fetch service's, cleans up as it ends).
+        leftovers: list[str] = []
+        for _ in range(100):
+            leftovers = [str(p) for p in (tmp_path / "cache").rglob("*")
+                         if p.name.endswith((".lock", ".stale", ".tmp")) or p.parent.name == "staging"]
+            if not leftovers:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert leftovers == []
         print(f"\njob taken over by {heir.name} {t_taken - t0:.2f} s after {owner.name} froze; thawed then, "
               f"it cancelled its part {t_quiet - t_taken:.2f} s later")
+    except BaseException:
+        for child in children:
+            print("LOG OF", child.name, child.container_id, "\n", child.output)
+        raise
     finally:
         for child in children:
             await child.stop()

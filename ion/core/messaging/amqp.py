@@ -46,6 +46,9 @@ first that answers, and after a loss tries the next one, and so on in turn.
 Once connected it
 re-declares the exchanges, queues and bindings it made, re-creates its
 consumers under their old tags, and listeners hear ``("restored", None)``.
+Publishing is open again from the moment the consumers start coming back: a
+request that waited in a queue is handed over at once, and its answer goes out
+then (not refused as "not connected", its request acknowledged regardless).
 Deliveries received before the loss cannot be settled any more: their
 ``ack``/``reject`` are logged and dropped (the broker has requeued them).
 
@@ -718,6 +721,9 @@ class AmqpTransport(Transport):
         self.confirm = confirm
         #: ``new`` → ``connecting`` → ``connected`` ⇄ (``lost`` → ``restoring``) → ``closed``.
         self.state = "new"
+        #: After a reconnection, once the exchanges, queues and bindings are declared again: the
+        #: consumers are being restored, and what they hand over may be answered at once.
+        self._topology_restored = False
         self._conn: _Connection | None = None
         self._control = _ChannelSlot(self, "control")
         #: Publishes that ask for a confirm (confirm mode).
@@ -1013,6 +1019,7 @@ class AmqpTransport(Transport):
         self._use_url(index)
         self._use_connection(conn)
         self.state = "restoring"
+        self._topology_restored = False
         d = self._restore()
 
         def restored(_: Any) -> None:
@@ -1045,6 +1052,10 @@ class AmqpTransport(Transport):
         for queue, exchange, key in list(self._bindings):
             yield self._restore_step(f"binding {queue} <- {exchange} [{key}]", "queue_bind", queue=queue,
                                      exchange=exchange, routing_key=key)
+        # Publishing is open from here: a consumer restored below may be handed a request at once (one
+        # waiting in its queue), and its answer must not be refused as "not connected" while the later
+        # consumers are restored, then lost with the request acknowledged.
+        self._topology_restored = True
         for consumer in list(self._consumers.values()):
             if self._conn is None:
                 return
@@ -1080,6 +1091,12 @@ class AmqpTransport(Transport):
         if isinstance(exc, (pika_exc.ChannelClosed, pika_exc.ChannelWrongStateError)):
             return Failure(TransportError(f"channel closed: {exc!r}"))
         return Failure(TransportError(f"{type(exc).__name__}: {exc}"))
+
+    def _check_publish(self) -> None:
+        """:meth:`_check`, also passing while the consumers are restored after a reconnection."""
+        if self.state == "restoring" and self._topology_restored and self._conn is not None:
+            return
+        self._check()
 
     def _check(self) -> None:
         if self.state != "connected":
@@ -1263,7 +1280,7 @@ class AmqpTransport(Transport):
         (see :meth:`Transport.publish <ion.core.messaging.transport.Transport.publish>` and the
         module doc)."""
         try:
-            self._check()
+            self._check_publish()
         except TransportError:
             return defer.fail()
         # RabbitMQ checks user_id against the connection's login: this is who really sends.

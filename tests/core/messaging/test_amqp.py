@@ -1049,6 +1049,45 @@ async def test_operations_while_disconnected_fail_fast_and_stale_acks_do_not_rai
         await t.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_request_handed_over_while_the_consumers_are_restored_is_answered(amqp_url: str) -> None:
+    """After a reconnection the consumers come back one after the other; a request that waited in the
+    first one's queue is handed over before the last is back, and its answer goes out then (it was
+    refused as "not connected", its request acknowledged: the caller waited for its timeout)."""
+    t = AmqpTransport(amqp_url, reconnect_initial=0.2, reconnect_max=1.0)
+    caller = AmqpTransport(amqp_url)
+    await t.connect()
+    await caller.connect()
+    seen, wait = _events(t)
+    try:
+        requests = await t.declare_queue(_name("requests"), durable=True)
+        later = await t.declare_queue(_name("later"), durable=True)
+        answers = await caller.declare_queue(_name("answers"), durable=True)
+        states: list[str] = []
+        sent: list[defer.Deferred[None]] = []
+
+        def answer(delivery: Delivery) -> None:
+            states.append(t.state)
+            sent.append(t.publish("", answers, b"answer to " + delivery.body, Properties()))
+            sent[-1].addCallback(lambda _: delivery.ack())
+
+        await t.consume(requests, answer)
+        await t.consume(later, _Inbox())  # restored after the first: its basic.consume is a round trip
+        lost, restored = wait("lost"), wait("restored")
+        t._conn.transport.abortConnection()
+        await lost
+        await caller.publish("", requests, b"a request", Properties())  # waits in the queue meanwhile
+        await restored
+        inbox = _Inbox()
+        await caller.consume(answers, inbox)
+        assert (await inbox.next()).body == b"answer to a request"
+        assert states == ["restoring"], states  # (handed over before the restore ended)
+        await sent[0]
+    finally:
+        await t.close()
+        await caller.close()
+
+
 class _WatchedClock(task.Clock):
     """A Clock that tells when something is scheduled on it."""
 

@@ -196,8 +196,10 @@ class JobTable:
         #: Job ids this table is taking over now (claimed, not yet running here): a ``lookup`` or a
         #: scan meanwhile must not claim the next takeover of its own claim.
         self._taking: set[str] = set()
-        #: Job ids another instance took over while this table still ran them, and when it found out.
-        self._superseded_at: dict[str, float] = {}
+        #: (job id, takeovers its run here knew of) of the runs another instance took over while this
+        #: table still ran them, and when it found out (a job this table takes over again later is a
+        #: new run, with more takeovers, and is not superseded).
+        self._superseded_at: dict[tuple[str, int], float] = {}
 
     def start(self, kind: str, work: defer.Deferred[Any], *, total: int | None = None,
               job_id: str | None = None, resume: Mapping[str, Any] | None = None) -> Job:
@@ -284,7 +286,7 @@ class JobTable:
         if job.superseded:
             return
         job.superseded = True
-        self._superseded_at[job.job_id] = self.clock.seconds()
+        self._superseded_at[(job.job_id, len(job.takeovers))] = self.clock.seconds()
         if self.jobs.get(job.job_id) is job:
             del self.jobs[job.job_id]
         last = (current.get("takeovers") or [None])[-1]
@@ -294,21 +296,37 @@ class JobTable:
         if not job.done and job.deferred is not None:
             # The new owner runs every part not finished at its takeover: running them here too would
             # only race it. What the work finished stays (it asks taken_over(), which now says True).
-            job.deferred.cancel()
+            # On the next turn: this may run inside the work's own callbacks (a part's record write).
+            self.clock.callLater(0, _cancel_unless_called, job.deferred)
 
-    def superseded(self, job_id: str) -> bool:
+    def superseded(self, job_id: str, takeovers: int | None = None) -> bool:
         """Whether another instance took ``job_id`` over while this table still ran it, as far as
-        this table's writes found out (:meth:`taken_over` asks the record itself)."""
-        return job_id in self._superseded_at
+        this table's writes and scans found out (:meth:`taken_over` asks the record itself).
 
-    async def taken_over(self, job_id: str) -> bool:
+        :param takeovers: the takeovers the asking run's job knew of (0 for a job started here):
+            that run only; None: any run of the job here.
+        """
+        if takeovers is not None:
+            return (job_id, takeovers) in self._superseded_at
+        return any(key[0] == job_id for key in self._superseded_at)
+
+    async def taken_over(self, job_id: str, takeovers: int | None = None) -> bool:
         """Whether another instance took ``job_id`` over while this table ran it: its record on disk
         lists more takeovers than this table's job (read now, in the pool; the job is then
         superseded here, as by a refused write, and its work cancelled). That work must keep what
-        it did: the new owner counts it as done."""
-        if job_id in self._superseded_at:
-            return True
+        it did: the new owner counts it as done.
+
+        :param takeovers: as for :meth:`superseded`; None: the run of the job here now.
+        """
         job = self.jobs.get(job_id)
+        if takeovers is None:
+            if job is None:
+                return self.superseded(job_id)
+            takeovers = len(job.takeovers)
+        if (job_id, takeovers) in self._superseded_at:
+            return True
+        if job is not None and len(job.takeovers) > takeovers:
+            return True  # this table took the job over again since: the asking run was superseded
         if job is None or self.store is None:
             return False
         current = await self.store.load(job_id)
@@ -398,11 +416,17 @@ class JobTable:
     async def _scan(self, store: JobStore) -> list[str]:
         taken: list[str] = []
         suspects: set[str] = set()
-        for job_id, record in (await store.load_running(self._ended)).items():
-            mine = self.jobs.get(job_id)
-            if mine is not None:
-                if not mine.done and _taken_over_since(record, len(mine.takeovers)):
-                    self._superseded(mine, record)  # found out here, not only at its next write
+        running = await store.load_running(self._ended)
+        # This table's own runs, found taken over here rather than only at their next write (a run
+        # whose new owner has ended the job already is read on its own: no longer among the running).
+        for job_id, mine in list(self.jobs.items()):
+            if mine.done or mine.superseded:
+                continue
+            record = running[job_id] if job_id in running else await store.load(job_id)
+            if record is not None and _taken_over_since(record, len(mine.takeovers)):
+                self._superseded(mine, record)
+        for job_id, record in running.items():
+            if job_id in self.jobs:
                 continue
             if not self._resumable(record):
                 continue
@@ -531,8 +555,8 @@ class JobTable:
         now = self.clock.seconds()
         for job_id in [j.job_id for j in self.jobs.values() if j.ended is not None and now - j.ended > self.retention]:
             del self.jobs[job_id]
-        for job_id in [i for i, at in self._superseded_at.items() if now - at > self.retention]:
-            del self._superseded_at[job_id]
+        for key in [k for k, at in self._superseded_at.items() if now - at > self.retention]:
+            del self._superseded_at[key]
         if self.store is not None and now - self._pruned >= self.prune_interval:
             self._pruned = now
             self.prune().addErrback(lambda f: self._log.warn("pruning job records in {dir} failed: {err}",
@@ -592,6 +616,11 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
     finally:
         tmp.unlink(missing_ok=True)
     return True
+
+
+def _cancel_unless_called(d: defer.Deferred[Any]) -> None:
+    if not d.called:
+        d.cancel()
 
 
 def _taken_over_since(record: Mapping[str, Any] | None, takeovers: int) -> bool:

@@ -19,7 +19,6 @@ in reverse start order) and exits 0; a second SIGTERM kills at once.
 
 from __future__ import annotations
 
-import ast
 import atexit
 import os
 import signal
@@ -35,7 +34,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ion.core.config import Config, deep_merge, parse_value
+from ion.core.config import Config, deep_merge, literal, parse_value
 from ion.core.exceptions import AppError, ConfigurationError, IonError, TransportError
 from ion.core.health import sd_notify
 from ion.core.messaging.transport import parse_broker_url, split_broker_urls
@@ -112,8 +111,8 @@ def parse_container_args(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
     items: dict[str, Any] = {}
     if text.startswith("{"):
         try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError) as exc:
+            value = literal(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
             raise usage.UsageError(f"-a {text!r} is not a valid dict literal: {exc}") from None
         if not isinstance(value, dict):
             raise usage.UsageError(f"-a {text!r} must be a dict literal or k=v,...")

@@ -260,7 +260,8 @@ def test_an_owner_that_lost_its_job_to_a_takeover_stops_writing_its_record(tmp_p
     taken = world.on_disk(job_id)
     owner.partial(job_id, "p2", {"state": "downloaded"})  # its next write: refused
     assert world.on_disk(job_id) == taken
-    assert job_id not in owner.jobs
+    assert job_id not in owner.jobs and not work.called
+    world.clock.advance(0)  # (cancelled on the next turn: the finding may come inside the work's callbacks)
     assert work.called and job.error is not None and job.error.startswith("CancelledError")  # its end: not written
     assert world.on_disk(job_id) == taken
     answer = fired(owner.lookup(job_id))
@@ -349,5 +350,40 @@ def test_an_owner_finds_its_job_taken_over_in_its_own_scan(tmp_path: Path) -> No
     assert taken_by_b == [job_id] and not owner.superseded(job_id)
     assert fired(owner.scan()) == []  # not taken over (b runs it): found superseded
     assert owner.superseded(job_id) and job_id not in owner.jobs
+    world.clock.advance(0)
     assert work.called and job.error is not None and job.error.startswith("CancelledError")
     assert world.on_disk(job_id)["owner"] == OWNERS["b"]
+
+
+def test_an_owner_finds_the_takeover_even_once_the_new_owner_has_ended_the_job(tmp_path: Path) -> None:
+    """The owner frozen until the new owner has finished the job: the record is no longer among the
+    running ones, and the owner's scan still reads it (its own runs' records are read on their own)."""
+    world = World(tmp_path, grace=0)
+    owner, other = world.table("a"), world.table("b")
+    job_id = start_job(world, owner)
+    world.alive.discard("a")
+    assert fired(other.scan()) == [job_id]
+    world.work["b"].callback({"p2": {"state": "downloaded"}, "p3": {"state": "downloaded"}})
+    assert world.on_disk(job_id)["state"] == "FINISHED"
+    world.alive.add("a")
+    fired(owner.scan())
+    assert owner.superseded(job_id) and job_id not in owner.jobs
+
+
+def test_a_run_superseded_here_does_not_make_a_later_run_of_the_job_here_superseded(tmp_path: Path) -> None:
+    """a runs the job, b takes it over, b dies and a takes it over again: a's first run is superseded
+    (it keeps what it did), its second is not (it switches back on failure and publishes progress)."""
+    world = World(tmp_path, grace=0)
+    a, b = world.table("a"), world.table("b")
+    job_id = start_job(world, a)
+    world.alive.discard("a")
+    assert fired(b.scan()) == [job_id]
+    world.alive.add("a")
+    fired(a.scan())
+    assert a.superseded(job_id, 0) and a.superseded(job_id)
+    world.alive.discard("b")
+    assert fired(a.scan()) == [job_id] and len(a.jobs[job_id].takeovers) == 2
+    assert a.superseded(job_id, 0) and not a.superseded(job_id, 2)
+    assert fired(defer.ensureDeferred(a.taken_over(job_id, 0))) is True  # (the first run: keep)
+    assert fired(defer.ensureDeferred(a.taken_over(job_id, 2))) is False  # (this run: its own)
+    assert fired(defer.ensureDeferred(a.taken_over(job_id))) is False

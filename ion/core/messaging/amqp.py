@@ -802,7 +802,8 @@ class AmqpTransport(Transport):
 
     @property
     def connected(self) -> bool:
-        """True while operations can be sent to the broker."""
+        """True while operations can be sent to the broker (publishes, too, while the consumers are
+        restored after a reconnection: see the module doc)."""
         return self.state == "connected"
 
     @property
@@ -1038,6 +1039,7 @@ class AmqpTransport(Transport):
     @defer.inlineCallbacks
     def _restore(self) -> Any:
         """Re-declare what this transport made, then re-create its consumers."""
+        conn = self._conn
         for name in list(self._deleted_while_lost):
             yield self._restore_step(f"delete queue {name}", "queue_delete", queue=name)
         self._deleted_while_lost.clear()
@@ -1055,6 +1057,8 @@ class AmqpTransport(Transport):
         # Publishing is open from here: a consumer restored below may be handed a request at once (one
         # waiting in its queue), and its answer must not be refused as "not connected" while the later
         # consumers are restored, then lost with the request acknowledged.
+        if self._conn is not conn or conn is None:
+            return  # lost again meanwhile: the next reconnection restores
         self._topology_restored = True
         for consumer in list(self._consumers.values()):
             if self._conn is None:

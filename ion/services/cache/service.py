@@ -80,6 +80,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from ion.core.control import connection_settled, has_consumer, reconnected
+from ion.core.deferreds import shielded
 from ion.core.exceptions import ConversationError, cut_off
 from ion.core.process import Receiver
 from ion.core.security import control, narrow_root
@@ -538,6 +539,8 @@ class CacheClient(ServiceClient):
     """Calls the cache service; raises the service's :mod:`~ion.services.cache.errors` classes as they are."""
 
     _log = Logger()
+    #: The outage (reconnections so far, False) in which a clean-up's wait for the connection timed out.
+    _gave_up_in: tuple[int, bool] | None = None
 
     service_name = "cache"
     errors = (CacheError,)
@@ -616,9 +619,10 @@ class CacheClient(ServiceClient):
         reconnected (within :data:`CLEANUP_RECONNECT_WAIT` s): a caller that lives on must not leave
         the entry locked for every other fetch until the lease ends. A lock the service no longer
         holds by then (the first unlock reached it, or the lease ended) counts as released.
+        Cancelling the returned Deferred does not cancel the release (a cancelled fetch's clean-up).
         """
-        return defer.ensureDeferred(self._resent_once_reconnected(
-            lambda: self._call("unlock", {"token": lock.token}, target=lock.pid), done_if=UnknownLockError))
+        return shielded(defer.ensureDeferred(self._resent_once_reconnected(
+            lambda: self._call("unlock", {"token": lock.token}, target=lock.pid), done_if=UnknownLockError)))
 
     @defer.inlineCallbacks
     def new_staging(self) -> Any:
@@ -628,8 +632,8 @@ class CacheClient(ServiceClient):
 
     def discard_staging(self, path: str | Path) -> defer.Deferred[None]:
         """Remove a staging folder; sent again once reconnected if cut off (as :meth:`unlock`)."""
-        return defer.ensureDeferred(self._resent_once_reconnected(
-            lambda: self._call("discard_staging", {"path": str(path)})))
+        return shielded(defer.ensureDeferred(self._resent_once_reconnected(
+            lambda: self._call("discard_staging", {"path": str(path)}))))
 
     async def _resent_once_reconnected(self, call: Callable[[], defer.Deferred[Any]],
                                        done_if: type[Exception] | None = None) -> None:
@@ -640,11 +644,17 @@ class CacheClient(ServiceClient):
             await call()
             return
         except ConversationError as exc:
-            if not cut_off(exc):
+            manager = self.proc.container.exchange_manager
+            # (One wait per outage: once one clean-up waited in vain, the others of that outage fail at once.)
+            if not cut_off(exc) or self._gave_up_in == (manager.reconnects, manager.connected):
                 raise
             self._log.info("cache call cut off by the loss of the broker connection ({e}); sending it again "
                            "once reconnected", e=exc)
-        await reconnected(self.proc.container, CLEANUP_RECONNECT_WAIT)
+        try:
+            await reconnected(self.proc.container, CLEANUP_RECONNECT_WAIT)
+        except ConversationError:
+            self._gave_up_in = (manager.reconnects, manager.connected)
+            raise
         try:
             await call()
         except Exception as exc:

@@ -86,7 +86,8 @@ names, where the client sends the cancel (authorized and audited there).
 An owner judged gone while it still ran (its broker connection lost, not its
 process) learns of the takeover from the record (its next write, its own scan):
 it cancels the rest of that deployment, keeps what it switched in, records no
-generation for it and publishes no more of its ``deploy.progress``.
+generation for it and publishes no more of its own ``deploy.progress`` (a Fetch
+service may still report a download it had under way).
 """
 
 from __future__ import annotations
@@ -335,9 +336,12 @@ class DeployService(ServiceProcess):
             return recorded.addCallback(lambda _: {})
         # This instance's own bounds decide what it writes (they may differ from the first owner's).
         targets = await self.container.blocking.run(self._authorize, remaining)
-        work = self._run(Deployment(source, remaining), job_id, targets, resume.get("partial") is True)
+        takeovers = len(record.get("takeovers") or []) + 1  # (this one's)
+        work = self._run(Deployment(source, remaining), job_id, targets, resume.get("partial") is True, takeovers)
 
         def finished(results: list[ItemResult]) -> list[ItemResult]:
+            if self.jobs.superseded(job_id, takeovers):
+                return results  # (taken over again: the generation is the new owner's to record)
             # The job's generation, as deploy_async records it: every item, the dead owner's ones too.
             recording = self._record_taken_over(resume, items, record.get("results") or {}, results)
             if not self.draining:
@@ -525,9 +529,10 @@ class DeployService(ServiceProcess):
         await reconnected(self.container, timeout, self.clock)
 
     def _run(self, deployment: Deployment, job: str | None, targets: list[Target],
-             partial: bool = False) -> defer.Deferred[list[ItemResult]]:
+             partial: bool = False, takeovers: int = 0) -> defer.Deferred[list[ItemResult]]:
+        """Deploy ``deployment`` (for ``job``, whose run here knows of ``takeovers`` takeovers)."""
         def progress(item: DeploymentItem, phase: str, info: Mapping[str, Any]) -> None:
-            if job is not None and self.jobs.superseded(job):
+            if job is not None and self.jobs.superseded(job, takeovers):
                 return  # its followers hear the new owner now, not this instance's cancelled rest
             event = {"job": job, "item": item.label, "position": item.position, "phase": phase,
                      "bytes": info.get("done") if isinstance(info, Mapping) else None}
@@ -548,7 +553,7 @@ class DeployService(ServiceProcess):
         # Tracked: terminate waits for it (drain_timeout), then cancels it.
         # A job another instance took over while this one ran it keeps what it switched in (that
         # instance counts the items finished here as done), whatever happens to the rest here.
-        keep = None if job is None else (lambda: self.jobs.taken_over(job))
+        keep = None if job is None else (lambda: self.jobs.taken_over(job, takeovers))
         return self.track(self._deployer(job).deploy(deployment, progress=progress, on_result=on_result,
                                                      targets=targets, partial=partial, keep=keep))
 
@@ -595,6 +600,8 @@ class DeployService(ServiceProcess):
         work = self._run(deployment, job_id, targets, partial)
 
         def finished(results: list[ItemResult]) -> list[ItemResult]:
+            if self.jobs.superseded(job_id, 0):
+                return results  # (taken over: the generation is the new owner's to record)
             # Recorded as the job ends, not before it: its status is final with its last item.
             recording = self._record(file, deployment, results, msg)
             if not self.draining:

@@ -321,8 +321,9 @@ async def test_an_unlock_cut_off_by_the_broker_connection_is_sent_again_once_rec
     """A caller that lives on through a lost broker connection (a frozen container, a node's loss) must
     not leave its lock for the lease to end: an unlock (and a staging folder's discard) cut off by the
     loss waits for the connection and is sent again (here the first ones had run: the service no longer
-    knowing the token counts as released), and the next caller gets the lock at once."""
-    from twisted.internet import defer
+    knowing the token counts as released), even when its caller is cancelled meanwhile, and the next
+    caller gets the lock at once."""
+    from twisted.internet import defer, reactor, task
 
     service, first = await start(container, process_factory, tmp_path / "c")
     second = CacheClient(await client_process(container, "second"))
@@ -337,9 +338,18 @@ async def test_an_unlock_cut_off_by_the_broker_connection_is_sent_again_once_rec
     manager._connection_changed("lost", "the test")  # (both calls were in flight: they fail, 503)
     await first.lookup(KEY)  # (the embedded broker still delivers: the first two ran meanwhile)
     assert not unlocking.called and not discarding.called  # waiting for the connection, not failed
+    unlocking.cancel()  # (a cancelled fetch's clean-up: the release goes on)
+    assert isinstance(unlocking.result.value, defer.CancelledError)
+    unlocking.addErrback(lambda f: None)
     manager._connection_changed("restored", None)
-    await defer.DeferredList([unlocking, discarding], fireOnOneErrback=True, consumeErrors=True)
-    assert sent == ["unlock", "discard_staging", "lookup", "unlock", "discard_staging"]
+    await discarding
+    for _ in range(200):  # (the resend polls the connection every 0.1 s)
+        if sent.count("unlock") == 2:
+            break
+        await task.deferLater(reactor, 0.05, lambda: None)
+    await first.lookup(KEY)  # (after the resent unlock, on the same queue)
+    assert sent == ["unlock", "discard_staging", "lookup", "unlock", "discard_staging", "lookup"] or sent == [
+        "unlock", "discard_staging", "lookup", "discard_staging", "unlock", "lookup"], sent
     assert lock.token not in service._leases and not Path(staging).exists()
     granted = await second.lock(KEY, timeout=1)
     await second.unlock(granted)
@@ -369,3 +379,46 @@ async def test_a_resent_clean_up_raises_any_other_error(container, process_facto
         ConversationError(service.id, "", "the service stopped"))  # 503, not a cut-off: raised at once
     with pytest.raises(ConversationError):
         await cache.unlock(await CacheClient(cache.proc).lock(KEY, timeout=5))
+
+
+@pytest_twisted.ensureDeferred
+async def test_clean_ups_of_one_outage_wait_for_the_connection_once(container, process_factory, tmp_path,
+                                                                   monkeypatch):
+    """When the connection does not come back within CLEANUP_RECONNECT_WAIT, the clean-up fails (503,
+    naming the wait), and the next ones of that outage fail at once rather than each waiting again; after
+    a reconnection they wait again."""
+    from ion.core.exceptions import CONNECTION_LOST, ConversationError
+    from ion.services.cache import service as cache_service
+
+    monkeypatch.setattr(cache_service, "CLEANUP_RECONNECT_WAIT", 0.3)
+    waits = []
+    real_wait = cache_service.reconnected
+
+    def counted(*args, **kw):
+        waits.append(args)
+        return real_wait(*args, **kw)
+
+    monkeypatch.setattr(cache_service, "reconnected", counted)
+    svc, cache = await start(container, process_factory, tmp_path / "c")
+
+    def cut_off(op, content=None, **kw):
+        raise ConversationError(svc.id, "", f"{CONNECTION_LOST}: the test")
+
+    cache._call = cut_off
+    manager = container.exchange_manager
+    manager._connection_changed("lost", "the test")
+    try:
+        with pytest.raises(ConversationError, match="not reconnected to the broker within 0.3 s"):
+            await cache.discard_staging(tmp_path / "c" / "staging" / "x")
+        with pytest.raises(ConversationError, match=CONNECTION_LOST):  # at once: the call's own error
+            await cache.discard_staging(tmp_path / "c" / "staging" / "y")
+        assert len(waits) == 1
+    finally:
+        manager._connection_changed("restored", None)
+    manager._connection_changed("lost", "again")
+    try:
+        with pytest.raises(ConversationError, match="not reconnected"):  # a new outage: it waits again
+            await cache.discard_staging(tmp_path / "c" / "staging" / "z")
+        assert len(waits) == 2
+    finally:
+        manager._connection_changed("restored", None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -750,14 +751,24 @@ async def test_a_taken_over_job_is_cancelled_at_its_new_owner(container_factory:
     gate.callback(None)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_job_taken_over_while_its_owner_ran_keeps_what_the_owner_switched_in(container_factory: Any,
-                                                                                      make_repo: Any,
-                                                                                      tmp_path: Path) -> None:
-    """Another instance took the job over while this one still ran it (this one was judged gone: its broker
-    connection lost, not its process): when this one's deployment is then cancelled (as its service's drain
-    does), the item it switched in stays, committed (the new owner counts it as done and runs the rest),
-    not switched back; the record stays the new owner's; nothing is left pending."""
+@dataclass
+class _TakenOver:
+    """A job of notes and zlib whose zlib download is held, notes switched in (all or nothing), and
+    whose record another instance ("elsewhere") has since taken over, unknown to its owner yet."""
+
+    url: str
+    gate: defer.Deferred[None]
+    client: Any
+    events: Any
+    dest: Path
+    job: str
+    svc: Any
+    store: JobStore
+    taken: str
+    work: defer.Deferred[Any]
+
+
+async def _taken_over_while_running(container_factory: Any, make_repo: Any, tmp_path: Path) -> _TakenOver:
     url, server = make_repo("http")
     gate = server.hold(f"deps/{TGZ}")
     container, client = await _deploy_container(container_factory, tmp_path)
@@ -774,6 +785,20 @@ async def test_a_job_taken_over_while_its_owner_ran_keeps_what_the_owner_switche
     await store.save(job, record)
     taken = store.path(job).read_text()
     work = svc.jobs.jobs[job].deferred
+    return _TakenOver(url, gate, client, events, dest, job, svc, store, taken, work)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_taken_over_while_its_owner_ran_keeps_what_the_owner_switched_in(container_factory: Any,
+                                                                                      make_repo: Any,
+                                                                                      tmp_path: Path) -> None:
+    """Another instance took the job over while this one still ran it (this one was judged gone: its broker
+    connection lost, not its process): when this one's deployment is then cancelled (as its service's drain
+    does), the item it switched in stays, committed (the new owner counts it as done and runs the rest),
+    not switched back; the record stays the new owner's; nothing is left pending."""
+    t = await _taken_over_while_running(container_factory, make_repo, tmp_path)
+    url, gate, client, dest, job, svc, store, taken, work = (t.url, t.gate, t.client, t.dest, t.job, t.svc,
+                                                             t.store, t.taken, t.work)
     assert svc.jobs.cancel(job)
     await within(observe(work))
     gate.callback(None)
@@ -792,22 +817,9 @@ async def test_an_owner_that_finds_its_job_taken_over_cancels_the_rest_and_goes_
     """The owner's own takeover scan finds the new owner's record (no write of its own needed): it cancels
     the rest of its deployment on its own (the held item: the new owner runs it), keeps the item it switched
     in, publishes no more progress for the job and records no generation for it."""
-    url, server = make_repo("http")
-    gate = server.hold(f"deps/{TGZ}")
-    container, client = await _deploy_container(container_factory, tmp_path)
-    events = await scenario_support.event_sink(container)
-    dest = tmp_path / "dest"
-    job = await deploy_held(client, url, server, tmp_path, dest)
-    await events.wait(item_done(job, "linux/notes/1.0"))  # switched in, waiting for zlib (all or nothing)
-    svc = deploy_service(container)
-    await within(svc.jobs.flush())
-    store = JobStore(tmp_path / "cache" / "jobs")
-    record = json.loads(store.path(job).read_text())
-    taker = {"container": "elsewhere", "host": "other-host", "pid": 1, "process": "elsewhere.1"}
-    record.update(owner=taker, takeovers=[{"from": record["owner"], "by": taker, "at": 0.0}])
-    await store.save(job, record)
-    taken = store.path(job).read_text()
-    work = svc.jobs.jobs[job].deferred
+    t = await _taken_over_while_running(container_factory, make_repo, tmp_path)
+    url, gate, client, events, dest, job, svc, store, taken, work = (t.url, t.gate, t.client, t.events, t.dest,
+                                                                     t.job, t.svc, t.store, t.taken, t.work)
     assert not work.called
     assert await within(svc.jobs.scan()) == []  # its own job: not taken over, found superseded
     assert svc.jobs.superseded(job) and job not in svc.jobs.jobs

@@ -42,6 +42,28 @@ def _container(amqp_url: str, sysname: str, tmp_path: Path, name: str, **more: A
     return child
 
 
+async def _job_held_on_one_of(children: list[ContainerProcess], factory: Any, sysname: str, url: str, server: Any,
+                              tmp_path: Path) -> tuple[Any, Any, str, ContainerProcess, ContainerProcess]:
+    """Once both ``children`` run deploy.app: an async job of notes and zlib started from a container of
+    the test's own (``factory``), its zlib download held by ``server``, notes done. Returns the test's
+    DeployClient, its event sink, the job id, the child that owns the job and the other one."""
+    from ion.services.deploy.service import JOB_SEP, DeployClient
+    from ion.testing import client_process
+
+    for child in children:
+        await child.ready()
+        await child.wait_for("started app deploy")
+    container = await factory(sysname=sysname, config=system_config(tmp_path))
+    client = DeployClient(await client_process(container))
+    events = await scenario_support.event_sink(container)
+    job = await deploy_held(client, url, server, tmp_path, tmp_path / "dest")
+    await events.wait(item_done(job, "linux/notes/1.0"))
+    owner_id = job.split(JOB_SEP, 1)[0].rsplit(".", 1)[0]  # the job id names its instance's pid
+    [owner] = [c for c in children if c.container_id == owner_id]
+    [other] = [c for c in children if c is not owner]
+    return client, events, job, owner, other
+
+
 def item_done(job: str, label: str) -> Any:
     """Matches the Deploy service's own end-of-item event (it has a position)."""
     return lambda e: e.get("job") == job and e.get("item") == label and e.get("phase") in ("done", "failed") \
@@ -54,8 +76,7 @@ async def test_sigkill_of_the_container_running_a_job_the_other_finishes_it(amqp
     """SIGKILL the container running an async job mid-download: the other container takes the job over
     within seconds, fetches only the item not done, and job_status shows FINISHED with both items and the
     takeover (from the dead container, by the live one)."""
-    from ion.services.deploy.service import JOB_SEP, DeployClient
-    from ion.testing import ContainerFactory, client_process
+    from ion.testing import ContainerFactory
 
     url, server = make_repo("http")
     gate = server.hold(f"deps/{TGZ}")
@@ -66,19 +87,10 @@ async def test_sigkill_of_the_container_running_a_job_the_other_finishes_it(amqp
                 _container(amqp_url, sysname, tmp_path, "container B")]
     factory = ContainerFactory(broker_url=amqp_url)
     try:
-        for child in children:
-            await child.ready()
-            await child.wait_for("started app deploy")
-        container = await factory(sysname=sysname, config=system_config(tmp_path))
-        client = DeployClient(await client_process(container))
-        events = await scenario_support.event_sink(container)
-        job = await deploy_held(client, url, server, tmp_path, dest)
-        await events.wait(item_done(job, "linux/notes/1.0"))
+        client, events, job, victim, heir = await _job_held_on_one_of(children, factory, sysname, url, server,
+                                                                      tmp_path)
         running = await within(client.job_status(job))
         assert running["state"] == "PARTIAL", running
-        owner_id = job.split(JOB_SEP, 1)[0].rsplit(".", 1)[0]  # the job id names its instance's pid
-        [victim] = [c for c in children if c.container_id == owner_id]
-        [heir] = [c for c in children if c is not victim]
 
         victim.signal("KILL")
         killed_at = time.monotonic()
@@ -126,8 +138,7 @@ async def test_an_owner_frozen_until_the_broker_dropped_it_stops_its_job_once_th
     connection for missed heartbeats): the other container takes the job over; thawed, the owner
     reconnects, finds the takeover in the job record, cancels its rest of the job (no item of it ends
     there, not even as cancelled) and keeps what it had switched in; the heir finishes the job."""
-    from ion.services.deploy.service import JOB_SEP, DeployClient
-    from ion.testing import ContainerFactory, client_process
+    from ion.testing import ContainerFactory
 
     url, server = make_repo("http")
     gate = server.hold(f"deps/{TGZ}")
@@ -142,17 +153,9 @@ async def test_an_owner_frozen_until_the_broker_dropped_it_stops_its_job_once_th
                            **{"ion.services.cache.host_id": f"host-{x}"}) for x in "AB"]
     factory = ContainerFactory(broker_url=amqp_url)
     try:
-        for child in children:
-            await child.ready()
-            await child.wait_for("started app deploy")
-        container = await factory(sysname=sysname, config=system_config(tmp_path))
-        client = DeployClient(await client_process(container))
-        events = await scenario_support.event_sink(container)
-        job = await deploy_held(client, url, server, tmp_path, dest)
-        await events.wait(item_done(job, "linux/notes/1.0"))
-        owner_id = job.split(JOB_SEP, 1)[0].rsplit(".", 1)[0]
-        [owner] = [c for c in children if c.container_id == owner_id]
-        [heir] = [c for c in children if c is not owner]
+        client, events, job, owner, heir = await _job_held_on_one_of(children, factory, sysname, url, server,
+                                                                     tmp_path)
+        owner_id = owner.container_id
 
         record = JobStore(tmp_path / "cache" / "jobs").path(job)
         for _ in range(200):  # notes in the job's record (written just after its event)

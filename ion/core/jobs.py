@@ -59,9 +59,11 @@ work, unrecorded (the new owner runs every part not finished at its takeover);
 :meth:`JobTable.taken_over` (which reads the record) tells that work to keep
 what it did (the Deploy service's deployment then commits its switches instead
 of switching them back: the new owner counts the items finished there as done,
-and the service publishes no more progress for the job). A write that lands between a taker's claim and its first record is
-read by the taker (it reads the record after its claim) or replaced by that
-record; at worst the new owner runs a part again.
+and the service publishes no more progress for the job). A run is superseded by
+its number of takeovers: a job this table takes over again later is a new run.
+A write that lands between a taker's claim and its first record is read by the
+taker (it reads the record after its claim) or replaced by that record; at
+worst the new owner runs a part again.
 """
 
 from __future__ import annotations

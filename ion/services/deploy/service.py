@@ -546,7 +546,9 @@ class DeployService(ServiceProcess):
 
         def on_result(result: ItemResult) -> None:
             items.labels(result.state).inc()
-            if job is not None:
+            if job is not None and not self.jobs.superseded(job, takeovers):
+                # (A superseded run's parts are not the job's any more: this table may even run the
+                # job again, as a later takeover, whose record they must not reach.)
                 self.jobs.partial(job, _part(result), result.to_wire(), cancelled=result.cancelled)
 
         self.refuse_if_draining()

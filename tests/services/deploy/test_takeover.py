@@ -206,6 +206,7 @@ async def test_an_owner_frozen_until_the_broker_dropped_it_stops_its_job_once_th
         print(f"\njob taken over by {heir.name} {t_taken - t0:.2f} s after {owner.name} froze; thawed then, "
               f"it cancelled its part {t_quiet - t_taken:.2f} s later")
     except BaseException:
+        # On a failure, both containers' logs go to the report: a partition's races are read there.
         for child in children:
             print("LOG OF", child.name, child.container_id, "\n", child.output)
         raise

@@ -449,6 +449,33 @@ def test_index_links_of_common_servers() -> None:
         assert folders == ["docs"], page
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_big_index_page_is_parsed_in_the_pool_a_small_one_inline(make_repo: Any, pool: Any) -> None:
+    """A folder's index page bigger than INLINE_INDEX_BYTES is parsed in the blocking pool (HTMLParser
+    would hold the reactor ~70 ms per 2,000 entries); a small one on the reactor thread. Both list alike."""
+    from ion.services.fetch import repository as repository_module
+
+    files = {f"linux/many/1.0/f{i:04d}.txt": b"x" for i in range(400)}  # an index page of ~30 KB
+    files["linux/many/1.0/sub/one.txt"] = b"y"
+    url, _ = make_repo("http", files)
+    ran: list[str] = []
+
+    class Recording:
+        def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            ran.append(getattr(fn, "__name__", repr(fn)))
+            return pool.run(fn, *args, **kwargs)
+
+    repo = repository_for(url, Recording(), config=FAST)
+    try:
+        listed_files = await listed(repo, "linux", "many", "1.0")
+    finally:
+        await repo.close()
+    assert len(listed_files) == 401 and "sub/one.txt" in listed_files
+    # The version's page (~30 KB) in the pool; its sub-folder's page (one entry) inline.
+    assert ran.count("_parse_index_page") == 1, ran
+    assert repository_module.INLINE_INDEX_BYTES < 30_000
+
+
 # -- file ---------------------------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_file_marker_follows_changes(make_repo: Any, pool: Any) -> None:

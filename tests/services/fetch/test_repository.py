@@ -447,6 +447,10 @@ def test_index_links_of_common_servers() -> None:
         files, folders = parse_index_links(page, folder)
         assert sorted(files) == ["a b.txt", "zlib-1.1.tgz"], page
         assert folders == ["docs"], page
+    # A charset Python does not know (the Content-Type's word) is read as UTF-8, not an error.
+    from ion.services.fetch.repository import _parse_index_page
+
+    assert _parse_index_page(nginx.encode(), "x-no-such-charset", folder) == parse_index_links(nginx, folder)
 
 
 @pytest_twisted.ensureDeferred

@@ -331,10 +331,14 @@ class JobTable:
             return True  # this table took the job over again since: the asking run was superseded
         if job is None or self.store is None:
             return False
-        current = await self.store.load(job_id)
-        if current is None or not _taken_over_since(current, len(job.takeovers)):
+        return self._superseded_if_taken(job, await self.store.load(job_id))
+
+    def _superseded_if_taken(self, job: Job, record: Mapping[str, Any] | None) -> bool:
+        """Whether ``record`` (``job``'s, read back) shows a takeover since ``job`` began here; if so,
+        ``job`` is superseded (:meth:`_superseded`)."""
+        if record is None or not _taken_over_since(record, len(job.takeovers)):
             return False
-        self._superseded(job, current)
+        self._superseded(job, record)
         return True
 
     def flush(self) -> defer.Deferred[None]:
@@ -424,13 +428,9 @@ class JobTable:
         for job_id, mine in list(self.jobs.items()):
             if mine.done or mine.superseded:
                 continue
-            record = running[job_id] if job_id in running else await store.load(job_id)
-            if record is not None and _taken_over_since(record, len(mine.takeovers)):
-                self._superseded(mine, record)
+            self._superseded_if_taken(mine, running[job_id] if job_id in running else await store.load(job_id))
         for job_id, record in running.items():
-            if job_id in self.jobs:
-                continue
-            if not self._resumable(record):
+            if job_id in self.jobs or not self._resumable(record):
                 continue
             if await self._alive(record.get("owner") or {}):
                 continue

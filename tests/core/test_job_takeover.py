@@ -243,17 +243,22 @@ def test_a_lookup_while_this_table_is_taking_the_job_over_claims_nothing_more(tm
     assert world.on_disk(job_id)["owner"] == OWNERS["b"]
 
 
+def _owner_and_other(tmp_path: Path) -> tuple[World, JobTable, JobTable, str, Any, defer.Deferred[Any]]:
+    """A world (no grace) with tables "a" and "b", a job started by "a", its Job and work Deferred."""
+    world = World(tmp_path, grace=0)
+    owner, other = world.table("a"), world.table("b")
+    job_id = start_job(world, owner)
+    job = owner.jobs[job_id]
+    assert job.deferred is not None
+    return world, owner, other, job_id, job, job.deferred
+
+
 def test_an_owner_that_lost_its_job_to_a_takeover_stops_writing_its_record(tmp_path: Path) -> None:
     """An owner judged gone while it still ran (its broker connection lost, not its process): once another
     table took the job over, its writes leave the new owner's record as it is, it forgets the job (status
     and lookup answer that record), and its work is cancelled (the new owner runs every part not finished
     at its takeover), its end not written."""
-    world = World(tmp_path, grace=0)
-    owner, other = world.table("a"), world.table("b")
-    job_id = start_job(world, owner)
-    job = owner.jobs[job_id]
-    work = job.deferred
-    assert work is not None
+    world, owner, other, job_id, job, work = _owner_and_other(tmp_path)
     world.alive.discard("a")
     assert fired(other.scan()) == [job_id]
     world.alive.add("a")  # it ran all along
@@ -337,12 +342,7 @@ def test_taken_over_reads_the_record_itself(tmp_path: Path) -> None:
 def test_an_owner_finds_its_job_taken_over_in_its_own_scan(tmp_path: Path) -> None:
     """The owner need not write to find out: its scan reads the record, sees the takeover, forgets the job
     and cancels its work; a job of its own that nobody took over is left running."""
-    world = World(tmp_path, grace=0)
-    owner, other = world.table("a"), world.table("b")
-    job_id = start_job(world, owner)
-    job = owner.jobs[job_id]
-    work = job.deferred
-    assert work is not None
+    world, owner, other, job_id, job, work = _owner_and_other(tmp_path)
     assert fired(owner.scan()) == [] and job_id in owner.jobs and not work.called  # its own, not taken over
     world.alive.discard("a")
     taken_by_b = fired(other.scan())

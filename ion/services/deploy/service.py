@@ -67,7 +67,8 @@ also holds what is needed to resume it (``resume``: the request's items as
 validated, the source, the caller's broker user and the allowed-roots
 decision). Every instance scans the job records every ``takeover_interval``
 seconds (on the reactor, the reads in the pool); a job whose owner is judged
-gone on two scans is claimed by exactly one instance (an exclusive claim file
+gone on two scans ``takeover_grace`` seconds apart at least (default: the
+interval; a live owner whose broker node died must reconnect within it) is claimed by exactly one instance (an exclusive claim file
 beside the record), which deploys the items not yet in its results again
 (placement is idempotent: an item in place answers ``already``), under the
 same job id, so its ``deploy.progress`` events reach the same followers, and
@@ -200,7 +201,9 @@ class DeployService(ServiceProcess):
         self.jobs = JobTable(self.clock, self.settings.job_retention, store=self._job_store(),
                              owner=self.owner, owner_alive=self._owner_alive,
                              resume=self._resume_job if interval > 0 else None,
-                             max_takeovers=self.settings.max_takeovers, takeover_grace=interval)
+                             max_takeovers=self.settings.max_takeovers,
+                             takeover_grace=interval if self.settings.takeover_grace is None
+                             else self.settings.takeover_grace)
         self._takeover_scan: task.LoopingCall | None = None
         self.generations = GenerationStore(self._cache_root(), self.container.blocking,
                                            self.settings.keep_generations)

@@ -26,6 +26,10 @@ class DeploySettings(Settings):
     :ivar max_concurrent: requests the service handles at once.
     :ivar takeover_interval: seconds between two scans of the job records for jobs whose owner died
         (taken over by this instance); 0 or None: this instance takes no job over.
+    :ivar takeover_grace: seconds an owner must stay judged gone (on two scans that far apart at
+        least) before its jobs are taken over; None: ``takeover_interval``. A live owner whose
+        broker node died reconnects to another node within this, or loses its jobs (it then stops
+        its part): raise it where reconnections are slow.
     :ivar max_takeovers: takeovers an async job may have; its owner dying once more ends it REMOTE_ERROR.
     :ivar takeover_settle: seconds this container's connection to the broker must have been up before
         an owner whose process queue has no consumer counts as gone (None: ``reconnect_max`` of
@@ -44,6 +48,7 @@ class DeploySettings(Settings):
     job_dir: str | bool | None = None
     max_concurrent: int = 16
     takeover_interval: float | None = 2.0
+    takeover_grace: float | None = None
     max_takeovers: int = 3
     takeover_settle: float | None = None
     keep_generations: int = setting(3, positive=True)

@@ -206,6 +206,27 @@ async def job_ended(client: Any, job: str, polls: int = 500, every: float = 0.02
     return status
 
 
+def report_system(containers: list[Any], log_events: list[dict[str, Any]]) -> None:
+    """Print what a failed multi-container test needs read: every log event (all containers of this OS
+    process, each line with its time and namespace), every process's open conversations (those it
+    started, those it answers) and every thread's stack (a pool thread that waits for ever shows there)."""
+    import threading
+    import traceback
+
+    from twisted.logger import formatEvent
+
+    for event in log_events:
+        print(f"{event.get('log_time', 0):.3f} {event.get('log_namespace')}: {formatEvent(event)}")
+    for container in containers:
+        for pid, proc in container.proc_manager.processes.items():
+            table = proc.conversations
+            print(f"PROCESS {pid} {type(proc).__name__} {proc.state}: calls {list(table.initiated.values())}; "
+                  f"answering {[(c, r.state, r.request.get('op'), r.request.get('sender')) for c, r in table.responding.items()]}")
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        print(f"THREAD {names.get(ident, ident)}\n{''.join(traceback.format_stack(frame))}")
+
+
 class EventSink:
     """Collects the system's ``deploy.progress`` events; :meth:`wait` fires on the first that matches."""
 

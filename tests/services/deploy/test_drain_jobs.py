@@ -657,6 +657,16 @@ async def test_no_owner_counts_as_gone_until_our_own_connection_has_settled(cont
     assert await service._owner_is_alive(elsewhere) is False
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_takeover_grace_is_the_interval_unless_configured(container_factory: Any, tmp_path: Path) -> None:
+    """An owner must stay judged gone takeover_grace seconds before its jobs are claimed: by default one
+    takeover_interval; configured longer where a live owner's reconnection to another node is slow."""
+    default, _ = await _deploy_container(container_factory, tmp_path, takeover_interval=0.5)
+    assert deploy_service(default).jobs.takeover_grace == 0.5
+    longer, _ = await _deploy_container(container_factory, tmp_path, takeover_interval=0.5, takeover_grace=8)
+    assert deploy_service(longer).jobs.takeover_grace == 8.0
+
+
 async def _job_held_mid_way(client: Any, victim: Any, spec: Any, server: Any, events: Any) -> str:
     """Start ``spec`` as an async job on the Deploy instance ``victim``; fires with its id once its
     first item is done, its second download held and its record written."""

@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.amqp, pytest.mark.cluster]
 
 @pytest_twisted.ensureDeferred
 async def test_a_job_stays_with_its_owner_when_the_owners_node_dies(rabbitmq_cluster: Any, cluster_urls: list[str],
-                                                                    make_repo: Any, tmp_path: Path) -> None:
+                                                                    make_repo: Any, tmp_path: Path,
+                                                                    log_events: list[dict[str, Any]]) -> None:
     """The job's owner loses its node mid-job: it reconnects to another node, the other instance scans
     the job records all along and takes nothing over; the job ends under its owner, whole: the fetches
     whose calls were in flight failed ("connection to the broker lost") and were asked again once the
@@ -43,7 +44,11 @@ async def test_a_job_stays_with_its_owner_when_the_owners_node_dies(rabbitmq_clu
     (tmp_path / "repos").mkdir()
     dest = tmp_path / "dest"
     sysname = f"clusterjob{os.getpid()}"
-    config = {**system_config(tmp_path, takeover_interval=0.5), "ion.core.messaging": FAST_RECONNECT,
+    # The other instance scans every 0.5 s, but judges an owner gone only after 10 s without a consumer:
+    # the owner's reconnection to another node (its queues declared again) takes 0.5-1 s here, more
+    # on a loaded machine, and must not lose it its job (a takeover is test_takeover's subject).
+    config = {**system_config(tmp_path, takeover_interval=0.5, takeover_grace=10.0),
+              "ion.core.messaging": FAST_RECONNECT,
               "ion.core.process": {"terminate_timeout": 1}}
     # A cache lock granted over messages to a call cut off by the loss is freed once its lease runs out
     # (60 s by default): short here, so that the deployment run again does not wait a minute for it.
@@ -90,6 +95,11 @@ async def test_a_job_stays_with_its_owner_when_the_owners_node_dies(rabbitmq_clu
         assert (dest / "zlib" / "zlib" / "include" / "zlib.h").exists()
         await threads.deferToThread(cluster.restart_node, killed)
         killed = None
+    except BaseException:
+        # On a failure, the containers' logs, calls and threads go to the report: a node loss's races are read there.
+        print(f"STATUS {status!r}" if "status" in locals() else "NO STATUS")
+        scenario_support.report_system(factory.containers, log_events)
+        raise
     finally:
         await factory.teardown()
         if killed is not None:

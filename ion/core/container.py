@@ -11,6 +11,7 @@ can live in one OS process (tests do this); nothing here is global.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import secrets
@@ -339,6 +340,14 @@ class Container(LifecycleObject):
         if chosen is None:
             return "quorum" if len(self.broker_urls) > 1 else "classic"
         return chosen
+
+    @functools.cached_property
+    def confirms_service_requests(self) -> bool:
+        """Whether a request to a service queue is published with a publisher confirm: for quorum
+        service queues, whose leader may be in an election (its node died). RabbitMQ then refuses the
+        message (``basic.nack``), or drops it unseen if no confirm was asked for; a refused request is
+        sent again (:meth:`ion.core.process.Process.request`), never lost."""
+        return self.service_queue_type == "quorum"
 
     def shared_queue_options(self, arguments: Mapping[str, Any] | None = None) -> tuple[bool, dict[str, Any] | None]:
         """``(durable, arguments)`` to declare a shared queue (a service queue, the reaper election's)

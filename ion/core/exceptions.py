@@ -33,6 +33,7 @@ __all__ = [
     "MessageTooLargeError",
     "TransportError",
     "ConnectionLostError",
+    "MessageRefusedError",
     "ApplicationError",
     "RelayedError",
     "ReceivedError",
@@ -81,6 +82,12 @@ class TransportError(IonError):
 
 class ConnectionLostError(TransportError):
     """Raised for operations (and in-flight RPCs) cut off by a lost broker connection."""
+
+
+class MessageRefusedError(TransportError):
+    """The broker refused a published message (``basic.nack``): a quorum queue it was routed to has no
+    leader (an election after its leader's node died, a few seconds), or the queue failed. The message
+    was not taken; sent again later, it may be."""
 
 
 class ApplicationError(IonError):

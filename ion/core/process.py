@@ -62,6 +62,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import inspect
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -88,6 +89,7 @@ from ion.core.exceptions import (
     ConfigurationError,
     IllegalStateError,
     MessageError,
+    MessageRefusedError,
     MessageTooLargeError,
 )
 from ion.core.lifecycle import LifecycleObject, State, stop_in_reverse
@@ -115,6 +117,12 @@ _current_receiver: contextvars.ContextVar[Receiver | None] = contextvars.Context
 
 #: Characters of an error text kept in a log line or a cut error reply.
 LOG_TEXT_LIMIT = 2000
+#: A request the broker refused (``basic.nack``: its quorum service queue has no leader while one is
+#: elected) is sent again after this many seconds, doubled each time up to REFUSED_RESEND_MAX, for
+#: REFUSED_RESEND_FOR seconds at most (never past the call's timeout); then the call fails (503).
+REFUSED_RESEND_FIRST = 0.1
+REFUSED_RESEND_MAX = 1.0
+REFUSED_RESEND_FOR = 60.0
 
 
 def shorten(text: str, limit: int = LOG_TEXT_LIMIT) -> str:
@@ -1181,16 +1189,56 @@ class Process(LifecycleObject):
                         Performative.REQUEST, "OK", 200,
                         self._delegated_user(current), expiry, traceparent, current, headers, content)
         conv.traceparent = msg["traceparent"]
+        # No confirm for an rpc/request: the reply, or the timeout, confirms it; an unroutable one
+        # comes back (404) and one the broker refuses is reported (ExchangeManager) at once. Except to
+        # a quorum service queue: without a leader (an election after a node loss) RabbitMQ drops an
+        # unconfirmed message unseen, and the caller would wait out its whole timeout; confirmed, a
+        # refused request is sent again until a leader takes it (_refused).
+        confirm = None
+        if protocol in _REQUEST_PROTOCOLS:
+            confirm = container.confirms_service_requests and target.startswith(container.sysname + ".")
         try:
-            # No confirm for an rpc/request: the reply, or the timeout, confirms it; an unroutable
-            # one comes back (404) and one the broker refuses is reported (ExchangeManager) at once.
-            d = self._publish_now(msg, True, False if protocol in _REQUEST_PROTOCOLS else None, expiration)
+            d = self._publish_now(msg, True, confirm, expiration)
         except MessageError as exc:
             conv.event("error", reason=str(exc), code=413 if isinstance(exc, MessageTooLargeError) else 400)
             return conv
         if d is not None and not (d.called and d.result is None):  # (None: the embedded broker took it)
-            d.addErrback(lambda f: conv.event("error", reason=f"{NOT_SENT}: {f.getErrorMessage()}"))
+            if confirm:
+                d.addErrback(self._refused, conv, msg, expiration, self.clock.seconds(), REFUSED_RESEND_FIRST)
+            else:
+                d.addErrback(lambda f: conv.event("error", reason=f"{NOT_SENT}: {f.getErrorMessage()}"))
         return conv
+
+    def _refused(self, f: Failure, conv: Conversation, msg: dict[str, Any], expiration: str | None,
+                 first: float, delay: float) -> None:
+        """A request to a quorum service queue failed to send: refused by the broker (its queue has no
+        leader yet), it is sent again in ``delay`` seconds while its call waits (REFUSED_RESEND_FOR s
+        at most since the ``first`` refusal); anything else fails the call (503, not sent)."""
+        now = self.clock.seconds()
+        deadline = conv.deadline if conv.deadline is not None else math.inf
+        if conv.final:
+            return None  # (timed out, cancelled or failed meanwhile)
+        if not f.check(MessageRefusedError) or now - first + delay > REFUSED_RESEND_FOR or now + delay >= deadline:
+            conv.event("error", reason=f"{NOT_SENT}: {f.getErrorMessage()}")
+            return None
+        if delay == REFUSED_RESEND_FIRST:
+            self._log.info("{pid}: {op!r} to {receiver} refused by the broker ({e}); sending it again until "
+                           "its queue takes it", pid=self.id, op=conv.op, receiver=conv.receiver,
+                           e=f.getErrorMessage())
+
+        def again() -> None:
+            if conv.final:
+                return
+            try:
+                d = self._publish_now(msg, True, True, expiration)
+            except MessageError as exc:  # (it was sent once: cannot happen; fail it all the same)
+                conv.event("error", reason=str(exc), code=400)
+                return
+            if d is not None:
+                d.addErrback(self._refused, conv, msg, expiration, first, min(delay * 2, REFUSED_RESEND_MAX))
+
+        self.clock.callLater(delay, again)
+        return None
 
     def rpc_send(self, receiver: str, op: str, content: Any = None, headers: Mapping[str, Any] | None = None,
                  timeout: float | None = None, *, trusted: bool = False) -> defer.Deferred[RpcResult]:

@@ -249,6 +249,44 @@ async def test_requests_waiting_in_a_quorum_queue_survive_its_leader(rabbitmq_cl
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_call_sent_just_after_the_queues_leader_died_is_answered(rabbitmq_cluster: Any,
+                                                                        cluster_urls: list[str]) -> None:
+    """The node leading the quorum service queue dies; a caller on another node whose channel never sent to
+    that queue calls at once, while the queue elects a new leader. RabbitMQ (3.10) refuses every message
+    such a channel sends it (basic.nack) from then on, or drops them unseen without a confirm: the call
+    would wait out its whole timeout. The request goes with a confirm, the refusal moves publishing to a
+    new channel and the request is sent again: the instance on the third node answers it."""
+    cluster = rabbitmq_cluster
+    vhost = vhost_of(cluster_urls[0])
+    CounterService.executions = []
+    factory = ContainerFactory(broker_url=cluster_urls)
+    queue = f"{SYSNAME}.counter"
+    killed: int | None = None
+    try:
+        leader = await factory(sysname=SYSNAME, broker_url=rotated(cluster_urls, 0), config=container_config())
+        await leader.spawn(CounterService)  # declares the queue through node 0, which then leads it
+        assert queue_leader(cluster, vhost, queue) == cluster.nodes[0].nodename
+        other = await factory(sysname=SYSNAME, broker_url=rotated(cluster_urls, 1), config=container_config())
+        await other.spawn(CounterService)
+        caller = await factory(sysname=SYSNAME, broker_url=rotated(cluster_urls, 2), config=container_config())
+        proc = await client_process(caller)
+        killed = 0
+        cluster.kill_node(0)
+        started = time.monotonic()
+        calls = [proc.rpc_send("counter", "count", {"n": n}, timeout=RPC_TIMEOUT).addCallback(lambda r: r[0])
+                 for n in range(5)]
+        results = await defer.gatherResults(calls, consumeErrors=True).addTimeout(RPC_TIMEOUT, reactor)
+        assert results == list(range(5))
+        print(f"\nfive calls sent as the leader's node died answered in {time.monotonic() - started:.2f} s")
+        await restart(cluster, 0)
+        killed = None
+    finally:
+        await factory.teardown()
+        if killed is not None:
+            await restart(cluster, killed)
+
+
+@pytest_twisted.ensureDeferred
 async def test_reaper_election_survives_the_node_of_its_queue(rabbitmq_cluster: Any, cluster_urls: list[str],
                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two Cache service instances (nodes 1 and 2) elect a reaper through the single-active-consumer

@@ -546,3 +546,81 @@ def test_a_message_the_broker_refused_fails_its_call_at_once(system: ClockedSyst
                            "property set to 'x' but authenticated user was 'y'")
     system.pump()
     assert client.conversations.late_messages == 1
+
+
+def _refusing(system: ClockedSystem, monkeypatch: pytest.MonkeyPatch,
+              failures: list[BaseException]) -> list[tuple[str, bool | None, float]]:
+    """Service queues of quorum type (requests to them ask for a confirm); the transport fails the
+    next publishes with ``failures`` (then takes them). Returns what was sent: (key, confirm, time)."""
+    container = system.container
+    monkeypatch.setattr(container, "confirms_service_requests", True, raising=False)
+    transport = container.transport
+    real_publish = transport.publish_now
+    sent: list[tuple[str, bool | None, float]] = []
+
+    def publish_now(exchange: str, routing_key: str, body: bytes, properties: Any, *, mandatory: bool = False,
+                    confirm: bool | None = None) -> Any:
+        sent.append((routing_key, confirm, system.clock.seconds()))
+        if failures and routing_key.startswith("clocked."):
+            return defer.fail(failures.pop(0))
+        return real_publish(exchange, routing_key, body, properties, mandatory=mandatory, confirm=confirm)
+
+    monkeypatch.setattr(transport, "publish_now", publish_now)
+    return sent
+
+
+def test_a_request_the_broker_refused_is_sent_again_until_its_quorum_queue_takes_it(
+        system: ClockedSystem, monkeypatch: pytest.MonkeyPatch, log_events: list[dict[str, Any]]) -> None:
+    """A request to a quorum service queue goes with a confirm; refused (basic.nack: the queue elects a new
+    leader) it is sent again 0.1 s later, then 0.2 s ...: the call is answered, once; its reply asks for
+    no confirm (the caller's own queue is not a quorum queue)."""
+    from ion.core.exceptions import MessageRefusedError
+
+    svc, client = _echo_and_client(system)
+    sent = _refusing(system, monkeypatch, [MessageRefusedError("refused (basic.nack)") for _ in range(2)])
+    d = client.rpc_send("echo", "echo", "hi", timeout=30)
+    system.pump()
+    no_result(d)
+    system.advance(0.1)
+    no_result(d)
+    system.advance(0.2)
+    content, _ = success_of(d)
+    assert content == "hi"
+    assert [(key, confirm) for key, confirm, _ in sent] == [("clocked.echo", True)] * 3 + [(client.backend_name, False)]
+    assert [round(at, 3) for _, _, at in sent[:3]] == [0.0, 0.1, 0.3]
+    assert len([e for e in log_events if "refused by the broker" in str(e.get("log_format"))]) == 1
+    system.advance(10)
+    assert client.conversations.late_messages == 0 and len(client.conversations) == 0
+
+
+def test_a_request_refused_for_good_fails_and_other_send_errors_fail_at_once(
+        system: ClockedSystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sending again stops when the next try would come past the call's timeout, or after 60 s of
+    refusals: the call fails then (503, could not send, with the broker's refusal) rather than wait out
+    its timeout; any other failure to send fails the call at once (503)."""
+    from ion.core.exceptions import MessageRefusedError
+    from ion.core.process import REFUSED_RESEND_FOR
+
+    _svc, client = _echo_and_client(system)
+    sent = _refusing(system, monkeypatch, [MessageRefusedError("refused (basic.nack)") for _ in range(1000)])
+    short = client.rpc_send("echo", "echo", 1, timeout=2)
+    system.advance(1.5, step=0.05)
+    no_result(short)
+    system.advance(0.5, step=0.05)
+    err = failure_of(short, ConversationError)
+    assert err.response_code == 503 and not isinstance(err, ConversationTimeout)
+    long = client.rpc_send("echo", "echo", 2, timeout=600)
+    system.advance(REFUSED_RESEND_FOR + 2, step=0.5)
+    err = failure_of(long, ConversationError)
+    assert err.response_code == 503 and err.message.startswith("could not send: refused (basic.nack)")
+    requests = [at for key, _, at in sent if key == "clocked.echo"]
+    assert len(requests) < 100  # (sent again once a second at most, after the first few)
+    system.advance(30, step=1)
+    assert [at for key, _, at in sent if key == "clocked.echo"] == requests  # nothing sent for them any more
+    sent.clear()
+    monkeypatch.setattr(system.container, "confirms_service_requests", True, raising=False)
+    failures = _refusing(system, monkeypatch, [TransportError("channel closed")])
+    other = client.rpc_send("echo", "echo", 3, timeout=600)
+    system.pump()
+    err = failure_of(other, ConversationError)
+    assert err.response_code == 503 and err.message == "could not send: channel closed" and len(failures) == 1

@@ -79,7 +79,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ion.core.exceptions import ConfigurationError, ConnectionLostError, TransportError
+from ion.core.exceptions import ConfigurationError, ConnectionLostError, MessageRefusedError, TransportError
 from ion.core.messaging.transport import (
     BrokerURL,
     ConsumeCallback,
@@ -104,6 +104,9 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Unconfirmed publishes on the publish channel between two checks (a ``basic.qos`` round trip)
 #: that the broker took them; only those since the last check are reported refused if it closes.
 FENCE_EVERY = 256
+#: Seconds a confirm channel the broker refused a message on is kept open (for its other messages'
+#: confirms) after publishing moved to a new one (see ``_ChannelSlot.retire``).
+RETIRED_CHANNEL_CLOSE = 30.0
 #: What the connection hands pika at a time of a bigger read from the broker: runs of whole
 #: frames of about this many bytes (see ``_Connection._feed_in_runs``).
 FEED_BYTES = 4096
@@ -378,6 +381,20 @@ class _ChannelSlot:
     def reset(self) -> None:
         """Forget the channel (the connection it belonged to is gone)."""
         self.channel = None
+
+    def retire(self, ch: TwistedChannel, after: float) -> None:
+        """Publish on a new channel from now on; ``ch`` is closed ``after`` seconds (its pending
+        confirms arrive meanwhile). For a channel the broker nacked a message on: RabbitMQ (3.10)
+        keeps, per channel and quorum queue, the leader it first saw; a channel whose first publish
+        to a queue came while that queue's leader node was down is refused (basic.nack) for good,
+        or, without a confirm, its messages are dropped unseen. A new channel sees the new leader."""
+        number = ch.channel_number
+        if self.channel is not ch:
+            return  # retired already (another of its messages was refused)
+        self.channel = None
+        self.transport._log.info("the broker refused a message on {slot} channel {n}: publishing on a new channel",
+                                 slot=self.name, n=number)
+        self.transport.clock.callLater(after, AmqpTransport._close_channel, ch)
 
 
 class _SentLog:
@@ -1294,13 +1311,24 @@ class AmqpTransport(Transport):
         slot = self._publisher if (self.confirm if confirm is None else confirm) else self._fast
         check = self._exchange_exists(exchange)
         ch = slot.current()
+        send = self._send if slot is self._fast else self._send_confirmed
         if check is None and ch is not None:
-            d = self._send(ch, exchange, routing_key, body, pika_props, mandatory)
+            d = send(ch, exchange, routing_key, body, pika_props, mandatory)
         else:
             d = check if check is not None else defer.succeed(None)
             d.addCallback(lambda _: slot.get())
-            d.addCallback(self._send, exchange, routing_key, body, pika_props, mandatory)
+            d.addCallback(send, exchange, routing_key, body, pika_props, mandatory)
         return d.addCallbacks(lambda _: None, self._publish_failed)
+
+    def _send_confirmed(self, ch: TwistedChannel, exchange: str, routing_key: str, body: bytes,
+                        props: pika.BasicProperties, mandatory: bool) -> defer.Deferred[Any]:
+        """:meth:`_send` on the confirm channel ``ch``, retired if the broker refuses the message."""
+        def refused(f: Failure) -> Failure:
+            if f.check(pika_exc.NackError):
+                self._publisher.retire(ch, RETIRED_CHANNEL_CLOSE)
+            return f
+
+        return self._send(ch, exchange, routing_key, body, props, mandatory).addErrback(refused)
 
     def publish_now(self, exchange: str, routing_key: str, body: bytes, properties: Properties,
                     *, mandatory: bool = False, confirm: bool | None = None) -> defer.Deferred[None] | None:
@@ -1368,7 +1396,7 @@ class AmqpTransport(Transport):
         if f.check(pika_exc.UnroutableError):
             return None  # a mandatory message nobody took: reported through the return callbacks
         if f.check(pika_exc.NackError):
-            return Failure(TransportError("the broker refused the message (basic.nack)"))
+            return Failure(MessageRefusedError("the broker refused the message (basic.nack)"))
         return self._map_error(f)
 
     # -- consuming --------------------------------------------------------------------------------

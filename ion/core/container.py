@@ -346,7 +346,7 @@ class Container(LifecycleObject):
         """Whether a request to a service queue is published with a publisher confirm: for quorum
         service queues, whose leader may be in an election (its node died). RabbitMQ then refuses the
         message (``basic.nack``), or drops it unseen if no confirm was asked for; a refused request is
-        sent again (:meth:`ion.core.process.Process.request`), never lost."""
+        sent again (``Process._refused``), never lost."""
         return self.service_queue_type == "quorum"
 
     def shared_queue_options(self, arguments: Mapping[str, Any] | None = None) -> tuple[bool, dict[str, Any] | None]:

@@ -1213,7 +1213,7 @@ class Process(LifecycleObject):
                  first: float, delay: float) -> None:
         """A request to a quorum service queue failed to send: refused by the broker (its queue has no
         leader yet), it is sent again in ``delay`` seconds while its call waits (REFUSED_RESEND_FOR s
-        at most since the ``first`` refusal); anything else fails the call (503, not sent)."""
+        at most since it was ``first`` sent); anything else fails the call (503, not sent)."""
         now = self.clock.seconds()
         deadline = conv.deadline if conv.deadline is not None else math.inf
         if conv.final:

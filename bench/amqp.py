@@ -7,13 +7,15 @@ Measures, in one run and on the same broker:
   process (``twistd -n cc --no-shell --broker URL -s bench res/apps/hello.app``),
   with the shipped settings (publisher confirms on), and again with
   ``ion.core.messaging: publisher_confirms`` off in both containers
-  (``--confirms`` chooses). Requests and replies never ask for a confirm
-  (the reply is the confirmation); the setting only decides for one-way
+  (``--confirms`` chooses). Requests and replies ask for no confirm
+  (the reply is the confirmation; except with a quorum service queue); the setting only decides for one-way
   sends and events (the agents' heartbeats), so the two rows differ by little.
   **ioncore, quorum queue** is the shipped row with the service queue a
   quorum queue (``ion.core.messaging: service_queue_type quorum``, system
   ``benchq``): on one node the cost of its Raft log, on a cluster (``--url``
-  of a node) also of its replication;
+  of a node) also of its replication, and of the confirm its requests ask
+  for (a request to a quorum service queue is confirmed: see
+  docs/operations.md, "Publisher confirms");
 * **raw pika** -- the smallest RPC echo written directly on pika's Twisted
   adapter: a server in another OS process consumes one queue (manual ack,
   the same prefetch window as ioncore's receivers) and publishes each reply

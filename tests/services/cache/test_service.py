@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
 from ion.core.apps.appfile import load_app_file
 from ion.core.config import resource_root
@@ -198,6 +199,8 @@ def test_a_cancelled_lock_wait_stops_waiting_at_the_service(clocked, tmp_path):
     waiting.cancel()
     clocked.pump()
     assert not service.in_flight
+    with pytest.raises(defer.CancelledError):  # (the caller's own Deferred: failed, and handled here)
+        clocked.result(waiting)
     clocked.result(holder.unlock(held))
     clocked.advance(2)
     assert not service._leases and not Path(held.path).exists()
@@ -323,8 +326,6 @@ async def test_an_unlock_cut_off_by_the_broker_connection_is_sent_again_once_rec
     loss waits for the connection and is sent again (here the first ones had run: the service no longer
     knowing the token counts as released), even when its caller is cancelled meanwhile, and the next
     caller gets the lock at once."""
-    from twisted.internet import defer
-
     service, first = await start(container, process_factory, tmp_path / "c")
     second = CacheClient(await client_process(container, "second"))
     lock = await first.lock(KEY, timeout=5)
@@ -387,16 +388,13 @@ async def test_a_resent_clean_up_raises_any_other_error(container, process_facto
         await cache.unlock(await CacheClient(cache.proc).lock(KEY, timeout=5))
 
 
-@pytest_twisted.ensureDeferred
-async def test_clean_ups_of_one_outage_wait_for_the_connection_once(container, process_factory, tmp_path,
-                                                                   monkeypatch):
+def test_clean_ups_of_one_outage_wait_for_the_connection_once(clocked, tmp_path, monkeypatch):
     """When the connection does not come back within CLEANUP_RECONNECT_WAIT, the clean-up fails (503,
     naming the wait), and the next ones of that outage fail at once rather than each waiting again; after
     a reconnection they wait again."""
     from ion.core.exceptions import CONNECTION_LOST, ConversationError
     from ion.services.cache import service as cache_service
 
-    monkeypatch.setattr(cache_service, "CLEANUP_RECONNECT_WAIT", 0.3)
     waits = []
     real_wait = cache_service.reconnected
 
@@ -405,26 +403,35 @@ async def test_clean_ups_of_one_outage_wait_for_the_connection_once(container, p
         return real_wait(*args, **kw)
 
     monkeypatch.setattr(cache_service, "reconnected", counted)
-    svc, cache = await start(container, process_factory, tmp_path / "c")
+    clocked.container.blocking = SyncPool()
+    svc = clocked.spawn(CacheService, {"root": str(tmp_path / "c"), "host_id": "h", "lock_timeout": 600})
+    cache = CacheClient(clocked.spawn(Process))
 
     def cut_off(op, content=None, **kw):
         raise ConversationError(svc.id, "", f"{CONNECTION_LOST}: the test")
 
     cache._call = cut_off
-    manager = container.exchange_manager
+    manager = clocked.container.exchange_manager
+    wait = cache_service.CLEANUP_RECONNECT_WAIT
     manager._connection_changed("lost", "the test")
     try:
-        with pytest.raises(ConversationError, match="not reconnected to the broker within 0.3 s"):
-            await cache.discard_staging(tmp_path / "c" / "staging" / "x")
+        first = cache.discard_staging(tmp_path / "c" / "staging" / "x")
+        clocked.advance(wait - 1, step=0.1)  # (the wait looks at the connection every 0.1 s)
+        assert not first.called  # waiting for the connection
+        clocked.advance(1.5, step=0.1)
+        with pytest.raises(ConversationError, match=f"not reconnected to the broker within {wait:g} s"):
+            clocked.result(first)
         with pytest.raises(ConversationError, match=CONNECTION_LOST):  # at once: the call's own error
-            await cache.discard_staging(tmp_path / "c" / "staging" / "y")
+            clocked.result(cache.discard_staging(tmp_path / "c" / "staging" / "y"))
         assert len(waits) == 1
     finally:
         manager._connection_changed("restored", None)
     manager._connection_changed("lost", "again")
     try:
+        again = cache.discard_staging(tmp_path / "c" / "staging" / "z")
+        clocked.advance(wait + 0.5, step=0.1)
         with pytest.raises(ConversationError, match="not reconnected"):  # a new outage: it waits again
-            await cache.discard_staging(tmp_path / "c" / "staging" / "z")
+            clocked.result(again)
         assert len(waits) == 2
     finally:
         manager._connection_changed("restored", None)

@@ -69,8 +69,9 @@ decision). Every instance scans the job records every ``takeover_interval``
 seconds (on the reactor, the reads in the pool); a job whose owner is judged
 gone on two scans ``takeover_grace`` seconds apart at least (default: the
 interval; a live owner whose broker node died must reconnect within it) is
-claimed by exactly one instance (an exclusive claim file beside the record), which deploys the items not yet in its results again
-(placement is idempotent: an item in place answers ``already``), under the
+claimed by exactly one instance (an exclusive claim file beside the record),
+which deploys the items not yet in its results again (placement is
+idempotent: an item in place answers ``already``), under the
 same job id, so its ``deploy.progress`` events reach the same followers, and
 ``job_status`` lists its ``takeovers``. ``job_status`` asked of a job whose
 owner is gone takes it over the same way. The instance checks the items

@@ -12,7 +12,6 @@ from __future__ import annotations
 import configparser
 import datetime
 import hashlib
-import io
 import os
 import re
 from collections.abc import Mapping
@@ -310,10 +309,14 @@ class EntryInfo:
 
     # -- the .entry file ---------------------------------------------------------------
     def render(self) -> str:
-        """The text of this entry's ``.entry`` file."""
-        cp = configparser.RawConfigParser(interpolation=None)
-        cp.optionxform = str  # type: ignore[assignment,method-assign]
-        cp["entry"] = {
+        """The text of this entry's ``.entry`` file.
+
+        The layout is ``configparser``'s (``RawConfigParser.write``, ``" = "`` between
+        key and value, a value's newlines continued by a tab), written here directly:
+        a publish renders one per entry, and building a ``RawConfigParser`` for it
+        cost more than the rest of the rendering (tests compare the two texts).
+        """
+        entry = {
             "repo_id": self.key.repo_id, "platform": self.key.platform, "name": self.key.name,
             "version": self.key.version, "unpack": "true" if self.key.unpack else "false",
             "fetched_at": _iso(self.fetched_at), "config_version": str(self.config_version),
@@ -321,17 +324,16 @@ class EntryInfo:
             "url": self.url or "",
         }
         if self.content_mtime_ns is not None:
-            cp["entry"]["content_mtime_ns"] = str(self.content_mtime_ns)
+            entry["content_mtime_ns"] = str(self.content_mtime_ns)
+        out = ["# ion cache entry: written last, by atomic rename; an entry without it is incomplete.\n"]
+        _ini_section(out, "entry", entry)
         for rel in sorted(self.files):
             meta = self.files[rel]
-            cp["file " + _q(rel)] = {"size": str(meta.size), "sha256": meta.sha256,
-                                     "remote_checksum": meta.remote_checksum or ""}
+            _ini_section(out, "file " + _q(rel), {"size": str(meta.size), "sha256": meta.sha256,
+                                                  "remote_checksum": meta.remote_checksum or ""})
         for rel in sorted(self.links):
-            cp["link " + _q(rel)] = {"target": _q(self.links[rel])}
-        out = io.StringIO()
-        out.write("# ion cache entry: written last, by atomic rename; an entry without it is incomplete.\n")
-        cp.write(out)
-        return out.getvalue()
+            _ini_section(out, "link " + _q(rel), {"target": _q(self.links[rel])})
+        return "".join(out)
 
     @classmethod
     def parse(cls, text: str, key: EntryKey, path: Path, last_used: float = 0.0) -> EntryInfo:
@@ -419,6 +421,14 @@ def _read_ini(text: str) -> dict[str, dict[str, str]] | None:
             return None
         current[key] = line[cut + 1:].strip()
     return sections
+
+
+def _ini_section(out: list[str], name: str, items: Mapping[str, str]) -> None:
+    """One section as ``RawConfigParser.write`` writes it (``space_around_delimiters``)."""
+    out.append(f"[{name}]\n")
+    for key, value in items.items():
+        out.append(f"{key} = {value.replace(chr(10), chr(10) + chr(9))}\n")
+    out.append("\n")
 
 
 def _q(text: str) -> str:

@@ -834,7 +834,16 @@ def _same(previous: dict[str, Any], record: dict[str, Any]) -> bool:
 
 
 def _manifest_bytes(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, indent=1, sort_keys=True).encode("utf-8")
+    """A manifest's bytes: one line of JSON, keys sorted.
+
+    Written two or three times per placed item; ``json`` encodes with its C encoder
+    only when no ``indent`` is asked (the Python one cost ~12 % of a deploy of
+    many small items). Readers parse JSON; the layout is not part of the format.
+    """
+    return _MANIFEST_ENCODER.encode(record).encode("utf-8") + b"\n"
+
+
+_MANIFEST_ENCODER = json.JSONEncoder(sort_keys=True, separators=(", ", ": "))
 
 
 def _write_manifest(records: SafeDir, manifest: Path, record: dict[str, Any]) -> None:

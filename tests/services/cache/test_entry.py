@@ -77,3 +77,47 @@ def test_the_fast_reader_never_disagrees_with_configparser(lines: list[str]) -> 
     fast = _read_ini(text)
     if fast is not None:
         assert fast == _configparser_sections(text)
+
+
+def _configparser_render(info: EntryInfo) -> str:
+    """The ``.entry`` text as ``RawConfigParser`` writes it: what ``render`` must give, byte for byte."""
+    import io
+
+    from ion.services.cache.entry import _iso, _q
+
+    cp = configparser.RawConfigParser(interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp["entry"] = {
+        "repo_id": info.key.repo_id, "platform": info.key.platform, "name": info.key.name,
+        "version": info.key.version, "unpack": "true" if info.key.unpack else "false",
+        "fetched_at": _iso(info.fetched_at), "config_version": str(info.config_version),
+        "files": str(len(info.files)), "links": str(len(info.links)), "url": info.url or "",
+    }
+    if info.content_mtime_ns is not None:
+        cp["entry"]["content_mtime_ns"] = str(info.content_mtime_ns)
+    for rel in sorted(info.files):
+        meta = info.files[rel]
+        cp["file " + _q(rel)] = {"size": str(meta.size), "sha256": meta.sha256,
+                                 "remote_checksum": meta.remote_checksum or ""}
+    for rel in sorted(info.links):
+        cp["link " + _q(rel)] = {"target": _q(info.links[rel])}
+    out = io.StringIO()
+    out.write("# ion cache entry: written last, by atomic rename; an entry without it is incomplete.\n")
+    cp.write(out)
+    return out.getvalue()
+
+
+_NAME = st.text(alphabet="ab /=:;#[]%\t\nä", min_size=1, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(files=st.dictionaries(_NAME, st.tuples(st.integers(0, 2**40), st.one_of(st.none(), _NAME)), max_size=4),
+       links=st.dictionaries(_NAME, _NAME, max_size=3),
+       url=st.one_of(st.none(), st.text(alphabet="ab:/\n\t =", max_size=12)),
+       mtime=st.one_of(st.none(), st.integers(0, 2**62)))
+def test_render_writes_what_configparser_writes(files: dict[str, tuple[int, str | None]], links: dict[str, str],
+                                                 url: str | None, mtime: int | None) -> None:
+    info = EntryInfo(key=KEY, path=Path("/c/e"), links=links, fetched_at=1_700_000_000.25, url=url,
+                     files={rel: FileMeta(size, remote, "3" * 64) for rel, (size, remote) in files.items()},
+                     content_mtime_ns=mtime)
+    assert info.render() == _configparser_render(info)

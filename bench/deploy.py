@@ -43,6 +43,11 @@ Measures, in one run, and prints side by side (issue 5, "Speed and memory"):
   ``max_pool_connections=jobs``, ``list_objects_v2`` + ``get_object``) for
   S3, ``http.client`` keep-alive connections (one per thread; the index
   page's links followed) for HTTP. Target: <= 1.2x the floor, each.
+  Beside it, in the notes, a **durable floor**: the same script taking each
+  item through the file steps of ion's cache and placement with plain ``os``
+  calls (lock file, staging folder, sha256, rename into the entry, ``.entry``,
+  three fsyncs, the record and the links at the destination; see
+  ``SMALL_FLOOR_SCRIPT``): the least any cache with those guarantees does.
   ``--only small`` runs just these rows.
 * **rpc** -- the cold deployment in this process: the in-process path of
   ``ion-deploy`` (``cli._run_local``: Cache, Fetcher, Deployer on the reactor)
@@ -139,8 +144,15 @@ print(json.dumps({"download_s": t2 - t1, "total_s": t2 - t0}))
 # The small-files floors: the same listings and GETs as ion-deploy, in a ThreadPoolExecutor(jobs), the
 # files written under each item's destination. S3: boto3, one client with a pool of jobs connections;
 # HTTP: http.client, one keep-alive connection per thread. Prints {"total_s": ...}.
+# With "cache" in the spec (the *durable* floor), each item goes through the file steps of ion's cache and
+# placement instead, with plain os calls: a lock file, a staging folder, the files written there and
+# hashed (sha256), the folder renamed into its entry, a `.entry` written by temporary file and rename, three
+# fsyncs (the entry's parent folder, `.entry`, the entry folder: what a publish fsyncs; file contents
+# are not, as ion's default), the lock removed; then at the destination a records folder, a record
+# written by temporary file and rename, and a symlink per top-level name switched in by rename. No
+# checks, no reads back, no Python layer of ion's: what any cache with those guarantees must do.
 SMALL_FLOOR_SCRIPT = r"""
-import json, os, re, sys, threading, time
+import hashlib, json, os, re, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote, urljoin, urlsplit
 t0 = time.perf_counter()
@@ -162,9 +174,10 @@ if spec["kind"] == "s3":
                 return [(k, prefix + k) for k in keys]
             token = page["NextContinuationToken"]
     def get(source, dest):
-        body = client.get_object(Bucket=spec["bucket"], Key=source)["Body"]
+        data = client.get_object(Bucket=spec["bucket"], Key=source)["Body"].read()
         with open(dest, "wb") as f:
-            f.write(body.read())
+            f.write(data)
+        return data
 else:
     import http.client
     base = urlsplit(spec["url"])
@@ -195,21 +208,63 @@ else:
         data = request(source)
         with open(dest, "wb") as f:
             f.write(data)
+        return data
+cache = spec.get("cache")
+def fetch_to(rel, source, root):
+    path = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = get(source, path)
+    return rel, len(data), hashlib.sha256(data).hexdigest()
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+def durable(prefix, dest, fetch_all):
+    parent = os.path.join(cache, prefix.strip("/").replace("/", "_"))
+    os.makedirs(parent, exist_ok=True)
+    lock = os.path.join(parent, "1.0.lock")
+    fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, b"holder %d %.3f" % (os.getpid(), time.time()))
+    os.close(fd)
+    staging = os.path.join(cache, ".staging", os.urandom(8).hex())
+    os.mkdir(staging)
+    files = fetch_all(staging)
+    entry = os.path.join(parent, "1.0")
+    os.rename(staging, entry)
+    fsync_dir(parent)
+    with open(os.path.join(entry, ".entry.tmp"), "w") as f:
+        f.write("\n".join(f"[file {rel}]\nsize = {size}\nsha256 = {digest}\n" for rel, size, digest in files))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(os.path.join(entry, ".entry.tmp"), os.path.join(entry, ".entry"))
+    fsync_dir(entry)
+    os.unlink(lock)
+    records = os.path.join(dest, ".ion-deploy")
+    os.makedirs(records)
+    names = sorted({rel.split("/")[0] for rel, _, _ in files})
+    with open(os.path.join(records, ".record.tmp"), "w") as f:
+        f.write(json.dumps({"entry": entry, "names": names, "version": "1.0"}))
+    os.rename(os.path.join(records, ".record.tmp"), os.path.join(records, "linux.record.json"))
+    for name in names:
+        os.symlink(os.path.join(entry, name), os.path.join(dest, f".{name}.new"))
+        os.rename(os.path.join(dest, f".{name}.new"), os.path.join(dest, name))
 def one(task):
     prefix, dest = task
+    if cache:
+        return durable(prefix, dest, lambda root: [fetch_to(rel, source, root) for rel, source in listing(prefix)])
     for rel, source in listing(prefix):
-        path = os.path.join(dest, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        get(source, path)
+        fetch_to(rel, source, dest)
 def folder(prefix, dest, pool):
     files = listing(prefix)
-    def fetch(item):
-        rel, source = item
-        path = os.path.join(dest, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        get(source, path)
-    list(pool.map(fetch, files))
+    if cache:
+        durable(prefix, dest, lambda root: list(pool.map(lambda f: fetch_to(*f, root), files)))
+    else:
+        list(pool.map(lambda f: fetch_to(*f, dest), files))
     return len(files)
+if cache:
+    os.makedirs(os.path.join(cache, ".staging"))
 with ThreadPoolExecutor(jobs) as pool:
     if spec["folder"]:
         n = folder(*spec["tasks"][0], pool)
@@ -628,25 +683,30 @@ class Bench:
                   f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
             urls = {"s3": self.url, "http": f"http://127.0.0.1:{port}/repo"}
             shapes = {"items": names, "folder": ["smallfolder"]}
-            runs: dict[str, dict[str, list[float]]] = {f"{k} {s}": {"ion": [], "floor": [], "ion_cpu": [],
-                                                                    "floor_cpu": []} for k in urls for s in shapes}
+            runs: dict[str, dict[str, list[float]]] = {
+                f"{k} {s}": {"ion": [], "floor": [], "durable": [], "ion_cpu": [], "floor_cpu": [],
+                             "durable_cpu": []} for k in urls for s in shapes}
             for _ in range(a.repeat_cold):
                 for kind, url in urls.items():
                     for shape, items in shapes.items():
                         key = f"{kind} {shape}"
-                        run = self.fresh(f"small-{kind}-{shape}-floor")
-                        tasks = [[f"linux/{name}/1.0/", str(run / "dest" / name)] for name in items]
-                        if kind == "s3":
-                            tasks = [[f"repo/{prefix}", dest] for prefix, dest in tasks]
-                        spec = run / "spec.json"
-                        spec.write_text(json.dumps({"kind": kind, "jobs": a.jobs, "bucket": self.bucket, "url": url,
-                                                    "folder": shape == "folder", "tasks": tasks}))
-                        r = run_child([sys.executable, "-c", SMALL_FLOOR_SCRIPT, str(spec)], self.env, cwd=self.tmp)
-                        if r["rc"] != 0:
-                            raise RuntimeError(f"small floor ({key}) failed: {r['err'][-2000:]}")
-                        runs[key]["floor"].append(r["wall"])
-                        runs[key]["floor_cpu"].append(r["cpu"])
-                        done.append(run)
+                        for floor in ("floor", "durable"):
+                            run = self.fresh(f"small-{kind}-{shape}-{floor}")
+                            tasks = [[f"linux/{name}/1.0/", str(run / "dest" / name)] for name in items]
+                            if kind == "s3":
+                                tasks = [[f"repo/{prefix}", dest] for prefix, dest in tasks]
+                            spec = run / "spec.json"
+                            spec.write_text(json.dumps({
+                                "kind": kind, "jobs": a.jobs, "bucket": self.bucket, "url": url,
+                                "folder": shape == "folder", "tasks": tasks,
+                                "cache": str(run / "cache") if floor == "durable" else None}))
+                            r = run_child([sys.executable, "-c", SMALL_FLOOR_SCRIPT, str(spec)], self.env,
+                                          cwd=self.tmp)
+                            if r["rc"] != 0:
+                                raise RuntimeError(f"small {floor} floor ({key}) failed: {r['err'][-2000:]}")
+                            runs[key][floor].append(r["wall"])
+                            runs[key][f"{floor}_cpu"].append(r["cpu"])
+                            done.append(run)
                         run = self.fresh(f"small-{kind}-{shape}-ion")
                         deployment = deployment_file(run / "deploy.json", url, [
                             item(name, run / "dest" / name, unpack=False) for name in items])
@@ -676,7 +736,10 @@ class Bench:
             self.row(f"small {kind}: {what}, jobs {a.jobs}", f"{ion_s:.2f} s", f"{floor_s:.2f} s ({client})", "-",
                      f"{ratio:.2f}x floor", f"<= {SMALL_RATIO_TARGET}x floor", ratio <= SMALL_RATIO_TARGET)
             self.notes.append(f"small {kind} {shape}: CPU (user+sys) of the process: ion-deploy "
-                              f"{median(r['ion_cpu']):.2f} s, floor {median(r['floor_cpu']):.2f} s")
+                              f"{median(r['ion_cpu']):.2f} s, floor {median(r['floor_cpu']):.2f} s; durable floor "
+                              f"{median(r['durable']):.2f} s wall = {median(r['durable']) / floor_s:.2f}x the floor "
+                              f"(ion-deploy {ion_s / median(r['durable']):.2f}x it), "
+                              f"{median(r['durable_cpu']):.2f} s CPU")
         self.figures["small"] = runs
 
     def rpc(self) -> None:

@@ -92,12 +92,42 @@ def _fresh_pool() -> str:
 _pool = _fresh_pool()
 _pool_at = 0
 
+#: Length of a version-00 ``traceparent``.
+_TRACEPARENT_LEN: Final = 55
+
+
+#: Random bytes -> hex characters (a byte's low four bits), for :func:`_fresh_traceparents`.
+_HEX_OF_BYTE: Final = bytes(b"0123456789abcdef"[b & 15] for b in range(256))
+#: ``traceparent`` s made ahead at a time.
+_TRACEPARENTS_AHEAD: Final = 512
+
+
+def _fresh_traceparents() -> str:
+    """The ``traceparent`` s of new traces (flags 00) made ahead, back to back: a new trace on the
+    message path (:func:`continue_trace`) is then one slice, not two slices and a formatted string
+    (~1,000 instead of ~2,900 instructions). Made in C: random bytes turned into hex characters, then
+    the fixed characters (``00-``, the dashes, ``-00``) written in by strided slices; drawn again if an
+    id is all zeros (about never)."""
+    n = _TRACEPARENTS_AHEAD
+    while True:
+        buf = bytearray(os.urandom(_TRACEPARENT_LEN * n).translate(_HEX_OF_BYTE))
+        for at, char in ((0, b"0"), (1, b"0"), (2, b"-"), (35, b"-"), (52, b"-"), (53, b"0"), (54, b"0")):
+            buf[at::_TRACEPARENT_LEN] = char * n
+        text = buf.decode("ascii")
+        if f"-{_ZERO_TRACE}-" not in text and f"-{_ZERO_SPAN}-" not in text:
+            return text
+
+
+_traceparents = _fresh_traceparents()
+_traceparents_at = 0
+
 
 def _fresh_pool_in_child() -> None:
     """After ``fork``: the child draws ids of its own (else its next trace and span ids would be
     the parent's next ones, one trace id for two processes' unrelated calls)."""
-    global _pool, _pool_at
+    global _pool, _pool_at, _traceparents, _traceparents_at
     _pool, _pool_at = _fresh_pool(), 0
+    _traceparents, _traceparents_at = _fresh_traceparents(), 0
 
 
 os.register_at_fork(after_in_child=_fresh_pool_in_child)
@@ -196,7 +226,7 @@ def continue_trace(parent: Mapping[str, Any] | None) -> str:
     leave every collector a "missing parent" gap). While an SDK records spans, the parent id is
     the SERVER span's of the request being handled (:data:`current_span`). (Flat on purpose:
     every message built takes this path.)"""
-    global _pool, _pool_at
+    global _traceparents, _traceparents_at
     if parent is not None:
         tp = parent.get("traceparent")
         if type(tp) is str and len(tp) == 55:
@@ -205,12 +235,13 @@ def continue_trace(parent: Mapping[str, Any] | None) -> str:
                 if span is not None:
                     return span_traceparent(span)
             return tp
-    at = _pool_at
-    if at + 48 > _POOL_CHARS:
-        _pool = _fresh_pool()
-        at = 0
-    _pool_at = at + 48
-    return f"00-{_pool[at:at + 32]}-{_pool[at + 32:at + 48]}-00"
+    at = _traceparents_at
+    end = at + 55  # (_TRACEPARENT_LEN)
+    if end > len(_traceparents):
+        _traceparents = _fresh_traceparents()
+        at, end = 0, 55
+    _traceparents_at = end
+    return _traceparents[at:end]
 
 
 def ensure(msg: dict[str, Any]) -> None:

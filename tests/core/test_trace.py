@@ -131,6 +131,36 @@ def test_a_forked_child_draws_ids_of_its_own() -> None:
     assert child != trace.new_traceparent()  # the parent's next trace is not the child's
 
 
+def test_new_traces_made_ahead_are_valid_fresh_and_drawn_again() -> None:
+    """The traceparents of new traces, made ahead in a batch: each valid (version 00, flags 00, no zero
+    id), none repeated, also past the end of a batch (a new one is drawn); a batch with an all-zero id
+    is never used."""
+    made = [trace.continue_trace(None) for _ in range(3 * trace._TRACEPARENTS_AHEAD + 7)]
+    assert len(set(made)) == len(made)
+    assert all(trace.parse(tp) is not None and tp.startswith("00-") and tp.endswith("-00") for tp in made)
+    assert len({tp[3:35] for tp in made}) == len(made)  # a new trace id each time
+    batch = trace._fresh_traceparents()
+    assert len(batch) == trace._TRACEPARENTS_AHEAD * 55
+    assert all(trace.parse(batch[at:at + 55]) is not None for at in range(0, len(batch), 55))
+
+
+def test_a_batch_of_new_traces_with_a_zero_id_is_drawn_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    urandom = trace.os.urandom
+    draws = [bytes(55 * trace._TRACEPARENTS_AHEAD)]  # all zeros: every id of the batch is zero
+    monkeypatch.setattr(trace.os, "urandom", lambda n: draws.pop() if draws else urandom(n))
+    batch = trace._fresh_traceparents()
+    assert not draws  # the zero batch was drawn, and not used
+    assert all(trace.parse(batch[at:at + 55]) is not None for at in range(0, len(batch), 55))
+
+
+def test_a_forked_child_starts_traces_of_its_own() -> None:
+    """A forked child's next new trace (of a message sent outside any op) is not the parent's next one."""
+    trace.continue_trace(None)  # the parent's batch is in use
+    child = in_forked_child(lambda: trace.continue_trace(None))
+    assert trace.parse(child) is not None
+    assert child != trace.continue_trace(None)
+
+
 def test_build_outside_any_op_starts_a_new_trace_each_time() -> None:
     one = wire.build(sender="s", receiver="r", op="op", content=None, conv_id="s#1")
     two = wire.build(sender="s", receiver="r", op="op", content=None, conv_id="s#2")

@@ -470,6 +470,12 @@ def test_resolve_scopes_bare_names_to_the_system(system: ClockedSystem) -> None:
     proc = system.spawn(Process)
     assert proc.resolve("hello") == "clocked.hello"
     assert proc.resolve(proc.id) == proc.id
+    # Made once per name and kept (a bounded number of names): the same string each time.
+    assert proc.resolve("hello") is proc.resolve("hello")
+    for i in range(1100):
+        assert proc.resolve(f"svc{i}") == f"clocked.svc{i}"
+    assert len(proc._resolved) == 1000
+    assert proc.resolve("svc1099") == "clocked.svc1099"  # (past the bound: made anew, still right)
 
 
 def test_one_off_send_keeps_no_conversation(system: ClockedSystem) -> None:

@@ -486,6 +486,26 @@ def test_events_after_the_end_change_nothing() -> None:
     assert conv.state == "DONE" and not clock.getDelayedCalls()
 
 
+def test_emptied_timeouts_are_kept_for_the_next_call_and_dropped_by_the_timer() -> None:
+    """A timeout's set of waiting calls is kept when its last call ends (the next call with it needs
+    one), a few at most: a caller with a new timeout per call does not grow the table; the timer drops
+    those still empty when it fires, and then is not armed again; the calls still time out."""
+    clock = task.Clock()
+    table = ConversationTable(_FakeProcess(), clock)
+    for i in range(50):  # a new timeout per call
+        conv = table.start(Protocol.RPC, "x.y", "op", 10 + i / 100)
+        conv.event(Performative.INFORM_RESULT, {"content": i})
+    assert len(table) == 0
+    assert 0 < len(table._waiting) <= 9 and not any(table._waiting.values())
+    clock.advance(11)  # the timer, armed by the first call, fires for nothing
+    assert table._waiting == {} and not clock.getDelayedCalls()
+    # A call after that, with one of those timeouts, is timed out as ever.
+    late = table.start(Protocol.RPC, "x.y", "op", 10)
+    clock.advance(10)
+    failure_of(late.deferred, ConversationTimeout)
+    assert len(table) == 0 and table._waiting == {} and not clock.getDelayedCalls()
+
+
 def test_fail_all_ends_every_open_conversation() -> None:
     """fail_all errs every open conversation with ConversationError and empties the table."""
     table = ConversationTable(_FakeProcess(), task.Clock())

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(slots=True)
 class Properties:
     """AMQP basic properties the container uses.
 

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from ion.core.exceptions import ConversationTimeout
+from ion.core.messaging import memory
 from ion.core.messaging import message as wire
 from ion.core.process import Process
 from ion.testing import ClockedCluster, ClockedSystem
@@ -41,8 +42,8 @@ def test_a_request_whose_caller_gave_up_is_never_run_by_the_next_instance() -> N
     cluster.pump()
     waiting = cluster.broker.queues["sys.echo"].messages
     assert len(waiting) == 1  # nobody consumes the service queue
-    assert waiting[0].properties.expiration == "15000"
-    request = wire.decode(waiting[0].body)
+    assert waiting[0][memory._PROPERTIES].expiration == "15000"  # (a queued message is a list, see memory._Message)
+    request = wire.decode(waiting[0][memory._BODY])
     assert time.time() < request["expiry"] <= time.time() + 15
     cluster.advance(15)
     failure_of(d, ConversationTimeout)
@@ -74,7 +75,7 @@ def test_request_protocol_carries_the_deadline_too() -> None:
     cluster, caller = _cluster()
     d = caller.request("echo", "agreeable", 1, timeout=2)
     cluster.pump()
-    assert cluster.broker.queues["sys.echo"].messages[0].properties.expiration == "2000"
+    assert cluster.broker.queues["sys.echo"].messages[0][memory._PROPERTIES].expiration == "2000"
     cluster.advance(2)
     failure_of(d, ConversationTimeout)
     svc = cluster.spawn_in(cluster.start_container("second"), EchoService)

@@ -25,7 +25,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, TypeAlias
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -40,18 +40,12 @@ __all__ = ["MemoryBroker", "MemoryTransport"]
 _log = Logger()
 
 
-class _Message:
-    __slots__ = ("body", "properties", "exchange", "routing_key", "redelivered", "expires_at")
-
-    def __init__(self, body: bytes, properties: Properties, exchange: str, routing_key: str,
-                 expires_at: float | None = None) -> None:
-        self.body = body
-        self.properties = properties
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self.redelivered = False
-        #: Reactor time from which it is discarded instead of delivered (its ``expiration``).
-        self.expires_at = expires_at
+#: A message in a queue: ``[body, properties, exchange, routing key, redelivered, expires_at]``, read and
+#: written by the indices below; ``expires_at``: the reactor time from which it is discarded instead of
+#: delivered (its ``expiration``), or None. A list, not an instance: every message published makes one,
+#: and a list costs a fifth of the instructions of a class's ``__init__`` (~470 against ~2,200).
+_Message: TypeAlias = list[Any]
+_BODY, _PROPERTIES, _EXCHANGE, _ROUTING_KEY, _REDELIVERED, _EXPIRES_AT = range(6)
 
 
 #: expiration -> TTL in seconds, for the few distinct expirations publishers use.
@@ -259,7 +253,8 @@ class MemoryBroker:
         messages = queue.messages
         while messages:
             msg = messages[0]
-            if msg.expires_at is not None and self.reactor.seconds() >= msg.expires_at:
+            expires_at = msg[_EXPIRES_AT]
+            if expires_at is not None and self.reactor.seconds() >= expires_at:
                 # Expired at the head (as RabbitMQ drops them): also when nobody consumes the queue,
                 # so what waits there for an absent consumer is bounded by its publishers' TTLs.
                 messages.popleft()
@@ -281,8 +276,8 @@ class MemoryBroker:
     def _expire(self, queue: _Queue, msg: _Message) -> None:
         self.expired += 1
         _log.debug("embedded broker: discarded a message on {queue} whose expiration ({ms} ms) passed "
-                   "(correlation id {cid})", queue=queue.name, ms=msg.properties.expiration,
-                   cid=msg.properties.correlation_id)
+                   "(correlation id {cid})", queue=queue.name, ms=msg[_PROPERTIES].expiration,
+                   cid=msg[_PROPERTIES].correlation_id)
 
     def _deliver(self, consumer: _Consumer, tag: int, msg: _Message) -> None:
         pending = consumer.pending
@@ -298,9 +293,9 @@ class MemoryBroker:
             settle = partial(self._settle, consumer, tag)  # (ack, requeue)
         # Each delivery gets its own properties, as if decoded from the wire: the message's own
         # (copied from the publisher's, one per queue) the first time, a copy after a requeue.
-        redelivered = msg.redelivered
-        delivery = Delivery(msg.body, _copy_properties(msg.properties) if redelivered else msg.properties,
-                            msg.exchange, msg.routing_key, redelivered, settle)
+        body, properties, exchange, routing_key, redelivered, _expires_at = msg
+        delivery = Delivery(body, _copy_properties(properties) if redelivered else properties,
+                            exchange, routing_key, redelivered, settle)
         consumer.callback(delivery)
 
     def _settle(self, consumer: _Consumer, tag: int, ack: bool, requeue: bool) -> None:
@@ -314,7 +309,7 @@ class MemoryBroker:
             consumer.transport._draining.discard(consumer)
         queue = consumer.queue
         if not ack and requeue and self._live(queue):
-            msg.redelivered = True
+            msg[_REDELIVERED] = True
             queue.messages.appendleft(msg)
         if queue.messages:  # (a slot is free: the next waiting message, if any, goes out)
             self._dispatch(queue)
@@ -354,15 +349,15 @@ class MemoryBroker:
             shared = True
             if ttl == "0":
                 # Handed at once to a consumer with room, else never (nor after a requeue).
-                msg = _Message(body, properties, exchange, routing_key)
+                msg = [body, properties, exchange, routing_key, False, None]
                 queue.messages.append(msg)
                 self._dispatch(queue)
-                msg.expires_at = expires_at
+                msg[_EXPIRES_AT] = expires_at
                 if queue.messages and queue.messages[-1] is msg:
                     queue.messages.pop()
                     self._expire(queue, msg)
                 continue
-            msg = _Message(body, properties, exchange, routing_key, expires_at)
+            msg = [body, properties, exchange, routing_key, False, expires_at]
             consumers = queue.consumers
             if not queue.messages and len(consumers) == 1:
                 # The common case, inline: nothing waits and one consumer; straight to it if it has room.
@@ -615,7 +610,7 @@ class MemoryTransport(Transport):
             consumer.cancelled = True
             for tag, msg in consumer.unacked.items():
                 if tag not in consumer.pending:
-                    msg.redelivered = True
+                    msg[_REDELIVERED] = True
                 returned.append((tag, consumer, msg))
             consumer.unacked.clear()
             consumer.pending.clear()

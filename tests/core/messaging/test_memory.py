@@ -11,7 +11,7 @@ from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
 from ion.core.exceptions import TransportError
-from ion.core.messaging.memory import MemoryBroker, MemoryTransport
+from ion.core.messaging.memory import _BODY, MemoryBroker, MemoryTransport  # (a queued message is a list)
 from ion.core.messaging.transport import Delivery, Properties, Transport
 
 from .contract import Collector, TransportContract, TransportFactory
@@ -132,7 +132,7 @@ class ClockedBrokerTests(SynchronousTestCase):
         self.assertEqual(len(self.broker.queues["q"].messages), 2)
         self.clock.advance(0.001)
         self.successResultOf(self.conn.publish("x", "k", b"plain", Properties()))
-        self.assertEqual([m.body for m in self.broker.queues["q"].messages], [b"long", b"plain"])
+        self.assertEqual([m[_BODY] for m in self.broker.queues["q"].messages], [b"long", b"plain"])
         self.assertEqual(self.broker.expired, 1)
         got = Collector()
         self.successResultOf(self.conn.consume("q", got, prefetch=10))
@@ -347,7 +347,7 @@ def test_brokers_do_not_share_state() -> None:
     sync.successResultOf(c2.publish("x", "k", b"only on two", Properties()))
     clock.advance(0)
     assert got.bodies == []
-    assert [m.body for m in two.queues["q"].messages] == [b"only on two"]
+    assert [m[_BODY] for m in two.queues["q"].messages] == [b"only on two"]
 
 
 def test_transport_is_a_memory_transport(broker: MemoryBroker) -> None:

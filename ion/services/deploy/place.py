@@ -837,8 +837,9 @@ def _manifest_bytes(record: dict[str, Any]) -> bytes:
     """A manifest's bytes: one line of JSON, keys sorted.
 
     Written two or three times per placed item; ``json`` encodes with its C encoder
-    only when no ``indent`` is asked (the Python one cost ~12 % of a deploy of
-    many small items). Readers parse JSON; the layout is not part of the format.
+    only when no ``indent`` is asked (its Python one held the GIL for ~11 % of a
+    deploy of 1,000 small items). Readers parse JSON; the layout is not part of the
+    format.
     """
     return _MANIFEST_ENCODER.encode(record).encode("utf-8") + b"\n"
 

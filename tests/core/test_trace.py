@@ -153,6 +153,29 @@ def test_a_batch_of_new_traces_with_a_zero_id_is_drawn_again(monkeypatch: pytest
     assert all(trace.parse(batch[at:at + 55]) is not None for at in range(0, len(batch), 55))
 
 
+def test_ensure_knows_the_traces_started_here_and_checks_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A traceparent this process started is taken without the regular expression (it is valid by
+    construction); any other is checked in full, unhashable and malformed ones included; the set of
+    those started is bounded."""
+    started = trace.continue_trace(None)
+    checked: list[str] = []
+    real = trace._TRACEPARENT_00
+    monkeypatch.setattr(trace, "_TRACEPARENT_00", lambda tp: checked.append(tp) or real(tp))
+    mine = {"traceparent": started, "tracestate": "rojo=1"}
+    trace.ensure(mine)
+    assert mine == {"traceparent": started, "tracestate": "rojo=1"} and checked == []
+    theirs = {"traceparent": TP}
+    trace.ensure(theirs)
+    assert theirs == {"traceparent": TP} and checked == [TP]
+    for bad in (["not", "hashable"], "00-" + "0" * 32 + "-" + "1" * 16 + "-00", started.upper()):
+        msg = {"traceparent": bad, "tracestate": "rojo=1"}
+        trace.ensure(msg)
+        assert msg["traceparent"] != bad and trace.parse(msg["traceparent"]) and "tracestate" not in msg
+    for _ in range(trace._STARTED_MAX + 10):
+        trace.continue_trace(None)
+    assert 0 < len(trace._started) <= trace._STARTED_MAX
+
+
 def test_a_forked_child_starts_traces_of_its_own() -> None:
     """A forked child's next new trace (of a message sent outside any op) is not the parent's next one."""
     trace.continue_trace(None)  # the parent's batch is in use

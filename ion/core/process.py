@@ -718,8 +718,7 @@ class Process(LifecycleObject):
         """A config value: spawnargs first, then the module's config section."""
         if key in self.spawnargs:
             return self.spawnargs[key]
-        # (self.config, without the property's call: an op may read its settings per request)
-        return self.container.config.for_module(type(self).__module__).get(key, default)
+        return self.config.get(key, default)
 
     def bounded_config(self, key: str, narrow: Narrow, default: Any = None) -> Any:
         """A security bound (allowed roots, limits): the container's own setting of ``key``

@@ -341,7 +341,8 @@ class ConversationTable:
         #: timeout -> {conv-id: conversation} of those waiting with that timeout, oldest first: in
         #: deadline order, as the clock only moves on (an idle timeout re-arms at the end). A timeout's
         #: dict is kept when it empties, for the next call with it (up to _KEEP_EMPTY of them), and
-        #: dropped by the timer if still empty when it fires.
+        #: dropped by the timer if still empty when it fires (after ``fail_all`` cancels the timer, the
+        #: few empty ones stay until the next call's timer fires).
         self._waiting: dict[float, dict[str, Conversation]] = {}
         #: The one timer of the table, armed for ``_timer_at`` (no earlier deadline waits); left armed
         #: when the last call ends (it then fires once for nothing, at most a timeout later), cancelled

@@ -679,7 +679,7 @@ class Process(LifecycleObject):
         self._m_received: dict[str, Any] = {}
         self._m_sent: dict[str, Any] = {}
         self._m_served: dict[str, Any] = {}
-        #: name -> routing key (:meth:`resolve`): one string per name, made once, whose hash the broker's
+        #: bare service name -> routing key (:meth:`resolve`): one string per name, made once, whose hash the broker's
         #: routing and the call metrics then find cached instead of a new string per call.
         self._resolved: dict[str, str] = {}
         #: op -> how it is called (:func:`_op_entry`): the class's table, read without a call per request.
@@ -768,9 +768,11 @@ class Process(LifecycleObject):
 
     def resolve(self, name: str) -> str:
         """The routing key for a name: a bare service name is scoped to the system."""
+        if "." in name:  # (a pid or a scoped name: itself)
+            return name
         target = self._resolved.get(name)
         if target is None:
-            target = name if "." in name else f"{self.sysname}.{name}"
+            target = f"{self.sysname}.{name}"
             if len(self._resolved) < 1000:  # (a caller may name anything: bounded)
                 self._resolved[name] = target
         return target

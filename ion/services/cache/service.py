@@ -463,10 +463,13 @@ class CacheService(ServiceProcess):
         files = c.get("files")
         if not isinstance(files, Mapping):
             raise InvalidKeyError("publish: files must be a dict of path -> {size, remote_checksum, sha256}")
+        url = c.get("url")
+        if url is not None and not isinstance(url, str):
+            raise InvalidKeyError(f"publish: url must be a string, not {type(url).__name__}")
         lease.busy += 1
         try:
             info = await self.cache.publish(lease.lock.key, str(c.get("staging", "")), files, lock=lease.lock,
-                                            url=c.get("url"))
+                                            url=url)
         finally:
             lease.busy -= 1
             if lease.call is None and self._leases.get(lease.lock.id) is lease:

@@ -107,6 +107,12 @@ async def test_errors_come_back_as_cache_errors(container, process_factory, tmp_
         assert "undeclared" in str(err) and err.code == 422
     else:
         raise AssertionError("undeclared file published")
+    try:  # (a message's url is written into .entry: a string or nothing)
+        await cache.publish(lock, staging, {}, url=12345)
+    except InvalidKeyError as err:
+        assert "url must be a string" in str(err) and err.code == 400
+    else:
+        raise AssertionError("a publish with a url that is no string accepted")
     try:
         await cache._call("lookup", {"key": {"platform": "linux"}})
     except InvalidKeyError as err:

@@ -1161,7 +1161,7 @@ class Process(LifecycleObject):
                trusted: bool = False) -> Conversation:
         # on_agree, handler, trusted: see ConversationTable.start
         container = self.container
-        target = self._resolved.get(receiver) or self.resolve(receiver)
+        target = self.resolve(receiver)
         deadlock = None
         if _current_receiver.get() is not None:  # called from an op: it may be calling itself
             target, deadlock = self._route_around_self(target)

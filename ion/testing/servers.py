@@ -377,6 +377,7 @@ class _FaultyRoot(resource.Resource):
         method = request.method.decode("ascii")
         rel = unquote(request.path.decode("ascii", "replace")).lstrip("/")
         owner.requests.append((method, rel))
+        owner.cookies_sent.append((rel, (request.getHeader("cookie") or None)))
         owner._notify()
         path = owner.root / rel
         is_file = bool(rel) and path.is_file()
@@ -456,6 +457,7 @@ class HTTPRepositoryServer:
     :ivar content_md5: ``True``: send the right ``Content-MD5`` with every file; a dict
         ``{relative path: base64 md5}``: send those values (wrong ones, for a test); None: never.
     :ivar headers: ``{relative path: {header: value}}`` added to those responses.
+    :ivar cookies_sent: ``(relative path, Cookie header or None)`` of every request, in order.
     :ivar connections: TCP connections accepted so far.
     """
 
@@ -474,6 +476,7 @@ class HTTPRepositoryServer:
         self._waiters: list[tuple[str, str | None, int, defer.Deferred[None]]] = []
         self.content_md5: bool | dict[str, str] | None = None
         self.headers: dict[str, dict[str, str]] = {}
+        self.cookies_sent: list[tuple[str, str | None]] = []
         self._port: Any = None
         self._site: Any = None
         self.connections = 0

@@ -458,6 +458,24 @@ def test_index_links_of_common_servers() -> None:
     assert _parse_index_page(nginx.encode(), "x-no-such-charset", folder) == parse_index_links(nginx, folder)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_cookie_a_server_sets_goes_with_the_next_requests(make_repo: Any, pool: Any, tmp_path: Path) -> None:
+    """Cookies are kept as treq keeps them: none is sent before a server sets one, and one set by
+    a response (here an index page's) goes with every later request to that server."""
+    url, server = make_repo("http", {"linux/zlib/1.10/zlib-1.10.tgz": b"z", "linux/c/1.0/c.bin": b"c"})
+    server.headers["deps/linux/zlib/1.10/"] = {"Set-Cookie": "session=abc; Path=/"}
+    repo = repository_for(url, pool, config=FAST)
+    try:
+        (f,) = await repo.list_version("linux", "zlib", "1.10")
+        assert (await repo.download(f, tmp_path / "z.tgz")).size == 1
+        await repo.list_version("linux", "c", "1.0")
+    finally:
+        await repo.close()
+    assert server.cookies_sent[0] == ("deps/linux/zlib/1.10/", None)
+    assert [cookie for _, cookie in server.cookies_sent[1:]] == ["session=abc"] * (len(server.requests) - 1)
+    assert ("GET", "deps/linux/zlib/1.10/zlib-1.10.tgz") in server.requests and len(server.requests) >= 3
+
+
 class _HTMLParserLinks(HTMLParser):
     """The reference: the ``href`` of each ``a`` tag as the standard library's HTML parser reads it."""
 

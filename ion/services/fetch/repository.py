@@ -1127,6 +1127,9 @@ def _http_retryable(f: Failure) -> str | None:
 class _BodyReceiver(protocol.Protocol):
     """Receives a response body into a :class:`_PoolWriter`, aborting a body that stalls."""
 
+    #: The reasons a body ends whole: ``ResponseDone``, ``PotentialDataLoss`` (set at first use).
+    _ends: ClassVar[tuple[type[BaseException], ...]] = ()
+
     def __init__(self, writer: _PoolWriter, done: defer.Deferred[None], clock: IReactorTime, idle: float) -> None:
         self.writer = writer
         self.done = done
@@ -1181,10 +1184,13 @@ class _BodyReceiver(protocol.Protocol):
             self._timer.cancel()
         if self.done.called:
             return
-        from twisted.web.client import ResponseDone
-        from twisted.web.http import PotentialDataLoss
+        ends = _BodyReceiver._ends
+        if not ends:  # (imported once: the module proxy of twisted.web's deprecations makes each import cost)
+            from twisted.web.client import ResponseDone
+            from twisted.web.http import PotentialDataLoss
 
-        if reason.check(ResponseDone, PotentialDataLoss):
+            ends = _BodyReceiver._ends = (ResponseDone, PotentialDataLoss)
+        if reason.check(*ends):
             self.done.callback(None)
         else:
             self.done.errback(reason)

@@ -933,17 +933,21 @@ class FileRepository(Repository):
 
 # -- http(s): --------------------------------------------------------------------------------------
 #: What an index page holds that is not markup to read links from: comments and the raw text of
-#: ``script`` and ``style`` elements (as HTMLParser skips them; an unclosed one runs to the end).
-_NOT_MARKUP = re.compile(r"<!--.*?(?:--\s*>|\Z)"
-                         r"|<(script|style)(?=[\s/>])(?:[^<>\"']|\"[^\"<]*\"|'[^'<]*')*+>.*?(?:</\1\s*>|\Z)",
+#: ``script`` and ``style`` elements, as HTMLParser skips them. An unclosed one runs to the end of
+#: the page, as browsers read it (CPython 3.11's HTMLParser read on after an unclosed comment).
+_NOT_MARKUP = re.compile(r"<!--.*?(?:--[\t\n\r\f ]*>|\Z)"
+                         r"|<(script|style)(?=[\t\n\r\f />])(?:[^<>\"']|\"[^\"<]*\"|'[^'<]*')*+>.*?"
+                         r"(?:</\1[\t\n\r\f ]*>|\Z)",
                          re.IGNORECASE | re.DOTALL)
 _MAYBE_NOT_MARKUP = re.compile(r"<!--|<script|<style", re.IGNORECASE)
 #: An ``a`` start tag and its attributes. A quoted value may hold ``>`` but not ``<`` (servers escape
 #: both): a tag never reaches past the next ``<``, so a page of unclosed tags or quotes is read in
-#: linear time, not rescanned to its end from each one.
-_ANCHOR = re.compile(r"""<a(?=[\s/>])((?:[^<>"']|"[^"<]*"|'[^'<]*')*+)>""", re.IGNORECASE)
+#: linear time, not rescanned to its end from each one. Whitespace is HTML's (ASCII), as in HTML5
+#: and the HTMLParser of current CPython releases.
+_ANCHOR = re.compile(r"""<a(?=[\t\n\r\f />])((?:[^<>"']|"[^"<]*"|'[^'<]*')*+)>""", re.IGNORECASE)
 #: One attribute of a start tag, as HTMLParser reads it (``attrfind_tolerant``): name, value.
-_ATTRIBUTE = re.compile(r"""((?<=['"\s/])[^\s/>][^\s/=>]*)(?:\s*=+\s*('[^']*'|"[^"]*"|(?!['"])[^>\s]*))?""")
+_ATTRIBUTE = re.compile(r"""((?<=['"\t\n\r\f /])[^\t\n\r\f />][^\t\n\r\f /=>]*)"""
+                        r"""(?:[\t\n\r\f ]*=+[\t\n\r\f ]*('[^']*'|"[^"]*"|(?!['"])[^>\t\n\r\f ]*))?""")
 
 
 def _index_hrefs(html: str) -> list[str]:
@@ -972,9 +976,10 @@ def _index_hrefs(html: str) -> list[str]:
     return links
 
 
-#: Index pages up to this size (~600 entries, ~3 ms) are parsed on the reactor thread: for the small
-#: pages of most versions a pool hop would cost more. Bigger ones are parsed in the pool (2,000 entries
-#: take ~5 ms, 20,000 ~55 ms: the reactor's heartbeats and other transfers go on meanwhile).
+#: Index pages up to this size (~600-1,000 entries, ~2-3 ms; links that are neither relative nor
+#: the folder's own path or URL and a name take ~12 µs each) are parsed on the reactor thread: for the
+#: small pages of most versions a pool hop would cost more. Bigger ones are parsed in the pool (2,000
+#: entries take ~5 ms, 20,000 ~55 ms: the reactor's heartbeats and other transfers go on meanwhile).
 INLINE_INDEX_BYTES = 64 * 1024
 
 
@@ -987,9 +992,9 @@ def _parse_index_page(page: bytes, encoding: str, folder_url: str) -> tuple[list
     return parse_index_links(html, folder_url)
 
 
-#: A link to a child of the page's folder, relative (no scheme, no absolute path, no query or fragment;
-#: no ``;``, which urljoin reads as parameters; no tab or newline, which urlsplit removes).
-_CHILD_HREF = re.compile(r"[^/:?#;\t\r\n]+/?")
+#: A child's name in a link, maybe with a ``/`` after it: no scheme, no query or fragment, no ``;``
+#: (which urljoin reads as parameters), no control character (which urlsplit strips or removes).
+_CHILD_HREF = re.compile(r"[^/:?#;\x00-\x1f]+/?")
 
 
 def parse_index_links(html: str, folder_url: str) -> tuple[list[str], list[str]]:
@@ -1011,9 +1016,17 @@ def parse_index_links(html: str, folder_url: str) -> tuple[list[str], list[str]]
         href = href.strip()
         if not href or href.startswith(("?", "#")):
             continue
-        if _CHILD_HREF.fullmatch(href):  # ``name`` or ``name/``: what urljoin would make of it, at once
-            rel = href
+        # ``name``, ``./name``, or the folder's own path or URL and ``name`` (each maybe with ``/``):
+        # what urljoin would make of it, at once.
+        if href.startswith("./"):
+            rel = href[2:]
+        elif href.startswith(base.path):
+            rel = href[len(base.path):]
+        elif href.startswith(folder_url):
+            rel = href[len(folder_url):]
         else:
+            rel = href
+        if not _CHILD_HREF.fullmatch(rel):
             target = urlsplit(urljoin(folder_url, href))
             if (target.scheme, target.netloc) != (base.scheme, base.netloc):
                 continue
@@ -1221,12 +1234,14 @@ class _EndpointsOnce:
 
 @implementer(IAgent)
 class _CookieAgent:
-    """Cookies kept as treq keeps them (one jar for the repository's requests, read and written by
-    :mod:`http.cookiejar`), paid for only where there are some.
+    """Cookies kept as treq keeps them (one jar for the requests of the repository's agent chain,
+    its rules those of :mod:`http.cookiejar`), paid for only where there are some.
 
     Twisted's ``CookieAgent`` builds a stdlib request for the jar at every request (~7 % of the
     reactor's time over a folder of small files, where no server sets a cookie). Here a request
-    is shown to the jar only when it holds a cookie, and a response only when it sets one.
+    is shown to the jar only when it holds a cookie, and a response only when it sets one. Header
+    values are read and written as latin-1 (HTTP's bytes as they came), where Twisted's agent
+    failed the response on a non-ASCII ``Set-Cookie``.
     """
 
     def __init__(self, agent: Any, jar: CookieJar) -> None:

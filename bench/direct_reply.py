@@ -48,203 +48,68 @@ It is a benchmark, not a test: the exit code is 0 whatever the figures and the c
 from __future__ import annotations
 
 import argparse
-import gc
-import itertools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 HERE = os.path.abspath(__file__)
 BENCH = os.path.dirname(HERE)
 REPO = os.path.dirname(BENCH)
 sys.path.insert(0, REPO)  # ion
-sys.path.insert(0, BENCH)  # bench/amqp.py
+sys.path.insert(0, BENCH)  # bench/amqp.py, bench/pika_echo.py
 
-import amqp  # noqa: E402  bench/amqp.py: measuring loops, CPU of a pid, pika connect, consume loop, spawn
-import msgpack  # noqa: E402
+import amqp  # noqa: E402  bench/amqp.py: the default prefetch
+import pika_echo as pe  # noqa: E402  bench/pika_echo.py: the echo server and client, rounds, medians, driver
+from pika_echo import DIRECT, PHASES, PROCS  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
-QUEUE = amqp.PIKA_QUEUE
-PAYLOAD = amqp.PAYLOAD
-DIRECT = "amq.rabbitmq.reply-to"
 VARIANTS = ("queue", "direct")
-PHASES = ("sequential", "window")
-PROCS = ("client", "server", "broker")
 #: Calls of each variant in the Twisted check (server sets user_id and mandatory on its replies).
 CHECK_CALLS = 300
-
-
-def props(cid: str, reply_to: str | None, user: str | None = None) -> Any:
-    """The properties of bench/amqp.py's ``plain`` pika row, plus ``user_id`` when given."""
-    import pika
-
-    if user is not None:
-        return pika.BasicProperties(content_type="application/msgpack", correlation_id=cid, reply_to=reply_to,
-                                    user_id=user)
-    return pika.BasicProperties(content_type="application/msgpack", correlation_id=cid, reply_to=reply_to)
+#: The --help text's description.
+DESCRIPTION = ("RabbitMQ direct reply-to vs an exclusive reply queue for a raw pika (Twisted adapter) RPC echo, "
+               "interleaved rounds, on a private RabbitMQ; plus functional checks of direct reply-to.")
 
 
 # -- server (child process: --server) ---------------------------------------------------------------------
-@defer.inlineCallbacks
 def server(reactor: Any, url: str, prefetch: int, user_id: str | None, mandatory: bool) -> Any:
     """bench/amqp.py's raw pika echo server (``plain``); its replies optionally with ``user_id`` and
     ``mandatory``. Prints the first ``reply_to`` it sees and, on SIGTERM, a ``server stats`` line."""
-    conn = yield amqp._pika_connect(reactor, url)
-    ch = yield conn.channel()
-    returned: list[int] = []
-    ch.add_on_return_callback(lambda msg: returned.append(msg.method.reply_code))
-    yield ch.queue_declare(queue=QUEUE, auto_delete=True)
-    yield ch.basic_qos(prefetch_count=prefetch)
-    queue_obj, _tag = yield ch.basic_consume(queue=QUEUE, auto_ack=False)
-    packb, unpackb = msgpack.packb, msgpack.unpackb
-    seen: dict[str, Any] = {"n": 0}
+    def first_request(_method: Any, p: Any) -> None:
+        print(f"first reply_to seen by server: {p.reply_to}", flush=True)
 
-    def handle(item: Any) -> None:
-        _ch, method, p, body = item
-        request = unpackb(body, raw=False)
-        if seen["n"] == 0:
-            print(f"first reply_to seen by server: {p.reply_to}", flush=True)
-        seen["n"] += 1
-        reply = packb({"value": f"Hello there, {request['content']}"}, use_bin_type=True)
-        d = ch.basic_publish(exchange="", routing_key=p.reply_to, body=reply,
-                             properties=props(p.correlation_id, None, user_id), mandatory=mandatory)
-        d.addErrback(lambda f: None)
-        if ch.is_open:
-            ch.basic_ack(delivery_tag=method.delivery_tag)
+    def stats(s: pe.ServerState) -> dict[str, Any]:
+        return {"handled": s.handled, "returned": len(s.returned), "reply_codes": sorted(set(s.returned)),
+                "channel_open": bool(s.channel.is_open)}
 
-    amqp._consume_loop(queue_obj, handle)
-    print("pika echo server ready", flush=True)
-
-    def bye() -> None:
-        stats = {"handled": seen["n"], "returned": len(returned), "reply_codes": sorted(set(returned)),
-                 "channel_open": bool(ch.is_open)}
-        print("server stats " + json.dumps(stats), flush=True)
-        conn.close()
-
-    reactor.addSystemEventTrigger("before", "shutdown", bye)
-    yield defer.Deferred()  # until SIGTERM stops the reactor
+    return pe.echo_server(reactor, url, prefetch, user_id=user_id, mandatory=mandatory, first_request=first_request,
+                          stats=stats)
 
 
 # -- client -----------------------------------------------------------------------------------------------
-def cpu_per_call(before: dict[str, float | None], after: dict[str, float | None], n: int) -> dict[str, Any]:
-    """CPU µs per call of each process between two ``amqp.cpu_seconds`` readings (None if unknown)."""
-    out: dict[str, Any] = {}
-    for k, b in before.items():
-        a = after[k]
-        out[k] = (a - b) / n * 1e6 if a is not None and b is not None else None
-    return out
-
-
-@defer.inlineCallbacks
-def phase(pids: dict[str, int | None], run: Any, n: int) -> Any:
-    """``run()`` (one measured phase of ``n`` calls) after a ``gc.collect()``; its figures and CPU per call."""
-    gc.collect()
-    before = {k: amqp.cpu_seconds(p) for k, p in pids.items()}
-    secs, lat = yield run()
-    after = {k: amqp.cpu_seconds(p) for k, p in pids.items()}
-    res = amqp.summarize(n, secs, lat)
-    res["cpu_us"] = cpu_per_call(before, after, n)
-    return res
-
-
-@defer.inlineCallbacks
 def bench_one(reactor: Any, url: str, variant: str, args: argparse.Namespace, window: bool,
               broker_pid: int | None, server_flags: list[str] | None = None) -> Any:
     """A server child, then this process's client replying via ``variant``'s path: the sequential phase,
     and the windowed one if ``window``. Fires with {sequential, [window,] server_log, server_stats}."""
-    srv = amqp.spawn("pika server", sys.executable,
-                     [HERE, "--server", "--url", url, "--prefetch", str(args.prefetch), *(server_flags or [])])
-    conn = None
-    res: dict[str, Any] = {}
-    try:
-        yield srv.wait_for(b"pika echo server ready")
-        conn = yield amqp._pika_connect(reactor, url)
-        ch = yield conn.channel()
-        if variant == "direct":
-            reply_q = DIRECT
-        else:
-            frame = yield ch.queue_declare(queue="", exclusive=True)
-            reply_q = frame.method.queue
-        queue_obj, _tag = yield ch.basic_consume(queue=reply_q, auto_ack=True)
-        pending: dict[str, defer.Deferred[Any]] = {}
-        unpackb = msgpack.unpackb
-
-        def handle(item: Any) -> None:
-            _ch, _method, p, body = item
-            d = pending.pop(p.correlation_id, None)
-            if d is not None:
-                d.callback(unpackb(body, raw=False))
-
-        amqp._consume_loop(queue_obj, handle)
-        ids = itertools.count(1)
-        body = msgpack.packb({"op": "hello", "content": PAYLOAD}, use_bin_type=True)
-        publish = ch.basic_publish
-
-        def call() -> Any:
-            cid = str(next(ids))
-            d: defer.Deferred[Any] = defer.Deferred()
-            pending[cid] = d
-            sent = publish(exchange="", routing_key=QUEUE, body=body, properties=props(cid, reply_q),
-                           mandatory=False)
-            sent.addErrback(d.errback)
-            return d
-
-        reply = yield call()
-        assert reply == {"value": f"Hello there, {PAYLOAD}"}, reply
-        pids = {"client": os.getpid(), "server": srv.transport.pid, "broker": broker_pid}
-        if args.warmup:
-            yield amqp.sequential(call, args.warmup)
-        res["sequential"] = yield phase(pids, lambda: amqp.sequential(call, args.calls), args.calls)
-        if window:
-            if args.warmup:
-                yield amqp.windowed(call, args.warmup, args.window)
-            res["window"] = yield phase(pids, lambda: amqp.windowed(call, args.inflight_calls, args.window),
-                                        args.inflight_calls)
-    finally:
-        if conn is not None:
-            yield conn.close()
-        yield srv.stop()
-    lines = srv.output.decode(errors="replace").splitlines()
-    res["server_log"] = [line for line in lines if line.startswith(("first reply_to", "server stats"))]
-    for line in lines:
-        if line.startswith("server stats "):
-            res["server_stats"] = json.loads(line[len("server stats "):])
-    return res
-
-
-def round_line(r: int, variant: str, res: dict[str, Any]) -> str:
-    """One progress line (stderr) for a variant's run in round ``r``."""
-    def fig(x: dict[str, Any], width: int) -> str:
-        c = x["cpu_us"]
-        cpu = "/".join("?" if c[k] is None else f"{c[k]:.0f}" for k in PROCS)
-        return f"{x['calls_per_s']:7.0f}/s p50 {x['p50_us']:{width}.0f} p99 {x['p99_us']:6.0f} cpu c/s/b {cpu}"
-
-    line = f"round {r} {variant:6}: seq {fig(res['sequential'], 5)}"
-    if "window" in res:
-        line += f" | win {fig(res['window'], 6)}"
-    return line + f"  load {os.getloadavg()[0]:.2f}"
+    return pe.bench_one(reactor, url, HERE, args, window, broker_pid, server_flags=server_flags or [],
+                        direct=variant == "direct", server_log=("first reply_to", "server stats"))
 
 
 @defer.inlineCallbacks
 def run(reactor: Any, url: str, args: argparse.Namespace, broker_pid: int | None, report: dict[str, Any]) -> Any:
     """The interleaved rounds, then the Twisted user_id + mandatory check; fills ``report``."""
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
-    order: list[tuple[int, str]] = []
-    for r in range(args.repeat):
-        for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:  # A B, B A, ...: no fixed position bias
-            res = yield bench_one(reactor, url, v, args, window=r < args.window_repeat, broker_pid=broker_pid)
-            print(round_line(r + 1, v, res), file=sys.stderr, flush=True)
-            order.append((r + 1, v))
-            runs[v].append(res)
+    runs, order = yield pe.run_rounds(
+        args, list(VARIANTS),
+        lambda r: list(VARIANTS if r % 2 == 0 else VARIANTS[::-1]),  # A B, B A, ...: no fixed position bias
+        lambda v, window: bench_one(reactor, url, v, args, window=window, broker_pid=broker_pid),
+        lambda v: f"{v:6}")
     report.update({"runs": runs, "order": order})
     # the same echo with user_id and mandatory=True set on every reply, a few calls of each variant
     chk = argparse.Namespace(**{**vars(args), "calls": CHECK_CALLS, "warmup": 0})
-    user = unquote(urlsplit(url).username or "guest")
+    user = pe.url_user(url)
     twisted: dict[str, Any] = {}
     for v in VARIANTS:
         res = yield bench_one(reactor, url, v, chk, window=False, broker_pid=broker_pid,
@@ -281,7 +146,7 @@ def run_checks(url: str) -> list[dict[str, Any]]:
     import pika
     from pika.exceptions import ChannelClosedByBroker, UnroutableError
 
-    user = unquote(urlsplit(url).username or "guest")
+    user = pe.url_user(url)
     q = "drt.check"
     results: list[dict[str, Any]] = []
 
@@ -437,41 +302,14 @@ def checks_in_child(url: str) -> tuple[list[dict[str, Any]], str]:
 
 
 # -- summary ----------------------------------------------------------------------------------------------
-def _median(values: list[Any]) -> float | None:
-    nums = [v for v in values if v is not None]
-    return statistics.median(nums) if nums else None
-
-
-def medians(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per variant and phase: the median over the rounds of each figure, and how many rounds ran it."""
-    out: dict[str, Any] = {}
-    for v in VARIANTS:
-        m: dict[str, Any] = {}
-        for ph in PHASES:
-            rs = [x[ph] for x in runs[v] if ph in x]
-            if not rs:
-                continue
-            m[ph] = {k: _median([x[k] for x in rs]) for k in ("calls_per_s", "p50_us", "p99_us")}
-            m[ph]["cpu_us"] = {k: _median([x["cpu_us"][k] for x in rs]) for k in PROCS}
-            m[ph]["n_runs"] = len(rs)
-        out[v] = m
-    return out
-
-
 def paired(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per phase: the ratios direct/queue of calls/s and of p50 within each round (both ran back to back)."""
     out: dict[str, Any] = {}
     for ph in PHASES:
-        pairs = [(a[ph], b[ph]) for a, b in zip(runs["queue"], runs["direct"], strict=True) if ph in a and ph in b]
-        if not pairs:
-            continue
-        out[ph] = {"calls_per_s": [b["calls_per_s"] / a["calls_per_s"] for a, b in pairs],
-                   "p50_us": [b["p50_us"] / a["p50_us"] for a, b in pairs]}
+        pairs = pe.pairs(runs, "direct", "queue", ph)
+        if pairs:
+            out[ph] = {"calls_per_s": pe.ratios(pairs, "calls_per_s"), "p50_us": pe.ratios(pairs, "p50_us")}
     return out
-
-
-def _load(la: list[float]) -> str:
-    return ", ".join(f"{x:.2f}" for x in la)
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -481,20 +319,18 @@ def format_summary(report: dict[str, Any]) -> str:
              f"{report['args']['repeat']} rounds (order alternating), {report['args']['calls']} sequential calls; "
              f"first {min(report['args']['window_repeat'], report['args']['repeat'])} rounds also "
              f"{report['args']['inflight_calls']} calls with {report['args']['window']} in flight",
-             f"load average (1, 5, 15 min): start {_load(report['loadavg_start'])}, "
-             f"end {_load(report['loadavg_end'])}"]
+             pe.load_line(report)]
     meds, pairs = report["medians"], report["paired_ratios"]
     for ph in PHASES:
         if ph not in meds["queue"] or ph not in meds["direct"]:
             continue
-        title = "sequential" if ph == "sequential" else f"{report['args']['window']} in flight"
+        title = pe.phase_title(ph, report["args"]["window"])
         lines += ["", f"{title} (medians of {meds['queue'][ph]['n_runs']} runs each)",
                   f"{'variant':8}{'calls/s':>9}{'p50 us':>8}{'p99 us':>8}   CPU us/call client server broker total"]
         for v in VARIANTS:
             m = meds[v][ph]
             c = m["cpu_us"]
-            cells = "".join(f"{'?' if c[k] is None else format(c[k], '.0f'):>{w}}"
-                            for k, w in zip(PROCS, (13, 7, 7), strict=True))
+            cells = "".join(pe.cell(c[k], ".0f", w) for k, w in zip(PROCS, (13, 7, 7), strict=True))
             total = "?" if None in c.values() else f"{sum(c.values()):.0f}"
             lines.append(f"{v:8}{m['calls_per_s']:9.0f}{m['p50_us']:8.0f}{m['p99_us']:8.0f}   {cells}{total:>6}")
         q, d = meds["queue"][ph], meds["direct"][ph]
@@ -503,9 +339,9 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"direct vs queue (ratio of medians): {rel}")
         rat = sorted(pairs[ph]["calls_per_s"])
         wins = sum(x > 1 for x in rat)
-        lines.append(f"paired per-round ratio direct/queue calls/s: median {statistics.median(rat):.3f}, "
+        lines.append(f"paired per-round ratio direct/queue calls/s: median {pe.median(rat):.3f}, "
                      f"min {rat[0]:.3f}, max {rat[-1]:.3f}, direct faster in {wins} of {len(rat)} rounds")
-        lines.append(f"paired per-round ratio direct/queue p50: median {statistics.median(pairs[ph]['p50_us']):.3f}")
+        lines.append(f"paired per-round ratio direct/queue p50: median {pe.median(pairs[ph]['p50_us']):.3f}")
     checks = report["checks"] + report.get("twisted_checks", [])
     judged = [c for c in checks if c["ok"] is not None]
     good = sum(bool(c["ok"]) for c in judged)
@@ -520,34 +356,13 @@ def format_summary(report: dict[str, Any]) -> str:
 
 # -- driver -----------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python bench/direct_reply.py",
-        description="RabbitMQ direct reply-to vs an exclusive reply queue for a raw pika (Twisted adapter) RPC "
-                    "echo, interleaved rounds, on a private RabbitMQ; plus functional checks of direct reply-to.")
-    p.add_argument("--repeat", type=int, default=7, help="rounds, each running both variants (default 7)")
-    p.add_argument("--calls", type=int, default=3000, help="sequential calls per variant and round (default 3000)")
-    p.add_argument("--inflight-calls", type=int, default=20000,
-                   help="calls of the windowed phase per variant and round (default 20000)")
-    p.add_argument("--window", type=int, default=100, help="calls kept in flight (default 100)")
-    p.add_argument("--window-repeat", type=int, default=3,
-                   help="the first N rounds also run the windowed phase (default 3)")
-    p.add_argument("--warmup", type=int, default=300, help="warm-up calls before each phase (default 300)")
-    p.add_argument("--prefetch", type=int, default=None,
-                   help="the server's prefetch (default: ion.core.process prefetch of the shipped config)")
-    p.add_argument("--json", metavar="OUT", help="also write every figure of every round to OUT (JSON)")
-    p.add_argument("--server", action="store_true", help=argparse.SUPPRESS)
+    p = pe.parser(HERE, DESCRIPTION, 7, "both variants")
+    pe.add_tail_options(p)
     p.add_argument("--check", metavar="URL", help=argparse.SUPPRESS)
-    p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--reply-user-id", default=None, help=argparse.SUPPRESS)
     p.add_argument("--reply-mandatory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("repeat", "calls", "inflight_calls", "window"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0 or args.window_repeat < 0:
-        p.error("--warmup and --window-repeat must be >= 0")
-    if args.prefetch is not None and args.prefetch < 1:
-        p.error("--prefetch must be at least 1")
+    pe.check_options(p, args)
     return args
 
 
@@ -563,36 +378,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.prefetch is None:
         args.prefetch = amqp._default_prefetch()
-    from ion.testing.rabbitmq import RabbitMQServer
-
     report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()
                                        if k not in ("server", "check", "url", "reply_user_id", "reply_mandatory")},
                               "loadavg_start": list(os.getloadavg())}
-    print("starting a private RabbitMQ ...", file=sys.stderr, flush=True)
-    broker = RabbitMQServer()
-    broker.start()
-    try:
-        url = broker.new_vhost_url("drt")
-        broker_pid = amqp.listening_pid(broker.port)
-        report["broker_version"] = broker.ctl("version").strip()
-        report["broker_pid"] = broker_pid
-        report["url"] = amqp._redact(url)
+
+    def checks(url: str) -> None:
         report["checks"], log = checks_in_child(url)
         print(log, end="", file=sys.stderr, flush=True)
-        try:
-            task.react(lambda reactor: run(reactor, url, args, broker_pid, report))
-        except SystemExit as exc:
-            if exc.code not in (0, None):
-                raise
-    finally:
-        broker.stop()
-    report["loadavg_end"] = list(os.getloadavg())
-    report["medians"] = medians(report["runs"])
+
+    pe.run_on_private_broker("drt", report, lambda reactor, url, broker_pid: run(reactor, url, args, broker_pid,
+                                                                                 report), before=checks)
+    report["medians"] = pe.medians(report["runs"])
     report["paired_ratios"] = paired(report["runs"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    print(format_summary(report), flush=True)
+    pe.finish(report, args.json, format_summary(report))
 
 
 if __name__ == "__main__":

@@ -817,7 +817,21 @@ def format_table(report: dict[str, Any]) -> str:
     if targets:
         lines += ["", "targets of #14 (ioncore with its shipped settings):"]
         lines += [f"  {what:<58}{got:>16}   {'PASS' if ok else 'MISS'}" for what, got, ok in targets]
+        floor = nameko_floor(report["results"])
+        if floor:
+            lines.append(f"  (the raw pika echo itself, no container, in the same run: {floor} nameko)")
     return "\n".join(lines)
+
+
+def nameko_floor(results: dict[str, Any]) -> str | None:
+    """The bare pika echo's ratio to nameko, sequential / in flight: what the broker's round trip
+    allows a client with no container at all, beside the nameko targets."""
+    pika, nameko = results.get("pika"), results.get("nameko")
+    if not pika or not nameko or "na" in pika or "na" in nameko:
+        return None
+    seq, window = (pika[p]["calls_per_s"] / nameko[p]["calls_per_s"] for p in ("sequential", "window"))
+    return f"{seq:.1f}x / {window:.1f}x"
+
 
 
 def issue_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:

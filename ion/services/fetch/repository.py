@@ -378,12 +378,13 @@ class _Sink:
         and are joined before it returns, whatever happens: between calls nothing is in
         flight, so :meth:`reset`, :meth:`close` and :meth:`abort` need no care.
         """
+        if self.expected is None or self.expected < _HASH_BESIDE_FROM:
+            # (Before the pipeline's buffers are made: 2 MiB, zeroed page by page, for a 4 KB file.)
+            return self._fill_inline(readinto, limit, chunk)
         size = min(chunk, _READ_BUFFER)
         if not self._buffers or len(self._buffers[0]) != size:
             self._buffers = [memoryview(bytearray(size)) for _ in range(_PIPELINE)]
         digests = [h for h in (self.sha256, self.md5) if h is not None]
-        if self.expected is None or self.expected < _HASH_BESIDE_FROM:
-            return self._fill_inline(readinto, limit, chunk)
         # queues[i] feeds digest i; the last queue brings buffers back for reuse.
         queues: list[queue.SimpleQueue[tuple[memoryview, int] | None]] = [
             queue.SimpleQueue() for _ in range(len(digests) + 1)]

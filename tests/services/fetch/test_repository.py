@@ -677,8 +677,9 @@ def test_sink_fill_from_failing_source_stops_cleanly(tmp_path: Path, expected: i
 @pytest.mark.parametrize("actual", [4096, 4096 * 3 + 5, 10], ids=["as-said", "longer", "shorter"])
 def test_sink_reads_a_small_file_into_a_buffer_of_its_size(tmp_path: Path, actual: int) -> None:
     """A small file of known size is read into a buffer of that size and a byte (the end seen in
-    the same read), not one of chunk_size (1 MiB made per 4 KB file was mostly page faults); a
-    source that sends more or fewer bytes than it said is still written and hashed whole."""
+    the same read), not one of chunk_size (1 MiB made per 4 KB file was mostly page faults), and
+    the pipeline's buffers of a big file (2 MiB) are not made at all; a source that sends more or
+    fewer bytes than it said is still written and hashed whole."""
     data = os.urandom(actual)
     sink = _Sink(tmp_path / "f")
     sink.expected = 4096
@@ -692,6 +693,7 @@ def test_sink_reads_a_small_file_into_a_buffer_of_its_size(tmp_path: Path, actua
 
     assert sink.fill_from(readinto, 1 << 30, 1 << 20) == actual
     assert set(sizes) == {4097}
+    assert sink._buffers == []
     assert sink.close() == (actual, sha(data), hashlib.md5(data).hexdigest())
     assert (tmp_path / "f").read_bytes() == data
 

@@ -100,9 +100,11 @@ _STAGING_NAME = re.compile(r"^([0-9a-f]{8})-(\d+)-(\d+)-[0-9a-f]+(-trash)?$")
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """The sha256 of a file, read in ``chunk``-byte pieces (blocking: run it in the pool)."""
     h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
+        # A buffer no bigger than the file (and a byte, to see its end in one read): 1 MiB made and
+        # dropped per small file is most of what hashing it costs.
+        buf = bytearray(max(1, min(chunk, os.fstat(f.fileno()).st_size + 1)))
+        view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,17 @@ from .conftest import failure_of, fired, messages, put, stage, write_lock
 
 def version(key: EntryKey, v: str, unpack: bool = True) -> EntryKey:
     return EntryKey(key.repo_id, key.platform, key.name, v, unpack)
+
+
+# -- hashing ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_sha256_file_hashes_every_size_whatever_its_buffer(tmp_path: Path, size: int) -> None:
+    """sha256_file reads into a buffer of at most the file's size and a byte, at most ``chunk``:
+    files smaller, equal to and larger than a chunk (4096 here), empty ones, all hash whole."""
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    assert store.sha256_file(tmp_path / "f", 4096) == hashlib.sha256(data).hexdigest()
+    assert store.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
 
 
 # -- keys ---------------------------------------------------------------------------------------------

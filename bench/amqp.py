@@ -833,7 +833,6 @@ def nameko_floor(results: dict[str, Any]) -> str | None:
     return f"{seq:.1f}x / {window:.1f}x"
 
 
-
 def issue_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """The targets of issue #14 that ``results`` has the rows for: (what, figure, met). Against "raw
     pika, DESIGN's AMQP use": calls/s >= 0.9x on both phases, CPU per call of client and server

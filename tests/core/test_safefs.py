@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ion.core.safefs import SafeDir, SymlinkRefused, WalkCache, relative_parts
+from ion.core.safefs import SafeDir, SymlinkRefused, WalkCache, lies_in, relative_parts
 
 
 def test_walk_makes_missing_folders_and_refuses_a_link_naming_it(tmp_path: Path) -> None:
@@ -47,6 +47,19 @@ def test_relative_parts_refuses_a_path_outside_the_root() -> None:
     assert relative_parts("/a", "/a") == ()
     with pytest.raises(ValueError):
         relative_parts("/a/../b", "/a")
+
+
+@pytest.mark.parametrize(("path", "top", "inside"), [
+    ("/a/b", "/a/b", True), ("/a/b/c", "/a/b", True), ("/a/b/c/d", "/a/b", True), ("/a/b", "/", True),
+    ("/", "/", True), ("/a/bc", "/a/b", False), ("/a", "/a/b", False), ("/x/b", "/a/b", False),
+    ("/a/b/c", "/a/b/", True), ("/a/b-2/c", "/a/b", False),
+])
+def test_lies_in_compares_whole_components(path: str, top: str, inside: bool) -> None:
+    """A path lies in a folder that is it or one of its parents, never in a sibling whose name it
+    begins with; the answers are those of ``Path.parents``."""
+    assert lies_in(path, top) is inside
+    assert lies_in(Path(path), Path(top)) is inside
+    assert inside == (Path(path) == Path(top) or Path(top) in Path(path).parents)
 
 
 def test_write_atomic_replaces_a_link_never_writes_through_it(tmp_path: Path) -> None:

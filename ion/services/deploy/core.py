@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.exceptions import ApplicationError
-from ion.core.safefs import WalkCache
+from ion.core.safefs import WalkCache, lies_in
 from ion.core.threads import run_short
 from ion.services.deploy.place import PlacementError, Switch, Target, commit, place, placed_already, undo
 from ion.services.deploy.settings import DeploySettings
@@ -105,7 +105,7 @@ def check_allowed(path: Path, roots: Iterable[str | Path], what: str) -> Path:
     real = _resolved(path)
     for root in root_paths:
         real_root = _resolved(root)
-        if real == real_root or real_root in real.parents:
+        if lies_in(real, real_root):
             return real_root
     allowed = ", ".join(str(r) for r in root_paths) or "none configured"
     raise AccessRefused(f"{what} {path} (resolved: {real}) is outside the allowed roots ({allowed})")

@@ -82,7 +82,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from ion.core.exceptions import IonError
-from ion.core.safefs import SafeDir, SymlinkRefused, WalkCache
+from ion.core.safefs import SafeDir, SymlinkRefused, WalkCache, lies_in
 from ion.core.tokens import random_hex
 from ion.services.cache.reaper import record_link
 
@@ -191,7 +191,7 @@ def _cache_tops(entry: Path, cache_root: Path | None, walks: WalkCache | None = 
 def _refuse_cache(real: Path, destination: Path, tops: list[tuple[Path, str]]) -> None:
     """A destination that is or lies in one of ``tops`` (:func:`_cache_tops`) is refused."""
     for real_top, what in tops:
-        if real == real_top or real_top in real.parents:
+        if lies_in(real, real_top):
             raise PlacementError(f"destination {destination} (resolved: {real}) lies in {what} {real_top}; "
                                  f"published cache entries are never written by a deployment: refusing it")
 

@@ -118,6 +118,7 @@ from ion.core.exceptions import (
 from ion.core.jobs import JobStore, JobTable
 from ion.core.lifecycle import State
 from ion.core.process import Process, Receiver
+from ion.core.safefs import lies_in
 from ion.core.security import control, narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.cache.core import CacheSettings
@@ -467,7 +468,7 @@ class DeployService(ServiceProcess):
         for item in items:
             root = check_allowed(item.destination, destinations, f"{item.label}: destination")
             target = Target(root, Path(os.path.realpath(item.destination)))
-            if target.path == cache or cache in target.path.parents:
+            if lies_in(target.path, cache):
                 raise AccessRefused(f"{item.label}: destination {item.destination} (resolved: {target.path}) "
                                     f"lies in the cache root {cache}, whose entries no deployment may write")
             targets.append(target)

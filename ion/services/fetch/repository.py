@@ -89,7 +89,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from ion.core.config import Settings, setting
-from ion.core.safefs import SafeDir
+from ion.core.safefs import SafeDir, lies_in
 from ion.services.fetch.errors import (
     AccessDeniedError,
     AddressNotAllowedError,
@@ -807,8 +807,7 @@ def _file_marker(st: os.stat_result) -> str:
 
 
 def _inside(path: Path | str, root: str) -> bool:
-    real = os.path.realpath(path)
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+    return lies_in(os.path.realpath(path), root)
 
 
 def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | None = None) -> list[RemoteFile] | None:

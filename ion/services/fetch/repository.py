@@ -814,7 +814,10 @@ def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | Non
     """Every regular file under ``folder`` (symlinks to files followed, to folders not); None if no folder.
 
     With ``confine`` (a resolved folder), a file or version folder that resolves
-    outside it (a symlink pointing out of the repository) is refused.
+    outside it (a symlink pointing out of the repository) is refused. Only links
+    are resolved one by one: a file that is no link, in folders walked without
+    following links from a version folder inside ``confine``, is inside it.
+    (Reading it is checked again on its descriptor: :func:`_open_source`.)
     """
     if confine is not None and folder.exists() and not _inside(folder, confine):
         raise AccessDeniedError(f"{folder} resolves outside the repository {confine}; refused", url=str(folder))
@@ -829,48 +832,76 @@ def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | Non
     if not stat.S_ISDIR(st.st_mode):
         return None
     files: list[RemoteFile] = []
-
-    def fail(exc: OSError) -> None:
-        if isinstance(exc, PermissionError):
-            raise AccessDeniedError(f"cannot read {exc.filename}: {exc.strerror}", url=str(exc.filename))
-        raise exc
-
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=fail, followlinks=False):
-        dirnames.sort()
-        for fname in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
-            full = Path(dirpath, fname)
+    top = str(folder)
+    todo = [top]
+    while todo:
+        dirpath = todo.pop()
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except PermissionError as exc:
+            raise AccessDeniedError(f"cannot read {exc.filename}: {exc.strerror}", url=str(exc.filename)) from None
+        for entry in entries:
             try:
-                fst = os.stat(full)
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+                    continue
+                link = entry.is_symlink()
+                fst = os.stat(entry.path) if link else entry.stat(follow_symlinks=False)
             except FileNotFoundError:
-                continue  # a dangling symlink
+                continue  # a dangling symlink, or gone since the folder was read
             except PermissionError as exc:
-                raise AccessDeniedError(f"cannot read {full}: {exc.strerror}", url=str(full)) from None
+                raise AccessDeniedError(f"cannot read {entry.path}: {exc.strerror}", url=entry.path) from None
             if not stat.S_ISREG(fst.st_mode):
-                continue
-            if confine is not None and not _inside(full, confine):
-                raise AccessDeniedError(f"{full} is a link to {os.path.realpath(full)}, outside the repository "
-                                        f"{confine}; refused", url=str(full))
-            rel = full.relative_to(folder).as_posix()
+                continue  # (a link to a folder is not followed)
+            if link and confine is not None and not _inside(entry.path, confine):
+                raise AccessDeniedError(f"{entry.path} is a link to {os.path.realpath(entry.path)}, outside the "
+                                        f"repository {confine}; refused", url=entry.path)
+            full = Path(entry.path)
+            rel = entry.path[len(top) + 1:] if entry.path.startswith(top + "/") else full.relative_to(folder).as_posix()
             files.append(RemoteFile(path=rel, url=url_of(full), size=fst.st_size, marker=_file_marker(fst),
-                                    source=str(full)))
+                                    source=entry.path))
     return files
 
 
-def _open_source(path: str) -> tuple[Any, os.stat_result]:
+def _list_folder(folder: Path, location: str) -> tuple[list[RemoteFile] | None, str]:
+    """:class:`FileRepository`'s listing, in one pool job: the files of ``folder``, confined to the
+    repository's folder ``location`` resolved now (returned too, for the reads that follow)."""
+    confine = os.path.realpath(location)
+    return _walk_folder(folder, str, confine), confine
+
+
+def _open_source(path: str, confine: str | None = None) -> tuple[Any, os.stat_result]:
+    """``path`` opened to be read, and its status. With ``confine``, the file the descriptor names
+    must lie in it, whatever links lead there now: a file of the listing swapped since for a link
+    out of the repository (or a folder above it for one) is refused, not read."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed by the caller
     except FileNotFoundError:
         raise NotFoundError(f"{path} is gone (it was listed)", url=path) from None
     except PermissionError as exc:
         raise AccessDeniedError(f"cannot read {path}: {exc.strerror}", url=path) from None
-    return f, os.fstat(f.fileno())
+    try:
+        if confine is not None:
+            try:
+                real = os.readlink(f"/proc/self/fd/{f.fileno()}")
+            except OSError:  # (no /proc: the path resolved now, a moment after the open)
+                real = os.path.realpath(path)
+            if not lies_in(real, confine):
+                raise AccessDeniedError(f"{path} resolves to {real}, outside the repository {confine}; refused",
+                                        url=path)
+        return f, os.fstat(f.fileno())
+    except BaseException:
+        f.close()
+        raise
 
 
-def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int) -> tuple[Any, os.stat_result, int]:
-    """:class:`FileRepository`'s first pool job of a file: opened, its first ``step`` bytes copied
-    into ``sink``; a file that ended within them is closed, and the sink too (its file complete).
-    The open file (None once closed), its status and the bytes copied."""
-    src, st = _open_source(path)
+def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int,
+                   confine: str | None = None) -> tuple[Any, os.stat_result, int]:
+    """:class:`FileRepository`'s first pool job of a file: opened (see :func:`_open_source`), its
+    first ``step`` bytes copied into ``sink``; a file that ended within them is closed, and the sink
+    too (its file complete). The open file (None once closed), its status and the bytes copied."""
+    src, st = _open_source(path, confine)
     try:
         sink.expected = st.st_size
         done = sink.fill_from(src.readinto, step, chunk)
@@ -884,8 +915,9 @@ def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int) -> tuple[Any, 
     return None, st, done
 
 
-def _read_head(path: str, limit: int) -> bytes:
-    with open(path, "rb") as f:
+def _read_head(path: str, limit: int, confine: str | None = None) -> bytes:
+    f, _st = _open_source(path, confine)
+    with f:
         return f.read(limit)
 
 
@@ -898,23 +930,32 @@ class FileRepository(Repository):
     def version_url(self, platform: str, name: str, version: str) -> str:
         return str(self._folder(platform, name, version)) + "/"
 
+    #: The repository's folder, resolved by the last listing: what every file read must lie in.
+    _confine: str | None = None
+
+    async def _confined(self) -> str:
+        if self._confine is None:
+            self._confine = await self.pool.run(os.path.realpath, self.url.location)
+        return self._confine
+
     async def _list(self, platform: str, name: str, version: str, describe: bool = True) -> list[RemoteFile]:
         folder = self._folder(platform, name, version)
-        # Files are read only from inside the repository, symlinks resolved (DESIGN §8).
-        files = await self.pool.run(_walk_folder, folder, str, os.path.realpath(self.url.location))
+        # Files are read only from inside the repository, symlinks resolved (DESIGN §8); their reads
+        # are checked again on the descriptor (_open_source).
+        files, self._confine = await self.pool.run(_list_folder, folder, self.url.location)
         if files is None:
             raise NotFoundError(f"no files under {folder}/ (no such folder)", url=str(folder))
         return files
 
     async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
-        return await self.pool.run(_read_head, remote.source, limit)
+        return await self.pool.run(_read_head, remote.source, limit, await self._confined())
 
     async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
         chunk = int(self.config.chunk_size)
         step = chunk * 8
         # One pool job opens the file and copies its first step; a file that fits in it (most
         # small files) is closed there too, the sink with it: one job per file, not five.
-        src, st, done = await self.pool.run(_open_and_fill, remote.source, sink, step, chunk)
+        src, st, done = await self.pool.run(_open_and_fill, remote.source, sink, step, chunk, await self._confined())
         try:
             if done:
                 progress(done)

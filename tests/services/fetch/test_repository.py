@@ -987,6 +987,37 @@ async def test_file_repository_refuses_links_out_of_it(pool: Any, tmp_path: Path
     assert set(await listed(repo, "linux", "fine", "1.0")) == {"real.txt", "alias.txt"}
 
 
+@pytest_twisted.ensureDeferred
+async def test_file_repository_refuses_a_file_swapped_for_a_link_out_of_it_after_the_listing(
+        pool: Any, tmp_path: Path) -> None:
+    """The listing saw regular files; before their download one became a link to a file outside the
+    repository and a sub-folder a link to a folder outside it. Each read is refused on its descriptor
+    (AccessDeniedError naming where it leads), nothing outside is copied, and a file left as it was
+    still downloads."""
+    from ion.services.deploy.spec import parse_repository_url
+    from ion.services.fetch.errors import AccessDeniedError
+
+    root = tmp_path / "repo"
+    version = root / "linux" / "app" / "1.0"
+    write_tree(version, {"a.txt": "a", "lib/b.txt": "b", "c.txt": "c"})
+    (tmp_path / "outside" / "lib").mkdir(parents=True)
+    (tmp_path / "outside" / "secret").write_text("not for the cache")
+    (tmp_path / "outside" / "lib" / "b.txt").write_text("not for the cache either")
+    repo = repository_for(parse_repository_url(f"file://{root}"), pool, config=FAST)
+    files = await listed(repo, "linux", "app", "1.0")
+    assert set(files) == {"a.txt", "lib/b.txt", "c.txt"}
+    (version / "a.txt").unlink()
+    os.symlink(tmp_path / "outside" / "secret", version / "a.txt")
+    shutil.rmtree(version / "lib")
+    os.symlink(tmp_path / "outside" / "lib", version / "lib")
+    for rel in ("a.txt", "lib/b.txt"):
+        with pytest.raises(AccessDeniedError, match="outside the repository"):
+            await repo.download(files[rel], tmp_path / "out" / rel)
+        assert not (tmp_path / "out" / rel).exists()
+    got = await repo.download(files["c.txt"], tmp_path / "out" / "c.txt")
+    assert got.size == 1 and (tmp_path / "out" / "c.txt").read_text() == "c"
+
+
 # -- https ------------------------------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_https_with_an_untrusted_certificate_fails_at_once(http_repository: Any, pool: Any,

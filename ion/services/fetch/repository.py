@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import functools
 import hashlib
 import http.client
@@ -806,102 +807,150 @@ def _file_marker(st: os.stat_result) -> str:
     return f"mtime:{st.st_mtime_ns}:size:{st.st_size}"
 
 
-def _inside(path: Path | str, root: str) -> bool:
-    return lies_in(os.path.realpath(path), root)
-
-
 def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | None = None) -> list[RemoteFile] | None:
     """Every regular file under ``folder`` (symlinks to files followed, to folders not); None if no folder.
 
     With ``confine`` (a resolved folder), a file or version folder that resolves
-    outside it (a symlink pointing out of the repository) is refused. Only links
-    are resolved one by one: a file that is no link, in folders walked without
-    following links from a version folder inside ``confine``, is inside it.
-    (Reading it is checked again on its descriptor: :func:`_open_source`.)
+    outside it (a symlink pointing out of the repository) is refused.
+
+    The folders are walked by descriptor (each opened below its parent without
+    following a link), so a folder swapped for a link while it is listed is
+    refused, never listed through; only the links met are resolved one by one (a
+    file that is no link, in folders so walked from a version folder inside
+    ``confine``, is inside it). Each file's ``source`` is its resolved path, the one
+    its read must find again (:func:`_open_source`); ``url`` is its path as named.
     """
-    if confine is not None and folder.exists() and not _inside(folder, confine):
-        raise AccessDeniedError(f"{folder} resolves outside the repository {confine}; refused", url=str(folder))
     try:
-        st = os.stat(folder)
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
+        top_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except PermissionError as exc:
         raise AccessDeniedError(f"cannot read {folder}: {exc.strerror}", url=str(folder)) from None
-    if not stat.S_ISDIR(st.st_mode):
-        return None
     files: list[RemoteFile] = []
-    top = str(folder)
-    todo = [top]
-    while todo:
-        dirpath = todo.pop()
-        try:
-            with os.scandir(dirpath) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except PermissionError as exc:
-            raise AccessDeniedError(f"cannot read {exc.filename}: {exc.strerror}", url=str(exc.filename)) from None
-        for entry in entries:
+    todo: list[tuple[int, str]] = [(top_fd, "")]  # (an open folder, its path below the version folder)
+    try:
+        real_top = _fd_path(top_fd, str(folder))
+        if confine is not None and not lies_in(real_top, confine):
+            raise AccessDeniedError(f"{folder} resolves outside the repository {confine}; refused", url=str(folder))
+        while todo:
+            fd, rel_dir = todo.pop()
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    todo.append(entry.path)
-                    continue
-                link = entry.is_symlink()
-                fst = os.stat(entry.path) if link else entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # a dangling symlink, or gone since the folder was read
-            except PermissionError as exc:
-                raise AccessDeniedError(f"cannot read {entry.path}: {exc.strerror}", url=entry.path) from None
-            if not stat.S_ISREG(fst.st_mode):
-                continue  # (a link to a folder is not followed)
-            if link and confine is not None and not _inside(entry.path, confine):
-                raise AccessDeniedError(f"{entry.path} is a link to {os.path.realpath(entry.path)}, outside the "
-                                        f"repository {confine}; refused", url=entry.path)
-            full = Path(entry.path)
-            rel = entry.path[len(top) + 1:] if entry.path.startswith(top + "/") else full.relative_to(folder).as_posix()
-            files.append(RemoteFile(path=rel, url=url_of(full), size=fst.st_size, marker=_file_marker(fst),
-                                    source=entry.path))
+                _list_open_folder(fd, folder, rel_dir, real_top, url_of, confine, files, todo)
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _ in todo:  # (a failure: the folders not listed yet)
+            os.close(fd)
     return files
 
 
-def _list_folder(folder: Path, location: str) -> tuple[list[RemoteFile] | None, str]:
-    """:class:`FileRepository`'s listing, in one pool job: the files of ``folder``, confined to the
-    repository's folder ``location`` resolved now (returned too, for the reads that follow)."""
-    confine = os.path.realpath(location)
-    return _walk_folder(folder, str, confine), confine
-
-
-def _open_source(path: str, confine: str | None = None) -> tuple[Any, os.stat_result]:
-    """``path`` opened to be read, and its status. With ``confine``, the file the descriptor names
-    must lie in it, whatever links lead there now: a file of the listing swapped since for a link
-    out of the repository (or a folder above it for one) is refused, not read."""
+def _list_open_folder(fd: int, folder: Path, rel_dir: str, real_top: str, url_of: Callable[[Path], str],
+                      confine: str | None, files: list[RemoteFile], todo: list[tuple[int, str]]) -> None:
+    """One folder of :func:`_walk_folder`'s walk, open as ``fd``: its files added to ``files``, its
+    sub-folders opened (never through a link) and added to ``todo``."""
+    named = os.path.join(folder, rel_dir) if rel_dir else str(folder)
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed by the caller
+        with os.scandir(fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except PermissionError as exc:
+        raise AccessDeniedError(f"cannot read {named}: {exc.strerror}", url=named) from None
+    for entry in entries:
+        rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+        full = os.path.join(folder, rel)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                try:
+                    sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise AccessDeniedError(f"{full} changed into a link while it was listed; refused",
+                                                url=full) from None
+                    raise
+                todo.append((sub, rel))
+                continue
+            link = entry.is_symlink()
+            fst = os.stat(entry.name, dir_fd=fd) if link else entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # a dangling symlink, or gone since the folder was read
+        except PermissionError as exc:
+            raise AccessDeniedError(f"cannot read {full}: {exc.strerror}", url=full) from None
+        if not stat.S_ISREG(fst.st_mode):
+            continue  # (a link to a folder is not followed)
+        if link:
+            source = _resolved(full)
+            if confine is not None and not lies_in(source, confine):
+                raise AccessDeniedError(f"{full} is a link to {source}, outside the repository {confine}; "
+                                        "refused", url=full)
+        else:
+            source = f"{real_top.rstrip('/')}/{rel}"
+        files.append(RemoteFile(path=rel, url=url_of(Path(full)), size=fst.st_size, marker=_file_marker(fst),
+                                source=source))
+
+
+def _list_folder(folder: Path, location: str) -> list[RemoteFile] | None:
+    """:class:`FileRepository`'s listing, in one pool job: the files of ``folder``, confined to the
+    repository's folder ``location`` resolved now."""
+    return _walk_folder(folder, str, _resolved(location))
+
+
+def _fd_path(fd: int, path: str) -> str:
+    """The path the kernel gives the open file ``fd`` (``/proc``); without ``/proc``, ``path``
+    resolved now (a moment after the open)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def _resolved(path: str) -> str:
+    """``path`` with its links resolved, named as the kernel names what it leads to (the name a
+    descriptor of it gives: :func:`_fd_path`); ``os.path.realpath`` where that cannot be had."""
+    o_path = getattr(os, "O_PATH", 0)
+    if not o_path:
+        return os.path.realpath(path)
+    try:
+        fd = os.open(path, o_path | os.O_CLOEXEC)
+    except OSError:
+        return os.path.realpath(path)
+    try:
+        return _fd_path(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _open_source(path: str) -> tuple[Any, os.stat_result]:
+    """``path`` (a listed file's ``source``: its resolved path) opened to be read, and its status.
+
+    The descriptor must name that very file: one swapped since the listing for a link (or a folder
+    above it for one: out of the repository, or anywhere else) is refused, not read, and so is a
+    file that is no longer a regular one (a FIFO is opened without blocking, then refused)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NotFoundError(f"{path} is gone (it was listed)", url=path) from None
     except PermissionError as exc:
         raise AccessDeniedError(f"cannot read {path}: {exc.strerror}", url=path) from None
     try:
-        if confine is not None:
-            try:
-                real = os.readlink(f"/proc/self/fd/{f.fileno()}")
-            except OSError:  # (no /proc: the path resolved now, a moment after the open)
-                real = os.path.realpath(path)
-            if not lies_in(real, confine):
-                raise AccessDeniedError(f"{path} resolves to {real}, outside the repository {confine}; refused",
-                                        url=path)
-        return f, os.fstat(f.fileno())
+        real = _fd_path(fd, path)
+        if real != path:
+            raise AccessDeniedError(f"{path} changed since it was listed: it now leads to {real}; refused",
+                                    url=path)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise AccessDeniedError(f"{path} changed since it was listed: it is no longer a regular file; "
+                                    "refused", url=path)
+        os.set_blocking(fd, True)
+        return open(fd, "rb"), st  # noqa: SIM115 - closed by the caller
     except BaseException:
-        f.close()
+        os.close(fd)
         raise
 
 
-def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int,
-                   confine: str | None = None) -> tuple[Any, os.stat_result, int]:
+def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int) -> tuple[Any, os.stat_result, int]:
     """:class:`FileRepository`'s first pool job of a file: opened (see :func:`_open_source`), its
     first ``step`` bytes copied into ``sink``; a file that ended within them is closed, and the sink
     too (its file complete). The open file (None once closed), its status and the bytes copied."""
-    src, st = _open_source(path, confine)
+    src, st = _open_source(path)
     try:
         sink.expected = st.st_size
         done = sink.fill_from(src.readinto, step, chunk)
@@ -915,8 +964,8 @@ def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int,
     return None, st, done
 
 
-def _read_head(path: str, limit: int, confine: str | None = None) -> bytes:
-    f, _st = _open_source(path, confine)
+def _read_head(path: str, limit: int) -> bytes:
+    f, _st = _open_source(path)
     with f:
         return f.read(limit)
 
@@ -930,32 +979,24 @@ class FileRepository(Repository):
     def version_url(self, platform: str, name: str, version: str) -> str:
         return str(self._folder(platform, name, version)) + "/"
 
-    #: The repository's folder, resolved by the last listing: what every file read must lie in.
-    _confine: str | None = None
-
-    async def _confined(self) -> str:
-        if self._confine is None:
-            self._confine = await self.pool.run(os.path.realpath, self.url.location)
-        return self._confine
-
     async def _list(self, platform: str, name: str, version: str, describe: bool = True) -> list[RemoteFile]:
         folder = self._folder(platform, name, version)
-        # Files are read only from inside the repository, symlinks resolved (DESIGN §8); their reads
-        # are checked again on the descriptor (_open_source).
-        files, self._confine = await self.pool.run(_list_folder, folder, self.url.location)
+        # Files are read only from inside the repository, symlinks resolved (DESIGN §8); each read
+        # must find the very file listed (_open_source).
+        files = await self.pool.run(_list_folder, folder, self.url.location)
         if files is None:
             raise NotFoundError(f"no files under {folder}/ (no such folder)", url=str(folder))
         return files
 
     async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
-        return await self.pool.run(_read_head, remote.source, limit, await self._confined())
+        return await self.pool.run(_read_head, remote.source, limit)
 
     async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
         chunk = int(self.config.chunk_size)
         step = chunk * 8
         # One pool job opens the file and copies its first step; a file that fits in it (most
         # small files) is closed there too, the sink with it: one job per file, not five.
-        src, st, done = await self.pool.run(_open_and_fill, remote.source, sink, step, chunk, await self._confined())
+        src, st, done = await self.pool.run(_open_and_fill, remote.source, sink, step, chunk)
         try:
             if done:
                 progress(done)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -991,31 +992,61 @@ async def test_file_repository_refuses_links_out_of_it(pool: Any, tmp_path: Path
 async def test_file_repository_refuses_a_file_swapped_for_a_link_out_of_it_after_the_listing(
         pool: Any, tmp_path: Path) -> None:
     """The listing saw regular files; before their download one became a link to a file outside the
-    repository and a sub-folder a link to a folder outside it. Each read is refused on its descriptor
-    (AccessDeniedError naming where it leads), nothing outside is copied, and a file left as it was
-    still downloads."""
+    repository, a sub-folder a link to a folder outside it, and another file a FIFO. Each read is
+    refused on its descriptor (AccessDeniedError saying what changed; the FIFO opened without
+    blocking), nothing is copied, and a file left as it was still downloads."""
     from ion.services.deploy.spec import parse_repository_url
     from ion.services.fetch.errors import AccessDeniedError
 
     root = tmp_path / "repo"
     version = root / "linux" / "app" / "1.0"
-    write_tree(version, {"a.txt": "a", "lib/b.txt": "b", "c.txt": "c"})
+    write_tree(version, {"a.txt": "a", "lib/b.txt": "b", "c.txt": "c", "d.txt": "d"})
     (tmp_path / "outside" / "lib").mkdir(parents=True)
     (tmp_path / "outside" / "secret").write_text("not for the cache")
     (tmp_path / "outside" / "lib" / "b.txt").write_text("not for the cache either")
     repo = repository_for(parse_repository_url(f"file://{root}"), pool, config=FAST)
     files = await listed(repo, "linux", "app", "1.0")
-    assert set(files) == {"a.txt", "lib/b.txt", "c.txt"}
+    assert set(files) == {"a.txt", "lib/b.txt", "c.txt", "d.txt"}
     (version / "a.txt").unlink()
     os.symlink(tmp_path / "outside" / "secret", version / "a.txt")
     shutil.rmtree(version / "lib")
     os.symlink(tmp_path / "outside" / "lib", version / "lib")
-    for rel in ("a.txt", "lib/b.txt"):
-        with pytest.raises(AccessDeniedError, match="outside the repository"):
+    (version / "d.txt").unlink()
+    os.mkfifo(version / "d.txt")
+    for rel, why in (("a.txt", "now leads to .*outside/secret"), ("lib/b.txt", "now leads to .*outside/lib/b.txt"),
+                     ("d.txt", "no longer a regular file")):
+        with pytest.raises(AccessDeniedError, match=f"changed since it was listed: .*{why}"):
             await repo.download(files[rel], tmp_path / "out" / rel)
         assert not (tmp_path / "out" / rel).exists()
     got = await repo.download(files["c.txt"], tmp_path / "out" / "c.txt")
     assert got.size == 1 and (tmp_path / "out" / "c.txt").read_text() == "c"
+
+
+def test_file_listing_never_walks_through_a_folder_swapped_for_a_link(tmp_path: Path, monkeypatch: Any) -> None:
+    """A sub-folder swapped for a link out of the repository between the reading of its parent and
+    its own opening is refused, not listed through (the folders are opened without following links)."""
+    from ion.services.fetch import repository as repo_module
+    from ion.services.fetch.errors import AccessDeniedError
+
+    version = tmp_path / "repo" / "linux" / "app" / "1.0"
+    write_tree(version, {"a.txt": "a", "sub/secret-name": "s"})
+    write_tree(tmp_path / "outside", {"other-secret": "x"})
+    real_scandir = os.scandir
+    swapped: list[bool] = []
+
+    def swapping_scandir(fd: Any) -> Any:
+        if swapped:
+            return real_scandir(fd)
+        swapped.append(True)  # the first folder read (the version folder): then "sub" becomes a link
+        with real_scandir(fd) as it:
+            entries = list(it)
+        shutil.rmtree(version / "sub")
+        os.symlink(tmp_path / "outside", version / "sub")
+        return contextlib.nullcontext(entries)
+
+    monkeypatch.setattr(repo_module.os, "scandir", swapping_scandir)
+    with pytest.raises(AccessDeniedError, match="sub changed into a link while it was listed"):
+        repo_module._list_folder(version, str(tmp_path / "repo"))
 
 
 # -- https ------------------------------------------------------------------------------------------------

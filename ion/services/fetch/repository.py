@@ -66,13 +66,14 @@ import errno
 import functools
 import hashlib
 import http.client
+import io
 import os
 import queue
 import re
 import stat
 import threading
 import urllib.request
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from html import unescape as html_unescape
 from http.cookiejar import CookieJar
@@ -167,6 +168,7 @@ class RemoteFile:
     :ivar checksums: what the repository vouches for (S3 ETag md5, ``Content-MD5``, sidecar sha256).
     :ivar marker: changes when the remote file changes (ETag, Last-Modified + size, mtime + size).
     :ivar source: the repository's own locator (S3 key, HTTP URL, path).
+    :ivar identity: ``file:``: the (device, inode) the listing found, which its read must open again.
     """
 
     path: str
@@ -175,6 +177,7 @@ class RemoteFile:
     checksums: tuple[Checksum, ...] = ()
     marker: str | None = None
     source: str = field(default="", repr=False)
+    identity: tuple[int, int] | None = field(default=None, repr=False)
 
     @property
     def checksum(self) -> Checksum | None:
@@ -810,15 +813,14 @@ def _file_marker(st: os.stat_result) -> str:
 def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | None = None) -> list[RemoteFile] | None:
     """Every regular file under ``folder`` (symlinks to files followed, to folders not); None if no folder.
 
-    With ``confine`` (a resolved folder), a file or version folder that resolves
-    outside it (a symlink pointing out of the repository) is refused.
+    With ``confine`` (a resolved folder), the version folder and every link met must resolve
+    inside it, or the listing is refused (whatever the link leads to, and without naming it).
 
-    The folders are walked by descriptor (each opened below its parent without
-    following a link), so a folder swapped for a link while it is listed is
-    refused, never listed through; only the links met are resolved one by one (a
-    file that is no link, in folders so walked from a version folder inside
-    ``confine``, is inside it). Each file's ``source`` is its resolved path, the one
-    its read must find again (:func:`_open_source`); ``url`` is its path as named.
+    The folders are walked by descriptor, depth first (only the current branch open), each
+    opened below its parent without following a link: a folder swapped for a link while it
+    is listed is refused, never listed through. A link is resolved once, on a descriptor of
+    what it leads to, which gives its name, size and identity at one moment. Each file's
+    ``identity`` is what its read must find again (:func:`_open_source`).
     """
     try:
         top_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -827,64 +829,119 @@ def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | Non
     except PermissionError as exc:
         raise AccessDeniedError(f"cannot read {folder}: {exc.strerror}", url=str(folder)) from None
     files: list[RemoteFile] = []
-    todo: list[tuple[int, str]] = [(top_fd, "")]  # (an open folder, its path below the version folder)
+    # The open folders of the current branch: (descriptor, path below the version folder, entries left).
+    stack: list[tuple[int, str, Iterator[os.DirEntry[str]]]] = []
     try:
         real_top = _fd_path(top_fd, str(folder))
         if confine is not None and not lies_in(real_top, confine):
             raise AccessDeniedError(f"{folder} resolves outside the repository {confine}; refused", url=str(folder))
-        while todo:
-            fd, rel_dir = todo.pop()
-            try:
-                _list_open_folder(fd, folder, rel_dir, real_top, url_of, confine, files, todo)
-            finally:
+        stack.append((top_fd, "", _entries(top_fd, str(folder))))
+        top_fd = -1
+        while stack:
+            fd, rel_dir, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
                 os.close(fd)
+                continue
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            full = os.path.join(folder, rel)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    sub = _open_subfolder(fd, entry.name, full)
+                    if sub is not None:
+                        try:
+                            stack.append((sub, rel, _entries(sub, full)))
+                        except BaseException:
+                            os.close(sub)
+                            raise
+                    continue
+                if entry.is_symlink():
+                    found = _follow_link(fd, entry.name, full, confine)
+                    if found is None:
+                        continue  # dangling (inside), or a folder: not followed
+                    source, fst = found
+                else:
+                    fst = entry.stat(follow_symlinks=False)
+                    source = f"{real_top.rstrip('/')}/{rel}"
+            except FileNotFoundError:
+                continue  # gone since its folder was read
+            except PermissionError as exc:
+                raise AccessDeniedError(f"cannot read {full}: {exc.strerror}", url=full) from None
+            if not stat.S_ISREG(fst.st_mode):
+                continue
+            files.append(RemoteFile(path=rel, url=url_of(Path(full)), size=fst.st_size, marker=_file_marker(fst),
+                                    source=source, identity=(fst.st_dev, fst.st_ino)))
     finally:
-        for fd, _ in todo:  # (a failure: the folders not listed yet)
+        if top_fd >= 0:
+            os.close(top_fd)
+        for fd, _, _ in stack:  # (a failure: the open folders of the branch)
             os.close(fd)
     return files
 
 
-def _list_open_folder(fd: int, folder: Path, rel_dir: str, real_top: str, url_of: Callable[[Path], str],
-                      confine: str | None, files: list[RemoteFile], todo: list[tuple[int, str]]) -> None:
-    """One folder of :func:`_walk_folder`'s walk, open as ``fd``: its files added to ``files``, its
-    sub-folders opened (never through a link) and added to ``todo``."""
-    named = os.path.join(folder, rel_dir) if rel_dir else str(folder)
+def _entries(fd: int, named: str) -> Iterator[os.DirEntry[str]]:
+    """The entries of the open folder ``fd``, by name (read whole: no descriptor kept for them)."""
     try:
         with os.scandir(fd) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            return iter(sorted(it, key=lambda e: e.name))
     except PermissionError as exc:
         raise AccessDeniedError(f"cannot read {named}: {exc.strerror}", url=named) from None
-    for entry in entries:
-        rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-        full = os.path.join(folder, rel)
+
+
+def _open_subfolder(fd: int, name: str, full: str) -> int | None:
+    """The sub-folder ``name`` of the open folder ``fd``, opened without following a link; None if
+    it is gone."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise AccessDeniedError(f"{full} changed while it was listed (it is no folder now); refused",
+                                    url=full) from None
+        if exc.errno == errno.EACCES:
+            raise
+        raise RepositoryError(f"cannot list {full}: {exc.strerror}", url=full) from None
+
+
+#: A link whose target cannot be reached: dangling, a loop, through a file, too long.
+_UNREACHABLE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
+
+
+def _follow_link(fd: int, name: str, full: str, confine: str | None) -> tuple[str, os.stat_result] | None:
+    """The resolved path and status of what the link ``name`` (in the open folder ``fd``) leads to,
+    both read on one descriptor of it; None for a dangling link (or one to a folder) inside
+    ``confine``. A link resolving outside ``confine`` is refused, whatever it leads to."""
+    out = AccessDeniedError(f"{full} is a link out of the repository {confine}; refused", url=full)
+    o_path = getattr(os, "O_PATH", 0)
+    if not o_path:  # (no O_PATH: the path resolved, then its status, a moment apart)
+        target = os.path.realpath(full)
+        if confine is not None and not lies_in(target, confine):
+            raise out
         try:
-            if entry.is_dir(follow_symlinks=False):
-                try:
-                    sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise AccessDeniedError(f"{full} changed into a link while it was listed; refused",
-                                                url=full) from None
-                    raise
-                todo.append((sub, rel))
-                continue
-            link = entry.is_symlink()
-            fst = os.stat(entry.name, dir_fd=fd) if link else entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue  # a dangling symlink, or gone since the folder was read
-        except PermissionError as exc:
-            raise AccessDeniedError(f"cannot read {full}: {exc.strerror}", url=full) from None
-        if not stat.S_ISREG(fst.st_mode):
-            continue  # (a link to a folder is not followed)
-        if link:
-            source = _resolved(full)
-            if confine is not None and not lies_in(source, confine):
-                raise AccessDeniedError(f"{full} is a link to {source}, outside the repository {confine}; "
-                                        "refused", url=full)
-        else:
-            source = f"{real_top.rstrip('/')}/{rel}"
-        files.append(RemoteFile(path=rel, url=url_of(Path(full)), size=fst.st_size, marker=_file_marker(fst),
-                                source=source))
+            fst = os.stat(name, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in _UNREACHABLE:
+                return None
+            raise
+        return (target, fst) if stat.S_ISREG(fst.st_mode) else None
+    try:
+        lfd = os.open(name, o_path | os.O_CLOEXEC, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno not in _UNREACHABLE:
+            raise
+        if confine is not None and not lies_in(os.path.realpath(full), confine):
+            raise out from None
+        return None
+    try:
+        target = _fd_path(lfd, full)
+        if confine is not None and not lies_in(target, confine):
+            raise out
+        fst = os.fstat(lfd)
+    finally:
+        os.close(lfd)
+    return (target, fst) if stat.S_ISREG(fst.st_mode) else None
 
 
 def _list_folder(folder: Path, location: str) -> list[RemoteFile] | None:
@@ -918,39 +975,69 @@ def _resolved(path: str) -> str:
         os.close(fd)
 
 
-def _open_source(path: str) -> tuple[Any, os.stat_result]:
-    """``path`` (a listed file's ``source``: its resolved path) opened to be read, and its status.
+def _open_source(path: str, identity: tuple[int, int] | None = None) -> tuple[Any, os.stat_result]:
+    """``path`` (a listed file's ``source``) opened to be read, and its status.
 
-    The descriptor must name that very file: one swapped since the listing for a link (or a folder
-    above it for one: out of the repository, or anywhere else) is refused, not read, and so is a
-    file that is no longer a regular one (a FIFO is opened without blocking, then refused)."""
+    With ``identity`` (the listing's (device, inode)) the file opened must be that very file, a
+    regular one: a file, or a folder above it, swapped since the listing (for a link out of the
+    repository, or anything else) is refused, not read. Where the system allows (``O_PATH`` and
+    ``/proc``) this is checked before the file is opened for reading, so nothing else is ever
+    opened (no device, no FIFO); elsewhere the file is opened without blocking, then checked.
+    """
+    changed = AccessDeniedError(f"{path} changed since it was listed; refused", url=path)
+    o_path = getattr(os, "O_PATH", 0)
+    fd = -1
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        if o_path and identity is not None:
+            pfd = _open_checked(path, o_path | os.O_CLOEXEC)
+            try:
+                st = os.fstat(pfd)
+                if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != identity:
+                    raise changed
+                try:  # the same file, opened for reading through its descriptor's name
+                    fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    fd = -1
+            finally:
+                os.close(pfd)
+        if fd < 0:
+            fd = _open_checked(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            os.set_blocking(fd, True)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (identity is not None and (st.st_dev, st.st_ino) != identity):
+            raise changed
+        raw = io.FileIO(fd, "rb")
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    try:
+        return io.BufferedReader(raw), st
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _open_checked(path: str, flags: int) -> int:
+    """``os.open(path, flags)``, its failures said as a fetch says them."""
+    try:
+        return os.open(path, flags)
     except FileNotFoundError:
         raise NotFoundError(f"{path} is gone (it was listed)", url=path) from None
     except PermissionError as exc:
         raise AccessDeniedError(f"cannot read {path}: {exc.strerror}", url=path) from None
-    try:
-        real = _fd_path(fd, path)
-        if real != path:
-            raise AccessDeniedError(f"{path} changed since it was listed: it now leads to {real}; refused",
-                                    url=path)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise AccessDeniedError(f"{path} changed since it was listed: it is no longer a regular file; "
-                                    "refused", url=path)
-        os.set_blocking(fd, True)
-        return open(fd, "rb"), st  # noqa: SIM115 - closed by the caller
-    except BaseException:
-        os.close(fd)
-        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENXIO):
+            raise AccessDeniedError(f"{path} changed since it was listed; refused", url=path) from None
+        raise RepositoryError(f"cannot read {path}: {exc.strerror}", url=path) from None
 
 
-def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int) -> tuple[Any, os.stat_result, int]:
+def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int,
+                   identity: tuple[int, int] | None = None) -> tuple[Any, os.stat_result, int]:
     """:class:`FileRepository`'s first pool job of a file: opened (see :func:`_open_source`), its
     first ``step`` bytes copied into ``sink``; a file that ended within them is closed, and the sink
     too (its file complete). The open file (None once closed), its status and the bytes copied."""
-    src, st = _open_source(path)
+    src, st = _open_source(path, identity)
     try:
         sink.expected = st.st_size
         done = sink.fill_from(src.readinto, step, chunk)
@@ -964,8 +1051,8 @@ def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int) -> tuple[Any, 
     return None, st, done
 
 
-def _read_head(path: str, limit: int) -> bytes:
-    f, _st = _open_source(path)
+def _read_head(path: str, limit: int, identity: tuple[int, int] | None = None) -> bytes:
+    f, _st = _open_source(path, identity)
     with f:
         return f.read(limit)
 
@@ -989,14 +1076,14 @@ class FileRepository(Repository):
         return files
 
     async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
-        return await self.pool.run(_read_head, remote.source, limit)
+        return await self.pool.run(_read_head, remote.source, limit, remote.identity)
 
     async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
         chunk = int(self.config.chunk_size)
         step = chunk * 8
         # One pool job opens the file and copies its first step; a file that fits in it (most
         # small files) is closed there too, the sink with it: one job per file, not five.
-        src, st, done = await self.pool.run(_open_and_fill, remote.source, sink, step, chunk)
+        src, st, done = await self.pool.run(_open_and_fill, remote.source, sink, step, chunk, remote.identity)
         try:
             if done:
                 progress(done)

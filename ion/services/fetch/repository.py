@@ -167,8 +167,8 @@ class RemoteFile:
     :ivar size: bytes, when the repository says (None: unknown until downloaded).
     :ivar checksums: what the repository vouches for (S3 ETag md5, ``Content-MD5``, sidecar sha256).
     :ivar marker: changes when the remote file changes (ETag, Last-Modified + size, mtime + size).
-    :ivar source: the repository's own locator (S3 key, HTTP URL, path).
-    :ivar identity: ``file:``: the (device, inode) the listing found, which its read must open again.
+    :ivar source: the repository's own locator (S3 key, HTTP URL, path; ``file:``: the path the
+        listing resolved, which its read must find again).
     """
 
     path: str
@@ -177,7 +177,6 @@ class RemoteFile:
     checksums: tuple[Checksum, ...] = ()
     marker: str | None = None
     source: str = field(default="", repr=False)
-    identity: tuple[int, int] | None = field(default=None, repr=False)
 
     @property
     def checksum(self) -> Checksum | None:
@@ -819,8 +818,8 @@ def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | Non
     The folders are walked by descriptor, depth first (only the current branch open), each
     opened below its parent without following a link: a folder swapped for a link while it
     is listed is refused, never listed through. A link is resolved once, on a descriptor of
-    what it leads to, which gives its name, size and identity at one moment. Each file's
-    ``identity`` is what its read must find again (:func:`_open_source`).
+    what it leads to, which gives its name and size at one moment. Each file's ``source`` is
+    the path it resolved to, which its read must find again (:func:`_open_source`).
     """
     try:
         top_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -828,6 +827,8 @@ def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | Non
         return None
     except PermissionError as exc:
         raise AccessDeniedError(f"cannot read {folder}: {exc.strerror}", url=str(folder)) from None
+    except OSError as exc:
+        raise RepositoryError(f"cannot list {folder}: {exc.strerror}", url=str(folder)) from None
     files: list[RemoteFile] = []
     # The open folders of the current branch: (descriptor, path below the version folder, entries left).
     stack: list[tuple[int, str, Iterator[os.DirEntry[str]]]] = []
@@ -848,6 +849,8 @@ def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | Non
             full = os.path.join(folder, rel)
             try:
                 if entry.is_dir(follow_symlinks=False):
+                    if len(stack) > _MAX_FILE_DEPTH:
+                        raise RepositoryError(f"{full}: more than {_MAX_FILE_DEPTH} folders deep; refused", url=full)
                     sub = _open_subfolder(fd, entry.name, full)
                     if sub is not None:
                         try:
@@ -868,16 +871,22 @@ def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | Non
                 continue  # gone since its folder was read
             except PermissionError as exc:
                 raise AccessDeniedError(f"cannot read {full}: {exc.strerror}", url=full) from None
+            except OSError as exc:
+                raise RepositoryError(f"cannot list {full}: {exc.strerror}", url=full) from None
             if not stat.S_ISREG(fst.st_mode):
                 continue
             files.append(RemoteFile(path=rel, url=url_of(Path(full)), size=fst.st_size, marker=_file_marker(fst),
-                                    source=source, identity=(fst.st_dev, fst.st_ino)))
+                                    source=source))
     finally:
         if top_fd >= 0:
             os.close(top_fd)
         for fd, _, _ in stack:  # (a failure: the open folders of the branch)
             os.close(fd)
     return files
+
+
+#: The deepest a ``file:`` version folder is walked (each level holds a descriptor while it is).
+_MAX_FILE_DEPTH: Final = 128
 
 
 def _entries(fd: int, named: str) -> Iterator[os.DirEntry[str]]:
@@ -887,6 +896,8 @@ def _entries(fd: int, named: str) -> Iterator[os.DirEntry[str]]:
             return iter(sorted(it, key=lambda e: e.name))
     except PermissionError as exc:
         raise AccessDeniedError(f"cannot read {named}: {exc.strerror}", url=named) from None
+    except OSError as exc:
+        raise RepositoryError(f"cannot list {named}: {exc.strerror}", url=named) from None
 
 
 def _open_subfolder(fd: int, name: str, full: str) -> int | None:
@@ -929,11 +940,12 @@ def _follow_link(fd: int, name: str, full: str, confine: str | None) -> tuple[st
     try:
         lfd = os.open(name, o_path | os.O_CLOEXEC, dir_fd=fd)
     except OSError as exc:
-        if exc.errno not in _UNREACHABLE:
-            raise
+        # Unreachable or not searchable: judged by its path, so that no answer tells what is outside.
         if confine is not None and not lies_in(os.path.realpath(full), confine):
             raise out from None
-        return None
+        if exc.errno in _UNREACHABLE:
+            return None
+        raise
     try:
         target = _fd_path(lfd, full)
         if confine is not None and not lies_in(target, confine):
@@ -975,36 +987,41 @@ def _resolved(path: str) -> str:
         os.close(fd)
 
 
-def _open_source(path: str, identity: tuple[int, int] | None = None) -> tuple[Any, os.stat_result]:
-    """``path`` (a listed file's ``source``) opened to be read, and its status.
+def _open_source(path: str) -> tuple[Any, os.stat_result]:
+    """``path`` (a listed file's ``source``: the path its listing resolved, inside the repository)
+    opened to be read, and its status.
 
-    With ``identity`` (the listing's (device, inode)) the file opened must be that very file, a
-    regular one: a file, or a folder above it, swapped since the listing (for a link out of the
-    repository, or anything else) is refused, not read. Where the system allows (``O_PATH`` and
-    ``/proc``) this is checked before the file is opened for reading, so nothing else is ever
-    opened (no device, no FIFO); elsewhere the file is opened without blocking, then checked.
+    The descriptor must name that path, a regular file: a file, or a folder above it, swapped since
+    the listing for a link (out of the repository or anywhere else) or for anything that is no
+    regular file is refused, not read (a file rewritten in place is read: it is the repository's).
+    Where Linux allows (``O_PATH`` and ``/proc``) this is checked before the file is opened for
+    reading, so nothing else is ever opened (no FIFO, no device); elsewhere the file is opened
+    without blocking, then checked.
     """
     changed = AccessDeniedError(f"{path} changed since it was listed; refused", url=path)
-    o_path = getattr(os, "O_PATH", 0)
     fd = -1
     try:
-        if o_path and identity is not None:
+        o_path = getattr(os, "O_PATH", 0)
+        if o_path:
             pfd = _open_checked(path, o_path | os.O_CLOEXEC)
             try:
-                st = os.fstat(pfd)
-                if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != identity:
+                if _fd_path(pfd, path) != path or not stat.S_ISREG(os.fstat(pfd).st_mode):
                     raise changed
-                try:  # the same file, opened for reading through its descriptor's name
+                try:  # the very file checked, opened for reading through its descriptor's name
                     fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
-                except OSError:
-                    fd = -1
+                except FileNotFoundError:
+                    fd = -1  # (no /proc)
+                except PermissionError as exc:
+                    raise AccessDeniedError(f"cannot read {path}: {exc.strerror}", url=path) from None
             finally:
                 os.close(pfd)
         if fd < 0:
             fd = _open_checked(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            if _fd_path(fd, path) != path:
+                raise changed
             os.set_blocking(fd, True)
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (identity is not None and (st.st_dev, st.st_ino) != identity):
+        if not stat.S_ISREG(st.st_mode):
             raise changed
         raw = io.FileIO(fd, "rb")
     except BaseException:
@@ -1019,25 +1036,25 @@ def _open_source(path: str, identity: tuple[int, int] | None = None) -> tuple[An
 
 
 def _open_checked(path: str, flags: int) -> int:
-    """``os.open(path, flags)``, its failures said as a fetch says them."""
+    """``os.open(path, flags)``, its failures said as a fetch says them; a path that no longer
+    resolves to itself (a link swapped in above it) is "changed", whatever lies beyond."""
     try:
         return os.open(path, flags)
-    except FileNotFoundError:
-        raise NotFoundError(f"{path} is gone (it was listed)", url=path) from None
-    except PermissionError as exc:
-        raise AccessDeniedError(f"cannot read {path}: {exc.strerror}", url=path) from None
     except OSError as exc:
-        if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENXIO):
+        if os.path.realpath(path) != path or exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENXIO):
             raise AccessDeniedError(f"{path} changed since it was listed; refused", url=path) from None
+        if isinstance(exc, FileNotFoundError):
+            raise NotFoundError(f"{path} is gone (it was listed)", url=path) from None
+        if isinstance(exc, PermissionError):
+            raise AccessDeniedError(f"cannot read {path}: {exc.strerror}", url=path) from None
         raise RepositoryError(f"cannot read {path}: {exc.strerror}", url=path) from None
 
 
-def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int,
-                   identity: tuple[int, int] | None = None) -> tuple[Any, os.stat_result, int]:
+def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int) -> tuple[Any, os.stat_result, int]:
     """:class:`FileRepository`'s first pool job of a file: opened (see :func:`_open_source`), its
     first ``step`` bytes copied into ``sink``; a file that ended within them is closed, and the sink
     too (its file complete). The open file (None once closed), its status and the bytes copied."""
-    src, st = _open_source(path, identity)
+    src, st = _open_source(path)
     try:
         sink.expected = st.st_size
         done = sink.fill_from(src.readinto, step, chunk)
@@ -1051,8 +1068,8 @@ def _open_and_fill(path: str, sink: _Sink, step: int, chunk: int,
     return None, st, done
 
 
-def _read_head(path: str, limit: int, identity: tuple[int, int] | None = None) -> bytes:
-    f, _st = _open_source(path, identity)
+def _read_head(path: str, limit: int) -> bytes:
+    f, _st = _open_source(path)
     with f:
         return f.read(limit)
 
@@ -1076,14 +1093,14 @@ class FileRepository(Repository):
         return files
 
     async def _read_small(self, remote: RemoteFile, limit: int) -> bytes:
-        return await self.pool.run(_read_head, remote.source, limit, remote.identity)
+        return await self.pool.run(_read_head, remote.source, limit)
 
     async def _transfer(self, remote: RemoteFile, sink: _Sink, progress: Callable[[int], None]) -> RemoteFile:
         chunk = int(self.config.chunk_size)
         step = chunk * 8
         # One pool job opens the file and copies its first step; a file that fits in it (most
         # small files) is closed there too, the sink with it: one job per file, not five.
-        src, st, done = await self.pool.run(_open_and_fill, remote.source, sink, step, chunk, remote.identity)
+        src, st, done = await self.pool.run(_open_and_fill, remote.source, sink, step, chunk)
         try:
             if done:
                 progress(done)

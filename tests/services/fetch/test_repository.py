@@ -1021,6 +1021,31 @@ async def test_file_repository_refuses_a_file_swapped_for_a_link_out_of_it_after
         assert not (tmp_path / "out" / rel).exists()
     got = await repo.download(files["c.txt"], tmp_path / "out" / "c.txt")
     assert got.size == 1 and (tmp_path / "out" / "c.txt").read_text() == "c"
+    # Rewritten in place (an rsync, a write and rename): the repository's own file, read as it is now.
+    (version / "c.txt").write_text("c2")
+    got = await repo.download(files["c.txt"], tmp_path / "out" / "c2.txt")
+    assert (tmp_path / "out" / "c2.txt").read_text() == "c2"
+
+
+def test_file_read_errors_tell_nothing_of_what_lies_outside(tmp_path: Path) -> None:
+    """A listed folder swapped for a link out of the repository: whether the file exists out there
+    or not, the read says the same thing ("changed since it was listed"), never "gone"."""
+    from ion.services.fetch import repository as repo_module
+    from ion.services.fetch.errors import AccessDeniedError
+
+    root = tmp_path / "repo"
+    version = root / "linux" / "app" / "1.0"
+    write_tree(version, {"sub/there.txt": "t", "sub/absent.txt": "a"})
+    write_tree(tmp_path / "outside", {"there.txt": "secret"})
+    files = {f.path: f for f in repo_module._list_folder(version, str(root)) or []}
+    shutil.rmtree(version / "sub")
+    os.symlink(tmp_path / "outside", version / "sub")
+    messages = set()
+    for rel in ("sub/there.txt", "sub/absent.txt"):
+        with pytest.raises(AccessDeniedError) as info:
+            repo_module._read_head(files[rel].source, 100)
+        messages.add(str(info.value).replace(rel, "REL"))
+    assert len(messages) == 1 and "changed since it was listed" in messages.pop()
 
 
 def test_file_listing_never_walks_through_a_folder_swapped_for_a_link(tmp_path: Path, monkeypatch: Any) -> None:
@@ -1047,6 +1072,21 @@ def test_file_listing_never_walks_through_a_folder_swapped_for_a_link(tmp_path: 
 
     monkeypatch.setattr(repo_module.os, "scandir", swapping_scandir)
     with pytest.raises(AccessDeniedError, match="sub changed while it was listed"):
+        repo_module._list_folder(version, str(tmp_path / "repo"))
+
+
+def test_file_listing_refuses_a_tree_deeper_than_its_bound(tmp_path: Path, monkeypatch: Any) -> None:
+    """Each level of a walk holds a descriptor: a version folder nested deeper than the bound is a
+    RepositoryError naming the folder, not a process out of descriptors."""
+    from ion.services.fetch import repository as repo_module
+    from ion.services.fetch.errors import RepositoryError
+
+    monkeypatch.setattr(repo_module, "_MAX_FILE_DEPTH", 3)
+    version = tmp_path / "repo" / "linux" / "deep" / "1.0"
+    write_tree(version, {"a/b/c/f.txt": "ok"})
+    assert [f.path for f in repo_module._list_folder(version, str(tmp_path / "repo")) or []] == ["a/b/c/f.txt"]
+    write_tree(version, {"a/b/c/d/f.txt": "too deep"})
+    with pytest.raises(RepositoryError, match="more than 3 folders deep"):
         repo_module._list_folder(version, str(tmp_path / "repo"))
 
 

@@ -601,13 +601,16 @@ class _Tree:
     entry is only ever replaced by one of the same kind that this run made.
     """
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, target_fd: int | None = None) -> None:
         self.target = target
         try:
-            target.mkdir(exist_ok=True)
-            # The target itself is not followed either: swapped for a link after the service
-            # checked it, it is refused (ELOOP), not written through.
-            self.root_fd = os.open(target, _DIR_FLAGS)
+            if target_fd is not None:  # opened by the caller (walked from a root it trusts): a copy
+                self.root_fd = os.dup(target_fd)
+            else:
+                target.mkdir(exist_ok=True)
+                # The target itself is not followed either: swapped for a link after the service
+                # checked it, it is refused (ELOOP), not written through.
+                self.root_fd = os.open(target, _DIR_FLAGS)
         except OSError as exc:
             raise TargetError(f"cannot use target {target}: {exc.strerror or exc}") from exc
         self._chain: list[tuple[str, int]] = []
@@ -1107,11 +1110,12 @@ def _extract_zip(raw: _CountingReader, tree: _Tree, budget: _Budget) -> None:
 
 
 # -- entry points ----------------------------------------------------------------------------
-def _run(fmt: ArchiveFormat, raw: IO[bytes], target: Path, limits: Limits, archive: str) -> ExtractResult:
+def _run(fmt: ArchiveFormat, raw: IO[bytes], target: Path, limits: Limits, archive: str,
+         target_fd: int | None = None) -> ExtractResult:
     counting = _CountingReader(raw)
     budget = _Budget(limits, counting)
     try:
-        tree = _Tree(target)
+        tree = _Tree(target, target_fd)
     except UnpackError as exc:
         exc.archive = exc.archive or archive
         raise
@@ -1134,10 +1138,12 @@ def _run(fmt: ArchiveFormat, raw: IO[bytes], target: Path, limits: Limits, archi
 
 
 def extract(archive: str | os.PathLike[str], target: str | os.PathLike[str], limits: Limits | None = None, *,
-            format: ArchiveFormat | None = None) -> ExtractResult:
+            format: ArchiveFormat | None = None, target_fd: int | None = None) -> ExtractResult:
     """Extract ``archive`` into ``target`` (made if missing; its parent must exist), filtered.
 
     :param format: skip detection and read the archive as this format.
+    :param target_fd: the target folder, already opened by the caller (who walked to it without
+        following links from a root it trusts); ``target`` then names it in messages only.
     :raises UnsafeArchiveError: naming the member and why.
     :raises ArchiveLimitError: naming the limit.
     :raises CorruptArchiveError: naming the file and the cause.
@@ -1154,7 +1160,7 @@ def extract(archive: str | os.PathLike[str], target: str | os.PathLike[str], lim
             raise NotAnArchiveError(path, detection.reason)
         format = detection.format
     with _open_archive(path) as raw:
-        return _run(format, raw, Path(target), limits or Limits(), str(path))
+        return _run(format, raw, Path(target), limits or Limits(), str(path), target_fd)
 
 
 def extract_stream(stream: IO[bytes], format: ArchiveFormat, target: str | os.PathLike[str],
@@ -1171,12 +1177,12 @@ def extract_stream(stream: IO[bytes], format: ArchiveFormat, target: str | os.Pa
 
 
 def unpack(archive: str | os.PathLike[str], target: str | os.PathLike[str],
-           limits: Limits | None = None) -> UnpackResult:
+           limits: Limits | None = None, *, target_fd: int | None = None) -> UnpackResult:
     """Detect, then extract an archive into ``target``; a file that is no archive is left alone.
 
-    Raises as :func:`detect` and :func:`extract` do.
+    Raises as :func:`detect` and :func:`extract` do (``target_fd``: see :func:`extract`).
     """
     detection = detect(archive)
     if detection.format is None:
         return UnpackResult(detection, None)
-    return UnpackResult(detection, extract(archive, target, limits, format=detection.format))
+    return UnpackResult(detection, extract(archive, target, limits, format=detection.format, target_fd=target_fd))

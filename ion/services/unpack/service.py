@@ -31,6 +31,7 @@ from typing import Any
 from twisted.internet import defer
 
 from ion.core.exceptions import ApplicationError
+from ion.core.safefs import SafeDir, SymlinkRefused
 from ion.core.security import control, narrow_limit, narrow_roots
 from ion.core.service import ServiceClient, ServiceProcess
 from ion.services.unpack import core
@@ -105,8 +106,26 @@ class UnpackService(ServiceProcess):
         return core.detect(self._allowed("path", path))
 
     def _unpack(self, archive: str, target: str) -> core.UnpackResult:
-        return core.unpack(self._allowed("archive", archive), self._allowed("target", target, below=True),
-                           self.limits)
+        archive_path = self._allowed("archive", archive)
+        target_path = self._allowed("target", target, below=True)
+        detection = core.detect(archive_path)
+        if detection.format is None:  # kept as it is: the target is not touched
+            return core.UnpackResult(detection, None)
+        # Written through a descriptor of the target walked to from its allowed root without following
+        # links: a folder on the way swapped for a link after the check is refused, never written
+        # through. (The target is made if missing; its parent must exist.)
+        root = next(r for r in self.allowed_roots if target_path.is_relative_to(r))
+        try:
+            with SafeDir.open_below(root, target_path.parent) as parent:
+                folder = parent.open_dir(target_path.name, create=True)
+        except SymlinkRefused as exc:
+            raise ApplicationError(f"target {target}: {exc} (it changed since it was checked); refused",
+                                   code=403) from None
+        except OSError as exc:
+            raise core.TargetError(f"cannot use target {target_path}: {exc.strerror or exc}") from None
+        with folder:
+            return core.UnpackResult(detection, core.extract(archive_path, target_path, self.limits,
+                                                             format=detection.format, target_fd=folder.fd))
 
     async def op_detect(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Whether ``{path}`` is an archive: ``{format, archive, claimed, reason}``."""

@@ -122,6 +122,33 @@ async def test_paths_outside_the_allowed_roots_are_403(container, process_factor
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_target_folder_swapped_for_a_link_after_the_check_is_never_written_through(
+        container, process_factory, sandbox, monkeypatch):
+    """The target's folder is checked inside the allowed roots, then swapped for a link out of them
+    before the extraction: the target is walked to from its root without following links, so the
+    request is refused (403, the link named) and nothing is written outside."""
+    client = await _client(container, process_factory, sandbox)
+    archive = write_tar(sandbox.archives / "dep.tar", GOOD)
+    folder = sandbox.root / "staging" / "swapped"
+    folder.mkdir()
+    real_detect = core.detect
+
+    def detect_then_swap(path):
+        found = real_detect(path)
+        folder.rmdir()
+        os.symlink(sandbox.root / "outside", folder)
+        return found
+
+    monkeypatch.setattr(core, "detect", detect_then_swap)
+    outside = sandbox.root / "outside"
+    before = sorted((p.relative_to(outside), p.stat().st_mtime_ns) for p in outside.rglob("*"))
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.unpack(archive, folder / "t")
+    assert info.value.response_code == 403 and "symbolic link" in info.value.message, info.value.message
+    assert sorted((p.relative_to(outside), p.stat().st_mtime_ns) for p in outside.rglob("*")) == before
+
+
+@pytest_twisted.ensureDeferred
 async def test_malformed_requests_are_400(container, process_factory, sandbox):
     """Missing keys, relative paths and a missing archive are 400s saying what is wrong."""
     await _client(container, process_factory, sandbox)
@@ -154,13 +181,13 @@ async def test_an_unwritable_target_is_a_500(container, process_factory, sandbox
 async def test_extraction_runs_in_the_blocking_pool(container, process_factory, sandbox, monkeypatch):
     """The extraction happens on a pool thread, never on the reactor thread."""
     threads: list[threading.Thread] = []
-    real = core.unpack
+    real = core.extract
 
     def spy(*args, **kwargs):
         threads.append(threading.current_thread())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(core, "unpack", spy)
+    monkeypatch.setattr(core, "extract", spy)
     client = await _client(container, process_factory, sandbox)
     archive = write_tar(sandbox.archives / "dep.tar", GOOD)
     await client.unpack(archive, sandbox.target)

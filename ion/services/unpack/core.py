@@ -278,10 +278,18 @@ def claimed_format(name: str) -> ArchiveFormat | None:
     return None
 
 
-def _open_archive(path: Path) -> BinaryIO:
-    """Open a regular file for reading (never blocking on a FIFO or a device)."""
+def _open_archive(path: Path, archive_fd: int | None = None) -> BinaryIO:
+    """Open a regular file for reading (never blocking on a FIFO or a device); with ``archive_fd``
+    (the file, opened by a caller that checked it), that very file again, read from its start."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if archive_fd is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        else:
+            try:  # a reading of its own (offset 0), of the same open file
+                fd = os.open(f"/proc/self/fd/{archive_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:  # (no /proc: a copy of the descriptor, rewound)
+                fd = os.dup(archive_fd)
+                os.lseek(fd, 0, os.SEEK_SET)
     except OSError as exc:
         raise ArchiveAccessError(f"cannot open archive: {exc.strerror or exc}", archive=path) from exc
     try:
@@ -308,10 +316,10 @@ def _tar_block_kind(block: bytes) -> str | None:
     return "header"
 
 
-def _sniff(path: Path) -> tuple[ArchiveFormat | None, str, ArchiveFormat | None]:
+def _sniff(path: Path, archive_fd: int | None = None) -> tuple[ArchiveFormat | None, str, ArchiveFormat | None]:
     """What the content is: the format it shows (or None), a description, and the tar
     format it would be if it is an all-zero block (an empty tar, valid only if so named)."""
-    with _open_archive(path) as f:
+    with _open_archive(path, archive_fd) as f:
         head = f.read(tarfile.BLOCKSIZE)
         if not head:
             return None, "an empty file", None
@@ -346,9 +354,11 @@ def _sniff(path: Path) -> tuple[ArchiveFormat | None, str, ArchiveFormat | None]
         return None, "not an archive", None
 
 
-def detect(path: str | os.PathLike[str]) -> Detection:
+def detect(path: str | os.PathLike[str], *, archive_fd: int | None = None) -> Detection:
     """Decide whether ``path`` is an archive, and of which format (see the module doc).
 
+    :param archive_fd: the file, opened by a caller that checked it: read instead of ``path``
+        (which then gives its name, and names it in messages).
     :raises CorruptArchiveError: when the name claims an archive and the content is none.
     :raises ArchiveAccessError: when the file cannot be opened or is not a regular file.
     """
@@ -358,10 +368,10 @@ def detect(path: str | os.PathLike[str]) -> Detection:
     lower = name.lower()
     if claimed is None and not lower.endswith(_COMPRESSION_SUFFIXES) and _TYPE_SUFFIX.search(name):
         # Still refuse what cannot be read at all, so a FIFO or a folder is not "kept".
-        _open_archive(path).close()
+        _open_archive(path, archive_fd).close()
         suffix = _TYPE_SUFFIX.search(name).group(0)  # type: ignore[union-attr]
         return Detection(None, None, f"{suffix} files are kept as they are")
-    content, what, empty_tar = _sniff(path)
+    content, what, empty_tar = _sniff(path, archive_fd)
     if content is not None:
         if claimed is None:
             return Detection(content, None, f"content is {what}")
@@ -1138,12 +1148,14 @@ def _run(fmt: ArchiveFormat, raw: IO[bytes], target: Path, limits: Limits, archi
 
 
 def extract(archive: str | os.PathLike[str], target: str | os.PathLike[str], limits: Limits | None = None, *,
-            format: ArchiveFormat | None = None, target_fd: int | None = None) -> ExtractResult:
+            format: ArchiveFormat | None = None, target_fd: int | None = None,
+            archive_fd: int | None = None) -> ExtractResult:
     """Extract ``archive`` into ``target`` (made if missing; its parent must exist), filtered.
 
     :param format: skip detection and read the archive as this format.
     :param target_fd: the target folder, already opened by the caller (who walked to it without
         following links from a root it trusts); ``target`` then names it in messages only.
+    :param archive_fd: the archive, likewise (see :func:`detect`).
     :raises UnsafeArchiveError: naming the member and why.
     :raises ArchiveLimitError: naming the limit.
     :raises CorruptArchiveError: naming the file and the cause.
@@ -1155,11 +1167,11 @@ def extract(archive: str | os.PathLike[str], target: str | os.PathLike[str], lim
     """
     path = Path(archive)
     if format is None:
-        detection = detect(path)
+        detection = detect(path, archive_fd=archive_fd)
         if detection.format is None:
             raise NotAnArchiveError(path, detection.reason)
         format = detection.format
-    with _open_archive(path) as raw:
+    with _open_archive(path, archive_fd) as raw:
         return _run(format, raw, Path(target), limits or Limits(), str(path), target_fd)
 
 

@@ -24,6 +24,7 @@ target that cannot be written is a 500 (``TargetError``). The core's
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,36 @@ class UnpackService(ServiceProcess):
     def _detect(self, path: str) -> core.Detection:
         return core.detect(self._allowed("path", path))
 
+    def _checked_file(self, key: str, path: Path) -> int:
+        """``path`` (checked: inside an allowed root) opened by walking to it from that root without
+        following links: a folder on the way, or the file, swapped for a link after the check is
+        refused (403), never read through. A descriptor the caller closes."""
+        root = next(r for r in self.allowed_roots if path.is_relative_to(r))
+        try:
+            with SafeDir.open_below(root, path.parent) as parent:
+                return os.open(path.name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=parent.fd)
+        except SymlinkRefused as exc:
+            raise ApplicationError(f"{key} {path}: {exc} (it changed since it was checked); refused",
+                                   code=403) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ApplicationError(f"{key} {path} is a symbolic link (it changed since it was checked); "
+                                       "refused", code=403) from None
+            raise core.ArchiveAccessError(f"cannot open archive: {exc.strerror or exc}", archive=path) from None
+
     def _unpack(self, archive: str, target: str) -> core.UnpackResult:
         archive_path = self._allowed("archive", archive)
         target_path = self._allowed("target", target, below=True)
-        detection = core.detect(archive_path)
+        archive_fd = self._checked_file("archive", archive_path)
+        try:
+            return self._unpack_checked(archive_path, archive_fd, target, target_path)
+        finally:
+            os.close(archive_fd)
+
+    def _unpack_checked(self, archive_path: Path, archive_fd: int, target: str,
+                        target_path: Path) -> core.UnpackResult:
+        detection = core.detect(archive_path, archive_fd=archive_fd)
         if detection.format is None:  # kept as it is: the target is not touched
             return core.UnpackResult(detection, None)
         # Written through a descriptor of the target walked to from its allowed root without following
@@ -125,7 +152,8 @@ class UnpackService(ServiceProcess):
             raise core.TargetError(f"cannot use target {target_path}: {exc.strerror or exc}") from None
         with folder:
             return core.UnpackResult(detection, core.extract(archive_path, target_path, self.limits,
-                                                             format=detection.format, target_fd=folder.fd))
+                                                             format=detection.format, target_fd=folder.fd,
+                                                             archive_fd=archive_fd))
 
     async def op_detect(self, content: Any, headers: dict[str, Any], msg: dict[str, Any]) -> Any:
         """Whether ``{path}`` is an archive: ``{format, archive, claimed, reason}``."""

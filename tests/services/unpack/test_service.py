@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -133,8 +134,8 @@ async def test_a_target_folder_swapped_for_a_link_after_the_check_is_never_writt
     folder.mkdir()
     real_detect = core.detect
 
-    def detect_then_swap(path):
-        found = real_detect(path)
+    def detect_then_swap(path, **kwargs):
+        found = real_detect(path, **kwargs)
         folder.rmdir()
         os.symlink(sandbox.root / "outside", folder)
         return found
@@ -146,6 +147,35 @@ async def test_a_target_folder_swapped_for_a_link_after_the_check_is_never_writt
         await client.unpack(archive, folder / "t")
     assert info.value.response_code == 403 and "symbolic link" in info.value.message, info.value.message
     assert sorted((p.relative_to(outside), p.stat().st_mtime_ns) for p in outside.rglob("*")) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_archive_folder_swapped_for_a_link_after_the_check_is_never_read_through(
+        container, process_factory, sandbox, monkeypatch):
+    """The archive's folder is checked inside the allowed roots, then swapped for a link to a folder
+    outside them holding an archive of the same name: the archive is opened by walking to it without
+    following links, so the request is refused (403) and nothing of the outside archive is written."""
+    client = await _client(container, process_factory, sandbox)
+    folder = sandbox.root / "staging" / "incoming"
+    folder.mkdir()
+    write_tar(folder / "dep.tar", GOOD)
+    elsewhere = sandbox.root / "elsewhere"
+    elsewhere.mkdir()
+    write_tar(elsewhere / "dep.tar", [M("planted.txt", data=b"not from the allowed roots")])
+    real_allowed = UnpackService._allowed
+
+    def allowed_then_swap(self, key, value, *, below=False):
+        checked = real_allowed(self, key, value, below=below)
+        if key == "archive":
+            shutil.rmtree(folder)
+            os.symlink(elsewhere, folder)
+        return checked
+
+    monkeypatch.setattr(UnpackService, "_allowed", allowed_then_swap)
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.unpack(folder / "dep.tar", sandbox.target)
+    assert info.value.response_code == 403 and "symbolic link" in info.value.message, info.value.message
+    assert not sandbox.target.exists()
 
 
 @pytest_twisted.ensureDeferred

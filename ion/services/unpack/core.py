@@ -287,14 +287,15 @@ def _open_archive(path: Path, archive_fd: int | None = None) -> BinaryIO:
         else:
             try:  # a reading of its own (offset 0), of the same open file
                 fd = os.open(f"/proc/self/fd/{archive_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except FileNotFoundError:  # (no /proc: a copy of the descriptor, rewound)
+            except FileNotFoundError:  # (no /proc: a copy of the descriptor, rewound below)
                 fd = os.dup(archive_fd)
-                os.lseek(fd, 0, os.SEEK_SET)
     except OSError as exc:
         raise ArchiveAccessError(f"cannot open archive: {exc.strerror or exc}", archive=path) from exc
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ArchiveAccessError("cannot open archive: not a regular file", archive=path)
+        if archive_fd is not None:
+            os.lseek(fd, 0, os.SEEK_SET)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

@@ -104,13 +104,24 @@ class UnpackService(ServiceProcess):
         return resolved
 
     def _detect(self, path: str) -> core.Detection:
-        return core.detect(self._allowed("path", path))
+        checked = self._allowed("path", path)
+        fd = self._checked_file("path", checked)
+        try:
+            return core.detect(checked, archive_fd=fd)
+        finally:
+            os.close(fd)
+
+    def _root_of(self, path: Path) -> Path:
+        """The deepest allowed root ``path`` lies in (checked by :meth:`_allowed`)."""
+        return max((r for r in self.allowed_roots if path.is_relative_to(r)), key=lambda r: len(r.parts))
 
     def _checked_file(self, key: str, path: Path) -> int:
         """``path`` (checked: inside an allowed root) opened by walking to it from that root without
         following links: a folder on the way, or the file, swapped for a link after the check is
         refused (403), never read through. A descriptor the caller closes."""
-        root = next(r for r in self.allowed_roots if path.is_relative_to(r))
+        root = self._root_of(path)
+        if path == root:  # (a root is a folder to work in, not a file to read)
+            raise core.ArchiveAccessError("cannot open archive: not a regular file", archive=path)
         try:
             with SafeDir.open_below(root, path.parent) as parent:
                 return os.open(path.name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -141,7 +152,7 @@ class UnpackService(ServiceProcess):
         # Written through a descriptor of the target walked to from its allowed root without following
         # links: a folder on the way swapped for a link after the check is refused, never written
         # through. (The target is made if missing; its parent must exist.)
-        root = next(r for r in self.allowed_roots if target_path.is_relative_to(r))
+        root = self._root_of(target_path)
         try:
             with SafeDir.open_below(root, target_path.parent) as parent:
                 folder = parent.open_dir(target_path.name, create=True)
@@ -149,7 +160,8 @@ class UnpackService(ServiceProcess):
             raise ApplicationError(f"target {target}: {exc} (it changed since it was checked); refused",
                                    code=403) from None
         except OSError as exc:
-            raise core.TargetError(f"cannot use target {target_path}: {exc.strerror or exc}") from None
+            raise core.TargetError(f"cannot use target {target_path}: {exc.strerror or exc}",
+                                   archive=archive_path) from None
         with folder:
             return core.UnpackResult(detection, core.extract(archive_path, target_path, self.limits,
                                                              format=detection.format, target_fd=folder.fd,

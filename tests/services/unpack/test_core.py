@@ -354,3 +354,38 @@ def test_a_target_that_cannot_be_made_is_a_target_error(sandbox):
     sandbox.assert_untouched()
 
 
+def test_an_archive_read_through_a_callers_descriptor_without_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without /proc, a caller's descriptor is read through a copy rewound to its start: detect then
+    extract read the archive whole; a FIFO's descriptor is refused as no regular file, and no copy
+    of it is left open."""
+    from ion.services.unpack import core as unpack_core
+
+    archive = tmp_path / "dep.tar"
+    archive.write_bytes(tar_bytes([M("pkg/a.txt", data=b"a")]))
+    real_open = os.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/self/fd/"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(unpack_core.os, "open", no_proc)
+    fd = real_open(archive, os.O_RDONLY)
+    try:
+        os.read(fd, 100)  # (the caller's offset: the copies read from the start anyway)
+        found = unpack_core.detect(archive, archive_fd=fd)
+        result = unpack_core.extract(archive, tmp_path / "out", format=found.format, archive_fd=fd)
+    finally:
+        os.close(fd)
+    assert "pkg/a.txt" in result.members
+    assert (tmp_path / "out" / "pkg" / "a.txt").read_bytes() == b"a"
+    os.mkfifo(tmp_path / "fifo")
+    fifo = real_open(tmp_path / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(unpack_core.ArchiveAccessError, match="not a regular file"):
+            unpack_core.detect(tmp_path / "fifo", archive_fd=fifo)
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(fifo)
+

@@ -179,6 +179,38 @@ async def test_an_archive_folder_swapped_for_a_link_after_the_check_is_never_rea
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_archive_or_detected_file_swapped_for_a_link_after_the_check_is_refused(
+        container, process_factory, sandbox, monkeypatch):
+    """The archive itself swapped for a link after its check (unpack), and a folder above a file
+    swapped for one (detect): both refused with 403, nothing read through the link."""
+    client = await _client(container, process_factory, sandbox)
+    archive = write_tar(sandbox.archives / "dep.tar", GOOD)
+    elsewhere = sandbox.root / "elsewhere"
+    elsewhere.mkdir()
+    write_tar(elsewhere / "dep.tar", [M("planted.txt", data=b"not from the allowed roots")])
+    real_allowed = UnpackService._allowed
+    swaps = {"archive": lambda: (archive.unlink(), os.symlink(elsewhere / "dep.tar", archive)),
+             "path": lambda: (shutil.rmtree(sandbox.archives / "sub"), os.symlink(elsewhere, sandbox.archives / "sub"))}
+
+    def allowed_then_swap(self, key, value, *, below=False):
+        checked = real_allowed(self, key, value, below=below)
+        if key in swaps:
+            swaps.pop(key)()
+        return checked
+
+    monkeypatch.setattr(UnpackService, "_allowed", allowed_then_swap)
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.unpack(archive, sandbox.target)
+    assert info.value.response_code == 403 and "symbolic link" in info.value.message, info.value.message
+    assert not sandbox.target.exists()
+    (sandbox.archives / "sub").mkdir()
+    write_tar(sandbox.archives / "sub" / "dep.tar", GOOD)
+    with pytest.raises(ReceivedApplicationError) as info:
+        await client.detect(sandbox.archives / "sub" / "dep.tar")
+    assert info.value.response_code == 403 and "symbolic link" in info.value.message, info.value.message
+
+
+@pytest_twisted.ensureDeferred
 async def test_malformed_requests_are_400(container, process_factory, sandbox):
     """Missing keys, relative paths and a missing archive are 400s saying what is wrong."""
     await _client(container, process_factory, sandbox)

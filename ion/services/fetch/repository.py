@@ -809,11 +809,11 @@ def _file_marker(st: os.stat_result) -> str:
     return f"mtime:{st.st_mtime_ns}:size:{st.st_size}"
 
 
-def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | None = None) -> list[RemoteFile] | None:
+def _walk_folder(folder: Path, confine: str) -> list[RemoteFile] | None:
     """Every regular file under ``folder`` (symlinks to files followed, to folders not); None if no folder.
 
-    With ``confine`` (a resolved folder), the version folder and every link met must resolve
-    inside it, or the listing is refused (whatever the link leads to, and without naming it).
+    The version folder and every link met must resolve inside ``confine`` (the repository's
+    resolved folder), or the listing is refused (whatever the link leads to, without naming it).
 
     The folders are walked by descriptor, depth first (only the current branch open), each
     opened below its parent without following a link: a folder swapped for a link while it
@@ -834,7 +834,7 @@ def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | Non
     stack: list[tuple[int, str, Iterator[os.DirEntry[str]]]] = []
     try:
         real_top = _fd_path(top_fd, str(folder))
-        if confine is not None and not lies_in(real_top, confine):
+        if not lies_in(real_top, confine):
             raise AccessDeniedError(f"{folder} resolves outside the repository {confine}; refused", url=str(folder))
         stack.append((top_fd, "", _entries(top_fd, str(folder))))
         top_fd = -1
@@ -875,8 +875,7 @@ def _walk_folder(folder: Path, url_of: Callable[[Path], str], confine: str | Non
                 raise RepositoryError(f"cannot list {full}: {exc.strerror}", url=full) from None
             if not stat.S_ISREG(fst.st_mode):
                 continue
-            files.append(RemoteFile(path=rel, url=url_of(Path(full)), size=fst.st_size, marker=_file_marker(fst),
-                                    source=source))
+            files.append(RemoteFile(path=rel, url=full, size=fst.st_size, marker=_file_marker(fst), source=source))
     finally:
         if top_fd >= 0:
             os.close(top_fd)
@@ -920,7 +919,7 @@ def _open_subfolder(fd: int, name: str, full: str) -> int | None:
 _UNREACHABLE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
 
 
-def _follow_link(fd: int, name: str, full: str, confine: str | None) -> tuple[str, os.stat_result] | None:
+def _follow_link(fd: int, name: str, full: str, confine: str) -> tuple[str, os.stat_result] | None:
     """The resolved path and status of what the link ``name`` (in the open folder ``fd``) leads to,
     both read on one descriptor of it; None for a dangling link (or one to a folder) inside
     ``confine``. A link resolving outside ``confine`` is refused, whatever it leads to."""
@@ -928,7 +927,7 @@ def _follow_link(fd: int, name: str, full: str, confine: str | None) -> tuple[st
     o_path = getattr(os, "O_PATH", 0)
     if not o_path:  # (no O_PATH: the path resolved, then its status, a moment apart)
         target = os.path.realpath(full)
-        if confine is not None and not lies_in(target, confine):
+        if not lies_in(target, confine):
             raise out
         try:
             fst = os.stat(name, dir_fd=fd)
@@ -941,14 +940,14 @@ def _follow_link(fd: int, name: str, full: str, confine: str | None) -> tuple[st
         lfd = os.open(name, o_path | os.O_CLOEXEC, dir_fd=fd)
     except OSError as exc:
         # Unreachable or not searchable: judged by its path, so that no answer tells what is outside.
-        if confine is not None and not lies_in(os.path.realpath(full), confine):
+        if not lies_in(os.path.realpath(full), confine):
             raise out from None
         if exc.errno in _UNREACHABLE:
             return None
         raise
     try:
         target = _fd_path(lfd, full)
-        if confine is not None and not lies_in(target, confine):
+        if not lies_in(target, confine):
             raise out
         fst = os.fstat(lfd)
     finally:
@@ -959,7 +958,7 @@ def _follow_link(fd: int, name: str, full: str, confine: str | None) -> tuple[st
 def _list_folder(folder: Path, location: str) -> list[RemoteFile] | None:
     """:class:`FileRepository`'s listing, in one pool job: the files of ``folder``, confined to the
     repository's folder ``location`` resolved now."""
-    return _walk_folder(folder, str, _resolved(location))
+    return _walk_folder(folder, _resolved(location))
 
 
 def _fd_path(fd: int, path: str) -> str:

@@ -1190,12 +1190,12 @@ def extract_stream(stream: IO[bytes], format: ArchiveFormat, target: str | os.Pa
 
 
 def unpack(archive: str | os.PathLike[str], target: str | os.PathLike[str],
-           limits: Limits | None = None, *, target_fd: int | None = None) -> UnpackResult:
+           limits: Limits | None = None) -> UnpackResult:
     """Detect, then extract an archive into ``target``; a file that is no archive is left alone.
 
-    Raises as :func:`detect` and :func:`extract` do (``target_fd``: see :func:`extract`).
+    Raises as :func:`detect` and :func:`extract` do.
     """
     detection = detect(archive)
     if detection.format is None:
         return UnpackResult(detection, None)
-    return UnpackResult(detection, extract(archive, target, limits, format=detection.format, target_fd=target_fd))
+    return UnpackResult(detection, extract(archive, target, limits, format=detection.format))

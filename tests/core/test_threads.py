@@ -53,23 +53,24 @@ async def test_stop_does_not_block_the_reactor():
 
 
 @pytest_twisted.ensureDeferred
-async def test_short_calls_of_one_turn_share_pool_jobs():
+async def test_short_calls_of_one_turn_share_jobs_on_a_thread_of_their_own(monkeypatch):
     """run_short: the calls of one reactor turn run off the reactor thread in jobs of at most
-    SHORT_BATCH calls; each Deferred gets its own call's result or error."""
+    SHORT_BATCH calls, all on one thread beside the pool's; each Deferred gets its own call's
+    result or error."""
     from twisted.internet import defer
 
+    from ion.core import threads as threads_module
     from ion.core.threads import SHORT_BATCH
 
-    pool = BlockingPool(maxthreads=4)
     jobs: list[int] = []
-    run = pool.run
+    call_each = threads_module._call_each
 
-    def counting_run(fn, *args, **kwargs):
-        jobs.append(len(args[0]))
-        return run(fn, *args, **kwargs)
+    def counting(calls):
+        jobs.append(len(calls))
+        return call_each(calls)
 
-    pool.run = counting_run  # type: ignore[method-assign]
-    here = threading.current_thread().name
+    monkeypatch.setattr(threads_module, "_call_each", counting)
+    pool = BlockingPool(maxthreads=4, name="test-short")
     try:
         n = 2 * SHORT_BATCH + 3
         calls = [pool.run_short(lambda i=i: (i, threading.current_thread().name) if i % 7 else 1 / 0)
@@ -78,14 +79,35 @@ async def test_short_calls_of_one_turn_share_pool_jobs():
         assert jobs == [SHORT_BATCH, SHORT_BATCH, 3]
         for i, (ok, value) in enumerate(outcomes):
             if i % 7:
-                assert ok and value[0] == i and value[1] != here
+                assert ok and value[0] == i
             else:
                 assert not ok and value.check(ZeroDivisionError)
+        assert {value[1] for ok, value in outcomes if ok} == {"PoolThread-test-short-short-0"}
         # A call made from a callback goes into the next turn's job.
         second = await pool.run_short(lambda: "next").addCallback(lambda v: pool.run_short(lambda: v + " turn"))
         assert second == "next turn" and jobs[-2:] == [1, 1]
     finally:
-        pool.stop()
+        await pool.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-test-short-")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_short_calls_do_not_wait_behind_the_pools_long_calls():
+    """The pool's threads all busy with long calls: a short call still runs (on its own thread),
+    and stop() waits for both kinds."""
+    pool = BlockingPool(maxthreads=1, name="test-lane")
+    release = threading.Event()
+    try:
+        long = pool.run(lambda: release.wait(10) and "long")
+        assert await pool.run_short(lambda: "short") == "short"
+        assert not long.called
+        release.set()
+        assert await long == "long"
+    finally:
+        release.set()
+        stopped = pool.stop()
+    await stopped
+    assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-test-lane-")]
 
 
 @pytest_twisted.ensureDeferred

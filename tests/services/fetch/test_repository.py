@@ -385,6 +385,36 @@ async def test_http_content_md5_is_checked(make_repo: Any, pool: Any, tmp_path: 
 
 
 @pytest_twisted.ensureDeferred
+async def test_http_small_file_is_written_by_a_short_call_a_big_one_by_the_pool(
+        make_repo: Any, pool: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small file come whole is written, hashed and closed by one short call (on run_short's
+    thread, beside the pool's); a big file's pieces by the pool's threads. Both arrive whole."""
+    writers: dict[str, set[str]] = {}
+    write = _Sink.write
+
+    def recording(self: _Sink, data: Any) -> int:
+        writers.setdefault(self.path.name, set()).add(threading.current_thread().name)
+        return write(self, data)
+
+    monkeypatch.setattr(_Sink, "write", recording)
+    url, _ = make_repo("http")
+    repo = repository_for(url, pool, config=FAST)
+    try:
+        small = (await listed(repo, "linux", "multi", "2.0"))["a.bin"]
+        (big,) = await repo.list_version("linux", "big", "1.0")
+        got_small = await repo.download(small, tmp_path / "a.bin")
+        got_big = await repo.download(big, tmp_path / "big.bin")
+    finally:
+        await repo.close()
+    assert writers["a.bin"] == {f"PoolThread-{pool.name}-short-0"}
+    assert writers["big.bin"] and not any(name.endswith("-short-0") for name in writers["big.bin"])
+    assert got_small.sha256 == sha(CONTENT["linux/multi/2.0/a.bin"])
+    assert (tmp_path / "a.bin").read_bytes() == CONTENT["linux/multi/2.0/a.bin"]
+    assert got_big.sha256 == sha(CONTENT["linux/big/1.0/big.bin"])
+    assert (tmp_path / "big.bin").read_bytes() == CONTENT["linux/big/1.0/big.bin"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_http_dropped_connection_is_retried(make_repo: Any, pool: Any, tmp_path: Path) -> None:
     """A connection dropped mid-file twice is retried and the third GET succeeds."""
     rel = "deps/linux/big/1.0/big.bin"

@@ -61,6 +61,7 @@ class BlockingPool:
         self.maxthreads = max(1, maxthreads)
         #: Where :meth:`run_short`'s jobs run: a pool of one thread, made by the first short call.
         self._lane: BlockingPool | None = None
+        self._short_shared = False  # (its thread could not start: short calls use the pool's threads)
         self._calls: SimpleQueue[_Call | None] = SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._unanswered = 0  # calls handed out and not yet answered (reactor thread only)
@@ -93,13 +94,12 @@ class BlockingPool:
         """
         self._stopped = True
         self._remove_trigger()
-        lane = self._lane.stop() if self._lane is not None else defer.succeed(None)  # (run_short's thread)
-        if self._stopping is None:
-            if not self._started:
-                return lane
+        if self._stopping is None and self._started:
             self._stopping = threads.deferToThread(self._end_threads)
-        # (A second stop() waits for the same threads.)
-        return defer.gatherResults([observe(self._stopping), lane]).addCallback(lambda _: None)
+        # (A second stop() waits for the same threads; run_short's thread is stopped alike.)
+        ending = [observe(d) for d in (self._stopping, self._lane.stop() if self._lane is not None else None)
+                  if d is not None]
+        return observe(defer.DeferredList(ending))
 
     def _shutdown(self) -> None:
         # The reactor is going away: nothing is left to keep responsive.
@@ -107,6 +107,9 @@ class BlockingPool:
         self._shutdown_trigger = None
         if self._started:
             self._end_threads()
+        if self._lane is not None:
+            self._lane._remove_trigger()
+            self._lane._shutdown()
 
     def _end_threads(self) -> None:
         """Each thread ends after the calls queued before its end marker; wait for them all.
@@ -125,6 +128,18 @@ class BlockingPool:
             except (ValueError, KeyError):
                 pass
             self._shutdown_trigger = None
+        if self._lane is not None:
+            self._lane._remove_trigger()
+
+    def _add_thread(self) -> Failure | None:
+        """Start one more thread; None, or why it could not start (``RuntimeError``: too many)."""
+        thread = threading.Thread(target=self._serve, name=f"PoolThread-{self.name}-{len(self._threads)}")
+        try:
+            thread.start()
+        except RuntimeError:
+            return Failure()
+        self._threads.append(thread)
+        return None
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
         """Call ``fn(*args, **kwargs)`` in a pool thread; fires with its result on the reactor."""
@@ -135,14 +150,9 @@ class BlockingPool:
         if not self._started:
             self.start()
         if self._unanswered >= len(self._threads) and len(self._threads) < self.maxthreads:
-            thread = threading.Thread(target=self._serve, name=f"PoolThread-{self.name}-{len(self._threads)}")
-            try:
-                thread.start()
-            except RuntimeError:  # (can't start a new thread: the threads there are take it in turn)
-                if not self._threads:
-                    return defer.fail()
-            else:
-                self._threads.append(thread)
+            failed = self._add_thread()
+            if failed is not None and not self._threads:  # (else the threads there take it in turn)
+                return defer.fail(failed)
         d: defer.Deferred[T] = defer.Deferred()
         self._unanswered += 1
         self._calls.put((fn, args, kwargs, d))
@@ -203,21 +213,32 @@ class BlockingPool:
             self.reactor.callLater(0, self._run_short_calls)
         return d
 
+    def _short_lane(self) -> Callable[..., defer.Deferred[Any]]:
+        """Where short calls' jobs go: ``run`` of a pool of one thread, made and its thread started the
+        first time; this pool's own ``run`` if that thread could not start (they share its threads then)."""
+        if self._lane is None and not self._short_shared:
+            lane = BlockingPool(self.reactor, maxthreads=1, name=f"{self.name}-short")
+            lane.start()
+            failed = lane._add_thread()
+            if failed is None:
+                self._lane = lane
+            else:
+                lane.stop()
+                self._short_shared = True
+                _log.warn("{pool}: no thread of its own for short calls ({why}); they share the pool's",
+                          pool=self.name, why=failed.getErrorMessage())
+        return self._lane.run if self._lane is not None else self.run
+
     def _run_short_calls(self) -> None:
         calls, self._short = self._short, []
-        if self._stopped:
-            run = self.run  # (fails, naming this pool)
-        else:
-            if self._lane is None:
-                self._lane = BlockingPool(self.reactor, maxthreads=1, name=f"{self.name}-short")
-            run = self._lane.run
+        run = self.run if self._stopped else self._short_lane()  # (stopped: fails, naming this pool)
         for i in range(0, len(calls), SHORT_BATCH):
             chunk = calls[i:i + SHORT_BATCH]
             run(_call_each, [(fn, args, kwargs) for fn, args, kwargs, _ in chunk]).addBoth(
                 _hand_out, [d for *_, d in chunk])
 
 
-#: The most short calls (:meth:`BlockingPool.run_short`) one pool job runs.
+#: The most short calls (:meth:`BlockingPool.run_short`) one job runs.
 SHORT_BATCH = 32
 
 

@@ -111,6 +111,60 @@ async def test_short_calls_do_not_wait_behind_the_pools_long_calls():
 
 
 @pytest_twisted.ensureDeferred
+async def test_short_calls_share_the_pools_threads_when_their_own_cannot_start(monkeypatch):
+    """No thread can be started for short calls (too many threads): they run on the pool's."""
+    start = threading.Thread.start
+
+    def refusing(self: threading.Thread) -> None:
+        if self.name.startswith("PoolThread-test-noshort-short-"):
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refusing)
+    pool = BlockingPool(maxthreads=2, name="test-noshort")
+    try:
+        assert await pool.run_short(lambda: threading.current_thread().name) == "PoolThread-test-noshort-0"
+        assert await pool.run_short(lambda: "again") == "again"
+    finally:
+        await pool.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-test-noshort-")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_twice_and_a_cancelled_stop_with_a_thread_for_short_calls():
+    """stop() waits for the short calls' thread too; a second stop() waits for the same; cancelling
+    a stop only stops the waiting (CancelledError, nothing left unhandled)."""
+    from twisted.internet import defer, reactor, task
+
+    pool = BlockingPool(maxthreads=1, name="test-stop2")
+    started, release = threading.Event(), threading.Event()
+    running = pool.run_short(lambda: started.set() or (release.wait(10) and "done"))
+    await task.deferLater(reactor, 0, lambda: None)  # (short calls are handed out a turn later)
+    assert started.wait(10)
+    first, second, cancelled = pool.stop(), pool.stop(), pool.stop()
+    cancelled.cancel()
+    with pytest.raises(defer.CancelledError):
+        await cancelled
+    assert not first.called and not second.called
+    release.set()
+    assert await running == "done"
+    await first
+    await second
+    assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-test-stop2-")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reactor_shutdown_joins_the_thread_for_short_calls():
+    """At reactor shutdown the short calls' thread is joined with the pool's."""
+    pool = BlockingPool(maxthreads=1, name="test-shutdown-short")
+    assert await pool.run_short(lambda: "short") == "short"
+    assert await pool.run(lambda: "long") == "long"
+    pool._remove_trigger()  # (by hand, as the shutdown test above: not left on the session's reactor)
+    pool._shutdown()  # what the "during shutdown" trigger calls
+    assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-test-shutdown-short-")]
+
+
+@pytest_twisted.ensureDeferred
 async def test_short_calls_on_a_stopped_pool_fail():
     pool = BlockingPool(maxthreads=1)
     pending = pool.run_short(lambda: "late")

@@ -388,7 +388,8 @@ _NOT_DEPLOYED = ("failed", "cancelled", "rolled back")
 #: hands the GIL over. Run in the --jobs threads of the transfers, 8 threads fought for the GIL with
 #: the reactor: 1,000 one-file HTTP items made ~240 context switches per item, ~100 with these
 #: apart in 2 threads, and took ~12 % less CPU (bench/README.md, session 8). Transfers (boto3,
-#: the HTTP sinks), extraction and hashing stay in the --jobs pool.
+#: the HTTP sinks), extraction and hashing stay in the --jobs pool. (Each pool has one thread more
+#: for its short calls: cache lookups here, a small file come whole from HTTP in the --jobs pool.)
 FILES_THREADS = 2
 
 

@@ -91,6 +91,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from ion.core.config import Settings, setting
+from ion.core.deferreds import observe, shielded
 from ion.core.safefs import SafeDir, lies_in
 from ion.core.threads import run_short
 from ion.services.fetch.errors import (
@@ -586,9 +587,17 @@ class _PoolWriter:
 
     async def finish(self, *, close: bool = False) -> None:
         """Write what is gathered and wait for every write (raising the first write error);
-        ``close``: the sink is closed by the last write's pool job (all the bytes came)."""
+        ``close``: the sink is closed by the last write's pool job (all the bytes came).
+
+        Cancelled, it still waits for the writes handed out (a pool call is not stopped) before it
+        raises: whoever removes the file next (``_Sink.abort``) comes after the last write, which
+        would make the file again otherwise (a short call runs a reactor turn later)."""
         self._flush(close)
-        await self._tail
+        try:
+            await shielded(self._tail)
+        except defer.CancelledError:
+            await observe(self._tail)
+            raise
 
     async def drain(self) -> None:
         """Wait for the writes in flight, ignoring their errors (before a retry or abort)."""

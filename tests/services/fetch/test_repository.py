@@ -39,6 +39,7 @@ from ion.services.fetch.repository import (
     Repository,
     S3Repository,
     _index_hrefs,
+    _PoolWriter,
     _Retryable,
     _Sink,
     parse_index_links,
@@ -412,6 +413,25 @@ async def test_http_small_file_is_written_by_a_short_call_a_big_one_by_the_pool(
     assert (tmp_path / "a.bin").read_bytes() == CONTENT["linux/multi/2.0/a.bin"]
     assert got_big.sha256 == sha(CONTENT["linux/big/1.0/big.bin"])
     assert (tmp_path / "big.bin").read_bytes() == CONTENT["linux/big/1.0/big.bin"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_finish_waits_for_the_last_write_so_the_abort_comes_after_it(
+        pool: Any, tmp_path: Path) -> None:
+    """A download cancelled while its last write (a short call, run a reactor turn later) is still
+    to come: the writer's finish raises only once that write is done, so the abort that follows
+    removes the file for good."""
+    sink = _Sink(tmp_path / "staging" / "f.bin", within=tmp_path / "staging")
+    (tmp_path / "staging").mkdir()
+    writer = _PoolWriter(pool, sink, FAST)
+    writer.feed(b"x" * 4096)
+    finishing = defer.ensureDeferred(writer.finish(close=True))
+    finishing.cancel()
+    with pytest.raises(defer.CancelledError):
+        await finishing
+    await pool.run(sink.abort)  # what Repository._download does next
+    await pool.run_short(lambda: None)  # (after every short call handed out before it)
+    assert not (tmp_path / "staging" / "f.bin").exists()
 
 
 @pytest_twisted.ensureDeferred

@@ -223,7 +223,7 @@ class BlockingPool:
             if failed is None:
                 self._lane = lane
             else:
-                lane.stop()
+                lane._remove_trigger()  # (no thread to stop; not stop(): that would need a thread too)
                 self._short_shared = True
                 _log.warn("{pool}: no thread of its own for short calls ({why}); they share the pool's",
                           pool=self.name, why=failed.getErrorMessage())

@@ -236,7 +236,7 @@ class SafeDir:
         :raises SymlinkRefused: ``name`` is a symlink.
         """
         try:
-            fd = self._open(name, os.O_RDONLY | os.O_NONBLOCK)
+            fd = self.open_file(name, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
         try:
@@ -322,8 +322,9 @@ class SafeDir:
             return
         _rmtree_at(self.fd, name, self.path / name)
 
-    def _open(self, name: str, flags: int, mode: int = 0o666) -> int:
-        """``os.open`` of ``name`` here, never through a symlink (``O_NOFOLLOW``: :class:`SymlinkRefused`)."""
+    def open_file(self, name: str, flags: int, mode: int = 0o666) -> int:
+        """``os.open`` of ``name`` here, never through a symlink (``O_NOFOLLOW``: :class:`SymlinkRefused`);
+        a descriptor the caller closes."""
         try:
             return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
         except OSError as exc:
@@ -390,7 +391,7 @@ class SafeDir:
             another holder's lock conflicts (or, without ``create``, the file is missing).
         """
         try:
-            fd = self._open(name, os.O_RDONLY | os.O_NONBLOCK | (os.O_CREAT if create else 0), 0o666)
+            fd = self.open_file(name, os.O_RDONLY | os.O_NONBLOCK | (os.O_CREAT if create else 0), 0o666)
         except FileNotFoundError:
             return None
         try:
@@ -427,7 +428,7 @@ class SafeDir:
             finally:
                 os.close(fd)  # releases the lock
             return
-        fd = self._open(name, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK, 0o666)
+        fd = self.open_file(name, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK, 0o666)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, "not a regular file; cannot lock it", str(self.path / name))

@@ -24,8 +24,9 @@ target that cannot be written is a 500 (``TargetError``). The core's
 
 from __future__ import annotations
 
-import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,24 +116,26 @@ class UnpackService(ServiceProcess):
         """The deepest allowed root ``path`` lies in (checked by :meth:`_allowed`)."""
         return max((r for r in self.allowed_roots if path.is_relative_to(r)), key=lambda r: len(r.parts))
 
+    @contextmanager
+    def _walked(self, key: str, path: Path) -> Iterator[SafeDir]:
+        """The folder of ``path`` (checked: inside an allowed root), walked to from that root without
+        following links. A link met there since the check (a folder on the way, or what the caller
+        opens in it) is refused with a 403, never gone through."""
+        try:
+            with SafeDir.open_below(self._root_of(path), path.parent) as parent:
+                yield parent
+        except SymlinkRefused as exc:
+            raise ApplicationError(f"{key} {path}: {exc}; it changed since it was checked", code=403) from None
+
     def _checked_file(self, key: str, path: Path) -> int:
-        """``path`` (checked: inside an allowed root) opened by walking to it from that root without
-        following links: a folder on the way, or the file, swapped for a link after the check is
-        refused (403), never read through. A descriptor the caller closes."""
-        root = self._root_of(path)
-        if path == root:  # (a root is a folder to work in, not a file to read)
+        """``path`` (checked: inside an allowed root) opened through :meth:`_walked`: a descriptor
+        the caller closes."""
+        if path == self._root_of(path):  # (a root is a folder to work in, not a file to read)
             raise core.ArchiveAccessError("cannot open archive: not a regular file", archive=path)
         try:
-            with SafeDir.open_below(root, path.parent) as parent:
-                return os.open(path.name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
-                               dir_fd=parent.fd)
-        except SymlinkRefused as exc:
-            raise ApplicationError(f"{key} {path}: {exc} (it changed since it was checked); refused",
-                                   code=403) from None
+            with self._walked(key, path) as parent:
+                return parent.open_file(path.name, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise ApplicationError(f"{key} {path} is a symbolic link (it changed since it was checked); "
-                                       "refused", code=403) from None
             raise core.ArchiveAccessError(f"cannot open archive: {exc.strerror or exc}", archive=path) from None
 
     def _unpack(self, archive: str, target: str) -> core.UnpackResult:
@@ -140,25 +143,20 @@ class UnpackService(ServiceProcess):
         target_path = self._allowed("target", target, below=True)
         archive_fd = self._checked_file("archive", archive_path)
         try:
-            return self._unpack_checked(archive_path, archive_fd, target, target_path)
+            return self._unpack_checked(archive_path, archive_fd, target_path)
         finally:
             os.close(archive_fd)
 
-    def _unpack_checked(self, archive_path: Path, archive_fd: int, target: str,
-                        target_path: Path) -> core.UnpackResult:
+    def _unpack_checked(self, archive_path: Path, archive_fd: int, target_path: Path) -> core.UnpackResult:
         detection = core.detect(archive_path, archive_fd=archive_fd)
         if detection.format is None:  # kept as it is: the target is not touched
             return core.UnpackResult(detection, None)
         # Written through a descriptor of the target walked to from its allowed root without following
         # links: a folder on the way swapped for a link after the check is refused, never written
         # through. (The target is made if missing; its parent must exist.)
-        root = self._root_of(target_path)
         try:
-            with SafeDir.open_below(root, target_path.parent) as parent:
+            with self._walked("target", target_path) as parent:
                 folder = parent.open_dir(target_path.name, create=True)
-        except SymlinkRefused as exc:
-            raise ApplicationError(f"target {target}: {exc} (it changed since it was checked); refused",
-                                   code=403) from None
         except OSError as exc:
             raise core.TargetError(f"cannot use target {target_path}: {exc.strerror or exc}",
                                    archive=archive_path) from None

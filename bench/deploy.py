@@ -141,6 +141,25 @@ print(json.dumps({"download_s": t2 - t1, "total_s": t2 - t0}))
 """
 
 
+# The floors' HTTP client, a child script's part: ``request(path)``, the body of a 200 from
+# ``spec["url"]``'s server, on one keep-alive ``http.client`` connection per thread. (bench/http_get.py
+# measures this very client beside Twisted's and ioncore's.)
+HTTP_FLOOR_CLIENT = r"""
+import http.client, threading
+from urllib.parse import urlsplit
+base = urlsplit(spec["url"])
+local = threading.local()
+def request(path):
+    conn = getattr(local, "conn", None)
+    if conn is None:
+        conn = local.conn = http.client.HTTPConnection(base.hostname, base.port)
+    conn.request("GET", path)
+    r = conn.getresponse()
+    data = r.read()
+    assert r.status == 200, (path, r.status)
+    return data
+"""
+
 # The small-files floors: the same listings and GETs as ion-deploy, in a ThreadPoolExecutor(jobs), the
 # files written under each item's destination. S3: boto3, one client with a pool of jobs connections;
 # HTTP: http.client, one keep-alive connection per thread. Prints {"total_s": ...}.
@@ -158,6 +177,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 t0 = time.perf_counter()
 spec = json.load(open(sys.argv[1]))
 jobs = spec["jobs"]
+""" + HTTP_FLOOR_CLIENT + r"""
 if spec["kind"] == "s3":
     import boto3
     from botocore.config import Config
@@ -179,18 +199,6 @@ if spec["kind"] == "s3":
             f.write(data)
         return data
 else:
-    import http.client
-    base = urlsplit(spec["url"])
-    local = threading.local()
-    def request(path):
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = http.client.HTTPConnection(base.hostname, base.port)
-        conn.request("GET", path)
-        r = conn.getresponse()
-        data = r.read()
-        assert r.status == 200, (path, r.status)
-        return data
     def listing(prefix, rel=""):
         folder = base.path.rstrip("/") + "/" + prefix + rel
         files = []

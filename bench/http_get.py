@@ -52,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from deploy import HTTP_FLOOR_CLIENT  # noqa: E402 - bench/deploy.py's floor client (bench/ is sys.path[0])
+
 from ion.testing.servers import free_port  # noqa: E402
 
 FILE_BYTES = 4096
@@ -70,20 +72,11 @@ def report(t1, c1, n):
     print(json.dumps({"start_s": t1 - T0, "get_s": time.perf_counter() - t1, "cpu_s": cpu() - c1, "n": n}))
 """
 
-HTTP_CLIENT = PRELUDE + r"""
-import http.client, threading
+HTTP_CLIENT = PRELUDE + HTTP_FLOOR_CLIENT + r"""
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
-base = urlsplit(spec["url"])
-local = threading.local()
 def get(path):
-    conn = getattr(local, "conn", None)
-    if conn is None:
-        conn = local.conn = http.client.HTTPConnection(base.hostname, base.port)
-    conn.request("GET", path)
-    r = conn.getresponse()
-    data = r.read()
-    assert r.status == 200 and len(data) == spec["size"], (path, r.status, len(data))
+    data = request(path)
+    assert len(data) == spec["size"], (path, len(data))
     return len(data)
 with ThreadPoolExecutor(spec["jobs"]) as pool:
     t1, c1 = time.perf_counter(), cpu()

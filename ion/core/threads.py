@@ -201,8 +201,8 @@ class BlockingPool:
         400 such calls (cache lookups, placement checks), a cold one of a folder of 2,000
         small files 2,000 (each file written and hashed): a thread hand-off each cost more
         than the calls, and threads running them side by side fought for the GIL with
-        the reactor (the folder's files took a third less time on one thread than spread
-        over eight). A call that turns out long delays the short calls queued behind it,
+        the reactor (ion-deploy of that folder took 16-30 % less time with them on one thread
+        than spread over eight, bench/README.md, session 14). A call that turns out long delays the short calls queued behind it,
         never the reactor, nor the pool's other calls (nor they it).
         """
         if self._stopped:
